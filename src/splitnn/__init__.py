@@ -1,0 +1,32 @@
+"""splitnn: split learning (split neural networks) for PyTorch.
+
+A network is cut into segments that live at different parties ("workers").
+Data holders keep their features, label holders keep their labels; only the
+activations at each cut travel forward and their gradients travel back.
+
+>>> import splitnn
+>>> alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
+"""
+
+from splitnn.accounting import Ledger
+from splitnn.errors import (
+    ConfigurationError,
+    DataError,
+    LabelError,
+    PolicyError,
+    ShapeMismatchError,
+    SplitNNError,
+    WireError,
+    WorkerError,
+)
+from splitnn.split import SplitNN
+from splitnn.training import evaluate, fit
+from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SplitNN", "VirtualWorker", "Worker", "WorkerPolicy", "Ledger", "fit", "evaluate",
+    "SplitNNError", "ConfigurationError", "ShapeMismatchError", "DataError", "LabelError",
+    "PolicyError", "WireError", "WorkerError",
+]

@@ -1,0 +1,154 @@
+"""In-memory datasets (features + labels) and the MNIST-family loader."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from splitnn.errors import ConfigurationError, CorruptDataError, DataError, LabelError
+
+from .idx import read_idx
+from .registry import get_dataset_info
+from .resolve import resolve_split_files
+
+__all__ = ["Dataset", "load_dataset", "normalize_images", "clear_cache"]
+
+Indices = Union[torch.Tensor, Sequence[int], slice]
+
+
+@dataclass
+class Dataset:
+    """Features and labels of one dataset split, held in memory.
+
+    Attributes:
+        features: float32 tensor of shape (N, ...); images are (N, C, H, W).
+        labels: int64 tensor of shape (N,), values in ``[0, num_classes)``.
+        name: dataset name, e.g. ``"mnist"`` (informational).
+        num_classes: number of classes.
+
+    Raises (on construction):
+        DataError: not tensors, wrong dtype/rank, N differs, or N == 0.
+        LabelError: a label is outside ``[0, num_classes)``.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    name: str
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        f, y = self.features, self.labels
+        if not isinstance(f, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise DataError(f"Dataset {self.name!r}: features and labels must be torch.Tensors, "
+                            f"got {type(f).__name__} and {type(y).__name__}")
+        if f.dtype != torch.float32 or f.dim() < 2:
+            raise DataError(f"Dataset {self.name!r}: features must be float32 of shape (N, ...), "
+                            f"got {f.dtype} of shape {tuple(f.shape)}; convert with .float()")
+        if y.dtype != torch.int64 or y.dim() != 1:
+            raise DataError(f"Dataset {self.name!r}: labels must be int64 of shape (N,), got "
+                            f"{y.dtype} of shape {tuple(y.shape)}; convert with .long().flatten()")
+        if f.shape[0] != y.shape[0]:
+            raise DataError(f"Dataset {self.name!r}: {f.shape[0]} feature rows but {y.shape[0]} "
+                            f"labels; they must be the same samples")
+        if y.shape[0] == 0:
+            raise DataError(f"Dataset {self.name!r} is empty (0 samples)")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise DataError(f"Dataset {self.name!r}: num_classes must be a positive int, got {self.num_classes!r}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise LabelError(f"Dataset {self.name!r}: label {bad} is outside [0, {self.num_classes}); "
+                             f"labels range over [{lo}, {hi}]. Check num_classes or the label file")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Indices) -> "Dataset":
+        """Return a new Dataset with the samples at ``indices`` (tensor, sequence of ints, or slice).
+
+        Raises:
+            DataError: an index is out of range, or the subset is empty.
+        """
+        if isinstance(indices, slice):
+            return Dataset(self.features[indices], self.labels[indices], self.name, self.num_classes)
+        idx = torch.as_tensor(indices, dtype=torch.int64).flatten()
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise DataError(f"Dataset {self.name!r}: subset index out of range for {n} samples "
+                            f"(min {int(idx.min())}, max {int(idx.max())})")
+        return Dataset(self.features[idx], self.labels[idx], self.name, self.num_classes)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W): ``x / 255`` then ``(x - 0.5) / 0.5``.
+
+    Exactly torchvision's ``ToTensor()`` followed by ``Normalize((0.5,), (0.5,))``
+    (the PySyft split-learning tutorial's transform); values lie in [-1, 1].
+    """
+    x = images.to(torch.float32).div_(255)
+    x.sub_(0.5).div_(0.5)
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cached(path: str, size: int, mtime_ns: int) -> torch.Tensor:
+    return read_idx(path)
+
+
+def _read(path: Path) -> torch.Tensor:
+    st = path.stat()
+    return _read_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def clear_cache() -> None:
+    """Forget the IDX files cached in this process."""
+    _read_cached.cache_clear()
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: "Optional[str | os.PathLike[str]]" = None,
+    download: bool = True,
+    progress: bool = True,
+    limit: Optional[int] = None,
+    mirrors: Optional[Sequence[str]] = None,
+) -> Dataset:
+    """Load an MNIST-family split as a :class:`Dataset` (features (N, 1, 28, 28) in [-1, 1]).
+
+    Files are located (or downloaded) by :func:`resolve_split_files`. ``limit`` keeps
+    the first ``limit`` samples (all if the split has fewer). The decoded files are
+    cached in-process keyed by path, size and mtime; every call returns fresh tensors.
+
+    Raises:
+        ConfigurationError: unknown name or split, or ``limit`` < 1.
+        DatasetNotFoundError, DownloadError, ChecksumError: see resolve_split_files.
+        CorruptDataError: malformed IDX, unexpected shapes, or image/label counts differ.
+        LabelError: a label outside ``[0, num_classes)``.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigurationError(f"limit must be a positive int or None, got {limit!r}")
+    info = get_dataset_info(name)
+    img_path, lab_path = resolve_split_files(info.name, split, data_dir=data_dir, download=download,
+                                             progress=progress, mirrors=mirrors)
+    images, labels = _read(img_path), _read(lab_path)
+    c, h, w = info.image_shape
+    if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (h, w):
+        raise CorruptDataError(f"{img_path}: expected uint8 images of shape (N, {h}, {w}), got "
+                               f"{images.dtype} {tuple(images.shape)}; delete it and re-download")
+    if labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise CorruptDataError(f"{lab_path}: expected integer labels of shape (N,), got "
+                               f"{labels.dtype} {tuple(labels.shape)}; delete it and re-download")
+    if images.shape[0] != labels.shape[0]:
+        raise CorruptDataError(f"{info.name} {split}: {img_path} has {images.shape[0]} images but "
+                               f"{lab_path} has {labels.shape[0]} labels; the files do not belong "
+                               f"together: delete both and re-download")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return Dataset(normalize_images(images), labels.to(torch.int64), info.name, info.num_classes)

@@ -1,0 +1,214 @@
+"""SplitNN: a chain of segments placed on workers, trained across them."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from torch import nn
+
+from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.errors import ConfigurationError, LabelError
+from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
+from splitnn.split.stage import Stage, check_static_fit, probe_chain
+from splitnn.workers import BatchRef, LossStats, Worker
+from splitnn.workers.losses import check_loss_name
+
+if TYPE_CHECKING:  # imported lazily at run time: training sits above split
+    from splitnn.data import Dataset
+    from splitnn.training.loop import EvalResult, History
+
+_model_ids = itertools.count()
+
+
+def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
+    """Give distinct workers one shared ledger and let them reach each other by name."""
+    by_name: dict[str, Worker] = {}
+    for w in workers:
+        if not isinstance(w, Worker):
+            raise ConfigurationError(f"{w!r} is not a worker; use splitnn.VirtualWorker(name) or splitnn.connect(url)")
+        if by_name.setdefault(w.name, w) is not w:
+            raise ConfigurationError(f"two different workers are both named {w.name!r}; give each party a unique name")
+    ledger = ledger if ledger is not None else workers[0].ledger
+    for w in by_name.values():
+        w.ledger = ledger
+        w.connect_peers(by_name)
+    return ledger
+
+
+class SplitNN:
+    """A neural network cut into segments that live at different workers.
+
+    Segment ``i`` is hosted by ``workers[i]`` (consecutive segments may share a
+    worker). The first worker holds the features (the data holder), the last
+    one the labels (the label holder); activations travel forward between
+    workers, their gradients travel back, and each worker steps its own
+    optimizer.
+
+    Args:
+        segments: the ``nn.Module`` pieces, in order (at least two).
+        workers: one worker per segment.
+        optimizer: for every segment, a factory ``params -> Optimizer`` (in-process
+            workers), an optimizer spec such as ``"sgd:lr=0.03"``, or a list of
+            either with one entry per segment. Default: SGD, lr 0.03 (the tutorial).
+        loss: the label holder's loss, by name (``"nll"`` or ``"cross_entropy"``).
+        ledger: where transfers are recorded; default: the first worker's ledger,
+            shared with the others.
+
+    The low-level loop of the PySyft tutorial works as there::
+
+        model.zero_grads(); out = model.forward(x); loss = F.nll_loss(out, y)
+        loss.backward(); model.backward(); model.step()
+    """
+
+    def __init__(self, segments: Sequence[nn.Module], workers: Sequence[Worker], *,
+                 optimizer: object = "sgd:lr=0.03", loss: str = "nll", ledger: Ledger | None = None) -> None:
+        segments, workers = list(segments), list(workers)
+        if len(segments) < 2:
+            raise ConfigurationError(f"a split network needs at least 2 segments, got {len(segments)}")
+        if len(workers) != len(segments):
+            raise ConfigurationError(
+                f"got {len(segments)} segments but {len(workers)} workers; give one worker per segment "
+                f"(repeat a worker to place consecutive segments on it)")
+        for i, seg in enumerate(segments):
+            if not isinstance(seg, nn.Module):
+                raise ConfigurationError(f"segment {i} is a {type(seg).__name__}, not an nn.Module")
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer] * len(segments)
+        if len(optimizers) != len(segments):
+            raise ConfigurationError(f"got {len(optimizers)} optimizers for {len(segments)} segments")
+        self.ledger = bind_workers(workers, ledger)
+        check_static_fit(segments, [w.name for w in workers])
+        self.loss = check_loss_name(loss)
+        model_id = next(_model_ids)
+        self.stages = [Stage(i, f"m{model_id}.s{i}", w) for i, w in enumerate(workers)]
+        for stage, seg, opt in zip(self.stages, segments, optimizers):
+            stage.worker.add_segment(stage.key, seg, opt)
+        self.training = True
+        self._placed: dict[int, tuple[str, int]] = {}
+        self._data_ids = itertools.count()
+
+    # -- who is who ---------------------------------------------------------------------
+    @property
+    def workers(self) -> list[Worker]:
+        """The worker of each segment."""
+        return [s.worker for s in self.stages]
+
+    @property
+    def data_holder(self) -> Worker:
+        """The worker that holds the features (first segment)."""
+        return self.stages[0].worker
+
+    @property
+    def label_holder(self) -> Worker:
+        """The worker that holds the labels (last segment)."""
+        return self.stages[-1].worker
+
+    def parties(self) -> list[str]:
+        """Names of the distinct workers, in chain order."""
+        return list(dict.fromkeys(w.name for w in self.workers))
+
+    def train(self, mode: bool = True) -> "SplitNN":
+        """Set training mode for :meth:`forward` (as ``nn.Module.train``)."""
+        self.training = mode
+        return self
+
+    def eval(self) -> "SplitNN":
+        """Set evaluation mode for :meth:`forward`."""
+        return self.train(False)
+
+    # -- low-level loop (the tutorial's API) --------------------------------------------
+    def zero_grads(self) -> None:
+        """Zero every segment's gradients."""
+        for stage in self.stages:
+            stage.worker.zero_grad(stage.key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` (given by the data holder) through the chain; return the label holder's output.
+
+        In training mode the output is attached to the label holder's autograd
+        graph: compute a loss on it, call ``loss.backward()``, then :meth:`backward`.
+        """
+        ref = self.data_holder.put(x, src=RESEARCHER, kind="features")
+        out = forward_chain(self.stages, ref, train=self.training)
+        return self.label_holder.fetch(out, kind="output")
+
+    __call__ = forward
+
+    def backward(self) -> None:
+        """Send the gradient at each cut back to the previous worker, which back-propagates it."""
+        backward_chain(self.stages)
+
+    def step(self) -> None:
+        """Step every segment's optimizer."""
+        for stage in self.stages:
+            stage.worker.step(stage.key)
+
+    # -- high-level API -------------------------------------------------------------------
+    def prepare(self, data: "Dataset | str") -> tuple[str, int]:
+        """Place a dataset at its holders (features at the first worker, labels at the last).
+
+        A string names a dataset the workers already hold. Shapes and label
+        range are checked here, before any training. Returns (name, size).
+        """
+        if isinstance(data, str):
+            name = data
+        else:
+            cached = self._placed.get(id(data))
+            if cached is not None:
+                return cached
+            name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
+            self.data_holder.add_dataset(name, features=data.features)
+            self.label_holder.add_dataset(name, labels=data.labels)
+        feats = self.data_holder.dataset_stats(name)
+        labels = self.label_holder.dataset_stats(name)
+        if feats.feature_shape is None or labels.label_max is None:
+            raise ConfigurationError(f"dataset {name!r}: {self.data_holder.name!r} must hold its features and "
+                                     f"{self.label_holder.name!r} its labels")
+        if feats.size != labels.num_labels:
+            raise ConfigurationError(f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
+                                     f"{labels.num_labels} labels at {self.label_holder.name!r}")
+        out_shape = probe_chain(self.stages, (2, *feats.feature_shape))
+        if len(out_shape) == 2 and labels.label_max >= out_shape[1]:
+            raise LabelError(f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
+                             f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels")
+        if not isinstance(data, str):
+            self._placed[id(data)] = (name, feats.size)
+        return name, feats.size
+
+    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
+        """One optimisation step on rows ``indices`` of a placed dataset."""
+        return train_step(self.stages, BatchRef(dataset, indices), self.loss)
+
+    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
+        """Loss and correct count on rows ``indices`` of a placed dataset."""
+        return eval_step(self.stages, BatchRef(dataset, indices), self.loss)
+
+    def fit(self, data: "Dataset | str", epochs: int = 1, *, batch_size: int = 64, **kwargs) -> "History":
+        """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
+        from splitnn.training.loop import fit
+
+        return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
+
+    def evaluate(self, data: "Dataset | str", *, batch_size: int = 1000, progress: bool = False) -> "EvalResult":
+        """Accuracy, mean loss and bytes moved per worker on ``data``."""
+        from splitnn.training.loop import evaluate
+
+        return evaluate(self, data, batch_size=batch_size, progress=progress)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for ``x`` (no gradients, evaluation mode)."""
+        ref = self.data_holder.put(x, src=RESEARCHER, kind="features")
+        out = forward_chain(self.stages, ref, train=False)
+        return self.label_holder.fetch(out, kind="output")
+
+    def collect(self) -> nn.Sequential:
+        """Bring every trained segment home as one ``nn.Sequential`` (recorded as weights)."""
+        layers: list[nn.Module] = []
+        for stage in self.stages:
+            module = stage.worker.fetch_segment(stage.key)
+            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
+        return nn.Sequential(*layers)
+
+    def __repr__(self) -> str:
+        return "SplitNN(" + " -> ".join(s.label for s in self.stages) + ")"

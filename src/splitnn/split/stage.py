@@ -1,0 +1,79 @@
+"""What a stage is: one segment of a split network, placed on one worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from splitnn.errors import ShapeMismatchError
+from splitnn.workers import Worker
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Segment ``index`` of a model, hosted by ``worker`` under ``key``."""
+
+    index: int
+    key: str
+    worker: Worker
+
+    @property
+    def label(self) -> str:
+        """How errors and reports name this stage: ``segment 1 (at bob)``."""
+        return f"segment {self.index} (at {self.worker.name})"
+
+
+def _first_in_features(module: nn.Module) -> tuple[str, int] | None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            return "features", layer.in_features
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return "channels", layer.in_channels
+        if not isinstance(layer, (nn.Sequential, nn.ReLU, nn.Dropout, nn.Identity, nn.Tanh, nn.Sigmoid)):
+            return None  # something that may reshape comes first: only a probe can tell
+    return None
+
+
+def _last_out_features(module: nn.Module) -> tuple[str, int] | None:
+    layers = [m for m in module.modules() if not isinstance(m, nn.Sequential)]
+    for layer in reversed(layers):
+        if isinstance(layer, nn.Linear):
+            return "features", layer.out_features
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return "channels", layer.out_channels
+        if not isinstance(layer, (nn.ReLU, nn.Dropout, nn.Identity, nn.Tanh, nn.Sigmoid, nn.LogSoftmax, nn.Softmax)):
+            return None
+    return None
+
+
+def check_static_fit(segments: list[nn.Module], worker_names: list[str]) -> None:
+    """Refuse consecutive segments whose sizes visibly disagree at a cut.
+
+    Only catches what the layer types reveal (``Linear`` out/in features,
+    ``Conv`` channels); anything else is checked by probing shapes once the
+    input shape is known.
+    """
+    for i in range(len(segments) - 1):
+        out, inp = _last_out_features(segments[i]), _first_in_features(segments[i + 1])
+        if out and inp and out[0] == inp[0] and out[1] != inp[1]:
+            raise ShapeMismatchError(
+                f"segment {i} (at {worker_names[i]}) outputs {out[1]} {out[0]} but segment {i + 1} "
+                f"(at {worker_names[i + 1]}) expects {inp[1]} input {inp[0]}; make the sizes agree at cut {i}")
+
+
+def probe_chain(stages: list[Stage], input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Run zeros of ``input_shape`` through every stage; name both sides of a cut that does not fit."""
+    shape = input_shape
+    for stage in stages:
+        try:
+            shape = stage.worker.probe(stage.key, shape)
+        except RuntimeError as exc:
+            if stage.index == 0:
+                raise ShapeMismatchError(
+                    f"{stage.label} cannot take the data's input of shape {tuple(input_shape[1:])} "
+                    f"(per sample): {exc}") from exc
+            prev = stages[stage.index - 1]
+            raise ShapeMismatchError(
+                f"{prev.label} outputs shape {tuple(shape)} but {stage.label} cannot take it: {exc}") from exc
+    return shape

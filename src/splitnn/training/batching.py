@@ -1,0 +1,25 @@
+"""The order in which samples are visited: one seeded permutation per epoch.
+
+Every party that needs the order (the orchestrator, a monolithic twin in a
+test, a networked worker running a shipped epoch) derives it from the same
+(seed, epoch) and gets the same batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitnn.errors import ConfigurationError
+
+
+def epoch_batches(n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> list[torch.Tensor]:
+    """Index tensors of the batches of one epoch over ``n`` samples (the last one may be short)."""
+    if n < 1:
+        raise ConfigurationError("cannot make batches of an empty dataset")
+    if batch_size < 1:
+        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    else:
+        order = torch.arange(n)
+    return list(torch.split(order, batch_size))

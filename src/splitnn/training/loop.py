@@ -1,0 +1,130 @@
+"""fit / evaluate loops over any model that trains batch by batch across workers."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from splitnn.accounting import Ledger
+from splitnn.errors import ConfigurationError
+from splitnn.training.batching import epoch_batches
+from splitnn.workers import LossStats
+
+
+class Trainable(Protocol):
+    """What the loops need from a model (``SplitNN`` and the topologies provide it)."""
+
+    ledger: Ledger
+
+    def prepare(self, data: object) -> tuple[str, int]: ...
+    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats: ...
+    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats: ...
+    def parties(self) -> list[str]: ...
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and mean loss on a dataset, with the bytes each party sent meanwhile."""
+
+    accuracy: float
+    loss: float
+    count: int
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        sent = ", ".join(f"{k} {v:,} B" for k, v in self.bytes_sent.items())
+        return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f} on {self.count} samples; sent: {sent}"
+
+
+@dataclass
+class EpochStats:
+    """One epoch of training: mean training loss, test metrics, bytes sent by each party, seconds."""
+
+    epoch: int
+    train_loss: float
+    samples: int
+    seconds: float
+    bytes_sent: dict[str, int]
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+
+@dataclass
+class History:
+    """Per-epoch statistics of a ``fit`` call."""
+
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def final(self) -> EpochStats:
+        return self.epochs[-1]
+
+    def losses(self) -> list[float]:
+        return [e.train_loss for e in self.epochs]
+
+
+def _check_positive(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64, test_data: object | None = None,
+        shuffle: bool = True, seed: int = 0, progress: bool | None = None,
+        on_epoch: Callable[[EpochStats], None] | None = None) -> History:
+    """Train ``model`` on ``data`` for ``epochs`` epochs.
+
+    Batches follow :func:`epoch_batches` (``seed``, epoch), so a monolithic twin
+    that uses the same function sees the same data order. ``test_data`` is
+    evaluated after each epoch. ``progress`` shows a bar per epoch (default:
+    when stderr is a terminal). ``on_epoch`` is called with each epoch's stats.
+    """
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    name, n = model.prepare(data)  # places data and checks shapes before any training
+    test_name = model.prepare(test_data)[0] if test_data is not None else None
+    history = History()
+    for epoch in range(epochs):
+        before, start = model.ledger.snapshot(), time.perf_counter()
+        batches = epoch_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        total = 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   disable=not _show_progress(progress), mininterval=0.5)
+        for i, idx in enumerate(bar):
+            stats = model.train_batch(name, idx)
+            total += stats.loss * stats.count
+            if i % 50 == 0:
+                bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - start
+        stats = EpochStats(epoch + 1, total / n, n, seconds, model.ledger.since(before).sent_by())
+        if test_name is not None:
+            result = evaluate(model, test_name)
+            stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
+        history.epochs.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress: bool | None = False) -> EvalResult:
+    """Accuracy and mean loss of ``model`` on ``data`` (no gradients, evaluation mode)."""
+    _check_positive("batch_size", batch_size)
+    name, n = model.prepare(data)
+    before = model.ledger.snapshot()
+    loss_sum, correct = 0.0, 0
+    for idx in tqdm(epoch_batches(n, batch_size, shuffle=False), desc="evaluate", unit="batch", leave=False,
+                    disable=not _show_progress(progress)):
+        stats = model.eval_batch(name, idx)
+        loss_sum += stats.loss * stats.count
+        correct += stats.correct
+    return EvalResult(correct / n, loss_sum / n, n, model.ledger.since(before).sent_by())

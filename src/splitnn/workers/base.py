@@ -1,0 +1,90 @@
+"""The Worker protocol: the one interface every layer above ``workers`` talks to.
+
+A worker is a party that owns segments (``nn.Module`` pieces of a split
+network), one optimizer per segment, and its own datasets. Operations name
+segments by key and tensors by :class:`TensorRef`; a worker that receives a ref
+owned by another party fetches it from that party and records the transfer in
+the ledger. In-process (:class:`VirtualWorker`) and networked workers implement
+the same protocol and must give the same numbers, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Protocol, Union, runtime_checkable
+
+import torch
+from torch import nn
+
+from splitnn.accounting import Ledger
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+
+#: What may be given as a segment's optimizer: a factory ``params -> Optimizer``
+#: (in-process workers only) or anything :meth:`OptimizerSpec.coerce` accepts.
+OptimizerLike = Union[Callable[..., torch.optim.Optimizer], object]
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """A party in split learning. See the module docstring."""
+
+    name: str
+    ledger: Ledger
+
+    def connect_peers(self, peers: Mapping[str, "Worker"]) -> None:
+        """Tell the worker how to reach the other parties of a model, by name."""
+
+    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
+        """Host ``segment`` under ``key`` with an optimizer built over its parameters."""
+
+    def remove_segment(self, key: str) -> None:
+        """Drop a hosted segment and its optimizer."""
+
+    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> None:
+        """Keep a dataset (features, labels or both) at this worker under ``name``."""
+
+    def dataset_stats(self, name: str) -> DatasetStats:
+        """Size and shape of a held dataset; never its contents."""
+
+    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Output shape of segment ``key`` for an input of ``input_shape`` (zeros, no training)."""
+
+    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
+        """Receive a tensor from ``src`` (recorded as ``kind``) and return a ref to it."""
+
+    def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
+        """Run segment ``key`` on ``source`` (a peer's activation or a local batch)."""
+
+    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
+        """Compute the loss of ``output`` against local labels; keep it for :meth:`backward`."""
+
+    def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
+        """Back-propagate through segment ``key``.
+
+        ``grad`` is the gradient of the segment's output (a ref to the next
+        party's tensor), or ``None`` to start from the loss kept by :meth:`loss`
+        (or from a backward the caller already ran on the fetched output).
+        Returns a ref to the gradient of the segment's input, or ``None`` when
+        the input was local data.
+        """
+
+    def zero_grad(self, key: str) -> None:
+        """Zero the gradients of segment ``key``'s optimizer."""
+
+    def step(self, key: str) -> None:
+        """Step segment ``key``'s optimizer."""
+
+    def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
+        """Hand a stored tensor to the researcher, if this worker's policy allows it."""
+
+    def get_state(self, key: str) -> dict[str, torch.Tensor]:
+        """Weights of segment ``key`` (recorded as ``weights`` bytes to the caller)."""
+
+    def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
+        """Load weights into segment ``key`` (recorded as ``weights`` bytes from ``src``)."""
+
+    def fetch_segment(self, key: str) -> nn.Module:
+        """A copy of segment ``key`` with its trained weights, for the researcher."""
+
+    def release(self) -> None:
+        """Forget every stored intermediate tensor (activations, gradients, losses)."""

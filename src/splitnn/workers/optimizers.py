@@ -1,0 +1,26 @@
+"""Building a segment's optimizer from a factory or a declarative spec."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from splitnn.errors import ConfigurationError
+
+
+def build_optimizer(optimizer: object, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Build an optimizer over ``params``.
+
+    ``optimizer`` is a factory (``lambda p: optim.SGD(p, lr=0.03)``; in-process
+    workers only) or anything :meth:`splitnn.wire.OptimizerSpec.coerce` accepts
+    ("sgd:lr=0.03", a dict, an ``OptimizerSpec``).
+    """
+    if callable(optimizer) and not hasattr(optimizer, "build"):
+        opt = optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigurationError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
+        return opt
+    from splitnn.wire.optim_spec import OptimizerSpec
+
+    return OptimizerSpec.coerce(optimizer).build(params)

@@ -1,0 +1,309 @@
+"""VirtualWorker: an in-process party, for experiments and tests.
+
+It owns segments, their optimizers and its own datasets, and records every
+tensor it receives from another party in the shared ledger. Tensors do not get
+copied between in-process workers; the ledger counts the bytes a real transfer
+would move (dtype size x elements), which is what a networked worker puts on the
+wire apart from a small header.
+
+Fused autograd. Back-propagating segment by segment costs one autograd-engine
+call per cut. When both ends of a cut are in-process workers with ``fuse=True``
+(the default), the receiver keeps the sender's activation attached to the
+autograd graph instead of detaching it, so one ``backward`` from the loss runs
+through every segment. The gradient at the cut is still recorded (by a tensor
+hook, when autograd computes it) and the arithmetic is the same kernels in the
+same order, so the weights are bit-identical to the segment-by-segment
+("eager") path; ``fuse=False`` gives the eager path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.errors import ConfigurationError, LabelError, PolicyError, WorkerError
+from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.losses import compute_loss
+from splitnn.workers.optimizers import build_optimizer
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    """What a worker agrees to hand to the researcher.
+
+    Raw features and labels are never handed out. ``release_outputs`` allows
+    :meth:`VirtualWorker.fetch` of activations (needed by the tutorial-style
+    low-level loop and by ``predict``).
+    """
+
+    release_outputs: bool = True
+
+
+@dataclass
+class _Hosted:
+    module: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    params: list[torch.Tensor]
+    training: bool | None = None
+    inp: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    input_kind: str = "data"  # "data" | "detached" | "fused"
+
+
+@dataclass
+class _Data:
+    features: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class VirtualWorker:
+    """An in-process party. See the module docstring.
+
+    Args:
+        name: the party's name, as it appears in the ledger.
+        ledger: where transfers are recorded; a model rebinds its workers to
+            its own ledger unless they already share one.
+        fuse: keep autograd graphs attached across cuts between in-process
+            workers (same numbers, fewer autograd calls).
+        policy: what this worker hands out to the researcher.
+    """
+
+    def __init__(self, name: str, *, ledger: Ledger | None = None, fuse: bool = True,
+                 policy: WorkerPolicy | None = None) -> None:
+        if not isinstance(name, str) or not name or name == RESEARCHER:
+            raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
+        self.name = name
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.fuse = fuse
+        self.policy = policy or WorkerPolicy()
+        self._segments: dict[str, _Hosted] = {}
+        self._data: dict[str, _Data] = {}
+        self._store: dict[int, tuple[torch.Tensor, str]] = {}
+        self._next_id = 0
+        self._peers: dict[str, Worker] = {}
+        self._pending_loss: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"VirtualWorker({self.name!r}, segments={list(self._segments)}, datasets={list(self._data)})"
+
+    # -- placement -----------------------------------------------------------------
+    def connect_peers(self, peers: Mapping[str, Worker]) -> None:
+        self._peers.update({n: w for n, w in peers.items() if n != self.name})
+
+    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
+        if not isinstance(segment, nn.Module):
+            raise ConfigurationError(f"segment {key!r} for worker {self.name!r} must be an nn.Module, got {type(segment).__name__}")
+        params = [p for p in segment.parameters() if p.requires_grad]
+        opt = build_optimizer(optimizer, params) if (optimizer is not None and params) else None
+        self._segments[key] = _Hosted(segment, opt, params)
+
+    def remove_segment(self, key: str) -> None:
+        self._segments.pop(key, None)
+
+    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> None:
+        if features is None and labels is None:
+            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
+        n = {len(t) for t in (features, labels) if t is not None}
+        if len(n) != 1:
+            raise ConfigurationError(
+                f"dataset {name!r} for worker {self.name!r}: features have {len(features)} rows but labels have {len(labels)}")
+        if n == {0}:
+            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r} is empty")
+        if labels is not None:
+            if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+                raise LabelError(f"labels of dataset {name!r} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+            if int(labels.min()) < 0:
+                raise LabelError(f"labels of dataset {name!r} contain {int(labels.min())}; class labels must be >= 0")
+            labels = labels.long()
+        self._data[name] = _Data(features, labels)
+
+    def dataset_stats(self, name: str) -> DatasetStats:
+        data = self._dataset(name)
+        feats, labels = data.features, data.labels
+        size = len(feats) if feats is not None else len(labels)
+        return DatasetStats(
+            name=name, size=size,
+            feature_shape=tuple(feats.shape[1:]) if feats is not None else None,
+            num_labels=len(labels) if labels is not None else None,
+            label_max=int(labels.max()) if labels is not None else None,
+        )
+
+    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        hosted = self._segment(key)
+        was_training = hosted.module.training
+        hosted.module.eval()  # no running-stat updates, no dropout
+        try:
+            with torch.no_grad():
+                out = hosted.module(torch.zeros(input_shape))
+        finally:
+            hosted.module.train(was_training)
+        return tuple(out.shape)
+
+    # -- compute -------------------------------------------------------------------
+    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
+        if src != self.name:
+            self.ledger.record(src, self.name, kind, tensor.numel() * tensor.element_size())
+        return self._keep(tensor, kind)
+
+    def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
+        hosted = self._segment(key)
+        if hosted.training is not train:
+            hosted.module.train(train)
+            hosted.training = train
+        if isinstance(source, BatchRef):
+            x, input_kind = self._batch(source, "features"), "data"
+        else:
+            x, input_kind = self._receive(source, "activation", train)
+        if not train:
+            with torch.no_grad():
+                return self._keep(hosted.module(x), "activation")
+        if input_kind == "detached":
+            x = x.detach().requires_grad_()
+        out = hosted.module(x)
+        hosted.inp, hosted.out, hosted.input_kind = x, out, input_kind
+        return self._keep(out, "activation")
+
+    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
+        out, _ = self._receive(output, "activation", train)
+        labels = self._batch(target, "labels")
+        value = compute_loss(loss, out, labels)
+        if train:
+            self._pending_loss = value
+            return LossStats(float(value.item()), -1, len(labels))
+        correct = int((out.argmax(dim=1) == labels).sum()) if out.dim() == 2 else -1
+        return LossStats(float(value.item()), correct, len(labels))
+
+    def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
+        hosted = self._segment(key)
+        if hosted.out is None:
+            raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
+        if grad is None:
+            if self._pending_loss is not None:
+                loss, self._pending_loss = self._pending_loss, None
+                loss.backward()
+            # else: the caller already ran backward from the output it fetched
+        elif not grad.fused:
+            g, _ = self._receive(grad, "gradient", False)
+            hosted.out.backward(g)
+        kind, inp = hosted.input_kind, hosted.inp
+        hosted.inp = hosted.out = None
+        if kind == "data":
+            return None
+        if kind == "fused":
+            return TensorRef(self.name, -1, fused=True)
+        if inp.grad is None:
+            raise WorkerError(f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?")
+        return self._keep(inp.grad, "gradient")
+
+    def zero_grad(self, key: str) -> None:
+        # Same effect as optimizer.zero_grad(set_to_none=True), without its
+        # profiler and hook machinery on the per-batch hot path.
+        for p in self._segment(key).params:
+            p.grad = None
+
+    def step(self, key: str) -> None:
+        opt = self._segment(key).optimizer
+        if opt is not None:
+            opt.step()
+
+    def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
+        tensor, stored_kind = self._peek(ref)
+        if stored_kind in ("features", "labels") or not self.policy.release_outputs:
+            raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
+        del self._store[ref.id]
+        self.ledger.record(self.name, RESEARCHER, kind, tensor.numel() * tensor.element_size())
+        return tensor
+
+    def get_state(self, key: str) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().clone() for k, v in self._segment(key).module.state_dict().items()}
+        self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(state))
+        return state
+
+    def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
+        self._segment(key).module.load_state_dict(dict(state))
+        if src != self.name:
+            self.ledger.record(src, self.name, "weights", _state_nbytes(state))
+
+    def fetch_segment(self, key: str) -> nn.Module:
+        module = copy.deepcopy(self._segment(key).module)
+        self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(module.state_dict()))
+        return module
+
+    def release(self) -> None:
+        self._store.clear()
+        self._pending_loss = None
+        for hosted in self._segments.values():
+            hosted.inp = hosted.out = None
+
+    # -- peer transfer (in-process) ------------------------------------------------
+    def _take(self, ref_id: int) -> torch.Tensor:
+        """Hand a stored activation or gradient to a peer (the peer records the bytes)."""
+        tensor, kind = self._store.pop(ref_id, (None, None))
+        if tensor is None:
+            raise WorkerError(f"worker {self.name!r} holds no tensor #{ref_id} (already consumed or released)")
+        if kind in ("features", "labels"):
+            raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
+        return tensor
+
+    # -- helpers -------------------------------------------------------------------
+    def _receive(self, ref: TensorRef, kind: str, train: bool) -> tuple[torch.Tensor, str]:
+        if ref.owner == self.name:
+            tensor, stored_kind = self._store.pop(ref.id, (None, None))
+            if tensor is None:
+                raise WorkerError(f"worker {self.name!r} holds no tensor #{ref.id} (already consumed or released)")
+            if stored_kind == "features":
+                return tensor, "data"
+            return tensor, ("fused" if self.fuse and train else "detached")
+        peer = self._peers.get(ref.owner)
+        if peer is None:
+            raise WorkerError(f"worker {self.name!r} cannot reach {ref.owner!r}; connect the workers of a model first")
+        if not isinstance(peer, VirtualWorker):
+            raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
+        tensor = peer._take(ref.id)
+        nbytes = tensor.numel() * tensor.element_size()
+        self.ledger.record(ref.owner, self.name, kind, nbytes)
+        if train and kind == "activation" and self.fuse and peer.fuse and tensor.requires_grad:
+            src, dst, ledger = self.name, ref.owner, self.ledger
+            tensor.register_hook(lambda g: ledger.record(src, dst, "gradient", g.numel() * g.element_size()))
+            return tensor, "fused"
+        return tensor, "detached"
+
+    def _keep(self, tensor: torch.Tensor, kind: str) -> TensorRef:
+        self._next_id += 1
+        self._store[self._next_id] = (tensor, kind)
+        return TensorRef(self.name, self._next_id)
+
+    def _peek(self, ref: TensorRef) -> tuple[torch.Tensor, str]:
+        if ref.owner != self.name or ref.id not in self._store:
+            raise WorkerError(f"worker {self.name!r} holds no tensor for {ref}")
+        return self._store[ref.id]
+
+    def _segment(self, key: str) -> _Hosted:
+        try:
+            return self._segments[key]
+        except KeyError:
+            raise WorkerError(f"worker {self.name!r} hosts no segment {key!r} (it hosts {sorted(self._segments)})") from None
+
+    def _dataset(self, name: str) -> _Data:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise WorkerError(f"worker {self.name!r} holds no dataset {name!r} (it holds {sorted(self._data)})") from None
+
+    def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
+        tensor = getattr(self._dataset(ref.dataset), part)
+        if tensor is None:
+            raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
+        return tensor[ref.indices]
+
+
+def _state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
