@@ -1,19 +1,32 @@
-"""The ``splitnn`` command line."""
+"""The ``splitnn`` command line.
+
+Each subcommand lives in its own module of this package and exposes
+``add_parser(subparsers)``; the modules are listed in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from splitnn.errors import SplitNNError
 
+#: Subcommand modules, in the order ``splitnn --help`` lists them.
+COMMANDS = ("train", "worker", "compare", "privacy")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from splitnn.cli import train
-
     parser = argparse.ArgumentParser(prog="splitnn", description="Split learning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train.add_parser(sub)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"splitnn.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"splitnn.cli.{name}":
+                raise
+            continue  # command not part of this build
+        module.add_parser(sub)
     return parser
 
 
