@@ -8,6 +8,7 @@ activations at each cut travel forward and their gradients travel back.
 >>> alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
 """
 
+from splitnn import models
 from splitnn.accounting import Ledger
 from splitnn.errors import (
     ConfigurationError,
@@ -19,7 +20,9 @@ from splitnn.errors import (
     WireError,
     WorkerError,
 )
+from splitnn.data import Dataset, load_dataset
 from splitnn.split import SplitNN
+from splitnn.split.persist import load_model, save_model
 from splitnn.training import evaluate, fit
 from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
 
@@ -27,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SplitNN", "VirtualWorker", "Worker", "WorkerPolicy", "Ledger", "fit", "evaluate",
+    "Dataset", "load_dataset", "save_model", "load_model", "models",
     "SplitNNError", "ConfigurationError", "ShapeMismatchError", "DataError", "LabelError",
     "PolicyError", "WireError", "WorkerError",
 ]

@@ -1,0 +1,190 @@
+"""Declarative optimizer specs: which optimizer a worker builds for its segment, as data.
+
+An :class:`OptimizerSpec` travels as a small JSON object (``to_dict``/``from_dict``) or a
+short string such as ``"sgd:lr=0.03,momentum=0.9"``, never as code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from splitnn.errors import SpecError
+
+__all__ = ["OptimizerSpec", "KNOWN_OPTIMIZERS"]
+
+#: Optimizer names :class:`OptimizerSpec` can build.
+KNOWN_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+_MAX_TEXT = 1000
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(f"optimizer option {name!r} must be a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise SpecError(f"optimizer option {name!r} must be finite, got {v!r}")
+    return f
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Which optimizer to build and its hyper-parameters.
+
+    ``momentum`` applies to ``sgd`` only; ``betas`` and ``eps`` to ``adam``/``adamw``.
+    ``weight_decay`` applies to all (note: 0.0 here also for ``adamw``, whose PyTorch
+    default is 0.01). Invalid values raise :class:`SpecError` at construction.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        name = self.name.lower() if isinstance(self.name, str) else self.name
+        if name not in KNOWN_OPTIMIZERS:
+            raise SpecError(f"unknown optimizer {self.name!r}; known optimizers: {', '.join(KNOWN_OPTIMIZERS)}")
+        lr = _number("lr", self.lr)
+        if lr <= 0:
+            raise SpecError(f"optimizer option 'lr' must be > 0, got {self.lr!r}")
+        momentum = _number("momentum", self.momentum)
+        if momentum < 0:
+            raise SpecError(f"optimizer option 'momentum' must be >= 0, got {self.momentum!r}")
+        if momentum != 0 and name != "sgd":
+            raise SpecError(f"optimizer option 'momentum' applies to sgd only; {name} uses 'betas'")
+        weight_decay = _number("weight_decay", self.weight_decay)
+        if weight_decay < 0:
+            raise SpecError(f"optimizer option 'weight_decay' must be >= 0, got {self.weight_decay!r}")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
+            raise SpecError(f"optimizer option 'betas' must be two numbers, got {betas!r}")
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise SpecError(f"optimizer option 'betas' must be two numbers, got {self.betas!r}")
+        betas = (_number("betas", betas[0]), _number("betas", betas[1]))
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise SpecError(f"optimizer option 'betas' must lie in [0, 1), got {self.betas!r}")
+        eps = _number("eps", self.eps)
+        if eps <= 0:
+            raise SpecError(f"optimizer option 'eps' must be > 0, got {self.eps!r}")
+        for field_name, value in (
+            ("name", name),
+            ("lr", lr),
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("betas", betas),
+            ("eps", eps),
+        ):
+            object.__setattr__(self, field_name, value)
+
+    def build(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
+        """Build the optimizer over ``params`` (parameters or parameter groups)."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, accepted by :meth:`from_dict`."""
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "betas": list(self.betas),
+            "eps": self.eps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OptimizerSpec:
+        """Build from a dict; missing keys take their defaults, unknown keys raise :class:`SpecError`."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"optimizer spec must be an object, got {type(d).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in allowed]
+        if unknown:
+            raise SpecError(f"unknown optimizer option {unknown[0]!r}; accepted: {', '.join(allowed)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def parse(cls, text: str) -> OptimizerSpec:
+        """Parse ``"name"`` or ``"name:key=value,..."``, e.g. ``"adam:lr=1e-3,betas=(0.9,0.99)"``."""
+        if not isinstance(text, str) or len(text) > _MAX_TEXT:
+            raise SpecError(f"optimizer string must be a str of at most {_MAX_TEXT} characters")
+        name, _, rest = text.strip().partition(":")
+        opts: dict[str, Any] = {"name": name.strip()}
+        for item in _split_top_level(rest):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise SpecError(f"cannot parse optimizer option {item.strip()!r} in {text!r}; write key=value")
+            if key in opts:
+                raise SpecError(f"optimizer option {key!r} given twice in {text!r}")
+            opts[key] = _parse_value(key, value.strip())
+        return cls.from_dict(opts)
+
+    @classmethod
+    def coerce(cls, x: OptimizerSpec | Mapping[str, Any] | str | None) -> OptimizerSpec:
+        """Turn an OptimizerSpec, a dict, a string (see :meth:`parse`) or None (defaults) into an OptimizerSpec."""
+        if x is None:
+            return cls()
+        if isinstance(x, OptimizerSpec):
+            return x
+        if isinstance(x, str):
+            return cls.parse(x)
+        if isinstance(x, Mapping):
+            return cls.from_dict(x)
+        raise SpecError(
+            f"cannot make an optimizer spec from {type(x).__name__}; give an OptimizerSpec, "
+            "a dict or a string like 'sgd:lr=0.03,momentum=0.9'"
+        )
+
+    def __str__(self) -> str:
+        """Short form accepted by :meth:`parse`; lists only options that differ from the defaults."""
+        default = OptimizerSpec(name=self.name)
+        opts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and value != getattr(default, f.name):
+                text = f"({value[0]!r},{value[1]!r})" if f.name == "betas" else repr(value)
+                opts.append(f"{f.name}={text}")
+        return self.name + (":" + ",".join(opts) if opts else "")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside parentheses or brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [s for s in items if s.strip()]
+
+
+def _parse_value(key: str, value: str) -> Any:
+    if key == "betas":
+        inner = value.strip()
+        if inner[:1] in "([" and inner[-1:] in ")]":
+            inner = inner[1:-1]
+        parts = [p for p in inner.replace("/", ",").split(",") if p.strip()]
+        return tuple(_parse_number(key, p) for p in parts)
+    return value if key == "name" else _parse_number(key, value)
+
+
+def _parse_number(key: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise SpecError(f"optimizer option {key!r} must be a number, got {text.strip()!r}") from None

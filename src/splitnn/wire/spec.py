@@ -1,0 +1,673 @@
+"""Declarative model specs: a model travels as JSON naming known layer types, never as code.
+
+A spec is a JSON object with a ``"type"`` key naming a registered layer type and that
+type's constructor arguments beside it::
+
+    {"type": "Sequential", "layers": [
+        {"type": "Linear", "in_features": 784, "out_features": 128, "bias": true},
+        {"type": "ReLU", "inplace": false}]}
+
+``Sequential`` may carry ``"names"`` when its children are not named ``0, 1, ...``, so
+that state-dict keys match. :func:`spec_to_module` builds fresh layers; weights travel
+separately as a state dict (see :mod:`splitnn.wire.state_codec`).
+
+Specs from other parties are untrusted. :func:`spec_to_module` first checks that the
+spec is plain JSON data of bounded size and nesting, validates every layer's
+arguments, and adds up the parameter and buffer elements the model would allocate
+*before* building anything. Every problem raises :class:`SpecError` naming the layer
+(by its path, e.g. ``spec.layers[2]``), and the argument.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitnn.errors import SpecError
+
+__all__ = [
+    "DEFAULT_MAX_PARAMS",
+    "MAX_SPEC_DEPTH",
+    "MAX_SPEC_LAYERS",
+    "module_to_spec",
+    "spec_to_module",
+    "spec_param_count",
+    "validate_spec",
+    "spec_to_json",
+    "spec_from_json",
+    "register_layer",
+    "unregister_layer",
+    "registered_layers",
+]
+
+#: Most parameter + buffer elements :func:`spec_to_module` builds unless told otherwise.
+DEFAULT_MAX_PARAMS: int = 100_000_000
+#: Deepest JSON nesting a spec may have.
+MAX_SPEC_DEPTH: int = 32
+#: Most layers (Sequential containers included) a spec may describe.
+MAX_SPEC_LAYERS: int = 1024
+_MAX_NODES = 100_000  # JSON values in one spec
+_MAX_STR = 256  # characters in one string
+_MAX_LIST = 4096  # items in one list
+_MAX_JSON_CHARS = 4_000_000  # characters of spec JSON text
+_MAX_INT = 2**31 - 1  # magnitude of any integer argument
+
+JsonDict = dict[str, Any]
+
+_REQUIRED = object()
+
+
+class _ArgError(Exception):
+    """An argument value is wrong; the caller adds which layer and argument."""
+
+
+# --------------------------------------------------------------------------- validators
+# Each takes a JSON value and returns the constructor value, or raises _ArgError.
+
+Validator = Callable[[Any], Any]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int = -_MAX_INT, hi: int = _MAX_INT) -> Validator:
+    def check(v: Any) -> int:
+        if not _is_int(v):
+            raise _ArgError(f"must be an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise _ArgError(f"must be between {lo} and {hi}, got {v}")
+        return int(v)
+
+    return check
+
+
+def _float(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> Validator:
+    def check(v: Any) -> float:
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            raise _ArgError(f"must be a number, got {v!r}")
+        f = float(v)
+        if not math.isfinite(f) or f < lo or f > hi or (lo_open and f == lo):
+            bound = f"({lo}" if lo_open else f"[{lo}"
+            raise _ArgError(f"must be a finite number in {bound}, {hi}], got {v!r}")
+        return f
+
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _ArgError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _choice(*options: str) -> Validator:
+    def check(v: Any) -> str:
+        if v not in options or not isinstance(v, str):
+            raise _ArgError(f"must be one of {', '.join(map(repr, options))}, got {v!r}")
+        return v
+
+    return check
+
+
+def _optional(inner: Validator) -> Validator:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def _int_or_tuple(n: int, lo: int = 0, *, allow_none_items: bool = False) -> Validator:
+    item = _int(lo)
+
+    def check(v: Any) -> int | tuple[Any, ...]:
+        if _is_int(v):
+            return item(v)
+        if isinstance(v, (list, tuple)) and len(v) == n:
+            return tuple(None if (allow_none_items and x is None) else item(x) for x in v)
+        raise _ArgError(f"must be an integer >= {lo} or a list of {n} such integers, got {v!r}")
+
+    return check
+
+
+def _either(*validators: Validator) -> Validator:
+    def check(v: Any) -> Any:
+        errors = []
+        for val in validators:
+            try:
+                return val(v)
+            except _ArgError as exc:
+                errors.append(str(exc))
+        raise _ArgError(" or ".join(errors))
+
+    return check
+
+
+def _int_list(min_len: int, max_len: int, lo: int) -> Validator:
+    item = _int(lo)
+
+    def check(v: Any) -> tuple[int, ...]:
+        if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
+            raise _ArgError(f"must be a list of {min_len} to {max_len} integers, got {v!r}")
+        return tuple(item(x) for x in v)
+
+    return check
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _LayerType:
+    name: str
+    cls: type[nn.Module]
+    to_args: Callable[[nn.Module], JsonDict]
+    from_args: Callable[[JsonDict], nn.Module]
+    schema: Mapping[str, tuple[Validator, Any]] | None  # None: custom layer, from_args validates
+    param_count: Callable[[JsonDict], int] | None  # from validated args; None: count on meta device
+    builtin: bool
+
+
+_BY_NAME: dict[str, _LayerType] = {}
+_BY_CLASS: dict[type[nn.Module], _LayerType] = {}
+
+
+def _register(lt: _LayerType) -> None:
+    _BY_NAME[lt.name] = lt
+    _BY_CLASS[lt.cls] = lt
+
+
+def register_layer(
+    type_name: str,
+    cls: type[nn.Module],
+    to_args: Callable[[nn.Module], dict[str, Any]],
+    from_args: Callable[[dict[str, Any]], nn.Module] | None = None,
+    *,
+    param_count: Callable[[dict[str, Any]], int] | None = None,
+    replace: bool = False,
+) -> None:
+    """Teach the spec codec a layer type.
+
+    ``to_args(module)`` returns the module's constructor arguments as JSON values
+    (numbers, strings, booleans, null, lists); ``from_args(args)`` builds a fresh module
+    from them (default: ``cls(**args)``). Modules are matched by exact class.
+    ``param_count(args)`` returns how many parameter + buffer elements the layer will
+    allocate; without it, the count is taken by building the layer on the ``meta``
+    device (no memory), falling back to a real build if that fails.
+    Registering a name or class twice raises :class:`SpecError` unless ``replace=True``;
+    built-in types cannot be replaced.
+    """
+    if not isinstance(type_name, str) or not type_name or len(type_name) > _MAX_STR:
+        raise SpecError(f"layer type name must be a non-empty string, got {type_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise SpecError(f"register_layer({type_name!r}, ...): cls must be an nn.Module subclass, got {cls!r}")
+    if not callable(to_args) or (from_args is not None and not callable(from_args)):
+        raise SpecError(f"register_layer({type_name!r}, ...): to_args and from_args must be callables")
+    conflicts = {id(e): e for e in (_BY_NAME.get(type_name), _BY_CLASS.get(cls)) if e is not None}
+    for existing in conflicts.values():
+        if existing.builtin:
+            raise SpecError(f"layer type {existing.name!r} is built in and cannot be replaced")
+    for existing in conflicts.values():
+        if not replace:
+            raise SpecError(
+                f"layer type {existing.name!r} ({existing.cls.__qualname__}) is already registered; "
+                "pass replace=True to replace it"
+            )
+    for existing in conflicts.values():
+        unregister_layer(existing.name)
+    build = from_args if from_args is not None else (lambda args: cls(**args))
+    _register(_LayerType(type_name, cls, to_args, build, None, param_count, builtin=False))
+
+
+def unregister_layer(type_name: str) -> None:
+    """Forget a layer type added with :func:`register_layer` (built-ins stay)."""
+    lt = _BY_NAME.get(type_name)
+    if lt is None:
+        raise SpecError(f"layer type {type_name!r} is not registered")
+    if lt.builtin:
+        raise SpecError(f"layer type {type_name!r} is built in and cannot be unregistered")
+    del _BY_NAME[type_name]
+    _BY_CLASS.pop(lt.cls, None)
+
+
+def registered_layers() -> list[str]:
+    """Names of every layer type the spec codec knows, built-ins first."""
+    return list(_BY_NAME)
+
+
+def _to_json(v: Any) -> Any:
+    if isinstance(v, (tuple, list, torch.Size)):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def _builtin(
+    cls: type[nn.Module],
+    schema: dict[str, tuple[Validator, Any]],
+    param_count: Callable[[JsonDict], int] | None = None,
+    attrs: Mapping[str, Callable[[nn.Module], Any]] | None = None,
+) -> None:
+    getters = dict(attrs or {})
+
+    def to_args(m: nn.Module) -> JsonDict:
+        return {
+            k: _to_json(getters[k](m) if k in getters else getattr(m, k)) for k in schema
+        }
+
+    def from_args(args: JsonDict) -> nn.Module:
+        return cls(**args)
+
+    _register(_LayerType(cls.__name__, cls, to_args, from_args, schema, param_count or (lambda a: 0), True))
+
+
+def _has_bias(m: nn.Module) -> bool:
+    return getattr(m, "bias", None) is not None
+
+
+_NONNEG = _int(0)
+_POS = _int(1)
+_DIM = _int(-64, 64)
+_INPLACE = (_bool, False)
+
+
+def _linear_count(a: JsonDict) -> int:
+    return a["in_features"] * a["out_features"] + (a["out_features"] if a["bias"] else 0)
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_count(a: JsonDict) -> int:
+    groups = a["groups"]
+    for arg in ("in_channels", "out_channels"):
+        if a[arg] % groups:
+            raise _ArgError(f"{arg}={a[arg]} must be divisible by groups={groups}")
+    if isinstance(a["padding"], str) and a["padding"] == "same" and any(s != 1 for s in _pair(a["stride"])):
+        raise _ArgError("padding='same' needs stride 1")
+    kh, kw = _pair(a["kernel_size"])
+    return a["out_channels"] * (a["in_channels"] // groups) * kh * kw + (a["out_channels"] if a["bias"] else 0)
+
+
+def _bn_count(a: JsonDict) -> int:
+    n = a["num_features"]
+    return (2 * n if a["affine"] else 0) + (2 * n + 1 if a["track_running_stats"] else 0)
+
+
+_bias_attr = {"bias": _has_bias}
+
+_builtin(
+    nn.Linear,
+    {"in_features": (_NONNEG, _REQUIRED), "out_features": (_NONNEG, _REQUIRED), "bias": (_bool, True)},
+    _linear_count,
+    _bias_attr,
+)
+_builtin(
+    nn.Conv2d,
+    {
+        "in_channels": (_POS, _REQUIRED),
+        "out_channels": (_POS, _REQUIRED),
+        "kernel_size": (_int_or_tuple(2, 1), _REQUIRED),
+        "stride": (_int_or_tuple(2, 1), 1),
+        "padding": (_either(_int_or_tuple(2, 0), _choice("same", "valid")), 0),
+        "dilation": (_int_or_tuple(2, 1), 1),
+        "groups": (_POS, 1),
+        "bias": (_bool, True),
+        "padding_mode": (_choice("zeros", "reflect", "replicate", "circular"), "zeros"),
+    },
+    _conv_count,
+    _bias_attr,
+)
+_builtin(nn.ReLU, {"inplace": _INPLACE})
+_builtin(nn.LeakyReLU, {"negative_slope": (_float(), 0.01), "inplace": _INPLACE})
+_builtin(nn.Sigmoid, {})
+_builtin(nn.Tanh, {})
+_builtin(nn.GELU, {"approximate": (_choice("none", "tanh"), "none")})
+_builtin(nn.Softmax, {"dim": (_optional(_DIM), None)})
+_builtin(nn.LogSoftmax, {"dim": (_optional(_DIM), None)})
+_builtin(
+    nn.MaxPool2d,
+    {
+        "kernel_size": (_int_or_tuple(2, 1), _REQUIRED),
+        "stride": (_optional(_int_or_tuple(2, 1)), None),
+        "padding": (_int_or_tuple(2, 0), 0),
+        "dilation": (_int_or_tuple(2, 1), 1),
+        "return_indices": (_bool, False),
+        "ceil_mode": (_bool, False),
+    },
+)
+_builtin(
+    nn.AvgPool2d,
+    {
+        "kernel_size": (_int_or_tuple(2, 1), _REQUIRED),
+        "stride": (_optional(_int_or_tuple(2, 1)), None),
+        "padding": (_int_or_tuple(2, 0), 0),
+        "ceil_mode": (_bool, False),
+        "count_include_pad": (_bool, True),
+        "divisor_override": (_optional(_POS), None),
+    },
+)
+_builtin(nn.AdaptiveAvgPool2d, {"output_size": (_int_or_tuple(2, 1, allow_none_items=True), _REQUIRED)})
+_builtin(nn.Flatten, {"start_dim": (_DIM, 1), "end_dim": (_DIM, -1)})
+_builtin(nn.Unflatten, {"dim": (_DIM, _REQUIRED), "unflattened_size": (_int_list(1, 64, -1), _REQUIRED)})
+_builtin(nn.Dropout, {"p": (_float(0.0, 1.0), 0.5), "inplace": _INPLACE})
+_bn_schema = {
+    "num_features": (_POS, _REQUIRED),
+    "eps": (_float(0.0, lo_open=True), 1e-5),
+    "momentum": (_optional(_float(0.0, 1.0)), 0.1),
+    "affine": (_bool, True),
+    "track_running_stats": (_bool, True),
+}
+_builtin(nn.BatchNorm1d, _bn_schema, _bn_count)
+_builtin(nn.BatchNorm2d, _bn_schema, _bn_count)
+_builtin(nn.Identity, {})
+
+# Sequential is handled structurally: {"type": "Sequential", "layers": [...], "names": [...]}
+_SEQUENTIAL = "Sequential"
+
+
+# --------------------------------------------------------------------------- module -> spec
+
+
+def _hint_register(what: str) -> str:
+    return (
+        f"register it with splitnn.wire.register_layer({what!r}, cls, to_args=lambda m: {{...}}, "
+        "from_args=lambda args: cls(**args)), or define the segment locally at the worker"
+    )
+
+
+def module_to_spec(m: nn.Module) -> JsonDict:
+    """Describe ``m`` as a JSON-serialisable spec of known layer types (no weights).
+
+    Raises :class:`SpecError` for a module type that is not registered (matched by
+    exact class) or whose arguments are not plain JSON values.
+    """
+    spec = _describe(m, "spec")
+    validate_spec(spec)  # what we send must pass the receiver's checks
+    return spec
+
+
+def _describe(m: nn.Module, path: str) -> JsonDict:
+    if not isinstance(m, nn.Module):
+        raise SpecError(f"{path}: expected an nn.Module, got {type(m).__name__}")
+    cls = type(m)
+    if cls is nn.Sequential:
+        names = list(m._modules.keys())
+        children = list(m._modules.values())
+        layers = []
+        for i, child in enumerate(children):
+            if child is None:
+                raise SpecError(f"{path}.layers[{i}]: Sequential child {names[i]!r} is None")
+            layers.append(_describe(child, f"{path}.layers[{i}]"))
+        spec: JsonDict = {"type": _SEQUENTIAL, "layers": layers}
+        if names != [str(i) for i in range(len(names))]:
+            spec["names"] = names
+        return spec
+    lt = _BY_CLASS.get(cls)
+    if lt is None:
+        qual = f"{cls.__module__}.{cls.__qualname__}"
+        raise SpecError(
+            f"{path}: cannot describe a module of type {qual}: no layer type is registered for it; "
+            + _hint_register(cls.__name__)
+        )
+    try:
+        args = lt.to_args(m)
+    except Exception as exc:
+        raise SpecError(f"{path}: to_args of layer type {lt.name!r} failed: {exc}") from exc
+    if not isinstance(args, dict):
+        raise SpecError(f"{path}: to_args of layer type {lt.name!r} must return a dict, got {type(args).__name__}")
+    if "type" in args:
+        raise SpecError(f"{path}: layer type {lt.name!r} may not use an argument named 'type'")
+    args = {k: _to_json(v) for k, v in args.items()}
+    return {"type": lt.name, **args}
+
+
+# --------------------------------------------------------------------------- spec checks
+
+
+def _check_plain_json(spec: Any) -> None:
+    """Spec must be plain JSON data of bounded size and nesting (checked iteratively)."""
+    stack: list[tuple[Any, int, str]] = [(spec, 1, "spec")]
+    nodes = 0
+    while stack:
+        v, depth, path = stack.pop()
+        nodes += 1
+        if nodes > _MAX_NODES:
+            raise SpecError(f"spec is too large: more than {_MAX_NODES} JSON values")
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{path}: spec nests deeper than {MAX_SPEC_DEPTH} levels")
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if abs(v) > 2**63:
+                raise SpecError(f"{path}: integer {v} is out of range")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise SpecError(f"{path}: {v!r} is not a finite number")
+        elif isinstance(v, str):
+            if len(v) > _MAX_STR:
+                raise SpecError(f"{path}: string longer than {_MAX_STR} characters")
+        elif isinstance(v, list):
+            if len(v) > _MAX_LIST:
+                raise SpecError(f"{path}: list longer than {_MAX_LIST} items")
+            stack.extend((x, depth + 1, f"{path}[{i}]") for i, x in enumerate(v))
+        elif isinstance(v, dict):
+            if len(v) > _MAX_LIST:
+                raise SpecError(f"{path}: object with more than {_MAX_LIST} keys")
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise SpecError(f"{path}: object keys must be strings, got {k!r}")
+                if len(k) > _MAX_STR:
+                    raise SpecError(f"{path}: key longer than {_MAX_STR} characters")
+                stack.append((x, depth + 1, f"{path}.{k}"))
+        else:
+            raise SpecError(
+                f"{path}: {type(v).__name__} is not a JSON value; specs hold only "
+                "numbers, strings, booleans, null, lists and objects"
+            )
+
+
+@dataclass
+class _Plan:
+    """A validated layer, ready to build."""
+
+    lt: _LayerType | None  # None: Sequential
+    args: JsonDict
+    children: list[_Plan]
+    names: list[str] | None
+    path: str
+
+
+def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
+    counter[0] += 1
+    if counter[0] > MAX_SPEC_LAYERS:
+        raise SpecError(f"spec describes more than {MAX_SPEC_LAYERS} layers")
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: a layer must be a JSON object with a 'type', got {type(spec).__name__}")
+    type_name = spec.get("type")
+    if not isinstance(type_name, str):
+        raise SpecError(f"{path}: a layer needs a string 'type', got {type_name!r}")
+    raw = {k: v for k, v in spec.items() if k != "type"}
+    if type_name == _SEQUENTIAL:
+        extra = set(raw) - {"layers", "names"}
+        if extra:
+            raise SpecError(f"{path} (Sequential): unexpected argument(s) {sorted(extra)}; expected 'layers' and optional 'names'")
+        layers = raw.get("layers")
+        if not isinstance(layers, list):
+            raise SpecError(f"{path} (Sequential): argument 'layers' must be a list of layers, got {layers!r}")
+        names = raw.get("names")
+        if names is not None:
+            if not isinstance(names, list) or len(names) != len(layers):
+                raise SpecError(f"{path} (Sequential): argument 'names' must be a list of {len(layers)} strings")
+            for n in names:
+                if not isinstance(n, str) or not n or "." in n:
+                    raise SpecError(f"{path} (Sequential): argument 'names' holds {n!r}; names are non-empty strings without '.'")
+            if len(set(names)) != len(names):
+                raise SpecError(f"{path} (Sequential): argument 'names' holds duplicates")
+        children = [_plan(c, f"{path}.layers[{i}]", counter) for i, c in enumerate(layers)]
+        return _Plan(None, {}, children, names, path)
+    lt = _BY_NAME.get(type_name)
+    if lt is None:
+        known = ", ".join(registered_layers() + [_SEQUENTIAL])
+        raise SpecError(f"{path}: unknown layer type {type_name!r} (known: {known}); " + _hint_register(type_name))
+    where = f"{path} ({type_name})"
+    if lt.schema is None:
+        return _Plan(lt, raw, [], None, path)
+    extra = set(raw) - set(lt.schema)
+    if extra:
+        raise SpecError(f"{where}: unexpected argument {sorted(extra)[0]!r}; accepted: {sorted(lt.schema)}")
+    args: JsonDict = {}
+    for name, (check, default) in lt.schema.items():
+        if name not in raw:
+            if default is _REQUIRED:
+                raise SpecError(f"{where}: missing required argument {name!r}")
+            args[name] = default
+            continue
+        try:
+            args[name] = check(raw[name])
+        except _ArgError as exc:
+            raise SpecError(f"{where}: argument {name!r} {exc}") from None
+    return _Plan(lt, args, [], None, path)
+
+
+def _count_params(plan: _Plan) -> int:
+    if plan.lt is None:
+        return sum(_count_params(c) for c in plan.children)
+    where = f"{plan.path} ({plan.lt.name})"
+    if plan.lt.param_count is not None:
+        try:
+            n = plan.lt.param_count(plan.args)
+        except _ArgError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        except Exception as exc:
+            raise SpecError(f"{where}: cannot count parameters: {exc}") from exc
+        if not _is_int(n) or n < 0:
+            raise SpecError(f"{where}: param_count returned {n!r}, expected a non-negative integer")
+        return n
+    try:  # custom layer without a param_count: build on the meta device, which allocates nothing
+        with torch.device("meta"):
+            mod = plan.lt.from_args(dict(plan.args))
+    except Exception:
+        return -1  # unknown before building; checked after the real build
+    return _module_elements(mod)
+
+
+def _module_elements(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters()) + sum(b.numel() for b in mod.buffers())
+
+
+def validate_spec(spec: Any) -> None:
+    """Check that ``spec`` is well formed (plain JSON, bounded, known types, valid arguments).
+
+    Builds nothing. Raises :class:`SpecError` naming the first problem.
+    """
+    _check_plain_json(spec)
+    _plan(spec, "spec", [0])
+
+
+def spec_param_count(spec: Any) -> int:
+    """Number of parameter + buffer elements the model described by ``spec`` will hold.
+
+    Computed from the arguments, before allocating anything (custom layers without a
+    ``param_count`` are measured on the ``meta`` device; one that cannot be built there
+    counts as 0 here). Raises :class:`SpecError`.
+    """
+    _check_plain_json(spec)
+    return _sum_known(_plan(spec, "spec", [0]))
+
+
+def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
+    """Build a fresh module (new random weights) from a spec made by :func:`module_to_spec`.
+
+    Validates the whole spec and checks that its parameter + buffer element count is at
+    most ``max_params`` before allocating. Load the weights with ``load_state_dict``.
+    Raises :class:`SpecError` naming the layer and argument at fault.
+    """
+    _check_plain_json(spec)
+    plan = _plan(spec, "spec", [0])
+    total = _sum_known(plan)
+    if total > max_params:
+        raise SpecError(
+            f"spec describes {total} parameter and buffer elements; the limit is {max_params} "
+            "(pass max_params= to spec_to_module to raise it)"
+        )
+    module = _build(plan)
+    real = _module_elements(module)
+    if real > max_params:  # custom layers that could not be measured before building
+        raise SpecError(
+            f"spec built {real} parameter and buffer elements; the limit is {max_params} "
+            "(pass max_params= to spec_to_module to raise it)"
+        )
+    return module
+
+
+def _sum_known(plan: _Plan) -> int:
+    if plan.lt is None:
+        return sum(_sum_known(c) for c in plan.children)
+    return max(_count_params(plan), 0)
+
+
+def _build(plan: _Plan) -> nn.Module:
+    if plan.lt is None:
+        children = [_build(c) for c in plan.children]
+        if plan.names is None:
+            return nn.Sequential(*children)
+        return nn.Sequential(OrderedDict(zip(plan.names, children)))
+    lt = plan.lt
+    try:
+        mod = lt.from_args(dict(plan.args))
+    except Exception as exc:
+        raise SpecError(f"{plan.path} ({lt.name}): cannot build the layer from arguments {plan.args}: {exc}") from exc
+    if not isinstance(mod, nn.Module):
+        raise SpecError(f"{plan.path} ({lt.name}): from_args returned {type(mod).__name__}, not an nn.Module")
+    return mod
+
+
+# --------------------------------------------------------------------------- JSON text
+
+
+def spec_to_json(spec: JsonDict) -> str:
+    """Serialise a spec to compact JSON text (validated first; raises :class:`SpecError`)."""
+    validate_spec(spec)
+    return json.dumps(spec, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise SpecError(f"spec JSON holds {name}, which is not a finite number")
+
+
+def _parse_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise SpecError(f"spec JSON number {text[:40]} is out of range")
+    return f
+
+
+def spec_from_json(text: str | bytes, *, max_chars: int = _MAX_JSON_CHARS) -> JsonDict:
+    """Parse spec JSON text and validate it (raises :class:`SpecError`; builds nothing)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"spec JSON is not UTF-8: {exc}") from None
+    if not isinstance(text, str):
+        raise SpecError(f"spec JSON must be str or bytes, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise SpecError(f"spec JSON is {len(text)} characters; the limit is {max_chars}")
+    try:
+        spec = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+    except SpecError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise SpecError(f"spec is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"spec JSON must be an object, got {type(spec).__name__}")
+    validate_spec(spec)
+    return spec

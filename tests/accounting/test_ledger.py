@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from splitnn.accounting import Ledger, LinkTotal
+
+
+def test_records_aggregate_per_link():
+    ledger = Ledger()
+    ledger.record("alice", "bob", "activation", 100)
+    ledger.record("alice", "bob", "activation", 50)
+    ledger.record("bob", "alice", "gradient", 150)
+    assert ledger.links() == [LinkTotal("alice", "bob", "activation", 2, 150),
+                              LinkTotal("bob", "alice", "gradient", 1, 150)]
+    assert ledger.total() == 300
+    assert ledger.total(src="alice") == 150
+    assert ledger.total(kind="gradient", dst="alice") == 150
+    assert ledger.count(src="alice") == 2
+    assert ledger.sent_by() == {"alice": 150, "bob": 150}
+    assert ledger.received_by() == {"bob": 150, "alice": 150}
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown transfer kind 'pickle'"):
+        Ledger().record("a", "b", "pickle", 1)
+
+
+def test_since_reports_only_new_transfers():
+    ledger = Ledger()
+    ledger.record("a", "b", "weights", 10)
+    before = ledger.snapshot()
+    ledger.record("a", "b", "weights", 5)
+    ledger.record("b", "c", "control", 1)
+    diff = ledger.since(before)
+    assert diff.links() == [LinkTotal("a", "b", "weights", 1, 5), LinkTotal("b", "c", "control", 1, 1)]
+    assert before.total() == 10  # the snapshot did not move
+
+
+def test_concurrent_records_are_not_lost():
+    ledger = Ledger()
+
+    def work():
+        for _ in range(2000):
+            ledger.record("a", "b", "activation", 1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.total() == 8000 and ledger.count() == 8000
+
+
+def test_format_table_lists_every_link():
+    ledger = Ledger()
+    ledger.record("alice", "bob", "activation", 32768)
+    text = ledger.format_table()
+    assert "alice" in text and "32768" in text and text.count("\n") == 1
