@@ -1,0 +1,40 @@
+"""Errors of the PySyft facade, named as in PySyft 0.2 so ``except`` clauses keep working."""
+
+from __future__ import annotations
+
+from splitnn.errors import WorkerError
+
+#: How a place that is not a worker is named: a tensor or module that was never sent.
+LOCAL = "local"
+
+_ADVICE = "Use a combination of .move(), .get(), and/or .send() to co-locate them to the same machine."
+
+
+class TensorsNotCollocatedException(WorkerError):
+    """An operation mixed tensors (or a module and a tensor) that live at different places.
+
+    ``first`` and ``second`` are the two places: a worker's id, or ``"local"``
+    for a tensor or module that was never sent (it is at the researcher).
+    """
+
+    def __init__(self, message: str, first: str, second: str) -> None:
+        self.first, self.second = first, second
+        super().__init__(f"{message} {_ADVICE}")
+
+    @classmethod
+    def for_call(cls, operation: str, first: str, second: str) -> "TensorsNotCollocatedException":
+        """Two tensors given to one operation (``nll_loss``, ``__add__``...) live at different places."""
+        return cls(f"You tried to call {operation} involving two tensors which are not on the same machine! "
+                   f"One tensor is on {where(first)} while the other tensor is on {where(second)}.", first, second)
+
+    @classmethod
+    def for_module(cls, module: str, module_at: str, tensor_at: str) -> "TensorsNotCollocatedException":
+        """A sent module was applied to a tensor somewhere else."""
+        return cls(f"You tried to apply a module ({module}) to a tensor which is not on the same machine! "
+                   f"The module is on {where(module_at)} while the tensor is on {where(tensor_at)}.",
+                   module_at, tensor_at)
+
+
+def where(place: str) -> str:
+    """``worker 'alice'``, or the researcher for :data:`LOCAL`."""
+    return "the researcher (local, never sent)" if place == LOCAL else f"worker {place!r}"
