@@ -28,8 +28,19 @@ from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
 
 __version__ = "0.1.0"
 
+
+def connect(url: str, *, token: str, name: str | None = None, timeout: float = 60.0, tls=None, limits=None):
+    """Connect to a party started with ``splitnn worker``; returns a :class:`~splitnn.workers.remote.RemoteWorker`.
+
+    See :func:`splitnn.workers.remote.connect` (imported lazily: grpc loads only when used).
+    """
+    from splitnn.workers.remote import connect as _connect
+
+    return _connect(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits)
+
+
 __all__ = [
-    "SplitNN", "VirtualWorker", "Worker", "WorkerPolicy", "Ledger", "fit", "evaluate",
+    "SplitNN", "VirtualWorker", "Worker", "connect", "WorkerPolicy", "Ledger", "fit", "evaluate",
     "Dataset", "load_dataset", "save_model", "load_model", "models",
     "SplitNNError", "ConfigurationError", "ShapeMismatchError", "DataError", "LabelError",
     "PolicyError", "WireError", "WorkerError",

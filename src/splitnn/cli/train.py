@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from splitnn.cli.format import human_bytes, table
+from splitnn.cli.topologies import add_topology_arguments, describe, topology_from_args
 from splitnn.errors import ConfigurationError
 
 
@@ -29,12 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", default="128,640", help="hidden layer sizes, comma-separated; one segment per layer")
     p.add_argument("--workers", default="alice,bob,claire",
                    help="comma-separated worker names, one per segment (repeat a name to put consecutive "
-                        "segments on one worker)")
+                        "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_topology_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -53,14 +57,33 @@ def _check_output(path: Path | None, flag: str) -> None:
         raise ConfigurationError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
 
+def _remote_workers(urls: list[str], token_file: Path | None) -> dict:
+    """Connect to ``splitnn worker`` parties by address (one connection per distinct address)."""
+    import os
+
+    from splitnn import connect
+    from splitnn.transport import load_token
+
+    if not all(u.startswith("grpc://") for u in urls):
+        raise ConfigurationError("--workers: give either worker names or grpc:// addresses, not a mix")
+    if token_file is not None:
+        token = load_token(token_file)
+    elif os.environ.get("SPLITNN_TOKEN"):
+        token = os.environ["SPLITNN_TOKEN"].strip()
+    else:
+        raise ConfigurationError("grpc:// workers need the federation token: --token-file FILE or $SPLITNN_TOKEN")
+    return {u: connect(u, token=token) for u in dict.fromkeys(urls)}
+
+
 def run(args: argparse.Namespace) -> int:
     from splitnn import SplitNN, VirtualWorker
     from splitnn.data import load_dataset
     from splitnn.models import tutorial_mlp
 
     hidden = _parse_sizes(args.hidden)
+    topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
-    if len(names) != len(hidden) + 1:
+    if topology is None and len(names) != len(hidden) + 1:
         raise ConfigurationError(f"--workers names {len(names)} workers but --hidden {args.hidden} makes "
                                  f"{len(hidden) + 1} segments; give one worker per segment")
     _check_output(args.save, "--save")
@@ -72,12 +95,22 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     in_features = int(torch.tensor(train.features.shape[1:]).prod())
-    segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
-    workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
-    model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}")
     sizes = "-".join(str(s) for s in [in_features, *hidden, train.num_classes])
+    if topology is not None:
+        from splitnn.training.topologies import build_topology
+
+        model = build_topology(topology, tuple(train.features.shape[1:]), train.num_classes)
+        placement = describe(topology)
+    else:
+        segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
+        if any(n.startswith("grpc://") for n in names):
+            workers = _remote_workers(names, args.token_file)
+        else:
+            workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
+        model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}")
+        placement = " -> ".join(names)
     print(f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
-          f"{sizes} on {' -> '.join(names)}, batch {args.batch_size}, SGD lr {args.lr}", flush=True)
+          f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}", flush=True)
 
     parties = model.parties()
 

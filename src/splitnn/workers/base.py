@@ -10,7 +10,7 @@ the same protocol and must give the same numbers, bit for bit.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, Union, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -88,3 +88,47 @@ class Worker(Protocol):
 
     def release(self) -> None:
         """Forget every stored intermediate tensor (activations, gradients, losses)."""
+
+
+# -- optional capabilities (the topologies of splitnn.training.topologies) ----------------
+# Kept out of :class:`Worker` so that a worker without them still is a Worker;
+# a topology that needs one checks for it and names the missing methods.
+
+
+@runtime_checkable
+class PeerStateWorker(Protocol):
+    """A worker that can hand a segment's weights directly to another party."""
+
+    name: str
+
+    def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
+        """Send the weights of segment ``key`` to peer ``dst``, which loads them into its segment
+        ``dst_key`` (default ``key``); recorded as ``weights`` bytes on the link self -> ``dst``."""
+
+
+@runtime_checkable
+class MergingWorker(Protocol):
+    """A worker whose segment can take several parties' activations, merged (vertical split learning)."""
+
+    name: str
+
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
+                       train: bool = True) -> TensorRef:
+        """Fetch every ``sources`` activation (each recorded on its owner's link), merge them with
+        ``merge`` (see :mod:`splitnn.workers.merge`) and run segment ``key`` on the result."""
+
+    def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
+        """Back-propagate through segment ``key`` (as :meth:`Worker.backward`) and through the merge;
+        return one gradient ref per source of the last :meth:`forward_merged`, in order."""
+
+
+@runtime_checkable
+class GradientWorker(Protocol):
+    """A worker that can hand the gradients of a segment's parameters to the researcher
+    (large-batch synchronous SGD, :mod:`splitnn.training.baselines`)."""
+
+    name: str
+
+    def get_grads(self, key: str) -> dict[str, torch.Tensor]:
+        """Gradients of segment ``key``'s trainable parameters by name (zeros where none was
+        computed); recorded as ``gradient`` bytes from this worker to the researcher."""

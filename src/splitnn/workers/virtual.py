@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, LabelError, PolicyError, WorkerError
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.losses import compute_loss
+from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.optimizers import build_optimizer
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
@@ -55,7 +56,8 @@ class _Hosted:
     training: bool | None = None
     inp: torch.Tensor | None = None
     out: torch.Tensor | None = None
-    input_kind: str = "data"  # "data" | "detached" | "fused"
+    input_kind: str = "data"  # "data" | "detached" | "fused" | "merged"
+    inputs: list[tuple[torch.Tensor, str, str]] | None = None  # (tensor, kind, sender) per merged source
     source: str = ""  # who sent the input
 
 
@@ -189,6 +191,8 @@ class VirtualWorker:
         hosted = self._segment(key)
         if hosted.out is None:
             raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
+        if hosted.input_kind == "merged":
+            raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
         if grad is None:
             if self._pending_loss is not None:
                 loss, self._pending_loss = self._pending_loss, None
@@ -210,6 +214,55 @@ class VirtualWorker:
         if inp.grad is None:
             raise WorkerError(f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?")
         return self._keep(inp.grad, "gradient")
+
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
+                       train: bool = True) -> TensorRef:
+        """Run segment ``key`` on the merge of several parties' activations (see :class:`MergingWorker`)."""
+        check_merge(merge)
+        if not sources:
+            raise WorkerError(f"worker {self.name!r}: forward_merged on segment {key!r} needs at least one source")
+        hosted = self._segment(key)
+        if hosted.training is not train:
+            hosted.module.train(train)
+            hosted.training = train
+        received = [self._receive(ref, "activation", train) for ref in sources]
+        if not train:
+            with torch.no_grad():
+                return self._keep(hosted.module(merge_tensors([t for t, _ in received], merge)), "activation")
+        inputs = [(t.detach().requires_grad_() if kind == "detached" else t, kind, ref.owner)
+                  for (t, kind), ref in zip(received, sources)]
+        out = hosted.module(merge_tensors([t for t, _, _ in inputs], merge))
+        hosted.inp, hosted.out, hosted.input_kind, hosted.inputs = None, out, "merged", inputs
+        return self._keep(out, "activation")
+
+    def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
+        """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
+        hosted = self._segment(key)
+        if hosted.out is None or hosted.input_kind != "merged" or hosted.inputs is None:
+            raise WorkerError(f"worker {self.name!r}: backward_merged on segment {key!r} without a training "
+                              f"forward_merged first")
+        if grad is None:
+            if self._pending_loss is not None:
+                loss, self._pending_loss = self._pending_loss, None
+                loss.backward()
+        elif not grad.fused:
+            g, _ = self._receive(grad, "gradient", False)
+            hosted.out.backward(g)
+        inputs = hosted.inputs
+        hosted.out, hosted.inputs, hosted.input_kind = None, None, "data"
+        refs: list[TensorRef] = []
+        for i, (tensor, kind, sender) in enumerate(inputs):
+            if kind == "fused":
+                # Autograd carried the gradient to the sender; record what a real transfer moves.
+                if sender != self.name:
+                    self.ledger.record(self.name, sender, "gradient", tensor.numel() * tensor.element_size())
+                refs.append(TensorRef(self.name, -1, fused=True))
+            elif tensor.grad is None:
+                raise WorkerError(f"worker {self.name!r}: source {i} of segment {key!r} got no gradient; "
+                                  f"did the loss backward run?")
+            else:
+                refs.append(self._keep(tensor.grad, "gradient"))
+        return refs
 
     def zero_grad(self, key: str) -> None:
         # Same effect as optimizer.zero_grad(set_to_none=True), without its
@@ -240,6 +293,26 @@ class VirtualWorker:
         if src != self.name:
             self.ledger.record(src, self.name, "weights", _state_nbytes(state))
 
+    def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
+        """Hand segment ``key``'s weights straight to peer ``dst`` (recorded on the link self -> ``dst``)."""
+        state = {k: v.detach().clone() for k, v in self._segment(key).module.state_dict().items()}
+        if dst == self.name:
+            self.set_state(dst_key or key, state, src=self.name)
+            return
+        peer = self._peers.get(dst)
+        if peer is None:
+            raise WorkerError(f"worker {self.name!r} cannot reach {dst!r}; connect the workers of a model first")
+        if not isinstance(peer, VirtualWorker):
+            raise WorkerError(f"in-process worker {self.name!r} cannot send weights to non-local worker {dst!r}")
+        peer.set_state(dst_key or key, state, src=self.name)
+
+    def get_grads(self, key: str) -> dict[str, torch.Tensor]:
+        """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
+        grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                 for n, p in self._segment(key).module.named_parameters() if p.requires_grad}
+        self.ledger.record(self.name, RESEARCHER, "gradient", _state_nbytes(grads))
+        return grads
+
     def fetch_segment(self, key: str) -> nn.Module:
         module = copy.deepcopy(self._segment(key).module)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(module.state_dict()))
@@ -250,6 +323,7 @@ class VirtualWorker:
         self._pending_loss = None
         for hosted in self._segments.values():
             hosted.inp = hosted.out = None
+            hosted.inputs = None
 
     # -- peer transfer (in-process) ------------------------------------------------
     def _take(self, ref_id: int) -> torch.Tensor:

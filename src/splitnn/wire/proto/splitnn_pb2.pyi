@@ -33,7 +33,7 @@ class Transfer(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("seq", "ok", "error_type", "error", "result_json", "blobs", "transfers")
+    __slots__ = ("seq", "ok", "error_type", "error", "result_json", "blobs", "transfers", "more")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Reply(_message.Message):
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     ok: bool
     error_type: str
@@ -48,7 +49,8 @@ class Reply(_message.Message):
     result_json: str
     blobs: _containers.RepeatedScalarFieldContainer[bytes]
     transfers: _containers.RepeatedCompositeFieldContainer[Transfer]
-    def __init__(self, seq: _Optional[int] = ..., ok: _Optional[bool] = ..., error_type: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, seq: _Optional[int] = ..., ok: _Optional[bool] = ..., error_type: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RawFrame(_message.Message):
     __slots__ = ("data",)

@@ -1,0 +1,247 @@
+"""Throughput of networked split learning on loopback, against in-process and torch.distributed.rpc.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_network.py [--batches 40] [--runs 5]
+
+Trains the tutorial network (784-128-640-10, three segments, SGD lr 0.03, batch 64,
+NLL) for ``--batches`` batches per run, ``--runs`` times, and prints the median
+samples/s of:
+
+* ``in-process``: SplitNN on three VirtualWorkers in this process;
+* ``grpc``: SplitNN on three ``splitnn worker`` processes over 127.0.0.1
+  (``splitnn.connect``; activations and gradients go peer to peer);
+* ``torch.distributed.rpc``: the same three segments on three RPC worker processes
+  driven the way PyTorch's RPC tutorials do it: the master chains ``rpc.remote``
+  calls passing RRefs (each stage fetches its input with ``to_here()``), runs
+  ``dist_autograd.backward`` and steps a ``DistributedOptimizer`` (TensorPipe over
+  TCP on 127.0.0.1).
+
+It also reports the bytes on the wire per batch (every serialized gRPC message of
+every party: peer frames, control commands and replies) against the raw tensor bytes
+(numel x itemsize of the activations and gradients crossing the two cuts).
+Every process uses one torch thread. Not a test: nothing here asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.transport.cluster
+
+import torch  # noqa: E402
+
+NAMES = ("alice", "bob", "claire")
+BATCH = 64
+
+
+def _data(n: int):
+    from tests.helpers import toy_dataset
+
+    return toy_dataset(n, seed=0)
+
+
+def _segments():
+    from splitnn.models import tutorial_mlp
+
+    torch.manual_seed(0)
+    return tutorial_mlp()
+
+
+def _time_fit(model, data, runs: int) -> list[float]:
+    model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up (and data placement)
+    rates = []
+    for r in range(runs):
+        t0 = time.perf_counter()
+        model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
+        rates.append(len(data) / (time.perf_counter() - t0))
+    return rates
+
+
+def bench_in_process(data, runs: int) -> list[float]:
+    import splitnn
+
+    model = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])
+    return _time_fit(model, data, runs)
+
+
+def bench_grpc(data, runs: int) -> tuple[list[float], dict[str, float]]:
+    import splitnn
+    from tests.transport.cluster import Cluster
+
+    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=600) as cl:
+        for n in NAMES:
+            cl.start(n)
+        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n) for n in NAMES]
+        try:
+            model = splitnn.SplitNN(_segments(), workers)
+            model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
+            for w in workers:
+                w.drain()  # every reply in: the ledger and the counters are complete
+            before_ledger = model.ledger.snapshot()
+            before = _wire_total(workers)
+            rates = []
+            for r in range(runs):
+                t0 = time.perf_counter()
+                model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
+                rates.append(len(data) / (time.perf_counter() - t0))
+            for w in workers:
+                w.drain()
+            after = _wire_total(workers)
+            moved = model.ledger.since(before_ledger)
+        finally:
+            for w in workers:
+                w.close()
+    batches = runs * -(-len(data) // BATCH)
+    raw = sum(moved.total(kind=k) for k in ("activation", "gradient"))
+    from splitnn.accounting import RESEARCHER
+
+    return rates, {
+        "raw_tensor_bytes_per_batch": raw / batches,
+        "wire_bytes_per_batch": (after["all"] - before["all"]) / batches,
+        "peer_wire_bytes_per_batch": (after["peer"] - before["peer"]) / batches,
+        "researcher_tensor_bytes": sum(moved.total(src=RESEARCHER, kind=k) for k in ("activation", "gradient")),
+    }
+
+
+def _wire_total(workers) -> dict[str, int]:
+    """Bytes sent by every party: each server's counters (via stats) plus the researcher's own."""
+    total = peer = 0
+    for w in workers:
+        rows = w.stats()["counters"]
+        sent = [r for r in rows if r["direction"] == "sent"]
+        total += sum(r["nbytes"] for r in sent)
+        peer += sum(r["nbytes"] for r in sent if r["peer"] in NAMES)
+        total += w.counters.total(direction="sent")
+    return {"all": total, "peer": peer}
+
+
+# ---------------------------------------------------------------- torch.distributed.rpc baseline
+class _Stage:
+    """One segment at an RPC worker, as in the RPC tutorials (held via an RRef by the master)."""
+
+    def __init__(self, index: int, n: int) -> None:
+        torch.manual_seed(0)
+        from splitnn.models import tutorial_mlp
+
+        self.net = tutorial_mlp()[index]
+        self.data = _data(n)
+
+    def forward_idx(self, idx):
+        return self.net(self.data.features[idx])
+
+    def forward(self, x_rref):
+        return self.net(x_rref.to_here())
+
+    def loss(self, x_rref, idx):
+        import torch.nn.functional as F
+
+        return F.nll_loss(self.net(x_rref.to_here()), self.data.labels[idx])
+
+    def param_rrefs(self):
+        from torch.distributed.rpc import RRef
+
+        return [RRef(p) for p in self.net.parameters()]
+
+
+def _rpc_options(port: int):
+    from torch.distributed import rpc
+
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, init_method=f"tcp://127.0.0.1:{port}",
+                                           rpc_timeout=120, _transports=["uv"])
+
+
+def rpc_worker(rank: int, port: int) -> None:
+    from torch.distributed import rpc
+
+    torch.set_num_threads(1)
+    rpc.init_rpc(NAMES[rank - 1], rank=rank, world_size=4, rpc_backend_options=_rpc_options(port))
+    rpc.shutdown()
+
+
+def bench_rpc(data, runs: int) -> list[float]:
+    import socket
+
+    import torch.distributed.autograd as dist_autograd
+    from torch import optim
+    from torch.distributed import rpc
+    from torch.distributed.optim import DistributedOptimizer
+    from splitnn.training import epoch_batches
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--rpc-worker", str(r), "--port", str(port)], env=env)
+             for r in (1, 2, 3)]
+    try:
+        rpc.init_rpc("master", rank=0, world_size=4, rpc_backend_options=_rpc_options(port))
+        stages = [rpc.remote(n, _Stage, args=(i, len(data))) for i, n in enumerate(NAMES)]
+        params = [p for st in stages for p in st.rpc_sync().param_rrefs()]
+        opt = DistributedOptimizer(optim.SGD, params, lr=0.03)
+
+        def epoch(seed: int) -> float:
+            t0 = time.perf_counter()
+            for idx in epoch_batches(len(data), BATCH, seed=seed):
+                with dist_autograd.context() as ctx:
+                    a = stages[0].remote().forward_idx(idx)
+                    b = stages[1].remote().forward(a)
+                    loss = stages[2].rpc_sync().loss(b, idx)
+                    dist_autograd.backward(ctx, [loss])
+                    opt.step(ctx)
+            return len(data) / (time.perf_counter() - t0)
+
+        epoch(0)  # warm-up
+        rates = [epoch(r + 1) for r in range(runs)]
+        rpc.shutdown()
+        return rates
+    finally:
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=40, help="batches of 64 per run (default 40)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per contender (default 5)")
+    parser.add_argument("--skip-rpc", action="store_true")
+    parser.add_argument("--rpc-worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rpc_worker is not None:
+        rpc_worker(args.rpc_worker, args.port)
+        return
+    torch.set_num_threads(1)
+    data = _data(args.batches * BATCH)
+    results = {"in-process": bench_in_process(data, args.runs)}
+    results["grpc (3 processes)"], wire = bench_grpc(data, args.runs)
+    if not args.skip_rpc:
+        results["torch.distributed.rpc (3 processes)"] = bench_rpc(data, args.runs)
+    print(f"tutorial MLP 784-128-640-10, batch {BATCH}, {args.batches} batches x {args.runs} runs, 1 torch thread/process")
+    print(f"{'contender':40s} {'median samples/s':>17s}  runs")
+    for name, rates in results.items():
+        print(f"{name:40s} {statistics.median(rates):17,.0f}  " + " ".join(f"{r:,.0f}" for r in rates))
+    if "torch.distributed.rpc (3 processes)" in results:
+        ratio = statistics.median(results["grpc (3 processes)"]) / statistics.median(
+            results["torch.distributed.rpc (3 processes)"])
+        print(f"grpc / torch.distributed.rpc throughput: {ratio:.2f}x")
+    raw, on_wire = wire["raw_tensor_bytes_per_batch"], wire["wire_bytes_per_batch"]
+    print(f"raw activation+gradient bytes per batch: {raw:,.0f}")
+    print(f"wire bytes per batch (all parties, all messages): {on_wire:,.0f} ({100 * (on_wire / raw - 1):+.2f}%); "
+          f"peer data plane only: {wire['peer_wire_bytes_per_batch']:,.0f} "
+          f"({100 * (wire['peer_wire_bytes_per_batch'] / raw - 1):+.2f}%)")
+    print(f"activation/gradient bytes sent or received by the researcher: {wire['researcher_tensor_bytes']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""``splitnn worker``: run one party of split learning as a gRPC server.
+
+    splitnn worker --name bob --listen 127.0.0.1:7002 --token-file TOKEN \\
+        [--tls-cert bob.pem --tls-key bob.key --tls-ca ca.pem] \\
+        [--data mnist:test=/data/mnist,parts=labels,limit=500 ...]
+
+``--data SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family
+split with :func:`splitnn.data.load_dataset` from DIR (never downloading) and holds
+it under the name SPEC, e.g. ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` by
+default). ``parts`` says what this party holds: the data holder keeps the
+``features``, the label holder the ``labels`` (default: both). The researcher then
+trains on it by name: ``model.fit("mnist:test")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from splitnn.errors import ConfigurationError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run a party (segments, optimizers, local data) as a gRPC server",
+                       description="Serve one party of split learning over gRPC until SIGINT/SIGTERM.")
+    p.add_argument("--name", required=True, help="this party's name (e.g. alice); with TLS, its certificate's name")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="HOST:PORT to listen on; port 0 picks a free port (see --address-file). Default 127.0.0.1:0")
+    p.add_argument("--token-file", type=Path, required=True, help="file holding the federation token")
+    p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="the federation CA (PEM); with it, callers must present certificates (mutual TLS)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME[:SPLIT]=DIR[,parts=...][,limit=N]",
+                   help="hold a dataset loaded from DIR (repeatable); parts = features, labels or both")
+    p.add_argument("--address-file", type=Path, default=None,
+                   help="write the bound HOST:PORT here once listening (atomic), for --listen ...:0")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (set the researcher's count for bit-identical results)")
+    p.add_argument("--peer-timeout", type=float, default=60.0,
+                   help="seconds to wait for a peer's tensor before failing the step (default 60)")
+    p.add_argument("--allow-outputs", action="store_true",
+                   help="let the researcher fetch this party's outputs (needed by predict and the low-level loop)")
+    p.add_argument("--max-lifetime", type=float, default=None,
+                   help="shut down after this many seconds (a safety net for scripts and tests)")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="largest gRPC message payload (default 4 MiB - 64 KiB)")
+    p.set_defaults(func=run)
+
+
+def parse_data_spec(text: str) -> tuple[str, str, str, Path, tuple[str, ...], int | None]:
+    """``mnist:test=DIR,parts=labels,limit=500`` -> (key, dataset, split, dir, parts, limit)."""
+    key, eq, rest = text.partition("=")
+    if not eq or not key or not rest:
+        raise ConfigurationError(f"--data {text!r}: write NAME[:SPLIT]=DIR[,parts=features|labels|both][,limit=N]")
+    dataset, _, split = key.partition(":")
+    directory, *options = rest.split(",")
+    parts: tuple[str, ...] = ("features", "labels")
+    limit = None
+    for opt in options:
+        k, _, v = opt.partition("=")
+        if k == "parts" and v in ("features", "labels", "both"):
+            parts = ("features", "labels") if v == "both" else (v,)
+        elif k == "limit" and v.isdigit() and int(v) > 0:
+            limit = int(v)
+        else:
+            raise ConfigurationError(f"--data {text!r}: unknown option {opt!r}; use parts=features|labels|both "
+                                     f"or limit=N")
+    return key, dataset, split or "train", Path(directory), parts, limit
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitnn.data import load_dataset
+    from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.workers.server import ServeConfig, serve
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    token = load_token(args.token_file)
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigurationError("TLS needs both --tls-cert and --tls-key (and --tls-ca for mutual TLS)")
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.address_file is not None and not args.address_file.parent.is_dir():
+        raise ConfigurationError(f"--address-file {args.address_file}: directory does not exist")
+    datasets = {}
+    for text in args.data:
+        key, dataset, split, directory, parts, limit = parse_data_spec(text)
+        if not directory.is_dir():
+            raise ConfigurationError(f"--data {text!r}: {directory} is not a directory")
+        data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
+        datasets[key] = {p: getattr(data, p) for p in parts}
+    limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes else Limits()
+    config = ServeConfig(name=args.name, listen=args.listen, token=token, tls=tls, limits=limits,
+                         peer_timeout=args.peer_timeout, release_outputs=args.allow_outputs,
+                         address_file=str(args.address_file) if args.address_file else None,
+                         max_lifetime=args.max_lifetime, datasets=datasets)
+
+    def ready(address: str) -> None:
+        held = ", ".join(f"{k} ({'+'.join(v)})" for k, v in datasets.items()) or "no datasets"
+        print(f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held})", flush=True)
+
+    asyncio.run(serve(config, on_ready=ready))
+    print(f"splitnn worker {args.name}: stopped", file=sys.stderr, flush=True)
+    return 0

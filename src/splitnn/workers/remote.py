@@ -1,0 +1,518 @@
+"""RemoteWorker: the researcher's handle on a party that runs ``splitnn worker``.
+
+``splitnn.connect("grpc://10.0.0.5:7001", token=...)`` returns a :class:`RemoteWorker`,
+which implements the :class:`~splitnn.workers.Worker` protocol, so ``SplitNN``,
+``fit``, ``evaluate`` and ``collect`` work unchanged across machines.
+
+Control plane only. The researcher sends *commands* (protobuf envelopes) and gets
+back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
+and gradients never pass through this process: a worker that must run on another
+party's tensor pulls it from that party over their peer stream
+(:mod:`splitnn.workers.server`).
+
+Pipelined commands (the fast path). All commands to one worker travel on one
+ordered gRPC stream and the worker runs them in order. Operations whose result the
+researcher does not need right away (``zero_grad``, ``forward``, ``backward``,
+``step``, ``put``, ``release``) are *sent without waiting*: their output refs are
+chosen here (ids allocated by the client), so the whole chain of a training step is
+on the wire to all workers at once, and the workers hand activations and gradients
+along peer to peer as soon as each exists. Only calls that return a value (``loss``,
+``dataset_stats``, ``probe``, ``get_state``, ...) wait -- and they first wait for
+every outstanding command of every worker of the model, so errors surface at a
+well-defined point and the ledger is complete there. The per-batch cost is then the
+peer hops plus one round trip for the loss, with the same operations, in the same
+order, as the eager in-process schedule: the numbers are identical.
+
+Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
+client uses grpcio's blocking API with one reader thread per worker that collects
+replies; no event loop has to be hosted inside the user's program.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import grpc
+import torch
+from torch import nn
+
+from splitnn import errors as _errors
+from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.accounting.ledger import LinkTotal
+from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.limits import Limits
+from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
+from splitnn.wire.optim_spec import OptimizerSpec
+from splitnn.wire.proto import CALL, SESSION, Command, Reply
+from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
+from splitnn.wire.state_codec import decode_state, encode_state
+from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+
+_COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
+                 "stage": "data"}
+_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights"}
+_ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage"})
+MAX_BATCH = 1024  # commands in one coalesced message
+
+
+def parse_address(url: str) -> str:
+    """``grpc://host:port`` (or ``host:port``) -> ``host:port``; raises ConfigurationError."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"a worker address must be a string like grpc://127.0.0.1:7001, got {url!r}")
+    text = url if "://" in url else f"grpc://{url}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigurationError(f"cannot parse worker address {url!r}; write grpc://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not port:
+        raise ConfigurationError(f"worker address {url!r} has no valid port; write grpc://HOST:PORT")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
+
+
+def _error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
+    cls = getattr(_errors, reply.error_type, None)
+    if reply.error_type in ("RuntimeError", "IndexError"):
+        return RuntimeError(reply.error)  # shape probes rely on torch's RuntimeError
+    if not (isinstance(cls, type) and issubclass(cls, _errors.SplitNNError)):
+        cls = WorkerError
+    return cls(reply.error or f"worker {worker!r} at {address} failed")
+
+
+class _Pending:
+    __slots__ = ("event", "reply", "op", "parts")
+
+    def __init__(self, op: str) -> None:
+        self.event = threading.Event()
+        self.reply: Reply | None = None
+        self.op = op
+        self.parts: list[bytes] = []
+
+
+def _join_parts(reply: Reply, parts: list[bytes]) -> Reply:
+    """Rebuild the blobs of a reply that came in parts (``Reply.more``)."""
+    result = json.loads(reply.result_json) if reply.result_json else {}
+    sizes = result.pop("_blob_sizes", None)
+    whole = b"".join(parts)
+    if not isinstance(sizes, list) or sum(sizes) != len(whole):
+        raise WorkerError("a reply in parts does not add up")
+    blobs, pos = [], 0
+    for n in sizes:
+        blobs.append(whole[pos:pos + n])
+        pos += n
+    out = Reply(seq=reply.seq, ok=reply.ok, result_json=json.dumps(result) if result else "", blobs=blobs)
+    out.transfers.extend(reply.transfers)
+    return out
+
+
+class RemoteWorker:
+    """A party reached over gRPC. Implements the :class:`~splitnn.workers.Worker` protocol.
+
+    Use :func:`splitnn.connect`. Args:
+        address: ``grpc://host:port``.
+        token: the federation token.
+        name: the party name you expect; checked against the worker's own (and, with
+            TLS, against its certificate). Default: whatever the worker says.
+        timeout: seconds to wait for any answer before failing with a
+            :class:`WorkerError` naming the worker.
+        tls: this researcher's certificate, key and the federation CA.
+        limits: message size limits (must fit the worker's).
+    """
+
+    def __init__(self, address: str, *, token: str, name: str | None = None, timeout: float = 60.0,
+                 tls: TLSConfig | None = None, limits: Limits | None = None, ledger: Ledger | None = None,
+                 connect_timeout: float | None = None) -> None:
+        self.address = parse_address(address)
+        self.url = f"grpc://{self.address}"
+        self._token = check_token_text(token)
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
+        self.limits = limits or Limits()
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.counters = ByteCounters()
+        self._metadata = call_metadata(self._token, RESEARCHER)
+        options = self.limits.grpc_options()
+        if tls is not None:
+            expected = name or self.address.rpartition(":")[0].strip("[]")
+            options = options + [("grpc.ssl_target_name_override", expected)]
+            self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        self.name = "?"
+        self._seq = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+        self._async_error: Exception | None = None
+        self._broken: Exception | None = None
+        self._peers: dict[str, Worker] = {}
+        self._input_is_data: dict[str, bool] = {}
+        self._feature_ids: set[int] = set()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._buffer: list[tuple[str, str, list[bytes]]] = []
+        self._buffer_bytes = 0
+        self._closed = False
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout or min(self.timeout, 10.0))
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise WorkerError(f"cannot connect to worker at {self.address}: connection refused or timed out; "
+                              f"is `splitnn worker` running there?") from None
+        hello = self._unary("hello", {})
+        if name is not None and hello["name"] != name:
+            self._channel.close()
+            raise ConfigurationError(f"the worker at {self.address} is {hello['name']!r}, not {name!r}")
+        self.name = hello["name"]
+        self._stream = self._channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
+            self._requests(), metadata=self._metadata)
+        self._reader = threading.Thread(target=self._read_replies, name=f"splitnn-{self.name}-replies", daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"RemoteWorker({self.name!r}, {self.url})"
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _requests(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    def _unary(self, op: str, args: dict) -> dict:
+        data = Command(seq=0, op=op, args_json=json.dumps(args)).SerializeToString()
+        self.counters.record(self.name, "sent", "control", len(data))
+        try:
+            raw = self._channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
+                data, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            self._channel.close()
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise _errors.PolicyError(f"worker at {self.address} rejected us: {exc.details()}") from None
+            raise WorkerError(f"worker at {self.address}: {op} failed: {exc.details() if code else exc}") from None
+        self.counters.record(self.name, "recv", "control", len(raw))
+        reply = Reply.FromString(raw)
+        if not reply.ok:
+            raise _error_from_reply(reply, self.name, self.address)
+        return json.loads(reply.result_json) if reply.result_json else {}
+
+    def _read_replies(self) -> None:
+        try:
+            for raw in self._stream:
+                reply = Reply.FromString(raw)
+                if reply.more:
+                    with self._lock:
+                        pending = self._pending.get(reply.seq)
+                    if pending is not None:
+                        if sum(map(len, pending.parts)) + sum(map(len, reply.blobs)) > self.limits.max_blob_bytes:
+                            raise WorkerError(f"reply to {pending.op!r} exceeds {self.limits.max_blob_bytes} bytes")
+                        pending.parts.extend(reply.blobs)
+                    self.counters.record(self.name, "recv", _REPLY_KIND.get(pending.op, "control")
+                                         if pending else "control", len(raw))
+                    continue
+                with self._lock:
+                    pending = self._pending.pop(reply.seq, None)
+                if pending is not None and pending.parts:
+                    reply = _join_parts(reply, pending.parts)
+                op = pending.op if pending else "?"
+                self.counters.record(self.name, "recv", _REPLY_KIND.get(op, "control") if reply.ok else "control",
+                                     len(raw))
+                if reply.transfers:
+                    self.ledger.merge(LinkTotal(t.src, t.dst, t.kind, t.count, t.nbytes) for t in reply.transfers)
+                with self._lock:
+                    if pending is not None:
+                        pending.reply = reply
+                        if op in _ASYNC_OPS and not reply.ok and self._async_error is None:
+                            self._async_error = _error_from_reply(reply, self.name, self.address)
+                        pending.event.set()
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+        except grpc.RpcError as exc:
+            if not self._closed:
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                code = exc.code().name if hasattr(exc, "code") else "error"
+                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerError
+                self._fail(cls(f"worker {self.name!r} at {self.address}: connection lost ({code}: {detail})"))
+        except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
+            self._fail(WorkerError(f"worker {self.name!r} at {self.address}: bad reply: {exc}"))
+        else:
+            if not self._closed:
+                self._fail(WorkerError(f"worker {self.name!r} at {self.address} closed the session"))
+
+    def _fail(self, exc: Exception) -> None:
+        with self._lock:
+            self._broken = exc
+            for p in self._pending.values():
+                p.event.set()
+            self._pending.clear()
+            self._outstanding = 0
+            self._idle.notify_all()
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+        if self._closed:
+            raise WorkerError(f"worker {self.name!r} at {self.address}: connection closed")
+        if self._async_error is not None:
+            exc, self._async_error = self._async_error, None
+            raise exc
+
+    def _send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True) -> _Pending | None:
+        """Queue a command; with ``flush``, put everything queued on the wire as one message.
+
+        Commands whose answer nobody waits for are coalesced: a training step reaches
+        each worker as one or two messages instead of one per operation.
+        """
+        self._check()
+        blobs = list(blobs)
+        staged = {}
+        for i, blob in enumerate(blobs):
+            if len(blob) > self.limits.chunk_bytes:  # cut big uploads into staged chunks
+                sid = next(self._ids)
+                view = memoryview(blob)
+                for start in range(0, len(blob), self.limits.chunk_bytes):
+                    self._send("stage", {"sid": sid}, [bytes(view[start:start + self.limits.chunk_bytes])],
+                               flush=False)
+                staged[str(i)] = sid
+                blobs[i] = b""
+        if staged:
+            args = {**args, "_staged": staged}
+        args_json = json.dumps(args)
+        size = len(args_json) + sum(map(len, blobs)) + 64
+        if self._buffer and self._buffer_bytes + size > self.limits.chunk_bytes:
+            self._flush()
+        self._buffer.append((op, args_json, blobs))
+        self._buffer_bytes += size
+        return self._flush() if flush else None
+
+    def _flush(self) -> _Pending | None:
+        if not self._buffer:
+            return None
+        items, self._buffer, self._buffer_bytes = self._buffer, [], 0
+        seq = next(self._seq)
+        if len(items) == 1:
+            op, args_json, blobs = items[0]
+            data = Command(seq=seq, op=op, args_json=args_json, blobs=blobs).SerializeToString()
+            self.counters.record(self.name, "sent", _COMMAND_KIND.get(op, "control"), len(data))
+        else:
+            parts = [Command(op=op, args_json=a, blobs=b).SerializeToString() for op, a, b in items]
+            data = Command(seq=seq, op="batch", blobs=parts).SerializeToString()
+            for (op, _, _), part in zip(items, parts):
+                self.counters.record(self.name, "sent", _COMMAND_KIND.get(op, "control"), len(part))
+            self.counters.record(self.name, "sent", "control", len(data) - sum(map(len, parts)))
+        pending = _Pending(items[-1][0])
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken
+            self._pending[seq] = pending
+            self._outstanding += 1
+        self._queue.put(data)
+        return pending
+
+    def _wait(self, pending: _Pending) -> Reply:
+        if not pending.event.wait(self.timeout):
+            raise WorkerError(f"worker {self.name!r} at {self.address} did not answer {pending.op!r} within "
+                              f"{self.timeout:g} s (dead or hung?)")
+        if pending.reply is None:
+            self._check()
+            raise WorkerError(f"worker {self.name!r} at {self.address}: no answer to {pending.op!r}")
+        return pending.reply
+
+    def drain(self) -> None:
+        """Send what is queued, wait until every command is answered; raise the first error."""
+        if self._broken is None and not self._closed:
+            self._flush()
+        with self._lock:
+            ok = self._idle.wait_for(lambda: self._outstanding <= 0 or self._broken is not None, self.timeout)
+        if not ok:
+            raise WorkerError(f"worker {self.name!r} at {self.address} did not finish its commands within "
+                              f"{self.timeout:g} s (dead or hung?)")
+        self._check()
+
+    def _request(self, op: str, args: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
+        """Send a command and wait for its answer (after every worker of the model is idle)."""
+        for peer in self._remote_peers():
+            peer._flush()  # what this command waits on may still be queued at a peer
+        pending = self._send(op, args, blobs)
+        reply = self._wait(pending)
+        for peer in self._remote_peers():
+            peer.drain()
+        self.drain()
+        if not reply.ok:
+            raise _error_from_reply(reply, self.name, self.address)
+        return (json.loads(reply.result_json) if reply.result_json else {}), list(reply.blobs)
+
+    def _remote_peers(self) -> list["RemoteWorker"]:
+        return [p for p in self._peers.values() if isinstance(p, RemoteWorker) and p is not self]
+
+    def _new_ref(self) -> TensorRef:
+        return TensorRef(self.name, next(self._ids))
+
+    @staticmethod
+    def _ref_json(ref: TensorRef) -> dict:
+        if ref.fused:
+            raise WorkerError("a fused in-process gradient cannot cross the network")
+        return {"owner": ref.owner, "id": ref.id}
+
+    # -- Worker protocol -------------------------------------------------------------------------
+    def connect_peers(self, peers: Mapping[str, Worker]) -> None:
+        self._peers.update({n: w for n, w in peers.items() if n != self.name})
+        addresses = {n: w.address for n, w in peers.items() if isinstance(w, RemoteWorker) and n != self.name}
+        others = [n for n, w in peers.items() if not isinstance(w, RemoteWorker) and n != self.name]
+        if others:
+            raise ConfigurationError(f"remote worker {self.name!r} cannot exchange tensors with in-process "
+                                     f"worker(s) {others}; make every worker of a model remote (splitnn.connect)")
+        self._request("peers", {"peers": addresses})
+
+    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
+        if not isinstance(segment, nn.Module):
+            raise ConfigurationError(f"segment {key!r} for worker {self.name!r} must be an nn.Module")
+        if optimizer is not None and callable(optimizer) and not isinstance(optimizer, (str, OptimizerSpec)):
+            raise ConfigurationError(
+                f"remote worker {self.name!r} cannot take an optimizer factory (code does not cross the wire); "
+                f"give a spec such as optimizer='sgd:lr=0.03' or splitnn.wire.OptimizerSpec('adam', lr=1e-3)")
+        opt = OptimizerSpec.coerce(optimizer).to_dict() if optimizer is not None else None
+        spec = spec_to_json(module_to_spec(segment)).encode()
+        state = encode_state({k: v.detach() for k, v in segment.state_dict().items()})
+        self._request("add_segment", {"key": key, "optimizer": opt}, [spec, state])
+
+    def remove_segment(self, key: str) -> None:
+        self._send("remove_segment", {"key": key})
+
+    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> None:
+        parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
+        if not parts:
+            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
+        self._request("add_dataset", {"name": name, "parts": list(parts)}, [encode_tensor(t) for t in parts.values()])
+
+    def dataset_stats(self, name: str) -> DatasetStats:
+        r, _ = self._request("dataset_stats", {"name": name})
+        shape = tuple(r["feature_shape"]) if r.get("feature_shape") is not None else None
+        return DatasetStats(r["name"], r["size"], shape, r.get("num_labels"), r.get("label_max"))
+
+    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        r, _ = self._request("probe", {"key": key, "shape": list(input_shape)})
+        return tuple(r["shape"])
+
+    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
+        if src != RESEARCHER or kind != "features":
+            raise WorkerError(f"remote worker {self.name!r} only accepts features put by the researcher")
+        ref = self._new_ref()
+        self._send("put", {"id": ref.id, "kind": kind}, [encode_tensor(tensor)], flush=False)
+        self._feature_ids.add(ref.id)
+        return ref
+
+    def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
+        ref = self._new_ref()
+        if isinstance(source, BatchRef):
+            args = {"key": key, "train": train, "id": ref.id, "src": {"dataset": source.dataset}}
+            blobs = [encode_tensor(source.indices.to(torch.int64).reshape(-1))]
+            is_data = True
+        else:
+            args = {"key": key, "train": train, "id": ref.id, "src": self._ref_json(source)}
+            blobs = []
+            is_data = source.owner == self.name and source.id in self._feature_ids
+            self._feature_ids.discard(source.id) if source.owner == self.name else None
+        if train:
+            self._input_is_data[key] = is_data
+        self._send("forward", args, blobs, flush=False)
+        return ref
+
+    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
+        r, _ = self._request("loss", {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss,
+                                      "train": train}, [encode_tensor(target.indices.to(torch.int64).reshape(-1))])
+        return LossStats(float(r["loss"]), int(r["correct"]), int(r["count"]))
+
+    def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
+        if key not in self._input_is_data:
+            raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
+        ref = None if self._input_is_data.pop(key) else self._new_ref()
+        self._send("backward", {"key": key, "grad": self._ref_json(grad) if grad is not None else None,
+                                "id": ref.id if ref is not None else None}, flush=False)
+        return ref
+
+    def zero_grad(self, key: str) -> None:
+        self._send("zero_grad", {"key": key}, flush=False)
+
+    def step(self, key: str) -> None:
+        self._send("step", {"key": key})  # a step ends this worker's part of a training step: flush
+
+    def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
+        _, blobs = self._request("fetch", {"ref": self._ref_json(ref), "kind": kind})
+        return decode_tensor(blobs[0], max_bytes=self.limits.max_tensor_bytes)
+
+    def get_state(self, key: str) -> dict[str, torch.Tensor]:
+        _, blobs = self._request("get_state", {"key": key})
+        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)
+
+    def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
+        if src != RESEARCHER:
+            raise WorkerError(f"remote worker {self.name!r} only accepts weights sent by the researcher")
+        self._request("set_state", {"key": key}, [encode_state(dict(state))])
+
+    def fetch_segment(self, key: str) -> nn.Module:
+        _, blobs = self._request("fetch_segment", {"key": key})
+        module = spec_to_module(spec_from_json(blobs[0]))
+        module.load_state_dict(decode_state(blobs[1], max_bytes=self.limits.max_blob_bytes))
+        return module
+
+    def release(self) -> None:
+        self._input_is_data.clear()
+        self._feature_ids.clear()
+        self._send("release", {})
+
+    # -- extras ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The worker's own wire byte counters and ledger (``{"counters": rows, "ledger": rows}``)."""
+        return self._request("stats", {})[0]
+
+    def close(self) -> None:
+        """End the session and close the channel (the worker keeps running)."""
+        if self._closed:
+            return
+        try:
+            if self._broken is None and self._async_error is None:
+                self._flush()
+                with self._lock:  # let queued commands finish, briefly: closing must not hang
+                    self._idle.wait_for(lambda: self._outstanding <= 0 or self._broken is not None,
+                                        min(self.timeout, 5.0))
+        except Exception:
+            pass
+        self._closed = True
+        self._queue.put(None)
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, *, token: str, name: str | None = None, timeout: float = 60.0,
+            tls: TLSConfig | None = None, limits: Limits | None = None) -> RemoteWorker:
+    """Connect to a party started with ``splitnn worker`` and return it as a Worker.
+
+    >>> bob = splitnn.connect("grpc://127.0.0.1:7002", token=open("TOKEN").read().strip())  # doctest: +SKIP
+
+    Raises :class:`WorkerError` naming the address when nothing answers there,
+    :class:`PolicyError` when the worker rejects the token or certificate, and
+    :class:`ConfigurationError` when ``name`` is given and the worker is someone else.
+    """
+    return RemoteWorker(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits)
