@@ -1,0 +1,183 @@
+"""Writing a privacy experiment out: the table (text rows, Markdown), CSV, JSON and PNG figures.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no
+global backend change), so this works headless.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from splitnn.errors import ConfigurationError
+from splitnn.privacy.defenses import DefenseSetting
+from splitnn.privacy.experiment import PrivacyResult, PrivacyRow
+
+__all__ = ["COLUMNS", "table_rows", "markdown_table", "write_csv", "write_json", "plot_tradeoff",
+           "plot_reconstructions", "write_report"]
+
+#: (field of PrivacyRow, table header, format) in table order.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("defense", "defense", "{}"),
+    ("strength", "strength", "{:g}"),
+    ("accuracy", "test acc", "{:.4f}"),
+    ("accuracy_drop", "acc drop", "{:+.4f}"),
+    ("recon_mse", "recon MSE", "{:.4f}"),
+    ("recon_ssim", "recon SSIM", "{:.3f}"),
+    ("recon_accuracy", "recon acc", "{:.3f}"),
+    ("norm_auc", "norm AUC", "{:.3f}"),
+    ("cosine_auc", "cos AUC", "{:.3f}"),
+    ("binary_accuracy", "bin acc", "{:.3f}"),
+    ("dcor", "dCor", "{:.3f}"),
+)
+
+
+def table_rows(result: PrivacyResult) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the trade-off table."""
+    header = [h for _, h, _ in COLUMNS]
+    rows = [[fmt.format(getattr(r, key)) for key, _, fmt in COLUMNS] for r in result.rows]
+    return header, rows
+
+
+def markdown_table(result: PrivacyResult) -> str:
+    """The trade-off table as GitHub Markdown."""
+    header, rows = table_rows(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i > 0 else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _check_dir(path: Path) -> None:
+    if not path.parent.exists():
+        raise ConfigurationError(f"cannot write {path}: directory {path.parent} does not exist; create it first")
+
+
+def write_csv(result: PrivacyResult, path: Path) -> Path:
+    """Every field of every row (full precision) as CSV."""
+    path = Path(path)
+    _check_dir(path)
+    fields = list(PrivacyRow.__dataclass_fields__)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in result.rows:
+            writer.writerow(asdict(r))
+    return path
+
+
+def _jsonable(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def write_json(result: PrivacyResult, path: Path) -> Path:
+    """Configuration, rows, reference accuracies as JSON."""
+    path = Path(path)
+    _check_dir(path)
+    doc = {
+        "config": result.config.to_dict(),
+        "clean_accuracy": result.clean_accuracy,
+        "chance": result.chance,
+        "rows": [{k: _jsonable(v) for k, v in asdict(r).items()} for r in result.rows],
+    }
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+#: Leakage axes of the trade-off figure: (title, x label, function of a row).
+_LEAKAGE = (
+    ("input reconstruction", "reconstruction SSIM (higher = more leakage)", lambda r: r.recon_ssim),
+    ("model-free", "distance correlation (inputs, activations)", lambda r: r.dcor),
+    ("label leakage", "best label-attack AUC (0.5 = none)", lambda r: max(r.norm_auc, r.cosine_auc)),
+)
+
+
+def plot_tradeoff(result: PrivacyResult, path: Path) -> Path:
+    """Test accuracy against each leakage measure, one line per defense through its strengths."""
+    path = Path(path)
+    _check_dir(path)
+    fig = _figure(13, 4)
+    axes = fig.subplots(1, len(_LEAKAGE))
+    base = [r for r in result.rows if r.defense == "none"]
+    defenses = list(dict.fromkeys(r.defense for r in result.rows if r.defense != "none"))
+    for ax, (title, xlabel, leak) in zip(axes, _LEAKAGE):
+        for r in base:
+            ax.scatter([leak(r)], [r.accuracy], color="black", marker="*", s=120, zorder=3, label="no defense")
+        for name in defenses:
+            rows = sorted((r for r in result.rows if r.defense == name), key=lambda r: r.strength)
+            if rows[0].strength > 0:
+                rows = base + rows  # every line starts from the undefended point
+            xs, ys = [leak(r) for r in rows], [r.accuracy for r in rows]
+            ax.plot(xs, ys, marker="o", label=name)
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"{r.strength:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("accuracy vs leakage (numbers: defense strength)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_reconstructions(result: PrivacyResult, path: Path, settings: Sequence[DefenseSetting] | None = None) -> Path:
+    """A grid: the victims' true inputs in the first row, each setting's reconstructions below."""
+    path = Path(path)
+    _check_dir(path)
+    labels = [s.label for s in settings] if settings is not None else list(result.grid_reconstructions)
+    missing = [lab for lab in labels if lab not in result.grid_reconstructions]
+    if missing:
+        raise ConfigurationError(f"no reconstructions for {missing}; the experiment ran {list(result.grid_reconstructions)}")
+    rows = [("true input", result.grid_inputs)] + [(lab, result.grid_reconstructions[lab]) for lab in labels]
+    cols = result.grid_inputs.shape[0]
+    fig = _figure(1.0 * cols + 1.4, 1.0 * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for i, (name, images) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            img = images[j].detach().float()
+            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+            ax.imshow(((img + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.subplots_adjust(left=0.14, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
+    fig.savefig(path)
+    return path
+
+
+def write_report(result: PrivacyResult, out_dir: Path, *, prefix: str = "privacy") -> dict[str, Path]:
+    """Write CSV, JSON, the trade-off figure, one reconstruction grid per defense and one with every setting.
+
+    ``out_dir`` is created if needed. Returns the written paths by kind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigurationError(f"output path {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "csv": write_csv(result, out_dir / f"{prefix}.csv"),
+        "json": write_json(result, out_dir / f"{prefix}.json"),
+        "tradeoff": plot_tradeoff(result, out_dir / f"{prefix}_tradeoff.png"),
+        "reconstructions": plot_reconstructions(result, out_dir / f"{prefix}_recon.png"),
+    }
+    base = [r.setting for r in result.rows if r.defense == "none"]
+    for name in dict.fromkeys(r.defense for r in result.rows if r.defense != "none"):
+        settings = base + sorted((r.setting for r in result.rows if r.defense == name), key=lambda s: s.strength)
+        settings = list(dict.fromkeys(settings))
+        paths[f"reconstructions_{name}"] = plot_reconstructions(result, out_dir / f"{prefix}_recon_{name}.png", settings)
+    return paths
