@@ -84,3 +84,17 @@ def test_collect_records_weight_bytes_and_round_trips_through_safetensors(tmp_pa
     x = torch.randn(5, 1, 28, 28)
     assert torch.equal(again(x), full(x))
     assert [p for p in tmp_path.iterdir()] == [path]  # no temp file left behind
+
+
+def test_u_shaped_chain_keeps_labels_and_outputs_at_the_data_holder():
+    """SplitNN([s0, s1, s2], [alice, bob, alice]): alice holds features, labels and the output layer."""
+    torch.manual_seed(0)
+    alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
+    model = splitnn.SplitNN(tutorial_mlp(), [alice, bob, alice])
+    model.fit(toy_dataset(64), epochs=1, batch_size=64, progress=False)
+    assert {(l.src, l.dst, l.kind): l.nbytes for l in model.ledger.links()} == {
+        ("alice", "bob", "activation"): 64 * 128 * F32,
+        ("bob", "alice", "activation"): 64 * 640 * F32,
+        ("alice", "bob", "gradient"): 64 * 640 * F32,
+        ("bob", "alice", "gradient"): 64 * 128 * F32,
+    }

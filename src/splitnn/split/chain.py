@@ -158,8 +158,11 @@ class SplitNN:
             if cached is not None:
                 return cached
             name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
-            self.data_holder.add_dataset(name, features=data.features)
-            self.label_holder.add_dataset(name, labels=data.labels)
+            if self.data_holder is self.label_holder:  # U-shaped: one party holds both
+                self.data_holder.add_dataset(name, features=data.features, labels=data.labels)
+            else:
+                self.data_holder.add_dataset(name, features=data.features)
+                self.label_holder.add_dataset(name, labels=data.labels)
         feats = self.data_holder.dataset_stats(name)
         labels = self.label_holder.dataset_stats(name)
         if feats.feature_shape is None or labels.label_max is None:

@@ -17,7 +17,13 @@ from splitnn.workers import LossStats
 
 
 class Trainable(Protocol):
-    """What the loops need from a model (``SplitNN`` and the topologies provide it)."""
+    """What the loops need from a model (``SplitNN`` and the topologies provide it).
+
+    Optionally a model may also define ``epoch_plan(dataset, n, batch_size, *,
+    shuffle, seed, epoch) -> list[Tensor]`` to choose the batches of an epoch
+    itself (e.g. round-robin turns of several data holders); :func:`fit` uses
+    it instead of :func:`epoch_batches` when present.
+    """
 
     ledger: Ledger
 
@@ -78,6 +84,14 @@ def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
+def _epoch_plan(model: Trainable, name: str, n: int, batch_size: int, shuffle: bool, seed: int,
+                epoch: int) -> list[torch.Tensor]:
+    plan = getattr(model, "epoch_plan", None)
+    if plan is None:
+        return epoch_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    return plan(name, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+
+
 def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64, test_data: object | None = None,
         shuffle: bool = True, seed: int = 0, progress: bool | None = None,
         on_epoch: Callable[[EpochStats], None] | None = None) -> History:
@@ -95,7 +109,7 @@ def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64
     history = History()
     for epoch in range(epochs):
         before, start = model.ledger.snapshot(), time.perf_counter()
-        batches = epoch_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
         total = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                    disable=not _show_progress(progress), mininterval=0.5)

@@ -1,0 +1,134 @@
+"""What every topology shares: placing segments on workers, naming parties, fit/evaluate.
+
+A topology is a model that trains across several workers in a particular
+arrangement (many data holders, U-shaped, vertically partitioned). Each one
+implements the :class:`~splitnn.training.loop.Trainable` protocol (``prepare``,
+``train_batch``, ``eval_batch``, ``parties``, ``ledger``), so the generic
+:func:`~splitnn.training.fit` and :func:`~splitnn.training.evaluate` loops
+drive it, and it talks to its parties only through the
+:class:`~splitnn.workers.Worker` protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from splitnn.accounting import Ledger
+from splitnn.errors import ConfigurationError, ShapeMismatchError
+from splitnn.split import Stage
+from splitnn.training.loop import EvalResult, History, evaluate, fit
+from splitnn.workers import LossStats, Worker
+
+_topology_ids = itertools.count()
+
+
+def new_prefix(kind: str) -> str:
+    """A key prefix unique in this process, so several models can share workers."""
+    return f"{kind}{next(_topology_ids)}"
+
+
+def as_worker_list(workers: Worker | Sequence[Worker], count: int, what: str) -> list[Worker]:
+    """``count`` workers: one worker repeated, or a sequence of exactly ``count``."""
+    if isinstance(workers, Worker):
+        return [workers] * count
+    workers = list(workers)
+    if len(workers) != count:
+        raise ConfigurationError(f"got {count} {what} but {len(workers)} workers for them; give one worker per "
+                                 f"segment (or a single worker for all of them)")
+    return workers
+
+
+def as_optimizer_list(optimizer: object, count: int) -> list[object]:
+    """One optimizer (factory or spec) per segment: a single one repeated, or a list of ``count``."""
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer] * count
+    if len(optimizers) != count:
+        raise ConfigurationError(f"got {len(optimizers)} optimizers for {count} segments; give one, or one per "
+                                 f"segment")
+    return optimizers
+
+
+def check_modules(segments: Sequence[nn.Module], what: str) -> list[nn.Module]:
+    """Refuse anything that is not an ``nn.Module``."""
+    segments = list(segments)
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, nn.Module):
+            raise ConfigurationError(f"{what} {i} is a {type(seg).__name__}, not an nn.Module")
+    return segments
+
+
+def place(prefix: str, first_index: int, segments: Sequence[nn.Module], workers: Sequence[Worker],
+          optimizers: Sequence[object]) -> list[Stage]:
+    """Host each segment at its worker under ``{prefix}.s{index}``; return the stages."""
+    stages = []
+    for offset, (seg, worker, opt) in enumerate(zip(segments, workers, optimizers)):
+        stage = Stage(first_index + offset, f"{prefix}.s{first_index + offset}", worker)
+        worker.add_segment(stage.key, seg, opt)
+        stages.append(stage)
+    return stages
+
+
+def probe_stages(stages: Sequence[Stage], shape: tuple[int, ...], came_from: str) -> tuple[int, ...]:
+    """Run zeros of ``shape`` through ``stages`` (in order); name both sides of a cut that does not fit.
+
+    ``came_from`` says where an input of ``shape`` comes from, for the message
+    about the first stage.
+    """
+    before = came_from
+    for stage in stages:
+        try:
+            shape = stage.worker.probe(stage.key, shape)
+        except RuntimeError as exc:
+            raise ShapeMismatchError(f"{before} gives shape {tuple(shape)} but {stage.label} cannot take it: "
+                                     f"{exc}") from exc
+        before = stage.label
+    return shape
+
+
+def combine_stats(parts: Sequence[LossStats]) -> LossStats:
+    """One batch's stats from the stats of its pieces (mean loss weighted by count)."""
+    count = sum(p.count for p in parts)
+    loss = sum(p.loss * p.count for p in parts) / count
+    correct = -1 if any(p.correct < 0 for p in parts) else sum(p.correct for p in parts)
+    return LossStats(float(loss), correct, count)
+
+
+def distinct(workers: Sequence[Worker], what: str) -> None:
+    """Refuse the same party twice in a role that needs distinct parties."""
+    names = [w.name for w in workers]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigurationError(f"{what} must be distinct parties, but {dup} appear more than once")
+
+
+class Topology:
+    """Base class of the topologies: the convenience API shared by all of them.
+
+    Subclasses set ``ledger`` and implement ``prepare``, ``train_batch``,
+    ``eval_batch`` and ``parties``.
+    """
+
+    ledger: Ledger
+
+    def prepare(self, data: object) -> tuple[str, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parties(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fit(self, data: object, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
+        """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
+        return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
+
+    def evaluate(self, data: object, *, batch_size: int = 1000, progress: bool = False) -> EvalResult:
+        """Accuracy, mean loss and bytes sent per party on ``data``."""
+        return evaluate(self, data, batch_size=batch_size, progress=progress)

@@ -1,0 +1,120 @@
+"""Ready-made topologies of the tutorial's MLP, named parties included (what ``splitnn train`` builds).
+
+Parties: data holders ``alice`` (one) or ``alice1`` ... ``aliceK`` (several);
+``bob`` hosts everything that is not a data holder's, holds the labels (except
+in U-shaped training, where ``alice`` keeps them) and is the weight store of
+``central`` hand-offs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from splitnn.data import column_partition, parse_partition
+from splitnn.errors import ConfigurationError
+from splitnn.models import tutorial_mlp
+from splitnn.training.topologies.base import Topology
+from splitnn.training.topologies.multi import HANDOFF_MODES, MultiHolderSplitNN
+from splitnn.training.topologies.ushape import UShapedSplitNN
+from splitnn.training.topologies.vertical import VerticalSplitNN
+from splitnn.workers import MERGE_MODES, VirtualWorker
+
+#: The topologies ``splitnn train --topology`` offers (``chain`` is a plain SplitNN).
+TOPOLOGIES = ("chain", "multi", "u-shape", "vertical")
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """How to arrange the tutorial's MLP across parties.
+
+    Attributes:
+        topology: ``"multi"``, ``"u-shape"`` or ``"vertical"`` (``"chain"`` is
+            built by :class:`~splitnn.split.SplitNN` directly).
+        clients: number of data holders (multi: >= 1, vertical: >= 2, u-shape: 1).
+        handoff: ``"peer"`` or ``"central"`` (multi only).
+        partition: ``"iid"`` or ``"dirichlet:<alpha>"`` (multi only).
+        turn_batches: batches per turn, ``None`` for one turn per epoch (multi only).
+        merge: ``"concat"``, ``"sum"`` or ``"mean"`` (vertical only).
+        hidden: hidden layer sizes; one segment per layer as in the tutorial.
+        lr: SGD learning rate of every segment.
+        seed: seed of the partitioner.
+    """
+
+    topology: str
+    clients: int = 1
+    handoff: str = "peer"
+    partition: str = "iid"
+    turn_batches: int | None = None
+    merge: str = "concat"
+    hidden: tuple[int, ...] = (128, 640)
+    lr: float = 0.03
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ConfigurationError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
+        if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 1:
+            raise ConfigurationError(f"the number of clients must be a positive integer, got {self.clients!r}")
+        if self.topology == "vertical" and self.clients < 2:
+            raise ConfigurationError("vertical training needs at least 2 clients (data holders); use --clients 2")
+        if self.topology in ("chain", "u-shape") and self.clients != 1:
+            raise ConfigurationError(f"--topology {self.topology} has exactly one data holder; --clients applies to "
+                                     f"multi and vertical")
+        if self.handoff not in HANDOFF_MODES:
+            raise ConfigurationError(f"unknown handoff {self.handoff!r}; choose one of {HANDOFF_MODES}")
+        parse_partition(self.partition)
+        if self.turn_batches is not None and (isinstance(self.turn_batches, bool) or
+                                              not isinstance(self.turn_batches, int) or self.turn_batches < 1):
+            raise ConfigurationError(f"turn_batches must be a positive integer, got {self.turn_batches!r}")
+        if self.merge not in MERGE_MODES:
+            raise ConfigurationError(f"unknown merge {self.merge!r}; choose one of {MERGE_MODES}")
+        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigurationError(f"hidden sizes must be positive integers, got {self.hidden!r}")
+        minimum = 1 if self.topology != "u-shape" else 2
+        if len(self.hidden) < minimum:
+            raise ConfigurationError(f"--topology {self.topology} needs at least {minimum + 1} segments, i.e. "
+                                     f"{minimum} hidden sizes")
+
+    def holder_names(self) -> list[str]:
+        """The data holders' names."""
+        return ["alice"] if self.clients == 1 else [f"alice{i + 1}" for i in range(self.clients)]
+
+
+def vertical_mlp(part_sizes: Sequence[int], hidden: Sequence[int], classes: int,
+                 merge: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Bottoms ``Flatten, Linear(part, hidden[0]), ReLU`` per holder; top: the tutorial's remaining layers."""
+    bottoms: list[nn.Module] = [nn.Sequential(nn.Flatten(), nn.Linear(p, hidden[0]), nn.ReLU()) for p in part_sizes]
+    width = hidden[0] * len(part_sizes) if merge == "concat" else hidden[0]
+    top = tutorial_mlp(tuple(hidden[1:]), in_features=width, classes=classes, flatten=False)
+    return bottoms, top
+
+
+def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes: int) -> Topology:
+    """Build ``config``'s topology of the tutorial's MLP on fresh :class:`~splitnn.VirtualWorker` s.
+
+    Weights come from torch's global generator: seed it first for reproducible runs.
+    """
+    in_features = math.prod(feature_shape)
+    optimizer = f"sgd:lr={config.lr}"
+    holders = [VirtualWorker(n) for n in config.holder_names()]
+    bob = VirtualWorker("bob")
+    if config.topology == "multi":
+        segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
+        return MultiHolderSplitNN(segments[0], segments[1:], holders, bob, handoff=config.handoff,
+                                  turn_batches=config.turn_batches, partition=config.partition,
+                                  partition_seed=config.seed, optimizer=optimizer)
+    if config.topology == "u-shape":
+        segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
+        return UShapedSplitNN(segments[0], segments[1:-1], segments[-1], holders[0], bob, optimizer=optimizer)
+    if config.topology == "vertical":
+        shape = tuple(feature_shape)
+        how = "halves" if len(shape) in (2, 3) else "contiguous"
+        columns = column_partition(shape if how == "halves" else in_features, config.clients, how)
+        bottoms, top = vertical_mlp([len(c) for c in columns], config.hidden, classes, config.merge)
+        return VerticalSplitNN(bottoms, holders, top, bob, merge=config.merge, columns=columns, optimizer=optimizer)
+    raise ConfigurationError(f"build_topology makes multi, u-shape and vertical; build {config.topology!r} with "
+                             f"SplitNN")

@@ -1,0 +1,99 @@
+"""U-shaped split learning: the data holder keeps the labels and the last layers.
+
+The data holder owns the first segment (the *head*), the last segment (the
+*tail*, which produces the model's output) and the labels; the middle segments
+live at other parties. Forward, the head's activation goes to the middle and the
+middle's output comes back to the data holder, which runs the tail and computes
+the loss locally; backward, the gradient of the middle's output goes to the
+middle and the gradient of the head's activation comes back. Neither the
+labels nor the tail's output ever leave the data holder.
+
+This is a :class:`~splitnn.split.SplitNN` over ``[head, *middle, tail]`` on
+``[data_holder, *middle_workers, data_holder]``, with the arrangement checked
+and the data placed correctly (features and labels at the same party).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from splitnn.accounting import Ledger
+from splitnn.errors import ConfigurationError
+from splitnn.split import SplitNN
+from splitnn.training.topologies.base import Topology, as_worker_list, check_modules
+from splitnn.workers import LossStats, Worker
+
+
+class UShapedSplitNN(Topology):
+    """Head and tail at the data holder (with the labels), the middle elsewhere.
+
+    Args:
+        head: the first segment, at the data holder.
+        middle: the middle segments (at least one), at other parties.
+        tail: the last segment (the output layer), at the data holder.
+        data_holder: the party that holds the features and the labels.
+        middle_workers: one worker per middle segment, or one worker for all;
+            none of them may be the data holder.
+        optimizer: one factory/spec for every segment, or one per segment
+            (head, middle..., tail).
+        loss: the loss the data holder computes, by name.
+        ledger: where transfers are recorded.
+    """
+
+    def __init__(self, head: nn.Module, middle: Sequence[nn.Module], tail: nn.Module, data_holder: Worker,
+                 middle_workers: Worker | Sequence[Worker], *, optimizer: object = "sgd:lr=0.03",
+                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+        middle = check_modules(middle, "middle segment")
+        if not middle:
+            raise ConfigurationError("a U-shaped network needs at least one middle segment at another party")
+        middle_workers = as_worker_list(middle_workers, len(middle), "middle segments")
+        if any(w.name == data_holder.name for w in middle_workers):
+            raise ConfigurationError(f"the data holder {data_holder.name!r} cannot host a middle segment; give the "
+                                     f"middle to other parties")
+        self.data_holder = data_holder
+        self.middle_workers = middle_workers
+        self.chain = SplitNN([head, *middle, tail], [data_holder, *middle_workers, data_holder],
+                             optimizer=optimizer, loss=loss, ledger=ledger)
+        self.ledger = self.chain.ledger
+        self._placed: dict[int, tuple[object, tuple[str, int]]] = {}
+        self._data_ids = 0
+
+    def parties(self) -> list[str]:
+        """The data holder, then the middle parties."""
+        return self.chain.parties()
+
+    def prepare(self, data: object) -> tuple[str, int]:
+        """Place features *and* labels at the data holder (or check a placed dataset); return (name, size)."""
+        if isinstance(data, str):
+            return self.chain.prepare(data)
+        cached = self._placed.get(id(data))
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        features, labels = getattr(data, "features", None), getattr(data, "labels", None)
+        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise ConfigurationError(f"cannot place {type(data).__name__}: give a splitnn.data.Dataset or the name "
+                                     f"of a dataset the data holder holds already")
+        name = f"{getattr(data, 'name', 'data')}#u{self._data_ids}"
+        self._data_ids += 1
+        self.data_holder.add_dataset(name, features=features, labels=labels)
+        result = self.chain.prepare(name)
+        self._placed[id(data)] = (data, result)
+        return result
+
+    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
+        """One optimisation step on rows ``indices`` (loss at the data holder)."""
+        return self.chain.train_batch(dataset, indices)
+
+    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
+        """Loss and correct count on rows ``indices``, computed at the data holder."""
+        return self.chain.eval_batch(dataset, indices)
+
+    def collect(self) -> nn.Sequential:
+        """Every trained segment as one ``nn.Sequential`` (recorded as weights to the researcher)."""
+        return self.chain.collect()
+
+    def __repr__(self) -> str:
+        return f"UShapedSplitNN({self.chain!r})"
