@@ -1,0 +1,199 @@
+"""The comparison's outputs: table rows, CSV, JSON and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from splitnn.compare.analytic import CommModel, crossover, mean_bytes_per_client
+from splitnn.compare.runner import CompareConfig, RunResult
+
+__all__ = ["HEADER", "table_rows", "markdown_table", "measured_crossover", "crossover_summary", "write_csv",
+           "write_json", "plot", "si", "human_bytes"]
+
+#: Columns of the comparison table.
+HEADER = ("method", "clients", "bytes/client", "= model", "FLOPs/client", "client s", "test acc", "wall s")
+
+_LABELS = {"split": "split learning", "fedavg": "FedAvg", "large-batch": "large-batch SGD"}
+_COLORS = {"split": "tab:blue", "fedavg": "tab:orange", "large-batch": "tab:green"}
+_MARKERS = {"split": "o", "fedavg": "s", "large-batch": "^"}
+
+
+def si(value: float, unit: str = "") -> str:
+    """``5.42e9 -> '5.42 G'`` (SI prefixes)."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def human_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
+    """One row per run, in the columns of :data:`HEADER`."""
+    return [[r.method, str(r.clients), human_bytes(r.bytes_per_client), "yes" if r.matches_model else "NO",
+             si(r.flops_per_client), f"{r.seconds_per_client:.1f}", f"{r.accuracy:.4f}", f"{r.wall_seconds:.1f}"]
+            for r in results]
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """The table as GitHub markdown (for the README)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(HEADER))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    return "\n".join(lines)
+
+
+def measured_crossover(results: Sequence[RunResult], against: str = "fedavg") -> int | None:
+    """The smallest measured client count at which split learning sent fewer bytes per client than ``against``."""
+    split = {r.clients: r.bytes_per_client for r in results if r.method == "split"}
+    other = {r.clients: r.bytes_per_client for r in results if r.method == against}
+    for k in sorted(set(split) & set(other)):
+        if split[k] < other[k]:
+            return k
+    return None
+
+
+def crossover_summary(results: Sequence[RunResult], k_star: int | None, against: str = "fedavg") -> tuple[bool, str]:
+    """Whether the measured runs agree with the analytic crossover ``k_star`` (split learning sends
+    at least as much as ``against`` below it and less from it on), and a sentence that says so."""
+    split = {r.clients: r.bytes_per_client for r in results if r.method == "split"}
+    other = {r.clients: r.bytes_per_client for r in results if r.method == against}
+    ks = sorted(set(split) & set(other))
+    if not ks:
+        return True, f"no client count ran both split learning and {against}"
+    more = [k for k in ks if split[k] >= other[k]]
+    less = [k for k in ks if split[k] < other[k]]
+    boundary = k_star if k_star is not None else max(ks) + 1
+    agrees = all(k < boundary for k in more) and all(k >= boundary for k in less)
+    name = _LABELS.get(against, against)
+    parts = []
+    if more:
+        parts.append(f"at least as many bytes per client as {name} at {', '.join(map(str, more))} clients")
+    if less:
+        parts.append(f"fewer at {', '.join(map(str, less))}" if more else
+                     f"fewer bytes per client than {name} at {', '.join(map(str, less))} clients")
+    verdict = "consistent with" if agrees else "CONTRADICTS"
+    where = f"{k_star} clients" if k_star is not None else "no client count"
+    return agrees, f"split learning sent {' and '.join(parts)}: {verdict} the analytic crossover at {where}"
+
+
+def write_csv(results: Sequence[RunResult], path: Path) -> None:
+    """One row per run with the mean per-client figures."""
+    fields = ["method", "clients", "bytes_per_client", "predicted_bytes_per_client", "matches_model",
+              "flops_per_client", "seconds_per_client", "accuracy", "test_loss", "wall_seconds", "train_samples",
+              "epochs"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in results:
+            d = r.to_dict()
+            writer.writerow({f: d[f] for f in fields})
+
+
+def write_json(results: Sequence[RunResult], path: Path, *, config: CompareConfig, comm: CommModel,
+               dataset: str, train_samples: int, test_samples: int) -> None:
+    """Everything: the configuration, the sizes of the analytic model, both crossovers, every run in full."""
+    doc = {
+        "dataset": dataset, "train_samples": train_samples, "test_samples": test_samples,
+        "config": asdict(config), "comm_model": asdict(comm),
+        "analytic_crossover_vs_fedavg": crossover(comm, train_samples, epochs=config.epochs,
+                                                  batch_size=config.batch_size, local_epochs=config.local_epochs),
+        "measured_crossover_vs_fedavg": measured_crossover(results),
+        "measured_agrees_with_analytic_crossover": crossover_summary(
+            results, crossover(comm, train_samples, epochs=config.epochs, batch_size=config.batch_size,
+                               local_epochs=config.local_epochs))[0],
+        "results": [r.to_dict() for r in results],
+    }
+    Path(path).write_text(json.dumps(doc, indent=2))
+
+
+def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, comm: CommModel,
+         train_samples: int, title: str = "") -> list[Path]:
+    """Draw bytes per client vs clients (measured, with the analytic model dashed), client FLOPs vs
+    clients, and accuracy vs bytes per client; return the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    methods = [m for m in ("split", "fedavg", "large-batch") if any(r.method == m for r in results)]
+    by_method = {m: sorted((r for r in results if r.method == m), key=lambda r: r.clients) for m in methods}
+    ks = sorted({r.clients for r in results})
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    grid = list(range(1, max(ks) + 1))
+    for m in methods:
+        runs = by_method[m]
+        ax.plot([r.clients for r in runs], [r.bytes_per_client for r in runs], _MARKERS[m], color=_COLORS[m],
+                label=f"{_LABELS[m]} (measured)")
+        model = [mean_bytes_per_client(m, comm, train_samples, k, epochs=config.epochs, batch_size=config.batch_size,
+                                       local_epochs=config.local_epochs) for k in grid]
+        ax.plot(grid, model, "--", color=_COLORS[m], linewidth=1, label=f"{_LABELS[m]} (analytic)")
+    k_star = crossover(comm, train_samples, epochs=config.epochs, batch_size=config.batch_size,
+                       local_epochs=config.local_epochs, max_clients=max(ks))
+    if k_star is not None and "split" in methods and "fedavg" in methods:
+        ax.axvline(k_star, color="grey", linestyle=":", linewidth=1, label=f"analytic crossover: {k_star} clients")
+    _log_axes(ax, ks)
+    ax.set_xlabel("clients")
+    ax.set_ylabel("bytes per client (sent + received)")
+    ax.set_title(title or "communication per client")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / "bytes_per_client.png"))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in methods:
+        runs = by_method[m]
+        ax.plot([r.clients for r in runs], [r.flops_per_client for r in runs], "-" + _MARKERS[m], color=_COLORS[m],
+                label=_LABELS[m])
+    _log_axes(ax, ks)
+    ax.set_xlabel("clients")
+    ax.set_ylabel("FLOPs per client (forward + backward)")
+    ax.set_title(title or "computation per client")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "flops_per_client.png"))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in methods:
+        runs = by_method[m]
+        ax.plot([r.bytes_per_client for r in runs], [r.accuracy for r in runs], _MARKERS[m], color=_COLORS[m],
+                label=_LABELS[m])
+        for r in runs:
+            ax.annotate(f"K={r.clients}", (r.bytes_per_client, r.accuracy), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per client (sent + received)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "accuracy against communication")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "accuracy_vs_bytes.png"))
+    return paths
+
+
+def _log_axes(ax, ks: Sequence[int]) -> None:
+    ax.set_yscale("log")
+    if max(ks) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

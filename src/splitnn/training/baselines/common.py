@@ -1,0 +1,170 @@
+"""What the federated baselines share: the server's model, client placement, averaging, evaluation.
+
+In both baselines every client is a worker that holds its shard's features
+*and* labels and a whole copy of the model as one segment; the server is the
+researcher (the orchestrating process), which keeps the global model. Weights
+and gradients travel through the workers' ``set_state`` / ``get_state`` /
+``get_grads``, so the ledger records every byte on the client <-> researcher links.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
+from splitnn.split import Stage, bind_workers
+from splitnn.training.batching import epoch_batches
+from splitnn.training.loop import EvalResult
+from splitnn.workers import Worker
+from splitnn.workers.losses import check_loss_name, compute_loss
+
+_ids = itertools.count()
+
+#: Client ``k`` shuffles its shard with seed ``seed + CLIENT_SEED_STRIDE * k``, like the data holders of
+#: :class:`~splitnn.training.topologies.MultiHolderSplitNN`, so all methods visit each shard in the same order.
+CLIENT_SEED_STRIDE = 7919
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum_k (w_k / sum w) * state_k`` for every floating-point tensor.
+
+    Integer tensors (counters such as BatchNorm's ``num_batches_tracked``) are
+    taken from the first state. With one state the result equals it exactly
+    (``x * 1.0 == x``), so one-client federated training is plain training.
+    """
+    if not states or len(states) != len(weights):
+        raise ConfigurationError(f"need one weight per state, got {len(states)} states and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ConfigurationError(f"averaging weights must be >= 0 with a positive sum, got {list(weights)}")
+    keys = list(states[0])
+    for k, state in enumerate(states[1:], start=1):
+        if list(state) != keys:
+            raise ConfigurationError(f"state {k} has different tensors than state 0; the clients' models differ")
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        first = states[0][key]
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        acc = first * (weights[0] / total)
+        for state, w in zip(states[1:], weights[1:]):
+            acc.add_(state[key], alpha=w / total)
+        out[key] = acc
+    return out
+
+
+def evaluate_module(module: nn.Module, data, *, loss: str = "nll", batch_size: int = 1000) -> EvalResult:
+    """Accuracy and mean loss of a local ``module`` on ``data`` (no gradients, evaluation mode, no transfers)."""
+    if batch_size < 1:
+        raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = len(data)
+    was_training = module.training
+    module.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        with torch.no_grad():
+            for idx in epoch_batches(n, batch_size, shuffle=False):
+                out = module(data.features[idx])
+                labels = data.labels[idx]
+                loss_sum += float(compute_loss(loss, out, labels)) * len(idx)
+                correct += int((out.argmax(dim=1) == labels).sum())
+    finally:
+        module.train(was_training)
+    return EvalResult(correct / n, loss_sum / n, n, {})
+
+
+class Federation:
+    """A global model at the researcher and one whole-model copy at each client worker.
+
+    Subclasses (:class:`~splitnn.training.baselines.FedAvg`,
+    :class:`~splitnn.training.baselines.LargeBatchSGD`) add the training rule.
+
+    Args:
+        model: the global model; the server (researcher) keeps it.
+        clients: one worker per client; each gets a copy of ``model`` as one segment.
+        client_optimizer: the optimizer each client builds over its copy (``None``: none).
+        loss: the loss, by name.
+        ledger: where transfers are recorded (default: the first client's, shared).
+    """
+
+    def __init__(self, model: nn.Module, clients: Sequence[Worker], *, client_optimizer: object | None,
+                 loss: str, ledger: Ledger | None, prefix: str) -> None:
+        clients = list(clients)
+        if not clients:
+            raise ConfigurationError("a federation needs at least one client worker")
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(f"the model must be an nn.Module, got {type(model).__name__}")
+        if len({c.name for c in clients}) != len(clients):
+            raise ConfigurationError(f"client names must be distinct, got {[c.name for c in clients]}")
+        self.model = model
+        self.loss = check_loss_name(loss)
+        self.ledger = bind_workers(clients, ledger)
+        self.key = f"{prefix}{next(_ids)}"
+        self.stages = [Stage(0, self.key, c) for c in clients]
+        for c in clients:
+            c.add_segment(self.key, copy.deepcopy(model), client_optimizer)
+        self._placed: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+
+    @property
+    def clients(self) -> list[Worker]:
+        """The client workers, in order."""
+        return [s.worker for s in self.stages]
+
+    def parties(self) -> list[str]:
+        """The clients' names and the server's (the researcher)."""
+        return [c.name for c in self.clients] + [RESEARCHER]
+
+    def place(self, shards: Sequence) -> list[tuple[str, int]]:
+        """Give client ``k`` the features and labels of ``shards[k]``; return (name, size) per client.
+
+        Checked before any training: one shard per client, the model takes the
+        samples' shape, and every label is within the model's outputs.
+        """
+        shards = list(shards)
+        cache_key = tuple(id(s) for s in shards)
+        if cache_key in self._placed:
+            return self._placed[cache_key]
+        if len(shards) != len(self.stages):
+            raise ConfigurationError(f"got {len(shards)} data shards for {len(self.stages)} clients; "
+                                     f"give exactly one shard per client")
+        for k, shard in enumerate(shards):
+            self._check_shard(k, shard)
+        placed = []
+        for k, (stage, shard) in enumerate(zip(self.stages, shards)):
+            name = f"{self.key}.client{k}.{getattr(shard, 'name', 'data')}"
+            stage.worker.add_dataset(name, features=shard.features, labels=shard.labels)
+            placed.append((name, len(shard)))
+        self._placed[cache_key] = placed
+        return placed
+
+    def evaluate(self, data, *, batch_size: int = 1000) -> EvalResult:
+        """Accuracy and mean loss of the global model on ``data``, at the server (no transfers)."""
+        return evaluate_module(self.model, data, loss=self.loss, batch_size=batch_size)
+
+    def _check_shard(self, k: int, shard) -> None:
+        features, labels = getattr(shard, "features", None), getattr(shard, "labels", None)
+        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise ConfigurationError(f"shard {k} must be a splitnn.data.Dataset with features and labels, "
+                                     f"got {type(shard).__name__}")
+        if len(features) == 0:
+            raise ConfigurationError(f"shard {k} (client {self.stages[k].worker.name!r}) is empty")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(torch.zeros(2, *features.shape[1:]))
+        except RuntimeError as exc:
+            raise ShapeMismatchError(f"the model cannot take client {k}'s samples of shape "
+                                     f"{tuple(features.shape[1:])}: {exc}") from exc
+        finally:
+            self.model.train(was_training)
+        if out.dim() == 2 and int(labels.max()) >= out.shape[1]:
+            raise LabelError(f"shard {k} has label {int(labels.max())} but the model has only {out.shape[1]} "
+                             f"outputs; widen the last layer or fix the labels")

@@ -1,0 +1,96 @@
+"""Federated averaging (FedAvg, McMahan et al. 2017) on splitnn workers.
+
+Each round, the server (the researcher) sends the global weights to every
+client (``set_state``: ``weights`` bytes researcher -> client), each client
+trains its whole copy for ``local_epochs`` epochs on its own shard with its own
+optimizer, sends its weights back (``get_state``: client -> researcher), and the
+server replaces the global model by the average of the clients' weights,
+weighted by their number of samples. Per client and round that is exactly two
+copies of the model state on the wire.
+
+Client ``k`` visits its shard in the order of :func:`~splitnn.training.epoch_batches`
+with seed ``seed + 7919 k`` and epoch ``round * local_epochs + e``, so one client with
+one local epoch per round trains exactly as plain centralized training with
+:func:`~splitnn.training.fit`'s data order. A client's optimizer state (momentum,
+Adam moments) stays at the client between rounds; only weights are averaged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.split.schedule import train_step
+from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation, weighted_average
+from splitnn.training.batching import epoch_batches
+from splitnn.training.loop import EpochStats, History, _check_positive, _show_progress
+from splitnn.workers import BatchRef, Worker
+
+
+class FedAvg(Federation):
+    """Federated averaging over client workers. See the module docstring.
+
+    Args:
+        model: the global model (kept by the server, the researcher).
+        clients: one worker per client; each hosts a whole copy of ``model``.
+        optimizer: each client's optimizer (factory or spec), default SGD lr 0.03.
+        loss: the loss by name (``"nll"`` or ``"cross_entropy"``).
+        ledger: where transfers are recorded (default: the first client's, shared).
+
+    >>> # fed = FedAvg(model, [VirtualWorker("c0"), VirtualWorker("c1")])
+    >>> # fed.fit(shards, rounds=5, local_epochs=1); fed.evaluate(test)
+    """
+
+    def __init__(self, model: nn.Module, clients: Sequence[Worker], *, optimizer: object = "sgd:lr=0.03",
+                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+        super().__init__(model, clients, client_optimizer=optimizer, loss=loss, ledger=ledger, prefix="fedavg")
+
+    def fit(self, shards: Sequence, *, rounds: int = 1, local_epochs: int = 1, batch_size: int = 64, seed: int = 0,
+            test_data: object | None = None, progress: bool | None = None,
+            on_round: Callable[[EpochStats], None] | None = None) -> History:
+        """Train for ``rounds`` rounds of ``local_epochs`` local epochs; ``shards[k]`` is client ``k``'s data.
+
+        Returns one :class:`~splitnn.training.EpochStats` per round (``epoch`` is
+        the round number; ``train_loss`` the clients' mean training loss; test
+        metrics of the averaged model when ``test_data`` is given).
+        """
+        _check_positive("rounds", rounds)
+        _check_positive("local_epochs", local_epochs)
+        _check_positive("batch_size", batch_size)
+        placed = self.place(shards)  # checks everything before any training
+        total_samples = sum(n for _, n in placed)
+        history = History()
+        bar = tqdm(total=rounds * len(placed), desc="FedAvg", unit="client-round", leave=False,
+                   disable=not _show_progress(progress), mininterval=0.5)
+        try:
+            for r in range(rounds):
+                before, start = self.ledger.snapshot(), time.perf_counter()
+                states, weights, loss_sum = [], [], 0.0
+                global_state = self.model.state_dict()
+                for k, (stage, (name, n)) in enumerate(zip(self.stages, placed)):
+                    stage.worker.set_state(self.key, global_state, src=RESEARCHER)
+                    for e in range(local_epochs):
+                        batches = epoch_batches(n, batch_size, seed=seed + CLIENT_SEED_STRIDE * k,
+                                                epoch=r * local_epochs + e)
+                        for idx in batches:
+                            stats = train_step([stage], BatchRef(name, idx), self.loss)
+                            loss_sum += stats.loss * stats.count
+                    states.append(stage.worker.get_state(self.key))
+                    weights.append(n)
+                    bar.update(1)
+                self.model.load_state_dict(weighted_average(states, weights))
+                stats = EpochStats(r + 1, loss_sum / (total_samples * local_epochs), total_samples,
+                                   time.perf_counter() - start, self.ledger.since(before).sent_by())
+                if test_data is not None:
+                    result = self.evaluate(test_data)
+                    stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
+                history.epochs.append(stats)
+                if on_round is not None:
+                    on_round(stats)
+        finally:
+            bar.close()
+        return history
