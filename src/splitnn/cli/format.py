@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from splitnn.accounting.units import human_bytes, si
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+__all__ = ["human_bytes", "si", "table"]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from splitnn.accounting.units import human_bytes, si
 from splitnn.compare.analytic import CommModel, crossover, mean_bytes_per_client
 from splitnn.compare.runner import CompareConfig, RunResult
 
@@ -20,23 +21,6 @@ HEADER = ("method", "clients", "bytes/client", "= model", "FLOPs/client", "clien
 _LABELS = {"split": "split learning", "fedavg": "FedAvg", "large-batch": "large-batch SGD"}
 _COLORS = {"split": "tab:blue", "fedavg": "tab:orange", "large-batch": "tab:green"}
 _MARKERS = {"split": "o", "fedavg": "s", "large-batch": "^"}
-
-
-def si(value: float, unit: str = "") -> str:
-    """``5.42e9 -> '5.42 G'`` (SI prefixes)."""
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}".rstrip()
-
-
-def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
