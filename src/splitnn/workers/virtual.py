@@ -193,14 +193,7 @@ class VirtualWorker:
             raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
-        if grad is None:
-            if self._pending_loss is not None:
-                loss, self._pending_loss = self._pending_loss, None
-                loss.backward()
-            # else: the caller already ran backward from the output it fetched
-        elif not grad.fused:
-            g, _ = self._receive(grad, "gradient", False)
-            hosted.out.backward(g)
+        self._backprop(hosted, grad)
         kind, inp = hosted.input_kind, hosted.inp
         hosted.inp = hosted.out = None
         if kind == "data":
@@ -241,13 +234,7 @@ class VirtualWorker:
         if hosted.out is None or hosted.input_kind != "merged" or hosted.inputs is None:
             raise WorkerError(f"worker {self.name!r}: backward_merged on segment {key!r} without a training "
                               f"forward_merged first")
-        if grad is None:
-            if self._pending_loss is not None:
-                loss, self._pending_loss = self._pending_loss, None
-                loss.backward()
-        elif not grad.fused:
-            g, _ = self._receive(grad, "gradient", False)
-            hosted.out.backward(g)
+        self._backprop(hosted, grad)
         inputs = hosted.inputs
         hosted.out, hosted.inputs, hosted.input_kind = None, None, "data"
         refs: list[TensorRef] = []
@@ -336,6 +323,17 @@ class VirtualWorker:
         return tensor
 
     # -- helpers -------------------------------------------------------------------
+    def _backprop(self, hosted: _Hosted, grad: TensorRef | None) -> None:
+        """Run backward through ``hosted``'s last forward, from the pending loss or a peer's gradient."""
+        if grad is None:
+            if self._pending_loss is not None:
+                loss, self._pending_loss = self._pending_loss, None
+                loss.backward()
+            # else: the caller already ran backward from the output it fetched
+        elif not grad.fused:
+            g, _ = self._receive(grad, "gradient", False)
+            hosted.out.backward(g)
+
     def _receive(self, ref: TensorRef, kind: str, train: bool) -> tuple[torch.Tensor, str]:
         if ref.owner == self.name:
             tensor, stored_kind = self._store.pop(ref.id, (None, None))
