@@ -7,17 +7,22 @@ NLL) for ``--batches`` batches per run, ``--runs`` times, and prints the median
 samples/s of:
 
 * ``in-process``: SplitNN on three VirtualWorkers in this process;
-* ``grpc``: SplitNN on three ``splitnn worker`` processes over 127.0.0.1
-  (``splitnn.connect``; activations and gradients go peer to peer);
+* ``grpc, shipped epochs``: SplitNN on three ``splitnn worker`` processes over
+  127.0.0.1 (``splitnn.connect``); each worker gets one plan per epoch and the
+  workers train among themselves, pushing activations and gradients peer to peer
+  (the default of ``fit`` with networked workers);
+* ``grpc, per-op``: the same, driven one pipelined command per operation by the
+  researcher (``SplitNN(..., ship_epochs=False)``);
 * ``torch.distributed.rpc``: the same three segments on three RPC worker processes
   driven the way PyTorch's RPC tutorials do it: the master chains ``rpc.remote``
   calls passing RRefs (each stage fetches its input with ``to_here()``), runs
   ``dist_autograd.backward`` and steps a ``DistributedOptimizer`` (TensorPipe over
   TCP on 127.0.0.1).
 
-It also reports the bytes on the wire per batch (every serialized gRPC message of
-every party: peer frames, control commands and replies) against the raw tensor bytes
-(numel x itemsize of the activations and gradients crossing the two cuts).
+It also reports, for both gRPC paths, the bytes on the wire per batch (every
+serialized gRPC message of every party: peer frames, control commands and replies)
+against the raw tensor bytes (numel x itemsize of the activations and gradients
+crossing the two cuts), and the researcher's CPU seconds per batch.
 Every process uses one torch thread. Not a test: nothing here asserts timings.
 """
 
@@ -72,47 +77,55 @@ def bench_in_process(data, runs: int) -> list[float]:
     return _time_fit(model, data, runs)
 
 
-def bench_grpc(data, runs: int) -> tuple[list[float], dict[str, float]]:
+def bench_grpc(data, runs: int, cluster) -> dict[str, tuple[list[float], dict[str, float]]]:
+    """Both gRPC paths on the same three worker processes, alternating runs (fair under load)."""
     import splitnn
-    from tests.transport.cluster import Cluster
 
-    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=600) as cl:
-        for n in NAMES:
-            cl.start(n)
-        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n) for n in NAMES]
-        try:
-            model = splitnn.SplitNN(_segments(), workers)
-            model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
-            for w in workers:
-                w.drain()  # every reply in: the ledger and the counters are complete
-            before_ledger = model.ledger.snapshot()
-            before = _wire_total(workers)
-            rates = []
-            for r in range(runs):
-                t0 = time.perf_counter()
+    models = {}
+    for label, ship in (("grpc, shipped epochs (3 processes)", True), ("grpc, per-op (3 processes)", False)):
+        workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
+        model = splitnn.SplitNN(_segments(), workers, ship_epochs=ship, ledger=splitnn.accounting.Ledger())
+        model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
+        models[label] = (model, workers, {"rates": [], "wire": 0, "peer": 0, "cpu": 0.0, "moved": []})
+    try:
+        for r in range(runs):
+            for label, (model, workers, acc) in models.items():
+                before_ledger, before = model.ledger.snapshot(), _wire_total(workers)
+                c0, t0 = time.process_time(), time.perf_counter()
                 model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
-                rates.append(len(data) / (time.perf_counter() - t0))
-            for w in workers:
-                w.drain()
-            after = _wire_total(workers)
-            moved = model.ledger.since(before_ledger)
-        finally:
+                acc["rates"].append(len(data) / (time.perf_counter() - t0))
+                acc["cpu"] += time.process_time() - c0
+                after = _wire_total(workers)  # fit returns with every record in (its last step drained)
+                acc["wire"] += after["all"] - before["all"]
+                acc["peer"] += after["peer"] - before["peer"]
+                acc["moved"].append(model.ledger.since(before_ledger))
+    finally:
+        for _, workers, _ in models.values():
             for w in workers:
                 w.close()
-    batches = runs * -(-len(data) // BATCH)
-    raw = sum(moved.total(kind=k) for k in ("activation", "gradient"))
     from splitnn.accounting import RESEARCHER
 
-    return rates, {
-        "raw_tensor_bytes_per_batch": raw / batches,
-        "wire_bytes_per_batch": (after["all"] - before["all"]) / batches,
-        "peer_wire_bytes_per_batch": (after["peer"] - before["peer"]) / batches,
-        "researcher_tensor_bytes": sum(moved.total(src=RESEARCHER, kind=k) for k in ("activation", "gradient")),
-    }
+    batches = runs * -(-len(data) // BATCH)
+    out = {}
+    for label, (_, _, acc) in models.items():
+        raw = sum(m.total(kind=k) for m in acc["moved"] for k in ("activation", "gradient"))
+        out[label] = (acc["rates"], {
+            "raw_tensor_bytes_per_batch": raw / batches,
+            "wire_bytes_per_batch": acc["wire"] / batches,
+            "peer_wire_bytes_per_batch": acc["peer"] / batches,
+            "researcher_cpu_ms_per_batch": 1000 * acc["cpu"] / batches,
+            "researcher_tensor_bytes": sum(m.total(src=RESEARCHER, kind=k) + m.total(dst=RESEARCHER, kind=k)
+                                           for m in acc["moved"] for k in ("activation", "gradient")),
+        })
+    return out
 
 
 def _wire_total(workers) -> dict[str, int]:
-    """Bytes sent by every party: each server's counters (via stats) plus the researcher's own."""
+    """Bytes sent by every party: each server's counters (via stats) plus the researcher's own.
+
+    Each measured interval also holds one ``stats`` exchange per worker (a few KB in all,
+    under 0.1% of the figure): counted, not subtracted.
+    """
     total = peer = 0
     for w in workers:
         rows = w.stats()["counters"]
@@ -222,25 +235,35 @@ def main() -> None:
         rpc_worker(args.rpc_worker, args.port)
         return
     torch.set_num_threads(1)
+    from tests.transport.cluster import Cluster
+
     data = _data(args.batches * BATCH)
     results = {"in-process": bench_in_process(data, args.runs)}
-    results["grpc (3 processes)"], wire = bench_grpc(data, args.runs)
+    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=600) as cl:
+        for n in NAMES:
+            cl.start(n)
+        grpc_results = bench_grpc(data, args.runs, cl)
+    results.update({label: rates for label, (rates, _) in grpc_results.items()})
+    rpc_label = "torch.distributed.rpc (3 processes)"
     if not args.skip_rpc:
-        results["torch.distributed.rpc (3 processes)"] = bench_rpc(data, args.runs)
-    print(f"tutorial MLP 784-128-640-10, batch {BATCH}, {args.batches} batches x {args.runs} runs, 1 torch thread/process")
+        results[rpc_label] = bench_rpc(data, args.runs)
+    print(f"tutorial MLP 784-128-640-10, batch {BATCH}, {args.batches} batches x {args.runs} runs, "
+          f"1 torch thread/process")
     print(f"{'contender':40s} {'median samples/s':>17s}  runs")
     for name, rates in results.items():
         print(f"{name:40s} {statistics.median(rates):17,.0f}  " + " ".join(f"{r:,.0f}" for r in rates))
-    if "torch.distributed.rpc (3 processes)" in results:
-        ratio = statistics.median(results["grpc (3 processes)"]) / statistics.median(
-            results["torch.distributed.rpc (3 processes)"])
-        print(f"grpc / torch.distributed.rpc throughput: {ratio:.2f}x")
-    raw, on_wire = wire["raw_tensor_bytes_per_batch"], wire["wire_bytes_per_batch"]
-    print(f"raw activation+gradient bytes per batch: {raw:,.0f}")
-    print(f"wire bytes per batch (all parties, all messages): {on_wire:,.0f} ({100 * (on_wire / raw - 1):+.2f}%); "
-          f"peer data plane only: {wire['peer_wire_bytes_per_batch']:,.0f} "
-          f"({100 * (wire['peer_wire_bytes_per_batch'] / raw - 1):+.2f}%)")
-    print(f"activation/gradient bytes sent or received by the researcher: {wire['researcher_tensor_bytes']}")
+    for label, (rates, wire) in grpc_results.items():
+        print(f"\n{label}:")
+        if rpc_label in results:
+            print(f"  throughput vs torch.distributed.rpc: "
+                  f"{statistics.median(rates) / statistics.median(results[rpc_label]):.2f}x")
+        raw, on_wire, peer = (wire["raw_tensor_bytes_per_batch"], wire["wire_bytes_per_batch"],
+                              wire["peer_wire_bytes_per_batch"])
+        print(f"  raw activation+gradient bytes per batch: {raw:,.0f}")
+        print(f"  wire bytes per batch (all parties, all messages): {on_wire:,.0f} ({100 * (on_wire / raw - 1):+.2f}%); "
+              f"peer data plane only: {peer:,.0f} ({100 * (peer / raw - 1):+.2f}%)")
+        print(f"  researcher CPU per batch: {wire['researcher_cpu_ms_per_batch']:.3f} ms; activation/gradient "
+              f"bytes sent or received by the researcher: {wire['researcher_tensor_bytes']}")
 
 
 if __name__ == "__main__":

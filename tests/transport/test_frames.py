@@ -62,7 +62,8 @@ def test_parse_rejects_garbage(buf):
         hdr, chunk = frames.parse(buf)
     except WireError:
         return
-    assert buf[:4] == frames.PEER_MAGIC and hdr.type in (frames.REQUEST, frames.DATA, frames.ERROR)
+    assert buf[:4] == frames.PEER_MAGIC and hdr.type in (frames.REQUEST, frames.DATA, frames.ERROR,
+                                                          frames.PUSH, frames.ABORT)
 
 
 def test_request_and_error_frames():

@@ -1,4 +1,5 @@
-"""Faults: a worker killed mid-epoch, a hung worker, graceful shutdown; nothing left running."""
+"""Faults: a worker killed mid-epoch (per-op and shipped epochs), a hung worker, graceful shutdown;
+nothing left running."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ NAMES = ("alice", "bob", "claire")
 
 
 def _train_until_killed(cl: Cluster, victim: str, sig: int, timeout: float) -> WorkerError:
+    """The per-op path: the researcher drives every operation; the victim is signalled at batch 3."""
     workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=timeout) for n in NAMES]
     try:
         torch.manual_seed(0)
-        model = splitnn.SplitNN(tutorial_mlp(), workers)
+        model = splitnn.SplitNN(tutorial_mlp(), workers, ship_epochs=False)
         calls = {"n": 0}
         train_batch = model.train_batch
 
@@ -51,6 +53,41 @@ def test_killed_worker_mid_epoch_fails_fast_naming_it(tmp_path):
         # the survivors keep serving: a new model on them connects fine
         alice = splitnn.connect(cl.workers["alice"].url, token=cl.token, timeout=10)
         alice.close()
+    assert all(not w.alive() for w in cl.workers.values())
+
+
+def test_worker_killed_during_a_shipped_epoch_fails_fast_naming_it(tmp_path):
+    """The workers run the epoch among themselves; the middle one is killed after 3 batches' losses."""
+    with Cluster(tmp_path, lifetime=120) as cl:
+        for n in NAMES:
+            cl.start(n, "--peer-timeout", "30")  # far above what the test may take: the death must be seen
+        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=30) for n in NAMES]
+        try:
+            torch.manual_seed(0)
+            model = splitnn.SplitNN(tutorial_mlp(), workers)
+            seen = {"n": 0}
+            train_epoch = model.train_epoch
+
+            def killing_train_epoch(name, batches, on_batch, **kw):
+                def watch(stats):
+                    seen["n"] += 1
+                    if seen["n"] == 3:
+                        cl.workers["bob"].proc.kill()
+                    on_batch(stats)
+                return train_epoch(name, batches, watch, **kw)
+
+            model.train_epoch = killing_train_epoch
+            with pytest.raises(WorkerError, match="bob") as info:
+                model.fit(toy_dataset(6400), epochs=1, batch_size=16, progress=False)  # 400 batches
+            assert seen["n"] < 400, "the epoch finished although a worker died"
+            assert "connection" in str(info.value)
+            assert not cl.workers["bob"].alive()
+            for n in ("alice", "claire"):  # the survivors noticed and keep serving
+                w = splitnn.connect(cl.workers[n].url, token=cl.token, timeout=10)
+                w.close()
+        finally:
+            for w in workers:
+                w.close()
     assert all(not w.alive() for w in cl.workers.values())
 
 

@@ -1,5 +1,6 @@
 """Three `splitnn worker` processes + this researcher train the tutorial network bit-identically
-to the in-process run, with the same ledger, and the researcher moves no activation/gradient bytes."""
+to the in-process run, with the same ledger, and the researcher moves no activation/gradient bytes --
+both with shipped epochs (the default of fit) and with one pipelined command per operation."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from splitnn.accounting import RESEARCHER
 from splitnn.data import load_dataset
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.models import small_cnn, tutorial_mlp
+from splitnn.training import epoch_batches
 from tests.helpers import assert_same_weights, toy_dataset
 from tests.transport.cluster import Cluster
 
@@ -47,11 +49,13 @@ def _in_process(segments, data, **fit_kwargs):
     return model, history
 
 
-def test_tutorial_network_matches_in_process_run_bit_for_bit(remote, cluster, shared_data):
+@pytest.mark.parametrize("ship", [True, False], ids=["shipped-epochs", "per-op"])
+def test_tutorial_network_matches_in_process_run_bit_for_bit(remote, cluster, shared_data, ship):
     torch.manual_seed(0)
     segments = tutorial_mlp()
     initial = copy.deepcopy(segments)
-    model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03")
+    model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03", ship_epochs=ship)
+    counters_before = [w.stats()["counters"] for w in remote]
     history = model.fit("mnist:test", epochs=2, batch_size=64, seed=5, progress=False)  # data held by the workers
     trained = model.collect()
 
@@ -59,6 +63,8 @@ def test_tutorial_network_matches_in_process_run_bit_for_bit(remote, cluster, sh
     twin, twin_history = _in_process(initial, data, epochs=2, batch_size=64, seed=5)
     assert_same_weights(trained, twin.collect())
     assert history.losses() == twin_history.losses()
+    # per-epoch bytes are exact: the last batch's gradients are counted in their own epoch
+    assert [e.bytes_sent for e in history.epochs] == [e.bytes_sent for e in twin_history.epochs]
 
     # the researcher's ledger holds exactly the in-process records
     assert model.ledger.links() == twin.ledger.links()
@@ -67,18 +73,71 @@ def test_tutorial_network_matches_in_process_run_bit_for_bit(remote, cluster, sh
         assert model.ledger.total(dst=RESEARCHER, kind=kind) == 0
     assert model.ledger.total(src="alice", dst="bob", kind="activation") == 2 * N * 128 * 4
 
-    # ... and so do the servers' own wire counters: nothing but control from the researcher
-    for w in remote:
-        rows = w.stats()["counters"]
-        from_researcher = {r["kind"] for r in rows if r["peer"] == RESEARCHER and r["direction"] == "recv"}
+    # ... and so do the servers' own wire counters (this test's share of them): nothing but control
+    # and weights between the researcher and any worker
+    for w, before in zip(remote, counters_before):
+        rows = _counter_delta(before, w.stats()["counters"])
+        from_researcher = {k for (p, d, k), b in rows.items() if p == RESEARCHER and d == "recv" and b}
         assert from_researcher <= {"control", "weights"}, (w.name, from_researcher)
-        to_researcher = {r["kind"] for r in rows if r["peer"] == RESEARCHER and r["direction"] == "sent"}
+        to_researcher = {k for (p, d, k), b in rows.items() if p == RESEARCHER and d == "sent" and b}
         assert to_researcher <= {"control", "weights"}, (w.name, to_researcher)
-    bob_rows = remote[1].stats()["counters"]
-    pulled = sum(r["nbytes"] for r in bob_rows if r["peer"] == "alice" and r["kind"] == "activation")
-    assert 2 * N * 128 * 4 <= pulled <= 2 * N * 128 * 4 * 1.01  # raw bytes + small frame headers
+    bob_rows = _counter_delta(counters_before[1], remote[1].stats()["counters"])
+    got = sum(b for (p, d, k), b in bob_rows.items() if p == "alice" and d == "recv" and k == "activation")
+    assert 2 * N * 128 * 4 <= got <= 2 * N * 128 * 4 * 1.01  # raw bytes + small frame headers
     for w in remote:  # the researcher's own counters agree
         assert {t.kind for t in w.counters.totals() if t.direction == "sent"} <= {"control", "weights"}
+
+
+def _counter_delta(before: list[dict], after: list[dict]) -> dict[tuple[str, str, str], int]:
+    old = {(r["peer"], r["direction"], r["kind"]): r["nbytes"] for r in before}
+    return {(r["peer"], r["direction"], r["kind"]): r["nbytes"] - old.get((r["peer"], r["direction"], r["kind"]), 0)
+            for r in after}
+
+
+def test_shipped_epoch_costs_the_researcher_one_message_per_worker(remote):
+    """An epoch is one plan per worker out, losses and ledger records back; batches pass peer to peer."""
+    torch.manual_seed(3)
+    segments = tutorial_mlp()
+    twin = splitnn.SplitNN(copy.deepcopy(segments), [splitnn.VirtualWorker(n) for n in NAMES])
+    model = splitnn.SplitNN(segments, remote)
+    data = toy_dataset(200, seed=3)
+    name, n = model.prepare(data)
+    twin_name, _ = twin.prepare(data)
+    sent_before = [w.counters.totals() for w in remote]
+    batches = list(reversed(epoch_batches(n, 48, seed=7)))  # a plan of the model's own:
+    losses = []                                                            # explicit indices travel
+    model.train_epoch(name, batches, losses.append)
+    expected = [twin.train_batch(twin_name, idx) for idx in batches]
+    assert losses == expected  # same values, same batch order (last batch short: 200 = 4 x 48 + 8)
+    for w, before in zip(remote, sent_before):
+        new = {t.kind: t.messages for t in w.counters.totals() if t.direction == "sent"}
+        old = {t.kind: t.messages for t in before if t.direction == "sent"}
+        assert {k: new[k] - old.get(k, 0) for k in new if new[k] != old.get(k, 0)} == {"control": 1}, w.name
+    assert model.ledger.links() == twin.ledger.links()  # complete when train_epoch returns
+    assert_same_weights(model.collect(), twin.collect())
+
+
+@pytest.mark.parametrize("placement", [("alice", "alice", "claire"), ("alice", "bob", "alice")],
+                         ids=["consecutive-on-one-party", "label-holder-is-data-holder"])
+def test_shipped_epochs_with_several_segments_per_party(cluster, placement):
+    """Consecutive segments on one worker hand over locally; a party may hold both ends of the chain."""
+    by_name = {n: splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n, timeout=60)
+               for n in set(placement)}
+    try:
+        torch.manual_seed(4)
+        segments = tutorial_mlp()
+        virtual = {n: splitnn.VirtualWorker(n) for n in set(placement)}
+        twin = splitnn.SplitNN(copy.deepcopy(segments), [virtual[n] for n in placement])
+        model = splitnn.SplitNN(segments, [by_name[n] for n in placement])
+        data = toy_dataset(160, seed=5)
+        history = model.fit(data, epochs=2, batch_size=32, seed=2, progress=False)
+        twin_history = twin.fit(data, epochs=2, batch_size=32, seed=2, progress=False)
+        assert history.losses() == twin_history.losses()
+        assert_same_weights(model.collect(), twin.collect())
+        assert model.ledger.links() == twin.ledger.links()
+    finally:
+        for w in by_name.values():
+            w.close()
 
 
 def test_evaluate_matches_and_outputs_follow_policy(remote, shared_data):

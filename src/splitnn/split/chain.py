@@ -55,6 +55,9 @@ class SplitNN:
         loss: the label holder's loss, by name (``"nll"`` or ``"cross_entropy"``).
         ledger: where transfers are recorded; default: the first worker's ledger,
             shared with the others.
+        ship_epochs: when every worker can run shipped epochs (networked workers),
+            let :meth:`train_epoch` send each one plan per epoch instead of driving
+            every operation (same numbers; see :mod:`splitnn.split.epoch`).
 
     The low-level loop of the PySyft tutorial works as there::
 
@@ -63,7 +66,8 @@ class SplitNN:
     """
 
     def __init__(self, segments: Sequence[nn.Module], workers: Sequence[Worker], *,
-                 optimizer: object = "sgd:lr=0.03", loss: str = "nll", ledger: Ledger | None = None) -> None:
+                 optimizer: object = "sgd:lr=0.03", loss: str = "nll", ledger: Ledger | None = None,
+                 ship_epochs: bool = True) -> None:
         segments, workers = list(segments), list(workers)
         if len(segments) < 2:
             raise ConfigurationError(f"a split network needs at least 2 segments, got {len(segments)}")
@@ -87,6 +91,7 @@ class SplitNN:
         self.training = True
         self._placed: dict[int, tuple[str, int]] = {}
         self._data_ids = itertools.count()
+        self.ship_epochs = ship_epochs
 
     # -- who is who ---------------------------------------------------------------------
     @property
@@ -182,6 +187,30 @@ class SplitNN:
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` of a placed dataset."""
         return train_step(self.stages, BatchRef(dataset, indices), self.loss)
+
+    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
+                    order: dict | None = None) -> None:
+        """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
+
+        Networked workers run the whole epoch among themselves (one plan each; ``order``,
+        the ``epoch_batches`` arguments ``n, batch_size, shuffle, seed, epoch`` that made
+        ``batches``, lets them compute the batches instead of receiving the indices).
+        Otherwise, or with ``ship_epochs=False``, it is :meth:`train_batch` per batch.
+        Either way the ledger holds the epoch's transfers when this returns.
+        """
+        from splitnn.split.epoch import can_ship, ship_epoch
+        from splitnn.workers.epoch import BatchOrder
+
+        if self.ship_epochs and can_ship(self.stages):
+            ship_epoch(self.stages, dataset, self.loss, batches, on_batch,
+                       order=BatchOrder(**order) if order is not None else None)
+            return
+        for idx in batches:
+            on_batch(self.train_batch(dataset, idx))
+        for worker in dict.fromkeys(self.workers):  # pipelined workers: wait for the last step's records
+            drain = getattr(worker, "drain", None)
+            if callable(drain):
+                drain()
 
     def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """Loss and correct count on rows ``indices`` of a placed dataset."""

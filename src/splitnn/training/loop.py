@@ -23,6 +23,13 @@ class Trainable(Protocol):
     shuffle, seed, epoch) -> list[Tensor]`` to choose the batches of an epoch
     itself (e.g. round-robin turns of several data holders); :func:`fit` uses
     it instead of :func:`epoch_batches` when present.
+
+    Optionally it may define ``train_epoch(dataset, batches, on_batch, *, order)``
+    to train a whole epoch at once (``SplitNN`` ships it to networked workers);
+    :func:`fit` then calls it once per epoch instead of ``train_batch`` per batch.
+    ``on_batch`` must be called with each batch's ``LossStats`` in batch order;
+    ``order`` is the ``epoch_batches`` arguments that made ``batches``, or None
+    when the model chose its own plan.
     """
 
     ledger: Ledger
@@ -111,14 +118,35 @@ def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64
         before, start = model.ledger.snapshot(), time.perf_counter()
         batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
         total = 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   disable=not _show_progress(progress), mininterval=0.5)
-        for i, idx in enumerate(bar):
-            stats = model.train_batch(name, idx)
-            total += stats.loss * stats.count
-            if i % 50 == 0:
-                bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-        bar.close()
+        train_epoch = getattr(model, "train_epoch", None)
+        if callable(train_epoch):
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                       disable=not _show_progress(progress), mininterval=0.5)
+            done = 0
+
+            def on_batch(stats: LossStats) -> None:
+                nonlocal total, done
+                total += stats.loss * stats.count
+                if done % 50 == 0:
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                done += 1
+                bar.update(1)
+
+            order = None if getattr(model, "epoch_plan", None) is not None else dict(
+                n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+            try:
+                train_epoch(name, batches, on_batch, order=order)
+            finally:
+                bar.close()
+        else:
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                       disable=not _show_progress(progress), mininterval=0.5)
+            for i, idx in enumerate(bar):
+                stats = model.train_batch(name, idx)
+                total += stats.loss * stats.count
+                if i % 50 == 0:
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+            bar.close()
         seconds = time.perf_counter() - start
         stats = EpochStats(epoch + 1, total / n, n, seconds, model.ledger.since(before).sent_by())
         if test_name is not None:

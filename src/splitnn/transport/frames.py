@@ -6,7 +6,9 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
 
     offset  size  field
     0       4     magic b"SNP1"
-    4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text)
+    4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
+                  4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
+                  the sender's shipped epoch #id failed)
     5       1     kind: 1 activation, 2 gradient
     6       1     flags: bit 0 = more chunks of this payload follow
     7       1     reserved, 0
@@ -15,7 +17,8 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
 
 A DATA payload is one :mod:`splitnn.wire.tensor_codec` frame (dtype + shape header +
 raw bytes). Payloads above the chunk size are cut into several DATA frames, so no
-gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`. The
+gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`. PUSH
+payloads are cut the same way. The
 receiver checks every header and the declared total against its limits *before*
 buffering, and decodes the reassembled tensor with the validating codec.
 """
@@ -35,7 +38,9 @@ PEER_MAGIC = b"SNP1"
 HEADER = struct.Struct("<4sBBBBQQ")
 HEADER_SIZE = HEADER.size  # 24
 
-REQUEST, DATA, ERROR = 1, 2, 3
+REQUEST, DATA, ERROR, PUSH, ABORT = 1, 2, 3, 4, 5
+TEXT_TYPES = (ERROR, ABORT)
+PAYLOAD_TYPES = (DATA, PUSH)
 FLAG_MORE = 1
 KIND_CODES = {"activation": 1, "gradient": 2}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
@@ -67,17 +72,26 @@ def error(kind: str, tensor_id: int, message: str) -> bytes:
     return pack(ERROR, kind, tensor_id, len(text), text)
 
 
-def data_frames(kind: str, tensor_id: int, tensor: torch.Tensor, chunk_bytes: int) -> Iterator[bytes]:
-    """The DATA frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``)."""
+def abort(run_id: int, message: str) -> bytes:
+    """Tell an adjacent peer that this worker's part of shipped epoch ``run_id`` failed."""
+    text = message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+    return pack(ABORT, "activation", run_id, len(text), text)
+
+
+def data_frames(kind: str, tensor_id: int, tensor: torch.Tensor, chunk_bytes: int, *,
+                type_: int = DATA) -> Iterator[bytes]:
+    """The DATA (or PUSH) frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``)."""
+    if type_ not in PAYLOAD_TYPES:
+        raise ValueError(f"frame type {type_} carries no tensor")
     head, payload = encode_tensor_parts(tensor)
     total = len(head) + len(payload)
     if total <= chunk_bytes:
-        yield pack(DATA, kind, tensor_id, total, head + payload)  # one copy: header + bytes
+        yield pack(type_, kind, tensor_id, total, head + payload)  # one copy: header + bytes
         return
     whole = memoryview(head + payload)
     for start in range(0, total, chunk_bytes):
         end = min(start + chunk_bytes, total)
-        yield pack(DATA, kind, tensor_id, total, whole[start:end], more=end < total)
+        yield pack(type_, kind, tensor_id, total, whole[start:end], more=end < total)
 
 
 def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
@@ -89,7 +103,7 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     magic, type_, kind_code, flags, reserved, tensor_id, total = HEADER.unpack_from(buf, 0)
     if magic != PEER_MAGIC:
         raise WireError(f"not a peer frame: bad magic {bytes(magic)!r}")
-    if type_ not in (REQUEST, DATA, ERROR):
+    if type_ not in (REQUEST, DATA, ERROR, PUSH, ABORT):
         raise WireError(f"peer frame has unknown type {type_}")
     kind = CODE_KINDS.get(kind_code)
     if kind is None:
@@ -99,8 +113,8 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     chunk = memoryview(buf)[HEADER_SIZE:]
     if type_ == REQUEST and (len(chunk) or total or flags):
         raise WireError("a REQUEST peer frame carries no payload")
-    if type_ == ERROR and (len(chunk) != total or total > MAX_ERROR_BYTES):
-        raise WireError("malformed ERROR peer frame")
+    if type_ in TEXT_TYPES and (len(chunk) != total or total > MAX_ERROR_BYTES or flags):
+        raise WireError("malformed ERROR/ABORT peer frame")
     return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total), chunk
 
 

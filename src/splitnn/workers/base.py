@@ -132,3 +132,18 @@ class GradientWorker(Protocol):
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters by name (zeros where none was
         computed); recorded as ``gradient`` bytes from this worker to the researcher."""
+
+
+@runtime_checkable
+class EpochWorker(Protocol):
+    """A worker that can run a whole training epoch with its peers (the fast path of
+    :mod:`splitnn.workers.epoch`): one plan per epoch instead of one call per operation."""
+
+    name: str
+
+    def run_epoch(self, plan: "EpochPlan", *, notify: Callable[[], None] | None = None) -> "EpochHandle":
+        """Start this worker's part of ``plan`` and return at once; ``notify`` is called (from any
+        thread) whenever the returned handle has news: losses, the final report, or an error."""
+
+
+from splitnn.workers.epoch import EpochHandle, EpochPlan  # noqa: E402  (names for the annotations above)

@@ -10,7 +10,7 @@ and gradients never pass through this process: a worker that must run on another
 party's tensor pulls it from that party over their peer stream
 (:mod:`splitnn.workers.server`).
 
-Pipelined commands (the fast path). All commands to one worker travel on one
+Pipelined commands (the per-op path). All commands to one worker travel on one
 ordered gRPC stream and the worker runs them in order. Operations whose result the
 researcher does not need right away (``zero_grad``, ``forward``, ``backward``,
 ``step``, ``put``, ``release``) are *sent without waiting*: their output refs are
@@ -23,6 +23,12 @@ well-defined point and the ledger is complete there. The per-batch cost is then 
 peer hops plus one round trip for the loss, with the same operations, in the same
 order, as the eager in-process schedule: the numbers are identical.
 
+Shipped epochs (the faster path). :meth:`RemoteWorker.run_epoch` sends the worker its part
+of a whole epoch in one command (:class:`~splitnn.workers.epoch.EpochPlan`); the workers
+then train among themselves and this client only collects the label holder's per-batch
+losses (progress replies) and each worker's final reply with its ledger records. The
+per-batch cost is then the peer hops alone. :mod:`splitnn.split.epoch` drives it.
+
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
 replies; no event loop has to be hosted inside the user's program.
@@ -33,6 +39,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import secrets
 import threading
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -54,6 +61,8 @@ from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.epoch import EpochHandle, EpochPlan, EpochReport
+from splitnn.workers.shipped import losses_from_json
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 _COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
@@ -91,13 +100,14 @@ def _error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
 
 
 class _Pending:
-    __slots__ = ("event", "reply", "op", "parts")
+    __slots__ = ("event", "reply", "op", "parts", "handle")
 
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: str, handle: EpochHandle | None = None) -> None:
         self.event = threading.Event()
         self.reply: Reply | None = None
         self.op = op
         self.parts: list[bytes] = []
+        self.handle = handle  # a shipped epoch's handle: gets progress, the result or the failure
 
 
 def _join_parts(reply: Reply, parts: list[bytes]) -> Reply:
@@ -152,7 +162,9 @@ class RemoteWorker:
             self._channel = grpc.insecure_channel(self.address, options=options)
         self.name = "?"
         self._seq = itertools.count(1)
-        self._ids = itertools.count(1)
+        # Tensor ids are chosen here; start at a random point so that two sessions with one worker
+        # (a reconnecting researcher, a second model) do not pick the same ids.
+        self._ids = itertools.count(1 + secrets.randbits(40))
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._outstanding = 0
@@ -215,6 +227,13 @@ class RemoteWorker:
         try:
             for raw in self._stream:
                 reply = Reply.FromString(raw)
+                if reply.progress:  # interim news of a shipped epoch
+                    with self._lock:
+                        pending = self._pending.get(reply.seq)
+                    self.counters.record(self.name, "recv", "control", len(raw))
+                    if pending is not None and pending.handle is not None:
+                        pending.handle.add_losses(losses_from_json(json.loads(reply.result_json or "{}")))
+                    continue
                 if reply.more:
                     with self._lock:
                         pending = self._pending.get(reply.seq)
@@ -242,6 +261,12 @@ class RemoteWorker:
                         pending.event.set()
                     self._outstanding -= 1
                     self._idle.notify_all()
+                if pending is not None and pending.handle is not None:  # after the ledger merge above
+                    if reply.ok:
+                        result = json.loads(reply.result_json) if reply.result_json else {}
+                        pending.handle.finish(EpochReport(self.name, int(result.get("batches", 0))))
+                    else:
+                        pending.handle.fail(_error_from_reply(reply, self.name, self.address))
         except grpc.RpcError as exc:
             if not self._closed:
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
@@ -257,11 +282,14 @@ class RemoteWorker:
     def _fail(self, exc: Exception) -> None:
         with self._lock:
             self._broken = exc
+            handles = [p.handle for p in self._pending.values() if p.handle is not None]
             for p in self._pending.values():
                 p.event.set()
             self._pending.clear()
             self._outstanding = 0
             self._idle.notify_all()
+        for handle in handles:
+            handle.fail(exc)
 
     def _check(self) -> None:
         if self._broken is not None:
@@ -272,7 +300,8 @@ class RemoteWorker:
             exc, self._async_error = self._async_error, None
             raise exc
 
-    def _send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True) -> _Pending | None:
+    def _send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True,
+              handle: EpochHandle | None = None) -> _Pending | None:
         """Queue a command; with ``flush``, put everything queued on the wire as one message.
 
         Commands whose answer nobody waits for are coalesced: a training step reaches
@@ -298,9 +327,9 @@ class RemoteWorker:
             self._flush()
         self._buffer.append((op, args_json, blobs))
         self._buffer_bytes += size
-        return self._flush() if flush else None
+        return self._flush(handle) if flush else None
 
-    def _flush(self) -> _Pending | None:
+    def _flush(self, handle: EpochHandle | None = None) -> _Pending | None:
         if not self._buffer:
             return None
         items, self._buffer, self._buffer_bytes = self._buffer, [], 0
@@ -315,7 +344,7 @@ class RemoteWorker:
             for (op, _, _), part in zip(items, parts):
                 self.counters.record(self.name, "sent", _COMMAND_KIND.get(op, "control"), len(part))
             self.counters.record(self.name, "sent", "control", len(data) - sum(map(len, parts)))
-        pending = _Pending(items[-1][0])
+        pending = _Pending(items[-1][0], handle)
         with self._lock:
             if self._broken is not None:
                 raise self._broken
@@ -476,6 +505,27 @@ class RemoteWorker:
         self._input_is_data.clear()
         self._feature_ids.clear()
         self._send("release", {})
+
+    # -- shipped epochs (EpochWorker) -----------------------------------------------------------
+    def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:
+        """Ship this worker's part of a training epoch; return a handle that fills as it runs.
+
+        The worker trains every batch with its peers (see :mod:`splitnn.workers.epoch`); the
+        label holder's handle receives per-batch losses; each handle gets the worker's final
+        report after its ledger records are merged into :attr:`ledger`, or the error (a lost
+        connection fails it at once).
+        """
+        handle = EpochHandle(self.name, notify)
+        args = {"run": plan.run_id, "dataset": plan.dataset, "loss": plan.loss,
+                "stages": [s.to_dict() for s in plan.stages], "progress_interval": plan.progress_interval,
+                "order": plan.order.to_dict() if plan.order is not None else None}
+        blobs: list[bytes] = []
+        if plan.indices is not None:
+            flat = torch.cat([i.to(torch.int64).reshape(-1) for i in plan.indices])
+            sizes = torch.tensor([i.numel() for i in plan.indices], dtype=torch.int64)
+            blobs = [encode_tensor(flat), encode_tensor(sizes)]
+        self._send("run_epoch", args, blobs, handle=handle)
+        return handle
 
     # -- extras ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -20,6 +20,13 @@ Three RPCs (see ``wire/proto/splitnn.proto``):
   stream; the researcher never sees the tensor.
 * ``Call`` -- a unary version of one command (hello, stats), for tools and probes.
 
+Shipped epochs (the fast path). A ``run_epoch`` command on the Session carries this
+worker's part of a whole training epoch (:mod:`splitnn.workers.epoch`); the worker then
+runs every batch itself (:mod:`splitnn.workers.shipped`), *pushing* activations to its
+next party and gradients to its previous one as PUSH frames on the same peer streams,
+and answers with progress replies (the label holder's losses) and one final reply
+carrying its ledger records. Only the parties a plan names as adjacent may push to it.
+
 Why asyncio. A worker waits on several things at once: its researcher's commands,
 peers pulling the tensors it produced, and its own pulls from peers that may not
 have produced them yet. With ``grpc.aio`` these are coroutines on one event loop:
@@ -70,6 +77,7 @@ from splitnn.wire.proto import SERVICE, PEER, Command, Reply, Transfer
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.workers import shipped
 from splitnn.workers.refs import BatchRef, TensorRef
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
@@ -127,6 +135,7 @@ _REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weig
 class _SessionState:
     staged: dict[int, bytearray] = field(default_factory=dict)
     staged_bytes: int = 0
+    exports: set[int] = field(default_factory=set)  # tensor ids this session announced (dropped at its end)
 
 
 class _PeerLink:
@@ -142,12 +151,22 @@ class _PeerLink:
         self._lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future] = {}
         self._reasm = frames.Reassembler(server.limits.max_tensor_bytes)
+        self._push_reasm = frames.Reassembler(server.limits.max_tensor_bytes)
         self.closed: BaseException | None = None
         self.protocol_error: WireError | None = None
 
     async def send(self, frame: bytes, kind: str) -> None:
-        async with self._lock:
-            await self._send(frame)
+        """Put one frame on the stream; a broken stream raises WorkerError naming the peer."""
+        if self.closed is not None:
+            raise WorkerError(f"worker {self.server.name!r}: lost the connection to peer {self.peer!r}")
+        try:
+            async with self._lock:
+                await self._send(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # grpc raises assorted types for a write on a dead stream
+            raise WorkerError(f"worker {self.server.name!r}: lost the connection to peer {self.peer!r} "
+                              f"({_rpc_text(exc) or type(exc).__name__})") from None
         self.server.counters.record(self.peer, "sent", kind, len(frame))
 
     async def pull(self, tensor_id: int, kind: str) -> torch.Tensor:
@@ -181,8 +200,14 @@ class _PeerLink:
                     self.server.counters.record(self.peer, "recv", "invalid", len(raw))
                     self.protocol_error = exc
                     break
-                self.server.counters.record(self.peer, "recv", hdr.kind if hdr.type == frames.DATA else "control",
-                                            len(raw))
+                self.server.counters.record(self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES
+                                            else "control", len(raw))
+                if hdr.type == frames.PUSH:
+                    self._pushed(hdr, chunk)
+                    continue
+                if hdr.type == frames.ABORT:
+                    self.server.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
+                    continue
                 if hdr.type == frames.REQUEST:
                     task = asyncio.create_task(self._serve(hdr))
                     tasks.add(task)
@@ -214,6 +239,18 @@ class _PeerLink:
                     fut.set_exception(WorkerError(
                         f"worker {self.server.name!r}: lost the connection to peer {self.peer!r}"))
             self.server._forget_link(self)
+            self.server.inbox.peer_lost(self.peer)
+
+    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
+        """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
+        try:
+            tensor = self._push_reasm.feed(hdr, chunk)
+        except WireError as exc:
+            tensor = WireError(f"worker {self.server.name!r}: bad tensor pushed by {self.peer!r}: {exc}")
+        if tensor is not None and not self.server.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
+            self.server.counters.record(self.peer, "recv", "refused", 0)
+            log.warning("worker %s: refused a %s pushed by %s (not expected from it)", self.server.name,
+                        hdr.kind, self.peer)
 
     async def _serve(self, hdr: frames.FrameHeader) -> None:
         try:
@@ -262,6 +299,7 @@ class WorkerServer:
             raise _errors.ConfigurationError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
         self.engine = VirtualWorker(name, fuse=False, policy=policy or WorkerPolicy(release_outputs=False))
+        self.inbox = shipped.Inbox(self.name, self.peer_timeout)
         self.counters = ByteCounters()
         self.address: str | None = None
         self._exports: dict[int, asyncio.Future] = {}
@@ -338,18 +376,43 @@ class WorkerServer:
     async def _call(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         caller = await self._authenticate(context)
         cmd = await self._parse(raw, caller, context)
-        reply = await self._execute(cmd, caller, _SessionState())
+        state = _SessionState()
+        try:
+            reply = await self._execute(cmd, caller, state)
+        finally:
+            self._drop_exports(state)
         return self._send_reply(reply, caller, cmd.op)
 
     async def _session(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = await self._authenticate(context)
         state = _SessionState()
-        async for raw in request_iterator:
-            cmd = await self._parse(raw, caller, context)
-            reply = await (self._execute_batch(cmd, caller, state) if cmd.op == "batch"
-                           else self._execute(cmd, caller, state))
-            for part in self._split_reply(reply):
-                yield self._send_reply(part, caller, cmd.op)
+        try:
+            async for raw in request_iterator:
+                cmd = await self._parse(raw, caller, context)
+                if cmd.op == "run_epoch":
+                    async for reply in self._run_epoch(cmd):
+                        yield self._send_reply(reply, caller, cmd.op)
+                    continue
+                reply = await (self._execute_batch(cmd, caller, state) if cmd.op == "batch"
+                               else self._execute(cmd, caller, state))
+                for part in self._split_reply(reply):
+                    yield self._send_reply(part, caller, cmd.op)
+        finally:
+            self._drop_exports(state)
+
+    def _announce(self, state: _SessionState, tid: int) -> None:
+        """Remember that this session announced tensor id ``tid`` (pruned of consumed ids now and then)."""
+        state.exports.add(tid)
+        if len(state.exports) > 4096:
+            state.exports &= self._exports.keys()
+
+    def _drop_exports(self, state: _SessionState) -> None:
+        """Forget the tensor ids a finished session announced (a later session may reuse them)."""
+        for tid in state.exports:
+            fut = self._exports.pop(tid, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        state.exports.clear()
 
     async def _peer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         caller = await self._authenticate(context)
@@ -415,16 +478,94 @@ class WorkerServer:
                 reply.result_json = json.dumps(result)
             reply.blobs.extend(out_blobs)
         except Exception as exc:  # every failure becomes an error reply; the server keeps serving
-            reply.ok = False
-            known = isinstance(exc, SplitNNError) or type(exc) in (RuntimeError, IndexError)
-            reply.error_type = type(exc).__name__ if known else "WorkerError"
-            text = str(exc) if known else f"{type(exc).__name__}: {exc}"
-            reply.error = text if f"{self.name!r}" in text else f"worker {self.name!r}: {text}"
+            self._fill_error(reply, exc)
             if not isinstance(exc, SplitNNError):
                 log.debug("command %s failed", cmd.op, exc_info=True)
         if report:
             reply.transfers.extend(self._ledger_delta())
         return reply
+
+    def _fill_error(self, reply: Reply, exc: BaseException) -> None:
+        reply.ok = False
+        known = isinstance(exc, SplitNNError) or type(exc) in (RuntimeError, IndexError)
+        reply.error_type = type(exc).__name__ if known else "WorkerError"
+        text = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        reply.error = text if f"{self.name!r}" in text else f"worker {self.name!r}: {text}"
+
+    # -- shipped epochs ---------------------------------------------------------------------
+    async def _run_epoch(self, cmd: Command):
+        """Run a shipped epoch: progress replies (label holder's losses), then one final reply.
+
+        On failure (or when the researcher goes away) the adjacent peers get an ABORT frame,
+        so they fail at once instead of waiting for tensors that will not come.
+        """
+        plan = run = None
+        batches = 0
+        final = Reply(seq=cmd.seq)
+        try:
+            try:
+                args = json.loads(cmd.args_json) if cmd.args_json else {}
+            except (ValueError, RecursionError) as exc:
+                raise WireError(f"command arguments are not valid JSON: {exc}") from None
+            if not isinstance(args, dict):
+                raise WireError("command arguments must be a JSON object")
+            plan = shipped.parse_plan(args, list(cmd.blobs), engine=self.engine, peers=set(self._peer_addresses),
+                                      max_blob_bytes=self.limits.max_blob_bytes)
+            run = self.inbox.start(plan)
+            for peer in {p for st in plan.stages for p in (st.prev, st.next)} - {None, self.name}:
+                await self._link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
+
+            async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
+                fut = self.inbox.slot(run, peer, kind, fid)
+                if peer not in self._links:
+                    await self._link(peer)  # re-dial; a dead peer fails the wait (Inbox.peer_lost)
+                return await self.inbox.wait(run, peer, kind, fid, fut)
+
+            async for losses in shipped.run_epoch(self.engine, plan, self._push, receive):
+                batches += len(losses)
+                yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(shipped.losses_json(losses)))
+            final.ok = True
+            final.result_json = json.dumps({"batches": plan.num_batches})
+        except Exception as exc:
+            self._fill_error(final, exc)
+            self.engine.release()  # drop the failed batch's intermediate tensors
+            if plan is not None:
+                self._abort_peers(plan, final.error)
+        except BaseException:  # cancelled: the researcher's session went away
+            if plan is not None:
+                self._abort_peers(plan, f"worker {self.name!r}: the researcher's session ended")
+            raise
+        finally:
+            if run is not None:
+                self.inbox.finish(run)
+        final.transfers.extend(self._ledger_delta())
+        yield final
+
+    def _abort_peers(self, plan, text: str) -> None:
+        """Best effort, without waiting: tell the plan's adjacent parties that this part failed."""
+        frame = frames.abort(plan.run_id, text)
+
+        async def send(link: _PeerLink) -> None:
+            try:
+                await link.send(frame, "control")
+            except Exception:
+                pass
+
+        for peer in {p for st in plan.stages for p in (st.prev, st.next)} - {None, self.name}:
+            link = self._links.get(peer)
+            if link is not None and link.closed is None:
+                asyncio.get_running_loop().create_task(send(link))
+
+    async def _push(self, peer: str, kind: str, fid: int, tensor: torch.Tensor) -> None:
+        link = await self._link(peer)
+        try:
+            for frame in frames.data_frames(kind, fid, tensor, self.limits.chunk_bytes, type_=frames.PUSH):
+                await link.send(frame, kind)
+        except WorkerError:
+            raise
+        except Exception as exc:
+            raise WorkerError(f"worker {self.name!r}: cannot send {kind} to peer {peer!r}: "
+                              f"{_rpc_text(exc) or type(exc).__name__}") from None
 
     async def _execute_batch(self, batch: Command, caller: str, state: _SessionState) -> Reply:
         """Run coalesced commands in order; answer with the last one's result and the first error."""
@@ -516,6 +657,9 @@ class WorkerServer:
         return TensorRef(self.name, fut.result())
 
     async def _take_export(self, tid: int, kind: str, peer: str) -> torch.Tensor:
+        if peer not in self._peer_addresses:
+            raise _errors.PolicyError(f"worker {self.name!r} hands tensors only to the peers of its model "
+                                      f"({sorted(self._peer_addresses)}), not to {peer!r}")
         fut = self._export_future(tid)
         try:
             engine_id = await asyncio.wait_for(asyncio.shield(fut), self.peer_timeout)
@@ -646,8 +790,9 @@ class WorkerServer:
             raise WireError(f"batch indices of dataset {name!r} out of range 0..{size - 1}")
         return BatchRef(name, idx)
 
-    async def _op_put(self, a, blobs, *, caller: str, **_):
+    async def _op_put(self, a, blobs, *, caller: str, state: _SessionState, **_):
         tid, kind = _get(a, "id", int), _get(a, "kind", str)
+        self._announce(state, tid)
         if kind not in ("features",):
             raise WireError(f"the researcher may only put 'features', not {kind!r}")
         try:
@@ -658,8 +803,9 @@ class WorkerServer:
             raise
         return {}, []
 
-    async def _op_forward(self, a, blobs, **_):
+    async def _op_forward(self, a, blobs, *, state: _SessionState, **_):
         tid = _get(a, "id", int)
+        self._announce(state, tid)
         try:
             key, train = _get(a, "key", str), _get(a, "train", bool)
             src = _get(a, "src", dict)
@@ -675,8 +821,10 @@ class WorkerServer:
         stats = self.engine.loss(output, self._batch(a, blobs), _get(a, "loss", str), train=_get(a, "train", bool))
         return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}, []
 
-    async def _op_backward(self, a, blobs, **_):
+    async def _op_backward(self, a, blobs, *, state: _SessionState, **_):
         tid = _get(a, "id", int, optional=True)
+        if tid is not None:
+            self._announce(state, tid)
         try:
             key = _get(a, "key", str)
             grad = a.get("grad")
@@ -686,6 +834,9 @@ class WorkerServer:
             self._fail_export(tid, exc)
             raise
         return {}, []
+
+    async def _op_run_epoch(self, a, blobs, **_):
+        raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
     async def _op_zero_grad(self, a, blobs, **_):
         self.engine.zero_grad(_get(a, "key", str))

@@ -33,7 +33,7 @@ class Transfer(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("seq", "ok", "error_type", "error", "result_json", "blobs", "transfers", "more")
+    __slots__ = ("seq", "ok", "error_type", "error", "result_json", "blobs", "transfers", "more", "progress")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Reply(_message.Message):
     BLOBS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     ok: bool
     error_type: str
@@ -50,7 +51,8 @@ class Reply(_message.Message):
     blobs: _containers.RepeatedScalarFieldContainer[bytes]
     transfers: _containers.RepeatedCompositeFieldContainer[Transfer]
     more: bool
-    def __init__(self, seq: _Optional[int] = ..., ok: _Optional[bool] = ..., error_type: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    progress: bool
+    def __init__(self, seq: _Optional[int] = ..., ok: _Optional[bool] = ..., error_type: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., more: _Optional[bool] = ..., progress: _Optional[bool] = ...) -> None: ...
 
 class RawFrame(_message.Message):
     __slots__ = ("data",)

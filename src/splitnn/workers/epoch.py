@@ -1,0 +1,211 @@
+"""Shipped epochs: what a worker needs to run a whole training epoch with its peers.
+
+The eager schedule (:mod:`splitnn.split.schedule`) issues one worker call per
+operation. A worker that implements :class:`~splitnn.workers.base.EpochWorker`
+can instead take one :class:`EpochPlan` per epoch and run every batch itself:
+it computes the batches from :class:`BatchOrder` (or takes explicit indices),
+receives activations from its previous party and gradients from its next one,
+and runs its own segments' operations in the eager order -- zero grads, forward,
+(loss), backward in reverse, step -- so the weights are bit-identical.
+
+The researcher watches the epoch through an :class:`EpochHandle`: per-batch
+losses from the label holder, then each worker's final report (its ledger
+records arrive with it, so per-epoch bytes are exact).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from splitnn.errors import ConfigurationError, WireError
+from splitnn.workers.refs import LossStats
+
+#: Run ids must fit this many bits (they are the high bits of a peer frame's id).
+RUN_ID_BITS = 23
+MAX_STAGES = 255
+MAX_BATCHES = 1 << 32
+
+
+def push_id(run_id: int, batch: int, cut: int) -> int:
+    """The frame id of the tensor crossing cut ``cut`` (after stage ``cut``) in ``batch`` of run ``run_id``.
+
+    Activations and gradients of the same cut share the id; the frame's kind tells them apart.
+    """
+    return (run_id << 40) | (batch << 8) | cut
+
+
+def run_of(frame_id: int) -> int:
+    """The run id part of a pushed frame's id."""
+    return frame_id >> 40
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """The batches of one epoch as :func:`splitnn.training.epoch_batches` makes them."""
+
+    n: int
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 40:
+                raise ConfigurationError(f"BatchOrder.{name} must be a positive integer, got {v!r}")
+        for name in ("seed", "epoch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40:
+                raise ConfigurationError(f"BatchOrder.{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.shuffle, bool):
+            raise ConfigurationError(f"BatchOrder.shuffle must be a bool, got {self.shuffle!r}")
+
+    def batches(self) -> list[torch.Tensor]:
+        """The index tensors, by the one definition of the data order.
+
+        Imported lazily from the training layer on purpose: every party (researcher,
+        worker, monolithic twin) must derive the order from the *same* function.
+        """
+        from splitnn.training.batching import epoch_batches
+
+        return epoch_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "batch_size": self.batch_size, "shuffle": self.shuffle, "seed": self.seed,
+                "epoch": self.epoch}
+
+    @classmethod
+    def from_dict(cls, d: object) -> "BatchOrder":
+        if not isinstance(d, dict) or set(d) != {"n", "batch_size", "shuffle", "seed", "epoch"}:
+            raise WireError("a batch order must be an object {n, batch_size, shuffle, seed, epoch}")
+        try:
+            return cls(**d)
+        except ConfigurationError as exc:
+            raise WireError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One segment a worker runs in a shipped epoch.
+
+    ``prev`` is the party whose activation feeds the segment (``None``: the first
+    segment, fed by the worker's own features); ``next`` the party that takes its
+    output (``None``: the last segment, whose output the worker scores against its
+    labels). Either may be the worker itself (consecutive segments on one party).
+    """
+
+    index: int
+    key: str
+    prev: str | None
+    next: str | None
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "key": self.key, "prev": self.prev, "next": self.next}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything one worker needs to run its part of a training epoch.
+
+    Exactly one of ``order`` (compact: each worker derives the batches) and
+    ``indices`` (explicit index tensors, for models that choose their own
+    batches) is given. ``progress_interval`` is how often (seconds) the label
+    holder reports the losses of the batches it finished.
+    """
+
+    run_id: int
+    dataset: str
+    loss: str
+    stages: tuple[StagePlan, ...]
+    order: BatchOrder | None = None
+    indices: tuple[torch.Tensor, ...] | None = None
+    progress_interval: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, int) or not 0 < self.run_id < 1 << RUN_ID_BITS:
+            raise ConfigurationError(f"run_id must be in 1..{(1 << RUN_ID_BITS) - 1}, got {self.run_id!r}")
+        if (self.order is None) == (self.indices is None):
+            raise ConfigurationError("an epoch plan needs exactly one of a batch order and explicit indices")
+        if not self.stages:
+            raise ConfigurationError("an epoch plan needs at least one stage")
+        if any(s.index >= MAX_STAGES for s in self.stages):
+            raise ConfigurationError(f"shipped epochs support at most {MAX_STAGES} stages")
+        if self.num_batches >= MAX_BATCHES:
+            raise ConfigurationError(f"too many batches in one epoch (at most {MAX_BATCHES - 1})")
+
+    @property
+    def num_batches(self) -> int:
+        if self.indices is not None:
+            return len(self.indices)
+        return -(-self.order.n // self.order.batch_size)
+
+    def batches(self) -> list[torch.Tensor]:
+        """The index tensors of the epoch's batches, in order."""
+        return list(self.indices) if self.indices is not None else self.order.batches()
+
+    @property
+    def holds_labels(self) -> bool:
+        """Whether this worker runs the last segment (and so computes the losses)."""
+        return any(s.next is None for s in self.stages)
+
+
+@dataclass
+class EpochReport:
+    """A worker's account of its part of a finished epoch."""
+
+    worker: str
+    batches: int
+
+
+@dataclass
+class EpochHandle:
+    """The researcher's view of one worker's running epoch. Thread-safe.
+
+    The worker's transport fills it (:meth:`add_losses`, :meth:`finish`,
+    :meth:`fail`) from whatever thread receives the news; ``notify`` is called
+    after each change so that one waiter can watch several handles.
+    """
+
+    worker: str
+    notify: Callable[[], None] | None = None
+    error: BaseException | None = None
+    report: EpochReport | None = None
+    _losses: list[LossStats] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def done(self) -> bool:
+        """Finished or failed."""
+        return self.report is not None or self.error is not None
+
+    def take_losses(self) -> list[LossStats]:
+        """The per-batch losses reported since the last call, in batch order."""
+        with self._lock:
+            out, self._losses = self._losses, []
+        return out
+
+    def add_losses(self, losses: Sequence[LossStats]) -> None:
+        with self._lock:
+            self._losses.extend(losses)
+        self._changed()
+
+    def finish(self, report: EpochReport) -> None:
+        if self.done:
+            return
+        self.report = report
+        self._changed()
+
+    def fail(self, error: BaseException) -> None:
+        if self.done:
+            return
+        self.error = error
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.notify is not None:
+            self.notify()

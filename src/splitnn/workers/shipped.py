@@ -1,0 +1,310 @@
+"""The worker's side of a shipped epoch (see :mod:`splitnn.workers.epoch`).
+
+:class:`Inbox` holds tensors that adjacent peers *push* (PUSH frames) before or
+while this worker waits for them, keyed by (sender, kind, frame id), and enforces
+who may push what: only the parties named as ``prev``/``next`` in an active plan,
+activations from ``prev`` and gradients from ``next``. Pushes for a run that has
+not started here yet are held, a few per peer at most (the researcher's plan may
+reach this worker after the previous party's first activation).
+
+:func:`parse_plan` turns a ``run_epoch`` command into an
+:class:`~splitnn.workers.epoch.EpochPlan`, checking everything before any work
+starts. :func:`run_epoch` runs the plan on the engine (a ``VirtualWorker`` with
+``fuse=False``) batch by batch in the eager order, exchanging tensors through two
+callbacks: ``push(peer, kind, frame_id, tensor)`` and ``receive(peer, kind,
+frame_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+import torch
+
+from splitnn.errors import WireError, WorkerError
+from splitnn.wire.tensor_codec import decode_tensor
+from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, StagePlan, push_id, run_of
+from splitnn.workers.losses import check_loss_name
+from splitnn.workers.refs import BatchRef, LossStats, TensorRef
+from splitnn.workers.virtual import VirtualWorker
+
+#: Pushes held per peer for runs that have not started here yet.
+MAX_EARLY_PUSHES = 8
+#: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
+REMEMBER_RUNS = 256
+
+
+@dataclass
+class Run:
+    """An active shipped epoch at this worker."""
+
+    run_id: int
+    allowed: frozenset[tuple[str, str]]  # (peer, kind) pairs that may push
+    aborted: BaseException | None = None
+
+
+@dataclass
+class Inbox:
+    """Pushed tensors awaiting their consumer; see the module docstring."""
+
+    worker: str
+    timeout: float
+    _slots: dict[tuple[str, str, int], asyncio.Future] = field(default_factory=dict)
+    _runs: dict[int, Run] = field(default_factory=dict)
+    _finished: collections.deque = field(default_factory=lambda: collections.deque(maxlen=REMEMBER_RUNS))
+
+    # -- runs ---------------------------------------------------------------------------
+    def start(self, plan: EpochPlan) -> Run:
+        if plan.run_id in self._runs or plan.run_id in self._finished:
+            raise WireError(f"worker {self.worker!r}: epoch run #{plan.run_id} is already running or finished")
+        allowed = set()
+        for st in plan.stages:
+            if st.prev not in (None, self.worker):
+                allowed.add((st.prev, "activation"))
+            if st.next not in (None, self.worker):
+                allowed.add((st.next, "gradient"))
+        run = Run(plan.run_id, frozenset(allowed))
+        self._runs[plan.run_id] = run
+        for key in [k for k in self._slots if run_of(k[2]) == plan.run_id and k[:2] not in run.allowed]:
+            self._slots.pop(key).cancel()  # held early, but from a party this plan does not name
+        return run
+
+    def finish(self, run: Run) -> None:
+        self._runs.pop(run.run_id, None)
+        self._finished.append(run.run_id)
+        for key in [k for k in self._slots if run_of(k[2]) == run.run_id]:
+            self._slots.pop(key).cancel()
+
+    # -- deliveries (from peer links) --------------------------------------------------------
+    def deliver(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | BaseException) -> bool:
+        """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""
+        rid = run_of(frame_id)
+        run = self._runs.get(rid)
+        if run is None:
+            if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
+                return False
+            early = sum(1 for (p, _, i) in self._slots if p == peer and run_of(i) not in self._runs)
+            if early >= MAX_EARLY_PUSHES:
+                return False
+        elif (peer, kind) not in run.allowed:
+            return False
+        fut = self._slot(peer, kind, frame_id)
+        if fut.done():
+            return False
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+        return True
+
+    def peer_aborted(self, peer: str, run_id: int, text: str) -> None:
+        """An adjacent peer's part of ``run_id`` failed: fail our waits for it."""
+        run = self._runs.get(run_id)
+        if run is None or not any(p == peer for p, _ in run.allowed):
+            return
+        run.aborted = WorkerError(f"worker {self.worker!r}: peer {peer!r} aborted the epoch: {text}")
+        for (p, _, i), fut in self._slots.items():
+            if run_of(i) == run_id and not fut.done():
+                fut.set_exception(run.aborted)
+
+    def peer_lost(self, peer: str) -> None:
+        """The connection to ``peer`` broke: fail every wait on it."""
+        for (p, _, _), fut in self._slots.items():
+            if p == peer and not fut.done():
+                fut.set_exception(WorkerError(f"worker {self.worker!r}: lost the connection to peer {peer!r}"))
+
+    # -- waiting (from the epoch loop) ---------------------------------------------------------
+    def slot(self, run: Run, peer: str, kind: str, frame_id: int) -> asyncio.Future:
+        """The future a wait for (peer, kind, frame_id) awaits; create it before dialling the peer."""
+        if run.aborted is not None:
+            raise run.aborted
+        return self._slot(peer, kind, frame_id)
+
+    async def wait(self, run: Run, peer: str, kind: str, frame_id: int, fut: asyncio.Future) -> torch.Tensor:
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            raise WorkerError(f"worker {self.worker!r}: peer {peer!r} did not send its {kind} within "
+                              f"{self.timeout:g} s (is it alive?)") from None
+        finally:
+            self._slots.pop((peer, kind, frame_id), None)
+
+    def _slot(self, peer: str, kind: str, frame_id: int) -> asyncio.Future:
+        key = (peer, kind, frame_id)
+        fut = self._slots.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+            self._slots[key] = fut
+        return fut
+
+
+# ------------------------------------------------------------------------------- plans
+def _party(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise WireError(f"epoch plan: {what} must be a party name or null")
+    return value
+
+
+def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: set[str],
+               max_blob_bytes: int) -> EpochPlan:
+    """Check a ``run_epoch`` command against what this worker hosts and knows; raise WireError/WorkerError."""
+    me = engine.name
+    run_id = args.get("run")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or not 0 < run_id < 1 << RUN_ID_BITS:
+        raise WireError("epoch plan: 'run' must be a small positive integer")
+    dataset, loss = args.get("dataset"), args.get("loss")
+    if not isinstance(dataset, str) or not 0 < len(dataset) <= 256:
+        raise WireError("epoch plan: 'dataset' must be a dataset name")
+    if not isinstance(loss, str):
+        raise WireError("epoch plan: 'loss' must be a loss name")
+    interval = args.get("progress_interval", 0.05)
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 <= interval <= 3600:
+        raise WireError("epoch plan: 'progress_interval' must be 0..3600 seconds")
+    raw_stages = args.get("stages")
+    if not isinstance(raw_stages, list) or not 0 < len(raw_stages) <= 255:
+        raise WireError("epoch plan: 'stages' must be a non-empty list")
+    stages: list[StagePlan] = []
+    for i, s in enumerate(raw_stages):
+        if not isinstance(s, dict) or set(s) != {"index", "key", "prev", "next"}:
+            raise WireError("epoch plan: each stage must be an object {index, key, prev, next}")
+        index, key = s["index"], s["key"]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 255:
+            raise WireError("epoch plan: a stage index must be 0..254")
+        if not isinstance(key, str) or not key:
+            raise WireError("epoch plan: a stage key must be a string")
+        st = StagePlan(index, key, _party(s["prev"], "prev"), _party(s["next"], "next"))
+        engine._segment(key)  # WorkerError naming what it hosts
+        if (st.prev is None) != (index == 0):
+            raise WireError("epoch plan: exactly the first stage (index 0) has no previous party")
+        for p in (st.prev, st.next):
+            if p not in (None, me) and p not in peers:
+                raise WorkerError(f"worker {me!r}: the epoch plan names {p!r}, which is not a peer of this "
+                                  f"worker's model (known peers: {sorted(peers)})")
+        if stages and index <= stages[-1].index:
+            raise WireError("epoch plan: stage indices must increase")
+        if st.prev == me and not (stages and stages[-1].index == index - 1 and stages[-1].next == me):
+            raise WireError(f"epoch plan: stage {index} is fed by this worker but stage {index - 1} is not here")
+        if stages and stages[-1].next == me and not (stages[-1].index == index - 1 and st.prev == me):
+            raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but stage "
+                            f"{stages[-1].index + 1} is not next here")
+        if stages and stages[-1].next is None:
+            raise WireError("epoch plan: the last segment must be the last stage of the plan")
+        stages.append(st)
+    if stages[-1].next == me:
+        raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but the next stage is missing")
+    order = indices = None
+    if args.get("order") is not None:
+        order = BatchOrder.from_dict(args["order"])
+    else:
+        indices = _explicit_batches(blobs, max_blob_bytes)
+    plan = EpochPlan(run_id, dataset, loss, tuple(stages), order=order, indices=indices,
+                     progress_interval=float(interval))
+    if plan.holds_labels:
+        check_loss_name(loss)
+    needs = [part for part, needed in (("features", stages[0].prev is None), ("labels", plan.holds_labels))
+             if needed]
+    if needs:
+        data = engine._dataset(dataset)  # WorkerError naming what it holds
+        size = len(data.features if data.features is not None else data.labels)
+        for part in needs:
+            if getattr(data, part) is None:
+                raise WorkerError(f"worker {me!r} holds no {part} for dataset {dataset!r}")
+        if order is not None and order.n != size:
+            raise WireError(f"epoch plan: the batch order covers {order.n} samples but dataset {dataset!r} "
+                            f"has {size} at worker {me!r}")
+        for idx in indices or ():
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise WireError(f"epoch plan: batch indices of dataset {dataset!r} out of range 0..{size - 1}")
+    return plan
+
+
+def _explicit_batches(blobs: list[bytes], max_bytes: int) -> tuple[torch.Tensor, ...]:
+    if len(blobs) != 2:
+        raise WireError("epoch plan: give either 'order' or two blobs (all indices, batch sizes)")
+    flat, sizes = (decode_tensor(b, max_bytes=max_bytes, allowed_dtypes=(torch.int64,), max_ndim=1) for b in blobs)
+    if flat.dim() != 1 or sizes.dim() != 1 or not sizes.numel():
+        raise WireError("epoch plan: indices and batch sizes must be non-empty 1-D int64 tensors")
+    if int(sizes.min()) < 1 or int(sizes.sum()) != flat.numel():
+        raise WireError("epoch plan: batch sizes must be positive and add up to the number of indices")
+    return tuple(torch.split(flat, sizes.tolist()))
+
+
+# ------------------------------------------------------------------------------- running
+Push = Callable[[str, str, int, torch.Tensor], Awaitable[None]]
+Receive = Callable[[str, str, int], Awaitable[torch.Tensor]]
+
+
+async def run_epoch(engine: VirtualWorker, plan: EpochPlan, push: Push,
+                    receive: Receive) -> AsyncIterator[list[LossStats]]:
+    """Run this worker's part of ``plan``; yield the label holder's losses every ``progress_interval`` s.
+
+    Per batch, in the eager order of :func:`splitnn.split.schedule.train_step`
+    restricted to this worker's stages: zero grads; forward each stage (the input:
+    the local batch, the previous local stage's output, or the activation pushed
+    by ``prev``), pushing outputs to ``next``; the loss at the last stage; backward
+    in reverse (the output gradient: from the loss, the next local stage, or pushed
+    by ``next``), pushing input gradients to ``prev``; step. Received tensors enter
+    through ``engine.put`` (the receiver records the transfer, as in-process).
+    """
+    me, stages = engine.name, plan.stages
+    pending: list[LossStats] = []
+    last_report = time.monotonic()
+    for b, idx in enumerate(plan.batches()):
+        batch = BatchRef(plan.dataset, idx)
+        for st in stages:
+            engine.zero_grad(st.key)
+        ref: TensorRef | BatchRef | None = None
+        for st in stages:
+            if st.prev is None:
+                source = batch
+            elif st.prev == me:
+                source = ref
+            else:
+                tensor = await receive(st.prev, "activation", push_id(plan.run_id, b, st.index - 1))
+                source = engine.put(tensor, src=st.prev, kind="activation")
+            ref = engine.forward(st.key, source, train=True)
+            if st.next is None:
+                pending.append(engine.loss(ref, batch, plan.loss, train=True))
+            elif st.next != me:
+                await push(st.next, "activation", push_id(plan.run_id, b, st.index), engine._take(ref.id))
+        grad: TensorRef | None = None
+        for st in reversed(stages):
+            if st.next is None or st.next == me:
+                g = grad
+            else:
+                tensor = await receive(st.next, "gradient", push_id(plan.run_id, b, st.index))
+                g = engine.put(tensor, src=st.next, kind="gradient")
+            grad = engine.backward(st.key, g)
+            if st.prev not in (None, me):
+                await push(st.prev, "gradient", push_id(plan.run_id, b, st.index - 1), engine._take(grad.id))
+                grad = None
+        for st in stages:
+            engine.step(st.key)
+        if pending and time.monotonic() - last_report >= plan.progress_interval:
+            out, pending = pending, []
+            last_report = time.monotonic()
+            yield out
+    if pending:
+        yield pending
+
+
+def losses_json(losses: list[LossStats]) -> dict:
+    """Losses as JSON lists (Python floats round-trip exactly through JSON)."""
+    return {"loss": [s.loss for s in losses], "count": [s.count for s in losses]}
+
+
+def losses_from_json(d: dict) -> list[LossStats]:
+    loss, count = d.get("loss", []), d.get("count", [])
+    if not (isinstance(loss, list) and isinstance(count, list) and len(loss) == len(count)):
+        raise WireError("malformed progress report")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in loss) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in count):
+        raise WireError("malformed loss in a progress report")
+    return [LossStats(float(x), -1, int(c)) for x, c in zip(loss, count)]

@@ -1,0 +1,138 @@
+"""Shipped epochs without processes: plan checks, who may push what, and the batch order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from torch import nn
+
+from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.training import epoch_batches
+from splitnn.transport import frames
+from splitnn.workers import VirtualWorker
+from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id, run_of
+from splitnn.workers.shipped import MAX_EARLY_PUSHES, Inbox, losses_from_json, losses_json, parse_plan
+from splitnn.workers.refs import LossStats
+
+
+def _bob() -> VirtualWorker:
+    bob = VirtualWorker("bob", fuse=False)
+    bob.add_segment("s1", nn.Linear(4, 3), "sgd:lr=0.1")
+    return bob
+
+
+def _args(**over) -> dict:
+    args = {"run": 7, "dataset": "d", "loss": "nll", "progress_interval": 0.05,
+            "stages": [{"index": 1, "key": "s1", "prev": "alice", "next": "claire"}],
+            "order": BatchOrder(10, 4).to_dict()}
+    args.update(over)
+    return args
+
+
+def test_batch_order_is_epoch_batches():
+    order = BatchOrder(n=103, batch_size=16, shuffle=True, seed=3, epoch=2)
+    expected = epoch_batches(103, 16, shuffle=True, seed=3, epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(order.batches(), expected)) and len(order.batches()) == 7
+    assert BatchOrder.from_dict(order.to_dict()) == order
+    with pytest.raises(WireError):
+        BatchOrder.from_dict({"n": 0, "batch_size": 1, "shuffle": True, "seed": 0, "epoch": 0})
+    with pytest.raises(ConfigurationError):
+        EpochPlan(1, "d", "nll", (StagePlan(0, "k", None, None),))  # neither order nor indices
+
+
+def test_push_ids_separate_runs_batches_and_cuts():
+    ids = {push_id(r, b, c) for r in (1, 2) for b in (0, 1, 2**32 - 1) for c in (0, 1, 254)}
+    assert len(ids) == 18 and all(i < 2**64 for i in ids)
+    assert run_of(push_id(5, 2**32 - 1, 254)) == 5
+
+
+def test_parse_plan_checks_before_work():
+    bob = _bob()
+    plan = parse_plan(_args(), [], engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+    assert plan.stages == (StagePlan(1, "s1", "alice", "claire"),) and plan.num_batches == 3
+    with pytest.raises(WorkerError, match="not a peer"):  # only the model's parties may be adjacent
+        parse_plan(_args(), [], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
+    with pytest.raises(WorkerError, match="hosts no segment"):
+        parse_plan(_args(stages=[{"index": 1, "key": "zz", "prev": "alice", "next": "claire"}]), [],
+                   engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+    with pytest.raises(WireError, match="first stage"):
+        parse_plan(_args(stages=[{"index": 1, "key": "s1", "prev": None, "next": "claire"}]), [],
+                   engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+    with pytest.raises(WireError):
+        parse_plan(_args(run=0), [], engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+    # the label holder checks its labels and that the order covers exactly its dataset
+    bob.add_dataset("d", labels=torch.zeros(12, dtype=torch.int64))
+    last = [{"index": 1, "key": "s1", "prev": "alice", "next": None}]
+    with pytest.raises(WireError, match="covers 10 samples"):
+        parse_plan(_args(stages=last), [], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
+    with pytest.raises(WireError, match="out of range"):
+        from splitnn.wire.tensor_codec import encode_tensor
+        parse_plan(_args(stages=last, order=None), [encode_tensor(torch.tensor([0, 12])), encode_tensor(
+            torch.tensor([2]))], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
+
+
+def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
+    async def main():
+        inbox = Inbox("bob", timeout=1.0)
+        plan = parse_plan(_args(), [], engine=_bob(), peers={"alice", "claire", "mallory"}, max_blob_bytes=1 << 20)
+        t = torch.ones(2)
+        early = inbox.deliver("alice", "activation", push_id(7, 0, 0), t)  # before the plan arrives: held
+        run = inbox.start(plan)
+        assert early
+        assert not inbox.deliver("claire", "activation", push_id(7, 0, 0), t)   # wrong direction
+        assert not inbox.deliver("alice", "gradient", push_id(7, 0, 1), t)      # wrong kind from alice
+        assert not inbox.deliver("mallory", "activation", push_id(7, 1, 0), t)  # not adjacent
+        assert inbox.deliver("claire", "gradient", push_id(7, 0, 1), t)
+        got = await inbox.wait(run, "alice", "activation", push_id(7, 0, 0),
+                               inbox.slot(run, "alice", "activation", push_id(7, 0, 0)))
+        assert torch.equal(got, t)
+        # a peer's ABORT fails the wait at once; its reason is kept
+        fut = inbox.slot(run, "claire", "gradient", push_id(7, 1, 1))
+        inbox.peer_aborted("claire", 7, "worker 'claire': boom")
+        with pytest.raises(WorkerError, match="boom"):
+            await inbox.wait(run, "claire", "gradient", push_id(7, 1, 1), fut)
+        inbox.finish(run)
+        assert not inbox.deliver("alice", "activation", push_id(7, 2, 0), t)  # late: dropped
+        with pytest.raises(WireError, match="already"):
+            inbox.start(plan)  # a run id is never reused
+        # pushes for runs not started here are capped per peer
+        assert all(inbox.deliver("alice", "activation", push_id(9, b, 0), t) for b in range(MAX_EARLY_PUSHES))
+        assert not inbox.deliver("alice", "activation", push_id(9, 99, 0), t)
+        # a lost peer fails every wait on it
+        run2 = inbox.start(EpochPlan(11, "d", "nll", plan.stages, order=BatchOrder(10, 4)))
+        fut = inbox.slot(run2, "alice", "activation", push_id(11, 0, 0))
+        inbox.peer_lost("alice")
+        with pytest.raises(WorkerError, match="lost the connection to peer 'alice'"):
+            await inbox.wait(run2, "alice", "activation", push_id(11, 0, 0), fut)
+        # and nobody waits forever
+        fut = inbox.slot(run2, "claire", "gradient", push_id(11, 0, 1))
+        with pytest.raises(WorkerError, match="did not send"):
+            await Inbox("bob", timeout=0.01).wait(run2, "claire", "gradient", push_id(11, 0, 1), fut)
+
+    asyncio.run(main())
+
+
+def test_push_and_abort_frames_round_trip():
+    t = torch.randn(64, 640)
+    reasm = frames.Reassembler(1 << 24)
+    out = None
+    chunks = list(frames.data_frames("gradient", push_id(3, 1, 0), t, 50_000, type_=frames.PUSH))
+    assert len(chunks) > 1
+    for raw in chunks:
+        hdr, body = frames.parse(raw)
+        assert hdr.type == frames.PUSH and hdr.kind == "gradient"
+        out = reasm.feed(hdr, body)
+    assert torch.equal(out, t)
+    hdr, body = frames.parse(frames.abort(3, "x" * 10_000))
+    assert hdr.type == frames.ABORT and hdr.id == 3 and len(body) == frames.MAX_ERROR_BYTES
+    with pytest.raises(ValueError):
+        next(frames.data_frames("gradient", 1, t, 1024, type_=frames.REQUEST))
+
+
+def test_losses_round_trip_exactly():
+    stats = [LossStats(2.302585092994046, -1, 64), LossStats(0.1 + 0.2, -1, 8)]
+    assert losses_from_json(losses_json(stats)) == stats
+    with pytest.raises(WireError):
+        losses_from_json({"loss": [1.0], "count": []})
