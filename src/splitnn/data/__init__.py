@@ -8,6 +8,7 @@ Typical use::
     parts = [train.subset(s) for s in shards]
 """
 
+from .batching import epoch_batches
 from .dataset import Dataset, clear_cache, load_dataset, normalize_images
 from .download import download_file, sha256_file
 from .idx import read_idx, write_idx
@@ -34,6 +35,7 @@ __all__ = [
     "column_partition",
     "dirichlet_shards",
     "download_file",
+    "epoch_batches",
     "downloads_allowed",
     "get_dataset_info",
     "iid_shards",

@@ -52,7 +52,7 @@ from splitnn.privacy.defenses import DefenseOptions, DefenseSetting, apply_defen
 from splitnn.privacy.metrics import distance_correlation
 from splitnn.privacy.tap import CutTap
 from splitnn.split import SplitNN
-from splitnn.training.batching import epoch_batches
+from splitnn.data.batching import epoch_batches
 from splitnn.workers import BatchRef, VirtualWorker
 
 __all__ = ["PrivacyConfig", "PrivacyData", "PrivacyRow", "PrivacyResult", "DefendedModel",

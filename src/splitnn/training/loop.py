@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError
-from splitnn.training.batching import epoch_batches
+from splitnn.data.batching import epoch_batches
 from splitnn.workers import LossStats
 
 

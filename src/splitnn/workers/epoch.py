@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.workers.refs import LossStats
 
@@ -66,13 +67,7 @@ class BatchOrder:
             raise ConfigurationError(f"BatchOrder.shuffle must be a bool, got {self.shuffle!r}")
 
     def batches(self) -> list[torch.Tensor]:
-        """The index tensors, by the one definition of the data order.
-
-        Imported lazily from the training layer on purpose: every party (researcher,
-        worker, monolithic twin) must derive the order from the *same* function.
-        """
-        from splitnn.training.batching import epoch_batches
-
+        """The index tensors, by the one definition of the data order every party shares."""
         return epoch_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
 
     def to_dict(self) -> dict:

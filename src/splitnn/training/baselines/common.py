@@ -19,7 +19,7 @@ from torch import nn
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
-from splitnn.training.batching import epoch_batches
+from splitnn.data.batching import epoch_batches
 from splitnn.training.loop import EvalResult
 from splitnn.workers import Worker
 from splitnn.workers.losses import check_loss_name, compute_loss

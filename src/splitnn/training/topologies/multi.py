@@ -43,7 +43,7 @@ from splitnn.errors import ConfigurationError, LabelError
 from splitnn.split import bind_workers
 from splitnn.split.schedule import eval_step, train_step
 from splitnn.split.stage import Stage, check_static_fit
-from splitnn.training.batching import epoch_batches
+from splitnn.data.batching import epoch_batches
 from splitnn.training.topologies.base import (
     Topology,
     as_optimizer_list,

@@ -1,8 +1,9 @@
 """The order in which samples are visited: one seeded permutation per epoch.
 
-Every party that needs the order (the orchestrator, a monolithic twin in a
-test, a networked worker running a shipped epoch) derives it from the same
-(seed, epoch) and gets the same batches.
+It lives with the data (the lowest layer) because every party needs it: the
+orchestrator, a worker running a shipped epoch, a monolithic twin in a test.
+
+Each derives it from the same (seed, epoch) and gets the same batches.
 """
 
 from __future__ import annotations
