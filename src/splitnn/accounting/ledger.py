@@ -72,23 +72,16 @@ class Ledger:
 
     def total(self, *, src: str | None = None, dst: str | None = None, kind: str | None = None) -> int:
         """Bytes over all links matching the given source, destination and kind."""
-        return sum(
-            link.nbytes
-            for link in self.links()
-            if (src is None or link.src == src)
-            and (dst is None or link.dst == dst)
-            and (kind is None or link.kind == kind)
-        )
+        return sum(link.nbytes for link in self._matching(src, dst, kind))
 
     def count(self, *, src: str | None = None, dst: str | None = None, kind: str | None = None) -> int:
         """Number of transfers over all links matching the filters."""
-        return sum(
-            link.count
-            for link in self.links()
-            if (src is None or link.src == src)
-            and (dst is None or link.dst == dst)
-            and (kind is None or link.kind == kind)
-        )
+        return sum(link.count for link in self._matching(src, dst, kind))
+
+    def _matching(self, src: str | None, dst: str | None, kind: str | None) -> list[LinkTotal]:
+        return [link for link in self.links()
+                if (src is None or link.src == src) and (dst is None or link.dst == dst)
+                and (kind is None or link.kind == kind)]
 
     def parties(self) -> list[str]:
         """Every party that sent or received something."""

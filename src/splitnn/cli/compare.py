@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from splitnn.cli.format import table
+from splitnn.cli.format import parse_positive_ints, table
 from splitnn.errors import ConfigurationError
 
 
@@ -44,16 +44,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigurationError(f"{flag} must be comma-separated integers like 1,2,4, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ConfigurationError(f"{flag} needs positive integers, got {text!r}")
-    return values
-
-
 def _check_positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
@@ -68,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     _check_positive(args.limit, "--limit")
     _check_positive(args.test_limit, "--test-limit")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    config = CompareConfig(model=args.model, clients=_parse_ints(args.clients, "--clients"), epochs=args.epochs,
+    clients = parse_positive_ints(args.clients, "--clients", "1,2,4")
+    config = CompareConfig(model=args.model, clients=clients, epochs=args.epochs,
                            local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
                            partition=args.partition, seed=args.seed, methods=methods, count_flops=not args.no_flops)
     if args.out.exists() and not args.out.is_dir():

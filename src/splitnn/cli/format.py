@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from splitnn.accounting.units import human_bytes, si
+from splitnn.errors import ConfigurationError
 
-__all__ = ["human_bytes", "si", "table"]
+__all__ = ["human_bytes", "si", "table", "parse_positive_ints"]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -28,3 +29,15 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def parse_positive_ints(text: str, flag: str, example: str) -> tuple[int, ...]:
+    """``"128,640"`` -> ``(128, 640)``; a :class:`ConfigurationError` naming ``flag`` for anything else
+    (not integers, none given, or one below 1)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigurationError(f"{flag} must be comma-separated integers like {example}, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigurationError(f"{flag} needs positive integers like {example}, got {text!r}")
+    return values

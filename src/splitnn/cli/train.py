@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from splitnn.cli.format import human_bytes, table
+from splitnn.cli.format import human_bytes, parse_positive_ints, table
 from splitnn.cli.topologies import add_topology_arguments, describe, topology_from_args
 from splitnn.errors import ConfigurationError
+from splitnn.fileio import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory holding the dataset's IDX files (default: $SPLITNN_DATA, the cache, "
                         "system paths, then download)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate of every segment")
-    p.add_argument("--hidden", default="128,640", help="hidden layer sizes, comma-separated; one segment per layer")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training data (default: 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per training step (default: 64)")
+    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate of every segment (default: 0.03)")
+    p.add_argument("--hidden", default="128,640",
+                   help="hidden layer sizes, comma-separated; one segment per hidden layer plus the output "
+                        "segment (default: 128,640)")
     p.add_argument("--workers", default="alice,bob,claire",
                    help="comma-separated worker names, one per segment (repeat a name to put consecutive "
-                        "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties")
+                        "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties (with "
+                        "--topology multi/u-shape/vertical: the addresses of the parties it names, in any order)")
     p.add_argument("--token-file", type=Path, default=None,
                    help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
@@ -43,13 +48,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigurationError(f"--hidden must be comma-separated integers like 128,640, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise ConfigurationError(f"--hidden needs at least one positive size, got {text!r}")
-    return sizes
+    return list(parse_positive_ints(text, "--hidden", "128,640"))
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts and rates that cannot train, before any data is loaded."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigurationError(f"--lr must be a positive finite number, got {args.lr}")
 
 
 def _check_output(path: Path | None, flag: str) -> None:
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.data import load_dataset
     from splitnn.models import tutorial_mlp
 
+    _check_numbers(args)
     hidden = _parse_sizes(args.hidden)
     topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
@@ -99,7 +108,15 @@ def run(args: argparse.Namespace) -> int:
     if topology is not None:
         from splitnn.training.topologies import build_topology
 
-        model = build_topology(topology, tuple(train.features.shape[1:]), train.num_classes)
+        remote = None
+        if any(n.startswith("grpc://") for n in names):  # the parties by the names they answer to
+            remote = {w.name: w for w in _remote_workers(names, args.token_file).values()}
+        try:
+            model = build_topology(topology, tuple(train.features.shape[1:]), train.num_classes, workers=remote)
+        except BaseException:
+            for w in (remote or {}).values():
+                w.close()
+            raise
         placement = describe(topology)
     else:
         segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
@@ -133,5 +150,5 @@ def run(args: argparse.Namespace) -> int:
         save_model(model.collect(), args.save)
         print(f"\nsaved the trained model to {args.save}")
     if args.json is not None:
-        args.json.write_text(json.dumps([e.__dict__ for e in history.epochs], indent=2))
+        atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
     return 0

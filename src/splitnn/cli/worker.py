@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.workers.server import ServeConfig, serve
 
+    if args.max_lifetime is not None and not args.max_lifetime > 0:
+        raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--data {text!r}: {directory} is not a directory")
         data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
         datasets[key] = {p: getattr(data, p) for p in parts}
-    limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes else Limits()
+    limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
     config = ServeConfig(name=args.name, listen=args.listen, token=token, tls=tls, limits=limits,
                          peer_timeout=args.peer_timeout, release_outputs=args.allow_outputs,
                          address_file=str(args.address_file) if args.address_file else None,

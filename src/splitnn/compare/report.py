@@ -11,6 +11,7 @@ from typing import Sequence
 from splitnn.accounting.units import human_bytes, si
 from splitnn.compare.analytic import CommModel, crossover, mean_bytes_per_client
 from splitnn.compare.runner import CompareConfig, RunResult
+from splitnn.fileio import atomic_path, atomic_write_text
 
 __all__ = ["HEADER", "table_rows", "markdown_table", "measured_crossover", "crossover_summary", "write_csv",
            "write_json", "plot", "si", "human_bytes"]
@@ -76,7 +77,7 @@ def write_csv(results: Sequence[RunResult], path: Path) -> None:
     fields = ["method", "clients", "bytes_per_client", "predicted_bytes_per_client", "matches_model",
               "flops_per_client", "seconds_per_client", "accuracy", "test_loss", "wall_seconds", "train_samples",
               "epochs"]
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in results:
@@ -98,7 +99,7 @@ def write_json(results: Sequence[RunResult], path: Path, *, config: CompareConfi
                                local_epochs=config.local_epochs))[0],
         "results": [r.to_dict() for r in results],
     }
-    Path(path).write_text(json.dumps(doc, indent=2))
+    atomic_write_text(path, json.dumps(doc, indent=2))
 
 
 def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, comm: CommModel,
@@ -178,6 +179,9 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

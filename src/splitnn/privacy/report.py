@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from splitnn.errors import ConfigurationError
+from splitnn.fileio import atomic_path, atomic_write_text
 from splitnn.privacy.defenses import DefenseSetting
 from splitnn.privacy.experiment import PrivacyResult, PrivacyRow
 
@@ -61,7 +62,7 @@ def write_csv(result: PrivacyResult, path: Path) -> Path:
     path = Path(path)
     _check_dir(path)
     fields = list(PrivacyRow.__dataclass_fields__)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in result.rows:
@@ -83,7 +84,7 @@ def write_json(result: PrivacyResult, path: Path) -> Path:
         "chance": result.chance,
         "rows": [{k: _jsonable(v) for k, v in asdict(r).items()} for r in result.rows],
     }
-    path.write_text(json.dumps(doc, indent=2))
+    atomic_write_text(path, json.dumps(doc, indent=2))
     return path
 
 
@@ -130,7 +131,8 @@ def plot_tradeoff(result: PrivacyResult, path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle("accuracy vs leakage (numbers: defense strength)")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -156,7 +158,8 @@ def plot_reconstructions(result: PrivacyResult, path: Path, settings: Sequence[D
             ax.set_yticks([])
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     fig.subplots_adjust(left=0.14, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

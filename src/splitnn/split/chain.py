@@ -89,7 +89,8 @@ class SplitNN:
         for stage, seg, opt in zip(self.stages, segments, optimizers):
             stage.worker.add_segment(stage.key, seg, opt)
         self.training = True
-        self._placed: dict[int, tuple[str, int]] = {}
+        # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
+        self._placed: dict[int, tuple[object, tuple[str, int]]] = {}
         self._data_ids = itertools.count()
         self.ship_epochs = ship_epochs
 
@@ -160,8 +161,8 @@ class SplitNN:
             name = data
         else:
             cached = self._placed.get(id(data))
-            if cached is not None:
-                return cached
+            if cached is not None and cached[0] is data:
+                return cached[1]
             name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
             if self.data_holder is self.label_holder:  # U-shaped: one party holds both
                 self.data_holder.add_dataset(name, features=data.features, labels=data.labels)
@@ -181,7 +182,7 @@ class SplitNN:
             raise LabelError(f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
                              f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels")
         if not isinstance(data, str):
-            self._placed[id(data)] = (name, feats.size)
+            self._placed[id(data)] = (data, (name, feats.size))
         return name, feats.size
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:

@@ -8,7 +8,6 @@ code that defined it and without unpickling anything.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from splitnn.errors import ConfigurationError
+from splitnn.fileio import atomic_path
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 
 _SPEC_KEY = "splitnn.spec"
@@ -28,14 +28,8 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ConfigurationError(f"cannot save to {path}: directory {path.parent} does not exist")
     spec = spec_to_json(module_to_spec(model))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={_SPEC_KEY: spec})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={_SPEC_KEY: spec})
     return path
 
 

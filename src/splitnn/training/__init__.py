@@ -1,6 +1,25 @@
-"""Training loops, topologies and baselines built on the split layer."""
+"""Training loops, topologies and baselines built on the split layer.
+
+* :func:`fit` / :func:`evaluate`: the loops every model shares (:mod:`splitnn.training.loop`).
+* Topologies beyond one chain: :class:`MultiHolderSplitNN`, :class:`UShapedSplitNN`,
+  :class:`VerticalSplitNN` (:mod:`splitnn.training.topologies`).
+* Baselines: :class:`FedAvg`, :class:`LargeBatchSGD` (:mod:`splitnn.training.baselines`).
+"""
 
 from splitnn.data.batching import epoch_batches
-from splitnn.training.loop import EpochStats, EvalResult, History, evaluate, fit
+from splitnn.training.loop import EpochStats, EvalResult, History, Trainable, evaluate, fit
+from splitnn.training.baselines import FedAvg, LargeBatchSGD
+from splitnn.training.topologies import (
+    MultiHolderSplitNN,
+    Topology,
+    TopologyConfig,
+    UShapedSplitNN,
+    VerticalSplitNN,
+    build_topology,
+)
 
-__all__ = ["epoch_batches", "fit", "evaluate", "History", "EpochStats", "EvalResult"]
+__all__ = [
+    "epoch_batches", "fit", "evaluate", "History", "EpochStats", "EvalResult", "Trainable",
+    "Topology", "MultiHolderSplitNN", "UShapedSplitNN", "VerticalSplitNN", "TopologyConfig", "build_topology",
+    "FedAvg", "LargeBatchSGD",
+]

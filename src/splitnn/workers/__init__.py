@@ -1,11 +1,11 @@
 """Workers: the parties of split learning behind one protocol."""
 
-from splitnn.workers.base import MergingWorker, PeerStateWorker, Worker
+from splitnn.workers.base import EpochWorker, GradientWorker, MergingWorker, PeerStateWorker, Worker
 from splitnn.workers.merge import MERGE_MODES, merge_tensors, merged_shape
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 __all__ = [
     "Worker", "VirtualWorker", "WorkerPolicy", "TensorRef", "BatchRef", "LossStats", "DatasetStats",
-    "MergingWorker", "PeerStateWorker", "MERGE_MODES", "merge_tensors", "merged_shape",
+    "MergingWorker", "PeerStateWorker", "GradientWorker", "EpochWorker", "MERGE_MODES", "merge_tensors", "merged_shape",
 ]

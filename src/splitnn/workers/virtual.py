@@ -20,12 +20,15 @@ network's step time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, LabelError, PolicyError, WorkerError
@@ -142,14 +145,17 @@ class VirtualWorker:
         )
 
     def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        # A copy of the module's structure sharing its parameters and buffers, in eval mode
+        # and without gradients: no running-stat updates, no dropout, and no draws from the
+        # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
-        was_training = hosted.module.training
-        hosted.module.eval()  # no running-stat updates, no dropout
-        try:
-            with torch.no_grad():
-                out = hosted.module(torch.zeros(input_shape))
-        finally:
-            hosted.module.train(was_training)
+        clone = _probe_copy(hosted.module)
+        with torch.no_grad():
+            if clone is not None:
+                out = clone.eval()(torch.zeros(input_shape))
+            else:
+                with _eval_mode(hosted.module):
+                    out = hosted.module(torch.zeros(input_shape))
         return tuple(out.shape)
 
     # -- compute -------------------------------------------------------------------
@@ -160,15 +166,15 @@ class VirtualWorker:
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         hosted = self._segment(key)
-        if hosted.training is not train:
-            hosted.module.train(train)
-            hosted.training = train
+        if train and hosted.training is not True:
+            hosted.module.train(True)
+            hosted.training = True
         if isinstance(source, BatchRef):
             x, input_kind = self._batch(source, "features"), "data"
         else:
             x, input_kind = self._receive(source, "activation", train)
         if not train:
-            with torch.no_grad():
+            with torch.no_grad(), _eval_mode(hosted.module):
                 return self._keep(hosted.module(x), "activation")
         if input_kind == "detached":
             x = x.detach().requires_grad_()
@@ -215,12 +221,12 @@ class VirtualWorker:
         if not sources:
             raise WorkerError(f"worker {self.name!r}: forward_merged on segment {key!r} needs at least one source")
         hosted = self._segment(key)
-        if hosted.training is not train:
-            hosted.module.train(train)
-            hosted.training = train
+        if train and hosted.training is not True:
+            hosted.module.train(True)
+            hosted.training = True
         received = [self._receive(ref, "activation", train) for ref in sources]
         if not train:
-            with torch.no_grad():
+            with torch.no_grad(), _eval_mode(hosted.module):
                 return self._keep(hosted.module(merge_tensors([t for t, _ in received], merge)), "activation")
         inputs = [(t.detach().requires_grad_() if kind == "detached" else t, kind, ref.owner)
                   for (t, kind), ref in zip(received, sources)]
@@ -381,6 +387,34 @@ class VirtualWorker:
         if tensor is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return tensor[ref.indices]
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the duration of the block, then every submodule's own mode back
+    (a segment stays in training mode after an evaluation, and submodules its owner froze stay frozen)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _probe_copy(module: nn.Module) -> nn.Module | None:
+    """``module``'s structure sharing its parameters and buffers (no tensor is copied), or ``None``
+    when it cannot or should not be copied. Python-side state (a defense's random generator) is
+    copied, so running the copy leaves the original as it was. A module with lazy layers is probed
+    itself: the probe is what initialises them (their sizes live on the module, not the tensors)."""
+    tensors = list(itertools.chain(module.parameters(), module.buffers()))
+    if any(is_lazy(t) for t in tensors):
+        return None
+    memo: dict[int, object] = {id(t): t for t in tensors}
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
+        return None
 
 
 def _state_nbytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -110,7 +110,8 @@ class Federation:
         self.stages = [Stage(0, self.key, c) for c in clients]
         for c in clients:
             c.add_segment(self.key, copy.deepcopy(model), client_optimizer)
-        self._placed: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+        # ids of the shards -> (shards, placement); holding the shards keeps their ids from being reused
+        self._placed: dict[tuple[int, ...], tuple[list, list[tuple[str, int]]]] = {}
 
     @property
     def clients(self) -> list[Worker]:
@@ -129,19 +130,20 @@ class Federation:
         """
         shards = list(shards)
         cache_key = tuple(id(s) for s in shards)
-        if cache_key in self._placed:
-            return self._placed[cache_key]
+        cached = self._placed.get(cache_key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], shards)):
+            return cached[1]
         if len(shards) != len(self.stages):
             raise ConfigurationError(f"got {len(shards)} data shards for {len(self.stages)} clients; "
                                      f"give exactly one shard per client")
         for k, shard in enumerate(shards):
             self._check_shard(k, shard)
-        placed = []
+        placed, placement = [], len(self._placed)  # a fresh name per placement: never overwrite placed data
         for k, (stage, shard) in enumerate(zip(self.stages, shards)):
-            name = f"{self.key}.client{k}.{getattr(shard, 'name', 'data')}"
+            name = f"{self.key}.client{k}.{getattr(shard, 'name', 'data')}#{placement}"
             stage.worker.add_dataset(name, features=shard.features, labels=shard.labels)
             placed.append((name, len(shard)))
-        self._placed[cache_key] = placed
+        self._placed[cache_key] = (shards, placed)
         return placed
 
     def evaluate(self, data, *, batch_size: int = 1000) -> EvalResult:
