@@ -58,3 +58,8 @@ def test_format_table_lists_every_link():
     ledger.record("alice", "bob", "activation", 32768)
     text = ledger.format_table()
     assert "alice" in text and "32768" in text and text.count("\n") == 1
+
+
+def test_negative_byte_counts_are_refused():
+    with pytest.raises(ValueError, match="cannot be negative"):
+        Ledger().record("a", "b", "activation", -1)

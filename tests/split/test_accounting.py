@@ -98,3 +98,27 @@ def test_u_shaped_chain_keeps_labels_and_outputs_at_the_data_holder():
         ("alice", "bob", "gradient"): 64 * 640 * F32,
         ("bob", "alice", "gradient"): 64 * 128 * F32,
     }
+
+
+def test_load_model_refuses_files_that_are_not_splitnn_models(tmp_path):
+    from splitnn.errors import ConfigurationError
+    from splitnn.split.persist import load_model
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigurationError, match="not a safetensors model file"):
+        load_model(junk)
+    with pytest.raises(ConfigurationError, match="no model file"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_evaluate_reports_nan_accuracy_when_the_output_is_not_a_class_score():
+    from torch import nn
+
+    torch.manual_seed(0)
+    segments = [nn.Sequential(nn.Flatten(), nn.Linear(784, 4)), nn.Sequential(nn.Linear(4, 10), nn.LogSoftmax(1),
+                                                                              nn.Flatten(0))]
+    model = splitnn.SplitNN(segments, [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")])
+    data = toy_dataset(3)  # batches of one sample: nll_loss takes the 1-D output
+    result = model.evaluate(data, batch_size=1)
+    assert result.accuracy != result.accuracy  # NaN, not a negative fraction

@@ -47,6 +47,8 @@ class Ledger:
         """Record one transfer of ``nbytes`` bytes of ``kind`` from ``src`` to ``dst``."""
         if kind not in KINDS:
             raise ValueError(f"unknown transfer kind {kind!r}; expected one of {KINDS}")
+        if nbytes < 0:
+            raise ValueError(f"a transfer of {nbytes} bytes from {src!r} to {dst!r}: byte counts cannot be negative")
         key = (src, dst, kind)
         with self._lock:
             entry = self._totals.get(key)

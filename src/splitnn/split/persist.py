@@ -36,8 +36,14 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by :func:`save_model`."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not path.is_file():
+        raise ConfigurationError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for malformed headers
+        raise ConfigurationError(f"{path} is not a safetensors model file ({exc}); save models with "
+                                 f"splitnn.save_model or `splitnn train --save`") from exc
     if _SPEC_KEY not in meta:
         raise ConfigurationError(f"{path} has no splitnn model spec; it was not written by splitnn.save_model")
     model = spec_to_module(spec_from_json(meta[_SPEC_KEY]))

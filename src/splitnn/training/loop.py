@@ -163,10 +163,12 @@ def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress
     _check_positive("batch_size", batch_size)
     name, n = model.prepare(data)
     before = model.ledger.snapshot()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, classifies = 0.0, 0, True
     for idx in tqdm(epoch_batches(n, batch_size, shuffle=False), desc="evaluate", unit="batch", leave=False,
                     disable=not _show_progress(progress)):
         stats = model.eval_batch(name, idx)
         loss_sum += stats.loss * stats.count
         correct += stats.correct
-    return EvalResult(correct / n, loss_sum / n, n, model.ledger.since(before).sent_by())
+        classifies = classifies and stats.correct >= 0  # -1: the output is not (batch, classes)
+    accuracy = correct / n if classifies else float("nan")
+    return EvalResult(accuracy, loss_sum / n, n, model.ledger.since(before).sent_by())
