@@ -57,9 +57,10 @@ def topology_from_args(args: argparse.Namespace, hidden: list[int]):
         raise ConfigurationError(f"{', '.join(stray)} do(es) not apply to --topology {topology}")
     if topology == "chain":
         return None
-    if args.workers != DEFAULT_WORKERS:
+    urls = [w.strip() for w in args.workers.split(",") if w.strip()]
+    if args.workers != DEFAULT_WORKERS and not all(u.startswith("grpc://") for u in urls):
         raise ConfigurationError(f"--workers applies to --topology chain; --topology {topology} names its parties "
-                                 f"itself (alice.., bob)")
+                                 f"itself (alice.., bob), so --workers may only give their grpc:// addresses")
     if args.save is not None and topology == "vertical":
         raise ConfigurationError("--save does not support --topology vertical (its merge is not a saveable layer); "
                                  "use VerticalSplitNN.collect() from Python")

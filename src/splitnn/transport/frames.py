@@ -9,17 +9,18 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
     4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
                   4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
                   the sender's shipped epoch #id failed)
-    5       1     kind: 1 activation, 2 gradient
+    5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder)
     6       1     flags: bit 0 = more chunks of this payload follow
     7       1     reserved, 0
     8       8     id (u64): the tensor's id at its owner (pull key and reply key)
     16      8     total (u64): length of the whole payload across chunks
 
 A DATA payload is one :mod:`splitnn.wire.tensor_codec` frame (dtype + shape header +
-raw bytes). Payloads above the chunk size are cut into several DATA frames, so no
-gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`. PUSH
-payloads are cut the same way. The
-receiver checks every header and the declared total against its limits *before*
+raw bytes); for ``weights`` that tensor is 1-D uint8 and holds a safetensors state dict
+(:mod:`splitnn.wire.state_codec`), decoded by the receiver with the validating codec.
+Payloads above the chunk size are cut into several DATA frames, so no gRPC message
+exceeds the limits set in :class:`~splitnn.transport.Limits`. PUSH payloads are cut
+the same way. The receiver checks every header and the declared total against its limits *before*
 buffering, and decodes the reassembled tensor with the validating codec.
 """
 
@@ -42,7 +43,7 @@ REQUEST, DATA, ERROR, PUSH, ABORT = 1, 2, 3, 4, 5
 TEXT_TYPES = (ERROR, ABORT)
 PAYLOAD_TYPES = (DATA, PUSH)
 FLAG_MORE = 1
-KIND_CODES = {"activation": 1, "gradient": 2}
+KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
 MAX_ERROR_BYTES = 4096
 

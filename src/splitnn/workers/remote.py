@@ -29,6 +29,11 @@ then train among themselves and this client only collects the label holder's per
 losses (progress replies) and each worker's final reply with its ledger records. The
 per-batch cost is then the peer hops alone. :mod:`splitnn.split.epoch` drives it.
 
+Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
+holder to holder over the peer stream), ``forward_merged``/``backward_merged`` (vertical split
+learning) and ``get_grads`` (large-batch SGD), with the semantics of ``VirtualWorker``, so the
+topologies and baselines of :mod:`splitnn.training` run across processes unchanged.
+
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
 replies; no event loop has to be hosted inside the user's program.
@@ -41,7 +46,7 @@ import json
 import queue
 import secrets
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import grpc
@@ -62,13 +67,15 @@ from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.epoch import EpochHandle, EpochPlan, EpochReport
+from splitnn.workers.merge import check_merge
 from splitnn.workers.shipped import losses_from_json
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 _COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
                  "stage": "data"}
-_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights"}
-_ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage"})
+_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights", "get_grads": "gradient"}
+_ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage",
+                        "forward_merged", "backward_merged", "export_state", "load_state"})
 MAX_BATCH = 1024  # commands in one coalesced message
 
 
@@ -97,6 +104,13 @@ def _error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
     if not (isinstance(cls, type) and issubclass(cls, _errors.SplitNNError)):
         cls = WorkerError
     return cls(reply.error or f"worker {worker!r} at {address} failed")
+
+
+def _in_order(state: dict[str, torch.Tensor], keys: object) -> dict[str, torch.Tensor]:
+    """``state`` in the worker's order ``keys`` (a state dict's order; safetensors does not keep it)."""
+    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(state):
+        raise WorkerError("a worker's weights came without a valid key order")
+    return {k: state[k] for k in keys}
 
 
 class _Pending:
@@ -173,6 +187,7 @@ class RemoteWorker:
         self._broken: Exception | None = None
         self._peers: dict[str, Worker] = {}
         self._input_is_data: dict[str, bool] = {}
+        self._merged: dict[str, int] = {}  # segment key -> sources of its last training forward_merged
         self._feature_ids: set[int] = set()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buffer: list[tuple[str, str, list[bytes]]] = []
@@ -487,8 +502,8 @@ class RemoteWorker:
         return decode_tensor(blobs[0], max_bytes=self.limits.max_tensor_bytes)
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
-        _, blobs = self._request("get_state", {"key": key})
-        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)
+        r, blobs = self._request("get_state", {"key": key})
+        return _in_order(decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes), r.get("keys"))
 
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
         if src != RESEARCHER:
@@ -503,8 +518,66 @@ class RemoteWorker:
 
     def release(self) -> None:
         self._input_is_data.clear()
+        self._merged.clear()
         self._feature_ids.clear()
         self._send("release", {})
+
+    # -- optional capabilities (the topologies and baselines of splitnn.training) -----------------
+    def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
+        """Hand segment ``key``'s weights straight to peer ``dst`` (:class:`~splitnn.workers.PeerStateWorker`).
+
+        Two pipelined commands: this worker snapshots the weights (safetensors) in its command
+        order, i.e. after everything sent to it before; ``dst`` pulls them over the two workers'
+        peer stream, loads them into ``dst_key`` (default ``key``) in *its* command order and
+        records them as ``weights`` on the link self -> ``dst``. The researcher never holds them.
+        Errors surface at the next synchronous call, like those of ``forward``.
+        """
+        target = self if dst == self.name else self._peers.get(dst)
+        if target is None:
+            raise WorkerError(f"worker {self.name!r} cannot reach {dst!r}; connect the workers of a model first")
+        if not isinstance(target, RemoteWorker):
+            raise WorkerError(f"remote worker {self.name!r} cannot send weights to in-process worker {dst!r}")
+        ref = self._new_ref()
+        self._send("export_state", {"key": key, "id": ref.id})  # flushed: the puller may be waiting for it
+        target._send("load_state", {"key": dst_key or key, "src": self._ref_json(ref)}, flush=False)
+
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
+                       train: bool = True) -> TensorRef:
+        """Run segment ``key`` on the merge of several parties' activations (:class:`~splitnn.workers.MergingWorker`).
+
+        The worker pulls every source from its owner over their peer stream (recorded on each link).
+        """
+        check_merge(merge)
+        sources = list(sources)
+        if not sources:
+            raise WorkerError(f"worker {self.name!r}: forward_merged on segment {key!r} needs at least one source")
+        ref = self._new_ref()
+        for src in sources:
+            if src.owner == self.name:
+                self._feature_ids.discard(src.id)
+        if train:
+            self._merged[key] = len(sources)
+            self._input_is_data.pop(key, None)
+        self._send("forward_merged", {"key": key, "train": train, "id": ref.id, "merge": merge,
+                                      "srcs": [self._ref_json(s) for s in sources]}, flush=False)
+        return ref
+
+    def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
+        """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
+        count = self._merged.pop(key, None)
+        if count is None:
+            raise WorkerError(f"worker {self.name!r}: backward_merged on segment {key!r} without a training "
+                              f"forward_merged first")
+        refs = [self._new_ref() for _ in range(count)]
+        self._send("backward_merged", {"key": key, "grad": self._ref_json(grad) if grad is not None else None,
+                                       "ids": [r.id for r in refs]}, flush=False)
+        return refs
+
+    def get_grads(self, key: str) -> dict[str, torch.Tensor]:
+        """Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors,
+        recorded as ``gradient`` bytes from this worker to the researcher."""
+        r, blobs = self._request("get_grads", {"key": key})
+        return _in_order(decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes), r.get("keys"))
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------
     def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:

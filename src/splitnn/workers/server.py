@@ -27,6 +27,12 @@ next party and gradients to its previous one as PUSH frames on the same peer str
 and answers with progress replies (the label holder's losses) and one final reply
 carrying its ledger records. Only the parties a plan names as adjacent may push to it.
 
+Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
+pull every source activation like ``forward`` does and leave one gradient per source for its
+owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
+worker to another over their peer stream as ``weights`` frames (the receiver pulls, loads and
+records them); ``get_grads`` returns parameter gradients to the researcher (large-batch SGD).
+
 Why asyncio. A worker waits on several things at once: its researcher's commands,
 peers pulling the tensors it produced, and its own pulls from peers that may not
 have produced them yet. With ``grpc.aio`` these are coroutines on one event loop:
@@ -128,7 +134,20 @@ def _blob(blobs: list[bytes], i: int, what: str) -> bytes:
 #: Wire-counter kind of a command's bytes, by op (everything else is "control").
 _COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
                  "stage": "data"}
-_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights"}
+_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights", "get_grads": "gradient"}
+#: Largest number of sources one ``forward_merged`` may merge.
+MAX_MERGE_SOURCES = 256
+
+
+def register_known_layers() -> None:
+    """Teach this process's spec codec every layer type splitnn ships beyond the basic ones.
+
+    The defense layers of :mod:`splitnn.privacy` (``NoPeek``, ``CutNoise``,
+    ``LabelProtection``) register their specs when that package is imported; a worker
+    imports it at start so that a defended segment can be hosted remotely. Imported
+    here, lazily, because ``privacy`` sits beside ``workers`` (it imports them), not below.
+    """
+    import splitnn.privacy.defenses  # noqa: F401  (registers the defense layer specs)
 
 
 @dataclass
@@ -243,6 +262,9 @@ class _PeerLink:
 
     def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
         """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
+        if hdr.kind == "weights":  # weights are only ever pulled (load_state), never pushed
+            self.server.counters.record(self.peer, "recv", "refused", 0)
+            return
         try:
             tensor = self._push_reasm.feed(hdr, chunk)
         except WireError as exc:
@@ -298,6 +320,7 @@ class WorkerServer:
         if not (isinstance(peer_timeout, (int, float)) and 0 < peer_timeout < math.inf):
             raise _errors.ConfigurationError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
+        register_known_layers()
         self.engine = VirtualWorker(name, fuse=False, policy=policy or WorkerPolicy(release_outputs=False))
         self.inbox = shipped.Inbox(self.name, self.peer_timeout)
         self.counters = ByteCounters()
@@ -666,6 +689,9 @@ class WorkerServer:
         except asyncio.TimeoutError:
             raise WorkerError(f"worker {self.name!r} did not produce tensor #{tid} within {self.peer_timeout:g} s") from None
         self._exports.pop(tid, None)
+        stored = self.engine._store.get(engine_id)
+        if stored is not None and (stored[1] == "weights") != (kind == "weights"):
+            raise WorkerError(f"worker {self.name!r}: tensor #{tid} is not a {kind}")
         return self.engine._take(engine_id)  # PolicyError for raw features / labels
 
     async def _resolve(self, value: object, kind: str) -> TensorRef:
@@ -835,6 +861,86 @@ class WorkerServer:
             raise
         return {}, []
 
+    async def _op_forward_merged(self, a, blobs, *, state: _SessionState, **_):
+        """Pull every source activation from its owner (in parallel), merge, run the segment."""
+        tid = _get(a, "id", int)
+        self._announce(state, tid)
+        try:
+            key, train, merge = _get(a, "key", str), _get(a, "train", bool), _get(a, "merge", str)
+            srcs = _get(a, "srcs", list)
+            if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
+                raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
+            refs = await asyncio.gather(*(self._resolve(src, "activation") for src in srcs))
+            self._export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
+        except Exception as exc:
+            self._fail_export(tid, exc)
+            raise
+        return {}, []
+
+    async def _op_backward_merged(self, a, blobs, *, state: _SessionState, **_):
+        """Back-propagate through the segment and its merge; export one gradient per source."""
+        ids = _get(a, "ids", list)
+        if not 0 < len(ids) <= MAX_MERGE_SOURCES or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
+            raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
+        for tid in ids:
+            self._announce(state, tid)
+        try:
+            key = _get(a, "key", str)
+            grad = a.get("grad")
+            grad_ref = await self._resolve(grad, "gradient") if grad is not None else None
+            refs = self.engine.backward_merged(key, grad_ref)
+            if len(refs) != len(ids):
+                raise WorkerError(f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
+                                  f"{len(ids)} gradient ids were given")
+            for tid, ref in zip(ids, refs):
+                self._export(tid, ref)
+        except Exception as exc:
+            for tid in ids:
+                self._fail_export(tid, exc)
+            raise
+        return {}, []
+
+    async def _op_export_state(self, a, blobs, *, state: _SessionState, **_):
+        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
+
+        Nothing is recorded here: the receiver records the transfer (``load_state``).
+        """
+        tid = _get(a, "id", int)
+        self._announce(state, tid)
+        try:
+            module = self.engine._segment(_get(a, "key", str)).module
+            blob = encode_state({k: v.detach() for k, v in module.state_dict().items()})
+            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            self._export(tid, self.engine._keep(payload, "weights"))
+        except Exception as exc:
+            self._fail_export(tid, exc)
+            raise
+        return {}, []
+
+    async def _op_load_state(self, a, blobs, **_):
+        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
+        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
+        key = _get(a, "key", str)
+        src = _ref(_get(a, "src", dict))
+        if src.owner == self.name:
+            payload = self.engine._take(self._local(src).id)
+        else:
+            payload = await (await self._link(src.owner)).pull(src.id, "weights")
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
+        state = decode_state(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
+        try:
+            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
+        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: "
+                            f"{exc}") from None
+        return {}, []
+
+    async def _op_get_grads(self, a, blobs, **_):
+        grads = self.engine.get_grads(_get(a, "key", str))
+        return {"keys": list(grads)}, [encode_state(grads)]
+
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
@@ -858,7 +964,8 @@ class WorkerServer:
         return {}, [encode_tensor(tensor)]
 
     async def _op_get_state(self, a, blobs, **_):
-        return {}, [encode_state(self.engine.get_state(_get(a, "key", str)))]
+        state = self.engine.get_state(_get(a, "key", str))
+        return {"keys": list(state)}, [encode_state(state)]  # keys: safetensors does not keep the order
 
     async def _op_set_state(self, a, blobs, *, caller: str, **_):
         state = decode_state(_blob(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)

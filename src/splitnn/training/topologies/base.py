@@ -12,7 +12,7 @@ drive it, and it talks to its parties only through the
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -124,6 +124,25 @@ class Topology:
 
     def parties(self) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def workers(self) -> list[Worker]:
+        """Every distinct worker of the model (subclasses list theirs)."""
+        return []
+
+    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
+                    order: dict | None = None) -> None:
+        """Train on every batch of an epoch in order, calling ``on_batch`` with each batch's stats.
+
+        Then wait until pipelined (networked) workers have finished the last step, so that the
+        ledger holds the epoch's transfers when this returns (``fit``'s per-epoch bytes are exact).
+        ``order`` is unused: the topologies drive their workers per operation.
+        """
+        for idx in batches:
+            on_batch(self.train_batch(dataset, idx))
+        for worker in dict.fromkeys(self.workers()):
+            drain = getattr(worker, "drain", None)
+            if callable(drain):
+                drain()
 
     def fit(self, data: object, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
         """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""

@@ -218,6 +218,11 @@ class MultiHolderSplitNN(Topology):
             names.append(self.store.name)
         return list(dict.fromkeys(names))
 
+    def workers(self) -> list[Worker]:
+        """The distinct workers: holders, top workers, then a third-party store."""
+        everyone = [*self.holders, *self.top_workers, *([self.store] if self.store is not None else [])]
+        return list({w.name: w for w in everyone}.values())
+
     def stages_of(self, holder: int) -> list[Stage]:
         """The chain that trains when holder ``holder`` has the turn: its bottom, then the top."""
         return [self._bottoms[holder], *self._top]

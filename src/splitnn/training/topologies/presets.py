@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch import nn
 
@@ -21,7 +21,7 @@ from splitnn.training.topologies.base import Topology
 from splitnn.training.topologies.multi import HANDOFF_MODES, MultiHolderSplitNN
 from splitnn.training.topologies.ushape import UShapedSplitNN
 from splitnn.training.topologies.vertical import VerticalSplitNN
-from splitnn.workers import MERGE_MODES, VirtualWorker
+from splitnn.workers import MERGE_MODES, VirtualWorker, Worker
 
 #: The topologies ``splitnn train --topology`` offers (``chain`` is a plain SplitNN).
 TOPOLOGIES = ("chain", "multi", "u-shape", "vertical")
@@ -83,6 +83,10 @@ class TopologyConfig:
         """The data holders' names."""
         return ["alice"] if self.clients == 1 else [f"alice{i + 1}" for i in range(self.clients)]
 
+    def party_names(self) -> list[str]:
+        """Every party's name: the data holders, then ``bob``."""
+        return [*self.holder_names(), "bob"]
+
 
 def vertical_mlp(part_sizes: Sequence[int], hidden: Sequence[int], classes: int,
                  merge: str) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -93,15 +97,20 @@ def vertical_mlp(part_sizes: Sequence[int], hidden: Sequence[int], classes: int,
     return bottoms, top
 
 
-def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes: int) -> Topology:
-    """Build ``config``'s topology of the tutorial's MLP on fresh :class:`~splitnn.VirtualWorker` s.
+def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes: int, *,
+                   workers: Mapping[str, Worker] | None = None) -> Topology:
+    """Build ``config``'s topology of the tutorial's MLP.
 
+    ``workers`` gives the parties by name (e.g. networked workers from
+    :func:`splitnn.connect`, keyed by their names); it must hold exactly
+    :meth:`TopologyConfig.party_names`. Default: fresh :class:`~splitnn.VirtualWorker` s.
     Weights come from torch's global generator: seed it first for reproducible runs.
     """
     in_features = math.prod(feature_shape)
     optimizer = f"sgd:lr={config.lr}"
-    holders = [VirtualWorker(n) for n in config.holder_names()]
-    bob = VirtualWorker("bob")
+    parties = _parties(config, workers)
+    holders = [parties[n] for n in config.holder_names()]
+    bob = parties["bob"]
     if config.topology == "multi":
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
         return MultiHolderSplitNN(segments[0], segments[1:], holders, bob, handoff=config.handoff,
@@ -118,3 +127,16 @@ def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes
         return VerticalSplitNN(bottoms, holders, top, bob, merge=config.merge, columns=columns, optimizer=optimizer)
     raise ConfigurationError(f"build_topology makes multi, u-shape and vertical; build {config.topology!r} with "
                              f"SplitNN")
+
+
+def _parties(config: TopologyConfig, workers: Mapping[str, Worker] | None) -> dict[str, Worker]:
+    names = config.party_names()
+    if workers is None:
+        return {n: VirtualWorker(n) for n in names}
+    missing = [n for n in names if n not in workers]
+    extra = sorted(set(workers) - set(names))
+    if missing or extra:
+        raise ConfigurationError(f"--topology {config.topology} with {config.clients} data holder(s) needs exactly the "
+                                 f"parties {names}; got {sorted(workers)} (missing {missing}, not used {extra}); "
+                                 f"start `splitnn worker --name NAME` for each party")
+    return {n: workers[n] for n in names}

@@ -15,7 +15,7 @@ and the data placed correctly (features and labels at the same party).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,15 @@ class UShapedSplitNN(Topology):
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` (loss at the data holder)."""
         return self.chain.train_batch(dataset, indices)
+
+    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
+                    order: dict | None = None) -> None:
+        """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped)."""
+        self.chain.train_epoch(dataset, batches, on_batch, order=order)
+
+    def workers(self) -> list[Worker]:
+        """The data holder, then the middle parties."""
+        return list({w.name: w for w in (self.data_holder, *self.middle_workers)}.values())
 
     def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """Loss and correct count on rows ``indices``, computed at the data holder."""

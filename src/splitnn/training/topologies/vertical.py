@@ -266,6 +266,10 @@ class VerticalSplitNN(Topology):
         """Names of the distinct parties: the data holders, then the top workers."""
         return list(dict.fromkeys(w.name for w in (*self.holders, *self.top_workers)))
 
+    def workers(self) -> list[Worker]:
+        """The distinct workers: the data holders, then the top workers."""
+        return list({w.name: w for w in (*self.holders, *self.top_workers)}.values())
+
     # -- data -------------------------------------------------------------------------------
     def prepare(self, data: object) -> tuple[str, int]:
         """Place each holder's columns and the labels (or check a placed dataset); return (name, size).
