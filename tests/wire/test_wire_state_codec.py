@@ -205,3 +205,10 @@ def test_fuzz_mutated_blobs(edits, cut) -> None:  # type: ignore[no-untyped-def]
         return
     for t in out.values():
         assert t.dtype in DTYPE_CODES
+
+
+def test_decode_keeps_the_senders_key_order():
+    """safetensors stores entries in its own order; a state dict's order must survive the wire."""
+    keys = ["z.weight", "a.bias", "m.weight", "b", "0.weight"]
+    state = {k: torch.full((i + 1,), float(i)) for i, k in enumerate(keys)}
+    assert list(decode_state(encode_state(state))) == keys

@@ -48,6 +48,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_ORDER_KEY = "splitnn.order"
+
 def encode_state(state: Mapping[str, Tensor]) -> bytes:
     """Encode a state dict (name -> tensor) as safetensors bytes.
 
@@ -77,12 +79,14 @@ def encode_state(state: Mapping[str, Tensor]) -> bytes:
                 seen_storage.add(ptr)
         out[key] = t
     try:
-        return safetensors.torch.save(out)
+        # safetensors lays entries out by its own order; keep the caller's (a state dict's
+        # order is meaningful: optimizers and averaging code walk it in parallel).
+        return safetensors.torch.save(out, metadata={_ORDER_KEY: json.dumps(list(out))})
     except Exception as exc:  # safetensors raises RuntimeError / SafetensorError
         raise WireError(f"cannot encode state dict: {exc}") from exc
 
 
-def _check_header(mv: memoryview, max_entries: int, allowed: Iterable[torch.dtype]) -> None:
+def _check_header(mv: memoryview, max_entries: int, allowed: Iterable[torch.dtype]) -> dict:
     n = len(mv)
     if n < 8:
         raise WireError(f"state blob too short: {n} bytes, a safetensors header needs at least 8")
@@ -104,6 +108,19 @@ def _check_header(mv: memoryview, max_entries: int, allowed: Iterable[torch.dtyp
         dtype = _ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None or dtype not in allowed:
             raise WireError(f"state blob entry {key!r} has dtype {dtype_name!r}, which is not allowed here")
+    return header
+
+
+def _in_sent_order(state: dict[str, Tensor], header: dict) -> dict[str, Tensor]:
+    """``state`` in the order the sender's mapping had (recorded by :func:`encode_state`)."""
+    meta = header.get("__metadata__")
+    try:
+        order = json.loads(meta[_ORDER_KEY]) if isinstance(meta, dict) and _ORDER_KEY in meta else None
+    except (TypeError, ValueError):
+        order = None
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(state):
+        return state  # not written by encode_state: keep the library's order
+    return {key: state[key] for key in order}
 
 
 def decode_state(
@@ -129,7 +146,7 @@ def decode_state(
     if len(mv) > max_bytes:
         raise WireError(f"state blob is {len(mv)} bytes; the limit is {max_bytes}")
     allowed = DEFAULT_ALLOWED if allowed_dtypes is None else allowed_dtypes
-    _check_header(mv, max_entries, allowed)
+    header = _check_header(mv, max_entries, allowed)
     try:
         state = safetensors.torch.load(data if type(data) is bytes else bytes(mv))
     except Exception as exc:  # SafetensorError, ValueError, RuntimeError, ...
@@ -137,4 +154,4 @@ def decode_state(
     for key, t in state.items():  # belt and braces: the library parsed the header itself
         if t.dtype not in allowed:
             raise WireError(f"state blob entry {key!r} has dtype {t.dtype}, which is not allowed here")
-    return state
+    return _in_sent_order(state, header)
