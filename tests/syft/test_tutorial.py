@@ -139,7 +139,7 @@ def test_three_worker_ledger_figures(mnist_subset):
 def test_example_script_holds_the_tutorial_verbatim_and_runs(shared_data, monkeypatch, capsys):
     script = REPO / "examples" / "pysyft_tutorial.py"
     assert TUTORIAL in script.read_text()
-    assert TUTORIAL in (REPO / "docs" / "syft.md").read_text()  # the README section quotes it verbatim too
+    assert TUTORIAL in (REPO / "README.md").read_text()  # the README section "Coming from PySyft" quotes it verbatim
     monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(shared_data), "--limit", "600",
                                       "--holdout", "100", "--epochs", "1"])
     runpy.run_path(str(script), run_name="__main__")
