@@ -12,7 +12,8 @@ import json
 import struct
 from collections.abc import Iterable, Mapping
 
-import safetensors.torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 import torch
 from torch import Tensor
 
@@ -81,7 +82,7 @@ def encode_state(state: Mapping[str, Tensor]) -> bytes:
     try:
         # safetensors lays entries out by its own order; keep the caller's (a state dict's
         # order is meaningful: optimizers and averaging code walk it in parallel).
-        return safetensors.torch.save(out, metadata={_ORDER_KEY: json.dumps(list(out))})
+        return safetensors_save(out, metadata={_ORDER_KEY: json.dumps(list(out))})
     except Exception as exc:  # safetensors raises RuntimeError / SafetensorError
         raise WireError(f"cannot encode state dict: {exc}") from exc
 
@@ -148,7 +149,7 @@ def decode_state(
     allowed = DEFAULT_ALLOWED if allowed_dtypes is None else allowed_dtypes
     header = _check_header(mv, max_entries, allowed)
     try:
-        state = safetensors.torch.load(data if type(data) is bytes else bytes(mv))
+        state = safetensors_load(data if type(data) is bytes else bytes(mv))
     except Exception as exc:  # SafetensorError, ValueError, RuntimeError, ...
         raise WireError(f"malformed state blob: {exc}") from None
     for key, t in state.items():  # belt and braces: the library parsed the header itself
