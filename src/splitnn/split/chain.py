@@ -10,6 +10,7 @@ from torch import nn
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, LabelError
+from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
 from splitnn.split.stage import Stage, check_static_fit, probe_chain
 from splitnn.workers import BatchRef, LossStats, Worker
@@ -90,7 +91,8 @@ class SplitNN:
             stage.worker.add_segment(stage.key, seg, opt)
         self.training = True
         # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
-        self._placed: dict[int, tuple[object, tuple[str, int]]] = {}
+        self._data_names = PlacedData()
+        self._sizes: dict[str, int] = {}  # checked datasets: name -> size
         self._data_ids = itertools.count()
         self.ship_epochs = ship_epochs
 
@@ -157,18 +159,23 @@ class SplitNN:
         A string names a dataset the workers already hold. Shapes and label
         range are checked here, before any training. Returns (name, size).
         """
-        if isinstance(data, str):
-            name = data
+        name = self._data_names.name_for(data, self._place)
+        if name not in self._sizes:
+            self._sizes[name] = self._check_placed(name)
+        return name, self._sizes[name]
+
+    def _place(self, data: object) -> str:
+        features, labels = features_and_labels(data, "the workers")
+        name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
+        if self.data_holder is self.label_holder:  # U-shaped: one party holds both
+            self.data_holder.add_dataset(name, features=features, labels=labels)
         else:
-            cached = self._placed.get(id(data))
-            if cached is not None and cached[0] is data:
-                return cached[1]
-            name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
-            if self.data_holder is self.label_holder:  # U-shaped: one party holds both
-                self.data_holder.add_dataset(name, features=data.features, labels=data.labels)
-            else:
-                self.data_holder.add_dataset(name, features=data.features)
-                self.label_holder.add_dataset(name, labels=data.labels)
+            self.data_holder.add_dataset(name, features=features)
+            self.label_holder.add_dataset(name, labels=labels)
+        return name
+
+    def _check_placed(self, name: str) -> int:
+        """Check holders, sizes, shapes at every cut and the label range; return the dataset's size."""
         feats = self.data_holder.dataset_stats(name)
         labels = self.label_holder.dataset_stats(name)
         if feats.feature_shape is None or labels.label_max is None:
@@ -181,9 +188,7 @@ class SplitNN:
         if len(out_shape) == 2 and labels.label_max >= out_shape[1]:
             raise LabelError(f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
                              f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels")
-        if not isinstance(data, str):
-            self._placed[id(data)] = (data, (name, feats.size))
-        return name, feats.size
+        return feats.size
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` of a placed dataset."""

@@ -39,11 +39,12 @@ from torch import nn
 
 from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec, parse_partition
+from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError
 from splitnn.split import bind_workers
 from splitnn.split.schedule import eval_step, train_step
+from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage, check_static_fit
-from splitnn.data.batching import epoch_batches
 from splitnn.training.topologies.base import (
     Topology,
     as_optimizer_list,
@@ -197,7 +198,7 @@ class MultiHolderSplitNN(Topology):
         self._active = 0
         self.handoffs: list[HandOff] = []
         self._placements: dict[str, _Placement] = {}
-        self._by_object: dict[int, tuple[object, str]] = {}
+        self._data_names = PlacedData()
         self._data_ids = 0
 
     # -- who is who -------------------------------------------------------------------------
@@ -237,23 +238,13 @@ class MultiHolderSplitNN(Topology):
 
         Shapes, shard sizes and the label range are checked here, before any training.
         """
-        if isinstance(data, str):
-            name = data
-        else:
-            cached = self._by_object.get(id(data))
-            if cached is not None and cached[0] is data:
-                return cached[1], self._placements[cached[1]].total
-            name = self._place_dataset(data)
-            self._by_object[id(data)] = (data, name)
+        name = self._data_names.name_for(data, self._place_dataset)
         if name not in self._placements:
             self._placements[name] = self._check_placement(name)
         return name, self._placements[name].total
 
     def _place_dataset(self, data: object) -> str:
-        features, labels = getattr(data, "features", None), getattr(data, "labels", None)
-        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise ConfigurationError(f"cannot place {type(data).__name__}: give a splitnn.data.Dataset (features and "
-                                     f"labels) or the name of a dataset the holders hold already")
+        features, labels = features_and_labels(data, "the holders")
         k, n = len(self.holders), len(labels)
         if k > n:
             raise ConfigurationError(f"{k} data holders but the dataset has only {n} samples; every holder needs at "

@@ -58,8 +58,6 @@ class UShapedSplitNN(Topology):
         self.chain = SplitNN([head, *middle, tail], [data_holder, *middle_workers, data_holder],
                              optimizer=optimizer, loss=loss, ledger=ledger)
         self.ledger = self.chain.ledger
-        self._placed: dict[int, tuple[object, tuple[str, int]]] = {}
-        self._data_ids = 0
 
     def parties(self) -> list[str]:
         """The data holder, then the middle parties."""
@@ -67,21 +65,7 @@ class UShapedSplitNN(Topology):
 
     def prepare(self, data: object) -> tuple[str, int]:
         """Place features *and* labels at the data holder (or check a placed dataset); return (name, size)."""
-        if isinstance(data, str):
-            return self.chain.prepare(data)
-        cached = self._placed.get(id(data))
-        if cached is not None and cached[0] is data:
-            return cached[1]
-        features, labels = getattr(data, "features", None), getattr(data, "labels", None)
-        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise ConfigurationError(f"cannot place {type(data).__name__}: give a splitnn.data.Dataset or the name "
-                                     f"of a dataset the data holder holds already")
-        name = f"{getattr(data, 'name', 'data')}#u{self._data_ids}"
-        self._data_ids += 1
-        self.data_holder.add_dataset(name, features=features, labels=labels)
-        result = self.chain.prepare(name)
-        self._placed[id(data)] = (data, result)
-        return result
+        return self.chain.prepare(data)
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` (loss at the data holder)."""

@@ -27,6 +27,7 @@ from splitnn.accounting import Ledger
 from splitnn.data import column_partition, vertical_split
 from splitnn.errors import ConfigurationError, LabelError
 from splitnn.split import bind_workers
+from splitnn.split.placement import PlacedData
 from splitnn.split.stage import Stage, check_static_fit
 from splitnn.training.topologies.base import (
     Topology,
@@ -239,7 +240,7 @@ class VerticalSplitNN(Topology):
                                       for i, (seg, w, opt) in enumerate(zip(bottoms, holders, optimizers))]
         self._top = place(prefix, 1, top, top_workers, optimizers[len(holders):])
         self._placed: dict[str, _Placed] = {}
-        self._by_object: dict[int, tuple[object, str]] = {}
+        self._data_names = PlacedData()
         self._data_ids = 0
 
     @property
@@ -279,14 +280,7 @@ class VerticalSplitNN(Topology):
         every holder and the label holder hold already. Counts, ids, shapes at the
         merge and the label range are checked here, before any training.
         """
-        if isinstance(data, str):
-            name = data
-        else:
-            cached = self._by_object.get(id(data))
-            if cached is not None and cached[0] is data:
-                return cached[1], self._placed[cached[1]].size
-            name = self._place(data)
-            self._by_object[id(data)] = (data, name)
+        name = self._data_names.name_for(data, self._place)
         if name not in self._placed:
             self._placed[name] = self._check(name)
         return name, self._placed[name].size
