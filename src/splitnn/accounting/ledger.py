@@ -8,9 +8,10 @@ costs a dictionary update, cheap enough for the per-batch hot path.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Iterable
+
+from splitnn.accounting.tally import Tally
 
 #: Name under which the orchestrating process appears in the ledger.
 RESEARCHER = "researcher"
@@ -40,8 +41,7 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        self._totals: dict[tuple[str, str, str], list[int]] = {}
-        self._lock = threading.Lock()
+        self._tally = Tally()
 
     def record(self, src: str, dst: str, kind: str, nbytes: int) -> None:
         """Record one transfer of ``nbytes`` bytes of ``kind`` from ``src`` to ``dst``."""
@@ -49,28 +49,16 @@ class Ledger:
             raise ValueError(f"unknown transfer kind {kind!r}; expected one of {KINDS}")
         if nbytes < 0:
             raise ValueError(f"a transfer of {nbytes} bytes from {src!r} to {dst!r}: byte counts cannot be negative")
-        key = (src, dst, kind)
-        with self._lock:
-            entry = self._totals.get(key)
-            if entry is None:
-                self._totals[key] = [1, int(nbytes)]
-            else:
-                entry[0] += 1
-                entry[1] += int(nbytes)
+        self._tally.add((src, dst, kind), nbytes)
 
     def merge(self, links: Iterable[LinkTotal]) -> None:
         """Add totals measured elsewhere (e.g. reported by a remote worker)."""
-        with self._lock:
-            for link in links:
-                entry = self._totals.setdefault((link.src, link.dst, link.kind), [0, 0])
-                entry[0] += link.count
-                entry[1] += link.nbytes
+        for link in links:
+            self._tally.add((link.src, link.dst, link.kind), link.nbytes, link.count)
 
     def links(self) -> list[LinkTotal]:
         """All links with their totals, sorted by (source, destination, kind)."""
-        with self._lock:
-            items = sorted(self._totals.items())
-        return [LinkTotal(s, d, k, c, b) for (s, d, k), (c, b) in items]
+        return [LinkTotal(s, d, k, c, b) for (s, d, k), c, b in self._tally.items()]
 
     def total(self, *, src: str | None = None, dst: str | None = None, kind: str | None = None) -> int:
         """Bytes over all links matching the given source, destination and kind."""
@@ -122,8 +110,7 @@ class Ledger:
 
     def clear(self) -> None:
         """Forget every record."""
-        with self._lock:
-            self._totals.clear()
+        self._tally.clear()
 
     def to_rows(self) -> list[dict[str, object]]:
         """Rows for CSV/JSON reports."""
@@ -138,4 +125,4 @@ class Ledger:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"Ledger({len(self._totals)} links, {self.total()} bytes)"
+        return f"Ledger({len(self._tally)} links, {self.total()} bytes)"

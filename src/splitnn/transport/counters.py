@@ -9,8 +9,9 @@ command; each :class:`~splitnn.workers.remote.RemoteWorker` keeps its own.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+
+from splitnn.accounting.tally import Tally
 
 DIRECTIONS = ("sent", "recv")
 
@@ -30,27 +31,17 @@ class ByteCounters:
     """Thread-safe counters of serialized bytes per (peer, direction, kind)."""
 
     def __init__(self) -> None:
-        self._totals: dict[tuple[str, str, str], list[int]] = {}
-        self._lock = threading.Lock()
+        self._tally = Tally()
 
     def record(self, peer: str, direction: str, kind: str, nbytes: int) -> None:
         """Count one message of ``nbytes`` bytes sent to / received from ``peer``."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        key = (peer, direction, kind)
-        with self._lock:
-            entry = self._totals.get(key)
-            if entry is None:
-                self._totals[key] = [1, int(nbytes)]
-            else:
-                entry[0] += 1
-                entry[1] += int(nbytes)
+        self._tally.add((peer, direction, kind), nbytes)
 
     def totals(self) -> list[WireTotal]:
         """Every counter, sorted."""
-        with self._lock:
-            items = sorted(self._totals.items())
-        return [WireTotal(p, d, k, m, b) for (p, d, k), (m, b) in items]
+        return [WireTotal(p, d, k, m, b) for (p, d, k), m, b in self._tally.items()]
 
     def total(self, *, peer: str | None = None, direction: str | None = None, kind: str | None = None) -> int:
         """Bytes over every counter matching the filters."""
@@ -67,9 +58,9 @@ class ByteCounters:
         """Rebuild counters from :meth:`to_rows` output (e.g. a server's ``stats`` reply)."""
         c = cls()
         for r in rows:
-            c._totals[(str(r["peer"]), str(r["direction"]), str(r["kind"]))] = [int(r["messages"]), int(r["nbytes"])]
+            c._tally.add((str(r["peer"]), str(r["direction"]), str(r["kind"])), int(r["nbytes"]), int(r["messages"]))
         return c
 
     def clear(self) -> None:
-        with self._lock:
-            self._totals.clear()
+        """Forget every counter."""
+        self._tally.clear()

@@ -1,0 +1,38 @@
+"""A thread-safe tally of (count, bytes) per key: what the ledger and the wire counters share."""
+
+from __future__ import annotations
+
+import threading
+from typing import Hashable
+
+
+class Tally:
+    """Counts and byte sums per key, safe to update from several threads."""
+
+    def __init__(self) -> None:
+        self._totals: dict[Hashable, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: Hashable, nbytes: int, count: int = 1) -> None:
+        """Add ``count`` events of ``nbytes`` bytes in all under ``key``."""
+        with self._lock:
+            entry = self._totals.get(key)
+            if entry is None:
+                self._totals[key] = [count, int(nbytes)]
+            else:
+                entry[0] += count
+                entry[1] += int(nbytes)
+
+    def items(self) -> list[tuple[Hashable, int, int]]:
+        """``(key, count, nbytes)`` for every key, sorted by key."""
+        with self._lock:
+            items = sorted(self._totals.items())
+        return [(key, c, b) for key, (c, b) in items]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._totals.clear()
+
+    def __len__(self) -> int:
+        return len(self._totals)
