@@ -49,3 +49,13 @@ def test_unknown_flags_name_the_subcommand(capsys):
     err = capsys.readouterr().err
     assert "splitnn privacy: error: unrecognized arguments: --limit 3" in err
     assert "usage: splitnn privacy" in err
+
+
+def test_version_flag(capsys):
+    import splitnn
+    from splitnn.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"splitnn {splitnn.__version__}"

@@ -17,7 +17,10 @@ COMMANDS = ("train", "worker", "compare", "privacy")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from splitnn import __version__
+
     parser = argparse.ArgumentParser(prog="splitnn", description="Split learning for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"splitnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
