@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +44,16 @@ class Cluster:
         self.token_file = self.root / "TOKEN"
         self.token_file.write_text(self.token + "\n")
 
-    def start(self, name: str, *args: str, token_file: Path | None = None) -> WorkerProcess:
+    def start(self, name: str, *args: str, token_file: Path | None = None, listen: str = "127.0.0.1:0",
+              prefix: Sequence[str] = ()) -> WorkerProcess:
+        """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
+        ``prefix`` goes before the command line (e.g. ``ip netns exec NS``, which execs, so the
+        process started is still the worker itself)."""
         addr_file = self.root / f"{name}.addr"
         addr_file.unlink(missing_ok=True)
         log = self.root / f"{name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "splitnn", "worker", "--name", name, "--listen", "127.0.0.1:0",
+        cmd = [*prefix, sys.executable, "-m", "splitnn", "worker", "--name", name, "--listen", listen,
                "--token-file", str(token_file or self.token_file), "--address-file", str(addr_file),
                "--threads", "1", "--max-lifetime", str(self.lifetime), *args]
         with open(log, "wb") as fh:
