@@ -4,7 +4,7 @@ Everything here is independent of what the workers compute: :mod:`frames` cuts a
 reassembles tensor frames on the peer-to-peer data plane, :mod:`counters` counts
 every byte a process puts on or takes off the wire, :mod:`security` handles the
 federation token and (mutual) TLS, :mod:`limits` holds the size limits both ends
-agree on.
+agree on, :mod:`channels` parses worker addresses and opens channels to them.
 """
 
 from splitnn.transport.counters import ByteCounters

@@ -3,7 +3,7 @@
 gRPC refuses messages above 4 MiB by default, which one large activation easily
 exceeds. We set the limits ourselves and cut anything bigger into chunks of at most
 ``chunk_bytes`` (peer frames: :mod:`splitnn.transport.frames`; control blobs: the
-``stage`` command of :mod:`splitnn.workers.server`).
+``stage`` command of :mod:`splitnn.workers.command_stream`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Control plane only. The researcher sends *commands* (protobuf envelopes) and get
 back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
 and gradients never pass through this process: a worker that must run on another
 party's tensor pulls it from that party over their peer stream
-(:mod:`splitnn.workers.server`).
+(:mod:`splitnn.workers.peers`).
 
 Pipelined commands (the per-op path). All commands to one worker travel on one
 ordered gRPC stream and the worker runs them in order. Operations whose result the
@@ -36,18 +36,17 @@ topologies and baselines of :mod:`splitnn.training` run across processes unchang
 
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
-replies; no event loop has to be hosted inside the user's program.
+replies; no event loop has to be hosted inside the user's program. That plumbing (the
+ordered stream, coalescing, the reply reader) is :mod:`splitnn.workers.command_stream`;
+this module holds the Worker-protocol methods on top of it.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import queue
 import secrets
-import threading
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import grpc
 import torch
@@ -55,55 +54,24 @@ from torch import nn
 
 from splitnn import errors as _errors
 from splitnn.accounting import RESEARCHER, Ledger
-from splitnn.accounting.ledger import LinkTotal
 from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.transport.channels import open_channel, parse_address
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
 from splitnn.wire.optim_spec import OptimizerSpec
-from splitnn.wire.proto import CALL, SESSION, Command, Reply
+from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.workers.base import OptimizerLike, Worker
-from splitnn.workers.epoch import EpochHandle, EpochPlan, EpochReport
+from splitnn.workers.command_stream import CommandStream
+from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.merge import check_merge
-from splitnn.workers.shipped import losses_from_json
+from splitnn.workers.protocol import error_from_reply, reply_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
-_COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
-                 "stage": "data"}
-_REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights", "get_grads": "gradient"}
-_ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage",
-                        "forward_merged", "backward_merged", "export_state", "load_state"})
-MAX_BATCH = 1024  # commands in one coalesced message
-
-
-def parse_address(url: str) -> str:
-    """``grpc://host:port`` (or ``host:port``) -> ``host:port``; raises ConfigurationError."""
-    if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"a worker address must be a string like grpc://127.0.0.1:7001, got {url!r}")
-    text = url if "://" in url else f"grpc://{url}"
-    parts = urlsplit(text)
-    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or parts.path not in ("", "/"):
-        raise ConfigurationError(f"cannot parse worker address {url!r}; write grpc://HOST:PORT")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if not port:
-        raise ConfigurationError(f"worker address {url!r} has no valid port; write grpc://HOST:PORT")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{port}"
-
-
-def _error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
-    cls = getattr(_errors, reply.error_type, None)
-    if reply.error_type in ("RuntimeError", "IndexError"):
-        return RuntimeError(reply.error)  # shape probes rely on torch's RuntimeError
-    if not (isinstance(cls, type) and issubclass(cls, _errors.SplitNNError)):
-        cls = WorkerError
-    return cls(reply.error or f"worker {worker!r} at {address} failed")
+__all__ = ["RemoteWorker", "connect", "parse_address"]
 
 
 def _in_order(state: dict[str, torch.Tensor], keys: object) -> dict[str, torch.Tensor]:
@@ -111,33 +79,6 @@ def _in_order(state: dict[str, torch.Tensor], keys: object) -> dict[str, torch.T
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(state):
         raise WorkerError("a worker's weights came without a valid key order")
     return {k: state[k] for k in keys}
-
-
-class _Pending:
-    __slots__ = ("event", "reply", "op", "parts", "handle")
-
-    def __init__(self, op: str, handle: EpochHandle | None = None) -> None:
-        self.event = threading.Event()
-        self.reply: Reply | None = None
-        self.op = op
-        self.parts: list[bytes] = []
-        self.handle = handle  # a shipped epoch's handle: gets progress, the result or the failure
-
-
-def _join_parts(reply: Reply, parts: list[bytes]) -> Reply:
-    """Rebuild the blobs of a reply that came in parts (``Reply.more``)."""
-    result = json.loads(reply.result_json) if reply.result_json else {}
-    sizes = result.pop("_blob_sizes", None)
-    whole = b"".join(parts)
-    if not isinstance(sizes, list) or sum(sizes) != len(whole):
-        raise WorkerError("a reply in parts does not add up")
-    blobs, pos = [], 0
-    for n in sizes:
-        blobs.append(whole[pos:pos + n])
-        pos += n
-    out = Reply(seq=reply.seq, ok=reply.ok, result_json=json.dumps(result) if result else "", blobs=blobs)
-    out.transfers.extend(reply.transfers)
-    return out
 
 
 class RemoteWorker:
@@ -167,31 +108,16 @@ class RemoteWorker:
         self.ledger = ledger if ledger is not None else Ledger()
         self.counters = ByteCounters()
         self._metadata = call_metadata(self._token, RESEARCHER)
-        options = self.limits.grpc_options()
-        if tls is not None:
-            expected = name or self.address.rpartition(":")[0].strip("[]")
-            options = options + [("grpc.ssl_target_name_override", expected)]
-            self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
-        else:
-            self._channel = grpc.insecure_channel(self.address, options=options)
+        self._channel = open_channel(self.address, limits=self.limits, tls=tls,
+                                     target_name=name or self.address.rpartition(":")[0].strip("[]"))
         self.name = "?"
-        self._seq = itertools.count(1)
         # Tensor ids are chosen here; start at a random point so that two sessions with one worker
         # (a reconnecting researcher, a second model) do not pick the same ids.
         self._ids = itertools.count(1 + secrets.randbits(40))
-        self._lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
-        self._outstanding = 0
-        self._idle = threading.Condition(self._lock)
-        self._async_error: Exception | None = None
-        self._broken: Exception | None = None
         self._peers: dict[str, Worker] = {}
         self._input_is_data: dict[str, bool] = {}
         self._merged: dict[str, int] = {}  # segment key -> sources of its last training forward_merged
         self._feature_ids: set[int] = set()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._buffer: list[tuple[str, str, list[bytes]]] = []
-        self._buffer_bytes = 0
         self._closed = False
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout or min(self.timeout, 10.0))
@@ -204,22 +130,14 @@ class RemoteWorker:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is {hello['name']!r}, not {name!r}")
         self.name = hello["name"]
-        self._stream = self._channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
-            self._requests(), metadata=self._metadata)
-        self._reader = threading.Thread(target=self._read_replies, name=f"splitnn-{self.name}-replies", daemon=True)
-        self._reader.start()
+        self._stream = CommandStream(self._channel, self._metadata, worker=self.name, address=self.address,
+                                     timeout=self.timeout, limits=self.limits, counters=self.counters,
+                                     merge_records=lambda records: self.ledger.merge(records), ids=self._ids)
 
     def __repr__(self) -> str:
         return f"RemoteWorker({self.name!r}, {self.url})"
 
     # -- plumbing -------------------------------------------------------------------------
-    def _requests(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            yield item
-
     def _unary(self, op: str, args: dict) -> dict:
         data = Command(seq=0, op=op, args_json=json.dumps(args)).SerializeToString()
         self.counters.record(self.name, "sent", "control", len(data))
@@ -235,171 +153,29 @@ class RemoteWorker:
         self.counters.record(self.name, "recv", "control", len(raw))
         reply = Reply.FromString(raw)
         if not reply.ok:
-            raise _error_from_reply(reply, self.name, self.address)
-        return json.loads(reply.result_json) if reply.result_json else {}
-
-    def _read_replies(self) -> None:
-        try:
-            for raw in self._stream:
-                reply = Reply.FromString(raw)
-                if reply.progress:  # interim news of a shipped epoch
-                    with self._lock:
-                        pending = self._pending.get(reply.seq)
-                    self.counters.record(self.name, "recv", "control", len(raw))
-                    if pending is not None and pending.handle is not None:
-                        pending.handle.add_losses(losses_from_json(json.loads(reply.result_json or "{}")))
-                    continue
-                if reply.more:
-                    with self._lock:
-                        pending = self._pending.get(reply.seq)
-                    if pending is not None:
-                        if sum(map(len, pending.parts)) + sum(map(len, reply.blobs)) > self.limits.max_blob_bytes:
-                            raise WorkerError(f"reply to {pending.op!r} exceeds {self.limits.max_blob_bytes} bytes")
-                        pending.parts.extend(reply.blobs)
-                    self.counters.record(self.name, "recv", _REPLY_KIND.get(pending.op, "control")
-                                         if pending else "control", len(raw))
-                    continue
-                with self._lock:
-                    pending = self._pending.pop(reply.seq, None)
-                if pending is not None and pending.parts:
-                    reply = _join_parts(reply, pending.parts)
-                op = pending.op if pending else "?"
-                self.counters.record(self.name, "recv", _REPLY_KIND.get(op, "control") if reply.ok else "control",
-                                     len(raw))
-                if reply.transfers:
-                    self.ledger.merge(LinkTotal(t.src, t.dst, t.kind, t.count, t.nbytes) for t in reply.transfers)
-                with self._lock:
-                    if pending is not None:
-                        pending.reply = reply
-                        if op in _ASYNC_OPS and not reply.ok and self._async_error is None:
-                            self._async_error = _error_from_reply(reply, self.name, self.address)
-                        pending.event.set()
-                    self._outstanding -= 1
-                    self._idle.notify_all()
-                if pending is not None and pending.handle is not None:  # after the ledger merge above
-                    if reply.ok:
-                        result = json.loads(reply.result_json) if reply.result_json else {}
-                        pending.handle.finish(EpochReport(self.name, int(result.get("batches", 0))))
-                    else:
-                        pending.handle.fail(_error_from_reply(reply, self.name, self.address))
-        except grpc.RpcError as exc:
-            if not self._closed:
-                detail = exc.details() if hasattr(exc, "details") else str(exc)
-                code = exc.code().name if hasattr(exc, "code") else "error"
-                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerError
-                self._fail(cls(f"worker {self.name!r} at {self.address}: connection lost ({code}: {detail})"))
-        except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
-            self._fail(WorkerError(f"worker {self.name!r} at {self.address}: bad reply: {exc}"))
-        else:
-            if not self._closed:
-                self._fail(WorkerError(f"worker {self.name!r} at {self.address} closed the session"))
-
-    def _fail(self, exc: Exception) -> None:
-        with self._lock:
-            self._broken = exc
-            handles = [p.handle for p in self._pending.values() if p.handle is not None]
-            for p in self._pending.values():
-                p.event.set()
-            self._pending.clear()
-            self._outstanding = 0
-            self._idle.notify_all()
-        for handle in handles:
-            handle.fail(exc)
-
-    def _check(self) -> None:
-        if self._broken is not None:
-            raise self._broken
-        if self._closed:
-            raise WorkerError(f"worker {self.name!r} at {self.address}: connection closed")
-        if self._async_error is not None:
-            exc, self._async_error = self._async_error, None
-            raise exc
+            raise error_from_reply(reply, self.name, self.address)
+        return reply_result(reply)
 
     def _send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True,
-              handle: EpochHandle | None = None) -> _Pending | None:
-        """Queue a command; with ``flush``, put everything queued on the wire as one message.
-
-        Commands whose answer nobody waits for are coalesced: a training step reaches
-        each worker as one or two messages instead of one per operation.
-        """
-        self._check()
-        blobs = list(blobs)
-        staged = {}
-        for i, blob in enumerate(blobs):
-            if len(blob) > self.limits.chunk_bytes:  # cut big uploads into staged chunks
-                sid = next(self._ids)
-                view = memoryview(blob)
-                for start in range(0, len(blob), self.limits.chunk_bytes):
-                    self._send("stage", {"sid": sid}, [bytes(view[start:start + self.limits.chunk_bytes])],
-                               flush=False)
-                staged[str(i)] = sid
-                blobs[i] = b""
-        if staged:
-            args = {**args, "_staged": staged}
-        args_json = json.dumps(args)
-        size = len(args_json) + sum(map(len, blobs)) + 64
-        if self._buffer and self._buffer_bytes + size > self.limits.chunk_bytes:
-            self._flush()
-        self._buffer.append((op, args_json, blobs))
-        self._buffer_bytes += size
-        return self._flush(handle) if flush else None
-
-    def _flush(self, handle: EpochHandle | None = None) -> _Pending | None:
-        if not self._buffer:
-            return None
-        items, self._buffer, self._buffer_bytes = self._buffer, [], 0
-        seq = next(self._seq)
-        if len(items) == 1:
-            op, args_json, blobs = items[0]
-            data = Command(seq=seq, op=op, args_json=args_json, blobs=blobs).SerializeToString()
-            self.counters.record(self.name, "sent", _COMMAND_KIND.get(op, "control"), len(data))
-        else:
-            parts = [Command(op=op, args_json=a, blobs=b).SerializeToString() for op, a, b in items]
-            data = Command(seq=seq, op="batch", blobs=parts).SerializeToString()
-            for (op, _, _), part in zip(items, parts):
-                self.counters.record(self.name, "sent", _COMMAND_KIND.get(op, "control"), len(part))
-            self.counters.record(self.name, "sent", "control", len(data) - sum(map(len, parts)))
-        pending = _Pending(items[-1][0], handle)
-        with self._lock:
-            if self._broken is not None:
-                raise self._broken
-            self._pending[seq] = pending
-            self._outstanding += 1
-        self._queue.put(data)
-        return pending
-
-    def _wait(self, pending: _Pending) -> Reply:
-        if not pending.event.wait(self.timeout):
-            raise WorkerError(f"worker {self.name!r} at {self.address} did not answer {pending.op!r} within "
-                              f"{self.timeout:g} s (dead or hung?)")
-        if pending.reply is None:
-            self._check()
-            raise WorkerError(f"worker {self.name!r} at {self.address}: no answer to {pending.op!r}")
-        return pending.reply
+              handle: EpochHandle | None = None) -> None:
+        """Queue a command (see :meth:`CommandStream.send`); nobody waits for its answer here."""
+        self._stream.send(op, args, blobs, flush=flush, handle=handle)
 
     def drain(self) -> None:
         """Send what is queued, wait until every command is answered; raise the first error."""
-        if self._broken is None and not self._closed:
-            self._flush()
-        with self._lock:
-            ok = self._idle.wait_for(lambda: self._outstanding <= 0 or self._broken is not None, self.timeout)
-        if not ok:
-            raise WorkerError(f"worker {self.name!r} at {self.address} did not finish its commands within "
-                              f"{self.timeout:g} s (dead or hung?)")
-        self._check()
+        self._stream.drain()
 
     def _request(self, op: str, args: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
         """Send a command and wait for its answer (after every worker of the model is idle)."""
         for peer in self._remote_peers():
-            peer._flush()  # what this command waits on may still be queued at a peer
-        pending = self._send(op, args, blobs)
-        reply = self._wait(pending)
+            peer._stream.flush()  # what this command waits on may still be queued at a peer
+        reply = self._stream.wait(self._stream.send(op, args, blobs))
         for peer in self._remote_peers():
             peer.drain()
         self.drain()
         if not reply.ok:
-            raise _error_from_reply(reply, self.name, self.address)
-        return (json.loads(reply.result_json) if reply.result_json else {}), list(reply.blobs)
+            raise error_from_reply(reply, self.name, self.address)
+        return reply_result(reply), list(reply.blobs)
 
     def _remote_peers(self) -> list["RemoteWorker"]:
         return [p for p in self._peers.values() if isinstance(p, RemoteWorker) and p is not self]
@@ -609,16 +385,8 @@ class RemoteWorker:
         """End the session and close the channel (the worker keeps running)."""
         if self._closed:
             return
-        try:
-            if self._broken is None and self._async_error is None:
-                self._flush()
-                with self._lock:  # let queued commands finish, briefly: closing must not hang
-                    self._idle.wait_for(lambda: self._outstanding <= 0 or self._broken is not None,
-                                        min(self.timeout, 5.0))
-        except Exception:
-            pass
         self._closed = True
-        self._queue.put(None)
+        self._stream.close()
         self._channel.close()
 
     def __enter__(self) -> "RemoteWorker":

@@ -28,6 +28,7 @@ import torch
 from splitnn.errors import WireError, WorkerError
 from splitnn.wire.tensor_codec import decode_tensor
 from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, StagePlan, push_id, run_of
+from splitnn.workers.exports import quiet_future
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
 from splitnn.workers.virtual import VirtualWorker
@@ -137,9 +138,7 @@ class Inbox:
         key = (peer, kind, frame_id)
         fut = self._slots.get(key)
         if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
-            self._slots[key] = fut
+            fut = self._slots[key] = quiet_future()
         return fut
 
 
@@ -155,7 +154,6 @@ def _party(value: object, what: str) -> str | None:
 def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: set[str],
                max_blob_bytes: int) -> EpochPlan:
     """Check a ``run_epoch`` command against what this worker hosts and knows; raise WireError/WorkerError."""
-    me = engine.name
     run_id = args.get("run")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or not 0 < run_id < 1 << RUN_ID_BITS:
         raise WireError("epoch plan: 'run' must be a small positive integer")
@@ -167,11 +165,27 @@ def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: 
     interval = args.get("progress_interval", 0.05)
     if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 <= interval <= 3600:
         raise WireError("epoch plan: 'progress_interval' must be 0..3600 seconds")
-    raw_stages = args.get("stages")
+    stages = _parse_stages(args.get("stages"), engine, peers)
+    order = indices = None
+    if args.get("order") is not None:
+        order = BatchOrder.from_dict(args["order"])
+    else:
+        indices = _explicit_batches(blobs, max_blob_bytes)
+    plan = EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices,
+                     progress_interval=float(interval))
+    if plan.holds_labels:
+        check_loss_name(loss)
+    _check_data(plan, engine)
+    return plan
+
+
+def _parse_stages(raw_stages: object, engine: VirtualWorker, peers: set[str]) -> tuple[StagePlan, ...]:
+    """The plan's stages: segments this worker hosts, consecutive where they feed each other here."""
+    me = engine.name
     if not isinstance(raw_stages, list) or not 0 < len(raw_stages) <= 255:
         raise WireError("epoch plan: 'stages' must be a non-empty list")
     stages: list[StagePlan] = []
-    for i, s in enumerate(raw_stages):
+    for s in raw_stages:
         if not isinstance(s, dict) or set(s) != {"index", "key", "prev", "next"}:
             raise WireError("epoch plan: each stage must be an object {index, key, prev, next}")
         index, key = s["index"], s["key"]
@@ -199,16 +213,13 @@ def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: 
         stages.append(st)
     if stages[-1].next == me:
         raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but the next stage is missing")
-    order = indices = None
-    if args.get("order") is not None:
-        order = BatchOrder.from_dict(args["order"])
-    else:
-        indices = _explicit_batches(blobs, max_blob_bytes)
-    plan = EpochPlan(run_id, dataset, loss, tuple(stages), order=order, indices=indices,
-                     progress_interval=float(interval))
-    if plan.holds_labels:
-        check_loss_name(loss)
-    needs = [part for part, needed in (("features", stages[0].prev is None), ("labels", plan.holds_labels))
+    return tuple(stages)
+
+
+def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
+    """The dataset parts the plan reads here (features at its first stage, labels at its last) exist and fit it."""
+    me, dataset, order, indices = engine.name, plan.dataset, plan.order, plan.indices
+    needs = [part for part, needed in (("features", plan.stages[0].prev is None), ("labels", plan.holds_labels))
              if needed]
     if needs:
         data = engine._dataset(dataset)  # WorkerError naming what it holds
@@ -222,7 +233,6 @@ def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: 
         for idx in indices or ():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
                 raise WireError(f"epoch plan: batch indices of dataset {dataset!r} out of range 0..{size - 1}")
-    return plan
 
 
 def _explicit_batches(blobs: list[bytes], max_bytes: int) -> tuple[torch.Tensor, ...]:

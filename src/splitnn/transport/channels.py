@@ -1,0 +1,46 @@
+"""Dialling a worker: its address, and one gRPC channel with the agreed size limits and, optionally, TLS.
+
+The researcher (blocking grpcio) and a worker dialling its peers (``grpc.aio``) open
+their channels the same way: the message limits of :class:`~splitnn.transport.Limits`
+on both, and with TLS the expected party name as the TLS target, so the server's
+certificate must name the party the caller meant to reach.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import grpc
+
+from splitnn.errors import ConfigurationError
+from splitnn.transport.limits import Limits
+from splitnn.transport.security import TLSConfig
+
+
+def parse_address(url: str) -> str:
+    """``grpc://host:port`` (or ``host:port``) -> ``host:port``; raises ConfigurationError."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"a worker address must be a string like grpc://127.0.0.1:7001, got {url!r}")
+    text = url if "://" in url else f"grpc://{url}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigurationError(f"cannot parse worker address {url!r}; write grpc://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not port:
+        raise ConfigurationError(f"worker address {url!r} has no valid port; write grpc://HOST:PORT")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
+
+
+def open_channel(address: str, *, limits: Limits, tls: TLSConfig | None = None, target_name: str | None = None,
+                 aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
+    """A channel to ``host:port``; ``aio`` for an asyncio channel, ``target_name`` the party expected with TLS."""
+    api = grpc.aio if aio else grpc
+    options = limits.grpc_options()
+    if tls is None:
+        return api.insecure_channel(address, options=options)
+    options = options + [("grpc.ssl_target_name_override", target_name)]
+    return api.secure_channel(address, tls.channel_credentials(), options=options)

@@ -1,0 +1,274 @@
+"""The researcher's ordered command stream to one worker, and the thread that reads its replies.
+
+:class:`CommandStream` is the plumbing under :class:`~splitnn.workers.remote.RemoteWorker`:
+one gRPC ``Session`` stream on which commands go out in order and replies come back in
+order. Commands whose answer nobody waits for are *coalesced* into one ``batch`` message
+(at most :data:`~splitnn.workers.protocol.MAX_BATCH` commands and about one chunk of
+bytes each), so a training step reaches a worker as one or two messages; blobs larger
+than a chunk are sent ahead as ``stage`` commands. Each message sent is a
+:class:`Pending` answer, which a daemon thread fills as replies arrive: it joins replies
+that came in parts, merges their ledger records, remembers the first error of a command
+nobody waits for (raised at the next :meth:`~CommandStream.check`), and feeds shipped
+epochs' handles their progress and result. A broken stream fails everything pending at once.
+
+Why a thread. ``SplitNN`` and the training loops are synchronous, so the client uses
+grpcio's blocking API with one reader thread per worker; no event loop has to be hosted
+inside the user's program.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
+import grpc
+
+from splitnn import errors as _errors
+from splitnn.accounting.ledger import LinkTotal
+from splitnn.errors import WorkerError
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.limits import Limits
+from splitnn.wire.proto import SESSION, Command, Reply
+from splitnn.workers.epoch import EpochHandle, EpochReport
+from splitnn.workers.protocol import (
+    COMMAND_KIND,
+    MAX_BATCH,
+    REPLY_KIND,
+    error_from_reply,
+    join_parts,
+    reply_result,
+)
+from splitnn.workers.shipped import losses_from_json
+
+#: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply).
+ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage",
+                       "forward_merged", "backward_merged", "export_state", "load_state"})
+
+
+class Pending:
+    """The answer to one message on the stream: set once its reply (or the stream's failure) arrives."""
+
+    __slots__ = ("event", "reply", "op", "parts", "handle")
+
+    def __init__(self, op: str, handle: EpochHandle | None = None) -> None:
+        self.event = threading.Event()
+        self.reply: Reply | None = None
+        self.op = op
+        self.parts: list[bytes] = []
+        self.handle = handle  # a shipped epoch's handle: gets progress, the result or the failure
+
+
+class CommandStream:
+    """One ordered ``Session`` stream to worker ``worker`` at ``address``; see the module docstring.
+
+    Args:
+        channel: an open channel to the worker.
+        metadata: the call metadata (token, party).
+        ids: the id counter shared with the worker's tensor refs (staged uploads take ids from it).
+        counters: where wire bytes are counted.
+        merge_records: takes the ledger records each reply carries (the worker's ``ledger``, looked
+            up at each reply: a model may bind its workers to its own ledger after connecting).
+    """
+
+    def __init__(self, channel: grpc.Channel, metadata, *, worker: str, address: str, timeout: float,
+                 limits: Limits, counters: ByteCounters, merge_records: Callable[[Iterable[LinkTotal]], None],
+                 ids: Iterator[int]) -> None:
+        self.worker, self.address, self.timeout = worker, address, timeout
+        self.limits, self.counters, self._merge_records = limits, counters, merge_records
+        self._ids = ids
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Pending] = {}
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+        self.async_error: Exception | None = None
+        self.broken: Exception | None = None
+        self.closed = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._buffer: list[tuple[str, str, list[bytes]]] = []
+        self._buffer_bytes = 0
+        self._stream = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
+            self._requests(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read_replies, name=f"splitnn-{worker}-replies", daemon=True)
+        self._reader.start()
+
+    # -- sending ------------------------------------------------------------------------------
+    def _requests(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    def send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True,
+             handle: EpochHandle | None = None) -> Pending | None:
+        """Queue a command; with ``flush``, put everything queued on the wire as one message."""
+        self.check()
+        blobs = list(blobs)
+        staged = {}
+        for i, blob in enumerate(blobs):
+            if len(blob) > self.limits.chunk_bytes:  # cut big uploads into staged chunks
+                sid = next(self._ids)
+                view = memoryview(blob)
+                for start in range(0, len(blob), self.limits.chunk_bytes):
+                    self.send("stage", {"sid": sid}, [bytes(view[start:start + self.limits.chunk_bytes])],
+                              flush=False)
+                staged[str(i)] = sid
+                blobs[i] = b""
+        if staged:
+            args = {**args, "_staged": staged}
+        args_json = json.dumps(args)
+        size = len(args_json) + sum(map(len, blobs)) + 64
+        if self._buffer and (self._buffer_bytes + size > self.limits.chunk_bytes or len(self._buffer) >= MAX_BATCH):
+            self.flush()
+        self._buffer.append((op, args_json, blobs))
+        self._buffer_bytes += size
+        return self.flush(handle) if flush else None
+
+    def flush(self, handle: EpochHandle | None = None) -> Pending | None:
+        """Put the queued commands on the wire as one message (a ``batch`` when there are several)."""
+        if not self._buffer:
+            return None
+        items, self._buffer, self._buffer_bytes = self._buffer, [], 0
+        seq = next(self._seq)
+        if len(items) == 1:
+            op, args_json, blobs = items[0]
+            data = Command(seq=seq, op=op, args_json=args_json, blobs=blobs).SerializeToString()
+            self.counters.record(self.worker, "sent", COMMAND_KIND.get(op, "control"), len(data))
+        else:
+            parts = [Command(op=op, args_json=a, blobs=b).SerializeToString() for op, a, b in items]
+            data = Command(seq=seq, op="batch", blobs=parts).SerializeToString()
+            for (op, _, _), part in zip(items, parts):
+                self.counters.record(self.worker, "sent", COMMAND_KIND.get(op, "control"), len(part))
+            self.counters.record(self.worker, "sent", "control", len(data) - sum(map(len, parts)))
+        pending = Pending(items[-1][0], handle)
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            self._pending[seq] = pending
+            self._outstanding += 1
+        self._queue.put(data)
+        return pending
+
+    # -- waiting ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise the stream's failure, or the first error of a command nobody waited for."""
+        if self.broken is not None:
+            raise self.broken
+        if self.closed:
+            raise WorkerError(f"worker {self.worker!r} at {self.address}: connection closed")
+        if self.async_error is not None:
+            exc, self.async_error = self.async_error, None
+            raise exc
+
+    def wait(self, pending: Pending) -> Reply:
+        """The reply ``pending`` stands for (WorkerError after the timeout)."""
+        if not pending.event.wait(self.timeout):
+            raise WorkerError(f"worker {self.worker!r} at {self.address} did not answer {pending.op!r} within "
+                              f"{self.timeout:g} s (dead or hung?)")
+        if pending.reply is None:
+            self.check()
+            raise WorkerError(f"worker {self.worker!r} at {self.address}: no answer to {pending.op!r}")
+        return pending.reply
+
+    def _wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._outstanding <= 0 or self.broken is not None, timeout)
+
+    def drain(self) -> None:
+        """Send what is queued, wait until every command is answered; raise the first error."""
+        if self.broken is None and not self.closed:
+            self.flush()
+        if not self._wait_idle(self.timeout):
+            raise WorkerError(f"worker {self.worker!r} at {self.address} did not finish its commands within "
+                              f"{self.timeout:g} s (dead or hung?)")
+        self.check()
+
+    def close(self) -> None:
+        """Let queued commands finish, briefly (closing must not hang), then end the stream."""
+        try:
+            if self.broken is None and self.async_error is None:
+                self.flush()
+                self._wait_idle(min(self.timeout, 5.0))
+        except Exception:
+            pass
+        self.closed = True
+        self._queue.put(None)
+
+    # -- the reply reader (its own thread) ----------------------------------------------------
+    def _read_replies(self) -> None:
+        try:
+            for raw in self._stream:
+                reply = Reply.FromString(raw)
+                if reply.progress:  # interim news of a shipped epoch
+                    self._on_progress(reply, len(raw))
+                elif reply.more:
+                    self._on_part(reply, len(raw))
+                else:
+                    self._on_reply(reply, len(raw))
+        except grpc.RpcError as exc:
+            if not self.closed:
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                code = exc.code().name if hasattr(exc, "code") else "error"
+                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerError
+                self._fail(cls(f"worker {self.worker!r} at {self.address}: connection lost ({code}: {detail})"))
+        except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
+            self._fail(WorkerError(f"worker {self.worker!r} at {self.address}: bad reply: {exc}"))
+        else:
+            if not self.closed:
+                self._fail(WorkerError(f"worker {self.worker!r} at {self.address} closed the session"))
+
+    def _on_progress(self, reply: Reply, nbytes: int) -> None:
+        with self._lock:
+            pending = self._pending.get(reply.seq)
+        self.counters.record(self.worker, "recv", "control", nbytes)
+        if pending is not None and pending.handle is not None:
+            pending.handle.add_losses(losses_from_json(reply_result(reply)))
+
+    def _on_part(self, reply: Reply, nbytes: int) -> None:
+        with self._lock:
+            pending = self._pending.get(reply.seq)
+        if pending is not None:
+            if sum(map(len, pending.parts)) + sum(map(len, reply.blobs)) > self.limits.max_blob_bytes:
+                raise WorkerError(f"reply to {pending.op!r} exceeds {self.limits.max_blob_bytes} bytes")
+            pending.parts.extend(reply.blobs)
+        self.counters.record(self.worker, "recv", REPLY_KIND.get(pending.op, "control")
+                             if pending else "control", nbytes)
+
+    def _on_reply(self, reply: Reply, nbytes: int) -> None:
+        with self._lock:
+            pending = self._pending.pop(reply.seq, None)
+        if pending is not None and pending.parts:
+            reply = join_parts(reply, pending.parts)
+        op = pending.op if pending else "?"
+        self.counters.record(self.worker, "recv", REPLY_KIND.get(op, "control") if reply.ok else "control", nbytes)
+        if reply.transfers:
+            self._merge_records(LinkTotal(t.src, t.dst, t.kind, t.count, t.nbytes) for t in reply.transfers)
+        with self._lock:
+            if pending is not None:
+                pending.reply = reply
+                if op in ASYNC_OPS and not reply.ok and self.async_error is None:
+                    self.async_error = error_from_reply(reply, self.worker, self.address)
+                pending.event.set()
+            self._outstanding -= 1
+            self._idle.notify_all()
+        if pending is not None and pending.handle is not None:  # after the ledger merge above
+            if reply.ok:
+                pending.handle.finish(EpochReport(self.worker, int(reply_result(reply).get("batches", 0))))
+            else:
+                pending.handle.fail(error_from_reply(reply, self.worker, self.address))
+
+    def _fail(self, exc: Exception) -> None:
+        with self._lock:
+            self.broken = exc
+            handles = [p.handle for p in self._pending.values() if p.handle is not None]
+            for p in self._pending.values():
+                p.event.set()
+            self._pending.clear()
+            self._outstanding = 0
+            self._idle.notify_all()
+        for handle in handles:
+            handle.fail(exc)

@@ -1,0 +1,312 @@
+"""The commands a researcher may run on a worker, each a checked call into the in-process engine.
+
+A worker hosts its segments, optimizers and datasets in a :class:`~splitnn.workers.VirtualWorker`
+(the *engine*, ``fuse=False``), so a networked party runs exactly the kernels, in exactly
+the order, of an in-process one. :class:`Commands` is the table of operations
+(``_op_<name>(args, blobs) -> (result, blobs)``) that the worker's executor
+(:mod:`splitnn.workers.executor`) looks commands up in. Each operation checks its
+arguments (:func:`arg`, :func:`ref_arg`, :func:`blob_arg`: ``WireError`` on anything
+malformed) before it touches the engine.
+
+Tensors cross this layer by reference. An operation that produces a tensor publishes it
+under the researcher's id (:class:`~splitnn.workers.exports.Exports`); one that consumes
+another party's tensor pulls it over the peer stream (:class:`~splitnn.workers.peers.Peers`)
+and puts it into the engine, which records the transfer on the receiving side, as in-process.
+
+Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
+pull every source activation like ``forward`` does and leave one gradient per source for its
+owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
+worker to another over their peer stream as ``weights`` frames (the receiver pulls, loads and
+records them); ``get_grads`` returns parameter gradients to the researcher (large-batch SGD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Awaitable, Callable
+
+import torch
+
+from splitnn.errors import WireError, WorkerError
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.limits import Limits
+from splitnn.wire.optim_spec import OptimizerSpec
+from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
+from splitnn.wire.state_codec import decode_state, encode_state
+from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.workers.exports import Exports, SessionState
+from splitnn.workers.peers import Peers
+from splitnn.workers.protocol import PROTOCOL_VERSION, check_party_name
+from splitnn.workers.refs import BatchRef, TensorRef
+from splitnn.workers.virtual import VirtualWorker
+
+#: Largest number of sources one ``forward_merged`` may merge.
+MAX_MERGE_SOURCES = 256
+
+#: One operation: ``(args, blobs, *, caller, state) -> (result, blobs)``.
+Op = Callable[..., Awaitable[tuple[dict, list[bytes]]]]
+
+
+# ---------------------------------------------------------------------------- arguments
+def arg(args: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
+    """Command argument ``key`` of type ``kind`` (strings <= 256 chars, ints 0..2**63-1); WireError otherwise."""
+    if key not in args or args[key] is None:
+        if optional:
+            return None
+        raise WireError(f"command argument {key!r} is missing")
+    value = args[key]
+    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise WireError(f"command argument {key!r} must be {kind}, got a boolean")
+    if not isinstance(value, kind):
+        raise WireError(f"command argument {key!r} has the wrong type {type(value).__name__}")
+    if isinstance(value, str) and len(value) > 256:
+        raise WireError(f"command argument {key!r} is too long")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
+        raise WireError(f"command argument {key!r} is out of range")
+    return value
+
+
+def ref_arg(value: object) -> TensorRef:
+    """A tensor ref ``{owner, id}`` given as an argument."""
+    if not isinstance(value, dict):
+        raise WireError("a tensor ref must be an object {owner, id}")
+    return TensorRef(check_party_name(arg(value, "owner", str)), arg(value, "id", int))
+
+
+def blob_arg(blobs: list[bytes], i: int, what: str) -> bytes:
+    """Blob ``i`` of a command (``what`` names it in the error when it is missing)."""
+    if i >= len(blobs):
+        raise WireError(f"command is missing its {what} blob")
+    return blobs[i]
+
+
+def _id_list(ids: object) -> list[int]:
+    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_MERGE_SOURCES or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
+        raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
+    return ids
+
+
+class Commands:
+    """The operations of one worker, by name (:attr:`table`); see the module docstring."""
+
+    def __init__(self, name: str, engine: VirtualWorker, *, exports: Exports, peers: Peers, limits: Limits,
+                 counters: ByteCounters) -> None:
+        self.name, self.engine, self.exports, self.peers = name, engine, exports, peers
+        self.limits, self.counters = limits, counters
+        self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def _resolve(self, value: object, kind: str) -> TensorRef:
+        """An engine ref for a researcher ref: local, or pulled from its owner over the peer link."""
+        ref = ref_arg(value)
+        if ref.owner == self.name:
+            return self.exports.local(ref)
+        tensor = await self.peers.pull(ref.owner, ref.id, kind)
+        return self.engine.put(tensor, src=ref.owner, kind=kind)  # the receiver records the transfer
+
+    async def _grad(self, args: dict) -> TensorRef | None:
+        grad = args.get("grad")
+        return await self._resolve(grad, "gradient") if grad is not None else None
+
+    def _batch(self, args: dict, blobs: list[bytes]) -> BatchRef:
+        name = arg(args, "dataset", str)
+        idx = decode_tensor(blob_arg(blobs, 0, "indices"), max_bytes=self.limits.max_blob_bytes,
+                            allowed_dtypes=(torch.int64,), max_ndim=1)
+        if idx.dim() != 1:
+            raise WireError("batch indices must be a 1-D int64 tensor")
+        size = self.engine.dataset_stats(name).size
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise WireError(f"batch indices of dataset {name!r} out of range 0..{size - 1}")
+        return BatchRef(name, idx)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    async def _op_hello(self, a, blobs, **_):
+        return {"name": self.name, "protocol": PROTOCOL_VERSION, "datasets": sorted(self.engine._data)}, []
+
+    async def _op_stats(self, a, blobs, **_):
+        return {"counters": self.counters.to_rows(), "ledger": self.engine.ledger.to_rows()}, []
+
+    async def _op_peers(self, a, blobs, **_):
+        peers = arg(a, "peers", dict)
+        for peer, address in peers.items():
+            check_party_name(peer)
+            if not isinstance(address, str) or ":" not in address or len(address) > 256:
+                raise WireError(f"peer {peer!r} has a malformed address {address!r}")
+            if peer != self.name:
+                self.peers.addresses[peer] = address
+        return {}, []
+
+    async def _op_stage(self, a, blobs, *, state: SessionState, **_):
+        state.stage(arg(a, "sid", int), blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
+        return {}, []
+
+    async def _op_add_segment(self, a, blobs, **_):
+        key = arg(a, "key", str)
+        opt = arg(a, "optimizer", dict, optional=True)
+        module = spec_to_module(spec_from_json(blob_arg(blobs, 0, "spec")))
+        state = decode_state(blob_arg(blobs, 1, "state"), max_bytes=self.limits.max_blob_bytes)
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, KeyError) as exc:
+            raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
+        self.engine.add_segment(key, module, OptimizerSpec.from_dict(opt) if opt is not None else None)
+        return {}, []
+
+    async def _op_remove_segment(self, a, blobs, **_):
+        self.engine.remove_segment(arg(a, "key", str))
+        return {}, []
+
+    async def _op_add_dataset(self, a, blobs, **_):
+        name = arg(a, "name", str)
+        parts = arg(a, "parts", list)
+        if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
+            raise WireError("'parts' must list 'features' and/or 'labels'")
+        tensors = {p: decode_tensor(blob_arg(blobs, i, p), max_bytes=self.limits.max_blob_bytes)
+                   for i, p in enumerate(parts)}
+        self.engine.add_dataset(name, **tensors)
+        return {}, []
+
+    async def _op_dataset_stats(self, a, blobs, **_):
+        s = self.engine.dataset_stats(arg(a, "name", str))
+        return {"name": s.name, "size": s.size, "feature_shape": s.feature_shape, "num_labels": s.num_labels,
+                "label_max": s.label_max}, []
+
+    async def _op_probe(self, a, blobs, **_):
+        shape = arg(a, "shape", list)
+        if not 0 < len(shape) <= 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20
+                                              for d in shape) or math.prod(shape) > 1 << 26:
+            raise WireError(f"probe shape {shape!r} is not a small positive shape")
+        return {"shape": list(self.engine.probe(arg(a, "key", str), tuple(shape)))}, []
+
+    # -- the training step --------------------------------------------------------------------
+    async def _op_put(self, a, blobs, *, caller: str, state: SessionState, **_):
+        tid, kind = arg(a, "id", int), arg(a, "kind", str)
+        self.exports.announce(state, tid)
+        if kind not in ("features",):
+            raise WireError(f"the researcher may only put 'features', not {kind!r}")
+        with self.exports.producing(state, tid):
+            tensor = decode_tensor(blob_arg(blobs, 0, "tensor"), max_bytes=self.limits.max_tensor_bytes)
+            self.exports.export(tid, self.engine.put(tensor, src=caller, kind=kind))
+        return {}, []
+
+    async def _op_forward(self, a, blobs, *, state: SessionState, **_):
+        tid = arg(a, "id", int)
+        with self.exports.producing(state, tid):
+            key, train = arg(a, "key", str), arg(a, "train", bool)
+            src = arg(a, "src", dict)
+            source = self._batch(src, blobs) if "dataset" in src else await self._resolve(src, "activation")
+            self.exports.export(tid, self.engine.forward(key, source, train=train))
+        return {}, []
+
+    async def _op_loss(self, a, blobs, **_):
+        output = await self._resolve(arg(a, "output", dict), "activation")
+        stats = self.engine.loss(output, self._batch(a, blobs), arg(a, "loss", str), train=arg(a, "train", bool))
+        return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}, []
+
+    async def _op_backward(self, a, blobs, *, state: SessionState, **_):
+        tid = arg(a, "id", int, optional=True)
+        with self.exports.producing(state, tid):
+            key = arg(a, "key", str)
+            self.exports.export(tid, self.engine.backward(key, await self._grad(a)))
+        return {}, []
+
+    async def _op_forward_merged(self, a, blobs, *, state: SessionState, **_):
+        """Pull every source activation from its owner (in parallel), merge, run the segment."""
+        tid = arg(a, "id", int)
+        with self.exports.producing(state, tid):
+            key, train, merge = arg(a, "key", str), arg(a, "train", bool), arg(a, "merge", str)
+            srcs = arg(a, "srcs", list)
+            if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
+                raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
+            refs = await asyncio.gather(*(self._resolve(src, "activation") for src in srcs))
+            self.exports.export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
+        return {}, []
+
+    async def _op_backward_merged(self, a, blobs, *, state: SessionState, **_):
+        """Back-propagate through the segment and its merge; export one gradient per source."""
+        ids = _id_list(arg(a, "ids", list))
+        with self.exports.producing(state, *ids):
+            key = arg(a, "key", str)
+            refs = self.engine.backward_merged(key, await self._grad(a))
+            if len(refs) != len(ids):
+                raise WorkerError(f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
+                                  f"{len(ids)} gradient ids were given")
+            for tid, ref in zip(ids, refs):
+                self.exports.export(tid, ref)
+        return {}, []
+
+    async def _op_zero_grad(self, a, blobs, **_):
+        self.engine.zero_grad(arg(a, "key", str))
+        return {}, []
+
+    async def _op_step(self, a, blobs, **_):
+        self.engine.step(arg(a, "key", str))
+        return {}, []
+
+    async def _op_get_grads(self, a, blobs, **_):
+        grads = self.engine.get_grads(arg(a, "key", str))
+        return {"keys": list(grads)}, [encode_state(grads)]
+
+    async def _op_run_epoch(self, a, blobs, **_):
+        raise WireError("run_epoch runs only as a command of its own on a Session stream")
+
+    async def _op_release(self, a, blobs, **_):
+        self.engine.release()
+        self.exports.cancel_all()
+        return {}, []
+
+    # -- weights and outputs ------------------------------------------------------------------
+    async def _op_export_state(self, a, blobs, *, state: SessionState, **_):
+        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
+
+        Nothing is recorded here: the receiver records the transfer (``load_state``).
+        """
+        tid = arg(a, "id", int)
+        with self.exports.producing(state, tid):
+            module = self.engine._segment(arg(a, "key", str)).module
+            blob = encode_state({k: v.detach() for k, v in module.state_dict().items()})
+            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            self.exports.export(tid, self.engine._keep(payload, "weights"))
+        return {}, []
+
+    async def _op_load_state(self, a, blobs, **_):
+        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
+        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
+        key = arg(a, "key", str)
+        src = ref_arg(arg(a, "src", dict))
+        if src.owner == self.name:
+            payload = self.engine._take(self.exports.local(src).id)
+        else:
+            payload = await self.peers.pull(src.owner, src.id, "weights")
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
+        state = decode_state(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
+        try:
+            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
+        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: "
+                            f"{exc}") from None
+        return {}, []
+
+    async def _op_fetch(self, a, blobs, **_):
+        ref = ref_arg(arg(a, "ref", dict))
+        if ref.owner != self.name:
+            raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
+        tensor = self.engine.fetch(self.exports.produced(ref.id), kind=arg(a, "kind", str))  # policy check
+        self.exports.forget(ref.id)
+        return {}, [encode_tensor(tensor)]
+
+    async def _op_get_state(self, a, blobs, **_):
+        state = self.engine.get_state(arg(a, "key", str))
+        return {"keys": list(state)}, [encode_state(state)]  # keys: safetensors does not keep the order
+
+    async def _op_set_state(self, a, blobs, *, caller: str, **_):
+        state = decode_state(blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)
+        self.engine.set_state(arg(a, "key", str), state, src=caller)
+        return {}, []
+
+    async def _op_fetch_segment(self, a, blobs, **_):
+        module = self.engine.fetch_segment(arg(a, "key", str))
+        return {}, [spec_to_json(module_to_spec(module)).encode(), encode_state(module.state_dict())]

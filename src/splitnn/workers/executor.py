@@ -1,0 +1,158 @@
+"""Running a researcher's commands on a worker, in order, and answering each with a Reply.
+
+:class:`Executor` turns one ``Command`` envelope into one ``Reply``: it decodes the
+arguments, puts staged uploads back into the blobs, runs the operation from the
+:class:`~splitnn.workers.commands.Commands` table and attaches the ledger records made
+since the previous reply (:class:`LedgerDelta`). Every failure becomes an error reply
+(:func:`~splitnn.workers.protocol.fill_error`); the worker keeps serving.
+
+Two commands are not single operations:
+
+* ``batch`` -- commands the researcher coalesced into one message; they run in order
+  and the reply carries the last one's result, or the first error.
+* ``run_epoch`` -- a shipped epoch (:mod:`splitnn.workers.epoch`): this worker's part of
+  a whole training epoch, run batch by batch by :func:`splitnn.workers.shipped.run_epoch`,
+  pushing activations and gradients to the adjacent parties over the peer streams. It
+  answers with progress replies (the label holder's losses) and one final reply. On
+  failure -- or when the researcher goes away -- the adjacent parties get an ABORT
+  frame, so they fail at once instead of waiting for tensors that will not come.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import AsyncIterator
+
+import torch
+from google.protobuf.message import DecodeError
+
+from splitnn.errors import SplitNNError, WireError
+from splitnn.transport.limits import Limits
+from splitnn.wire.proto import Command, Reply, Transfer
+from splitnn.workers import shipped
+from splitnn.workers.commands import Commands
+from splitnn.workers.epoch import EpochPlan
+from splitnn.workers.exports import SessionState
+from splitnn.workers.peers import Peers
+from splitnn.workers.protocol import MAX_BATCH, command_args, fill_error
+from splitnn.workers.virtual import VirtualWorker
+
+log = logging.getLogger("splitnn.worker")
+
+
+class LedgerDelta:
+    """The records of ``engine.ledger`` made since the previous call, as ``Transfer`` messages for a reply."""
+
+    def __init__(self, engine: VirtualWorker) -> None:
+        self._engine = engine
+        self._reported: dict[tuple[str, str, str], tuple[int, int]] = {}
+
+    def __call__(self) -> list[Transfer]:
+        out = []
+        for link in self._engine.ledger.links():
+            key = (link.src, link.dst, link.kind)
+            c0, b0 = self._reported.get(key, (0, 0))
+            if (link.count, link.nbytes) != (c0, b0):
+                out.append(Transfer(src=link.src, dst=link.dst, kind=link.kind, count=link.count - c0,
+                                    nbytes=link.nbytes - b0))
+                self._reported[key] = (link.count, link.nbytes)
+        return out
+
+
+class Executor:
+    """Runs commands against one worker's engine; see the module docstring."""
+
+    def __init__(self, name: str, engine: VirtualWorker, commands: Commands, *, peers: Peers,
+                 inbox: shipped.Inbox, limits: Limits) -> None:
+        self.name, self.engine, self.commands = name, engine, commands
+        self.peers, self.inbox, self.limits = peers, inbox, limits
+        self.ledger_delta = LedgerDelta(engine)
+
+    def _error(self, seq: int, text: str) -> Reply:
+        return Reply(seq=seq, ok=False, error_type="WireError", error=f"worker {self.name!r}: {text}")
+
+    async def execute(self, cmd: Command, caller: str, state: SessionState, *, report: bool = True) -> Reply:
+        """Run one command; with ``report``, attach the ledger records made since the previous reply."""
+        reply = Reply(seq=cmd.seq)
+        try:
+            op = self.commands.table.get(cmd.op)
+            if op is None:
+                raise WireError(f"unknown command {cmd.op[:64]!r}")
+            args = command_args(cmd)
+            blobs = state.unstage(args, list(cmd.blobs))
+            result, out_blobs = await op(args, blobs, caller=caller, state=state)
+            reply.ok = True
+            if result:
+                reply.result_json = json.dumps(result)
+            reply.blobs.extend(out_blobs)
+        except Exception as exc:  # every failure becomes an error reply; the server keeps serving
+            fill_error(reply, exc, self.name)
+            if not isinstance(exc, SplitNNError):
+                log.debug("command %s failed", cmd.op, exc_info=True)
+        if report:
+            reply.transfers.extend(self.ledger_delta())
+        return reply
+
+    async def execute_batch(self, batch: Command, caller: str, state: SessionState) -> Reply:
+        """Run coalesced commands in order; answer with the last one's result and the first error."""
+        if batch.args_json or len(batch.blobs) > MAX_BATCH:
+            return self._error(batch.seq, "malformed command batch")
+        first_error: Reply | None = None
+        reply = Reply(seq=batch.seq, ok=True)
+        for raw in batch.blobs:
+            try:
+                cmd = Command.FromString(raw)
+            except DecodeError as exc:
+                reply = self._error(0, f"malformed command: {exc}")
+            else:
+                reply = (self._error(0, "nested batch") if cmd.op == "batch"
+                         else await self.execute(cmd, caller, state, report=False))
+            if not reply.ok and first_error is None:
+                first_error = reply
+        out = first_error if first_error is not None else reply
+        out.seq = batch.seq
+        del out.transfers[:]
+        out.transfers.extend(self.ledger_delta())
+        return out
+
+    # -- shipped epochs ---------------------------------------------------------------------
+    def _adjacent(self, plan: EpochPlan) -> set[str]:
+        return {p for st in plan.stages for p in (st.prev, st.next)} - {None, self.name}
+
+    async def run_epoch(self, cmd: Command) -> AsyncIterator[Reply]:
+        """Run a shipped epoch: progress replies (label holder's losses), then one final reply."""
+        plan = run = None
+        final = Reply(seq=cmd.seq)
+        try:
+            plan = shipped.parse_plan(command_args(cmd), list(cmd.blobs), engine=self.engine,
+                                      peers=set(self.peers.addresses), max_blob_bytes=self.limits.max_blob_bytes)
+            run = self.inbox.start(plan)
+            for peer in self._adjacent(plan):
+                await self.peers.link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
+
+            async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
+                fut = self.inbox.slot(run, peer, kind, fid)
+                if not self.peers.connected(peer):
+                    await self.peers.link(peer)  # re-dial; a dead peer fails the wait (Inbox.peer_lost)
+                return await self.inbox.wait(run, peer, kind, fid, fut)
+
+            async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
+                yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(shipped.losses_json(losses)))
+            final.ok = True
+            final.result_json = json.dumps({"batches": plan.num_batches})
+        except Exception as exc:
+            fill_error(final, exc, self.name)
+            self.engine.release()  # drop the failed batch's intermediate tensors
+            if plan is not None:
+                self.peers.abort(self._adjacent(plan), plan.run_id, final.error)
+        except BaseException:  # cancelled: the researcher's session went away
+            if plan is not None:
+                self.peers.abort(self._adjacent(plan), plan.run_id,
+                                 f"worker {self.name!r}: the researcher's session ended")
+            raise
+        finally:
+            if run is not None:
+                self.inbox.finish(run)
+        final.transfers.extend(self.ledger_delta())
+        yield final

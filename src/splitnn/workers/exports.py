@@ -1,0 +1,175 @@
+"""What a worker has promised to produce, by the researcher's tensor id, and what one session holds.
+
+The researcher chooses the ids of the tensors its commands will produce (so it can
+pipeline a whole training step without waiting). :class:`Exports` maps each such id to
+a future that resolves to the engine's own tensor id once the command that produces
+it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
+it exists simply awaits that future; a command of this worker that consumes #7
+takes it directly. Either way a tensor is handed out once and then forgotten.
+
+:class:`SessionState` is what one researcher session owns beyond that: the ids it
+announced (dropped when the session ends, so a later session may reuse them) and
+big uploads it sent in chunks (``stage`` commands) before the command that uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from splitnn.errors import WireError, WorkerError
+from splitnn.workers.refs import TensorRef
+from splitnn.workers.virtual import VirtualWorker
+
+#: Announced ids a session remembers before it prunes those already consumed.
+PRUNE_ANNOUNCED = 4096
+
+
+@dataclass
+class SessionState:
+    """One session's staged uploads and announced tensor ids."""
+
+    staged: dict[int, bytearray] = field(default_factory=dict)
+    staged_bytes: int = 0
+    exports: set[int] = field(default_factory=set)  # tensor ids this session announced (dropped at its end)
+
+    def stage(self, sid: int, chunk: bytes, max_bytes: int) -> None:
+        """Append one chunk to staged upload ``sid``; all uploads together stay within ``max_bytes``."""
+        if self.staged_bytes + len(chunk) > max_bytes:
+            self.staged.clear()
+            self.staged_bytes = 0
+            raise WireError(f"staged uploads exceed the {max_bytes}-byte limit")
+        self.staged.setdefault(sid, bytearray()).extend(chunk)
+        self.staged_bytes += len(chunk)
+
+    def unstage(self, args: dict, blobs: list[bytes]) -> list[bytes]:
+        """Put the staged uploads a command names (``args["_staged"]``: blob index -> upload id) in its blobs."""
+        staged = args.get("_staged")
+        if not staged:
+            return blobs
+        if not isinstance(staged, dict):
+            raise WireError("'_staged' must map blob indices to staged upload ids")
+        for index, sid in staged.items():
+            if not (isinstance(index, str) and index.isdigit() and int(index) < len(blobs) and isinstance(sid, int)):
+                raise WireError("'_staged' names a blob that does not exist")
+            buf = self.staged.pop(sid, None)
+            if buf is None:
+                raise WireError(f"no staged upload #{sid}")
+            self.staged_bytes -= len(buf)
+            blobs[int(index)] = bytes(buf)
+        return blobs
+
+
+def quiet_future() -> asyncio.Future:
+    """A future on the running loop whose exception is never reported as "never retrieved"."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
+
+
+class Exports:
+    """The tensors this worker produced (or will produce), by the researcher's id; see the module docstring."""
+
+    def __init__(self, name: str, engine: VirtualWorker, timeout: float) -> None:
+        self.name, self.engine, self.timeout = name, engine, timeout
+        self._futures: dict[int, asyncio.Future] = {}
+
+    # -- sessions ---------------------------------------------------------------------------
+    def announce(self, state: SessionState, tid: int) -> None:
+        """Remember that this session announced tensor id ``tid`` (pruned of consumed ids now and then)."""
+        state.exports.add(tid)
+        if len(state.exports) > PRUNE_ANNOUNCED:
+            state.exports &= self._futures.keys()
+
+    def drop_session(self, state: SessionState) -> None:
+        """Forget the tensor ids a finished session announced (a later session may reuse them)."""
+        for tid in state.exports:
+            fut = self._futures.pop(tid, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        state.exports.clear()
+
+    @contextlib.contextmanager
+    def producing(self, state: SessionState, *tids: int | None) -> Iterator[None]:
+        """Announce ``tids`` for a command that produces them; if it fails, fail them (their pullers learn why)."""
+        for tid in tids:
+            if tid is not None:
+                self.announce(state, tid)
+        try:
+            yield
+        except Exception as exc:
+            for tid in tids:
+                self.fail(tid, exc)
+            raise
+
+    # -- producing --------------------------------------------------------------------------
+    def _future(self, tid: int) -> asyncio.Future:
+        fut = self._futures.get(tid)
+        if fut is None:
+            fut = self._futures[tid] = quiet_future()
+        return fut
+
+    def export(self, tid: int | None, ref: TensorRef | None) -> None:
+        """Publish the engine's tensor ``ref`` as ``tid`` (no ``tid``: nobody will ask, drop it)."""
+        if tid is None:
+            if ref is not None:  # nobody will ask for it
+                self.engine._take(ref.id)
+            return
+        if ref is None:
+            raise WorkerError(f"worker {self.name!r}: expected to produce tensor #{tid} but produced nothing")
+        fut = self._future(tid)
+        if fut.done():
+            raise WireError(f"worker {self.name!r}: tensor id #{tid} is already in use")
+        fut.set_result(ref.id)
+
+    def fail(self, tid: int | None, exc: BaseException) -> None:
+        """Tensor ``tid`` will not come: whoever waits for it gets a WorkerError saying why."""
+        if tid is None:
+            return
+        fut = self._future(tid)
+        if not fut.done():
+            fut.set_exception(WorkerError(f"worker {self.name!r} could not produce tensor #{tid}: {exc}"))
+
+    def cancel_all(self) -> None:
+        """Forget every export (``release``); pending waits are cancelled."""
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.cancel()
+        self._futures.clear()
+
+    # -- consuming --------------------------------------------------------------------------
+    def local(self, ref: TensorRef) -> TensorRef:
+        """Consume export ``ref.id`` here: the engine ref it stands for (it must have been produced)."""
+        fut = self._futures.pop(ref.id, None)
+        if fut is None or not fut.done() or fut.cancelled():
+            raise WorkerError(f"worker {self.name!r} holds no tensor #{ref.id} (already consumed or released)")
+        if fut.exception() is not None:
+            raise fut.exception()
+        return TensorRef(self.name, fut.result())
+
+    def produced(self, tid: int) -> TensorRef:
+        """The engine ref of export ``tid`` if it was produced successfully (not consumed: see :meth:`forget`)."""
+        fut = self._futures.get(tid)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            raise WorkerError(f"worker {self.name!r} holds no tensor #{tid}")
+        return TensorRef(self.name, fut.result())
+
+    def forget(self, tid: int) -> None:
+        self._futures.pop(tid, None)
+
+    async def take(self, tid: int, kind: str) -> torch.Tensor:
+        """Wait (up to the timeout) for export ``tid`` and hand out its tensor, for a peer's pull."""
+        fut = self._future(tid)
+        try:
+            engine_id = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except asyncio.TimeoutError:
+            raise WorkerError(f"worker {self.name!r} did not produce tensor #{tid} within {self.timeout:g} s") from None
+        self._futures.pop(tid, None)
+        stored = self.engine._store.get(engine_id)
+        if stored is not None and (stored[1] == "weights") != (kind == "weights"):
+            raise WorkerError(f"worker {self.name!r}: tensor #{tid} is not a {kind}")
+        return self.engine._take(engine_id)  # PolicyError for raw features / labels

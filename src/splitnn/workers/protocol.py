@@ -1,0 +1,132 @@
+"""The conventions of the Session and Call messages that both ends of the control plane share.
+
+The researcher's :class:`~splitnn.workers.remote.RemoteWorker` and the worker's
+:class:`~splitnn.workers.server.WorkerServer` exchange protobuf ``Command``/``Reply``
+envelopes (``wire/proto/splitnn.proto``). What those envelopes mean beyond their fields
+lives here, once, so the two ends cannot drift apart:
+
+* party names (:func:`check_party_name`) and the protocol version;
+* how many commands one coalesced ``batch`` may hold (:data:`MAX_BATCH`);
+* which wire-counter kind a command's and a reply's bytes count as
+  (:data:`COMMAND_KIND`, :data:`REPLY_KIND`);
+* replies too large for one message, cut into parts (``Reply.more``) by the worker
+  (:func:`split_reply`) and joined by the researcher (:func:`join_parts`);
+* errors, turned into an error reply by the worker (:func:`fill_error`) and back into
+  an exception by the researcher (:func:`error_from_reply`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from splitnn import errors as _errors
+from splitnn.errors import SplitNNError, WireError, WorkerError
+from splitnn.wire.proto import Command, Reply
+
+PROTOCOL_VERSION = 1
+MAX_NAME = 64
+#: Commands in one coalesced ``batch`` message (the worker refuses more).
+MAX_BATCH = 1024
+
+#: Wire-counter kind of a command's bytes, by op (everything else is "control").
+COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
+                "stage": "data"}
+#: Wire-counter kind of a successful reply's bytes, by op (everything else, and every error, is "control").
+REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights", "get_grads": "gradient"}
+
+
+def check_party_name(name: object) -> str:
+    """A party name: 1-64 printable ASCII characters, no spaces."""
+    if (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isascii()
+            or not name.isprintable() or " " in name):
+        raise WireError(f"party name must be 1-{MAX_NAME} printable ASCII characters without spaces, got {name!r}")
+    return name
+
+
+def command_args(cmd: Command) -> dict:
+    """A command's arguments: its ``args_json`` as a JSON object (``{}`` when empty); raises WireError."""
+    try:
+        args = json.loads(cmd.args_json) if cmd.args_json else {}
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"command arguments are not valid JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise WireError("command arguments must be a JSON object")
+    return args
+
+
+def reply_result(reply: Reply) -> dict:
+    """A reply's result: its ``result_json`` decoded (``{}`` when empty)."""
+    return json.loads(reply.result_json) if reply.result_json else {}
+
+
+# ------------------------------------------------------------------------ replies in parts
+def split_reply(reply: Reply, chunk_bytes: int) -> list[Reply]:
+    """Cut a reply whose blobs exceed ``chunk_bytes`` into parts (see ``Reply.more`` in the .proto).
+
+    The parts carry consecutive chunks of the concatenated blobs; the last carries the
+    result, the ledger records and the blob sizes (``_blob_sizes``) to cut them apart again.
+    """
+    sizes = [len(b) for b in reply.blobs]
+    if sum(sizes) <= chunk_bytes:
+        return [reply]
+    whole = b"".join(reply.blobs)
+    parts = [Reply(seq=reply.seq, ok=True, more=True, blobs=[whole[i:i + chunk_bytes]])
+             for i in range(0, len(whole), chunk_bytes)]
+    result = reply_result(reply)
+    result["_blob_sizes"] = sizes
+    last = Reply(seq=reply.seq, ok=True, result_json=json.dumps(result))
+    last.transfers.extend(reply.transfers)
+    return parts + [last]
+
+
+def join_parts(reply: Reply, parts: list[bytes]) -> Reply:
+    """Rebuild the blobs of a reply that came in parts (the inverse of :func:`split_reply`)."""
+    result = reply_result(reply)
+    sizes = result.pop("_blob_sizes", None)
+    whole = b"".join(parts)
+    if not isinstance(sizes, list) or sum(sizes) != len(whole):
+        raise WorkerError("a reply in parts does not add up")
+    blobs, pos = [], 0
+    for n in sizes:
+        blobs.append(whole[pos:pos + n])
+        pos += n
+    out = Reply(seq=reply.seq, ok=reply.ok, result_json=json.dumps(result) if result else "", blobs=blobs)
+    out.transfers.extend(reply.transfers)
+    return out
+
+
+# ---------------------------------------------------------------------------------- errors
+def fill_error(reply: Reply, exc: BaseException, worker: str) -> None:
+    """Make ``reply`` an error reply for ``exc`` raised at ``worker``.
+
+    splitnn's own errors (and torch's ``RuntimeError``/``IndexError``, which shape probes
+    rely on) keep their class name; anything else travels as a ``WorkerError`` whose text
+    names the original type. The text always names the worker.
+    """
+    reply.ok = False
+    known = isinstance(exc, SplitNNError) or type(exc) in (RuntimeError, IndexError)
+    reply.error_type = type(exc).__name__ if known else "WorkerError"
+    text = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    reply.error = text if f"{worker!r}" in text else f"worker {worker!r}: {text}"
+
+
+def error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
+    """The exception an error reply stands for (a splitnn error class, ``RuntimeError`` or ``WorkerError``)."""
+    cls = getattr(_errors, reply.error_type, None)
+    if reply.error_type in ("RuntimeError", "IndexError"):
+        return RuntimeError(reply.error)  # shape probes rely on torch's RuntimeError
+    if not (isinstance(cls, type) and issubclass(cls, _errors.SplitNNError)):
+        cls = WorkerError
+    return cls(reply.error or f"worker {worker!r} at {address} failed")
+
+
+def rpc_text(exc: BaseException) -> str:
+    """``CODE: details`` of a gRPC error (``str(exc)`` of anything else), for error messages."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        try:
+            return f"{exc.code().name}: {exc.details()}"
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(exc)
