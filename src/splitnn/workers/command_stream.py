@@ -3,7 +3,7 @@
 :class:`CommandStream` is the plumbing under :class:`~splitnn.workers.remote.RemoteWorker`:
 one gRPC ``Session`` stream on which commands go out in order and replies come back in
 order. Commands whose answer nobody waits for are *coalesced* into one ``batch`` message
-(at most :data:`~splitnn.workers.protocol.MAX_BATCH` commands and about one chunk of
+(at most :data:`~splitnn.workers.messages.MAX_BATCH` commands and about one chunk of
 bytes each), so a training step reaches a worker as one or two messages; blobs larger
 than a chunk are sent ahead as ``stage`` commands. Each message sent is a
 :class:`Pending` answer, which a daemon thread fills as replies arrive: it joins replies
@@ -33,7 +33,7 @@ from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import SESSION, Command, Reply
 from splitnn.workers.epoch import EpochHandle, EpochReport
-from splitnn.workers.protocol import (
+from splitnn.workers.messages import (
     COMMAND_KIND,
     MAX_BATCH,
     REPLY_KIND,

@@ -37,7 +37,7 @@ from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.workers.exports import Exports, SessionState
 from splitnn.workers.peers import Peers
-from splitnn.workers.protocol import PROTOCOL_VERSION, check_party_name
+from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name
 from splitnn.workers.refs import BatchRef, TensorRef
 from splitnn.workers.virtual import VirtualWorker
 

@@ -4,7 +4,7 @@
 arguments, puts staged uploads back into the blobs, runs the operation from the
 :class:`~splitnn.workers.commands.Commands` table and attaches the ledger records made
 since the previous reply (:class:`LedgerDelta`). Every failure becomes an error reply
-(:func:`~splitnn.workers.protocol.fill_error`); the worker keeps serving.
+(:func:`~splitnn.workers.messages.fill_error`); the worker keeps serving.
 
 Two commands are not single operations:
 
@@ -35,7 +35,7 @@ from splitnn.workers.commands import Commands
 from splitnn.workers.epoch import EpochPlan
 from splitnn.workers.exports import SessionState
 from splitnn.workers.peers import Peers
-from splitnn.workers.protocol import MAX_BATCH, command_args, fill_error
+from splitnn.workers.messages import MAX_BATCH, command_args, fill_error
 from splitnn.workers.virtual import VirtualWorker
 
 log = logging.getLogger("splitnn.worker")

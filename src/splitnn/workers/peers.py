@@ -31,7 +31,7 @@ from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
 from splitnn.wire.proto import PEER
-from splitnn.workers.protocol import rpc_text
+from splitnn.workers.messages import rpc_text
 from splitnn.workers.shipped import Inbox
 
 log = logging.getLogger("splitnn.worker")

@@ -68,7 +68,7 @@ from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.command_stream import CommandStream
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.merge import check_merge
-from splitnn.workers.protocol import error_from_reply, reply_result
+from splitnn.workers.messages import error_from_reply, reply_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 __all__ = ["RemoteWorker", "connect", "parse_address"]

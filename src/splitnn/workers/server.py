@@ -11,7 +11,7 @@ lifecycle; the rest of a worker lives beside it:
 * :mod:`splitnn.workers.executor` -- running commands in order, batches, shipped epochs;
 * :mod:`splitnn.workers.exports` -- the tensors this worker produced, by the researcher's id;
 * :mod:`splitnn.workers.peers` -- the peer streams (pull, push, abort) to other workers;
-* :mod:`splitnn.workers.protocol` -- message conventions shared with the researcher's client.
+* :mod:`splitnn.workers.messages` -- message conventions shared with the researcher's client.
 
 Three RPCs (see ``wire/proto/splitnn.proto``):
 
@@ -78,7 +78,7 @@ from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.workers.executor import Executor
 from splitnn.workers.exports import Exports, SessionState
 from splitnn.workers.peers import Peers
-from splitnn.workers.protocol import (
+from splitnn.workers.messages import (
     COMMAND_KIND,
     MAX_NAME,
     PROTOCOL_VERSION,
