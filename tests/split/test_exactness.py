@@ -91,3 +91,18 @@ def test_training_changes_weights_and_lowers_loss():
     losses = history.losses()
     assert losses[-1] < losses[0] * 0.8
     assert not torch.equal(model.collect()[1].weight, before[0][1].weight)
+
+
+def test_fit_can_continue_where_an_earlier_fit_stopped():
+    """Two fits of one epoch each (the second with initial_epoch=1) equal one fit of two epochs."""
+    torch.manual_seed(5)
+    segs_a = tutorial_mlp()
+    segs_b = copy.deepcopy(segs_a)
+    data = toy_dataset(96, seed=5)
+    once = splitnn.SplitNN(segs_a, _workers(True))
+    once.fit(data, epochs=2, batch_size=32, progress=False)
+    twice = splitnn.SplitNN(segs_b, _workers(True))
+    twice.fit(data, epochs=1, batch_size=32, progress=False)
+    history = twice.fit(data, epochs=1, batch_size=32, initial_epoch=1, progress=False)
+    assert [e.epoch for e in history.epochs] == [2]
+    assert_same_weights(once.collect(), twice.collect())

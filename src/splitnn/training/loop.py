@@ -100,55 +100,37 @@ def _epoch_plan(model: Trainable, name: str, n: int, batch_size: int, shuffle: b
 
 
 def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64, test_data: object | None = None,
-        shuffle: bool = True, seed: int = 0, progress: bool | None = None,
+        shuffle: bool = True, seed: int = 0, initial_epoch: int = 0, progress: bool | None = None,
         on_epoch: Callable[[EpochStats], None] | None = None) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
     Batches follow :func:`epoch_batches` (``seed``, epoch), so a monolithic twin
-    that uses the same function sees the same data order. ``test_data`` is
-    evaluated after each epoch. ``progress`` shows a bar per epoch (default:
-    when stderr is a terminal). ``on_epoch`` is called with each epoch's stats.
+    that uses the same function sees the same data order. Epochs are numbered from
+    ``initial_epoch``: to continue an earlier ``fit`` of E epochs with the data order
+    it would have used next, pass ``initial_epoch=E``. ``test_data`` is evaluated
+    after each epoch. ``progress`` shows a bar per epoch (default: when stderr is a
+    terminal). ``on_epoch`` is called with each epoch's stats.
     """
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
+    if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
+        raise ConfigurationError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
     name, n = model.prepare(data)  # places data and checks shapes before any training
     test_name = model.prepare(test_data)[0] if test_data is not None else None
     history = History()
-    for epoch in range(epochs):
+    last = initial_epoch + epochs
+    for epoch in range(initial_epoch, last):
         before, start = model.ledger.snapshot(), time.perf_counter()
         batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
-        total = 0.0
-        train_epoch = getattr(model, "train_epoch", None)
-        if callable(train_epoch):
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                       disable=not _show_progress(progress), mininterval=0.5)
-            done = 0
-
-            def on_batch(stats: LossStats) -> None:
-                nonlocal total, done
-                total += stats.loss * stats.count
-                if done % 50 == 0:
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-                done += 1
-                bar.update(1)
-
-            order = None if getattr(model, "epoch_plan", None) is not None else dict(
-                n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-            try:
-                train_epoch(name, batches, on_batch, order=order)
-            finally:
-                bar.close()
-        else:
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                       disable=not _show_progress(progress), mininterval=0.5)
-            for i, idx in enumerate(bar):
-                stats = model.train_batch(name, idx)
-                total += stats.loss * stats.count
-                if i % 50 == 0:
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        order = None if getattr(model, "epoch_plan", None) is not None else dict(
+            n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{last}", unit="batch", leave=False,
+                   disable=not _show_progress(progress), mininterval=0.5)
+        try:
+            total = _train_epoch(model, name, batches, order, bar)
+        finally:
             bar.close()
-        seconds = time.perf_counter() - start
-        stats = EpochStats(epoch + 1, total / n, n, seconds, model.ledger.since(before).sent_by())
+        stats = EpochStats(epoch + 1, total / n, n, time.perf_counter() - start, model.ledger.since(before).sent_by())
         if test_name is not None:
             result = evaluate(model, test_name)
             stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
@@ -156,6 +138,27 @@ def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64
         if on_epoch is not None:
             on_epoch(stats)
     return history
+
+
+def _train_epoch(model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm) -> float:
+    """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
+    total, done = 0.0, 0
+
+    def on_batch(stats: LossStats) -> None:
+        nonlocal total, done
+        total += stats.loss * stats.count
+        if done % 50 == 0:
+            bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        done += 1
+        bar.update(1)
+
+    train_epoch = getattr(model, "train_epoch", None)
+    if callable(train_epoch):
+        train_epoch(name, batches, on_batch, order=order)
+    else:
+        for idx in batches:
+            on_batch(model.train_batch(name, idx))
+    return total
 
 
 def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress: bool | None = False) -> EvalResult:
