@@ -247,7 +247,7 @@ class Commands:
 
     async def _op_get_grads(self, a, blobs, **_):
         grads = self.engine.get_grads(arg(a, "key", str))
-        return {"keys": list(grads)}, [encode_state(grads)]
+        return {}, [encode_state(grads)]
 
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
@@ -300,7 +300,7 @@ class Commands:
 
     async def _op_get_state(self, a, blobs, **_):
         state = self.engine.get_state(arg(a, "key", str))
-        return {"keys": list(state)}, [encode_state(state)]  # keys: safetensors does not keep the order
+        return {}, [encode_state(state)]
 
     async def _op_set_state(self, a, blobs, *, caller: str, **_):
         state = decode_state(blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)

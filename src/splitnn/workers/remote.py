@@ -74,13 +74,6 @@ from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 __all__ = ["RemoteWorker", "connect", "parse_address"]
 
 
-def _in_order(state: dict[str, torch.Tensor], keys: object) -> dict[str, torch.Tensor]:
-    """``state`` in the worker's order ``keys`` (a state dict's order; safetensors does not keep it)."""
-    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(state):
-        raise WorkerError("a worker's weights came without a valid key order")
-    return {k: state[k] for k in keys}
-
-
 class RemoteWorker:
     """A party reached over gRPC. Implements the :class:`~splitnn.workers.Worker` protocol.
 
@@ -278,8 +271,8 @@ class RemoteWorker:
         return decode_tensor(blobs[0], max_bytes=self.limits.max_tensor_bytes)
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
-        r, blobs = self._request("get_state", {"key": key})
-        return _in_order(decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes), r.get("keys"))
+        _, blobs = self._request("get_state", {"key": key})
+        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)  # in the worker's key order
 
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
         if src != RESEARCHER:
@@ -352,8 +345,8 @@ class RemoteWorker:
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors,
         recorded as ``gradient`` bytes from this worker to the researcher."""
-        r, blobs = self._request("get_grads", {"key": key})
-        return _in_order(decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes), r.get("keys"))
+        _, blobs = self._request("get_grads", {"key": key})
+        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)  # in the worker's key order
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------
     def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:
