@@ -75,8 +75,7 @@ class Ledger:
 
     def parties(self) -> list[str]:
         """Every party that sent or received something."""
-        names = {link.src for link in self.links()} | {link.dst for link in self.links()}
-        return sorted(names)
+        return sorted({name for link in self.links() for name in (link.src, link.dst)})
 
     def sent_by(self) -> dict[str, int]:
         """Bytes sent by each party."""
