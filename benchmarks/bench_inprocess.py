@@ -75,8 +75,10 @@ def main() -> None:
     samples = len(data)
     medians = {k: statistics.median(v) for k, v in runs.items()}
     report = {k: {"samples_per_s": samples / t, "ratio_vs_twin": medians["twin"] / t} for k, t in medians.items()}
-    print(f"tutorial MLP, batch {args.batch_size}, {args.steps} steps x {args.repeats} runs, "
-          f"{args.threads} thread(s); medians:")
+    print(
+        f"tutorial MLP, batch {args.batch_size}, {args.steps} steps x {args.repeats} runs, "
+        f"{args.threads} thread(s); medians:"
+    )
     for k, r in report.items():
         print(f"  {k:14s} {r['samples_per_s']:10.0f} samples/s   ratio {r['ratio_vs_twin']:.3f}")
     if args.json:

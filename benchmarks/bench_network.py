@@ -89,7 +89,7 @@ def bench_grpc(data, runs: int, cluster) -> dict[str, tuple[list[float], dict[st
         models[label] = (model, workers, {"rates": [], "wire": 0, "peer": 0, "cpu": 0.0, "moved": []})
     try:
         for r in range(runs):
-            for label, (model, workers, acc) in models.items():
+            for model, workers, acc in models.values():
                 before_ledger, before = model.ledger.snapshot(), _wire_total(workers)
                 c0, t0 = time.process_time(), time.perf_counter()
                 model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
@@ -109,14 +109,20 @@ def bench_grpc(data, runs: int, cluster) -> dict[str, tuple[list[float], dict[st
     out = {}
     for label, (_, _, acc) in models.items():
         raw = sum(m.total(kind=k) for m in acc["moved"] for k in ("activation", "gradient"))
-        out[label] = (acc["rates"], {
-            "raw_tensor_bytes_per_batch": raw / batches,
-            "wire_bytes_per_batch": acc["wire"] / batches,
-            "peer_wire_bytes_per_batch": acc["peer"] / batches,
-            "researcher_cpu_ms_per_batch": 1000 * acc["cpu"] / batches,
-            "researcher_tensor_bytes": sum(m.total(src=RESEARCHER, kind=k) + m.total(dst=RESEARCHER, kind=k)
-                                           for m in acc["moved"] for k in ("activation", "gradient")),
-        })
+        out[label] = (
+            acc["rates"],
+            {
+                "raw_tensor_bytes_per_batch": raw / batches,
+                "wire_bytes_per_batch": acc["wire"] / batches,
+                "peer_wire_bytes_per_batch": acc["peer"] / batches,
+                "researcher_cpu_ms_per_batch": 1000 * acc["cpu"] / batches,
+                "researcher_tensor_bytes": sum(
+                    m.total(src=RESEARCHER, kind=k) + m.total(dst=RESEARCHER, kind=k)
+                    for m in acc["moved"]
+                    for k in ("activation", "gradient")
+                ),
+            },
+        )
     return out
 
 
@@ -167,8 +173,9 @@ class _Stage:
 def _rpc_options(port: int):
     from torch.distributed import rpc
 
-    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, init_method=f"tcp://127.0.0.1:{port}",
-                                           rpc_timeout=120, _transports=["uv"])
+    return rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=8, init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120, _transports=["uv"]
+    )
 
 
 def rpc_worker(rank: int, port: int) -> None:
@@ -186,14 +193,17 @@ def bench_rpc(data, runs: int) -> list[float]:
     from torch import optim
     from torch.distributed import rpc
     from torch.distributed.optim import DistributedOptimizer
+
     from splitnn.training import epoch_batches
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--rpc-worker", str(r), "--port", str(port)], env=env)
-             for r in (1, 2, 3)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--rpc-worker", str(r), "--port", str(port)], env=env)
+        for r in (1, 2, 3)
+    ]
     try:
         rpc.init_rpc("master", rank=0, world_size=4, rpc_backend_options=_rpc_options(port))
         stages = [rpc.remote(n, _Stage, args=(i, len(data))) for i, n in enumerate(NAMES)]
@@ -247,23 +257,33 @@ def main() -> None:
     rpc_label = "torch.distributed.rpc (3 processes)"
     if not args.skip_rpc:
         results[rpc_label] = bench_rpc(data, args.runs)
-    print(f"tutorial MLP 784-128-640-10, batch {BATCH}, {args.batches} batches x {args.runs} runs, "
-          f"1 torch thread/process")
+    print(
+        f"tutorial MLP 784-128-640-10, batch {BATCH}, {args.batches} batches x {args.runs} runs, 1 torch thread/process"
+    )
     print(f"{'contender':40s} {'median samples/s':>17s}  runs")
     for name, rates in results.items():
         print(f"{name:40s} {statistics.median(rates):17,.0f}  " + " ".join(f"{r:,.0f}" for r in rates))
     for label, (rates, wire) in grpc_results.items():
         print(f"\n{label}:")
         if rpc_label in results:
-            print(f"  throughput vs torch.distributed.rpc: "
-                  f"{statistics.median(rates) / statistics.median(results[rpc_label]):.2f}x")
-        raw, on_wire, peer = (wire["raw_tensor_bytes_per_batch"], wire["wire_bytes_per_batch"],
-                              wire["peer_wire_bytes_per_batch"])
+            print(
+                f"  throughput vs torch.distributed.rpc: "
+                f"{statistics.median(rates) / statistics.median(results[rpc_label]):.2f}x"
+            )
+        raw, on_wire, peer = (
+            wire["raw_tensor_bytes_per_batch"],
+            wire["wire_bytes_per_batch"],
+            wire["peer_wire_bytes_per_batch"],
+        )
         print(f"  raw activation+gradient bytes per batch: {raw:,.0f}")
-        print(f"  wire bytes per batch (all parties, all messages): {on_wire:,.0f} ({100 * (on_wire / raw - 1):+.2f}%); "
-              f"peer data plane only: {peer:,.0f} ({100 * (peer / raw - 1):+.2f}%)")
-        print(f"  researcher CPU per batch: {wire['researcher_cpu_ms_per_batch']:.3f} ms; activation/gradient "
-              f"bytes sent or received by the researcher: {wire['researcher_tensor_bytes']}")
+        print(
+            f"  wire bytes per batch (all parties, all messages): {on_wire:,.0f} ({100 * (on_wire / raw - 1):+.2f}%); "
+            f"peer data plane only: {peer:,.0f} ({100 * (peer / raw - 1):+.2f}%)"
+        )
+        print(
+            f"  researcher CPU per batch: {wire['researcher_cpu_ms_per_batch']:.3f} ms; activation/gradient "
+            f"bytes sent or received by the researcher: {wire['researcher_tensor_bytes']}"
+        )
 
 
 if __name__ == "__main__":

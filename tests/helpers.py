@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,15 +12,28 @@ from splitnn.data import Dataset
 from splitnn.training import epoch_batches
 
 
-def toy_dataset(n: int = 256, shape: Sequence[int] = (1, 28, 28), classes: int = 10, seed: int = 0,
-                name: str = "toy") -> Dataset:
+def toy_dataset(
+    n: int = 256, shape: Sequence[int] = (1, 28, 28), classes: int = 10, seed: int = 0, name: str = "toy"
+) -> Dataset:
     g = torch.Generator().manual_seed(seed)
-    return Dataset(features=torch.randn(n, *shape, generator=g), labels=torch.randint(0, classes, (n,), generator=g),
-                   name=name, num_classes=classes)
+    return Dataset(
+        features=torch.randn(n, *shape, generator=g),
+        labels=torch.randint(0, classes, (n,), generator=g),
+        name=name,
+        num_classes=classes,
+    )
 
 
-def train_twin(segments: Sequence[nn.Module], data: Dataset, *, epochs: int, batch_size: int, lr: float = 0.03,
-               seed: int = 0, shuffle: bool = True) -> nn.Sequential:
+def train_twin(
+    segments: Sequence[nn.Module],
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float = 0.03,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> nn.Sequential:
     """Train the same layers as one nn.Sequential with one SGD optimizer, in fit's data order."""
     twin = nn.Sequential(*copy.deepcopy(list(segments)))
     opt = torch.optim.SGD(twin.parameters(), lr=lr)

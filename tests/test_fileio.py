@@ -36,10 +36,9 @@ def test_a_failed_csv_write_keeps_the_previous_report(tmp_path):
 
 def test_atomic_path_removes_the_temporary_file_on_interrupt(tmp_path):
     path = tmp_path / "history.json"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(path) as tmp:
-            tmp.write_text("{half")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        tmp.write_text("{half")
+        raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
 
 

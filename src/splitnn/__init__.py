@@ -10,6 +10,7 @@ activations at each cut travel forward and their gradients travel back.
 
 from splitnn import models
 from splitnn.accounting import Ledger
+from splitnn.data import Dataset, load_dataset
 from splitnn.errors import (
     ConfigurationError,
     DataError,
@@ -20,7 +21,6 @@ from splitnn.errors import (
     WireError,
     WorkerError,
 )
-from splitnn.data import Dataset, load_dataset
 from splitnn.split import SplitNN
 from splitnn.split.persist import load_model, save_model
 from splitnn.training import evaluate, fit
@@ -40,8 +40,25 @@ def connect(url: str, *, token: str, name: str | None = None, timeout: float = 6
 
 
 __all__ = [
-    "SplitNN", "VirtualWorker", "Worker", "connect", "WorkerPolicy", "Ledger", "fit", "evaluate",
-    "Dataset", "load_dataset", "save_model", "load_model", "models",
-    "SplitNNError", "ConfigurationError", "ShapeMismatchError", "DataError", "LabelError",
-    "PolicyError", "WireError", "WorkerError",
+    "SplitNN",
+    "VirtualWorker",
+    "Worker",
+    "connect",
+    "WorkerPolicy",
+    "Ledger",
+    "fit",
+    "evaluate",
+    "Dataset",
+    "load_dataset",
+    "save_model",
+    "load_model",
+    "models",
+    "SplitNNError",
+    "ConfigurationError",
+    "ShapeMismatchError",
+    "DataError",
+    "LabelError",
+    "PolicyError",
+    "WireError",
+    "WorkerError",
 ]

@@ -6,15 +6,16 @@ Each builder returns a list of segments (``nn.Module``), one per party, that
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from splitnn.errors import ConfigurationError
 
 
-def tutorial_mlp(hidden: Sequence[int] = (128, 640), *, in_features: int = 784, classes: int = 10,
-                 flatten: bool = True) -> list[nn.Module]:
+def tutorial_mlp(
+    hidden: Sequence[int] = (128, 640), *, in_features: int = 784, classes: int = 10, flatten: bool = True
+) -> list[nn.Module]:
     """The PySyft tutorial's network, 784-128-640-10, one segment per layer.
 
     Every segment but the last is ``Linear + ReLU``; the last is
@@ -42,8 +43,9 @@ def small_cnn(*, channels: int = 1, classes: int = 10) -> list[nn.Module]:
     ]
 
 
-def vgg_cnn(*, channels: int = 1, classes: int = 10, widths: Sequence[int] = (32, 64, 128),
-            hidden: Sequence[int] = (1536, 1024)) -> list[nn.Module]:
+def vgg_cnn(
+    *, channels: int = 1, classes: int = 10, widths: Sequence[int] = (32, 64, 128), hidden: Sequence[int] = (1536, 1024)
+) -> list[nn.Module]:
     """A VGG-style network (3x3 convolutions, ReLU, max-pooling, a wide fully connected head)
     of about 3.6 million parameters, cut after its first convolutional block (two segments).
 
@@ -70,15 +72,28 @@ def vgg_cnn(*, channels: int = 1, classes: int = 10, widths: Sequence[int] = (32
     if len(widths) != 3 or len(hidden) != 2 or any((not isinstance(s, int)) or s < 1 for s in sizes):
         raise ConfigurationError(
             f"vgg_cnn needs 3 positive conv widths and 2 positive hidden sizes, got widths={tuple(widths)}, "
-            f"hidden={tuple(hidden)}, channels={channels}, classes={classes}")
+            f"hidden={tuple(hidden)}, channels={channels}, classes={classes}"
+        )
     w1, w2, w3 = widths
     h1, h2 = hidden
     client = nn.Sequential(nn.Conv2d(channels, w1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     server = nn.Sequential(
-        nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(w2, w3, 3, padding=1), nn.ReLU(), nn.Conv2d(w3, w3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(3), nn.Flatten(),
-        nn.Linear(9 * w3, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, classes), nn.LogSoftmax(dim=1),
+        nn.Conv2d(w1, w2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(w2, w3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(w3, w3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Flatten(),
+        nn.Linear(9 * w3, h1),
+        nn.ReLU(),
+        nn.Linear(h1, h2),
+        nn.ReLU(),
+        nn.Linear(h2, classes),
+        nn.LogSoftmax(dim=1),
     )
     for layer in (*client, *server):
         if isinstance(layer, (nn.Conv2d, nn.Linear)):

@@ -18,8 +18,10 @@ B, IN, HID, OUT = 16, 12, 8, 4
 
 def _two_party_model(meter: ComputeMeter, *, fuse: bool):
     torch.manual_seed(0)
-    segments = [nn.Sequential(nn.Flatten(), nn.Linear(IN, HID), nn.ReLU()),
-                nn.Sequential(nn.Linear(HID, OUT), nn.LogSoftmax(dim=1))]
+    segments = [
+        nn.Sequential(nn.Flatten(), nn.Linear(IN, HID), nn.ReLU()),
+        nn.Sequential(nn.Linear(HID, OUT), nn.LogSoftmax(dim=1)),
+    ]
     alice = meter.wrap(splitnn.VirtualWorker("alice", fuse=fuse))
     bob = meter.wrap(splitnn.VirtualWorker("bob", fuse=fuse))
     return splitnn.SplitNN(segments, [alice, bob]), segments
@@ -90,9 +92,8 @@ def test_nested_measurements_count_once_and_time_only_mode():
 
 def test_an_error_inside_a_call_still_ends_the_measurement():
     meter = ComputeMeter()
-    with pytest.raises(RuntimeError):
-        with meter.measure("a", "forward"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), meter.measure("a", "forward"):
+        raise RuntimeError("boom")
     with meter.measure("a", "forward"):  # not stuck in a "nested" state
         torch.randn(2, 3) @ torch.randn(3, 2)
     assert meter.stats("a").forward_flops == 2 * 2 * 3 * 2

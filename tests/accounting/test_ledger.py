@@ -12,8 +12,10 @@ def test_records_aggregate_per_link():
     ledger.record("alice", "bob", "activation", 100)
     ledger.record("alice", "bob", "activation", 50)
     ledger.record("bob", "alice", "gradient", 150)
-    assert ledger.links() == [LinkTotal("alice", "bob", "activation", 2, 150),
-                              LinkTotal("bob", "alice", "gradient", 1, 150)]
+    assert ledger.links() == [
+        LinkTotal("alice", "bob", "activation", 2, 150),
+        LinkTotal("bob", "alice", "gradient", 1, 150),
+    ]
     assert ledger.total() == 300
     assert ledger.total(src="alice") == 150
     assert ledger.total(kind="gradient", dst="alice") == 150

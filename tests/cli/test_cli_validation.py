@@ -11,29 +11,36 @@ from splitnn.cli.main import main
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if a command starts loading data (the work) before refusing its flags."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the flags were checked")
 
     monkeypatch.setattr(splitnn.data, "load_dataset", refuse)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--limit", "0"], "--limit must be a positive integer"),
-    (["--lr", "-1"], "--lr must be a positive finite number"),
-    (["--lr", "nan"], "--lr must be a positive finite number"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--limit", "0"], "--limit must be a positive integer"),
+        (["--lr", "-1"], "--lr must be a positive finite number"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
+    ],
+)
 def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys):
     assert main(["train", "--data-dir", str(tmp_path), "--no-download", *argv]) == 2
     err = capsys.readouterr().err
     assert f"splitnn train: error: {match}" in err, err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--max-lifetime", "-1"], "--max-lifetime must be a positive number"),
-    (["--chunk-bytes", "0"], "chunk_bytes must be an integer >= 1024"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--max-lifetime", "-1"], "--max-lifetime must be a positive number"),
+        (["--chunk-bytes", "0"], "chunk_bytes must be an integer >= 1024"),
+    ],
+)
 def test_worker_refuses_before_serving(argv, match, tmp_path, capsys):
     token = tmp_path / "token"
     token.write_text("a-federation-token-of-some-length\n")

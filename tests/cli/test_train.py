@@ -12,8 +12,24 @@ from splitnn.split.persist import load_model
 def test_train_command_reports_and_saves(shared_data, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     hist = tmp_path / "history.json"
-    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(shared_data / "fashion-mnist"),
-                 "--epochs", "2", "--limit", "1500", "--no-progress", "--save", str(out), "--json", str(hist)])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(shared_data / "fashion-mnist"),
+            "--epochs",
+            "2",
+            "--limit",
+            "1500",
+            "--no-progress",
+            "--save",
+            str(out),
+            "--json",
+            str(hist),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     assert "784-128-640-10 on alice -> bob -> claire" in text
@@ -28,19 +44,37 @@ def test_train_command_reports_and_saves(shared_data, tmp_path, capsys):
 
 
 def test_train_command_custom_hidden_and_shared_worker(shared_data, capsys):
-    code = main(["train", "--dataset", "mnist", "--data-dir", str(shared_data / "mnist"), "--epochs", "1",
-                 "--hidden", "32", "--workers", "alice,bob", "--no-progress", "--no-download"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(shared_data / "mnist"),
+            "--epochs",
+            "1",
+            "--hidden",
+            "32",
+            "--workers",
+            "alice,bob",
+            "--no-progress",
+            "--no-download",
+        ]
+    )
     captured = capsys.readouterr()
     # MNIST's training set is not in shared/: the error names what is missing and how to fix it.
     assert code == 2
     assert "train" in captured.err and "--data-dir" in captured.err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--hidden", "12,x"], "--hidden"),
-    (["--workers", "alice,bob"], "one worker per segment"),
-    (["--save", "/nonexistent-dir/m.safetensors"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--hidden", "12,x"], "--hidden"),
+        (["--workers", "alice,bob"], "one worker per segment"),
+        (["--save", "/nonexistent-dir/m.safetensors"], "does not exist"),
+    ],
+)
 def test_train_command_refuses_bad_flags_before_loading_data(argv, match, capsys, tmp_path):
     code = main(["train", "--data-dir", str(tmp_path), "--no-download", *argv])
     assert code == 2

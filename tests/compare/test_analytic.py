@@ -41,8 +41,9 @@ def test_measured_bytes_per_client_equal_the_analytic_model(mlp, method, clients
 
 def test_the_model_holds_for_label_skewed_shards_and_several_local_epochs(mlp):
     train, test = toy_dataset(120, seed=3), toy_dataset(20, seed=4)
-    config = CompareConfig(model="mlp", clients=(4,), epochs=2, local_epochs=2, batch_size=16,
-                           partition="dirichlet:0.3")
+    config = CompareConfig(
+        model="mlp", clients=(4,), epochs=2, local_epochs=2, batch_size=16, partition="dirichlet:0.3"
+    )
     for method in ("split", "fedavg", "large-batch"):
         result = run_method(method, 4, train, test, config, mlp)
         assert result.client_bytes == result.predicted_client_bytes, method
@@ -63,15 +64,19 @@ def test_closed_form_mean_equals_the_mean_of_the_per_client_model():
             for method in ("split", "fedavg", "large-batch"):
                 per = client_bytes(method, comm, iid_shard_sizes(d, k), epochs=3, batch_size=10, local_epochs=3)
                 expected = sum(sum(p.values()) for p in per) / k
-                assert mean_bytes_per_client(method, comm, d, k, epochs=3, batch_size=10,
-                                             local_epochs=3) == pytest.approx(expected)
+                assert mean_bytes_per_client(
+                    method, comm, d, k, epochs=3, batch_size=10, local_epochs=3
+                ) == pytest.approx(expected)
 
 
 def test_split_handoffs_follow_the_round_robin_turns():
     comm = CommModel(model_bytes=0, grad_bytes=0, client_bytes=100, cut_bytes=0)
     # 3 clients, 2 epochs: turns 0 1 2 0 1 2; client 0 starts with the weights, client 2 ends with them
-    assert [p["weights"] for p in client_bytes("split", comm, [5, 5, 5], epochs=2, batch_size=4)] == \
-        [(1 + 2) * 100, (2 + 2) * 100, (2 + 1) * 100]
+    assert [p["weights"] for p in client_bytes("split", comm, [5, 5, 5], epochs=2, batch_size=4)] == [
+        (1 + 2) * 100,
+        (2 + 2) * 100,
+        (2 + 1) * 100,
+    ]
     assert client_bytes("split", comm, [5], epochs=3, batch_size=4)[0]["weights"] == 0
 
 

@@ -7,14 +7,27 @@ from splitnn.compare.runner import RunResult
 
 
 def _run(method: str, k: int, per_client: int) -> RunResult:
-    return RunResult(method=method, clients=k, client_bytes=[per_client] * k, predicted_client_bytes=[per_client] * k,
-                     client_flops=[10] * k, client_seconds=[0.5] * k, accuracy=0.5, test_loss=1.0, wall_seconds=2.0,
-                     train_samples=100, epochs=1)
+    return RunResult(
+        method=method,
+        clients=k,
+        client_bytes=[per_client] * k,
+        predicted_client_bytes=[per_client] * k,
+        client_flops=[10] * k,
+        client_seconds=[0.5] * k,
+        accuracy=0.5,
+        test_loss=1.0,
+        wall_seconds=2.0,
+        train_samples=100,
+        epochs=1,
+    )
 
 
 def test_crossover_verdict_agrees_only_when_the_sides_match_the_analytic_point():
-    results = [r for k, split in ((1, 400), (2, 200), (4, 100), (8, 50)) for r in (_run("split", k, split),
-                                                                                  _run("fedavg", k, 150))]
+    results = [
+        r
+        for k, split in ((1, 400), (2, 200), (4, 100), (8, 50))
+        for r in (_run("split", k, split), _run("fedavg", k, 150))
+    ]
     assert measured_crossover(results) == 4
     agrees, text = crossover_summary(results, 3)
     assert agrees and "1, 2 clients" in text and "fewer at 4, 8" in text and "consistent" in text

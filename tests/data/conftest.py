@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -46,7 +46,9 @@ def isolated_env(tmp_path_factory, monkeypatch) -> Path:
     return home
 
 
-def make_split_bytes(n: int, seed: int, num_classes: int = 10, label_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_split_bytes(
+    n: int, seed: int, num_classes: int = 10, label_n: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, num_classes, size=(label_n if label_n is not None else n,), dtype=np.uint8)
@@ -76,7 +78,6 @@ def fake_mnist(tmp_path, monkeypatch) -> Callable[..., dict]:
             sums[lab_name] = sha(src / lab_name)
             arrays[split] = (images, labels)
         monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(info, sha256=sums))
-        return {"src": src, "arrays": arrays, "sums": sums,
-                "blobs": {f: (src / f).read_bytes() for f in sums}}
+        return {"src": src, "arrays": arrays, "sums": sums, "blobs": {f: (src / f).read_bytes() for f in sums}}
 
     return make

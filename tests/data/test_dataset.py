@@ -36,7 +36,7 @@ def test_real_fashion(shared_data, split, n, first):
     assert len(ds) == n and ds.features.shape[1:] == (1, 28, 28)
     assert ds.labels[:5].tolist() == first
     assert ds.labels.bincount().tolist() == [n // 10] * 10
-    assert -1.0 <= ds.features.min().item() and ds.features.max().item() <= 1.0
+    assert ds.features.min().item() >= -1.0 and ds.features.max().item() <= 1.0
 
 
 def test_limit_and_fresh_tensors(shared_data):

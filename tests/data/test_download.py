@@ -1,14 +1,13 @@
+import hashlib
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from splitnn.data import download_file, load_dataset, resolve_split_files
 from splitnn.data import download as download_mod
+from splitnn.data import download_file, load_dataset, resolve_split_files
 from splitnn.errors import ChecksumError, DataError, DownloadError
-
-import hashlib
 
 
 def sha(path):
@@ -100,10 +99,15 @@ def test_404_falls_through_to_second_mirror(server, fake_mnist, isolated_env):
     for f, b in fake["blobs"].items():
         server.files[f"/good/{f}"] = b
     images, labels = resolve_split_files(
-        "mnist", "train", progress=False, mirrors=[server.url + "/missing", server.url + "/good/"])
+        "mnist", "train", progress=False, mirrors=[server.url + "/missing", server.url + "/good/"]
+    )
     assert images.read_bytes() == fake["blobs"][images.name]
-    assert server.requests == ["/missing/train-images-idx3-ubyte.gz", "/good/train-images-idx3-ubyte.gz",
-                               "/missing/train-labels-idx1-ubyte.gz", "/good/train-labels-idx1-ubyte.gz"]
+    assert server.requests == [
+        "/missing/train-images-idx3-ubyte.gz",
+        "/good/train-images-idx3-ubyte.gz",
+        "/missing/train-labels-idx1-ubyte.gz",
+        "/good/train-labels-idx1-ubyte.gz",
+    ]
 
 
 def test_only_missing_file_is_downloaded(server, fake_mnist, isolated_env):
@@ -142,8 +146,7 @@ def test_connection_refused_names_urls(fake_mnist, isolated_env):
 def test_download_file_direct(server, tmp_path):
     server.files["/x"] = b"hello world"
     dest = tmp_path / "sub" / "x.bin"
-    assert download_file(server.url + "/x", dest, sha(_write(tmp_path / "ref", b"hello world")),
-                         progress=False) == dest
+    assert download_file(server.url + "/x", dest, sha(_write(tmp_path / "ref", b"hello world")), progress=False) == dest
     assert dest.read_bytes() == b"hello world"
     assert download_file(server.url + "/x", tmp_path / "y", None, progress=False).read_bytes() == b"hello world"
 

@@ -104,9 +104,18 @@ def test_parse_partition():
     assert [len(s) for s in iid] == [25] * 4
 
 
-@pytest.mark.parametrize("bad, match", [("random", "unknown"), ("dirichlet", "alpha"), ("dirichlet:", "alpha"),
-                                        ("dirichlet:x", "not a number"), ("dirichlet:-1", "> 0"),
-                                        ("dirichlet:nan", "> 0"), (3, "string")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("random", "unknown"),
+        ("dirichlet", "alpha"),
+        ("dirichlet:", "alpha"),
+        ("dirichlet:x", "not a number"),
+        ("dirichlet:-1", "> 0"),
+        ("dirichlet:nan", "> 0"),
+        (3, "string"),
+    ],
+)
 def test_parse_partition_errors(bad, match):
     with pytest.raises(ConfigurationError, match=match) as info:
         parse_partition(bad)

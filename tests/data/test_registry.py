@@ -1,4 +1,5 @@
 import hashlib
+import pathlib
 import re
 
 import pytest
@@ -34,8 +35,9 @@ def test_entries_complete(name):
 
 def test_fashion_system_dir_and_mnist_mirrors():
     from splitnn.data import registry
+
     # the autouse fixture blanks system_dirs; check the module's own definition
-    src = open(registry.__file__).read()
+    src = pathlib.Path(registry.__file__).read_text()
     assert '"/usr/share/datasets/fashion-mnist"' in src
     assert DATASETS["mnist"].mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
 

@@ -128,13 +128,18 @@ def test_local_checksum_mismatch(fake_mnist, tmp_path):
 
 def test_offline_lists_every_place(tmp_path, monkeypatch, isolated_env):
     monkeypatch.setenv("SPLITNN_DATA", str(tmp_path / "envdata"))
-    monkeypatch.setitem(DATASETS, "fashion-mnist",
-                        dataclasses.replace(DATASETS["fashion-mnist"], system_dirs=(str(tmp_path / "sys"),)))
+    monkeypatch.setitem(
+        DATASETS, "fashion-mnist", dataclasses.replace(DATASETS["fashion-mnist"], system_dirs=(str(tmp_path / "sys"),))
+    )
     with pytest.raises(DatasetNotFoundError) as info:
         resolve_split_files("fashion-mnist", "train", download=False)
     msg = str(info.value)
-    for place in (tmp_path / "envdata" / "fashion-mnist", tmp_path / "envdata",
-                  isolated_env / ".cache" / "splitnn" / "fashion-mnist", tmp_path / "sys"):
+    for place in (
+        tmp_path / "envdata" / "fashion-mnist",
+        tmp_path / "envdata",
+        isolated_env / ".cache" / "splitnn" / "fashion-mnist",
+        tmp_path / "sys",
+    ):
         assert str(place) in msg
     for hint in ("--data-dir", "SPLITNN_DATA", "download"):
         assert hint in msg

@@ -11,20 +11,60 @@ from splitnn.cli.main import main
 from splitnn.cli.privacy import parse_settings
 from splitnn.privacy import DefenseSetting
 
-TINY = ["--train-size", "600", "--aux-size", "300", "--test-size", "300", "--victims", "40", "--epochs", "1",
-        "--decoder-epochs", "2", "--no-progress", "--no-download"]
+TINY = [
+    "--train-size",
+    "600",
+    "--aux-size",
+    "300",
+    "--test-size",
+    "300",
+    "--victims",
+    "40",
+    "--epochs",
+    "1",
+    "--decoder-epochs",
+    "2",
+    "--no-progress",
+    "--no-download",
+]
 
 
 @pytest.mark.slow
 def test_privacy_command_prints_table_and_writes_report(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["privacy", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--defense", "nopeek,label",
-                 "--strengths", "0,1", "--strengths", "label=2", "--out", str(out), *TINY])
+    code = main(
+        [
+            "privacy",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(fmnist_dir),
+            "--defense",
+            "nopeek,label",
+            "--strengths",
+            "0,1",
+            "--strengths",
+            "label=2",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     assert "600 private / 300 auxiliary / 300 test samples" in text
     header = next(line for line in text.splitlines() if line.startswith("defense"))
-    for col in ("strength", "test acc", "acc drop", "recon MSE", "recon SSIM", "recon acc", "norm AUC", "cos AUC", "dCor"):
+    for col in (
+        "strength",
+        "test acc",
+        "acc drop",
+        "recon MSE",
+        "recon SSIM",
+        "recon acc",
+        "norm AUC",
+        "cos AUC",
+        "dCor",
+    ):
         assert col in header
     table = [line.split() for line in text.splitlines() if line.split()[:1] in (["none"], ["nopeek"], ["label"])]
     assert [(r[0], r[1]) for r in table] == [("none", "0"), ("nopeek", "0"), ("nopeek", "1"), ("label", "2")]
@@ -45,17 +85,20 @@ def test_parse_settings():
     assert len(parse_settings(None, None)) == 9  # three defaults for each of the three defenses
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--defense", "nopeak"], "unknown defense 'nopeak'"),
-    (["--defense", "noise", "--strengths", "label=1"], "does not include it"),
-    (["--defense", "noise", "--strengths", "0,x"], "comma-separated numbers"),
-    (["--defense", "noise", "--strengths", "-1"], "strength must be"),
-    (["--train-size", "59000"], "not enough for 59000 private and 5000 auxiliary"),
-    (["--workers", "alice,alice,alice"], "needs a cut between two parties"),
-    (["--hidden", "64", "--workers", "alice,bob,bob"], "2 segments"),
-    (["--victims", "20000"], "cannot exceed"),
-    (["--positive-class", "10"], "not a class"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--defense", "nopeak"], "unknown defense 'nopeak'"),
+        (["--defense", "noise", "--strengths", "label=1"], "does not include it"),
+        (["--defense", "noise", "--strengths", "0,x"], "comma-separated numbers"),
+        (["--defense", "noise", "--strengths", "-1"], "strength must be"),
+        (["--train-size", "59000"], "not enough for 59000 private and 5000 auxiliary"),
+        (["--workers", "alice,alice,alice"], "needs a cut between two parties"),
+        (["--hidden", "64", "--workers", "alice,bob,bob"], "2 segments"),
+        (["--victims", "20000"], "cannot exceed"),
+        (["--positive-class", "10"], "not a class"),
+    ],
+)
 def test_bad_arguments_fail_before_training(fmnist_dir, tmp_path, capsys, argv, match):
     code = main(["privacy", "--data-dir", str(fmnist_dir), "--no-download", "--out", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err

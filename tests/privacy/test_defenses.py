@@ -67,10 +67,17 @@ def test_cut_noise_at_inference_switch():
     assert not torch.equal(off.train()(x), x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(clip=0.0), "clip"), (dict(clip=-1.0), "clip"), (dict(sigma=-0.1, clip=1.0), "sigma"),
-    (dict(sigma=1.0), "finite clip"), (dict(clip=1.0, sigma=float("nan")), "sigma"), (dict(seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(clip=0.0), "clip"),
+        (dict(clip=-1.0), "clip"),
+        (dict(sigma=-0.1, clip=1.0), "sigma"),
+        (dict(sigma=1.0), "finite clip"),
+        (dict(clip=1.0, sigma=float("nan")), "sigma"),
+        (dict(seed=-1), "seed"),
+    ],
+)
 def test_cut_noise_rejects_bad_settings(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
         CutNoise(**kwargs)

@@ -16,8 +16,9 @@ def _undefended(data, config: PrivacyConfig, fuse: bool) -> list[torch.Tensor]:
     """Plain SplitNN.fit on the same topology: no defense, no tap, no privacy code at all."""
     torch.manual_seed(config.seed)
     workers = {n: splitnn.VirtualWorker(n, fuse=fuse) for n in dict.fromkeys(config.workers)}
-    model = splitnn.SplitNN(tutorial_mlp(config.hidden), [workers[n] for n in config.workers],
-                            optimizer=f"sgd:lr={config.lr}")
+    model = splitnn.SplitNN(
+        tutorial_mlp(config.hidden), [workers[n] for n in config.workers], optimizer=f"sgd:lr={config.lr}"
+    )
     model.fit(data, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, progress=False)
     return list(model.collect().parameters())
 

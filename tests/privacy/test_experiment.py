@@ -24,8 +24,17 @@ STRONG = {"nopeek": 5.0, "noise": 0.3, "label": 10.0}
 
 @pytest.fixture(scope="module")
 def result(fmnist_dir):
-    config = PrivacyConfig(data_dir=fmnist_dir, download=False, train_size=3000, aux_size=2000, test_size=1000,
-                           victims=300, epochs=2, seed=0, inversion=InversionConfig(epochs=10))
+    config = PrivacyConfig(
+        data_dir=fmnist_dir,
+        download=False,
+        train_size=3000,
+        aux_size=2000,
+        test_size=1000,
+        victims=300,
+        epochs=2,
+        seed=0,
+        inversion=InversionConfig(epochs=10),
+    )
     return run_privacy_experiment(config, [DefenseSetting(name, s) for name, s in STRONG.items()])
 
 

@@ -91,17 +91,17 @@ def test_distance_correlation_is_differentiable():
 
 def _naive_ssim(a: np.ndarray, b: np.ndarray, L: float = 1.0) -> float:
     coords = np.arange(11) - 5.0
-    g = np.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    g = np.exp(-(coords**2) / (2 * 1.5**2))
     w = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
     vals = []
     for i in range(a.shape[0] - 10):
         for j in range(a.shape[1] - 10):
-            pa, pb = a[i:i + 11, j:j + 11], b[i:i + 11, j:j + 11]
+            pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
             ma, mb = (w * pa).sum(), (w * pb).sum()
             va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
             cov = (w * (pa - ma) * (pb - mb)).sum()
-            vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+            vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
     return float(np.mean(vals))
 
 

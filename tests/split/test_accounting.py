@@ -66,7 +66,7 @@ def test_evaluate_reports_accuracy_and_bytes_per_worker():
     data = toy_dataset(50)
     result = model.evaluate(data)
     assert result.count == 50
-    expected = sum(int((model.predict(data.features[i:i + 1]).argmax(1) == data.labels[i]).item()) for i in range(50))
+    expected = sum(int((model.predict(data.features[i : i + 1]).argmax(1) == data.labels[i]).item()) for i in range(50))
     assert result.accuracy == pytest.approx(expected / 50)
     assert result.bytes_sent == {"alice": 50 * 128 * F32, "bob": 50 * 640 * F32}
 
@@ -116,8 +116,10 @@ def test_evaluate_reports_nan_accuracy_when_the_output_is_not_a_class_score():
     from torch import nn
 
     torch.manual_seed(0)
-    segments = [nn.Sequential(nn.Flatten(), nn.Linear(784, 4)), nn.Sequential(nn.Linear(4, 10), nn.LogSoftmax(1),
-                                                                              nn.Flatten(0))]
+    segments = [
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 4)),
+        nn.Sequential(nn.Linear(4, 10), nn.LogSoftmax(1), nn.Flatten(0)),
+    ]
     model = splitnn.SplitNN(segments, [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")])
     data = toy_dataset(3)  # batches of one sample: nll_loss takes the 1-D output
     result = model.evaluate(data, batch_size=1)

@@ -39,7 +39,9 @@ def test_shapes_that_only_a_probe_reveals_are_refused_before_training():
 
 def test_input_that_does_not_fit_the_first_segment_is_named():
     model = splitnn.SplitNN(tutorial_mlp(), _workers("alice", "bob", "claire"))
-    with pytest.raises(ShapeMismatchError, match=r"segment 0 \(at alice\) cannot take the data's input of shape \(3, 8, 8\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"segment 0 \(at alice\) cannot take the data's input of shape \(3, 8, 8\)"
+    ):
         model.fit(toy_dataset(16, shape=(3, 8, 8)), epochs=1, progress=False)
 
 
@@ -71,7 +73,7 @@ def test_empty_dataset_is_refused():
 @pytest.mark.parametrize("n_workers", [2, 4])
 def test_segment_and_worker_counts_must_match(n_workers):
     workers = _workers(*[f"w{i}" for i in range(n_workers)])
-    with pytest.raises(ConfigurationError, match="3 segments but %d workers" % n_workers):
+    with pytest.raises(ConfigurationError, match=f"3 segments but {n_workers} workers"):
         splitnn.SplitNN(tutorial_mlp(), workers)
 
 
@@ -92,8 +94,9 @@ def test_bad_loss_and_optimizer_names():
         splitnn.SplitNN(tutorial_mlp(), _workers("a", "b", "c"), optimizer="nadam")
 
 
-@pytest.mark.parametrize("kwargs, match", [({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"),
-                                           ({"epochs": 1.5}, "epochs")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"epochs": 1.5}, "epochs")]
+)
 def test_bad_fit_arguments(kwargs, match):
     model = splitnn.SplitNN(tutorial_mlp(), _workers("a", "b", "c"))
     with pytest.raises(ConfigurationError, match=match):

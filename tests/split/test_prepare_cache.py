@@ -18,8 +18,10 @@ def _data(label: int) -> Dataset:
 
 def test_a_new_dataset_is_never_mistaken_for_a_freed_one():
     torch.manual_seed(0)
-    model = splitnn.SplitNN([nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 3), nn.LogSoftmax(dim=1))],
-                            [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")])
+    model = splitnn.SplitNN(
+        [nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 3), nn.LogSoftmax(dim=1))],
+        [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")],
+    )
     names = set()
     for label in range(3):
         data = _data(label)

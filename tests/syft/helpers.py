@@ -83,7 +83,7 @@ def train_with_loop(data: Dataset, hidden: tuple[int, ...], places: list[str]) -
             model.backward()
             model.step()
             running_loss += loss.detach()
-        lines.append("Epoch {} - Training loss: {}".format(epoch, running_loss / len(batches)))
+        lines.append(f"Epoch {epoch} - Training loss: {running_loss / len(batches)}")
     return model, lines
 
 

@@ -29,19 +29,22 @@ def _both_named(exc: pytest.ExceptionInfo, first: str, second: str) -> None:
 
 # -- transfers and what they record -----------------------------------------------------------
 
+
 def test_send_records_floats_as_features_and_integers_as_labels(places):
     alice, bob, _ = places
     x = torch.randn(8, 784).send(alice)
     y = torch.arange(8).send(bob)
     assert isinstance(x, PointerTensor) and x.location == alice and y.location == bob
     assert x.shape == (8, 784) and len(y) == 8
-    assert link_table(sy.ledger()) == {("researcher", "alice", "features"): (1, 8 * 784 * 4),
-                                       ("researcher", "bob", "labels"): (1, 8 * 8)}
+    assert link_table(sy.ledger()) == {
+        ("researcher", "alice", "features"): (1, 8 * 784 * 4),
+        ("researcher", "bob", "labels"): (1, 8 * 8),
+    }
 
 
 def test_move_records_activations_and_gradients_by_what_they_are(places):
     alice, bob, _ = places
-    a = nn.Linear(5, 3).send(alice)(torch.randn(4, 5).send(alice))   # a segment's output at alice
+    a = nn.Linear(5, 3).send(alice)(torch.randn(4, 5).send(alice))  # a segment's output at alice
     assert a.kind == "activation" and (torch.randn(2).send(alice) * 2).kind == "features"
     remote = a.detach().move(bob).requires_grad_()
     (remote * remote).sum().backward()
@@ -51,7 +54,7 @@ def test_move_records_activations_and_gradients_by_what_they_are(places):
     links = link_table(sy.ledger())
     assert links[("alice", "bob", "activation")] == (1, 4 * 3 * 4)
     assert links[("bob", "alice", "gradient")] == (1, 4 * 3 * 4)
-    assert links[("alice", "bob", "features")] == (1, 2 * 5 * 4)   # raw data moved on stays raw data
+    assert links[("alice", "bob", "features")] == (1, 2 * 5 * 4)  # raw data moved on stays raw data
     assert ("bob", "alice", "activation") not in links
     assert features.kind == "features"
 
@@ -77,7 +80,7 @@ def test_get_brings_values_home_recorded_and_spends_the_pointer(places):
     assert torch.equal(labels.get(), torch.tensor([1, 2]))
     assert link_table(sy.ledger())[("alice", "researcher", "labels")] == (1, 16)
     leaf = torch.ones(2, requires_grad=True).send(alice).get()
-    assert leaf.is_leaf and leaf.requires_grad          # a leaf's flag travels
+    assert leaf.is_leaf and leaf.requires_grad  # a leaf's flag travels
 
 
 def test_moved_pointer_is_spent(places):
@@ -112,11 +115,12 @@ def test_operations_at_one_worker_give_pointers_there(places):
     values, indices = x.max(1)
     results = [x + 1, 1 - x, x * x, x @ x, -x, x[0], x.view(-1), torch.relu(x), values, indices, x == 1, x.T]
     assert all(isinstance(r, PointerTensor) and r.location == alice for r in results)
-    assert x.requires_grad_() is x and x.requires_grad   # in-place: the same pointer
+    assert x.requires_grad_() is x and x.requires_grad  # in-place: the same pointer
     assert torch.equal(indices.get(), torch.tensor([1, 0]))
 
 
 # -- modules --------------------------------------------------------------------------------
+
 
 def test_sent_module_runs_at_its_worker_and_its_optimizer_still_steps_it(places):
     alice = places[0]
@@ -150,13 +154,16 @@ def test_module_move_copy_and_buffers_count_as_weights(places):
     twin = model.copy()
     assert twin is not model and twin.location == alice
     assert model.move(bob) is model and model.location == bob and twin.location == alice
-    assert link_table(sy.ledger()) == {("researcher", "alice", "weights"): (1, nbytes),
-                                       ("alice", "bob", "weights"): (1, nbytes)}
+    assert link_table(sy.ledger()) == {
+        ("researcher", "alice", "weights"): (1, nbytes),
+        ("alice", "bob", "weights"): (1, nbytes),
+    }
     with pytest.raises(WorkerError, match="already at 'bob'"):
         model.send(alice)
 
 
 # -- mixing places: a clear error naming both ----------------------------------------------------
+
 
 def test_module_at_alice_applied_to_a_tensor_at_bob(places):
     alice, bob, _ = places
@@ -191,10 +198,10 @@ def test_local_and_remote_do_not_mix(places):
     alice = places[0]
     x = torch.randn(1, 3).send(alice)
     with pytest.raises(TensorsNotCollocatedException) as exc:
-        nn.Linear(3, 2)(x)   # a module that was never sent
+        nn.Linear(3, 2)(x)  # a module that was never sent
     _both_named(exc, "alice", "local")
     with pytest.raises(TensorsNotCollocatedException) as exc:
-        nn.Linear(3, 2).send(alice)(torch.randn(1, 3))   # a tensor that was never sent
+        nn.Linear(3, 2).send(alice)(torch.randn(1, 3))  # a tensor that was never sent
     _both_named(exc, "alice", "local")
     with pytest.raises(TensorsNotCollocatedException) as exc:
         torch.ones(1, 3) + x
@@ -205,6 +212,6 @@ def test_a_sent_leaf_has_its_own_gradient_at_the_worker(places):
     x = torch.ones(2, requires_grad=True)
     remote = x.send(places[0])
     (remote * 3).sum().backward()
-    assert x.grad is None                                  # nothing flowed back to the researcher's tensor
+    assert x.grad is None  # nothing flowed back to the researcher's tensor
     assert torch.equal(remote.grad.get(), torch.full((2,), 3.0))
     assert link_table(sy.ledger())[("alice", "researcher", "gradient")] == (1, 8)

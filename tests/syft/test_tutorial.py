@@ -24,7 +24,7 @@ import splitnn.syft as sy
 from splitnn.syft.modules import location_of
 from tests.helpers import assert_same_weights
 from tests.syft.conftest import SUBSET
-from tests.syft.helpers import (EPOCHS, epoch_losses, link_table, run_tutorial, train_with_fit, train_with_loop)
+from tests.syft.helpers import EPOCHS, epoch_losses, link_table, run_tutorial, train_with_fit, train_with_loop
 from tests.syft.tutorial_code import MODELS, TUTORIAL, variant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,8 +45,8 @@ SCENARIOS = {
 @dataclass
 class Run:
     printed: list[str]
-    home: list[nn.Module]          # the tutorial's segments after the final .get()s
-    ledger: splitnn.Ledger         # the facade's ledger
+    home: list[nn.Module]  # the tutorial's segments after the final .get()s
+    ledger: splitnn.Ledger  # the facade's ledger
     oracle: splitnn.SplitNN
     oracle_printed: list[str] | None
     hidden: tuple[int, ...]
@@ -92,15 +92,15 @@ def _expected_links(hidden: tuple[int, ...], places: list[str]) -> dict:
 
     for (fan_in, fan_out), place in zip(pairwise((784, *hidden, 10)), places):
         weights = (fan_in * fan_out + fan_out) * 4
-        add(("researcher", place, "weights"), 1, weights)      # model.send(location)
-        add((place, "researcher", "weights"), 1, weights)      # the final model.get()
-    add(("researcher", places[0], "features"), steps, EPOCHS * n * 784 * 4)   # images.send
-    add(("researcher", places[-1], "labels"), steps, EPOCHS * n * 8)          # labels.send (int64)
+        add(("researcher", place, "weights"), 1, weights)  # model.send(location)
+        add((place, "researcher", "weights"), 1, weights)  # the final model.get()
+    add(("researcher", places[0], "features"), steps, EPOCHS * n * 784 * 4)  # images.send
+    add(("researcher", places[-1], "labels"), steps, EPOCHS * n * 8)  # labels.send (int64)
     for width, src, dst in zip(hidden, places, places[1:]):
         if src != dst:
-            add((src, dst, "activation"), steps, EPOCHS * n * width * 4)    # .detach().move()
-            add((dst, src, "gradient"), steps, EPOCHS * n * width * 4)      # .grad.copy().move()
-    add((places[-1], "researcher", "output"), steps, steps * 4)             # running_loss += loss.get()
+            add((src, dst, "activation"), steps, EPOCHS * n * width * 4)  # .detach().move()
+            add((dst, src, "gradient"), steps, EPOCHS * n * width * 4)  # .grad.copy().move()
+    add((places[-1], "researcher", "output"), steps, steps * 4)  # running_loss += loss.get()
     return links
 
 
@@ -120,16 +120,16 @@ def test_three_worker_ledger_figures(mnist_subset):
     for model in namespace["models"]:
         model.get()
     assert link_table(sy.ledger()) == {
-        ("researcher", "alice", "weights"): (1, 401_920),        # (784*128 + 128) * 4
-        ("researcher", "bob", "weights"): (1, 330_240),          # (128*640 + 640) * 4
-        ("researcher", "claire", "weights"): (1, 25_640),        # (640*10 + 10) * 4
-        ("researcher", "alice", "features"): (64, 12_544_000),   # 2 * 2000 * 784 * 4
-        ("researcher", "claire", "labels"): (64, 32_000),        # 2 * 2000 * 8
-        ("alice", "bob", "activation"): (64, 2_048_000),         # 2 * 2000 * 128 * 4
-        ("bob", "claire", "activation"): (64, 10_240_000),       # 2 * 2000 * 640 * 4
+        ("researcher", "alice", "weights"): (1, 401_920),  # (784*128 + 128) * 4
+        ("researcher", "bob", "weights"): (1, 330_240),  # (128*640 + 640) * 4
+        ("researcher", "claire", "weights"): (1, 25_640),  # (640*10 + 10) * 4
+        ("researcher", "alice", "features"): (64, 12_544_000),  # 2 * 2000 * 784 * 4
+        ("researcher", "claire", "labels"): (64, 32_000),  # 2 * 2000 * 8
+        ("alice", "bob", "activation"): (64, 2_048_000),  # 2 * 2000 * 128 * 4
+        ("bob", "claire", "activation"): (64, 10_240_000),  # 2 * 2000 * 640 * 4
         ("claire", "bob", "gradient"): (64, 10_240_000),
         ("bob", "alice", "gradient"): (64, 2_048_000),
-        ("claire", "researcher", "output"): (64, 256),           # one float32 loss per batch
+        ("claire", "researcher", "output"): (64, 256),  # one float32 loss per batch
         ("alice", "researcher", "weights"): (1, 401_920),
         ("bob", "researcher", "weights"): (1, 330_240),
         ("claire", "researcher", "weights"): (1, 25_640),
@@ -140,8 +140,11 @@ def test_example_script_holds_the_tutorial_verbatim_and_runs(shared_data, monkey
     script = REPO / "examples" / "pysyft_tutorial.py"
     assert TUTORIAL in script.read_text()
     assert TUTORIAL in (REPO / "README.md").read_text()  # the README section "Coming from PySyft" quotes it verbatim
-    monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(shared_data), "--limit", "600",
-                                      "--holdout", "100", "--epochs", "1"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(script), "--data-dir", str(shared_data), "--limit", "600", "--holdout", "100", "--epochs", "1"],
+    )
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "Epoch 0 - Training loss: " in out

@@ -78,10 +78,12 @@ def test_fedavg_averages_the_clients_weights_by_sample_count():
     shards = [data.subset(slice(0, 70)), data.subset(slice(70, 100))]
     fed = FedAvg(copy.deepcopy(model), _clients(2))
     fed.fit(shards, rounds=1, local_epochs=2, batch_size=16, seed=9, progress=False)
-    local = [_local_sgd(model, s, epochs=2, batch_size=16, seed=9 + CLIENT_SEED_STRIDE * k)
-             for k, s in enumerate(shards)]
-    expected = {name: local[0].state_dict()[name] * 0.7 + local[1].state_dict()[name] * 0.3
-                for name in model.state_dict()}
+    local = [
+        _local_sgd(model, s, epochs=2, batch_size=16, seed=9 + CLIENT_SEED_STRIDE * k) for k, s in enumerate(shards)
+    ]
+    expected = {
+        name: local[0].state_dict()[name] * 0.7 + local[1].state_dict()[name] * 0.3 for name in model.state_dict()
+    }
     for name, tensor in fed.model.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7)
         assert not torch.equal(tensor, local[0].state_dict()[name])
@@ -122,8 +124,9 @@ def test_large_batch_step_averages_gradients_by_batch_size():
     union = copy.deepcopy(model)
     nn.functional.nll_loss(union(data.features), data.labels).backward()
     for (name, p), q in zip(lb.model.named_parameters(), union.parameters()):
-        torch.testing.assert_close(p.detach(), dict(model.named_parameters())[name].detach() - 0.03 * q.grad,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            p.detach(), dict(model.named_parameters())[name].detach() - 0.03 * q.grad, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_large_batch_clients_take_part_once_per_own_batch():

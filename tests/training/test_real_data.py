@@ -12,8 +12,9 @@ from splitnn.models import tutorial_mlp
 
 def _tutorial_model():
     torch.manual_seed(0)
-    return splitnn.SplitNN(tutorial_mlp(), [splitnn.VirtualWorker(n) for n in ("alice", "bob", "claire")],
-                           optimizer="sgd:lr=0.03")
+    return splitnn.SplitNN(
+        tutorial_mlp(), [splitnn.VirtualWorker(n) for n in ("alice", "bob", "claire")], optimizer="sgd:lr=0.03"
+    )
 
 
 def test_mnist_test_set_trains_to_high_accuracy(shared_data):
@@ -37,5 +38,8 @@ def test_fashion_mnist_full_five_epochs_reaches_084(shared_data):
     history = model.fit(train, epochs=5, batch_size=64, test_data=test, progress=False)
     assert history.final.test_accuracy >= 0.84, [e.test_accuracy for e in history.epochs]
     # Bytes per epoch are exactly the cut tensors of 60,000 samples each way.
-    assert history.final.bytes_sent == {"alice": 60000 * 128 * 4, "bob": 60000 * (128 + 640) * 4,
-                                        "claire": 60000 * 640 * 4}
+    assert history.final.bytes_sent == {
+        "alice": 60000 * 128 * 4,
+        "bob": 60000 * (128 + 640) * 4,
+        "claire": 60000 * 640 * 4,
+    }

@@ -14,9 +14,24 @@ LIMIT = 1500
 
 def _train(shared_data, tmp_path, *flags):
     hist = tmp_path / "history.json"
-    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(shared_data / "fashion-mnist"),
-                 "--no-download", "--epochs", "1", "--limit", str(LIMIT), "--no-progress", "--json", str(hist),
-                 *flags])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(shared_data / "fashion-mnist"),
+            "--no-download",
+            "--epochs",
+            "1",
+            "--limit",
+            str(LIMIT),
+            "--no-progress",
+            "--json",
+            str(hist),
+            *flags,
+        ]
+    )
     return code, (json.loads(hist.read_text()) if hist.exists() else None)
 
 
@@ -31,8 +46,18 @@ def _ledger_rows(out: str) -> dict[tuple[str, str, str], int]:
 
 
 def test_multi_central_dirichlet(shared_data, tmp_path, capsys):
-    code, history = _train(shared_data, tmp_path, "--topology", "multi", "--clients", "3", "--handoff", "central",
-                           "--partition", "dirichlet:0.5")
+    code, history = _train(
+        shared_data,
+        tmp_path,
+        "--topology",
+        "multi",
+        "--clients",
+        "3",
+        "--handoff",
+        "central",
+        "--partition",
+        "dirichlet:0.5",
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "multi: 3 data holders alice1..alice3 (dirichlet:0.5 shards, central hand-offs" in out
@@ -73,18 +98,21 @@ def test_vertical_holders_send_their_activations_only(shared_data, tmp_path, cap
     assert history[0]["bytes_sent"]["alice1"] == history[0]["bytes_sent"]["alice2"] == LIMIT * 128 * 4
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--handoff", "central"], "--handoff do(es) not apply to --topology chain"),
-    (["--topology", "multi", "--merge", "sum"], "--merge do(es) not apply to --topology multi"),
-    (["--topology", "u-shape", "--clients", "2"], "--clients do(es) not apply"),
-    (["--topology", "vertical", "--clients", "1"], "at least 2 clients"),
-    (["--topology", "multi", "--clients", "0"], "positive integer"),
-    (["--topology", "multi", "--turn-batches", "0"], "turn_batches"),
-    (["--topology", "multi", "--partition", "zipf"], "unknown partition"),
-    (["--topology", "u-shape", "--workers", "alice,bob,alice"], "--workers applies to --topology chain"),
-    (["--topology", "u-shape", "--hidden", "128"], "at least 3 segments"),
-    (["--topology", "vertical", "--save", "m.safetensors"], "--save does not support --topology vertical"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--handoff", "central"], "--handoff do(es) not apply to --topology chain"),
+        (["--topology", "multi", "--merge", "sum"], "--merge do(es) not apply to --topology multi"),
+        (["--topology", "u-shape", "--clients", "2"], "--clients do(es) not apply"),
+        (["--topology", "vertical", "--clients", "1"], "at least 2 clients"),
+        (["--topology", "multi", "--clients", "0"], "positive integer"),
+        (["--topology", "multi", "--turn-batches", "0"], "turn_batches"),
+        (["--topology", "multi", "--partition", "zipf"], "unknown partition"),
+        (["--topology", "u-shape", "--workers", "alice,bob,alice"], "--workers applies to --topology chain"),
+        (["--topology", "u-shape", "--hidden", "128"], "at least 3 segments"),
+        (["--topology", "vertical", "--save", "m.safetensors"], "--save does not support --topology vertical"),
+    ],
+)
 def test_bad_topology_flags_are_refused_before_loading_data(argv, match, capsys, tmp_path):
     code = main(["train", "--data-dir", str(tmp_path), "--no-download", *argv])
     assert code == 2

@@ -41,8 +41,9 @@ def test_one_holder_reproduces_plain_chain_training_exactly(fuse):
     data = toy_dataset(200)
     chain = splitnn.SplitNN(chain_segments, [W("alice", fuse=fuse), W("bob", fuse=fuse), W("claire", fuse=fuse)])
     chain.fit(data, epochs=2, batch_size=32, seed=7, progress=False)
-    multi = MultiHolderSplitNN(segments[0], segments[1:], [W("alice", fuse=fuse)],
-                               [W("bob", fuse=fuse), W("claire", fuse=fuse)])
+    multi = MultiHolderSplitNN(
+        segments[0], segments[1:], [W("alice", fuse=fuse)], [W("bob", fuse=fuse), W("claire", fuse=fuse)]
+    )
     multi.fit(data, epochs=2, batch_size=32, seed=7, progress=False)
     assert_same_weights(multi.collect(), chain.collect())
     assert multi.handoffs == []
@@ -96,20 +97,26 @@ def test_peer_handoffs_go_holder_to_holder_with_the_bottom_state():
     torch.manual_seed(2)
     model, _ = _multi(3, handoff="peer")
     model.fit(toy_dataset(96), epochs=1, batch_size=16, progress=False)
-    assert _weights_links(model.ledger) == {("alice1", "alice2"): (1, BOTTOM_STATE_BYTES),
-                                            ("alice2", "alice3"): (1, BOTTOM_STATE_BYTES)}
-    assert [(h.src, h.dst, h.reason) for h in model.handoffs] == [("alice1", "alice2", "turn"),
-                                                                  ("alice2", "alice3", "turn")]
+    assert _weights_links(model.ledger) == {
+        ("alice1", "alice2"): (1, BOTTOM_STATE_BYTES),
+        ("alice2", "alice3"): (1, BOTTOM_STATE_BYTES),
+    }
+    assert [(h.src, h.dst, h.reason) for h in model.handoffs] == [
+        ("alice1", "alice2", "turn"),
+        ("alice2", "alice3", "turn"),
+    ]
 
 
 def test_central_handoffs_go_through_the_store_at_the_label_holder():
     torch.manual_seed(3)
     model, _ = _multi(3, handoff="central")
     model.fit(toy_dataset(96), epochs=1, batch_size=16, progress=False)
-    assert _weights_links(model.ledger) == {("alice1", "bob"): (1, BOTTOM_STATE_BYTES),
-                                            ("bob", "alice2"): (1, BOTTOM_STATE_BYTES),
-                                            ("alice2", "bob"): (1, BOTTOM_STATE_BYTES),
-                                            ("bob", "alice3"): (1, BOTTOM_STATE_BYTES)}
+    assert _weights_links(model.ledger) == {
+        ("alice1", "bob"): (1, BOTTOM_STATE_BYTES),
+        ("bob", "alice2"): (1, BOTTOM_STATE_BYTES),
+        ("alice2", "bob"): (1, BOTTOM_STATE_BYTES),
+        ("bob", "alice3"): (1, BOTTOM_STATE_BYTES),
+    }
 
 
 def test_central_handoffs_through_a_third_party_store():
@@ -119,10 +126,12 @@ def test_central_handoffs_through_a_third_party_store():
     model = MultiHolderSplitNN(segments[0], segments[1:], holders, W("bob"), handoff="central", store=W("vault"))
     model.fit(toy_dataset(64), epochs=2, batch_size=16, progress=False)
     # epoch 1: h1 -> vault -> h2; epoch 2: h2 -> vault -> h1, then h1 -> vault -> h2
-    assert _weights_links(model.ledger) == {("h1", "vault"): (2, 2 * BOTTOM_STATE_BYTES),
-                                            ("vault", "h2"): (2, 2 * BOTTOM_STATE_BYTES),
-                                            ("h2", "vault"): (1, BOTTOM_STATE_BYTES),
-                                            ("vault", "h1"): (1, BOTTOM_STATE_BYTES)}
+    assert _weights_links(model.ledger) == {
+        ("h1", "vault"): (2, 2 * BOTTOM_STATE_BYTES),
+        ("vault", "h2"): (2, 2 * BOTTOM_STATE_BYTES),
+        ("h2", "vault"): (1, BOTTOM_STATE_BYTES),
+        ("vault", "h1"): (1, BOTTOM_STATE_BYTES),
+    }
     assert "vault" in model.parties()
     assert model.ledger.total(src="vault", kind="activation") == 0
 
@@ -131,9 +140,11 @@ def test_turns_of_n_batches_hand_off_at_every_turn_change():
     torch.manual_seed(5)
     model, _ = _multi(3, handoff="peer", turn_batches=2)
     model.fit(toy_dataset(96), epochs=1, batch_size=8, progress=False)  # 4 batches per holder: 2 rounds
-    assert _weights_links(model.ledger) == {("alice1", "alice2"): (2, 2 * BOTTOM_STATE_BYTES),
-                                            ("alice2", "alice3"): (2, 2 * BOTTOM_STATE_BYTES),
-                                            ("alice3", "alice1"): (1, BOTTOM_STATE_BYTES)}
+    assert _weights_links(model.ledger) == {
+        ("alice1", "alice2"): (2, 2 * BOTTOM_STATE_BYTES),
+        ("alice2", "alice3"): (2, 2 * BOTTOM_STATE_BYTES),
+        ("alice3", "alice1"): (1, BOTTOM_STATE_BYTES),
+    }
 
 
 def test_evaluation_brings_stale_holders_up_to_date_and_scores_the_latest_model():
@@ -190,13 +201,16 @@ def test_more_holders_than_samples_is_refused_before_training():
     assert torch.equal(model.collect()[1].weight, initial[0][1].weight)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(handoff="broadcast"), "unknown handoff"),
-    (dict(store=W("vault")), "only with handoff='central'"),
-    (dict(turn_batches=0), "turn_batches"),
-    (dict(partition="zipf"), "unknown partition"),
-    (dict(loss="hinge"), "unknown loss"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(handoff="broadcast"), "unknown handoff"),
+        (dict(store=W("vault")), "only with handoff='central'"),
+        (dict(turn_batches=0), "turn_batches"),
+        (dict(partition="zipf"), "unknown partition"),
+        (dict(loss="hinge"), "unknown loss"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, match):
     segments = tutorial_mlp()
     with pytest.raises(ConfigurationError, match=match):
@@ -237,8 +251,13 @@ def test_three_iid_holders_match_one_holder_on_fashion_mnist(shared_data):
     chain = splitnn.SplitNN(copy.deepcopy(segments), [W("alice"), W("bob"), W("claire")], optimizer="sgd:lr=0.005")
     chain.fit(train, epochs=1, batch_size=32, progress=False)
     single = chain.evaluate(test).accuracy
-    multi = MultiHolderSplitNN(segments[0], segments[1:], [W("alice1"), W("alice2"), W("alice3")],
-                               [W("bob"), W("claire")], optimizer="sgd:lr=0.005")
+    multi = MultiHolderSplitNN(
+        segments[0],
+        segments[1:],
+        [W("alice1"), W("alice2"), W("alice3")],
+        [W("bob"), W("claire")],
+        optimizer="sgd:lr=0.005",
+    )
     multi.fit(train, epochs=1, batch_size=32, progress=False)
     three = multi.evaluate(test).accuracy
     print(f"fashion-mnist, 1 epoch: one holder {single:.4f}, three IID holders {three:.4f}")

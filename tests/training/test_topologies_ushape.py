@@ -66,8 +66,9 @@ def test_ushape_with_two_middle_parties():
     model.fit(data, epochs=1, batch_size=16, progress=False)
     assert model.parties() == ["alice", "bob", "claire"]
     assert model.ledger.total(src="claire", dst="alice", kind="activation") == 64 * 16 * 4
-    assert model.ledger.total(src="alice", dst="claire") == model.ledger.total(src="alice", dst="claire",
-                                                                               kind="gradient")
+    assert model.ledger.total(src="alice", dst="claire") == model.ledger.total(
+        src="alice", dst="claire", kind="gradient"
+    )
     assert_same_weights(model.collect(), train_twin(initial, data, epochs=1, batch_size=16))
 
 

@@ -72,8 +72,9 @@ def test_vertical_matches_a_twin_that_slices_columns_itself(merge, fuse):
     data = toy_dataset(120)
     model, (bottoms, top) = _vertical(2, merge, fuse)
     model.fit(data, epochs=2, batch_size=16, seed=4, progress=False)
-    twin = _train_twin(Twin(bottoms, top, column_partition((1, 28, 28), 2), merge), data, epochs=2, batch_size=16,
-                       seed=4)
+    twin = _train_twin(
+        Twin(bottoms, top, column_partition((1, 28, 28), 2), merge), data, epochs=2, batch_size=16, seed=4
+    )
     got, want = model.collect().state_dict(), twin.state_dict()
     assert list(got) == list(want)
     for key in want:
@@ -98,12 +99,14 @@ def test_image_strips_reshaped_for_convolutional_bottoms():
     torch.manual_seed(6)
     data = toy_dataset(48)
     columns = column_partition((1, 28, 28), 2)
-    bottoms = [nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-               for _ in range(2)]  # a 1x28x14 strip -> 2x14x7 = 196 values
+    bottoms = [
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()) for _ in range(2)
+    ]  # a 1x28x14 strip -> 2x14x7 = 196 values
     top = [nn.Sequential(nn.Linear(392, 10), nn.LogSoftmax(dim=1))]
     twin = Twin(copy.deepcopy(bottoms), copy.deepcopy(top), columns, "concat", shapes=[(1, 28, 14)] * 2)
-    model = VerticalSplitNN(bottoms, [W("left"), W("right")], top, W("bob"), columns=columns,
-                            column_shapes=[(1, 28, 14), (1, 28, 14)])
+    model = VerticalSplitNN(
+        bottoms, [W("left"), W("right")], top, W("bob"), columns=columns, column_shapes=[(1, 28, 14), (1, 28, 14)]
+    )
     model.fit(data, epochs=1, batch_size=16, progress=False)
     _train_twin(twin, data, epochs=1, batch_size=16, seed=0)
     for (k, a), b in zip(model.collect().state_dict().items(), twin.state_dict().values()):
@@ -156,8 +159,9 @@ def test_rows_are_aligned_by_sample_id():
     ids = torch.arange(100, 124)
     g = torch.Generator().manual_seed(0)
     p_right, p_labels = torch.randperm(24, generator=g), torch.randperm(24, generator=g)
-    shuffled = VerticalData([left, right[p_right]], data.labels[p_labels], ids=[ids, ids[p_right]],
-                            label_ids=ids[p_labels])
+    shuffled = VerticalData(
+        [left, right[p_right]], data.labels[p_labels], ids=[ids, ids[p_right]], label_ids=ids[p_labels]
+    )
     torch.manual_seed(5)
     by_id = _flat_model()
     torch.manual_seed(5)
@@ -198,11 +202,14 @@ def test_placed_datasets_with_different_counts_are_refused():
         model.fit("clinic", epochs=1, progress=False)
 
 
-@pytest.mark.parametrize("merge, widths, top_in, match", [
-    ("sum", (6, 5), None, r"cannot sum activations of different shapes"),
-    ("mean", (6, 5), None, r"cannot mean activations"),
-    ("concat", (6, 6), 10, r"concat of the holders' activations gives shape \(2, 12\)"),
-])
+@pytest.mark.parametrize(
+    "merge, widths, top_in, match",
+    [
+        ("sum", (6, 5), None, r"cannot sum activations of different shapes"),
+        ("mean", (6, 5), None, r"cannot mean activations"),
+        ("concat", (6, 6), 10, r"concat of the holders' activations gives shape \(2, 12\)"),
+    ],
+)
 def test_a_merge_whose_shapes_do_not_fit_is_refused_before_training(merge, widths, top_in, match):
     data, (left, right) = _parts()
     model = _flat_model(merge, widths, top_in)

@@ -44,8 +44,14 @@ class Cluster:
         self.token_file = self.root / "TOKEN"
         self.token_file.write_text(self.token + "\n")
 
-    def start(self, name: str, *args: str, token_file: Path | None = None, listen: str = "127.0.0.1:0",
-              prefix: Sequence[str] = ()) -> WorkerProcess:
+    def start(
+        self,
+        name: str,
+        *args: str,
+        token_file: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        prefix: Sequence[str] = (),
+    ) -> WorkerProcess:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
         ``prefix`` goes before the command line (e.g. ``ip netns exec NS``, which execs, so the
         process started is still the worker itself)."""
@@ -53,9 +59,26 @@ class Cluster:
         addr_file.unlink(missing_ok=True)
         log = self.root / f"{name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [*prefix, sys.executable, "-m", "splitnn", "worker", "--name", name, "--listen", listen,
-               "--token-file", str(token_file or self.token_file), "--address-file", str(addr_file),
-               "--threads", "1", "--max-lifetime", str(self.lifetime), *args]
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "splitnn",
+            "worker",
+            "--name",
+            name,
+            "--listen",
+            listen,
+            "--token-file",
+            str(token_file or self.token_file),
+            "--address-file",
+            str(addr_file),
+            "--threads",
+            "1",
+            "--max-lifetime",
+            str(self.lifetime),
+            *args,
+        ]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -93,7 +116,7 @@ class Cluster:
                 wp.proc.kill()
                 wp.proc.wait(5)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitnn.errors import WireError
+from splitnn.errors import ConfigurationError, WireError
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
@@ -29,8 +29,10 @@ def _roundtrip(t: torch.Tensor, chunk: int, max_bytes: int = 1 << 30) -> tuple[t
     return out, n
 
 
-@pytest.mark.parametrize("shape,dtype", [((64, 128), torch.float32), ((3, 5, 7), torch.float64), ((0, 4), torch.float32),
-                                         ((10,), torch.int64)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((64, 128), torch.float32), ((3, 5, 7), torch.float64), ((0, 4), torch.float32), ((10,), torch.int64)],
+)
 @pytest.mark.parametrize("chunk", [1 << 10, 1 << 20])
 def test_data_frames_roundtrip_exactly(shape, dtype, chunk):
     t = (torch.randn(shape) * 100).to(dtype)
@@ -62,8 +64,13 @@ def test_parse_rejects_garbage(buf):
         hdr, chunk = frames.parse(buf)
     except WireError:
         return
-    assert buf[:4] == frames.PEER_MAGIC and hdr.type in (frames.REQUEST, frames.DATA, frames.ERROR,
-                                                          frames.PUSH, frames.ABORT)
+    assert buf[:4] == frames.PEER_MAGIC and hdr.type in (
+        frames.REQUEST,
+        frames.DATA,
+        frames.ERROR,
+        frames.PUSH,
+        frames.ABORT,
+    )
 
 
 def test_request_and_error_frames():
@@ -74,7 +81,7 @@ def test_request_and_error_frames():
 
 
 def test_limits_and_counters():
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigurationError):
         Limits(chunk_bytes=10)
     assert dict(Limits().grpc_options())["grpc.max_receive_message_length"] == Limits().max_message_bytes
     c = ByteCounters()
@@ -88,7 +95,17 @@ def test_generated_proto_is_in_sync(tmp_path):
     """Regenerating from splitnn.proto gives the committed module (run tools/gen_proto.sh if this fails)."""
     pytest.importorskip("grpc_tools")
     src = REPO / "src"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{src}", f"--python_out={tmp_path}",
-                    "splitnn/wire/proto/splitnn.proto"], check=True, cwd=src)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{src}",
+            f"--python_out={tmp_path}",
+            "splitnn/wire/proto/splitnn.proto",
+        ],
+        check=True,
+        cwd=src,
+    )
     fresh = (tmp_path / "splitnn/wire/proto/splitnn_pb2.py").read_text()
     assert fresh == (src / "splitnn/wire/proto/splitnn_pb2.py").read_text()

@@ -31,11 +31,15 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -> None
     "spec,reference",
     [
         (OptimizerSpec(), lambda p: torch.optim.SGD(p, lr=0.03)),
-        (OptimizerSpec("sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
-         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        (
+            OptimizerSpec("sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+        ),
         (OptimizerSpec("adam", lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3)),
-        (OptimizerSpec("adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
-         lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)),
+        (
+            OptimizerSpec("adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
+            lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
+        ),
     ],
     ids=["sgd-default", "sgd-momentum", "adam", "adamw"],
 )
@@ -66,8 +70,14 @@ def test_build_accepts_param_groups() -> None:
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1]
 
 
-@pytest.mark.parametrize("spec", [OptimizerSpec(), OptimizerSpec("adam", lr=2e-4, betas=(0.5, 0.9)),
-                                  OptimizerSpec("ADAMW", lr=1, weight_decay=0.1, eps=1e-7)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        OptimizerSpec(),
+        OptimizerSpec("adam", lr=2e-4, betas=(0.5, 0.9)),
+        OptimizerSpec("ADAMW", lr=1, weight_decay=0.1, eps=1e-7),
+    ],
+)
 def test_dict_round_trip(spec: OptimizerSpec) -> None:
     d = spec.to_dict()
     assert OptimizerSpec.from_dict(json.loads(json.dumps(d, allow_nan=False))) == spec
@@ -118,8 +128,9 @@ def test_coerce_passthrough_and_none() -> None:
     eps=st.floats(1e-12, 1e-2),
 )
 def test_string_form_round_trips(name, lr, momentum, weight_decay, b1, b2, eps) -> None:  # type: ignore[no-untyped-def]
-    spec = OptimizerSpec(name, lr=lr, momentum=momentum if name == "sgd" else 0.0, weight_decay=weight_decay,
-                         betas=(b1, b2), eps=eps)
+    spec = OptimizerSpec(
+        name, lr=lr, momentum=momentum if name == "sgd" else 0.0, weight_decay=weight_decay, betas=(b1, b2), eps=eps
+    )
     assert OptimizerSpec.coerce(str(spec)) == spec
     assert OptimizerSpec.from_dict(spec.to_dict()) == spec
 

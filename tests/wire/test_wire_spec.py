@@ -55,8 +55,17 @@ def small_cnn() -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.BatchNorm2d(8),
-        nn.Conv2d(8, 4, kernel_size=(3, 5), stride=(1, 2), padding=(1, 2), dilation=1, groups=4, bias=False,
-                  padding_mode="reflect"),
+        nn.Conv2d(
+            8,
+            4,
+            kernel_size=(3, 5),
+            stride=(1, 2),
+            padding=(1, 2),
+            dilation=1,
+            groups=4,
+            bias=False,
+            padding_mode="reflect",
+        ),
         nn.Flatten(),
         nn.Dropout(0.3),
         nn.Linear(4 * 14 * 7, 10),
@@ -131,16 +140,38 @@ def test_every_builtin_round_trips(m: nn.Module) -> None:
 def test_builtin_types_are_listed() -> None:
     names = set(registered_layers())
     assert {
-        "Linear", "Conv2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax", "MaxPool2d",
-        "AvgPool2d", "AdaptiveAvgPool2d", "Flatten", "Unflatten", "Dropout", "BatchNorm1d", "BatchNorm2d",
+        "Linear",
+        "Conv2d",
+        "ReLU",
+        "LeakyReLU",
+        "Sigmoid",
+        "Tanh",
+        "GELU",
+        "Softmax",
+        "LogSoftmax",
+        "MaxPool2d",
+        "AvgPool2d",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Unflatten",
+        "Dropout",
+        "BatchNorm1d",
+        "BatchNorm2d",
         "Identity",
     } <= names
 
 
 def test_defaults_fill_missing_optional_args() -> None:
-    m = spec_to_module({"type": "Sequential", "layers": [{"type": "Linear", "in_features": 2, "out_features": 3},
-                                                        {"type": "Conv2d", "in_channels": 1, "out_channels": 1,
-                                                         "kernel_size": 3}, {"type": "Dropout"}]})
+    m = spec_to_module(
+        {
+            "type": "Sequential",
+            "layers": [
+                {"type": "Linear", "in_features": 2, "out_features": 3},
+                {"type": "Conv2d", "in_channels": 1, "out_channels": 1, "kernel_size": 3},
+                {"type": "Dropout"},
+            ],
+        }
+    )
     assert m[0].bias is not None and m[1].padding == (0, 0) and m[2].p == 0.5
 
 
@@ -191,13 +222,19 @@ def test_subclass_of_known_type_is_not_matched() -> None:
         ({"type": "Linear", "in_features": 3, "out_features": 4, "bias": 1}, "argument 'bias'"),
         ({"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": [3]}, "argument 'kernel_size'"),
         ({"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 0}, "argument 'kernel_size'"),
-        ({"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding_mode": "mirror"},
-         "argument 'padding_mode'"),
-        ({"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": "full"},
-         "argument 'padding'"),
+        (
+            {"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding_mode": "mirror"},
+            "argument 'padding_mode'",
+        ),
+        (
+            {"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": "full"},
+            "argument 'padding'",
+        ),
         ({"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "groups": 2}, "divisible"),
-        ({"type": "Conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 3, "stride": 2, "padding": "same"},
-         "stride"),
+        (
+            {"type": "Conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 3, "stride": 2, "padding": "same"},
+            "stride",
+        ),
         ({"type": "Dropout", "p": 1.5}, "argument 'p'"),
         ({"type": "BatchNorm2d", "num_features": 4, "eps": 0}, "argument 'eps'"),
         ({"type": "LogSoftmax", "dim": "1"}, "argument 'dim'"),
@@ -270,8 +307,19 @@ def test_layer_count_limit() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [float("nan"), float("inf"), (3, 3), {3, 4}, b"bytes", object(), torch.tensor(1.0), 2**70, "x" * 1000,
-     lambda: None, nn.ReLU],
+    [
+        float("nan"),
+        float("inf"),
+        (3, 3),
+        {3, 4},
+        b"bytes",
+        object(),
+        torch.tensor(1.0),
+        2**70,
+        "x" * 1000,
+        lambda: None,
+        nn.ReLU,
+    ],
     ids=["nan", "inf", "tuple", "set", "bytes", "object", "tensor", "bigint", "longstr", "lambda", "class"],
 )
 def test_only_plain_json_values(value: object) -> None:
@@ -291,9 +339,17 @@ def test_non_string_keys_rejected() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ['{"type": "Dropout", "p": NaN}', '{"type": "Dropout", "p": Infinity}', '{"type": "Dropout", "p": 1e999}',
-     '[{"type": "ReLU"}]', '{"type": "ReLU"', "", "null", '{"type": "ReLU", "inplace": ' + "9" * 5000 + "}",
-     b'\xff\xfe'],
+    [
+        '{"type": "Dropout", "p": NaN}',
+        '{"type": "Dropout", "p": Infinity}',
+        '{"type": "Dropout", "p": 1e999}',
+        '[{"type": "ReLU"}]',
+        '{"type": "ReLU"',
+        "",
+        "null",
+        '{"type": "ReLU", "inplace": ' + "9" * 5000 + "}",
+        b"\xff\xfe",
+    ],
 )
 def test_bad_json_text(text: str) -> None:
     with pytest.raises(SpecError):
@@ -402,18 +458,52 @@ def test_unregistered_type_unknown_again() -> None:
 
 # ----------------------------------------------------------------------------- fuzz
 
-_json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(
-    max_size=8
+_json_scalars = (
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8)
 )
-_json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=6), inner, max_size=4), max_leaves=20)
+_json = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
 _arg_names = st.sampled_from(
-    ["in_features", "out_features", "bias", "kernel_size", "stride", "padding", "dilation", "groups", "p", "dim",
-     "num_features", "eps", "momentum", "affine", "in_channels", "out_channels", "layers", "names", "start_dim",
-     "end_dim", "output_size", "unflattened_size", "padding_mode", "approximate", "negative_slope", "inplace"]
+    [
+        "in_features",
+        "out_features",
+        "bias",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "p",
+        "dim",
+        "num_features",
+        "eps",
+        "momentum",
+        "affine",
+        "in_channels",
+        "out_channels",
+        "layers",
+        "names",
+        "start_dim",
+        "end_dim",
+        "output_size",
+        "unflattened_size",
+        "padding_mode",
+        "approximate",
+        "negative_slope",
+        "inplace",
+    ]
 )
-_small_values = st.none() | st.booleans() | st.integers(-3, 40) | st.floats(-2, 2) | st.sampled_from(
-    ["same", "valid", "zeros", "tanh", "none"]) | st.lists(st.integers(-2, 5), max_size=3)
+_small_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 40)
+    | st.floats(-2, 2)
+    | st.sampled_from(["same", "valid", "zeros", "tanh", "none"])
+    | st.lists(st.integers(-2, 5), max_size=3)
+)
 
 
 def _layers(types: list[str]) -> st.SearchStrategy:
@@ -422,8 +512,11 @@ def _layers(types: list[str]) -> st.SearchStrategy:
         st.sampled_from(types),
         st.dictionaries(_arg_names, _small_values, max_size=5),
     )
-    return st.recursive(leaf, lambda inner: st.builds(
-        lambda layers: {"type": "Sequential", "layers": layers}, st.lists(inner, max_size=4)), max_leaves=8)
+    return st.recursive(
+        leaf,
+        lambda inner: st.builds(lambda layers: {"type": "Sequential", "layers": layers}, st.lists(inner, max_size=4)),
+        max_leaves=8,
+    )
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -454,8 +547,10 @@ def test_fuzz_arbitrary_json(value: object) -> None:
 
 
 def test_spec_is_not_mutated() -> None:
-    spec = {"type": "Sequential", "layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 2,
-                                              "kernel_size": [3, 3]}]}
+    spec = {
+        "type": "Sequential",
+        "layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": [3, 3]}],
+    }
     before = copy.deepcopy(spec)
     spec_to_module(spec)
     assert spec == before

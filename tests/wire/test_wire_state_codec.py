@@ -111,8 +111,15 @@ def test_round_trip_random(entries) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\0" * 7, b"garbage!", b"\xff" * 16, struct.pack("<Q", 2) + b"[]",
-     struct.pack("<Q", 4) + b"\xff\xfe{}", struct.pack("<Q", 10) + b"{}"],
+    [
+        b"",
+        b"\0" * 7,
+        b"garbage!",
+        b"\xff" * 16,
+        struct.pack("<Q", 2) + b"[]",
+        struct.pack("<Q", 4) + b"\xff\xfe{}",
+        struct.pack("<Q", 10) + b"{}",
+    ],
 )
 def test_garbage(data: bytes) -> None:
     with pytest.raises(WireError):

@@ -76,10 +76,18 @@ def test_scalar_frame_layout() -> None:
 def test_dtype_codes_are_stable() -> None:
     assert [DTYPE_CODES[d] for d in ALL_DTYPES] == list(range(1, 11))
     assert set(ALL_DTYPES) == {
-        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-        torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
     }
-    assert DEFAULT_ALLOWED == frozenset(ALL_DTYPES)
+    assert frozenset(ALL_DTYPES) == DEFAULT_ALLOWED
 
 
 def test_parts_equal_whole_frame() -> None:

@@ -137,9 +137,11 @@ class Hosts:
     def link_bytes(self) -> dict[str, tuple[int, int]]:
         """Kernel byte counters (rx, tx) as seen from the root namespace: per party its veth end
         (rx = what the party sent), and "researcher" the bridge itself (what reached this process)."""
+
         def read(link: str) -> tuple[int, int]:
             stats = Path(f"/sys/class/net/{link}/statistics")
             return int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())
+
         return {RESEARCHER: read(self.bridge), **{p: read(self.veth(p)) for p in HOSTS}}
 
 
@@ -162,8 +164,12 @@ def _one_run_at_a_time() -> Iterator[None]:
 def _can_reach(party: str, hosts: Hosts, address: str) -> bool:
     """A TCP connect from inside ``party``'s namespace (no splitnn involved)."""
     code = f"import socket; socket.create_connection(({address!r}, {PORT}), timeout=5).close()"
-    probe = subprocess.run(["ip", "netns", "exec", hosts.netns(party), sys.executable, "-c", code],
-                           capture_output=True, timeout=30, check=False)
+    probe = subprocess.run(
+        ["ip", "netns", "exec", hosts.netns(party), sys.executable, "-c", code],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     return probe.returncode == 0
 
 
@@ -189,14 +195,16 @@ def hosts(tmp_path_factory):
             net.check_routes()  # before any traffic
             with Cluster(tmp_path_factory.mktemp("multihost"), lifetime=LIFETIME) as cluster:
                 for party, address in HOSTS.items():
-                    cluster.start(party, listen=f"{address}:{PORT}",
-                                  prefix=["ip", "netns", "exec", net.netns(party)])
+                    cluster.start(party, listen=f"{address}:{PORT}", prefix=["ip", "netns", "exec", net.netns(party)])
                 assert {n: w.address for n, w in cluster.workers.items()} == {
-                    n: f"{a}:{PORT}" for n, a in HOSTS.items()}
+                    n: f"{a}:{PORT}" for n, a in HOSTS.items()
+                }
                 for src, dst in (("alice", "bob"), ("bob", "claire")):
                     if not _can_reach(src, net, HOSTS[dst]):
-                        pytest.skip(f"the bridge {net.bridge} does not pass TCP from {src}'s namespace to "
-                                    f"{dst}'s (a host firewall on bridged traffic?)")
+                        pytest.skip(
+                            f"the bridge {net.bridge} does not pass TCP from {src}'s namespace to "
+                            f"{dst}'s (a host firewall on bridged traffic?)"
+                        )
                 yield net, cluster
                 assert all(w.alive() for w in cluster.workers.values()), "a worker died during the test"
         finally:  # the workers are stopped by now (Cluster's exit); remove what we created
@@ -209,8 +217,10 @@ def hosts(tmp_path_factory):
 
 def _counter_delta(before: list[dict], after: list[dict]) -> dict[tuple[str, str, str], int]:
     old = {(r["peer"], r["direction"], r["kind"]): r["nbytes"] for r in before}
-    return {(r["peer"], r["direction"], r["kind"]): r["nbytes"] - old.get((r["peer"], r["direction"], r["kind"]), 0)
-            for r in after}
+    return {
+        (r["peer"], r["direction"], r["kind"]): r["nbytes"] - old.get((r["peer"], r["direction"], r["kind"]), 0)
+        for r in after
+    }
 
 
 def test_three_namespaces_train_bit_identically_and_peer_to_peer(hosts):
@@ -229,8 +239,14 @@ def test_three_namespaces_train_bit_identically_and_peer_to_peer(hosts):
         history = model.fit(data, epochs=EPOCHS, batch_size=BATCH, seed=5, progress=False)
         links_after = net.link_bytes()
         rows = [_counter_delta(b, w.stats()["counters"]) for w, b in zip(remote, counters_before)]
-        sent = [{t.kind: t.messages - old.get(t.kind, 0) for t in w.counters.totals()
-                 if t.direction == "sent" and t.messages != old.get(t.kind, 0)} for w, old in zip(remote, sent_before)]
+        sent = [
+            {
+                t.kind: t.messages - old.get(t.kind, 0)
+                for t in w.counters.totals()
+                if t.direction == "sent" and t.messages != old.get(t.kind, 0)
+            }
+            for w, old in zip(remote, sent_before)
+        ]
         trained = model.collect()
     finally:
         for w in remote:
@@ -255,8 +271,10 @@ def test_three_namespaces_train_bit_identically_and_peer_to_peer(hosts):
     # the workers' own wire counters: alice pushed her activations to bob, bob his to claire, and nothing
     # but control passed between the researcher and any worker while training
     alice, bob, claire = rows
-    for (src, src_rows), (dst, dst_rows), nbytes in ((("alice", alice), ("bob", bob), ACT_AB),
-                                                   (("bob", bob), ("claire", claire), ACT_BC)):
+    for (src, src_rows), (dst, dst_rows), nbytes in (
+        (("alice", alice), ("bob", bob), ACT_AB),
+        (("bob", bob), ("claire", claire), ACT_BC),
+    ):
         pushed = src_rows.get((dst, "sent", "activation"), 0)
         got = dst_rows.get((src, "recv", "activation"), 0)
         assert nbytes <= pushed <= nbytes * 1.01, (src, dst, pushed)  # raw bytes + small frame headers

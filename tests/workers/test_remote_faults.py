@@ -74,6 +74,7 @@ def test_worker_killed_during_a_shipped_epoch_fails_fast_naming_it(tmp_path):
                     if seen["n"] == 3:
                         cl.workers["bob"].proc.kill()
                     on_batch(stats)
+
                 return train_epoch(name, batches, watch, **kw)
 
             model.train_epoch = killing_train_epoch

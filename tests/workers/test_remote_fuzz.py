@@ -46,12 +46,24 @@ def _valid_commands() -> list[bytes]:
     """Well-formed commands that must fail (nothing they name exists), as mutation seeds."""
     idx = encode_tensor(torch.arange(4))
     cmds = [
-        Command(seq=1, op="forward", args_json=json.dumps({"key": "nope", "train": True, "id": 5,
-                                                           "src": {"dataset": "nope"}}), blobs=[idx]),
-        Command(seq=2, op="loss", args_json=json.dumps({"output": {"owner": "bob", "id": 99}, "dataset": "x",
-                                                        "loss": "nll", "train": True}), blobs=[idx]),
-        Command(seq=3, op="add_segment", args_json=json.dumps({"key": "k", "optimizer": {"name": "sgd"}}),
-                blobs=[b'{"type": "Linear"}', b"\x00" * 16]),
+        Command(
+            seq=1,
+            op="forward",
+            args_json=json.dumps({"key": "nope", "train": True, "id": 5, "src": {"dataset": "nope"}}),
+            blobs=[idx],
+        ),
+        Command(
+            seq=2,
+            op="loss",
+            args_json=json.dumps({"output": {"owner": "bob", "id": 99}, "dataset": "x", "loss": "nll", "train": True}),
+            blobs=[idx],
+        ),
+        Command(
+            seq=3,
+            op="add_segment",
+            args_json=json.dumps({"key": "k", "optimizer": {"name": "sgd"}}),
+            blobs=[b'{"type": "Linear"}', b"\x00" * 16],
+        ),
         Command(seq=4, op="backward", args_json=json.dumps({"key": "nope", "grad": {"owner": "bob", "id": 1}})),
         Command(seq=5, op="get_state", args_json=json.dumps({"key": "missing"})),
         Command(seq=6, op="probe", args_json=json.dumps({"key": "missing", "shape": [2, 3]})),
@@ -61,8 +73,11 @@ def _valid_commands() -> list[bytes]:
 
 def _call(channel, cluster, data: bytes):
     try:
-        return Reply.FromString(channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
-            data, metadata=_md(cluster), timeout=20))
+        return Reply.FromString(
+            channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
+                data, metadata=_md(cluster), timeout=20
+            )
+        )
     except grpc.RpcError as exc:
         return exc
 
@@ -71,9 +86,10 @@ def _is_error(result) -> bool:
     return isinstance(result, grpc.RpcError) or (isinstance(result, Reply) and not result.ok)
 
 
-mutated = st.tuples(st.sampled_from(_valid_commands()), st.lists(
-    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8)).map(
-    lambda t: bytes(_mutate(*t)))
+mutated = st.tuples(
+    st.sampled_from(_valid_commands()),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+).map(lambda t: bytes(_mutate(*t)))
 
 
 def _mutate(data: bytes, edits) -> bytearray:
@@ -82,7 +98,7 @@ def _mutate(data: bytes, edits) -> bytearray:
         if pos % 3 == 0 and out:
             out[pos % len(out)] = value  # flip a byte
         elif pos % 3 == 1:
-            del out[pos % (len(out) + 1):]  # truncate
+            del out[pos % (len(out) + 1) :]  # truncate
         else:
             out.insert(pos % (len(out) + 1), value)  # insert a byte
     return out
@@ -109,12 +125,23 @@ def test_random_session_streams_get_errors(channel, cluster, messages):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=st.one_of(
-    st.binary(max_size=128),
-    st.builds(lambda k, i, tail: frames.request(k, i) + tail, st.sampled_from(["activation", "gradient"]),
-              st.integers(0, 2**64 - 1), st.binary(min_size=1, max_size=8)),
-    st.builds(lambda i, total, body: frames.HEADER.pack(frames.PEER_MAGIC, frames.DATA, 1, 0, 0, i, total) + body,
-              st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=64))))
+@given(
+    frame=st.one_of(
+        st.binary(max_size=128),
+        st.builds(
+            lambda k, i, tail: frames.request(k, i) + tail,
+            st.sampled_from(["activation", "gradient"]),
+            st.integers(0, 2**64 - 1),
+            st.binary(min_size=1, max_size=8),
+        ),
+        st.builds(
+            lambda i, total, body: frames.HEADER.pack(frames.PEER_MAGIC, frames.DATA, 1, 0, 0, i, total) + body,
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=64),
+        ),
+    )
+)
 def test_random_peer_frames_get_errors(channel, cluster, frame):
     """Garbage frames abort the peer stream; an unknown tensor's request gets an ERROR frame."""
     stream = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)
@@ -145,8 +172,16 @@ def test_training_still_works_after_the_fuzzing(cluster):
     With 64 KiB messages, the 64x640 activation (160 KiB) crosses in chunks and the researcher's
     dataset upload is staged in chunks as well.
     """
-    workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n, timeout=60,
-                               limits=splitnn.transport.Limits(chunk_bytes=1 << 16)) for n in NAMES]
+    workers = [
+        splitnn.connect(
+            cluster.workers[n].url,
+            token=cluster.token,
+            name=n,
+            timeout=60,
+            limits=splitnn.transport.Limits(chunk_bytes=1 << 16),
+        )
+        for n in NAMES
+    ]
     try:
         torch.manual_seed(9)
         segments = tutorial_mlp()

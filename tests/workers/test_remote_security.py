@@ -23,7 +23,8 @@ def _raw_call(address: str, metadata, creds=None, override=None) -> grpc.RpcErro
     channel = grpc.secure_channel(address, creds, options) if creds else grpc.insecure_channel(address)
     try:
         raw = channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
-            Command(op="hello").SerializeToString(), metadata=metadata, timeout=20)
+            Command(op="hello").SerializeToString(), metadata=metadata, timeout=20
+        )
         return Reply.FromString(raw)
     except grpc.RpcError as exc:
         return exc
@@ -40,9 +41,12 @@ def plain(tmp_path_factory):
 
 def test_missing_or_wrong_token_is_unauthenticated(plain):
     address = plain.workers["bob"].address
-    for metadata in ((), (("x-splitnn-party", "researcher"),),
-                     (("x-splitnn-token", "wrong"), ("x-splitnn-party", "researcher")),
-                     (("x-splitnn-token", plain.token[:-1]), ("x-splitnn-party", "researcher"))):
+    for metadata in (
+        (),
+        (("x-splitnn-party", "researcher"),),
+        (("x-splitnn-token", "wrong"), ("x-splitnn-party", "researcher")),
+        (("x-splitnn-token", plain.token[:-1]), ("x-splitnn-party", "researcher")),
+    ):
         result = _raw_call(address, metadata)
         assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
     ok = _raw_call(address, (("x-splitnn-token", plain.token), ("x-splitnn-party", "researcher")))
@@ -71,13 +75,17 @@ def tls_cluster(tmp_path_factory):
 def test_mutual_tls_trains_and_matches(tls_cluster):
     cl, ca, certs, _ = tls_cluster
     tls = TLSConfig(*certs["researcher"], ca)
-    workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, tls=tls, timeout=60)
-               for n in ("alice", "bob", "claire")]
+    workers = [
+        splitnn.connect(cl.workers[n].url, token=cl.token, name=n, tls=tls, timeout=60)
+        for n in ("alice", "bob", "claire")
+    ]
     try:
         torch.manual_seed(0)
         segments = tutorial_mlp()
-        twin = splitnn.SplitNN([s for s in __import__("copy").deepcopy(segments)],
-                               [splitnn.VirtualWorker(n) for n in ("alice", "bob", "claire")])
+        twin = splitnn.SplitNN(
+            [s for s in __import__("copy").deepcopy(segments)],
+            [splitnn.VirtualWorker(n) for n in ("alice", "bob", "claire")],
+        )
         model = splitnn.SplitNN(segments, workers)
         data = toy_dataset(64)
         model.fit(data, epochs=1, batch_size=32, progress=False)

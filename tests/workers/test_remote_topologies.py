@@ -57,13 +57,16 @@ def _virtual() -> list[splitnn.VirtualWorker]:
 
 def _counters(workers) -> dict[str, dict[tuple[str, str, str], int]]:
     """Each server's own wire counters: {worker: {(peer, direction, kind): bytes}}."""
-    return {w.name: {(r["peer"], r["direction"], r["kind"]): r["nbytes"] for r in w.stats()["counters"]}
-            for w in workers}
+    return {
+        w.name: {(r["peer"], r["direction"], r["kind"]): r["nbytes"] for r in w.stats()["counters"]} for w in workers
+    }
 
 
 def _delta(before: dict, after: dict) -> dict[str, dict[tuple[str, str, str], int]]:
-    return {w: {k: b - before[w].get(k, 0) for k, b in rows.items() if b != before[w].get(k, 0)}
-            for w, rows in after.items()}
+    return {
+        w: {k: b - before[w].get(k, 0) for k, b in rows.items() if b != before[w].get(k, 0)}
+        for w, rows in after.items()
+    }
 
 
 def _kinds(rows: dict, peer: str, direction: str) -> set[str]:
@@ -71,8 +74,11 @@ def _kinds(rows: dict, peer: str, direction: str) -> set[str]:
 
 
 def _weights_links(ledger) -> dict[tuple[str, str], tuple[int, int]]:
-    return {(l.src, l.dst): (l.count, l.nbytes) for l in ledger.links()
-            if l.kind == "weights" and RESEARCHER not in (l.src, l.dst)}
+    return {
+        (l.src, l.dst): (l.count, l.nbytes)
+        for l in ledger.links()
+        if l.kind == "weights" and RESEARCHER not in (l.src, l.dst)
+    }
 
 
 def _researcher_moved_no_tensors(workers) -> None:
@@ -197,7 +203,10 @@ def test_u_shape_over_grpc_equals_in_process_and_keeps_labels_home(remote):
 
     assert {l.kind for l in model.ledger.links()} <= {"activation", "gradient", "weights"}  # no labels, no output
     assert {(l.src, l.dst, l.kind) for l in model.ledger.links() if l.src == "alice1"} == {
-        ("alice1", "bob", "activation"), ("alice1", "bob", "gradient"), ("alice1", RESEARCHER, "weights")}
+        ("alice1", "bob", "activation"),
+        ("alice1", "bob", "gradient"),
+        ("alice1", RESEARCHER, "weights"),
+    }
     sent = model.ledger.total(src="alice1", dst="bob")
     assert sent == 2 * N * (128 + 640) * 4 + 64 * 128 * 4  # training cut tensors + evaluation activations
     assert _kinds(counters["alice1"], "bob", "sent") <= {"activation", "gradient", "control"}
@@ -265,17 +274,39 @@ def test_cut_noise_defended_model_trains_over_grpc_bit_identically(remote):
 
 
 # -- the command line --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags", [("multi", "--handoff", "central", "--turn-batches", "2"), ("vertical",)],
-                         ids=["multi-central", "vertical"])
+@pytest.mark.parametrize(
+    "flags",
+    [("multi", "--handoff", "central", "--turn-batches", "2"), ("vertical",)],
+    ids=["multi-central", "vertical"],
+)
 def test_cli_trains_topology_on_worker_processes(cluster, shared_data, tmp_path, capsys, flags):
     """`splitnn train --topology multi|vertical --workers grpc://...` reports what the in-process run reports."""
     from splitnn.cli.main import main
 
     def train(*more: str) -> list[dict]:
         out = tmp_path / f"history{len(more)}.json"
-        code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(shared_data / "fashion-mnist"),
-                     "--no-download", "--epochs", "1", "--limit", str(N), "--no-progress", "--json", str(out),
-                     "--clients", "2", "--topology", *flags, *more])
+        code = main(
+            [
+                "train",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(shared_data / "fashion-mnist"),
+                "--no-download",
+                "--epochs",
+                "1",
+                "--limit",
+                str(N),
+                "--no-progress",
+                "--json",
+                str(out),
+                "--clients",
+                "2",
+                "--topology",
+                *flags,
+                *more,
+            ]
+        )
         assert code == 0
         return [{k: v for k, v in e.items() if k != "seconds"} for e in json.loads(out.read_text())]
 
@@ -290,8 +321,28 @@ def test_cli_refuses_workers_that_are_not_the_topologys_parties(cluster, shared_
     from splitnn.cli.main import main
 
     urls = ",".join(cluster.workers[n].url for n in ("alice1", "bob"))
-    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(shared_data / "fashion-mnist"),
-                 "--no-download", "--epochs", "1", "--limit", "64", "--no-progress", "--topology", "multi",
-                 "--clients", "2", "--workers", urls, "--token-file", str(cluster.token_file)])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(shared_data / "fashion-mnist"),
+            "--no-download",
+            "--epochs",
+            "1",
+            "--limit",
+            "64",
+            "--no-progress",
+            "--topology",
+            "multi",
+            "--clients",
+            "2",
+            "--workers",
+            urls,
+            "--token-file",
+            str(cluster.token_file),
+        ]
+    )
     assert code == 2
     assert "missing ['alice2']" in capsys.readouterr().err

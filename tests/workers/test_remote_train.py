@@ -90,8 +90,10 @@ def test_tutorial_network_matches_in_process_run_bit_for_bit(remote, cluster, sh
 
 def _counter_delta(before: list[dict], after: list[dict]) -> dict[tuple[str, str, str], int]:
     old = {(r["peer"], r["direction"], r["kind"]): r["nbytes"] for r in before}
-    return {(r["peer"], r["direction"], r["kind"]): r["nbytes"] - old.get((r["peer"], r["direction"], r["kind"]), 0)
-            for r in after}
+    return {
+        (r["peer"], r["direction"], r["kind"]): r["nbytes"] - old.get((r["peer"], r["direction"], r["kind"]), 0)
+        for r in after
+    }
 
 
 def test_shipped_epoch_costs_the_researcher_one_message_per_worker(remote):
@@ -105,7 +107,7 @@ def test_shipped_epoch_costs_the_researcher_one_message_per_worker(remote):
     twin_name, _ = twin.prepare(data)
     sent_before = [w.counters.totals() for w in remote]
     batches = list(reversed(epoch_batches(n, 48, seed=7)))  # a plan of the model's own:
-    losses = []                                                            # explicit indices travel
+    losses = []  # explicit indices travel
     model.train_epoch(name, batches, losses.append)
     expected = [twin.train_batch(twin_name, idx) for idx in batches]
     assert losses == expected  # same values, same batch order (last batch short: 200 = 4 x 48 + 8)
@@ -117,12 +119,16 @@ def test_shipped_epoch_costs_the_researcher_one_message_per_worker(remote):
     assert_same_weights(model.collect(), twin.collect())
 
 
-@pytest.mark.parametrize("placement", [("alice", "alice", "claire"), ("alice", "bob", "alice")],
-                         ids=["consecutive-on-one-party", "label-holder-is-data-holder"])
+@pytest.mark.parametrize(
+    "placement",
+    [("alice", "alice", "claire"), ("alice", "bob", "alice")],
+    ids=["consecutive-on-one-party", "label-holder-is-data-holder"],
+)
 def test_shipped_epochs_with_several_segments_per_party(cluster, placement):
     """Consecutive segments on one worker hand over locally; a party may hold both ends of the chain."""
-    by_name = {n: splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n, timeout=60)
-               for n in set(placement)}
+    by_name = {
+        n: splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n, timeout=60) for n in set(placement)
+    }
     try:
         torch.manual_seed(4)
         segments = tutorial_mlp()

@@ -13,8 +13,8 @@ from splitnn.training import epoch_batches
 from splitnn.transport import frames
 from splitnn.workers import VirtualWorker
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id, run_of
-from splitnn.workers.shipped import MAX_EARLY_PUSHES, Inbox, losses_from_json, losses_json, parse_plan
 from splitnn.workers.refs import LossStats
+from splitnn.workers.shipped import MAX_EARLY_PUSHES, Inbox, losses_from_json, losses_json, parse_plan
 
 
 def _bob() -> VirtualWorker:
@@ -24,9 +24,14 @@ def _bob() -> VirtualWorker:
 
 
 def _args(**over) -> dict:
-    args = {"run": 7, "dataset": "d", "loss": "nll", "progress_interval": 0.05,
-            "stages": [{"index": 1, "key": "s1", "prev": "alice", "next": "claire"}],
-            "order": BatchOrder(10, 4).to_dict()}
+    args = {
+        "run": 7,
+        "dataset": "d",
+        "loss": "nll",
+        "progress_interval": 0.05,
+        "stages": [{"index": 1, "key": "s1", "prev": "alice", "next": "claire"}],
+        "order": BatchOrder(10, 4).to_dict(),
+    }
     args.update(over)
     return args
 
@@ -55,11 +60,21 @@ def test_parse_plan_checks_before_work():
     with pytest.raises(WorkerError, match="not a peer"):  # only the model's parties may be adjacent
         parse_plan(_args(), [], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
     with pytest.raises(WorkerError, match="hosts no segment"):
-        parse_plan(_args(stages=[{"index": 1, "key": "zz", "prev": "alice", "next": "claire"}]), [],
-                   engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+        parse_plan(
+            _args(stages=[{"index": 1, "key": "zz", "prev": "alice", "next": "claire"}]),
+            [],
+            engine=bob,
+            peers={"alice", "claire"},
+            max_blob_bytes=1 << 20,
+        )
     with pytest.raises(WireError, match="first stage"):
-        parse_plan(_args(stages=[{"index": 1, "key": "s1", "prev": None, "next": "claire"}]), [],
-                   engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+        parse_plan(
+            _args(stages=[{"index": 1, "key": "s1", "prev": None, "next": "claire"}]),
+            [],
+            engine=bob,
+            peers={"alice", "claire"},
+            max_blob_bytes=1 << 20,
+        )
     with pytest.raises(WireError):
         parse_plan(_args(run=0), [], engine=bob, peers={"alice", "claire"}, max_blob_bytes=1 << 20)
     # the label holder checks its labels and that the order covers exactly its dataset
@@ -69,8 +84,14 @@ def test_parse_plan_checks_before_work():
         parse_plan(_args(stages=last), [], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
     with pytest.raises(WireError, match="out of range"):
         from splitnn.wire.tensor_codec import encode_tensor
-        parse_plan(_args(stages=last, order=None), [encode_tensor(torch.tensor([0, 12])), encode_tensor(
-            torch.tensor([2]))], engine=bob, peers={"alice"}, max_blob_bytes=1 << 20)
+
+        parse_plan(
+            _args(stages=last, order=None),
+            [encode_tensor(torch.tensor([0, 12])), encode_tensor(torch.tensor([2]))],
+            engine=bob,
+            peers={"alice"},
+            max_blob_bytes=1 << 20,
+        )
 
 
 def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
@@ -81,12 +102,13 @@ def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
         early = inbox.deliver("alice", "activation", push_id(7, 0, 0), t)  # before the plan arrives: held
         run = inbox.start(plan)
         assert early
-        assert not inbox.deliver("claire", "activation", push_id(7, 0, 0), t)   # wrong direction
-        assert not inbox.deliver("alice", "gradient", push_id(7, 0, 1), t)      # wrong kind from alice
+        assert not inbox.deliver("claire", "activation", push_id(7, 0, 0), t)  # wrong direction
+        assert not inbox.deliver("alice", "gradient", push_id(7, 0, 1), t)  # wrong kind from alice
         assert not inbox.deliver("mallory", "activation", push_id(7, 1, 0), t)  # not adjacent
         assert inbox.deliver("claire", "gradient", push_id(7, 0, 1), t)
-        got = await inbox.wait(run, "alice", "activation", push_id(7, 0, 0),
-                               inbox.slot(run, "alice", "activation", push_id(7, 0, 0)))
+        got = await inbox.wait(
+            run, "alice", "activation", push_id(7, 0, 0), inbox.slot(run, "alice", "activation", push_id(7, 0, 0))
+        )
         assert torch.equal(got, t)
         # a peer's ABORT fails the wait at once; its reason is kept
         fut = inbox.slot(run, "claire", "gradient", push_id(7, 1, 1))

@@ -14,8 +14,10 @@ from tests.helpers import assert_same_weights, toy_dataset, train_twin
 
 
 def _model(dropout: float = 0.5):
-    segs = [nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Dropout(dropout)),
-            nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.LogSoftmax(dim=1))]
+    segs = [
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Dropout(dropout)),
+        nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.LogSoftmax(dim=1)),
+    ]
     return segs, splitnn.SplitNN(segs, [VirtualWorker("a"), VirtualWorker("b")])
 
 
@@ -45,8 +47,10 @@ def test_eval_forward_keeps_submodules_frozen_by_the_user():
 def test_probe_draws_nothing_from_a_defense_random_stream():
     """prepare() probes shapes; a noise layer in the segment must not lose draws to the probe."""
     torch.manual_seed(0)
-    segs = [nn.Sequential(nn.Flatten(), nn.Linear(16, 8), CutNoise(clip=1.0, sigma=0.5, seed=3)),
-            nn.Sequential(nn.Linear(8, 4), nn.LogSoftmax(dim=1))]
+    segs = [
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8), CutNoise(clip=1.0, sigma=0.5, seed=3)),
+        nn.Sequential(nn.Linear(8, 4), nn.LogSoftmax(dim=1)),
+    ]
     twin_segments = copy.deepcopy(segs)
     data = toy_dataset(32, shape=(1, 4, 4), classes=4)
     model = splitnn.SplitNN(segs, [VirtualWorker("a"), VirtualWorker("b")])

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,8 +47,9 @@ __all__ = ["ComputeMeter", "ComputeStats", "MeteredWorker", "unwrap", "FLOP_PHAS
 FLOP_PHASES: Mapping[str, str] = {"forward": "forward", "loss": "forward", "backward": "backward", "step": "other"}
 
 #: Worker calls whose wall time is measured (the FLOP-counted ones and the transfers).
-TIMED_CALLS = frozenset({*FLOP_PHASES, "zero_grad", "put", "fetch", "get_state", "set_state", "send_state", "get_grads",
-                         "fetch_segment"})
+TIMED_CALLS = frozenset(
+    {*FLOP_PHASES, "zero_grad", "put", "fetch", "get_state", "set_state", "send_state", "get_grads", "fetch_segment"}
+)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ComputeMeter:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def wrap(self, worker: Any) -> "MeteredWorker":
+    def wrap(self, worker: Any) -> MeteredWorker:
         """A worker that behaves as ``worker`` and charges its calls to ``worker.name`` here."""
         if isinstance(worker, MeteredWorker):
             worker = worker.inner
@@ -145,11 +147,14 @@ class ComputeMeter:
     def format_table(self) -> str:
         """A plain-text table: party, forward / backward / other FLOPs, seconds."""
         rows = [("party", "forward FLOPs", "backward FLOPs", "other FLOPs", "seconds")]
-        rows += [(n, f"{s.forward_flops:,}", f"{s.backward_flops:,}", f"{s.other_flops:,}", f"{s.seconds:.3f}")
-                 for n, s in self.per_party().items()]
+        rows += [
+            (n, f"{s.forward_flops:,}", f"{s.backward_flops:,}", f"{s.other_flops:,}", f"{s.seconds:.3f}")
+            for n, s in self.per_party().items()
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                         for r in rows)
+        return "\n".join(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        )
 
 
 class MeteredWorker:

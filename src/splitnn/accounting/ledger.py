@@ -8,8 +8,8 @@ costs a dictionary update, cheap enough for the per-batch hot path.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from splitnn.accounting.tally import Tally
 
@@ -69,9 +69,13 @@ class Ledger:
         return sum(link.count for link in self._matching(src, dst, kind))
 
     def _matching(self, src: str | None, dst: str | None, kind: str | None) -> list[LinkTotal]:
-        return [link for link in self.links()
-                if (src is None or link.src == src) and (dst is None or link.dst == dst)
-                and (kind is None or link.kind == kind)]
+        return [
+            link
+            for link in self.links()
+            if (src is None or link.src == src)
+            and (dst is None or link.dst == dst)
+            and (kind is None or link.kind == kind)
+        ]
 
     def parties(self) -> list[str]:
         """Every party that sent or received something."""
@@ -91,13 +95,13 @@ class Ledger:
             out[link.dst] = out.get(link.dst, 0) + link.nbytes
         return out
 
-    def snapshot(self) -> "Ledger":
+    def snapshot(self) -> Ledger:
         """A copy of the ledger as it is now."""
         copy = Ledger()
         copy.merge(self.links())
         return copy
 
-    def since(self, earlier: "Ledger") -> "Ledger":
+    def since(self, earlier: Ledger) -> Ledger:
         """The transfers recorded after ``earlier`` (a snapshot of this ledger) was taken."""
         before = {(l.src, l.dst, l.kind): (l.count, l.nbytes) for l in earlier.links()}
         diff = Ledger()
@@ -120,7 +124,9 @@ class Ledger:
         rows = [("from", "to", "kind", "transfers", "bytes")]
         rows += [(l.src, l.dst, l.kind, str(l.count), str(l.nbytes)) for l in self.links()]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

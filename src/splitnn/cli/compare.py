@@ -11,34 +11,55 @@ from splitnn.errors import ConfigurationError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "compare", help="compare split learning with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)",
+        "compare",
+        help="compare split learning with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)",
         description="Train split learning (round-robin data holders), FedAvg and large-batch synchronous SGD for "
-                    "each client count, from the same initial weights and data shards, and report per method and "
-                    "client count: bytes per client (measured by the ledger and checked against the analytic "
-                    "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
-                    "results.csv, results.json and PNG plots to --out.")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name: fashion-mnist or mnist "
-                                                              "(default: fashion-mnist)")
+        "each client count, from the same initial weights and data shards, and report per method and "
+        "client count: bytes per client (measured by the ledger and checked against the analytic "
+        "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
+        "results.csv, results.json and PNG plots to --out.",
+    )
+    p.add_argument(
+        "--dataset", default="fashion-mnist", help="dataset name: fashion-mnist or mnist (default: fashion-mnist)"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="directory holding the dataset's IDX files")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
-    p.add_argument("--model", default="mlp", choices=("mlp", "vgg"),
-                   help="mlp: the tutorial's 784-128-640-10 network cut after its first layer; vgg: a VGG-style "
-                        "CNN of 3.6 M parameters cut after its first conv block (default: mlp)")
+    p.add_argument(
+        "--model",
+        default="mlp",
+        choices=("mlp", "vgg"),
+        help="mlp: the tutorial's 784-128-640-10 network cut after its first layer; vgg: a VGG-style "
+        "CNN of 3.6 M parameters cut after its first conv block (default: mlp)",
+    )
     p.add_argument("--clients", default="1,2,4", help="comma-separated client counts (default: 1,2,4)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data, every method (default: 1)")
-    p.add_argument("--local-epochs", type=int, default=1,
-                   help="FedAvg local epochs per round; FedAvg runs epochs / local-epochs rounds (default: 1)")
+    p.add_argument(
+        "--local-epochs",
+        type=int,
+        default=1,
+        help="FedAvg local epochs per round; FedAvg runs epochs / local-epochs rounds (default: 1)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="batch size (per client for large-batch SGD)")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.03 mlp, 0.02 vgg)")
-    p.add_argument("--partition", default="iid", help='how samples are split among clients: "iid" or '
-                                                      '"dirichlet:<alpha>" (default: iid)')
-    p.add_argument("--methods", default="split,fedavg,large-batch",
-                   help="comma-separated methods to run (default: split,fedavg,large-batch)")
+    p.add_argument(
+        "--partition",
+        default="iid",
+        help='how samples are split among clients: "iid" or "dirichlet:<alpha>" (default: iid)',
+    )
+    p.add_argument(
+        "--methods",
+        default="split,fedavg,large-batch",
+        help="comma-separated methods to run (default: split,fedavg,large-batch)",
+    )
     p.add_argument("--limit", type=int, default=None, help="train on the first N training samples only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test samples only")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shards and data order")
-    p.add_argument("--out", type=Path, default=Path("compare-results"),
-                   help="directory for results.csv, results.json and the plots (created; default: compare-results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("compare-results"),
+        help="directory for results.csv, results.json and the plots (created; default: compare-results)",
+    )
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (times only; a little faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -50,18 +71,28 @@ def _check_positive(value: int | None, flag: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from splitnn.compare import CommModel, CompareConfig, build_model, crossover, run_comparison
     from splitnn.compare.report import HEADER, crossover_summary, human_bytes, plot, table_rows, write_csv, write_json
     from splitnn.data import load_dataset
-    from tqdm.auto import tqdm
 
     _check_positive(args.limit, "--limit")
     _check_positive(args.test_limit, "--test-limit")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     clients = parse_positive_ints(args.clients, "--clients", "1,2,4")
-    config = CompareConfig(model=args.model, clients=clients, epochs=args.epochs,
-                           local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-                           partition=args.partition, seed=args.seed, methods=methods, count_flops=not args.no_flops)
+    config = CompareConfig(
+        model=args.model,
+        clients=clients,
+        epochs=args.epochs,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        partition=args.partition,
+        seed=args.seed,
+        methods=methods,
+        count_flops=not args.no_flops,
+    )
     if args.out.exists() and not args.out.is_dir():
         raise ConfigurationError(f"--out {args.out} exists and is not a directory")
     progress = not args.no_progress
@@ -69,26 +100,34 @@ def run(args: argparse.Namespace) -> int:
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", limit=args.test_limit, **load)
     if max(config.clients) > len(train):
-        raise ConfigurationError(f"--clients asks for {max(config.clients)} clients but there are only {len(train)} "
-                                 f"training samples; use fewer clients or a larger --limit")
+        raise ConfigurationError(
+            f"--clients asks for {max(config.clients)} clients but there are only {len(train)} "
+            f"training samples; use fewer clients or a larger --limit"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
 
     client, server = build_model(config.model, tuple(train.features.shape[1:]), train.num_classes)
     comm = CommModel.from_segments(client, server, tuple(train.features.shape[1:]))
-    k_star = crossover(comm, len(train), epochs=config.epochs, batch_size=config.batch_size,
-                       local_epochs=config.local_epochs)
-    print(f"splitnn compare: {args.dataset}, {len(train)} train / {len(test)} test samples, model {config.model} "
-          f"({sum(p.numel() for m in (client, server) for p in m.parameters()):,} parameters, "
-          f"{comm.cut_bytes:,} bytes per sample at the cut), "
-          f"clients {','.join(map(str, config.clients))}, {config.epochs} epoch(s), batch {config.batch_size}, "
-          f"SGD lr {config.learning_rate}", flush=True)
+    k_star = crossover(
+        comm, len(train), epochs=config.epochs, batch_size=config.batch_size, local_epochs=config.local_epochs
+    )
+    print(
+        f"splitnn compare: {args.dataset}, {len(train)} train / {len(test)} test samples, model {config.model} "
+        f"({sum(p.numel() for m in (client, server) for p in m.parameters()):,} parameters, "
+        f"{comm.cut_bytes:,} bytes per sample at the cut), "
+        f"clients {','.join(map(str, config.clients))}, {config.epochs} epoch(s), batch {config.batch_size}, "
+        f"SGD lr {config.learning_rate}",
+        flush=True,
+    )
     when = f"from {k_star} clients on" if k_star is not None else "at no client count up to the number of samples"
     print(f"analytic model: split learning sends fewer bytes per client than FedAvg {when}", flush=True)
 
     def report(r) -> None:
         flag = "" if r.matches_model else "  (differs from the analytic model!)"
-        tqdm.write(f"  {r.method:<11} {r.clients:>4} clients: {human_bytes(r.bytes_per_client)}/client, "
-              f"accuracy {r.accuracy:.4f}, {r.wall_seconds:.1f} s{flag}")
+        tqdm.write(
+            f"  {r.method:<11} {r.clients:>4} clients: {human_bytes(r.bytes_per_client)}/client, "
+            f"accuracy {r.accuracy:.4f}, {r.wall_seconds:.1f} s{flag}"
+        )
 
     results = run_comparison(config, train, test, progress=progress, on_result=report)
     print()
@@ -96,10 +135,23 @@ def run(args: argparse.Namespace) -> int:
     if "split" in config.methods and "fedavg" in config.methods:
         print(f"\ncrossover: {crossover_summary(results, k_star)[1]}")
     write_csv(results, args.out / "results.csv")
-    write_json(results, args.out / "results.json", config=config, comm=comm, dataset=args.dataset,
-               train_samples=len(train), test_samples=len(test))
-    paths = plot(results, args.out, config=config, comm=comm, train_samples=len(train),
-                 title=f"{args.dataset}, {config.model}, {len(train)} samples, {config.epochs} epoch(s)")
+    write_json(
+        results,
+        args.out / "results.json",
+        config=config,
+        comm=comm,
+        dataset=args.dataset,
+        train_samples=len(train),
+        test_samples=len(test),
+    )
+    paths = plot(
+        results,
+        args.out,
+        config=config,
+        comm=comm,
+        train_samples=len(train),
+        title=f"{args.dataset}, {config.model}, {len(train)} samples, {config.epochs} epoch(s)",
+    )
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.json'}, " + ", ".join(str(p) for p in paths))
     mismatched = [f"{r.method}@{r.clients}" for r in results if not r.matches_model]
     if mismatched:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from splitnn.accounting.units import human_bytes, si
 from splitnn.errors import ConfigurationError
@@ -17,7 +17,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(header))]
     lines = []
     for j, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if numeric[i] and j else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  ".join(c.rjust(w) if numeric[i] and j else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)

@@ -13,48 +13,87 @@ DEFAULT_STRENGTHS = {"nopeek": (0.5, 2.0, 5.0), "noise": (0.03, 0.1, 0.3), "labe
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "privacy", help="measure what leaks at the cut, with and without defenses",
+        "privacy",
+        help="measure what leaks at the cut, with and without defenses",
         description="Train the tutorial network (cut after the data holder's segment) without a defense and with "
-                    "each defense at each strength, run the attacks (input reconstruction by the receiving party, "
-                    "label inference from gradients by the data holder on a one-class-vs-rest task, distance "
-                    "correlation), print one table and write CSV, JSON and PNG figures.",
+        "each defense at each strength, run the attacks (input reconstruction by the receiving party, "
+        "label inference from gradients by the data holder on a one-class-vs-rest task, distance "
+        "correlation), print one table and write CSV, JSON and PNG figures.",
         epilog="Strength units: nopeek = alpha (weight of dCor in the data holder's loss); noise = sigma (noise std "
-               "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
-               "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
-               "--strengths nopeek=0.5,2,5 --strengths noise=0.03,0.1,0.3 --strengths label=1,3,10")
+        "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
+        "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
+        "--strengths nopeek=0.5,2,5 --strengths noise=0.03,0.1,0.3 --strengths label=1,3,10",
+    )
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
     p.add_argument("--data-dir", type=Path, default=None, help="directory holding the dataset's IDX files")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
-    p.add_argument("--defense", action="append", default=None, metavar="NAMES",
-                   help="comma-separated defenses among none,nopeek,noise,label (repeatable; default: all)")
-    p.add_argument("--strengths", action="append", default=None, metavar="LIST",
-                   help="comma-separated strengths for every defense (e.g. 0,0.1,1), or for one defense as "
-                        "NAME=LIST (repeatable); defaults per defense: "
-                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_STRENGTHS.items()))
-    p.add_argument("--train-size", type=int, default=10_000,
-                   help="private training samples, from the start of the training split (0: all but the auxiliary "
-                        "sample; default 10000)")
-    p.add_argument("--aux-size", type=int, default=5_000,
-                   help="attacker's auxiliary public sample, from the end of the training split (default 5000)")
+    p.add_argument(
+        "--defense",
+        action="append",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated defenses among none,nopeek,noise,label (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--strengths",
+        action="append",
+        default=None,
+        metavar="LIST",
+        help="comma-separated strengths for every defense (e.g. 0,0.1,1), or for one defense as "
+        "NAME=LIST (repeatable); defaults per defense: "
+        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_STRENGTHS.items()),
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=10_000,
+        help="private training samples, from the start of the training split (0: all but the auxiliary "
+        "sample; default 10000)",
+    )
+    p.add_argument(
+        "--aux-size",
+        type=int,
+        default=5_000,
+        help="attacker's auxiliary public sample, from the end of the training split (default 5000)",
+    )
     p.add_argument("--test-size", type=int, default=0, help="test samples (0: the whole test split)")
-    p.add_argument("--victims", type=int, default=1_000,
-                   help="private samples whose reconstruction and distance correlation are measured (default 1000)")
+    p.add_argument(
+        "--victims",
+        type=int,
+        default=1_000,
+        help="private samples whose reconstruction and distance correlation are measured (default 1000)",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of every segment (default 0.05)")
     p.add_argument("--hidden", default="128,640", help="hidden layer sizes of the MLP, comma-separated")
-    p.add_argument("--workers", default="alice,bob,bob",
-                   help="one worker name per segment; the first party's segments end at the cut, the last party "
-                        "holds the labels (default alice,bob,bob: the cut after the first layer)")
-    p.add_argument("--positive-class", type=int, default=0,
-                   help="class that is positive in the binary label-leakage task (default 0)")
+    p.add_argument(
+        "--workers",
+        default="alice,bob,bob",
+        help="one worker name per segment; the first party's segments end at the cut, the last party "
+        "holds the labels (default alice,bob,bob: the cut after the first layer)",
+    )
+    p.add_argument(
+        "--positive-class",
+        type=int,
+        default=0,
+        help="class that is positive in the binary label-leakage task (default 0)",
+    )
     p.add_argument("--clip", type=float, default=4.0, help="per-sample activation norm bound C of the noise defense")
-    p.add_argument("--label-directions", type=int, default=1,
-                   help="principal directions that receive noise in the label defense (default 1)")
+    p.add_argument(
+        "--label-directions",
+        type=int,
+        default=1,
+        help="principal directions that receive noise in the label defense (default 1)",
+    )
     p.add_argument("--decoder-epochs", type=int, default=30, help="epochs of the attacker's decoder (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and the defenses' noise")
-    p.add_argument("--out", type=Path, default=Path("privacy-report"),
-                   help="directory for privacy.csv, privacy.json and the PNGs (created; default ./privacy-report)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("privacy-report"),
+        help="directory for privacy.csv, privacy.json and the PNGs (created; default ./privacy-report)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -84,8 +123,9 @@ def parse_settings(defense_args: list[str] | None, strength_args: list[str] | No
             name, _, values = arg.partition("=")
             name = name.strip()
             if name not in DEFENSE_NAMES or name == "none":
-                raise ConfigurationError(f"--strengths {arg!r}: {name!r} is not a defense with a strength "
-                                         f"(nopeek, noise, label)")
+                raise ConfigurationError(
+                    f"--strengths {arg!r}: {name!r} is not a defense with a strength (nopeek, noise, label)"
+                )
             per[name] = _floats(values, f"--strengths {name}=")
         else:
             shared = _floats(arg, "--strengths")
@@ -120,28 +160,45 @@ def run(args: argparse.Namespace) -> int:
         if value < 0:
             raise ConfigurationError(f"{flag} must be >= 0 (0: all), got {value}")
     config = PrivacyConfig(
-        dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download,
-        train_size=args.train_size or None, aux_size=args.aux_size, test_size=args.test_size or None,
-        victims=args.victims, hidden=_sizes(args.hidden),
-        workers=tuple(n.strip() for n in args.workers.split(",") if n.strip()), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, positive_class=args.positive_class, clip=args.clip,
-        label_directions=args.label_directions, inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
-        progress=not args.no_progress)
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+        train_size=args.train_size or None,
+        aux_size=args.aux_size,
+        test_size=args.test_size or None,
+        victims=args.victims,
+        hidden=_sizes(args.hidden),
+        workers=tuple(n.strip() for n in args.workers.split(",") if n.strip()),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        positive_class=args.positive_class,
+        clip=args.clip,
+        label_directions=args.label_directions,
+        inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
+        progress=not args.no_progress,
+    )
     if args.out.exists() and not args.out.is_dir():
         raise ConfigurationError(f"--out {args.out} exists and is not a directory")
     data = load_privacy_data(config)  # every size and name is checked before training starts
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"splitnn privacy: {config.dataset}, {len(data.private)} private / {len(data.aux)} auxiliary / "
-          f"{len(data.test)} test samples, MLP {'-'.join(map(str, config.hidden))} on {' -> '.join(config.workers)}, "
-          f"{config.epochs} epochs; label attacks on class {config.positive_class} vs rest; "
-          f"{len(settings) + 1} settings", flush=True)
+    print(
+        f"splitnn privacy: {config.dataset}, {len(data.private)} private / {len(data.aux)} auxiliary / "
+        f"{len(data.test)} test samples, MLP {'-'.join(map(str, config.hidden))} on {' -> '.join(config.workers)}, "
+        f"{config.epochs} epochs; label attacks on class {config.positive_class} vs rest; "
+        f"{len(settings) + 1} settings",
+        flush=True,
+    )
     result = run_privacy_experiment(config, settings, data=data)
     header, rows = table_rows(result)
     print()
     print(table(header, rows))
     print()
-    print(f"reference classifier on the victims' true inputs: {result.clean_accuracy:.3f} (chance {result.chance:.3f}); "
-          f"recon acc is the same classifier on the reconstructions")
+    print(
+        f"reference classifier on the victims' true inputs: {result.clean_accuracy:.3f} (chance {result.chance:.3f}); "
+        f"recon acc is the same classifier on the reconstructions"
+    )
     paths = write_report(result, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -19,25 +19,50 @@ TOPOLOGY_CHOICES = ("chain", "multi", "u-shape", "vertical")
 def add_topology_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``--topology``, ``--clients``, ``--handoff``, ``--partition``, ``--turn-batches``, ``--merge``."""
     g = p.add_argument_group("topology", "how the network and the data are spread over the parties")
-    g.add_argument("--topology", choices=TOPOLOGY_CHOICES, default="chain",
-                   help="chain: one data holder, segments on --workers (default); multi: --clients data holders "
-                        "alice1..aliceK take round-robin turns with the first segment, bob holds the rest and the "
-                        "labels; u-shape: alice holds the first and last segments and the labels, bob the middle; "
-                        "vertical: --clients data holders own vertical strips of each image, bob merges their "
-                        "activations and holds the labels")
-    g.add_argument("--clients", type=int, default=None, metavar="K",
-                   help="number of data holders (multi: default 3; vertical: default 2)")
-    g.add_argument("--handoff", choices=("peer", "central"), default=None,
-                   help="multi: pass the first segment's weights holder to holder (peer, default) or through a "
-                        "weight store at bob (central)")
-    g.add_argument("--partition", default=None, metavar="SCHEME",
-                   help="multi: how samples are shared out: iid (default) or dirichlet:ALPHA (label skew, e.g. "
-                        "dirichlet:0.5)")
-    g.add_argument("--turn-batches", type=int, default=None, metavar="N",
-                   help="multi: batches per turn before the next holder takes over (default: a holder's whole "
-                        "shard, one turn per epoch)")
-    g.add_argument("--merge", choices=("concat", "sum", "mean"), default=None,
-                   help="vertical: how bob merges the holders' activations (default: concat)")
+    g.add_argument(
+        "--topology",
+        choices=TOPOLOGY_CHOICES,
+        default="chain",
+        help="chain: one data holder, segments on --workers (default); multi: --clients data holders "
+        "alice1..aliceK take round-robin turns with the first segment, bob holds the rest and the "
+        "labels; u-shape: alice holds the first and last segments and the labels, bob the middle; "
+        "vertical: --clients data holders own vertical strips of each image, bob merges their "
+        "activations and holds the labels",
+    )
+    g.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        metavar="K",
+        help="number of data holders (multi: default 3; vertical: default 2)",
+    )
+    g.add_argument(
+        "--handoff",
+        choices=("peer", "central"),
+        default=None,
+        help="multi: pass the first segment's weights holder to holder (peer, default) or through a "
+        "weight store at bob (central)",
+    )
+    g.add_argument(
+        "--partition",
+        default=None,
+        metavar="SCHEME",
+        help="multi: how samples are shared out: iid (default) or dirichlet:ALPHA (label skew, e.g. dirichlet:0.5)",
+    )
+    g.add_argument(
+        "--turn-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="multi: batches per turn before the next holder takes over (default: a holder's whole "
+        "shard, one turn per epoch)",
+    )
+    g.add_argument(
+        "--merge",
+        choices=("concat", "sum", "mean"),
+        default=None,
+        help="vertical: how bob merges the holders' activations (default: concat)",
+    )
 
 
 def topology_from_args(args: argparse.Namespace, hidden: list[int]):
@@ -47,11 +72,22 @@ def topology_from_args(args: argparse.Namespace, hidden: list[int]):
         ConfigurationError: a flag that does not apply to the chosen topology, or an invalid value.
     """
     topology = getattr(args, "topology", "chain")
-    given = {flag: getattr(args, dest) for flag, dest in (("--clients", "clients"), ("--handoff", "handoff"),
-                                                           ("--partition", "partition"),
-                                                           ("--turn-batches", "turn_batches"), ("--merge", "merge"))}
-    applies = {"chain": set(), "u-shape": set(), "multi": {"--clients", "--handoff", "--partition", "--turn-batches"},
-               "vertical": {"--clients", "--merge"}}[topology]
+    given = {
+        flag: getattr(args, dest)
+        for flag, dest in (
+            ("--clients", "clients"),
+            ("--handoff", "handoff"),
+            ("--partition", "partition"),
+            ("--turn-batches", "turn_batches"),
+            ("--merge", "merge"),
+        )
+    }
+    applies = {
+        "chain": set(),
+        "u-shape": set(),
+        "multi": {"--clients", "--handoff", "--partition", "--turn-batches"},
+        "vertical": {"--clients", "--merge"},
+    }[topology]
     stray = [flag for flag, value in given.items() if value is not None and flag not in applies]
     if stray:
         raise ConfigurationError(f"{', '.join(stray)} do(es) not apply to --topology {topology}")
@@ -59,17 +95,29 @@ def topology_from_args(args: argparse.Namespace, hidden: list[int]):
         return None
     urls = [w.strip() for w in args.workers.split(",") if w.strip()]
     if args.workers != DEFAULT_WORKERS and not all(u.startswith("grpc://") for u in urls):
-        raise ConfigurationError(f"--workers applies to --topology chain; --topology {topology} names its parties "
-                                 f"itself (alice.., bob), so --workers may only give their grpc:// addresses")
+        raise ConfigurationError(
+            f"--workers applies to --topology chain; --topology {topology} names its parties "
+            f"itself (alice.., bob), so --workers may only give their grpc:// addresses"
+        )
     if args.save is not None and topology == "vertical":
-        raise ConfigurationError("--save does not support --topology vertical (its merge is not a saveable layer); "
-                                 "use VerticalSplitNN.collect() from Python")
+        raise ConfigurationError(
+            "--save does not support --topology vertical (its merge is not a saveable layer); "
+            "use VerticalSplitNN.collect() from Python"
+        )
     from splitnn.training.topologies import TopologyConfig
 
     clients = given["--clients"] if given["--clients"] is not None else {"multi": 3, "vertical": 2}.get(topology, 1)
-    return TopologyConfig(topology, clients=clients, handoff=args.handoff or "peer",
-                          partition=args.partition or "iid", turn_batches=args.turn_batches,
-                          merge=args.merge or "concat", hidden=tuple(hidden), lr=args.lr, seed=args.seed)
+    return TopologyConfig(
+        topology,
+        clients=clients,
+        handoff=args.handoff or "peer",
+        partition=args.partition or "iid",
+        turn_batches=args.turn_batches,
+        merge=args.merge or "concat",
+        hidden=tuple(hidden),
+        lr=args.lr,
+        seed=args.seed,
+    )
 
 
 def describe(config) -> str:
@@ -78,8 +126,10 @@ def describe(config) -> str:
     who = holders[0] if len(holders) == 1 else f"{holders[0]}..{holders[-1]}"
     if config.topology == "multi":
         turn = f"{config.turn_batches} batches" if config.turn_batches else "one shard"
-        return (f"multi: {len(holders)} data holders {who} ({config.partition} shards, {config.handoff} hand-offs, "
-                f"turns of {turn}) -> bob (labels)")
+        return (
+            f"multi: {len(holders)} data holders {who} ({config.partition} shards, {config.handoff} hand-offs, "
+            f"turns of {turn}) -> bob (labels)"
+        )
     if config.topology == "u-shape":
         return "u-shape: alice (first and last segments, labels) <-> bob (middle)"
     return f"vertical: {len(holders)} data holders {who} (image strips) -{config.merge}-> bob (labels)"

@@ -16,28 +16,42 @@ from splitnn.fileio import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a split network (default: the PySyft tutorial's MNIST MLP)",
-                       description="Train a split network across workers and report loss, test accuracy and "
-                                   "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
-                                   "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
-                                   "batch 64, NLL loss.")
+    p = sub.add_parser(
+        "train",
+        help="train a split network (default: the PySyft tutorial's MNIST MLP)",
+        description="Train a split network across workers and report loss, test accuracy and "
+        "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
+        "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
+        "batch 64, NLL loss.",
+    )
     p.add_argument("--dataset", default="mnist", help="dataset name: mnist or fashion-mnist (default: mnist)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="directory holding the dataset's IDX files (default: $SPLITNN_DATA, the cache, "
-                        "system paths, then download)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory holding the dataset's IDX files (default: $SPLITNN_DATA, the cache, "
+        "system paths, then download)",
+    )
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training data (default: 5)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per training step (default: 64)")
     p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate of every segment (default: 0.03)")
-    p.add_argument("--hidden", default="128,640",
-                   help="hidden layer sizes, comma-separated; one segment per hidden layer plus the output "
-                        "segment (default: 128,640)")
-    p.add_argument("--workers", default="alice,bob,claire",
-                   help="comma-separated worker names, one per segment (repeat a name to put consecutive "
-                        "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties (with "
-                        "--topology multi/u-shape/vertical: the addresses of the parties it names, in any order)")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)")
+    p.add_argument(
+        "--hidden",
+        default="128,640",
+        help="hidden layer sizes, comma-separated; one segment per hidden layer plus the output "
+        "segment (default: 128,640)",
+    )
+    p.add_argument(
+        "--workers",
+        default="alice,bob,claire",
+        help="comma-separated worker names, one per segment (repeat a name to put consecutive "
+        "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties (with "
+        "--topology multi/u-shape/vertical: the addresses of the parties it names, in any order)",
+    )
+    p.add_argument(
+        "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
@@ -93,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
     if topology is None and len(names) != len(hidden) + 1:
-        raise ConfigurationError(f"--workers names {len(names)} workers but --hidden {args.hidden} makes "
-                                 f"{len(hidden) + 1} segments; give one worker per segment")
+        raise ConfigurationError(
+            f"--workers names {len(names)} workers but --hidden {args.hidden} makes "
+            f"{len(hidden) + 1} segments; give one worker per segment"
+        )
     _check_output(args.save, "--save")
     _check_output(args.json, "--json")
     progress = not args.no_progress
@@ -126,22 +142,47 @@ def run(args: argparse.Namespace) -> int:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
         model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}")
         placement = " -> ".join(names)
-    print(f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
-          f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}", flush=True)
+    print(
+        f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
+        f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}",
+        flush=True,
+    )
 
     parties = model.parties()
 
     def report(e) -> None:
         sent = "  ".join(f"{p} {human_bytes(e.bytes_sent.get(p, 0))}" for p in parties)
-        print(f"epoch {e.epoch}/{args.epochs}  loss {e.train_loss:.4f}  test acc {e.test_accuracy:.4f}  "
-              f"sent: {sent}  ({e.seconds:.1f} s)", flush=True)
+        print(
+            f"epoch {e.epoch}/{args.epochs}  loss {e.train_loss:.4f}  test acc {e.test_accuracy:.4f}  "
+            f"sent: {sent}  ({e.seconds:.1f} s)",
+            flush=True,
+        )
 
-    history = model.fit(train, epochs=args.epochs, batch_size=args.batch_size, test_data=test,
-                        seed=args.seed, progress=progress, on_epoch=report)
+    history = model.fit(
+        train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        test_data=test,
+        seed=args.seed,
+        progress=progress,
+        on_epoch=report,
+    )
     print()
-    print(table(["epoch", "train loss", "test acc", "seconds", *[f"{p} sent (B)" for p in parties]],
-                [[e.epoch, f"{e.train_loss:.4f}", f"{e.test_accuracy:.4f}", f"{e.seconds:.1f}",
-                  *[e.bytes_sent.get(p, 0) for p in parties]] for e in history.epochs]))
+    print(
+        table(
+            ["epoch", "train loss", "test acc", "seconds", *[f"{p} sent (B)" for p in parties]],
+            [
+                [
+                    e.epoch,
+                    f"{e.train_loss:.4f}",
+                    f"{e.test_accuracy:.4f}",
+                    f"{e.seconds:.1f}",
+                    *[e.bytes_sent.get(p, 0) for p in parties],
+                ]
+                for e in history.epochs
+            ],
+        )
+    )
     print()
     print(model.ledger.format_table())
     if args.save is not None:

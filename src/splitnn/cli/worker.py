@@ -24,29 +24,65 @@ from splitnn.errors import ConfigurationError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="run a party (segments, optimizers, local data) as a gRPC server",
-                       description="Serve one party of split learning over gRPC until SIGINT/SIGTERM.")
+    p = sub.add_parser(
+        "worker",
+        help="run a party (segments, optimizers, local data) as a gRPC server",
+        description="Serve one party of split learning over gRPC until SIGINT/SIGTERM.",
+    )
     p.add_argument("--name", required=True, help="this party's name (e.g. alice); with TLS, its certificate's name")
-    p.add_argument("--listen", default="127.0.0.1:0",
-                   help="HOST:PORT to listen on; port 0 picks a free port (see --address-file). Default 127.0.0.1:0")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT to listen on; port 0 picks a free port (see --address-file). Default 127.0.0.1:0",
+    )
     p.add_argument("--token-file", type=Path, required=True, help="file holding the federation token")
     p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
-    p.add_argument("--tls-ca", type=Path, default=None,
-                   help="the federation CA (PEM); with it, callers must present certificates (mutual TLS)")
-    p.add_argument("--data", action="append", default=[], metavar="NAME[:SPLIT]=DIR[,parts=...][,limit=N]",
-                   help="hold a dataset loaded from DIR (repeatable); parts = features, labels or both")
-    p.add_argument("--address-file", type=Path, default=None,
-                   help="write the bound HOST:PORT here once listening (atomic), for --listen ...:0")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (set the researcher's count for bit-identical results)")
-    p.add_argument("--peer-timeout", type=float, default=60.0,
-                   help="seconds to wait for a peer's tensor before failing the step (default 60)")
-    p.add_argument("--allow-outputs", action="store_true",
-                   help="let the researcher fetch this party's outputs (needed by predict and the low-level loop)")
-    p.add_argument("--max-lifetime", type=float, default=None,
-                   help="shut down after this many seconds (a safety net for scripts and tests)")
-    p.add_argument("--chunk-bytes", type=int, default=None, help="largest gRPC message payload (default 4 MiB - 64 KiB)")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="the federation CA (PEM); with it, callers must present certificates (mutual TLS)",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME[:SPLIT]=DIR[,parts=...][,limit=N]",
+        help="hold a dataset loaded from DIR (repeatable); parts = features, labels or both",
+    )
+    p.add_argument(
+        "--address-file",
+        type=Path,
+        default=None,
+        help="write the bound HOST:PORT here once listening (atomic), for --listen ...:0",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (set the researcher's count for bit-identical results)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a peer's tensor before failing the step (default 60)",
+    )
+    p.add_argument(
+        "--allow-outputs",
+        action="store_true",
+        help="let the researcher fetch this party's outputs (needed by predict and the low-level loop)",
+    )
+    p.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=None,
+        help="shut down after this many seconds (a safety net for scripts and tests)",
+    )
+    p.add_argument(
+        "--chunk-bytes", type=int, default=None, help="largest gRPC message payload (default 4 MiB - 64 KiB)"
+    )
     p.set_defaults(func=run)
 
 
@@ -66,8 +102,9 @@ def parse_data_spec(text: str) -> tuple[str, str, str, Path, tuple[str, ...], in
         elif k == "limit" and v.isdigit() and int(v) > 0:
             limit = int(v)
         else:
-            raise ConfigurationError(f"--data {text!r}: unknown option {opt!r}; use parts=features|labels|both "
-                                     f"or limit=N")
+            raise ConfigurationError(
+                f"--data {text!r}: unknown option {opt!r}; use parts=features|labels|both or limit=N"
+            )
     return key, dataset, split or "train", Path(directory), parts, limit
 
 
@@ -100,10 +137,18 @@ def run(args: argparse.Namespace) -> int:
         data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
         datasets[key] = {p: getattr(data, p) for p in parts}
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
-    config = ServeConfig(name=args.name, listen=args.listen, token=token, tls=tls, limits=limits,
-                         peer_timeout=args.peer_timeout, release_outputs=args.allow_outputs,
-                         address_file=str(args.address_file) if args.address_file else None,
-                         max_lifetime=args.max_lifetime, datasets=datasets)
+    config = ServeConfig(
+        name=args.name,
+        listen=args.listen,
+        token=token,
+        tls=tls,
+        limits=limits,
+        peer_timeout=args.peer_timeout,
+        release_outputs=args.allow_outputs,
+        address_file=str(args.address_file) if args.address_file else None,
+        max_lifetime=args.max_lifetime,
+        datasets=datasets,
+    )
 
     def ready(address: str) -> None:
         held = ", ".join(f"{k} ({'+'.join(v)})" for k, v in datasets.items()) or "no datasets"

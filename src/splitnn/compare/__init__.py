@@ -9,5 +9,17 @@
 from splitnn.compare.analytic import CommModel, client_bytes, crossover, iid_shard_sizes, mean_bytes_per_client
 from splitnn.compare.runner import METHODS, MODELS, CompareConfig, RunResult, build_model, run_comparison, run_method
 
-__all__ = ["CommModel", "client_bytes", "crossover", "iid_shard_sizes", "mean_bytes_per_client",
-           "METHODS", "MODELS", "CompareConfig", "RunResult", "build_model", "run_comparison", "run_method"]
+__all__ = [
+    "CommModel",
+    "client_bytes",
+    "crossover",
+    "iid_shard_sizes",
+    "mean_bytes_per_client",
+    "METHODS",
+    "MODELS",
+    "CompareConfig",
+    "RunResult",
+    "build_model",
+    "run_comparison",
+    "run_method",
+]

@@ -31,16 +31,25 @@ per client, under 0.1% of one epoch's cut traffic with the bundled models).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from splitnn.errors import ConfigurationError
 
-__all__ = ["CommModel", "METHODS", "iid_shard_sizes", "split_bytes", "fedavg_bytes", "large_batch_bytes",
-           "client_bytes", "mean_bytes_per_client", "crossover"]
+__all__ = [
+    "CommModel",
+    "METHODS",
+    "iid_shard_sizes",
+    "split_bytes",
+    "fedavg_bytes",
+    "large_batch_bytes",
+    "client_bytes",
+    "mean_bytes_per_client",
+    "crossover",
+]
 
 #: The methods the model covers, by the names the comparison uses.
 METHODS = ("split", "fedavg", "large-batch")
@@ -62,13 +71,12 @@ class CommModel:
                 raise ConfigurationError(f"CommModel.{name} must be a non-negative integer, got {value!r}")
 
     @classmethod
-    def from_counts(cls, *, params: int, client_params: int, cut_size: int, element_size: int = 4) -> "CommModel":
+    def from_counts(cls, *, params: int, client_params: int, cut_size: int, element_size: int = 4) -> CommModel:
         """From parameter counts and the cut's size in values per sample (no buffers)."""
-        return cls(params * element_size, params * element_size, client_params * element_size,
-                   cut_size * element_size)
+        return cls(params * element_size, params * element_size, client_params * element_size, cut_size * element_size)
 
     @classmethod
-    def from_segments(cls, client: nn.Module, server: nn.Module, sample_shape: Sequence[int]) -> "CommModel":
+    def from_segments(cls, client: nn.Module, server: nn.Module, sample_shape: Sequence[int]) -> CommModel:
         """Measure the sizes of a client segment and a server segment for samples of ``sample_shape``."""
         was_training = client.training
         client.eval()
@@ -106,8 +114,13 @@ def split_bytes(m: CommModel, shard_sizes: Sequence[int], epochs: int) -> list[d
     for k, n in enumerate(shard_sizes):
         received = epochs - (1 if k == 0 else 0) if K > 1 else 0
         sent = epochs - (1 if k == K - 1 else 0) if K > 1 else 0
-        out.append({"activation": epochs * n * m.cut_bytes, "gradient": epochs * n * m.cut_bytes,
-                    "weights": (sent + received) * m.client_bytes})
+        out.append(
+            {
+                "activation": epochs * n * m.cut_bytes,
+                "gradient": epochs * n * m.cut_bytes,
+                "weights": (sent + received) * m.client_bytes,
+            }
+        )
     return out
 
 
@@ -122,23 +135,34 @@ def large_batch_bytes(m: CommModel, shard_sizes: Sequence[int], epochs: int, bat
     return [{"weights": s * m.model_bytes, "gradient": s * m.grad_bytes} for s in steps]
 
 
-def client_bytes(method: str, m: CommModel, shard_sizes: Sequence[int], *, epochs: int, batch_size: int,
-                 local_epochs: int = 1) -> list[dict[str, int]]:
+def client_bytes(
+    method: str, m: CommModel, shard_sizes: Sequence[int], *, epochs: int, batch_size: int, local_epochs: int = 1
+) -> list[dict[str, int]]:
     """Bytes per client, by kind, of ``method`` (one of :data:`METHODS`)."""
     if method == "split":
         return split_bytes(m, shard_sizes, epochs)
     if method == "fedavg":
         if epochs % local_epochs:
-            raise ConfigurationError(f"FedAvg runs epochs / local_epochs rounds; {epochs} epochs are not a "
-                                     f"multiple of {local_epochs} local epochs")
+            raise ConfigurationError(
+                f"FedAvg runs epochs / local_epochs rounds; {epochs} epochs are not a "
+                f"multiple of {local_epochs} local epochs"
+            )
         return fedavg_bytes(m, len(shard_sizes), epochs // local_epochs)
     if method == "large-batch":
         return large_batch_bytes(m, shard_sizes, epochs, batch_size)
     raise ConfigurationError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def mean_bytes_per_client(method: str, m: CommModel, dataset_size: int, clients: int, *, epochs: int,
-                          batch_size: int = 64, local_epochs: int = 1) -> float:
+def mean_bytes_per_client(
+    method: str,
+    m: CommModel,
+    dataset_size: int,
+    clients: int,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    local_epochs: int = 1,
+) -> float:
     """Mean bytes per client of ``method`` with ``dataset_size`` samples in IID shards over ``clients`` clients.
 
     Closed form (constant time in ``clients``); equal to the mean of :func:`client_bytes`
@@ -151,8 +175,9 @@ def mean_bytes_per_client(method: str, m: CommModel, dataset_size: int, clients:
         handoffs = 2 * (E * K - 1) * m.client_bytes if K > 1 else 0
         return (2 * E * D * m.cut_bytes + handoffs) / K
     if method == "fedavg":
-        return float(sum(client_bytes("fedavg", m, [1], epochs=E, batch_size=batch_size,
-                                      local_epochs=local_epochs)[0].values()))
+        return float(
+            sum(client_bytes("fedavg", m, [1], epochs=E, batch_size=batch_size, local_epochs=local_epochs)[0].values())
+        )
     if method == "large-batch":
         base, extra = divmod(D, K)
         steps = extra * math.ceil((base + 1) / batch_size) + (K - extra) * math.ceil(base / batch_size)
@@ -160,8 +185,16 @@ def mean_bytes_per_client(method: str, m: CommModel, dataset_size: int, clients:
     raise ConfigurationError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def crossover(m: CommModel, dataset_size: int, *, epochs: int, against: str = "fedavg", batch_size: int = 64,
-              local_epochs: int = 1, max_clients: int | None = None) -> int | None:
+def crossover(
+    m: CommModel,
+    dataset_size: int,
+    *,
+    epochs: int,
+    against: str = "fedavg",
+    batch_size: int = 64,
+    local_epochs: int = 1,
+    max_clients: int | None = None,
+) -> int | None:
     """The smallest client count at which split learning's mean bytes per client fall below ``against``'s.
 
     Scans ``K = 1 .. max_clients`` (default: the dataset size); ``None`` if

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from splitnn.accounting.units import human_bytes, si
 from splitnn.compare.analytic import CommModel, crossover, mean_bytes_per_client
 from splitnn.compare.runner import CompareConfig, RunResult
 from splitnn.fileio import atomic_path, atomic_write_text
 
-__all__ = ["HEADER", "table_rows", "markdown_table", "measured_crossover", "crossover_summary", "write_csv",
-           "write_json", "plot", "si", "human_bytes"]
+__all__ = [
+    "HEADER",
+    "table_rows",
+    "markdown_table",
+    "measured_crossover",
+    "crossover_summary",
+    "write_csv",
+    "write_json",
+    "plot",
+    "si",
+    "human_bytes",
+]
 
 #: Columns of the comparison table.
 HEADER = ("method", "clients", "bytes/client", "= model", "FLOPs/client", "client s", "test acc", "wall s")
@@ -26,9 +36,19 @@ _MARKERS = {"split": "o", "fedavg": "s", "large-batch": "^"}
 
 def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
     """One row per run, in the columns of :data:`HEADER`."""
-    return [[r.method, str(r.clients), human_bytes(r.bytes_per_client), "yes" if r.matches_model else "NO",
-             si(r.flops_per_client), f"{r.seconds_per_client:.1f}", f"{r.accuracy:.4f}", f"{r.wall_seconds:.1f}"]
-            for r in results]
+    return [
+        [
+            r.method,
+            str(r.clients),
+            human_bytes(r.bytes_per_client),
+            "yes" if r.matches_model else "NO",
+            si(r.flops_per_client),
+            f"{r.seconds_per_client:.1f}",
+            f"{r.accuracy:.4f}",
+            f"{r.wall_seconds:.1f}",
+        ]
+        for r in results
+    ]
 
 
 def markdown_table(results: Sequence[RunResult]) -> str:
@@ -65,8 +85,11 @@ def crossover_summary(results: Sequence[RunResult], k_star: int | None, against:
     if more:
         parts.append(f"at least as many bytes per client as {name} at {', '.join(map(str, more))} clients")
     if less:
-        parts.append(f"fewer at {', '.join(map(str, less))}" if more else
-                     f"fewer bytes per client than {name} at {', '.join(map(str, less))} clients")
+        parts.append(
+            f"fewer at {', '.join(map(str, less))}"
+            if more
+            else f"fewer bytes per client than {name} at {', '.join(map(str, less))} clients"
+        )
     verdict = "consistent with" if agrees else "CONTRADICTS"
     where = f"{k_star} clients" if k_star is not None else "no client count"
     return agrees, f"split learning sent {' and '.join(parts)}: {verdict} the analytic crossover at {where}"
@@ -74,9 +97,20 @@ def crossover_summary(results: Sequence[RunResult], k_star: int | None, against:
 
 def write_csv(results: Sequence[RunResult], path: Path) -> None:
     """One row per run with the mean per-client figures."""
-    fields = ["method", "clients", "bytes_per_client", "predicted_bytes_per_client", "matches_model",
-              "flops_per_client", "seconds_per_client", "accuracy", "test_loss", "wall_seconds", "train_samples",
-              "epochs"]
+    fields = [
+        "method",
+        "clients",
+        "bytes_per_client",
+        "predicted_bytes_per_client",
+        "matches_model",
+        "flops_per_client",
+        "seconds_per_client",
+        "accuracy",
+        "test_loss",
+        "wall_seconds",
+        "train_samples",
+        "epochs",
+    ]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -85,25 +119,51 @@ def write_csv(results: Sequence[RunResult], path: Path) -> None:
             writer.writerow({f: d[f] for f in fields})
 
 
-def write_json(results: Sequence[RunResult], path: Path, *, config: CompareConfig, comm: CommModel,
-               dataset: str, train_samples: int, test_samples: int) -> None:
+def write_json(
+    results: Sequence[RunResult],
+    path: Path,
+    *,
+    config: CompareConfig,
+    comm: CommModel,
+    dataset: str,
+    train_samples: int,
+    test_samples: int,
+) -> None:
     """Everything: the configuration, the sizes of the analytic model, both crossovers, every run in full."""
     doc = {
-        "dataset": dataset, "train_samples": train_samples, "test_samples": test_samples,
-        "config": asdict(config), "comm_model": asdict(comm),
-        "analytic_crossover_vs_fedavg": crossover(comm, train_samples, epochs=config.epochs,
-                                                  batch_size=config.batch_size, local_epochs=config.local_epochs),
+        "dataset": dataset,
+        "train_samples": train_samples,
+        "test_samples": test_samples,
+        "config": asdict(config),
+        "comm_model": asdict(comm),
+        "analytic_crossover_vs_fedavg": crossover(
+            comm, train_samples, epochs=config.epochs, batch_size=config.batch_size, local_epochs=config.local_epochs
+        ),
         "measured_crossover_vs_fedavg": measured_crossover(results),
         "measured_agrees_with_analytic_crossover": crossover_summary(
-            results, crossover(comm, train_samples, epochs=config.epochs, batch_size=config.batch_size,
-                               local_epochs=config.local_epochs))[0],
+            results,
+            crossover(
+                comm,
+                train_samples,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                local_epochs=config.local_epochs,
+            ),
+        )[0],
         "results": [r.to_dict() for r in results],
     }
     atomic_write_text(path, json.dumps(doc, indent=2))
 
 
-def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, comm: CommModel,
-         train_samples: int, title: str = "") -> list[Path]:
+def plot(
+    results: Sequence[RunResult],
+    out_dir: Path,
+    *,
+    config: CompareConfig,
+    comm: CommModel,
+    train_samples: int,
+    title: str = "",
+) -> list[Path]:
     """Draw bytes per client vs clients (measured, with the analytic model dashed), client FLOPs vs
     clients, and accuracy vs bytes per client; return the PNG paths."""
     import matplotlib
@@ -121,13 +181,34 @@ def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, 
     grid = list(range(1, max(ks) + 1))
     for m in methods:
         runs = by_method[m]
-        ax.plot([r.clients for r in runs], [r.bytes_per_client for r in runs], _MARKERS[m], color=_COLORS[m],
-                label=f"{_LABELS[m]} (measured)")
-        model = [mean_bytes_per_client(m, comm, train_samples, k, epochs=config.epochs, batch_size=config.batch_size,
-                                       local_epochs=config.local_epochs) for k in grid]
+        ax.plot(
+            [r.clients for r in runs],
+            [r.bytes_per_client for r in runs],
+            _MARKERS[m],
+            color=_COLORS[m],
+            label=f"{_LABELS[m]} (measured)",
+        )
+        model = [
+            mean_bytes_per_client(
+                m,
+                comm,
+                train_samples,
+                k,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                local_epochs=config.local_epochs,
+            )
+            for k in grid
+        ]
         ax.plot(grid, model, "--", color=_COLORS[m], linewidth=1, label=f"{_LABELS[m]} (analytic)")
-    k_star = crossover(comm, train_samples, epochs=config.epochs, batch_size=config.batch_size,
-                       local_epochs=config.local_epochs, max_clients=max(ks))
+    k_star = crossover(
+        comm,
+        train_samples,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+        max_clients=max(ks),
+    )
     if k_star is not None and "split" in methods and "fedavg" in methods:
         ax.axvline(k_star, color="grey", linestyle=":", linewidth=1, label=f"analytic crossover: {k_star} clients")
     _log_axes(ax, ks)
@@ -140,8 +221,13 @@ def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in methods:
         runs = by_method[m]
-        ax.plot([r.clients for r in runs], [r.flops_per_client for r in runs], "-" + _MARKERS[m], color=_COLORS[m],
-                label=_LABELS[m])
+        ax.plot(
+            [r.clients for r in runs],
+            [r.flops_per_client for r in runs],
+            "-" + _MARKERS[m],
+            color=_COLORS[m],
+            label=_LABELS[m],
+        )
     _log_axes(ax, ks)
     ax.set_xlabel("clients")
     ax.set_ylabel("FLOPs per client (forward + backward)")
@@ -152,11 +238,21 @@ def plot(results: Sequence[RunResult], out_dir: Path, *, config: CompareConfig, 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in methods:
         runs = by_method[m]
-        ax.plot([r.bytes_per_client for r in runs], [r.accuracy for r in runs], _MARKERS[m], color=_COLORS[m],
-                label=_LABELS[m])
+        ax.plot(
+            [r.bytes_per_client for r in runs],
+            [r.accuracy for r in runs],
+            _MARKERS[m],
+            color=_COLORS[m],
+            label=_LABELS[m],
+        )
         for r in runs:
-            ax.annotate(f"K={r.clients}", (r.bytes_per_client, r.accuracy), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                f"K={r.clients}",
+                (r.bytes_per_client, r.accuracy),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("bytes per client (sent + received)")
     ax.set_ylabel("test accuracy")

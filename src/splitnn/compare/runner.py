@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -46,8 +46,18 @@ from splitnn.training.topologies import MultiHolderSplitNN
 from splitnn.workers import VirtualWorker
 from splitnn.workers.optimizers import build_optimizer
 
-__all__ = ["METHODS", "MODELS", "DEFAULT_LR", "CompareConfig", "RunResult", "build_model", "make_shards",
-           "measured_client_bytes", "run_method", "run_comparison"]
+__all__ = [
+    "METHODS",
+    "MODELS",
+    "DEFAULT_LR",
+    "CompareConfig",
+    "RunResult",
+    "build_model",
+    "make_shards",
+    "measured_client_bytes",
+    "run_method",
+    "run_comparison",
+]
 
 #: Models the comparison knows, by name.
 MODELS = ("mlp", "vgg")
@@ -103,8 +113,10 @@ class CompareConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
         if "fedavg" in self.methods and self.epochs % self.local_epochs:
-            raise ConfigurationError(f"FedAvg runs epochs / local_epochs rounds: {self.epochs} epochs are not a "
-                                     f"multiple of {self.local_epochs} local epochs")
+            raise ConfigurationError(
+                f"FedAvg runs epochs / local_epochs rounds: {self.epochs} epochs are not a "
+                f"multiple of {self.local_epochs} local epochs"
+            )
         object.__setattr__(self, "methods", tuple(self.methods))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
@@ -168,18 +180,26 @@ class RunResult:
 
     def to_dict(self) -> dict[str, object]:
         """Every field plus the derived means, for JSON."""
-        return {**asdict(self), "bytes_per_client": self.bytes_per_client,
-                "predicted_bytes_per_client": self.predicted_bytes_per_client, "matches_model": self.matches_model,
-                "flops_per_client": self.flops_per_client, "seconds_per_client": self.seconds_per_client}
+        return {
+            **asdict(self),
+            "bytes_per_client": self.bytes_per_client,
+            "predicted_bytes_per_client": self.predicted_bytes_per_client,
+            "matches_model": self.matches_model,
+            "flops_per_client": self.flops_per_client,
+            "seconds_per_client": self.seconds_per_client,
+        }
 
 
 def make_shards(data: Dataset, clients: int, partition: str, seed: int) -> list[torch.Tensor]:
     """Sorted index shards of ``data`` for ``clients`` clients (the same for every method)."""
     if clients > len(data):
-        raise ConfigurationError(f"{clients} clients but only {len(data)} training samples; use fewer clients "
-                                 f"or more data")
-    return [torch.as_tensor(s, dtype=torch.int64).sort().values
-            for s in parse_partition(partition)(data.labels, clients, seed)]
+        raise ConfigurationError(
+            f"{clients} clients but only {len(data)} training samples; use fewer clients or more data"
+        )
+    return [
+        torch.as_tensor(s, dtype=torch.int64).sort().values
+        for s in parse_partition(partition)(data.labels, clients, seed)
+    ]
 
 
 def measured_client_bytes(ledger: Ledger, names: Sequence[str]) -> tuple[list[int], dict[str, int]]:
@@ -198,8 +218,16 @@ def measured_client_bytes(ledger: Ledger, names: Sequence[str]) -> tuple[list[in
     return per, by_kind
 
 
-def run_method(method: str, clients: int, train: Dataset, test: Dataset, config: CompareConfig,
-               segments: tuple[nn.Module, nn.Module], *, progress: bool = False) -> RunResult:
+def run_method(
+    method: str,
+    clients: int,
+    train: Dataset,
+    test: Dataset,
+    config: CompareConfig,
+    segments: tuple[nn.Module, nn.Module],
+    *,
+    progress: bool = False,
+) -> RunResult:
     """Train ``method`` with ``clients`` clients from copies of ``segments``; measure it."""
     if method not in METHODS:
         raise ConfigurationError(f"unknown method {method!r}; choose from {METHODS}")
@@ -212,8 +240,15 @@ def run_method(method: str, clients: int, train: Dataset, test: Dataset, config:
     start = time.perf_counter()
     if method == "split":
         server = meter.wrap(VirtualWorker(SERVER, fuse=False))
-        model = MultiHolderSplitNN(client_seg, [server_seg], workers, server, handoff="peer",
-                                   partition=lambda labels, k, seed: shards, optimizer=config.optimizer)
+        model = MultiHolderSplitNN(
+            client_seg,
+            [server_seg],
+            workers,
+            server,
+            handoff="peer",
+            partition=lambda labels, k, seed: shards,
+            optimizer=config.optimizer,
+        )
         model.fit(train, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, progress=progress)
         wall = time.perf_counter() - start
         ledger = model.ledger.snapshot()  # the training window; collecting the model below moves weights too
@@ -223,8 +258,14 @@ def run_method(method: str, clients: int, train: Dataset, test: Dataset, config:
         parts = [train.subset(s) for s in shards]
         if method == "fedavg":
             fed = FedAvg(whole, workers, optimizer=config.optimizer)
-            fed.fit(parts, rounds=config.epochs // config.local_epochs, local_epochs=config.local_epochs,
-                    batch_size=config.batch_size, seed=config.seed, progress=progress)
+            fed.fit(
+                parts,
+                rounds=config.epochs // config.local_epochs,
+                local_epochs=config.local_epochs,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                progress=progress,
+            )
         else:
             fed = LargeBatchSGD(whole, workers, optimizer=config.optimizer)
             fed.fit(parts, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, progress=progress)
@@ -233,8 +274,9 @@ def run_method(method: str, clients: int, train: Dataset, test: Dataset, config:
     result = evaluate_module(trained, test)
     measured, by_kind = measured_client_bytes(ledger, names)
     comm = CommModel.from_segments(segments[0], segments[1], tuple(train.features.shape[1:]))
-    predicted = client_bytes(method, comm, sizes, epochs=config.epochs, batch_size=config.batch_size,
-                             local_epochs=config.local_epochs)
+    predicted = client_bytes(
+        method, comm, sizes, epochs=config.epochs, batch_size=config.batch_size, local_epochs=config.local_epochs
+    )
     predicted_by_kind: dict[str, int] = {}
     for per in predicted:
         for kind, nbytes in per.items():
@@ -242,12 +284,21 @@ def run_method(method: str, clients: int, train: Dataset, test: Dataset, config:
                 predicted_by_kind[kind] = predicted_by_kind.get(kind, 0) + nbytes
     stats = meter.per_party()
     return RunResult(
-        method=method, clients=clients, client_bytes=measured,
+        method=method,
+        clients=clients,
+        client_bytes=measured,
         predicted_client_bytes=[sum(p.values()) for p in predicted],
-        client_flops=[stats[n].flops for n in names], client_seconds=[stats[n].seconds for n in names],
-        accuracy=result.accuracy, test_loss=result.loss, wall_seconds=wall, train_samples=len(train),
-        epochs=config.epochs, bytes_by_kind=by_kind, predicted_bytes_by_kind=predicted_by_kind,
-        compute={n: s.to_dict() for n, s in stats.items()})
+        client_flops=[stats[n].flops for n in names],
+        client_seconds=[stats[n].seconds for n in names],
+        accuracy=result.accuracy,
+        test_loss=result.loss,
+        wall_seconds=wall,
+        train_samples=len(train),
+        epochs=config.epochs,
+        bytes_by_kind=by_kind,
+        predicted_bytes_by_kind=predicted_by_kind,
+        compute={n: s.to_dict() for n, s in stats.items()},
+    )
 
 
 def _warm_up(config: CompareConfig) -> None:
@@ -258,12 +309,19 @@ def _warm_up(config: CompareConfig) -> None:
         (param @ param).sum().backward()
 
 
-def run_comparison(config: CompareConfig, train: Dataset, test: Dataset, *, progress: bool = False,
-                   on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+def run_comparison(
+    config: CompareConfig,
+    train: Dataset,
+    test: Dataset,
+    *,
+    progress: bool = False,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
     """Every method of ``config`` at every client count, from the same initial weights (seeded)."""
     if max(config.clients) > len(train):
-        raise ConfigurationError(f"{max(config.clients)} clients but only {len(train)} training samples; use fewer "
-                                 f"clients or more data")
+        raise ConfigurationError(
+            f"{max(config.clients)} clients but only {len(train)} training samples; use fewer clients or more data"
+        )
     _warm_up(config)
     torch.manual_seed(config.seed)
     segments = build_model(config.model, tuple(train.features.shape[1:]), train.num_classes)

@@ -13,7 +13,9 @@ import torch
 from splitnn.errors import ConfigurationError
 
 
-def epoch_batches(n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> list[torch.Tensor]:
+def epoch_batches(
+    n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
+) -> list[torch.Tensor]:
     """Index tensors of the batches of one epoch over ``n`` samples (the last one may be short)."""
     if n < 1:
         raise ConfigurationError("cannot make batches of an empty dataset")

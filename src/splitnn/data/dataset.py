@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -18,7 +18,7 @@ from .resolve import resolve_split_files
 
 __all__ = ["Dataset", "load_dataset", "normalize_images", "clear_cache"]
 
-Indices = Union[torch.Tensor, Sequence[int], slice]
+Indices = torch.Tensor | Sequence[int] | slice
 
 
 @dataclass
@@ -44,17 +44,25 @@ class Dataset:
     def __post_init__(self) -> None:
         f, y = self.features, self.labels
         if not isinstance(f, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise DataError(f"Dataset {self.name!r}: features and labels must be torch.Tensors, "
-                            f"got {type(f).__name__} and {type(y).__name__}")
+            raise DataError(
+                f"Dataset {self.name!r}: features and labels must be torch.Tensors, "
+                f"got {type(f).__name__} and {type(y).__name__}"
+            )
         if f.dtype != torch.float32 or f.dim() < 2:
-            raise DataError(f"Dataset {self.name!r}: features must be float32 of shape (N, ...), "
-                            f"got {f.dtype} of shape {tuple(f.shape)}; convert with .float()")
+            raise DataError(
+                f"Dataset {self.name!r}: features must be float32 of shape (N, ...), "
+                f"got {f.dtype} of shape {tuple(f.shape)}; convert with .float()"
+            )
         if y.dtype != torch.int64 or y.dim() != 1:
-            raise DataError(f"Dataset {self.name!r}: labels must be int64 of shape (N,), got "
-                            f"{y.dtype} of shape {tuple(y.shape)}; convert with .long().flatten()")
+            raise DataError(
+                f"Dataset {self.name!r}: labels must be int64 of shape (N,), got "
+                f"{y.dtype} of shape {tuple(y.shape)}; convert with .long().flatten()"
+            )
         if f.shape[0] != y.shape[0]:
-            raise DataError(f"Dataset {self.name!r}: {f.shape[0]} feature rows but {y.shape[0]} "
-                            f"labels; they must be the same samples")
+            raise DataError(
+                f"Dataset {self.name!r}: {f.shape[0]} feature rows but {y.shape[0]} "
+                f"labels; they must be the same samples"
+            )
         if y.shape[0] == 0:
             raise DataError(f"Dataset {self.name!r} is empty (0 samples)")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -62,13 +70,15 @@ class Dataset:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= self.num_classes:
             bad = lo if lo < 0 else hi
-            raise LabelError(f"Dataset {self.name!r}: label {bad} is outside [0, {self.num_classes}); "
-                             f"labels range over [{lo}, {hi}]. Check num_classes or the label file")
+            raise LabelError(
+                f"Dataset {self.name!r}: label {bad} is outside [0, {self.num_classes}); "
+                f"labels range over [{lo}, {hi}]. Check num_classes or the label file"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: Indices) -> "Dataset":
+    def subset(self, indices: Indices) -> Dataset:
         """Return a new Dataset with the samples at ``indices`` (tensor, sequence of ints, or slice).
 
         Raises:
@@ -79,8 +89,10 @@ class Dataset:
         idx = torch.as_tensor(indices, dtype=torch.int64).flatten()
         n = len(self)
         if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise DataError(f"Dataset {self.name!r}: subset index out of range for {n} samples "
-                            f"(min {int(idx.min())}, max {int(idx.max())})")
+            raise DataError(
+                f"Dataset {self.name!r}: subset index out of range for {n} samples "
+                f"(min {int(idx.min())}, max {int(idx.max())})"
+            )
         return Dataset(self.features[idx], self.labels[idx], self.name, self.num_classes)
 
 
@@ -114,11 +126,11 @@ def load_dataset(
     name: str,
     split: str = "train",
     *,
-    data_dir: "Optional[str | os.PathLike[str]]" = None,
+    data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
     progress: bool = True,
-    limit: Optional[int] = None,
-    mirrors: Optional[Sequence[str]] = None,
+    limit: int | None = None,
+    mirrors: Sequence[str] | None = None,
 ) -> Dataset:
     """Load an MNIST-family split as a :class:`Dataset` (features (N, 1, 28, 28) in [-1, 1]).
 
@@ -135,20 +147,27 @@ def load_dataset(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigurationError(f"limit must be a positive int or None, got {limit!r}")
     info = get_dataset_info(name)
-    img_path, lab_path = resolve_split_files(info.name, split, data_dir=data_dir, download=download,
-                                             progress=progress, mirrors=mirrors)
+    img_path, lab_path = resolve_split_files(
+        info.name, split, data_dir=data_dir, download=download, progress=progress, mirrors=mirrors
+    )
     images, labels = _read(img_path), _read(lab_path)
     c, h, w = info.image_shape
     if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (h, w):
-        raise CorruptDataError(f"{img_path}: expected uint8 images of shape (N, {h}, {w}), got "
-                               f"{images.dtype} {tuple(images.shape)}; delete it and re-download")
+        raise CorruptDataError(
+            f"{img_path}: expected uint8 images of shape (N, {h}, {w}), got "
+            f"{images.dtype} {tuple(images.shape)}; delete it and re-download"
+        )
     if labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise CorruptDataError(f"{lab_path}: expected integer labels of shape (N,), got "
-                               f"{labels.dtype} {tuple(labels.shape)}; delete it and re-download")
+        raise CorruptDataError(
+            f"{lab_path}: expected integer labels of shape (N,), got "
+            f"{labels.dtype} {tuple(labels.shape)}; delete it and re-download"
+        )
     if images.shape[0] != labels.shape[0]:
-        raise CorruptDataError(f"{info.name} {split}: {img_path} has {images.shape[0]} images but "
-                               f"{lab_path} has {labels.shape[0]} labels; the files do not belong "
-                               f"together: delete both and re-download")
+        raise CorruptDataError(
+            f"{info.name} {split}: {img_path} has {images.shape[0]} images but "
+            f"{lab_path} has {labels.shape[0]} labels; the files do not belong "
+            f"together: delete both and re-download"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return Dataset(normalize_images(images), labels.to(torch.int64), info.name, info.num_classes)

@@ -10,7 +10,6 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -21,7 +20,7 @@ __all__ = ["download_file", "sha256_file"]
 _CHUNK = 1 << 16
 
 
-def sha256_file(path: "str | os.PathLike[str]") -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Return the SHA-256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -32,8 +31,8 @@ def sha256_file(path: "str | os.PathLike[str]") -> str:
 
 def download_file(
     url: str,
-    dest: "str | os.PathLike[str]",
-    sha256: Optional[str],
+    dest: str | os.PathLike[str],
+    sha256: str | None,
     *,
     progress: bool = True,
     timeout: float = 30,
@@ -73,8 +72,15 @@ def download_file(
                 length_header = resp.headers.get("Content-Length")
                 total = int(length_header) if length_header and length_header.isdigit() else None
                 show = progress and sys.stderr.isatty()
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=dest.name, disable=not show, leave=False) as bar:
+                with tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not show,
+                    leave=False,
+                ) as bar:
                     while True:
                         chunk = resp.read(_CHUNK)
                         if not chunk:

@@ -87,15 +87,13 @@ def read_idx(path: PathLike) -> torch.Tensor:
     got = len(data) - header
     if got != expected:
         kind = "truncated payload" if got < expected else "extra bytes after payload"
-        raise _corrupt(
-            p, f"{kind}: dims {tuple(dims)} of {dtype.name} need {expected} bytes, found {got}"
-        )
+        raise _corrupt(p, f"{kind}: dims {tuple(dims)} of {dtype.name} need {expected} bytes, found {got}")
     arr = np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=header)
     arr = arr.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
     return torch.from_numpy(arr)
 
 
-def write_idx(path: PathLike, array: "np.ndarray | torch.Tensor") -> Path:
+def write_idx(path: PathLike, array: np.ndarray | torch.Tensor) -> Path:
     """Write ``array`` as an IDX file (gzipped when ``path`` ends in ``.gz``); return the path.
 
     Supported dtypes: uint8, int8, int16, int32, float32, float64. Used by tests and
@@ -104,8 +102,9 @@ def write_idx(path: PathLike, array: "np.ndarray | torch.Tensor") -> Path:
     arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     native = arr.dtype.newbyteorder("=")
     if native not in _CODES:
-        raise DataError(f"write_idx: dtype {arr.dtype} has no IDX code; use one of "
-                        f"uint8, int8, int16, int32, float32, float64")
+        raise DataError(
+            f"write_idx: dtype {arr.dtype} has no IDX code; use one of uint8, int8, int16, int32, float32, float64"
+        )
     code = _CODES[native]
     payload = arr.astype(IDX_DTYPES[code], copy=False).tobytes()
     blob = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + payload

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def iid_shards(n: int, k: int, seed: int) -> list[torch.Tensor]:
 
 
 def dirichlet_shards(
-    labels: Union[torch.Tensor, Sequence[int]],
+    labels: torch.Tensor | Sequence[int],
     k: int,
     alpha: float,
     seed: int,
@@ -78,8 +79,7 @@ def dirichlet_shards(
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ConfigurationError(f"dirichlet alpha must be a finite number > 0, got {alpha!r}")
     if min_size < 1 or k * min_size > n:
-        raise ConfigurationError(
-            f"cannot give each of k={k} shards at least min_size={min_size} of n={n} samples")
+        raise ConfigurationError(f"cannot give each of k={k} shards at least min_size={min_size} of n={n} samples")
     rng = np.random.default_rng(int(seed))
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
@@ -111,7 +111,7 @@ class PartitionSpec:
     """A parsed horizontal partition scheme: ``kind`` is "iid" or "dirichlet" (with ``alpha``)."""
 
     kind: Literal["iid", "dirichlet"]
-    alpha: Optional[float] = None
+    alpha: float | None = None
 
     def __call__(self, labels: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
         """Partition the samples whose labels are ``labels`` into ``k`` index shards."""
@@ -153,7 +153,7 @@ def parse_partition(spec: str) -> PartitionSpec:
 
 
 def column_partition(
-    shape: Union[int, Sequence[int]],
+    shape: int | Sequence[int],
     k: int = 2,
     how: Literal["halves", "contiguous"] = "halves",
 ) -> list[torch.Tensor]:
@@ -183,7 +183,8 @@ def column_partition(
         if len(dims) not in (2, 3):
             raise ConfigurationError(
                 f"column_partition(how='halves') needs an image shape (H, W) or (C, H, W), got {shape!r}; "
-                f"use how='contiguous' for flat features")
+                f"use how='contiguous' for flat features"
+            )
         width = dims[-1]
         _check_k(k, width, "image columns")
         grid = torch.arange(total).reshape(dims)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from splitnn.errors import ConfigurationError
 
@@ -38,7 +37,7 @@ class DatasetInfo:
     sha256: dict[str, str]
     mirrors: tuple[str, ...]
     num_classes: int
-    classes: Optional[tuple[str, ...]] = None
+    classes: tuple[str, ...] | None = None
     system_dirs: tuple[str, ...] = ()
     image_shape: tuple[int, int, int] = field(default=(1, 28, 28))
 
@@ -82,8 +81,18 @@ DATASETS: dict[str, DatasetInfo] = {
         },
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         num_classes=10,
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
         # Debian's dataset-fashion-mnist package installs the .gz files here.
         system_dirs=("/usr/share/datasets/fashion-mnist",),
     ),
@@ -102,6 +111,4 @@ def get_dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[key]
     except KeyError:
-        raise ConfigurationError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
-        ) from None
+        raise ConfigurationError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}") from None

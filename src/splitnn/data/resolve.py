@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from splitnn.errors import ChecksumError, DatasetNotFoundError, DownloadError
 
@@ -64,7 +64,7 @@ def downloads_allowed(download: bool = True) -> bool:
     return download and not offline
 
 
-def candidate_dirs(name: str, data_dir: Optional[PathArg] = None) -> list[tuple[str, Path]]:
+def candidate_dirs(name: str, data_dir: PathArg | None = None) -> list[tuple[str, Path]]:
     """Return the (description, directory) pairs searched for ``name``, in order.
 
     With ``data_dir`` only that directory is searched (``data_dir/<name>`` first).
@@ -83,14 +83,14 @@ def candidate_dirs(name: str, data_dir: Optional[PathArg] = None) -> list[tuple[
     return out
 
 
-def _mirrors(info: DatasetInfo, mirrors: Optional[Sequence[str]]) -> tuple[str, ...]:
+def _mirrors(info: DatasetInfo, mirrors: Sequence[str] | None) -> tuple[str, ...]:
     if mirrors is None:
         env = os.environ.get("SPLITNN_MIRRORS", "").strip()
         mirrors = re.split(r"[,\s]+", env) if env else info.mirrors
     return tuple(m if m.endswith("/") else m + "/" for m in mirrors if m)
 
 
-def _find_file(d: Path, gz_name: str) -> Optional[Path]:
+def _find_file(d: Path, gz_name: str) -> Path | None:
     for candidate in (d / gz_name, d / gz_name[: -len(".gz")] if gz_name.endswith(".gz") else None):
         if candidate is not None and candidate.is_file():
             return candidate
@@ -117,8 +117,9 @@ def _verify(info: DatasetInfo, path: Path) -> None:
         )
 
 
-def _download(info: DatasetInfo, target: Path, filenames: Iterable[str],
-              mirrors: tuple[str, ...], progress: bool, looked: str) -> None:
+def _download(
+    info: DatasetInfo, target: Path, filenames: Iterable[str], mirrors: tuple[str, ...], progress: bool, looked: str
+) -> None:
     for fname in filenames:
         failures: list[BaseException] = []
         for base in mirrors:
@@ -129,17 +130,25 @@ def _download(info: DatasetInfo, target: Path, filenames: Iterable[str],
                 failures.append(exc)
         else:
             detail = "\n  ".join(str(e) for e in failures) or "no mirrors configured"
-            msg = (f"{info.name} file {fname} not found locally (looked in:\n  {looked}\n) and could "
-                   f"not be downloaded into {target}; tried:\n  {detail}\n"
-                   f"Fix: check your network or SPLITNN_MIRRORS, or download the file by hand "
-                   f"into {target} (or a directory named by --data-dir / SPLITNN_DATA)")
-            cls = ChecksumError if failures and all(isinstance(e, ChecksumError) for e in failures) \
-                else DownloadError
+            msg = (
+                f"{info.name} file {fname} not found locally (looked in:\n  {looked}\n) and could "
+                f"not be downloaded into {target}; tried:\n  {detail}\n"
+                f"Fix: check your network or SPLITNN_MIRRORS, or download the file by hand "
+                f"into {target} (or a directory named by --data-dir / SPLITNN_DATA)"
+            )
+            cls = ChecksumError if failures and all(isinstance(e, ChecksumError) for e in failures) else DownloadError
             raise cls(msg) from (failures[-1] if failures else None)
 
 
-def _resolve(name: str, splits: Sequence[str], *, data_dir: Optional[PathArg], download: bool,
-             progress: bool, mirrors: Optional[Sequence[str]]) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+def _resolve(
+    name: str,
+    splits: Sequence[str],
+    *,
+    data_dir: PathArg | None,
+    download: bool,
+    progress: bool,
+    mirrors: Sequence[str] | None,
+) -> tuple[Path, dict[str, tuple[Path, Path]]]:
     info = get_dataset_info(name)
     wanted = [f for s in splits for f in info.split_files(s)]
     places = candidate_dirs(info.name, data_dir)
@@ -158,7 +167,7 @@ def _resolve(name: str, splits: Sequence[str], *, data_dir: Optional[PathArg], d
     mirror_list = _mirrors(info, mirrors)
     looked = "\n  ".join(f"{what}: {d}" for what, d in places)
     if not downloads_allowed(download):
-        why = ("download=False" if not download else "SPLITNN_OFFLINE is set")
+        why = "download=False" if not download else "SPLITNN_OFFLINE is set"
         raise DatasetNotFoundError(
             f"{info.name} {'/'.join(splits)} files ({', '.join(wanted)}, gzipped or not) not found; "
             f"looked in:\n  {looked}\nand downloading is disabled ({why}). Fix: pass --data-dir "
@@ -185,10 +194,10 @@ def resolve_split_files(
     name: str,
     split: str = "train",
     *,
-    data_dir: Optional[PathArg] = None,
+    data_dir: PathArg | None = None,
     download: bool = True,
     progress: bool = True,
-    mirrors: Optional[Sequence[str]] = None,
+    mirrors: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Return the (images, labels) file paths of one split, downloading them if needed.
 
@@ -201,19 +210,18 @@ def resolve_split_files(
         ChecksumError: a local ``.gz`` file does not match the registry, or every
             mirror served bytes with the wrong checksum.
     """
-    _, files = _resolve(name, [split], data_dir=data_dir, download=download,
-                        progress=progress, mirrors=mirrors)
+    _, files = _resolve(name, [split], data_dir=data_dir, download=download, progress=progress, mirrors=mirrors)
     return files[split]
 
 
 def resolve_dataset_dir(
     name: str,
     *,
-    data_dir: Optional[PathArg] = None,
+    data_dir: PathArg | None = None,
     download: bool = True,
     progress: bool = True,
-    splits: Optional[Sequence[str]] = None,
-    mirrors: Optional[Sequence[str]] = None,
+    splits: Sequence[str] | None = None,
+    mirrors: Sequence[str] | None = None,
 ) -> Path:
     """Return the first directory holding all ``splits`` (default: every split) of ``name``.
 
@@ -221,6 +229,12 @@ def resolve_dataset_dir(
     cache). Errors as in :func:`resolve_split_files`.
     """
     info = get_dataset_info(name)
-    d, _ = _resolve(name, list(splits) if splits is not None else list(info.files), data_dir=data_dir,
-                    download=download, progress=progress, mirrors=mirrors)
+    d, _ = _resolve(
+        name,
+        list(splits) if splits is not None else list(info.files),
+        data_dir=data_dir,
+        download=download,
+        progress=progress,
+        mirrors=mirrors,
+    )
     return d

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from splitnn.data import Dataset, load_dataset
+from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
 from splitnn.models import tutorial_mlp
 from splitnn.privacy.attacks.inversion import (
@@ -52,12 +53,21 @@ from splitnn.privacy.defenses import DefenseOptions, DefenseSetting, apply_defen
 from splitnn.privacy.metrics import distance_correlation
 from splitnn.privacy.tap import CutTap
 from splitnn.split import SplitNN
-from splitnn.data.batching import epoch_batches
 from splitnn.workers import BatchRef, VirtualWorker
 
-__all__ = ["PrivacyConfig", "PrivacyData", "PrivacyRow", "PrivacyResult", "DefendedModel",
-           "run_privacy_experiment", "load_privacy_data", "build_defended_model", "train_defended",
-           "query_cut_activations", "merge_party_segments"]
+__all__ = [
+    "PrivacyConfig",
+    "PrivacyData",
+    "PrivacyRow",
+    "PrivacyResult",
+    "DefendedModel",
+    "run_privacy_experiment",
+    "load_privacy_data",
+    "build_defended_model",
+    "train_defended",
+    "query_cut_activations",
+    "merge_party_segments",
+]
 
 #: Number of victims kept (per setting) for the reconstruction grid.
 GRID_SAMPLES = 10
@@ -123,17 +133,23 @@ class PrivacyConfig:
         if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigurationError(f"hidden must be positive layer sizes, got {self.hidden!r}")
         if len(self.workers) != len(self.hidden) + 1:
-            raise ConfigurationError(f"workers names {len(self.workers)} parties for {len(self.hidden) + 1} segments "
-                                     f"(hidden {list(self.hidden)}); give one worker per segment")
+            raise ConfigurationError(
+                f"workers names {len(self.workers)} parties for {len(self.hidden) + 1} segments "
+                f"(hidden {list(self.hidden)}); give one worker per segment"
+            )
         if any(not isinstance(w, str) or not w for w in self.workers):
             raise ConfigurationError(f"worker names must be non-empty strings, got {self.workers!r}")
         parties = [w for i, w in enumerate(self.workers) if i == 0 or w != self.workers[i - 1]]
         if len(parties) < 2:
-            raise ConfigurationError(f"workers {list(self.workers)} put every segment at one party; a privacy "
-                                     f"experiment needs a cut between two parties")
+            raise ConfigurationError(
+                f"workers {list(self.workers)} put every segment at one party; a privacy "
+                f"experiment needs a cut between two parties"
+            )
         if len(set(parties)) != len(parties):
-            raise ConfigurationError(f"workers {list(self.workers)}: a party hosts two separate runs of segments; "
-                                     f"give each party consecutive segments")
+            raise ConfigurationError(
+                f"workers {list(self.workers)}: a party hosts two separate runs of segments; "
+                f"give each party consecutive segments"
+            )
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ConfigurationError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, int) or self.positive_class < 0:
@@ -144,8 +160,9 @@ class PrivacyConfig:
 
     def defense_options(self, seed: int | None = None) -> DefenseOptions:
         """The options every defense of this experiment uses (``seed``: of their random streams)."""
-        return DefenseOptions(clip=self.clip, label_directions=self.label_directions,
-                              seed=self.seed if seed is None else seed)
+        return DefenseOptions(
+            clip=self.clip, label_directions=self.label_directions, seed=self.seed if seed is None else seed
+        )
 
     def to_dict(self) -> dict:
         """JSON-friendly view of the configuration."""
@@ -165,8 +182,10 @@ class PrivacyData:
 
     def binary(self, positive_class: int) -> tuple[Dataset, Dataset]:
         """Private and test sets relabelled ``positive_class`` -> 1, every other class -> 0."""
+
         def relabel(d: Dataset) -> Dataset:
             return Dataset(d.features, (d.labels == positive_class).long(), f"{d.name}-{positive_class}-vs-rest", 2)
+
         return relabel(self.private), relabel(self.test)
 
 
@@ -178,13 +197,16 @@ def load_privacy_data(config: PrivacyConfig) -> PrivacyData:
     n = len(train)
     train_size = config.train_size if config.train_size is not None else n - config.aux_size
     if train_size < 1 or train_size + config.aux_size > n:
-        raise ConfigurationError(f"{config.dataset} has {n} training samples: not enough for {train_size} private "
-                                 f"and {config.aux_size} auxiliary samples without overlap; lower train_size or aux_size")
+        raise ConfigurationError(
+            f"{config.dataset} has {n} training samples: not enough for {train_size} private "
+            f"and {config.aux_size} auxiliary samples without overlap; lower train_size or aux_size"
+        )
     if config.victims > train_size:
         raise ConfigurationError(f"victims ({config.victims}) cannot exceed the {train_size} private samples")
     if config.positive_class >= train.num_classes:
-        raise ConfigurationError(f"positive_class {config.positive_class} is not a class of {config.dataset} "
-                                 f"(0..{train.num_classes - 1})")
+        raise ConfigurationError(
+            f"positive_class {config.positive_class} is not a class of {config.dataset} (0..{train.num_classes - 1})"
+        )
     return PrivacyData(train.subset(slice(0, train_size)), train.subset(slice(n - config.aux_size, n)), test)
 
 
@@ -210,8 +232,15 @@ class DefendedModel:
     setting: DefenseSetting
 
 
-def build_defended_model(config: PrivacyConfig, setting: DefenseSetting, num_classes: int, in_features: int, *,
-                         defense_seed: int | None = None, fuse: bool = True) -> DefendedModel:
+def build_defended_model(
+    config: PrivacyConfig,
+    setting: DefenseSetting,
+    num_classes: int,
+    in_features: int,
+    *,
+    defense_seed: int | None = None,
+    fuse: bool = True,
+) -> DefendedModel:
     """The tutorial MLP of ``config`` on in-process workers, with ``setting`` applied and a tap at the cut.
 
     Initial weights come from ``torch.manual_seed(config.seed)`` (the global RNG
@@ -232,8 +261,14 @@ def build_defended_model(config: PrivacyConfig, setting: DefenseSetting, num_cla
 BatchObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def train_defended(defended: DefendedModel, train: Dataset, config: PrivacyConfig,
-                   on_batch: BatchObserver | None = None, *, desc: str = "train") -> None:
+def train_defended(
+    defended: DefendedModel,
+    train: Dataset,
+    config: PrivacyConfig,
+    on_batch: BatchObserver | None = None,
+    *,
+    desc: str = "train",
+) -> None:
     """Train as :meth:`SplitNN.fit` does (same batches, same order) and report each step's cut tensors.
 
     ``on_batch(epoch, indices, activation, gradient)`` receives, after each step,
@@ -242,21 +277,27 @@ def train_defended(defended: DefendedModel, train: Dataset, config: PrivacyConfi
     model, tap = defended.model, defended.tap
     name, n = model.prepare(train)
     tap.take()
-    steps = [(epoch, idx) for epoch in range(config.epochs)
-             for idx in epoch_batches(n, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)]
+    steps = [
+        (epoch, idx)
+        for epoch in range(config.epochs)
+        for idx in epoch_batches(n, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+    ]
     for epoch, idx in tqdm(steps, desc=desc, unit="batch", leave=False, disable=not config.progress, mininterval=0.5):
         model.train_batch(name, idx)
         acts, grads = tap.take()
         if on_batch is not None:
             if len(acts) != 1 or len(grads) != 1:
-                raise ConfigurationError(f"the cut tap saw {len(acts)} activations and {len(grads)} gradients in one "
-                                         f"step; is the tap the last layer of the data holder's segment?")
+                raise ConfigurationError(
+                    f"the cut tap saw {len(acts)} activations and {len(grads)} gradients in one "
+                    f"step; is the tap the last layer of the data holder's segment?"
+                )
             on_batch(epoch, idx, acts[0], grads[0])
 
 
 @torch.no_grad()
-def query_cut_activations(model: SplitNN, features: torch.Tensor, *, batch_size: int = 1000,
-                          dataset: str = "privacy-aux-query") -> torch.Tensor:
+def query_cut_activations(
+    model: SplitNN, features: torch.Tensor, *, batch_size: int = 1000, dataset: str = "privacy-aux-query"
+) -> torch.Tensor:
     """The data holder's cut activations for ``features`` (evaluation mode, defenses as at inference)."""
     stage = model.stages[0]
     worker = stage.worker
@@ -330,8 +371,13 @@ def _with_baseline(settings: Sequence[DefenseSetting]) -> list[DefenseSetting]:
     return list(dict.fromkeys(ordered))
 
 
-def _run_setting(config: PrivacyConfig, setting: DefenseSetting, data: PrivacyData, classifier: nn.Module,
-                 binary: tuple[Dataset, Dataset]) -> tuple[dict, torch.Tensor]:
+def _run_setting(
+    config: PrivacyConfig,
+    setting: DefenseSetting,
+    data: PrivacyData,
+    classifier: nn.Module,
+    binary: tuple[Dataset, Dataset],
+) -> tuple[dict, torch.Tensor]:
     start = time.perf_counter()
     in_features = int(math.prod(data.private.features.shape[1:]))
     victims = config.victims
@@ -361,19 +407,34 @@ def _run_setting(config: PrivacyConfig, setting: DefenseSetting, data: PrivacyDa
     attack = LabelLeakageAttack()
     labels = train_bin.labels
     side = build_defended_model(config, setting, 2, in_features, defense_seed=config.seed + 1)
-    train_defended(side, train_bin, config, lambda e, idx, a, g: attack.observe(g, labels[idx]),
-                   desc=f"{setting.label}: binary task")
+    train_defended(
+        side,
+        train_bin,
+        config,
+        lambda e, idx, a, g: attack.observe(g, labels[idx]),
+        desc=f"{setting.label}: binary task",
+    )
     leak = attack.result()
     binary_accuracy = side.model.evaluate(test_bin).accuracy
-    row = dict(defense=setting.name, strength=setting.strength, accuracy=accuracy, recon_mse=inv.mse,
-               recon_ssim=inv.ssim, recon_accuracy=inv.classifier_accuracy, norm_auc=leak.norm_auc,
-               cosine_auc=leak.cosine_auc, dcor=dcor, binary_accuracy=binary_accuracy,
-               seconds=time.perf_counter() - start)
+    row = dict(
+        defense=setting.name,
+        strength=setting.strength,
+        accuracy=accuracy,
+        recon_mse=inv.mse,
+        recon_ssim=inv.ssim,
+        recon_accuracy=inv.classifier_accuracy,
+        norm_auc=leak.norm_auc,
+        cosine_auc=leak.cosine_auc,
+        dcor=dcor,
+        binary_accuracy=binary_accuracy,
+        seconds=time.perf_counter() - start,
+    )
     return row, recon[:GRID_SAMPLES]
 
 
-def run_privacy_experiment(config: PrivacyConfig, settings: Sequence[DefenseSetting], *,
-                           data: PrivacyData | None = None) -> PrivacyResult:
+def run_privacy_experiment(
+    config: PrivacyConfig, settings: Sequence[DefenseSetting], *, data: PrivacyData | None = None
+) -> PrivacyResult:
     """Train, attack and measure every setting (the undefended baseline is always included, first).
 
     ``data`` may be given to reuse loaded data (it must match ``config``).
@@ -382,11 +443,12 @@ def run_privacy_experiment(config: PrivacyConfig, settings: Sequence[DefenseSett
     data = data if data is not None else load_privacy_data(config)
     if config.victims > len(data.private):
         raise ConfigurationError(f"victims ({config.victims}) cannot exceed the {len(data.private)} private samples")
-    classifier = train_reference_classifier(data.aux.features, data.aux.labels, data.aux.num_classes,
-                                            config.inversion, progress=config.progress)
-    victims = data.private.features[:config.victims]
+    classifier = train_reference_classifier(
+        data.aux.features, data.aux.labels, data.aux.num_classes, config.inversion, progress=config.progress
+    )
+    victims = data.private.features[: config.victims]
     with torch.no_grad():
-        clean = float((classifier(victims).argmax(dim=1) == data.private.labels[:config.victims]).double().mean())
+        clean = float((classifier(victims).argmax(dim=1) == data.private.labels[: config.victims]).double().mean())
     binary = data.binary(config.positive_class)
     raw_rows, grids = [], {}
     for setting in tqdm(settings, desc="privacy", unit="setting", disable=not config.progress):

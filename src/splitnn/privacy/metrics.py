@@ -129,13 +129,22 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
     return torch.outer(g, g)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03, reduction: str = "mean") -> torch.Tensor:
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    window: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Structural similarity of image batches ``a`` and ``b`` of shape (N, C, H, W).
 
     Local means, variances and covariance are Gaussian-weighted over every full
@@ -146,10 +155,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, window: i
     Identical images score 1.
     """
     if a.shape != b.shape or a.dim() != 4:
-        raise ShapeMismatchError(f"ssim needs two (N, C, H, W) batches of the same shape, got "
-                                 f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise ShapeMismatchError(
+            f"ssim needs two (N, C, H, W) batches of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if min(a.shape[-2:]) < window:
-        raise ConfigurationError(f"ssim: images of size {tuple(a.shape[-2:])} are smaller than the {window}-pixel window")
+        raise ConfigurationError(
+            f"ssim: images of size {tuple(a.shape[-2:])} are smaller than the {window}-pixel window"
+        )
     if reduction not in ("mean", "none"):
         raise ConfigurationError(f"ssim: reduction must be 'mean' or 'none', got {reduction!r}")
     dtype = torch.float64
@@ -161,10 +173,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, window: i
         return F.conv2d(t, w, groups=c)
 
     mu_a, mu_b = filt(a), filt(b)
-    var_a = filt(a * a) - mu_a ** 2
-    var_b = filt(b * b) - mu_b ** 2
+    var_a = filt(a * a) - mu_a**2
+    var_b = filt(b * b) - mu_b**2
     cov = filt(a * b) - mu_a * mu_b
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    smap = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    smap = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     per_image = smap.reshape(n, -1).mean(dim=1)
     return per_image.mean() if reduction == "mean" else per_image

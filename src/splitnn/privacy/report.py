@@ -9,17 +9,25 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from splitnn.errors import ConfigurationError
 from splitnn.fileio import atomic_path, atomic_write_text
 from splitnn.privacy.defenses import DefenseSetting
 from splitnn.privacy.experiment import PrivacyResult, PrivacyRow
 
-__all__ = ["COLUMNS", "table_rows", "markdown_table", "write_csv", "write_json", "plot_tradeoff",
-           "plot_reconstructions", "write_report"]
+__all__ = [
+    "COLUMNS",
+    "table_rows",
+    "markdown_table",
+    "write_csv",
+    "write_json",
+    "plot_tradeoff",
+    "plot_reconstructions",
+    "write_report",
+]
 
 #: (field of PrivacyRow, table header, format) in table order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -47,7 +55,10 @@ def table_rows(result: PrivacyResult) -> tuple[list[str], list[list[str]]]:
 def markdown_table(result: PrivacyResult) -> str:
     """The trade-off table as GitHub Markdown."""
     header, rows = table_rows(result)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i > 0 else "---" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i > 0 else "---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -143,7 +154,9 @@ def plot_reconstructions(result: PrivacyResult, path: Path, settings: Sequence[D
     labels = [s.label for s in settings] if settings is not None else list(result.grid_reconstructions)
     missing = [lab for lab in labels if lab not in result.grid_reconstructions]
     if missing:
-        raise ConfigurationError(f"no reconstructions for {missing}; the experiment ran {list(result.grid_reconstructions)}")
+        raise ConfigurationError(
+            f"no reconstructions for {missing}; the experiment ran {list(result.grid_reconstructions)}"
+        )
     rows = [("true input", result.grid_inputs)] + [(lab, result.grid_reconstructions[lab]) for lab in labels]
     cols = result.grid_inputs.shape[0]
     fig = _figure(1.0 * cols + 1.4, 1.0 * len(rows) + 0.3)
@@ -182,5 +195,7 @@ def write_report(result: PrivacyResult, out_dir: Path, *, prefix: str = "privacy
     for name in dict.fromkeys(r.defense for r in result.rows if r.defense != "none"):
         settings = base + sorted((r.setting for r in result.rows if r.defense == name), key=lambda s: s.strength)
         settings = list(dict.fromkeys(settings))
-        paths[f"reconstructions_{name}"] = plot_reconstructions(result, out_dir / f"{prefix}_recon_{name}.png", settings)
+        paths[f"reconstructions_{name}"] = plot_reconstructions(
+            result, out_dir / f"{prefix}_recon_{name}.png", settings
+        )
     return paths

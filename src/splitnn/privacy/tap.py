@@ -44,5 +44,5 @@ class CutTap(nn.Module):
         self._activations, self._gradients = [], []
         return out
 
-    def __deepcopy__(self, memo: dict) -> "CutTap":
+    def __deepcopy__(self, memo: dict) -> CutTap:
         return CutTap()  # recordings stay with the experiment, never travel with the segment

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,16 +67,24 @@ class SplitNN:
         loss.backward(); model.backward(); model.step()
     """
 
-    def __init__(self, segments: Sequence[nn.Module], workers: Sequence[Worker], *,
-                 optimizer: object = "sgd:lr=0.03", loss: str = "nll", ledger: Ledger | None = None,
-                 ship_epochs: bool = True) -> None:
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        workers: Sequence[Worker],
+        *,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+        ship_epochs: bool = True,
+    ) -> None:
         segments, workers = list(segments), list(workers)
         if len(segments) < 2:
             raise ConfigurationError(f"a split network needs at least 2 segments, got {len(segments)}")
         if len(workers) != len(segments):
             raise ConfigurationError(
                 f"got {len(segments)} segments but {len(workers)} workers; give one worker per segment "
-                f"(repeat a worker to place consecutive segments on it)")
+                f"(repeat a worker to place consecutive segments on it)"
+            )
         for i, seg in enumerate(segments):
             if not isinstance(seg, nn.Module):
                 raise ConfigurationError(f"segment {i} is a {type(seg).__name__}, not an nn.Module")
@@ -116,12 +125,12 @@ class SplitNN:
         """Names of the distinct workers, in chain order."""
         return list(dict.fromkeys(w.name for w in self.workers))
 
-    def train(self, mode: bool = True) -> "SplitNN":
+    def train(self, mode: bool = True) -> SplitNN:
         """Set training mode for :meth:`forward` (as ``nn.Module.train``)."""
         self.training = mode
         return self
 
-    def eval(self) -> "SplitNN":
+    def eval(self) -> SplitNN:
         """Set evaluation mode for :meth:`forward`."""
         return self.train(False)
 
@@ -153,7 +162,7 @@ class SplitNN:
             stage.worker.step(stage.key)
 
     # -- high-level API -------------------------------------------------------------------
-    def prepare(self, data: "Dataset | str") -> tuple[str, int]:
+    def prepare(self, data: Dataset | str) -> tuple[str, int]:
         """Place a dataset at its holders (features at the first worker, labels at the last).
 
         A string names a dataset the workers already hold. Shapes and label
@@ -179,23 +188,35 @@ class SplitNN:
         feats = self.data_holder.dataset_stats(name)
         labels = self.label_holder.dataset_stats(name)
         if feats.feature_shape is None or labels.label_max is None:
-            raise ConfigurationError(f"dataset {name!r}: {self.data_holder.name!r} must hold its features and "
-                                     f"{self.label_holder.name!r} its labels")
+            raise ConfigurationError(
+                f"dataset {name!r}: {self.data_holder.name!r} must hold its features and "
+                f"{self.label_holder.name!r} its labels"
+            )
         if feats.size != labels.num_labels:
-            raise ConfigurationError(f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
-                                     f"{labels.num_labels} labels at {self.label_holder.name!r}")
+            raise ConfigurationError(
+                f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
+                f"{labels.num_labels} labels at {self.label_holder.name!r}"
+            )
         out_shape = probe_chain(self.stages, (2, *feats.feature_shape))
         if len(out_shape) == 2 and labels.label_max >= out_shape[1]:
-            raise LabelError(f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
-                             f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels")
+            raise LabelError(
+                f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
+                f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels"
+            )
         return feats.size
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` of a placed dataset."""
         return train_step(self.stages, BatchRef(dataset, indices), self.loss)
 
-    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
-                    order: dict | None = None) -> None:
+    def train_epoch(
+        self,
+        dataset: str,
+        batches: Sequence[torch.Tensor],
+        on_batch: Callable[[LossStats], None],
+        *,
+        order: dict | None = None,
+    ) -> None:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
 
         Networked workers run the whole epoch among themselves (one plan each; ``order``,
@@ -208,8 +229,14 @@ class SplitNN:
         from splitnn.workers.epoch import BatchOrder
 
         if self.ship_epochs and can_ship(self.stages):
-            ship_epoch(self.stages, dataset, self.loss, batches, on_batch,
-                       order=BatchOrder(**order) if order is not None else None)
+            ship_epoch(
+                self.stages,
+                dataset,
+                self.loss,
+                batches,
+                on_batch,
+                order=BatchOrder(**order) if order is not None else None,
+            )
             return
         for idx in batches:
             on_batch(self.train_batch(dataset, idx))
@@ -222,13 +249,13 @@ class SplitNN:
         """Loss and correct count on rows ``indices`` of a placed dataset."""
         return eval_step(self.stages, BatchRef(dataset, indices), self.loss)
 
-    def fit(self, data: "Dataset | str", epochs: int = 1, *, batch_size: int = 64, **kwargs) -> "History":
+    def fit(self, data: Dataset | str, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
         """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
         from splitnn.training.loop import fit
 
         return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
 
-    def evaluate(self, data: "Dataset | str", *, batch_size: int = 1000, progress: bool = False) -> "EvalResult":
+    def evaluate(self, data: Dataset | str, *, batch_size: int = 1000, progress: bool = False) -> EvalResult:
         """Accuracy, mean loss and bytes moved per worker on ``data``."""
         from splitnn.training.loop import evaluate
 

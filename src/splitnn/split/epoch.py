@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,8 +36,16 @@ def can_ship(stages: Sequence[Stage]) -> bool:
     return all(isinstance(s.worker, EpochWorker) for s in stages)
 
 
-def plans_for(stages: Sequence[Stage], run_id: int, dataset: str, loss: str, *, order: BatchOrder | None,
-              indices: Sequence[torch.Tensor] | None, progress_interval: float = 0.05) -> dict[str, EpochPlan]:
+def plans_for(
+    stages: Sequence[Stage],
+    run_id: int,
+    dataset: str,
+    loss: str,
+    *,
+    order: BatchOrder | None,
+    indices: Sequence[torch.Tensor] | None,
+    progress_interval: float = 0.05,
+) -> dict[str, EpochPlan]:
     """Each worker's part of the epoch, by worker name (stages in chain order)."""
     names = [s.worker.name for s in stages]
     parts: dict[str, list[StagePlan]] = {}
@@ -45,28 +53,45 @@ def plans_for(stages: Sequence[Stage], run_id: int, dataset: str, loss: str, *, 
         prev = names[i - 1] if i > 0 else None
         nxt = names[i + 1] if i + 1 < len(stages) else None
         parts.setdefault(names[i], []).append(StagePlan(i, stage.key, prev, nxt))
-    return {name: EpochPlan(run_id, dataset, loss, tuple(sp), order=order,
-                            indices=tuple(indices) if order is None else None,
-                            progress_interval=progress_interval)
-            for name, sp in parts.items()}
+    return {
+        name: EpochPlan(
+            run_id,
+            dataset,
+            loss,
+            tuple(sp),
+            order=order,
+            indices=tuple(indices) if order is None else None,
+            progress_interval=progress_interval,
+        )
+        for name, sp in parts.items()
+    }
 
 
-def ship_epoch(stages: Sequence[Stage], dataset: str, loss: str, batches: Sequence[torch.Tensor],
-               on_batch: Callable[[LossStats], None], *, order: BatchOrder | None = None,
-               timeout: float | None = None) -> int:
+def ship_epoch(
+    stages: Sequence[Stage],
+    dataset: str,
+    loss: str,
+    batches: Sequence[torch.Tensor],
+    on_batch: Callable[[LossStats], None],
+    *,
+    order: BatchOrder | None = None,
+    timeout: float | None = None,
+) -> int:
     """Run one training epoch as shipped plans; call ``on_batch`` per batch, in order. Returns the batch count.
 
     ``order`` (when the batches are :func:`~splitnn.training.epoch_batches`' for it) is
     sent instead of the indices; otherwise ``batches`` travel explicitly.
     """
     if order is not None and -(-order.n // order.batch_size) != len(batches):
-        raise WorkerError(f"the batch order gives {-(-order.n // order.batch_size)} batches but "
-                          f"{len(batches)} were planned")
+        raise WorkerError(
+            f"the batch order gives {-(-order.n // order.batch_size)} batches but {len(batches)} were planned"
+        )
     workers = {s.worker.name: s.worker for s in stages}
     if timeout is None:
         timeout = max(float(getattr(w, "timeout", 60.0)) for w in workers.values())
-    plans = plans_for(stages, 1 + secrets.randbelow((1 << RUN_ID_BITS) - 1), dataset, loss, order=order,
-                      indices=batches)
+    plans = plans_for(
+        stages, 1 + secrets.randbelow((1 << RUN_ID_BITS) - 1), dataset, loss, order=order, indices=batches
+    )
     news = threading.Condition()
     fresh = [False]
 
@@ -88,8 +113,10 @@ def ship_epoch(stages: Sequence[Stage], dataset: str, loss: str, batches: Sequen
         with news:
             if not fresh[0] and not news.wait_for(lambda: fresh[0], timeout):
                 running = sorted(n for n, h in handles.items() if not h.done)
-                raise WorkerError(f"shipped epoch: no news from the workers for {timeout:g} s; still running: "
-                                  f"{', '.join(map(repr, running))} (dead or hung?)")
+                raise WorkerError(
+                    f"shipped epoch: no news from the workers for {timeout:g} s; still running: "
+                    f"{', '.join(map(repr, running))} (dead or hung?)"
+                )
             fresh[0] = False
         for stats in label.take_losses():
             delivered += 1
@@ -102,8 +129,9 @@ def ship_epoch(stages: Sequence[Stage], dataset: str, loss: str, batches: Sequen
         delivered += 1
         on_batch(stats)
     if delivered != len(batches):
-        raise WorkerError(f"shipped epoch: {stages[-1].worker.name!r} reported {delivered} losses for "
-                          f"{len(batches)} batches")
+        raise WorkerError(
+            f"shipped epoch: {stages[-1].worker.name!r} reported {delivered} losses for {len(batches)} batches"
+        )
     return delivered
 
 

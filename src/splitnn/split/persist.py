@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splitnn.errors import ConfigurationError
@@ -42,8 +42,10 @@ def load_model(path: str | os.PathLike) -> nn.Module:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for malformed headers
-        raise ConfigurationError(f"{path} is not a safetensors model file ({exc}); save models with "
-                                 f"splitnn.save_model or `splitnn train --save`") from exc
+        raise ConfigurationError(
+            f"{path} is not a safetensors model file ({exc}); save models with "
+            f"splitnn.save_model or `splitnn train --save`"
+        ) from exc
     if _SPEC_KEY not in meta:
         raise ConfigurationError(f"{path} has no splitnn model spec; it was not written by splitnn.save_model")
     model = spec_to_module(spec_from_json(meta[_SPEC_KEY]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +35,8 @@ def features_and_labels(data: object, holders: str) -> tuple[torch.Tensor, torch
     """The ``features`` and ``labels`` tensors of a dataset object, or a clear error."""
     features, labels = getattr(data, "features", None), getattr(data, "labels", None)
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise ConfigurationError(f"cannot place {type(data).__name__}: give a splitnn.data.Dataset (features and "
-                                 f"labels) or the name of a dataset {holders} hold already")
+        raise ConfigurationError(
+            f"cannot place {type(data).__name__}: give a splitnn.data.Dataset (features and "
+            f"labels) or the name of a dataset {holders} hold already"
+        )
     return features, labels

@@ -8,7 +8,7 @@ gradients between themselves by ref; this code never touches a tensor.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from splitnn.split.stage import Stage
 from splitnn.workers import BatchRef, LossStats, TensorRef

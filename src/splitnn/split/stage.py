@@ -59,7 +59,8 @@ def check_static_fit(segments: list[nn.Module], worker_names: list[str]) -> None
         if out and inp and out[0] == inp[0] and out[1] != inp[1]:
             raise ShapeMismatchError(
                 f"segment {i} (at {worker_names[i]}) outputs {out[1]} {out[0]} but segment {i + 1} "
-                f"(at {worker_names[i + 1]}) expects {inp[1]} input {inp[0]}; make the sizes agree at cut {i}")
+                f"(at {worker_names[i + 1]}) expects {inp[1]} input {inp[0]}; make the sizes agree at cut {i}"
+            )
 
 
 def probe_chain(stages: list[Stage], input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -71,9 +72,10 @@ def probe_chain(stages: list[Stage], input_shape: tuple[int, ...]) -> tuple[int,
         except RuntimeError as exc:
             if stage.index == 0:
                 raise ShapeMismatchError(
-                    f"{stage.label} cannot take the data's input of shape {tuple(input_shape[1:])} "
-                    f"(per sample): {exc}") from exc
+                    f"{stage.label} cannot take the data's input of shape {tuple(input_shape[1:])} (per sample): {exc}"
+                ) from exc
             prev = stages[stage.index - 1]
             raise ShapeMismatchError(
-                f"{prev.label} outputs shape {tuple(shape)} but {stage.label} cannot take it: {exc}") from exc
+                f"{prev.label} outputs shape {tuple(shape)} but {stage.label} cannot take it: {exc}"
+            ) from exc
     return shape

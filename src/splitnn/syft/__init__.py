@@ -38,5 +38,13 @@ from splitnn.syft.hook import TorchHook, is_hooked, ledger, unhook
 from splitnn.syft.pointers import PointerTensor
 from splitnn.syft.worker import VirtualWorker
 
-__all__ = ["TorchHook", "VirtualWorker", "PointerTensor", "TensorsNotCollocatedException", "exceptions",
-           "ledger", "unhook", "is_hooked"]
+__all__ = [
+    "TorchHook",
+    "VirtualWorker",
+    "PointerTensor",
+    "TensorsNotCollocatedException",
+    "exceptions",
+    "ledger",
+    "unhook",
+    "is_hooked",
+]

@@ -22,17 +22,24 @@ class TensorsNotCollocatedException(WorkerError):
         super().__init__(f"{message} {_ADVICE}")
 
     @classmethod
-    def for_call(cls, operation: str, first: str, second: str) -> "TensorsNotCollocatedException":
+    def for_call(cls, operation: str, first: str, second: str) -> TensorsNotCollocatedException:
         """Two tensors given to one operation (``nll_loss``, ``__add__``...) live at different places."""
-        return cls(f"You tried to call {operation} involving two tensors which are not on the same machine! "
-                   f"One tensor is on {where(first)} while the other tensor is on {where(second)}.", first, second)
+        return cls(
+            f"You tried to call {operation} involving two tensors which are not on the same machine! "
+            f"One tensor is on {where(first)} while the other tensor is on {where(second)}.",
+            first,
+            second,
+        )
 
     @classmethod
-    def for_module(cls, module: str, module_at: str, tensor_at: str) -> "TensorsNotCollocatedException":
+    def for_module(cls, module: str, module_at: str, tensor_at: str) -> TensorsNotCollocatedException:
         """A sent module was applied to a tensor somewhere else."""
-        return cls(f"You tried to apply a module ({module}) to a tensor which is not on the same machine! "
-                   f"The module is on {where(module_at)} while the tensor is on {where(tensor_at)}.",
-                   module_at, tensor_at)
+        return cls(
+            f"You tried to apply a module ({module}) to a tensor which is not on the same machine! "
+            f"The module is on {where(module_at)} while the tensor is on {where(tensor_at)}.",
+            module_at,
+            tensor_at,
+        )
 
 
 def where(place: str) -> str:

@@ -13,7 +13,8 @@ a class or instance that defines its own ``location`` keeps it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,11 +37,16 @@ class _Location:
 
 _PATCHES: dict[type, dict[str, Any]] = {
     torch.Tensor: {"send": send_tensor, "location": _Location(lambda t: None)},
-    nn.Module: {"send": send_module, "move": move_module, "get": get_module, "copy": copy_module,
-                "location": _Location(location_of)},
+    nn.Module: {
+        "send": send_module,
+        "move": move_module,
+        "get": get_module,
+        "copy": copy_module,
+        "location": _Location(location_of),
+    },
 }
 
-_current: "TorchHook | None" = None
+_current: TorchHook | None = None
 
 
 class TorchHook:
@@ -58,8 +64,9 @@ class TorchHook:
     def __init__(self, torch_module: Any = torch, *, ledger: Ledger | None = None) -> None:
         global _current
         if torch_module is not torch:
-            raise ConfigurationError(f"sy.TorchHook expects the torch module (sy.TorchHook(torch)), "
-                                     f"got {torch_module!r}")
+            raise ConfigurationError(
+                f"sy.TorchHook expects the torch module (sy.TorchHook(torch)), got {torch_module!r}"
+            )
         self.torch = torch_module
         self.ledger = ledger if ledger is not None else Ledger()
         install()
@@ -75,8 +82,9 @@ def install() -> None:
         for name, value in attrs.items():
             existing = cls.__dict__.get(name)
             if existing is not None and existing is not value:
-                raise ConfigurationError(f"cannot hook torch: {cls.__name__}.{name} already exists "
-                                         f"(another library patched torch?)")
+                raise ConfigurationError(
+                    f"cannot hook torch: {cls.__name__}.{name} already exists (another library patched torch?)"
+                )
             setattr(cls, name, value)
 
 

@@ -36,8 +36,10 @@ def send_module(module: nn.Module, worker: VirtualWorker) -> nn.Module:
     check_worker(worker, "send")
     here = location_of(module)
     if here is not None:
-        raise WorkerError(f"this {type(module).__name__} is already at {here.id!r}; use .move({worker!r}) to send it "
-                          f"on, or .get() to bring it home first")
+        raise WorkerError(
+            f"this {type(module).__name__} is already at {here.id!r}; use .move({worker!r}) to send it "
+            f"on, or .get() to bring it home first"
+        )
     record(None, worker, "weights", _state_nbytes(module))
     _place(module, worker)
     return module

@@ -16,7 +16,8 @@ was moved or fetched is spent (using it again raises a clear error).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,17 +45,21 @@ class PointerTensor:
     def child(self) -> torch.Tensor:
         """The tensor itself (as the worker sees it)."""
         if self._child is None:
-            raise WorkerError(f"this pointer to a tensor at {self.location.id!r} is spent: the tensor {self._spent}; "
-                              f"use the pointer that call returned")
+            raise WorkerError(
+                f"this pointer to a tensor at {self.location.id!r} is spent: the tensor {self._spent}; "
+                f"use the pointer that call returned"
+            )
         return self._child
 
     # -- transfers -------------------------------------------------------------------
-    def send(self, worker: VirtualWorker) -> "PointerTensor":
+    def send(self, worker: VirtualWorker) -> PointerTensor:
         """Refused: the tensor is already at a worker; use :meth:`move`."""
-        raise WorkerError(f"this tensor is already at {self.location.id!r}; use .move({worker!r}) to send it on, "
-                          f"or .get() to bring it home first")
+        raise WorkerError(
+            f"this tensor is already at {self.location.id!r}; use .move({worker!r}) to send it on, "
+            f"or .get() to bring it home first"
+        )
 
-    def move(self, worker: VirtualWorker) -> "PointerTensor":
+    def move(self, worker: VirtualWorker) -> PointerTensor:
         """Send the tensor from its worker straight to ``worker`` (recorded as this pointer's kind)."""
         check_worker(worker, "move")
         if worker == self.location:
@@ -72,13 +77,13 @@ class PointerTensor:
         self._spend("was brought home with .get()")
         return _over_the_wire(child)
 
-    def copy(self) -> "PointerTensor":
+    def copy(self) -> PointerTensor:
         """A copy of the tensor at the same worker (nothing travels)."""
         return PointerTensor(self.child.clone(), self.location, self.kind)
 
     # -- what the tutorials read -----------------------------------------------------
     @property
-    def grad(self) -> "PointerTensor | None":
+    def grad(self) -> PointerTensor | None:
         """The gradient of the tensor, at the same worker (kind ``gradient``), or None."""
         grad = self.child.grad
         return None if grad is None else PointerTensor(grad, self.location, "gradient")
@@ -88,7 +93,7 @@ class PointerTensor:
         """The tensor's shape (metadata, not values: nothing is recorded)."""
         return self.child.shape
 
-    def backward(self, gradient: "PointerTensor | None" = None, **kwargs: Any) -> None:
+    def backward(self, gradient: PointerTensor | None = None, **kwargs: Any) -> None:
         """Back-propagate at the tensor's worker; ``gradient`` must be at the same worker."""
         run_at(lambda t, g, **kw: t.backward(g, **kw), (self, gradient), kwargs, "backward")
 
@@ -102,8 +107,10 @@ class PointerTensor:
             raise AttributeError(name)
         attr = getattr(self.child, name)
         if name in _REVEALING:
-            raise WorkerError(f".{name}() would read the values of a tensor at {self.location.id!r} without a "
-                              f"recorded transfer; call .get() first")
+            raise WorkerError(
+                f".{name}() would read the values of a tensor at {self.location.id!r} without a "
+                f"recorded transfer; call .get() first"
+            )
         if callable(attr):
             return lambda *args, **kwargs: run_at(_method(name), (self, *args), kwargs, name)
         return wrap(attr, self.location, self.kind, {})
@@ -128,17 +135,38 @@ def _method(name: str) -> Callable:
 def _operator(name: str) -> Callable:
     def op(self: PointerTensor, *args: Any) -> Any:
         return run_at(getattr(torch.Tensor, name), (self, *args), {}, name)
+
     op.__name__ = name
     return op
 
 
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-              "__matmul__", "__rmatmul__", "__pow__", "__neg__", "__abs__", "__getitem__",
-              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"):
+for _name in (
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__mul__",
+    "__rmul__",
+    "__truediv__",
+    "__rtruediv__",
+    "__matmul__",
+    "__rmatmul__",
+    "__pow__",
+    "__neg__",
+    "__abs__",
+    "__getitem__",
+    "__eq__",
+    "__ne__",
+    "__lt__",
+    "__le__",
+    "__gt__",
+    "__ge__",
+):
     setattr(PointerTensor, _name, _operator(_name))
 
 
 # -- running an operation at one worker ----------------------------------------------------
+
 
 def run_at(func: Callable, args: tuple, kwargs: dict, operation: str) -> Any:
     """Run ``func`` on the children of the pointers in ``args``/``kwargs``, at their common worker.
@@ -160,8 +188,10 @@ def run_at(func: Callable, args: tuple, kwargs: dict, operation: str) -> Any:
 def collocated(pointers: list[PointerTensor], local: int, operation: str) -> VirtualWorker:
     """The one worker every pointer lives at; raise naming two places if there is not one."""
     if not pointers:
-        raise WorkerError(f"{operation}: found no tensor pointer among its arguments (pointers nested in other "
-                          f"containers than lists, tuples and dicts are not supported)")
+        raise WorkerError(
+            f"{operation}: found no tensor pointer among its arguments (pointers nested in other "
+            f"containers than lists, tuples and dicts are not supported)"
+        )
     location = pointers[0].location
     for p in pointers[1:]:
         if p.location != location:

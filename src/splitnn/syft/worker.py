@@ -32,12 +32,14 @@ class VirtualWorker:
     creates ``alice`` again gives a worker equal to the old one).
     """
 
-    def __init__(self, hook: "TorchHook", id: str) -> None:  # noqa: A002 - PySyft's argument name
+    def __init__(self, hook: TorchHook, id: str) -> None:  # noqa: A002 - PySyft's argument name
         from splitnn.syft.hook import TorchHook
 
         if not isinstance(hook, TorchHook):
-            raise ConfigurationError(f"sy.VirtualWorker needs the hook as first argument "
-                                     f"(hook = sy.TorchHook(torch)), got {type(hook).__name__}")
+            raise ConfigurationError(
+                f"sy.VirtualWorker needs the hook as first argument "
+                f"(hook = sy.TorchHook(torch)), got {type(hook).__name__}"
+            )
         if not isinstance(id, str) or not id or id == RESEARCHER:
             raise ConfigurationError(f"worker id must be a non-empty string other than {RESEARCHER!r}, got {id!r}")
         self.hook = hook
@@ -60,18 +62,20 @@ class VirtualWorker:
         return f"<VirtualWorker id:{self.id}>"
 
     # A worker is a place, not data: copying a module or pointer keeps the same place.
-    def __copy__(self) -> "VirtualWorker":
+    def __copy__(self) -> VirtualWorker:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "VirtualWorker":
+    def __deepcopy__(self, memo: dict) -> VirtualWorker:
         return self
 
 
 def check_worker(worker: object, method: str) -> VirtualWorker:
     """``worker`` if it is a facade worker, else a :class:`ConfigurationError` naming ``method``."""
     if not isinstance(worker, VirtualWorker):
-        raise ConfigurationError(f".{method}() needs a sy.VirtualWorker (e.g. sy.VirtualWorker(hook, id='alice')), "
-                                 f"got {type(worker).__name__}")
+        raise ConfigurationError(
+            f".{method}() needs a sy.VirtualWorker (e.g. sy.VirtualWorker(hook, id='alice')), "
+            f"got {type(worker).__name__}"
+        )
     return worker
 
 

@@ -7,8 +7,8 @@
 """
 
 from splitnn.data.batching import epoch_batches
-from splitnn.training.loop import EpochStats, EvalResult, History, Trainable, evaluate, fit
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
+from splitnn.training.loop import EpochStats, EvalResult, History, Trainable, evaluate, fit
 from splitnn.training.topologies import (
     MultiHolderSplitNN,
     Topology,
@@ -19,7 +19,19 @@ from splitnn.training.topologies import (
 )
 
 __all__ = [
-    "epoch_batches", "fit", "evaluate", "History", "EpochStats", "EvalResult", "Trainable",
-    "Topology", "MultiHolderSplitNN", "UShapedSplitNN", "VerticalSplitNN", "TopologyConfig", "build_topology",
-    "FedAvg", "LargeBatchSGD",
+    "epoch_batches",
+    "fit",
+    "evaluate",
+    "History",
+    "EpochStats",
+    "EvalResult",
+    "Trainable",
+    "Topology",
+    "MultiHolderSplitNN",
+    "UShapedSplitNN",
+    "VerticalSplitNN",
+    "TopologyConfig",
+    "build_topology",
+    "FedAvg",
+    "LargeBatchSGD",
 ]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
-from splitnn.errors import ConfigurationError
 from splitnn.data.batching import epoch_batches
+from splitnn.errors import ConfigurationError
 from splitnn.workers import LossStats
 
 
@@ -91,17 +92,28 @@ def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
-def _epoch_plan(model: Trainable, name: str, n: int, batch_size: int, shuffle: bool, seed: int,
-                epoch: int) -> list[torch.Tensor]:
+def _epoch_plan(
+    model: Trainable, name: str, n: int, batch_size: int, shuffle: bool, seed: int, epoch: int
+) -> list[torch.Tensor]:
     plan = getattr(model, "epoch_plan", None)
     if plan is None:
         return epoch_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
     return plan(name, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
 
 
-def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64, test_data: object | None = None,
-        shuffle: bool = True, seed: int = 0, initial_epoch: int = 0, progress: bool | None = None,
-        on_epoch: Callable[[EpochStats], None] | None = None) -> History:
+def fit(
+    model: Trainable,
+    data: object,
+    *,
+    epochs: int = 1,
+    batch_size: int = 64,
+    test_data: object | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    initial_epoch: int = 0,
+    progress: bool | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
     Batches follow :func:`epoch_batches` (``seed``, epoch), so a monolithic twin
@@ -122,10 +134,19 @@ def fit(model: Trainable, data: object, *, epochs: int = 1, batch_size: int = 64
     for epoch in range(initial_epoch, last):
         before, start = model.ledger.snapshot(), time.perf_counter()
         batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
-        order = None if getattr(model, "epoch_plan", None) is not None else dict(
-            n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{last}", unit="batch", leave=False,
-                   disable=not _show_progress(progress), mininterval=0.5)
+        order = (
+            None
+            if getattr(model, "epoch_plan", None) is not None
+            else dict(n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        )
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {epoch + 1}/{last}",
+            unit="batch",
+            leave=False,
+            disable=not _show_progress(progress),
+            mininterval=0.5,
+        )
         try:
             total = _train_epoch(model, name, batches, order, bar)
         finally:
@@ -167,8 +188,13 @@ def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress
     name, n = model.prepare(data)
     before = model.ledger.snapshot()
     loss_sum, correct, classifies = 0.0, 0, True
-    for idx in tqdm(epoch_batches(n, batch_size, shuffle=False), desc="evaluate", unit="batch", leave=False,
-                    disable=not _show_progress(progress)):
+    for idx in tqdm(
+        epoch_batches(n, batch_size, shuffle=False),
+        desc="evaluate",
+        unit="batch",
+        leave=False,
+        disable=not _show_progress(progress),
+    ):
         stats = model.eval_batch(name, idx)
         loss_sum += stats.loss * stats.count
         correct += stats.correct

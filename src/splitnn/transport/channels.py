@@ -35,8 +35,9 @@ def parse_address(url: str) -> str:
     return f"{host}:{port}"
 
 
-def open_channel(address: str, *, limits: Limits, tls: TLSConfig | None = None, target_name: str | None = None,
-                 aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
+def open_channel(
+    address: str, *, limits: Limits, tls: TLSConfig | None = None, target_name: str | None = None, aio: bool = False
+) -> grpc.Channel | grpc.aio.Channel:
     """A channel to ``host:port``; ``aio`` for an asyncio channel, ``target_name`` the party expected with TLS."""
     api = grpc.aio if aio else grpc
     options = limits.grpc_options()

@@ -45,16 +45,20 @@ class ByteCounters:
 
     def total(self, *, peer: str | None = None, direction: str | None = None, kind: str | None = None) -> int:
         """Bytes over every counter matching the filters."""
-        return sum(t.nbytes for t in self.totals()
-                   if (peer is None or t.peer == peer) and (direction is None or t.direction == direction)
-                   and (kind is None or t.kind == kind))
+        return sum(
+            t.nbytes
+            for t in self.totals()
+            if (peer is None or t.peer == peer)
+            and (direction is None or t.direction == direction)
+            and (kind is None or t.kind == kind)
+        )
 
     def to_rows(self) -> list[dict[str, object]]:
         """JSON-friendly rows."""
         return [t.__dict__.copy() for t in self.totals()]
 
     @classmethod
-    def from_rows(cls, rows: list[dict]) -> "ByteCounters":
+    def from_rows(cls, rows: list[dict]) -> ByteCounters:
         """Rebuild counters from :meth:`to_rows` output (e.g. a server's ``stats`` reply)."""
         c = cls()
         for r in rows:

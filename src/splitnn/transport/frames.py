@@ -27,8 +27,9 @@ buffering, and decodes the reassembled tensor with the validating codec.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -56,7 +57,9 @@ class FrameHeader(NamedTuple):
     total: int
 
 
-def pack(type_: int, kind: str, tensor_id: int, total: int, chunk: bytes | memoryview = b"", more: bool = False) -> bytes:
+def pack(
+    type_: int, kind: str, tensor_id: int, total: int, chunk: bytes | memoryview = b"", more: bool = False
+) -> bytes:
     """One frame: header followed by ``chunk``."""
     head = HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_MORE if more else 0, 0, tensor_id, total)
     return head + chunk if chunk else head
@@ -79,8 +82,9 @@ def abort(run_id: int, message: str) -> bytes:
     return pack(ABORT, "activation", run_id, len(text), text)
 
 
-def data_frames(kind: str, tensor_id: int, tensor: torch.Tensor, chunk_bytes: int, *,
-                type_: int = DATA) -> Iterator[bytes]:
+def data_frames(
+    kind: str, tensor_id: int, tensor: torch.Tensor, chunk_bytes: int, *, type_: int = DATA
+) -> Iterator[bytes]:
     """The DATA (or PUSH) frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``)."""
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")

@@ -70,8 +70,11 @@ class TLSConfig:
 
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
         try:
-            return (Path(self.cert).read_bytes(), Path(self.key).read_bytes(),
-                    Path(self.ca).read_bytes() if self.ca else None)
+            return (
+                Path(self.cert).read_bytes(),
+                Path(self.key).read_bytes(),
+                Path(self.ca).read_bytes() if self.ca else None,
+            )
         except OSError as exc:
             raise ConfigurationError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
 

@@ -257,9 +257,7 @@ def _builtin(
     getters = dict(attrs or {})
 
     def to_args(m: nn.Module) -> JsonDict:
-        return {
-            k: _to_json(getters[k](m) if k in getters else getattr(m, k)) for k in schema
-        }
+        return {k: _to_json(getters[k](m) if k in getters else getattr(m, k)) for k in schema}
 
     def from_args(args: JsonDict) -> nn.Module:
         return cls(**args)
@@ -498,7 +496,9 @@ def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
     if type_name == _SEQUENTIAL:
         extra = set(raw) - {"layers", "names"}
         if extra:
-            raise SpecError(f"{path} (Sequential): unexpected argument(s) {sorted(extra)}; expected 'layers' and optional 'names'")
+            raise SpecError(
+                f"{path} (Sequential): unexpected argument(s) {sorted(extra)}; expected 'layers' and optional 'names'"
+            )
         layers = raw.get("layers")
         if not isinstance(layers, list):
             raise SpecError(f"{path} (Sequential): argument 'layers' must be a list of layers, got {layers!r}")
@@ -508,7 +508,9 @@ def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
                 raise SpecError(f"{path} (Sequential): argument 'names' must be a list of {len(layers)} strings")
             for n in names:
                 if not isinstance(n, str) or not n or "." in n:
-                    raise SpecError(f"{path} (Sequential): argument 'names' holds {n!r}; names are non-empty strings without '.'")
+                    raise SpecError(
+                        f"{path} (Sequential): argument 'names' holds {n!r}; names are non-empty strings without '.'"
+                    )
             if len(set(names)) != len(names):
                 raise SpecError(f"{path} (Sequential): argument 'names' holds duplicates")
         children = [_plan(c, f"{path}.layers[{i}]", counter) for i, c in enumerate(layers)]

@@ -12,9 +12,9 @@ import json
 import struct
 from collections.abc import Iterable, Mapping
 
+import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
-import torch
 from torch import Tensor
 
 from splitnn.errors import WireError
@@ -50,6 +50,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 
 
 _ORDER_KEY = "splitnn.order"
+
 
 def encode_state(state: Mapping[str, Tensor]) -> bytes:
     """Encode a state dict (name -> tensor) as safetensors bytes.

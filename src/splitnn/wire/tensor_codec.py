@@ -213,14 +213,11 @@ def read_header(
     for i, d in enumerate(shape):
         if d > max_numel:
             raise WireError(
-                f"tensor frame dimension {i} is {d}: a {dtype} tensor that large exceeds the "
-                f"{max_bytes}-byte limit"
+                f"tensor frame dimension {i} is {d}: a {dtype} tensor that large exceeds the {max_bytes}-byte limit"
             )
         numel *= d  # Python ints: no overflow; bounded below
         if numel > max_numel:
-            raise WireError(
-                f"tensor frame shape {tuple(shape)} of {dtype} exceeds the {max_bytes}-byte limit"
-            )
+            raise WireError(f"tensor frame shape {tuple(shape)} of {dtype} exceeds the {max_bytes}-byte limit")
     return TensorHeader(dtype, tuple(shape), hlen, numel * itemsize)
 
 
@@ -244,13 +241,11 @@ def decode_tensor(
     got = len(mv) - hdr.header_len
     if got != hdr.payload_len:
         raise WireError(
-            f"tensor frame payload is {got} bytes but shape {hdr.shape} of {hdr.dtype} needs "
-            f"exactly {hdr.payload_len}"
+            f"tensor frame payload is {got} bytes but shape {hdr.shape} of {hdr.dtype} needs exactly {hdr.payload_len}"
         )
     if hdr.payload_len == 0:
         return torch.empty(hdr.shape, dtype=hdr.dtype)
     storage = bytearray(mv[hdr.header_len :])  # the one copy; the tensor owns it, writable
-    if hdr.dtype is torch.bool:
-        if storage.translate(None, b"\x00\x01"):
-            raise WireError("tensor frame of dtype torch.bool holds bytes other than 0 and 1")
+    if hdr.dtype is torch.bool and storage.translate(None, b"\x00\x01"):
+        raise WireError("tensor frame of dtype torch.bool holds bytes other than 0 and 1")
     return torch.frombuffer(storage, dtype=hdr.dtype).reshape(hdr.shape)

@@ -6,6 +6,18 @@ from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 __all__ = [
-    "Worker", "VirtualWorker", "WorkerPolicy", "TensorRef", "BatchRef", "LossStats", "DatasetStats",
-    "MergingWorker", "PeerStateWorker", "GradientWorker", "EpochWorker", "MERGE_MODES", "merge_tensors", "merged_shape",
+    "Worker",
+    "VirtualWorker",
+    "WorkerPolicy",
+    "TensorRef",
+    "BatchRef",
+    "LossStats",
+    "DatasetStats",
+    "MergingWorker",
+    "PeerStateWorker",
+    "GradientWorker",
+    "EpochWorker",
+    "MERGE_MODES",
+    "merge_tensors",
+    "merged_shape",
 ]

@@ -10,7 +10,8 @@ the same protocol and must give the same numbers, bit for bit.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 #: What may be given as a segment's optimizer: a factory ``params -> Optimizer``
 #: (in-process workers only) or anything :meth:`OptimizerSpec.coerce` accepts.
-OptimizerLike = Union[Callable[..., torch.optim.Optimizer], object]
+OptimizerLike = Callable[..., torch.optim.Optimizer] | object
 
 
 @runtime_checkable
@@ -30,7 +31,7 @@ class Worker(Protocol):
     name: str
     ledger: Ledger
 
-    def connect_peers(self, peers: Mapping[str, "Worker"]) -> None:
+    def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         """Tell the worker how to reach the other parties of a model, by name."""
 
     def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
@@ -39,8 +40,9 @@ class Worker(Protocol):
     def remove_segment(self, key: str) -> None:
         """Drop a hosted segment and its optimizer."""
 
-    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> None:
+    def add_dataset(
+        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> None:
         """Keep a dataset (features, labels or both) at this worker under ``name``."""
 
     def dataset_stats(self, name: str) -> DatasetStats:
@@ -112,8 +114,7 @@ class MergingWorker(Protocol):
 
     name: str
 
-    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
-                       train: bool = True) -> TensorRef:
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Fetch every ``sources`` activation (each recorded on its owner's link), merge them with
         ``merge`` (see :mod:`splitnn.workers.merge`) and run segment ``key`` on the result."""
 
@@ -141,7 +142,7 @@ class EpochWorker(Protocol):
 
     name: str
 
-    def run_epoch(self, plan: "EpochPlan", *, notify: Callable[[], None] | None = None) -> "EpochHandle":
+    def run_epoch(self, plan: EpochPlan, *, notify: Callable[[], None] | None = None) -> EpochHandle:
         """Start this worker's part of ``plan`` and return at once; ``notify`` is called (from any
         thread) whenever the returned handle has news: losses, the final report, or an error."""
 

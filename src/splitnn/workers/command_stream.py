@@ -22,7 +22,7 @@ import itertools
 import json
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -44,8 +44,22 @@ from splitnn.workers.messages import (
 from splitnn.workers.shipped import losses_from_json
 
 #: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply).
-ASYNC_OPS = frozenset({"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage",
-                       "forward_merged", "backward_merged", "export_state", "load_state"})
+ASYNC_OPS = frozenset(
+    {
+        "zero_grad",
+        "forward",
+        "backward",
+        "step",
+        "put",
+        "release",
+        "remove_segment",
+        "stage",
+        "forward_merged",
+        "backward_merged",
+        "export_state",
+        "load_state",
+    }
+)
 
 
 class Pending:
@@ -73,9 +87,19 @@ class CommandStream:
             up at each reply: a model may bind its workers to its own ledger after connecting).
     """
 
-    def __init__(self, channel: grpc.Channel, metadata, *, worker: str, address: str, timeout: float,
-                 limits: Limits, counters: ByteCounters, merge_records: Callable[[Iterable[LinkTotal]], None],
-                 ids: Iterator[int]) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata,
+        *,
+        worker: str,
+        address: str,
+        timeout: float,
+        limits: Limits,
+        counters: ByteCounters,
+        merge_records: Callable[[Iterable[LinkTotal]], None],
+        ids: Iterator[int],
+    ) -> None:
         self.worker, self.address, self.timeout = worker, address, timeout
         self.limits, self.counters, self._merge_records = limits, counters, merge_records
         self._ids = ids
@@ -91,7 +115,8 @@ class CommandStream:
         self._buffer: list[tuple[str, str, list[bytes]]] = []
         self._buffer_bytes = 0
         self._stream = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
-            self._requests(), metadata=metadata)
+            self._requests(), metadata=metadata
+        )
         self._reader = threading.Thread(target=self._read_replies, name=f"splitnn-{worker}-replies", daemon=True)
         self._reader.start()
 
@@ -103,8 +128,9 @@ class CommandStream:
                 return
             yield item
 
-    def send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True,
-             handle: EpochHandle | None = None) -> Pending | None:
+    def send(
+        self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True, handle: EpochHandle | None = None
+    ) -> Pending | None:
         """Queue a command; with ``flush``, put everything queued on the wire as one message."""
         self.check()
         blobs = list(blobs)
@@ -114,8 +140,9 @@ class CommandStream:
                 sid = next(self._ids)
                 view = memoryview(blob)
                 for start in range(0, len(blob), self.limits.chunk_bytes):
-                    self.send("stage", {"sid": sid}, [bytes(view[start:start + self.limits.chunk_bytes])],
-                              flush=False)
+                    self.send(
+                        "stage", {"sid": sid}, [bytes(view[start : start + self.limits.chunk_bytes])], flush=False
+                    )
                 staged[str(i)] = sid
                 blobs[i] = b""
         if staged:
@@ -167,8 +194,10 @@ class CommandStream:
     def wait(self, pending: Pending) -> Reply:
         """The reply ``pending`` stands for (WorkerError after the timeout)."""
         if not pending.event.wait(self.timeout):
-            raise WorkerError(f"worker {self.worker!r} at {self.address} did not answer {pending.op!r} within "
-                              f"{self.timeout:g} s (dead or hung?)")
+            raise WorkerError(
+                f"worker {self.worker!r} at {self.address} did not answer {pending.op!r} within "
+                f"{self.timeout:g} s (dead or hung?)"
+            )
         if pending.reply is None:
             self.check()
             raise WorkerError(f"worker {self.worker!r} at {self.address}: no answer to {pending.op!r}")
@@ -183,8 +212,10 @@ class CommandStream:
         if self.broken is None and not self.closed:
             self.flush()
         if not self._wait_idle(self.timeout):
-            raise WorkerError(f"worker {self.worker!r} at {self.address} did not finish its commands within "
-                              f"{self.timeout:g} s (dead or hung?)")
+            raise WorkerError(
+                f"worker {self.worker!r} at {self.address} did not finish its commands within "
+                f"{self.timeout:g} s (dead or hung?)"
+            )
         self.check()
 
     def close(self) -> None:
@@ -235,8 +266,9 @@ class CommandStream:
             if sum(map(len, pending.parts)) + sum(map(len, reply.blobs)) > self.limits.max_blob_bytes:
                 raise WorkerError(f"reply to {pending.op!r} exceeds {self.limits.max_blob_bytes} bytes")
             pending.parts.extend(reply.blobs)
-        self.counters.record(self.worker, "recv", REPLY_KIND.get(pending.op, "control")
-                             if pending else "control", nbytes)
+        self.counters.record(
+            self.worker, "recv", REPLY_KIND.get(pending.op, "control") if pending else "control", nbytes
+        )
 
     def _on_reply(self, reply: Reply, nbytes: int) -> None:
         with self._lock:

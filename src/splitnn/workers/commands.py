@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 
@@ -36,8 +37,8 @@ from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.workers.exports import Exports, SessionState
-from splitnn.workers.peers import Peers
 from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name
+from splitnn.workers.peers import Peers
 from splitnn.workers.refs import BatchRef, TensorRef
 from splitnn.workers.virtual import VirtualWorker
 
@@ -82,8 +83,11 @@ def blob_arg(blobs: list[bytes], i: int, what: str) -> bytes:
 
 
 def _id_list(ids: object) -> list[int]:
-    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_MERGE_SOURCES or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
+    if (
+        not isinstance(ids, list)
+        or not 0 < len(ids) <= MAX_MERGE_SOURCES
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids)
+    ):
         raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
     return ids
 
@@ -91,8 +95,16 @@ def _id_list(ids: object) -> list[int]:
 class Commands:
     """The operations of one worker, by name (:attr:`table`); see the module docstring."""
 
-    def __init__(self, name: str, engine: VirtualWorker, *, exports: Exports, peers: Peers, limits: Limits,
-                 counters: ByteCounters) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: VirtualWorker,
+        *,
+        exports: Exports,
+        peers: Peers,
+        limits: Limits,
+        counters: ByteCounters,
+    ) -> None:
         self.name, self.engine, self.exports, self.peers = name, engine, exports, peers
         self.limits, self.counters = limits, counters
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
@@ -112,8 +124,12 @@ class Commands:
 
     def _batch(self, args: dict, blobs: list[bytes]) -> BatchRef:
         name = arg(args, "dataset", str)
-        idx = decode_tensor(blob_arg(blobs, 0, "indices"), max_bytes=self.limits.max_blob_bytes,
-                            allowed_dtypes=(torch.int64,), max_ndim=1)
+        idx = decode_tensor(
+            blob_arg(blobs, 0, "indices"),
+            max_bytes=self.limits.max_blob_bytes,
+            allowed_dtypes=(torch.int64,),
+            max_ndim=1,
+        )
         if idx.dim() != 1:
             raise WireError("batch indices must be a 1-D int64 tensor")
         size = self.engine.dataset_stats(name).size
@@ -163,20 +179,29 @@ class Commands:
         parts = arg(a, "parts", list)
         if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
             raise WireError("'parts' must list 'features' and/or 'labels'")
-        tensors = {p: decode_tensor(blob_arg(blobs, i, p), max_bytes=self.limits.max_blob_bytes)
-                   for i, p in enumerate(parts)}
+        tensors = {
+            p: decode_tensor(blob_arg(blobs, i, p), max_bytes=self.limits.max_blob_bytes) for i, p in enumerate(parts)
+        }
         self.engine.add_dataset(name, **tensors)
         return {}, []
 
     async def _op_dataset_stats(self, a, blobs, **_):
         s = self.engine.dataset_stats(arg(a, "name", str))
-        return {"name": s.name, "size": s.size, "feature_shape": s.feature_shape, "num_labels": s.num_labels,
-                "label_max": s.label_max}, []
+        return {
+            "name": s.name,
+            "size": s.size,
+            "feature_shape": s.feature_shape,
+            "num_labels": s.num_labels,
+            "label_max": s.label_max,
+        }, []
 
     async def _op_probe(self, a, blobs, **_):
         shape = arg(a, "shape", list)
-        if not 0 < len(shape) <= 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20
-                                              for d in shape) or math.prod(shape) > 1 << 26:
+        if (
+            not 0 < len(shape) <= 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
+            or math.prod(shape) > 1 << 26
+        ):
             raise WireError(f"probe shape {shape!r} is not a small positive shape")
         return {"shape": list(self.engine.probe(arg(a, "key", str), tuple(shape)))}, []
 
@@ -231,8 +256,10 @@ class Commands:
             key = arg(a, "key", str)
             refs = self.engine.backward_merged(key, await self._grad(a))
             if len(refs) != len(ids):
-                raise WorkerError(f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
-                                  f"{len(ids)} gradient ids were given")
+                raise WorkerError(
+                    f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
+                    f"{len(ids)} gradient ids were given"
+                )
             for tid, ref in zip(ids, refs):
                 self.exports.export(tid, ref)
         return {}, []
@@ -286,8 +313,9 @@ class Commands:
         try:
             self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
         except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
-            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: "
-                            f"{exc}") from None
+            raise WireError(
+                f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
+            ) from None
         return {}, []
 
     async def _op_fetch(self, a, blobs, **_):

@@ -16,8 +16,8 @@ records arrive with it, so per-epoch bytes are exact).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -71,11 +71,16 @@ class BatchOrder:
         return epoch_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "batch_size": self.batch_size, "shuffle": self.shuffle, "seed": self.seed,
-                "epoch": self.epoch}
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "epoch": self.epoch,
+        }
 
     @classmethod
-    def from_dict(cls, d: object) -> "BatchOrder":
+    def from_dict(cls, d: object) -> BatchOrder:
         if not isinstance(d, dict) or set(d) != {"n", "batch_size", "shuffle", "seed", "epoch"}:
             raise WireError("a batch order must be an object {n, batch_size, shuffle, seed, epoch}")
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 from google.protobuf.message import DecodeError
@@ -34,8 +34,8 @@ from splitnn.workers import shipped
 from splitnn.workers.commands import Commands
 from splitnn.workers.epoch import EpochPlan
 from splitnn.workers.exports import SessionState
-from splitnn.workers.peers import Peers
 from splitnn.workers.messages import MAX_BATCH, command_args, fill_error
+from splitnn.workers.peers import Peers
 from splitnn.workers.virtual import VirtualWorker
 
 log = logging.getLogger("splitnn.worker")
@@ -54,8 +54,9 @@ class LedgerDelta:
             key = (link.src, link.dst, link.kind)
             c0, b0 = self._reported.get(key, (0, 0))
             if (link.count, link.nbytes) != (c0, b0):
-                out.append(Transfer(src=link.src, dst=link.dst, kind=link.kind, count=link.count - c0,
-                                    nbytes=link.nbytes - b0))
+                out.append(
+                    Transfer(src=link.src, dst=link.dst, kind=link.kind, count=link.count - c0, nbytes=link.nbytes - b0)
+                )
                 self._reported[key] = (link.count, link.nbytes)
         return out
 
@@ -63,8 +64,16 @@ class LedgerDelta:
 class Executor:
     """Runs commands against one worker's engine; see the module docstring."""
 
-    def __init__(self, name: str, engine: VirtualWorker, commands: Commands, *, peers: Peers,
-                 inbox: shipped.Inbox, limits: Limits) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: VirtualWorker,
+        commands: Commands,
+        *,
+        peers: Peers,
+        inbox: shipped.Inbox,
+        limits: Limits,
+    ) -> None:
         self.name, self.engine, self.commands = name, engine, commands
         self.peers, self.inbox, self.limits = peers, inbox, limits
         self.ledger_delta = LedgerDelta(engine)
@@ -106,8 +115,11 @@ class Executor:
             except DecodeError as exc:
                 reply = self._error(0, f"malformed command: {exc}")
             else:
-                reply = (self._error(0, "nested batch") if cmd.op == "batch"
-                         else await self.execute(cmd, caller, state, report=False))
+                reply = (
+                    self._error(0, "nested batch")
+                    if cmd.op == "batch"
+                    else await self.execute(cmd, caller, state, report=False)
+                )
             if not reply.ok and first_error is None:
                 first_error = reply
         out = first_error if first_error is not None else reply
@@ -125,8 +137,13 @@ class Executor:
         plan = run = None
         final = Reply(seq=cmd.seq)
         try:
-            plan = shipped.parse_plan(command_args(cmd), list(cmd.blobs), engine=self.engine,
-                                      peers=set(self.peers.addresses), max_blob_bytes=self.limits.max_blob_bytes)
+            plan = shipped.parse_plan(
+                command_args(cmd),
+                list(cmd.blobs),
+                engine=self.engine,
+                peers=set(self.peers.addresses),
+                max_blob_bytes=self.limits.max_blob_bytes,
+            )
             run = self.inbox.start(plan)
             for peer in self._adjacent(plan):
                 await self.peers.link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
@@ -148,8 +165,9 @@ class Executor:
                 self.peers.abort(self._adjacent(plan), plan.run_id, final.error)
         except BaseException:  # cancelled: the researcher's session went away
             if plan is not None:
-                self.peers.abort(self._adjacent(plan), plan.run_id,
-                                 f"worker {self.name!r}: the researcher's session ended")
+                self.peers.abort(
+                    self._adjacent(plan), plan.run_id, f"worker {self.name!r}: the researcher's session ended"
+                )
             raise
         finally:
             if run is not None:

@@ -29,4 +29,5 @@ def compute_loss(name: str, output: torch.Tensor, labels: torch.Tensor) -> torch
     except IndexError as exc:  # nll/cross_entropy with a label >= number of classes
         raise LabelError(
             f"a label is out of range for the model's {output.shape[-1]} outputs "
-            f"(labels span {int(labels.min())}..{int(labels.max())}): {exc}") from exc
+            f"(labels span {int(labels.min())}..{int(labels.max())}): {exc}"
+        ) from exc

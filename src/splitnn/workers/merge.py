@@ -17,7 +17,7 @@ The order of the additions is fixed so that a monolithic twin that writes
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,14 +65,19 @@ def merged_shape(shapes: Sequence[tuple[int, ...]], mode: str, names: Sequence[s
     described = ", ".join(f"{n} {s}" for n, s in zip(labels, shapes))
     first = shapes[0]
     if any(len(s) != len(first) or len(s) < 2 for s in shapes):
-        raise ShapeMismatchError(f"cannot {mode}-merge activations of different ranks (need (batch, features, ...)): "
-                                 f"{described}")
+        raise ShapeMismatchError(
+            f"cannot {mode}-merge activations of different ranks (need (batch, features, ...)): {described}"
+        )
     if mode == "concat":
         if any(s[:1] + s[2:] != first[:1] + first[2:] for s in shapes):
-            raise ShapeMismatchError(f"cannot concatenate activations along dim 1: their other dims differ: "
-                                     f"{described}; make the bottom segments agree outside the feature dim")
+            raise ShapeMismatchError(
+                f"cannot concatenate activations along dim 1: their other dims differ: "
+                f"{described}; make the bottom segments agree outside the feature dim"
+            )
         return (first[0], sum(s[1] for s in shapes), *first[2:])
     if any(s != first for s in shapes):
-        raise ShapeMismatchError(f"cannot {mode} activations of different shapes: {described}; give every bottom "
-                                 f"segment the same output size, or use merge='concat'")
+        raise ShapeMismatchError(
+            f"cannot {mode} activations of different shapes: {described}; give every bottom "
+            f"segment the same output size, or use merge='concat'"
+        )
     return first

@@ -31,16 +31,26 @@ MAX_NAME = 64
 MAX_BATCH = 1024
 
 #: Wire-counter kind of a command's bytes, by op (everything else is "control").
-COMMAND_KIND = {"add_segment": "weights", "set_state": "weights", "put": "features", "add_dataset": "data",
-                "stage": "data"}
+COMMAND_KIND = {
+    "add_segment": "weights",
+    "set_state": "weights",
+    "put": "features",
+    "add_dataset": "data",
+    "stage": "data",
+}
 #: Wire-counter kind of a successful reply's bytes, by op (everything else, and every error, is "control").
 REPLY_KIND = {"fetch": "output", "get_state": "weights", "fetch_segment": "weights", "get_grads": "gradient"}
 
 
 def check_party_name(name: object) -> str:
     """A party name: 1-64 printable ASCII characters, no spaces."""
-    if (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isascii()
-            or not name.isprintable() or " " in name):
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= MAX_NAME
+        or not name.isascii()
+        or not name.isprintable()
+        or " " in name
+    ):
         raise WireError(f"party name must be 1-{MAX_NAME} printable ASCII characters without spaces, got {name!r}")
     return name
 
@@ -72,8 +82,10 @@ def split_reply(reply: Reply, chunk_bytes: int) -> list[Reply]:
     if sum(sizes) <= chunk_bytes:
         return [reply]
     whole = b"".join(reply.blobs)
-    parts = [Reply(seq=reply.seq, ok=True, more=True, blobs=[whole[i:i + chunk_bytes]])
-             for i in range(0, len(whole), chunk_bytes)]
+    parts = [
+        Reply(seq=reply.seq, ok=True, more=True, blobs=[whole[i : i + chunk_bytes]])
+        for i in range(0, len(whole), chunk_bytes)
+    ]
     result = reply_result(reply)
     result["_blob_sizes"] = sizes
     last = Reply(seq=reply.seq, ok=True, result_json=json.dumps(result))
@@ -90,7 +102,7 @@ def join_parts(reply: Reply, parts: list[bytes]) -> Reply:
         raise WorkerError("a reply in parts does not add up")
     blobs, pos = [], 0
     for n in sizes:
-        blobs.append(whole[pos:pos + n])
+        blobs.append(whole[pos : pos + n])
         pos += n
     out = Reply(seq=reply.seq, ok=reply.ok, result_json=json.dumps(result) if result else "", blobs=blobs)
     out.transfers.extend(reply.transfers)

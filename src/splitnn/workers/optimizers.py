@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +19,9 @@ def build_optimizer(optimizer: object, params: Sequence[torch.nn.Parameter]) -> 
     if callable(optimizer) and not hasattr(optimizer, "build"):
         opt = optimizer(params)
         if not isinstance(opt, torch.optim.Optimizer):
-            raise ConfigurationError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
+            raise ConfigurationError(
+                f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer"
+            )
         return opt
     from splitnn.wire.optim_spec import OptimizerSpec
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import torch
@@ -46,8 +47,9 @@ class PeerLink:
     Symmetric: whichever side dialled, both sides may pull tensors over it.
     """
 
-    def __init__(self, peers: "Peers", peer: str, send: Callable[[bytes], Awaitable[None]],
-                 read: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self, peers: Peers, peer: str, send: Callable[[bytes], Awaitable[None]], read: Callable[[], Awaitable[Any]]
+    ) -> None:
         self.peers, self.peer = peers, peer
         self.me = peers.name
         self._send, self._read = send, read
@@ -72,8 +74,9 @@ class PeerLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # grpc raises assorted types for a write on a dead stream
-            raise WorkerError(f"worker {self.me!r}: lost the connection to peer {self.peer!r} "
-                              f"({rpc_text(exc) or type(exc).__name__})") from None
+            raise WorkerError(
+                f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
+            ) from None
         self.peers.counters.record(self.peer, "sent", kind, len(frame))
 
     async def pull(self, tensor_id: int, kind: str) -> torch.Tensor:
@@ -87,8 +90,10 @@ class PeerLink:
             await self.send(frames.request(kind, tensor_id), "control")
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise WorkerError(f"worker {self.me!r}: peer {self.peer!r} did not send {kind} #{tensor_id} within "
-                              f"{timeout:g} s (is it alive?)") from None
+            raise WorkerError(
+                f"worker {self.me!r}: peer {self.peer!r} did not send {kind} #{tensor_id} within "
+                f"{timeout:g} s (is it alive?)"
+            ) from None
         except grpc.RpcError as exc:
             raise WorkerError(f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}") from None
         finally:
@@ -102,8 +107,9 @@ class PeerLink:
         except WorkerError:
             raise
         except Exception as exc:
-            raise WorkerError(f"worker {self.me!r}: cannot send {kind} to peer {self.peer!r}: "
-                              f"{rpc_text(exc) or type(exc).__name__}") from None
+            raise WorkerError(
+                f"worker {self.me!r}: cannot send {kind} to peer {self.peer!r}: {rpc_text(exc) or type(exc).__name__}"
+            ) from None
 
     # -- reading ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -119,8 +125,9 @@ class PeerLink:
                     self.peers.counters.record(self.peer, "recv", "invalid", len(raw))
                     self.protocol_error = exc
                     break
-                self.peers.counters.record(self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES
-                                           else "control", len(raw))
+                self.peers.counters.record(
+                    self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw)
+                )
                 self._on_frame(hdr, chunk)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             self.closed = exc
@@ -209,8 +216,18 @@ class Peers:
         serve: hands out this worker's tensors to a pulling peer.
     """
 
-    def __init__(self, name: str, token: str, *, tls: TLSConfig | None, limits: Limits, counters: ByteCounters,
-                 inbox: Inbox, timeout: float, serve: Serve) -> None:
+    def __init__(
+        self,
+        name: str,
+        token: str,
+        *,
+        tls: TLSConfig | None,
+        limits: Limits,
+        counters: ByteCounters,
+        inbox: Inbox,
+        timeout: float,
+        serve: Serve,
+    ) -> None:
         self.name, self._token, self._tls = name, token, tls
         self.limits, self.counters, self.inbox, self.timeout = limits, counters, inbox, timeout
         self._serve = serve
@@ -222,8 +239,10 @@ class Peers:
     async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
         """A pull from ``peer``: only the peers of this worker's model get tensors."""
         if peer not in self.addresses:
-            raise PolicyError(f"worker {self.name!r} hands tensors only to the peers of its model "
-                              f"({sorted(self.addresses)}), not to {peer!r}")
+            raise PolicyError(
+                f"worker {self.name!r} hands tensors only to the peers of its model "
+                f"({sorted(self.addresses)}), not to {peer!r}"
+            )
         return await self._serve(tensor_id, kind)
 
     def connected(self, peer: str) -> bool:
@@ -241,19 +260,23 @@ class Peers:
                 return link
             address = self.addresses.get(peer)
             if address is None:
-                raise WorkerError(f"worker {self.name!r} does not know how to reach {peer!r}; the researcher "
-                                  f"must connect the model's workers first")
+                raise WorkerError(
+                    f"worker {self.name!r} does not know how to reach {peer!r}; the researcher "
+                    f"must connect the model's workers first"
+                )
             channel = open_channel(address, limits=self.limits, tls=self._tls, target_name=peer, aio=True)
             self._channels.append(channel)
             call = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)(
-                metadata=call_metadata(self._token, self.name))
+                metadata=call_metadata(self._token, self.name)
+            )
             link = PeerLink(self, peer, call.write, call.read)
             self._links[peer] = link
             asyncio.get_running_loop().create_task(link.run())
             return link
 
-    async def accept(self, peer: str, send: Callable[[bytes], Awaitable[None]],
-                     read: Callable[[], Awaitable[Any]]) -> PeerLink:
+    async def accept(
+        self, peer: str, send: Callable[[bytes], Awaitable[None]], read: Callable[[], Awaitable[Any]]
+    ) -> PeerLink:
         """Serve a stream ``peer`` opened to us until it ends; return its link (see ``protocol_error``)."""
         link = PeerLink(self, peer, send, read)
         self._links.setdefault(peer, link)

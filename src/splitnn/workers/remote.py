@@ -46,7 +46,8 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -88,9 +89,18 @@ class RemoteWorker:
         limits: message size limits (must fit the worker's).
     """
 
-    def __init__(self, address: str, *, token: str, name: str | None = None, timeout: float = 60.0,
-                 tls: TLSConfig | None = None, limits: Limits | None = None, ledger: Ledger | None = None,
-                 connect_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str,
+        name: str | None = None,
+        timeout: float = 60.0,
+        tls: TLSConfig | None = None,
+        limits: Limits | None = None,
+        ledger: Ledger | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
         self._token = check_token_text(token)
@@ -101,8 +111,9 @@ class RemoteWorker:
         self.ledger = ledger if ledger is not None else Ledger()
         self.counters = ByteCounters()
         self._metadata = call_metadata(self._token, RESEARCHER)
-        self._channel = open_channel(self.address, limits=self.limits, tls=tls,
-                                     target_name=name or self.address.rpartition(":")[0].strip("[]"))
+        self._channel = open_channel(
+            self.address, limits=self.limits, tls=tls, target_name=name or self.address.rpartition(":")[0].strip("[]")
+        )
         self.name = "?"
         # Tensor ids are chosen here; start at a random point so that two sessions with one worker
         # (a reconnecting researcher, a second model) do not pick the same ids.
@@ -116,16 +127,26 @@ class RemoteWorker:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout or min(self.timeout, 10.0))
         except grpc.FutureTimeoutError:
             self._channel.close()
-            raise WorkerError(f"cannot connect to worker at {self.address}: connection refused or timed out; "
-                              f"is `splitnn worker` running there?") from None
+            raise WorkerError(
+                f"cannot connect to worker at {self.address}: connection refused or timed out; "
+                f"is `splitnn worker` running there?"
+            ) from None
         hello = self._unary("hello", {})
         if name is not None and hello["name"] != name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is {hello['name']!r}, not {name!r}")
         self.name = hello["name"]
-        self._stream = CommandStream(self._channel, self._metadata, worker=self.name, address=self.address,
-                                     timeout=self.timeout, limits=self.limits, counters=self.counters,
-                                     merge_records=lambda records: self.ledger.merge(records), ids=self._ids)
+        self._stream = CommandStream(
+            self._channel,
+            self._metadata,
+            worker=self.name,
+            address=self.address,
+            timeout=self.timeout,
+            limits=self.limits,
+            counters=self.counters,
+            merge_records=lambda records: self.ledger.merge(records),
+            ids=self._ids,
+        )
 
     def __repr__(self) -> str:
         return f"RemoteWorker({self.name!r}, {self.url})"
@@ -136,7 +157,8 @@ class RemoteWorker:
         self.counters.record(self.name, "sent", "control", len(data))
         try:
             raw = self._channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
-                data, metadata=self._metadata, timeout=self.timeout)
+                data, metadata=self._metadata, timeout=self.timeout
+            )
         except grpc.RpcError as exc:
             self._channel.close()
             code = exc.code() if hasattr(exc, "code") else None
@@ -149,8 +171,9 @@ class RemoteWorker:
             raise error_from_reply(reply, self.name, self.address)
         return reply_result(reply)
 
-    def _send(self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True,
-              handle: EpochHandle | None = None) -> None:
+    def _send(
+        self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True, handle: EpochHandle | None = None
+    ) -> None:
         """Queue a command (see :meth:`CommandStream.send`); nobody waits for its answer here."""
         self._stream.send(op, args, blobs, flush=flush, handle=handle)
 
@@ -170,7 +193,7 @@ class RemoteWorker:
             raise error_from_reply(reply, self.name, self.address)
         return reply_result(reply), list(reply.blobs)
 
-    def _remote_peers(self) -> list["RemoteWorker"]:
+    def _remote_peers(self) -> list[RemoteWorker]:
         return [p for p in self._peers.values() if isinstance(p, RemoteWorker) and p is not self]
 
     def _new_ref(self) -> TensorRef:
@@ -188,8 +211,10 @@ class RemoteWorker:
         addresses = {n: w.address for n, w in peers.items() if isinstance(w, RemoteWorker) and n != self.name}
         others = [n for n, w in peers.items() if not isinstance(w, RemoteWorker) and n != self.name]
         if others:
-            raise ConfigurationError(f"remote worker {self.name!r} cannot exchange tensors with in-process "
-                                     f"worker(s) {others}; make every worker of a model remote (splitnn.connect)")
+            raise ConfigurationError(
+                f"remote worker {self.name!r} cannot exchange tensors with in-process "
+                f"worker(s) {others}; make every worker of a model remote (splitnn.connect)"
+            )
         self._request("peers", {"peers": addresses})
 
     def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
@@ -198,7 +223,8 @@ class RemoteWorker:
         if optimizer is not None and callable(optimizer) and not isinstance(optimizer, (str, OptimizerSpec)):
             raise ConfigurationError(
                 f"remote worker {self.name!r} cannot take an optimizer factory (code does not cross the wire); "
-                f"give a spec such as optimizer='sgd:lr=0.03' or splitnn.wire.OptimizerSpec('adam', lr=1e-3)")
+                f"give a spec such as optimizer='sgd:lr=0.03' or splitnn.wire.OptimizerSpec('adam', lr=1e-3)"
+            )
         opt = OptimizerSpec.coerce(optimizer).to_dict() if optimizer is not None else None
         spec = spec_to_json(module_to_spec(segment)).encode()
         state = encode_state({k: v.detach() for k, v in segment.state_dict().items()})
@@ -207,8 +233,9 @@ class RemoteWorker:
     def remove_segment(self, key: str) -> None:
         self._send("remove_segment", {"key": key})
 
-    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> None:
+    def add_dataset(
+        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> None:
         parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
         if not parts:
             raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
@@ -248,16 +275,26 @@ class RemoteWorker:
         return ref
 
     def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
-        r, _ = self._request("loss", {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss,
-                                      "train": train}, [encode_tensor(target.indices.to(torch.int64).reshape(-1))])
+        r, _ = self._request(
+            "loss",
+            {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss, "train": train},
+            [encode_tensor(target.indices.to(torch.int64).reshape(-1))],
+        )
         return LossStats(float(r["loss"]), int(r["correct"]), int(r["count"]))
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         if key not in self._input_is_data:
             raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
         ref = None if self._input_is_data.pop(key) else self._new_ref()
-        self._send("backward", {"key": key, "grad": self._ref_json(grad) if grad is not None else None,
-                                "id": ref.id if ref is not None else None}, flush=False)
+        self._send(
+            "backward",
+            {
+                "key": key,
+                "grad": self._ref_json(grad) if grad is not None else None,
+                "id": ref.id if ref is not None else None,
+            },
+            flush=False,
+        )
         return ref
 
     def zero_grad(self, key: str) -> None:
@@ -310,8 +347,7 @@ class RemoteWorker:
         self._send("export_state", {"key": key, "id": ref.id})  # flushed: the puller may be waiting for it
         target._send("load_state", {"key": dst_key or key, "src": self._ref_json(ref)}, flush=False)
 
-    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
-                       train: bool = True) -> TensorRef:
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (:class:`~splitnn.workers.MergingWorker`).
 
         The worker pulls every source from its owner over their peer stream (recorded on each link).
@@ -327,19 +363,26 @@ class RemoteWorker:
         if train:
             self._merged[key] = len(sources)
             self._input_is_data.pop(key, None)
-        self._send("forward_merged", {"key": key, "train": train, "id": ref.id, "merge": merge,
-                                      "srcs": [self._ref_json(s) for s in sources]}, flush=False)
+        self._send(
+            "forward_merged",
+            {"key": key, "train": train, "id": ref.id, "merge": merge, "srcs": [self._ref_json(s) for s in sources]},
+            flush=False,
+        )
         return ref
 
     def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
         """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
         count = self._merged.pop(key, None)
         if count is None:
-            raise WorkerError(f"worker {self.name!r}: backward_merged on segment {key!r} without a training "
-                              f"forward_merged first")
+            raise WorkerError(
+                f"worker {self.name!r}: backward_merged on segment {key!r} without a training forward_merged first"
+            )
         refs = [self._new_ref() for _ in range(count)]
-        self._send("backward_merged", {"key": key, "grad": self._ref_json(grad) if grad is not None else None,
-                                       "ids": [r.id for r in refs]}, flush=False)
+        self._send(
+            "backward_merged",
+            {"key": key, "grad": self._ref_json(grad) if grad is not None else None, "ids": [r.id for r in refs]},
+            flush=False,
+        )
         return refs
 
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
@@ -358,9 +401,14 @@ class RemoteWorker:
         connection fails it at once).
         """
         handle = EpochHandle(self.name, notify)
-        args = {"run": plan.run_id, "dataset": plan.dataset, "loss": plan.loss,
-                "stages": [s.to_dict() for s in plan.stages], "progress_interval": plan.progress_interval,
-                "order": plan.order.to_dict() if plan.order is not None else None}
+        args = {
+            "run": plan.run_id,
+            "dataset": plan.dataset,
+            "loss": plan.loss,
+            "stages": [s.to_dict() for s in plan.stages],
+            "progress_interval": plan.progress_interval,
+            "order": plan.order.to_dict() if plan.order is not None else None,
+        }
         blobs: list[bytes] = []
         if plan.indices is not None:
             flat = torch.cat([i.to(torch.int64).reshape(-1) for i in plan.indices])
@@ -382,15 +430,22 @@ class RemoteWorker:
         self._stream.close()
         self._channel.close()
 
-    def __enter__(self) -> "RemoteWorker":
+    def __enter__(self) -> RemoteWorker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def connect(url: str, *, token: str, name: str | None = None, timeout: float = 60.0,
-            tls: TLSConfig | None = None, limits: Limits | None = None) -> RemoteWorker:
+def connect(
+    url: str,
+    *,
+    token: str,
+    name: str | None = None,
+    timeout: float = 60.0,
+    tls: TLSConfig | None = None,
+    limits: Limits | None = None,
+) -> RemoteWorker:
     """Connect to a party started with ``splitnn worker`` and return it as a Worker.
 
     >>> bob = splitnn.connect("grpc://127.0.0.1:7002", token=open("TOKEN").read().strip())  # doctest: +SKIP

@@ -53,8 +53,8 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 import torch
@@ -77,7 +77,6 @@ from splitnn.workers import shipped
 from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.workers.executor import Executor
 from splitnn.workers.exports import Exports, SessionState
-from splitnn.workers.peers import Peers
 from splitnn.workers.messages import (
     COMMAND_KIND,
     MAX_NAME,
@@ -86,10 +85,19 @@ from splitnn.workers.messages import (
     check_party_name,
     split_reply,
 )
+from splitnn.workers.peers import Peers
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
-__all__ = ["WorkerServer", "ServeConfig", "serve", "register_known_layers", "check_party_name", "MAX_NAME",
-           "PROTOCOL_VERSION", "MAX_MERGE_SOURCES"]
+__all__ = [
+    "WorkerServer",
+    "ServeConfig",
+    "serve",
+    "register_known_layers",
+    "check_party_name",
+    "MAX_NAME",
+    "PROTOCOL_VERSION",
+    "MAX_MERGE_SOURCES",
+]
 
 log = logging.getLogger("splitnn.worker")
 
@@ -117,8 +125,16 @@ class WorkerServer:
         policy: what the engine hands to the researcher; by default no activations.
     """
 
-    def __init__(self, name: str, token: str, *, tls: TLSConfig | None = None, limits: Limits | None = None,
-                 peer_timeout: float = 60.0, policy: WorkerPolicy | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        token: str,
+        *,
+        tls: TLSConfig | None = None,
+        limits: Limits | None = None,
+        peer_timeout: float = 60.0,
+        policy: WorkerPolicy | None = None,
+    ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
             raise ConfigurationError(f"a worker cannot be called {RESEARCHER!r}")
@@ -134,12 +150,22 @@ class WorkerServer:
         self.counters = ByteCounters()
         self.address: str | None = None
         self.exports = Exports(self.name, self.engine, self.peer_timeout)
-        self.peers = Peers(self.name, self.token, tls=tls, limits=self.limits, counters=self.counters,
-                           inbox=self.inbox, timeout=self.peer_timeout, serve=self.exports.take)
-        self.commands = Commands(self.name, self.engine, exports=self.exports, peers=self.peers, limits=self.limits,
-                                 counters=self.counters)
-        self.executor = Executor(self.name, self.engine, self.commands, peers=self.peers, inbox=self.inbox,
-                                 limits=self.limits)
+        self.peers = Peers(
+            self.name,
+            self.token,
+            tls=tls,
+            limits=self.limits,
+            counters=self.counters,
+            inbox=self.inbox,
+            timeout=self.peer_timeout,
+            serve=self.exports.take,
+        )
+        self.commands = Commands(
+            self.name, self.engine, exports=self.exports, peers=self.peers, limits=self.limits, counters=self.counters
+        )
+        self.executor = Executor(
+            self.name, self.engine, self.commands, peers=self.peers, inbox=self.inbox, limits=self.limits
+        )
         self._server: grpc.aio.Server | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -149,11 +175,18 @@ class WorkerServer:
         if not sep or not port.isdigit():
             raise ConfigurationError(f"--listen must be HOST:PORT like 127.0.0.1:7001, got {listen!r}")
         server = grpc.aio.server(options=self.limits.grpc_options() + [("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Call": grpc.unary_unary_rpc_method_handler(self._call),
-            "Session": grpc.stream_stream_rpc_method_handler(self._session),
-            "Peer": grpc.stream_stream_rpc_method_handler(self._peer),
-        }),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "Call": grpc.unary_unary_rpc_method_handler(self._call),
+                        "Session": grpc.stream_stream_rpc_method_handler(self._session),
+                        "Peer": grpc.stream_stream_rpc_method_handler(self._peer),
+                    },
+                ),
+            )
+        )
         try:
             if self.tls is not None:
                 bound = server.add_secure_port(listen, self.tls.server_credentials())
@@ -183,10 +216,12 @@ class WorkerServer:
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         token = md.get(TOKEN_KEY)
         if not isinstance(token, str) or not token_matches(token, self.token):
-            self.counters.record(md.get(PARTY_KEY, "?") if isinstance(md.get(PARTY_KEY), str) else "?",
-                                 "recv", "rejected", 0)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"worker {self.name!r}: missing or wrong federation token")
+            self.counters.record(
+                md.get(PARTY_KEY, "?") if isinstance(md.get(PARTY_KEY), str) else "?", "recv", "rejected", 0
+            )
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name!r}: missing or wrong federation token"
+            )
         party = md.get(PARTY_KEY)
         try:
             check_party_name(party)
@@ -195,9 +230,11 @@ class WorkerServer:
         if self.tls is not None and self.tls.ca is not None:
             ids = peer_identities(context.auth_context())
             if party not in ids:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    f"worker {self.name!r}: caller claims to be {party!r} but its certificate is "
-                                    f"for {sorted(ids) or 'nobody'}")
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"worker {self.name!r}: caller claims to be {party!r} but its certificate is "
+                    f"for {sorted(ids) or 'nobody'}",
+                )
         return party
 
     # -- RPC handlers ----------------------------------------------------------------------
@@ -221,8 +258,11 @@ class WorkerServer:
                     async for reply in self.executor.run_epoch(cmd):
                         yield self._send_reply(reply, caller, cmd.op)
                     continue
-                reply = await (self.executor.execute_batch(cmd, caller, state) if cmd.op == "batch"
-                               else self.executor.execute(cmd, caller, state))
+                reply = await (
+                    self.executor.execute_batch(cmd, caller, state)
+                    if cmd.op == "batch"
+                    else self.executor.execute(cmd, caller, state)
+                )
                 for part in split_reply(reply, self.limits.chunk_bytes):
                     yield self._send_reply(part, caller, cmd.op)
         finally:
@@ -234,8 +274,9 @@ class WorkerServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"worker {self.name!r}: {caller!r} is not a peer")
         link = await self.peers.accept(caller, context.write, context.read)
         if link.protocol_error is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"worker {self.name!r}: malformed peer frame: {link.protocol_error}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: malformed peer frame: {link.protocol_error}"
+            )
 
     async def _parse(self, raw: bytes, caller: str, context: grpc.aio.ServicerContext) -> Command:
         try:
@@ -249,9 +290,13 @@ class WorkerServer:
     def _send_reply(self, reply: Reply, caller: str, op: str) -> bytes:
         data = reply.SerializeToString()
         if len(data) > self.limits.max_message_bytes:
-            data = Reply(seq=reply.seq, ok=False, error_type="WireError",
-                         error=f"worker {self.name!r}: the reply to {op!r} is {len(data)} bytes, over the "
-                               f"{self.limits.max_message_bytes}-byte message limit").SerializeToString()
+            data = Reply(
+                seq=reply.seq,
+                ok=False,
+                error_type="WireError",
+                error=f"worker {self.name!r}: the reply to {op!r} is {len(data)} bytes, over the "
+                f"{self.limits.max_message_bytes}-byte message limit",
+            ).SerializeToString()
         self.counters.record(caller, "sent", REPLY_KIND.get(op, "control") if reply.ok else "control", len(data))
         return data
 
@@ -283,8 +328,14 @@ def write_address(path: str, address: str) -> None:
 
 async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Run a worker until SIGINT/SIGTERM (or ``max_lifetime`` seconds); shut down gracefully."""
-    server = WorkerServer(config.name, config.token, tls=config.tls, limits=config.limits,
-                          peer_timeout=config.peer_timeout, policy=WorkerPolicy(release_outputs=config.release_outputs))
+    server = WorkerServer(
+        config.name,
+        config.token,
+        tls=config.tls,
+        limits=config.limits,
+        peer_timeout=config.peer_timeout,
+        policy=WorkerPolicy(release_outputs=config.release_outputs),
+    )
     for dname, parts in config.datasets.items():
         server.engine.add_dataset(dname, **parts)
     address = await server.start(config.listen)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 
@@ -108,7 +108,7 @@ class Inbox:
         if run is None or not any(p == peer for p, _ in run.allowed):
             return
         run.aborted = WorkerError(f"worker {self.worker!r}: peer {peer!r} aborted the epoch: {text}")
-        for (p, _, i), fut in self._slots.items():
+        for (_, _, i), fut in self._slots.items():
             if run_of(i) == run_id and not fut.done():
                 fut.set_exception(run.aborted)
 
@@ -129,8 +129,10 @@ class Inbox:
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
-            raise WorkerError(f"worker {self.worker!r}: peer {peer!r} did not send its {kind} within "
-                              f"{self.timeout:g} s (is it alive?)") from None
+            raise WorkerError(
+                f"worker {self.worker!r}: peer {peer!r} did not send its {kind} within "
+                f"{self.timeout:g} s (is it alive?)"
+            ) from None
         finally:
             self._slots.pop((peer, kind, frame_id), None)
 
@@ -151,8 +153,9 @@ def _party(value: object, what: str) -> str | None:
     return value
 
 
-def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: set[str],
-               max_blob_bytes: int) -> EpochPlan:
+def parse_plan(
+    args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: set[str], max_blob_bytes: int
+) -> EpochPlan:
     """Check a ``run_epoch`` command against what this worker hosts and knows; raise WireError/WorkerError."""
     run_id = args.get("run")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or not 0 < run_id < 1 << RUN_ID_BITS:
@@ -171,8 +174,7 @@ def parse_plan(args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: 
         order = BatchOrder.from_dict(args["order"])
     else:
         indices = _explicit_batches(blobs, max_blob_bytes)
-    plan = EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices,
-                     progress_interval=float(interval))
+    plan = EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices, progress_interval=float(interval))
     if plan.holds_labels:
         check_loss_name(loss)
     _check_data(plan, engine)
@@ -199,15 +201,19 @@ def _parse_stages(raw_stages: object, engine: VirtualWorker, peers: set[str]) ->
             raise WireError("epoch plan: exactly the first stage (index 0) has no previous party")
         for p in (st.prev, st.next):
             if p not in (None, me) and p not in peers:
-                raise WorkerError(f"worker {me!r}: the epoch plan names {p!r}, which is not a peer of this "
-                                  f"worker's model (known peers: {sorted(peers)})")
+                raise WorkerError(
+                    f"worker {me!r}: the epoch plan names {p!r}, which is not a peer of this "
+                    f"worker's model (known peers: {sorted(peers)})"
+                )
         if stages and index <= stages[-1].index:
             raise WireError("epoch plan: stage indices must increase")
         if st.prev == me and not (stages and stages[-1].index == index - 1 and stages[-1].next == me):
             raise WireError(f"epoch plan: stage {index} is fed by this worker but stage {index - 1} is not here")
         if stages and stages[-1].next == me and not (stages[-1].index == index - 1 and st.prev == me):
-            raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but stage "
-                            f"{stages[-1].index + 1} is not next here")
+            raise WireError(
+                f"epoch plan: stage {stages[-1].index} feeds this worker but stage "
+                f"{stages[-1].index + 1} is not next here"
+            )
         if stages and stages[-1].next is None:
             raise WireError("epoch plan: the last segment must be the last stage of the plan")
         stages.append(st)
@@ -219,8 +225,9 @@ def _parse_stages(raw_stages: object, engine: VirtualWorker, peers: set[str]) ->
 def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
     """The dataset parts the plan reads here (features at its first stage, labels at its last) exist and fit it."""
     me, dataset, order, indices = engine.name, plan.dataset, plan.order, plan.indices
-    needs = [part for part, needed in (("features", plan.stages[0].prev is None), ("labels", plan.holds_labels))
-             if needed]
+    needs = [
+        part for part, needed in (("features", plan.stages[0].prev is None), ("labels", plan.holds_labels)) if needed
+    ]
     if needs:
         data = engine._dataset(dataset)  # WorkerError naming what it holds
         size = len(data.features if data.features is not None else data.labels)
@@ -228,8 +235,10 @@ def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
             if getattr(data, part) is None:
                 raise WorkerError(f"worker {me!r} holds no {part} for dataset {dataset!r}")
         if order is not None and order.n != size:
-            raise WireError(f"epoch plan: the batch order covers {order.n} samples but dataset {dataset!r} "
-                            f"has {size} at worker {me!r}")
+            raise WireError(
+                f"epoch plan: the batch order covers {order.n} samples but dataset {dataset!r} "
+                f"has {size} at worker {me!r}"
+            )
         for idx in indices or ():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
                 raise WireError(f"epoch plan: batch indices of dataset {dataset!r} out of range 0..{size - 1}")
@@ -251,8 +260,9 @@ Push = Callable[[str, str, int, torch.Tensor], Awaitable[None]]
 Receive = Callable[[str, str, int], Awaitable[torch.Tensor]]
 
 
-async def run_epoch(engine: VirtualWorker, plan: EpochPlan, push: Push,
-                    receive: Receive) -> AsyncIterator[list[LossStats]]:
+async def run_epoch(
+    engine: VirtualWorker, plan: EpochPlan, push: Push, receive: Receive
+) -> AsyncIterator[list[LossStats]]:
     """Run this worker's part of ``plan``; yield the label holder's losses every ``progress_interval`` s.
 
     Per batch, in the eager order of :func:`splitnn.split.schedule.train_step`
@@ -315,6 +325,7 @@ def losses_from_json(d: dict) -> list[LossStats]:
     if not (isinstance(loss, list) and isinstance(count, list) and len(loss) == len(count)):
         raise WireError("malformed progress report")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in loss) or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in count):
+        isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in count
+    ):
         raise WireError("malformed loss in a progress report")
     return [LossStats(float(x), -1, int(c)) for x, c in zip(loss, count)]

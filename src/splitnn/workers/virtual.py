@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,8 +83,9 @@ class VirtualWorker:
         policy: what this worker hands out to the researcher.
     """
 
-    def __init__(self, name: str, *, ledger: Ledger | None = None, fuse: bool = True,
-                 policy: WorkerPolicy | None = None) -> None:
+    def __init__(
+        self, name: str, *, ledger: Ledger | None = None, fuse: bool = True, policy: WorkerPolicy | None = None
+    ) -> None:
         if not isinstance(name, str) or not name or name == RESEARCHER:
             raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
         self.name = name
@@ -107,7 +108,9 @@ class VirtualWorker:
 
     def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
         if not isinstance(segment, nn.Module):
-            raise ConfigurationError(f"segment {key!r} for worker {self.name!r} must be an nn.Module, got {type(segment).__name__}")
+            raise ConfigurationError(
+                f"segment {key!r} for worker {self.name!r} must be an nn.Module, got {type(segment).__name__}"
+            )
         params = [p for p in segment.parameters() if p.requires_grad]
         opt = build_optimizer(optimizer, params) if (optimizer is not None and params) else None
         self._segments[key] = _Hosted(segment, opt, params)
@@ -115,19 +118,25 @@ class VirtualWorker:
     def remove_segment(self, key: str) -> None:
         self._segments.pop(key, None)
 
-    def add_dataset(self, name: str, *, features: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> None:
+    def add_dataset(
+        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> None:
         if features is None and labels is None:
             raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
         n = {len(t) for t in (features, labels) if t is not None}
         if len(n) != 1:
             raise ConfigurationError(
-                f"dataset {name!r} for worker {self.name!r}: features have {len(features)} rows but labels have {len(labels)}")
+                f"dataset {name!r} for worker {self.name!r}: features have {len(features)} rows "
+                f"but labels have {len(labels)}"
+            )
         if n == {0}:
             raise ConfigurationError(f"dataset {name!r} for worker {self.name!r} is empty")
         if labels is not None:
             if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-                raise LabelError(f"labels of dataset {name!r} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+                raise LabelError(
+                    f"labels of dataset {name!r} must be a 1-D integer tensor, "
+                    f"got {labels.dtype} of shape {tuple(labels.shape)}"
+                )
             if int(labels.min()) < 0:
                 raise LabelError(f"labels of dataset {name!r} contain {int(labels.min())}; class labels must be >= 0")
             labels = labels.long()
@@ -138,7 +147,8 @@ class VirtualWorker:
         feats, labels = data.features, data.labels
         size = len(feats) if feats is not None else len(labels)
         return DatasetStats(
-            name=name, size=size,
+            name=name,
+            size=size,
             feature_shape=tuple(feats.shape[1:]) if feats is not None else None,
             num_labels=len(labels) if labels is not None else None,
             label_max=int(labels.max()) if labels is not None else None,
@@ -211,11 +221,12 @@ class VirtualWorker:
                 self.ledger.record(self.name, hosted.source, "gradient", inp.numel() * inp.element_size())
             return TensorRef(self.name, -1, fused=True)
         if inp.grad is None:
-            raise WorkerError(f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?")
+            raise WorkerError(
+                f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
+            )
         return self._keep(inp.grad, "gradient")
 
-    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *,
-                       train: bool = True) -> TensorRef:
+    def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (see :class:`MergingWorker`)."""
         check_merge(merge)
         if not sources:
@@ -228,8 +239,10 @@ class VirtualWorker:
         if not train:
             with torch.no_grad(), _eval_mode(hosted.module):
                 return self._keep(hosted.module(merge_tensors([t for t, _ in received], merge)), "activation")
-        inputs = [(t.detach().requires_grad_() if kind == "detached" else t, kind, ref.owner)
-                  for (t, kind), ref in zip(received, sources)]
+        inputs = [
+            (t.detach().requires_grad_() if kind == "detached" else t, kind, ref.owner)
+            for (t, kind), ref in zip(received, sources)
+        ]
         out = hosted.module(merge_tensors([t for t, _, _ in inputs], merge))
         hosted.inp, hosted.out, hosted.input_kind, hosted.inputs = None, out, "merged", inputs
         return self._keep(out, "activation")
@@ -238,8 +251,9 @@ class VirtualWorker:
         """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
         hosted = self._segment(key)
         if hosted.out is None or hosted.input_kind != "merged" or hosted.inputs is None:
-            raise WorkerError(f"worker {self.name!r}: backward_merged on segment {key!r} without a training "
-                              f"forward_merged first")
+            raise WorkerError(
+                f"worker {self.name!r}: backward_merged on segment {key!r} without a training forward_merged first"
+            )
         self._backprop(hosted, grad)
         inputs = hosted.inputs
         hosted.out, hosted.inputs, hosted.input_kind = None, None, "data"
@@ -251,8 +265,9 @@ class VirtualWorker:
                     self.ledger.record(self.name, sender, "gradient", tensor.numel() * tensor.element_size())
                 refs.append(TensorRef(self.name, -1, fused=True))
             elif tensor.grad is None:
-                raise WorkerError(f"worker {self.name!r}: source {i} of segment {key!r} got no gradient; "
-                                  f"did the loss backward run?")
+                raise WorkerError(
+                    f"worker {self.name!r}: source {i} of segment {key!r} got no gradient; did the loss backward run?"
+                )
             else:
                 refs.append(self._keep(tensor.grad, "gradient"))
         return refs
@@ -301,8 +316,11 @@ class VirtualWorker:
 
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
-        grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                 for n, p in self._segment(key).module.named_parameters() if p.requires_grad}
+        grads = {
+            n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in self._segment(key).module.named_parameters()
+            if p.requires_grad
+        }
         self.ledger.record(self.name, RESEARCHER, "gradient", _state_nbytes(grads))
         return grads
 
@@ -374,13 +392,17 @@ class VirtualWorker:
         try:
             return self._segments[key]
         except KeyError:
-            raise WorkerError(f"worker {self.name!r} hosts no segment {key!r} (it hosts {sorted(self._segments)})") from None
+            raise WorkerError(
+                f"worker {self.name!r} hosts no segment {key!r} (it hosts {sorted(self._segments)})"
+            ) from None
 
     def _dataset(self, name: str) -> _Data:
         try:
             return self._data[name]
         except KeyError:
-            raise WorkerError(f"worker {self.name!r} holds no dataset {name!r} (it holds {sorted(self._data)})") from None
+            raise WorkerError(
+                f"worker {self.name!r} holds no dataset {name!r} (it holds {sorted(self._data)})"
+            ) from None
 
     def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
         tensor = getattr(self._dataset(ref.dataset), part)

@@ -18,6 +18,15 @@ from splitnn.privacy.attacks.inversion import (
 )
 from splitnn.privacy.attacks.label_leakage import LabelLeakageAttack, LabelLeakageResult, cosine_scores, norm_scores
 
-__all__ = ["InversionConfig", "InversionResult", "train_decoder", "reconstruct", "evaluate_reconstructions",
-           "train_reference_classifier", "LabelLeakageAttack", "LabelLeakageResult", "norm_scores",
-           "cosine_scores"]
+__all__ = [
+    "InversionConfig",
+    "InversionResult",
+    "train_decoder",
+    "reconstruct",
+    "evaluate_reconstructions",
+    "train_reference_classifier",
+    "LabelLeakageAttack",
+    "LabelLeakageResult",
+    "norm_scores",
+    "cosine_scores",
+]

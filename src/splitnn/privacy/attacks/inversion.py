@@ -67,8 +67,19 @@ class _Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, *, epochs: int, batch_size: int,
-         lr: float, generator: torch.Generator, desc: str, progress: bool) -> nn.Module:
+def _fit(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     n = inputs.shape[0]
@@ -86,8 +97,9 @@ def _seeded_init(seed: int, build) -> nn.Module:
         return build()
 
 
-def train_decoder(activations: torch.Tensor, images: torch.Tensor, config: InversionConfig | None = None, *,
-                  progress: bool = False) -> nn.Module:
+def train_decoder(
+    activations: torch.Tensor, images: torch.Tensor, config: InversionConfig | None = None, *, progress: bool = False
+) -> nn.Module:
     """Train a decoder from cut activations (N, ...) to images (N, C, H, W) in [-1, 1] (MSE loss).
 
     The decoder standardises its input with the statistics of ``activations``,
@@ -101,15 +113,32 @@ def train_decoder(activations: torch.Tensor, images: torch.Tensor, config: Inver
     images = images.detach().float()
     d_in, d_out = acts.shape[1], int(math.prod(images.shape[1:]))
     std = acts.std(dim=0).clamp_min(1e-6)
-    decoder = _seeded_init(cfg.seed, lambda: nn.Sequential(
-        _Standardize(acts.mean(dim=0), std),
-        nn.Linear(d_in, cfg.hidden), nn.ReLU(),
-        nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
-        nn.Linear(cfg.hidden, d_out), nn.Tanh(),
-        nn.Unflatten(1, tuple(images.shape[1:]))))
+    decoder = _seeded_init(
+        cfg.seed,
+        lambda: nn.Sequential(
+            _Standardize(acts.mean(dim=0), std),
+            nn.Linear(d_in, cfg.hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.hidden, cfg.hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.hidden, d_out),
+            nn.Tanh(),
+            nn.Unflatten(1, tuple(images.shape[1:])),
+        ),
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
-    return _fit(decoder, acts, images, F.mse_loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                generator=gen, desc="decoder", progress=progress)
+    return _fit(
+        decoder,
+        acts,
+        images,
+        F.mse_loss,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        generator=gen,
+        desc="decoder",
+        progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -119,16 +148,33 @@ def reconstruct(decoder: nn.Module, activations: torch.Tensor) -> torch.Tensor:
     return decoder(activations.detach().reshape(activations.shape[0], -1).float())
 
 
-def train_reference_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                               config: InversionConfig | None = None, *, progress: bool = False) -> nn.Module:
+def train_reference_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    config: InversionConfig | None = None,
+    *,
+    progress: bool = False,
+) -> nn.Module:
     """A plain MLP classifier (inputs -> 256 -> classes) trained on clean images, to judge reconstructions."""
     cfg = config or InversionConfig()
     d_in = int(math.prod(images.shape[1:]))
-    model = _seeded_init(cfg.seed + 1, lambda: nn.Sequential(
-        nn.Flatten(), nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, num_classes)))
+    model = _seeded_init(
+        cfg.seed + 1, lambda: nn.Sequential(nn.Flatten(), nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, num_classes))
+    )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return _fit(model, images.detach().float(), labels.long(), F.cross_entropy, epochs=cfg.classifier_epochs,
-                batch_size=cfg.batch_size, lr=cfg.lr, generator=gen, desc="reference classifier", progress=progress)
+    return _fit(
+        model,
+        images.detach().float(),
+        labels.long(),
+        F.cross_entropy,
+        epochs=cfg.classifier_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        generator=gen,
+        desc="reference classifier",
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -146,8 +192,14 @@ class InversionResult:
 
 
 @torch.no_grad()
-def evaluate_reconstructions(reconstructions: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor,
-                             classifier: nn.Module, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> InversionResult:
+def evaluate_reconstructions(
+    reconstructions: torch.Tensor,
+    truth: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: nn.Module,
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> InversionResult:
     """MSE, SSIM (both on a [0, 1] pixel scale) and reference-classifier accuracy of ``reconstructions``."""
     if reconstructions.shape != truth.shape:
         raise ShapeMismatchError(f"reconstructions {tuple(reconstructions.shape)} vs inputs {tuple(truth.shape)}")

@@ -15,8 +15,8 @@ numbers, so training equals undefended training exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import nn
 
@@ -27,8 +27,17 @@ from splitnn.privacy.defenses.noise import CutNoise
 from splitnn.privacy.defenses.nopeek import NoPeek
 from splitnn.privacy.defenses.specs import register_defense_layers
 
-__all__ = ["DEFENSE_NAMES", "DefenseSetting", "DefenseOptions", "apply_defense", "NoPeek", "CutNoise",
-           "LabelProtection", "protect_gradient", "register_defense_layers"]
+__all__ = [
+    "DEFENSE_NAMES",
+    "DefenseSetting",
+    "DefenseOptions",
+    "apply_defense",
+    "NoPeek",
+    "CutNoise",
+    "LabelProtection",
+    "protect_gradient",
+    "register_defense_layers",
+]
 
 #: Defense names, as the command line takes them. ``none`` is the undefended baseline.
 DEFENSE_NAMES = ("none", "nopeek", "noise", "label")
@@ -82,14 +91,18 @@ class DefenseOptions:
     def __post_init__(self) -> None:
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (0 < self.clip < math.inf):
             raise ConfigurationError(f"clip must be a finite number > 0, got {self.clip!r}")
-        if isinstance(self.label_directions, bool) or not isinstance(self.label_directions, int) \
-                or self.label_directions < 1:
+        if (
+            isinstance(self.label_directions, bool)
+            or not isinstance(self.label_directions, int)
+            or self.label_directions < 1
+        ):
             raise ConfigurationError(f"label_directions must be a positive integer, got {self.label_directions!r}")
         check_seed(self.seed, "DefenseOptions")
 
 
-def apply_defense(segments: Sequence[nn.Module], setting: DefenseSetting,
-                  options: DefenseOptions | None = None) -> list[nn.Module]:
+def apply_defense(
+    segments: Sequence[nn.Module], setting: DefenseSetting, options: DefenseOptions | None = None
+) -> list[nn.Module]:
     """Place ``setting`` on ``segments``, one segment per party in chain order.
 
     The first segment is the data holder's (the cut follows it), the last the

@@ -39,7 +39,7 @@ def protect_gradient(grad: torch.Tensor, strength: float, stream: SeededStream, 
     rms = g.pow(2).sum(dim=1).mean().sqrt()
     if n >= 2:
         centred = g - g.mean(dim=0, keepdim=True)
-        basis = torch.linalg.svd(centred, full_matrices=False).Vh[:min(directions, n, g.shape[1])]
+        basis = torch.linalg.svd(centred, full_matrices=False).Vh[: min(directions, n, g.shape[1])]
     else:  # one sample: its own direction is where its label shows
         basis = (g / g.norm().clamp_min(1e-30)).reshape(1, -1)
     noise = stream.randn((n, basis.shape[0]), g) @ basis
@@ -48,7 +48,7 @@ def protect_gradient(grad: torch.Tensor, strength: float, stream: SeededStream, 
 
 class _ProtectGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: "LabelProtection") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, module: LabelProtection) -> torch.Tensor:  # type: ignore[override]
         ctx.module = module
         return x.view_as(x)
 

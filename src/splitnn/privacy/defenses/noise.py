@@ -39,8 +39,9 @@ class CutNoise(nn.Module):
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < math.inf):
             raise ConfigurationError(f"CutNoise: sigma must be a finite number >= 0, got {sigma!r}")
         if sigma > 0 and math.isinf(clip):
-            raise ConfigurationError("CutNoise: noise of sigma x clip needs a finite clip; "
-                                     "give clip=C (an activation norm scale)")
+            raise ConfigurationError(
+                "CutNoise: noise of sigma x clip needs a finite clip; give clip=C (an activation norm scale)"
+            )
         if not isinstance(at_inference, bool):
             raise ConfigurationError(f"CutNoise: at_inference must be True or False, got {at_inference!r}")
         self.clip, self.sigma = float(clip), float(sigma)

@@ -45,7 +45,9 @@ class NoPeek(nn.Module):
     def __init__(self, inner: nn.Module, alpha: float = 0.0) -> None:
         super().__init__()
         if not isinstance(inner, nn.Module):
-            raise ConfigurationError(f"NoPeek wraps an nn.Module (the data holder's segment), got {type(inner).__name__}")
+            raise ConfigurationError(
+                f"NoPeek wraps an nn.Module (the data holder's segment), got {type(inner).__name__}"
+            )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 <= alpha < math.inf):
             raise ConfigurationError(f"NoPeek: alpha must be a finite number >= 0, got {alpha!r}")
         self.inner = inner

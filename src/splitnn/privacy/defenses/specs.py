@@ -38,7 +38,7 @@ def _checked(name: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def _cut_noise(args: dict[str, Any]) -> CutNoise:
     args = dict(_checked("CutNoise", args))
-    if args.get("clip", None) is None:
+    if args.get("clip") is None:
         args["clip"] = math.inf
     return CutNoise(**args)
 
@@ -52,13 +52,27 @@ def _nopeek(args: dict[str, Any]) -> NoPeek:
 
 def register_defense_layers() -> None:
     """Teach the spec codec the defense layers (idempotent)."""
-    register_layer("CutNoise", CutNoise,
-                   lambda m: {"clip": None if math.isinf(m.clip) else m.clip, "sigma": m.sigma, "seed": m.seed,
-                              "at_inference": m.at_inference},
-                   _cut_noise, param_count=lambda a: 0, replace=True)
-    register_layer("NoPeek", NoPeek, lambda m: {"alpha": m.alpha, "inner": module_to_spec(m.inner)},
-                   _nopeek, replace=True)
-    register_layer("LabelProtection", LabelProtection,
-                   lambda m: {"strength": m.strength, "directions": m.directions, "seed": m.seed},
-                   lambda a: LabelProtection(**_checked("LabelProtection", a)), param_count=lambda a: 0,
-                   replace=True)
+    register_layer(
+        "CutNoise",
+        CutNoise,
+        lambda m: {
+            "clip": None if math.isinf(m.clip) else m.clip,
+            "sigma": m.sigma,
+            "seed": m.seed,
+            "at_inference": m.at_inference,
+        },
+        _cut_noise,
+        param_count=lambda a: 0,
+        replace=True,
+    )
+    register_layer(
+        "NoPeek", NoPeek, lambda m: {"alpha": m.alpha, "inner": module_to_spec(m.inner)}, _nopeek, replace=True
+    )
+    register_layer(
+        "LabelProtection",
+        LabelProtection,
+        lambda m: {"strength": m.strength, "directions": m.directions, "seed": m.seed},
+        lambda a: LabelProtection(**_checked("LabelProtection", a)),
+        param_count=lambda a: 0,
+        replace=True,
+    )

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
-from splitnn.data.batching import epoch_batches
 from splitnn.training.loop import EvalResult
 from splitnn.workers import Worker
 from splitnn.workers.losses import check_loss_name, compute_loss
@@ -94,8 +94,16 @@ class Federation:
         ledger: where transfers are recorded (default: the first client's, shared).
     """
 
-    def __init__(self, model: nn.Module, clients: Sequence[Worker], *, client_optimizer: object | None,
-                 loss: str, ledger: Ledger | None, prefix: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: Sequence[Worker],
+        *,
+        client_optimizer: object | None,
+        loss: str,
+        ledger: Ledger | None,
+        prefix: str,
+    ) -> None:
         clients = list(clients)
         if not clients:
             raise ConfigurationError("a federation needs at least one client worker")
@@ -134,8 +142,9 @@ class Federation:
         if cached is not None and all(a is b for a, b in zip(cached[0], shards)):
             return cached[1]
         if len(shards) != len(self.stages):
-            raise ConfigurationError(f"got {len(shards)} data shards for {len(self.stages)} clients; "
-                                     f"give exactly one shard per client")
+            raise ConfigurationError(
+                f"got {len(shards)} data shards for {len(self.stages)} clients; give exactly one shard per client"
+            )
         for k, shard in enumerate(shards):
             self._check_shard(k, shard)
         placed, placement = [], len(self._placed)  # a fresh name per placement: never overwrite placed data
@@ -153,8 +162,9 @@ class Federation:
     def _check_shard(self, k: int, shard) -> None:
         features, labels = getattr(shard, "features", None), getattr(shard, "labels", None)
         if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise ConfigurationError(f"shard {k} must be a splitnn.data.Dataset with features and labels, "
-                                     f"got {type(shard).__name__}")
+            raise ConfigurationError(
+                f"shard {k} must be a splitnn.data.Dataset with features and labels, got {type(shard).__name__}"
+            )
         if len(features) == 0:
             raise ConfigurationError(f"shard {k} (client {self.stages[k].worker.name!r}) is empty")
         was_training = self.model.training
@@ -163,10 +173,13 @@ class Federation:
             with torch.no_grad():
                 out = self.model(torch.zeros(2, *features.shape[1:]))
         except RuntimeError as exc:
-            raise ShapeMismatchError(f"the model cannot take client {k}'s samples of shape "
-                                     f"{tuple(features.shape[1:])}: {exc}") from exc
+            raise ShapeMismatchError(
+                f"the model cannot take client {k}'s samples of shape {tuple(features.shape[1:])}: {exc}"
+            ) from exc
         finally:
             self.model.train(was_training)
         if out.dim() == 2 and int(labels.max()) >= out.shape[1]:
-            raise LabelError(f"shard {k} has label {int(labels.max())} but the model has only {out.shape[1]} "
-                             f"outputs; widen the last layer or fix the labels")
+            raise LabelError(
+                f"shard {k} has label {int(labels.max())} but the model has only {out.shape[1]} "
+                f"outputs; widen the last layer or fix the labels"
+            )

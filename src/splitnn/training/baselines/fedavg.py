@@ -18,15 +18,15 @@ Adam moments) stays at the client between rounds; only weights are averaged.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data.batching import epoch_batches
 from splitnn.split.schedule import train_step
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation, weighted_average
-from splitnn.data.batching import epoch_batches
 from splitnn.training.loop import EpochStats, History, _check_positive, _show_progress
 from splitnn.workers import BatchRef, Worker
 
@@ -45,13 +45,29 @@ class FedAvg(Federation):
     >>> # fed.fit(shards, rounds=5, local_epochs=1); fed.evaluate(test)
     """
 
-    def __init__(self, model: nn.Module, clients: Sequence[Worker], *, optimizer: object = "sgd:lr=0.03",
-                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: Sequence[Worker],
+        *,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+    ) -> None:
         super().__init__(model, clients, client_optimizer=optimizer, loss=loss, ledger=ledger, prefix="fedavg")
 
-    def fit(self, shards: Sequence, *, rounds: int = 1, local_epochs: int = 1, batch_size: int = 64, seed: int = 0,
-            test_data: object | None = None, progress: bool | None = None,
-            on_round: Callable[[EpochStats], None] | None = None) -> History:
+    def fit(
+        self,
+        shards: Sequence,
+        *,
+        rounds: int = 1,
+        local_epochs: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+        test_data: object | None = None,
+        progress: bool | None = None,
+        on_round: Callable[[EpochStats], None] | None = None,
+    ) -> History:
         """Train for ``rounds`` rounds of ``local_epochs`` local epochs; ``shards[k]`` is client ``k``'s data.
 
         Returns one :class:`~splitnn.training.EpochStats` per round (``epoch`` is
@@ -64,8 +80,14 @@ class FedAvg(Federation):
         placed = self.place(shards)  # checks everything before any training
         total_samples = sum(n for _, n in placed)
         history = History()
-        bar = tqdm(total=rounds * len(placed), desc="FedAvg", unit="client-round", leave=False,
-                   disable=not _show_progress(progress), mininterval=0.5)
+        bar = tqdm(
+            total=rounds * len(placed),
+            desc="FedAvg",
+            unit="client-round",
+            leave=False,
+            disable=not _show_progress(progress),
+            mininterval=0.5,
+        )
         try:
             for r in range(rounds):
                 before, start = self.ledger.snapshot(), time.perf_counter()
@@ -74,8 +96,9 @@ class FedAvg(Federation):
                 for k, (stage, (name, n)) in enumerate(zip(self.stages, placed)):
                     stage.worker.set_state(self.key, global_state, src=RESEARCHER)
                     for e in range(local_epochs):
-                        batches = epoch_batches(n, batch_size, seed=seed + CLIENT_SEED_STRIDE * k,
-                                                epoch=r * local_epochs + e)
+                        batches = epoch_batches(
+                            n, batch_size, seed=seed + CLIENT_SEED_STRIDE * k, epoch=r * local_epochs + e
+                        )
                         for idx in batches:
                             stats = train_step([stage], BatchRef(name, idx), self.loss)
                             loss_sum += stats.loss * stats.count
@@ -83,8 +106,13 @@ class FedAvg(Federation):
                     weights.append(n)
                     bar.update(1)
                 self.model.load_state_dict(weighted_average(states, weights))
-                stats = EpochStats(r + 1, loss_sum / (total_samples * local_epochs), total_samples,
-                                   time.perf_counter() - start, self.ledger.since(before).sent_by())
+                stats = EpochStats(
+                    r + 1,
+                    loss_sum / (total_samples * local_epochs),
+                    total_samples,
+                    time.perf_counter() - start,
+                    self.ledger.since(before).sent_by(),
+                )
                 if test_data is not None:
                     result = self.evaluate(test_data)
                     stats.test_accuracy, stats.test_loss = result.accuracy, result.loss

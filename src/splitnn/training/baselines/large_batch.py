@@ -21,17 +21,17 @@ plain centralized training with :func:`~splitnn.training.fit`'s data order.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
 from splitnn.split.schedule import train_step
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation
-from splitnn.data.batching import epoch_batches
 from splitnn.training.loop import EpochStats, History, _check_positive, _show_progress
 from splitnn.workers import BatchRef, Worker
 from splitnn.workers.base import GradientWorker
@@ -50,19 +50,35 @@ class LargeBatchSGD(Federation):
         ledger: where transfers are recorded (default: the first client's, shared).
     """
 
-    def __init__(self, model: nn.Module, clients: Sequence[Worker], *, optimizer: object = "sgd:lr=0.03",
-                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: Sequence[Worker],
+        *,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+    ) -> None:
         missing = [c.name for c in clients if not isinstance(c, GradientWorker)]
         if missing:
-            raise ConfigurationError(f"large-batch SGD needs clients that can send gradients (get_grads); "
-                                     f"{missing} cannot")
+            raise ConfigurationError(
+                f"large-batch SGD needs clients that can send gradients (get_grads); {missing} cannot"
+            )
         super().__init__(model, clients, client_optimizer=None, loss=loss, ledger=ledger, prefix="largebatch")
         self.optimizer = build_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
         self._params = dict(model.named_parameters())
 
-    def fit(self, shards: Sequence, *, epochs: int = 1, batch_size: int = 64, seed: int = 0,
-            test_data: object | None = None, progress: bool | None = None,
-            on_epoch: Callable[[EpochStats], None] | None = None) -> History:
+    def fit(
+        self,
+        shards: Sequence,
+        *,
+        epochs: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+        test_data: object | None = None,
+        progress: bool | None = None,
+        on_epoch: Callable[[EpochStats], None] | None = None,
+    ) -> History:
         """Train for ``epochs`` epochs with ``batch_size`` samples per client and step.
 
         ``shards[k]`` is client ``k``'s data. Returns one
@@ -75,16 +91,29 @@ class LargeBatchSGD(Federation):
         history = History()
         for epoch in range(epochs):
             before, start = self.ledger.snapshot(), time.perf_counter()
-            plans = [epoch_batches(n, batch_size, seed=seed + CLIENT_SEED_STRIDE * k, epoch=epoch)
-                     for k, (_, n) in enumerate(placed)]
+            plans = [
+                epoch_batches(n, batch_size, seed=seed + CLIENT_SEED_STRIDE * k, epoch=epoch)
+                for k, (_, n) in enumerate(placed)
+            ]
             steps = max(len(p) for p in plans)
             loss_sum = 0.0
-            for s in tqdm(range(steps), desc=f"large-batch SGD epoch {epoch + 1}/{epochs}", unit="step", leave=False,
-                          disable=not _show_progress(progress), mininterval=0.5):
+            for s in tqdm(
+                range(steps),
+                desc=f"large-batch SGD epoch {epoch + 1}/{epochs}",
+                unit="step",
+                leave=False,
+                disable=not _show_progress(progress),
+                mininterval=0.5,
+            ):
                 parts = [(k, plan[s]) for k, plan in enumerate(plans) if s < len(plan)]
                 loss_sum += self._step(parts, [name for name, _ in placed])
-            stats = EpochStats(epoch + 1, loss_sum / total_samples, total_samples, time.perf_counter() - start,
-                               self.ledger.since(before).sent_by())
+            stats = EpochStats(
+                epoch + 1,
+                loss_sum / total_samples,
+                total_samples,
+                time.perf_counter() - start,
+                self.ledger.since(before).sent_by(),
+            )
             if test_data is not None:
                 result = self.evaluate(test_data)
                 stats.test_accuracy, stats.test_loss = result.accuracy, result.loss

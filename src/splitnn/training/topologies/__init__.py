@@ -20,6 +20,15 @@ from splitnn.training.topologies.ushape import UShapedSplitNN
 from splitnn.training.topologies.vertical import VerticalData, VerticalNet, VerticalSplitNN
 
 __all__ = [
-    "Topology", "MultiHolderSplitNN", "HandOff", "HANDOFF_MODES", "UShapedSplitNN", "VerticalSplitNN",
-    "VerticalData", "VerticalNet", "TopologyConfig", "build_topology", "TOPOLOGIES",
+    "Topology",
+    "MultiHolderSplitNN",
+    "HandOff",
+    "HANDOFF_MODES",
+    "UShapedSplitNN",
+    "VerticalSplitNN",
+    "VerticalData",
+    "VerticalNet",
+    "TopologyConfig",
+    "build_topology",
+    "TOPOLOGIES",
 ]

@@ -12,7 +12,7 @@ drive it, and it talks to its parties only through the
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,8 +37,10 @@ def as_worker_list(workers: Worker | Sequence[Worker], count: int, what: str) ->
         return [workers] * count
     workers = list(workers)
     if len(workers) != count:
-        raise ConfigurationError(f"got {count} {what} but {len(workers)} workers for them; give one worker per "
-                                 f"segment (or a single worker for all of them)")
+        raise ConfigurationError(
+            f"got {count} {what} but {len(workers)} workers for them; give one worker per "
+            f"segment (or a single worker for all of them)"
+        )
     return workers
 
 
@@ -46,8 +48,7 @@ def as_optimizer_list(optimizer: object, count: int) -> list[object]:
     """One optimizer (factory or spec) per segment: a single one repeated, or a list of ``count``."""
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer] * count
     if len(optimizers) != count:
-        raise ConfigurationError(f"got {len(optimizers)} optimizers for {count} segments; give one, or one per "
-                                 f"segment")
+        raise ConfigurationError(f"got {len(optimizers)} optimizers for {count} segments; give one, or one per segment")
     return optimizers
 
 
@@ -60,8 +61,13 @@ def check_modules(segments: Sequence[nn.Module], what: str) -> list[nn.Module]:
     return segments
 
 
-def place(prefix: str, first_index: int, segments: Sequence[nn.Module], workers: Sequence[Worker],
-          optimizers: Sequence[object]) -> list[Stage]:
+def place(
+    prefix: str,
+    first_index: int,
+    segments: Sequence[nn.Module],
+    workers: Sequence[Worker],
+    optimizers: Sequence[object],
+) -> list[Stage]:
     """Host each segment at its worker under ``{prefix}.s{index}``; return the stages."""
     stages = []
     for offset, (seg, worker, opt) in enumerate(zip(segments, workers, optimizers)):
@@ -82,8 +88,9 @@ def probe_stages(stages: Sequence[Stage], shape: tuple[int, ...], came_from: str
         try:
             shape = stage.worker.probe(stage.key, shape)
         except RuntimeError as exc:
-            raise ShapeMismatchError(f"{before} gives shape {tuple(shape)} but {stage.label} cannot take it: "
-                                     f"{exc}") from exc
+            raise ShapeMismatchError(
+                f"{before} gives shape {tuple(shape)} but {stage.label} cannot take it: {exc}"
+            ) from exc
         before = stage.label
     return shape
 
@@ -129,8 +136,14 @@ class Topology:
         """Every distinct worker of the model (subclasses list theirs)."""
         return []
 
-    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
-                    order: dict | None = None) -> None:
+    def train_epoch(
+        self,
+        dataset: str,
+        batches: Sequence[torch.Tensor],
+        on_batch: Callable[[LossStats], None],
+        *,
+        order: dict | None = None,
+    ) -> None:
         """Train on every batch of an epoch in order, calling ``on_batch`` with each batch's stats.
 
         Then wait until pipelined (networked) workers have finished the last step, so that the

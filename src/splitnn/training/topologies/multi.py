@@ -31,8 +31,9 @@ epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -42,8 +43,8 @@ from splitnn.data import PartitionSpec, parse_partition
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError
 from splitnn.split import bind_workers
-from splitnn.split.schedule import eval_step, train_step
 from splitnn.split.placement import PlacedData, features_and_labels
+from splitnn.split.schedule import eval_step, train_step
 from splitnn.split.stage import Stage, check_static_fit
 from splitnn.training.topologies.base import (
     Topology,
@@ -134,11 +135,22 @@ class MultiHolderSplitNN(Topology):
         ConfigurationError: before any work, for an invalid arrangement.
     """
 
-    def __init__(self, bottom: nn.Module, top: Sequence[nn.Module], holders: Sequence[Worker],
-                 top_workers: Worker | Sequence[Worker], *, handoff: str = "peer", store: Worker | None = None,
-                 turn_batches: int | None = None, partition: str | PartitionSpec | Partitioner = "iid",
-                 partition_seed: int = 0, optimizer: object = "sgd:lr=0.03", loss: str = "nll",
-                 ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        bottom: nn.Module,
+        top: Sequence[nn.Module],
+        holders: Sequence[Worker],
+        top_workers: Worker | Sequence[Worker],
+        *,
+        handoff: str = "peer",
+        store: Worker | None = None,
+        turn_batches: int | None = None,
+        partition: str | PartitionSpec | Partitioner = "iid",
+        partition_seed: int = 0,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+    ) -> None:
         bottom = check_modules([bottom], "bottom segment")[0]
         top = check_modules(top, "top segment")
         if not top:
@@ -150,19 +162,24 @@ class MultiHolderSplitNN(Topology):
         top_workers = as_worker_list(top_workers, len(top), "top segments")
         shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
         if shared:
-            raise ConfigurationError(f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
-                                     f"only its copy of the bottom segment")
+            raise ConfigurationError(
+                f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
+                f"only its copy of the bottom segment"
+            )
         if handoff not in HANDOFF_MODES:
             raise ConfigurationError(f"unknown handoff {handoff!r}; choose one of {HANDOFF_MODES}")
         if store is not None and handoff != "central":
             raise ConfigurationError("a weight store is used only with handoff='central'")
         if store is not None and store.name in {h.name for h in holders}:
-            raise ConfigurationError(f"the weight store {store.name!r} is a data holder; pick the label holder or a "
-                                     f"third party")
-        if turn_batches is not None and (isinstance(turn_batches, bool) or not isinstance(turn_batches, int)
-                                         or turn_batches < 1):
-            raise ConfigurationError(f"turn_batches must be a positive integer or None (one turn per epoch), got "
-                                     f"{turn_batches!r}")
+            raise ConfigurationError(
+                f"the weight store {store.name!r} is a data holder; pick the label holder or a third party"
+            )
+        if turn_batches is not None and (
+            isinstance(turn_batches, bool) or not isinstance(turn_batches, int) or turn_batches < 1
+        ):
+            raise ConfigurationError(
+                f"turn_batches must be a positive integer or None (one turn per epoch), got {turn_batches!r}"
+            )
         self.partition = _as_partitioner(partition)
         self.partition_seed = int(partition_seed)
         self.handoff = handoff
@@ -177,8 +194,10 @@ class MultiHolderSplitNN(Topology):
         if len(holders) > 1:
             for w in [*holders, *([self.store] if self.store is not None else [])]:
                 if not isinstance(w, PeerStateWorker):
-                    raise ConfigurationError(f"worker {w.name!r} cannot hand weights to a peer (it lacks send_state); "
-                                             f"multi-holder training needs it at every holder and the store")
+                    raise ConfigurationError(
+                        f"worker {w.name!r} cannot hand weights to a peer (it lacks send_state); "
+                        f"multi-holder training needs it at every holder and the store"
+                    )
 
         prefix = new_prefix("multi")
         self.holders = holders
@@ -247,13 +266,18 @@ class MultiHolderSplitNN(Topology):
         features, labels = features_and_labels(data, "the holders")
         k, n = len(self.holders), len(labels)
         if k > n:
-            raise ConfigurationError(f"{k} data holders but the dataset has only {n} samples; every holder needs at "
-                                     f"least one sample: use fewer holders or more data")
-        shards = [torch.as_tensor(s, dtype=torch.int64).sort().values
-                  for s in self.partition(labels, k, self.partition_seed)]
+            raise ConfigurationError(
+                f"{k} data holders but the dataset has only {n} samples; every holder needs at "
+                f"least one sample: use fewer holders or more data"
+            )
+        shards = [
+            torch.as_tensor(s, dtype=torch.int64).sort().values for s in self.partition(labels, k, self.partition_seed)
+        ]
         if len(shards) != k or any(s.numel() == 0 for s in shards):
-            raise ConfigurationError(f"the partitioner gave shard sizes {[int(s.numel()) for s in shards]} for {k} "
-                                     f"holders; every holder needs a non-empty shard")
+            raise ConfigurationError(
+                f"the partitioner gave shard sizes {[int(s.numel()) for s in shards]} for {k} "
+                f"holders; every holder needs a non-empty shard"
+            )
         name = f"{getattr(data, 'name', 'data')}#{self._data_ids}"
         self._data_ids += 1
         for h, (holder, shard) in enumerate(zip(self.holders, shards)):
@@ -268,23 +292,31 @@ class MultiHolderSplitNN(Topology):
             feats = holder.dataset_stats(shard)
             labels = self.label_holder.dataset_stats(shard)
             if feats.feature_shape is None or labels.num_labels is None or labels.label_max is None:
-                raise ConfigurationError(f"dataset {shard!r}: {holder.name!r} must hold its features and "
-                                         f"{self.label_holder.name!r} its labels")
+                raise ConfigurationError(
+                    f"dataset {shard!r}: {holder.name!r} must hold its features and "
+                    f"{self.label_holder.name!r} its labels"
+                )
             if feats.size != labels.num_labels:
-                raise ConfigurationError(f"dataset {shard!r}: {feats.size} feature rows at {holder.name!r} but "
-                                         f"{labels.num_labels} labels at {self.label_holder.name!r}")
+                raise ConfigurationError(
+                    f"dataset {shard!r}: {feats.size} feature rows at {holder.name!r} but "
+                    f"{labels.num_labels} labels at {self.label_holder.name!r}"
+                )
             if shape is not None and feats.feature_shape != shape:
-                raise ConfigurationError(f"dataset {name!r}: {holder.name!r} holds samples of shape "
-                                         f"{feats.feature_shape} but {self.holders[0].name!r} of shape {shape}; "
-                                         f"every holder's samples must have the same shape")
+                raise ConfigurationError(
+                    f"dataset {name!r}: {holder.name!r} holds samples of shape "
+                    f"{feats.feature_shape} but {self.holders[0].name!r} of shape {shape}; "
+                    f"every holder's samples must have the same shape"
+                )
             shape = feats.feature_shape
             sizes.append(feats.size)
             label_max = max(label_max, labels.label_max)
         assert shape is not None
         out = probe_stages(self.stages_of(0), (2, *shape), f"the data of {self.holders[0].name!r}")
         if len(out) == 2 and label_max >= out[1]:
-            raise LabelError(f"dataset {name!r} has label {label_max} but the model has only {out[1]} outputs "
-                             f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels")
+            raise LabelError(
+                f"dataset {name!r} has label {label_max} but the model has only {out[1]} outputs "
+                f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels"
+            )
         return _Placement(name, tuple(sizes))
 
     def _placement(self, name: str) -> _Placement:
@@ -294,8 +326,9 @@ class MultiHolderSplitNN(Topology):
             raise ConfigurationError(f"dataset {name!r} is not prepared; call prepare(data) first") from None
 
     # -- batches ----------------------------------------------------------------------------
-    def epoch_plan(self, dataset: str, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                   epoch: int = 0) -> list[torch.Tensor]:
+    def epoch_plan(
+        self, dataset: str, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
+    ) -> list[torch.Tensor]:
         """The batches of one epoch, holder by holder in round-robin turns.
 
         Holder ``h`` visits its shard in the order of
@@ -307,13 +340,15 @@ class MultiHolderSplitNN(Topology):
         placement = self._placement(dataset)
         if n != placement.total:
             raise ConfigurationError(f"dataset {dataset!r} has {placement.total} samples, not {n}")
-        per_holder = [epoch_batches(size, batch_size, shuffle=shuffle, seed=seed + _SEED_STRIDE * h, epoch=epoch)
-                      for h, size in enumerate(placement.sizes)]
+        per_holder = [
+            epoch_batches(size, batch_size, shuffle=shuffle, seed=seed + _SEED_STRIDE * h, epoch=epoch)
+            for h, size in enumerate(placement.sizes)
+        ]
         turn = self.turn_batches or max(len(b) for b in per_holder)
         plan: list[torch.Tensor] = []
         for start in range(0, max(len(b) for b in per_holder), turn):
             for h, batches in enumerate(per_holder):
-                plan.extend(b + placement.offsets[h] for b in batches[start:start + turn])
+                plan.extend(b + placement.offsets[h] for b in batches[start : start + turn])
         return plan
 
     def _locate(self, name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,8 +369,10 @@ class MultiHolderSplitNN(Topology):
         holder, local = self._locate(dataset, indices)
         h = int(holder[0])
         if not bool((holder == h).all()):
-            raise ConfigurationError(f"a training batch must hold samples of one data holder, but this one spans "
-                                     f"holders {sorted(set(holder.tolist()))}; use fit() or epoch_plan() for batches")
+            raise ConfigurationError(
+                f"a training batch must hold samples of one data holder, but this one spans "
+                f"holders {sorted(set(holder.tolist()))}; use fit() or epoch_plan() for batches"
+            )
         self._bring_up_to_date(h, "turn")
         stats = train_step(self.stages_of(h), BatchRef(self.shard_name(dataset, h), local), self.loss)
         self._latest += 1

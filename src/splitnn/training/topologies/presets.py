@@ -9,8 +9,8 @@ in U-shaped training, where ``alice`` keeps them) and is the weight store of
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from torch import nn
 
@@ -62,13 +62,15 @@ class TopologyConfig:
         if self.topology == "vertical" and self.clients < 2:
             raise ConfigurationError("vertical training needs at least 2 clients (data holders); use --clients 2")
         if self.topology in ("chain", "u-shape") and self.clients != 1:
-            raise ConfigurationError(f"--topology {self.topology} has exactly one data holder; --clients applies to "
-                                     f"multi and vertical")
+            raise ConfigurationError(
+                f"--topology {self.topology} has exactly one data holder; --clients applies to multi and vertical"
+            )
         if self.handoff not in HANDOFF_MODES:
             raise ConfigurationError(f"unknown handoff {self.handoff!r}; choose one of {HANDOFF_MODES}")
         parse_partition(self.partition)
-        if self.turn_batches is not None and (isinstance(self.turn_batches, bool) or
-                                              not isinstance(self.turn_batches, int) or self.turn_batches < 1):
+        if self.turn_batches is not None and (
+            isinstance(self.turn_batches, bool) or not isinstance(self.turn_batches, int) or self.turn_batches < 1
+        ):
             raise ConfigurationError(f"turn_batches must be a positive integer, got {self.turn_batches!r}")
         if self.merge not in MERGE_MODES:
             raise ConfigurationError(f"unknown merge {self.merge!r}; choose one of {MERGE_MODES}")
@@ -76,8 +78,9 @@ class TopologyConfig:
             raise ConfigurationError(f"hidden sizes must be positive integers, got {self.hidden!r}")
         minimum = 1 if self.topology != "u-shape" else 2
         if len(self.hidden) < minimum:
-            raise ConfigurationError(f"--topology {self.topology} needs at least {minimum + 1} segments, i.e. "
-                                     f"{minimum} hidden sizes")
+            raise ConfigurationError(
+                f"--topology {self.topology} needs at least {minimum + 1} segments, i.e. {minimum} hidden sizes"
+            )
 
     def holder_names(self) -> list[str]:
         """The data holders' names."""
@@ -88,8 +91,9 @@ class TopologyConfig:
         return [*self.holder_names(), "bob"]
 
 
-def vertical_mlp(part_sizes: Sequence[int], hidden: Sequence[int], classes: int,
-                 merge: str) -> tuple[list[nn.Module], list[nn.Module]]:
+def vertical_mlp(
+    part_sizes: Sequence[int], hidden: Sequence[int], classes: int, merge: str
+) -> tuple[list[nn.Module], list[nn.Module]]:
     """Bottoms ``Flatten, Linear(part, hidden[0]), ReLU`` per holder; top: the tutorial's remaining layers."""
     bottoms: list[nn.Module] = [nn.Sequential(nn.Flatten(), nn.Linear(p, hidden[0]), nn.ReLU()) for p in part_sizes]
     width = hidden[0] * len(part_sizes) if merge == "concat" else hidden[0]
@@ -97,8 +101,9 @@ def vertical_mlp(part_sizes: Sequence[int], hidden: Sequence[int], classes: int,
     return bottoms, top
 
 
-def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes: int, *,
-                   workers: Mapping[str, Worker] | None = None) -> Topology:
+def build_topology(
+    config: TopologyConfig, feature_shape: Sequence[int], classes: int, *, workers: Mapping[str, Worker] | None = None
+) -> Topology:
     """Build ``config``'s topology of the tutorial's MLP.
 
     ``workers`` gives the parties by name (e.g. networked workers from
@@ -113,9 +118,17 @@ def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes
     bob = parties["bob"]
     if config.topology == "multi":
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
-        return MultiHolderSplitNN(segments[0], segments[1:], holders, bob, handoff=config.handoff,
-                                  turn_batches=config.turn_batches, partition=config.partition,
-                                  partition_seed=config.seed, optimizer=optimizer)
+        return MultiHolderSplitNN(
+            segments[0],
+            segments[1:],
+            holders,
+            bob,
+            handoff=config.handoff,
+            turn_batches=config.turn_batches,
+            partition=config.partition,
+            partition_seed=config.seed,
+            optimizer=optimizer,
+        )
     if config.topology == "u-shape":
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
         return UShapedSplitNN(segments[0], segments[1:-1], segments[-1], holders[0], bob, optimizer=optimizer)
@@ -125,8 +138,9 @@ def build_topology(config: TopologyConfig, feature_shape: Sequence[int], classes
         columns = column_partition(shape if how == "halves" else in_features, config.clients, how)
         bottoms, top = vertical_mlp([len(c) for c in columns], config.hidden, classes, config.merge)
         return VerticalSplitNN(bottoms, holders, top, bob, merge=config.merge, columns=columns, optimizer=optimizer)
-    raise ConfigurationError(f"build_topology makes multi, u-shape and vertical; build {config.topology!r} with "
-                             f"SplitNN")
+    raise ConfigurationError(
+        f"build_topology makes multi, u-shape and vertical; build {config.topology!r} with SplitNN"
+    )
 
 
 def _parties(config: TopologyConfig, workers: Mapping[str, Worker] | None) -> dict[str, Worker]:
@@ -136,7 +150,9 @@ def _parties(config: TopologyConfig, workers: Mapping[str, Worker] | None) -> di
     missing = [n for n in names if n not in workers]
     extra = sorted(set(workers) - set(names))
     if missing or extra:
-        raise ConfigurationError(f"--topology {config.topology} with {config.clients} data holder(s) needs exactly the "
-                                 f"parties {names}; got {sorted(workers)} (missing {missing}, not used {extra}); "
-                                 f"start `splitnn worker --name NAME` for each party")
+        raise ConfigurationError(
+            f"--topology {config.topology} with {config.clients} data holder(s) needs exactly the "
+            f"parties {names}; got {sorted(workers)} (missing {missing}, not used {extra}); "
+            f"start `splitnn worker --name NAME` for each party"
+        )
     return {n: workers[n] for n in names}

@@ -15,7 +15,7 @@ and the data placed correctly (features and labels at the same party).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,20 +43,35 @@ class UShapedSplitNN(Topology):
         ledger: where transfers are recorded.
     """
 
-    def __init__(self, head: nn.Module, middle: Sequence[nn.Module], tail: nn.Module, data_holder: Worker,
-                 middle_workers: Worker | Sequence[Worker], *, optimizer: object = "sgd:lr=0.03",
-                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        head: nn.Module,
+        middle: Sequence[nn.Module],
+        tail: nn.Module,
+        data_holder: Worker,
+        middle_workers: Worker | Sequence[Worker],
+        *,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+    ) -> None:
         middle = check_modules(middle, "middle segment")
         if not middle:
             raise ConfigurationError("a U-shaped network needs at least one middle segment at another party")
         middle_workers = as_worker_list(middle_workers, len(middle), "middle segments")
         if any(w.name == data_holder.name for w in middle_workers):
-            raise ConfigurationError(f"the data holder {data_holder.name!r} cannot host a middle segment; give the "
-                                     f"middle to other parties")
+            raise ConfigurationError(
+                f"the data holder {data_holder.name!r} cannot host a middle segment; give the middle to other parties"
+            )
         self.data_holder = data_holder
         self.middle_workers = middle_workers
-        self.chain = SplitNN([head, *middle, tail], [data_holder, *middle_workers, data_holder],
-                             optimizer=optimizer, loss=loss, ledger=ledger)
+        self.chain = SplitNN(
+            [head, *middle, tail],
+            [data_holder, *middle_workers, data_holder],
+            optimizer=optimizer,
+            loss=loss,
+            ledger=ledger,
+        )
         self.ledger = self.chain.ledger
 
     def parties(self) -> list[str]:
@@ -71,8 +86,14 @@ class UShapedSplitNN(Topology):
         """One optimisation step on rows ``indices`` (loss at the data holder)."""
         return self.chain.train_batch(dataset, indices)
 
-    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None], *,
-                    order: dict | None = None) -> None:
+    def train_epoch(
+        self,
+        dataset: str,
+        batches: Sequence[torch.Tensor],
+        on_batch: Callable[[LossStats], None],
+        *,
+        order: dict | None = None,
+    ) -> None:
         """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped)."""
         self.chain.train_epoch(dataset, batches, on_batch, order=order)
 

@@ -17,8 +17,8 @@ is one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -64,15 +64,16 @@ class VerticalData:
     name: str = "vertical"
 
     @classmethod
-    def from_dataset(cls, data: object, columns: Sequence[torch.Tensor],
-                     shapes: Sequence[tuple[int, ...]] | None = None) -> "VerticalData":
+    def from_dataset(
+        cls, data: object, columns: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]] | None = None
+    ) -> VerticalData:
         """Split a dataset's (flattened) features by ``columns``; optionally reshape part ``i`` to ``shapes[i]``."""
         parts = vertical_split(data.features, columns)
         if shapes is not None:
             parts = [p.reshape(len(p), *s) for p, s in zip(parts, shapes)]
         return cls(parts, data.labels, name=getattr(data, "name", "vertical"))
 
-    def aligned(self, holder_names: Sequence[str], label_holder: str = "the label holder") -> "VerticalData":
+    def aligned(self, holder_names: Sequence[str], label_holder: str = "the label holder") -> VerticalData:
         """Check the parties hold the same samples and return the rows aligned by id.
 
         Without ids, every party must hold the same number of rows (row ``r`` is
@@ -84,14 +85,17 @@ class VerticalData:
         """
         names = list(holder_names)
         if len(self.parts) != len(names):
-            raise ConfigurationError(f"got feature parts for {len(self.parts)} parties but there are {len(names)} "
-                                     f"data holders {names}")
+            raise ConfigurationError(
+                f"got feature parts for {len(self.parts)} parties but there are {len(names)} data holders {names}"
+            )
         counts = {n: len(p) for n, p in zip(names, self.parts)}
         counts[label_holder] = len(self.labels)
         if len(set(counts.values())) != 1:
             listed = ", ".join(f"{n} {c}" for n, c in counts.items())
-            raise ConfigurationError(f"vertical parties hold different numbers of samples ({listed}); they must hold "
-                                     f"the same samples, aligned by sample id")
+            raise ConfigurationError(
+                f"vertical parties hold different numbers of samples ({listed}); they must hold "
+                f"the same samples, aligned by sample id"
+            )
         if (self.ids is None) != (self.label_ids is None):
             raise ConfigurationError("give sample ids for every data holder and for the labels, or for none")
         if self.ids is None:
@@ -103,8 +107,10 @@ class VerticalData:
         for owner, ids in zip(owners, all_ids):
             ids = torch.as_tensor(ids)
             if ids.dim() != 1 or len(ids) != len(self.labels):
-                raise ConfigurationError(f"ids of {owner} must be 1-D with one id per row, got shape "
-                                         f"{tuple(ids.shape)} for {len(self.labels)} rows")
+                raise ConfigurationError(
+                    f"ids of {owner} must be 1-D with one id per row, got shape "
+                    f"{tuple(ids.shape)} for {len(self.labels)} rows"
+                )
             if len(torch.unique(ids)) != len(ids):
                 raise ConfigurationError(f"ids of {owner} repeat; every sample needs a unique id")
         reference = torch.as_tensor(self.label_ids).sort().values
@@ -116,12 +122,16 @@ class VerticalData:
                 raise ConfigurationError(
                     f"{owner} holds other samples than {label_holder}: {len(extra)} ids the labels lack "
                     f"(e.g. {extra[:5].tolist()}) and {len(missing)} labelled ids it lacks (e.g. "
-                    f"{missing[:5].tolist()}); vertical parties must hold the same sample ids")
+                    f"{missing[:5].tolist()}); vertical parties must hold the same sample ids"
+                )
         order = [torch.as_tensor(ids).argsort() for ids in self.ids]
-        return VerticalData([p[o] for p, o in zip(self.parts, order)],
-                            self.labels[torch.as_tensor(self.label_ids).argsort()],
-                            ids=[torch.as_tensor(i)[o] for i, o in zip(self.ids, order)],
-                            label_ids=reference, name=self.name)
+        return VerticalData(
+            [p[o] for p, o in zip(self.parts, order)],
+            self.labels[torch.as_tensor(self.label_ids).argsort()],
+            ids=[torch.as_tensor(i)[o] for i, o in zip(self.ids, order)],
+            label_ids=reference,
+            name=self.name,
+        )
 
 
 class VerticalNet(nn.Module):
@@ -133,9 +143,14 @@ class VerticalNet(nn.Module):
     part, merges the results and runs the top.
     """
 
-    def __init__(self, bottoms: Sequence[nn.Module], top: nn.Module, merge: str,
-                 columns: Sequence[torch.Tensor] | None = None,
-                 column_shapes: Sequence[tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        bottoms: Sequence[nn.Module],
+        top: nn.Module,
+        merge: str,
+        columns: Sequence[torch.Tensor] | None = None,
+        column_shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> None:
         super().__init__()
         self.bottoms = nn.ModuleList(bottoms)
         self.top = top
@@ -191,32 +206,46 @@ class VerticalSplitNN(Topology):
         ledger: where transfers are recorded.
     """
 
-    def __init__(self, bottoms: Sequence[nn.Module], holders: Sequence[Worker], top: Sequence[nn.Module],
-                 top_workers: Worker | Sequence[Worker], *, merge: str = "concat",
-                 columns: Sequence[torch.Tensor] | None = None,
-                 column_shapes: Sequence[tuple[int, ...]] | None = None, optimizer: object = "sgd:lr=0.03",
-                 loss: str = "nll", ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        bottoms: Sequence[nn.Module],
+        holders: Sequence[Worker],
+        top: Sequence[nn.Module],
+        top_workers: Worker | Sequence[Worker],
+        *,
+        merge: str = "concat",
+        columns: Sequence[torch.Tensor] | None = None,
+        column_shapes: Sequence[tuple[int, ...]] | None = None,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
+    ) -> None:
         bottoms = check_modules(bottoms, "bottom segment")
         top = check_modules(top, "top segment")
         holders = list(holders)
         if len(holders) < 2:
-            raise ConfigurationError(f"vertical split learning needs at least 2 data holders, got {len(holders)}; "
-                                     f"with one, use SplitNN")
+            raise ConfigurationError(
+                f"vertical split learning needs at least 2 data holders, got {len(holders)}; with one, use SplitNN"
+            )
         if len(bottoms) != len(holders):
-            raise ConfigurationError(f"got {len(bottoms)} bottom segments for {len(holders)} data holders; give one "
-                                     f"per holder")
+            raise ConfigurationError(
+                f"got {len(bottoms)} bottom segments for {len(holders)} data holders; give one per holder"
+            )
         if not top:
             raise ConfigurationError("give at least one top segment to take the merged activations")
         distinct(holders, "vertical data holders")
         top_workers = as_worker_list(top_workers, len(top), "top segments")
         shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
         if shared:
-            raise ConfigurationError(f"{shared} cannot be both a data holder and a top worker: it would receive the "
-                                     f"other holders' activations")
+            raise ConfigurationError(
+                f"{shared} cannot be both a data holder and a top worker: it would receive the "
+                f"other holders' activations"
+            )
         self.merge = check_merge(merge)
         if not isinstance(top_workers[0], MergingWorker):
-            raise ConfigurationError(f"worker {top_workers[0].name!r} cannot merge activations (it lacks "
-                                     f"forward_merged/backward_merged)")
+            raise ConfigurationError(
+                f"worker {top_workers[0].name!r} cannot merge activations (it lacks forward_merged/backward_merged)"
+            )
         self.columns = _check_columns(columns, len(holders)) if columns is not None else None
         if column_shapes is not None:
             column_shapes = [tuple(int(d) for d in s) for s in column_shapes]
@@ -225,8 +254,10 @@ class VerticalSplitNN(Topology):
             if self.columns is not None:
                 for i, (c, s) in enumerate(zip(self.columns, column_shapes)):
                     if math.prod(s) != len(c):
-                        raise ConfigurationError(f"column shape {s} of holder {holders[i].name!r} has "
-                                                 f"{math.prod(s)} values but its columns are {len(c)}")
+                        raise ConfigurationError(
+                            f"column shape {s} of holder {holders[i].name!r} has "
+                            f"{math.prod(s)} values but its columns are {len(c)}"
+                        )
         self.column_shapes = column_shapes
         self.loss = check_loss_name(loss)
         optimizers = as_optimizer_list(optimizer, len(holders) + len(top))
@@ -236,9 +267,11 @@ class VerticalSplitNN(Topology):
         self.holders = holders
         self.top_workers = top_workers
         prefix = new_prefix("vertical")
-        self._bottoms: list[Stage] = [place(f"{prefix}.h{i}", 0, [seg], [w], [opt])[0]
-                                      for i, (seg, w, opt) in enumerate(zip(bottoms, holders, optimizers))]
-        self._top = place(prefix, 1, top, top_workers, optimizers[len(holders):])
+        self._bottoms: list[Stage] = [
+            place(f"{prefix}.h{i}", 0, [seg], [w], [opt])[0]
+            for i, (seg, w, opt) in enumerate(zip(bottoms, holders, optimizers))
+        ]
+        self._top = place(prefix, 1, top, top_workers, optimizers[len(holders) :])
         self._placed: dict[str, _Placed] = {}
         self._data_names = PlacedData()
         self._data_ids = 0
@@ -289,13 +322,14 @@ class VerticalSplitNN(Topology):
         if not isinstance(data, VerticalData):
             features = getattr(data, "features", None)
             if not isinstance(features, torch.Tensor) or not isinstance(getattr(data, "labels", None), torch.Tensor):
-                raise ConfigurationError(f"cannot place {type(data).__name__}: give a splitnn.data.Dataset, a "
-                                         f"VerticalData or the name of a dataset the parties hold already")
+                raise ConfigurationError(
+                    f"cannot place {type(data).__name__}: give a splitnn.data.Dataset, a "
+                    f"VerticalData or the name of a dataset the parties hold already"
+                )
             if self.columns is None:
                 shape = tuple(features.shape[1:])
                 how = "halves" if len(shape) in (2, 3) else "contiguous"
-                self.columns = column_partition(shape if how == "halves" else math.prod(shape), len(self.holders),
-                                                how)
+                self.columns = column_partition(shape if how == "halves" else math.prod(shape), len(self.holders), how)
             data = VerticalData.from_dataset(data, self.columns, self.column_shapes)
         data = data.aligned([h.name for h in self.holders], repr(self.label_holder.name))
         name = f"{data.name}#v{self._data_ids}"
@@ -317,16 +351,20 @@ class VerticalSplitNN(Topology):
         counts[self.label_holder.name] = labels.num_labels
         if len(set(counts.values())) != 1:
             listed = ", ".join(f"{n} {c}" for n, c in counts.items())
-            raise ConfigurationError(f"dataset {name!r}: vertical parties hold different numbers of samples "
-                                     f"({listed}); they must hold the same samples, aligned by sample id")
+            raise ConfigurationError(
+                f"dataset {name!r}: vertical parties hold different numbers of samples "
+                f"({listed}); they must hold the same samples, aligned by sample id"
+            )
         outs = []
         for stage, st in zip(self._bottoms, stats):
             outs.append(probe_stages([stage], (2, *st.feature_shape), f"the columns of {stage.worker.name!r}"))
         merged = merged_shape(outs, self.merge, [f"{s.label} gives" for s in self._bottoms])
         out = probe_stages(self._top, merged, f"the {self.merge} of the holders' activations")
         if len(out) == 2 and labels.label_max >= out[1]:
-            raise LabelError(f"dataset {name!r} has label {labels.label_max} but the model has only {out[1]} outputs "
-                             f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels")
+            raise LabelError(
+                f"dataset {name!r} has label {labels.label_max} but the model has only {out[1]} outputs "
+                f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels"
+            )
         return _Placed(name, labels.num_labels, [st.feature_shape for st in stats])
 
     # -- training ---------------------------------------------------------------------------
