@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import splitnn.syft as sy
-from splitnn.data import load_dataset
+from splitnn.data import Dataset, load_dataset
 
-#: MNIST test-set images the tutorial tests train on (a subset keeps them fast).
-SUBSET = 2000
+#: MNIST test-set images the tutorial tests train on, and the next ones they test on (subsets keep them fast).
+TRAIN, HELD_OUT = 2000, 500
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +20,7 @@ def _unhooked():
 
 
 @pytest.fixture(scope="session")
-def mnist_subset(shared_data):
-    """The first 2,000 images of MNIST's test set, features (N, 1, 28, 28)."""
-    return load_dataset("mnist", "test", data_dir=shared_data, limit=SUBSET, download=False, progress=False)
+def mnist(shared_data) -> tuple[Dataset, Dataset]:
+    """The first 2,000 images of MNIST's test set to train on and the next 500 to test on, (N, 1, 28, 28)."""
+    data = load_dataset("mnist", "test", data_dir=shared_data, limit=TRAIN + HELD_OUT, download=False, progress=False)
+    return data.subset(slice(0, TRAIN)), data.subset(slice(TRAIN, None))

@@ -1,90 +1,129 @@
-"""Running the tutorial's code with the facade, and splitnn's own training of the same network."""
+"""Running the published tutorials with the facade, and the oracles they are checked against."""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn, optim
 
 import splitnn
+import splitnn.syft as sy
 from splitnn.data import Dataset
 from splitnn.models import tutorial_mlp
+from splitnn.syft.modules import location_of
 from splitnn.training import epoch_batches
-from tests.syft.tutorial_code import IMPORTS
+from tests.syft import notebook
 
 EPOCHS, BATCH, LR, SEED = 2, 64, 0.03, 0
 
 
-class EpochLoader:
-    """The tutorial's ``trainloader``: (images, labels) batches, images (B, 1, 28, 28).
+class Loader:
+    """A stand-in for the tutorials' ``DataLoader``: (images, labels) batches of MNIST.
 
-    Each pass reshuffles like ``SplitNN.fit`` (``epoch_batches`` with the same seed
-    and the pass number as epoch), so both see the same batches in the same order.
+    Images are (B, 1, 28, 28), normalised as torchvision's ``ToTensor()`` and
+    ``Normalize((0.5,), (0.5,))`` (splitnn's reader does exactly that);
+    ``dataset`` and ``len()`` are as a ``DataLoader``'s. With ``shuffle`` each
+    pass reshuffles like ``SplitNN.fit`` (``epoch_batches`` with the pass number
+    as epoch), so a twin or ``fit`` sees the same batches in the same order.
     """
 
-    def __init__(self, data: Dataset, batch_size: int = BATCH, seed: int = SEED) -> None:
-        self.data, self.batch_size, self.seed, self.passes = data, batch_size, seed, 0
+    def __init__(self, data: Dataset, batch_size: int = BATCH, *, shuffle: bool = True, seed: int = SEED) -> None:
+        self.data, self.batch_size, self.shuffle, self.seed, self.passes = data, batch_size, shuffle, seed, 0
+        self.dataset = torch.utils.data.TensorDataset(data.features, data.labels)
 
     def __len__(self) -> int:
         return math.ceil(len(self.data.labels) / self.batch_size)
 
     def __iter__(self):
-        batches = epoch_batches(len(self.data.labels), self.batch_size, seed=self.seed, epoch=self.passes)
+        n = len(self.data.labels)
+        batches = epoch_batches(n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.passes)
         self.passes += 1
         for idx in batches:
             yield self.data.features[idx], self.data.labels[idx]
 
 
-def run_tutorial(code: str, data: Dataset, epochs: int = EPOCHS) -> tuple[dict, list[str]]:
-    """Exec the tutorial's import cell, then ``code``, given ``epochs`` and a ``trainloader``.
+@dataclass
+class TutorialRun:
+    """What a tutorial left behind: its namespace, what it printed, the ledger, the segments' weights."""
 
-    Returns the namespace and the lines the code printed.
+    namespace: dict
+    printed: list[str]
+    ledger: splitnn.Ledger
+    initial: list[dict[str, torch.Tensor]] = field(default_factory=list)  # each segment's weights when placed
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return self.namespace["models"]
+
+    @property
+    def places(self) -> list[str]:
+        return [location_of(m).id for m in self.models]  # torch is unhooked: no .location
+
+
+def run_tutorial(
+    cells: Sequence[str], train: Dataset, test: Dataset | None = None, epochs: int = EPOCHS
+) -> TutorialRun:
+    """Run a tutorial's published cells (see :mod:`tests.syft.notebook`) and unhook torch afterwards.
+
+    The segments' initial weights are copied right after the cell that sends them.
     """
-    namespace = {"__name__": "tutorial", "epochs": epochs, "trainloader": EpochLoader(data)}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(IMPORTS + code, "<tutorial>", "exec"), namespace)
-    return namespace, out.getvalue().splitlines()
+    initial: list[dict[str, torch.Tensor]] = []
+
+    def snapshot(namespace: dict) -> None:
+        models = namespace.get("models")
+        if not initial and models and all(m.location is not None for m in models):
+            initial.extend(copy.deepcopy(m.state_dict()) for m in models)
+
+    testloader = None if test is None else Loader(test, shuffle=False)
+    try:
+        namespace, printed = notebook.run(
+            cells, epochs=epochs, trainloader=Loader(train), testloader=testloader, after_cell=snapshot
+        )
+        return TutorialRun(namespace, printed, sy.ledger(), initial)
+    finally:
+        sy.unhook()
 
 
-def splitnn_model(hidden: tuple[int, ...], places: list[str], *, flatten: bool) -> splitnn.SplitNN:
-    """splitnn's SplitNN of the tutorial network (seed 0, SGD lr 0.03) on fresh VirtualWorkers."""
+def plain_twin_of_tutorial_1(train: Dataset, epochs: int = EPOCHS) -> tuple[nn.Sequential, list[str]]:
+    """Tutorial 1's network trained by plain PyTorch: one model, one SGD, the same seed and batches.
+
+    Returns the model and the lines Tutorial 1 would print for it.
+    """
     torch.manual_seed(SEED)
-    segments = tutorial_mlp(hidden, flatten=flatten)
-    workers = {name: splitnn.VirtualWorker(name) for name in places}
-    return splitnn.SplitNN(segments, [workers[n] for n in places], optimizer=lambda p: optim.SGD(p, lr=LR))
-
-
-def train_with_fit(data: Dataset, hidden: tuple[int, ...], places: list[str]) -> splitnn.SplitNN:
-    """The same network trained by ``SplitNN.fit`` (image batches, first segment flattens)."""
-    model = splitnn_model(hidden, places, flatten=True)
-    model.fit(data, epochs=EPOCHS, batch_size=BATCH, seed=SEED, progress=False)
-    return model
-
-
-def train_with_loop(data: Dataset, hidden: tuple[int, ...], places: list[str]) -> tuple[splitnn.SplitNN, list[str]]:
-    """The same network trained by splitnn's low-level loop on flattened batches.
-
-    Returns the model and the epoch lines the tutorial would print for it.
-    """
-    model = splitnn_model(hidden, places, flatten=False)
-    n, lines = len(data.labels), []
-    for epoch in range(EPOCHS):
-        batches = epoch_batches(n, BATCH, seed=SEED, epoch=epoch)
+    model = nn.Sequential(
+        nn.Linear(784, 128),
+        nn.ReLU(),
+        nn.Linear(128, 640),
+        nn.ReLU(),
+        nn.Linear(640, 10),
+        nn.LogSoftmax(dim=1),
+    )
+    opt = optim.SGD(model.parameters(), lr=LR)
+    loader, lines = Loader(train), []
+    for epoch in range(epochs):
         running_loss = 0
-        for idx in batches:
-            x, y = data.features[idx], data.labels[idx]
-            model.zero_grads()
-            loss = nn.NLLLoss()(model.forward(x.view(x.shape[0], -1)), y)
+        for images, labels in loader:
+            opt.zero_grad()
+            loss = nn.NLLLoss()(model(images.view(images.shape[0], -1)), labels)
             loss.backward()
-            model.backward()
-            model.step()
+            opt.step()
             running_loss += loss.detach()
-        lines.append(f"Epoch {epoch} - Training loss: {running_loss / len(batches)}")
+        lines.append(f"Epoch {epoch} - Training loss: {running_loss / len(loader)}")
     return model, lines
+
+
+def train_with_splitnn(train: Dataset, places: list[str], epochs: int = EPOCHS) -> splitnn.SplitNN:
+    """splitnn's own SplitNN of the 784-128-640-10 network on ``places``, trained by ``fit``."""
+    torch.manual_seed(SEED)
+    segments = tutorial_mlp((128, 640), flatten=True)
+    workers = {name: splitnn.VirtualWorker(name) for name in places}
+    model = splitnn.SplitNN(segments, [workers[n] for n in places], optimizer=lambda p: optim.SGD(p, lr=LR))
+    model.fit(train, epochs=epochs, batch_size=BATCH, seed=SEED, progress=False)
+    return model
 
 
 def epoch_losses(lines: list[str]) -> list[float]:

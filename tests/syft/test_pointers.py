@@ -10,7 +10,7 @@ from torch import nn, optim
 
 import splitnn.syft as sy
 from splitnn.errors import WorkerError
-from splitnn.syft import PointerTensor, TensorsNotCollocatedException
+from splitnn.syft import PointerTensor, TensorsNotCollocatedException, UnsupportedFeatureError
 from tests.syft.helpers import link_table
 
 
@@ -72,7 +72,8 @@ def test_get_brings_values_home_recorded_and_spends_the_pointer(places):
     w = nn.Linear(3, 1).send(bob)
     loss = w(torch.randn(5, 3).send(bob)).sum()
     value = loss.get()
-    assert type(value) is torch.Tensor and value.grad_fn is None and not value.requires_grad  # no graph travels
+    assert type(value) is torch.Tensor and value.grad_fn is None  # no graph travels...
+    assert value.is_leaf and value.requires_grad  # ...but, as in PySyft 0.2, the requires_grad flag does
     assert link_table(sy.ledger())[("bob", "researcher", "output")] == (1, 4)
     with pytest.raises(WorkerError, match=r"spent: the tensor was brought home with \.get\(\)"):
         loss.backward()
@@ -83,12 +84,21 @@ def test_get_brings_values_home_recorded_and_spends_the_pointer(places):
     assert leaf.is_leaf and leaf.requires_grad  # a leaf's flag travels
 
 
-def test_moved_pointer_is_spent(places):
-    alice, bob, _ = places
+def test_moved_pointer_follows_the_tensor(places):
+    """PySyft 0.2's PointerTensor.move sets ``ptr.location = destination``: the sender's pointer follows."""
+    alice, bob, claire = places
     x = torch.ones(2).send(alice)
-    x.move(bob)
-    with pytest.raises(WorkerError, match="moved to 'bob'"):
-        x.view(-1)
+    y = x.move(bob)
+    assert y is x and x.location == bob
+    assert (x.view(-1) * 2).location == bob
+    assert x.move_(claire) is x and x.location == claire  # PySyft's in-place spelling
+    assert torch.equal(y.get(), torch.ones(2))
+    assert link_table(sy.ledger(), ("features",)) == {
+        ("researcher", "alice", "features"): (1, 8),
+        ("alice", "bob", "features"): (1, 8),
+        ("bob", "claire", "features"): (1, 8),
+        ("claire", "researcher", "features"): (1, 8),
+    }
 
 
 def test_copy_is_an_independent_tensor_at_the_same_worker(places):
@@ -105,7 +115,7 @@ def test_values_cannot_be_read_without_a_recorded_get(places):
         with pytest.raises(WorkerError, match="call .get"):
             read()
     assert "1." not in repr(x)  # the repr shows place, kind, shape, dtype; not values
-    with pytest.raises(WorkerError, match="already at 'alice'; use .move"):
+    with pytest.raises(UnsupportedFeatureError, match="pointer chain.*already at 'alice': use .move"):
         x.send(places[1])
 
 

@@ -1,9 +1,10 @@
 """A PySyft 0.2 facade: ``import splitnn.syft as sy`` runs OpenMined's split-learning tutorials.
 
-The tutorials "Split Neural Network" and "MultiLayer Split Neural Network" were
-written for PySyft 0.2, which no longer installs on current Python and PyTorch.
-With this module in place of ``import syft as sy`` their code runs unchanged on
-in-process workers, and every transfer is recorded in a splitnn
+OpenMined's three SplitNN tutorials ("SplitNN Introduction", "MultiLayer Split
+Neural Network", "Folded Split Neural Network") were written for PySyft 0.2,
+which no longer installs on current Python and PyTorch. With this module in
+place of ``import syft as sy`` their code runs as published on in-process
+workers, and every transfer is recorded in a splitnn
 :class:`~splitnn.accounting.Ledger`::
 
     import torch
@@ -11,29 +12,35 @@ in-process workers, and every transfer is recorded in a splitnn
 
     hook = sy.TorchHook(torch)                  # opt-in: patches torch.Tensor / nn.Module
     alice = sy.VirtualWorker(hook, id="alice")
-    x = torch.randn(4, 784).send(alice)         # a PointerTensor at alice
+    bob = sy.VirtualWorker(hook, id="bob")
     model = torch.nn.Linear(784, 10).send(alice)
-    out = model(x)                              # runs at alice
-    out.get()                                   # home again, recorded
+    a = model(torch.randn(4, 784).send(alice))  # runs at alice
+    remote_a = a.move(bob, requires_grad=True)  # the gradient will come back to alice
+    (remote_a * remote_a).sum().backward()      # at bob, then at alice: model.weight.grad is set
     print(sy.ledger().format_table())
 
 What the facade covers: ``TorchHook``, ``VirtualWorker(hook, id=...)``;
-tensors: ``.send``, ``.location``, ``.move``, ``.get``, ``.copy``, ``.grad``,
+tensors: ``.send(worker, requires_grad=...)``, ``.location``,
+``.move(worker, requires_grad=...)``, ``.get``, ``.copy``, ``.grad``,
 ``.backward``, ``.shape`` and every torch operation on tensors at one worker;
 modules: ``.send``, ``.location``, ``.move``, ``.get``, ``.copy`` and calling a
-sent module on a tensor at its worker. Mixing places raises
+sent module on a tensor at its worker. Transfers follow PySyft 0.2 (see
+:mod:`splitnn.syft.pointers`). Mixing places raises
 :class:`TensorsNotCollocatedException` naming both. Ledger kinds: ``features``
-(a float tensor sent), ``labels`` (an integer tensor sent), ``activation``
-(a computed tensor moved), ``gradient`` (a ``.grad`` moved), ``weights``
-(modules sent, moved or fetched), ``output`` (a computed tensor fetched).
+(a float tensor sent), ``labels`` (an integer tensor sent), ``activation`` (a
+computed tensor moved), ``gradient`` (a ``.grad`` moved, or a gradient sent back
+by ``requires_grad=True``), ``weights`` (modules sent, moved or fetched),
+``output`` (a computed tensor fetched).
 
 Not covered (PySyft features beyond the split-learning tutorials): remote
-workers over websockets, pointer chains (``.send`` of a pointer), encrypted and
-fixed-precision tensors, federated datasets, plans and protocols.
+workers over websockets, pointer chains (``.send`` of a pointer), secret-shared,
+encrypted and fixed-precision tensors, federated datasets, plans and protocols.
+Asking for one raises :class:`UnsupportedFeatureError` naming it and what to
+use instead (``sy.Plan``, ``ptr.share(...)``, ``x.send(alice, inplace=True)``).
 """
 
 from splitnn.syft import exceptions
-from splitnn.syft.exceptions import TensorsNotCollocatedException
+from splitnn.syft.exceptions import TensorsNotCollocatedException, UnsupportedAttributeError, UnsupportedFeatureError
 from splitnn.syft.hook import TorchHook, is_hooked, ledger, unhook
 from splitnn.syft.pointers import PointerTensor
 from splitnn.syft.worker import VirtualWorker
@@ -43,8 +50,48 @@ __all__ = [
     "VirtualWorker",
     "PointerTensor",
     "TensorsNotCollocatedException",
+    "UnsupportedFeatureError",
     "exceptions",
     "ledger",
     "unhook",
     "is_hooked",
 ]
+
+_NETWORK = "use `splitnn worker` and splitnn.connect(url, token=...) (README, 'Networked workers')"
+_FEDERATED = "partition data with splitnn.data.iid_shards / dirichlet_shards and train with splitnn.training.FedAvg"
+_SMPC = "splitnn has no secure computation; see README, 'Privacy at the cut' for the defenses it measures"
+_PLANS = "write the training step as ordinary Python; networked splitnn workers take models as declarative specs"
+
+#: PySyft 0.2's top-level names that the facade does not provide: name -> what to use instead.
+_NOT_PROVIDED = {
+    "local_worker": "the researcher's process is not a worker here: .get() brings a tensor home",
+    "WebsocketClientWorker": _NETWORK,
+    "WebsocketServerWorker": _NETWORK,
+    "PrivateGridNetwork": _NETWORK,
+    "PublicGridNetwork": _NETWORK,
+    "FederatedDataset": _FEDERATED,
+    "FederatedDataLoader": _FEDERATED,
+    "BaseDataset": _FEDERATED,
+    "Plan": _PLANS,
+    "func2plan": _PLANS,
+    "Protocol": _PLANS,
+    "func2protocol": _PLANS,
+    "AdditiveSharingTensor": _SMPC,
+    "ReplicatedSharingTensor": _SMPC,
+    "FixedPrecisionTensor": "train in floating point",
+    "AutogradTensor": "use .move(worker, requires_grad=True) or .send(worker, requires_grad=True)",
+    "MultiPointerTensor": "send one tensor to one worker per call",
+    "PrivateTensor": "keep the tensor at its worker and .get() it explicitly",
+    "LoggingTensor": "every transfer is recorded in sy.ledger()",
+    "create_sandbox": "hook = sy.TorchHook(torch); alice = sy.VirtualWorker(hook, id='alice')",
+    "make_hook": "hook = sy.TorchHook(torch)",
+    "KerasHook": "splitnn is for PyTorch",
+    "TFEWorker": "splitnn is for PyTorch",
+    "TFECluster": "splitnn is for PyTorch",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _NOT_PROVIDED:
+        raise UnsupportedAttributeError(f"sy.{name}", _NOT_PROVIDED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

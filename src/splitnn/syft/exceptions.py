@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitnn.errors import WorkerError
+from splitnn.errors import SplitNNError, WorkerError
 
 #: How a place that is not a worker is named: a tensor or module that was never sent.
 LOCAL = "local"
@@ -40,6 +40,27 @@ class TensorsNotCollocatedException(WorkerError):
             module_at,
             tensor_at,
         )
+
+
+class UnsupportedFeatureError(SplitNNError, NotImplementedError):
+    """A PySyft 0.2 feature that the facade does not provide; the message says what to use instead.
+
+    Raised where the feature is asked for, so that code written for PySyft never
+    trains differently without saying so. ``feature`` names it (``"sy.Plan"``,
+    ``"send(..., inplace=True)"``); ``instead`` is the advice.
+    """
+
+    def __init__(self, feature: str, instead: str) -> None:
+        self.feature, self.instead = feature, instead
+        super().__init__(f"{feature}: a PySyft 0.2 feature that splitnn.syft does not provide; {instead}")
+
+
+class UnsupportedAttributeError(UnsupportedFeatureError, AttributeError):
+    """A PySyft 0.2 attribute (``sy.Plan``, ``ptr.share``) the facade does not provide.
+
+    Also an ``AttributeError``, so ``hasattr`` and ``getattr(obj, name, default)``
+    keep working.
+    """
 
 
 def where(place: str) -> str:

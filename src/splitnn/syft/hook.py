@@ -3,7 +3,8 @@
 Importing ``splitnn`` or ``splitnn.syft`` changes nothing in torch. Creating a
 hook adds these attributes, and nothing else:
 
-- ``torch.Tensor``: ``send(worker)`` and ``location`` (None for a local tensor);
+- ``torch.Tensor``: ``send(worker, requires_grad=False)`` and ``location`` (None
+  for a local tensor);
 - ``nn.Module``: ``send(worker)``, ``move(worker)``, ``get()``, ``copy()`` and
   ``location`` (None for a local module).
 
