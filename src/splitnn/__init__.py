@@ -22,6 +22,7 @@ from splitnn.errors import (
     WorkerError,
 )
 from splitnn.split import SplitNN
+from splitnn.split.cut import cut
 from splitnn.split.persist import load_model, save_model
 from splitnn.training import evaluate, fit
 from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
@@ -41,6 +42,7 @@ def connect(url: str, *, token: str, name: str | None = None, timeout: float = 6
 
 __all__ = [
     "SplitNN",
+    "cut",
     "VirtualWorker",
     "Worker",
     "connect",

@@ -58,3 +58,7 @@ class WireError(SplitNNError, ValueError):
 
 class SpecError(WireError):
     """A declarative model or optimizer spec is invalid or names an unknown layer type."""
+
+
+class TrustError(SpecError):
+    """A spec names a class from a module the receiving party does not trust (see ``splitnn worker --trust``)."""

@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from splitnn.errors import SpecError
+from splitnn.errors import SpecError, TrustError
 from splitnn.wire import (
     MAX_SPEC_DEPTH,
     MAX_SPEC_LAYERS,
+    Trust,
     decode_state,
     encode_state,
     module_to_spec,
@@ -196,9 +197,20 @@ class Custom(nn.Module):
         return x
 
 
-def test_unknown_module_class() -> None:
-    with pytest.raises(SpecError, match=r"spec\.layers\[1\].*Custom.*register_layer"):
-        module_to_spec(nn.Sequential(nn.ReLU(), Custom()))
+def test_unknown_module_class_travels_as_an_import_that_only_trust_builds() -> None:
+    spec = module_to_spec(nn.Sequential(nn.ReLU(), Custom()))
+    module = Custom.__module__  # test_wire_spec, or tests.wire.test_wire_spec
+    assert spec["layers"][1] == {"import": f"{module}:Custom", "kwargs": {}}
+    with pytest.raises(TrustError, match=rf"spec\.layers\[1\].*{module}\.Custom.*--trust {module}`"):
+        spec_to_module(spec)
+    built = spec_to_module(spec, trust=Trust([module]))
+    assert type(built[1]) is Custom
+
+
+def test_unknown_module_class_in_main_cannot_be_described() -> None:
+    cls = type("Local", (nn.Module,), {"__module__": "__main__", "forward": lambda self, x: x})
+    with pytest.raises(SpecError, match=r"spec\.layers\[1\].*Local.*__main__.*register_layer"):
+        module_to_spec(nn.Sequential(nn.ReLU(), cls()))
 
 
 def test_subclass_of_known_type_is_not_matched() -> None:

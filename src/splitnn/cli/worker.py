@@ -2,7 +2,7 @@
 
     splitnn worker --name bob --listen 127.0.0.1:7002 --token-file TOKEN \\
         [--tls-cert bob.pem --tls-key bob.key --tls-ca ca.pem] \\
-        [--data mnist:test=/data/mnist,parts=labels,limit=500 ...]
+        [--data mnist:test=/data/mnist,parts=labels,limit=500 ...] [--trust mypkg.models ...]
 
 ``--data SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family
 split with :func:`splitnn.data.load_dataset` from DIR (never downloading) and holds
@@ -10,6 +10,12 @@ it under the name SPEC, e.g. ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` b
 default). ``parts`` says what this party holds: the data holder keeps the
 ``features``, the label holder the ``labels`` (default: both). The researcher then
 trains on it by name: ``model.fit("mnist:test")``.
+
+``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
+MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
+:mod:`splitnn.wire.trust`); the worker imports and builds them. ``torch.nn`` layers and
+the built-in layer registry are trusted without it; any other class is refused before
+anything is built, naming the class and this flag.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="NAME[:SPLIT]=DIR[,parts=...][,limit=N]",
         help="hold a dataset loaded from DIR (repeatable); parts = features, labels or both",
+    )
+    p.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let segment specs import classes from MODULE and its submodules (repeatable), e.g. mypkg.models",
     )
     p.add_argument(
         "--address-file",
@@ -112,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from splitnn.data import load_dataset
+    from splitnn.errors import SpecError
     from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.wire.trust import Trust
     from splitnn.workers.server import ServeConfig, serve
 
     if args.max_lifetime is not None and not args.max_lifetime > 0:
@@ -136,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--data {text!r}: {directory} is not a directory")
         data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
         datasets[key] = {p: getattr(data, p) for p in parts}
+    try:
+        trust = Trust(args.trust)
+    except SpecError as exc:
+        raise ConfigurationError(f"--trust: {exc}") from None
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
     config = ServeConfig(
         name=args.name,
@@ -148,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         address_file=str(args.address_file) if args.address_file else None,
         max_lifetime=args.max_lifetime,
         datasets=datasets,
+        trust=trust.modules,
     )
 
     def ready(address: str) -> None:

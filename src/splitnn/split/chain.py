@@ -11,11 +11,13 @@ from torch import nn
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, LabelError
+from splitnn.split.cut import join, merge_states
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
-from splitnn.split.stage import Stage, check_static_fit, probe_chain
+from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
 from splitnn.workers import BatchRef, LossStats, Worker
 from splitnn.workers.losses import check_loss_name
+from splitnn.workers.values import Value, is_several
 
 if TYPE_CHECKING:  # imported lazily at run time: training sits above split
     from splitnn.data import Dataset
@@ -49,7 +51,9 @@ class SplitNN:
     optimizer.
 
     Args:
-        segments: the ``nn.Module`` pieces, in order (at least two).
+        segments: the ``nn.Module`` pieces, in order (at least two): written by hand, or
+            made from one model by :func:`splitnn.cut`. Where several values cross a cut,
+            a segment returns a tuple and the next one takes its items as arguments.
         workers: one worker per segment.
         optimizer: for every segment, a factory ``params -> Optimizer`` (in-process
             workers), an optimizer spec such as ``"sgd:lr=0.03"``, or a list of
@@ -140,8 +144,10 @@ class SplitNN:
         for stage in self.stages:
             stage.worker.zero_grad(stage.key)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Value) -> Value:
         """Run ``x`` (given by the data holder) through the chain; return the label holder's output.
+
+        ``x`` may be a tuple of tensors when the first segment takes several inputs.
 
         In training mode the output is attached to the label holder's autograd
         graph: compute a loss on it, call ``loss.backward()``, then :meth:`backward`.
@@ -198,6 +204,11 @@ class SplitNN:
                 f"{labels.num_labels} labels at {self.label_holder.name!r}"
             )
         out_shape = probe_chain(self.stages, (2, *feats.feature_shape))
+        if is_several(out_shape):
+            raise ConfigurationError(
+                f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
+                "tensor: make the model's forward return one tensor"
+            )
         if len(out_shape) == 2 and labels.label_max >= out_shape[1]:
             raise LabelError(
                 f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
@@ -261,19 +272,39 @@ class SplitNN:
 
         return evaluate(self, data, batch_size=batch_size, progress=progress)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's outputs for ``x`` (no gradients, evaluation mode)."""
+    def predict(self, x: Value) -> Value:
+        """The model's outputs for ``x`` (a tensor, or a tuple for several inputs; no gradients, evaluation mode)."""
         ref = self.data_holder.put(x, src=RESEARCHER, kind="features")
         out = forward_chain(self.stages, ref, train=False)
         return self.label_holder.fetch(out, kind="output")
 
-    def collect(self) -> nn.Sequential:
-        """Bring every trained segment home as one ``nn.Sequential`` (recorded as weights)."""
+    def collect(self) -> nn.Module:
+        """Bring every trained segment home as one module (recorded as weights).
+
+        Segments that are ``torch.fx`` graphs (:func:`splitnn.cut` of a non-sequential
+        model) come back joined into one ``GraphModule`` with the original model's
+        state-dict keys; otherwise the result is an ``nn.Sequential`` of the segments'
+        layers. To load the weights into your own model, see :meth:`collect_state`.
+        """
+        modules = [stage.worker.fetch_segment(stage.key) for stage in self.stages]
+        joined = join(modules)
+        if joined is not None:
+            return joined
         layers: list[nn.Module] = []
-        for stage in self.stages:
-            module = stage.worker.fetch_segment(stage.key)
+        for module in modules:
             layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
         return nn.Sequential(*layers)
+
+    def collect_state(self) -> dict[str, torch.Tensor]:
+        """Every segment's trained weights as one state dict, under the segments' own names
+        (recorded as weights).
+
+        For segments made by :func:`splitnn.cut` these are the original model's names:
+        ``model.load_state_dict(split.collect_state())`` loads the training into ``model``
+        (parameters its forward never uses belong to no segment: load with ``strict=False``
+        if it has any). Raises :class:`ConfigurationError` when two segments use one name.
+        """
+        return merge_states(stage.worker.get_state(stage.key) for stage in self.stages)
 
     def __repr__(self) -> str:
         return "SplitNN(" + " -> ".join(s.label for s in self.stages) + ")"

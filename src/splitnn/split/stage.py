@@ -8,6 +8,7 @@ from torch import nn
 
 from splitnn.errors import ShapeMismatchError
 from splitnn.workers import Worker
+from splitnn.workers.values import ProbeShape, is_several
 
 
 @dataclass(frozen=True)
@@ -63,19 +64,31 @@ def check_static_fit(segments: list[nn.Module], worker_names: list[str]) -> None
             )
 
 
-def probe_chain(stages: list[Stage], input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Run zeros of ``input_shape`` through every stage; name both sides of a cut that does not fit."""
+def probe_chain(stages: list[Stage], input_shape: ProbeShape) -> ProbeShape:
+    """Run zeros of ``input_shape`` through every stage; name both sides of a cut that does not fit.
+
+    Several values at a cut are described by one :class:`~splitnn.workers.ValueShape` each.
+    """
     shape = input_shape
     for stage in stages:
         try:
             shape = stage.worker.probe(stage.key, shape)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:  # TypeError: a segment called with the wrong number of values
             if stage.index == 0:
                 raise ShapeMismatchError(
-                    f"{stage.label} cannot take the data's input of shape {tuple(input_shape[1:])} (per sample): {exc}"
+                    f"{stage.label} cannot take the data's input of {format_shape(input_shape, per_sample=True)} "
+                    f"(per sample): {exc}"
                 ) from exc
             prev = stages[stage.index - 1]
             raise ShapeMismatchError(
-                f"{prev.label} outputs shape {tuple(shape)} but {stage.label} cannot take it: {exc}"
+                f"{prev.label} outputs {format_shape(shape)} but {stage.label} cannot take it: {exc}"
             ) from exc
     return shape
+
+
+def format_shape(shape: ProbeShape, *, per_sample: bool = False) -> str:
+    """``shape (2, 64)`` for one value, ``3 values: (2, 64) float32, ...`` for several."""
+    if is_several(shape):
+        items = ", ".join(f"{tuple(v.shape[per_sample:])} {str(v.dtype).removeprefix('torch.')}" for v in shape)
+        return f"{len(shape)} values: {items}"
+    return f"shape {tuple(shape[per_sample:])}"

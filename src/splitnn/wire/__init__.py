@@ -2,7 +2,8 @@
 
 - :mod:`~splitnn.wire.tensor_codec`: one tensor <-> a validated header + raw bytes.
 - :mod:`~splitnn.wire.state_codec`: a state dict <-> safetensors bytes.
-- :mod:`~splitnn.wire.spec`: a model <-> a declarative JSON spec of known layer types.
+- :mod:`~splitnn.wire.spec`: a model <-> a declarative JSON spec of known layer types,
+  fx graphs (:mod:`~splitnn.wire.graph`) and trusted imports (:mod:`~splitnn.wire.trust`).
 - :mod:`~splitnn.wire.optim_spec`: an optimizer choice as data.
 
 Every malformed or oversized input raises :class:`splitnn.errors.WireError`
@@ -14,6 +15,7 @@ from splitnn.wire.spec import (
     DEFAULT_MAX_PARAMS,
     MAX_SPEC_DEPTH,
     MAX_SPEC_LAYERS,
+    Trust,
     module_to_spec,
     register_layer,
     registered_layers,
@@ -77,6 +79,7 @@ __all__ = [
     "register_layer",
     "unregister_layer",
     "registered_layers",
+    "Trust",
     # optim_spec
     "OptimizerSpec",
     "KNOWN_OPTIMIZERS",

@@ -11,6 +11,14 @@ type's constructor arguments beside it::
 that state-dict keys match. :func:`spec_to_module` builds fresh layers; weights travel
 separately as a state dict (see :mod:`splitnn.wire.state_codec`).
 
+Two more kinds of spec:
+
+* ``{"type": "Graph", ...}``: a ``torch.fx.GraphModule`` (a segment made by
+  :func:`splitnn.cut`) as its graph of allow-listed ops; see :mod:`splitnn.wire.graph`.
+* ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``: a class that is neither
+  registered nor a graph, built by importing it -- only from modules the receiver trusts
+  (:class:`~splitnn.wire.trust.Trust`; ``torch.nn`` layers are trusted by default).
+
 Specs from other parties are untrusted. :func:`spec_to_module` first checks that the
 spec is plain JSON data of bounded size and nesting, validates every layer's
 arguments, and adds up the parameter and buffer elements the model would allocate
@@ -28,9 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from splitnn.errors import SpecError
+from splitnn.wire.graph import GRAPH_TYPE, GraphPlan, build_graph, describe_graph, plan_graph
+from splitnn.wire.trust import Trust, import_spec, json_kwargs, parse_import
 
 __all__ = [
     "DEFAULT_MAX_PARAMS",
@@ -45,6 +55,7 @@ __all__ = [
     "register_layer",
     "unregister_layer",
     "registered_layers",
+    "Trust",
 ]
 
 #: Most parameter + buffer elements :func:`spec_to_module` builds unless told otherwise.
@@ -382,10 +393,13 @@ def _hint_register(what: str) -> str:
 
 
 def module_to_spec(m: nn.Module) -> JsonDict:
-    """Describe ``m`` as a JSON-serialisable spec of known layer types (no weights).
+    """Describe ``m`` as a JSON-serialisable spec (no weights).
 
-    Raises :class:`SpecError` for a module type that is not registered (matched by
-    exact class) or whose arguments are not plain JSON values.
+    Registered layer types and ``nn.Sequential`` are described by type; a
+    ``torch.fx.GraphModule`` by its graph; any other class as an import of that class
+    with its constructor's keyword arguments (see :func:`splitnn.wire.trust.import_spec`),
+    which a receiver builds only if it trusts the class's module.
+    Raises :class:`SpecError` for a module that cannot be described that way.
     """
     spec = _describe(m, "spec")
     validate_spec(spec)  # what we send must pass the receiver's checks
@@ -409,12 +423,17 @@ def _describe(m: nn.Module, path: str) -> JsonDict:
             spec["names"] = names
         return spec
     lt = _BY_CLASS.get(cls)
+    if lt is None and isinstance(m, fx.GraphModule):
+        return describe_graph(m, path, _describe)
     if lt is None:
-        qual = f"{cls.__module__}.{cls.__qualname__}"
-        raise SpecError(
-            f"{path}: cannot describe a module of type {qual}: no layer type is registered for it; "
-            + _hint_register(cls.__name__)
-        )
+        try:
+            return import_spec(m, path)
+        except SpecError as exc:
+            qual = f"{cls.__module__}.{cls.__qualname__}"
+            raise SpecError(
+                f"cannot describe a module of type {qual}: no layer type is registered for it, and {exc}; "
+                "or " + _hint_register(cls.__name__)
+            ) from None
     try:
         args = lt.to_args(m)
     except Exception as exc:
@@ -476,20 +495,35 @@ def _check_plain_json(spec: Any) -> None:
 class _Plan:
     """A validated layer, ready to build."""
 
-    lt: _LayerType | None  # None: Sequential
+    lt: _LayerType | None  # None: Sequential, graph or import
     args: JsonDict
     children: list[_Plan]
     names: list[str] | None
     path: str
+    graph: GraphPlan | None = None
+    cls: type[nn.Module] | None = None  # an import, resolved (None while only validating)
 
 
-def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
+def _plan(spec: Any, path: str, counter: list[int], trust: Trust | None = None) -> _Plan:
+    """Check ``spec``. With ``trust`` None only its form is checked and nothing is imported
+    (``validate_spec``); else imports are checked against ``trust`` and resolved."""
     counter[0] += 1
     if counter[0] > MAX_SPEC_LAYERS:
         raise SpecError(f"spec describes more than {MAX_SPEC_LAYERS} layers")
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: a layer must be a JSON object with a 'type', got {type(spec).__name__}")
+    if "import" in spec:
+        extra = set(spec) - {"import", "kwargs"}
+        if extra:
+            raise SpecError(f"{path} (import): unexpected key(s) {sorted(extra)}; expected 'import' and 'kwargs'")
+        kwargs = json_kwargs(spec.get("kwargs", {}), f"{path} (import)")
+        parse_import(spec["import"], path)
+        cls = trust.resolve(spec["import"], path) if trust is not None else None
+        return _Plan(None, kwargs, [], None, path, cls=cls)
     type_name = spec.get("type")
+    if type_name == GRAPH_TYPE:
+        graph = plan_graph(spec, path, lambda sub, where: _plan(sub, where, counter, trust))
+        return _Plan(None, {}, [], None, path, graph=graph)
     if not isinstance(type_name, str):
         raise SpecError(f"{path}: a layer needs a string 'type', got {type_name!r}")
     raw = {k: v for k, v in spec.items() if k != "type"}
@@ -513,7 +547,7 @@ def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
                     )
             if len(set(names)) != len(names):
                 raise SpecError(f"{path} (Sequential): argument 'names' holds duplicates")
-        children = [_plan(c, f"{path}.layers[{i}]", counter) for i, c in enumerate(layers)]
+        children = [_plan(c, f"{path}.layers[{i}]", counter, trust) for i, c in enumerate(layers)]
         return _Plan(None, {}, children, names, path)
     lt = _BY_NAME.get(type_name)
     if lt is None:
@@ -540,6 +574,15 @@ def _plan(spec: Any, path: str, counter: list[int]) -> _Plan:
 
 
 def _count_params(plan: _Plan) -> int:
+    if plan.graph is not None:
+        return plan.graph.attr_elements() + sum(max(_count_params(p), 0) for p in plan.graph.modules.values())
+    if plan.cls is not None:
+        try:  # trusted code, built on the meta device: allocates nothing
+            with torch.device("meta"):
+                mod = plan.cls(**plan.args)
+        except Exception:
+            return -1  # unknown before building; checked after the real build
+        return _module_elements(mod) if isinstance(mod, nn.Module) else -1
     if plan.lt is None:
         return sum(_count_params(c) for c in plan.children)
     where = f"{plan.path} ({plan.lt.name})"
@@ -568,32 +611,36 @@ def _module_elements(mod: nn.Module) -> int:
 def validate_spec(spec: Any) -> None:
     """Check that ``spec`` is well formed (plain JSON, bounded, known types, valid arguments).
 
-    Builds nothing. Raises :class:`SpecError` naming the first problem.
+    Builds and imports nothing (whether an imported class is trusted is the builder's
+    check, :func:`spec_to_module`). Raises :class:`SpecError` naming the first problem.
     """
     _check_plain_json(spec)
     _plan(spec, "spec", [0])
 
 
-def spec_param_count(spec: Any) -> int:
+def spec_param_count(spec: Any, *, trust: Trust | None = None) -> int:
     """Number of parameter + buffer elements the model described by ``spec`` will hold.
 
     Computed from the arguments, before allocating anything (custom layers without a
-    ``param_count`` are measured on the ``meta`` device; one that cannot be built there
-    counts as 0 here). Raises :class:`SpecError`.
+    ``param_count`` and imported classes are measured on the ``meta`` device; one that
+    cannot be built there counts as 0 here). Imports must be allowed by ``trust``
+    (default: ``torch.nn`` only). Raises :class:`SpecError`.
     """
     _check_plain_json(spec)
-    return _sum_known(_plan(spec, "spec", [0]))
+    return _sum_known(_plan(spec, "spec", [0], trust or Trust()))
 
 
-def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
+def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS, trust: Trust | None = None) -> nn.Module:
     """Build a fresh module (new random weights) from a spec made by :func:`module_to_spec`.
 
-    Validates the whole spec and checks that its parameter + buffer element count is at
-    most ``max_params`` before allocating. Load the weights with ``load_state_dict``.
-    Raises :class:`SpecError` naming the layer and argument at fault.
+    Validates the whole spec -- every import against ``trust`` (default: ``torch.nn``
+    layers and the registry only) -- and checks that its parameter + buffer element count
+    is at most ``max_params`` before allocating. Load the weights with ``load_state_dict``.
+    Raises :class:`SpecError` naming the layer and argument at fault
+    (:class:`~splitnn.errors.TrustError` for an untrusted class, naming it and the flag).
     """
     _check_plain_json(spec)
-    plan = _plan(spec, "spec", [0])
+    plan = _plan(spec, "spec", [0], trust or Trust())
     total = _sum_known(plan)
     if total > max_params:
         raise SpecError(
@@ -611,12 +658,22 @@ def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Mod
 
 
 def _sum_known(plan: _Plan) -> int:
-    if plan.lt is None:
+    if plan.lt is None and plan.graph is None and plan.cls is None:
         return sum(_sum_known(c) for c in plan.children)
     return max(_count_params(plan), 0)
 
 
 def _build(plan: _Plan) -> nn.Module:
+    if plan.graph is not None:
+        return build_graph(plan.graph, {t: _build(p) for t, p in plan.graph.modules.items()})
+    if plan.cls is not None:
+        try:
+            mod = plan.cls(**plan.args)
+        except Exception as exc:
+            raise SpecError(f"{plan.path}: cannot build {plan.cls.__qualname__}(**{plan.args}): {exc}") from exc
+        if not isinstance(mod, nn.Module):
+            raise SpecError(f"{plan.path}: {plan.cls.__qualname__}(...) did not return an nn.Module")
+        return mod
     if plan.lt is None:
         children = [_build(c) for c in plan.children]
         if plan.names is None:

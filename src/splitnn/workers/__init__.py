@@ -2,7 +2,7 @@
 
 from splitnn.workers.base import EpochWorker, GradientWorker, MergingWorker, PeerStateWorker, Worker
 from splitnn.workers.merge import MERGE_MODES, merge_tensors, merged_shape
-from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "BatchRef",
     "LossStats",
     "DatasetStats",
+    "ValueShape",
     "MergingWorker",
     "PeerStateWorker",
     "GradientWorker",

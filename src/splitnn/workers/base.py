@@ -18,6 +18,7 @@ from torch import nn
 
 from splitnn.accounting import Ledger
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.values import ProbeShape, Value
 
 #: What may be given as a segment's optimizer: a factory ``params -> Optimizer``
 #: (in-process workers only) or anything :meth:`OptimizerSpec.coerce` accepts.
@@ -48,11 +49,15 @@ class Worker(Protocol):
     def dataset_stats(self, name: str) -> DatasetStats:
         """Size and shape of a held dataset; never its contents."""
 
-    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Output shape of segment ``key`` for an input of ``input_shape`` (zeros, no training)."""
+    def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
+        """Output shape of segment ``key`` for an input of ``input_shape`` (zeros, no training).
 
-    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
-        """Receive a tensor from ``src`` (recorded as ``kind``) and return a ref to it."""
+        Several values (a segment that takes or returns a tuple) are described by one
+        :class:`~splitnn.workers.refs.ValueShape` each (see :mod:`splitnn.workers.values`).
+        """
+
+    def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
+        """Receive a tensor (or a tuple of them) from ``src`` (recorded as ``kind``) and return a ref to it."""
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on ``source`` (a peer's activation or a local batch)."""
@@ -76,8 +81,8 @@ class Worker(Protocol):
     def step(self, key: str) -> None:
         """Step segment ``key``'s optimizer."""
 
-    def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
-        """Hand a stored tensor to the researcher, if this worker's policy allows it."""
+    def fetch(self, ref: TensorRef, *, kind: str = "output") -> Value:
+        """Hand a stored tensor (or tuple of them) to the researcher, if this worker's policy allows it."""
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
         """Weights of segment ``key`` (recorded as ``weights`` bytes to the caller)."""

@@ -36,6 +36,7 @@ from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.wire.trust import Trust
 from splitnn.workers.exports import Exports, SessionState
 from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name
 from splitnn.workers.peers import Peers
@@ -104,9 +105,11 @@ class Commands:
         peers: Peers,
         limits: Limits,
         counters: ByteCounters,
+        trust: Trust | None = None,
     ) -> None:
         self.name, self.engine, self.exports, self.peers = name, engine, exports, peers
         self.limits, self.counters = limits, counters
+        self.trust = trust or Trust()  # what add_segment may import (splitnn worker --trust)
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class Commands:
     async def _op_add_segment(self, a, blobs, **_):
         key = arg(a, "key", str)
         opt = arg(a, "optimizer", dict, optional=True)
-        module = spec_to_module(spec_from_json(blob_arg(blobs, 0, "spec")))
+        module = spec_to_module(spec_from_json(blob_arg(blobs, 0, "spec")), trust=self.trust)
         state = decode_state(blob_arg(blobs, 1, "state"), max_bytes=self.limits.max_blob_bytes)
         try:
             module.load_state_dict(state)

@@ -55,3 +55,16 @@ class DatasetStats:
     feature_shape: tuple[int, ...] | None
     num_labels: int | None
     label_max: int | None
+
+
+@dataclass(frozen=True)
+class ValueShape:
+    """Shape and dtype of one of several values crossing a cut (see :mod:`splitnn.workers.values`).
+
+    A single value is probed by its shape alone (a float tensor, as ever); when several
+    values cross, each is described by one of these, so that an integer index or a boolean
+    mask is probed with zeros of its own dtype.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32

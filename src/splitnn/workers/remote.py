@@ -60,11 +60,13 @@ from splitnn.transport.channels import open_channel, parse_address
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
+from splitnn.wire.graph import GRAPH_TYPE, graph_arity
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.command_stream import CommandStream
 from splitnn.workers.epoch import EpochHandle, EpochPlan
@@ -122,6 +124,7 @@ class RemoteWorker:
         self._input_is_data: dict[str, bool] = {}
         self._merged: dict[str, int] = {}  # segment key -> sources of its last training forward_merged
         self._feature_ids: set[int] = set()
+        self._imports: set[str] = set()  # modules of the classes our segment specs import (we trust our own)
         self._closed = False
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout or min(self.timeout, 10.0))
@@ -226,9 +229,19 @@ class RemoteWorker:
                 f"give a spec such as optimizer='sgd:lr=0.03' or splitnn.wire.OptimizerSpec('adam', lr=1e-3)"
             )
         opt = OptimizerSpec.coerce(optimizer).to_dict() if optimizer is not None else None
-        spec = spec_to_json(module_to_spec(segment)).encode()
+        described = module_to_spec(segment)
+        ins, outs = graph_arity(described) if described.get("type") == GRAPH_TYPE else (1, 1)
+        if (ins, outs) != (1, 1):
+            raise ConfigurationError(
+                f"segment {key!r} for remote worker {self.name!r} takes {ins} and returns {outs} values; "
+                "networked workers carry one tensor per cut for now. Cut where one value crosses (e.g. at "
+                "block boundaries), or train with in-process workers (splitnn.VirtualWorker), which carry "
+                "several values per cut"
+            )
+        spec = spec_to_json(described).encode()
         state = encode_state({k: v.detach() for k, v in segment.state_dict().items()})
         self._request("add_segment", {"key": key, "optimizer": opt}, [spec, state])
+        self._imports |= imported_modules(described)
 
     def remove_segment(self, key: str) -> None:
         self._send("remove_segment", {"key": key})
@@ -251,6 +264,11 @@ class RemoteWorker:
         return tuple(r["shape"])
 
     def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigurationError(
+                f"remote worker {self.name!r} takes one input tensor, got a {type(tensor).__name__}; networked "
+                "workers carry one tensor per cut for now (in-process workers take several)"
+            )
         if src != RESEARCHER or kind != "features":
             raise WorkerError(f"remote worker {self.name!r} only accepts features put by the researcher")
         ref = self._new_ref()
@@ -318,7 +336,8 @@ class RemoteWorker:
 
     def fetch_segment(self, key: str) -> nn.Module:
         _, blobs = self._request("fetch_segment", {"key": key})
-        module = spec_to_module(spec_from_json(blobs[0]))
+        # imports only from the modules of classes we sent ourselves
+        module = spec_to_module(spec_from_json(blobs[0]), trust=Trust(sorted(self._imports)))
         module.load_state_dict(decode_state(blobs[1], max_bytes=self.limits.max_blob_bytes))
         return module
 

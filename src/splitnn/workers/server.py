@@ -73,6 +73,7 @@ from splitnn.transport.security import (
     token_matches,
 )
 from splitnn.wire.proto import SERVICE, Command, Reply
+from splitnn.wire.trust import Trust
 from splitnn.workers import shipped
 from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.workers.executor import Executor
@@ -123,6 +124,8 @@ class WorkerServer:
         limits: message and tensor size limits.
         peer_timeout: seconds to wait for a peer's tensor before failing the step.
         policy: what the engine hands to the researcher; by default no activations.
+        trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
+            layers and the spec registry are always allowed.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class WorkerServer:
         limits: Limits | None = None,
         peer_timeout: float = 60.0,
         policy: WorkerPolicy | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
@@ -161,7 +165,13 @@ class WorkerServer:
             serve=self.exports.take,
         )
         self.commands = Commands(
-            self.name, self.engine, exports=self.exports, peers=self.peers, limits=self.limits, counters=self.counters
+            self.name,
+            self.engine,
+            exports=self.exports,
+            peers=self.peers,
+            limits=self.limits,
+            counters=self.counters,
+            trust=trust,
         )
         self.executor = Executor(
             self.name, self.engine, self.commands, peers=self.peers, inbox=self.inbox, limits=self.limits
@@ -316,6 +326,7 @@ class ServeConfig:
     address_file: str | None = None
     max_lifetime: float | None = None
     datasets: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    trust: tuple[str, ...] = ()  # module prefixes segment specs may import classes from
 
 
 def write_address(path: str, address: str) -> None:
@@ -335,6 +346,7 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         limits=config.limits,
         peer_timeout=config.peer_timeout,
         policy=WorkerPolicy(release_outputs=config.release_outputs),
+        trust=Trust(config.trust),
     )
     for dname, parts in config.datasets.items():
         server.engine.add_dataset(dname, **parts)

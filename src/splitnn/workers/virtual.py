@@ -16,12 +16,22 @@ arithmetic is the same kernels in the same order, so the weights are
 bit-identical to the segment-by-segment ("eager") path; ``fuse=False`` gives
 the eager path, whose extra autograd calls cost about 6% of the tutorial
 network's step time.
+
+Several values at a cut. A segment may return a tuple of tensors (a skip connection
+spanning the cut, see :func:`splitnn.cut`); the next segment takes its items as
+positional arguments, and the gradient comes back as a tuple (``None`` for values
+that need none). The rules, and how the ledger counts them, are in
+:mod:`splitnn.workers.values`. Fused, the gradient bytes of a tuple are counted by
+hooks on the tensors that received them, so that a value whose gradient never flows
+is not counted, exactly as in the eager path. Single tensors take the same code as
+before (one type check more).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +47,8 @@ from splitnn.workers.losses import compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.optimizers import build_optimizer
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.values import ProbeShape, Value, check_values, describe, zeros_for
+from splitnn.workers.values import nbytes as value_nbytes
 
 
 @dataclass(frozen=True)
@@ -57,9 +69,10 @@ class _Hosted:
     optimizer: torch.optim.Optimizer | None
     params: list[torch.Tensor]
     training: bool | None = None
-    inp: torch.Tensor | None = None
-    out: torch.Tensor | None = None
+    inp: Value | None = None
+    out: Value | None = None
     input_kind: str = "data"  # "data" | "detached" | "fused" | "merged"
+    sent: list[int] | None = None  # fused tuple input: bytes of each gradient autograd sent back
     inputs: list[tuple[torch.Tensor, str, str]] | None = None  # (tensor, kind, sender) per merged source
     source: str = ""  # who sent the input
 
@@ -154,24 +167,27 @@ class VirtualWorker:
             label_max=int(labels.max()) if labels is not None else None,
         )
 
-    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         # A copy of the module's structure sharing its parameters and buffers, in eval mode
         # and without gradients: no running-stat updates, no dropout, and no draws from the
         # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
         clone = _probe_copy(hosted.module)
+        x = zeros_for(input_shape)
         with torch.no_grad():
             if clone is not None:
-                out = clone.eval()(torch.zeros(input_shape))
+                out = _call(clone.eval(), x)
             else:
                 with _eval_mode(hosted.module):
-                    out = hosted.module(torch.zeros(input_shape))
-        return tuple(out.shape)
+                    out = _call(hosted.module, x)
+        return describe(check_values(out, f"segment {key!r} at {self.name!r}"))
 
     # -- compute -------------------------------------------------------------------
-    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
+    def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
+        if not isinstance(tensor, torch.Tensor):  # several values: a model input that is a tuple
+            tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
         if src != self.name:
-            self.ledger.record(src, self.name, kind, tensor.numel() * tensor.element_size())
+            self.ledger.record(src, self.name, kind, value_nbytes(tensor))
         return self._keep(tensor, kind)
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
@@ -183,18 +199,24 @@ class VirtualWorker:
             x, input_kind = self._batch(source, "features"), "data"
         else:
             x, input_kind = self._receive(source, "activation", train)
+        if type(x) is tuple:
+            return self._forward_values(key, hosted, x, input_kind, source, train)
         if not train:
             with torch.no_grad(), _eval_mode(hosted.module):
-                return self._keep(hosted.module(x), "activation")
+                return self._keep(_output(hosted.module(x), key, self.name), "activation")
         if input_kind == "detached":
             x = x.detach().requires_grad_()
         out = hosted.module(x)
+        if type(out) is not torch.Tensor:
+            out = _output(out, key, self.name)
         hosted.inp, hosted.out, hosted.input_kind = x, out, input_kind
         hosted.source = source.owner if isinstance(source, TensorRef) else self.name
         return self._keep(out, "activation")
 
     def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
         out, _ = self._receive(output, "activation", train)
+        if type(out) is tuple:
+            raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
         labels = self._batch(target, "labels")
         value = compute_loss(loss, out, labels)
         if train:
@@ -214,6 +236,8 @@ class VirtualWorker:
         hosted.inp = hosted.out = None
         if kind == "data":
             return None
+        if type(inp) is tuple:
+            return self._values_grad(hosted, inp, kind)
         if kind == "fused":
             # Autograd already carried the gradient across the cut; record the bytes a
             # real transfer moves (a gradient has its activation's shape and dtype).
@@ -236,6 +260,11 @@ class VirtualWorker:
             hosted.module.train(True)
             hosted.training = True
         received = [self._receive(ref, "activation", train) for ref in sources]
+        if any(type(t) is tuple for t, _ in received):
+            raise WorkerError(
+                f"worker {self.name!r}: segment {key!r} merges activations, and one source sent several values; "
+                "a merge takes one tensor per source"
+            )
         if not train:
             with torch.no_grad(), _eval_mode(hosted.module):
                 return self._keep(hosted.module(merge_tensors([t for t, _ in received], merge)), "activation")
@@ -288,7 +317,7 @@ class VirtualWorker:
         if stored_kind in ("features", "labels") or not self.policy.release_outputs:
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         del self._store[ref.id]
-        self.ledger.record(self.name, RESEARCHER, kind, tensor.numel() * tensor.element_size())
+        self.ledger.record(self.name, RESEARCHER, kind, value_nbytes(tensor))
         return tensor
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
@@ -334,7 +363,7 @@ class VirtualWorker:
         self._pending_loss = None
         for hosted in self._segments.values():
             hosted.inp = hosted.out = None
-            hosted.inputs = None
+            hosted.inputs = hosted.sent = None
 
     # -- peer transfer (in-process) ------------------------------------------------
     def _take(self, ref_id: int) -> torch.Tensor:
@@ -356,7 +385,41 @@ class VirtualWorker:
             # else: the caller already ran backward from the output it fetched
         elif not grad.fused:
             g, _ = self._receive(grad, "gradient", False)
-            hosted.out.backward(g)
+            if type(g) is tuple or type(hosted.out) is tuple:
+                _backward_values(hosted.out, g, self.name)
+            else:
+                hosted.out.backward(g)
+
+    def _forward_values(
+        self, key: str, hosted: _Hosted, x: tuple, input_kind: str, source: TensorRef | BatchRef, train: bool
+    ) -> TensorRef:
+        """:meth:`forward` on several values (see :mod:`splitnn.workers.values`)."""
+        if not train:
+            with torch.no_grad(), _eval_mode(hosted.module):
+                return self._keep(_output(hosted.module(*x), key, self.name), "activation")
+        sender = source.owner if isinstance(source, TensorRef) else self.name
+        sent = None
+        if input_kind == "detached":
+            # a value crosses back only if it needs a gradient at the sender
+            x = tuple(t.detach().requires_grad_(t.requires_grad) for t in x)
+        elif input_kind == "fused" and sender != self.name:
+            sent = []  # what autograd carries back across this cut, counted as it flows
+            for t in x:
+                if t.requires_grad:
+                    t.register_hook(functools.partial(_count_gradient, sent))
+        out = _output(hosted.module(*x), key, self.name)
+        hosted.inp, hosted.out, hosted.input_kind, hosted.sent = x, out, input_kind, sent
+        hosted.source = sender
+        return self._keep(out, "activation")
+
+    def _values_grad(self, hosted: _Hosted, inp: tuple, kind: str) -> TensorRef:
+        """:meth:`backward`'s result for a segment that took several values."""
+        if kind == "fused":
+            sent, hosted.sent = hosted.sent, None
+            if sent:  # one record per crossing, the bytes of every gradient that flowed
+                self.ledger.record(self.name, hosted.source, "gradient", sum(sent))
+            return TensorRef(self.name, -1, fused=True)
+        return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient")
 
     def _receive(self, ref: TensorRef, kind: str, train: bool) -> tuple[torch.Tensor, str]:
         if ref.owner == self.name:
@@ -372,13 +435,18 @@ class VirtualWorker:
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
         tensor = peer._take(ref.id)
+        if type(tensor) is tuple:
+            if kind != "gradient" or any(t is not None for t in tensor):
+                self.ledger.record(ref.owner, self.name, kind, value_nbytes(tensor))
+            fused = train and kind == "activation" and self.fuse and peer.fuse
+            return tensor, ("fused" if fused else "detached")
         nbytes = tensor.numel() * tensor.element_size()
         self.ledger.record(ref.owner, self.name, kind, nbytes)
         if train and kind == "activation" and self.fuse and peer.fuse and tensor.requires_grad:
             return tensor, "fused"
         return tensor, "detached"
 
-    def _keep(self, tensor: torch.Tensor, kind: str) -> TensorRef:
+    def _keep(self, tensor: Value, kind: str) -> TensorRef:
         self._next_id += 1
         self._store[self._next_id] = (tensor, kind)
         return TensorRef(self.name, self._next_id)
@@ -409,6 +477,29 @@ class VirtualWorker:
         if tensor is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return tensor[ref.indices]
+
+
+def _call(module: nn.Module, x: Value) -> object:
+    return module(*x) if type(x) is tuple else module(x)
+
+
+def _output(out: object, key: str, worker: str) -> Value:
+    return out if type(out) is torch.Tensor else check_values(out, f"segment {key!r} at {worker!r}")
+
+
+def _count_gradient(sent: list[int], grad: torch.Tensor) -> None:
+    sent.append(grad.numel() * grad.element_size())
+
+
+def _backward_values(out: Value, grad: Value, worker: str) -> None:
+    """Back-propagate gradients of several values (``None``: nothing flows back for that value)."""
+    outs = out if type(out) is tuple else (out,)
+    grads = grad if type(grad) is tuple else (grad,)
+    if len(outs) != len(grads):
+        raise WorkerError(f"worker {worker!r}: got {len(grads)} gradients for a segment output of {len(outs)} values")
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
 @contextlib.contextmanager

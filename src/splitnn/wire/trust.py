@@ -1,0 +1,207 @@
+"""What a party agrees to build from a spec: :class:`Trust`.
+
+A spec may name a class to import, ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``,
+for layers that are neither ``torch.nn`` layers nor in the spec registry (a user's residual
+block). Importing runs that module's code, so a party imports only from module prefixes
+its operator trusts: ``splitnn worker --trust mypkg.models`` (repeatable). ``torch.nn``'s
+layers (``torch.nn.modules``) and the registry of :mod:`splitnn.wire.spec` are trusted
+without asking. Lacking trust, decoding refuses *before anything is imported or built*,
+naming the class and the flag that would allow it.
+
+On the sending side, :func:`import_spec` describes an instance of such a class: its
+constructor's keyword arguments as JSON, taken from ``module.splitnn_kwargs()`` when the
+class defines it, else from attributes named like the constructor's parameters (the way
+``nn.Conv2d`` keeps ``in_channels``, ``stride``, ...). The description is checked by
+rebuilding the class on the ``meta`` device and comparing parameter and buffer shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitnn.errors import SpecError, TrustError
+
+#: Module prefixes every party trusts: the layers of ``torch.nn``.
+DEFAULT_TRUSTED: tuple[str, ...] = ("torch.nn.modules",)
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_IMPORT = re.compile(
+    r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)$"
+)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Module prefixes whose classes a party may import and build from a spec.
+
+    ``Trust(["mypkg.models"])`` allows ``mypkg.models`` and its submodules
+    (``mypkg.models.blocks``), not ``mypkg.modelsx``. ``torch.nn`` layers are always allowed.
+    """
+
+    modules: tuple[str, ...] = ()
+
+    def __init__(self, modules: Iterable[str] = ()) -> None:
+        mods = (modules,) if isinstance(modules, str) else tuple(modules)
+        for m in mods:
+            if not isinstance(m, str) or not _DOTTED.match(m):
+                raise SpecError(f"a trusted module is a dotted module name like 'mypkg.models', got {m!r}")
+        object.__setattr__(self, "modules", mods)
+
+    def allows(self, module: str) -> bool:
+        """Whether classes of ``module`` may be imported."""
+        return any(module == p or module.startswith(p + ".") for p in DEFAULT_TRUSTED + self.modules)
+
+    def resolve(self, ref: str, where: str) -> type[nn.Module]:
+        """The ``nn.Module`` class named by ``ref`` (``"module:Qual.Name"``), imported only if trusted."""
+        module, qual = parse_import(ref, where)
+        if not self.allows(module):
+            raise TrustError(
+                f"{where}: refusing to build {module}.{qual}: module {module!r} is not trusted here. The "
+                f"party's operator allows it with `splitnn worker --trust {module}` (in-process: "
+                f"spec_to_module(spec, trust=Trust([{module!r}])))"
+            )
+        try:
+            obj: Any = importlib.import_module(module)
+        except Exception as exc:  # ImportError, or the trusted module failing to import
+            raise SpecError(f"{where}: cannot import trusted module {module!r}: {type(exc).__name__}: {exc}") from None
+        for part in qual.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise SpecError(f"{where}: module {module!r} has no {qual!r}")
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise SpecError(f"{where}: {module}.{qual} is not an nn.Module class")
+        return obj
+
+
+def parse_import(ref: Any, where: str) -> tuple[str, str]:
+    """``"mypkg.models:BasicBlock"`` -> ``("mypkg.models", "BasicBlock")``; SpecError if malformed."""
+    m = _IMPORT.match(ref) if isinstance(ref, str) and len(ref) <= 256 else None
+    if m is None or any(p.startswith("__") for p in ref.replace(":", ".").split(".")):
+        raise SpecError(f"{where}: 'import' must be 'package.module:ClassName', got {ref!r:.100}")
+    return m.group(1), m.group(2)
+
+
+def json_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
+    """Constructor keyword arguments from JSON: identifiers as keys, JSON arrays as tuples."""
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"{where}: 'kwargs' must be an object, got {type(kwargs).__name__}")
+    for k in kwargs:
+        if not k.isidentifier() or k.startswith("__"):
+            raise SpecError(f"{where}: keyword argument name {k!r} is not a plain identifier")
+
+    def conv(v: Any) -> Any:
+        return tuple(conv(x) for x in v) if isinstance(v, list) else v
+
+    for k, v in kwargs.items():
+        if isinstance(v, dict):
+            raise SpecError(f"{where}: kwargs.{k} is an object; kwargs hold numbers, strings, booleans, null, lists")
+    return {k: conv(v) for k, v in kwargs.items()}
+
+
+# ----------------------------------------------------------------------------- sending side
+
+
+def import_spec(m: nn.Module, path: str) -> dict[str, Any]:
+    """``{"import": "module:Qual", "kwargs": {...}}`` describing ``m``; SpecError when it cannot be told."""
+    cls = type(m)
+    module, qual = cls.__module__, cls.__qualname__
+    if module == "__main__" or "<locals>" in qual:
+        raise SpecError(
+            f"{path}: {cls.__name__} is defined in {'a function' if '<locals>' in qual else '__main__'}, so no "
+            "other party can import it; define it in an importable module (and trust that module at the "
+            "workers: splitnn worker --trust ...)"
+        )
+    kwargs = _kwargs_of(m, cls, path)
+    _check_rebuild(m, cls, kwargs, path)
+    return {"import": f"{module}:{qual}", "kwargs": kwargs}
+
+
+def _kwargs_of(m: nn.Module, cls: type, path: str) -> dict[str, Any]:
+    hint = (
+        f"define {cls.__name__}.splitnn_kwargs(self) returning its constructor's keyword arguments as JSON "
+        "values, or register the type with splitnn.wire.register_layer"
+    )
+    custom = getattr(m, "splitnn_kwargs", None)
+    if callable(custom):
+        kwargs = custom()
+        if not isinstance(kwargs, dict):
+            raise SpecError(f"{path}: {cls.__name__}.splitnn_kwargs() must return a dict")
+    else:
+        kwargs = {}
+        try:
+            params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        except (TypeError, ValueError):
+            raise SpecError(f"{path}: cannot read {cls.__name__}'s constructor; {hint}") from None
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+                continue
+            if not hasattr(m, p.name):
+                if p.default is not p.empty and p.name.startswith("_"):
+                    continue
+                raise SpecError(
+                    f"{path}: cannot tell {cls.__name__}'s constructor argument {p.name!r} (no attribute "
+                    f"self.{p.name}); keep it as self.{p.name} or {hint}"
+                )
+            value = getattr(m, p.name)
+            if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
+                value = value is not None  # torch.nn layers keep the bias tensor under the flag's name
+            kwargs[p.name] = value
+    out = {}
+    for k, v in kwargs.items():
+        try:
+            out[k] = _json_value(v)
+        except SpecError:
+            raise SpecError(f"{path}: {cls.__name__} argument {k!r} = {v!r:.60} is not a JSON value; {hint}") from None
+    return out
+
+
+def _json_value(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, str, int)):
+        return v
+    if isinstance(v, float) and math.isfinite(v):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    raise SpecError("not JSON")
+
+
+def _check_rebuild(m: nn.Module, cls: type, kwargs: dict[str, Any], path: str) -> None:
+    """Rebuild ``cls(**kwargs)`` on the meta device; its tensors must have ``m``'s names and shapes."""
+    try:
+        with torch.device("meta"):
+            twin = cls(**json_kwargs(kwargs, path))
+    except Exception:
+        return  # cannot be built on meta: the receiver's load_state_dict checks the fit
+    want = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise SpecError(
+            f"{path}: {cls.__name__}(**{kwargs}) does not rebuild this module (weights differ: {diff}); define "
+            f"{cls.__name__}.splitnn_kwargs(self) returning its constructor's keyword arguments"
+        )
+
+
+def imported_modules(spec: Any) -> set[str]:
+    """The modules a (well-formed) spec imports classes from."""
+    found: set[str] = set()
+    stack = [spec]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            ref = v.get("import")
+            if isinstance(ref, str):
+                found.add(ref.partition(":")[0])
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return found
