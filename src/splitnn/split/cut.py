@@ -197,20 +197,24 @@ def _trace(model: nn.Module, paths: list[str], leaves: list[Leaf]) -> fx.Graph:
     try:
         return tracer.trace(model)
     except Exception as exc:
-        where = [qual for qual, _ in tracer.module_stack.values() if qual]
-        inside = f" while tracing {where[-1]!r} ({type(model.get_submodule(where[-1])).__name__})" if where else ""
-        raise ConfigurationError(
-            f"cannot cut {type(model).__name__}: torch.fx cannot trace it{inside}: {type(exc).__name__}: {exc}. "
-            "Data-dependent control flow (an `if` on a tensor's values) cannot be traced. Fix: keep that "
-            f"module whole with cut(model, at=..., leaves=[{where[-1]!r}]) if it lies inside a segment "
-            "and cut at module boundaries around it, or write the segments by hand and pass the list to "
-            "splitnn.SplitNN"
-            if where
-            else f"cannot cut {type(model).__name__}: torch.fx cannot trace it: {type(exc).__name__}: {exc}. "
-            "Data-dependent control flow (an `if` on a tensor's values) cannot be traced; cut an "
-            "nn.Sequential, keep untraceable submodules whole with leaves=[...], or write the segments "
-            "by hand and pass the list to splitnn.SplitNN"
-        ) from exc
+        # the tracer's module stack is left as it was when tracing failed: the innermost entry is the culprit
+        stack = [qual for qual, _ in tracer.module_stack.values() if qual]
+        what = f"cannot cut {type(model).__name__}: torch.fx cannot trace it"
+        why = f"{type(exc).__name__}: {exc}. Data-dependent control flow (an `if` on tensor values) cannot be traced"
+        if stack:
+            culprit = stack[-1]
+            kind = type(model.get_submodule(culprit)).__name__
+            fix = (
+                f"Fix: keep that module whole with cut(model, at=..., leaves=[{culprit!r}]) if it lies inside a "
+                "segment and cut at module boundaries around it, or write the segments by hand and pass the list "
+                "to splitnn.SplitNN"
+            )
+            raise ConfigurationError(f"{what} while tracing {culprit!r} ({kind}): {why}. {fix}") from exc
+        fix = (
+            "Fix: keep untraceable submodules whole with leaves=[...], or write the segments by hand and pass "
+            "the list to splitnn.SplitNN"
+        )
+        raise ConfigurationError(f"{what}: {why}. {fix}") from exc
 
 
 def _cut_graph(model: nn.Module, paths: list[str], leaves: list[Leaf]) -> list[nn.Module]:
@@ -226,40 +230,36 @@ def _cut_graph(model: nn.Module, paths: list[str], leaves: list[Leaf]) -> list[n
                 "a module that runs more than once is ambiguous. Cut before another module"
             )
     _check_order(paths, [(hit.index(p),) for p in paths], f"{type(model).__name__}.forward")
-    parts, order = _partition(graph)
+    parts = _partition(graph)
     live = _crossing(graph, parts, len(paths) + 1)
     segments = []
     for k in range(len(paths) + 1):
         if not any(parts.get(n) == k for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")):
             raise ConfigurationError(_empty_segment_message(k, paths))
-        g = _segment_graph(graph, parts, live, k, order)
+        g = _segment_graph(graph, parts, live, k)
         segments.append(fx.GraphModule(model, g, class_name=f"Segment{k}"))
     return segments
 
 
-def _partition(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
-    """Segment index of every computing node (markers advance it), and each node's position."""
+def _partition(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Segment index of every node that computes a value (the markers advance it)."""
     parts: dict[fx.Node, int] = {}
-    order: dict[fx.Node, int] = {}
     k = 0
-    for i, n in enumerate(graph.nodes):
-        order[n] = i
+    for n in graph.nodes:
         if n.op == "call_function" and n.target is _cut_marker:
             k += 1
-        elif n.op == "placeholder":
+        elif n.op == "placeholder":  # the model's inputs arrive at the first party
             parts[n] = 0
-        elif n.op == "output":
-            parts[n] = -1  # the last segment's, set by the caller's count
-        elif n.op != "get_attr":  # attributes are read where they are used, never sent across a cut
+        elif n.op not in ("get_attr", "output"):  # attributes are read where they are used, never sent
             parts[n] = k
-    return parts, order
+    return parts
 
 
 def _crossing(graph: fx.Graph, parts: dict[fx.Node, int], count: int) -> list[list[fx.Node]]:
     """``live[k]``: the values that cross cut ``k`` (from segment k to k+1), in graph order."""
     live: list[list[fx.Node]] = [[] for _ in range(count - 1)]
     for n in graph.nodes:
-        if n not in parts or n.op == "output":
+        if n not in parts:
             continue
         last = max((count - 1 if u.op == "output" else parts.get(u, parts[n]) for u in n.users), default=parts[n])
         for k in range(parts[n], last):
@@ -267,9 +267,8 @@ def _crossing(graph: fx.Graph, parts: dict[fx.Node, int], count: int) -> list[li
     return live
 
 
-def _segment_graph(
-    graph: fx.Graph, parts: dict[fx.Node, int], live: list[list[fx.Node]], k: int, order: dict[fx.Node, int]
-) -> fx.Graph:
+def _segment_graph(graph: fx.Graph, parts: dict[fx.Node, int], live: list[list[fx.Node]], k: int) -> fx.Graph:
+    """Segment ``k``'s graph: its inputs (the model's, or what crosses cut k-1), its nodes, and what crosses cut k."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
 
