@@ -67,6 +67,15 @@ def _valid_commands() -> list[bytes]:
         Command(seq=4, op="backward", args_json=json.dumps({"key": "nope", "grad": {"owner": "bob", "id": 1}})),
         Command(seq=5, op="get_state", args_json=json.dumps({"key": "missing"})),
         Command(seq=6, op="probe", args_json=json.dumps({"key": "missing", "shape": [2, 3]})),
+        Command(
+            seq=7,
+            op="loss",
+            args_json=json.dumps(
+                {"output": {"owner": "bob", "id": 98}, "dataset": "x", "loss": "mse", "train": False, "keep": "e1"}
+            ),
+            blobs=[idx],
+        ),
+        Command(seq=8, op="metrics", args_json=json.dumps({"keep": "e1", "names": ["accuracy", "auc"]})),
     ]
     return [c.SerializeToString() for c in cmds]
 

@@ -17,7 +17,7 @@ from splitnn.accounting.tally import Tally
 RESEARCHER = "researcher"
 
 #: Kinds of transfer the library records.
-KINDS = ("activation", "gradient", "weights", "labels", "features", "output", "control")
+KINDS = ("activation", "gradient", "weights", "labels", "features", "output", "control", "psi")
 
 
 @dataclass(frozen=True)

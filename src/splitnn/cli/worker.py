@@ -4,29 +4,43 @@
         [--tls-cert bob.pem --tls-key bob.key --tls-ca ca.pem] \\
         [--data mnist:test=/data/mnist,parts=labels,limit=500 ...] [--trust mypkg.models ...]
 
-``--data SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family
-split with :func:`splitnn.data.load_dataset` from DIR (never downloading) and holds
-it under the name SPEC, e.g. ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` by
-default). ``parts`` says what this party holds: the data holder keeps the
-``features``, the label holder the ``labels`` (default: both). The researcher then
-trains on it by name: ``model.fit("mnist:test")``.
+``--data`` (repeatable) gives the party a dataset under a name, in one of three forms:
+
+* ``SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family split with
+  :func:`splitnn.data.load_dataset` from DIR (never downloading) under the name SPEC, e.g.
+  ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` by default);
+* ``NAME=table:PATH,id=COLUMN[,columns=A+B+C][,label=COLUMN]`` reads a CSV table with
+  :func:`splitnn.data.load_table` (features standardised with this party's own statistics;
+  the ids stay here, for private set intersection);
+* ``NAME=MODULE:FUNCTION[,parts=...]`` calls ``FUNCTION()`` of a module the operator trusts
+  (``--trust MODULE_PREFIX``; nothing else is imported) and holds what it returns: a
+  ``splitnn.data.Dataset``, ``TorchDataset`` (any map-style dataset, read in batches here),
+  ``Table``, a mapping with ``features``/``labels``/``ids``, or one tensor or map-style dataset.
+
+``parts`` says what this party holds: the data holder keeps the ``features``, the label
+holder the ``labels`` (default: all the source has). The researcher then trains on it by
+name: ``model.fit("mnist:test")``.
 
 ``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
 :mod:`splitnn.wire.trust`); the worker imports and builds them. ``torch.nn`` layers and
 the built-in layer registry are trusted without it; any other class is refused before
-anything is built, naming the class and this flag.
+anything is built, naming the class and this flag. The same prefixes say which modules
+``--data NAME=MODULE:FUNCTION`` may call.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
+import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from splitnn.errors import ConfigurationError
+from splitnn.errors import ConfigurationError, DataError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,15 +68,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--data",
         action="append",
         default=[],
-        metavar="NAME[:SPLIT]=DIR[,parts=...][,limit=N]",
-        help="hold a dataset loaded from DIR (repeatable); parts = features, labels or both",
+        metavar="NAME=SOURCE",
+        help="hold a dataset (repeatable): NAME[:SPLIT]=DIR[,parts=features|labels|both][,limit=N] (MNIST-family "
+        "IDX files), NAME=table:PATH,id=COLUMN[,columns=A+B][,label=COLUMN] (CSV), or "
+        "NAME=MODULE:FUNCTION[,parts=...] (a trusted function building the dataset, see --trust)",
     )
     p.add_argument(
         "--trust",
         action="append",
         default=[],
         metavar="MODULE",
-        help="let segment specs import classes from MODULE and its submodules (repeatable), e.g. mypkg.models",
+        help="let segment specs import classes, and --data call functions, from MODULE and its submodules "
+        "(repeatable), e.g. mypkg.models",
     )
     p.add_argument(
         "--address-file",
@@ -111,7 +128,7 @@ def parse_data_spec(text: str) -> tuple[str, str, str, Path, tuple[str, ...], in
     for opt in options:
         k, _, v = opt.partition("=")
         if k == "parts" and v in ("features", "labels", "both"):
-            parts = ("features", "labels") if v == "both" else (v,)
+            parts = _parts(v)
         elif k == "limit" and v.isdigit() and int(v) > 0:
             limit = int(v)
         else:
@@ -121,10 +138,120 @@ def parse_data_spec(text: str) -> tuple[str, str, str, Path, tuple[str, ...], in
     return key, dataset, split or "train", Path(directory), parts, limit
 
 
+_CODE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def _parts(value: str) -> tuple[str, ...]:
+    return ("features", "labels") if value == "both" else (value,)
+
+
+def is_trusted(module: str, trust: Sequence[str]) -> bool:
+    """Whether ``module`` is one of the ``trust`` prefixes or inside one (``a.b`` trusts ``a.b.c``, not ``a.bc``)."""
+    return any(module == p or module.startswith(p + ".") for p in trust)
+
+
+def load_data_spec(text: str, trust: Sequence[str] = ()) -> tuple[str, dict[str, object]]:
+    """One ``--data`` value -> (dataset name, what this party holds: ``features``/``labels``/``ids``)."""
+    key, eq, rest = text.partition("=")
+    head = rest.split(",", 1)[0]
+    if eq and key and rest.startswith("table:"):
+        return key, _load_table_spec(text, key, rest[len("table:") :])
+    if eq and key and _CODE.fullmatch(head) and not Path(head).is_dir():
+        return key, _load_code_spec(text, head, rest.split(",")[1:], trust)
+    key, dataset, split, directory, parts, limit = parse_data_spec(text)
+    if not directory.is_dir():
+        raise ConfigurationError(f"--data {text!r}: {directory} is not a directory")
+    from splitnn.data import load_dataset
+
+    data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
+    return key, {p: getattr(data, p) for p in parts}
+
+
+def _load_table_spec(text: str, key: str, rest: str) -> dict[str, object]:
+    from splitnn.data import load_table
+
+    path, *options = rest.split(",")
+    kwargs: dict[str, object] = {}
+    for opt in options:
+        k, _, v = opt.partition("=")
+        if k == "id" and v:
+            kwargs["id_column"] = v
+        elif k == "columns" and v:
+            kwargs["columns"] = v.split("+")
+        elif k == "label" and v:
+            kwargs["label_column"] = v
+        else:
+            raise ConfigurationError(
+                f"--data {text!r}: unknown option {opt!r}; use id=COLUMN, columns=A+B+C, label=COLUMN"
+            )
+    if not path or "id_column" not in kwargs:
+        raise ConfigurationError(f"--data {text!r}: write NAME=table:PATH,id=COLUMN[,columns=A+B][,label=COLUMN]")
+    return load_table(path, **kwargs).parts()
+
+
+def _load_code_spec(text: str, target: str, options: list[str], trust: Sequence[str]) -> dict[str, object]:
+    """Build a dataset by calling a trusted ``module:function``; see the module docstring."""
+    module, _, function = target.partition(":")
+    parts: tuple[str, ...] | None = None
+    for opt in options:
+        k, _, v = opt.partition("=")
+        if k == "parts" and v in ("features", "labels", "both"):
+            parts = _parts(v)
+        else:
+            raise ConfigurationError(f"--data {text!r}: unknown option {opt!r}; use parts=features|labels|both")
+    if not is_trusted(module, trust):
+        raise ConfigurationError(
+            f"--data {text!r}: module {module!r} is not trusted; this worker runs code only from modules its "
+            f"operator allows: add --trust {module} (or a prefix of it) if you trust it"
+        )
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"--data {text!r}: cannot load {target}: {exc}") from None
+    try:
+        made = fn()
+    except Exception as exc:
+        raise ConfigurationError(f"--data {text!r}: {target}() failed: {type(exc).__name__}: {exc}") from exc
+    held = _held_parts(made, text, target)
+    if parts is not None:
+        missing = [p for p in parts if p not in held]
+        if missing:
+            raise ConfigurationError(f"--data {text!r}: {target}() gave no {' or '.join(missing)}")
+        held = {k: v for k, v in held.items() if k in parts or k == "ids"}
+    return held
+
+
+def _held_parts(made: object, text: str, target: str) -> dict[str, object]:
+    import torch
+
+    from splitnn.data import Dataset, Table, TorchDataset
+
+    if isinstance(made, Table):
+        return made.parts()
+    if isinstance(made, TorchDataset):
+        features, labels = made.parts()
+        return {"features": features, "labels": labels}
+    if isinstance(made, Dataset):
+        return {"features": made.features, "labels": made.labels}
+    if isinstance(made, Mapping):
+        extra = sorted(set(made) - {"features", "labels", "ids"})
+        if extra or not ({"features", "labels"} & set(made)):
+            raise ConfigurationError(
+                f"--data {text!r}: {target}() returned a mapping with keys {sorted(made)}; use 'features', "
+                f"'labels' and optionally 'ids'"
+            )
+        return dict(made)
+    if isinstance(made, torch.Tensor) or (hasattr(made, "__getitem__") and hasattr(made, "__len__")):
+        return {"features": made}
+    raise ConfigurationError(
+        f"--data {text!r}: {target}() returned a {type(made).__name__}; return a splitnn.data.Dataset, "
+        f"TorchDataset or Table, a mapping of features/labels/ids, or a tensor or map-style dataset"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from splitnn.data import load_dataset
     from splitnn.errors import SpecError
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
@@ -144,17 +271,20 @@ def run(args: argparse.Namespace) -> int:
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
     if args.address_file is not None and not args.address_file.parent.is_dir():
         raise ConfigurationError(f"--address-file {args.address_file}: directory does not exist")
-    datasets = {}
-    for text in args.data:
-        key, dataset, split, directory, parts, limit = parse_data_spec(text)
-        if not directory.is_dir():
-            raise ConfigurationError(f"--data {text!r}: {directory} is not a directory")
-        data = load_dataset(dataset, split, data_dir=directory, download=False, progress=False, limit=limit)
-        datasets[key] = {p: getattr(data, p) for p in parts}
     try:
         trust = Trust(args.trust)
     except SpecError as exc:
         raise ConfigurationError(f"--trust: {exc}") from None
+    datasets = {}
+    for text in args.data:
+        key, held = load_data_spec(text, trust.modules)
+        try:  # checked here, so a bad dataset stops the worker before it listens
+            from splitnn.workers.held import HeldData
+
+            HeldData.hold(key, args.name, **held)
+        except DataError as exc:
+            raise ConfigurationError(f"--data {text!r}: {exc}") from None
+        datasets[key] = held
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
     config = ServeConfig(
         name=args.name,
@@ -171,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def ready(address: str) -> None:
-        held = ", ".join(f"{k} ({'+'.join(v)})" for k, v in datasets.items()) or "no datasets"
+        held = ", ".join(f"{k} ({'+'.join(p for p in v if p != 'ids')})" for k, v in datasets.items()) or "no datasets"
         print(f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held})", flush=True)
 
     asyncio.run(serve(config, on_ready=ready))

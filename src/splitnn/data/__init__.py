@@ -22,11 +22,16 @@ from .partition import (
 )
 from .registry import DATASETS, SPLITS, DatasetInfo, get_dataset_info
 from .resolve import cache_dir, candidate_dirs, downloads_allowed, resolve_dataset_dir, resolve_split_files
+from .sources import TorchDataset
+from .tabular import Table, load_table
 
 __all__ = [
     "DATASETS",
     "SPLITS",
     "Dataset",
+    "TorchDataset",
+    "Table",
+    "load_table",
     "DatasetInfo",
     "PartitionSpec",
     "cache_dir",

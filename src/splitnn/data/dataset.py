@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from splitnn.errors import ConfigurationError, CorruptDataError, DataError, LabelError
@@ -27,25 +28,35 @@ class Dataset:
 
     Attributes:
         features: float32 tensor of shape (N, ...); images are (N, C, H, W).
-        labels: int64 tensor of shape (N,), values in ``[0, num_classes)``.
+        labels: int64 class labels of shape (N,) (or (N, ...) for one class per position),
+            values in ``[0, num_classes)``; or floating-point targets of shape (N, ...):
+            binary or multi-label 0/1 targets, probabilities, regression values.
         name: dataset name, e.g. ``"mnist"`` (informational).
-        num_classes: number of classes.
+        num_classes: number of classes of integer labels (optional; float targets have none).
+
+    Numpy arrays are accepted for features and labels (converted without copying).
+    Whether the labels suit the loss and the model is checked when a model prepares
+    the dataset (:func:`splitnn.workers.losses.check_labels`).
 
     Raises (on construction):
         DataError: not tensors, wrong dtype/rank, N differs, or N == 0.
-        LabelError: a label is outside ``[0, num_classes)``.
+        LabelError: a label is outside ``[0, num_classes)``, or a float target is not finite.
     """
 
     features: torch.Tensor
     labels: torch.Tensor
-    name: str
-    num_classes: int
+    name: str = "data"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.features, np.ndarray):
+            self.features = torch.from_numpy(self.features)
+        if isinstance(self.labels, np.ndarray):
+            self.labels = torch.from_numpy(self.labels)
         f, y = self.features, self.labels
         if not isinstance(f, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise DataError(
-                f"Dataset {self.name!r}: features and labels must be torch.Tensors, "
+                f"Dataset {self.name!r}: features and labels must be torch.Tensors or numpy arrays, "
                 f"got {type(f).__name__} and {type(y).__name__}"
             )
         if f.dtype != torch.float32 or f.dim() < 2:
@@ -53,10 +64,14 @@ class Dataset:
                 f"Dataset {self.name!r}: features must be float32 of shape (N, ...), "
                 f"got {f.dtype} of shape {tuple(f.shape)}; convert with .float()"
             )
-        if y.dtype != torch.int64 or y.dim() != 1:
+        if y.is_floating_point():
+            if y.dim() < 1:
+                raise DataError(f"Dataset {self.name!r}: float targets must have shape (N, ...), got a scalar")
+        elif y.dtype != torch.int64 or y.dim() < 1:
             raise DataError(
-                f"Dataset {self.name!r}: labels must be int64 of shape (N,), got "
-                f"{y.dtype} of shape {tuple(y.shape)}; convert with .long().flatten()"
+                f"Dataset {self.name!r}: labels must be int64 class labels of shape (N,) or float targets, "
+                f"got {y.dtype} of shape {tuple(y.shape)}; convert class labels with .long().flatten(), "
+                f"targets with .float()"
             )
         if f.shape[0] != y.shape[0]:
             raise DataError(
@@ -65,13 +80,24 @@ class Dataset:
             )
         if y.shape[0] == 0:
             raise DataError(f"Dataset {self.name!r} is empty (0 samples)")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+        if y.is_floating_point():
+            if self.num_classes is not None:
+                raise DataError(
+                    f"Dataset {self.name!r}: num_classes describes integer class labels, but the labels are "
+                    f"{y.dtype} targets; drop num_classes (or give class labels as .long())"
+                )
+            if not bool(torch.isfinite(y).all()):
+                raise LabelError(f"Dataset {self.name!r}: the targets contain NaN or infinite values")
+            return
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1
+        ):
             raise DataError(f"Dataset {self.name!r}: num_classes must be a positive int, got {self.num_classes!r}")
         lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= self.num_classes:
+        if lo < 0 or (self.num_classes is not None and hi >= self.num_classes):
             bad = lo if lo < 0 else hi
             raise LabelError(
-                f"Dataset {self.name!r}: label {bad} is outside [0, {self.num_classes}); "
+                f"Dataset {self.name!r}: label {bad} is outside [0, {self.num_classes or 'C'}); "
                 f"labels range over [{lo}, {hi}]. Check num_classes or the label file"
             )
 

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from splitnn.accounting import RESEARCHER, Ledger
-from splitnn.errors import ConfigurationError, LabelError
+from splitnn.errors import ConfigurationError
 from splitnn.split.cut import join, merge_states
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
 from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
-from splitnn.workers import BatchRef, LossStats, Worker
-from splitnn.workers.losses import check_loss_name
+from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
+from splitnn.workers.losses import Loss, check_labels, check_loss_at
+from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.values import Value, is_several
 
 if TYPE_CHECKING:  # imported lazily at run time: training sits above split
@@ -58,7 +59,10 @@ class SplitNN:
         optimizer: for every segment, a factory ``params -> Optimizer`` (in-process
             workers), an optimizer spec such as ``"sgd:lr=0.03"``, or a list of
             either with one entry per segment. Default: SGD, lr 0.03 (the tutorial).
-        loss: the label holder's loss, by name (``"nll"`` or ``"cross_entropy"``).
+        loss: the label holder's loss: a name of :data:`splitnn.workers.losses.LOSS_NAMES`
+            (``"nll"``, ``"cross_entropy"``, ``"bce_with_logits"``, ``"mse"``, ``"l1"``,
+            ``"smooth_l1"``) or, with an in-process label holder, a callable
+            ``(output, target) -> scalar``. Labels are checked against it before training.
         ledger: where transfers are recorded; default: the first worker's ledger,
             shared with the others.
         ship_epochs: when every worker can run shipped epochs (networked workers),
@@ -77,7 +81,7 @@ class SplitNN:
         workers: Sequence[Worker],
         *,
         optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
+        loss: Loss = "nll",
         ledger: Ledger | None = None,
         ship_epochs: bool = True,
     ) -> None:
@@ -97,7 +101,7 @@ class SplitNN:
             raise ConfigurationError(f"got {len(optimizers)} optimizers for {len(segments)} segments")
         self.ledger = bind_workers(workers, ledger)
         check_static_fit(segments, [w.name for w in workers])
-        self.loss = check_loss_name(loss)
+        self.loss = check_loss_at(loss, workers[-1])
         model_id = next(_model_ids)
         self.stages = [Stage(i, f"m{model_id}.s{i}", w) for i, w in enumerate(workers)]
         for stage, seg, opt in zip(self.stages, segments, optimizers):
@@ -106,6 +110,7 @@ class SplitNN:
         # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
         self._data_names = PlacedData()
         self._sizes: dict[str, int] = {}  # checked datasets: name -> size
+        self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
         self._data_ids = itertools.count()
         self.ship_epochs = ship_epochs
 
@@ -209,11 +214,8 @@ class SplitNN:
                 f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
                 "tensor: make the model's forward return one tensor"
             )
-        if len(out_shape) == 2 and labels.label_max >= out_shape[1]:
-            raise LabelError(
-                f"dataset {name!r} has label {labels.label_max} but the model has only {out_shape[1]} "
-                f"outputs (classes 0..{out_shape[1] - 1}); widen the last layer or fix the labels"
-            )
+        check_labels(name, labels, out_shape, self.loss, self.label_holder.name)
+        self._outputs[name] = (labels, out_shape)
         return feats.size
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
@@ -256,9 +258,18 @@ class SplitNN:
             if callable(drain):
                 drain()
 
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
-        """Loss and correct count on rows ``indices`` of a placed dataset."""
-        return eval_step(self.stages, BatchRef(dataset, indices), self.loss)
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices`` of a placed dataset (``keep``: see :meth:`metrics`)."""
+        return eval_step(self.stages, BatchRef(dataset, indices), self.loss, keep=keep)
+
+    def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
+        """Metrics over the outputs the label holder kept during ``eval_batch(..., keep=keep)`` calls."""
+        return label_holder_metrics(self.label_holder, keep, names)
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
+        labels, out_shape = self._outputs[self.prepare(dataset)[0]]
+        check_metrics_for(dataset, names, labels, out_shape, self.loss)
 
     def fit(self, data: Dataset | str, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
         """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
@@ -266,11 +277,18 @@ class SplitNN:
 
         return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
 
-    def evaluate(self, data: Dataset | str, *, batch_size: int = 1000, progress: bool = False) -> EvalResult:
-        """Accuracy, mean loss and bytes moved per worker on ``data``."""
+    def evaluate(
+        self,
+        data: Dataset | str,
+        *,
+        batch_size: int = 1000,
+        progress: bool = False,
+        metrics: Sequence[str] | None = None,
+    ) -> EvalResult:
+        """Mean loss, ``metrics`` (default: accuracy for classification) and bytes moved per worker on ``data``."""
         from splitnn.training.loop import evaluate
 
-        return evaluate(self, data, batch_size=batch_size, progress=progress)
+        return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)
 
     def predict(self, x: Value) -> Value:
         """The model's outputs for ``x`` (a tensor, or a tuple for several inputs; no gradients, evaluation mode)."""

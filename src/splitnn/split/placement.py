@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from splitnn.data.sources import Source, TorchDataset
 from splitnn.errors import ConfigurationError
 
 
@@ -31,12 +32,16 @@ class PlacedData:
         return name
 
 
-def features_and_labels(data: object, holders: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``features`` and ``labels`` tensors of a dataset object, or a clear error."""
+def features_and_labels(data: object, holders: str, *, tensors_only: bool = False) -> tuple[Source, Source]:
+    """The features and labels of a dataset object: tensors (:class:`~splitnn.data.Dataset`) or the two
+    views of a :class:`~splitnn.data.TorchDataset` (unless ``tensors_only``), or a clear error."""
+    if isinstance(data, TorchDataset) and not tensors_only:
+        return data.parts()
     features, labels = getattr(data, "features", None), getattr(data, "labels", None)
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        also = "" if tensors_only else ", a splitnn.data.TorchDataset (map-style data)"
         raise ConfigurationError(
             f"cannot place {type(data).__name__}: give a splitnn.data.Dataset (features and "
-            f"labels) or the name of a dataset {holders} hold already"
+            f"labels){also} or the name of a dataset {holders} hold already"
         )
     return features, labels

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from splitnn.split.stage import Stage
 from splitnn.workers import BatchRef, LossStats, TensorRef
+from splitnn.workers.losses import Loss
 
 
 def forward_chain(stages: Sequence[Stage], source: TensorRef | BatchRef, *, train: bool) -> TensorRef:
@@ -29,7 +30,7 @@ def backward_chain(stages: Sequence[Stage]) -> None:
         grad = stage.worker.backward(stage.key, grad)
 
 
-def train_step(stages: Sequence[Stage], batch: BatchRef, loss: str) -> LossStats:
+def train_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss) -> LossStats:
     """One optimisation step on ``batch``: features at the first stage, labels at the last."""
     for stage in stages:
         stage.worker.zero_grad(stage.key)
@@ -41,7 +42,10 @@ def train_step(stages: Sequence[Stage], batch: BatchRef, loss: str) -> LossStats
     return stats
 
 
-def eval_step(stages: Sequence[Stage], batch: BatchRef, loss: str) -> LossStats:
-    """Loss and correct predictions on ``batch``, without gradients."""
+def eval_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss, *, keep: str | None = None) -> LossStats:
+    """Loss and correct predictions on ``batch``, without gradients; with ``keep``, the label holder
+    keeps the outputs for the evaluation's metrics (see :mod:`splitnn.workers.metrics`)."""
     out = forward_chain(stages, batch, train=False)
-    return stages[-1].worker.loss(out, batch, loss, train=False)
+    if keep is None:
+        return stages[-1].worker.loss(out, batch, loss, train=False)
+    return stages[-1].worker.loss(out, batch, loss, train=False, keep=keep)

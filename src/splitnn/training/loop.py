@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +17,7 @@ from splitnn.accounting import Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
 from splitnn.workers import LossStats
+from splitnn.workers.metrics import check_metric_names
 
 
 class Trainable(Protocol):
@@ -31,6 +34,13 @@ class Trainable(Protocol):
     ``on_batch`` must be called with each batch's ``LossStats`` in batch order;
     ``order`` is the ``epoch_batches`` arguments that made ``batches``, or None
     when the model chose its own plan.
+
+    Metrics beyond accuracy (:mod:`splitnn.workers.metrics`) need two more methods:
+    ``eval_batch(dataset, indices, keep=ID)`` has the label holder keep its outputs, and
+    ``metrics(ID, names) -> dict`` has it compute the metrics over them. A model may also
+    define ``check_metrics(dataset, names)`` to refuse metrics its data cannot have (AUC of
+    labels that are not 0/1) before training, and a ``loss`` attribute (the default metrics
+    and the metrics allowed follow it).
     """
 
     ledger: Ledger
@@ -43,21 +53,32 @@ class Trainable(Protocol):
 
 @dataclass
 class EvalResult:
-    """Accuracy and mean loss on a dataset, with the bytes each party sent meanwhile."""
+    """Mean loss and metrics on a dataset, with the bytes each party sent meanwhile.
+
+    ``metrics`` holds every metric asked for, by name (``{"accuracy": ..., "auc": ...}``);
+    ``accuracy`` is ``metrics["accuracy"]`` (NaN when it was not computed).
+    """
 
     accuracy: float
     loss: float
     count: int
     bytes_sent: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         sent = ", ".join(f"{k} {v:,} B" for k, v in self.bytes_sent.items())
-        return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f} on {self.count} samples; sent: {sent}"
+        shown = self.metrics or ({"accuracy": self.accuracy} if not math.isnan(self.accuracy) else {})
+        values = "".join(f"{k} {v:.4f}, " for k, v in shown.items())
+        return f"{values}loss {self.loss:.4f} on {self.count} samples; sent: {sent}"
 
 
 @dataclass
 class EpochStats:
-    """One epoch of training: mean training loss, test metrics, bytes sent by each party, seconds."""
+    """One epoch of training: mean training loss, test metrics, bytes sent by each party, seconds.
+
+    ``test_metrics`` holds the metrics of ``fit(..., metrics=...)`` on the test data, by name;
+    ``test_accuracy`` is its accuracy (NaN when not computed), ``None`` without test data.
+    """
 
     epoch: int
     train_loss: float
@@ -66,6 +87,7 @@ class EpochStats:
     bytes_sent: dict[str, int]
     test_accuracy: float | None = None
     test_loss: float | None = None
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +102,13 @@ class History:
 
     def losses(self) -> list[float]:
         return [e.train_loss for e in self.epochs]
+
+    def metric(self, name: str) -> list[float]:
+        """Test metric ``name`` after each epoch (e.g. ``history.metric("auc")``)."""
+        missing = [e.epoch for e in self.epochs if name not in e.test_metrics]
+        if missing:
+            raise KeyError(f"metric {name!r} was not computed after epoch(s) {missing}; pass fit(..., metrics=[...])")
+        return [e.test_metrics[name] for e in self.epochs]
 
 
 def _check_positive(name: str, value: object) -> int:
@@ -113,6 +142,7 @@ def fit(
     initial_epoch: int = 0,
     progress: bool | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -120,15 +150,22 @@ def fit(
     that uses the same function sees the same data order. Epochs are numbered from
     ``initial_epoch``: to continue an earlier ``fit`` of E epochs with the data order
     it would have used next, pass ``initial_epoch=E``. ``test_data`` is evaluated
-    after each epoch. ``progress`` shows a bar per epoch (default: when stderr is a
-    terminal). ``on_epoch`` is called with each epoch's stats.
+    after each epoch, with ``metrics`` (names of :data:`splitnn.workers.metrics.METRIC_NAMES`;
+    default: accuracy for classification losses), computed at the label holder.
+    ``progress`` shows a bar per epoch (default: when stderr is a terminal).
+    ``on_epoch`` is called with each epoch's stats.
     """
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
         raise ConfigurationError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
+    names = check_metric_names(metrics, getattr(model, "loss", None))
+    if metrics is not None and names and test_data is None:
+        raise ConfigurationError(f"metrics {list(names)} are computed on test_data; give fit(..., test_data=...)")
     name, n = model.prepare(data)  # places data and checks shapes before any training
     test_name = model.prepare(test_data)[0] if test_data is not None else None
+    if test_name is not None:
+        _check_metrics(model, test_name, names)
     history = History()
     last = initial_epoch + epochs
     for epoch in range(initial_epoch, last):
@@ -153,8 +190,8 @@ def fit(
             bar.close()
         stats = EpochStats(epoch + 1, total / n, n, time.perf_counter() - start, model.ledger.since(before).sent_by())
         if test_name is not None:
-            result = evaluate(model, test_name)
-            stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
+            result = evaluate(model, test_name, metrics=names)
+            stats.test_accuracy, stats.test_loss, stats.test_metrics = result.accuracy, result.loss, result.metrics
         history.epochs.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
@@ -182,10 +219,39 @@ def _train_epoch(model: Trainable, name: str, batches: list[torch.Tensor], order
     return total
 
 
-def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress: bool | None = False) -> EvalResult:
-    """Accuracy and mean loss of ``model`` on ``data`` (no gradients, evaluation mode)."""
+def _check_metrics(model: Trainable, name: str, names: Sequence[str]) -> None:
+    """Refuse, before any work, metrics the model cannot compute or its data cannot have."""
+    if any(m != "accuracy" for m in names) and not callable(getattr(model, "metrics", None)):
+        raise ConfigurationError(
+            f"{type(model).__name__} cannot compute metrics {[m for m in names if m != 'accuracy']} "
+            f"(it has no metrics(keep, names) method); ask for accuracy only"
+        )
+    check = getattr(model, "check_metrics", None)
+    if callable(check):
+        check(name, names)
+
+
+def evaluate(
+    model: Trainable,
+    data: object,
+    *,
+    batch_size: int = 1000,
+    progress: bool | None = False,
+    metrics: Sequence[str] | None = None,
+) -> EvalResult:
+    """Mean loss and ``metrics`` of ``model`` on ``data`` (no gradients, evaluation mode).
+
+    ``metrics`` names metrics of :data:`splitnn.workers.metrics.METRIC_NAMES` (default:
+    accuracy for classification losses, none for regression). Accuracy adds up each
+    batch's correct count; the others are computed by the label holder over the outputs
+    it kept during the evaluation, and only their values reach this process.
+    """
     _check_positive("batch_size", batch_size)
+    names = check_metric_names(metrics, getattr(model, "loss", None))
     name, n = model.prepare(data)
+    _check_metrics(model, name, names)
+    extra = [m for m in names if m != "accuracy"]
+    keep = f"eval-{secrets.token_hex(8)}" if extra else None
     before = model.ledger.snapshot()
     loss_sum, correct, classifies = 0.0, 0, True
     for idx in tqdm(
@@ -195,9 +261,13 @@ def evaluate(model: Trainable, data: object, *, batch_size: int = 1000, progress
         leave=False,
         disable=not _show_progress(progress),
     ):
-        stats = model.eval_batch(name, idx)
+        stats = model.eval_batch(name, idx, keep=keep) if keep is not None else model.eval_batch(name, idx)
         loss_sum += stats.loss * stats.count
         correct += stats.correct
-        classifies = classifies and stats.correct >= 0  # -1: the output is not (batch, classes)
-    accuracy = correct / n if classifies else float("nan")
-    return EvalResult(accuracy, loss_sum / n, n, model.ledger.since(before).sent_by())
+        classifies = classifies and stats.correct >= 0  # -1: the output is not a classification
+    values = {"accuracy": correct / n if classifies else math.nan} if "accuracy" in names else {}
+    if keep is not None:
+        values.update(model.metrics(keep, extra))
+    values = {m: values[m] for m in names}
+    accuracy = values.get("accuracy", math.nan)
+    return EvalResult(accuracy, loss_sum / n, n, model.ledger.since(before).sent_by(), values)

@@ -1,6 +1,14 @@
 """Workers: the parties of split learning behind one protocol."""
 
-from splitnn.workers.base import EpochWorker, GradientWorker, MergingWorker, PeerStateWorker, Worker
+from splitnn.workers.base import (
+    EpochWorker,
+    GradientWorker,
+    MergingWorker,
+    MetricWorker,
+    PeerStateWorker,
+    PsiWorker,
+    Worker,
+)
 from splitnn.workers.merge import MERGE_MODES, merge_tensors, merged_shape
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
@@ -16,7 +24,9 @@ __all__ = [
     "ValueShape",
     "MergingWorker",
     "PeerStateWorker",
+    "PsiWorker",
     "GradientWorker",
+    "MetricWorker",
     "EpochWorker",
     "MERGE_MODES",
     "merge_tensors",

@@ -44,7 +44,11 @@ class Worker(Protocol):
     def add_dataset(
         self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> None:
-        """Keep a dataset (features, labels or both) at this worker under ``name``."""
+        """Keep a dataset (features, labels or both) at this worker under ``name``.
+
+        In-process workers also take map-style datasets (read in batches at the worker) and,
+        with ``ids=``, the samples' ids for private set intersection (:mod:`splitnn.training.psi`).
+        """
 
     def dataset_stats(self, name: str) -> DatasetStats:
         """Size and shape of a held dataset; never its contents."""
@@ -62,8 +66,15 @@ class Worker(Protocol):
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on ``source`` (a peer's activation or a local batch)."""
 
-    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
-        """Compute the loss of ``output`` against local labels; keep it for :meth:`backward`."""
+    def loss(
+        self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
+    ) -> LossStats:
+        """Compute the loss of ``output`` against local labels; keep it for :meth:`backward`.
+
+        ``loss`` is a name of :data:`splitnn.workers.losses.LOSS_NAMES` (in-process workers also
+        take a callable). In evaluation (``train=False``), ``keep`` names an evaluation whose
+        outputs and labels the worker keeps for :meth:`MetricWorker.metrics`.
+        """
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         """Back-propagate through segment ``key``.
@@ -126,6 +137,44 @@ class MergingWorker(Protocol):
     def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
         """Back-propagate through segment ``key`` (as :meth:`Worker.backward`) and through the merge;
         return one gradient ref per source of the last :meth:`forward_merged`, in order."""
+
+
+@runtime_checkable
+class MetricWorker(Protocol):
+    """A label holder that computes evaluation metrics itself (:mod:`splitnn.workers.metrics`)."""
+
+    name: str
+
+    def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
+        """Metrics ``names`` over every output and label kept by ``loss(..., train=False, keep=keep)``;
+        the kept tensors are dropped, and only the values leave the worker."""
+
+
+@runtime_checkable
+class PsiWorker(Protocol):
+    """A worker that can align its rows with other parties by private set intersection
+    (:mod:`splitnn.training.psi`). Messages are bytes held as refs: the receiving party pulls
+    them from their owner and records them as ``psi`` bytes on that link."""
+
+    name: str
+
+    def psi_request(self, session: str, dataset: str) -> TensorRef:
+        """Open ``session`` as the PSI client over ``dataset``'s candidate ids; a ref to the request."""
+
+    def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
+        """Answer a client's request as the PSI server over ``dataset``'s candidate ids; a ref to the reply."""
+
+    def psi_finish(self, session: str, reply: TensorRef) -> None:
+        """Read the server's reply: the candidates of the session's dataset shrink to the common ids."""
+
+    def psi_size(self, dataset: str) -> int:
+        """How many candidate rows ``dataset`` has."""
+
+    def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Keep exactly the candidate rows, in ascending id order (and each named part of them)."""
+
+    def psi_cancel(self, dataset: str) -> None:
+        """Abandon the intersection of ``dataset``; the held rows stay as they were."""
 
 
 @runtime_checkable

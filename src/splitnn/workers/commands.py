@@ -38,7 +38,9 @@ from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.wire.trust import Trust
 from splitnn.workers.exports import Exports, SessionState
+from splitnn.workers.losses import check_loss_name
 from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name
+from splitnn.workers.metrics import metrics_result, parse_metrics_args
 from splitnn.workers.peers import Peers
 from splitnn.workers.refs import BatchRef, TensorRef
 from splitnn.workers.virtual import VirtualWorker
@@ -189,14 +191,7 @@ class Commands:
         return {}, []
 
     async def _op_dataset_stats(self, a, blobs, **_):
-        s = self.engine.dataset_stats(arg(a, "name", str))
-        return {
-            "name": s.name,
-            "size": s.size,
-            "feature_shape": s.feature_shape,
-            "num_labels": s.num_labels,
-            "label_max": s.label_max,
-        }, []
+        return self.engine.dataset_stats(arg(a, "name", str)).to_dict(), []
 
     async def _op_probe(self, a, blobs, **_):
         shape = arg(a, "shape", list)
@@ -230,8 +225,15 @@ class Commands:
 
     async def _op_loss(self, a, blobs, **_):
         output = await self._resolve(arg(a, "output", dict), "activation")
-        stats = self.engine.loss(output, self._batch(a, blobs), arg(a, "loss", str), train=arg(a, "train", bool))
+        loss = check_loss_name(arg(a, "loss", str))
+        keep = arg(a, "keep", str, optional=True)  # an evaluation whose outputs are kept for its metrics
+        stats = self.engine.loss(output, self._batch(a, blobs), loss, train=arg(a, "train", bool), keep=keep)
         return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}, []
+
+    async def _op_metrics(self, a, blobs, **_):
+        """Metrics over the outputs kept by ``loss(..., keep=ID)``: only the values leave this party."""
+        keep, names = parse_metrics_args(a)
+        return metrics_result(self.engine.metrics(keep, names)), []
 
     async def _op_backward(self, a, blobs, *, state: SessionState, **_):
         tid = arg(a, "id", int, optional=True)

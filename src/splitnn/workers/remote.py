@@ -70,8 +70,10 @@ from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.command_stream import CommandStream
 from splitnn.workers.epoch import EpochHandle, EpochPlan
+from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
 from splitnn.workers.messages import error_from_reply, reply_result
+from splitnn.workers.metrics import metrics_args, parse_metrics_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 __all__ = ["RemoteWorker", "connect", "parse_address"]
@@ -247,17 +249,33 @@ class RemoteWorker:
         self._send("remove_segment", {"key": key})
 
     def add_dataset(
-        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        name: str,
+        *,
+        features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        ids: Sequence[str] | None = None,
     ) -> None:
         parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
         if not parts:
             raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
+        for part, value in parts.items():
+            if not isinstance(value, torch.Tensor):
+                raise ConfigurationError(
+                    f"dataset {name!r}: the {part} for remote worker {self.name!r} are a {type(value).__name__}; "
+                    f"only tensors travel (no code or pickles on the wire): let the party build its dataset "
+                    f"itself with `splitnn worker --data {name}=MODULE:FUNCTION --trust MODULE`"
+                )
+        if ids is not None:
+            raise ConfigurationError(
+                f"dataset {name!r}: sample ids for private set intersection stay with their party; networked "
+                f"PSI is not available yet (load the party's table at the worker: --data NAME=table:PATH,id=COLUMN)"
+            )
         self._request("add_dataset", {"name": name, "parts": list(parts)}, [encode_tensor(t) for t in parts.values()])
 
     def dataset_stats(self, name: str) -> DatasetStats:
         r, _ = self._request("dataset_stats", {"name": name})
-        shape = tuple(r["feature_shape"]) if r.get("feature_shape") is not None else None
-        return DatasetStats(r["name"], r["size"], shape, r.get("num_labels"), r.get("label_max"))
+        return DatasetStats.from_dict(r)
 
     def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         r, _ = self._request("probe", {"key": key, "shape": list(input_shape)})
@@ -292,13 +310,25 @@ class RemoteWorker:
         self._send("forward", args, blobs, flush=False)
         return ref
 
-    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
-        r, _ = self._request(
-            "loss",
-            {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss, "train": train},
-            [encode_tensor(target.indices.to(torch.int64).reshape(-1))],
-        )
+    def loss(
+        self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
+    ) -> LossStats:
+        if not isinstance(loss, str):
+            raise ConfigurationError(
+                f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
+                f"give one of {LOSS_NAMES}"
+            )
+        args = {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss, "train": train}
+        if keep is not None:
+            args["keep"] = keep
+        r, _ = self._request("loss", args, [encode_tensor(target.indices.to(torch.int64).reshape(-1))])
         return LossStats(float(r["loss"]), int(r["correct"]), int(r["count"]))
+
+    def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
+        """Metrics over the outputs the worker kept under ``keep`` (:class:`~splitnn.workers.MetricWorker`);
+        only the values come back."""
+        r, _ = self._request("metrics", metrics_args(keep, names))
+        return parse_metrics_result(r, names)
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         if key not in self._input_is_data:

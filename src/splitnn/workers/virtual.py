@@ -34,18 +34,21 @@ import copy
 import functools
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
-from splitnn.errors import ConfigurationError, LabelError, PolicyError, WorkerError
+from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.workers.base import OptimizerLike, Worker
-from splitnn.workers.losses import compute_loss
+from splitnn.workers.held import HeldData
+from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
+from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
+from splitnn.workers.psi import PsiParty
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, zeros_for
 from splitnn.workers.values import nbytes as value_nbytes
@@ -77,13 +80,6 @@ class _Hosted:
     source: str = ""  # who sent the input
 
 
-@dataclass
-class _Data:
-    features: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-
 class VirtualWorker:
     """An in-process party. See the module docstring.
 
@@ -96,6 +92,9 @@ class VirtualWorker:
         policy: what this worker hands out to the researcher.
     """
 
+    #: It runs in the researcher's process, so it can run a loss given as a callable.
+    runs_callables = True
+
     def __init__(
         self, name: str, *, ledger: Ledger | None = None, fuse: bool = True, policy: WorkerPolicy | None = None
     ) -> None:
@@ -106,11 +105,13 @@ class VirtualWorker:
         self.fuse = fuse
         self.policy = policy or WorkerPolicy()
         self._segments: dict[str, _Hosted] = {}
-        self._data: dict[str, _Data] = {}
+        self._data: dict[str, HeldData] = {}
         self._store: dict[int, tuple[torch.Tensor, str]] = {}
         self._next_id = 0
         self._peers: dict[str, Worker] = {}
         self._pending_loss: torch.Tensor | None = None
+        self._kept = KeptEvaluations()  # outputs kept over evaluations, for their metrics
+        self._psi = PsiParty(name)
 
     def __repr__(self) -> str:
         return f"VirtualWorker({self.name!r}, segments={list(self._segments)}, datasets={list(self._data)})"
@@ -132,40 +133,19 @@ class VirtualWorker:
         self._segments.pop(key, None)
 
     def add_dataset(
-        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        name: str,
+        *,
+        features: object = None,
+        labels: object = None,
+        ids: Sequence[str] | None = None,
     ) -> None:
-        if features is None and labels is None:
-            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
-        n = {len(t) for t in (features, labels) if t is not None}
-        if len(n) != 1:
-            raise ConfigurationError(
-                f"dataset {name!r} for worker {self.name!r}: features have {len(features)} rows "
-                f"but labels have {len(labels)}"
-            )
-        if n == {0}:
-            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r} is empty")
-        if labels is not None:
-            if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-                raise LabelError(
-                    f"labels of dataset {name!r} must be a 1-D integer tensor, "
-                    f"got {labels.dtype} of shape {tuple(labels.shape)}"
-                )
-            if int(labels.min()) < 0:
-                raise LabelError(f"labels of dataset {name!r} contain {int(labels.min())}; class labels must be >= 0")
-            labels = labels.long()
-        self._data[name] = _Data(features, labels)
+        """Hold ``features`` and/or ``labels`` (tensors, numpy arrays or map-style datasets) under ``name``;
+        ``ids`` (one string per row) lets :mod:`splitnn.training.psi` align rows with other parties."""
+        self._data[name] = HeldData.hold(name, self.name, features=features, labels=labels, ids=ids)
 
     def dataset_stats(self, name: str) -> DatasetStats:
-        data = self._dataset(name)
-        feats, labels = data.features, data.labels
-        size = len(feats) if feats is not None else len(labels)
-        return DatasetStats(
-            name=name,
-            size=size,
-            feature_shape=tuple(feats.shape[1:]) if feats is not None else None,
-            num_labels=len(labels) if labels is not None else None,
-            label_max=int(labels.max()) if labels is not None else None,
-        )
+        return self._dataset(name).stats(name)
 
     def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         # A copy of the module's structure sharing its parameters and buffers, in eval mode
@@ -213,17 +193,27 @@ class VirtualWorker:
         hosted.source = source.owner if isinstance(source, TensorRef) else self.name
         return self._keep(out, "activation")
 
-    def loss(self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True) -> LossStats:
+    def loss(
+        self, output: TensorRef, target: BatchRef, loss: Loss, *, train: bool = True, keep: str | None = None
+    ) -> LossStats:
         out, _ = self._receive(output, "activation", train)
         if type(out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
         labels = self._batch(target, "labels")
         value = compute_loss(loss, out, labels)
         if train:
+            if keep is not None:
+                raise WorkerError(f"worker {self.name!r}: outputs are kept for metrics in evaluation only")
             self._pending_loss = value
             return LossStats(float(value.item()), -1, len(labels))
-        correct = int((out.argmax(dim=1) == labels).sum()) if out.dim() == 2 else -1
-        return LossStats(float(value.item()), correct, len(labels))
+        if keep is not None:
+            self._kept.add(keep, loss, out, labels)
+        return LossStats(float(value.item()), count_correct(loss, out, labels), len(labels))
+
+    def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
+        """Metrics ``names`` over the outputs kept under ``keep`` (see :mod:`splitnn.workers.metrics`),
+        computed here, where the labels are; the kept outputs are dropped."""
+        return self._kept.take(keep, self.name).compute(names)
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         hosted = self._segment(key)
@@ -314,7 +304,7 @@ class VirtualWorker:
 
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
         tensor, stored_kind = self._peek(ref)
-        if stored_kind in ("features", "labels") or not self.policy.release_outputs:
+        if stored_kind in ("features", "labels", "psi") or not self.policy.release_outputs:
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         del self._store[ref.id]
         self.ledger.record(self.name, RESEARCHER, kind, value_nbytes(tensor))
@@ -361,9 +351,43 @@ class VirtualWorker:
     def release(self) -> None:
         self._store.clear()
         self._pending_loss = None
+        self._kept.clear()
         for hosted in self._segments.values():
             hosted.inp = hosted.out = None
             hosted.inputs = hosted.sent = None
+
+    # -- private set intersection (the protocol: splitnn.training.psi) --------------------
+    def psi_request(self, session: str, dataset: str) -> TensorRef:
+        """Open PSI ``session`` as the client over ``dataset``'s candidate ids; a ref to message 1."""
+        return self._keep(_bytes_tensor(self._psi.request(session, dataset, self._dataset(dataset))), "psi")
+
+    def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
+        """Pull a client's request (recorded as ``psi`` bytes) and answer it as the server; a ref to the reply."""
+        payload = self._receive_bytes(request)
+        return self._keep(_bytes_tensor(self._psi.reply(dataset, self._dataset(dataset), payload)), "psi")
+
+    def psi_finish(self, session: str, reply: TensorRef) -> None:
+        """Pull the server's reply (recorded as ``psi`` bytes) and narrow the candidates of the session's dataset."""
+        self._psi.finish(session, self._receive_bytes(reply))
+
+    def psi_size(self, dataset: str) -> int:
+        """The number of candidate rows of ``dataset`` (all that the researcher learns)."""
+        return self._psi.size(dataset, self._dataset(dataset))
+
+    def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Keep exactly the candidate rows of ``dataset``, in ascending id order; hold each of ``parts``
+        (name -> positions in that order) as a dataset too."""
+        self._data.update(self._psi.apply(dataset, self._dataset(dataset), parts or {}))
+
+    def psi_cancel(self, dataset: str) -> None:
+        """Abandon the intersection of ``dataset`` (the held rows stay as they were)."""
+        self._psi.cancel(dataset)
+
+    def _receive_bytes(self, ref: TensorRef) -> bytes:
+        tensor, _ = self._receive(ref, "psi", False)
+        if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+            raise WorkerError(f"worker {self.name!r}: a PSI message from {ref.owner!r} must be a 1-D uint8 payload")
+        return tensor.numpy().tobytes()
 
     # -- peer transfer (in-process) ------------------------------------------------
     def _take(self, ref_id: int) -> torch.Tensor:
@@ -464,7 +488,7 @@ class VirtualWorker:
                 f"worker {self.name!r} hosts no segment {key!r} (it hosts {sorted(self._segments)})"
             ) from None
 
-    def _dataset(self, name: str) -> _Data:
+    def _dataset(self, name: str) -> HeldData:
         try:
             return self._data[name]
         except KeyError:
@@ -473,10 +497,10 @@ class VirtualWorker:
             ) from None
 
     def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
-        tensor = getattr(self._dataset(ref.dataset), part)
-        if tensor is None:
+        rows = self._dataset(ref.dataset).read(part, ref.indices)
+        if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
-        return tensor[ref.indices]
+        return rows
 
 
 def _call(module: nn.Module, x: Value) -> object:
@@ -528,6 +552,11 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         return copy.deepcopy(module, memo)
     except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
         return None
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    """Bytes as a 1-D uint8 tensor, the form in which they wait in a worker's store for their receiver."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _state_nbytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -22,6 +22,7 @@ from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.split import Stage
 from splitnn.training.loop import EvalResult, History, evaluate, fit
 from splitnn.workers import LossStats, Worker
+from splitnn.workers.metrics import label_holder_metrics
 
 _topology_ids = itertools.count()
 
@@ -119,6 +120,7 @@ class Topology:
     """
 
     ledger: Ledger
+    label_holder: Worker  # where the loss and the metrics are computed
 
     def prepare(self, data: object) -> tuple[str, int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -157,10 +159,16 @@ class Topology:
             if callable(drain):
                 drain()
 
+    def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
+        """Metrics over the outputs the label holder kept during ``eval_batch(..., keep=keep)`` calls."""
+        return label_holder_metrics(self.label_holder, keep, names)
+
     def fit(self, data: object, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
         """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
         return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
 
-    def evaluate(self, data: object, *, batch_size: int = 1000, progress: bool = False) -> EvalResult:
-        """Accuracy, mean loss and bytes sent per party on ``data``."""
-        return evaluate(self, data, batch_size=batch_size, progress=progress)
+    def evaluate(
+        self, data: object, *, batch_size: int = 1000, progress: bool = False, metrics: Sequence[str] | None = None
+    ) -> EvalResult:
+        """Mean loss, ``metrics`` (default: accuracy for classification) and bytes sent per party on ``data``."""
+        return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)

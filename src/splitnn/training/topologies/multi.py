@@ -31,6 +31,7 @@ epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,7 +42,7 @@ from torch import nn
 from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec, parse_partition
 from splitnn.data.batching import epoch_batches
-from splitnn.errors import ConfigurationError, LabelError
+from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import eval_step, train_step
@@ -57,8 +58,9 @@ from splitnn.training.topologies.base import (
     place,
     probe_stages,
 )
-from splitnn.workers import BatchRef, LossStats, PeerStateWorker, Worker
-from splitnn.workers.losses import check_loss_name
+from splitnn.workers import BatchRef, DatasetStats, LossStats, PeerStateWorker, Worker
+from splitnn.workers.losses import Loss, check_labels, check_loss_at
+from splitnn.workers.metrics import check_metrics_for
 
 #: How the bottom segment's weights pass between data holders.
 Handoff = Literal["peer", "central"]
@@ -91,6 +93,8 @@ class _Placement:
 
     name: str
     sizes: tuple[int, ...]
+    out_shape: tuple[int, ...] = ()
+    labels: tuple[DatasetStats, ...] = ()  # each shard's label summary
 
     @property
     def offsets(self) -> list[int]:
@@ -148,7 +152,7 @@ class MultiHolderSplitNN(Topology):
         partition: str | PartitionSpec | Partitioner = "iid",
         partition_seed: int = 0,
         optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
+        loss: Loss = "nll",
         ledger: Ledger | None = None,
     ) -> None:
         bottom = check_modules([bottom], "bottom segment")[0]
@@ -184,7 +188,7 @@ class MultiHolderSplitNN(Topology):
         self.partition_seed = int(partition_seed)
         self.handoff = handoff
         self.turn_batches = turn_batches
-        self.loss = check_loss_name(loss)
+        self.loss = check_loss_at(loss, top_workers[-1])
         optimizers = as_optimizer_list(optimizer, 1 + len(top))
         check_static_fit([bottom, *top], [holders[0].name, *(w.name for w in top_workers)])
 
@@ -263,7 +267,7 @@ class MultiHolderSplitNN(Topology):
         return name, self._placements[name].total
 
     def _place_dataset(self, data: object) -> str:
-        features, labels = features_and_labels(data, "the holders")
+        features, labels = features_and_labels(data, "the holders", tensors_only=True)  # partitioned here
         k, n = len(self.holders), len(labels)
         if k > n:
             raise ConfigurationError(
@@ -286,7 +290,7 @@ class MultiHolderSplitNN(Topology):
         return name
 
     def _check_placement(self, name: str) -> _Placement:
-        sizes, shape, label_max = [], None, -1
+        sizes, shape, shard_labels = [], None, []
         for h, holder in enumerate(self.holders):
             shard = self.shard_name(name, h)
             feats = holder.dataset_stats(shard)
@@ -309,15 +313,12 @@ class MultiHolderSplitNN(Topology):
                 )
             shape = feats.feature_shape
             sizes.append(feats.size)
-            label_max = max(label_max, labels.label_max)
+            shard_labels.append((shard, labels))
         assert shape is not None
         out = probe_stages(self.stages_of(0), (2, *shape), f"the data of {self.holders[0].name!r}")
-        if len(out) == 2 and label_max >= out[1]:
-            raise LabelError(
-                f"dataset {name!r} has label {label_max} but the model has only {out[1]} outputs "
-                f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels"
-            )
-        return _Placement(name, tuple(sizes))
+        for shard, labels in shard_labels:
+            check_labels(shard, labels, out, self.loss, self.label_holder.name)
+        return _Placement(name, tuple(sizes), tuple(out), tuple(labels for _, labels in shard_labels))
 
     def _placement(self, name: str) -> _Placement:
         try:
@@ -380,15 +381,30 @@ class MultiHolderSplitNN(Topology):
         self._active = h
         return stats
 
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
-        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with the latest weights."""
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with the latest weights
+        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
         holder, local = self._locate(dataset, indices)
         parts = []
         for h in torch.unique(holder).tolist():
             self._bring_up_to_date(h, "evaluate")
             batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
-            parts.append(eval_step(self.stages_of(h), batch, self.loss))
+            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
         return combine_stats(parts)
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
+        placement = self._placement(self.prepare(dataset)[0])
+        shards = placement.labels
+        if any(s.label_min is None or s.label_max is None for s in shards):
+            return
+        combined = dataclasses.replace(  # the summary of all shards' labels together
+            shards[0],
+            label_min=min(s.label_min for s in shards),
+            label_max=max(s.label_max for s in shards),
+            label_integral=all(s.label_integral for s in shards),
+        )
+        check_metrics_for(dataset, names, combined, placement.out_shape, self.loss)
 
     def _bring_up_to_date(self, h: int, reason: str) -> None:
         """Hand the latest bottom weights to holder ``h`` unless it has them already."""

@@ -25,6 +25,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split import SplitNN
 from splitnn.training.topologies.base import Topology, as_worker_list, check_modules
 from splitnn.workers import LossStats, Worker
+from splitnn.workers.losses import Loss
 
 
 class UShapedSplitNN(Topology):
@@ -39,7 +40,7 @@ class UShapedSplitNN(Topology):
             none of them may be the data holder.
         optimizer: one factory/spec for every segment, or one per segment
             (head, middle..., tail).
-        loss: the loss the data holder computes, by name.
+        loss: the loss the data holder computes (a name, or in-process a callable).
         ledger: where transfers are recorded.
     """
 
@@ -52,7 +53,7 @@ class UShapedSplitNN(Topology):
         middle_workers: Worker | Sequence[Worker],
         *,
         optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
+        loss: Loss = "nll",
         ledger: Ledger | None = None,
     ) -> None:
         middle = check_modules(middle, "middle segment")
@@ -73,6 +74,7 @@ class UShapedSplitNN(Topology):
             ledger=ledger,
         )
         self.ledger = self.chain.ledger
+        self.loss = self.chain.loss
 
     def parties(self) -> list[str]:
         """The data holder, then the middle parties."""
@@ -101,9 +103,18 @@ class UShapedSplitNN(Topology):
         """The data holder, then the middle parties."""
         return list({w.name: w for w in (self.data_holder, *self.middle_workers)}.values())
 
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
-        """Loss and correct count on rows ``indices``, computed at the data holder."""
-        return self.chain.eval_batch(dataset, indices)
+    @property
+    def label_holder(self) -> Worker:
+        """The data holder, which also holds the labels."""
+        return self.data_holder
+
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices``, computed at the data holder (``keep``: see ``metrics``)."""
+        return self.chain.eval_batch(dataset, indices, keep=keep)
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (see :meth:`SplitNN.check_metrics`)."""
+        self.chain.check_metrics(dataset, names)
 
     def collect(self) -> nn.Sequential:
         """Every trained segment as one ``nn.Sequential`` (recorded as weights to the researcher)."""

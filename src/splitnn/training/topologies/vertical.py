@@ -25,7 +25,7 @@ from torch import nn
 
 from splitnn.accounting import Ledger
 from splitnn.data import column_partition, vertical_split
-from splitnn.errors import ConfigurationError, LabelError
+from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
 from splitnn.split.placement import PlacedData
 from splitnn.split.stage import Stage, check_static_fit
@@ -39,9 +39,10 @@ from splitnn.training.topologies.base import (
     place,
     probe_stages,
 )
-from splitnn.workers import BatchRef, LossStats, MergingWorker, Worker, merge_tensors, merged_shape
-from splitnn.workers.losses import check_loss_name
+from splitnn.workers import BatchRef, DatasetStats, LossStats, MergingWorker, Worker, merge_tensors, merged_shape
+from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.merge import check_merge
+from splitnn.workers.metrics import check_metrics_for
 
 
 @dataclass
@@ -180,6 +181,8 @@ class _Placed:
     name: str
     size: int
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    labels: DatasetStats | None = None
+    out_shape: tuple[int, ...] = ()
 
 
 class VerticalSplitNN(Topology):
@@ -202,7 +205,8 @@ class VerticalSplitNN(Topology):
             sample (default: flat).
         optimizer: one factory/spec for every segment, or a list of ``K + len(top)``
             (the bottoms first).
-        loss: the label holder's loss, by name.
+        loss: the label holder's loss: a name (e.g. ``"bce_with_logits"`` for a binary outcome)
+            or, with an in-process label holder, a callable ``(output, target) -> scalar``.
         ledger: where transfers are recorded.
     """
 
@@ -217,7 +221,7 @@ class VerticalSplitNN(Topology):
         columns: Sequence[torch.Tensor] | None = None,
         column_shapes: Sequence[tuple[int, ...]] | None = None,
         optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
+        loss: Loss = "nll",
         ledger: Ledger | None = None,
     ) -> None:
         bottoms = check_modules(bottoms, "bottom segment")
@@ -259,7 +263,7 @@ class VerticalSplitNN(Topology):
                             f"{math.prod(s)} values but its columns are {len(c)}"
                         )
         self.column_shapes = column_shapes
-        self.loss = check_loss_name(loss)
+        self.loss = check_loss_at(loss, top_workers[-1])
         optimizers = as_optimizer_list(optimizer, len(holders) + len(top))
         check_static_fit(top, [w.name for w in top_workers])
 
@@ -360,12 +364,8 @@ class VerticalSplitNN(Topology):
             outs.append(probe_stages([stage], (2, *st.feature_shape), f"the columns of {stage.worker.name!r}"))
         merged = merged_shape(outs, self.merge, [f"{s.label} gives" for s in self._bottoms])
         out = probe_stages(self._top, merged, f"the {self.merge} of the holders' activations")
-        if len(out) == 2 and labels.label_max >= out[1]:
-            raise LabelError(
-                f"dataset {name!r} has label {labels.label_max} but the model has only {out[1]} outputs "
-                f"(classes 0..{out[1] - 1}); widen the last layer or fix the labels"
-            )
-        return _Placed(name, labels.num_labels, [st.feature_shape for st in stats])
+        check_labels(name, labels, out, self.loss, self.label_holder.name)
+        return _Placed(name, labels.num_labels, [st.feature_shape for st in stats], labels, tuple(out))
 
     # -- training ---------------------------------------------------------------------------
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
@@ -387,10 +387,18 @@ class VerticalSplitNN(Topology):
             stage.worker.step(stage.key)
         return stats
 
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
-        """Loss and correct count on rows ``indices``, without gradients."""
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices``, without gradients (``keep``: see :meth:`metrics`)."""
         batch = BatchRef(dataset, indices)
-        return self.label_holder.loss(self._forward(batch, train=False), batch, self.loss, train=False)
+        out = self._forward(batch, train=False)
+        if keep is None:
+            return self.label_holder.loss(out, batch, self.loss, train=False)
+        return self.label_holder.loss(out, batch, self.loss, train=False, keep=keep)
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
+        placed = self._placed[self.prepare(dataset)[0]]
+        check_metrics_for(dataset, names, placed.labels, placed.out_shape, self.loss)
 
     def _forward(self, batch: BatchRef, *, train: bool):
         refs = [stage.worker.forward(stage.key, batch, train=train) for stage in self._bottoms]

@@ -1,0 +1,107 @@
+"""What a worker keeps under a dataset name: features and/or labels (tensors or map-style
+datasets, see :mod:`splitnn.data.sources`) and optionally the samples' ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from splitnn.data.sources import (
+    Source,
+    as_source,
+    check_ids,
+    check_label_tensor,
+    read_rows,
+    source_len,
+    summarise_labels,
+    take_rows,
+)
+from splitnn.errors import ConfigurationError
+from splitnn.workers.refs import DatasetStats
+
+
+@dataclass
+class HeldData:
+    """Features and/or labels of one dataset at one worker, and optionally the samples' ids.
+
+    Tensor labels are checked on arrival (integer class labels >= 0, become int64; float
+    targets must be finite); a map-style dataset's labels are summarised once, when
+    :meth:`stats` is first asked for.
+    """
+
+    features: Source | None = None
+    labels: Source | None = None
+    ids: list[str] | None = None
+    _label_summary: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def hold(
+        cls,
+        dataset: str,
+        worker: str,
+        *,
+        features: object = None,
+        labels: object = None,
+        ids: Sequence[str] | None = None,
+    ) -> HeldData:
+        """Check and wrap what ``worker`` is given for ``dataset``; ConfigurationError/LabelError otherwise."""
+        where = f"dataset {dataset!r} for worker {worker!r}"
+        if features is None and labels is None:
+            raise ConfigurationError(f"{where}: give features, labels or both")
+        feats = as_source(features, f"the features of {where}") if features is not None else None
+        labs = as_source(labels, f"the labels of {where}") if labels is not None else None
+        sizes = {what: source_len(s) for what, s in (("features", feats), ("labels", labs)) if s is not None}
+        if len(set(sizes.values())) != 1:
+            raise ConfigurationError(
+                f"{where}: features have {sizes['features']} rows but labels have {sizes['labels']}"
+            )
+        if set(sizes.values()) == {0}:
+            raise ConfigurationError(f"{where} is empty")
+        if isinstance(labs, torch.Tensor):
+            labs = check_label_tensor(labs, dataset)
+        held = cls(feats, labs)
+        if ids is not None:
+            held.ids = check_ids(ids, held.size, where)
+        return held
+
+    @property
+    def size(self) -> int:
+        return source_len(self.features if self.features is not None else self.labels)
+
+    def read(self, part: str, indices: torch.Tensor) -> torch.Tensor | None:
+        """Rows ``indices`` of ``part`` ("features" or "labels"), or None if this worker does not hold it."""
+        src = getattr(self, part)
+        return read_rows(src, indices) if src is not None else None
+
+    def select(self, positions: torch.Tensor) -> HeldData:
+        """The rows at ``positions`` (in that order), ids included, as a dataset of their own."""
+        return HeldData(
+            take_rows(self.features, positions) if self.features is not None else None,
+            take_rows(self.labels, positions) if self.labels is not None else None,
+            [self.ids[i] for i in positions.tolist()] if self.ids is not None else None,
+        )
+
+    def stats(self, name: str) -> DatasetStats:
+        """Size, feature shape and a summary of the labels (:class:`DatasetStats`); never the contents."""
+        feature_shape = None
+        if self.features is not None:
+            first = self.read("features", torch.zeros(1, dtype=torch.int64))
+            feature_shape = tuple(first.shape[1:])
+        if self.labels is None:
+            return DatasetStats(name, self.size, feature_shape, None, None)
+        if self._label_summary is None:
+            self._label_summary = summarise_labels(self.labels, name)
+        s = self._label_summary
+        return DatasetStats(
+            name,
+            self.size,
+            feature_shape,
+            self.size,
+            s["max"],
+            label_min=s["min"],
+            label_dtype=s["dtype"],
+            label_shape=s["shape"],
+            label_integral=s["integral"],
+        )
