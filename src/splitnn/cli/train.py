@@ -24,7 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
         "batch 64, NLL loss.",
     )
-    p.add_argument("--dataset", default="mnist", help="dataset name: mnist or fashion-mnist (default: mnist)")
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        help="dataset name: mnist or fashion-mnist (default: mnist), or breast-cancer with --topology vertical "
+        "(two hospitals and a lab aligned by private set intersection, binary diagnosis; docs/vertical-psi.md)",
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -33,14 +38,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "system paths, then download)",
     )
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training data (default: 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per training step (default: 64)")
-    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate of every segment (default: 0.03)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="passes over the training data (default: 5; breast-cancer: 20)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="samples per training step (default: 64; breast-cancer: 32)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of every segment: SGD (default: 0.03); breast-cancer: Adam (default: 0.003)",
+    )
     p.add_argument(
         "--hidden",
-        default="128,640",
+        default=None,
         help="hidden layer sizes, comma-separated; one segment per hidden layer plus the output "
-        "segment (default: 128,640)",
+        "segment (default: 128,640; breast-cancer: 16, the width of every hidden layer)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="NAMES",
+        help="test metrics, comma-separated, from accuracy, auc, mse, mae "
+        "(default: accuracy; breast-cancer: accuracy,auc)",
     )
     p.add_argument(
         "--workers",
@@ -63,6 +84,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _parse_sizes(text: str) -> list[int]:
     return list(parse_positive_ints(text, "--hidden", "128,640"))
+
+
+#: Defaults of the numeric flags: the tutorial's, and the health example's (``breast-cancer``).
+_DEFAULTS = {
+    "idx": {"epochs": 5, "batch_size": 64, "lr": 0.03, "hidden": "128,640"},
+    "breast-cancer": {"epochs": 20, "batch_size": 32, "lr": 0.003, "hidden": "16"},
+}
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    defaults = _DEFAULTS["breast-cancer" if args.dataset == "breast-cancer" else "idx"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _metric_names(args: argparse.Namespace) -> list[str] | None:
+    if args.metrics is None:
+        return None
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not names:
+        raise ConfigurationError("--metrics: give metric names, e.g. --metrics accuracy,auc")
+    return names
+
+
+def _test_columns(history) -> list[str]:
+    """The test metrics to show: accuracy first, then the others, as fit computed them."""
+    names: list[str] = []
+    for e in history.epochs:
+        names.extend(m for m in e.test_metrics if m not in names)
+    return names
+
+
+def _metric_text(stats) -> str:
+    shown = stats.test_metrics or {"accuracy": stats.test_accuracy}
+    return "  ".join(f"test {_SHORT.get(k, k)} {v:.4f}" for k, v in shown.items())
+
+
+_SHORT = {"accuracy": "acc"}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -102,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.data import load_dataset
     from splitnn.models import tutorial_mlp
 
+    _fill_defaults(args)
     _check_numbers(args)
+    metrics = _metric_names(args)
+    if args.dataset == "breast-cancer":
+        return _run_health(args, metrics)
     hidden = _parse_sizes(args.hidden)
     topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
@@ -150,14 +214,6 @@ def run(args: argparse.Namespace) -> int:
 
     parties = model.parties()
 
-    def report(e) -> None:
-        sent = "  ".join(f"{p} {human_bytes(e.bytes_sent.get(p, 0))}" for p in parties)
-        print(
-            f"epoch {e.epoch}/{args.epochs}  loss {e.train_loss:.4f}  test acc {e.test_accuracy:.4f}  "
-            f"sent: {sent}  ({e.seconds:.1f} s)",
-            flush=True,
-        )
-
     history = model.fit(
         train,
         epochs=args.epochs,
@@ -165,24 +221,10 @@ def run(args: argparse.Namespace) -> int:
         test_data=test,
         seed=args.seed,
         progress=progress,
-        on_epoch=report,
+        on_epoch=_reporter(args.epochs, parties),
+        metrics=metrics,
     )
-    print()
-    print(
-        table(
-            ["epoch", "train loss", "test acc", "seconds", *[f"{p} sent (B)" for p in parties]],
-            [
-                [
-                    e.epoch,
-                    f"{e.train_loss:.4f}",
-                    f"{e.test_accuracy:.4f}",
-                    f"{e.seconds:.1f}",
-                    *[e.bytes_sent.get(p, 0) for p in parties],
-                ]
-                for e in history.epochs
-            ],
-        )
-    )
+    _print_history(history, parties)
     print()
     print(model.ledger.format_table())
     if args.save is not None:
@@ -192,4 +234,99 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nsaved the trained model to {args.save}")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
+    return 0
+
+
+def _reporter(epochs: int, parties: list[str]):
+    def report(e) -> None:
+        sent = "  ".join(f"{p} {human_bytes(e.bytes_sent.get(p, 0))}" for p in parties)
+        print(
+            f"epoch {e.epoch}/{epochs}  loss {e.train_loss:.4f}  {_metric_text(e)}  sent: {sent}  ({e.seconds:.1f} s)",
+            flush=True,
+        )
+
+    return report
+
+
+def _print_history(history, parties: list[str]) -> None:
+    names = _test_columns(history)
+    print()
+    print(
+        table(
+            ["epoch", "train loss", *[f"test {_SHORT.get(m, m)}" for m in names], "seconds"]
+            + [f"{p} sent (B)" for p in parties],
+            [
+                [
+                    e.epoch,
+                    f"{e.train_loss:.4f}",
+                    *[f"{e.test_metrics[m]:.4f}" for m in names],
+                    f"{e.seconds:.1f}",
+                    *[e.bytes_sent.get(p, 0) for p in parties],
+                ]
+                for e in history.epochs
+            ],
+        )
+    )
+
+
+def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
+    """``--dataset breast-cancer --topology vertical``: the health example (:mod:`splitnn.training.health`)."""
+    from splitnn.training.health import HOSPITALS, LAB, HealthConfig, run_vertical_health
+
+    if args.topology != "vertical":
+        raise ConfigurationError(
+            "--dataset breast-cancer is vertically partitioned (two hospitals and a lab): use --topology vertical"
+        )
+    for flag, value, allowed in (("--clients", args.clients, (None, 2)), ("--merge", args.merge, (None, "concat"))):
+        if value not in allowed:
+            raise ConfigurationError(f"--dataset breast-cancer has two hospitals merged by concat; drop {flag}")
+    if args.workers != "alice,bob,claire":
+        raise ConfigurationError(
+            "--dataset breast-cancer runs in-process (hospital_a, hospital_b, lab); networked private set "
+            "intersection is not available yet, so drop --workers"
+        )
+    if metrics is not None and metrics != ["accuracy", "auc"]:
+        raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
+    for flag, value in (("--save", args.save), ("--limit", args.limit), ("--data-dir", args.data_dir)):
+        if value is not None:
+            raise ConfigurationError(f"{flag} does not apply to --dataset breast-cancer")
+    _check_output(args.json, "--json")
+    hidden = _parse_sizes(args.hidden)
+    topology_from_args(args, hidden)  # refuses the flags of other topologies
+    if len(set(hidden)) != 1:
+        raise ConfigurationError(
+            f"--dataset breast-cancer takes one hidden width (e.g. --hidden 16), got {args.hidden}"
+        )
+    config = HealthConfig(seed=args.seed, hidden=hidden[0], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    parties = [*HOSPITALS, LAB]
+    print(
+        f"splitnn train: breast-cancer (scikit-learn, 569 patients), {' + '.join(HOSPITALS)} (15 features each) "
+        f"and {LAB} (diagnosis), each holding ~{config.coverage:.0%} of the patients; PSI aligns them; "
+        f"MLP bottoms of width {config.hidden}, concat at {LAB}, bce_with_logits, Adam lr {config.lr}, "
+        f"batch {config.batch_size}",
+        flush=True,
+    )
+    report = run_vertical_health(config, on_epoch=_reporter(config.epochs, parties))
+    psi = report.psi
+    parts = ", ".join(f"{k} {v}" for k, v in psi.parts.items())
+    print(f"\nprivate set intersection: {psi.size} common patients ({parts})")
+    _print_history(report.history, parties)
+    print()
+    print(
+        table(
+            ["test set", "accuracy", "auc"],
+            [
+                ["split (PSI-aligned parties)", f"{report.test['accuracy']:.4f}", f"{report.test['auc']:.4f}"],
+                [
+                    "central (joined table)",
+                    f"{report.central_test['accuracy']:.4f}",
+                    f"{report.central_test['auc']:.4f}",
+                ],
+            ],
+        )
+    )
+    print()
+    print(report.ledger.format_table())
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps([e.__dict__ for e in report.history.epochs], indent=2))
     return 0
