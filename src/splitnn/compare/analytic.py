@@ -57,7 +57,12 @@ METHODS = ("split", "fedavg", "large-batch")
 
 @dataclass(frozen=True)
 class CommModel:
-    """The sizes (bytes) that decide each method's communication. See the module docstring."""
+    """The sizes (bytes) that decide each method's communication.
+
+    ``model_bytes`` (``W``) the whole model's state, ``grad_bytes`` (``G``) the gradient of its
+    trainable parameters, ``client_bytes`` (``w``) the client-side segment's state, ``cut_bytes``
+    (``c``) one sample's activation at the cut. :meth:`from_segments` measures them.
+    """
 
     model_bytes: int
     grad_bytes: int

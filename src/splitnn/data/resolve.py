@@ -201,7 +201,8 @@ def resolve_split_files(
 ) -> tuple[Path, Path]:
     """Return the (images, labels) file paths of one split, downloading them if needed.
 
-    See the module docstring for the resolution order.
+    Looks in ``data_dir``, then ``$SPLITNN_DATA``, the user cache and system paths, and
+    downloads into the cache last (:func:`candidate_dirs` lists the places).
 
     Raises:
         ConfigurationError: unknown dataset or split name.

@@ -27,7 +27,13 @@ OptimizerLike = Callable[..., torch.optim.Optimizer] | object
 
 @runtime_checkable
 class Worker(Protocol):
-    """A party in split learning. See the module docstring."""
+    """A party in split learning: it hosts segments and their optimizers, and holds its own datasets.
+
+    Operations name segments by key and tensors by :class:`TensorRef`; a worker that receives a
+    ref owned by another party fetches it from that party and records the transfer in the
+    ledger. In-process workers (:class:`VirtualWorker`) and networked ones
+    (:func:`splitnn.connect`) implement this protocol and give the same numbers, bit for bit.
+    """
 
     name: str
     ledger: Ledger

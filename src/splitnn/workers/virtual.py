@@ -81,7 +81,13 @@ class _Hosted:
 
 
 class VirtualWorker:
-    """An in-process party. See the module docstring.
+    """An in-process party, for experiments and tests.
+
+    Tensors are not copied between in-process workers; the ledger records the bytes a real
+    transfer would move. With ``fuse=True`` (the default) the activation at a cut between two
+    in-process workers stays attached to the autograd graph, so one ``backward`` from the loss
+    runs through every segment, with weights bit-identical to the cut-by-cut path
+    (``fuse=False``, what networked workers do).
 
     Args:
         name: the party's name, as it appears in the ledger.

@@ -32,7 +32,12 @@ from splitnn.workers import BatchRef, Worker
 
 
 class FedAvg(Federation):
-    """Federated averaging over client workers. See the module docstring.
+    """Federated averaging over client workers.
+
+    Each round the server (the researcher) sends the global weights to every client, each
+    client trains its whole copy for ``local_epochs`` epochs on its own shard, sends its weights
+    back, and the server averages them weighted by sample count: two copies of the model state
+    per client and round on the wire.
 
     Args:
         model: the global model (kept by the server, the researcher).

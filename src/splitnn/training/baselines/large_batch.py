@@ -39,7 +39,11 @@ from splitnn.workers.optimizers import build_optimizer
 
 
 class LargeBatchSGD(Federation):
-    """Synchronous data-parallel SGD over client workers. See the module docstring.
+    """Synchronous data-parallel SGD over client workers.
+
+    Each step the server (the researcher) sends the current weights to every client with a
+    batch left; each computes the whole model's gradient on its batch and sends it back; the
+    server averages the gradients weighted by batch size and steps its optimizer.
 
     Args:
         model: the global model; the server (researcher) keeps it and its optimizer.

@@ -112,7 +112,10 @@ class _Placement:
 class MultiHolderSplitNN(Topology):
     """``K`` data holders take turns training the bottom segment; one label holder owns the top.
 
-    See the module docstring for the protocol.
+    Each holder trains on its own shard for one turn, then the bottom segment's weights pass to
+    the next holder (``send_state``, recorded as ``weights`` bytes), directly (``"peer"``) or
+    through a weight store (``"central"``). Hand-offs are lazy: a holder receives the weights
+    when it next has to compute. Each holder keeps its own optimizer; only the weights move.
 
     Args:
         bottom: the first segment; every holder gets its own copy (same initial
@@ -121,7 +124,8 @@ class MultiHolderSplitNN(Topology):
         holders: the ``K`` data holders, distinct parties.
         top_workers: the worker of each top segment, or one worker for all; the
             last one is the label holder.
-        handoff: ``"peer"`` or ``"central"`` (see the module docstring).
+        handoff: ``"peer"`` (holder ``i`` to holder ``i+1``) or ``"central"`` (holder ``i``
+            to the weight store, the store to holder ``i+1``).
         store: the weight store for ``central`` hand-offs (default: the label
             holder); must not be a data holder.
         turn_batches: batches per turn; ``None`` (default): a holder's whole
