@@ -48,7 +48,18 @@ FLOP_PHASES: Mapping[str, str] = {"forward": "forward", "loss": "forward", "back
 
 #: Worker calls whose wall time is measured (the FLOP-counted ones and the transfers).
 TIMED_CALLS = frozenset(
-    {*FLOP_PHASES, "zero_grad", "put", "fetch", "get_state", "set_state", "send_state", "get_grads", "fetch_segment"}
+    {
+        *FLOP_PHASES,
+        "zero_grad",
+        "put",
+        "fetch",
+        "get_state",
+        "set_state",
+        "send_state",
+        "average_states",
+        "get_grads",
+        "fetch_segment",
+    }
 )
 
 

@@ -1,4 +1,4 @@
-"""``splitnn compare``: split learning against FedAvg and large-batch SGD, measured per client."""
+"""``splitnn compare``: split learning and SplitFed against FedAvg and large-batch SGD, measured per client."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import argparse
 from pathlib import Path
 
 from splitnn.cli.format import parse_positive_ints, table
+from splitnn.compare.analytic import METHODS
 from splitnn.errors import ConfigurationError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="compare split learning with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)",
-        description="Train split learning (round-robin data holders), FedAvg and large-batch synchronous SGD for "
+        help="compare split learning and SplitFed with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)",
+        description="Train split learning (round-robin data holders), SplitFed v1 and v2 (parallel data holders, "
+        "client segments averaged every local epoch), FedAvg and large-batch synchronous SGD for "
         "each client count, from the same initial weights and data shards, and report per method and "
         "client count: bytes per client (measured by the ledger and checked against the analytic "
         "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
@@ -48,8 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--methods",
-        default="split,fedavg,large-batch",
-        help="comma-separated methods to run (default: split,fedavg,large-batch)",
+        default=",".join(METHODS),
+        help=f"comma-separated methods to run (default: {','.join(METHODS)})",
     )
     p.add_argument("--limit", type=int, default=None, help="train on the first N training samples only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test samples only")

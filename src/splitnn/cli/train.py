@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="alice,bob,claire",
         help="comma-separated worker names, one per segment (repeat a name to put consecutive "
         "segments on one worker), or grpc://HOST:PORT addresses of `splitnn worker` parties (with "
-        "--topology multi/u-shape/vertical: the addresses of the parties it names, in any order)",
+        "--topology multi/splitfed/u-shape/vertical: the addresses of the parties it names, in any order)",
     )
     p.add_argument(
         "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"

@@ -13,6 +13,15 @@ clients); ``E`` epochs; batch ``b``.
   gradients, ``2 E n_k c``; and with ``K > 1`` clients the client-side weights pass from each client to the
   next after every turn (``E K - 1`` hand-offs), so client ``k`` receives them
   ``E - [k = 0]`` times and sends them ``E - [k = K-1]`` times, ``w`` bytes each.
+* **SplitFed** (v1 and v2, :class:`~splitnn.training.topologies.SplitFedSplitNN`):
+  the same ``2 E n_k c`` at the cut, and with ``K > 1`` clients the client-side weights
+  go to the aggregator and back once per round. Client ``k`` has ``B_k = ceil(n_k / b)``
+  batches per epoch; a round is ``N`` batches of every client (``N = round_batches``, or
+  ``max_k B_k``: one round per epoch), so an epoch has ``R = ceil(max_k B_k / N)`` rounds,
+  of which client ``k`` trains in ``r_k = ceil(B_k / N)``. It sends its weights after each
+  of those and receives the average after every round: ``E (r_k + R) w``. v1's server-side
+  copies are averaged where they live, so v1 and v2 move the same bytes; the aggregator
+  receives and sends exactly what the clients send and receive.
 * **FedAvg** with ``R = E / local_epochs`` rounds: ``2 R W`` (the global model
   down and the client's model up, every round).
 * **Large-batch synchronous SGD**: client ``k`` takes part in ``ceil(n_k / b)``
@@ -42,17 +51,23 @@ from splitnn.errors import ConfigurationError
 __all__ = [
     "CommModel",
     "METHODS",
+    "SPLITFED_METHODS",
     "iid_shard_sizes",
     "split_bytes",
     "fedavg_bytes",
     "large_batch_bytes",
+    "splitfed_bytes",
+    "splitfed_rounds",
     "client_bytes",
     "mean_bytes_per_client",
     "crossover",
 ]
 
 #: The methods the model covers, by the names the comparison uses.
-METHODS = ("split", "fedavg", "large-batch")
+METHODS = ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2")
+
+#: The SplitFed methods (the same bytes; see the module docstring).
+SPLITFED_METHODS = ("splitfed-v1", "splitfed-v2")
 
 
 @dataclass(frozen=True)
@@ -140,12 +155,48 @@ def large_batch_bytes(m: CommModel, shard_sizes: Sequence[int], epochs: int, bat
     return [{"weights": s * m.model_bytes, "gradient": s * m.grad_bytes} for s in steps]
 
 
-def client_bytes(
-    method: str, m: CommModel, shard_sizes: Sequence[int], *, epochs: int, batch_size: int, local_epochs: int = 1
+def splitfed_rounds(shard_sizes: Sequence[int], batch_size: int, round_batches: int | None) -> tuple[list[int], int]:
+    """SplitFed's rounds per epoch: in how many each client trains (``r_k``), and how many there are (``R``)."""
+    if not shard_sizes or any(n < 1 for n in shard_sizes):
+        raise ConfigurationError(f"every client needs at least one sample, got shard sizes {list(shard_sizes)}")
+    if round_batches is not None and round_batches < 1:
+        raise ConfigurationError(f"round_batches must be a positive integer or None, got {round_batches!r}")
+    batches = [math.ceil(n / batch_size) for n in shard_sizes]
+    size = round_batches or max(batches)
+    return [math.ceil(b / size) for b in batches], math.ceil(max(batches) / size)
+
+
+def splitfed_bytes(
+    m: CommModel, shard_sizes: Sequence[int], epochs: int, batch_size: int, round_batches: int | None = None
 ) -> list[dict[str, int]]:
-    """Bytes per client, by kind, of ``method`` (one of :data:`METHODS`)."""
+    """Bytes each SplitFed client (v1 or v2) sends plus receives, by ledger kind."""
+    trained, rounds = splitfed_rounds(shard_sizes, batch_size, round_batches)
+    many = len(shard_sizes) > 1
+    return [
+        {
+            "activation": epochs * n * m.cut_bytes,
+            "gradient": epochs * n * m.cut_bytes,
+            "weights": epochs * (r + rounds) * m.client_bytes if many else 0,
+        }
+        for n, r in zip(shard_sizes, trained)
+    ]
+
+
+def client_bytes(
+    method: str,
+    m: CommModel,
+    shard_sizes: Sequence[int],
+    *,
+    epochs: int,
+    batch_size: int,
+    local_epochs: int = 1,
+    round_batches: int | None = None,
+) -> list[dict[str, int]]:
+    """Bytes per client, by kind, of ``method`` (one of :data:`METHODS`); ``round_batches`` is SplitFed's."""
     if method == "split":
         return split_bytes(m, shard_sizes, epochs)
+    if method in SPLITFED_METHODS:
+        return splitfed_bytes(m, shard_sizes, epochs, batch_size, round_batches)
     if method == "fedavg":
         if epochs % local_epochs:
             raise ConfigurationError(
@@ -167,6 +218,7 @@ def mean_bytes_per_client(
     epochs: int,
     batch_size: int = 64,
     local_epochs: int = 1,
+    round_batches: int | None = None,
 ) -> float:
     """Mean bytes per client of ``method`` with ``dataset_size`` samples in IID shards over ``clients`` clients.
 
@@ -179,6 +231,13 @@ def mean_bytes_per_client(
     if method == "split":
         handoffs = 2 * (E * K - 1) * m.client_bytes if K > 1 else 0
         return (2 * E * D * m.cut_bytes + handoffs) / K
+    if method in SPLITFED_METHODS:
+        # IID shards come in two sizes: ``extra`` of base + 1 samples, the others of base.
+        base, extra = divmod(D, K)
+        trained, rounds = splitfed_rounds([base + 1, base] if extra else [base], batch_size, round_batches)
+        sends = extra * trained[0] + (K - extra) * trained[-1]
+        averaging = E * (sends + K * rounds) * m.client_bytes if K > 1 else 0
+        return (2 * E * D * m.cut_bytes + averaging) / K
     if method == "fedavg":
         return float(
             sum(client_bytes("fedavg", m, [1], epochs=E, batch_size=batch_size, local_epochs=local_epochs)[0].values())

@@ -29,9 +29,22 @@ __all__ = [
 #: Columns of the comparison table.
 HEADER = ("method", "clients", "bytes/client", "= model", "FLOPs/client", "client s", "test acc", "wall s")
 
-_LABELS = {"split": "split learning", "fedavg": "FedAvg", "large-batch": "large-batch SGD"}
-_COLORS = {"split": "tab:blue", "fedavg": "tab:orange", "large-batch": "tab:green"}
-_MARKERS = {"split": "o", "fedavg": "s", "large-batch": "^"}
+_LABELS = {
+    "split": "split learning",
+    "fedavg": "FedAvg",
+    "large-batch": "large-batch SGD",
+    "splitfed-v1": "SplitFed v1",
+    "splitfed-v2": "SplitFed v2",
+}
+_COLORS = {
+    "split": "tab:blue",
+    "fedavg": "tab:orange",
+    "large-batch": "tab:green",
+    "splitfed-v1": "tab:purple",
+    "splitfed-v2": "tab:red",
+}
+# v1 and v2 move the same bytes and FLOPs: distinct hollow-ish markers keep both visible where they overlap
+_MARKERS = {"split": "o", "fedavg": "s", "large-batch": "^", "splitfed-v1": "D", "splitfed-v2": "x"}
 
 
 def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
@@ -172,7 +185,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    methods = [m for m in ("split", "fedavg", "large-batch") if any(r.method == m for r in results)]
+    methods = [m for m in _LABELS if any(r.method == m for r in results)]
     by_method = {m: sorted((r for r in results if r.method == m), key=lambda r: r.clients) for m in methods}
     ks = sorted({r.clients for r in results})
     paths = []

@@ -1,4 +1,4 @@
-"""Run split learning, FedAvg and large-batch SGD for a list of client counts, and measure them.
+"""Run split learning, SplitFed, FedAvg and large-batch SGD for a list of client counts, and measure them.
 
 Every run starts from the same initial weights and the same data shards
 (:func:`splitnn.data.parse_partition`, each shard sorted), trains for the same
@@ -19,8 +19,13 @@ Split learning is :class:`~splitnn.training.topologies.MultiHolderSplitNN`:
 round-robin turns (one per epoch) with the client segment, handing its weights
 peer to peer; a "server" worker holds the rest of the network and the labels
 (the vanilla configuration: the labels are placed at the server at set-up, not
-sent during training). FedAvg (``epochs / local_epochs`` rounds) and
-large-batch SGD keep the global model at the researcher.
+sent during training). SplitFed (``splitfed-v1``, ``splitfed-v2``) is
+:class:`~splitnn.training.topologies.SplitFedSplitNN` on the same parties, the server
+being the label holder and the aggregator, one round per local epoch; its holders run one
+after the other on one thread here (``parallel=False``), so that the FLOP counter and the
+per-client times see one call at a time: its wall time is not the parallel one (see
+docs/splitfed.md for that). FedAvg (``epochs / local_epochs`` rounds) and large-batch SGD
+keep the global model at the researcher.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
 from splitnn.accounting.flops import ComputeMeter
-from splitnn.compare.analytic import METHODS, CommModel, client_bytes
+from splitnn.compare.analytic import METHODS, SPLITFED_METHODS, CommModel, client_bytes
 from splitnn.data import Dataset, parse_partition
 from splitnn.errors import ConfigurationError
 from splitnn.models import tutorial_mlp, vgg_cnn
 from splitnn.training.baselines import FedAvg, LargeBatchSGD, evaluate_module
-from splitnn.training.topologies import MultiHolderSplitNN
+from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN
 from splitnn.workers import VirtualWorker
 from splitnn.workers.optimizers import build_optimizer
 
@@ -238,17 +243,16 @@ def run_method(
     workers = [meter.wrap(VirtualWorker(f"client{k}", fuse=False)) for k in range(clients)]
     names = [w.name for w in workers]
     start = time.perf_counter()
-    if method == "split":
+    if method == "split" or method in SPLITFED_METHODS:
         server = meter.wrap(VirtualWorker(SERVER, fuse=False))
-        model = MultiHolderSplitNN(
-            client_seg,
-            [server_seg],
-            workers,
-            server,
-            handoff="peer",
-            partition=lambda labels, k, seed: shards,
-            optimizer=config.optimizer,
-        )
+        common = dict(partition=lambda labels, k, seed: shards, optimizer=config.optimizer)
+        if method == "split":
+            model = MultiHolderSplitNN(client_seg, [server_seg], workers, server, handoff="peer", **common)
+        else:
+            variant = method.removeprefix("splitfed-")
+            model = SplitFedSplitNN(
+                client_seg, [server_seg], workers, server, variant=variant, parallel=False, **common
+            )
         model.fit(train, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, progress=progress)
         wall = time.perf_counter() - start
         ledger = model.ledger.snapshot()  # the training window; collecting the model below moves weights too

@@ -1,6 +1,7 @@
 """Workers: the parties of split learning behind one protocol."""
 
 from splitnn.workers.base import (
+    AveragingWorker,
     EpochWorker,
     GradientWorker,
     MergingWorker,
@@ -25,6 +26,7 @@ __all__ = [
     "MergingWorker",
     "PeerStateWorker",
     "PsiWorker",
+    "AveragingWorker",
     "GradientWorker",
     "MetricWorker",
     "EpochWorker",

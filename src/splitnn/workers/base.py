@@ -131,6 +131,19 @@ class PeerStateWorker(Protocol):
 
 
 @runtime_checkable
+class AveragingWorker(Protocol):
+    """A worker that can average the weights of segments it hosts, locally (SplitFed's aggregation,
+    :class:`~splitnn.training.topologies.SplitFedSplitNN`)."""
+
+    name: str
+
+    def average_states(self, keys: Sequence[str], weights: Sequence[float], *, into: Sequence[str]) -> None:
+        """Load ``sum_k weights[k] / sum(weights) * state(keys[k])`` (floating-point tensors; integer
+        buffers from ``keys[0]``, see :func:`splitnn.workers.averaging.weighted_average`) into every
+        segment of ``into``. Nothing leaves the worker, so nothing is recorded in the ledger."""
+
+
+@runtime_checkable
 class MergingWorker(Protocol):
     """A worker whose segment can take several parties' activations, merged (vertical split learning)."""
 

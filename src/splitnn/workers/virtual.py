@@ -42,6 +42,7 @@ from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
+from splitnn.workers.averaging import weighted_average
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.held import HeldData
 from splitnn.workers.losses import Loss, compute_loss
@@ -338,6 +339,18 @@ class VirtualWorker:
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot send weights to non-local worker {dst!r}")
         peer.set_state(dst_key or key, state, src=self.name)
+
+    def average_states(self, keys: Sequence[str], weights: Sequence[float], *, into: Sequence[str]) -> None:
+        """Load the weighted average of segments ``keys`` into every segment of ``into`` (see
+        :class:`AveragingWorker`); local, so nothing is recorded."""
+        keys, into = list(keys), list(into)
+        if not keys or not into:
+            raise ConfigurationError(f"worker {self.name!r}: average_states needs at least one source and one target")
+        states = [self._segment(k).module.state_dict() for k in keys]
+        targets = [self._segment(k) for k in into]
+        average = weighted_average(states, weights)
+        for hosted in targets:
+            hosted.module.load_state_dict(average)  # copies into the parameters: optimizers keep them
 
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,42 +22,16 @@ from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
 from splitnn.training.loop import EvalResult
 from splitnn.workers import Worker
+from splitnn.workers.averaging import weighted_average
 from splitnn.workers.losses import check_loss_name, compute_loss
+
+__all__ = ["CLIENT_SEED_STRIDE", "Federation", "evaluate_module", "weighted_average"]
 
 _ids = itertools.count()
 
 #: Client ``k`` shuffles its shard with seed ``seed + CLIENT_SEED_STRIDE * k``, like the data holders of
 #: :class:`~splitnn.training.topologies.MultiHolderSplitNN`, so all methods visit each shard in the same order.
 CLIENT_SEED_STRIDE = 7919
-
-
-def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_k (w_k / sum w) * state_k`` for every floating-point tensor.
-
-    Integer tensors (counters such as BatchNorm's ``num_batches_tracked``) are
-    taken from the first state. With one state the result equals it exactly
-    (``x * 1.0 == x``), so one-client federated training is plain training.
-    """
-    if not states or len(states) != len(weights):
-        raise ConfigurationError(f"need one weight per state, got {len(states)} states and {len(weights)} weights")
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ConfigurationError(f"averaging weights must be >= 0 with a positive sum, got {list(weights)}")
-    keys = list(states[0])
-    for k, state in enumerate(states[1:], start=1):
-        if list(state) != keys:
-            raise ConfigurationError(f"state {k} has different tensors than state 0; the clients' models differ")
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        first = states[0][key]
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
-        acc = first * (weights[0] / total)
-        for state, w in zip(states[1:], weights[1:]):
-            acc.add_(state[key], alpha=w / total)
-        out[key] = acc
-    return out
 
 
 def evaluate_module(module: nn.Module, data, *, loss: str = "nll", batch_size: int = 1000) -> EvalResult:

@@ -3,6 +3,8 @@
 * :class:`MultiHolderSplitNN`: many data holders, one label holder; the holders
   take round-robin turns and pass the bottom segment's weights peer to peer or
   through a weight store.
+* :class:`SplitFedSplitNN`: many data holders train in parallel, each with its own
+  copy of the bottom segment, averaged (FedAvg-style) at the end of every round.
 * :class:`UShapedSplitNN`: the data holder keeps the labels and the output
   layers; only the middle lives elsewhere.
 * :class:`VerticalSplitNN`: data holders own different feature columns of the
@@ -16,6 +18,7 @@ Each implements the :class:`~splitnn.training.loop.Trainable` protocol, so
 from splitnn.training.topologies.base import Topology
 from splitnn.training.topologies.multi import HANDOFF_MODES, HandOff, MultiHolderSplitNN
 from splitnn.training.topologies.presets import TOPOLOGIES, TopologyConfig, build_topology
+from splitnn.training.topologies.splitfed import VARIANTS, SplitFedSplitNN
 from splitnn.training.topologies.ushape import UShapedSplitNN
 from splitnn.training.topologies.vertical import VerticalData, VerticalNet, VerticalSplitNN
 
@@ -24,6 +27,8 @@ __all__ = [
     "MultiHolderSplitNN",
     "HandOff",
     "HANDOFF_MODES",
+    "SplitFedSplitNN",
+    "VARIANTS",
     "UShapedSplitNN",
     "VerticalSplitNN",
     "VerticalData",

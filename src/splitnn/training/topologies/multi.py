@@ -19,11 +19,8 @@ Hand-offs are lazy: a holder receives the weights when it next has to compute
 the latest ones. Only the weights move; each holder keeps its own optimizer
 (and its state, e.g. momentum).
 
-Datasets: ``prepare`` splits a :class:`~splitnn.data.Dataset` with the
-partitioner (``"iid"`` or ``"dirichlet:<alpha>"``) and places shard ``h``'s
-features at holder ``h`` and its labels at the label holder, both under the
-name ``"<dataset>/<holder>"``. A string names a dataset placed that way
-already. The samples are numbered shard after shard (holder 0's first), and a
+Datasets: as :mod:`splitnn.training.topologies.horizontal` describes (shard ``h`` at
+holder ``h``, labels at the label holder, samples numbered shard after shard). A
 training batch holds samples of one holder only: :meth:`epoch_plan` builds the
 epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
 """
@@ -31,8 +28,7 @@ epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,11 +36,9 @@ import torch
 from torch import nn
 
 from splitnn.accounting import Ledger
-from splitnn.data import PartitionSpec, parse_partition
-from splitnn.data.batching import epoch_batches
+from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import eval_step, train_step
 from splitnn.split.stage import Stage, check_static_fit
 from splitnn.training.topologies.base import (
@@ -56,22 +50,14 @@ from splitnn.training.topologies.base import (
     distinct,
     new_prefix,
     place,
-    probe_stages,
 )
-from splitnn.workers import BatchRef, DatasetStats, LossStats, PeerStateWorker, Worker
-from splitnn.workers.losses import Loss, check_labels, check_loss_at
-from splitnn.workers.metrics import check_metrics_for
+from splitnn.training.topologies.horizontal import HolderShards, Partitioner
+from splitnn.workers import BatchRef, LossStats, PeerStateWorker, Worker
+from splitnn.workers.losses import Loss, check_loss_at
 
 #: How the bottom segment's weights pass between data holders.
 Handoff = Literal["peer", "central"]
 HANDOFF_MODES: tuple[str, ...] = ("peer", "central")
-
-#: A horizontal partitioner: ``(labels, k, seed) -> k index tensors``.
-Partitioner = Callable[[torch.Tensor, int, int], Sequence[torch.Tensor]]
-
-# Holder h shuffles its shard with seed + h * _SEED_STRIDE (holder 0 with the
-# seed itself, so that one holder reproduces plain chain training exactly).
-_SEED_STRIDE = 7919
 
 
 @dataclass(frozen=True)
@@ -85,28 +71,6 @@ class HandOff:
     src: str
     dst: str
     reason: str
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """A dataset split over the holders: shard sizes and where each shard starts in the numbering."""
-
-    name: str
-    sizes: tuple[int, ...]
-    out_shape: tuple[int, ...] = ()
-    labels: tuple[DatasetStats, ...] = ()  # each shard's label summary
-
-    @property
-    def offsets(self) -> list[int]:
-        out, total = [], 0
-        for s in self.sizes:
-            out.append(total)
-            total += s
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
 
 
 class MultiHolderSplitNN(Topology):
@@ -188,8 +152,9 @@ class MultiHolderSplitNN(Topology):
             raise ConfigurationError(
                 f"turn_batches must be a positive integer or None (one turn per epoch), got {turn_batches!r}"
             )
-        self.partition = _as_partitioner(partition)
-        self.partition_seed = int(partition_seed)
+        self._shards = HolderShards(holders, top_workers[-1], partition, partition_seed)  # checks the partition
+        self.partition = self._shards.partition
+        self.partition_seed = self._shards.partition_seed
         self.handoff = handoff
         self.turn_batches = turn_batches
         self.loss = check_loss_at(loss, top_workers[-1])
@@ -224,9 +189,6 @@ class MultiHolderSplitNN(Topology):
         self._store_version = 0
         self._active = 0
         self.handoffs: list[HandOff] = []
-        self._placements: dict[str, _Placement] = {}
-        self._data_names = PlacedData()
-        self._data_ids = 0
 
     # -- who is who -------------------------------------------------------------------------
     @property
@@ -258,77 +220,14 @@ class MultiHolderSplitNN(Topology):
     # -- data -------------------------------------------------------------------------------
     def shard_name(self, dataset: str, holder: int) -> str:
         """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
-        return f"{dataset}/{self.holders[holder].name}"
+        return self._shards.shard_name(dataset, holder)
 
     def prepare(self, data: object) -> tuple[str, int]:
         """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
 
-        Shapes, shard sizes and the label range are checked here, before any training.
+        Shapes, shard sizes and the labels are checked here, before any training.
         """
-        name = self._data_names.name_for(data, self._place_dataset)
-        if name not in self._placements:
-            self._placements[name] = self._check_placement(name)
-        return name, self._placements[name].total
-
-    def _place_dataset(self, data: object) -> str:
-        features, labels = features_and_labels(data, "the holders", tensors_only=True)  # partitioned here
-        k, n = len(self.holders), len(labels)
-        if k > n:
-            raise ConfigurationError(
-                f"{k} data holders but the dataset has only {n} samples; every holder needs at "
-                f"least one sample: use fewer holders or more data"
-            )
-        shards = [
-            torch.as_tensor(s, dtype=torch.int64).sort().values for s in self.partition(labels, k, self.partition_seed)
-        ]
-        if len(shards) != k or any(s.numel() == 0 for s in shards):
-            raise ConfigurationError(
-                f"the partitioner gave shard sizes {[int(s.numel()) for s in shards]} for {k} "
-                f"holders; every holder needs a non-empty shard"
-            )
-        name = f"{getattr(data, 'name', 'data')}#{self._data_ids}"
-        self._data_ids += 1
-        for h, (holder, shard) in enumerate(zip(self.holders, shards)):
-            holder.add_dataset(self.shard_name(name, h), features=features[shard])
-            self.label_holder.add_dataset(self.shard_name(name, h), labels=labels[shard])
-        return name
-
-    def _check_placement(self, name: str) -> _Placement:
-        sizes, shape, shard_labels = [], None, []
-        for h, holder in enumerate(self.holders):
-            shard = self.shard_name(name, h)
-            feats = holder.dataset_stats(shard)
-            labels = self.label_holder.dataset_stats(shard)
-            if feats.feature_shape is None or labels.num_labels is None or labels.label_max is None:
-                raise ConfigurationError(
-                    f"dataset {shard!r}: {holder.name!r} must hold its features and "
-                    f"{self.label_holder.name!r} its labels"
-                )
-            if feats.size != labels.num_labels:
-                raise ConfigurationError(
-                    f"dataset {shard!r}: {feats.size} feature rows at {holder.name!r} but "
-                    f"{labels.num_labels} labels at {self.label_holder.name!r}"
-                )
-            if shape is not None and feats.feature_shape != shape:
-                raise ConfigurationError(
-                    f"dataset {name!r}: {holder.name!r} holds samples of shape "
-                    f"{feats.feature_shape} but {self.holders[0].name!r} of shape {shape}; "
-                    f"every holder's samples must have the same shape"
-                )
-            shape = feats.feature_shape
-            sizes.append(feats.size)
-            shard_labels.append((shard, labels))
-        assert shape is not None
-        out = probe_stages(self.stages_of(0), (2, *shape), f"the data of {self.holders[0].name!r}")
-        for shard, labels in shard_labels:
-            check_labels(shard, labels, out, self.loss, self.label_holder.name)
-        return _Placement(name, tuple(sizes), tuple(out), tuple(labels for _, labels in shard_labels))
-
-    def _placement(self, name: str) -> _Placement:
-        try:
-            return self._placements[name]
-        except KeyError:
-            raise ConfigurationError(f"dataset {name!r} is not prepared; call prepare(data) first") from None
+        return self._shards.prepare(data, self.stages_of(0), self.loss)
 
     # -- batches ----------------------------------------------------------------------------
     def epoch_plan(
@@ -342,42 +241,18 @@ class MultiHolderSplitNN(Topology):
         go holder 0, 1, ..., K-1, 0, ... until every shard is done. Indices are
         in the shard-after-shard numbering of :meth:`prepare`.
         """
-        placement = self._placement(dataset)
-        if n != placement.total:
-            raise ConfigurationError(f"dataset {dataset!r} has {placement.total} samples, not {n}")
-        per_holder = [
-            epoch_batches(size, batch_size, shuffle=shuffle, seed=seed + _SEED_STRIDE * h, epoch=epoch)
-            for h, size in enumerate(placement.sizes)
-        ]
+        per_holder = self._shards.holder_batches(dataset, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
         turn = self.turn_batches or max(len(b) for b in per_holder)
         plan: list[torch.Tensor] = []
         for start in range(0, max(len(b) for b in per_holder), turn):
-            for h, batches in enumerate(per_holder):
-                plan.extend(b + placement.offsets[h] for b in batches[start : start + turn])
+            for batches in per_holder:
+                plan.extend(batches[start : start + turn])
         return plan
-
-    def _locate(self, name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Holder of each sample and its row in that holder's shard."""
-        placement = self._placement(name)
-        indices = torch.as_tensor(indices, dtype=torch.int64)
-        if indices.numel() == 0:
-            raise ConfigurationError("empty batch")
-        if int(indices.min()) < 0 or int(indices.max()) >= placement.total:
-            raise ConfigurationError(f"batch indices outside dataset {name!r} of {placement.total} samples")
-        offsets = torch.tensor(placement.offsets, dtype=torch.int64)
-        holder = torch.bucketize(indices, offsets, right=True) - 1
-        return holder, indices - offsets[holder]
 
     # -- training ---------------------------------------------------------------------------
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step at the holder that owns rows ``indices`` (it gets the latest weights first)."""
-        holder, local = self._locate(dataset, indices)
-        h = int(holder[0])
-        if not bool((holder == h).all()):
-            raise ConfigurationError(
-                f"a training batch must hold samples of one data holder, but this one spans "
-                f"holders {sorted(set(holder.tolist()))}; use fit() or epoch_plan() for batches"
-            )
+        h, local = self._shards.one_holder(dataset, indices)
         self._bring_up_to_date(h, "turn")
         stats = train_step(self.stages_of(h), BatchRef(self.shard_name(dataset, h), local), self.loss)
         self._latest += 1
@@ -388,7 +263,7 @@ class MultiHolderSplitNN(Topology):
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
         """Loss and correct count on rows ``indices``; each holder evaluates its own rows with the latest weights
         (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
-        holder, local = self._locate(dataset, indices)
+        holder, local = self._shards.locate(dataset, indices)
         parts = []
         for h in torch.unique(holder).tolist():
             self._bring_up_to_date(h, "evaluate")
@@ -398,17 +273,7 @@ class MultiHolderSplitNN(Topology):
 
     def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
         """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        placement = self._placement(self.prepare(dataset)[0])
-        shards = placement.labels
-        if any(s.label_min is None or s.label_max is None for s in shards):
-            return
-        combined = dataclasses.replace(  # the summary of all shards' labels together
-            shards[0],
-            label_min=min(s.label_min for s in shards),
-            label_max=max(s.label_max for s in shards),
-            label_integral=all(s.label_integral for s in shards),
-        )
-        check_metrics_for(dataset, names, combined, placement.out_shape, self.loss)
+        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
 
     def _bring_up_to_date(self, h: int, reason: str) -> None:
         """Hand the latest bottom weights to holder ``h`` unless it has them already."""
@@ -441,11 +306,3 @@ class MultiHolderSplitNN(Topology):
         top = " -> ".join(s.label for s in self._top)
         store = f", store at {self.store.name}" if self.store is not None else ""
         return f"MultiHolderSplitNN([{holders}] -> {top}; handoff {self.handoff}{store})"
-
-
-def _as_partitioner(partition: str | PartitionSpec | Partitioner) -> Partitioner:
-    if isinstance(partition, str):
-        return parse_partition(partition)
-    if callable(partition):
-        return partition
-    raise ConfigurationError(f"partition must be 'iid', 'dirichlet:<alpha>' or a callable, got {partition!r}")

@@ -2,8 +2,8 @@
 
 Parties: data holders ``alice`` (one) or ``alice1`` ... ``aliceK`` (several);
 ``bob`` hosts everything that is not a data holder's, holds the labels (except
-in U-shaped training, where ``alice`` keeps them) and is the weight store of
-``central`` hand-offs.
+in U-shaped training, where ``alice`` keeps them), is the weight store of
+``central`` hand-offs and SplitFed's aggregator unless another party is named.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from splitnn.errors import ConfigurationError
 from splitnn.models import tutorial_mlp
 from splitnn.training.topologies.base import Topology
 from splitnn.training.topologies.multi import HANDOFF_MODES, MultiHolderSplitNN
+from splitnn.training.topologies.splitfed import VARIANTS, SplitFedSplitNN
 from splitnn.training.topologies.ushape import UShapedSplitNN
 from splitnn.training.topologies.vertical import VerticalSplitNN
 from splitnn.workers import MERGE_MODES, VirtualWorker, Worker
 
 #: The topologies ``splitnn train --topology`` offers (``chain`` is a plain SplitNN).
-TOPOLOGIES = ("chain", "multi", "u-shape", "vertical")
+TOPOLOGIES = ("chain", "multi", "splitfed", "u-shape", "vertical")
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,16 @@ class TopologyConfig:
     """How to arrange the tutorial's MLP across parties.
 
     Attributes:
-        topology: ``"multi"``, ``"u-shape"`` or ``"vertical"`` (``"chain"`` is
+        topology: ``"multi"``, ``"splitfed"``, ``"u-shape"`` or ``"vertical"`` (``"chain"`` is
             built by :class:`~splitnn.split.SplitNN` directly).
-        clients: number of data holders (multi: >= 1, vertical: >= 2, u-shape: 1).
+        clients: number of data holders (multi, splitfed: >= 1, vertical: >= 2, u-shape: 1).
         handoff: ``"peer"`` or ``"central"`` (multi only).
-        partition: ``"iid"`` or ``"dirichlet:<alpha>"`` (multi only).
+        partition: ``"iid"`` or ``"dirichlet:<alpha>"`` (multi and splitfed).
         turn_batches: batches per turn, ``None`` for one turn per epoch (multi only).
+        variant: ``"v1"`` or ``"v2"`` (splitfed only).
+        round_batches: batches of each holder per round, ``None`` for one round per epoch (splitfed only).
+        aggregator: the party that averages the bottom segments, ``"bob"`` (the label holder)
+            or the name of a third party (splitfed only).
         merge: ``"concat"``, ``"sum"`` or ``"mean"`` (vertical only).
         hidden: hidden layer sizes; one segment per layer as in the tutorial.
         lr: SGD learning rate of every segment.
@@ -49,6 +54,9 @@ class TopologyConfig:
     handoff: str = "peer"
     partition: str = "iid"
     turn_batches: int | None = None
+    variant: str = "v1"
+    round_batches: int | None = None
+    aggregator: str = "bob"
     merge: str = "concat"
     hidden: tuple[int, ...] = (128, 640)
     lr: float = 0.03
@@ -72,6 +80,19 @@ class TopologyConfig:
             isinstance(self.turn_batches, bool) or not isinstance(self.turn_batches, int) or self.turn_batches < 1
         ):
             raise ConfigurationError(f"turn_batches must be a positive integer, got {self.turn_batches!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigurationError(f"unknown SplitFed variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.round_batches is not None and (
+            isinstance(self.round_batches, bool) or not isinstance(self.round_batches, int) or self.round_batches < 1
+        ):
+            raise ConfigurationError(f"round_batches must be a positive integer, got {self.round_batches!r}")
+        if not isinstance(self.aggregator, str) or not self.aggregator or self.aggregator == "researcher":
+            raise ConfigurationError(f"the aggregator must be a party's name, got {self.aggregator!r}")
+        if self.aggregator in self.holder_names():
+            raise ConfigurationError(
+                f"the aggregator {self.aggregator!r} is a data holder; it would see every other holder's "
+                f"bottom weights: use bob (the label holder) or a third party's name"
+            )
         if self.merge not in MERGE_MODES:
             raise ConfigurationError(f"unknown merge {self.merge!r}; choose one of {MERGE_MODES}")
         if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
@@ -87,8 +108,9 @@ class TopologyConfig:
         return ["alice"] if self.clients == 1 else [f"alice{i + 1}" for i in range(self.clients)]
 
     def party_names(self) -> list[str]:
-        """Every party's name: the data holders, then ``bob``."""
-        return [*self.holder_names(), "bob"]
+        """Every party's name: the data holders, ``bob``, then SplitFed's aggregator if it is a third party."""
+        third = [self.aggregator] if self.topology == "splitfed" and self.aggregator != "bob" else []
+        return [*self.holder_names(), "bob", *third]
 
 
 def vertical_mlp(
@@ -129,6 +151,20 @@ def build_topology(
             partition_seed=config.seed,
             optimizer=optimizer,
         )
+    if config.topology == "splitfed":
+        segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
+        return SplitFedSplitNN(
+            segments[0],
+            segments[1:],
+            holders,
+            bob,
+            variant=config.variant,
+            aggregator=parties[config.aggregator],
+            round_batches=config.round_batches,
+            partition=config.partition,
+            partition_seed=config.seed,
+            optimizer=optimizer,
+        )
     if config.topology == "u-shape":
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
         return UShapedSplitNN(segments[0], segments[1:-1], segments[-1], holders[0], bob, optimizer=optimizer)
@@ -139,7 +175,7 @@ def build_topology(
         bottoms, top = vertical_mlp([len(c) for c in columns], config.hidden, classes, config.merge)
         return VerticalSplitNN(bottoms, holders, top, bob, merge=config.merge, columns=columns, optimizer=optimizer)
     raise ConfigurationError(
-        f"build_topology makes multi, u-shape and vertical; build {config.topology!r} with SplitNN"
+        f"build_topology makes multi, splitfed, u-shape and vertical; build {config.topology!r} with SplitNN"
     )
 
 

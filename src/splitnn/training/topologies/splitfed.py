@@ -1,0 +1,465 @@
+"""SplitFed: many data holders train in parallel and average their bottom segments (Thapa et al. 2022).
+
+``K`` data holders each own a shard of the samples (placed as
+:mod:`splitnn.training.topologies.horizontal` describes) and their own copy of the
+bottom segment (all copies start from the same weights); the label holder (with any
+other top workers) owns the rest of the network and every shard's labels. Training
+goes in *rounds*; in each round every holder trains on its next batches, the holders at
+the same time, and at the end of the round the copies are averaged:
+
+* **v1** (SplitFedV1): the top workers keep one copy of the top segments per holder;
+  holder ``h`` trains with its own top copy, so the holders are independent until the
+  round ends, when the top copies are averaged too (at their workers, locally: nothing
+  travels for that).
+* **v2** (SplitFedV2): one top segment, served holder by holder. In each round the label
+  holder serves the holders' batches in turns of one batch each (step ``j`` of every
+  holder before step ``j + 1`` of any), visiting the holders in a random order per round
+  drawn from ``torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)`` (one
+  ``randperm(K)`` per round, in round order; :meth:`SplitFedSplitNN.epoch_plan` lists the
+  batches in exactly that order).
+
+A round is a holder's whole shard (one local epoch; the default) or ``round_batches``
+batches of each holder (the last round of an epoch may be shorter; a holder whose shard
+is used up sits the rest of the epoch's rounds out). Rounds do not span epochs, so the
+model is averaged at the end of every epoch.
+
+Averaging. At the end of a round, every holder that trained in it sends its bottom's
+weights to the **aggregator** (``weights`` in the ledger, holder -> aggregator), which
+loads ``sum_h n_h W_h / sum_h n_h`` (``n_h``: the samples holder ``h`` trained on in the
+round, i.e. its shard size when a round is a local epoch, as in FedAvg and the paper)
+and sends it back to every holder (``weights``, aggregator -> holder). The aggregator is
+the label holder unless ``aggregator=`` names another worker: by default the label holder
+then sees the bottom weights as well as the activations, as in the paper; a separate party
+that sees only weights is the privacy-preserving choice. v1's top copies are averaged with
+the same weights at their own workers. Each holder (and each top copy) keeps its own
+optimizer and its state: only weights are averaged. With one holder nothing is averaged
+and no weights travel: training is the plain chain's, bit for bit.
+
+Worker operations used: the :class:`~splitnn.workers.Worker` protocol for every training
+and evaluation step (``zero_grad``, ``forward``, ``loss``, ``backward``, ``step``), and,
+with two or more holders, :meth:`~splitnn.workers.PeerStateWorker.send_state` at every
+holder and at the aggregator, and :meth:`~splitnn.workers.AveragingWorker.average_states`
+at the aggregator and (v1) at every top worker.
+
+Concurrency (``parallel``). In-process, each holder's steps of a round run on a thread of
+its own, the top workers served one holder at a time (v2: in the order above; v1: in any
+order, since the holders' chains are independent until the round ends); see
+:mod:`splitnn.training.topologies.lanes`. ``parallel=False`` runs the same steps in the
+order of :meth:`SplitFedSplitNN.epoch_plan` on one thread. The weights are identical either
+way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+from splitnn.accounting import Ledger
+from splitnn.accounting.flops import unwrap
+from splitnn.data import PartitionSpec
+from splitnn.errors import ConfigurationError
+from splitnn.split import bind_workers
+from splitnn.split.schedule import eval_step, forward_chain
+from splitnn.split.stage import Stage, check_static_fit
+from splitnn.training.topologies.base import (
+    Topology,
+    as_optimizer_list,
+    as_worker_list,
+    check_modules,
+    combine_stats,
+    distinct,
+    new_prefix,
+    place,
+)
+from splitnn.training.topologies.horizontal import HolderShards, Partitioner
+from splitnn.training.topologies.lanes import Turnstile, run_lanes
+from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, VirtualWorker, Worker
+from splitnn.workers.losses import Loss, check_loss_at
+
+#: The SplitFed variants.
+VARIANTS: tuple[str, ...] = ("v1", "v2")
+
+# Added to the epoch's seed for v2's serving order, so it is not the stream of holder 0's data order.
+_ORDER_SEED_OFFSET = 104_729
+
+
+class SplitFedSplitNN(Topology):
+    """``K`` data holders train in parallel; their bottom segments are averaged every round. See the module docstring.
+
+    Args:
+        bottom: the first segment; every holder gets its own copy (same initial weights;
+            holder 0 hosts this very module).
+        top: the remaining segments, in order (at least one).
+        holders: the ``K`` data holders, distinct parties.
+        top_workers: the worker of each top segment, or one worker for all; the last one is
+            the label holder.
+        variant: ``"v1"`` (one top copy per holder, averaged every round) or ``"v2"`` (one
+            top segment, served holder by holder).
+        aggregator: the worker that averages the bottom segments (default: the label
+            holder); not a data holder.
+        round_batches: batches of each holder per round; ``None`` (default): a holder's
+            whole shard, one round per epoch.
+        partition: ``"iid"``, ``"dirichlet:<alpha>"``, a :class:`~splitnn.data.PartitionSpec`,
+            or a callable ``(labels, k, seed) -> index tensors``.
+        partition_seed: seed of the partitioner.
+        optimizer: one factory/spec for every segment, or a list of ``1 + len(top)`` (the
+            bottom's first); every copy gets its own optimizer.
+        loss: the label holder's loss (a name, or a callable the label holder may run).
+        parallel: run the holders' steps on threads (``True``) or in plan order on one
+            thread (``False``); ``None`` (default): threads when there are two or more
+            holders and every worker is in-process.
+        ledger: where transfers are recorded (default: the first holder's).
+
+    Raises:
+        ConfigurationError: before any work, for an invalid arrangement or a worker that
+            lacks a capability SplitFed needs.
+    """
+
+    def __init__(
+        self,
+        bottom: nn.Module,
+        top: Sequence[nn.Module],
+        holders: Sequence[Worker],
+        top_workers: Worker | Sequence[Worker],
+        *,
+        variant: str = "v1",
+        aggregator: Worker | None = None,
+        round_batches: int | None = None,
+        partition: str | PartitionSpec | Partitioner = "iid",
+        partition_seed: int = 0,
+        optimizer: object = "sgd:lr=0.03",
+        loss: Loss = "nll",
+        parallel: bool | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        bottom = check_modules([bottom], "bottom segment")[0]
+        top = check_modules(top, "top segment")
+        if not top:
+            raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
+        holders = list(holders)
+        if not holders:
+            raise ConfigurationError("give at least one data holder")
+        distinct(holders, "data holders")
+        top_workers = as_worker_list(top_workers, len(top), "top segments")
+        holder_names = {h.name for h in holders}
+        shared = sorted(holder_names & {w.name for w in top_workers})
+        if shared:
+            raise ConfigurationError(
+                f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
+                f"only its copy of the bottom segment"
+            )
+        if variant not in VARIANTS:
+            raise ConfigurationError(f"unknown SplitFed variant {variant!r}; choose one of {VARIANTS}")
+        if round_batches is not None and (
+            isinstance(round_batches, bool) or not isinstance(round_batches, int) or round_batches < 1
+        ):
+            raise ConfigurationError(
+                f"round_batches must be a positive integer or None (one round per epoch), got {round_batches!r}"
+            )
+        if parallel is not None and not isinstance(parallel, bool):
+            raise ConfigurationError(f"parallel must be True, False or None (automatic), got {parallel!r}")
+        aggregator = aggregator if aggregator is not None else top_workers[-1]
+        if aggregator.name in holder_names:
+            raise ConfigurationError(
+                f"the aggregator {aggregator.name!r} is a data holder; it would see every other holder's "
+                f"bottom weights: pick the label holder or a third party"
+            )
+        self.loss = check_loss_at(loss, top_workers[-1])
+        optimizers = as_optimizer_list(optimizer, 1 + len(top))
+        check_static_fit([bottom, *top], [holders[0].name, *(w.name for w in top_workers)])
+        self._shards = HolderShards(holders, top_workers[-1], partition, partition_seed)  # checks the partition
+        if len(holders) > 1:
+            _require_capabilities(holders, top_workers, aggregator, variant)
+
+        self.variant = variant
+        self.round_batches = round_batches
+        self.holders = holders
+        self.top_workers = top_workers
+        self.aggregator = aggregator
+        self.partition = self._shards.partition
+        self.partition_seed = self._shards.partition_seed
+        everyone = [*holders, *top_workers, aggregator]
+        self.parallel = (
+            parallel
+            if parallel is not None
+            else len(holders) > 1 and all(isinstance(unwrap(w), VirtualWorker) for w in everyone)
+        )
+        self.ledger = bind_workers(everyone, ledger)
+
+        prefix = new_prefix("splitfed")
+        self._bottoms: list[Stage] = []
+        for h, holder in enumerate(holders):
+            seg = bottom if h == 0 else copy.deepcopy(bottom)
+            self._bottoms.append(place(f"{prefix}.h{h}", 0, [seg], [holder], optimizers[:1])[0])
+        if variant == "v1":  # one top copy per holder, each with its own optimizer
+            self._tops = [
+                place(f"{prefix}.h{h}", 1, top if h == 0 else copy.deepcopy(list(top)), top_workers, optimizers[1:])
+                for h in range(len(holders))
+            ]
+        else:
+            self._tops = [place(prefix, 1, top, top_workers, optimizers[1:])]
+        self._slots: list[str] = []
+        self._average_key = f"{prefix}.average"
+        if len(holders) > 1:  # where the holders' bottoms arrive at the aggregator, and their average
+            self._slots = [f"{prefix}.aggregate.h{h}" for h in range(len(holders))]
+            for key in [*self._slots, self._average_key]:
+                aggregator.add_segment(key, copy.deepcopy(bottom), None)
+        # Samples each holder trained on since the last average (the averaging weights).
+        self._pending = [0] * len(holders)
+        self.rounds = 0  #: rounds completed (averages taken, or would-be averages with one holder)
+
+    # -- who is who -------------------------------------------------------------------------
+    @property
+    def label_holder(self) -> Worker:
+        """The worker that holds the labels and computes the loss (the last top worker)."""
+        return self.top_workers[-1]
+
+    def parties(self) -> list[str]:
+        """Names of the distinct parties: holders, top workers, then a third-party aggregator."""
+        return [w.name for w in self.workers()]
+
+    def workers(self) -> list[Worker]:
+        """The distinct workers: holders, top workers, then a third-party aggregator."""
+        everyone = [*self.holders, *self.top_workers, self.aggregator]
+        return list({w.name: w for w in everyone}.values())
+
+    def stages_of(self, holder: int) -> list[Stage]:
+        """The chain that trains holder ``holder``'s batches: its bottom, then its (v1) or the (v2) top."""
+        return [self._bottoms[holder], *self._tops[holder if self.variant == "v1" else 0]]
+
+    # -- data -------------------------------------------------------------------------------
+    def shard_name(self, dataset: str, holder: int) -> str:
+        """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
+        return self._shards.shard_name(dataset, holder)
+
+    def prepare(self, data: object) -> tuple[str, int]:
+        """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
+
+        Shapes, shard sizes and the labels are checked here, before any training.
+        """
+        return self._shards.prepare(data, self.stages_of(0), self.loss)
+
+    def epoch_plan(
+        self, dataset: str, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
+    ) -> list[torch.Tensor]:
+        """The batches of one epoch, round by round, in the order the label holder serves them.
+
+        Holder ``h`` visits its shard in the order of
+        ``epoch_batches(size_h, batch_size, seed=seed + 7919 * h, epoch=epoch)``. Round ``r``
+        holds batches ``r N .. (r+1) N - 1`` of every holder (``N = round_batches``, or all of
+        them); within a round, step ``j`` of every holder comes before step ``j + 1`` of any,
+        holders in order ``0 .. K-1`` (v1) or in the round's random order (v2; see the module
+        docstring). Indices are in the shard-after-shard numbering of :meth:`prepare`.
+        """
+        return [batch for round_ in self._plan_rounds(dataset, n, batch_size, shuffle, seed, epoch) for batch in round_]
+
+    def serving_orders(self, rounds: int, *, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+        """The order in which the holders are served in each of an epoch's first ``rounds`` rounds."""
+        k = len(self.holders)
+        if self.variant == "v1":
+            return [list(range(k)) for _ in range(rounds)]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + _ORDER_SEED_OFFSET)
+        return [torch.randperm(k, generator=gen).tolist() for _ in range(rounds)]
+
+    def _plan_rounds(
+        self, dataset: str, n: int, batch_size: int, shuffle: bool, seed: int, epoch: int
+    ) -> list[list[torch.Tensor]]:
+        per_holder = self._shards.holder_batches(dataset, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        longest = max(len(b) for b in per_holder)
+        size = self.round_batches or longest
+        starts = range(0, longest, size)
+        rounds = []
+        for start, order in zip(starts, self.serving_orders(len(starts), seed=seed, epoch=epoch)):
+            rounds.append(
+                [
+                    per_holder[h][j]
+                    for j in range(start, min(start + size, longest))
+                    for h in order
+                    if j < len(per_holder[h])
+                ]
+            )
+        return rounds
+
+    # -- training ---------------------------------------------------------------------------
+    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
+        """One optimisation step at the holder that owns rows ``indices``, with its chain; no averaging.
+
+        A round ends with :meth:`average`; :meth:`train_epoch` (what :func:`~splitnn.training.fit`
+        uses) calls it at the end of every round.
+        """
+        h, local = self._shards.one_holder(dataset, indices)
+        stats = self._step(h, BatchRef(self.shard_name(dataset, h), local), nullcontext())
+        self._pending[h] += stats.count
+        return stats
+
+    def train_epoch(
+        self,
+        dataset: str,
+        batches: Sequence[torch.Tensor],
+        on_batch: Callable[[LossStats], None],
+        *,
+        order: dict | None = None,
+    ) -> None:
+        """Train an epoch's batches round by round, averaging at the end of every round.
+
+        A batch belongs to round ``i // round_batches`` where ``i`` counts the earlier batches
+        of the same holder (round 0 for all when a round is an epoch); within a round the
+        batches run in their order in ``batches`` (:meth:`epoch_plan`'s is the serving
+        order). ``on_batch`` gets each batch's stats in that order. ``order`` is unused.
+        """
+        rounds = self._group_rounds(dataset, batches)  # checks every batch before any training
+        pool = ThreadPoolExecutor(len(self.holders), thread_name_prefix="splitfed") if self.parallel else None
+        try:
+            for items in rounds:
+                self._train_round(items, on_batch, pool)
+                self.average()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        for worker in self.workers():  # pipelined (networked) workers: wait for the last records
+            drain = getattr(worker, "drain", None)
+            if callable(drain):
+                drain()
+
+    def average(self) -> None:
+        """End a round: average the bottoms (and v1's top copies) over the holders that trained since the last one.
+
+        Weighted by the samples each holder trained on; every holder (and top copy) then holds
+        the average. Nothing happens with one holder.
+        """
+        weights, self._pending = self._pending, [0] * len(self.holders)
+        if not any(weights):
+            return
+        self.rounds += 1
+        if len(self.holders) == 1:
+            return
+        trained = [h for h, w in enumerate(weights) if w > 0]
+        counts = [float(weights[h]) for h in trained]
+        agg = self.aggregator
+        for h in trained:
+            stage = self._bottoms[h]
+            stage.worker.send_state(stage.key, agg.name, dst_key=self._slots[h])
+        agg.average_states([self._slots[h] for h in trained], counts, into=[self._average_key])
+        for stage in self._bottoms:
+            agg.send_state(self._average_key, stage.worker.name, dst_key=stage.key)
+        if self.variant == "v1":
+            for i, worker in enumerate(self.top_workers):
+                keys = [chain[i].key for chain in self._tops]
+                worker.average_states([keys[h] for h in trained], counts, into=keys)
+
+    def _group_rounds(self, dataset: str, batches: Sequence[torch.Tensor]) -> list[list[tuple[int, BatchRef]]]:
+        seen = [0] * len(self.holders)
+        rounds: dict[int, list[tuple[int, BatchRef]]] = {}
+        for idx in batches:
+            h, local = self._shards.one_holder(dataset, idx)
+            r = seen[h] // self.round_batches if self.round_batches else 0
+            seen[h] += 1
+            rounds.setdefault(r, []).append((h, BatchRef(self.shard_name(dataset, h), local)))
+        return [rounds[r] for r in sorted(rounds)]
+
+    def _train_round(
+        self,
+        items: list[tuple[int, BatchRef]],
+        on_batch: Callable[[LossStats], None],
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        def done(h: int, stats: LossStats) -> None:
+            self._pending[h] += stats.count
+            on_batch(stats)
+
+        if pool is None:
+            for h, batch in items:
+                done(h, self._step(h, batch, nullcontext()))
+            return
+        # v2's one top segment must see the batches in the round's order; v1's copies are independent.
+        gate = Turnstile(ordered=self.variant == "v2")
+        lanes: list[list] = [[] for _ in self.holders]
+        for position, (h, batch) in enumerate(items):
+            lanes[h].append((position, _bind(self._step, h, batch, gate, position)))
+        run_lanes(pool, lanes, gate, lambda position, stats: done(items[position][0], stats))
+
+    def _step(self, h: int, batch: BatchRef, gate: AbstractContextManager) -> LossStats:
+        """One training step of holder ``h``; the top part runs inside ``gate`` (the shared parties)."""
+        bottom, *top = self.stages_of(h)
+        holder = bottom.worker
+        holder.zero_grad(bottom.key)
+        activation = holder.forward(bottom.key, batch, train=True)
+        with gate:
+            for stage in top:
+                stage.worker.zero_grad(stage.key)
+            out = forward_chain(top, activation, train=True)
+            stats = top[-1].worker.loss(out, batch, self.loss, train=True)
+            grad = None
+            for stage in reversed(top):
+                grad = stage.worker.backward(stage.key, grad)
+            for stage in top:
+                stage.worker.step(stage.key)
+        holder.backward(bottom.key, grad)
+        holder.step(bottom.key)
+        return stats
+
+    # -- evaluation and results -------------------------------------------------------------
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with its chain
+        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
+        holder, local = self._shards.locate(dataset, indices)
+        parts = []
+        for h in torch.unique(holder).tolist():
+            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
+            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
+        return combine_stats(parts)
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
+        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
+
+    def collect(self) -> nn.Sequential:
+        """Holder 0's chain (bottom, then its or the top) as one ``nn.Sequential`` (recorded as weights).
+
+        After a round every holder's chain is the same averaged network.
+        """
+        layers: list[nn.Module] = []
+        for stage in self.stages_of(0):
+            module = stage.worker.fetch_segment(stage.key)
+            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
+        return nn.Sequential(*layers)
+
+    def __repr__(self) -> str:
+        holders = ", ".join(w.name for w in self.holders)
+        top = " -> ".join(s.label for s in self._tops[0])
+        return (
+            f"SplitFedSplitNN({self.variant}; [{holders}] -> {top}; aggregator {self.aggregator.name}; "
+            f"{'round of ' + str(self.round_batches) + ' batches' if self.round_batches else 'round = epoch'})"
+        )
+
+
+def _bind(step: Callable[..., LossStats], h: int, batch: BatchRef, gate: Turnstile, position: int):
+    """``step(h, batch, gate.serve(position))`` as a job (bound now, not when the loop variable changes)."""
+    return lambda: step(h, batch, gate.serve(position))
+
+
+def _require_capabilities(
+    holders: Sequence[Worker], top_workers: Sequence[Worker], aggregator: Worker, variant: str
+) -> None:
+    """Refuse, before any work, a worker that lacks what averaging needs (naming the method)."""
+    needs: list[tuple[Worker, type, str, str]] = [
+        (h, PeerStateWorker, "send_state", "every data holder (to send its bottom to the aggregator)") for h in holders
+    ]
+    needs.append((aggregator, PeerStateWorker, "send_state", "the aggregator (to send the average back)"))
+    needs.append((aggregator, AveragingWorker, "average_states", "the aggregator (to average the bottoms)"))
+    if variant == "v1":
+        needs += [
+            (w, AveragingWorker, "average_states", "every top worker with v1 (to average its top copies)")
+            for w in top_workers
+        ]
+    for worker, capability, method, who in needs:
+        if not isinstance(worker, capability):
+            raise ConfigurationError(
+                f"worker {worker.name!r} lacks {method}; SplitFed with more than one data holder needs it at "
+                f"{who}. Networked workers do not offer average_states yet (see docs/splitfed.md)"
+            )
