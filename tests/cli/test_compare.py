@@ -49,7 +49,7 @@ def test_compare_writes_table_csv_json_and_plots(shared_data, tmp_path, capsys):
     assert "crossover" in out
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
     assert [(r["method"], r["clients"]) for r in rows] == [
-        (m, k) for k in ("1", "3") for m in ("split", "fedavg", "large-batch")
+        (m, k) for k in ("1", "3") for m in ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2")
     ]
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["train_samples"] == 240 and doc["test_samples"] == 200
@@ -57,6 +57,8 @@ def test_compare_writes_table_csv_json_and_plots(shared_data, tmp_path, capsys):
     assert all(r["client_bytes"] == r["predicted_client_bytes"] for r in doc["results"])
     one = {r["method"]: r for r in doc["results"] if r["clients"] == 1}
     assert len({one[m]["accuracy"] for m in one}) == 1  # one client: the same centralized training
+    three = {r["method"]: r for r in doc["results"] if r["clients"] == 3}
+    assert three["splitfed-v1"]["client_bytes"] == three["splitfed-v2"]["client_bytes"]  # v1's tops average at bob
     for name in ("bytes_per_client.png", "flops_per_client.png", "accuracy_vs_bytes.png"):
         png = (tmp_path / "out" / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -26,7 +26,7 @@ def test_comm_model_from_segments_measures_the_sizes(mlp):
     assert comm.cut_bytes == 128 * 4 and comm.model_bytes == comm.grad_bytes == params * 4
 
 
-@pytest.mark.parametrize("method", ["split", "fedavg", "large-batch"])
+@pytest.mark.parametrize("method", ["split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2"])
 @pytest.mark.parametrize("clients", [1, 2, 3, 5])
 def test_measured_bytes_per_client_equal_the_analytic_model(mlp, method, clients):
     train, test = toy_dataset(103, seed=1), toy_dataset(20, seed=2)  # 103: uneven shards, short batches
@@ -44,16 +44,17 @@ def test_the_model_holds_for_label_skewed_shards_and_several_local_epochs(mlp):
     config = CompareConfig(
         model="mlp", clients=(4,), epochs=2, local_epochs=2, batch_size=16, partition="dirichlet:0.3"
     )
-    for method in ("split", "fedavg", "large-batch"):
+    for method in ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2"):
         result = run_method(method, 4, train, test, config, mlp)
         assert result.client_bytes == result.predicted_client_bytes, method
     assert len(set(result.client_bytes)) > 1  # the shards really are uneven
 
 
-def test_one_client_all_three_methods_are_the_same_centralized_training(mlp):
+def test_one_client_every_method_is_the_same_centralized_training(mlp):
     train, test = toy_dataset(80, seed=5), toy_dataset(40, seed=6)
     config = CompareConfig(model="mlp", clients=(1,), epochs=2, batch_size=16)
-    results = [run_method(m, 1, train, test, config, mlp) for m in ("split", "fedavg", "large-batch")]
+    methods = ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2")
+    results = [run_method(m, 1, train, test, config, mlp) for m in methods]
     assert len({(r.accuracy, r.test_loss) for r in results}) == 1
 
 
@@ -61,12 +62,12 @@ def test_closed_form_mean_equals_the_mean_of_the_per_client_model():
     comm = CommModel(model_bytes=1000, grad_bytes=900, client_bytes=70, cut_bytes=12)
     for d in (7, 64, 1001):
         for k in (1, 2, 3, 7):
-            for method in ("split", "fedavg", "large-batch"):
-                per = client_bytes(method, comm, iid_shard_sizes(d, k), epochs=3, batch_size=10, local_epochs=3)
-                expected = sum(sum(p.values()) for p in per) / k
-                assert mean_bytes_per_client(
-                    method, comm, d, k, epochs=3, batch_size=10, local_epochs=3
-                ) == pytest.approx(expected)
+            for method in ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2"):
+                for rounds in (None, 1, 3):
+                    kw = dict(epochs=3, batch_size=10, local_epochs=3, round_batches=rounds)
+                    per = client_bytes(method, comm, iid_shard_sizes(d, k), **kw)
+                    expected = sum(sum(p.values()) for p in per) / k
+                    assert mean_bytes_per_client(method, comm, d, k, **kw) == pytest.approx(expected)
 
 
 def test_split_handoffs_follow_the_round_robin_turns():
@@ -78,6 +79,20 @@ def test_split_handoffs_follow_the_round_robin_turns():
         (2 + 1) * 100,
     ]
     assert client_bytes("split", comm, [5], epochs=3, batch_size=4)[0]["weights"] == 0
+
+
+def test_splitfed_sends_each_client_segment_up_once_per_round_trained_and_down_once_per_round():
+    comm = CommModel(model_bytes=0, grad_bytes=0, client_bytes=60, cut_bytes=12)
+    # shards 5, 3, 8 in batches of 2: 3, 2, 4 batches; rounds of 2 batches: 2 rounds, clients train in 2, 1, 2
+    per = client_bytes("splitfed-v1", comm, [5, 3, 8], epochs=2, batch_size=2, round_batches=2)
+    assert [p["weights"] for p in per] == [2 * (2 + 2) * 60, 2 * (1 + 2) * 60, 2 * (2 + 2) * 60]
+    assert [p["activation"] for p in per] == [p["gradient"] for p in per] == [2 * 5 * 12, 2 * 3 * 12, 2 * 8 * 12]
+    # a round per epoch: up and down once per epoch; v2 moves the same bytes; one client averages nothing
+    per = client_bytes("splitfed-v2", comm, [5, 3, 8], epochs=2, batch_size=2)
+    assert [p["weights"] for p in per] == [2 * 2 * 60] * 3
+    assert client_bytes("splitfed-v1", comm, [16], epochs=2, batch_size=2)[0]["weights"] == 0
+    with pytest.raises(ConfigurationError, match="round_batches"):
+        client_bytes("splitfed-v1", comm, [5, 3], epochs=1, batch_size=2, round_batches=0)
 
 
 def test_crossover_is_where_split_falls_below_fedavg():

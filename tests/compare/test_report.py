@@ -41,3 +41,26 @@ def test_markdown_table_has_a_row_per_run():
     assert rows[0] == "| " + " | ".join(HEADER) + " |"
     assert len(rows) == 4 and "1.0 KiB" in rows[2] and "3.0 MiB" in rows[3] and "| yes |" in rows[2]
     assert si(1.29e12) == "1.29 T" and si(999) == "999"
+
+
+def test_plots_show_every_method_run_splitfed_included(tmp_path, monkeypatch):
+    from splitnn.compare import CommModel, CompareConfig, report
+
+    legends: list[list[str]] = []
+    save = report._save
+
+    def capture(fig, path):
+        legends.append([t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()])
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
+    methods = ("split", "fedavg", "splitfed-v1", "splitfed-v2")
+    results = [_run(m, k, 100 * k) for k in (1, 2, 4) for m in methods]
+    config = CompareConfig(clients=(1, 2, 4), methods=methods)
+    paths = report.plot(results, tmp_path, config=config, comm=CommModel(1000, 1000, 10, 4), train_samples=100)
+    assert [p.name for p in paths] == ["bytes_per_client.png", "flops_per_client.png", "accuracy_vs_bytes.png"]
+    bytes_legend, flops_legend, accuracy_legend = legends
+    for label in ("SplitFed v1", "SplitFed v2"):
+        assert f"{label} (measured)" in bytes_legend and f"{label} (analytic)" in bytes_legend
+        assert label in flops_legend and label in accuracy_legend
+    assert "large-batch SGD" not in flops_legend  # only the methods that ran

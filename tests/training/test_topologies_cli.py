@@ -80,6 +80,34 @@ def test_multi_peer_iid_turns(shared_data, tmp_path, capsys):
     assert not any(k == "weights" and "bob" in (src, dst) for src, dst, k in rows)
 
 
+def test_splitfed_holders_send_their_bottom_to_the_aggregator_once_per_round(shared_data, tmp_path, capsys):
+    code, history = _train(
+        shared_data, tmp_path, "--topology", "splitfed", "--clients", "3", "--variant", "v2", "--round-batches", "3"
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "splitfed v2: 3 data holders alice1..alice3 in parallel (iid shards, rounds of 3 batches" in out
+    bottom = (784 * 128 + 128) * 4
+    rows = _ledger_rows(out)
+    # 500 samples per holder in batches of 64: 8 batches, rounds of 3: 3 rounds, each holder trains in all
+    for h in (1, 2, 3):
+        assert rows[(f"alice{h}", "bob", "weights")] == rows[("bob", f"alice{h}", "weights")] == 3 * bottom
+    assert not any(src.startswith("alice") and dst.startswith("alice") for src, dst, _ in rows)
+    assert set(history[0]["bytes_sent"]) == {"alice1", "alice2", "alice3", "bob"}
+
+
+def test_splitfed_with_a_third_party_aggregator(shared_data, tmp_path, capsys):
+    code, history = _train(shared_data, tmp_path, "--topology", "splitfed", "--clients", "2", "--aggregator", "fed")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "averaged by fed (third party)" in out
+    rows = _ledger_rows(out)
+    bottom = (784 * 128 + 128) * 4
+    assert rows[("alice1", "fed", "weights")] == rows[("fed", "alice2", "weights")] == bottom
+    assert not any(k == "weights" and "bob" in (src, dst) for src, dst, k in rows)
+    assert history[0]["bytes_sent"]["fed"] == 2 * bottom
+
+
 def test_u_shape_alice_sends_only_cut_tensors(shared_data, tmp_path, capsys):
     code, history = _train(shared_data, tmp_path, "--topology", "u-shape")
     out = capsys.readouterr().out
@@ -111,9 +139,21 @@ def test_vertical_holders_send_their_activations_only(shared_data, tmp_path, cap
         (["--topology", "u-shape", "--workers", "alice,bob,alice"], "--workers applies to --topology chain"),
         (["--topology", "u-shape", "--hidden", "128"], "at least 3 segments"),
         (["--topology", "vertical", "--save", "m.safetensors"], "--save does not support --topology vertical"),
+        (["--topology", "multi", "--variant", "v2"], "--variant do(es) not apply to --topology multi"),
+        (["--topology", "splitfed", "--turn-batches", "2"], "--turn-batches do(es) not apply to --topology splitfed"),
+        (["--topology", "splitfed", "--round-batches", "0"], "round_batches must be a positive integer"),
+        (["--topology", "splitfed", "--clients", "2", "--aggregator", "alice2"], "is a data holder"),
+        (["--topology", "vertical", "--aggregator", "fed"], "--aggregator do(es) not apply"),
     ],
 )
 def test_bad_topology_flags_are_refused_before_loading_data(argv, match, capsys, tmp_path):
     code = main(["train", "--data-dir", str(tmp_path), "--no-download", *argv])
     assert code == 2
     assert match in capsys.readouterr().err
+
+
+def test_an_unknown_splitfed_variant_is_an_argument_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data-dir", str(tmp_path), "--no-download", "--topology", "splitfed", "--variant", "v3"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'v3'" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from splitnn.data import column_partition
 from splitnn.models import tutorial_mlp
 from splitnn.privacy import CutNoise
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
-from splitnn.training.topologies import MultiHolderSplitNN, UShapedSplitNN, VerticalSplitNN
+from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN, UShapedSplitNN, VerticalSplitNN
 from splitnn.training.topologies.presets import vertical_mlp
 from tests.helpers import assert_same_weights, toy_dataset
 from tests.transport.cluster import Cluster
@@ -137,6 +137,31 @@ def test_multi_holder_k2_over_grpc_equals_in_process(remote, handoff):
         weight_peers = {p for (p, d, k), b in rows.items() if k == "weights" and b}
         assert weight_peers <= {s for s, d in links if d == w} | {d for s, d in links if s == w}, (w, rows)
     _researcher_moved_no_tensors(remote)
+
+
+# -- SplitFed -------------------------------------------------------------------------------------------------
+def test_splitfed_one_remote_holder_equals_in_process_and_more_need_average_states(remote):
+    """SplitFed's step (bottom forward, bob's turn, bottom backward) over the wire, with v2's one top; averaging
+    needs average_states, which networked workers lack today: refused before any work, naming it."""
+    alice1, alice2, bob = remote
+    torch.manual_seed(12)
+    segments = tutorial_mlp()
+    initial = copy.deepcopy(segments)
+    data = toy_dataset(N, seed=4)
+    model = SplitFedSplitNN(segments[0], segments[1:], [alice1], bob, variant="v2", round_batches=3)
+    v1, _, vb = _virtual()
+    twin = SplitFedSplitNN(initial[0], initial[1:], [v1], vb, variant="v2", round_batches=3)
+    history = model.fit(data, epochs=2, batch_size=32, seed=3, progress=False)
+    twin_history = twin.fit(data, epochs=2, batch_size=32, seed=3, progress=False)
+    assert history.losses() == twin_history.losses()
+    assert_same_weights(model.collect(), twin.collect())
+    assert model.ledger.links() == twin.ledger.links()
+    with pytest.raises(splitnn.ConfigurationError, match="worker 'bob' lacks average_states"):
+        SplitFedSplitNN(*_split(tutorial_mlp()), [alice1, alice2], bob, variant="v2")
+
+
+def _split(segments):
+    return segments[0], segments[1:]
 
 
 # -- (b) vertically partitioned data -----------------------------------------------------------------------
