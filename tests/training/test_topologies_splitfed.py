@@ -20,6 +20,7 @@ from splitnn.data import Dataset, load_dataset
 from splitnn.errors import ConfigurationError
 from splitnn.models import tutorial_mlp
 from splitnn.training import epoch_batches
+from splitnn.training.baselines import FedAvg
 from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN
 from splitnn.training.topologies.lanes import Turnstile, run_lanes
 from tests.helpers import assert_same_weights, toy_dataset
@@ -183,6 +184,20 @@ def test_rounds_of_n_batches_weight_by_the_samples_of_the_round_and_skip_idle_ho
         for got, chain_part in zip(_states(model, h), chains[h]):
             for key, want in chain_part.state_dict().items():
                 torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+
+
+def test_v1_with_a_round_per_epoch_is_fedavg_with_the_model_cut_in_two():
+    """The paper's observation, as an exact check: each holder trains its bottom and its top copy on its shard
+    for a local epoch, then both are averaged with the shard sizes -- FedAvg's round, bit for bit (SGD keeps no
+    state, so two optimizers over the halves step as one over the whole)."""
+    bottom, top = _tiny(9)
+    whole = nn.Sequential(copy.deepcopy(bottom), *copy.deepcopy(top))
+    data = _tiny_data(seed=10)
+    model = _splitfed(3, bottom, top, variant="v1", partition=_uneven)
+    model.fit(data, epochs=2, batch_size=2, seed=4, progress=False)
+    fed = FedAvg(whole, [W("c0"), W("c1"), W("c2")])
+    fed.fit([data.subset(torch.arange(16)[_rows(h)]) for h in range(3)], rounds=2, batch_size=2, seed=4, progress=False)
+    assert_same_weights(model.collect(), fed.model)
 
 
 def test_v2_serving_order_is_a_seeded_permutation_per_round():

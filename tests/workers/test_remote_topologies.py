@@ -156,8 +156,11 @@ def test_splitfed_one_remote_holder_equals_in_process_and_more_need_average_stat
     assert history.losses() == twin_history.losses()
     assert_same_weights(model.collect(), twin.collect())
     assert model.ledger.links() == twin.ledger.links()
+    assert model.parallel is False
     with pytest.raises(splitnn.ConfigurationError, match="worker 'bob' lacks average_states"):
         SplitFedSplitNN(*_split(tutorial_mlp()), [alice1, alice2], bob, variant="v2")
+    with pytest.raises(splitnn.ConfigurationError, match="only in-process workers"):
+        SplitFedSplitNN(*_split(tutorial_mlp()), [alice1], bob, parallel=True)
 
 
 def _split(segments):

@@ -46,7 +46,8 @@ its own, the top workers served one holder at a time (v2: in the order above; v1
 order, since the holders' chains are independent until the round ends); see
 :mod:`splitnn.training.topologies.lanes`. ``parallel=False`` runs the same steps in the
 order of :meth:`SplitFedSplitNN.epoch_plan` on one thread. The weights are identical either
-way.
+way. Networked workers run on one thread (their client is driven by one thread); serving
+several holders at once over the network is future work (docs/splitfed.md).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ class SplitFedSplitNN(Topology):
         optimizer: one factory/spec for every segment, or a list of ``1 + len(top)`` (the
             bottom's first); every copy gets its own optimizer.
         loss: the label holder's loss (a name, or a callable the label holder may run).
-        parallel: run the holders' steps on threads (``True``) or in plan order on one
-            thread (``False``); ``None`` (default): threads when there are two or more
-            holders and every worker is in-process.
+        parallel: run the holders' steps on threads (``True``; in-process workers only) or in
+            plan order on one thread (``False``); ``None`` (default): threads when there are two
+            or more holders and every worker is in-process.
         ledger: where transfers are recorded (default: the first holder's).
 
     Raises:
@@ -184,11 +185,15 @@ class SplitFedSplitNN(Topology):
         self.partition = self._shards.partition
         self.partition_seed = self._shards.partition_seed
         everyone = [*holders, *top_workers, aggregator]
-        self.parallel = (
-            parallel
-            if parallel is not None
-            else len(holders) > 1 and all(isinstance(unwrap(w), VirtualWorker) for w in everyone)
-        )
+        in_process = all(isinstance(unwrap(w), VirtualWorker) for w in everyone)
+        if parallel and not in_process:
+            remote = sorted({w.name for w in everyone if not isinstance(unwrap(w), VirtualWorker)})
+            raise ConfigurationError(
+                f"parallel=True runs the holders on threads, which only in-process workers allow today "
+                f"({remote} are not: a networked worker's command stream is driven by one thread); "
+                f"use parallel=False (or None: automatic)"
+            )
+        self.parallel = parallel if parallel is not None else len(holders) > 1 and in_process
         self.ledger = bind_workers(everyone, ledger)
 
         prefix = new_prefix("splitfed")
