@@ -376,6 +376,39 @@ def test_after_a_round_every_holder_has_the_same_network_and_evaluation_scores_i
     assert model.ledger.total(kind="labels") == model.ledger.total(kind="features") == 0
 
 
+def test_binary_task_metrics_are_computed_at_the_label_holder_over_every_holder():
+    """A bce_with_logits task over three holders (v2): AUC and accuracy of the averaged network equal
+    scikit-learn's and plain arithmetic on the collected network's outputs."""
+    from sklearn.metrics import roc_auc_score
+
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(240, 10, generator=g)
+    y = ((x[:, 0] - x[:, 1] + 0.3 * torch.randn(240, generator=g)) > 0).float()
+    train, test = Dataset(x[:150], y[:150], "binary"), Dataset(x[150:], y[150:], "binary")
+    bottom = nn.Sequential(nn.Linear(10, 8), nn.ReLU())
+    top = [nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))]
+    model = SplitFedSplitNN(
+        bottom,
+        top,
+        [W(f"a{i}") for i in range(3)],
+        W("bob"),
+        variant="v2",
+        loss="bce_with_logits",
+        round_batches=2,
+        optimizer="sgd:lr=0.1,momentum=0.9",
+    )
+    history = model.fit(train, epochs=5, batch_size=16, test_data=test, metrics=["accuracy", "auc"], progress=False)
+    result = model.evaluate(test, metrics=["accuracy", "auc"])
+    net = model.collect()
+    with torch.no_grad():
+        logits = net.eval()(test.features).flatten()
+    # each holder scores its own test shard, so the label holder sees the outputs shard after shard
+    assert result.metrics["auc"] == pytest.approx(roc_auc_score(test.labels.numpy(), logits.double().numpy()))
+    assert result.accuracy == ((logits > 0).float() == test.labels).sum().item() / 90
+    assert result.metrics["auc"] > 0.8 and history.metric("auc")[-1] == result.metrics["auc"]
+
+
 # -- refused before training ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, match",
