@@ -19,6 +19,12 @@ samples/s of:
   ``dist_autograd.backward`` and steps a ``DistributedOptimizer`` (TensorPipe over
   TCP on 127.0.0.1).
 
+With ``--sweep 64,128,256,512,1024`` it instead measures the cost of the networked data plane
+per byte: for each batch size it times in-process and shipped-epoch training (interleaved
+runs, medians), takes the extra time per batch of the networked path, and fits a line
+``extra = fixed + per_byte x bytes`` over the raw activation+gradient bytes per batch
+(least squares): the fixed per-batch cost (ms) and the per-byte cost (ns/byte).
+
 It also reports, for both gRPC paths, the bytes on the wire per batch (every
 serialized gRPC message of every party: peer frames, control commands and replies)
 against the raw tensor bytes (numel x itemsize of the activations and gradients
@@ -233,11 +239,69 @@ def bench_rpc(data, runs: int) -> list[float]:
                 p.kill()
 
 
+# ---------------------------------------------------------------- per-byte cost sweep
+def _cut_bytes(batch: int) -> int:
+    """Raw activation + gradient bytes crossing the tutorial network's two cuts per batch (float32)."""
+    return 2 * batch * (128 + 640) * 4
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``; returns ``(a, b)``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def bench_sweep(sizes: list[int], batches: int, runs: int, cluster) -> list[dict]:
+    """Per batch size: median seconds per batch in-process and over shipped epochs (runs interleaved)."""
+    import splitnn
+    from tests.helpers import toy_dataset
+
+    rows = []
+    for size in sizes:
+        data = toy_dataset(batches * size, seed=0, name=f"sweep{size}")
+        inproc = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])
+        workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
+        net = splitnn.SplitNN(_segments(), workers)
+        times: dict[str, list[float]] = {"in": [], "net": []}
+        try:
+            for model in (inproc, net):  # warm-up, data placement
+                model.fit(data, epochs=1, batch_size=size, progress=False)
+            for r in range(runs):
+                for label, model in (("in", inproc), ("net", net)):
+                    t0 = time.perf_counter()
+                    model.fit(data, epochs=1, batch_size=size, seed=r + 1, progress=False)
+                    times[label].append((time.perf_counter() - t0) / batches)
+        finally:
+            for w in workers:
+                w.close()
+        t_in, t_net = statistics.median(times["in"]), statistics.median(times["net"])
+        rows.append({"batch": size, "bytes": _cut_bytes(size), "in_s": t_in, "net_s": t_net, "extra_s": t_net - t_in})
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    head = ("batch", "cut bytes", "in-process ms", "networked ms", "extra ms", "ratio")
+    print(" ".join(f"{h:>{w}s}" for h, w in zip(head, (6, 11, 14, 13, 9, 6))))
+    for r in rows:
+        print(
+            f"{r['batch']:6d} {r['bytes']:11,d} {1e3 * r['in_s']:14.3f} {1e3 * r['net_s']:13.3f} "
+            f"{1e3 * r['extra_s']:9.3f} {r['in_s'] / r['net_s']:6.2f}"
+        )
+    fixed, per_byte = fit_line([r["bytes"] for r in rows], [r["extra_s"] for r in rows])
+    print(f"fit: extra per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=40, help="batches of 64 per run (default 40)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per contender (default 5)")
     parser.add_argument("--skip-rpc", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="comma-separated batch sizes (e.g. 64,128,256,512,1024): fit fixed and per-byte cost instead",
+    )
     parser.add_argument("--rpc-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,6 +311,15 @@ def main() -> None:
     torch.set_num_threads(1)
     from tests.transport.cluster import Cluster
 
+    if args.sweep:
+        sizes = [int(x) for x in args.sweep.split(",")]
+        with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=1800) as cl:
+            for n in NAMES:
+                cl.start(n)
+            rows = bench_sweep(sizes, args.batches, args.runs, cl)
+        print(f"tutorial MLP, shipped epochs vs in-process, {args.batches} batches x {args.runs} runs per size")
+        print_sweep(rows)
+        return
     data = _data(args.batches * BATCH)
     results = {"in-process": bench_in_process(data, args.runs)}
     with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=600) as cl:
