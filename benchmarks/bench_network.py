@@ -23,7 +23,9 @@ With ``--sweep 64,128,256,512,1024`` it instead measures the cost of the network
 per byte: for each batch size it times in-process and shipped-epoch training (interleaved
 runs, medians), takes the extra time per batch of the networked path, and fits a line
 ``extra = fixed + per_byte x bytes`` over the raw activation+gradient bytes per batch
-(least squares): the fixed per-batch cost (ms) and the per-byte cost (ns/byte).
+(least squares): the fixed per-batch cost (ms) and the per-byte cost (ns/byte). With
+``--baseline-src OLD/src`` a second set of workers runs another source tree (e.g. a git
+worktree of an older commit), interleaved with the first, for a fair before/after.
 
 It also reports, for both gRPC paths, the bytes on the wire per batch (every
 serialized gRPC message of every party: peer frames, control commands and replies)
@@ -35,6 +37,7 @@ Every process uses one torch thread. Not a test: nothing here asserts timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -45,7 +48,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.transport.cluster
+sys.path.insert(0, str(REPO))  # for tests.helpers
 
 import torch  # noqa: E402
 
@@ -252,44 +255,74 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def bench_sweep(sizes: list[int], batches: int, runs: int, cluster) -> list[dict]:
-    """Per batch size: median seconds per batch in-process and over shipped epochs (runs interleaved)."""
+def bench_sweep(sizes: list[int], batches: int, runs: int, clusters: dict) -> list[dict]:
+    """Per batch size: median seconds per batch in-process and over shipped epochs on each cluster.
+
+    ``clusters`` maps a label to a running cluster of the three workers (e.g. this tree's and a
+    baseline's); runs alternate between in-process and every cluster, so machine noise hits all alike.
+    """
     import splitnn
     from tests.helpers import toy_dataset
 
     rows = []
     for size in sizes:
         data = toy_dataset(batches * size, seed=0, name=f"sweep{size}")
-        inproc = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])
-        workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
-        net = splitnn.SplitNN(_segments(), workers)
-        times: dict[str, list[float]] = {"in": [], "net": []}
+        models = {"in": splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])}
+        opened = []
+        for label, cluster in clusters.items():
+            workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
+            opened += workers
+            models[label] = splitnn.SplitNN(_segments(), workers)
+        times: dict[str, list[float]] = {label: [] for label in models}
+        cpu: dict[str, list[float]] = {label: [] for label in models}
+        pids = {label: [cl.workers[n].proc.pid for n in NAMES] for label, cl in clusters.items()}
         try:
-            for model in (inproc, net):  # warm-up, data placement
+            for model in models.values():  # warm-up, data placement
                 model.fit(data, epochs=1, batch_size=size, progress=False)
             for r in range(runs):
-                for label, model in (("in", inproc), ("net", net)):
-                    t0 = time.perf_counter()
+                for label, model in models.items():
+                    c0, t0 = _cpu_seconds(pids.get(label, [])), time.perf_counter()
                     model.fit(data, epochs=1, batch_size=size, seed=r + 1, progress=False)
                     times[label].append((time.perf_counter() - t0) / batches)
+                    cpu[label].append((_cpu_seconds(pids.get(label, [])) - c0) / batches)
         finally:
-            for w in workers:
+            for w in opened:
                 w.close()
-        t_in, t_net = statistics.median(times["in"]), statistics.median(times["net"])
-        rows.append({"batch": size, "bytes": _cut_bytes(size), "in_s": t_in, "net_s": t_net, "extra_s": t_net - t_in})
+        med = {label: statistics.median(t) for label, t in times.items()}
+        med_cpu = {label: statistics.median(t) for label, t in cpu.items()}
+        rows.append({"batch": size, "bytes": _cut_bytes(size), "s": med, "cpu": med_cpu})
     return rows
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by this process and the processes ``pids`` (user + system)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def print_sweep(rows: list[dict]) -> None:
-    head = ("batch", "cut bytes", "in-process ms", "networked ms", "extra ms", "ratio")
-    print(" ".join(f"{h:>{w}s}" for h, w in zip(head, (6, 11, 14, 13, 9, 6))))
+    labels = [k for k in rows[0]["s"] if k != "in"]
+    head = ["batch", "cut bytes", "in-process ms"] + [f"{lb} ms" for lb in labels] + [f"{lb} extra" for lb in labels]
+    print(" | ".join(head))
     for r in rows:
+        s = r["s"]
+        cells = [f"{r['batch']}", f"{r['bytes']:,d}", f"{1e3 * s['in']:.3f}"]
+        cells += [f"{1e3 * s[lb]:.3f}" for lb in labels] + [f"{1e3 * (s[lb] - s['in']):.3f}" for lb in labels]
+        print(" | ".join(cells))
+    for lb in labels:
+        fixed, per_byte = fit_line([r["bytes"] for r in rows], [r["s"][lb] - r["s"]["in"] for r in rows])
+        cfixed, cper_byte = fit_line([r["bytes"] for r in rows], [r["cpu"][lb] - r["cpu"]["in"] for r in rows])
+        ratios = ", ".join(f"{r['s']['in'] / r['s'][lb]:.2f}" for r in rows)
         print(
-            f"{r['batch']:6d} {r['bytes']:11,d} {1e3 * r['in_s']:14.3f} {1e3 * r['net_s']:13.3f} "
-            f"{1e3 * r['extra_s']:9.3f} {r['in_s'] / r['net_s']:6.2f}"
+            f"{lb}: extra wall time per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes; "
+            f"extra CPU (all processes) = {1e3 * cfixed:.3f} ms + {1e9 * cper_byte:.3f} ns/byte; "
+            f"in-process/networked by batch size: {ratios}"
         )
-    fixed, per_byte = fit_line([r["bytes"] for r in rows], [r["extra_s"] for r in rows])
-    print(f"fit: extra per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes")
 
 
 def main() -> None:
@@ -302,6 +335,12 @@ def main() -> None:
         default=None,
         help="comma-separated batch sizes (e.g. 64,128,256,512,1024): fit fixed and per-byte cost instead",
     )
+    parser.add_argument(
+        "--baseline-src",
+        default=None,
+        help="with --sweep: also time workers that import splitnn from this src/ directory (e.g. a worktree "
+        "of an older commit), runs interleaved, for a fair before/after on a busy machine",
+    )
     parser.add_argument("--rpc-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,14 +348,22 @@ def main() -> None:
         rpc_worker(args.rpc_worker, args.port)
         return
     torch.set_num_threads(1)
-    from tests.transport.cluster import Cluster
+    from splitnn.testing.cluster import Cluster
 
     if args.sweep:
         sizes = [int(x) for x in args.sweep.split(",")]
-        with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=1800) as cl:
-            for n in NAMES:
-                cl.start(n)
-            rows = bench_sweep(sizes, args.batches, args.runs, cl)
+        with contextlib.ExitStack() as stack:
+            clusters = {}
+            for label, src in (("networked", None), ("baseline", args.baseline_src)):
+                if label == "baseline" and not src:
+                    continue
+                env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
+                tmp = stack.enter_context(tempfile.TemporaryDirectory())
+                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, env=env))
+                for n in NAMES:
+                    cl.start(n)
+                clusters[label] = cl
+            rows = bench_sweep(sizes, args.batches, args.runs, clusters)
         print(f"tutorial MLP, shipped epochs vs in-process, {args.batches} batches x {args.runs} runs per size")
         print_sweep(rows)
         return

@@ -1,0 +1,130 @@
+"""Start ``splitnn worker`` processes on 127.0.0.1 for tests and benchmarks, and always stop them.
+
+Each worker runs ``python -m splitnn worker`` with one torch thread, an address file (so
+the caller learns the port it bound) and a maximum lifetime (so a crashed test leaves no
+process behind for long). ``env`` adds environment variables for the workers only, e.g.
+``PYTHONPATH`` to run them from another source tree in an A/B benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTUP_TIMEOUT = 60.0  # seconds to wait for a worker to print its address (2 busy shared cores)
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    proc: subprocess.Popen
+    address: str
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"grpc://{self.address}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class Cluster:
+    """Worker processes sharing one token; use as a context manager (stops them all on exit)."""
+
+    root: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    workers: dict[str, WorkerProcess] = field(default_factory=dict)
+    lifetime: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.token_file = self.root / "TOKEN"
+        self.token_file.write_text(self.token + "\n")
+
+    def start(
+        self,
+        name: str,
+        *args: str,
+        token_file: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        prefix: Sequence[str] = (),
+    ) -> WorkerProcess:
+        """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
+        ``prefix`` goes before the command line (e.g. ``ip netns exec NS``, which execs, so the
+        process started is still the worker itself)."""
+        addr_file = self.root / f"{name}.addr"
+        addr_file.unlink(missing_ok=True)
+        log = self.root / f"{name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **self.env}
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "splitnn",
+            "worker",
+            "--name",
+            name,
+            "--listen",
+            listen,
+            "--token-file",
+            str(token_file or self.token_file),
+            "--address-file",
+            str(addr_file),
+            "--threads",
+            "1",
+            "--max-lifetime",
+            str(self.lifetime),
+            *args,
+        ]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not addr_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(5)
+                raise RuntimeError(f"worker {name} did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        wp = WorkerProcess(name, proc, addr_file.read_text().strip(), log)
+        self.workers[name] = wp
+        return wp
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 10.0) -> int | None:
+        wp = self.workers[name]
+        if wp.proc.poll() is None:
+            wp.proc.send_signal(sig)
+            try:
+                wp.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                wp.proc.kill()
+                wp.proc.wait(5)
+        return wp.proc.returncode
+
+    def stop_all(self) -> None:
+        """SIGTERM every worker at once, then wait (graceful shutdowns overlap); kill stragglers."""
+        for wp in self.workers.values():
+            if wp.proc.poll() is None:
+                wp.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
+                wp.proc.terminate()
+        for wp in self.workers.values():
+            try:
+                wp.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                wp.proc.kill()
+                wp.proc.wait(5)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
