@@ -15,6 +15,8 @@ from splitnn.errors import ConfigurationError, WireError
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
+from splitnn.wire import compress
+from splitnn.wire.tensor_codec import encode_tensor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,6 +85,9 @@ def test_request_and_error_frames():
 def test_limits_and_counters():
     with pytest.raises(ConfigurationError):
         Limits(chunk_bytes=10)
+    with pytest.raises(ConfigurationError):
+        Limits(peer_chunk_bytes=0)
+    assert Limits().frame_bytes == 1 << 20 and Limits(chunk_bytes=1 << 16).frame_bytes == 1 << 16
     assert dict(Limits().grpc_options())["grpc.max_receive_message_length"] == Limits().max_message_bytes
     c = ByteCounters()
     c.record("bob", "sent", "activation", 10)
@@ -109,3 +114,109 @@ def test_generated_proto_is_in_sync(tmp_path):
     )
     fresh = (tmp_path / "splitnn/wire/proto/splitnn_pb2.py").read_text()
     assert fresh == (src / "splitnn/wire/proto/splitnn_pb2.py").read_text()
+
+
+# ------------------------------------------------------------------ codecs in frames
+@pytest.mark.parametrize("spec", ["none", "fp16", "bf16", "int8", "topk:0.1"])
+@pytest.mark.parametrize("chunk", [1 << 10, 1 << 20])
+def test_frames_carry_each_codec_and_say_which(spec, chunk):
+    t = torch.randn(40, 64)
+    codec = compress.get_codec(spec)
+    reasm = frames.Reassembler(1 << 24)
+    raws = list(frames.data_frames("activation", 9, t, chunk, type_=frames.PUSH, codec=spec))
+    assert len(raws) == -(-codec.nbytes(t) // chunk)
+    out = None
+    for raw in raws:
+        hdr, body = frames.parse(raw)
+        assert hdr.codec == codec.id and hdr.total == codec.nbytes(t)
+        out = reasm.feed(hdr, body)
+    assert torch.equal(out, compress.decode(codec.encode(t)))
+
+
+def test_payload_frames_copy_each_byte_once_and_cut_anywhere():
+    parts = [b"ab", memoryview(b"cdefg"), b"", bytearray(b"hij")]
+    raws = list(frames.payload_frames("gradient", 3, parts, 4, type_=frames.DATA))
+    assert [bytes(frames.parse(r)[1]) for r in raws] == [b"abcd", b"efgh", b"ij"]
+    assert [frames.parse(r)[0].more for r in raws] == [True, True, False]
+    with pytest.raises(ValueError, match="codec"):
+        next(frames.payload_frames("gradient", 3, parts, 4, codec=77))
+
+
+def _frame(type_=frames.DATA, codec=0, tensor_id=1, total=None, body=b"", flags=0) -> bytes:
+    total = len(body) if total is None else total
+    return frames.HEADER.pack(frames.PEER_MAGIC, type_, 1, flags, codec, tensor_id, total) + body
+
+
+def test_parse_validates_the_codec_byte():
+    with pytest.raises(WireError, match="unknown codec"):
+        frames.parse(_frame(codec=99))
+    for type_ in (frames.REQUEST, frames.ERROR, frames.ABORT):
+        with pytest.raises(WireError, match="codec"):
+            frames.parse(_frame(type_=type_, codec=1))
+    assert frames.parse(_frame(codec=3, body=b"x"))[0].codec == 3
+
+
+def test_reassembler_refuses_codec_mismatches():
+    t = torch.randn(300)
+    fp16 = compress.get_codec("fp16").encode(t)
+    # the frame says int8 but the payload is fp16
+    with pytest.raises(WireError, match="another codec"):
+        frames.Reassembler(1 << 20).feed(*frames.parse(_frame(codec=3, body=fp16)))
+    # codec 'none' with a codec payload (or the reverse) is not a tensor frame
+    with pytest.raises(WireError):
+        frames.Reassembler(1 << 20).feed(*frames.parse(_frame(codec=0, body=fp16)))
+    with pytest.raises(WireError):
+        frames.Reassembler(1 << 20).feed(*frames.parse(_frame(codec=1, body=encode_tensor(t))))
+    # chunks of one payload must agree on the codec
+    reasm = frames.Reassembler(1 << 20)
+    first, second = fp16[:100], fp16[100:]
+    reasm.feed(*frames.parse(_frame(codec=1, total=len(fp16), body=first, flags=frames.FLAG_MORE)))
+    with pytest.raises(WireError, match="disagree"):
+        reasm.feed(*frames.parse(_frame(codec=2, total=len(fp16), body=second)))
+
+
+def test_chunked_tensor_header_must_fit_the_first_chunk_and_the_total():
+    frame = encode_tensor(torch.randn(100))
+    reasm = frames.Reassembler(1 << 20)
+    for cut in (5, 10):  # the tensor header split across chunks
+        with pytest.raises(WireError, match="first chunk must hold the tensor header"):
+            reasm.feed(*frames.parse(_frame(total=len(frame), body=frame[:cut], flags=frames.FLAG_MORE)))
+    with pytest.raises(WireError, match="describes"):  # the header and the frame disagree on the length
+        reasm.feed(*frames.parse(_frame(total=len(frame) + 4, body=frame[:50], flags=frames.FLAG_MORE)))
+    reasm.feed(*frames.parse(_frame(tensor_id=2, total=len(frame), body=frame[:50], flags=frames.FLAG_MORE)))
+    with pytest.raises(WireError, match="overrun"):
+        reasm.feed(*frames.parse(_frame(tensor_id=2, total=len(frame), body=frame[50:] + b"xx")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(
+        st.tuples(
+            st.sampled_from([frames.DATA, frames.PUSH]),
+            st.integers(0, 5),  # codec id, including unknown ones
+            st.integers(0, 2),  # tensor id
+            st.integers(0, 400),  # declared total
+            st.booleans(),  # more
+            st.binary(max_size=80),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    prefix=st.sampled_from(
+        [b"", encode_tensor(torch.zeros(3, 4)), compress.get_codec("int8").encode(torch.ones(2, 3))]
+    ),
+)
+def test_fuzz_reassembler_sees_only_wire_errors(chunks, prefix):
+    """Arbitrary sequences of payload frames: the reassembler returns tensors within its limit or raises WireError."""
+    reasm = frames.Reassembler(1 << 12)
+    for i, (type_, codec, tid, total, more, body) in enumerate(chunks):
+        body = (prefix + body) if i == 0 else body
+        raw = _frame(type_, codec, tid, total, body, frames.FLAG_MORE if more else 0)
+        try:
+            hdr, chunk = frames.parse(raw)
+            out = reasm.feed(hdr, chunk)
+        except WireError as exc:
+            assert str(exc)
+            continue
+        if out is not None:
+            assert out.numel() * out.element_size() <= 1 << 12

@@ -11,30 +11,45 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
                   the sender's shipped epoch #id failed)
     5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder)
     6       1     flags: bit 0 = more chunks of this payload follow
-    7       1     reserved, 0
+    7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
+                  (0 ``none``; always 0 in other frames)
     8       8     id (u64): the tensor's id at its owner (pull key and reply key)
     16      8     total (u64): length of the whole payload across chunks
 
-A DATA payload is one :mod:`splitnn.wire.tensor_codec` frame (dtype + shape header +
-raw bytes); for ``weights`` that tensor is 1-D uint8 and holds a safetensors state dict
-(:mod:`splitnn.wire.state_codec`), decoded by the receiver with the validating codec.
-Payloads above the chunk size are cut into several DATA frames, so no gRPC message
-exceeds the limits set in :class:`~splitnn.transport.Limits`. PUSH payloads are cut
-the same way. The receiver checks every header and the declared total against its limits *before*
-buffering, and decodes the reassembled tensor with the validating codec.
+A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` frame
+(dtype + shape header + raw bytes); for ``weights`` that tensor is 1-D uint8 and holds a
+safetensors state dict (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the
+validating codec. With another codec the payload is that codec's self-describing payload,
+which must name the same codec. Payloads above the chunk size are cut into several DATA
+frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`.
+PUSH payloads are cut the same way. The receiver checks every header and the declared
+total against its limits *before* buffering, and decodes the payload with the validating codec.
+
+Copies. The sender writes each frame with one copy of its bytes (header and a view of the
+tensor's memory joined into the ``bytes`` gRPC sends). The receiver of a chunked tensor
+reads the tensor header from the first chunk, then copies each chunk's bytes straight into
+the new tensor's memory (no reassembly buffer, no second copy when it is complete).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from splitnn.errors import WireError
-from splitnn.wire.tensor_codec import decode_tensor, encode_tensor_parts, header_size
+from splitnn.wire import compress
+from splitnn.wire.tensor_codec import (
+    TensorHeader,
+    decode_tensor,
+    encode_tensor_parts,
+    payload_buffer,
+    read_header,
+    tensor_from_payload,
+)
 
 PEER_MAGIC = b"SNP1"
 HEADER = struct.Struct("<4sBBBBQQ")
@@ -47,6 +62,10 @@ FLAG_MORE = 1
 KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
 MAX_ERROR_BYTES = 4096
+NO_CODEC = compress.CODEC_IDS["none"]
+CODEC_NAMES = {v: k for k, v in compress.CODEC_IDS.items()}
+#: Room above ``max_tensor_bytes`` for a payload's own header (tensor or codec header and parameters).
+PAYLOAD_HEADER_ROOM = 256
 
 
 class FrameHeader(NamedTuple):
@@ -55,13 +74,18 @@ class FrameHeader(NamedTuple):
     more: bool
     id: int
     total: int
+    codec: int = NO_CODEC
+
+
+def _head(type_: int, kind: str, tensor_id: int, total: int, more: bool = False, codec: int = NO_CODEC) -> bytes:
+    return HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_MORE if more else 0, codec, tensor_id, total)
 
 
 def pack(
     type_: int, kind: str, tensor_id: int, total: int, chunk: bytes | memoryview = b"", more: bool = False
 ) -> bytes:
     """One frame: header followed by ``chunk``."""
-    head = HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_MORE if more else 0, 0, tensor_id, total)
+    head = _head(type_, kind, tensor_id, total, more)
     return head + chunk if chunk else head
 
 
@@ -82,21 +106,61 @@ def abort(run_id: int, message: str) -> bytes:
     return pack(ABORT, "activation", run_id, len(text), text)
 
 
-def data_frames(
-    kind: str, tensor_id: int, tensor: torch.Tensor, chunk_bytes: int, *, type_: int = DATA
+def payload_frames(
+    kind: str,
+    tensor_id: int,
+    parts: Sequence[bytes | memoryview],
+    chunk_bytes: int,
+    *,
+    type_: int = DATA,
+    codec: int = NO_CODEC,
 ) -> Iterator[bytes]:
-    """The DATA (or PUSH) frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``)."""
+    """The DATA (or PUSH) frames carrying the payload ``b"".join(parts)``, cut at ``chunk_bytes``.
+
+    The payload is never joined as a whole: each frame is its header plus views of
+    ``parts`` joined once, so every payload byte is copied exactly once here.
+    """
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")
-    head, payload = encode_tensor_parts(tensor)
-    total = len(head) + len(payload)
+    if codec not in CODEC_NAMES:
+        raise ValueError(f"unknown codec id {codec}")
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(v) for v in views)
     if total <= chunk_bytes:
-        yield pack(type_, kind, tensor_id, total, head + payload)  # one copy: header + bytes
+        yield b"".join([_head(type_, kind, tensor_id, total, False, codec), *views])
         return
-    whole = memoryview(head + payload)
-    for start in range(0, total, chunk_bytes):
-        end = min(start + chunk_bytes, total)
-        yield pack(type_, kind, tensor_id, total, whole[start:end], more=end < total)
+    sent = 0
+    while sent < total:
+        end = min(sent + chunk_bytes, total)
+        pieces, pos = [_head(type_, kind, tensor_id, total, end < total, codec)], 0
+        for v in views:  # the slices of the parts that fall in [sent, end)
+            lo, hi = max(sent - pos, 0), min(end - pos, len(v))
+            if lo < hi:
+                pieces.append(v[lo:hi])
+            pos += len(v)
+        yield b"".join(pieces)
+        sent = end
+
+
+def data_frames(
+    kind: str,
+    tensor_id: int,
+    tensor: torch.Tensor,
+    chunk_bytes: int,
+    *,
+    type_: int = DATA,
+    codec: compress.Codec | str | None = None,
+) -> Iterator[bytes]:
+    """The DATA (or PUSH) frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``).
+
+    ``codec`` (default ``none``) encodes the tensor first; a stateful sender (error
+    feedback) encodes itself and calls :func:`payload_frames` with the codec's id.
+    """
+    if type_ not in PAYLOAD_TYPES:
+        raise ValueError(f"frame type {type_} carries no tensor")
+    c = compress.get_codec(codec)
+    parts = encode_tensor_parts(tensor) if c.id == NO_CODEC else (c.encode(tensor),)
+    return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id)
 
 
 def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
@@ -105,7 +169,7 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
         raise WireError(f"peer frame must be bytes, got {type(buf).__name__}")
     if len(buf) < HEADER_SIZE:
         raise WireError(f"peer frame too short: {len(buf)} bytes, the header alone is {HEADER_SIZE}")
-    magic, type_, kind_code, flags, reserved, tensor_id, total = HEADER.unpack_from(buf, 0)
+    magic, type_, kind_code, flags, codec, tensor_id, total = HEADER.unpack_from(buf, 0)
     if magic != PEER_MAGIC:
         raise WireError(f"not a peer frame: bad magic {bytes(magic)!r}")
     if type_ not in (REQUEST, DATA, ERROR, PUSH, ABORT):
@@ -113,55 +177,102 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     kind = CODE_KINDS.get(kind_code)
     if kind is None:
         raise WireError(f"peer frame has unknown kind code {kind_code}")
-    if flags & ~FLAG_MORE or reserved:
+    if flags & ~FLAG_MORE:
         raise WireError("peer frame has unknown flag bits set")
+    if codec not in CODEC_NAMES:
+        raise WireError(f"peer frame names unknown codec id {codec}")
+    if codec != NO_CODEC and type_ not in PAYLOAD_TYPES:
+        raise WireError("only DATA and PUSH peer frames may name a codec")
     chunk = memoryview(buf)[HEADER_SIZE:]
     if type_ == REQUEST and (len(chunk) or total or flags):
         raise WireError("a REQUEST peer frame carries no payload")
     if type_ in TEXT_TYPES and (len(chunk) != total or total > MAX_ERROR_BYTES or flags):
         raise WireError("malformed ERROR/ABORT peer frame")
-    return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total), chunk
+    return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total, codec), chunk
+
+
+@dataclass
+class _Partial:
+    """A payload whose chunks are still arriving, written straight into its final memory."""
+
+    total: int
+    codec: int
+    header: TensorHeader | None  # codec none: the tensor header, read from the first chunk
+    dest: torch.Tensor  # uint8: the tensor's payload (codec none) or the whole codec payload
+    view: memoryview
+    filled: int = 0
 
 
 @dataclass
 class Reassembler:
-    """Collects the DATA chunks of one tensor and decodes it once complete.
+    """Collects the DATA chunks of one payload and decodes it once complete.
 
     The declared total is checked against ``max_tensor_bytes`` before anything is
-    buffered; chunks must agree on the total and may not overrun it.
+    buffered; chunks must agree on the total and the codec and may not overrun it.
     """
 
     max_tensor_bytes: int
-    _parts: dict[int, tuple[int, bytearray]] = field(default_factory=dict)
+    _parts: dict[int, _Partial] = field(default_factory=dict)
 
     def feed(self, hdr: FrameHeader, chunk: memoryview) -> torch.Tensor | None:
         """Add one DATA chunk; return the tensor when its last chunk arrived, else None."""
-        limit = self.max_tensor_bytes + header_size(8)
+        limit = self.max_tensor_bytes + PAYLOAD_HEADER_ROOM
         if hdr.total > limit:
             self._parts.pop(hdr.id, None)
             raise WireError(f"peer tensor #{hdr.id} declares {hdr.total} bytes; the limit is {limit}")
-        entry = self._parts.get(hdr.id)
-        total, buf = entry if entry is not None else (hdr.total, None)
-        if total != hdr.total:
-            self._parts.pop(hdr.id, None)
-            raise WireError(f"peer tensor #{hdr.id}: chunks disagree on its total length")
-        if buf is None:
-            if not hdr.more:  # the common case: one frame, no reassembly buffer
+        part = self._parts.get(hdr.id)
+        if part is None:
+            if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
-                return decode_tensor(chunk, max_bytes=self.max_tensor_bytes)
-            buf = bytearray()
-            self._parts[hdr.id] = (total, buf)
-        if len(buf) + len(chunk) > total:
+                return self._decode(hdr.codec, chunk)
+            part, chunk = self._start(hdr, chunk)
+        elif part.total != hdr.total or part.codec != hdr.codec:
+            del self._parts[hdr.id]
+            raise WireError(f"peer tensor #{hdr.id}: chunks disagree on its total length or codec")
+        end = part.filled + len(chunk)
+        if end > len(part.view):
             self._parts.pop(hdr.id, None)
-            raise WireError(f"peer tensor #{hdr.id}: chunks overrun the declared {total} bytes")
-        buf += chunk
+            raise WireError(f"peer tensor #{hdr.id}: chunks overrun the declared {part.total} bytes")
+        part.view[part.filled : end] = chunk
+        part.filled = end
         if hdr.more:
             return None
         del self._parts[hdr.id]
-        if len(buf) != total:
-            raise WireError(f"peer tensor #{hdr.id} truncated: got {len(buf)} of {total} bytes")
-        return decode_tensor(buf, max_bytes=self.max_tensor_bytes)
+        if part.filled != len(part.view):
+            raise WireError(f"peer tensor #{hdr.id} truncated: got {part.filled} of {len(part.view)} payload bytes")
+        if part.header is not None:
+            return tensor_from_payload(part.header, part.dest)
+        return self._decode(part.codec, part.view)
+
+    def _start(self, hdr: FrameHeader, chunk: memoryview) -> tuple[_Partial, memoryview]:
+        """The first chunk of a chunked payload: its destination, and the part of the chunk that goes there."""
+        header = None
+        if hdr.codec == NO_CODEC:
+            try:
+                header = read_header(chunk, max_bytes=self.max_tensor_bytes)
+            except WireError as exc:
+                raise WireError(f"peer tensor #{hdr.id}: its first chunk must hold the tensor header: {exc}") from None
+            if header.frame_len != hdr.total:
+                raise WireError(
+                    f"peer tensor #{hdr.id}: its header describes {header.frame_len} bytes but the frame "
+                    f"declares {hdr.total}"
+                )
+            dest = payload_buffer(header)
+            chunk = chunk[header.header_len :]
+        else:
+            dest = torch.empty(hdr.total, dtype=torch.uint8)  # pages are committed only as chunks fill them
+        view = memoryview(dest.numpy()) if dest.numel() else memoryview(bytearray())
+        part = _Partial(hdr.total, hdr.codec, header, dest, view)
+        self._parts[hdr.id] = part
+        return part, chunk
+
+    def _decode(self, codec: int, payload: memoryview) -> torch.Tensor:
+        if codec == NO_CODEC:
+            return decode_tensor(payload, max_bytes=self.max_tensor_bytes)
+        if compress.codec_id_of(payload) != codec:
+            raise WireError(f"peer frame says codec {CODEC_NAMES[codec]!r} but its payload is another codec's")
+        return compress.decode(payload, max_bytes=self.max_tensor_bytes)
 
     def drop(self, tensor_id: int) -> None:
         self._parts.pop(tensor_id, None)

@@ -40,6 +40,8 @@ __all__ = [
     "read_header",
     "header_size",
     "tensor_nbytes",
+    "payload_buffer",
+    "tensor_from_payload",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -249,3 +251,28 @@ def decode_tensor(
     if hdr.dtype is torch.bool and storage.translate(None, b"\x00\x01"):
         raise WireError("tensor frame of dtype torch.bool holds bytes other than 0 and 1")
     return torch.frombuffer(storage, dtype=hdr.dtype).reshape(hdr.shape)
+
+
+def payload_buffer(hdr: TensorHeader) -> Tensor:
+    """Uninitialised uint8 memory for the payload ``hdr`` (a validated header) describes.
+
+    A transport that receives a frame in chunks copies each chunk's payload bytes into
+    it and then calls :func:`tensor_from_payload`: one copy in all, into aligned memory
+    the tensor owns. Its pages are committed only as they are written.
+    """
+    return torch.empty(hdr.payload_len, dtype=torch.uint8)
+
+
+def tensor_from_payload(hdr: TensorHeader, buf: Tensor) -> Tensor:
+    """The tensor ``hdr`` describes, on the memory of ``buf`` (a filled :func:`payload_buffer`).
+
+    Raises :class:`WireError` if ``buf`` has another length or a ``bool`` payload holds
+    bytes other than 0 and 1.
+    """
+    if buf.dtype is not torch.uint8 or buf.dim() != 1 or buf.numel() != hdr.payload_len:
+        raise WireError(f"tensor payload is {buf.numel()} bytes but shape {hdr.shape} needs {hdr.payload_len}")
+    if hdr.payload_len == 0:
+        return torch.empty(hdr.shape, dtype=hdr.dtype)
+    if hdr.dtype is torch.bool and int(buf.max()) > 1:
+        raise WireError("tensor frame of dtype torch.bool holds bytes other than 0 and 1")
+    return buf.view(hdr.dtype).reshape(hdr.shape)

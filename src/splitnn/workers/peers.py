@@ -102,7 +102,7 @@ class PeerLink:
     async def push(self, kind: str, frame_id: int, tensor: torch.Tensor) -> None:
         """Send ``tensor`` unasked as PUSH frames (shipped epochs)."""
         try:
-            for frame in frames.data_frames(kind, frame_id, tensor, self.peers.limits.chunk_bytes, type_=frames.PUSH):
+            for frame in frames.data_frames(kind, frame_id, tensor, self.peers.limits.frame_bytes, type_=frames.PUSH):
                 await self.send(frame, kind)
         except WorkerError:
             raise
@@ -191,7 +191,7 @@ class PeerLink:
     async def _serve(self, hdr: frames.FrameHeader) -> None:
         try:
             tensor = await self.peers.serve(self.peer, hdr.id, hdr.kind)
-            for frame in frames.data_frames(hdr.kind, hdr.id, tensor, self.peers.limits.chunk_bytes):
+            for frame in frames.data_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes):
                 await self.send(frame, hdr.kind)
         except asyncio.CancelledError:
             raise
