@@ -23,7 +23,9 @@ With ``--sweep 64,128,256,512,1024`` it instead measures the cost of the network
 per byte: for each batch size it times in-process and shipped-epoch training (interleaved
 runs, medians), takes the extra time per batch of the networked path, and fits a line
 ``extra = fixed + per_byte x bytes`` over the raw activation+gradient bytes per batch
-(least squares): the fixed per-batch cost (ms) and the per-byte cost (ns/byte). With
+(least squares): the fixed per-batch cost (ms) and the per-byte cost (ns/byte), from the
+median and from the fastest run of each (the fastest is the least disturbed on a busy
+machine), and the same for the CPU seconds of all processes together. With
 ``--baseline-src OLD/src`` a second set of workers runs another source tree (e.g. a git
 worktree of an older commit), interleaved with the first, for a fair before/after.
 
@@ -289,8 +291,9 @@ def bench_sweep(sizes: list[int], batches: int, runs: int, clusters: dict) -> li
             for w in opened:
                 w.close()
         med = {label: statistics.median(t) for label, t in times.items()}
+        best = {label: min(t) for label, t in times.items()}
         med_cpu = {label: statistics.median(t) for label, t in cpu.items()}
-        rows.append({"batch": size, "bytes": _cut_bytes(size), "s": med, "cpu": med_cpu})
+        rows.append({"batch": size, "bytes": _cut_bytes(size), "s": med, "min": best, "cpu": med_cpu})
     return rows
 
 
@@ -314,15 +317,16 @@ def print_sweep(rows: list[dict]) -> None:
         cells = [f"{r['batch']}", f"{r['bytes']:,d}", f"{1e3 * s['in']:.3f}"]
         cells += [f"{1e3 * s[lb]:.3f}" for lb in labels] + [f"{1e3 * (s[lb] - s['in']):.3f}" for lb in labels]
         print(" | ".join(cells))
+    xs = [r["bytes"] for r in rows]
     for lb in labels:
-        fixed, per_byte = fit_line([r["bytes"] for r in rows], [r["s"][lb] - r["s"]["in"] for r in rows])
-        cfixed, cper_byte = fit_line([r["bytes"] for r in rows], [r["cpu"][lb] - r["cpu"]["in"] for r in rows])
-        ratios = ", ".join(f"{r['s']['in'] / r['s'][lb]:.2f}" for r in rows)
-        print(
-            f"{lb}: extra wall time per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes; "
-            f"extra CPU (all processes) = {1e3 * cfixed:.3f} ms + {1e9 * cper_byte:.3f} ns/byte; "
-            f"in-process/networked by batch size: {ratios}"
-        )
+        print(f"{lb}:")
+        for what, key in (("median", "s"), ("fastest", "min"), ("CPU of all processes, median", "cpu")):
+            fixed, per_byte = fit_line(xs, [r[key][lb] - r[key]["in"] for r in rows])
+            ratios = ", ".join(f"{r[key]['in'] / r[key][lb]:.2f}" for r in rows)
+            print(
+                f"  {what} runs: extra per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes; "
+                f"in-process/networked by batch size: {ratios}"
+            )
 
 
 def main() -> None:

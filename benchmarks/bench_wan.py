@@ -14,7 +14,8 @@ alice -> bob -> claire -> bob -> alice cross four emulated one-way trips per bat
 For each one-way delay the table gives the emulator's measured round trip (a 1-byte ping
 through one proxy: 2 x delay plus its own overhead), the median samples/s of lock-step
 training over ``--runs`` epochs of ``--batches`` batches, the lock-step bound
-``64 / (4 x delay)`` (one batch per four one-way trips, computation free), and the same
+``64 / (4 x delay + 393,216 B / rate)`` (one batch per four one-way trips plus, with a
+rate cap, the serialisation of its four transfers; computation free), and the same
 training in-process (three VirtualWorkers, no network) as the reference.
 
 Hooks for what comes next: ``--pipeline K,...`` and ``--compression CODEC,...`` add one
@@ -48,6 +49,8 @@ BATCH = 64
 #: What fit supports today; later work (pipelined training, compression at the cut) extends these.
 SUPPORTED_PIPELINE = {1}
 SUPPORTED_COMPRESSION = {"none"}
+#: Raw activation + gradient bytes of one batch across both cuts (float32): 2 x 64 x (128 + 640) x 4.
+CUT_BYTES = 2 * BATCH * (128 + 640) * 4
 
 
 def _data(n: int) -> Dataset:
@@ -67,6 +70,13 @@ def _rate_of(model, data: Dataset, runs: int, seed0: int = 1) -> list[float]:
         model.fit(data, epochs=1, batch_size=BATCH, seed=seed0 + r, progress=False)
         rates.append(len(data) / (time.perf_counter() - t0))
     return rates
+
+
+def lockstep_bound(delay: float, rate: float | None) -> float | None:
+    """Samples/s if a batch cost only its four one-way trips and, with a rate cap, the serialisation of
+    its four transfers (each on its own link direction, one after the other): computation free."""
+    per_batch = 4 * delay + (CUT_BYTES / rate if rate else 0.0)
+    return BATCH / per_batch if per_batch else None
 
 
 def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict]]:
@@ -110,7 +120,7 @@ def run(args) -> dict:
             for d in delays:
                 emu.set(delay=d / 1000)
                 rtt = statistics.median(measure_rtt(ping, samples=9))
-                row = {"delay_ms": d, "rtt_ms": 1000 * rtt, "bound": BATCH / (4 * d / 1000) if d else None}
+                row = {"delay_ms": d, "rtt_ms": 1000 * rtt, "bound": lockstep_bound(d / 1000, rate)}
                 for label, model in models.items():
                     row[label] = statistics.median(_rate_of(model, data, args.runs))
                 rows.append(row)
@@ -131,7 +141,7 @@ def run(args) -> dict:
 
 
 def _header(columns: list[str]) -> str:
-    cells = ["one-way ms", "ping RTT ms", *[f"{c} samples/s" for c in columns], "bound 64/(4d)"]
+    cells = ["one-way ms", "ping RTT ms", *[f"{c} samples/s" for c in columns], "lock-step bound"]
     return " | ".join(cells)
 
 
@@ -165,7 +175,7 @@ def plot(result: dict, path: str) -> None:
     for c in result["columns"]:
         ax.plot(x, [r[c] for r in rows], "o-", label=f"networked, {c}")
     bx = [xi for xi, r in zip(x, rows) if r["bound"]]
-    ax.plot(bx, [r["bound"] for r in rows if r["bound"]], "k--", label="lock-step bound 64/(4 x delay)")
+    ax.plot(bx, [r["bound"] for r in rows if r["bound"]], "k--", label="lock-step bound")
     ax.axhline(result["in_process"], color="grey", ls=":", label="in-process")
     ax.set_xscale("log")
     ax.set_yscale("log")

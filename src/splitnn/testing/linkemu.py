@@ -52,8 +52,11 @@ __all__ = [
     "measure_rate",
 ]
 
-#: Bytes read from a socket at a time (and the unit the rate is charged in).
+#: Most bytes read from a socket at a time (and the unit the rate is charged in).
 READ_BYTES = 64 * 1024
+#: With a rate cap, a read holds at most this many seconds of the link's time: a chunk is released
+#: only once all of it has been "serialised", so big chunks on a slow link would add latency.
+RATE_QUANTUM = 0.0005
 #: Bytes a direction of one connection may hold before the proxy stops reading (unlimited rate).
 MAX_BUFFERED = 64 * 1024 * 1024
 
@@ -131,6 +134,10 @@ class _Direction:
         if rate:
             done = self.free_at = max(now, self.free_at) + nbytes / rate
         return done + self.profile.delay
+
+    def read_size(self) -> int:
+        rate = self.profile.rate
+        return READ_BYTES if not rate else max(1024, min(READ_BYTES, int(rate * RATE_QUANTUM)))
 
     def buffer_cap(self) -> int:
         rate = self.profile.rate
@@ -292,7 +299,7 @@ class LinkEmulator:
         sender = self._spawn(send())
         try:
             while True:
-                data = await reader.read(READ_BYTES)
+                data = await reader.read(link.read_size())
                 now = loop.time()
                 if not data:  # end of stream: passed on after what is in flight
                     queue.append((max(now, link.free_at) + link.profile.delay, None))
