@@ -30,14 +30,23 @@ from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
 __version__ = "0.1.0"
 
 
-def connect(url: str, *, token: str, name: str | None = None, timeout: float = 60.0, tls=None, limits=None):
+def connect(
+    url: str,
+    *,
+    token: str,
+    name: str | None = None,
+    timeout: float = 60.0,
+    tls=None,
+    limits=None,
+    session: str | None = None,
+):
     """Connect to a party started with ``splitnn worker``; returns a :class:`~splitnn.workers.remote.RemoteWorker`.
 
     See :func:`splitnn.workers.remote.connect` (imported lazily: grpc loads only when used).
     """
     from splitnn.workers.remote import connect as _connect
 
-    return _connect(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits)
+    return _connect(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session)
 
 
 __all__ = [

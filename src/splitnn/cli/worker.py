@@ -19,7 +19,8 @@
 
 ``parts`` says what this party holds: the data holder keeps the ``features``, the label
 holder the ``labels`` (default: all the source has). The researcher then trains on it by
-name: ``model.fit("mnist:test")``.
+name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
+session reads them, none may replace them.
 
 ``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
@@ -27,6 +28,9 @@ MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
 the built-in layer registry are trusted without it; any other class is refused before
 anything is built, naming the class and this flag. The same prefixes say which modules
 ``--data NAME=MODULE:FUNCTION`` may call.
+
+A worker serves several researchers at once, each in a session of its own
+(``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
 """
 
 from __future__ import annotations
@@ -112,6 +116,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--chunk-bytes", type=int, default=None, help="largest gRPC message payload (default 4 MiB - 64 KiB)"
+    )
+    p.add_argument(
+        "--session-grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep a closed session's segments and datasets this long for its researcher to resume "
+        "(its tensors are freed at once; default 300; 0 frees everything at once)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        help="sessions kept at once, open or within their grace period (default 64); a new one evicts the "
+        "oldest closed one, or is refused when all are open",
     )
     p.set_defaults(func=run)
 
@@ -256,7 +275,14 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
     from splitnn.workers.server import ServeConfig, serve
+    from splitnn.workers.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
 
+    grace = DEFAULT_GRACE if args.session_grace is None else args.session_grace
+    if not 0 <= grace < float("inf"):
+        raise ConfigurationError(f"--session-grace must be a number of seconds >= 0, got {args.session_grace}")
+    max_sessions = DEFAULT_MAX_SESSIONS if args.max_sessions is None else args.max_sessions
+    if max_sessions < 1:
+        raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     if args.threads is not None:
@@ -298,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
         max_lifetime=args.max_lifetime,
         datasets=datasets,
         trust=trust.modules,
+        session_grace=grace,
+        max_sessions=max_sessions,
     )
 
     def ready(address: str) -> None:

@@ -301,7 +301,7 @@ def query_cut_activations(
     """The data holder's cut activations for ``features`` (evaluation mode, defenses as at inference)."""
     stage = model.stages[0]
     worker = stage.worker
-    worker.add_dataset(dataset, features=features)
+    worker.add_dataset(dataset, features=features, replace=True)  # the same name at every query
     outs = []
     for idx in torch.arange(features.shape[0]).split(batch_size):
         ref = worker.forward(stage.key, BatchRef(dataset, idx), train=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ from splitnn.split.cut import join, merge_states
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
 from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
-from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
+from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker, fresh_name
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.values import Value, is_several
@@ -23,8 +22,6 @@ from splitnn.workers.values import Value, is_several
 if TYPE_CHECKING:  # imported lazily at run time: training sits above split
     from splitnn.data import Dataset
     from splitnn.training.loop import EvalResult, History
-
-_model_ids = itertools.count()
 
 
 def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
@@ -102,8 +99,10 @@ class SplitNN:
         self.ledger = bind_workers(workers, ledger)
         check_static_fit(segments, [w.name for w in workers])
         self.loss = check_loss_at(loss, workers[-1])
-        model_id = next(_model_ids)
-        self.stages = [Stage(i, f"m{model_id}.s{i}", w) for i, w in enumerate(workers)]
+        # random keys, not counters: two models (of one process, or of two researchers sharing a
+        # worker) never pick the same key; a worker refuses to replace one silently
+        model_id = fresh_name("m")
+        self.stages = [Stage(i, f"{model_id}.s{i}", w) for i, w in enumerate(workers)]
         for stage, seg, opt in zip(self.stages, segments, optimizers):
             stage.worker.add_segment(stage.key, seg, opt)
         self.training = True
@@ -111,7 +110,6 @@ class SplitNN:
         self._data_names = PlacedData()
         self._sizes: dict[str, int] = {}  # checked datasets: name -> size
         self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
-        self._data_ids = itertools.count()
         self.ship_epochs = ship_epochs
 
     # -- who is who ---------------------------------------------------------------------
@@ -186,7 +184,7 @@ class SplitNN:
 
     def _place(self, data: object) -> str:
         features, labels = features_and_labels(data, "the workers")
-        name = f"{getattr(data, 'name', 'data')}#{next(self._data_ids)}"
+        name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # two models' "rand" datasets do not collide
         if self.data_holder is self.label_holder:  # U-shaped: one party holds both
             self.data_holder.add_dataset(name, features=features, labels=labels)
         else:

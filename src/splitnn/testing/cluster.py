@@ -35,6 +35,39 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def exited(self, timeout: float = 30.0) -> bool:
+        """Wait (up to ``timeout`` s, a guard against hangs) for the process to end; whether it has.
+
+        A signalled process is not gone the instant ``kill`` returns: poll its state instead of
+        asserting on it at once.
+        """
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """The worker's resident memory now (``VmHWM``: its peak so far); Linux: /proc/PID/status."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} for worker {self.name}")
+
+
+def open_files_prefix(soft: int, hard: int | None = None) -> list[str]:
+    """A command prefix that sets the open-files limit (soft, and hard if given) and execs the rest.
+
+    (Not ``preexec_fn``: running Python in a child forked from a process with gRPC's threads can
+    deadlock before ``exec``.)
+    """
+    code = (
+        "import os, resource, sys; h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard if hard is not None else 'h'})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code]
+
 
 @dataclass
 class Cluster:
@@ -60,8 +93,8 @@ class Cluster:
         prefix: Sequence[str] = (),
     ) -> WorkerProcess:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
-        ``prefix`` goes before the command line (e.g. ``ip netns exec NS``, which execs, so the
-        process started is still the worker itself)."""
+        ``prefix`` goes before the command line (e.g. ``ip netns exec NS`` or :func:`open_files_prefix`,
+        which exec, so the process started is still the worker itself)."""
         addr_file = self.root / f"{name}.addr"
         addr_file.unlink(missing_ok=True)
         log = self.root / f"{name}.log"

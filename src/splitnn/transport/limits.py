@@ -18,9 +18,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+try:
+    import resource
+except ImportError:  # not on POSIX: no limit to raise
+    resource = None
+
 from splitnn.errors import ConfigurationError
 
 MiB = 1 << 20
+
+#: gRPC server options that bound what a connection may hold before (and after) it authenticates.
+#: Tokens are checked per RPC, so everything below the RPC -- TCP, TLS, HTTP/2 -- is open to anyone
+#: who can reach the port; these options keep idle and half-open connections from piling up.
+SERVER_CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
+    # a connection must finish its TLS/HTTP/2 handshake within 10 s (gRPC's default: 120 s)
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    # a connection with no RPC for 2 minutes is closed (clients reconnect transparently)
+    ("grpc.max_connection_idle_ms", 120_000),
+    # ping a silent client every minute; no answer within 20 s: the connection is dead, close it
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # clients may ping at most every 10 s; two strikes and the connection is closed
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # concurrent streams (RPCs) per connection
+    ("grpc.max_concurrent_streams", 256),
+)
 
 
 @dataclass(frozen=True)
@@ -61,3 +84,28 @@ class Limits:
         """Channel/server options that set gRPC's message limits explicitly."""
         n = self.max_message_bytes
         return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """A worker's server options: the message limits and :data:`SERVER_CONNECTION_OPTIONS`."""
+        return self.grpc_options() + list(SERVER_CONNECTION_OPTIONS)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit; return (before, after).
+
+    Every connection holds a file descriptor. At a soft limit of 1024 (a common default),
+    about a thousand idle connections exhaust it and the server can accept no one else.
+    An unlimited hard limit is capped at 1,048,576 (Linux refuses more); a failure leaves
+    the limit as it was.
+    """
+    if resource is None:
+        return 0, 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft

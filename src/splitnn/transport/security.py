@@ -21,6 +21,10 @@ from splitnn.errors import ConfigurationError
 
 TOKEN_KEY = "x-splitnn-token"
 PARTY_KEY = "x-splitnn-party"
+#: The researcher's session id (a secret the researcher's client chooses; see splitnn.workers.sessions).
+SESSION_KEY = "x-splitnn-session"
+#: On a peer stream: the public tag of the dialled worker's session the stream serves.
+PEER_SESSION_KEY = "x-splitnn-peer-session"
 MAX_TOKEN_CHARS = 4096
 
 
@@ -51,9 +55,16 @@ def token_matches(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def call_metadata(token: str, party: str) -> tuple[tuple[str, str], ...]:
-    """Metadata every call carries."""
-    return ((TOKEN_KEY, token), (PARTY_KEY, party))
+def call_metadata(
+    token: str, party: str, *, session: str | None = None, peer_session: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata every call carries; a researcher's calls add its session id, a peer stream the session tag."""
+    md = [(TOKEN_KEY, token), (PARTY_KEY, party)]
+    if session is not None:
+        md.append((SESSION_KEY, session))
+    if peer_session is not None:
+        md.append((PEER_SESSION_KEY, peer_session))
+    return tuple(md)
 
 
 @dataclass(frozen=True)

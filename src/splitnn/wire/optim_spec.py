@@ -20,6 +20,12 @@ __all__ = ["OptimizerSpec", "KNOWN_OPTIMIZERS"]
 #: Optimizer names :class:`OptimizerSpec` can build.
 KNOWN_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 _MAX_TEXT = 1000
+#: The largest learning rate a spec may ask for (a worker builds what a researcher sends: a value far
+#: outside any sane training, like 1e308, is refused instead of turning the weights into inf/nan).
+MAX_LR = 10.0
+#: The largest weight decay and eps a spec may ask for.
+MAX_WEIGHT_DECAY = 1.0
+MAX_EPS = 1.0
 
 
 def _number(name: str, v: Any) -> float:
@@ -38,6 +44,15 @@ class OptimizerSpec:
     ``momentum`` applies to ``sgd`` only; ``betas`` and ``eps`` to ``adam``/``adamw``.
     ``weight_decay`` applies to all (note: 0.0 here also for ``adamw``, whose PyTorch
     default is 0.01). Invalid values raise :class:`SpecError` at construction.
+
+    Accepted values (finite numbers; anything else is refused -- by a worker, before it
+    builds anything -- because a researcher's spec must not be able to wreck a shared party):
+
+    - ``lr``: 0 < lr <= 10
+    - ``momentum``: 0 <= momentum < 1
+    - ``weight_decay``: 0 <= weight_decay <= 1
+    - ``betas``: each in [0, 1)
+    - ``eps``: 0 < eps <= 1
     """
 
     name: str = "sgd"
@@ -54,14 +69,18 @@ class OptimizerSpec:
         lr = _number("lr", self.lr)
         if lr <= 0:
             raise SpecError(f"optimizer option 'lr' must be > 0, got {self.lr!r}")
+        if lr > MAX_LR:
+            raise SpecError(f"optimizer option 'lr' must be at most {MAX_LR:g}, got {self.lr!r}")
         momentum = _number("momentum", self.momentum)
-        if momentum < 0:
-            raise SpecError(f"optimizer option 'momentum' must be >= 0, got {self.momentum!r}")
+        if not 0 <= momentum < 1:
+            raise SpecError(f"optimizer option 'momentum' must lie in [0, 1), got {self.momentum!r}")
         if momentum != 0 and name != "sgd":
             raise SpecError(f"optimizer option 'momentum' applies to sgd only; {name} uses 'betas'")
         weight_decay = _number("weight_decay", self.weight_decay)
-        if weight_decay < 0:
-            raise SpecError(f"optimizer option 'weight_decay' must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= weight_decay <= MAX_WEIGHT_DECAY:
+            raise SpecError(
+                f"optimizer option 'weight_decay' must lie in [0, {MAX_WEIGHT_DECAY:g}], got {self.weight_decay!r}"
+            )
         betas = self.betas
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
             raise SpecError(f"optimizer option 'betas' must be two numbers, got {betas!r}")
@@ -72,8 +91,8 @@ class OptimizerSpec:
         if not all(0.0 <= b < 1.0 for b in betas):
             raise SpecError(f"optimizer option 'betas' must lie in [0, 1), got {self.betas!r}")
         eps = _number("eps", self.eps)
-        if eps <= 0:
-            raise SpecError(f"optimizer option 'eps' must be > 0, got {self.eps!r}")
+        if not 0 < eps <= MAX_EPS:
+            raise SpecError(f"optimizer option 'eps' must lie in (0, {MAX_EPS:g}], got {self.eps!r}")
         for field_name, value in (
             ("name", name),
             ("lr", lr),

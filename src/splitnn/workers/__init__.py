@@ -11,7 +11,7 @@ from splitnn.workers.base import (
     Worker,
 )
 from splitnn.workers.merge import MERGE_MODES, merge_tensors, merged_shape
-from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape, fresh_name
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "MERGE_MODES",
     "merge_tensors",
     "merged_shape",
+    "fresh_name",
 ]

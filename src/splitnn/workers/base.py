@@ -41,19 +41,30 @@ class Worker(Protocol):
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         """Tell the worker how to reach the other parties of a model, by name."""
 
-    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
-        """Host ``segment`` under ``key`` with an optimizer built over its parameters."""
+    def add_segment(
+        self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
+    ) -> None:
+        """Host ``segment`` under ``key`` with an optimizer built over its parameters.
+
+        A key already in use is a :class:`~splitnn.errors.ConfigurationError` unless ``replace``.
+        """
 
     def remove_segment(self, key: str) -> None:
         """Drop a hosted segment and its optimizer."""
 
     def add_dataset(
-        self, name: str, *, features: torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        name: str,
+        *,
+        features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        replace: bool = False,
     ) -> None:
         """Keep a dataset (features, labels or both) at this worker under ``name``.
 
         In-process workers also take map-style datasets (read in batches at the worker) and,
         with ``ids=``, the samples' ids for private set intersection (:mod:`splitnn.training.psi`).
+        A name already in use is a :class:`~splitnn.errors.ConfigurationError` unless ``replace``.
         """
 
     def dataset_stats(self, name: str) -> DatasetStats:

@@ -1,12 +1,14 @@
 """The commands a researcher may run on a worker, each a checked call into the in-process engine.
 
-A worker hosts its segments, optimizers and datasets in a :class:`~splitnn.workers.VirtualWorker`
-(the *engine*, ``fuse=False``), so a networked party runs exactly the kernels, in exactly
-the order, of an in-process one. :class:`Commands` is the table of operations
-(``_op_<name>(args, blobs) -> (result, blobs)``) that the worker's executor
+Each researcher's session (:mod:`splitnn.workers.sessions`) hosts its segments, optimizers
+and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
+``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
+in-process one. :class:`Commands` is one session's table of operations
+(``_op_<name>(args, blobs) -> (result, blobs)``) that its executor
 (:mod:`splitnn.workers.executor`) looks commands up in. Each operation checks its
 arguments (:func:`arg`, :func:`ref_arg`, :func:`blob_arg`: ``WireError`` on anything
-malformed) before it touches the engine.
+malformed) and that the segment keys and dataset names it uses are not another session's
+(``PolicyError``) before it touches the engine.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
 under the researcher's id (:class:`~splitnn.workers.exports.Exports`); one that consumes
@@ -25,28 +27,32 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
-from splitnn.errors import WireError, WorkerError
-from splitnn.transport.counters import ByteCounters
+from splitnn.errors import ConfigurationError, SpecError, WireError, WorkerError
 from splitnn.transport.limits import Limits
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.wire.trust import Trust
-from splitnn.workers.exports import Exports, SessionState
+from splitnn.workers.exports import StreamState
 from splitnn.workers.losses import check_loss_name
-from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name
+from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
 from splitnn.workers.metrics import metrics_result, parse_metrics_args
-from splitnn.workers.peers import Peers
+from splitnn.workers.peers import PeerAddress
 from splitnn.workers.refs import BatchRef, TensorRef
-from splitnn.workers.virtual import VirtualWorker
+
+if TYPE_CHECKING:
+    from splitnn.workers.sessions import Session, Sessions
 
 #: Largest number of sources one ``forward_merged`` may merge.
 MAX_MERGE_SOURCES = 256
+#: Largest number of peers one session may name.
+MAX_PEERS = 256
 
 #: One operation: ``(args, blobs, *, caller, state) -> (result, blobs)``.
 Op = Callable[..., Awaitable[tuple[dict, list[bytes]]]]
@@ -85,6 +91,39 @@ def blob_arg(blobs: list[bytes], i: int, what: str) -> bytes:
     return blobs[i]
 
 
+def check_state_fits_spec(spec: Any, state: dict[str, torch.Tensor], key: str, trust: Trust | None = None) -> None:
+    """Refuse weights whose names or shapes do not fit ``spec``'s parameters and buffers, before building it.
+
+    The spec is built on the ``meta`` device, which allocates nothing; a spec with layers that
+    cannot be built there (or lazy ones) is checked after the real build, by ``load_state_dict``.
+    """
+    try:
+        with torch.device("meta"):
+            meta = spec_to_module(spec, trust=trust)
+        tensors = list(meta.parameters()) + list(meta.buffers())
+        if any(is_lazy(t) for t in tensors):
+            return
+        expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    except SpecError:
+        raise
+    except Exception:  # a custom layer that cannot be built on the meta device
+        return
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} for {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    problems = [
+        f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if items
+    ]
+    if problems:
+        raise WireError(f"weights for segment {key!r} do not fit its spec: {'; '.join(problems)}")
+
+
 def _id_list(ids: object) -> list[int]:
     if (
         not isinstance(ids, list)
@@ -96,25 +135,35 @@ def _id_list(ids: object) -> list[int]:
 
 
 class Commands:
-    """The operations of one worker, by name (:attr:`table`); see the module docstring."""
+    """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
 
     def __init__(
-        self,
-        name: str,
-        engine: VirtualWorker,
-        *,
-        exports: Exports,
-        peers: Peers,
-        limits: Limits,
-        counters: ByteCounters,
-        trust: Trust | None = None,
+        self, name: str, session: Session, *, sessions: Sessions, limits: Limits, trust: Trust | None = None
     ) -> None:
-        self.name, self.engine, self.exports, self.peers = name, engine, exports, peers
-        self.limits, self.counters = limits, counters
+        self.name, self.session, self.sessions = name, session, sessions
+        self.engine, self.exports, self.peers = session.engine, session.exports, session.peers
+        self.limits, self.counters = limits, session.counters
         self.trust = trust or Trust()  # what add_segment may import (splitnn worker --trust)
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
 
     # -- helpers -------------------------------------------------------------------------------
+    def _key(self, args: dict, name: str = "key") -> str:
+        """Segment key argument ``name``: PolicyError if another session hosts that segment."""
+        return self.sessions.check_segment(self.session, arg(args, name, str))
+
+    def _dataset(self, name: str) -> str:
+        """A dataset name this session may read: PolicyError if another session placed it."""
+        return self.sessions.check_dataset(self.session, name)
+
+    def check_plan_names(self, args: dict) -> None:
+        """The segment keys and dataset a shipped epoch's plan names are not another session's."""
+        stages = args.get("stages")
+        for st in stages if isinstance(stages, list) else ():
+            if isinstance(st, dict) and isinstance(st.get("key"), str):
+                self.sessions.check_segment(self.session, st["key"])
+        if isinstance(args.get("dataset"), str):
+            self._dataset(args["dataset"])
+
     async def _resolve(self, value: object, kind: str) -> TensorRef:
         """An engine ref for a researcher ref: local, or pulled from its owner over the peer link."""
         ref = ref_arg(value)
@@ -128,7 +177,7 @@ class Commands:
         return await self._resolve(grad, "gradient") if grad is not None else None
 
     def _batch(self, args: dict, blobs: list[bytes]) -> BatchRef:
-        name = arg(args, "dataset", str)
+        name = self._dataset(arg(args, "dataset", str))
         idx = decode_tensor(
             blob_arg(blobs, 0, "indices"),
             max_bytes=self.limits.max_blob_bytes,
@@ -144,54 +193,82 @@ class Commands:
 
     # -- set-up ----------------------------------------------------------------------------------
     async def _op_hello(self, a, blobs, **_):
-        return {"name": self.name, "protocol": PROTOCOL_VERSION, "datasets": sorted(self.engine._data)}, []
+        # the party's own datasets only: what other sessions placed is theirs to know
+        return {"name": self.name, "protocol": PROTOCOL_VERSION, "datasets": self.sessions.party_datasets()}, []
 
     async def _op_stats(self, a, blobs, **_):
         return {"counters": self.counters.to_rows(), "ledger": self.engine.ledger.to_rows()}, []
 
     async def _op_peers(self, a, blobs, **_):
+        """The peers of this session's model: ``{name: {"address": HOST:PORT, "session": TAG}}``.
+
+        ``session`` is the tag of the researcher's session at that peer (default: this session's
+        own, i.e. the same session id there); a plain ``HOST:PORT`` string means the same.
+        """
         peers = arg(a, "peers", dict)
-        for peer, address in peers.items():
+        if len(peers) > MAX_PEERS:
+            raise WireError(f"a session may name at most {MAX_PEERS} peers, got {len(peers)}")
+        found: dict[str, PeerAddress] = {}
+        for peer, where in peers.items():
             check_party_name(peer)
+            if isinstance(where, dict) and set(where) <= {"address", "session"}:
+                address, tag = where.get("address"), where.get("session", self.session.tag)
+            else:
+                address, tag = where, self.session.tag
             if not isinstance(address, str) or ":" not in address or len(address) > 256:
                 raise WireError(f"peer {peer!r} has a malformed address {address!r}")
             if peer != self.name:
-                self.peers.addresses[peer] = address
+                found[peer] = PeerAddress(address, check_session_tag(tag))
+        self.peers.addresses.update(found)
         return {}, []
 
-    async def _op_stage(self, a, blobs, *, state: SessionState, **_):
+    async def _op_stage(self, a, blobs, *, state: StreamState, **_):
         state.stage(arg(a, "sid", int), blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
         return {}, []
 
     async def _op_add_segment(self, a, blobs, **_):
-        key = arg(a, "key", str)
+        key = self._key(a)
+        replace = arg(a, "replace", bool, optional=True) or False
+        if key in self.engine._segments and not replace:  # refused before anything is decoded or built
+            raise ConfigurationError(
+                f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
+                f"pass replace=True to replace it"
+            )
         opt = arg(a, "optimizer", dict, optional=True)
-        module = spec_to_module(spec_from_json(blob_arg(blobs, 0, "spec")), trust=self.trust)
+        optimizer = OptimizerSpec.from_dict(opt) if opt is not None else None  # SpecError on insane values
+        spec = spec_from_json(blob_arg(blobs, 0, "spec"))
         state = decode_state(blob_arg(blobs, 1, "state"), max_bytes=self.limits.max_blob_bytes)
+        check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
+        module = spec_to_module(spec, trust=self.trust)
         try:
             module.load_state_dict(state)
         except (RuntimeError, KeyError) as exc:
             raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
-        self.engine.add_segment(key, module, OptimizerSpec.from_dict(opt) if opt is not None else None)
+        self.engine.add_segment(key, module, optimizer, replace=replace)
+        self.sessions.claim_segment(self.session, key)
         return {}, []
 
     async def _op_remove_segment(self, a, blobs, **_):
-        self.engine.remove_segment(arg(a, "key", str))
+        key = self._key(a)
+        self.engine.remove_segment(key)
+        self.sessions.release_segment(self.session, key)
         return {}, []
 
     async def _op_add_dataset(self, a, blobs, **_):
-        name = arg(a, "name", str)
+        name = self.sessions.check_dataset(self.session, arg(a, "name", str), placing=True)
+        replace = arg(a, "replace", bool, optional=True) or False
         parts = arg(a, "parts", list)
         if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
             raise WireError("'parts' must list 'features' and/or 'labels'")
         tensors = {
             p: decode_tensor(blob_arg(blobs, i, p), max_bytes=self.limits.max_blob_bytes) for i, p in enumerate(parts)
         }
-        self.engine.add_dataset(name, **tensors)
+        self.engine.add_dataset(name, **tensors, replace=replace)
+        self.sessions.claim_dataset(self.session, name)
         return {}, []
 
     async def _op_dataset_stats(self, a, blobs, **_):
-        return self.engine.dataset_stats(arg(a, "name", str)).to_dict(), []
+        return self.engine.dataset_stats(self._dataset(arg(a, "name", str))).to_dict(), []
 
     async def _op_probe(self, a, blobs, **_):
         shape = arg(a, "shape", list)
@@ -201,10 +278,10 @@ class Commands:
             or math.prod(shape) > 1 << 26
         ):
             raise WireError(f"probe shape {shape!r} is not a small positive shape")
-        return {"shape": list(self.engine.probe(arg(a, "key", str), tuple(shape)))}, []
+        return {"shape": list(self.engine.probe(self._key(a), tuple(shape)))}, []
 
     # -- the training step --------------------------------------------------------------------
-    async def _op_put(self, a, blobs, *, caller: str, state: SessionState, **_):
+    async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
         tid, kind = arg(a, "id", int), arg(a, "kind", str)
         self.exports.announce(state, tid)
         if kind not in ("features",):
@@ -214,10 +291,10 @@ class Commands:
             self.exports.export(tid, self.engine.put(tensor, src=caller, kind=kind))
         return {}, []
 
-    async def _op_forward(self, a, blobs, *, state: SessionState, **_):
+    async def _op_forward(self, a, blobs, *, state: StreamState, **_):
         tid = arg(a, "id", int)
         with self.exports.producing(state, tid):
-            key, train = arg(a, "key", str), arg(a, "train", bool)
+            key, train = self._key(a), arg(a, "train", bool)
             src = arg(a, "src", dict)
             source = self._batch(src, blobs) if "dataset" in src else await self._resolve(src, "activation")
             self.exports.export(tid, self.engine.forward(key, source, train=train))
@@ -235,18 +312,18 @@ class Commands:
         keep, names = parse_metrics_args(a)
         return metrics_result(self.engine.metrics(keep, names)), []
 
-    async def _op_backward(self, a, blobs, *, state: SessionState, **_):
+    async def _op_backward(self, a, blobs, *, state: StreamState, **_):
         tid = arg(a, "id", int, optional=True)
         with self.exports.producing(state, tid):
-            key = arg(a, "key", str)
+            key = self._key(a)
             self.exports.export(tid, self.engine.backward(key, await self._grad(a)))
         return {}, []
 
-    async def _op_forward_merged(self, a, blobs, *, state: SessionState, **_):
+    async def _op_forward_merged(self, a, blobs, *, state: StreamState, **_):
         """Pull every source activation from its owner (in parallel), merge, run the segment."""
         tid = arg(a, "id", int)
         with self.exports.producing(state, tid):
-            key, train, merge = arg(a, "key", str), arg(a, "train", bool), arg(a, "merge", str)
+            key, train, merge = self._key(a), arg(a, "train", bool), arg(a, "merge", str)
             srcs = arg(a, "srcs", list)
             if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
                 raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
@@ -254,11 +331,11 @@ class Commands:
             self.exports.export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
         return {}, []
 
-    async def _op_backward_merged(self, a, blobs, *, state: SessionState, **_):
+    async def _op_backward_merged(self, a, blobs, *, state: StreamState, **_):
         """Back-propagate through the segment and its merge; export one gradient per source."""
         ids = _id_list(arg(a, "ids", list))
         with self.exports.producing(state, *ids):
-            key = arg(a, "key", str)
+            key = self._key(a)
             refs = self.engine.backward_merged(key, await self._grad(a))
             if len(refs) != len(ids):
                 raise WorkerError(
@@ -270,34 +347,39 @@ class Commands:
         return {}, []
 
     async def _op_zero_grad(self, a, blobs, **_):
-        self.engine.zero_grad(arg(a, "key", str))
+        self.engine.zero_grad(self._key(a))
         return {}, []
 
     async def _op_step(self, a, blobs, **_):
-        self.engine.step(arg(a, "key", str))
+        self.engine.step(self._key(a))
         return {}, []
 
     async def _op_get_grads(self, a, blobs, **_):
-        grads = self.engine.get_grads(arg(a, "key", str))
+        grads = self.engine.get_grads(self._key(a))
         return {}, [encode_state(grads)]
 
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
     async def _op_release(self, a, blobs, **_):
-        self.engine.release()
+        self.engine.release()  # this session's intermediate tensors only
         self.exports.cancel_all()
         return {}, []
 
+    async def _op_end_session(self, a, blobs, **_):
+        """The researcher is done: free everything this session holds now (no grace period, no resume)."""
+        self.sessions.end(self.session)
+        return {}, []
+
     # -- weights and outputs ------------------------------------------------------------------
-    async def _op_export_state(self, a, blobs, *, state: SessionState, **_):
+    async def _op_export_state(self, a, blobs, *, state: StreamState, **_):
         """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
 
         Nothing is recorded here: the receiver records the transfer (``load_state``).
         """
         tid = arg(a, "id", int)
         with self.exports.producing(state, tid):
-            module = self.engine._segment(arg(a, "key", str)).module
+            module = self.engine._segment(self._key(a)).module
             blob = encode_state({k: v.detach() for k, v in module.state_dict().items()})
             payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
             self.exports.export(tid, self.engine._keep(payload, "weights"))
@@ -306,7 +388,7 @@ class Commands:
     async def _op_load_state(self, a, blobs, **_):
         """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
         the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
-        key = arg(a, "key", str)
+        key = self._key(a)
         src = ref_arg(arg(a, "src", dict))
         if src.owner == self.name:
             payload = self.engine._take(self.exports.local(src).id)
@@ -332,14 +414,14 @@ class Commands:
         return {}, [encode_tensor(tensor)]
 
     async def _op_get_state(self, a, blobs, **_):
-        state = self.engine.get_state(arg(a, "key", str))
+        state = self.engine.get_state(self._key(a))
         return {}, [encode_state(state)]
 
     async def _op_set_state(self, a, blobs, *, caller: str, **_):
         state = decode_state(blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)
-        self.engine.set_state(arg(a, "key", str), state, src=caller)
+        self.engine.set_state(self._key(a), state, src=caller)
         return {}, []
 
     async def _op_fetch_segment(self, a, blobs, **_):
-        module = self.engine.fetch_segment(arg(a, "key", str))
+        module = self.engine.fetch_segment(self._key(a))
         return {}, [spec_to_json(module_to_spec(module)).encode(), encode_state(module.state_dict())]

@@ -1,4 +1,4 @@
-"""Running a researcher's commands on a worker, in order, and answering each with a Reply.
+"""Running a researcher's commands in one session of a worker, in order, and answering each with a Reply.
 
 :class:`Executor` turns one ``Command`` envelope into one ``Reply``: it decodes the
 arguments, puts staged uploads back into the blobs, runs the operation from the
@@ -33,16 +33,19 @@ from splitnn.wire.proto import Command, Reply, Transfer
 from splitnn.workers import shipped
 from splitnn.workers.commands import Commands
 from splitnn.workers.epoch import EpochPlan
-from splitnn.workers.exports import SessionState
+from splitnn.workers.exports import StreamState
 from splitnn.workers.messages import MAX_BATCH, command_args, fill_error
-from splitnn.workers.peers import Peers
+from splitnn.workers.peers import SessionPeers
 from splitnn.workers.virtual import VirtualWorker
 
 log = logging.getLogger("splitnn.worker")
 
 
 class LedgerDelta:
-    """The records of ``engine.ledger`` made since the previous call, as ``Transfer`` messages for a reply."""
+    """The records of ``engine.ledger`` made since the previous call, as ``Transfer`` messages for a reply.
+
+    Each session has its own engine and ledger, so a reply carries its own session's records only.
+    """
 
     def __init__(self, engine: VirtualWorker) -> None:
         self._engine = engine
@@ -62,7 +65,7 @@ class LedgerDelta:
 
 
 class Executor:
-    """Runs commands against one worker's engine; see the module docstring."""
+    """Runs commands against one session's engine; see the module docstring."""
 
     def __init__(
         self,
@@ -70,7 +73,7 @@ class Executor:
         engine: VirtualWorker,
         commands: Commands,
         *,
-        peers: Peers,
+        peers: SessionPeers,
         inbox: shipped.Inbox,
         limits: Limits,
     ) -> None:
@@ -81,7 +84,7 @@ class Executor:
     def _error(self, seq: int, text: str) -> Reply:
         return Reply(seq=seq, ok=False, error_type="WireError", error=f"worker {self.name!r}: {text}")
 
-    async def execute(self, cmd: Command, caller: str, state: SessionState, *, report: bool = True) -> Reply:
+    async def execute(self, cmd: Command, caller: str, state: StreamState, *, report: bool = True) -> Reply:
         """Run one command; with ``report``, attach the ledger records made since the previous reply."""
         reply = Reply(seq=cmd.seq)
         try:
@@ -103,7 +106,7 @@ class Executor:
             reply.transfers.extend(self.ledger_delta())
         return reply
 
-    async def execute_batch(self, batch: Command, caller: str, state: SessionState) -> Reply:
+    async def execute_batch(self, batch: Command, caller: str, state: StreamState) -> Reply:
         """Run coalesced commands in order; answer with the last one's result and the first error."""
         if batch.args_json or len(batch.blobs) > MAX_BATCH:
             return self._error(batch.seq, "malformed command batch")
@@ -137,8 +140,10 @@ class Executor:
         plan = run = None
         final = Reply(seq=cmd.seq)
         try:
+            args = command_args(cmd)
+            self.commands.check_plan_names(args)  # another session's segments or dataset: PolicyError
             plan = shipped.parse_plan(
-                command_args(cmd),
+                args,
                 list(cmd.blobs),
                 engine=self.engine,
                 peers=set(self.peers.addresses),

@@ -1,15 +1,16 @@
-"""What a worker has promised to produce, by the researcher's tensor id, and what one session holds.
+"""What a session has promised to produce, by the researcher's tensor id, and what one stream holds.
 
 The researcher chooses the ids of the tensors its commands will produce (so it can
 pipeline a whole training step without waiting). :class:`Exports` maps each such id to
 a future that resolves to the engine's own tensor id once the command that produces
 it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
 it exists simply awaits that future; a command of this worker that consumes #7
-takes it directly. Either way a tensor is handed out once and then forgotten.
+takes it directly. Either way a tensor is handed out once and then forgotten. Each
+session (:mod:`splitnn.workers.sessions`) has its own :class:`Exports`, over its own engine.
 
-:class:`SessionState` is what one researcher session owns beyond that: the ids it
-announced (dropped when the session ends, so a later session may reuse them) and
-big uploads it sent in chunks (``stage`` commands) before the command that uses them.
+:class:`StreamState` is what one of the session's streams (or one unary call) holds
+beyond that: the ids it announced (dropped when the stream ends) and big uploads it
+sent in chunks (``stage`` commands) before the command that uses them.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ PRUNE_ANNOUNCED = 4096
 
 
 @dataclass
-class SessionState:
-    """One session's staged uploads and announced tensor ids."""
+class StreamState:
+    """One stream's staged uploads and announced tensor ids."""
 
     staged: dict[int, bytearray] = field(default_factory=dict)
     staged_bytes: int = 0
-    exports: set[int] = field(default_factory=set)  # tensor ids this session announced (dropped at its end)
+    exports: set[int] = field(default_factory=set)  # tensor ids this stream announced (dropped at its end)
 
     def stage(self, sid: int, chunk: bytes, max_bytes: int) -> None:
         """Append one chunk to staged upload ``sid``; all uploads together stay within ``max_bytes``."""
@@ -79,14 +80,14 @@ class Exports:
         self._futures: dict[int, asyncio.Future] = {}
 
     # -- sessions ---------------------------------------------------------------------------
-    def announce(self, state: SessionState, tid: int) -> None:
-        """Remember that this session announced tensor id ``tid`` (pruned of consumed ids now and then)."""
+    def announce(self, state: StreamState, tid: int) -> None:
+        """Remember that this stream announced tensor id ``tid`` (pruned of consumed ids now and then)."""
         state.exports.add(tid)
         if len(state.exports) > PRUNE_ANNOUNCED:
             state.exports &= self._futures.keys()
 
-    def drop_session(self, state: SessionState) -> None:
-        """Forget the tensor ids a finished session announced (a later session may reuse them)."""
+    def drop_stream(self, state: StreamState) -> None:
+        """Forget the tensor ids a finished stream announced (a later stream may reuse them)."""
         for tid in state.exports:
             fut = self._futures.pop(tid, None)
             if fut is not None and not fut.done():
@@ -94,7 +95,7 @@ class Exports:
         state.exports.clear()
 
     @contextlib.contextmanager
-    def producing(self, state: SessionState, *tids: int | None) -> Iterator[None]:
+    def producing(self, state: StreamState, *tids: int | None) -> Iterator[None]:
         """Announce ``tids`` for a command that produces them; if it fails, fail them (their pullers learn why)."""
         for tid in tids:
             if tid is not None:
@@ -139,6 +140,13 @@ class Exports:
         for fut in self._futures.values():
             if not fut.done():
                 fut.cancel()
+        self._futures.clear()
+
+    def fail_all(self, reason: str) -> None:
+        """Forget every export; a peer still waiting for one gets a WorkerError saying ``reason``."""
+        for tid, fut in self._futures.items():
+            if not fut.done():
+                fut.set_exception(WorkerError(f"worker {self.name!r} will not produce tensor #{tid}: {reason}"))
         self._futures.clear()
 
     # -- consuming --------------------------------------------------------------------------

@@ -6,6 +6,8 @@ envelopes (``wire/proto/splitnn.proto``). What those envelopes mean beyond their
 lives here, once, so the two ends cannot drift apart:
 
 * party names (:func:`check_party_name`) and the protocol version;
+* session ids and their public tags (:func:`new_session_id`, :func:`check_session_id`,
+  :func:`session_tag`; what a session is: :mod:`splitnn.workers.sessions`);
 * how many commands one coalesced ``batch`` may hold (:data:`MAX_BATCH`);
 * which wire-counter kind a command's and a reply's bytes count as
   (:data:`COMMAND_KIND`, :data:`REPLY_KIND`);
@@ -17,7 +19,10 @@ lives here, once, so the two ends cannot drift apart:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import secrets
 
 import grpc
 
@@ -53,6 +58,43 @@ def check_party_name(name: object) -> str:
     ):
         raise WireError(f"party name must be 1-{MAX_NAME} printable ASCII characters without spaces, got {name!r}")
     return name
+
+
+# ---------------------------------------------------------------------------------- sessions
+#: A session id: 32-128 characters from [A-Za-z0-9_-] (at least 128 bits when random).
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32,128}")
+#: A session tag: 32 lowercase hex digits.
+_SESSION_TAG = re.compile(r"[0-9a-f]{32}")
+
+
+def new_session_id() -> str:
+    """A fresh random session id (128 bits, hex): unguessable, so it can stand for the session."""
+    return secrets.token_hex(16)
+
+
+def check_session_id(value: object) -> str:
+    """A session id as the researcher gives it: 32-128 characters from ``[A-Za-z0-9_-]``."""
+    if not isinstance(value, str) or not _SESSION_ID.fullmatch(value):
+        raise WireError(
+            "a session id must be 32-128 characters from [A-Za-z0-9_-] (e.g. splitnn.workers.new_session_id())"
+        )
+    return value
+
+
+def session_tag(session_id: str) -> str:
+    """The public tag of a session: what workers show each other instead of the secret id.
+
+    A one-way hash, so a peer that learns the tag (it must, to pull the session's tensors)
+    cannot act as the researcher with it.
+    """
+    return hashlib.sha256(b"splitnn-session:" + session_id.encode()).hexdigest()[:32]
+
+
+def check_session_tag(value: object) -> str:
+    """A session tag: 32 lowercase hex digits."""
+    if not isinstance(value, str) or not _SESSION_TAG.fullmatch(value):
+        raise WireError("a session tag must be 32 lowercase hex digits")
+    return value
 
 
 def command_args(cmd: Command) -> dict:

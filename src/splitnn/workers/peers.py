@@ -1,4 +1,4 @@
-"""The data plane between workers: one persistent stream of raw frames per pair of peers.
+"""The data plane between workers: persistent streams of raw frames, one per peer and session.
 
 When the researcher tells bob to run a segment on alice's activation #7, bob *pulls* #7
 from alice over their peer stream (a REQUEST frame, answered by DATA frames or an ERROR);
@@ -7,20 +7,29 @@ activations to its next party and its gradients to its previous one (PUSH frames
 an ABORT frame tells an adjacent party that this worker's part of the epoch failed.
 Frame layout and reassembly: :mod:`splitnn.transport.frames`.
 
+Streams are scoped to sessions (:mod:`splitnn.workers.sessions`). Each researcher's
+session at a worker tells it, for each peer of its model, the peer's address and the
+*tag* of the researcher's session there (``peers`` command); a worker dials a peer on
+behalf of one of its sessions, naming that tag (``x-splitnn-peer-session``), so the
+stream serves that one session at the peer: the peer hands out the tensors of that
+session only, and only to the parties that session names as its peers, and delivers
+the pushes into that session's inbox. A tag is public (a hash of the secret session
+id), so a peer can scope its streams without being able to act as the researcher.
+
 :class:`PeerLink` is one such stream. It is symmetric: whichever side dialled, both
-sides may pull over it. :class:`Peers` is a worker's set of links: it knows the
-addresses the researcher announced (``peers`` command), dials on first use (one dial
-at a time per peer), adopts the streams peers open to it, and answers pulls only for
-the peers of this worker's model. Pushed tensors go to the worker's
-:class:`~splitnn.workers.shipped.Inbox`, which checks who may push what.
+sides may pull and push over it, each within its own session (the dialling side: the
+session that dialled; the other: the session the tag names). :class:`Peers` is a
+worker's set of links (one dial at a time per link, one channel per peer address,
+shared by the sessions); :class:`SessionPeers` is one session's view of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -37,32 +46,78 @@ from splitnn.workers.shipped import Inbox
 
 log = logging.getLogger("splitnn.worker")
 
-#: Hands out this worker's tensor ``id`` of ``kind`` (waiting for it if need be): ``serve(id, kind)``.
-Serve = Callable[[int, str], Awaitable[torch.Tensor]]
+
+class PeerScope(Protocol):
+    """What a peer stream needs from the session it serves (a :class:`~splitnn.workers.sessions.Session`)."""
+
+    tag: str
+    inbox: Inbox
+    counters: ByteCounters
+
+    async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
+        """Hand ``peer`` this session's tensor ``tensor_id`` (PolicyError if ``peer`` is not one of its peers)."""
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer of a session listens, and the tag of the researcher's session there."""
+
+    address: str
+    tag: str
 
 
 class PeerLink:
-    """One persistent bidirectional stream to another worker, carrying raw frames.
+    """One persistent bidirectional stream to another worker, carrying raw frames, for one session.
 
-    Symmetric: whichever side dialled, both sides may pull tensors over it.
+    ``tag`` is the session tag the stream was opened with. A link this worker dialled belongs
+    to ``scope`` (the local session that dialled); a link a peer opened serves the local
+    session ``tag`` names, looked up when a frame arrives (it may have ended meanwhile).
     """
 
     def __init__(
-        self, peers: Peers, peer: str, send: Callable[[bytes], Awaitable[None]], read: Callable[[], Awaitable[Any]]
+        self,
+        peers: Peers,
+        peer: str,
+        tag: str | None,
+        send: Callable[[bytes], Awaitable[None]],
+        read: Callable[[], Awaitable[Any]],
+        *,
+        scope: PeerScope | None = None,
+        call: Any = None,
     ) -> None:
-        self.peers, self.peer = peers, peer
+        self.peers, self.peer, self.tag = peers, peer, tag
         self.me = peers.name
+        self.scope = scope
+        self._call = call
+        self._task: asyncio.Task | None = None  # the task reading the stream (close() cancels it)
+        self.channel_key: tuple[str, str] | None = None  # a dialled link's (peer, address) channel
         self._send, self._read = send, read
         self._lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future] = {}
         self._reasm = frames.Reassembler(peers.limits.max_tensor_bytes)
         self._push_reasm = frames.Reassembler(peers.limits.max_tensor_bytes)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # pulls being served
+        self._writes: set[asyncio.Future] = set()  # answers being written (never cancelled half-way)
         self.closed: BaseException | None = None
         self.protocol_error: WireError | None = None
 
     def _lost(self) -> WorkerError:
         return WorkerError(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
+
+    def session(self) -> PeerScope | None:
+        """The local session this stream serves (None: none, or it has ended)."""
+        return self.scope if self.scope is not None else self.peers.resolve(self.tag)
+
+    def _count(self, direction: str, kind: str, nbytes: int) -> None:
+        scope = self.session()
+        (scope.counters if scope is not None else self.peers.counters).record(self.peer, direction, kind, nbytes)
+
+    def close(self) -> None:
+        """End the stream (its session ended): stop reading; pending pulls fail."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def send(self, frame: bytes, kind: str) -> None:
         """Put one frame on the stream; a broken stream raises WorkerError naming the peer."""
@@ -77,7 +132,7 @@ class PeerLink:
             raise WorkerError(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
-        self.peers.counters.record(self.peer, "sent", kind, len(frame))
+        self._count("sent", kind, len(frame))
 
     async def pull(self, tensor_id: int, kind: str) -> torch.Tensor:
         """Ask the peer for its tensor ``tensor_id`` and wait (up to the peer timeout) for it."""
@@ -122,23 +177,32 @@ class PeerLink:
                 try:
                     hdr, chunk = frames.parse(raw)
                 except WireError as exc:
-                    self.peers.counters.record(self.peer, "recv", "invalid", len(raw))
+                    self._count("recv", "invalid", len(raw))
                     self.protocol_error = exc
                     break
-                self.peers.counters.record(
-                    self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw)
-                )
+                self._count("recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw))
                 self._on_frame(hdr, chunk)
+            if self._tasks:  # the peer is done sending but may still read: answer what it asked for
+                await asyncio.wait(set(self._tasks), timeout=self.peers.timeout)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             self.closed = exc
         finally:
             self._shut()
+            if self._writes:
+                # An answer cut off half-way leaves a write pending in gRPC, and the call can then
+                # never finish (the status cannot be sent): let the writes end, each on its own.
+                try:
+                    await asyncio.wait(set(self._writes), timeout=self.peers.timeout)
+                except asyncio.CancelledError:
+                    pass
 
     def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
         if hdr.type == frames.PUSH:
             self._pushed(hdr, chunk)
         elif hdr.type == frames.ABORT:
-            self.peers.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
+            scope = self.session()
+            if scope is not None:
+                scope.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
         elif hdr.type == frames.REQUEST:
             task = asyncio.create_task(self._serve(hdr))
             self._tasks.add(task)
@@ -173,47 +237,66 @@ class PeerLink:
             if not fut.done():
                 fut.set_exception(self._lost())
         self.peers.forget(self)
-        self.peers.inbox.peer_lost(self.peer)
+        scope = self.session()
+        if scope is not None:
+            scope.inbox.peer_lost(self.peer)
 
     def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
         """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
         if hdr.kind == "weights":  # weights are only ever pulled (load_state), never pushed
-            self.peers.counters.record(self.peer, "recv", "refused", 0)
+            self._count("recv", "refused", 0)
             return
         try:
             tensor = self._push_reasm.feed(hdr, chunk)
         except WireError as exc:
             tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
-        if tensor is not None and not self.peers.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
-            self.peers.counters.record(self.peer, "recv", "refused", 0)
+        scope = self.session()
+        if tensor is not None and (scope is None or not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor)):
+            self._count("recv", "refused", 0)
             log.warning("worker %s: refused a %s pushed by %s (not expected from it)", self.me, hdr.kind, self.peer)
 
     async def _serve(self, hdr: frames.FrameHeader) -> None:
+        """Answer one pull: the tensor's DATA frames, or an ERROR frame saying why not."""
         try:
-            tensor = await self.peers.serve(self.peer, hdr.id, hdr.kind)
-            for frame in frames.data_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes):
-                await self.send(frame, hdr.kind)
+            scope = self.session()
+            if scope is None:
+                raise PolicyError(
+                    f"worker {self.me!r} has no session for this stream (it ended, or the stream names none); "
+                    f"it hands tensors only within a session that names {self.peer!r} as a peer"
+                )
+            tensor = await scope.serve(self.peer, hdr.id, hdr.kind)
+            # frames made one at a time as they are written (a big tensor is never copied whole)
+            answer = (
+                (f, hdr.kind) for f in frames.data_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tell the puller why, then keep serving
-            try:
-                await self.send(frames.error(hdr.kind, hdr.id, f"{type(exc).__name__}: {exc}"), "control")
-            except Exception:
-                pass
+            answer = [(frames.error(hdr.kind, hdr.id, f"{type(exc).__name__}: {exc}"), "control")]
+        write = asyncio.ensure_future(self._write(answer))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def _write(self, answer: Iterable[tuple[bytes, str]]) -> None:
+        try:
+            for frame, kind in answer:
+                await self.send(frame, kind)
+        except Exception:  # the stream broke: the puller learns from that
+            pass
 
 
 class Peers:
-    """A worker's peer links: addresses, dialling, adopting incoming streams; see the module docstring.
+    """A worker's peer links, of all its sessions; see the module docstring.
 
     Args:
         name: this worker's party name.
         token: the federation token presented when dialling.
         tls: this party's TLS material, or None.
         limits: message and tensor size limits.
-        counters: where every frame's bytes are counted.
-        inbox: where pushed tensors, aborts and lost connections are reported.
+        counters: where frames no session owns are counted.
         timeout: seconds a pull waits for the peer's tensor.
-        serve: hands out this worker's tensors to a pulling peer.
+        resolve: the local session a session tag names (None if there is none).
     """
 
     def __init__(
@@ -224,79 +307,92 @@ class Peers:
         tls: TLSConfig | None,
         limits: Limits,
         counters: ByteCounters,
-        inbox: Inbox,
         timeout: float,
-        serve: Serve,
+        resolve: Callable[[str | None], PeerScope | None],
     ) -> None:
         self.name, self._token, self._tls = name, token, tls
-        self.limits, self.counters, self.inbox, self.timeout = limits, counters, inbox, timeout
-        self._serve = serve
-        self.addresses: dict[str, str] = {}  # the peers of this worker's model, as the researcher announced them
-        self._links: dict[str, PeerLink] = {}
-        self._dialing: dict[str, asyncio.Lock] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self.limits, self.counters, self.timeout = limits, counters, timeout
+        self.resolve = resolve
+        self._dialled: dict[tuple[str, str, str], PeerLink] = {}  # (local tag, peer, remote tag) -> link
+        self._accepted: set[PeerLink] = set()
+        self._dialing: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._channels: dict[tuple[str, str], list] = {}  # (peer, address) -> [channel, links using it]
+        self._closing: set[asyncio.Task] = set()
 
-    async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
-        """A pull from ``peer``: only the peers of this worker's model get tensors."""
-        if peer not in self.addresses:
-            raise PolicyError(
-                f"worker {self.name!r} hands tensors only to the peers of its model "
-                f"({sorted(self.addresses)}), not to {peer!r}"
-            )
-        return await self._serve(tensor_id, kind)
+    def connected(self, scope: PeerScope, peer: str, where: PeerAddress) -> bool:
+        """Whether ``scope``'s link to ``peer`` is up."""
+        link = self._dialled.get((scope.tag, peer, where.tag))
+        return link is not None and link.closed is None
 
-    def connected(self, peer: str) -> bool:
-        """Whether a link to ``peer`` is up (or being read)."""
-        return peer in self._links
-
-    async def link(self, peer: str) -> PeerLink:
-        """The open link to ``peer``, dialling it if there is none."""
-        link = self._links.get(peer)
+    async def link(self, scope: PeerScope, peer: str, where: PeerAddress) -> PeerLink:
+        """Session ``scope``'s open link to ``peer`` (serving the peer's session ``where.tag``), dialled if need be."""
+        key = (scope.tag, peer, where.tag)
+        link = self._dialled.get(key)
         if link is not None and link.closed is None:
             return link
-        async with self._dialing.setdefault(peer, asyncio.Lock()):
-            link = self._links.get(peer)
+        async with self._dialing.setdefault(key, asyncio.Lock()):
+            link = self._dialled.get(key)
             if link is not None and link.closed is None:
                 return link
-            address = self.addresses.get(peer)
-            if address is None:
-                raise WorkerError(
-                    f"worker {self.name!r} does not know how to reach {peer!r}; the researcher "
-                    f"must connect the model's workers first"
-                )
-            channel = open_channel(address, limits=self.limits, tls=self._tls, target_name=peer, aio=True)
-            self._channels.append(channel)
+            channel = self._channel(peer, where.address)
             call = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)(
-                metadata=call_metadata(self._token, self.name)
+                metadata=call_metadata(self._token, self.name, peer_session=where.tag)
             )
-            link = PeerLink(self, peer, call.write, call.read)
-            self._links[peer] = link
-            asyncio.get_running_loop().create_task(link.run())
+            link = PeerLink(self, peer, where.tag, call.write, call.read, scope=scope, call=call)
+            link.channel_key = (peer, where.address)
+            self._dialled[key] = link
+            link._task = asyncio.get_running_loop().create_task(link.run())
             return link
 
+    def _channel(self, peer: str, address: str) -> grpc.aio.Channel:
+        entry = self._channels.get((peer, address))
+        if entry is None:
+            channel = open_channel(address, limits=self.limits, tls=self._tls, target_name=peer, aio=True)
+            entry = self._channels[(peer, address)] = [channel, 0]
+        entry[1] += 1
+        return entry[0]
+
     async def accept(
-        self, peer: str, send: Callable[[bytes], Awaitable[None]], read: Callable[[], Awaitable[Any]]
+        self,
+        peer: str,
+        tag: str | None,
+        send: Callable[[bytes], Awaitable[None]],
+        read: Callable[[], Awaitable[Any]],
     ) -> PeerLink:
-        """Serve a stream ``peer`` opened to us until it ends; return its link (see ``protocol_error``)."""
-        link = PeerLink(self, peer, send, read)
-        self._links.setdefault(peer, link)
+        """Serve a stream ``peer`` opened to us for session ``tag`` until it ends; return its link."""
+        link = PeerLink(self, peer, tag, send, read)
+        link._task = asyncio.current_task()
+        self._accepted.add(link)
         await link.run()
         return link
 
     def forget(self, link: PeerLink) -> None:
-        if self._links.get(link.peer) is link:
-            del self._links[link.peer]
+        self._accepted.discard(link)
+        key = (link.scope.tag, link.peer, link.tag) if link.scope is not None else None
+        if key is not None and self._dialled.get(key) is link:
+            del self._dialled[key]
+            entry = self._channels.get(link.channel_key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:  # the last link over this channel: close it
+                    del self._channels[link.channel_key]
+                    task = asyncio.get_running_loop().create_task(entry[0].close())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
-    async def pull(self, owner: str, tensor_id: int, kind: str) -> torch.Tensor:
-        """Pull ``owner``'s tensor ``tensor_id`` over the link to it."""
-        return await (await self.link(owner)).pull(tensor_id, kind)
+    def close_scope(self, tag: str) -> None:
+        """Session ``tag`` ended: end the links it dialled and the streams peers opened to it."""
+        for (local, _, _), link in list(self._dialled.items()):
+            if local == tag:
+                link.close()
+        for link in list(self._accepted):
+            if link.tag == tag:
+                link.close()
+        for key in [k for k in self._dialing if k[0] == tag]:
+            del self._dialing[key]
 
-    async def push(self, peer: str, kind: str, frame_id: int, tensor: torch.Tensor) -> None:
-        """Push ``tensor`` to ``peer`` (shipped epochs)."""
-        await (await self.link(peer)).push(kind, frame_id, tensor)
-
-    def abort(self, peers: set[str], run_id: int, text: str) -> None:
-        """Best effort, without waiting: tell ``peers`` that this worker's part of epoch ``run_id`` failed."""
+    def abort(self, scope: PeerScope, peers: dict[str, PeerAddress], run_id: int, text: str) -> None:
+        """Best effort, without waiting: tell ``peers`` that ``scope``'s part of epoch ``run_id`` failed."""
         frame = frames.abort(run_id, text)
 
         async def send(link: PeerLink) -> None:
@@ -305,13 +401,56 @@ class Peers:
             except Exception:
                 pass
 
-        for peer in peers:
-            link = self._links.get(peer)
+        for peer, where in peers.items():
+            link = self._dialled.get((scope.tag, peer, where.tag))
             if link is not None and link.closed is None:
                 asyncio.get_running_loop().create_task(send(link))
 
     async def close(self) -> None:
         """Close the channels this worker dialled."""
-        for ch in self._channels:
-            await ch.close()
+        channels = [entry[0] for entry in self._channels.values()]
         self._channels.clear()
+        for ch in channels:
+            await ch.close()
+
+
+class SessionPeers:
+    """One session's view of the worker's :class:`Peers`: the peers its researcher announced, and its links.
+
+    ``addresses`` maps each peer of the session's model to where it listens and the tag of the
+    researcher's session there.
+    """
+
+    def __init__(self, peers: Peers, scope: PeerScope) -> None:
+        self.peers, self.scope = peers, scope
+        self.addresses: dict[str, PeerAddress] = {}
+
+    def _where(self, peer: str) -> PeerAddress:
+        where = self.addresses.get(peer)
+        if where is None:
+            raise WorkerError(
+                f"worker {self.peers.name!r} does not know how to reach {peer!r}; the researcher "
+                f"must connect the model's workers first"
+            )
+        return where
+
+    def connected(self, peer: str) -> bool:
+        """Whether this session's link to ``peer`` is up."""
+        where = self.addresses.get(peer)
+        return where is not None and self.peers.connected(self.scope, peer, where)
+
+    async def link(self, peer: str) -> PeerLink:
+        """This session's open link to ``peer``, dialling it if there is none."""
+        return await self.peers.link(self.scope, peer, self._where(peer))
+
+    async def pull(self, owner: str, tensor_id: int, kind: str) -> torch.Tensor:
+        """Pull ``owner``'s tensor ``tensor_id`` (of the researcher's session there) over this session's link."""
+        return await (await self.link(owner)).pull(tensor_id, kind)
+
+    async def push(self, peer: str, kind: str, frame_id: int, tensor: torch.Tensor) -> None:
+        """Push ``tensor`` to ``peer`` (shipped epochs)."""
+        await (await self.link(peer)).push(kind, frame_id, tensor)
+
+    def abort(self, peers: set[str], run_id: int, text: str) -> None:
+        """Best effort: tell ``peers`` that this session's part of epoch ``run_id`` failed."""
+        self.peers.abort(self.scope, {p: self.addresses[p] for p in peers if p in self.addresses}, run_id, text)

@@ -7,9 +7,16 @@ passes them to the worker that needs the tensor, which fetches it from its owner
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
+
+
+def fresh_name(prefix: str) -> str:
+    """``prefix`` followed by 64 random bits in hex: a segment key or dataset name that two models,
+    two processes or two researchers cannot both pick (unlike a counter), and nobody can guess."""
+    return f"{prefix}{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)

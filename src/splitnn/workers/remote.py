@@ -34,6 +34,13 @@ holder to holder over the peer stream), ``forward_merged``/``backward_merged`` (
 learning) and ``get_grads`` (large-batch SGD), with the semantics of ``VirtualWorker``, so the
 topologies and baselines of :mod:`splitnn.training` run across processes unchanged.
 
+Sessions. Everything this client creates at the worker (segments, placed datasets,
+intermediate tensors) belongs to its *session* there, named by a secret random id
+(``session=``; a fresh one per connection by default) sent with every call: no other
+session can read, replace or remove it, and when the connection ends the worker frees
+the tensors at once and the rest after its grace period, within which a client connecting
+with the same ``session`` id resumes (see :mod:`splitnn.workers.sessions`).
+
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
 replies; no event loop has to be hosted inside the user's program. That plumbing (the
@@ -72,7 +79,13 @@ from splitnn.workers.command_stream import CommandStream
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
-from splitnn.workers.messages import error_from_reply, reply_result
+from splitnn.workers.messages import (
+    check_session_id,
+    error_from_reply,
+    new_session_id,
+    reply_result,
+    session_tag,
+)
 from splitnn.workers.metrics import metrics_args, parse_metrics_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
@@ -91,6 +104,10 @@ class RemoteWorker:
             :class:`WorkerError` naming the worker.
         tls: this researcher's certificate, key and the federation CA.
         limits: message size limits (must fit the worker's).
+        session: the id of this client's session at the worker (32-128 characters from
+            ``[A-Za-z0-9_-]``; keep it secret: whoever presents it acts as the session).
+            Default: a fresh random one (:attr:`session`). Give an earlier connection's id to
+            resume its session within the worker's grace period.
     """
 
     def __init__(
@@ -104,17 +121,22 @@ class RemoteWorker:
         limits: Limits | None = None,
         ledger: Ledger | None = None,
         connect_timeout: float | None = None,
+        session: str | None = None,
     ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
         self._token = check_token_text(token)
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout = float(timeout)
+        self._stream: CommandStream | None = None
+        self.timeout = timeout
         self.limits = limits or Limits()
         self.ledger = ledger if ledger is not None else Ledger()
         self.counters = ByteCounters()
-        self._metadata = call_metadata(self._token, RESEARCHER)
+        try:
+            self.session = check_session_id(session) if session is not None else new_session_id()
+        except _errors.WireError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.session_tag = session_tag(self.session)
+        self._metadata = call_metadata(self._token, RESEARCHER, session=self.session)
         self._channel = open_channel(
             self.address, limits=self.limits, tls=tls, target_name=name or self.address.rpartition(":")[0].strip("[]")
         )
@@ -155,6 +177,19 @@ class RemoteWorker:
 
     def __repr__(self) -> str:
         return f"RemoteWorker({self.name!r}, {self.url})"
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for any answer before failing with a WorkerError naming the worker (settable)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {value!r}")
+        self._timeout = float(value)
+        if self._stream is not None:
+            self._stream.timeout = self._timeout
 
     # -- plumbing -------------------------------------------------------------------------
     def _unary(self, op: str, args: dict) -> dict:
@@ -213,7 +248,13 @@ class RemoteWorker:
     # -- Worker protocol -------------------------------------------------------------------------
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         self._peers.update({n: w for n, w in peers.items() if n != self.name})
-        addresses = {n: w.address for n, w in peers.items() if isinstance(w, RemoteWorker) and n != self.name}
+        # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
+        # that session only, and the peer hands its tensors only to the parties our session names
+        addresses = {
+            n: {"address": w.address, "session": w.session_tag}
+            for n, w in peers.items()
+            if isinstance(w, RemoteWorker) and n != self.name
+        }
         others = [n for n, w in peers.items() if not isinstance(w, RemoteWorker) and n != self.name]
         if others:
             raise ConfigurationError(
@@ -222,7 +263,9 @@ class RemoteWorker:
             )
         self._request("peers", {"peers": addresses})
 
-    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
+    def add_segment(
+        self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
+    ) -> None:
         if not isinstance(segment, nn.Module):
             raise ConfigurationError(f"segment {key!r} for worker {self.name!r} must be an nn.Module")
         if optimizer is not None and callable(optimizer) and not isinstance(optimizer, (str, OptimizerSpec)):
@@ -242,7 +285,7 @@ class RemoteWorker:
             )
         spec = spec_to_json(described).encode()
         state = encode_state({k: v.detach() for k, v in segment.state_dict().items()})
-        self._request("add_segment", {"key": key, "optimizer": opt}, [spec, state])
+        self._request("add_segment", {"key": key, "optimizer": opt, "replace": replace}, [spec, state])
         self._imports |= imported_modules(described)
 
     def remove_segment(self, key: str) -> None:
@@ -255,6 +298,7 @@ class RemoteWorker:
         features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         ids: Sequence[str] | None = None,
+        replace: bool = False,
     ) -> None:
         parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
         if not parts:
@@ -271,7 +315,11 @@ class RemoteWorker:
                 f"dataset {name!r}: sample ids for private set intersection stay with their party; networked "
                 f"PSI is not available yet (load the party's table at the worker: --data NAME=table:PATH,id=COLUMN)"
             )
-        self._request("add_dataset", {"name": name, "parts": list(parts)}, [encode_tensor(t) for t in parts.values()])
+        self._request(
+            "add_dataset",
+            {"name": name, "parts": list(parts), "replace": replace},
+            [encode_tensor(t) for t in parts.values()],
+        )
 
     def dataset_stats(self, name: str) -> DatasetStats:
         r, _ = self._request("dataset_stats", {"name": name})
@@ -471,10 +519,21 @@ class RemoteWorker:
         """The worker's own wire byte counters and ledger (``{"counters": rows, "ledger": rows}``)."""
         return self._request("stats", {})[0]
 
-    def close(self) -> None:
-        """End the session and close the channel (the worker keeps running)."""
+    def close(self, *, end_session: bool = False) -> None:
+        """Close the connection (the worker keeps running).
+
+        The worker frees this session's intermediate tensors at once and keeps its segments and
+        placed datasets for its grace period (``splitnn worker --session-grace``), for a
+        connection with the same ``session`` id to resume. With ``end_session``, it frees
+        everything now instead.
+        """
         if self._closed:
             return
+        if end_session:
+            try:
+                self._send("end_session", {})
+            except Exception:  # a broken connection: the worker frees the session when its grace ends
+                pass
         self._closed = True
         self._stream.close()
         self._channel.close()
@@ -494,8 +553,13 @@ def connect(
     timeout: float = 60.0,
     tls: TLSConfig | None = None,
     limits: Limits | None = None,
+    session: str | None = None,
 ) -> RemoteWorker:
     """Connect to a party started with ``splitnn worker`` and return it as a Worker.
+
+    What this connection creates at the worker belongs to its session there (``session``:
+    a fresh random id by default; an earlier connection's :attr:`RemoteWorker.session` to
+    resume it within the worker's grace period). See :class:`RemoteWorker`.
 
     >>> bob = splitnn.connect("grpc://127.0.0.1:7002", token=open("TOKEN").read().strip())  # doctest: +SKIP
 
@@ -503,4 +567,4 @@ def connect(
     :class:`PolicyError` when the worker rejects the token or certificate, and
     :class:`ConfigurationError` when ``name`` is given and the worker is someone else.
     """
-    return RemoteWorker(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits)
+    return RemoteWorker(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session)

@@ -1,16 +1,21 @@
 """WorkerServer: one party of split learning as a gRPC server (``splitnn worker``).
 
-What it hosts. Segments, their optimizers and the party's datasets live in an
-in-process :class:`~splitnn.workers.VirtualWorker` (the *engine*, ``fuse=False``),
-so a networked party runs exactly the kernels, in exactly the order, of an
-in-process one: the same seed gives the same weights, bit for bit. The server only
-adds the network around it. This module holds the gRPC service and the process's
-lifecycle; the rest of a worker lives beside it:
+What it hosts. A worker serves several researchers (or jobs) at once, each in a
+*session* of its own (:mod:`splitnn.workers.sessions`), named by a secret id the
+researcher's client sends with its calls. Each session's segments, optimizers, placed
+datasets and intermediate tensors live in an in-process
+:class:`~splitnn.workers.VirtualWorker` of its own (its *engine*, ``fuse=False``), so a
+networked party runs exactly the kernels, in exactly the order, of an in-process one:
+the same seed gives the same weights, bit for bit, and no session sees another's state.
+The datasets the party loaded itself (``--data``) are shared, read-only. The server only
+adds the network around the engines. This module holds the gRPC service and the
+process's lifecycle; the rest of a worker lives beside it:
 
-* :mod:`splitnn.workers.commands` -- the operations a command may run on the engine;
+* :mod:`splitnn.workers.sessions` -- who owns what, and when it is freed;
+* :mod:`splitnn.workers.commands` -- the operations a command may run on a session's engine;
 * :mod:`splitnn.workers.executor` -- running commands in order, batches, shipped epochs;
-* :mod:`splitnn.workers.exports` -- the tensors this worker produced, by the researcher's id;
-* :mod:`splitnn.workers.peers` -- the peer streams (pull, push, abort) to other workers;
+* :mod:`splitnn.workers.exports` -- the tensors a session produced, by the researcher's id;
+* :mod:`splitnn.workers.peers` -- the peer streams (pull, push, abort) to other workers, per session;
 * :mod:`splitnn.workers.messages` -- message conventions shared with the researcher's client.
 
 Three RPCs (see ``wire/proto/splitnn.proto``):
@@ -23,10 +28,10 @@ Three RPCs (see ``wire/proto/splitnn.proto``):
   whole training step without waiting (see :mod:`splitnn.workers.remote`). A
   ``run_epoch`` command ships this worker's part of a whole training epoch and is
   answered with progress replies and one final reply.
-* ``Peer`` -- one persistent bidirectional stream between two workers carrying raw
-  frames (:mod:`splitnn.transport.frames`): the data plane. When the researcher tells
-  bob to run a segment on alice's activation #7, bob pulls #7 from alice over that
-  stream; the researcher never sees the tensor.
+* ``Peer`` -- a persistent bidirectional stream between two workers, for one session,
+  carrying raw frames (:mod:`splitnn.transport.frames`): the data plane. When the
+  researcher tells bob to run a segment on alice's activation #7, bob pulls #7 from
+  alice over that stream; the researcher never sees the tensor.
 * ``Call`` -- a unary version of one command (hello, stats), for tools and probes.
 
 Why asyncio. A worker waits on several things at once: its researcher's commands,
@@ -43,7 +48,12 @@ with mutual TLS the caller's certificate must name the party it claims to be.
 Malformed, truncated or oversized messages get ``INVALID_ARGUMENT`` (or an error
 reply) and the server keeps serving. The engine's policy refuses to hand out raw
 features, labels and -- by default on a server -- activations; losses, metrics and
-weights (at ``collect()``) are what leaves a worker towards the researcher.
+weights (at ``collect()``) are what leaves a worker towards the researcher. Sessions
+cannot touch each other's state (``PolicyError``). Connections are bounded by gRPC
+server options (:meth:`~splitnn.transport.Limits.server_options`: handshake timeout,
+idle and keepalive limits, streams per connection), the number of concurrent RPCs and
+the number of sessions, and ``serve`` raises the open-files limit to its hard limit,
+so a flood of idle or half-open connections cannot lock researchers out.
 """
 
 from __future__ import annotations
@@ -63,9 +73,11 @@ from google.protobuf.message import DecodeError
 from splitnn.accounting import RESEARCHER
 from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.transport.counters import ByteCounters
-from splitnn.transport.limits import Limits
+from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
     PARTY_KEY,
+    PEER_SESSION_KEY,
+    SESSION_KEY,
     TOKEN_KEY,
     TLSConfig,
     check_token_text,
@@ -74,20 +86,22 @@ from splitnn.transport.security import (
 )
 from splitnn.wire.proto import SERVICE, Command, Reply
 from splitnn.wire.trust import Trust
-from splitnn.workers import shipped
 from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.workers.executor import Executor
-from splitnn.workers.exports import Exports, SessionState
+from splitnn.workers.exports import StreamState
 from splitnn.workers.messages import (
     COMMAND_KIND,
     MAX_NAME,
     PROTOCOL_VERSION,
     REPLY_KIND,
     check_party_name,
+    check_session_id,
+    check_session_tag,
     split_reply,
 )
 from splitnn.workers.peers import Peers
-from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
+from splitnn.workers.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
+from splitnn.workers.virtual import WorkerPolicy
 
 __all__ = [
     "WorkerServer",
@@ -126,6 +140,10 @@ class WorkerServer:
         policy: what the engine hands to the researcher; by default no activations.
         trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
             layers and the spec registry are always allowed.
+        session_grace: seconds a closed session's segments and datasets are kept for the
+            researcher to resume (its tensors are freed at once); see :mod:`splitnn.workers.sessions`.
+        max_sessions: sessions kept at once (open, or closed within their grace period).
+        max_rpcs: concurrent RPCs (streams and calls) the server accepts; more get RESOURCE_EXHAUSTED.
     """
 
     def __init__(
@@ -138,6 +156,9 @@ class WorkerServer:
         peer_timeout: float = 60.0,
         policy: WorkerPolicy | None = None,
         trust: Trust | None = None,
+        session_grace: float = DEFAULT_GRACE,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_rpcs: int = 4096,
     ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
@@ -148,35 +169,42 @@ class WorkerServer:
         if not (isinstance(peer_timeout, (int, float)) and 0 < peer_timeout < math.inf):
             raise ConfigurationError(f"peer_timeout must be a positive number of seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
+        if not (isinstance(session_grace, (int, float)) and 0 <= session_grace < math.inf):
+            raise ConfigurationError(f"session_grace must be a number of seconds >= 0, got {session_grace!r}")
+        for what, value in (("max_sessions", max_sessions), ("max_rpcs", max_rpcs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{what} must be a positive integer, got {value!r}")
+        self.max_rpcs = max_rpcs
+        self.trust = trust
         register_known_layers()
-        self.engine = VirtualWorker(name, fuse=False, policy=policy or WorkerPolicy(release_outputs=False))
-        self.inbox = shipped.Inbox(self.name, self.peer_timeout)
-        self.counters = ByteCounters()
+        self.counters = ByteCounters()  # traffic no session owns (rejected calls, streams of ended sessions)
         self.address: str | None = None
-        self.exports = Exports(self.name, self.engine, self.peer_timeout)
         self.peers = Peers(
             self.name,
             self.token,
             tls=tls,
             limits=self.limits,
             counters=self.counters,
-            inbox=self.inbox,
             timeout=self.peer_timeout,
-            serve=self.exports.take,
+            resolve=lambda tag: self.sessions.resolve(tag),
         )
-        self.commands = Commands(
+        self.sessions = Sessions(
             self.name,
-            self.engine,
-            exports=self.exports,
             peers=self.peers,
-            limits=self.limits,
-            counters=self.counters,
-            trust=trust,
-        )
-        self.executor = Executor(
-            self.name, self.engine, self.commands, peers=self.peers, inbox=self.inbox, limits=self.limits
+            timeout=self.peer_timeout,
+            setup=self._setup_session,
+            grace=float(session_grace),
+            max_sessions=max_sessions,
+            policy=policy or WorkerPolicy(release_outputs=False),
         )
         self._server: grpc.aio.Server | None = None
+        self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
+
+    def _setup_session(self, session: Session) -> None:
+        session.commands = Commands(self.name, session, sessions=self.sessions, limits=self.limits, trust=self.trust)
+        session.executor = Executor(
+            self.name, session.engine, session.commands, peers=session.peers, inbox=session.inbox, limits=self.limits
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, listen: str) -> str:
@@ -184,7 +212,9 @@ class WorkerServer:
         host, sep, port = listen.rpartition(":")
         if not sep or not port.isdigit():
             raise ConfigurationError(f"--listen must be HOST:PORT like 127.0.0.1:7001, got {listen!r}")
-        server = grpc.aio.server(options=self.limits.grpc_options() + [("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            options=self.limits.server_options() + [("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=self.max_rpcs
+        )
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -215,6 +245,17 @@ class WorkerServer:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, close peer links."""
         if self._server is not None:
             await self._server.stop(grace)
+        # gRPC cancels the calls still running; wait until their handlers (and gRPC's tasks around them)
+        # have finished, so nothing is left for the event loop's shutdown to cancel: gRPC prints a
+        # traceback for each RPC task cancelled that way.
+        running = [t for t in self._handlers if not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=max(grace, 1.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.sessions.drop_all()
         await self.peers.close()
 
     async def wait(self) -> None:
@@ -247,57 +288,99 @@ class WorkerServer:
                 )
         return party
 
+    # -- sessions ------------------------------------------------------------------------------
+    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
+        """The session a researcher's call names (``x-splitnn-session``), opened or resumed; anonymous without one."""
+        sid = dict(context.invocation_metadata() or ()).get(SESSION_KEY)
+        try:
+            return self.sessions.open(check_session_id(sid) if sid is not None else None)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: {exc}")
+        except TooManySessions as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    def _track(self) -> asyncio.Task | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        return task
+
     # -- RPC handlers ----------------------------------------------------------------------
     async def _call(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        caller = await self._authenticate(context)
-        cmd = await self._parse(raw, caller, context)
-        state = SessionState()
+        task = self._track()
         try:
-            reply = await self.executor.execute(cmd, caller, state)
+            caller = await self._authenticate(context)
+            session = await self._open_session(context)
+            state = StreamState()
+            try:
+                cmd = await self._parse(raw, caller, context, session)
+                reply = await session.executor.execute(cmd, caller, state)
+                return self._send_reply(reply, caller, cmd.op, session)
+            finally:
+                session.exports.drop_stream(state)
+                self.sessions.close(session)
         finally:
-            self.exports.drop_session(state)
-        return self._send_reply(reply, caller, cmd.op)
+            self._handlers.discard(task)
 
     async def _session(self, request_iterator, context: grpc.aio.ServicerContext):
-        caller = await self._authenticate(context)
-        state = SessionState()
+        task = self._track()
         try:
-            async for raw in request_iterator:
-                cmd = await self._parse(raw, caller, context)
-                if cmd.op == "run_epoch":
-                    async for reply in self.executor.run_epoch(cmd):
-                        yield self._send_reply(reply, caller, cmd.op)
-                    continue
-                reply = await (
-                    self.executor.execute_batch(cmd, caller, state)
-                    if cmd.op == "batch"
-                    else self.executor.execute(cmd, caller, state)
-                )
-                for part in split_reply(reply, self.limits.chunk_bytes):
-                    yield self._send_reply(part, caller, cmd.op)
+            caller = await self._authenticate(context)
+            session = await self._open_session(context)
+            state = StreamState()
+            try:
+                async for raw in request_iterator:
+                    cmd = await self._parse(raw, caller, context, session)
+                    if cmd.op == "run_epoch":
+                        async for reply in session.executor.run_epoch(cmd):
+                            yield self._send_reply(reply, caller, cmd.op, session)
+                        continue
+                    reply = await (
+                        session.executor.execute_batch(cmd, caller, state)
+                        if cmd.op == "batch"
+                        else session.executor.execute(cmd, caller, state)
+                    )
+                    for part in split_reply(reply, self.limits.chunk_bytes):
+                        yield self._send_reply(part, caller, cmd.op, session)
+            finally:
+                session.exports.drop_stream(state)
+                self.sessions.close(session)
         finally:
-            self.exports.drop_session(state)
+            self._handlers.discard(task)
 
     async def _peer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        caller = await self._authenticate(context)
-        if caller == RESEARCHER or caller == self.name:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"worker {self.name!r}: {caller!r} is not a peer")
-        link = await self.peers.accept(caller, context.write, context.read)
-        if link.protocol_error is not None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: malformed peer frame: {link.protocol_error}"
-            )
+        task = self._track()
+        try:
+            caller = await self._authenticate(context)
+            if caller == RESEARCHER or caller == self.name:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"worker {self.name!r}: {caller!r} is not a peer"
+                )
+            tag = dict(context.invocation_metadata() or ()).get(PEER_SESSION_KEY)
+            if tag is not None:
+                try:
+                    check_session_tag(tag)
+                except WireError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: {exc}")
+            link = await self.peers.accept(caller, tag, context.write, context.read)
+            if link.protocol_error is not None:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"worker {self.name!r}: malformed peer frame: {link.protocol_error}",
+                )
+        finally:
+            self._handlers.discard(task)
 
-    async def _parse(self, raw: bytes, caller: str, context: grpc.aio.ServicerContext) -> Command:
+    async def _parse(self, raw: bytes, caller: str, context: grpc.aio.ServicerContext, session: Session) -> Command:
         try:
             cmd = Command.FromString(raw)
         except (DecodeError, TypeError, ValueError) as exc:
-            self.counters.record(caller, "recv", "invalid", len(raw) if isinstance(raw, bytes) else 0)
+            session.counters.record(caller, "recv", "invalid", len(raw) if isinstance(raw, bytes) else 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: malformed command: {exc}")
-        self.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
+        session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
         return cmd
 
-    def _send_reply(self, reply: Reply, caller: str, op: str) -> bytes:
+    def _send_reply(self, reply: Reply, caller: str, op: str, session: Session) -> bytes:
         data = reply.SerializeToString()
         if len(data) > self.limits.max_message_bytes:
             data = Reply(
@@ -307,7 +390,7 @@ class WorkerServer:
                 error=f"worker {self.name!r}: the reply to {op!r} is {len(data)} bytes, over the "
                 f"{self.limits.max_message_bytes}-byte message limit",
             ).SerializeToString()
-        self.counters.record(caller, "sent", REPLY_KIND.get(op, "control") if reply.ok else "control", len(data))
+        session.counters.record(caller, "sent", REPLY_KIND.get(op, "control") if reply.ok else "control", len(data))
         return data
 
 
@@ -327,6 +410,8 @@ class ServeConfig:
     max_lifetime: float | None = None
     datasets: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     trust: tuple[str, ...] = ()  # module prefixes segment specs may import classes from
+    session_grace: float = DEFAULT_GRACE
+    max_sessions: int = DEFAULT_MAX_SESSIONS
 
 
 def write_address(path: str, address: str) -> None:
@@ -338,7 +423,15 @@ def write_address(path: str, address: str) -> None:
 
 
 async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run a worker until SIGINT/SIGTERM (or ``max_lifetime`` seconds); shut down gracefully."""
+    """Run a worker until SIGINT/SIGTERM (or ``max_lifetime`` seconds); shut down gracefully.
+
+    First raises this process's soft open-files limit to its hard limit: every connection
+    is a file descriptor, and a common default of 1024 lets a flood of idle connections
+    lock researchers out.
+    """
+    soft, raised = raise_open_files_limit()
+    if raised != soft:
+        log.info("worker %s: open-files limit raised from %s to %s", config.name, soft, raised)
     server = WorkerServer(
         config.name,
         config.token,
@@ -347,9 +440,11 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         peer_timeout=config.peer_timeout,
         policy=WorkerPolicy(release_outputs=config.release_outputs),
         trust=Trust(config.trust),
+        session_grace=config.session_grace,
+        max_sessions=config.max_sessions,
     )
     for dname, parts in config.datasets.items():
-        server.engine.add_dataset(dname, **parts)
+        server.sessions.add_party_dataset(dname, **parts)
     address = await server.start(config.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

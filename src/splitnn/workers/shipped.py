@@ -80,6 +80,13 @@ class Inbox:
         for key in [k for k in self._slots if run_of(k[2]) == run.run_id]:
             self._slots.pop(key).cancel()
 
+    def clear(self) -> None:
+        """Forget every run and held push (the session ended); waits on them are cancelled."""
+        for fut in self._slots.values():
+            fut.cancel()
+        self._slots.clear()
+        self._runs.clear()
+
     # -- deliveries (from peer links) --------------------------------------------------------
     def deliver(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | BaseException) -> bool:
         """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""

@@ -114,9 +114,12 @@ class VirtualWorker:
         self._segments: dict[str, _Hosted] = {}
         self._data: dict[str, HeldData] = {}
         self._store: dict[int, tuple[torch.Tensor, str]] = {}
-        self._next_id = 0
+        self._ids = itertools.count(1)  # next() is atomic: threads sharing a worker get distinct ids
         self._peers: dict[str, Worker] = {}
-        self._pending_loss: torch.Tensor | None = None
+        # A training loss waiting for its backward, kept by the segment whose output it was computed on
+        # (so two models sharing this worker, or two threads, cannot take each other's); a loss on an
+        # output no segment here produced waits under None.
+        self._pending_loss: dict[str | None, torch.Tensor] = {}
         self._kept = KeptEvaluations()  # outputs kept over evaluations, for their metrics
         self._psi = PsiParty(name)
 
@@ -127,10 +130,17 @@ class VirtualWorker:
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         self._peers.update({n: w for n, w in peers.items() if n != self.name})
 
-    def add_segment(self, key: str, segment: nn.Module, optimizer: OptimizerLike | None) -> None:
+    def add_segment(
+        self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
+    ) -> None:
         if not isinstance(segment, nn.Module):
             raise ConfigurationError(
                 f"segment {key!r} for worker {self.name!r} must be an nn.Module, got {type(segment).__name__}"
+            )
+        if key in self._segments and not replace:
+            raise ConfigurationError(
+                f"worker {self.name!r} already hosts a segment {key!r}; use another key, or pass replace=True "
+                f"to replace it"
             )
         params = [p for p in segment.parameters() if p.requires_grad]
         opt = build_optimizer(optimizer, params) if (optimizer is not None and params) else None
@@ -138,6 +148,7 @@ class VirtualWorker:
 
     def remove_segment(self, key: str) -> None:
         self._segments.pop(key, None)
+        self._pending_loss.pop(key, None)
 
     def add_dataset(
         self,
@@ -146,9 +157,16 @@ class VirtualWorker:
         features: object = None,
         labels: object = None,
         ids: Sequence[str] | None = None,
+        replace: bool = False,
     ) -> None:
         """Hold ``features`` and/or ``labels`` (tensors, numpy arrays or map-style datasets) under ``name``;
-        ``ids`` (one string per row) lets :mod:`splitnn.training.psi` align rows with other parties."""
+        ``ids`` (one string per row) lets :mod:`splitnn.training.psi` align rows with other parties.
+        A name already in use is a ConfigurationError unless ``replace``."""
+        if name in self._data and not replace:
+            raise ConfigurationError(
+                f"worker {self.name!r} already holds a dataset {name!r}; use another name, or pass replace=True "
+                f"to replace it"
+            )
         self._data[name] = HeldData.hold(name, self.name, features=features, labels=labels, ids=ids)
 
     def dataset_stats(self, name: str) -> DatasetStats:
@@ -211,7 +229,7 @@ class VirtualWorker:
         if train:
             if keep is not None:
                 raise WorkerError(f"worker {self.name!r}: outputs are kept for metrics in evaluation only")
-            self._pending_loss = value
+            self._pending_loss[self._producer(out)] = value
             return LossStats(float(value.item()), -1, len(labels))
         if keep is not None:
             self._kept.add(keep, loss, out, labels)
@@ -369,7 +387,7 @@ class VirtualWorker:
 
     def release(self) -> None:
         self._store.clear()
-        self._pending_loss = None
+        self._pending_loss.clear()
         self._kept.clear()
         for hosted in self._segments.values():
             hosted.inp = hosted.out = None
@@ -419,11 +437,18 @@ class VirtualWorker:
         return tensor
 
     # -- helpers -------------------------------------------------------------------
+    def _producer(self, out: torch.Tensor) -> str | None:
+        """The key of the segment whose last training forward gave ``out`` (None if none here did)."""
+        return next((k for k, h in self._segments.items() if h.out is out), None)
+
     def _backprop(self, hosted: _Hosted, grad: TensorRef | None) -> None:
         """Run backward through ``hosted``'s last forward, from the pending loss or a peer's gradient."""
         if grad is None:
-            if self._pending_loss is not None:
-                loss, self._pending_loss = self._pending_loss, None
+            key = next((k for k, h in self._segments.items() if h is hosted), None)
+            loss = self._pending_loss.pop(key, None)
+            if loss is None:
+                loss = self._pending_loss.pop(None, None)
+            if loss is not None:
                 loss.backward()
             # else: the caller already ran backward from the output it fetched
         elif not grad.fused:
@@ -490,9 +515,9 @@ class VirtualWorker:
         return tensor, "detached"
 
     def _keep(self, tensor: Value, kind: str) -> TensorRef:
-        self._next_id += 1
-        self._store[self._next_id] = (tensor, kind)
-        return TensorRef(self.name, self._next_id)
+        tid = next(self._ids)
+        self._store[tid] = (tensor, kind)
+        return TensorRef(self.name, tid)
 
     def _peek(self, ref: TensorRef) -> tuple[torch.Tensor, str]:
         if ref.owner != self.name or ref.id not in self._store:

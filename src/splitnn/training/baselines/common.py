@@ -10,7 +10,6 @@ and gradients travel through the workers' ``set_state`` / ``get_state`` /
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -21,13 +20,11 @@ from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
 from splitnn.training.loop import EvalResult
-from splitnn.workers import Worker
+from splitnn.workers import Worker, fresh_name
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.losses import check_loss_name, compute_loss
 
 __all__ = ["CLIENT_SEED_STRIDE", "Federation", "evaluate_module", "weighted_average"]
-
-_ids = itertools.count()
 
 #: Client ``k`` shuffles its shard with seed ``seed + CLIENT_SEED_STRIDE * k``, like the data holders of
 #: :class:`~splitnn.training.topologies.MultiHolderSplitNN`, so all methods visit each shard in the same order.
@@ -88,7 +85,7 @@ class Federation:
         self.model = model
         self.loss = check_loss_name(loss)
         self.ledger = bind_workers(clients, ledger)
-        self.key = f"{prefix}{next(_ids)}"
+        self.key = fresh_name(prefix)
         self.stages = [Stage(0, self.key, c) for c in clients]
         for c in clients:
             c.add_segment(self.key, copy.deepcopy(model), client_optimizer)

@@ -11,7 +11,6 @@ drive it, and it talks to its parties only through the
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,15 +20,13 @@ from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.split import Stage
 from splitnn.training.loop import EvalResult, History, evaluate, fit
-from splitnn.workers import LossStats, Worker
+from splitnn.workers import LossStats, Worker, fresh_name
 from splitnn.workers.metrics import label_holder_metrics
-
-_topology_ids = itertools.count()
 
 
 def new_prefix(kind: str) -> str:
-    """A key prefix unique in this process, so several models can share workers."""
-    return f"{kind}{next(_topology_ids)}"
+    """A random key prefix, so several models (and researchers) can share workers without colliding."""
+    return fresh_name(kind)
 
 
 def as_worker_list(workers: Worker | Sequence[Worker], count: int, what: str) -> list[Worker]:

@@ -27,7 +27,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage
 from splitnn.training.topologies.base import probe_stages
-from splitnn.workers import DatasetStats, Worker
+from splitnn.workers import DatasetStats, Worker, fresh_name
 from splitnn.workers.losses import Loss, check_labels
 from splitnn.workers.metrics import check_metrics_for
 
@@ -93,7 +93,6 @@ class HolderShards:
         self.partition_seed = int(partition_seed)
         self._placements: dict[str, Placement] = {}
         self._data_names = PlacedData()
-        self._data_ids = 0
 
     def shard_name(self, dataset: str, holder: int) -> str:
         """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
@@ -186,8 +185,7 @@ class HolderShards:
                 f"the partitioner gave shard sizes {[int(s.numel()) for s in shards]} for {k} "
                 f"holders; every holder needs a non-empty shard"
             )
-        name = f"{getattr(data, 'name', 'data')}#{self._data_ids}"
-        self._data_ids += 1
+        name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # random: two models' placements never collide
         for h, (holder, shard) in enumerate(zip(self.holders, shards)):
             holder.add_dataset(self.shard_name(name, h), features=features[shard])
             self.label_holder.add_dataset(self.shard_name(name, h), labels=labels[shard])

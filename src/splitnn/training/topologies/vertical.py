@@ -39,7 +39,16 @@ from splitnn.training.topologies.base import (
     place,
     probe_stages,
 )
-from splitnn.workers import BatchRef, DatasetStats, LossStats, MergingWorker, Worker, merge_tensors, merged_shape
+from splitnn.workers import (
+    BatchRef,
+    DatasetStats,
+    LossStats,
+    MergingWorker,
+    Worker,
+    fresh_name,
+    merge_tensors,
+    merged_shape,
+)
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.merge import check_merge
 from splitnn.workers.metrics import check_metrics_for
@@ -278,7 +287,6 @@ class VerticalSplitNN(Topology):
         self._top = place(prefix, 1, top, top_workers, optimizers[len(holders) :])
         self._placed: dict[str, _Placed] = {}
         self._data_names = PlacedData()
-        self._data_ids = 0
 
     @property
     def label_holder(self) -> Worker:
@@ -336,8 +344,7 @@ class VerticalSplitNN(Topology):
                 self.columns = column_partition(shape if how == "halves" else math.prod(shape), len(self.holders), how)
             data = VerticalData.from_dataset(data, self.columns, self.column_shapes)
         data = data.aligned([h.name for h in self.holders], repr(self.label_holder.name))
-        name = f"{data.name}#v{self._data_ids}"
-        self._data_ids += 1
+        name = fresh_name(f"{data.name}#v")
         for holder, part in zip(self.holders, data.parts):
             holder.add_dataset(name, features=part)
         self.label_holder.add_dataset(name, labels=data.labels)

@@ -1,0 +1,321 @@
+"""Sessions: each researcher's job at a worker owns what it creates, and is freed when it ends.
+
+A worker is often a long-running service that several researchers (or several jobs of one
+researcher) use at once. A *session* is one such job at this worker. The researcher's client
+names it with a random session id of its own choosing (128 bits by default,
+:func:`~splitnn.workers.messages.new_session_id`), sent with every call
+(``x-splitnn-session``). The id is a secret: whoever presents it acts as that session.
+Calls without one get an anonymous session of their own, freed when they end.
+
+What a session owns. Everything it creates lives in a :class:`Session` of its own: an
+engine (a :class:`~splitnn.workers.VirtualWorker` holding its segments, their optimizers,
+the datasets it placed, its intermediate tensors and pending losses, its ledger), the
+tensors it promised to its peers (:class:`~splitnn.workers.exports.Exports`), the pushes
+of its shipped epochs (:class:`~splitnn.workers.shipped.Inbox`), its peers and their
+session tags (:class:`~splitnn.workers.peers.SessionPeers`) and its wire counters. Nothing
+is shared between sessions but the datasets the party loaded itself (``splitnn worker
+--data``): every session reads them, none may replace them. :class:`Sessions` also keeps
+which session owns which segment key and dataset name, so a session naming another's gets
+a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot read, replace or remove
+it) instead of a silent success or a misleading "not found".
+
+When it is freed. When the last stream of a session ends (the researcher closed it, or its
+process died), its intermediate tensors (stored activations and gradients, promised
+exports, pushes, pending losses) are freed at once and its peer streams closed. Its
+segments, optimizers and placed datasets are kept for a grace period
+(``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
+reconnects with the same session id resumes where it stood; after it they are freed too.
+A session that holds no segment or dataset, an anonymous one, and one whose researcher
+ended it (``end_session``) are freed at once. At most ``max_sessions`` sessions are kept:
+a new one evicts the oldest closed one, and is refused when every one is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from splitnn.errors import PolicyError, WorkerError
+from splitnn.transport.counters import ByteCounters
+from splitnn.workers.exports import Exports
+from splitnn.workers.messages import check_session_id, new_session_id, session_tag
+from splitnn.workers.peers import Peers, SessionPeers
+from splitnn.workers.shipped import Inbox
+from splitnn.workers.virtual import VirtualWorker
+
+log = logging.getLogger("splitnn.worker")
+
+#: Seconds a closed session's segments and datasets are kept for the researcher to resume.
+DEFAULT_GRACE = 300.0
+#: Sessions (open, or closed within their grace period) a worker keeps at once.
+DEFAULT_MAX_SESSIONS = 64
+
+OWNER_RULE = "a session may only read, replace or remove the segments and datasets it created itself"
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``: hand freed heap memory back to the system (a no-op elsewhere).
+
+    Tensors of a few MiB come from the C heap; freed, they stay in the process for its next
+    allocations, so a long-running worker's resident memory would keep the peak of its busiest
+    session. Trimming after a session's tensors are freed gives it back.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+release_memory = _malloc_trim()
+
+
+class TooManySessions(WorkerError):
+    """Every session slot of the worker is in use (``splitnn worker --max-sessions``)."""
+
+
+class Session:
+    """One researcher's job at this worker; see the module docstring.
+
+    ``commands`` and ``executor`` are set by the server (:class:`~splitnn.workers.server.WorkerServer`).
+    """
+
+    def __init__(
+        self, name: str, session_id: str, *, anonymous: bool, peers: Peers, timeout: float, party: dict, policy
+    ) -> None:
+        self.id = session_id
+        self.tag = session_tag(session_id)
+        self.anonymous = anonymous
+        self.engine = VirtualWorker(name, fuse=False, policy=policy)
+        self._party = party  # the party's own datasets (name -> data), shared read-only
+        self.engine._data.update(party)
+        self.counters = ByteCounters()
+        self.exports = Exports(name, self.engine, timeout)
+        self.inbox = Inbox(name, timeout)
+        self.peers = SessionPeers(peers, self)
+        self.streams = 0  # open streams and calls of this session
+        self.ended = False  # the researcher said it is done: free everything when it closes
+        self.closed_at: float | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.commands = None
+        self.executor = None
+
+    def __repr__(self) -> str:
+        return f"Session({self.tag[:8]}, streams={self.streams}, segments={len(self.engine._segments)})"
+
+    def holds_state(self) -> bool:
+        """Whether the session holds something worth resuming (segments or datasets it placed)."""
+        return bool(self.engine._segments) or any(d not in self._party for d in self.engine._data)
+
+    async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
+        """Hand ``peer`` this session's tensor ``tensor_id`` (a pull over a peer stream of this session)."""
+        if peer not in self.peers.addresses:
+            raise PolicyError(
+                f"worker {self.engine.name!r} hands a session's tensors only to the peers of its model "
+                f"({sorted(self.peers.addresses)}), not to {peer!r}"
+            )
+        return await self.exports.take(tensor_id, kind)
+
+    def free_tensors(self, reason: str) -> None:
+        """Free the intermediate tensors: stored activations and gradients, promised exports, pushes, losses."""
+        self.engine.release()
+        self.exports.fail_all(reason)
+        self.inbox.clear()
+
+    def free_all(self) -> None:
+        """Free everything the session holds: its tensors, segments, optimizers and placed datasets."""
+        self.free_tensors("the researcher's session ended")
+        self.engine._segments.clear()
+        self.engine._data.clear()
+        self.engine._data.update(self._party)
+
+
+class Sessions:
+    """The sessions of one worker, what each owns, and their lifecycle; see the module docstring.
+
+    Args:
+        name: the worker's party name.
+        peers: the worker's peer links (each session gets its own view of them).
+        timeout: seconds a peer's pull or push is awaited.
+        setup: called with every new session (the server gives it its commands and executor).
+        policy: what each session's engine hands to the researcher.
+        grace: seconds a closed session's segments and datasets are kept (0: freed at once).
+        max_sessions: sessions kept at once.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        peers: Peers,
+        timeout: float,
+        setup: Callable[[Session], None],
+        grace: float = DEFAULT_GRACE,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        policy=None,
+    ) -> None:
+        self.name, self.peers, self.timeout, self._setup = name, peers, timeout, setup
+        self.policy = policy
+        self.grace, self.max_sessions = grace, max_sessions
+        self._by_id: dict[str, Session] = {}
+        self._by_tag: dict[str, Session] = {}
+        self._segment_owner: dict[str, str] = {}  # segment key -> owning session's tag
+        self._dataset_owner: dict[str, str] = {}  # dataset name -> owning session's tag
+        self._party = VirtualWorker(name)  # the datasets the party loaded itself (shared, read-only)
+
+    # -- the party's own datasets ---------------------------------------------------------------
+    def add_party_dataset(self, name: str, **parts: object) -> None:
+        """Hold a dataset the party loaded itself (``--data``; ``parts``: ``features``, ``labels``, ``ids``
+        as :meth:`VirtualWorker.add_dataset` takes them): every session reads it, none may replace it."""
+        self._party.add_dataset(name, **parts)
+
+    def party_datasets(self) -> list[str]:
+        return sorted(self._party._data)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def resolve(self, tag: str | None) -> Session | None:
+        """The session a peer stream's tag names (None: none)."""
+        return self._by_tag.get(tag) if tag is not None else None
+
+    def open(self, session_id: str | None) -> Session:
+        """Open (or resume) session ``session_id``, or a new anonymous one for ``None``; count one more stream."""
+        if session_id is not None:
+            check_session_id(session_id)
+            session = self._by_id.get(session_id)
+            if session is not None:
+                if session.expiry is not None:
+                    session.expiry.cancel()
+                    session.expiry = None
+                    log.info("worker %s: session %s resumed", self.name, session.tag[:8])
+                session.streams += 1
+                session.closed_at = None
+                return session
+        if len(self._by_id) >= self.max_sessions and not self._evict_one():
+            raise TooManySessions(
+                f"worker {self.name!r} serves {len(self._by_id)} sessions already, its limit "
+                f"(splitnn worker --max-sessions); try again when one ends"
+            )
+        anonymous = session_id is None
+        session = Session(
+            self.name,
+            session_id or new_session_id(),
+            anonymous=anonymous,
+            peers=self.peers,
+            timeout=self.timeout,
+            party=self._party._data,
+            policy=self.policy,
+        )
+        self._setup(session)
+        self._by_id[session.id] = session
+        self._by_tag[session.tag] = session
+        session.streams = 1
+        return session
+
+    def close(self, session: Session) -> None:
+        """One stream of ``session`` ended; when it was the last, free its tensors and start its grace period."""
+        session.streams -= 1
+        if session.streams > 0 or self._by_id.get(session.id) is not session:
+            return
+        held = bool(session.engine._store) or session.holds_state()
+        session.free_tensors("the researcher's session ended")
+        self.peers.close_scope(session.tag)
+        session.closed_at = time.monotonic()
+        if session.anonymous or session.ended or self.grace <= 0 or not session.holds_state():
+            self.drop(session)
+        else:
+            session.expiry = asyncio.get_running_loop().call_later(self.grace, self._expire, session)
+        if held:  # (not after every one-off call that held nothing)
+            release_memory()
+
+    def end(self, session: Session) -> None:
+        """The researcher is done with ``session``: free everything it owns now (it is dropped when it closes)."""
+        session.ended = True
+        self._forget_owned(session)
+        session.free_all()
+
+    def _expire(self, session: Session) -> None:
+        session.expiry = None
+        if session.streams == 0 and self._by_id.get(session.id) is session:
+            log.info("worker %s: session %s expired after %g s; freed", self.name, session.tag[:8], self.grace)
+            self.drop(session)
+            release_memory()
+
+    def drop(self, session: Session) -> None:
+        """Forget ``session`` and free everything it owns."""
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        if self._by_id.get(session.id) is session:
+            del self._by_id[session.id]
+            del self._by_tag[session.tag]
+        self._forget_owned(session)
+        session.free_all()
+        self.peers.close_scope(session.tag)
+
+    def _evict_one(self) -> bool:
+        """Drop the session closed longest ago to make room; False if every session is open."""
+        closed = [s for s in self._by_id.values() if s.streams == 0 and s.closed_at is not None]
+        if not closed:
+            return False
+        oldest = min(closed, key=lambda s: s.closed_at)
+        log.warning(
+            "worker %s: session %s freed before its grace period ended (session limit)", self.name, oldest.tag[:8]
+        )
+        self.drop(oldest)
+        return True
+
+    def drop_all(self) -> None:
+        for session in list(self._by_id.values()):
+            self.drop(session)
+
+    def _forget_owned(self, session: Session) -> None:
+        for owners in (self._segment_owner, self._dataset_owner):
+            for key in [k for k, tag in owners.items() if tag == session.tag]:
+                del owners[key]
+
+    # -- ownership ----------------------------------------------------------------------------------
+    def _refuse(self, what: str, name: str) -> PolicyError:
+        return PolicyError(f"worker {self.name!r}: {what} {name!r} belongs to another session; {OWNER_RULE}")
+
+    def check_segment(self, session: Session, key: str) -> str:
+        """``key`` if ``session`` may use segment ``key`` (PolicyError when another session owns it)."""
+        owner = self._segment_owner.get(key)
+        if owner is not None and owner != session.tag:
+            raise self._refuse("segment", key)
+        return key
+
+    def claim_segment(self, session: Session, key: str) -> None:
+        """Record that ``session`` hosts segment ``key`` (after :meth:`check_segment` and a successful add)."""
+        self._segment_owner[key] = session.tag
+
+    def release_segment(self, session: Session, key: str) -> None:
+        if self._segment_owner.get(key) == session.tag:
+            del self._segment_owner[key]
+
+    def check_dataset(self, session: Session, name: str, *, placing: bool = False) -> str:
+        """``name`` if ``session`` may read it (or, ``placing``, place a dataset under it); PolicyError otherwise."""
+        if placing and name in self._party._data:
+            raise PolicyError(
+                f"worker {self.name!r}: dataset {name!r} is the party's own (loaded with --data); every session "
+                f"may read it, none may replace it; place yours under another name"
+            )
+        owner = self._dataset_owner.get(name)
+        if owner is not None and owner != session.tag:
+            raise self._refuse("dataset", name)
+        return name
+
+    def claim_dataset(self, session: Session, name: str) -> None:
+        self._dataset_owner[name] = session.tag
