@@ -3,6 +3,7 @@ silently, and interleaved steps of two models (or two threads) keep their own lo
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 
@@ -131,3 +132,33 @@ def test_threads_training_different_models_on_shared_workers_match_their_twins()
     assert not errors, errors
     for i, twin in enumerate(twins):
         assert_same_weights(results[i], twin)
+
+
+def test_the_session_limit_evicts_the_oldest_closed_session_and_refuses_when_all_are_open():
+    from splitnn.transport import ByteCounters, Limits
+    from splitnn.workers.messages import new_session_id
+    from splitnn.workers.peers import Peers
+    from splitnn.workers.sessions import Sessions, TooManySessions
+
+    async def main() -> None:
+        peers = Peers("bob", "t", tls=None, limits=Limits(), counters=ByteCounters(), timeout=5, resolve=lambda t: None)
+        sessions = Sessions("bob", peers=peers, timeout=5, setup=lambda s: None, grace=60, max_sessions=2)
+        a, b = sessions.open(new_session_id()), sessions.open(new_session_id())
+        a.engine.add_segment("k", nn.Linear(2, 2), None)
+        a.engine.put(torch.ones(3), src="researcher", kind="features")
+        with pytest.raises(TooManySessions, match="max-sessions"):
+            sessions.open(new_session_id())
+        sessions.close(a)  # its tensors go at once; its segment stays for the grace period
+        assert sessions.get(a.id) is a and not a.engine._store and "k" in a.engine._segments
+        assert sessions.open(a.id) is a  # resumed
+        sessions.close(a)
+        sessions.close(b)  # held nothing: freed at once
+        assert sessions.get(b.id) is None
+        c = sessions.open(None)  # anonymous
+        d = sessions.open(new_session_id())  # the limit is reached: the oldest closed session (a) goes
+        assert sessions.get(a.id) is None and not a.engine._segments and len(sessions) == 2
+        sessions.close(c)
+        assert sessions.get(c.id) is None
+        sessions.close(d)
+
+    asyncio.run(main())

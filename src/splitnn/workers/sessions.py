@@ -47,7 +47,7 @@ from splitnn.workers.exports import Exports
 from splitnn.workers.messages import check_session_id, new_session_id, session_tag
 from splitnn.workers.peers import Peers, SessionPeers
 from splitnn.workers.shipped import Inbox
-from splitnn.workers.virtual import VirtualWorker
+from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 log = logging.getLogger("splitnn.worker")
 
@@ -88,7 +88,15 @@ class Session:
     """
 
     def __init__(
-        self, name: str, session_id: str, *, anonymous: bool, peers: Peers, timeout: float, party: dict, policy
+        self,
+        name: str,
+        session_id: str,
+        *,
+        anonymous: bool,
+        peers: Peers,
+        timeout: float,
+        party: dict,
+        policy: WorkerPolicy | None,
     ) -> None:
         self.id = session_id
         self.tag = session_tag(session_id)
@@ -159,7 +167,7 @@ class Sessions:
         setup: Callable[[Session], None],
         grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
-        policy=None,
+        policy: WorkerPolicy | None = None,
     ) -> None:
         self.name, self.peers, self.timeout, self._setup = name, peers, timeout, setup
         self.policy = policy

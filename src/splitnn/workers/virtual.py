@@ -389,7 +389,7 @@ class VirtualWorker:
         self._store.clear()
         self._pending_loss.clear()
         self._kept.clear()
-        for hosted in self._segments.values():
+        for hosted in list(self._segments.values()):
             hosted.inp = hosted.out = None
             hosted.inputs = hosted.sent = None
 
@@ -439,12 +439,12 @@ class VirtualWorker:
     # -- helpers -------------------------------------------------------------------
     def _producer(self, out: torch.Tensor) -> str | None:
         """The key of the segment whose last training forward gave ``out`` (None if none here did)."""
-        return next((k for k, h in self._segments.items() if h.out is out), None)
+        return next((k for k, h in list(self._segments.items()) if h.out is out), None)  # (a snapshot: threads)
 
     def _backprop(self, hosted: _Hosted, grad: TensorRef | None) -> None:
         """Run backward through ``hosted``'s last forward, from the pending loss or a peer's gradient."""
         if grad is None:
-            key = next((k for k, h in self._segments.items() if h is hosted), None)
+            key = next((k for k, h in list(self._segments.items()) if h is hosted), None)
             loss = self._pending_loss.pop(key, None)
             if loss is None:
                 loss = self._pending_loss.pop(None, None)
