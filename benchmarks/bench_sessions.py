@@ -78,17 +78,11 @@ def memory(sessions: int) -> None:
 
 def flood(n: int, hard_limit: int | None) -> tuple[float, float]:
     from tests.helpers import toy_dataset
-    from tests.transport.cluster import Cluster
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    child_hard = hard_limit or hard
-
-    def low() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, child_hard))
+    from tests.transport.cluster import Cluster, open_files_prefix
 
     socks: list[socket.socket] = []
     with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp)) as cl:
-        alice = cl.start("alice", preexec_fn=low)
+        alice = cl.start("alice", prefix=open_files_prefix(1024, hard_limit))
         cl.start("bob")
         host, port = alice.address.rsplit(":", 1)
         t0 = time.monotonic()

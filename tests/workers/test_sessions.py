@@ -29,7 +29,7 @@ from splitnn.wire.spec import module_to_spec, spec_to_json
 from splitnn.wire.state_codec import encode_state
 from splitnn.workers.messages import new_session_id, session_tag
 from tests.helpers import assert_same_weights, toy_dataset
-from tests.transport.cluster import Cluster
+from tests.transport.cluster import Cluster, open_files_prefix
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 NAMES = ("alice", "bob", "claire")
@@ -81,20 +81,21 @@ def test_another_session_cannot_read_replace_or_remove_what_a_session_created(cl
         with pytest.raises(PolicyError, match="belongs to another session"):
             alice.probe(key, (2, 1, 28, 28))
         with pytest.raises(PolicyError, match="belongs to another session"):
-            alice.add_segment(key, nn.Linear(2, 2), "sgd", replace=True)
-        with pytest.raises(PolicyError, match="belongs to another session"):
             alice.dataset_stats(name)
-        with pytest.raises(PolicyError, match="belongs to another session"):
-            alice.add_dataset(name, features=torch.zeros(2, 3), replace=True)
         alice.remove_segment(key)  # pipelined: its error surfaces at the next call
         with pytest.raises(PolicyError, match="belongs to another session"):
             alice.drain()
         # a one-off call from no session at all fares no better
         reply = _raw_call(cluster, "alice", "get_state", {"key": key})
         assert not reply.ok and reply.error_type == "PolicyError"
-        # nothing changed: the owner trains on
+        # a segment and a dataset of theirs under the same names are their own: mine are untouched
+        alice.add_segment(key, nn.Linear(2, 2), "sgd")
+        alice.add_dataset(name, features=torch.zeros(2, 3))
+        assert alice.probe(key, (1, 2)) == (1, 2) and alice.dataset_stats(name).size == 2
         for k, v in mine[0].get_state(key).items():
             assert torch.equal(v, before[k])
+        assert mine[0].dataset_stats(name).size == 64
+        # the owner trains on
         model.fit(name, epochs=1, batch_size=32, progress=False)
         # a session's own key or dataset name is not replaced silently either
         with pytest.raises(ConfigurationError, match="replace=True"):
@@ -341,13 +342,10 @@ def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(tmp_path):
     mine = hard if hard != resource.RLIM_INFINITY else 4096
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(mine, 4096)), hard))  # this test's own 1,100
 
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-
     socks: list[socket.socket] = []
     try:
         with Cluster(tmp_path) as cl:
-            alice = cl.start("alice", preexec_fn=low_soft_limit)
+            alice = cl.start("alice", prefix=open_files_prefix(1024))
             cl.start("bob")
             assert _open_files_soft_limit(alice.proc.pid) > 1100  # raised at start
             host, port = alice.address.rsplit(":", 1)

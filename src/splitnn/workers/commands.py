@@ -227,7 +227,7 @@ class Commands:
         return {}, []
 
     async def _op_add_segment(self, a, blobs, **_):
-        key = self._key(a)
+        key = arg(a, "key", str)  # another session's segment of that name is its own: not touched
         replace = arg(a, "replace", bool, optional=True) or False
         if key in self.engine._segments and not replace:  # refused before anything is decoded or built
             raise ConfigurationError(
@@ -255,7 +255,7 @@ class Commands:
         return {}, []
 
     async def _op_add_dataset(self, a, blobs, **_):
-        name = self.sessions.check_dataset(self.session, arg(a, "name", str), placing=True)
+        name = self.sessions.check_placing(arg(a, "name", str))
         replace = arg(a, "replace", bool, optional=True) or False
         parts = arg(a, "parts", list)
         if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):

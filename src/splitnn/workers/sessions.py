@@ -14,10 +14,11 @@ tensors it promised to its peers (:class:`~splitnn.workers.exports.Exports`), th
 of its shipped epochs (:class:`~splitnn.workers.shipped.Inbox`), its peers and their
 session tags (:class:`~splitnn.workers.peers.SessionPeers`) and its wire counters. Nothing
 is shared between sessions but the datasets the party loaded itself (``splitnn worker
---data``): every session reads them, none may replace them. :class:`Sessions` also keeps
-which session owns which segment key and dataset name, so a session naming another's gets
-a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot read, replace or remove
-it) instead of a silent success or a misleading "not found".
+--data``): every session reads them, none may replace them. Two sessions may even hold a
+segment or dataset under the same name, each its own. :class:`Sessions` also keeps which
+sessions hold which segment keys and dataset names, so a session naming one that only
+others hold gets a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot use,
+replace or remove another session's) instead of a misleading "not found".
 
 When it is freed. When the last stream of a session ends (the researcher closed it, or its
 process died), its intermediate tensors (stored activations and gradients, promised
@@ -56,7 +57,7 @@ DEFAULT_GRACE = 300.0
 #: Sessions (open, or closed within their grace period) a worker keeps at once.
 DEFAULT_MAX_SESSIONS = 64
 
-OWNER_RULE = "a session may only read, replace or remove the segments and datasets it created itself"
+OWNER_RULE = "a session may only use, replace or remove the segments and datasets it created itself"
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -174,8 +175,9 @@ class Sessions:
         self.grace, self.max_sessions = grace, max_sessions
         self._by_id: dict[str, Session] = {}
         self._by_tag: dict[str, Session] = {}
-        self._segment_owner: dict[str, str] = {}  # segment key -> owning session's tag
-        self._dataset_owner: dict[str, str] = {}  # dataset name -> owning session's tag
+        # segment key / dataset name -> tags of the sessions holding one under that name (each its own)
+        self._segment_owners: dict[str, set[str]] = {}
+        self._dataset_owners: dict[str, set[str]] = {}
         self._party = VirtualWorker(name)  # the datasets the party loaded itself (shared, read-only)
 
     # -- the party's own datasets ---------------------------------------------------------------
@@ -290,40 +292,56 @@ class Sessions:
             self.drop(session)
 
     def _forget_owned(self, session: Session) -> None:
-        for owners in (self._segment_owner, self._dataset_owner):
-            for key in [k for k, tag in owners.items() if tag == session.tag]:
-                del owners[key]
+        for index in (self._segment_owners, self._dataset_owners):
+            for name in [n for n, tags in index.items() if session.tag in tags]:
+                _discard(index, name, session.tag)
 
     # -- ownership ----------------------------------------------------------------------------------
     def _refuse(self, what: str, name: str) -> PolicyError:
-        return PolicyError(f"worker {self.name!r}: {what} {name!r} belongs to another session; {OWNER_RULE}")
+        return PolicyError(
+            f"worker {self.name!r}: {what} {name!r} belongs to another session, not this one; {OWNER_RULE}"
+        )
 
+    # Each session has its own engine, so two sessions may each hold a segment (or dataset) under one
+    # name without touching each other's; the index only serves to tell a session that names one it
+    # does not hold, but another does, why it may not (rather than a misleading "not found").
     def check_segment(self, session: Session, key: str) -> str:
-        """``key`` if ``session`` may use segment ``key`` (PolicyError when another session owns it)."""
-        owner = self._segment_owner.get(key)
-        if owner is not None and owner != session.tag:
+        """``key`` if ``session`` may use segment ``key``: PolicyError when only other sessions hold one."""
+        tags = self._segment_owners.get(key)
+        if tags and session.tag not in tags:
             raise self._refuse("segment", key)
         return key
 
     def claim_segment(self, session: Session, key: str) -> None:
-        """Record that ``session`` hosts segment ``key`` (after :meth:`check_segment` and a successful add)."""
-        self._segment_owner[key] = session.tag
+        """Record that ``session`` hosts a segment ``key`` (after a successful add)."""
+        self._segment_owners.setdefault(key, set()).add(session.tag)
 
     def release_segment(self, session: Session, key: str) -> None:
-        if self._segment_owner.get(key) == session.tag:
-            del self._segment_owner[key]
+        _discard(self._segment_owners, key, session.tag)
 
-    def check_dataset(self, session: Session, name: str, *, placing: bool = False) -> str:
-        """``name`` if ``session`` may read it (or, ``placing``, place a dataset under it); PolicyError otherwise."""
-        if placing and name in self._party._data:
+    def check_dataset(self, session: Session, name: str) -> str:
+        """``name`` if ``session`` may read dataset ``name``: PolicyError when only other sessions hold one."""
+        tags = self._dataset_owners.get(name)
+        if tags and session.tag not in tags and name not in self._party._data:
+            raise self._refuse("dataset", name)
+        return name
+
+    def check_placing(self, name: str) -> str:
+        """``name`` if a session may place a dataset under it: not a name of the party's own datasets."""
+        if name in self._party._data:
             raise PolicyError(
                 f"worker {self.name!r}: dataset {name!r} is the party's own (loaded with --data); every session "
                 f"may read it, none may replace it; place yours under another name"
             )
-        owner = self._dataset_owner.get(name)
-        if owner is not None and owner != session.tag:
-            raise self._refuse("dataset", name)
         return name
 
     def claim_dataset(self, session: Session, name: str) -> None:
-        self._dataset_owner[name] = session.tag
+        self._dataset_owners.setdefault(name, set()).add(session.tag)
+
+
+def _discard(index: dict[str, set[str]], name: str, tag: str) -> None:
+    tags = index.get(name)
+    if tags is not None:
+        tags.discard(tag)
+        if not tags:
+            del index[name]
