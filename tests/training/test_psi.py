@@ -133,7 +133,7 @@ def test_duplicated_ids_are_refused_naming_examples():
 
 def test_a_party_without_ids_or_without_psi_is_refused():
     a, b, lab = _parties(_ids(0, 10), _ids(0, 10), _ids(0, 10))
-    b.add_dataset("p", features=torch.zeros(10, 2))  # replaced: no ids
+    b.add_dataset("p", features=torch.zeros(10, 2), replace=True)  # replaced: no ids
     with pytest.raises(WorkerError, match="holds no sample ids for dataset 'p'"):
         intersect("p", [a, b], lab)
     assert a._data["p"].ids == _ids(0, 10)
@@ -174,7 +174,7 @@ def test_training_on_psi_aligned_parties_equals_training_on_rows_aligned_in_the_
         return t / 1000
 
     for w in (a, b):
-        w.add_dataset("p", features=scaled(w._data["p"].features), ids=w._data["p"].ids)
+        w.add_dataset("p", features=scaled(w._data["p"].features), ids=w._data["p"].ids, replace=True)
     psi_model = VerticalSplitNN(bottoms, [a, b], top, lab, loss="bce_with_logits")
     psi_model.fit("p", epochs=2, batch_size=16, progress=False)
 

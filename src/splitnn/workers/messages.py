@@ -75,9 +75,7 @@ def new_session_id() -> str:
 def check_session_id(value: object) -> str:
     """A session id as the researcher gives it: 32-128 characters from ``[A-Za-z0-9_-]``."""
     if not isinstance(value, str) or not _SESSION_ID.fullmatch(value):
-        raise WireError(
-            "a session id must be 32-128 characters from [A-Za-z0-9_-] (e.g. splitnn.workers.new_session_id())"
-        )
+        raise WireError("a session id must be 32-128 characters from [A-Za-z0-9_-] (e.g. secrets.token_hex(16))")
     return value
 
 
