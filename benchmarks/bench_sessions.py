@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.transport.cluster
+sys.path.insert(0, str(REPO))  # for tests.helpers
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -50,7 +50,7 @@ def _segments() -> list[nn.Module]:
 
 
 def memory(sessions: int) -> None:
-    from tests.transport.cluster import Cluster
+    from splitnn.testing.cluster import Cluster
 
     with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp)) as cl:
         alice = cl.start("alice")
@@ -77,8 +77,8 @@ def memory(sessions: int) -> None:
 
 
 def flood(n: int, hard_limit: int | None) -> tuple[float, float]:
+    from splitnn.testing.cluster import Cluster, open_files_prefix
     from tests.helpers import toy_dataset
-    from tests.transport.cluster import Cluster, open_files_prefix
 
     socks: list[socket.socket] = []
     with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp)) as cl:
