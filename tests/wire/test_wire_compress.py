@@ -285,3 +285,12 @@ def test_fuzz_mutated_payloads(spec, dtype, shape, edits, cut, data):
     else:
         payload += data.draw(st.binary(min_size=cut, max_size=cut))
     _decode_or_wire_error(bytes(payload))
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "topk:0.5"])
+def test_a_huge_dimension_beside_a_zero_one_is_refused(spec):
+    # Found by the fuzzer: shape (0, 2**63) has no elements, but torch cannot even hold the shape.
+    payload = bytearray(compress.get_codec(spec).encode(torch.zeros(0, 3)))
+    struct.pack_into("<Q", payload, compress._HEAD.size + 8, 1 << 63)  # the second dimension
+    with pytest.raises(WireError, match="dimension"):
+        compress.decode(bytes(payload))

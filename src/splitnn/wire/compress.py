@@ -350,6 +350,8 @@ def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = 1
     for d in shape:
+        if d * itemsize > max_bytes:  # each dimension too (a zero elsewhere must not let a huge one through)
+            raise WireError(f"{name} payload's dimension {d} of {dtype} exceeds the {max_bytes}-byte limit")
         numel *= d  # Python ints: no overflow
         if numel * itemsize > max_bytes:
             raise WireError(f"{name} payload's shape {tuple(shape)} of {dtype} exceeds the {max_bytes}-byte limit")
