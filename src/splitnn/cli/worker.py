@@ -2,7 +2,8 @@
 
     splitnn worker --name bob --listen 127.0.0.1:7002 --token-file TOKEN \\
         [--tls-cert bob.pem --tls-key bob.key --tls-ca ca.pem] \\
-        [--data mnist:test=/data/mnist,parts=labels,limit=500 ...] [--trust mypkg.models ...]
+        [--data mnist:test=/data/mnist,parts=labels,limit=500 ...] [--trust mypkg.models ...] \\
+        [--device cuda:0]
 
 ``--data`` (repeatable) gives the party a dataset under a name, in one of three forms:
 
@@ -31,6 +32,11 @@ anything is built, naming the class and this flag. The same prefixes say which m
 
 A worker serves several researchers at once, each in a session of its own
 (``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
+
+``--device DEVICE`` (default ``cpu``; ``cuda``, ``cuda:1``, ...) is where this party's
+segments, optimizer state and held data live and its computation runs. Tensors cross
+the wire as bytes from the CPU and move onto the device when they arrive. The device is
+checked before the worker listens: CUDA asked for where there is none is an error.
 """
 
 from __future__ import annotations
@@ -84,6 +90,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="MODULE",
         help="let segment specs import classes, and --data call functions, from MODULE and its submodules "
         "(repeatable), e.g. mypkg.models",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where this party's segments, optimizer state and data live and compute: cpu (default), cuda, cuda:N",
     )
     p.add_argument(
         "--address-file",
@@ -274,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.errors import SpecError
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
+    from splitnn.workers.devices import resolve_device
     from splitnn.workers.server import ServeConfig, serve
     from splitnn.workers.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
 
@@ -289,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, args.name)  # before loading data or listening
     token = load_token(args.token_file)
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
@@ -326,11 +339,15 @@ def run(args: argparse.Namespace) -> int:
         trust=trust.modules,
         session_grace=grace,
         max_sessions=max_sessions,
+        device=str(device),
     )
 
     def ready(address: str) -> None:
         held = ", ".join(f"{k} ({'+'.join(p for p in v if p != 'ids')})" for k, v in datasets.items()) or "no datasets"
-        print(f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held})", flush=True)
+        print(
+            f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held}; device {device})",
+            flush=True,
+        )
 
     asyncio.run(serve(config, on_ready=ready))
     print(f"splitnn worker {args.name}: stopped", file=sys.stderr, flush=True)

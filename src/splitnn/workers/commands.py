@@ -194,7 +194,12 @@ class Commands:
     # -- set-up ----------------------------------------------------------------------------------
     async def _op_hello(self, a, blobs, **_):
         # the party's own datasets only: what other sessions placed is theirs to know
-        return {"name": self.name, "protocol": PROTOCOL_VERSION, "datasets": self.sessions.party_datasets()}, []
+        return {
+            "name": self.name,
+            "protocol": PROTOCOL_VERSION,
+            "datasets": self.sessions.party_datasets(),
+            "device": str(self.engine.device),
+        }, []
 
     async def _op_stats(self, a, blobs, **_):
         return {"counters": self.counters.to_rows(), "ledger": self.engine.ledger.to_rows()}, []

@@ -66,6 +66,14 @@ class HeldData:
             held.ids = check_ids(ids, held.size, where)
         return held
 
+    def to(self, device: torch.device) -> HeldData:
+        """This data with its tensors on ``device`` (a worker's data lives on its device). A map-style
+        dataset stays as it is: its rows are read on the CPU, batch by batch, and the worker moves each batch."""
+        if not any(isinstance(s, torch.Tensor) and s.device != device for s in (self.features, self.labels)):
+            return self
+        moved = (s.to(device) if isinstance(s, torch.Tensor) else s for s in (self.features, self.labels))
+        return HeldData(*moved, ids=self.ids, _label_summary=self._label_summary)
+
     @property
     def size(self) -> int:
         return source_len(self.features if self.features is not None else self.labels)

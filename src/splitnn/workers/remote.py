@@ -163,6 +163,9 @@ class RemoteWorker:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is {hello['name']!r}, not {name!r}")
         self.name = hello["name"]
+        device = hello.get("device", "cpu")
+        #: where the party computes, as it reports it (``splitnn worker --device``); informational
+        self.device = device if isinstance(device, str) and len(device) <= 64 else "?"
         self._stream = CommandStream(
             self._channel,
             self._metadata,

@@ -87,6 +87,7 @@ from splitnn.transport.security import (
 from splitnn.wire.proto import SERVICE, Command, Reply
 from splitnn.wire.trust import Trust
 from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
+from splitnn.workers.devices import resolve_device
 from splitnn.workers.executor import Executor
 from splitnn.workers.exports import StreamState
 from splitnn.workers.messages import (
@@ -144,6 +145,9 @@ class WorkerServer:
             researcher to resume (its tensors are freed at once); see :mod:`splitnn.workers.sessions`.
         max_sessions: sessions kept at once (open, or closed within their grace period).
         max_rpcs: concurrent RPCs (streams and calls) the server accepts; more get RESOURCE_EXHAUSTED.
+        device: where the party's segments, optimizer state and data live and compute
+            (``--device``; checked here). Tensors cross the wire as bytes from the CPU and
+            move onto this device when they arrive (:mod:`splitnn.workers.devices`).
     """
 
     def __init__(
@@ -159,6 +163,7 @@ class WorkerServer:
         session_grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_rpcs: int = 4096,
+        device: str = "cpu",
     ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
@@ -196,6 +201,7 @@ class WorkerServer:
             grace=float(session_grace),
             max_sessions=max_sessions,
             policy=policy or WorkerPolicy(release_outputs=False),
+            device=resolve_device(device, self.name),  # checked once, before any session
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
@@ -412,6 +418,7 @@ class ServeConfig:
     trust: tuple[str, ...] = ()  # module prefixes segment specs may import classes from
     session_grace: float = DEFAULT_GRACE
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    device: str = "cpu"  # where the party's segments, optimizer state and data live (--device)
 
 
 def write_address(path: str, address: str) -> None:
@@ -442,6 +449,7 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         trust=Trust(config.trust),
         session_grace=config.session_grace,
         max_sessions=config.max_sessions,
+        device=config.device,
     )
     for dname, parts in config.datasets.items():
         server.sessions.add_party_dataset(dname, **parts)

@@ -98,11 +98,12 @@ class Session:
         timeout: float,
         party: dict,
         policy: WorkerPolicy | None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.id = session_id
         self.tag = session_tag(session_id)
         self.anonymous = anonymous
-        self.engine = VirtualWorker(name, fuse=False, policy=policy)
+        self.engine = VirtualWorker(name, fuse=False, policy=policy, device=device)
         self._party = party  # the party's own datasets (name -> data), shared read-only
         self.engine._data.update(party)
         self.counters = ByteCounters()
@@ -157,6 +158,8 @@ class Sessions:
         policy: what each session's engine hands to the researcher.
         grace: seconds a closed session's segments and datasets are kept (0: freed at once).
         max_sessions: sessions kept at once.
+        device: where every session's engine keeps its segments, optimizer state and data, and
+            computes (``splitnn worker --device``); the party's own datasets are held there too.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class Sessions:
         grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         policy: WorkerPolicy | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.name, self.peers, self.timeout, self._setup = name, peers, timeout, setup
         self.policy = policy
@@ -178,7 +182,9 @@ class Sessions:
         # segment key / dataset name -> tags of the sessions holding one under that name (each its own)
         self._segment_owners: dict[str, set[str]] = {}
         self._dataset_owners: dict[str, set[str]] = {}
-        self._party = VirtualWorker(name)  # the datasets the party loaded itself (shared, read-only)
+        # the datasets the party loaded itself (shared, read-only), on its device
+        self._party = VirtualWorker(name, device=device)
+        self.device = self._party.device
 
     # -- the party's own datasets ---------------------------------------------------------------
     def add_party_dataset(self, name: str, **parts: object) -> None:
@@ -227,6 +233,7 @@ class Sessions:
             timeout=self.timeout,
             party=self._party._data,
             policy=self.policy,
+            device=self.device,
         )
         self._setup(session)
         self._by_id[session.id] = session

@@ -25,6 +25,13 @@ that need none). The rules, and how the ledger counts them, are in
 hooks on the tensors that received them, so that a value whose gradient never flows
 is not counted, exactly as in the eager path. Single tensors take the same code as
 before (one type check more).
+
+Devices. ``VirtualWorker(name, device="cuda:0")`` keeps the worker's segments, their
+optimizer state and its datasets on that device and computes there (``"cpu"`` by
+default). A value arriving from a peer on another device is moved to this worker's
+device when it is received (``Tensor.to``: differentiable, so the fused graph spans
+devices); what the worker hands to the researcher (outputs, weights, gradients, fetched
+segments) comes back on the CPU. See :mod:`splitnn.workers.devices`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
 from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
@@ -97,17 +105,27 @@ class VirtualWorker:
         fuse: keep autograd graphs attached across cuts between in-process
             workers (same numbers, fewer autograd calls).
         policy: what this worker hands out to the researcher.
+        device: where the worker's segments, optimizer state and data live and its
+            computation runs (``"cpu"``, ``"cuda:0"``, ...); checked here, see
+            :func:`splitnn.workers.devices.resolve_device`.
     """
 
     #: It runs in the researcher's process, so it can run a loss given as a callable.
     runs_callables = True
 
     def __init__(
-        self, name: str, *, ledger: Ledger | None = None, fuse: bool = True, policy: WorkerPolicy | None = None
+        self,
+        name: str,
+        *,
+        ledger: Ledger | None = None,
+        fuse: bool = True,
+        policy: WorkerPolicy | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         if not isinstance(name, str) or not name or name == RESEARCHER:
             raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
         self.name = name
+        self.device = resolve_device(device, name)
         self.ledger = ledger if ledger is not None else Ledger()
         self.fuse = fuse
         self.policy = policy or WorkerPolicy()
@@ -124,7 +142,8 @@ class VirtualWorker:
         self._psi = PsiParty(name)
 
     def __repr__(self) -> str:
-        return f"VirtualWorker({self.name!r}, segments={list(self._segments)}, datasets={list(self._data)})"
+        on = "" if self.device == RESEARCHER_DEVICE else f", device={str(self.device)!r}"
+        return f"VirtualWorker({self.name!r}, segments={list(self._segments)}, datasets={list(self._data)}{on})"
 
     # -- placement -----------------------------------------------------------------
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
@@ -142,6 +161,7 @@ class VirtualWorker:
                 f"worker {self.name!r} already hosts a segment {key!r}; use another key, or pass replace=True "
                 f"to replace it"
             )
+        segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
         params = [p for p in segment.parameters() if p.requires_grad]
         opt = build_optimizer(optimizer, params) if (optimizer is not None and params) else None
         self._segments[key] = _Hosted(segment, opt, params)
@@ -167,7 +187,8 @@ class VirtualWorker:
                 f"worker {self.name!r} already holds a dataset {name!r}; use another name, or pass replace=True "
                 f"to replace it"
             )
-        self._data[name] = HeldData.hold(name, self.name, features=features, labels=labels, ids=ids)
+        held = HeldData.hold(name, self.name, features=features, labels=labels, ids=ids)
+        self._data[name] = held.to(self.device)
 
     def dataset_stats(self, name: str) -> DatasetStats:
         return self._dataset(name).stats(name)
@@ -178,7 +199,7 @@ class VirtualWorker:
         # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
         clone = _probe_copy(hosted.module)
-        x = zeros_for(input_shape)
+        x = self._here(zeros_for(input_shape))
         with torch.no_grad():
             if clone is not None:
                 out = _call(clone.eval(), x)
@@ -193,7 +214,7 @@ class VirtualWorker:
             tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
         if src != self.name:
             self.ledger.record(src, self.name, kind, value_nbytes(tensor))
-        return self._keep(tensor, kind)
+        return self._keep(self._here(tensor), kind)
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         hosted = self._segment(key)
@@ -333,10 +354,12 @@ class VirtualWorker:
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         del self._store[ref.id]
         self.ledger.record(self.name, RESEARCHER, kind, value_nbytes(tensor))
-        return tensor
+        # to the researcher's CPU; differentiably, so a loss computed there back-propagates into this worker
+        return tensor if self.device == RESEARCHER_DEVICE else to_device(tensor, RESEARCHER_DEVICE)
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().clone() for k, v in self._segment(key).module.state_dict().items()}
+        self._check_readable("weights")
+        state = state_to_cpu(self._segment(key).module.state_dict())
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(state))
         return state
 
@@ -372,16 +395,20 @@ class VirtualWorker:
 
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
-        grads = {
-            n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in self._segment(key).module.named_parameters()
-            if p.requires_grad
-        }
+        self._check_readable("gradients")
+        grads = state_to_cpu(
+            {
+                n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                for n, p in self._segment(key).module.named_parameters()
+                if p.requires_grad
+            }
+        )
         self.ledger.record(self.name, RESEARCHER, "gradient", _state_nbytes(grads))
         return grads
 
     def fetch_segment(self, key: str) -> nn.Module:
-        module = copy.deepcopy(self._segment(key).module)
+        self._check_readable("weights")
+        module = copy.deepcopy(self._segment(key).module).to(RESEARCHER_DEVICE)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(module.state_dict()))
         return module
 
@@ -503,6 +530,8 @@ class VirtualWorker:
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
         tensor = peer._take(ref.id)
+        if peer.device != self.device and kind != "psi":  # a cut between two devices (PSI messages are bytes)
+            tensor = to_device(tensor, self.device)
         if type(tensor) is tuple:
             if kind != "gradient" or any(t is not None for t in tensor):
                 self.ledger.record(ref.owner, self.name, kind, value_nbytes(tensor))
@@ -513,6 +542,22 @@ class VirtualWorker:
         if train and kind == "activation" and self.fuse and peer.fuse and tensor.requires_grad:
             return tensor, "fused"
         return tensor, "detached"
+
+    def _here(self, value: Value) -> Value:
+        """``value`` on this worker's device (as it is when it is there already)."""
+        if type(value) is tuple:
+            if all(t is None or t.device == self.device for t in value):
+                return value
+        elif value.device == self.device:
+            return value
+        return to_device(value, self.device)
+
+    def _check_readable(self, what: str) -> None:
+        if self.device.type == "meta":
+            raise WorkerError(
+                f"worker {self.name!r} computes on the 'meta' device (shapes only): it holds no {what} to hand "
+                "out; give it a real device ('cpu', 'cuda:0')"
+            )
 
     def _keep(self, tensor: Value, kind: str) -> TensorRef:
         tid = next(self._ids)
@@ -544,7 +589,7 @@ class VirtualWorker:
         rows = self._dataset(ref.dataset).read(part, ref.indices)
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
-        return rows
+        return self._here(rows)  # tensors are held on the device; a map-style dataset's batch moves here
 
 
 def _call(module: nn.Module, x: Value) -> object:
