@@ -109,9 +109,10 @@ def test_a_cut_resnet_is_placed_and_probed_on_meta_without_computing():
 def test_nothing_is_handed_out_from_the_meta_device():
     w = splitnn.VirtualWorker("bob", device="meta")
     w.add_segment("s", nn.Linear(4, 3), None)
-    for call in (w.get_state, w.fetch_segment, w.get_grads):
+    w.add_dataset("d", features=torch.randn(5, 4), labels=torch.arange(5))
+    for call, arg in ((w.get_state, "s"), (w.fetch_segment, "s"), (w.get_grads, "s"), (w.dataset_stats, "d")):
         with pytest.raises(WorkerError, match="worker 'bob' computes on the 'meta' device"):
-            call("s")
+            call(arg)
 
 
 def test_received_values_land_on_the_receivers_device():

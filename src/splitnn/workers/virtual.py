@@ -191,7 +191,9 @@ class VirtualWorker:
         self._data[name] = held.to(self.device)
 
     def dataset_stats(self, name: str) -> DatasetStats:
-        return self._dataset(name).stats(name)
+        data = self._dataset(name)
+        self._check_readable("label statistics")  # a label range has no value on the meta device
+        return data.stats(name)
 
     def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         # A copy of the module's structure sharing its parameters and buffers, in eval mode
