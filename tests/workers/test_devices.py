@@ -93,6 +93,12 @@ def test_a_worker_puts_its_segment_optimizer_and_data_on_its_device():
     w.add_dataset("d", features=torch.randn(5, 4), labels=torch.arange(5))
     assert w._data["d"].features.device == META and w._data["d"].labels.device == META
     assert w.probe("s", (2, 4)) == (2, 3)  # shapes, computed on the meta device
+    # a map-style dataset is read on the CPU, batch by batch; each batch moves to the worker's device
+    rows = [torch.randn(4) for _ in range(5)]
+    w.add_dataset("m", features=rows)
+    assert w._data["m"].features is rows
+    batch = w._batch(BatchRef("m", torch.tensor([3, 1])), "features")
+    assert batch.device == META and batch.shape == (2, 4)
 
 
 def test_a_cut_resnet_is_placed_and_probed_on_meta_without_computing():
@@ -179,7 +185,9 @@ def test_several_values_at_a_cut_move_together(monkeypatch, fuse):
     split, name = _placed(["layer1.1.conv2", "layer2"], fuse, ["meta", "cpu", "cpu"])
     split.train_batch(name, torch.arange(4))
     two = ((4, 4, 12, 12), (4, 4, 12, 12))
-    expected = [(two, CPU)] + ([] if fuse else [(two, META)])  # bob -> claire: same device, nothing moves
+    # alice's batch was held while she was on the CPU, so it moves when read; then the two values cross to
+    # bob (and, eager, their two gradients back to alice); bob -> claire: same device, nothing moves
+    expected = [((4, 1, 12, 12), META), (two, CPU)] + ([] if fuse else [(two, META)])
     assert spy.moves == expected
 
 
