@@ -144,6 +144,7 @@ def test_the_researcher_gets_everything_on_the_cpu():
 
 def test_device_tensors_cross_the_wire_as_the_same_bytes():
     from splitnn.transport import frames
+    from splitnn.wire import compress
     from splitnn.wire.state_codec import encode_state
     from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 
@@ -155,6 +156,11 @@ def test_device_tensors_cross_the_wire_as_the_same_bytes():
     assert list(frames.data_frames("activation", 7, g, 64)) == list(frames.data_frames("activation", 7, t, 64))
     state = SmallResNet(width=4).state_dict()
     assert encode_state({k: v.cuda() for k, v in state.items()}) == encode_state(state)
+    for name in ("fp16", "bf16", "int8"):  # the compressing codecs of the peer frames, too
+        codec = compress.get_codec(name)
+        assert codec.encode(g) == codec.encode(t), name
+    topk = compress.get_codec("topk:0.25")
+    assert torch.equal(compress.decode(topk.encode(g)), compress.decode(topk.encode(t)))
 
 
 @pytest.mark.network
