@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 
 import splitnn  # noqa: E402
 from splitnn.accounting import RESEARCHER  # noqa: E402
-from splitnn.workers.remote import RemoteWorker  # noqa: E402
+from splitnn.client.remote import RemoteWorker  # noqa: E402
 
 MiB = 1 << 20
 

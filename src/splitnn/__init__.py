@@ -40,11 +40,11 @@ def connect(
     limits=None,
     session: str | None = None,
 ):
-    """Connect to a party started with ``splitnn worker``; returns a :class:`~splitnn.workers.remote.RemoteWorker`.
+    """Connect to a party started with ``splitnn worker``; returns a :class:`~splitnn.client.remote.RemoteWorker`.
 
-    See :func:`splitnn.workers.remote.connect` (imported lazily: grpc loads only when used).
+    See :func:`splitnn.client.remote.connect` (imported lazily: grpc loads only when used).
     """
-    from splitnn.workers.remote import connect as _connect
+    from splitnn.client.remote import connect as _connect
 
     return _connect(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session)
 

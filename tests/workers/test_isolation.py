@@ -135,10 +135,10 @@ def test_threads_training_different_models_on_shared_workers_match_their_twins()
 
 
 def test_the_session_limit_evicts_the_oldest_closed_session_and_refuses_when_all_are_open():
+    from splitnn.common.messages import new_session_id
+    from splitnn.server.peers import Peers
+    from splitnn.server.sessions import Sessions, TooManySessions
     from splitnn.transport import ByteCounters, Limits
-    from splitnn.workers.messages import new_session_id
-    from splitnn.workers.peers import Peers
-    from splitnn.workers.sessions import Sessions, TooManySessions
 
     async def main() -> None:
         peers = Peers("bob", "t", tls=None, limits=Limits(), counters=ByteCounters(), timeout=5, resolve=lambda t: None)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import splitnn
-from splitnn.workers.messages import MAX_BATCH
+from splitnn.common.messages import MAX_BATCH
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]

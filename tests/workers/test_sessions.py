@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 import splitnn
+from splitnn.common.messages import new_session_id, session_tag
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.models import tutorial_mlp
 from splitnn.transport import frames
 from splitnn.wire.proto import CALL, PEER, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_to_json
 from splitnn.wire.state_codec import encode_state
-from splitnn.workers.messages import new_session_id, session_tag
 from tests.helpers import assert_same_weights, toy_dataset
 from tests.transport.cluster import Cluster, open_files_prefix
 
@@ -46,7 +46,7 @@ def cluster(tmp_path_factory):
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
 
-def _connect(cl: Cluster, names=NAMES, **kw) -> list[splitnn.workers.remote.RemoteWorker]:
+def _connect(cl: Cluster, names=NAMES, **kw) -> list[splitnn.client.remote.RemoteWorker]:
     return [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60, **kw) for n in names]
 
 

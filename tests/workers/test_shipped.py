@@ -8,13 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from splitnn.common.serde import losses_from_result as losses_from_json
+from splitnn.common.serde import losses_to_result as losses_json
 from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.server.shipped import MAX_EARLY_PUSHES, Inbox, parse_plan
 from splitnn.training import epoch_batches
 from splitnn.transport import frames
 from splitnn.workers import VirtualWorker
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id, run_of
 from splitnn.workers.refs import LossStats
-from splitnn.workers.shipped import MAX_EARLY_PUSHES, Inbox, losses_from_json, losses_json, parse_plan
 
 
 def _bob() -> VirtualWorker:

@@ -283,11 +283,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from splitnn.errors import SpecError
+    from splitnn.server.server import ServeConfig, serve
+    from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
-    from splitnn.workers.server import ServeConfig, serve
-    from splitnn.workers.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
 
     grace = DEFAULT_GRACE if args.session_grace is None else args.session_grace
     if not 0 <= grace < float("inf"):

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.cut import join, merge_states
+from splitnn.split.epoch import can_ship, ship_epoch
+from splitnn.split.loop import EvalResult, History, evaluate, fit
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
 from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
 from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker, fresh_name
+from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.values import Value, is_several
-
-if TYPE_CHECKING:  # imported lazily at run time: training sits above split
-    from splitnn.data import Dataset
-    from splitnn.training.loop import EvalResult, History
 
 
 def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
@@ -236,9 +235,6 @@ class SplitNN:
         Otherwise, or with ``ship_epochs=False``, it is :meth:`train_batch` per batch.
         Either way the ledger holds the epoch's transfers when this returns.
         """
-        from splitnn.split.epoch import can_ship, ship_epoch
-        from splitnn.workers.epoch import BatchOrder
-
         if self.ship_epochs and can_ship(self.stages):
             ship_epoch(
                 self.stages,
@@ -271,8 +267,6 @@ class SplitNN:
 
     def fit(self, data: Dataset | str, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
         """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
-        from splitnn.training.loop import fit
-
         return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
 
     def evaluate(
@@ -284,8 +278,6 @@ class SplitNN:
         metrics: Sequence[str] | None = None,
     ) -> EvalResult:
         """Mean loss, ``metrics`` (default: accuracy for classification) and bytes moved per worker on ``data``."""
-        from splitnn.training.loop import evaluate
-
         return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)
 
     def predict(self, x: Value) -> Value:

@@ -4,7 +4,7 @@ The :class:`~splitnn.accounting.Ledger` counts *tensor* bytes (numel x itemsize)
 same in-process and over the network. These counters measure the *serialized gRPC
 messages* (headers, control envelopes and all), so the overhead of the wire format
 is measured, not estimated. Each server exposes its counters through the ``stats``
-command; each :class:`~splitnn.workers.remote.RemoteWorker` keeps its own.
+command; each :class:`~splitnn.client.remote.RemoteWorker` keeps its own.
 """
 
 from __future__ import annotations

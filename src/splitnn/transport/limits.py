@@ -3,7 +3,7 @@
 gRPC refuses messages above 4 MiB by default, which one large activation easily
 exceeds. We set the limits ourselves and cut anything bigger into chunks of at most
 ``chunk_bytes`` (control blobs: the ``stage`` command of
-:mod:`splitnn.workers.command_stream`) or ``peer_chunk_bytes`` (peer frames of the data
+:mod:`splitnn.client.command_stream`) or ``peer_chunk_bytes`` (peer frames of the data
 plane: :mod:`splitnn.transport.frames`).
 
 Why the data plane's chunks are smaller. A gRPC message is handed over only once all of

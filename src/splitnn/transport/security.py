@@ -7,6 +7,11 @@ federation's CA whose common name or DNS subject-alternative name is its party n
 a server checks that the certificate of a caller matches the party it claims to be,
 and a client checks (through the TLS target name) that the server is the party it
 meant to reach.
+
+Nothing here imports grpc: :class:`TLSConfig` is data (paths, read on demand); the gRPC
+credentials are made from it by the role that needs them (the researcher's client:
+:func:`splitnn.client.channels.channel_credentials`; the worker's server:
+:func:`splitnn.server.server.server_credentials`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,11 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from splitnn.errors import ConfigurationError
 
 TOKEN_KEY = "x-splitnn-token"
 PARTY_KEY = "x-splitnn-party"
-#: The researcher's session id (a secret the researcher's client chooses; see splitnn.workers.sessions).
+#: The researcher's session id (a secret the researcher's client chooses; see splitnn.server.sessions).
 SESSION_KEY = "x-splitnn-session"
 #: On a peer stream: the public tag of the dialled worker's session the stream serves.
 PEER_SESSION_KEY = "x-splitnn-peer-session"
@@ -79,7 +82,8 @@ class TLSConfig:
     key: Path
     ca: Path | None = None
 
-    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+    def read_files(self) -> tuple[bytes, bytes, bytes | None]:
+        """The certificate, key and CA (or None) as bytes; ConfigurationError naming a file that cannot be read."""
         try:
             return (
                 Path(self.cert).read_bytes(),
@@ -88,14 +92,6 @@ class TLSConfig:
             )
         except OSError as exc:
             raise ConfigurationError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        cert, key, ca = self._read()
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        cert, key, ca = self._read()
-        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 def peer_identities(auth_context: dict) -> set[str]:

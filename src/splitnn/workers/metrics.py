@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitnn.errors import ConfigurationError, LabelError, WireError, WorkerError
+from splitnn.workers.base import MetricWorker
 from splitnn.workers.losses import (
     CLASS_INDEX_LOSSES,
     CLASSIFICATION_LOSSES,
@@ -115,8 +116,6 @@ def check_metrics_for(
 
 def label_holder_metrics(label_holder: object, keep: str, names: Sequence[str]) -> dict[str, float]:
     """``label_holder.metrics(keep, names)``, or a clear error when that worker cannot compute metrics."""
-    from splitnn.workers.base import MetricWorker
-
     if not isinstance(label_holder, MetricWorker):
         raise ConfigurationError(
             f"label holder {getattr(label_holder, 'name', label_holder)!r} cannot compute metrics {list(names)} "

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from splitnn.errors import ConfigurationError
+from splitnn.wire.optim_spec import OptimizerSpec
 
 
 def build_optimizer(optimizer: object, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -23,6 +24,4 @@ def build_optimizer(optimizer: object, params: Sequence[torch.nn.Parameter]) -> 
                 f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer"
             )
         return opt
-    from splitnn.wire.optim_spec import OptimizerSpec
-
     return OptimizerSpec.coerce(optimizer).build(params)

@@ -1,13 +1,13 @@
 """The conventions of the Session and Call messages that both ends of the control plane share.
 
-The researcher's :class:`~splitnn.workers.remote.RemoteWorker` and the worker's
-:class:`~splitnn.workers.server.WorkerServer` exchange protobuf ``Command``/``Reply``
+The researcher's :class:`~splitnn.client.remote.RemoteWorker` and the worker's
+:class:`~splitnn.server.server.WorkerServer` exchange protobuf ``Command``/``Reply``
 envelopes (``wire/proto/splitnn.proto``). What those envelopes mean beyond their fields
 lives here, once, so the two ends cannot drift apart:
 
 * party names (:func:`check_party_name`) and the protocol version;
 * session ids and their public tags (:func:`new_session_id`, :func:`check_session_id`,
-  :func:`session_tag`; what a session is: :mod:`splitnn.workers.sessions`);
+  :func:`session_tag`; what a session is: :mod:`splitnn.server.sessions`);
 * how many commands one coalesced ``batch`` may hold (:data:`MAX_BATCH`);
 * which wire-counter kind a command's and a reply's bytes count as
   (:data:`COMMAND_KIND`, :data:`REPLY_KIND`);
@@ -23,8 +23,6 @@ import hashlib
 import json
 import re
 import secrets
-
-import grpc
 
 from splitnn import errors as _errors
 from splitnn.errors import SplitNNError, WireError, WorkerError
@@ -172,13 +170,3 @@ def error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
     if not (isinstance(cls, type) and issubclass(cls, _errors.SplitNNError)):
         cls = WorkerError
     return cls(reply.error or f"worker {worker!r} at {address} failed")
-
-
-def rpc_text(exc: BaseException) -> str:
-    """``CODE: details`` of a gRPC error (``str(exc)`` of anything else), for error messages."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        try:
-            return f"{exc.code().name}: {exc.details()}"
-        except Exception:  # pragma: no cover - defensive
-            pass
-    return str(exc)

@@ -7,7 +7,7 @@ activations to its next party and its gradients to its previous one (PUSH frames
 an ABORT frame tells an adjacent party that this worker's part of the epoch failed.
 Frame layout and reassembly: :mod:`splitnn.transport.frames`.
 
-Streams are scoped to sessions (:mod:`splitnn.workers.sessions`). Each researcher's
+Streams are scoped to sessions (:mod:`splitnn.server.sessions`). Each researcher's
 session at a worker tells it, for each peer of its model, the peer's address and the
 *tag* of the researcher's session there (``peers`` command); a worker dials a peer on
 behalf of one of its sessions, naming that tag (``x-splitnn-peer-session``), so the
@@ -34,21 +34,30 @@ from typing import Any, Protocol
 import grpc
 import torch
 
+from splitnn.client.channels import open_channel
 from splitnn.errors import PolicyError, WireError, WorkerError
+from splitnn.server.shipped import Inbox
 from splitnn.transport import frames
-from splitnn.transport.channels import open_channel
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
 from splitnn.wire.proto import PEER
-from splitnn.workers.messages import rpc_text
-from splitnn.workers.shipped import Inbox
 
 log = logging.getLogger("splitnn.worker")
 
 
+def rpc_text(exc: BaseException) -> str:
+    """``CODE: details`` of a gRPC error (``str(exc)`` of anything else), for error messages."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        try:
+            return f"{exc.code().name}: {exc.details()}"
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(exc)
+
+
 class PeerScope(Protocol):
-    """What a peer stream needs from the session it serves (a :class:`~splitnn.workers.sessions.Session`)."""
+    """What a peer stream needs from the session it serves (a :class:`~splitnn.server.sessions.Session`)."""
 
     tag: str
     inbox: Inbox

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from splitnn.errors import WireError, WorkerError
+from splitnn.server.exports import quiet_future
 from splitnn.wire.tensor_codec import decode_tensor
 from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, StagePlan, push_id, run_of
-from splitnn.workers.exports import quiet_future
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
 from splitnn.workers.virtual import VirtualWorker
@@ -320,19 +320,3 @@ async def run_epoch(
             yield out
     if pending:
         yield pending
-
-
-def losses_json(losses: list[LossStats]) -> dict:
-    """Losses as JSON lists (Python floats round-trip exactly through JSON)."""
-    return {"loss": [s.loss for s in losses], "count": [s.count for s in losses]}
-
-
-def losses_from_json(d: dict) -> list[LossStats]:
-    loss, count = d.get("loss", []), d.get("count", [])
-    if not (isinstance(loss, list) and isinstance(count, list) and len(loss) == len(count)):
-        raise WireError("malformed progress report")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in loss) or not all(
-        isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in count
-    ):
-        raise WireError("malformed loss in a progress report")
-    return [LossStats(float(x), -1, int(c)) for x, c in zip(loss, count)]

@@ -1,9 +1,9 @@
 """The researcher's ordered command stream to one worker, and the thread that reads its replies.
 
-:class:`CommandStream` is the plumbing under :class:`~splitnn.workers.remote.RemoteWorker`:
+:class:`CommandStream` is the plumbing under :class:`~splitnn.client.remote.RemoteWorker`:
 one gRPC ``Session`` stream on which commands go out in order and replies come back in
 order. Commands whose answer nobody waits for are *coalesced* into one ``batch`` message
-(at most :data:`~splitnn.workers.messages.MAX_BATCH` commands and about one chunk of
+(at most :data:`~splitnn.common.messages.MAX_BATCH` commands and about one chunk of
 bytes each), so a training step reaches a worker as one or two messages; blobs larger
 than a chunk are sent ahead as ``stage`` commands. Each message sent is a
 :class:`Pending` answer, which a daemon thread fills as replies arrive: it joins replies
@@ -28,12 +28,7 @@ import grpc
 
 from splitnn import errors as _errors
 from splitnn.accounting.ledger import LinkTotal
-from splitnn.errors import WorkerError
-from splitnn.transport.counters import ByteCounters
-from splitnn.transport.limits import Limits
-from splitnn.wire.proto import SESSION, Command, Reply
-from splitnn.workers.epoch import EpochHandle, EpochReport
-from splitnn.workers.messages import (
+from splitnn.common.messages import (
     COMMAND_KIND,
     MAX_BATCH,
     REPLY_KIND,
@@ -41,7 +36,12 @@ from splitnn.workers.messages import (
     join_parts,
     reply_result,
 )
-from splitnn.workers.shipped import losses_from_json
+from splitnn.common.serde import losses_from_result
+from splitnn.errors import WorkerError
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.limits import Limits
+from splitnn.wire.proto import SESSION, Command, Reply
+from splitnn.workers.epoch import EpochHandle, EpochReport
 
 #: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply).
 ASYNC_OPS = frozenset(
@@ -257,7 +257,7 @@ class CommandStream:
             pending = self._pending.get(reply.seq)
         self.counters.record(self.worker, "recv", "control", nbytes)
         if pending is not None and pending.handle is not None:
-            pending.handle.add_losses(losses_from_json(reply_result(reply)))
+            pending.handle.add_losses(losses_from_result(reply_result(reply)))
 
     def _on_part(self, reply: Reply, nbytes: int) -> None:
         with self._lock:

@@ -3,7 +3,9 @@
 The researcher (blocking grpcio) and a worker dialling its peers (``grpc.aio``) open
 their channels the same way: the message limits of :class:`~splitnn.transport.Limits`
 on both, and with TLS the expected party name as the TLS target, so the server's
-certificate must name the party the caller meant to reach.
+certificate must name the party the caller meant to reach. A worker dialling a peer is
+the client side of that call, so the server (:mod:`splitnn.server.peers`) opens its
+channels here too: the one import from ``server`` into ``client``, never the other way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def parse_address(url: str) -> str:
     return f"{host}:{port}"
 
 
+def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
+    """gRPC channel credentials from a party's TLS material (its certificate and key, the federation CA)."""
+    cert, key, ca = tls.read_files()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def open_channel(
     address: str, *, limits: Limits, tls: TLSConfig | None = None, target_name: str | None = None, aio: bool = False
 ) -> grpc.Channel | grpc.aio.Channel:
@@ -44,4 +52,4 @@ def open_channel(
     if tls is None:
         return api.insecure_channel(address, options=options)
     options = options + [("grpc.ssl_target_name_override", target_name)]
-    return api.secure_channel(address, tls.channel_credentials(), options=options)
+    return api.secure_channel(address, channel_credentials(tls), options=options)

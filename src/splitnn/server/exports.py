@@ -6,7 +6,7 @@ a future that resolves to the engine's own tensor id once the command that produ
 it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
 it exists simply awaits that future; a command of this worker that consumes #7
 takes it directly. Either way a tensor is handed out once and then forgotten. Each
-session (:mod:`splitnn.workers.sessions`) has its own :class:`Exports`, over its own engine.
+session (:mod:`splitnn.server.sessions`) has its own :class:`Exports`, over its own engine.
 
 :class:`StreamState` is what one of the session's streams (or one unary call) holds
 beyond that: the ids it announced (dropped when the stream ends) and big uploads it

@@ -2,16 +2,16 @@
 
 :class:`Executor` turns one ``Command`` envelope into one ``Reply``: it decodes the
 arguments, puts staged uploads back into the blobs, runs the operation from the
-:class:`~splitnn.workers.commands.Commands` table and attaches the ledger records made
+:class:`~splitnn.server.commands.Commands` table and attaches the ledger records made
 since the previous reply (:class:`LedgerDelta`). Every failure becomes an error reply
-(:func:`~splitnn.workers.messages.fill_error`); the worker keeps serving.
+(:func:`~splitnn.common.messages.fill_error`); the worker keeps serving.
 
 Two commands are not single operations:
 
 * ``batch`` -- commands the researcher coalesced into one message; they run in order
   and the reply carries the last one's result, or the first error.
 * ``run_epoch`` -- a shipped epoch (:mod:`splitnn.workers.epoch`): this worker's part of
-  a whole training epoch, run batch by batch by :func:`splitnn.workers.shipped.run_epoch`,
+  a whole training epoch, run batch by batch by :func:`splitnn.server.shipped.run_epoch`,
   pushing activations and gradients to the adjacent parties over the peer streams. It
   answers with progress replies (the label holder's losses) and one final reply. On
   failure -- or when the researcher goes away -- the adjacent parties get an ABORT
@@ -27,15 +27,16 @@ from collections.abc import AsyncIterator
 import torch
 from google.protobuf.message import DecodeError
 
+from splitnn.common import serde
+from splitnn.common.messages import MAX_BATCH, command_args, fill_error
 from splitnn.errors import SplitNNError, WireError
+from splitnn.server import shipped
+from splitnn.server.commands import Commands
+from splitnn.server.exports import StreamState
+from splitnn.server.peers import SessionPeers
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import Command, Reply, Transfer
-from splitnn.workers import shipped
-from splitnn.workers.commands import Commands
 from splitnn.workers.epoch import EpochPlan
-from splitnn.workers.exports import StreamState
-from splitnn.workers.messages import MAX_BATCH, command_args, fill_error
-from splitnn.workers.peers import SessionPeers
 from splitnn.workers.virtual import VirtualWorker
 
 log = logging.getLogger("splitnn.worker")
@@ -160,7 +161,7 @@ class Executor:
                 return await self.inbox.wait(run, peer, kind, fid, fut)
 
             async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
-                yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(shipped.losses_json(losses)))
+                yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(serde.losses_to_result(losses)))
             final.ok = True
             final.result_json = json.dumps({"batches": plan.num_batches})
         except Exception as exc:

@@ -8,7 +8,7 @@ Control plane only. The researcher sends *commands* (protobuf envelopes) and get
 back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
 and gradients never pass through this process: a worker that must run on another
 party's tensor pulls it from that party over their peer stream
-(:mod:`splitnn.workers.peers`).
+(:mod:`splitnn.server.peers`).
 
 Pipelined commands (the per-op path). All commands to one worker travel on one
 ordered gRPC stream and the worker runs them in order. Operations whose result the
@@ -39,12 +39,12 @@ intermediate tensors) belongs to its *session* there, named by a secret random i
 (``session=``; a fresh one per connection by default) sent with every call: no other
 session can read, replace or remove it, and when the connection ends the worker frees
 the tensors at once and the rest after its grace period, within which a client connecting
-with the same ``session`` id resumes (see :mod:`splitnn.workers.sessions`).
+with the same ``session`` id resumes (see :mod:`splitnn.server.sessions`).
 
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
 replies; no event loop has to be hosted inside the user's program. That plumbing (the
-ordered stream, coalescing, the reply reader) is :mod:`splitnn.workers.command_stream`;
+ordered stream, coalescing, the reply reader) is :mod:`splitnn.client.command_stream`;
 this module holds the Worker-protocol methods on top of it.
 """
 
@@ -62,8 +62,16 @@ from torch import nn
 
 from splitnn import errors as _errors
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.client.channels import open_channel, parse_address
+from splitnn.client.command_stream import CommandStream
+from splitnn.common.messages import (
+    check_session_id,
+    error_from_reply,
+    new_session_id,
+    reply_result,
+    session_tag,
+)
 from splitnn.errors import ConfigurationError, WorkerError
-from splitnn.transport.channels import open_channel, parse_address
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
@@ -75,17 +83,9 @@ from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
-from splitnn.workers.command_stream import CommandStream
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
-from splitnn.workers.messages import (
-    check_session_id,
-    error_from_reply,
-    new_session_id,
-    reply_result,
-    session_tag,
-)
 from splitnn.workers.metrics import metrics_args, parse_metrics_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 

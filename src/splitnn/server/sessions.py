@@ -3,16 +3,16 @@
 A worker is often a long-running service that several researchers (or several jobs of one
 researcher) use at once. A *session* is one such job at this worker. The researcher's client
 names it with a random session id of its own choosing (128 bits by default,
-:func:`~splitnn.workers.messages.new_session_id`), sent with every call
+:func:`~splitnn.common.messages.new_session_id`), sent with every call
 (``x-splitnn-session``). The id is a secret: whoever presents it acts as that session.
 Calls without one get an anonymous session of their own, freed when they end.
 
 What a session owns. Everything it creates lives in a :class:`Session` of its own: an
 engine (a :class:`~splitnn.workers.VirtualWorker` holding its segments, their optimizers,
 the datasets it placed, its intermediate tensors and pending losses, its ledger), the
-tensors it promised to its peers (:class:`~splitnn.workers.exports.Exports`), the pushes
-of its shipped epochs (:class:`~splitnn.workers.shipped.Inbox`), its peers and their
-session tags (:class:`~splitnn.workers.peers.SessionPeers`) and its wire counters. Nothing
+tensors it promised to its peers (:class:`~splitnn.server.exports.Exports`), the pushes
+of its shipped epochs (:class:`~splitnn.server.shipped.Inbox`), its peers and their
+session tags (:class:`~splitnn.server.peers.SessionPeers`) and its wire counters. Nothing
 is shared between sessions but the datasets the party loaded itself (``splitnn worker
 --data``): every session reads them, none may replace them. Two sessions may even hold a
 segment or dataset under the same name, each its own. :class:`Sessions` also keeps which
@@ -42,12 +42,12 @@ from collections.abc import Callable
 
 import torch
 
+from splitnn.common.messages import check_session_id, new_session_id, session_tag
 from splitnn.errors import PolicyError, WorkerError
+from splitnn.server.exports import Exports
+from splitnn.server.peers import Peers, SessionPeers
+from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
-from splitnn.workers.exports import Exports
-from splitnn.workers.messages import check_session_id, new_session_id, session_tag
-from splitnn.workers.peers import Peers, SessionPeers
-from splitnn.workers.shipped import Inbox
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 log = logging.getLogger("splitnn.worker")
@@ -85,7 +85,7 @@ class TooManySessions(WorkerError):
 class Session:
     """One researcher's job at this worker; see the module docstring.
 
-    ``commands`` and ``executor`` are set by the server (:class:`~splitnn.workers.server.WorkerServer`).
+    ``commands`` and ``executor`` are set by the server (:class:`~splitnn.server.server.WorkerServer`).
     """
 
     def __init__(

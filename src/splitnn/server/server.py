@@ -1,7 +1,7 @@
 """WorkerServer: one party of split learning as a gRPC server (``splitnn worker``).
 
 What it hosts. A worker serves several researchers (or jobs) at once, each in a
-*session* of its own (:mod:`splitnn.workers.sessions`), named by a secret id the
+*session* of its own (:mod:`splitnn.server.sessions`), named by a secret id the
 researcher's client sends with its calls. Each session's segments, optimizers, placed
 datasets and intermediate tensors live in an in-process
 :class:`~splitnn.workers.VirtualWorker` of its own (its *engine*, ``fuse=False``), so a
@@ -11,12 +11,12 @@ The datasets the party loaded itself (``--data``) are shared, read-only. The ser
 adds the network around the engines. This module holds the gRPC service and the
 process's lifecycle; the rest of a worker lives beside it:
 
-* :mod:`splitnn.workers.sessions` -- who owns what, and when it is freed;
-* :mod:`splitnn.workers.commands` -- the operations a command may run on a session's engine;
-* :mod:`splitnn.workers.executor` -- running commands in order, batches, shipped epochs;
-* :mod:`splitnn.workers.exports` -- the tensors a session produced, by the researcher's id;
-* :mod:`splitnn.workers.peers` -- the peer streams (pull, push, abort) to other workers, per session;
-* :mod:`splitnn.workers.messages` -- message conventions shared with the researcher's client.
+* :mod:`splitnn.server.sessions` -- who owns what, and when it is freed;
+* :mod:`splitnn.server.commands` -- the operations a command may run on a session's engine;
+* :mod:`splitnn.server.executor` -- running commands in order, batches, shipped epochs;
+* :mod:`splitnn.server.exports` -- the tensors a session produced, by the researcher's id;
+* :mod:`splitnn.server.peers` -- the peer streams (pull, push, abort) to other workers, per session;
+* :mod:`splitnn.common.messages` -- message conventions shared with the researcher's client.
 
 Three RPCs (see ``wire/proto/splitnn.proto``):
 
@@ -25,7 +25,7 @@ Three RPCs (see ``wire/proto/splitnn.proto``):
   as validated :mod:`~splitnn.wire.tensor_codec` frames, weights as safetensors);
   each gets a :class:`Reply` carrying the result and the ledger records made since
   the previous reply. Commands run strictly in order, so the researcher may send a
-  whole training step without waiting (see :mod:`splitnn.workers.remote`). A
+  whole training step without waiting (see :mod:`splitnn.client.remote`). A
   ``run_epoch`` command ships this worker's part of a whole training epoch and is
   answered with progress replies and one final reply.
 * ``Peer`` -- a persistent bidirectional stream between two workers, for one session,
@@ -71,7 +71,22 @@ import torch
 from google.protobuf.message import DecodeError
 
 from splitnn.accounting import RESEARCHER
+from splitnn.common.messages import (
+    COMMAND_KIND,
+    MAX_NAME,
+    PROTOCOL_VERSION,
+    REPLY_KIND,
+    check_party_name,
+    check_session_id,
+    check_session_tag,
+    split_reply,
+)
 from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
+from splitnn.server.executor import Executor
+from splitnn.server.exports import StreamState
+from splitnn.server.peers import Peers
+from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
@@ -86,22 +101,7 @@ from splitnn.transport.security import (
 )
 from splitnn.wire.proto import SERVICE, Command, Reply
 from splitnn.wire.trust import Trust
-from splitnn.workers.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.workers.devices import resolve_device
-from splitnn.workers.executor import Executor
-from splitnn.workers.exports import StreamState
-from splitnn.workers.messages import (
-    COMMAND_KIND,
-    MAX_NAME,
-    PROTOCOL_VERSION,
-    REPLY_KIND,
-    check_party_name,
-    check_session_id,
-    check_session_tag,
-    split_reply,
-)
-from splitnn.workers.peers import Peers
-from splitnn.workers.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
 from splitnn.workers.virtual import WorkerPolicy
 
 __all__ = [
@@ -116,6 +116,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("splitnn.worker")
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """gRPC server credentials from a party's TLS material; with a CA, callers must present a certificate."""
+    cert, key, ca = tls.read_files()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def register_known_layers() -> None:
@@ -142,7 +148,7 @@ class WorkerServer:
         trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
             layers and the spec registry are always allowed.
         session_grace: seconds a closed session's segments and datasets are kept for the
-            researcher to resume (its tensors are freed at once); see :mod:`splitnn.workers.sessions`.
+            researcher to resume (its tensors are freed at once); see :mod:`splitnn.server.sessions`.
         max_sessions: sessions kept at once (open, or closed within their grace period).
         max_rpcs: concurrent RPCs (streams and calls) the server accepts; more get RESOURCE_EXHAUSTED.
         device: where the party's segments, optimizer state and data live and compute
@@ -235,7 +241,7 @@ class WorkerServer:
         )
         try:
             if self.tls is not None:
-                bound = server.add_secure_port(listen, self.tls.server_credentials())
+                bound = server.add_secure_port(listen, server_credentials(self.tls))
             else:
                 bound = server.add_insecure_port(listen)
         except RuntimeError as exc:

@@ -1,18 +1,18 @@
 """The commands a researcher may run on a worker, each a checked call into the in-process engine.
 
-Each researcher's session (:mod:`splitnn.workers.sessions`) hosts its segments, optimizers
+Each researcher's session (:mod:`splitnn.server.sessions`) hosts its segments, optimizers
 and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
 ``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
 in-process one. :class:`Commands` is one session's table of operations
 (``_op_<name>(args, blobs) -> (result, blobs)``) that its executor
-(:mod:`splitnn.workers.executor`) looks commands up in. Each operation checks its
+(:mod:`splitnn.server.executor`) looks commands up in. Each operation checks its
 arguments (:func:`arg`, :func:`ref_arg`, :func:`blob_arg`: ``WireError`` on anything
 malformed) and that the segment keys and dataset names it uses are not another session's
 (``PolicyError``) before it touches the engine.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
-under the researcher's id (:class:`~splitnn.workers.exports.Exports`); one that consumes
-another party's tensor pulls it over the peer stream (:class:`~splitnn.workers.peers.Peers`)
+under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
+another party's tensor pulls it over the peer stream (:class:`~splitnn.server.peers.Peers`)
 and puts it into the engine, which records the transfer on the receiving side, as in-process.
 
 Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
@@ -32,22 +32,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.parameter import is_lazy
 
+from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
 from splitnn.errors import ConfigurationError, SpecError, WireError, WorkerError
+from splitnn.server.exports import StreamState
+from splitnn.server.peers import PeerAddress
 from splitnn.transport.limits import Limits
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 from splitnn.wire.trust import Trust
-from splitnn.workers.exports import StreamState
 from splitnn.workers.losses import check_loss_name
-from splitnn.workers.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
 from splitnn.workers.metrics import metrics_result, parse_metrics_args
-from splitnn.workers.peers import PeerAddress
 from splitnn.workers.refs import BatchRef, TensorRef
 
 if TYPE_CHECKING:
-    from splitnn.workers.sessions import Session, Sessions
+    from splitnn.server.sessions import Session, Sessions
 
 #: Largest number of sources one ``forward_merged`` may merge.
 MAX_MERGE_SOURCES = 256
