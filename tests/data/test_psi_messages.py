@@ -5,9 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splitnn.common.serde import metrics_from_args as parse_metrics_args
+from splitnn.common.serde import metrics_from_result as parse_metrics_result
 from splitnn.data.psi import PsiClient, psi_reply
 from splitnn.errors import WireError
-from splitnn.workers.metrics import parse_metrics_args, parse_metrics_result
 
 IDS = [f"id-{i}" for i in range(20)]
 

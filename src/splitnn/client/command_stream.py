@@ -36,12 +36,12 @@ from splitnn.common.messages import (
     join_parts,
     reply_result,
 )
-from splitnn.common.serde import losses_from_result
+from splitnn.common.serde import epoch_report_from_result, losses_from_result
 from splitnn.errors import WorkerError
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import SESSION, Command, Reply
-from splitnn.workers.epoch import EpochHandle, EpochReport
+from splitnn.workers.epoch import EpochHandle
 
 #: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply).
 ASYNC_OPS = frozenset(
@@ -289,7 +289,7 @@ class CommandStream:
             self._idle.notify_all()
         if pending is not None and pending.handle is not None:  # after the ledger merge above
             if reply.ok:
-                pending.handle.finish(EpochReport(self.worker, int(reply_result(reply).get("batches", 0))))
+                pending.handle.finish(epoch_report_from_result(reply_result(reply), self.worker))
             else:
                 pending.handle.fail(error_from_reply(reply, self.worker, self.address))
 

@@ -64,6 +64,7 @@ from splitnn import errors as _errors
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.client.channels import open_channel, parse_address
 from splitnn.client.command_stream import CommandStream
+from splitnn.common import serde
 from splitnn.common.messages import (
     check_session_id,
     error_from_reply,
@@ -78,15 +79,12 @@ from splitnn.transport.security import TLSConfig, call_metadata, check_token_tex
 from splitnn.wire.graph import GRAPH_TYPE, graph_arity
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.proto import CALL, Command, Reply
-from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
-from splitnn.wire.state_codec import decode_state, encode_state
-from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.wire.spec import module_to_spec, spec_to_module
 from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
-from splitnn.workers.metrics import metrics_args, parse_metrics_result
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 
 __all__ = ["RemoteWorker", "connect", "parse_address"]
@@ -158,14 +156,13 @@ class RemoteWorker:
                 f"cannot connect to worker at {self.address}: connection refused or timed out; "
                 f"is `splitnn worker` running there?"
             ) from None
-        hello = self._unary("hello", {})
-        if name is not None and hello["name"] != name:
+        hello = serde.hello_from_result(self._unary("hello", {}))
+        if name is not None and hello.name != name:
             self._channel.close()
-            raise ConfigurationError(f"the worker at {self.address} is {hello['name']!r}, not {name!r}")
-        self.name = hello["name"]
-        device = hello.get("device", "cpu")
+            raise ConfigurationError(f"the worker at {self.address} is {hello.name!r}, not {name!r}")
+        self.name = hello.name
         #: where the party computes, as it reports it (``splitnn worker --device``); informational
-        self.device = device if isinstance(device, str) and len(device) <= 64 else "?"
+        self.device = hello.device
         self._stream = CommandStream(
             self._channel,
             self._metadata,
@@ -242,19 +239,13 @@ class RemoteWorker:
     def _new_ref(self) -> TensorRef:
         return TensorRef(self.name, next(self._ids))
 
-    @staticmethod
-    def _ref_json(ref: TensorRef) -> dict:
-        if ref.fused:
-            raise WorkerError("a fused in-process gradient cannot cross the network")
-        return {"owner": ref.owner, "id": ref.id}
-
     # -- Worker protocol -------------------------------------------------------------------------
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         self._peers.update({n: w for n, w in peers.items() if n != self.name})
         # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
         # that session only, and the peer hands its tensors only to the parties our session names
         addresses = {
-            n: {"address": w.address, "session": w.session_tag}
+            n: serde.PeerAddress(w.address, w.session_tag)
             for n, w in peers.items()
             if isinstance(w, RemoteWorker) and n != self.name
         }
@@ -264,7 +255,7 @@ class RemoteWorker:
                 f"remote worker {self.name!r} cannot exchange tensors with in-process "
                 f"worker(s) {others}; make every worker of a model remote (splitnn.connect)"
             )
-        self._request("peers", {"peers": addresses})
+        self._request("peers", serde.peers_to_args(addresses))
 
     def add_segment(
         self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
@@ -276,7 +267,7 @@ class RemoteWorker:
                 f"remote worker {self.name!r} cannot take an optimizer factory (code does not cross the wire); "
                 f"give a spec such as optimizer='sgd:lr=0.03' or splitnn.wire.OptimizerSpec('adam', lr=1e-3)"
             )
-        opt = OptimizerSpec.coerce(optimizer).to_dict() if optimizer is not None else None
+        opt = OptimizerSpec.coerce(optimizer) if optimizer is not None else None
         described = module_to_spec(segment)
         ins, outs = graph_arity(described) if described.get("type") == GRAPH_TYPE else (1, 1)
         if (ins, outs) != (1, 1):
@@ -286,13 +277,12 @@ class RemoteWorker:
                 "block boundaries), or train with in-process workers (splitnn.VirtualWorker), which carry "
                 "several values per cut"
             )
-        spec = spec_to_json(described).encode()
-        state = encode_state({k: v.detach() for k, v in segment.state_dict().items()})
-        self._request("add_segment", {"key": key, "optimizer": opt, "replace": replace}, [spec, state])
+        args, blobs = serde.add_segment_to_command(key, described, segment.state_dict(), opt, replace=replace)
+        self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)
 
     def remove_segment(self, key: str) -> None:
-        self._send("remove_segment", {"key": key})
+        self._send("remove_segment", serde.key_to_args(key))
 
     def add_dataset(
         self,
@@ -318,19 +308,15 @@ class RemoteWorker:
                 f"dataset {name!r}: sample ids for private set intersection stay with their party; networked "
                 f"PSI is not available yet (load the party's table at the worker: --data NAME=table:PATH,id=COLUMN)"
             )
-        self._request(
-            "add_dataset",
-            {"name": name, "parts": list(parts), "replace": replace},
-            [encode_tensor(t) for t in parts.values()],
-        )
+        self._request("add_dataset", *serde.add_dataset_to_command(name, parts, replace=replace))
 
     def dataset_stats(self, name: str) -> DatasetStats:
-        r, _ = self._request("dataset_stats", {"name": name})
-        return DatasetStats.from_dict(r)
+        r, _ = self._request("dataset_stats", serde.dataset_name_to_args(name))
+        return serde.dataset_stats_from_result(r)
 
     def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        r, _ = self._request("probe", {"key": key, "shape": list(input_shape)})
-        return tuple(r["shape"])
+        r, _ = self._request("probe", serde.probe_to_args(key, input_shape))
+        return serde.shape_from_result(r)
 
     def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
         if not isinstance(tensor, torch.Tensor):
@@ -341,19 +327,16 @@ class RemoteWorker:
         if src != RESEARCHER or kind != "features":
             raise WorkerError(f"remote worker {self.name!r} only accepts features put by the researcher")
         ref = self._new_ref()
-        self._send("put", {"id": ref.id, "kind": kind}, [encode_tensor(tensor)], flush=False)
+        self._send("put", *serde.put_to_command(ref.id, kind, tensor), flush=False)
         self._feature_ids.add(ref.id)
         return ref
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         ref = self._new_ref()
+        args, blobs = serde.forward_to_command(key, source, ref.id, train=train)
         if isinstance(source, BatchRef):
-            args = {"key": key, "train": train, "id": ref.id, "src": {"dataset": source.dataset}}
-            blobs = [encode_tensor(source.indices.to(torch.int64).reshape(-1))]
             is_data = True
         else:
-            args = {"key": key, "train": train, "id": ref.id, "src": self._ref_json(source)}
-            blobs = []
             is_data = source.owner == self.name and source.id in self._feature_ids
             self._feature_ids.discard(source.id) if source.owner == self.name else None
         if train:
@@ -369,57 +352,48 @@ class RemoteWorker:
                 f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
                 f"give one of {LOSS_NAMES}"
             )
-        args = {"output": self._ref_json(output), "dataset": target.dataset, "loss": loss, "train": train}
-        if keep is not None:
-            args["keep"] = keep
-        r, _ = self._request("loss", args, [encode_tensor(target.indices.to(torch.int64).reshape(-1))])
-        return LossStats(float(r["loss"]), int(r["correct"]), int(r["count"]))
+        r, _ = self._request("loss", *serde.loss_to_command(output, target, loss, train=train, keep=keep))
+        return serde.loss_stats_from_result(r)
 
     def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
         """Metrics over the outputs the worker kept under ``keep`` (:class:`~splitnn.workers.MetricWorker`);
         only the values come back."""
-        r, _ = self._request("metrics", metrics_args(keep, names))
-        return parse_metrics_result(r, names)
+        r, _ = self._request("metrics", serde.metrics_to_args(keep, names))
+        return serde.metrics_from_result(r, names)
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         if key not in self._input_is_data:
             raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
         ref = None if self._input_is_data.pop(key) else self._new_ref()
-        self._send(
-            "backward",
-            {
-                "key": key,
-                "grad": self._ref_json(grad) if grad is not None else None,
-                "id": ref.id if ref is not None else None,
-            },
-            flush=False,
-        )
+        self._send("backward", serde.backward_to_args(key, grad, ref.id if ref is not None else None), flush=False)
         return ref
 
     def zero_grad(self, key: str) -> None:
-        self._send("zero_grad", {"key": key}, flush=False)
+        self._send("zero_grad", serde.key_to_args(key), flush=False)
 
     def step(self, key: str) -> None:
-        self._send("step", {"key": key})  # a step ends this worker's part of a training step: flush
+        self._send("step", serde.key_to_args(key))  # a step ends this worker's part of a training step: flush
 
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
-        _, blobs = self._request("fetch", {"ref": self._ref_json(ref), "kind": kind})
-        return decode_tensor(blobs[0], max_bytes=self.limits.max_tensor_bytes)
+        _, blobs = self._request("fetch", serde.fetch_to_args(ref, kind))
+        return serde.tensor_from_blob(serde.blob_arg(blobs, 0, "tensor"), max_bytes=self.limits.max_tensor_bytes)
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
-        _, blobs = self._request("get_state", {"key": key})
-        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)  # in the worker's key order
+        _, blobs = self._request("get_state", serde.key_to_args(key))
+        # in the worker's key order
+        return serde.state_from_blob(serde.blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)
 
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
         if src != RESEARCHER:
             raise WorkerError(f"remote worker {self.name!r} only accepts weights sent by the researcher")
-        self._request("set_state", {"key": key}, [encode_state(dict(state))])
+        self._request("set_state", *serde.set_state_to_command(key, state))
 
     def fetch_segment(self, key: str) -> nn.Module:
-        _, blobs = self._request("fetch_segment", {"key": key})
+        _, blobs = self._request("fetch_segment", serde.key_to_args(key))
+        spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
         # imports only from the modules of classes we sent ourselves
-        module = spec_to_module(spec_from_json(blobs[0]), trust=Trust(sorted(self._imports)))
-        module.load_state_dict(decode_state(blobs[1], max_bytes=self.limits.max_blob_bytes))
+        module = spec_to_module(spec, trust=Trust(sorted(self._imports)))
+        module.load_state_dict(state)
         return module
 
     def release(self) -> None:
@@ -444,8 +418,8 @@ class RemoteWorker:
         if not isinstance(target, RemoteWorker):
             raise WorkerError(f"remote worker {self.name!r} cannot send weights to in-process worker {dst!r}")
         ref = self._new_ref()
-        self._send("export_state", {"key": key, "id": ref.id})  # flushed: the puller may be waiting for it
-        target._send("load_state", {"key": dst_key or key, "src": self._ref_json(ref)}, flush=False)
+        self._send("export_state", serde.export_state_to_args(key, ref.id))  # flushed: the puller may be waiting for it
+        target._send("load_state", serde.load_state_to_args(dst_key or key, ref), flush=False)
 
     def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (:class:`~splitnn.workers.MergingWorker`).
@@ -463,11 +437,8 @@ class RemoteWorker:
         if train:
             self._merged[key] = len(sources)
             self._input_is_data.pop(key, None)
-        self._send(
-            "forward_merged",
-            {"key": key, "train": train, "id": ref.id, "merge": merge, "srcs": [self._ref_json(s) for s in sources]},
-            flush=False,
-        )
+        args = serde.forward_merged_to_args(key, sources, merge, ref.id, train=train)
+        self._send("forward_merged", args, flush=False)
         return ref
 
     def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
@@ -478,18 +449,15 @@ class RemoteWorker:
                 f"worker {self.name!r}: backward_merged on segment {key!r} without a training forward_merged first"
             )
         refs = [self._new_ref() for _ in range(count)]
-        self._send(
-            "backward_merged",
-            {"key": key, "grad": self._ref_json(grad) if grad is not None else None, "ids": [r.id for r in refs]},
-            flush=False,
-        )
+        self._send("backward_merged", serde.backward_merged_to_args(key, grad, [r.id for r in refs]), flush=False)
         return refs
 
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors,
         recorded as ``gradient`` bytes from this worker to the researcher."""
-        _, blobs = self._request("get_grads", {"key": key})
-        return decode_state(blobs[0], max_bytes=self.limits.max_blob_bytes)  # in the worker's key order
+        _, blobs = self._request("get_grads", serde.key_to_args(key))
+        # in the worker's key order
+        return serde.state_from_blob(serde.blob_arg(blobs, 0, "gradients"), max_bytes=self.limits.max_blob_bytes)
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------
     def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:
@@ -501,26 +469,13 @@ class RemoteWorker:
         connection fails it at once).
         """
         handle = EpochHandle(self.name, notify)
-        args = {
-            "run": plan.run_id,
-            "dataset": plan.dataset,
-            "loss": plan.loss,
-            "stages": [s.to_dict() for s in plan.stages],
-            "progress_interval": plan.progress_interval,
-            "order": plan.order.to_dict() if plan.order is not None else None,
-        }
-        blobs: list[bytes] = []
-        if plan.indices is not None:
-            flat = torch.cat([i.to(torch.int64).reshape(-1) for i in plan.indices])
-            sizes = torch.tensor([i.numel() for i in plan.indices], dtype=torch.int64)
-            blobs = [encode_tensor(flat), encode_tensor(sizes)]
-        self._send("run_epoch", args, blobs, handle=handle)
+        self._send("run_epoch", *serde.epoch_plan_to_command(plan), handle=handle)
         return handle
 
     # -- extras ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The worker's own wire byte counters and ledger (``{"counters": rows, "ledger": rows}``)."""
-        return self._request("stats", {})[0]
+        return serde.stats_from_result(self._request("stats", {})[0])
 
     def close(self, *, end_session: bool = False) -> None:
         """Close the connection (the worker keeps running).

@@ -3,18 +3,631 @@
 The researcher's client (:mod:`splitnn.client`) encodes what a worker's server
 (:mod:`splitnn.server`) decodes, and the other way round; both import this module, so the
 two ends cannot drift apart (Flower's ``common/serde.py`` is the model: matching
-``*_to_*`` / ``*_from_*`` pairs). Decoders check everything a peer could get wrong and raise
-:class:`~splitnn.errors.WireError`. Nothing here imports grpc.
+``*_to_*`` / ``*_from_*`` pairs, each with a round-trip test in ``tests/test_serde.py``).
+
+A command is an op name, JSON arguments and binary blobs (``wire/proto/splitnn.proto``):
+``*_to_args`` / ``*_from_args`` encode and decode the arguments of a command without blobs,
+``*_to_command`` / ``*_from_command`` those with blobs (``(args, blobs)``), and
+``*_to_result`` / ``*_from_result`` a reply's JSON result. Blobs are tensor frames
+(:mod:`splitnn.wire.tensor_codec`), safetensors state dicts (:mod:`splitnn.wire.state_codec`)
+and JSON layer specs (:mod:`splitnn.wire.spec`). Decoders check everything a peer could get
+wrong and raise :class:`~splitnn.errors.WireError` (:class:`~splitnn.errors.SpecError` for
+specs and optimizer specs); what a decoded message may *do* at a worker (whose segment it
+names, whether an index fits a dataset) is the server's to check.
+
+A command that produces tensors names them with the ids the client chose: ``id`` (one
+tensor, :func:`output_id_from_args`) or ``ids`` (one per source of a merge,
+:func:`output_ids_from_args`). Tensors at other parties travel as refs
+(:func:`ref_to_dict` / :func:`ref_from_dict`). Nothing here imports grpc.
 """
 
 from __future__ import annotations
 
-from splitnn.errors import WireError
-from splitnn.workers.refs import LossStats
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
+from splitnn.errors import WireError, WorkerError
+from splitnn.wire.optim_spec import OptimizerSpec
+from splitnn.wire.spec import spec_from_json, spec_to_json
+from splitnn.wire.state_codec import decode_state, encode_state
+from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, EpochReport, StagePlan
+from splitnn.workers.metrics import METRIC_NAMES
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+
+#: Largest number of sources one ``forward_merged`` may merge.
+MAX_MERGE_SOURCES = 256
+#: Largest number of peers one session may name.
+MAX_PEERS = 256
+#: The longest metric list one ``metrics`` command may ask for.
+MAX_METRIC_NAMES = 16
+#: Largest shape a ``probe`` may ask for: dimensions, size of one dimension, elements.
+MAX_PROBE_NDIM, MAX_PROBE_DIM, MAX_PROBE_ELEMENTS = 8, 1 << 20, 1 << 26
+#: Stages one epoch plan may list.
+MAX_PLAN_STAGES = 255
 
 
-def losses_to_result(losses: list[LossStats]) -> dict:
-    """Losses as JSON lists (Python floats round-trip exactly through JSON)."""
+# ---------------------------------------------------------------------------- building blocks
+def arg(args: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
+    """Command argument ``key`` of type ``kind`` (strings <= 256 chars, ints 0..2**63-1); WireError otherwise."""
+    if key not in args or args[key] is None:
+        if optional:
+            return None
+        raise WireError(f"command argument {key!r} is missing")
+    value = args[key]
+    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise WireError(f"command argument {key!r} must be {kind}, got a boolean")
+    if not isinstance(value, kind):
+        raise WireError(f"command argument {key!r} has the wrong type {type(value).__name__}")
+    if isinstance(value, str) and len(value) > 256:
+        raise WireError(f"command argument {key!r} is too long")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
+        raise WireError(f"command argument {key!r} is out of range")
+    return value
+
+
+def blob_arg(blobs: Sequence[bytes], i: int, what: str) -> bytes:
+    """Blob ``i`` of a command (``what`` names it in the error when it is missing)."""
+    if i >= len(blobs):
+        raise WireError(f"command is missing its {what} blob")
+    return blobs[i]
+
+
+def ref_to_dict(ref: TensorRef) -> dict:
+    """A tensor ref as a command argument ``{owner, id}``; a fused in-process gradient cannot cross."""
+    if ref.fused:
+        raise WorkerError("a fused in-process gradient cannot cross the network")
+    return {"owner": ref.owner, "id": ref.id}
+
+
+def ref_from_dict(value: object) -> TensorRef:
+    """A tensor ref ``{owner, id}`` given as an argument."""
+    if not isinstance(value, dict):
+        raise WireError("a tensor ref must be an object {owner, id}")
+    return TensorRef(check_party_name(arg(value, "owner", str)), arg(value, "id", int))
+
+
+def _optional_ref_to_dict(ref: TensorRef | None) -> dict | None:
+    return ref_to_dict(ref) if ref is not None else None
+
+
+def _optional_ref_from_dict(value: object) -> TensorRef | None:
+    return ref_from_dict(value) if value is not None else None
+
+
+def output_id_from_args(args: dict, *, optional: bool = False) -> int | None:
+    """The id the researcher chose for the tensor a command produces (``id``)."""
+    return arg(args, "id", int, optional=optional)
+
+
+def output_ids_from_args(args: dict) -> list[int]:
+    """The ids of the tensors a command produces, one per merged source (``ids``)."""
+    ids = arg(args, "ids", list)
+    if not 0 < len(ids) <= MAX_MERGE_SOURCES or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids
+    ):
+        raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
+    return ids
+
+
+def tensor_to_blob(tensor: torch.Tensor) -> bytes:
+    """One tensor as a blob: a validated tensor frame (dtype, shape, raw bytes)."""
+    return encode_tensor(tensor)
+
+
+def tensor_from_blob(blob: bytes, *, max_bytes: int) -> torch.Tensor:
+    return decode_tensor(blob, max_bytes=max_bytes)
+
+
+def indices_to_blob(indices: torch.Tensor) -> bytes:
+    """A batch's row indices as a blob: one 1-D int64 tensor."""
+    return encode_tensor(indices.to(torch.int64).reshape(-1))
+
+
+def indices_from_blob(blob: bytes, *, max_bytes: int) -> torch.Tensor:
+    idx = decode_tensor(blob, max_bytes=max_bytes, allowed_dtypes=(torch.int64,), max_ndim=1)
+    if idx.dim() != 1:
+        raise WireError("batch indices must be a 1-D int64 tensor")
+    return idx
+
+
+def state_to_blob(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict (weights, gradients) as a blob: safetensors bytes, in the dict's key order."""
+    return encode_state(dict(state))
+
+
+def state_from_blob(blob: bytes, *, max_bytes: int) -> dict[str, torch.Tensor]:
+    return decode_state(blob, max_bytes=max_bytes)
+
+
+def segment_to_blobs(spec: dict, state: Mapping[str, torch.Tensor]) -> list[bytes]:
+    """A segment as two blobs: its layer spec (JSON) and its weights (safetensors)."""
+    return [spec_to_json(spec).encode(), encode_state({k: v.detach() for k, v in state.items()})]
+
+
+def segment_from_blobs(blobs: Sequence[bytes], *, max_bytes: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(spec, state)`` of a segment; the spec is only parsed here (built by whoever trusts it)."""
+    spec = spec_from_json(blob_arg(blobs, 0, "spec"))
+    return spec, decode_state(blob_arg(blobs, 1, "state"), max_bytes=max_bytes)
+
+
+def _batch_to_command(batch: BatchRef) -> tuple[dict, list[bytes]]:
+    return {"dataset": batch.dataset}, [indices_to_blob(batch.indices)]
+
+
+def _batch_from_command(args: dict, blobs: Sequence[bytes], max_bytes: int) -> BatchRef:
+    name = arg(args, "dataset", str)
+    return BatchRef(name, indices_from_blob(blob_arg(blobs, 0, "indices"), max_bytes=max_bytes))
+
+
+# ------------------------------------------------------------------------------------ set-up
+class Hello(NamedTuple):
+    """What a worker says about itself: its party name, protocol version, its own datasets and where it
+    computes (``splitnn worker --device``; informational, ``"?"`` when a worker says something odd)."""
+
+    name: str
+    protocol: int
+    datasets: list[str]
+    device: str = "cpu"
+
+
+def hello_to_result(name: str, datasets: Sequence[str], device: str = "cpu") -> dict:
+    return {"name": name, "protocol": PROTOCOL_VERSION, "datasets": list(datasets), "device": device}
+
+
+def hello_from_result(result: dict) -> Hello:
+    datasets = result.get("datasets", [])
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise WireError("hello: 'datasets' must list dataset names")
+    protocol = result.get("protocol")
+    if not isinstance(protocol, int) or isinstance(protocol, bool):
+        raise WireError("hello: 'protocol' must be an integer")
+    device = result.get("device", "cpu")
+    device = device if isinstance(device, str) and len(device) <= 64 else "?"
+    return Hello(check_party_name(result.get("name")), protocol, datasets, device)
+
+
+def stats_to_result(counters: list, ledger: list) -> dict:
+    """A worker's wire byte counters and ledger, as rows (the ``stats`` command)."""
+    return {"counters": counters, "ledger": ledger}
+
+
+def stats_from_result(result: dict) -> dict[str, list]:
+    if not isinstance(result.get("counters"), list) or not isinstance(result.get("ledger"), list):
+        raise WireError("stats: the reply must hold 'counters' and 'ledger' rows")
+    return {"counters": result["counters"], "ledger": result["ledger"]}
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer of a session listens, and the tag of the researcher's session there."""
+
+    address: str
+    tag: str
+
+
+def peers_to_args(peers: Mapping[str, PeerAddress]) -> dict:
+    """The peers of a model: ``{name: {"address": HOST:PORT, "session": TAG}}`` (the ``peers`` command)."""
+    return {"peers": {name: {"address": p.address, "session": p.tag} for name, p in peers.items()}}
+
+
+def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
+    """Every peer the command names; a missing ``session`` (or a plain ``HOST:PORT``) is ``default_tag``."""
+    peers = arg(args, "peers", dict)
+    if len(peers) > MAX_PEERS:
+        raise WireError(f"a session may name at most {MAX_PEERS} peers, got {len(peers)}")
+    found: dict[str, PeerAddress] = {}
+    for peer, where in peers.items():
+        check_party_name(peer)
+        if isinstance(where, dict) and set(where) <= {"address", "session"}:
+            address, tag = where.get("address"), where.get("session", default_tag)
+        else:
+            address, tag = where, default_tag
+        if not isinstance(address, str) or ":" not in address or len(address) > 256:
+            raise WireError(f"peer {peer!r} has a malformed address {address!r}")
+        found[peer] = PeerAddress(address, check_session_tag(tag))
+    return found
+
+
+def add_segment_to_command(
+    key: str, spec: dict, state: Mapping[str, torch.Tensor], optimizer: OptimizerSpec | None, *, replace: bool
+) -> tuple[dict, list[bytes]]:
+    """Host a segment (its spec and weights, :func:`segment_to_blobs`) under ``key`` with ``optimizer``."""
+    args = {"key": key, "optimizer": optimizer.to_dict() if optimizer is not None else None, "replace": replace}
+    return args, segment_to_blobs(spec, state)
+
+
+def add_segment_from_args(args: dict) -> tuple[str, OptimizerSpec | None, bool]:
+    """``(key, optimizer, replace)``; the blobs are :func:`segment_from_blobs` (decoded once the key may be used)."""
+    key = arg(args, "key", str)
+    opt = arg(args, "optimizer", dict, optional=True)
+    optimizer = OptimizerSpec.from_dict(opt) if opt is not None else None  # SpecError on insane values
+    return key, optimizer, arg(args, "replace", bool, optional=True) or False
+
+
+def key_to_args(key: str) -> dict:
+    """The arguments of a command on one segment (``remove_segment``, ``zero_grad``, ``step``,
+    ``get_grads``, ``get_state``, ``fetch_segment``)."""
+    return {"key": key}
+
+
+def key_from_args(args: dict) -> str:
+    return arg(args, "key", str)
+
+
+def add_dataset_to_command(name: str, parts: Mapping[str, torch.Tensor], *, replace: bool) -> tuple[dict, list[bytes]]:
+    """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part."""
+    return {"name": name, "parts": list(parts), "replace": replace}, [tensor_to_blob(t) for t in parts.values()]
+
+
+def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
+    """``(name, parts, replace)``; the blobs are :func:`dataset_parts_from_blobs`."""
+    name = arg(args, "name", str)
+    replace = arg(args, "replace", bool, optional=True) or False
+    parts = arg(args, "parts", list)
+    if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
+        raise WireError("'parts' must list 'features' and/or 'labels'")
+    return name, parts, replace
+
+
+def dataset_parts_from_blobs(parts: Sequence[str], blobs: Sequence[bytes], *, max_bytes: int) -> dict:
+    return {p: decode_tensor(blob_arg(blobs, i, p), max_bytes=max_bytes) for i, p in enumerate(parts)}
+
+
+def dataset_name_to_args(name: str) -> dict:
+    """The arguments of ``dataset_stats``."""
+    return {"name": name}
+
+
+def dataset_name_from_args(args: dict) -> str:
+    return arg(args, "name", str)
+
+
+def dataset_stats_to_result(stats: DatasetStats) -> dict:
+    """A dataset's public facts as JSON (the ``dataset_stats`` reply)."""
+    return {
+        "name": stats.name,
+        "size": stats.size,
+        "feature_shape": list(stats.feature_shape) if stats.feature_shape is not None else None,
+        "num_labels": stats.num_labels,
+        "label_max": stats.label_max,
+        "label_min": stats.label_min,
+        "label_dtype": stats.label_dtype,
+        "label_shape": list(stats.label_shape) if stats.label_shape is not None else None,
+        "label_integral": stats.label_integral,
+    }
+
+
+def dataset_stats_from_result(d: dict) -> DatasetStats:
+    """The inverse of :func:`dataset_stats_to_result` (fields a worker does not send are ``None``)."""
+
+    def shape(v: object) -> tuple[int, ...] | None:
+        return tuple(int(x) for x in v) if v is not None else None
+
+    try:
+        return DatasetStats(
+            d["name"],
+            int(d["size"]),
+            shape(d.get("feature_shape")),
+            d.get("num_labels"),
+            d.get("label_max"),
+            d.get("label_min"),
+            d.get("label_dtype"),
+            shape(d.get("label_shape")),
+            d.get("label_integral"),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None
+
+
+def probe_to_args(key: str, shape: Sequence[int]) -> dict:
+    """Ask segment ``key``'s output shape for an input of ``shape``."""
+    return {"key": key, "shape": list(shape)}
+
+
+def probe_from_args(args: dict) -> tuple[str, tuple[int, ...]]:
+    shape = arg(args, "shape", list)
+    if (
+        not 0 < len(shape) <= MAX_PROBE_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_PROBE_DIM for d in shape)
+        or math.prod(shape) > MAX_PROBE_ELEMENTS
+    ):
+        raise WireError(f"probe shape {shape!r} is not a small positive shape")
+    return key_from_args(args), tuple(shape)
+
+
+def shape_to_result(shape: Sequence[int]) -> dict:
+    """A probed output shape (the ``probe`` reply)."""
+    return {"shape": list(shape)}
+
+
+def shape_from_result(result: dict) -> tuple[int, ...]:
+    shape = result.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise WireError("probe: the reply must hold a shape (a list of integers)")
+    return tuple(shape)
+
+
+# ----------------------------------------------------------------------------- the training step
+def put_to_command(tid: int, kind: str, tensor: torch.Tensor) -> tuple[dict, list[bytes]]:
+    """Put a tensor the researcher gives (``kind``: ``features``) at the worker as tensor ``tid``."""
+    return {"id": tid, "kind": kind}, [tensor_to_blob(tensor)]
+
+
+def put_from_args(args: dict) -> tuple[int, str]:
+    """``(tid, kind)``; the tensor is ``tensor_from_blob(blobs[0])`` (decoded once the id is announced)."""
+    return output_id_from_args(args), arg(args, "kind", str)
+
+
+def forward_to_command(key: str, source: TensorRef | BatchRef, tid: int, *, train: bool) -> tuple[dict, list[bytes]]:
+    """Run segment ``key`` on a local batch or another party's activation; the output is tensor ``tid``."""
+    if isinstance(source, BatchRef):
+        src, blobs = _batch_to_command(source)
+    else:
+        src, blobs = ref_to_dict(source), []
+    return {"key": key, "train": train, "id": tid, "src": src}, blobs
+
+
+def forward_from_command(
+    args: dict, blobs: Sequence[bytes], *, max_bytes: int
+) -> tuple[str, TensorRef | BatchRef, bool]:
+    """``(key, source, train)`` (the output's id: :func:`output_id_from_args`)."""
+    key, train = key_from_args(args), arg(args, "train", bool)
+    src = arg(args, "src", dict)
+    source = _batch_from_command(src, blobs, max_bytes) if "dataset" in src else ref_from_dict(src)
+    return key, source, train
+
+
+def loss_to_command(
+    output: TensorRef, target: BatchRef, loss: str, *, train: bool, keep: str | None = None
+) -> tuple[dict, list[bytes]]:
+    """Score ``output`` against the labels of ``target``; ``keep`` names an evaluation kept for its metrics."""
+    args: dict = {"output": ref_to_dict(output), "dataset": target.dataset, "loss": loss, "train": train}
+    if keep is not None:
+        args["keep"] = keep
+    return args, [indices_to_blob(target.indices)]
+
+
+class LossCommand(NamedTuple):
+    output: TensorRef
+    target: BatchRef
+    loss: str
+    train: bool
+    keep: str | None
+
+
+def loss_from_command(args: dict, blobs: Sequence[bytes], *, max_bytes: int) -> LossCommand:
+    output = ref_from_dict(arg(args, "output", dict))
+    loss, train = arg(args, "loss", str), arg(args, "train", bool)
+    keep = arg(args, "keep", str, optional=True)
+    return LossCommand(output, _batch_from_command(args, blobs, max_bytes), loss, train, keep)
+
+
+def loss_stats_to_result(stats: LossStats) -> dict:
+    """One batch's loss, correct count and size (the ``loss`` reply)."""
+    return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}
+
+
+def loss_stats_from_result(result: dict) -> LossStats:
+    try:
+        return LossStats(float(result["loss"]), int(result["correct"]), int(result["count"]))
+    except (KeyError, TypeError, ValueError):
+        raise WireError("loss: the reply must hold 'loss', 'correct' and 'count'") from None
+
+
+def metrics_to_args(keep: str, names: Sequence[str]) -> dict:
+    """Metrics ``names`` over the evaluation kept as ``keep`` (the ``metrics`` command)."""
+    return {"keep": keep, "names": list(names)}
+
+
+def metrics_from_args(args: dict) -> tuple[str, tuple[str, ...]]:
+    """``(keep, names)`` of a ``metrics`` command; WireError on anything malformed."""
+    keep, names = args.get("keep"), args.get("names")
+    if not isinstance(keep, str) or not 0 < len(keep) <= 256:
+        raise WireError("metrics: 'keep' must be the id of a kept evaluation")
+    if (
+        not isinstance(names, list)
+        or not 0 < len(names) <= MAX_METRIC_NAMES
+        or not all(isinstance(n, str) and n in METRIC_NAMES for n in names)
+    ):
+        raise WireError(f"metrics: 'names' must list 1..{MAX_METRIC_NAMES} of {METRIC_NAMES}")
+    return keep, tuple(names)
+
+
+def metrics_to_result(values: Mapping[str, float]) -> dict:
+    """Result of the ``metrics`` command (JSON numbers; NaN travels as JSON's NaN)."""
+    return {"values": {k: float(v) for k, v in values.items()}}
+
+
+def metrics_from_result(result: dict, names: Sequence[str]) -> dict[str, float]:
+    """The metric values of a ``metrics`` reply, checked to be exactly ``names``."""
+    values = result.get("values")
+    if (
+        not isinstance(values, dict)
+        or set(values) != set(names)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+    ):
+        raise WireError(f"malformed metrics reply: expected values for {list(names)}")
+    return {name: float(values[name]) for name in names}
+
+
+def backward_to_args(key: str, grad: TensorRef | None, tid: int | None) -> dict:
+    """Back-propagate through ``key`` from ``grad`` (None: the kept loss); the input's gradient is ``tid``
+    (None: the input was local data, nothing flows back)."""
+    return {"key": key, "grad": _optional_ref_to_dict(grad), "id": tid}
+
+
+def backward_from_args(args: dict) -> tuple[str, TensorRef | None]:
+    """``(key, grad)`` (the gradient's id, optional: :func:`output_id_from_args`)."""
+    return key_from_args(args), _optional_ref_from_dict(args.get("grad"))
+
+
+def forward_merged_to_args(key: str, sources: Sequence[TensorRef], merge: str, tid: int, *, train: bool) -> dict:
+    """Run segment ``key`` on the merge of several parties' activations; the output is tensor ``tid``."""
+    return {"key": key, "train": train, "id": tid, "merge": merge, "srcs": [ref_to_dict(s) for s in sources]}
+
+
+def forward_merged_from_args(args: dict) -> tuple[str, list[TensorRef], str, bool]:
+    """``(key, sources, merge, train)`` (the output's id: :func:`output_id_from_args`)."""
+    key, train, merge = key_from_args(args), arg(args, "train", bool), arg(args, "merge", str)
+    srcs = arg(args, "srcs", list)
+    if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
+        raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
+    return key, [ref_from_dict(s) for s in srcs], merge, train
+
+
+def backward_merged_to_args(key: str, grad: TensorRef | None, tids: Sequence[int]) -> dict:
+    """Back-propagate through ``key`` and its merge; the gradient of source ``i`` is tensor ``tids[i]``."""
+    return {"key": key, "grad": _optional_ref_to_dict(grad), "ids": list(tids)}
+
+
+def backward_merged_from_args(args: dict) -> tuple[str, TensorRef | None]:
+    """``(key, grad)`` (the gradients' ids: :func:`output_ids_from_args`)."""
+    return key_from_args(args), _optional_ref_from_dict(args.get("grad"))
+
+
+# --------------------------------------------------------------------------- weights and outputs
+def export_state_to_args(key: str, tid: int) -> dict:
+    """Snapshot segment ``key``'s weights as tensor ``tid``, for one peer to pull (``load_state``)."""
+    return {"key": key, "id": tid}
+
+
+def export_state_from_args(args: dict) -> str:
+    """The segment key (the snapshot's id: :func:`output_id_from_args`)."""
+    return key_from_args(args)
+
+
+def load_state_to_args(key: str, src: TensorRef) -> dict:
+    """Load the weights another party exported as ``src`` into segment ``key``."""
+    return {"key": key, "src": ref_to_dict(src)}
+
+
+def load_state_from_args(args: dict) -> tuple[str, TensorRef]:
+    return key_from_args(args), ref_from_dict(arg(args, "src", dict))
+
+
+def set_state_to_command(key: str, state: Mapping[str, torch.Tensor]) -> tuple[dict, list[bytes]]:
+    """Load ``state`` (sent by the researcher) into segment ``key``."""
+    return key_to_args(key), [state_to_blob(state)]
+
+
+def set_state_from_command(args: dict, blobs: Sequence[bytes], *, max_bytes: int) -> tuple[str, dict]:
+    state = state_from_blob(blob_arg(blobs, 0, "state"), max_bytes=max_bytes)
+    return key_from_args(args), state
+
+
+def fetch_to_args(ref: TensorRef, kind: str) -> dict:
+    """Hand tensor ``ref`` to the researcher, recorded as ``kind`` (the reply: :func:`tensor_to_blob`)."""
+    return {"ref": ref_to_dict(ref), "kind": kind}
+
+
+def fetch_from_args(args: dict) -> tuple[TensorRef, str]:
+    return ref_from_dict(arg(args, "ref", dict)), arg(args, "kind", str)
+
+
+# ------------------------------------------------------------------------------- shipped epochs
+def epoch_plan_to_command(plan: EpochPlan) -> tuple[dict, list[bytes]]:
+    """A worker's part of a training epoch (the ``run_epoch`` command): explicit batches travel as two
+    blobs, every index and each batch's size."""
+    args = {
+        "run": plan.run_id,
+        "dataset": plan.dataset,
+        "loss": plan.loss,
+        "stages": [{"index": s.index, "key": s.key, "prev": s.prev, "next": s.next} for s in plan.stages],
+        "progress_interval": plan.progress_interval,
+        "order": plan.order.to_dict() if plan.order is not None else None,
+    }
+    blobs: list[bytes] = []
+    if plan.indices is not None:
+        flat = torch.cat([i.to(torch.int64).reshape(-1) for i in plan.indices])
+        sizes = torch.tensor([i.numel() for i in plan.indices], dtype=torch.int64)
+        blobs = [encode_tensor(flat), encode_tensor(sizes)]
+    return args, blobs
+
+
+def epoch_plan_from_command(args: dict, blobs: Sequence[bytes], *, worker: str, max_bytes: int) -> EpochPlan:
+    """The plan of worker ``worker``, checked for consistency (stages in order, consecutive where they
+    feed each other at ``worker``); whether the worker hosts its segments and data is the server's to check."""
+    run_id = args.get("run")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or not 0 < run_id < 1 << RUN_ID_BITS:
+        raise WireError("epoch plan: 'run' must be a small positive integer")
+    dataset, loss = args.get("dataset"), args.get("loss")
+    if not isinstance(dataset, str) or not 0 < len(dataset) <= 256:
+        raise WireError("epoch plan: 'dataset' must be a dataset name")
+    if not isinstance(loss, str):
+        raise WireError("epoch plan: 'loss' must be a loss name")
+    interval = args.get("progress_interval", 0.05)
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 <= interval <= 3600:
+        raise WireError("epoch plan: 'progress_interval' must be 0..3600 seconds")
+    stages = _stages_from_args(args.get("stages"), worker)
+    order = indices = None
+    if args.get("order") is not None:
+        order = BatchOrder.from_dict(args["order"])
+    else:
+        indices = _explicit_batches(blobs, max_bytes)
+    return EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices, progress_interval=float(interval))
+
+
+def _party(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise WireError(f"epoch plan: {what} must be a party name or null")
+    return value
+
+
+def _stages_from_args(raw_stages: object, me: str) -> tuple[StagePlan, ...]:
+    """The plan's stages, consecutive where they feed each other at worker ``me``."""
+    if not isinstance(raw_stages, list) or not 0 < len(raw_stages) <= MAX_PLAN_STAGES:
+        raise WireError("epoch plan: 'stages' must be a non-empty list")
+    stages: list[StagePlan] = []
+    for s in raw_stages:
+        if not isinstance(s, dict) or set(s) != {"index", "key", "prev", "next"}:
+            raise WireError("epoch plan: each stage must be an object {index, key, prev, next}")
+        index, key = s["index"], s["key"]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 255:
+            raise WireError("epoch plan: a stage index must be 0..254")
+        if not isinstance(key, str) or not key:
+            raise WireError("epoch plan: a stage key must be a string")
+        st = StagePlan(index, key, _party(s["prev"], "prev"), _party(s["next"], "next"))
+        if (st.prev is None) != (index == 0):
+            raise WireError("epoch plan: exactly the first stage (index 0) has no previous party")
+        if stages and index <= stages[-1].index:
+            raise WireError("epoch plan: stage indices must increase")
+        if st.prev == me and not (stages and stages[-1].index == index - 1 and stages[-1].next == me):
+            raise WireError(f"epoch plan: stage {index} is fed by this worker but stage {index - 1} is not here")
+        if stages and stages[-1].next == me and not (stages[-1].index == index - 1 and st.prev == me):
+            raise WireError(
+                f"epoch plan: stage {stages[-1].index} feeds this worker but stage "
+                f"{stages[-1].index + 1} is not next here"
+            )
+        if stages and stages[-1].next is None:
+            raise WireError("epoch plan: the last segment must be the last stage of the plan")
+        stages.append(st)
+    if stages[-1].next == me:
+        raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but the next stage is missing")
+    return tuple(stages)
+
+
+def _explicit_batches(blobs: Sequence[bytes], max_bytes: int) -> tuple[torch.Tensor, ...]:
+    if len(blobs) != 2:
+        raise WireError("epoch plan: give either 'order' or two blobs (all indices, batch sizes)")
+    flat, sizes = (decode_tensor(b, max_bytes=max_bytes, allowed_dtypes=(torch.int64,), max_ndim=1) for b in blobs)
+    if flat.dim() != 1 or sizes.dim() != 1 or not sizes.numel():
+        raise WireError("epoch plan: indices and batch sizes must be non-empty 1-D int64 tensors")
+    if int(sizes.min()) < 1 or int(sizes.sum()) != flat.numel():
+        raise WireError("epoch plan: batch sizes must be positive and add up to the number of indices")
+    return tuple(torch.split(flat, sizes.tolist()))
+
+
+def losses_to_result(losses: Sequence[LossStats]) -> dict:
+    """The label holder's per-batch losses of a shipped epoch (a progress reply; Python floats
+    round-trip exactly through JSON)."""
     return {"loss": [s.loss for s in losses], "count": [s.count for s in losses]}
 
 
@@ -27,3 +640,15 @@ def losses_from_result(d: dict) -> list[LossStats]:
     ):
         raise WireError("malformed loss in a progress report")
     return [LossStats(float(x), -1, int(c)) for x, c in zip(loss, count)]
+
+
+def epoch_report_to_result(batches: int) -> dict:
+    """A worker's final reply to ``run_epoch``: how many batches it ran."""
+    return {"batches": batches}
+
+
+def epoch_report_from_result(result: dict, worker: str) -> EpochReport:
+    batches = result.get("batches", 0)
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
+        raise WireError("run_epoch: the final reply must count the batches run")
+    return EpochReport(worker, batches)

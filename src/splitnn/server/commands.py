@@ -5,10 +5,10 @@ and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engin
 ``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
 in-process one. :class:`Commands` is one session's table of operations
 (``_op_<name>(args, blobs) -> (result, blobs)``) that its executor
-(:mod:`splitnn.server.executor`) looks commands up in. Each operation checks its
-arguments (:func:`arg`, :func:`ref_arg`, :func:`blob_arg`: ``WireError`` on anything
-malformed) and that the segment keys and dataset names it uses are not another session's
-(``PolicyError``) before it touches the engine.
+(:mod:`splitnn.server.executor`) looks commands up in. Each operation decodes its
+arguments with :mod:`splitnn.common.serde` (the module the researcher's client encodes them
+with; ``WireError`` on anything malformed), then checks that the segment keys and dataset
+names it uses are not another session's (``PolicyError``) before it touches the engine.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
 under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
@@ -25,72 +25,33 @@ records them); ``get_grads`` returns parameter gradients to the researcher (larg
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parameter import is_lazy
 
-from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
+from splitnn.common import serde
+from splitnn.common.serde import arg
 from splitnn.errors import ConfigurationError, SpecError, WireError, WorkerError
 from splitnn.server.exports import StreamState
-from splitnn.server.peers import PeerAddress
 from splitnn.transport.limits import Limits
-from splitnn.wire.optim_spec import OptimizerSpec
-from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec_to_module
-from splitnn.wire.state_codec import decode_state, encode_state
-from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.wire.spec import module_to_spec, spec_to_module
 from splitnn.wire.trust import Trust
 from splitnn.workers.losses import check_loss_name
-from splitnn.workers.metrics import metrics_result, parse_metrics_args
 from splitnn.workers.refs import BatchRef, TensorRef
 
 if TYPE_CHECKING:
     from splitnn.server.sessions import Session, Sessions
 
 #: Largest number of sources one ``forward_merged`` may merge.
-MAX_MERGE_SOURCES = 256
-#: Largest number of peers one session may name.
-MAX_PEERS = 256
+MAX_MERGE_SOURCES = serde.MAX_MERGE_SOURCES
 
 #: One operation: ``(args, blobs, *, caller, state) -> (result, blobs)``.
 Op = Callable[..., Awaitable[tuple[dict, list[bytes]]]]
 
 
-# ---------------------------------------------------------------------------- arguments
-def arg(args: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
-    """Command argument ``key`` of type ``kind`` (strings <= 256 chars, ints 0..2**63-1); WireError otherwise."""
-    if key not in args or args[key] is None:
-        if optional:
-            return None
-        raise WireError(f"command argument {key!r} is missing")
-    value = args[key]
-    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
-        raise WireError(f"command argument {key!r} must be {kind}, got a boolean")
-    if not isinstance(value, kind):
-        raise WireError(f"command argument {key!r} has the wrong type {type(value).__name__}")
-    if isinstance(value, str) and len(value) > 256:
-        raise WireError(f"command argument {key!r} is too long")
-    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
-        raise WireError(f"command argument {key!r} is out of range")
-    return value
-
-
-def ref_arg(value: object) -> TensorRef:
-    """A tensor ref ``{owner, id}`` given as an argument."""
-    if not isinstance(value, dict):
-        raise WireError("a tensor ref must be an object {owner, id}")
-    return TensorRef(check_party_name(arg(value, "owner", str)), arg(value, "id", int))
-
-
-def blob_arg(blobs: list[bytes], i: int, what: str) -> bytes:
-    """Blob ``i`` of a command (``what`` names it in the error when it is missing)."""
-    if i >= len(blobs):
-        raise WireError(f"command is missing its {what} blob")
-    return blobs[i]
-
-
+# ---------------------------------------------------------------------------- weights
 def check_state_fits_spec(spec: Any, state: dict[str, torch.Tensor], key: str, trust: Trust | None = None) -> None:
     """Refuse weights whose names or shapes do not fit ``spec``'s parameters and buffers, before building it.
 
@@ -124,16 +85,6 @@ def check_state_fits_spec(spec: Any, state: dict[str, torch.Tensor], key: str, t
         raise WireError(f"weights for segment {key!r} do not fit its spec: {'; '.join(problems)}")
 
 
-def _id_list(ids: object) -> list[int]:
-    if (
-        not isinstance(ids, list)
-        or not 0 < len(ids) <= MAX_MERGE_SOURCES
-        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids)
-    ):
-        raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
-    return ids
-
-
 class Commands:
     """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
 
@@ -147,9 +98,9 @@ class Commands:
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
 
     # -- helpers -------------------------------------------------------------------------------
-    def _key(self, args: dict, name: str = "key") -> str:
-        """Segment key argument ``name``: PolicyError if another session hosts that segment."""
-        return self.sessions.check_segment(self.session, arg(args, name, str))
+    def _key(self, key: str) -> str:
+        """``key`` if this session may use that segment: PolicyError if only another session hosts one."""
+        return self.sessions.check_segment(self.session, key)
 
     def _dataset(self, name: str) -> str:
         """A dataset name this session may read: PolicyError if another session placed it."""
@@ -160,49 +111,35 @@ class Commands:
         stages = args.get("stages")
         for st in stages if isinstance(stages, list) else ():
             if isinstance(st, dict) and isinstance(st.get("key"), str):
-                self.sessions.check_segment(self.session, st["key"])
+                self._key(st["key"])
         if isinstance(args.get("dataset"), str):
             self._dataset(args["dataset"])
 
-    async def _resolve(self, value: object, kind: str) -> TensorRef:
+    async def _resolve(self, ref: TensorRef, kind: str) -> TensorRef:
         """An engine ref for a researcher ref: local, or pulled from its owner over the peer link."""
-        ref = ref_arg(value)
         if ref.owner == self.name:
             return self.exports.local(ref)
         tensor = await self.peers.pull(ref.owner, ref.id, kind)
         return self.engine.put(tensor, src=ref.owner, kind=kind)  # the receiver records the transfer
 
-    async def _grad(self, args: dict) -> TensorRef | None:
-        grad = args.get("grad")
+    async def _grad(self, grad: TensorRef | None) -> TensorRef | None:
         return await self._resolve(grad, "gradient") if grad is not None else None
 
-    def _batch(self, args: dict, blobs: list[bytes]) -> BatchRef:
-        name = self._dataset(arg(args, "dataset", str))
-        idx = decode_tensor(
-            blob_arg(blobs, 0, "indices"),
-            max_bytes=self.limits.max_blob_bytes,
-            allowed_dtypes=(torch.int64,),
-            max_ndim=1,
-        )
-        if idx.dim() != 1:
-            raise WireError("batch indices must be a 1-D int64 tensor")
+    def _batch(self, batch: BatchRef) -> BatchRef:
+        """``batch`` if this session may read its dataset and its indices are in range."""
+        name, idx = self._dataset(batch.dataset), batch.indices
         size = self.engine.dataset_stats(name).size
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
             raise WireError(f"batch indices of dataset {name!r} out of range 0..{size - 1}")
-        return BatchRef(name, idx)
+        return batch
 
     # -- set-up ----------------------------------------------------------------------------------
     async def _op_hello(self, a, blobs, **_):
         # the party's own datasets only: what other sessions placed is theirs to know
-        return {
-            "name": self.name,
-            "protocol": PROTOCOL_VERSION,
-            "datasets": self.sessions.party_datasets(),
-            "device": str(self.engine.device),
-        }, []
+        return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device)), []
 
     async def _op_stats(self, a, blobs, **_):
-        return {"counters": self.counters.to_rows(), "ledger": self.engine.ledger.to_rows()}, []
+        return serde.stats_to_result(self.counters.to_rows(), self.engine.ledger.to_rows()), []
 
     async def _op_peers(self, a, blobs, **_):
         """The peers of this session's model: ``{name: {"address": HOST:PORT, "session": TAG}}``.
@@ -210,39 +147,23 @@ class Commands:
         ``session`` is the tag of the researcher's session at that peer (default: this session's
         own, i.e. the same session id there); a plain ``HOST:PORT`` string means the same.
         """
-        peers = arg(a, "peers", dict)
-        if len(peers) > MAX_PEERS:
-            raise WireError(f"a session may name at most {MAX_PEERS} peers, got {len(peers)}")
-        found: dict[str, PeerAddress] = {}
-        for peer, where in peers.items():
-            check_party_name(peer)
-            if isinstance(where, dict) and set(where) <= {"address", "session"}:
-                address, tag = where.get("address"), where.get("session", self.session.tag)
-            else:
-                address, tag = where, self.session.tag
-            if not isinstance(address, str) or ":" not in address or len(address) > 256:
-                raise WireError(f"peer {peer!r} has a malformed address {address!r}")
-            if peer != self.name:
-                found[peer] = PeerAddress(address, check_session_tag(tag))
-        self.peers.addresses.update(found)
+        found = serde.peers_from_args(a, default_tag=self.session.tag)
+        self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
         return {}, []
 
     async def _op_stage(self, a, blobs, *, state: StreamState, **_):
-        state.stage(arg(a, "sid", int), blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
+        state.stage(arg(a, "sid", int), serde.blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
         return {}, []
 
     async def _op_add_segment(self, a, blobs, **_):
-        key = arg(a, "key", str)  # another session's segment of that name is its own: not touched
-        replace = arg(a, "replace", bool, optional=True) or False
-        if key in self.engine._segments and not replace:  # refused before anything is decoded or built
+        # another session's segment of that name is its own: not touched
+        key, optimizer, replace = serde.add_segment_from_args(a)
+        if key in self.engine._segments and not replace:  # refused before the blobs are decoded or built
             raise ConfigurationError(
                 f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
                 f"pass replace=True to replace it"
             )
-        opt = arg(a, "optimizer", dict, optional=True)
-        optimizer = OptimizerSpec.from_dict(opt) if opt is not None else None  # SpecError on insane values
-        spec = spec_from_json(blob_arg(blobs, 0, "spec"))
-        state = decode_state(blob_arg(blobs, 1, "state"), max_bytes=self.limits.max_blob_bytes)
+        spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
         check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
         module = spec_to_module(spec, trust=self.trust)
         try:
@@ -254,94 +175,89 @@ class Commands:
         return {}, []
 
     async def _op_remove_segment(self, a, blobs, **_):
-        key = self._key(a)
+        key = self._key(serde.key_from_args(a))
         self.engine.remove_segment(key)
         self.sessions.release_segment(self.session, key)
         return {}, []
 
     async def _op_add_dataset(self, a, blobs, **_):
-        name = self.sessions.check_placing(arg(a, "name", str))
-        replace = arg(a, "replace", bool, optional=True) or False
-        parts = arg(a, "parts", list)
-        if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
-            raise WireError("'parts' must list 'features' and/or 'labels'")
-        tensors = {
-            p: decode_tensor(blob_arg(blobs, i, p), max_bytes=self.limits.max_blob_bytes) for i, p in enumerate(parts)
-        }
+        name, parts, replace = serde.add_dataset_from_args(a)
+        self.sessions.check_placing(name)
+        tensors = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
         self.engine.add_dataset(name, **tensors, replace=replace)
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 
     async def _op_dataset_stats(self, a, blobs, **_):
-        return self.engine.dataset_stats(self._dataset(arg(a, "name", str))).to_dict(), []
+        stats = self.engine.dataset_stats(self._dataset(serde.dataset_name_from_args(a)))
+        return serde.dataset_stats_to_result(stats), []
 
     async def _op_probe(self, a, blobs, **_):
-        shape = arg(a, "shape", list)
-        if (
-            not 0 < len(shape) <= 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
-            or math.prod(shape) > 1 << 26
-        ):
-            raise WireError(f"probe shape {shape!r} is not a small positive shape")
-        return {"shape": list(self.engine.probe(self._key(a), tuple(shape)))}, []
+        key, shape = serde.probe_from_args(a)
+        return serde.shape_to_result(self.engine.probe(self._key(key), shape)), []
 
     # -- the training step --------------------------------------------------------------------
     async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
-        tid, kind = arg(a, "id", int), arg(a, "kind", str)
+        tid, kind = serde.put_from_args(a)
         self.exports.announce(state, tid)
         if kind not in ("features",):
             raise WireError(f"the researcher may only put 'features', not {kind!r}")
         with self.exports.producing(state, tid):
-            tensor = decode_tensor(blob_arg(blobs, 0, "tensor"), max_bytes=self.limits.max_tensor_bytes)
+            blob = serde.blob_arg(blobs, 0, "tensor")
+            tensor = serde.tensor_from_blob(blob, max_bytes=self.limits.max_tensor_bytes)
             self.exports.export(tid, self.engine.put(tensor, src=caller, kind=kind))
         return {}, []
 
     async def _op_forward(self, a, blobs, *, state: StreamState, **_):
-        tid = arg(a, "id", int)
+        tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
-            key, train = self._key(a), arg(a, "train", bool)
-            src = arg(a, "src", dict)
-            source = self._batch(src, blobs) if "dataset" in src else await self._resolve(src, "activation")
+            key, source, train = serde.forward_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
+            key = self._key(key)
+            if isinstance(source, BatchRef):
+                source = self._batch(source)
+            else:
+                source = await self._resolve(source, "activation")
             self.exports.export(tid, self.engine.forward(key, source, train=train))
         return {}, []
 
     async def _op_loss(self, a, blobs, **_):
-        output = await self._resolve(arg(a, "output", dict), "activation")
-        loss = check_loss_name(arg(a, "loss", str))
-        keep = arg(a, "keep", str, optional=True)  # an evaluation whose outputs are kept for its metrics
-        stats = self.engine.loss(output, self._batch(a, blobs), loss, train=arg(a, "train", bool), keep=keep)
-        return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}, []
+        m = serde.loss_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
+        loss, target = check_loss_name(m.loss), self._batch(m.target)  # checked before the output is pulled
+        output = await self._resolve(m.output, "activation")
+        # keep: an evaluation whose outputs are kept for its metrics
+        stats = self.engine.loss(output, target, loss, train=m.train, keep=m.keep)
+        return serde.loss_stats_to_result(stats), []
 
     async def _op_metrics(self, a, blobs, **_):
         """Metrics over the outputs kept by ``loss(..., keep=ID)``: only the values leave this party."""
-        keep, names = parse_metrics_args(a)
-        return metrics_result(self.engine.metrics(keep, names)), []
+        keep, names = serde.metrics_from_args(a)
+        return serde.metrics_to_result(self.engine.metrics(keep, names)), []
 
     async def _op_backward(self, a, blobs, *, state: StreamState, **_):
-        tid = arg(a, "id", int, optional=True)
+        tid = serde.output_id_from_args(a, optional=True)
         with self.exports.producing(state, tid):
-            key = self._key(a)
-            self.exports.export(tid, self.engine.backward(key, await self._grad(a)))
+            key, grad = serde.backward_from_args(a)
+            key = self._key(key)
+            self.exports.export(tid, self.engine.backward(key, await self._grad(grad)))
         return {}, []
 
     async def _op_forward_merged(self, a, blobs, *, state: StreamState, **_):
         """Pull every source activation from its owner (in parallel), merge, run the segment."""
-        tid = arg(a, "id", int)
+        tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
-            key, train, merge = self._key(a), arg(a, "train", bool), arg(a, "merge", str)
-            srcs = arg(a, "srcs", list)
-            if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
-                raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
+            key, srcs, merge, train = serde.forward_merged_from_args(a)
+            key = self._key(key)
             refs = await asyncio.gather(*(self._resolve(src, "activation") for src in srcs))
             self.exports.export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
         return {}, []
 
     async def _op_backward_merged(self, a, blobs, *, state: StreamState, **_):
         """Back-propagate through the segment and its merge; export one gradient per source."""
-        ids = _id_list(arg(a, "ids", list))
+        ids = serde.output_ids_from_args(a)
         with self.exports.producing(state, *ids):
-            key = self._key(a)
-            refs = self.engine.backward_merged(key, await self._grad(a))
+            key, grad = serde.backward_merged_from_args(a)
+            key = self._key(key)
+            refs = self.engine.backward_merged(key, await self._grad(grad))
             if len(refs) != len(ids):
                 raise WorkerError(
                     f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
@@ -352,16 +268,16 @@ class Commands:
         return {}, []
 
     async def _op_zero_grad(self, a, blobs, **_):
-        self.engine.zero_grad(self._key(a))
+        self.engine.zero_grad(self._key(serde.key_from_args(a)))
         return {}, []
 
     async def _op_step(self, a, blobs, **_):
-        self.engine.step(self._key(a))
+        self.engine.step(self._key(serde.key_from_args(a)))
         return {}, []
 
     async def _op_get_grads(self, a, blobs, **_):
-        grads = self.engine.get_grads(self._key(a))
-        return {}, [encode_state(grads)]
+        grads = self.engine.get_grads(self._key(serde.key_from_args(a)))
+        return {}, [serde.state_to_blob(grads)]
 
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
@@ -382,10 +298,10 @@ class Commands:
 
         Nothing is recorded here: the receiver records the transfer (``load_state``).
         """
-        tid = arg(a, "id", int)
+        tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
-            module = self.engine._segment(self._key(a)).module
-            blob = encode_state({k: v.detach() for k, v in module.state_dict().items()})
+            module = self.engine._segment(self._key(serde.export_state_from_args(a))).module
+            blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
             payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
             self.exports.export(tid, self.engine._keep(payload, "weights"))
         return {}, []
@@ -393,15 +309,15 @@ class Commands:
     async def _op_load_state(self, a, blobs, **_):
         """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
         the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
-        key = self._key(a)
-        src = ref_arg(arg(a, "src", dict))
+        key, src = serde.load_state_from_args(a)
+        key = self._key(key)
         if src.owner == self.name:
             payload = self.engine._take(self.exports.local(src).id)
         else:
             payload = await self.peers.pull(src.owner, src.id, "weights")
         if payload.dtype != torch.uint8 or payload.dim() != 1:
             raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
-        state = decode_state(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
+        state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
         try:
             self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
         except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
@@ -411,22 +327,22 @@ class Commands:
         return {}, []
 
     async def _op_fetch(self, a, blobs, **_):
-        ref = ref_arg(arg(a, "ref", dict))
+        ref, kind = serde.fetch_from_args(a)
         if ref.owner != self.name:
             raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
-        tensor = self.engine.fetch(self.exports.produced(ref.id), kind=arg(a, "kind", str))  # policy check
+        tensor = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
         self.exports.forget(ref.id)
-        return {}, [encode_tensor(tensor)]
+        return {}, [serde.tensor_to_blob(tensor)]
 
     async def _op_get_state(self, a, blobs, **_):
-        state = self.engine.get_state(self._key(a))
-        return {}, [encode_state(state)]
+        state = self.engine.get_state(self._key(serde.key_from_args(a)))
+        return {}, [serde.state_to_blob(state)]
 
     async def _op_set_state(self, a, blobs, *, caller: str, **_):
-        state = decode_state(blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)
-        self.engine.set_state(self._key(a), state, src=caller)
+        key, state = serde.set_state_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
+        self.engine.set_state(self._key(key), state, src=caller)
         return {}, []
 
     async def _op_fetch_segment(self, a, blobs, **_):
-        module = self.engine.fetch_segment(self._key(a))
-        return {}, [spec_to_json(module_to_spec(module)).encode(), encode_state(module.state_dict())]
+        module = self.engine.fetch_segment(self._key(serde.key_from_args(a)))
+        return {}, serde.segment_to_blobs(module_to_spec(module), module.state_dict())

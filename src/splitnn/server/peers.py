@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import torch
 
 from splitnn.client.channels import open_channel
+from splitnn.common.serde import PeerAddress
 from splitnn.errors import PolicyError, WireError, WorkerError
 from splitnn.server.shipped import Inbox
 from splitnn.transport import frames
@@ -65,14 +65,6 @@ class PeerScope(Protocol):
 
     async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
         """Hand ``peer`` this session's tensor ``tensor_id`` (PolicyError if ``peer`` is not one of its peers)."""
-
-
-@dataclass(frozen=True)
-class PeerAddress:
-    """Where a peer of a session listens, and the tag of the researcher's session there."""
-
-    address: str
-    tag: str
 
 
 class PeerLink:

@@ -8,11 +8,11 @@ not started here yet are held, a few per peer at most (the researcher's plan may
 reach this worker after the previous party's first activation).
 
 :func:`parse_plan` turns a ``run_epoch`` command into an
-:class:`~splitnn.workers.epoch.EpochPlan`, checking everything before any work
-starts. :func:`run_epoch` runs the plan on the engine (a ``VirtualWorker`` with
-``fuse=False``) batch by batch in the eager order, exchanging tensors through two
-callbacks: ``push(peer, kind, frame_id, tensor)`` and ``receive(peer, kind,
-frame_id)``.
+:class:`~splitnn.workers.epoch.EpochPlan` (decoded by :mod:`splitnn.common.serde`) and
+checks it against this worker's segments, peers and data before any work starts.
+:func:`run_epoch` runs the plan on the engine (a ``VirtualWorker`` with ``fuse=False``)
+batch by batch in the eager order, exchanging tensors through two callbacks:
+``push(peer, kind, frame_id, tensor)`` and ``receive(peer, kind, frame_id)``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitnn.common import serde
 from splitnn.errors import WireError, WorkerError
 from splitnn.server.exports import quiet_future
-from splitnn.wire.tensor_codec import decode_tensor
-from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, StagePlan, push_id, run_of
+from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
 from splitnn.workers.virtual import VirtualWorker
@@ -152,81 +152,25 @@ class Inbox:
 
 
 # ------------------------------------------------------------------------------- plans
-def _party(value: object, what: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
-        raise WireError(f"epoch plan: {what} must be a party name or null")
-    return value
-
-
 def parse_plan(
     args: dict, blobs: list[bytes], *, engine: VirtualWorker, peers: set[str], max_blob_bytes: int
 ) -> EpochPlan:
-    """Check a ``run_epoch`` command against what this worker hosts and knows; raise WireError/WorkerError."""
-    run_id = args.get("run")
-    if not isinstance(run_id, int) or isinstance(run_id, bool) or not 0 < run_id < 1 << RUN_ID_BITS:
-        raise WireError("epoch plan: 'run' must be a small positive integer")
-    dataset, loss = args.get("dataset"), args.get("loss")
-    if not isinstance(dataset, str) or not 0 < len(dataset) <= 256:
-        raise WireError("epoch plan: 'dataset' must be a dataset name")
-    if not isinstance(loss, str):
-        raise WireError("epoch plan: 'loss' must be a loss name")
-    interval = args.get("progress_interval", 0.05)
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 <= interval <= 3600:
-        raise WireError("epoch plan: 'progress_interval' must be 0..3600 seconds")
-    stages = _parse_stages(args.get("stages"), engine, peers)
-    order = indices = None
-    if args.get("order") is not None:
-        order = BatchOrder.from_dict(args["order"])
-    else:
-        indices = _explicit_batches(blobs, max_blob_bytes)
-    plan = EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices, progress_interval=float(interval))
-    if plan.holds_labels:
-        check_loss_name(loss)
-    _check_data(plan, engine)
-    return plan
-
-
-def _parse_stages(raw_stages: object, engine: VirtualWorker, peers: set[str]) -> tuple[StagePlan, ...]:
-    """The plan's stages: segments this worker hosts, consecutive where they feed each other here."""
+    """Decode a ``run_epoch`` command (:func:`splitnn.common.serde.epoch_plan_from_command`) and check it
+    against what this worker hosts and knows; raise WireError/WorkerError before any work starts."""
+    plan = serde.epoch_plan_from_command(args, blobs, worker=engine.name, max_bytes=max_blob_bytes)
     me = engine.name
-    if not isinstance(raw_stages, list) or not 0 < len(raw_stages) <= 255:
-        raise WireError("epoch plan: 'stages' must be a non-empty list")
-    stages: list[StagePlan] = []
-    for s in raw_stages:
-        if not isinstance(s, dict) or set(s) != {"index", "key", "prev", "next"}:
-            raise WireError("epoch plan: each stage must be an object {index, key, prev, next}")
-        index, key = s["index"], s["key"]
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 255:
-            raise WireError("epoch plan: a stage index must be 0..254")
-        if not isinstance(key, str) or not key:
-            raise WireError("epoch plan: a stage key must be a string")
-        st = StagePlan(index, key, _party(s["prev"], "prev"), _party(s["next"], "next"))
-        engine._segment(key)  # WorkerError naming what it hosts
-        if (st.prev is None) != (index == 0):
-            raise WireError("epoch plan: exactly the first stage (index 0) has no previous party")
+    for st in plan.stages:
+        engine._segment(st.key)  # WorkerError naming what it hosts
         for p in (st.prev, st.next):
             if p not in (None, me) and p not in peers:
                 raise WorkerError(
                     f"worker {me!r}: the epoch plan names {p!r}, which is not a peer of this "
                     f"worker's model (known peers: {sorted(peers)})"
                 )
-        if stages and index <= stages[-1].index:
-            raise WireError("epoch plan: stage indices must increase")
-        if st.prev == me and not (stages and stages[-1].index == index - 1 and stages[-1].next == me):
-            raise WireError(f"epoch plan: stage {index} is fed by this worker but stage {index - 1} is not here")
-        if stages and stages[-1].next == me and not (stages[-1].index == index - 1 and st.prev == me):
-            raise WireError(
-                f"epoch plan: stage {stages[-1].index} feeds this worker but stage "
-                f"{stages[-1].index + 1} is not next here"
-            )
-        if stages and stages[-1].next is None:
-            raise WireError("epoch plan: the last segment must be the last stage of the plan")
-        stages.append(st)
-    if stages[-1].next == me:
-        raise WireError(f"epoch plan: stage {stages[-1].index} feeds this worker but the next stage is missing")
-    return tuple(stages)
+    if plan.holds_labels:
+        check_loss_name(plan.loss)
+    _check_data(plan, engine)
+    return plan
 
 
 def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
@@ -249,17 +193,6 @@ def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
         for idx in indices or ():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
                 raise WireError(f"epoch plan: batch indices of dataset {dataset!r} out of range 0..{size - 1}")
-
-
-def _explicit_batches(blobs: list[bytes], max_bytes: int) -> tuple[torch.Tensor, ...]:
-    if len(blobs) != 2:
-        raise WireError("epoch plan: give either 'order' or two blobs (all indices, batch sizes)")
-    flat, sizes = (decode_tensor(b, max_bytes=max_bytes, allowed_dtypes=(torch.int64,), max_ndim=1) for b in blobs)
-    if flat.dim() != 1 or sizes.dim() != 1 or not sizes.numel():
-        raise WireError("epoch plan: indices and batch sizes must be non-empty 1-D int64 tensors")
-    if int(sizes.min()) < 1 or int(sizes.sum()) != flat.numel():
-        raise WireError("epoch plan: batch sizes must be positive and add up to the number of indices")
-    return tuple(torch.split(flat, sizes.tolist()))
 
 
 # ------------------------------------------------------------------------------- running

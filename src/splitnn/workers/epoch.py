@@ -104,9 +104,6 @@ class StagePlan:
     prev: str | None
     next: str | None
 
-    def to_dict(self) -> dict:
-        return {"index": self.index, "key": self.key, "prev": self.prev, "next": self.next}
-
 
 @dataclass(frozen=True)
 class EpochPlan:

@@ -17,9 +17,9 @@ Metrics, by name (:data:`METRIC_NAMES`):
   ``mean_absolute_error`` over every element (the target viewed as the output, see
   :func:`splitnn.workers.losses.target_for`).
 
-The ``metrics`` command of networked workers is encoded by :func:`metrics_args` /
-:func:`parse_metrics_args` (arguments) and :func:`metrics_result` /
-:func:`parse_metrics_result` (result), kept together here so both ends agree.
+The ``metrics`` command of networked workers is encoded and decoded by
+:mod:`splitnn.common.serde` (``metrics_to_args`` / ``metrics_from_args``, ``metrics_to_result`` /
+``metrics_from_result``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitnn.errors import ConfigurationError, LabelError, WireError, WorkerError
+from splitnn.errors import ConfigurationError, LabelError, WorkerError
 from splitnn.workers.base import MetricWorker
 from splitnn.workers.losses import (
     CLASS_INDEX_LOSSES,
@@ -48,8 +48,6 @@ METRIC_NAMES = ("accuracy", "auc", "mse", "mae")
 REGRESSION_METRICS = ("mse", "mae")
 #: Evaluations whose outputs one label holder keeps at once (the oldest is dropped beyond).
 MAX_KEPT = 4
-#: The longest metric list one ``metrics`` command may ask for.
-MAX_NAMES = 16
 
 
 def default_metrics(loss: Loss) -> tuple[str, ...]:
@@ -236,40 +234,3 @@ def compute_metrics(loss: Loss, outputs: torch.Tensor, labels: torch.Tensor, nam
         else:
             raise ConfigurationError(f"unknown metric {name!r}; choose from {METRIC_NAMES}")
     return values
-
-
-# ---------------------------------------------------------------- the ``metrics`` command
-def metrics_args(keep: str, names: Sequence[str]) -> dict:
-    """Arguments of the ``metrics`` command."""
-    return {"keep": keep, "names": list(names)}
-
-
-def parse_metrics_args(args: dict) -> tuple[str, tuple[str, ...]]:
-    """``(keep, names)`` of a ``metrics`` command; WireError on anything malformed."""
-    keep, names = args.get("keep"), args.get("names")
-    if not isinstance(keep, str) or not 0 < len(keep) <= 256:
-        raise WireError("metrics: 'keep' must be the id of a kept evaluation")
-    if (
-        not isinstance(names, list)
-        or not 0 < len(names) <= MAX_NAMES
-        or not all(isinstance(n, str) and n in METRIC_NAMES for n in names)
-    ):
-        raise WireError(f"metrics: 'names' must list 1..{MAX_NAMES} of {METRIC_NAMES}")
-    return keep, tuple(names)
-
-
-def metrics_result(values: dict[str, float]) -> dict:
-    """Result of the ``metrics`` command (JSON numbers; NaN travels as JSON's NaN)."""
-    return {"values": {k: float(v) for k, v in values.items()}}
-
-
-def parse_metrics_result(result: dict, names: Sequence[str]) -> dict[str, float]:
-    """The metric values of a ``metrics`` reply, checked to be exactly ``names``."""
-    values = result.get("values")
-    if (
-        not isinstance(values, dict)
-        or set(values) != set(names)
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
-    ):
-        raise WireError(f"malformed metrics reply: expected values for {list(names)}")
-    return {name: float(values[name]) for name in names}

@@ -58,7 +58,8 @@ class DatasetStats:
     """Public facts about a dataset held at a worker (never its contents).
 
     The label fields summarise the labels so that the researcher can check them against
-    the loss and the model before training (:func:`splitnn.workers.losses.check_labels`):
+    the loss and the model before training (:func:`splitnn.workers.losses.check_labels`; on the
+    wire: :func:`splitnn.common.serde.dataset_stats_to_result`):
     ``label_dtype`` (``"int64"``, ``"float32"``, ...), ``label_shape`` (per sample, ``()``
     for one label per sample), ``label_min``/``label_max`` (for integer labels: ints) and
     ``label_integral`` (every label is a whole number, e.g. 0/1 targets stored as floats).
@@ -73,39 +74,6 @@ class DatasetStats:
     label_dtype: str | None = None
     label_shape: tuple[int, ...] | None = None
     label_integral: bool | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (the ``dataset_stats`` command's result)."""
-        return {
-            "name": self.name,
-            "size": self.size,
-            "feature_shape": list(self.feature_shape) if self.feature_shape is not None else None,
-            "num_labels": self.num_labels,
-            "label_max": self.label_max,
-            "label_min": self.label_min,
-            "label_dtype": self.label_dtype,
-            "label_shape": list(self.label_shape) if self.label_shape is not None else None,
-            "label_integral": self.label_integral,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DatasetStats:
-        """The inverse of :meth:`to_dict` (fields a worker does not send are ``None``)."""
-
-        def shape(v: object) -> tuple[int, ...] | None:
-            return tuple(int(x) for x in v) if v is not None else None
-
-        return cls(
-            d["name"],
-            int(d["size"]),
-            shape(d.get("feature_shape")),
-            d.get("num_labels"),
-            d.get("label_max"),
-            d.get("label_min"),
-            d.get("label_dtype"),
-            shape(d.get("label_shape")),
-            d.get("label_integral"),
-        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,401 @@
+"""splitnn.common.serde: every message decodes to what was encoded, and junk gives a WireError.
+
+Each pair is encoded as the researcher's client does it, sent through JSON (as the command
+envelope carries its arguments) and decoded as the worker's server does it, or the other way
+round for results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from splitnn.common import serde
+from splitnn.errors import SpecError, WireError, WorkerError
+from splitnn.wire import OptimizerSpec, module_to_spec
+from splitnn.workers.epoch import BatchOrder, EpochPlan, EpochReport, StagePlan
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+
+MAX = 1 << 20
+names = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=64)
+keys = st.text(min_size=1, max_size=64)
+ids = st.integers(0, 2**63 - 1)
+refs = st.builds(TensorRef, names, ids)
+tags = st.text("0123456789abcdef", min_size=32, max_size=32)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _wire(args: dict) -> dict:
+    """What the other end sees: the arguments (or result) after the JSON of the envelope."""
+    return json.loads(json.dumps(args))
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ building blocks
+@given(refs)
+def test_refs(ref):
+    assert serde.ref_from_dict(_wire(serde.ref_to_dict(ref))) == ref
+
+
+def test_a_fused_gradient_cannot_cross():
+    with pytest.raises(WorkerError, match="fused"):
+        serde.ref_to_dict(TensorRef("bob", -1, fused=True))
+
+
+@given(st.lists(st.integers(-(2**40), 2**40), max_size=50))
+def test_indices(values):
+    idx = torch.tensor(values, dtype=torch.int32 if not values else torch.int64)
+    back = serde.indices_from_blob(serde.indices_to_blob(idx), max_bytes=MAX)
+    assert back.dtype == torch.int64 and back.tolist() == values
+
+
+def test_indices_must_be_1d_int64():
+    with pytest.raises(WireError):
+        serde.indices_from_blob(serde.tensor_to_blob(torch.zeros(2, 2, dtype=torch.int64)), max_bytes=MAX)
+    with pytest.raises(WireError):
+        serde.indices_from_blob(serde.tensor_to_blob(torch.zeros(3)), max_bytes=MAX)
+
+
+def test_tensors_states_and_segments():
+    t = torch.randn(3, 4)
+    assert torch.equal(serde.tensor_from_blob(serde.tensor_to_blob(t), max_bytes=MAX), t)
+    layer = nn.Linear(3, 2)
+    state = layer.state_dict()
+    assert _same_state(serde.state_from_blob(serde.state_to_blob(state), max_bytes=MAX), state)
+    spec, back = serde.segment_from_blobs(serde.segment_to_blobs(module_to_spec(layer), state), max_bytes=MAX)
+    assert spec == module_to_spec(layer) and _same_state(back, state)
+    with pytest.raises(WireError, match="state blob"):
+        serde.segment_from_blobs(serde.segment_to_blobs(module_to_spec(layer), state)[:1], max_bytes=MAX)
+
+
+# ------------------------------------------------------------------------------------ set-up
+@given(names, st.lists(st.text(max_size=20), max_size=5), st.sampled_from(["cpu", "cuda:0", "mps"]))
+def test_hello(name, datasets, device):
+    hello = serde.hello_from_result(_wire(serde.hello_to_result(name, datasets, device)))
+    assert (hello.name, hello.datasets, hello.device) == (name, datasets, device)
+    assert hello.protocol == serde.PROTOCOL_VERSION
+    assert serde.hello_from_result({"name": "bob", "protocol": 1, "device": 7}).device == "?"
+
+
+def test_stats():
+    rows = [{"src": "a", "dst": "b", "kind": "activation", "count": 1, "bytes": 4}]
+    assert serde.stats_from_result(_wire(serde.stats_to_result(rows, []))) == {"counters": rows, "ledger": []}
+    with pytest.raises(WireError):
+        serde.stats_from_result({"counters": rows})
+
+
+@given(st.dictionaries(names, st.builds(serde.PeerAddress, st.just("10.0.0.5:7001"), tags), max_size=5), tags)
+def test_peers(peers, default):
+    assert serde.peers_from_args(_wire(serde.peers_to_args(peers)), default_tag=default) == peers
+
+
+def test_peers_default_to_the_session_tag_and_refuse_junk():
+    tag = "0" * 32
+    found = serde.peers_from_args({"peers": {"alice": "h:1", "bob": {"address": "h:2"}}}, default_tag=tag)
+    assert found == {"alice": serde.PeerAddress("h:1", tag), "bob": serde.PeerAddress("h:2", tag)}
+    for bad in ({"alice": "no-port"}, {"a b": "h:1"}, {"alice": {"address": "h:1", "session": "XYZ"}}):
+        with pytest.raises(WireError):
+            serde.peers_from_args({"peers": bad}, default_tag=tag)
+
+
+@pytest.mark.parametrize("optimizer", [None, OptimizerSpec("adam", lr=1e-3)])
+@pytest.mark.parametrize("replace", [False, True])
+def test_add_segment(optimizer, replace):
+    layer = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    args, blobs = serde.add_segment_to_command(
+        "m.s0", module_to_spec(layer), layer.state_dict(), optimizer, replace=replace
+    )
+    assert serde.add_segment_from_args(_wire(args)) == ("m.s0", optimizer, replace)
+    spec, state = serde.segment_from_blobs(blobs, max_bytes=MAX)
+    assert spec == module_to_spec(layer) and _same_state(state, layer.state_dict())
+    with pytest.raises(SpecError):
+        serde.add_segment_from_args({"key": "k", "optimizer": {"name": "sgd", "lr": -1}})
+
+
+@given(keys)
+def test_segment_keys(key):
+    assert serde.key_from_args(_wire(serde.key_to_args(key))) == key
+    assert serde.export_state_from_args(_wire(serde.export_state_to_args(key, 5))) == key
+
+
+@pytest.mark.parametrize("parts", [("features",), ("labels",), ("features", "labels")])
+def test_add_dataset(parts):
+    tensors = {"features": torch.randn(5, 3), "labels": torch.arange(5)}
+    given_parts = {p: tensors[p] for p in parts}
+    args, blobs = serde.add_dataset_to_command("d", given_parts, replace=True)
+    name, got_parts, replace = serde.add_dataset_from_args(_wire(args))
+    assert (name, got_parts, replace) == ("d", list(parts), True)
+    back = serde.dataset_parts_from_blobs(got_parts, blobs, max_bytes=MAX)
+    assert list(back) == list(parts) and all(torch.equal(back[p], given_parts[p]) for p in parts)
+    with pytest.raises(WireError):
+        serde.add_dataset_from_args({"name": "d", "parts": ["features", "features"]})
+
+
+shapes = st.none() | st.lists(st.integers(1, 100), max_size=3).map(tuple)
+label_values = st.none() | st.integers(-(2**31), 2**31) | st.floats(allow_nan=False, allow_infinity=False)
+stats = st.builds(
+    DatasetStats,
+    names,
+    st.integers(0, 2**40),
+    shapes,
+    st.none() | st.integers(0, 2**40),
+    label_values,
+    label_values,
+    st.none() | st.sampled_from(["int64", "float32"]),
+    shapes,
+    st.none() | st.booleans(),
+)
+
+
+@given(stats)
+def test_dataset_stats(s):
+    assert serde.dataset_name_from_args(_wire(serde.dataset_name_to_args(s.name))) == s.name
+    assert serde.dataset_stats_from_result(_wire(serde.dataset_stats_to_result(s))) == s
+
+
+@given(keys, st.lists(st.integers(1, 64), min_size=1, max_size=4).map(tuple))
+def test_probe(key, shape):
+    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
+    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+
+
+def test_probe_shapes_must_be_small_and_positive():
+    for bad in ([], [0], [1] * 9, [1 << 21], [1 << 14, 1 << 14], [True]):
+        with pytest.raises(WireError):
+            serde.probe_from_args({"key": "k", "shape": bad})
+
+
+# ----------------------------------------------------------------------------- the training step
+def test_put():
+    t = torch.randn(2, 3)
+    args, blobs = serde.put_to_command(9, "features", t)
+    assert serde.put_from_args(_wire(args)) == (9, "features")
+    assert torch.equal(serde.tensor_from_blob(blobs[0], max_bytes=MAX), t)
+
+
+@given(keys, st.booleans(), ids, refs | st.builds(BatchRef, names, st.just(torch.tensor([3, 1, 2]))))
+@settings(max_examples=30)
+def test_forward(key, train, tid, source):
+    args, blobs = serde.forward_to_command(key, source, tid, train=train)
+    args = _wire(args)
+    got_key, got_source, got_train = serde.forward_from_command(args, blobs, max_bytes=MAX)
+    assert serde.output_id_from_args(args) == tid and (got_key, got_train) == (key, train)
+    if isinstance(source, BatchRef):
+        assert got_source.dataset == source.dataset and torch.equal(got_source.indices, source.indices)
+    else:
+        assert got_source == source
+
+
+@pytest.mark.parametrize("keep", [None, "eval-1"])
+@pytest.mark.parametrize("train", [False, True])
+def test_loss(keep, train):
+    target = BatchRef("d", torch.tensor([4, 0]))
+    args, blobs = serde.loss_to_command(TensorRef("bob", 3), target, "nll", train=train, keep=keep)
+    m = serde.loss_from_command(_wire(args), blobs, max_bytes=MAX)
+    assert (m.output, m.loss, m.train, m.keep) == (TensorRef("bob", 3), "nll", train, keep)
+    assert m.target.dataset == "d" and torch.equal(m.target.indices, target.indices)
+
+
+@given(st.floats(allow_nan=False), st.integers(-1, 2**31), st.integers(0, 2**31))
+def test_loss_stats(loss, correct, count):
+    s = LossStats(loss, correct, count)
+    assert serde.loss_stats_from_result(_wire(serde.loss_stats_to_result(s))) == s
+
+
+@given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(serde.METRIC_NAMES), min_size=1, max_size=4))
+def test_metrics(keep, names_):
+    assert serde.metrics_from_args(_wire(serde.metrics_to_args(keep, names_))) == (keep, tuple(names_))
+    values = {n: 0.25 * i for i, n in enumerate(names_)}
+    assert serde.metrics_from_result(_wire(serde.metrics_to_result(values)), list(values)) == values
+
+
+def test_metrics_nan_travels():
+    back = serde.metrics_from_result(_wire(serde.metrics_to_result({"auc": math.nan})), ["auc"])
+    assert math.isnan(back["auc"])
+
+
+@given(keys, st.none() | refs, st.none() | ids)
+def test_backward(key, grad, tid):
+    args = _wire(serde.backward_to_args(key, grad, tid))
+    assert serde.backward_from_args(args) == (key, grad)
+    assert serde.output_id_from_args(args, optional=True) == tid
+
+
+@given(keys, st.lists(refs, min_size=1, max_size=5), st.sampled_from(["concat", "sum", "mean"]), ids, st.booleans())
+def test_forward_merged(key, sources, merge, tid, train):
+    args = _wire(serde.forward_merged_to_args(key, sources, merge, tid, train=train))
+    assert serde.forward_merged_from_args(args) == (key, sources, merge, train)
+    assert serde.output_id_from_args(args) == tid
+
+
+@given(keys, st.none() | refs, st.lists(ids, min_size=1, max_size=5))
+def test_backward_merged(key, grad, tids):
+    args = _wire(serde.backward_merged_to_args(key, grad, tids))
+    assert serde.backward_merged_from_args(args) == (key, grad)
+    assert serde.output_ids_from_args(args) == tids
+
+
+def test_merge_sizes_are_bounded():
+    too_many = [{"owner": "a", "id": i} for i in range(serde.MAX_MERGE_SOURCES + 1)]
+    with pytest.raises(WireError):
+        serde.forward_merged_from_args({"key": "k", "train": True, "merge": "sum", "srcs": too_many})
+    for bad in ([], [-1], [True], list(range(serde.MAX_MERGE_SOURCES + 1))):
+        with pytest.raises(WireError):
+            serde.output_ids_from_args({"ids": bad})
+
+
+# -------------------------------------------------------------------------- weights and outputs
+@given(keys, refs)
+def test_load_state(key, src):
+    assert serde.load_state_from_args(_wire(serde.load_state_to_args(key, src))) == (key, src)
+
+
+def test_set_state():
+    state = nn.Linear(2, 2).state_dict()
+    args, blobs = serde.set_state_to_command("k", state)
+    key, back = serde.set_state_from_command(_wire(args), blobs, max_bytes=MAX)
+    assert key == "k" and _same_state(back, state)
+
+
+@given(refs, st.sampled_from(["output", "activation"]))
+def test_fetch(ref, kind):
+    assert serde.fetch_from_args(_wire(serde.fetch_to_args(ref, kind))) == (ref, kind)
+
+
+# ------------------------------------------------------------------------------- shipped epochs
+PLAN_STAGES = (StagePlan(1, "s1", "alice", "bob"), StagePlan(2, "s2", "bob", None))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_epoch_plan(explicit):
+    if explicit:
+        batches = (torch.tensor([5, 1, 0]), torch.tensor([2]), torch.tensor([4, 3]))
+        plan = EpochPlan(7, "d", "nll", PLAN_STAGES, indices=batches, progress_interval=0.5)
+    else:
+        plan = EpochPlan(7, "d", "nll", PLAN_STAGES, order=BatchOrder(10, 4, seed=3, epoch=2))
+    args, blobs = serde.epoch_plan_to_command(plan)
+    back = serde.epoch_plan_from_command(_wire(args), blobs, worker="bob", max_bytes=MAX)
+    assert (back.run_id, back.dataset, back.loss, back.stages, back.order, back.progress_interval) == (
+        plan.run_id,
+        plan.dataset,
+        plan.loss,
+        plan.stages,
+        plan.order,
+        plan.progress_interval,
+    )
+    assert [b.tolist() for b in back.batches()] == [b.tolist() for b in plan.batches()]
+
+
+def test_epoch_plans_are_consistent_for_their_worker():
+    args, blobs = serde.epoch_plan_to_command(EpochPlan(7, "d", "nll", PLAN_STAGES, order=BatchOrder(10, 4)))
+    with pytest.raises(WireError, match="fed by this worker"):  # stage 2 is fed by alice, not here
+        serde.epoch_plan_from_command(args, blobs, worker="alice", max_bytes=MAX)
+    with pytest.raises(WireError, match="first stage"):
+        serde.epoch_plan_from_command(
+            {**args, "stages": [{"index": 1, "key": "s", "prev": None, "next": None}]}, [], worker="x", max_bytes=MAX
+        )
+
+
+@given(st.lists(st.builds(LossStats, st.floats(allow_nan=False), st.just(-1), st.integers(1, 2**31)), max_size=20))
+def test_progress_losses(losses):
+    assert serde.losses_from_result(_wire(serde.losses_to_result(losses))) == losses
+
+
+@given(st.integers(0, 2**40))
+def test_epoch_report(batches):
+    assert serde.epoch_report_from_result(_wire(serde.epoch_report_to_result(batches)), "bob") == EpochReport(
+        "bob", batches
+    )
+
+
+# ---------------------------------------------------------------------------------------- junk
+DECODERS = [
+    serde.ref_from_dict,
+    serde.hello_from_result,
+    serde.stats_from_result,
+    lambda a: serde.peers_from_args(a, default_tag="0" * 32),
+    serde.add_segment_from_args,
+    serde.key_from_args,
+    serde.add_dataset_from_args,
+    serde.dataset_name_from_args,
+    serde.dataset_stats_from_result,
+    serde.probe_from_args,
+    serde.shape_from_result,
+    serde.put_from_args,
+    lambda a: serde.forward_from_command(a, [], max_bytes=MAX),
+    lambda a: serde.loss_from_command(a, [], max_bytes=MAX),
+    serde.loss_stats_from_result,
+    serde.metrics_from_args,
+    lambda a: serde.metrics_from_result(a, ["auc"]),
+    serde.backward_from_args,
+    serde.forward_merged_from_args,
+    serde.backward_merged_from_args,
+    serde.output_ids_from_args,
+    serde.load_state_from_args,
+    serde.fetch_from_args,
+    lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
+    serde.losses_from_result,
+    lambda a: serde.epoch_report_from_result(a, "bob"),
+]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "key",
+                "id",
+                "ids",
+                "src",
+                "srcs",
+                "grad",
+                "name",
+                "parts",
+                "shape",
+                "peers",
+                "loss",
+                "train",
+                "keep",
+                "names",
+                "values",
+                "output",
+                "ref",
+                "kind",
+                "dataset",
+                "optimizer",
+                "run",
+                "stages",
+                "order",
+                "batches",
+                "counters",
+                "ledger",
+                "protocol",
+                "datasets",
+                "correct",
+                "count",
+            ]
+        ),
+        json_values,
+        max_size=8,
+    )
+)
+@settings(max_examples=200)
+def test_decoders_refuse_junk_with_a_wire_error(args):
+    for decode in DECODERS:
+        try:
+            decode(args)
+        except (WireError, SpecError):
+            pass
