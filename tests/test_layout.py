@@ -47,6 +47,18 @@ def test_importing_the_in_process_packages_does_not_load_grpc():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_connect_loads_the_client_when_used():
+    code = (
+        "import sys, splitnn\n"
+        "before = 'grpc' in sys.modules\n"
+        "from splitnn import connect\n"
+        "import splitnn.client\n"
+        "print(before, 'grpc' in sys.modules, connect is splitnn.client.connect, 'connect' in dir(splitnn))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True", "True"]
+
+
 def test_only_client_and_server_import_grpc():
     offenders = sorted(
         path

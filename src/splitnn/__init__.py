@@ -6,6 +6,9 @@ activations at each cut travel forward and their gradients travel back.
 
 >>> import splitnn
 >>> alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
+
+Parties started with ``splitnn worker`` are reached with ``splitnn.connect(url, token=...)``
+(:func:`splitnn.client.connect`, loaded on first use so that in-process work never imports grpc).
 """
 
 from splitnn import models
@@ -30,23 +33,18 @@ from splitnn.workers import VirtualWorker, Worker, WorkerPolicy
 __version__ = "0.1.0"
 
 
-def connect(
-    url: str,
-    *,
-    token: str,
-    name: str | None = None,
-    timeout: float = 60.0,
-    tls=None,
-    limits=None,
-    session: str | None = None,
-):
-    """Connect to a party started with ``splitnn worker``; returns a :class:`~splitnn.client.remote.RemoteWorker`.
+def __getattr__(name: str) -> object:
+    # ``splitnn.connect`` is :func:`splitnn.client.connect`, imported when first used: importing
+    # splitnn must not load grpc (in-process split learning never needs it).
+    if name == "connect":
+        from splitnn.client import connect
 
-    See :func:`splitnn.client.remote.connect` (imported lazily: grpc loads only when used).
-    """
-    from splitnn.client.remote import connect as _connect
+        return connect
+    raise AttributeError(f"module 'splitnn' has no attribute {name!r}")
 
-    return _connect(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "connect"])
 
 
 __all__ = [

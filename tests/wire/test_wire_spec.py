@@ -15,8 +15,6 @@ from torch import nn
 
 from splitnn.errors import SpecError, TrustError
 from splitnn.wire import (
-    MAX_SPEC_DEPTH,
-    MAX_SPEC_LAYERS,
     Trust,
     decode_state,
     encode_state,
@@ -24,12 +22,12 @@ from splitnn.wire import (
     register_layer,
     registered_layers,
     spec_from_json,
-    spec_param_count,
     spec_to_json,
     spec_to_module,
     unregister_layer,
     validate_spec,
 )
+from splitnn.wire.spec import MAX_SPEC_DEPTH, MAX_SPEC_LAYERS, spec_param_count
 
 
 def transfer(m: nn.Module) -> nn.Module:

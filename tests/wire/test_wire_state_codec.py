@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from splitnn.errors import WireError
-from splitnn.wire import DTYPE_CODES, decode_state, encode_state
+from splitnn.wire import decode_state, encode_state
+from splitnn.wire.tensor_codec import DTYPE_CODES
 
 ALL_DTYPES = list(DTYPE_CODES)
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

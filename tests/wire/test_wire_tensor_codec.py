@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitnn.errors import WireError
-from splitnn.wire import (
+from splitnn.wire.tensor_codec import (
     DEFAULT_ALLOWED,
     DTYPE_CODES,
     MAGIC,

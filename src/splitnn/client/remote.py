@@ -82,6 +82,7 @@ from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_to_module
 from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.checks import check_dataset_parts, check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
@@ -260,8 +261,7 @@ class RemoteWorker:
     def add_segment(
         self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
     ) -> None:
-        if not isinstance(segment, nn.Module):
-            raise ConfigurationError(f"segment {key!r} for worker {self.name!r} must be an nn.Module")
+        check_segment(segment, key, self.name)
         if optimizer is not None and callable(optimizer) and not isinstance(optimizer, (str, OptimizerSpec)):
             raise ConfigurationError(
                 f"remote worker {self.name!r} cannot take an optimizer factory (code does not cross the wire); "
@@ -293,9 +293,8 @@ class RemoteWorker:
         ids: Sequence[str] | None = None,
         replace: bool = False,
     ) -> None:
+        check_dataset_parts(name, self.name, features=features, labels=labels)
         parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
-        if not parts:
-            raise ConfigurationError(f"dataset {name!r} for worker {self.name!r}: give features, labels or both")
         for part, value in parts.items():
             if not isinstance(value, torch.Tensor):
                 raise ConfigurationError(
@@ -363,7 +362,7 @@ class RemoteWorker:
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         if key not in self._input_is_data:
-            raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
+            raise no_training_forward(self.name, key)
         ref = None if self._input_is_data.pop(key) else self._new_ref()
         self._send("backward", serde.backward_to_args(key, grad, ref.id if ref is not None else None), flush=False)
         return ref
@@ -414,7 +413,7 @@ class RemoteWorker:
         """
         target = self if dst == self.name else self._peers.get(dst)
         if target is None:
-            raise WorkerError(f"worker {self.name!r} cannot reach {dst!r}; connect the workers of a model first")
+            raise unreachable(self.name, dst)
         if not isinstance(target, RemoteWorker):
             raise WorkerError(f"remote worker {self.name!r} cannot send weights to in-process worker {dst!r}")
         ref = self._new_ref()
@@ -427,9 +426,7 @@ class RemoteWorker:
         The worker pulls every source from its owner over their peer stream (recorded on each link).
         """
         check_merge(merge)
-        sources = list(sources)
-        if not sources:
-            raise WorkerError(f"worker {self.name!r}: forward_merged on segment {key!r} needs at least one source")
+        sources = check_sources(list(sources), key, self.name)
         ref = self._new_ref()
         for src in sources:
             if src.owner == self.name:
@@ -445,9 +442,7 @@ class RemoteWorker:
         """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
         count = self._merged.pop(key, None)
         if count is None:
-            raise WorkerError(
-                f"worker {self.name!r}: backward_merged on segment {key!r} without a training forward_merged first"
-            )
+            raise no_training_forward(self.name, key, merged=True)
         refs = [self._new_ref() for _ in range(count)]
         self._send("backward_merged", serde.backward_merged_to_args(key, grad, [r.id for r in refs]), flush=False)
         return refs

@@ -158,7 +158,7 @@ class Commands:
     async def _op_add_segment(self, a, blobs, **_):
         # another session's segment of that name is its own: not touched
         key, optimizer, replace = serde.add_segment_from_args(a)
-        if key in self.engine._segments and not replace:  # refused before the blobs are decoded or built
+        if self.engine.has_segment(key) and not replace:  # refused before the blobs are decoded or built
             raise ConfigurationError(
                 f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
                 f"pass replace=True to replace it"
@@ -300,10 +300,10 @@ class Commands:
         """
         tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
-            module = self.engine._segment(self._key(serde.export_state_from_args(a))).module
+            module = self.engine.segment(self._key(serde.export_state_from_args(a)))
             blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
             payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            self.exports.export(tid, self.engine._keep(payload, "weights"))
+            self.exports.export(tid, self.engine.keep(payload, "weights"))
         return {}, []
 
     async def _op_load_state(self, a, blobs, **_):
@@ -312,7 +312,7 @@ class Commands:
         key, src = serde.load_state_from_args(a)
         key = self._key(key)
         if src.owner == self.name:
-            payload = self.engine._take(self.exports.local(src).id)
+            payload = self.engine.take(self.exports.local(src).id)
         else:
             payload = await self.peers.pull(src.owner, src.id, "weights")
         if payload.dtype != torch.uint8 or payload.dim() != 1:

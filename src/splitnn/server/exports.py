@@ -118,7 +118,7 @@ class Exports:
         """Publish the engine's tensor ``ref`` as ``tid`` (no ``tid``: nobody will ask, drop it)."""
         if tid is None:
             if ref is not None:  # nobody will ask for it
-                self.engine._take(ref.id)
+                self.engine.take(ref.id)
             return
         if ref is None:
             raise WorkerError(f"worker {self.name!r}: expected to produce tensor #{tid} but produced nothing")
@@ -177,7 +177,7 @@ class Exports:
         except asyncio.TimeoutError:
             raise WorkerError(f"worker {self.name!r} did not produce tensor #{tid} within {self.timeout:g} s") from None
         self._futures.pop(tid, None)
-        stored = self.engine._store.get(engine_id)
-        if stored is not None and (stored[1] == "weights") != (kind == "weights"):
+        stored = self.engine.stored_kind(engine_id)
+        if stored is not None and (stored == "weights") != (kind == "weights"):
             raise WorkerError(f"worker {self.name!r}: tensor #{tid} is not a {kind}")
-        return self.engine._take(engine_id)  # PolicyError for raw features / labels
+        return self.engine.take(engine_id)  # PolicyError for raw features / labels

@@ -38,7 +38,7 @@ import ctypes
 import ctypes.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -48,6 +48,7 @@ from splitnn.server.exports import Exports
 from splitnn.server.peers import Peers, SessionPeers
 from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
+from splitnn.workers.held import HeldData
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 log = logging.getLogger("splitnn.worker")
@@ -96,7 +97,7 @@ class Session:
         anonymous: bool,
         peers: Peers,
         timeout: float,
-        party: dict,
+        party: Mapping[str, HeldData],
         policy: WorkerPolicy | None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -105,7 +106,7 @@ class Session:
         self.anonymous = anonymous
         self.engine = VirtualWorker(name, fuse=False, policy=policy, device=device)
         self._party = party  # the party's own datasets (name -> data), shared read-only
-        self.engine._data.update(party)
+        self.engine.hold(party)
         self.counters = ByteCounters()
         self.exports = Exports(name, self.engine, timeout)
         self.inbox = Inbox(name, timeout)
@@ -118,11 +119,11 @@ class Session:
         self.executor = None
 
     def __repr__(self) -> str:
-        return f"Session({self.tag[:8]}, streams={self.streams}, segments={len(self.engine._segments)})"
+        return f"Session({self.tag[:8]}, streams={self.streams}, segments={len(self.engine.segment_keys())})"
 
     def holds_state(self) -> bool:
         """Whether the session holds something worth resuming (segments or datasets it placed)."""
-        return bool(self.engine._segments) or any(d not in self._party for d in self.engine._data)
+        return bool(self.engine.segment_keys()) or any(d not in self._party for d in self.engine.datasets())
 
     async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
         """Hand ``peer`` this session's tensor ``tensor_id`` (a pull over a peer stream of this session)."""
@@ -142,9 +143,8 @@ class Session:
     def free_all(self) -> None:
         """Free everything the session holds: its tensors, segments, optimizers and placed datasets."""
         self.free_tensors("the researcher's session ended")
-        self.engine._segments.clear()
-        self.engine._data.clear()
-        self.engine._data.update(self._party)
+        self.engine.clear()
+        self.engine.hold(self._party)
 
 
 class Sessions:
@@ -193,7 +193,7 @@ class Sessions:
         self._party.add_dataset(name, **parts)
 
     def party_datasets(self) -> list[str]:
-        return sorted(self._party._data)
+        return sorted(self._party.datasets())
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -231,7 +231,7 @@ class Sessions:
             anonymous=anonymous,
             peers=self.peers,
             timeout=self.timeout,
-            party=self._party._data,
+            party=self._party.datasets(),
             policy=self.policy,
             device=self.device,
         )
@@ -246,7 +246,7 @@ class Sessions:
         session.streams -= 1
         if session.streams > 0 or self._by_id.get(session.id) is not session:
             return
-        held = bool(session.engine._store) or session.holds_state()
+        held = session.engine.holds_tensors() or session.holds_state()
         session.free_tensors("the researcher's session ended")
         self.peers.close_scope(session.tag)
         session.closed_at = time.monotonic()
@@ -329,13 +329,13 @@ class Sessions:
     def check_dataset(self, session: Session, name: str) -> str:
         """``name`` if ``session`` may read dataset ``name``: PolicyError when only other sessions hold one."""
         tags = self._dataset_owners.get(name)
-        if tags and session.tag not in tags and name not in self._party._data:
+        if tags and session.tag not in tags and name not in self._party.datasets():
             raise self._refuse("dataset", name)
         return name
 
     def check_placing(self, name: str) -> str:
         """``name`` if a session may place a dataset under it: not a name of the party's own datasets."""
-        if name in self._party._data:
+        if name in self._party.datasets():
             raise PolicyError(
                 f"worker {self.name!r}: dataset {name!r} is the party's own (loaded with --data); every session "
                 f"may read it, none may replace it; place yours under another name"

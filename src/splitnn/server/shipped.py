@@ -160,7 +160,7 @@ def parse_plan(
     plan = serde.epoch_plan_from_command(args, blobs, worker=engine.name, max_bytes=max_blob_bytes)
     me = engine.name
     for st in plan.stages:
-        engine._segment(st.key)  # WorkerError naming what it hosts
+        engine.segment(st.key)  # WorkerError naming what it hosts
         for p in (st.prev, st.next):
             if p not in (None, me) and p not in peers:
                 raise WorkerError(
@@ -180,7 +180,7 @@ def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
         part for part, needed in (("features", plan.stages[0].prev is None), ("labels", plan.holds_labels)) if needed
     ]
     if needs:
-        data = engine._dataset(dataset)  # WorkerError naming what it holds
+        data = engine.dataset(dataset)  # WorkerError naming what it holds
         size = len(data.features if data.features is not None else data.labels)
         for part in needs:
             if getattr(data, part) is None:
@@ -233,7 +233,7 @@ async def run_epoch(
             if st.next is None:
                 pending.append(engine.loss(ref, batch, plan.loss, train=True))
             elif st.next != me:
-                await push(st.next, "activation", push_id(plan.run_id, b, st.index), engine._take(ref.id))
+                await push(st.next, "activation", push_id(plan.run_id, b, st.index), engine.take(ref.id))
         grad: TensorRef | None = None
         for st in reversed(stages):
             if st.next is None or st.next == me:
@@ -243,7 +243,7 @@ async def run_epoch(
                 g = engine.put(tensor, src=st.next, kind="gradient")
             grad = engine.backward(st.key, g)
             if st.prev not in (None, me):
-                await push(st.prev, "gradient", push_id(plan.run_id, b, st.index - 1), engine._take(grad.id))
+                await push(st.prev, "gradient", push_id(plan.run_id, b, st.index - 1), engine.take(grad.id))
                 grad = None
         for st in stages:
             engine.step(st.key)

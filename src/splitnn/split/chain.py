@@ -16,10 +16,11 @@ from splitnn.split.loop import EvalResult, History, evaluate, fit
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
 from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
-from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker, fresh_name
+from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
+from splitnn.workers.refs import fresh_name
 from splitnn.workers.values import Value, is_several
 
 
@@ -152,8 +153,19 @@ class SplitNN:
         ``x`` may be a tuple of tensors when the first segment takes several inputs.
 
         In training mode the output is attached to the label holder's autograd
-        graph: compute a loss on it, call ``loss.backward()``, then :meth:`backward`.
+        graph: compute a loss on it, call ``loss.backward()``, then :meth:`backward`. That
+        needs a label holder in this process; with a networked one, train with :meth:`fit`
+        (or :meth:`train_batch`), where the label holder computes the loss itself.
         """
+        if self.training and not getattr(self.label_holder, "runs_callables", False):
+            raise ConfigurationError(
+                f"model.forward(x) in training mode hands the label holder's output to the researcher with its "
+                f"autograd graph, which the low-level loop (model.forward(x), loss.backward(), model.backward()) "
+                f"needs; label holder {self.label_holder.name!r} is a networked worker, and autograd graphs do not "
+                f"cross the network. Train with model.fit(...) or model.train_batch(...) instead: the label holder "
+                f"computes the loss itself. For outputs without training, call model.predict(x) (or model.eval() "
+                f"before forward), with the label holder started as `splitnn worker --allow-outputs`"
+            )
         ref = self.data_holder.put(x, src=RESEARCHER, kind="features")
         out = forward_chain(self.stages, ref, train=self.training)
         return self.label_holder.fetch(out, kind="output")

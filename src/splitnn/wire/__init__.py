@@ -8,71 +8,31 @@
 
 Every malformed or oversized input raises :class:`splitnn.errors.WireError`
 (:class:`splitnn.errors.SpecError` for specs).
+
+This package exports what a user or a worker implementer needs: layer specs and the layer
+registry, :class:`Trust`, optimizer specs, and the tensor and state codecs' encode/decode.
+The codecs' internals (frame magic, dtype codes, headers, size limits) stay in their modules.
 """
 
 from splitnn.wire.optim_spec import KNOWN_OPTIMIZERS, OptimizerSpec
 from splitnn.wire.spec import (
-    DEFAULT_MAX_PARAMS,
-    MAX_SPEC_DEPTH,
-    MAX_SPEC_LAYERS,
     Trust,
     module_to_spec,
     register_layer,
     registered_layers,
     spec_from_json,
-    spec_param_count,
     spec_to_json,
     spec_to_module,
     unregister_layer,
     validate_spec,
 )
-from splitnn.wire.state_codec import (
-    DEFAULT_MAX_STATE_BYTES,
-    DEFAULT_MAX_STATE_ENTRIES,
-    decode_state,
-    encode_state,
-)
-from splitnn.wire.tensor_codec import (
-    DEFAULT_ALLOWED,
-    DEFAULT_MAX_TENSOR_BYTES,
-    DTYPE_CODES,
-    MAGIC,
-    MAX_NDIM,
-    TensorHeader,
-    decode_tensor,
-    encode_tensor,
-    encode_tensor_parts,
-    header_size,
-    read_header,
-    tensor_nbytes,
-)
+from splitnn.wire.state_codec import decode_state, encode_state
+from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
 
 __all__ = [
-    # tensor_codec
-    "MAGIC",
-    "DTYPE_CODES",
-    "DEFAULT_ALLOWED",
-    "DEFAULT_MAX_TENSOR_BYTES",
-    "MAX_NDIM",
-    "TensorHeader",
-    "encode_tensor",
-    "encode_tensor_parts",
-    "decode_tensor",
-    "read_header",
-    "header_size",
-    "tensor_nbytes",
-    # state_codec
-    "DEFAULT_MAX_STATE_BYTES",
-    "DEFAULT_MAX_STATE_ENTRIES",
-    "encode_state",
-    "decode_state",
-    # spec
-    "DEFAULT_MAX_PARAMS",
-    "MAX_SPEC_DEPTH",
-    "MAX_SPEC_LAYERS",
+    # layer specs: a model as data, and the layer types it may use
     "module_to_spec",
     "spec_to_module",
-    "spec_param_count",
     "validate_spec",
     "spec_to_json",
     "spec_from_json",
@@ -80,7 +40,12 @@ __all__ = [
     "unregister_layer",
     "registered_layers",
     "Trust",
-    # optim_spec
+    # optimizer specs
     "OptimizerSpec",
     "KNOWN_OPTIMIZERS",
+    # codecs
+    "encode_tensor",
+    "decode_tensor",
+    "encode_state",
+    "decode_state",
 ]

@@ -1,4 +1,12 @@
-"""Workers: the parties of split learning behind one protocol."""
+"""Workers: the parties of split learning behind one protocol, and the in-process engine.
+
+What a model, a topology or a worker implementer needs: the :class:`Worker` protocol and its
+optional capabilities, the handles that name a party's tensors and data (:class:`TensorRef`,
+:class:`BatchRef`) and what a party reports (:class:`LossStats`, :class:`DatasetStats`,
+:class:`ValueShape`), and the in-process :class:`VirtualWorker` with its :class:`WorkerPolicy`.
+The helpers behind them (merging, losses, metrics, averaging, held data) are in their modules.
+A party reached over the network is :func:`splitnn.connect` (:mod:`splitnn.client`).
+"""
 
 from splitnn.workers.base import (
     AveragingWorker,
@@ -10,8 +18,7 @@ from splitnn.workers.base import (
     PsiWorker,
     Worker,
 )
-from splitnn.workers.merge import MERGE_MODES, merge_tensors, merged_shape
-from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape, fresh_name
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
 __all__ = [
@@ -30,8 +37,4 @@ __all__ = [
     "GradientWorker",
     "MetricWorker",
     "EpochWorker",
-    "MERGE_MODES",
-    "merge_tensors",
-    "merged_shape",
-    "fresh_name",
 ]

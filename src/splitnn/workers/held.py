@@ -19,6 +19,7 @@ from splitnn.data.sources import (
     take_rows,
 )
 from splitnn.errors import ConfigurationError
+from splitnn.workers.checks import check_dataset_parts
 from splitnn.workers.refs import DatasetStats
 
 
@@ -48,8 +49,7 @@ class HeldData:
     ) -> HeldData:
         """Check and wrap what ``worker`` is given for ``dataset``; ConfigurationError/LabelError otherwise."""
         where = f"dataset {dataset!r} for worker {worker!r}"
-        if features is None and labels is None:
-            raise ConfigurationError(f"{where}: give features, labels or both")
+        check_dataset_parts(dataset, worker, features=features, labels=labels)
         feats = as_source(features, f"the features of {where}") if features is not None else None
         labs = as_source(labels, f"the labels of {where}") if labels is not None else None
         sizes = {what: source_len(s) for what, s in (("features", feats), ("labels", labs)) if s is not None}

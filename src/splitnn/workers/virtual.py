@@ -40,6 +40,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.checks import check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
 from splitnn.workers.losses import Loss, compute_loss
@@ -98,6 +100,10 @@ class VirtualWorker:
     runs through every segment, with weights bit-identical to the cut-by-cut path
     (``fuse=False``, what networked workers do).
 
+    A networked party (:mod:`splitnn.server`) runs one of these per researcher session, with
+    ``fuse=False``, through the Worker protocol and a few more public methods (:meth:`segment`,
+    :meth:`dataset`, :meth:`keep`, :meth:`take`, :meth:`clear`, ...).
+
     Args:
         name: the party's name, as it appears in the ledger.
         ledger: where transfers are recorded; a model rebinds its workers to
@@ -110,7 +116,8 @@ class VirtualWorker:
             :func:`splitnn.workers.devices.resolve_device`.
     """
 
-    #: It runs in the researcher's process, so it can run a loss given as a callable.
+    #: It runs in the researcher's process, so it can run a loss given as a callable and hand out outputs
+    #: with their autograd graph (the low-level loop of SplitNN.forward).
     runs_callables = True
 
     def __init__(
@@ -152,10 +159,7 @@ class VirtualWorker:
     def add_segment(
         self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
     ) -> None:
-        if not isinstance(segment, nn.Module):
-            raise ConfigurationError(
-                f"segment {key!r} for worker {self.name!r} must be an nn.Module, got {type(segment).__name__}"
-            )
+        check_segment(segment, key, self.name)
         if key in self._segments and not replace:
             raise ConfigurationError(
                 f"worker {self.name!r} already hosts a segment {key!r}; use another key, or pass replace=True "
@@ -266,7 +270,7 @@ class VirtualWorker:
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         hosted = self._segment(key)
         if hosted.out is None:
-            raise WorkerError(f"worker {self.name!r}: backward on segment {key!r} without a training forward first")
+            raise no_training_forward(self.name, key)
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
         self._backprop(hosted, grad)
@@ -291,8 +295,7 @@ class VirtualWorker:
     def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (see :class:`MergingWorker`)."""
         check_merge(merge)
-        if not sources:
-            raise WorkerError(f"worker {self.name!r}: forward_merged on segment {key!r} needs at least one source")
+        check_sources(list(sources), key, self.name)
         hosted = self._segment(key)
         if train and hosted.training is not True:
             hosted.module.train(True)
@@ -318,9 +321,7 @@ class VirtualWorker:
         """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
         hosted = self._segment(key)
         if hosted.out is None or hosted.input_kind != "merged" or hosted.inputs is None:
-            raise WorkerError(
-                f"worker {self.name!r}: backward_merged on segment {key!r} without a training forward_merged first"
-            )
+            raise no_training_forward(self.name, key, merged=True)
         self._backprop(hosted, grad)
         inputs = hosted.inputs
         hosted.out, hosted.inputs, hosted.input_kind = None, None, "data"
@@ -352,8 +353,15 @@ class VirtualWorker:
 
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
         tensor, stored_kind = self._peek(ref)
-        if stored_kind in ("features", "labels", "psi") or not self.policy.release_outputs:
+        if stored_kind in ("features", "labels", "psi"):
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
+        if not self.policy.release_outputs:
+            raise PolicyError(
+                f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them): the model's "
+                f"outputs stay with it. Train and evaluate with fit / evaluate (the loss and metrics are computed "
+                f"where the labels are); to let the researcher fetch outputs (predict, model.forward), start this "
+                f"worker with `splitnn worker --allow-outputs` (in process: WorkerPolicy(release_outputs=True))"
+            )
         del self._store[ref.id]
         self.ledger.record(self.name, RESEARCHER, kind, value_nbytes(tensor))
         # to the researcher's CPU; differentiably, so a loss computed there back-propagates into this worker
@@ -378,7 +386,7 @@ class VirtualWorker:
             return
         peer = self._peers.get(dst)
         if peer is None:
-            raise WorkerError(f"worker {self.name!r} cannot reach {dst!r}; connect the workers of a model first")
+            raise unreachable(self.name, dst)
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot send weights to non-local worker {dst!r}")
         peer.set_state(dst_key or key, state, src=self.name)
@@ -421,6 +429,56 @@ class VirtualWorker:
         for hosted in list(self._segments.values()):
             hosted.inp = hosted.out = None
             hosted.inputs = hosted.sent = None
+
+    # -- the engine's surface for a server ---------------------------------------------------------
+    # A networked party (splitnn.server) runs one VirtualWorker per researcher session as its engine
+    # and drives it through the Worker protocol above and these methods; nothing else of it.
+    def segment(self, key: str) -> nn.Module:
+        """The module hosted under ``key`` (WorkerError naming what this worker hosts)."""
+        return self._segment(key).module
+
+    def segment_keys(self) -> list[str]:
+        """The keys of the hosted segments."""
+        return list(self._segments)
+
+    def has_segment(self, key: str) -> bool:
+        return key in self._segments
+
+    def dataset(self, name: str) -> HeldData:
+        """The data held under ``name`` (WorkerError naming what this worker holds)."""
+        return self._dataset(name)
+
+    def datasets(self) -> Mapping[str, HeldData]:
+        """The held datasets, by name (a read-only view)."""
+        return types.MappingProxyType(self._data)
+
+    def hold(self, datasets: Mapping[str, HeldData]) -> None:
+        """Hold datasets checked elsewhere (a party's own data, shared read-only by every session)."""
+        self._data.update(datasets)
+
+    def keep(self, value: Value, kind: str) -> TensorRef:
+        """Store ``value`` (recorded as nothing) as a ``kind`` tensor for a peer to :meth:`take`."""
+        return self._keep(value, kind)
+
+    def take(self, tensor_id: int) -> Value:
+        """Hand stored tensor ``tensor_id`` to a peer, once (the receiver records the transfer);
+        PolicyError for raw features and labels."""
+        return self._take(tensor_id)
+
+    def stored_kind(self, tensor_id: int) -> str | None:
+        """The kind of stored tensor ``tensor_id`` (``activation``, ``gradient``, ...), None if there is none."""
+        stored = self._store.get(tensor_id)
+        return stored[1] if stored is not None else None
+
+    def holds_tensors(self) -> bool:
+        """Whether any intermediate tensor is stored (activations, gradients, puts)."""
+        return bool(self._store)
+
+    def clear(self) -> None:
+        """Forget everything: intermediate tensors, segments with their optimizers, datasets."""
+        self.release()
+        self._segments.clear()
+        self._data.clear()
 
     # -- private set intersection (the protocol: splitnn.training.psi) --------------------
     def psi_request(self, session: str, dataset: str) -> TensorRef:
@@ -528,7 +586,7 @@ class VirtualWorker:
             return tensor, ("fused" if self.fuse and train else "detached")
         peer = self._peers.get(ref.owner)
         if peer is None:
-            raise WorkerError(f"worker {self.name!r} cannot reach {ref.owner!r}; connect the workers of a model first")
+            raise unreachable(self.name, ref.owner)
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
         tensor = peer._take(ref.id)

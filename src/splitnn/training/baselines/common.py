@@ -20,9 +20,10 @@ from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
 from splitnn.split.loop import EvalResult
-from splitnn.workers import Worker, fresh_name
+from splitnn.workers import Worker
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.losses import check_loss_name, compute_loss
+from splitnn.workers.refs import fresh_name
 
 __all__ = ["CLIENT_SEED_STRIDE", "Federation", "evaluate_module", "weighted_average"]
 

@@ -20,8 +20,9 @@ from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.split import Stage
 from splitnn.split.loop import EvalResult, History, evaluate, fit
-from splitnn.workers import LossStats, Worker, fresh_name
+from splitnn.workers import LossStats, Worker
 from splitnn.workers.metrics import label_holder_metrics
+from splitnn.workers.refs import fresh_name
 
 
 def new_prefix(kind: str) -> str:

@@ -27,9 +27,10 @@ from splitnn.errors import ConfigurationError
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage
 from splitnn.training.topologies.base import probe_stages
-from splitnn.workers import DatasetStats, Worker, fresh_name
+from splitnn.workers import DatasetStats, Worker
 from splitnn.workers.losses import Loss, check_labels
 from splitnn.workers.metrics import check_metrics_for
+from splitnn.workers.refs import fresh_name
 
 #: A horizontal partitioner: ``(labels, k, seed) -> k index tensors``.
 Partitioner = Callable[[torch.Tensor, int, int], Sequence[torch.Tensor]]

@@ -22,7 +22,8 @@ from splitnn.training.topologies.multi import HANDOFF_MODES, MultiHolderSplitNN
 from splitnn.training.topologies.splitfed import VARIANTS, SplitFedSplitNN
 from splitnn.training.topologies.ushape import UShapedSplitNN
 from splitnn.training.topologies.vertical import VerticalSplitNN
-from splitnn.workers import MERGE_MODES, VirtualWorker, Worker
+from splitnn.workers import VirtualWorker, Worker
+from splitnn.workers.merge import MERGE_MODES
 
 #: The topologies ``splitnn train --topology`` offers (``chain`` is a plain SplitNN).
 TOPOLOGIES = ("chain", "multi", "splitfed", "u-shape", "vertical")

@@ -39,19 +39,11 @@ from splitnn.training.topologies.base import (
     place,
     probe_stages,
 )
-from splitnn.workers import (
-    BatchRef,
-    DatasetStats,
-    LossStats,
-    MergingWorker,
-    Worker,
-    fresh_name,
-    merge_tensors,
-    merged_shape,
-)
+from splitnn.workers import BatchRef, DatasetStats, LossStats, MergingWorker, Worker
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
-from splitnn.workers.merge import check_merge
+from splitnn.workers.merge import check_merge, merge_tensors, merged_shape
 from splitnn.workers.metrics import check_metrics_for
+from splitnn.workers.refs import fresh_name
 
 
 @dataclass

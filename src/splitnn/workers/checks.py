@@ -1,0 +1,46 @@
+"""Argument checks every Worker implementation makes, written once.
+
+The in-process :class:`~splitnn.workers.VirtualWorker` and the researcher's
+:class:`~splitnn.client.RemoteWorker` refuse the same mistakes with the same words, so a
+model behaves alike whichever workers it runs on; the checks raise before any work starts
+(a remote worker: before anything is sent).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from splitnn.errors import ConfigurationError, WorkerError
+
+
+def check_segment(segment: object, key: str, worker: str) -> nn.Module:
+    """``segment`` if it is an ``nn.Module``; ConfigurationError naming the segment and the worker."""
+    if not isinstance(segment, nn.Module):
+        raise ConfigurationError(
+            f"segment {key!r} for worker {worker!r} must be an nn.Module, got {type(segment).__name__}"
+        )
+    return segment
+
+
+def check_dataset_parts(name: str, worker: str, *, features: object, labels: object) -> None:
+    """A dataset is given features, labels or both."""
+    if features is None and labels is None:
+        raise ConfigurationError(f"dataset {name!r} for worker {worker!r}: give features, labels or both")
+
+
+def no_training_forward(worker: str, key: str, *, merged: bool = False) -> WorkerError:
+    """The error of a backward on a segment that has not run a training forward since its last backward."""
+    op, forward = ("backward_merged", "forward_merged") if merged else ("backward", "forward")
+    return WorkerError(f"worker {worker!r}: {op} on segment {key!r} without a training {forward} first")
+
+
+def check_sources(sources: list, key: str, worker: str) -> list:
+    """``sources`` of a ``forward_merged`` if there is at least one."""
+    if not sources:
+        raise WorkerError(f"worker {worker!r}: forward_merged on segment {key!r} needs at least one source")
+    return sources
+
+
+def unreachable(worker: str, peer: str) -> WorkerError:
+    """The error of naming a party that the model's workers were not connected to."""
+    return WorkerError(f"worker {worker!r} cannot reach {peer!r}; connect the workers of a model first")
