@@ -144,6 +144,31 @@ def test_add_dataset(parts):
         serde.add_dataset_from_args({"name": "d", "parts": ["features", "features"]})
 
 
+sample_ids = st.lists(st.text(min_size=1, max_size=20), max_size=30, unique=True)
+
+
+@given(sample_ids)
+def test_add_dataset_with_ids(ids_):
+    features = torch.randn(len(ids_), 2)
+    args, blobs = serde.add_dataset_to_command("d", {"features": features}, replace=False, ids=ids_)
+    name, parts, replace = serde.add_dataset_from_args(_wire(args))
+    assert (name, parts, replace) == ("d", ["features", "ids"], False)
+    back = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=MAX)
+    assert torch.equal(back["features"], features) and back["ids"] == ids_
+
+
+def test_ids_alone_are_not_a_dataset_and_must_be_strings():
+    with pytest.raises(WireError, match="'features' and/or 'labels'"):
+        serde.add_dataset_from_args({"name": "d", "parts": ["ids"]})
+    for bad in (b"[1, 2]", b'["a", ""]', b'{"a": 1}', b"\xff", b"[" * 100_000, b'["a", "b"'):
+        with pytest.raises(WireError):
+            serde.ids_from_blob(bad, max_bytes=MAX)
+    with pytest.raises(WireError, match="exceed"):
+        serde.ids_from_blob(serde.ids_to_blob(["abc"] * 10), max_bytes=20)
+    with pytest.raises(WireError, match="at most 1024 characters"):
+        serde.ids_from_blob(serde.ids_to_blob(["x" * 1025]), max_bytes=MAX)
+
+
 shapes = st.none() | st.lists(st.integers(1, 100), max_size=3).map(tuple)
 label_values = st.none() | st.integers(-(2**31), 2**31) | st.floats(allow_nan=False, allow_infinity=False)
 stats = st.builds(
@@ -275,6 +300,54 @@ def test_fetch(ref, kind):
     assert serde.fetch_from_args(_wire(serde.fetch_to_args(ref, kind))) == (ref, kind)
 
 
+# --------------------------------------------------------------------- private set intersection
+@given(keys, keys, ids)
+def test_psi_request(session, dataset, tid):
+    args = _wire(serde.psi_request_to_args(session, dataset, tid))
+    assert serde.psi_request_from_args(args) == (session, dataset) and serde.output_id_from_args(args) == tid
+
+
+@given(keys, refs, ids)
+def test_psi_reply(dataset, request, tid):
+    args = _wire(serde.psi_reply_to_args(dataset, request, tid))
+    assert serde.psi_reply_from_args(args) == (dataset, request) and serde.output_id_from_args(args) == tid
+
+
+@given(keys, refs)
+def test_psi_finish(session, reply):
+    assert serde.psi_finish_from_args(_wire(serde.psi_finish_to_args(session, reply))) == (session, reply)
+
+
+@given(st.integers(0, 2**63 - 1))
+def test_psi_size(size):
+    assert serde.psi_size_from_result(_wire(serde.psi_size_to_result(size))) == size
+    for bad in ({}, {"size": -1}, {"size": True}, {"size": 1.5}, {"size": "3"}):
+        with pytest.raises(WireError):
+            serde.psi_size_from_result(bad)
+
+
+@given(keys, st.dictionaries(keys, st.lists(st.integers(0, 2**40), min_size=1, max_size=20), max_size=4))
+def test_psi_apply(dataset, parts):
+    given_parts = {name: torch.tensor(idx) for name, idx in parts.items()}
+    args, blobs = serde.psi_apply_to_command(dataset, given_parts)
+    name, back = serde.psi_apply_from_command(_wire(args), blobs, max_bytes=MAX)
+    assert name == dataset and list(back) == list(parts)
+    assert all(back[k].tolist() == parts[k] for k in parts)
+
+
+def test_psi_apply_refuses_mismatched_parts():
+    args, blobs = serde.psi_apply_to_command("d", {"d:train": torch.arange(3), "d:test": torch.arange(2)})
+    for bad_args, bad_blobs in (
+        (args, blobs[:1]),  # a part without its indices
+        ({**args, "parts": ["d:train", "d:train"]}, blobs),  # a name twice
+        ({**args, "parts": ["x"] * (serde.MAX_PSI_PARTS + 1)}, blobs),
+        ({**args, "parts": ["", "y"]}, blobs),
+        (args, [blobs[0], serde.tensor_to_blob(torch.zeros(2))]),  # float positions
+    ):
+        with pytest.raises(WireError):
+            serde.psi_apply_from_command(bad_args, bad_blobs, max_bytes=MAX)
+
+
 # ------------------------------------------------------------------------------- shipped epochs
 PLAN_STAGES = (StagePlan(1, "s1", "alice", "bob"), StagePlan(2, "s2", "bob", None))
 
@@ -349,6 +422,12 @@ DECODERS = [
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
+    serde.psi_request_from_args,
+    serde.psi_reply_from_args,
+    serde.psi_finish_from_args,
+    serde.psi_size_from_result,
+    lambda a: serde.psi_apply_from_command(a, [], max_bytes=MAX),
+    lambda a: serde.ids_from_blob(json.dumps(a).encode(), max_bytes=MAX),
 ]
 
 
@@ -386,6 +465,8 @@ DECODERS = [
                 "datasets",
                 "correct",
                 "count",
+                "session",
+                "size",
             ]
         ),
         json_values,

@@ -54,7 +54,8 @@ def test_cli_runs_the_health_example(capsys):
     [
         ([], "--topology vertical"),
         (["--topology", "vertical", "--clients", "3"], "drop --clients"),
-        (["--topology", "vertical", "--workers", "grpc://127.0.0.1:1"], "networked private set intersection"),
+        (["--topology", "vertical", "--workers", "grpc://127.0.0.1:1"], "the three grpc:// addresses"),
+        (["--topology", "vertical", "--workers", "a,b,c"], "the three grpc:// addresses"),
         (["--topology", "vertical", "--hidden", "16,8"], "one hidden width"),
     ],
 )

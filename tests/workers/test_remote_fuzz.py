@@ -76,6 +76,23 @@ def _valid_commands() -> list[bytes]:
             blobs=[idx],
         ),
         Command(seq=8, op="metrics", args_json=json.dumps({"keep": "e1", "names": ["accuracy", "auc"]})),
+        # private set intersection: the datasets, sessions and peers they name do not exist
+        Command(seq=9, op="psi_request", args_json=json.dumps({"session": "s", "dataset": "nope", "id": 11})),
+        Command(
+            seq=10,
+            op="psi_reply",
+            args_json=json.dumps({"dataset": "nope", "src": {"owner": "alice", "id": 3}, "id": 12}),
+        ),
+        Command(seq=11, op="psi_finish", args_json=json.dumps({"session": "s", "src": {"owner": "alice", "id": 4}})),
+        Command(seq=12, op="psi_size", args_json=json.dumps({"name": "nope"})),
+        Command(seq=13, op="psi_apply", args_json=json.dumps({"dataset": "nope", "parts": ["nope:a"]}), blobs=[idx]),
+        Command(seq=14, op="psi_cancel", args_json=json.dumps({"name": "nope"})),
+        Command(  # ids for a dataset: two, repeated, for three rows
+            seq=15,
+            op="add_dataset",
+            args_json=json.dumps({"name": "n", "parts": ["features", "ids"]}),
+            blobs=[encode_tensor(torch.zeros(3, 1)), b'["a", "a"]'],
+        ),
     ]
     return [c.SerializeToString() for c in cmds]
 
@@ -139,7 +156,7 @@ def test_random_session_streams_get_errors(channel, cluster, messages):
         st.binary(max_size=128),
         st.builds(
             lambda k, i, tail: frames.request(k, i) + tail,
-            st.sampled_from(["activation", "gradient"]),
+            st.sampled_from(["activation", "gradient", "psi"]),
             st.integers(0, 2**64 - 1),
             st.binary(min_size=1, max_size=8),
         ),
@@ -173,6 +190,26 @@ def test_oversized_and_truncated_messages_are_refused_and_server_keeps_serving(c
     assert _is_error(_call(channel, cluster, truncated))
     hello = _call(channel, cluster, Command(op="hello").SerializeToString())
     assert isinstance(hello, Reply) and hello.ok
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    op=st.sampled_from(["psi_request", "psi_reply", "psi_finish", "psi_size", "psi_apply", "psi_cancel"]),
+    args=st.dictionaries(
+        st.sampled_from(["session", "dataset", "name", "src", "id", "parts"]),
+        st.none()
+        | st.integers()
+        | st.text(max_size=8)
+        | st.lists(st.text(max_size=4), max_size=3)
+        | st.fixed_dictionaries({"owner": st.sampled_from(["alice", "bob", "x"]), "id": st.integers(-1, 9)}),
+        max_size=6,
+    ),
+    blobs=st.lists(st.binary(max_size=64), max_size=3),
+)
+def test_psi_commands_with_junk_arguments_get_errors(channel, cluster, op, args, blobs):
+    """Every PSI command, with arguments of any shape: an error reply, never a crash or a hang."""
+    data = Command(seq=1, op=op, args_json=json.dumps(args), blobs=blobs).SerializeToString()
+    assert _is_error(_call(channel, cluster, data))
 
 
 def test_training_still_works_after_the_fuzzing(cluster):

@@ -280,10 +280,12 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
     for flag, value, allowed in (("--clients", args.clients, (None, 2)), ("--merge", args.merge, (None, "concat"))):
         if value not in allowed:
             raise ConfigurationError(f"--dataset breast-cancer has two hospitals merged by concat; drop {flag}")
-    if args.workers != "alice,bob,claire":
+    urls = [n.strip() for n in args.workers.split(",") if n.strip()] if args.workers != "alice,bob,claire" else []
+    if urls and (len(urls) != 3 or not all(u.startswith("grpc://") for u in urls)):
         raise ConfigurationError(
-            "--dataset breast-cancer runs in-process (hospital_a, hospital_b, lab); networked private set "
-            "intersection is not available yet, so drop --workers"
+            "--dataset breast-cancer runs hospital_a, hospital_b and lab: in process (drop --workers), or give "
+            "the three grpc:// addresses of `splitnn worker` parties holding their tables "
+            "(docs/vertical-psi.md#across-worker-processes)"
         )
     if metrics is not None and metrics != ["accuracy", "auc"]:
         raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
@@ -299,14 +301,29 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
         )
     config = HealthConfig(seed=args.seed, hidden=hidden[0], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     parties = [*HOSPITALS, LAB]
+    workers = None
+    if urls:  # the parties by the names they answer to; each holds its own table
+        workers = {w.name: w for w in _remote_workers(urls, args.token_file).values()}
+    where = (
+        f"{' + '.join(HOSPITALS)} and {LAB} at {', '.join(urls)}, each holding its own table"
+        if workers
+        else f"{' + '.join(HOSPITALS)} (15 features each) and {LAB} (diagnosis), each holding "
+        f"~{config.coverage:.0%} of the patients"
+    )
     print(
-        f"splitnn train: breast-cancer (scikit-learn, 569 patients), {' + '.join(HOSPITALS)} (15 features each) "
-        f"and {LAB} (diagnosis), each holding ~{config.coverage:.0%} of the patients; PSI aligns them; "
+        f"splitnn train: breast-cancer (scikit-learn, 569 patients), {where}; PSI aligns them; "
         f"MLP bottoms of width {config.hidden}, concat at {LAB}, bce_with_logits, Adam lr {config.lr}, "
         f"batch {config.batch_size}",
         flush=True,
     )
-    report = run_vertical_health(config, on_epoch=_reporter(config.epochs, parties))
+    try:
+        # networked, the researcher holds no table: no central baseline
+        report = run_vertical_health(
+            config, on_epoch=_reporter(config.epochs, parties), workers=workers, central=workers is None
+        )
+    finally:
+        for w in (workers or {}).values():
+            w.close()
     psi = report.psi
     parts = ", ".join(f"{k} {v}" for k, v in psi.parts.items())
     print(f"\nprivate set intersection: {psi.size} common patients ({parts})")
@@ -317,11 +334,17 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
             ["test set", "accuracy", "auc"],
             [
                 ["split (PSI-aligned parties)", f"{report.test['accuracy']:.4f}", f"{report.test['auc']:.4f}"],
-                [
-                    "central (joined table)",
-                    f"{report.central_test['accuracy']:.4f}",
-                    f"{report.central_test['auc']:.4f}",
-                ],
+                *(
+                    [
+                        [
+                            "central (joined table)",
+                            f"{report.central_test['accuracy']:.4f}",
+                            f"{report.central_test['auc']:.4f}",
+                        ]
+                    ]
+                    if report.central_test
+                    else []
+                ),
             ],
         )
     )

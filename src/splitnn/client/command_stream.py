@@ -58,6 +58,9 @@ ASYNC_OPS = frozenset(
         "backward_merged",
         "export_state",
         "load_state",
+        "psi_request",
+        "psi_reply",
+        "psi_finish",
     }
 )
 

@@ -31,8 +31,10 @@ per-batch cost is then the peer hops alone. :mod:`splitnn.split.epoch` drives it
 
 Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
 holder to holder over the peer stream), ``forward_merged``/``backward_merged`` (vertical split
-learning) and ``get_grads`` (large-batch SGD), with the semantics of ``VirtualWorker``, so the
-topologies and baselines of :mod:`splitnn.training` run across processes unchanged.
+learning), ``get_grads`` (large-batch SGD) and the ``psi_*`` methods (private set intersection:
+each message is pulled by the other party over the peer stream; this client relays handles and
+gets sizes), with the semantics of ``VirtualWorker``, so the topologies, baselines and the PSI
+alignment of :mod:`splitnn.training` run across processes unchanged.
 
 Sessions. Everything this client creates at the worker (segments, placed datasets,
 intermediate tensors) belongs to its *session* there, named by a secret random id
@@ -72,6 +74,7 @@ from splitnn.common.messages import (
     reply_result,
     session_tag,
 )
+from splitnn.data.sources import check_ids
 from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
@@ -302,12 +305,9 @@ class RemoteWorker:
                     f"only tensors travel (no code or pickles on the wire): let the party build its dataset "
                     f"itself with `splitnn worker --data {name}=MODULE:FUNCTION --trust MODULE`"
                 )
-        if ids is not None:
-            raise ConfigurationError(
-                f"dataset {name!r}: sample ids for private set intersection stay with their party; networked "
-                f"PSI is not available yet (load the party's table at the worker: --data NAME=table:PATH,id=COLUMN)"
-            )
-        self._request("add_dataset", *serde.add_dataset_to_command(name, parts, replace=replace))
+        if ids is not None:  # the same check (and words) as in process, before anything is sent
+            ids = check_ids(ids, len(next(iter(parts.values()))), f"dataset {name!r} at worker {self.name!r}")
+        self._request("add_dataset", *serde.add_dataset_to_command(name, parts, replace=replace, ids=ids))
 
     def dataset_stats(self, name: str) -> DatasetStats:
         r, _ = self._request("dataset_stats", serde.dataset_name_to_args(name))
@@ -453,6 +453,49 @@ class RemoteWorker:
         _, blobs = self._request("get_grads", serde.key_to_args(key))
         # in the worker's key order
         return serde.state_from_blob(serde.blob_arg(blobs, 0, "gradients"), max_bytes=self.limits.max_blob_bytes)
+
+    # -- private set intersection (PsiWorker; the protocol: splitnn.training.psi) ---------------
+    # Messages stay between the two parties: the receiver pulls the sender's message over their peer
+    # stream (kind "psi") and records it on that link. The researcher sends only handles and learns sizes.
+    def psi_request(self, session: str, dataset: str) -> TensorRef:
+        """Open PSI ``session`` as the client over ``dataset``'s candidate ids; a ref to the request (pipelined)."""
+        ref = self._new_ref()
+        self._send("psi_request", serde.psi_request_to_args(session, dataset, ref.id))  # flushed: a peer pulls it
+        return ref
+
+    def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
+        """Pull a client's request from its owner and answer it as the PSI server; a ref to the reply (pipelined)."""
+        ref = self._new_ref()
+        self._send("psi_reply", serde.psi_reply_to_args(dataset, request, ref.id))
+        return ref
+
+    def psi_finish(self, session: str, reply: TensorRef) -> None:
+        """Pull the server's reply and narrow the candidates of the session's dataset (pipelined)."""
+        self._send("psi_finish", serde.psi_finish_to_args(session, reply))
+
+    def psi_size(self, dataset: str) -> int:
+        """The number of candidate rows of ``dataset`` (waits for the intersections sent before)."""
+        r, _ = self._request("psi_size", serde.dataset_name_to_args(dataset))
+        return serde.psi_size_from_result(r)
+
+    def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Keep exactly the candidate rows of ``dataset``, in ascending id order, and hold each of ``parts``
+        (name -> positions in that order); at the worker this changes this session's datasets only."""
+        self._request("psi_apply", *serde.psi_apply_to_command(dataset, dict(parts or {})))
+
+    def psi_cancel(self, dataset: str) -> None:
+        """Abandon the intersection of ``dataset`` (the held rows stay as they were).
+
+        Called when an intersection failed: the errors its pipelined commands left at this worker
+        belong to that failure (the caller is already raising it), so they are dropped here, and a
+        later intersection starts clean.
+        """
+        for worker in (self, *self._remote_peers()):  # _request below would raise the peers' echoes too
+            try:
+                worker.drain()
+            except Exception:  # that failure's echo at this worker (a pull that could not be served, ...)
+                pass
+        self._request("psi_cancel", serde.dataset_name_to_args(dataset))
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------
     def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:

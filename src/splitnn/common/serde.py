@@ -23,6 +23,7 @@ tensor, :func:`output_id_from_args`) or ``ids`` (one per source of a merge,
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ MAX_METRIC_NAMES = 16
 MAX_PROBE_NDIM, MAX_PROBE_DIM, MAX_PROBE_ELEMENTS = 8, 1 << 20, 1 << 26
 #: Stages one epoch plan may list.
 MAX_PLAN_STAGES = 255
+#: Named parts one ``psi_apply`` may cut the aligned rows into.
+MAX_PSI_PARTS = 64
+#: The longest sample id (characters) a dataset's ids may hold on the wire.
+MAX_ID_CHARS = 1024
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -260,9 +265,17 @@ def key_from_args(args: dict) -> str:
     return arg(args, "key", str)
 
 
-def add_dataset_to_command(name: str, parts: Mapping[str, torch.Tensor], *, replace: bool) -> tuple[dict, list[bytes]]:
-    """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part."""
-    return {"name": name, "parts": list(parts), "replace": replace}, [tensor_to_blob(t) for t in parts.values()]
+def add_dataset_to_command(
+    name: str, parts: Mapping[str, torch.Tensor], *, replace: bool, ids: Sequence[str] | None = None
+) -> tuple[dict, list[bytes]]:
+    """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part, then the
+    samples' ``ids`` (for private set intersection) as one more part (:func:`ids_to_blob`)."""
+    blobs = [tensor_to_blob(t) for t in parts.values()]
+    names = list(parts)
+    if ids is not None:
+        names.append("ids")
+        blobs.append(ids_to_blob(ids))
+    return {"name": name, "parts": names, "replace": replace}, blobs
 
 
 def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
@@ -270,17 +283,44 @@ def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
     name = arg(args, "name", str)
     replace = arg(args, "replace", bool, optional=True) or False
     parts = arg(args, "parts", list)
-    if not parts or any(p not in ("features", "labels") for p in parts) or len(parts) != len(set(parts)):
-        raise WireError("'parts' must list 'features' and/or 'labels'")
+    if (
+        not {"features", "labels"} & set(p for p in parts if isinstance(p, str))
+        or any(p not in ("features", "labels", "ids") for p in parts)
+        or len(parts) != len(set(parts))
+    ):
+        raise WireError("'parts' must list 'features' and/or 'labels' (and optionally 'ids')")
     return name, parts, replace
 
 
 def dataset_parts_from_blobs(parts: Sequence[str], blobs: Sequence[bytes], *, max_bytes: int) -> dict:
-    return {p: decode_tensor(blob_arg(blobs, i, p), max_bytes=max_bytes) for i, p in enumerate(parts)}
+    """The parts of an ``add_dataset``, by name (``features``, ``labels``: tensors; ``ids``: strings)."""
+    return {
+        p: (ids_from_blob if p == "ids" else decode_tensor)(blob_arg(blobs, i, p), max_bytes=max_bytes)
+        for i, p in enumerate(parts)
+    }
+
+
+def ids_to_blob(ids: Sequence[str]) -> bytes:
+    """A dataset's sample ids as a blob: a JSON array of strings (UTF-8)."""
+    return json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
+
+
+def ids_from_blob(blob: bytes, *, max_bytes: int) -> list[str]:
+    """The sample ids of a blob (:func:`ids_to_blob`): non-empty strings of at most :data:`MAX_ID_CHARS`;
+    whether they are unique and one per row is the dataset's check."""
+    if len(blob) > max_bytes:
+        raise WireError(f"sample ids of {len(blob)} bytes exceed the {max_bytes}-byte limit")
+    try:
+        ids = json.loads(bytes(blob).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise WireError("sample ids must be a JSON array of strings") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= MAX_ID_CHARS for i in ids):
+        raise WireError(f"sample ids must be a JSON array of non-empty strings of at most {MAX_ID_CHARS} characters")
+    return ids
 
 
 def dataset_name_to_args(name: str) -> dict:
-    """The arguments of ``dataset_stats``."""
+    """The arguments of a command on one dataset (``dataset_stats``, ``psi_size``, ``psi_cancel``)."""
     return {"name": name}
 
 
@@ -528,6 +568,74 @@ def fetch_to_args(ref: TensorRef, kind: str) -> dict:
 
 def fetch_from_args(args: dict) -> tuple[TensorRef, str]:
     return ref_from_dict(arg(args, "ref", dict)), arg(args, "kind", str)
+
+
+# --------------------------------------------------------------------- private set intersection
+# The rounds are splitnn.training.psi's; a message is a 1-D uint8 tensor that its receiver pulls from
+# its sender over their peer stream (kind ``psi``), never through the researcher.
+def psi_request_to_args(session: str, dataset: str, tid: int) -> dict:
+    """Open PSI ``session`` as the client over ``dataset``'s candidate ids; the request is tensor ``tid``."""
+    return {"session": session, "dataset": dataset, "id": tid}
+
+
+def psi_request_from_args(args: dict) -> tuple[str, str]:
+    """``(session, dataset)`` (the request's id: :func:`output_id_from_args`)."""
+    return arg(args, "session", str), arg(args, "dataset", str)
+
+
+def psi_reply_to_args(dataset: str, request: TensorRef, tid: int) -> dict:
+    """Answer the client's ``request`` as the PSI server over ``dataset``'s candidate ids; the reply is tensor
+    ``tid``."""
+    return {"dataset": dataset, "src": ref_to_dict(request), "id": tid}
+
+
+def psi_reply_from_args(args: dict) -> tuple[str, TensorRef]:
+    """``(dataset, request)`` (the reply's id: :func:`output_id_from_args`)."""
+    return arg(args, "dataset", str), ref_from_dict(arg(args, "src", dict))
+
+
+def psi_finish_to_args(session: str, reply: TensorRef) -> dict:
+    """Narrow the candidates of PSI ``session``'s dataset with the server's ``reply``."""
+    return {"session": session, "src": ref_to_dict(reply)}
+
+
+def psi_finish_from_args(args: dict) -> tuple[str, TensorRef]:
+    return arg(args, "session", str), ref_from_dict(arg(args, "src", dict))
+
+
+def psi_size_to_result(size: int) -> dict:
+    """How many candidate rows a dataset has (the ``psi_size`` reply): all that the researcher learns."""
+    return {"size": size}
+
+
+def psi_size_from_result(result: dict) -> int:
+    size = result.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
+        raise WireError("psi_size: the reply must hold a non-negative integer 'size'")
+    return size
+
+
+def psi_apply_to_command(dataset: str, parts: Mapping[str, torch.Tensor]) -> tuple[dict, list[bytes]]:
+    """Keep the intersected rows of ``dataset``; hold each of ``parts`` (name -> positions in the aligned
+    order) as a dataset too: the names in the arguments, one indices blob per part."""
+    return {"dataset": dataset, "parts": list(parts)}, [indices_to_blob(idx) for idx in parts.values()]
+
+
+def psi_apply_from_command(
+    args: dict, blobs: Sequence[bytes], *, max_bytes: int
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(dataset, parts)``; whether the positions fit the intersection is the worker's check."""
+    dataset = arg(args, "dataset", str)
+    names = arg(args, "parts", list)
+    if (
+        len(names) > MAX_PSI_PARTS
+        or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise WireError(f"psi_apply: 'parts' must list at most {MAX_PSI_PARTS} distinct dataset names")
+    if len(blobs) != len(names):
+        raise WireError(f"psi_apply: {len(blobs)} index blobs for {len(names)} parts")
+    return dataset, {n: indices_from_blob(b, max_bytes=max_bytes) for n, b in zip(names, blobs)}
 
 
 # ------------------------------------------------------------------------------- shipped epochs

@@ -15,6 +15,14 @@ under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that c
 another party's tensor pulls it over the peer stream (:class:`~splitnn.server.peers.Peers`)
 and puts it into the engine, which records the transfer on the receiving side, as in-process.
 
+Private set intersection. ``psi_request``/``psi_reply``/``psi_finish`` run one two-party PSI
+(:mod:`splitnn.training.psi`) as in-process: each message is a 1-D uint8 tensor that its
+receiver pulls from its sender over their peer stream as kind ``psi`` (a pull of another kind
+cannot get it, and the researcher cannot ``fetch`` it) and records on that link; ``psi_size``
+is all the researcher learns; ``psi_apply`` gives this *session* the aligned rows (under the
+dataset's name, and each named part), so a party's own dataset (``--data``) stays as loaded for
+every other session; ``psi_cancel`` abandons an intersection.
+
 Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
 pull every source activation like ``forward`` does and leave one gradient per source for its
 owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
@@ -183,8 +191,8 @@ class Commands:
     async def _op_add_dataset(self, a, blobs, **_):
         name, parts, replace = serde.add_dataset_from_args(a)
         self.sessions.check_placing(name)
-        tensors = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
-        self.engine.add_dataset(name, **tensors, replace=replace)
+        held = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
+        self.engine.add_dataset(name, **held, replace=replace)
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 
@@ -290,6 +298,53 @@ class Commands:
     async def _op_end_session(self, a, blobs, **_):
         """The researcher is done: free everything this session holds now (no grace period, no resume)."""
         self.sessions.end(self.session)
+        return {}, []
+
+    # -- private set intersection ----------------------------------------------------------------
+    async def _psi_message(self, ref: TensorRef) -> TensorRef:
+        """An engine ref to the PSI message ``ref``: this session's own, or pulled from its sender as ``psi``."""
+        if ref.owner == self.name:
+            local = self.exports.local(ref)
+            if self.engine.stored_kind(local.id) != "psi":
+                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a PSI message")
+            return local
+        return await self._resolve(ref, "psi")  # the peer hands out only a "psi" tensor to this pull
+
+    async def _op_psi_request(self, a, blobs, *, state: StreamState, **_):
+        tid = serde.output_id_from_args(a)
+        with self.exports.producing(state, tid):
+            session, dataset = serde.psi_request_from_args(a)
+            self.exports.export(tid, self.engine.psi_request(session, self._dataset(dataset)))
+        return {}, []
+
+    async def _op_psi_reply(self, a, blobs, *, state: StreamState, **_):
+        tid = serde.output_id_from_args(a)
+        with self.exports.producing(state, tid):
+            dataset, request = serde.psi_reply_from_args(a)
+            dataset = self._dataset(dataset)
+            self.engine.dataset(dataset)  # a missing dataset is refused before the request is pulled
+            self.exports.export(tid, self.engine.psi_reply(dataset, await self._psi_message(request)))
+        return {}, []
+
+    async def _op_psi_finish(self, a, blobs, **_):
+        session, reply = serde.psi_finish_from_args(a)
+        self.engine.psi_finish(session, await self._psi_message(reply))
+        return {}, []
+
+    async def _op_psi_size(self, a, blobs, **_):
+        return serde.psi_size_to_result(self.engine.psi_size(self._dataset(serde.dataset_name_from_args(a)))), []
+
+    async def _op_psi_apply(self, a, blobs, **_):
+        dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
+        # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
+        # engine only: another session, or one holding a part of the same name, keeps its own.
+        self.engine.psi_apply(self._dataset(dataset), parts)
+        for name in parts:
+            self.sessions.claim_dataset(self.session, name)
+        return {}, []
+
+    async def _op_psi_cancel(self, a, blobs, **_):
+        self.engine.psi_cancel(self._dataset(serde.dataset_name_from_args(a)))
         return {}, []
 
     # -- weights and outputs ------------------------------------------------------------------

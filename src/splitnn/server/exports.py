@@ -28,6 +28,8 @@ from splitnn.workers.virtual import VirtualWorker
 
 #: Announced ids a session remembers before it prunes those already consumed.
 PRUNE_ANNOUNCED = 4096
+#: Kinds of stored tensors that a peer may pull only by naming that kind (and a pull of that kind gets no other).
+PULLED_ONLY_AS_ITSELF = ("weights", "psi")
 
 
 @dataclass
@@ -178,6 +180,7 @@ class Exports:
             raise WorkerError(f"worker {self.name!r} did not produce tensor #{tid} within {self.timeout:g} s") from None
         self._futures.pop(tid, None)
         stored = self.engine.stored_kind(engine_id)
-        if stored is not None and (stored == "weights") != (kind == "weights"):
+        # weights and PSI messages go out only to a pull of their own kind, and such a pull gets nothing else
+        if stored is not None and any((stored == k) != (kind == k) for k in PULLED_ONLY_AS_ITSELF):
             raise WorkerError(f"worker {self.name!r}: tensor #{tid} is not a {kind}")
         return self.engine.take(engine_id)  # PolicyError for raw features / labels

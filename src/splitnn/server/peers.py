@@ -244,7 +244,7 @@ class PeerLink:
 
     def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
         """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
-        if hdr.kind == "weights":  # weights are only ever pulled (load_state), never pushed
+        if hdr.kind in ("weights", "psi"):  # weights and PSI messages are only ever pulled, never pushed
             self._count("recv", "refused", 0)
             return
         try:

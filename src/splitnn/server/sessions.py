@@ -122,8 +122,10 @@ class Session:
         return f"Session({self.tag[:8]}, streams={self.streams}, segments={len(self.engine.segment_keys())})"
 
     def holds_state(self) -> bool:
-        """Whether the session holds something worth resuming (segments or datasets it placed)."""
-        return bool(self.engine.segment_keys()) or any(d not in self._party for d in self.engine.datasets())
+        """Whether the session holds something worth resuming (segments, datasets it placed or aligned by PSI)."""
+        return bool(self.engine.segment_keys()) or any(
+            held is not self._party.get(name) for name, held in self.engine.datasets().items()
+        )
 
     async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
         """Hand ``peer`` this session's tensor ``tensor_id`` (a pull over a peer stream of this session)."""

@@ -19,6 +19,11 @@ then does what the parties would do:
 4. the same network, from the same initial weights, is trained centrally on the joined table
    (plain PyTorch, same batches) for comparison.
 
+Across processes, each party runs ``splitnn worker`` holding its own table
+(``--data patients=table:hospital_a.csv,id=patient_id``) and :func:`run_vertical_health` gets the
+connected workers (``workers=``): steps 2 and 3 are then the same calls, the PSI messages and
+activations travel between the parties, and the weights end ``torch.equal`` to the in-process run.
+
 ``examples/vertical_health.py`` and ``splitnn train --dataset breast-cancer --topology vertical``
 run it; ``docs/vertical-psi.md`` reports the figures.
 """
@@ -28,7 +33,8 @@ from __future__ import annotations
 import copy
 import csv
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +45,11 @@ from torch import nn
 
 from splitnn.accounting import Ledger
 from splitnn.data import epoch_batches, load_table
+from splitnn.errors import ConfigurationError
 from splitnn.split.loop import EpochStats, History
 from splitnn.training.psi import PsiResult, intersect
 from splitnn.training.topologies.vertical import VerticalNet, VerticalSplitNN
-from splitnn.workers import VirtualWorker
+from splitnn.workers import VirtualWorker, Worker
 
 HOSPITALS = ("hospital_a", "hospital_b")
 LAB = "lab"
@@ -76,6 +83,10 @@ class HealthReport:
     central_test: dict[str, float]
     ledger: Ledger
     files: dict[str, Path] = field(default_factory=dict)
+    #: the trained split model (its workers still hold it: ``model.collect()`` while they are connected)
+    model: VerticalSplitNN | None = None
+    #: wall-clock seconds of the private set intersection (``psi``) and of training and evaluation (``train``)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def write_breast_cancer_tables(directory: str | Path, *, seed: int = 0, coverage: float = 0.9) -> dict[str, Path]:
@@ -112,6 +123,23 @@ def write_breast_cancer_tables(directory: str | Path, *, seed: int = 0, coverage
     return paths
 
 
+def table_paths(directory: str | Path) -> dict[str, Path]:
+    """Where :func:`write_breast_cancer_tables` puts each party's file in ``directory``."""
+    return {party: Path(directory) / f"{party}.csv" for party in (*HOSPITALS, LAB)}
+
+
+def load_parties(files: Mapping[str, Path]) -> dict[str, VirtualWorker]:
+    """In-process parties, each holding its own table as :data:`DATASET` (standardised with its own
+    statistics, ids included) -- what ``splitnn worker --data patients=table:FILE,id=patient_id`` does."""
+    workers = {name: VirtualWorker(name) for name in (*HOSPITALS, LAB)}
+    for party in HOSPITALS:
+        table = load_table(files[party], id_column=ID_COLUMN)
+        workers[party].add_dataset(DATASET, features=table.features, ids=table.ids)
+    lab = load_table(files[LAB], id_column=ID_COLUMN, columns=[], label_column=LABEL_COLUMN)
+    workers[LAB].add_dataset(DATASET, labels=lab.labels, ids=lab.ids)
+    return workers
+
+
 def health_model(parts: Sequence[int], hidden: int) -> tuple[list[nn.Module], nn.Module]:
     """Bottoms ``Linear(part, hidden), ReLU`` per hospital; the lab's top ``Linear(2 hidden, hidden), ReLU,
     Linear(hidden, 1)``: one logit per patient."""
@@ -126,22 +154,47 @@ def run_vertical_health(
     directory: str | Path | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     central: bool = True,
+    workers: Mapping[str, Worker] | None = None,
 ) -> HealthReport:
-    """Run the example end to end (see the module docstring); tables go to ``directory`` (default: a temp dir)."""
+    """Run the example end to end (see the module docstring).
+
+    Args:
+        config: seed, coverage, model and training settings.
+        directory: where the parties' tables are written (default: a temporary directory); with
+            ``workers``, where the tables they loaded are, for the central baseline.
+        on_epoch: called with each epoch's statistics.
+        central: also train the central baseline on the joined table.
+        workers: the parties by name (``hospital_a``, ``hospital_b``, ``lab``), e.g. ``splitnn.connect``
+            workers, each already holding its own table as ``patients`` with ids
+            (``splitnn worker --data patients=table:hospital_a.csv,id=patient_id``; the lab's with
+            ``label=diagnosis``). Default: in-process parties loading the tables written to ``directory``.
+    """
+    if workers is not None:
+        missing = sorted({*HOSPITALS, LAB} - set(workers))
+        if missing:
+            raise ConfigurationError(
+                f"the health example needs the parties {[*HOSPITALS, LAB]}; no worker is named {missing} "
+                f"(start them as `splitnn worker --name NAME --data {DATASET}=table:NAME.csv,id={ID_COLUMN}`)"
+            )
+        if central and directory is None:
+            raise ConfigurationError(
+                "the central baseline needs the tables the workers loaded: give directory=, or central=False"
+            )
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_breast_cancer_tables(directory or tmp, seed=config.seed, coverage=config.coverage)
-        # 1. each party loads its own table (standardised with its own statistics) and holds it, ids included
-        workers = {name: VirtualWorker(name) for name in (*HOSPITALS, LAB)}
-        for party in HOSPITALS:
-            table = load_table(files[party], id_column=ID_COLUMN)
-            workers[party].add_dataset(DATASET, features=table.features, ids=table.ids)
-        lab_table = load_table(files[LAB], id_column=ID_COLUMN, columns=[], label_column=LABEL_COLUMN)
-        workers[LAB].add_dataset(DATASET, labels=lab_table.labels, ids=lab_table.ids)
+        if workers is None:
+            files = write_breast_cancer_tables(directory or tmp, seed=config.seed, coverage=config.coverage)
+            # 1. each party loads its own table (standardised with its own statistics) and holds it, ids included
+            workers = load_parties(files)
+        else:
+            files = table_paths(directory) if directory is not None else {}  # 1. done by the parties themselves
         hospitals, lab = [workers[h] for h in HOSPITALS], workers[LAB]
 
         # 2. private set intersection: every party keeps the common patients, in one order; 20% held out
         split = {"train": 1 - config.test_fraction, "test": config.test_fraction}
+        start = time.perf_counter()
         psi = intersect(DATASET, hospitals, lab, split=split, seed=config.seed)
+        seconds = {"psi": time.perf_counter() - start}
+        start = time.perf_counter()
 
         # 3. the split network: an MLP bottom per hospital, the lab merges (concat) and owns the top
         torch.manual_seed(config.seed)
@@ -163,8 +216,9 @@ def run_vertical_health(
             on_epoch=on_epoch,
         )
         result = model.evaluate(test, metrics=METRICS)
+        seconds["train"] = time.perf_counter() - start
         central_test = _train_centrally(files, initial, config, psi) if central else {}
-        return HealthReport(config, psi, history, result.metrics, central_test, model.ledger, files)
+        return HealthReport(config, psi, history, result.metrics, central_test, model.ledger, files, model, seconds)
 
 
 def _train_centrally(

@@ -13,7 +13,10 @@ them hold, in the same order, so that row ``i`` is the same patient everywhere:
    parts, e.g. a train and a test set, at positions the researcher draws knowing only the size).
 
 Every message is bytes between two parties, recorded in the ledger with kind ``psi`` on their
-own link; the researcher only relays handles and learns the intersection's size.
+own link; the researcher only relays handles and learns the intersection's size. The parties
+may be in-process (:class:`~splitnn.workers.VirtualWorker`) or ``splitnn worker`` processes
+(:func:`splitnn.connect`), where the receiving worker pulls each message from its sender over
+their peer stream; the rounds and the bytes are the same.
 
 What each party learns. A feature holder: the intersection (among its own ids), and the size
 of the label holder's current candidate set when it answers step 1. The label holder: which of
@@ -76,8 +79,8 @@ def intersect(
     lacking = [p.name for p in parties if not isinstance(p, PsiWorker)]
     if lacking:
         raise ConfigurationError(
-            f"worker(s) {lacking} cannot run private set intersection (networked PSI is not available yet); "
-            f"use in-process workers"
+            f"worker(s) {lacking} cannot run private set intersection (they lack the PsiWorker methods "
+            f"psi_request, psi_reply, ...); use splitnn.VirtualWorker or splitnn.connect workers"
         )
     fractions = _check_split(split)
     bind_workers(parties, None)  # the parties reach each other by name; PSI bytes go to their shared ledger
@@ -101,7 +104,10 @@ def intersect(
         parts = _positions(fractions, size, seed, dataset)
     except BaseException:
         for p in parties:
-            p.psi_cancel(dataset)
+            try:
+                p.psi_cancel(dataset)
+            except Exception:  # (an unreachable party) the first error is the one to report; cancel the others
+                pass
         raise
     for p in parties:
         p.psi_apply(dataset, parts)

@@ -9,7 +9,8 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
     4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
                   4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
                   the sender's shipped epoch #id failed)
-    5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder)
+    5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
+                  4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
     6       1     flags: bit 0 = more chunks of this payload follow
     7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
                   (0 ``none``; always 0 in other frames)
@@ -19,7 +20,8 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
 A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` frame
 (dtype + shape header + raw bytes); for ``weights`` that tensor is 1-D uint8 and holds a
 safetensors state dict (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the
-validating codec. With another codec the payload is that codec's self-describing payload,
+validating codec; for ``psi`` it is 1-D uint8 and holds one PSI message (parsed by the
+receiver's :mod:`splitnn.data.psi`). With another codec the payload is that codec's self-describing payload,
 which must name the same codec. Payloads above the chunk size are cut into several DATA
 frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`.
 PUSH payloads are cut the same way. The receiver checks every header and the declared
@@ -59,7 +61,7 @@ REQUEST, DATA, ERROR, PUSH, ABORT = 1, 2, 3, 4, 5
 TEXT_TYPES = (ERROR, ABORT)
 PAYLOAD_TYPES = (DATA, PUSH)
 FLAG_MORE = 1
-KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3}
+KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3, "psi": 4}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
 MAX_ERROR_BYTES = 4096
 NO_CODEC = compress.CODEC_IDS["none"]

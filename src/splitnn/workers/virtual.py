@@ -220,7 +220,7 @@ class VirtualWorker:
             tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
         if src != self.name:
             self.ledger.record(src, self.name, kind, value_nbytes(tensor))
-        return self._keep(self._here(tensor), kind)
+        return self._keep(tensor if kind == "psi" else self._here(tensor), kind)  # PSI messages are bytes: CPU
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         hosted = self._segment(key)
@@ -505,6 +505,7 @@ class VirtualWorker:
 
     def psi_cancel(self, dataset: str) -> None:
         """Abandon the intersection of ``dataset`` (the held rows stay as they were)."""
+        self._dataset(dataset)  # a dataset this worker does not hold is named in the error
         self._psi.cancel(dataset)
 
     def _receive_bytes(self, ref: TensorRef) -> bytes:
