@@ -257,3 +257,18 @@ def test_a_worker_process_places_its_segments_on_its_device(tmp_path):
                 bob.fetch_segment("s")
         finally:
             bob.close()
+
+
+def test_psi_messages_put_at_a_worker_on_another_device_stay_bytes_on_the_cpu():
+    """The server puts a PSI message it pulled into its engine (``put(..., kind="psi")``): on a worker whose data
+    lives on another device it stays a CPU byte tensor the PSI library can read, and the intersection runs."""
+    alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob", fuse=False, device="meta")
+    alice.add_dataset("d", features=torch.zeros(4, 1), ids=["p1", "p2", "p3", "p4"])
+    bob.add_dataset("d", features=torch.zeros(3, 1), ids=["p4", "p9", "p2"])
+    request = alice.take(alice.psi_request("s", "d").id)  # what bob pulls over the peer stream
+    arrived = bob.put(request, src="alice", kind="psi")
+    assert bob.take(arrived.id).device == CPU
+    reply = bob.put(request, src="alice", kind="psi")
+    alice.connect_peers({"bob": bob})
+    alice.psi_finish("s", bob.psi_reply("d", reply))
+    assert alice.psi_size("d") == 2 and bob.ledger.total(src="alice", dst="bob", kind="psi") == 2 * len(request)

@@ -268,11 +268,14 @@ def test_disjoint_ids_give_the_in_process_error_and_change_nothing(remote):
     assert intersect("d", [remote[HOSPITALS[1]]], remote[LAB]).size == 20
 
 
-def test_a_party_without_ids_is_refused_and_ids_placed_by_the_researcher_take_part(remote):
+def test_a_party_without_ids_is_refused_and_ids_placed_by_the_researcher_take_part(remote, monkeypatch):
     a, b, lab = (remote[p] for p in PARTIES)
     b.add_dataset("q", features=torch.zeros(6, 1))  # no ids
+    spy = _Spy(monkeypatch)
     for w in (a, lab):
         w.add_dataset("q", features=torch.arange(6.0).view(6, 1), ids=[f"s{i}" for i in range(6)])
+    assert spy.leaked(["s1", "s5", "s9"]) == ["s1", "s5"]  # the spy sees ids that do travel (placed by us)
+    monkeypatch.undo()
     with pytest.raises(WorkerError, match="holds no sample ids for dataset 'q'"):
         intersect("q", [a, b], lab)
     b.add_dataset("q", features=torch.zeros(4, 1), ids=["s5", "s1", "x", "s3"], replace=True)
