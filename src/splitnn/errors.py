@@ -44,6 +44,11 @@ class LabelError(DataError, ValueError):
     """Labels are out of range for the model's output or the loss."""
 
 
+class CheckpointError(ConfigurationError):
+    """A checkpoint is missing, damaged, or does not match the run that would resume from it.
+    The message names what differs (model, parties, data, steps)."""
+
+
 class WorkerError(SplitNNError):
     """A worker failed, refused or could not be reached. The message names the worker."""
 

@@ -35,7 +35,7 @@ def _train(shared_data, tmp_path, *flags):
     return code, (json.loads(hist.read_text()) if hist.exists() else None)
 
 
-def _ledger_rows(out: str) -> dict[tuple[str, str, str], int]:
+def ledger_rows(out: str) -> dict[tuple[str, str, str], int]:
     """The ledger table at the end of the report: (from, to, kind) -> bytes."""
     rows = {}
     for line in out.splitlines():
@@ -63,7 +63,7 @@ def test_multi_central_dirichlet(shared_data, tmp_path, capsys):
     assert "multi: 3 data holders alice1..alice3 (dirichlet:0.5 shards, central hand-offs" in out
     assert "test acc" in out
     bottom = (784 * 128 + 128) * 4
-    rows = _ledger_rows(out)
+    rows = ledger_rows(out)
     # alice1 uploads the bottom to bob's store once (end of its turn); holders never send weights to each other
     assert rows[("alice1", "bob", "weights")] == bottom
     assert rows[("bob", "alice3", "weights")] == bottom
@@ -75,7 +75,7 @@ def test_multi_peer_iid_turns(shared_data, tmp_path, capsys):
     code, history = _train(shared_data, tmp_path, "--topology", "multi", "--clients", "2", "--turn-batches", "4")
     out = capsys.readouterr().out
     assert code == 0
-    rows = _ledger_rows(out)
+    rows = ledger_rows(out)
     assert rows[("alice1", "alice2", "weights")] % ((784 * 128 + 128) * 4) == 0
     assert not any(k == "weights" and "bob" in (src, dst) for src, dst, k in rows)
 
@@ -88,7 +88,7 @@ def test_splitfed_holders_send_their_bottom_to_the_aggregator_once_per_round(sha
     assert code == 0
     assert "splitfed v2: 3 data holders alice1..alice3 in parallel (iid shards, rounds of 3 batches" in out
     bottom = (784 * 128 + 128) * 4
-    rows = _ledger_rows(out)
+    rows = ledger_rows(out)
     # 500 samples per holder in batches of 64: 8 batches, rounds of 3: 3 rounds, each holder trains in all
     for h in (1, 2, 3):
         assert rows[(f"alice{h}", "bob", "weights")] == rows[("bob", f"alice{h}", "weights")] == 3 * bottom
@@ -101,7 +101,7 @@ def test_splitfed_with_a_third_party_aggregator(shared_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "averaged by fed (third party)" in out
-    rows = _ledger_rows(out)
+    rows = ledger_rows(out)
     bottom = (784 * 128 + 128) * 4
     assert rows[("alice1", "fed", "weights")] == rows[("fed", "alice2", "weights")] == bottom
     assert not any(k == "weights" and "bob" in (src, dst) for src, dst, k in rows)
@@ -115,7 +115,7 @@ def test_u_shape_alice_sends_only_cut_tensors(shared_data, tmp_path, capsys):
     assert "u-shape: alice (first and last segments, labels) <-> bob (middle)" in out
     # per epoch alice sends the 128-wide head activation and the 640-wide gradient of the middle's output
     assert history[0]["bytes_sent"]["alice"] == LIMIT * (128 + 640) * 4
-    assert {k for _, _, k in _ledger_rows(out)} == {"activation", "gradient"}
+    assert {k for _, _, k in ledger_rows(out)} == {"activation", "gradient"}
 
 
 def test_vertical_holders_send_their_activations_only(shared_data, tmp_path, capsys):

@@ -15,7 +15,15 @@ from splitnn.split.epoch import can_ship, ship_epoch
 from splitnn.split.loop import EvalResult, History, evaluate, fit
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
-from splitnn.split.stage import Stage, check_static_fit, format_shape, probe_chain
+from splitnn.split.stage import (
+    Slot,
+    Stage,
+    check_static_fit,
+    declare_adjacency,
+    format_shape,
+    probe_chain,
+    slot_label,
+)
 from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
@@ -105,6 +113,8 @@ class SplitNN:
         self.stages = [Stage(i, f"{model_id}.s{i}", w) for i, w in enumerate(workers)]
         for stage, seg, opt in zip(self.stages, segments, optimizers):
             stage.worker.add_segment(stage.key, seg, opt)
+        declare_adjacency((a.worker, b.worker) for a, b in zip(self.stages, self.stages[1:]))
+        self._segments = segments  # for checkpoints: each segment's fingerprint
         self.training = True
         # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
         self._data_names = PlacedData()
@@ -314,6 +324,10 @@ class SplitNN:
         for module in modules:
             layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
         return nn.Sequential(*layers)
+
+    def checkpoint_segments(self) -> list[Slot]:
+        """Every segment with its checkpoint label (``s0``, ``s1``, ...), worker and key."""
+        return [Slot(slot_label(st.key), st.worker, st.key, seg) for st, seg in zip(self.stages, self._segments)]
 
     def collect_state(self) -> dict[str, torch.Tensor]:
         """Every segment's trained weights as one state dict, under the segments' own names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 import time
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from splitnn.accounting import Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
+from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
 from splitnn.workers import LossStats
 from splitnn.workers.metrics import check_metric_names
 
@@ -143,6 +145,9 @@ def fit(
     progress: bool | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     metrics: Sequence[str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: str | int = "epoch",
+    resume: bool = False,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -154,11 +159,23 @@ def fit(
     default: accuracy for classification losses), computed at the label holder.
     ``progress`` shows a bar per epoch (default: when stderr is a terminal).
     ``on_epoch`` is called with each epoch's stats.
+
+    Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
+    writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
+    start, after every epoch and -- with ``checkpoint_every=N`` -- every ``N`` batches, and the
+    researcher writes ``checkpoint_dir/manifest.json``. ``resume=True`` continues the job that
+    manifest records (or starts it when there is none): the result, weights included, is exactly
+    that of an uninterrupted run, and the history returned holds the earlier epochs too. A resume
+    whose model, parties, data or data order differ is refused, naming what differs.
     """
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
         raise ConfigurationError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
+    if resume and checkpoint_dir is None:
+        raise ConfigurationError("resume=True continues a job from its checkpoints: give checkpoint_dir too")
+    if checkpoint_dir is not None:
+        check_every(checkpoint_every)
     names = check_metric_names(metrics, getattr(model, "loss", None))
     if metrics is not None and names and test_data is None:
         raise ConfigurationError(f"metrics {list(names)} are computed on test_data; give fit(..., test_data=...)")
@@ -167,17 +184,35 @@ def fit(
     if test_name is not None:
         _check_metrics(model, test_name, names)
     history = History()
+    position = Position(initial_epoch)
+    job = None
+    if checkpoint_dir is not None:
+        order = {"seed": seed, "batch_size": batch_size, "shuffle": shuffle, "initial_epoch": initial_epoch}
+        job = CheckpointJob(model, checkpoint_dir, checkpoint_every, data_summary(data, name, n), order)
+        manifest = job.prepare_directory(resume=resume)
+        if manifest is None:
+            position.epoch_ledger = ledger_rows(model.ledger)
+            job.save(position, [])  # step 0: a crash before the first epoch ends can resume too
+        else:
+            job.check_manifest(manifest)
+            position = job.restore(manifest)
+            history.epochs = [EpochStats(**e) for e in job.history()]
     last = initial_epoch + epochs
-    for epoch in range(initial_epoch, last):
-        before, start = model.ledger.snapshot(), time.perf_counter()
+    while position.epoch < last:
+        epoch = position.epoch
         batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
         order = (
             None
             if getattr(model, "epoch_plan", None) is not None
             else dict(n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
         )
+        if position.batch == 0:
+            position.loss_sum, position.seconds = 0.0, 0.0
+            position.epoch_ledger = ledger_rows(model.ledger)
+        start = time.perf_counter()
         bar = tqdm(
             total=len(batches),
+            initial=position.batch,
             desc=f"epoch {epoch + 1}/{last}",
             unit="batch",
             leave=False,
@@ -185,16 +220,34 @@ def fit(
             mininterval=0.5,
         )
         try:
-            total = _train_epoch(model, name, batches, order, bar)
+            while position.batch < len(batches):
+                stop = len(batches)
+                if job is not None and isinstance(job.every, int):
+                    stop = min(stop, position.batch + job.every - position.step % job.every)
+                whole = position.batch == 0 and stop == len(batches)
+                chunk = batches[position.batch : stop]
+                position.loss_sum += _train_epoch(model, name, chunk, order if whole else None, bar)
+                position.step += stop - position.batch
+                position.batch = stop
+                if job is not None and job.due(position, len(batches)):
+                    now = time.perf_counter()
+                    position.seconds += now - start
+                    start = now
+                    job.save(position, history.epochs)
         finally:
             bar.close()
-        stats = EpochStats(epoch + 1, total / n, n, time.perf_counter() - start, model.ledger.since(before).sent_by())
+        position.seconds += time.perf_counter() - start
+        sent = model.ledger.since(ledger_from_rows(position.epoch_ledger)).sent_by()
+        stats = EpochStats(epoch + 1, position.loss_sum / n, n, position.seconds, sent)
         if test_name is not None:
             result = evaluate(model, test_name, metrics=names)
             stats.test_accuracy, stats.test_loss, stats.test_metrics = result.accuracy, result.loss, result.metrics
         history.epochs.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
+        position = Position(epoch + 1, 0, position.step, epoch_ledger=ledger_rows(model.ledger))
+        if job is not None:
+            job.save(position, history.epochs)
     return history
 
 

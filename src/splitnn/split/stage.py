@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -9,6 +10,38 @@ from torch import nn
 from splitnn.errors import ShapeMismatchError
 from splitnn.workers import Worker
 from splitnn.workers.values import ProbeShape, is_several
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A segment of a model as its checkpoint names it: ``label`` (stable across runs, e.g. ``s1``),
+    hosted by ``worker`` under ``key`` (random per run); ``module`` is the segment as the researcher
+    gave it (for its fingerprint)."""
+
+    label: str
+    worker: Worker
+    key: str
+    module: nn.Module
+
+
+def slot_label(key: str) -> str:
+    """A segment's label: its key without the model's random prefix (``m3f2...s1`` -> ``s1``)."""
+    return key.partition(".")[2] or key
+
+
+def declare_adjacency(pairs: Iterable[tuple[Worker, Worker]]) -> None:
+    """Tell each worker (that takes it) which parties exchange tensors with it in this model, so its
+    policy hands its tensors to them only (:meth:`~splitnn.workers.VirtualWorker.declare_neighbours`)."""
+    neighbours: dict[str, tuple[Worker, set[str]]] = {}
+    for a, b in pairs:
+        if a.name == b.name:
+            continue
+        neighbours.setdefault(a.name, (a, set()))[1].add(b.name)
+        neighbours.setdefault(b.name, (b, set()))[1].add(a.name)
+    for worker, names in neighbours.values():
+        declare = getattr(worker, "declare_neighbours", None)
+        if callable(declare):
+            declare(sorted(names))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ __all__ = [
     "validate_spec",
     "spec_to_json",
     "spec_from_json",
+    "canonical_spec",
     "register_layer",
     "unregister_layer",
     "registered_layers",
@@ -730,3 +731,52 @@ def spec_from_json(text: str | bytes, *, max_chars: int = _MAX_JSON_CHARS) -> Js
         raise SpecError(f"spec JSON must be an object, got {type(spec).__name__}")
     validate_spec(spec)
     return spec
+
+
+# --------------------------------------------------------------------------- canonical form
+
+
+def canonical_spec(spec: Any) -> JsonDict:
+    """The canonical form of a valid spec: what two specs of the same computation share.
+
+    The basis of a segment's fingerprint (:mod:`splitnn.wire.fingerprint`). Registered layers
+    get every argument, defaults filled in; ``Sequential`` containers are flattened (a
+    ``Sequential`` inside a ``Sequential`` runs its layers in the same order) and lose their
+    child names (names choose state-dict keys, not what runs); a spec that is not a
+    ``Sequential`` becomes a ``Sequential`` of one layer. Graphs keep their nodes, with each
+    submodule in canonical form; imports keep their class and arguments. Keys are sorted when
+    the result is serialised (:func:`canonical_json`). Raises :class:`SpecError` for an invalid spec.
+    """
+    validate_spec(spec)
+    layers = _canonical(spec)
+    return {"type": _SEQUENTIAL, "layers": layers["layers"] if layers.get("type") == _SEQUENTIAL else [layers]}
+
+
+def canonical_json(spec: Any) -> str:
+    """:func:`canonical_spec` as compact JSON text with sorted keys (ASCII only)."""
+    return json.dumps(canonical_spec(spec), sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+
+
+def _canonical(spec: JsonDict) -> JsonDict:
+    if "import" in spec:
+        return {"import": spec["import"], "kwargs": spec.get("kwargs", {})}
+    type_name = spec["type"]
+    if type_name == GRAPH_TYPE:
+        out = dict(spec)
+        out["modules"] = {k: _canonical(v) for k, v in spec.get("modules", {}).items()}
+        return out
+    if type_name == _SEQUENTIAL:
+        flat: list[JsonDict] = []
+        for child in spec["layers"]:
+            c = _canonical(child)
+            flat.extend(c["layers"] if c.get("type") == _SEQUENTIAL else [c])
+        return {"type": _SEQUENTIAL, "layers": flat}
+    lt = _BY_NAME[type_name]
+    raw = {k: v for k, v in spec.items() if k != "type"}
+    if lt.schema is None:
+        return {"type": type_name, **raw}
+    # validated values: the validators coerce (an integer dropout ``p`` becomes a float)
+    args = {
+        name: _to_json(check(raw[name]) if name in raw else default) for name, (check, default) in lt.schema.items()
+    }
+    return {"type": type_name, **args}

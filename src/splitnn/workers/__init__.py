@@ -10,6 +10,7 @@ A party reached over the network is :func:`splitnn.connect` (:mod:`splitnn.clien
 
 from splitnn.workers.base import (
     AveragingWorker,
+    CheckpointWorker,
     EpochWorker,
     GradientWorker,
     MergingWorker,
@@ -18,8 +19,9 @@ from splitnn.workers.base import (
     PsiWorker,
     Worker,
 )
+from splitnn.workers.policy import WorkerPolicy
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
-from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
+from splitnn.workers.virtual import VirtualWorker
 
 __all__ = [
     "Worker",
@@ -37,4 +39,5 @@ __all__ = [
     "GradientWorker",
     "MetricWorker",
     "EpochWorker",
+    "CheckpointWorker",
 ]

@@ -220,6 +220,29 @@ class GradientWorker(Protocol):
 
 
 @runtime_checkable
+class CheckpointWorker(Protocol):
+    """A worker that keeps checkpoints of the segments it hosts itself, locally
+    (:mod:`splitnn.workers.checkpoint`): weights never travel for a checkpoint.
+
+    Segments are named by their *label* in the model (``segments``: label -> key), since keys
+    are random per run. ``job`` is the researcher's secret id of the training job."""
+
+    name: str
+
+    def checkpoint_steps(self, job: str) -> list[int]:
+        """The steps of ``job`` this party holds checkpoints of, ascending."""
+
+    def save_checkpoint(
+        self, job: str, step: int, segments: Mapping[str, str], *, note: Mapping[str, object] | None = None
+    ) -> dict:
+        """Write this party's checkpoint of ``segments`` at ``step``; ``{"step", "digest", "bytes"}``."""
+
+    def load_checkpoint(self, job: str, step: int, segments: Mapping[str, str], *, digest: str | None = None) -> dict:
+        """Load this party's checkpoint of ``segments`` at ``step`` (refused, before anything changes,
+        when it does not match them or -- given ``digest`` -- is not that file); ``{"step", "digest", "bytes"}``."""
+
+
+@runtime_checkable
 class EpochWorker(Protocol):
     """A worker that can run a whole training epoch with its peers (the fast path of
     :mod:`splitnn.workers.epoch`): one plan per epoch instead of one call per operation."""

@@ -40,18 +40,31 @@ import contextlib
 import copy
 import functools
 import itertools
+import math
+import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
-from splitnn.errors import ConfigurationError, PolicyError, WorkerError
+from splitnn.errors import CheckpointError, ConfigurationError, PolicyError, SpecError, WorkerError
+from splitnn.wire.fingerprint import fingerprint
+from splitnn.wire.spec import module_to_spec
+from splitnn.workers.audit import AuditLog
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.base import OptimizerLike, Worker
+from splitnn.workers.checkpoint import (
+    held_steps,
+    job_tag,
+    load_party_checkpoint,
+    save_party_checkpoint,
+    segment_identity,
+)
 from splitnn.workers.checks import check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
@@ -59,22 +72,11 @@ from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
+from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_reduction
 from splitnn.workers.psi import PsiParty
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
-from splitnn.workers.values import ProbeShape, Value, check_values, describe, zeros_for
+from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
 from splitnn.workers.values import nbytes as value_nbytes
-
-
-@dataclass(frozen=True)
-class WorkerPolicy:
-    """What a worker agrees to hand to the researcher.
-
-    Raw features and labels are never handed out. ``release_outputs`` allows
-    :meth:`VirtualWorker.fetch` of activations (needed by the tutorial-style
-    low-level loop and by ``predict``).
-    """
-
-    release_outputs: bool = True
 
 
 @dataclass
@@ -89,6 +91,8 @@ class _Hosted:
     sent: list[int] | None = None  # fused tuple input: bytes of each gradient autograd sent back
     inputs: list[tuple[torch.Tensor, str, str]] | None = None  # (tensor, kind, sender) per merged source
     source: str = ""  # who sent the input
+    identity: str | None = None  # fingerprint (or structure hash), computed when first needed
+    spec: dict | None = None  # the segment's spec, when a policy rule needs it (None: it has none)
 
 
 class VirtualWorker:
@@ -110,7 +114,13 @@ class VirtualWorker:
             its own ledger unless they already share one.
         fuse: keep autograd graphs attached across cuts between in-process
             workers (same numbers, fewer autograd calls).
-        policy: what this worker hands out to the researcher.
+        policy: what this worker runs on its data and hands out
+            (:class:`~splitnn.workers.policy.WorkerPolicy`; default: no restriction but the
+            model's adjacency for peers' pulls). It is enforced here, before any batch.
+        state_dir: where this party keeps its checkpoints (:meth:`save_checkpoint`); ``fit(...,
+            checkpoint_dir=DIR)`` gives an in-process worker without one ``DIR/parties/<name>``.
+        audit: an :class:`~splitnn.workers.audit.AuditLog` recording the segments installed, the
+            datasets read, policy refusals and checkpoints (default: none).
         device: where the worker's segments, optimizer state and data live and its
             computation runs (``"cpu"``, ``"cuda:0"``, ...); checked here, see
             :func:`splitnn.workers.devices.resolve_device`.
@@ -128,6 +138,8 @@ class VirtualWorker:
         fuse: bool = True,
         policy: WorkerPolicy | None = None,
         device: str | torch.device = "cpu",
+        state_dir: str | os.PathLike | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or name == RESEARCHER:
             raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
@@ -136,6 +148,16 @@ class VirtualWorker:
         self.ledger = ledger if ledger is not None else Ledger()
         self.fuse = fuse
         self.policy = policy or WorkerPolicy()
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.audit = audit
+        self.audit_session: str | None = None  # the session tag a networked worker writes on audit lines
+        # The party's own datasets, which the policy's ``datasets`` rule guards and the audit log
+        # records (None: every dataset held here; a networked session sets the party's --data ones)
+        self.own_datasets: frozenset[str] | None = None
+        # Parties adjacent to this one in the model (None: not declared): peers' pulls are refused
+        # from anyone else unless the policy names its peers.
+        self.neighbours: frozenset[str] | None = None
+        self._reads: set[tuple[str, str, str]] = set()  # (segment, dataset, part) checked and recorded
         self._segments: dict[str, _Hosted] = {}
         self._data: dict[str, HeldData] = {}
         self._store: dict[int, tuple[torch.Tensor, str]] = {}
@@ -166,9 +188,12 @@ class VirtualWorker:
                 f"to replace it"
             )
         segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
-        params = [p for p in segment.parameters() if p.requires_grad]
-        opt = build_optimizer(optimizer, params) if (optimizer is not None and params) else None
-        self._segments[key] = _Hosted(segment, opt, params)
+        hosted = _Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
+        self._admit(key, hosted)
+        hosted.optimizer = (
+            build_optimizer(optimizer, hosted.params) if (optimizer is not None and hosted.params) else None
+        )
+        self._segments[key] = hosted
 
     def remove_segment(self, key: str) -> None:
         self._segments.pop(key, None)
@@ -196,6 +221,8 @@ class VirtualWorker:
 
     def dataset_stats(self, name: str) -> DatasetStats:
         data = self._dataset(name)
+        if self._is_own(name):
+            self._guard(check_dataset, self.policy, self.name, name)
         self._check_readable("label statistics")  # a label range has no value on the meta device
         return data.stats(name)
 
@@ -229,6 +256,8 @@ class VirtualWorker:
             hosted.training = True
         if isinstance(source, BatchRef):
             x, input_kind = self._batch(source, "features"), "data"
+            if (key, source.dataset, "features") not in self._reads:
+                self._first_read(key, source.dataset, "features", x)
         else:
             x, input_kind = self._receive(source, "activation", train)
         if type(x) is tuple:
@@ -252,6 +281,8 @@ class VirtualWorker:
         if type(out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
         labels = self._batch(target, "labels")
+        if ("", target.dataset, "labels") not in self._reads:
+            self._first_read("", target.dataset, "labels", labels)
         value = compute_loss(loss, out, labels)
         if train:
             if keep is not None:
@@ -460,10 +491,11 @@ class VirtualWorker:
         """Store ``value`` (recorded as nothing) as a ``kind`` tensor for a peer to :meth:`take`."""
         return self._keep(value, kind)
 
-    def take(self, tensor_id: int) -> Value:
-        """Hand stored tensor ``tensor_id`` to a peer, once (the receiver records the transfer);
-        PolicyError for raw features and labels."""
-        return self._take(tensor_id)
+    def take(self, tensor_id: int, taker: str | None = None) -> Value:
+        """Hand stored tensor ``tensor_id`` to peer ``taker``, once (the receiver records the transfer);
+        PolicyError for raw features and labels, and when the policy does not let ``taker`` have it
+        (``None``: the server hands it on itself, after its own checks)."""
+        return self._take(tensor_id, taker)
 
     def stored_kind(self, tensor_id: int) -> str | None:
         """The kind of stored tensor ``tensor_id`` (``activation``, ``gradient``, ...), None if there is none."""
@@ -479,6 +511,120 @@ class VirtualWorker:
         self.release()
         self._segments.clear()
         self._data.clear()
+
+    # -- policy (splitnn.workers.policy) ----------------------------------------------
+    def declare_neighbours(self, names: Sequence[str]) -> None:
+        """The parties adjacent to this one in a model (they exchange activations, gradients or weights
+        with it): without a ``peers`` rule in the policy, only they may pull this party's tensors.
+        A model declares them when it places its segments; declarations of several models add up."""
+        self.neighbours = frozenset(self.neighbours or ()) | {n for n in names if n != self.name}
+
+    def _guard(self, check, *args, **kwargs) -> None:
+        """Run a policy check; record a refusal in the audit log before raising it."""
+        try:
+            check(*args, **kwargs)
+        except PolicyError as exc:
+            if self.audit is not None:
+                rule = str(exc).partition("(policy rule ")[2].partition(")")[0] or "release_outputs"
+                self.audit.write("refusal", session=self.audit_session, rule=rule, message=str(exc))
+            raise
+
+    def _identity(self, hosted: _Hosted) -> str | None:
+        """The segment's fingerprint (None when it has no spec), computed once."""
+        if hosted.identity is None:
+            try:
+                hosted.spec = module_to_spec(hosted.module)
+                hosted.identity = fingerprint(hosted.spec)
+            except SpecError:
+                hosted.identity = segment_identity(hosted.module)  # "structure:...", not a fingerprint
+        return None if hosted.identity.startswith("structure:") else hosted.identity
+
+    def _admit(self, key: str, hosted: _Hosted) -> None:
+        """Check a new segment against the policy (``accept_segments``, ``max_params``); record it."""
+        policy = self.policy
+        if policy.accept_segments is None and policy.max_params is None and self.audit is None:
+            return
+        fp = self._identity(hosted)
+        params = sum(t.numel() for t in itertools.chain(hosted.module.parameters(), hosted.module.buffers()))
+        self._guard(check_install, policy, self.name, key, fingerprint=fp, params=params)
+        if self.audit is not None:
+            self.audit.write(
+                "segment", session=self.audit_session, segment=key, fingerprint=fp or hosted.identity, params=params
+            )
+
+    def _is_own(self, dataset: str) -> bool:
+        return self.own_datasets is None or dataset in self.own_datasets
+
+    def _first_read(self, key: str, dataset: str, part: str, x: Value) -> None:
+        """Before segment ``key`` first runs on this party's ``dataset`` (or its labels are first read):
+        the ``datasets`` rule, then -- for features -- ``refuse_passthrough`` and ``min_reduction``
+        (measured by probing with zeros of the batch's shape); then record the read."""
+        if self._is_own(dataset):
+            policy = self.policy
+            self._guard(check_dataset, policy, self.name, dataset)
+            if part == "features" and (policy.refuse_passthrough or policy.min_reduction is not None):
+                hosted = self._segment(key)
+                fp = self._identity(hosted)
+                sample = x[:1] if type(x) is not tuple else tuple(t[:1] for t in x)
+                out = self.probe(key, describe(sample))
+                self._guard(
+                    check_reduction,
+                    policy,
+                    self.name,
+                    key,
+                    dataset,
+                    spec=hosted.spec,
+                    fingerprint=fp,
+                    in_shape=_per_sample(describe(sample)),
+                    out_shape=_per_sample(out),
+                )
+            if self.audit is not None:
+                self.audit.write(
+                    "dataset_read", session=self.audit_session, dataset=dataset, part=part, segment=key or None
+                )
+        self._reads.add((key, dataset, part))
+
+    # -- checkpoints (splitnn.workers.checkpoint) ----------------------------------------
+    def _checkpoint_dir(self) -> Path:
+        if self.state_dir is None:
+            raise CheckpointError(
+                f"worker {self.name!r} has no state directory for checkpoints; give VirtualWorker(..., state_dir=DIR) "
+                f"or fit(..., checkpoint_dir=DIR)"
+            )
+        return self.state_dir
+
+    def _labelled(self, segments: Mapping[str, str]) -> dict[str, _Hosted]:
+        return {label: self._segment(key) for label, key in segments.items()}
+
+    def checkpoint_steps(self, job: str) -> list[int]:
+        """The steps of job ``job`` this party holds checkpoints of, ascending."""
+        return held_steps(self._checkpoint_dir(), job)
+
+    def save_checkpoint(
+        self, job: str, step: int, segments: Mapping[str, str], *, note: Mapping[str, object] | None = None
+    ) -> dict:
+        """Write this party's checkpoint of ``segments`` (label -> key) at ``step`` of job ``job``, locally
+        (weights, optimizer state, random streams; see :mod:`splitnn.workers.checkpoint`).
+        Returns ``{"step", "digest", "bytes"}``."""
+        info = save_party_checkpoint(
+            self._checkpoint_dir(), job, step, worker=self.name, segments=self._labelled(segments), note=note
+        )
+        if self.audit is not None:
+            self.audit.write("checkpoint", session=self.audit_session, job=job_tag(job), step=step, bytes=info.nbytes)
+        return info.to_dict()
+
+    def load_checkpoint(self, job: str, step: int, segments: Mapping[str, str], *, digest: str | None = None) -> dict:
+        """Load this party's checkpoint at ``step`` of job ``job`` into ``segments`` (label -> key); a
+        :class:`~splitnn.errors.CheckpointError` naming what differs when it does not match them, or
+        (given ``digest``) when it is not that file. Returns ``{"step", "digest", "bytes"}``."""
+        info = load_party_checkpoint(
+            self._checkpoint_dir(), job, step, worker=self.name, segments=self._labelled(segments), digest=digest
+        )
+        for hosted in self._labelled(segments).values():
+            hosted.inp = hosted.out = None
+        if self.audit is not None:
+            self.audit.write("restore", session=self.audit_session, job=job_tag(job), step=step)
+        return info.to_dict()
 
     # -- private set intersection (the protocol: splitnn.training.psi) --------------------
     def psi_request(self, session: str, dataset: str) -> TensorRef:
@@ -515,14 +661,23 @@ class VirtualWorker:
         return tensor.numpy().tobytes()
 
     # -- peer transfer (in-process) ------------------------------------------------
-    def _take(self, ref_id: int) -> torch.Tensor:
-        """Hand a stored activation or gradient to a peer (the peer records the bytes)."""
+    def _take(self, ref_id: int, taker: str | None = None) -> torch.Tensor:
+        """Hand a stored activation or gradient to peer ``taker`` (the peer records the bytes), if
+        the policy lets ``taker`` have it (``None``: a server handing it on after its own check)."""
+        _, kind = self._store.get(ref_id, (None, None))
+        if kind in ("features", "labels"):
+            raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
+        if taker is not None and taker != self.name:
+            self.check_receiver(taker, f"its {kind or 'tensors'}")
         tensor, kind = self._store.pop(ref_id, (None, None))
         if tensor is None:
             raise WorkerError(f"worker {self.name!r} holds no tensor #{ref_id} (already consumed or released)")
-        if kind in ("features", "labels"):
-            raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
         return tensor
+
+    def check_receiver(self, peer: str, what: str) -> None:
+        """Refuse (PolicyError, audited) handing ``what`` to ``peer`` unless the policy's ``peers`` rule,
+        or without one the model's declared adjacency (:meth:`declare_neighbours`), allows it."""
+        self._guard(check_peer, self.policy, self.name, peer, self.neighbours, what)
 
     # -- helpers -------------------------------------------------------------------
     def _producer(self, out: torch.Tensor) -> str | None:
@@ -590,7 +745,7 @@ class VirtualWorker:
             raise unreachable(self.name, ref.owner)
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
-        tensor = peer._take(ref.id)
+        tensor = peer._take(ref.id, self.name)
         if peer.device != self.device and kind != "psi":  # a cut between two devices (PSI messages are bytes)
             tensor = to_device(tensor, self.device)
         if type(tensor) is tuple:
@@ -702,6 +857,13 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         return copy.deepcopy(module, memo)
     except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
         return None
+
+
+def _per_sample(shape: ProbeShape) -> tuple[int, ...]:
+    """Values per sample of a probed shape (several values: their total)."""
+    if is_several(shape):
+        return (sum(math.prod(s.shape[1:]) for s in shape),)
+    return tuple(shape[1:])
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

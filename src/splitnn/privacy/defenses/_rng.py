@@ -38,6 +38,17 @@ class SeededStream:
         """Standard normal samples of ``shape`` with ``like``'s dtype and device."""
         return torch.randn(shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
 
+    def get_rng_states(self) -> dict[str, torch.Tensor]:
+        """Each device's generator state (for a party's checkpoint; empty before the first draw)."""
+        return {device: gen.get_state() for device, gen in self._generators.items()}
+
+    def set_rng_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Continue every device's stream from ``states`` (as :meth:`get_rng_states` returned them)."""
+        self._generators.clear()
+        for device, state in states.items():
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.set_state(state)
+
     def reset(self) -> None:
         """Start every device's stream again from ``seed``."""
         self._generators.clear()

@@ -40,7 +40,7 @@ from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
 from splitnn.split.schedule import eval_step, train_step
-from splitnn.split.stage import Stage, check_static_fit
+from splitnn.split.stage import Slot, Stage, check_static_fit, declare_adjacency, slot_label
 from splitnn.training.topologies.base import (
     Topology,
     as_optimizer_list,
@@ -181,8 +181,16 @@ class MultiHolderSplitNN(Topology):
             seg = bottom if h == 0 else copy.deepcopy(bottom)
             self._bottoms.append(place(f"{prefix}.h{h}", 0, [seg], [holder], optimizers[:1])[0])
         self._store_key = f"{prefix}.store"
+        self._modules = {"top": list(top), "bottom": bottom}  # for checkpoints: the segments' fingerprints
         if self.store is not None:
             self.store.add_segment(self._store_key, copy.deepcopy(bottom), None)
+        # who hands tensors to whom: each holder and the first top worker; holders in turn (or via the store)
+        pairs = [(h, top_workers[0]) for h in holders] + list(zip(top_workers, top_workers[1:]))
+        if self.store is None:
+            pairs += list(zip(holders, holders[1:] + holders[:1]))
+        else:
+            pairs += [(h, self.store) for h in holders]
+        declare_adjacency(pairs)
         # Weight versions: which holder (and the store) has the latest bottom weights.
         self._latest = 0
         self._versions = [0] * len(holders)
@@ -291,6 +299,37 @@ class MultiHolderSplitNN(Topology):
             self.store.send_state(self._store_key, dst.worker.name, dst_key=dst.key)
             self.handoffs.append(HandOff(self.store.name, dst.worker.name, reason))
         self._versions[h] = self._latest
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_segments(self) -> list[Slot]:
+        """Every segment with its checkpoint label: each holder's bottom (``h0.s0``, ...), the top
+        (``s1``, ...) and the weight store's copy (``store``)."""
+        slots = [Slot(slot_label(st.key), st.worker, st.key, self._modules["bottom"]) for st in self._bottoms]
+        slots += [Slot(slot_label(st.key), st.worker, st.key, m) for st, m in zip(self._top, self._modules["top"])]
+        if self.store is not None:
+            slots.append(Slot(slot_label(self._store_key), self.store, self._store_key, self._modules["bottom"]))
+        return slots
+
+    def checkpoint_state(self) -> dict:
+        """Which holder (and the store) has the latest bottom weights, and the hand-offs so far."""
+        return {
+            "latest": self._latest,
+            "versions": list(self._versions),
+            "store_version": self._store_version,
+            "active": self._active,
+            "handoffs": [[h.src, h.dst, h.reason] for h in self.handoffs],
+        }
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        """Continue from :meth:`checkpoint_state`'s record (the weights are the parties' to restore)."""
+        if len(state["versions"]) != len(self._versions):
+            raise ConfigurationError(
+                f"the checkpoint has {len(state['versions'])} data holders' weight versions; this model has "
+                f"{len(self._versions)} holders"
+            )
+        self._latest, self._versions = int(state["latest"]), [int(v) for v in state["versions"]]
+        self._store_version, self._active = int(state["store_version"]), int(state["active"])
+        self.handoffs = [HandOff(*h) for h in state["handoffs"]]
 
     # -- results ----------------------------------------------------------------------------
     def collect(self) -> nn.Sequential:

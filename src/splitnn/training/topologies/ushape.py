@@ -116,6 +116,10 @@ class UShapedSplitNN(Topology):
         """Refuse metrics a prepared dataset cannot have (see :meth:`SplitNN.check_metrics`)."""
         self.chain.check_metrics(dataset, names)
 
+    def checkpoint_segments(self) -> list:
+        """Every segment with its checkpoint label, worker and key (:meth:`SplitNN.checkpoint_segments`)."""
+        return self.chain.checkpoint_segments()
+
     def collect(self) -> nn.Sequential:
         """Every trained segment as one ``nn.Sequential`` (recorded as weights to the researcher)."""
         return self.chain.collect()

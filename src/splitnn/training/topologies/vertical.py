@@ -28,7 +28,7 @@ from splitnn.data import column_partition, vertical_split
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
 from splitnn.split.placement import PlacedData
-from splitnn.split.stage import Stage, check_static_fit
+from splitnn.split.stage import Slot, Stage, check_static_fit, declare_adjacency, slot_label
 from splitnn.training.topologies.base import (
     Topology,
     as_optimizer_list,
@@ -277,6 +277,8 @@ class VerticalSplitNN(Topology):
             for i, (seg, w, opt) in enumerate(zip(bottoms, holders, optimizers))
         ]
         self._top = place(prefix, 1, top, top_workers, optimizers[len(holders) :])
+        self._modules = [*bottoms, *top]  # for checkpoints: the segments' fingerprints
+        declare_adjacency([(h, top_workers[0]) for h in holders] + list(zip(top_workers, top_workers[1:])))
         self._placed: dict[str, _Placed] = {}
         self._data_names = PlacedData()
 
@@ -299,6 +301,11 @@ class VerticalSplitNN(Topology):
     def top_stages(self) -> list[Stage]:
         """The segments after the merge; the first one merges."""
         return list(self._top)
+
+    def checkpoint_segments(self) -> list[Slot]:
+        """Every segment with its checkpoint label: the holders' bottoms (``h0.s0``, ...), then the top."""
+        stages = [*self._bottoms, *self._top]
+        return [Slot(slot_label(st.key), st.worker, st.key, m) for st, m in zip(stages, self._modules)]
 
     def parties(self) -> list[str]:
         """Names of the distinct parties: the data holders, then the top workers."""
