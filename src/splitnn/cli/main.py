@@ -13,7 +13,7 @@ import sys
 from splitnn.errors import SplitNNError
 
 #: Subcommand modules, in the order ``splitnn --help`` lists them.
-COMMANDS = ("train", "worker", "compare", "privacy")
+COMMANDS = ("train", "worker", "fingerprint", "compare", "privacy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="checkpoint the job: every party writes its own checkpoint (networked parties in their --state-dir), "
+        "this command a manifest in DIR (docs/failures-and-policy.md)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        default="epoch",
+        metavar="N",
+        help="checkpoint every N batches as well as after every epoch (default: after every epoch)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job whose manifest is in --checkpoint-dir (or start it if there is none); the run ends "
+        "exactly as an uninterrupted one would",
+    )
     add_topology_arguments(p)
     p.set_defaults(func=run)
 
@@ -134,6 +154,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"--lr must be a positive finite number, got {args.lr}")
 
 
+def _checkpoint_options(args: argparse.Namespace) -> dict:
+    """fit's checkpoint arguments from the flags (refused before any data is loaded)."""
+    if args.checkpoint_dir is None:
+        if args.resume or args.checkpoint_every != "epoch":
+            raise ConfigurationError("--resume and --checkpoint-every need --checkpoint-dir DIR")
+        return {}
+    every: str | int = args.checkpoint_every
+    if every != "epoch":
+        every = parse_positive_ints(every, "--checkpoint-every", "100")[0] if "," not in every else 0
+        if not every:
+            raise ConfigurationError(f"--checkpoint-every takes one number of batches, got {args.checkpoint_every!r}")
+    return {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": every, "resume": args.resume}
+
+
 def _check_output(path: Path | None, flag: str) -> None:
     if path is not None and not path.parent.exists():
         raise ConfigurationError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
@@ -177,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         )
     _check_output(args.save, "--save")
     _check_output(args.json, "--json")
+    checkpoints = _checkpoint_options(args)
     progress = not args.no_progress
     load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
@@ -223,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         on_epoch=_reporter(args.epochs, parties),
         metrics=metrics,
+        **checkpoints,
     )
     _print_history(history, parties)
     print()
@@ -230,7 +266,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save is not None:
         from splitnn.split.persist import save_model
 
-        save_model(model.collect(), args.save)
+        sizes = None
+        if topology is None:  # record where the cuts are, for `splitnn fingerprint`
+            sizes = [len(s) if isinstance(s, torch.nn.Sequential) else 1 for s in segments]
+        save_model(model.collect(), args.save, segments=sizes)
         print(f"\nsaved the trained model to {args.save}")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
@@ -289,7 +328,12 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
         )
     if metrics is not None and metrics != ["accuracy", "auc"]:
         raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
-    for flag, value in (("--save", args.save), ("--limit", args.limit), ("--data-dir", args.data_dir)):
+    for flag, value in (
+        ("--save", args.save),
+        ("--limit", args.limit),
+        ("--data-dir", args.data_dir),
+        ("--checkpoint-dir", args.checkpoint_dir),
+    ):
         if value is not None:
             raise ConfigurationError(f"{flag} does not apply to --dataset breast-cancer")
     _check_output(args.json, "--json")

@@ -8,8 +8,9 @@ without unpickling anything: an ``nn.Sequential``, or the ``GraphModule`` that
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
@@ -22,18 +23,40 @@ from splitnn.wire.spec import module_to_spec, spec_from_json, spec_to_json, spec
 from splitnn.wire.trust import Trust
 
 _SPEC_KEY = "splitnn.spec"
+_SEGMENTS_KEY = "splitnn.segments"
 
 
-def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s weights and spec to ``path`` atomically (no partial file on failure)."""
+def save_model(model: nn.Module, path: str | os.PathLike, *, segments: Sequence[int] | None = None) -> Path:
+    """Write ``model``'s weights and spec to ``path`` atomically (no partial file on failure).
+
+    ``segments``: for an ``nn.Sequential`` collected from a split network, how many of its layers
+    each segment holds (e.g. ``[2, 2, 2]``), recorded so that ``splitnn fingerprint`` can print
+    each segment's fingerprint.
+    """
     path = Path(path)
     if not path.parent.exists():
         raise ConfigurationError(f"cannot save to {path}: directory {path.parent} does not exist")
     spec = spec_to_json(module_to_spec(model))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {_SPEC_KEY: spec}
+    if segments is not None:
+        sizes = [int(n) for n in segments]
+        if not isinstance(model, nn.Sequential) or sum(sizes) != len(model) or any(n < 1 for n in sizes):
+            raise ConfigurationError(
+                f"segments={sizes} must be positive layer counts adding up to the model's {len(model)} layers "
+                f"(an nn.Sequential)"
+            )
+        metadata[_SEGMENTS_KEY] = json.dumps(sizes)
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={_SPEC_KEY: spec})
+        save_file(state, str(tmp), metadata=metadata)
     return path
+
+
+def saved_segments(path: str | os.PathLike) -> list[int] | None:
+    """How many layers each segment of a saved model holds, if the file records it (``save_model(segments=)``)."""
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(_SEGMENTS_KEY)
+    return [int(n) for n in json.loads(text)] if text else None
 
 
 def load_model(path: str | os.PathLike, *, trust: Trust | Iterable[str] | None = None) -> nn.Module:

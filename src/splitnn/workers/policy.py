@@ -102,14 +102,14 @@ class WorkerPolicy:
         object.__setattr__(self, "release_outputs", check.boolean("release_outputs", self.release_outputs))
         object.__setattr__(self, "refuse_passthrough", check.boolean("refuse_passthrough", self.refuse_passthrough))
         if self.accept_segments is not None:
-            object.__setattr__(
-                self,
-                "accept_segments",
-                tuple(
+            try:
+                accepted = tuple(
                     check_fingerprint(f, f"policy rule accept_segments[{i}]")
                     for i, f in enumerate(check.strings("accept_segments", self.accept_segments))
-                ),
-            )
+                )
+            except SpecError as exc:
+                raise ConfigurationError(str(exc)) from None
+            object.__setattr__(self, "accept_segments", accepted)
         if self.min_reduction is not None:
             value = self.min_reduction
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

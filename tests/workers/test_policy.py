@@ -1,0 +1,201 @@
+"""A party's policy, enforced by the party (in-process here; networked in test_remote_policy.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import splitnn
+from splitnn.errors import ConfigurationError, PolicyError
+from splitnn.wire.fingerprint import fingerprint
+from splitnn.wire.spec import module_to_spec
+from splitnn.workers import BatchRef, WorkerPolicy
+from splitnn.workers.audit import AuditLog, read_audit
+from splitnn.workers.policy import load_policy, passthrough_reason
+from tests.helpers import toy_dataset
+
+W = splitnn.VirtualWorker
+DATA = toy_dataset(64, shape=(1, 8, 8), classes=4)
+GOOD = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+
+
+def top(width: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(width, 4), nn.LogSoftmax(dim=1))
+
+
+# -- the file -----------------------------------------------------------------------------------------
+def test_policy_files_in_toml_and_json(tmp_path):
+    fp = fingerprint(GOOD)
+    toml = tmp_path / "policy.toml"
+    toml.write_text(
+        f'release_outputs = false\naccept_segments = ["{fp}"]\nrefuse_passthrough = true\n'
+        'min_reduction = 2\npeers = ["bob"]\nmax_params = 1_000_000\ndatasets = ["mnist-train"]\n'
+    )
+    policy = load_policy(toml)
+    assert policy == WorkerPolicy(
+        release_outputs=False,
+        accept_segments=(fp,),
+        refuse_passthrough=True,
+        min_reduction=2.0,
+        peers=("bob",),
+        max_params=1_000_000,
+        datasets=("mnist-train",),
+    )
+    js = tmp_path / "policy.json"
+    js.write_text(json.dumps(policy.to_dict()))
+    assert load_policy(js) == policy
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("min_reduce = 2", r"unknown rule\(s\) \['min_reduce'\]"),
+        ("min_reduction = -1", "min_reduction must be a positive number"),
+        ('accept_segments = ["abc"]', "accept_segments\\[0\\].*not a segment fingerprint"),
+        ('peers = "bob"', "peers must be a list of strings"),
+        ("max_params = 0", "max_params must be a positive integer"),
+        ("refuse_passthrough = 1", "refuse_passthrough must be true or false"),
+        ("release_outputs = ", "not valid toml"),
+    ],
+)
+def test_bad_policy_files_name_the_rule(tmp_path, text, match):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match=match):
+        load_policy(path)
+
+
+# -- the pass-through heuristic -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "segment,why",
+    [
+        (nn.Identity(), "only moves values around"),
+        (nn.Flatten(), "only moves values around"),
+        (nn.Sequential(nn.Flatten(), nn.Dropout(0.1)), "only moves values around"),
+        (nn.PixelShuffle(2), "only moves values around"),
+        (nn.Sequential(nn.Flatten(), nn.ReLU()), "lose nothing of non-negative data"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 64)), "at least as wide as its input"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 200), nn.Sigmoid()), "invertible map"),
+        (nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)), "at least as wide"),
+    ],
+)
+def test_segments_that_pass_data_through_are_recognised(segment, why):
+    assert why in passthrough_reason(module_to_spec(segment))
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU()),
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16)),  # narrows: a rank-16 map of 64 values
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.AvgPool2d(2), nn.Flatten()),
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 200), nn.Linear(200, 10)),
+    ],
+)
+def test_segments_that_lose_information_pass(segment):
+    assert passthrough_reason(module_to_spec(segment)) is None
+
+
+def test_unknown_layers_cannot_be_judged():
+    spec = {"type": "Sequential", "layers": [{"import": "mypkg.blocks:Block", "kwargs": {}}]}
+    assert "cannot judge" in passthrough_reason(spec)
+
+
+# -- enforced at the party -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "first,rule",
+    [
+        (nn.Identity(), "refuse_passthrough"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 64)), "refuse_passthrough"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU()), "min_reduction"),
+    ],
+)
+def test_a_segment_that_would_leak_alices_data_is_refused_before_any_batch(first, rule, tmp_path):
+    alice = W(
+        "alice", policy=WorkerPolicy(refuse_passthrough=True, min_reduction=2), audit=AuditLog(tmp_path / "a", "alice")
+    )
+    bob = W("bob")
+    width = 64 if not isinstance(first, nn.Sequential) else first[1].out_features
+    model = splitnn.SplitNN([first, top(width)], [alice, bob])
+    with pytest.raises(
+        PolicyError,
+        match=rf"worker 'alice' refuses segment '{model.stages[0].key}' on dataset .*"
+        rf"\(policy rule {rule}\)",
+    ):
+        model.fit(DATA, epochs=1, batch_size=16, progress=False)
+    assert model.ledger.total(kind="activation") == 0  # nothing left alice
+    events = read_audit(tmp_path / "a")
+    assert [e["event"] for e in events] == ["segment", "refusal"] and events[1]["rule"] == rule
+
+
+def test_a_pinned_fingerprint_is_the_only_segment_accepted():
+    policy = WorkerPolicy(accept_segments=(fingerprint(GOOD),), refuse_passthrough=True, min_reduction=1000)
+    alice = W("alice", policy=policy)
+    splitnn.SplitNN([GOOD, top(16)], [alice, W("bob")]).fit(DATA, epochs=1, batch_size=16, progress=False)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 17), nn.ReLU())
+    with pytest.raises(
+        PolicyError,
+        match=rf"refuses segment .*\(policy rule accept_segments\): its fingerprint "
+        rf"{fingerprint(other)} is not among the 1 accepted",
+    ):
+        splitnn.SplitNN([other, top(17)], [alice, W("bob")])
+
+
+def test_max_params():
+    alice = W("alice", policy=WorkerPolicy(max_params=1000))
+    with pytest.raises(PolicyError, match=r"\(policy rule max_params\): it holds 1,040 parameter"):
+        splitnn.SplitNN([GOOD, top(16)], [alice, W("bob")])
+
+
+def test_datasets_rule_guards_the_partys_own_datasets():
+    alice = W("alice", policy=WorkerPolicy(datasets=("allowed",)))
+    bob = W("bob")
+    for name in ("allowed", "secret"):
+        alice.add_dataset(name, features=DATA.features)
+        bob.add_dataset(name, labels=DATA.labels)
+    model = splitnn.SplitNN([GOOD, top(16)], [alice, bob])
+    model.fit("allowed", epochs=1, batch_size=16, progress=False)
+    with pytest.raises(PolicyError, match=r"refuses dataset 'secret' \(policy rule datasets\): models may read only"):
+        model.fit("secret", epochs=1, batch_size=16, progress=False)
+
+
+def test_only_adjacent_parties_may_pull_a_tensor():
+    alice, bob, claire = W("alice", fuse=False), W("bob", fuse=False), W("claire", fuse=False)
+    model = splitnn.SplitNN([GOOD, nn.Sequential(nn.Linear(16, 8), nn.ReLU()), top(8)], [alice, bob, claire])
+    name, _ = model.prepare(DATA)
+    activation = alice.forward(model.stages[0].key, BatchRef(name, torch.arange(4)))
+    with pytest.raises(PolicyError, match=r"'claire' is not adjacent to 'alice' in the model .*\['bob'\]"):
+        claire.forward(model.stages[2].key, activation)  # claire may not read what alice computed for bob
+    bob.forward(model.stages[1].key, activation)  # bob may
+
+
+def test_the_peers_rule_overrides_adjacency():
+    alice, bob = W("alice", policy=WorkerPolicy(peers=("carol",)), fuse=False), W("bob", fuse=False)
+    model = splitnn.SplitNN([GOOD, top(16)], [alice, bob])
+    with pytest.raises(PolicyError, match=r"to hand its activation to 'bob' \(policy rule peers\)"):
+        model.fit(DATA, epochs=1, batch_size=16, progress=False)
+
+
+def test_release_outputs():
+    alice, bob = W("alice"), W("bob", policy=WorkerPolicy(release_outputs=False))
+    model = splitnn.SplitNN([GOOD, top(16)], [alice, bob])
+    with pytest.raises(PolicyError, match="refuses to hand out activation"):
+        model.predict(DATA.features[:2])
+
+
+def test_the_audit_log_records_what_ran_and_what_was_read(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", "alice")
+    alice, bob = W("alice", audit=log), W("bob")
+    model = splitnn.SplitNN([GOOD, top(16)], [alice, bob])
+    model.fit(DATA, epochs=2, batch_size=16, progress=False, checkpoint_dir=tmp_path / "ck")
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert events[0]["event"] == "segment" and events[0]["fingerprint"] == fingerprint(GOOD)
+    reads = [e for e in events if e["event"] == "dataset_read"]
+    assert len(reads) == 1 and reads[0]["part"] == "features" and reads[0]["segment"] == model.stages[0].key
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [0, 4, 8]
+    assert all(e["worker"] == "alice" and e["time"].endswith("+00:00") for e in events)
