@@ -15,6 +15,7 @@ from splitnn import models
 from splitnn.accounting import Ledger
 from splitnn.data import Dataset, load_dataset
 from splitnn.errors import (
+    CheckpointError,
     ConfigurationError,
     DataError,
     LabelError,
@@ -23,6 +24,7 @@ from splitnn.errors import (
     SplitNNError,
     WireError,
     WorkerError,
+    WorkerUnreachableError,
 )
 from splitnn.split import SplitNN
 from splitnn.split.cut import cut
@@ -70,4 +72,6 @@ __all__ = [
     "PolicyError",
     "WireError",
     "WorkerError",
+    "WorkerUnreachableError",
+    "CheckpointError",
 ]

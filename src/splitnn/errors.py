@@ -53,6 +53,11 @@ class WorkerError(SplitNNError):
     """A worker failed, refused or could not be reached. The message names the worker."""
 
 
+class WorkerUnreachableError(WorkerError, ConnectionError):
+    """A worker could not be reached, or a connection to it (or between it and a peer) broke
+    mid-operation: the fault may pass. ``fit(..., retries=N)`` reconnects and resumes."""
+
+
 class PolicyError(WorkerError, PermissionError):
     """A worker refused to hand out something its policy protects (raw data, labels, activations)."""
 

@@ -264,3 +264,61 @@ def test_bad_arguments_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigurationError, match="give checkpoint_dir"):
         model.fit(DATA, resume=True, **FIT)
     assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+# -- recovering from a fault (the networked tests kill real worker processes) -----------------------------
+class FlakyWorker(splitnn.VirtualWorker):
+    """An in-process party whose connection breaks once, at its ``fail_at``-th forward; ``reconnect`` works."""
+
+    def __init__(self, name: str, fail_at: int | None = None, *, down_for: int = 0) -> None:
+        super().__init__(name)
+        self.fail_at, self.down_for, self.forwards, self.reconnects = fail_at, down_for, 0, 0
+
+    def forward(self, key, source, *, train=True):
+        self.forwards += 1
+        if train and self.forwards == self.fail_at:
+            raise splitnn.WorkerUnreachableError(f"worker {self.name!r}: connection lost (a test fault)")
+        return super().forward(key, source, train=train)
+
+    def reconnect(self) -> bool:
+        self.reconnects += 1
+        if self.reconnects <= self.down_for:
+            raise splitnn.WorkerUnreachableError(f"cannot connect to worker {self.name!r} (still down)")
+        return True
+
+
+def flaky_chain(fail_at=None, down_for=0):
+    torch.manual_seed(1)
+    segments = [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Dropout(0.25)),
+        nn.Sequential(nn.Linear(24, 5), nn.LogSoftmax(dim=1)),
+    ]
+    return splitnn.SplitNN(
+        segments, [W("alice"), FlakyWorker("bob", fail_at, down_for=down_for)], optimizer="adam:lr=0.01"
+    )
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr("splitnn.training.loop.RETRY_WAIT", 0.0)
+
+
+def test_a_fault_is_survived_by_resuming_from_the_last_checkpoint(tmp_path, fast_retries):
+    torch.manual_seed(11)
+    reference = flaky_chain()
+    ref_history = reference.fit(DATA, **FIT)
+    torch.manual_seed(11)
+    model = flaky_chain(fail_at=17, down_for=2)  # unreachable for two attempts, then back
+    history = model.fit(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, retries=3, **FIT)
+    assert model.stages[1].worker.reconnects == 3
+    assert_same_weights(model.collect(), reference.collect())
+    assert history.losses() == ref_history.losses()
+
+
+def test_without_checkpoints_or_with_too_few_retries_the_fault_is_raised(tmp_path, fast_retries):
+    with pytest.raises(splitnn.WorkerUnreachableError, match="without checkpoints there is nothing to resume"):
+        flaky_chain(fail_at=5).fit(DATA, **FIT)
+    with pytest.raises(splitnn.WorkerUnreachableError, match="gave up after 2 attempts.*still down"):
+        flaky_chain(fail_at=5, down_for=5).fit(DATA, checkpoint_dir=tmp_path, retries=2, **FIT)
+    with pytest.raises(splitnn.WorkerUnreachableError, match="a test fault"):
+        flaky_chain(fail_at=5).fit(DATA, checkpoint_dir=tmp_path / "b", retries=0, **FIT)

@@ -247,6 +247,8 @@ class CheckpointJob:
                 f"the parties hold checkpoints of different steps ({desc}); the manifest in {self.directory} is at "
                 f"step {step}, which {sorted(missing)} do not hold"
             )
+        for worker in self.workers().values():
+            worker.release()  # what a broken step left behind: stored tensors, pending losses
         for name, worker in self.workers().items():
             digest = held.get(name, {}).get("digest")
             worker.load_checkpoint(manifest["job"], step, self._segments_of(name), digest=digest)

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
 from splitnn.data.batching import epoch_batches
-from splitnn.errors import ConfigurationError
+from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
-from splitnn.workers import LossStats
+from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
 
 
@@ -148,6 +148,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: str | int = "epoch",
     resume: bool = False,
+    retries: int = 3,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -167,6 +168,13 @@ def fit(
     manifest records (or starts it when there is none): the result, weights included, is exactly
     that of an uninterrupted run, and the history returned holds the earlier epochs too. A resume
     whose model, parties, data or data order differ is refused, naming what differs.
+
+    Faults (networked parties): when a party cannot be reached or a connection breaks
+    (:class:`~splitnn.errors.WorkerUnreachableError`), ``fit`` waits (1 s, doubling, at most 30 s),
+    reconnects every party -- a party that restarted gets the model installed again -- and puts
+    every party back at the last checkpoint, up to ``retries`` times per fault (the count starts
+    again after each epoch). Without ``checkpoint_dir`` there is nothing to resume from, and the
+    fault is raised.
     """
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
@@ -176,6 +184,8 @@ def fit(
         raise ConfigurationError("resume=True continues a job from its checkpoints: give checkpoint_dir too")
     if checkpoint_dir is not None:
         check_every(checkpoint_every)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigurationError(f"retries must be a non-negative integer, got {retries!r}")
     names = check_metric_names(metrics, getattr(model, "loss", None))
     if metrics is not None and names and test_data is None:
         raise ConfigurationError(f"metrics {list(names)} are computed on test_data; give fit(..., test_data=...)")
@@ -198,13 +208,36 @@ def fit(
             position = job.restore(manifest)
             history.epochs = [EpochStats(**e) for e in job.history()]
     last = initial_epoch + epochs
+    run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job)
+    attempts = 0
     while position.epoch < last:
+        try:
+            position = run.epoch(position, history)
+            attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
+        except WorkerUnreachableError as exc:
+            attempts += 1
+            if attempts > retries or not _reconnectable(model):
+                raise
+            position = _recover(model, job, history, exc, attempts, retries)
+    return history
+
+
+class _Run:
+    """One epoch of :func:`fit` at a time, from a position (possibly mid-epoch) to the next epoch's start."""
+
+    def __init__(self, model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, metrics, job):
+        self.model, self.name, self.n, self.batch_size = model, name, n, batch_size
+        self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
+        self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
+
+    def epoch(self, position: Position, history: History) -> Position:
+        model, job, n = self.model, self.job, self.n
         epoch = position.epoch
-        batches = _epoch_plan(model, name, n, batch_size, shuffle, seed, epoch)
+        batches = _epoch_plan(model, self.name, n, self.batch_size, self.shuffle, self.seed, epoch)
         order = (
             None
             if getattr(model, "epoch_plan", None) is not None
-            else dict(n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+            else dict(n=n, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
         )
         if position.batch == 0:
             position.loss_sum, position.seconds = 0.0, 0.0
@@ -213,10 +246,10 @@ def fit(
         bar = tqdm(
             total=len(batches),
             initial=position.batch,
-            desc=f"epoch {epoch + 1}/{last}",
+            desc=f"epoch {epoch + 1}/{self.last}",
             unit="batch",
             leave=False,
-            disable=not _show_progress(progress),
+            disable=not _show_progress(self.progress),
             mininterval=0.5,
         )
         try:
@@ -226,7 +259,7 @@ def fit(
                     stop = min(stop, position.batch + job.every - position.step % job.every)
                 whole = position.batch == 0 and stop == len(batches)
                 chunk = batches[position.batch : stop]
-                position.loss_sum += _train_epoch(model, name, chunk, order if whole else None, bar)
+                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar)
                 position.step += stop - position.batch
                 position.batch = stop
                 if job is not None and job.due(position, len(batches)):
@@ -239,16 +272,60 @@ def fit(
         position.seconds += time.perf_counter() - start
         sent = model.ledger.since(ledger_from_rows(position.epoch_ledger)).sent_by()
         stats = EpochStats(epoch + 1, position.loss_sum / n, n, position.seconds, sent)
-        if test_name is not None:
-            result = evaluate(model, test_name, metrics=names)
+        if self.test_name is not None:
+            result = evaluate(model, self.test_name, metrics=self.metrics)
             stats.test_accuracy, stats.test_loss, stats.test_metrics = result.accuracy, result.loss, result.metrics
-        history.epochs.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-        position = Position(epoch + 1, 0, position.step, epoch_ledger=ledger_rows(model.ledger))
+        following = Position(epoch + 1, 0, position.step, epoch_ledger=ledger_rows(model.ledger))
         if job is not None:
-            job.save(position, history.epochs)
-    return history
+            job.save(following, [*history.epochs, stats])
+        history.epochs.append(stats)
+        if self.on_epoch is not None:
+            self.on_epoch(stats)
+        return following
+
+
+#: Seconds before the first reconnection attempt after a fault; doubled per attempt, at most RETRY_MAX_WAIT.
+RETRY_WAIT = 1.0
+RETRY_MAX_WAIT = 30.0
+
+
+def _model_workers(model: object) -> list:
+    workers = getattr(model, "workers", None)
+    workers = workers() if callable(workers) else workers
+    return list({w.name: w for w in workers or ()}.values())
+
+
+def _reconnectable(model: object) -> bool:
+    return any(isinstance(w, ReconnectingWorker) for w in _model_workers(model))
+
+
+def _recover(model, job, history: History, fault: Exception, attempt: int, retries: int) -> Position:
+    """After ``fault``: wait, reconnect every party (reinstalled where it lost the session), and put every
+    party back at the last checkpoint. Raises when ``retries`` attempts did not get there."""
+    last_error: Exception = fault
+    while True:
+        time.sleep(min(RETRY_WAIT * 2 ** (attempt - 1), RETRY_MAX_WAIT))
+        try:
+            for worker in _model_workers(model):
+                if isinstance(worker, ReconnectingWorker):
+                    worker.reconnect()
+            if job is None:
+                raise WorkerUnreachableError(
+                    f"{fault}; the parties are reachable again, but without checkpoints there is nothing to resume "
+                    f"from: train with fit(..., checkpoint_dir=DIR) (splitnn train --checkpoint-dir) to survive a fault"
+                ) from fault
+            position = job.restore(job.manifest)
+            history.epochs = [EpochStats(**e) for e in job.history()]
+            return position
+        except WorkerUnreachableError as exc:
+            if job is None and exc.__cause__ is fault:
+                raise
+            last_error = exc
+            attempt += 1
+            if attempt > retries:
+                raise WorkerUnreachableError(
+                    f"gave up after {retries} attempts to resume: {last_error} (the fault: {fault})"
+                ) from fault
 
 
 def _train_epoch(model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm) -> float:

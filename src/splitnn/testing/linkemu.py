@@ -153,6 +153,7 @@ class _Proxy:
     profile: LinkProfile
     listener: socket.socket | None = None
     address: str = ""
+    connections: set = field(default_factory=set)  # the writers of both ends of every open connection
     to_worker: _Direction = field(init=False)
     from_worker: _Direction = field(init=False)
 
@@ -219,6 +220,17 @@ class LinkEmulator:
             if rate is not ...:
                 proxy.profile.rate = parse_rate(rate)
 
+    def drop(self, name: str | None = None) -> int:
+        """Cut every connection open through proxy ``name`` (all proxies when None), as a network fault
+        does: both ends are reset at once. New connections are accepted as before (the fault is transient).
+        Returns how many connection ends were cut."""
+        cut = 0
+        for proxy in self.proxies.values() if name is None else [self.proxies[name]]:
+            for w in list(proxy.connections):
+                w.transport.abort()
+                cut += 1
+        return cut
+
     # -- forwarding ---------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -242,11 +254,13 @@ class LinkEmulator:
             finally:
                 self._accepted.discard(conn)
             self._writers.add(writer)
+            proxy.connections.add(writer)
             try:
                 up_reader, upstream = await asyncio.open_connection(*proxy.target)
             except OSError:
                 return  # the worker is not there: the client sees its connection close
             self._writers.add(upstream)
+            proxy.connections.add(upstream)
             await asyncio.gather(
                 self._pump(reader, upstream, proxy.to_worker, writer),
                 self._pump(up_reader, writer, proxy.from_worker, upstream),
@@ -257,6 +271,7 @@ class LinkEmulator:
             for w in (writer, upstream):
                 if w is not None:
                     self._writers.discard(w)
+                    proxy.connections.discard(w)
                     w.close()
 
     async def _pump(
@@ -372,6 +387,14 @@ class ThreadedLinkEmulator:
             self.emulator.set(name, **kwargs)
 
         self.call(apply())
+
+    def drop(self, name: str | None = None) -> int:
+        """As :meth:`LinkEmulator.drop`."""
+
+        async def apply() -> int:
+            return self.emulator.drop(name)
+
+        return self.call(apply())
 
     def close(self) -> None:
         if self._loop.is_closed():

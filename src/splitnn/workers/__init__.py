@@ -17,6 +17,7 @@ from splitnn.workers.base import (
     MetricWorker,
     PeerStateWorker,
     PsiWorker,
+    ReconnectingWorker,
     Worker,
 )
 from splitnn.workers.policy import WorkerPolicy
@@ -40,4 +41,5 @@ __all__ = [
     "MetricWorker",
     "EpochWorker",
     "CheckpointWorker",
+    "ReconnectingWorker",
 ]

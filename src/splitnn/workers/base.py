@@ -243,6 +243,20 @@ class CheckpointWorker(Protocol):
 
 
 @runtime_checkable
+class ReconnectingWorker(Protocol):
+    """A worker reached over a connection that can break and be made again (a networked party)."""
+
+    name: str
+
+    def reconnect(self) -> bool:
+        """Make sure the connection is up again (reconnecting if it broke; raises
+        :class:`~splitnn.errors.WorkerUnreachableError` while the party cannot be reached). True when the
+        party still holds this researcher's session as it was; False when it started it afresh (it
+        restarted, or the session expired) and everything the researcher had installed there -- segments,
+        placed datasets, peers -- was installed again, with the segments' initial weights."""
+
+
+@runtime_checkable
 class EpochWorker(Protocol):
     """A worker that can run a whole training epoch with its peers (the fast path of
     :mod:`splitnn.workers.epoch`): one plan per epoch instead of one call per operation."""
