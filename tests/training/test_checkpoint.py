@@ -18,8 +18,8 @@ from torch import nn
 import splitnn
 from splitnn.errors import CheckpointError, ConfigurationError
 from splitnn.privacy.defenses.noise import CutNoise
-from splitnn.training import MultiHolderSplitNN, VerticalSplitNN
 from splitnn.split.checkpoint import MANIFEST_NAME
+from splitnn.training import MultiHolderSplitNN, VerticalSplitNN
 from tests.helpers import assert_same_weights, toy_dataset
 
 W = splitnn.VirtualWorker

@@ -58,7 +58,7 @@ def test_policy_files_in_toml_and_json(tmp_path):
         ('peers = "bob"', "peers must be a list of strings"),
         ("max_params = 0", "max_params must be a positive integer"),
         ("refuse_passthrough = 1", "refuse_passthrough must be true or false"),
-        ("release_outputs = ", "not valid toml"),
+        ("release_outputs = ", "not valid TOML"),
     ],
 )
 def test_bad_policy_files_name_the_rule(tmp_path, text, match):

@@ -143,7 +143,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="sessions kept at once, open or within their grace period (default 64); a new one evicts the "
         "oldest closed one, or is refused when all are open",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep this party's checkpoints here (fit(..., checkpoint_dir=...) / splitnn train --checkpoint-dir), "
+        "and the audit log (DIR/audit.jsonl); a restarted worker resumes from it (docs/failures-and-policy.md)",
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="this party's policy (TOML or JSON): accept_segments, refuse_passthrough, min_reduction, peers, "
+        "max_params, release_outputs, datasets; enforced before any batch (docs/failures-and-policy.md)",
+    )
+    p.add_argument(
+        "--audit-log",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append the audit log (JSON lines: segments installed, datasets read, bytes sent, refusals, "
+        "checkpoints) here (default: STATE_DIR/audit.jsonl with --state-dir, else none)",
+    )
     p.set_defaults(func=run)
+
+
+def load_worker_policy(path: Path | None, allow_outputs: bool):
+    """The party's policy from ``--policy`` and ``--allow-outputs`` (which a policy file's
+    ``release_outputs`` must not contradict); None for the server's default."""
+    from dataclasses import replace
+
+    from splitnn.workers.policy import load_policy, read_policy_rules
+
+    if path is None:
+        return None
+    policy = load_policy(path)
+    if "release_outputs" not in read_policy_rules(path):
+        return replace(policy, release_outputs=allow_outputs)  # a server hands out no outputs unless told
+    if allow_outputs and not policy.release_outputs:
+        raise ConfigurationError(f"--allow-outputs contradicts release_outputs = false in --policy {path}; drop one")
+    return policy
 
 
 def parse_data_spec(text: str) -> tuple[str, str, str, Path, tuple[str, ...], int | None]:
@@ -325,6 +366,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--data {text!r}: {exc}") from None
         datasets[key] = held
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
+    policy = load_worker_policy(args.policy, args.allow_outputs)  # before listening
+    for flag, path in (("--state-dir", args.state_dir), ("--audit-log", args.audit_log)):
+        where = path if flag == "--state-dir" else (path.parent if path is not None else None)
+        if where is not None and where.exists() and not where.is_dir():
+            raise ConfigurationError(f"{flag} {path}: {where} is not a directory")
     config = ServeConfig(
         name=args.name,
         listen=args.listen,
@@ -337,6 +383,9 @@ def run(args: argparse.Namespace) -> int:
         max_lifetime=args.max_lifetime,
         datasets=datasets,
         trust=trust.modules,
+        policy=policy,
+        state_dir=str(args.state_dir) if args.state_dir is not None else None,
+        audit_log=str(args.audit_log) if args.audit_log is not None else None,
         session_grace=grace,
         max_sessions=max_sessions,
         device=str(device),

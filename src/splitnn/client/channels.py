@@ -48,7 +48,7 @@ def open_channel(
 ) -> grpc.Channel | grpc.aio.Channel:
     """A channel to ``host:port``; ``aio`` for an asyncio channel, ``target_name`` the party expected with TLS."""
     api = grpc.aio if aio else grpc
-    options = limits.grpc_options()
+    options = limits.client_options()  # with keepalive: a vanished peer is noticed in bounded time
     if tls is None:
         return api.insecure_channel(address, options=options)
     options = options + [("grpc.ssl_target_name_override", target_name)]

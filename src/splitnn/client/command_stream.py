@@ -37,7 +37,7 @@ from splitnn.common.messages import (
     reply_result,
 )
 from splitnn.common.serde import epoch_report_from_result, losses_from_result
-from splitnn.errors import WorkerError
+from splitnn.errors import WorkerError, WorkerUnreachableError
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import SESSION, Command, Reply
@@ -197,13 +197,13 @@ class CommandStream:
     def wait(self, pending: Pending) -> Reply:
         """The reply ``pending`` stands for (WorkerError after the timeout)."""
         if not pending.event.wait(self.timeout):
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.worker!r} at {self.address} did not answer {pending.op!r} within "
                 f"{self.timeout:g} s (dead or hung?)"
             )
         if pending.reply is None:
             self.check()
-            raise WorkerError(f"worker {self.worker!r} at {self.address}: no answer to {pending.op!r}")
+            raise WorkerUnreachableError(f"worker {self.worker!r} at {self.address}: no answer to {pending.op!r}")
         return pending.reply
 
     def _wait_idle(self, timeout: float) -> bool:
@@ -215,7 +215,7 @@ class CommandStream:
         if self.broken is None and not self.closed:
             self.flush()
         if not self._wait_idle(self.timeout):
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.worker!r} at {self.address} did not finish its commands within "
                 f"{self.timeout:g} s (dead or hung?)"
             )
@@ -247,13 +247,13 @@ class CommandStream:
             if not self.closed:
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 code = exc.code().name if hasattr(exc, "code") else "error"
-                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerError
+                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerUnreachableError
                 self._fail(cls(f"worker {self.worker!r} at {self.address}: connection lost ({code}: {detail})"))
         except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
             self._fail(WorkerError(f"worker {self.worker!r} at {self.address}: bad reply: {exc}"))
         else:
             if not self.closed:
-                self._fail(WorkerError(f"worker {self.worker!r} at {self.address} closed the session"))
+                self._fail(WorkerUnreachableError(f"worker {self.worker!r} at {self.address} closed the session"))
 
     def _on_progress(self, reply: Reply, nbytes: int) -> None:
         with self._lock:

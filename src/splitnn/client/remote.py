@@ -139,9 +139,8 @@ class RemoteWorker:
             raise ConfigurationError(str(exc)) from None
         self.session_tag = session_tag(self.session)
         self._metadata = call_metadata(self._token, RESEARCHER, session=self.session)
-        self._channel = open_channel(
-            self.address, limits=self.limits, tls=tls, target_name=name or self.address.rpartition(":")[0].strip("[]")
-        )
+        self._tls, self._connect_timeout = tls, connect_timeout
+        self._target_name = name or self.address.rpartition(":")[0].strip("[]")
         self.name = "?"
         # Tensor ids are chosen here; start at a random point so that two sessions with one worker
         # (a reconnecting researcher, a second model) do not pick the same ids.
@@ -151,22 +150,33 @@ class RemoteWorker:
         self._merged: dict[str, int] = {}  # segment key -> sources of its last training forward_merged
         self._feature_ids: set[int] = set()
         self._imports: set[str] = set()  # modules of the classes our segment specs import (we trust our own)
+        # What this session installed at the worker, in order (op, name) -> (args, blobs): what a
+        # reconnection installs again when the worker restarted (reconnect).
+        self._installed: dict[tuple[str, str], tuple[dict, list[bytes]]] = {}
         self._closed = False
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout or min(self.timeout, 10.0))
-        except grpc.FutureTimeoutError:
-            self._channel.close()
-            raise WorkerError(
-                f"cannot connect to worker at {self.address}: connection refused or timed out; "
-                f"is `splitnn worker` running there?"
-            ) from None
-        hello = serde.hello_from_result(self._unary("hello", {}))
+        hello = self._connect()
         if name is not None and hello.name != name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is {hello.name!r}, not {name!r}")
         self.name = hello.name
         #: where the party computes, as it reports it (``splitnn worker --device``); informational
         self.device = hello.device
+        self._open_stream()
+
+    def _connect(self) -> serde.Hello:
+        """Open the channel and say hello (the worker opens or resumes our session)."""
+        self._channel = open_channel(self.address, limits=self.limits, tls=self._tls, target_name=self._target_name)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self._connect_timeout or min(self.timeout, 10.0))
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise _errors.WorkerUnreachableError(
+                f"cannot connect to worker {self.name if self.name != '?' else ''} at {self.address}: connection "
+                f"refused or timed out; is `splitnn worker` running there?".replace("worker  at", "worker at")
+            ) from None
+        return serde.hello_from_result(self._unary("hello", {}))
+
+    def _open_stream(self) -> None:
         self._stream = CommandStream(
             self._channel,
             self._metadata,
@@ -208,7 +218,8 @@ class RemoteWorker:
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise _errors.PolicyError(f"worker at {self.address} rejected us: {exc.details()}") from None
-            raise WorkerError(f"worker at {self.address}: {op} failed: {exc.details() if code else exc}") from None
+            cls = _errors.WorkerUnreachableError if code == grpc.StatusCode.UNAVAILABLE else WorkerError
+            raise cls(f"worker at {self.address}: {op} failed: {exc.details() if code else exc}") from None
         self.counters.record(self.name, "recv", "control", len(raw))
         reply = Reply.FromString(raw)
         if not reply.ok:
@@ -259,7 +270,10 @@ class RemoteWorker:
                 f"remote worker {self.name!r} cannot exchange tensors with in-process "
                 f"worker(s) {others}; make every worker of a model remote (splitnn.connect)"
             )
-        self._request("peers", serde.peers_to_args(addresses))
+        args = serde.peers_to_args(addresses)
+        self._request("peers", args)
+        self._installed.pop(("peers", ""), None)
+        self._installed[("peers", "")] = (args, [])
 
     def add_segment(
         self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
@@ -283,9 +297,12 @@ class RemoteWorker:
         args, blobs = serde.add_segment_to_command(key, described, segment.state_dict(), opt, replace=replace)
         self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)
+        self._installed.pop(("add_segment", key), None)
+        self._installed[("add_segment", key)] = ({**args, "replace": True}, blobs)
 
     def remove_segment(self, key: str) -> None:
         self._send("remove_segment", serde.key_to_args(key))
+        self._installed.pop(("add_segment", key), None)
 
     def add_dataset(
         self,
@@ -307,7 +324,10 @@ class RemoteWorker:
                 )
         if ids is not None:  # the same check (and words) as in process, before anything is sent
             ids = check_ids(ids, len(next(iter(parts.values()))), f"dataset {name!r} at worker {self.name!r}")
-        self._request("add_dataset", *serde.add_dataset_to_command(name, parts, replace=replace, ids=ids))
+        args, blobs = serde.add_dataset_to_command(name, parts, replace=replace, ids=ids)
+        self._request("add_dataset", args, blobs)
+        self._installed.pop(("add_dataset", name), None)
+        self._installed[("add_dataset", name)] = ({**args, "replace": True}, blobs)
 
     def dataset_stats(self, name: str) -> DatasetStats:
         r, _ = self._request("dataset_stats", serde.dataset_name_to_args(name))
@@ -509,6 +529,76 @@ class RemoteWorker:
         handle = EpochHandle(self.name, notify)
         self._send("run_epoch", *serde.epoch_plan_to_command(plan), handle=handle)
         return handle
+
+    # -- policy, checkpoints and faults --------------------------------------------------------
+    def declare_neighbours(self, names: Sequence[str]) -> None:
+        """Tell the worker which parties are adjacent to it in the model: without a ``peers`` rule in its
+        policy, only they may pull this session's tensors there."""
+        args = serde.neighbours_to_args(names)
+        self._request("neighbours", args)
+        self._installed.pop(("neighbours", ""), None)
+        self._installed[("neighbours", "")] = (args, [])
+
+    def checkpoint_steps(self, job: str) -> list[int]:
+        """The steps of ``job`` the party holds checkpoints of, in its ``--state-dir`` (:class:`CheckpointWorker`)."""
+        r, _ = self._request("checkpoint_steps", serde.checkpoint_steps_to_args(job))
+        return serde.steps_from_result(r)
+
+    def save_checkpoint(
+        self, job: str, step: int, segments: Mapping[str, str], *, note: Mapping[str, object] | None = None
+    ) -> dict:
+        """Have the party write its checkpoint of ``segments`` (label -> key) locally; only its digest comes back."""
+        r, _ = self._request("save_checkpoint", serde.checkpoint_to_args(job, step, segments, note=note))
+        return serde.party_checkpoint_from_result(r)
+
+    def load_checkpoint(self, job: str, step: int, segments: Mapping[str, str], *, digest: str | None = None) -> dict:
+        """Have the party load its checkpoint of ``segments`` at ``step`` (refused when it does not match them,
+        or -- given ``digest`` -- is not that file)."""
+        r, _ = self._request("load_checkpoint", serde.checkpoint_to_args(job, step, segments, digest=digest))
+        self._input_is_data.clear()
+        self._merged.clear()
+        self._feature_ids.clear()
+        return serde.party_checkpoint_from_result(r)
+
+    def reconnect(self) -> bool:
+        """Make sure the connection is up after a fault (:class:`~splitnn.workers.ReconnectingWorker`).
+
+        A connection that is still up is kept (an error it holds from the fault is dropped). A broken one
+        is made again with the same session id: within the worker's grace period the session is as it
+        was (True); when the worker restarted or the session expired, it is a new one, and everything
+        this connection installed there -- segments (with their initial weights), placed datasets, peers,
+        neighbours -- is installed again, in order (False). Raises
+        :class:`~splitnn.errors.WorkerUnreachableError` while the worker cannot be reached.
+        """
+        if self._closed:
+            raise WorkerError(f"worker {self.name!r}: this connection was closed; connect again")
+        stream = self._stream
+        if stream is not None and stream.broken is None:
+            try:
+                stream.drain()
+                return True
+            except _errors.WorkerUnreachableError:
+                pass  # it broke meanwhile: connect again
+            except WorkerError:
+                return True  # the fault's error at this worker (a failed step): dropped
+        if stream is not None:
+            stream.close()
+        self._channel.close()
+        hello = self._connect()
+        if hello.name != self.name:
+            self._channel.close()
+            raise ConfigurationError(f"the worker at {self.address} is now {hello.name!r}, not {self.name!r}")
+        self._open_stream()
+        self._input_is_data.clear()
+        self._merged.clear()
+        self._feature_ids.clear()
+        if hello.session_segments or not any(op == "add_segment" for op, _ in self._installed):
+            return True
+        for (op, _), (args, blobs) in list(self._installed.items()):
+            reply = self._stream.wait(self._stream.send(op, args, blobs))
+            if not reply.ok:
+                raise error_from_reply(reply, self.name, self.address)
+        return False
 
     # -- extras ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

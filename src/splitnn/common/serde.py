@@ -179,10 +179,18 @@ class Hello(NamedTuple):
     protocol: int
     datasets: list[str]
     device: str = "cpu"
+    #: segments the caller's session holds there (0 for a new session: the worker restarted, or it expired)
+    session_segments: int = 0
 
 
-def hello_to_result(name: str, datasets: Sequence[str], device: str = "cpu") -> dict:
-    return {"name": name, "protocol": PROTOCOL_VERSION, "datasets": list(datasets), "device": device}
+def hello_to_result(name: str, datasets: Sequence[str], device: str = "cpu", session_segments: int = 0) -> dict:
+    return {
+        "name": name,
+        "protocol": PROTOCOL_VERSION,
+        "datasets": list(datasets),
+        "device": device,
+        "session_segments": session_segments,
+    }
 
 
 def hello_from_result(result: dict) -> Hello:
@@ -194,7 +202,10 @@ def hello_from_result(result: dict) -> Hello:
         raise WireError("hello: 'protocol' must be an integer")
     device = result.get("device", "cpu")
     device = device if isinstance(device, str) and len(device) <= 64 else "?"
-    return Hello(check_party_name(result.get("name")), protocol, datasets, device)
+    held = result.get("session_segments", 0)
+    if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+        raise WireError("hello: 'session_segments' must be a count")
+    return Hello(check_party_name(result.get("name")), protocol, datasets, device, held)
 
 
 def stats_to_result(counters: list, ledger: list) -> dict:
@@ -760,3 +771,111 @@ def epoch_report_from_result(result: dict, worker: str) -> EpochReport:
     if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
         raise WireError("run_epoch: the final reply must count the batches run")
     return EpochReport(worker, batches)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+#: Most segments one checkpoint command may name.
+MAX_CHECKPOINT_SEGMENTS = 1024
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class CheckpointCommand(NamedTuple):
+    """A party's checkpoint to write (``save_checkpoint``) or load (``load_checkpoint``): the job's id,
+    the step, the segments by label (label -> key), the researcher's note (epoch, batch: numbers)
+    and, to load, the sha256 the researcher's manifest records."""
+
+    job: str
+    step: int
+    segments: dict[str, str]
+    note: dict[str, int]
+    digest: str | None = None
+
+
+def checkpoint_to_args(
+    job: str,
+    step: int,
+    segments: Mapping[str, str],
+    *,
+    note: Mapping[str, int] | None = None,
+    digest: str | None = None,
+) -> dict:
+    args = {"job": job, "step": step, "segments": dict(segments), "note": dict(note or {})}
+    if digest is not None:
+        args["digest"] = digest
+    return args
+
+
+def _job(args: dict) -> str:
+    job = arg(args, "job", str)
+    if not 16 <= len(job) <= 128 or not set(job) <= _LABEL_CHARS - {"."}:
+        raise WireError("a checkpoint job id is 16-128 characters from [A-Za-z0-9_-]")
+    return job
+
+
+def checkpoint_from_args(args: dict) -> CheckpointCommand:
+    segments = arg(args, "segments", dict)
+    if not 0 < len(segments) <= MAX_CHECKPOINT_SEGMENTS:
+        raise WireError(f"a checkpoint names 1..{MAX_CHECKPOINT_SEGMENTS} segments")
+    for label, key in segments.items():
+        if not 0 < len(label) <= 64 or not set(label) <= _LABEL_CHARS:
+            raise WireError(f"segment label {label[:70]!r} is not 1-64 characters from [A-Za-z0-9_.-]")
+        if not isinstance(key, str) or not 0 < len(key) <= 256:
+            raise WireError(f"segment {label!r}: its key must be a string")
+    note = arg(args, "note", dict, optional=True) or {}
+    if len(note) > 16 or not all(isinstance(k, str) and len(k) <= 32 for k in note):
+        raise WireError("a checkpoint note holds at most 16 short names")
+    for k in note:
+        arg(note, k, int)
+    digest = arg(args, "digest", str, optional=True)
+    if digest is not None and (len(digest) != 64 or not set(digest) <= set("0123456789abcdef")):
+        raise WireError("a checkpoint digest is 64 lower-case hex digits (sha256)")
+    return CheckpointCommand(_job(args), arg(args, "step", int), dict(segments), dict(note), digest)
+
+
+def checkpoint_steps_to_args(job: str) -> dict:
+    """Which steps of job ``job`` a party holds checkpoints of (``checkpoint_steps``)."""
+    return {"job": job}
+
+
+def checkpoint_steps_from_args(args: dict) -> str:
+    return _job(args)
+
+
+def steps_to_result(steps: Sequence[int]) -> dict:
+    return {"steps": [int(s) for s in steps]}
+
+
+def steps_from_result(result: dict) -> list[int]:
+    steps = result.get("steps")
+    if not isinstance(steps, list) or len(steps) > 1 << 20:
+        raise WireError("checkpoint_steps: the reply must list steps")
+    for s in steps:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise WireError("checkpoint_steps: a step is a non-negative integer")
+    return sorted(steps)
+
+
+def party_checkpoint_to_result(info: Mapping[str, object]) -> dict:
+    """A checkpoint a party wrote or loaded: ``{"step", "digest", "bytes"}``."""
+    return {"step": info["step"], "digest": info["digest"], "bytes": info["bytes"]}
+
+
+def party_checkpoint_from_result(result: dict) -> dict:
+    step, nbytes = arg(result, "step", int), arg(result, "bytes", int)
+    digest = arg(result, "digest", str)
+    if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+        raise WireError("a checkpoint digest is 64 lower-case hex digits (sha256)")
+    return {"step": step, "digest": digest, "bytes": nbytes}
+
+
+# ------------------------------------------------------------------------------------ policy
+def neighbours_to_args(names: Sequence[str]) -> dict:
+    """The parties adjacent to this one in a model (``neighbours``): the peers its tensors may go to."""
+    return {"neighbours": list(names)}
+
+
+def neighbours_from_args(args: dict) -> list[str]:
+    names = arg(args, "neighbours", list)
+    if len(names) > MAX_PEERS:
+        raise WireError(f"a model names at most {MAX_PEERS} neighbours of a party")
+    return [check_party_name(n) for n in names]

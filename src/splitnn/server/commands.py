@@ -144,7 +144,8 @@ class Commands:
     # -- set-up ----------------------------------------------------------------------------------
     async def _op_hello(self, a, blobs, **_):
         # the party's own datasets only: what other sessions placed is theirs to know
-        return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device)), []
+        held = len(self.engine.segment_keys())  # 0: a new session (the worker restarted, or it expired)
+        return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device), held), []
 
     async def _op_stats(self, a, blobs, **_):
         return serde.stats_to_result(self.counters.to_rows(), self.engine.ledger.to_rows()), []
@@ -157,6 +158,12 @@ class Commands:
         """
         found = serde.peers_from_args(a, default_tag=self.session.tag)
         self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
+        return {}, []
+
+    async def _op_neighbours(self, a, blobs, **_):
+        """The parties adjacent to this one in the session's model: without a ``peers`` rule in the
+        party's policy, only they may pull this session's tensors (:mod:`splitnn.workers.policy`)."""
+        self.engine.declare_neighbours(serde.neighbours_from_args(a))
         return {}, []
 
     async def _op_stage(self, a, blobs, *, state: StreamState, **_):
@@ -401,3 +408,26 @@ class Commands:
     async def _op_fetch_segment(self, a, blobs, **_):
         module = self.engine.fetch_segment(self._key(serde.key_from_args(a)))
         return {}, serde.segment_to_blobs(module_to_spec(module), module.state_dict())
+
+    # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
+    async def _op_checkpoint_steps(self, a, blobs, **_):
+        steps = self.engine.checkpoint_steps(serde.checkpoint_steps_from_args(a))
+        return serde.steps_to_result(steps), []
+
+    async def _op_save_checkpoint(self, a, blobs, **_):
+        """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
+        Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""
+        c = serde.checkpoint_from_args(a)
+        segments = {label: self._key(key) for label, key in c.segments.items()}
+        info = await asyncio.to_thread(self.engine.save_checkpoint, c.job, c.step, segments, note=c.note)
+        self.session.audit_sent()
+        return serde.party_checkpoint_to_result(info), []
+
+    async def _op_load_checkpoint(self, a, blobs, **_):
+        """Load this party's checkpoint into the named segments (refused, before anything changes, when it
+        does not match them or is not the file the researcher's manifest records)."""
+        c = serde.checkpoint_from_args(a)
+        segments = {label: self._key(key) for label, key in c.segments.items()}
+        self.exports.cancel_all()
+        info = await asyncio.to_thread(self.engine.load_checkpoint, c.job, c.step, segments, digest=c.digest)
+        return serde.party_checkpoint_to_result(info), []

@@ -35,7 +35,7 @@ import torch
 
 from splitnn.client.channels import open_channel
 from splitnn.common.serde import PeerAddress
-from splitnn.errors import PolicyError, WireError, WorkerError
+from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.shipped import Inbox
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
@@ -103,7 +103,7 @@ class PeerLink:
         self.protocol_error: WireError | None = None
 
     def _lost(self) -> WorkerError:
-        return WorkerError(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
+        return WorkerUnreachableError(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
 
     def session(self) -> PeerScope | None:
         """The local session this stream serves (None: none, or it has ended)."""
@@ -130,7 +130,7 @@ class PeerLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # grpc raises assorted types for a write on a dead stream
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
         self._count("sent", kind, len(frame))
@@ -139,19 +139,23 @@ class PeerLink:
         """Ask the peer for its tensor ``tensor_id`` and wait (up to the peer timeout) for it."""
         timeout = self.peers.timeout
         if self.closed is not None:
-            raise WorkerError(f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})")
+            raise WorkerUnreachableError(
+                f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})"
+            )
         fut = asyncio.get_running_loop().create_future()
         self._pending[tensor_id] = fut
         try:
             await self.send(frames.request(kind, tensor_id), "control")
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.me!r}: peer {self.peer!r} did not send {kind} #{tensor_id} within "
                 f"{timeout:g} s (is it alive?)"
             ) from None
         except grpc.RpcError as exc:
-            raise WorkerError(f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}") from None
+            raise WorkerUnreachableError(
+                f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}"
+            ) from None
         finally:
             self._pending.pop(tensor_id, None)
 
@@ -163,7 +167,7 @@ class PeerLink:
         except WorkerError:
             raise
         except Exception as exc:
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.me!r}: cannot send {kind} to peer {self.peer!r}: {rpc_text(exc) or type(exc).__name__}"
             ) from None
 

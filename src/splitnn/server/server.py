@@ -101,6 +101,7 @@ from splitnn.transport.security import (
 )
 from splitnn.wire.proto import SERVICE, Command, Reply
 from splitnn.wire.trust import Trust
+from splitnn.workers.audit import AuditLog
 from splitnn.workers.devices import resolve_device
 from splitnn.workers.virtual import WorkerPolicy
 
@@ -144,7 +145,8 @@ class WorkerServer:
         tls: this party's certificate/key and the federation CA (mutual TLS), or None.
         limits: message and tensor size limits.
         peer_timeout: seconds to wait for a peer's tensor before failing the step.
-        policy: what the engine hands to the researcher; by default no activations.
+        policy: the party's policy (:mod:`splitnn.workers.policy`), enforced by each session's engine;
+            by default no activations are handed to the researcher.
         trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
             layers and the spec registry are always allowed.
         session_grace: seconds a closed session's segments and datasets are kept for the
@@ -154,6 +156,9 @@ class WorkerServer:
         device: where the party's segments, optimizer state and data live and compute
             (``--device``; checked here). Tensors cross the wire as bytes from the CPU and
             move onto this device when they arrive (:mod:`splitnn.workers.devices`).
+        state_dir: where every session writes its checkpoints (``--state-dir``; the job id, a secret
+            of the researcher's, names each job's part of it); without one a worker keeps none.
+        audit: where the party's audit log goes (:class:`~splitnn.workers.audit.AuditLog`), or None.
     """
 
     def __init__(
@@ -170,6 +175,8 @@ class WorkerServer:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_rpcs: int = 4096,
         device: str = "cpu",
+        state_dir: str | os.PathLike | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
@@ -208,6 +215,8 @@ class WorkerServer:
             max_sessions=max_sessions,
             policy=policy or WorkerPolicy(release_outputs=False),
             device=resolve_device(device, self.name),  # checked once, before any session
+            state_dir=state_dir,
+            audit=audit,
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
@@ -425,6 +434,9 @@ class ServeConfig:
     session_grace: float = DEFAULT_GRACE
     max_sessions: int = DEFAULT_MAX_SESSIONS
     device: str = "cpu"  # where the party's segments, optimizer state and data live (--device)
+    policy: WorkerPolicy | None = None  # the party's policy (--policy); release_outputs from it when given
+    state_dir: str | None = None  # where each session writes its checkpoints (--state-dir)
+    audit_log: str | None = None  # the audit log, JSON lines (--audit-log; default STATE_DIR/audit.jsonl)
 
 
 def write_address(path: str, address: str) -> None:
@@ -445,20 +457,28 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     soft, raised = raise_open_files_limit()
     if raised != soft:
         log.info("worker %s: open-files limit raised from %s to %s", config.name, soft, raised)
+    audit_path = config.audit_log or (os.path.join(config.state_dir, "audit.jsonl") if config.state_dir else None)
+    if config.state_dir is not None:
+        os.makedirs(config.state_dir, exist_ok=True)
+    audit = AuditLog(audit_path, config.name) if audit_path else None
     server = WorkerServer(
         config.name,
         config.token,
         tls=config.tls,
         limits=config.limits,
         peer_timeout=config.peer_timeout,
-        policy=WorkerPolicy(release_outputs=config.release_outputs),
+        policy=config.policy or WorkerPolicy(release_outputs=config.release_outputs),
         trust=Trust(config.trust),
         session_grace=config.session_grace,
         max_sessions=config.max_sessions,
         device=config.device,
+        state_dir=config.state_dir,
+        audit=audit,
     )
     for dname, parts in config.datasets.items():
         server.sessions.add_party_dataset(dname, **parts)
+    if audit is not None:
+        audit.write("start", policy=server.sessions.policy.to_dict(), datasets=sorted(config.datasets))
     address = await server.start(config.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -473,3 +493,6 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     except asyncio.TimeoutError:
         log.warning("worker %s: max lifetime reached, shutting down", config.name)
     await server.stop(grace=1.0)
+    if audit is not None:
+        audit.write("stop")
+        audit.close()

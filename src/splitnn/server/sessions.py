@@ -37,6 +37,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -48,6 +49,7 @@ from splitnn.server.exports import Exports
 from splitnn.server.peers import Peers, SessionPeers
 from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
+from splitnn.workers.audit import AuditLog
 from splitnn.workers.held import HeldData
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
 
@@ -100,14 +102,19 @@ class Session:
         party: Mapping[str, HeldData],
         policy: WorkerPolicy | None,
         device: torch.device | str = "cpu",
+        state_dir: str | os.PathLike | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.id = session_id
         self.tag = session_tag(session_id)
         self.anonymous = anonymous
-        self.engine = VirtualWorker(name, fuse=False, policy=policy, device=device)
+        self.engine = VirtualWorker(name, fuse=False, policy=policy, device=device, state_dir=state_dir, audit=audit)
+        self.engine.audit_session = self.tag[:16]  # the public tag, never the id
+        self.engine.own_datasets = frozenset(party)  # what the policy's `datasets` rule guards
         self._party = party  # the party's own datasets (name -> data), shared read-only
         self.engine.hold(party)
         self.counters = ByteCounters()
+        self._audited: dict[tuple[str, str], tuple[int, int]] = {}  # sent bytes already in the audit log
         self.exports = Exports(name, self.engine, timeout)
         self.inbox = Inbox(name, timeout)
         self.peers = SessionPeers(peers, self)
@@ -134,7 +141,29 @@ class Session:
                 f"worker {self.engine.name!r} hands a session's tensors only to the peers of its model "
                 f"({sorted(self.peers.addresses)}), not to {peer!r}"
             )
+        self.engine.check_receiver(peer, f"its {kind}")  # the party's policy: `peers`, or the model's adjacency
         return await self.exports.take(tensor_id, kind)
+
+    def audit_sent(self) -> None:
+        """Write to the audit log what this session sent since the last time, per receiver and kind
+        (serialized bytes on the wire: to peers and to the researcher)."""
+        audit = self.engine.audit
+        if audit is None:
+            return
+        for t in self.counters.totals():
+            if t.direction != "sent":
+                continue
+            m0, b0 = self._audited.get((t.peer, t.kind), (0, 0))
+            if t.nbytes != b0:
+                audit.write(
+                    "sent",
+                    session=self.engine.audit_session,
+                    to=t.peer,
+                    kind=t.kind,
+                    bytes=t.nbytes - b0,
+                    count=t.messages - m0,
+                )
+                self._audited[(t.peer, t.kind)] = (t.messages, t.nbytes)
 
     def free_tensors(self, reason: str) -> None:
         """Free the intermediate tensors: stored activations and gradients, promised exports, pushes, losses."""
@@ -175,9 +204,12 @@ class Sessions:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         policy: WorkerPolicy | None = None,
         device: torch.device | str = "cpu",
+        state_dir: str | os.PathLike | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.name, self.peers, self.timeout, self._setup = name, peers, timeout, setup
         self.policy = policy
+        self.state_dir, self.audit = state_dir, audit
         self.grace, self.max_sessions = grace, max_sessions
         self._by_id: dict[str, Session] = {}
         self._by_tag: dict[str, Session] = {}
@@ -235,6 +267,8 @@ class Sessions:
             timeout=self.timeout,
             party=self._party.datasets(),
             policy=self.policy,
+            state_dir=self.state_dir,
+            audit=self.audit,
             device=self.device,
         )
         self._setup(session)
@@ -249,6 +283,8 @@ class Sessions:
         if session.streams > 0 or self._by_id.get(session.id) is not session:
             return
         held = session.engine.holds_tensors() or session.holds_state()
+        if held:
+            session.audit_sent()
         session.free_tensors("the researcher's session ended")
         self.peers.close_scope(session.tag)
         session.closed_at = time.monotonic()
@@ -274,6 +310,9 @@ class Sessions:
 
     def drop(self, session: Session) -> None:
         """Forget ``session`` and free everything it owns."""
+        if self.audit is not None and (session._audited or session.engine.segment_keys()):
+            session.audit_sent()
+            self.audit.write("session_end", session=session.engine.audit_session)
         if session.expiry is not None:
             session.expiry.cancel()
             session.expiry = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitnn.common import serde
-from splitnn.errors import WireError, WorkerError
+from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import quiet_future
 from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
@@ -123,7 +123,9 @@ class Inbox:
         """The connection to ``peer`` broke: fail every wait on it."""
         for (p, _, _), fut in self._slots.items():
             if p == peer and not fut.done():
-                fut.set_exception(WorkerError(f"worker {self.worker!r}: lost the connection to peer {peer!r}"))
+                fut.set_exception(
+                    WorkerUnreachableError(f"worker {self.worker!r}: lost the connection to peer {peer!r}")
+                )
 
     # -- waiting (from the epoch loop) ---------------------------------------------------------
     def slot(self, run: Run, peer: str, kind: str, frame_id: int) -> asyncio.Future:
@@ -136,7 +138,7 @@ class Inbox:
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
-            raise WorkerError(
+            raise WorkerUnreachableError(
                 f"worker {self.worker!r}: peer {peer!r} did not send its {kind} within "
                 f"{self.timeout:g} s (is it alive?)"
             ) from None
@@ -167,6 +169,11 @@ def parse_plan(
                     f"worker {me!r}: the epoch plan names {p!r}, which is not a peer of this "
                     f"worker's model (known peers: {sorted(peers)})"
                 )
+    for st in plan.stages:  # the party's policy: whom its tensors may go to (`peers`, or the model's adjacency)
+        if st.next not in (None, me):
+            engine.check_receiver(st.next, "its activations")
+        if st.prev not in (None, me):
+            engine.check_receiver(st.prev, "its gradients")
     if plan.holds_labels:
         check_loss_name(plan.loss)
     _check_data(plan, engine)

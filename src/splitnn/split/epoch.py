@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from splitnn.errors import WorkerError
+from splitnn.errors import WorkerError, WorkerUnreachableError
 from splitnn.split.stage import Stage
 from splitnn.workers.base import EpochWorker
 from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochHandle, EpochPlan, StagePlan
@@ -113,7 +113,7 @@ def ship_epoch(
         with news:
             if not fresh[0] and not news.wait_for(lambda: fresh[0], timeout):
                 running = sorted(n for n, h in handles.items() if not h.done)
-                raise WorkerError(
+                raise WorkerUnreachableError(
                     f"shipped epoch: no news from the workers for {timeout:g} s; still running: "
                     f"{', '.join(map(repr, running))} (dead or hung?)"
                 )

@@ -38,11 +38,24 @@ SERVER_CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
     # ping a silent client every minute; no answer within 20 s: the connection is dead, close it
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    # clients may ping at most every 10 s; two strikes and the connection is closed
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # clients may ping at most every 5 s (ours ping every 10 s, CLIENT_KEEPALIVE_OPTIONS); two strikes
+    # and the connection is closed
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 2),
     # concurrent streams (RPCs) per connection
     ("grpc.max_concurrent_streams", 256),
+)
+
+
+#: gRPC channel options of every connection a researcher or a worker dials: an HTTP/2 ping every 10 s,
+#: even while no call is running, and a connection whose ping is not answered within 5 s is dead. So a
+#: peer that vanished without closing its connection (a machine lost, a network cut) is noticed within
+#: about 15 s, and the calls on it fail (``WorkerUnreachableError``) instead of waiting for their timeout.
+CLIENT_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 
@@ -84,6 +97,10 @@ class Limits:
         """Channel/server options that set gRPC's message limits explicitly."""
         n = self.max_message_bytes
         return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+    def client_options(self) -> list[tuple[str, int]]:
+        """A dialling side's channel options: the message limits and :data:`CLIENT_KEEPALIVE_OPTIONS`."""
+        return self.grpc_options() + list(CLIENT_KEEPALIVE_OPTIONS)
 
     def server_options(self) -> list[tuple[str, int]]:
         """A worker's server options: the message limits and :data:`SERVER_CONNECTION_OPTIONS`."""

@@ -50,6 +50,7 @@ from splitnn.wire.spec import canonical_spec
 __all__ = [
     "WorkerPolicy",
     "load_policy",
+    "read_policy_rules",
     "passthrough_reason",
     "check_install",
     "check_reduction",
@@ -156,8 +157,8 @@ class WorkerPolicy:
         return self.accept_segments is not None and fp is not None and fp in self.accept_segments
 
 
-def load_policy(path: str | os.PathLike) -> WorkerPolicy:
-    """Read a policy file: TOML (``.toml``) or JSON (any other suffix); errors name the file and the rule."""
+def read_policy_rules(path: str | os.PathLike) -> dict[str, Any]:
+    """The rules a policy file sets, as written (TOML for ``.toml``, else JSON); not checked yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"no policy file at {path}")
@@ -165,10 +166,16 @@ def load_policy(path: str | os.PathLike) -> WorkerPolicy:
     try:
         rules = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigurationError(
-            f"policy file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
-        ) from None
-    return WorkerPolicy.from_dict(rules, source=f"policy file {path}")
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        raise ConfigurationError(f"policy file {path} is not valid {kind}: {exc}") from None
+    if not isinstance(rules, dict):
+        raise ConfigurationError(f"policy file {path} must hold a table of rules, got {type(rules).__name__}")
+    return rules
+
+
+def load_policy(path: str | os.PathLike) -> WorkerPolicy:
+    """Read a policy file: TOML (``.toml``) or JSON (any other suffix); errors name the file and the rule."""
+    return WorkerPolicy.from_dict(read_policy_rules(path), source=f"policy file {path}")
 
 
 class _Checker:

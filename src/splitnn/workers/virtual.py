@@ -588,8 +588,9 @@ class VirtualWorker:
     def _checkpoint_dir(self) -> Path:
         if self.state_dir is None:
             raise CheckpointError(
-                f"worker {self.name!r} has no state directory for checkpoints; give VirtualWorker(..., state_dir=DIR) "
-                f"or fit(..., checkpoint_dir=DIR)"
+                f"worker {self.name!r} keeps no checkpoints: it has no state directory (start it with "
+                f"`splitnn worker --state-dir DIR`; in process, VirtualWorker(..., state_dir=DIR), which "
+                f"fit(..., checkpoint_dir=DIR) gives the in-process workers that have none)"
             )
         return self.state_dir
 
