@@ -16,6 +16,7 @@ from torch import nn
 from splitnn.cli.main import main
 from splitnn.split.persist import load_model, save_model
 from splitnn.wire.fingerprint import fingerprint
+from tests.transport.cluster import Cluster
 
 
 def test_fingerprint_prints_each_recorded_segment(tmp_path, capsys):
@@ -46,11 +47,28 @@ def _train(tmp_path, shared_data, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_killed_researcher_reruns_the_command_with_resume_and_finishes_the_job(tmp_path, shared_data):
-    reference = _train(tmp_path, shared_data, "--save", "reference.safetensors")
+@pytest.mark.parametrize(
+    "networked", [False, pytest.param(True, marks=pytest.mark.network)], ids=["in-process", "networked"]
+)
+def test_a_killed_researcher_reruns_the_command_with_resume_and_finishes_the_job(tmp_path, shared_data, networked):
+    with Cluster(tmp_path / "workers", lifetime=280) as cl:
+        where: list[str] = []
+        if networked:  # each party keeps its checkpoints in its own --state-dir
+            for name in ("alice", "bob", "claire"):
+                cl.start(name, "--state-dir", str(tmp_path / f"{name}-state"))
+            urls = ",".join(cl.workers[n].url for n in ("alice", "bob", "claire"))
+            where = ["--workers", urls, "--token-file", str(cl.token_file)]
+        _killed_and_resumed(tmp_path, shared_data, where)
+        if networked:
+            assert not (tmp_path / "ck" / "parties").exists()
+            assert all(list((tmp_path / f"{n}-state").rglob("step-*.safetensors")) for n in ("alice", "bob"))
+
+
+def _killed_and_resumed(tmp_path, shared_data, where: list[str]) -> None:
+    reference = _train(tmp_path, shared_data, *where, "--save", "reference.safetensors")
     assert reference.wait(300) == 0, reference.stdout.read()
 
-    flags = ["--checkpoint-dir", "ck", "--checkpoint-every", "10", "--save", "resumed.safetensors"]
+    flags = [*where, "--checkpoint-dir", "ck", "--checkpoint-every", "10", "--save", "resumed.safetensors"]
     first = _train(tmp_path, shared_data, *flags)
     manifest = tmp_path / "ck" / "manifest.json"
     deadline = time.monotonic() + 300  # a guard against hangs

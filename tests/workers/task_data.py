@@ -43,3 +43,10 @@ def test_features() -> Rows:
 
 def test_labels() -> dict:
     return {"labels": binary(120, seed=12).labels}
+
+
+def toy_images() -> Dataset:
+    """The small 8x8 'images' of tests/workers/test_remote_checkpoint.py (features at the data holder)."""
+    from tests.helpers import toy_dataset
+
+    return toy_dataset(320, shape=(1, 8, 8))

@@ -93,6 +93,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="checkpoint every N batches as well as after every epoch (default: after every epoch)",
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="after a fault (a worker restarted, a connection lost), reconnect and resume from the last "
+        "checkpoint up to N times per fault (default 3; with --checkpoint-dir)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the job whose manifest is in --checkpoint-dir (or start it if there is none); the run ends "
@@ -165,7 +173,14 @@ def _checkpoint_options(args: argparse.Namespace) -> dict:
         every = parse_positive_ints(every, "--checkpoint-every", "100")[0] if "," not in every else 0
         if not every:
             raise ConfigurationError(f"--checkpoint-every takes one number of batches, got {args.checkpoint_every!r}")
-    return {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": every, "resume": args.resume}
+    if args.retries < 0:
+        raise ConfigurationError(f"--retries must be >= 0, got {args.retries}")
+    return {
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_every": every,
+        "resume": args.resume,
+        "retries": args.retries,
+    }
 
 
 def _check_output(path: Path | None, flag: str) -> None:

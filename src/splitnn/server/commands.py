@@ -186,6 +186,7 @@ class Commands:
         except (RuntimeError, KeyError) as exc:
             raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
         self.engine.add_segment(key, module, optimizer, replace=replace)
+        self.session.installed = True
         self.sessions.claim_segment(self.session, key)
         return {}, []
 

@@ -115,6 +115,7 @@ class Session:
         self.engine.hold(party)
         self.counters = ByteCounters()
         self._audited: dict[tuple[str, str], tuple[int, int]] = {}  # sent bytes already in the audit log
+        self.installed = False  # it hosted a segment: its traffic and end go to the audit log
         self.exports = Exports(name, self.engine, timeout)
         self.inbox = Inbox(name, timeout)
         self.peers = SessionPeers(peers, self)
@@ -148,7 +149,7 @@ class Session:
         """Write to the audit log what this session sent since the last time, per receiver and kind
         (serialized bytes on the wire: to peers and to the researcher)."""
         audit = self.engine.audit
-        if audit is None:
+        if audit is None or not self.installed:
             return
         for t in self.counters.totals():
             if t.direction != "sent":
@@ -298,6 +299,7 @@ class Sessions:
     def end(self, session: Session) -> None:
         """The researcher is done with ``session``: free everything it owns now (it is dropped when it closes)."""
         session.ended = True
+        session.audit_sent()
         self._forget_owned(session)
         session.free_all()
 
@@ -310,7 +312,7 @@ class Sessions:
 
     def drop(self, session: Session) -> None:
         """Forget ``session`` and free everything it owns."""
-        if self.audit is not None and (session._audited or session.engine.segment_keys()):
+        if self.audit is not None and session.installed:
             session.audit_sent()
             self.audit.write("session_end", session=session.engine.audit_session)
         if session.expiry is not None:

@@ -283,10 +283,10 @@ def load_party_checkpoint(
         hosted.module.load_state_dict(weights)
         if optim is not None:
             hosted.optimizer.load_state_dict(optim)
-        found = _generators(hosted.module)
+        owned = _generators(hosted.module)
         label = next(lbl for lbl, h in segments.items() if h is hosted)
         for g in gens:
-            gen = found.get(g["where"])
+            gen = owned.get(g["where"])
             if gen is None:
                 continue
             states = {k: tensors[f"r/{label}/{g['where']}/{k}"] for k in g["keys"]}
