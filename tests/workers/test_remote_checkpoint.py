@@ -88,6 +88,14 @@ def crash_after(model, losses: int) -> None:
     model.train_epoch = crashing_train_epoch
 
 
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """alice, bob and claire, each with a --state-dir, shared by the tests that leave them running."""
+    with Cluster(tmp_path_factory.mktemp("trio"), lifetime=280) as cl:
+        start(cl, ("alice", "bob", "claire"))
+        yield cl
+
+
 def chain(optimizer):
     return lambda ws: splitnn.SplitNN(chain_segments(), ws, optimizer=optimizer)
 
@@ -111,27 +119,26 @@ def vertical(ws):
     [chain("sgd:lr=0.05,momentum=0.9"), chain("adam:lr=0.01"), multi, vertical],
     ids=["chain-sgd-momentum", "chain-adam", "multi-holder", "vertical"],
 )
-def test_a_researcher_that_died_resumes_from_the_parties_checkpoints(build, tmp_path):
+def test_a_researcher_that_died_resumes_from_the_parties_checkpoints(build, tmp_path, trio):
     reference = in_process_reference(build)
     names = ("alice", "bob", "claire")
-    with Cluster(tmp_path, lifetime=250) as cl:
-        start(cl, names)
-        workers = connect(cl, names)
-        model = build(workers)
-        crash_after(model, 13)  # mid-epoch (10 batches an epoch), between checkpoints
-        with pytest.raises(Crash):
-            model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, **FIT)
-        for w in workers:
-            w.close()
-        workers = connect(cl, names)  # a new process: new sessions; the parties' state dirs hold the rest
-        model = build(workers)
-        model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, resume=True, **FIT)
-        assert_same_weights(model.collect(), reference)
-        manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-        assert manifest["step"] == 20 and set(manifest["parties"]) == set(names)
-        assert not (tmp_path / "ck" / "parties").exists()  # networked parties wrote into their own state dirs
-        for w in workers:
-            w.close()
+    cl = trio
+    workers = connect(cl, names)
+    model = build(workers)
+    crash_after(model, 13)  # mid-epoch (10 batches an epoch), between checkpoints
+    with pytest.raises(Crash):
+        model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, **FIT)
+    for w in workers:
+        w.close()
+    workers = connect(cl, names)  # a new process: new sessions; the parties' state dirs hold the rest
+    model = build(workers)
+    model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, resume=True, **FIT)
+    assert_same_weights(model.collect(), reference)
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["step"] == 20 and set(manifest["parties"]) == set(names)
+    assert not (tmp_path / "ck" / "parties").exists()  # networked parties wrote into their own state dirs
+    for w in workers:
+        w.close()
 
 
 @pytest.mark.slow
@@ -170,12 +177,12 @@ def test_a_party_killed_and_restarted_mid_epoch_is_survived_by_fit_retries(tmp_p
             w.close()
 
 
-def test_a_dropped_connection_is_survived(tmp_path):
+def test_a_dropped_connection_is_survived(tmp_path, trio):
     build = chain("sgd:lr=0.05,momentum=0.9")
     reference = in_process_reference(build)
     names = ("alice", "bob", "claire")
-    with Cluster(tmp_path, lifetime=250) as cl, ThreadedLinkEmulator() as emu:
-        start(cl, names)
+    cl = trio
+    with ThreadedLinkEmulator() as emu:
         proxied = {n: emu.add(n, cl.workers[n].address) for n in names}
         workers = [splitnn.connect(f"grpc://{proxied[n]}", token=cl.token, name=n, timeout=60) for n in names]
         model = build(workers)
@@ -261,16 +268,15 @@ def test_accepted_fingerprints_and_max_params(tmp_path):
             w.close()
 
 
-def test_only_the_models_adjacent_parties_may_pull_a_partys_tensors(tmp_path):
-    with Cluster(tmp_path, lifetime=200) as cl:
-        start(cl, ("alice", "bob", "claire"))
-        workers = connect(cl, ("alice", "bob", "claire"))
-        alice, bob, claire = workers
-        model = splitnn.SplitNN(chain_segments(), workers, ship_epochs=False)
-        name, _ = model.prepare(DATA)
-        activation = alice.forward(model.stages[0].key, BatchRef(name, torch.arange(4)))
-        claire.forward(model.stages[2].key, activation)  # claire tries to read what alice made for bob
-        with pytest.raises(splitnn.WorkerError, match=r"'claire' is not adjacent to 'alice' in the model"):
-            claire.drain()
-        for w in workers:
-            w.close()
+def test_only_the_models_adjacent_parties_may_pull_a_partys_tensors(trio):
+    cl = trio
+    workers = connect(cl, ("alice", "bob", "claire"))
+    alice, bob, claire = workers
+    model = splitnn.SplitNN(chain_segments(), workers, ship_epochs=False)
+    name, _ = model.prepare(DATA)
+    activation = alice.forward(model.stages[0].key, BatchRef(name, torch.arange(4)))
+    claire.forward(model.stages[2].key, activation)  # claire tries to read what alice made for bob
+    with pytest.raises(splitnn.WorkerError, match=r"'claire' is not adjacent to 'alice' in the model"):
+        claire.drain()
+    for w in workers:
+        w.close()
