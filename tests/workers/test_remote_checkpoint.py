@@ -63,8 +63,8 @@ def start(cl: Cluster, names, *extra, listen: str = "127.0.0.1:0"):
         cl.start(n, "--state-dir", str(cl.root / f"{n}-state"), "--peer-timeout", "30", *extra, listen=listen)
 
 
-def connect(cl: Cluster, names, **kw):
-    return [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60, **kw) for n in names]
+def connect(cl: Cluster, names, timeout: float = 60, **kw):
+    return [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=timeout, **kw) for n in names]
 
 
 def crash_after(model, losses: int) -> None:
@@ -203,6 +203,55 @@ def test_a_dropped_connection_is_survived(tmp_path, trio):
         assert_same_weights(model.collect(), reference)
         for w in workers:
             w.close()
+
+
+@pytest.mark.slow
+def test_a_hung_party_is_noticed_in_bounded_time_and_survived_when_it_comes_back(tmp_path, trio, monkeypatch):
+    """SIGSTOP freezes bob (its connections stay open, nothing answers): the researcher's keepalive pings
+    go unanswered and the connection is declared dead within ~15 s, well before any timeout; bob is
+    thawed 20 s later and fit's retries resume from the last checkpoint."""
+    import threading
+    import time
+
+    import splitnn.split.loop as loop
+
+    build = chain("sgd:lr=0.05,momentum=0.9")
+    reference = in_process_reference(build)
+    workers = connect(trio, ("alice", "bob", "claire"), timeout=120)  # timeouts far beyond the keepalive's bound
+    model = build(workers)
+    bob = trio.workers["bob"].proc
+    stopped, noticed = [], []
+    recover = loop._recover
+
+    def noting_recover(*args, **kwargs):
+        noticed.append(time.monotonic() - stopped[0])
+        return recover(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_recover", noting_recover)
+    train_epoch = model.train_epoch
+
+    seen = [0]
+
+    def freezing_train_epoch(name, batches, on_batch, **kw):
+        def watch(stats):
+            seen[0] += 1
+            if seen[0] == 6:  # mid-epoch, after the checkpoint at step 4
+                stopped.append(time.monotonic())
+                bob.send_signal(signal.SIGSTOP)
+                threading.Timer(20.0, bob.send_signal, (signal.SIGCONT,)).start()
+            on_batch(stats)
+
+        return train_epoch(name, batches, watch, **kw)
+
+    model.train_epoch = freezing_train_epoch
+    try:
+        model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, retries=6, **FIT)
+    finally:
+        bob.send_signal(signal.SIGCONT)
+    assert stopped and noticed and noticed[0] < 20.0  # the keepalive, not a 120 s timeout, found the fault
+    assert_same_weights(model.collect(), reference)
+    for w in workers:
+        w.close()
 
 
 # -- the party's policy, across processes -----------------------------------------------------------------

@@ -54,6 +54,7 @@ SERVER_CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
 CLIENT_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # (recent gRPC times a ping's ack with this one: default 1 min)
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )

@@ -665,15 +665,25 @@ class VirtualWorker:
     def _take(self, ref_id: int, taker: str | None = None) -> torch.Tensor:
         """Hand a stored activation or gradient to peer ``taker`` (the peer records the bytes), if
         the policy lets ``taker`` have it (``None``: a server handing it on after its own check)."""
-        _, kind = self._store.get(ref_id, (None, None))
-        if kind in ("features", "labels"):
-            raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
-        if taker is not None and taker != self.name:
-            self.check_receiver(taker, f"its {kind or 'tensors'}")
-        tensor, kind = self._store.pop(ref_id, (None, None))
-        if tensor is None:
+        entry = self._store.pop(ref_id, None)
+        if entry is None:
             raise WorkerError(f"worker {self.name!r} holds no tensor #{ref_id} (already consumed or released)")
-        return tensor
+        kind = entry[1]
+        if kind in ("features", "labels"):
+            self._store[ref_id] = entry
+            raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
+        # (the per-batch path: one set lookup when the model declared the taker adjacent)
+        if (
+            taker is not None
+            and taker != self.name
+            and (self.policy.peers is not None or (self.neighbours is not None and taker not in self.neighbours))
+        ):
+            try:
+                self.check_receiver(taker, f"its {kind}")
+            except PolicyError:
+                self._store[ref_id] = entry
+                raise
+        return entry[0]
 
     def check_receiver(self, peer: str, what: str) -> None:
         """Refuse (PolicyError, audited) handing ``what`` to ``peer`` unless the policy's ``peers`` rule,
