@@ -82,6 +82,25 @@ class Masked(nn.Module):
         return F.log_softmax(self.head(h + self.table(bucket)), dim=1)
 
 
+class Gated(nn.Module):
+    """Cut at ``mid`` and ``head``: beside the hidden activation, a mask made from the data and an integer
+    index cross the first cut; neither needs a gradient, so the gradient that comes back is (g, None, None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(20, 16)
+        self.table = nn.Embedding(4, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x[:, :16] > -0.5).float()
+        bucket = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+        h = torch.tanh(self.enc(x))
+        h = torch.relu(self.mid(h)) * mask + self.table(bucket)
+        return F.log_softmax(self.head(h), dim=1)
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 

@@ -281,7 +281,10 @@ class CommandStream:
         op = pending.op if pending else "?"
         self.counters.record(self.worker, "recv", REPLY_KIND.get(op, "control") if reply.ok else "control", nbytes)
         if reply.transfers:
-            self._merge_records(LinkTotal(t.src, t.dst, t.kind, t.count, t.nbytes) for t in reply.transfers)
+            self._merge_records(
+                LinkTotal(t.src, t.dst, t.kind, t.count, t.nbytes, t.raw_nbytes if t.HasField("raw_nbytes") else None)
+                for t in reply.transfers
+            )
         with self._lock:
             if pending is not None:
                 pending.reply = reply

@@ -79,7 +79,7 @@ from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
-from splitnn.wire.graph import GRAPH_TYPE, graph_arity
+from splitnn.wire.compress import get_codec
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_to_module
@@ -90,6 +90,7 @@ from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.values import ProbeShape, Value, check_values
 
 __all__ = ["RemoteWorker", "connect", "parse_address"]
 
@@ -286,14 +287,6 @@ class RemoteWorker:
             )
         opt = OptimizerSpec.coerce(optimizer) if optimizer is not None else None
         described = module_to_spec(segment)
-        ins, outs = graph_arity(described) if described.get("type") == GRAPH_TYPE else (1, 1)
-        if (ins, outs) != (1, 1):
-            raise ConfigurationError(
-                f"segment {key!r} for remote worker {self.name!r} takes {ins} and returns {outs} values; "
-                "networked workers carry one tensor per cut for now. Cut where one value crosses (e.g. at "
-                "block boundaries), or train with in-process workers (splitnn.VirtualWorker), which carry "
-                "several values per cut"
-            )
         args, blobs = serde.add_segment_to_command(key, described, segment.state_dict(), opt, replace=replace)
         self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)
@@ -333,16 +326,20 @@ class RemoteWorker:
         r, _ = self._request("dataset_stats", serde.dataset_name_to_args(name))
         return serde.dataset_stats_from_result(r)
 
-    def probe(self, key: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         r, _ = self._request("probe", serde.probe_to_args(key, input_shape))
         return serde.shape_from_result(r)
 
-    def put(self, tensor: torch.Tensor, *, src: str, kind: str) -> TensorRef:
-        if not isinstance(tensor, torch.Tensor):
-            raise ConfigurationError(
-                f"remote worker {self.name!r} takes one input tensor, got a {type(tensor).__name__}; networked "
-                "workers carry one tensor per cut for now (in-process workers take several)"
-            )
+    def set_codecs(self, key: str, *, output: str | None = None, input_grad: str | None = None) -> None:
+        """Compress what segment ``key`` sends to the other parties (:class:`~splitnn.workers.CodecWorker`): the
+        worker encodes its output activations with ``output`` and its input's gradient with ``input_grad``;
+        the encoders' state (error feedback) lives there, at the sender."""
+        output, input_grad = (get_codec(c).spec for c in (output, input_grad))  # ConfigurationError before sending
+        self._request("set_codecs", serde.set_codecs_to_args(key, output, input_grad))
+
+    def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
+        if not isinstance(tensor, torch.Tensor):  # several values: a model that takes a tuple
+            tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
         if src != RESEARCHER or kind != "features":
             raise WorkerError(f"remote worker {self.name!r} only accepts features put by the researcher")
         ref = self._new_ref()
@@ -393,9 +390,9 @@ class RemoteWorker:
     def step(self, key: str) -> None:
         self._send("step", serde.key_to_args(key))  # a step ends this worker's part of a training step: flush
 
-    def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
-        _, blobs = self._request("fetch", serde.fetch_to_args(ref, kind))
-        return serde.tensor_from_blob(serde.blob_arg(blobs, 0, "tensor"), max_bytes=self.limits.max_tensor_bytes)
+    def fetch(self, ref: TensorRef, *, kind: str = "output") -> Value:
+        r, blobs = self._request("fetch", serde.fetch_to_args(ref, kind))
+        return serde.fetch_from_result(r, blobs, max_bytes=self.limits.max_tensor_bytes)
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
         _, blobs = self._request("get_state", serde.key_to_args(key))

@@ -32,14 +32,17 @@ from typing import Any, NamedTuple
 import torch
 
 from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
-from splitnn.errors import WireError, WorkerError
+from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.wire.compress import get_codec
+from splitnn.wire.cut_codec import MAX_VALUES, decode_values, plain
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.spec import spec_from_json, spec_to_json
 from splitnn.wire.state_codec import decode_state, encode_state
-from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.wire.tensor_codec import DTYPE_CODES, decode_tensor, encode_tensor
 from splitnn.workers.epoch import RUN_ID_BITS, BatchOrder, EpochPlan, EpochReport, StagePlan
 from splitnn.workers.metrics import METRIC_NAMES
-from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
+from splitnn.workers.values import ProbeShape, Value, is_several
 
 #: Largest number of sources one ``forward_merged`` may merge.
 MAX_MERGE_SOURCES = 256
@@ -55,6 +58,8 @@ MAX_PLAN_STAGES = 255
 MAX_PSI_PARTS = 64
 #: The longest sample id (characters) a dataset's ids may hold on the wire.
 MAX_ID_CHARS = 1024
+#: dtypes by the names probes of several values use (``"float32"``, ``"int64"``, ...).
+DTYPE_NAMES = {str(dt).removeprefix("torch."): dt for dt in DTYPE_CODES}
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -127,6 +132,29 @@ def tensor_to_blob(tensor: torch.Tensor) -> bytes:
 
 def tensor_from_blob(blob: bytes, *, max_bytes: int) -> torch.Tensor:
     return decode_tensor(blob, max_bytes=max_bytes)
+
+
+def value_to_blob(value: Value) -> bytes:
+    """A tensor as a tensor blob (:func:`tensor_to_blob`), several as one values payload
+    (:mod:`splitnn.wire.cut_codec`; none of them requires a gradient at the other end)."""
+    if isinstance(value, torch.Tensor):
+        return tensor_to_blob(value)
+    return b"".join(bytes(p) for p in plain(tuple(t.detach() if t is not None else None for t in value)).wire_parts())
+
+
+def value_from_blob(blob: bytes, *, several: bool, max_bytes: int) -> Value:
+    """The inverse of :func:`value_to_blob`; ``several`` says which it must be (the command's ``values``)."""
+    if not several:
+        return tensor_from_blob(blob, max_bytes=max_bytes)
+    return decode_values(blob, 0, max_bytes=max_bytes).value
+
+
+def _values_count(args: dict) -> bool:
+    """Whether a command's tensor is several values (``values``: their count, 1..MAX_VALUES)."""
+    count = arg(args, "values", int, optional=True)
+    if count is not None and not 0 < count <= MAX_VALUES:
+        raise WireError(f"'values' must count 1..{MAX_VALUES} values")
+    return count is not None
 
 
 def indices_to_blob(indices: torch.Tensor) -> bytes:
@@ -376,43 +404,100 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
         raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None
 
 
-def probe_to_args(key: str, shape: Sequence[int]) -> dict:
-    """Ask segment ``key``'s output shape for an input of ``shape``."""
-    return {"key": key, "shape": list(shape)}
-
-
-def probe_from_args(args: dict) -> tuple[str, tuple[int, ...]]:
-    shape = arg(args, "shape", list)
-    if (
-        not 0 < len(shape) <= MAX_PROBE_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_PROBE_DIM for d in shape)
-        or math.prod(shape) > MAX_PROBE_ELEMENTS
-    ):
-        raise WireError(f"probe shape {shape!r} is not a small positive shape")
-    return key_from_args(args), tuple(shape)
-
-
-def shape_to_result(shape: Sequence[int]) -> dict:
-    """A probed output shape (the ``probe`` reply)."""
+def _shape_to_json(shape: ProbeShape) -> dict:
+    """``{"shape": [...]}`` for one value, ``{"values": [{"shape": [...], "dtype": "float32"}, ...]}`` for several."""
+    if is_several(shape):
+        return {"values": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for v in shape]}
     return {"shape": list(shape)}
 
 
-def shape_from_result(result: dict) -> tuple[int, ...]:
-    shape = result.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise WireError("probe: the reply must hold a shape (a list of integers)")
-    return tuple(shape)
+def _is_dims(shape: object, *, positive: bool) -> bool:
+    return isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and (0 < d <= MAX_PROBE_DIM if positive else d >= 0)
+        for d in shape
+    )
+
+
+def _shape_from_json(d: dict, what: str, *, probe: bool) -> ProbeShape:
+    """The inverse of :func:`_shape_to_json`; ``probe``: the small positive shapes a probe may ask for."""
+    if "values" not in d:
+        shape = d.get("shape")
+        if not _is_dims(shape, positive=probe) or (probe and not 0 < len(shape) <= MAX_PROBE_NDIM):
+            raise WireError(f"{what}: {shape!r} is not a {'small positive ' if probe else ''}shape")
+        if probe and math.prod(shape) > MAX_PROBE_ELEMENTS:
+            raise WireError(f"{what}: shape {shape!r} has too many elements")
+        return tuple(shape)
+    values = d["values"]
+    if not isinstance(values, list) or not 0 < len(values) <= MAX_VALUES:
+        raise WireError(f"{what}: 'values' must describe 1..{MAX_VALUES} values")
+    out = []
+    for v in values:
+        if not isinstance(v, dict) or set(v) != {"shape", "dtype"}:
+            raise WireError(f"{what}: each value must be an object {{shape, dtype}}")
+        shape, dtype = v["shape"], DTYPE_NAMES.get(v["dtype"]) if isinstance(v["dtype"], str) else None
+        if dtype is None:
+            raise WireError(f"{what}: unknown dtype {v['dtype']!r}; known: {sorted(DTYPE_NAMES)}")
+        if not _is_dims(shape, positive=probe) or len(shape) > MAX_PROBE_NDIM:
+            raise WireError(f"{what}: {shape!r} is not a {'small positive ' if probe else ''}shape")
+        out.append(ValueShape(tuple(shape), dtype))
+    if probe and sum(math.prod(v.shape) for v in out) > MAX_PROBE_ELEMENTS:
+        raise WireError(f"{what}: the values have too many elements")
+    return tuple(out)
+
+
+def probe_to_args(key: str, shape: ProbeShape) -> dict:
+    """Ask segment ``key``'s output shape for an input of ``shape`` (one shape, or one
+    :class:`~splitnn.workers.ValueShape` per value when several values cross)."""
+    return {"key": key, **_shape_to_json(shape)}
+
+
+def probe_from_args(args: dict) -> tuple[str, ProbeShape]:
+    return key_from_args(args), _shape_from_json(args, "probe shape", probe=True)
+
+
+def shape_to_result(shape: ProbeShape) -> dict:
+    """A probed output shape (the ``probe`` reply): one shape, or a shape and dtype per value."""
+    return _shape_to_json(shape)
+
+
+def shape_from_result(result: dict) -> ProbeShape:
+    if not isinstance(result, dict):
+        raise WireError("probe: the reply must hold a shape")
+    return _shape_from_json(result, "probe reply", probe=False)
+
+
+def set_codecs_to_args(key: str, output: str, input_grad: str) -> dict:
+    """Compress what segment ``key`` sends: its output activations with ``output``, its input's gradient with
+    ``input_grad`` (codec names, :func:`splitnn.wire.compress.get_codec`)."""
+    return {"key": key, "output": output, "input_grad": input_grad}
+
+
+def set_codecs_from_args(args: dict) -> tuple[str, str, str]:
+    """``(key, output, input_grad)``, each codec a name :func:`~splitnn.wire.compress.get_codec` knows."""
+    codecs = []
+    for name in ("output", "input_grad"):
+        spec = arg(args, name, str)
+        try:
+            codecs.append(get_codec(spec).spec)
+        except ConfigurationError as exc:
+            raise WireError(f"set_codecs: {name}: {exc}") from None
+    return key_from_args(args), codecs[0], codecs[1]
 
 
 # ----------------------------------------------------------------------------- the training step
-def put_to_command(tid: int, kind: str, tensor: torch.Tensor) -> tuple[dict, list[bytes]]:
-    """Put a tensor the researcher gives (``kind``: ``features``) at the worker as tensor ``tid``."""
-    return {"id": tid, "kind": kind}, [tensor_to_blob(tensor)]
+def put_to_command(tid: int, kind: str, value: Value) -> tuple[dict, list[bytes]]:
+    """Put a tensor the researcher gives (``kind``: ``features``) at the worker as tensor ``tid``; a tuple
+    (a model that takes several inputs) travels as one values blob, ``values`` counting them."""
+    args: dict = {"id": tid, "kind": kind}
+    if not isinstance(value, torch.Tensor):
+        args["values"] = len(value)
+    return args, [value_to_blob(value)]
 
 
-def put_from_args(args: dict) -> tuple[int, str]:
-    """``(tid, kind)``; the tensor is ``tensor_from_blob(blobs[0])`` (decoded once the id is announced)."""
-    return output_id_from_args(args), arg(args, "kind", str)
+def put_from_args(args: dict) -> tuple[int, str, bool]:
+    """``(tid, kind, several)``; the value is ``value_from_blob(blobs[0], several=several)`` (decoded once the
+    id is announced)."""
+    return output_id_from_args(args), arg(args, "kind", str), _values_count(args)
 
 
 def forward_to_command(key: str, source: TensorRef | BatchRef, tid: int, *, train: bool) -> tuple[dict, list[bytes]]:
@@ -579,6 +664,16 @@ def fetch_to_args(ref: TensorRef, kind: str) -> dict:
 
 def fetch_from_args(args: dict) -> tuple[TensorRef, str]:
     return ref_from_dict(arg(args, "ref", dict)), arg(args, "kind", str)
+
+
+def fetch_to_result(value: Value) -> tuple[dict, list[bytes]]:
+    """The fetched tensor (or tuple of them: ``values`` counts them) as the ``fetch`` reply."""
+    return ({} if isinstance(value, torch.Tensor) else {"values": len(value)}), [value_to_blob(value)]
+
+
+def fetch_from_result(result: dict, blobs: Sequence[bytes], *, max_bytes: int) -> Value:
+    several = _values_count(result)
+    return value_from_blob(blob_arg(blobs, 0, "tensor"), several=several, max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------- private set intersection

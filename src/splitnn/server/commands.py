@@ -127,8 +127,8 @@ class Commands:
         """An engine ref for a researcher ref: local, or pulled from its owner over the peer link."""
         if ref.owner == self.name:
             return self.exports.local(ref)
-        tensor = await self.peers.pull(ref.owner, ref.id, kind)
-        return self.engine.put(tensor, src=ref.owner, kind=kind)  # the receiver records the transfer
+        arrived = await self.peers.pull(ref.owner, ref.id, kind)
+        return self.engine.put(arrived, src=ref.owner, kind=kind)  # the receiver records the transfer
 
     async def _grad(self, grad: TensorRef | None) -> TensorRef | None:
         return await self._resolve(grad, "gradient") if grad is not None else None
@@ -212,16 +212,22 @@ class Commands:
         key, shape = serde.probe_from_args(a)
         return serde.shape_to_result(self.engine.probe(self._key(key), shape)), []
 
+    async def _op_set_codecs(self, a, blobs, **_):
+        """Compress what a segment sends to this session's peers; the encoders' state stays here (the sender)."""
+        key, output, input_grad = serde.set_codecs_from_args(a)
+        self.engine.set_codecs(self._key(key), output=output, input_grad=input_grad)
+        return {}, []
+
     # -- the training step --------------------------------------------------------------------
     async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
-        tid, kind = serde.put_from_args(a)
+        tid, kind, several = serde.put_from_args(a)
         self.exports.announce(state, tid)
         if kind not in ("features",):
             raise WireError(f"the researcher may only put 'features', not {kind!r}")
         with self.exports.producing(state, tid):
             blob = serde.blob_arg(blobs, 0, "tensor")
-            tensor = serde.tensor_from_blob(blob, max_bytes=self.limits.max_tensor_bytes)
-            self.exports.export(tid, self.engine.put(tensor, src=caller, kind=kind))
+            value = serde.value_from_blob(blob, several=several, max_bytes=self.limits.max_tensor_bytes)
+            self.exports.export(tid, self.engine.put(value, src=caller, kind=kind))
         return {}, []
 
     async def _op_forward(self, a, blobs, *, state: StreamState, **_):
@@ -377,7 +383,7 @@ class Commands:
         if src.owner == self.name:
             payload = self.engine.take(self.exports.local(src).id)
         else:
-            payload = await self.peers.pull(src.owner, src.id, "weights")
+            payload = (await self.peers.pull(src.owner, src.id, "weights")).value
         if payload.dtype != torch.uint8 or payload.dim() != 1:
             raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
         state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
@@ -393,9 +399,9 @@ class Commands:
         ref, kind = serde.fetch_from_args(a)
         if ref.owner != self.name:
             raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
-        tensor = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
+        value = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
         self.exports.forget(ref.id)
-        return {}, [serde.tensor_to_blob(tensor)]
+        return serde.fetch_to_result(value)
 
     async def _op_get_state(self, a, blobs, **_):
         state = self.engine.get_state(self._key(serde.key_from_args(a)))

@@ -50,18 +50,19 @@ class LedgerDelta:
 
     def __init__(self, engine: VirtualWorker) -> None:
         self._engine = engine
-        self._reported: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self._reported: dict[tuple[str, str, str], tuple[int, int, int]] = {}
 
     def __call__(self) -> list[Transfer]:
         out = []
         for link in self._engine.ledger.links():
             key = (link.src, link.dst, link.kind)
-            c0, b0 = self._reported.get(key, (0, 0))
-            if (link.count, link.nbytes) != (c0, b0):
-                out.append(
-                    Transfer(src=link.src, dst=link.dst, kind=link.kind, count=link.count - c0, nbytes=link.nbytes - b0)
-                )
-                self._reported[key] = (link.count, link.nbytes)
+            c0, b0, r0 = self._reported.get(key, (0, 0, 0))
+            if (link.count, link.nbytes, link.raw_nbytes) != (c0, b0, r0):
+                t = Transfer(src=link.src, dst=link.dst, kind=link.kind, count=link.count - c0, nbytes=link.nbytes - b0)
+                if link.raw_nbytes - r0 != t.nbytes:  # compressed at the cut: the raw size beside the sent one
+                    t.raw_nbytes = link.raw_nbytes - r0
+                out.append(t)
+                self._reported[key] = (link.count, link.nbytes, link.raw_nbytes)
         return out
 
 

@@ -41,6 +41,7 @@ from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
+from splitnn.wire.cut_codec import Arrived, Encoded
 from splitnn.wire.proto import PEER
 
 log = logging.getLogger("splitnn.worker")
@@ -135,8 +136,9 @@ class PeerLink:
             ) from None
         self._count("sent", kind, len(frame))
 
-    async def pull(self, tensor_id: int, kind: str) -> torch.Tensor:
-        """Ask the peer for its tensor ``tensor_id`` and wait (up to the peer timeout) for it."""
+    async def pull(self, tensor_id: int, kind: str) -> Arrived:
+        """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
+        it comes with the bytes it took on the wire and its raw size, for the receiver's ledger."""
         timeout = self.peers.timeout
         if self.closed is not None:
             raise WorkerUnreachableError(
@@ -159,10 +161,10 @@ class PeerLink:
         finally:
             self._pending.pop(tensor_id, None)
 
-    async def push(self, kind: str, frame_id: int, tensor: torch.Tensor) -> None:
-        """Send ``tensor`` unasked as PUSH frames (shipped epochs)."""
+    async def push(self, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
+        """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs)."""
         try:
-            for frame in frames.data_frames(kind, frame_id, tensor, self.peers.limits.frame_bytes, type_=frames.PUSH):
+            for frame in frames.value_frames(kind, frame_id, value, self.peers.limits.frame_bytes, type_=frames.PUSH):
                 await self.send(frame, kind)
         except WorkerError:
             raise
@@ -225,7 +227,7 @@ class PeerLink:
             fut.set_exception(WorkerError(bytes(chunk).decode("utf-8", "replace")))
             return
         try:
-            tensor = self._reasm.feed(hdr, chunk)
+            tensor = self._reasm.feed_arrival(hdr, chunk)
         except WireError as exc:
             fut.set_exception(WireError(f"worker {self.me!r}: bad tensor from {self.peer!r}: {exc}"))
             return
@@ -252,7 +254,7 @@ class PeerLink:
             self._count("recv", "refused", 0)
             return
         try:
-            tensor = self._push_reasm.feed(hdr, chunk)
+            tensor = self._push_reasm.feed_arrival(hdr, chunk)
         except WireError as exc:
             tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
         scope = self.session()
@@ -272,7 +274,7 @@ class PeerLink:
             tensor = await scope.serve(self.peer, hdr.id, hdr.kind)
             # frames made one at a time as they are written (a big tensor is never copied whole)
             answer = (
-                (f, hdr.kind) for f in frames.data_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
+                (f, hdr.kind) for f in frames.value_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
             )
         except asyncio.CancelledError:
             raise
@@ -448,13 +450,13 @@ class SessionPeers:
         """This session's open link to ``peer``, dialling it if there is none."""
         return await self.peers.link(self.scope, peer, self._where(peer))
 
-    async def pull(self, owner: str, tensor_id: int, kind: str) -> torch.Tensor:
+    async def pull(self, owner: str, tensor_id: int, kind: str) -> Arrived:
         """Pull ``owner``'s tensor ``tensor_id`` (of the researcher's session there) over this session's link."""
         return await (await self.link(owner)).pull(tensor_id, kind)
 
-    async def push(self, peer: str, kind: str, frame_id: int, tensor: torch.Tensor) -> None:
-        """Push ``tensor`` to ``peer`` (shipped epochs)."""
-        await (await self.link(peer)).push(kind, frame_id, tensor)
+    async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
+        """Push ``value`` to ``peer`` (shipped epochs)."""
+        await (await self.link(peer)).push(kind, frame_id, value)
 
     def abort(self, peers: set[str], run_id: int, text: str) -> None:
         """Best effort: tell ``peers`` that this session's part of epoch ``run_id`` failed."""

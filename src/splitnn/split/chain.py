@@ -10,6 +10,7 @@ from torch import nn
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
+from splitnn.split.compression import CutCompression, apply_compression, check_codec_workers, parse_compression
 from splitnn.split.cut import join, merge_states
 from splitnn.split.epoch import can_ship, ship_epoch
 from splitnn.split.loop import EvalResult, History, evaluate, fit
@@ -73,6 +74,12 @@ class SplitNN:
         ship_epochs: when every worker can run shipped epochs (networked workers),
             let :meth:`train_epoch` send each one plan per epoch instead of driving
             every operation (same numbers; see :mod:`splitnn.split.epoch`).
+        compression: codecs for what crosses the cuts between parties (default: none):
+            a codec name (``"fp16"``, ``"bf16"``, ``"int8"``, ``"topk:0.1"``) for both
+            directions, a dict ``{"activation": ..., "gradient": ...}``, or per cut a list
+            (one entry per cut) or a dict by cut index; see :mod:`splitnn.split.compression`.
+            In-process and networked workers encode and decode the same bytes, so their
+            numbers are equal; the ledger records the bytes sent and the raw size beside them.
 
     The low-level loop of the PySyft tutorial works as there::
 
@@ -89,6 +96,7 @@ class SplitNN:
         loss: Loss = "nll",
         ledger: Ledger | None = None,
         ship_epochs: bool = True,
+        compression: object = None,
     ) -> None:
         segments, workers = list(segments), list(workers)
         if len(segments) < 2:
@@ -104,6 +112,8 @@ class SplitNN:
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer] * len(segments)
         if len(optimizers) != len(segments):
             raise ConfigurationError(f"got {len(optimizers)} optimizers for {len(segments)} segments")
+        #: the codecs of each cut (``compression``), checked before anything is placed
+        self.compression: tuple[CutCompression, ...] = parse_compression(compression, len(segments) - 1)
         self.ledger = bind_workers(workers, ledger)
         check_static_fit(segments, [w.name for w in workers])
         self.loss = check_loss_at(loss, workers[-1])
@@ -111,10 +121,12 @@ class SplitNN:
         # worker) never pick the same key; a worker refuses to replace one silently
         model_id = fresh_name("m")
         self.stages = [Stage(i, f"{model_id}.s{i}", w) for i, w in enumerate(workers)]
+        check_codec_workers(self.stages, self.compression)
         for stage, seg, opt in zip(self.stages, segments, optimizers):
             stage.worker.add_segment(stage.key, seg, opt)
         declare_adjacency((a.worker, b.worker) for a, b in zip(self.stages, self.stages[1:]))
         self._segments = segments  # for checkpoints: each segment's fingerprint
+        apply_compression(self.stages, self.compression)  # nothing to do without compression
         self.training = True
         # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
         self._data_names = PlacedData()

@@ -11,7 +11,8 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
                   the sender's shipped epoch #id failed)
     5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
                   4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
-    6       1     flags: bit 0 = more chunks of this payload follow
+    6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
+                  several values (a :mod:`splitnn.wire.cut_codec` values payload; DATA/PUSH only)
     7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
                   (0 ``none``; always 0 in other frames)
     8       8     id (u64): the tensor's id at its owner (pull key and reply key)
@@ -22,7 +23,9 @@ A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` f
 safetensors state dict (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the
 validating codec; for ``psi`` it is 1-D uint8 and holds one PSI message (parsed by the
 receiver's :mod:`splitnn.data.psi`). With another codec the payload is that codec's self-describing payload,
-which must name the same codec. Payloads above the chunk size are cut into several DATA
+which must name the same codec. Several values crossing a cut at once (a skip connection
+over the cut) travel as one values payload (flag bit 1) whose entries are tensor frames or
+payloads of the frame's codec (:mod:`splitnn.wire.cut_codec`). Payloads above the chunk size are cut into several DATA
 frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`.
 PUSH payloads are cut the same way. The receiver checks every header and the declared
 total against its limits *before* buffering, and decodes the payload with the validating codec.
@@ -43,7 +46,8 @@ from typing import NamedTuple
 import torch
 
 from splitnn.errors import WireError
-from splitnn.wire import compress
+from splitnn.wire import compress, cut_codec
+from splitnn.wire.cut_codec import VALUES_HEADER_ROOM, Arrived, Encoded
 from splitnn.wire.tensor_codec import (
     TensorHeader,
     decode_tensor,
@@ -60,7 +64,7 @@ HEADER_SIZE = HEADER.size  # 24
 REQUEST, DATA, ERROR, PUSH, ABORT = 1, 2, 3, 4, 5
 TEXT_TYPES = (ERROR, ABORT)
 PAYLOAD_TYPES = (DATA, PUSH)
-FLAG_MORE = 1
+FLAG_MORE, FLAG_VALUES = 1, 2
 KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3, "psi": 4}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
 MAX_ERROR_BYTES = 4096
@@ -77,10 +81,14 @@ class FrameHeader(NamedTuple):
     id: int
     total: int
     codec: int = NO_CODEC
+    values: bool = False  # the payload is a values payload (several tensors)
 
 
-def _head(type_: int, kind: str, tensor_id: int, total: int, more: bool = False, codec: int = NO_CODEC) -> bytes:
-    return HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_MORE if more else 0, codec, tensor_id, total)
+def _head(
+    type_: int, kind: str, tensor_id: int, total: int, more: bool = False, codec: int = NO_CODEC, values: bool = False
+) -> bytes:
+    flags = (FLAG_MORE if more else 0) | (FLAG_VALUES if values else 0)
+    return HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], flags, codec, tensor_id, total)
 
 
 def pack(
@@ -116,8 +124,10 @@ def payload_frames(
     *,
     type_: int = DATA,
     codec: int = NO_CODEC,
+    values: bool = False,
 ) -> Iterator[bytes]:
-    """The DATA (or PUSH) frames carrying the payload ``b"".join(parts)``, cut at ``chunk_bytes``.
+    """The DATA (or PUSH) frames carrying the payload ``b"".join(parts)``, cut at ``chunk_bytes``
+    (``values``: it is a values payload).
 
     The payload is never joined as a whole: each frame is its header plus views of
     ``parts`` joined once, so every payload byte is copied exactly once here.
@@ -129,12 +139,12 @@ def payload_frames(
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     total = sum(len(v) for v in views)
     if total <= chunk_bytes:
-        yield b"".join([_head(type_, kind, tensor_id, total, False, codec), *views])
+        yield b"".join([_head(type_, kind, tensor_id, total, False, codec, values), *views])
         return
     sent = 0
     while sent < total:
         end = min(sent + chunk_bytes, total)
-        pieces, pos = [_head(type_, kind, tensor_id, total, end < total, codec)], 0
+        pieces, pos = [_head(type_, kind, tensor_id, total, end < total, codec, values)], 0
         for v in views:  # the slices of the parts that fall in [sent, end)
             lo, hi = max(sent - pos, 0), min(end - pos, len(v))
             if lo < hi:
@@ -165,6 +175,25 @@ def data_frames(
     return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id)
 
 
+def value_frames(
+    kind: str,
+    tensor_id: int,
+    value: torch.Tensor | tuple | Encoded,
+    chunk_bytes: int,
+    *,
+    type_: int = DATA,
+) -> Iterator[bytes]:
+    """The DATA (or PUSH) frames carrying what crosses a cut: a tensor (exactly :func:`data_frames`), a
+    tuple of them (a values payload), or a value its sender encoded (:class:`~splitnn.wire.cut_codec.Encoded`:
+    the frames name its codec)."""
+    if isinstance(value, torch.Tensor):
+        return data_frames(kind, tensor_id, value, chunk_bytes, type_=type_)
+    encoded = cut_codec.encoded_of(value)
+    return payload_frames(
+        kind, tensor_id, encoded.wire_parts(), chunk_bytes, type_=type_, codec=encoded.codec, values=encoded.several
+    )
+
+
 def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     """Validate a frame's header; return it and a view of its chunk. Raises :class:`WireError`."""
     if not isinstance(buf, (bytes, bytearray, memoryview)):
@@ -179,8 +208,10 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     kind = CODE_KINDS.get(kind_code)
     if kind is None:
         raise WireError(f"peer frame has unknown kind code {kind_code}")
-    if flags & ~FLAG_MORE:
+    if flags & ~(FLAG_MORE | FLAG_VALUES):
         raise WireError("peer frame has unknown flag bits set")
+    if flags & FLAG_VALUES and type_ not in PAYLOAD_TYPES:
+        raise WireError("only DATA and PUSH peer frames may carry several values")
     if codec not in CODEC_NAMES:
         raise WireError(f"peer frame names unknown codec id {codec}")
     if codec != NO_CODEC and type_ not in PAYLOAD_TYPES:
@@ -190,7 +221,7 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
         raise WireError("a REQUEST peer frame carries no payload")
     if type_ in TEXT_TYPES and (len(chunk) != total or total > MAX_ERROR_BYTES or flags):
         raise WireError("malformed ERROR/ABORT peer frame")
-    return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total, codec), chunk
+    return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total, codec, bool(flags & FLAG_VALUES)), chunk
 
 
 @dataclass
@@ -199,7 +230,8 @@ class _Partial:
 
     total: int
     codec: int
-    header: TensorHeader | None  # codec none: the tensor header, read from the first chunk
+    values: bool
+    header: TensorHeader | None  # one plain tensor: the tensor header, read from the first chunk
     dest: torch.Tensor  # uint8: the tensor's payload (codec none) or the whole codec payload
     view: memoryview
     filled: int = 0
@@ -210,15 +242,22 @@ class Reassembler:
     """Collects the DATA chunks of one payload and decodes it once complete.
 
     The declared total is checked against ``max_tensor_bytes`` before anything is
-    buffered; chunks must agree on the total and the codec and may not overrun it.
+    buffered; chunks must agree on the total, the codec and the values flag and may not
+    overrun it.
     """
 
     max_tensor_bytes: int
     _parts: dict[int, _Partial] = field(default_factory=dict)
 
-    def feed(self, hdr: FrameHeader, chunk: memoryview) -> torch.Tensor | None:
-        """Add one DATA chunk; return the tensor when its last chunk arrived, else None."""
-        limit = self.max_tensor_bytes + PAYLOAD_HEADER_ROOM
+    def feed(self, hdr: FrameHeader, chunk: memoryview) -> torch.Tensor | tuple | None:
+        """Add one DATA chunk; return the tensor (a tuple for several values) when its last chunk arrived,
+        else None."""
+        arrived = self.feed_arrival(hdr, chunk)
+        return arrived.value if arrived is not None else None
+
+    def feed_arrival(self, hdr: FrameHeader, chunk: memoryview) -> Arrived | None:
+        """:meth:`feed`, with the bytes the value took on the wire and its raw size (what the ledger records)."""
+        limit = self.max_tensor_bytes + (VALUES_HEADER_ROOM if hdr.values else PAYLOAD_HEADER_ROOM)
         if hdr.total > limit:
             self._parts.pop(hdr.id, None)
             raise WireError(f"peer tensor #{hdr.id} declares {hdr.total} bytes; the limit is {limit}")
@@ -227,11 +266,11 @@ class Reassembler:
             if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
-                return self._decode(hdr.codec, chunk)
+                return self._decode(hdr.codec, hdr.values, chunk)
             part, chunk = self._start(hdr, chunk)
-        elif part.total != hdr.total or part.codec != hdr.codec:
+        elif part.total != hdr.total or part.codec != hdr.codec or part.values != hdr.values:
             del self._parts[hdr.id]
-            raise WireError(f"peer tensor #{hdr.id}: chunks disagree on its total length or codec")
+            raise WireError(f"peer tensor #{hdr.id}: chunks disagree on its total length, codec or values flag")
         end = part.filled + len(chunk)
         if end > len(part.view):
             self._parts.pop(hdr.id, None)
@@ -244,13 +283,14 @@ class Reassembler:
         if part.filled != len(part.view):
             raise WireError(f"peer tensor #{hdr.id} truncated: got {part.filled} of {len(part.view)} payload bytes")
         if part.header is not None:
-            return tensor_from_payload(part.header, part.dest)
-        return self._decode(part.codec, part.view)
+            t = tensor_from_payload(part.header, part.dest)
+            return Arrived(t, part.header.payload_len, part.header.payload_len)
+        return self._decode(part.codec, part.values, part.view)
 
     def _start(self, hdr: FrameHeader, chunk: memoryview) -> tuple[_Partial, memoryview]:
         """The first chunk of a chunked payload: its destination, and the part of the chunk that goes there."""
         header = None
-        if hdr.codec == NO_CODEC:
+        if hdr.codec == NO_CODEC and not hdr.values:
             try:
                 header = read_header(chunk, max_bytes=self.max_tensor_bytes)
             except WireError as exc:
@@ -265,16 +305,15 @@ class Reassembler:
         else:
             dest = torch.empty(hdr.total, dtype=torch.uint8)  # pages are committed only as chunks fill them
         view = memoryview(dest.numpy()) if dest.numel() else memoryview(bytearray())
-        part = _Partial(hdr.total, hdr.codec, header, dest, view)
+        part = _Partial(hdr.total, hdr.codec, hdr.values, header, dest, view)
         self._parts[hdr.id] = part
         return part, chunk
 
-    def _decode(self, codec: int, payload: memoryview) -> torch.Tensor:
-        if codec == NO_CODEC:
-            return decode_tensor(payload, max_bytes=self.max_tensor_bytes)
-        if compress.codec_id_of(payload) != codec:
-            raise WireError(f"peer frame says codec {CODEC_NAMES[codec]!r} but its payload is another codec's")
-        return compress.decode(payload, max_bytes=self.max_tensor_bytes)
+    def _decode(self, codec: int, values: bool, payload: memoryview) -> Arrived:
+        if codec == NO_CODEC and not values:
+            t = decode_tensor(payload, max_bytes=self.max_tensor_bytes)
+            return Arrived(t, t.numel() * t.element_size(), t.numel() * t.element_size())
+        return cut_codec.decode_payload(payload, codec, values, max_bytes=self.max_tensor_bytes)
 
     def drop(self, tensor_id: int) -> None:
         self._parts.pop(tensor_id, None)

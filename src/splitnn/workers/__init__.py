@@ -11,6 +11,7 @@ A party reached over the network is :func:`splitnn.connect` (:mod:`splitnn.clien
 from splitnn.workers.base import (
     AveragingWorker,
     CheckpointWorker,
+    CodecWorker,
     EpochWorker,
     GradientWorker,
     MergingWorker,
@@ -42,4 +43,5 @@ __all__ = [
     "EpochWorker",
     "CheckpointWorker",
     "ReconnectingWorker",
+    "CodecWorker",
 ]

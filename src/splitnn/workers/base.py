@@ -257,6 +257,18 @@ class ReconnectingWorker(Protocol):
 
 
 @runtime_checkable
+class CodecWorker(Protocol):
+    """A worker that compresses what its segments send to other parties (``SplitNN(..., compression=...)``)."""
+
+    name: str
+
+    def set_codecs(self, key: str, *, output: str | None = None, input_grad: str | None = None) -> None:
+        """Encode segment ``key``'s output activations with codec ``output`` and the gradient of its input with
+        ``input_grad`` (names of :func:`splitnn.wire.compress.get_codec`; ``None``/``"none"``: plain) when they
+        cross to another party. The encoder's state (error feedback) stays at this worker, the sender."""
+
+
+@runtime_checkable
 class EpochWorker(Protocol):
     """A worker that can run a whole training epoch with its peers (the fast path of
     :mod:`splitnn.workers.epoch`): one plan per epoch instead of one call per operation."""

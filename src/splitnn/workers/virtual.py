@@ -26,6 +26,16 @@ hooks on the tensors that received them, so that a value whose gradient never fl
 is not counted, exactly as in the eager path. Single tensors take the same code as
 before (one type check more).
 
+Compression at a cut. :meth:`VirtualWorker.set_codecs` gives a segment the codec of the
+activation it sends over its output cut and of the gradient it sends back over its input
+cut (``SplitNN(..., compression=...)`` sets them). The worker encodes such a value when it
+produces it (:class:`~splitnn.wire.cut_codec.CutEncoder`: error feedback state stays here,
+at the sender, per cut and direction) and stores the encoded bytes; the receiving worker
+decodes them, so its numbers are those of a networked receiver decoding the same bytes, and
+records the bytes actually sent beside the raw size. A cut with a codec is never fused
+(what autograd would carry is not what crosses); a worker without codecs runs exactly the
+code it ran before (one attribute check).
+
 Devices. ``VirtualWorker(name, device="cuda:0")`` keeps the worker's segments, their
 optimizer state and its datasets on that device and computes there (``"cpu"`` by
 default). A value arriving from a peer on another device is moved to this worker's
@@ -53,6 +63,8 @@ from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import CheckpointError, ConfigurationError, PolicyError, SpecError, WorkerError
+from splitnn.wire.compress import Codec, NoCodec, get_codec
+from splitnn.wire.cut_codec import Arrived, CutEncoder, Encoded
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.wire.spec import module_to_spec
 from splitnn.workers.audit import AuditLog
@@ -93,6 +105,8 @@ class _Hosted:
     source: str = ""  # who sent the input
     identity: str | None = None  # fingerprint (or structure hash), computed when first needed
     spec: dict | None = None  # the segment's spec, when a policy rule needs it (None: it has none)
+    send_out: CutEncoder | None = None  # codec of the activation sent over the output cut (None: plain)
+    send_grad: CutEncoder | None = None  # codec of the gradient sent back over the input cut (None: plain)
 
 
 class VirtualWorker:
@@ -199,6 +213,18 @@ class VirtualWorker:
         self._segments.pop(key, None)
         self._pending_loss.pop(key, None)
 
+    def set_codecs(self, key: str, *, output: str | Codec | None = None, input_grad: str | Codec | None = None) -> None:
+        """Compress what segment ``key`` sends to other parties (see :class:`~splitnn.workers.CodecWorker`):
+        its output activations with ``output``, the gradient of its input with ``input_grad`` (codec names
+        of :func:`splitnn.wire.compress.get_codec`; ``None`` or ``"none"``: plain). Error feedback starts afresh."""
+        hosted = self._segment(key)
+        hosted.send_out, hosted.send_grad = _encoder(output), _encoder(input_grad)
+
+    def codecs(self, key: str) -> tuple[str, str]:
+        """The codec names of segment ``key``'s output activation and input gradient (``"none"``: plain)."""
+        hosted = self._segment(key)
+        return tuple(e.spec if e is not None else "none" for e in (hosted.send_out, hosted.send_grad))
+
     def add_dataset(
         self,
         name: str,
@@ -242,7 +268,15 @@ class VirtualWorker:
         return describe(check_values(out, f"segment {key!r} at {self.name!r}"))
 
     # -- compute -------------------------------------------------------------------
-    def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
+    def put(self, tensor: Value | Arrived, *, src: str, kind: str) -> TensorRef:
+        """Receive ``tensor`` from ``src`` (see :class:`Worker`); a server hands over what came off the wire as an
+        :class:`~splitnn.wire.cut_codec.Arrived`, whose sent and raw bytes are recorded (a gradient tuple in which
+        nothing flows is not)."""
+        if type(tensor) is Arrived:
+            tensor, nbytes, raw = tensor
+            if src != self.name and not (type(tensor) is tuple and all(t is None for t in tensor)):
+                self.ledger.record(src, self.name, kind, nbytes, raw)
+            return self._keep(tensor if kind == "psi" else self._here(tensor), kind)  # PSI messages are bytes: CPU
         if not isinstance(tensor, torch.Tensor):  # several values: a model input that is a tuple
             tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
         if src != self.name:
@@ -260,11 +294,13 @@ class VirtualWorker:
                 self._first_read(key, source.dataset, "features", x)
         else:
             x, input_kind = self._receive(source, "activation", train)
+            if input_kind == "fused" and hosted.send_grad is not None:
+                input_kind = "detached"  # the gradient crosses compressed: autograd must not carry it
         if type(x) is tuple:
             return self._forward_values(key, hosted, x, input_kind, source, train)
         if not train:
             with torch.no_grad(), _eval_mode(hosted.module):
-                return self._keep(_output(hosted.module(x), key, self.name), "activation")
+                return self._keep(_output(hosted.module(x), key, self.name), "activation", hosted.send_out, False)
         if input_kind == "detached":
             x = x.detach().requires_grad_()
         out = hosted.module(x)
@@ -272,7 +308,7 @@ class VirtualWorker:
             out = _output(out, key, self.name)
         hosted.inp, hosted.out, hosted.input_kind = x, out, input_kind
         hosted.source = source.owner if isinstance(source, TensorRef) else self.name
-        return self._keep(out, "activation")
+        return self._keep(out, "activation", hosted.send_out)
 
     def loss(
         self, output: TensorRef, target: BatchRef, loss: Loss, *, train: bool = True, keep: str | None = None
@@ -321,7 +357,7 @@ class VirtualWorker:
             raise WorkerError(
                 f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
             )
-        return self._keep(inp.grad, "gradient")
+        return self._keep(inp.grad, "gradient", hosted.send_grad)
 
     def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (see :class:`MergingWorker`)."""
@@ -384,6 +420,8 @@ class VirtualWorker:
 
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
         tensor, stored_kind = self._peek(ref)
+        if type(tensor) is Encoded:  # encoded for a peer: the researcher gets what the peer would decode
+            tensor = tensor.decode()
         if stored_kind in ("features", "labels", "psi"):
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         if not self.policy.release_outputs:
@@ -718,7 +756,7 @@ class VirtualWorker:
         """:meth:`forward` on several values (see :mod:`splitnn.workers.values`)."""
         if not train:
             with torch.no_grad(), _eval_mode(hosted.module):
-                return self._keep(_output(hosted.module(*x), key, self.name), "activation")
+                return self._keep(_output(hosted.module(*x), key, self.name), "activation", hosted.send_out, False)
         sender = source.owner if isinstance(source, TensorRef) else self.name
         sent = None
         if input_kind == "detached":
@@ -732,7 +770,7 @@ class VirtualWorker:
         out = _output(hosted.module(*x), key, self.name)
         hosted.inp, hosted.out, hosted.input_kind, hosted.sent = x, out, input_kind, sent
         hosted.source = sender
-        return self._keep(out, "activation")
+        return self._keep(out, "activation", hosted.send_out)
 
     def _values_grad(self, hosted: _Hosted, inp: tuple, kind: str) -> TensorRef:
         """:meth:`backward`'s result for a segment that took several values."""
@@ -741,7 +779,7 @@ class VirtualWorker:
             if sent:  # one record per crossing, the bytes of every gradient that flowed
                 self.ledger.record(self.name, hosted.source, "gradient", sum(sent))
             return TensorRef(self.name, -1, fused=True)
-        return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient")
+        return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient", hosted.send_grad)
 
     def _receive(self, ref: TensorRef, kind: str, train: bool) -> tuple[torch.Tensor, str]:
         if ref.owner == self.name:
@@ -750,6 +788,8 @@ class VirtualWorker:
                 raise WorkerError(f"worker {self.name!r} holds no tensor #{ref.id} (already consumed or released)")
             if stored_kind == "features":
                 return tensor, "data"
+            if type(tensor) is Encoded:  # a codec on a cut inside this worker: nothing crossed, decode only
+                return tensor.decode(), "detached"
             return tensor, ("fused" if self.fuse and train else "detached")
         peer = self._peers.get(ref.owner)
         if peer is None:
@@ -757,6 +797,8 @@ class VirtualWorker:
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
         tensor = peer._take(ref.id, self.name)
+        if type(tensor) is Encoded:  # compressed at the sender: decode what a networked receiver would
+            return self._decoded(tensor, ref.owner, kind, peer.device != self.device)
         if peer.device != self.device and kind != "psi":  # a cut between two devices (PSI messages are bytes)
             tensor = to_device(tensor, self.device)
         if type(tensor) is tuple:
@@ -769,6 +811,15 @@ class VirtualWorker:
         if train and kind == "activation" and self.fuse and peer.fuse and tensor.requires_grad:
             return tensor, "fused"
         return tensor, "detached"
+
+    def _decoded(self, encoded: Encoded, sender: str, kind: str, move: bool) -> tuple[Value, str]:
+        """A value a peer encoded for this cut: decoded, recorded (sent and raw bytes), never fused."""
+        value = encoded.decode()
+        if move:
+            value = to_device(value, self.device)
+        if encoded.nbytes or any(e is not None for e in encoded.entries):  # (a gradient tuple of Nones: nothing)
+            self.ledger.record(sender, self.name, kind, encoded.nbytes, encoded.raw)
+        return value, "detached"
 
     def _here(self, value: Value) -> Value:
         """``value`` on this worker's device (as it is when it is there already)."""
@@ -786,7 +837,11 @@ class VirtualWorker:
                 "out; give it a real device ('cpu', 'cuda:0')"
             )
 
-    def _keep(self, tensor: Value, kind: str) -> TensorRef:
+    def _keep(self, tensor: Value, kind: str, encoder: CutEncoder | None = None, feedback: bool = True) -> TensorRef:
+        """Store ``tensor`` for its consumer; with ``encoder`` (a codec at the cut it crosses), encoded now, in the
+        order this worker produces values (error feedback without feedback in evaluation)."""
+        if encoder is not None:
+            tensor = encoder.encode(tensor, feedback=feedback)
         tid = next(self._ids)
         self._store[tid] = (tensor, kind)
         return TensorRef(self.name, tid)
@@ -817,6 +872,12 @@ class VirtualWorker:
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return self._here(rows)  # tensors are held on the device; a map-style dataset's batch moves here
+
+
+def _encoder(codec: str | Codec | None) -> CutEncoder | None:
+    """The sender's encoder for ``codec``; None for no codec (the plain path, untouched)."""
+    c = get_codec(codec)  # ConfigurationError naming an unknown codec
+    return None if isinstance(c, NoCodec) else CutEncoder(c)
 
 
 def _call(module: nn.Module, x: Value) -> object:

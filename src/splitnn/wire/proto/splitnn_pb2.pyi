@@ -19,18 +19,20 @@ class Command(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., op: _Optional[str] = ..., args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Transfer(_message.Message):
-    __slots__ = ("src", "dst", "kind", "count", "nbytes")
+    __slots__ = ("src", "dst", "kind", "count", "nbytes", "raw_nbytes")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    RAW_NBYTES_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     kind: str
     count: int
     nbytes: int
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    raw_nbytes: int
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., nbytes: _Optional[int] = ..., raw_nbytes: _Optional[int] = ...) -> None: ...
 
 class Reply(_message.Message):
     __slots__ = ("seq", "ok", "error_type", "error", "result_json", "blobs", "transfers", "more", "progress")
