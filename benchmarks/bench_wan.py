@@ -18,9 +18,11 @@ training over ``--runs`` epochs of ``--batches`` batches, the lock-step bound
 rate cap, the serialisation of its four transfers; computation free), and the same
 training in-process (three VirtualWorkers, no network) as the reference.
 
-Hooks for what comes next: ``--pipeline K,...`` and ``--compression CODEC,...`` add one
-column per value; today only ``1`` and ``none`` (lock-step, no compression: the numbers
-above) exist, and other values are refused until fit supports them.
+``--compression CODEC,...`` adds one column per codec at the cuts (``SplitNN(...,
+compression=CODEC)``, both directions: none, fp16, bf16, int8, topk:RATIO), and a second
+table gives the bytes each variant moves across the cuts per batch (the ledger's, sent and
+raw). ``--pipeline K,...`` is a hook for pipelined training; today only ``1`` (lock-step)
+exists, and other values are refused until fit supports them.
 Not a test: nothing here asserts timings.
 """
 
@@ -40,15 +42,16 @@ import torch  # noqa: E402
 
 import splitnn  # noqa: E402
 from splitnn.data import Dataset  # noqa: E402
+from splitnn.errors import ConfigurationError  # noqa: E402
 from splitnn.models import tutorial_mlp  # noqa: E402
 from splitnn.testing.cluster import Cluster  # noqa: E402
 from splitnn.testing.linkemu import ThreadedLinkEmulator, measure_rtt, parse_rate, serve_echo  # noqa: E402
+from splitnn.wire.compress import get_codec  # noqa: E402
 
 NAMES = ("alice", "bob", "claire")
 BATCH = 64
-#: What fit supports today; later work (pipelined training, compression at the cut) extends these.
+#: What fit supports today; later work (pipelined training) extends this.
 SUPPORTED_PIPELINE = {1}
-SUPPORTED_COMPRESSION = {"none"}
 #: Raw activation + gradient bytes of one batch across both cuts (float32): 2 x 64 x (128 + 640) x 4.
 CUT_BYTES = 2 * BATCH * (128 + 640) * 4
 
@@ -86,14 +89,27 @@ def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict]]:
         if k not in SUPPORTED_PIPELINE:
             raise SystemExit(f"--pipeline {k}: pipelined training is not implemented yet (only 1, lock-step)")
     for c in codecs:
-        if c not in SUPPORTED_COMPRESSION:
-            raise SystemExit(f"--compression {c}: compression at the cut is not wired into training yet (only none)")
+        try:
+            get_codec(c)
+        except ConfigurationError as exc:
+            raise SystemExit(f"--compression {c}: {exc}") from None
     for k in pipelines:
         for c in codecs:
             label = "lock-step" if k == 1 else f"pipeline {k}"
             label += "" if c == "none" else f", {c}"
-            out.append((label, {}))  # later: {"pipeline": k, "compression": c}
+            out.append((label, {} if c == "none" else {"compression": c}))  # later: {"pipeline": k}
     return out
+
+
+def cut_bytes(model, data: Dataset) -> tuple[float, float]:
+    """Activation and gradient bytes one epoch of ``model`` moves per batch: (sent, raw), from its ledger."""
+    before = model.ledger.snapshot()
+    model.fit(data, epochs=1, batch_size=BATCH, progress=False)
+    diff = model.ledger.since(before)
+    batches = -(-len(data) // BATCH)
+    sent = sum(diff.total(kind=k) for k in ("activation", "gradient"))
+    raw = sum(diff.raw_total(kind=k) for k in ("activation", "gradient"))
+    return sent / batches, raw / batches
 
 
 def run(args) -> dict:
@@ -114,8 +130,7 @@ def run(args) -> dict:
         workers = [splitnn.connect(f"grpc://{proxies[n]}", token=cl.token, name=n, timeout=600) for n in NAMES]
         try:
             models = {label: splitnn.SplitNN(_segments(), workers, **opts) for label, opts in todo}
-            for model in models.values():
-                model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
+            volume = {label: cut_bytes(model, data) for label, model in models.items()}  # warm-up, data placement
             print(_header([label for label, _ in todo]), flush=True)
             for d in delays:
                 emu.set(delay=d / 1000)
@@ -137,6 +152,7 @@ def run(args) -> dict:
         "in_process": statistics.median(in_rates),
         "columns": [label for label, _ in todo],
         "rows": rows,
+        "cut_bytes_per_batch": {label: {"sent": s, "raw": r} for label, (s, r) in volume.items()},
     }
 
 
@@ -161,6 +177,10 @@ def print_table(result: dict) -> None:
     print("|" + "---|" * (len(result["columns"]) + 3))
     for row in result["rows"]:
         print("| " + _format_row(row, result["columns"]) + " |")
+    print("\n| variant | cut bytes per batch (sent) | raw | raw / sent |")
+    print("|---|---|---|---|")
+    for label, v in result["cut_bytes_per_batch"].items():
+        print(f"| {label} | {v['sent']:,.0f} | {v['raw']:,.0f} | {v['raw'] / v['sent']:.2f}x |")
 
 
 def plot(result: dict, path: str) -> None:
@@ -198,7 +218,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=24, help="batches of 64 per timed epoch (default 24)")
     parser.add_argument("--runs", type=int, default=3, help="timed epochs per delay (default 3)")
     parser.add_argument("--pipeline", default="1", help="batches in flight, comma-separated (only 1 exists today)")
-    parser.add_argument("--compression", default="none", help="codecs at the cut, comma-separated (only none today)")
+    parser.add_argument(
+        "--compression", default="none", help="codecs at the cuts, comma-separated, e.g. none,fp16,int8,topk:0.1"
+    )
     parser.add_argument("--png", default=None, help="write samples/s against delay (log scale) here")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()

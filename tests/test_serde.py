@@ -20,7 +20,7 @@ from splitnn.common import serde
 from splitnn.errors import SpecError, WireError, WorkerError
 from splitnn.wire import OptimizerSpec, module_to_spec
 from splitnn.workers.epoch import BatchOrder, EpochPlan, EpochReport, StagePlan
-from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
+from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 
 MAX = 1 << 20
 names = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=64)
@@ -203,12 +203,82 @@ def test_probe_shapes_must_be_small_and_positive():
             serde.probe_from_args({"key": "k", "shape": bad})
 
 
+value_shapes = st.lists(
+    st.builds(
+        ValueShape,
+        st.lists(st.integers(1, 16), min_size=0, max_size=4).map(tuple),
+        st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool, torch.uint8]),
+    ),
+    min_size=1,
+    max_size=6,
+).map(tuple)
+
+
+@given(keys, value_shapes)
+def test_probe_of_several_values(key, shape):
+    """A cut that several values cross is probed with a shape and a dtype per value, both ways."""
+    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
+    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+
+
+def test_probes_of_several_values_refuse_junk():
+    ok = {"shape": [2, 3], "dtype": "float32"}
+    for bad in (
+        [],
+        [ok] * 65,
+        [{"shape": [2, 3]}],
+        [{**ok, "dtype": "complex64"}],
+        [{**ok, "dtype": 5}],
+        [{**ok, "shape": [0]}],
+        [{**ok, "shape": [1] * 9}],
+        [{**ok, "shape": [1 << 14, 1 << 13]}],
+        [ok, {"shape": [1 << 13, 1 << 13], "dtype": "int64"}],
+        "values",
+    ):
+        with pytest.raises(WireError):
+            serde.probe_from_args({"key": "k", "values": bad})
+    with pytest.raises(WireError):
+        serde.shape_from_result({"values": [{"shape": [-1], "dtype": "float32"}]})
+
+
+@pytest.mark.parametrize("output,input_grad", [("none", "int8"), ("fp16", "bf16"), ("topk:0.05", "none")])
+def test_set_codecs(output, input_grad):
+    got = serde.set_codecs_from_args(_wire(serde.set_codecs_to_args("m.s1", output, input_grad)))
+    assert got == ("m.s1", output, input_grad)
+    for bad in ({"output": "zip", "input_grad": "none"}, {"output": "topk:2", "input_grad": "none"}, {"output": 3}):
+        with pytest.raises(WireError):
+            serde.set_codecs_from_args({"key": "k", "input_grad": "none", **bad})
+
+
 # ----------------------------------------------------------------------------- the training step
 def test_put():
     t = torch.randn(2, 3)
     args, blobs = serde.put_to_command(9, "features", t)
-    assert serde.put_from_args(_wire(args)) == (9, "features")
+    assert serde.put_from_args(_wire(args)) == (9, "features", False)
     assert torch.equal(serde.tensor_from_blob(blobs[0], max_bytes=MAX), t)
+
+
+def test_put_and_fetch_of_several_values():
+    """A model that takes a tuple: the researcher's input crosses as one values blob; a fetched tuple the same."""
+    x, mask = torch.randn(4, 20, requires_grad=True), torch.ones(4, 16)
+    args, blobs = serde.put_to_command(3, "features", (x, mask))
+    tid, kind, several = serde.put_from_args(_wire(args))
+    assert (tid, kind, several) == (3, "features", True)
+    got = serde.value_from_blob(blobs[0], several=True, max_bytes=MAX)
+    assert torch.equal(got[0], x.detach()) and torch.equal(got[1], mask)
+    assert not any(t.requires_grad for t in got)  # data: nothing goes back to the researcher
+    result, blobs = serde.fetch_to_result((mask, torch.arange(3)))
+    back = serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX)
+    assert torch.equal(back[0], mask) and torch.equal(back[1], torch.arange(3))
+    result, blobs = serde.fetch_to_result(mask)
+    assert torch.equal(serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX), mask)
+    with pytest.raises(WireError):  # says one tensor, carries several
+        serde.value_from_blob(serde.value_to_blob((mask,)), several=False, max_bytes=MAX)
+    with pytest.raises(WireError):
+        serde.value_from_blob(serde.value_to_blob(mask), several=True, max_bytes=MAX)
+    for bad in (0, 65, -1, True, "2"):
+        with pytest.raises(WireError):
+            serde.put_from_args({"id": 1, "kind": "features", "values": bad})
 
 
 @given(keys, st.booleans(), ids, refs | st.builds(BatchRef, names, st.just(torch.tensor([3, 1, 2]))))
@@ -419,6 +489,8 @@ DECODERS = [
     serde.output_ids_from_args,
     serde.load_state_from_args,
     serde.fetch_from_args,
+    lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
+    serde.set_codecs_from_args,
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
@@ -451,6 +523,7 @@ DECODERS = [
                 "names",
                 "values",
                 "output",
+                "input_grad",
                 "ref",
                 "kind",
                 "dataset",

@@ -65,3 +65,42 @@ def test_format_table_lists_every_link():
 def test_negative_byte_counts_are_refused():
     with pytest.raises(ValueError, match="cannot be negative"):
         Ledger().record("a", "b", "activation", -1)
+
+
+def test_compressed_transfers_keep_their_raw_size_beside_the_bytes_sent():
+    ledger = Ledger()
+    ledger.record("alice", "bob", "activation", 100)  # uncompressed: raw = sent
+    ledger.record("alice", "bob", "activation", 30, raw=120)
+    ledger.record("bob", "alice", "gradient", 40, raw=120)
+    assert ledger.links() == [
+        LinkTotal("alice", "bob", "activation", 2, 130, 220),
+        LinkTotal("bob", "alice", "gradient", 1, 40, 120),
+    ]
+    assert LinkTotal("a", "b", "weights", 1, 5) == LinkTotal("a", "b", "weights", 1, 5, 5)
+    assert ledger.total() == 170 and ledger.raw_total() == 340 and ledger.raw_total(kind="gradient") == 120
+    assert ledger.sent_by() == {"alice": 130, "bob": 40} and ledger.raw_sent_by() == {"alice": 220, "bob": 120}
+    before = ledger.snapshot()
+    assert before.links() == ledger.links()
+    ledger.record("bob", "alice", "gradient", 10, raw=60)
+    assert ledger.since(before).links() == [LinkTotal("bob", "alice", "gradient", 1, 10, 60)]
+    merged = Ledger()
+    merged.merge(ledger.links())
+    assert merged.links() == ledger.links()
+    assert ledger.to_rows()[0] == {
+        "src": "alice",
+        "dst": "bob",
+        "kind": "activation",
+        "count": 2,
+        "nbytes": 130,
+        "raw_nbytes": 220,
+    }
+    text = ledger.format_table()
+    assert text.splitlines()[0].split()[-2:] == ["raw", "bytes"] and "220" in text
+    with pytest.raises(ValueError, match="negative"):
+        ledger.record("a", "b", "activation", 1, raw=-1)
+
+
+def test_without_compression_the_table_has_no_raw_column():
+    ledger = Ledger()
+    ledger.record("alice", "bob", "activation", 8)
+    assert "raw" not in ledger.format_table()

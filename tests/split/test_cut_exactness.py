@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import splitnn
 from splitnn.training import epoch_batches
-from tests.cut_models import Masked, SkipTwo, SmallResNet
+from tests.cut_models import Gated, Masked, SkipTwo, SmallResNet
 from tests.helpers import toy_dataset
 
 NAMES = ("alice", "bob", "claire")
@@ -126,3 +126,20 @@ def test_predict_and_evaluate_with_several_values_at_a_cut():
     result = split.evaluate(data)
     want = (model(data.features).argmax(1) == data.labels).float().mean().item()
     assert result.accuracy == pytest.approx(want)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "eager"])
+def test_values_that_need_no_gradient_cross_forward_only(fuse):
+    """Gated: a mask made from the data and an integer index cross the first cut beside the activation; the
+    gradient that comes back is (g, None, None) and the model trains as unsplit."""
+    torch.manual_seed(0)
+    model = Gated()
+    data = toy_dataset(64, shape=(20,), seed=1)
+    twin = train_twin(model, data, OPTIMIZERS["adam"])
+    workers = [splitnn.VirtualWorker(n, fuse=fuse) for n in NAMES]
+    split = splitnn.SplitNN(splitnn.cut(model, at=["mid", "head"]), workers, optimizer=OPTIMIZERS["adam"])
+    split.fit(data, epochs=EPOCHS, batch_size=BATCH, seed=SEED, progress=False)
+    assert_same_state(split.collect_state(), twin.state_dict())
+    steps = EPOCHS * len(data) // BATCH
+    assert split.ledger.total(src="alice", dst="bob", kind="activation") == steps * BATCH * (16 * 4 * 2 + 8)
+    assert split.ledger.total(src="bob", dst="alice", kind="gradient") == steps * BATCH * 16 * 4

@@ -15,7 +15,7 @@ from splitnn.errors import ConfigurationError, WireError
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
-from splitnn.wire import compress
+from splitnn.wire import compress, cut_codec
 from splitnn.wire.tensor_codec import encode_tensor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,3 +220,98 @@ def test_fuzz_reassembler_sees_only_wire_errors(chunks, prefix):
             continue
         if out is not None:
             assert out.numel() * out.element_size() <= 1 << 12
+
+
+# ------------------------------------------------------------------ several values in frames
+def _values_roundtrip(value, chunk: int, type_: int = frames.DATA):
+    reasm = frames.Reassembler(1 << 24)
+    out = None
+    raws = list(frames.value_frames("activation", 11, value, chunk, type_=type_))
+    for raw in raws:
+        hdr, body = frames.parse(raw)
+        assert hdr.values == (not isinstance(value, torch.Tensor) and getattr(value, "several", True))
+        out = reasm.feed_arrival(hdr, body)
+    return out, raws
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+@pytest.mark.parametrize("type_", [frames.DATA, frames.PUSH])
+def test_several_values_cross_in_one_payload_of_frames(chunk, type_):
+    h, mask, idx = torch.randn(16, 8, requires_grad=True), torch.ones(16, 8), torch.arange(16)
+    arrived, raws = _values_roundtrip((h, mask, idx), chunk, type_)
+    assert len(raws) > 1 if chunk == 64 else len(raws) == 1
+    assert all(frames.parse(r)[0].codec == 0 for r in raws)
+    got = arrived.value
+    assert torch.equal(got[0], h.detach()) and torch.equal(got[1], mask) and torch.equal(got[2], idx)
+    assert [t.requires_grad for t in got] == [True, False, False]
+    assert arrived.nbytes == arrived.raw == 16 * 8 * 4 * 2 + 16 * 8
+    # a gradient tuple: None where nothing flows back
+    arrived, _ = _values_roundtrip((torch.randn(16, 8), None, None), chunk, type_)
+    assert arrived.value[1:] == (None, None)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int8", "topk:0.2"])
+@pytest.mark.parametrize("chunk", [100, 1 << 20])
+def test_encoded_values_say_their_codec_and_decode_to_what_the_engine_hands_over(spec, chunk):
+    enc = cut_codec.CutEncoder(spec).encode((torch.randn(16, 8), torch.arange(16)))
+    arrived, raws = _values_roundtrip(enc, chunk)
+    assert {frames.parse(r)[0].codec for r in raws} == {compress.get_codec(spec).id}
+    want = enc.decode()
+    assert torch.equal(arrived.value[0], want[0]) and torch.equal(arrived.value[1], want[1])
+    assert (arrived.nbytes, arrived.raw) == (enc.nbytes, enc.raw)
+    single = cut_codec.CutEncoder(spec).encode(torch.randn(16, 8))
+    arrived, raws = _values_roundtrip(single, chunk)
+    assert not frames.parse(raws[0])[0].values and arrived.nbytes == compress.get_codec(spec).nbytes(want[0])
+
+
+def test_the_values_flag_is_validated():
+    with pytest.raises(WireError, match="several values"):
+        frames.parse(_frame(type_=frames.REQUEST, flags=frames.FLAG_VALUES))
+    with pytest.raises(WireError, match="unknown flag"):
+        frames.parse(_frame(flags=4))
+    payload = b"".join(bytes(p) for p in cut_codec.plain((torch.randn(30), torch.randn(30))).wire_parts())
+    reasm = frames.Reassembler(1 << 20)
+    reasm.feed(
+        *frames.parse(_frame(total=len(payload), body=payload[:50], flags=frames.FLAG_MORE | frames.FLAG_VALUES))
+    )
+    with pytest.raises(WireError, match="values flag"):
+        reasm.feed(*frames.parse(_frame(total=len(payload), body=payload[50:])))
+    with pytest.raises(WireError):  # a values payload without the flag is not a tensor frame
+        frames.Reassembler(1 << 20).feed(*frames.parse(_frame(body=payload)))
+    with pytest.raises(WireError):  # the flag on a plain tensor frame
+        frames.Reassembler(1 << 20).feed(*frames.parse(_frame(body=encode_tensor(torch.ones(3)), flags=2)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(
+        st.tuples(
+            st.integers(0, 5),  # codec id, including unknown ones
+            st.integers(0, 1),  # tensor id
+            st.integers(0, 600),  # declared total
+            st.booleans(),  # more
+            st.binary(max_size=80),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    prefix=st.sampled_from(
+        [
+            b"",
+            b"".join(bytes(p) for p in cut_codec.plain((torch.zeros(3, 4), None, torch.arange(2))).wire_parts()),
+            b"".join(bytes(p) for p in cut_codec.CutEncoder("int8").encode((torch.ones(2, 3),)).wire_parts()),
+        ]
+    ),
+)
+def test_fuzz_reassembler_with_the_values_flag_sees_only_wire_errors(chunks, prefix):
+    reasm = frames.Reassembler(1 << 12)
+    for i, (codec, tid, total, more, body) in enumerate(chunks):
+        body = (prefix + body) if i == 0 else body
+        raw = _frame(frames.PUSH, codec, tid, total, body, frames.FLAG_VALUES | (frames.FLAG_MORE if more else 0))
+        try:
+            arrived = reasm.feed_arrival(*frames.parse(raw))
+        except WireError as exc:
+            assert str(exc)
+            continue
+        if arrived is not None:
+            assert isinstance(arrived.value, tuple) and arrived.raw <= 1 << 12

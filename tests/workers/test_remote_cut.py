@@ -1,6 +1,7 @@
 """splitnn.cut's segments across `splitnn worker` processes: an fx segment travels as its graph (JSON), custom
 blocks as trusted imports, weights as safetensors; training matches the in-process run bit for bit. A worker
-without the trust refuses, naming the class and the flag; malformed graphs get an error and the worker serves on."""
+without the trust refuses, naming the class and the flag; malformed graphs get an error and the worker serves on.
+Cuts that several values cross, over the network: tests/workers/test_remote_values.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import splitnn
-from splitnn.errors import ConfigurationError, TrustError
+from splitnn.errors import TrustError
 from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.state_codec import encode_state
 from tests.cut_models import BasicBlock, SmallResNet
@@ -96,12 +97,6 @@ def test_worker_without_trust_refuses_naming_the_class_and_the_flag(cluster):
     finally:
         for w in workers:
             w.close()
-
-
-def test_several_values_at_a_cut_are_refused_by_remote_workers_before_training(remote):
-    segments = splitnn.cut(SmallResNet(width=4), at=["layer1.1.conv2", "layer2"])
-    with pytest.raises(ConfigurationError, match=r"takes 1 and returns 2 values; networked workers carry one tensor"):
-        splitnn.SplitNN(segments, remote)
 
 
 def _add_segment(cluster, name: str, spec: dict) -> Reply:

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import splitnn
+from splitnn.common import serde
 from splitnn.models import tutorial_mlp
 from splitnn.transport import frames
+from splitnn.wire.cut_codec import CutEncoder
 from splitnn.wire.proto import CALL, PEER, SESSION, Command, Reply
 from splitnn.wire.tensor_codec import encode_tensor
 from tests.helpers import assert_same_weights, toy_dataset
@@ -21,6 +23,7 @@ from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 NAMES = ("alice", "bob", "claire")
+VALUES = b"".join(bytes(p) for p in CutEncoder("int8").encode((torch.ones(2, 3), torch.arange(2))).wire_parts())
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,18 @@ def _valid_commands() -> list[bytes]:
             op="add_dataset",
             args_json=json.dumps({"name": "n", "parts": ["features", "ids"]}),
             blobs=[encode_tensor(torch.zeros(3, 1)), b'["a", "a"]'],
+        ),
+        Command(seq=16, op="set_codecs", args_json=json.dumps({"key": "missing", "output": "int8", "input_grad": "x"})),
+        Command(
+            seq=17,
+            op="probe",
+            args_json=json.dumps({"key": "missing", "values": [{"shape": [2, 3], "dtype": "int64"}]}),
+        ),
+        Command(  # several values put as something else than features
+            seq=18,
+            op="put",
+            args_json=json.dumps({"id": 3, "kind": "activation", "values": 2}),
+            blobs=[serde.value_to_blob((torch.ones(2, 3), torch.arange(2)))],
         ),
     ]
     return [c.SerializeToString() for c in cmds]
@@ -165,6 +180,16 @@ def test_random_session_streams_get_errors(channel, cluster, messages):
             st.integers(0, 2**64 - 1),
             st.integers(0, 2**64 - 1),
             st.binary(max_size=64),
+        ),
+        st.builds(  # several values, plain or compressed, pushed unasked (and mutated)
+            lambda codec, flags, tail: (
+                frames.HEADER.pack(frames.PEER_MAGIC, frames.PUSH, 2, flags, codec, 1 << 40, len(VALUES) + len(tail))
+                + VALUES
+                + tail
+            ),
+            st.integers(0, 4),
+            st.sampled_from([frames.FLAG_VALUES, frames.FLAG_VALUES | frames.FLAG_MORE]),
+            st.binary(max_size=16),
         ),
     )
 )

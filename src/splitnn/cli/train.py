@@ -73,6 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"
     )
+    p.add_argument(
+        "--compression",
+        default=None,
+        metavar="CODEC",
+        help="compress what crosses each cut between parties: a codec for both directions (none, fp16, bf16, "
+        "int8, topk:RATIO) or activation=CODEC,gradient=CODEC (default: none; docs/performance.md)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
@@ -153,6 +160,27 @@ def _metric_text(stats) -> str:
 _SHORT = {"accuracy": "acc"}
 
 
+def _compression(text: str | None, cuts: int) -> object:
+    """``--compression``: a codec, or ``activation=CODEC,gradient=CODEC``; checked now, before any data is loaded."""
+    from splitnn.split.compression import DIRECTIONS, parse_compression
+
+    if text is None:
+        return None
+    spec: object = text.strip()
+    if "=" in text:
+        pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+        spec = {k.strip(): v.strip() for k, _, v in pairs}
+        if any(not sep for _, sep, _ in pairs) or len(spec) != len(pairs) or set(spec) - set(DIRECTIONS):
+            raise ConfigurationError(
+                f"--compression {text!r}: give a codec (e.g. int8) or activation=CODEC,gradient=CODEC"
+            )
+    try:
+        parse_compression(spec, cuts)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--compression: {exc}") from None
+    return spec
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse counts and rates that cannot train, before any data is loaded."""
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
@@ -218,6 +246,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_health(args, metrics)
     hidden = _parse_sizes(args.hidden)
     topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
+    compression = _compression(args.compression, len(hidden))
+    if compression is not None and topology is not None:
+        raise ConfigurationError(
+            f"--compression applies to the plain chain of --workers, not --topology {args.topology}"
+        )
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
     if topology is None and len(names) != len(hidden) + 1:
         raise ConfigurationError(
@@ -254,11 +287,12 @@ def run(args: argparse.Namespace) -> int:
             workers = _remote_workers(names, args.token_file)
         else:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
-        model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}")
+        model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}", compression=compression)
         placement = " -> ".join(names)
+    codecs = f", compression {args.compression}" if compression is not None else ""
     print(
         f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
-        f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}",
+        f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}{codecs}",
         flush=True,
     )
 
@@ -348,6 +382,7 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
         ("--limit", args.limit),
         ("--data-dir", args.data_dir),
         ("--checkpoint-dir", args.checkpoint_dir),
+        ("--compression", args.compression),
     ):
         if value is not None:
             raise ConfigurationError(f"{flag} does not apply to --dataset breast-cancer")
