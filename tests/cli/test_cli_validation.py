@@ -26,6 +26,10 @@ def no_loading(monkeypatch):
         (["--limit", "0"], "--limit must be a positive integer"),
         (["--lr", "-1"], "--lr must be a positive finite number"),
         (["--lr", "nan"], "--lr must be a positive finite number"),
+        (["--compression", "zip"], "--compression: compression (every cut): unknown codec 'zip'"),
+        (["--compression", "activation=int8,grad=fp16"], "--compression 'activation=int8,grad=fp16': give a codec"),
+        (["--compression", "gradient=topk:2"], "--compression: compression (every cut) gradient: topk ratio"),
+        (["--compression", "int8", "--topology", "u-shape"], "--compression applies to the plain chain"),
     ],
 )
 def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys):

@@ -43,6 +43,18 @@ def test_train_command_reports_and_saves(shared_data, tmp_path, capsys):
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
+def test_train_command_compresses_at_the_cuts(shared_data, tmp_path, capsys):
+    hist = tmp_path / "history.json"
+    argv = ["train", "--dataset", "fashion-mnist", "--data-dir", str(shared_data / "fashion-mnist"), "--epochs", "1"]
+    code = main([*argv, "--limit", "640", "--no-progress", "--compression", "int8", "--json", str(hist)])
+    text = capsys.readouterr().out
+    assert code == 0 and "compression int8" in text
+    assert "raw bytes" in text  # the ledger table shows the raw size beside the bytes sent
+    # alice sends int8 codes of the 128-wide activation: 10 batches of 64 rows, 8 bytes of scale and
+    # zero point per row, and a 24-byte payload header per batch
+    assert json.loads(hist.read_text())[0]["bytes_sent"]["alice"] == 10 * (64 * 128 + 64 * 8 + 24)
+
+
 def test_train_command_custom_hidden_and_shared_worker(shared_data, capsys):
     code = main(
         [
