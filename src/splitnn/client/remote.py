@@ -296,6 +296,7 @@ class RemoteWorker:
     def remove_segment(self, key: str) -> None:
         self._send("remove_segment", serde.key_to_args(key))
         self._installed.pop(("add_segment", key), None)
+        self._installed.pop(("set_codecs", key), None)
 
     def add_dataset(
         self,
@@ -335,7 +336,9 @@ class RemoteWorker:
         worker encodes its output activations with ``output`` and its input's gradient with ``input_grad``;
         the encoders' state (error feedback) lives there, at the sender."""
         output, input_grad = (get_codec(c).spec for c in (output, input_grad))  # ConfigurationError before sending
-        self._request("set_codecs", serde.set_codecs_to_args(key, output, input_grad))
+        args = serde.set_codecs_to_args(key, output, input_grad)
+        self._request("set_codecs", args)
+        self._installed[("set_codecs", key)] = (args, [])  # a restarted worker gets its codecs again
 
     def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
         if not isinstance(tensor, torch.Tensor):  # several values: a model that takes a tuple
@@ -591,7 +594,8 @@ class RemoteWorker:
         self._feature_ids.clear()
         if hello.session_segments or not any(op == "add_segment" for op, _ in self._installed):
             return True
-        for (op, _), (args, blobs) in list(self._installed.items()):
+        # codecs after the segments they belong to (a segment replaced later moved to the end)
+        for (op, _), (args, blobs) in sorted(self._installed.items(), key=lambda item: item[0][0] == "set_codecs"):
             reply = self._stream.wait(self._stream.send(op, args, blobs))
             if not reply.ok:
                 raise error_from_reply(reply, self.name, self.address)
