@@ -18,11 +18,13 @@ training over ``--runs`` epochs of ``--batches`` batches, the lock-step bound
 rate cap, the serialisation of its four transfers; computation free), and the same
 training in-process (three VirtualWorkers, no network) as the reference.
 
-``--compression CODEC,...`` adds one column per codec at the cuts (``SplitNN(...,
-compression=CODEC)``, both directions: none, fp16, bf16, int8, topk:RATIO), and a second
-table gives the bytes each variant moves across the cuts per batch (the ledger's, sent and
-raw). ``--pipeline K,...`` is a hook for pipelined training; today only ``1`` (lock-step)
-exists, and other values are refused until fit supports them.
+``--pipeline K,...`` adds one column per depth: ``fit(..., pipeline=K)``, up to K batches
+in flight (:class:`splitnn.workers.schedules.Pipelined`; 1 is lock-step). Pipelined epochs
+fill and drain the pipeline once each, so give enough ``--batches`` for the steady state to
+dominate (e.g. 200). ``--compression CODEC,...`` adds one column per codec at the cuts
+(``SplitNN(..., compression=CODEC)``, both directions: none, fp16, bf16, int8, topk:RATIO),
+and a second table gives the bytes each variant moves across the cuts per batch (the
+ledger's, sent and raw). Several of both time every combination.
 Not a test: nothing here asserts timings.
 """
 
@@ -47,11 +49,10 @@ from splitnn.models import tutorial_mlp  # noqa: E402
 from splitnn.testing.cluster import Cluster  # noqa: E402
 from splitnn.testing.linkemu import ThreadedLinkEmulator, measure_rtt, parse_rate, serve_echo  # noqa: E402
 from splitnn.wire.compress import get_codec  # noqa: E402
+from splitnn.workers.schedules import MAX_IN_FLIGHT  # noqa: E402
 
 NAMES = ("alice", "bob", "claire")
 BATCH = 64
-#: What fit supports today; later work (pipelined training) extends this.
-SUPPORTED_PIPELINE = {1}
 #: Raw activation + gradient bytes of one batch across both cuts (float32): 2 x 64 x (128 + 640) x 4.
 CUT_BYTES = 2 * BATCH * (128 + 640) * 4
 
@@ -66,11 +67,11 @@ def _segments():
     return tutorial_mlp()
 
 
-def _rate_of(model, data: Dataset, runs: int, seed0: int = 1) -> list[float]:
+def _rate_of(model, data: Dataset, runs: int, seed0: int = 1, **fit_options) -> list[float]:
     rates = []
     for r in range(runs):
         t0 = time.perf_counter()
-        model.fit(data, epochs=1, batch_size=BATCH, seed=seed0 + r, progress=False)
+        model.fit(data, epochs=1, batch_size=BATCH, seed=seed0 + r, progress=False, **fit_options)
         rates.append(len(data) / (time.perf_counter() - t0))
     return rates
 
@@ -82,12 +83,12 @@ def lockstep_bound(delay: float, rate: float | None) -> float | None:
     return BATCH / per_batch if per_batch else None
 
 
-def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict]]:
-    """The training variants to time: (column label, fit options). Refuses what fit cannot do yet."""
+def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict, dict]]:
+    """The training variants to time: (column label, model options, fit options); refuses bad ones."""
     out = []
     for k in pipelines:
-        if k not in SUPPORTED_PIPELINE:
-            raise SystemExit(f"--pipeline {k}: pipelined training is not implemented yet (only 1, lock-step)")
+        if not 1 <= k <= MAX_IN_FLIGHT:
+            raise SystemExit(f"--pipeline {k}: the depth must be 1..{MAX_IN_FLIGHT} (1 is lock-step)")
     for c in codecs:
         try:
             get_codec(c)
@@ -97,14 +98,15 @@ def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict]]:
         for c in codecs:
             label = "lock-step" if k == 1 else f"pipeline {k}"
             label += "" if c == "none" else f", {c}"
-            out.append((label, {} if c == "none" else {"compression": c}))  # later: {"pipeline": k}
+            model_opts = {} if c == "none" else {"compression": c}
+            out.append((label, model_opts, {"pipeline": k} if k != 1 else {}))
     return out
 
 
-def cut_bytes(model, data: Dataset) -> tuple[float, float]:
+def cut_bytes(model, data: Dataset, **fit_options) -> tuple[float, float]:
     """Activation and gradient bytes one epoch of ``model`` moves per batch: (sent, raw), from its ledger."""
     before = model.ledger.snapshot()
-    model.fit(data, epochs=1, batch_size=BATCH, progress=False)
+    model.fit(data, epochs=1, batch_size=BATCH, progress=False, **fit_options)
     diff = model.ledger.since(before)
     batches = -(-len(data) // BATCH)
     sent = sum(diff.total(kind=k) for k in ("activation", "gradient"))
@@ -129,17 +131,18 @@ def run(args) -> dict:
         ping = emu.add("ping", f"127.0.0.1:{echo.sockets[0].getsockname()[1]}", rate=rate)
         workers = [splitnn.connect(f"grpc://{proxies[n]}", token=cl.token, name=n, timeout=600) for n in NAMES]
         try:
-            models = {label: splitnn.SplitNN(_segments(), workers, **opts) for label, opts in todo}
-            volume = {label: cut_bytes(model, data) for label, model in models.items()}  # warm-up, data placement
-            print(_header([label for label, _ in todo]), flush=True)
+            models = {label: (splitnn.SplitNN(_segments(), workers, **mo), fo) for label, mo, fo in todo}
+            # warm-up and data placement; the ledger of that epoch gives the cut bytes per batch
+            volume = {label: cut_bytes(model, data, **opts) for label, (model, opts) in models.items()}
+            print(_header([label for label, _, _ in todo]), flush=True)
             for d in delays:
                 emu.set(delay=d / 1000)
                 rtt = statistics.median(measure_rtt(ping, samples=9))
                 row = {"delay_ms": d, "rtt_ms": 1000 * rtt, "bound": lockstep_bound(d / 1000, rate)}
-                for label, model in models.items():
-                    row[label] = statistics.median(_rate_of(model, data, args.runs))
+                for label, (model, opts) in models.items():
+                    row[label] = statistics.median(_rate_of(model, data, args.runs, **opts))
                 rows.append(row)
-                print(_format_row(row, [label for label, _ in todo]), flush=True)
+                print(_format_row(row, [label for label, _, _ in todo]), flush=True)
         finally:
             for w in workers:
                 w.close()
@@ -150,7 +153,7 @@ def run(args) -> dict:
         "runs": args.runs,
         "rate": args.rate,
         "in_process": statistics.median(in_rates),
-        "columns": [label for label, _ in todo],
+        "columns": [label for label, _, _ in todo],
         "rows": rows,
         "cut_bytes_per_batch": {label: {"sent": s, "raw": r} for label, (s, r) in volume.items()},
     }
@@ -217,7 +220,7 @@ def main() -> None:
     parser.add_argument("--rate", default=None, help="bandwidth cap per proxy and direction, e.g. 10mbit, 100mbit")
     parser.add_argument("--batches", type=int, default=24, help="batches of 64 per timed epoch (default 24)")
     parser.add_argument("--runs", type=int, default=3, help="timed epochs per delay (default 3)")
-    parser.add_argument("--pipeline", default="1", help="batches in flight, comma-separated (only 1 exists today)")
+    parser.add_argument("--pipeline", default="1", help="batches in flight, comma-separated, e.g. 1,2,4,8,16")
     parser.add_argument(
         "--compression", default="none", help="codecs at the cuts, comma-separated, e.g. none,fp16,int8,topk:0.1"
     )

@@ -70,3 +70,17 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"splitnn {splitnn.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--pipeline", "0"], "--pipeline must be 1..64"),
+        (["--pipeline", "65"], "--pipeline must be 1..64"),
+        (["--dataset", "breast-cancer", "--pipeline", "2"], "--pipeline: the breast-cancer example trains lock-step"),
+    ],
+)
+def test_train_refuses_a_bad_pipeline_before_loading(argv, match, no_loading, tmp_path, capsys):
+    assert main(["train", "--data-dir", str(tmp_path), "--no-download", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"splitnn train: error: {match}" in err, err

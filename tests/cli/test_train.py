@@ -91,3 +91,29 @@ def test_train_command_refuses_bad_flags_before_loading_data(argv, match, capsys
     code = main(["train", "--data-dir", str(tmp_path), "--no-download", *argv])
     assert code == 2
     assert match in capsys.readouterr().err
+
+
+def test_train_command_pipelined(shared_data, tmp_path, capsys):
+    hist = tmp_path / "history.json"
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(shared_data / "fashion-mnist"),
+            "--epochs",
+            "1",
+            "--limit",
+            "640",
+            "--pipeline",
+            "4",
+            "--no-progress",
+            "--json",
+            str(hist),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "batch 64, SGD lr 0.03, pipeline 4" in text and "test acc" in text
+    assert json.loads(hist.read_text())[0]["bytes_sent"]["alice"] == 640 * 128 * 4  # as lock-step

@@ -13,6 +13,7 @@ from splitnn.cli.format import human_bytes, parse_positive_ints, table
 from splitnn.cli.topologies import add_topology_arguments, describe, topology_from_args
 from splitnn.errors import ConfigurationError
 from splitnn.fileio import atomic_write_text
+from splitnn.workers.schedules import MAX_IN_FLIGHT
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +80,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="CODEC",
         help="compress what crosses each cut between parties: a codec for both directions (none, fp16, bf16, "
         "int8, topk:RATIO) or activation=CODEC,gradient=CODEC (default: none; docs/performance.md)",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="K",
+        help="batches in flight (default 1: lock-step). K > 1: the data holder starts the next batch before the "
+        "last one's gradient is back; each batch is computed with the weights of K-1 updates ago "
+        "(docs/performance.md#schedules-and-pipelining)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
@@ -188,6 +198,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ConfigurationError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 1 <= args.pipeline <= MAX_IN_FLIGHT:
+        raise ConfigurationError(f"--pipeline must be 1..{MAX_IN_FLIGHT} (batches in flight), got {args.pipeline}")
 
 
 def _checkpoint_options(args: argparse.Namespace) -> dict:
@@ -243,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
     _check_numbers(args)
     metrics = _metric_names(args)
     if args.dataset == "breast-cancer":
+        if args.pipeline != 1:
+            raise ConfigurationError("--pipeline: the breast-cancer example trains lock-step; leave --pipeline 1")
         return _run_health(args, metrics)
     hidden = _parse_sizes(args.hidden)
     topology = topology_from_args(args, hidden)  # None: the plain chain of --workers
@@ -292,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     codecs = f", compression {args.compression}" if compression is not None else ""
     print(
         f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
-        f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}{codecs}",
+        f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}{codecs}"
+        + (f", pipeline {args.pipeline}" if args.pipeline > 1 else ""),
         flush=True,
     )
 
@@ -308,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
         on_epoch=_reporter(args.epochs, parties),
         metrics=metrics,
         **checkpoints,
+        pipeline=args.pipeline,
     )
     _print_history(history, parties)
     print()

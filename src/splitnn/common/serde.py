@@ -755,6 +755,8 @@ def epoch_plan_to_command(plan: EpochPlan) -> tuple[dict, list[bytes]]:
         "stages": [{"index": s.index, "key": s.key, "prev": s.prev, "next": s.next} for s in plan.stages],
         "progress_interval": plan.progress_interval,
         "order": plan.order.to_dict() if plan.order is not None else None,
+        "chain": list(plan.chain) if plan.chain is not None else None,
+        "pipeline": plan.pipeline,
     }
     blobs: list[bytes] = []
     if plan.indices is not None:
@@ -784,7 +786,33 @@ def epoch_plan_from_command(args: dict, blobs: Sequence[bytes], *, worker: str, 
         order = BatchOrder.from_dict(args["order"])
     else:
         indices = _explicit_batches(blobs, max_bytes)
-    return EpochPlan(run_id, dataset, loss, stages, order=order, indices=indices, progress_interval=float(interval))
+    # the chain of parties (the schedule is built from it) and the batches in flight; older plans name neither
+    chain, pipeline = args.get("chain"), args.get("pipeline", 1)
+    if chain is not None and (
+        not isinstance(chain, list)
+        or not 0 < len(chain) <= MAX_PLAN_STAGES
+        or not all(isinstance(p, str) for p in chain)
+    ):
+        raise WireError("epoch plan: 'chain' must be a list of party names, one per stage")
+    if not isinstance(pipeline, int) or isinstance(pipeline, bool):
+        raise WireError("epoch plan: 'pipeline' must be an integer")
+    try:
+        plan = EpochPlan(
+            run_id,
+            dataset,
+            loss,
+            stages,
+            order=order,
+            indices=indices,
+            progress_interval=float(interval),
+            chain=tuple(chain) if chain is not None else None,
+            pipeline=pipeline,
+        )
+    except ConfigurationError as exc:
+        raise WireError(f"epoch plan: {exc}") from None
+    if plan.chain is not None and {i for i, p in enumerate(plan.chain) if p == worker} != {st.index for st in stages}:
+        raise WireError(f"epoch plan: the chain gives {worker!r} other stages than the plan's")
+    return plan
 
 
 def _party(value: object, what: str) -> str | None:

@@ -10,9 +10,10 @@ reach this worker after the previous party's first activation).
 :func:`parse_plan` turns a ``run_epoch`` command into an
 :class:`~splitnn.workers.epoch.EpochPlan` (decoded by :mod:`splitnn.common.serde`) and
 checks it against this worker's segments, peers and data before any work starts.
-:func:`run_epoch` runs the plan on the engine (a ``VirtualWorker`` with ``fuse=False``)
-batch by batch in the eager order, exchanging tensors through two callbacks:
-``push(peer, kind, frame_id, tensor)`` and ``receive(peer, kind, frame_id)``.
+:func:`run_epoch` runs this worker's actions of the plan's schedule
+(:mod:`splitnn.workers.schedules`) on the engine (a ``VirtualWorker`` with
+``fuse=False``), exchanging tensors through two callbacks: ``push(peer, kind,
+frame_id, tensor)`` and ``receive(peer, kind, frame_id)``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import quiet_future
 from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
-from splitnn.workers.refs import BatchRef, LossStats, TensorRef
+from splitnn.workers.refs import LossStats
+from splitnn.workers.runner import PartyRun
+from splitnn.workers.schedules import MAX_IN_FLIGHT, RECEIVES, SENDS
 from splitnn.workers.virtual import VirtualWorker
 
-#: Pushes held per peer for runs that have not started here yet.
-MAX_EARLY_PUSHES = 8
+#: Pushes held per peer for runs that have not started here yet: a pipelined data holder may send all
+#: its batches in flight before the researcher's plan reaches its neighbour.
+MAX_EARLY_PUSHES = MAX_IN_FLIGHT
 #: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
 REMEMBER_RUNS = 256
 
@@ -136,6 +140,8 @@ class Inbox:
 
     async def wait(self, run: Run, peer: str, kind: str, frame_id: int, fut: asyncio.Future) -> torch.Tensor:
         try:
+            if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
+                return fut.result()
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
             raise WorkerUnreachableError(
@@ -212,51 +218,57 @@ async def run_epoch(
 ) -> AsyncIterator[list[LossStats]]:
     """Run this worker's part of ``plan``; yield the label holder's losses every ``progress_interval`` s.
 
-    Per batch, in the eager order of :func:`splitnn.split.schedule.train_step`
-    restricted to this worker's stages: zero grads; forward each stage (the input:
-    the local batch, the previous local stage's output, or the activation pushed
-    by ``prev``), pushing outputs to ``next``; the loss at the last stage; backward
-    in reverse (the output gradient: from the loss, the next local stage, or pushed
-    by ``next``), pushing input gradients to ``prev``; step. Received tensors enter
-    through ``engine.put`` (the receiver records the transfer, as in-process).
+    The worker runs its actions of the plan's schedule (:meth:`EpochPlan.schedule`, the one the
+    in-process driver runs) on the engine through a :class:`~splitnn.workers.runner.PartyRun`:
+    computations in order, receives by awaiting ``receive`` (pushes ahead of their receive wait
+    in the inbox), sends as ``push`` to the action's peer. A send does not wait for its write:
+    the pushes to each peer go out in order (one stream, one lock) while the worker computes
+    on, and the run ends only when every push has been written (the first failed one fails it).
+    Received tensors enter through ``engine.put`` (the receiver records the transfer, as
+    in-process).
     """
-    me, stages = engine.name, plan.stages
+    me = engine.name
+    sched = plan.schedule(me)
+    run = PartyRun(
+        engine,
+        {st.index: st.key for st in plan.stages},
+        len(sched.chain) - 1,
+        plan.dataset,
+        plan.loss,
+        plan.batches(),
+        stashing=sched.stashing,
+    )
+    sending: collections.deque[asyncio.Task] = collections.deque()
     pending: list[LossStats] = []
     last_report = time.monotonic()
-    for b, idx in enumerate(plan.batches()):
-        batch = BatchRef(plan.dataset, idx)
-        for st in stages:
-            engine.zero_grad(st.key)
-        ref: TensorRef | BatchRef | None = None
-        for st in stages:
-            if st.prev is None:
-                source = batch
-            elif st.prev == me:
-                source = ref
+    try:
+        for a in sched.actions(me):
+            op = a.op
+            if op in RECEIVES:
+                run.incoming(a, await receive(a.peer, a.kind, push_id(plan.run_id, a.batch, a.cut)))
+            elif op in SENDS:
+                sending.append(
+                    asyncio.ensure_future(push(a.peer, a.kind, push_id(plan.run_id, a.batch, a.cut), run.outgoing(a)))
+                )
+                while sending and sending[0].done():
+                    sending.popleft().result()  # a failed push fails the run here
             else:
-                tensor = await receive(st.prev, "activation", push_id(plan.run_id, b, st.index - 1))
-                source = engine.put(tensor, src=st.prev, kind="activation")
-            ref = engine.forward(st.key, source, train=True)
-            if st.next is None:
-                pending.append(engine.loss(ref, batch, plan.loss, train=True))
-            elif st.next != me:
-                await push(st.next, "activation", push_id(plan.run_id, b, st.index), engine.take(ref.id))
-        grad: TensorRef | None = None
-        for st in reversed(stages):
-            if st.next is None or st.next == me:
-                g = grad
-            else:
-                tensor = await receive(st.next, "gradient", push_id(plan.run_id, b, st.index))
-                g = engine.put(tensor, src=st.next, kind="gradient")
-            grad = engine.backward(st.key, g)
-            if st.prev not in (None, me):
-                await push(st.prev, "gradient", push_id(plan.run_id, b, st.index - 1), engine.take(grad.id))
-                grad = None
-        for st in stages:
-            engine.step(st.key)
-        if pending and time.monotonic() - last_report >= plan.progress_interval:
-            out, pending = pending, []
-            last_report = time.monotonic()
-            yield out
+                stats = run.compute(a)
+                if stats is not None:
+                    pending.append(stats)
+                    if time.monotonic() - last_report >= plan.progress_interval:
+                        out, pending = pending, []
+                        last_report = time.monotonic()
+                        yield out
+        while sending:
+            await sending.popleft()
+    finally:
+        for task in sending:  # failed or cancelled: writes are never cut off half-way; just collect their errors
+            task.add_done_callback(_quiet)
     if pending:
         yield pending
+
+
+def _quiet(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

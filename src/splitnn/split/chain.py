@@ -15,7 +15,14 @@ from splitnn.split.cut import join, merge_states
 from splitnn.split.epoch import can_ship, ship_epoch
 from splitnn.split.loop import EvalResult, History, evaluate, fit
 from splitnn.split.placement import PlacedData, features_and_labels
-from splitnn.split.schedule import backward_chain, eval_step, forward_chain, train_step
+from splitnn.split.schedule import (
+    backward_chain,
+    check_in_process,
+    eval_step,
+    forward_chain,
+    run_in_process,
+    train_step,
+)
 from splitnn.split.stage import (
     Slot,
     Stage,
@@ -30,6 +37,7 @@ from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.refs import fresh_name
+from splitnn.workers.schedules import MAX_IN_FLIGHT, schedule
 from splitnn.workers.values import Value, is_several
 
 
@@ -80,6 +88,10 @@ class SplitNN:
             (one entry per cut) or a dict by cut index; see :mod:`splitnn.split.compression`.
             In-process and networked workers encode and decode the same bytes, so their
             numbers are equal; the ledger records the bytes sent and the raw size beside them.
+        threads: in-process pipelined epochs (``fit(..., pipeline=K)``) run each party on a
+            thread of its own, so parties compute at once (same numbers, unless a segment
+            draws from torch's global random generator, e.g. dropout: the threads' timing then
+            orders the draws).
 
     The low-level loop of the PySyft tutorial works as there::
 
@@ -97,6 +109,7 @@ class SplitNN:
         ledger: Ledger | None = None,
         ship_epochs: bool = True,
         compression: object = None,
+        threads: bool = False,
     ) -> None:
         segments, workers = list(segments), list(workers)
         if len(segments) < 2:
@@ -133,6 +146,7 @@ class SplitNN:
         self._sizes: dict[str, int] = {}  # checked datasets: name -> size
         self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
         self.ship_epochs = ship_epochs
+        self.threads = threads
 
     # -- who is who ---------------------------------------------------------------------
     @property
@@ -260,15 +274,21 @@ class SplitNN:
         on_batch: Callable[[LossStats], None],
         *,
         order: dict | None = None,
+        pipeline: int = 1,
     ) -> None:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
 
-        Networked workers run the whole epoch among themselves (one plan each; ``order``,
-        the ``epoch_batches`` arguments ``n, batch_size, shuffle, seed, epoch`` that made
-        ``batches``, lets them compute the batches instead of receiving the indices).
-        Otherwise, or with ``ship_epochs=False``, it is :meth:`train_batch` per batch.
-        Either way the ledger holds the epoch's transfers when this returns.
+        ``pipeline`` is the number of batches in flight (:class:`~splitnn.workers.schedules.Pipelined`:
+        delayed SGD, each batch's forward and backward see the weights of ``pipeline - 1`` updates
+        ago; 1, the default, is lock-step). Networked workers run the whole epoch among themselves
+        (one plan each; ``order``, the ``epoch_batches`` arguments ``n, batch_size, shuffle, seed,
+        epoch`` that made ``batches``, lets them compute the batches instead of receiving the
+        indices). Otherwise, or with ``ship_epochs=False``, lock-step is :meth:`train_batch` per
+        batch, and a pipelined epoch runs every party's actions here (in-process workers; on a
+        thread per party with ``threads=True``). Either way the ledger holds the epoch's transfers
+        when this returns.
         """
+        self.check_pipeline(pipeline)
         if self.ship_epochs and can_ship(self.stages):
             ship_epoch(
                 self.stages,
@@ -277,7 +297,12 @@ class SplitNN:
                 batches,
                 on_batch,
                 order=BatchOrder(**order) if order is not None else None,
+                pipeline=pipeline,
             )
+            return
+        if pipeline > 1:
+            sched = schedule([s.worker.name for s in self.stages], len(batches), pipeline)
+            run_in_process(self.stages, sched, dataset, self.loss, batches, on_batch, threads=self.threads)
             return
         for idx in batches:
             on_batch(self.train_batch(dataset, idx))
@@ -285,6 +310,17 @@ class SplitNN:
             drain = getattr(worker, "drain", None)
             if callable(drain):
                 drain()
+
+    def check_pipeline(self, pipeline: int) -> None:
+        """Refuse, before any work, a pipeline depth this model's workers cannot run."""
+        if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
+            raise ConfigurationError(
+                f"pipeline must be an integer 1..{MAX_IN_FLIGHT} (batches in flight), got {pipeline!r}"
+            )
+        if pipeline == 1:
+            return
+        if not (self.ship_epochs and can_ship(self.stages)):
+            check_in_process(self.stages, f"pipelined training (pipeline={pipeline})")
 
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
         """Loss and correct count on rows ``indices`` of a placed dataset (``keep``: see :meth:`metrics`)."""

@@ -45,8 +45,10 @@ def plans_for(
     order: BatchOrder | None,
     indices: Sequence[torch.Tensor] | None,
     progress_interval: float = 0.05,
+    pipeline: int = 1,
 ) -> dict[str, EpochPlan]:
-    """Each worker's part of the epoch, by worker name (stages in chain order)."""
+    """Each worker's part of the epoch, by worker name (stages in chain order); every plan names the
+    whole chain, from which each worker builds the epoch's schedule (``pipeline`` batches in flight)."""
     names = [s.worker.name for s in stages]
     parts: dict[str, list[StagePlan]] = {}
     for i, stage in enumerate(stages):
@@ -62,6 +64,8 @@ def plans_for(
             order=order,
             indices=tuple(indices) if order is None else None,
             progress_interval=progress_interval,
+            chain=tuple(names),
+            pipeline=pipeline,
         )
         for name, sp in parts.items()
     }
@@ -76,11 +80,13 @@ def ship_epoch(
     *,
     order: BatchOrder | None = None,
     timeout: float | None = None,
+    pipeline: int = 1,
 ) -> int:
     """Run one training epoch as shipped plans; call ``on_batch`` per batch, in order. Returns the batch count.
 
     ``order`` (when the batches are :func:`~splitnn.training.epoch_batches`' for it) is
-    sent instead of the indices; otherwise ``batches`` travel explicitly.
+    sent instead of the indices; otherwise ``batches`` travel explicitly. ``pipeline``:
+    batches in flight (:class:`~splitnn.workers.schedules.Pipelined`; 1 is lock-step).
     """
     if order is not None and -(-order.n // order.batch_size) != len(batches):
         raise WorkerError(
@@ -90,7 +96,13 @@ def ship_epoch(
     if timeout is None:
         timeout = max(float(getattr(w, "timeout", 60.0)) for w in workers.values())
     plans = plans_for(
-        stages, 1 + secrets.randbelow((1 << RUN_ID_BITS) - 1), dataset, loss, order=order, indices=batches
+        stages,
+        1 + secrets.randbelow((1 << RUN_ID_BITS) - 1),
+        dataset,
+        loss,
+        order=order,
+        indices=batches,
+        pipeline=pipeline,
     )
     news = threading.Condition()
     fresh = [False]

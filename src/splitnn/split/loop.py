@@ -35,7 +35,9 @@ class Trainable(Protocol):
     :func:`fit` then calls it once per epoch instead of ``train_batch`` per batch.
     ``on_batch`` must be called with each batch's ``LossStats`` in batch order;
     ``order`` is the ``epoch_batches`` arguments that made ``batches``, or None
-    when the model chose its own plan.
+    when the model chose its own plan. A model that can train with several batches
+    in flight defines ``check_pipeline(k)`` (raising before any work when it cannot)
+    and takes ``pipeline=k`` in ``train_epoch``.
 
     Metrics beyond accuracy (:mod:`splitnn.workers.metrics`) need two more methods:
     ``eval_batch(dataset, indices, keep=ID)`` has the label holder keep its outputs, and
@@ -149,6 +151,7 @@ def fit(
     checkpoint_every: str | int = "epoch",
     resume: bool = False,
     retries: int = 3,
+    pipeline: int = 1,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -161,13 +164,23 @@ def fit(
     ``progress`` shows a bar per epoch (default: when stderr is a terminal).
     ``on_epoch`` is called with each epoch's stats.
 
+    ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
+    U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
+    gradient of batch ``t`` has come back; every party computes batch ``t``'s forward and
+    backward with the weights after the updates of batches ``0 .. t - K`` of the epoch
+    (delayed SGD: staleness at most ``K - 1`` updates) and applies updates in batch order;
+    each epoch fills and drains the pipeline (see :mod:`splitnn.workers.schedules`).
+    ``pipeline=1`` (the default) is lock-step, bit-identical to the monolithic model.
+
     Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
     writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
     start, after every epoch and -- with ``checkpoint_every=N`` -- every ``N`` batches, and the
     researcher writes ``checkpoint_dir/manifest.json``. ``resume=True`` continues the job that
     manifest records (or starts it when there is none): the result, weights included, is exactly
     that of an uninterrupted run, and the history returned holds the earlier epochs too. A resume
-    whose model, parties, data or data order differ is refused, naming what differs.
+    whose model, parties, data or data order differ is refused, naming what differs. With
+    ``pipeline=K`` and ``checkpoint_every=N`` the pipeline drains at every checkpoint (every N
+    batches), in an interrupted run and an uninterrupted one alike.
 
     Faults (networked parties): when a party cannot be reached or a connection breaks
     (:class:`~splitnn.errors.WorkerUnreachableError`), ``fit`` waits (1 s, doubling, at most 30 s),
@@ -178,6 +191,15 @@ def fit(
     """
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
+    _check_positive("pipeline", pipeline)
+    if pipeline != 1:
+        check_pipeline = getattr(model, "check_pipeline", None)
+        if check_pipeline is None:
+            raise ConfigurationError(
+                f"{type(model).__name__} trains one batch at a time; pipeline={pipeline} needs a split chain "
+                "(SplitNN or UShapedSplitNN): leave pipeline=1"
+            )
+        check_pipeline(pipeline)
     if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
         raise ConfigurationError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
     if resume and checkpoint_dir is None:
@@ -208,7 +230,7 @@ def fit(
             position = job.restore(manifest)
             history.epochs = [EpochStats(**e) for e in job.history()]
     last = initial_epoch + epochs
-    run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job)
+    run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
     attempts = 0
     while position.epoch < last:
         try:
@@ -225,8 +247,10 @@ def fit(
 class _Run:
     """One epoch of :func:`fit` at a time, from a position (possibly mid-epoch) to the next epoch's start."""
 
-    def __init__(self, model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, metrics, job):
-        self.model, self.name, self.n, self.batch_size = model, name, n, batch_size
+    def __init__(
+        self, model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, metrics, job, pipeline
+    ):
+        self.model, self.name, self.n, self.batch_size, self.pipeline = model, name, n, batch_size, pipeline
         self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
         self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
 
@@ -259,7 +283,7 @@ class _Run:
                     stop = min(stop, position.batch + job.every - position.step % job.every)
                 whole = position.batch == 0 and stop == len(batches)
                 chunk = batches[position.batch : stop]
-                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar)
+                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar, self.pipeline)
                 position.step += stop - position.batch
                 position.batch = stop
                 if job is not None and job.due(position, len(batches)):
@@ -328,7 +352,9 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
                 ) from fault
 
 
-def _train_epoch(model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm) -> float:
+def _train_epoch(
+    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm, pipeline: int
+) -> float:
     """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
     total, done = 0.0, 0
 
@@ -341,7 +367,9 @@ def _train_epoch(model: Trainable, name: str, batches: list[torch.Tensor], order
         bar.update(1)
 
     train_epoch = getattr(model, "train_epoch", None)
-    if callable(train_epoch):
+    if pipeline != 1:
+        train_epoch(name, batches, on_batch, order=order, pipeline=pipeline)
+    elif callable(train_epoch):
         train_epoch(name, batches, on_batch, order=order)
     else:
         for idx in batches:

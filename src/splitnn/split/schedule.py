@@ -1,18 +1,42 @@
-"""The order in which one training or evaluation step runs across the stages.
+"""The in-process driver: the researcher runs a schedule's actions across the stages' workers.
 
-This is the eager schedule: one worker call per operation, exactly the loop of
-the tutorial (zero grads, forward along the chain, loss at the label holder,
-backward along the chain in reverse, step). Workers pass activations and
-gradients between themselves by ref; this code never touches a tensor.
+The step order lives in :mod:`splitnn.workers.schedules` (the same schedule objects a
+networked worker runs in a shipped epoch). This module executes them in the researcher's
+process, two ways:
+
+* :func:`train_step` -- the lock-step schedule of one batch, through the :class:`Worker`
+  protocol only (any worker, in-process or networked, fused autograd where both ends of a
+  cut allow it). Activations and gradients travel as refs: a send makes the ref the next
+  party's input and the receiver pulls the tensor when it uses it (recording the bytes), so
+  the program compiled from the schedule keeps only its computations. This is the fast path
+  of :meth:`SplitNN.train_batch`: it costs about what a hand-written loop does.
+* :func:`run_in_process` -- any schedule (pipelined ones included) over in-process engines,
+  each party's actions through a :class:`~splitnn.workers.runner.PartyRun`, the tensors
+  handed from sender to receiver exactly as a shipped epoch pushes them. In one thread it
+  follows the schedule's simulated timeline; with ``threads=True`` each party runs its own
+  actions on a thread of its own and waits for what it receives, so parties compute at once.
+
+Evaluation and the tutorial's low-level API use :func:`forward_chain` and
+:func:`backward_chain` (a forward pass has no order to choose).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 
+import torch
+
+from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.split.stage import Stage
-from splitnn.workers import BatchRef, LossStats, TensorRef
+from splitnn.workers import BatchRef, LossStats, TensorRef, VirtualWorker
 from splitnn.workers.losses import Loss
+from splitnn.workers.runner import PartyRun
+from splitnn.workers.schedules import RECEIVES, SENDS, LockStep, Op, Schedule
+
+#: Seconds a party thread waits for a tensor from another before it gives up (a guard against hangs).
+THREAD_WAIT_SECONDS = 600.0
 
 
 def forward_chain(stages: Sequence[Stage], source: TensorRef | BatchRef, *, train: bool) -> TensorRef:
@@ -30,15 +54,41 @@ def backward_chain(stages: Sequence[Stage]) -> None:
         grad = stage.worker.backward(stage.key, grad)
 
 
+# ----------------------------------------------------------------------------- lock-step, by refs
+_ZERO, _FORWARD, _LOSS, _BACKWARD, _STEP = range(5)
+_OPCODES = {Op.ZERO: _ZERO, Op.FORWARD: _FORWARD, Op.LOSS: _LOSS, Op.BACKWARD: _BACKWARD, Op.STEP: _STEP}
+
+
+@functools.lru_cache(maxsize=64)
+def _lockstep_program(stages: tuple[Stage, ...]) -> tuple[tuple, ...]:
+    """The one-batch lock-step schedule of ``stages`` in its simulated order, as (opcode, stage, key, worker)
+    rows: its computations (sends and receives are the refs handed from one computation to the next)."""
+    sched = LockStep([s.worker.name for s in stages], 1)
+    return tuple(
+        (_OPCODES[a.op], a.stage, stages[a.stage].key, stages[a.stage].worker)
+        for _, a in sched.order()
+        if a.op not in SENDS and a.op not in RECEIVES
+    )
+
+
 def train_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss) -> LossStats:
-    """One optimisation step on ``batch``: features at the first stage, labels at the last."""
-    for stage in stages:
-        stage.worker.zero_grad(stage.key)
-    out = forward_chain(stages, batch, train=True)
-    stats = stages[-1].worker.loss(out, batch, loss, train=True)
-    backward_chain(stages)
-    for stage in stages:
-        stage.worker.step(stage.key)
+    """One optimisation step on ``batch`` (features at the first stage, labels at the last): the
+    :class:`~splitnn.workers.schedules.LockStep` schedule of one batch, driven through the Worker protocol."""
+    last = len(stages) - 1
+    outs: list = [None] * len(stages)  # the ref each stage's forward returned
+    grads: list = [None] * len(stages)  # the ref of the gradient of each stage's input
+    stats = None
+    for code, s, key, w in _lockstep_program(tuple(stages)):
+        if code == _FORWARD:
+            outs[s] = w.forward(key, batch if s == 0 else outs[s - 1], train=True)
+        elif code == _BACKWARD:
+            grads[s] = w.backward(key, None if s == last else grads[s + 1])
+        elif code == _LOSS:
+            stats = w.loss(outs[s], batch, loss, train=True)
+        elif code == _STEP:
+            w.step(key)
+        else:
+            w.zero_grad(key)
     return stats
 
 
@@ -49,3 +99,103 @@ def eval_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss, *, keep: str
     if keep is None:
         return stages[-1].worker.loss(out, batch, loss, train=False)
     return stages[-1].worker.loss(out, batch, loss, train=False, keep=keep)
+
+
+# ----------------------------------------------------------------------------- any schedule, in-process
+def check_in_process(stages: Sequence[Stage], what: str) -> None:
+    """Refuse, before any work, a schedule the in-process engines cannot run (networked workers)."""
+    remote = sorted({s.worker.name for s in stages if not isinstance(s.worker, VirtualWorker)})
+    if remote:
+        raise ConfigurationError(
+            f"{what} runs in-process on VirtualWorkers or as shipped epochs on networked workers; "
+            f"{', '.join(map(repr, remote))} {'is' if len(remote) == 1 else 'are'} neither here: use "
+            "networked workers for every party with ship_epochs=True, or in-process workers for all"
+        )
+
+
+def run_in_process(
+    stages: Sequence[Stage],
+    schedule: Schedule,
+    dataset: str,
+    loss: Loss,
+    batches: Sequence[torch.Tensor],
+    on_batch: Callable[[LossStats], None],
+    *,
+    threads: bool = False,
+) -> None:
+    """Run every party's actions of ``schedule`` over in-process workers; ``on_batch`` gets each batch's
+    loss in batch order (from the label holder's thread when ``threads``)."""
+    check_in_process(stages, f"{schedule!r}")
+    if len(batches) != schedule.num_batches:
+        raise ConfigurationError(f"{schedule!r} is for {schedule.num_batches} batches, got {len(batches)}")
+    last = len(stages) - 1
+    runs = {}
+    for p in schedule.parties:
+        keys = {s.index: s.key for s in stages if s.worker.name == p}
+        engine = next(s.worker for s in stages if s.worker.name == p)
+        runs[p] = PartyRun(engine, keys, last, dataset, loss, batches, stashing=schedule.stashing)
+    try:
+        if threads:
+            _run_threads(schedule, runs, on_batch)
+        else:
+            _run_one_thread(schedule, runs, on_batch)
+    except BaseException:
+        for run in runs.values():  # drop the failed epoch's intermediate tensors
+            run.engine.release()
+        raise
+
+
+def _run_one_thread(schedule: Schedule, runs: dict[str, PartyRun], on_batch: Callable[[LossStats], None]) -> None:
+    box: dict[tuple[str, int, int], object] = {}
+    for p, a in schedule.order():
+        op = a.op
+        if op in RECEIVES:
+            runs[p].incoming(a, box.pop((a.kind, a.cut, a.batch)))
+        elif op in SENDS:
+            box[(a.kind, a.cut, a.batch)] = runs[p].outgoing(a)
+        else:
+            stats = runs[p].compute(a)
+            if stats is not None:
+                on_batch(stats)
+
+
+def _run_threads(schedule: Schedule, runs: dict[str, PartyRun], on_batch: Callable[[LossStats], None]) -> None:
+    box: dict[tuple[str, int, int], object] = {}
+    news = threading.Condition()
+    errors: list[BaseException] = []
+
+    def party(p: str) -> None:
+        run = runs[p]
+        try:
+            for a in schedule.actions(p):
+                op = a.op
+                if op in RECEIVES:
+                    key = (a.kind, a.cut, a.batch)
+                    with news:
+                        if not news.wait_for(lambda key=key: key in box or errors, THREAD_WAIT_SECONDS):
+                            raise WorkerError(f"party {p!r} waited {THREAD_WAIT_SECONDS:g} s for {a!r}")
+                        if errors:
+                            return
+                        tensor = box.pop(key)
+                    run.incoming(a, tensor)
+                elif op in SENDS:
+                    tensor = run.outgoing(a)
+                    with news:
+                        box[(a.kind, a.cut, a.batch)] = tensor
+                        news.notify_all()
+                else:
+                    stats = run.compute(a)
+                    if stats is not None:
+                        on_batch(stats)
+        except BaseException as exc:
+            with news:
+                errors.append(exc)
+                news.notify_all()
+
+    workers = [threading.Thread(target=party, args=(p,), name=f"splitnn-{p}", daemon=True) for p in schedule.parties]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]

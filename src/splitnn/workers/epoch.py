@@ -4,9 +4,11 @@ The eager schedule (:mod:`splitnn.split.schedule`) issues one worker call per
 operation. A worker that implements :class:`~splitnn.workers.base.EpochWorker`
 can instead take one :class:`EpochPlan` per epoch and run every batch itself:
 it computes the batches from :class:`BatchOrder` (or takes explicit indices),
-receives activations from its previous party and gradients from its next one,
-and runs its own segments' operations in the eager order -- zero grads, forward,
-(loss), backward in reverse, step -- so the weights are bit-identical.
+builds the epoch's schedule (:mod:`splitnn.workers.schedules`: lock-step, or
+pipelined with ``pipeline`` batches in flight) from the chain of parties the plan
+names, and runs its own actions of it, receiving activations from its previous
+party and gradients from its next one -- the same schedule the in-process driver
+runs, so the weights are bit-identical.
 
 The researcher watches the epoch through an :class:`EpochHandle`: per-batch
 losses from the label holder, then each worker's final report (its ledger
@@ -24,6 +26,7 @@ import torch
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.workers.refs import LossStats
+from splitnn.workers.schedules import MAX_IN_FLIGHT, Schedule, schedule
 
 #: Run ids must fit this many bits (they are the high bits of a peer frame's id).
 RUN_ID_BITS = 23
@@ -113,6 +116,10 @@ class EpochPlan:
     ``indices`` (explicit index tensors, for models that choose their own
     batches) is given. ``progress_interval`` is how often (seconds) the label
     holder reports the losses of the batches it finished.
+
+    ``chain`` is the party of every stage of the model (the schedule is built from it)
+    and ``pipeline`` the batches in flight (1: lock-step). A plan without ``chain``
+    can only be lock-step: the worker's own stages then tell it all it does.
     """
 
     run_id: int
@@ -122,6 +129,8 @@ class EpochPlan:
     order: BatchOrder | None = None
     indices: tuple[torch.Tensor, ...] | None = None
     progress_interval: float = 0.05
+    chain: tuple[str, ...] | None = None
+    pipeline: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, int) or not 0 < self.run_id < 1 << RUN_ID_BITS:
@@ -134,6 +143,22 @@ class EpochPlan:
             raise ConfigurationError(f"shipped epochs support at most {MAX_STAGES} stages")
         if self.num_batches >= MAX_BATCHES:
             raise ConfigurationError(f"too many batches in one epoch (at most {MAX_BATCHES - 1})")
+        p = self.pipeline
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_IN_FLIGHT:
+            raise ConfigurationError(f"pipeline must be an integer 1..{MAX_IN_FLIGHT}, got {p!r}")
+        if self.chain is None:
+            if p != 1:
+                raise ConfigurationError("a pipelined epoch plan needs the chain of parties")
+            return
+        chain = self.chain
+        if not 0 < len(chain) <= MAX_STAGES or not all(isinstance(n, str) and 0 < len(n) <= 64 for n in chain):
+            raise ConfigurationError(f"an epoch plan's chain must name the party of each of 1..{MAX_STAGES} stages")
+        for st in self.stages:
+            if st.index >= len(chain) or (st.prev, st.next) != (
+                chain[st.index - 1] if st.index else None,
+                chain[st.index + 1] if st.index + 1 < len(chain) else None,
+            ):
+                raise ConfigurationError(f"stage {st.index} of the epoch plan does not fit its chain {list(chain)}")
 
     @property
     def num_batches(self) -> int:
@@ -149,6 +174,22 @@ class EpochPlan:
     def holds_labels(self) -> bool:
         """Whether this worker runs the last segment (and so computes the losses)."""
         return any(s.next is None for s in self.stages)
+
+    def schedule(self, me: str) -> Schedule:
+        """The epoch's schedule, as worker ``me`` sees it (whose stages are :attr:`stages`)."""
+        return schedule(self.chain or self._local_chain(me), self.num_batches, self.pipeline)
+
+    def _local_chain(self, me: str) -> tuple[str, ...]:
+        """A chain right around ``me``'s stages (all a lock-step party's actions depend on); "?" elsewhere."""
+        last = next((s.index for s in self.stages if s.next is None), None)
+        chain = ["?"] * ((last + 1) if last is not None else self.stages[-1].index + 2)
+        for st in self.stages:
+            chain[st.index] = me
+            if st.prev is not None:
+                chain[st.index - 1] = st.prev
+            if st.next is not None:
+                chain[st.index + 1] = st.next
+        return tuple(chain)
 
 
 @dataclass

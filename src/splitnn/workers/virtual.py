@@ -54,7 +54,7 @@ import math
 import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,6 +80,7 @@ from splitnn.workers.checkpoint import (
 from splitnn.workers.checks import check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
+from splitnn.workers.inflight import Flight, detached_input, flight_forward, take_grads
 from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
@@ -107,6 +108,8 @@ class _Hosted:
     spec: dict | None = None  # the segment's spec, when a policy rule needs it (None: it has none)
     send_out: CutEncoder | None = None  # codec of the activation sent over the output cut (None: plain)
     send_grad: CutEncoder | None = None  # codec of the gradient sent back over the input cut (None: plain)
+    flights: dict[int, Flight] = field(default_factory=dict)  # pipelined schedules: batch -> its state here
+    steps: int = 0  # optimizer steps taken by pipelined schedules (a flight without stashed weights checks it)
 
 
 class VirtualWorker:
@@ -498,6 +501,94 @@ class VirtualWorker:
         for hosted in list(self._segments.values()):
             hosted.inp = hosted.out = None
             hosted.inputs = hosted.sent = None
+            hosted.flights.clear()
+
+    # -- pipelined schedules: several batches in flight per segment (splitnn.workers.inflight) ----
+    def forward_in_flight(self, key: str, source: TensorRef | BatchRef, batch: int, *, stash: bool) -> TensorRef:
+        """Training forward of batch ``batch`` on segment ``key``, kept apart from other batches in flight;
+        with ``stash``, on a copy of the current weights (a step comes before this batch's backward)."""
+        hosted = self._segment(key)
+        if batch in hosted.flights:
+            raise WorkerError(f"worker {self.name!r}: batch {batch} is already in flight on segment {key!r}")
+        if hosted.training is not True:
+            hosted.module.train(True)
+            hosted.training = True
+        if isinstance(source, BatchRef):
+            x, inp = self._batch(source, "features"), None
+        else:
+            x = inp = detached_input(self._receive(source, "activation", False)[0])
+        out, leaves = flight_forward(hosted.module, hosted.params, x, stash)
+        out = _output(out, key, self.name)
+        hosted.flights[batch] = Flight(inp, out, leaves, stash, hosted.steps)
+        return self._keep(out, "activation")
+
+    def loss_in_flight(self, key: str, batch: int, output: TensorRef, target: BatchRef, loss: Loss) -> LossStats:
+        """The training loss of batch ``batch``'s output of (last) segment ``key``, kept for its backward."""
+        flight = self._flight(key, batch)
+        self._receive(output, "activation", False)  # consumes the ref; the graph is the flight's own output
+        if type(flight.out) is tuple:
+            raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(flight.out)} values")
+        labels = self._batch(target, "labels")
+        flight.loss = compute_loss(loss, flight.out, labels)
+        return LossStats(float(flight.loss.item()), -1, len(labels))
+
+    def backward_in_flight(self, key: str, batch: int, grad: TensorRef | None) -> TensorRef | None:
+        """Back-propagate batch ``batch`` through segment ``key`` (from its loss when ``grad`` is None), with
+        the weights its forward used; its parameter gradients wait for :meth:`step_in_flight`. Returns a ref
+        to the gradient of the segment's input (None for data)."""
+        hosted = self._segment(key)
+        flight = self._flight(key, batch)
+        if flight.out is None:
+            raise WorkerError(f"worker {self.name!r}: batch {batch} of segment {key!r} went backward already")
+        if not flight.stashed:
+            if flight.steps != hosted.steps:  # the schedule promised no step in between: a bug if it happens
+                raise WorkerError(
+                    f"worker {self.name!r}: segment {key!r} stepped while batch {batch} was in flight without "
+                    "stashed weights (the schedule must stash this forward)"
+                )
+            for p in hosted.params:  # the live parameters' gradients belong to this batch alone
+                p.grad = None
+        if grad is None:
+            if flight.loss is None:
+                raise WorkerError(f"worker {self.name!r}: backward of batch {batch} on {key!r} without its loss")
+            flight.loss.backward()
+            flight.loss = None
+        else:
+            g, _ = self._receive(grad, "gradient", False)
+            if type(g) is tuple or type(flight.out) is tuple:
+                _backward_values(flight.out, g, self.name)
+            else:
+                flight.out.backward(g)
+        flight.grads = take_grads(flight.leaves, clear=not flight.stashed)
+        inp, flight.inp, flight.out = flight.inp, None, None
+        if inp is None:
+            return None
+        if type(inp) is tuple:
+            return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient")
+        if inp.grad is None:
+            raise WorkerError(f"worker {self.name!r}: segment {key!r} got no gradient at its input in batch {batch}")
+        return self._keep(inp.grad, "gradient")
+
+    def step_in_flight(self, key: str, batch: int) -> None:
+        """Step segment ``key``'s optimizer with batch ``batch``'s gradients (and forget the batch)."""
+        hosted = self._segment(key)
+        flight = self._flight(key, batch)
+        if flight.grads is None:
+            raise WorkerError(f"worker {self.name!r}: step of batch {batch} on {key!r} before its backward")
+        del hosted.flights[batch]
+        if hosted.optimizer is not None:
+            for p, g in zip(hosted.params, flight.grads):
+                p.grad = g
+            hosted.optimizer.step()
+            for p in hosted.params:
+                p.grad = None
+        hosted.steps += 1
+
+    def _flight(self, key: str, batch: int) -> Flight:
+        flight = self._segment(key).flights.get(batch)
+        if flight is None:
+            raise WorkerError(f"worker {self.name!r}: batch {batch} is not in flight on segment {key!r}")
+        return flight
 
     # -- the engine's surface for a server ---------------------------------------------------------
     # A networked party (splitnn.server) runs one VirtualWorker per researcher session as its engine

@@ -95,9 +95,15 @@ class UShapedSplitNN(Topology):
         on_batch: Callable[[LossStats], None],
         *,
         order: dict | None = None,
+        pipeline: int = 1,
     ) -> None:
-        """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped)."""
-        self.chain.train_epoch(dataset, batches, on_batch, order=order)
+        """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped; ``pipeline``
+        batches in flight)."""
+        self.chain.train_epoch(dataset, batches, on_batch, order=order, pipeline=pipeline)
+
+    def check_pipeline(self, pipeline: int) -> None:
+        """Refuse a pipeline depth the workers cannot run (see :meth:`SplitNN.check_pipeline`)."""
+        self.chain.check_pipeline(pipeline)
 
     def workers(self) -> list[Worker]:
         """The data holder, then the middle parties."""

@@ -1,0 +1,94 @@
+"""What pipelining costs in accuracy: Fashion-MNIST, the tutorial network, 5 epochs, K batches in flight.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --data-dir ../shared/data/fashion-mnist
+        [--pipeline 1,2,4,8,16] [--seeds 0,1,2] [--epochs 5] [--json out.json]
+
+Each run is ``splitnn.SplitNN(tutorial_mlp(...), alice/bob/claire VirtualWorkers, SGD lr 0.03)``
+``.fit(train, epochs, batch_size=64, seed=s, pipeline=K, test_data=test)`` in-process: a
+networked run with the same seed computes the same weights bit for bit (tests/workers/
+test_pipelined_remote.py), so the accuracy holds for it too; its throughput over a WAN is
+what ``benchmarks/bench_wan.py --pipeline`` measures. The table gives, per K, the final test
+accuracy of each seed, their mean, and the difference to lock-step (K = 1) of the same seeds.
+Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import splitnn  # noqa: E402
+from splitnn.data import load_dataset  # noqa: E402
+from splitnn.models import tutorial_mlp  # noqa: E402
+
+NAMES = ("alice", "bob", "claire")
+
+
+def run_one(train, test, k: int, seed: int, epochs: int) -> dict:
+    torch.manual_seed(seed)
+    model = splitnn.SplitNN(tutorial_mlp(classes=train.num_classes), [splitnn.VirtualWorker(n) for n in NAMES])
+    start = time.perf_counter()
+    history = model.fit(train, epochs=epochs, batch_size=64, seed=seed, test_data=test, pipeline=k, progress=False)
+    seconds = time.perf_counter() - start
+    return {
+        "k": k,
+        "seed": seed,
+        "accuracy": [e.test_accuracy for e in history.epochs],
+        "train_loss": history.losses(),
+        "train_seconds": sum(e.seconds for e in history.epochs),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="Fashion-MNIST IDX files (default: splitnn's search)"
+    )
+    parser.add_argument("--pipeline", default="1,2,4,8,16", help="batches in flight, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of weights and data order, comma-separated")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load = dict(data_dir=args.data_dir, download=args.data_dir is None, progress=False)
+    train, test = load_dataset("fashion-mnist", "train", **load), load_dataset("fashion-mnist", "test", **load)
+    ks = [int(k) for k in args.pipeline.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = []
+    for k in ks:
+        for seed in seeds:
+            r = run_one(train, test, k, seed, args.epochs)
+            runs.append(r)
+            print(
+                f"K={k:>2} seed {seed}: test accuracy {r['accuracy'][-1]:.4f} "
+                f"({len(train) * args.epochs / r['train_seconds']:,.0f} samples/s in-process)",
+                flush=True,
+            )
+    base = {r["seed"]: r["accuracy"][-1] for r in runs if r["k"] == 1}
+    print(f"\nFashion-MNIST, tutorial MLP, {args.epochs} epochs, batch 64, SGD lr 0.03, seeds {seeds}")
+    print("| K | test accuracy per seed | mean | vs lock-step (points) |")
+    print("|---|---|---|---|")
+    for k in ks:
+        accs = [r["accuracy"][-1] for r in runs if r["k"] == k]
+        mean = statistics.mean(accs)
+        diff = (
+            f"{100 * statistics.mean(a - base[s] for a, s in zip(accs, seeds)):+.2f}"
+            if len(base) == len(seeds)
+            else "-"
+        )
+        print(f"| {k} | {' '.join(f'{a:.4f}' for a in accs)} | {mean:.4f} | {diff} |")
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2))
+
+
+if __name__ == "__main__":
+    main()

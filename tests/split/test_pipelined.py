@@ -1,0 +1,246 @@
+"""Pipelined training in-process: K batches in flight compute delayed SGD (delay K - 1), exactly.
+
+The oracles write the definition out plainly: batch ``t`` of an epoch is computed, forward and
+backward, with the weights after the updates of batches ``0 .. t - K`` (``W(t - K + 1)``), and
+``W(j + 1)`` is the optimizer's step from ``W(j)`` with batch ``j``'s gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+
+import splitnn
+from splitnn.data import Dataset
+from splitnn.errors import ConfigurationError
+from splitnn.split.schedule import run_in_process
+from splitnn.training import epoch_batches
+from splitnn.training.topologies import UShapedSplitNN
+from splitnn.workers.runner import PartyRun
+from splitnn.workers.schedules import Action, Op, Pipelined
+from tests.helpers import assert_same_weights, toy_dataset
+
+NAMES = ("alice", "bob", "claire")
+
+
+def _tiny_data(n: int, features: int = 3, classes: int = 3, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g), "tiny", classes)
+
+
+def _sgd(weights, grads, lr):
+    """One plain SGD update (the arithmetic of torch.optim.SGD without momentum: p.add_(g, alpha=-lr))."""
+    return [w.add(g, alpha=-lr) for w, g in zip(weights, grads)]
+
+
+def test_k2_two_parties_by_hand():
+    """Two parties, Linear layers, SGD, 4 batches of 2 samples, K = 2: each update written out."""
+    torch.manual_seed(0)
+    alice_seg, bob_seg = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1))
+    w0 = [alice_seg.weight, alice_seg.bias, bob_seg[0].weight, bob_seg[0].bias]
+    w0 = [t.detach().clone() for t in w0]
+    data = _tiny_data(8)
+    lr = 0.5
+    model = splitnn.SplitNN(
+        [alice_seg, bob_seg], [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")], optimizer=f"sgd:lr={lr}"
+    )
+    model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=2, progress=False)
+
+    def grad(w, rows):
+        w = [t.clone().requires_grad_() for t in w]
+        x, y = data.features[rows], data.labels[rows]
+        out = F.log_softmax(F.linear(F.linear(x, w[0], w[1]), w[2], w[3]), dim=1)
+        return torch.autograd.grad(F.nll_loss(out, y), w)
+
+    b0, b1, b2, b3 = [torch.arange(2 * t, 2 * t + 2) for t in range(4)]
+    w1 = _sgd(w0, grad(w0, b0), lr)  # batch 0: forward and backward with W0
+    w2 = _sgd(w1, grad(w0, b1), lr)  # batch 1: started before batch 0's update: still W0
+    w3 = _sgd(w2, grad(w1, b2), lr)  # batch 2: one update behind: W1
+    w4 = _sgd(w3, grad(w2, b3), lr)  # batch 3: W2
+    trained = model.collect()
+    got = [trained[0].weight, trained[0].bias, trained[1].weight, trained[1].bias]
+    for g, e in zip(got, w4):
+        assert torch.equal(g, e)
+    # ... which lock-step would not give (its batch t sees W(t)): the oracle tells them apart
+    lock = w0
+    for rows in (b0, b1, b2, b3):
+        lock = _sgd(lock, grad(lock, rows), lr)
+    assert not torch.equal(lock[0], w4[0])
+
+
+def test_k3_three_parties_by_hand():
+    """Three parties (a middle one), 5 batches, K = 3: batch t sees W(max(0, t - 2))."""
+    torch.manual_seed(1)
+    segs = [
+        nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh()),
+        nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)),
+    ]
+    w0 = [t.detach().clone() for s in segs for t in (s[0].weight, s[0].bias)]
+    data = _tiny_data(10, seed=1)
+    lr = 0.3
+    model = splitnn.SplitNN(segs, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=f"sgd:lr={lr}")
+    model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
+
+    def grad(w, rows):
+        w = [t.clone().requires_grad_() for t in w]
+        h = torch.tanh(F.linear(torch.relu(F.linear(data.features[rows], w[0], w[1])), w[2], w[3]))
+        out = F.log_softmax(F.linear(h, w[4], w[5]), dim=1)
+        return torch.autograd.grad(F.nll_loss(out, data.labels[rows]), w)
+
+    b = [torch.arange(2 * t, 2 * t + 2) for t in range(5)]
+    w1 = _sgd(w0, grad(w0, b[0]), lr)
+    w2 = _sgd(w1, grad(w0, b[1]), lr)
+    w3 = _sgd(w2, grad(w0, b[2]), lr)
+    w4 = _sgd(w3, grad(w1, b[3]), lr)
+    w5 = _sgd(w4, grad(w2, b[4]), lr)
+    trained = model.collect()
+    got = [t for layer in (trained[0], trained[2], trained[4]) for t in (layer.weight, layer.bias)]
+    for g, e in zip(got, w5):
+        assert torch.equal(g, e)
+
+
+def _delayed_twin(segments, data, *, k, epochs, batch_size, make_opt, seed=0):
+    """The definition, as a loop over a monolithic copy: batch t's gradient at W(t - k + 1), steps in order."""
+    twin = nn.Sequential(*copy.deepcopy(list(segments)))
+    opt = make_opt(twin.parameters())
+    for epoch in range(epochs):
+        versions = [copy.deepcopy(twin.state_dict())]  # W(0) of this epoch
+        for t, idx in enumerate(epoch_batches(len(data), batch_size, seed=seed, epoch=epoch)):
+            stale = copy.deepcopy(twin)
+            stale.load_state_dict(versions[max(0, t - k + 1)])
+            F.nll_loss(stale(data.features[idx]), data.labels[idx]).backward()
+            for p, q in zip(twin.parameters(), stale.parameters()):
+                p.grad = q.grad
+            opt.step()
+            versions.append(copy.deepcopy(twin.state_dict()))
+    return twin
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_fit_pipelined_is_delayed_sgd(k, opt):
+    torch.manual_seed(3)
+    segments = [
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU()),
+        nn.Sequential(nn.Linear(16, 8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 4), nn.LogSoftmax(dim=1)),
+    ]
+    initial = copy.deepcopy(segments)
+    data = toy_dataset(90, shape=(3, 4), classes=4, seed=2)
+    spec, make = {
+        "sgd": ("sgd:lr=0.1,momentum=0.9", lambda p: optim.SGD(p, lr=0.1, momentum=0.9)),
+        "adam": ("adam:lr=0.01", lambda p: optim.Adam(p, lr=0.01)),
+    }[opt]
+    model = splitnn.SplitNN(segments, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=spec)
+    model.fit(data, epochs=2, batch_size=8, seed=5, pipeline=k, progress=False)
+    assert_same_weights(
+        model.collect(), _delayed_twin(initial, data, k=k, epochs=2, batch_size=8, make_opt=make, seed=5)
+    )
+
+
+def test_u_shape_and_consecutive_stages_pipelined_are_delayed_sgd():
+    torch.manual_seed(4)
+    head, mid, tail = (
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
+        nn.Sequential(nn.Linear(10, 6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=1)),
+    )
+    initial = copy.deepcopy([head, mid, tail])
+    data = toy_dataset(60, shape=(3, 4), classes=4, seed=3)
+    alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
+    u = UShapedSplitNN(head, [mid], tail, alice, bob, optimizer="sgd:lr=0.1")
+    u.fit(data, epochs=1, batch_size=6, pipeline=3, progress=False)
+    twin = _delayed_twin(initial, data, k=3, epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1))
+    assert_same_weights(u.collect(), twin)
+
+    torch.manual_seed(5)
+    segs = [
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
+        nn.Sequential(nn.Linear(10, 8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=1)),
+    ]
+    initial = copy.deepcopy(segs)
+    a, b = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
+    model = splitnn.SplitNN(segs, [a, a, b, b], optimizer="sgd:lr=0.1")
+    model.fit(data, epochs=1, batch_size=6, pipeline=2, progress=False)
+    twin = _delayed_twin(initial, data, k=2, epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1))
+    assert_same_weights(model.collect(), twin)
+
+
+def _fit(k, *, threads=False, fuse=True, dropout=False, epochs=2):
+    torch.manual_seed(6)
+    segments = splitnn.models.tutorial_mlp()
+    if dropout:
+        segments[1].append(nn.Dropout(0.3))
+    model = splitnn.SplitNN(segments, [splitnn.VirtualWorker(n, fuse=fuse) for n in NAMES], threads=threads)
+    history = model.fit(toy_dataset(200), epochs=epochs, batch_size=16, pipeline=k, progress=False)
+    return model, history
+
+
+def test_threads_give_the_one_thread_numbers_and_ledger():
+    one, h1 = _fit(4)
+    many, h2 = _fit(4, threads=True)
+    assert_same_weights(one.collect(), many.collect())
+    assert h1.losses() == h2.losses()
+    assert one.ledger.links() == many.ledger.links()
+
+
+def test_pipelined_ledger_bytes_equal_lockstep():
+    lock, hl = _fit(1)
+    piped, hp = _fit(8)
+    assert lock.ledger.links() == piped.ledger.links()
+    assert [e.bytes_sent for e in hl.epochs] == [e.bytes_sent for e in hp.epochs]
+    assert hl.losses() != hp.losses()  # ... while the numbers do differ (stale weights)
+
+
+def test_pipelined_schedule_of_depth_one_is_lockstep():
+    """The in-flight engine path (stashes, per-batch gradients) with K = 1 gives lock-step's numbers."""
+    lock, _ = _fit(1, epochs=1)
+    torch.manual_seed(6)
+    model = splitnn.SplitNN(splitnn.models.tutorial_mlp(), [splitnn.VirtualWorker(n) for n in NAMES])
+    name, n = model.prepare(toy_dataset(200))
+    batches = epoch_batches(n, 16, seed=0, epoch=0)
+    losses = []
+    run_in_process(model.stages, Pipelined(NAMES, len(batches), 1), name, model.loss, batches, losses.append)
+    assert_same_weights(lock.collect(), model.collect())
+    assert len(losses) == len(batches)
+
+
+def test_dropout_pipelined_in_one_thread_is_reproducible():
+    a, _ = _fit(3, dropout=True)
+    b, _ = _fit(3, dropout=True)
+    assert_same_weights(a.collect(), b.collect())
+
+
+def test_evaluation_and_lockstep_epochs_after_a_pipelined_one():
+    model, history = _fit(4, epochs=1)
+    result = model.evaluate(toy_dataset(64, seed=9))
+    assert 0.0 <= result.accuracy <= 1.0
+    model.fit(toy_dataset(200), epochs=1, batch_size=16, progress=False)  # lock-step continues from there
+    model.fit(toy_dataset(200), epochs=1, batch_size=16, pipeline=2, progress=False)
+
+
+def test_pipeline_errors_come_before_work():
+    model, _ = _fit(1, epochs=1)
+    for bad in (0, -1, 65, 2.0, True):
+        with pytest.raises(ConfigurationError, match="pipeline"):
+            model.fit(toy_dataset(32), epochs=1, pipeline=bad, progress=False)
+
+    class OneAtATime:
+        ledger = splitnn.Ledger()
+
+    with pytest.raises(ConfigurationError, match="one batch at a time"):
+        splitnn.fit(OneAtATime(), toy_dataset(32), pipeline=2)
+
+
+def test_codecs_are_refused_until_compression_is_wired():
+    engine = splitnn.VirtualWorker("alice")
+    run = PartyRun(engine, {0: "k"}, 1, "d", "nll", [], stashing=True)
+    with pytest.raises(ConfigurationError, match="compression"):
+        run.outgoing(Action(0, Op.SEND_F, 0, "bob", codec="int8"))
