@@ -8,7 +8,9 @@ Each run is ``splitnn.SplitNN(tutorial_mlp(...), alice/bob/claire VirtualWorkers
 networked run with the same seed computes the same weights bit for bit (tests/workers/
 test_pipelined_remote.py), so the accuracy holds for it too; its throughput over a WAN is
 what ``benchmarks/bench_wan.py --pipeline`` measures. The table gives, per K, the final test
-accuracy of each seed, their mean, and the difference to lock-step (K = 1) of the same seeds.
+accuracy of each seed, their mean and its difference to lock-step (K = 1) over the same seeds,
+the mean over the last two epochs and the last epoch's training loss (steadier measures than
+one test accuracy). ``--load out.json`` prints the table of an earlier run.
 Not a test: nothing here asserts.
 """
 
@@ -48,6 +50,37 @@ def run_one(train, test, k: int, seed: int, epochs: int) -> dict:
     }
 
 
+def print_table(runs: list[dict], epochs: int) -> None:
+    """Per K: the final test accuracy of each seed, its mean and the mean difference to lock-step (K = 1) over
+    the same seeds, the mean over the last two epochs (one test accuracy swings by +-2 points from epoch to
+    epoch at this learning rate), and the last epoch's mean training loss."""
+    ks = sorted({r["k"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    acc = {(r["k"], r["seed"]): r["accuracy"] for r in runs}
+    loss = {(r["k"], r["seed"]): r["train_loss"][-1] for r in runs}
+    print(f"\nFashion-MNIST, tutorial MLP, {epochs} epochs, batch 64, SGD lr 0.03, seeds {seeds}")
+    print(
+        "| K | test accuracy per seed | mean | vs lock-step (points) | mean of the last 2 epochs | vs lock-step "
+        "| training loss, last epoch |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for k in ks:
+        final = [acc[(k, s)][-1] for s in seeds]
+        last2 = [statistics.mean(acc[(k, s)][-2:]) for s in seeds]
+        cells = [" ".join(f"{a:.4f}" for a in final), f"{statistics.mean(final):.4f}"]
+        if all((1, s) in acc for s in seeds):
+            cells.append(f"{100 * statistics.mean(acc[(k, s)][-1] - acc[(1, s)][-1] for s in seeds):+.2f}")
+            base2 = [statistics.mean(acc[(1, s)][-2:]) for s in seeds]
+            cells += [
+                f"{statistics.mean(last2):.4f}",
+                f"{100 * (statistics.mean(last2) - statistics.mean(base2)):+.2f}",
+            ]
+        else:
+            cells += ["-", f"{statistics.mean(last2):.4f}", "-"]
+        cells.append(f"{statistics.mean(loss[(k, s)] for s in seeds):.3f}")
+        print(f"| {k} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -57,7 +90,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="seeds of weights and data order, comma-separated")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    parser.add_argument("--load", type=Path, default=None, help="print the table of an earlier --json, train nothing")
     args = parser.parse_args()
+    if args.load is not None:
+        runs = json.loads(args.load.read_text())
+        print_table(runs, len(runs[0]["accuracy"]))
+        return
     torch.set_num_threads(1)
     load = dict(data_dir=args.data_dir, download=args.data_dir is None, progress=False)
     train, test = load_dataset("fashion-mnist", "train", **load), load_dataset("fashion-mnist", "test", **load)
@@ -73,19 +111,7 @@ def main() -> None:
                 f"({len(train) * args.epochs / r['train_seconds']:,.0f} samples/s in-process)",
                 flush=True,
             )
-    base = {r["seed"]: r["accuracy"][-1] for r in runs if r["k"] == 1}
-    print(f"\nFashion-MNIST, tutorial MLP, {args.epochs} epochs, batch 64, SGD lr 0.03, seeds {seeds}")
-    print("| K | test accuracy per seed | mean | vs lock-step (points) |")
-    print("|---|---|---|---|")
-    for k in ks:
-        accs = [r["accuracy"][-1] for r in runs if r["k"] == k]
-        mean = statistics.mean(accs)
-        diff = (
-            f"{100 * statistics.mean(a - base[s] for a, s in zip(accs, seeds)):+.2f}"
-            if len(base) == len(seeds)
-            else "-"
-        )
-        print(f"| {k} | {' '.join(f'{a:.4f}' for a in accs)} | {mean:.4f} | {diff} |")
+    print_table(runs, args.epochs)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
 

@@ -1,8 +1,9 @@
-"""Pipelined training in-process: K batches in flight compute delayed SGD (delay K - 1), exactly.
+"""Pipelined training in-process: K batches in flight compute what the schedule's definition says, exactly.
 
-The oracles write the definition out plainly: batch ``t`` of an epoch is computed, forward and
-backward, with the weights after the updates of batches ``0 .. t - K`` (``W(t - K + 1)``), and
-``W(j + 1)`` is the optimizer's step from ``W(j)`` with batch ``j``'s gradient.
+The oracles write the definition out plainly: stage ``s`` computes batch ``t`` of an epoch, forward
+and backward, with its weights after the updates of batches ``0 .. t - d(s)`` (``W_s(t - d(s) + 1)``),
+where its depth ``d(s)`` is ``K`` at the data holder, 1 at the label holder and ``ceil(K / 2)`` at a
+middle party of three; ``W_s(j + 1)`` is the optimizer's step from ``W_s(j)`` with batch ``j``'s gradient.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _sgd(weights, grads, lr):
 
 
 def test_k2_two_parties_by_hand():
-    """Two parties, Linear layers, SGD, 4 batches of 2 samples, K = 2: each update written out."""
+    """Two parties, Linear layers, SGD, 4 batches of 2 samples, K = 2: each update written out.
+
+    Depths: alice 2 (her batch t uses A(t - 1)), bob 1 (his batch t uses B(t), fresh)."""
     torch.manual_seed(0)
     alice_seg, bob_seg = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1))
     w0 = [alice_seg.weight, alice_seg.bias, bob_seg[0].weight, bob_seg[0].bias]
@@ -57,10 +60,15 @@ def test_k2_two_parties_by_hand():
         return torch.autograd.grad(F.nll_loss(out, y), w)
 
     b0, b1, b2, b3 = [torch.arange(2 * t, 2 * t + 2) for t in range(4)]
-    w1 = _sgd(w0, grad(w0, b0), lr)  # batch 0: forward and backward with W0
-    w2 = _sgd(w1, grad(w0, b1), lr)  # batch 1: started before batch 0's update: still W0
-    w3 = _sgd(w2, grad(w1, b2), lr)  # batch 2: one update behind: W1
-    w4 = _sgd(w3, grad(w2, b3), lr)  # batch 3: W2
+    a0, c0 = w0[:2], w0[2:]  # alice's weights (Linear 3->4), bob's (Linear 4->3)
+    g = grad(a0 + c0, b0)  # batch 0: A0, B0
+    a1, c1 = _sgd(a0, g[:2], lr), _sgd(c0, g[2:], lr)
+    g = grad(a0 + c1, b1)  # batch 1: alice started it before batch 0's gradient came back: A0; bob: B1
+    a2, c2 = _sgd(a1, g[:2], lr), _sgd(c1, g[2:], lr)
+    g = grad(a1 + c2, b2)  # batch 2: A1, B2
+    a3, c3 = _sgd(a2, g[:2], lr), _sgd(c2, g[2:], lr)
+    g = grad(a2 + c3, b3)  # batch 3: A2, B3
+    w4 = _sgd(a3, g[:2], lr) + _sgd(c3, g[2:], lr)
     trained = model.collect()
     got = [trained[0].weight, trained[0].bias, trained[1].weight, trained[1].bias]
     for g, e in zip(got, w4):
@@ -73,7 +81,7 @@ def test_k2_two_parties_by_hand():
 
 
 def test_k3_three_parties_by_hand():
-    """Three parties (a middle one), 5 batches, K = 3: batch t sees W(max(0, t - 2))."""
+    """Three parties, 5 batches, K = 3: depths 3, 2, 1, so batch t uses A(t - 2), B(t - 1), C(t) (at least 0)."""
     torch.manual_seed(1)
     segs = [
         nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
@@ -93,37 +101,48 @@ def test_k3_three_parties_by_hand():
         return torch.autograd.grad(F.nll_loss(out, data.labels[rows]), w)
 
     b = [torch.arange(2 * t, 2 * t + 2) for t in range(5)]
-    w1 = _sgd(w0, grad(w0, b[0]), lr)
-    w2 = _sgd(w1, grad(w0, b[1]), lr)
-    w3 = _sgd(w2, grad(w0, b[2]), lr)
-    w4 = _sgd(w3, grad(w1, b[3]), lr)
-    w5 = _sgd(w4, grad(w2, b[4]), lr)
+    a, m, c = [w0[:2]], [w0[2:4]], [w0[4:]]  # each party's weights after 0, 1, 2, ... updates
+
+    def update(g):
+        a.append(_sgd(a[-1], g[:2], lr))
+        m.append(_sgd(m[-1], g[2:4], lr))
+        c.append(_sgd(c[-1], g[4:], lr))
+
+    update(grad(a[0] + m[0] + c[0], b[0]))  # batch 0: A0 B0 C0
+    update(grad(a[0] + m[0] + c[1], b[1]))  # batch 1: A0 B0 C1
+    update(grad(a[0] + m[1] + c[2], b[2]))  # batch 2: A0 B1 C2
+    update(grad(a[1] + m[2] + c[3], b[3]))  # batch 3: A1 B2 C3
+    update(grad(a[2] + m[3] + c[4], b[4]))  # batch 4: A2 B3 C4
+    w5 = a[5] + m[5] + c[5]
     trained = model.collect()
     got = [t for layer in (trained[0], trained[2], trained[4]) for t in (layer.weight, layer.bias)]
     for g, e in zip(got, w5):
         assert torch.equal(g, e)
 
 
-def _delayed_twin(segments, data, *, k, epochs, batch_size, make_opt, seed=0):
-    """The definition, as a loop over a monolithic copy: batch t's gradient at W(t - k + 1), steps in order."""
+def _delayed_twin(segments, data, *, depths, epochs, batch_size, make_opt, seed=0):
+    """The definition, as a loop over a copy of the segments: segment s computes batch t with its weights after
+    max(0, t - depths[s] + 1) updates of the epoch; one optimizer over all of them steps after each batch."""
     twin = nn.Sequential(*copy.deepcopy(list(segments)))
     opt = make_opt(twin.parameters())
     for epoch in range(epochs):
-        versions = [copy.deepcopy(twin.state_dict())]  # W(0) of this epoch
+        versions = [[copy.deepcopy(seg.state_dict())] for seg in twin]  # per segment: W_s(0), W_s(1), ...
         for t, idx in enumerate(epoch_batches(len(data), batch_size, seed=seed, epoch=epoch)):
             stale = copy.deepcopy(twin)
-            stale.load_state_dict(versions[max(0, t - k + 1)])
+            for s, seg in enumerate(stale):
+                seg.load_state_dict(versions[s][max(0, t - depths[s] + 1)])
             F.nll_loss(stale(data.features[idx]), data.labels[idx]).backward()
             for p, q in zip(twin.parameters(), stale.parameters()):
                 p.grad = q.grad
             opt.step()
-            versions.append(copy.deepcopy(twin.state_dict()))
+            for s, seg in enumerate(twin):
+                versions[s].append(copy.deepcopy(seg.state_dict()))
     return twin
 
 
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_fit_pipelined_is_delayed_sgd(k, opt):
+def test_fit_pipelined_follows_the_definition(k, opt):
     torch.manual_seed(3)
     segments = [
         nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU()),
@@ -138,12 +157,12 @@ def test_fit_pipelined_is_delayed_sgd(k, opt):
     }[opt]
     model = splitnn.SplitNN(segments, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=spec)
     model.fit(data, epochs=2, batch_size=8, seed=5, pipeline=k, progress=False)
-    assert_same_weights(
-        model.collect(), _delayed_twin(initial, data, k=k, epochs=2, batch_size=8, make_opt=make, seed=5)
-    )
+    depths = [k, (k + 1) // 2, 1]  # 1F1B: the middle party keeps half the batches in flight
+    twin = _delayed_twin(initial, data, depths=depths, epochs=2, batch_size=8, make_opt=make, seed=5)
+    assert_same_weights(model.collect(), twin)
 
 
-def test_u_shape_and_consecutive_stages_pipelined_are_delayed_sgd():
+def test_u_shape_and_consecutive_stages_pipelined_follow_the_definition():
     torch.manual_seed(4)
     head, mid, tail = (
         nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
@@ -155,7 +174,9 @@ def test_u_shape_and_consecutive_stages_pipelined_are_delayed_sgd():
     alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
     u = UShapedSplitNN(head, [mid], tail, alice, bob, optimizer="sgd:lr=0.1")
     u.fit(data, epochs=1, batch_size=6, pipeline=3, progress=False)
-    twin = _delayed_twin(initial, data, k=3, epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1))
+    twin = _delayed_twin(
+        initial, data, depths=[3, 2, 1], epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1)
+    )
     assert_same_weights(u.collect(), twin)
 
     torch.manual_seed(5)
@@ -169,7 +190,10 @@ def test_u_shape_and_consecutive_stages_pipelined_are_delayed_sgd():
     a, b = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
     model = splitnn.SplitNN(segs, [a, a, b, b], optimizer="sgd:lr=0.1")
     model.fit(data, epochs=1, batch_size=6, pipeline=2, progress=False)
-    twin = _delayed_twin(initial, data, k=2, epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1))
+    # one cross-party cut: alice's two segments have depth K = 2, bob's two depth 1
+    twin = _delayed_twin(
+        initial, data, depths=[2, 2, 1, 1], epochs=1, batch_size=6, make_opt=lambda p: optim.SGD(p, lr=0.1)
+    )
     assert_same_weights(model.collect(), twin)
 
 

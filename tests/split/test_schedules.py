@@ -87,8 +87,9 @@ def _check_invariants(sched, k):
                 if a.op is Op.STEP:
                     steps_seen.append(a.batch)
                 elif a.op is Op.FORWARD:
-                    # the rule: the forward of batch t sees exactly the updates of batches 0 .. t - K
-                    assert steps_seen == list(range(max(0, a.batch - k + 1))), (p, a, steps_seen)
+                    # the rule: stage s's forward of batch t sees exactly the updates of batches 0 .. t - d(s)
+                    d = sched.depth(s) if isinstance(sched, Pipelined) else 1
+                    assert steps_seen == list(range(max(0, a.batch - d + 1))), (p, a, steps_seen)
                     stepped_between = any(
                         pos[(s, Op.FORWARD, a.batch)] < pos[(s, Op.STEP, j)] < pos[(s, Op.BACKWARD, a.batch)]
                         for j in range(n)
@@ -133,6 +134,7 @@ def test_pipelined_schedules_keep_the_staleness_rule(chain):
 def test_depth_follows_1f1b():
     sched = Pipelined(("alice", "bob", "claire"), 20, 8)
     assert [sched.depth(s) for s in range(3)] == [8, 4, 1]
+    assert [Pipelined(("a", "b", "c", "d"), 9, 5).depth(s) for s in range(4)] == [5, 4, 2, 1]
     u = Pipelined(("alice", "bob", "alice"), 20, 4)
     assert [u.depth(s) for s in range(3)] == [4, 2, 1]
     assert Pipelined(("alice", "alice"), 5, 3).depth(1) == 3  # no cut crosses parties
@@ -146,8 +148,10 @@ def test_grid_prints_steps_by_party():
     assert rows[0] == ["step", "alice", "bob", "claire"]
     assert rows[1] == ["0", "0F0 0F1", "", ""]
     assert rows[2] == ["1", "", "1F0", ""]
-    assert rows[3] == ["2", "", "", "2F0 2L0 2B0"]
-    assert rows[5] == ["4", "0B0 0S0 0F2", "", "2F1 2L1 2B1 2S0"]
+    assert rows[3] == ["2", "", "", "2F0 2L0 2B0 2S0"]
+    assert rows[4] == ["3", "", "1B0 1S0 1F1", ""]
+    assert rows[5] == ["4", "0B0 0S0 0F2", "", "2F1 2L1 2B1 2S1"]
+    assert rows[-1] == ["14", "0B5 0S5", "", ""]
     lock = LockStep(("alice", "bob"), 1).grid().splitlines()
     assert [[c.strip() for c in r.split("|")] for r in lock] == [
         ["step", "alice", "bob"],
