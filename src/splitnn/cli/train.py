@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         metavar="K",
         help="batches in flight (default 1: lock-step). K > 1: the data holder starts the next batch before the "
-        "last one's gradient is back; each batch is computed with the weights of K-1 updates ago "
+        "last one's gradient is back; a batch is computed with weights of at most K-1 updates ago "
         "(docs/performance.md#schedules-and-pipelining)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")

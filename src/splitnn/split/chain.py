@@ -279,14 +279,14 @@ class SplitNN:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
 
         ``pipeline`` is the number of batches in flight (:class:`~splitnn.workers.schedules.Pipelined`:
-        delayed SGD, each batch's forward and backward see the weights of ``pipeline - 1`` updates
-        ago; 1, the default, is lock-step). Networked workers run the whole epoch among themselves
-        (one plan each; ``order``, the ``epoch_batches`` arguments ``n, batch_size, shuffle, seed,
-        epoch`` that made ``batches``, lets them compute the batches instead of receiving the
-        indices). Otherwise, or with ``ship_epochs=False``, lock-step is :meth:`train_batch` per
-        batch, and a pipelined epoch runs every party's actions here (in-process workers; on a
-        thread per party with ``threads=True``). Either way the ledger holds the epoch's transfers
-        when this returns.
+        each stage computes a batch's forward and backward with its weights of at most
+        ``pipeline - 1`` updates before; 1, the default, is lock-step). Networked workers run
+        the whole epoch among themselves (one plan each; ``order``, the ``epoch_batches``
+        arguments ``n, batch_size, shuffle, seed, epoch`` that made ``batches``, lets them
+        compute the batches instead of receiving the indices). Otherwise, or with
+        ``ship_epochs=False``, lock-step is :meth:`train_batch` per batch, and a pipelined
+        epoch runs every party's actions here (in-process workers; on a thread per party with
+        ``threads=True``). Either way the ledger holds the epoch's transfers when this returns.
         """
         self.check_pipeline(pipeline)
         if self.ship_epochs and can_ship(self.stages):

@@ -166,10 +166,12 @@ def fit(
 
     ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
     U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
-    gradient of batch ``t`` has come back; every party computes batch ``t``'s forward and
-    backward with the weights after the updates of batches ``0 .. t - K`` of the epoch
-    (delayed SGD: staleness at most ``K - 1`` updates) and applies updates in batch order;
-    each epoch fills and drains the pipeline (see :mod:`splitnn.workers.schedules`).
+    gradient of batch ``t`` has come back. Stage ``s`` computes batch ``t``'s forward and
+    backward with its weights after the updates of batches ``0 .. t - d(s)`` of the epoch,
+    where its depth ``d(s)`` is ``K`` at the data holder, 1 at the label holder and in
+    between in proportion to the cross-party cuts after it (staleness at most ``K - 1``
+    updates); every party applies its updates in batch order, and each epoch fills and
+    drains the pipeline (see :mod:`splitnn.workers.schedules`).
     ``pipeline=1`` (the default) is lock-step, bit-identical to the monolithic model.
 
     Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party

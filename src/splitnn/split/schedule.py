@@ -61,14 +61,23 @@ _OPCODES = {Op.ZERO: _ZERO, Op.FORWARD: _FORWARD, Op.LOSS: _LOSS, Op.BACKWARD: _
 
 @functools.lru_cache(maxsize=64)
 def _lockstep_program(stages: tuple[Stage, ...]) -> tuple[tuple, ...]:
-    """The one-batch lock-step schedule of ``stages`` in its simulated order, as (opcode, stage, key, worker)
-    rows: its computations (sends and receives are the refs handed from one computation to the next)."""
+    """The one-batch lock-step schedule of ``stages`` as (opcode, stage, key, worker) rows: its computations
+    (sends and receives are the refs handed from one computation to the next), in one sequence.
+
+    The sequence interleaves the parties' lists as the tutorial does -- every zero first, the data flow in
+    the simulated order, every step last -- which is valid because each party's list starts with its zeros
+    and ends with its steps; a party's own order is kept (checked here)."""
     sched = LockStep([s.worker.name for s in stages], 1)
-    return tuple(
-        (_OPCODES[a.op], a.stage, stages[a.stage].key, stages[a.stage].worker)
-        for _, a in sched.order()
-        if a.op not in SENDS and a.op not in RECEIVES
+    flow = [a for _, a in sched.order() if a.op not in SENDS and a.op not in RECEIVES]
+    ordered = (
+        [a for a in flow if a.op is Op.ZERO]
+        + [a for a in flow if a.op not in (Op.ZERO, Op.STEP)]
+        + sorted((a for a in flow if a.op is Op.STEP), key=lambda a: a.stage)
     )
+    for p in sched.parties:
+        mine = [a for a in sched.actions(p) if a.op not in SENDS and a.op not in RECEIVES]
+        assert [a for a in ordered if stages[a.stage].worker.name == p] == mine, "lock-step lists changed shape"
+    return tuple((_OPCODES[a.op], a.stage, stages[a.stage].key, stages[a.stage].worker) for a in ordered)
 
 
 def train_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss) -> LossStats:
