@@ -1,7 +1,7 @@
 """Schedules as data: which party runs which action of a training epoch, in which order.
 
 A training epoch across a chain of stages (segment ``i`` at party ``chain[i]``) is, for
-every party, an ordered list of :class:`Action`\\ s: forward / backward / step of batch
+every party, an ordered list of actions (:class:`Action`): forward / backward / step of batch
 ``t`` on stage ``s``, the loss at the label holder, zeroing gradients where they belong,
 and the sends and receives where the neighbouring stage is another party. The
 in-process driver (:mod:`splitnn.split.schedule`) and the shipped runner of a networked
