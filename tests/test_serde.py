@@ -553,3 +553,23 @@ def test_decoders_refuse_junk_with_a_wire_error(args):
             decode(args)
         except (WireError, SpecError):
             pass
+
+
+def test_epoch_plans_carry_their_chain_and_depth():
+    chain = ("alice", "bob", "bob")  # bob runs stages 1 and 2 (PLAN_STAGES)
+    plan = EpochPlan(7, "d", "nll", PLAN_STAGES, order=BatchOrder(10, 4), chain=chain, pipeline=4)
+    args, blobs = serde.epoch_plan_to_command(plan)
+    back = serde.epoch_plan_from_command(_wire(args), blobs, worker="bob", max_bytes=MAX)
+    assert (back.chain, back.pipeline) == (chain, 4)
+    for bad, match in (
+        ({"pipeline": 0}, "pipeline"),
+        ({"pipeline": 65}, "pipeline"),
+        ({"pipeline": True}, "pipeline"),
+        ({"chain": "alice,bob"}, "chain"),
+        ({"chain": ["carol", "bob", "bob"]}, "does not fit its chain"),  # stage 1's previous party is alice
+        ({"chain": ["alice", "bob", "bob", "bob"]}, "does not fit its chain"),  # stage 2 is not the last
+        ({"chain": ["bob", "bob", "bob"]}, "does not fit its chain|other stages"),
+        ({"chain": None, "pipeline": 2}, "needs the chain"),
+    ):
+        with pytest.raises(WireError, match=match):
+            serde.epoch_plan_from_command({**_wire(args), **bad}, blobs, worker="bob", max_bytes=MAX)

@@ -185,3 +185,24 @@ def test_bad_schedules_are_refused():
     with pytest.raises(ConfigurationError, match="runs no stage"):
         schedule(("a", "b"), 3, 2).actions("c")
     assert schedule(("a", "b"), 3) == LockStep(("a", "b"), 3) and schedule(("a", "b"), 3, 2).in_flight == 2
+
+
+def test_a_plan_without_its_chain_is_lockstep_from_the_workers_own_stages():
+    """Plans name the chain; one that does not (an older researcher) still gives the worker its lock-step list."""
+    from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan
+
+    chain = ("alice", "bob", "alice", "claire")
+    full = LockStep(chain, 3)
+    for me, stages in {
+        "alice": (StagePlan(0, "k0", None, "bob"), StagePlan(2, "k2", "bob", "claire")),
+        "bob": (StagePlan(1, "k1", "alice", "alice"),),
+        "claire": (StagePlan(3, "k3", "alice", None),),
+    }.items():
+        bare = EpochPlan(1, "d", "nll", stages, order=BatchOrder(30, 10))
+        assert bare.schedule(me).actions(me) == full.actions(me)
+        named = EpochPlan(1, "d", "nll", stages, order=BatchOrder(30, 10), chain=chain, pipeline=2)
+        assert named.schedule(me).actions(me) == Pipelined(chain, 3, 2).actions(me)
+    with pytest.raises(ConfigurationError, match="chain"):
+        EpochPlan(1, "d", "nll", stages, order=BatchOrder(30, 10), pipeline=2)
+    with pytest.raises(ConfigurationError, match="does not fit its chain"):
+        EpochPlan(1, "d", "nll", stages, order=BatchOrder(30, 10), chain=("alice", "bob", "bob", "claire"))

@@ -392,15 +392,15 @@ def _pipelined_hop(hop: _Hop, num_batches: int, w: int) -> list[Action]:
 def _mark_stashes(actions: Sequence[Action]) -> list[Action]:
     """Mark each forward that a step of its stage follows before its backward (its weights must be kept)."""
     out = list(actions)
-    open_forwards: dict[int, list[int]] = {}  # stage -> positions of forwards awaiting their backward
+    unmarked: dict[tuple[int, int], int] = {}  # (stage, batch) -> position of a forward awaiting its backward
     for i, a in enumerate(out):
         if a.op is Op.FORWARD:
-            open_forwards.setdefault(a.stage, []).append(i)
+            unmarked[(a.stage, a.batch)] = i
         elif a.op is Op.BACKWARD:
-            pos = open_forwards.get(a.stage, [])
-            pos[:] = [j for j in pos if out[j].batch != a.batch]
+            unmarked.pop((a.stage, a.batch), None)
         elif a.op is Op.STEP:
-            for j in open_forwards.get(a.stage, []):
+            for key in [k for k in unmarked if k[0] == a.stage]:
+                j = unmarked.pop(key)
                 out[j] = out[j]._replace(stash=True)
     return out
 
