@@ -268,3 +268,16 @@ def test_codecs_are_refused_until_compression_is_wired():
     run = PartyRun(engine, {0: "k"}, 1, "d", "nll", [], stashing=True)
     with pytest.raises(ConfigurationError, match="compression"):
         run.outgoing(Action(0, Op.SEND_F, 0, "bob", codec="int8"))
+
+
+def test_pipeline_with_compression_is_refused_before_work():
+    # the in-flight path moves plain tensors: without this check the codecs would be silently ignored
+    torch.manual_seed(6)
+    model = splitnn.SplitNN(
+        splitnn.models.tutorial_mlp(), [splitnn.VirtualWorker(n) for n in NAMES], compression={1: "int8"}
+    )
+    before = [p.clone() for p in model.collect().parameters()]
+    with pytest.raises(ConfigurationError, match=r"compression at cut\(s\) \[1\]"):
+        model.fit(toy_dataset(32), epochs=1, batch_size=16, pipeline=2, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.collect().parameters()))
+    assert model.ledger.total(kind="activation") == 0

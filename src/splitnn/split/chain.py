@@ -319,6 +319,12 @@ class SplitNN:
             )
         if pipeline == 1:
             return
+        compressed = [i for i, cut in enumerate(self.compression) if cut.active]
+        if compressed:  # the in-flight path moves plain tensors: it would silently ignore the codecs
+            raise ConfigurationError(
+                f"pipeline={pipeline} with compression at cut(s) {compressed}: pipelined training does not "
+                "compress yet; train with pipeline=1, or without compression"
+            )
         if not (self.ship_epochs and can_ship(self.stages)):
             check_in_process(self.stages, f"pipelined training (pipeline={pipeline})")
 
