@@ -34,7 +34,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture()
 def remote(cluster):
-    workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n, timeout=60) for n in NAMES]
+    workers = cluster.connect(*NAMES)
     yield workers
     for w in workers:
         w.close()

@@ -132,6 +132,12 @@ class Cluster:
         self.workers[name] = wp
         return wp
 
+    def connect(self, *names: str, timeout: float = 60.0) -> list:
+        """A researcher's :func:`splitnn.connect` to each named worker, in order (close them when done)."""
+        from splitnn.client import connect  # the client (grpc) only when a test connects
+
+        return [connect(self.workers[n].url, token=self.token, name=n, timeout=timeout) for n in names]
+
     def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 10.0) -> int | None:
         wp = self.workers[name]
         if wp.proc.poll() is None:
