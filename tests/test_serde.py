@@ -131,6 +131,41 @@ def test_segment_keys(key):
     assert serde.export_state_from_args(_wire(serde.export_state_to_args(key, 5))) == key
 
 
+@given(
+    st.lists(st.tuples(keys.filter(lambda k: len(k) <= 256), st.floats(1e-30, 1e30)), min_size=1, max_size=20),
+    st.lists(keys, min_size=1, max_size=20),
+)
+def test_average_states(sources, into):
+    names, weights = [k for k, _ in sources], [w for _, w in sources]
+    got = serde.average_states_from_args(_wire(serde.average_states_to_args(names, weights, into)))
+    assert got == (names, weights, into)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"weights": [1.0, float("inf")]},
+        {"weights": [1.0, float("nan")]},
+        {"weights": [1.0, 0.0]},
+        {"weights": [1.0, -2.0]},
+        {"weights": [1.0, True]},
+        {"weights": [1.0, "2"]},
+        {"weights": [1.0]},
+        {"keys": []},
+        {"keys": ["a", 7]},
+        {"keys": ["a", ""]},
+        {"into": []},
+        {"into": ["x" * 257]},
+        {"into": ["t"] * (serde.MAX_AVERAGE_SEGMENTS + 1)},
+        {"into": "t"},
+    ],
+)
+def test_average_states_refuses_bad_keys_and_weights(change):
+    args = {**serde.average_states_to_args(["a", "b"], [3, 5], ["t"]), **change}
+    with pytest.raises(WireError, match="average_states|command argument"):
+        serde.average_states_from_args(_wire(args))
+
+
 @pytest.mark.parametrize("parts", [("features",), ("labels",), ("features", "labels")])
 def test_add_dataset(parts):
     tensors = {"features": torch.randn(5, 3), "labels": torch.arange(5)}
@@ -488,6 +523,7 @@ DECODERS = [
     serde.backward_merged_from_args,
     serde.output_ids_from_args,
     serde.load_state_from_args,
+    serde.average_states_from_args,
     serde.fetch_from_args,
     lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
     serde.set_codecs_from_args,
@@ -540,6 +576,9 @@ DECODERS = [
                 "count",
                 "session",
                 "size",
+                "keys",
+                "weights",
+                "into",
             ]
         ),
         json_values,

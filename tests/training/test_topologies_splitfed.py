@@ -252,7 +252,7 @@ def test_threads_and_one_thread_give_identical_weights_and_bytes(variant, fuse):
     assert links(serial) == links(threaded)
 
 
-def test_parallel_defaults_to_threads_for_in_process_holders_only():
+def test_parallel_defaults_to_threads_with_two_or_more_holders():
     bottom, top = _mlp()
     assert SplitFedSplitNN(bottom, top, [W("a"), W("b")], W("bob")).parallel is True
     bottom, top = _mlp()
@@ -448,7 +448,7 @@ def test_bad_arrangements_are_refused():
 
 
 class _NoAveraging(splitnn.VirtualWorker):
-    """A worker without average_states (like today's networked worker)."""
+    """A worker without average_states (a third-party Worker implementation that does not offer it)."""
 
     average_states = None  # a protocol member set to None: isinstance(w, AveragingWorker) is False
 

@@ -2,13 +2,16 @@
 in-process VirtualWorkers (the oracle), with the same ledger, and the bytes take the links the configuration
 promises -- measured by the ledger and by the servers' own wire counters.
 
-Parties: three worker processes alice1, alice2 (data holders / clients) and bob (label holder, merger, store).
+Parties: worker processes alice1, alice2 (data holders / clients) and bob (label holder, merger, store); alice3
+(a third data holder for SplitFed with K = 3, or its third-party aggregator).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from splitnn.accounting import RESEARCHER
 from splitnn.data import column_partition
 from splitnn.models import tutorial_mlp
 from splitnn.privacy import CutNoise
+from splitnn.training import epoch_batches
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN, UShapedSplitNN, VerticalSplitNN
 from splitnn.training.topologies.presets import vertical_mlp
@@ -28,6 +32,7 @@ from tests.transport.cluster import Cluster
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
 NAMES = ("alice1", "alice2", "bob")
+EXTRA = ("alice3",)  # started too, but only the SplitFed tests connect to it
 W = splitnn.VirtualWorker
 N = 256  # training samples
 BOTTOM_STATE_BYTES = (784 * 128 + 128) * 4  # the tutorial MLP's first segment, Linear(784, 128), float32
@@ -37,7 +42,7 @@ FRAME_OVERHEAD = 64  # bound on a peer frame's bytes beyond its tensor's (24-byt
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with Cluster(tmp_path_factory.mktemp("topologies")) as cl:
-        for name in NAMES:
+        for name in (*NAMES, *EXTRA):
             cl.start(name)
         yield cl
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
@@ -49,6 +54,13 @@ def remote(cluster):
     yield workers
     for w in workers:
         w.close()
+
+
+@pytest.fixture()
+def alice3(cluster):
+    worker = splitnn.connect(cluster.workers["alice3"].url, token=cluster.token, name="alice3", timeout=60)
+    yield worker
+    worker.close()
 
 
 def _virtual() -> list[splitnn.VirtualWorker]:
@@ -140,9 +152,9 @@ def test_multi_holder_k2_over_grpc_equals_in_process(remote, handoff):
 
 
 # -- SplitFed -------------------------------------------------------------------------------------------------
-def test_splitfed_one_remote_holder_equals_in_process_and_more_need_average_states(remote):
-    """SplitFed's step (bottom forward, bob's turn, bottom backward) over the wire, with v2's one top; averaging
-    needs average_states, which networked workers lack today: refused before any work, naming it."""
+def test_splitfed_one_remote_holder_equals_in_process(remote):
+    """SplitFed's step (bottom forward, bob's turn, bottom backward) over the wire, with v2's one top: one
+    holder averages nothing and runs on one thread."""
     alice1, alice2, bob = remote
     torch.manual_seed(12)
     segments = tutorial_mlp()
@@ -157,10 +169,204 @@ def test_splitfed_one_remote_holder_equals_in_process_and_more_need_average_stat
     assert_same_weights(model.collect(), twin.collect())
     assert model.ledger.links() == twin.ledger.links()
     assert model.parallel is False
-    with pytest.raises(splitnn.ConfigurationError, match="worker 'bob' lacks average_states"):
-        SplitFedSplitNN(*_split(tutorial_mlp()), [alice1, alice2], bob, variant="v2")
-    with pytest.raises(splitnn.ConfigurationError, match="only in-process workers"):
-        SplitFedSplitNN(*_split(tutorial_mlp()), [alice1], bob, parallel=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variant", "k", "round_batches", "third_party"),
+    [("v1", 2, None, False), ("v2", 2, 2, False), ("v1", 3, 2, False), ("v2", 3, None, False), ("v2", 2, 3, True)],
+    ids=["v1-K2-epoch", "v2-K2-rounds2", "v1-K3-rounds2", "v2-K3-epoch", "v2-K2-rounds3-aggregator"],
+)
+def test_splitfed_networked_holders_on_threads_equal_in_process(remote, alice3, variant, k, round_batches, third_party):
+    """K `splitnn worker` holders, each driven from a thread of its own, bob serving them (v2 in its seeded order):
+    the same losses, weights (every holder's bottom and the top) and ledger as in-process; activations and
+    gradients on the holder <-> bob links only; averaging moves weights holder <-> aggregator only."""
+    alice1, alice2, bob = remote
+    holders = [alice1, alice2, alice3][:k]
+    aggregator = alice3 if third_party else None
+    torch.manual_seed(20 + k)
+    segments = tutorial_mlp()
+    initial = copy.deepcopy(segments)
+    data, test = toy_dataset(N, seed=5), toy_dataset(64, seed=6)
+    opts = {"variant": variant, "round_batches": round_batches}
+    model = SplitFedSplitNN(segments[0], segments[1:], holders, bob, aggregator=aggregator, **opts)
+    virtual = {n: W(n) for n in ("alice1", "alice2", "alice3", "bob")}
+    twin = SplitFedSplitNN(
+        initial[0],
+        initial[1:],
+        [virtual[h.name] for h in holders],
+        virtual["bob"],
+        aggregator=virtual["alice3"] if third_party else None,
+        **opts,
+    )
+    assert model.parallel is True and twin.parallel is True
+    model.prepare(data)
+    history = model.fit(data, epochs=2, batch_size=32, seed=3, progress=False)
+    twin_history = twin.fit(data, epochs=2, batch_size=32, seed=3, progress=False)
+
+    assert history.losses() == twin_history.losses()
+    assert [e.bytes_sent for e in history.epochs] == [e.bytes_sent for e in twin_history.epochs]
+    assert model.rounds == twin.rounds >= 2
+    assert model.ledger.links() == twin.ledger.links()
+    result, twin_result = model.evaluate(test), twin.evaluate(test)
+    assert (result.accuracy, result.loss) == (twin_result.accuracy, twin_result.loss)
+
+    names = [h.name for h in holders]
+    agg = "alice3" if third_party else "bob"
+    ledger = model.ledger
+    for name in names:  # the cut's tensors go holder <-> label holder over their peer link
+        assert ledger.total(src=name, dst="bob", kind="activation") > 0
+        assert ledger.total(src="bob", dst=name, kind="gradient") > 0
+        weights = ledger.total(src=name, dst=agg, kind="weights")
+        assert weights > 0 and weights % BOTTOM_STATE_BYTES == 0
+        assert ledger.total(src=agg, dst=name, kind="weights") == model.rounds * BOTTOM_STATE_BYTES
+    for link in ledger.links():
+        assert link.kind not in ("activation", "gradient") or {link.src, link.dst} <= {*names, "bob"}, link
+        assert link.kind != "weights" or RESEARCHER in (link.src, link.dst) or agg in (link.src, link.dst), link
+    _researcher_moved_no_tensors([*holders, bob])
+
+    assert_same_weights(model.collect(), twin.collect())
+    for h in range(k):  # after the last round every holder holds the same averaged bottom
+        got = model.stages_of(h)[0]
+        want = twin.stages_of(h)[0]
+        state, twin_state = got.worker.get_state(got.key), want.worker.get_state(want.key)
+        assert list(state) == list(twin_state) and all(torch.equal(state[n], twin_state[n]) for n in state)
+
+
+def _tiny_segments() -> tuple[nn.Module, list[nn.Module]]:
+    torch.manual_seed(0)
+    return nn.Linear(4, 3), [nn.Sequential(nn.ReLU(), nn.Linear(3, 2), nn.LogSoftmax(dim=1))]
+
+
+SIZES = (5, 3, 8)  # uneven shards of 16 samples: rows 0-4, 5-7, 8-15
+
+
+def _uneven(labels, k, seed):
+    bounds = [0, 5, 8, 16]
+    return [torch.arange(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+@pytest.mark.slow
+def test_networked_v1_round_averages_equal_a_hand_computation(remote, alice3):
+    """Three networked holders with uneven shards (5, 3, 8 samples) train one local epoch on threads; every
+    holder's bottom and bob's every top copy then equal (5 a + 3 b + 8 c) / 16 of three chains trained alone with
+    plain PyTorch, as SplitFed v1 prescribes."""
+    alice1, alice2, bob = remote
+    bottom, top = _tiny_segments()
+    initial = [copy.deepcopy(bottom), *copy.deepcopy(top)]
+    g = torch.Generator().manual_seed(1)
+    data = splitnn.Dataset(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g), "tiny", 2)
+    model = SplitFedSplitNN(bottom, top, [alice1, alice2, alice3], bob, variant="v1", partition=_uneven)
+    name, n = model.prepare(data)
+    model.train_epoch(name, model.epoch_plan(name, n, 2, seed=0, epoch=0), lambda stats: None)
+    assert model.rounds == 1
+
+    twins = []  # holder h's bottom and top trained alone on its shard: plain SGD, lr 0.03, its documented order
+    start = 0
+    for h, size in enumerate(SIZES):
+        parts = copy.deepcopy(initial)
+        opt = torch.optim.SGD([p for part in parts for p in part.parameters()], lr=0.03)
+        x, y = data.features[start : start + size], data.labels[start : start + size]
+        for idx in epoch_batches(size, 2, seed=0 + 7919 * h, epoch=0):
+            opt.zero_grad()
+            nn.NLLLoss()(nn.Sequential(*parts)(x[idx]), y[idx]).backward()
+            opt.step()
+        twins.append([part.state_dict() for part in parts])
+        start += size
+
+    for part in range(2):  # the bottom, then the top copy
+        a, b, c = (twins[h][part] for h in range(3))
+        expected = {key: (5 * a[key] + 3 * b[key] + 8 * c[key]) / 16 for key in a}  # weighted by 5, 3, 8 samples
+        for h in range(3):
+            stage = model.stages_of(h)[part]
+            got = stage.worker.get_state(stage.key)
+            assert list(got) == list(expected)
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_average_states_at_a_worker_process_equals_the_arithmetic_and_refuses_mistakes(remote):
+    """The `average_states` command: the weighted average of segments bob hosts, loaded into others, written out
+    by hand; mistakes refused with the words of the in-process worker, and a failed average writes nothing."""
+    _, _, bob = remote
+
+    def layer(weight, bias):
+        m = nn.Linear(2, 2)
+        with torch.no_grad():
+            m.weight.copy_(torch.tensor(weight))
+            m.bias.copy_(torch.tensor(bias))
+        return m
+
+    for worker in (bob, W("bob")):
+        worker.add_segment("avg.a", layer([[1.0, 2.0], [3.0, 4.0]], [8.0, -4.0]), None)
+        worker.add_segment("avg.b", layer([[5.0, 6.0], [7.0, 8.0]], [0.0, 4.0]), None)
+        worker.add_segment("avg.c", nn.Linear(2, 2), None)
+        worker.add_segment("avg.wide", nn.Linear(3, 2), None)
+        before = worker.ledger.total()
+        worker.average_states(["avg.a", "avg.b"], [1, 3], into=["avg.c", "avg.b"])
+        assert worker.ledger.total() == before  # local: nothing travelled
+        # (1 * a + 3 * b) / 4, element by element
+        for key in ("avg.c", "avg.b"):
+            state = worker.get_state(key)
+            assert torch.equal(state["weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]])), worker
+            assert torch.equal(state["bias"], torch.tensor([2.0, 2.0])), worker
+        assert torch.equal(worker.get_state("avg.a")["weight"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+        with pytest.raises(splitnn.WorkerError, match="hosts no segment 'avg.nope'"):
+            worker.average_states(["avg.a", "avg.nope"], [1, 1], into=["avg.c"])
+        with pytest.raises(splitnn.WorkerError, match="hosts no segment 'avg.nope'"):
+            worker.average_states(["avg.a"], [1], into=["avg.c", "avg.nope"])
+        for weights in ([1, 0], [1, -1], [1, float("nan")], [1, float("inf")], [1]):
+            with pytest.raises(splitnn.ConfigurationError, match="weight"):
+                worker.average_states(["avg.a", "avg.b"], weights, into=["avg.c"])
+        with pytest.raises(splitnn.ConfigurationError, match="'weight' of state 1"):
+            worker.average_states(["avg.a", "avg.wide"], [1, 1], into=["avg.c"])
+        with pytest.raises(splitnn.ConfigurationError, match="segment 'avg.wide' does not have"):
+            worker.average_states(["avg.a", "avg.b"], [1, 1], into=["avg.c", "avg.wide"])
+        # checked before anything was loaded: avg.c still holds the first average
+        assert torch.equal(worker.get_state("avg.c")["weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+
+
+def test_a_remote_worker_serializes_concurrent_callers(remote):
+    """Several threads calling one RemoteWorker take turns (each call whole) and each gets its own answer."""
+    _, _, bob = remote
+    bob.add_segment("lock.s", nn.Linear(6, 3), None)
+    inside, most, errors, shapes = [0], [0], [], []
+    send = bob._stream.send
+    guard = threading.Lock()
+
+    def watched(*args, **kwargs):  # how many callers are in the stream's send at once
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.002)
+        try:
+            return send(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    bob._stream.send = watched
+
+    def caller(rows: int) -> None:
+        try:
+            for _ in range(10):
+                bob.zero_grad("lock.s")
+                shapes.append((rows, bob.probe("lock.s", (rows, 6))))
+        except Exception as exc:  # handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(r,)) for r in range(1, 5)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        bob._stream.send = send
+    assert not errors and len(shapes) == 40
+    assert all(shape == (rows, 3) for rows, shape in shapes)
+    assert most[0] == 1
 
 
 def _split(segments):
@@ -303,11 +509,15 @@ def test_cut_noise_defended_model_trains_over_grpc_bit_identically(remote):
 
 # -- the command line --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "flags",
-    [("multi", "--handoff", "central", "--turn-batches", "2"), ("vertical",)],
-    ids=["multi-central", "vertical"],
+    ("flags", "label"),
+    [
+        (("multi", "--handoff", "central", "--turn-batches", "2"), "multi"),
+        (("vertical",), "vertical"),
+        (("splitfed", "--variant", "v2", "--round-batches", "2"), "splitfed v2"),
+    ],
+    ids=["multi-central", "vertical", "splitfed-v2"],
 )
-def test_cli_trains_topology_on_worker_processes(cluster, shared_data, tmp_path, capsys, flags):
+def test_cli_trains_topology_on_worker_processes(cluster, shared_data, tmp_path, capsys, flags, label):
     """`splitnn train --topology multi|vertical --workers grpc://...` reports what the in-process run reports."""
     from splitnn.cli.main import main
 
@@ -342,7 +552,7 @@ def test_cli_trains_topology_on_worker_processes(cluster, shared_data, tmp_path,
     remote = train("--workers", urls, "--token-file", str(cluster.token_file))
     report = capsys.readouterr().out
     assert remote == train()
-    assert f"{flags[0]}: 2 data holders alice1..alice2" in report and "test acc" in report
+    assert f"{label}: 2 data holders alice1..alice2" in report and "test acc" in report
 
 
 def test_cli_refuses_workers_that_are_not_the_topologys_parties(cluster, shared_data, capsys):

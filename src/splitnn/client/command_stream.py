@@ -115,6 +115,9 @@ class CommandStream:
         self.broken: Exception | None = None
         self.closed = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Guards the send buffer, the sequence numbers and the queue order: another thread's synchronous
+        # call may flush this stream while its own thread is queueing a command.
+        self._send_lock = threading.RLock()
         self._buffer: list[tuple[str, str, list[bytes]]] = []
         self._buffer_bytes = 0
         self._stream = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
@@ -135,6 +138,12 @@ class CommandStream:
         self, op: str, args: dict, blobs: list[bytes] = (), *, flush: bool = True, handle: EpochHandle | None = None
     ) -> Pending | None:
         """Queue a command; with ``flush``, put everything queued on the wire as one message."""
+        with self._send_lock:
+            return self._send(op, args, blobs, flush=flush, handle=handle)
+
+    def _send(
+        self, op: str, args: dict, blobs: list[bytes], *, flush: bool, handle: EpochHandle | None
+    ) -> Pending | None:
         self.check()
         blobs = list(blobs)
         staged = {}
@@ -143,8 +152,12 @@ class CommandStream:
                 sid = next(self._ids)
                 view = memoryview(blob)
                 for start in range(0, len(blob), self.limits.chunk_bytes):
-                    self.send(
-                        "stage", {"sid": sid}, [bytes(view[start : start + self.limits.chunk_bytes])], flush=False
+                    self._send(
+                        "stage",
+                        {"sid": sid},
+                        [bytes(view[start : start + self.limits.chunk_bytes])],
+                        flush=False,
+                        handle=None,
                     )
                 staged[str(i)] = sid
                 blobs[i] = b""
@@ -153,13 +166,17 @@ class CommandStream:
         args_json = json.dumps(args)
         size = len(args_json) + sum(map(len, blobs)) + 64
         if self._buffer and (self._buffer_bytes + size > self.limits.chunk_bytes or len(self._buffer) >= MAX_BATCH):
-            self.flush()
+            self._flush(None)
         self._buffer.append((op, args_json, blobs))
         self._buffer_bytes += size
-        return self.flush(handle) if flush else None
+        return self._flush(handle) if flush else None
 
     def flush(self, handle: EpochHandle | None = None) -> Pending | None:
         """Put the queued commands on the wire as one message (a ``batch`` when there are several)."""
+        with self._send_lock:
+            return self._flush(handle)
+
+    def _flush(self, handle: EpochHandle | None) -> Pending | None:
         if not self._buffer:
             return None
         items, self._buffer, self._buffer_bytes = self._buffer, [], 0

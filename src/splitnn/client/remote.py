@@ -30,7 +30,8 @@ losses (progress replies) and each worker's final reply with its ledger records.
 per-batch cost is then the peer hops alone. :mod:`splitnn.split.epoch` drives it.
 
 Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
-holder to holder over the peer stream), ``forward_merged``/``backward_merged`` (vertical split
+holder to holder over the peer stream), ``average_states`` (SplitFed's aggregation, at the
+worker), ``forward_merged``/``backward_merged`` (vertical split
 learning), ``get_grads`` (large-batch SGD) and the ``psi_*`` methods (private set intersection:
 each message is pulled by the other party over the peer stream; this client relays handles and
 gets sizes), with the semantics of ``VirtualWorker``, so the topologies, baselines and the PSI
@@ -43,6 +44,14 @@ session can read, replace or remove it, and when the connection ends the worker 
 the tensors at once and the rest after its grace period, within which a client connecting
 with the same ``session`` id resumes (see :mod:`splitnn.server.sessions`).
 
+Threads. One :class:`RemoteWorker` may be called from several threads (SplitFed drives each
+data holder from a thread of its own): every public method runs holding the worker's lock, so
+concurrent callers take turns, each call whole; the command stream underneath locks its send
+buffer too, because a synchronous call on one worker flushes and drains its peers' streams,
+which their own threads may be writing to at that moment. A call's position in the worker's
+command order is the order in which callers got the lock: callers whose order matters (v2's
+one top segment) must agree on it themselves (:mod:`splitnn.training.topologies.lanes`).
+
 Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
 client uses grpcio's blocking API with one reader thread per worker that collects
 replies; no event loop has to be hosted inside the user's program. That plumbing (the
@@ -52,9 +61,11 @@ this module holds the Worker-protocol methods on top of it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,7 +96,14 @@ from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_to_module
 from splitnn.wire.trust import Trust, imported_modules
 from splitnn.workers.base import OptimizerLike, Worker
-from splitnn.workers.checks import check_dataset_parts, check_segment, check_sources, no_training_forward, unreachable
+from splitnn.workers.checks import (
+    check_averaging,
+    check_dataset_parts,
+    check_segment,
+    check_sources,
+    no_training_forward,
+    unreachable,
+)
 from splitnn.workers.epoch import EpochHandle, EpochPlan
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
@@ -93,6 +111,17 @@ from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values
 
 __all__ = ["RemoteWorker", "connect", "parse_address"]
+
+
+def _serialized(method):
+    """Run ``method`` holding the worker's lock: concurrent callers take turns (see "Threads")."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class RemoteWorker:
@@ -128,6 +157,7 @@ class RemoteWorker:
     ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
+        self._lock = threading.RLock()  # one caller at a time (see "Threads" in the module docstring)
         self._token = check_token_text(token)
         self._stream: CommandStream | None = None
         self.timeout = timeout
@@ -233,17 +263,27 @@ class RemoteWorker:
         """Queue a command (see :meth:`CommandStream.send`); nobody waits for its answer here."""
         self._stream.send(op, args, blobs, flush=flush, handle=handle)
 
+    @_serialized
     def drain(self) -> None:
         """Send what is queued, wait until every command is answered; raise the first error."""
         self._stream.drain()
 
+    @_serialized
+    def flush(self) -> None:
+        """Put the commands queued for this worker on the wire now, without waiting for their answers.
+
+        Pipelined commands (``forward``, ``zero_grad``, ...) otherwise wait in a buffer for the next
+        flushing call; a caller that wants the worker busy while it does something else flushes.
+        """
+        self._stream.flush()
+
     def _request(self, op: str, args: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
         """Send a command and wait for its answer (after every worker of the model is idle)."""
-        for peer in self._remote_peers():
+        for peer in self._remote_peers():  # (their streams, not their locks: another thread may be using them)
             peer._stream.flush()  # what this command waits on may still be queued at a peer
         reply = self._stream.wait(self._stream.send(op, args, blobs))
         for peer in self._remote_peers():
-            peer.drain()
+            peer._stream.drain()
         self.drain()
         if not reply.ok:
             raise error_from_reply(reply, self.name, self.address)
@@ -256,6 +296,7 @@ class RemoteWorker:
         return TensorRef(self.name, next(self._ids))
 
     # -- Worker protocol -------------------------------------------------------------------------
+    @_serialized
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         self._peers.update({n: w for n, w in peers.items() if n != self.name})
         # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
@@ -276,6 +317,7 @@ class RemoteWorker:
         self._installed.pop(("peers", ""), None)
         self._installed[("peers", "")] = (args, [])
 
+    @_serialized
     def add_segment(
         self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
     ) -> None:
@@ -293,11 +335,13 @@ class RemoteWorker:
         self._installed.pop(("add_segment", key), None)
         self._installed[("add_segment", key)] = ({**args, "replace": True}, blobs)
 
+    @_serialized
     def remove_segment(self, key: str) -> None:
         self._send("remove_segment", serde.key_to_args(key))
         self._installed.pop(("add_segment", key), None)
         self._installed.pop(("set_codecs", key), None)
 
+    @_serialized
     def add_dataset(
         self,
         name: str,
@@ -323,14 +367,17 @@ class RemoteWorker:
         self._installed.pop(("add_dataset", name), None)
         self._installed[("add_dataset", name)] = ({**args, "replace": True}, blobs)
 
+    @_serialized
     def dataset_stats(self, name: str) -> DatasetStats:
         r, _ = self._request("dataset_stats", serde.dataset_name_to_args(name))
         return serde.dataset_stats_from_result(r)
 
+    @_serialized
     def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         r, _ = self._request("probe", serde.probe_to_args(key, input_shape))
         return serde.shape_from_result(r)
 
+    @_serialized
     def set_codecs(self, key: str, *, output: str | None = None, input_grad: str | None = None) -> None:
         """Compress what segment ``key`` sends to the other parties (:class:`~splitnn.workers.CodecWorker`): the
         worker encodes its output activations with ``output`` and its input's gradient with ``input_grad``;
@@ -340,6 +387,7 @@ class RemoteWorker:
         self._request("set_codecs", args)
         self._installed[("set_codecs", key)] = (args, [])  # a restarted worker gets its codecs again
 
+    @_serialized
     def put(self, tensor: Value, *, src: str, kind: str) -> TensorRef:
         if not isinstance(tensor, torch.Tensor):  # several values: a model that takes a tuple
             tensor = check_values(tensor, f"the {kind} put at {self.name!r}")
@@ -350,6 +398,7 @@ class RemoteWorker:
         self._feature_ids.add(ref.id)
         return ref
 
+    @_serialized
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         ref = self._new_ref()
         args, blobs = serde.forward_to_command(key, source, ref.id, train=train)
@@ -363,6 +412,7 @@ class RemoteWorker:
         self._send("forward", args, blobs, flush=False)
         return ref
 
+    @_serialized
     def loss(
         self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
     ) -> LossStats:
@@ -374,12 +424,14 @@ class RemoteWorker:
         r, _ = self._request("loss", *serde.loss_to_command(output, target, loss, train=train, keep=keep))
         return serde.loss_stats_from_result(r)
 
+    @_serialized
     def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
         """Metrics over the outputs the worker kept under ``keep`` (:class:`~splitnn.workers.MetricWorker`);
         only the values come back."""
         r, _ = self._request("metrics", serde.metrics_to_args(keep, names))
         return serde.metrics_from_result(r, names)
 
+    @_serialized
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
         if key not in self._input_is_data:
             raise no_training_forward(self.name, key)
@@ -387,26 +439,32 @@ class RemoteWorker:
         self._send("backward", serde.backward_to_args(key, grad, ref.id if ref is not None else None), flush=False)
         return ref
 
+    @_serialized
     def zero_grad(self, key: str) -> None:
         self._send("zero_grad", serde.key_to_args(key), flush=False)
 
+    @_serialized
     def step(self, key: str) -> None:
         self._send("step", serde.key_to_args(key))  # a step ends this worker's part of a training step: flush
 
+    @_serialized
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> Value:
         r, blobs = self._request("fetch", serde.fetch_to_args(ref, kind))
         return serde.fetch_from_result(r, blobs, max_bytes=self.limits.max_tensor_bytes)
 
+    @_serialized
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
         _, blobs = self._request("get_state", serde.key_to_args(key))
         # in the worker's key order
         return serde.state_from_blob(serde.blob_arg(blobs, 0, "state"), max_bytes=self.limits.max_blob_bytes)
 
+    @_serialized
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
         if src != RESEARCHER:
             raise WorkerError(f"remote worker {self.name!r} only accepts weights sent by the researcher")
         self._request("set_state", *serde.set_state_to_command(key, state))
 
+    @_serialized
     def fetch_segment(self, key: str) -> nn.Module:
         _, blobs = self._request("fetch_segment", serde.key_to_args(key))
         spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
@@ -415,6 +473,7 @@ class RemoteWorker:
         module.load_state_dict(state)
         return module
 
+    @_serialized
     def release(self) -> None:
         self._input_is_data.clear()
         self._merged.clear()
@@ -422,6 +481,7 @@ class RemoteWorker:
         self._send("release", {})
 
     # -- optional capabilities (the topologies and baselines of splitnn.training) -----------------
+    @_serialized
     def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
         """Hand segment ``key``'s weights straight to peer ``dst`` (:class:`~splitnn.workers.PeerStateWorker`).
 
@@ -440,6 +500,19 @@ class RemoteWorker:
         self._send("export_state", serde.export_state_to_args(key, ref.id))  # flushed: the puller may be waiting for it
         target._send("load_state", serde.load_state_to_args(dst_key or key, ref), flush=False)
 
+    @_serialized
+    def average_states(self, keys: Sequence[str], weights: Sequence[float], *, into: Sequence[str]) -> None:
+        """Load the weighted average of segments ``keys`` into every segment of ``into``, at the worker
+        (:class:`~splitnn.workers.AveragingWorker`; SplitFed's aggregation).
+
+        Only the keys and weights travel; the worker averages segments it hosts, so nothing is
+        recorded. Waits for the answer (after the weights sent to it before, e.g. by
+        :meth:`send_state`, are loaded), so a bad key, weight or shape is raised here.
+        """
+        keys, weights, into = check_averaging(keys, weights, into, self.name)
+        self._request("average_states", serde.average_states_to_args(keys, weights, into))
+
+    @_serialized
     def forward_merged(self, key: str, sources: Sequence[TensorRef], merge: str, *, train: bool = True) -> TensorRef:
         """Run segment ``key`` on the merge of several parties' activations (:class:`~splitnn.workers.MergingWorker`).
 
@@ -458,6 +531,7 @@ class RemoteWorker:
         self._send("forward_merged", args, flush=False)
         return ref
 
+    @_serialized
     def backward_merged(self, key: str, grad: TensorRef | None) -> list[TensorRef]:
         """Back-propagate through segment ``key`` and its merge; one gradient ref per source, in order."""
         count = self._merged.pop(key, None)
@@ -467,6 +541,7 @@ class RemoteWorker:
         self._send("backward_merged", serde.backward_merged_to_args(key, grad, [r.id for r in refs]), flush=False)
         return refs
 
+    @_serialized
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors,
         recorded as ``gradient`` bytes from this worker to the researcher."""
@@ -477,32 +552,38 @@ class RemoteWorker:
     # -- private set intersection (PsiWorker; the protocol: splitnn.training.psi) ---------------
     # Messages stay between the two parties: the receiver pulls the sender's message over their peer
     # stream (kind "psi") and records it on that link. The researcher sends only handles and learns sizes.
+    @_serialized
     def psi_request(self, session: str, dataset: str) -> TensorRef:
         """Open PSI ``session`` as the client over ``dataset``'s candidate ids; a ref to the request (pipelined)."""
         ref = self._new_ref()
         self._send("psi_request", serde.psi_request_to_args(session, dataset, ref.id))  # flushed: a peer pulls it
         return ref
 
+    @_serialized
     def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
         """Pull a client's request from its owner and answer it as the PSI server; a ref to the reply (pipelined)."""
         ref = self._new_ref()
         self._send("psi_reply", serde.psi_reply_to_args(dataset, request, ref.id))
         return ref
 
+    @_serialized
     def psi_finish(self, session: str, reply: TensorRef) -> None:
         """Pull the server's reply and narrow the candidates of the session's dataset (pipelined)."""
         self._send("psi_finish", serde.psi_finish_to_args(session, reply))
 
+    @_serialized
     def psi_size(self, dataset: str) -> int:
         """The number of candidate rows of ``dataset`` (waits for the intersections sent before)."""
         r, _ = self._request("psi_size", serde.dataset_name_to_args(dataset))
         return serde.psi_size_from_result(r)
 
+    @_serialized
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep exactly the candidate rows of ``dataset``, in ascending id order, and hold each of ``parts``
         (name -> positions in that order); at the worker this changes this session's datasets only."""
         self._request("psi_apply", *serde.psi_apply_to_command(dataset, dict(parts or {})))
 
+    @_serialized
     def psi_cancel(self, dataset: str) -> None:
         """Abandon the intersection of ``dataset`` (the held rows stay as they were).
 
@@ -512,12 +593,13 @@ class RemoteWorker:
         """
         for worker in (self, *self._remote_peers()):  # _request below would raise the peers' echoes too
             try:
-                worker.drain()
+                worker._stream.drain()
             except Exception:  # that failure's echo at this worker (a pull that could not be served, ...)
                 pass
         self._request("psi_cancel", serde.dataset_name_to_args(dataset))
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------
+    @_serialized
     def run_epoch(self, plan: EpochPlan, *, notify=None) -> EpochHandle:
         """Ship this worker's part of a training epoch; return a handle that fills as it runs.
 
@@ -602,6 +684,7 @@ class RemoteWorker:
         return False
 
     # -- extras ------------------------------------------------------------------------------
+    @_serialized
     def stats(self) -> dict[str, Any]:
         """The worker's own wire byte counters and ledger (``{"counters": rows, "ledger": rows}``)."""
         return serde.stats_from_result(self._request("stats", {})[0])

@@ -60,6 +60,8 @@ MAX_PSI_PARTS = 64
 MAX_ID_CHARS = 1024
 #: dtypes by the names probes of several values use (``"float32"``, ``"int64"``, ...).
 DTYPE_NAMES = {str(dt).removeprefix("torch."): dt for dt in DTYPE_CODES}
+#: Most segments one ``average_states`` may average, and most it may load the average into.
+MAX_AVERAGE_SEGMENTS = 1024
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -645,6 +647,32 @@ def load_state_to_args(key: str, src: TensorRef) -> dict:
 
 def load_state_from_args(args: dict) -> tuple[str, TensorRef]:
     return key_from_args(args), ref_from_dict(arg(args, "src", dict))
+
+
+def average_states_to_args(keys: Sequence[str], weights: Sequence[float], into: Sequence[str]) -> dict:
+    """Load ``sum_k weights[k] * state(keys[k]) / sum(weights)`` into every segment of ``into`` (all hosted by
+    the worker; nothing travels but these names and numbers)."""
+    return {"keys": list(keys), "weights": [float(w) for w in weights], "into": list(into)}
+
+
+def average_states_from_args(args: dict) -> tuple[list[str], list[float], list[str]]:
+    """``(keys, weights, into)`` of an ``average_states`` command: 1..MAX_AVERAGE_SEGMENTS segment keys each,
+    one finite weight > 0 per source; WireError on anything else."""
+
+    def keys_of(field: str) -> list[str]:
+        value = arg(args, field, list)
+        if not 0 < len(value) <= MAX_AVERAGE_SEGMENTS or not all(
+            isinstance(k, str) and 0 < len(k) <= 256 for k in value
+        ):
+            raise WireError(f"average_states: {field!r} must list 1..{MAX_AVERAGE_SEGMENTS} segment keys")
+        return value
+
+    keys, into, weights = keys_of("keys"), keys_of("into"), arg(args, "weights", list)
+    if len(weights) != len(keys) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
+    ):
+        raise WireError("average_states: 'weights' must hold one finite number > 0 per source segment")
+    return keys, [float(w) for w in weights], into
 
 
 def set_state_to_command(key: str, state: Mapping[str, torch.Tensor]) -> tuple[dict, list[bytes]]:

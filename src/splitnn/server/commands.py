@@ -27,7 +27,9 @@ Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split
 pull every source activation like ``forward`` does and leave one gradient per source for its
 owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
 worker to another over their peer stream as ``weights`` frames (the receiver pulls, loads and
-records them); ``get_grads`` returns parameter gradients to the researcher (large-batch SGD).
+records them); ``average_states`` loads the weighted average of segments the session hosts into
+others (SplitFed's aggregation: local, nothing recorded); ``get_grads`` returns parameter gradients
+to the researcher (large-batch SGD).
 """
 
 from __future__ import annotations
@@ -393,6 +395,13 @@ class Commands:
             raise WireError(
                 f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
             ) from None
+        return {}, []
+
+    async def _op_average_states(self, a, blobs, **_):
+        """Load the weighted average of segments this session hosts into others of its segments (SplitFed's
+        aggregation); local to this party, so nothing is recorded."""
+        keys, weights, into = serde.average_states_from_args(a)
+        self.engine.average_states([self._key(k) for k in keys], weights, into=[self._key(k) for k in into])
         return {}, []
 
     async def _op_fetch(self, a, blobs, **_):

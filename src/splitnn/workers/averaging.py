@@ -30,6 +30,13 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     for k, state in enumerate(states[1:], start=1):
         if list(state) != keys:
             raise ConfigurationError(f"state {k} has different tensors than state 0; the clients' models differ")
+        for key in keys:  # add_ would broadcast a smaller tensor silently
+            a, b = states[0][key], state[key]
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ConfigurationError(
+                    f"tensor {key!r} of state {k} is {b.dtype} {tuple(b.shape)}, but {a.dtype} {tuple(a.shape)} in "
+                    f"state 0; the clients' models differ"
+                )
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         first = states[0][key]

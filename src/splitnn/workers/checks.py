@@ -8,6 +8,9 @@ model behaves alike whichever workers it runs on; the checks raise before any wo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from torch import nn
 
 from splitnn.errors import ConfigurationError, WorkerError
@@ -44,3 +47,32 @@ def check_sources(sources: list, key: str, worker: str) -> list:
 def unreachable(worker: str, peer: str) -> WorkerError:
     """The error of naming a party that the model's workers were not connected to."""
     return WorkerError(f"worker {worker!r} cannot reach {peer!r}; connect the workers of a model first")
+
+
+def check_averaging(
+    keys: Sequence[str], weights: Sequence[float], into: Sequence[str], worker: str
+) -> tuple[list[str], list[float], list[str]]:
+    """The arguments of ``average_states`` as lists, if they make sense; ConfigurationError naming the fix.
+
+    At least one source and one target, every key a string, one weight per source, each a
+    finite number > 0 (a holder that trained on nothing is left out of the average, not
+    weighted 0).
+    """
+    keys, weights, into = list(keys), list(weights), list(into)
+    if not keys or not into:
+        raise ConfigurationError(f"worker {worker!r}: average_states needs at least one source and one target")
+    bad = [k for k in (*keys, *into) if not isinstance(k, str)]
+    if bad:
+        raise ConfigurationError(f"worker {worker!r}: average_states takes segment keys (strings), got {bad[:3]}")
+    if len(weights) != len(keys):
+        raise ConfigurationError(
+            f"worker {worker!r}: average_states needs one weight per source segment, got {len(weights)} weights "
+            f"for {len(keys)} segments"
+        )
+    for key, w in zip(keys, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ConfigurationError(
+                f"worker {worker!r}: the averaging weight of segment {key!r} must be a finite number > 0 "
+                f"(e.g. its sample count), got {w!r}"
+            )
+    return keys, [float(w) for w in weights], into

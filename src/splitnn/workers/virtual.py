@@ -77,7 +77,7 @@ from splitnn.workers.checkpoint import (
     save_party_checkpoint,
     segment_identity,
 )
-from splitnn.workers.checks import check_segment, check_sources, no_training_forward, unreachable
+from splitnn.workers.checks import check_averaging, check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
 from splitnn.workers.inflight import Flight, detached_input, flight_forward, take_grads
@@ -466,12 +466,25 @@ class VirtualWorker:
     def average_states(self, keys: Sequence[str], weights: Sequence[float], *, into: Sequence[str]) -> None:
         """Load the weighted average of segments ``keys`` into every segment of ``into`` (see
         :class:`AveragingWorker`); local, so nothing is recorded."""
-        keys, into = list(keys), list(into)
-        if not keys or not into:
-            raise ConfigurationError(f"worker {self.name!r}: average_states needs at least one source and one target")
-        states = [self._segment(k).module.state_dict() for k in keys]
+        keys, weights, into = check_averaging(keys, weights, into, self.name)
+        states = [self._segment(k).module.state_dict() for k in keys]  # an unknown key is named here
         targets = [self._segment(k) for k in into]
-        average = weighted_average(states, weights)
+        try:
+            average = weighted_average(states, weights)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"worker {self.name!r}: cannot average segments {keys}: {exc}") from None
+        for key, hosted in zip(into, targets):  # every target checked before any is written
+            target = hosted.module.state_dict()
+            wrong = [
+                name
+                for name in {*target, *average}
+                if name not in target or name not in average or target[name].shape != average[name].shape
+            ]
+            if wrong:
+                raise ConfigurationError(
+                    f"worker {self.name!r}: segment {key!r} does not have the averaged segments' tensors "
+                    f"(names or shapes differ: {sorted(wrong)[:5]}); average into copies of the same network"
+                )
         for hosted in targets:
             hosted.module.load_state_dict(average)  # copies into the parameters: optimizers keep them
 

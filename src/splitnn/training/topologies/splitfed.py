@@ -41,13 +41,18 @@ with two or more holders, :meth:`~splitnn.workers.PeerStateWorker.send_state` at
 holder and at the aggregator, and :meth:`~splitnn.workers.AveragingWorker.average_states`
 at the aggregator and (v1) at every top worker.
 
-Concurrency (``parallel``). In-process, each holder's steps of a round run on a thread of
-its own, the top workers served one holder at a time (v2: in the order above; v1: in any
-order, since the holders' chains are independent until the round ends); see
+Concurrency (``parallel``). Each holder's steps of a round run on a thread of its own, the
+top workers served one holder at a time (v2: in the order above; v1: in any order, since the
+holders' chains are independent until the round ends); see
 :mod:`splitnn.training.topologies.lanes`. ``parallel=False`` runs the same steps in the
 order of :meth:`SplitFedSplitNN.epoch_plan` on one thread. The weights are identical either
-way. Networked workers run on one thread (their client is driven by one thread); serving
-several holders at once over the network is future work (docs/splitfed.md).
+way. The same holds for networked workers (``splitnn worker`` processes reached through
+:class:`~splitnn.client.RemoteWorker`): each holder's thread drives its own worker, whose
+bottom forward is put on the wire at once (``flush``) so that it runs while the thread waits
+for the label holder; the top workers' clients are only called inside the turnstile (and
+serialise concurrent callers anyway); activations and gradients go holder <-> label holder
+over their peer links, never through the researcher. The label holder serves one holder's
+step at a time: what overlaps is the holders' own computation and the network hops.
 """
 
 from __future__ import annotations
@@ -61,7 +66,6 @@ import torch
 from torch import nn
 
 from splitnn.accounting import Ledger
-from splitnn.accounting.flops import unwrap
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
@@ -79,7 +83,7 @@ from splitnn.training.topologies.base import (
 )
 from splitnn.training.topologies.horizontal import HolderShards, Partitioner
 from splitnn.training.topologies.lanes import Turnstile, run_lanes
-from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, VirtualWorker, Worker
+from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, Worker
 from splitnn.workers.losses import Loss, check_loss_at
 
 #: The SplitFed variants.
@@ -111,9 +115,9 @@ class SplitFedSplitNN(Topology):
         optimizer: one factory/spec for every segment, or a list of ``1 + len(top)`` (the
             bottom's first); every copy gets its own optimizer.
         loss: the label holder's loss (a name, or a callable the label holder may run).
-        parallel: run the holders' steps on threads (``True``; in-process workers only) or in
-            plan order on one thread (``False``); ``None`` (default): threads when there are two
-            or more holders and every worker is in-process.
+        parallel: run the holders' steps on threads (``True``) or in plan order on one thread
+            (``False``); ``None`` (default): threads when there are two or more holders. The
+            weights are the same either way.
         ledger: where transfers are recorded (default: the first holder's).
 
     Raises:
@@ -185,15 +189,7 @@ class SplitFedSplitNN(Topology):
         self.partition = self._shards.partition
         self.partition_seed = self._shards.partition_seed
         everyone = [*holders, *top_workers, aggregator]
-        in_process = all(isinstance(unwrap(w), VirtualWorker) for w in everyone)
-        if parallel and not in_process:
-            remote = sorted({w.name for w in everyone if not isinstance(unwrap(w), VirtualWorker)})
-            raise ConfigurationError(
-                f"parallel=True runs the holders on threads, which only in-process workers allow today "
-                f"({remote} are not: a networked worker's command stream is driven by one thread); "
-                f"use parallel=False (or None: automatic)"
-            )
-        self.parallel = parallel if parallel is not None else len(holders) > 1 and in_process
+        self.parallel = parallel if parallel is not None else len(holders) > 1
         self.ledger = bind_workers(everyone, ledger)
 
         prefix = new_prefix("splitfed")
@@ -394,6 +390,8 @@ class SplitFedSplitNN(Topology):
         holder = bottom.worker
         holder.zero_grad(bottom.key)
         activation = holder.forward(bottom.key, batch, train=True)
+        if self.parallel:  # a networked holder's forward goes out now and runs while this thread waits at the gate
+            _flush(holder)
         with gate:
             for stage in top:
                 stage.worker.zero_grad(stage.key)
@@ -448,6 +446,13 @@ def _bind(step: Callable[..., LossStats], h: int, batch: BatchRef, gate: Turnsti
     return lambda: step(h, batch, gate.serve(position))
 
 
+def _flush(worker: Worker) -> None:
+    """Put a pipelining (networked) worker's queued commands on the wire; nothing for in-process workers."""
+    flush = getattr(worker, "flush", None)
+    if callable(flush):
+        flush()
+
+
 def _require_capabilities(
     holders: Sequence[Worker], top_workers: Sequence[Worker], aggregator: Worker, variant: str
 ) -> None:
@@ -466,5 +471,5 @@ def _require_capabilities(
         if not isinstance(worker, capability):
             raise ConfigurationError(
                 f"worker {worker.name!r} lacks {method}; SplitFed with more than one data holder needs it at "
-                f"{who}. Networked workers do not offer average_states yet (see docs/splitfed.md)"
+                f"{who} (VirtualWorker and the networked RemoteWorker have it; see docs/splitfed.md)"
             )
