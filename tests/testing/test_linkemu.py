@@ -130,6 +130,27 @@ def test_delays_each_direction_and_passes_end_of_stream():
     asyncio.run(main())
 
 
+def test_proxy_sockets_send_small_writes_at_once(emu):
+    """Both of a proxy's sockets have Nagle's algorithm off (TCP_NODELAY), as the parties' gRPC sockets do: else a
+    small reply following an unacknowledged one waits for the receiver's delayed ACK (up to 40 ms)."""
+    echo = emu.call(serve_echo())
+    addr = emu.add("bob", _address(echo))
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"  # the proxy has both of its sockets now
+
+        async def flags() -> list[int]:
+            return [
+                w.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for w in emu.emulator._writers
+            ]
+
+        got = emu.call(flags())
+    echo.close()
+    assert len(got) == 2 and all(got), got
+
+
 def test_close_stops_listening_and_cuts_connections(emu):
     echo = emu.call(serve_echo())
     addr = emu.add("bob", _address(echo))

@@ -26,6 +26,7 @@ from splitnn.training import epoch_batches
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN, UShapedSplitNN, VerticalSplitNN
 from splitnn.training.topologies.presets import vertical_mlp
+from splitnn.workers import BatchRef
 from tests.helpers import assert_same_weights, toy_dataset
 from tests.transport.cluster import Cluster
 
@@ -325,6 +326,28 @@ def test_average_states_at_a_worker_process_equals_the_arithmetic_and_refuses_mi
             worker.average_states(["avg.a", "avg.b"], [1, 1], into=["avg.c", "avg.wide"])
         # checked before anything was loaded: avg.c still holds the first average
         assert torch.equal(worker.get_state("avg.c")["weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+
+
+def test_loss_deferred_is_the_loss_sent_without_waiting(remote):
+    """`loss_deferred` gives the stats `loss` gives (its twin in process), and a failure where they are asked for."""
+    _, _, bob = remote
+    data = toy_dataset(8, seed=9)
+    twin = W("bob")
+    stats = []
+    for worker in (bob, twin):
+        worker.add_dataset("lossdef", features=data.features, labels=data.labels)
+        torch.manual_seed(3)
+        worker.add_segment("lossdef.s", nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.LogSoftmax(dim=1)), None)
+        batch = BatchRef("lossdef", torch.tensor([0, 3, 5]))
+        out = worker.forward("lossdef.s", batch, train=True)
+        stats.append(worker.loss(out, batch, "nll", train=True))
+    out = bob.forward("lossdef.s", batch, train=True)  # the same weights (no step was taken): the same stats
+    later = bob.loss_deferred(out, batch, "nll", train=True)
+    assert later() == stats[0] == stats[1]
+    out = bob.forward("lossdef.s", batch, train=False)
+    later = bob.loss_deferred(out, BatchRef("lossdef", torch.tensor([0, 99])), "nll", train=False)  # sent: no error yet
+    with pytest.raises(splitnn.WireError, match="out of range"):
+        later()
 
 
 def test_a_remote_worker_serializes_concurrent_callers(remote):

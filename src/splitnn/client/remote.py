@@ -66,7 +66,7 @@ import itertools
 import json
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -423,6 +423,35 @@ class RemoteWorker:
             )
         r, _ = self._request("loss", *serde.loss_to_command(output, target, loss, train=train, keep=keep))
         return serde.loss_stats_from_result(r)
+
+    @_serialized
+    def loss_deferred(
+        self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
+    ) -> Callable[[], LossStats]:
+        """:meth:`loss`, sent without waiting: call the function returned for the stats (it waits for them).
+
+        The worker runs the loss in its command order, so the ``backward`` that uses it may be sent
+        before the stats are back; a caller serving several data holders then lets the next one's
+        commands queue at the worker instead of waiting a round trip per batch (SplitFed does).
+        Unlike :meth:`loss`, it does not wait for the other workers' commands.
+        """
+        if not isinstance(loss, str):
+            raise ConfigurationError(
+                f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
+                f"give one of {LOSS_NAMES}"
+            )
+        args, blobs = serde.loss_to_command(output, target, loss, train=train, keep=keep)
+        for peer in self._remote_peers():
+            peer._stream.flush()  # the output may come from a peer's command still queued here
+        pending = self._stream.send("loss", args, blobs)
+
+        def stats() -> LossStats:
+            reply = self._stream.wait(pending)
+            if not reply.ok:
+                raise error_from_reply(reply, self.name, self.address)
+            return serde.loss_stats_from_result(reply_result(reply))
+
+        return stats
 
     @_serialized
     def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:

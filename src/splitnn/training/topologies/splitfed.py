@@ -396,15 +396,16 @@ class SplitFedSplitNN(Topology):
             for stage in top:
                 stage.worker.zero_grad(stage.key)
             out = forward_chain(top, activation, train=True)
-            stats = top[-1].worker.loss(out, batch, self.loss, train=True)
+            stats = _loss_later(top[-1].worker, out, batch, self.loss)
             grad = None
             for stage in reversed(top):
                 grad = stage.worker.backward(stage.key, grad)
             for stage in top:
                 stage.worker.step(stage.key)
+        # outside the gate: a networked label holder's loss is awaited while the next holder's step queues there
         holder.backward(bottom.key, grad)
         holder.step(bottom.key)
-        return stats
+        return stats()
 
     # -- evaluation and results -------------------------------------------------------------
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
@@ -444,6 +445,16 @@ class SplitFedSplitNN(Topology):
 def _bind(step: Callable[..., LossStats], h: int, batch: BatchRef, gate: Turnstile, position: int):
     """``step(h, batch, gate.serve(position))`` as a job (bound now, not when the loop variable changes)."""
     return lambda: step(h, batch, gate.serve(position))
+
+
+def _loss_later(worker: Worker, output, batch: BatchRef, loss: Loss) -> Callable[[], LossStats]:
+    """The label holder's training loss, as a function giving its stats: sent without waiting where the worker can
+    (a networked one: ``loss_deferred``), so that its round trip is not spent inside the gate; else computed now."""
+    deferred = getattr(worker, "loss_deferred", None)
+    if callable(deferred):
+        return deferred(output, batch, loss, train=True)
+    stats = worker.loss(output, batch, loss, train=True)
+    return lambda: stats
 
 
 def _flush(worker: Worker) -> None:
