@@ -642,6 +642,7 @@ class RemoteWorker:
         return handle
 
     # -- policy, checkpoints and faults --------------------------------------------------------
+    @_serialized
     def declare_neighbours(self, names: Sequence[str]) -> None:
         """Tell the worker which parties are adjacent to it in the model: without a ``peers`` rule in its
         policy, only they may pull this session's tensors there."""
@@ -650,11 +651,13 @@ class RemoteWorker:
         self._installed.pop(("neighbours", ""), None)
         self._installed[("neighbours", "")] = (args, [])
 
+    @_serialized
     def checkpoint_steps(self, job: str) -> list[int]:
         """The steps of ``job`` the party holds checkpoints of, in its ``--state-dir`` (:class:`CheckpointWorker`)."""
         r, _ = self._request("checkpoint_steps", serde.checkpoint_steps_to_args(job))
         return serde.steps_from_result(r)
 
+    @_serialized
     def save_checkpoint(
         self, job: str, step: int, segments: Mapping[str, str], *, note: Mapping[str, object] | None = None
     ) -> dict:
@@ -662,6 +665,7 @@ class RemoteWorker:
         r, _ = self._request("save_checkpoint", serde.checkpoint_to_args(job, step, segments, note=note))
         return serde.party_checkpoint_from_result(r)
 
+    @_serialized
     def load_checkpoint(self, job: str, step: int, segments: Mapping[str, str], *, digest: str | None = None) -> dict:
         """Have the party load its checkpoint of ``segments`` at ``step`` (refused when it does not match them,
         or -- given ``digest`` -- is not that file)."""
@@ -671,6 +675,7 @@ class RemoteWorker:
         self._feature_ids.clear()
         return serde.party_checkpoint_from_result(r)
 
+    @_serialized
     def reconnect(self) -> bool:
         """Make sure the connection is up after a fault (:class:`~splitnn.workers.ReconnectingWorker`).
 
