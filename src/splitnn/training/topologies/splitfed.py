@@ -50,9 +50,12 @@ way. The same holds for networked workers (``splitnn worker`` processes reached 
 :class:`~splitnn.client.RemoteWorker`): each holder's thread drives its own worker, whose
 bottom forward is put on the wire at once (``flush``) so that it runs while the thread waits
 for the label holder; the top workers' clients are only called inside the turnstile (and
-serialise concurrent callers anyway); activations and gradients go holder <-> label holder
-over their peer links, never through the researcher. The label holder serves one holder's
-step at a time: what overlaps is the holders' own computation and the network hops.
+serialise concurrent callers anyway), where the label holder's part of the step is queued
+without waiting (its loss through ``loss_deferred``, awaited after the thread has left the
+turnstile), so the next holder's step queues at the label holder during this one's round
+trip; activations and gradients go holder <-> label holder over their peer links, never
+through the researcher. The label holder runs one holder's step at a time: what overlaps
+is the holders' own computation and the network hops.
 """
 
 from __future__ import annotations
