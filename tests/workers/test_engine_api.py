@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -49,7 +51,7 @@ def test_workers_refuse_the_same_mistakes_in_the_same_words():
     bob = VirtualWorker("bob")
     bob.add_segment("k", nn.Linear(1, 1), "sgd")
     remote = RemoteWorker.__new__(RemoteWorker)  # the argument checks run before anything is sent
-    remote.name, remote._input_is_data = "bob", {}
+    remote.name, remote._input_is_data, remote._lock = "bob", {}, threading.RLock()
     for worker in (bob, remote):
         with pytest.raises(ConfigurationError, match="segment 'k' for worker 'bob' must be an nn.Module, got int"):
             worker.add_segment("k", 3, "sgd")
@@ -59,6 +61,13 @@ def test_workers_refuse_the_same_mistakes_in_the_same_words():
             worker.backward("k", None)
         with pytest.raises(WorkerError, match="forward_merged on segment 'k' needs at least one source"):
             worker.forward_merged("k", [], "concat")
+        with pytest.raises(ConfigurationError, match="worker 'bob': average_states needs at least one source"):
+            worker.average_states([], [], into=["k"])
+        with pytest.raises(ConfigurationError, match="worker 'bob': average_states needs one weight per source"):
+            worker.average_states(["k", "k"], [1.0], into=["k"])
+        for weight in (0, -1.0, float("nan"), float("inf"), True, "2"):
+            with pytest.raises(ConfigurationError, match="averaging weight of segment 'k' must be a finite number > 0"):
+                worker.average_states(["k"], [weight], into=["k"])
 
 
 class _Networked(VirtualWorker):
