@@ -59,7 +59,7 @@ def remote(cluster):
 
 @pytest.fixture()
 def alice3(cluster):
-    worker = splitnn.connect(cluster.workers["alice3"].url, token=cluster.token, name="alice3", timeout=60)
+    (worker,) = cluster.connect("alice3")
     yield worker
     worker.close()
 
