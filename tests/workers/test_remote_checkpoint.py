@@ -209,7 +209,7 @@ def test_a_dropped_connection_is_survived(tmp_path, trio):
 def test_a_hung_party_is_noticed_in_bounded_time_and_survived_when_it_comes_back(tmp_path, trio, monkeypatch):
     """SIGSTOP freezes bob (its connections stay open, nothing answers): the researcher's keepalive pings
     go unanswered and the connection is declared dead within ~15 s, well before any timeout; bob is
-    thawed 20 s later and fit's retries resume from the last checkpoint."""
+    thawed 20 s later and its stream is resumed, or fit's retries resume from the last checkpoint."""
     import threading
     import time
 
@@ -228,6 +228,16 @@ def test_a_hung_party_is_noticed_in_bounded_time_and_survived_when_it_comes_back
         return recover(*args, **kwargs)
 
     monkeypatch.setattr(loop, "_recover", noting_recover)
+    # bob's stream may also be resumed where it stood once bob thaws, with no checkpoint route at all
+    from splitnn.client.command_stream import CommandStream
+
+    resume = CommandStream._resume
+
+    def noting_resume(self, cause):
+        noticed.append(time.monotonic() - stopped[0])
+        return resume(self, cause)
+
+    monkeypatch.setattr(CommandStream, "_resume", noting_resume)
     train_epoch = model.train_epoch
 
     seen = [0]

@@ -9,7 +9,17 @@ than a chunk are sent ahead as ``stage`` commands. Each message sent is a
 :class:`Pending` answer, which a daemon thread fills as replies arrive: it joins replies
 that came in parts, merges their ledger records, remembers the first error of a command
 nobody waits for (raised at the next :meth:`~CommandStream.check`), and feeds shipped
-epochs' handles their progress and result. A broken stream fails everything pending at once.
+epochs' handles their progress and result.
+
+A broken stream is resumed (:mod:`splitnn.server.replay`): the client keeps every message until
+its final reply arrives, opens a new call naming the same stream (``x-splitnn-stream``), sends a
+``resume`` command carrying the highest seq whose final reply it received, learns the highest seq
+the worker received, and re-sends exactly the messages after it, in order; the worker re-sends the
+replies the client missed and runs nothing twice. Commands and training steps go on as if nothing
+happened. Only when ``retries`` attempts fail -- the worker is gone, or restarted and knows no
+such stream -- does the stream fail everything pending at once
+(:class:`~splitnn.errors.WorkerUnreachableError`), for :func:`splitnn.split.loop.fit` to fall back
+to the last checkpoint.
 
 Why a thread. ``SplitNN`` and the training loops are synchronous, so the client uses
 grpcio's blocking API with one reader thread per worker; no event loop has to be hosted
@@ -20,11 +30,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitnn import errors as _errors
 from splitnn.accounting.ledger import LinkTotal
@@ -34,12 +46,14 @@ from splitnn.common.messages import (
     REPLY_KIND,
     error_from_reply,
     join_parts,
+    new_session_id,
     reply_result,
 )
 from splitnn.common.serde import epoch_report_from_result, losses_from_result
 from splitnn.errors import WorkerError, WorkerUnreachableError
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
+from splitnn.transport.security import REPLACES_KEY, STREAM_KEY
 from splitnn.wire.proto import SESSION, Command, Reply
 from splitnn.workers.epoch import EpochHandle
 
@@ -65,17 +79,28 @@ ASYNC_OPS = frozenset(
 )
 
 
+log = logging.getLogger("splitnn.client")
+
+#: Seconds the first attempt to resume a broken stream waits for the connection; doubled per attempt.
+RESUME_WAIT = 1.0
+RESUME_MAX_WAIT = 30.0
+
+
 class Pending:
     """The answer to one message on the stream: set once its reply (or the stream's failure) arrives."""
 
-    __slots__ = ("event", "reply", "op", "parts", "handle")
+    __slots__ = ("event", "reply", "op", "parts", "handle", "data", "progress", "skip", "skip_parts")
 
-    def __init__(self, op: str, handle: EpochHandle | None = None) -> None:
+    def __init__(self, op: str, data: bytes, handle: EpochHandle | None = None) -> None:
         self.event = threading.Event()
         self.reply: Reply | None = None
         self.op = op
+        self.data = data  # the message as sent: re-sent when a broken stream is resumed before its reply came
         self.parts: list[bytes] = []
         self.handle = handle  # a shipped epoch's handle: gets progress, the result or the failure
+        self.progress = 0  # progress replies received
+        self.skip = 0  # progress replies the worker re-sends after a resume that were received before
+        self.skip_parts = 0  # and parts of a reply in parts
 
 
 class CommandStream:
@@ -88,6 +113,8 @@ class CommandStream:
         counters: where wire bytes are counted.
         merge_records: takes the ledger records each reply carries (the worker's ``ledger``, looked
             up at each reply: a model may bind its workers to its own ledger after connecting).
+        retries: attempts to resume the stream after it broke (0: fail at once); settable.
+        replaces: the id of a broken stream this one replaces (the worker stops what that one queued).
     """
 
     def __init__(
@@ -102,8 +129,12 @@ class CommandStream:
         counters: ByteCounters,
         merge_records: Callable[[Iterable[LinkTotal]], None],
         ids: Iterator[int],
+        retries: int = 3,
+        replaces: str | None = None,
     ) -> None:
         self.worker, self.address, self.timeout = worker, address, timeout
+        self.retries = retries
+        self.id = new_session_id()  # this stream's id at the worker (a secret like the session id)
         self.limits, self.counters, self._merge_records = limits, counters, merge_records
         self._ids = ids
         self._seq = itertools.count(1)
@@ -114,22 +145,31 @@ class CommandStream:
         self.async_error: Exception | None = None
         self.broken: Exception | None = None
         self.closed = False
+        self.resumed = 0  # times a broken stream was resumed
+        self._acked = 0  # the highest seq whose final reply arrived (replies come in seq order)
+        self._resuming = False  # while True, new messages wait in _pending for the resumed call
+        self._channel = channel
+        self._metadata = (*tuple(metadata), (STREAM_KEY, self.id))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Guards the send buffer, the sequence numbers and the queue order: another thread's synchronous
         # call may flush this stream while its own thread is queueing a command.
         self._send_lock = threading.RLock()
         self._buffer: list[tuple[str, str, list[bytes]]] = []
         self._buffer_bytes = 0
-        self._stream = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)(
-            self._requests(), metadata=metadata
-        )
+        first = self._metadata + (((REPLACES_KEY, replaces),) if replaces is not None else ())
+        self._stream = self._open(self._queue, first)
         self._reader = threading.Thread(target=self._read_replies, name=f"splitnn-{worker}-replies", daemon=True)
         self._reader.start()
 
     # -- sending ------------------------------------------------------------------------------
-    def _requests(self):
+    def _open(self, requests: queue.SimpleQueue, metadata) -> grpc.Call:
+        call = self._channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)
+        return call(self._requests(requests), metadata=metadata)
+
+    @staticmethod
+    def _requests(requests: queue.SimpleQueue):
         while True:
-            item = self._queue.get()
+            item = requests.get()
             if item is None:
                 return
             yield item
@@ -183,21 +223,22 @@ class CommandStream:
         seq = next(self._seq)
         if len(items) == 1:
             op, args_json, blobs = items[0]
-            data = Command(seq=seq, op=op, args_json=args_json, blobs=blobs).SerializeToString()
+            data = Command(seq=seq, op=op, args_json=args_json, blobs=blobs, ack=self._acked).SerializeToString()
             self.counters.record(self.worker, "sent", COMMAND_KIND.get(op, "control"), len(data))
         else:
             parts = [Command(op=op, args_json=a, blobs=b).SerializeToString() for op, a, b in items]
-            data = Command(seq=seq, op="batch", blobs=parts).SerializeToString()
+            data = Command(seq=seq, op="batch", blobs=parts, ack=self._acked).SerializeToString()
             for (op, _, _), part in zip(items, parts):
                 self.counters.record(self.worker, "sent", COMMAND_KIND.get(op, "control"), len(part))
             self.counters.record(self.worker, "sent", "control", len(data) - sum(map(len, parts)))
-        pending = Pending(items[-1][0], handle)
+        pending = Pending(items[-1][0], data, handle)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
             self._pending[seq] = pending
             self._outstanding += 1
-        self._queue.put(data)
+            if not self._resuming:  # (while resuming, the resumed call gets it after the messages before it)
+                self._queue.put(data)
         return pending
 
     # -- waiting ------------------------------------------------------------------------------
@@ -251,37 +292,149 @@ class CommandStream:
 
     # -- the reply reader (its own thread) ----------------------------------------------------
     def _read_replies(self) -> None:
-        try:
-            for raw in self._stream:
-                reply = Reply.FromString(raw)
-                if reply.progress:  # interim news of a shipped epoch
-                    self._on_progress(reply, len(raw))
-                elif reply.more:
-                    self._on_part(reply, len(raw))
-                else:
-                    self._on_reply(reply, len(raw))
-        except grpc.RpcError as exc:
-            if not self.closed:
+        call = self._stream
+        while call is not None:
+            try:
+                for raw in call:
+                    reply = Reply.FromString(raw)
+                    if reply.progress:  # interim news of a shipped epoch
+                        self._on_progress(reply, len(raw))
+                    elif reply.more:
+                        self._on_part(reply, len(raw))
+                    else:
+                        self._on_reply(reply, len(raw))
+            except grpc.RpcError as exc:
+                if self.closed:
+                    return
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 code = exc.code().name if hasattr(exc, "code") else "error"
-                cls = _errors.PolicyError if code == "UNAUTHENTICATED" else WorkerUnreachableError
-                self._fail(cls(f"worker {self.worker!r} at {self.address}: connection lost ({code}: {detail})"))
-        except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
-            self._fail(WorkerError(f"worker {self.worker!r} at {self.address}: bad reply: {exc}"))
-        else:
-            if not self.closed:
-                self._fail(WorkerUnreachableError(f"worker {self.worker!r} at {self.address} closed the session"))
+                if code == "UNAUTHENTICATED":
+                    self._fail(_errors.PolicyError(f"worker {self.worker!r} at {self.address}: {detail}"))
+                    return
+                cause = WorkerUnreachableError(
+                    f"worker {self.worker!r} at {self.address}: connection lost ({code}: {detail})"
+                )
+            except Exception as exc:  # a malformed reply: the worker is not speaking our protocol
+                self._fail(WorkerError(f"worker {self.worker!r} at {self.address}: bad reply: {exc}"))
+                return
+            else:
+                if self.closed:
+                    return
+                cause = WorkerUnreachableError(f"worker {self.worker!r} at {self.address} closed the session")
+            call = self._resume(cause)
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the channel to (re)connect; whether it did."""
+        ready = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state is grpc.ChannelConnectivity.READY:
+                ready.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
+        try:
+            return ready.wait(timeout)
+        finally:
+            self._channel.unsubscribe(watch)
+
+    def _resume(self, cause: Exception) -> grpc.Call | None:
+        """Resume the broken stream on a new call (see the module docstring); None when it cannot be."""
+        with self._lock:
+            self._resuming = True
+            broken, self._queue = self._queue, queue.SimpleQueue()
+        broken.put(None)  # the broken call's request iterator ends
+        self._stream.cancel()
+        refusal = None
+        for attempt in range(self.retries):
+            if self.closed:
+                break
+            log.info("worker %s: resuming the broken stream (attempt %d): %s", self.worker, attempt + 1, cause)
+            try:
+                outcome = self._resume_once(cause, min(RESUME_WAIT * 2**attempt, RESUME_MAX_WAIT))
+            except ValueError as exc:  # the channel was closed meanwhile (RemoteWorker.close or reconnect)
+                refusal = str(exc)
+                break
+            if isinstance(outcome, str):
+                refusal = outcome
+                continue
+            return outcome
+        if self.closed:
+            self._fail(WorkerError(f"worker {self.worker!r} at {self.address}: connection closed"))
+        elif self.broken is None and not self.retries:
+            self._fail(cause)
+        elif self.broken is None:
+            self._fail(
+                WorkerUnreachableError(
+                    f"{cause}; {self.retries} attempt(s) to resume the stream failed"
+                    + (f" ({refusal})" if refusal else "")
+                )
+            )
+        return None
+
+    def _resume_once(self, cause: Exception, wait: float) -> grpc.Call | str | None:
+        """One attempt to resume: the new call; a reason to try again; None when the worker refused (failed)."""
+        if not self._wait_ready(wait):
+            return "cannot reconnect"
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        call = self._open(requests, self._metadata)
+        hello = Command(seq=0, op="resume", ack=self._acked).SerializeToString()
+        self.counters.record(self.worker, "sent", "control", len(hello))
+        requests.put(hello)
+        timer = threading.Timer(min(self.timeout, 10.0), call.cancel)  # a worker that hangs is not resumed
+        timer.start()
+        try:
+            raw = next(call)
+            reply = Reply.FromString(raw)
+        except (grpc.RpcError, StopIteration, DecodeError) as exc:
+            requests.put(None)
+            call.cancel()
+            return exc.details() if isinstance(exc, grpc.RpcError) else "no answer to resume"
+        finally:
+            timer.cancel()
+        self.counters.record(self.worker, "recv", "control", len(raw))
+        if not reply.ok:  # the worker holds no such stream any more: it restarted, or its grace ended
+            requests.put(None)
+            call.cancel()
+            self._fail(WorkerUnreachableError(f"{cause}; {reply.error}"))
+            return None
+        received = int(reply_result(reply).get("received", 0))
+        with self._lock:
+            self._queue = requests
+            for seq in sorted(self._pending):
+                pending = self._pending[seq]
+                # the worker re-sends a reply in parts from its first part, a shipped epoch's progress
+                # from its first batch: skip what came before the break
+                pending.skip_parts = len(pending.parts)
+                pending.skip = pending.progress
+                if seq > received:
+                    requests.put(pending.data)
+                    self.counters.record(self.worker, "sent", "resent", len(pending.data))
+            self._resuming = False
+        self._stream = call
+        self.resumed += 1
+        log.info("worker %s: stream resumed after #%d", self.worker, received)
+        return call
 
     def _on_progress(self, reply: Reply, nbytes: int) -> None:
         with self._lock:
             pending = self._pending.get(reply.seq)
+        if pending is not None and pending.skip > 0:  # re-sent after a resume: had it already
+            pending.skip -= 1
+            self.counters.record(self.worker, "recv", "resent", nbytes)
+            return
         self.counters.record(self.worker, "recv", "control", nbytes)
+        if pending is not None:
+            pending.progress += 1
         if pending is not None and pending.handle is not None:
             pending.handle.add_losses(losses_from_result(reply_result(reply)))
 
     def _on_part(self, reply: Reply, nbytes: int) -> None:
         with self._lock:
             pending = self._pending.get(reply.seq)
+        if pending is not None and pending.skip_parts > 0:
+            pending.skip_parts -= 1
+            self.counters.record(self.worker, "recv", "resent", nbytes)
+            return
         if pending is not None:
             if sum(map(len, pending.parts)) + sum(map(len, reply.blobs)) > self.limits.max_blob_bytes:
                 raise WorkerError(f"reply to {pending.op!r} exceeds {self.limits.max_blob_bytes} bytes")
@@ -293,9 +446,14 @@ class CommandStream:
     def _on_reply(self, reply: Reply, nbytes: int) -> None:
         with self._lock:
             pending = self._pending.pop(reply.seq, None)
-        if pending is not None and pending.parts:
+            if pending is not None:
+                self._acked = max(self._acked, reply.seq)
+        if pending is None:  # a reply had already (re-sent after a resume): nothing more to do
+            self.counters.record(self.worker, "recv", "resent", nbytes)
+            return
+        if pending.parts:
             reply = join_parts(reply, pending.parts)
-        op = pending.op if pending else "?"
+        op = pending.op
         self.counters.record(self.worker, "recv", REPLY_KIND.get(op, "control") if reply.ok else "control", nbytes)
         if reply.transfers:
             self._merge_records(
@@ -303,14 +461,13 @@ class CommandStream:
                 for t in reply.transfers
             )
         with self._lock:
-            if pending is not None:
-                pending.reply = reply
-                if op in ASYNC_OPS and not reply.ok and self.async_error is None:
-                    self.async_error = error_from_reply(reply, self.worker, self.address)
-                pending.event.set()
+            pending.reply = reply
+            if op in ASYNC_OPS and not reply.ok and self.async_error is None:
+                self.async_error = error_from_reply(reply, self.worker, self.address)
+            pending.event.set()
             self._outstanding -= 1
             self._idle.notify_all()
-        if pending is not None and pending.handle is not None:  # after the ledger merge above
+        if pending.handle is not None:  # after the ledger merge above
             if reply.ok:
                 pending.handle.finish(epoch_report_from_result(reply_result(reply), self.worker))
             else:

@@ -140,6 +140,9 @@ class RemoteWorker:
             ``[A-Za-z0-9_-]``; keep it secret: whoever presents it acts as the session).
             Default: a fresh random one (:attr:`session`). Give an earlier connection's id to
             resume its session within the worker's grace period.
+        retries: attempts to resume the command stream when its connection breaks (settable; 0: a broken
+            connection fails at once). Within the worker's grace period a resumed stream loses and repeats
+            no command: the worker runs what it received once and re-sends the replies that were lost.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class RemoteWorker:
         ledger: Ledger | None = None,
         connect_timeout: float | None = None,
         session: str | None = None,
+        retries: int = 3,
     ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
@@ -161,6 +165,7 @@ class RemoteWorker:
         self._token = check_token_text(token)
         self._stream: CommandStream | None = None
         self.timeout = timeout
+        self.retries = retries
         self.limits = limits or Limits()
         self.ledger = ledger if ledger is not None else Ledger()
         self.counters = ByteCounters()
@@ -185,6 +190,7 @@ class RemoteWorker:
         # reconnection installs again when the worker restarted (reconnect).
         self._installed: dict[tuple[str, str], tuple[dict, list[bytes]]] = {}
         self._closed = False
+        self._resumed = 0  # resumes of the streams before the current one
         hello = self._connect()
         if name is not None and hello.name != name:
             self._channel.close()
@@ -207,7 +213,7 @@ class RemoteWorker:
             ) from None
         return serde.hello_from_result(self._unary("hello", {}))
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, replaces: str | None = None) -> None:
         self._stream = CommandStream(
             self._channel,
             self._metadata,
@@ -218,6 +224,8 @@ class RemoteWorker:
             counters=self.counters,
             merge_records=lambda records: self.ledger.merge(records),
             ids=self._ids,
+            retries=self._retries,
+            replaces=replaces,
         )
 
     def __repr__(self) -> str:
@@ -235,6 +243,24 @@ class RemoteWorker:
         self._timeout = float(value)
         if self._stream is not None:
             self._stream.timeout = self._timeout
+
+    @property
+    def retries(self) -> int:
+        """Attempts to resume the command stream after its connection broke (settable; 0: fail at once)."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"retries must be a non-negative integer, got {value!r}")
+        self._retries = value
+        if self._stream is not None:
+            self._stream.retries = value
+
+    @property
+    def resumed(self) -> int:
+        """How many times this connection's command stream broke and was resumed without losing a command."""
+        return self._resumed + (self._stream.resumed if self._stream is not None else 0)
 
     # -- plumbing -------------------------------------------------------------------------
     def _unary(self, op: str, args: dict) -> dict:
@@ -697,14 +723,16 @@ class RemoteWorker:
                 pass  # it broke meanwhile: connect again
             except WorkerError:
                 return True  # the fault's error at this worker (a failed step): dropped
-        if stream is not None:
+        if stream is not None and not stream.closed:
             stream.close()
+            self._resumed += stream.resumed
         self._channel.close()
         hello = self._connect()
         if hello.name != self.name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is now {hello.name!r}, not {self.name!r}")
-        self._open_stream()
+        # the broken stream's commands still queued at the worker must not run after the new stream's
+        self._open_stream(replaces=stream.id if stream is not None else None)
         self._input_is_data.clear()
         self._merged.clear()
         self._feature_ids.clear()
@@ -758,6 +786,7 @@ def connect(
     tls: TLSConfig | None = None,
     limits: Limits | None = None,
     session: str | None = None,
+    retries: int = 3,
 ) -> RemoteWorker:
     """Connect to a party started with ``splitnn worker`` and return it as a Worker.
 
@@ -771,4 +800,6 @@ def connect(
     :class:`PolicyError` when the worker rejects the token or certificate, and
     :class:`ConfigurationError` when ``name`` is given and the worker is someone else.
     """
-    return RemoteWorker(url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session)
+    return RemoteWorker(
+        url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session, retries=retries
+    )

@@ -5,8 +5,11 @@ pipeline a whole training step without waiting). :class:`Exports` maps each such
 a future that resolves to the engine's own tensor id once the command that produces
 it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
 it exists simply awaits that future; a command of this worker that consumes #7
-takes it directly. Either way a tensor is handed out once and then forgotten. Each
-session (:mod:`splitnn.server.sessions`) has its own :class:`Exports`, over its own engine.
+takes it directly. Either way a tensor is handed out once; a tensor a peer pulled is kept a
+little longer (the last :data:`SERVED_KEEP` of them, within :data:`SERVED_KEEP_BYTES`) so that
+the same peer can pull it again when the link broke before the tensor reached it -- a pull is
+idempotent by id -- and then forgotten. Each session (:mod:`splitnn.server.sessions`) has its
+own :class:`Exports`, over its own engine.
 
 :class:`StreamState` is what one of the session's streams (or one unary call) holds
 beyond that: the ids it announced (dropped when the stream ends) and big uploads it
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +34,10 @@ from splitnn.workers.virtual import VirtualWorker
 PRUNE_ANNOUNCED = 4096
 #: Kinds of stored tensors that a peer may pull only by naming that kind (and a pull of that kind gets no other).
 PULLED_ONLY_AS_ITSELF = ("weights", "psi")
+#: Tensors handed to a peer that a session keeps, for that peer to pull again after a broken link.
+SERVED_KEEP = 64
+#: ... and at most this many bytes of them.
+SERVED_KEEP_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -80,6 +88,9 @@ class Exports:
     def __init__(self, name: str, engine: VirtualWorker, timeout: float) -> None:
         self.name, self.engine, self.timeout = name, engine, timeout
         self._futures: dict[int, asyncio.Future] = {}
+        # values handed out to a peer, by id: (peer, kind, value), oldest first (see the module docstring)
+        self._served: OrderedDict[int, tuple[str, str, object]] = OrderedDict()
+        self._served_bytes = 0
 
     # -- sessions ---------------------------------------------------------------------------
     def announce(self, state: StreamState, tid: int) -> None:
@@ -143,6 +154,7 @@ class Exports:
             if not fut.done():
                 fut.cancel()
         self._futures.clear()
+        self._forget_served()
 
     def fail_all(self, reason: str) -> None:
         """Forget every export; a peer still waiting for one gets a WorkerError saying ``reason``."""
@@ -150,6 +162,11 @@ class Exports:
             if not fut.done():
                 fut.set_exception(WorkerError(f"worker {self.name!r} will not produce tensor #{tid}: {reason}"))
         self._futures.clear()
+        self._forget_served()
+
+    def _forget_served(self) -> None:
+        self._served.clear()
+        self._served_bytes = 0
 
     # -- consuming --------------------------------------------------------------------------
     def local(self, ref: TensorRef) -> TensorRef:
@@ -171,16 +188,50 @@ class Exports:
     def forget(self, tid: int) -> None:
         self._futures.pop(tid, None)
 
-    async def take(self, tid: int, kind: str) -> torch.Tensor:
-        """Wait (up to the timeout) for export ``tid`` and hand out its tensor, for a peer's pull."""
+    async def take(self, tid: int, kind: str, peer: str) -> tuple[object, bool]:
+        """Wait (up to the timeout) for export ``tid`` and hand out its value (a tensor, a tuple, or an encoded
+        value), for ``peer``'s pull; and whether it is a repeat: ``peer`` pulled it before (its link broke)."""
+        again = self._again(tid, kind, peer)
+        if again is not None:
+            return again, True
         fut = self._future(tid)
         try:
             engine_id = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
         except asyncio.TimeoutError:
             raise WorkerError(f"worker {self.name!r} did not produce tensor #{tid} within {self.timeout:g} s") from None
+        again = self._again(tid, kind, peer)  # a pull of the same tensor, on a newer link, got it meanwhile
+        if again is not None:
+            return again, True
         self._futures.pop(tid, None)
         stored = self.engine.stored_kind(engine_id)
         # weights and PSI messages go out only to a pull of their own kind, and such a pull gets nothing else
         if stored is not None and any((stored == k) != (kind == k) for k in PULLED_ONLY_AS_ITSELF):
             raise WorkerError(f"worker {self.name!r}: tensor #{tid} is not a {kind}")
-        return self.engine.take(engine_id)  # PolicyError for raw features / labels
+        tensor = self.engine.take(engine_id)  # PolicyError for raw features / labels
+        self._keep_served(tid, peer, kind, tensor)
+        return tensor, False
+
+    def _again(self, tid: int, kind: str, peer: str) -> object | None:
+        served = self._served.get(tid)
+        if served is None:
+            return None
+        if served[:2] != (peer, kind):
+            raise WorkerError(f"worker {self.name!r}: tensor #{tid} was handed out already")
+        return served[2]
+
+    def _keep_served(self, tid: int, peer: str, kind: str, value: object) -> None:
+        self._served[tid] = (peer, kind, value)
+        self._served_bytes += _size(value)
+        while self._served and (len(self._served) > SERVED_KEEP or self._served_bytes > SERVED_KEEP_BYTES):
+            _, (_, _, old) = self._served.popitem(last=False)
+            self._served_bytes -= _size(old)
+
+
+def _size(value: object) -> int:
+    """Bytes a value handed out holds: a tensor, a tuple of them (or None), an encoded value (``nbytes``)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple):
+        return sum(_size(v) for v in value)
+    nbytes = getattr(value, "nbytes", 0)
+    return nbytes if isinstance(nbytes, int) else 0

@@ -21,6 +21,13 @@ sides may pull and push over it, each within its own session (the dialling side:
 session that dialled; the other: the session the tag names). :class:`Peers` is a
 worker's set of links (one dial at a time per link, one channel per peer address,
 shared by the sessions); :class:`SessionPeers` is one session's view of it.
+
+A pull survives a link that breaks: :meth:`SessionPeers.pull` dials a new link and asks again,
+up to :data:`PULL_RETRIES` times, and the owner hands the same tensor to the same peer again
+when it had sent it already (:class:`~splitnn.server.exports.Exports` keeps the tensors it
+handed out a while): the tensor arrives once, is recorded once, and is never lost. A pull the
+peer does not answer in time is not repeated (the peer is alive but did not produce it).
+Pushes of shipped epochs are not repeated: a broken link fails the epoch.
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ from splitnn.wire.proto import PEER
 
 log = logging.getLogger("splitnn.worker")
 
+#: Times a pull is asked again on a new link after its link broke.
+PULL_RETRIES = 3
+#: Seconds before the first repeated pull; doubled per attempt.
+PULL_RETRY_WAIT = 0.25
+
+
+class LinkLost(WorkerUnreachableError):
+    """The peer link broke (the peer may be fine: a new link may get through)."""
+
 
 def rpc_text(exc: BaseException) -> str:
     """``CODE: details`` of a gRPC error (``str(exc)`` of anything else), for error messages."""
@@ -64,8 +80,9 @@ class PeerScope(Protocol):
     inbox: Inbox
     counters: ByteCounters
 
-    async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
-        """Hand ``peer`` this session's tensor ``tensor_id`` (PolicyError if ``peer`` is not one of its peers)."""
+    async def serve(self, peer: str, tensor_id: int, kind: str) -> tuple[Any, bool]:
+        """Hand ``peer`` this session's tensor ``tensor_id`` (PolicyError if ``peer`` is not one of its peers),
+        and whether ``peer`` pulled it before."""
 
 
 class PeerLink:
@@ -102,9 +119,10 @@ class PeerLink:
         self._writes: set[asyncio.Future] = set()  # answers being written (never cancelled half-way)
         self.closed: BaseException | None = None
         self.protocol_error: WireError | None = None
+        self.counted = False  # its channel's use was counted (Peers.forget uncounts it once)
 
     def _lost(self) -> WorkerError:
-        return WorkerUnreachableError(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
+        return LinkLost(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
 
     def session(self) -> PeerScope | None:
         """The local session this stream serves (None: none, or it has ended)."""
@@ -131,7 +149,10 @@ class PeerLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # grpc raises assorted types for a write on a dead stream
-            raise WorkerUnreachableError(
+            if self.closed is None:  # nothing more goes over it: the next pull dials a new link
+                self.closed = ConnectionError("a write failed")
+                self.close()
+            raise LinkLost(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
         self._count("sent", kind, len(frame))
@@ -141,9 +162,7 @@ class PeerLink:
         it comes with the bytes it took on the wire and its raw size, for the receiver's ledger."""
         timeout = self.peers.timeout
         if self.closed is not None:
-            raise WorkerUnreachableError(
-                f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})"
-            )
+            raise LinkLost(f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})")
         fut = asyncio.get_running_loop().create_future()
         self._pending[tensor_id] = fut
         try:
@@ -155,9 +174,7 @@ class PeerLink:
                 f"{timeout:g} s (is it alive?)"
             ) from None
         except grpc.RpcError as exc:
-            raise WorkerUnreachableError(
-                f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}"
-            ) from None
+            raise LinkLost(f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}") from None
         finally:
             self._pending.pop(tensor_id, None)
 
@@ -271,10 +288,12 @@ class PeerLink:
                     f"worker {self.me!r} has no session for this stream (it ended, or the stream names none); "
                     f"it hands tensors only within a session that names {self.peer!r} as a peer"
                 )
-            tensor = await scope.serve(self.peer, hdr.id, hdr.kind)
-            # frames made one at a time as they are written (a big tensor is never copied whole)
+            tensor, again = await scope.serve(self.peer, hdr.id, hdr.kind)
+            # frames made one at a time as they are written (a big tensor is never copied whole); a tensor
+            # pulled again after a broken link counts as re-sent, not as another transfer of its kind
+            count_as = "resent" if again else hdr.kind
             answer = (
-                (f, hdr.kind) for f in frames.value_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
+                (f, count_as) for f in frames.value_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
             )
         except asyncio.CancelledError:
             raise
@@ -347,6 +366,7 @@ class Peers:
             )
             link = PeerLink(self, peer, where.tag, call.write, call.read, scope=scope, call=call)
             link.channel_key = (peer, where.address)
+            link.counted = True
             self._dialled[key] = link
             link._task = asyncio.get_running_loop().create_task(link.run())
             return link
@@ -378,6 +398,8 @@ class Peers:
         key = (link.scope.tag, link.peer, link.tag) if link.scope is not None else None
         if key is not None and self._dialled.get(key) is link:
             del self._dialled[key]
+        if link.counted:
+            link.counted = False
             entry = self._channels.get(link.channel_key)
             if entry is not None:
                 entry[1] -= 1
@@ -431,6 +453,7 @@ class SessionPeers:
     def __init__(self, peers: Peers, scope: PeerScope) -> None:
         self.peers, self.scope = peers, scope
         self.addresses: dict[str, PeerAddress] = {}
+        self.pulls_repeated = 0  # pulls asked again after their link broke
 
     def _where(self, peer: str) -> PeerAddress:
         where = self.addresses.get(peer)
@@ -451,8 +474,20 @@ class SessionPeers:
         return await self.peers.link(self.scope, peer, self._where(peer))
 
     async def pull(self, owner: str, tensor_id: int, kind: str) -> Arrived:
-        """Pull ``owner``'s tensor ``tensor_id`` (of the researcher's session there) over this session's link."""
-        return await (await self.link(owner)).pull(tensor_id, kind)
+        """Pull ``owner``'s tensor ``tensor_id`` (of the researcher's session there) over this session's link;
+        on a new link, up to :data:`PULL_RETRIES` times, when the link breaks."""
+        for attempt in range(PULL_RETRIES + 1):
+            link = await self.link(owner)
+            try:
+                return await link.pull(tensor_id, kind)
+            except LinkLost as exc:
+                if attempt == PULL_RETRIES:
+                    raise LinkLost(f"{exc} ({attempt + 1} attempts to pull {kind} #{tensor_id})") from None
+                log.info("worker %s: pulling %s #%d from %s again: %s", self.peers.name, kind, tensor_id, owner, exc)
+                self.pulls_repeated += 1
+                self.scope.counters.record(owner, "sent", "repull", 0)  # (a message of no bytes: the count shows)
+                await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
         """Push ``value`` to ``peer`` (shipped epochs)."""

@@ -59,6 +59,7 @@ so a flood of idle or half-open connections cannot lock researchers out.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -86,13 +87,16 @@ from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.server.executor import Executor
 from splitnn.server.exports import StreamState
 from splitnn.server.peers import Peers
+from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
     PARTY_KEY,
     PEER_SESSION_KEY,
+    REPLACES_KEY,
     SESSION_KEY,
+    STREAM_KEY,
     TOKEN_KEY,
     TLSConfig,
     check_token_text,
@@ -343,31 +347,154 @@ class WorkerServer:
         finally:
             self._handlers.discard(task)
 
-    async def _session(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def _session(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        """A researcher's ordered stream: its commands run in a :class:`~splitnn.server.replay.Replay` that
+        outlives a broken call (a ``resume`` command as the first message attaches a new call to it)."""
         task = self._track()
         try:
             caller = await self._authenticate(context)
             session = await self._open_session(context)
-            state = StreamState()
+            replay = None
             try:
-                async for raw in request_iterator:
-                    cmd = await self._parse(raw, caller, context, session)
-                    if cmd.op == "run_epoch":
-                        async for reply in session.executor.run_epoch(cmd):
-                            yield self._send_reply(reply, caller, cmd.op, session)
-                        continue
-                    reply = await (
-                        session.executor.execute_batch(cmd, caller, state)
-                        if cmd.op == "batch"
-                        else session.executor.execute(cmd, caller, state)
-                    )
-                    for part in split_reply(reply, self.limits.chunk_bytes):
-                        yield self._send_reply(part, caller, cmd.op, session)
+                md = dict(context.invocation_metadata() or ())
+                stream_id, replaces = md.get(STREAM_KEY), md.get(REPLACES_KEY)
+                try:
+                    for value in (stream_id, replaces):
+                        if value is not None:
+                            check_session_id(value)
+                except WireError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: stream id: {exc}")
+                if replaces is not None and replaces != stream_id:
+                    old = session.replays.get(replaces)
+                    if old is not None:  # the client gave that stream up: its commands must not run on
+                        self._finish(session, old)
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return
+                cmd = await self._parse(raw, caller, context, session)
+                if cmd.op == "resume":
+                    replay = await self._resume(session, stream_id, cmd, task, context)
+                    if replay is None:
+                        return
+                    self.sessions.close(session)  # the replay holds the stream's place in the session already
+                else:
+                    replay = self._new_replay(session, stream_id, caller)
+                    replay.handler = task
+                    await replay.ack(cmd.ack)
+                    replay.accept(cmd)
+                await self._converse(session, replay, caller, context)
+                # every reply written after the client's half-close: a clean end, unless the call broke
+                replay.ending = not context.cancelled()
             finally:
-                session.exports.drop_stream(state)
-                self.sessions.close(session)
+                if replay is None:
+                    self.sessions.close(session)
+                elif replay.detach(task):
+                    self._detached(session, replay)
         finally:
             self._handlers.discard(task)
+
+    def _new_replay(self, session: Session, stream_id: str | None, caller: str) -> Replay:
+        if stream_id is not None and stream_id in session.replays:  # a client reusing an id: the old one ends
+            self._finish(session, session.replays[stream_id])
+        replay = Replay(stream_id)
+        if stream_id is not None:
+            session.replays[stream_id] = replay
+        replay.runner = asyncio.get_running_loop().create_task(self._run_commands(session, replay, caller))
+        return replay
+
+    async def _resume(
+        self, session: Session, stream_id: str | None, cmd: Command, task: asyncio.Task, context
+    ) -> Replay | None:
+        """Attach this call to the stream it resumes and answer with the highest seq received (or refuse)."""
+        replay = session.replays.get(stream_id) if stream_id is not None else None
+        try:
+            if replay is None or replay.ending:
+                raise ResumeRefused(
+                    "it holds no such stream (it restarted, or the session's grace period ended)"
+                    if stream_id is not None
+                    else "the stream has no id (x-splitnn-stream)"
+                )
+            await replay.attach(task, int(cmd.ack))
+        except ResumeRefused as exc:
+            reply = Reply(seq=0, ok=False, error_type="WorkerUnreachableError")
+            reply.error = f"worker {self.name!r} cannot resume the stream: {exc}"
+            await context.write(self._send_reply(reply, RESEARCHER, "resume", session))
+            return None
+        log.info("worker %s: session %s resumed a broken stream at #%d", self.name, session.tag[:8], replay.received)
+        reply = Reply(seq=0, ok=True, result_json=json.dumps({"received": replay.received}))
+        await context.write(self._send_reply(reply, RESEARCHER, "resume", session))
+        return replay
+
+    async def _converse(self, session: Session, replay: Replay, caller: str, context) -> None:
+        """Read commands into ``replay`` and write its replies, until the client is done and all are written."""
+        resending = replay.rewrites  # replies written before a break and again now: counted as re-sent
+
+        async def write() -> None:
+            nonlocal resending
+            while (data := await replay.next_reply()) is not None:
+                await context.write(data)
+                if resending > 0:
+                    resending -= 1
+                    session.counters.record(caller, "sent", "resent", len(data))
+
+        writer = asyncio.get_running_loop().create_task(write())
+        try:
+            while True:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:  # (a broken connection may look like this too: see _session)
+                    await replay.half_closed()
+                    break
+                cmd = await self._parse(raw, caller, context, session, count=False)
+                await replay.ack(cmd.ack)
+                if replay.accept(cmd):
+                    session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
+                else:  # a copy re-sent after a broken connection: its reply is kept (or on its way)
+                    session.counters.record(caller, "recv", "resent", len(raw))
+            await writer
+        finally:
+            writer.cancel()
+
+    async def _run_commands(self, session: Session, replay: Replay, caller: str) -> None:
+        """Run ``replay``'s commands in order, keeping every reply (a broken call does not stop them)."""
+        while True:
+            cmd = await replay.commands.get()
+            if cmd.op == "run_epoch":
+                async for reply in session.executor.run_epoch(cmd):
+                    await replay.emit(cmd.seq, self._send_reply(reply, caller, cmd.op, session))
+            else:
+                reply = await (
+                    session.executor.execute_batch(cmd, caller, replay.state)
+                    if cmd.op == "batch"
+                    else session.executor.execute(cmd, caller, replay.state)
+                )
+                for part in split_reply(reply, self.limits.chunk_bytes):
+                    await replay.emit(cmd.seq, self._send_reply(part, caller, cmd.op, session))
+            await replay.completed_one()
+
+    def _detached(self, session: Session, replay: Replay) -> None:
+        """The call carrying ``replay`` broke: keep it (and the session's tensors) for the grace period."""
+        if replay.ending or not replay.resumable or session.anonymous or session.ended or self.sessions.grace <= 0:
+            self._finish(session, replay)
+            return
+        log.info("worker %s: session %s lost its researcher's stream; kept for a resume", self.name, session.tag[:8])
+        replay.expiry = asyncio.get_running_loop().call_later(self.sessions.grace, self._finish, session, replay)
+
+    def _finish(self, session: Session, replay: Replay) -> None:
+        """Give ``replay`` up: stop its commands and its call, forget its state, end its place in the session."""
+        if replay.expiry is not None:
+            replay.expiry.cancel()
+            replay.expiry = None
+        if replay.runner is not None and not replay.runner.done():
+            replay.runner.cancel()
+        handler, replay.handler = replay.handler, None
+        if handler is not None and handler is not asyncio.current_task() and not handler.done():
+            handler.cancel()
+        if replay.id is not None and session.replays.get(replay.id) is replay:
+            del session.replays[replay.id]
+        elif replay.id is not None:
+            return  # given up already
+        session.exports.drop_stream(replay.state)
+        self.sessions.close(session)
 
     async def _peer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         task = self._track()
@@ -392,13 +519,16 @@ class WorkerServer:
         finally:
             self._handlers.discard(task)
 
-    async def _parse(self, raw: bytes, caller: str, context: grpc.aio.ServicerContext, session: Session) -> Command:
+    async def _parse(
+        self, raw: bytes, caller: str, context: grpc.aio.ServicerContext, session: Session, *, count: bool = True
+    ) -> Command:
         try:
             cmd = Command.FromString(raw)
         except (DecodeError, TypeError, ValueError) as exc:
             session.counters.record(caller, "recv", "invalid", len(raw) if isinstance(raw, bytes) else 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: malformed command: {exc}")
-        session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
+        if count:
+            session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
         return cmd
 
     def _send_reply(self, reply: Reply, caller: str, op: str, session: Session) -> bytes:

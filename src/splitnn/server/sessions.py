@@ -20,9 +20,10 @@ sessions hold which segment keys and dataset names, so a session naming one that
 others hold gets a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot use,
 replace or remove another session's) instead of a misleading "not found".
 
-When it is freed. When the last stream of a session ends (the researcher closed it, or its
-process died), its intermediate tensors (stored activations and gradients, promised
-exports, pushes, pending losses) are freed at once and its peer streams closed. Its
+When it is freed. When the last stream of a session ends (the researcher closed it; or it
+broke and was not resumed within the grace period, :mod:`splitnn.server.replay`), its
+intermediate tensors (stored activations and gradients, promised exports, pushes, pending
+losses) are freed at once and its peer streams closed. Its
 segments, optimizers and placed datasets are kept for a grace period
 (``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
 reconnects with the same session id resumes where it stood; after it they are freed too.
@@ -47,6 +48,7 @@ from splitnn.common.messages import check_session_id, new_session_id, session_ta
 from splitnn.errors import PolicyError, WorkerError
 from splitnn.server.exports import Exports
 from splitnn.server.peers import Peers, SessionPeers
+from splitnn.server.replay import Replay
 from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
 from splitnn.workers.audit import AuditLog
@@ -125,6 +127,9 @@ class Session:
         self.expiry: asyncio.TimerHandle | None = None
         self.commands = None
         self.executor = None
+        # the researcher's streams by their ids (splitnn.server.replay): each holds one place in `streams`
+        # from its first command until it ends or, broken and not resumed, its grace period ends
+        self.replays: dict[str, Replay] = {}
 
     def __repr__(self) -> str:
         return f"Session({self.tag[:8]}, streams={self.streams}, segments={len(self.engine.segment_keys())})"
@@ -135,15 +140,16 @@ class Session:
             held is not self._party.get(name) for name, held in self.engine.datasets().items()
         )
 
-    async def serve(self, peer: str, tensor_id: int, kind: str) -> torch.Tensor:
-        """Hand ``peer`` this session's tensor ``tensor_id`` (a pull over a peer stream of this session)."""
+    async def serve(self, peer: str, tensor_id: int, kind: str) -> tuple[object, bool]:
+        """Hand ``peer`` this session's tensor ``tensor_id`` (a pull over a peer stream of this session), and
+        whether ``peer`` pulled it before (a pull repeated after a broken link)."""
         if peer not in self.peers.addresses:
             raise PolicyError(
                 f"worker {self.engine.name!r} hands a session's tensors only to the peers of its model "
                 f"({sorted(self.peers.addresses)}), not to {peer!r}"
             )
         self.engine.check_receiver(peer, f"its {kind}")  # the party's policy: `peers`, or the model's adjacency
-        return await self.exports.take(tensor_id, kind)
+        return await self.exports.take(tensor_id, kind, peer)
 
     def audit_sent(self) -> None:
         """Write to the audit log what this session sent since the last time, per receiver and kind
@@ -171,6 +177,16 @@ class Session:
         self.engine.release()
         self.exports.fail_all(reason)
         self.inbox.clear()
+
+    def stop_replays(self) -> None:
+        """Stop every stream's commands (the session is being dropped)."""
+        for replay in self.replays.values():
+            if replay.expiry is not None:
+                replay.expiry.cancel()
+                replay.expiry = None
+            if replay.runner is not None and not replay.runner.done():
+                replay.runner.cancel()
+        self.replays.clear()
 
     def free_all(self) -> None:
         """Free everything the session holds: its tensors, segments, optimizers and placed datasets."""
@@ -322,6 +338,7 @@ class Sessions:
             del self._by_id[session.id]
             del self._by_tag[session.tag]
         self._forget_owned(session)
+        session.stop_replays()
         session.free_all()
         self.peers.close_scope(session.tag)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -184,8 +185,12 @@ def fit(
     ``pipeline=K`` and ``checkpoint_every=N`` the pipeline drains at every checkpoint (every N
     batches), in an interrupted run and an uninterrupted one alike.
 
-    Faults (networked parties): when a party cannot be reached or a connection breaks
-    (:class:`~splitnn.errors.WorkerUnreachableError`), ``fit`` waits (1 s, doubling, at most 30 s),
+    Faults (networked parties): a connection to a party that breaks and comes back costs nothing:
+    the researcher's command stream is resumed where it stood, with no command lost or run twice
+    (:mod:`splitnn.client.command_stream`), and a worker re-pulls a tensor from a peer whose link
+    broke (:mod:`splitnn.server.peers`), in up to ``retries`` attempts each; no checkpoint is needed.
+    When that fails -- a party restarted, or stayed unreachable
+    (:class:`~splitnn.errors.WorkerUnreachableError`) -- ``fit`` waits (1 s, doubling, at most 30 s),
     reconnects every party -- a party that restarted gets the model installed again -- and puts
     every party back at the last checkpoint, up to ``retries`` times per fault (the count starts
     again after each epoch). Without ``checkpoint_dir`` there is nothing to resume from, and the
@@ -234,16 +239,31 @@ def fit(
     last = initial_epoch + epochs
     run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
     attempts = 0
-    while position.epoch < last:
-        try:
-            position = run.epoch(position, history)
-            attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
-        except WorkerUnreachableError as exc:
-            attempts += 1
-            if attempts > retries or not _reconnectable(model):
-                raise
-            position = _recover(model, job, history, exc, attempts, retries)
+    with _resume_attempts(model, retries):
+        while position.epoch < last:
+            try:
+                position = run.epoch(position, history)
+                attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
+            except WorkerUnreachableError as exc:
+                attempts += 1
+                if attempts > retries or not _reconnectable(model):
+                    raise
+                position = _recover(model, job, history, exc, attempts, retries)
     return history
+
+
+@contextlib.contextmanager
+def _resume_attempts(model: object, retries: int) -> Iterator[None]:
+    """Let each networked party's connection resume a broken stream up to ``retries`` times during ``fit``."""
+    workers = [w for w in _model_workers(model) if isinstance(w, ReconnectingWorker) and hasattr(w, "retries")]
+    before = [w.retries for w in workers]
+    for w in workers:
+        w.retries = retries
+    try:
+        yield
+    finally:
+        for w, n in zip(workers, before):
+            w.retries = n
 
 
 class _Run:

@@ -28,6 +28,10 @@ PARTY_KEY = "x-splitnn-party"
 SESSION_KEY = "x-splitnn-session"
 #: On a peer stream: the public tag of the dialled worker's session the stream serves.
 PEER_SESSION_KEY = "x-splitnn-peer-session"
+#: On a researcher's Session stream: the stream's own id (its commands and replies are kept under it, so a
+#: broken stream can be resumed; see splitnn.server.replay) and, optionally, the id of a stream it replaces.
+STREAM_KEY = "x-splitnn-stream"
+REPLACES_KEY = "x-splitnn-replaces"
 MAX_TOKEN_CHARS = 4096
 
 

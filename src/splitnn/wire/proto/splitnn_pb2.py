@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitnn/wire/proto/splitnn.proto\x12\nsplitnn.v1\"D\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\r\n\x05\x62lobs\x18\x04 \x03(\x0c\"y\n\x08Transfer\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x17\n\nraw_nbytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_raw_nbytes\"\xb0\x01\n\x05Reply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x62lobs\x18\x06 \x03(\x0c\x12\'\n\ttransfers\x18\x07 \x03(\x0b\x32\x14.splitnn.v1.Transfer\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x10\n\x08progress\x18\t \x01(\x08\"\x18\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xa7\x01\n\x06Worker\x12.\n\x04\x43\x61ll\x12\x13.splitnn.v1.Command\x1a\x11.splitnn.v1.Reply\x12\x35\n\x07Session\x12\x13.splitnn.v1.Command\x1a\x11.splitnn.v1.Reply(\x01\x30\x01\x12\x36\n\x04Peer\x12\x14.splitnn.v1.RawFrame\x1a\x14.splitnn.v1.RawFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitnn/wire/proto/splitnn.proto\x12\nsplitnn.v1\"Q\n\x07\x43ommand\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\r\n\x05\x62lobs\x18\x04 \x03(\x0c\x12\x0b\n\x03\x61\x63k\x18\x05 \x01(\x04\"y\n\x08Transfer\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x17\n\nraw_nbytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_raw_nbytes\"\xb0\x01\n\x05Reply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x62lobs\x18\x06 \x03(\x0c\x12\'\n\ttransfers\x18\x07 \x03(\x0b\x32\x14.splitnn.v1.Transfer\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x10\n\x08progress\x18\t \x01(\x08\"\x18\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xa7\x01\n\x06Worker\x12.\n\x04\x43\x61ll\x12\x13.splitnn.v1.Command\x1a\x11.splitnn.v1.Reply\x12\x35\n\x07Session\x12\x13.splitnn.v1.Command\x1a\x11.splitnn.v1.Reply(\x01\x30\x01\x12\x36\n\x04Peer\x12\x14.splitnn.v1.RawFrame\x1a\x14.splitnn.v1.RawFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitnn.wire.proto.splitnn_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMMAND']._serialized_start=48
-  _globals['_COMMAND']._serialized_end=116
-  _globals['_TRANSFER']._serialized_start=118
-  _globals['_TRANSFER']._serialized_end=239
-  _globals['_REPLY']._serialized_start=242
-  _globals['_REPLY']._serialized_end=418
-  _globals['_RAWFRAME']._serialized_start=420
-  _globals['_RAWFRAME']._serialized_end=444
-  _globals['_WORKER']._serialized_start=447
-  _globals['_WORKER']._serialized_end=614
+  _globals['_COMMAND']._serialized_end=129
+  _globals['_TRANSFER']._serialized_start=131
+  _globals['_TRANSFER']._serialized_end=252
+  _globals['_REPLY']._serialized_start=255
+  _globals['_REPLY']._serialized_end=431
+  _globals['_RAWFRAME']._serialized_start=433
+  _globals['_RAWFRAME']._serialized_end=457
+  _globals['_WORKER']._serialized_start=460
+  _globals['_WORKER']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

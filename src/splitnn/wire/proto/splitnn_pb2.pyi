@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Command(_message.Message):
-    __slots__ = ("seq", "op", "args_json", "blobs")
+    __slots__ = ("seq", "op", "args_json", "blobs", "ack")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     seq: int
     op: str
     args_json: str
     blobs: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, seq: _Optional[int] = ..., op: _Optional[str] = ..., args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    ack: int
+    def __init__(self, seq: _Optional[int] = ..., op: _Optional[str] = ..., args_json: _Optional[str] = ..., blobs: _Optional[_Iterable[bytes]] = ..., ack: _Optional[int] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("src", "dst", "kind", "count", "nbytes", "raw_nbytes")

@@ -1,0 +1,217 @@
+"""A transient fault costs no step and duplicates none, across real worker processes, without checkpoints.
+
+A link emulator resets connections mid-epoch and lets new ones through: the researcher's
+connection to bob (its command stream is resumed where it stood) and, separately, the peer
+links into bob (a pull is asked again on a new link). The oracle is an uninterrupted in-process
+run: the same weights bit for bit (Adam: a step lost or applied twice would change them), the
+same per-epoch losses and the same ledger -- every transfer recorded once.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+import splitnn
+from splitnn.common import serde
+from splitnn.common.messages import new_session_id
+from splitnn.testing.linkemu import ThreadedLinkEmulator
+from splitnn.wire.proto import SESSION, Command, Reply
+from tests.helpers import assert_same_weights, toy_dataset
+from tests.transport.cluster import Cluster
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+NAMES = ("alice", "bob", "claire")
+DATA = toy_dataset(320, shape=(1, 8, 8))
+FIT = dict(epochs=2, batch_size=32, seed=3, progress=False)
+
+
+def segments():
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU()),
+        nn.Sequential(nn.Linear(32, 16), nn.ReLU()),
+        nn.Sequential(nn.Linear(16, 10), nn.LogSoftmax(dim=1)),
+    ]
+
+
+def build(workers, ship: bool):
+    return splitnn.SplitNN(segments(), workers, optimizer="adam:lr=0.01", ship_epochs=ship)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("replay"), lifetime=280) as cl:
+        for n in NAMES:
+            cl.start(n, "--peer-timeout", "30")
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = build([splitnn.VirtualWorker(n) for n in NAMES], ship=False)
+    history = model.fit(DATA, **FIT)
+    links = model.ledger.links()  # (before collect() adds the weights' way to the researcher)
+    return model.collect(), [(e.train_loss, e.bytes_sent) for e in history.epochs], links
+
+
+def drop_at(model, batch: int, drop) -> list[int]:
+    """Call ``drop()`` when the researcher has seen ``batch`` batches' losses; the batches seen, as a list."""
+    seen = [0]
+    train_epoch = model.train_epoch
+
+    def dropping_train_epoch(name, batches, on_batch, **kw):
+        def watch(stats):
+            seen[0] += 1
+            if seen[0] == batch:
+                assert drop() > 0  # connections were reset (new ones get through)
+            on_batch(stats)
+
+        return train_epoch(name, batches, watch, **kw)
+
+    model.train_epoch = dropping_train_epoch
+    return seen
+
+
+def check_same_run(model, history, seen, reference) -> None:
+    weights, losses, links = reference
+    assert seen[0] == 20  # every batch's loss reached the researcher once: none trained twice, none skipped
+    assert [(e.train_loss, e.bytes_sent) for e in history.epochs] == losses
+    assert model.ledger.links() == links  # every transfer recorded once
+    assert_same_weights(model.collect(), weights)
+
+
+@pytest.mark.parametrize("ship", [False, True], ids=["per-op", "shipped"])
+def test_a_dropped_researcher_connection_costs_no_step(trio, reference, ship):
+    cl = trio
+    with ThreadedLinkEmulator() as emu:
+        via = emu.add("bob", cl.workers["bob"].address)
+        workers = [
+            splitnn.connect(f"grpc://{via}" if n == "bob" else cl.workers[n].url, token=cl.token, name=n, timeout=60)
+            for n in NAMES
+        ]
+        bob = workers[1]
+        bob.address = cl.workers["bob"].address  # its peers reach it directly: only the researcher's link drops
+        emu.set("bob", delay=0.01)  # commands in flight when the connection drops
+        model = build(workers, ship)
+        seen = drop_at(model, 6, lambda: emu.drop("bob"))
+        history = model.fit(DATA, **FIT)  # no checkpoint_dir: the checkpoint route would raise
+        assert bob.resumed >= 1  # the stream broke and was resumed
+        check_same_run(model, history, seen, reference)
+        for w in workers:
+            w.close()
+
+
+def test_a_dropped_peer_link_costs_no_step(trio, reference):
+    cl = trio
+    with ThreadedLinkEmulator() as emu:
+        via = emu.add("bob-peers", cl.workers["bob"].address)
+        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60) for n in NAMES]
+        workers[1].address = via  # alice and claire pull from bob through the emulator; the researcher does not
+        emu.set("bob-peers", delay=0.01)
+        model = build(workers, ship=False)  # per-op: bob's activation and gradient are pulled
+        drops = []
+        seen = drop_at(model, 6, lambda: drops.append(emu.drop("bob-peers")) or drops[-1])
+        history = model.fit(DATA, **FIT)
+        assert all(w.resumed == 0 for w in workers)  # the researcher's streams never broke
+        check_same_run(model, history, seen, reference)
+        repeated = sum(
+            row["messages"]
+            for w in (workers[0], workers[2])
+            for row in w.stats()["counters"]
+            if row["kind"] == "repull"
+        )
+        assert repeated >= 1  # alice or claire pulled from bob again on a new link
+        for w in workers:
+            w.close()
+
+
+# ------------------------------------------------------------------ the worker's side, message by message
+class RawStream:
+    """A researcher's Session stream spoken by hand: send commands, read replies one at a time."""
+
+    def __init__(self, channel, cl: Cluster, session: str, stream: str | None):
+        md = [("x-splitnn-token", cl.token), ("x-splitnn-party", "researcher"), ("x-splitnn-session", session)]
+        if stream is not None:
+            md.append(("x-splitnn-stream", stream))
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+
+        def requests():
+            while (item := self.requests.get()) is not None:
+                yield item
+
+        call = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)
+        self.call = call(requests(), metadata=md, timeout=60)
+
+    def send(self, seq: int, op: str, args: dict, blobs=(), ack: int = 0) -> None:
+        cmd = Command(seq=seq, op=op, args_json=json.dumps(args), blobs=list(blobs), ack=ack)
+        self.requests.put(cmd.SerializeToString())
+
+    def reply(self) -> Reply:
+        return Reply.FromString(next(self.call))
+
+    def close(self) -> None:
+        self.requests.put(None)
+
+
+def put(stream: RawStream, seq: int, tid: int) -> None:
+    stream.send(seq, "put", *serde.put_to_command(tid, "features", torch.ones(4)))
+
+
+def puts_recorded(stream: RawStream, seq: int) -> int:
+    stream.send(seq, "stats", {})
+    reply = stream.reply()
+    assert reply.seq == seq and reply.ok, reply.error
+    rows = serde.stats_from_result(json.loads(reply.result_json))["ledger"]
+    return sum(r["count"] for r in rows if r["kind"] == "features")
+
+
+def test_the_worker_runs_a_re_sent_command_once_and_re_sends_its_kept_reply(trio):
+    cl = trio
+    session, stream_id = new_session_id(), new_session_id()
+    with grpc.insecure_channel(cl.workers["bob"].address) as channel:
+        first = RawStream(channel, cl, session, stream_id)
+        put(first, 1, 101)
+        put(first, 1, 101)  # a copy of #1 (as a client re-sends it after a broken connection): not run again
+        assert first.reply().seq == 1
+        assert puts_recorded(first, 2) == 1  # the reply to #2 is next: the copy got none
+        put(first, 3, 103)
+        assert first.reply().seq == 3  # (it ran) ...
+        first.call.cancel()  # ... and the connection broke before the client could take in that reply
+
+        second = RawStream(channel, cl, session, stream_id)
+        second.send(0, "resume", {}, ack=2)  # the client had the replies up to #2
+        hello = second.reply()
+        assert hello.ok and json.loads(hello.result_json) == {"received": 3}
+        kept = second.reply()
+        assert kept.seq == 3 and kept.ok  # #3's reply, kept for the resume
+        put(second, 3, 103)  # re-sent anyway: not run again
+        assert puts_recorded(second, 4) == 2
+        second.close()
+
+        # a stream the worker does not know cannot be resumed: the client must fall back (checkpoints)
+        third = RawStream(channel, cl, session, new_session_id())
+        third.send(0, "resume", {}, ack=0)
+        refused = third.reply()
+        assert not refused.ok and refused.error_type == "WorkerUnreachableError"
+        assert "cannot resume" in refused.error
+        third.close()
+
+
+def test_a_stream_without_an_id_runs_every_command(trio):
+    """A tool that speaks the protocol without stream ids (and numbers its commands as it likes) is served as
+    before: nothing is deduplicated."""
+    cl = trio
+    with grpc.insecure_channel(cl.workers["bob"].address) as channel:
+        raw = RawStream(channel, cl, new_session_id(), None)
+        put(raw, 1, 201)
+        put(raw, 1, 202)
+        assert [raw.reply().seq, raw.reply().seq] == [1, 1]
+        assert puts_recorded(raw, 1) == 2
+        raw.close()
