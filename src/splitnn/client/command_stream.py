@@ -42,6 +42,7 @@ from splitnn import errors as _errors
 from splitnn.accounting.ledger import LinkTotal
 from splitnn.common.messages import (
     COMMAND_KIND,
+    END_STREAM,
     MAX_BATCH,
     REPLY_KIND,
     error_from_reply,
@@ -288,7 +289,12 @@ class CommandStream:
         except Exception:
             pass
         self.closed = True
-        self._queue.put(None)
+        with self._lock:
+            if self.broken is None and not self._resuming:
+                # the stream ends here, on purpose: without this the worker cannot tell a half-close from a
+                # connection that broke, and keeps the stream for a resume (splitnn.server.replay)
+                self._queue.put(Command(seq=0, op=END_STREAM).SerializeToString())
+            self._queue.put(None)
 
     # -- the reply reader (its own thread) ----------------------------------------------------
     def _read_replies(self) -> None:

@@ -32,6 +32,9 @@ PROTOCOL_VERSION = 1
 MAX_NAME = 64
 #: Commands in one coalesced ``batch`` message (the worker refuses more).
 MAX_BATCH = 1024
+#: The last message of a researcher's stream that ends on purpose (a connection that breaks sends none,
+#: and the worker keeps the stream for a resume: splitnn.server.replay). It gets no reply.
+END_STREAM = "end_stream"
 
 #: Wire-counter kind of a command's bytes, by op (everything else is "control").
 COMMAND_KIND = {

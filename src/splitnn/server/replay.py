@@ -65,7 +65,8 @@ class Replay:
         self.accepted = 0  # commands queued to run
         self.completed = 0  # commands that ran (their final replies are in the log)
         self.eof = False  # the attached call's client half-closed it (or it broke that way)
-        self.ending = False  # the stream ended cleanly: every reply written after the client's half-close
+        self.closing = False  # the client said it ends the stream (END_STREAM): it will not resume it
+        self.ending = False  # the stream ended cleanly: every reply written after the client's END_STREAM
         self.keep_bytes, self.keep_replies = keep_bytes, keep_replies
         self._log: deque[tuple[int, bytes]] = deque()
         self._base = 0  # absolute index of _log[0]

@@ -74,6 +74,7 @@ from google.protobuf.message import DecodeError
 from splitnn.accounting import RESEARCHER
 from splitnn.common.messages import (
     COMMAND_KIND,
+    END_STREAM,
     MAX_NAME,
     PROTOCOL_VERSION,
     REPLY_KIND,
@@ -372,6 +373,8 @@ class WorkerServer:
                 if raw is grpc.aio.EOF:
                     return
                 cmd = await self._parse(raw, caller, context, session)
+                if cmd.op == END_STREAM:
+                    return
                 if cmd.op == "resume":
                     replay = await self._resume(session, stream_id, cmd, task, context)
                     if replay is None:
@@ -383,8 +386,9 @@ class WorkerServer:
                     await replay.ack(cmd.ack)
                     replay.accept(cmd)
                 await self._converse(session, replay, caller, context)
-                # every reply written after the client's half-close: a clean end, unless the call broke
-                replay.ending = not context.cancelled()
+                # every reply written after the client said it ends the stream: a clean end. (A broken
+                # connection can look like a half-close too; without that word the stream is kept.)
+                replay.ending = replay.closing and not context.cancelled()
             finally:
                 if replay is None:
                     self.sessions.close(session)
@@ -445,6 +449,10 @@ class WorkerServer:
                     await replay.half_closed()
                     break
                 cmd = await self._parse(raw, caller, context, session, count=False)
+                if cmd.op == END_STREAM:  # the client ends the stream on purpose: no resume will come
+                    session.counters.record(caller, "recv", "control", len(raw))
+                    replay.closing = True
+                    continue
                 await replay.ack(cmd.ack)
                 if replay.accept(cmd):
                     session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
