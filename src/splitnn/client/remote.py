@@ -792,7 +792,9 @@ def connect(
 
     What this connection creates at the worker belongs to its session there (``session``:
     a fresh random id by default; an earlier connection's :attr:`RemoteWorker.session` to
-    resume it within the worker's grace period). See :class:`RemoteWorker`.
+    resume it within the worker's grace period). A connection that breaks is resumed by itself, up
+    to ``retries`` attempts, with no command lost or run twice (``fit(retries=N)`` sets it for a run).
+    See :class:`RemoteWorker`.
 
     >>> bob = splitnn.connect("grpc://127.0.0.1:7002", token=open("TOKEN").read().strip())  # doctest: +SKIP
 

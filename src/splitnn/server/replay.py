@@ -6,20 +6,22 @@ progress replies or parts, for some). A :class:`Replay` holds that conversation 
 gRPC call that carries it, so the call can break -- a connection reset, a proxy restarted, a
 keepalive that gave up -- without losing or repeating a step:
 
-* commands run in a task of their own (:meth:`Replay.commands`, drained by the server's
-  runner), not in the call's handler, so a command that was received is run to its end even
-  when the connection breaks mid-way (a ``forward`` waiting for a peer's activation, a
-  shipped epoch);
+* commands run in a task of their own (the server's runner drains :attr:`Replay.commands`),
+  not in the call's handler, so a command that was received is run to its end even when the
+  connection breaks mid-way (a ``forward`` waiting for a peer's activation, a shipped epoch);
 * every reply is appended to a log (:meth:`emit`) and written from there, and kept until the
   client acknowledges it (``Command.ack``: the highest seq whose final reply it received),
   within a bound (:data:`KEEP_BYTES`, :data:`KEEP_REPLIES`);
 * a command whose seq is at most the highest received is a re-sent copy and is not run again
   (:meth:`accept`).
 
-When the call breaks, the worker keeps the replay -- and with it the session's tensors -- for the
-session's grace period. The client opens a new call naming the same stream (``x-splitnn-stream``)
-and sends a ``resume`` command carrying its ``ack`` first; the worker answers with the highest
-seq it received (:attr:`received`), re-sends every kept reply after the ``ack``, and the client
+A client that ends its stream on purpose says so first
+(:data:`~splitnn.common.messages.END_STREAM`): a connection that breaks can look like a
+half-close, so a stream that ends without that word is treated as broken. When the call
+breaks, the worker keeps the replay -- and with it the session's tensors -- for the session's
+grace period. The client opens a new call naming the same stream (``x-splitnn-stream``) and
+sends a ``resume`` command carrying its ``ack`` first; the worker answers with the highest seq
+it received (:attr:`received`), re-sends every kept reply after the ``ack``, and the client
 re-sends the commands after ``received``. A resume the log cannot honour -- replies it had to
 drop unacknowledged, or a worker that restarted and knows no such stream -- is refused, and the
 client falls back to the checkpoint route (:mod:`splitnn.split.checkpoint`).

@@ -27,7 +27,10 @@ Three RPCs (see ``wire/proto/splitnn.proto``):
   the previous reply. Commands run strictly in order, so the researcher may send a
   whole training step without waiting (see :mod:`splitnn.client.remote`). A
   ``run_epoch`` command ships this worker's part of a whole training epoch and is
-  answered with progress replies and one final reply.
+  answered with progress replies and one final reply. The commands and replies of a
+  stream outlive the call that carries them (:mod:`splitnn.server.replay`): when the
+  connection breaks, the researcher's client resumes the stream on a new call, and no
+  command is lost or run twice.
 * ``Peer`` -- a persistent bidirectional stream between two workers, for one session,
   carrying raw frames (:mod:`splitnn.transport.frames`): the data plane. When the
   researcher tells bob to run a segment on alice's activation #7, bob pulls #7 from
@@ -432,14 +435,24 @@ class WorkerServer:
     async def _converse(self, session: Session, replay: Replay, caller: str, context) -> None:
         """Read commands into ``replay`` and write its replies, until the client is done and all are written."""
         resending = replay.rewrites  # replies written before a break and again now: counted as re-sent
+        writes: set[asyncio.Future] = set()
 
         async def write() -> None:
             nonlocal resending
             while (data := await replay.next_reply()) is not None:
-                await context.write(data)
+                # shielded: a write cut off half-way leaves it pending in gRPC, and the call could never end
+                done = asyncio.ensure_future(context.write(data))
+                writes.add(done)
+                done.add_done_callback(writes.discard)
+                await asyncio.shield(done)
                 if resending > 0:
                     resending -= 1
                     session.counters.record(caller, "sent", "resent", len(data))
+
+        async def stop_writing() -> None:
+            writer.cancel()
+            if writes:
+                await asyncio.wait(set(writes), timeout=self.peer_timeout)
 
         writer = asyncio.get_running_loop().create_task(write())
         try:
@@ -448,7 +461,11 @@ class WorkerServer:
                 if raw is grpc.aio.EOF:  # (a broken connection may look like this too: see _session)
                     await replay.half_closed()
                     break
-                cmd = await self._parse(raw, caller, context, session, count=False)
+                try:
+                    cmd = Command.FromString(raw)
+                except (DecodeError, TypeError, ValueError):
+                    await stop_writing()  # before the call is aborted: no write may be in flight then
+                    await self._parse(raw, caller, context, session)  # aborts (INVALID_ARGUMENT)
                 if cmd.op == END_STREAM:  # the client ends the stream on purpose: no resume will come
                     session.counters.record(caller, "recv", "control", len(raw))
                     replay.closing = True
@@ -460,7 +477,7 @@ class WorkerServer:
                     session.counters.record(caller, "recv", "resent", len(raw))
             await writer
         finally:
-            writer.cancel()
+            await stop_writing()
 
     async def _run_commands(self, session: Session, replay: Replay, caller: str) -> None:
         """Run ``replay``'s commands in order, keeping every reply (a broken call does not stop them)."""
