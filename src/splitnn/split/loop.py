@@ -248,6 +248,11 @@ def fit(
                 attempts += 1
                 if attempts > retries or not _reconnectable(model):
                     raise
+                if job is None:  # the connections already tried to resume their streams: fail now, not after waits
+                    raise WorkerUnreachableError(
+                        f"{exc}; without checkpoints there is nothing to resume from: train with "
+                        "fit(..., checkpoint_dir=DIR) (splitnn train --checkpoint-dir) to survive a party's crash"
+                    ) from exc
                 position = _recover(model, job, history, exc, attempts, retries)
     return history
 
@@ -355,17 +360,10 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
             for worker in _model_workers(model):
                 if isinstance(worker, ReconnectingWorker):
                     worker.reconnect()
-            if job is None:
-                raise WorkerUnreachableError(
-                    f"{fault}; the parties are reachable again, but without checkpoints there is nothing to resume "
-                    f"from: train with fit(..., checkpoint_dir=DIR) (splitnn train --checkpoint-dir) to survive a fault"
-                ) from fault
             position = job.restore(job.manifest)
             history.epochs = [EpochStats(**e) for e in job.history()]
             return position
         except WorkerUnreachableError as exc:
-            if job is None and exc.__cause__ is fault:
-                raise
             last_error = exc
             attempt += 1
             if attempt > retries:
