@@ -21,8 +21,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split.schedule import run_in_process
 from splitnn.training import epoch_batches
 from splitnn.training.topologies import UShapedSplitNN
-from splitnn.workers.runner import PartyRun
-from splitnn.workers.schedules import Action, Op, Pipelined
+from splitnn.workers.schedules import Pipelined
 from tests.helpers import assert_same_weights, toy_dataset
 
 NAMES = ("alice", "bob", "claire")
@@ -261,23 +260,3 @@ def test_pipeline_errors_come_before_work():
 
     with pytest.raises(ConfigurationError, match="one batch at a time"):
         splitnn.fit(OneAtATime(), toy_dataset(32), pipeline=2)
-
-
-def test_codecs_are_refused_until_compression_is_wired():
-    engine = splitnn.VirtualWorker("alice")
-    run = PartyRun(engine, {0: "k"}, 1, "d", "nll", [], stashing=True)
-    with pytest.raises(ConfigurationError, match="compression"):
-        run.outgoing(Action(0, Op.SEND_F, 0, "bob", codec="int8"))
-
-
-def test_pipeline_with_compression_is_refused_before_work():
-    # the in-flight path moves plain tensors: without this check the codecs would be silently ignored
-    torch.manual_seed(6)
-    model = splitnn.SplitNN(
-        splitnn.models.tutorial_mlp(), [splitnn.VirtualWorker(n) for n in NAMES], compression={1: "int8"}
-    )
-    before = [p.clone() for p in model.collect().parameters()]
-    with pytest.raises(ConfigurationError, match=r"compression at cut\(s\) \[1\]"):
-        model.fit(toy_dataset(32), epochs=1, batch_size=16, pipeline=2, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.collect().parameters()))
-    assert model.ledger.total(kind="activation") == 0

@@ -87,7 +87,8 @@ class SplitNN:
             directions, a dict ``{"activation": ..., "gradient": ...}``, or per cut a list
             (one entry per cut) or a dict by cut index; see :mod:`splitnn.split.compression`.
             In-process and networked workers encode and decode the same bytes, so their
-            numbers are equal; the ledger records the bytes sent and the raw size beside them.
+            numbers are equal, lock-step and pipelined (``fit(..., pipeline=K)``) alike; the
+            ledger records the bytes sent and the raw size beside them.
         threads: in-process pipelined epochs (``fit(..., pipeline=K)``) run each party on a
             thread of its own, so parties compute at once (same numbers, unless a segment
             draws from torch's global random generator, e.g. dropout: the threads' timing then
@@ -319,12 +320,6 @@ class SplitNN:
             )
         if pipeline == 1:
             return
-        compressed = [i for i, cut in enumerate(self.compression) if cut.active]
-        if compressed:  # the in-flight path moves plain tensors: it would silently ignore the codecs
-            raise ConfigurationError(
-                f"pipeline={pipeline} with compression at cut(s) {compressed}: pipelined training does not "
-                "compress yet; train with pipeline=1, or without compression"
-            )
         if not (self.ship_epochs and can_ship(self.stages)):
             check_in_process(self.stages, f"pipelined training (pipeline={pipeline})")
 

@@ -13,6 +13,13 @@ Lock-step schedules use the engine's plain operations (``zero_grad``, ``forward`
 ``loss``, ``backward``, ``step``), exactly the eager path; pipelined ones its in-flight
 operations (:mod:`splitnn.workers.inflight`), which keep each batch's weights and
 gradients apart.
+
+Compression at a cut needs nothing here: both kinds of operation encode what a segment
+produces for another party with that segment's codec (``VirtualWorker.set_codecs``: the
+codec and its error feedback live with the sending segment, so the schedule carries none),
+in the order the segment produces it -- batch order, per cut and direction, under any
+schedule. A send hands the encoded bytes on; an in-process receive decodes them, a
+networked one gets them decoded off the wire.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.errors import WorkerError
+from splitnn.wire.cut_codec import Arrived, Encoded
 from splitnn.workers.losses import Loss
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
 from splitnn.workers.schedules import Action, Op
@@ -92,23 +100,20 @@ class PartyRun:
             raise WorkerError(f"worker {e.name!r}: {a!r} is not a computation")
         return None
 
-    def outgoing(self, a: Action) -> Value:
-        """The tensor a send action hands to its peer (taken out of the engine's store)."""
-        _no_codec(a)
+    def outgoing(self, a: Action) -> Value | Encoded:
+        """What a send action hands to its peer (taken out of the engine's store): the value, or the
+        :class:`~splitnn.wire.cut_codec.Encoded` bytes where the sending segment compresses that cut."""
         ref = self._out.pop((a.stage, a.batch)) if a.op is Op.SEND_F else self._grad.pop((a.stage - 1, a.batch))
         return self.engine.take(ref.id)
 
-    def incoming(self, a: Action, tensor: Value) -> None:
-        """Accept the tensor of a receive action from its peer (the engine records the transfer)."""
-        _no_codec(a)
+    def incoming(self, a: Action, tensor: Value | Encoded | Arrived) -> None:
+        """Accept what a receive action got from its peer (the engine records the transfer): a value, the
+        sender's :class:`~splitnn.wire.cut_codec.Encoded` bytes (in process: decoded here, as a networked
+        receiver decodes the same bytes), or what came off the wire (:class:`~splitnn.wire.cut_codec.Arrived`)."""
+        if type(tensor) is Encoded:
+            tensor = tensor.arrived()
         ref = self.engine.put(tensor, src=a.peer, kind=a.kind)
         if a.op is Op.RECV_F:
             self._out[(a.stage - 1, a.batch)] = ref
         else:
             self._grad[(a.stage, a.batch)] = ref
-
-
-def _no_codec(a: Action) -> None:
-    # Compression at the cut will encode in ``outgoing`` and decode in ``incoming``; until then, refuse.
-    if a.codec is not None:
-        raise ConfigurationError(f"codec {a.codec!r} at cut {a.cut}: compression is not part of training yet")

@@ -99,8 +99,9 @@ class Action(NamedTuple):
 
     ``peer`` is the other party of a send or receive. ``stash`` marks a forward whose
     backward comes after a later step of its stage: it must run on a copy of the weights it
-    saw. ``codec`` is the place for compression at a cut (the codec of a send or receive;
-    ``None``: the raw tensor) -- no schedule sets it yet.
+    saw. A send or receive names no codec: compression at a cut belongs to the sending
+    segment's engine, which encodes what it produces with its codec and error feedback
+    (``VirtualWorker.set_codecs``), under every schedule alike.
     """
 
     stage: int
@@ -108,7 +109,6 @@ class Action(NamedTuple):
     batch: int
     peer: str | None = None
     stash: bool = False
-    codec: str | None = None
 
     @property
     def cut(self) -> int:

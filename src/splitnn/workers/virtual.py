@@ -30,7 +30,8 @@ Compression at a cut. :meth:`VirtualWorker.set_codecs` gives a segment the codec
 activation it sends over its output cut and of the gradient it sends back over its input
 cut (``SplitNN(..., compression=...)`` sets them). The worker encodes such a value when it
 produces it (:class:`~splitnn.wire.cut_codec.CutEncoder`: error feedback state stays here,
-at the sender, per cut and direction) and stores the encoded bytes; the receiving worker
+at the sender, per cut and direction), in lock-step and in-flight (pipelined) operations
+alike, and stores the encoded bytes; the receiving worker
 decodes them, so its numbers are those of a networked receiver decoding the same bytes, and
 records the bytes actually sent beside the raw size. A cut with a codec is never fused
 (what autograd would carry is not what crosses); a worker without codecs runs exactly the
@@ -533,7 +534,7 @@ class VirtualWorker:
         out, leaves = flight_forward(hosted.module, hosted.params, x, stash)
         out = _output(out, key, self.name)
         hosted.flights[batch] = Flight(inp, out, leaves, stash, hosted.steps)
-        return self._keep(out, "activation")
+        return self._keep(out, "activation", hosted.send_out)  # encoded now: error feedback in batch order
 
     def loss_in_flight(self, key: str, batch: int, output: TensorRef, target: BatchRef, loss: Loss) -> LossStats:
         """The training loss of batch ``batch``'s output of (last) segment ``key``, kept for its backward."""
@@ -577,10 +578,10 @@ class VirtualWorker:
         if inp is None:
             return None
         if type(inp) is tuple:
-            return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient")
+            return self._keep(tuple(t.grad if t.requires_grad else None for t in inp), "gradient", hosted.send_grad)
         if inp.grad is None:
             raise WorkerError(f"worker {self.name!r}: segment {key!r} got no gradient at its input in batch {batch}")
-        return self._keep(inp.grad, "gradient")
+        return self._keep(inp.grad, "gradient", hosted.send_grad)
 
     def step_in_flight(self, key: str, batch: int) -> None:
         """Step segment ``key``'s optimizer with batch ``batch``'s gradients (and forget the batch)."""
