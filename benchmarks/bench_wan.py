@@ -147,7 +147,7 @@ def run(args) -> dict:
         finally:
             for w in workers:
                 w.close()
-            echo.close()
+            emu.close_server(echo)
     return {
         "batch": BATCH,
         "batches": args.batches,

@@ -64,7 +64,7 @@ def test_round_trip_is_twice_the_delay_plus_the_zero_delay_overhead(emu):
         emu.set("bob", delay=delay)
         rtt = statistics.median(measure_rtt(addr, samples=9))
     finally:
-        echo.close()
+        emu.close_server(echo)
     expected = 2 * delay + overhead
     assert abs(rtt - expected) <= TOLERANCE * expected, (rtt, expected, overhead)
 
@@ -82,16 +82,21 @@ def test_rate_cap_within_tolerance_and_shared_by_concurrent_streams(emu):
         assert abs(capped - expected) <= TOLERANCE * expected, (capped, expected, uncapped)
 
         # two streams at once share the one queue per direction: together they take twice as long
-        times: list[float] = []
-        threads = [threading.Thread(target=lambda: times.append(measure_rate(addr, nbytes))) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        # (the median of three tries, as above, so one late wake-up on a busy machine does not decide it)
+        def both() -> float:
+            times: list[float] = []
+            threads = [threading.Thread(target=lambda: times.append(measure_rate(addr, nbytes))) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            return max(times)
+
+        slowest = statistics.median(both() for _ in range(3))
         expected_both = 2 * nbytes / rate + uncapped
-        assert abs(max(times) - expected_both) <= TOLERANCE * expected_both, (times, expected_both)
+        assert abs(slowest - expected_both) <= TOLERANCE * expected_both, (slowest, expected_both)
     finally:
-        sink.close()
+        emu.close_server(sink)
 
 
 def test_delays_each_direction_and_passes_end_of_stream():
@@ -147,7 +152,7 @@ def test_proxy_sockets_send_small_writes_at_once(emu):
             ]
 
         got = emu.call(flags())
-    echo.close()
+    emu.close_server(echo)
     assert len(got) == 2 and all(got), got
 
 

@@ -396,6 +396,16 @@ class ThreadedLinkEmulator:
     def add(self, name: str, target: str, **kwargs: Any) -> str:
         return self.call(self.emulator.add(name, target, **kwargs))
 
+    def close_server(self, server: asyncio.AbstractServer) -> None:
+        """Close a server started on the emulator's loop (with :meth:`call`), from any thread: an asyncio
+        server must be closed on its own loop."""
+
+        async def close() -> None:
+            server.close()
+            await server.wait_closed()
+
+        self.call(close())
+
     def set(self, name: str | None = None, **kwargs: Any) -> None:
         async def apply() -> None:
             self.emulator.set(name, **kwargs)
