@@ -402,7 +402,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
             shape(d.get("label_shape")),
             d.get("label_integral"),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None
 
 
@@ -554,7 +554,7 @@ def loss_stats_to_result(stats: LossStats) -> dict:
 def loss_stats_from_result(result: dict) -> LossStats:
     try:
         return LossStats(float(result["loss"]), int(result["correct"]), int(result["count"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise WireError("loss: the reply must hold 'loss', 'correct' and 'count'") from None
 
 
