@@ -108,26 +108,29 @@ def test_a_dropped_researcher_connection_costs_no_step(trio, reference, ship):
             w.close()
 
 
-def test_a_dropped_peer_link_costs_no_step(trio, reference):
+@pytest.mark.parametrize("ship", [False, True], ids=["per-op", "shipped"])
+def test_a_dropped_peer_link_costs_no_step(trio, reference, ship):
+    """Per-op: bob's activation and gradient are pulled, and a pull is asked again. Shipped: alice and claire push
+    to bob, keep each push until bob acknowledges it, and send it again on a new link (bob uses it once)."""
     cl = trio
     with ThreadedLinkEmulator() as emu:
         via = emu.add("bob-peers", cl.workers["bob"].address)
         workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60) for n in NAMES]
-        workers[1].address = via  # alice and claire pull from bob through the emulator; the researcher does not
-        emu.set("bob-peers", delay=0.01)
-        model = build(workers, ship=False)  # per-op: bob's activation and gradient are pulled
+        workers[1].address = via  # alice and claire reach bob through the emulator; the researcher does not
+        # shipped: a push into bob awaits its acknowledgement for a round trip (2 x 50 ms) and one leaves every
+        # ~50 ms (alice's activation, then claire's gradient), so one is always unacknowledged when the links drop
+        emu.set("bob-peers", delay=0.05 if ship else 0.01)
+        model = build(workers, ship=ship)
         drops = []
         seen = drop_at(model, 6, lambda: drops.append(emu.drop("bob-peers")) or drops[-1])
         history = model.fit(DATA, **FIT)
         assert all(w.resumed == 0 for w in workers)  # the researcher's streams never broke
         check_same_run(model, history, seen, reference)
-        repeated = sum(
-            row["messages"]
-            for w in (workers[0], workers[2])
-            for row in w.stats()["counters"]
-            if row["kind"] == "repull"
-        )
-        assert repeated >= 1  # alice or claire pulled from bob again on a new link
+        rows = [row for w in (workers[0], workers[2]) for row in w.stats()["counters"] if row["direction"] == "sent"]
+        repeated = sum(row["messages"] for row in rows if row["kind"] == ("repush" if ship else "repull"))
+        assert repeated >= 1  # alice or claire pulled from bob again / pushed to bob again on a new link
+        if ship:  # what was pushed again is counted as re-sent, never as another activation or gradient
+            assert sum(row["nbytes"] for row in rows if row["kind"] == "resent") > 0
         for w in workers:
             w.close()
 

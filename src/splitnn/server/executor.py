@@ -20,6 +20,7 @@ Two commands are not single operations:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from splitnn.errors import SplitNNError, WireError
 from splitnn.server import shipped
 from splitnn.server.commands import Commands
 from splitnn.server.exports import StreamState
-from splitnn.server.peers import SessionPeers
+from splitnn.server.peers import PULL_RETRIES, PULL_RETRY_WAIT, SessionPeers
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import Command, Reply, Transfer
 from splitnn.workers.epoch import EpochPlan
@@ -156,13 +157,24 @@ class Executor:
                 await self.peers.link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
 
             async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
-                fut = self.inbox.slot(run, peer, kind, fid)
-                if not self.peers.connected(peer):
-                    await self.peers.link(peer)  # re-dial; a dead peer fails the wait (Inbox.peer_lost)
-                return await self.inbox.wait(run, peer, kind, fid, fut)
+                for attempt in range(PULL_RETRIES + 1):
+                    fut = self.inbox.slot(run, peer, kind, fid)
+                    if not self.peers.connected(peer):
+                        # re-dial, sending again what we pushed to it unacknowledged (both sides may be waiting
+                        # for what the broken link lost); a dead peer fails the wait (Inbox.peer_lost)
+                        await self.peers.relink(peer)
+                    try:
+                        return await self.inbox.wait(run, peer, kind, fid, fut)
+                    except shipped.PeerLost:  # a link to the peer broke: it sends the push again on a new one
+                        if attempt == PULL_RETRIES:
+                            raise
+                        await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
+                raise AssertionError("unreachable")  # pragma: no cover
 
             async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
                 yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(serde.losses_to_result(losses)))
+            # every push acknowledged: a link that breaks now loses nothing the peers still need
+            await self.peers.settle(self._adjacent(plan), plan.run_id, lambda: run.aborted)
             final.ok = True
             final.result_json = json.dumps({"batches": plan.num_batches})
         except Exception as exc:
@@ -179,5 +191,6 @@ class Executor:
         finally:
             if run is not None:
                 self.inbox.finish(run)
+                self.peers.forget_run(run.run_id)
         final.transfers.extend(self.ledger_delta())
         yield final

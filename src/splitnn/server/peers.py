@@ -27,7 +27,13 @@ up to :data:`PULL_RETRIES` times, and the owner hands the same tensor to the sam
 when it had sent it already (:class:`~splitnn.server.exports.Exports` keeps the tensors it
 handed out a while): the tensor arrives once, is recorded once, and is never lost. A pull the
 peer does not answer in time is not repeated (the peer is alive but did not produce it).
-Pushes of shipped epochs are not repeated: a broken link fails the epoch.
+
+A push survives a link that breaks too: the sender keeps each push until the receiver
+acknowledges it (an ACK frame; :mod:`splitnn.server.pushes`), and :meth:`SessionPeers.relink`
+dials a new link and sends the unacknowledged pushes again on it, in order, before anything
+else goes on it -- when a push fails (:meth:`SessionPeers.push`, up to :data:`PULL_RETRIES`
+times), when a wait for the peer's push finds the link broken, and before a shipped epoch ends
+(:meth:`SessionPeers.settle`). The receiver ignores a push it already has and acknowledges it again.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from splitnn.client.channels import open_channel
 from splitnn.common.serde import PeerAddress
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
+from splitnn.server.pushes import Outbox
 from splitnn.server.shipped import Inbox
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
@@ -79,6 +86,7 @@ class PeerScope(Protocol):
     tag: str
     inbox: Inbox
     counters: ByteCounters
+    peers: SessionPeers
 
     async def serve(self, peer: str, tensor_id: int, kind: str) -> tuple[Any, bool]:
         """Hand ``peer`` this session's tensor ``tensor_id`` (PolicyError if ``peer`` is not one of its peers),
@@ -178,11 +186,14 @@ class PeerLink:
         finally:
             self._pending.pop(tensor_id, None)
 
-    async def push(self, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
-        """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs)."""
+    async def push(
+        self, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded, *, count_as: str | None = None
+    ) -> None:
+        """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs);
+        its bytes are counted as ``count_as`` (default: ``kind``)."""
         try:
             for frame in frames.value_frames(kind, frame_id, value, self.peers.limits.frame_bytes, type_=frames.PUSH):
-                await self.send(frame, kind)
+                await self.send(frame, count_as or kind)
         except WorkerError:
             raise
         except Exception as exc:
@@ -227,6 +238,10 @@ class PeerLink:
             scope = self.session()
             if scope is not None:
                 scope.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
+        elif hdr.type == frames.ACK:
+            scope = self.session()
+            if scope is not None:
+                scope.peers.acked(self.peer, hdr.kind, hdr.id)
         elif hdr.type == frames.REQUEST:
             task = asyncio.create_task(self._serve(hdr))
             self._tasks.add(task)
@@ -274,10 +289,16 @@ class PeerLink:
             tensor = self._push_reasm.feed_arrival(hdr, chunk)
         except WireError as exc:
             tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
+        if tensor is None:
+            return
         scope = self.session()
-        if tensor is not None and (scope is None or not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor)):
+        if scope is not None and scope.inbox.has(self.peer, hdr.kind, hdr.id):
+            pass  # sent again after a broken link, but it arrived before: acknowledge it again, use it once
+        elif scope is None or not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
             self._count("recv", "refused", 0)
             log.warning("worker %s: refused a %s pushed by %s (not expected from it)", self.me, hdr.kind, self.peer)
+            return
+        self._spawn_write([(frames.ack(hdr.kind, hdr.id), "control")])  # the sender may forget it now
 
     async def _serve(self, hdr: frames.FrameHeader) -> None:
         """Answer one pull: the tensor's DATA frames, or an ERROR frame saying why not."""
@@ -299,10 +320,13 @@ class PeerLink:
             raise
         except Exception as exc:  # tell the puller why, then keep serving
             answer = [(frames.error(hdr.kind, hdr.id, f"{type(exc).__name__}: {exc}"), "control")]
+        await asyncio.shield(self._spawn_write(answer))
+
+    def _spawn_write(self, answer: Iterable[tuple[bytes, str]]) -> asyncio.Future:
         write = asyncio.ensure_future(self._write(answer))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
-        await asyncio.shield(write)
+        return write
 
     async def _write(self, answer: Iterable[tuple[bytes, str]]) -> None:
         try:
@@ -454,6 +478,8 @@ class SessionPeers:
         self.peers, self.scope = peers, scope
         self.addresses: dict[str, PeerAddress] = {}
         self.pulls_repeated = 0  # pulls asked again after their link broke
+        self.pushes_repeated = 0  # pushes sent again after their link broke
+        self.outboxes: dict[str, Outbox] = {}  # receiver -> this session's pushes awaiting its acknowledgement
 
     def _where(self, peer: str) -> PeerAddress:
         where = self.addresses.get(peer)
@@ -489,10 +515,99 @@ class SessionPeers:
                 await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    # -- pushes (shipped epochs) --------------------------------------------------------------
+    def outbox(self, peer: str) -> Outbox:
+        """The pushes to ``peer`` awaiting its acknowledgement."""
+        box = self.outboxes.get(peer)
+        if box is None:
+            box = self.outboxes[peer] = Outbox(peer)
+        return box
+
+    def acked(self, peer: str, kind: str, frame_id: int) -> None:
+        """``peer`` acknowledged our push: forget it."""
+        box = self.outboxes.get(peer)
+        if box is not None:
+            box.acked(kind, frame_id)
+
+    async def _send_kept(self, peer: str, box: Outbox) -> PeerLink:
+        """Send on the open link to ``peer`` (dialled if need be) every kept push not yet sent on it, in order."""
+        async with box.lock:  # the link is taken under the lock: one that broke meanwhile was replaced
+            link = await self.link(peer)
+            for item in box.unsent(link):
+                again = item.sends > 0
+                item.sent_on, item.sends = link, item.sends + 1
+                if again:  # counted as re-sent, never as another transfer of its kind
+                    self.pushes_repeated += 1
+                    self.scope.counters.record(peer, "sent", "repush", 0)  # (a message of no bytes: the count shows)
+                    log.info("worker %s: pushing %s #%d to %s again", self.peers.name, item.kind, item.frame_id, peer)
+                await link.push(item.kind, item.frame_id, item.value, count_as="resent" if again else None)
+        return link
+
+    async def relink(self, peer: str) -> None:
+        """Dial a new link to ``peer`` if this session's is broken, and send the unacknowledged pushes again on it
+        (up to :data:`PULL_RETRIES` times, waiting as a repeated pull does); LinkLost when none gets through."""
+        box = self.outbox(peer)
+        for attempt in range(PULL_RETRIES + 1):
+            try:
+                await self._send_kept(peer, box)
+                return
+            except LinkLost as exc:
+                if attempt == PULL_RETRIES:
+                    raise LinkLost(f"{exc} ({attempt + 1} attempts to push)") from None
+                await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
+
     async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
-        """Push ``value`` to ``peer`` (shipped epochs)."""
-        await (await self.link(peer)).push(kind, frame_id, value)
+        """Push ``value`` to ``peer`` (shipped epochs); it is kept until ``peer`` acknowledges it, and sent again on
+        a new link if the link breaks first."""
+        self.outbox(peer).keep(kind, frame_id, value, _nbytes(value))
+        await self.relink(peer)
+
+    async def settle(
+        self, peers: Iterable[str], run_id: int, stop: Callable[[], BaseException | None] = lambda: None
+    ) -> None:
+        """Wait until ``peers`` acknowledged every push of run ``run_id``, sending again what a broken link lost
+        (up to the peer timeout); a shipped epoch ends only then. ``stop()`` returns an error that ends the
+        wait (a peer aborted the run)."""
+        deadline = asyncio.get_running_loop().time() + self.peers.timeout
+        for peer in peers:
+            box = self.outboxes.get(peer)
+            while box is not None and box.pending(run_id):
+                if (error := stop()) is not None:
+                    raise error
+                link = box.link
+                if link is None or link.closed is not None:
+                    await self.relink(peer)
+                    continue
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise WorkerUnreachableError(
+                        f"worker {self.peers.name!r}: peer {peer!r} did not acknowledge the epoch's last pushes "
+                        f"within {self.peers.timeout:g} s (is it alive?)"
+                    )
+                box.changed.clear()
+                try:  # woken by an acknowledgement; a link that broke meanwhile is seen within the poll
+                    await asyncio.wait_for(box.changed.wait(), min(left, 0.05))
+                except asyncio.TimeoutError:
+                    pass
+
+    def forget_run(self, run_id: int) -> None:
+        """Run ``run_id`` ended: drop its kept pushes."""
+        for box in self.outboxes.values():
+            box.forget_run(run_id)
 
     def abort(self, peers: set[str], run_id: int, text: str) -> None:
         """Best effort: tell ``peers`` that this session's part of epoch ``run_id`` failed."""
         self.peers.abort(self.scope, {p: self.addresses[p] for p in peers if p in self.addresses}, run_id, text)
+
+
+def _nbytes(value: object) -> int:
+    """Bytes a pushed value holds (what keeping it costs)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, Encoded):
+        return _nbytes(value.entries)
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0

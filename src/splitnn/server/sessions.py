@@ -22,7 +22,7 @@ replace or remove another session's) instead of a misleading "not found".
 
 When it is freed. When the last stream of a session ends (the researcher closed it; or it
 broke and was not resumed within the grace period, :mod:`splitnn.server.replay`), its
-intermediate tensors (stored activations and gradients, promised exports, pushes, pending
+intermediate tensors (stored activations and gradients, promised exports, pushes received or kept, pending
 losses) are freed at once and its peer streams closed. Its
 segments, optimizers and placed datasets are kept for a grace period
 (``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
@@ -177,6 +177,8 @@ class Session:
         self.engine.release()
         self.exports.fail_all(reason)
         self.inbox.clear()
+        for box in self.peers.outboxes.values():  # pushes kept for a re-send
+            box.clear()
 
     def stop_replays(self) -> None:
         """Stop every stream's commands (the session is being dropped)."""

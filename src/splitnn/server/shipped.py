@@ -5,7 +5,10 @@ while this worker waits for them, keyed by (sender, kind, frame id), and enforce
 who may push what: only the parties named as ``prev``/``next`` in an active plan,
 activations from ``prev`` and gradients from ``next``. Pushes for a run that has
 not started here yet are held, a few per peer at most (the researcher's plan may
-reach this worker after the previous party's first activation).
+reach this worker after the previous party's first activation). A push sent again after
+a broken link (:mod:`splitnn.server.pushes`) is recognised (:meth:`Inbox.has`: held,
+consumed, or of a finished run) and not delivered twice; a wait that a broken link failed
+(:class:`PeerLost`) may be waited again, and the push sent again fills it.
 
 :func:`parse_plan` turns a ``run_epoch`` command into an
 :class:`~splitnn.workers.epoch.EpochPlan` (decoded by :mod:`splitnn.common.serde`) and
@@ -43,6 +46,10 @@ MAX_EARLY_PUSHES = MAX_IN_FLIGHT
 REMEMBER_RUNS = 256
 
 
+class PeerLost(WorkerUnreachableError):
+    """A link to the peer broke while this worker waited for its push (the peer may send it again)."""
+
+
 @dataclass
 class Run:
     """An active shipped epoch at this worker."""
@@ -50,6 +57,7 @@ class Run:
     run_id: int
     allowed: frozenset[tuple[str, str]]  # (peer, kind) pairs that may push
     aborted: BaseException | None = None
+    consumed: set[tuple[str, str, int]] = field(default_factory=set)  # pushes received and used (a copy is ignored)
 
 
 @dataclass
@@ -102,9 +110,11 @@ class Inbox:
             early = sum(1 for (p, _, i) in self._slots if p == peer and run_of(i) not in self._runs)
             if early >= MAX_EARLY_PUSHES:
                 return False
-        elif (peer, kind) not in run.allowed:
+        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
             return False
         fut = self._slot(peer, kind, frame_id)
+        if fut.done() and isinstance(fut.exception() if not fut.cancelled() else None, PeerLost):
+            fut = self._slots[(peer, kind, frame_id)] = quiet_future()  # failed by a broken link: fill anew
         if fut.done():
             return False
         if isinstance(value, BaseException):
@@ -112,6 +122,18 @@ class Inbox:
         else:
             fut.set_result(value)
         return True
+
+    def has(self, peer: str, kind: str, frame_id: int) -> bool:
+        """Whether the push (peer, kind, frame_id) needs no delivery: it is held or was used here, or its run
+        finished (a copy sent again after a broken link; the sender may forget it)."""
+        rid = run_of(frame_id)
+        run = self._runs.get(rid)
+        if run is None and rid in self._finished:
+            return True
+        if run is not None and (peer, kind, frame_id) in run.consumed:
+            return True
+        fut = self._slots.get((peer, kind, frame_id))
+        return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
     def peer_aborted(self, peer: str, run_id: int, text: str) -> None:
         """An adjacent peer's part of ``run_id`` failed: fail our waits for it."""
@@ -127,9 +149,7 @@ class Inbox:
         """The connection to ``peer`` broke: fail every wait on it."""
         for (p, _, _), fut in self._slots.items():
             if p == peer and not fut.done():
-                fut.set_exception(
-                    WorkerUnreachableError(f"worker {self.worker!r}: lost the connection to peer {peer!r}")
-                )
+                fut.set_exception(PeerLost(f"worker {self.worker!r}: lost the connection to peer {peer!r}"))
 
     # -- waiting (from the epoch loop) ---------------------------------------------------------
     def slot(self, run: Run, peer: str, kind: str, frame_id: int) -> asyncio.Future:
@@ -141,15 +161,19 @@ class Inbox:
     async def wait(self, run: Run, peer: str, kind: str, frame_id: int, fut: asyncio.Future) -> torch.Tensor:
         try:
             if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
-                return fut.result()
-            return await asyncio.wait_for(fut, self.timeout)
+                value = fut.result()
+            else:
+                value = await asyncio.wait_for(fut, self.timeout)
+            run.consumed.add((peer, kind, frame_id))
+            return value
         except asyncio.TimeoutError:
             raise WorkerUnreachableError(
                 f"worker {self.worker!r}: peer {peer!r} did not send its {kind} within "
                 f"{self.timeout:g} s (is it alive?)"
             ) from None
         finally:
-            self._slots.pop((peer, kind, frame_id), None)
+            if self._slots.get((peer, kind, frame_id)) is fut:
+                del self._slots[(peer, kind, frame_id)]
 
     def _slot(self, peer: str, kind: str, frame_id: int) -> asyncio.Future:
         key = (peer, kind, frame_id)

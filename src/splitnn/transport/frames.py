@@ -8,7 +8,8 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
     0       4     magic b"SNP1"
     4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
                   4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
-                  the sender's shipped epoch #id failed)
+                  the sender's shipped epoch #id failed), 6 ACK (the push #id of this kind arrived whole;
+                  its sender may forget it: :mod:`splitnn.server.pushes`)
     5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
                   4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
     6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
@@ -61,7 +62,7 @@ PEER_MAGIC = b"SNP1"
 HEADER = struct.Struct("<4sBBBBQQ")
 HEADER_SIZE = HEADER.size  # 24
 
-REQUEST, DATA, ERROR, PUSH, ABORT = 1, 2, 3, 4, 5
+REQUEST, DATA, ERROR, PUSH, ABORT, ACK = 1, 2, 3, 4, 5, 6
 TEXT_TYPES = (ERROR, ABORT)
 PAYLOAD_TYPES = (DATA, PUSH)
 FLAG_MORE, FLAG_VALUES = 1, 2
@@ -102,6 +103,11 @@ def pack(
 def request(kind: str, tensor_id: int) -> bytes:
     """Ask the peer for its tensor ``tensor_id``."""
     return pack(REQUEST, kind, tensor_id, 0)
+
+
+def ack(kind: str, tensor_id: int) -> bytes:
+    """The ACK frame telling a pusher its push ``tensor_id`` of ``kind`` arrived whole."""
+    return pack(ACK, kind, tensor_id, 0)
 
 
 def error(kind: str, tensor_id: int, message: str) -> bytes:
@@ -203,7 +209,7 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     magic, type_, kind_code, flags, codec, tensor_id, total = HEADER.unpack_from(buf, 0)
     if magic != PEER_MAGIC:
         raise WireError(f"not a peer frame: bad magic {bytes(magic)!r}")
-    if type_ not in (REQUEST, DATA, ERROR, PUSH, ABORT):
+    if type_ not in (REQUEST, DATA, ERROR, PUSH, ABORT, ACK):
         raise WireError(f"peer frame has unknown type {type_}")
     kind = CODE_KINDS.get(kind_code)
     if kind is None:
@@ -217,8 +223,8 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     if codec != NO_CODEC and type_ not in PAYLOAD_TYPES:
         raise WireError("only DATA and PUSH peer frames may name a codec")
     chunk = memoryview(buf)[HEADER_SIZE:]
-    if type_ == REQUEST and (len(chunk) or total or flags):
-        raise WireError("a REQUEST peer frame carries no payload")
+    if type_ in (REQUEST, ACK) and (len(chunk) or total or flags):
+        raise WireError("a REQUEST or ACK peer frame carries no payload")
     if type_ in TEXT_TYPES and (len(chunk) != total or total > MAX_ERROR_BYTES or flags):
         raise WireError("malformed ERROR/ABORT peer frame")
     return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total, codec, bool(flags & FLAG_VALUES)), chunk

@@ -1,0 +1,119 @@
+"""A session's pushes of shipped epochs, kept until the receiver acknowledges them.
+
+During a shipped epoch a worker pushes its activations to its next party and its gradients to
+its previous one over their peer link (:mod:`splitnn.server.peers`). A link can break with a
+push written but not yet received -- a connection reset, a proxy restarted. So the sender keeps
+each pushed value in the :class:`Outbox` of its receiver until the receiver acknowledges it (an
+ACK frame, sent when the push is complete at the receiver, :mod:`splitnn.transport.frames`).
+When the link breaks, the sender dials a new one and sends again, in order, every kept push not
+yet sent on it (:meth:`Outbox.unsent`); the receiver ignores a push it already has
+(:meth:`splitnn.server.shipped.Inbox.has`) and acknowledges it again. A push is identified by
+the session (the link serves one), the sender, its kind and its frame id, which carries the
+run, the batch and the cut (:func:`splitnn.workers.epoch.push_id`).
+
+Memory is bounded per receiver: at most :data:`KEEP_PUSHES` pushes and :data:`KEEP_BYTES`
+bytes (one bigger push alone is kept). Beyond the bound the oldest unacknowledged push is
+dropped, and a re-send that needs it fails the epoch as a broken link did before
+(:class:`PushesLost`; ``fit`` then takes the checkpoint route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from splitnn.errors import WorkerUnreachableError
+from splitnn.workers.epoch import run_of
+
+#: Unacknowledged pushes one session keeps per receiver (acknowledgements come a round trip after the push).
+KEEP_PUSHES = 256
+#: Bytes of unacknowledged pushes one session keeps per receiver.
+KEEP_BYTES = 64 * 1024 * 1024
+
+
+class PushesLost(WorkerUnreachableError):
+    """A push that must be sent again was dropped (the keep bound): the epoch cannot survive the broken link."""
+
+
+@dataclass
+class Kept:
+    """One pushed value awaiting its acknowledgement."""
+
+    kind: str
+    frame_id: int
+    value: Any
+    nbytes: int
+    sent_on: Any = None  # the link it was last (being) sent on
+    sends: int = 0  # times it was sent (more than one: re-sent after a broken link)
+
+
+class Outbox:
+    """The unacknowledged pushes of one session to one receiver, in the order they were pushed."""
+
+    def __init__(self, peer: str, *, keep_pushes: int = KEEP_PUSHES, keep_bytes: int = KEEP_BYTES) -> None:
+        self.peer = peer
+        self.keep_pushes, self.keep_bytes = keep_pushes, keep_bytes
+        self.lock = asyncio.Lock()  # one sender at a time: pushes (and re-sends) go out in order
+        self._kept: OrderedDict[tuple[str, int], Kept] = OrderedDict()
+        self._bytes = 0
+        self.dropped: set[tuple[str, int]] = set()  # pushes dropped unacknowledged (the bound)
+        self.link: Any = None  # the link the latest pushes went on
+        self.changed = asyncio.Event()  # set on every acknowledgement
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def keep(self, kind: str, frame_id: int, value: Any, nbytes: int) -> Kept:
+        """Keep a value about to be pushed; drop the oldest kept beyond the bound."""
+        item = self._kept[(kind, frame_id)] = Kept(kind, frame_id, value, nbytes)
+        self._bytes += nbytes
+        while len(self._kept) > 1 and (len(self._kept) > self.keep_pushes or self._bytes > self.keep_bytes):
+            key, old = self._kept.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.dropped.add(key)
+        return item
+
+    def acked(self, kind: str, frame_id: int) -> None:
+        """The receiver has this push: forget it."""
+        self.dropped.discard((kind, frame_id))  # (an acknowledgement may overtake the bound)
+        item = self._kept.pop((kind, frame_id), None)
+        if item is not None:
+            self._bytes -= item.nbytes
+            self.changed.set()
+
+    def unsent(self, link: Any) -> list[Kept]:
+        """The kept pushes not (being) sent on ``link``, oldest first, and ``link`` is now the one pushes go on.
+
+        Raises PushesLost when ``link`` replaces a broken one and a push dropped unacknowledged (the bound)
+        may have been lost with it.
+        """
+        if link is not self.link:
+            if self.link is not None and self.dropped:
+                raise PushesLost(
+                    f"{len(self.dropped)} pushes to {self.peer!r} that were not acknowledged had to be dropped "
+                    f"(at most {self.keep_pushes} pushes and {self.keep_bytes} bytes are kept per receiver), "
+                    "so they cannot be sent again after the broken link"
+                )
+            self.link = link
+        return [item for item in self._kept.values() if item.sent_on is not link]
+
+    def pending(self, run_id: int) -> bool:
+        """Whether pushes of run ``run_id`` await their acknowledgement."""
+        return any(run_of(item.frame_id) == run_id for item in self._kept.values())
+
+    def forget_run(self, run_id: int) -> None:
+        """Run ``run_id`` ended here: drop its kept pushes."""
+        for key in [k for k, item in self._kept.items() if run_of(item.frame_id) == run_id]:
+            self._bytes -= self._kept.pop(key).nbytes
+        self.dropped = {key for key in self.dropped if run_of(key[1]) != run_id}
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self._bytes = 0
+        self.dropped.clear()

@@ -1,0 +1,138 @@
+"""A push sent again after a broken peer link, without processes: the receiver uses it once and acknowledges
+every copy; the sender keeps what is unacknowledged, within a bound."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from splitnn.server.peers import PeerLink, Peers
+from splitnn.server.pushes import Outbox, PushesLost
+from splitnn.server.shipped import Inbox, PeerLost
+from splitnn.transport import frames
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.limits import Limits
+from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id
+
+
+def _plan(run_id: int) -> EpochPlan:
+    return EpochPlan(run_id, "d", "nll", (StagePlan(1, "s1", "alice", "claire"),), order=BatchOrder(8, 4))
+
+
+class Receiver:
+    """Bob's end of a link alice opened: frames go in as alice wrote them; what bob writes back is kept."""
+
+    def __init__(self) -> None:
+        self.inbox = Inbox("bob", timeout=5.0)
+        self.scope = SimpleNamespace(tag="t", inbox=self.inbox, counters=ByteCounters(), peers=None)
+        peers = Peers(
+            "bob",
+            "token",
+            tls=None,
+            limits=Limits(),
+            counters=ByteCounters(),
+            timeout=5.0,
+            resolve=lambda _: self.scope,
+        )
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.written: list[bytes] = []
+
+        async def send(frame: bytes) -> None:
+            self.written.append(frame)
+
+        self.link = PeerLink(peers, "alice", "t", send, self.incoming.get)
+        self.task = asyncio.get_running_loop().create_task(self.link.run())
+
+    async def push(self, kind: str, frame_id: int, value: torch.Tensor) -> None:
+        for frame in frames.value_frames(kind, frame_id, value, 1 << 20, type_=frames.PUSH):
+            self.incoming.put_nowait(frame)
+        for _ in range(20):  # let the link read them and write its answer
+            await asyncio.sleep(0)
+
+    def acked(self) -> list[tuple[str, int]]:
+        out = []
+        for raw in self.written:
+            hdr, _ = frames.parse(raw)
+            if hdr.type == frames.ACK:
+                out.append((hdr.kind, hdr.id))
+        return out
+
+    async def close(self) -> None:
+        self.incoming.put_nowait(None)
+        await self.task
+
+
+def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
+    async def main():
+        bob = Receiver()
+        run = bob.inbox.start(_plan(7))
+        first, second = push_id(7, 0, 0), push_id(7, 1, 0)
+        t = torch.arange(4.0)
+        await bob.push("activation", first, t)
+        await bob.push("activation", first, t + 1)  # a copy sent again (the ack was lost with the link): ignored
+        assert bob.acked() == [("activation", first)] * 2
+        got = await bob.inbox.wait(run, "alice", "activation", first, bob.inbox.slot(run, "alice", "activation", first))
+        assert torch.equal(got.value, t)  # the first copy, once
+        await bob.push("activation", first, t + 2)  # a copy after it was used: acknowledged, never held again
+        assert bob.acked() == [("activation", first)] * 3
+        assert not bob.inbox._slots  # nothing waits to be used a second time
+
+        # a wait failed by a broken link is waited again, and the push sent again on the new link fills it
+        fut = bob.inbox.slot(run, "alice", "activation", second)
+        bob.inbox.peer_lost("alice")
+        with pytest.raises(PeerLost):
+            await bob.inbox.wait(run, "alice", "activation", second, fut)
+        await bob.push("activation", second, t * 3)
+        again = bob.inbox.slot(run, "alice", "activation", second)
+        assert torch.equal((await bob.inbox.wait(run, "alice", "activation", second, again)).value, t * 3)
+
+        bob.inbox.finish(run)
+        await bob.push("activation", push_id(7, 2, 0), t)  # its run is over here: nothing to deliver, but the
+        assert bob.acked()[-1] == ("activation", push_id(7, 2, 0))  # sender may forget it
+        await bob.push("activation", push_id(9, 0, 0), t)  # a run not started here: held, acknowledged
+        assert bob.inbox.has("alice", "activation", push_id(9, 0, 0))
+        assert bob.acked()[-1] == ("activation", push_id(9, 0, 0))
+        await bob.close()
+
+    asyncio.run(main())
+
+
+def test_a_push_from_a_party_the_plan_does_not_name_is_not_acknowledged():
+    async def main():
+        bob = Receiver()
+        bob.inbox.start(_plan(7))
+        await bob.push("gradient", push_id(7, 0, 1), torch.ones(2))  # alice is bob's previous party: refused
+        assert bob.acked() == []
+        await bob.close()
+
+    asyncio.run(main())
+
+
+def test_the_sender_keeps_unacknowledged_pushes_within_a_bound():
+    async def main():
+        box = Outbox("bob", keep_pushes=3, keep_bytes=1 << 20)
+        old, new = object(), object()  # two links
+        for b in range(3):
+            box.keep("activation", push_id(7, b, 0), torch.ones(1), 4)
+        assert [i.frame_id for i in box.unsent(old)] == [push_id(7, b, 0) for b in range(3)]
+        for item in box.unsent(old):
+            item.sent_on, item.sends = old, 1
+        box.acked("activation", push_id(7, 0, 0))
+        assert len(box) == 2 and box.nbytes == 8 and box.pending(7)
+        again = box.unsent(new)  # the link broke: what was not acknowledged goes again, in order
+        assert [i.frame_id for i in again] == [push_id(7, 1, 0), push_id(7, 2, 0)]
+        for item in again:
+            item.sent_on, item.sends = new, 2
+        for b in range(3, 6):  # beyond the bound the oldest unacknowledged is dropped ...
+            box.keep("activation", push_id(7, b, 0), torch.ones(1), 4)
+        assert len(box) == 3
+        with pytest.raises(PushesLost, match="had to be dropped"):
+            box.unsent(object())  # ... and a re-send that may need it fails (as a broken link did before)
+        box.forget_run(7)
+        assert len(box) == 0 and not box.pending(7)
+        assert box.unsent(object()) == []  # the run ended: nothing is missing any more
+
+    asyncio.run(main())
