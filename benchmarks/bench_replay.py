@@ -1,13 +1,16 @@
 """What a transient fault costs: fit across worker processes, with and without a dropped connection.
 
-Three ``splitnn worker`` processes on this machine; the researcher reaches bob through a link
-emulator (:mod:`splitnn.testing.linkemu`). One epoch of the tutorial network on ``--samples``
+Three ``splitnn worker`` processes on this machine; the researcher (``--link researcher``) or
+alice and claire (``--link peers``) reach bob through a link emulator
+(:mod:`splitnn.testing.linkemu`). One epoch of the tutorial network on ``--samples``
 synthetic MNIST-shaped samples, batch 64, SGD with momentum, the per-op path or shipped epochs.
-Each repeat runs once undisturbed and once with the researcher's connection to bob reset after
-``--drop-at`` batches (no checkpoints: the stream is resumed), interleaved; the report gives
-medians, their ratio, and the bytes re-sent for the resume.
+Each repeat runs once undisturbed and once with the connections through the emulator reset after
+``--drop-at`` batches (no checkpoints: the researcher's stream is resumed; a pull is asked again,
+a push sent again), interleaved; the report gives medians, their ratio, the bytes re-sent, and
+per dropped run the streams resumed (researcher) or the pulls and pushes repeated (peers).
 
-    python benchmarks/bench_replay.py [--samples 6400] [--repeats 5] [--drop-at 20] [--json out.json]
+    python benchmarks/bench_replay.py [--samples 6400] [--repeats 5] [--drop-at 20] [--link researcher|peers]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ def _data(n: int) -> Dataset:
     return Dataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "bench", 10)
 
 
-def _run(cl: Cluster, emu: ThreadedLinkEmulator, via: str, data: Dataset, ship: bool, drop_at: int | None):
-    urls = {n: (f"grpc://{via}" if n == "bob" else cl.workers[n].url) for n in NAMES}
+def _run(cl: Cluster, emu: ThreadedLinkEmulator, via: str, data: Dataset, ship: bool, drop_at: int | None, link: str):
+    peers = link == "peers"
+    urls = {n: (f"grpc://{via}" if n == "bob" and not peers else cl.workers[n].url) for n in NAMES}
     workers = [splitnn.connect(urls[n], token=cl.token, name=n) for n in NAMES]
-    workers[1].address = cl.workers["bob"].address  # peers reach bob directly: only the researcher's link drops
+    # only the link named drops: the peers reach bob through the emulator, or the researcher does
+    workers[1].address = via if peers else cl.workers["bob"].address
     torch.manual_seed(0)
     model = splitnn.SplitNN(tutorial_mlp(), workers, optimizer="sgd:lr=0.03,momentum=0.9", ship_epochs=ship)
     seen = [0]
@@ -57,8 +62,13 @@ def _run(cl: Cluster, emu: ThreadedLinkEmulator, via: str, data: Dataset, ship: 
     start = time.perf_counter()
     model.fit(data, epochs=1, batch_size=64, progress=False)
     seconds = time.perf_counter() - start
-    resent = workers[1].counters.total(kind="resent")
-    resumed = workers[1].resumed
+    if peers:  # what alice and claire sent again to bob, and how many pulls and pushes they repeated
+        rows = [r for w in (workers[0], workers[2]) for r in w.stats()["counters"] if r["direction"] == "sent"]
+        resent = sum(r["nbytes"] for r in rows if r["kind"] == "resent")
+        resumed = sum(r["messages"] for r in rows if r["kind"] in ("repull", "repush"))
+    else:
+        resent = workers[1].counters.total(kind="resent")
+        resumed = workers[1].resumed
     for w in workers:
         w.close(end_session=True)
     return seconds, resent, resumed
@@ -69,6 +79,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6400)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--drop-at", type=int, default=20)
+    ap.add_argument("--link", choices=("researcher", "peers"), default="researcher")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     data = _data(args.samples)
@@ -82,8 +93,8 @@ def main() -> None:
                 times: dict[str, list[float]] = {"none": [], "drop": []}
                 resent, resumed = [], []
                 for _ in range(args.repeats):
-                    times["none"].append(_run(cl, emu, via, data, ship, None)[0])
-                    s, r, k = _run(cl, emu, via, data, ship, args.drop_at)
+                    times["none"].append(_run(cl, emu, via, data, ship, None, args.link)[0])
+                    s, r, k = _run(cl, emu, via, data, ship, args.drop_at, args.link)
                     times["drop"].append(s)
                     resent.append(r)
                     resumed.append(k)
@@ -98,7 +109,8 @@ def main() -> None:
                         "resumed": resumed,
                     }
                 )
-    print(f"{'path':8} {'undisturbed s':>14} {'dropped s':>10} {'ratio':>6} {'re-sent B':>10}  resumes")
+    again = "resumes" if args.link == "researcher" else "pulls/pushes repeated"
+    print(f"{'path':8} {'undisturbed s':>14} {'dropped s':>10} {'ratio':>6} {'re-sent B':>10}  {again}")
     for r in rows:
         print(
             f"{r['path']:8} {r['undisturbed_s']:14.3f} {r['dropped_s']:10.3f} {r['ratio']:6.2f} "

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splitnn.server.peers import PeerLink, Peers
+from splitnn.errors import WireError
+from splitnn.server.peers import ACK_DELAY, PeerLink, Peers
 from splitnn.server.pushes import Outbox, PushesLost
 from splitnn.server.shipped import Inbox, PeerLost
 from splitnn.transport import frames
@@ -53,12 +54,20 @@ class Receiver:
             await asyncio.sleep(0)
 
     def acked(self) -> list[tuple[str, int]]:
+        """Every push bob acknowledged so far (the ACK frames it wrote)."""
         out = []
         for raw in self.written:
-            hdr, _ = frames.parse(raw)
+            hdr, chunk = frames.parse(raw)
             if hdr.type == frames.ACK:
-                out.append((hdr.kind, hdr.id))
+                out.extend(frames.acked(chunk))
         return out
+
+    async def flush(self) -> int:
+        """Have bob send its gathered acknowledgements now (as alice's request does); the ACK frames written."""
+        self.incoming.put_nowait(frames.ack(()))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return sum(frames.parse(raw)[0].type == frames.ACK for raw in self.written)
 
     async def close(self) -> None:
         self.incoming.put_nowait(None)
@@ -73,10 +82,13 @@ def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
         t = torch.arange(4.0)
         await bob.push("activation", first, t)
         await bob.push("activation", first, t + 1)  # a copy sent again (the ack was lost with the link): ignored
+        assert bob.acked() == []  # acknowledgements are gathered a while ...
+        assert await bob.flush() == 1  # ... and go in one frame
         assert bob.acked() == [("activation", first)] * 2
         got = await bob.inbox.wait(run, "alice", "activation", first, bob.inbox.slot(run, "alice", "activation", first))
         assert torch.equal(got.value, t)  # the first copy, once
         await bob.push("activation", first, t + 2)  # a copy after it was used: acknowledged, never held again
+        await bob.flush()
         assert bob.acked() == [("activation", first)] * 3
         assert not bob.inbox._slots  # nothing waits to be used a second time
 
@@ -91,9 +103,11 @@ def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
 
         bob.inbox.finish(run)
         await bob.push("activation", push_id(7, 2, 0), t)  # its run is over here: nothing to deliver, but the
+        await bob.flush()
         assert bob.acked()[-1] == ("activation", push_id(7, 2, 0))  # sender may forget it
         await bob.push("activation", push_id(9, 0, 0), t)  # a run not started here: held, acknowledged
         assert bob.inbox.has("alice", "activation", push_id(9, 0, 0))
+        await asyncio.sleep(ACK_DELAY * 2)  # unasked, they go after ACK_DELAY
         assert bob.acked()[-1] == ("activation", push_id(9, 0, 0))
         await bob.close()
 
@@ -105,6 +119,7 @@ def test_a_push_from_a_party_the_plan_does_not_name_is_not_acknowledged():
         bob = Receiver()
         bob.inbox.start(_plan(7))
         await bob.push("gradient", push_id(7, 0, 1), torch.ones(2))  # alice is bob's previous party: refused
+        await bob.flush()
         assert bob.acked() == []
         await bob.close()
 
@@ -136,3 +151,15 @@ def test_the_sender_keeps_unacknowledged_pushes_within_a_bound():
         assert box.unsent(object()) == []  # the run ended: nothing is missing any more
 
     asyncio.run(main())
+
+
+def test_ack_frames_round_trip_and_reject_malformed_ones():
+    entries = [("activation", push_id(7, 0, 0)), ("gradient", push_id(7, 3, 1))]
+    hdr, chunk = frames.parse(frames.ack(entries))
+    assert hdr.type == frames.ACK and frames.acked(chunk) == entries
+    assert frames.acked(frames.parse(frames.ack(()))[1]) == []  # "acknowledge what you have"
+    good = frames.ack(entries)
+    with pytest.raises(WireError, match="malformed ACK"):
+        frames.parse(frames.pack(frames.ACK, "activation", 0, len(good) - 25, good[24:-1]))  # a torn entry
+    with pytest.raises(WireError, match="unknown kind"):
+        frames.acked(frames.parse(frames.pack(frames.ACK, "activation", 0, 9, bytes([99]) + bytes(8)))[1])

@@ -8,8 +8,9 @@ object). A frame is a fixed 24-byte header followed by a chunk of payload::
     0       4     magic b"SNP1"
     4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
                   4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
-                  the sender's shipped epoch #id failed), 6 ACK (the push #id of this kind arrived whole;
-                  its sender may forget it: :mod:`splitnn.server.pushes`)
+                  the sender's shipped epoch #id failed), 6 ACK (pushes that arrived whole, as entries
+                  of a kind code (u8) and a push id (u64); none: "acknowledge what you have now";
+                  :mod:`splitnn.server.pushes`)
     5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
                   4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
     6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
@@ -69,6 +70,10 @@ FLAG_MORE, FLAG_VALUES = 1, 2
 KIND_CODES = {"activation": 1, "gradient": 2, "weights": 3, "psi": 4}
 CODE_KINDS = {v: k for k, v in KIND_CODES.items()}
 MAX_ERROR_BYTES = 4096
+#: One acknowledged push in an ACK frame: kind code, push id.
+ACK_ENTRY = struct.Struct("<BQ")
+#: Most pushes one ACK frame acknowledges.
+MAX_ACKS = 256
 NO_CODEC = compress.CODEC_IDS["none"]
 CODEC_NAMES = {v: k for k, v in compress.CODEC_IDS.items()}
 #: Room above ``max_tensor_bytes`` for a payload's own header (tensor or codec header and parameters).
@@ -105,9 +110,22 @@ def request(kind: str, tensor_id: int) -> bytes:
     return pack(REQUEST, kind, tensor_id, 0)
 
 
-def ack(kind: str, tensor_id: int) -> bytes:
-    """The ACK frame telling a pusher its push ``tensor_id`` of ``kind`` arrived whole."""
-    return pack(ACK, kind, tensor_id, 0)
+def ack(entries: Sequence[tuple[str, int]]) -> bytes:
+    """The ACK frame telling a pusher these pushes ``(kind, id)`` (at most :data:`MAX_ACKS`) arrived whole; with
+    none, it asks the peer to acknowledge what it has now."""
+    payload = b"".join(ACK_ENTRY.pack(KIND_CODES[kind], tensor_id) for kind, tensor_id in entries)
+    return pack(ACK, "activation", 0, len(payload), payload)
+
+
+def acked(chunk: memoryview) -> list[tuple[str, int]]:
+    """The ``(kind, id)`` entries of an ACK frame's chunk (checked by :func:`parse`). Raises :class:`WireError`."""
+    out = []
+    for code, tensor_id in ACK_ENTRY.iter_unpack(chunk):
+        kind = CODE_KINDS.get(code)
+        if kind is None:
+            raise WireError(f"ACK peer frame names unknown kind code {code}")
+        out.append((kind, tensor_id))
+    return out
 
 
 def error(kind: str, tensor_id: int, message: str) -> bytes:
@@ -223,8 +241,10 @@ def parse(buf: bytes) -> tuple[FrameHeader, memoryview]:
     if codec != NO_CODEC and type_ not in PAYLOAD_TYPES:
         raise WireError("only DATA and PUSH peer frames may name a codec")
     chunk = memoryview(buf)[HEADER_SIZE:]
-    if type_ in (REQUEST, ACK) and (len(chunk) or total or flags):
-        raise WireError("a REQUEST or ACK peer frame carries no payload")
+    if type_ == REQUEST and (len(chunk) or total or flags):
+        raise WireError("a REQUEST peer frame carries no payload")
+    if type_ == ACK and (len(chunk) != total or total % ACK_ENTRY.size or total > MAX_ACKS * ACK_ENTRY.size or flags):
+        raise WireError("malformed ACK peer frame")
     if type_ in TEXT_TYPES and (len(chunk) != total or total > MAX_ERROR_BYTES or flags):
         raise WireError("malformed ERROR/ABORT peer frame")
     return FrameHeader(type_, kind, bool(flags & FLAG_MORE), tensor_id, total, codec, bool(flags & FLAG_VALUES)), chunk
