@@ -5,7 +5,6 @@ eager; "none" changes nothing; the ledger records the codecs' bytes beside the r
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split.compression import CutCompression, parse_compression
 from splitnn.training import epoch_batches
 from splitnn.wire import compress
+from tests.codec_twins import TWIN_CODECS, AtCut
 from tests.cut_models import Gated
 from tests.helpers import toy_dataset
 
@@ -35,57 +35,6 @@ def _segments():
 
 def _opt(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
-
-
-# ---------------------------------------------------------------------- the twin's codecs, by hand
-def cast(dtype):
-    return lambda t, state: t.to(dtype).to(t.dtype)
-
-
-def int8(t, state):
-    rows = t.reshape(t.shape[0], -1)
-    lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
-    scale = (hi - lo) / 255
-    step = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((rows - lo[:, None]) / step[:, None]).clamp(0, 255)
-    return (codes * scale[:, None] + lo[:, None]).reshape(t.shape)
-
-
-def topk(ratio):
-    def keep(t, state):  # error feedback: what was dropped is added to the next tensor of this cut and direction
-        if state.get("residual") is not None and state["residual"].shape == t.shape:
-            t = t + state["residual"]
-        flat = t.reshape(-1)
-        k = math.ceil(ratio * flat.numel())
-        idx = torch.topk(flat.abs(), k).indices
-        out = torch.zeros_like(flat)
-        out[idx] = flat[idx]
-        out = out.reshape(t.shape)
-        state["residual"] = t - out
-        return out
-
-    return keep
-
-
-TWIN_CODECS = {
-    "fp16": cast(torch.float16),
-    "bf16": cast(torch.bfloat16),
-    "int8": int8,
-    "topk:0.25": topk(0.25),
-}
-
-
-class AtCut(torch.autograd.Function):
-    """Identity in the graph, but the value that crosses forward and the gradient that crosses back are coded."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        ctx.bwd = bwd
-        return fwd(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ctx.bwd(g), None, None
 
 
 def train_twin(segments, data, activation, gradient):

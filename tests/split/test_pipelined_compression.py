@@ -3,7 +3,7 @@ pipelined rule says on the values the codecs let through, exactly.
 
 The oracles share no code with the engine: the pipelined update rule is written out (as in
 tests/split/test_pipelined.py: stage ``s`` computes batch ``t``, forward and backward, with its weights after
-``t - d(s) + 1`` updates of the epoch) and so are the codecs' round trips (as in tests/split/test_compression.py:
+``t - d(s) + 1`` updates of the epoch) and so are the codecs' round trips (tests/codec_twins.py:
 fp16 a cast there and back, int8 per row ``round((x - min) / scale)`` with ``scale = (max - min) / 255``, topk the
 largest magnitudes with the dropped rest added to the next tensor of the same cut and direction). The sender
 encodes every batch of a cut and direction in batch order under both schedules, so error feedback sees the same
@@ -13,7 +13,6 @@ sequence; the ledger's bytes per batch are those of lock-step with the same code
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -24,43 +23,11 @@ import splitnn
 from splitnn.accounting import Ledger
 from splitnn.data import Dataset
 from splitnn.training import epoch_batches
+from tests.codec_twins import AtCut, fp16, int8, plain, topk
 from tests.cut_models import Gated
 from tests.helpers import assert_same_weights, toy_dataset
 
 NAMES = ("alice", "bob", "claire")
-
-
-# ---------------------------------------------------------------------- the codecs' round trips, by hand
-def fp16(t, state):
-    return t.to(torch.float16).to(t.dtype)
-
-
-def int8(t, state):
-    rows = t.reshape(t.shape[0], -1)
-    lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
-    scale = (hi - lo) / 255
-    step = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((rows - lo[:, None]) / step[:, None]).clamp(0, 255)
-    return (codes * scale[:, None] + lo[:, None]).reshape(t.shape)
-
-
-def topk(ratio):
-    def keep(t, state):
-        if state.get("residual") is not None and state["residual"].shape == t.shape:
-            t = t + state["residual"]
-        flat = t.reshape(-1)
-        idx = torch.topk(flat.abs(), math.ceil(ratio * flat.numel())).indices
-        out = torch.zeros_like(flat)
-        out[idx] = flat[idx]
-        out = out.reshape(t.shape)
-        state["residual"] = t - out
-        return out
-
-    return keep
-
-
-def plain(t, state):
-    return t
 
 
 CODECS = {"none": plain, "fp16": fp16, "int8": int8, "topk:0.25": topk(0.25)}
@@ -133,19 +100,6 @@ def test_k2_two_parties_compressed_by_hand(codec):
 
 
 # ---------------------------------------------------------------------- the rule as a loop, codecs at the cuts
-class AtCut(torch.autograd.Function):
-    """Identity in the graph, but the value that crosses forward and the gradient that crosses back are coded."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        ctx.bwd = bwd
-        return fwd(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ctx.bwd(g), None, None
-
-
 def _delayed_coded_twin(segments, data, *, depths, crossing, activation, gradient, epochs, batch_size, seed):
     """Segment s computes batch t with its weights after max(0, t - depths[s] + 1) updates of the epoch; at each cut
     that crosses parties the activation and its gradient go through the codecs (one error feedback state per cut and
