@@ -32,14 +32,6 @@ def cluster(tmp_path_factory):
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
 
-@pytest.fixture()
-def remote(cluster):
-    workers = cluster.connect(*NAMES)
-    yield workers
-    for w in workers:
-        w.close()
-
-
 @pytest.mark.parametrize("k", [3, 16])
 def test_networked_pipelined_run_equals_in_process_run(remote, k):
     torch.manual_seed(0)

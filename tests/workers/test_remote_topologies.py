@@ -50,14 +50,6 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture()
-def remote(cluster):
-    workers = cluster.connect(*NAMES)
-    yield workers
-    for w in workers:
-        w.close()
-
-
-@pytest.fixture()
 def alice3(cluster):
     (worker,) = cluster.connect("alice3")
     yield worker

@@ -35,14 +35,6 @@ def cluster(tmp_path_factory, shared_data):
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
 
-@pytest.fixture()
-def remote(cluster):
-    workers = cluster.connect(*NAMES)
-    yield workers
-    for w in workers:
-        w.close()
-
-
 def _in_process(segments, data, **fit_kwargs):
     model = splitnn.SplitNN(segments, [splitnn.VirtualWorker(n) for n in NAMES], optimizer="sgd:lr=0.03")
     history = model.fit(data, progress=False, **fit_kwargs)

@@ -40,14 +40,6 @@ def cluster(tmp_path_factory):
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
 
-@pytest.fixture()
-def remote(cluster):
-    workers = cluster.connect(*NAMES)
-    yield workers
-    for w in workers:
-        w.close()
-
-
 def _cut_links(ledger) -> list:
     return [l for l in ledger.links() if l.kind in ("activation", "gradient")]
 
