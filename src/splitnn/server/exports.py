@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitnn.errors import WireError, WorkerError
+from splitnn.wire.cut_codec import Encoded
 from splitnn.workers.refs import TensorRef
 from splitnn.workers.virtual import VirtualWorker
 
@@ -221,17 +222,21 @@ class Exports:
 
     def _keep_served(self, tid: int, peer: str, kind: str, value: object) -> None:
         self._served[tid] = (peer, kind, value)
-        self._served_bytes += _size(value)
+        self._served_bytes += held_bytes(value)
         while self._served and (len(self._served) > SERVED_KEEP or self._served_bytes > SERVED_KEEP_BYTES):
             _, (_, _, old) = self._served.popitem(last=False)
-            self._served_bytes -= _size(old)
+            self._served_bytes -= held_bytes(old)
 
 
-def _size(value: object) -> int:
-    """Bytes a value handed out holds: a tensor, a tuple of them (or None), an encoded value (``nbytes``)."""
+def held_bytes(value: object) -> int:
+    """Bytes a value kept for a peer holds (what keeping it costs): a tensor, bytes, an encoded value (its entries),
+    a tuple or list of those; anything else counts 0."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
-    if isinstance(value, tuple):
-        return sum(_size(v) for v in value)
-    nbytes = getattr(value, "nbytes", 0)
-    return nbytes if isinstance(nbytes, int) else 0
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, Encoded):
+        return held_bytes(value.entries)
+    if isinstance(value, (tuple, list)):
+        return sum(held_bytes(v) for v in value)
+    return 0

@@ -49,6 +49,7 @@ import torch
 from splitnn.client.channels import open_channel
 from splitnn.common.serde import PeerAddress
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
+from splitnn.server.exports import held_bytes
 from splitnn.server.pushes import Outbox
 from splitnn.server.shipped import Inbox
 from splitnn.transport import frames
@@ -588,7 +589,7 @@ class SessionPeers:
     async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
         """Push ``value`` to ``peer`` (shipped epochs); it is kept until ``peer`` acknowledges it, and sent again on
         a new link if the link breaks first."""
-        self.outbox(peer).keep(kind, frame_id, value, _nbytes(value))
+        self.outbox(peer).keep(kind, frame_id, value, held_bytes(value))
         await self.relink(peer)
 
     async def settle(
@@ -634,16 +635,3 @@ class SessionPeers:
     def abort(self, peers: set[str], run_id: int, text: str) -> None:
         """Best effort: tell ``peers`` that this session's part of epoch ``run_id`` failed."""
         self.peers.abort(self.scope, {p: self.addresses[p] for p in peers if p in self.addresses}, run_id, text)
-
-
-def _nbytes(value: object) -> int:
-    """Bytes a pushed value holds (what keeping it costs)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return len(value)
-    if isinstance(value, Encoded):
-        return _nbytes(value.entries)
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
