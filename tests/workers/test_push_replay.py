@@ -163,3 +163,25 @@ def test_ack_frames_round_trip_and_reject_malformed_ones():
         frames.parse(frames.pack(frames.ACK, "activation", 0, len(good) - 25, good[24:-1]))  # a torn entry
     with pytest.raises(WireError, match="unknown kind"):
         frames.acked(frames.parse(frames.pack(frames.ACK, "activation", 0, 9, bytes([99]) + bytes(8)))[1])
+
+
+def test_a_lost_peer_link_reaches_the_researcher_as_a_worker_unreachable_error():
+    # fit's checkpoint route catches WorkerUnreachableError: a server's own subclass (LinkLost, PushesLost) must
+    # travel as that class, not fall back to a plain WorkerError (a race in the bob-killed-and-restarted test)
+    from splitnn.common.messages import error_from_reply, fill_error
+    from splitnn.errors import PolicyError, WorkerError, WorkerUnreachableError
+    from splitnn.server.peers import LinkLost
+    from splitnn.server.pushes import PushesLost
+    from splitnn.wire.proto import Reply
+
+    for exc, cls in (
+        (LinkLost("lost the connection to peer 'bob'"), WorkerUnreachableError),
+        (PushesLost("3 pushes dropped"), WorkerUnreachableError),
+        (PolicyError("refused"), PolicyError),
+        (KeyError("k"), WorkerError),
+    ):
+        reply = Reply()
+        fill_error(reply, exc, "alice")
+        got = error_from_reply(reply, "alice", "127.0.0.1:1")
+        assert type(got) is cls, (exc, got)
+        assert "alice" in str(got)

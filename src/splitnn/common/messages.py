@@ -160,9 +160,17 @@ def fill_error(reply: Reply, exc: BaseException, worker: str) -> None:
     """
     reply.ok = False
     known = isinstance(exc, SplitNNError) or type(exc) in (RuntimeError, IndexError)
-    reply.error_type = type(exc).__name__ if known else "WorkerError"
+    reply.error_type = _public_name(exc) if known else "WorkerError"
     text = str(exc) if known else f"{type(exc).__name__}: {exc}"
     reply.error = text if f"{worker!r}" in text else f"worker {worker!r}: {text}"
+
+
+def _public_name(exc: BaseException) -> str:
+    """The name of the nearest class of ``exc`` that :mod:`splitnn.errors` defines, so that a server's own
+    subclass (e.g. a lost peer link, a ``WorkerUnreachableError``) arrives as the class the caller can catch."""
+    if not isinstance(exc, SplitNNError):
+        return type(exc).__name__
+    return next(c.__name__ for c in type(exc).__mro__ if getattr(_errors, c.__name__, None) is c)
 
 
 def error_from_reply(reply: Reply, worker: str, address: str) -> Exception:
