@@ -1,7 +1,7 @@
 """What pipelining costs in accuracy: Fashion-MNIST, the tutorial network, 5 epochs, K batches in flight.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --data-dir ../shared/data/fashion-mnist
-        [--pipeline 1,2,4,8,16] [--seeds 0,1,2] [--epochs 5] [--json out.json]
+        [--pipeline 1,2,4,8,16] [--seeds 0,1,2] [--epochs 5] [--predict 0.5] [--standardize] [--json out.json]
 
 Each run is ``splitnn.SplitNN(tutorial_mlp(...), alice/bob/claire VirtualWorkers, SGD lr 0.03)``
 ``.fit(train, epochs, batch_size=64, seed=s, pipeline=K, test_data=test)`` in-process: a
@@ -10,7 +10,11 @@ test_pipelined_remote.py), so the accuracy holds for it too; its throughput over
 what ``benchmarks/bench_wan.py --pipeline`` measures. The table gives, per K, the final test
 accuracy of each seed, their mean and its difference to lock-step (K = 1) over the same seeds,
 the mean over the last two epochs and the last epoch's training loss (steadier measures than
-one test accuracy). ``--load out.json`` prints the table of an earlier run.
+one test accuracy). ``--predict BETA`` turns on weight prediction for the pipelined runs
+(``SplitNN(..., weight_prediction=BETA)``; lock-step is unaffected), ``--standardize``
+standardises the pixels with the training set's per-pixel statistics
+(:func:`splitnn.data.standardize`) for every run, lock-step included.
+``--load out.json`` prints the table of an earlier run.
 Not a test: nothing here asserts.
 """
 
@@ -28,21 +32,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import splitnn  # noqa: E402
-from splitnn.data import load_dataset  # noqa: E402
+from splitnn.data import load_dataset, standardize  # noqa: E402
 from splitnn.models import tutorial_mlp  # noqa: E402
 
 NAMES = ("alice", "bob", "claire")
 
 
-def run_one(train, test, k: int, seed: int, epochs: int) -> dict:
+def run_one(train, test, k: int, seed: int, epochs: int, predict: float | None = None) -> dict:
     torch.manual_seed(seed)
-    model = splitnn.SplitNN(tutorial_mlp(classes=train.num_classes), [splitnn.VirtualWorker(n) for n in NAMES])
+    workers = [splitnn.VirtualWorker(n) for n in NAMES]
+    model = splitnn.SplitNN(tutorial_mlp(classes=train.num_classes), workers, weight_prediction=predict)
     start = time.perf_counter()
     history = model.fit(train, epochs=epochs, batch_size=64, seed=seed, test_data=test, pipeline=k, progress=False)
     seconds = time.perf_counter() - start
     return {
         "k": k,
         "seed": seed,
+        "predict": predict if k > 1 else None,
         "accuracy": [e.test_accuracy for e in history.epochs],
         "train_loss": history.losses(),
         "train_seconds": sum(e.seconds for e in history.epochs),
@@ -89,6 +95,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default="1,2,4,8,16", help="batches in flight, comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of weights and data order, comma-separated")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--predict", type=float, default=None, help="weight prediction's factor (pipelined runs)")
+    parser.add_argument("--standardize", action="store_true", help="standardise the pixels (every run)")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     parser.add_argument("--load", type=Path, default=None, help="print the table of an earlier --json, train nothing")
     args = parser.parse_args()
@@ -99,12 +107,14 @@ def main() -> None:
     torch.set_num_threads(1)
     load = dict(data_dir=args.data_dir, download=args.data_dir is None, progress=False)
     train, test = load_dataset("fashion-mnist", "train", **load), load_dataset("fashion-mnist", "test", **load)
+    if args.standardize:
+        train, test = standardize(train, test)
     ks = [int(k) for k in args.pipeline.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = []
     for k in ks:
         for seed in seeds:
-            r = run_one(train, test, k, seed, args.epochs)
+            r = run_one(train, test, k, seed, args.epochs, args.predict)
             runs.append(r)
             print(
                 f"K={k:>2} seed {seed}: test accuracy {r['accuracy'][-1]:.4f} "

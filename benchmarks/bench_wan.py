@@ -25,7 +25,8 @@ dominate (e.g. 200). ``--compression CODEC,...`` adds one column per codec at th
 (``SplitNN(..., compression=CODEC)``, both directions: none, fp16, bf16, int8, topk:RATIO),
 and a second table gives the bytes each variant moves across the cuts per batch (the
 ledger's, sent and raw). Every depth runs with every codec (``--pipeline 1,4
---compression none,int8``: four columns).
+--compression none,int8``: four columns). ``--predict BETA`` runs the pipelined columns with
+weight prediction (``SplitNN(..., weight_prediction=BETA)``).
 Not a test: nothing here asserts timings.
 """
 
@@ -84,7 +85,7 @@ def lockstep_bound(delay: float, rate: float | None) -> float | None:
     return BATCH / per_batch if per_batch else None
 
 
-def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict, dict]]:
+def variants(pipelines: list[int], codecs: list[str], predict: float | None = None) -> list[tuple[str, dict, dict]]:
     """The training variants to time: (column label, model options, fit options); refuses bad ones."""
     out = []
     for k in pipelines:
@@ -100,6 +101,9 @@ def variants(pipelines: list[int], codecs: list[str]) -> list[tuple[str, dict, d
             label = "lock-step" if k == 1 else f"pipeline {k}"
             label += "" if c == "none" else f", {c}"
             model_opts = {} if c == "none" else {"compression": c}
+            if k != 1 and predict is not None:
+                label += ", predicted"
+                model_opts["weight_prediction"] = predict
             out.append((label, model_opts, {"pipeline": k} if k != 1 else {}))
     return out
 
@@ -117,7 +121,7 @@ def cut_bytes(model, data: Dataset, **fit_options) -> tuple[float, float]:
 
 def run(args) -> dict:
     delays = [float(d) for d in args.delays.split(",")]
-    todo = variants([int(k) for k in args.pipeline.split(",")], args.compression.split(","))
+    todo = variants([int(k) for k in args.pipeline.split(",")], args.compression.split(","), args.predict)
     data = _data(args.batches * BATCH)
     inproc = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])
     inproc.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up
@@ -224,6 +228,9 @@ def main() -> None:
     parser.add_argument("--pipeline", default="1", help="batches in flight, comma-separated, e.g. 1,2,4,8,16")
     parser.add_argument(
         "--compression", default="none", help="codecs at the cuts, comma-separated, e.g. none,fp16,int8,topk:0.1"
+    )
+    parser.add_argument(
+        "--predict", type=float, default=None, help="weight prediction's factor for the pipelined runs, e.g. 0.5"
     )
     parser.add_argument("--png", default=None, help="write samples/s against delay (log scale) here")
     parser.add_argument("--json", default=None, help="write the results here")

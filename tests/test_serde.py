@@ -596,11 +596,17 @@ def test_decoders_refuse_junk_with_a_wire_error(args):
 
 def test_epoch_plans_carry_their_chain_and_depth():
     chain = ("alice", "bob", "bob")  # bob runs stages 1 and 2 (PLAN_STAGES)
-    plan = EpochPlan(7, "d", "nll", PLAN_STAGES, order=BatchOrder(10, 4), chain=chain, pipeline=4)
+    plan = EpochPlan(7, "d", "nll", PLAN_STAGES, order=BatchOrder(10, 4), chain=chain, pipeline=4, prediction=0.25)
     args, blobs = serde.epoch_plan_to_command(plan)
     back = serde.epoch_plan_from_command(_wire(args), blobs, worker="bob", max_bytes=MAX)
-    assert (back.chain, back.pipeline) == (chain, 4)
+    assert (back.chain, back.pipeline, back.prediction) == (chain, 4, 0.25)
+    no_prediction = {k: v for k, v in _wire(args).items() if k != "prediction"}  # an older researcher's plan
+    assert serde.epoch_plan_from_command(no_prediction, blobs, worker="bob", max_bytes=MAX).prediction is None
     for bad, match in (
+        ({"prediction": "0.5"}, "prediction"),
+        ({"prediction": True}, "prediction"),
+        ({"prediction": 1.0}, "prediction"),
+        ({"prediction": -0.1}, "prediction"),
         ({"pipeline": 0}, "pipeline"),
         ({"pipeline": 65}, "pipeline"),
         ({"pipeline": True}, "pipeline"),

@@ -78,6 +78,13 @@ def test_version_flag(capsys):
         (["--pipeline", "0"], "--pipeline must be 1..64"),
         (["--pipeline", "65"], "--pipeline must be 1..64"),
         (["--dataset", "breast-cancer", "--pipeline", "2"], "--pipeline: the breast-cancer example trains lock-step"),
+        (["--weight-prediction", "0.5"], "--weight-prediction applies to pipelined training"),
+        (["--pipeline", "4", "--weight-prediction", "1"], "--weight-prediction must be in [0, 1)"),
+        (
+            ["--pipeline", "4", "--weight-prediction", "0.5", "--topology", "u-shape"],
+            "--weight-prediction applies to the plain chain",
+        ),
+        (["--dataset", "breast-cancer", "--standardize"], "--standardize: the breast-cancer tables are standardised"),
     ],
 )
 def test_train_refuses_a_bad_pipeline_before_loading(argv, match, no_loading, tmp_path, capsys):

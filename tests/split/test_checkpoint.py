@@ -322,3 +322,39 @@ def test_without_checkpoints_or_with_too_few_retries_the_fault_is_raised(tmp_pat
         flaky_chain(fail_at=5, down_for=5).fit(DATA, checkpoint_dir=tmp_path, retries=2, **FIT)
     with pytest.raises(splitnn.WorkerUnreachableError, match="a test fault"):
         flaky_chain(fail_at=5).fit(DATA, checkpoint_dir=tmp_path / "b", retries=0, **FIT)
+
+
+def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
+    """A pipelined fit drains at every checkpoint and starts each chunk's weight prediction afresh, so a run
+    crashed in its third chunk and resumed equals one that ran through with the same checkpoints."""
+
+    def build():
+        torch.manual_seed(1)
+        segments = [
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU()),
+            nn.Sequential(nn.Linear(24, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 5), nn.LogSoftmax(dim=1)),
+        ]
+        workers = [W(n) for n in ("alice", "bob", "claire")]
+        return splitnn.SplitNN(segments, workers, optimizer="sgd:lr=0.05,momentum=0.9", weight_prediction=0.5)
+
+    fit = dict(FIT, pipeline=3, checkpoint_every=4)
+    reference = build()
+    ref_history = reference.fit(DATA, checkpoint_dir=tmp_path / "ref", **fit)
+
+    first = build()
+    calls, train_epoch = [0], first.train_epoch
+
+    def crashing(*args, **kwargs):  # the researcher dies in the third chunk of four batches
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Crash
+        return train_epoch(*args, **kwargs)
+
+    first.train_epoch = crashing
+    with pytest.raises(Crash):
+        first.fit(DATA, checkpoint_dir=tmp_path / "run", **fit)
+    second = build()
+    history = second.fit(DATA, checkpoint_dir=tmp_path / "run", resume=True, **fit)
+    assert_same_weights(second.collect(), reference.collect())
+    assert history.losses() == ref_history.losses()

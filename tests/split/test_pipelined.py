@@ -119,29 +119,100 @@ def test_k3_three_parties_by_hand():
         assert torch.equal(g, e)
 
 
-def _delayed_twin(segments, data, *, depths, epochs, batch_size, make_opt, seed=0):
+def test_k3_weight_prediction_by_hand():
+    """K = 3 on three parties with weight prediction (factor 0.25), 6 batches, each forward written out.
+
+    Stage s computes batch t on P_s(t) = W_s(j) + tau x D_s(j), where j = max(0, t - d(s) + 1) is the version
+    its forward sees, tau = min(t, d(s) - 1) the batches of the stage still in flight before it (the steps to
+    come before batch t's), and D_s(j) the moving average of the stage's updates after j of them:
+    D(1) = W(1) - W(0), D(j) = 0.25 x D(j - 1) + 0.75 x (W(j) - W(j - 1)). Nothing is extrapolated before the
+    first update (j = 0) or without steps to come (tau = 0, the label holder). The update lands on W_s(t)."""
+    torch.manual_seed(1)
+    segs = [
+        nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh()),
+        nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)),
+    ]
+    w0 = [t.detach().clone() for s in segs for t in (s[0].weight, s[0].bias)]
+    initial = copy.deepcopy(segs)
+    data = _tiny_data(12, seed=1)
+    lr, beta = 0.3, 0.25
+    workers = [splitnn.VirtualWorker(n) for n in NAMES]
+    model = splitnn.SplitNN(segs, workers, optimizer=f"sgd:lr={lr}", weight_prediction=beta)
+    model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
+
+    def grad(w, rows):
+        w = [t.clone().requires_grad_() for t in w]
+        h = torch.tanh(F.linear(torch.relu(F.linear(data.features[rows], w[0], w[1])), w[2], w[3]))
+        out = F.log_softmax(F.linear(h, w[4], w[5]), dim=1)
+        return torch.autograd.grad(F.nll_loss(out, data.labels[rows]), w)
+
+    depth = [3, 2, 1]
+    W = [[w0[0:2]], [w0[2:4]], [w0[4:6]]]  # W[s][j]: stage s's weights after j updates
+    D = [[None], [None], [None]]  # D[s][j]: the moving average after j updates
+
+    def used(s, t):
+        j, tau = max(0, t - depth[s] + 1), min(t, depth[s] - 1)
+        if j == 0 or tau == 0:
+            return W[s][j]
+        return [w + tau * d for w, d in zip(W[s][j], D[s][j])]
+
+    for t in range(6):
+        g = grad(used(0, t) + used(1, t) + used(2, t), torch.arange(2 * t, 2 * t + 2))
+        for s in range(3):
+            new = _sgd(W[s][-1], g[2 * s : 2 * s + 2], lr)
+            delta = [a - b for a, b in zip(new, W[s][-1])]
+            prev = D[s][-1]
+            D[s].append(delta if prev is None else [beta * d + (1 - beta) * n for d, n in zip(prev, delta)])
+            W[s].append(new)
+    expected = W[0][6] + W[1][6] + W[2][6]
+    trained = model.collect()
+    got = [t for layer in (trained[0], trained[2], trained[4]) for t in (layer.weight, layer.bias)]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    # ... which plain weight stashing does not give: the oracle tells them apart
+    plain = splitnn.SplitNN(initial, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=f"sgd:lr={lr}")
+    plain.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
+    assert not torch.equal(plain.collect()[0].weight, expected[0])
+
+
+def _delayed_twin(segments, data, *, depths, epochs, batch_size, make_opt, seed=0, prediction=None):
     """The definition, as a loop over a copy of the segments: segment s computes batch t with its weights after
-    max(0, t - depths[s] + 1) updates of the epoch; one optimizer over all of them steps after each batch."""
+    j = max(0, t - depths[s] + 1) updates of the epoch; one optimizer over all of them steps after each batch.
+    With ``prediction`` (a factor beta), the weights are extrapolated as in test_k3_weight_prediction_by_hand:
+    W(j) + tau x D(j), tau = min(t, depths[s] - 1), D the epoch's moving average of the segment's updates."""
     twin = nn.Sequential(*copy.deepcopy(list(segments)))
     opt = make_opt(twin.parameters())
     for epoch in range(epochs):
         versions = [[copy.deepcopy(seg.state_dict())] for seg in twin]  # per segment: W_s(0), W_s(1), ...
+        drifts = [[None] for _ in twin]  # per segment: D_s(0) (none), D_s(1), ...
         for t, idx in enumerate(epoch_batches(len(data), batch_size, seed=seed, epoch=epoch)):
             stale = copy.deepcopy(twin)
             for s, seg in enumerate(stale):
-                seg.load_state_dict(versions[s][max(0, t - depths[s] + 1)])
+                j, tau = max(0, t - depths[s] + 1), min(t, depths[s] - 1)
+                seg.load_state_dict(versions[s][j])
+                if prediction is not None and j > 0 and tau > 0:
+                    with torch.no_grad():
+                        for q, d in zip(seg.parameters(), drifts[s][j]):
+                            q.copy_(q + tau * d)
             F.nll_loss(stale(data.features[idx]), data.labels[idx]).backward()
+            before = [[q.detach().clone() for q in seg.parameters()] for seg in twin]
             for p, q in zip(twin.parameters(), stale.parameters()):
                 p.grad = q.grad
             opt.step()
             for s, seg in enumerate(twin):
                 versions[s].append(copy.deepcopy(seg.state_dict()))
+                if prediction is None:
+                    continue
+                delta = [q.detach() - b for q, b in zip(seg.parameters(), before[s])]
+                prev, beta = drifts[s][-1], prediction
+                drifts[s].append(delta if prev is None else [beta * d + (1 - beta) * n for d, n in zip(prev, delta)])
     return twin
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k, prediction", [(2, None), (4, None), (4, 0.5)])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_fit_pipelined_follows_the_definition(k, opt):
+def test_fit_pipelined_follows_the_definition(k, prediction, opt):
     torch.manual_seed(3)
     segments = [
         nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU()),
@@ -154,10 +225,13 @@ def test_fit_pipelined_follows_the_definition(k, opt):
         "sgd": ("sgd:lr=0.1,momentum=0.9", lambda p: optim.SGD(p, lr=0.1, momentum=0.9)),
         "adam": ("adam:lr=0.01", lambda p: optim.Adam(p, lr=0.01)),
     }[opt]
-    model = splitnn.SplitNN(segments, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=spec)
+    workers = [splitnn.VirtualWorker(n) for n in NAMES]
+    model = splitnn.SplitNN(segments, workers, optimizer=spec, weight_prediction=prediction)
     model.fit(data, epochs=2, batch_size=8, seed=5, pipeline=k, progress=False)
     depths = [k, (k + 1) // 2, 1]  # 1F1B: the middle party keeps half the batches in flight
-    twin = _delayed_twin(initial, data, depths=depths, epochs=2, batch_size=8, make_opt=make, seed=5)
+    twin = _delayed_twin(
+        initial, data, depths=depths, epochs=2, batch_size=8, make_opt=make, seed=5, prediction=prediction
+    )
     assert_same_weights(model.collect(), twin)
 
 
@@ -260,3 +334,23 @@ def test_pipeline_errors_come_before_work():
 
     with pytest.raises(ConfigurationError, match="one batch at a time"):
         splitnn.fit(OneAtATime(), toy_dataset(32), pipeline=2)
+
+
+def test_weight_prediction_arguments():
+    def make(value):
+        return splitnn.SplitNN(
+            splitnn.models.tutorial_mlp(), [splitnn.VirtualWorker(n) for n in NAMES], weight_prediction=value
+        )
+
+    assert make(True).weight_prediction == 0.5
+    assert make(0.9).weight_prediction == 0.9
+    assert make(False).weight_prediction is None and make(None).weight_prediction is None
+    for bad in (1.0, -0.1, "0.5", 2):
+        with pytest.raises(ConfigurationError, match="weight prediction"):
+            make(bad)
+    # lock-step ignores it: the same numbers as without
+    lock, _ = _fit(1, epochs=1)
+    torch.manual_seed(6)
+    predicted = make(0.5)
+    predicted.fit(toy_dataset(200), epochs=1, batch_size=16, progress=False)
+    assert_same_weights(lock.collect(), predicted.collect())

@@ -32,16 +32,18 @@ def cluster(tmp_path_factory):
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
 
-@pytest.mark.parametrize("k", [3, 16])
-def test_networked_pipelined_run_equals_in_process_run(remote, k):
+@pytest.mark.parametrize("k, prediction", [(3, None), (16, None), (4, 0.5)])
+def test_networked_pipelined_run_equals_in_process_run(remote, k, prediction):
+    """... with weight prediction too (K = 4): each worker extrapolates its own segments' weights."""
     torch.manual_seed(0)
     segments = tutorial_mlp()
     initial = copy.deepcopy(segments)
     data = toy_dataset(200)
-    model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03")
+    model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03", weight_prediction=prediction)
     history = model.fit(data, epochs=2, batch_size=16, pipeline=k, progress=False)
 
-    twin = splitnn.SplitNN(initial, [splitnn.VirtualWorker(n) for n in NAMES], optimizer="sgd:lr=0.03")
+    workers = [splitnn.VirtualWorker(n) for n in NAMES]
+    twin = splitnn.SplitNN(initial, workers, optimizer="sgd:lr=0.03", weight_prediction=prediction)
     twin_history = twin.fit(data, epochs=2, batch_size=16, pipeline=k, progress=False)
     assert_same_weights(model.collect(), twin.collect())
     assert history.losses() == twin_history.losses()

@@ -90,6 +90,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "last one's gradient is back; a batch is computed with weights of at most K-1 updates ago "
         "(docs/performance.md#schedules-and-pipelining)",
     )
+    p.add_argument(
+        "--weight-prediction",
+        type=float,
+        default=None,
+        metavar="BETA",
+        help="with --pipeline K > 1: run each batch on weights extrapolated to the step that applies its gradient "
+        "(moving average of the updates with factor BETA in [0, 1), e.g. 0.5; default: off)",
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="standardise every input feature with the training set's mean and standard deviation",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
@@ -200,6 +213,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"--lr must be a positive finite number, got {args.lr}")
     if not 1 <= args.pipeline <= MAX_IN_FLIGHT:
         raise ConfigurationError(f"--pipeline must be 1..{MAX_IN_FLIGHT} (batches in flight), got {args.pipeline}")
+    beta = args.weight_prediction
+    if beta is not None and not 0 <= beta < 1:
+        raise ConfigurationError(f"--weight-prediction must be in [0, 1) (e.g. 0.5), got {beta}")
+    if beta is not None and args.pipeline == 1:
+        raise ConfigurationError("--weight-prediction applies to pipelined training: give --pipeline K > 1 as well")
 
 
 def _checkpoint_options(args: argparse.Namespace) -> dict:
@@ -248,13 +266,15 @@ def _remote_workers(urls: list[str], token_file: Path | None) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from splitnn import SplitNN, VirtualWorker
-    from splitnn.data import load_dataset
+    from splitnn.data import load_dataset, standardize
     from splitnn.models import tutorial_mlp
 
     _fill_defaults(args)
     _check_numbers(args)
     metrics = _metric_names(args)
     if args.dataset == "breast-cancer":
+        if args.standardize:
+            raise ConfigurationError("--standardize: the breast-cancer tables are standardised by each party already")
         if args.pipeline != 1:
             raise ConfigurationError("--pipeline: the breast-cancer example trains lock-step; leave --pipeline 1")
         return _run_health(args, metrics)
@@ -264,6 +284,10 @@ def run(args: argparse.Namespace) -> int:
     if compression is not None and topology is not None:
         raise ConfigurationError(
             f"--compression applies to the plain chain of --workers, not --topology {args.topology}"
+        )
+    if args.weight_prediction is not None and topology is not None:
+        raise ConfigurationError(
+            f"--weight-prediction applies to the plain chain of --workers, not --topology {args.topology}"
         )
     names = [n.strip() for n in args.workers.split(",") if n.strip()]
     if topology is None and len(names) != len(hidden) + 1:
@@ -278,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
     load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", **load)
+    if args.standardize:
+        train, test = standardize(train, test)
 
     torch.manual_seed(args.seed)
     in_features = int(torch.tensor(train.features.shape[1:]).prod())
@@ -301,13 +327,20 @@ def run(args: argparse.Namespace) -> int:
             workers = _remote_workers(names, args.token_file)
         else:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
-        model = SplitNN(segments, [workers[n] for n in names], optimizer=f"sgd:lr={args.lr}", compression=compression)
+        model = SplitNN(
+            segments,
+            [workers[n] for n in names],
+            optimizer=f"sgd:lr={args.lr}",
+            compression=compression,
+            weight_prediction=args.weight_prediction,
+        )
         placement = " -> ".join(names)
     codecs = f", compression {args.compression}" if compression is not None else ""
     print(
         f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
         f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}{codecs}"
-        + (f", pipeline {args.pipeline}" if args.pipeline > 1 else ""),
+        + (f", pipeline {args.pipeline}" if args.pipeline > 1 else "")
+        + (f", weight prediction {args.weight_prediction}" if args.weight_prediction is not None else ""),
         flush=True,
     )
 

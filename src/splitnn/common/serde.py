@@ -785,6 +785,7 @@ def epoch_plan_to_command(plan: EpochPlan) -> tuple[dict, list[bytes]]:
         "order": plan.order.to_dict() if plan.order is not None else None,
         "chain": list(plan.chain) if plan.chain is not None else None,
         "pipeline": plan.pipeline,
+        "prediction": plan.prediction,
     }
     blobs: list[bytes] = []
     if plan.indices is not None:
@@ -824,6 +825,9 @@ def epoch_plan_from_command(args: dict, blobs: Sequence[bytes], *, worker: str, 
         raise WireError("epoch plan: 'chain' must be a list of party names, one per stage")
     if not isinstance(pipeline, int) or isinstance(pipeline, bool):
         raise WireError("epoch plan: 'pipeline' must be an integer")
+    prediction = args.get("prediction")
+    if prediction is not None and (isinstance(prediction, bool) or not isinstance(prediction, (int, float))):
+        raise WireError("epoch plan: 'prediction' must be a number or null")
     try:
         plan = EpochPlan(
             run_id,
@@ -835,6 +839,7 @@ def epoch_plan_from_command(args: dict, blobs: Sequence[bytes], *, worker: str, 
             progress_interval=float(interval),
             chain=tuple(chain) if chain is not None else None,
             pipeline=pipeline,
+            prediction=float(prediction) if prediction is not None else None,
         )
     except ConfigurationError as exc:
         raise WireError(f"epoch plan: {exc}") from None

@@ -22,6 +22,7 @@ from .partition import (
 )
 from .registry import DATASETS, SPLITS, DatasetInfo, get_dataset_info
 from .resolve import cache_dir, candidate_dirs, downloads_allowed, resolve_dataset_dir, resolve_split_files
+from .scaling import standardize
 from .sources import TorchDataset
 from .tabular import Table, load_table
 
@@ -32,6 +33,7 @@ __all__ = [
     "TorchDataset",
     "Table",
     "load_table",
+    "standardize",
     "DatasetInfo",
     "PartitionSpec",
     "cache_dir",

@@ -261,6 +261,7 @@ async def run_epoch(
         plan.loss,
         plan.batches(),
         stashing=sched.stashing,
+        prediction=plan.prediction,
     )
     sending: collections.deque[asyncio.Task] = collections.deque()
     pending: list[LossStats] = []

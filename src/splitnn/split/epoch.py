@@ -46,6 +46,7 @@ def plans_for(
     indices: Sequence[torch.Tensor] | None,
     progress_interval: float = 0.05,
     pipeline: int = 1,
+    prediction: float | None = None,
 ) -> dict[str, EpochPlan]:
     """Each worker's part of the epoch, by worker name (stages in chain order); every plan names the
     whole chain, from which each worker builds the epoch's schedule (``pipeline`` batches in flight)."""
@@ -66,6 +67,7 @@ def plans_for(
             progress_interval=progress_interval,
             chain=tuple(names),
             pipeline=pipeline,
+            prediction=prediction if pipeline > 1 else None,
         )
         for name, sp in parts.items()
     }
@@ -81,12 +83,14 @@ def ship_epoch(
     order: BatchOrder | None = None,
     timeout: float | None = None,
     pipeline: int = 1,
+    prediction: float | None = None,
 ) -> int:
     """Run one training epoch as shipped plans; call ``on_batch`` per batch, in order. Returns the batch count.
 
     ``order`` (when the batches are :func:`~splitnn.training.epoch_batches`' for it) is
     sent instead of the indices; otherwise ``batches`` travel explicitly. ``pipeline``:
-    batches in flight (:class:`~splitnn.workers.schedules.Pipelined`; 1 is lock-step).
+    batches in flight (:class:`~splitnn.workers.schedules.Pipelined`; 1 is lock-step);
+    ``prediction``: a pipelined epoch's weight prediction (:mod:`splitnn.workers.inflight`).
     """
     if order is not None and -(-order.n // order.batch_size) != len(batches):
         raise WorkerError(
@@ -103,6 +107,7 @@ def ship_epoch(
         order=order,
         indices=batches,
         pipeline=pipeline,
+        prediction=prediction,
     )
     news = threading.Condition()
     fresh = [False]

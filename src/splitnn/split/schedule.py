@@ -131,9 +131,11 @@ def run_in_process(
     on_batch: Callable[[LossStats], None],
     *,
     threads: bool = False,
+    prediction: float | None = None,
 ) -> None:
     """Run every party's actions of ``schedule`` over in-process workers; ``on_batch`` gets each batch's
-    loss in batch order (from the label holder's thread when ``threads``)."""
+    loss in batch order (from the label holder's thread when ``threads``). ``prediction``: a pipelined
+    schedule's weight prediction (see :class:`~splitnn.workers.runner.PartyRun`)."""
     check_in_process(stages, f"{schedule!r}")
     if len(batches) != schedule.num_batches:
         raise ConfigurationError(f"{schedule!r} is for {schedule.num_batches} batches, got {len(batches)}")
@@ -142,7 +144,9 @@ def run_in_process(
     for p in schedule.parties:
         keys = {s.index: s.key for s in stages if s.worker.name == p}
         engine = next(s.worker for s in stages if s.worker.name == p)
-        runs[p] = PartyRun(engine, keys, last, dataset, loss, batches, stashing=schedule.stashing)
+        runs[p] = PartyRun(
+            engine, keys, last, dataset, loss, batches, stashing=schedule.stashing, prediction=prediction
+        )
     try:
         if threads:
             _run_threads(schedule, runs, on_batch)

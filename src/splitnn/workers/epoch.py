@@ -25,6 +25,7 @@ import torch
 
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, WireError
+from splitnn.workers.inflight import check_prediction
 from splitnn.workers.refs import LossStats
 from splitnn.workers.schedules import MAX_IN_FLIGHT, Schedule, schedule
 
@@ -120,6 +121,8 @@ class EpochPlan:
     ``chain`` is the party of every stage of the model (the schedule is built from it)
     and ``pipeline`` the batches in flight (1: lock-step). A plan without ``chain``
     can only be lock-step: the worker's own stages then tell it all it does.
+    ``prediction`` is a pipelined plan's weight prediction (its moving-average factor, see
+    :mod:`splitnn.workers.inflight`; None: off).
     """
 
     run_id: int
@@ -131,6 +134,7 @@ class EpochPlan:
     progress_interval: float = 0.05
     chain: tuple[str, ...] | None = None
     pipeline: int = 1
+    prediction: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, int) or not 0 < self.run_id < 1 << RUN_ID_BITS:
@@ -146,6 +150,7 @@ class EpochPlan:
         p = self.pipeline
         if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_IN_FLIGHT:
             raise ConfigurationError(f"pipeline must be an integer 1..{MAX_IN_FLIGHT}, got {p!r}")
+        check_prediction(self.prediction)
         if self.chain is None:
             if p != 1:
                 raise ConfigurationError("a pipelined epoch plan needs the chain of parties")

@@ -48,6 +48,8 @@ class PartyRun:
         loss: the loss (name, or callable in-process).
         batches: the index tensors of the epoch's batches, by batch number.
         stashing: the schedule keeps batches apart (pipelined) rather than lock-step.
+        prediction: a pipelined run's weight prediction, the moving-average factor of each of this party's
+            segments (:mod:`splitnn.workers.inflight`; None: off). Each run starts its averages afresh.
     """
 
     def __init__(
@@ -60,10 +62,14 @@ class PartyRun:
         batches: Sequence[torch.Tensor],
         *,
         stashing: bool,
+        prediction: float | None = None,
     ) -> None:
         self.engine, self.keys, self.last = engine, keys, last
         self.dataset, self.loss, self.batches = dataset, loss, batches
         self.stashing = stashing
+        if stashing:
+            for key in keys.values():
+                engine.start_pipelined_run(key, prediction=prediction)
         self._out: dict[tuple[int, int], TensorRef] = {}  # (stage, batch) -> the stage's output, here
         self._grad: dict[tuple[int, int], TensorRef] = {}  # (stage, batch) -> gradient of the stage's output
 

@@ -81,7 +81,7 @@ from splitnn.workers.checkpoint import (
 from splitnn.workers.checks import check_averaging, check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
 from splitnn.workers.held import HeldData
-from splitnn.workers.inflight import Flight, detached_input, flight_forward, take_grads
+from splitnn.workers.inflight import Drift, Flight, check_prediction, detached_input, flight_forward, take_grads
 from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
@@ -111,6 +111,7 @@ class _Hosted:
     send_grad: CutEncoder | None = None  # codec of the gradient sent back over the input cut (None: plain)
     flights: dict[int, Flight] = field(default_factory=dict)  # pipelined schedules: batch -> its state here
     steps: int = 0  # optimizer steps taken by pipelined schedules (a flight without stashed weights checks it)
+    drift: Drift | None = None  # weight prediction in the current pipelined run (None: off)
 
 
 class VirtualWorker:
@@ -531,7 +532,8 @@ class VirtualWorker:
             x, inp = self._batch(source, "features"), None
         else:
             x = inp = detached_input(self._receive(source, "activation", False)[0])
-        out, leaves = flight_forward(hosted.module, hosted.params, x, stash)
+        predicted = hosted.drift.predicted(hosted.params, len(hosted.flights)) if stash and hosted.drift else None
+        out, leaves = flight_forward(hosted.module, hosted.params, x, stash, predicted)
         out = _output(out, key, self.name)
         hosted.flights[batch] = Flight(inp, out, leaves, stash, hosted.steps)
         return self._keep(out, "activation", hosted.send_out)  # encoded now: error feedback in batch order
@@ -591,12 +593,21 @@ class VirtualWorker:
             raise WorkerError(f"worker {self.name!r}: step of batch {batch} on {key!r} before its backward")
         del hosted.flights[batch]
         if hosted.optimizer is not None:
+            before = hosted.drift.before_step(hosted.params) if hosted.drift else None
             for p, g in zip(hosted.params, flight.grads):
                 p.grad = g
             hosted.optimizer.step()
             for p in hosted.params:
                 p.grad = None
+            if before is not None:
+                hosted.drift.after_step(hosted.params, before)
         hosted.steps += 1
+
+    def start_pipelined_run(self, key: str, *, prediction: float | None = None) -> None:
+        """Begin a pipelined run on segment ``key``: weight prediction with moving-average factor
+        ``prediction`` (see :mod:`splitnn.workers.inflight`; None: off), its average empty."""
+        check_prediction(prediction)
+        self._segment(key).drift = Drift(prediction) if prediction is not None else None
 
     def _flight(self, key: str, batch: int) -> Flight:
         flight = self._segment(key).flights.get(batch)

@@ -42,6 +42,7 @@ class UShapedSplitNN(Topology):
             (head, middle..., tail).
         loss: the loss the data holder computes (a name, or in-process a callable).
         ledger: where transfers are recorded.
+        weight_prediction: pipelined training's weight prediction (see :class:`~splitnn.SplitNN`).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class UShapedSplitNN(Topology):
         optimizer: object = "sgd:lr=0.03",
         loss: Loss = "nll",
         ledger: Ledger | None = None,
+        weight_prediction: bool | float | None = None,
     ) -> None:
         middle = check_modules(middle, "middle segment")
         if not middle:
@@ -72,6 +74,7 @@ class UShapedSplitNN(Topology):
             optimizer=optimizer,
             loss=loss,
             ledger=ledger,
+            weight_prediction=weight_prediction,
         )
         self.ledger = self.chain.ledger
         self.loss = self.chain.loss
