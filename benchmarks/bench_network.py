@@ -269,7 +269,11 @@ def bench_sweep(sizes: list[int], batches: int, runs: int, clusters: dict) -> li
     rows = []
     for size in sizes:
         data = toy_dataset(batches * size, seed=0, name=f"sweep{size}")
-        models = {"in": splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES])}
+        models = {
+            "in": splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES]),
+            # the same autograd work as a networked party's (one backward per segment): what remains is the data plane's
+            "eager": splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n, fuse=False) for n in NAMES]),
+        }
         opened = []
         for label, cluster in clusters.items():
             workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
@@ -309,24 +313,29 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def print_sweep(rows: list[dict]) -> None:
-    labels = [k for k in rows[0]["s"] if k != "in"]
-    head = ["batch", "cut bytes", "in-process ms"] + [f"{lb} ms" for lb in labels] + [f"{lb} extra" for lb in labels]
+    """The table, then per networked label the fitted extra cost against the in-process run (fused autograd,
+    the default) and against the in-process eager run (``fuse=False``: one backward per segment, the autograd
+    work a networked party does), whose difference is the data plane's alone."""
+    labels = [k for k in rows[0]["s"] if k not in ("in", "eager")]
+    head = ["batch", "cut bytes", "in-process ms", "in-process eager ms"]
+    head += [f"{lb} ms" for lb in labels] + [f"{lb} extra" for lb in labels]
     print(" | ".join(head))
     for r in rows:
         s = r["s"]
-        cells = [f"{r['batch']}", f"{r['bytes']:,d}", f"{1e3 * s['in']:.3f}"]
+        cells = [f"{r['batch']}", f"{r['bytes']:,d}", f"{1e3 * s['in']:.3f}", f"{1e3 * s['eager']:.3f}"]
         cells += [f"{1e3 * s[lb]:.3f}" for lb in labels] + [f"{1e3 * (s[lb] - s['in']):.3f}" for lb in labels]
         print(" | ".join(cells))
     xs = [r["bytes"] for r in rows]
     for lb in labels:
-        print(f"{lb}:")
-        for what, key in (("median", "s"), ("fastest", "min"), ("CPU of all processes, median", "cpu")):
-            fixed, per_byte = fit_line(xs, [r[key][lb] - r[key]["in"] for r in rows])
-            ratios = ", ".join(f"{r[key]['in'] / r[key][lb]:.2f}" for r in rows)
-            print(
-                f"  {what} runs: extra per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut bytes; "
-                f"in-process/networked by batch size: {ratios}"
-            )
+        for base, name in (("in", "in-process"), ("eager", "in-process eager")):
+            print(f"{lb} against {name}:")
+            for what, key in (("median", "s"), ("fastest", "min"), ("CPU of all processes, median", "cpu")):
+                fixed, per_byte = fit_line(xs, [r[key][lb] - r[key][base] for r in rows])
+                ratios = ", ".join(f"{r[key][base] / r[key][lb]:.2f}" for r in rows)
+                print(
+                    f"  {what} runs: extra per batch = {1e3 * fixed:.3f} ms + {1e9 * per_byte:.3f} ns/byte x cut "
+                    f"bytes; {name}/networked by batch size: {ratios}"
+                )
 
 
 def main() -> None:

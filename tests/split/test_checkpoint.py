@@ -358,3 +358,35 @@ def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
     history = second.fit(DATA, checkpoint_dir=tmp_path / "run", resume=True, **fit)
     assert_same_weights(second.collect(), reference.collect())
     assert history.losses() == ref_history.losses()
+
+
+def _compressed(compression):
+    def build():
+        torch.manual_seed(1)
+        segments = [
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU()),
+            nn.Sequential(nn.Linear(24, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 5), nn.LogSoftmax(dim=1)),
+        ]
+        workers = [W(n) for n in ("alice", "bob", "claire")]
+        return splitnn.SplitNN(segments, workers, optimizer="sgd:lr=0.05", compression=compression)
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "compression", ["topk:0.3", {"activation": "topk:0.2", "gradient": "int8"}], ids=["topk", "topk-int8"]
+)
+def test_compressed_chain_resumes_exactly_with_its_error_feedback(compression, tmp_path):
+    """topk's error feedback (what earlier batches' encodings dropped, added to the next) is part of each sending
+    party's checkpoint: without it the first batch after a resume would be encoded differently."""
+    resumed_equals_uninterrupted(_compressed(compression), tmp_path, crash=17, every=4)
+
+
+def test_error_feedback_saved_for_a_cut_that_no_longer_compresses_is_refused(tmp_path):
+    first = _compressed("topk:0.3")()
+    crash_at(first, 6)
+    with pytest.raises(Crash):
+        first.fit(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, **FIT)
+    with pytest.raises(CheckpointError, match="resume with the same compression"):
+        _compressed(None)().fit(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, resume=True, **FIT)

@@ -158,6 +158,14 @@ class CutEncoder:
         """Forget the error feedback."""
         self._feedback.clear()
 
+    def feedback_state(self) -> dict[int, Tensor]:
+        """The error feedback's residuals, by value index (what a checkpoint keeps; empty without any)."""
+        return {i: fb.residual for i, fb in sorted(self._feedback.items()) if fb.residual is not None}
+
+    def load_feedback_state(self, residuals: dict[int, Tensor]) -> None:
+        """Replace the error feedback with ``residuals`` (from :meth:`feedback_state`)."""
+        self._feedback = {i: ErrorFeedback(self.codec, r) for i, r in residuals.items()}
+
     def encode(self, value: Value, *, feedback: bool = True) -> Encoded:
         several = type(value) is tuple
         items = value if several else (value,)

@@ -10,6 +10,9 @@ one safetensors file, ``<state_dir>/<job tag>/step-<step>.safetensors``, written
   the file's metadata by :mod:`splitnn.wire.nested`;
 * tensors ``r/...``: the party's random streams -- the process's global generator (dropout),
   and every ``torch.Generator`` a segment's layers own (a noise defense's stream);
+* tensors ``e/<segment>/<out|grad>/<value>``: the error feedback of a lossy codec at the
+  segment's cuts (``topk``'s residuals; :class:`~splitnn.wire.cut_codec.CutEncoder`), which
+  the next batch's encoding adds back;
 * metadata ``splitnn.checkpoint``: JSON with the format, the step, the party, each segment's
   fingerprint and optimizer, and the researcher's note (epoch, batch).
 
@@ -37,6 +40,7 @@ from torch import nn
 
 from splitnn.errors import CheckpointError, SpecError, WireError
 from splitnn.fileio import atomic_path
+from splitnn.wire.cut_codec import CutEncoder
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.wire.nested import decode_nested, encode_nested
 
@@ -67,6 +71,8 @@ class HostedSegment(Protocol):
 
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
+    send_out: CutEncoder | None  # the codec of the activation it sends (None: plain)
+    send_grad: CutEncoder | None  # the codec of the gradient it sends back
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,12 @@ def save_party_checkpoint(
             for sub, state in states.items():
                 tensors[f"r/{label}/{where}/{sub}"] = state.clone().contiguous()
             entry["generators"].append({"where": where, "keys": sorted(states)})
+        entry["feedback"] = {}
+        for direction, encoder in _encoders(hosted):
+            residuals = encoder.feedback_state()
+            for i, r in residuals.items():
+                tensors[f"e/{label}/{direction}/{i}"] = r.detach().to("cpu").clone().contiguous()
+            entry["feedback"][direction] = sorted(residuals)
         meta_segments[label] = entry
     tensors["r/global"] = torch.get_rng_state().clone()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -278,9 +290,12 @@ def load_party_checkpoint(
             )
         weights = {k[len(f"w/{label}/") :]: v for k, v in tensors.items() if k.startswith(f"w/{label}/")}
         optim = _optimizer_state(worker, label, entry.get("optimizer"), hosted.optimizer, tensors)
-        plan.append((hosted, weights, optim, entry.get("generators", [])))
-    for hosted, weights, optim, gens in plan:  # every check passed: now change state
+        feedback = _feedback_state(worker, label, entry.get("feedback") or {}, hosted, tensors)
+        plan.append((hosted, weights, optim, entry.get("generators", []), feedback))
+    for hosted, weights, optim, gens, feedback in plan:  # every check passed: now change state
         hosted.module.load_state_dict(weights)
+        for direction, encoder in _encoders(hosted):
+            encoder.load_feedback_state(feedback.get(direction, {}))
         if optim is not None:
             hosted.optimizer.load_state_dict(optim)
         owned = _generators(hosted.module)
@@ -299,6 +314,32 @@ def load_party_checkpoint(
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"r/cuda/{i}"] for i in range(cuda)])
     return PartyCheckpoint(step, found, path.stat().st_size)
+
+
+def _encoders(hosted: HostedSegment) -> list[tuple[str, CutEncoder]]:
+    """The segment's codecs at its cuts, by direction (``out``: its activation; ``grad``: its input's gradient)."""
+    pairs = (("out", getattr(hosted, "send_out", None)), ("grad", getattr(hosted, "send_grad", None)))
+    return [(d, e) for d, e in pairs if e is not None]
+
+
+def _feedback_state(
+    worker: str, label: str, saved: Mapping[str, Any], hosted: HostedSegment, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, dict[int, torch.Tensor]]:
+    """The codecs' residuals to restore, by direction, on the segment's device; refuses error feedback saved
+    for a cut that compresses nothing now."""
+    have = dict(_encoders(hosted))
+    device = next((t.device for t in hosted.module.state_dict().values()), torch.device("cpu"))
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for direction, indices in saved.items():
+        if not indices:
+            continue
+        if direction not in have:
+            raise CheckpointError(
+                f"worker {worker!r}: segment {label} was checkpointed with a compressing codec at its "
+                f"{'output' if direction == 'out' else 'input'} cut, and has none now; resume with the same compression"
+            )
+        out[direction] = {int(i): tensors[f"e/{label}/{direction}/{i}"].to(device) for i in indices}
+    return out
 
 
 def _optimizer_state(
