@@ -135,6 +135,40 @@ def test_a_dropped_peer_link_costs_no_step(trio, reference, ship):
             w.close()
 
 
+@pytest.mark.parametrize("compression", [None, "topk:0.3"], ids=["plain", "topk"])
+def test_a_dropped_peer_link_costs_no_step_of_a_pipelined_compressed_epoch(trio, compression):
+    """K = 3 batches in flight (and topk with its error feedback at both cuts): pushes ahead of their receive,
+    several unacknowledged at once, are sent again on a new link after the drop, each used once and in order,
+    so the run equals the in-process pipelined run."""
+
+    def pipelined(workers):
+        return splitnn.SplitNN(segments(), workers, optimizer="adam:lr=0.01", compression=compression)
+
+    reference = pipelined([splitnn.VirtualWorker(n) for n in NAMES])
+    ref_history = reference.fit(DATA, pipeline=3, **FIT)
+    ref_links = reference.ledger.links()
+    cl = trio
+    with ThreadedLinkEmulator() as emu:
+        via = emu.add("bob-peers", cl.workers["bob"].address)
+        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60) for n in NAMES]
+        workers[1].address = via
+        emu.set("bob-peers", delay=0.05)
+        model = pipelined(workers)
+        drops = []
+        seen = drop_at(model, 6, lambda: drops.append(emu.drop("bob-peers")) or drops[-1])
+        history = model.fit(DATA, pipeline=3, **FIT)
+        assert seen[0] == 20
+        assert [(e.train_loss, e.bytes_sent) for e in history.epochs] == [
+            (e.train_loss, e.bytes_sent) for e in ref_history.epochs
+        ]
+        assert model.ledger.links() == ref_links
+        assert_same_weights(model.collect(), reference.collect())
+        rows = [row for w in (workers[0], workers[2]) for row in w.stats()["counters"] if row["direction"] == "sent"]
+        assert sum(row["messages"] for row in rows if row["kind"] == "repush") >= 1
+        for w in workers:
+            w.close()
+
+
 # ------------------------------------------------------------------ the worker's side, message by message
 class RawStream:
     """A researcher's Session stream spoken by hand: send commands, read replies one at a time."""
