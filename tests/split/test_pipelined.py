@@ -21,7 +21,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split.schedule import run_in_process
 from splitnn.training import epoch_batches
 from splitnn.training.topologies import UShapedSplitNN
-from splitnn.workers.schedules import Pipelined
+from splitnn.workers.schedules import LockStep, Pipelined
 from tests.helpers import assert_same_weights, toy_dataset
 
 NAMES = ("alice", "bob", "claire")
@@ -354,3 +354,19 @@ def test_weight_prediction_arguments():
     predicted = make(0.5)
     predicted.fit(toy_dataset(200), epochs=1, batch_size=16, progress=False)
     assert_same_weights(lock.collect(), predicted.collect())
+
+
+def _lockstep_in_process(fuse):
+    torch.manual_seed(6)
+    model = splitnn.SplitNN(splitnn.models.tutorial_mlp(), [splitnn.VirtualWorker(n, fuse=fuse) for n in NAMES])
+    name, n = model.prepare(toy_dataset(200))
+    batches = epoch_batches(n, 16, seed=0, epoch=0)
+    run_in_process(model.stages, LockStep(NAMES, len(batches)), name, model.loss, batches, lambda stats: None)
+    return model
+
+
+def test_a_lockstep_schedule_runs_in_process_on_unfused_workers_and_refuses_fused_ones():
+    lock, _ = _fit(1, epochs=1)
+    assert_same_weights(lock.collect(), _lockstep_in_process(fuse=False).collect())
+    with pytest.raises(ConfigurationError, match="fuse=False"):
+        _lockstep_in_process(fuse=True)

@@ -137,6 +137,14 @@ def run_in_process(
     loss in batch order (from the label holder's thread when ``threads``). ``prediction``: a pipelined
     schedule's weight prediction (see :class:`~splitnn.workers.runner.PartyRun`)."""
     check_in_process(stages, f"{schedule!r}")
+    fused = sorted({s.worker.name for s in stages if getattr(s.worker, "fuse", False)})
+    if not schedule.stashing and fused:
+        # a fused receiver keeps the sender's graph, so one backward from the loss runs through every segment:
+        # that is train_step's fast path, not a schedule of separate backwards per party
+        raise ConfigurationError(
+            f"{schedule!r} runs the parties' separate backwards, but {', '.join(map(repr, fused))} fuse autograd "
+            "across cuts: use VirtualWorker(name, fuse=False), or SplitNN.fit (lock-step takes the fused path itself)"
+        )
     if len(batches) != schedule.num_batches:
         raise ConfigurationError(f"{schedule!r} is for {schedule.num_batches} batches, got {len(batches)}")
     last = len(stages) - 1
