@@ -330,7 +330,10 @@ class Commands:
         tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
             session, dataset = serde.psi_request_from_args(a)
-            self.exports.export(tid, self.engine.psi_request(session, self._dataset(dataset)))
+            # the elliptic-curve work takes seconds for large tables: off the event loop, so that the other
+            # sessions' commands and the keepalives go on meanwhile (this session waits for it anyway)
+            ref = await asyncio.to_thread(self.engine.psi_request, session, self._dataset(dataset))
+            self.exports.export(tid, ref)
         return {}, []
 
     async def _op_psi_reply(self, a, blobs, *, state: StreamState, **_):
@@ -339,12 +342,14 @@ class Commands:
             dataset, request = serde.psi_reply_from_args(a)
             dataset = self._dataset(dataset)
             self.engine.dataset(dataset)  # a missing dataset is refused before the request is pulled
-            self.exports.export(tid, self.engine.psi_reply(dataset, await self._psi_message(request)))
+            message = await self._psi_message(request)
+            self.exports.export(tid, await asyncio.to_thread(self.engine.psi_reply, dataset, message))
         return {}, []
 
     async def _op_psi_finish(self, a, blobs, **_):
         session, reply = serde.psi_finish_from_args(a)
-        self.engine.psi_finish(session, await self._psi_message(reply))
+        message = await self._psi_message(reply)
+        await asyncio.to_thread(self.engine.psi_finish, session, message)
         return {}, []
 
     async def _op_psi_size(self, a, blobs, **_):
