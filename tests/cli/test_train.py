@@ -118,5 +118,7 @@ def test_train_command_pipelined(shared_data, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert code == 0
-    assert "batch 64, SGD lr 0.03, pipeline 4, weight prediction 0.5" in text and "test acc" in text
+    assert (
+        "batch 64, SGD lr 0.03, pipeline 4, weight prediction 0.5, standardised inputs" in text and "test acc" in text
+    )
     assert json.loads(hist.read_text())[0]["bytes_sent"]["alice"] == 640 * 128 * 4  # as lock-step

@@ -340,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
         f"splitnn train: {args.dataset}, {len(train)} train / {len(test)} test samples, "
         f"{sizes} on {placement}, batch {args.batch_size}, SGD lr {args.lr}{codecs}"
         + (f", pipeline {args.pipeline}" if args.pipeline > 1 else "")
-        + (f", weight prediction {args.weight_prediction}" if args.weight_prediction is not None else ""),
+        + (f", weight prediction {args.weight_prediction}" if args.weight_prediction is not None else "")
+        + (", standardised inputs" if args.standardize else ""),
         flush=True,
     )
 
