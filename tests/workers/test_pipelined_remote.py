@@ -54,21 +54,23 @@ def test_networked_pipelined_run_equals_in_process_run(remote, k, prediction):
 
 
 @pytest.mark.parametrize(
-    "compression", ["int8", {"activation": "topk:0.1", "gradient": "fp16"}], ids=["int8", "topk-fp16"]
+    "compression, prediction",
+    [("int8", None), ({"activation": "topk:0.1", "gradient": "fp16"}, None), ("int8", 0.5)],
+    ids=["int8", "topk-fp16", "int8-predicted"],
 )
-def test_networked_pipelined_compressed_run_equals_in_process_run(remote, compression):
+def test_networked_pipelined_compressed_run_equals_in_process_run(remote, compression, prediction):
     """K = 3 with codecs at both cuts: each worker encodes what it sends with its segment's codec (error feedback
-    in batch order at the sender) and pushes the codec payloads; the receivers decode them off the wire."""
+    in batch order at the sender) and pushes the codec payloads; the receivers decode them off the wire. With
+    weight prediction too, the predicted weights' activations are what is encoded."""
     torch.manual_seed(2)
     segments = tutorial_mlp()
     initial = copy.deepcopy(segments)
     data = toy_dataset(200, seed=1)
-    model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03", compression=compression)
+    options = dict(optimizer="sgd:lr=0.03", compression=compression, weight_prediction=prediction)
+    model = splitnn.SplitNN(segments, remote, **options)
     history = model.fit(data, epochs=2, batch_size=16, pipeline=3, progress=False)
 
-    twin = splitnn.SplitNN(
-        initial, [splitnn.VirtualWorker(n) for n in NAMES], optimizer="sgd:lr=0.03", compression=compression
-    )
+    twin = splitnn.SplitNN(initial, [splitnn.VirtualWorker(n) for n in NAMES], **options)
     twin_history = twin.fit(data, epochs=2, batch_size=16, pipeline=3, progress=False)
     assert_same_weights(model.collect(), twin.collect())
     assert history.losses() == twin_history.losses()
