@@ -324,9 +324,8 @@ def test_without_checkpoints_or_with_too_few_retries_the_fault_is_raised(tmp_pat
         flaky_chain(fail_at=5).fit(DATA, checkpoint_dir=tmp_path / "b", retries=0, **FIT)
 
 
-def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
-    """A pipelined fit drains at every checkpoint and starts each chunk's weight prediction afresh, so a run
-    crashed in its third chunk and resumed equals one that ran through with the same checkpoints."""
+def _relu_chain(**options):
+    """A builder of a three-party chain without dropout or BatchNorm (what a pipelined or compressed run needs)."""
 
     def build():
         torch.manual_seed(1)
@@ -335,9 +334,15 @@ def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
             nn.Sequential(nn.Linear(24, 16), nn.ReLU()),
             nn.Sequential(nn.Linear(16, 5), nn.LogSoftmax(dim=1)),
         ]
-        workers = [W(n) for n in ("alice", "bob", "claire")]
-        return splitnn.SplitNN(segments, workers, optimizer="sgd:lr=0.05,momentum=0.9", weight_prediction=0.5)
+        return splitnn.SplitNN(segments, [W(n) for n in ("alice", "bob", "claire")], **options)
 
+    return build
+
+
+def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
+    """A pipelined fit drains at every checkpoint and starts each chunk's weight prediction afresh, so a run
+    crashed in its third chunk and resumed equals one that ran through with the same checkpoints."""
+    build = _relu_chain(optimizer="sgd:lr=0.05,momentum=0.9", weight_prediction=0.5)
     fit = dict(FIT, pipeline=3, checkpoint_every=4)
     reference = build()
     ref_history = reference.fit(DATA, checkpoint_dir=tmp_path / "ref", **fit)
@@ -361,17 +366,7 @@ def test_pipelined_run_with_weight_prediction_resumes_exactly(tmp_path):
 
 
 def _compressed(compression):
-    def build():
-        torch.manual_seed(1)
-        segments = [
-            nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU()),
-            nn.Sequential(nn.Linear(24, 16), nn.ReLU()),
-            nn.Sequential(nn.Linear(16, 5), nn.LogSoftmax(dim=1)),
-        ]
-        workers = [W(n) for n in ("alice", "bob", "claire")]
-        return splitnn.SplitNN(segments, workers, optimizer="sgd:lr=0.05", compression=compression)
-
-    return build
+    return _relu_chain(optimizer="sgd:lr=0.05", compression=compression)
 
 
 @pytest.mark.parametrize(

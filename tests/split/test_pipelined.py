@@ -79,25 +79,37 @@ def test_k2_two_parties_by_hand():
     assert not torch.equal(lock[0], w4[0])
 
 
-def test_k3_three_parties_by_hand():
-    """Three parties, 5 batches, K = 3: depths 3, 2, 1, so batch t uses A(t - 2), B(t - 1), C(t) (at least 0)."""
+def _three_layers():
+    """Linear+ReLU, Linear+Tanh, Linear+LogSoftmax (one segment per party) and their initial weights, flat."""
     torch.manual_seed(1)
     segs = [
         nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
         nn.Sequential(nn.Linear(5, 4), nn.Tanh()),
         nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)),
     ]
-    w0 = [t.detach().clone() for s in segs for t in (s[0].weight, s[0].bias)]
-    data = _tiny_data(10, seed=1)
-    lr = 0.3
-    model = splitnn.SplitNN(segs, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=f"sgd:lr={lr}")
-    model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
+    return segs, [t.detach().clone() for s in segs for t in (s[0].weight, s[0].bias)]
+
+
+def _three_layer_grad(data):
+    """The gradient of the three layers' NLL on ``rows`` of ``data`` at the flat weights ``w``, written out."""
 
     def grad(w, rows):
         w = [t.clone().requires_grad_() for t in w]
         h = torch.tanh(F.linear(torch.relu(F.linear(data.features[rows], w[0], w[1])), w[2], w[3]))
         out = F.log_softmax(F.linear(h, w[4], w[5]), dim=1)
         return torch.autograd.grad(F.nll_loss(out, data.labels[rows]), w)
+
+    return grad
+
+
+def test_k3_three_parties_by_hand():
+    """Three parties, 5 batches, K = 3: depths 3, 2, 1, so batch t uses A(t - 2), B(t - 1), C(t) (at least 0)."""
+    segs, w0 = _three_layers()
+    data = _tiny_data(10, seed=1)
+    lr = 0.3
+    model = splitnn.SplitNN(segs, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=f"sgd:lr={lr}")
+    model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
+    grad = _three_layer_grad(data)
 
     b = [torch.arange(2 * t, 2 * t + 2) for t in range(5)]
     a, m, c = [w0[:2]], [w0[2:4]], [w0[4:]]  # each party's weights after 0, 1, 2, ... updates
@@ -127,13 +139,7 @@ def test_k3_weight_prediction_by_hand():
     come before batch t's), and D_s(j) the moving average of the stage's updates after j of them:
     D(1) = W(1) - W(0), D(j) = 0.25 x D(j - 1) + 0.75 x (W(j) - W(j - 1)). Nothing is extrapolated before the
     first update (j = 0) or without steps to come (tau = 0, the label holder). The update lands on W_s(t)."""
-    torch.manual_seed(1)
-    segs = [
-        nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
-        nn.Sequential(nn.Linear(5, 4), nn.Tanh()),
-        nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)),
-    ]
-    w0 = [t.detach().clone() for s in segs for t in (s[0].weight, s[0].bias)]
+    segs, w0 = _three_layers()
     initial = copy.deepcopy(segs)
     data = _tiny_data(12, seed=1)
     lr, beta = 0.3, 0.25
@@ -141,11 +147,7 @@ def test_k3_weight_prediction_by_hand():
     model = splitnn.SplitNN(segs, workers, optimizer=f"sgd:lr={lr}", weight_prediction=beta)
     model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
 
-    def grad(w, rows):
-        w = [t.clone().requires_grad_() for t in w]
-        h = torch.tanh(F.linear(torch.relu(F.linear(data.features[rows], w[0], w[1])), w[2], w[3]))
-        out = F.log_softmax(F.linear(h, w[4], w[5]), dim=1)
-        return torch.autograd.grad(F.nll_loss(out, data.labels[rows]), w)
+    grad = _three_layer_grad(data)
 
     depth = [3, 2, 1]
     W = [[w0[0:2]], [w0[2:4]], [w0[4:6]]]  # W[s][j]: stage s's weights after j updates
