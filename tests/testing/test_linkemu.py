@@ -162,6 +162,7 @@ def test_close_stops_listening_and_cuts_connections(emu):
     assert measure_rtt(addr, samples=1)
     host, port = addr.rsplit(":", 1)
     held = socket.create_connection((host, int(port)), timeout=10)
+    emu.close_server(echo)  # the echo server is the test's, not the emulator's
     emu.close()
     held.settimeout(10)
     assert held.recv(1) == b""  # the open connection was cut
