@@ -234,8 +234,7 @@ def fit(
             job.save(position, [])  # step 0: a crash before the first epoch ends can resume too
         else:
             job.check_manifest(manifest)
-            position = job.restore(manifest)
-            history.epochs = [EpochStats(**e) for e in job.history()]
+            position = _restore(job, manifest, history)
     last = initial_epoch + epochs
     run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
     attempts = 0
@@ -350,6 +349,13 @@ def _reconnectable(model: object) -> bool:
     return any(isinstance(w, ReconnectingWorker) for w in _model_workers(model))
 
 
+def _restore(job, manifest, history: History) -> Position:
+    """Put every party back at ``manifest``'s checkpoint and ``history`` at its epochs; the position to go on from."""
+    position = job.restore(manifest)
+    history.epochs = [EpochStats(**e) for e in job.history()]
+    return position
+
+
 def _recover(model, job, history: History, fault: Exception, attempt: int, retries: int) -> Position:
     """After ``fault``: wait, reconnect every party (reinstalled where it lost the session), and put every
     party back at the last checkpoint. Raises when ``retries`` attempts did not get there."""
@@ -360,9 +366,7 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
             for worker in _model_workers(model):
                 if isinstance(worker, ReconnectingWorker):
                     worker.reconnect()
-            position = job.restore(job.manifest)
-            history.epochs = [EpochStats(**e) for e in job.history()]
-            return position
+            return _restore(job, job.manifest, history)
         except WorkerUnreachableError as exc:
             last_error = exc
             attempt += 1
