@@ -17,7 +17,10 @@ sizes and modes, so that a busy machine hits them alike):
 * ``grpc raw``: the tensor's frames, built once, sent as ``bytes`` and answered with 24 bytes
   by a server that does nothing with them (gRPC alone);
 * ``grpc frames``: the sender encodes the tensor into frames each time and the receiver parses,
-  reassembles and decodes them (the data plane of a peer link, end to end).
+  reassembles and decodes them (the data plane of a peer link, end to end);
+* ``tcp floor``: no gRPC and no framing: a blocking socket sends the tensor's memory (a length,
+  then ``sendall``) and the receiver ``recv_into``s it straight into a new tensor's memory --
+  what any transport over this machine's loopback TCP costs at least.
 
 Each line fits ``time = fixed + per_byte x bytes`` over the sizes (least squares) and prints
 the fixed cost (us) and ns/byte of wall time, and of CPU time of both processes together.
@@ -28,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -123,9 +128,56 @@ def serve(port_file: str, limits: Limits) -> None:
     asyncio.run(main())
 
 
-def _start_server(tmp: str) -> tuple[subprocess.Popen, int]:
+def serve_tcp(port_file: str) -> None:
+    """The ``tcp floor`` receiver: per message a 4-byte length, then that many bytes into a new tensor."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with open(port_file + ".tmp", "w") as fh:
+        fh.write(str(listener.getsockname()[1]))
+    os.replace(port_file + ".tmp", port_file)
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def read_into(view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = conn.recv_into(view[got:])
+            if n == 0:
+                raise EOFError
+            got += n
+
+    try:
+        while True:
+            head = bytearray(4)
+            read_into(memoryview(head))
+            tensor = torch.empty(struct.unpack("<I", head)[0], dtype=torch.uint8)
+            read_into(memoryview(tensor.numpy()))
+            conn.sendall(b"k")
+    except (EOFError, ConnectionError):
+        pass
+
+
+def _tcp_rows(port: int, pid: int, tensors: list[torch.Tensor], reps: int) -> list[tuple[float, float]]:
+    """Per tensor: (median wall seconds, mean CPU seconds) to send it over the plain socket and get the answer."""
+    wall: dict[int, list[float]] = defaultdict(list)
+    cpu: dict[int, list[float]] = defaultdict(list)
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for rep in range(reps + 2):
+            for i, t in enumerate(tensors):
+                view = memoryview(t.numpy()).cast("B")
+                c0, t0 = _cpu_seconds(pid), time.perf_counter()
+                conn.sendall(struct.pack("<I", len(view)))
+                conn.sendall(view)
+                conn.recv(1)
+                if rep >= 2:
+                    wall[i].append(time.perf_counter() - t0)
+                    cpu[i].append(_cpu_seconds(pid) - c0)
+    return [(statistics.median(wall[i]), statistics.fmean(cpu[i])) for i in range(len(tensors))]
+
+
+def _start_server(tmp: str, mode: str = "--serve") -> tuple[subprocess.Popen, int]:
     port_file = os.path.join(tmp, "port")
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", port_file])
+    proc = subprocess.Popen([sys.executable, __file__, mode, port_file])
     deadline = time.monotonic() + 60
     while not os.path.exists(port_file):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -180,11 +232,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--only-grpc", action="store_true", help="skip the in-process steps")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-tcp", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     chunks = [int(c) for c in args.chunks.split(",")]
     if args.serve:
         serve(args.serve, Limits(chunk_bytes=max(64 << 20, *chunks)))
+        return
+    if args.serve_tcp:
+        serve_tcp(args.serve_tcp)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     tensors = [torch.randn(n // 4) for n in sizes]
@@ -213,6 +269,15 @@ def main() -> None:
         _, cpu_per_byte = fit_line(sizes, [c for _, c in cells])
         label = f"grpc {mode.lower()}, chunk {chunk >> 10} KiB"
         line(label, [w for w, _ in cells], f"   CPU (both processes) {1e9 * cpu_per_byte:.3f} ns/byte")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = _start_server(tmp, "--serve-tcp")
+        try:
+            cells = _tcp_rows(port, proc.pid, tensors, args.reps)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    _, cpu_per_byte = fit_line(sizes, [c for _, c in cells])
+    line("tcp floor", [w for w, _ in cells], f"   CPU (both processes) {1e9 * cpu_per_byte:.3f} ns/byte")
 
 
 if __name__ == "__main__":
