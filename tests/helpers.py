@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,42 @@ def train_twin(
             loss_fn(twin(data.features[idx]), data.labels[idx]).backward()
             opt.step()
     return twin
+
+
+def sgd_step(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """One plain SGD update, written out (the arithmetic of torch.optim.SGD without momentum: p.add_(g, alpha=-lr))."""
+    return [w.add(g, alpha=-lr) for w, g in zip(weights, grads)]
+
+
+def four_stages() -> list[nn.Module]:
+    """Four Linear segments for (3, 4) inputs, 12-10-8-6-4 (ReLUs, LogSoftmax last): two per party where a test
+    puts consecutive stages on one party. Draws from torch's global generator: seed it first."""
+    return [
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
+        nn.Sequential(nn.Linear(10, 8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=1)),
+    ]
+
+
+def at_batch(model, batch: int, action: Callable[[], object]) -> list[int]:
+    """Call ``action()`` when ``model``'s training hands the researcher its ``batch``-th loss of the fit (from 1;
+    shipped epochs or batch by batch through ``train_epoch``), before the loss goes on. Returns the count of
+    losses seen, as a one-item list that grows while the model trains."""
+    seen = [0]
+    train_epoch = model.train_epoch
+
+    def watching_train_epoch(name, batches, on_batch, **kw):
+        def watch(stats):
+            seen[0] += 1
+            if seen[0] == batch:
+                action()
+            on_batch(stats)
+
+        return train_epoch(name, batches, watch, **kw)
+
+    model.train_epoch = watching_train_epoch
+    return seen
 
 
 def flat_params(module: nn.Module) -> list[torch.Tensor]:

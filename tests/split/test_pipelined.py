@@ -16,25 +16,14 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 import splitnn
-from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.schedule import run_in_process
 from splitnn.training import epoch_batches
 from splitnn.training.topologies import UShapedSplitNN
 from splitnn.workers.schedules import LockStep, Pipelined
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_same_weights, four_stages, sgd_step, toy_dataset
 
 NAMES = ("alice", "bob", "claire")
-
-
-def _tiny_data(n: int, features: int = 3, classes: int = 3, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g), "tiny", classes)
-
-
-def _sgd(weights, grads, lr):
-    """One plain SGD update (the arithmetic of torch.optim.SGD without momentum: p.add_(g, alpha=-lr))."""
-    return [w.add(g, alpha=-lr) for w, g in zip(weights, grads)]
 
 
 def test_k2_two_parties_by_hand():
@@ -45,7 +34,7 @@ def test_k2_two_parties_by_hand():
     alice_seg, bob_seg = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1))
     w0 = [alice_seg.weight, alice_seg.bias, bob_seg[0].weight, bob_seg[0].bias]
     w0 = [t.detach().clone() for t in w0]
-    data = _tiny_data(8)
+    data = toy_dataset(8, shape=(3,), classes=3, name="tiny")
     lr = 0.5
     model = splitnn.SplitNN(
         [alice_seg, bob_seg], [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")], optimizer=f"sgd:lr={lr}"
@@ -61,13 +50,13 @@ def test_k2_two_parties_by_hand():
     b0, b1, b2, b3 = [torch.arange(2 * t, 2 * t + 2) for t in range(4)]
     a0, c0 = w0[:2], w0[2:]  # alice's weights (Linear 3->4), bob's (Linear 4->3)
     g = grad(a0 + c0, b0)  # batch 0: A0, B0
-    a1, c1 = _sgd(a0, g[:2], lr), _sgd(c0, g[2:], lr)
+    a1, c1 = sgd_step(a0, g[:2], lr), sgd_step(c0, g[2:], lr)
     g = grad(a0 + c1, b1)  # batch 1: alice started it before batch 0's gradient came back: A0; bob: B1
-    a2, c2 = _sgd(a1, g[:2], lr), _sgd(c1, g[2:], lr)
+    a2, c2 = sgd_step(a1, g[:2], lr), sgd_step(c1, g[2:], lr)
     g = grad(a1 + c2, b2)  # batch 2: A1, B2
-    a3, c3 = _sgd(a2, g[:2], lr), _sgd(c2, g[2:], lr)
+    a3, c3 = sgd_step(a2, g[:2], lr), sgd_step(c2, g[2:], lr)
     g = grad(a2 + c3, b3)  # batch 3: A2, B3
-    w4 = _sgd(a3, g[:2], lr) + _sgd(c3, g[2:], lr)
+    w4 = sgd_step(a3, g[:2], lr) + sgd_step(c3, g[2:], lr)
     trained = model.collect()
     got = [trained[0].weight, trained[0].bias, trained[1].weight, trained[1].bias]
     for g, e in zip(got, w4):
@@ -75,7 +64,7 @@ def test_k2_two_parties_by_hand():
     # ... which lock-step would not give (its batch t sees W(t)): the oracle tells them apart
     lock = w0
     for rows in (b0, b1, b2, b3):
-        lock = _sgd(lock, grad(lock, rows), lr)
+        lock = sgd_step(lock, grad(lock, rows), lr)
     assert not torch.equal(lock[0], w4[0])
 
 
@@ -105,7 +94,7 @@ def _three_layer_grad(data):
 def test_k3_three_parties_by_hand():
     """Three parties, 5 batches, K = 3: depths 3, 2, 1, so batch t uses A(t - 2), B(t - 1), C(t) (at least 0)."""
     segs, w0 = _three_layers()
-    data = _tiny_data(10, seed=1)
+    data = toy_dataset(10, shape=(3,), classes=3, seed=1, name="tiny")
     lr = 0.3
     model = splitnn.SplitNN(segs, [splitnn.VirtualWorker(n) for n in NAMES], optimizer=f"sgd:lr={lr}")
     model.fit(data, epochs=1, batch_size=2, shuffle=False, pipeline=3, progress=False)
@@ -115,9 +104,9 @@ def test_k3_three_parties_by_hand():
     a, m, c = [w0[:2]], [w0[2:4]], [w0[4:]]  # each party's weights after 0, 1, 2, ... updates
 
     def update(g):
-        a.append(_sgd(a[-1], g[:2], lr))
-        m.append(_sgd(m[-1], g[2:4], lr))
-        c.append(_sgd(c[-1], g[4:], lr))
+        a.append(sgd_step(a[-1], g[:2], lr))
+        m.append(sgd_step(m[-1], g[2:4], lr))
+        c.append(sgd_step(c[-1], g[4:], lr))
 
     update(grad(a[0] + m[0] + c[0], b[0]))  # batch 0: A0 B0 C0
     update(grad(a[0] + m[0] + c[1], b[1]))  # batch 1: A0 B0 C1
@@ -141,7 +130,7 @@ def test_k3_weight_prediction_by_hand():
     first update (j = 0) or without steps to come (tau = 0, the label holder). The update lands on W_s(t)."""
     segs, w0 = _three_layers()
     initial = copy.deepcopy(segs)
-    data = _tiny_data(12, seed=1)
+    data = toy_dataset(12, shape=(3,), classes=3, seed=1, name="tiny")
     lr, beta = 0.3, 0.25
     workers = [splitnn.VirtualWorker(n) for n in NAMES]
     model = splitnn.SplitNN(segs, workers, optimizer=f"sgd:lr={lr}", weight_prediction=beta)
@@ -162,7 +151,7 @@ def test_k3_weight_prediction_by_hand():
     for t in range(6):
         g = grad(used(0, t) + used(1, t) + used(2, t), torch.arange(2 * t, 2 * t + 2))
         for s in range(3):
-            new = _sgd(W[s][-1], g[2 * s : 2 * s + 2], lr)
+            new = sgd_step(W[s][-1], g[2 * s : 2 * s + 2], lr)
             delta = [a - b for a, b in zip(new, W[s][-1])]
             prev = D[s][-1]
             D[s].append(delta if prev is None else [beta * d + (1 - beta) * n for d, n in zip(prev, delta)])
@@ -255,12 +244,7 @@ def test_u_shape_and_consecutive_stages_pipelined_follow_the_definition():
     assert_same_weights(u.collect(), twin)
 
     torch.manual_seed(5)
-    segs = [
-        nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
-        nn.Sequential(nn.Linear(10, 8), nn.ReLU()),
-        nn.Sequential(nn.Linear(8, 6), nn.ReLU()),
-        nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=1)),
-    ]
+    segs = four_stages()
     initial = copy.deepcopy(segs)
     a, b = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
     model = splitnn.SplitNN(segs, [a, a, b, b], optimizer="sgd:lr=0.1")

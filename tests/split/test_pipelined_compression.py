@@ -21,11 +21,10 @@ from torch import nn, optim
 
 import splitnn
 from splitnn.accounting import Ledger
-from splitnn.data import Dataset
 from splitnn.training import epoch_batches
 from tests.codec_twins import AtCut, fp16, int8, plain, topk
 from tests.cut_models import Gated
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_same_weights, four_stages, sgd_step, toy_dataset
 
 NAMES = ("alice", "bob", "claire")
 
@@ -34,15 +33,6 @@ CODECS = {"none": plain, "fp16": fp16, "int8": int8, "topk:0.25": topk(0.25)}
 
 
 # ---------------------------------------------------------------------- K = 2, two parties, every update by hand
-def _tiny_data(n: int, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(torch.randn(n, 3, generator=g), torch.randint(0, 3, (n,), generator=g), "tiny", 3)
-
-
-def _sgd(weights, grads, lr):
-    return [w.add(g, alpha=-lr) for w, g in zip(weights, grads)]
-
-
 @pytest.mark.parametrize("codec", ["int8", "fp16"])
 def test_k2_two_parties_compressed_by_hand(codec):
     """Alice (Linear 3->4) sends q(her activation) to bob (Linear 4->3, log-softmax), who sends back q(the gradient of
@@ -52,7 +42,7 @@ def test_k2_two_parties_compressed_by_hand(codec):
     alice_seg, bob_seg = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1))
     w0 = [t.detach().clone() for t in (alice_seg.weight, alice_seg.bias, bob_seg[0].weight, bob_seg[0].bias)]
     initial = copy.deepcopy([alice_seg, bob_seg])
-    data = _tiny_data(8)
+    data = toy_dataset(8, shape=(3,), classes=3, name="tiny")
     lr = 0.5
     model = splitnn.SplitNN(
         [alice_seg, bob_seg],
@@ -83,8 +73,8 @@ def test_k2_two_parties_compressed_by_hand(codec):
     A, B = [w0[:2]], [w0[2:]]  # each party's weights after 0, 1, 2, ... updates
     for t in range(4):
         ga, gb = grads(A[max(0, t - 1)], B[t], rows[t])
-        A.append(_sgd(A[-1], ga, lr))
-        B.append(_sgd(B[-1], gb, lr))
+        A.append(sgd_step(A[-1], ga, lr))
+        B.append(sgd_step(B[-1], gb, lr))
     trained = model.collect()
     got = [trained[0].weight, trained[0].bias, trained[1].weight, trained[1].bias]
     for g, e in zip(got, A[4] + B[4]):
@@ -174,12 +164,7 @@ def test_fit_pipelined_compressed_follows_the_definition(k, activation, gradient
 def test_consecutive_stages_and_one_compressed_cut_follow_the_definition():
     """Alice runs stages 0-1, bob 2-3: only cut 1 crosses, so only it is coded (int8 forward, topk back)."""
     torch.manual_seed(5)
-    segs = [
-        nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU()),
-        nn.Sequential(nn.Linear(10, 8), nn.ReLU()),
-        nn.Sequential(nn.Linear(8, 6), nn.ReLU()),
-        nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=1)),
-    ]
+    segs = four_stages()
     data = toy_dataset(60, shape=(3, 4), classes=4, seed=3)
     a, b = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
     model = splitnn.SplitNN(

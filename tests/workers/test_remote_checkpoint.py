@@ -23,7 +23,7 @@ from splitnn.training import MultiHolderSplitNN, VerticalSplitNN
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.workers import BatchRef
 from splitnn.workers.audit import read_audit
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_same_weights, at_batch, toy_dataset
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -150,23 +150,15 @@ def test_a_party_killed_and_restarted_mid_epoch_is_survived_by_fit_retries(tmp_p
         start(cl, names)
         workers = connect(cl, names)
         model = build(workers)
-        seen = [0]
-        train_epoch = model.train_epoch
 
-        def killing_train_epoch(name, batches, on_batch, **kw):
-            def watch(stats):
-                seen[0] += 1
-                if seen[0] == 7:  # mid-epoch, after the checkpoint at step 4
-                    bob = cl.workers["bob"]
-                    bob.proc.send_signal(signal.SIGKILL)
-                    assert bob.exited(30)
-                    start(cl, ["bob"], listen=bob.address)  # the operator restarts it: same address and --state-dir
-                    assert cl.workers["bob"].address == bob.address
-                on_batch(stats)
+        def kill_and_restart_bob():
+            bob = cl.workers["bob"]
+            bob.proc.send_signal(signal.SIGKILL)
+            assert bob.exited(30)
+            start(cl, ["bob"], listen=bob.address)  # the operator restarts it: same address and --state-dir
+            assert cl.workers["bob"].address == bob.address
 
-            return train_epoch(name, batches, watch, **kw)
-
-        model.train_epoch = killing_train_epoch
+        seen = at_batch(model, 7, kill_and_restart_bob)  # mid-epoch, after the checkpoint at step 4
         history = model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, retries=3, **FIT)
         assert seen[0] > 20  # the steps after the checkpoint were trained again
         assert len(history.epochs) == 2
@@ -186,19 +178,11 @@ def test_a_dropped_connection_is_survived(tmp_path, trio):
         proxied = {n: emu.add(n, cl.workers[n].address) for n in names}
         workers = [splitnn.connect(f"grpc://{proxied[n]}", token=cl.token, name=n, timeout=60) for n in names]
         model = build(workers)
-        seen = [0]
-        train_epoch = model.train_epoch
 
-        def dropping_train_epoch(name, batches, on_batch, **kw):
-            def watch(stats):
-                seen[0] += 1
-                if seen[0] == 6:
-                    assert emu.drop("bob") > 0  # every connection into bob is reset; new ones get through
-                on_batch(stats)
+        def drop_bob():
+            assert emu.drop("bob") > 0  # every connection into bob is reset; new ones get through
 
-            return train_epoch(name, batches, watch, **kw)
-
-        model.train_epoch = dropping_train_epoch
+        at_batch(model, 6, drop_bob)
         model.fit(DATA, checkpoint_dir=tmp_path / "ck", checkpoint_every=4, retries=3, **FIT)
         assert_same_weights(model.collect(), reference)
         for w in workers:

@@ -22,7 +22,7 @@ from splitnn.common import serde
 from splitnn.common.messages import new_session_id
 from splitnn.testing.linkemu import ThreadedLinkEmulator
 from splitnn.wire.proto import SESSION, Command, Reply
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_same_weights, at_batch, toy_dataset
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -63,20 +63,11 @@ def reference():
 
 def drop_at(model, batch: int, drop) -> list[int]:
     """Call ``drop()`` when the researcher has seen ``batch`` batches' losses; the batches seen, as a list."""
-    seen = [0]
-    train_epoch = model.train_epoch
 
-    def dropping_train_epoch(name, batches, on_batch, **kw):
-        def watch(stats):
-            seen[0] += 1
-            if seen[0] == batch:
-                assert drop() > 0  # connections were reset (new ones get through)
-            on_batch(stats)
+    def dropping():
+        assert drop() > 0  # connections were reset (new ones get through)
 
-        return train_epoch(name, batches, watch, **kw)
-
-    model.train_epoch = dropping_train_epoch
-    return seen
+    return at_batch(model, batch, dropping)
 
 
 def check_same_run(model, history, seen, reference) -> None:
