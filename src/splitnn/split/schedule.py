@@ -137,8 +137,8 @@ def run_in_process(
     loss in batch order (from the label holder's thread when ``threads``). ``prediction``: a pipelined
     schedule's weight prediction (see :class:`~splitnn.workers.runner.PartyRun`)."""
     check_in_process(stages, f"{schedule!r}")
-    fused = sorted({s.worker.name for s in stages if getattr(s.worker, "fuse", False)})
-    if not schedule.stashing and fused:
+    fused = [] if schedule.stashing else sorted({s.worker.name for s in stages if getattr(s.worker, "fuse", False)})
+    if fused:  # in-flight operations never fuse; a lock-step schedule's plain ones do on fused workers
         # a fused receiver keeps the sender's graph, so one backward from the loss runs through every segment:
         # that is train_step's fast path, not a schedule of separate backwards per party
         raise ConfigurationError(
