@@ -20,7 +20,6 @@ Two commands are not single operations:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from splitnn.errors import SplitNNError, WireError
 from splitnn.server import shipped
 from splitnn.server.commands import Commands
 from splitnn.server.exports import StreamState
-from splitnn.server.peers import PULL_RETRIES, PULL_RETRY_WAIT, SessionPeers
+from splitnn.server.peers import SessionPeers, on_new_links
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import Command, Reply, Transfer
 from splitnn.workers.epoch import EpochPlan
@@ -157,19 +156,16 @@ class Executor:
                 await self.peers.link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
 
             async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
-                for attempt in range(PULL_RETRIES + 1):
+                async def attempt() -> torch.Tensor:
                     fut = self.inbox.slot(run, peer, kind, fid)
                     if not self.peers.connected(peer):
                         # re-dial, sending again what we pushed to it unacknowledged (both sides may be waiting
                         # for what the broken link lost); a dead peer fails the wait (Inbox.peer_lost)
                         await self.peers.relink(peer)
-                    try:
-                        return await self.inbox.wait(run, peer, kind, fid, fut)
-                    except shipped.PeerLost:  # a link to the peer broke: it sends the push again on a new one
-                        if attempt == PULL_RETRIES:
-                            raise
-                        await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
-                raise AssertionError("unreachable")  # pragma: no cover
+                    return await self.inbox.wait(run, peer, kind, fid, fut)
+
+                # a link to the peer broke (PeerLost): the peer sends the push again on a new one
+                return await on_new_links(attempt, shipped.PeerLost)
 
             async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
                 yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(serde.losses_to_result(losses)))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -72,6 +72,33 @@ ACK_DELAY = 0.05
 
 class LinkLost(WorkerUnreachableError):
     """The peer link broke (the peer may be fine: a new link may get through)."""
+
+
+T = TypeVar("T")
+
+
+async def on_new_links(
+    attempt: Callable[[], Awaitable[T]],
+    lost: type[Exception] = LinkLost,
+    *,
+    what: str | None = None,
+    on_retry: Callable[[Exception], None] | None = None,
+) -> T:
+    """``attempt()``, and again (on a new link: each attempt takes the open one) each time it raises ``lost``,
+    up to :data:`PULL_RETRIES` times, waiting :data:`PULL_RETRY_WAIT` s, doubled per attempt. The last failure
+    is raised as it is, or as a LinkLost saying how many attempts to do ``what``."""
+    for n in range(PULL_RETRIES + 1):
+        try:
+            return await attempt()
+        except lost as exc:
+            if n == PULL_RETRIES:
+                if what is None:
+                    raise
+                raise LinkLost(f"{exc} ({n + 1} attempts to {what})") from None
+            if on_retry is not None:
+                on_retry(exc)
+            await asyncio.sleep(PULL_RETRY_WAIT * 2**n)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def rpc_text(exc: BaseException) -> str:
@@ -532,18 +559,16 @@ class SessionPeers:
     async def pull(self, owner: str, tensor_id: int, kind: str) -> Arrived:
         """Pull ``owner``'s tensor ``tensor_id`` (of the researcher's session there) over this session's link;
         on a new link, up to :data:`PULL_RETRIES` times, when the link breaks."""
-        for attempt in range(PULL_RETRIES + 1):
-            link = await self.link(owner)
-            try:
-                return await link.pull(tensor_id, kind)
-            except LinkLost as exc:
-                if attempt == PULL_RETRIES:
-                    raise LinkLost(f"{exc} ({attempt + 1} attempts to pull {kind} #{tensor_id})") from None
-                log.info("worker %s: pulling %s #%d from %s again: %s", self.peers.name, kind, tensor_id, owner, exc)
-                self.pulls_repeated += 1
-                self.scope.counters.record(owner, "sent", "repull", 0)  # (a message of no bytes: the count shows)
-                await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def attempt() -> Arrived:
+            return await (await self.link(owner)).pull(tensor_id, kind)
+
+        def again(exc: Exception) -> None:
+            log.info("worker %s: pulling %s #%d from %s again: %s", self.peers.name, kind, tensor_id, owner, exc)
+            self.pulls_repeated += 1
+            self.scope.counters.record(owner, "sent", "repull", 0)  # (a message of no bytes: the count shows)
+
+        return await on_new_links(attempt, what=f"pull {kind} #{tensor_id}", on_retry=again)
 
     # -- pushes (shipped epochs) --------------------------------------------------------------
     def outbox(self, peer: str) -> Outbox:
@@ -577,14 +602,7 @@ class SessionPeers:
         """Dial a new link to ``peer`` if this session's is broken, and send the unacknowledged pushes again on it
         (up to :data:`PULL_RETRIES` times, waiting as a repeated pull does); LinkLost when none gets through."""
         box = self.outbox(peer)
-        for attempt in range(PULL_RETRIES + 1):
-            try:
-                await self._send_kept(peer, box)
-                return
-            except LinkLost as exc:
-                if attempt == PULL_RETRIES:
-                    raise LinkLost(f"{exc} ({attempt + 1} attempts to push)") from None
-                await asyncio.sleep(PULL_RETRY_WAIT * 2**attempt)
+        await on_new_links(lambda: self._send_kept(peer, box), what="push")
 
     async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
         """Push ``value`` to ``peer`` (shipped epochs); it is kept until ``peer`` acknowledges it, and sent again on
