@@ -20,7 +20,10 @@ sizes and modes, so that a busy machine hits them alike):
   reassembles and decodes them (the data plane of a peer link, end to end);
 * ``tcp floor``: no gRPC and no framing: a blocking socket sends the tensor's memory (a length,
   then ``sendall``) and the receiver ``recv_into``s it straight into a new tensor's memory --
-  what any transport over this machine's loopback TCP costs at least.
+  what any transport over this machine's loopback TCP costs at least;
+* ``tcp frames``: the TCP data plane (``splitnn worker --data-listen``): the sender encodes the
+  tensor into frames and sends them on a :class:`splitnn.transport.tcp.FrameStream`, the receiver
+  parses, reassembles and decodes them (``grpc frames`` without gRPC).
 
 Each line fits ``time = fixed + per_byte x bytes`` over the sizes (least squares) and prints
 the fixed cost (us) and ns/byte of wall time, and of CPU time of both processes together.
@@ -45,10 +48,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from splitnn.transport import frames  # noqa: E402
+from splitnn.transport import frames, tcp  # noqa: E402
 from splitnn.transport.limits import Limits  # noqa: E402
 
 MAX_BYTES = 1 << 30
+MAX_FRAME = 64 << 20  # a frame of the largest chunk size, with its headers
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -156,6 +160,54 @@ def serve_tcp(port_file: str) -> None:
         pass
 
 
+def serve_tcp_frames(port_file: str) -> None:
+    """The ``tcp frames`` receiver: the TCP data plane's FrameStream; parses, reassembles and decodes every
+    tensor's frames and answers once per tensor."""
+
+    async def main() -> None:
+        def opened(stream: tcp.FrameStream) -> None:
+            async def receive() -> None:
+                reasm = frames.Reassembler(MAX_BYTES)
+                while (raw := await stream.read()) is not None:
+                    if reasm.feed(*frames.parse(raw)) is not None:
+                        await stream.send(frames.request("activation", 0))
+
+            asyncio.get_running_loop().create_task(receive())
+
+        server = await asyncio.get_running_loop().create_server(
+            lambda: tcp.FrameStream(MAX_FRAME, on_open=opened), "127.0.0.1", 0
+        )
+        with open(port_file + ".tmp", "w") as fh:
+            fh.write(str(server.sockets[0].getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+async def _tcp_frame_rows(port: int, pid: int, tensors: list[torch.Tensor], chunks: list[int], reps: int) -> dict:
+    """chunk -> per size: (median wall seconds, mean CPU seconds) to send one tensor's frames and get the answer."""
+    wall: dict[tuple, list[float]] = defaultdict(list)
+    cpu: dict[tuple, list[float]] = defaultdict(list)
+    stream = tcp.FrameStream(MAX_FRAME)
+    await asyncio.get_running_loop().create_connection(lambda: stream, "127.0.0.1", port)
+    for rep in range(reps + 2):
+        for chunk in chunks:
+            for i, t in enumerate(tensors):
+                c0, t0 = _cpu_seconds(pid), time.perf_counter()
+                for frame in frames.data_frames("activation", 1, t, chunk):
+                    await stream.send(frame)
+                await stream.read()
+                if rep >= 2:
+                    wall[chunk, i].append(time.perf_counter() - t0)
+                    cpu[chunk, i].append(_cpu_seconds(pid) - c0)
+    stream.cancel()
+    return {
+        chunk: [(statistics.median(wall[chunk, i]), statistics.fmean(cpu[chunk, i])) for i in range(len(tensors))]
+        for chunk in chunks
+    }
+
+
 def _tcp_rows(port: int, pid: int, tensors: list[torch.Tensor], reps: int) -> list[tuple[float, float]]:
     """Per tensor: (median wall seconds, mean CPU seconds) to send it over the plain socket and get the answer."""
     wall: dict[int, list[float]] = defaultdict(list)
@@ -233,6 +285,7 @@ def main() -> None:
     parser.add_argument("--only-grpc", action="store_true", help="skip the in-process steps")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-tcp", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-tcp-frames", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     chunks = [int(c) for c in args.chunks.split(",")]
@@ -241,6 +294,9 @@ def main() -> None:
         return
     if args.serve_tcp:
         serve_tcp(args.serve_tcp)
+        return
+    if args.serve_tcp_frames:
+        serve_tcp_frames(args.serve_tcp_frames)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     tensors = [torch.randn(n // 4) for n in sizes]
@@ -278,6 +334,17 @@ def main() -> None:
             proc.wait(10)
     _, cpu_per_byte = fit_line(sizes, [c for _, c in cells])
     line("tcp floor", [w for w, _ in cells], f"   CPU (both processes) {1e9 * cpu_per_byte:.3f} ns/byte")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = _start_server(tmp, "--serve-tcp-frames")
+        try:
+            tcp_rows = asyncio.run(_tcp_frame_rows(port, proc.pid, tensors, chunks, args.reps))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    for chunk, cells in tcp_rows.items():
+        _, cpu_per_byte = fit_line(sizes, [c for _, c in cells])
+        label = f"tcp frames, chunk {chunk >> 10} KiB"
+        line(label, [w for w, _ in cells], f"   CPU (both processes) {1e9 * cpu_per_byte:.3f} ns/byte")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ runs, medians), takes the extra time per batch of the networked path, and fits a
 median and from the fastest run of each (the fastest is the least disturbed on a busy
 machine), and the same for the CPU seconds of all processes together. With
 ``--baseline-src OLD/src`` a second set of workers runs another source tree (e.g. a git
-worktree of an older commit), interleaved with the first, for a fair before/after.
+worktree of an older commit), interleaved with the first, for a fair before/after; with
+``--data-plane grpc,tcp`` a second set of workers takes its peer links over the TCP data plane
+(``splitnn worker --data-listen``), interleaved with the gRPC set.
 
 It also reports, for both gRPC paths, the bytes on the wire per batch (every
 serialized gRPC message of every party: peer frames, control commands and replies)
@@ -354,6 +356,12 @@ def main() -> None:
         help="with --sweep: also time workers that import splitnn from this src/ directory (e.g. a worktree "
         "of an older commit), runs interleaved, for a fair before/after on a busy machine",
     )
+    parser.add_argument(
+        "--data-plane",
+        default="grpc",
+        help="with --sweep: comma-separated peer transports to time, interleaved: grpc (peer links over gRPC "
+        "streams), tcp (the workers' --data-listen); default grpc",
+    )
     parser.add_argument("--rpc-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -367,12 +375,15 @@ def main() -> None:
         sizes = [int(x) for x in args.sweep.split(",")]
         with contextlib.ExitStack() as stack:
             clusters = {}
-            for label, src in (("networked", None), ("baseline", args.baseline_src)):
-                if label == "baseline" and not src:
-                    continue
+            planes = args.data_plane.split(",")
+            if not set(planes) <= {"grpc", "tcp"}:
+                parser.error(f"--data-plane takes grpc and/or tcp, got {args.data_plane!r}")
+            todo = [("networked" if p == "grpc" else "tcp plane", None, p) for p in planes]
+            todo += [("baseline", args.baseline_src, "grpc")] if args.baseline_src else []
+            for label, src, plane in todo:
                 env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
                 tmp = stack.enter_context(tempfile.TemporaryDirectory())
-                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, env=env))
+                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, env=env, tcp=plane == "tcp"))
                 for n in NAMES:
                     cl.start(n)
                 clusters[label] = cl

@@ -26,7 +26,9 @@ dominate (e.g. 200). ``--compression CODEC,...`` adds one column per codec at th
 and a second table gives the bytes each variant moves across the cuts per batch (the
 ledger's, sent and raw). Every depth runs with every codec (``--pipeline 1,4
 --compression none,int8``: four columns). ``--predict BETA`` runs the pipelined columns with
-weight prediction (``SplitNN(..., weight_prediction=BETA)``).
+weight prediction (``SplitNN(..., weight_prediction=BETA)``). ``--data-plane tcp`` gives every
+worker a TCP data plane (``--data-listen``) behind a proxy of its own, with the same delay and
+rate, so peer links go over plain TCP instead of gRPC streams.
 Not a test: nothing here asserts timings.
 """
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -128,9 +131,14 @@ def run(args) -> dict:
     in_rates = _rate_of(inproc, data, args.runs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=3600) as cl, ThreadedLinkEmulator() as emu:
-        for n in NAMES:
-            cl.start(n)
         rate = parse_rate(args.rate)
+        for n in NAMES:
+            if args.data_plane == "tcp":  # the data plane behind a proxy of its own, which peers are told to dial
+                port = _free_port()
+                proxy = emu.add(f"{n}-data", f"127.0.0.1:{port}", rate=rate)
+                cl.start(n, "--data-listen", f"127.0.0.1:{port}", "--data-advertise", proxy)
+            else:
+                cl.start(n)
         proxies = {n: emu.add(n, cl.workers[n].address, rate=rate) for n in NAMES}
         echo = emu.call(serve_echo())
         ping = emu.add("ping", f"127.0.0.1:{echo.sockets[0].getsockname()[1]}", rate=rate)
@@ -162,6 +170,13 @@ def run(args) -> dict:
         "rows": rows,
         "cut_bytes_per_batch": {label: {"sent": s, "raw": r} for label, (s, r) in volume.items()},
     }
+
+
+def _free_port() -> int:
+    """A port free now on 127.0.0.1 (a worker binds it a moment later; fine for a benchmark)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _header(columns: list[str]) -> str:
@@ -231,6 +246,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--predict", type=float, default=None, help="weight prediction's factor for the pipelined runs, e.g. 0.5"
+    )
+    parser.add_argument(
+        "--data-plane",
+        choices=("grpc", "tcp"),
+        default="grpc",
+        help="peer links over gRPC streams (default) or the workers' TCP data plane (--data-listen), each "
+        "behind a proxy of its own with the same delay and rate",
     )
     parser.add_argument("--png", default=None, help="write samples/s against delay (log scale) here")
     parser.add_argument("--json", default=None, help="write the results here")

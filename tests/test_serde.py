@@ -82,12 +82,18 @@ def test_tensors_states_and_segments():
 
 
 # ------------------------------------------------------------------------------------ set-up
-@given(names, st.lists(st.text(max_size=20), max_size=5), st.sampled_from(["cpu", "cuda:0", "mps"]))
-def test_hello(name, datasets, device):
-    hello = serde.hello_from_result(_wire(serde.hello_to_result(name, datasets, device)))
-    assert (hello.name, hello.datasets, hello.device) == (name, datasets, device)
+data_addresses = st.sampled_from([None, ":7101", "10.0.0.5:7101", "[::1]:65535"])
+
+
+@given(names, st.lists(st.text(max_size=20), max_size=5), st.sampled_from(["cpu", "cuda:0", "mps"]), data_addresses)
+def test_hello(name, datasets, device, data):
+    hello = serde.hello_from_result(_wire(serde.hello_to_result(name, datasets, device, data=data)))
+    assert (hello.name, hello.datasets, hello.device, hello.data) == (name, datasets, device, data)
     assert hello.protocol == serde.PROTOCOL_VERSION
     assert serde.hello_from_result({"name": "bob", "protocol": 1, "device": 7}).device == "?"
+    for bad in ("7101", "h:0", "h:70000", "h:x", 7101, "h:" + "9" * 300):
+        with pytest.raises(WireError, match="data"):
+            serde.hello_from_result({"name": "bob", "protocol": 1, "data": bad})
 
 
 def test_stats():
@@ -97,7 +103,14 @@ def test_stats():
         serde.stats_from_result({"counters": rows})
 
 
-@given(st.dictionaries(names, st.builds(serde.PeerAddress, st.just("10.0.0.5:7001"), tags), max_size=5), tags)
+@given(
+    st.dictionaries(
+        names,
+        st.builds(serde.PeerAddress, st.just("10.0.0.5:7001"), tags, st.sampled_from([None, "10.0.0.5:7101"])),
+        max_size=5,
+    ),
+    tags,
+)
 def test_peers(peers, default):
     assert serde.peers_from_args(_wire(serde.peers_to_args(peers)), default_tag=default) == peers
 
@@ -106,7 +119,14 @@ def test_peers_default_to_the_session_tag_and_refuse_junk():
     tag = "0" * 32
     found = serde.peers_from_args({"peers": {"alice": "h:1", "bob": {"address": "h:2"}}}, default_tag=tag)
     assert found == {"alice": serde.PeerAddress("h:1", tag), "bob": serde.PeerAddress("h:2", tag)}
-    for bad in ({"alice": "no-port"}, {"a b": "h:1"}, {"alice": {"address": "h:1", "session": "XYZ"}}):
+    for bad in (
+        {"alice": "no-port"},
+        {"a b": "h:1"},
+        {"alice": {"address": "h:1", "session": "XYZ"}},
+        {"alice": {"address": "h:1", "data": ":7101"}},  # a peer's data plane needs its host
+        {"alice": {"address": "h:1", "data": "h:0"}},
+        {"alice": {"address": "h:1", "other": "x"}},
+    ):
         with pytest.raises(WireError):
             serde.peers_from_args({"peers": bad}, default_tag=tag)
 

@@ -43,6 +43,9 @@ def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys)
     [
         (["--max-lifetime", "-1"], "--max-lifetime must be a positive number"),
         (["--chunk-bytes", "0"], "chunk_bytes must be an integer >= 1024"),
+        (["--data-listen", "7101"], "--data-listen must be HOST:PORT"),
+        (["--data-listen", "h:1", "--data-advertise", "h:99999"], "--data-advertise must be HOST:PORT"),
+        (["--data-advertise", "h:7101"], "--data-advertise needs --data-listen"),
     ],
 )
 def test_worker_refuses_before_serving(argv, match, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import torch
@@ -65,20 +67,24 @@ def tls_cluster(tmp_path_factory):
     certs = {n: make_party(root, n, ca_cert, ca_key) for n in ("alice", "bob", "claire", "researcher", "mallory")}
     _, rogue_cert, rogue_key = make_ca(root, "rogue-ca")
     rogue = make_party(root, "researcher-rogue", rogue_cert, rogue_key)
-    with Cluster(root) as cl:
+    with Cluster(root, tcp=False) as cl:
         for n in ("alice", "bob", "claire"):
             cert, key = certs[n]
-            cl.start(n, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_path))
+            # claire's peer links come in over the TCP data plane (with TLS), the others' over gRPC
+            plane = ("--data-listen", "127.0.0.1:0") if n == "claire" else ()
+            cl.start(n, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_path), *plane)
         yield cl, ca_path, certs, rogue
 
 
 def test_mutual_tls_trains_and_matches(tls_cluster):
+    """Over gRPC peer streams (into alice and bob) and the TCP data plane (into claire), all with mutual TLS."""
     cl, ca, certs, _ = tls_cluster
     tls = TLSConfig(*certs["researcher"], ca)
     workers = [
         splitnn.connect(cl.workers[n].url, token=cl.token, name=n, tls=tls, timeout=60)
         for n in ("alice", "bob", "claire")
     ]
+    assert workers[2].data_address is not None and workers[1].data_address is None
     try:
         torch.manual_seed(0)
         segments = tutorial_mlp()
@@ -113,4 +119,73 @@ def test_tls_identity_and_ca_mismatches_are_rejected(tls_cluster):
     no_cert = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
     assert isinstance(_raw_call(address, md, no_cert, "bob"), grpc.RpcError)
     assert isinstance(_raw_call(address, md), grpc.RpcError)
+    assert all(w.alive() for w in cl.workers.values())
+
+
+def _tls_hello(address: str, token: str, ca, cert_key, party: str, server_name: str) -> bytes | None:
+    """A raw TLS connection to a data plane with ``cert_key`` (None: no certificate), hello as ``party``."""
+    import ssl
+
+    from splitnn.transport import tcp
+
+    async def main() -> bytes | None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(ca))
+        if cert_key is not None:
+            ctx.load_cert_chain(*map(str, cert_key))
+        stream = tcp.FrameStream(1 << 20)
+        host, _, port = address.rpartition(":")
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: stream, host, int(port), ssl=ctx, server_hostname=server_name
+            )
+            await stream.send(tcp.hello(token, party, None))
+            answer = await asyncio.wait_for(stream.read(), 20)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        finally:
+            stream.cancel()
+        return None if answer is None else bytes(answer)
+
+    return asyncio.run(main())
+
+
+def test_the_tls_data_plane_checks_certificates_both_ways(tls_cluster):
+    cl, ca, certs, rogue = tls_cluster
+    tls = TLSConfig(*certs["researcher"], ca)
+    claire = splitnn.connect(cl.workers["claire"].url, token=cl.token, name="claire", tls=tls, timeout=60)
+    try:
+
+        def hello(cert_key, server_name="claire"):
+            return _tls_hello(claire.data_address, cl.token, ca, cert_key, "bob", server_name)
+
+        assert hello(certs["bob"]) == b"OK"
+        answer = hello(certs["mallory"])  # a federation member's certificate, but it claims to be bob
+        assert answer is not None and b"certificate is for ['mallory']" in answer
+        assert hello(None) is None  # no certificate: no TLS session
+        assert hello(rogue) is None  # a certificate of another CA
+        assert hello(certs["bob"], server_name="alice") is None  # claire is not the party we meant to reach
+    finally:
+        claire.close()
+    assert cl.workers["claire"].alive()
+
+
+def test_a_misdirected_data_plane_address_gets_no_tensor(tls_cluster):
+    """The researcher tells alice that bob's data plane is claire's: alice's TLS check (the listener must be the
+    peer she meant to reach) refuses the connection, so bob's activations never reach claire that way."""
+    cl, ca, certs, _ = tls_cluster
+    tls = TLSConfig(*certs["researcher"], ca)
+    workers = [
+        splitnn.connect(cl.workers[n].url, token=cl.token, name=n, tls=tls, timeout=60)
+        for n in ("alice", "bob", "claire")
+    ]
+    try:
+        workers[1].data_address = workers[2].data_address
+        torch.manual_seed(0)
+        model = splitnn.SplitNN(tutorial_mlp(), workers)
+        with pytest.raises(WorkerError, match="peer 'bob''s data plane at .* failed the TLS check"):
+            model.fit(toy_dataset(64), epochs=1, batch_size=32, progress=False)
+    finally:
+        for w in workers:
+            w.close()
     assert all(w.alive() for w in cl.workers.values())

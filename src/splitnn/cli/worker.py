@@ -65,6 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1:0",
         help="HOST:PORT to listen on; port 0 picks a free port (see --address-file). Default 127.0.0.1:0",
     )
+    p.add_argument(
+        "--data-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also listen here for peer links over plain TCP (TLS with --tls-*): the same frames as over gRPC at "
+        "about half the CPU per byte; peers that learn of it from the researcher dial it (docs/performance.md)",
+    )
+    p.add_argument(
+        "--data-advertise",
+        default=None,
+        metavar="HOST:PORT",
+        help="the address peers should dial for --data-listen when it is not the one it listens on (NAT, proxy)",
+    )
     p.add_argument("--token-file", type=Path, required=True, help="file holding the federation token")
     p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
@@ -326,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
     from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
+    from splitnn.server.tcp_plane import split_address
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
@@ -338,6 +352,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
+    for flag, value in (("--data-listen", args.data_listen), ("--data-advertise", args.data_advertise)):
+        if value is not None:
+            split_address(value, flag)
+    if args.data_advertise is not None and args.data_listen is None:
+        raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")
@@ -389,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
         session_grace=grace,
         max_sessions=max_sessions,
         device=str(device),
+        data_listen=args.data_listen,
+        data_advertise=args.data_advertise,
     )
 
     def ready(address: str) -> None:

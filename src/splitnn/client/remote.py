@@ -198,7 +198,15 @@ class RemoteWorker:
         self.name = hello.name
         #: where the party computes, as it reports it (``splitnn worker --device``); informational
         self.device = hello.device
+        self.data_address = self._data_address(hello)
         self._open_stream()
+
+    def _data_address(self, hello: serde.Hello) -> str | None:
+        """Where the worker's peers reach its TCP data plane: as it says, on the host we reached it at if it
+        names none; None: over gRPC."""
+        if hello.data is None or not hello.data.startswith(":"):
+            return hello.data
+        return self.address.rpartition(":")[0] + hello.data
 
     def _connect(self) -> serde.Hello:
         """Open the channel and say hello (the worker opens or resumes our session)."""
@@ -328,7 +336,7 @@ class RemoteWorker:
         # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
         # that session only, and the peer hands its tensors only to the parties our session names
         addresses = {
-            n: serde.PeerAddress(w.address, w.session_tag)
+            n: serde.PeerAddress(w.address, w.session_tag, w.data_address)
             for n, w in peers.items()
             if isinstance(w, RemoteWorker) and n != self.name
         }
@@ -731,6 +739,7 @@ class RemoteWorker:
         if hello.name != self.name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is now {hello.name!r}, not {self.name!r}")
+        self.data_address = self._data_address(hello)
         # the broken stream's commands still queued at the worker must not run after the new stream's
         self._open_stream(replaces=stream.id if stream is not None else None)
         self._input_is_data.clear()

@@ -211,16 +211,34 @@ class Hello(NamedTuple):
     device: str = "cpu"
     #: segments the caller's session holds there (0 for a new session: the worker restarted, or it expired)
     session_segments: int = 0
+    #: where its TCP data plane listens (``HOST:PORT``, or ``:PORT`` on the host the caller reached it at);
+    #: None: peers reach it over gRPC
+    data: str | None = None
 
 
-def hello_to_result(name: str, datasets: Sequence[str], device: str = "cpu", session_segments: int = 0) -> dict:
-    return {
+def check_data_address(address: object, what: str, *, host_optional: bool = False) -> str:
+    """A data-plane address ``HOST:PORT`` (``:PORT`` if ``host_optional``); WireError naming ``what``."""
+    if not isinstance(address, str) or len(address) > 256:
+        raise WireError(f"{what} must be HOST:PORT, got {address!r}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or (not host and not host_optional):
+        raise WireError(f"{what} must be HOST:PORT, got {address!r}")
+    return address
+
+
+def hello_to_result(
+    name: str, datasets: Sequence[str], device: str = "cpu", session_segments: int = 0, data: str | None = None
+) -> dict:
+    result = {
         "name": name,
         "protocol": PROTOCOL_VERSION,
         "datasets": list(datasets),
         "device": device,
         "session_segments": session_segments,
     }
+    if data is not None:
+        result["data"] = data
+    return result
 
 
 def hello_from_result(result: dict) -> Hello:
@@ -235,7 +253,10 @@ def hello_from_result(result: dict) -> Hello:
     held = result.get("session_segments", 0)
     if not isinstance(held, int) or isinstance(held, bool) or held < 0:
         raise WireError("hello: 'session_segments' must be a count")
-    return Hello(check_party_name(result.get("name")), protocol, datasets, device, held)
+    data = result.get("data")
+    if data is not None:
+        data = check_data_address(data, "hello: 'data'", host_optional=True)
+    return Hello(check_party_name(result.get("name")), protocol, datasets, device, held, data)
 
 
 def stats_to_result(counters: list, ledger: list) -> dict:
@@ -251,15 +272,23 @@ def stats_from_result(result: dict) -> dict[str, list]:
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """Where a peer of a session listens, and the tag of the researcher's session there."""
+    """Where a peer of a session listens, the tag of the researcher's session there, and where its TCP data
+    plane listens (None: it has none; its peer links go over gRPC)."""
 
     address: str
     tag: str
+    data: str | None = None
 
 
 def peers_to_args(peers: Mapping[str, PeerAddress]) -> dict:
-    """The peers of a model: ``{name: {"address": HOST:PORT, "session": TAG}}`` (the ``peers`` command)."""
-    return {"peers": {name: {"address": p.address, "session": p.tag} for name, p in peers.items()}}
+    """The peers of a model: ``{name: {"address": HOST:PORT, "session": TAG[, "data": HOST:PORT]}}``
+    (the ``peers`` command)."""
+    return {
+        "peers": {
+            name: {"address": p.address, "session": p.tag, **({"data": p.data} if p.data else {})}
+            for name, p in peers.items()
+        }
+    }
 
 
 def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
@@ -270,13 +299,16 @@ def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
     found: dict[str, PeerAddress] = {}
     for peer, where in peers.items():
         check_party_name(peer)
-        if isinstance(where, dict) and set(where) <= {"address", "session"}:
+        data = None
+        if isinstance(where, dict) and set(where) <= {"address", "session", "data"}:
             address, tag = where.get("address"), where.get("session", default_tag)
+            if "data" in where:
+                data = check_data_address(where["data"], f"peer {peer!r}'s data-plane address")
         else:
             address, tag = where, default_tag
         if not isinstance(address, str) or ":" not in address or len(address) > 256:
             raise WireError(f"peer {peer!r} has a malformed address {address!r}")
-        found[peer] = PeerAddress(address, check_session_tag(tag))
+        found[peer] = PeerAddress(address, check_session_tag(tag), data)
     return found
 
 

@@ -147,7 +147,8 @@ class Commands:
     async def _op_hello(self, a, blobs, **_):
         # the party's own datasets only: what other sessions placed is theirs to know
         held = len(self.engine.segment_keys())  # 0: a new session (the worker restarted, or it expired)
-        return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device), held), []
+        data = self.peers.peers.data_address  # where peers reach this worker's TCP data plane (None: over gRPC)
+        return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device), held, data), []
 
     async def _op_stats(self, a, blobs, **_):
         return serde.stats_to_result(self.counters.to_rows(), self.engine.ledger.to_rows()), []

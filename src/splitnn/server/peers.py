@@ -28,6 +28,11 @@ when it had sent it already (:class:`~splitnn.server.exports.Exports` keeps the 
 handed out a while): the tensor arrives once, is recorded once, and is never lost. A pull the
 peer does not answer in time is not repeated (the peer is alive but did not produce it).
 
+A link is a gRPC ``Peer`` stream, or, to a peer that listens for them (``splitnn worker --data-listen``;
+the researcher passes its address on in :class:`~splitnn.common.serde.PeerAddress`), a TCP connection
+carrying the same frames (:mod:`splitnn.transport.tcp`, :mod:`splitnn.server.tcp_plane`): a
+:class:`PeerLink` only sends and reads frames, so everything here works the same on both.
+
 A push survives a link that breaks too: the sender keeps each push until the receiver
 acknowledges it (an ACK frame; :mod:`splitnn.server.pushes`), and :meth:`SessionPeers.relink`
 dials a new link and sends the unacknowledged pushes again on it, in order, before anything
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -52,7 +58,7 @@ from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachabl
 from splitnn.server.exports import held_bytes
 from splitnn.server.pushes import Outbox
 from splitnn.server.shipped import Inbox
-from splitnn.transport import frames
+from splitnn.transport import frames, tcp
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
@@ -425,6 +431,8 @@ class Peers:
         self._dialing: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._channels: dict[tuple[str, str], list] = {}  # (peer, address) -> [channel, links using it]
         self._closing: set[asyncio.Task] = set()
+        #: where this worker's TCP data plane listens, as it tells researchers (None: it has none)
+        self.data_address: str | None = None
 
     def connected(self, scope: PeerScope, peer: str, where: PeerAddress) -> bool:
         """Whether ``scope``'s link to ``peer`` is up."""
@@ -441,16 +449,51 @@ class Peers:
             link = self._dialled.get(key)
             if link is not None and link.closed is None:
                 return link
-            channel = self._channel(peer, where.address)
-            call = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)(
-                metadata=call_metadata(self._token, self.name, peer_session=where.tag)
-            )
-            link = PeerLink(self, peer, where.tag, call.write, call.read, scope=scope, call=call)
-            link.channel_key = (peer, where.address)
-            link.counted = True
+            if where.data is not None:
+                stream = await self._dial_tcp(peer, where)
+                link = PeerLink(self, peer, where.tag, stream.send, stream.read, scope=scope, call=stream)
+            else:
+                channel = self._channel(peer, where.address)
+                call = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)(
+                    metadata=call_metadata(self._token, self.name, peer_session=where.tag)
+                )
+                link = PeerLink(self, peer, where.tag, call.write, call.read, scope=scope, call=call)
+                link.channel_key = (peer, where.address)
+                link.counted = True
             self._dialled[key] = link
             link._task = asyncio.get_running_loop().create_task(link.run())
             return link
+
+    async def _dial_tcp(self, peer: str, where: PeerAddress) -> tcp.FrameStream:
+        """A connection to ``peer``'s TCP data plane, past its hello (see :mod:`splitnn.server.tcp_plane`)."""
+        host, _, port = where.data.rpartition(":")
+        ctx = tcp.client_context(self._tls) if self._tls is not None else None
+        stream = tcp.FrameStream(self.limits.frame_bytes + 64 * 1024)
+        whom = f"worker {self.name!r}: peer {peer!r}'s data plane at {where.data}"
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(
+                    lambda: stream, host.strip("[]"), int(port), ssl=ctx, server_hostname=peer if ctx else None
+                ),
+                self.timeout,
+            )
+            await stream.send(tcp.hello(self._token, self.name, where.tag))
+            answer = await asyncio.wait_for(stream.read(), self.timeout)
+        except ssl.SSLCertVerificationError as exc:
+            stream.cancel()
+            raise WorkerError(f"{whom} failed the TLS check: {exc.verify_message}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            stream.cancel()
+            raise LinkLost(
+                f"worker {self.name!r}: lost the connection to peer {peer!r} (its data plane at {where.data} cannot "
+                f"be reached: {exc or 'timed out'})"
+            ) from None
+        if answer != tcp.OK:
+            stream.cancel()
+            if answer is not None and answer[:2] == tcp.NO:
+                raise PolicyError(f"{whom} refused the connection: {bytes(answer[2:]).decode('utf-8', 'replace')}")
+            raise LinkLost(f"{whom} closed the connection before answering its hello")
+        return stream
 
     def _channel(self, peer: str, address: str) -> grpc.aio.Channel:
         entry = self._channels.get((peer, address))
@@ -517,7 +560,9 @@ class Peers:
                 asyncio.get_running_loop().create_task(send(link))
 
     async def close(self) -> None:
-        """Close the channels this worker dialled."""
+        """Close the links and channels this worker dialled."""
+        for link in list(self._dialled.values()):
+            link.close()
         channels = [entry[0] for entry in self._channels.values()]
         self._channels.clear()
         for ch in channels:

@@ -16,6 +16,7 @@ process's lifecycle; the rest of a worker lives beside it:
 * :mod:`splitnn.server.executor` -- running commands in order, batches, shipped epochs;
 * :mod:`splitnn.server.exports` -- the tensors a session produced, by the researcher's id;
 * :mod:`splitnn.server.peers` -- the peer streams (pull, push, abort) to other workers, per session;
+* :mod:`splitnn.server.tcp_plane` -- the optional TCP listener for peer links (``--data-listen``);
 * :mod:`splitnn.common.messages` -- message conventions shared with the researcher's client.
 
 Three RPCs (see ``wire/proto/splitnn.proto``):
@@ -93,6 +94,7 @@ from splitnn.server.exports import StreamState
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
+from splitnn.server.tcp_plane import TcpPlane, split_address
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
@@ -167,6 +169,12 @@ class WorkerServer:
         state_dir: where every session writes its checkpoints (``--state-dir``; the job id, a secret
             of the researcher's, names each job's part of it); without one a worker keeps none.
         audit: where the party's audit log goes (:class:`~splitnn.workers.audit.AuditLog`), or None.
+        data_listen: ``HOST:PORT`` of a TCP data plane beside the gRPC port (``--data-listen``; port 0: any
+            free port): peers that learn of it open their links there instead of over gRPC
+            (:mod:`splitnn.server.tcp_plane`). None: peer links over gRPC only.
+        data_advertise: the ``HOST:PORT`` peers should dial for it when that is not where it listens (behind
+            NAT or a proxy; ``--data-advertise``). By default the listening address, or for a wildcard host
+            (``0.0.0.0``) the port on whichever host the researcher reached this worker at.
     """
 
     def __init__(
@@ -185,6 +193,8 @@ class WorkerServer:
         device: str = "cpu",
         state_dir: str | os.PathLike | None = None,
         audit: AuditLog | None = None,
+        data_listen: str | None = None,
+        data_advertise: str | None = None,
     ) -> None:
         self.name = check_party_name(name)
         if name == RESEARCHER:
@@ -228,6 +238,12 @@ class WorkerServer:
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
+        if data_advertise is not None:
+            split_address(data_advertise, "--data-advertise")
+            if data_listen is None:
+                raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
+        self._data_listen, self._data_advertise = data_listen, data_advertise
+        self.data_plane: TcpPlane | None = None
 
     def _setup_session(self, session: Session) -> None:
         session.commands = Commands(self.name, session, sessions=self.sessions, limits=self.limits, trust=self.trust)
@@ -268,7 +284,21 @@ class WorkerServer:
         await server.start()
         self._server = server
         self.address = f"{host}:{bound}"
+        if self._data_listen is not None:
+            await self._start_data_plane(self._data_listen)
         return self.address
+
+    async def _start_data_plane(self, listen: str) -> None:
+        plane = TcpPlane(self.name, self.token, tls=self.tls, peers=self.peers, counters=self.counters)
+        try:
+            bound = await plane.start(listen)
+        except WorkerError:
+            await self._server.stop(None)
+            raise
+        self.data_plane = plane
+        host, _, port = bound.rpartition(":")
+        wildcard = host.strip("[]") in ("", "0.0.0.0", "::")
+        self.peers.data_address = self._data_advertise or (f":{port}" if wildcard else bound)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, close peer links."""
@@ -282,6 +312,8 @@ class WorkerServer:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=max(grace, 1.0))
+        if self.data_plane is not None:
+            await self.data_plane.stop()
         for _ in range(3):
             await asyncio.sleep(0)
         self.sessions.drop_all()
@@ -592,6 +624,8 @@ class ServeConfig:
     policy: WorkerPolicy | None = None  # the party's policy (--policy); release_outputs from it when given
     state_dir: str | None = None  # where each session writes its checkpoints (--state-dir)
     audit_log: str | None = None  # the audit log, JSON lines (--audit-log; default STATE_DIR/audit.jsonl)
+    data_listen: str | None = None  # a TCP data plane for peer links (--data-listen)
+    data_advertise: str | None = None  # where peers dial it, if not where it listens (--data-advertise)
 
 
 def write_address(path: str, address: str) -> None:
@@ -629,6 +663,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         device=config.device,
         state_dir=config.state_dir,
         audit=audit,
+        data_listen=config.data_listen,
+        data_advertise=config.data_advertise,
     )
     for dname, parts in config.datasets.items():
         server.sessions.add_party_dataset(dname, **parts)

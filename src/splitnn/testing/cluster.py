@@ -3,7 +3,9 @@
 Each worker runs ``python -m splitnn worker`` with one torch thread, an address file (so
 the caller learns the port it bound) and a maximum lifetime (so a crashed test leaves no
 process behind for long). ``env`` adds environment variables for the workers only, e.g.
-``PYTHONPATH`` to run them from another source tree in an A/B benchmark.
+``PYTHONPATH`` to run them from another source tree in an A/B benchmark. With ``tcp`` (by
+default when ``SPLITNN_DATA_PLANE=tcp``, which runs a test suite's networked tests over it) every
+worker also listens for peer links on a TCP data plane (``--data-listen``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,8 +81,11 @@ class Cluster:
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
     lifetime: float = 300.0
     env: dict[str, str] = field(default_factory=dict)
+    #: give every worker a TCP data plane (``--data-listen``); by default when ``SPLITNN_DATA_PLANE=tcp``
+    tcp: bool = field(default_factory=lambda: os.environ.get("SPLITNN_DATA_PLANE") == "tcp")
 
     def __post_init__(self) -> None:
+        self._data_ports: dict[str, int] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         self.token_file = self.root / "TOKEN"
         self.token_file.write_text(self.token + "\n")
@@ -117,6 +123,7 @@ class Cluster:
             "1",
             "--max-lifetime",
             str(self.lifetime),
+            *(("--data-listen", self._data_listen(name, listen)) if self.tcp else ()),
             *args,
         ]
         with open(log, "wb") as fh:
@@ -131,6 +138,19 @@ class Cluster:
         wp = WorkerProcess(name, proc, addr_file.read_text().strip(), log)
         self.workers[name] = wp
         return wp
+
+    def _data_listen(self, name: str, listen: str) -> str:
+        """A port of its own for the worker's TCP data plane, the same when it is restarted (as an operator
+        would restart it: on the same ports)."""
+        host = listen.rpartition(":")[0]
+        if name not in self._data_ports:
+            with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as sock:
+                try:
+                    sock.bind((host.strip("[]"), 0))
+                except OSError:  # not an address of this namespace (the worker runs in another): any port there
+                    return f"{host}:0"
+                self._data_ports[name] = sock.getsockname()[1]
+        return f"{host}:{self._data_ports[name]}"
 
     def connect(self, *names: str, timeout: float = 60.0) -> list:
         """A researcher's :func:`splitnn.connect` to each named worker, in order (close them when done)."""

@@ -1,0 +1,135 @@
+"""A worker's TCP data plane: peer links without gRPC (``splitnn worker --data-listen``).
+
+Beside its gRPC port a worker may listen on a second one that carries only peer links: the
+same frames, acknowledgements, re-sent pushes and session scoping as the gRPC ``Peer``
+stream (:mod:`splitnn.server.peers`), over :class:`~splitnn.transport.tcp.FrameStream`.
+The worker tells each researcher where (``hello``), the researcher tells the worker's peers
+(``peers``), and a peer that has the address dials it instead of opening a gRPC stream;
+a worker without one is reached over gRPC as before, so both kinds mix in one federation.
+
+The listener checks what the gRPC server checks of a peer stream, from the connection's
+hello frame (:func:`splitnn.transport.tcp.read_hello`): the federation token (constant
+time), a valid party name that is neither the researcher's nor this worker's, with mutual
+TLS a certificate naming that party, and a well-formed session tag. It answers ``NO`` and
+the reason, and closes, or ``OK``, and serves the link until either side ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from splitnn.accounting import RESEARCHER
+from splitnn.common.messages import check_party_name, check_session_tag
+from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.server.peers import Peers
+from splitnn.transport import tcp
+from splitnn.transport.counters import ByteCounters
+from splitnn.transport.security import TLSConfig, token_matches
+
+log = logging.getLogger("splitnn.worker")
+
+#: Seconds a new connection has to send its hello frame.
+HELLO_TIMEOUT = 10.0
+
+
+def split_address(address: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) -> ``(host, port)``; ConfigurationError naming ``what`` if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigurationError(f"{what} must be HOST:PORT like 127.0.0.1:7101, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class TcpPlane:
+    """The listener of a worker's TCP data plane; accepted links join the worker's :class:`Peers`."""
+
+    def __init__(self, name: str, token: str, *, tls: TLSConfig | None, peers: Peers, counters: ByteCounters) -> None:
+        self.name, self._token, self._tls = name, token, tls
+        self.peers, self.counters = peers, counters
+        self._server: asyncio.Server | None = None
+        self._served: set[asyncio.Task] = set()
+        self.address: str | None = None
+
+    async def start(self, listen: str) -> str:
+        """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
+        host, port = split_address(listen, "--data-listen")
+        ctx = tcp.server_context(self._tls) if self._tls is not None else None
+        max_frame = self.peers.limits.frame_bytes + 64 * 1024  # a chunk, its frame header and payload header
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: tcp.FrameStream(max_frame, on_open=self._open), host, port, ssl=ctx
+            )
+        except OSError as exc:
+            raise WorkerError(f"worker {self.name!r} cannot listen on {listen} for its data plane: {exc}") from None
+        bound = self._server.sockets[0].getsockname()[1]
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    def _open(self, stream: tcp.FrameStream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        self._served.add(task)
+        task.add_done_callback(self._served.discard)
+
+    async def _serve(self, stream: tcp.FrameStream) -> None:
+        try:
+            party, tag = await self._admit(stream)
+            if party is None:
+                return
+            await stream.send(tcp.OK)
+            link = await self.peers.accept(party, tag, stream.send, stream.read)
+            error = link.protocol_error or stream.error
+            if error is not None:
+                log.warning("worker %s: malformed data-plane frame from %s: %s", self.name, party, error)
+        except ConnectionError:
+            pass
+        finally:
+            if stream.transport is not None:
+                stream.transport.close()  # after what is still buffered for the peer
+
+    async def _admit(self, stream: tcp.FrameStream) -> tuple[str | None, str | None]:
+        """The party and session tag the hello names, if the listener lets it in; else say why (and None)."""
+        try:
+            token, party, tag = tcp.read_hello(await asyncio.wait_for(stream.read(), HELLO_TIMEOUT))
+        except (WireError, asyncio.TimeoutError) as exc:
+            return await self._refuse(stream, "?", str(exc) or "no hello within 10 s")
+        if not token_matches(token, self._token):
+            return await self._refuse(stream, party, "missing or wrong federation token")
+        try:
+            check_party_name(party)
+            if tag is not None:
+                check_session_tag(tag)
+        except WireError as exc:
+            return await self._refuse(stream, "?", str(exc))
+        if party in (RESEARCHER, self.name):
+            return await self._refuse(stream, party, f"{party!r} is not a peer")
+        if self._tls is not None and self._tls.ca is not None:
+            names = tcp.certificate_names(stream.transport.get_extra_info("peercert"))
+            if party not in names:
+                return await self._refuse(
+                    stream,
+                    party,
+                    f"caller claims to be {party!r} but its certificate is for {sorted(names) or 'nobody'}",
+                )
+        return party, tag
+
+    async def _refuse(self, stream: tcp.FrameStream, party: str, why: str) -> tuple[None, None]:
+        try:
+            check_party_name(party)
+        except WireError:
+            party = "?"
+        self.counters.record(party, "recv", "rejected", 0)
+        try:
+            await stream.send(tcp.NO + f"worker {self.name!r}: {why}".encode())
+        except ConnectionError:
+            pass
+        return None, None
+
+    async def stop(self) -> None:
+        """Stop listening and end the links it accepted."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._served):
+            task.cancel()
+        if self._served:
+            await asyncio.wait(set(self._served), timeout=2.0)

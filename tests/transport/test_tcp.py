@@ -1,0 +1,181 @@
+"""Length-prefixed peer frames over TCP (splitnn.transport.tcp): the receiver's buffer logic, a real loopback
+connection, refusals of oversized lengths and malformed hellos."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitnn.errors import WireError
+from splitnn.transport import tcp
+
+
+def wire_bytes(frames: list[bytes]) -> bytes:
+    # written out plainly (not with the module's LENGTH): a 4-byte little-endian length, then the frame
+    return b"".join(struct.pack("<I", len(f)) + f for f in frames)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.aborted = self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def feed(stream: tcp.FrameStream, data: bytes, cuts: list[int]) -> None:
+    """Deliver ``data`` as asyncio would: into the buffers the protocol hands out, in pieces ending at ``cuts``
+    (and never more than a buffer holds)."""
+    pos = 0
+    for end in [*sorted(cuts), len(data)]:
+        while pos < end:
+            buf = stream.get_buffer(-1)
+            n = min(len(buf), end - pos)
+            assert n > 0, "the protocol handed out an empty buffer"
+            buf[:n] = data[pos : pos + n]
+            stream.buffer_updated(n)
+            pos += n
+
+
+def drain(stream: tcp.FrameStream) -> list[bytes]:
+    out = []
+    while stream._frames:
+        out.append(bytes(asyncio.run(stream.read())))
+    return out
+
+
+SIZES = [0, 1, 5, tcp.SCRATCH_BYTES - 4, tcp.SCRATCH_BYTES - 3, tcp.SCRATCH_BYTES, 3 * tcp.SCRATCH_BYTES + 7]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from(SIZES) | st.integers(0, 5000), min_size=1, max_size=8),
+    seed=st.integers(0, 2**32 - 1),
+    ncuts=st.integers(0, 12),
+)
+def test_frames_come_out_whole_and_in_order_however_the_bytes_arrive(sizes, seed, ncuts):
+    rng = random.Random(seed)
+    frames = [rng.randbytes(n) for n in sizes]
+    data = wire_bytes(frames)
+    cuts = [rng.randrange(len(data) + 1) for _ in range(ncuts)]
+    stream = tcp.FrameStream(max_frame=4 * tcp.SCRATCH_BYTES)
+    stream.connection_made(FakeTransport())
+    feed(stream, data, cuts)
+    assert drain(stream) == frames
+    assert stream._fill == 0 and stream._big is None  # nothing left half-read
+
+
+def test_a_length_over_the_limit_ends_the_connection_before_buffering():
+    stream = tcp.FrameStream(max_frame=1000)
+    transport = FakeTransport()
+    stream.connection_made(transport)
+    feed(stream, wire_bytes([b"x" * 10]) + struct.pack("<I", 1001) + b"y" * 50, [])
+    assert transport.aborted and "1,001 bytes" in str(stream.error)
+    assert bytes(asyncio.run(stream.read())) == b"x" * 10  # what came whole before it is still read
+    assert asyncio.run(stream.read()) is None
+
+
+def test_a_reader_that_falls_behind_pauses_the_connection(monkeypatch):
+    monkeypatch.setattr(tcp, "HIGH_WATER", 100)
+    stream = tcp.FrameStream(max_frame=1000)
+    transport = FakeTransport()
+    stream.connection_made(transport)
+    feed(stream, wire_bytes([b"a" * 60, b"b" * 60]), [])
+    assert transport.paused
+    asyncio.run(stream.read())
+    assert transport.paused  # 60 bytes still queued: over half the mark
+    asyncio.run(stream.read())
+    assert not transport.paused
+
+
+def test_frames_cross_a_real_connection_both_ways():
+    frames = [b"", b"small", bytes(range(256)) * 4000, b"z" * (tcp.JOIN_BELOW + 1), b"end"]
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        got_by_server: list[bytes] = []
+        done = asyncio.Event()
+
+        def opened(stream: tcp.FrameStream) -> None:
+            async def echo() -> None:
+                while (frame := await stream.read()) is not None:
+                    got_by_server.append(bytes(frame))
+                    await stream.send(frame[::-1])
+                done.set()
+
+            asyncio.get_running_loop().create_task(echo())
+
+        server = await asyncio.get_running_loop().create_server(
+            lambda: tcp.FrameStream(1 << 22, on_open=opened), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = tcp.FrameStream(1 << 22)
+        await asyncio.get_running_loop().create_connection(lambda: client, "127.0.0.1", port)
+        sock = client.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # a vanished peer is noticed
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 15_000
+        for f in frames:
+            await client.send(f)
+        answers = [bytes(await client.read()) for _ in frames]
+        client.cancel()
+        await asyncio.wait_for(done.wait(), 20)
+        assert await client.read() is None
+        with pytest.raises(ConnectionError):
+            await client.send(b"after the end")
+        server.close()
+        await server.wait_closed()
+        return got_by_server, answers
+
+    got, answers = asyncio.run(main())
+    assert got == frames
+    assert answers == [f[::-1] for f in frames]
+
+
+def test_hello_round_trips_and_junk_is_refused():
+    assert tcp.read_hello(tcp.hello("t0k", "alice", "a" * 32)) == ("t0k", "alice", "a" * 32)
+    assert tcp.read_hello(tcp.hello("t0k", "alice", None)) == ("t0k", "alice", None)
+    for junk in (
+        None,
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'{"token": "t"}',
+        b'{"token": 1, "party": "a", "session": null}',
+        b'{"token": "t", "party": "a", "session": null, "more": 1}',
+        b"{" + b" " * 9000 + b"}",
+    ):
+        with pytest.raises(WireError):
+            tcp.read_hello(junk)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_hello_parsing_raises_only_wire_errors(junk):
+    try:
+        tcp.read_hello(junk)
+    except WireError:
+        pass
+
+
+def test_certificate_names_are_the_common_name_and_dns_sans():
+    cert = {
+        "subject": ((("countryName", "XX"),), (("commonName", "alice"),)),
+        "subjectAltName": (("DNS", "alice.example"), ("IP Address", "10.0.0.1")),
+    }
+    assert tcp.certificate_names(cert) == {"alice", "alice.example"}
+    assert tcp.certificate_names(None) == set()
