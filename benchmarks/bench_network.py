@@ -31,6 +31,10 @@ worktree of an older commit), interleaved with the first, for a fair before/afte
 ``--data-plane grpc,tcp`` a second set of workers takes its peer links over the TCP data plane
 (``splitnn worker --data-listen``), interleaved with the gRPC set.
 
+With ``--parties 1,16`` it gives, per pipeline depth, the samples/s of in-process training and of
+shipped epochs on each ``--data-plane`` (loopback, no emulator), and every party's CPU milliseconds
+per batch: where the networked path's CPU goes, against the two cores this machine has.
+
 It also reports, for both gRPC paths, the bytes on the wire per batch (every
 serialized gRPC message of every party: peer frames, control commands and replies)
 against the raw tensor bytes (numel x itemsize of the activations and gradients
@@ -303,6 +307,54 @@ def bench_sweep(sizes: list[int], batches: int, runs: int, clusters: dict) -> li
     return rows
 
 
+def bench_parties(depths: list[int], batches: int, runs: int, clusters: dict) -> list[dict]:
+    """Per transport and depth K: samples/s and each party's CPU milliseconds per batch of shipped epochs over
+    loopback (no emulator), and the same for in-process training (lock-step and pipelined): where the
+    networked path's CPU goes, against what two cores can give."""
+    import splitnn
+
+    data = _data(batches * BATCH)
+    rows = []
+    for k in depths:
+        inproc = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES], optimizer="sgd:lr=0.03")
+        rows.append(_party_row(f"in-process, K={k}", inproc, data, k, runs, {}))
+    for label, cluster in clusters.items():
+        workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
+        try:
+            for k in depths:
+                model = splitnn.SplitNN(_segments(), workers, optimizer="sgd:lr=0.03")
+                pids = {n: cluster.workers[n].proc.pid for n in NAMES}
+                rows.append(_party_row(f"{label}, K={k}", model, data, k, runs, pids))
+        finally:
+            for w in workers:
+                w.close()
+    return rows
+
+
+def _party_row(label: str, model, data, k: int, runs: int, pids: dict[str, int]) -> dict:
+    batches = len(data) // BATCH
+    model.fit(data, epochs=1, batch_size=BATCH, pipeline=k, progress=False)  # warm-up, data placement
+    c0 = {n: _cpu_seconds([pid]) - time.process_time() for n, pid in pids.items()}
+    r0, t0 = time.process_time(), time.perf_counter()
+    model.fit(data, epochs=runs, batch_size=BATCH, pipeline=k, progress=False)
+    seconds = time.perf_counter() - t0
+    cpu = {n: 1e3 * (_cpu_seconds([pid]) - time.process_time() - c0[n]) / (runs * batches) for n, pid in pids.items()}
+    cpu["researcher"] = 1e3 * (time.process_time() - r0) / (runs * batches)
+    return {"label": label, "rate": runs * len(data) / seconds, "cpu_ms": cpu}
+
+
+def print_parties(rows: list[dict]) -> None:
+    base = rows[0]["rate"]
+    print(
+        "| run | samples/s | vs in-process lock-step | CPU ms per batch: " + ", ".join(NAMES) + ", researcher | total |"
+    )
+    print("|---|---:|---:|---|---:|")
+    for r in rows:
+        cpu = r["cpu_ms"]
+        cells = ", ".join(f"{cpu[n]:.2f}" for n in (*NAMES, "researcher") if n in cpu)
+        print(f"| {r['label']} | {r['rate']:,.0f} | {r['rate'] / base:.2f}x | {cells} | {sum(cpu.values()):.2f} |")
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """CPU seconds used so far by this process and the processes ``pids`` (user + system)."""
     total = time.process_time()
@@ -357,9 +409,15 @@ def main() -> None:
         "of an older commit), runs interleaved, for a fair before/after on a busy machine",
     )
     parser.add_argument(
+        "--parties",
+        default=None,
+        help="comma-separated pipeline depths (e.g. 1,16): samples/s and each party's CPU per batch instead, "
+        "networked (per --data-plane) and in-process",
+    )
+    parser.add_argument(
         "--data-plane",
         default="grpc",
-        help="with --sweep: comma-separated peer transports to time, interleaved: grpc (peer links over gRPC "
+        help="with --sweep or --parties: comma-separated peer transports to time: grpc (peer links over gRPC "
         "streams), tcp (the workers' --data-listen); default grpc",
     )
     parser.add_argument("--rpc-worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -371,6 +429,20 @@ def main() -> None:
     torch.set_num_threads(1)
     from splitnn.testing.cluster import Cluster
 
+    if args.parties:
+        planes = args.data_plane.split(",")
+        with contextlib.ExitStack() as stack:
+            clusters = {}
+            for plane in planes:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory())
+                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, tcp=plane == "tcp"))
+                for n in NAMES:
+                    cl.start(n)
+                clusters[f"{plane} links"] = cl
+            rows = bench_parties([int(k) for k in args.parties.split(",")], args.batches, args.runs, clusters)
+        print(f"tutorial MLP, batch {BATCH}, {args.batches} batches x {args.runs} epochs, 3 workers on 127.0.0.1")
+        print_parties(rows)
+        return
     if args.sweep:
         sizes = [int(x) for x in args.sweep.split(",")]
         with contextlib.ExitStack() as stack:
