@@ -145,3 +145,29 @@ def test_a_peer_that_refuses_the_hello_fails_the_run_naming_why(cluster, tmp_pat
         eve.close()
         cluster.stop("eve")
         del cluster.workers["eve"]
+
+
+def test_the_listener_holds_at_most_max_rpcs_connections():
+    from splitnn.server.server import WorkerServer
+
+    async def main() -> list:
+        server = WorkerServer("alice", "a-federation-token", data_listen="127.0.0.1:0", max_rpcs=2)
+        await server.start("127.0.0.1:0")
+        host, _, port = server.data_plane.address.rpartition(":")
+        streams = []
+        try:
+            for _ in range(3):
+                stream = tcp.FrameStream(1 << 20)
+                await asyncio.get_running_loop().create_connection(lambda s=stream: s, host, int(port))
+                streams.append(stream)
+                await asyncio.sleep(0.2)  # the listener has seen it
+            third = await asyncio.wait_for(streams[2].read(), 20)  # closed at once, nothing said
+            await streams[0].send(tcp.hello("a-federation-token", "bob", None))
+            first = await asyncio.wait_for(streams[0].read(), 20)  # the two before it are served
+            return [third, None if first is None else bytes(first)]
+        finally:
+            for stream in streams:
+                stream.cancel()
+            await server.stop(0.5)
+
+    assert asyncio.run(main()) == [None, tcp.OK]

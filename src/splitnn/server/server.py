@@ -289,7 +289,9 @@ class WorkerServer:
         return self.address
 
     async def _start_data_plane(self, listen: str) -> None:
-        plane = TcpPlane(self.name, self.token, tls=self.tls, peers=self.peers, counters=self.counters)
+        plane = TcpPlane(
+            self.name, self.token, tls=self.tls, peers=self.peers, counters=self.counters, max_connections=self.max_rpcs
+        )
         try:
             bound = await plane.start(listen)
         except WorkerError:

@@ -11,7 +11,8 @@ The listener checks what the gRPC server checks of a peer stream, from the conne
 hello frame (:func:`splitnn.transport.tcp.read_hello`): the federation token (constant
 time), a valid party name that is neither the researcher's nor this worker's, with mutual
 TLS a certificate naming that party, and a well-formed session tag. It answers ``NO`` and
-the reason, and closes, or ``OK``, and serves the link until either side ends it.
+the reason, and closes, or ``OK``, and serves the link until either side ends it. It holds at most
+``max_connections`` connections at once (the worker's ``max_rpcs``); more are closed at once.
 """
 
 from __future__ import annotations
@@ -44,9 +45,19 @@ def split_address(address: str, what: str) -> tuple[str, int]:
 class TcpPlane:
     """The listener of a worker's TCP data plane; accepted links join the worker's :class:`Peers`."""
 
-    def __init__(self, name: str, token: str, *, tls: TLSConfig | None, peers: Peers, counters: ByteCounters) -> None:
+    def __init__(
+        self,
+        name: str,
+        token: str,
+        *,
+        tls: TLSConfig | None,
+        peers: Peers,
+        counters: ByteCounters,
+        max_connections: int = 4096,
+    ) -> None:
         self.name, self._token, self._tls = name, token, tls
         self.peers, self.counters = peers, counters
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._served: set[asyncio.Task] = set()
         self.address: str | None = None
@@ -67,6 +78,10 @@ class TcpPlane:
         return self.address
 
     def _open(self, stream: tcp.FrameStream) -> None:
+        if len(self._served) >= self.max_connections:  # a flood of connections cannot exhaust the worker
+            self.counters.record("?", "recv", "rejected", 0)
+            stream.transport.abort()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(stream))
         self._served.add(task)
         task.add_done_callback(self._served.discard)
