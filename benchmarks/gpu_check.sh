@@ -48,11 +48,14 @@ if [ -n "$DATA" ]; then
 else
     echo "== Fashion-MNIST not found (set FASHION_MNIST=DIR): example skipped"
 fi
-echo "== networked pipelined training at 0 ms against in-process, a core per party (CPU)"
+echo "== networked pipelined training at 0 ms against in-process, a core per party (CPU; loopback, no emulator)"
+OMP_NUM_THREADS=1 $PY benchmarks/bench_network.py --parties 1,16,24 --batches 300 --runs 3 --data-plane grpc,tcp 2>&1 \
+    | tee "$OUT/bench_network_parties.txt" | tail -9
+echo "== the same behind the link emulator at 0 ms, peer links over the TCP data plane"
 OMP_NUM_THREADS=1 $PY benchmarks/bench_wan.py --delays 0 --pipeline 1,8,16,24 --predict 0.5 --batches 300 --runs 3 \
-    --json "$OUT/bench_wan_0ms.json" 2>&1 | tail -8
-echo "== the data plane's cost per byte through fit (CPU)"
-OMP_NUM_THREADS=1 $PY benchmarks/bench_network.py --sweep 64,128,256,512,1024 --batches 16 --runs 11 2>&1 \
-    | tee "$OUT/bench_network_sweep.txt" | tail -9
+    --data-plane tcp --json "$OUT/bench_wan_0ms_tcp.json" 2>&1 | tail -8
+echo "== the data plane's cost per byte through fit (CPU), gRPC and TCP links interleaved"
+OMP_NUM_THREADS=1 $PY benchmarks/bench_network.py --sweep 64,128,256,512,1024 --batches 16 --runs 11 \
+    --data-plane grpc,tcp 2>&1 | tee "$OUT/bench_network_sweep.txt" | tail -20
 echo "== CUDA tests exit status: $rc"
 exit "$rc"
