@@ -142,20 +142,25 @@ def test_a_researcher_that_died_resumes_from_the_parties_checkpoints(build, tmp_
 
 
 @pytest.mark.slow
-def test_a_party_killed_and_restarted_mid_epoch_is_survived_by_fit_retries(tmp_path):
+@pytest.mark.parametrize("plane", ["grpc", "tcp"], ids=["grpc-links", "tcp-links-new-port"])
+def test_a_party_killed_and_restarted_mid_epoch_is_survived_by_fit_retries(tmp_path, plane):
+    """With TCP links bob comes back on another data-plane port (its gRPC address is the same): the researcher's
+    reconnection tells alice and claire where to dial it now."""
     build = chain("adam:lr=0.01")
     reference = in_process_reference(build)
     names = ("alice", "bob", "claire")
-    with Cluster(tmp_path, lifetime=250) as cl:
-        start(cl, names)
+    plane_flags = ("--data-listen", "127.0.0.1:0") if plane == "tcp" else ()
+    with Cluster(tmp_path, lifetime=250, tcp=False) as cl:
+        start(cl, names, *plane_flags)
         workers = connect(cl, names)
         model = build(workers)
+        first_port = workers[1].data_address
 
         def kill_and_restart_bob():
             bob = cl.workers["bob"]
             bob.proc.send_signal(signal.SIGKILL)
             assert bob.exited(30)
-            start(cl, ["bob"], listen=bob.address)  # the operator restarts it: same address and --state-dir
+            start(cl, ["bob"], *plane_flags, listen=bob.address)  # the operator restarts it: same --state-dir
             assert cl.workers["bob"].address == bob.address
 
         seen = at_batch(model, 7, kill_and_restart_bob)  # mid-epoch, after the checkpoint at step 4
@@ -165,6 +170,8 @@ def test_a_party_killed_and_restarted_mid_epoch_is_survived_by_fit_retries(tmp_p
         assert_same_weights(model.collect(), reference)
         events = read_audit(tmp_path / "bob-state" / "audit.jsonl")
         assert [e["step"] for e in events if e["event"] == "restore"] == [4]  # the restarted bob loaded step 4
+        if plane == "tcp":
+            assert workers[1].data_address != first_port  # it did come back elsewhere
         for w in workers:
             w.close()
 

@@ -333,13 +333,7 @@ class RemoteWorker:
     @_serialized
     def connect_peers(self, peers: Mapping[str, Worker]) -> None:
         self._peers.update({n: w for n, w in peers.items() if n != self.name})
-        # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
-        # that session only, and the peer hands its tensors only to the parties our session names
-        addresses = {
-            n: serde.PeerAddress(w.address, w.session_tag, w.data_address)
-            for n, w in peers.items()
-            if isinstance(w, RemoteWorker) and n != self.name
-        }
+        addresses = self._peer_addresses(peers)
         others = [n for n, w in peers.items() if not isinstance(w, RemoteWorker) and n != self.name]
         if others:
             raise ConfigurationError(
@@ -350,6 +344,15 @@ class RemoteWorker:
         self._request("peers", args)
         self._installed.pop(("peers", ""), None)
         self._installed[("peers", "")] = (args, [])
+
+    def _peer_addresses(self, peers: Mapping[str, Worker]) -> dict[str, serde.PeerAddress]:
+        # each peer's address and the tag of our session there: the worker pulls from (and pushes to)
+        # that session only, and the peer hands its tensors only to the parties our session names
+        return {
+            n: serde.PeerAddress(w.address, w.session_tag, w.data_address)
+            for n, w in peers.items()
+            if isinstance(w, RemoteWorker) and n != self.name
+        }
 
     @_serialized
     def add_segment(
@@ -739,12 +742,15 @@ class RemoteWorker:
         if hello.name != self.name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is now {hello.name!r}, not {self.name!r}")
-        self.data_address = self._data_address(hello)
+        moved, self.data_address = self.data_address, self._data_address(hello)
+        moved = moved != self.data_address
         # the broken stream's commands still queued at the worker must not run after the new stream's
         self._open_stream(replaces=stream.id if stream is not None else None)
         self._input_is_data.clear()
         self._merged.clear()
         self._feature_ids.clear()
+        if moved:  # restarted on another data-plane port: the model's other workers must dial the new one
+            self._tell_peers_where_we_are()
         if hello.session_segments or not any(op == "add_segment" for op, _ in self._installed):
             return True
         # codecs after the segments they belong to (a segment replaced later moved to the end)
@@ -753,6 +759,16 @@ class RemoteWorker:
             if not reply.ok:
                 raise error_from_reply(reply, self.name, self.address)
         return False
+
+    def _tell_peers_where_we_are(self) -> None:
+        """Send every peer of our model its ``peers`` again (with our new data-plane address). Best effort: a peer
+        that cannot be reached now gets the new address in what its own reconnection installs again."""
+        for peer in self._remote_peers():
+            if ("peers", "") in peer._installed:
+                try:
+                    peer.connect_peers(dict(peer._peers))
+                except WorkerError:
+                    peer._installed[("peers", "")] = (serde.peers_to_args(peer._peer_addresses(peer._peers)), [])
 
     # -- extras ------------------------------------------------------------------------------
     @_serialized
