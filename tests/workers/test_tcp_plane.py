@@ -171,3 +171,23 @@ def test_the_listener_holds_at_most_max_rpcs_connections():
             await server.stop(0.5)
 
     assert asyncio.run(main()) == [None, tcp.OK]
+
+
+def test_a_data_port_in_use_fails_the_start_and_leaves_nothing_listening():
+    import socket
+
+    from splitnn.errors import WorkerError
+    from splitnn.server.server import WorkerServer
+
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = WorkerServer("alice", "a-federation-token", data_listen=f"127.0.0.1:{port}")
+            with pytest.raises(WorkerError, match=f"cannot listen on 127.0.0.1:{port} for its data plane"):
+                await server.start("127.0.0.1:0")
+            with pytest.raises(OSError):  # its gRPC port was closed again
+                await asyncio.open_connection(*server.address.rsplit(":", 1))
+
+    asyncio.run(main())

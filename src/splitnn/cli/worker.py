@@ -69,8 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--data-listen",
         default=None,
         metavar="HOST:PORT",
-        help="also listen here for peer links over plain TCP (TLS with --tls-*): the same frames as over gRPC at "
-        "about half the CPU per byte; peers that learn of it from the researcher dial it (docs/performance.md)",
+        help="also listen here for peer links over plain TCP (TLS with --tls-*): the same frames as over gRPC, about "
+        "a third cheaper per byte; peers that learn of it from the researcher dial it (docs/networking.md)",
     )
     p.add_argument(
         "--data-advertise",

@@ -238,6 +238,8 @@ class WorkerServer:
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
+        if data_listen is not None:
+            split_address(data_listen, "--data-listen")
         if data_advertise is not None:
             split_address(data_advertise, "--data-advertise")
             if data_listen is None:
@@ -294,8 +296,9 @@ class WorkerServer:
         )
         try:
             bound = await plane.start(listen)
-        except WorkerError:
+        except Exception:  # nothing half-started: the gRPC port closes too
             await self._server.stop(None)
+            self._server = None
             raise
         self.data_plane = plane
         host, _, port = bound.rpartition(":")

@@ -74,7 +74,7 @@ class TcpPlane:
         except OSError as exc:
             raise WorkerError(f"worker {self.name!r} cannot listen on {listen} for its data plane: {exc}") from None
         bound = self._server.sockets[0].getsockname()[1]
-        self.address = f"{host}:{bound}"
+        self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         return self.address
 
     def _open(self, stream: tcp.FrameStream) -> None:

@@ -3,9 +3,9 @@
 The peer data plane (:mod:`splitnn.server.peers`) puts :mod:`~splitnn.transport.frames` on a
 stream that gives it two calls, ``send(frame)`` and ``read() -> frame | None``. gRPC's
 bidirectional stream is one such stream; this module is another: each frame goes on a TCP
-connection behind a 4-byte little-endian length. On this machine's loopback a socket moves a
-byte for about half of gRPC's CPU time and a small message for a third of its fixed cost
-(``benchmarks/bench_dataplane.py``: "tcp floor" against "grpc raw").
+connection behind a 4-byte little-endian length. Through ``fit`` on this machine's loopback, peer
+links over TCP cost about a third less per byte and a millisecond less per batch than over gRPC
+(``benchmarks/bench_network.py --data-plane grpc,tcp``; docs/performance.md).
 
 :class:`FrameStream` is the asyncio protocol of one connection. It receives into its own
 buffer (no stream reader's copies): small frames are cut out of a 256 KiB scratch buffer,
