@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.helpers
 
-import splitnn
-from splitnn.data import Dataset
-from splitnn.models import tutorial_mlp
-from splitnn.testing.cluster import Cluster
-from splitnn.testing.linkemu import ThreadedLinkEmulator
+import torch  # noqa: E402
+
+import splitnn  # noqa: E402
+from splitnn.data import Dataset  # noqa: E402
+from splitnn.models import tutorial_mlp  # noqa: E402
+from splitnn.testing.cluster import Cluster  # noqa: E402
+from splitnn.testing.linkemu import ThreadedLinkEmulator  # noqa: E402
+from tests.helpers import at_batch  # noqa: E402
 
 NAMES = ("alice", "bob", "claire")
 
@@ -46,19 +51,8 @@ def _run(cl: Cluster, emu: ThreadedLinkEmulator, via: str, data: Dataset, ship: 
     workers[1].address = via if peers else cl.workers["bob"].address
     torch.manual_seed(0)
     model = splitnn.SplitNN(tutorial_mlp(), workers, optimizer="sgd:lr=0.03,momentum=0.9", ship_epochs=ship)
-    seen = [0]
-    train_epoch = model.train_epoch
-
-    def watching(name, batches, on_batch, **kw):
-        def watch(stats):
-            seen[0] += 1
-            if seen[0] == drop_at:
-                emu.drop("bob")
-            on_batch(stats)
-
-        return train_epoch(name, batches, watch, **kw)
-
-    model.train_epoch = watching
+    if drop_at is not None:
+        at_batch(model, drop_at, lambda: emu.drop("bob"))
     start = time.perf_counter()
     model.fit(data, epochs=1, batch_size=64, progress=False)
     seconds = time.perf_counter() - start
