@@ -334,11 +334,11 @@ def bench_parties(depths: list[int], batches: int, runs: int, clusters: dict) ->
 def _party_row(label: str, model, data, k: int, runs: int, pids: dict[str, int]) -> dict:
     batches = len(data) // BATCH
     model.fit(data, epochs=1, batch_size=BATCH, pipeline=k, progress=False)  # warm-up, data placement
-    c0 = {n: _cpu_seconds([pid]) - time.process_time() for n, pid in pids.items()}
+    c0 = {n: _process_cpu(pid) for n, pid in pids.items()}
     r0, t0 = time.process_time(), time.perf_counter()
     model.fit(data, epochs=runs, batch_size=BATCH, pipeline=k, progress=False)
     seconds = time.perf_counter() - t0
-    cpu = {n: 1e3 * (_cpu_seconds([pid]) - time.process_time() - c0[n]) / (runs * batches) for n, pid in pids.items()}
+    cpu = {n: 1e3 * (_process_cpu(pid) - c0[n]) / (runs * batches) for n, pid in pids.items()}
     cpu["researcher"] = 1e3 * (time.process_time() - r0) / (runs * batches)
     return {"label": label, "rate": runs * len(data) / seconds, "cpu_ms": cpu}
 
@@ -355,15 +355,16 @@ def print_parties(rows: list[dict]) -> None:
         print(f"| {r['label']} | {r['rate']:,.0f} | {r['rate'] / base:.2f}x | {cells} | {sum(cpu.values()):.2f} |")
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """CPU seconds used so far by this process and the processes ``pids`` (user + system)."""
-    total = time.process_time()
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+    return time.process_time() + sum(_process_cpu(pid) for pid in pids)
 
 
 def print_sweep(rows: list[dict]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import struct
 from collections.abc import Callable, Sequence
 
 import torch
@@ -92,3 +94,31 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
     for i, (x, y) in enumerate(zip(pa, pb)):
         assert x.shape == y.shape, f"tensor {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
         assert torch.equal(x, y), f"tensor {i} differs (max abs diff {(x - y).abs().max().item():.3g})"
+
+
+def framed(payload: bytes) -> bytes:
+    """``payload`` as one frame of a TCP data plane, its 4-byte little-endian length written out plainly."""
+    return struct.pack("<I", len(payload)) + payload
+
+
+def data_plane_answer(
+    address: str, raw: bytes, *, ssl_context=None, server_hostname: str | None = None
+) -> bytes | None:
+    """Open a raw connection to a worker's TCP data plane at ``address`` (with TLS: ``ssl_context``), write ``raw``
+    and return the first frame it answers (None: it closed the connection). Connection errors propagate."""
+    from splitnn.transport import tcp
+
+    async def main() -> bytes | None:
+        stream = tcp.FrameStream(1 << 20)
+        host, _, port = address.rpartition(":")
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: stream, host, int(port), ssl=ssl_context, server_hostname=server_hostname
+            )
+            stream.transport.write(raw)
+            answer = await asyncio.wait_for(stream.read(), 20)
+        finally:
+            stream.cancel()
+        return None if answer is None else bytes(answer)
+
+    return asyncio.run(main())

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from splitnn.errors import WireError
 from splitnn.transport import tcp
+from tests.helpers import framed
 
 
 def wire_bytes(frames: list[bytes]) -> bytes:
-    # written out plainly (not with the module's LENGTH): a 4-byte little-endian length, then the frame
-    return b"".join(struct.pack("<I", len(f)) + f for f in frames)
+    return b"".join(framed(f) for f in frames)  # (framed writes the length out plainly, not with tcp.LENGTH)
 
 
 class FakeTransport:

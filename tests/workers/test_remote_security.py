@@ -13,7 +13,7 @@ from splitnn.errors import PolicyError, WorkerError
 from splitnn.models import tutorial_mlp
 from splitnn.transport import TLSConfig
 from splitnn.wire.proto import CALL, Command, Reply
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_same_weights, data_plane_answer, framed, toy_dataset
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -123,31 +123,22 @@ def test_tls_identity_and_ca_mismatches_are_rejected(tls_cluster):
 
 
 def _tls_hello(address: str, token: str, ca, cert_key, party: str, server_name: str) -> bytes | None:
-    """A raw TLS connection to a data plane with ``cert_key`` (None: no certificate), hello as ``party``."""
+    """A raw TLS connection to a data plane with ``cert_key`` (None: no certificate), hello as ``party``; None when
+    the TLS session or the connection fails."""
     import ssl
 
     from splitnn.transport import tcp
 
-    async def main() -> bytes | None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cafile=str(ca))
-        if cert_key is not None:
-            ctx.load_cert_chain(*map(str, cert_key))
-        stream = tcp.FrameStream(1 << 20)
-        host, _, port = address.rpartition(":")
-        try:
-            await asyncio.get_running_loop().create_connection(
-                lambda: stream, host, int(port), ssl=ctx, server_hostname=server_name
-            )
-            await stream.send(tcp.hello(token, party, None))
-            answer = await asyncio.wait_for(stream.read(), 20)
-        except (OSError, asyncio.TimeoutError):
-            return None
-        finally:
-            stream.cancel()
-        return None if answer is None else bytes(answer)
-
-    return asyncio.run(main())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(ca))
+    if cert_key is not None:
+        ctx.load_cert_chain(*map(str, cert_key))
+    try:
+        return data_plane_answer(
+            address, framed(tcp.hello(token, party, None)), ssl_context=ctx, server_hostname=server_name
+        )
+    except (OSError, asyncio.TimeoutError):
+        return None
 
 
 def test_the_tls_data_plane_checks_certificates_both_ways(tls_cluster):

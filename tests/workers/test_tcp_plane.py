@@ -19,7 +19,7 @@ import splitnn
 from splitnn.models import tutorial_mlp
 from splitnn.testing.linkemu import ThreadedLinkEmulator
 from splitnn.transport import tcp
-from tests.helpers import assert_same_weights, at_batch, toy_dataset
+from tests.helpers import assert_same_weights, at_batch, data_plane_answer, framed, toy_dataset
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -87,27 +87,6 @@ def test_a_dropped_tcp_link_costs_no_step_of_a_shipped_epoch(remote):
     assert sum(row["messages"] for row in sent if row["kind"] == "repush") >= 1  # sent again on a new link
 
 
-def dial(address: str, first: bytes, *, then: bytes | None = None) -> bytes | None:
-    """Open a raw connection to a data plane, send ``first`` (and ``then``), return the answer frame (None: closed)."""
-
-    async def main() -> bytes | None:
-        stream = tcp.FrameStream(1 << 20)
-        host, _, port = address.rpartition(":")
-        await asyncio.get_running_loop().create_connection(lambda: stream, host, int(port))
-        stream.transport.write(first)
-        if then is not None:
-            stream.transport.write(then)
-        answer = await asyncio.wait_for(stream.read(), 20)
-        stream.cancel()
-        return None if answer is None else bytes(answer)
-
-    return asyncio.run(main())
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("<I", len(payload)) + payload
-
-
 def test_the_listener_admits_only_peers_with_the_token(cluster, remote):
     alice = remote[0]
     address = alice.data_address
@@ -119,10 +98,12 @@ def test_the_listener_admits_only_peers_with_the_token(cluster, remote):
         "session tag": framed(tcp.hello(cluster.token, "bob", "not a tag")),
     }
     for why, first in refusals.items():
-        answer = dial(address, first)
+        answer = data_plane_answer(address, first)
         assert answer is not None and answer.startswith(tcp.NO) and why in answer.decode(), (why, answer)
-    assert dial(address, struct.pack("<I", 2**31)) is None  # a length over the limit: closed, nothing buffered
-    assert dial(address, framed(tcp.hello(cluster.token, "bob", None))) == tcp.OK
+    assert (
+        data_plane_answer(address, struct.pack("<I", 2**31)) is None
+    )  # a length over the limit: closed, nothing buffered
+    assert data_plane_answer(address, framed(tcp.hello(cluster.token, "bob", None))) == tcp.OK
     assert cluster.workers["alice"].alive()
 
 
