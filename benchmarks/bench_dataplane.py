@@ -22,8 +22,9 @@ sizes and modes, so that a busy machine hits them alike):
   then ``sendall``) and the receiver ``recv_into``s it straight into a new tensor's memory --
   what any transport over this machine's loopback TCP costs at least;
 * ``tcp frames``: the TCP data plane (``splitnn worker --data-listen``): the sender encodes the
-  tensor into frames and sends them on a :class:`splitnn.transport.tcp.FrameStream`, the receiver
-  parses, reassembles and decodes them (``grpc frames`` without gRPC).
+  tensor into frames and sends them on a :class:`splitnn.transport.tcp.FrameStream` (as parts:
+  the header and views of the tensor), the receiver parses, reassembles and decodes them, a
+  whole tensor on the frame's own memory, as a TCP peer link does (``grpc frames`` without gRPC).
 
 Each line fits ``time = fixed + per_byte x bytes`` over the sizes (least squares) and prints
 the fixed cost (us) and ns/byte of wall time, and of CPU time of both processes together.
@@ -168,14 +169,14 @@ def serve_tcp_frames(port_file: str) -> None:
         def opened(stream: tcp.FrameStream) -> None:
             async def receive() -> None:
                 reasm = frames.Reassembler(MAX_BYTES)
-                while (raw := await stream.read()) is not None:
-                    if reasm.feed(*frames.parse(raw)) is not None:
+                while (raw := await stream.read()) is not None:  # as a peer link: a frame not bytes is ours
+                    if reasm.feed_arrival(*frames.parse(raw), owned=not isinstance(raw, bytes)) is not None:
                         await stream.send(frames.request("activation", 0))
 
             asyncio.get_running_loop().create_task(receive())
 
         server = await asyncio.get_running_loop().create_server(
-            lambda: tcp.FrameStream(MAX_FRAME, on_open=opened), "127.0.0.1", 0
+            lambda: tcp.FrameStream(MAX_FRAME, on_open=opened, align=frames.payload_start), "127.0.0.1", 0
         )
         with open(port_file + ".tmp", "w") as fh:
             fh.write(str(server.sockets[0].getsockname()[1]))
@@ -195,7 +196,7 @@ async def _tcp_frame_rows(port: int, pid: int, tensors: list[torch.Tensor], chun
         for chunk in chunks:
             for i, t in enumerate(tensors):
                 c0, t0 = _cpu_seconds(pid), time.perf_counter()
-                for frame in frames.data_frames("activation", 1, t, chunk):
+                for frame in frames.data_frames("activation", 1, t, chunk, joined=False):
                     await stream.send(frame)
                 await stream.read()
                 if rep >= 2:

@@ -407,7 +407,7 @@ def main() -> None:
         "--baseline-src",
         default=None,
         help="with --sweep: also time workers that import splitnn from this src/ directory (e.g. a worktree "
-        "of an older commit), runs interleaved, for a fair before/after on a busy machine",
+        "of an older commit), on the last --data-plane, runs interleaved, for a fair before/after on a busy machine",
     )
     parser.add_argument(
         "--parties",
@@ -452,7 +452,7 @@ def main() -> None:
             if not set(planes) <= {"grpc", "tcp"}:
                 parser.error(f"--data-plane takes grpc and/or tcp, got {args.data_plane!r}")
             todo = [("networked" if p == "grpc" else "tcp plane", None, p) for p in planes]
-            todo += [("baseline", args.baseline_src, "grpc")] if args.baseline_src else []
+            todo += [("baseline", args.baseline_src, planes[-1])] if args.baseline_src else []
             for label, src, plane in todo:
                 env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
                 tmp = stack.enter_context(tempfile.TemporaryDirectory())

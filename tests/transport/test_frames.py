@@ -142,6 +142,31 @@ def test_payload_frames_copy_each_byte_once_and_cut_anywhere():
         next(frames.payload_frames("gradient", 3, parts, 4, codec=77))
 
 
+@pytest.mark.parametrize("chunk", [1 << 10, 1 << 20])
+def test_unjoined_frames_are_the_joined_frames_parts_on_the_tensors_memory(chunk):
+    t = torch.randn(64, 128)
+    joined = list(frames.data_frames("activation", 7, t, chunk, type_=frames.PUSH))
+    parts = list(frames.data_frames("activation", 7, t, chunk, type_=frames.PUSH, joined=False))
+    assert all(type(p) is tuple for p in parts) and all(type(f) is bytes for f in joined)
+    assert [b"".join(p) for p in parts] == joined
+    assert [frames.frame_len(p) for p in parts] == [len(f) for f in joined] == [frames.frame_len(f) for f in joined]
+    t.neg_()  # the parts are views of the tensor, not copies
+    assert b"".join(parts[-1]) != joined[-1]
+
+
+def test_payload_start_says_where_a_whole_tensor_payload_begins():
+    t = torch.randn(4, 5, 6)
+    (frame,) = frames.data_frames("gradient", 1, t, 1 << 20, type_=frames.PUSH)
+    start = frames.payload_start(frame)
+    assert start == frames.HEADER_SIZE + 6 + 3 * 8 and frame[start:] == t.numpy().tobytes()
+    assert frames.payload_start(frame[: frames.HEADER_SIZE + 5]) == 0  # too short to say
+    assert frames.payload_start(next(frames.data_frames("gradient", 1, t, 64))) == 0  # chunked: reassembled
+    assert frames.payload_start(next(frames.data_frames("gradient", 1, t, 1 << 20, codec="fp16"))) == 0
+    several = cut_codec.encoded_of((t, t)).wire_parts()
+    assert frames.payload_start(next(frames.payload_frames("gradient", 1, several, 1 << 20, values=True))) == 0
+    assert frames.payload_start(frames.request("activation", 3)) == 0
+
+
 def _frame(type_=frames.DATA, codec=0, tensor_id=1, total=None, body=b"", flags=0) -> bytes:
     total = len(body) if total is None else total
     return frames.HEADER.pack(frames.PEER_MAGIC, type_, 1, flags, codec, tensor_id, total) + body

@@ -9,10 +9,12 @@ import socket
 import struct
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitnn.errors import WireError
+from splitnn.transport import frames as peer_frames
 from splitnn.transport import tcp
 from tests.helpers import framed
 
@@ -73,11 +75,34 @@ def test_frames_come_out_whole_and_in_order_however_the_bytes_arrive(sizes, seed
     frames = [rng.randbytes(n) for n in sizes]
     data = wire_bytes(frames)
     cuts = [rng.randrange(len(data) + 1) for _ in range(ncuts)]
-    stream = tcp.FrameStream(max_frame=4 * tcp.SCRATCH_BYTES)
+    # every frame of 13 bytes or more "carries a payload at byte 13": each goes to memory of its own, aligned there
+    align = (lambda head: 13 if len(head) >= 13 else 0) if seed % 2 else None
+    stream = tcp.FrameStream(max_frame=4 * tcp.SCRATCH_BYTES, align=align)
     stream.connection_made(FakeTransport())
     feed(stream, data, cuts)
     assert drain(stream) == frames
     assert stream._fill == 0 and stream._big is None  # nothing left half-read
+
+
+def test_tensor_frames_are_handed_over_aligned_in_memory_of_their_own():
+    ts = [torch.randn(256, 128), torch.randn(1024, 128)]  # one cut out of the scratch buffer, one too big for it
+    push = peer_frames.PUSH
+    raws = [next(peer_frames.data_frames("activation", i, t, 1 << 22, type_=push)) for i, t in enumerate(ts)]
+    control = peer_frames.request("gradient", 9)
+    stream = tcp.FrameStream.for_peer_frames(1 << 22)
+    stream.connection_made(FakeTransport())
+    feed(stream, wire_bytes([*raws, control]), [100, 5000])
+    got = [asyncio.run(stream.read()) for _ in range(3)]
+    for raw, frame, t in zip(raws, got, ts):
+        assert isinstance(frame, memoryview) and not frame.readonly and bytes(frame) == raw
+        out = peer_frames.Reassembler(1 << 30).feed_arrival(*peer_frames.parse(frame), owned=True).value
+        assert torch.equal(out, t) and out.data_ptr() % tcp.ALIGN == 0
+        out.zero_()
+        assert bytes(frame) != raw  # the tensor is built on the frame's memory: no copy was made
+    assert got[2] == control and isinstance(got[2], bytes)  # a frame without a tensor: as it came
+    small = next(peer_frames.data_frames("activation", 5, torch.randn(2, 3), 1 << 22, type_=push))
+    feed(stream, wire_bytes([small]), [])
+    assert asyncio.run(stream.read()) == small  # a small one as bytes: copying it costs less than aligning it
 
 
 def test_a_length_over_the_limit_ends_the_connection_before_buffering():
@@ -114,7 +139,7 @@ def test_frames_cross_a_real_connection_both_ways():
             async def echo() -> None:
                 while (frame := await stream.read()) is not None:
                     got_by_server.append(bytes(frame))
-                    await stream.send(frame[::-1])
+                    await stream.send(bytes(frame)[::-1])
                 done.set()
 
             asyncio.get_running_loop().create_task(echo())
@@ -129,8 +154,10 @@ def test_frames_cross_a_real_connection_both_ways():
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # a vanished peer is noticed
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 15_000
-        for f in frames:
+        for f in frames[:3]:
             await client.send(f)
+        await client.send((b"z", memoryview(b"z" * tcp.JOIN_BELOW)))  # frames in parts: a big part written as it
+        await client.send((b"e", memoryview(b"n"), b"d"))  # is, small ones joined; one frame each on the wire
         answers = [bytes(await client.read()) for _ in frames]
         client.cancel()
         await asyncio.wait_for(done.wait(), 20)

@@ -198,6 +198,34 @@ def test_decoded_tensor_owns_writable_memory() -> None:
     assert out3[0] == 0.0  # no aliasing between decodes
 
 
+def _in_own_memory(frame: bytes, aligned_at: int) -> memoryview:
+    """``frame`` copied into memory of its own, its byte ``aligned_at`` at a 64-byte boundary."""
+    mem = torch.empty(len(frame) + 64, dtype=torch.uint8)
+    pad = -(mem.data_ptr() + aligned_at) % 64
+    mv = memoryview(mem.numpy())[pad : pad + len(frame)]
+    mv[:] = frame
+    return mv
+
+
+def test_a_borrowed_frame_becomes_the_tensors_memory() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    mv = _in_own_memory(encode_tensor(t), header_size(2))
+    out = decode_tensor(mv, borrow=True)
+    assert torch.equal(out, t) and out.data_ptr() % 64 == 0
+    out += 1
+    assert torch.equal(decode_tensor(mv), t + 1)  # the frame's memory changed with the tensor: no copy
+
+
+@pytest.mark.parametrize("why", ["not asked", "read-only", "unaligned", "bool"])
+def test_decode_copies_unless_it_may_borrow_aligned_writable_memory(why: str) -> None:
+    t = (torch.arange(12) % 2).to(torch.bool if why == "bool" else torch.float32).reshape(3, 4)
+    mv = _in_own_memory(encode_tensor(t), header_size(2) + (1 if why == "unaligned" else 0))
+    out = decode_tensor(mv.toreadonly() if why == "read-only" else mv, borrow=why != "not asked")
+    assert torch.equal(out, t)
+    out.logical_not_() if why == "bool" else out.add_(1)
+    assert torch.equal(decode_tensor(mv), t)  # the frame is as it was: the tensor has memory of its own
+
+
 def test_decode_accepts_non_byte_memoryview() -> None:
     frame = encode_tensor(torch.arange(4, dtype=torch.int32))  # 14 + 16 = 30 bytes: even
     mv = memoryview(frame).cast("H")

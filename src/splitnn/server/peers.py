@@ -136,6 +136,9 @@ class PeerLink:
     ``tag`` is the session tag the stream was opened with. A link this worker dialled belongs
     to ``scope`` (the local session that dialled); a link a peer opened serves the local
     session ``tag`` names, looked up when a frame arrives (it may have ended meanwhile).
+    ``zero_copy``: the stream (a TCP link's :class:`~splitnn.transport.tcp.FrameStream`) takes a
+    frame as its parts, and hands over each frame it reads, so a tensor is neither joined into a
+    frame to send nor copied out of one it received.
     """
 
     def __init__(
@@ -143,13 +146,15 @@ class PeerLink:
         peers: Peers,
         peer: str,
         tag: str | None,
-        send: Callable[[bytes], Awaitable[None]],
+        send: Callable[[frames.Frame], Awaitable[None]],
         read: Callable[[], Awaitable[Any]],
         *,
         scope: PeerScope | None = None,
         call: Any = None,
+        zero_copy: bool = False,
     ) -> None:
         self.peers, self.peer, self.tag = peers, peer, tag
+        self.zero_copy = zero_copy
         self.me = peers.name
         self.scope = scope
         self._call = call
@@ -186,7 +191,7 @@ class PeerLink:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def send(self, frame: bytes, kind: str) -> None:
+    async def send(self, frame: frames.Frame, kind: str) -> None:
         """Put one frame on the stream; a broken stream raises WorkerError naming the peer."""
         if self.closed is not None:
             raise self._lost()
@@ -202,7 +207,7 @@ class PeerLink:
             raise LinkLost(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
-        self._count("sent", kind, len(frame))
+        self._count("sent", kind, frames.frame_len(frame))
 
     async def pull(self, tensor_id: int, kind: str) -> Arrived:
         """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
@@ -231,7 +236,8 @@ class PeerLink:
         """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs);
         its bytes are counted as ``count_as`` (default: ``kind``)."""
         try:
-            for frame in frames.value_frames(kind, frame_id, value, self.peers.limits.frame_bytes, type_=frames.PUSH):
+            joined, chunk = not self.zero_copy, self.peers.limits.frame_bytes
+            for frame in frames.value_frames(kind, frame_id, value, chunk, type_=frames.PUSH, joined=joined):
                 await self.send(frame, count_as or kind)
         except WorkerError:
             raise
@@ -306,7 +312,7 @@ class PeerLink:
             fut.set_exception(WorkerError(bytes(chunk).decode("utf-8", "replace")))
             return
         try:
-            tensor = self._reasm.feed_arrival(hdr, chunk)
+            tensor = self._reasm.feed_arrival(hdr, chunk, owned=self.zero_copy)
         except WireError as exc:
             fut.set_exception(WireError(f"worker {self.me!r}: bad tensor from {self.peer!r}: {exc}"))
             return
@@ -336,7 +342,7 @@ class PeerLink:
             self._count("recv", "refused", 0)
             return
         try:
-            tensor = self._push_reasm.feed_arrival(hdr, chunk)
+            tensor = self._push_reasm.feed_arrival(hdr, chunk, owned=self.zero_copy)
         except WireError as exc:
             tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
         if tensor is None:
@@ -376,8 +382,9 @@ class PeerLink:
             # frames made one at a time as they are written (a big tensor is never copied whole); a tensor
             # pulled again after a broken link counts as re-sent, not as another transfer of its kind
             count_as = "resent" if again else hdr.kind
+            chunk = self.peers.limits.frame_bytes
             answer = (
-                (f, count_as) for f in frames.value_frames(hdr.kind, hdr.id, tensor, self.peers.limits.frame_bytes)
+                (f, count_as) for f in frames.value_frames(hdr.kind, hdr.id, tensor, chunk, joined=not self.zero_copy)
             )
         except asyncio.CancelledError:
             raise
@@ -451,7 +458,9 @@ class Peers:
                 return link
             if where.data is not None:
                 stream = await self._dial_tcp(peer, where)
-                link = PeerLink(self, peer, where.tag, stream.send, stream.read, scope=scope, call=stream)
+                link = PeerLink(
+                    self, peer, where.tag, stream.send, stream.read, scope=scope, call=stream, zero_copy=True
+                )
             else:
                 channel = self._channel(peer, where.address)
                 call = channel.stream_stream(PEER, request_serializer=None, response_deserializer=None)(
@@ -468,7 +477,7 @@ class Peers:
         """A connection to ``peer``'s TCP data plane, past its hello (see :mod:`splitnn.server.tcp_plane`)."""
         host, _, port = where.data.rpartition(":")
         ctx = tcp.client_context(self._tls) if self._tls is not None else None
-        stream = tcp.FrameStream(self.limits.frame_bytes + 64 * 1024)
+        stream = tcp.FrameStream.for_peer_frames(self.limits.frame_bytes)
         whom = f"worker {self.name!r}: peer {peer!r}'s data plane at {where.data}"
         try:
             await asyncio.wait_for(
@@ -507,11 +516,14 @@ class Peers:
         self,
         peer: str,
         tag: str | None,
-        send: Callable[[bytes], Awaitable[None]],
+        send: Callable[[frames.Frame], Awaitable[None]],
         read: Callable[[], Awaitable[Any]],
+        *,
+        zero_copy: bool = False,
     ) -> PeerLink:
-        """Serve a stream ``peer`` opened to us for session ``tag`` until it ends; return its link."""
-        link = PeerLink(self, peer, tag, send, read)
+        """Serve a stream ``peer`` opened to us for session ``tag`` until it ends; return its link (``zero_copy``:
+        see :class:`PeerLink`)."""
+        link = PeerLink(self, peer, tag, send, read, zero_copy=zero_copy)
         link._task = asyncio.current_task()
         self._accepted.add(link)
         await link.run()

@@ -66,10 +66,10 @@ class TcpPlane:
         """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
         host, port = split_address(listen, "--data-listen")
         ctx = tcp.server_context(self._tls) if self._tls is not None else None
-        max_frame = self.peers.limits.frame_bytes + 64 * 1024  # a chunk, its frame header and payload header
+        chunk = self.peers.limits.frame_bytes
         try:
             self._server = await asyncio.get_running_loop().create_server(
-                lambda: tcp.FrameStream(max_frame, on_open=self._open), host, port, ssl=ctx
+                lambda: tcp.FrameStream.for_peer_frames(chunk, on_open=self._open), host, port, ssl=ctx
             )
         except OSError as exc:
             raise WorkerError(f"worker {self.name!r} cannot listen on {listen} for its data plane: {exc}") from None
@@ -92,7 +92,7 @@ class TcpPlane:
             if party is None:
                 return
             await stream.send(tcp.OK)
-            link = await self.peers.accept(party, tag, stream.send, stream.read)
+            link = await self.peers.accept(party, tag, stream.send, stream.read, zero_copy=True)
             error = link.protocol_error or stream.error
             if error is not None:
                 log.warning("worker %s: malformed data-plane frame from %s: %s", self.name, party, error)

@@ -32,10 +32,14 @@ frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.
 PUSH payloads are cut the same way. The receiver checks every header and the declared
 total against its limits *before* buffering, and decodes the payload with the validating codec.
 
-Copies. The sender writes each frame with one copy of its bytes (header and a view of the
-tensor's memory joined into the ``bytes`` gRPC sends). The receiver of a chunked tensor
-reads the tensor header from the first chunk, then copies each chunk's bytes straight into
-the new tensor's memory (no reassembly buffer, no second copy when it is complete).
+Copies. For gRPC the sender writes each frame with one copy of its bytes (header and a view of
+the tensor's memory joined into the ``bytes`` gRPC sends); a TCP link (:mod:`splitnn.transport.tcp`)
+takes the frame as its parts (``joined=False``: the header, then views of the tensor) and the
+kernel copies them from where they are. The receiver of a chunked tensor reads the tensor header
+from the first chunk, then copies each chunk's bytes straight into the new tensor's memory (no
+reassembly buffer, no second copy when it is complete); a whole tensor in a frame that is the
+receiver's own (``owned``: a TCP link receives each frame into memory of its own, its payload
+aligned where :func:`payload_start` says) becomes a tensor on that memory, without a copy.
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ from splitnn.errors import WireError
 from splitnn.wire import compress, cut_codec
 from splitnn.wire.cut_codec import VALUES_HEADER_ROOM, Arrived, Encoded
 from splitnn.wire.tensor_codec import (
+    TENSOR_PREFIX_SIZE,
     TensorHeader,
     decode_tensor,
     encode_tensor_parts,
+    header_size,
     payload_buffer,
     read_header,
     tensor_from_payload,
@@ -88,6 +94,27 @@ class FrameHeader(NamedTuple):
     total: int
     codec: int = NO_CODEC
     values: bool = False  # the payload is a values payload (several tensors)
+
+
+#: A frame as the sender hands it to a stream: its bytes, or (``joined=False``) its parts in order.
+Frame = bytes | tuple[bytes | memoryview, ...]
+
+
+def frame_len(frame: Frame) -> int:
+    """Bytes of ``frame`` on the wire (whole or in parts)."""
+    return len(frame) if not isinstance(frame, tuple) else sum(len(p) for p in frame)
+
+
+def payload_start(head: bytes | bytearray | memoryview) -> int:
+    """Where, in a frame that begins with ``head``, the payload of the plain tensor it carries starts (0 when
+    ``head`` is too short to say or the frame carries no whole plain tensor): a receiver that aligns this
+    offset in memory of its own can decode the tensor in place (:func:`decode_tensor`'s ``borrow``)."""
+    if len(head) < HEADER_SIZE + TENSOR_PREFIX_SIZE:
+        return 0
+    _, type_, _, flags, codec, _, _ = HEADER.unpack_from(head, 0)
+    if type_ not in PAYLOAD_TYPES or codec != NO_CODEC or flags:
+        return 0
+    return HEADER_SIZE + header_size(head[HEADER_SIZE + TENSOR_PREFIX_SIZE - 1])
 
 
 def _head(
@@ -149,12 +176,14 @@ def payload_frames(
     type_: int = DATA,
     codec: int = NO_CODEC,
     values: bool = False,
-) -> Iterator[bytes]:
+    joined: bool = True,
+) -> Iterator[Frame]:
     """The DATA (or PUSH) frames carrying the payload ``b"".join(parts)``, cut at ``chunk_bytes``
     (``values``: it is a values payload).
 
     The payload is never joined as a whole: each frame is its header plus views of
-    ``parts`` joined once, so every payload byte is copied exactly once here.
+    ``parts`` joined once, so every payload byte is copied exactly once here; with
+    ``joined=False`` each frame is that tuple of header and views, not copied at all.
     """
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")
@@ -162,8 +191,9 @@ def payload_frames(
         raise ValueError(f"unknown codec id {codec}")
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     total = sum(len(v) for v in views)
+    join = b"".join if joined else tuple
     if total <= chunk_bytes:
-        yield b"".join([_head(type_, kind, tensor_id, total, False, codec, values), *views])
+        yield join([_head(type_, kind, tensor_id, total, False, codec, values), *views])
         return
     sent = 0
     while sent < total:
@@ -174,7 +204,7 @@ def payload_frames(
             if lo < hi:
                 pieces.append(v[lo:hi])
             pos += len(v)
-        yield b"".join(pieces)
+        yield join(pieces)
         sent = end
 
 
@@ -186,7 +216,8 @@ def data_frames(
     *,
     type_: int = DATA,
     codec: compress.Codec | str | None = None,
-) -> Iterator[bytes]:
+    joined: bool = True,
+) -> Iterator[Frame]:
     """The DATA (or PUSH) frames carrying ``tensor`` (one unless it exceeds ``chunk_bytes``).
 
     ``codec`` (default ``none``) encodes the tensor first; a stateful sender (error
@@ -196,7 +227,7 @@ def data_frames(
         raise ValueError(f"frame type {type_} carries no tensor")
     c = compress.get_codec(codec)
     parts = encode_tensor_parts(tensor) if c.id == NO_CODEC else (c.encode(tensor),)
-    return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id)
+    return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id, joined=joined)
 
 
 def value_frames(
@@ -206,15 +237,17 @@ def value_frames(
     chunk_bytes: int,
     *,
     type_: int = DATA,
-) -> Iterator[bytes]:
+    joined: bool = True,
+) -> Iterator[Frame]:
     """The DATA (or PUSH) frames carrying what crosses a cut: a tensor (exactly :func:`data_frames`), a
     tuple of them (a values payload), or a value its sender encoded (:class:`~splitnn.wire.cut_codec.Encoded`:
     the frames name its codec)."""
     if isinstance(value, torch.Tensor):
-        return data_frames(kind, tensor_id, value, chunk_bytes, type_=type_)
+        return data_frames(kind, tensor_id, value, chunk_bytes, type_=type_, joined=joined)
     encoded = cut_codec.encoded_of(value)
+    parts = encoded.wire_parts()
     return payload_frames(
-        kind, tensor_id, encoded.wire_parts(), chunk_bytes, type_=type_, codec=encoded.codec, values=encoded.several
+        kind, tensor_id, parts, chunk_bytes, type_=type_, codec=encoded.codec, values=encoded.several, joined=joined
     )
 
 
@@ -281,8 +314,9 @@ class Reassembler:
         arrived = self.feed_arrival(hdr, chunk)
         return arrived.value if arrived is not None else None
 
-    def feed_arrival(self, hdr: FrameHeader, chunk: memoryview) -> Arrived | None:
-        """:meth:`feed`, with the bytes the value took on the wire and its raw size (what the ledger records)."""
+    def feed_arrival(self, hdr: FrameHeader, chunk: memoryview, *, owned: bool = False) -> Arrived | None:
+        """:meth:`feed`, with the bytes the value took on the wire and its raw size (what the ledger records).
+        ``owned``: the frame's memory is handed over (a whole tensor in it may become the tensor's memory)."""
         limit = self.max_tensor_bytes + (VALUES_HEADER_ROOM if hdr.values else PAYLOAD_HEADER_ROOM)
         if hdr.total > limit:
             self._parts.pop(hdr.id, None)
@@ -292,7 +326,7 @@ class Reassembler:
             if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
-                return self._decode(hdr.codec, hdr.values, chunk)
+                return self._decode(hdr.codec, hdr.values, chunk, owned)
             part, chunk = self._start(hdr, chunk)
         elif part.total != hdr.total or part.codec != hdr.codec or part.values != hdr.values:
             del self._parts[hdr.id]
@@ -311,7 +345,7 @@ class Reassembler:
         if part.header is not None:
             t = tensor_from_payload(part.header, part.dest)
             return Arrived(t, part.header.payload_len, part.header.payload_len)
-        return self._decode(part.codec, part.values, part.view)
+        return self._decode(part.codec, part.values, part.view, False)
 
     def _start(self, hdr: FrameHeader, chunk: memoryview) -> tuple[_Partial, memoryview]:
         """The first chunk of a chunked payload: its destination, and the part of the chunk that goes there."""
@@ -335,9 +369,9 @@ class Reassembler:
         self._parts[hdr.id] = part
         return part, chunk
 
-    def _decode(self, codec: int, values: bool, payload: memoryview) -> Arrived:
+    def _decode(self, codec: int, values: bool, payload: memoryview, owned: bool) -> Arrived:
         if codec == NO_CODEC and not values:
-            t = decode_tensor(payload, max_bytes=self.max_tensor_bytes)
+            t = decode_tensor(payload, max_bytes=self.max_tensor_bytes, borrow=owned)
             return Arrived(t, t.numel() * t.element_size(), t.numel() * t.element_size())
         return cut_codec.decode_payload(payload, codec, values, max_bytes=self.max_tensor_bytes)
 

@@ -10,7 +10,11 @@ links over TCP cost about a third less per byte and a millisecond less per batch
 :class:`FrameStream` is the asyncio protocol of one connection. It receives into its own
 buffer (no stream reader's copies): small frames are cut out of a 256 KiB scratch buffer,
 a frame too big for it is read straight into a buffer of its own size. A declared length
-above the limit ends the connection before anything is buffered.
+above the limit ends the connection before anything is buffered. A frame carrying a tensor is
+handed to the reader in memory of its own with the tensor's bytes at a 64-byte boundary
+(``align``; from 64 KiB), so that the tensor can be built on it; and a frame given as parts (a header and
+views of a tensor's memory, :data:`splitnn.transport.frames.Frame`) is written without joining
+them: the kernel copies each byte once, from where it is.
 
 A connection starts with a *hello*: the dialling party sends one frame of JSON (federation
 token, its party name, the session tag it dials, as the gRPC metadata of a peer stream would
@@ -33,7 +37,10 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import numpy
+
 from splitnn.errors import WireError
+from splitnn.transport import frames
 from splitnn.transport.security import TLSConfig
 
 LENGTH = struct.Struct("<I")
@@ -43,21 +50,35 @@ SCRATCH_BYTES = 256 * 1024
 HIGH_WATER = 64 * 1024 * 1024
 #: Largest hello frame (JSON).
 MAX_HELLO_BYTES = 8192
-#: Frames shorter than this are joined with their length prefix into one write.
+#: Frames (and parts of a frame) shorter than this are joined with their length prefix into one write.
 JOIN_BELOW = 64 * 1024
+#: Where a received frame's tensor payload is placed in memory (a multiple of this address; the torch allocator's).
+ALIGN = 64
+#: Frames of a tensor this long or longer are handed over in memory of their own (shorter ones as ``bytes``: below
+#: this, allocating aligned memory costs more than the copy it saves the decoder).
+OWN_FROM = 64 * 1024
+#: Room, beyond a chunk, in the largest frame a peer link takes: the frame header and the payload header.
+FRAME_ROOM = 64 * 1024
 OK, NO = b"OK", b"NO"
 
 
 class FrameStream(asyncio.BufferedProtocol):
     """One TCP connection carrying length-prefixed frames; ``read`` and ``send`` are the peer link's calls."""
 
-    def __init__(self, max_frame: int, on_open: Callable[[FrameStream], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_frame: int,
+        on_open: Callable[[FrameStream], None] | None = None,
+        *,
+        align: Callable[[memoryview], int] | None = None,
+    ) -> None:
         self.max_frame = max_frame
         self._on_open = on_open
+        self._align = align  # (a frame's first bytes) -> the offset in it to put at an ALIGN boundary
         self.transport: asyncio.Transport | None = None
         self._scratch = bytearray(SCRATCH_BYTES)
         self._fill = 0  # bytes of the scratch buffer received and not yet cut into frames
-        self._big: bytearray | None = None  # a frame too big for the scratch buffer, being received
+        self._big: memoryview | None = None  # a frame too big for the scratch buffer, being received
         self._big_fill = 0
         self._frames: collections.deque = collections.deque()
         self._queued = 0  # bytes in _frames
@@ -65,6 +86,12 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable: asyncio.Future | None = None  # set while the transport asks us to stop writing
         self.lost: BaseException | None = None  # why the connection ended (None: still open)
         self.error: WireError | None = None  # a malformed length from the other side
+
+    @classmethod
+    def for_peer_frames(cls, chunk_bytes: int, on_open: Callable[[FrameStream], None] | None = None) -> FrameStream:
+        """A stream of peer frames (:mod:`splitnn.transport.frames`) cut at ``chunk_bytes``: its frame limit leaves
+        room for the headers, and tensor payloads are received aligned (:func:`frames.payload_start`)."""
+        return cls(chunk_bytes + FRAME_ROOM, on_open, align=frames.payload_start)
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -75,7 +102,7 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
-            return memoryview(self._big)[self._big_fill :]
+            return self._big[self._big_fill :]
         return memoryview(self._scratch)[self._fill :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -99,10 +126,17 @@ class FrameStream(asyncio.BufferedProtocol):
                 return
             start = pos + LENGTH.size
             if fill - start >= n:
-                self._deliver(bytes(view[start : start + n]))
+                frame = view[start : start + n]
+                offset = self._align(frame) if self._align is not None and n >= OWN_FROM else 0
+                if offset:
+                    own = self._own(n, offset)
+                    own[:] = frame
+                    self._deliver(own)
+                else:
+                    self._deliver(bytes(frame))
                 pos = start + n
             elif LENGTH.size + n > len(buf):  # read the rest straight into the frame's own buffer
-                big = bytearray(n)
+                big = self._own(n, self._align(view[start:fill]) if self._align is not None else 0)
                 big[: fill - start] = view[start:fill]
                 self._big, self._big_fill, pos = big, fill - start, fill
                 break
@@ -115,13 +149,20 @@ class FrameStream(asyncio.BufferedProtocol):
         else:
             self._fill = fill
 
+    @staticmethod
+    def _own(n: int, offset: int) -> memoryview:
+        """``n`` bytes of memory of their own (uninitialised), byte ``offset`` of them at an ALIGN boundary."""
+        mem = numpy.empty(n + ALIGN, numpy.uint8)
+        pad = -(mem.ctypes.data + offset) % ALIGN
+        return memoryview(mem)[pad : pad + n]
+
     def _refuse(self, text: str) -> None:
         self.error = WireError(text)
         self._fill = 0
         if self.transport is not None:
             self.transport.abort()
 
-    def _deliver(self, frame: bytes | bytearray) -> None:
+    def _deliver(self, frame: bytes | memoryview) -> None:
         self._frames.append(frame)
         self._queued += len(frame)
         if self._queued > HIGH_WATER and self.transport is not None:
@@ -150,8 +191,9 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable = None
 
     # -- the stream's two calls --------------------------------------------------------------
-    async def read(self) -> bytes | bytearray | None:
-        """The next frame; None once the connection has ended (or the other side broke the framing)."""
+    async def read(self) -> bytes | memoryview | None:
+        """The next frame; None once the connection has ended (or the other side broke the framing). A frame
+        that is not ``bytes`` is the reader's own memory: nothing else writes to it."""
         while not self._frames:
             if self.lost is not None or self.error is not None:
                 return None
@@ -163,15 +205,24 @@ class FrameStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         return frame
 
-    async def send(self, frame: bytes | bytearray | memoryview) -> None:
-        """Put one frame on the connection; ConnectionError once it has ended."""
+    async def send(self, frame: frames.Frame | bytearray | memoryview) -> None:
+        """Put one frame (whole, or as a tuple of its parts) on the connection; ConnectionError once it has
+        ended. Parts are not joined: a big one is written as it is (the transport copies what the kernel does
+        not take at once), so it must not change until ``send`` returns."""
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
-        if len(frame) < JOIN_BELOW:
-            self.transport.write(LENGTH.pack(len(frame)) + frame)
-        else:  # two writes: no copy of a big frame just to put 4 bytes in front of it
-            self.transport.write(LENGTH.pack(len(frame)))
-            self.transport.write(frame)
+        parts = frame if isinstance(frame, tuple) else (frame,)
+        small = [LENGTH.pack(sum(len(p) for p in parts))]
+        for part in parts:  # runs of small parts joined (with the length), big ones written as they are
+            if len(part) < JOIN_BELOW:
+                small.append(part)
+                continue
+            if small:
+                self.transport.write(b"".join(small))
+                small = []
+            self.transport.write(part)
+        if small:
+            self.transport.write(b"".join(small))
         if self._writable is not None:
             await self._writable
             if self.lost is not None:

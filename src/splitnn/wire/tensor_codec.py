@@ -77,6 +77,8 @@ MAX_NDIM: int = 8
 
 _PREFIX = struct.Struct("<4sBB")  # magic, dtype code, ndim
 _PREFIX_SIZE = _PREFIX.size  # 6
+#: Bytes of a frame's header before its shape (magic, dtype code, ndim: the last of them).
+TENSOR_PREFIX_SIZE = _PREFIX_SIZE
 _DIM_SIZE = 8
 _SHAPE_STRUCTS = [struct.Struct(f"<{n}Q") for n in range(256)]
 
@@ -229,13 +231,16 @@ def decode_tensor(
     max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     allowed_dtypes: Iterable[torch.dtype] | None = DEFAULT_ALLOWED,
     max_ndim: int = MAX_NDIM,
+    borrow: bool = False,
 ) -> Tensor:
     """Decode one frame made by :func:`encode_tensor` into a new CPU tensor.
 
     Checks, in order and before touching the payload: magic, dtype code and allow-list,
     rank, shape fits the header, size limit, and payload length equal to
     ``numel * itemsize`` exactly; a ``bool`` payload must hold only 0 and 1 bytes.
-    The result owns fresh writable memory (nothing aliases ``buf``).
+    The result owns fresh writable memory (nothing aliases ``buf``), unless ``borrow``: then
+    the caller hands ``buf`` over (nothing else will write to it) and, when it is writable and
+    the payload aligned for its dtype, the tensor is built on it, without a copy.
     Raises :class:`WireError` naming the problem.
     """
     mv = _as_bytes_view(buf)
@@ -247,6 +252,10 @@ def decode_tensor(
         )
     if hdr.payload_len == 0:
         return torch.empty(hdr.shape, dtype=hdr.dtype)
+    if borrow and not mv.readonly and hdr.dtype is not torch.bool:
+        t = torch.frombuffer(mv[hdr.header_len :], dtype=hdr.dtype)
+        if t.data_ptr() % _ITEMSIZE[hdr.dtype] == 0:  # else copied: unaligned elements are slow or refused
+            return t.reshape(hdr.shape)
     storage = bytearray(mv[hdr.header_len :])  # the one copy; the tensor owns it, writable
     if hdr.dtype is torch.bool and storage.translate(None, b"\x00\x01"):
         raise WireError("tensor frame of dtype torch.bool holds bytes other than 0 and 1")
