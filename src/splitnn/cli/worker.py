@@ -339,8 +339,8 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
     from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
-    from splitnn.server.tcp_plane import split_address
     from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.transport.addresses import split_host_port
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
 
@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     for flag, value in (("--data-listen", args.data_listen), ("--data-advertise", args.data_advertise)):
         if value is not None:
-            split_address(value, flag)
+            split_host_port(value, flag, any_port=True, host_optional=True)
     if args.data_advertise is not None and args.data_listen is None:
         raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
     if args.threads is not None:

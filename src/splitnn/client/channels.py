@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from splitnn.errors import ConfigurationError
+from splitnn.transport.addresses import join_host_port
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig
 
@@ -33,8 +34,7 @@ def parse_address(url: str) -> str:
         port = None
     if not port:
         raise ConfigurationError(f"worker address {url!r} has no valid port; write grpc://HOST:PORT")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{port}"
+    return join_host_port(parts.hostname, port)
 
 
 def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:

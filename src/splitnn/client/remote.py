@@ -87,6 +87,7 @@ from splitnn.common.messages import (
 )
 from splitnn.data.sources import check_ids
 from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
@@ -176,7 +177,7 @@ class RemoteWorker:
         self.session_tag = session_tag(self.session)
         self._metadata = call_metadata(self._token, RESEARCHER, session=self.session)
         self._tls, self._connect_timeout = tls, connect_timeout
-        self._target_name = name or self.address.rpartition(":")[0].strip("[]")
+        self._target_name = name or split_host_port(self.address, "a worker address")[0]
         self.name = "?"
         # Tensor ids are chosen here; start at a random point so that two sessions with one worker
         # (a reconnecting researcher, a second model) do not pick the same ids.
@@ -206,7 +207,7 @@ class RemoteWorker:
         names none; None: over gRPC."""
         if hello.data is None or not hello.data.startswith(":"):
             return hello.data
-        return self.address.rpartition(":")[0] + hello.data
+        return join_host_port(split_host_port(self.address, "a worker address")[0], int(hello.data[1:]))
 
     def _connect(self) -> serde.Hello:
         """Open the channel and say hello (the worker opens or resumes our session)."""

@@ -33,6 +33,7 @@ import torch
 
 from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
 from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.transport.addresses import split_host_port
 from splitnn.wire.compress import get_codec
 from splitnn.wire.cut_codec import MAX_VALUES, decode_values, plain
 from splitnn.wire.optim_spec import OptimizerSpec
@@ -218,11 +219,7 @@ class Hello(NamedTuple):
 
 def check_data_address(address: object, what: str, *, host_optional: bool = False) -> str:
     """A data-plane address ``HOST:PORT`` (``:PORT`` if ``host_optional``); WireError naming ``what``."""
-    if not isinstance(address, str) or len(address) > 256:
-        raise WireError(f"{what} must be HOST:PORT, got {address!r}")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or (not host and not host_optional):
-        raise WireError(f"{what} must be HOST:PORT, got {address!r}")
+    split_host_port(address, what, host_optional=host_optional, error=WireError)
     return address
 
 

@@ -59,6 +59,7 @@ from splitnn.server.exports import held_bytes
 from splitnn.server.pushes import Outbox
 from splitnn.server.shipped import Inbox
 from splitnn.transport import frames, tcp
+from splitnn.transport.addresses import split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
@@ -475,14 +476,14 @@ class Peers:
 
     async def _dial_tcp(self, peer: str, where: PeerAddress) -> tcp.FrameStream:
         """A connection to ``peer``'s TCP data plane, past its hello (see :mod:`splitnn.server.tcp_plane`)."""
-        host, _, port = where.data.rpartition(":")
+        host, port = split_host_port(where.data, f"peer {peer!r}'s data-plane address", error=WireError)
         ctx = tcp.client_context(self._tls) if self._tls is not None else None
         stream = tcp.FrameStream.for_peer_frames(self.limits.frame_bytes)
         whom = f"worker {self.name!r}: peer {peer!r}'s data plane at {where.data}"
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
-                    lambda: stream, host.strip("[]"), int(port), ssl=ctx, server_hostname=peer if ctx else None
+                    lambda: stream, host, port, ssl=ctx, server_hostname=peer if ctx else None
                 ),
                 self.timeout,
             )

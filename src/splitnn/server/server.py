@@ -94,7 +94,8 @@ from splitnn.server.exports import StreamState
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
-from splitnn.server.tcp_plane import TcpPlane, split_address
+from splitnn.server.tcp_plane import TcpPlane
+from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
@@ -239,9 +240,9 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
         if data_listen is not None:
-            split_address(data_listen, "--data-listen")
+            split_host_port(data_listen, "--data-listen", any_port=True, host_optional=True)
         if data_advertise is not None:
-            split_address(data_advertise, "--data-advertise")
+            split_host_port(data_advertise, "--data-advertise", any_port=True, host_optional=True)
             if data_listen is None:
                 raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
         self._data_listen, self._data_advertise = data_listen, data_advertise
@@ -256,9 +257,7 @@ class WorkerServer:
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, listen: str) -> str:
         """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigurationError(f"--listen must be HOST:PORT like 127.0.0.1:7001, got {listen!r}")
+        host, _ = split_host_port(listen, "--listen", any_port=True, host_optional=True)
         server = grpc.aio.server(
             options=self.limits.server_options() + [("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=self.max_rpcs
         )
@@ -285,7 +284,7 @@ class WorkerServer:
             raise WorkerError(f"worker {self.name!r} cannot listen on {listen} (address in use or not local?)")
         await server.start()
         self._server = server
-        self.address = f"{host}:{bound}"
+        self.address = join_host_port(host, bound)
         if self._data_listen is not None:
             await self._start_data_plane(self._data_listen)
         return self.address
@@ -301,8 +300,8 @@ class WorkerServer:
             self._server = None
             raise
         self.data_plane = plane
-        host, _, port = bound.rpartition(":")
-        wildcard = host.strip("[]") in ("", "0.0.0.0", "::")
+        host, port = split_host_port(bound, "the data plane's address", any_port=True, host_optional=True)
+        wildcard = host in ("", "0.0.0.0", "::")
         self.peers.data_address = self._data_advertise or (f":{port}" if wildcard else bound)
 
     async def stop(self, grace: float = 2.0) -> None:

@@ -22,9 +22,10 @@ import logging
 
 from splitnn.accounting import RESEARCHER
 from splitnn.common.messages import check_party_name, check_session_tag
-from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.errors import WireError, WorkerError
 from splitnn.server.peers import Peers
 from splitnn.transport import tcp
+from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.security import TLSConfig, token_matches
 
@@ -32,14 +33,6 @@ log = logging.getLogger("splitnn.worker")
 
 #: Seconds a new connection has to send its hello frame.
 HELLO_TIMEOUT = 10.0
-
-
-def split_address(address: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) -> ``(host, port)``; ConfigurationError naming ``what`` if malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigurationError(f"{what} must be HOST:PORT like 127.0.0.1:7101, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 class TcpPlane:
@@ -64,7 +57,7 @@ class TcpPlane:
 
     async def start(self, listen: str) -> str:
         """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
-        host, port = split_address(listen, "--data-listen")
+        host, port = split_host_port(listen, "--data-listen", any_port=True, host_optional=True)
         ctx = tcp.server_context(self._tls) if self._tls is not None else None
         chunk = self.peers.limits.frame_bytes
         try:
@@ -74,7 +67,7 @@ class TcpPlane:
         except OSError as exc:
             raise WorkerError(f"worker {self.name!r} cannot listen on {listen} for its data plane: {exc}") from None
         bound = self._server.sockets[0].getsockname()[1]
-        self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        self.address = join_host_port(host, bound)
         return self.address
 
     def _open(self, stream: tcp.FrameStream) -> None:

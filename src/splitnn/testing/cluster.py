@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitnn.transport.addresses import join_host_port, split_host_port
+
 STARTUP_TIMEOUT = 60.0  # seconds to wait for a worker to print its address (2 busy shared cores)
 
 
@@ -142,15 +144,15 @@ class Cluster:
     def _data_listen(self, name: str, listen: str) -> str:
         """A port of its own for the worker's TCP data plane, the same when it is restarted (as an operator
         would restart it: on the same ports)."""
-        host = listen.rpartition(":")[0]
+        host = split_host_port(listen, "--listen", any_port=True)[0]
         if name not in self._data_ports:
-            with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as sock:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
                 try:
-                    sock.bind((host.strip("[]"), 0))
+                    sock.bind((host, 0))
                 except OSError:  # not an address of this namespace (the worker runs in another): any port there
-                    return f"{host}:0"
+                    return join_host_port(host, 0)
                 self._data_ports[name] = sock.getsockname()[1]
-        return f"{host}:{self._data_ports[name]}"
+        return join_host_port(host, self._data_ports[name])
 
     def connect(self, *names: str, timeout: float = 60.0) -> list:
         """A researcher's :func:`splitnn.connect` to each named worker, in order (close them when done)."""

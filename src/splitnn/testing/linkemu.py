@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitnn.errors import ConfigurationError
+from splitnn.transport.addresses import split_host_port
 
 __all__ = [
     "LinkProfile",
@@ -100,10 +101,8 @@ def parse_delay(text: str | float) -> float:
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigurationError(f"an address must be HOST:PORT, got {address!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    host, port = split_host_port(address, "an address", any_port=True, host_optional=True)
+    return host or "127.0.0.1", port
 
 
 @dataclass
