@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -307,52 +308,80 @@ def bench_sweep(sizes: list[int], batches: int, runs: int, clusters: dict) -> li
     return rows
 
 
-def bench_parties(depths: list[int], batches: int, runs: int, clusters: dict) -> list[dict]:
+def bench_parties(
+    depths: list[int], batches: int, runs: int, clusters: dict, op_dirs: dict[str, Path] | None = None
+) -> list[dict]:
     """Per transport and depth K: samples/s and each party's CPU milliseconds per batch of shipped epochs over
     loopback (no emulator), and the same for in-process training (lock-step and pipelined): where the
-    networked path's CPU goes, against what two cores can give."""
+    networked path's CPU goes, against what two cores can give. With ``op_dirs`` (per cluster label, where its
+    workers write their compute calls' CPU: ``op_cpu/sitecustomize.py``), also the CPU inside compute calls."""
     import splitnn
 
     data = _data(batches * BATCH)
     rows = []
+    if op_dirs is not None:
+        import op_cpu.sitecustomize as op_cpu
+
+        op_cpu.install()
     for k in depths:
         inproc = splitnn.SplitNN(_segments(), [splitnn.VirtualWorker(n) for n in NAMES], optimizer="sgd:lr=0.03")
-        rows.append(_party_row(f"in-process, K={k}", inproc, data, k, runs, {}))
+        ops = (lambda: {n: tuple(op_cpu.totals.get(n, (0, 0.0))) for n in NAMES}) if op_dirs is not None else None
+        rows.append(_party_row(f"in-process, K={k}", inproc, data, k, runs, {}, ops))
     for label, cluster in clusters.items():
         workers = [splitnn.connect(cluster.workers[n].url, token=cluster.token, name=n) for n in NAMES]
+        ops = (lambda d=op_dirs[label]: _op_cpu_of(d)) if op_dirs is not None else None
         try:
             for k in depths:
                 model = splitnn.SplitNN(_segments(), workers, optimizer="sgd:lr=0.03")
                 pids = {n: cluster.workers[n].proc.pid for n in NAMES}
-                rows.append(_party_row(f"{label}, K={k}", model, data, k, runs, pids))
+                rows.append(_party_row(f"{label}, K={k}", model, data, k, runs, pids, ops))
         finally:
             for w in workers:
                 w.close()
     return rows
 
 
-def _party_row(label: str, model, data, k: int, runs: int, pids: dict[str, int]) -> dict:
+def _op_cpu_of(out: Path) -> dict[str, tuple[int, float]]:
+    """The workers' compute-call totals as they last wrote them (after waiting for their next write)."""
+    time.sleep(1.2)
+    files = {n: out / f"{n}.json" for n in NAMES}
+    return {n: tuple(json.loads(f.read_text()).values()) for n, f in files.items() if f.exists()}
+
+
+def _party_row(label: str, model, data, k: int, runs: int, pids: dict[str, int], ops=None) -> dict:
     batches = len(data) // BATCH
     model.fit(data, epochs=1, batch_size=BATCH, pipeline=k, progress=False)  # warm-up, data placement
+    o0 = ops() if ops is not None else {}
     c0 = {n: _process_cpu(pid) for n, pid in pids.items()}
     r0, t0 = time.process_time(), time.perf_counter()
     model.fit(data, epochs=runs, batch_size=BATCH, pipeline=k, progress=False)
     seconds = time.perf_counter() - t0
     cpu = {n: 1e3 * (_process_cpu(pid) - c0[n]) / (runs * batches) for n, pid in pids.items()}
     cpu["researcher"] = 1e3 * (time.process_time() - r0) / (runs * batches)
-    return {"label": label, "rate": runs * len(data) / seconds, "cpu_ms": cpu}
+    row = {"label": label, "rate": runs * len(data) / seconds, "cpu_ms": cpu}
+    if ops is not None:
+        o1 = ops()
+        row["op_ms"] = {n: 1e3 * (o1[n][1] - o0.get(n, (0, 0.0))[1]) / (runs * batches) for n in o1}
+    return row
 
 
 def print_parties(rows: list[dict]) -> None:
     base = rows[0]["rate"]
-    print(
-        "| run | samples/s | vs in-process lock-step | CPU ms per batch: " + ", ".join(NAMES) + ", researcher | total |"
-    )
-    print("|---|---:|---:|---|---:|")
+    ops = all("op_ms" in r for r in rows)
+    parties = ", ".join(NAMES)
+    head = f"| run | samples/s | vs in-process lock-step | CPU ms per batch: {parties}, researcher | total |"
+    print(head + (f" of it in compute calls: {parties} | total | the rest |" if ops else ""))
+    print("|---|---:|---:|---|---:|" + ("---|---:|---:|" if ops else ""))
     for r in rows:
         cpu = r["cpu_ms"]
         cells = ", ".join(f"{cpu[n]:.2f}" for n in (*NAMES, "researcher") if n in cpu)
-        print(f"| {r['label']} | {r['rate']:,.0f} | {r['rate'] / base:.2f}x | {cells} | {sum(cpu.values()):.2f} |")
+        line = f"| {r['label']} | {r['rate']:,.0f} | {r['rate'] / base:.2f}x | {cells} | {sum(cpu.values()):.2f} |"
+        if ops:
+            op = r["op_ms"]
+            compute = sum(op.values())
+            line += f" {', '.join(f'{op.get(n, 0.0):.2f}' for n in NAMES)} | {compute:.2f} | "
+            line += f"{sum(cpu.values()) - compute:.2f} |"
+        print(line)
 
 
 def _process_cpu(pid: int) -> float:
@@ -416,6 +445,12 @@ def main() -> None:
         "networked (per --data-plane) and in-process",
     )
     parser.add_argument(
+        "--op-cpu",
+        action="store_true",
+        help="with --parties: also the CPU each party spends inside its compute calls (forward, loss, backward, "
+        "step), through benchmarks/op_cpu on the workers' PYTHONPATH; the rest is messaging and bookkeeping",
+    )
+    parser.add_argument(
         "--data-plane",
         default="grpc",
         help="with --sweep or --parties: comma-separated peer transports to time: grpc (peer links over gRPC "
@@ -433,14 +468,20 @@ def main() -> None:
     if args.parties:
         planes = args.data_plane.split(",")
         with contextlib.ExitStack() as stack:
-            clusters = {}
+            clusters, op_dirs = {}, {}
             for plane in planes:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory())
-                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, tcp=plane == "tcp"))
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                env = {}
+                if args.op_cpu:
+                    (tmp / "ops").mkdir()
+                    env = {"PYTHONPATH": str(Path(__file__).parent / "op_cpu"), "SPLITNN_OP_CPU": str(tmp / "ops")}
+                    op_dirs[f"{plane} links"] = tmp / "ops"
+                cl = stack.enter_context(Cluster(tmp, lifetime=3600, tcp=plane == "tcp", env=env))
                 for n in NAMES:
                     cl.start(n)
                 clusters[f"{plane} links"] = cl
-            rows = bench_parties([int(k) for k in args.parties.split(",")], args.batches, args.runs, clusters)
+            depths = [int(k) for k in args.parties.split(",")]
+            rows = bench_parties(depths, args.batches, args.runs, clusters, op_dirs if args.op_cpu else None)
         print(f"tutorial MLP, batch {BATCH}, {args.batches} batches x {args.runs} epochs, 3 workers on 127.0.0.1")
         print_parties(rows)
         return
