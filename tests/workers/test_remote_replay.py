@@ -160,6 +160,64 @@ def test_a_dropped_peer_link_costs_no_step_of_a_pipelined_compressed_epoch(trio,
             w.close()
 
 
+def test_a_dropped_connection_costs_a_splitfed_run_no_step(trio):
+    """SplitFed v2 with alice and claire as data holders on threads of their own and bob serving them: the
+    researcher's connection to bob and, later, the holders' peer links to bob drop mid-epoch (commands and
+    pulls in flight from both threads); the run equals the uninterrupted in-process one (Adam: a step lost or
+    applied twice would show), with every transfer recorded once."""
+    from splitnn.training.topologies import SplitFedSplitNN
+
+    def splitfed(holders, bob):
+        torch.manual_seed(0)
+        bottom = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        top = [nn.Sequential(nn.Linear(32, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 10), nn.LogSoftmax(dim=1))]
+        return SplitFedSplitNN(
+            bottom, top, holders, [bob, bob], variant="v2", round_batches=2, optimizer="adam:lr=0.01"
+        )
+
+    virtual = {n: splitnn.VirtualWorker(n) for n in NAMES}
+    reference = splitfed([virtual["alice"], virtual["claire"]], virtual["bob"])
+    ref_history = reference.fit(DATA, **FIT)
+    cl = trio
+    with ThreadedLinkEmulator() as emu:
+        researcher_via = emu.add("bob", cl.workers["bob"].address)
+        peers_via = emu.add("bob-peers", cl.workers["bob"].address)
+        workers = {
+            n: splitnn.connect(
+                f"grpc://{researcher_via}" if n == "bob" else cl.workers[n].url, token=cl.token, name=n, timeout=60
+            )
+            for n in NAMES
+        }
+        bob = workers["bob"]
+        bob.address = peers_via  # the holders reach bob through a proxy of their own
+        emu.set("bob", delay=0.01)
+        emu.set("bob-peers", delay=0.01)
+        steps, drops = [0], []
+        step = bob.step
+
+        def counting_step(*args, **kwargs):  # bob's steps, from both holders' threads
+            steps[0] += 1
+            if steps[0] in (5, 13):
+                drops.append(emu.drop("bob" if steps[0] == 5 else "bob-peers"))
+            return step(*args, **kwargs)
+
+        bob.step = counting_step
+        model = splitfed([workers["alice"], workers["claire"]], bob)
+        assert model.parallel is True
+        history = model.fit(DATA, **FIT)
+        assert len(drops) == 2 and all(d > 0 for d in drops)  # connections were reset, new ones got through
+        assert bob.resumed >= 1  # the researcher's stream to bob broke and was resumed
+        assert history.losses() == ref_history.losses()
+        assert [e.bytes_sent for e in history.epochs] == [e.bytes_sent for e in ref_history.epochs]
+        assert model.ledger.links() == reference.ledger.links()
+        assert_same_weights(model.collect(), reference.collect())
+        counters = [row for n in ("alice", "claire") for row in workers[n].stats()["counters"]]
+        rows = [row for row in counters if row["direction"] == "sent"]
+        assert sum(row["messages"] for row in rows if row["kind"] == "repull") >= 1  # a pull asked again
+        for w in workers.values():
+            w.close()
+
+
 # ------------------------------------------------------------------ the worker's side, message by message
 class RawStream:
     """A researcher's Session stream spoken by hand: send commands, read replies one at a time."""
