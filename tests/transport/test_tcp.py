@@ -36,6 +36,9 @@ class FakeTransport:
     def pause_reading(self) -> None:
         self.paused = True
 
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.high = high
+
     def resume_reading(self) -> None:
         self.paused = False
 
@@ -103,6 +106,45 @@ def test_tensor_frames_are_handed_over_aligned_in_memory_of_their_own():
     small = next(peer_frames.data_frames("activation", 5, torch.randn(2, 3), 1 << 22, type_=push))
     feed(stream, wire_bytes([small]), [])
     assert asyncio.run(stream.read()) == small  # a small one as bytes: copying it costs less than aligning it
+
+
+class HoldingTransport(FakeTransport):
+    """Keeps what it is given, as asyncio's transport does with what the kernel did not take yet."""
+
+    def __init__(self, protocol: tcp.FrameStream) -> None:
+        super().__init__()
+        self.protocol, self.held = protocol, []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data) -> None:
+        self.held.append(data)
+        if len(self.held) == 1 and self.high == 0:
+            self.protocol.pause_writing()
+
+    def drain(self) -> bytes:
+        out, self.held = b"".join(self.held), []
+        self.protocol.resume_writing()
+        return out
+
+
+def test_send_returns_once_the_transport_let_go_of_the_parts():
+    async def main() -> None:
+        stream = tcp.FrameStream(max_frame=1 << 20)
+        transport = HoldingTransport(stream)
+        stream.connection_made(transport)
+        assert transport.high == 0  # paused as soon as anything is held back
+        payload = bytearray(b"p" * tcp.JOIN_BELOW)
+        sending = asyncio.ensure_future(stream.send((b"head", memoryview(payload))))
+        await asyncio.sleep(0.01)
+        assert not sending.done()  # the transport still holds a view of the payload
+        wire = transport.drain()
+        await asyncio.wait_for(sending, 1)
+        assert wire == framed(b"head" + b"p" * tcp.JOIN_BELOW)
+        payload[:] = b"q" * len(payload)  # the sender's memory is its own again
+
+    asyncio.run(main())
 
 
 def test_a_length_over_the_limit_ends_the_connection_before_buffering():

@@ -97,6 +97,9 @@ class FrameStream(asyncio.BufferedProtocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         keep_alive(transport.get_extra_info("socket"))
+        # pause_writing as soon as the transport holds anything back, so that send returns only once the kernel
+        # has taken every part: parts are views of tensors, which asyncio (3.12 on; TLS in any version) may keep
+        transport.set_write_buffer_limits(high=0)
         if self._on_open is not None:
             self._on_open(self)
 
@@ -207,8 +210,8 @@ class FrameStream(asyncio.BufferedProtocol):
 
     async def send(self, frame: frames.Frame | bytearray | memoryview) -> None:
         """Put one frame (whole, or as a tuple of its parts) on the connection; ConnectionError once it has
-        ended. Parts are not joined: a big one is written as it is (the transport copies what the kernel does
-        not take at once), so it must not change until ``send`` returns."""
+        ended. Parts are not joined: a big one is written as it is, and ``send`` returns once the transport
+        holds none of it any more (the kernel has taken it all), so the memory may change afterwards."""
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
         parts = frame if isinstance(frame, tuple) else (frame,)
