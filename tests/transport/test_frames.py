@@ -167,6 +167,13 @@ def test_payload_start_says_where_a_whole_tensor_payload_begins():
     assert frames.payload_start(frames.request("activation", 3)) == 0
 
 
+@settings(max_examples=200, deadline=None)
+@given(head=st.binary(max_size=64))
+def test_payload_start_of_any_bytes_is_an_offset_never_an_error(head):
+    start = frames.payload_start(head)
+    assert start == 0 or frames.HEADER_SIZE + 6 <= start <= frames.HEADER_SIZE + 6 + 8 * 255
+
+
 def _frame(type_=frames.DATA, codec=0, tensor_id=1, total=None, body=b"", flags=0) -> bytes:
     total = len(body) if total is None else total
     return frames.HEADER.pack(frames.PEER_MAGIC, type_, 1, flags, codec, tensor_id, total) + body
