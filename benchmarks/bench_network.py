@@ -474,7 +474,8 @@ def main() -> None:
                 env = {}
                 if args.op_cpu:
                     (tmp / "ops").mkdir()
-                    env = {"PYTHONPATH": str(Path(__file__).parent / "op_cpu"), "SPLITNN_OP_CPU": str(tmp / "ops")}
+                    paths = [str(Path(__file__).parent / "op_cpu"), os.environ.get("PYTHONPATH", "")]
+                    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "SPLITNN_OP_CPU": str(tmp / "ops")}
                     op_dirs[f"{plane} links"] = tmp / "ops"
                 cl = stack.enter_context(Cluster(tmp, lifetime=3600, tcp=plane == "tcp", env=env))
                 for n in NAMES:

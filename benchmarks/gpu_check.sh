@@ -49,7 +49,7 @@ else
     echo "== Fashion-MNIST not found (set FASHION_MNIST=DIR): example skipped"
 fi
 echo "== networked pipelined training at 0 ms against in-process, a core per party (CPU; loopback, no emulator)"
-OMP_NUM_THREADS=1 $PY benchmarks/bench_network.py --parties 1,16,24 --batches 300 --runs 3 --data-plane grpc,tcp 2>&1 \
+OMP_NUM_THREADS=1 $PY benchmarks/bench_network.py --parties 1,16,24 --batches 300 --runs 3 --data-plane grpc,tcp --op-cpu 2>&1 \
     | tee "$OUT/bench_network_parties.txt" | tail -9
 echo "== the same behind the link emulator at 0 ms, peer links over the TCP data plane"
 OMP_NUM_THREADS=1 $PY benchmarks/bench_wan.py --delays 0 --pipeline 1,8,16,24 --predict 0.5 --batches 300 --runs 3 \
