@@ -339,8 +339,8 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
     from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
+    from splitnn.server.tcp_plane import check_data_plane
     from splitnn.transport import Limits, TLSConfig, load_token
-    from splitnn.transport.addresses import split_host_port
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
 
@@ -352,11 +352,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
-    for flag, value in (("--data-listen", args.data_listen), ("--data-advertise", args.data_advertise)):
-        if value is not None:
-            split_host_port(value, flag, any_port=True, host_optional=True)
-    if args.data_advertise is not None and args.data_listen is None:
-        raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
+    check_data_plane(args.data_listen, args.data_advertise)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigurationError(f"--threads must be >= 1, got {args.threads}")

@@ -94,7 +94,7 @@ from splitnn.server.exports import StreamState
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
-from splitnn.server.tcp_plane import TcpPlane
+from splitnn.server.tcp_plane import TcpPlane, check_data_plane
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
@@ -239,12 +239,7 @@ class WorkerServer:
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
-        if data_listen is not None:
-            split_host_port(data_listen, "--data-listen", any_port=True, host_optional=True)
-        if data_advertise is not None:
-            split_host_port(data_advertise, "--data-advertise", any_port=True, host_optional=True)
-            if data_listen is None:
-                raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
+        check_data_plane(data_listen, data_advertise)
         self._data_listen, self._data_advertise = data_listen, data_advertise
         self.data_plane: TcpPlane | None = None
 

@@ -22,7 +22,7 @@ import logging
 
 from splitnn.accounting import RESEARCHER
 from splitnn.common.messages import check_party_name, check_session_tag
-from splitnn.errors import WireError, WorkerError
+from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.server.peers import Peers
 from splitnn.transport import tcp
 from splitnn.transport.addresses import join_host_port, split_host_port
@@ -33,6 +33,16 @@ log = logging.getLogger("splitnn.worker")
 
 #: Seconds a new connection has to send its hello frame.
 HELLO_TIMEOUT = 10.0
+
+
+def check_data_plane(listen: str | None, advertise: str | None) -> None:
+    """Refuse a malformed ``--data-listen`` or ``--data-advertise``, or an advertised address without a listener
+    (ConfigurationError), before anything starts."""
+    for flag, value in (("--data-listen", listen), ("--data-advertise", advertise)):
+        if value is not None:
+            split_host_port(value, flag, any_port=True, host_optional=True)
+    if advertise is not None and listen is None:
+        raise ConfigurationError("--data-advertise needs --data-listen (where the data plane listens)")
 
 
 class TcpPlane:
