@@ -134,12 +134,12 @@ def test_the_listener_holds_at_most_max_rpcs_connections():
     async def main() -> list:
         server = WorkerServer("alice", "a-federation-token", data_listen="127.0.0.1:0", max_rpcs=2)
         await server.start("127.0.0.1:0")
-        host, _, port = server.data_plane.address.rpartition(":")
+        host, port = server.data_plane.host, server.data_plane.port
         streams = []
         try:
             for _ in range(3):
                 stream = tcp.FrameStream(1 << 20)
-                await asyncio.get_running_loop().create_connection(lambda s=stream: s, host, int(port))
+                await asyncio.get_running_loop().create_connection(lambda s=stream: s, host, port)
                 streams.append(stream)
                 await asyncio.sleep(0.2)  # the listener has seen it
             third = await asyncio.wait_for(streams[2].read(), 20)  # closed at once, nothing said

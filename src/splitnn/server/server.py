@@ -289,15 +289,14 @@ class WorkerServer:
             self.name, self.token, tls=self.tls, peers=self.peers, counters=self.counters, max_connections=self.max_rpcs
         )
         try:
-            bound = await plane.start(listen)
+            await plane.start(listen)
         except Exception:  # nothing half-started: the gRPC port closes too
             await self._server.stop(None)
             self._server = None
             raise
         self.data_plane = plane
-        host, port = split_host_port(bound, "the data plane's address", any_port=True, host_optional=True)
-        wildcard = host in ("", "0.0.0.0", "::")
-        self.peers.data_address = self._data_advertise or (f":{port}" if wildcard else bound)
+        wildcard = plane.host in ("", "0.0.0.0", "::")
+        self.peers.data_address = self._data_advertise or (f":{plane.port}" if wildcard else plane.address)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, close peer links."""

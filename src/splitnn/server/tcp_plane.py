@@ -63,7 +63,12 @@ class TcpPlane:
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._served: set[asyncio.Task] = set()
-        self.address: str | None = None
+        self.host, self.port = "", 0  # where it listens, once started (the port bound)
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` where it listens."""
+        return join_host_port(self.host, self.port)
 
     async def start(self, listen: str) -> str:
         """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
@@ -76,8 +81,7 @@ class TcpPlane:
             )
         except OSError as exc:
             raise WorkerError(f"worker {self.name!r} cannot listen on {listen} for its data plane: {exc}") from None
-        bound = self._server.sockets[0].getsockname()[1]
-        self.address = join_host_port(host, bound)
+        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         return self.address
 
     def _open(self, stream: tcp.FrameStream) -> None:
