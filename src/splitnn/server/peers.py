@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -210,6 +210,11 @@ class PeerLink:
             ) from None
         self._count("sent", kind, frames.frame_len(frame))
 
+    def _frames(self, kind: str, frame_id: int, value: Any, type_: int) -> Iterator[frames.Frame]:
+        """The frames carrying ``value`` on this link: cut at the peer chunk size; in parts on a zero-copy stream."""
+        chunk = self.peers.limits.frame_bytes
+        return frames.value_frames(kind, frame_id, value, chunk, type_=type_, joined=not self.zero_copy)
+
     async def pull(self, tensor_id: int, kind: str) -> Arrived:
         """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
         it comes with the bytes it took on the wire and its raw size, for the receiver's ledger."""
@@ -237,8 +242,7 @@ class PeerLink:
         """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs);
         its bytes are counted as ``count_as`` (default: ``kind``)."""
         try:
-            joined, chunk = not self.zero_copy, self.peers.limits.frame_bytes
-            for frame in frames.value_frames(kind, frame_id, value, chunk, type_=frames.PUSH, joined=joined):
+            for frame in self._frames(kind, frame_id, value, frames.PUSH):
                 await self.send(frame, count_as or kind)
         except WorkerError:
             raise
@@ -383,10 +387,7 @@ class PeerLink:
             # frames made one at a time as they are written (a big tensor is never copied whole); a tensor
             # pulled again after a broken link counts as re-sent, not as another transfer of its kind
             count_as = "resent" if again else hdr.kind
-            chunk = self.peers.limits.frame_bytes
-            answer = (
-                (f, count_as) for f in frames.value_frames(hdr.kind, hdr.id, tensor, chunk, joined=not self.zero_copy)
-            )
+            answer = ((f, count_as) for f in self._frames(hdr.kind, hdr.id, tensor, frames.DATA))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tell the puller why, then keep serving
