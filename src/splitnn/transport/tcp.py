@@ -62,6 +62,10 @@ FRAME_ROOM = 64 * 1024
 OK, NO = b"OK", b"NO"
 
 
+def _unaligned(head: memoryview) -> int:
+    return 0
+
+
 class FrameStream(asyncio.BufferedProtocol):
     """One TCP connection carrying length-prefixed frames; ``read`` and ``send`` are the peer link's calls."""
 
@@ -74,7 +78,7 @@ class FrameStream(asyncio.BufferedProtocol):
     ) -> None:
         self.max_frame = max_frame
         self._on_open = on_open
-        self._align = align  # (a frame's first bytes) -> the offset in it to put at an ALIGN boundary
+        self._align = align or _unaligned  # (a frame's first bytes) -> the offset in it to put at an ALIGN boundary
         self.transport: asyncio.Transport | None = None
         self._scratch = bytearray(SCRATCH_BYTES)
         self._fill = 0  # bytes of the scratch buffer received and not yet cut into frames
@@ -130,7 +134,7 @@ class FrameStream(asyncio.BufferedProtocol):
             start = pos + LENGTH.size
             if fill - start >= n:
                 frame = view[start : start + n]
-                offset = self._align(frame) if self._align is not None and n >= OWN_FROM else 0
+                offset = self._align(frame) if n >= OWN_FROM else 0
                 if offset:
                     own = self._own(n, offset)
                     own[:] = frame
@@ -139,7 +143,7 @@ class FrameStream(asyncio.BufferedProtocol):
                     self._deliver(bytes(frame))
                 pos = start + n
             elif LENGTH.size + n > len(buf):  # read the rest straight into the frame's own buffer
-                big = self._own(n, self._align(view[start:fill]) if self._align is not None else 0)
+                big = self._own(n, self._align(view[start:fill]))
                 big[: fill - start] = view[start:fill]
                 self._big, self._big_fill, pos = big, fill - start, fill
                 break
@@ -215,7 +219,7 @@ class FrameStream(asyncio.BufferedProtocol):
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
         parts = frame if isinstance(frame, tuple) else (frame,)
-        small = [LENGTH.pack(sum(len(p) for p in parts))]
+        small = [LENGTH.pack(frames.frame_len(frame))]
         for part in parts:  # runs of small parts joined (with the length), big ones written as they are
             if len(part) < JOIN_BELOW:
                 small.append(part)
