@@ -107,13 +107,14 @@ def data_plane_answer(
     """Open a raw connection to a worker's TCP data plane at ``address`` (with TLS: ``ssl_context``), write ``raw``
     and return the first frame it answers (None: it closed the connection). Connection errors propagate."""
     from splitnn.transport import tcp
+    from splitnn.transport.addresses import split_host_port
 
     async def main() -> bytes | None:
         stream = tcp.FrameStream(1 << 20)
-        host, _, port = address.rpartition(":")
+        host, port = split_host_port(address, "the data plane's address")
         try:
             await asyncio.get_running_loop().create_connection(
-                lambda: stream, host, int(port), ssl=ssl_context, server_hostname=server_hostname
+                lambda: stream, host, port, ssl=ssl_context, server_hostname=server_hostname
             )
             stream.transport.write(raw)
             answer = await asyncio.wait_for(stream.read(), 20)
