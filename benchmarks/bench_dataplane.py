@@ -104,6 +104,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 # ------------------------------------------------------------------ the server (own process)
+def _announce(port_file: str, port: int) -> None:
+    """Tell the benchmark (polling ``port_file``) the port this server listens on, the file whole or absent."""
+    with open(port_file + ".tmp", "w") as fh:
+        fh.write(str(port))
+    os.replace(port_file + ".tmp", port_file)
+
+
 def serve(port_file: str, limits: Limits) -> None:
     async def raw(request_iterator, context):
         async for msg in request_iterator:
@@ -125,9 +132,7 @@ def serve(port_file: str, limits: Limits) -> None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Peer", handlers),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        with open(port_file + ".tmp", "w") as fh:
-            fh.write(str(port))
-        os.replace(port_file + ".tmp", port_file)
+        _announce(port_file, port)
         await server.wait_for_termination()
 
     asyncio.run(main())
@@ -136,9 +141,7 @@ def serve(port_file: str, limits: Limits) -> None:
 def serve_tcp(port_file: str) -> None:
     """The ``tcp floor`` receiver: per message a 4-byte length, then that many bytes into a new tensor."""
     listener = socket.create_server(("127.0.0.1", 0))
-    with open(port_file + ".tmp", "w") as fh:
-        fh.write(str(listener.getsockname()[1]))
-    os.replace(port_file + ".tmp", port_file)
+    _announce(port_file, listener.getsockname()[1])
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -178,9 +181,7 @@ def serve_tcp_frames(port_file: str) -> None:
         server = await asyncio.get_running_loop().create_server(
             lambda: tcp.FrameStream(MAX_FRAME, on_open=opened, align=frames.payload_start), "127.0.0.1", 0
         )
-        with open(port_file + ".tmp", "w") as fh:
-            fh.write(str(server.sockets[0].getsockname()[1]))
-        os.replace(port_file + ".tmp", port_file)
+        _announce(port_file, server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
     asyncio.run(main())
