@@ -422,6 +422,21 @@ def print_sweep(rows: list[dict]) -> None:
                 )
 
 
+def _clusters(stack: contextlib.ExitStack, todo: list[tuple[str, str, dict]]) -> dict:
+    """Per ``(label, plane, env)``: a running cluster of the three workers, peer links over ``plane`` (grpc or
+    tcp), ``env`` added to the workers' environment; closed with ``stack``."""
+    from splitnn.testing.cluster import Cluster
+
+    clusters = {}
+    for label, plane, env in todo:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        cl = stack.enter_context(Cluster(tmp, lifetime=3600, env=env, tcp=plane == "tcp"))
+        for n in NAMES:
+            cl.start(n)
+        clusters[label] = cl
+    return clusters
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=40, help="batches of 64 per run (default 40)")
@@ -468,19 +483,15 @@ def main() -> None:
     if args.parties:
         planes = args.data_plane.split(",")
         with contextlib.ExitStack() as stack:
-            clusters, op_dirs = {}, {}
+            todo, op_dirs = [], {}
             for plane in planes:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 env = {}
                 if args.op_cpu:
-                    (tmp / "ops").mkdir()
+                    ops = op_dirs[f"{plane} links"] = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                     paths = [str(Path(__file__).parent / "op_cpu"), os.environ.get("PYTHONPATH", "")]
-                    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "SPLITNN_OP_CPU": str(tmp / "ops")}
-                    op_dirs[f"{plane} links"] = tmp / "ops"
-                cl = stack.enter_context(Cluster(tmp, lifetime=3600, tcp=plane == "tcp", env=env))
-                for n in NAMES:
-                    cl.start(n)
-                clusters[f"{plane} links"] = cl
+                    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "SPLITNN_OP_CPU": str(ops)}
+                todo.append((f"{plane} links", plane, env))
+            clusters = _clusters(stack, todo)
             depths = [int(k) for k in args.parties.split(",")]
             rows = bench_parties(depths, args.batches, args.runs, clusters, op_dirs if args.op_cpu else None)
         print(f"tutorial MLP, batch {BATCH}, {args.batches} batches x {args.runs} epochs, 3 workers on 127.0.0.1")
@@ -489,19 +500,13 @@ def main() -> None:
     if args.sweep:
         sizes = [int(x) for x in args.sweep.split(",")]
         with contextlib.ExitStack() as stack:
-            clusters = {}
             planes = args.data_plane.split(",")
             if not set(planes) <= {"grpc", "tcp"}:
                 parser.error(f"--data-plane takes grpc and/or tcp, got {args.data_plane!r}")
-            todo = [("networked" if p == "grpc" else "tcp plane", None, p) for p in planes]
-            todo += [("baseline", args.baseline_src, planes[-1])] if args.baseline_src else []
-            for label, src, plane in todo:
-                env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
-                tmp = stack.enter_context(tempfile.TemporaryDirectory())
-                cl = stack.enter_context(Cluster(Path(tmp), lifetime=3600, env=env, tcp=plane == "tcp"))
-                for n in NAMES:
-                    cl.start(n)
-                clusters[label] = cl
+            todo = [("networked" if p == "grpc" else "tcp plane", p, {}) for p in planes]
+            if args.baseline_src:
+                todo.append(("baseline", planes[-1], {"PYTHONPATH": str(Path(args.baseline_src).resolve())}))
+            clusters = _clusters(stack, todo)
             rows = bench_sweep(sizes, args.batches, args.runs, clusters)
         print(f"tutorial MLP, shipped epochs vs in-process, {args.batches} batches x {args.runs} runs per size")
         print_sweep(rows)
