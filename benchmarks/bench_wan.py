@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -134,9 +133,9 @@ def run(args) -> dict:
         rate = parse_rate(args.rate)
         for n in NAMES:
             if args.data_plane == "tcp":  # the data plane behind a proxy of its own, which peers are told to dial
-                port = _free_port()
-                proxy = emu.add(f"{n}-data", f"127.0.0.1:{port}", rate=rate)
-                cl.start(n, "--data-listen", f"127.0.0.1:{port}", "--data-advertise", proxy)
+                listen = cl.data_listen(n)
+                proxy = emu.add(f"{n}-data", listen, rate=rate)
+                cl.start(n, "--data-listen", listen, "--data-advertise", proxy)
             else:
                 cl.start(n)
         proxies = {n: emu.add(n, cl.workers[n].address, rate=rate) for n in NAMES}
@@ -170,13 +169,6 @@ def run(args) -> dict:
         "rows": rows,
         "cut_bytes_per_batch": {label: {"sent": s, "raw": r} for label, (s, r) in volume.items()},
     }
-
-
-def _free_port() -> int:
-    """A port free now on 127.0.0.1 (a worker binds it a moment later; fine for a benchmark)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _header(columns: list[str]) -> str:

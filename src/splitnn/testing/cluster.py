@@ -125,7 +125,7 @@ class Cluster:
             "1",
             "--max-lifetime",
             str(self.lifetime),
-            *(("--data-listen", self._data_listen(name, listen)) if self.tcp else ()),
+            *(("--data-listen", self.data_listen(name, listen)) if self.tcp else ()),
             *args,
         ]
         with open(log, "wb") as fh:
@@ -141,9 +141,9 @@ class Cluster:
         self.workers[name] = wp
         return wp
 
-    def _data_listen(self, name: str, listen: str) -> str:
-        """A port of its own for the worker's TCP data plane, the same when it is restarted (as an operator
-        would restart it: on the same ports)."""
+    def data_listen(self, name: str, listen: str = "127.0.0.1:0") -> str:
+        """A ``--data-listen`` address for worker ``name`` (on the host of its ``listen``): a port of its own, the
+        same when it is restarted (as an operator would restart it: on the same ports)."""
         host = split_host_port(listen, "--listen", any_port=True)[0]
         if name not in self._data_ports:
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
