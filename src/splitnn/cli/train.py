@@ -205,7 +205,12 @@ def _compression(text: str | None, cuts: int) -> object:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse counts and rates that cannot train, before any data is loaded."""
+    """Refuse counts, seeds and rates that cannot train, before any data is loaded."""
+    from splitnn.data.batching import check_seed
+
+    check_seed(args.seed, "--seed")
+    if args.retries < 0:
+        raise ConfigurationError(f"--retries must be >= 0 (reconnection attempts after a fault), got {args.retries}")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
@@ -231,8 +236,6 @@ def _checkpoint_options(args: argparse.Namespace) -> dict:
         every = parse_positive_ints(every, "--checkpoint-every", "100")[0] if "," not in every else 0
         if not every:
             raise ConfigurationError(f"--checkpoint-every takes one number of batches, got {args.checkpoint_every!r}")
-    if args.retries < 0:
-        raise ConfigurationError(f"--retries must be >= 0, got {args.retries}")
     return {
         "checkpoint_dir": args.checkpoint_dir,
         "checkpoint_every": every,
@@ -302,6 +305,11 @@ def run(args: argparse.Namespace) -> int:
     load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", **load)
+    if topology is not None and topology.clients > len(train):
+        raise ConfigurationError(
+            f"--clients {topology.clients}: {len(train)} training samples cannot give each data holder one; "
+            f"use at most --clients {len(train)}"
+        )
     if args.standardize:
         train, test = standardize(train, test)
 

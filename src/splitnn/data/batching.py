@@ -12,6 +12,18 @@ import torch
 
 from splitnn.errors import ConfigurationError
 
+#: The largest seed of a training run: every stream derived from it (``seed * 1_000_003 + epoch`` here, the
+#: partitioners', the weights') stays within what ``torch.Generator.manual_seed`` accepts.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`ConfigurationError` naming ``what``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = f"{seed!r:.40}" + ("..." if len(repr(seed)) > 40 else "")
+        raise ConfigurationError(f"{what} must be an integer in 0..{MAX_SEED} (2**32 - 1), got {shown}")
+    return seed
+
 
 def epoch_batches(
     n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
