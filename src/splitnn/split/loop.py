@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
-from splitnn.data.batching import epoch_batches
+from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
 from splitnn.workers import LossStats, ReconnectingWorker
@@ -199,6 +199,7 @@ def fit(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
+    check_seed(seed)
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -231,7 +232,7 @@ def fit(
         manifest = job.prepare_directory(resume=resume)
         if manifest is None:
             position.epoch_ledger = ledger_rows(model.ledger)
-            job.save(position, [])  # step 0: a crash before the first epoch ends can resume too
+            job.start_ledger = position.epoch_ledger
         else:
             job.check_manifest(manifest)
             position = _restore(job, manifest, history)
@@ -241,6 +242,10 @@ def fit(
     with _resume_attempts(model, retries):
         while position.epoch < last:
             try:
+                if job is not None and job.manifest is None:
+                    # step 0, before any batch: a crash before the first epoch ends can resume too; a fault during
+                    # this first checkpoint (nothing trained yet) is retried like any other
+                    job.save(position, [])
                 position = run.epoch(position, history)
                 attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
             except WorkerUnreachableError as exc:
@@ -366,6 +371,8 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
             for worker in _model_workers(model):
                 if isinstance(worker, ReconnectingWorker):
                     worker.reconnect()
+            if job.manifest is None:  # the fault hit the first checkpoint: nothing was trained, start again
+                return _start_again(model, job, history)
             return _restore(job, job.manifest, history)
         except WorkerUnreachableError as exc:
             last_error = exc
@@ -374,6 +381,17 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
                 raise WorkerUnreachableError(
                     f"gave up after {retries} attempts to resume: {last_error} (the fault: {fault})"
                 ) from fault
+
+
+def _start_again(model, job, history: History) -> Position:
+    """The position to start a job from when its first checkpoint did not complete: no batch was trained, so
+    every party's segments are as installed; what a broken step left at a party is released."""
+    for worker in _model_workers(model):
+        worker.release()
+    history.epochs = []
+    model.ledger.clear()  # as it was when the job started (not counting what reconnecting sent)
+    model.ledger.merge(ledger_from_rows(job.start_ledger).links())
+    return Position(int(job.order["initial_epoch"]), epoch_ledger=list(job.start_ledger))
 
 
 def _train_epoch(
