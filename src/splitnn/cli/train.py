@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -107,7 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: plain lines only (each epoch's line, and a heartbeat line every 30 s of a long epoch); "
+        "bars show only when stderr is a terminal, so redirected output never holds their \\r frames",
+    )
     p.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -301,8 +307,9 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.save, "--save")
     _check_output(args.json, "--json")
     checkpoints = _checkpoint_options(args)
-    progress = not args.no_progress
-    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
+    progress = "lines" if args.no_progress else None  # None: a bar on a terminal, plain lines elsewhere
+    bars = not args.no_progress and sys.stderr.isatty()  # a download's bar: only where it renders
+    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=bars)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", **load)
     if topology is not None and topology.clients > len(train):

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from splitnn.accounting import Ledger
 from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
+from splitnn.split.progress import EpochProgress, progress_mode
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
 
@@ -122,8 +122,9 @@ def _check_positive(name: str, value: object) -> int:
     return value
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+def _show_progress(progress: bool | str | None) -> bool:
+    """Whether a bar shows (a terminal or a notebook); see :mod:`splitnn.split.progress`."""
+    return progress_mode(progress) == "bar"
 
 
 def _epoch_plan(
@@ -145,7 +146,7 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     initial_epoch: int = 0,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     metrics: Sequence[str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -162,8 +163,10 @@ def fit(
     it would have used next, pass ``initial_epoch=E``. ``test_data`` is evaluated
     after each epoch, with ``metrics`` (names of :data:`splitnn.workers.metrics.METRIC_NAMES`;
     default: accuracy for classification losses), computed at the label holder.
-    ``progress`` shows a bar per epoch (default: when stderr is a terminal).
-    ``on_epoch`` is called with each epoch's stats.
+    ``progress``: a bar per epoch where one renders (a terminal, a notebook), else plain lines on stderr
+    -- a heartbeat during a long epoch and a line per epoch, never a ``\r`` frame (``None``, the default,
+    and ``True``); ``"lines"``: plain lines only; ``False``: nothing (:mod:`splitnn.split.progress`).
+    ``on_epoch`` is called with each epoch's stats (then no line per epoch is printed).
 
     ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
     U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
@@ -200,6 +203,7 @@ def fit(
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
     check_seed(seed)
+    progress_mode(progress)  # refuses a value that is none of the modes
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -298,14 +302,8 @@ class _Run:
             position.loss_sum, position.seconds = 0.0, 0.0
             position.epoch_ledger = ledger_rows(model.ledger)
         start = time.perf_counter()
-        bar = tqdm(
-            total=len(batches),
-            initial=position.batch,
-            desc=f"epoch {epoch + 1}/{self.last}",
-            unit="batch",
-            leave=False,
-            disable=not _show_progress(self.progress),
-            mininterval=0.5,
+        bar = EpochProgress(
+            progress_mode(self.progress), total=len(batches), initial=position.batch, epoch=epoch + 1, epochs=self.last
         )
         try:
             while position.batch < len(batches):
@@ -336,6 +334,10 @@ class _Run:
         history.epochs.append(stats)
         if self.on_epoch is not None:
             self.on_epoch(stats)
+        else:
+            shown = stats.test_metrics or ({} if self.test_name is None else {"accuracy": stats.test_accuracy})
+            metrics = "".join(f", test {k} {v:.4f}" for k, v in shown.items())
+            bar.epoch_line(f"done, loss {stats.train_loss:.4f}{metrics}")
         return following
 
 
@@ -395,7 +397,7 @@ def _start_again(model, job, history: History) -> Position:
 
 
 def _train_epoch(
-    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm, pipeline: int
+    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: EpochProgress, pipeline: int
 ) -> float:
     """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
     total, done = 0.0, 0
