@@ -94,3 +94,6 @@ def test_the_train_command_redirected_has_lines_and_no_frames(flags, shared_data
     assert "\r" not in captured.err + captured.out
     assert "epoch 1/1: batch 4/4" in captured.err  # the heartbeat (here after every batch)
     assert "epoch 1/1  loss" in captured.out  # the command's own epoch line
+    assert "every transfer of the run (training and evaluation; each epoch's 'sent' counts its training only)" in (
+        captured.out
+    )

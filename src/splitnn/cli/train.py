@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
     )
     _print_history(history, parties)
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(model.ledger.format_table())
     if args.save is not None:
         from splitnn.split.persist import save_model
@@ -388,6 +388,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
     return 0
+
+
+#: What the ledger table counts, unlike the per-epoch "sent" figures (each epoch's training only).
+LEDGER_CAPTION = "every transfer of the run (training and evaluation; each epoch's 'sent' counts its training only):"
 
 
 def _reporter(epochs: int, parties: list[str]):
@@ -507,7 +511,7 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
             ],
         )
     )
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(report.ledger.format_table())
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in report.history.epochs], indent=2))
