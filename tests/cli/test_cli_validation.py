@@ -125,3 +125,6 @@ def test_fit_bounds_the_seed_before_placing_data():
     with pytest.raises(ConfigurationError, match=r"seed must be an integer in 0..4294967295 \(2\*\*32 - 1\), got 1"):
         model.fit(toy_dataset(8, shape=(4,), classes=2), seed=2**70, progress=False)
     assert not model.stages[0].worker.datasets()
+    import numpy as np
+
+    model.fit(toy_dataset(8, shape=(4,), classes=2), seed=np.int64(2**32 - 1), progress=False)  # numpy ints: fine

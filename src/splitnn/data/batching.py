@@ -8,6 +8,8 @@ Each derives it from the same (seed, epoch) and gets the same batches.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from splitnn.errors import ConfigurationError
@@ -19,10 +21,14 @@ MAX_SEED = 2**32 - 1
 
 def check_seed(seed: object, what: str = "seed") -> int:
     """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`ConfigurationError` naming ``what``."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)  # int, numpy integers
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
         shown = f"{seed!r:.40}" + ("..." if len(repr(seed)) > 40 else "")
         raise ConfigurationError(f"{what} must be an integer in 0..{MAX_SEED} (2**32 - 1), got {shown}")
-    return seed
+    return value
 
 
 def epoch_batches(
