@@ -202,7 +202,7 @@ def fit(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
-    check_seed(seed)
+    seed = check_seed(seed)  # an int from here on (numpy integers included)
     progress_mode(progress)  # refuses a value that is none of the modes
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
