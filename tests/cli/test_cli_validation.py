@@ -121,7 +121,8 @@ def test_fit_bounds_the_seed_before_placing_data():
     from splitnn.errors import ConfigurationError
     from tests.helpers import toy_dataset
 
-    model = splitnn.SplitNN([nn.Flatten(), nn.Linear(4, 2)], [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")])
+    segments = [nn.Linear(4, 3), nn.Sequential(nn.Linear(3, 2), nn.LogSoftmax(dim=1))]
+    model = splitnn.SplitNN(segments, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")])
     with pytest.raises(ConfigurationError, match=r"seed must be an integer in 0..4294967295 \(2\*\*32 - 1\), got 1"):
         model.fit(toy_dataset(8, shape=(4,), classes=2), seed=2**70, progress=False)
     assert not model.stages[0].worker.datasets()
