@@ -114,6 +114,11 @@ def test_other_commands_bound_the_seed_before_loading(command, no_loading, tmp_p
     assert f"splitnn {command[0]}: error: --seed must be an integer in 0..4294967295" in capsys.readouterr().err
 
 
+def test_compare_bounds_the_clients_before_loading(no_loading, capsys):
+    assert main(["compare", "--clients", "1,100000"]) == 2
+    assert "splitnn compare: error: --clients 100000 is more than the 1024 data holders" in capsys.readouterr().err
+
+
 def test_fit_bounds_the_seed_before_placing_data():
     from torch import nn
 

@@ -85,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     clients = parse_positive_ints(args.clients, "--clients", "1,2,4")
+    from splitnn.training.topologies.presets import MAX_CLIENTS
+
+    if max(clients) > MAX_CLIENTS:
+        raise ConfigurationError(
+            f"--clients {max(clients)} is more than the {MAX_CLIENTS} data holders a run is built with; use at most "
+            f"{MAX_CLIENTS}"
+        )
     config = CompareConfig(
         model=args.model,
         clients=clients,
