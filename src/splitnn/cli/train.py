@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -107,7 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: plain lines only (each epoch's line, and a heartbeat line every 30 s of a long epoch); "
+        "bars show only when stderr is a terminal, so redirected output never holds their \\r frames",
+    )
     p.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -205,7 +211,12 @@ def _compression(text: str | None, cuts: int) -> object:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse counts and rates that cannot train, before any data is loaded."""
+    """Refuse counts, seeds and rates that cannot train, before any data is loaded."""
+    from splitnn.data.batching import check_seed
+
+    check_seed(args.seed, "--seed")
+    if args.retries < 0:
+        raise ConfigurationError(f"--retries must be >= 0 (reconnection attempts after a fault), got {args.retries}")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
@@ -231,8 +242,6 @@ def _checkpoint_options(args: argparse.Namespace) -> dict:
         every = parse_positive_ints(every, "--checkpoint-every", "100")[0] if "," not in every else 0
         if not every:
             raise ConfigurationError(f"--checkpoint-every takes one number of batches, got {args.checkpoint_every!r}")
-    if args.retries < 0:
-        raise ConfigurationError(f"--retries must be >= 0, got {args.retries}")
     return {
         "checkpoint_dir": args.checkpoint_dir,
         "checkpoint_every": every,
@@ -298,10 +307,16 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.save, "--save")
     _check_output(args.json, "--json")
     checkpoints = _checkpoint_options(args)
-    progress = not args.no_progress
-    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
+    progress = "lines" if args.no_progress else None  # None: a bar on a terminal, plain lines elsewhere
+    bars = not args.no_progress and sys.stderr.isatty()  # a download's bar: only where it renders
+    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=bars)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", **load)
+    if topology is not None and topology.clients > len(train):
+        raise ConfigurationError(
+            f"--clients {topology.clients}: {len(train)} training samples cannot give each data holder one; "
+            f"use at most --clients {len(train)}"
+        )
     if args.standardize:
         train, test = standardize(train, test)
 
@@ -360,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
     )
     _print_history(history, parties)
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(model.ledger.format_table())
     if args.save is not None:
         from splitnn.split.persist import save_model
@@ -373,6 +388,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
     return 0
+
+
+#: What the ledger table counts, unlike the per-epoch "sent" figures (each epoch's training only).
+LEDGER_CAPTION = "every transfer of the run (training and evaluation; each epoch's 'sent' counts its training only):"
 
 
 def _reporter(epochs: int, parties: list[str]):
@@ -492,7 +511,7 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
             ],
         )
     )
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(report.ledger.format_table())
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in report.history.epochs], indent=2))

@@ -203,7 +203,8 @@ class Commands:
         name, parts, replace = serde.add_dataset_from_args(a)
         self.sessions.check_placing(name)
         held = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
-        self.engine.add_dataset(name, **held, replace=replace)
+        allow = serde.allow_nonfinite_from_args(a)
+        self.engine.add_dataset(name, **held, replace=replace, allow_nonfinite=allow)
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 

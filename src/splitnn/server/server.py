@@ -68,6 +68,7 @@ import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,6 +129,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("splitnn.worker")
+
+
+#: Seconds :meth:`WorkerServer.stop` gives the open calls when no command runs (they wait for a next command).
+IDLE_GRACE = 0.05
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
@@ -239,6 +244,8 @@ class WorkerServer:
         )
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
+        self._replays: weakref.WeakSet[Replay] = weakref.WeakSet()  # the streams' command logs (busy at stop?)
+        self._unary = 0  # single calls running
         check_data_plane(data_listen, data_advertise)
         self._data_listen, self._data_advertise = data_listen, data_advertise
         self.data_plane: TcpPlane | None = None
@@ -298,10 +305,18 @@ class WorkerServer:
         wildcard = plane.host in ("", "0.0.0.0", "::")
         self.peers.data_address = self._data_advertise or (f":{plane.port}" if wildcard else plane.address)
 
+    def busy(self) -> bool:
+        """Whether a command is running or queued (a researcher's open stream waiting for its next one is not)."""
+        return self._unary > 0 or any(r.accepted > r.completed for r in self._replays)
+
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for ``grace`` seconds, close peer links."""
+        """Stop accepting calls, let running commands finish for ``grace`` seconds, close peer links.
+
+        Without a command running, the open calls (researchers' streams waiting for their next command, which
+        would never end by themselves) get :data:`IDLE_GRACE` seconds instead: an idle worker stops at once."""
         if self._server is not None:
-            await self._server.stop(grace)
+            # idle: a short grace still ends the calls with a graceful GOAWAY (no error logged at the peers)
+            await self._server.stop(grace if self.busy() else min(grace, IDLE_GRACE))
         # gRPC cancels the calls still running; wait until their handlers (and gRPC's tasks around them)
         # have finished, so nothing is left for the event loop's shutdown to cancel: gRPC prints a
         # traceback for each RPC task cancelled that way.
@@ -371,11 +386,13 @@ class WorkerServer:
             caller = await self._authenticate(context)
             session = await self._open_session(context)
             state = StreamState()
+            self._unary += 1
             try:
                 cmd = await self._parse(raw, caller, context, session)
                 reply = await session.executor.execute(cmd, caller, state)
                 return self._send_reply(reply, caller, cmd.op, session)
             finally:
+                self._unary -= 1
                 session.exports.drop_stream(state)
                 self.sessions.close(session)
         finally:
@@ -434,6 +451,7 @@ class WorkerServer:
         if stream_id is not None and stream_id in session.replays:  # a client reusing an id: the old one ends
             self._finish(session, session.replays[stream_id])
         replay = Replay(stream_id)
+        self._replays.add(replay)
         if stream_id is not None:
             session.replays[stream_id] = replay
         replay.runner = asyncio.get_running_loop().create_task(self._run_commands(session, replay, caller))

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
-from splitnn.data.batching import epoch_batches
+from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
+from splitnn.split.progress import EpochProgress, progress_mode
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
 
@@ -122,8 +122,9 @@ def _check_positive(name: str, value: object) -> int:
     return value
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+def _show_progress(progress: bool | str | None) -> bool:
+    """Whether a bar shows (a terminal or a notebook); see :mod:`splitnn.split.progress`."""
+    return progress_mode(progress) == "bar"
 
 
 def _epoch_plan(
@@ -145,7 +146,7 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     initial_epoch: int = 0,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     metrics: Sequence[str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -162,8 +163,10 @@ def fit(
     it would have used next, pass ``initial_epoch=E``. ``test_data`` is evaluated
     after each epoch, with ``metrics`` (names of :data:`splitnn.workers.metrics.METRIC_NAMES`;
     default: accuracy for classification losses), computed at the label holder.
-    ``progress`` shows a bar per epoch (default: when stderr is a terminal).
-    ``on_epoch`` is called with each epoch's stats.
+    ``progress``: a bar per epoch where one renders (a terminal, a notebook), else plain lines on stderr
+    -- a heartbeat during a long epoch and a line per epoch, never a ``\r`` frame (``None``, the default,
+    and ``True``); ``"lines"``: plain lines only; ``False``: nothing (:mod:`splitnn.split.progress`).
+    ``on_epoch`` is called with each epoch's stats (then no line per epoch is printed).
 
     ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
     U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
@@ -199,6 +202,8 @@ def fit(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
+    seed = check_seed(seed)  # an int from here on (numpy integers included)
+    progress_mode(progress)  # refuses a value that is none of the modes
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -231,7 +236,7 @@ def fit(
         manifest = job.prepare_directory(resume=resume)
         if manifest is None:
             position.epoch_ledger = ledger_rows(model.ledger)
-            job.save(position, [])  # step 0: a crash before the first epoch ends can resume too
+            job.start_ledger = position.epoch_ledger
         else:
             job.check_manifest(manifest)
             position = _restore(job, manifest, history)
@@ -241,6 +246,10 @@ def fit(
     with _resume_attempts(model, retries):
         while position.epoch < last:
             try:
+                if job is not None and job.manifest is None:
+                    # step 0, before any batch: a crash before the first epoch ends can resume too; a fault during
+                    # this first checkpoint (nothing trained yet) is retried like any other
+                    job.save(position, [])
                 position = run.epoch(position, history)
                 attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
             except WorkerUnreachableError as exc:
@@ -293,14 +302,8 @@ class _Run:
             position.loss_sum, position.seconds = 0.0, 0.0
             position.epoch_ledger = ledger_rows(model.ledger)
         start = time.perf_counter()
-        bar = tqdm(
-            total=len(batches),
-            initial=position.batch,
-            desc=f"epoch {epoch + 1}/{self.last}",
-            unit="batch",
-            leave=False,
-            disable=not _show_progress(self.progress),
-            mininterval=0.5,
+        bar = EpochProgress(
+            progress_mode(self.progress), total=len(batches), initial=position.batch, epoch=epoch + 1, epochs=self.last
         )
         try:
             while position.batch < len(batches):
@@ -331,6 +334,10 @@ class _Run:
         history.epochs.append(stats)
         if self.on_epoch is not None:
             self.on_epoch(stats)
+        else:
+            shown = stats.test_metrics or ({} if self.test_name is None else {"accuracy": stats.test_accuracy})
+            metrics = "".join(f", test {k} {v:.4f}" for k, v in shown.items())
+            bar.epoch_line(f"done, loss {stats.train_loss:.4f}{metrics}")
         return following
 
 
@@ -366,6 +373,8 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
             for worker in _model_workers(model):
                 if isinstance(worker, ReconnectingWorker):
                     worker.reconnect()
+            if job.manifest is None:  # the fault hit the first checkpoint: nothing was trained, start again
+                return _start_again(model, job, history)
             return _restore(job, job.manifest, history)
         except WorkerUnreachableError as exc:
             last_error = exc
@@ -376,8 +385,19 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
                 ) from fault
 
 
+def _start_again(model, job, history: History) -> Position:
+    """The position to start a job from when its first checkpoint did not complete: no batch was trained, so
+    every party's segments are as installed; what a broken step left at a party is released."""
+    for worker in _model_workers(model):
+        worker.release()
+    history.epochs = []
+    model.ledger.clear()  # as it was when the job started (not counting what reconnecting sent)
+    model.ledger.merge(ledger_from_rows(job.start_ledger).links())
+    return Position(int(job.order["initial_epoch"]), epoch_ledger=list(job.start_ledger))
+
+
 def _train_epoch(
-    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm, pipeline: int
+    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: EpochProgress, pipeline: int
 ) -> float:
     """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
     total, done = 0.0, 0
