@@ -75,6 +75,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"
     )
     p.add_argument(
+        "--federation",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a researcher's federation.toml (from `splitnn provision`): --workers names its parties, reached with "
+        "the kit's token and certificates (mutual TLS); docs/deploying.md",
+    )
+    p.add_argument(
         "--compression",
         default=None,
         metavar="CODEC",
@@ -108,6 +116,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard event files and metrics.csv here: loss per batch and epoch, test metrics, learning "
+        "rate, bytes per party per epoch, samples/s (`tensorboard --logdir DIR`; needs tensorboard)",
+    )
     p.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -246,6 +262,20 @@ def _check_output(path: Path | None, flag: str) -> None:
         raise ConfigurationError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
 
+def _federation_workers(args: argparse.Namespace, names: list[str] | None) -> dict | None:
+    """With ``--federation``: the parties ``names`` (in order; None: all of them) connected through the
+    researcher's kit; else None."""
+    if args.federation is None:
+        return None
+    if args.token_file is not None or any(n.startswith("grpc://") for n in names or ()):
+        raise ConfigurationError(
+            "--federation brings the addresses, token and certificates: give --workers party names, no --token-file"
+        )
+    from splitnn.deploy.connect import connect_federation
+
+    return connect_federation(args.federation, parties=list(dict.fromkeys(names)) if names is not None else None)
+
+
 def _remote_workers(urls: list[str], token_file: Path | None) -> dict:
     """Connect to ``splitnn worker`` parties by address (one connection per distinct address)."""
     import os
@@ -311,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     if topology is not None:
         from splitnn.training.topologies import build_topology
 
-        remote = None
+        remote = _federation_workers(args, None)  # every party: the topology names the ones it uses
         if any(n.startswith("grpc://") for n in names):  # the parties by the names they answer to
             remote = {w.name: w for w in _remote_workers(names, args.token_file).values()}
         try:
@@ -323,7 +353,10 @@ def run(args: argparse.Namespace) -> int:
         placement = describe(topology)
     else:
         segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
-        if any(n.startswith("grpc://") for n in names):
+        federated = _federation_workers(args, names)
+        if federated is not None:
+            workers = federated
+        elif any(n.startswith("grpc://") for n in names):
             workers = _remote_workers(names, args.token_file)
         else:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
@@ -358,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         **checkpoints,
         pipeline=args.pipeline,
+        log_dir=args.log_dir,
     )
     _print_history(history, parties)
     print()
@@ -428,6 +462,8 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
     if metrics is not None and metrics != ["accuracy", "auc"]:
         raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
     for flag, value in (
+        ("--federation", args.federation),
+        ("--log-dir", args.log_dir),
         ("--save", args.save),
         ("--limit", args.limit),
         ("--data-dir", args.data_dir),
