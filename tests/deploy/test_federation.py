@@ -173,6 +173,17 @@ def test_status_reports_every_party_then_one_down(federation, capsys):
     wrong.write_text("not-the-token\n")
     assert main(["status", url, "--token-file", str(wrong), *own]) == 1
     assert "missing or wrong federation token" in capsys.readouterr().out
+    # ... and alice's metrics count that refusal by its reason, beside the process's memory
+    samples = {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for family in text_string_to_metric_families(
+            urllib.request.urlopen(_metrics_url(alice), timeout=30).read().decode()
+        )
+        for smp in family.samples
+    }
+    assert samples[("splitnn_refusals_total", (("reason", "rejected"),))] >= 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("splitnn_commands_total", (("op", "health"),))] >= 2
     workers["claire"].stop()
     assert main(["status", researcher]) == 1
     out = capsys.readouterr().out

@@ -146,6 +146,8 @@ def test_an_existing_kit_directory_is_never_overwritten(tmp_path):
     with pytest.raises(ConfigurationError, match="holds no provisioned federation"):
         provision(fed, kits, add=True)
     assert _tree(kits) == ["bob", "bob/bob.key"]
+    with pytest.raises(ConfigurationError, match="is a file; give a directory"):
+        provision(fed, kits / "bob" / "bob.key")
 
 
 def test_worker_config_unknown_key_and_flag_override(tmp_path, capsys):

@@ -210,6 +210,8 @@ def provision(federation: str | Path | Federation, out: str | Path, *, add: bool
     out = Path(out)
     prov = out / PROVISIONER
     names = [p.name for p in fed.parties] + list(fed.researchers)
+    if out.exists() and not out.is_dir():
+        raise ConfigurationError(f"--out {out} is a file; give a directory for the kits")
     if add:
         if not (prov / "ca.key").is_file():
             raise ConfigurationError(f"--add: {out} holds no provisioned federation ({prov}/ca.key); drop --add")
