@@ -9,6 +9,7 @@ parties up, then one down.
 
 from __future__ import annotations
 
+import csv
 import json
 import urllib.request
 
@@ -72,7 +73,10 @@ def _train_args(shared_data, tmp, tag: str) -> list[str]:
 def test_train_through_the_federation_equals_the_in_process_run(federation, shared_data, tmp_path, capsys):
     kits, _ = federation
     researcher = kits / "dr-lee" / "federation.toml"
-    assert main([*_train_args(shared_data, tmp_path, "net"), "--federation", str(researcher)]) == 0
+    logs = tmp_path / "logs"
+    assert (
+        main([*_train_args(shared_data, tmp_path, "net"), "--federation", str(researcher), "--log-dir", str(logs)]) == 0
+    )
     assert main(_train_args(shared_data, tmp_path, "local")) == 0
     net, local = load_model(tmp_path / "net.safetensors"), load_model(tmp_path / "local.safetensors")
     a, b = net.state_dict(), local.state_dict()
@@ -82,6 +86,12 @@ def test_train_through_the_federation_equals_the_in_process_run(federation, shar
     hn, hl = (json.loads((tmp_path / f"{t}.json").read_text()) for t in ("net", "local"))
     assert [e["train_loss"] for e in hn] == [e["train_loss"] for e in hl]
     assert hn[0]["bytes_sent"]["alice"] == 256 * 128 * 4  # alice sent its 128-wide activations, nothing else
+    # splitnn train --log-dir: the CSV beside the event files holds the epoch's loss and bytes, as --json does
+    with open(logs / "metrics.csv", newline="") as fh:
+        rows = {r["tag"]: float(r["value"]) for r in csv.DictReader(fh) if r["epoch"] == "1" and r["step"] == "1"}
+    assert rows["train/loss"] == hn[0]["train_loss"] and rows["bytes_sent/alice"] == 256 * 128 * 4
+    assert rows["test/accuracy"] == hn[0]["test_metrics"]["accuracy"] and rows["lr/0"] == 0.03
+    assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
 
 
 def _metrics_url(kit) -> str:
