@@ -76,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"
     )
     p.add_argument(
+        "--federation",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a researcher's federation.toml (from `splitnn provision`): --workers names its parties, reached with "
+        "the kit's token and certificates (mutual TLS); docs/deploying.md",
+    )
+    p.add_argument(
         "--compression",
         default=None,
         metavar="CODEC",
@@ -113,6 +121,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no progress bars: plain lines only (each epoch's line, and a heartbeat line every 30 s of a long epoch); "
         "bars show only when stderr is a terminal, so redirected output never holds their \\r frames",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard event files and metrics.csv here: loss per batch and epoch, test metrics, learning "
+        "rate, bytes per party per epoch, samples/s (`tensorboard --logdir DIR`; needs tensorboard)",
     )
     p.add_argument(
         "--checkpoint-dir",
@@ -255,6 +271,20 @@ def _check_output(path: Path | None, flag: str) -> None:
         raise ConfigurationError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
 
+def _federation_workers(args: argparse.Namespace, names: list[str] | None) -> dict | None:
+    """With ``--federation``: the parties ``names`` (in order; None: all of them) connected through the
+    researcher's kit; else None."""
+    if args.federation is None:
+        return None
+    if args.token_file is not None or any(n.startswith("grpc://") for n in names or ()):
+        raise ConfigurationError(
+            "--federation brings the addresses, token and certificates: give --workers party names, no --token-file"
+        )
+    from splitnn.deploy.connect import connect_federation
+
+    return connect_federation(args.federation, parties=list(dict.fromkeys(names)) if names is not None else None)
+
+
 def _remote_workers(urls: list[str], token_file: Path | None) -> dict:
     """Connect to ``splitnn worker`` parties by address (one connection per distinct address)."""
     import os
@@ -326,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     if topology is not None:
         from splitnn.training.topologies import build_topology
 
-        remote = None
+        remote = _federation_workers(args, None)  # every party: the topology names the ones it uses
         if any(n.startswith("grpc://") for n in names):  # the parties by the names they answer to
             remote = {w.name: w for w in _remote_workers(names, args.token_file).values()}
         try:
@@ -338,7 +368,10 @@ def run(args: argparse.Namespace) -> int:
         placement = describe(topology)
     else:
         segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
-        if any(n.startswith("grpc://") for n in names):
+        federated = _federation_workers(args, names)
+        if federated is not None:
+            workers = federated
+        elif any(n.startswith("grpc://") for n in names):
             workers = _remote_workers(names, args.token_file)
         else:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
@@ -373,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         **checkpoints,
         pipeline=args.pipeline,
+        log_dir=args.log_dir,
     )
     _print_history(history, parties)
     print(f"\n{LEDGER_CAPTION}")
@@ -447,6 +481,8 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
     if metrics is not None and metrics != ["accuracy", "auc"]:
         raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
     for flag, value in (
+        ("--federation", args.federation),
+        ("--log-dir", args.log_dir),
         ("--save", args.save),
         ("--limit", args.limit),
         ("--data-dir", args.data_dir),

@@ -92,6 +92,7 @@ from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.server.executor import Executor
 from splitnn.server.exports import StreamState
+from splitnn.server.health import Health
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
@@ -242,6 +243,7 @@ class WorkerServer:
             state_dir=state_dir,
             audit=audit,
         )
+        self.health = Health(self.name, str(self.sessions.device), str(tls.cert) if tls is not None else None)
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
         self._replays: weakref.WeakSet[Replay] = weakref.WeakSet()  # the streams' command logs (busy at stop?)
@@ -255,6 +257,7 @@ class WorkerServer:
         session.executor = Executor(
             self.name, session.engine, session.commands, peers=session.peers, inbox=session.inbox, limits=self.limits
         )
+        session.commands.health = self.health
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, listen: str) -> str:
@@ -331,6 +334,7 @@ class WorkerServer:
             await asyncio.sleep(0)
         self.sessions.drop_all()
         await self.peers.close()
+        self.health.close()
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -642,6 +646,7 @@ class ServeConfig:
     audit_log: str | None = None  # the audit log, JSON lines (--audit-log; default STATE_DIR/audit.jsonl)
     data_listen: str | None = None  # a TCP data plane for peer links (--data-listen)
     data_advertise: str | None = None  # where peers dial it, if not where it listens (--data-advertise)
+    metrics_listen: str | None = None  # serve Prometheus metrics on HOST:PORT (--metrics-listen; off by default)
 
 
 def write_address(path: str, address: str) -> None:
@@ -686,6 +691,11 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         server.sessions.add_party_dataset(dname, **parts)
     if audit is not None:
         audit.write("start", policy=server.sessions.policy.to_dict(), datasets=sorted(config.datasets))
+    metrics = None
+    if config.metrics_listen is not None:  # splitnn.server.metrics: Prometheus, off by default
+        from splitnn.server.metrics import start_metrics
+
+        metrics = start_metrics(config.metrics_listen, server)
     address = await server.start(config.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -700,6 +710,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     except asyncio.TimeoutError:
         log.warning("worker %s: max lifetime reached, shutting down", config.name)
     await server.stop(grace=1.0)
+    if metrics is not None:
+        metrics.stop()
     if audit is not None:
         audit.write("stop")
         audit.close()

@@ -154,6 +154,7 @@ def fit(
     resume: bool = False,
     retries: int = 3,
     pipeline: int = 1,
+    log_dir: str | os.PathLike | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -166,7 +167,9 @@ def fit(
     ``progress``: a bar per epoch where one renders (a terminal, a notebook), else plain lines on stderr
     -- a heartbeat during a long epoch and a line per epoch, never a ``\r`` frame (``None``, the default,
     and ``True``); ``"lines"``: plain lines only; ``False``: nothing (:mod:`splitnn.split.progress`).
-    ``on_epoch`` is called with each epoch's stats (then no line per epoch is printed).
+    ``on_epoch`` is called with each epoch's stats (then no line per epoch is printed). ``log_dir`` writes
+    TensorBoard event files and a CSV there: the loss of every batch and epoch, test metrics, learning rates,
+    bytes per party per epoch and samples per second (:mod:`splitnn.split.training_log`; needs ``tensorboard``).
 
     ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
     U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
@@ -242,8 +245,14 @@ def fit(
             position = _restore(job, manifest, history)
     last = initial_epoch + epochs
     run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
+    if log_dir is not None:
+        from splitnn.split.training_log import TrainingLog
+
+        run.log = TrainingLog(log_dir, model)
     attempts = 0
-    with _resume_attempts(model, retries):
+    with _resume_attempts(model, retries), contextlib.ExitStack() as logs:
+        if run.log is not None:
+            logs.callback(run.log.close)
         while position.epoch < last:
             try:
                 if job is not None and job.manifest is None:
@@ -288,6 +297,7 @@ class _Run:
         self.model, self.name, self.n, self.batch_size, self.pipeline = model, name, n, batch_size, pipeline
         self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
         self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
+        self.log = None  # a TrainingLog (fit's log_dir)
 
     def epoch(self, position: Position, history: History) -> Position:
         model, job, n = self.model, self.job, self.n
@@ -312,7 +322,10 @@ class _Run:
                     stop = min(stop, position.batch + job.every - position.step % job.every)
                 whole = position.batch == 0 and stop == len(batches)
                 chunk = batches[position.batch : stop]
-                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar, self.pipeline)
+                logged = (self.log, position.step, epoch + 1) if self.log is not None else None
+                position.loss_sum += _train_epoch(
+                    model, self.name, chunk, order if whole else None, bar, self.pipeline, logged
+                )
                 position.step += stop - position.batch
                 position.batch = stop
                 if job is not None and job.due(position, len(batches)):
@@ -332,6 +345,8 @@ class _Run:
         if job is not None:
             job.save(following, [*history.epochs, stats])
         history.epochs.append(stats)
+        if self.log is not None:
+            self.log.epoch(stats)
         if self.on_epoch is not None:
             self.on_epoch(stats)
         else:
@@ -397,14 +412,23 @@ def _start_again(model, job, history: History) -> Position:
 
 
 def _train_epoch(
-    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: EpochProgress, pipeline: int
+    model: Trainable,
+    name: str,
+    batches: list[torch.Tensor],
+    order: dict | None,
+    bar: EpochProgress,
+    pipeline: int,
+    logged: tuple | None = None,
 ) -> float:
-    """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
+    """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum.
+    ``logged``: (TrainingLog, global step of the first batch, epoch number) to log each batch's loss."""
     total, done = 0.0, 0
 
     def on_batch(stats: LossStats) -> None:
         nonlocal total, done
         total += stats.loss * stats.count
+        if logged is not None:
+            logged[0].batch(logged[1] + done, logged[2], stats.loss)
         if done % 50 == 0:
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         done += 1
