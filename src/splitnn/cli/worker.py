@@ -23,10 +23,11 @@ holder the ``labels`` (default: all the source has). The researcher then trains 
 name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
 session reads them, none may replace them.
 
-``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
+``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes defined in
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
-:mod:`splitnn.wire.trust`); the worker imports and builds them. ``torch.nn`` layers and
-the built-in layer registry are trusted without it; any other class is refused before
+:mod:`splitnn.wire.trust`); the worker imports and builds them. The built-in layer registry
+and a fixed list of dense ``torch.nn`` layers are trusted without it; any other class (an
+attribute chain, or a class a trusted module merely imports from elsewhere) is refused before
 anything is built, naming the class and this flag. The same prefixes say which modules
 ``--data NAME=MODULE:FUNCTION`` may call.
 

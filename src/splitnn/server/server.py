@@ -159,8 +159,8 @@ class WorkerServer:
         peer_timeout: seconds to wait for a peer's tensor before failing the step.
         policy: the party's policy (:mod:`splitnn.workers.policy`), enforced by each session's engine;
             by default no activations are handed to the researcher.
-        trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
-            layers and the spec registry are always allowed.
+        trust: module prefixes whose classes segment specs may import (``--trust``); the spec
+            registry and :data:`splitnn.wire.trust.DEFAULT_LAYERS` are always allowed.
         session_grace: seconds a closed session's segments and datasets are kept for the
             researcher to resume (its tensors are freed at once); see :mod:`splitnn.server.sessions`.
         max_sessions: sessions kept at once (open, or closed within their grace period).

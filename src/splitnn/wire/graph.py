@@ -95,7 +95,7 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _SPECIAL_KEYS = ("node", "list", "slice", "ellipsis", "dtype", "float")
 
 
-# ----------------------------------------------------------------------------- allow-lists
+# ----------------------------------------------------------------------------- targets
 
 
 @functools.cache
