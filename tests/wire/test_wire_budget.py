@@ -76,14 +76,16 @@ def test_a_factory_asking_for_the_cpu_is_checked_on_meta_too():
 
 
 def test_the_budget_holds_at_every_new_input_shape():
-    seg, guard = received(graph(lambda g, x: g.call_method("contiguous", (g.call_method("expand", (x, 4, -1, -1)),))))
+    seg, guard = received(graph(lambda g, x: g.call_method("repeat", (x, 4, 1, 1))))
     guard.budget = 4096
     assert seg(torch.ones(1, 8, 8)).shape == (4, 8, 8)  # 1 KiB
-    with pytest.raises(MemoryBudgetError, match=r"nodes\[2\] \(call_method contiguous\)"):
+    with pytest.raises(MemoryBudgetError, match=r"nodes\[1\] \(call_method repeat\): this forward would allocate"):
         seg(torch.ones(1, 32, 32))  # 16 KiB
     assert seg(torch.ones(1, 8, 8)).shape == (4, 8, 8)
-    views_only, _ = received(graph(lambda g, x: g.call_method("expand", (x, 2**30, -1))), budget=4096)
-    assert views_only(torch.ones(1, 4)).shape == (2**30, 4)  # a view allocates nothing
+    views, _ = received(graph(lambda g, x: g.call_method("expand", (x, 2**8, -1))), budget=4096)
+    assert views(torch.ones(1, 4)).shape == (2**8, 4)  # a view (4 KiB) allocates nothing: the total stays 0
+    with pytest.raises(MemoryBudgetError, match=r"nodes\[1\] \(call_method expand\): makes a tensor of 4.00 GiB"):
+        views(torch.ones(1, 2**22))  # but none may be larger than the budget: a reduction would read all of it
 
 
 @pytest.mark.parametrize(

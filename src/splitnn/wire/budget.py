@@ -22,7 +22,9 @@ beyond 2**64 or a sequence beyond 65,536 items is refused before it can grow.
 
 The sum of every new storage is an upper bound of the forward's peak (it counts what
 autograd keeps for the backward pass as well); allocations inside a single kernel
-(workspaces) are not seen.
+(workspaces) are not seen. No view larger than its storage (an ``expand``) may be larger than
+the budget either: an ``expand`` to 2**40 elements allocates nothing, but a reduction over it
+would read them all. CPU time is not budgeted.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ def format_bytes(n: int) -> str:
 
 
 class _OverBudget(Exception):
-    def __init__(self, op: str, total: int) -> None:
+    def __init__(self, op: str, total: int, view: bool = False) -> None:
         super().__init__(op)
-        self.op, self.total = op, total
+        self.op, self.total, self.view = op, total, view
 
 
 class _Counter(TorchDispatchMode):
@@ -81,6 +83,9 @@ class _Counter(TorchDispatchMode):
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
+                logical = t.numel() * t.element_size()
+                if logical > self.budget and logical > st.nbytes():  # an expand: what reads it reads it all
+                    raise _OverBudget(str(func.overloadpacket.__name__), logical, view=True)
                 if st._cdata not in self.seen:
                     self.seen.add(st._cdata)
                     self.keep.append(st)
@@ -168,8 +173,9 @@ def check_forward(twin: nn.Module, args: tuple, kwargs: dict, budget: int, name:
         with torch.device("meta"), counter:
             _run(twin, margs, mkwargs, name, where)
     except _OverBudget as over:
+        what = "makes a tensor of" if over.view else "this forward would allocate"
         raise MemoryBudgetError(
-            f"{where[0]}: this forward would allocate {format_bytes(over.total)} (at aten.{over.op}); the "
+            f"{where[0]}: {what} {format_bytes(over.total)} (at aten.{over.op}); the "
             f"worker's budget for one forward of a segment is {format_bytes(budget)} ({_FLAG}); send smaller "
             "batches or a smaller segment, or ask the operator to raise it"
         ) from None
