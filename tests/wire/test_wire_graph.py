@@ -360,6 +360,7 @@ def test_the_vocabulary_is_dense_functional_and_initialised():
         ({"op": "call_method", "target": "new_empty", "args": [{"node": 0}, [2]], "kwargs": {}}, "not on the"),
         ({"op": "call_method", "target": "as_strided", "args": [{"node": 0}, [2], [1]], "kwargs": {}}, "not on"),
         ({"op": "call_method", "target": "add", "args": [{"node": 0}, 1], "kwargs": {"out": {"node": 0}}}, "out="),
+        ({"op": "call_method", "target": "split", "args": ["a b", " "], "kwargs": {}}, "the value it is called on"),
     ],
 )
 def test_ops_outside_the_vocabulary_are_refused_with_their_name(node, needle):

@@ -330,8 +330,11 @@ def _plan_node(
         why = check_call(op, target, None, args_t, kwargs_d)
         if why is not None:
             raise SpecError(f"{where}: {why}")
-        if not args_t:
-            raise SpecError(f"{where}: call_method {target!r} needs the object it is called on as its first argument")
+        if not args_t or not isinstance(args_t[0], _NodeRef):
+            raise SpecError(
+                f"{where}: call_method {target!r} needs the value it is called on (a node, {{'node': i}}) as its "
+                "first argument"
+            )
         return op, target, args_t, kwargs_d
     if not isinstance(target, str):
         raise SpecError(f"{where}: a call_function target is a function's name, got {target!r:.80}")
