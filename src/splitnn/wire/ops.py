@@ -3,10 +3,12 @@
 A segment that travels as a graph (:mod:`splitnn.wire.graph`) runs at another party, so
 every op it names is an op that party agrees to run on its own memory. The vocabulary is
 a curated allow-list, not "everything public minus a few": dense, functional ops whose
-output is a new tensor (or a view) of a size computable from the input shapes, the subset
-of PyTorch's core ATen op set (``torch.Tag.core``) that traced CNNs and MLPs use at the
-Python level (``torch.relu``, ``F.conv2d``, ``x.flatten``), so that an exported graph can
-later name the same set. Left out on purpose:
+output is a new tensor (or a view) of a size computable from the input shapes, as traced
+CNNs, MLPs and attention blocks name them at the Python level (``torch.relu``,
+``F.conv2d``, ``x.flatten``). They were chosen to stay within what PyTorch's core ATen op
+set (``torch.Tag.core``) expresses, the set ``torch.export`` graphs name, so that an
+exported graph can later be held to the same rules (that ATen-level check is not built
+yet). Left out on purpose:
 
 * ``out=`` arguments and in-place ops (``add_``, ``operator.iadd``, ``setitem``,
   ``inplace=True``, ``F.embedding(max_norm=...)``): a graph never writes into its inputs,
