@@ -18,6 +18,7 @@ from splitnn.errors import SpecError, TrustError
 from splitnn.wire import Trust, module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.graph import GETATTR_NAMES, MAX_GRAPH_NODES, allowed_functions, allowed_methods
 from tests.cut_models import BasicBlock, Masked, SkipTwo, SmallResNet
+from tests.helpers import write_trust_packages
 
 TRUST = Trust(["tests.cut_models"])
 
@@ -155,30 +156,6 @@ def test_trusted_refs_must_name_a_class_defined_there(ref, needle):
         spec_to_module({"import": ref, "kwargs": {}}, trust=Trust(["torch.nn.modules"]))
     lin = {"import": "torch.nn.modules.linear:Linear", "kwargs": {"in_features": 2, "out_features": 2}}
     assert type(spec_to_module(lin)) is nn.Linear  # a default layer, by its own module
-
-
-def write_trust_packages(root) -> None:
-    """``mypkg.models`` (trusted by the tests) imports ``evilpkg`` and re-exports its ``Dropper``, whose
-    constructor writes a file: building it through ``mypkg.models`` would run untrusted code."""
-    (root / "evilpkg").mkdir()
-    (root / "evilpkg" / "__init__.py").write_text(
-        "import pathlib\nfrom torch import nn\n\n\n"
-        "class Dropper(nn.Module):\n"
-        "    def __init__(self, path: str = '', n: int = 1) -> None:\n"
-        "        super().__init__()\n"
-        "        if path:\n            pathlib.Path(path).write_text('pwned')\n"
-        "        self.n = n\n        self.lin = nn.Linear(n, n)\n\n"
-        "    def forward(self, x):\n        return self.lin(x)\n"
-    )
-    (root / "mypkg").mkdir()
-    (root / "mypkg" / "__init__.py").write_text("")
-    (root / "mypkg" / "models.py").write_text(
-        "import evilpkg\nfrom evilpkg import Dropper as Reexported\nfrom torch import nn\n\n\n"
-        "class Good(nn.Module):\n"
-        "    def __init__(self, n: int = 2) -> None:\n"
-        "        super().__init__()\n        self.n = n\n        self.lin = nn.Linear(n, n)\n\n"
-        "    def forward(self, x):\n        return self.lin(x)\n"
-    )
 
 
 def test_trust_means_the_classes_own_module(tmp_path, monkeypatch):

@@ -18,8 +18,8 @@ from splitnn.errors import MemoryBudgetError
 from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.wire.state_codec import encode_state
 from tests.cut_models import SmallResNet
+from tests.helpers import write_trust_packages
 from tests.transport.cluster import Cluster
-from tests.wire.test_wire_graph import write_trust_packages
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
