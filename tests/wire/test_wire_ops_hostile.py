@@ -6,6 +6,7 @@ the same answer twice over differently scribbled heaps (no read of memory it nev
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,13 @@ def test_every_allowed_op_survives_hostile_arguments_in_a_subprocess():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.wire.hostile_ops", "5"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tests.wire.hostile_ops", "12"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, f"exit {proc.returncode} (negative: killed by signal)\n{proc.stderr[-3000:]}"
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("ok ") and "'ran': 0" not in last, proc.stdout[-2000:]
+    assert last.startswith("ok "), proc.stdout[-2000:]
+    ops, ran = (int(w) for w in re.match(r"ok (\d+) ops, (\d+) ran at least once", last).groups())
+    assert ops > 400 and ran > ops // 2, last  # most ops really ran, not only refused their arguments
 
 
 def test_the_oracle_sees_an_uninitialised_read():
