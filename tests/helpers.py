@@ -123,3 +123,27 @@ def data_plane_answer(
         return None if answer is None else bytes(answer)
 
     return asyncio.run(main())
+
+
+def write_trust_packages(root) -> None:
+    """``mypkg.models`` (trusted by the tests) imports ``evilpkg`` and re-exports its ``Dropper``, whose
+    constructor writes a file: building it through ``mypkg.models`` would run untrusted code."""
+    (root / "evilpkg").mkdir()
+    (root / "evilpkg" / "__init__.py").write_text(
+        "import pathlib\nfrom torch import nn\n\n\n"
+        "class Dropper(nn.Module):\n"
+        "    def __init__(self, path: str = '', n: int = 1) -> None:\n"
+        "        super().__init__()\n"
+        "        if path:\n            pathlib.Path(path).write_text('pwned')\n"
+        "        self.n = n\n        self.lin = nn.Linear(n, n)\n\n"
+        "    def forward(self, x):\n        return self.lin(x)\n"
+    )
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "models.py").write_text(
+        "import evilpkg\nfrom evilpkg import Dropper as Reexported\nfrom torch import nn\n\n\n"
+        "class Good(nn.Module):\n"
+        "    def __init__(self, n: int = 2) -> None:\n"
+        "        super().__init__()\n        self.n = n\n        self.lin = nn.Linear(n, n)\n\n"
+        "    def forward(self, x):\n        return self.lin(x)\n"
+    )

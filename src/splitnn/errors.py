@@ -72,3 +72,7 @@ class SpecError(WireError):
 
 class TrustError(SpecError):
     """A spec names a class from a module the receiving party does not trust (see ``splitnn worker --trust``)."""
+
+
+class MemoryBudgetError(SpecError):
+    """A received segment would allocate more than the worker's budget (``splitnn worker --max-session-memory``)."""

@@ -51,6 +51,8 @@ def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys)
         (["--data-listen", "7101"], "--data-listen must be HOST:PORT"),
         (["--data-listen", "h:1", "--data-advertise", "h:99999"], "--data-advertise must be HOST:PORT"),
         (["--data-advertise", "h:7101"], "--data-advertise needs --data-listen"),
+        (["--max-session-memory", "lots"], "--max-session-memory must be a size >= 1 like 512MiB"),
+        (["--max-session-memory", "0"], "--max-session-memory must be a size >= 1 like 512MiB"),
     ],
 )
 def test_worker_refuses_before_serving(argv, match, tmp_path, capsys):

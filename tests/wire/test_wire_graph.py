@@ -18,6 +18,7 @@ from splitnn.errors import SpecError, TrustError
 from splitnn.wire import Trust, module_to_spec, spec_from_json, spec_to_json, spec_to_module
 from splitnn.wire.graph import GETATTR_NAMES, MAX_GRAPH_NODES, allowed_functions, allowed_methods
 from tests.cut_models import BasicBlock, Masked, SkipTwo, SmallResNet
+from tests.helpers import write_trust_packages
 
 TRUST = Trust(["tests.cut_models"])
 
@@ -130,13 +131,49 @@ def test_torch_nn_layers_outside_the_registry_are_trusted_by_default():
         ("torch.nn.modules:__class__", "'import' must be"),
         ("torch.nn.modules.linear:Linear.__init__", "'import' must be"),
         ("no colon", "'import' must be"),
-        ("torch.nn.modules.linear:F", "not an nn.Module class"),
-        ("torch.nn.modules.linear:Nope", "has no 'Nope'"),
+        ("torch.nn.modules.linear:F", "not trusted"),
+        ("torch.nn.modules.linear:Nope", "not trusted"),
+        ("torch.nn.modules.module:torch.ao.quantization.observer.NoopObserver", "not an attribute chain"),
+        ("torch.nn.modules.module:Module", "not trusted"),  # under torch.nn.modules, but not a default layer
+        ("torch.nn.modules:Linear", "not trusted"),  # a re-export: the layer's own module is torch.nn.modules.linear
+        ("torch.ao.quantization.observer:NoopObserver", "not trusted"),
     ],
 )
 def test_import_refs_are_checked(ref, needle):
     with pytest.raises(SpecError, match=needle):
         spec_to_module({"import": ref, "kwargs": {}})
+
+
+@pytest.mark.parametrize(
+    "ref,needle",
+    [
+        ("torch.nn.modules.linear:F", "not an nn.Module class"),
+        ("torch.nn.modules.linear:Nope", "has no 'Nope'"),
+    ],
+)
+def test_trusted_refs_must_name_a_class_defined_there(ref, needle):
+    with pytest.raises(SpecError, match=needle):
+        spec_to_module({"import": ref, "kwargs": {}}, trust=Trust(["torch.nn.modules"]))
+    lin = {"import": "torch.nn.modules.linear:Linear", "kwargs": {"in_features": 2, "out_features": 2}}
+    assert type(spec_to_module(lin)) is nn.Linear  # a default layer, by its own module
+
+
+def test_trust_means_the_classes_own_module(tmp_path, monkeypatch):
+    write_trust_packages(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trust, dropped = Trust(["mypkg.models"]), tmp_path / "pwned"
+    for ref, needle in (
+        ("mypkg.models:evilpkg.Dropper", "not an attribute chain"),
+        ("mypkg.models:Reexported", "the class found is evilpkg.Dropper, defined outside what this party trusts"),
+        ("evilpkg:Dropper", "not trusted"),
+    ):
+        with pytest.raises(TrustError, match=needle):
+            spec_to_module({"import": ref, "kwargs": {"path": str(dropped)}}, trust=trust)
+        assert not dropped.exists(), ref
+    built = spec_to_module({"import": "mypkg.models:Good", "kwargs": {"n": 3}}, trust=trust)
+    assert type(built).__module__ == "mypkg.models" and built.n == 3
+    for m in ("mypkg", "mypkg.models", "evilpkg"):
+        sys.modules.pop(m, None)
 
 
 def test_import_kwargs_are_json_and_checked_when_described():
@@ -264,10 +301,62 @@ def test_allow_lists_hold_no_escape_hatches():
         assert bad not in names
     assert not [n for n in names if n.split(".")[-1].startswith("_")]
     methods = allowed_methods()
-    assert {"flatten", "view", "size", "add_"} <= methods
-    assert not {"register_hook", "apply_", "map_", "numpy", "storage", "backward"} & methods
+    assert {"flatten", "view", "size", "add", "contiguous"} <= methods
+    assert not {"register_hook", "apply_", "map_", "numpy", "storage", "backward", "item", "tolist"} & methods
     assert not [m for m in methods if m.startswith("_")]
     assert "__class__" not in GETATTR_NAMES
+
+
+def test_the_vocabulary_is_dense_functional_and_initialised():
+    """No in-place writes, no uninitialised memory, no sparse/nested/segment/quantized ops, no pointers."""
+    names = {n.rsplit(".", 1)[-1] for n in allowed_functions()} | set(allowed_methods())
+    assert not [n for n in names if n.endswith("_") and not n.endswith("and_") and not n.endswith("or_")]
+    assert not [n for n in names if n.startswith("i") and f"operator.{n}" in allowed_functions() and n != "invert"]
+    for word in ("empty", "sparse", "nested", "segment", "quantize", "storage", "ptr", "strided", "set_", "resize"):
+        assert not [n for n in names if word in n], word
+    for bad in ("setitem", "native_batch_norm", "batch_norm", "nonzero", "unique", "masked_select", "from_file"):
+        assert bad not in names
+
+
+@pytest.mark.parametrize(
+    "node,needle",
+    [
+        (_fn("torch.empty", 4), "'torch.empty' is not on the allow-list"),
+        (_fn("torch.sparse_coo_tensor", {"list": [[0]]}, {"list": [1.0]}), "'torch.sparse_coo_tensor' is not on"),
+        (_fn("torch.segment_reduce", {"node": 0}, "sum"), "'torch.segment_reduce' is not on"),
+        (_fn("torch.native_batch_norm", {"node": 0}), "'torch.native_batch_norm' is not on"),
+        (_fn("operator.iadd", {"node": 0}, 1), "'operator.iadd' is not on"),
+        (_fn("operator.setitem", {"node": 0}, 0, 1.0), "'operator.setitem' is not on"),
+        (_fn("torch.add", {"node": 0}, 1, out={"node": 0}), "'torch.add' with out="),
+        (_fn("torch.nn.functional.relu", {"node": 0}, inplace=True), "inplace=True.*pass inplace=False"),
+        (_fn("torch.nn.functional.relu", {"node": 0}, True), "inplace=True"),
+        (_fn("torch.nn.functional.dropout", {"node": 0}, 0.5, True, True), "inplace=True"),
+        (_fn("torch.nn.functional.embedding", {"node": 0}, {"node": 0}, max_norm=1.0), "max_norm=1.0 writes"),
+        ({"op": "call_method", "target": "add_", "args": [{"node": 0}, 1], "kwargs": {}}, "'add_' is not on"),
+        ({"op": "call_method", "target": "const_data_ptr", "args": [{"node": 0}], "kwargs": {}}, "not on the"),
+        ({"op": "call_method", "target": "new_empty", "args": [{"node": 0}, [2]], "kwargs": {}}, "not on the"),
+        ({"op": "call_method", "target": "as_strided", "args": [{"node": 0}, [2], [1]], "kwargs": {}}, "not on"),
+        ({"op": "call_method", "target": "add", "args": [{"node": 0}, 1], "kwargs": {"out": {"node": 0}}}, "out="),
+        ({"op": "call_method", "target": "split", "args": ["a b", " "], "kwargs": {}}, "the value it is called on"),
+    ],
+)
+def test_ops_outside_the_vocabulary_are_refused_with_their_name(node, needle):
+    with pytest.raises(SpecError, match=r"nodes\[1\]: .*" + needle):
+        spec_to_module(spec_from_json(json.dumps(_graph([PH, node, {"op": "output", "args": [{"node": 1}]}]))))
+
+
+def test_sender_refuses_what_the_receiver_refuses():
+    for build in (
+        lambda g, x: g.call_function(torch.nn.functional.relu, (x,), {"inplace": True}),
+        lambda g, x: g.call_method("add_", (x, x)),
+        lambda g, x: g.call_function(torch.empty, (3,)),
+        lambda g, x: g.call_function(torch.add, (x, x), {"out": x}),
+    ):
+        g = fx.Graph()
+        x = g.placeholder("x")
+        g.output(build(g, x))
+        with pytest.raises(SpecError, match=r"nodes\[1\].*(not on the allow-list|inplace=True|out=)"):
+            module_to_spec(fx.GraphModule(nn.Module(), g))
 
 
 # ----------------------------------------------------------------------------- fuzz

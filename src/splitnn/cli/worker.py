@@ -23,15 +23,20 @@ holder the ``labels`` (default: all the source has). The researcher then trains 
 name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
 session reads them, none may replace them.
 
-``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
+``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes defined in
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
-:mod:`splitnn.wire.trust`); the worker imports and builds them. ``torch.nn`` layers and
-the built-in layer registry are trusted without it; any other class is refused before
+:mod:`splitnn.wire.trust`); the worker imports and builds them. The built-in layer registry
+and a fixed list of dense ``torch.nn`` layers are trusted without it; any other class (an
+attribute chain, or a class a trusted module merely imports from elsewhere) is refused before
 anything is built, naming the class and this flag. The same prefixes say which modules
 ``--data NAME=MODULE:FUNCTION`` may call.
 
 A worker serves several researchers at once, each in a session of its own
 (``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
+``--max-session-memory SIZE`` (default ``1GiB``; ``512MiB``, ``2GiB`` or bytes) bounds what one
+forward of a researcher's segment may allocate: its sizes are computed on meta tensors
+before it runs at each new input shape, and a segment over the budget is refused, naming
+the node (:mod:`splitnn.wire.budget`, docs/security.md).
 
 ``--config worker.toml`` reads the settings from a file (keys: the flags' names, ``token_file``,
 ``tls_cert``, ...; paths relative to the file); flags on the command line override it. ``splitnn
@@ -175,6 +180,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "oldest closed one, or is refused when all are open",
     )
     p.add_argument(
+        "--max-session-memory",
+        type=str,
+        default=None,
+        metavar="SIZE",
+        help="bytes one forward of a researcher's segment may allocate, checked on meta tensors before it runs "
+        "(default 1GiB; e.g. 512MiB, 4GiB, or a number of bytes)",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -252,6 +265,24 @@ _CODE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 def _parts(value: str) -> tuple[str, ...]:
     return ("features", "labels") if value == "both" else (value,)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | None, flag: str, default: int) -> int:
+    """``"512MiB"`` -> 536870912 (units B, KiB, MiB, GiB, TiB; none: bytes); ``default`` for None."""
+    if text is None:
+        return default
+    t = text.strip().lower().replace(" ", "")
+    digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(digits) :]
+    if unit not in _SIZE_UNITS or not digits.isdigit() or len(digits) > 15 or int(digits) < 1:
+        raise ConfigurationError(
+            f"{flag} must be a size >= 1 like 512MiB, 2GiB or a number of bytes (units: B, KiB, MiB, GiB, TiB), "
+            f"got {text!r}"
+        )
+    return int(digits) * _SIZE_UNITS[unit]
 
 
 def is_trusted(module: str, trust: Sequence[str]) -> bool:
@@ -367,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
     from splitnn.server.tcp_plane import check_data_plane
     from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
 
@@ -381,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
     max_sessions = DEFAULT_MAX_SESSIONS if args.max_sessions is None else args.max_sessions
     if max_sessions < 1:
         raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    max_memory = parse_size(args.max_session_memory, "--max-session-memory", DEFAULT_MAX_SESSION_MEMORY)
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     check_data_plane(args.data_listen, args.data_advertise)
@@ -435,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
         audit_log=str(args.audit_log) if args.audit_log is not None else None,
         session_grace=grace,
         max_sessions=max_sessions,
+        max_session_memory=max_memory,
         device=str(device),
         data_listen=args.data_listen,
         data_advertise=args.data_advertise,

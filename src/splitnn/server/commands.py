@@ -43,9 +43,10 @@ from torch.nn.parameter import is_lazy
 
 from splitnn.common import serde
 from splitnn.common.serde import arg
-from splitnn.errors import ConfigurationError, SpecError, WireError, WorkerError
+from splitnn.errors import ConfigurationError, MemoryBudgetError, SpecError, WireError, WorkerError
 from splitnn.server.exports import StreamState
 from splitnn.transport.limits import Limits
+from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY, guard_segment
 from splitnn.wire.spec import module_to_spec, spec_to_module
 from splitnn.wire.trust import Trust
 from splitnn.workers.losses import check_loss_name
@@ -62,23 +63,26 @@ Op = Callable[..., Awaitable[tuple[dict, list[bytes]]]]
 
 
 # ---------------------------------------------------------------------------- weights
-def check_state_fits_spec(spec: Any, state: dict[str, torch.Tensor], key: str, trust: Trust | None = None) -> None:
+def check_state_fits_spec(
+    spec: Any, state: dict[str, torch.Tensor], key: str, trust: Trust | None = None
+) -> torch.nn.Module | None:
     """Refuse weights whose names or shapes do not fit ``spec``'s parameters and buffers, before building it.
 
     The spec is built on the ``meta`` device, which allocates nothing; a spec with layers that
     cannot be built there (or lazy ones) is checked after the real build, by ``load_state_dict``.
+    Returns that meta build (None if it could not be made).
     """
     try:
         with torch.device("meta"):
             meta = spec_to_module(spec, trust=trust)
         tensors = list(meta.parameters()) + list(meta.buffers())
         if any(is_lazy(t) for t in tensors):
-            return
+            return meta
         expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     except SpecError:
         raise
     except Exception:  # a custom layer that cannot be built on the meta device
-        return
+        return None
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     wrong = [
@@ -93,18 +97,27 @@ def check_state_fits_spec(spec: Any, state: dict[str, torch.Tensor], key: str, t
     ]
     if problems:
         raise WireError(f"weights for segment {key!r} do not fit its spec: {'; '.join(problems)}")
+    return meta
 
 
 class Commands:
     """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
 
     def __init__(
-        self, name: str, session: Session, *, sessions: Sessions, limits: Limits, trust: Trust | None = None
+        self,
+        name: str,
+        session: Session,
+        *,
+        sessions: Sessions,
+        limits: Limits,
+        trust: Trust | None = None,
+        max_memory: int = DEFAULT_MAX_SESSION_MEMORY,
     ) -> None:
         self.name, self.session, self.sessions = name, session, sessions
         self.engine, self.exports, self.peers = session.engine, session.exports, session.peers
         self.limits, self.counters = limits, session.counters
         self.trust = trust or Trust()  # what add_segment may import (splitnn worker --trust)
+        self.max_memory = max_memory  # what one forward of a segment may allocate (--max-session-memory)
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -191,12 +204,18 @@ class Commands:
                 f"pass replace=True to replace it"
             )
         spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
-        check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
+        twin = check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
+        if twin is None:
+            raise MemoryBudgetError(
+                f"segment {key!r} cannot be built on the meta device, so what it allocates cannot be checked "
+                "before it runs; the worker runs only segments it can check (splitnn worker --max-session-memory)"
+            )
         module = spec_to_module(spec, trust=self.trust)
         try:
             module.load_state_dict(state)
         except (RuntimeError, KeyError) as exc:
             raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
+        guard_segment(module, twin, self.max_memory, f"segment {key!r}: spec")  # each forward, on meta first
         self.engine.add_segment(key, module, optimizer, replace=replace)
         self.session.installed = True
         self.sessions.claim_segment(self.session, key)

@@ -112,6 +112,7 @@ from splitnn.transport.security import (
     peer_identities,
     token_matches,
 )
+from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY
 from splitnn.wire.proto import SERVICE, Command, Reply
 from splitnn.wire.trust import Trust
 from splitnn.workers.audit import AuditLog
@@ -164,12 +165,14 @@ class WorkerServer:
         peer_timeout: seconds to wait for a peer's tensor before failing the step.
         policy: the party's policy (:mod:`splitnn.workers.policy`), enforced by each session's engine;
             by default no activations are handed to the researcher.
-        trust: module prefixes whose classes segment specs may import (``--trust``); torch.nn
-            layers and the spec registry are always allowed.
+        trust: module prefixes whose classes segment specs may import (``--trust``); the spec
+            registry and :data:`splitnn.wire.trust.DEFAULT_LAYERS` are always allowed.
         session_grace: seconds a closed session's segments and datasets are kept for the
             researcher to resume (its tensors are freed at once); see :mod:`splitnn.server.sessions`.
         max_sessions: sessions kept at once (open, or closed within their grace period).
         max_rpcs: concurrent RPCs (streams and calls) the server accepts; more get RESOURCE_EXHAUSTED.
+        max_session_memory: bytes one forward of a researcher's segment may allocate (``--max-session-memory``),
+            checked on meta tensors before it runs at each new input shape (:mod:`splitnn.wire.budget`).
         device: where the party's segments, optimizer state and data live and compute
             (``--device``; checked here). Tensors cross the wire as bytes from the CPU and
             move onto this device when they arrive (:mod:`splitnn.workers.devices`).
@@ -197,6 +200,7 @@ class WorkerServer:
         session_grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_rpcs: int = 4096,
+        max_session_memory: int = DEFAULT_MAX_SESSION_MEMORY,
         device: str = "cpu",
         state_dir: str | os.PathLike | None = None,
         audit: AuditLog | None = None,
@@ -218,6 +222,9 @@ class WorkerServer:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{what} must be a positive integer, got {value!r}")
         self.max_rpcs = max_rpcs
+        if not isinstance(max_session_memory, int) or isinstance(max_session_memory, bool) or max_session_memory < 1:
+            raise ConfigurationError(f"max_session_memory must be a number of bytes >= 1, got {max_session_memory!r}")
+        self.max_session_memory = max_session_memory
         self.trust = trust
         register_known_layers()
         self.counters = ByteCounters()  # traffic no session owns (rejected calls, streams of ended sessions)
@@ -253,7 +260,14 @@ class WorkerServer:
         self.data_plane: TcpPlane | None = None
 
     def _setup_session(self, session: Session) -> None:
-        session.commands = Commands(self.name, session, sessions=self.sessions, limits=self.limits, trust=self.trust)
+        session.commands = Commands(
+            self.name,
+            session,
+            sessions=self.sessions,
+            limits=self.limits,
+            trust=self.trust,
+            max_memory=self.max_session_memory,
+        )
         session.executor = Executor(
             self.name, session.engine, session.commands, peers=session.peers, inbox=session.inbox, limits=self.limits
         )
@@ -640,6 +654,7 @@ class ServeConfig:
     trust: tuple[str, ...] = ()  # module prefixes segment specs may import classes from
     session_grace: float = DEFAULT_GRACE
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_session_memory: int = DEFAULT_MAX_SESSION_MEMORY  # bytes one segment forward may allocate
     device: str = "cpu"  # where the party's segments, optimizer state and data live (--device)
     policy: WorkerPolicy | None = None  # the party's policy (--policy); release_outputs from it when given
     state_dir: str | None = None  # where each session writes its checkpoints (--state-dir)
@@ -681,6 +696,7 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         trust=Trust(config.trust),
         session_grace=config.session_grace,
         max_sessions=config.max_sessions,
+        max_session_memory=config.max_session_memory,
         device=config.device,
         state_dir=config.state_dir,
         audit=audit,

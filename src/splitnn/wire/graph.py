@@ -15,12 +15,14 @@ one to a remote party, :mod:`splitnn.wire.spec` describes it as::
 Ops: ``placeholder``, ``output``, ``call_module`` on a submodule named in ``modules``
 (each a spec of its own: a registered layer, a ``Sequential``, a trusted import, another
 graph), ``get_attr`` on a parameter or buffer declared in ``attrs`` (its values travel
-with the weights), and ``call_function`` / ``call_method`` only on an allow-list:
-public ``torch.*`` tensor functions, ``torch.nn.functional.*``, arithmetic and indexing
-``operator.*``, public tensor methods, and ``getattr`` of a few tensor properties
-(``shape``, ``dtype``, ...). Names are looked up in that list; nothing is imported,
-``eval``-ed or ``exec``-ed from the text, and the receiver generates the forward code
-itself from the checked graph (fx's code generator, with generated names).
+with the weights), and ``call_function`` / ``call_method`` only on the op vocabulary of
+:mod:`splitnn.wire.ops` (dense, functional ops: no ``out=``, no in-place writes, no
+uninitialised, sparse or pointer ops) and ``getattr`` of a few tensor properties
+(``shape``, ``dtype``, ...). Sender and receiver check the same vocabulary. Names are
+looked up in it; nothing is imported, ``eval``-ed or ``exec``-ed from the text, and the
+receiver generates the forward code itself from the checked graph (fx's code generator,
+with generated names). What a graph may allocate when it runs is checked separately, on
+meta tensors, against the worker's memory budget (:mod:`splitnn.wire.budget`).
 
 Values in ``args``/``kwargs``: JSON null, booleans, numbers and strings as themselves; a
 JSON array is a Python tuple; ``{"list": [...]}``, ``{"node": i}`` (the result of node
@@ -38,7 +40,6 @@ import functools
 import inspect
 import keyword
 import math
-import operator
 import re
 import warnings
 from collections.abc import Callable
@@ -46,10 +47,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from splitnn.errors import SpecError
+from splitnn.wire.ops import GETATTR_NAMES, allowed_functions, allowed_methods, check_call, function_name
+
+__all__ = [
+    "GETATTR_NAMES",
+    "GRAPH_TYPE",
+    "MAX_GRAPH_NODES",
+    "GraphPlan",
+    "allowed_functions",
+    "allowed_methods",
+    "build_graph",
+    "describe_graph",
+    "graph_arity",
+    "plan_graph",
+]
 
 #: The ``"type"`` of a graph spec.
 GRAPH_TYPE = "Graph"
@@ -60,74 +74,6 @@ MAX_ATTR_NDIM = 16
 
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 
-_OPERATORS = [
-    "add",
-    "sub",
-    "mul",
-    "truediv",
-    "floordiv",
-    "mod",
-    "pow",
-    "matmul",
-    "neg",
-    "pos",
-    "abs",
-    "invert",
-    "getitem",
-    "setitem",
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "and_",
-    "or_",
-    "xor",
-    "lshift",
-    "rshift",
-    "not_",
-    "truth",
-    "iadd",
-    "isub",
-    "imul",
-    "itruediv",
-    "ifloordiv",
-    "imod",
-    "ipow",
-    "imatmul",
-    "iand",
-    "ior",
-    "ixor",
-    "ilshift",
-    "irshift",
-]
-#: Tensor properties a graph may read with ``getattr``.
-GETATTR_NAMES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "H", "mH", "real", "imag", "is_cuda"})
-# Public names that touch files, memory outside the tensor or run a callable: never allowed.
-_DENIED_FUNCTIONS = frozenset({"from_file", "handle_torch_function", "boolean_dispatch"})
-_DENIED_METHODS = frozenset(
-    {
-        "apply_",
-        "map_",
-        "map2_",
-        "register_hook",
-        "register_post_accumulate_grad_hook",
-        "backward",
-        "storage",
-        "untyped_storage",
-        "storage_type",
-        "data_ptr",
-        "numpy",
-        "tolist",
-        "share_memory_",
-        "pin_memory",
-        "record_stream",
-        "module_load",
-        "as_subclass",
-        "reinforce",
-    }
-)
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -149,52 +95,7 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _SPECIAL_KEYS = ("node", "list", "slice", "ellipsis", "dtype", "float")
 
 
-# ----------------------------------------------------------------------------- allow-lists
-
-
-@functools.cache
-def allowed_functions() -> dict[str, Callable[..., Any]]:
-    """The ``call_function`` targets a graph may name, by name."""
-    out: dict[str, Callable[..., Any]] = {}
-    names = [n for n in dir(torch._C._VariableFunctions) if not n.startswith("_")] + list(torch.functional.__all__)
-    for name in names:
-        fn = getattr(torch, name, None)
-        if name not in _DENIED_FUNCTIONS and callable(fn) and not isinstance(fn, type):
-            out[f"torch.{name}"] = fn
-    for name in dir(F):
-        fn = getattr(F, name)
-        if (
-            not name.startswith("_")
-            and name not in _DENIED_FUNCTIONS
-            and not name.startswith("has_torch_function")
-            and (inspect.isfunction(fn) or inspect.isbuiltin(fn))
-        ):
-            out[f"torch.nn.functional.{name}"] = fn
-    for name in _OPERATORS:
-        out[f"operator.{name}"] = getattr(operator, name)
-    out["getattr"] = builtins.getattr
-    return out
-
-
-@functools.cache
-def _function_names() -> dict[int, str]:
-    names: dict[int, str] = {}
-    for name, fn in allowed_functions().items():
-        names.setdefault(id(fn), name)  # torch.* first: an alias decodes to the same object
-    return names
-
-
-@functools.cache
-def allowed_methods() -> frozenset[str]:
-    """The ``call_method`` targets (tensor methods) a graph may name."""
-    out = set()
-    for name in dir(torch.Tensor):
-        if name.startswith("_") or name in _DENIED_METHODS:
-            continue
-        attr = inspect.getattr_static(torch.Tensor, name)
-        if callable(attr) and not isinstance(attr, (property, type)):
-            out.add(name)
-    return frozenset(out)
+# ----------------------------------------------------------------------------- targets
 
 
 @functools.cache
@@ -257,17 +158,14 @@ def _target_name(gm: fx.GraphModule, n: fx.Node, where: str) -> str:
     if n.op in ("call_module", "get_attr"):
         return _check_target(n.target, where)
     if n.op == "call_method":
-        if n.target not in allowed_methods():
-            raise SpecError(f"{where}: tensor method {n.target!r} is not on the allow-list of graph ops")
-        return n.target
-    name = _function_names().get(id(n.target))
-    if name is None:
-        qual = getattr(n.target, "__module__", "?") + "." + getattr(n.target, "__qualname__", repr(n.target))
-        raise SpecError(
-            f"{where}: function {qual} is not on the allow-list of graph ops (torch.*, torch.nn.functional.*, "
-            "operator.*, tensor methods); keep the module that calls it whole with cut(..., leaves=[...]) and "
-            "let the worker trust its class (splitnn worker --trust), or use an in-process worker"
-        )
+        name, fn = str(n.target), None
+    else:
+        fn = n.target
+        name = function_name(fn) or (getattr(fn, "__module__", "?") + "." + getattr(fn, "__qualname__", repr(fn)))
+        fn = fn if function_name(fn) else None
+    why = check_call(n.op, name, fn, n.args, dict(n.kwargs))
+    if why is not None:
+        raise SpecError(f"{where}: {why}")
     return name
 
 
@@ -427,17 +325,23 @@ def _plan_node(
         used.add(target)
         return op, target, args_t, kwargs_d
     if op == "call_method":
-        if not isinstance(target, str) or target not in allowed_methods():
-            raise SpecError(f"{where}: tensor method {target!r} is not on the allow-list of graph ops")
-        if not args_t:
-            raise SpecError(f"{where}: call_method {target!r} needs the object it is called on as its first argument")
+        if not isinstance(target, str):
+            raise SpecError(f"{where}: a call_method target is a tensor method's name, got {target!r:.80}")
+        why = check_call(op, target, None, args_t, kwargs_d)
+        if why is not None:
+            raise SpecError(f"{where}: {why}")
+        if not args_t or not isinstance(args_t[0], _NodeRef):
+            raise SpecError(
+                f"{where}: call_method {target!r} needs the value it is called on (a node, {{'node': i}}) as its "
+                "first argument"
+            )
         return op, target, args_t, kwargs_d
-    fn = allowed_functions().get(target) if isinstance(target, str) else None
-    if fn is None:
-        raise SpecError(
-            f"{where}: function {target!r} is not on the allow-list of graph ops "
-            "(torch.*, torch.nn.functional.*, operator.*, getattr of tensor properties)"
-        )
+    if not isinstance(target, str):
+        raise SpecError(f"{where}: a call_function target is a function's name, got {target!r:.80}")
+    fn = allowed_functions().get(target)
+    why = check_call(op, target, fn, args_t, kwargs_d)
+    if why is not None:
+        raise SpecError(f"{where}: {why}")
     if fn is builtins.getattr and (
         len(args_t) != 2 or kwargs_d or not isinstance(args_t[1], str) or args_t[1] not in GETATTR_NAMES
     ):

@@ -17,7 +17,8 @@ Two more kinds of spec:
   :func:`splitnn.cut`) as its graph of allow-listed ops; see :mod:`splitnn.wire.graph`.
 * ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``: a class that is neither
   registered nor a graph, built by importing it -- only from modules the receiver trusts
-  (:class:`~splitnn.wire.trust.Trust`; ``torch.nn`` layers are trusted by default).
+  (:class:`~splitnn.wire.trust.Trust`; the registry and a fixed list of ``torch.nn`` layers
+  are trusted by default).
 
 Specs from other parties are untrusted. :func:`spec_to_module` first checks that the
 spec is plain JSON data of bounded size and nesting, validates every layer's
@@ -625,7 +626,7 @@ def spec_param_count(spec: Any, *, trust: Trust | None = None) -> int:
     Computed from the arguments, before allocating anything (custom layers without a
     ``param_count`` and imported classes are measured on the ``meta`` device; one that
     cannot be built there counts as 0 here). Imports must be allowed by ``trust``
-    (default: ``torch.nn`` only). Raises :class:`SpecError`.
+    (default: :data:`~splitnn.wire.trust.DEFAULT_LAYERS` only). Raises :class:`SpecError`.
     """
     _check_plain_json(spec)
     return _sum_known(_plan(spec, "spec", [0], trust or Trust()))
@@ -634,8 +635,8 @@ def spec_param_count(spec: Any, *, trust: Trust | None = None) -> int:
 def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS, trust: Trust | None = None) -> nn.Module:
     """Build a fresh module (new random weights) from a spec made by :func:`module_to_spec`.
 
-    Validates the whole spec -- every import against ``trust`` (default: ``torch.nn``
-    layers and the registry only) -- and checks that its parameter + buffer element count
+    Validates the whole spec -- every import against ``trust`` (default: the registry
+    and :data:`~splitnn.wire.trust.DEFAULT_LAYERS` only) -- and checks that its parameter + buffer element count
     is at most ``max_params`` before allocating. Load the weights with ``load_state_dict``.
     Raises :class:`SpecError` naming the layer and argument at fault
     (:class:`~splitnn.errors.TrustError` for an untrusted class, naming it and the flag).

@@ -3,10 +3,18 @@
 A spec may name a class to import, ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``,
 for layers that are neither ``torch.nn`` layers nor in the spec registry (a user's residual
 block). Importing runs that module's code, so a party imports only from module prefixes
-its operator trusts: ``splitnn worker --trust mypkg.models`` (repeatable). ``torch.nn``'s
-layers (``torch.nn.modules``) and the registry of :mod:`splitnn.wire.spec` are trusted
-without asking. Lacking trust, decoding refuses *before anything is imported or built*,
-naming the class and the flag that would allow it.
+its operator trusts: ``splitnn worker --trust mypkg.models`` (repeatable). Lacking trust,
+decoding refuses *before anything is imported or built*, naming the class and the flag
+that would allow it.
+
+Trust means the class's own module. ``"module:Name"`` names one class defined at the top
+level of a module: no attribute chains (``mypkg.models:evilpkg.Dropper`` is refused before
+anything is imported), and the class found must be defined where the operator's trust
+reaches (its own ``__module__`` under a trusted prefix, its ``__qualname__`` the name sent),
+so a trusted module that imports a class from elsewhere does not lend it its trust.
+Without ``--trust``, a party builds the registry of :mod:`splitnn.wire.spec` and the
+:data:`DEFAULT_LAYERS`: a fixed list of dense ``torch.nn`` layers (``Conv1d``,
+``LayerNorm``, ``Embedding``, ...), not everything under ``torch.nn.modules``.
 
 On the sending side, :func:`import_spec` describes an instance of such a class: its
 constructor's keyword arguments as JSON, taken from ``module.splitnn_kwargs()`` when the
@@ -30,8 +38,22 @@ from torch import nn
 
 from splitnn.errors import SpecError, TrustError
 
-#: Module prefixes every party trusts: the layers of ``torch.nn``.
-DEFAULT_TRUSTED: tuple[str, ...] = ("torch.nn.modules",)
+_DEFAULT_LAYER_NAMES = """
+Identity Linear Bilinear Flatten Unflatten Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d
+ReLU ReLU6 LeakyReLU PReLU ELU SELU CELU GELU SiLU Mish Sigmoid Tanh Softmax Softmin LogSoftmax Softplus Softsign
+Softshrink Hardshrink Hardtanh Hardswish Hardsigmoid Tanhshrink LogSigmoid GLU Threshold
+BatchNorm1d BatchNorm2d BatchNorm3d LayerNorm GroupNorm RMSNorm LocalResponseNorm
+Dropout Dropout1d Dropout2d Dropout3d AlphaDropout
+MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveAvgPool3d
+AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d Upsample UpsamplingNearest2d UpsamplingBilinear2d
+PixelShuffle PixelUnshuffle ZeroPad1d ZeroPad2d ConstantPad1d ConstantPad2d ReflectionPad1d ReflectionPad2d
+ReplicationPad1d ReplicationPad2d Embedding MultiheadAttention CosineSimilarity PairwiseDistance
+"""
+#: The ``torch.nn`` layers every party builds without ``--trust`` (besides the spec registry).
+DEFAULT_LAYERS: frozenset[type[nn.Module]] = frozenset(
+    c for c in (getattr(nn, n, None) for n in _DEFAULT_LAYER_NAMES.split()) if isinstance(c, type)
+)
+_DEFAULT_REFS = {f"{c.__module__}:{c.__qualname__}": c for c in DEFAULT_LAYERS}
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _IMPORT = re.compile(
@@ -43,8 +65,8 @@ _IMPORT = re.compile(
 class Trust:
     """Module prefixes whose classes a party may import and build from a spec.
 
-    ``Trust(["mypkg.models"])`` allows ``mypkg.models`` and its submodules
-    (``mypkg.models.blocks``), not ``mypkg.modelsx``. ``torch.nn`` layers are always allowed.
+    ``Trust(["mypkg.models"])`` allows classes defined in ``mypkg.models`` and its submodules
+    (``mypkg.models.blocks``), not ``mypkg.modelsx``. :data:`DEFAULT_LAYERS` are always allowed.
     """
 
     modules: tuple[str, ...] = ()
@@ -57,28 +79,48 @@ class Trust:
         object.__setattr__(self, "modules", mods)
 
     def allows(self, module: str) -> bool:
-        """Whether classes of ``module`` may be imported."""
-        return any(module == p or module.startswith(p + ".") for p in DEFAULT_TRUSTED + self.modules)
+        """Whether classes defined in ``module`` may be imported (the operator's prefixes)."""
+        return any(module == p or module.startswith(p + ".") for p in self.modules)
 
     def resolve(self, ref: str, where: str) -> type[nn.Module]:
-        """The ``nn.Module`` class named by ``ref`` (``"module:Qual.Name"``), imported only if trusted."""
+        """The ``nn.Module`` class named by ``ref`` (``"module:Name"``), imported only if trusted.
+
+        Refused (:class:`TrustError`) unless ``ref`` is one of :data:`DEFAULT_LAYERS` or its module
+        is under a trusted prefix (checked before importing anything), ``Name`` is one name (no
+        attribute chain), and the class found is defined under a trusted prefix by that name.
+        """
         module, qual = parse_import(ref, where)
+        if "." in qual:
+            raise TrustError(
+                f"{where}: refusing {ref!r}: an import names one class at the top level of its module "
+                f"('package.module:ClassName'), not an attribute chain; define the class at module level"
+            )
+        default = _DEFAULT_REFS.get(ref)
+        if default is not None and not self.allows(module):
+            return default
         if not self.allows(module):
             raise TrustError(
-                f"{where}: refusing to build {module}.{qual}: module {module!r} is not trusted here. The "
+                f"{where}: refusing to build {module}.{qual}: module {module!r} is not trusted here (without "
+                f"--trust a party builds the registered layers and splitnn.wire.trust.DEFAULT_LAYERS only). The "
                 f"party's operator allows it with `splitnn worker --trust {module}` (in-process: "
                 f"spec_to_module(spec, trust=Trust([{module!r}])))"
             )
         try:
-            obj: Any = importlib.import_module(module)
+            mod: Any = importlib.import_module(module)
         except Exception as exc:  # ImportError, or the trusted module failing to import
             raise SpecError(f"{where}: cannot import trusted module {module!r}: {type(exc).__name__}: {exc}") from None
-        for part in qual.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                raise SpecError(f"{where}: module {module!r} has no {qual!r}")
+        obj = vars(mod).get(qual)
+        if obj is None:
+            raise SpecError(f"{where}: module {module!r} has no {qual!r}")
         if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
             raise SpecError(f"{where}: {module}.{qual} is not an nn.Module class")
+        own = getattr(obj, "__module__", None)
+        if not isinstance(own, str) or not self.allows(own) or getattr(obj, "__qualname__", None) != qual:
+            raise TrustError(
+                f"{where}: refusing {ref!r}: the class found is {own}.{getattr(obj, '__qualname__', '?')}, defined "
+                f"outside what this party trusts (trust means the class's own module, not a module that imports "
+                f"it); send it as '{own}:{getattr(obj, '__qualname__', '?')}', trusted with `splitnn worker --trust`"
+            )
         return obj
 
 

@@ -1047,9 +1047,14 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         return None
     memo: dict[int, object] = {id(t): t for t in tensors}
     try:
-        return copy.deepcopy(module, memo)
+        clone = copy.deepcopy(module, memo)
     except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
         return None
+    # a GraphModule's copy drops its hooks; the worker's memory check (splitnn.wire.budget) is one: keep them
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+        for k, v in getattr(module, hooks).items():
+            getattr(clone, hooks).setdefault(k, v)
+    return clone
 
 
 def _per_sample(shape: ProbeShape) -> tuple[int, ...]:

@@ -35,7 +35,13 @@ class SeededStream:
         return gen
 
     def randn(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Standard normal samples of ``shape`` with ``like``'s dtype and device."""
+        """Standard normal samples of ``shape`` with ``like``'s dtype and device.
+
+        On the ``meta`` device (a worker computing a received segment's sizes, :mod:`splitnn.wire.budget`)
+        a meta tensor of that shape: there is no meta generator, and no stream is drawn from.
+        """
+        if like.device.type == "meta":
+            return torch.empty(shape, dtype=like.dtype, device="meta")
         return torch.randn(shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
 
     def get_rng_states(self) -> dict[str, torch.Tensor]:
