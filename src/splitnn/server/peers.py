@@ -499,7 +499,9 @@ class Peers:
                 f"worker {self.name!r}: lost the connection to peer {peer!r} (its data plane at {where.data} cannot "
                 f"be reached: {exc or 'timed out'})"
             ) from None
-        if answer != tcp.OK:
+        if answer == tcp.OK:
+            stream.admit()
+        else:
             stream.cancel()
             if answer is not None and answer[:2] == tcp.NO:
                 raise PolicyError(f"{whom} refused the connection: {bytes(answer[2:]).decode('utf-8', 'replace')}")

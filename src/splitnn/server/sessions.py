@@ -35,8 +35,6 @@ a new one evicts the oldest closed one, and is refused when every one is in use.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -51,6 +49,7 @@ from splitnn.server.peers import Peers, SessionPeers
 from splitnn.server.replay import Replay
 from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
+from splitnn.transport.memory import release_memory
 from splitnn.workers.audit import AuditLog
 from splitnn.workers.held import HeldData
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
@@ -63,24 +62,6 @@ DEFAULT_GRACE = 300.0
 DEFAULT_MAX_SESSIONS = 64
 
 OWNER_RULE = "a session may only use, replace or remove the segments and datasets it created itself"
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``: hand freed heap memory back to the system (a no-op elsewhere).
-
-    Tensors of a few MiB come from the C heap; freed, they stay in the process for its next
-    allocations, so a long-running worker's resident memory would keep the peak of its busiest
-    session. Trimming after a session's tensors are freed gives it back.
-    """
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
-
-
-release_memory = _malloc_trim()
 
 
 class TooManySessions(WorkerError):
