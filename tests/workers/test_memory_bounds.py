@@ -8,13 +8,16 @@ Real ``splitnn worker`` processes; the attacks are :mod:`splitnn.testing.floods`
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 
 import pytest
 
+from splitnn.server.shipped import EARLY_PUSH_BYTES, EARLY_RULE
 from splitnn.testing import floods
 from splitnn.transport import tcp
+from splitnn.workers.epoch import push_id
 from tests.helpers import data_plane_answer, framed
 from tests.transport.cluster import Cluster
 
@@ -77,3 +80,47 @@ def test_idle_connections_hold_no_receive_buffer_and_leave_nothing_behind(cluste
     assert after - before < 15 * MB, (before, after)
     # and the data plane still serves a peer
     assert data_plane_answer(data_address(cluster), framed(tcp.hello(cluster.token, "carol", None))) == tcp.OK
+
+
+def _worker_log(cluster: Cluster) -> str:
+    return cluster.workers["bob"].log.read_text(errors="replace")
+
+
+def test_a_tiny_topk_payload_declaring_512_mib_is_refused_before_it_is_decoded(cluster):
+    """Six 68-byte early pushes, each a 40-byte topk payload declaring 2^27 float32 values, from six made-up
+    peer names into the attacker's own session (before: the worker held 512 MiB per push, +3.2 GB here). Each
+    is refused before anything is allocated, none is acknowledged, and the worker's peak memory stays put."""
+    wp = cluster.workers["bob"]
+    (researcher,) = cluster.connect("bob")
+    try:
+        before, peak_before = settled_rss(wp), wp.rss_bytes("VmHWM")
+        acks = asyncio.run(floods.topk_bomb(data_address(cluster), cluster.token, researcher.session_tag, 6, parties=6))
+        during, peak = wp.rss_bytes(), wp.rss_bytes("VmHWM")
+    finally:
+        researcher.close()
+    assert acks == []
+    assert during - before < 40 * MB and peak - max(peak_before, before) < 40 * MB, (before, during, peak)
+    log = _worker_log(cluster)
+    assert "refused a activation pushed by mallory5" in log and EARLY_RULE in log
+    assert wp.alive()
+
+
+def test_early_pushes_are_bounded_in_bytes_per_session_whatever_names_send_them(cluster):
+    """Three early pushes of 32 MiB each (decoded; topk payloads of 128 KiB, within the codec's density rule) from
+    three peer names into one session: the first two fill the session's 64 MiB for early pushes and are kept (and
+    acknowledged), the third is refused by the per-session byte bound (before: 64 pushes per claimed name, any size,
+    and names are free)."""
+    wp = cluster.workers["bob"]
+    (researcher,) = cluster.connect("bob")
+    n = EARLY_PUSH_BYTES // 2 // 4  # float32 values of 32 MiB
+    try:
+        acks = asyncio.run(
+            floods.topk_bomb(
+                data_address(cluster), cluster.token, researcher.session_tag, 3, n, kept=n // 1024, parties=3
+            )
+        )
+    finally:
+        researcher.close()
+    assert sorted(acks) == [("activation", push_id(4242, b, 0)) for b in range(2)]
+    assert "refused a activation pushed by mallory2" in _worker_log(cluster)
+    assert wp.alive()

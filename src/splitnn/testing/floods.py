@@ -70,10 +70,19 @@ def idle_flood(address: str, connections: int):
             sock.close()
 
 
-def topk_payload(numel: int) -> bytes:
-    """A 40-byte ``topk`` codec payload of one value that declares a float32 tensor of ``numel`` elements."""
+def topk_payload(numel: int, kept: int = 1) -> bytes:
+    """A ``topk`` codec payload of ``kept`` values (1.0, spread evenly) that declares a 1-D float32 tensor of
+    ``numel`` elements: 40 bytes for one value, whatever ``numel`` says."""
     head = struct.pack("<4sBBBB", compress.MAGIC, compress.CODEC_IDS["topk"], DTYPE_CODES[torch.float32], 1, 0)
-    return head + struct.pack("<Q", numel) + struct.pack("<QB7x", 1, 4) + struct.pack("<i", 0) + struct.pack("<f", 1.0)
+    step = max(numel // kept, 1)
+    index = struct.pack(f"<{kept}i", *range(0, step * kept, step))
+    return (
+        head
+        + struct.pack("<Q", numel)
+        + struct.pack("<QB7x", kept, 4)
+        + index
+        + struct.pack(f"<{kept}f", *[1.0] * kept)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -94,12 +103,20 @@ async def peer_stream(address: str, token: str, party: str, tag: str | None) -> 
 
 
 async def topk_bomb(
-    address: str, token: str, tag: str, pushes: int, numel: int = 1 << 27, *, parties: int = 1, run_id: int = 4242
+    address: str,
+    token: str,
+    tag: str,
+    pushes: int,
+    numel: int = 1 << 27,
+    *,
+    kept: int = 1,
+    parties: int = 1,
+    run_id: int = 4242,
 ) -> list[tuple[str, int]]:
-    """Push ``pushes`` early ``topk`` activations (each :func:`topk_payload` of ``numel``) into session ``tag``
-    over the data plane at ``address``, from ``parties`` made-up party names in turn (names are free). Returns
-    the ``(kind, id)`` acknowledgements the worker sent back (what it kept)."""
-    payload = topk_payload(numel)
+    """Push ``pushes`` early ``topk`` activations (each :func:`topk_payload` of ``numel`` and ``kept``) into session
+    ``tag`` over the data plane at ``address``, from ``parties`` made-up party names in turn (names are free).
+    Returns the ``(kind, id)`` acknowledgements the worker sent back (what it kept)."""
+    payload = topk_payload(numel, kept)
     acks: list[tuple[str, int]] = []
     names = [f"mallory{i}" for i in range(parties)]
     streams = []
