@@ -10,6 +10,7 @@ during and after each attack (:mod:`splitnn.testing.floods`):
 2. ``idle``: ``--connections`` connections that send nothing, held open, then closed.
 3. ``topk``: a researcher with the token opens a session and, as a made-up peer, pushes ``--pushes``
    early 68-byte frames each carrying a 40-byte ``topk`` payload that declares 2^27 float32 values.
+4. ``grpc``: ``--connections`` // 2 gRPC calls with a wrong token, each carrying a 4 MiB request message.
 
 ``--worker-src`` runs the worker from another source tree (its ``src``: an A/B against another branch).
 
@@ -55,6 +56,25 @@ def part(name: str, cluster: Cluster, args) -> None:
             settle()
             during = wp.rss_bytes()
             alive = len(socks)
+    elif name == "grpc":
+        import grpc
+
+        from splitnn.wire.proto import CALL
+
+        opts = [("grpc.max_send_message_length", 8 << 20)]
+        channels = [grpc.insecure_channel(wp.address, options=opts) for _ in range(args.connections // 2)]
+        md = (("x-splitnn-token", "wrong"), ("x-splitnn-party", "researcher"))
+        calls = [
+            ch.unary_unary(CALL, request_serializer=None, response_deserializer=None).future(
+                b"\0" * (4 << 20), metadata=md, timeout=60
+            )
+            for ch in channels
+        ]
+        alive = ",".join(sorted({c.exception().code().name if c.exception() else "OK" for c in calls}))
+        settle()
+        during = wp.rss_bytes()
+        for ch in channels:
+            ch.close()
     else:
         (w,) = cluster.connect("bob")
         try:
@@ -77,10 +97,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=200)
     ap.add_argument("--pushes", type=int, default=6)
-    ap.add_argument("--part", choices=("all", "pre-hello", "idle", "topk"), default="all")
+    ap.add_argument("--part", choices=("all", "pre-hello", "idle", "topk", "grpc"), default="all")
     ap.add_argument("--worker-src", default=None, help="run the worker from this source tree (its PYTHONPATH)")
     args = ap.parse_args()
-    names = ("pre-hello", "idle", "topk") if args.part == "all" else (args.part,)
+    names = ("pre-hello", "idle", "topk", "grpc") if args.part == "all" else (args.part,)
     print(f"splitnn {splitnn.__version__} from {Path(splitnn.__file__).parent}", file=sys.stderr)
     env = {"PYTHONPATH": args.worker_src} if args.worker_src else {}
     for name in names:

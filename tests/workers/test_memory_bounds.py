@@ -12,11 +12,13 @@ import asyncio
 import struct
 import time
 
+import grpc
 import pytest
 
 from splitnn.server.shipped import EARLY_PUSH_BYTES, EARLY_RULE
 from splitnn.testing import floods
 from splitnn.transport import tcp
+from splitnn.wire.proto import CALL
 from splitnn.workers.epoch import push_id
 from tests.helpers import data_plane_answer, framed
 from tests.transport.cluster import Cluster
@@ -123,4 +125,32 @@ def test_early_pushes_are_bounded_in_bytes_per_session_whatever_names_send_them(
         researcher.close()
     assert sorted(acks) == [("activation", push_id(4242, b, 0)) for b in range(2)]
     assert "refused a activation pushed by mallory2" in _worker_log(cluster)
+    assert wp.alive()
+
+
+def test_grpc_calls_without_the_token_are_refused_before_their_message_is_read(cluster):
+    """40 calls with a wrong token, each carrying a 4 MiB request message: refused UNAUTHENTICATED before gRPC reads
+    the message (before: a unary call's whole message was buffered before its handler checked the token, +170 MB
+    here, and kept)."""
+    wp = cluster.workers["bob"]
+    before = settled_rss(wp)
+    channels = [
+        grpc.insecure_channel(wp.address, options=[("grpc.max_send_message_length", 8 << 20)]) for _ in range(40)
+    ]
+    try:
+        calls = [
+            ch.unary_unary(CALL, request_serializer=None, response_deserializer=None).future(
+                b"\0" * (4 << 20),
+                metadata=(("x-splitnn-token", "wrong"), ("x-splitnn-party", "researcher")),
+                timeout=60,
+            )
+            for ch in channels
+        ]
+        codes = {call.exception().code() for call in calls}
+        during = wp.rss_bytes()
+    finally:
+        for ch in channels:
+            ch.close()
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+    assert during - before < 60 * MB, (before, during)
     assert wp.alive()

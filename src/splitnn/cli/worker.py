@@ -31,7 +31,8 @@ anything is built, naming the class and this flag. The same prefixes say which m
 ``--data NAME=MODULE:FUNCTION`` may call.
 
 A worker serves several researchers at once, each in a session of its own
-(``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
+(``--session-grace``, ``--max-sessions``, ``--max-sessions-per-researcher``,
+``--researcher-tokens``; see docs/shared-worker.md).
 
 ``--device DEVICE`` (default ``cpu``; ``cuda``, ``cuda:1``, ...) is where this party's
 segments, optimizer state and held data live and its computation runs. Tensors cross
@@ -155,6 +156,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="sessions kept at once, open or within their grace period (default 64); a new one evicts the "
         "oldest closed one, or is refused when all are open",
+    )
+    p.add_argument(
+        "--max-sessions-per-researcher",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sessions one researcher identity keeps at once (default 16), so that one researcher cannot take "
+        "every slot: researchers are told apart by their certificates (mutual TLS) or their own tokens "
+        "(--researcher-tokens); every holder of the federation token is one researcher",
+    )
+    p.add_argument(
+        "--researcher-tokens",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="researchers' own tokens, one 'NAME TOKEN' a line (# comments): each admits that researcher's calls "
+        "(never a peer's) beside the federation token, and names the researcher its sessions count against",
     )
     p.add_argument(
         "--state-dir",
@@ -338,9 +356,10 @@ def run(args: argparse.Namespace) -> int:
 
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
-    from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
+    from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_RESEARCHER
     from splitnn.server.tcp_plane import check_data_plane
     from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.transport.security import load_researcher_tokens
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
 
@@ -350,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
     max_sessions = DEFAULT_MAX_SESSIONS if args.max_sessions is None else args.max_sessions
     if max_sessions < 1:
         raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    per_researcher = args.max_sessions_per_researcher
+    per_researcher = DEFAULT_MAX_SESSIONS_PER_RESEARCHER if per_researcher is None else per_researcher
+    if per_researcher < 1:
+        raise ConfigurationError(f"--max-sessions-per-researcher must be >= 1, got {per_researcher}")
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     check_data_plane(args.data_listen, args.data_advertise)
@@ -359,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, args.name)  # before loading data or listening
     token = load_token(args.token_file)
+    researcher_tokens = load_researcher_tokens(args.researcher_tokens) if args.researcher_tokens else {}
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
@@ -403,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
         audit_log=str(args.audit_log) if args.audit_log is not None else None,
         session_grace=grace,
         max_sessions=max_sessions,
+        max_sessions_per_researcher=per_researcher,
+        researcher_tokens=researcher_tokens,
         device=str(device),
         data_listen=args.data_listen,
         data_advertise=args.data_advertise,

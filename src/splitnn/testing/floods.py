@@ -105,7 +105,7 @@ async def peer_stream(address: str, token: str, party: str, tag: str | None) -> 
 async def topk_bomb(
     address: str,
     token: str,
-    tag: str,
+    tag: str | None,
     pushes: int,
     numel: int = 1 << 27,
     *,
