@@ -46,6 +46,8 @@ def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys)
         (["--data-listen", "7101"], "--data-listen must be HOST:PORT"),
         (["--data-listen", "h:1", "--data-advertise", "h:99999"], "--data-advertise must be HOST:PORT"),
         (["--data-advertise", "h:7101"], "--data-advertise needs --data-listen"),
+        (["--max-sessions-per-researcher", "0"], "--max-sessions-per-researcher must be >= 1"),
+        (["--researcher-tokens", "/nonexistent/tokens"], "cannot read the researcher tokens file"),
     ],
 )
 def test_worker_refuses_before_serving(argv, match, tmp_path, capsys):
@@ -94,3 +96,27 @@ def test_train_refuses_a_bad_pipeline_before_loading(argv, match, no_loading, tm
     assert main(["train", "--data-dir", str(tmp_path), "--no-download", *argv]) == 2
     err = capsys.readouterr().err
     assert f"splitnn train: error: {match}" in err, err
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("carol\n", "write 'NAME TOKEN'"),
+        ("carol some token\n", None),
+        ("car/ol tok\n", "write 'NAME TOKEN'"),
+        ("carol t1\ncarol t2\n", "listed twice"),
+        ("carol t1\ndave t1\n", "listed twice"),
+        ("# nobody\n\n", "no researcher tokens"),
+    ],
+)
+def test_researcher_tokens_file(text, match, tmp_path):
+    from splitnn.errors import ConfigurationError
+    from splitnn.transport.security import load_researcher_tokens
+
+    path = tmp_path / "RESEARCHERS"
+    path.write_text("# name token\n" + text)
+    if match is None:
+        assert load_researcher_tokens(path) == {"carol": "some token"}
+        return
+    with pytest.raises(ConfigurationError, match=match):
+        load_researcher_tokens(path)
