@@ -288,7 +288,9 @@ def get_codec(spec: str | Codec | None) -> Codec:
         try:
             ratio = float(arg)
         except ValueError:
-            raise ConfigurationError(f"codec {spec!r}: write topk:RATIO with 0 < RATIO <= 1, e.g. 'topk:0.1'") from None
+            raise ConfigurationError(
+                f"codec {spec!r}: write topk:RATIO with 1/1024 <= RATIO <= 1, e.g. 'topk:0.1'"
+            ) from None
         return TopKCodec(ratio)
     if sep:
         raise ConfigurationError(f"codec {name!r} takes no parameter (got {spec!r})")
