@@ -53,6 +53,8 @@ def test_train_refuses_before_loading(argv, match, no_loading, tmp_path, capsys)
         (["--data-advertise", "h:7101"], "--data-advertise needs --data-listen"),
         (["--max-session-memory", "lots"], "--max-session-memory must be a size >= 1 like 512MiB"),
         (["--max-session-memory", "0"], "--max-session-memory must be a size >= 1 like 512MiB"),
+        (["--max-sessions-per-researcher", "0"], "--max-sessions-per-researcher must be >= 1"),
+        (["--researcher-tokens", "/nonexistent/tokens"], "cannot read the researcher tokens file"),
     ],
 )
 def test_worker_refuses_before_serving(argv, match, tmp_path, capsys):
@@ -136,3 +138,27 @@ def test_fit_bounds_the_seed_before_placing_data():
     import numpy as np
 
     model.fit(toy_dataset(8, shape=(4,), classes=2), seed=np.int64(2**32 - 1), progress=False)  # numpy ints: fine
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("carol\n", "write 'NAME TOKEN'"),
+        ("carol some token\n", None),
+        ("car/ol tok\n", "write 'NAME TOKEN'"),
+        ("carol t1\ncarol t2\n", "listed twice"),
+        ("carol t1\ndave t1\n", "listed twice"),
+        ("# nobody\n\n", "no researcher tokens"),
+    ],
+)
+def test_researcher_tokens_file(text, match, tmp_path):
+    from splitnn.errors import ConfigurationError
+    from splitnn.transport.security import load_researcher_tokens
+
+    path = tmp_path / "RESEARCHERS"
+    path.write_text("# name token\n" + text)
+    if match is None:
+        assert load_researcher_tokens(path) == {"carol": "some token"}
+        return
+    with pytest.raises(ConfigurationError, match=match):
+        load_researcher_tokens(path)

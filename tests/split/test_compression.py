@@ -185,7 +185,8 @@ def test_compression_specs():
     "spec,match",
     [
         ("zip", "unknown codec 'zip'"),
-        ("topk:0", r"topk ratio must be in \(0, 1\]"),
+        ("topk:0", r"topk ratio must be in \[1/1024, 1\]"),
+        ("topk:0.0005", r"topk ratio must be in \[1/1024, 1\]"),
         ("int8:3", "takes no parameter"),
         ({"activation": "int8", "gradients": "fp16"}, "keys 'activation' and/or 'gradient'"),
         ({0: {}}, "keys 'activation' and/or 'gradient'"),

@@ -87,6 +87,29 @@ def test_frames_come_out_whole_and_in_order_however_the_bytes_arrive(sizes, seed
     assert stream._fill == 0 and stream._big is None  # nothing left half-read
 
 
+def test_before_its_hello_is_admitted_a_stream_takes_only_a_hellos_size():
+    """A peer stream buffers nothing until bytes arrive, then at most the hello's size (8 KiB) per frame: a bigger
+    first frame ends the connection before it is buffered. After ``admit`` the full limit holds, and bytes that
+    came behind the hello are kept."""
+    stream = tcp.FrameStream.for_peer_frames(1 << 20)
+    stream.connection_made(FakeTransport())
+    assert len(stream._scratch) == 0  # an idle connection holds no buffer
+    hello, after = b"h" * tcp.MAX_HELLO_BYTES, b"x" * 100
+    feed(stream, wire_bytes([hello]) + wire_bytes([after])[:50], [])
+    assert len(stream._scratch) == tcp.LENGTH.size + tcp.MAX_HELLO_BYTES
+    assert drain(stream) == [hello]
+    stream.admit()
+    big = b"b" * (512 * 1024)
+    feed(stream, wire_bytes([after])[50:] + wire_bytes([big]), [1000])
+    assert drain(stream) == [after, big] and len(stream._scratch) == tcp.SCRATCH_BYTES
+
+    eager = tcp.FrameStream.for_peer_frames(1 << 20)
+    eager.connection_made(FakeTransport())
+    feed(eager, struct.pack("<I", tcp.MAX_HELLO_BYTES + 1) + b"{", [])
+    assert eager.error is not None and "before the hello was accepted" in str(eager.error)
+    assert eager.transport.aborted and eager._big is None
+
+
 def test_tensor_frames_are_handed_over_aligned_in_memory_of_their_own():
     ts = [torch.randn(256, 128), torch.randn(1024, 128)]  # one cut out of the scratch buffer, one too big for it
     push = peer_frames.PUSH
@@ -94,6 +117,7 @@ def test_tensor_frames_are_handed_over_aligned_in_memory_of_their_own():
     control = peer_frames.request("gradient", 9)
     stream = tcp.FrameStream.for_peer_frames(1 << 22)
     stream.connection_made(FakeTransport())
+    stream.admit()  # (past the hello)
     feed(stream, wire_bytes([*raws, control]), [100, 5000])
     got = [asyncio.run(stream.read()) for _ in range(3)]
     for raw, frame, t in zip(raws, got, ts):

@@ -47,8 +47,9 @@ def test_get_codec_parses_names_and_refuses_the_rest():
         ("gzip", "unknown codec"),
         ("topk", "topk:RATIO"),
         ("topk:x", "topk:RATIO"),
-        ("topk:0", r"\(0, 1\]"),
-        ("topk:1.5", r"\(0, 1\]"),
+        ("topk:0", r"\[1/1024, 1\]"),
+        ("topk:0.0009", r"\[1/1024, 1\]"),
+        ("topk:1.5", r"\[1/1024, 1\]"),
         ("fp16:2", "no parameter"),
         (3, "string"),
     ]:
@@ -294,3 +295,21 @@ def test_a_huge_dimension_beside_a_zero_one_is_refused(spec):
     struct.pack_into("<Q", payload, compress._HEAD.size + 8, 1 << 63)  # the second dimension
     with pytest.raises(WireError, match="dimension"):
         compress.decode(bytes(payload))
+
+
+def test_a_topk_payload_may_declare_at_most_1024_values_per_value_it_keeps():
+    """The 40-byte payload of issue 24 (one value, 2^27 float32 declared: 512 MiB decoded) is refused by the
+    density rule, within the tensor limit; one value of 1024 still decodes, one of 1025 does not."""
+    from splitnn.testing.floods import topk_payload
+
+    bomb = topk_payload(1 << 27)
+    assert len(bomb) == 40
+    with pytest.raises(WireError, match="keeps at least one value in 1024"):
+        decode(bomb, max_bytes=1 << 30)
+    edge = decode(topk_payload(compress.TOPK_MAX_SPARSITY))
+    assert edge.shape == (1024,) and edge[0] == 1 and edge[1:].abs().sum() == 0
+    with pytest.raises(WireError, match="keeps at least one value in 1024"):
+        decode(topk_payload(compress.TOPK_MAX_SPARSITY + 1))
+    # the codec never writes such a payload: its ratio is at least 1/1024
+    t = torch.randn(5000)
+    assert decode(TopKCodec(1 / 1024).encode(t)).shape == t.shape

@@ -13,7 +13,7 @@ from torch import nn
 
 import splitnn
 from splitnn.data import Dataset
-from splitnn.errors import ConfigurationError
+from splitnn.errors import ConfigurationError, PolicyError
 from splitnn.split.schedule import backward_chain, forward_chain
 from splitnn.workers import BatchRef, VirtualWorker
 from tests.helpers import assert_same_weights
@@ -135,30 +135,63 @@ def test_threads_training_different_models_on_shared_workers_match_their_twins()
 
 
 def test_the_session_limit_evicts_the_oldest_closed_session_and_refuses_when_all_are_open():
-    from splitnn.common.messages import new_session_id
+    from splitnn.server.peers import Peers
+    from splitnn.server.sessions import Sessions, TooManySessions, UnknownSession
+    from splitnn.transport import ByteCounters, Limits
+
+    async def main() -> None:
+        peers = Peers("bob", "t", tls=None, limits=Limits(), counters=ByteCounters(), timeout=5, resolve=lambda t: None)
+        sessions = Sessions("bob", peers=peers, timeout=5, setup=lambda s: None, grace=60, max_sessions=2)
+
+        def issue(owner: str = "r"):  # as a client does: a hello issues it, its stream opens it
+            s = sessions.open(None, owner, issue=True)
+            sessions.close(s)
+            assert sessions.open(s.id, owner) is s and not s.fresh
+            return s
+
+        a, b = issue(), issue()
+        with pytest.raises(UnknownSession, match="never issued"):  # an id the worker did not issue names nothing
+            sessions.open("a" * 32, "r")
+        with pytest.raises(PolicyError, match="resumed only by the researcher identity"):
+            sessions.open(a.id, "someone else")
+        a.engine.add_segment("k", nn.Linear(2, 2), None)
+        a.engine.put(torch.ones(3), src="researcher", kind="features")
+        with pytest.raises(TooManySessions, match="max-sessions"):
+            sessions.open(None, "r", issue=True)
+        sessions.close(a)  # its tensors go at once; its segment stays for the grace period
+        assert sessions.get(a.id) is a and not a.engine._store and "k" in a.engine._segments
+        assert sessions.open(a.id, "r") is a  # resumed
+        sessions.close(a)
+        sessions.close(b)  # held nothing: freed at once
+        assert sessions.get(b.id) is None
+        c = sessions.open(None)  # anonymous
+        d = issue()  # the limit is reached: the oldest closed session (a) goes
+        assert sessions.get(a.id) is None and not a.engine._segments and len(sessions) == 2
+        sessions.close(c)
+        assert sessions.get(c.id) is None
+        sessions.close(d)
+
+    asyncio.run(main())
+
+
+def test_one_researcher_identity_cannot_take_every_session_slot():
     from splitnn.server.peers import Peers
     from splitnn.server.sessions import Sessions, TooManySessions
     from splitnn.transport import ByteCounters, Limits
 
     async def main() -> None:
         peers = Peers("bob", "t", tls=None, limits=Limits(), counters=ByteCounters(), timeout=5, resolve=lambda t: None)
-        sessions = Sessions("bob", peers=peers, timeout=5, setup=lambda s: None, grace=60, max_sessions=2)
-        a, b = sessions.open(new_session_id()), sessions.open(new_session_id())
-        a.engine.add_segment("k", nn.Linear(2, 2), None)
-        a.engine.put(torch.ones(3), src="researcher", kind="features")
-        with pytest.raises(TooManySessions, match="max-sessions"):
-            sessions.open(new_session_id())
-        sessions.close(a)  # its tensors go at once; its segment stays for the grace period
-        assert sessions.get(a.id) is a and not a.engine._store and "k" in a.engine._segments
-        assert sessions.open(a.id) is a  # resumed
-        sessions.close(a)
-        sessions.close(b)  # held nothing: freed at once
-        assert sessions.get(b.id) is None
-        c = sessions.open(None)  # anonymous
-        d = sessions.open(new_session_id())  # the limit is reached: the oldest closed session (a) goes
-        assert sessions.get(a.id) is None and not a.engine._segments and len(sessions) == 2
-        sessions.close(c)
-        assert sessions.get(c.id) is None
-        sessions.close(d)
+        sessions = Sessions(
+            "bob", peers=peers, timeout=5, setup=lambda s: None, grace=60, max_sessions=4, max_per_researcher=2
+        )
+        mallory = [sessions.open(None, "mallory", issue=True) for _ in range(2)]
+        with pytest.raises(TooManySessions, match="limit per researcher"):
+            sessions.open(None, "mallory", issue=True)
+        carol = [sessions.open(None, "carol", issue=True) for _ in range(2)]
+        with pytest.raises(TooManySessions, match="max-sessions\\)"):
+            sessions.open(None, "eve", issue=True)
+        sessions.close(mallory[0])  # (issued, not opened: kept a while, but evictable)
+        assert sessions.open(None, "mallory", issue=True).owner == "mallory"  # evicts her own closed one
+        assert sessions.get(mallory[0].id) is None and all(sessions.get(s.id) is s for s in carol)
 
     asyncio.run(main())

@@ -21,7 +21,7 @@ import splitnn
 from splitnn.common import serde
 from splitnn.common.messages import new_session_id
 from splitnn.testing.linkemu import ThreadedLinkEmulator
-from splitnn.wire.proto import SESSION, Command, Reply
+from splitnn.wire.proto import CALL, SESSION, Command, Reply
 from tests.helpers import assert_same_weights, at_batch, toy_dataset
 from tests.transport.cluster import Cluster
 
@@ -219,6 +219,15 @@ def test_a_dropped_connection_costs_a_splitfed_run_no_step(trio):
 
 
 # ------------------------------------------------------------------ the worker's side, message by message
+def issued_session(channel, cl: Cluster) -> str:
+    """A new session's id, as the worker issues it (a hello call asking for one)."""
+    md = [("x-splitnn-token", cl.token), ("x-splitnn-party", "researcher"), ("x-splitnn-new-session", "1")]
+    _, call = channel.unary_unary(CALL, request_serializer=None, response_deserializer=None).with_call(
+        Command(op="hello").SerializeToString(), metadata=md, timeout=60
+    )
+    return dict(call.trailing_metadata())["x-splitnn-session"]
+
+
 class RawStream:
     """A researcher's Session stream spoken by hand: send commands, read replies one at a time."""
 
@@ -260,8 +269,9 @@ def puts_recorded(stream: RawStream, seq: int) -> int:
 
 def test_the_worker_runs_a_re_sent_command_once_and_re_sends_its_kept_reply(trio):
     cl = trio
-    session, stream_id = new_session_id(), new_session_id()
+    stream_id = new_session_id()
     with grpc.insecure_channel(cl.workers["bob"].address) as channel:
+        session = issued_session(channel, cl)
         first = RawStream(channel, cl, session, stream_id)
         put(first, 1, 101)
         put(first, 1, 101)  # a copy of #1 (as a client re-sends it after a broken connection): not run again
@@ -295,7 +305,7 @@ def test_a_stream_without_an_id_runs_every_command(trio):
     before: nothing is deduplicated."""
     cl = trio
     with grpc.insecure_channel(cl.workers["bob"].address) as channel:
-        raw = RawStream(channel, cl, new_session_id(), None)
+        raw = RawStream(channel, cl, issued_session(channel, cl), None)
         put(raw, 1, 201)
         put(raw, 1, 202)
         assert [raw.reply().seq, raw.reply().seq] == [1, 1]

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import splitnn
-from splitnn.common.messages import new_session_id, session_tag
+from splitnn.client import SessionNotFound
+from splitnn.common.messages import session_tag
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.models import tutorial_mlp
 from splitnn.transport import frames
@@ -214,8 +215,9 @@ def test_concurrent_researcher_processes_and_threads_each_match_their_in_process
 def test_a_session_resumes_within_the_grace_period_and_is_freed_after_it(tmp_path):
     with Cluster(tmp_path) as cl:
         cl.start("alice", "--session-grace", "2")
-        sid = new_session_id()
-        (w,) = _connect(cl, ("alice",), session=sid)
+        (w,) = _connect(cl, ("alice",))
+        sid = w.session  # issued by the worker
+        assert w.session_tag == session_tag(sid)
         w.add_segment("k", nn.Linear(3, 2), "sgd")
         state = w.get_state("k")
         w.close()
@@ -234,15 +236,19 @@ def test_a_session_resumes_within_the_grace_period_and_is_freed_after_it(tmp_pat
             assert time.monotonic() < deadline, "the closed session was never freed"
             time.sleep(0.2)
         assert reply.error_type == "WorkerError" and "hosts no segment 'k'" in reply.error
-        (w,) = _connect(cl, ("alice",), session=sid)
+        with pytest.raises(SessionNotFound, match="holds no session with this id"):  # gone: its id names nothing
+            _connect(cl, ("alice",), session=sid)
+        (w,) = _connect(cl, ("alice",))
+        assert w.session != sid
         with pytest.raises(WorkerError, match="hosts no segment 'k'"):
             w.get_state("k")
-        w.close()
         # end_session frees at once, without waiting for the grace period
-        (w,) = _connect(cl, ("alice",), session=sid)
         w.add_segment("k", nn.Linear(3, 2), "sgd")
+        ended = w.session
         w.close(end_session=True)
-        (w,) = _connect(cl, ("alice",), session=sid)
+        with pytest.raises(SessionNotFound):
+            _connect(cl, ("alice",), session=ended)
+        (w,) = _connect(cl, ("alice",))
         with pytest.raises(WorkerError, match="hosts no segment"):
             w.get_state("k")
         w.close()

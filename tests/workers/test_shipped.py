@@ -11,7 +11,7 @@ from torch import nn
 from splitnn.common.serde import losses_from_result as losses_from_json
 from splitnn.common.serde import losses_to_result as losses_json
 from splitnn.errors import ConfigurationError, WireError, WorkerError
-from splitnn.server.shipped import MAX_EARLY_PUSHES, Inbox, parse_plan
+from splitnn.server.shipped import EARLY_PUSH_BYTES, EARLY_RULE, MAX_EARLY_PUSHES, Inbox, parse_plan
 from splitnn.training import epoch_batches
 from splitnn.transport import frames
 from splitnn.workers import VirtualWorker
@@ -96,6 +96,28 @@ def test_parse_plan_checks_before_work():
         )
 
 
+def test_early_pushes_are_bounded_in_bytes_per_session():
+    """Held pushes of runs not started here take at most EARLY_PUSH_BYTES (decoded) per session, from all peers
+    together; room() says how much is left before a push is decoded, and 0 for a push that would be refused."""
+
+    async def main():
+        inbox = Inbox("bob", timeout=1.0)
+        quarter = torch.zeros(EARLY_PUSH_BYTES // 4 // 4)  # float32: a quarter of the bound
+        for i, peer in enumerate(("p1", "p2", "p3")):
+            assert inbox.deliver(peer, "activation", push_id(5, i, 0), quarter)
+        assert inbox.early_bytes() == 3 * EARLY_PUSH_BYTES // 4
+        assert inbox.room("p4", "activation", push_id(5, 3, 0)) == EARLY_PUSH_BYTES // 4
+        assert not inbox.deliver("p4", "activation", push_id(5, 3, 0), torch.zeros(EARLY_PUSH_BYTES // 4 // 4 + 1))
+        assert inbox.deliver("p4", "activation", push_id(5, 3, 0), quarter)
+        assert inbox.room("p5", "activation", push_id(6, 0, 0)) == 0
+        assert not inbox.deliver("p5", "activation", push_id(6, 0, 0), torch.zeros(1))
+        assert not inbox.deliver("p5", "activation", push_id(6, 1, 0), WireError("bad"))  # an error is not held early
+        inbox.clear()
+        assert inbox.early_bytes() == 0 and inbox.room("p5", "activation", push_id(6, 0, 0)) == EARLY_PUSH_BYTES
+
+    asyncio.run(main())
+
+
 def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
     async def main():
         inbox = Inbox("bob", timeout=1.0)
@@ -121,8 +143,14 @@ def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
         assert not inbox.deliver("alice", "activation", push_id(7, 2, 0), t)  # late: dropped
         with pytest.raises(WireError, match="already"):
             inbox.start(plan)  # a run id is never reused
-        # pushes for runs not started here are capped per peer
-        assert all(inbox.deliver("alice", "activation", push_id(9, b, 0), t) for b in range(MAX_EARLY_PUSHES))
+        # pushes for runs not started here are capped per session, whatever name the sender claims
+        assert all(inbox.deliver("alice", "activation", push_id(9, b, 0), t) for b in range(MAX_EARLY_PUSHES - 1))
+        assert inbox.room("mallory", "activation", push_id(9, 98, 0)) > 0
+        assert inbox.deliver("mallory", "activation", push_id(9, 98, 0), t)
+        assert (
+            inbox.room("eve", "activation", push_id(9, 99, 0)) == 0 and inbox.refusal(push_id(9, 99, 0)) == EARLY_RULE
+        )
+        assert not inbox.deliver("eve", "activation", push_id(9, 99, 0), t)
         assert not inbox.deliver("alice", "activation", push_id(9, 99, 0), t)
         # a lost peer fails every wait on it
         run2 = inbox.start(EpochPlan(11, "d", "nll", plan.stages, order=BatchOrder(10, 4)))

@@ -32,7 +32,8 @@ anything is built, naming the class and this flag. The same prefixes say which m
 ``--data NAME=MODULE:FUNCTION`` may call.
 
 A worker serves several researchers at once, each in a session of its own
-(``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
+(``--session-grace``, ``--max-sessions``, ``--max-sessions-per-researcher``,
+``--researcher-tokens``; see docs/shared-worker.md).
 ``--max-session-memory SIZE`` (default ``1GiB``; ``512MiB``, ``2GiB`` or bytes) bounds what one
 forward of a researcher's segment may allocate: its sizes are computed on meta tensors
 before it runs at each new input shape, and a segment over the budget is refused, naming
@@ -186,6 +187,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         help="bytes one forward of a researcher's segment may allocate, checked on meta tensors before it runs "
         "(default 1GiB; e.g. 512MiB, 4GiB, or a number of bytes)",
+    )
+    p.add_argument(
+        "--max-sessions-per-researcher",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sessions one researcher identity keeps at once (default 16), so that one researcher cannot take "
+        "every slot: researchers are told apart by their certificates (mutual TLS) or their own tokens "
+        "(--researcher-tokens); every holder of the federation token is one researcher",
+    )
+    p.add_argument(
+        "--researcher-tokens",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="researchers' own tokens, one 'NAME TOKEN' a line (# comments): each admits that researcher's calls "
+        "(never a peer's) beside the federation token, and names the researcher its sessions count against",
     )
     p.add_argument(
         "--state-dir",
@@ -395,9 +413,10 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.cli.worker_config import apply_worker_config, check_worker_identity
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
-    from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
+    from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_RESEARCHER
     from splitnn.server.tcp_plane import check_data_plane
     from splitnn.transport import Limits, TLSConfig, load_token
+    from splitnn.transport.security import load_researcher_tokens
     from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
@@ -414,6 +433,10 @@ def run(args: argparse.Namespace) -> int:
     if max_sessions < 1:
         raise ConfigurationError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     max_memory = parse_size(args.max_session_memory, "--max-session-memory", DEFAULT_MAX_SESSION_MEMORY)
+    per_researcher = args.max_sessions_per_researcher
+    per_researcher = DEFAULT_MAX_SESSIONS_PER_RESEARCHER if per_researcher is None else per_researcher
+    if per_researcher < 1:
+        raise ConfigurationError(f"--max-sessions-per-researcher must be >= 1, got {per_researcher}")
     if args.max_lifetime is not None and not args.max_lifetime > 0:
         raise ConfigurationError(f"--max-lifetime must be a positive number of seconds, got {args.max_lifetime}")
     check_data_plane(args.data_listen, args.data_advertise)
@@ -423,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, args.name)  # before loading data or listening
     token = load_token(args.token_file)
+    researcher_tokens = load_researcher_tokens(args.researcher_tokens) if args.researcher_tokens else {}
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
@@ -469,6 +493,8 @@ def run(args: argparse.Namespace) -> int:
         session_grace=grace,
         max_sessions=max_sessions,
         max_session_memory=max_memory,
+        max_sessions_per_researcher=per_researcher,
+        researcher_tokens=researcher_tokens,
         device=str(device),
         data_listen=args.data_listen,
         data_advertise=args.data_advertise,

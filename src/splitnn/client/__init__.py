@@ -9,6 +9,6 @@ One of the two places that import grpc (the other is :mod:`splitnn.server`); wha
 put in a message is :mod:`splitnn.common.serde`.
 """
 
-from splitnn.client.remote import RemoteWorker, connect
+from splitnn.client.remote import RemoteWorker, SessionNotFound, connect
 
-__all__ = ["RemoteWorker", "connect"]
+__all__ = ["RemoteWorker", "SessionNotFound", "connect"]

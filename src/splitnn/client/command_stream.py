@@ -294,7 +294,15 @@ class CommandStream:
                 # the stream ends here, on purpose: without this the worker cannot tell a half-close from a
                 # connection that broke, and keeps the stream for a resume (splitnn.server.replay)
                 self._queue.put(Command(seq=0, op=END_STREAM).SerializeToString())
+                ending = True
+            else:
+                ending = False
             self._queue.put(None)
+        if ending and self._reader is not threading.current_thread():
+            # the worker ends the call once it has read END_STREAM: wait for that (briefly), so that closing the
+            # channel right after cannot cancel the call first, which the worker would take for a broken connection
+            # and keep the stream (and the session's place) for a resume
+            self._reader.join(min(self.timeout, 5.0))
 
     # -- the reply reader (its own thread) ----------------------------------------------------
     def _read_replies(self) -> None:
@@ -394,6 +402,9 @@ class CommandStream:
         except (grpc.RpcError, StopIteration, DecodeError) as exc:
             requests.put(None)
             call.cancel()
+            if isinstance(exc, grpc.RpcError) and getattr(exc, "code", lambda: None)() == grpc.StatusCode.NOT_FOUND:
+                self._fail(WorkerUnreachableError(f"{cause}; {exc.details()}"))  # the session is gone: no retry
+                return None
             return exc.details() if isinstance(exc, grpc.RpcError) else "no answer to resume"
         finally:
             timer.cancel()

@@ -38,11 +38,12 @@ gets sizes), with the semantics of ``VirtualWorker``, so the topologies, baselin
 alignment of :mod:`splitnn.training` run across processes unchanged.
 
 Sessions. Everything this client creates at the worker (segments, placed datasets,
-intermediate tensors) belongs to its *session* there, named by a secret random id
-(``session=``; a fresh one per connection by default) sent with every call: no other
+intermediate tensors) belongs to its *session* there, named by a secret random id the worker
+issues when the client connects (:attr:`RemoteWorker.session`) and sent with every call: no other
 session can read, replace or remove it, and when the connection ends the worker frees
 the tensors at once and the rest after its grace period, within which a client connecting
-with the same ``session`` id resumes (see :mod:`splitnn.server.sessions`).
+with that id (``session=``) resumes it (see :mod:`splitnn.server.sessions`). An id the worker did
+not issue, or whose session ended, is refused (:class:`SessionNotFound`).
 
 Threads. One :class:`RemoteWorker` may be called from several threads (SplitFed drives each
 data holder from a thread of its own): every public method runs holding the worker's lock, so
@@ -81,7 +82,6 @@ from splitnn.common import serde
 from splitnn.common.messages import (
     check_session_id,
     error_from_reply,
-    new_session_id,
     reply_result,
     session_tag,
 )
@@ -90,7 +90,7 @@ from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
-from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
+from splitnn.transport.security import SESSION_KEY, TLSConfig, call_metadata, check_token_text
 from splitnn.wire.compress import get_codec
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.proto import CALL, Command, Reply
@@ -126,6 +126,11 @@ def _serialized(method):
     return locked
 
 
+class SessionNotFound(WorkerError):
+    """The worker holds no session with the id given: it ended, expired or the worker restarted, or the worker never
+    issued it (session ids are issued by the worker)."""
+
+
 class RemoteWorker:
     """A party reached over gRPC. Implements the :class:`~splitnn.workers.Worker` protocol.
 
@@ -138,10 +143,10 @@ class RemoteWorker:
             :class:`WorkerError` naming the worker.
         tls: this researcher's certificate, key and the federation CA.
         limits: message size limits (must fit the worker's).
-        session: the id of this client's session at the worker (32-128 characters from
-            ``[A-Za-z0-9_-]``; keep it secret: whoever presents it acts as the session).
-            Default: a fresh random one (:attr:`session`). Give an earlier connection's id to
-            resume its session within the worker's grace period.
+        session: the id of a session the worker issued to an earlier connection (its :attr:`session`; keep it
+            secret: whoever presents it acts as the session), to resume that session within the worker's grace
+            period (:class:`SessionNotFound` when the worker no longer holds it). Default: the worker issues
+            a new session (:attr:`session`).
         retries: attempts to resume the command stream when its connection breaks (settable; 0: a broken
             connection fails at once). Within the worker's grace period a resumed stream loses and repeats
             no command: the worker runs what it received once and re-sends the replies that were lost.
@@ -172,10 +177,11 @@ class RemoteWorker:
         self.ledger = ledger if ledger is not None else Ledger()
         self.counters = ByteCounters()
         try:
-            self.session = check_session_id(session) if session is not None else new_session_id()
+            #: the id of this client's session at the worker, as the worker issued it (a secret)
+            self.session: str | None = check_session_id(session) if session is not None else None
         except _errors.WireError as exc:
             raise ConfigurationError(str(exc)) from None
-        self.session_tag = session_tag(self.session)
+        self.session_tag = session_tag(self.session) if self.session is not None else None
         self._metadata = call_metadata(self._token, RESEARCHER, session=self.session)
         self._tls, self._connect_timeout = tls, connect_timeout
         self._target_name = name or split_host_port(self.address, "a worker address")[0]
@@ -210,8 +216,9 @@ class RemoteWorker:
             return hello.data
         return join_host_port(split_host_port(self.address, "a worker address")[0], int(hello.data[1:]))
 
-    def _connect(self) -> serde.Hello:
-        """Open the channel and say hello (the worker opens or resumes our session)."""
+    def _connect(self, *, renew: bool = False) -> serde.Hello:
+        """Open the channel and say hello: the worker resumes our session, or issues a new one when we hold none
+        (or, with ``renew``, when it no longer holds ours: it restarted, or the session expired)."""
         self._channel = open_channel(self.address, limits=self.limits, tls=self._tls, target_name=self._target_name)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self._connect_timeout or min(self.timeout, 10.0))
@@ -221,7 +228,26 @@ class RemoteWorker:
                 f"cannot connect to worker {self.name if self.name != '?' else ''} at {self.address}: connection "
                 f"refused or timed out; is `splitnn worker` running there?".replace("worker  at", "worker at")
             ) from None
-        return serde.hello_from_result(self._unary("hello", {}))
+        if self.session is not None:
+            try:
+                return serde.hello_from_result(self._unary("hello", {}))
+            except SessionNotFound:
+                if not renew:
+                    raise
+                self._channel = open_channel(
+                    self.address, limits=self.limits, tls=self._tls, target_name=self._target_name
+                )
+        metadata = call_metadata(self._token, RESEARCHER, new_session=True)
+        result, trailing = self._unary("hello", {}, metadata=metadata)
+        issued = dict(trailing).get(SESSION_KEY)
+        try:
+            self.session = check_session_id(issued)
+        except _errors.WireError:
+            self._channel.close()
+            raise WorkerError(f"worker at {self.address} issued no valid session id (an older splitnn?)") from None
+        self.session_tag = session_tag(self.session)
+        self._metadata = call_metadata(self._token, RESEARCHER, session=self.session)
+        return serde.hello_from_result(result)
 
     def _open_stream(self, replaces: str | None = None) -> None:
         self._stream = CommandStream(
@@ -273,24 +299,32 @@ class RemoteWorker:
         return self._resumed + (self._stream.resumed if self._stream is not None else 0)
 
     # -- plumbing -------------------------------------------------------------------------
-    def _unary(self, op: str, args: dict) -> dict:
+    def _unary(self, op: str, args: dict, *, metadata: tuple | None = None):
+        """One unary call: its result; with ``metadata`` (instead of the session's), its result and the trailing
+        metadata."""
         data = Command(seq=0, op=op, args_json=json.dumps(args)).SerializeToString()
         self.counters.record(self.name, "sent", "control", len(data))
         try:
-            raw = self._channel.unary_unary(CALL, request_serializer=None, response_deserializer=None)(
-                data, metadata=self._metadata, timeout=self.timeout
+            raw, call = self._channel.unary_unary(CALL, request_serializer=None, response_deserializer=None).with_call(
+                data, metadata=metadata or self._metadata, timeout=self.timeout
             )
         except grpc.RpcError as exc:
             self._channel.close()
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise _errors.PolicyError(f"worker at {self.address} rejected us: {exc.details()}") from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise SessionNotFound(f"worker at {self.address}: {exc.details()}") from None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise _errors.PolicyError(f"worker at {self.address}: {exc.details()}") from None
             cls = _errors.WorkerUnreachableError if code == grpc.StatusCode.UNAVAILABLE else WorkerError
             raise cls(f"worker at {self.address}: {op} failed: {exc.details() if code else exc}") from None
         self.counters.record(self.name, "recv", "control", len(raw))
         reply = Reply.FromString(raw)
         if not reply.ok:
             raise error_from_reply(reply, self.name, self.address)
+        if metadata is not None:
+            return reply_result(reply), tuple(call.trailing_metadata() or ())
         return reply_result(reply)
 
     def _send(
@@ -745,18 +779,20 @@ class RemoteWorker:
             stream.close()
             self._resumed += stream.resumed
         self._channel.close()
-        hello = self._connect()
+        before = self.session_tag
+        hello = self._connect(renew=True)  # the worker restarted, or the session expired: a new one
         if hello.name != self.name:
             self._channel.close()
             raise ConfigurationError(f"the worker at {self.address} is now {hello.name!r}, not {self.name!r}")
         moved, self.data_address = self.data_address, self._data_address(hello)
-        moved = moved != self.data_address
+        # restarted on another data-plane port, or a new session (its tag is new): the other workers must learn it
+        moved = moved != self.data_address or self.session_tag != before
         # the broken stream's commands still queued at the worker must not run after the new stream's
         self._open_stream(replaces=stream.id if stream is not None else None)
         self._input_is_data.clear()
         self._merged.clear()
         self._feature_ids.clear()
-        if moved:  # restarted on another data-plane port: the model's other workers must dial the new one
+        if moved:
             self._tell_peers_where_we_are()
         if hello.session_segments or not any(op == "add_segment" for op, _ in self._installed):
             return True
@@ -822,16 +858,18 @@ def connect(
 ) -> RemoteWorker:
     """Connect to a party started with ``splitnn worker`` and return it as a Worker.
 
-    What this connection creates at the worker belongs to its session there (``session``:
-    a fresh random id by default; an earlier connection's :attr:`RemoteWorker.session` to
-    resume it within the worker's grace period). A connection that breaks is resumed by itself, up
-    to ``retries`` attempts, with no command lost or run twice (``fit(retries=N)`` sets it for a run).
+    What this connection creates at the worker belongs to its session there: a new one the worker
+    issues (:attr:`RemoteWorker.session`), or, given an earlier connection's :attr:`RemoteWorker.session`
+    as ``session``, that one, resumed within the worker's grace period. A connection that breaks is
+    resumed by itself, up to ``retries`` attempts, with no command lost or run twice (``fit(retries=N)``
+    sets it for a run).
     See :class:`RemoteWorker`.
 
     >>> bob = splitnn.connect("grpc://127.0.0.1:7002", token=open("TOKEN").read().strip())  # doctest: +SKIP
 
     Raises :class:`WorkerError` naming the address when nothing answers there,
-    :class:`PolicyError` when the worker rejects the token or certificate, and
+    :class:`PolicyError` when the worker rejects the token or certificate (or ``session`` is another
+    researcher's), :class:`SessionNotFound` when it holds no session ``session``, and
     :class:`ConfigurationError` when ``name`` is given and the worker is someone else.
     """
     return RemoteWorker(

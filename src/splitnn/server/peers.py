@@ -57,7 +57,7 @@ from splitnn.common.serde import PeerAddress
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import held_bytes
 from splitnn.server.pushes import Outbox
-from splitnn.server.shipped import Inbox
+from splitnn.server.shipped import EARLY_RULE, Inbox
 from splitnn.transport import frames, tcp
 from splitnn.transport.addresses import split_host_port
 from splitnn.transport.counters import ByteCounters
@@ -346,24 +346,47 @@ class PeerLink:
         if hdr.kind in ("weights", "psi"):  # weights and PSI messages are only ever pulled, never pushed
             self._count("recv", "refused", 0)
             return
-        try:
-            tensor = self._push_reasm.feed_arrival(hdr, chunk, owned=self.zero_copy)
-        except WireError as exc:
-            tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
-        if tensor is None:
-            return
         scope = self.session()
-        if scope is not None and scope.inbox.has(self.peer, hdr.kind, hdr.id):
-            pass  # sent again after a broken link, but it arrived before: acknowledge it again, use it once
-        elif scope is None or not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
-            self._count("recv", "refused", 0)
-            log.warning("worker %s: refused a %s pushed by %s (not expected from it)", self.me, hdr.kind, self.peer)
+        if scope is None:
+            self._push_reasm.drop(hdr.id)
+            self._refused(hdr, "this worker has no session for the stream (it ended, or the stream names none)")
             return
+        if scope.inbox.has(self.peer, hdr.kind, hdr.id):
+            # sent again after a broken link, but it arrived before: acknowledged again once whole, used once (and
+            # not decoded again)
+            self._push_reasm.drop(hdr.id)
+            if hdr.more:
+                return
+        else:
+            # checked before the push is decoded, so that a small payload declaring a huge tensor is refused before
+            # anything is allocated for it: a run active here takes only what its plan expects from whom, and a
+            # push for a run not started here (early) is held within the session's bound
+            room = scope.inbox.room(self.peer, hdr.kind, hdr.id)
+            if room == 0:
+                self._push_reasm.drop(hdr.id)
+                self._refused(hdr, scope.inbox.refusal(hdr.id))
+                return
+            try:
+                tensor = self._push_reasm.feed_arrival(hdr, chunk, owned=self.zero_copy, max_bytes=room)
+            except WireError as exc:
+                if room is not None:  # an early push that does not decode within the bound: not held
+                    self._refused(hdr, f"{exc}; {EARLY_RULE}")
+                    return
+                tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
+            if tensor is None:
+                return
+            if not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
+                self._refused(hdr, scope.inbox.refusal(hdr.id))
+                return
         self._acks.append((hdr.kind, hdr.id))  # the sender may forget it: say so soon, with others
         if len(self._acks) >= frames.MAX_ACKS:
             self.flush_acks()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.flush_acks)
+
+    def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
+        self._count("recv", "refused", 0)
+        log.warning("worker %s: refused a %s pushed by %s (#%d): %s", self.me, hdr.kind, self.peer, hdr.id, why)
 
     def flush_acks(self) -> None:
         """Send the gathered acknowledgements now (one ACK frame)."""
@@ -499,7 +522,9 @@ class Peers:
                 f"worker {self.name!r}: lost the connection to peer {peer!r} (its data plane at {where.data} cannot "
                 f"be reached: {exc or 'timed out'})"
             ) from None
-        if answer != tcp.OK:
+        if answer == tcp.OK:
+            stream.admit()
+        else:
             stream.cancel()
             if answer is not None and answer[:2] == tcp.NO:
                 raise PolicyError(f"{whom} refused the connection: {bytes(answer[2:]).decode('utf-8', 'replace')}")

@@ -88,19 +88,28 @@ from splitnn.common.messages import (
     check_session_tag,
     split_reply,
 )
-from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.errors import ConfigurationError, PolicyError, WireError, WorkerError
 from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.server.executor import Executor
 from splitnn.server.exports import StreamState
 from splitnn.server.health import Health
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
-from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
+from splitnn.server.sessions import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_RESEARCHER,
+    Session,
+    Sessions,
+    TooManySessions,
+    UnknownSession,
+)
 from splitnn.server.tcp_plane import TcpPlane, check_data_plane
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
 from splitnn.transport.security import (
+    NEW_SESSION_KEY,
     PARTY_KEY,
     PEER_SESSION_KEY,
     REPLACES_KEY,
@@ -108,6 +117,7 @@ from splitnn.transport.security import (
     STREAM_KEY,
     TOKEN_KEY,
     TLSConfig,
+    certificate_fingerprint,
     check_token_text,
     peer_identities,
     token_matches,
@@ -154,6 +164,44 @@ def register_known_layers() -> None:
     import splitnn.privacy.defenses  # noqa: F401  (registers the defense layer specs)
 
 
+class _TokenGate(grpc.aio.ServerInterceptor):
+    """Refuses a call without a token the worker accepts before gRPC reads its request message.
+
+    A unary call's handler runs only once its whole request message has arrived (up to the
+    message limit, 4 MiB), so a token checked there comes after the bytes are buffered: 100
+    unauthenticated 4 MiB calls took a worker up by 425 MB, which it kept. The gate looks at the
+    call's metadata first and answers a call whose token is wrong with a handler that reads nothing.
+    The full checks (party name, certificate) stay in the handlers.
+    """
+
+    def __init__(self, server: WorkerServer) -> None:
+        self._server = server
+        self._refuse = grpc.stream_stream_rpc_method_handler(self._refused)
+
+    def _admits(self, metadata) -> bool:
+        md = dict(metadata or ())
+        token, party = md.get(TOKEN_KEY), md.get(PARTY_KEY)
+        if isinstance(token, str) and token_matches(token, self._server.token):
+            return True
+        return party == RESEARCHER and self._server._researcher_token(token) is not None
+
+    async def intercept_service(self, continuation, details):
+        if self._admits(details.invocation_metadata):
+            return await continuation(details)
+        return self._refuse  # (request streaming: its messages are never read)
+
+    async def _refused(self, request_iterator, context) -> None:
+        party = dict(context.invocation_metadata() or ()).get(PARTY_KEY)
+        try:
+            check_party_name(party)
+        except WireError:
+            party = "?"
+        self._server.counters.record(party, "recv", "rejected", 0)
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, f"worker {self._server.name!r}: missing or wrong federation token"
+        )
+
+
 class WorkerServer:
     """A party serving its segments, optimizers and datasets over gRPC.
 
@@ -170,6 +218,11 @@ class WorkerServer:
         session_grace: seconds a closed session's segments and datasets are kept for the
             researcher to resume (its tensors are freed at once); see :mod:`splitnn.server.sessions`.
         max_sessions: sessions kept at once (open, or closed within their grace period).
+        max_sessions_per_researcher: sessions of one researcher identity kept at once (its certificate under
+            mutual TLS, else its token; see :mod:`splitnn.server.sessions`).
+        researcher_tokens: researcher name -> a token of that researcher's own (``--researcher-tokens``): accepted
+            for a researcher's calls beside the federation token (never for a peer's), and the identity its
+            sessions are counted under. Without certificates, this is how a worker tells researchers apart.
         max_rpcs: concurrent RPCs (streams and calls) the server accepts; more get RESOURCE_EXHAUSTED.
         max_session_memory: bytes one forward of a researcher's segment may allocate (``--max-session-memory``),
             checked on meta tensors before it runs at each new input shape (:mod:`splitnn.wire.budget`).
@@ -199,6 +252,8 @@ class WorkerServer:
         trust: Trust | None = None,
         session_grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_sessions_per_researcher: int = DEFAULT_MAX_SESSIONS_PER_RESEARCHER,
+        researcher_tokens: dict[str, str] | None = None,
         max_rpcs: int = 4096,
         max_session_memory: int = DEFAULT_MAX_SESSION_MEMORY,
         device: str = "cpu",
@@ -218,7 +273,16 @@ class WorkerServer:
         self.peer_timeout = float(peer_timeout)
         if not (isinstance(session_grace, (int, float)) and 0 <= session_grace < math.inf):
             raise ConfigurationError(f"session_grace must be a number of seconds >= 0, got {session_grace!r}")
-        for what, value in (("max_sessions", max_sessions), ("max_rpcs", max_rpcs)):
+        self.researcher_tokens = dict(researcher_tokens or {})
+        for who, text in self.researcher_tokens.items():
+            check_token_text(text, f"the token of researcher {who!r}")
+            if token_matches(text, self.token):
+                raise ConfigurationError(f"researcher {who!r}'s token is the federation token; give it one of its own")
+        for what, value in (
+            ("max_sessions", max_sessions),
+            ("max_sessions_per_researcher", max_sessions_per_researcher),
+            ("max_rpcs", max_rpcs),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{what} must be a positive integer, got {value!r}")
         self.max_rpcs = max_rpcs
@@ -245,6 +309,7 @@ class WorkerServer:
             setup=self._setup_session,
             grace=float(session_grace),
             max_sessions=max_sessions,
+            max_per_researcher=max_sessions_per_researcher,
             policy=policy or WorkerPolicy(release_outputs=False),
             device=resolve_device(device, self.name),  # checked once, before any session
             state_dir=state_dir,
@@ -278,7 +343,9 @@ class WorkerServer:
         """Listen on ``host:port`` (port 0: any free port); return the bound ``host:port``."""
         host, _ = split_host_port(listen, "--listen", any_port=True, host_optional=True)
         server = grpc.aio.server(
-            options=self.limits.server_options() + [("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=self.max_rpcs
+            options=self.limits.server_options() + [("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=self.max_rpcs,
+            interceptors=[_TokenGate(self)],
         )
         server.add_generic_rpc_handlers(
             (
@@ -355,17 +422,25 @@ class WorkerServer:
             await self._server.wait_for_termination()
 
     # -- authentication -------------------------------------------------------------------
+    def _researcher_token(self, token: object) -> str | None:
+        """The name of the researcher whose own token ``token`` is (constant time per token), or None."""
+        found = None
+        for who, text in self.researcher_tokens.items():
+            if isinstance(token, str) and token_matches(token, text):
+                found = who
+        return found
+
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         token = md.get(TOKEN_KEY)
-        if not isinstance(token, str) or not token_matches(token, self.token):
-            self.counters.record(
-                md.get(PARTY_KEY, "?") if isinstance(md.get(PARTY_KEY), str) else "?", "recv", "rejected", 0
-            )
+        party = md.get(PARTY_KEY)
+        federation = isinstance(token, str) and token_matches(token, self.token)
+        # a researcher's own token (--researcher-tokens) admits researchers' calls only, never a peer's
+        if not federation and not (party == RESEARCHER and self._researcher_token(token) is not None):
+            self.counters.record(party if isinstance(party, str) else "?", "recv", "rejected", 0)
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name!r}: missing or wrong federation token"
             )
-        party = md.get(PARTY_KEY)
         try:
             check_party_name(party)
         except WireError as exc:
@@ -380,16 +455,42 @@ class WorkerServer:
                 )
         return party
 
+    def _identity(self, context: grpc.aio.ServicerContext) -> str:
+        """The researcher identity of an authenticated call: its certificate under mutual TLS, else its token."""
+        if self.tls is not None and self.tls.ca is not None:
+            fingerprint = certificate_fingerprint(context.auth_context())
+            if fingerprint is not None:
+                return f"certificate {fingerprint}"
+        who = self._researcher_token(dict(context.invocation_metadata() or ()).get(TOKEN_KEY))
+        return f"researcher {who}" if who is not None else "the federation token"
+
     # -- sessions ------------------------------------------------------------------------------
-    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
-        """The session a researcher's call names (``x-splitnn-session``), opened or resumed; anonymous without one."""
-        sid = dict(context.invocation_metadata() or ()).get(SESSION_KEY)
+    async def _open_session(self, context: grpc.aio.ServicerContext, *, may_issue: bool = False) -> Session:
+        """The session a researcher's call names (``x-splitnn-session``), resumed; a new one the worker issues (a
+        ``hello`` call asking for one, ``x-splitnn-new-session``: its id goes back in the trailing metadata); or an
+        anonymous one."""
+        md = dict(context.invocation_metadata() or ())
+        sid, new = md.get(SESSION_KEY), md.get(NEW_SESSION_KEY) == "1"
+        if new and (sid is not None or not may_issue):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"worker {self.name!r}: a new session is asked for by a hello call that names none",
+            )
         try:
-            return self.sessions.open(check_session_id(sid) if sid is not None else None)
+            session = self.sessions.open(
+                check_session_id(sid) if sid is not None else None, self._identity(context), issue=new
+            )
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: {exc}")
+        except UnknownSession as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except PolicyError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except TooManySessions as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if new:
+            context.set_trailing_metadata(((SESSION_KEY, session.id),))
+        return session
 
     def _track(self) -> asyncio.Task | None:
         task = asyncio.current_task()
@@ -402,11 +503,17 @@ class WorkerServer:
         task = self._track()
         try:
             caller = await self._authenticate(context)
-            session = await self._open_session(context)
+            session = await self._open_session(context, may_issue=True)
             state = StreamState()
             self._unary += 1
             try:
                 cmd = await self._parse(raw, caller, context, session)
+                if session.fresh and cmd.op != "hello":
+                    self.sessions.end(session)  # (nothing in it yet)
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"worker {self.name!r}: a new session is asked for by a hello call, not {cmd.op!r}",
+                    )
                 reply = await session.executor.execute(cmd, caller, state)
                 return self._send_reply(reply, caller, cmd.op, session)
             finally:
@@ -655,6 +762,8 @@ class ServeConfig:
     session_grace: float = DEFAULT_GRACE
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_session_memory: int = DEFAULT_MAX_SESSION_MEMORY  # bytes one segment forward may allocate
+    max_sessions_per_researcher: int = DEFAULT_MAX_SESSIONS_PER_RESEARCHER
+    researcher_tokens: dict[str, str] = field(default_factory=dict)  # researcher name -> its own token
     device: str = "cpu"  # where the party's segments, optimizer state and data live (--device)
     policy: WorkerPolicy | None = None  # the party's policy (--policy); release_outputs from it when given
     state_dir: str | None = None  # where each session writes its checkpoints (--state-dir)
@@ -697,6 +806,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         session_grace=config.session_grace,
         max_sessions=config.max_sessions,
         max_session_memory=config.max_session_memory,
+        max_sessions_per_researcher=config.max_sessions_per_researcher,
+        researcher_tokens=config.researcher_tokens,
         device=config.device,
         state_dir=config.state_dir,
         audit=audit,

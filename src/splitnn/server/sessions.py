@@ -1,11 +1,23 @@
 """Sessions: each researcher's job at a worker owns what it creates, and is freed when it ends.
 
 A worker is often a long-running service that several researchers (or several jobs of one
-researcher) use at once. A *session* is one such job at this worker. The researcher's client
-names it with a random session id of its own choosing (128 bits by default,
-:func:`~splitnn.common.messages.new_session_id`), sent with every call
-(``x-splitnn-session``). The id is a secret: whoever presents it acts as that session.
-Calls without one get an anonymous session of their own, freed when they end.
+researcher) use at once. A *session* is one such job at this worker. The worker chooses its id:
+a researcher's client asks for a new session in its ``hello`` call (``x-splitnn-new-session``) and
+gets a random id (128 bits, :func:`~splitnn.common.messages.new_session_id`) back, which it sends
+with every later call (``x-splitnn-session``). The id is a secret: whoever presents it acts as
+that session. A call naming an id the worker did not issue, or whose session has ended, is
+refused (:class:`UnknownSession`): a client cannot pick an id (nor guess one), and an id
+names a session only while the worker holds it. Calls without one get an anonymous session of
+their own, freed when they end.
+
+Who holds it. Each session belongs to the researcher identity that opened it (``owner``): the
+fingerprint of the caller's certificate under mutual TLS, else the token it presented (every
+holder of the federation token is one identity; a worker started with
+``--researcher-tokens`` tells its researchers apart by their own tokens). Only that identity
+may resume it. A worker keeps at most ``max_sessions`` sessions, and at most
+``max_per_researcher`` of one identity, so one researcher cannot take every slot and lock the
+others out: a new session first evicts its own researcher's oldest closed one, then anyone's,
+and is refused (:class:`TooManySessions`, naming the limit) when those are all in use.
 
 What a session owns. Everything it creates lives in a :class:`Session` of its own: an
 engine (a :class:`~splitnn.workers.VirtualWorker` holding its segments, their optimizers,
@@ -28,15 +40,13 @@ segments, optimizers and placed datasets are kept for a grace period
 (``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
 reconnects with the same session id resumes where it stood; after it they are freed too.
 A session that holds no segment or dataset, an anonymous one, and one whose researcher
-ended it (``end_session``) are freed at once. At most ``max_sessions`` sessions are kept:
-a new one evicts the oldest closed one, and is refused when every one is in use.
+ended it (``end_session``) are freed at once; a session just issued is kept
+:data:`ISSUED_WAIT` seconds for its researcher's stream to open it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -51,6 +61,7 @@ from splitnn.server.peers import Peers, SessionPeers
 from splitnn.server.replay import Replay
 from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
+from splitnn.transport.memory import release_memory
 from splitnn.workers.audit import AuditLog
 from splitnn.workers.held import HeldData
 from splitnn.workers.virtual import VirtualWorker, WorkerPolicy
@@ -61,30 +72,21 @@ log = logging.getLogger("splitnn.worker")
 DEFAULT_GRACE = 300.0
 #: Sessions (open, or closed within their grace period) a worker keeps at once.
 DEFAULT_MAX_SESSIONS = 64
+#: Sessions of one researcher identity (token or certificate) a worker keeps at once.
+DEFAULT_MAX_SESSIONS_PER_RESEARCHER = 16
+#: Seconds a session issued by ``hello`` is kept for its researcher's first stream, when it holds nothing yet.
+ISSUED_WAIT = 60.0
 
 OWNER_RULE = "a session may only use, replace or remove the segments and datasets it created itself"
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``: hand freed heap memory back to the system (a no-op elsewhere).
-
-    Tensors of a few MiB come from the C heap; freed, they stay in the process for its next
-    allocations, so a long-running worker's resident memory would keep the peak of its busiest
-    session. Trimming after a session's tensors are freed gives it back.
-    """
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
-
-
-release_memory = _malloc_trim()
-
-
 class TooManySessions(WorkerError):
-    """Every session slot of the worker is in use (``splitnn worker --max-sessions``)."""
+    """Every session slot of the worker, or of the caller's researcher identity, is in use (``splitnn worker
+    --max-sessions``, ``--max-sessions-per-researcher``)."""
+
+
+class UnknownSession(WorkerError):
+    """A call names a session id the worker did not issue, or whose session has ended."""
 
 
 class Session:
@@ -100,6 +102,7 @@ class Session:
         *,
         anonymous: bool,
         peers: Peers,
+        owner: str = "",
         timeout: float,
         party: Mapping[str, HeldData],
         policy: WorkerPolicy | None,
@@ -110,6 +113,8 @@ class Session:
         self.id = session_id
         self.tag = session_tag(session_id)
         self.anonymous = anonymous
+        self.owner = owner  # the researcher identity that opened it (only it may resume it)
+        self.fresh = False  # issued by hello, not yet opened by a stream: kept ISSUED_WAIT s though it holds nothing
         self.engine = VirtualWorker(name, fuse=False, policy=policy, device=device, state_dir=state_dir, audit=audit)
         self.engine.audit_session = self.tag[:16]  # the public tag, never the id
         self.engine.own_datasets = frozenset(party)  # what the policy's `datasets` rule guards
@@ -208,6 +213,7 @@ class Sessions:
         policy: what each session's engine hands to the researcher.
         grace: seconds a closed session's segments and datasets are kept (0: freed at once).
         max_sessions: sessions kept at once.
+        max_per_researcher: sessions of one researcher identity kept at once.
         device: where every session's engine keeps its segments, optimizer state and data, and
             computes (``splitnn worker --device``); the party's own datasets are held there too.
     """
@@ -221,6 +227,7 @@ class Sessions:
         setup: Callable[[Session], None],
         grace: float = DEFAULT_GRACE,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_per_researcher: int = DEFAULT_MAX_SESSIONS_PER_RESEARCHER,
         policy: WorkerPolicy | None = None,
         device: torch.device | str = "cpu",
         state_dir: str | os.PathLike | None = None,
@@ -229,7 +236,7 @@ class Sessions:
         self.name, self.peers, self.timeout, self._setup = name, peers, timeout, setup
         self.policy = policy
         self.state_dir, self.audit = state_dir, audit
-        self.grace, self.max_sessions = grace, max_sessions
+        self.grace, self.max_sessions, self.max_per_researcher = grace, max_sessions, max_per_researcher
         self._by_id: dict[str, Session] = {}
         self._by_tag: dict[str, Session] = {}
         # segment key / dataset name -> tags of the sessions holding one under that name (each its own)
@@ -259,29 +266,42 @@ class Sessions:
         """The session a peer stream's tag names (None: none)."""
         return self._by_tag.get(tag) if tag is not None else None
 
-    def open(self, session_id: str | None) -> Session:
-        """Open (or resume) session ``session_id``, or a new anonymous one for ``None``; count one more stream."""
+    def open(self, session_id: str | None, owner: str = "", *, issue: bool = False) -> Session:
+        """Resume session ``session_id`` (one this worker issued, still held, opened by ``owner``); or, for ``None``,
+        issue a new session to ``owner`` (``issue``) or open an anonymous one; count one more stream.
+
+        Raises :class:`UnknownSession` for an id the worker does not hold, PolicyError for another researcher's
+        session, :class:`TooManySessions` when no slot can be freed for a new one.
+        """
         if session_id is not None:
             check_session_id(session_id)
             session = self._by_id.get(session_id)
-            if session is not None:
-                if session.expiry is not None:
-                    session.expiry.cancel()
-                    session.expiry = None
+            if session is None:
+                raise UnknownSession(
+                    f"worker {self.name!r} holds no session with this id: it ended, expired (--session-grace) or the "
+                    "worker restarted, or it was never issued (session ids are issued by the worker); connect "
+                    "without a session id for a new one"
+                )
+            if session.owner != owner:
+                raise PolicyError(
+                    f"worker {self.name!r}: this session belongs to another researcher; a session is resumed only "
+                    "by the researcher identity (token or certificate) that opened it"
+                )
+            if session.expiry is not None:
+                session.expiry.cancel()
+                session.expiry = None
+                if not session.fresh:
                     log.info("worker %s: session %s resumed", self.name, session.tag[:8])
-                session.streams += 1
-                session.closed_at = None
-                return session
-        if len(self._by_id) >= self.max_sessions and not self._evict_one():
-            raise TooManySessions(
-                f"worker {self.name!r} serves {len(self._by_id)} sessions already, its limit "
-                f"(splitnn worker --max-sessions); try again when one ends"
-            )
-        anonymous = session_id is None
+            session.fresh = False
+            session.streams += 1
+            session.closed_at = None
+            return session
+        self._make_room(owner)
         session = Session(
             self.name,
-            session_id or new_session_id(),
-            anonymous=anonymous,
+            new_session_id(),
+            anonymous=not issue,
+            owner=owner,
             peers=self.peers,
             timeout=self.timeout,
             party=self._party.datasets(),
@@ -290,11 +310,30 @@ class Sessions:
             audit=self.audit,
             device=self.device,
         )
+        session.fresh = issue
         self._setup(session)
         self._by_id[session.id] = session
         self._by_tag[session.tag] = session
         session.streams = 1
         return session
+
+    def owned_by(self, owner: str) -> list[Session]:
+        """The sessions researcher identity ``owner`` holds here."""
+        return [s for s in self._by_id.values() if s.owner == owner]
+
+    def _make_room(self, owner: str) -> None:
+        """Make room for a new session of ``owner``: within its own limit, then the worker's (evicting closed ones)."""
+        mine = self.owned_by(owner)
+        if len(mine) >= self.max_per_researcher and not self._evict_one(mine):
+            raise TooManySessions(
+                f"worker {self.name!r}: this researcher holds {len(mine)} sessions here already, the limit per "
+                f"researcher (splitnn worker --max-sessions-per-researcher); close or end one first"
+            )
+        if len(self._by_id) >= self.max_sessions and not self._evict_one(list(self._by_id.values())):
+            raise TooManySessions(
+                f"worker {self.name!r} serves {len(self._by_id)} sessions already, its limit "
+                f"(splitnn worker --max-sessions); try again when one ends"
+            )
 
     def close(self, session: Session) -> None:
         """One stream of ``session`` ended; when it was the last, free its tensors and start its grace period."""
@@ -307,7 +346,9 @@ class Sessions:
         session.free_tensors("the researcher's session ended")
         self.peers.close_scope(session.tag)
         session.closed_at = time.monotonic()
-        if session.anonymous or session.ended or self.grace <= 0 or not session.holds_state():
+        if session.fresh and not session.ended:  # issued, its researcher's stream not there yet
+            session.expiry = asyncio.get_running_loop().call_later(ISSUED_WAIT, self._expire, session)
+        elif session.anonymous or session.ended or self.grace <= 0 or not session.holds_state():
             self.drop(session)
         else:
             session.expiry = asyncio.get_running_loop().call_later(self.grace, self._expire, session)
@@ -324,7 +365,7 @@ class Sessions:
     def _expire(self, session: Session) -> None:
         session.expiry = None
         if session.streams == 0 and self._by_id.get(session.id) is session:
-            log.info("worker %s: session %s expired after %g s; freed", self.name, session.tag[:8], self.grace)
+            log.info("worker %s: session %s expired; freed", self.name, session.tag[:8])
             self.drop(session)
             release_memory()
 
@@ -344,9 +385,9 @@ class Sessions:
         session.free_all()
         self.peers.close_scope(session.tag)
 
-    def _evict_one(self) -> bool:
-        """Drop the session closed longest ago to make room; False if every session is open."""
-        closed = [s for s in self._by_id.values() if s.streams == 0 and s.closed_at is not None]
+    def _evict_one(self, among: list[Session]) -> bool:
+        """Drop the session of ``among`` closed longest ago to make room; False if every one is open."""
+        closed = [s for s in among if s.streams == 0 and s.closed_at is not None]
         if not closed:
             return False
         oldest = min(closed, key=lambda s: s.closed_at)

@@ -4,8 +4,12 @@
 while this worker waits for them, keyed by (sender, kind, frame id), and enforces
 who may push what: only the parties named as ``prev``/``next`` in an active plan,
 activations from ``prev`` and gradients from ``next``. Pushes for a run that has
-not started here yet are held, a few per peer at most (the researcher's plan may
-reach this worker after the previous party's first activation). A push sent again after
+not started here yet (*early* pushes: the researcher's plan may reach this worker after the
+previous party's first activation) are held within a bound per session, whoever sends them
+(a peer's name is the sender's claim, so a bound per name would bound nothing): at most
+:data:`MAX_EARLY_PUSHES` pushes and :data:`EARLY_PUSH_BYTES` bytes, decoded. The receiver asks
+:meth:`Inbox.early_room` before it decodes an early push, and the decoder refuses a payload that
+declares more (a 40-byte ``topk`` payload may declare a tensor of 512 MiB) before it allocates. A push sent again after
 a broken link (:mod:`splitnn.server.pushes`) is recognised (:meth:`Inbox.has`: held,
 consumed, or of a finished run) and not delivered twice; a wait that a broken link failed
 (:class:`PeerLost`) may be waited again, and the push sent again fills it.
@@ -31,7 +35,7 @@ import torch
 
 from splitnn.common import serde
 from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
-from splitnn.server.exports import quiet_future
+from splitnn.server.exports import held_bytes, quiet_future
 from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import LossStats
@@ -39,9 +43,16 @@ from splitnn.workers.runner import PartyRun
 from splitnn.workers.schedules import MAX_IN_FLIGHT, RECEIVES, SENDS
 from splitnn.workers.virtual import VirtualWorker
 
-#: Pushes held per peer for runs that have not started here yet: a pipelined data holder may send all
-#: its batches in flight before the researcher's plan reaches its neighbour.
+#: Pushes a session holds for runs that have not started here yet (from all peers together): a pipelined data
+#: holder may send all its batches in flight before the researcher's plan reaches its neighbour.
 MAX_EARLY_PUSHES = MAX_IN_FLIGHT
+#: Bytes (decoded) of the pushes a session holds for runs that have not started here yet (from all peers together).
+EARLY_PUSH_BYTES = 64 * 1024 * 1024
+#: The rule an early push beyond those bounds breaks (in the refusal the worker logs).
+EARLY_RULE = (
+    f"a session holds at most {MAX_EARLY_PUSHES} pushes and {EARLY_PUSH_BYTES:,} bytes for epoch runs that have not "
+    "started at this worker (early pushes, from all peers together)"
+)
 #: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
 REMEMBER_RUNS = 256
 
@@ -100,6 +111,35 @@ class Inbox:
         self._runs.clear()
 
     # -- deliveries (from peer links) --------------------------------------------------------
+    def _early(self) -> list[asyncio.Future]:
+        """The slots of pushes held for runs that have not started here."""
+        return [fut for (_, _, i), fut in self._slots.items() if run_of(i) not in self._runs]
+
+    def early_bytes(self) -> int:
+        """Bytes (decoded) of the pushes held for runs that have not started here."""
+        held = [fut for fut in self._early() if fut.done() and not fut.cancelled()]
+        return sum(held_bytes(fut.result()) for fut in held if fut.exception() is None)
+
+    def room(self, peer: str, kind: str, frame_id: int) -> int | None:
+        """Before a push is decoded: 0 if it would be refused; None if it is for a run active here that expects it
+        from ``peer`` (the usual limits apply); else (an early push) the bytes it may take decoded."""
+        rid = run_of(frame_id)
+        run = self._runs.get(rid)
+        if run is not None:
+            return None if (peer, kind) in run.allowed and (peer, kind, frame_id) not in run.consumed else 0
+        if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS or len(self._early()) >= MAX_EARLY_PUSHES:
+            return 0
+        return max(EARLY_PUSH_BYTES - self.early_bytes(), 0)
+
+    def refusal(self, frame_id: int) -> str:
+        """Why a push of ``frame_id`` was refused (for the log)."""
+        rid = run_of(frame_id)
+        if rid in self._runs:
+            return "not expected from it by the epoch run it names"
+        if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
+            return "its epoch run finished here, or its id is not one"
+        return EARLY_RULE
+
     def deliver(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | BaseException) -> bool:
         """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""
         rid = run_of(frame_id)
@@ -107,9 +147,11 @@ class Inbox:
         if run is None:
             if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
                 return False
-            early = sum(1 for (p, _, i) in self._slots if p == peer and run_of(i) not in self._runs)
-            if early >= MAX_EARLY_PUSHES:
-                return False
+            if (peer, kind, frame_id) not in self._slots:  # a new early push: within the session's bound
+                if isinstance(value, BaseException) or len(self._early()) >= MAX_EARLY_PUSHES:
+                    return False
+                if self.early_bytes() + held_bytes(value) > EARLY_PUSH_BYTES:
+                    return False
         elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
             return False
         fut = self._slot(peer, kind, frame_id)

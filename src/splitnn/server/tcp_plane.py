@@ -13,6 +13,13 @@ time), a valid party name that is neither the researcher's nor this worker's, wi
 TLS a certificate naming that party, and a well-formed session tag. It answers ``NO`` and
 the reason, and closes, or ``OK``, and serves the link until either side ends it. It holds at most
 ``max_connections`` connections at once (the worker's ``max_rpcs``); more are closed at once.
+
+Memory. Until its hello is accepted a connection buffers at most the hello's size
+(:data:`splitnn.transport.tcp.MAX_HELLO_BYTES`, 8 KiB; a bigger first frame ends it), in a buffer
+allocated when its first bytes arrive (an idle connection holds none); only an admitted link gets the
+256 KiB receive buffer and the full frame limit. When connections close, their buffers are freed and
+the freed heap handed back to the system (:func:`splitnn.transport.memory.release_memory`, at most
+every :data:`TRIM_DELAY` seconds), so a flood leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ from splitnn.server.peers import Peers
 from splitnn.transport import tcp
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
+from splitnn.transport.memory import release_memory
 from splitnn.transport.security import TLSConfig, token_matches
 
 log = logging.getLogger("splitnn.worker")
 
 #: Seconds a new connection has to send its hello frame.
 HELLO_TIMEOUT = 10.0
+#: Seconds after a connection closes before the freed heap is handed back (one trim for a burst of closes).
+TRIM_DELAY = 0.5
 
 
 def check_data_plane(listen: str | None, advertise: str | None) -> None:
@@ -63,6 +73,7 @@ class TcpPlane:
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._served: set[asyncio.Task] = set()
+        self._trim: asyncio.TimerHandle | None = None  # a release_memory() due after connections closed
         self.host, self.port = "", 0  # where it listens, once started (the port bound)
 
     @property
@@ -91,13 +102,24 @@ class TcpPlane:
             return
         task = asyncio.get_running_loop().create_task(self._serve(stream))
         self._served.add(task)
-        task.add_done_callback(self._served.discard)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task) -> None:
+        """A connection ended: hand the memory it held back to the system soon (once for a burst of them)."""
+        self._served.discard(task)
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        release_memory()
 
     async def _serve(self, stream: tcp.FrameStream) -> None:
         try:
             party, tag = await self._admit(stream)
             if party is None:
                 return
+            stream.admit()  # from now on the full frame limit (before: the hello's size at most)
             await stream.send(tcp.OK)
             link = await self.peers.accept(party, tag, stream.send, stream.read, zero_copy=True)
             error = link.protocol_error or stream.error
@@ -151,6 +173,9 @@ class TcpPlane:
         """Stop listening and end the links it accepted."""
         if self._server is not None:
             self._server.close()
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         for task in list(self._served):
             task.cancel()
         if self._served:

@@ -314,10 +314,15 @@ class Reassembler:
         arrived = self.feed_arrival(hdr, chunk)
         return arrived.value if arrived is not None else None
 
-    def feed_arrival(self, hdr: FrameHeader, chunk: memoryview, *, owned: bool = False) -> Arrived | None:
+    def feed_arrival(
+        self, hdr: FrameHeader, chunk: memoryview, *, owned: bool = False, max_bytes: int | None = None
+    ) -> Arrived | None:
         """:meth:`feed`, with the bytes the value took on the wire and its raw size (what the ledger records).
-        ``owned``: the frame's memory is handed over (a whole tensor in it may become the tensor's memory)."""
-        limit = self.max_tensor_bytes + (VALUES_HEADER_ROOM if hdr.values else PAYLOAD_HEADER_ROOM)
+        ``owned``: the frame's memory is handed over (a whole tensor in it may become the tensor's memory).
+        ``max_bytes``: a tighter bound than ``max_tensor_bytes`` on what the value may take decoded, checked
+        against what its payload declares before anything is allocated for it."""
+        cap = self.max_tensor_bytes if max_bytes is None else min(max_bytes, self.max_tensor_bytes)
+        limit = cap + (VALUES_HEADER_ROOM if hdr.values else PAYLOAD_HEADER_ROOM)
         if hdr.total > limit:
             self._parts.pop(hdr.id, None)
             raise WireError(f"peer tensor #{hdr.id} declares {hdr.total} bytes; the limit is {limit}")
@@ -326,7 +331,7 @@ class Reassembler:
             if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
-                return self._decode(hdr.codec, hdr.values, chunk, owned)
+                return self._decode(hdr.codec, hdr.values, chunk, owned, cap)
             part, chunk = self._start(hdr, chunk)
         elif part.total != hdr.total or part.codec != hdr.codec or part.values != hdr.values:
             del self._parts[hdr.id]
@@ -345,7 +350,7 @@ class Reassembler:
         if part.header is not None:
             t = tensor_from_payload(part.header, part.dest)
             return Arrived(t, part.header.payload_len, part.header.payload_len)
-        return self._decode(part.codec, part.values, part.view, False)
+        return self._decode(part.codec, part.values, part.view, False, cap)
 
     def _start(self, hdr: FrameHeader, chunk: memoryview) -> tuple[_Partial, memoryview]:
         """The first chunk of a chunked payload: its destination, and the part of the chunk that goes there."""
@@ -369,11 +374,11 @@ class Reassembler:
         self._parts[hdr.id] = part
         return part, chunk
 
-    def _decode(self, codec: int, values: bool, payload: memoryview, owned: bool) -> Arrived:
+    def _decode(self, codec: int, values: bool, payload: memoryview, owned: bool, max_bytes: int) -> Arrived:
         if codec == NO_CODEC and not values:
-            t = decode_tensor(payload, max_bytes=self.max_tensor_bytes, borrow=owned)
+            t = decode_tensor(payload, max_bytes=max_bytes, borrow=owned)
             return Arrived(t, t.numel() * t.element_size(), t.numel() * t.element_size())
-        return cut_codec.decode_payload(payload, codec, values, max_bytes=self.max_tensor_bytes)
+        return cut_codec.decode_payload(payload, codec, values, max_bytes=max_bytes)
 
     def drop(self, tensor_id: int) -> None:
         self._parts.pop(tensor_id, None)

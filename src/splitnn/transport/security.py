@@ -16,7 +16,9 @@ credentials are made from it by the role that needs them (the researcher's clien
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,10 @@ from splitnn.errors import ConfigurationError
 
 TOKEN_KEY = "x-splitnn-token"
 PARTY_KEY = "x-splitnn-party"
-#: The researcher's session id (a secret the researcher's client chooses; see splitnn.server.sessions).
+#: The researcher's session id (a secret the worker issues; see splitnn.server.sessions). A ``hello`` call asking
+#: for a new session (NEW_SESSION_KEY "1") gets it back in the trailing metadata under this key.
 SESSION_KEY = "x-splitnn-session"
+NEW_SESSION_KEY = "x-splitnn-new-session"
 #: On a peer stream: the public tag of the dialled worker's session the stream serves.
 PEER_SESSION_KEY = "x-splitnn-peer-session"
 #: On a researcher's Session stream: the stream's own id (its commands and replies are kept under it, so a
@@ -46,6 +50,36 @@ def load_token(path: str | Path) -> str:
     return token
 
 
+_RESEARCHER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def load_researcher_tokens(path: str | Path) -> dict[str, str]:
+    """Researchers' own tokens from a file (``splitnn worker --researcher-tokens``): one ``NAME TOKEN`` a line,
+    blank lines and ``#`` comments ignored; names and tokens unique. Returns name -> token."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the researcher tokens file {p}: {exc.strerror}") from None
+    tokens: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, _, token = text.partition(" ")
+        token = token.strip()
+        where = f"{p}, line {n}"
+        if not _RESEARCHER_NAME.fullmatch(name) or not token:
+            raise ConfigurationError(f"{where}: write 'NAME TOKEN' (NAME: 1-64 of [A-Za-z0-9_.@-])")
+        check_token_text(token, where)
+        if name in tokens or token in tokens.values():
+            raise ConfigurationError(f"{where}: researcher {name!r} or its token is listed twice")
+        tokens[name] = token
+    if not tokens:
+        raise ConfigurationError(f"{p}: no researcher tokens in it")
+    return tokens
+
+
 def check_token_text(token: str, where: str = "token") -> str:
     """Refuse an empty, over-long or non-printable token."""
     if not isinstance(token, str) or not token:
@@ -63,12 +97,15 @@ def token_matches(given: str | None, expected: str) -> bool:
 
 
 def call_metadata(
-    token: str, party: str, *, session: str | None = None, peer_session: str | None = None
+    token: str, party: str, *, session: str | None = None, peer_session: str | None = None, new_session: bool = False
 ) -> tuple[tuple[str, str], ...]:
-    """Metadata every call carries; a researcher's calls add its session id, a peer stream the session tag."""
+    """Metadata every call carries; a researcher's calls add its session id (or ask for a new one: ``new_session``),
+    a peer stream the session tag."""
     md = [(TOKEN_KEY, token), (PARTY_KEY, party)]
     if session is not None:
         md.append((SESSION_KEY, session))
+    if new_session:
+        md.append((NEW_SESSION_KEY, "1"))
     if peer_session is not None:
         md.append((PEER_SESSION_KEY, peer_session))
     return tuple(md)
@@ -96,6 +133,14 @@ class TLSConfig:
             )
         except OSError as exc:
             raise ConfigurationError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+
+
+def certificate_fingerprint(auth_context: dict) -> str | None:
+    """A short SHA-256 fingerprint of the caller's verified certificate (None: it presented none)."""
+    pem = (auth_context.get("x509_pem_cert") or [None])[0]
+    if not pem:
+        return None
+    return hashlib.sha256(pem if isinstance(pem, bytes) else str(pem).encode()).hexdigest()[:16]
 
 
 def peer_identities(auth_context: dict) -> set[str]:

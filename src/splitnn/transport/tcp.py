@@ -10,7 +10,11 @@ links over TCP cost about a third less per byte and a millisecond less per batch
 :class:`FrameStream` is the asyncio protocol of one connection. It receives into its own
 buffer (no stream reader's copies): small frames are cut out of a 256 KiB scratch buffer,
 a frame too big for it is read straight into a buffer of its own size. A declared length
-above the limit ends the connection before anything is buffered. A frame carrying a tensor is
+above the limit ends the connection before anything is buffered. Until its first frame (the
+hello, or the answer to it) is read and the connection let in (:meth:`FrameStream.admit`), a
+stream takes at most :data:`MAX_HELLO_BYTES` per frame into a buffer of that size, allocated
+when the first bytes arrive: a connection that never says hello costs no more than that
+(an idle one nothing), and its buffers go when it closes. A frame carrying a tensor is
 handed to the reader in memory of its own with the tensor's bytes at a 64-byte boundary
 (``align``; from 64 KiB), so that the tensor can be built on it; and a frame given as parts (a header and
 views of a tensor's memory, :data:`splitnn.transport.frames.Frame`) is written without joining
@@ -75,12 +79,16 @@ class FrameStream(asyncio.BufferedProtocol):
         on_open: Callable[[FrameStream], None] | None = None,
         *,
         align: Callable[[memoryview], int] | None = None,
+        hello_first: bool = False,
     ) -> None:
-        self.max_frame = max_frame
+        self._max_frame = max_frame
+        # until admit(): the hello's size at most, in a buffer of that size (allocated when bytes arrive)
+        self.max_frame = min(max_frame, MAX_HELLO_BYTES) if hello_first else max_frame
+        self._scratch_bytes = LENGTH.size + self.max_frame if hello_first else SCRATCH_BYTES
         self._on_open = on_open
         self._align = align or _unaligned  # (a frame's first bytes) -> the offset in it to put at an ALIGN boundary
         self.transport: asyncio.Transport | None = None
-        self._scratch = bytearray(SCRATCH_BYTES)
+        self._scratch = bytearray()  # allocated by get_buffer, when the first bytes arrive
         self._fill = 0  # bytes of the scratch buffer received and not yet cut into frames
         self._big: memoryview | None = None  # a frame too big for the scratch buffer, being received
         self._big_fill = 0
@@ -94,8 +102,19 @@ class FrameStream(asyncio.BufferedProtocol):
     @classmethod
     def for_peer_frames(cls, chunk_bytes: int, on_open: Callable[[FrameStream], None] | None = None) -> FrameStream:
         """A stream of peer frames (:mod:`splitnn.transport.frames`) cut at ``chunk_bytes``: its frame limit leaves
-        room for the headers, and tensor payloads are received aligned (:func:`frames.payload_start`)."""
-        return cls(chunk_bytes + FRAME_ROOM, on_open, align=frames.payload_start)
+        room for the headers, and tensor payloads are received aligned (:func:`frames.payload_start`). It opens with
+        a hello (``hello_first``): at most :data:`MAX_HELLO_BYTES` are taken until :meth:`admit`."""
+        return cls(chunk_bytes + FRAME_ROOM, on_open, align=frames.payload_start, hello_first=True)
+
+    def admit(self) -> None:
+        """The hello was accepted (or answered ``OK``): take frames up to the stream's full limit from now on."""
+        if self.max_frame == self._max_frame:
+            return
+        self.max_frame, self._scratch_bytes = self._max_frame, SCRATCH_BYTES
+        if self._scratch:  # what arrived after the hello moves into the bigger buffer
+            grown = bytearray(SCRATCH_BYTES)
+            grown[: self._fill] = self._scratch[: self._fill]
+            self._scratch = grown
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -110,6 +129,8 @@ class FrameStream(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
             return self._big[self._big_fill :]
+        if not self._scratch:
+            self._scratch = bytearray(self._scratch_bytes)
         return memoryview(self._scratch)[self._fill :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -129,7 +150,10 @@ class FrameStream(asyncio.BufferedProtocol):
         while fill - pos >= LENGTH.size:
             (n,) = LENGTH.unpack_from(buf, pos)
             if n > self.max_frame:
-                self._refuse(f"peer frame of {n:,} bytes is over this worker's limit of {self.max_frame:,}")
+                self._refuse(
+                    f"peer frame of {n:,} bytes is over this worker's limit of {self.max_frame:,}"
+                    + (" before the hello was accepted" if self.max_frame < self._max_frame else "")
+                )
                 return
             start = pos + LENGTH.size
             if fill - start >= n:
@@ -185,6 +209,7 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = exc or ConnectionResetError("connection closed")
+        self._scratch, self._big, self._fill = bytearray(), None, 0  # its buffers go with it (frames read stay)
         self._wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)

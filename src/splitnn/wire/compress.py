@@ -21,7 +21,9 @@ Payload layout (all integers little-endian)::
     int8        rows x f32 scale, rows x f32 zero point (the row's minimum), numel x u8 codes;
                 rows = shape[0] (one row for a 0-d or 1-d tensor); value = code x scale + zero point
     topk        u64 k, u8 index width (4 or 8), 7 bytes reserved (0), k indices (int32/int64, strictly
-                increasing, into the flattened tensor), k values in the original dtype; the rest is 0
+                increasing, into the flattened tensor), k values in the original dtype; the rest is 0.
+                k is at least one in :data:`TOPK_MAX_SPARSITY` values (a ratio >= 1/1024), so that a
+                small payload cannot declare a huge tensor
 
 The ``none`` codec's payload is a :mod:`splitnn.wire.tensor_codec` frame (``SNT1``), so a
 frame carrying codec ``none`` is exactly what the data plane carried before codecs existed.
@@ -62,6 +64,11 @@ CODEC_IDS: dict[str, int] = {"none": 0, "fp16": 1, "bf16": 2, "int8": 3, "topk":
 _ID_NAMES = {v: k for k, v in CODEC_IDS.items()}
 #: Dtypes a lossy codec accepts (and restores on decode).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+#: A ``topk`` payload keeps at least one value in this many (``topk:RATIO`` needs RATIO >= 1/this): what a
+#: payload of k values may declare, and so what it takes decoded, is bounded by its own size (at most
+#: about 680 times it), checked before anything is allocated.
+TOPK_MAX_SPARSITY = 1024
 
 _HEAD = struct.Struct("<4sBBBB")  # magic, codec id, dtype code, ndim, reserved
 _TOPK = struct.Struct("<QB7x")  # k, index width, reserved
@@ -216,8 +223,10 @@ class TopKCodec(Codec):
     name: str = "topk"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
-            raise ConfigurationError(f"topk ratio must be in (0, 1], got {self.ratio!r}; e.g. 'topk:0.1'")
+        if not (isinstance(self.ratio, (int, float)) and 1 / TOPK_MAX_SPARSITY <= self.ratio <= 1):
+            raise ConfigurationError(
+                f"topk ratio must be in [1/{TOPK_MAX_SPARSITY}, 1], got {self.ratio!r}; e.g. 'topk:0.1'"
+            )
 
     @property
     def spec(self) -> str:
@@ -279,7 +288,9 @@ def get_codec(spec: str | Codec | None) -> Codec:
         try:
             ratio = float(arg)
         except ValueError:
-            raise ConfigurationError(f"codec {spec!r}: write topk:RATIO with 0 < RATIO <= 1, e.g. 'topk:0.1'") from None
+            raise ConfigurationError(
+                f"codec {spec!r}: write topk:RATIO with 1/1024 <= RATIO <= 1, e.g. 'topk:0.1'"
+            ) from None
         return TopKCodec(ratio)
     if sep:
         raise ConfigurationError(f"codec {name!r} takes no parameter (got {spec!r})")
@@ -380,6 +391,11 @@ def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_
         raise WireError(f"topk payload has index width {width}; expected 4 or 8")
     if k > numel:
         raise WireError(f"topk payload keeps {k} values of a tensor of {numel}")
+    if numel > k * TOPK_MAX_SPARSITY:
+        raise WireError(
+            f"topk payload keeps {k} values of a tensor of {numel}: a topk payload keeps at least one value in "
+            f"{TOPK_MAX_SPARSITY}, so it may declare at most {k * TOPK_MAX_SPARSITY} (refused before decoding)"
+        )
     _expect(name, len(body), _TOPK.size + k * (width + itemsize))
     start = _TOPK.size
     idx = _tensor_from(body[start : start + k * width], torch.int32 if width == 4 else torch.int64, k).long()
