@@ -292,8 +292,8 @@ def test_ids_placed_by_the_researcher_take_no_part_and_a_party_without_ids_is_re
 
 
 def test_psi_messages_are_for_the_other_party_only(remote):
-    """The researcher cannot fetch a PSI message; a party that is not a peer of the session cannot pull one,
-    and a peer pulling it as anything but ``psi`` gets nothing."""
+    """The researcher cannot fetch a PSI message, nor run one through a segment to fetch the output; a party that
+    is not a peer of the session cannot pull one, and a peer pulling it as anything but ``psi`` gets nothing."""
     a, lab = remote[HOSPITALS[0]], remote[LAB]
     request = lab.psi_request("s1", "p")
     with pytest.raises(PolicyError, match="refuses to hand out psi"):
@@ -305,6 +305,10 @@ def test_psi_messages_are_for_the_other_party_only(remote):
     lab.connect_peers(remote)
     with pytest.raises(WorkerError, match="is not a activation"):
         a.fetch(a.forward("identity", lab.psi_request("s3", "p"), train=False))  # pulled as an activation
+    # nor can the party that holds it run it through a segment of its own, to fetch the output
+    lab.add_segment("identity", nn.Identity(), None)
+    with pytest.raises(WorkerError, match="is not a activation"):
+        lab.fetch(lab.forward("identity", lab.psi_request("s4", "p"), train=False))
     lab.psi_cancel("p")
 
 

@@ -57,6 +57,8 @@ def cluster(tmp_path_factory):
                 args += ["--data", "p=" + _write(root / f"{party}-p.csv", IDS[party], party == LAB)]
             if party != A:
                 args += ["--data", "c=" + _write(root / f"{party}-c.csv", IDS[party], party == LAB)]
+            if party in (B, CLINIC):
+                args += ["--data", "d=" + _write(root / f"{party}-d.csv", IDS[party], False)]
             if party in policies:
                 (root / f"{party}.json").write_text(json.dumps(policies[party]))
                 args += ["--policy", str(root / f"{party}.json")]
@@ -165,11 +167,19 @@ def test_psi_peers_defaults_to_peers_even_over_the_operators_own_tables(remote):
 
 def test_psi_peers_names_the_only_parties_a_party_runs_psi_with(remote):
     b, clinic = remote[B], remote[CLINIC]
+    refused = _refusal(CLINIC, "psi_peers", "with 'hospital_b'")
+    # as the server: it does not pull hospital_b's request
     b.psi_finish("s1", clinic.psi_reply("c", b.psi_request("s1", "c")))
     errors = _errors(clinic, b)
-    assert re.search(_refusal(CLINIC, "psi_peers", "with 'hospital_b'"), errors[CLINIC]), errors
+    assert re.search(refused, errors[CLINIC]), errors
     for w in (clinic, b):
         w.psi_cancel("c")
+    # as the client: its request is not handed to hospital_b (over "d": "c" is the run-count test's)
+    clinic.psi_finish("s2", b.psi_reply("d", clinic.psi_request("s2", "d")))
+    errors = _errors(b, clinic)
+    assert re.search(refused, errors[B]), errors
+    for w in (clinic, b):
+        w.psi_cancel("d")
 
 
 def test_max_psi_runs_counts_over_the_workers_life_not_per_session(cluster, remote):
