@@ -268,19 +268,23 @@ def test_disjoint_ids_give_the_in_process_error_and_change_nothing(remote):
     assert intersect("d", [remote[HOSPITALS[1]]], remote[LAB]).size == 20
 
 
-def test_a_party_without_ids_is_refused_and_ids_placed_by_the_researcher_take_part(remote, monkeypatch):
+def test_ids_placed_by_the_researcher_take_no_part_and_a_party_without_ids_is_refused(remote, monkeypatch):
     a, b, lab = (remote[p] for p in PARTIES)
-    b.add_dataset("q", features=torch.zeros(6, 1))  # no ids
     spy = _Spy(monkeypatch)
     for w in (a, lab):
         w.add_dataset("q", features=torch.arange(6.0).view(6, 1), ids=[f"s{i}" for i in range(6)])
     assert spy.leaked(["s1", "s5", "s9"]) == ["s1", "s5"]  # the spy sees ids that do travel (placed by us)
     monkeypatch.undo()
+    # a PSI runs only over what the parties' operators loaded (--data): the lab, the first to compute, refuses
+    refused = r"'lab' refuses private set intersection over dataset 'q' \(policy rule psi_operator_data\)"
+    with pytest.raises(PolicyError, match=refused):
+        intersect("q", [a], lab)
+    assert {w.dataset_stats("q").size for w in (a, lab)} == {6}  # nothing changed
+    b.add_dataset("q", features=torch.zeros(6, 1))  # no ids: refused first, naming the fix
+    b.psi_request("s", "q")
     with pytest.raises(WorkerError, match="holds no sample ids for dataset 'q'"):
-        intersect("q", [a, b], lab)
-    b.add_dataset("q", features=torch.zeros(4, 1), ids=["s5", "s1", "x", "s3"], replace=True)
-    assert intersect("q", [a, b], lab).size == 3  # a later intersection starts clean
-    assert torch.equal(_hospital_rows(a, "q", 3), torch.tensor([[1.0], [3.0], [5.0]]))
+        b.psi_size("q")
+    b.psi_cancel("q")
     with pytest.raises(ConfigurationError, match=r"appear more than once \(e\.g\. \['s1'\]\)"):
         a.add_dataset("r", features=torch.zeros(3, 1), ids=["s1", "s1", "s2"])
     with pytest.raises(ConfigurationError, match="2 ids for 3 rows"):
@@ -288,8 +292,8 @@ def test_a_party_without_ids_is_refused_and_ids_placed_by_the_researcher_take_pa
 
 
 def test_psi_messages_are_for_the_other_party_only(remote):
-    """The researcher cannot fetch a PSI message; a party that is not a peer of the session cannot pull one,
-    and a peer pulling it as anything but ``psi`` gets nothing."""
+    """The researcher cannot fetch a PSI message, nor run one through a segment to fetch the output; a party that
+    is not a peer of the session cannot pull one, and a peer pulling it as anything but ``psi`` gets nothing."""
     a, lab = remote[HOSPITALS[0]], remote[LAB]
     request = lab.psi_request("s1", "p")
     with pytest.raises(PolicyError, match="refuses to hand out psi"):
@@ -301,6 +305,10 @@ def test_psi_messages_are_for_the_other_party_only(remote):
     lab.connect_peers(remote)
     with pytest.raises(WorkerError, match="is not a activation"):
         a.fetch(a.forward("identity", lab.psi_request("s3", "p"), train=False))  # pulled as an activation
+    # nor can the party that holds it run it through a segment of its own, to fetch the output
+    lab.add_segment("identity", nn.Identity(), None)
+    with pytest.raises(WorkerError, match="is not a activation"):
+        lab.fetch(lab.forward("identity", lab.psi_request("s4", "p"), train=False))
     lab.psi_cancel("p")
 
 

@@ -219,7 +219,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="FILE",
         help="this party's policy (TOML or JSON): accept_segments, refuse_passthrough, min_reduction, peers, "
-        "max_params, release_outputs, datasets; enforced before any batch (docs/failures-and-policy.md)",
+        "max_params, release_outputs, datasets, psi_peers, max_psi_runs; enforced before any batch "
+        "(docs/failures-and-policy.md)",
     )
     p.add_argument(
         "--audit-log",

@@ -21,7 +21,10 @@ receiver pulls from its sender over their peer stream as kind ``psi`` (a pull of
 cannot get it, and the researcher cannot ``fetch`` it) and records on that link; ``psi_size``
 is all the researcher learns; ``psi_apply`` gives this *session* the aligned rows (under the
 dataset's name, and each named part), so a party's own dataset (``--data``) stays as loaded for
-every other session; ``psi_cancel`` abandons an intersection.
+every other session; ``psi_cancel`` abandons an intersection. The party's policy decides first
+(:func:`~splitnn.workers.policy.check_psi`, in the engine): a run takes only a dataset the
+operator loaded (``--data``), never one the researcher placed or an intersection derived, at
+most ``max_psi_runs`` times, and messages go to and come from ``psi_peers`` only.
 
 Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
 pull every source activation like ``forward`` does and leave one gradient per source for its
@@ -371,13 +374,15 @@ class Commands:
         with self.exports.producing(state, tid):
             dataset, request = serde.psi_reply_from_args(a)
             dataset = self._dataset(dataset)
-            self.engine.dataset(dataset)  # a missing dataset is refused before the request is pulled
+            # a missing dataset, or one the policy keeps out of PSI or from this peer, is refused before the pull
+            self.engine.psi_admit(dataset, peer=request.owner)
             message = await self._psi_message(request)
             self.exports.export(tid, await asyncio.to_thread(self.engine.psi_reply, dataset, message))
         return {}, []
 
     async def _op_psi_finish(self, a, blobs, **_):
         session, reply = serde.psi_finish_from_args(a)
+        self.engine.check_psi_peer(reply.owner)  # (before the reply is pulled)
         message = await self._psi_message(reply)
         await asyncio.to_thread(self.engine.psi_finish, session, message)
         return {}, []
@@ -387,6 +392,8 @@ class Commands:
 
     async def _op_psi_apply(self, a, blobs, **_):
         dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
+        for name in parts:
+            self.sessions.check_placing(name)  # a part never takes the name of one of the party's own datasets
         # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
         # engine only: another session, or one holding a part of the same name, keeps its own.
         self.engine.psi_apply(self._dataset(dataset), parts)

@@ -153,7 +153,10 @@ class Session:
                 f"worker {self.engine.name!r} hands a session's tensors only to the peers of its model "
                 f"({sorted(self.peers.addresses)}), not to {peer!r}"
             )
-        self.engine.check_receiver(peer, f"its {kind}")  # the party's policy: `peers`, or the model's adjacency
+        if kind == "psi":
+            self.engine.check_psi_peer(peer)  # the party's policy: `psi_peers` (by default `peers`)
+        else:
+            self.engine.check_receiver(peer, f"its {kind}")  # the party's policy: `peers`, or the model's adjacency
         return await self.exports.take(tensor_id, kind, peer)
 
     def audit_sent(self) -> None:
@@ -311,6 +314,7 @@ class Sessions:
             device=self.device,
         )
         session.fresh = issue
+        session.engine.psi_runs = self._party.psi_runs  # max_psi_runs counts over the worker's life, not per session
         self._setup(session)
         self._by_id[session.id] = session
         self._by_tag[session.tag] = session

@@ -23,6 +23,11 @@ of the label holder's current candidate set when it answers step 1. The label ho
 its own ids each feature holder holds -- with several feature holders, step 1's intermediate
 intersections include ids that a later holder lacks (two-party PSI cannot hide that; with one
 feature holder it learns exactly the intersection). No party sees an id it does not hold.
+
+What each party accepts (its policy, :func:`splitnn.workers.policy.check_psi`): a run over a
+dataset its operator placed (a networked party: loaded with ``--data``; never one a researcher
+placed, so guessed ids cannot probe another party, nor rows an earlier intersection derived),
+with the parties of ``psi_peers`` only, and at most ``max_psi_runs`` runs per dataset.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ The rules (a TOML or JSON file with these keys; each optional)::
     peers = ["bob"]                    # the only parties that may receive or pull our tensors
     max_params = 1_000_000             # parameter + buffer elements of any one segment
     datasets = ["mnist-train"]         # the only datasets of ours a model may read
+    psi_peers = ["lab"]                # the only parties we run private set intersection with (default: peers)
+    max_psi_runs = 1                   # PSI runs each of our datasets takes part in, over the worker's life
 
 ``refuse_passthrough`` and ``min_reduction`` are a *heuristic* guard for parties that do not
 pin fingerprints: :func:`passthrough_reason` reads the segment's layers, and a researcher
@@ -56,6 +58,7 @@ __all__ = [
     "check_reduction",
     "check_dataset",
     "check_peer",
+    "check_psi",
 ]
 
 _RULES = (
@@ -66,6 +69,8 @@ _RULES = (
     "peers",
     "max_params",
     "datasets",
+    "psi_peers",
+    "max_psi_runs",
 )
 
 
@@ -88,6 +93,10 @@ class WorkerPolicy:
         max_params: the most parameter + buffer elements of one segment (``None``: the worker's
             default limit).
         datasets: the only datasets of the party's own a model may read (``None``: all).
+        psi_peers: the only parties this party runs private set intersection with (``None``: those of
+            ``peers``, and without that rule any party the researcher's session names as a peer).
+        max_psi_runs: how many PSI runs each of the party's datasets takes part in, counted over the
+            worker's life across all sessions (``None``: no limit; ``0``: no PSI at all).
     """
 
     release_outputs: bool = True
@@ -97,6 +106,8 @@ class WorkerPolicy:
     peers: tuple[str, ...] | None = None
     max_params: int | None = None
     datasets: tuple[str, ...] | None = None
+    psi_peers: tuple[str, ...] | None = None
+    max_psi_runs: int | None = None
 
     def __post_init__(self) -> None:
         check = _Checker("WorkerPolicy")
@@ -120,7 +131,11 @@ class WorkerPolicy:
             value = self.max_params
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"policy rule max_params must be a positive integer, got {value!r}")
-        for rule in ("peers", "datasets"):
+        if self.max_psi_runs is not None:
+            value = self.max_psi_runs
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"policy rule max_psi_runs must be an integer >= 0, got {value!r}")
+        for rule in ("peers", "datasets", "psi_peers"):
             value = getattr(self, rule)
             if value is not None:
                 object.__setattr__(self, rule, check.strings(rule, value))
@@ -289,6 +304,52 @@ def check_peer(policy: WorkerPolicy, worker: str, peer: str, adjacent: Iterable[
             f"to hand {what} to {peer!r}",
             f"{peer!r} is not adjacent to {worker!r} in the model (its neighbours: {sorted(adjacent)})",
         )
+
+
+def check_psi(
+    policy: WorkerPolicy,
+    worker: str,
+    *,
+    dataset: str | None = None,
+    operator: bool = True,
+    runs: int | None = None,
+    peer: str | None = None,
+) -> None:
+    """Refuse a private set intersection (PSI) run over this party's ``dataset`` unless the party's operator
+    placed it (``operator``: loaded with ``--data``, not placed by a researcher nor derived by an earlier
+    intersection), ``datasets`` allows it and it took part in fewer than ``max_psi_runs`` runs (``runs``: how
+    many it took part in so far; None: the run is already open); refuse a PSI message to or from ``peer``
+    unless ``psi_peers`` (by default ``peers``) lists it."""
+    if dataset is not None:
+        what = f"private set intersection over dataset {dataset!r}"
+        if not operator:
+            raise _refuse(
+                worker,
+                "psi_operator_data",
+                what,
+                "the party's operator did not place it (a researcher did, or an earlier intersection derived it); "
+                "PSI runs only over the datasets the operator loaded (splitnn worker --data), so that nobody can "
+                "probe the other parties with ids of their choosing",
+            )
+        check_dataset(policy, worker, dataset)
+        if runs is not None and policy.max_psi_runs is not None and runs >= policy.max_psi_runs:
+            raise _refuse(
+                worker,
+                "max_psi_runs",
+                what,
+                f"it took part in {runs} PSI run(s) already, the most the party's policy allows "
+                f"({policy.max_psi_runs}; the count restarts when the worker does)",
+            )
+    if peer is not None and peer != worker:
+        rule, allowed = ("psi_peers", policy.psi_peers) if policy.psi_peers is not None else ("peers", policy.peers)
+        if allowed is not None and peer not in allowed:
+            default = "" if rule == "psi_peers" else " (without a psi_peers rule, the peers rule decides)"
+            raise _refuse(
+                worker,
+                rule,
+                f"private set intersection with {peer!r}",
+                f"it runs PSI only with {sorted(allowed)}{default}",
+            )
 
 
 # -- the pass-through heuristic ----------------------------------------------------------------------

@@ -86,8 +86,8 @@ from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
-from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_reduction
-from splitnn.workers.psi import PsiParty
+from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_psi, check_reduction
+from splitnn.workers.psi import PsiParty, PsiRuns
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
 from splitnn.workers.values import nbytes as value_nbytes
@@ -188,6 +188,11 @@ class VirtualWorker:
         self._pending_loss: dict[str | None, torch.Tensor] = {}
         self._kept = KeptEvaluations()  # outputs kept over evaluations, for their metrics
         self._psi = PsiParty(name)
+        # PSI runs each dataset took part in, for the policy's max_psi_runs (a server shares one between its sessions)
+        self.psi_runs = PsiRuns()
+        # datasets an intersection derived (psi_apply: the aligned rows and their parts) -> the dataset they came
+        # from: the policy guards them as that dataset, and no later intersection runs over them
+        self._derived: dict[str, str] = {}
 
     def __repr__(self) -> str:
         on = "" if self.device == RESEARCHER_DEVICE else f", device={str(self.device)!r}"
@@ -254,11 +259,12 @@ class VirtualWorker:
             name, self.name, features=features, labels=labels, ids=ids, allow_nonfinite=allow_nonfinite
         )
         self._data[name] = held.to(self.device)
+        self._derived.pop(name, None)
 
     def dataset_stats(self, name: str) -> DatasetStats:
         data = self._dataset(name)
         if self._is_own(name):
-            self._guard(check_dataset, self.policy, self.name, name)
+            self._guard(check_dataset, self.policy, self.name, self._source(name))
         self._check_readable("label statistics")  # a label range has no value on the meta device
         return data.stats(name)
 
@@ -645,6 +651,8 @@ class VirtualWorker:
     def hold(self, datasets: Mapping[str, HeldData]) -> None:
         """Hold datasets checked elsewhere (a party's own data, shared read-only by every session)."""
         self._data.update(datasets)
+        for name in datasets:
+            self._derived.pop(name, None)
 
     def keep(self, value: Value, kind: str) -> TensorRef:
         """Store ``value`` (recorded as nothing) as a ``kind`` tensor for a peer to :meth:`take`."""
@@ -670,6 +678,8 @@ class VirtualWorker:
         self.release()
         self._segments.clear()
         self._data.clear()
+        self._derived.clear()
+        self._psi = PsiParty(self.name)  # (the runs counted stay counted)
 
     # -- policy (splitnn.workers.policy) ----------------------------------------------
     def declare_neighbours(self, names: Sequence[str]) -> None:
@@ -711,8 +721,12 @@ class VirtualWorker:
                 "segment", session=self.audit_session, segment=key, fingerprint=fp or hosted.identity, params=params
             )
 
+    def _source(self, dataset: str) -> str:
+        """The dataset that ``dataset`` was derived from by an intersection (itself when it was not)."""
+        return self._derived.get(dataset, dataset)
+
     def _is_own(self, dataset: str) -> bool:
-        return self.own_datasets is None or dataset in self.own_datasets
+        return self.own_datasets is None or self._source(dataset) in self.own_datasets
 
     def _first_read(self, key: str, dataset: str, part: str, x: Value) -> None:
         """Before segment ``key`` first runs on this party's ``dataset`` (or its labels are first read):
@@ -720,7 +734,7 @@ class VirtualWorker:
         (measured by probing with zeros of the batch's shape); then record the read."""
         if self._is_own(dataset):
             policy = self.policy
-            self._guard(check_dataset, policy, self.name, dataset)
+            self._guard(check_dataset, policy, self.name, self._source(dataset))
             if part == "features" and (policy.refuse_passthrough or policy.min_reduction is not None):
                 hosted = self._segment(key)
                 fp = self._identity(hosted)
@@ -787,17 +801,43 @@ class VirtualWorker:
         return info.to_dict()
 
     # -- private set intersection (the protocol: splitnn.training.psi) --------------------
+    # The policy's PSI rules (check_psi): a run takes only a dataset the party's operator placed (own_datasets;
+    # in process, every dataset given with add_dataset), never one an intersection derived; at most
+    # max_psi_runs runs per dataset (counted in psi_runs); messages go to and come from psi_peers only.
+    def psi_admit(self, dataset: str, *, peer: str | None = None) -> None:
+        """Let ``dataset`` take part in a PSI run (with ``peer``, when given) under this party's policy, or raise
+        PolicyError naming the rule; the first call of a run counts it."""
+        held = self._dataset(dataset)
+        if held.ids is None:
+            self._psi.candidates(dataset, held)  # refused (naming the fix) before a run is counted
+        if peer is not None:
+            self.check_psi_peer(peer)
+        operator = self._is_own(dataset) and dataset not in self._derived
+        self._psi.open_run(
+            dataset,
+            self.psi_runs,
+            lambda runs: self._guard(check_psi, self.policy, self.name, dataset=dataset, operator=operator, runs=runs),
+        )
+
+    def check_psi_peer(self, peer: str) -> None:
+        """Refuse (PolicyError, audited) a PSI message to or from ``peer`` unless the policy's ``psi_peers``
+        (by default its ``peers``) allows that party."""
+        self._guard(check_psi, self.policy, self.name, peer=peer)
+
     def psi_request(self, session: str, dataset: str) -> TensorRef:
         """Open PSI ``session`` as the client over ``dataset``'s candidate ids; a ref to message 1."""
+        self.psi_admit(dataset)
         return self._keep(_bytes_tensor(self._psi.request(session, dataset, self._dataset(dataset))), "psi")
 
     def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
         """Pull a client's request (recorded as ``psi`` bytes) and answer it as the server; a ref to the reply."""
+        self.psi_admit(dataset, peer=request.owner)
         payload = self._receive_bytes(request)
         return self._keep(_bytes_tensor(self._psi.reply(dataset, self._dataset(dataset), payload)), "psi")
 
     def psi_finish(self, session: str, reply: TensorRef) -> None:
         """Pull the server's reply (recorded as ``psi`` bytes) and narrow the candidates of the session's dataset."""
+        self.check_psi_peer(reply.owner)
         self._psi.finish(session, self._receive_bytes(reply))
 
     def psi_size(self, dataset: str) -> int:
@@ -806,8 +846,12 @@ class VirtualWorker:
 
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep exactly the candidate rows of ``dataset``, in ascending id order; hold each of ``parts``
-        (name -> positions in that order) as a dataset too."""
-        self._data.update(self._psi.apply(dataset, self._dataset(dataset), parts or {}))
+        (name -> positions in that order, each named ``f"{dataset}:PART"``) as a dataset too. They are derived
+        from ``dataset``: the policy guards them as it guards ``dataset``, and no later intersection takes them."""
+        aligned = self._psi.apply(dataset, self._dataset(dataset), parts or {})
+        source = self._source(dataset)
+        self._data.update(aligned)
+        self._derived.update(dict.fromkeys(aligned, source))
 
     def psi_cancel(self, dataset: str) -> None:
         """Abandon the intersection of ``dataset`` (the held rows stay as they were)."""
@@ -821,9 +865,10 @@ class VirtualWorker:
         return tensor.numpy().tobytes()
 
     # -- peer transfer (in-process) ------------------------------------------------
-    def _take(self, ref_id: int, taker: str | None = None) -> torch.Tensor:
+    def _take(self, ref_id: int, taker: str | None = None, as_kind: str | None = None) -> torch.Tensor:
         """Hand a stored activation or gradient to peer ``taker`` (the peer records the bytes), if
-        the policy lets ``taker`` have it (``None``: a server handing it on after its own check)."""
+        the policy lets ``taker`` have it (``None``: a server handing it on after its own check);
+        ``as_kind``: what the taker receives it as (a PSI message or weights go out only as themselves)."""
         entry = self._store.pop(ref_id, None)
         if entry is None:
             raise WorkerError(f"worker {self.name!r} holds no tensor #{ref_id} (already consumed or released)")
@@ -831,8 +876,17 @@ class VirtualWorker:
         if kind in ("features", "labels"):
             self._store[ref_id] = entry
             raise PolicyError(f"worker {self.name!r} refuses to hand out {kind}")
+        if as_kind is not None and _only_as_itself(kind, as_kind):
+            self._store[ref_id] = entry
+            raise WorkerError(f"worker {self.name!r}: tensor #{ref_id} is not a {as_kind}")
+        if kind == "psi" and taker is not None and taker != self.name:
+            try:
+                self.check_psi_peer(taker)
+            except PolicyError:
+                self._store[ref_id] = entry
+                raise
         # (the per-batch path: one set lookup when the model declared the taker adjacent)
-        if (
+        elif (
             taker is not None
             and taker != self.name
             and (self.policy.peers is not None or (self.neighbours is not None and taker not in self.neighbours))
@@ -907,6 +961,9 @@ class VirtualWorker:
             tensor, stored_kind = self._store.pop(ref.id, (None, None))
             if tensor is None:
                 raise WorkerError(f"worker {self.name!r} holds no tensor #{ref.id} (already consumed or released)")
+            if _only_as_itself(stored_kind, kind):  # e.g. a PSI message run through a segment, to fetch its output
+                self._store[ref.id] = (tensor, stored_kind)
+                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a {kind}")
             if stored_kind == "features":
                 return tensor, "data"
             if type(tensor) is Encoded:  # a codec on a cut inside this worker: nothing crossed, decode only
@@ -917,7 +974,7 @@ class VirtualWorker:
             raise unreachable(self.name, ref.owner)
         if not isinstance(peer, VirtualWorker):
             raise WorkerError(f"in-process worker {self.name!r} cannot receive from non-local worker {ref.owner!r}")
-        tensor = peer._take(ref.id, self.name)
+        tensor = peer._take(ref.id, self.name, kind)
         if type(tensor) is Encoded:  # compressed at the sender: decode what a networked receiver would
             return self._decoded(tensor, ref.owner, kind, peer.device != self.device)
         if peer.device != self.device and kind != "psi":  # a cut between two devices (PSI messages are bytes)
@@ -993,6 +1050,12 @@ class VirtualWorker:
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return self._here(rows)  # tensors are held on the device; a map-style dataset's batch moves here
+
+
+def _only_as_itself(stored: str | None, kind: str) -> bool:
+    """Whether a tensor stored as ``stored`` may not be received as ``kind``: PSI messages and weights go only
+    to a receiver asking for them as such, and such a receiver gets nothing else (as a server's pulls)."""
+    return any((stored == k) != (kind == k) for k in ("psi", "weights"))
 
 
 def _encoder(codec: str | Codec | None) -> CutEncoder | None:
