@@ -22,6 +22,7 @@ from torch import nn
 
 from splitnn.errors import ConfigurationError
 from splitnn.privacy.defenses._rng import check_seed
+from splitnn.privacy.defenses.dp import DPSegment, dp_noise_multiplier, rdp_epsilon
 from splitnn.privacy.defenses.label import LabelProtection, protect_gradient
 from splitnn.privacy.defenses.noise import CutNoise
 from splitnn.privacy.defenses.nopeek import NoPeek
@@ -36,6 +37,9 @@ __all__ = [
     "CutNoise",
     "LabelProtection",
     "protect_gradient",
+    "DPSegment",
+    "dp_noise_multiplier",
+    "rdp_epsilon",
     "register_defense_layers",
 ]
 
