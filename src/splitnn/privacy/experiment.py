@@ -49,7 +49,14 @@ from splitnn.privacy.attacks.inversion import (
     train_reference_classifier,
 )
 from splitnn.privacy.attacks.label_leakage import LabelLeakageAttack
-from splitnn.privacy.defenses import DefenseOptions, DefenseSetting, apply_defense
+from splitnn.privacy.defenses import (
+    DefenseOptions,
+    DefenseSetting,
+    DPSegment,
+    apply_defense,
+    defend_labels,
+    defense_loss,
+)
 from splitnn.privacy.metrics import distance_correlation
 from splitnn.privacy.tap import CutTap
 from splitnn.split import SplitNN
@@ -98,6 +105,8 @@ class PrivacyConfig:
         positive_class: the class that is "positive" in the binary label-leakage task.
         clip: the per-sample activation norm bound C of the ``noise`` defense.
         label_directions: principal directions that receive noise in the ``label`` defense.
+        delta: the delta of the ``dp`` defense's (epsilon, delta) budget.
+        dp_clip: the ``dp`` defense's per-example gradient norm bound.
         inversion: decoder / reference classifier training.
         progress: show progress bars.
     """
@@ -118,6 +127,8 @@ class PrivacyConfig:
     positive_class: int = 0
     clip: float = 4.0
     label_directions: int = 1
+    delta: float = 1e-5
+    dp_clip: float = 1.0
     inversion: InversionConfig = field(default_factory=InversionConfig)
     progress: bool = False
 
@@ -158,10 +169,17 @@ class PrivacyConfig:
         if not isinstance(self.inversion, InversionConfig):
             raise ConfigurationError("inversion must be an InversionConfig")
 
-    def defense_options(self, seed: int | None = None) -> DefenseOptions:
-        """The options every defense of this experiment uses (``seed``: of their random streams)."""
+    def defense_options(self, seed: int | None = None, *, sample_rate: float | None = None) -> DefenseOptions:
+        """The options every defense of this experiment uses (``seed``: of their random streams;
+        ``sample_rate``: batch size / training set size, for ``dp``)."""
         return DefenseOptions(
-            clip=self.clip, label_directions=self.label_directions, seed=self.seed if seed is None else seed
+            clip=self.clip,
+            label_directions=self.label_directions,
+            seed=self.seed if seed is None else seed,
+            delta=self.delta,
+            sample_rate=sample_rate,
+            epochs=self.epochs,
+            dp_clip=self.dp_clip,
         )
 
     def to_dict(self) -> dict:
@@ -230,6 +248,11 @@ class DefendedModel:
     model: SplitNN
     tap: CutTap
     setting: DefenseSetting
+    dp: DPSegment | None = None
+
+    def epsilon(self, delta: float) -> float:
+        """The ``dp`` defense's privacy spent at ``delta`` so far (NaN without ``dp``)."""
+        return math.nan if self.dp is None else self.dp.epsilon(delta)
 
 
 def build_defended_model(
@@ -240,22 +263,26 @@ def build_defended_model(
     *,
     defense_seed: int | None = None,
     fuse: bool = True,
+    train_size: int | None = None,
 ) -> DefendedModel:
     """The tutorial MLP of ``config`` on in-process workers, with ``setting`` applied and a tap at the cut.
 
     Initial weights come from ``torch.manual_seed(config.seed)`` (the global RNG
     is restored afterwards), so every setting starts from the same weights.
+    ``train_size`` (the training set's size) sets ``dp``'s sampling rate.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=num_classes)
     segments, parties = merge_party_segments(segments, config.workers)
-    segments = apply_defense(segments, setting, config.defense_options(defense_seed))
+    rate = None if train_size is None else min(1.0, config.batch_size / train_size)
+    segments = apply_defense(segments, setting, config.defense_options(defense_seed, sample_rate=rate))
     tap = CutTap()
     segments[0] = nn.Sequential(segments[0], tap)
     workers = [VirtualWorker(name, fuse=fuse) for name in parties]
-    model = SplitNN(segments, workers, optimizer=f"sgd:lr={config.lr}")
-    return DefendedModel(model, tap, setting)
+    dp = next((m for m in segments[0].modules() if isinstance(m, DPSegment)), None)
+    model = SplitNN(segments, workers, optimizer=f"sgd:lr={config.lr}", loss=defense_loss(segments))
+    return DefendedModel(model, tap, setting, dp)
 
 
 BatchObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -275,6 +302,7 @@ def train_defended(
     the activation the data holder sent and the gradient it got back.
     """
     model, tap = defended.model, defended.tap
+    train = defend_labels(train, defended.setting, config.defense_options())
     name, n = model.prepare(train)
     tap.take()
     steps = [
@@ -317,7 +345,9 @@ class PrivacyRow:
     minus this one; ``recon_mse``/``recon_ssim``/``recon_accuracy``: inversion
     quality on the victims; ``norm_auc``/``cosine_auc``: label attacks on the
     binary task; ``dcor``: distance correlation of victims' inputs and activations;
-    ``binary_accuracy``: test accuracy of the binary model.
+    ``binary_accuracy``: test accuracy of the binary model; ``epsilon``: the privacy
+    budget spent by ``dp`` (at the config's delta, opacus's RDP accountant) or given to
+    ``label-dp``, NaN for the other defenses.
     """
 
     defense: str
@@ -331,6 +361,7 @@ class PrivacyRow:
     cosine_auc: float
     dcor: float
     binary_accuracy: float
+    epsilon: float
     seconds: float
 
     @property
@@ -382,7 +413,7 @@ def _run_setting(
     in_features = int(math.prod(data.private.features.shape[1:]))
     victims = config.victims
     # 1. main task; the receiving party keeps the victims' activations of the last epoch
-    main = build_defended_model(config, setting, data.private.num_classes, in_features)
+    main = build_defended_model(config, setting, data.private.num_classes, in_features, train_size=len(data.private))
     victim_acts: list[torch.Tensor | None] = [None] * victims
 
     def keep_victims(epoch: int, idx: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
@@ -393,6 +424,11 @@ def _run_setting(
 
     train_defended(main, data.private, config, keep_victims, desc=f"{setting.label}: main task")
     accuracy = main.model.evaluate(data.test).accuracy
+    epsilon = (
+        main.epsilon(config.delta)
+        if setting.name == "dp"
+        else (setting.strength if setting.name == "label-dp" else math.nan)
+    )
     acts = torch.stack(victim_acts)  # type: ignore[arg-type]
     # 2. inversion by the receiving party
     aux_acts = query_cut_activations(main.model, data.aux.features)
@@ -406,7 +442,9 @@ def _run_setting(
     train_bin, test_bin = binary
     attack = LabelLeakageAttack()
     labels = train_bin.labels
-    side = build_defended_model(config, setting, 2, in_features, defense_seed=config.seed + 1)
+    side = build_defended_model(
+        config, setting, 2, in_features, defense_seed=config.seed + 1, train_size=len(train_bin)
+    )
     train_defended(
         side,
         train_bin,
@@ -427,6 +465,7 @@ def _run_setting(
         cosine_auc=leak.cosine_auc,
         dcor=dcor,
         binary_accuracy=binary_accuracy,
+        epsilon=epsilon,
         seconds=time.perf_counter() - start,
     )
     return row, recon[:GRID_SAMPLES]

@@ -42,6 +42,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cosine_auc", "cos AUC", "{:.3f}"),
     ("binary_accuracy", "bin acc", "{:.3f}"),
     ("dcor", "dCor", "{:.3f}"),
+    ("epsilon", "epsilon", "{:.2f}"),
 )
 
 

@@ -74,7 +74,10 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 def dp_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, *, epochs: int) -> float:
-    """The noise multiplier that spends ``target_epsilon`` at ``delta`` in ``epochs`` epochs (opacus, RDP)."""
+    """The noise multiplier that spends at most ``target_epsilon`` at ``delta`` in ``epochs`` epochs (opacus, RDP).
+
+    An epoch is ``ceil(1 / sample_rate)`` steps, as ``fit`` draws them (the last batch may be short).
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     _positive("target_epsilon", target_epsilon)
@@ -82,11 +85,9 @@ def dp_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
         raise ConfigurationError(f"delta must be a float in (0, 1), got {delta!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigurationError(f"epochs must be a positive integer, got {epochs!r}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=_check_rate(sample_rate), epochs=epochs
-        )
-    )
+    rate = _check_rate(sample_rate)
+    steps = epochs * math.ceil(1 / rate - 1e-9)
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=steps))
 
 
 def _refuse_batch_dependent(module: nn.Module) -> None:
