@@ -16,12 +16,19 @@ The rules (a TOML or JSON file with these keys; each optional)::
     peers = ["bob"]                    # the only parties that may receive or pull our tensors
     max_params = 1_000_000             # parameter + buffer elements of any one segment
     datasets = ["mnist-train"]         # the only datasets of ours a model may read
+    detect_hijack = 1.1                # SplitGuard-style probes on our gradients; stop below this score
 
 ``refuse_passthrough`` and ``min_reduction`` are a *heuristic* guard for parties that do not
 pin fingerprints: :func:`passthrough_reason` reads the segment's layers, and a researcher
 who wants to leak the data can still find a map it does not recognise (a learned one,
 even). Pinning ``accept_segments`` is the guard that holds; the heuristic is for the rest.
 A segment whose fingerprint is pinned is not judged by the heuristic.
+
+``detect_hijack`` runs :class:`~splitnn.workers.guard.HijackGuard` on every segment that reads
+this party's data: now and then a fake-label batch, and a check that the gradients that come
+back depend on the labels as a real task's do. When they do not (a server hijacking the
+segment, FSHA), the party refuses that gradient and every later one, and writes why in its
+audit log. The value is the score threshold (1.1 suits classification with balanced classes).
 
 This module is pure: it evaluates a policy against a segment spec, shapes, a dataset name or
 a peer, and raises; the engine (:class:`~splitnn.workers.VirtualWorker`) and the server call it.
@@ -56,6 +63,7 @@ __all__ = [
     "check_reduction",
     "check_dataset",
     "check_peer",
+    "check_hijack",
 ]
 
 _RULES = (
@@ -66,6 +74,7 @@ _RULES = (
     "peers",
     "max_params",
     "datasets",
+    "detect_hijack",
 )
 
 
@@ -88,6 +97,8 @@ class WorkerPolicy:
         max_params: the most parameter + buffer elements of one segment (``None``: the worker's
             default limit).
         datasets: the only datasets of the party's own a model may read (``None``: all).
+        detect_hijack: run the hijack detector on data-reading segments, with this score
+            threshold (``None``: off).
     """
 
     release_outputs: bool = True
@@ -97,6 +108,7 @@ class WorkerPolicy:
     peers: tuple[str, ...] | None = None
     max_params: int | None = None
     datasets: tuple[str, ...] | None = None
+    detect_hijack: float | None = None
 
     def __post_init__(self) -> None:
         check = _Checker("WorkerPolicy")
@@ -120,6 +132,11 @@ class WorkerPolicy:
             value = self.max_params
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"policy rule max_params must be a positive integer, got {value!r}")
+        if self.detect_hijack is not None:
+            value = self.detect_hijack
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(f"policy rule detect_hijack must be a positive number, got {value!r}")
+            object.__setattr__(self, "detect_hijack", float(value))
         for rule in ("peers", "datasets"):
             value = getattr(self, rule)
             if value is not None:
@@ -263,6 +280,12 @@ def check_reduction(
                 f"it turns {n_in:,} values per sample into {n_out:,}, a reduction of {n_in / max(n_out, 1):.3g}x; "
                 f"the policy asks for at least {policy.min_reduction:g}x",
             )
+
+
+def check_hijack(worker: str, key: str, reason: str | None) -> None:
+    """Refuse gradients for segment ``key`` once the hijack detector raised its alarm (``reason``)."""
+    if reason is not None:
+        raise _refuse(worker, "detect_hijack", f"gradients for segment {key!r}", reason)
 
 
 def check_dataset(policy: WorkerPolicy, worker: str, dataset: str) -> None:
