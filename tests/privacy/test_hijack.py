@@ -61,8 +61,9 @@ def test_weights_do_not_move_after_the_alarm(fmnist_2k):
     batches = [b for e in range(2) for b in epoch_batches(2000, 64, shuffle=True, seed=0, epoch=e)]
     FSHA(public, 128, FSHAConfig(lr=1e-3, hidden=128, gradient_scale=10)).attack(alice, "bottom", "private", batches)
     before = {k: v.clone() for k, v in alice.get_state("bottom").items()}
+    again = FSHA(public, 128, FSHAConfig(hidden=128)).attack(alice, "bottom", "private", batches[:3])
+    assert again.stopped_at == 0  # refused at once
     with pytest.raises(PolicyError, match="detect_hijack"):
-        FSHA(public, 128, FSHAConfig(hidden=128)).attack(alice, "bottom", "private", batches[:3]).stopped_at
         alice.step("bottom")
     after = alice.get_state("bottom")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -74,9 +75,7 @@ def test_honest_training_raises_no_alarm(fmnist_2k, seed):
     torch.manual_seed(seed)
     segments = tutorial_mlp((128, 640), in_features=784, classes=10)
     alice = VirtualWorker("alice", policy=WorkerPolicy(detect_hijack=1.1))
-    model = SplitNN(
-        [segments[0], nn.Sequential(*segments[1:])], [alice, VirtualWorker("bob")], optimizer="sgd:lr=0.05"
-    )
+    model = SplitNN([segments[0], nn.Sequential(*segments[1:])], [alice, VirtualWorker("bob")], optimizer="sgd:lr=0.05")
     model.fit(private, epochs=3, batch_size=64, seed=seed, progress=False)
     guard = alice._hijack_guards[model.stages[0].key]
     assert not guard.tripped
