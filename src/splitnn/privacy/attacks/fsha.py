@@ -55,6 +55,8 @@ class FSHAConfig:
             optimizer responds to; an honest mean-loss gradient is about 1 / batch size per sample).
         nonnegative_cut: the cut's activations are non-negative (the data holder's segment ends in a
             ReLU, as the tutorial network's does), so the pilot's features are made so too.
+        pilot_depth: linear layers of the pilot encoder (1 or 2); a pilot no more complex than the
+            data holder's segment is one that segment can turn into.
         seed: the attacker's weights and public batches.
     """
 
@@ -65,9 +67,12 @@ class FSHAConfig:
     gradient_penalty: float = 500.0
     gradient_scale: float = 1.0
     nonnegative_cut: bool = True
+    pilot_depth: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.pilot_depth not in (1, 2):
+            raise ConfigurationError(f"FSHAConfig.pilot_depth must be 1 or 2, got {self.pilot_depth!r}")
         for name in ("steps", "batch_size", "hidden"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -112,7 +117,12 @@ class FSHA:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             last = [nn.ReLU()] if cfg.nonnegative_cut else []
-            self.pilot = nn.Sequential(nn.Flatten(), nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, cut_features), *last)
+            if cfg.pilot_depth == 1:
+                self.pilot = nn.Sequential(nn.Flatten(), nn.Linear(d_in, cut_features), *last)
+            else:
+                self.pilot = nn.Sequential(
+                    nn.Flatten(), nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, cut_features), *last
+                )
             self.decoder = nn.Sequential(
                 nn.Linear(cut_features, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d_in), nn.Tanh()
             )

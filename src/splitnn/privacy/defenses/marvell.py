@@ -133,10 +133,12 @@ class Marvell(nn.Module):
         seed: seed of the module's own random stream.
 
     Train with ``loss=marvell.loss("nll")`` (or ``"cross_entropy"``, or a callable) so
-    that the layer learns each batch's labels; only binary tasks (labels 0/1).
+    that the layer learns each batch's labels. Marvell is for binary tasks (labels 0/1);
+    on a task of several classes, give ``positive``: the noise then hides that class
+    against the rest (the paper's binary setting, one class at a time).
     """
 
-    def __init__(self, strength: float = 0.0, *, seed: int = 0) -> None:
+    def __init__(self, strength: float = 0.0, *, seed: int = 0, positive: int | None = None) -> None:
         super().__init__()
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0 <= strength < math.inf):
             raise ConfigurationError(f"Marvell: strength must be a finite number >= 0, got {strength!r}")
@@ -144,6 +146,9 @@ class Marvell(nn.Module):
         self.seed = check_seed(seed, "Marvell")
         self._stream = SeededStream(self.seed)
         self._labels: torch.Tensor | None = None
+        if positive is not None and (isinstance(positive, bool) or not isinstance(positive, int) or positive < 0):
+            raise ConfigurationError(f"Marvell: positive must be a class index >= 0, got {positive!r}")
+        self.positive = positive
 
     def loss(self, base: str | Callable = "nll") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A loss callable that hands the batch's labels to this layer, then computes ``base``."""
@@ -152,9 +157,14 @@ class Marvell(nn.Module):
             raise ConfigurationError(f"Marvell.loss: base must be 'nll', 'cross_entropy' or a callable, got {base!r}")
 
         def loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            if labels.numel() and int(labels.max()) > 1:
-                raise ConfigurationError("Marvell protects binary tasks only (labels 0 and 1)")
-            self._labels = labels.detach()
+            if self.positive is not None:
+                self._labels = (labels == self.positive).long().detach()
+            elif labels.numel() and int(labels.max()) > 1:
+                raise ConfigurationError(
+                    "Marvell protects binary tasks (labels 0 and 1); for more classes give Marvell(positive=c)"
+                )
+            else:
+                self._labels = labels.detach()
             return fn(output, labels)
 
         return loss
