@@ -43,6 +43,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("binary_accuracy", "bin acc", "{:.3f}"),
     ("dcor", "dCor", "{:.3f}"),
     ("epsilon", "epsilon", "{:.2f}"),
+    ("fsha_mse", "FSHA MSE", "{:.4f}"),
 )
 
 
