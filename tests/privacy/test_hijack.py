@@ -101,3 +101,36 @@ def test_detect_hijack_rule_is_checked():
     with pytest.raises(ConfigurationError, match="detect_hijack"):
         WorkerPolicy(detect_hijack=0)
     assert WorkerPolicy.from_dict({"detect_hijack": 1.2}).detect_hijack == 1.2
+
+
+# -- across processes: a `splitnn worker --policy` party stops a hijacking label holder ------------------------
+def test_a_networked_party_with_detect_hijack_refuses_fsha_and_audits_why(tmp_path):
+    import splitnn
+    from splitnn.workers.audit import read_audit
+    from tests.privacy.fsha_party import HijackHead
+    from tests.transport.cluster import Cluster
+
+    policy = tmp_path / "alice-policy.toml"
+    policy.write_text("detect_hijack = 1.1\n")
+    data = "toy=tests.workers.task_data:toy_images,parts={}"
+    with Cluster(tmp_path, lifetime=200) as cl:
+        alice_flags = ("--data", data.format("features"), "--trust", "tests.workers.task_data")
+        cl.start("alice", *alice_flags, "--policy", str(policy), "--audit-log", str(tmp_path / "alice.jsonl"))
+        cl.start(
+            "bob", "--data", data.format("labels"), "--trust", "tests.workers.task_data", "--trust", "tests.privacy"
+        )
+        alice, bob = (splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60) for n in ("alice", "bob"))
+        torch.manual_seed(0)
+        bottom = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        model = splitnn.SplitNN([bottom, HijackHead(16, 10)], [alice, bob], optimizer="sgd:lr=0.05")
+        with pytest.raises(
+            PolicyError, match=r"worker 'alice' refuses gradients for segment .* \(policy rule detect_hijack\)"
+        ):
+            model.fit("toy", epochs=8, batch_size=32, seed=0, progress=False)
+        for w in (alice, bob):
+            w.close(end_session=True)
+    events = read_audit(tmp_path / "alice.jsonl")
+    assert events[0]["policy"]["detect_hijack"] == 1.1
+    refusals = [e for e in events if e["event"] == "refusal"]
+    assert refusals and {e["rule"] for e in refusals} == {"detect_hijack"}
+    assert "do not depend on the labels" in refusals[0]["message"]

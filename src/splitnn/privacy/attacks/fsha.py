@@ -141,11 +141,16 @@ class FSHA:
     def hijack_gradient(self, z: torch.Tensor) -> torch.Tensor:
         """The crafted gradient for activations ``z``: ``d/dz [-mean critic(z)]``."""
         leaf = z.detach().reshape(z.shape[0], -1).float().requires_grad_(True)
-        (g,) = torch.autograd.grad(-self.critic(leaf).mean() * self.config.gradient_scale, leaf)
+        with torch.enable_grad():  # also from inside another backward pass (a party's segment)
+            (g,) = torch.autograd.grad(-self.critic(leaf).mean() * self.config.gradient_scale, leaf)
         return g.reshape(z.shape).to(z.dtype)
 
     def train_attacker(self, z: torch.Tensor) -> None:
         """One step of the attacker's own networks: pilot + decoder on a public batch, then the critic."""
+        with torch.enable_grad():  # also from inside another backward pass (a party's segment)
+            self._train_attacker(z)
+
+    def _train_attacker(self, z: torch.Tensor) -> None:
         cfg = self.config
         idx = torch.randint(0, self.public.shape[0], (cfg.batch_size,), generator=self._gen)
         xp = self.public[idx]
