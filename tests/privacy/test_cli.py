@@ -112,18 +112,29 @@ def test_bad_arguments_fail_before_training(fmnist_dir, tmp_path, capsys, argv, 
 def test_privacy_command_over_seeds_gives_mean_and_interval(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "seeds"
     args = ["privacy", "--data-dir", str(fmnist_dir), "--defense", "dp,label-dp,marvell,mid", "--strengths", "2"]
-    args += ["--attack", "label-leakage,fsha", "--fsha-steps", "20", "--seeds", "2", "--out", str(out), *TINY]
+    args += [
+        "--attack",
+        "label-leakage,fsha,model-completion",
+        "--fsha-steps",
+        "20",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "over 2 seeds" in text and "±" in text
     doc = json.loads((out / "privacy.json").read_text())
-    assert doc["seeds"] == [0, 1] and doc["config"]["attacks"] == ["label-leakage", "fsha"]
+    assert doc["seeds"] == [0, 1] and doc["config"]["attacks"] == ["label-leakage", "fsha", "model-completion"]
     by = {(e["defense"], e["strength"]): e for e in doc["summary"]}
     assert set(by) == {("none", 0.0), ("dp", 2.0), ("label-dp", 2.0), ("marvell", 2.0), ("mid", 2.0)}
     for entry in doc["summary"]:
         auc = entry["norm_auc"]
         assert auc["n"] == 2 and auc["low"] <= auc["mean"] <= auc["high"]
         assert entry["fsha_mse"]["n"] == 2
+        assert 0.1 < entry["completion_accuracy"]["mean"] <= 1  # 40 labels, 10 classes: above chance
         assert entry["recon_mse"]["mean"] is None  # inversion did not run
     eps = by[("dp", 2.0)]["epsilon"]
     assert 1.5 < eps["mean"] <= 2.0  # the accountant's epsilon at the end of the run meets the target

@@ -110,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="NAMES",
-        help="comma-separated attacks among inversion,label-leakage,dcor,fsha (repeatable; default: all)",
+        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion (repeatable; "
+        "default: all)",
     )
     p.add_argument("--fsha-steps", type=int, default=500, help="training steps of the FSHA attacker (default 500)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the dp defense's budget (default 1e-5)")

@@ -81,7 +81,7 @@ __all__ = [
 GRID_SAMPLES = 10
 
 #: Attacks an experiment can run, by name (see :class:`PrivacyConfig`).
-ATTACK_NAMES = ("inversion", "label-leakage", "dcor", "fsha")
+ATTACK_NAMES = ("inversion", "label-leakage", "dcor", "fsha", "model-completion")
 
 
 def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -366,8 +366,10 @@ class PrivacyRow:
     ``binary_accuracy``: test accuracy of the binary model; ``epsilon``: the privacy
     budget spent by ``dp`` (at the config's delta, opacus's RDP accountant) or given to
     ``label-dp``, NaN for the other defenses; ``fsha_mse``: the FSHA attacker's
-    reconstruction MSE (pixels on [0, 1]) over its last 10 steps. Columns of attacks
-    that did not run are NaN.
+    reconstruction MSE (pixels on [0, 1]) over its last 10 steps;
+    ``completion_accuracy``: the data holder's model-completion accuracy on the test
+    set from its trained segment and 4 known labels per class (from the auxiliary
+    sample). Columns of attacks that did not run are NaN.
     """
 
     defense: str
@@ -383,6 +385,7 @@ class PrivacyRow:
     binary_accuracy: float
     epsilon: float
     fsha_mse: float
+    completion_accuracy: float
     seconds: float
 
     @property
@@ -486,6 +489,16 @@ def _run_setting(
         norm_auc, cosine_auc = leak.norm_auc, leak.cosine_auc
         binary_accuracy = side.model.evaluate(test_bin).accuracy
     fsha_mse = _run_fsha(config, setting, data, in_features) if "fsha" in config.attacks else nan
+    completion = nan
+    if "model-completion" in config.attacks:
+        # 6. model completion by the data holder: its own segment's outputs, 4 known labels per class
+        from splitnn.privacy.attacks.completion import ModelCompletion, few_labels
+
+        known = few_labels(data.aux.labels, 4, data.aux.num_classes)
+        head = ModelCompletion(data.aux.num_classes).fit(
+            query_cut_activations(main.model, data.aux.features[known]), data.aux.labels[known]
+        )
+        completion = head.accuracy(query_cut_activations(main.model, data.test.features), data.test.labels)
     row = dict(
         defense=setting.name,
         strength=setting.strength,
@@ -499,6 +512,7 @@ def _run_setting(
         binary_accuracy=binary_accuracy,
         epsilon=epsilon,
         fsha_mse=fsha_mse,
+        completion_accuracy=completion,
         seconds=time.perf_counter() - start,
     )
     return row, recon[:GRID_SAMPLES]

@@ -44,6 +44,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dcor", "dCor", "{:.3f}"),
     ("epsilon", "epsilon", "{:.2f}"),
     ("fsha_mse", "FSHA MSE", "{:.4f}"),
+    ("completion_accuracy", "completion acc", "{:.3f}"),
 )
 
 
