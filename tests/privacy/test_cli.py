@@ -126,8 +126,10 @@ def test_privacy_command_over_seeds_gives_mean_and_interval(fmnist_dir, tmp_path
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "over 2 seeds" in text and "±" in text
+    assert "a malicious label holder sends crafted gradients" in text  # who attacks whom, per column
     doc = json.loads((out / "privacy.json").read_text())
     assert doc["seeds"] == [0, 1] and doc["config"]["attacks"] == ["label-leakage", "fsha", "model-completion"]
+    assert set(doc["threats"]) == {"label-leakage", "fsha", "model-completion"}
     by = {(e["defense"], e["strength"]): e for e in doc["summary"]}
     assert set(by) == {("none", 0.0), ("dp", 2.0), ("label-dp", 2.0), ("marvell", 2.0), ("mid", 2.0)}
     for entry in doc["summary"]:

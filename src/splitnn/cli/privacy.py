@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.cli.format import table
     from splitnn.privacy.attacks.inversion import InversionConfig
     from splitnn.privacy.experiment import PrivacyConfig, load_privacy_data, run_privacy_experiment
-    from splitnn.privacy.report import mean_result, summarize, summary_rows, table_rows, write_report
+    from splitnn.privacy.report import THREATS, mean_result, summarize, summary_rows, table_rows, write_report
 
     settings = parse_settings(args.defense, args.strengths)
     attacks = parse_attacks(args.attack)
@@ -264,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if summary is not None:
         print(f"mean ±half-width of the 95% interval over {len(seeds)} seeds")
+    for name in attacks:
+        print(f"- {THREATS[name]}")
     paths = write_report(result, args.out, seeds=seeds, summary=summary)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

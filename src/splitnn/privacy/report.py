@@ -88,6 +88,19 @@ def _jsonable(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+#: Per attack: who attacks whom, and what the attacker sees (printed under the table, kept in privacy.json).
+THREATS = {
+    "inversion": "recon MSE/SSIM/acc: the receiving party (bob) reconstructs the data holder's inputs from the "
+    "activations it received, with a decoder trained on auxiliary public data and query access to her segment",
+    "dcor": "dCor: model-free dependence between the data holder's inputs and the activations anyone at the cut sees",
+    "label-leakage": "norm/cos AUC: the data holder (alice) infers the label holder's labels (binary task) from the "
+    "gradients she received, knowing one positive per batch",
+    "fsha": "FSHA MSE: a malicious label holder sends crafted gradients to hijack the data holder's segment, then "
+    "decodes the activations it receives (auxiliary public data)",
+    "model-completion": "completion acc: the data holder labels test samples with her own trained segment and a head "
+    "fitted on 4 known labels per class",
+}
+
 #: Columns of a row that are measurements (averaged over seeds).
 MEASURED = tuple(name for name in PrivacyRow.__dataclass_fields__ if name not in ("defense", "strength"))
 
@@ -169,6 +182,7 @@ def write_json(
         "chance": result.chance,
         "rows": [{k: _jsonable(v) for k, v in asdict(r).items()} for r in result.rows],
     }
+    doc["threats"] = {a: THREATS[a] for a in result.config.attacks}
     if seeds is not None:
         doc["seeds"] = list(seeds)
     if summary is not None:
