@@ -1,9 +1,11 @@
-"""The data holder's hijack detector (policy rule ``detect_hijack``): FSHA caught when, honest runs flagged how often.
+"""FSHA against the data holder, and its hijack detector (policy rule ``detect_hijack``): caught when, false alarms.
 
 The first 2,000 Fashion-MNIST training images at alice (the tutorial MLP's first layer), the next
-1,000 as the FSHA attacker's public data; SGD lr 0.05, batch 64, 3 epochs, threshold 1.1. Per seed:
-an honest ``fit`` with the rule on (does it raise an alarm? its lowest probe score after the warm-up)
-and FSHA driving alice's party (the step it is refused at, its probe scores, its reconstruction MSE).
+1,000 as the FSHA attacker's public data, batch 64, threshold 1.1. Per seed: an honest ``fit``
+(SGD lr 0.05, 3 epochs) with the rule on (does it raise an alarm? its lowest probe score after
+the warm-up); FSHA (alice steps Adam lr 1e-4, as in the FSHA paper) without the rule for
+``--steps`` steps (reconstruction MSE, pixels on [0, 1], over 10-step windows); and FSHA against
+alice with the rule on (the step it is refused at, its probe scores).
 
     python benchmarks/bench_privacy_guard.py [--data-dir ../shared/data/fashion-mnist] [--seeds 5]
 """
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "fashion-mnist")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--threshold", type=float, default=1.1)
+    p.add_argument("--steps", type=int, default=600)
     args = p.parse_args()
     d = load_dataset("fashion-mnist", "train", data_dir=args.data_dir, download=False, progress=False, limit=3000)
     private, public = Dataset(d.features[:2000], d.labels[:2000], "private", 10), d.features[2000:]
@@ -47,19 +50,29 @@ def main() -> None:
         )
         model.fit(private, epochs=3, batch_size=64, seed=seed, progress=False)
         honest = alice._hijack_guards[model.stages[0].key]
-        torch.manual_seed(seed)
-        victim = VirtualWorker("alice", policy=policy)
-        bottom = tutorial_mlp((128, 640), in_features=784, classes=10)[0]
-        victim.add_segment("bottom", bottom, lambda ps: torch.optim.SGD(ps, lr=0.05))
-        victim.add_dataset("private", features=private.features)
-        batches = [b for e in range(3) for b in epoch_batches(2000, 64, shuffle=True, seed=seed, epoch=e)]
-        result = FSHA(public, 128, FSHAConfig(seed=seed)).attack(victim, "bottom", "private", batches, private.features)
+        epochs = -(-args.steps // 32)
+        batches = [b for e in range(epochs) for b in epoch_batches(2000, 64, shuffle=True, seed=seed, epoch=e)]
+        runs = {}
+        for name, rule in (("open", WorkerPolicy()), ("guarded", policy)):
+            torch.manual_seed(seed)
+            victim = VirtualWorker("alice", policy=rule)
+            bottom = tutorial_mlp((128, 640), in_features=784, classes=10)[0]
+            victim.add_segment("bottom", bottom, lambda ps: torch.optim.Adam(ps, lr=1e-4))
+            victim.add_dataset("private", features=private.features)
+            attack = FSHA(public, 128, FSHAConfig(seed=seed))
+            runs[name] = (attack.attack(victim, "bottom", "private", batches[: args.steps], private.features), victim)
+        curve = runs["open"][0].mse
+        windows = {s: sum(curve[s : s + 10]) / 10 for s in (0, 50, 100, 200, 300, args.steps - 10)}
+        guarded, victim = runs["guarded"]
         scores = victim._hijack_guards["bottom"].scores
         print(
-            f"seed {seed}: honest alarm={honest.tripped}, lowest score after warm-up "
-            f"{min(honest.scores[9:]):.2f} | FSHA refused at step {result.stopped_at}, scores "
-            f"{min(scores):.3f}-{max(scores):.3f}, reconstruction MSE {result.final_mse():.4f}"
+            f"seed {seed}: honest alarm={honest.tripped}, lowest score after warm-up {min(honest.scores[9:]):.2f} | "
+            f"FSHA MSE from step "
+            + ", ".join(f"{s}: {v:.4f}" for s, v in windows.items())
+            + f" | guarded: refused at step {guarded.stopped_at}, scores {min(scores):.3f}-{max(scores):.3f}"
         )
+    mean_image = float(((public.mean(0, keepdim=True) - private.features) / 2).pow(2).mean())
+    print(f"guessing the public sample's mean image: MSE {mean_image:.4f}")
     print(f"{time.perf_counter() - start:.1f} s")
 
 

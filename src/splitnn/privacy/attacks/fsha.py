@@ -57,23 +57,25 @@ class FSHAConfig:
             ReLU, as the tutorial network's does), so the pilot's features are made so too.
         pilot_depth: linear layers of the pilot encoder (1 or 2); a pilot no more complex than the
             data holder's segment is one that segment can turn into.
+        critic_steps: critic updates per step.
         seed: the attacker's weights and public batches.
     """
 
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-4
-    hidden: int = 512
-    gradient_penalty: float = 500.0
+    hidden: int = 256
+    gradient_penalty: float = 10.0
     gradient_scale: float = 1.0
     nonnegative_cut: bool = True
     pilot_depth: int = 1
+    critic_steps: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.pilot_depth not in (1, 2):
             raise ConfigurationError(f"FSHAConfig.pilot_depth must be 1 or 2, got {self.pilot_depth!r}")
-        for name in ("steps", "batch_size", "hidden"):
+        for name in ("steps", "batch_size", "hidden", "critic_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigurationError(f"FSHAConfig.{name} must be a positive integer, got {v!r}")
@@ -162,6 +164,11 @@ class FSHA:
         fake = z.detach().reshape(z.shape[0], -1).float()
         n = min(real.shape[0], fake.shape[0])
         real, fake = real[:n], fake[:n]
+        for _ in range(cfg.critic_steps):
+            self._critic_step(real, fake)
+
+    def _critic_step(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        cfg, n = self.config, real.shape[0]
         self._critic_opt.zero_grad(set_to_none=True)
         # the critic scores pilot features high and the data holder's low
         loss = self.critic(fake).mean() - self.critic(real).mean()
