@@ -7,7 +7,7 @@ the warm-up); FSHA (alice steps Adam lr 1e-4, as in the FSHA paper) without the 
 ``--steps`` steps (reconstruction MSE, pixels on [0, 1], over 10-step windows); and FSHA against
 alice with the rule on (the step it is refused at, its probe scores).
 
-    python benchmarks/bench_privacy_guard.py [--data-dir ../shared/data/fashion-mnist] [--seeds 5]
+    python benchmarks/bench_privacy_guard.py [--data-dir ../shared/data/fashion-mnist] [--seeds 5] [--nopeek 5]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from splitnn.data import Dataset, load_dataset
 from splitnn.data.batching import epoch_batches
 from splitnn.models import tutorial_mlp
 from splitnn.privacy.attacks.fsha import FSHA, FSHAConfig
+from splitnn.privacy.defenses import NoPeek
 from splitnn.split import SplitNN
 from splitnn.workers import VirtualWorker
 from splitnn.workers.policy import WorkerPolicy
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--threshold", type=float, default=1.1)
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--nopeek", type=float, default=0.0, help="also run FSHA against NoPeek with this alpha")
     args = p.parse_args()
     d = load_dataset("fashion-mnist", "train", data_dir=args.data_dir, download=False, progress=False, limit=3000)
     private, public = Dataset(d.features[:2000], d.labels[:2000], "private", 10), d.features[2000:]
@@ -53,16 +55,28 @@ def main() -> None:
         epochs = -(-args.steps // 32)
         batches = [b for e in range(epochs) for b in epoch_batches(2000, 64, shuffle=True, seed=seed, epoch=e)]
         runs = {}
-        for name, rule in (("open", WorkerPolicy()), ("guarded", policy)):
+        plans = [("open", WorkerPolicy(), 0.0), ("guarded", policy, 0.0)]
+        if args.nopeek > 0:
+            plans.append(("nopeek", WorkerPolicy(), args.nopeek))
+        for name, rule, alpha in plans:
             torch.manual_seed(seed)
             victim = VirtualWorker("alice", policy=rule)
             bottom = tutorial_mlp((128, 640), in_features=784, classes=10)[0]
+            if alpha > 0:
+                bottom = NoPeek(bottom, alpha=alpha)
             victim.add_segment("bottom", bottom, lambda ps: torch.optim.Adam(ps, lr=1e-4))
             victim.add_dataset("private", features=private.features)
             attack = FSHA(public, 128, FSHAConfig(seed=seed))
             runs[name] = (attack.attack(victim, "bottom", "private", batches[: args.steps], private.features), victim)
+        starts = (0, 50, 100, 200, 300, args.steps - 10)
         curve = runs["open"][0].mse
-        windows = {s: sum(curve[s : s + 10]) / 10 for s in (0, 50, 100, 200, 300, args.steps - 10)}
+        windows = {s: sum(curve[s : s + 10]) / 10 for s in starts}
+        if "nopeek" in runs:
+            nopeek = runs["nopeek"][0].mse
+            print(
+                f"seed {seed}: FSHA against NoPeek {args.nopeek:g}, MSE from step "
+                + ", ".join(f"{s}: {sum(nopeek[s : s + 10]) / 10:.4f}" for s in starts)
+            )
         guarded, victim = runs["guarded"]
         scores = victim._hijack_guards["bottom"].scores
         print(
