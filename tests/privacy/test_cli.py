@@ -45,6 +45,8 @@ def test_privacy_command_prints_table_and_writes_report(fmnist_dir, tmp_path, ca
             "0,1",
             "--strengths",
             "label=2",
+            "--attack",
+            "inversion,label-leakage,dcor",
             "--out",
             str(out),
             *TINY,
@@ -82,7 +84,7 @@ def test_privacy_command_prints_table_and_writes_report(fmnist_dir, tmp_path, ca
 def test_parse_settings():
     assert parse_settings(["noise"], ["0.1,1"]) == [DefenseSetting("noise", 0.1), DefenseSetting("noise", 1.0)]
     assert parse_settings(["none,label"], ["label=3"]) == [DefenseSetting("label", 3.0)]
-    assert len(parse_settings(None, None)) == 9  # three defaults for each of the three defenses
+    assert len(parse_settings(None, None)) == 21  # three defaults for each of the seven defenses
 
 
 @pytest.mark.parametrize(
@@ -104,3 +106,39 @@ def test_bad_arguments_fail_before_training(fmnist_dir, tmp_path, capsys, argv, 
     err = capsys.readouterr().err
     assert code == 2 and match in err
     assert not (tmp_path / "r").exists()  # nothing was written: the error came before any work
+
+
+@pytest.mark.slow
+def test_privacy_command_over_seeds_gives_mean_and_interval(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    args = ["privacy", "--data-dir", str(fmnist_dir), "--defense", "dp,label-dp,marvell,mid", "--strengths", "2"]
+    args += [
+        "--attack",
+        "label-leakage,fsha,model-completion",
+        "--fsha-steps",
+        "20",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "over 2 seeds" in text and "±" in text
+    assert "a malicious label holder sends crafted gradients" in text  # who attacks whom, per column
+    doc = json.loads((out / "privacy.json").read_text())
+    assert doc["seeds"] == [0, 1] and doc["config"]["attacks"] == ["label-leakage", "fsha", "model-completion"]
+    assert set(doc["threats"]) == {"label-leakage", "fsha", "model-completion"}
+    by = {(e["defense"], e["strength"]): e for e in doc["summary"]}
+    assert set(by) == {("none", 0.0), ("dp", 2.0), ("label-dp", 2.0), ("marvell", 2.0), ("mid", 2.0)}
+    for entry in doc["summary"]:
+        auc = entry["norm_auc"]
+        assert auc["n"] == 2 and auc["low"] <= auc["mean"] <= auc["high"]
+        assert entry["fsha_mse"]["n"] == 2
+        assert 0.1 < entry["completion_accuracy"]["mean"] <= 1  # 40 labels, 10 classes: above chance
+        assert entry["recon_mse"]["mean"] is None  # inversion did not run
+    eps = by[("dp", 2.0)]["epsilon"]
+    assert 1.5 < eps["mean"] <= 2.0  # the accountant's epsilon at the end of the run meets the target
+    assert by[("label-dp", 2.0)]["epsilon"]["mean"] == 2.0
+    assert (out / "privacy_tradeoff.png").exists() and not (out / "privacy_recon.png").exists()

@@ -8,7 +8,15 @@ from pathlib import Path
 from splitnn.errors import ConfigurationError
 
 #: Strengths used for a defense when ``--strengths`` does not name any.
-DEFAULT_STRENGTHS = {"nopeek": (0.5, 2.0, 5.0), "noise": (0.03, 0.1, 0.3), "label": (1.0, 3.0, 10.0)}
+DEFAULT_STRENGTHS = {
+    "nopeek": (0.5, 2.0, 5.0),
+    "noise": (0.03, 0.1, 0.3),
+    "label": (1.0, 3.0, 10.0),
+    "dp": (1.0, 3.0, 8.0),
+    "label-dp": (0.5, 1.0, 2.0),
+    "marvell": (1.0, 4.0, 16.0),
+    "mid": (0.1, 1.0, 10.0),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="NAMES",
-        help="comma-separated defenses among none,nopeek,noise,label (repeatable; default: all)",
+        help="comma-separated defenses among none,nopeek,noise,label,dp,label-dp,marvell,mid (repeatable; "
+        "default: all). dp: DP-SGD at the data holder, strength = target epsilon at --delta; label-dp: "
+        "randomized response, strength = epsilon; marvell: noise power budget; mid: KL weight lambda",
     )
     p.add_argument(
         "--strengths",
@@ -89,6 +99,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-epochs", type=int, default=30, help="epochs of the attacker's decoder (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and the defenses' noise")
     p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run every setting with seeds SEED..SEED+N-1; the table and privacy.json give each column's mean "
+        "and 95%% interval (default 1)",
+    )
+    p.add_argument(
+        "--attack",
+        action="append",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion (repeatable; "
+        "default: all)",
+    )
+    p.add_argument("--fsha-steps", type=int, default=500, help="training steps of the FSHA attacker (default 500)")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of the dp defense's budget (default 1e-5)")
+    p.add_argument(
+        "--dp-clip", type=float, default=1.0, help="per-example gradient norm bound of the dp defense (default 1)"
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("privacy-report"),
@@ -112,7 +142,8 @@ def parse_settings(defense_args: list[str] | None, strength_args: list[str] | No
     """The defense settings named by ``--defense`` and ``--strengths`` (baseline excluded)."""
     from splitnn.privacy.defenses import DEFENSE_NAMES, DefenseSetting
 
-    names = [n.strip() for arg in (defense_args or ["nopeek,noise,label"]) for n in arg.split(",") if n.strip()]
+    default = [",".join(DEFAULT_STRENGTHS)]
+    names = [n.strip() for arg in (defense_args or default) for n in arg.split(",") if n.strip()]
     unknown = [n for n in names if n not in DEFENSE_NAMES]
     if unknown:
         raise ConfigurationError(f"--defense: unknown defense {unknown[0]!r}; choose among {', '.join(DEFENSE_NAMES)}")
@@ -124,7 +155,7 @@ def parse_settings(defense_args: list[str] | None, strength_args: list[str] | No
             name = name.strip()
             if name not in DEFENSE_NAMES or name == "none":
                 raise ConfigurationError(
-                    f"--strengths {arg!r}: {name!r} is not a defense with a strength (nopeek, noise, label)"
+                    f"--strengths {arg!r}: {name!r} is not a defense with a strength ({', '.join(DEFAULT_STRENGTHS)})"
                 )
             per[name] = _floats(values, f"--strengths {name}=")
         else:
@@ -149,15 +180,33 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def parse_attacks(attack_args: list[str] | None) -> tuple[str, ...]:
+    """The attacks named by ``--attack`` (default: all)."""
+    from splitnn.privacy.experiment import ATTACK_NAMES
+
+    names = [n.strip() for arg in (attack_args or [",".join(ATTACK_NAMES)]) for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ATTACK_NAMES]
+    if unknown or not names:
+        raise ConfigurationError(
+            f"--attack: unknown or no attack {unknown[:1] or names}; choose among {', '.join(ATTACK_NAMES)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from splitnn.cli.format import table
     from splitnn.data.batching import check_seed
     from splitnn.privacy.attacks.inversion import InversionConfig
     from splitnn.privacy.experiment import PrivacyConfig, load_privacy_data, run_privacy_experiment
-    from splitnn.privacy.report import table_rows, write_report
+    from splitnn.privacy.report import THREATS, mean_result, summarize, summary_rows, table_rows, write_report
 
     check_seed(args.seed, "--seed")
     settings = parse_settings(args.defense, args.strengths)
+    attacks = parse_attacks(args.attack)
+    if isinstance(args.seeds, bool) or args.seeds < 1:
+        raise ConfigurationError(f"--seeds must be a positive integer, got {args.seeds}")
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < 0:
             raise ConfigurationError(f"{flag} must be >= 0 (0: all), got {value}")
@@ -178,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
         positive_class=args.positive_class,
         clip=args.clip,
         label_directions=args.label_directions,
+        delta=args.delta,
+        dp_clip=args.dp_clip,
+        attacks=attacks,
+        fsha_steps=args.fsha_steps,
         inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
         progress=not args.no_progress,
     )
@@ -189,11 +242,21 @@ def run(args: argparse.Namespace) -> int:
         f"splitnn privacy: {config.dataset}, {len(data.private)} private / {len(data.aux)} auxiliary / "
         f"{len(data.test)} test samples, MLP {'-'.join(map(str, config.hidden))} on {' -> '.join(config.workers)}, "
         f"{config.epochs} epochs; label attacks on class {config.positive_class} vs rest; "
-        f"{len(settings) + 1} settings",
+        f"{len(settings) + 1} settings; attacks {', '.join(attacks)}; seeds {args.seed}..{args.seed + args.seeds - 1}",
         flush=True,
     )
-    result = run_privacy_experiment(config, settings, data=data)
-    header, rows = table_rows(result)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results = [
+        run_privacy_experiment(
+            dataclasses.replace(config, seed=s, inversion=dataclasses.replace(config.inversion, seed=s)),
+            settings,
+            data=data,
+        )
+        for s in seeds
+    ]
+    summary = summarize(results) if len(results) > 1 else None
+    result = mean_result(results) if len(results) > 1 else results[0]
+    header, rows = summary_rows(summary) if summary is not None else table_rows(result)
     print()
     print(table(header, rows))
     print()
@@ -201,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
         f"reference classifier on the victims' true inputs: {result.clean_accuracy:.3f} (chance {result.chance:.3f}); "
         f"recon acc is the same classifier on the reconstructions"
     )
-    paths = write_report(result, args.out)
+    if summary is not None:
+        print(f"mean ±half-width of the 95% interval over {len(seeds)} seeds")
+    for name in attacks:
+        print(f"- {THREATS[name]}")
+    paths = write_report(result, args.out, seeds=seeds, summary=summary)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

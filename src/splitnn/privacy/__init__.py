@@ -1,8 +1,12 @@
 """Privacy at the cut, measured: attacks that show what leaks, defenses that reduce it, and their cost.
 
 Defenses (:mod:`splitnn.privacy.defenses`) are layers placed in the segment of the
-party that applies them: :class:`NoPeek` and :class:`CutNoise` at the data holder,
-:class:`LabelProtection` at the label holder. Attacks
+party that applies them: :class:`NoPeek`, :class:`CutNoise` and :class:`DPSegment`
+(DP-SGD with opacus's accountant) at the data holder; :class:`LabelProtection`,
+:class:`Marvell` and :class:`MIDLayer` at the label holder; :class:`LabelDP`
+randomizes the label holder's training labels. The active attack :class:`FSHA`
+drives the data holder's party through the worker protocol; :class:`ModelCompletion`
+is the data holder's label inference from its own trained segment. Attacks
 (:mod:`splitnn.privacy.attacks`) use only what the attacking party sees at the
 cut. :func:`run_privacy_experiment` trains with each defense setting, runs the
 attacks and returns the trade-off table; :mod:`splitnn.privacy.report` writes it
@@ -23,12 +27,18 @@ from splitnn.privacy.attacks import (
     train_decoder,
     train_reference_classifier,
 )
+from splitnn.privacy.attacks.completion import ModelCompletion, ModelCompletionConfig, few_labels
+from splitnn.privacy.attacks.fsha import FSHA, FSHAConfig, FSHAResult
 from splitnn.privacy.defenses import (
     DEFENSE_NAMES,
     CutNoise,
     DefenseOptions,
     DefenseSetting,
+    DPSegment,
+    LabelDP,
     LabelProtection,
+    Marvell,
+    MIDLayer,
     NoPeek,
     apply_defense,
 )
@@ -46,6 +56,16 @@ from splitnn.privacy.metrics import AUCAccumulator, distance_correlation, mse, r
 from splitnn.privacy.tap import CutTap
 
 __all__ = [
+    "DPSegment",
+    "LabelDP",
+    "Marvell",
+    "MIDLayer",
+    "FSHA",
+    "FSHAConfig",
+    "FSHAResult",
+    "ModelCompletion",
+    "ModelCompletionConfig",
+    "few_labels",
     "DEFENSE_NAMES",
     "DefenseSetting",
     "DefenseOptions",

@@ -49,7 +49,15 @@ from splitnn.privacy.attacks.inversion import (
     train_reference_classifier,
 )
 from splitnn.privacy.attacks.label_leakage import LabelLeakageAttack
-from splitnn.privacy.defenses import DefenseOptions, DefenseSetting, apply_defense
+from splitnn.privacy.defenses import (
+    DefenseOptions,
+    DefenseSetting,
+    DPSegment,
+    Marvell,
+    apply_defense,
+    defend_labels,
+    defense_loss,
+)
 from splitnn.privacy.metrics import distance_correlation
 from splitnn.privacy.tap import CutTap
 from splitnn.split import SplitNN
@@ -71,6 +79,9 @@ __all__ = [
 
 #: Number of victims kept (per setting) for the reconstruction grid.
 GRID_SAMPLES = 10
+
+#: Attacks an experiment can run, by name (see :class:`PrivacyConfig`).
+ATTACK_NAMES = ("inversion", "label-leakage", "dcor", "fsha", "model-completion")
 
 
 def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -98,7 +109,11 @@ class PrivacyConfig:
         positive_class: the class that is "positive" in the binary label-leakage task.
         clip: the per-sample activation norm bound C of the ``noise`` defense.
         label_directions: principal directions that receive noise in the ``label`` defense.
+        delta: the delta of the ``dp`` defense's (epsilon, delta) budget.
+        dp_clip: the ``dp`` defense's per-example gradient norm bound.
         inversion: decoder / reference classifier training.
+        attacks: which attacks run (names of :data:`ATTACK_NAMES`); the columns of the others are NaN.
+        fsha_steps: training steps of the FSHA attacker (the ``fsha`` attack).
         progress: show progress bars.
     """
 
@@ -118,7 +133,11 @@ class PrivacyConfig:
     positive_class: int = 0
     clip: float = 4.0
     label_directions: int = 1
+    delta: float = 1e-5
+    dp_clip: float = 1.0
     inversion: InversionConfig = field(default_factory=InversionConfig)
+    attacks: tuple[str, ...] = ("inversion", "label-leakage", "dcor")
+    fsha_steps: int = 500
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -155,20 +174,34 @@ class PrivacyConfig:
         if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, int) or self.positive_class < 0:
             raise ConfigurationError(f"positive_class must be a class index >= 0, got {self.positive_class!r}")
         self.defense_options()  # validates clip and label_directions
+        unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
+        if unknown or not self.attacks:
+            raise ConfigurationError(
+                f"attacks: unknown or no attack {unknown[:1] or list(self.attacks)}; "
+                f"choose among {', '.join(ATTACK_NAMES)}"
+            )
+        _positive_int("fsha_steps", self.fsha_steps)
         if not isinstance(self.inversion, InversionConfig):
             raise ConfigurationError("inversion must be an InversionConfig")
 
-    def defense_options(self, seed: int | None = None) -> DefenseOptions:
-        """The options every defense of this experiment uses (``seed``: of their random streams)."""
+    def defense_options(self, seed: int | None = None, *, sample_rate: float | None = None) -> DefenseOptions:
+        """The options every defense of this experiment uses (``seed``: of their random streams;
+        ``sample_rate``: batch size / training set size, for ``dp``)."""
         return DefenseOptions(
-            clip=self.clip, label_directions=self.label_directions, seed=self.seed if seed is None else seed
+            clip=self.clip,
+            label_directions=self.label_directions,
+            seed=self.seed if seed is None else seed,
+            delta=self.delta,
+            sample_rate=sample_rate,
+            epochs=self.epochs,
+            dp_clip=self.dp_clip,
         )
 
     def to_dict(self) -> dict:
         """JSON-friendly view of the configuration."""
         d = asdict(self)
         d["data_dir"] = None if self.data_dir is None else str(self.data_dir)
-        d["hidden"], d["workers"] = list(self.hidden), list(self.workers)
+        d["hidden"], d["workers"], d["attacks"] = list(self.hidden), list(self.workers), list(self.attacks)
         return d
 
 
@@ -230,6 +263,11 @@ class DefendedModel:
     model: SplitNN
     tap: CutTap
     setting: DefenseSetting
+    dp: DPSegment | None = None
+
+    def epsilon(self, delta: float) -> float:
+        """The ``dp`` defense's privacy spent at ``delta`` so far (NaN without ``dp``)."""
+        return math.nan if self.dp is None else self.dp.epsilon(delta)
 
 
 def build_defended_model(
@@ -240,22 +278,29 @@ def build_defended_model(
     *,
     defense_seed: int | None = None,
     fuse: bool = True,
+    train_size: int | None = None,
 ) -> DefendedModel:
     """The tutorial MLP of ``config`` on in-process workers, with ``setting`` applied and a tap at the cut.
 
     Initial weights come from ``torch.manual_seed(config.seed)`` (the global RNG
     is restored afterwards), so every setting starts from the same weights.
+    ``train_size`` (the training set's size) sets ``dp``'s sampling rate.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=num_classes)
     segments, parties = merge_party_segments(segments, config.workers)
-    segments = apply_defense(segments, setting, config.defense_options(defense_seed))
+    rate = None if train_size is None else min(1.0, config.batch_size / train_size)
+    segments = apply_defense(segments, setting, config.defense_options(defense_seed, sample_rate=rate))
+    for m in segments[-1].modules():
+        if isinstance(m, Marvell):  # on the main task, Marvell hides the positive class against the rest
+            m.positive = config.positive_class if num_classes > 2 else None
     tap = CutTap()
     segments[0] = nn.Sequential(segments[0], tap)
     workers = [VirtualWorker(name, fuse=fuse) for name in parties]
-    model = SplitNN(segments, workers, optimizer=f"sgd:lr={config.lr}")
-    return DefendedModel(model, tap, setting)
+    dp = next((m for m in segments[0].modules() if isinstance(m, DPSegment)), None)
+    model = SplitNN(segments, workers, optimizer=f"sgd:lr={config.lr}", loss=defense_loss(segments))
+    return DefendedModel(model, tap, setting, dp)
 
 
 BatchObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -275,6 +320,7 @@ def train_defended(
     the activation the data holder sent and the gradient it got back.
     """
     model, tap = defended.model, defended.tap
+    train = defend_labels(train, defended.setting, config.defense_options())
     name, n = model.prepare(train)
     tap.take()
     steps = [
@@ -317,7 +363,13 @@ class PrivacyRow:
     minus this one; ``recon_mse``/``recon_ssim``/``recon_accuracy``: inversion
     quality on the victims; ``norm_auc``/``cosine_auc``: label attacks on the
     binary task; ``dcor``: distance correlation of victims' inputs and activations;
-    ``binary_accuracy``: test accuracy of the binary model.
+    ``binary_accuracy``: test accuracy of the binary model; ``epsilon``: the privacy
+    budget spent by ``dp`` (at the config's delta, opacus's RDP accountant) or given to
+    ``label-dp``, NaN for the other defenses; ``fsha_mse``: the FSHA attacker's
+    reconstruction MSE (pixels on [0, 1]) over its last 10 steps;
+    ``completion_accuracy``: the data holder's model-completion accuracy on the test
+    set from its trained segment and 4 known labels per class (from the auxiliary
+    sample). Columns of attacks that did not run are NaN.
     """
 
     defense: str
@@ -331,6 +383,9 @@ class PrivacyRow:
     cosine_auc: float
     dcor: float
     binary_accuracy: float
+    epsilon: float
+    fsha_mse: float
+    completion_accuracy: float
     seconds: float
 
     @property
@@ -382,7 +437,7 @@ def _run_setting(
     in_features = int(math.prod(data.private.features.shape[1:]))
     victims = config.victims
     # 1. main task; the receiving party keeps the victims' activations of the last epoch
-    main = build_defended_model(config, setting, data.private.num_classes, in_features)
+    main = build_defended_model(config, setting, data.private.num_classes, in_features, train_size=len(data.private))
     victim_acts: list[torch.Tensor | None] = [None] * victims
 
     def keep_victims(epoch: int, idx: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
@@ -393,43 +448,96 @@ def _run_setting(
 
     train_defended(main, data.private, config, keep_victims, desc=f"{setting.label}: main task")
     accuracy = main.model.evaluate(data.test).accuracy
-    acts = torch.stack(victim_acts)  # type: ignore[arg-type]
-    # 2. inversion by the receiving party
-    aux_acts = query_cut_activations(main.model, data.aux.features)
-    decoder = train_decoder(aux_acts, data.aux.features, config.inversion, progress=config.progress)
-    truth = data.private.features[:victims]
-    recon = reconstruct(decoder, acts)
-    inv = evaluate_reconstructions(recon, truth, data.private.labels[:victims], classifier)
-    # 3. model-free leakage
-    dcor = float(distance_correlation(truth.double(), acts.double()))
-    # 4. label leakage on the binary task
-    train_bin, test_bin = binary
-    attack = LabelLeakageAttack()
-    labels = train_bin.labels
-    side = build_defended_model(config, setting, 2, in_features, defense_seed=config.seed + 1)
-    train_defended(
-        side,
-        train_bin,
-        config,
-        lambda e, idx, a, g: attack.observe(g, labels[idx]),
-        desc=f"{setting.label}: binary task",
+    epsilon = (
+        main.epsilon(config.delta)
+        if setting.name == "dp"
+        else (setting.strength if setting.name == "label-dp" else math.nan)
     )
-    leak = attack.result()
-    binary_accuracy = side.model.evaluate(test_bin).accuracy
+    nan = math.nan
+    recon_mse = recon_ssim = recon_acc = dcor = nan
+    recon = torch.full((0, *data.private.features.shape[1:]), nan)
+    if "inversion" in config.attacks or "dcor" in config.attacks:
+        acts = torch.stack(victim_acts)  # type: ignore[arg-type]
+        truth = data.private.features[:victims]
+    if "inversion" in config.attacks:
+        # 2. inversion by the receiving party
+        aux_acts = query_cut_activations(main.model, data.aux.features)
+        decoder = train_decoder(aux_acts, data.aux.features, config.inversion, progress=config.progress)
+        recon = reconstruct(decoder, acts)
+        inv = evaluate_reconstructions(recon, truth, data.private.labels[:victims], classifier)
+        recon_mse, recon_ssim, recon_acc = inv.mse, inv.ssim, inv.classifier_accuracy
+    if "dcor" in config.attacks:
+        # 3. model-free leakage
+        dcor = float(distance_correlation(truth.double(), acts.double()))
+    norm_auc = cosine_auc = binary_accuracy = nan
+    if "label-leakage" in config.attacks:
+        # 4. label leakage on the binary task
+        train_bin, test_bin = binary
+        attack = LabelLeakageAttack()
+        labels = train_bin.labels
+        side = build_defended_model(
+            config, setting, 2, in_features, defense_seed=config.seed + 1, train_size=len(train_bin)
+        )
+        train_defended(
+            side,
+            train_bin,
+            config,
+            lambda e, idx, a, g: attack.observe(g, labels[idx]),
+            desc=f"{setting.label}: binary task",
+        )
+        leak = attack.result()
+        norm_auc, cosine_auc = leak.norm_auc, leak.cosine_auc
+        binary_accuracy = side.model.evaluate(test_bin).accuracy
+    fsha_mse = _run_fsha(config, setting, data, in_features) if "fsha" in config.attacks else nan
+    completion = nan
+    if "model-completion" in config.attacks:
+        # 6. model completion by the data holder: its own segment's outputs, 4 known labels per class
+        from splitnn.privacy.attacks.completion import ModelCompletion, few_labels
+
+        known = few_labels(data.aux.labels, 4, data.aux.num_classes)
+        head = ModelCompletion(data.aux.num_classes).fit(
+            query_cut_activations(main.model, data.aux.features[known]), data.aux.labels[known]
+        )
+        completion = head.accuracy(query_cut_activations(main.model, data.test.features), data.test.labels)
     row = dict(
         defense=setting.name,
         strength=setting.strength,
         accuracy=accuracy,
-        recon_mse=inv.mse,
-        recon_ssim=inv.ssim,
-        recon_accuracy=inv.classifier_accuracy,
-        norm_auc=leak.norm_auc,
-        cosine_auc=leak.cosine_auc,
+        recon_mse=recon_mse,
+        recon_ssim=recon_ssim,
+        recon_accuracy=recon_acc,
+        norm_auc=norm_auc,
+        cosine_auc=cosine_auc,
         dcor=dcor,
         binary_accuracy=binary_accuracy,
+        epsilon=epsilon,
+        fsha_mse=fsha_mse,
+        completion_accuracy=completion,
         seconds=time.perf_counter() - start,
     )
     return row, recon[:GRID_SAMPLES]
+
+
+def _run_fsha(config: PrivacyConfig, setting: DefenseSetting, data: PrivacyData, in_features: int) -> float:
+    """FSHA against the data holder's (defended) segment, fresh from the initial weights; final MSE."""
+    from splitnn.privacy.attacks.fsha import FSHA, FSHAConfig
+
+    victim = build_defended_model(config, setting, data.private.num_classes, in_features, train_size=len(data.private))
+    stage = victim.model.stages[0]
+    stage.worker.add_dataset("fsha-private", features=data.private.features, replace=True)
+    n = len(data.private)
+    batches: list[torch.Tensor] = []
+    epoch = 0
+    while len(batches) < config.fsha_steps:
+        batches += epoch_batches(n, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+        epoch += 1
+    probe = query_cut_activations(victim.model, data.aux.features[:2])
+    attacker = FSHA(
+        data.aux.features, int(probe[0].numel()), FSHAConfig(seed=config.seed, batch_size=config.batch_size)
+    )
+    return attacker.attack(
+        stage.worker, stage.key, "fsha-private", batches[: config.fsha_steps], data.private.features
+    ).final_mse()
 
 
 def run_privacy_experiment(
@@ -454,7 +562,8 @@ def run_privacy_experiment(
     for setting in tqdm(settings, desc="privacy", unit="setting", disable=not config.progress):
         row, grid = _run_setting(config, setting, data, classifier, binary)
         raw_rows.append(row)
-        grids[setting.label] = grid
+        if grid.shape[0]:
+            grids[setting.label] = grid
     base = raw_rows[0]["accuracy"]
     rows = [PrivacyRow(accuracy_drop=base - r["accuracy"], **r) for r in raw_rows]
     return PrivacyResult(config, rows, clean, 1.0 / data.private.num_classes, victims[:GRID_SAMPLES].clone(), grids)

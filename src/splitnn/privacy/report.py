@@ -42,6 +42,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cosine_auc", "cos AUC", "{:.3f}"),
     ("binary_accuracy", "bin acc", "{:.3f}"),
     ("dcor", "dCor", "{:.3f}"),
+    ("epsilon", "epsilon", "{:.2f}"),
+    ("fsha_mse", "FSHA MSE", "{:.4f}"),
+    ("completion_accuracy", "completion acc", "{:.3f}"),
 )
 
 
@@ -85,8 +88,92 @@ def _jsonable(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def write_json(result: PrivacyResult, path: Path) -> Path:
-    """Configuration, rows, reference accuracies as JSON."""
+#: Per attack: who attacks whom, and what the attacker sees (printed under the table, kept in privacy.json).
+THREATS = {
+    "inversion": "recon MSE/SSIM/acc: the receiving party (bob) reconstructs the data holder's inputs from the "
+    "activations it received, with a decoder trained on auxiliary public data and query access to her segment",
+    "dcor": "dCor: model-free dependence between the data holder's inputs and the activations anyone at the cut sees",
+    "label-leakage": "norm/cos AUC: the data holder (alice) infers the label holder's labels (binary task) from the "
+    "gradients she received, knowing one positive per batch",
+    "fsha": "FSHA MSE: a malicious label holder sends crafted gradients to hijack the data holder's segment, then "
+    "decodes the activations it receives (auxiliary public data)",
+    "model-completion": "completion acc: the data holder labels test samples with her own trained segment and a head "
+    "fitted on 4 known labels per class",
+}
+
+#: Columns of a row that are measurements (averaged over seeds).
+MEASURED = tuple(name for name in PrivacyRow.__dataclass_fields__ if name not in ("defense", "strength"))
+
+
+def _interval(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and 95% Student-t interval of ``values`` (NaNs left out)."""
+    from scipy import stats
+
+    xs = [v for v in values if not math.isnan(v)]
+    if not xs:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": 1}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    half = float(stats.t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(xs)}
+
+
+def summarize(results: Sequence[PrivacyResult]) -> list[dict]:
+    """Per setting (in the first result's order): every measured column's mean and 95% interval over the results
+    (one per seed)."""
+    out = []
+    for row in results[0].rows:
+        same = [res.row(row.defense, row.strength) for res in results]
+        entry: dict = {"defense": row.defense, "strength": row.strength}
+        for name in MEASURED:
+            entry[name] = _interval([float(getattr(r, name)) for r in same])
+        out.append(entry)
+    return out
+
+
+def mean_result(results: Sequence[PrivacyResult]) -> PrivacyResult:
+    """A result whose rows are the per-setting means over ``results`` (the first result's grids and config)."""
+    first = results[0]
+    rows = []
+    for entry in summarize(results):
+        values = {k: (math.nan if v["mean"] is None else v["mean"]) for k, v in entry.items() if isinstance(v, dict)}
+        rows.append(PrivacyRow(defense=entry["defense"], strength=entry["strength"], **values))
+    return PrivacyResult(
+        first.config,
+        rows,
+        sum(r.clean_accuracy for r in results) / len(results),
+        first.chance,
+        first.grid_inputs,
+        first.grid_reconstructions,
+    )
+
+
+def summary_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table of :func:`summarize`: ``mean ±half-width`` per column."""
+    header = [h for _, h, _ in COLUMNS]
+    rows = []
+    for entry in summary:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = entry[key]
+            if not isinstance(v, dict):
+                cells.append(fmt.format(v))
+            elif v["mean"] is None:
+                cells.append("nan")
+            elif v["low"] is None:
+                cells.append(fmt.format(v["mean"]))
+            else:
+                cells.append(f"{fmt.format(v['mean'])} ±{(v['high'] - v['low']) / 2:.3g}")
+        rows.append(cells)
+    return header, rows
+
+
+def write_json(
+    result: PrivacyResult, path: Path, *, seeds: Sequence[int] | None = None, summary: list[dict] | None = None
+) -> Path:
+    """Configuration, rows, reference accuracies as JSON (with ``seeds`` and their ``summary`` when given)."""
     path = Path(path)
     _check_dir(path)
     doc = {
@@ -95,6 +182,11 @@ def write_json(result: PrivacyResult, path: Path) -> Path:
         "chance": result.chance,
         "rows": [{k: _jsonable(v) for k, v in asdict(r).items()} for r in result.rows],
     }
+    doc["threats"] = {a: THREATS[a] for a in result.config.attacks}
+    if seeds is not None:
+        doc["seeds"] = list(seeds)
+    if summary is not None:
+        doc["summary"] = summary
     atomic_write_text(path, json.dumps(doc, indent=2))
     return path
 
@@ -176,10 +268,18 @@ def plot_reconstructions(result: PrivacyResult, path: Path, settings: Sequence[D
     return path
 
 
-def write_report(result: PrivacyResult, out_dir: Path, *, prefix: str = "privacy") -> dict[str, Path]:
+def write_report(
+    result: PrivacyResult,
+    out_dir: Path,
+    *,
+    prefix: str = "privacy",
+    seeds: Sequence[int] | None = None,
+    summary: list[dict] | None = None,
+) -> dict[str, Path]:
     """Write CSV, JSON, the trade-off figure, one reconstruction grid per defense and one with every setting.
 
-    ``out_dir`` is created if needed. Returns the written paths by kind.
+    ``out_dir`` is created if needed. Returns the written paths by kind. With several seeds,
+    pass the :func:`mean_result` and the :func:`summarize` of the per-seed results.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -187,10 +287,12 @@ def write_report(result: PrivacyResult, out_dir: Path, *, prefix: str = "privacy
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "csv": write_csv(result, out_dir / f"{prefix}.csv"),
-        "json": write_json(result, out_dir / f"{prefix}.json"),
+        "json": write_json(result, out_dir / f"{prefix}.json", seeds=seeds, summary=summary),
         "tradeoff": plot_tradeoff(result, out_dir / f"{prefix}_tradeoff.png"),
-        "reconstructions": plot_reconstructions(result, out_dir / f"{prefix}_recon.png"),
     }
+    if not result.grid_reconstructions:  # the inversion attack did not run
+        return paths
+    paths["reconstructions"] = plot_reconstructions(result, out_dir / f"{prefix}_recon.png")
     base = [r.setting for r in result.rows if r.defense == "none"]
     for name in dict.fromkeys(r.defense for r in result.rows if r.defense != "none"):
         settings = base + sorted((r.setting for r in result.rows if r.defense == name), key=lambda s: s.strength)

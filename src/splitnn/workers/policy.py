@@ -18,12 +18,19 @@ The rules (a TOML or JSON file with these keys; each optional)::
     datasets = ["mnist-train"]         # the only datasets of ours a model may read
     psi_peers = ["lab"]                # the only parties we run private set intersection with (default: peers)
     max_psi_runs = 1                   # PSI runs each of our datasets takes part in, over the worker's life
+    detect_hijack = 1.1                # SplitGuard-style probes on our gradients; stop below this score
 
 ``refuse_passthrough`` and ``min_reduction`` are a *heuristic* guard for parties that do not
 pin fingerprints: :func:`passthrough_reason` reads the segment's layers, and a researcher
 who wants to leak the data can still find a map it does not recognise (a learned one,
 even). Pinning ``accept_segments`` is the guard that holds; the heuristic is for the rest.
 A segment whose fingerprint is pinned is not judged by the heuristic.
+
+``detect_hijack`` runs :class:`~splitnn.workers.guard.HijackGuard` on every segment that reads
+this party's data: now and then a fake-label batch, and a check that the gradients that come
+back depend on the labels as a real task's do. When they do not (a server hijacking the
+segment, FSHA), the party refuses that gradient and every later one, and writes why in its
+audit log. The value is the score threshold (1.1 suits classification with balanced classes).
 
 This module is pure: it evaluates a policy against a segment spec, shapes, a dataset name or
 a peer, and raises; the engine (:class:`~splitnn.workers.VirtualWorker`) and the server call it.
@@ -59,6 +66,7 @@ __all__ = [
     "check_dataset",
     "check_peer",
     "check_psi",
+    "check_hijack",
 ]
 
 _RULES = (
@@ -71,6 +79,7 @@ _RULES = (
     "datasets",
     "psi_peers",
     "max_psi_runs",
+    "detect_hijack",
 )
 
 
@@ -97,6 +106,8 @@ class WorkerPolicy:
             ``peers``, and without that rule any party the researcher's session names as a peer).
         max_psi_runs: how many PSI runs each of the party's datasets takes part in, counted over the
             worker's life across all sessions (``None``: no limit; ``0``: no PSI at all).
+        detect_hijack: run the hijack detector on data-reading segments, with this score
+            threshold (``None``: off).
     """
 
     release_outputs: bool = True
@@ -108,6 +119,7 @@ class WorkerPolicy:
     datasets: tuple[str, ...] | None = None
     psi_peers: tuple[str, ...] | None = None
     max_psi_runs: int | None = None
+    detect_hijack: float | None = None
 
     def __post_init__(self) -> None:
         check = _Checker("WorkerPolicy")
@@ -135,6 +147,11 @@ class WorkerPolicy:
             value = self.max_psi_runs
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"policy rule max_psi_runs must be an integer >= 0, got {value!r}")
+        if self.detect_hijack is not None:
+            value = self.detect_hijack
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(f"policy rule detect_hijack must be a positive number, got {value!r}")
+            object.__setattr__(self, "detect_hijack", float(value))
         for rule in ("peers", "datasets", "psi_peers"):
             value = getattr(self, rule)
             if value is not None:
@@ -278,6 +295,12 @@ def check_reduction(
                 f"it turns {n_in:,} values per sample into {n_out:,}, a reduction of {n_in / max(n_out, 1):.3g}x; "
                 f"the policy asks for at least {policy.min_reduction:g}x",
             )
+
+
+def check_hijack(worker: str, key: str, reason: str | None) -> None:
+    """Refuse gradients for segment ``key`` once the hijack detector raised its alarm (``reason``)."""
+    if reason is not None:
+        raise _refuse(worker, "detect_hijack", f"gradients for segment {key!r}", reason)
 
 
 def check_dataset(policy: WorkerPolicy, worker: str, dataset: str) -> None:

@@ -80,13 +80,22 @@ from splitnn.workers.checkpoint import (
 )
 from splitnn.workers.checks import check_averaging, check_segment, check_sources, no_training_forward, unreachable
 from splitnn.workers.devices import RESEARCHER_DEVICE, resolve_device, state_to_cpu, to_device
+from splitnn.workers.guard import HijackGuard
 from splitnn.workers.held import HeldData
 from splitnn.workers.inflight import Drift, Flight, check_prediction, detached_input, flight_forward, take_grads
 from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
-from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_psi, check_reduction
+from splitnn.workers.policy import (
+    WorkerPolicy,
+    check_dataset,
+    check_hijack,
+    check_install,
+    check_peer,
+    check_psi,
+    check_reduction,
+)
 from splitnn.workers.psi import PsiParty, PsiRuns
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
@@ -169,6 +178,7 @@ class VirtualWorker:
         self.policy = policy or WorkerPolicy()
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.audit = audit
+        self._hijack_guards: dict[str, HijackGuard] = {}  # policy rule detect_hijack, per data-reading segment
         self.audit_session: str | None = None  # the session tag a networked worker writes on audit lines
         # The party's own datasets, which the policy's ``datasets`` rule guards and the audit log
         # records (None: every dataset held here; a networked session sets the party's --data ones)
@@ -322,6 +332,8 @@ class VirtualWorker:
         out = hosted.module(x)
         if type(out) is not torch.Tensor:
             out = _output(out, key, self.name)
+        if input_kind == "data" and self.policy.detect_hijack is not None and type(out) is torch.Tensor:
+            out = self._hijack_guard(key).wrap(out)
         hosted.inp, hosted.out, hosted.input_kind = x, out, input_kind
         hosted.source = source.owner if isinstance(source, TensorRef) else self.name
         return self._keep(out, "activation", hosted.send_out)
@@ -356,7 +368,9 @@ class VirtualWorker:
             raise no_training_forward(self.name, key)
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
+        self._check_hijack(key)
         self._backprop(hosted, grad)
+        self._check_hijack(key)
         kind, inp = hosted.input_kind, hosted.inp
         hosted.inp = hosted.out = None
         if kind == "data":
@@ -430,6 +444,7 @@ class VirtualWorker:
             p.grad = None
 
     def step(self, key: str) -> None:
+        self._check_hijack(key)
         opt = self._segment(key).optimizer
         if opt is not None:
             opt.step()
@@ -687,6 +702,19 @@ class VirtualWorker:
         with it): without a ``peers`` rule in the policy, only they may pull this party's tensors.
         A model declares them when it places its segments; declarations of several models add up."""
         self.neighbours = frozenset(self.neighbours or ()) | {n for n in names if n != self.name}
+
+    def _hijack_guard(self, key: str) -> HijackGuard:
+        """The hijack detector of data-reading segment ``key`` (policy rule ``detect_hijack``)."""
+        guard = self._hijack_guards.get(key)
+        if guard is None:
+            guard = self._hijack_guards[key] = HijackGuard(threshold=self.policy.detect_hijack)
+        return guard
+
+    def _check_hijack(self, key: str) -> None:
+        """Refuse gradients for ``key`` once its hijack detector has tripped (recorded once in the audit log)."""
+        guard = self._hijack_guards.get(key)
+        if guard is not None and guard.tripped:
+            self._guard(check_hijack, self.name, key, guard.reason)
 
     def _guard(self, check, *args, **kwargs) -> None:
         """Run a policy check; record a refusal in the audit log before raising it."""
