@@ -28,6 +28,7 @@ from splitnn.split.stage import (
     Stage,
     check_static_fit,
     declare_adjacency,
+    feature_probe,
     format_shape,
     probe_chain,
     slot_label,
@@ -265,7 +266,7 @@ class SplitNN:
                 f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
                 f"{labels.num_labels} labels at {self.label_holder.name!r}"
             )
-        out_shape = probe_chain(self.stages, (2, *feats.feature_shape))
+        out_shape = probe_chain(self.stages, feature_probe(feats))
         if is_several(out_shape):
             raise ConfigurationError(
                 f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
