@@ -324,6 +324,10 @@ def _segment_graph(
         for n in live[k - 1]:
             env[n] = g.placeholder(n.name)
     last = k == len(live)
+    members = {n for n in graph.nodes if n in extra or (parts.get(n) == k and n.op != "placeholder")}
+    for n in graph.nodes:  # attributes first, in the model's order: the segment's parameters keep the model's order
+        if n.op == "get_attr" and any(u in members or (last and u.op == "output") for u in n.users):
+            env[n] = g.node_copy(n)
     for n in graph.nodes:
         if n.op == "output":
             if last:

@@ -85,17 +85,6 @@ def _inputs(example: object) -> tuple[tuple, dict]:
     )
 
 
-def _dynamic_batch(value: object) -> object:
-    """Export's ``dynamic_shapes`` for ``value``: the first dimension of every tensor left to export."""
-    if isinstance(value, torch.Tensor):
-        return {0: torch.export.Dim.AUTO} if value.dim() else None
-    if isinstance(value, (tuple, list)):
-        return type(value)(_dynamic_batch(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _dynamic_batch(v) for k, v in value.items()}
-    return None
-
-
 def export_graph(model: nn.Module, example: object, output: str | int | None) -> fx.GraphModule:
     """``model`` exported on ``example`` (see the module docstring); ConfigurationError naming the fix otherwise."""
     args, kwargs = _inputs(example)
@@ -105,12 +94,14 @@ def export_graph(model: nn.Module, example: object, output: str | int | None) ->
                 f"example input {name!r} has a batch of {t.shape[0]}; give an example batch of 2 or more rows so "
                 "that the segments take any batch size (export fixes a dimension of size 1)"
             )
-    dynamic = _dynamic_batch(args) if not kwargs else {**dict(_dynamic_batch(kwargs))}
-    if args and kwargs:
-        raise ConfigurationError("example= is either a tuple of positional inputs or a dict of keyword inputs")
+    shapes = torch.export.ShapesCollection()  # the batch dimension of every input tensor, by identity
+    for t in [*args, *kwargs.values()]:
+        if isinstance(t, torch.Tensor) and t.dim():
+            shapes[t] = {0: torch.export.Dim.AUTO}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            dynamic = shapes.dynamic_shapes(model, args, kwargs)
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:  # export's own errors name the line of the model that failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -153,6 +153,8 @@ def fit(
     resume: bool = False,
     retries: int = 3,
     pipeline: int = 1,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -174,6 +176,15 @@ def fit(
     updates); every party applies its updates in batch order, and each epoch fills and
     drains the pipeline (see :mod:`splitnn.workers.schedules`).
     ``pipeline=1`` (the default) is lock-step, bit-identical to the monolithic model.
+
+    The fine-tuning recipe (split chains on in-process workers, lock-step): ``accumulate=N``
+    sums the gradients of N consecutive batches of an epoch (each batch's loss divided by the
+    number of batches in its group; an epoch's last group may be shorter) before one optimizer
+    step; ``clip_grad_norm=c`` clips the gradients by their global 2-norm over every party's
+    parameters before each step, exactly ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)``
+    on the unsplit model: each party shares one norm per parameter tensor, never a gradient
+    (:func:`splitnn.split.schedule.clip_global_norm`). Learning-rate schedules and weight decay
+    rules are part of the optimizer spec (:class:`splitnn.wire.OptimizerSpec`), stepped per step.
 
     Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
     writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
@@ -199,6 +210,8 @@ def fit(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
+    _check_positive("accumulate", accumulate)
+    recipe = _check_recipe(model, accumulate, clip_grad_norm, pipeline, checkpoint_every if checkpoint_dir else None)
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -237,6 +250,7 @@ def fit(
             position = _restore(job, manifest, history)
     last = initial_epoch + epochs
     run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
+    run.recipe = recipe
     attempts = 0
     with _resume_attempts(model, retries):
         while position.epoch < last:
@@ -279,6 +293,7 @@ class _Run:
         self.model, self.name, self.n, self.batch_size, self.pipeline = model, name, n, batch_size, pipeline
         self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
         self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
+        self.recipe: tuple[int, float | None] | None = None  # (accumulate, clip_grad_norm): see fit
 
     def epoch(self, position: Position, history: History) -> Position:
         model, job, n = self.model, self.job, self.n
@@ -309,7 +324,9 @@ class _Run:
                     stop = min(stop, position.batch + job.every - position.step % job.every)
                 whole = position.batch == 0 and stop == len(batches)
                 chunk = batches[position.batch : stop]
-                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar, self.pipeline)
+                position.loss_sum += _train_epoch(
+                    model, self.name, chunk, order if whole else None, bar, self.pipeline, self.recipe
+                )
                 position.step += stop - position.batch
                 position.batch = stop
                 if job is not None and job.due(position, len(batches)):
@@ -376,8 +393,39 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
                 ) from fault
 
 
+def _check_recipe(
+    model: object, accumulate: int, clip: float | None, pipeline: int, every: object
+) -> tuple[int, float | None] | None:
+    """``(accumulate, clip_grad_norm)`` when the fine-tuning recipe is asked for (checked), else None."""
+    if accumulate == 1 and clip is None:
+        return None
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0
+    ):
+        raise ConfigurationError(f"clip_grad_norm must be a finite number > 0 (e.g. 1.0), got {clip!r}")
+    if not callable(getattr(model, "train_steps", None)):
+        raise ConfigurationError(
+            f"{type(model).__name__} cannot accumulate or clip across its parties; accumulate= and clip_grad_norm= "
+            "train split chains (SplitNN, UShapedSplitNN)"
+        )
+    if pipeline != 1:
+        raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
+    if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
+        raise ConfigurationError(
+            f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "
+            "give a multiple of accumulate"
+        )
+    return accumulate, None if clip is None else float(clip)
+
+
 def _train_epoch(
-    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm, pipeline: int
+    model: Trainable,
+    name: str,
+    batches: list[torch.Tensor],
+    order: dict | None,
+    bar: tqdm,
+    pipeline: int,
+    recipe: tuple[int, float | None] | None = None,
 ) -> float:
     """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
     total, done = 0.0, 0
@@ -391,7 +439,12 @@ def _train_epoch(
         bar.update(1)
 
     train_epoch = getattr(model, "train_epoch", None)
-    if pipeline != 1:
+    if recipe is not None:
+        accumulate, clip = recipe
+        for i in range(0, len(batches), accumulate):
+            for stats in model.train_steps(name, batches[i : i + accumulate], clip_grad_norm=clip):
+                on_batch(stats)
+    elif pipeline != 1:
         train_epoch(name, batches, on_batch, order=order, pipeline=pipeline)
     elif callable(train_epoch):
         train_epoch(name, batches, on_batch, order=order)

@@ -423,6 +423,23 @@ class VirtualWorker:
         if opt is not None:
             opt.step()
 
+    def grad_norms(self, key: str) -> torch.Tensor:
+        """The 2-norm of each gradient of segment ``key``'s trainable parameters (those that have one, in
+        order), for clipping by the global norm across parties: one number per tensor, never a gradient
+        (recorded as control bytes to the researcher)."""
+        grads = [p.grad for p in self._segment(key).params if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]) if grads else torch.zeros(0)
+        self.ledger.record(self.name, RESEARCHER, "control", value_nbytes(norms))
+        return norms.to(RESEARCHER_DEVICE)
+
+    def clip_grads(self, key: str, max_norm: float, total_norm: torch.Tensor) -> None:
+        """Scale segment ``key``'s gradients as ``torch.nn.utils.clip_grads_with_norm_`` does for the global
+        ``total_norm`` (the norm over every party's gradients, from their :meth:`grad_norms`)."""
+        params = [p for p in self._segment(key).params if p.grad is not None]
+        self.ledger.record(RESEARCHER, self.name, "control", value_nbytes(total_norm))
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, self._here(total_norm))
+
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
         tensor, stored_kind = self._peek(ref)
         if type(tensor) is Encoded:  # encoded for a peer: the researcher gets what the peer would decode
@@ -441,9 +458,15 @@ class VirtualWorker:
         # to the researcher's CPU; differentiably, so a loss computed there back-propagates into this worker
         return tensor if self.device == RESEARCHER_DEVICE else to_device(tensor, RESEARCHER_DEVICE)
 
-    def get_state(self, key: str) -> dict[str, torch.Tensor]:
+    def get_state(self, key: str, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Segment ``key``'s state dict (``trainable_only``: its trainable parameters only, e.g. LoRA adapters)."""
         self._check_readable("weights")
-        state = state_to_cpu(self._segment(key).module.state_dict())
+        module = self._segment(key).module
+        state = module.state_dict()
+        if trainable_only:
+            names = {n for n, p in module.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        state = state_to_cpu(state)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(state))
         return state
 
