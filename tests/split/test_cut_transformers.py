@@ -163,3 +163,37 @@ def test_token_ids_are_features():
     assert data.features.dtype == torch.int64
     with pytest.raises(splitnn.errors.DataError, match="float32 \\(or int64 token ids\\)"):
         splitnn.Dataset(ids.int(), ids[:, 0])
+
+
+def test_bert_with_a_padding_mask_trains_through_the_low_level_loop_equal_to_its_twin():
+    """Two keyword inputs (input_ids, attention_mask) become the first segment's two inputs; the mask, being
+    data, crosses the cut forward (it needs no gradient) and every step equals the unsplit model's."""
+    torch.manual_seed(0)
+    model = tm.bert()
+    ids = _ids(8, 9)
+    mask = torch.ones_like(ids)
+    mask[:4, 10:] = 0  # the first four rows are padded
+    labels = torch.randint(0, tm.CLASSES, (8,), generator=torch.Generator().manual_seed(1))
+    segments = splitnn.cut(model, ["bert.encoder.layer.2"], example={"input_ids": ids, "attention_mask": mask})
+    twin = copy.deepcopy(model)
+    make = lambda p: torch.optim.AdamW(p, lr=1e-2)  # noqa: E731
+    split = splitnn.SplitNN(segments, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")], optimizer=make)
+    opt = make(twin.parameters())
+    for step in range(3):
+        rows = torch.arange(step, step + 6) % 8
+        split.zero_grads()
+        out = split.forward((ids[rows], mask[rows]))
+        loss = F.cross_entropy(out, labels[rows])
+        loss.backward()
+        split.backward()
+        split.step()
+        opt.zero_grad()
+        want = F.cross_entropy(twin(input_ids=ids[rows], attention_mask=mask[rows]).logits, labels[rows])
+        want.backward()
+        opt.step()
+        assert torch.equal(loss, want)
+    state = split.collect_state()
+    for name, value in state.items():
+        assert torch.equal(value, twin.state_dict()[name]), name
+    # the padding mattered: without the mask the model computes something else
+    assert not torch.equal(split.predict((ids, mask)), split.predict((ids, torch.ones_like(mask))))
