@@ -140,20 +140,26 @@ def test_an_example_of_one_row_is_refused():
         splitnn.cut(tm.gpt2(), ["transformer.h.2"], example={"input_ids": _ids(1, 0)})
 
 
+class _Branchy(torch.nn.Module):
+    def forward(self, h):
+        if h.sum() > 0:  # a Python branch on a tensor's value: neither fx nor export can trace it
+            h = h * 2
+        return h
+
+
 class _DataDependent(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.a, self.gate, self.b = torch.nn.Linear(4, 4), _Branchy(), torch.nn.Linear(4, 4)
 
     def forward(self, x):
-        h = self.a(x)
-        if h.sum() > 0:  # a Python branch on a tensor's value: neither fx nor export can trace it
-            h = h * 2
-        return self.b(h)
+        return self.b(self.gate(self.a(x)))
 
 
 def test_a_model_export_cannot_trace_is_refused_with_the_fix():
-    with pytest.raises(ConfigurationError, match=r"torch.export cannot trace it.*Fix: make the failing line"):
+    # the message names the line and the module it ran for, and the fix
+    match = r"torch.export cannot trace it.* in forward of module 'gate' \(_Branchy\): `if h.sum\(\) > 0:.*Fix: "
+    with pytest.raises(ConfigurationError, match=match):
         splitnn.cut(_DataDependent(), ["b"], example=torch.randn(4, 4))
 
 

@@ -26,8 +26,10 @@ so models cut this way should use neither (transformer fine-tuning recipes commo
 
 from __future__ import annotations
 
+import linecache
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -103,12 +105,13 @@ def export_graph(model: nn.Module, example: object, output: str | int | None) ->
             warnings.simplefilter("ignore")
             dynamic = shapes.dynamic_shapes(model, args, kwargs)
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
-    except Exception as exc:  # export's own errors name the line of the model that failed
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigurationError(
-            f"cannot cut {type(model).__name__}: torch.export cannot trace it on the example inputs "
-            f"({type(exc).__name__}: {first}). Fix: make the failing line traceable (no Python branch on tensor "
-            "values), or write the segments by hand and pass the list to splitnn.SplitNN"
+            f"cannot cut {type(model).__name__}: torch.export cannot trace it on the example inputs"
+            f"{_culprit(model, exc)} ({type(exc).__name__}: {first}). Fix: make that line traceable (no Python "
+            "branch on tensor values: torch.where or torch.cond instead), or write the segments by hand and pass "
+            "the list to splitnn.SplitNN"
         ) from exc
     gm = ep.module()
     graph = gm.graph
@@ -120,6 +123,27 @@ def export_graph(model: nn.Module, example: object, output: str | int | None) ->
     _select_output(graph, ep.call_spec.out_spec, output, type(model).__name__)
     graph.lint()
     return gm
+
+
+def _culprit(model: nn.Module, exc: BaseException) -> str:
+    """`` at FILE:LINE in QUALNAME of module 'PATH': `CODE` ``: the innermost frame of the failed trace outside
+    torch, and the submodule it ran for (empty when there is none)."""
+    torch_dir = str(Path(torch.__file__).parent)
+    paths = {id(m): name for name, m in model.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if not frame.f_code.co_filename.startswith(torch_dir):
+            found = (frame, tb.tb_lineno)
+        tb = tb.tb_next
+    if found is None or found[0].f_code.co_filename == __file__:
+        return ""
+    frame, line = found
+    owner = frame.f_locals.get("self")
+    where = f" of module {paths[id(owner)]!r} ({type(owner).__name__})" if paths.get(id(owner)) else ""
+    code = linecache.getline(frame.f_code.co_filename, line).strip()
+    return f" at {Path(frame.f_code.co_filename).name}:{line} in {frame.f_code.co_name}{where}: `{code}`"
 
 
 def _select_output(graph: fx.Graph, spec: object, output: str | int | None, model: str) -> None:
