@@ -171,3 +171,23 @@ def test_recipe_options_are_checked_before_training():
         split.fit(data, clip_grad_norm=-1.0)
     with pytest.raises(ConfigurationError, match="leave pipeline=1"):
         split.fit(data, clip_grad_norm=1.0, pipeline=2)
+
+
+def test_the_recipe_on_a_networked_worker_is_refused_before_any_work(tmp_path):
+    from tests.transport.cluster import Cluster
+
+    with Cluster(tmp_path) as cl:
+        cl.start("alice")
+        cl.start("bob")
+        workers = cl.connect("alice", "bob")
+        try:
+            segments = [torch.nn.Sequential(torch.nn.Linear(4, 8)), torch.nn.Sequential(torch.nn.Linear(8, 3))]
+            split = splitnn.SplitNN(segments, workers, loss="cross_entropy")
+            data = splitnn.Dataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+            before = split.ledger.total()
+            with pytest.raises(ConfigurationError, match=r"in-process workers only; 'alice', 'bob' are networked"):
+                split.fit(data, clip_grad_norm=1.0)
+            assert split.ledger.total() == before  # nothing placed, nothing trained
+        finally:
+            for w in workers:
+                w.close()

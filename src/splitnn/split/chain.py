@@ -18,6 +18,7 @@ from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import (
     backward_chain,
     check_in_process,
+    check_recipe_workers,
     eval_step,
     forward_chain,
     recipe_step,
@@ -342,6 +343,10 @@ class SplitNN:
         by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.schedule.recipe_step`)."""
         refs = [BatchRef(dataset, idx) for idx in batches]
         return recipe_step(self.stages, refs, self.loss, clip_grad_norm=clip_grad_norm)
+
+    def check_recipe(self) -> None:
+        """Refuse, before any work, ``fit(..., accumulate=, clip_grad_norm=)`` on networked workers."""
+        check_recipe_workers(self.stages)
 
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, a pipeline depth this model's workers cannot run."""

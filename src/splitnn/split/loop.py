@@ -410,6 +410,9 @@ def _check_recipe(
         )
     if pipeline != 1:
         raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
+    check = getattr(model, "check_recipe", None)
+    if callable(check):
+        check()
     if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
         raise ConfigurationError(
             f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "

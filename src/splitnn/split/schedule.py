@@ -60,7 +60,7 @@ def recipe_step(
     """One optimisation step over ``batches`` (gradient accumulation: each batch's loss divided by their
     number, the gradients summed), clipped by the global norm ``clip_grad_norm`` over every party's
     gradients (:func:`clip_global_norm`), then every stage steps. In-process workers only."""
-    check_in_process(stages, "gradient accumulation and clipping (fit(..., accumulate=, clip_grad_norm=))")
+    check_recipe_workers(stages)
     n = len(batches)
     scaled = loss if n == 1 else functools.partial(_divided_loss, loss, n)
     for stage in stages:
@@ -77,6 +77,18 @@ def recipe_step(
     if n == 1:
         return stats
     return [LossStats(s.loss * n, s.correct, s.count) for s in stats]
+
+
+def check_recipe_workers(stages: Sequence[Stage]) -> None:
+    """Refuse, before any work, gradient accumulation and global-norm clipping on workers that cannot run them
+    (networked workers: their per-tensor norms and scaling are not remote operations yet)."""
+    remote = sorted({s.worker.name for s in stages if not isinstance(s.worker, VirtualWorker)})
+    if remote:
+        raise ConfigurationError(
+            f"fit(..., accumulate=, clip_grad_norm=) runs on in-process workers only; {', '.join(map(repr, remote))} "
+            f"{'is a networked worker' if len(remote) == 1 else 'are networked workers'}: train without them, or "
+            "with splitnn.VirtualWorker parties"
+        )
 
 
 def _divided_loss(loss: Loss, n: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
