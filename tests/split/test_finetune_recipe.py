@@ -191,3 +191,51 @@ def test_the_recipe_on_a_networked_worker_is_refused_before_any_work(tmp_path):
         finally:
             for w in workers:
                 w.close()
+
+
+def _classes():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, tm.VOCAB, (N, tm.SEQ), generator=g)
+    return splitnn.Dataset(ids, torch.randint(0, tm.CLASSES, (N,), generator=g))
+
+
+AUTOCAST_CASES = {  # model, cut, input keyword, data, loss
+    "transformer-encoder": (tm.encoder_classifier, ["encoder.layers.2"], None, _classes, F.cross_entropy),
+    "gpt2": (tm.gpt2, ["transformer.h.2"], "input_ids", _data, lm_loss),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+def test_bf16_autocast_per_party_equals_the_model_under_autocast(case):
+    """Both parties run their segments under bf16 autocast: the split training (clipped by the global norm)
+    equals the unsplit model run under torch.autocast (the loss outside it); weights stay float32."""
+    make, at, keyword, make_data, loss = AUTOCAST_CASES[case]
+    torch.manual_seed(0)
+    model, data = make(), make_data()
+
+    def run(m, x):
+        out = m(**{keyword: x}) if keyword else m(x)
+        return out.logits if keyword else out
+
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=0.0)  # the spec's default
+    for idx in epoch_batches(len(data), BATCH, seed=SEED, epoch=0):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(twin, data.features[idx])
+        loss(out, data.labels[idx]).backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+        opt.step()
+    example = {keyword: data.features[:2]} if keyword else data.features[:2]
+    segments = splitnn.cut(model, at, example=example)
+    workers = [splitnn.VirtualWorker("alice", autocast="bf16"), splitnn.VirtualWorker("bob", autocast="bf16")]
+    split = splitnn.SplitNN(segments, workers, optimizer=f"adamw:lr={LR}", loss=loss)
+    split.fit(data, epochs=1, batch_size=BATCH, seed=SEED, clip_grad_norm=1.0)
+    state = split.collect_state()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert_equal_states(state, twin.state_dict())
+    # what crosses is what the segment returns: here the float32 residual stream or a layer norm's output
+    crossing = split.ledger.total(src="alice", dst="bob", kind="activation")
+    assert crossing == (N // BATCH) * BATCH * tm.SEQ * tm.WIDTH * 4
+    with pytest.raises(ConfigurationError, match=r"autocast must be one of \['bf16', 'fp16'\]"):
+        splitnn.VirtualWorker("carol", autocast="int8")

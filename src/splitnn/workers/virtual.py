@@ -87,6 +87,7 @@ from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
 from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_reduction
+from splitnn.workers.precision import check_autocast, install_autocast
 from splitnn.workers.psi import PsiParty
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
@@ -143,6 +144,9 @@ class VirtualWorker:
         device: where the worker's segments, optimizer state and data live and its
             computation runs (``"cpu"``, ``"cuda:0"``, ...); checked here, see
             :func:`splitnn.workers.devices.resolve_device`.
+        autocast: ``"bf16"`` (or ``"fp16"``) runs the forward of every segment this party hosts under
+            ``torch.autocast`` on its device (weights and optimizer state stay float32; see
+            :mod:`splitnn.workers.precision`); ``None`` (default): full precision.
     """
 
     #: It runs in the researcher's process, so it can run a loss given as a callable and hand out outputs
@@ -159,6 +163,7 @@ class VirtualWorker:
         device: str | torch.device = "cpu",
         state_dir: str | os.PathLike | None = None,
         audit: AuditLog | None = None,
+        autocast: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or name == RESEARCHER:
             raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
@@ -170,6 +175,7 @@ class VirtualWorker:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.audit = audit
         self.audit_session: str | None = None  # the session tag a networked worker writes on audit lines
+        self.autocast = check_autocast(autocast, name)
         # The party's own datasets, which the policy's ``datasets`` rule guards and the audit log
         # records (None: every dataset held here; a networked session sets the party's --data ones)
         self.own_datasets: frozenset[str] | None = None
@@ -207,6 +213,8 @@ class VirtualWorker:
                 f"to replace it"
             )
         segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
+        if self.autocast is not None:
+            install_autocast(segment, self.device, self.autocast)
         hosted = _Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
         self._admit(key, hosted)
         hosted.optimizer = (
