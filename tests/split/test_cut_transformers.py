@@ -48,6 +48,7 @@ CASES = {  # model, cut points, keyword of the input (None: positional), output,
     "gpt2-three-parties": (tm.gpt2, ["transformer.h.1", "transformer.h.3"], "input_ids", "logits", _lm_data, lm_loss),
     "bert": (tm.bert, ["bert.encoder.layer.2"], "input_ids", "logits", lambda: _class_data(_ids(N, 4)), None),
     "vit": (tm.vit, ["vit.layers.2"], "pixel_values", "logits", lambda: _class_data(_pixels()), None),
+    "timm-style-vit": (tm.timm_vit, ["blocks.1", "blocks.3"], None, None, lambda: _class_data(_pixels()), None),
     "llama": (tm.llama, ["model.layers.2"], "input_ids", None, _lm_data, lm_loss),
     "transformer-encoder": (
         tm.encoder_classifier,

@@ -108,3 +108,50 @@ class EncoderClassifier(nn.Module):
 
 def encoder_classifier(layers: int = 4) -> nn.Module:
     return EncoderClassifier(layers)
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), _TimmAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.GELU(), nn.Linear(dim * 4, dim))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmStyleViT(nn.Module):
+    """timm's VisionTransformer in small (patch embedding by convolution, class token, learned positions,
+    ``blocks`` an ``nn.Sequential`` of blocks taking ``attn_mask=None``, final norm, head on the class token)."""
+
+    def __init__(self, depth: int = 4, image: int = 16, patch: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, WIDTH, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, WIDTH) * 0.02)
+        self.blocks = nn.Sequential(*[_TimmBlock(WIDTH, 4) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(WIDTH, eps=1e-6), nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def timm_vit(layers: int = 4) -> nn.Module:
+    return TimmStyleViT(layers)
