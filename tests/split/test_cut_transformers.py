@@ -88,6 +88,8 @@ def test_cut_transformer_trains_equal_to_its_unsplit_twin(case):
     example = {keyword: data.features[:4]} if keyword else data.features[:4]
     segments = splitnn.cut(model, at, example=example, output=output)
     assert len(segments) == len(at) + 1
+    for seg in segments[1:]:  # masks, positions, rotary tables and sizes are recomputed: one hidden state crosses
+        assert sum(n.op == "placeholder" for n in seg.graph.nodes) == 1
 
     twin = train_twin(model, keyword, data, loss)
 

@@ -5,7 +5,7 @@ submodule by its path (as in ``model.named_modules()``); the cut falls *before* 
 submodule runs, the convention of ``torch.distributed.pipelining``'s
 ``SplitPoint.BEGINNING``.
 
-Two ways of cutting, chosen per call:
+Three ways of cutting, chosen per call:
 
 * **Sequential, directly.** When every cut point is reached through ``nn.Sequential``
   containers only (``"3"``, ``"features.7"``), the containers are sliced; no tracing.
@@ -17,6 +17,14 @@ Two ways of cutting, chosen per call:
   ``pipe_split()`` does for pipelining). The nodes between markers form the segments;
   each segment is a ``torch.fx.GraphModule`` holding the submodules it calls under their
   original paths, so again its state-dict keys are the original keys.
+
+* **Through ``torch.export``, given ``example=``** (a batch of the model's inputs): the model is
+  exported in non-strict mode and its graph of ATen operations is cut before the first operation
+  run inside each cut point (what ``torch.distributed.pipelining.pipeline()`` does); this cuts
+  what fx cannot trace -- Hugging Face transformers, ``nn.TransformerEncoder`` between its
+  layers. Values that need no data (positions, masks built from sizes, buffers, sizes) are
+  recomputed in the segment that uses them instead of crossing; ``output=`` picks the tensor of a
+  ``ModelOutput`` the loss takes. See :mod:`splitnn.split.exported`.
 
 Values crossing a cut. Every value computed before a cut and used after it crosses
 that cut: a residual block cut in the middle sends its hidden activation *and* its
