@@ -206,3 +206,42 @@ def test_bert_with_a_padding_mask_trains_through_the_low_level_loop_equal_to_its
         assert torch.equal(value, twin.state_dict()[name]), name
     # the padding mattered: without the mask the model computes something else
     assert not torch.equal(split.predict((ids, mask)), split.predict((ids, torch.ones_like(mask))))
+
+
+class _FilledMask(torch.nn.Module):
+    """A mask made from constants, then written into in place from the data: it must cross, not be recomputed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        mask = torch.ones(4)
+        mask[0] = x[0, 0]  # an in-place write of data into a tensor built from constants
+        h = self.a(x)
+        return self.b(h) * mask
+
+
+def test_a_constant_tensor_written_with_data_crosses_the_cut_instead_of_being_recomputed():
+    torch.manual_seed(0)
+    model = _FilledMask()
+    x = torch.randn(6, 4)
+    first, second = splitnn.cut(model, ["b"], example=x[:3])
+    values = first(x)
+    assert torch.equal(second(*values) if isinstance(values, tuple) else second(values), model(x))
+
+
+class _FixedBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        mask = torch.ones(int(x.shape[0]), 4)  # int() of a size: export fixes the batch at the example's
+        return self.b(self.a(x)) * mask
+
+
+def test_a_model_whose_export_fixes_the_batch_size_is_refused():
+    match = r"torch.export fixed the batch size at the example's 3 rows.*on 4 rows its graph failed.*Fix: create"
+    with pytest.raises(ConfigurationError, match=match):
+        splitnn.cut(_FixedBatch(), ["b"], example=torch.randn(3, 4))

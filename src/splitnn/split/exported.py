@@ -122,7 +122,39 @@ def export_graph(model: nn.Module, example: object, output: str | int | None) ->
             graph.erase_node(n)
     _select_output(graph, ep.call_spec.out_spec, output, type(model).__name__)
     graph.lint()
+    _check_any_batch(gm, args, kwargs, type(model).__name__)
     return gm
+
+
+def _check_any_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, model: str) -> None:
+    """Run the exported graph once on a batch one row larger than the example (no gradients, the random
+    streams and the buffers put back): a model whose export fixed the batch size fails here, not in training."""
+    grown = [torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() else t for t in (*args, *kwargs.values())]
+    batch = next((t.shape[0] for t in grown if isinstance(t, torch.Tensor) and t.dim()), None)
+    if batch is None:
+        return
+    g = fx.Graph()  # the graph with plain inputs and output (export's module takes and returns pytrees)
+    g.output(g.graph_copy(gm.graph, {}))
+    plain = fx.GraphModule(gm, g)
+    buffers = {k: v.clone() for k, v in gm.state_dict(keep_vars=False).items()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            out = plain(*grown)
+        ok, why = out.shape[:1] == (batch,), f"gave an output of shape {tuple(out.shape)}"
+    except Exception as exc:  # a size baked into the graph no longer fits
+        ok, why = (
+            False,
+            f"failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
+        )
+    finally:
+        gm.load_state_dict(buffers, strict=False)
+    if not ok:
+        raise ConfigurationError(
+            f"cannot cut {model}: torch.export fixed the batch size at the example's {batch - 1} rows (the model's "
+            f"code makes a tensor of that size, e.g. torch.ones(x.shape[0], ...)); on {batch} rows its graph {why}. "
+            "Fix: create such tensors from the input (torch.ones_like(x), x.new_ones(...)), or write the segments "
+            "by hand"
+        )
 
 
 def _culprit(model: nn.Module, exc: BaseException) -> str:
@@ -237,8 +269,19 @@ def module_partition(graph: fx.Graph, paths: Sequence[str], model: str) -> dict[
 def recomputable(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
     """The nodes whose value needs no data (see the module docstring): recomputed where used, never sent."""
     params = {id(p) for p in root.parameters()}
+    # a tensor an in-place operation writes (a buffer's update, a mask filled in through a view), and every tensor
+    # it derives from, is computed once, where it is: recomputing it would lose the write
+    mutated: set[fx.Node] = set()
+    todo = [a for n in graph.nodes if _mutates(n) for a in n.all_input_nodes]
+    while todo:
+        a = todo.pop()
+        if a not in mutated:
+            mutated.add(a)
+            todo.extend(a.all_input_nodes)
     rec: set[fx.Node] = set()
     for n in graph.nodes:
+        if n in mutated or _mutates(n):
+            continue
         if n.op == "get_attr":
             obj = _attr(root, n.target)
             if id(obj) not in params:
@@ -249,6 +292,12 @@ def recomputable(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
             elif _op_name(n) not in _RANDOM and all(a in rec for a in n.all_input_nodes):
                 rec.add(n)
     return rec
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` is an operation that writes into one of its arguments (an ATen schema marked mutable)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def substitute_size(
