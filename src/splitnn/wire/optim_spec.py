@@ -188,20 +188,21 @@ class OptimizerSpec:
         opt.param_groups[0][STEP_KEY] = int(it) + 1
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, accepted by :meth:`from_dict`."""
-        return {
+        """JSON-serialisable form, accepted by :meth:`from_dict`. The decay rule and the schedule are written
+        only when they differ from their defaults, so that a spec without them reads as before (its
+        fingerprint, and a worker of an earlier version, see the same object)."""
+        d = {
             "name": self.name,
             "lr": self.lr,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
             "betas": list(self.betas),
             "eps": self.eps,
-            "decay": self.decay,
-            "schedule": self.schedule,
-            "warmup": self.warmup,
-            "total": self.total,
-            "min_lr": self.min_lr,
         }
+        for key in _RECIPE_FIELDS:
+            if getattr(self, key) != _RECIPE_DEFAULTS[key]:
+                d[key] = getattr(self, key)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OptimizerSpec:
@@ -257,6 +258,10 @@ class OptimizerSpec:
                 text = f"({value[0]!r},{value[1]!r})" if f.name == "betas" else str(value)
                 opts.append(f"{f.name}={text}")
         return self.name + (":" + ",".join(opts) if opts else "")
+
+
+_RECIPE_FIELDS = ("decay", "schedule", "warmup", "total", "min_lr")
+_RECIPE_DEFAULTS = {"decay": "all", "schedule": "constant", "warmup": 0, "total": 0, "min_lr": 0.0}
 
 
 def _split_top_level(text: str) -> list[str]:
