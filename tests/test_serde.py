@@ -638,3 +638,11 @@ def test_epoch_plans_carry_their_chain_and_depth():
     ):
         with pytest.raises(WireError, match=match):
             serde.epoch_plan_from_command({**_wire(args), **bad}, blobs, worker="bob", max_bytes=MAX)
+
+
+def test_dataset_stats_carry_the_feature_dtype_and_refuse_an_unknown_one():
+    stats = DatasetStats("d", 4, (16,), None, None, feature_dtype="int64")
+    assert serde.dataset_stats_from_result(serde.dataset_stats_to_result(stats)) == stats
+    bad = {**serde.dataset_stats_to_result(stats), "feature_dtype": "object"}
+    with pytest.raises(WireError, match="unknown feature dtype 'object'"):
+        serde.dataset_stats_from_result(bad)

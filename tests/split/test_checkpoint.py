@@ -385,3 +385,9 @@ def test_error_feedback_saved_for_a_cut_that_no_longer_compresses_is_refused(tmp
         first.fit(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, **FIT)
     with pytest.raises(CheckpointError, match="resume with the same compression"):
         _compressed(None)().fit(DATA, checkpoint_dir=tmp_path, checkpoint_every=4, resume=True, **FIT)
+
+
+def test_a_scheduled_optimizer_resumes_its_schedule_exactly(tmp_path):
+    """The step count of a warmup-cosine schedule lives in the optimizer's state: a resume continues it."""
+    spec = "adamw:lr=0.01,weight_decay=0.1,decay=matrices,schedule=cosine,warmup=5,total=20,min_lr=0.001"
+    resumed_equals_uninterrupted(lambda: chain(spec), tmp_path, crash=17, every=4)

@@ -180,3 +180,23 @@ def test_unknown_name_via_constructor() -> None:
         OptimizerSpec("adagrad")
     with pytest.raises(SpecError):
         OptimizerSpec(name=None)  # type: ignore[arg-type]
+
+
+def test_schedule_and_decay_rule_travel_as_data_and_are_checked():
+    spec = OptimizerSpec.parse(
+        "adamw:lr=0.001,betas=(0.9,0.99),weight_decay=0.1,decay=matrices,schedule=cosine,warmup=100,total=2000,min_lr=1e-4"
+    )
+    assert OptimizerSpec.from_dict(spec.to_dict()) == spec == OptimizerSpec.parse(str(spec))
+    assert spec.lr_at(0) == 0.001 * 1 / 101 and spec.lr_at(100) == 0.001 and spec.lr_at(5000) == 1e-4
+    w, b = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
+    opt = spec.build([w, b])
+    assert [(g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [(0.1, 1), (0.0, 1)]
+    for bad, rule in [
+        ({"schedule": "cosine", "warmup": 10, "total": 5}, "give total > warmup"),
+        ({"decay": "biases"}, "'decay' must be one of"),
+        ({"schedule": "step"}, "'schedule' must be one of"),
+        ({"warmup": 1.5}, "whole number of steps"),
+        ({"min_lr": 1.0, "lr": 0.1}, "'min_lr' must lie in"),
+    ]:
+        with pytest.raises(SpecError, match=rule):
+            OptimizerSpec.from_dict({"name": "adamw", **bad})

@@ -425,6 +425,7 @@ def dataset_stats_to_result(stats: DatasetStats) -> dict:
         "label_dtype": stats.label_dtype,
         "label_shape": list(stats.label_shape) if stats.label_shape is not None else None,
         "label_integral": stats.label_integral,
+        "feature_dtype": stats.feature_dtype,
     }
 
 
@@ -434,6 +435,9 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
     def shape(v: object) -> tuple[int, ...] | None:
         return tuple(int(x) for x in v) if v is not None else None
 
+    feature_dtype = d.get("feature_dtype") if isinstance(d, dict) else None
+    if feature_dtype is not None and not (isinstance(feature_dtype, str) and feature_dtype in DTYPE_NAMES):
+        raise WireError(f"dataset_stats: unknown feature dtype {feature_dtype!r}; known: {sorted(DTYPE_NAMES)}")
     try:
         return DatasetStats(
             d["name"],
@@ -445,6 +449,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
             d.get("label_dtype"),
             shape(d.get("label_shape")),
             d.get("label_integral"),
+            feature_dtype,
         )
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None

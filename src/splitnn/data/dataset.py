@@ -17,9 +17,12 @@ from .idx import read_idx
 from .registry import get_dataset_info
 from .resolve import resolve_split_files
 
-__all__ = ["Dataset", "load_dataset", "normalize_images", "clear_cache"]
+__all__ = ["FEATURE_DTYPES", "Dataset", "load_dataset", "normalize_images", "clear_cache"]
 
 Indices = torch.Tensor | Sequence[int] | slice
+
+#: the dtypes of a Dataset's features: values (float32) or token ids (int64)
+FEATURE_DTYPES = (torch.float32, torch.int64)
 
 
 @dataclass
@@ -27,7 +30,9 @@ class Dataset:
     """Features and labels of one dataset split, held in memory.
 
     Attributes:
-        features: float32 tensor of shape (N, ...); images are (N, C, H, W).
+        features: float32 tensor of shape (N, ...) (images are (N, C, H, W)), or int64 of shape
+            (N, ...): token ids, e.g. (N, context) for a language model (:func:`splitnn.cut` with
+            ``example=``).
         labels: int64 class labels of shape (N,) (or (N, ...) for one class per position),
             values in ``[0, num_classes)``; or floating-point targets of shape (N, ...):
             binary or multi-label 0/1 targets, probabilities, regression values.
@@ -59,10 +64,10 @@ class Dataset:
                 f"Dataset {self.name!r}: features and labels must be torch.Tensors or numpy arrays, "
                 f"got {type(f).__name__} and {type(y).__name__}"
             )
-        if f.dtype != torch.float32 or f.dim() < 2:
+        if f.dtype not in FEATURE_DTYPES or f.dim() < 2:
             raise DataError(
-                f"Dataset {self.name!r}: features must be float32 of shape (N, ...), "
-                f"got {f.dtype} of shape {tuple(f.shape)}; convert with .float()"
+                f"Dataset {self.name!r}: features must be float32 (or int64 token ids) of shape (N, ...), "
+                f"got {f.dtype} of shape {tuple(f.shape)}; convert values with .float(), ids with .long()"
             )
         if y.is_floating_point():
             if y.dim() < 1:

@@ -18,8 +18,10 @@ from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.schedule import (
     backward_chain,
     check_in_process,
+    check_recipe_workers,
     eval_step,
     forward_chain,
+    recipe_step,
     run_in_process,
     train_step,
 )
@@ -28,6 +30,7 @@ from splitnn.split.stage import (
     Stage,
     check_static_fit,
     declare_adjacency,
+    feature_probe,
     format_shape,
     probe_chain,
     slot_label,
@@ -266,7 +269,7 @@ class SplitNN:
                 f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
                 f"{labels.num_labels} labels at {self.label_holder.name!r}"
             )
-        out_shape = probe_chain(self.stages, (2, *feats.feature_shape))
+        out_shape = probe_chain(self.stages, feature_probe(feats))
         if is_several(out_shape):
             raise ConfigurationError(
                 f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
@@ -334,6 +337,18 @@ class SplitNN:
             if callable(drain):
                 drain()
 
+    def train_steps(
+        self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
+    ) -> list[LossStats]:
+        """One optimisation step accumulating the gradients of ``batches`` (rows of a placed dataset), clipped
+        by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.schedule.recipe_step`)."""
+        refs = [BatchRef(dataset, idx) for idx in batches]
+        return recipe_step(self.stages, refs, self.loss, clip_grad_norm=clip_grad_norm)
+
+    def check_recipe(self) -> None:
+        """Refuse, before any work, ``fit(..., accumulate=, clip_grad_norm=)`` on networked workers."""
+        check_recipe_workers(self.stages)
+
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, a pipeline depth this model's workers cannot run."""
         if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
@@ -400,7 +415,7 @@ class SplitNN:
         """Every segment with its checkpoint label (``s0``, ``s1``, ...), worker and key."""
         return [Slot(slot_label(st.key), st.worker, st.key, seg) for st, seg in zip(self.stages, self._segments)]
 
-    def collect_state(self) -> dict[str, torch.Tensor]:
+    def collect_state(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Every segment's trained weights as one state dict, under the segments' own names
         (recorded as weights).
 
@@ -408,7 +423,14 @@ class SplitNN:
         ``model.load_state_dict(split.collect_state())`` loads the training into ``model``
         (parameters its forward never uses belong to no segment: load with ``strict=False``
         if it has any). Raises :class:`ConfigurationError` when two segments use one name.
+
+        ``trainable_only=True`` (in-process workers) keeps the parameters that train only: with LoRA
+        adapters (``peft`` applied before the cut), just the adapters, which
+        ``peft.set_peft_model_state_dict`` or ``model.load_state_dict(..., strict=False)`` load.
         """
+        if trainable_only:
+            check_in_process(self.stages, "collect_state(trainable_only=True)")
+            return merge_states(stage.worker.get_state(stage.key, trainable_only=True) for stage in self.stages)
         return merge_states(stage.worker.get_state(stage.key) for stage in self.stages)
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ submodule by its path (as in ``model.named_modules()``); the cut falls *before* 
 submodule runs, the convention of ``torch.distributed.pipelining``'s
 ``SplitPoint.BEGINNING``.
 
-Two ways of cutting, chosen per call:
+Three ways of cutting, chosen per call:
 
 * **Sequential, directly.** When every cut point is reached through ``nn.Sequential``
   containers only (``"3"``, ``"features.7"``), the containers are sliced; no tracing.
@@ -17,6 +17,14 @@ Two ways of cutting, chosen per call:
   ``pipe_split()`` does for pipelining). The nodes between markers form the segments;
   each segment is a ``torch.fx.GraphModule`` holding the submodules it calls under their
   original paths, so again its state-dict keys are the original keys.
+
+* **Through ``torch.export``, given ``example=``** (a batch of the model's inputs): the model is
+  exported in non-strict mode and its graph of ATen operations is cut before the first operation
+  run inside each cut point (what ``torch.distributed.pipelining.pipeline()`` does); this cuts
+  what fx cannot trace -- Hugging Face transformers, ``nn.TransformerEncoder`` between its
+  layers. Values that need no data (positions, masks built from sizes, buffers, sizes) are
+  recomputed in the segment that uses them instead of crossing; ``output=`` picks the tensor of a
+  ``ModelOutput`` the loss takes. See :mod:`splitnn.split.exported`.
 
 Values crossing a cut. Every value computed before a cut and used after it crosses
 that cut: a residual block cut in the middle sends its hidden activation *and* its
@@ -51,13 +59,28 @@ import torch
 from torch import fx, nn
 
 from splitnn.errors import ConfigurationError
+from splitnn.split.exported import (
+    export_graph,
+    mark_non_persistent,
+    module_partition,
+    recomputable,
+    substitute_size,
+)
 
 __all__ = ["cut", "join", "merge_states", "segment_arity"]
 
 Leaf = type | str
+_SYM_SIZE = torch.ops.aten.sym_size.int
 
 
-def cut(model: nn.Module, at: Sequence[str] | str, *, leaves: Iterable[Leaf] = ()) -> list[nn.Module]:
+def cut(
+    model: nn.Module,
+    at: Sequence[str] | str,
+    *,
+    leaves: Iterable[Leaf] = (),
+    example: object = None,
+    output: str | int | None = None,
+) -> list[nn.Module]:
     """Cut ``model`` into ``len(at) + 1`` segments, each cut falling before the submodule ``at[i]`` runs.
 
     Args:
@@ -67,6 +90,15 @@ def cut(model: nn.Module, at: Sequence[str] | str, *, leaves: Iterable[Leaf] = (
             instead of tracing through: modules with data-dependent control flow, or custom
             blocks a remote party builds from trusted code (``splitnn worker --trust``).
             ``torch.nn`` layers are always kept whole. A cut cannot fall inside a leaf.
+        example: the model's input for ``torch.export`` (a tensor, a tuple of positional inputs, or a
+            dict of keyword inputs such as ``{"input_ids": ids}``; a batch of 2 or more rows). Given,
+            the model is traced by ``torch.export`` (non-strict) instead of ``torch.fx``: what
+            Hugging Face transformers, ``nn.TransformerEncoder`` (cut between its layers) and other
+            models fx cannot trace need. See :mod:`splitnn.split.exported`.
+        output: with ``example``, the tensor of the model's output the loss takes: a key of a
+            ``ModelOutput`` or dict (``"logits"``), or an index of a tuple. Default: the output
+            when it is one tensor (a Hugging Face model without labels and with ``use_cache=False``
+            returns only ``logits``).
 
     Returns:
         The segments, in order: ``nn.Sequential`` slices for a sequential model, else
@@ -102,9 +134,15 @@ def cut(model: nn.Module, at: Sequence[str] | str, *, leaves: Iterable[Leaf] = (
             raise ConfigurationError(f"leaf {leaf!r} is not a submodule of {type(model).__name__}")
         if not isinstance(leaf, (str, type)):
             raise ConfigurationError(f"leaves are module classes or paths, got {leaf!r}")
+    if example is None and output is not None:
+        raise ConfigurationError("output= chooses among the outputs of an exported model; give example= too")
     model = copy.deepcopy(model)
-    positions = _sequential_positions(model, paths)
-    if positions is not None:
+    positions = _sequential_positions(model, paths) if example is None else None
+    if example is not None:
+        if leaf_list:
+            raise ConfigurationError("leaves= applies to torch.fx tracing; torch.export (example=) traces every module")
+        segments = _cut_exported(model, paths, example, output)
+    elif positions is not None:
         segments: list[nn.Module] = _cut_sequential(model, paths, positions)
     else:
         segments = _cut_graph(model, paths, leaf_list)
@@ -205,14 +243,15 @@ def _trace(model: nn.Module, paths: list[str], leaves: list[Leaf]) -> fx.Graph:
             culprit = stack[-1]
             kind = type(model.get_submodule(culprit)).__name__
             fix = (
-                f"Fix: keep that module whole with cut(model, at=..., leaves=[{culprit!r}]) if it lies inside a "
+                "Fix: pass example=<a batch of inputs> to cut through torch.export, or "
+                f"keep that module whole with cut(model, at=..., leaves=[{culprit!r}]) if it lies inside a "
                 "segment and cut at module boundaries around it, or write the segments by hand and pass the list "
                 "to splitnn.SplitNN"
             )
             raise ConfigurationError(f"{what} while tracing {culprit!r} ({kind}): {why}. {fix}") from exc
         fix = (
-            "Fix: keep untraceable submodules whole with leaves=[...], or write the segments by hand and pass "
-            "the list to splitnn.SplitNN"
+            "Fix: pass example=<a batch of inputs> to cut through torch.export, keep untraceable submodules whole "
+            "with leaves=[...], or write the segments by hand and pass the list to splitnn.SplitNN"
         )
         raise ConfigurationError(f"{what}: {why}. {fix}") from exc
 
@@ -255,22 +294,30 @@ def _partition(graph: fx.Graph) -> dict[fx.Node, int]:
     return parts
 
 
-def _crossing(graph: fx.Graph, parts: dict[fx.Node, int], count: int) -> list[list[fx.Node]]:
-    """``live[k]``: the values that cross cut ``k`` (from segment k to k+1), in graph order."""
+def _crossing(
+    graph: fx.Graph, parts: dict[fx.Node, int], count: int, rec: set[fx.Node] = frozenset()
+) -> list[list[fx.Node]]:
+    """``live[k]``: the values that cross cut ``k`` (from segment k to k+1), in graph order; the nodes of
+    ``rec`` (recomputable) never cross."""
     live: list[list[fx.Node]] = [[] for _ in range(count - 1)]
     for n in graph.nodes:
-        if n not in parts:
+        if n not in parts or n in rec:
             continue
-        last = max((count - 1 if u.op == "output" else parts.get(u, parts[n]) for u in n.users), default=parts[n])
+        users = [u for u in n.users if not (rec and u.target is _SYM_SIZE)]  # sizes are read where they are used
+        last = max((count - 1 if u.op == "output" else parts.get(u, parts[n]) for u in users), default=parts[n])
         for k in range(parts[n], last):
             live[k].append(n)
     return live
 
 
-def _segment_graph(graph: fx.Graph, parts: dict[fx.Node, int], live: list[list[fx.Node]], k: int) -> fx.Graph:
-    """Segment ``k``'s graph: its inputs (the model's, or what crosses cut k-1), its nodes, and what crosses cut k."""
+def _segment_graph(
+    graph: fx.Graph, parts: dict[fx.Node, int], live: list[list[fx.Node]], k: int, rec: set[fx.Node] = frozenset()
+) -> fx.Graph:
+    """Segment ``k``'s graph: its inputs (the model's, or what crosses cut k-1), its nodes, the recomputable
+    nodes of earlier segments it uses (``rec``), and what crosses cut k."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    extra = _recomputed(graph, parts, k, rec)
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env and a.op == "get_attr":  # read the attribute in this segment
@@ -285,17 +332,75 @@ def _segment_graph(graph: fx.Graph, parts: dict[fx.Node, int], live: list[list[f
         for n in live[k - 1]:
             env[n] = g.placeholder(n.name)
     last = k == len(live)
+    members = {n for n in graph.nodes if n in extra or (parts.get(n) == k and n.op != "placeholder")}
+    for n in graph.nodes:  # attributes first, in the model's order: the segment's parameters keep the model's order
+        if n.op == "get_attr" and any(u in members or (last and u.op == "output") for u in n.users):
+            env[n] = g.node_copy(n)
     for n in graph.nodes:
         if n.op == "output":
             if last:
                 g.node_copy(n, lookup)
-        elif parts.get(n) == k and n.op != "placeholder":
-            env[n] = g.node_copy(n, lookup)
+        elif n in extra or (parts.get(n) == k and n.op != "placeholder"):
+            if n.target is _SYM_SIZE and n.args[0] not in env:  # a size read again from a tensor that is here
+                env[n] = substitute_size(n, live[k - 1], g, env)
+            else:
+                env[n] = g.node_copy(n, lookup)
     if not last:
         out = [lookup(n) for n in live[k]]
         g.output(out[0] if len(out) == 1 else tuple(out))
     g.lint()
     return g
+
+
+def _recomputed(graph: fx.Graph, parts: dict[fx.Node, int], k: int, rec: set[fx.Node]) -> set[fx.Node]:
+    """The recomputable nodes of other segments that segment ``k``'s nodes use, with their own inputs."""
+    if not rec:
+        return set()
+    extra: set[fx.Node] = set()
+    todo = [
+        a
+        for n in graph.nodes
+        if parts.get(n) == k or (n.op == "output" and k == max(parts.values()))
+        for a in n.all_input_nodes
+        if a in rec and a.op != "get_attr" and parts.get(a) != k
+    ]
+    while todo:
+        a = todo.pop()
+        if a in extra:
+            continue
+        extra.add(a)
+        if a.target is _SYM_SIZE:
+            continue  # read from a tensor that reaches segment k
+        todo.extend(b for b in a.all_input_nodes if b.op != "get_attr" and parts.get(b) != k)
+    return extra
+
+
+def _cut_exported(model: nn.Module, paths: list[str], example: object, output: str | int | None) -> list[nn.Module]:
+    """Cut ``model`` on its ``torch.export`` graph (:mod:`splitnn.split.exported`)."""
+    saved = set(model.state_dict().keys())
+    root = export_graph(model, example, output)
+    graph = root.graph
+    parts = module_partition(graph, paths, type(model).__name__)
+    rec = recomputable(graph, root)
+    live = _crossing(graph, parts, len(paths) + 1, rec)
+    for k, values in enumerate(live):
+        for n in values:
+            if not isinstance(n.meta.get("val"), torch.Tensor):
+                stack = list((n.meta.get("nn_module_stack") or {}).values())
+                where = f" in {stack[-1][0]!r}" if stack else ""
+                raise ConfigurationError(
+                    f"node {n.name!r} ({n.target}{where}) computes a {type(n.meta.get('val')).__name__}, not a tensor, "
+                    f"that is needed after cut {paths[k]!r}; only tensors cross a cut. Fix: cut at a block boundary "
+                    "(before a module whose inputs are tensors)"
+                )
+    segments = []
+    for k in range(len(paths) + 1):
+        if not any(parts.get(n) == k for n in graph.nodes if n.op == "call_function"):
+            raise ConfigurationError(_empty_segment_message(k, paths))
+        seg = fx.GraphModule(root, _segment_graph(graph, parts, live, k, rec), class_name=f"Segment{k}")
+        mark_non_persistent(seg, saved)
+        segments.append(seg)
+    return segments
 
 
 # ----------------------------------------------------------------------------- checks and messages
@@ -332,7 +437,8 @@ def _not_called_message(model: nn.Module, path: str, leaves: list[Leaf]) -> str:
         if tracer.is_leaf_module(m, parent):
             return (
                 f"cut point {path!r} lies inside {parent!r} ({type(m).__name__}), which tracing keeps whole "
-                f"(a torch.nn layer or one of leaves=); cut before {parent!r} instead"
+                f"(a torch.nn layer or one of leaves=); cut before {parent!r} instead, or pass example=<a batch of "
+                "inputs> to cut through torch.export, which traces inside torch.nn layers"
             )
     return (
         f"cut point {path!r} ({type(model.get_submodule(path)).__name__}) never runs as a module call in "
@@ -345,8 +451,11 @@ def _check_untied(segments: list[nn.Module], paths: list[str]) -> None:
     """Refuse a parameter or buffer that two segments share: it would live at two parties."""
     owner: dict[int, tuple[int, str]] = {}
     for k, seg in enumerate(segments):
+        saved = set(seg.state_dict(keep_vars=True))  # a buffer the model does not save is a constant, read by all
         tensors = list(seg.named_parameters(remove_duplicate=False)) + list(seg.named_buffers(remove_duplicate=False))
         for name, t in tensors:
+            if name not in saved and not isinstance(t, nn.Parameter):
+                continue
             prev = owner.setdefault(id(t), (k, name))
             if prev[0] != k:
                 raise ConfigurationError(

@@ -155,6 +155,8 @@ def fit(
     retries: int = 3,
     pipeline: int = 1,
     log_dir: str | os.PathLike | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -180,6 +182,15 @@ def fit(
     updates); every party applies its updates in batch order, and each epoch fills and
     drains the pipeline (see :mod:`splitnn.workers.schedules`).
     ``pipeline=1`` (the default) is lock-step, bit-identical to the monolithic model.
+
+    The fine-tuning recipe (split chains on in-process workers, lock-step): ``accumulate=N``
+    sums the gradients of N consecutive batches of an epoch (each batch's loss divided by the
+    number of batches in its group; an epoch's last group may be shorter) before one optimizer
+    step; ``clip_grad_norm=c`` clips the gradients by their global 2-norm over every party's
+    parameters before each step, exactly ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)``
+    on the unsplit model: each party shares one norm per parameter tensor, never a gradient
+    (:func:`splitnn.split.schedule.clip_global_norm`). Learning-rate schedules and weight decay
+    rules are part of the optimizer spec (:class:`splitnn.wire.OptimizerSpec`), stepped per step.
 
     Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
     writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
@@ -207,6 +218,8 @@ def fit(
     _check_positive("pipeline", pipeline)
     seed = check_seed(seed)  # an int from here on (numpy integers included)
     progress_mode(progress)  # refuses a value that is none of the modes
+    _check_positive("accumulate", accumulate)
+    recipe = _check_recipe(model, accumulate, clip_grad_norm, pipeline, checkpoint_every if checkpoint_dir else None)
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -249,6 +262,7 @@ def fit(
         from splitnn.split.training_log import TrainingLog
 
         run.log = TrainingLog(log_dir, model)
+    run.recipe = recipe
     attempts = 0
     with _resume_attempts(model, retries), contextlib.ExitStack() as logs:
         if run.log is not None:
@@ -298,6 +312,7 @@ class _Run:
         self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
         self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
         self.log = None  # a TrainingLog (fit's log_dir)
+        self.recipe: tuple[int, float | None] | None = None  # (accumulate, clip_grad_norm): see fit
 
     def epoch(self, position: Position, history: History) -> Position:
         model, job, n = self.model, self.job, self.n
@@ -324,7 +339,7 @@ class _Run:
                 chunk = batches[position.batch : stop]
                 logged = (self.log, position.step, epoch + 1) if self.log is not None else None
                 position.loss_sum += _train_epoch(
-                    model, self.name, chunk, order if whole else None, bar, self.pipeline, logged
+                    model, self.name, chunk, order if whole else None, bar, self.pipeline, logged, self.recipe
                 )
                 position.step += stop - position.batch
                 position.batch = stop
@@ -411,6 +426,34 @@ def _start_again(model, job, history: History) -> Position:
     return Position(int(job.order["initial_epoch"]), epoch_ledger=list(job.start_ledger))
 
 
+def _check_recipe(
+    model: object, accumulate: int, clip: float | None, pipeline: int, every: object
+) -> tuple[int, float | None] | None:
+    """``(accumulate, clip_grad_norm)`` when the fine-tuning recipe is asked for (checked), else None."""
+    if accumulate == 1 and clip is None:
+        return None
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0
+    ):
+        raise ConfigurationError(f"clip_grad_norm must be a finite number > 0 (e.g. 1.0), got {clip!r}")
+    if not callable(getattr(model, "train_steps", None)):
+        raise ConfigurationError(
+            f"{type(model).__name__} cannot accumulate or clip across its parties; accumulate= and clip_grad_norm= "
+            "train split chains (SplitNN, UShapedSplitNN)"
+        )
+    if pipeline != 1:
+        raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
+    check = getattr(model, "check_recipe", None)
+    if callable(check):
+        check()
+    if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
+        raise ConfigurationError(
+            f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "
+            "give a multiple of accumulate"
+        )
+    return accumulate, None if clip is None else float(clip)
+
+
 def _train_epoch(
     model: Trainable,
     name: str,
@@ -419,6 +462,7 @@ def _train_epoch(
     bar: EpochProgress,
     pipeline: int,
     logged: tuple | None = None,
+    recipe: tuple[int, float | None] | None = None,
 ) -> float:
     """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum.
     ``logged``: (TrainingLog, global step of the first batch, epoch number) to log each batch's loss."""
@@ -435,7 +479,12 @@ def _train_epoch(
         bar.update(1)
 
     train_epoch = getattr(model, "train_epoch", None)
-    if pipeline != 1:
+    if recipe is not None:
+        accumulate, clip = recipe
+        for i in range(0, len(batches), accumulate):
+            for stats in model.train_steps(name, batches[i : i + accumulate], clip_grad_norm=clip):
+                on_batch(stats)
+    elif pipeline != 1:
         train_epoch(name, batches, on_batch, order=order, pipeline=pipeline)
     elif callable(train_epoch):
         train_epoch(name, batches, on_batch, order=order)

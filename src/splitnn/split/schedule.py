@@ -31,7 +31,7 @@ import torch
 from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.split.stage import Stage
 from splitnn.workers import BatchRef, LossStats, TensorRef, VirtualWorker
-from splitnn.workers.losses import Loss
+from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.runner import PartyRun
 from splitnn.workers.schedules import RECEIVES, SENDS, LockStep, Op, Schedule
 
@@ -52,6 +52,59 @@ def backward_chain(stages: Sequence[Stage]) -> None:
     grad = None
     for stage in reversed(stages):
         grad = stage.worker.backward(stage.key, grad)
+
+
+def recipe_step(
+    stages: Sequence[Stage], batches: Sequence[BatchRef], loss: Loss, *, clip_grad_norm: float | None = None
+) -> list[LossStats]:
+    """One optimisation step over ``batches`` (gradient accumulation: each batch's loss divided by their
+    number, the gradients summed), clipped by the global norm ``clip_grad_norm`` over every party's
+    gradients (:func:`clip_global_norm`), then every stage steps. In-process workers only."""
+    check_recipe_workers(stages)
+    n = len(batches)
+    scaled = loss if n == 1 else functools.partial(_divided_loss, loss, n)
+    for stage in stages:
+        stage.worker.zero_grad(stage.key)
+    stats = []
+    for batch in batches:
+        out = forward_chain(stages, batch, train=True)
+        stats.append(stages[-1].worker.loss(out, batch, scaled, train=True))
+        backward_chain(stages)
+    if clip_grad_norm is not None:
+        clip_global_norm(stages, clip_grad_norm)
+    for stage in stages:
+        stage.worker.step(stage.key)
+    if n == 1:
+        return stats
+    return [LossStats(s.loss * n, s.correct, s.count) for s in stats]
+
+
+def check_recipe_workers(stages: Sequence[Stage]) -> None:
+    """Refuse, before any work, gradient accumulation and global-norm clipping on workers that cannot run them
+    (networked workers: their per-tensor norms and scaling are not remote operations yet)."""
+    remote = sorted({s.worker.name for s in stages if not isinstance(s.worker, VirtualWorker)})
+    if remote:
+        raise ConfigurationError(
+            f"fit(..., accumulate=, clip_grad_norm=) runs on in-process workers only; {', '.join(map(repr, remote))} "
+            f"{'is a networked worker' if len(remote) == 1 else 'are networked workers'}: train without them, or "
+            "with splitnn.VirtualWorker parties"
+        )
+
+
+def _divided_loss(loss: Loss, n: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return compute_loss(loss, output, labels) / n
+
+
+def clip_global_norm(stages: Sequence[Stage], max_norm: float) -> torch.Tensor:
+    """Clip every stage's gradients by their global 2-norm, as ``torch.nn.utils.clip_grad_norm_`` on the
+    unsplit model (whose parameters, for :func:`splitnn.cut`'s segments, come in the same order): each
+    party sends the norm of each of its gradients, the researcher computes the total
+    (``torch.nn.utils.get_total_norm``) and sends it back; each party scales its own gradients."""
+    norms = [stage.worker.grad_norms(stage.key) for stage in stages]
+    total = torch.nn.utils.get_total_norm(list(torch.cat(norms).unbind()), 2.0)
+    for stage in stages:
+        stage.worker.clip_grads(stage.key, max_norm, total)
+    return total
 
 
 # ----------------------------------------------------------------------------- lock-step, by refs

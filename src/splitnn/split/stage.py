@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from splitnn.common.serde import DTYPE_NAMES
 from splitnn.errors import ShapeMismatchError
-from splitnn.workers import Worker
+from splitnn.workers import DatasetStats, Worker
+from splitnn.workers.refs import ValueShape
 from splitnn.workers.values import ProbeShape, is_several
 
 
@@ -95,6 +97,15 @@ def check_static_fit(segments: list[nn.Module], worker_names: list[str]) -> None
                 f"segment {i} (at {worker_names[i]}) outputs {out[1]} {out[0]} but segment {i + 1} "
                 f"(at {worker_names[i + 1]}) expects {inp[1]} input {inp[0]}; make the sizes agree at cut {i}"
             )
+
+
+def feature_probe(stats: DatasetStats) -> ProbeShape:
+    """How to probe a model with two rows of a dataset's features: their shape (float32), or for features
+    of another dtype (token ids) one :class:`~splitnn.workers.ValueShape` naming it."""
+    shape = (2, *stats.feature_shape)
+    if stats.feature_dtype in (None, "float32"):
+        return shape
+    return (ValueShape(shape, DTYPE_NAMES[stats.feature_dtype]),)
 
 
 def probe_chain(stages: list[Stage], input_shape: ProbeShape) -> ProbeShape:

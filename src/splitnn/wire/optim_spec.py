@@ -15,10 +15,19 @@ import torch
 
 from splitnn.errors import SpecError
 
-__all__ = ["OptimizerSpec", "KNOWN_OPTIMIZERS"]
+__all__ = ["OptimizerSpec", "KNOWN_OPTIMIZERS", "DECAY_RULES", "SCHEDULES"]
 
 #: Optimizer names :class:`OptimizerSpec` can build.
 KNOWN_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+#: Which parameters ``weight_decay`` applies to: all, or only matrices and embeddings (``dim >= 2``: no decay
+#: on biases and norms, as nanoGPT and the Hugging Face Trainer do).
+DECAY_RULES: tuple[str, ...] = ("all", "matrices")
+#: Learning-rate schedules after the warmup: constant, cosine or linear decay to ``min_lr`` at step ``total``.
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+#: The most steps a schedule may count (warmup, total).
+MAX_SCHEDULE_STEPS = 10**9
+#: The optimizer's first parameter group keeps the steps taken under this key (saved with its state_dict).
+STEP_KEY = "splitnn_step"
 _MAX_TEXT = 1000
 #: The largest learning rate a spec may ask for (a worker builds what a researcher sends: a value far
 #: outside any sane training, like 1e308, is refused instead of turning the weights into inf/nan).
@@ -53,6 +62,16 @@ class OptimizerSpec:
     - ``weight_decay``: 0 <= weight_decay <= 1
     - ``betas``: each in [0, 1)
     - ``eps``: 0 < eps <= 1
+    - ``decay``: ``"all"`` or ``"matrices"`` (weight decay on parameters with ``dim >= 2`` only)
+    - ``schedule``: ``"constant"``, ``"cosine"`` or ``"linear"``; ``warmup`` and ``total`` steps
+      (integers, 0 <= warmup < total <= 1e9 for a decay) and ``min_lr`` (0 <= min_lr <= lr)
+
+    The learning rate of step ``it`` (0, 1, ... counted per optimizer step, i.e. per batch) is
+    nanoGPT's ``get_lr(it)``: ``lr * (it + 1) / (warmup + 1)`` during the warmup, then the decay
+    from ``lr`` to ``min_lr`` at step ``total`` (cosine: ``min_lr + 0.5 * (1 + cos(pi * r)) *
+    (lr - min_lr)``, ``r = (it - warmup) / (total - warmup)``; linear: ``lr - r * (lr - min_lr)``),
+    and ``min_lr`` after it. See :meth:`lr_at`. The count is kept in the optimizer's state dict, so
+    a checkpointed optimizer resumes its schedule.
     """
 
     name: str = "sgd"
@@ -61,6 +80,11 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    decay: str = "all"
+    schedule: str = "constant"
+    warmup: int = 0
+    total: int = 0
+    min_lr: float = 0.0
 
     def __post_init__(self) -> None:
         name = self.name.lower() if isinstance(self.name, str) else self.name
@@ -93,7 +117,23 @@ class OptimizerSpec:
         eps = _number("eps", self.eps)
         if not 0 < eps <= MAX_EPS:
             raise SpecError(f"optimizer option 'eps' must lie in (0, {MAX_EPS:g}], got {self.eps!r}")
+        if self.decay not in DECAY_RULES:
+            raise SpecError(f"optimizer option 'decay' must be one of {', '.join(DECAY_RULES)}, got {self.decay!r}")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"optimizer option 'schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        warmup, total = _steps("warmup", self.warmup), _steps("total", self.total)
+        if self.schedule != "constant" and not warmup < total:
+            raise SpecError(
+                f"a {self.schedule} schedule decays from step 'warmup' to step 'total': give total > warmup, "
+                f"got warmup={warmup}, total={total}"
+            )
+        min_lr = _number("min_lr", self.min_lr)
+        if not 0 <= min_lr <= lr:
+            raise SpecError(f"optimizer option 'min_lr' must lie in [0, lr], got {self.min_lr!r}")
         for field_name, value in (
+            ("warmup", warmup),
+            ("total", total),
+            ("min_lr", min_lr),
             ("name", name),
             ("lr", lr),
             ("momentum", momentum),
@@ -104,15 +144,54 @@ class OptimizerSpec:
             object.__setattr__(self, field_name, value)
 
     def build(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
-        """Build the optimizer over ``params`` (parameters or parameter groups)."""
+        """Build the optimizer over ``params`` (parameters or parameter groups).
+
+        With ``decay="matrices"`` and parameters (not groups), the parameters form two groups: those
+        with ``dim >= 2`` decayed by ``weight_decay``, the others (biases, norms) not decayed. A schedule
+        other than a constant one without warmup sets every group's learning rate before each step."""
+        params = list(params)
+        if self.decay == "matrices" and params and isinstance(params[0], torch.Tensor):
+            params = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            params = [g for g in params if g["params"]]
         if self.name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        else:
+            cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+            opt = cls(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        if self.schedule != "constant" or self.warmup:
+            opt.param_groups[0][STEP_KEY] = 0
+            opt.register_step_pre_hook(self._set_lr)
+        return opt
+
+    def lr_at(self, it: int) -> float:
+        """The learning rate of step ``it`` (0-based), nanoGPT's ``get_lr``; see the class docstring."""
+        if it < self.warmup:
+            return self.lr * (it + 1) / (self.warmup + 1)
+        if self.schedule == "constant":
+            return self.lr
+        if it > self.total:
+            return self.min_lr
+        ratio = (it - self.warmup) / (self.total - self.warmup)
+        if self.schedule == "cosine":
+            coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+            return self.min_lr + coeff * (self.lr - self.min_lr)
+        return self.lr - ratio * (self.lr - self.min_lr)
+
+    def _set_lr(self, opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        it = opt.param_groups[0].get(STEP_KEY, 0)
+        lr = self.lr_at(int(it))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.param_groups[0][STEP_KEY] = int(it) + 1
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, accepted by :meth:`from_dict`."""
-        return {
+        """JSON-serialisable form, accepted by :meth:`from_dict`. The decay rule and the schedule are written
+        only when they differ from their defaults, so that a spec without them reads as before (its
+        fingerprint, and a worker of an earlier version, see the same object)."""
+        d = {
             "name": self.name,
             "lr": self.lr,
             "momentum": self.momentum,
@@ -120,6 +199,10 @@ class OptimizerSpec:
             "betas": list(self.betas),
             "eps": self.eps,
         }
+        for key in _RECIPE_FIELDS:
+            if getattr(self, key) != _RECIPE_DEFAULTS[key]:
+                d[key] = getattr(self, key)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OptimizerSpec:
@@ -172,9 +255,13 @@ class OptimizerSpec:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "name" and value != getattr(default, f.name):
-                text = f"({value[0]!r},{value[1]!r})" if f.name == "betas" else repr(value)
+                text = f"({value[0]!r},{value[1]!r})" if f.name == "betas" else str(value)
                 opts.append(f"{f.name}={text}")
         return self.name + (":" + ",".join(opts) if opts else "")
+
+
+_RECIPE_FIELDS = ("decay", "schedule", "warmup", "total", "min_lr")
+_RECIPE_DEFAULTS = {"decay": "all", "schedule": "constant", "warmup": 0, "total": 0, "min_lr": 0.0}
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -199,7 +286,15 @@ def _parse_value(key: str, value: str) -> Any:
             inner = inner[1:-1]
         parts = [p for p in inner.replace("/", ",").split(",") if p.strip()]
         return tuple(_parse_number(key, p) for p in parts)
-    return value if key == "name" else _parse_number(key, value)
+    return value if key in ("name", "decay", "schedule") else _parse_number(key, value)
+
+
+def _steps(name: str, v: Any) -> int:
+    """A step count of a schedule: a whole number in [0, MAX_SCHEDULE_STEPS]."""
+    f = _number(name, v)
+    if f != int(f) or not 0 <= f <= MAX_SCHEDULE_STEPS:
+        raise SpecError(f"optimizer option {name!r} must be a whole number of steps in [0, 1e9], got {v!r}")
+    return int(f)
 
 
 def _parse_number(key: str, text: str) -> float:

@@ -45,6 +45,7 @@ from splitnn.fileio import atomic_path, remove_stale_temps
 from splitnn.wire.cut_codec import CutEncoder
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.wire.nested import decode_nested, encode_nested
+from splitnn.wire.optim_spec import STEP_KEY
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -375,8 +376,8 @@ def _optimizer_state(
         )
     for g_now, g_then in zip(now, then):
         for k in sorted(set(g_now) | set(g_then)):
-            if k == "params":
-                continue
+            if k == "params" or (k in ("lr", STEP_KEY) and STEP_KEY in now[0]):
+                continue  # a scheduled learning rate and its step count move on: the checkpoint's are loaded
             a, b = g_then.get(k), g_now.get(k)
             if _plain(a) != _plain(b):
                 raise CheckpointError(

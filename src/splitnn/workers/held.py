@@ -111,12 +111,13 @@ class HeldData:
 
     def stats(self, name: str) -> DatasetStats:
         """Size, feature shape and a summary of the labels (:class:`DatasetStats`); never the contents."""
-        feature_shape = None
+        feature_shape = feature_dtype = None
         if self.features is not None:
             first = self.read("features", torch.zeros(1, dtype=torch.int64))
             feature_shape = tuple(first.shape[1:])
+            feature_dtype = str(first.dtype).removeprefix("torch.")
         if self.labels is None:
-            return DatasetStats(name, self.size, feature_shape, None, None)
+            return DatasetStats(name, self.size, feature_shape, None, None, feature_dtype=feature_dtype)
         if self._label_summary is None:
             self._label_summary = summarise_labels(self.labels, name)
         s = self._label_summary
@@ -130,6 +131,7 @@ class HeldData:
             label_dtype=s["dtype"],
             label_shape=s["shape"],
             label_integral=s["integral"],
+            feature_dtype=feature_dtype,
         )
 
 

@@ -63,6 +63,7 @@ class DatasetStats:
     ``label_dtype`` (``"int64"``, ``"float32"``, ...), ``label_shape`` (per sample, ``()``
     for one label per sample), ``label_min``/``label_max`` (for integer labels: ints) and
     ``label_integral`` (every label is a whole number, e.g. 0/1 targets stored as floats).
+    ``feature_dtype`` names the features' dtype (``"float32"``, ``"int64"`` for token ids).
     """
 
     name: str
@@ -74,6 +75,7 @@ class DatasetStats:
     label_dtype: str | None = None
     label_shape: tuple[int, ...] | None = None
     label_integral: bool | None = None
+    feature_dtype: str | None = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ from splitnn.workers.policy import (
     check_psi,
     check_reduction,
 )
+from splitnn.workers.precision import check_autocast, install_autocast
 from splitnn.workers.psi import PsiParty, PsiRuns
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
@@ -152,6 +153,9 @@ class VirtualWorker:
         device: where the worker's segments, optimizer state and data live and its
             computation runs (``"cpu"``, ``"cuda:0"``, ...); checked here, see
             :func:`splitnn.workers.devices.resolve_device`.
+        autocast: ``"bf16"`` (or ``"fp16"``) runs the forward of every segment this party hosts under
+            ``torch.autocast`` on its device (weights and optimizer state stay float32; see
+            :mod:`splitnn.workers.precision`); ``None`` (default): full precision.
     """
 
     #: It runs in the researcher's process, so it can run a loss given as a callable and hand out outputs
@@ -168,6 +172,7 @@ class VirtualWorker:
         device: str | torch.device = "cpu",
         state_dir: str | os.PathLike | None = None,
         audit: AuditLog | None = None,
+        autocast: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or name == RESEARCHER:
             raise ConfigurationError(f"worker name must be a non-empty string other than {RESEARCHER!r}, got {name!r}")
@@ -180,6 +185,7 @@ class VirtualWorker:
         self.audit = audit
         self._hijack_guards: dict[str, HijackGuard] = {}  # policy rule detect_hijack, per data-reading segment
         self.audit_session: str | None = None  # the session tag a networked worker writes on audit lines
+        self.autocast = check_autocast(autocast, name)
         # The party's own datasets, which the policy's ``datasets`` rule guards and the audit log
         # records (None: every dataset held here; a networked session sets the party's --data ones)
         self.own_datasets: frozenset[str] | None = None
@@ -222,6 +228,8 @@ class VirtualWorker:
                 f"to replace it"
             )
         segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
+        if self.autocast is not None:
+            install_autocast(segment, self.device, self.autocast)
         hosted = _Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
         self._admit(key, hosted)
         hosted.optimizer = (
@@ -449,6 +457,23 @@ class VirtualWorker:
         if opt is not None:
             opt.step()
 
+    def grad_norms(self, key: str) -> torch.Tensor:
+        """The 2-norm of each gradient of segment ``key``'s trainable parameters (those that have one, in
+        order), for clipping by the global norm across parties: one number per tensor, never a gradient
+        (recorded as control bytes to the researcher)."""
+        grads = [p.grad for p in self._segment(key).params if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]) if grads else torch.zeros(0)
+        self.ledger.record(self.name, RESEARCHER, "control", value_nbytes(norms))
+        return norms.to(RESEARCHER_DEVICE)
+
+    def clip_grads(self, key: str, max_norm: float, total_norm: torch.Tensor) -> None:
+        """Scale segment ``key``'s gradients as ``torch.nn.utils.clip_grads_with_norm_`` does for the global
+        ``total_norm`` (the norm over every party's gradients, from their :meth:`grad_norms`)."""
+        params = [p for p in self._segment(key).params if p.grad is not None]
+        self.ledger.record(RESEARCHER, self.name, "control", value_nbytes(total_norm))
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, self._here(total_norm))
+
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> torch.Tensor:
         tensor, stored_kind = self._peek(ref)
         if type(tensor) is Encoded:  # encoded for a peer: the researcher gets what the peer would decode
@@ -467,9 +492,15 @@ class VirtualWorker:
         # to the researcher's CPU; differentiably, so a loss computed there back-propagates into this worker
         return tensor if self.device == RESEARCHER_DEVICE else to_device(tensor, RESEARCHER_DEVICE)
 
-    def get_state(self, key: str) -> dict[str, torch.Tensor]:
+    def get_state(self, key: str, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Segment ``key``'s state dict (``trainable_only``: its trainable parameters only, e.g. LoRA adapters)."""
         self._check_readable("weights")
-        state = state_to_cpu(self._segment(key).module.state_dict())
+        module = self._segment(key).module
+        state = module.state_dict()
+        if trainable_only:
+            names = {n for n, p in module.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        state = state_to_cpu(state)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(state))
         return state
 

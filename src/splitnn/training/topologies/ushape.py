@@ -104,6 +104,20 @@ class UShapedSplitNN(Topology):
         batches in flight)."""
         self.chain.train_epoch(dataset, batches, on_batch, order=order, pipeline=pipeline)
 
+    def train_steps(
+        self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
+    ) -> list[LossStats]:
+        """One optimisation step accumulating ``batches``, clipped by the global norm (:meth:`SplitNN.train_steps`)."""
+        return self.chain.train_steps(dataset, batches, clip_grad_norm=clip_grad_norm)
+
+    def check_recipe(self) -> None:
+        """Refuse the fine-tuning recipe on networked workers (:meth:`SplitNN.check_recipe`)."""
+        self.chain.check_recipe()
+
+    def collect_state(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every segment's weights under the segments' own names (:meth:`SplitNN.collect_state`)."""
+        return self.chain.collect_state(trainable_only=trainable_only)
+
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse a pipeline depth the workers cannot run (see :meth:`SplitNN.check_pipeline`)."""
         self.chain.check_pipeline(pipeline)
