@@ -239,3 +239,16 @@ def test_bf16_autocast_per_party_equals_the_model_under_autocast(case):
     assert crossing == (N // BATCH) * BATCH * tm.SEQ * tm.WIDTH * 4
     with pytest.raises(ConfigurationError, match=r"autocast must be one of \['bf16', 'fp16'\]"):
         splitnn.VirtualWorker("carol", autocast="int8")
+
+
+def test_probing_a_graph_segment_under_autocast_leaves_no_autocast_region_open():
+    """A probe runs a copy of the segment; a GraphModule's copy drops its hooks and the worker puts them back: the
+    autocast pre-hook without its closing hook would leave bf16 autocast on for everything after the probe."""
+    from torch import fx, nn
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    worker = splitnn.VirtualWorker("alice", autocast="bf16")
+    worker.add_segment("s0", gm, None)
+    shape = worker.probe("s0", (2, 4))
+    assert tuple(shape) == (2, 3)
+    assert not torch.is_autocast_enabled("cpu")

@@ -1172,8 +1172,15 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         clone = copy.deepcopy(module, memo)
     except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
         return None
-    # a GraphModule's copy drops its hooks; the worker's memory check (splitnn.wire.budget) is one: keep them
-    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+    # a GraphModule's copy drops its hooks; the worker's memory check (splitnn.wire.budget) is one, and a party's
+    # autocast region is a pre-hook and a hook that must come as a pair (precision.install_autocast): keep them all
+    for hooks in (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
         for k, v in getattr(module, hooks).items():
             getattr(clone, hooks).setdefault(k, v)
     return clone
