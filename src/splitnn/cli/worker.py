@@ -183,16 +183,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_worker_policy(path: Path | None, allow_outputs: bool):
+def load_worker_policy(path: Path | None, allow_outputs: bool, *, data_holder: bool = False):
     """The party's policy from ``--policy`` and ``--allow-outputs`` (which a policy file's
-    ``release_outputs`` must not contradict); None for the server's default."""
+    ``release_outputs`` must not contradict); None for the server's default. ``data_holder`` (the
+    worker has ``--data``): the rules the file does not set are closed (``DATA_HOLDER_DEFAULTS``)."""
     from dataclasses import replace
 
     from splitnn.workers.policy import load_policy, read_policy_rules
 
     if path is None:
         return None
-    policy = load_policy(path)
+    policy = load_policy(path, data_holder=data_holder)
     if "release_outputs" not in read_policy_rules(path):
         return replace(policy, release_outputs=allow_outputs)  # a server hands out no outputs unless told
     if allow_outputs and not policy.release_outputs:
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--data {text!r}: {exc}") from None
         datasets[key] = held
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
-    policy = load_worker_policy(args.policy, args.allow_outputs)  # before listening
+    policy = load_worker_policy(args.policy, args.allow_outputs, data_holder=bool(datasets))  # before listening
     for flag, path in (("--state-dir", args.state_dir), ("--audit-log", args.audit_log)):
         where = path if flag == "--state-dir" else (path.parent if path is not None else None)
         if where is not None and where.exists() and not where.is_dir():

@@ -63,6 +63,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data.batching import draw_rows
 from splitnn.errors import CheckpointError, ConfigurationError, PolicyError, SpecError, WorkerError
 from splitnn.wire.compress import Codec, NoCodec, get_codec
 from splitnn.wire.cut_codec import Arrived, CutEncoder, Encoded
@@ -86,7 +87,16 @@ from splitnn.workers.losses import Loss, compute_loss
 from splitnn.workers.merge import check_merge, merge_tensors
 from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
-from splitnn.workers.policy import WorkerPolicy, check_dataset, check_install, check_peer, check_reduction
+from splitnn.workers.policy import (
+    WorkerPolicy,
+    check_accepted,
+    check_batch_rows,
+    check_dataset,
+    check_install,
+    check_peer,
+    check_reduction,
+    check_release,
+)
 from splitnn.workers.psi import PsiParty
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
 from splitnn.workers.values import ProbeShape, Value, check_values, describe, is_several, zeros_for
@@ -112,6 +122,7 @@ class _Hosted:
     flights: dict[int, Flight] = field(default_factory=dict)  # pipelined schedules: batch -> its state here
     steps: int = 0  # optimizer steps taken by pipelined schedules (a flight without stashed weights checks it)
     drift: Drift | None = None  # weight prediction in the current pipelined run (None: off)
+    released: bool = False  # its weights left a gated worker: frozen (it trains no more; see policy's gate)
 
 
 class VirtualWorker:
@@ -209,6 +220,8 @@ class VirtualWorker:
         segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
         hosted = _Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
         self._admit(key, hosted)
+        # a replaced segment is a new one: every check of a read of this party's data runs again
+        self._reads = {r for r in self._reads if r[0] != key}
         hosted.optimizer = (
             build_optimizer(optimizer, hosted.params) if (optimizer is not None and hosted.params) else None
         )
@@ -216,6 +229,7 @@ class VirtualWorker:
 
     def remove_segment(self, key: str) -> None:
         self._segments.pop(key, None)
+        self._reads = {r for r in self._reads if r[0] != key}
         self._pending_loss.pop(key, None)
 
     def set_codecs(self, key: str, *, output: str | Codec | None = None, input_grad: str | Codec | None = None) -> None:
@@ -262,6 +276,12 @@ class VirtualWorker:
         # and without gradients: no running-stat updates, no dropout, and no draws from the
         # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
+        if not self.policy.release_weights:
+            # a probe's values would show state derived from this party's data (a running mean): shapes only
+            shape = _meta_probe(hosted.module, input_shape)
+            if shape is not None:
+                return shape
+            self._gate(key, hosted, f"to probe segment {key!r} (it cannot be probed on the meta device)")
         clone = _probe_copy(hosted.module)
         x = self._here(zeros_for(input_shape))
         with torch.no_grad():
@@ -290,13 +310,15 @@ class VirtualWorker:
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         hosted = self._segment(key)
+        if hosted.released and train:
+            self._frozen(key)
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
         if isinstance(source, BatchRef):
-            x, input_kind = self._batch(source, "features"), "data"
             if (key, source.dataset, "features") not in self._reads:
-                self._first_read(key, source.dataset, "features", x)
+                self._first_read(key, source.dataset, "features", self._batch(source, "features", check=False))
+            x, input_kind = self._batch(source, "features"), "data"
         else:
             x, input_kind = self._receive(source, "activation", train)
             if input_kind == "fused" and hosted.send_grad is not None:
@@ -321,9 +343,9 @@ class VirtualWorker:
         out, _ = self._receive(output, "activation", train)
         if type(out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
-        labels = self._batch(target, "labels")
         if ("", target.dataset, "labels") not in self._reads:
-            self._first_read("", target.dataset, "labels", labels)
+            self._first_read("", target.dataset, "labels", None)
+        labels = self._batch(target, "labels")
         value = compute_loss(loss, out, labels)
         if train:
             if keep is not None:
@@ -369,6 +391,8 @@ class VirtualWorker:
         check_merge(merge)
         check_sources(list(sources), key, self.name)
         hosted = self._segment(key)
+        if hosted.released and train:
+            self._frozen(key)
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
@@ -419,7 +443,10 @@ class VirtualWorker:
             p.grad = None
 
     def step(self, key: str) -> None:
-        opt = self._segment(key).optimizer
+        hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
+        opt = hosted.optimizer
         if opt is not None:
             opt.step()
 
@@ -427,7 +454,7 @@ class VirtualWorker:
         tensor, stored_kind = self._peek(ref)
         if type(tensor) is Encoded:  # encoded for a peer: the researcher gets what the peer would decode
             tensor = tensor.decode()
-        if stored_kind in ("features", "labels", "psi"):
+        if stored_kind in ("features", "labels", "psi", "weights"):
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         if not self.policy.release_outputs:
             raise PolicyError(
@@ -443,7 +470,9 @@ class VirtualWorker:
 
     def get_state(self, key: str) -> dict[str, torch.Tensor]:
         self._check_readable("weights")
-        state = state_to_cpu(self._segment(key).module.state_dict())
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s weights and buffers", freeze=True)
+        state = state_to_cpu(hosted.module.state_dict())
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(state))
         return state
 
@@ -454,6 +483,8 @@ class VirtualWorker:
 
     def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
         """Hand segment ``key``'s weights straight to peer ``dst`` (recorded on the link self -> ``dst``)."""
+        if dst != self.name:
+            self.release_to_peer(key, dst)
         state = {k: v.detach().clone() for k, v in self._segment(key).module.state_dict().items()}
         if dst == self.name:
             self.set_state(dst_key or key, state, src=self.name)
@@ -471,6 +502,9 @@ class VirtualWorker:
         keys, weights, into = check_averaging(keys, weights, into, self.name)
         states = [self._segment(k).module.state_dict() for k in keys]  # an unknown key is named here
         targets = [self._segment(k) for k in into]
+        for key, hosted in zip(into, targets):
+            if hosted.released:
+                self._frozen(key)
         try:
             average = weighted_average(states, weights)
         except ConfigurationError as exc:
@@ -493,10 +527,12 @@ class VirtualWorker:
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
         self._check_readable("gradients")
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s gradients", freeze=True)
         grads = state_to_cpu(
             {
                 n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                for n, p in self._segment(key).module.named_parameters()
+                for n, p in hosted.module.named_parameters()
                 if p.requires_grad
             }
         )
@@ -505,7 +541,9 @@ class VirtualWorker:
 
     def fetch_segment(self, key: str) -> nn.Module:
         self._check_readable("weights")
-        module = copy.deepcopy(self._segment(key).module).to(RESEARCHER_DEVICE)
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s weights and buffers", freeze=True)
+        module = copy.deepcopy(hosted.module).to(RESEARCHER_DEVICE)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(module.state_dict()))
         return module
 
@@ -523,12 +561,16 @@ class VirtualWorker:
         """Training forward of batch ``batch`` on segment ``key``, kept apart from other batches in flight;
         with ``stash``, on a copy of the current weights (a step comes before this batch's backward)."""
         hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
         if batch in hosted.flights:
             raise WorkerError(f"worker {self.name!r}: batch {batch} is already in flight on segment {key!r}")
         if hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
         if isinstance(source, BatchRef):
+            if (key, source.dataset, "features") not in self._reads:
+                self._first_read(key, source.dataset, "features", self._batch(source, "features", check=False))
             x, inp = self._batch(source, "features"), None
         else:
             x = inp = detached_input(self._receive(source, "activation", False)[0])
@@ -544,6 +586,8 @@ class VirtualWorker:
         self._receive(output, "activation", False)  # consumes the ref; the graph is the flight's own output
         if type(flight.out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(flight.out)} values")
+        if ("", target.dataset, "labels") not in self._reads:
+            self._first_read("", target.dataset, "labels", None)
         labels = self._batch(target, "labels")
         flight.loss = compute_loss(loss, flight.out, labels)
         return LossStats(float(flight.loss.item()), -1, len(labels))
@@ -588,6 +632,8 @@ class VirtualWorker:
     def step_in_flight(self, key: str, batch: int) -> None:
         """Step segment ``key``'s optimizer with batch ``batch``'s gradients (and forget the batch)."""
         hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
         flight = self._flight(key, batch)
         if flight.grads is None:
             raise WorkerError(f"worker {self.name!r}: step of batch {batch} on {key!r} before its backward")
@@ -673,6 +719,42 @@ class VirtualWorker:
         A model declares them when it places its segments; declarations of several models add up."""
         self.neighbours = frozenset(self.neighbours or ()) | {n for n in names if n != self.name}
 
+    def _drawn(self, ref: BatchRef, held: HeldData, check: bool) -> torch.Tensor:
+        """The rows of ``ref`` on this party's data, as the policy lets them be read (see :meth:`_batch`)."""
+        indices = ref.indices
+        if self.policy.draw_rows:
+            if ref.draw is None:
+                self._guard(_refuse_rows, self.name, ref.dataset)
+            try:
+                indices = draw_rows(held.size, ref.draw)
+            except ConfigurationError as exc:
+                raise WorkerError(f"worker {self.name!r}: dataset {ref.dataset!r}: {exc}") from None
+        if check:
+            n = int(indices.numel())
+            distinct = n if self.policy.draw_rows else int(torch.unique(indices).numel())
+            self._guard(check_batch_rows, self.policy, self.name, ref.dataset, n, distinct, "a batch")
+        return indices
+
+    def _gate(self, key: str, hosted: _Hosted, what: str, *, freeze: bool = False) -> None:
+        """The one gate for state derived from this party's data (weights, buffers, gradients, probes of
+        trained state): refused unless the policy's ``release_weights`` allows it; under a gated policy,
+        a segment released to the researcher is frozen from then on ("the end")."""
+        self._guard(check_release, self.policy, self.name, what)
+        if freeze and self.policy.gated:
+            hosted.released = True
+
+    def release_to_peer(self, key: str, peer: str | None) -> None:
+        """The gate for segment ``key``'s weights leaving to peer ``peer`` (``send_state``; a server's
+        ``export_state``, whose puller is checked when it pulls: ``None``): ``release_weights``, then under a
+        gated policy the ``peers`` rule (or the model's adjacency). Weights sent to a peer do not freeze the
+        segment (aggregation rounds send them each round): ``release_weights`` trusts the peers with them."""
+        self._gate(key, self._segment(key), f"segment {key!r}'s weights to {peer or 'a peer'!r}")
+        if peer is not None and peer != self.name and self.policy.gated:
+            self.check_receiver(peer, "its weights")
+
+    def _frozen(self, key: str) -> None:
+        self._guard(_refuse_frozen, self.name, key)
+
     def _guard(self, check, *args, **kwargs) -> None:
         """Run a policy check; record a refusal in the audit log before raising it."""
         try:
@@ -716,6 +798,9 @@ class VirtualWorker:
         if self._is_own(dataset):
             policy = self.policy
             self._guard(check_dataset, policy, self.name, dataset)
+            if part == "features" and not policy.accept_any_segment:
+                hosted = self._segment(key)
+                self._guard(check_accepted, policy, self.name, key, dataset, fingerprint=self._identity(hosted))
             if part == "features" and (policy.refuse_passthrough or policy.min_reduction is not None):
                 hosted = self._segment(key)
                 fp = self._identity(hosted)
@@ -772,6 +857,9 @@ class VirtualWorker:
         """Load this party's checkpoint at ``step`` of job ``job`` into ``segments`` (label -> key); a
         :class:`~splitnn.errors.CheckpointError` naming what differs when it does not match them, or
         (given ``digest``) when it is not that file. Returns ``{"step", "digest", "bytes"}``."""
+        for key in segments.values():
+            if self._segment(key).released:
+                self._frozen(key)
         info = load_party_checkpoint(
             self._checkpoint_dir(), job, step, worker=self.name, segments=self._labelled(segments), digest=digest
         )
@@ -801,8 +889,17 @@ class VirtualWorker:
 
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep exactly the candidate rows of ``dataset``, in ascending id order; hold each of ``parts``
-        (name -> positions in that order) as a dataset too."""
+        (name -> positions in that order) as a dataset too. A part of this party's own dataset is its own too
+        (the policy's gate guards it), and holds at least ``min_batch_size`` distinct rows."""
+        own = self._is_own(dataset)
+        if own:
+            for name, idx in (parts or {}).items():
+                idx = torch.as_tensor(idx).reshape(-1)
+                n, distinct = int(idx.numel()), int(torch.unique(idx).numel())
+                self._guard(check_batch_rows, self.policy, self.name, dataset, n, distinct, f"part {name!r}")
         self._data.update(self._psi.apply(dataset, self._dataset(dataset), parts or {}))
+        if own and self.own_datasets is not None:
+            self.own_datasets = self.own_datasets | set(parts or {})
 
     def psi_cancel(self, dataset: str) -> None:
         """Abandon the intersection of ``dataset`` (the held rows stay as they were)."""
@@ -983,11 +1080,53 @@ class VirtualWorker:
                 f"worker {self.name!r} holds no dataset {name!r} (it holds {sorted(self._data)})"
             ) from None
 
-    def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
-        rows = self._dataset(ref.dataset).read(part, ref.indices)
+    def _batch(self, ref: BatchRef, part: str, *, check: bool = True) -> torch.Tensor:
+        """The rows of ``ref``'s ``part``. On this party's own data under a gated policy, drawn here from
+        ``ref.draw`` (``draw_rows``), and at least ``min_batch_size`` distinct rows; ``check=False``: no
+        row-count check (the first read's probe sample, whose policy checks come first)."""
+        held = self._dataset(ref.dataset)
+        indices = ref.indices
+        if self._is_own(ref.dataset) and self.policy.gated:
+            indices = self._drawn(ref, held, check)
+        rows = held.read(part, indices)
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return self._here(rows)  # tensors are held on the device; a map-style dataset's batch moves here
+
+
+def _refuse_rows(worker: str, dataset: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses a batch of rows named by the researcher on dataset {dataset!r} (policy rule "
+        f"draw_rows): this party draws its batches itself; send the draw (seed, epoch, position, batch size, "
+        f"shuffle) that splitnn.data.epoch_batches attaches to each batch"
+    )
+
+
+def _refuse_frozen(worker: str, key: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses to train segment {key!r} further (policy rule release_weights): its weights "
+        f"were released, which is the end of its training here (a released segment is frozen); install a new "
+        f"segment to train again"
+    )
+
+
+def _meta_probe(module: nn.Module, input_shape: ProbeShape) -> ProbeShape | None:
+    """``module``'s output shape for ``input_shape``, computed on the meta device (no values: nothing of the
+    module's state shows); None when it cannot run there."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if is_lazy(t):
+            return None
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        clone = copy.deepcopy(module, memo)
+        x = to_device(zeros_for(input_shape), torch.device("meta"))
+        with torch.no_grad():
+            out = _call(clone.eval(), x)
+        return describe(check_values(out, "probe"))
+    except Exception:  # a layer that cannot run on meta
+        return None
 
 
 def _encoder(codec: str | Codec | None) -> CutEncoder | None:
