@@ -123,6 +123,7 @@ class _Hosted:
     steps: int = 0  # optimizer steps taken by pipelined schedules (a flight without stashed weights checks it)
     drift: Drift | None = None  # weight prediction in the current pipelined run (None: off)
     released: bool = False  # its weights left a gated worker: frozen (it trains no more; see policy's gate)
+    ran: bool = False  # it ran a forward here: its buffers may hold values derived from what it read
 
 
 class VirtualWorker:
@@ -276,12 +277,17 @@ class VirtualWorker:
         # and without gradients: no running-stat updates, no dropout, and no draws from the
         # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
-        if not self.policy.release_weights:
-            # a probe's values would show state derived from this party's data (a running mean): shapes only
+        if hosted.ran and not self.policy.release_weights:
+            # even an output's shape can depend on state derived from this party's data (a graph that slices by
+            # a buffer's value): a segment that ran here is probed on the meta device, which holds no values
             shape = _meta_probe(hosted.module, input_shape)
             if shape is not None:
                 return shape
             self._gate(key, hosted, f"to probe segment {key!r} (it cannot be probed on the meta device)")
+        return self._probe(key, hosted, input_shape)
+
+    def _probe(self, key: str, hosted: _Hosted, input_shape: ProbeShape) -> ProbeShape:
+        """:meth:`probe` without the gate (the worker's own checks: the shapes stay here)."""
         clone = _probe_copy(hosted.module)
         x = self._here(zeros_for(input_shape))
         with torch.no_grad():
@@ -312,6 +318,7 @@ class VirtualWorker:
         hosted = self._segment(key)
         if hosted.released and train:
             self._frozen(key)
+        hosted.ran = True
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
@@ -393,6 +400,7 @@ class VirtualWorker:
         hosted = self._segment(key)
         if hosted.released and train:
             self._frozen(key)
+        hosted.ran = True
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
@@ -563,6 +571,7 @@ class VirtualWorker:
         hosted = self._segment(key)
         if hosted.released:
             self._frozen(key)
+        hosted.ran = True
         if batch in hosted.flights:
             raise WorkerError(f"worker {self.name!r}: batch {batch} is already in flight on segment {key!r}")
         if hosted.training is not True:
@@ -805,7 +814,7 @@ class VirtualWorker:
                 hosted = self._segment(key)
                 fp = self._identity(hosted)
                 sample = x[:1] if type(x) is not tuple else tuple(t[:1] for t in x)
-                out = self.probe(key, describe(sample))
+                out = self._probe(key, hosted, describe(sample))
                 self._guard(
                     check_reduction,
                     policy,
