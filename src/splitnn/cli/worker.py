@@ -21,7 +21,11 @@
 ``parts`` says what this party holds: the data holder keeps the ``features``, the label
 holder the ``labels`` (default: all the source has). The researcher then trains on it by
 name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
-session reads them, none may replace them.
+session reads them, none may replace them. A worker that holds them starts closed (the gate of
+:mod:`splitnn.workers.policy`): only segments whose fingerprints ``--policy`` pins in
+``accept_segments`` run on them (``splitnn fingerprint`` prints a saved model's), the worker
+draws each batch's rows itself from the researcher's seed, and no weights leave unless the
+policy says ``release_weights = true``.
 
 ``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes from
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
@@ -170,7 +174,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="FILE",
         help="this party's policy (TOML or JSON): accept_segments, refuse_passthrough, min_reduction, peers, "
-        "max_params, release_outputs, datasets; enforced before any batch (docs/failures-and-policy.md)",
+        "max_params, release_outputs, datasets, release_weights, accept_any_segment, min_batch_size, draw_rows; "
+        "enforced before any batch. With --data the rules it does not set are closed: only pinned segments run "
+        "on the data, the worker draws the rows, no weights leave (docs/failures-and-policy.md)",
     )
     p.add_argument(
         "--audit-log",
@@ -344,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.transport import Limits, TLSConfig, load_token
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
+    from splitnn.workers.policy import WorkerPolicy
 
     grace = DEFAULT_GRACE if args.session_grace is None else args.session_grace
     if not 0 <= grace < float("inf"):
@@ -411,6 +418,18 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(address: str) -> None:
         held = ", ".join(f"{k} ({'+'.join(p for p in v if p != 'ids')})" for k, v in datasets.items()) or "no datasets"
+        gate = policy if policy is not None else WorkerPolicy.from_dict({}, data_holder=True)
+        closed = [
+            what
+            for what, on in (
+                ("pinned segments only", not gate.accept_any_segment),
+                ("rows drawn here", gate.draw_rows),
+                ("no weights leave", not gate.release_weights),
+            )
+            if on
+        ]
+        if datasets and closed:
+            held += f"; gate: {', '.join(closed)}"
         print(
             f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held}; device {device})",
             flush=True,
