@@ -292,3 +292,23 @@ def test_a_released_segment_is_frozen_and_replace_re_runs_the_checks():
     alice.add_segment("s", nn.Identity(), None, replace=True)
     with pytest.raises(PolicyError, match=r"\(policy rule refuse_passthrough\)"):
         alice.forward("s", BatchRef("d", batches[2]), train=False)
+
+
+def test_a_view_of_the_holders_data_is_its_own_and_holds_at_least_the_minimum():
+    from splitnn.training.psi import intersect
+
+    ids = [f"P{i:04d}" for i in range(64)]
+    alice = W("alice", policy=closed(accept_any_segment=True))
+    bob = W("bob")
+    alice.add_dataset("d", features=DATA.features, ids=ids)
+    bob.add_dataset("d", labels=DATA.labels, ids=ids)
+    alice.own_datasets = frozenset({"d"})  # as a networked session sees its party's --data
+    with pytest.raises(PolicyError, match=r"refuses part 'd:tiny' of dataset 'd' \(policy rule min_batch_size\)"):
+        intersect("d", [alice], bob, split={"big": 0.95, "tiny": 0.05})  # a part of 3 chosen rows
+    alice.psi_cancel("d")
+    bob.psi_cancel("d")
+    intersect("d", [alice], bob, split={"train": 0.5, "test": 0.5})
+    assert {"d:train", "d:test"} <= alice.own_datasets  # the gate guards the views like the data
+    alice.add_segment("s", GOOD, None)
+    with pytest.raises(PolicyError, match=r"\(policy rule draw_rows\)"):
+        alice.forward("s", BatchRef("d:train", torch.arange(8)))
