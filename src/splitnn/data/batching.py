@@ -53,9 +53,11 @@ class BatchDraw:
         }
 
 
-def draw_rows(n: int, draw: BatchDraw) -> torch.Tensor:
-    """The rows of ``draw`` over a dataset of ``n`` samples (ConfigurationError past the last batch)."""
-    batches = epoch_batches(n, draw.batch_size, shuffle=draw.shuffle, seed=draw.seed, epoch=draw.epoch)
+def draw_rows(n: int, draw: BatchDraw, batches: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The rows of ``draw`` over a dataset of ``n`` samples (ConfigurationError past the last batch);
+    ``batches``: the epoch's batches for ``draw`` if computed already."""
+    if batches is None:
+        batches = epoch_batches(n, draw.batch_size, shuffle=draw.shuffle, seed=draw.seed, epoch=draw.epoch)
     if draw.position >= len(batches):
         raise ConfigurationError(
             f"batch {draw.position} does not exist: {n} samples make {len(batches)} batches of {draw.batch_size}"

@@ -63,7 +63,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
-from splitnn.data.batching import draw_rows
+from splitnn.data.batching import draw_rows, epoch_batches
 from splitnn.errors import CheckpointError, ConfigurationError, PolicyError, SpecError, WorkerError
 from splitnn.wire.compress import Codec, NoCodec, get_codec
 from splitnn.wire.cut_codec import Arrived, CutEncoder, Encoded
@@ -189,6 +189,7 @@ class VirtualWorker:
         # from anyone else unless the policy names its peers.
         self.neighbours: frozenset[str] | None = None
         self._reads: set[tuple[str, str, str]] = set()  # (segment, dataset, part) checked and recorded
+        self._drawn_epoch: tuple | None = None  # ((n, batch size, shuffle, seed, epoch), its batches): draw_rows
         self._segments: dict[str, _Hosted] = {}
         self._data: dict[str, HeldData] = {}
         self._store: dict[int, tuple[torch.Tensor, str]] = {}
@@ -734,8 +735,14 @@ class VirtualWorker:
         if self.policy.draw_rows:
             if ref.draw is None:
                 self._guard(_refuse_rows, self.name, ref.dataset)
+            d, n = ref.draw, held.size
+            epoch = (n, d.batch_size, d.shuffle, d.seed, d.epoch)
+            cached = self._drawn_epoch  # the epoch's batches, computed once per epoch (not once per batch)
             try:
-                indices = draw_rows(held.size, ref.draw)
+                if cached is None or cached[0] != epoch:
+                    batches = epoch_batches(n, d.batch_size, shuffle=d.shuffle, seed=d.seed, epoch=d.epoch)
+                    cached = self._drawn_epoch = (epoch, batches)
+                indices = draw_rows(n, d, cached[1])
             except ConfigurationError as exc:
                 raise WorkerError(f"worker {self.name!r}: dataset {ref.dataset!r}: {exc}") from None
         if check:
