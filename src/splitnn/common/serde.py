@@ -569,10 +569,11 @@ def loss_to_command(
     output: TensorRef, target: BatchRef, loss: str, *, train: bool, keep: str | None = None
 ) -> tuple[dict, list[bytes]]:
     """Score ``output`` against the labels of ``target``; ``keep`` names an evaluation kept for its metrics."""
-    args: dict = {"output": ref_to_dict(output), "dataset": target.dataset, "loss": loss, "train": train}
+    args, blobs = _batch_to_command(target)
+    args.update({"output": ref_to_dict(output), "loss": loss, "train": train})
     if keep is not None:
         args["keep"] = keep
-    return args, [indices_to_blob(target.indices)]
+    return args, blobs
 
 
 class LossCommand(NamedTuple):
