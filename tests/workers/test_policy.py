@@ -307,6 +307,11 @@ def test_a_view_of_the_holders_data_is_its_own_and_holds_at_least_the_minimum():
         intersect("d", [alice], bob, split={"big": 0.95, "tiny": 0.05})  # a part of 3 chosen rows
     alice.psi_cancel("d")
     bob.psi_cancel("d")
+    few = W("carol")  # a party holding 3 of alice's ids: an intersection of rows someone chose
+    few.add_dataset("d", labels=DATA.labels[:3], ids=ids[:3])
+    with pytest.raises(PolicyError, match=r"refuses the intersection of dataset 'd' \(policy rule min_batch_size\)"):
+        intersect("d", [alice], few)
+    alice.psi_cancel("d")
     intersect("d", [alice], bob, split={"train": 0.5, "test": 0.5})
     assert {"d:train", "d:test"} <= alice.own_datasets  # the gate guards the views like the data
     alice.add_segment("s", GOOD, None)

@@ -377,12 +377,12 @@ def check_batch_rows(policy: WorkerPolicy, worker: str, dataset: str, rows: int,
             f"it names a row more than once ({rows} rows, {distinct} distinct)",
         )
     if rows < policy.min_batch_size:
+        hint = " (a short last batch: choose a batch size that leaves none)" if what == "a batch" else ""
         raise _refuse(
             worker,
             "min_batch_size",
             f"{what} of dataset {dataset!r}",
-            f"it holds {rows} rows, fewer than the {policy.min_batch_size} the policy asks for (a short last batch "
-            f"is dropped: use a batch size that divides the data, or drop_last)",
+            f"it holds {rows} rows, fewer than the {policy.min_batch_size} the policy asks for{hint}",
         )
 
 

@@ -909,6 +909,8 @@ class VirtualWorker:
         (the policy's gate guards it), and holds at least ``min_batch_size`` distinct rows."""
         own = self._is_own(dataset)
         if own:
+            size = self.psi_size(dataset)  # the intersection replaces the dataset: a view of it too
+            self._guard(check_batch_rows, self.policy, self.name, dataset, size, size, "the intersection")
             for name, idx in (parts or {}).items():
                 idx = torch.as_tensor(idx).reshape(-1)
                 n, distinct = int(idx.numel()), int(torch.unique(idx).numel())
