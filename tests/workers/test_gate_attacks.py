@@ -7,7 +7,9 @@ Real ``splitnn worker`` processes hold the same small images (``--data toy=...``
   ``peers``, ``release_outputs = false``), the rest at the data holder's defaults;
 * ``optin``: the same, plus ``accept_any_segment = true`` (the heuristic as the only judge of segments);
 * ``pinned``: ``accept_segments`` pins a reviewed BatchNorm -> Linear -> ReLU, and
-  ``release_weights = true``.
+  ``release_weights = true``;
+
+and ``labels`` holds the labels (``release_weights = true``, closed otherwise).
 
 Each attack asserts the rule that refused it (the message names it), that the worker lives on,
 and that the data did not leave (no activation of a refused segment was made; the weights of a
@@ -15,6 +17,8 @@ chosen-batch attack hold the statistics of rows the holder drew, not the researc
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -59,12 +63,15 @@ def cluster(tmp_path_factory):
         "optin": STRICT + "accept_any_segment = true\n",
         "pinned": f'accept_segments = ["{fingerprint(reviewed())}", "{_near_miss_pin()}"]\nrelease_weights = true\n',
     }
+    labels = root / "labels.toml"
+    labels.write_text("release_weights = true\n")  # closed otherwise: it draws the rows too
     with Cluster(root, lifetime=400, open_data=False) as cl:
         cl.start("closed", *HELD)
         for name, text in policies.items():
             path = root / f"{name}.toml"
             path.write_text(text)
             cl.start(name, *HELD, "--policy", str(path))
+        cl.start("labels", *[a.replace("features", "labels") for a in HELD], "--policy", str(labels))
         yield cl
 
 
@@ -87,6 +94,23 @@ def connect(cluster):
 def draw(position: int = 0, batch_size: int = 8, seed: int = 0) -> BatchRef:
     """A batch as an honest researcher asks for it: the draw, and the rows it makes."""
     return BatchRef("toy", epoch_batches(N, batch_size, seed=seed)[position])
+
+
+def test_closed_holders_train_exactly_like_in_process_workers(connect):
+    """The holders draw the rows from the researcher's seed with the same epoch_batches: same weights, bit for bit."""
+    torch.manual_seed(0)
+    segments = [reviewed(), nn.Sequential(nn.Linear(8, 10), nn.LogSoftmax(1))]
+    twins = [copy.deepcopy(s) for s in segments]
+    fit = dict(epochs=2, batch_size=32, seed=3, progress=False)
+    model = splitnn.SplitNN(segments, [connect("pinned"), connect("labels")], optimizer="sgd:lr=0.05")
+    history = model.fit("toy", **fit)
+    ev = model.evaluate("toy", batch_size=40)
+    twin = splitnn.SplitNN(twins, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")], optimizer="sgd:lr=0.05")
+    twin_history = twin.fit(toy_images(), **fit)
+    assert history.losses() == twin_history.losses()
+    assert ev.loss == twin.evaluate(toy_images(), batch_size=40).loss
+    ours, theirs = model.collect().state_dict(), twin.collect().state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def refused(worker, rule: str, call, *args, match: str = "", **kwargs) -> PolicyError:
