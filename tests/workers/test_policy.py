@@ -317,3 +317,19 @@ def test_a_view_of_the_holders_data_is_its_own_and_holds_at_least_the_minimum():
     alice.add_segment("s", GOOD, None)
     with pytest.raises(PolicyError, match=r"\(policy rule draw_rows\)"):
         alice.forward("s", BatchRef("d:train", torch.arange(8)))
+
+
+def test_released_state_cannot_change_and_leave_again():
+    from tests.workers.test_gate_attacks import out_buffer_graph
+
+    alice = W("alice", policy=closed(accept_any_segment=True, release_weights=True))
+    alice.add_dataset("d", features=DATA.features)
+    alice.add_segment("copier", out_buffer_graph(), None)
+    batches = epoch_batches(64, 8, seed=1)
+    alice.forward("copier", BatchRef("d", batches[0]))
+    first = alice.get_state("copier")  # released: the end
+    alice.forward("copier", BatchRef("d", batches[1]), train=False)  # an evaluation writes the next rows
+    with pytest.raises(PolicyError, match=r"\(policy rule release_weights\): it was released, and its state has"):
+        alice.get_state("copier")
+    alice.set_state("copier", first, src="researcher")  # the researcher's own values again: these may leave
+    assert torch.equal(alice.get_state("copier")["stash"], first["stash"])

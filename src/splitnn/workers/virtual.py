@@ -124,6 +124,7 @@ class _Hosted:
     drift: Drift | None = None  # weight prediction in the current pipelined run (None: off)
     released: bool = False  # its weights left a gated worker: frozen (it trains no more; see policy's gate)
     ran: bool = False  # it ran a forward here: its buffers may hold values derived from what it read
+    snapshot: dict | None = None  # released: the state that left (a later read must find the same)
 
 
 class VirtualWorker:
@@ -486,7 +487,10 @@ class VirtualWorker:
         return state
 
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
-        self._segment(key).module.load_state_dict(dict(state))
+        hosted = self._segment(key)
+        hosted.module.load_state_dict(dict(state))
+        if hosted.released:  # the whole state is the sender's now: what a later read may hand out
+            hosted.snapshot = _snapshot(hosted.module)
         if src != self.name:
             self.ledger.record(src, self.name, "weights", _state_nbytes(state))
 
@@ -757,7 +761,12 @@ class VirtualWorker:
         a segment released to the researcher is frozen from then on ("the end")."""
         self._guard(check_release, self.policy, self.name, what)
         if freeze and self.policy.gated:
-            hosted.released = True
+            if hosted.released:  # an evaluation may have written a buffer since (a graph with out=): not again
+                now = hosted.module.state_dict()
+                if hosted.snapshot is None or any(not torch.equal(now[k], v) for k, v in hosted.snapshot.items()):
+                    self._guard(_refuse_changed, self.name, key)
+            else:
+                hosted.released, hosted.snapshot = True, _snapshot(hosted.module)
 
     def release_to_peer(self, key: str, peer: str | None) -> None:
         """The gate for segment ``key``'s weights leaving to peer ``peer`` (``send_state``; a server's
@@ -1118,6 +1127,17 @@ def _refuse_rows(worker: str, dataset: str) -> None:
         f"draw_rows): this party draws its batches itself; send the draw (seed, epoch, position, batch size, "
         f"shuffle) that splitnn.data.epoch_batches attaches to each batch"
     )
+
+
+def _refuse_changed(worker: str, key: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses segment {key!r}'s state (policy rule release_weights): it was released, and "
+        f"its state has changed since (a forward wrote into it); only the released state may leave"
+    )
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _refuse_frozen(worker: str, key: str) -> None:
