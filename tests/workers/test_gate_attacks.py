@@ -282,7 +282,8 @@ def test_a_short_tail_is_refused_and_a_tail_of_the_minimum_is_not(connect):
     w = connect("pinned")
     w.add_segment("bn", reviewed(), None)
     assert N % 9 == 5 and N % 12 == 8
-    refused(w, "min_batch_size", w.forward, "bn", draw(position=N // 9, batch_size=9), match=r": it holds 5 rows")
+    for position in (0, N // 9):  # refused from the epoch's first batch on, before any work
+        refused(w, "min_batch_size", w.forward, "bn", draw(position, batch_size=9), match=r": it holds 5 rows")
     w.forward("bn", draw(position=N // 12, batch_size=12), train=False)  # a tail of 8 rows: allowed
     w.drain()
 

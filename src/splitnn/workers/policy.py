@@ -31,9 +31,10 @@ opted in with ``accept_any_segment = true``, leaving the heuristic as a best-eff
 batches hold at least ``min_batch_size`` distinct rows, drawn by the holder's own sampler
 (:func:`splitnn.data.epoch_batches`) from the researcher's seed, never named by the researcher.
 "The end" is concrete: once a segment's weights have been released, it is *frozen* -- it no
-longer trains (no training forward, no step, no checkpoint or average loaded into it), and a later
-read must find exactly the state that was released. The in-process default (``WorkerPolicy()``) stays open: the researcher
-on their own machine holds that data anyway; the gate is the same code with other values.
+longer trains (no training forward, no step, no checkpoint or average loaded into it), and a
+later read must find exactly the state that was released. The in-process default
+(``WorkerPolicy()``) stays open: the researcher on their own machine holds that data anyway; the
+gate is the same code with other values.
 
 ``refuse_passthrough`` and ``min_reduction`` are a *heuristic* guard for parties that do not
 pin fingerprints: :func:`passthrough_reason` reads the segment's layers, and a researcher
@@ -377,7 +378,7 @@ def check_batch_rows(policy: WorkerPolicy, worker: str, dataset: str, rows: int,
             f"it names a row more than once ({rows} rows, {distinct} distinct)",
         )
     if rows < policy.min_batch_size:
-        hint = " (a short last batch: choose a batch size that leaves none)" if what == "a batch" else ""
+        hint = " (a short last batch: choose a batch size that leaves none)" if "batch" in what else ""
         raise _refuse(
             worker,
             "min_batch_size",

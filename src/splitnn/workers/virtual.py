@@ -749,6 +749,9 @@ class VirtualWorker:
                 indices = draw_rows(n, d, cached[1])
             except ConfigurationError as exc:
                 raise WorkerError(f"worker {self.name!r}: dataset {ref.dataset!r}: {exc}") from None
+            if check:  # a short last batch is refused at the epoch's first batch already, before any work
+                tail = int(cached[1][-1].numel())
+                self._guard(check_batch_rows, self.policy, self.name, ref.dataset, tail, tail, "the last batch")
         if check:
             n = int(indices.numel())
             distinct = n if self.policy.draw_rows else int(torch.unique(indices).numel())
