@@ -237,7 +237,8 @@ def test_pinned_compares_all_64_digits():
         alice.add_segment("good", GOOD, None)
 
 
-def test_a_closed_holder_trains_exactly_like_an_open_one():
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_a_closed_holder_trains_exactly_like_an_open_one(pipeline):
     pinned = closed(accept_segments=[fingerprint(GOOD)], release_weights=True)
     runs = []
     for policy in (None, pinned):
@@ -245,7 +246,7 @@ def test_a_closed_holder_trains_exactly_like_an_open_one():
         segments = [nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU()), top(16)]
         label_policy = closed(release_weights=True, release_outputs=True) if policy else None
         model = splitnn.SplitNN(segments, [W("alice", policy=policy), W("bob", policy=label_policy)])
-        history = model.fit(DATA, epochs=2, batch_size=16, seed=4, progress=False)
+        history = model.fit(DATA, epochs=2, batch_size=16, seed=4, progress=False, pipeline=pipeline)
         runs.append((history.losses(), model.evaluate(DATA, batch_size=16).loss, model.collect().state_dict()))
     (losses, ev, weights), (closed_losses, closed_ev, closed_weights) = runs
     assert losses == closed_losses and ev == closed_ev
