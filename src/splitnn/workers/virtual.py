@@ -325,9 +325,9 @@ class VirtualWorker:
             hosted.module.train(True)
             hosted.training = True
         if isinstance(source, BatchRef):
-            if (key, source.dataset, "features") not in self._reads:
-                self._first_read(key, source.dataset, "features", self._batch(source, "features", check=False))
             x, input_kind = self._batch(source, "features"), "data"
+            if (key, source.dataset, "features") not in self._reads:
+                self._first_read(key, source.dataset, "features", x)
         else:
             x, input_kind = self._receive(source, "activation", train)
             if input_kind == "fused" and hosted.send_grad is not None:
@@ -583,9 +583,9 @@ class VirtualWorker:
             hosted.module.train(True)
             hosted.training = True
         if isinstance(source, BatchRef):
-            if (key, source.dataset, "features") not in self._reads:
-                self._first_read(key, source.dataset, "features", self._batch(source, "features", check=False))
             x, inp = self._batch(source, "features"), None
+            if (key, source.dataset, "features") not in self._reads:
+                self._first_read(key, source.dataset, "features", x)
         else:
             x = inp = detached_input(self._receive(source, "activation", False)[0])
         predicted = hosted.drift.predicted(hosted.params, len(hosted.flights)) if stash and hosted.drift else None
@@ -733,7 +733,7 @@ class VirtualWorker:
         A model declares them when it places its segments; declarations of several models add up."""
         self.neighbours = frozenset(self.neighbours or ()) | {n for n in names if n != self.name}
 
-    def _drawn(self, ref: BatchRef, held: HeldData, check: bool) -> torch.Tensor:
+    def _drawn(self, ref: BatchRef, held: HeldData) -> torch.Tensor:
         """The rows of ``ref`` on this party's data, as the policy lets them be read (see :meth:`_batch`)."""
         indices = ref.indices
         if self.policy.draw_rows:
@@ -749,13 +749,12 @@ class VirtualWorker:
                 indices = draw_rows(n, d, cached[1])
             except ConfigurationError as exc:
                 raise WorkerError(f"worker {self.name!r}: dataset {ref.dataset!r}: {exc}") from None
-            if check:  # a short last batch is refused at the epoch's first batch already, before any work
-                tail = int(cached[1][-1].numel())
-                self._guard(check_batch_rows, self.policy, self.name, ref.dataset, tail, tail, "the last batch")
-        if check:
-            n = int(indices.numel())
-            distinct = n if self.policy.draw_rows else int(torch.unique(indices).numel())
-            self._guard(check_batch_rows, self.policy, self.name, ref.dataset, n, distinct, "a batch")
+            # a short last batch is refused at the epoch's first batch already, before any work
+            tail = int(cached[1][-1].numel())
+            self._guard(check_batch_rows, self.policy, self.name, ref.dataset, tail, tail, "the last batch")
+        n = int(indices.numel())
+        distinct = n if self.policy.draw_rows else int(torch.unique(indices).numel())
+        self._guard(check_batch_rows, self.policy, self.name, ref.dataset, n, distinct, "a batch")
         return indices
 
     def _gate(self, key: str, hosted: _Hosted, what: str, *, freeze: bool = False) -> None:
@@ -1110,14 +1109,13 @@ class VirtualWorker:
                 f"worker {self.name!r} holds no dataset {name!r} (it holds {sorted(self._data)})"
             ) from None
 
-    def _batch(self, ref: BatchRef, part: str, *, check: bool = True) -> torch.Tensor:
+    def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
         """The rows of ``ref``'s ``part``. On this party's own data under a gated policy, drawn here from
-        ``ref.draw`` (``draw_rows``), and at least ``min_batch_size`` distinct rows; ``check=False``: no
-        row-count check (the first read's probe sample, whose policy checks come first)."""
+        ``ref.draw`` (``draw_rows``), and at least ``min_batch_size`` distinct rows."""
         held = self._dataset(ref.dataset)
         indices = ref.indices
         if self._is_own(ref.dataset) and self.policy.gated:
-            indices = self._drawn(ref, held, check)
+            indices = self._drawn(ref, held)
         rows = held.read(part, indices)
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
