@@ -24,7 +24,10 @@ the last run: PSI bytes and activation/gradient bytes per hospital.
 its own on this machine (started with ``--data patients=table:PARTY.csv,id=patient_id``, so the
 researcher never holds a table): the PSI messages and activations then travel between the
 processes, and the run must end with the in-process run's weights (``torch.equal``), metrics
-and ledger. It prints both runs' wall-clock times and what the researcher's own connections
+and ledger. Exactness assumes the parties compute with the same torch thread count as this
+process (a kernel's reductions depend on it): the worker processes are started with this
+process's ``torch.get_num_threads()``, whatever ``OMP_NUM_THREADS`` says.
+It prints both runs' wall-clock times and what the researcher's own connections
 carried. ``--write-tables`` writes the three CSV files for real parties and prints the commands
 that serve them and train on them.
 """
@@ -151,8 +154,18 @@ def _kinds(counters: dict[tuple[str, str], int], direction: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="runs with seeds 0..N-1 (default 5)")
-    p.add_argument("--epochs", type=int, default=HealthConfig.epochs)
-    p.add_argument("--lr", type=float, default=HealthConfig.lr, help="Adam learning rate")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=HealthConfig.epochs,
+        help=f"passes over the training set (default {HealthConfig.epochs})",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=HealthConfig.lr,
+        help=f"Adam learning rate of every party (default {HealthConfig.lr})",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the parties' CSV files here (default: a temp dir)")
     p.add_argument(
         "--processes",

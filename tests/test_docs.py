@@ -1,16 +1,23 @@
 """The documentation site: every page is in the nav, links resolve, the getting-started page runs.
 
-The getting-started test runs every ```python block of ``docs/getting-started.md`` in order, in
-one namespace, in a fresh directory (with ``SPLITNN_DATA`` pointing at the shared test data and
-downloads off). Two markers, written as an HTML comment on the line before a fenced block, change
-what happens to that block:
+The getting-started test runs the page the way a reader would: every ```python block of
+``docs/getting-started.md`` in order, in one namespace, in a fresh directory, with no environment
+the page does not mention (``SPLITNN_DATA`` is removed; the page's own ``export`` sets it). Markers,
+written as an HTML comment on the line before a fenced block, say what happens to that block:
 
+* ``<!-- docs-test: env -->`` before a ```bash block of ``export NAME=VALUE`` lines: the test sets
+  them, ``../shared/data`` read as the shared test data (the reader's checkout has it beside it);
 * ``<!-- docs-test: start-workers -->`` before a ```bash block: the test starts each
   ``splitnn worker --name NAME [--data SPEC]... [--policy FILE]`` command of the block (the files
   it writes with ``printf '...' > FILE`` written first) with
   ``tests/transport/cluster.py`` (on a free port, writing ``NAME.addr`` and ``TOKEN`` in the
   directory the Python blocks run in, which is what the block itself does), ``../shared/data``
   read as the shared test data;
+* ``<!-- docs-test: run -->`` before a ```bash block: the test runs it with bash in that directory,
+  ``splitnn`` being this checkout's ``python -m splitnn``;
+* ``<!-- docs-test: results -->`` before a ```bash block holding one ``splitnn train`` command,
+  followed by a table of per-epoch results: the test runs the command for its first epoch
+  (``--epochs 1``) and checks the table's first row to the printed digits;
 * ``<!-- docs-test: skip -->`` before a ```python block: the block is not run (keep these few).
 
 Other blocks (bash, text) are not run. ``mkdocs build --strict`` (CI) checks the same links and
@@ -19,8 +26,11 @@ anchors on the built site, and the API reference; these tests need no docs extra
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -37,7 +47,7 @@ GETTING_STARTED = DOCS / "getting-started.md"
 
 _FENCE = re.compile(r"(?:<!-- docs-test: (?P<marker>[\w-]+) -->\n)?^```(?P<lang>\w*)\n(?P<code>.*?)^```", re.M | re.S)
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-_MARKERS = {"start-workers", "skip"}
+_MARKERS = {"env", "start-workers", "run", "results", "skip"}
 QUICK_START = """\
 pip install -c constraints.txt -e . && splitnn train
 pip install -c constraints.txt -e ".[test]" && python -m pytest
@@ -128,6 +138,24 @@ def test_readme_quick_start_is_the_two_commands():
     assert QUICK_START in GETTING_STARTED.read_text()
 
 
+@pytest.mark.slow
+def test_readme_and_getting_started_give_the_same_suite_figures():
+    """The suite's size and time, said in one sentence on both pages; the count is the one pytest collects."""
+    text = [" ".join(p.read_text().split()) for p in (README, GETTING_STARTED)]
+    said = [re.search(r"the whole suite: about ([\d,]+) tests \(.*?\) in about (\w+) minutes", t) for t in text]
+    assert all(said) and said[0].groups() == said[1].groups(), [m.groups() if m else None for m in said]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(REPO / "tests")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    count = int(re.search(r"(\d+) tests? collected", collected.stdout)[1])
+    claimed = int(said[0][1].replace(",", ""))
+    assert abs(count - claimed) <= 0.05 * claimed, f"the pages say about {claimed} tests; pytest collects {count}"
+
+
 def test_markers_are_known():
     for page in _pages():
         for marker in re.findall(r"<!-- docs-test: ([\w-]+) -->", page.read_text()):
@@ -161,18 +189,41 @@ def _written_files(code: str) -> dict[str, str]:
     }
 
 
+def _exports(code: str, shared_data: Path) -> dict[str, str]:
+    """The ``export NAME=VALUE`` lines of an env block (nothing else may be in it)."""
+    found = {}
+    for line in code.splitlines():
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"export (\w+)=(\S+)", line.strip())
+        assert m, f"an env block holds only `export NAME=VALUE` lines, got {line!r}"
+        found[m[1]] = m[2].replace("../shared/data", str(shared_data))
+    return found
+
+
+def _run_bash(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = f'splitnn() {{ "{sys.executable}" -m splitnn "$@"; }}\n{code}'
+    return subprocess.run(["bash", "-ec", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.network
 def test_getting_started_runs(shared_data, monkeypatch, tmp_path, capsys):
-    """Every Python block of the getting-started page, in order, in one namespace."""
-    monkeypatch.setenv("SPLITNN_DATA", str(shared_data))
-    monkeypatch.setenv("SPLITNN_OFFLINE", "1")
+    """Every Python block of the getting-started page, in order, in one namespace; its commands too."""
+    monkeypatch.delenv("SPLITNN_DATA", raising=False)  # only what the page itself sets
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     after: list[dict] = []  # the namespace after each Python block that ran
+    ran: list[subprocess.CompletedProcess] = []
+    exported: dict[str, str] = {}
     with Cluster(tmp_path) as cluster:
         for marker, lang, code in _blocks(GETTING_STARTED):
-            if marker == "start-workers":
+            if marker == "env":
+                assert lang == "bash"
+                exported = _exports(code, shared_data)
+                for name, value in exported.items():
+                    monkeypatch.setenv(name, value)
+            elif marker == "start-workers":
                 assert lang == "bash"
                 commands = _worker_commands(code)
                 assert commands, "a start-workers block starts no `splitnn worker`"
@@ -182,10 +233,17 @@ def test_getting_started_runs(shared_data, monkeypatch, tmp_path, capsys):
                     args = [a.replace("../shared/data", str(shared_data)) for a in args]
                     args = [str(tmp_path / a) if a.endswith(".toml") else a for a in args]
                     cluster.start(name, *args)
+            elif marker == "run":
+                assert lang == "bash"
+                done = _run_bash(code, tmp_path, dict(os.environ))
+                assert done.returncode == 0, done.stdout + done.stderr
+                ran.append(done)
             elif lang == "python" and marker != "skip":
                 exec(compile(code, str(GETTING_STARTED), "exec"), scope)
                 after.append(dict(scope))
         out = capsys.readouterr().out
+    assert exported == {"SPLITNN_DATA": str(shared_data)}, "the page gives the data folder once, at the top"
+    assert len(ran) == 1 and "epoch 1/1" in ran[0].stdout and "\r" not in ran[0].stdout + ran[0].stderr
     assert len(after) == 3, "the page has three Python blocks: in-process, own loop, networked"
 
     # In-process: 5 epochs of Fashion-MNIST; the saved model reloads with the same outputs.
@@ -209,3 +267,38 @@ def test_getting_started_runs(shared_data, monkeypatch, tmp_path, capsys):
         accuracy = (net["full"](mnist.features).argmax(1) == mnist.labels).float().mean().item()
     assert accuracy > 0.8
     assert "accuracy" in out and "activation" in out
+
+
+def _results_block() -> tuple[str, list[list[str]]]:
+    """The command of the page's ``results`` block and the rows of the table after it."""
+    text = GETTING_STARTED.read_text()
+    at = text.index("<!-- docs-test: results -->")
+    command = re.search(r"```bash\n(.*?)```", text[at:], re.S).group(1).strip()
+    table = re.search(r"((?:^\|.*\|\n)+)", text[at:], re.M).group(1)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    return command, rows
+
+
+@pytest.mark.slow
+def test_getting_started_results_table_reproduces_its_first_epoch(shared_data, monkeypatch, capsys):
+    """The table's command, run for one epoch with the thread count it states, prints the table's first row."""
+    from splitnn.cli.main import main
+
+    command, rows = _results_block()
+    env, _, rest = command.partition(" splitnn ")
+    assert env == "OMP_NUM_THREADS=1" and torch.get_num_threads() == 1  # tests/conftest.py: one thread
+    monkeypatch.setenv("SPLITNN_DATA", str(shared_data))  # the page's export, at its top
+    assert main([*shlex.split(rest), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    epoch, loss, acc, *sent = rows[0]
+    assert epoch == "1"
+    line = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))
+    assert f"loss {loss}  test acc {acc}" in line, line
+    table = next(line.split() for line in out.splitlines() if line.split()[:1] == ["1"])
+    assert table[-3:] == [s.replace(",", "") for s in sent], table
+
+
+def test_every_image_is_shown_by_a_page():
+    pages = "".join(p.read_text() for p in [README, *_pages()])
+    unused = sorted(p.name for p in (DOCS / "img").iterdir() if p.name not in pages)
+    assert not unused, f"images in docs/img that no page shows (remove or reference them): {unused}"

@@ -8,7 +8,8 @@ activations at each cut travel forward and their gradients travel back.
 >>> alice, bob = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
 
 Parties started with ``splitnn worker`` are reached with ``splitnn.connect(url, token=...)``
-(:func:`splitnn.client.connect`, loaded on first use so that in-process work never imports grpc).
+(:func:`splitnn.client.connect`, loaded on first use so that in-process work never imports grpc);
+a federation provisioned with ``splitnn provision`` with ``splitnn.connect_federation("federation.toml")``.
 """
 
 from splitnn import models
@@ -42,11 +43,15 @@ def __getattr__(name: str) -> object:
         from splitnn.client import connect
 
         return connect
+    if name == "connect_federation":  # a researcher's kit: every party, with its token and certificates
+        from splitnn.deploy.connect import connect_federation
+
+        return connect_federation
     raise AttributeError(f"module 'splitnn' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "connect"])
+    return sorted([*globals(), "connect", "connect_federation"])
 
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "VirtualWorker",
     "Worker",
     "connect",
+    "connect_federation",
     "WorkerPolicy",
     "Ledger",
     "fit",

@@ -140,6 +140,9 @@ def test_connection_refused_names_urls(fake_mnist, isolated_env):
     for u in urls:
         assert u + "t10k-images-idx3-ubyte.gz" in msg
     assert "looked in" in msg and str(isolated_env / ".cache" / "splitnn" / "mnist") in msg
+    # the fix in each caller's words: Python's argument, the command line's flag, the variable for both
+    for fix in ("load_dataset(..., data_dir=DIR)", "--data-dir DIR", "export SPLITNN_DATA=DIR"):
+        assert fix in msg, fix
     assert _listing(isolated_env / ".cache" / "splitnn") == ["mnist"]
 
 

@@ -141,7 +141,7 @@ def test_offline_lists_every_place(tmp_path, monkeypatch, isolated_env):
         tmp_path / "sys",
     ):
         assert str(place) in msg
-    for hint in ("--data-dir", "SPLITNN_DATA", "download"):
+    for hint in ("data_dir=DIR", "--data-dir DIR", "SPLITNN_DATA=DIR", "download"):
         assert hint in msg
 
 

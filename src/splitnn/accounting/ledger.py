@@ -23,6 +23,10 @@ RESEARCHER = "researcher"
 #: Kinds of transfer the library records.
 KINDS = ("activation", "gradient", "weights", "labels", "features", "output", "control", "psi")
 
+#: Called with ``(src, dst, kind, nbytes)`` for every transfer any ledger of this process records (not for
+#: totals merged from elsewhere): a worker's Prometheus metrics (:mod:`splitnn.server.metrics`).
+OBSERVERS: list = []
+
 
 @dataclass(frozen=True)
 class LinkTotal:
@@ -64,6 +68,8 @@ class Ledger:
         if nbytes < 0 or (raw is not None and raw < 0):
             raise ValueError(f"a transfer of {nbytes} bytes from {src!r} to {dst!r}: byte counts cannot be negative")
         self._tally.add((src, dst, kind), nbytes, 1, raw)
+        for observe in OBSERVERS:
+            observe(src, dst, kind, nbytes)
 
     def merge(self, links: Iterable[LinkTotal]) -> None:
         """Add totals measured elsewhere (e.g. reported by a remote worker)."""

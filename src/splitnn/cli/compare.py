@@ -78,11 +78,20 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.compare import CommModel, CompareConfig, build_model, crossover, run_comparison
     from splitnn.compare.report import HEADER, crossover_summary, human_bytes, plot, table_rows, write_csv, write_json
     from splitnn.data import load_dataset
+    from splitnn.data.batching import check_seed
 
     _check_positive(args.limit, "--limit")
     _check_positive(args.test_limit, "--test-limit")
+    check_seed(args.seed, "--seed")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     clients = parse_positive_ints(args.clients, "--clients", "1,2,4")
+    from splitnn.training.topologies.presets import MAX_CLIENTS
+
+    if max(clients) > MAX_CLIENTS:
+        raise ConfigurationError(
+            f"--clients {max(clients)} is more than the {MAX_CLIENTS} data holders a run is built with; use at most "
+            f"{MAX_CLIENTS}"
+        )
     config = CompareConfig(
         model=args.model,
         clients=clients,

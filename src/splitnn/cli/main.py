@@ -13,7 +13,7 @@ import sys
 from splitnn.errors import SplitNNError
 
 #: Subcommand modules, in the order ``splitnn --help`` lists them.
-COMMANDS = ("train", "worker", "fingerprint", "compare", "privacy")
+COMMANDS = ("train", "worker", "fingerprint", "compare", "privacy", "provision", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,10 +151,12 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from splitnn.cli.format import table
+    from splitnn.data.batching import check_seed
     from splitnn.privacy.attacks.inversion import InversionConfig
     from splitnn.privacy.experiment import PrivacyConfig, load_privacy_data, run_privacy_experiment
     from splitnn.privacy.report import table_rows, write_report
 
+    check_seed(args.seed, "--seed")
     settings = parse_settings(args.defense, args.strengths)
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -75,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--token-file", type=Path, default=None, help="federation token for grpc:// workers (default: $SPLITNN_TOKEN)"
     )
     p.add_argument(
+        "--federation",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a researcher's federation.toml (from `splitnn provision`): --workers names its parties, reached with "
+        "the kit's token and certificates (mutual TLS); docs/deploying.md",
+    )
+    p.add_argument(
         "--compression",
         default=None,
         metavar="CODEC",
@@ -107,7 +116,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--save", type=Path, default=None, help="save the trained model (safetensors) here")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch history as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: plain lines only (each epoch's line, and a heartbeat line every 30 s of a long epoch); "
+        "bars show only when stderr is a terminal, so redirected output never holds their \\r frames",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard event files and metrics.csv here: loss per batch and epoch, test metrics, learning "
+        "rate, bytes per party per epoch, samples/s (`tensorboard --logdir DIR`; needs tensorboard)",
+    )
     p.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -205,7 +227,12 @@ def _compression(text: str | None, cuts: int) -> object:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse counts and rates that cannot train, before any data is loaded."""
+    """Refuse counts, seeds and rates that cannot train, before any data is loaded."""
+    from splitnn.data.batching import check_seed
+
+    check_seed(args.seed, "--seed")
+    if args.retries < 0:
+        raise ConfigurationError(f"--retries must be >= 0 (reconnection attempts after a fault), got {args.retries}")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
@@ -231,8 +258,6 @@ def _checkpoint_options(args: argparse.Namespace) -> dict:
         every = parse_positive_ints(every, "--checkpoint-every", "100")[0] if "," not in every else 0
         if not every:
             raise ConfigurationError(f"--checkpoint-every takes one number of batches, got {args.checkpoint_every!r}")
-    if args.retries < 0:
-        raise ConfigurationError(f"--retries must be >= 0, got {args.retries}")
     return {
         "checkpoint_dir": args.checkpoint_dir,
         "checkpoint_every": every,
@@ -244,6 +269,20 @@ def _checkpoint_options(args: argparse.Namespace) -> dict:
 def _check_output(path: Path | None, flag: str) -> None:
     if path is not None and not path.parent.exists():
         raise ConfigurationError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
+
+
+def _federation_workers(args: argparse.Namespace, names: list[str] | None) -> dict | None:
+    """With ``--federation``: the parties ``names`` (in order; None: all of them) connected through the
+    researcher's kit; else None."""
+    if args.federation is None:
+        return None
+    if args.token_file is not None or any(n.startswith("grpc://") for n in names or ()):
+        raise ConfigurationError(
+            "--federation brings the addresses, token and certificates: give --workers party names, no --token-file"
+        )
+    from splitnn.deploy.connect import connect_federation
+
+    return connect_federation(args.federation, parties=list(dict.fromkeys(names)) if names is not None else None)
 
 
 def _remote_workers(urls: list[str], token_file: Path | None) -> dict:
@@ -298,10 +337,16 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.save, "--save")
     _check_output(args.json, "--json")
     checkpoints = _checkpoint_options(args)
-    progress = not args.no_progress
-    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
+    progress = "lines" if args.no_progress else None  # None: a bar on a terminal, plain lines elsewhere
+    bars = not args.no_progress and sys.stderr.isatty()  # a download's bar: only where it renders
+    load = dict(data_dir=args.data_dir, download=not args.no_download, progress=bars)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)
     test = load_dataset(args.dataset, "test", **load)
+    if topology is not None and topology.clients > len(train):
+        raise ConfigurationError(
+            f"--clients {topology.clients}: {len(train)} training samples cannot give each data holder one; "
+            f"use at most --clients {len(train)}"
+        )
     if args.standardize:
         train, test = standardize(train, test)
 
@@ -311,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     if topology is not None:
         from splitnn.training.topologies import build_topology
 
-        remote = None
+        remote = _federation_workers(args, None)  # every party: the topology names the ones it uses
         if any(n.startswith("grpc://") for n in names):  # the parties by the names they answer to
             remote = {w.name: w for w in _remote_workers(names, args.token_file).values()}
         try:
@@ -323,7 +368,10 @@ def run(args: argparse.Namespace) -> int:
         placement = describe(topology)
     else:
         segments = tutorial_mlp(hidden, in_features=in_features, classes=train.num_classes)
-        if any(n.startswith("grpc://") for n in names):
+        federated = _federation_workers(args, names)
+        if federated is not None:
+            workers = federated
+        elif any(n.startswith("grpc://") for n in names):
             workers = _remote_workers(names, args.token_file)
         else:
             workers = {n: VirtualWorker(n) for n in dict.fromkeys(names)}
@@ -358,9 +406,10 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         **checkpoints,
         pipeline=args.pipeline,
+        log_dir=args.log_dir,
     )
     _print_history(history, parties)
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(model.ledger.format_table())
     if args.save is not None:
         from splitnn.split.persist import save_model
@@ -373,6 +422,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in history.epochs], indent=2))
     return 0
+
+
+#: What the ledger table counts, unlike the per-epoch "sent" figures (each epoch's training only).
+LEDGER_CAPTION = "every transfer of the run (training and evaluation; each epoch's 'sent' counts its training only):"
 
 
 def _reporter(epochs: int, parties: list[str]):
@@ -428,6 +481,8 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
     if metrics is not None and metrics != ["accuracy", "auc"]:
         raise ConfigurationError("--dataset breast-cancer reports accuracy and auc; drop --metrics")
     for flag, value in (
+        ("--federation", args.federation),
+        ("--log-dir", args.log_dir),
         ("--save", args.save),
         ("--limit", args.limit),
         ("--data-dir", args.data_dir),
@@ -492,7 +547,7 @@ def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
             ],
         )
     )
-    print()
+    print(f"\n{LEDGER_CAPTION}")
     print(report.ledger.format_table())
     if args.json is not None:
         atomic_write_text(args.json, json.dumps([e.__dict__ for e in report.history.epochs], indent=2))

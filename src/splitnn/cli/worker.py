@@ -37,6 +37,13 @@ anything is built, naming the class and this flag. The same prefixes say which m
 A worker serves several researchers at once, each in a session of its own
 (``--session-grace``, ``--max-sessions``; see docs/shared-worker.md).
 
+``--config worker.toml`` reads the settings from a file (keys: the flags' names, ``token_file``,
+``tls_cert``, ...; paths relative to the file); flags on the command line override it. ``splitnn
+provision`` writes one per party, with its certificates (docs/deploying.md). With TLS, a
+certificate that does not name ``--name`` is refused before the worker listens, and one that
+expires within 30 days is a warning in the log. ``--metrics-listen HOST:PORT`` serves Prometheus
+metrics (:mod:`splitnn.server.metrics`; off by default).
+
 ``--device DEVICE`` (default ``cpu``; ``cuda``, ``cuda:1``, ...) is where this party's
 segments, optimizer state and held data live and its computation runs. Tensors cross
 the wire as bytes from the CPU and move onto the device when they arrive. The device is
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import os
 import re
@@ -63,7 +71,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run a party (segments, optimizers, local data) as a gRPC server",
         description="Serve one party of split learning over gRPC until SIGINT/SIGTERM.",
     )
-    p.add_argument("--name", required=True, help="this party's name (e.g. alice); with TLS, its certificate's name")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the settings from this TOML file (keys: the flags' names, e.g. token_file; paths relative to "
+        "it); flags given here override it. `splitnn provision` writes one per party (docs/deploying.md)",
+    )
+    p.add_argument(
+        "--name", default=None, help="this party's name (e.g. alice); with TLS, its certificate's name (required)"
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:0",
@@ -82,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="the address peers should dial for --data-listen when it is not the one it listens on (NAT, proxy)",
     )
-    p.add_argument("--token-file", type=Path, required=True, help="file holding the federation token")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the federation token (required)")
     p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
     p.add_argument(
@@ -186,7 +204,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="append the audit log (JSON lines: segments installed, datasets read, bytes sent, refusals, "
         "checkpoints) here (default: STATE_DIR/audit.jsonl with --state-dir, else none)",
     )
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (sessions, commands, bytes per peer and kind, "
+        "latencies, errors, memory; off by default; docs/deploying.md#monitoring)",
+    )
+    p.set_defaults(func=run, parser=p)
 
 
 def load_worker_policy(path: Path | None, allow_outputs: bool, *, data_holder: bool = False):
@@ -343,6 +368,7 @@ def _held_parts(made: object, text: str, target: str) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from splitnn.cli.worker_config import apply_worker_config, check_worker_identity
     from splitnn.errors import SpecError
     from splitnn.server.server import ServeConfig, serve
     from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS
@@ -352,6 +378,11 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.workers.devices import resolve_device
     from splitnn.workers.policy import WorkerPolicy
 
+    if getattr(args, "parser", None) is not None:
+        apply_worker_config(args, args.parser)
+    for flag, value in (("--name", args.name), ("--token-file", args.token_file)):
+        if value is None:
+            raise ConfigurationError(f"splitnn worker needs {flag} (on the command line or in --config)")
     grace = DEFAULT_GRACE if args.session_grace is None else args.session_grace
     if not 0 <= grace < float("inf"):
         raise ConfigurationError(f"--session-grace must be a number of seconds >= 0, got {args.session_grace}")
@@ -372,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.tls_cert and args.tls_key):
             raise ConfigurationError("TLS needs both --tls-cert and --tls-key (and --tls-ca for mutual TLS)")
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        check_worker_identity(tls, args.name)  # a certificate made for another party: refused before listening
     if args.address_file is not None and not args.address_file.parent.is_dir():
         raise ConfigurationError(f"--address-file {args.address_file}: directory does not exist")
     try:
@@ -414,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
         device=str(device),
         data_listen=args.data_listen,
         data_advertise=args.data_advertise,
+        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
     def ready(address: str) -> None:
@@ -437,4 +470,7 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(serve(config, on_ready=ready))
     print(f"splitnn worker {args.name}: stopped", file=sys.stderr, flush=True)
+    # Everything is closed. What is left is the interpreter's own shutdown, whose last garbage collection walks
+    # every object torch's import made (seconds on a busy machine, while the worker looks gone): exempt them.
+    gc.freeze()
     return 0

@@ -106,6 +106,7 @@ from splitnn.workers.checks import (
     unreachable,
 )
 from splitnn.workers.epoch import EpochHandle, EpochPlan
+from splitnn.workers.held import check_finite_features
 from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef
@@ -388,6 +389,7 @@ class RemoteWorker:
         labels: torch.Tensor | None = None,
         ids: Sequence[str] | None = None,
         replace: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         check_dataset_parts(name, self.name, features=features, labels=labels)
         parts = {p: t for p, t in (("features", features), ("labels", labels)) if t is not None}
@@ -400,7 +402,11 @@ class RemoteWorker:
                 )
         if ids is not None:  # the same check (and words) as in process, before anything is sent
             ids = check_ids(ids, len(next(iter(parts.values()))), f"dataset {name!r} at worker {self.name!r}")
-        args, blobs = serde.add_dataset_to_command(name, parts, replace=replace, ids=ids)
+        if not allow_nonfinite and isinstance(features, torch.Tensor):  # refused here too, before any byte is sent
+            check_finite_features(features, f"dataset {name!r} for worker {self.name!r}")
+        args, blobs = serde.add_dataset_to_command(
+            name, parts, replace=replace, ids=ids, allow_nonfinite=allow_nonfinite
+        )
         self._request("add_dataset", args, blobs)
         self._installed.pop(("add_dataset", name), None)
         self._installed[("add_dataset", name)] = ({**args, "replace": True}, blobs)

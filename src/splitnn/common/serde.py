@@ -351,20 +351,30 @@ def key_from_args(args: dict) -> str:
 
 
 def add_dataset_to_command(
-    name: str, parts: Mapping[str, torch.Tensor], *, replace: bool, ids: Sequence[str] | None = None
+    name: str,
+    parts: Mapping[str, torch.Tensor],
+    *,
+    replace: bool,
+    ids: Sequence[str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict, list[bytes]]:
     """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part, then the
-    samples' ``ids`` (for private set intersection) as one more part (:func:`ids_to_blob`)."""
+    samples' ``ids`` (for private set intersection) as one more part (:func:`ids_to_blob`); NaN or infinite
+    features only with ``allow_nonfinite``."""
     blobs = [tensor_to_blob(t) for t in parts.values()]
     names = list(parts)
     if ids is not None:
         names.append("ids")
         blobs.append(ids_to_blob(ids))
-    return {"name": name, "parts": names, "replace": replace}, blobs
+    args = {"name": name, "parts": names, "replace": replace}
+    if allow_nonfinite:
+        args["allow_nonfinite"] = True
+    return args, blobs
 
 
 def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
-    """``(name, parts, replace)``; the blobs are :func:`dataset_parts_from_blobs`."""
+    """``(name, parts, replace)``; the blobs are :func:`dataset_parts_from_blobs`; whether NaN or infinite
+    features are allowed is :func:`allow_nonfinite_from_args`."""
     name = arg(args, "name", str)
     replace = arg(args, "replace", bool, optional=True) or False
     parts = arg(args, "parts", list)
@@ -375,6 +385,11 @@ def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
     ):
         raise WireError("'parts' must list 'features' and/or 'labels' (and optionally 'ids')")
     return name, parts, replace
+
+
+def allow_nonfinite_from_args(args: dict) -> bool:
+    """An ``add_dataset``'s ``allow_nonfinite`` (default False: NaN or infinite features are refused)."""
+    return arg(args, "allow_nonfinite", bool, optional=True) or False
 
 
 def dataset_parts_from_blobs(parts: Sequence[str], blobs: Sequence[bytes], *, max_bytes: int) -> dict:

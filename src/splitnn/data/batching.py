@@ -13,6 +13,7 @@ over its own dataset size (:func:`draw_rows`), so a researcher may choose the se
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,9 @@ class BatchDraw:
         for name in ("seed", "epoch", "position", "batch_size"):
             v = getattr(self, name)
             low = 1 if name == "batch_size" else 0
-            if not isinstance(v, int) or isinstance(v, bool) or not low <= v < MAX_DRAW:
-                raise ConfigurationError(f"BatchDraw.{name} must be an integer {low}..{MAX_DRAW - 1}, got {v!r}")
+            high = MAX_SEED if name == "seed" else MAX_DRAW - 1
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ConfigurationError(f"BatchDraw.{name} must be an integer {low}..{high}, got {v!r}")
         if not isinstance(self.shuffle, bool):
             raise ConfigurationError(f"BatchDraw.shuffle must be a bool, got {self.shuffle!r}")
 
@@ -65,6 +67,23 @@ def draw_rows(n: int, draw: BatchDraw, batches: list[torch.Tensor] | None = None
     return batches[draw.position]
 
 
+#: The largest seed of a training run: every stream derived from it (``seed * 1_000_003 + epoch`` here, the
+#: partitioners', the weights') stays within what ``torch.Generator.manual_seed`` accepts.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`ConfigurationError` naming ``what``."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)  # int, numpy integers
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        shown = f"{seed!r:.40}" + ("..." if len(repr(seed)) > 40 else "")
+        raise ConfigurationError(f"{what} must be an integer in 0..{MAX_SEED} (2**32 - 1), got {shown}")
+    return value
+
+
 def epoch_batches(
     n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
 ) -> list[torch.Tensor]:
@@ -79,7 +98,7 @@ def epoch_batches(
     else:
         order = torch.arange(n)
     batches = list(torch.split(order, batch_size))
-    if 0 <= seed < MAX_DRAW and 0 <= epoch < MAX_DRAW and batch_size < MAX_DRAW:
+    if 0 <= seed <= MAX_SEED and 0 <= epoch < MAX_DRAW and batch_size < MAX_DRAW:
         for position, idx in enumerate(batches):
             idx.draw = BatchDraw(seed, epoch, position, batch_size, shuffle)
     return batches

@@ -60,7 +60,8 @@ def download_file(
     except OSError as exc:
         raise DownloadError(
             f"cannot download {url} to {dest}: directory {dest.parent} is not writable ({exc}); "
-            f"choose another --data-dir or set SPLITNN_CACHE to a writable directory"
+            f"choose another data folder (data_dir= in Python, --data-dir on the command line) or set SPLITNN_CACHE to "
+            f"a writable directory"
         ) from exc
     tmp = Path(tmp_name)
     ok = False

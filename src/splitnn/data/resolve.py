@@ -47,6 +47,12 @@ PathArg = "str | os.PathLike[str]"
 
 _verified: dict[tuple[str, int, int], str] = {}
 
+#: How a caller names the data folder, in the words of each kind of caller.
+_DATA_DIR_FIX = (
+    "in Python load_dataset(..., data_dir=DIR), on the command line --data-dir DIR, or for both "
+    "export SPLITNN_DATA=DIR once (DIR holds the files, or a folder of them named after the dataset)"
+)
+
 
 def cache_dir() -> Path:
     """Return the user cache root: ``$SPLITNN_CACHE``, ``$XDG_CACHE_HOME/splitnn`` or ``~/.cache/splitnn``."""
@@ -72,7 +78,7 @@ def candidate_dirs(name: str, data_dir: PathArg | None = None) -> list[tuple[str
     info = get_dataset_info(name)
     if data_dir is not None:
         d = Path(data_dir).expanduser()
-        return [("--data-dir", d / info.name), ("--data-dir", d)]
+        return [("data_dir= / --data-dir", d / info.name), ("data_dir= / --data-dir", d)]
     out: list[tuple[str, Path]] = []
     env = os.environ.get("SPLITNN_DATA")
     if env:
@@ -133,8 +139,8 @@ def _download(
             msg = (
                 f"{info.name} file {fname} not found locally (looked in:\n  {looked}\n) and could "
                 f"not be downloaded into {target}; tried:\n  {detail}\n"
-                f"Fix: check your network or SPLITNN_MIRRORS, or download the file by hand "
-                f"into {target} (or a directory named by --data-dir / SPLITNN_DATA)"
+                f"Fix: check your network or SPLITNN_MIRRORS, or put the file in {target}, or give the folder "
+                f"that holds the data: {_DATA_DIR_FIX}"
             )
             cls = ChecksumError if failures and all(isinstance(e, ChecksumError) for e in failures) else DownloadError
             raise cls(msg) from (failures[-1] if failures else None)
@@ -170,9 +176,8 @@ def _resolve(
         why = "download=False" if not download else "SPLITNN_OFFLINE is set"
         raise DatasetNotFoundError(
             f"{info.name} {'/'.join(splits)} files ({', '.join(wanted)}, gzipped or not) not found; "
-            f"looked in:\n  {looked}\nand downloading is disabled ({why}). Fix: pass --data-dir "
-            f"(data_dir=) pointing to a directory holding the files, set SPLITNN_DATA, or allow "
-            f"downloads (mirrors: {', '.join(mirror_list)})"
+            f"looked in:\n  {looked}\nand downloading is disabled ({why}). Fix: give the folder that holds "
+            f"the files: {_DATA_DIR_FIX}; or allow downloads (mirrors: {', '.join(mirror_list)})"
         )
     missing = [f for f in wanted if _find_file(target, f) is None]
     _download(info, target, missing, mirror_list, progress, looked)

@@ -150,6 +150,15 @@ class Commands:
         data = self.peers.peers.data_address  # where peers reach this worker's TCP data plane (None: over gRPC)
         return serde.hello_to_result(self.name, self.sessions.party_datasets(), str(self.engine.device), held, data), []
 
+    #: the worker's :class:`~splitnn.server.health.Health` (set by the server)
+    health = None
+
+    async def _op_health(self, a, blobs, **_):
+        """The worker's health for operators (``splitnn status``); nothing about any session's content."""
+        from splitnn.server.health import open_sessions
+
+        return (self.health.result(open_sessions(self.sessions)) if self.health is not None else {}), []
+
     async def _op_stats(self, a, blobs, **_):
         return serde.stats_to_result(self.counters.to_rows(), self.engine.ledger.to_rows()), []
 
@@ -203,7 +212,8 @@ class Commands:
         name, parts, replace = serde.add_dataset_from_args(a)
         self.sessions.check_placing(name)
         held = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
-        self.engine.add_dataset(name, **held, replace=replace)
+        allow = serde.allow_nonfinite_from_args(a)
+        self.engine.add_dataset(name, **held, replace=replace, allow_nonfinite=allow)
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -33,6 +34,7 @@ from splitnn.errors import SplitNNError, WireError
 from splitnn.server import shipped
 from splitnn.server.commands import Commands
 from splitnn.server.exports import StreamState
+from splitnn.server.health import COMMAND_OBSERVERS, command_done
 from splitnn.server.peers import SessionPeers, on_new_links
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import Command, Reply, Transfer
@@ -89,6 +91,7 @@ class Executor:
     async def execute(self, cmd: Command, caller: str, state: StreamState, *, report: bool = True) -> Reply:
         """Run one command; with ``report``, attach the ledger records made since the previous reply."""
         reply = Reply(seq=cmd.seq)
+        started, failed = time.perf_counter(), None
         try:
             op = self.commands.table.get(cmd.op)
             if op is None:
@@ -101,9 +104,14 @@ class Executor:
                 reply.result_json = json.dumps(result)
             reply.blobs.extend(out_blobs)
         except Exception as exc:  # every failure becomes an error reply; the server keeps serving
+            failed = exc
             fill_error(reply, exc, self.name)
             if not isinstance(exc, SplitNNError):
                 log.debug("command %s failed", cmd.op, exc_info=True)
+        if COMMAND_OBSERVERS:  # health and metrics (splitnn.server.health)
+            command_done(
+                self.name, cmd.op if cmd.op in self.commands.table else "unknown", time.perf_counter() - started, failed
+            )
         if report:
             reply.transfers.extend(self.ledger_delta())
         return reply
@@ -114,6 +122,7 @@ class Executor:
             return self._error(batch.seq, "malformed command batch")
         first_error: Reply | None = None
         reply = Reply(seq=batch.seq, ok=True)
+        started = time.perf_counter()
         for raw in batch.blobs:
             try:
                 cmd = Command.FromString(raw)
@@ -128,6 +137,8 @@ class Executor:
             if not reply.ok and first_error is None:
                 first_error = reply
         out = first_error if first_error is not None else reply
+        if COMMAND_OBSERVERS:  # one batch served (its commands were counted one by one)
+            command_done(self.name, "batch", time.perf_counter() - started, None)
         out.seq = batch.seq
         del out.transfers[:]
         out.transfers.extend(self.ledger_delta())

@@ -68,6 +68,7 @@ import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.server.executor import Executor
 from splitnn.server.exports import StreamState
+from splitnn.server.health import Health
 from splitnn.server.peers import Peers
 from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import DEFAULT_GRACE, DEFAULT_MAX_SESSIONS, Session, Sessions, TooManySessions
@@ -128,6 +130,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("splitnn.worker")
+
+
+#: Seconds :meth:`WorkerServer.stop` gives the open calls when no command runs (they wait for a next command).
+IDLE_GRACE = 0.05
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
@@ -237,8 +243,11 @@ class WorkerServer:
             state_dir=state_dir,
             audit=audit,
         )
+        self.health = Health(self.name, str(self.sessions.device), str(tls.cert) if tls is not None else None)
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
+        self._replays: weakref.WeakSet[Replay] = weakref.WeakSet()  # the streams' command logs (busy at stop?)
+        self._unary = 0  # single calls running
         check_data_plane(data_listen, data_advertise)
         self._data_listen, self._data_advertise = data_listen, data_advertise
         self.data_plane: TcpPlane | None = None
@@ -248,6 +257,7 @@ class WorkerServer:
         session.executor = Executor(
             self.name, session.engine, session.commands, peers=session.peers, inbox=session.inbox, limits=self.limits
         )
+        session.commands.health = self.health
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, listen: str) -> str:
@@ -298,10 +308,18 @@ class WorkerServer:
         wildcard = plane.host in ("", "0.0.0.0", "::")
         self.peers.data_address = self._data_advertise or (f":{plane.port}" if wildcard else plane.address)
 
+    def busy(self) -> bool:
+        """Whether a command is running or queued (a researcher's open stream waiting for its next one is not)."""
+        return self._unary > 0 or any(r.accepted > r.completed for r in self._replays)
+
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for ``grace`` seconds, close peer links."""
+        """Stop accepting calls, let running commands finish for ``grace`` seconds, close peer links.
+
+        Without a command running, the open calls (researchers' streams waiting for their next command, which
+        would never end by themselves) get :data:`IDLE_GRACE` seconds instead: an idle worker stops at once."""
         if self._server is not None:
-            await self._server.stop(grace)
+            # idle: a short grace still ends the calls with a graceful GOAWAY (no error logged at the peers)
+            await self._server.stop(grace if self.busy() else min(grace, IDLE_GRACE))
         # gRPC cancels the calls still running; wait until their handlers (and gRPC's tasks around them)
         # have finished, so nothing is left for the event loop's shutdown to cancel: gRPC prints a
         # traceback for each RPC task cancelled that way.
@@ -316,6 +334,7 @@ class WorkerServer:
             await asyncio.sleep(0)
         self.sessions.drop_all()
         await self.peers.close()
+        self.health.close()
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -371,11 +390,13 @@ class WorkerServer:
             caller = await self._authenticate(context)
             session = await self._open_session(context)
             state = StreamState()
+            self._unary += 1
             try:
                 cmd = await self._parse(raw, caller, context, session)
                 reply = await session.executor.execute(cmd, caller, state)
                 return self._send_reply(reply, caller, cmd.op, session)
             finally:
+                self._unary -= 1
                 session.exports.drop_stream(state)
                 self.sessions.close(session)
         finally:
@@ -434,6 +455,7 @@ class WorkerServer:
         if stream_id is not None and stream_id in session.replays:  # a client reusing an id: the old one ends
             self._finish(session, session.replays[stream_id])
         replay = Replay(stream_id)
+        self._replays.add(replay)
         if stream_id is not None:
             session.replays[stream_id] = replay
         replay.runner = asyncio.get_running_loop().create_task(self._run_commands(session, replay, caller))
@@ -624,6 +646,7 @@ class ServeConfig:
     audit_log: str | None = None  # the audit log, JSON lines (--audit-log; default STATE_DIR/audit.jsonl)
     data_listen: str | None = None  # a TCP data plane for peer links (--data-listen)
     data_advertise: str | None = None  # where peers dial it, if not where it listens (--data-advertise)
+    metrics_listen: str | None = None  # serve Prometheus metrics on HOST:PORT (--metrics-listen; off by default)
 
 
 def write_address(path: str, address: str) -> None:
@@ -670,6 +693,11 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         server.sessions.add_party_dataset(dname, **parts)
     if audit is not None:
         audit.write("start", policy=server.sessions.policy.to_dict(), datasets=sorted(config.datasets))
+    metrics = None
+    if config.metrics_listen is not None:  # splitnn.server.metrics: Prometheus, off by default
+        from splitnn.server.metrics import start_metrics
+
+        metrics = start_metrics(config.metrics_listen, server)
     address = await server.start(config.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -684,6 +712,8 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     except asyncio.TimeoutError:
         log.warning("worker %s: max lifetime reached, shutting down", config.name)
     await server.stop(grace=1.0)
+    if metrics is not None:
+        metrics.stop()
     if audit is not None:
         audit.write("stop")
         audit.close()

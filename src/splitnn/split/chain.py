@@ -149,6 +149,7 @@ class SplitNN:
             stage.worker.add_segment(stage.key, seg, opt)
         declare_adjacency((a.worker, b.worker) for a, b in zip(self.stages, self.stages[1:]))
         self._segments = segments  # for checkpoints: each segment's fingerprint
+        self.optimizer_specs = optimizers  # what each segment's optimizer is (training logs read the lr)
         apply_compression(self.stages, self.compression)  # nothing to do without compression
         self.training = True
         # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object

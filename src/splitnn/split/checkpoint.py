@@ -35,7 +35,7 @@ import torch
 from splitnn.accounting import Ledger
 from splitnn.accounting.ledger import LinkTotal
 from splitnn.errors import CheckpointError, ConfigurationError
-from splitnn.fileio import atomic_write_text
+from splitnn.fileio import atomic_write_text, remove_stale_temps
 from splitnn.split.stage import Slot
 from splitnn.wire.fingerprint import combine_fingerprints
 from splitnn.workers import CheckpointWorker, VirtualWorker, Worker
@@ -127,6 +127,7 @@ class CheckpointJob:
         self.slots: list[Slot] = segments()
         self.job = secrets.token_hex(16)
         self.manifest: dict[str, Any] | None = None
+        self.start_ledger: list[list[Any]] = []  # the ledger's rows when a new job started (fit sets it)
         for slot in self.slots:
             if not isinstance(slot.worker, CheckpointWorker):
                 raise ConfigurationError(
@@ -169,6 +170,7 @@ class CheckpointJob:
         if self.directory.exists() and not self.directory.is_dir():
             raise ConfigurationError(f"checkpoint_dir {self.directory} is a file, not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.directory, MANIFEST_NAME)  # a manifest write killed half-way
         for worker in self.workers().values():
             if isinstance(worker, VirtualWorker) and worker.state_dir is None:
                 worker.state_dir = self.directory / "parties" / worker.name

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from splitnn.accounting import Ledger
-from splitnn.data.batching import epoch_batches
+from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
+from splitnn.split.progress import EpochProgress, progress_mode
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
 
@@ -122,8 +122,9 @@ def _check_positive(name: str, value: object) -> int:
     return value
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+def _show_progress(progress: bool | str | None) -> bool:
+    """Whether a bar shows (a terminal or a notebook); see :mod:`splitnn.split.progress`."""
+    return progress_mode(progress) == "bar"
 
 
 def _epoch_plan(
@@ -145,7 +146,7 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     initial_epoch: int = 0,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     metrics: Sequence[str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -153,6 +154,7 @@ def fit(
     resume: bool = False,
     retries: int = 3,
     pipeline: int = 1,
+    log_dir: str | os.PathLike | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
@@ -162,8 +164,12 @@ def fit(
     it would have used next, pass ``initial_epoch=E``. ``test_data`` is evaluated
     after each epoch, with ``metrics`` (names of :data:`splitnn.workers.metrics.METRIC_NAMES`;
     default: accuracy for classification losses), computed at the label holder.
-    ``progress`` shows a bar per epoch (default: when stderr is a terminal).
-    ``on_epoch`` is called with each epoch's stats.
+    ``progress``: a bar per epoch where one renders (a terminal, a notebook), else plain lines on stderr
+    -- a heartbeat during a long epoch and a line per epoch, never a ``\r`` frame (``None``, the default,
+    and ``True``); ``"lines"``: plain lines only; ``False``: nothing (:mod:`splitnn.split.progress`).
+    ``on_epoch`` is called with each epoch's stats (then no line per epoch is printed). ``log_dir`` writes
+    TensorBoard event files and a CSV there: the loss of every batch and epoch, test metrics, learning rates,
+    bytes per party per epoch and samples per second (:mod:`splitnn.split.training_log`; needs ``tensorboard``).
 
     ``pipeline`` is the number of batches in flight (split chains: ``SplitNN`` and the
     U-shape). With ``pipeline=K`` the data holder starts batch ``t + 1`` before the
@@ -199,6 +205,8 @@ def fit(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     _check_positive("pipeline", pipeline)
+    seed = check_seed(seed)  # an int from here on (numpy integers included)
+    progress_mode(progress)  # refuses a value that is none of the modes
     if pipeline != 1:
         check_pipeline = getattr(model, "check_pipeline", None)
         if check_pipeline is None:
@@ -231,16 +239,26 @@ def fit(
         manifest = job.prepare_directory(resume=resume)
         if manifest is None:
             position.epoch_ledger = ledger_rows(model.ledger)
-            job.save(position, [])  # step 0: a crash before the first epoch ends can resume too
+            job.start_ledger = position.epoch_ledger
         else:
             job.check_manifest(manifest)
             position = _restore(job, manifest, history)
     last = initial_epoch + epochs
     run = _Run(model, name, n, batch_size, shuffle, seed, last, progress, on_epoch, test_name, names, job, pipeline)
+    if log_dir is not None:
+        from splitnn.split.training_log import TrainingLog
+
+        run.log = TrainingLog(log_dir, model)
     attempts = 0
-    with _resume_attempts(model, retries):
+    with _resume_attempts(model, retries), contextlib.ExitStack() as logs:
+        if run.log is not None:
+            logs.callback(run.log.close)
         while position.epoch < last:
             try:
+                if job is not None and job.manifest is None:
+                    # step 0, before any batch: a crash before the first epoch ends can resume too; a fault during
+                    # this first checkpoint (nothing trained yet) is retried like any other
+                    job.save(position, [])
                 position = run.epoch(position, history)
                 attempts = 0  # an epoch ended (and was checkpointed): the next fault gets every retry again
             except WorkerUnreachableError as exc:
@@ -279,6 +297,7 @@ class _Run:
         self.model, self.name, self.n, self.batch_size, self.pipeline = model, name, n, batch_size, pipeline
         self.shuffle, self.seed, self.last, self.progress = shuffle, seed, last, progress
         self.on_epoch, self.test_name, self.metrics, self.job = on_epoch, test_name, metrics, job
+        self.log = None  # a TrainingLog (fit's log_dir)
 
     def epoch(self, position: Position, history: History) -> Position:
         model, job, n = self.model, self.job, self.n
@@ -293,14 +312,8 @@ class _Run:
             position.loss_sum, position.seconds = 0.0, 0.0
             position.epoch_ledger = ledger_rows(model.ledger)
         start = time.perf_counter()
-        bar = tqdm(
-            total=len(batches),
-            initial=position.batch,
-            desc=f"epoch {epoch + 1}/{self.last}",
-            unit="batch",
-            leave=False,
-            disable=not _show_progress(self.progress),
-            mininterval=0.5,
+        bar = EpochProgress(
+            progress_mode(self.progress), total=len(batches), initial=position.batch, epoch=epoch + 1, epochs=self.last
         )
         try:
             while position.batch < len(batches):
@@ -309,7 +322,10 @@ class _Run:
                     stop = min(stop, position.batch + job.every - position.step % job.every)
                 whole = position.batch == 0 and stop == len(batches)
                 chunk = batches[position.batch : stop]
-                position.loss_sum += _train_epoch(model, self.name, chunk, order if whole else None, bar, self.pipeline)
+                logged = (self.log, position.step, epoch + 1) if self.log is not None else None
+                position.loss_sum += _train_epoch(
+                    model, self.name, chunk, order if whole else None, bar, self.pipeline, logged
+                )
                 position.step += stop - position.batch
                 position.batch = stop
                 if job is not None and job.due(position, len(batches)):
@@ -329,8 +345,14 @@ class _Run:
         if job is not None:
             job.save(following, [*history.epochs, stats])
         history.epochs.append(stats)
+        if self.log is not None:
+            self.log.epoch(stats)
         if self.on_epoch is not None:
             self.on_epoch(stats)
+        else:
+            shown = stats.test_metrics or ({} if self.test_name is None else {"accuracy": stats.test_accuracy})
+            metrics = "".join(f", test {k} {v:.4f}" for k, v in shown.items())
+            bar.epoch_line(f"done, loss {stats.train_loss:.4f}{metrics}")
         return following
 
 
@@ -366,6 +388,8 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
             for worker in _model_workers(model):
                 if isinstance(worker, ReconnectingWorker):
                     worker.reconnect()
+            if job.manifest is None:  # the fault hit the first checkpoint: nothing was trained, start again
+                return _start_again(model, job, history)
             return _restore(job, job.manifest, history)
         except WorkerUnreachableError as exc:
             last_error = exc
@@ -376,15 +400,35 @@ def _recover(model, job, history: History, fault: Exception, attempt: int, retri
                 ) from fault
 
 
+def _start_again(model, job, history: History) -> Position:
+    """The position to start a job from when its first checkpoint did not complete: no batch was trained, so
+    every party's segments are as installed; what a broken step left at a party is released."""
+    for worker in _model_workers(model):
+        worker.release()
+    history.epochs = []
+    model.ledger.clear()  # as it was when the job started (not counting what reconnecting sent)
+    model.ledger.merge(ledger_from_rows(job.start_ledger).links())
+    return Position(int(job.order["initial_epoch"]), epoch_ledger=list(job.start_ledger))
+
+
 def _train_epoch(
-    model: Trainable, name: str, batches: list[torch.Tensor], order: dict | None, bar: tqdm, pipeline: int
+    model: Trainable,
+    name: str,
+    batches: list[torch.Tensor],
+    order: dict | None,
+    bar: EpochProgress,
+    pipeline: int,
+    logged: tuple | None = None,
 ) -> float:
-    """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum."""
+    """Train on every batch (shipped whole when the model can, else batch by batch); return the loss sum.
+    ``logged``: (TrainingLog, global step of the first batch, epoch number) to log each batch's loss."""
     total, done = 0.0, 0
 
     def on_batch(stats: LossStats) -> None:
         nonlocal total, done
         total += stats.loss * stats.count
+        if logged is not None:
+            logged[0].batch(logged[1] + done, logged[2], stats.loss)
         if done % 50 == 0:
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         done += 1

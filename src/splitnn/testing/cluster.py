@@ -1,8 +1,11 @@
 """Start ``splitnn worker`` processes on 127.0.0.1 for tests and benchmarks, and always stop them.
 
-Each worker runs ``python -m splitnn worker`` with one torch thread, an address file (so
-the caller learns the port it bound) and a maximum lifetime (so a crashed test leaves no
-process behind for long). ``env`` adds environment variables for the workers only, e.g.
+Each worker runs ``python -m splitnn worker`` with the caller's torch thread count
+(``torch.get_num_threads()`` when it starts, or ``threads``), so that a run over the workers
+computes with the same kernels' reductions as the same run in the caller's process and ends
+with the same weights bit for bit; an address file (so the caller learns the port it bound)
+and a maximum lifetime (so a crashed test leaves no process behind for long).
+``env`` adds environment variables for the workers only, e.g.
 ``PYTHONPATH`` to run them from another source tree in an A/B benchmark. With ``tcp`` (by
 default when ``SPLITNN_DATA_PLANE=tcp``, which runs a test suite's networked tests over it) every
 worker also listens for peer links on a TCP data plane (``--data-listen``). A worker started with
@@ -26,6 +29,12 @@ from pathlib import Path
 from splitnn.transport.addresses import join_host_port, split_host_port
 
 STARTUP_TIMEOUT = 60.0  # seconds to wait for a worker to print its address (2 busy shared cores)
+
+
+def _caller_threads() -> int:
+    import torch  # only when a worker starts: the launcher itself needs no torch
+
+    return torch.get_num_threads()
 
 
 @dataclass
@@ -95,6 +104,8 @@ class Cluster:
     #: a worker started with ``--data`` and no ``--policy`` gets :data:`OPEN_POLICY` (tests that train on it
     #: and collect its weights); False: the worker's own, closed default
     open_data: bool = True
+    #: torch intra-op threads of every worker (``--threads``); None: the caller's ``torch.get_num_threads()``
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         self._data_ports: dict[str, int] = {}
@@ -118,7 +129,8 @@ class Cluster:
         addr_file = self.root / f"{name}.addr"
         addr_file.unlink(missing_ok=True)
         log = self.root / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **self.env}
+        threads = str(self.threads if self.threads is not None else _caller_threads())
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **self.env}
         cmd = [
             *prefix,
             sys.executable,
@@ -134,7 +146,7 @@ class Cluster:
             "--address-file",
             str(addr_file),
             "--threads",
-            "1",
+            threads,
             "--max-lifetime",
             str(self.lifetime),
             *(("--data-listen", self.data_listen(name, listen)) if self.tcp else ()),

@@ -15,6 +15,10 @@ from splitnn.accounting.tally import Tally
 
 DIRECTIONS = ("sent", "recv")
 
+#: Called with ``(peer, direction, kind, nbytes)`` for every message any counter of this process records
+#: (a worker's Prometheus metrics, :mod:`splitnn.server.metrics`); empty unless something watches.
+OBSERVERS: list = []
+
 
 @dataclass(frozen=True)
 class WireTotal:
@@ -38,6 +42,8 @@ class ByteCounters:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self._tally.add((peer, direction, kind), nbytes)
+        for observe in OBSERVERS:
+            observe(peer, direction, kind, nbytes)
 
     def totals(self) -> list[WireTotal]:
         """Every counter, sorted."""

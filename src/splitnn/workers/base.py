@@ -59,8 +59,12 @@ class Worker(Protocol):
         features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         replace: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         """Keep a dataset (features, labels or both) at this worker under ``name``.
+
+        Features holding a NaN or an infinite value are refused (a DataError naming the row and the fix)
+        unless ``allow_nonfinite``.
 
         In-process workers also take map-style datasets (read in batches at the worker) and,
         with ``ids=``, the samples' ids for private set intersection (:mod:`splitnn.training.psi`).

@@ -19,7 +19,9 @@ one safetensors file, ``<state_dir>/<job tag>/step-<step>.safetensors``, written
 Segments are named by their *label* in the model (``s0``, ``h1.s0``, ...), not by their key,
 which is random per run: a resumed run has new keys for the same segments. The job tag is a
 hash of the job id (a secret the researcher keeps in its manifest), so the directory listing
-does not reveal it. Nothing is unpickled when loading: safetensors and JSON only.
+does not reveal it. A party killed while writing leaves a hidden temporary file, which no step
+listing counts and the party's next write or load of that job deletes. Nothing is unpickled when
+loading: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from splitnn.errors import CheckpointError, SpecError, WireError
-from splitnn.fileio import atomic_path
+from splitnn.fileio import atomic_path, remove_stale_temps
 from splitnn.wire.cut_codec import CutEncoder
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.wire.nested import decode_nested, encode_nested
@@ -211,6 +213,7 @@ def save_party_checkpoint(
     }
     directory = _job_dir(Path(state_dir), job)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory, "step-*.safetensors")  # what a write killed half-way left behind
     path = _step_path(Path(state_dir), job, step)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, allow_nan=False)})
@@ -252,6 +255,7 @@ def load_party_checkpoint(
     ``digest`` (the sha256 the researcher's manifest records), a file that is not that one.
     """
     path = _step_path(Path(state_dir), job, step)
+    remove_stale_temps(path.parent, "step-*.safetensors")  # a resume after a kill mid-write: the write's leftovers
     if not path.is_file():
         held = held_steps(state_dir, job)
         raise CheckpointError(

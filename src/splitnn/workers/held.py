@@ -18,7 +18,7 @@ from splitnn.data.sources import (
     summarise_labels,
     take_rows,
 )
-from splitnn.errors import ConfigurationError
+from splitnn.errors import ConfigurationError, DataError
 from splitnn.workers.checks import check_dataset_parts
 from splitnn.workers.refs import DatasetStats
 
@@ -36,6 +36,8 @@ class HeldData:
     labels: Source | None = None
     ids: list[str] | None = None
     _label_summary: dict | None = field(default=None, repr=False)
+    #: Where to name a non-finite feature found in a batch of a map-style dataset (None: NaN/inf allowed).
+    _finite_where: str | None = field(default=None, repr=False)
 
     @classmethod
     def hold(
@@ -46,8 +48,12 @@ class HeldData:
         features: object = None,
         labels: object = None,
         ids: Sequence[str] | None = None,
+        allow_nonfinite: bool = False,
     ) -> HeldData:
-        """Check and wrap what ``worker`` is given for ``dataset``; ConfigurationError/LabelError otherwise."""
+        """Check and wrap what ``worker`` is given for ``dataset``; ConfigurationError/LabelError otherwise.
+
+        A NaN or infinite feature is a :class:`~splitnn.errors.DataError` naming its row (tensors: here;
+        map-style datasets: in the batch that reads it), unless ``allow_nonfinite``."""
         where = f"dataset {dataset!r} for worker {worker!r}"
         check_dataset_parts(dataset, worker, features=features, labels=labels)
         feats = as_source(features, f"the features of {where}") if features is not None else None
@@ -61,7 +67,13 @@ class HeldData:
             raise ConfigurationError(f"{where} is empty")
         if isinstance(labs, torch.Tensor):
             labs = check_label_tensor(labs, dataset)
+        if not isinstance(allow_nonfinite, bool):
+            raise ConfigurationError(f"{where}: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        if isinstance(feats, torch.Tensor) and not allow_nonfinite:
+            check_finite_features(feats, where)
         held = cls(feats, labs)
+        if feats is not None and not isinstance(feats, torch.Tensor) and not allow_nonfinite:
+            held._finite_where = where
         if ids is not None:
             held.ids = check_ids(ids, held.size, where)
         return held
@@ -72,7 +84,7 @@ class HeldData:
         if not any(isinstance(s, torch.Tensor) and s.device != device for s in (self.features, self.labels)):
             return self
         moved = (s.to(device) if isinstance(s, torch.Tensor) else s for s in (self.features, self.labels))
-        return HeldData(*moved, ids=self.ids, _label_summary=self._label_summary)
+        return HeldData(*moved, ids=self.ids, _label_summary=self._label_summary, _finite_where=self._finite_where)
 
     @property
     def size(self) -> int:
@@ -81,7 +93,12 @@ class HeldData:
     def read(self, part: str, indices: torch.Tensor) -> torch.Tensor | None:
         """Rows ``indices`` of ``part`` ("features" or "labels"), or None if this worker does not hold it."""
         src = getattr(self, part)
-        return read_rows(src, indices) if src is not None else None
+        if src is None:
+            return None
+        rows = read_rows(src, indices)
+        if part == "features" and self._finite_where is not None:
+            check_finite_features(rows, self._finite_where, rows=indices)
+        return rows
 
     def select(self, positions: torch.Tensor) -> HeldData:
         """The rows at ``positions`` (in that order), ids included, as a dataset of their own."""
@@ -89,6 +106,7 @@ class HeldData:
             take_rows(self.features, positions) if self.features is not None else None,
             take_rows(self.labels, positions) if self.labels is not None else None,
             [self.ids[i] for i in positions.tolist()] if self.ids is not None else None,
+            _finite_where=self._finite_where,
         )
 
     def stats(self, name: str) -> DatasetStats:
@@ -113,3 +131,24 @@ class HeldData:
             label_shape=s["shape"],
             label_integral=s["integral"],
         )
+
+
+def check_finite_features(features: torch.Tensor, where: str, *, rows: torch.Tensor | None = None) -> None:
+    """Refuse ``features`` holding a NaN or infinite value (one would make every weight NaN), naming the first
+    row that does (``rows``: the dataset row of each of ``features``' rows, for a batch) and the fix."""
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.numel() == 0:
+        return
+    finite = torch.isfinite(features.reshape(features.shape[0], -1)).all(dim=1) if features.dim() else None
+    if finite is None or bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0, 0])
+    row = int(rows.reshape(-1)[first]) if rows is not None else first
+    value = features[first].reshape(-1)
+    value = value[~torch.isfinite(value)][0].item()
+    count = int((~finite).sum())
+    raise DataError(
+        f"{where}: row {row} holds a non-finite feature ({value}; {count} such row(s)"
+        f"{' in this batch' if rows is not None else ''}); training on it would make every weight NaN. Clean the "
+        f"data (drop the rows, or impute, e.g. torch.nan_to_num), or, if the model handles such values, place it "
+        f"yourself with worker.add_dataset(NAME, features=..., allow_nonfinite=True) and train on NAME"
+    )

@@ -255,16 +255,21 @@ class VirtualWorker:
         labels: object = None,
         ids: Sequence[str] | None = None,
         replace: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         """Hold ``features`` and/or ``labels`` (tensors, numpy arrays or map-style datasets) under ``name``;
         ``ids`` (one string per row) lets :mod:`splitnn.training.psi` align rows with other parties.
-        A name already in use is a ConfigurationError unless ``replace``."""
+        A name already in use is a ConfigurationError unless ``replace``. Features holding NaN or infinite
+        values are a DataError naming the row (a map-style dataset's: when its batch is read) unless
+        ``allow_nonfinite``."""
         if name in self._data and not replace:
             raise ConfigurationError(
                 f"worker {self.name!r} already holds a dataset {name!r}; use another name, or pass replace=True "
                 f"to replace it"
             )
-        held = HeldData.hold(name, self.name, features=features, labels=labels, ids=ids)
+        held = HeldData.hold(
+            name, self.name, features=features, labels=labels, ids=ids, allow_nonfinite=allow_nonfinite
+        )
         self._data[name] = held.to(self.device)
 
     def dataset_stats(self, name: str) -> DatasetStats:

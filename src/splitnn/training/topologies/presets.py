@@ -29,6 +29,10 @@ from splitnn.workers.merge import MERGE_MODES
 TOPOLOGIES = ("chain", "multi", "splitfed", "u-shape", "vertical")
 
 
+#: The most data holders a topology is built with (each is a party: a worker, its segments, its shard).
+MAX_CLIENTS = 1024
+
+
 @dataclass(frozen=True)
 class TopologyConfig:
     """How to arrange the tutorial's MLP across parties.
@@ -68,6 +72,11 @@ class TopologyConfig:
             raise ConfigurationError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
         if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 1:
             raise ConfigurationError(f"the number of clients must be a positive integer, got {self.clients!r}")
+        if self.clients > MAX_CLIENTS:
+            raise ConfigurationError(
+                f"{self.clients} clients (data holders) is more than the {MAX_CLIENTS} a topology is built with "
+                f"(each is a party with its own segments and shard); use at most --clients {MAX_CLIENTS}"
+            )
         if self.topology == "vertical" and self.clients < 2:
             raise ConfigurationError("vertical training needs at least 2 clients (data holders); use --clients 2")
         if self.topology in ("chain", "u-shape") and self.clients != 1:

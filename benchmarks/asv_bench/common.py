@@ -1,0 +1,32 @@
+"""What the asv benchmarks share: the tutorial network, synthetic MNIST-shaped data, one thread."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the worker processes inherit it
+
+import torch  # noqa: E402
+
+NAMES = ("alice", "bob", "claire")
+BATCH = 64
+BATCHES = 30  # per timed epoch: about 0.05 s in process, 0.1-0.2 s across worker processes
+
+
+def toy_data(batches: int = BATCHES):
+    """MNIST-shaped random features and labels, ``batches`` batches of :data:`BATCH`."""
+    from splitnn.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    n = batches * BATCH
+    return Dataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "bench", 10)
+
+
+def tutorial_model(workers, **kwargs):
+    """The PySyft tutorial's 784-128-640-10 network in three segments, SGD lr 0.03."""
+    import splitnn
+    from splitnn.models import tutorial_mlp
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return splitnn.SplitNN(tutorial_mlp(), workers, **kwargs)
