@@ -8,7 +8,8 @@ written as an HTML comment on the line before a fenced block, say what happens t
 * ``<!-- docs-test: env -->`` before a ```bash block of ``export NAME=VALUE`` lines: the test sets
   them, ``../shared/data`` read as the shared test data (the reader's checkout has it beside it);
 * ``<!-- docs-test: start-workers -->`` before a ```bash block: the test starts each
-  ``splitnn worker --name NAME [--data SPEC]...`` command of the block with
+  ``splitnn worker --name NAME [--data SPEC]... [--policy FILE]`` command of the block (the files
+  it writes with ``printf '...' > FILE`` written first) with
   ``tests/transport/cluster.py`` (on a free port, writing ``NAME.addr`` and ``TOKEN`` in the
   directory the Python blocks run in, which is what the block itself does), ``../shared/data``
   read as the shared test data;
@@ -173,9 +174,19 @@ def _worker_commands(code: str) -> list[tuple[str, list[str]]]:
         # The test's cluster writes the files the block names: the Python blocks read these.
         assert argv[argv.index("--address-file") + 1] == f"{name}.addr", line
         assert argv[argv.index("--token-file") + 1] == "TOKEN", line
-        data = [argv[i + 1] for i, a in enumerate(argv) if a == "--data"]
+        data = [x for i, a in enumerate(argv) if a == "--data" for x in ("--data", argv[i + 1])]
+        if "--policy" in argv:
+            data += ["--policy", argv[argv.index("--policy") + 1]]
         commands.append((name, data))
     return commands
+
+
+def _written_files(code: str) -> dict[str, str]:
+    """The files a bash block writes with ``printf 'TEXT' > FILE`` (TEXT with ``\\n`` escapes)."""
+    return {
+        m.group(2): m.group(1).replace("\\n", "\n")
+        for m in re.finditer(r"^printf '([^']*)' > (\S+)", code, flags=re.MULTILINE)
+    }
 
 
 def _exports(code: str, shared_data: Path) -> dict[str, str]:
@@ -216,9 +227,12 @@ def test_getting_started_runs(shared_data, monkeypatch, tmp_path, capsys):
                 assert lang == "bash"
                 commands = _worker_commands(code)
                 assert commands, "a start-workers block starts no `splitnn worker`"
-                for name, data in commands:
-                    data = [d.replace("../shared/data", str(shared_data)) for d in data]
-                    cluster.start(name, *[a for d in data for a in ("--data", d)])
+                for path, text in _written_files(code).items():
+                    (tmp_path / path).write_text(text)
+                for name, args in commands:
+                    args = [a.replace("../shared/data", str(shared_data)) for a in args]
+                    args = [str(tmp_path / a) if a.endswith(".toml") else a for a in args]
+                    cluster.start(name, *args)
             elif marker == "run":
                 assert lang == "bash"
                 done = _run_bash(code, tmp_path, dict(os.environ))

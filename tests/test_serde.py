@@ -646,3 +646,18 @@ def test_dataset_stats_carry_the_feature_dtype_and_refuse_an_unknown_one():
     bad = {**serde.dataset_stats_to_result(stats), "feature_dtype": "object"}
     with pytest.raises(WireError, match="unknown feature dtype 'object'"):
         serde.dataset_stats_from_result(bad)
+
+
+def test_a_batchs_draw_crosses_with_it_and_a_bad_draw_is_refused():
+    from splitnn.data.batching import BatchDraw, epoch_batches
+
+    idx = epoch_batches(40, 8, seed=3, epoch=2)[4]
+    args, blobs = serde.forward_to_command("k", BatchRef("d", idx), 1, train=True)
+    _, batch, _ = serde.forward_from_command(args, blobs, max_bytes=1 << 20)
+    assert batch.draw == BatchDraw(seed=3, epoch=2, position=4, batch_size=8, shuffle=True)
+    args, blobs = serde.loss_to_command(TensorRef("a", 1), BatchRef("d", idx), "nll", train=False)
+    assert serde.loss_from_command(args, blobs, max_bytes=1 << 20).target.draw == batch.draw
+    for bad in ({"seed": -1, "epoch": 0, "position": 0, "batch_size": 8, "shuffle": True}, {"seed": 0}, [1]):
+        args["draw"] = bad
+        with pytest.raises(WireError, match="(?i)draw"):
+            serde.loss_from_command(args, blobs, max_bytes=1 << 20)

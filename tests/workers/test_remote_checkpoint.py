@@ -258,7 +258,8 @@ def test_a_hung_party_is_noticed_in_bounded_time_and_survived_when_it_comes_back
 # -- the party's policy, across processes -----------------------------------------------------------------
 def test_alices_policy_refuses_an_identity_first_segment_before_any_batch(tmp_path):
     policy = tmp_path / "alice-policy.toml"
-    policy.write_text("refuse_passthrough = true\nmin_reduction = 2.0\n")
+    # a data holder is closed by default; accept_any_segment leaves the heuristic to judge the segments
+    policy.write_text("refuse_passthrough = true\nmin_reduction = 2.0\naccept_any_segment = true\n")
     with Cluster(tmp_path, lifetime=200) as cl:
         # alice's own images (the rule guards a party's own data; what the researcher places is its own)
         cl.start("alice", *held("features"), "--policy", str(policy), "--audit-log", str(tmp_path / "alice.jsonl"))
@@ -289,7 +290,14 @@ def test_alices_policy_refuses_an_identity_first_segment_before_any_batch(tmp_pa
             w.close(end_session=True)
     events = read_audit(tmp_path / "alice.jsonl")
     assert events[0]["event"] == "start" and events[0]["datasets"] == ["toy"]
-    assert events[0]["policy"] == {"refuse_passthrough": True, "min_reduction": 2.0, "release_outputs": False}
+    assert events[0]["policy"] == {
+        "refuse_passthrough": True,
+        "min_reduction": 2.0,
+        "release_outputs": False,
+        "release_weights": False,
+        "min_batch_size": 8,
+        "draw_rows": True,
+    }
     assert [e["rule"] for e in events if e["event"] == "refusal"] == ["refuse_passthrough"] * 3
     installed = [e for e in events if e["event"] == "segment"]
     assert installed[-1]["fingerprint"] == fingerprint(good)

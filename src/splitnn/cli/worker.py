@@ -21,7 +21,11 @@
 ``parts`` says what this party holds: the data holder keeps the ``features``, the label
 holder the ``labels`` (default: all the source has). The researcher then trains on it by
 name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
-session reads them, none may replace them.
+session reads them, none may replace them. A worker that holds them starts closed (the gate of
+:mod:`splitnn.workers.policy`): only segments whose fingerprints ``--policy`` pins in
+``accept_segments`` run on them (``splitnn fingerprint`` prints a saved model's), the worker
+draws each batch's rows itself from the researcher's seed, and no weights leave unless the
+policy says ``release_weights = true``.
 
 ``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes defined in
 MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
@@ -219,7 +223,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="FILE",
         help="this party's policy (TOML or JSON): accept_segments, refuse_passthrough, min_reduction, peers, "
-        "max_params, release_outputs, datasets, psi_peers, max_psi_runs; enforced before any batch "
+        "max_params, release_outputs, datasets, psi_peers, max_psi_runs, detect_hijack, release_weights, "
+        "accept_any_segment, min_batch_size, draw_rows; enforced before any batch. With --data the rules it does "
+        "not set are closed: only pinned segments run on the data, the worker draws the rows, no weights leave "
         "(docs/failures-and-policy.md)",
     )
     p.add_argument(
@@ -240,16 +246,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, parser=p)
 
 
-def load_worker_policy(path: Path | None, allow_outputs: bool):
+def load_worker_policy(path: Path | None, allow_outputs: bool, *, data_holder: bool = False):
     """The party's policy from ``--policy`` and ``--allow-outputs`` (which a policy file's
-    ``release_outputs`` must not contradict); None for the server's default."""
+    ``release_outputs`` must not contradict); None for the server's default. ``data_holder`` (the
+    worker has ``--data``): the rules the file does not set are closed (``DATA_HOLDER_DEFAULTS``)."""
     from dataclasses import replace
 
     from splitnn.workers.policy import load_policy, read_policy_rules
 
     if path is None:
         return None
-    policy = load_policy(path)
+    policy = load_policy(path, data_holder=data_holder)
     if "release_outputs" not in read_policy_rules(path):
         return replace(policy, release_outputs=allow_outputs)  # a server hands out no outputs unless told
     if allow_outputs and not policy.release_outputs:
@@ -421,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY
     from splitnn.wire.trust import Trust
     from splitnn.workers.devices import resolve_device
+    from splitnn.workers.policy import WorkerPolicy
 
     if getattr(args, "parser", None) is not None:
         apply_worker_config(args, args.parser)
@@ -471,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--data {text!r}: {exc}") from None
         datasets[key] = held
     limits = Limits(chunk_bytes=args.chunk_bytes) if args.chunk_bytes is not None else Limits()
-    policy = load_worker_policy(args.policy, args.allow_outputs)  # before listening
+    policy = load_worker_policy(args.policy, args.allow_outputs, data_holder=bool(datasets))  # before listening
     for flag, path in (("--state-dir", args.state_dir), ("--audit-log", args.audit_log)):
         where = path if flag == "--state-dir" else (path.parent if path is not None else None)
         if where is not None and where.exists() and not where.is_dir():
@@ -504,6 +512,18 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(address: str) -> None:
         held = ", ".join(f"{k} ({'+'.join(p for p in v if p != 'ids')})" for k, v in datasets.items()) or "no datasets"
+        gate = policy if policy is not None else WorkerPolicy.from_dict({}, data_holder=True)
+        closed = [
+            what
+            for what, on in (
+                ("pinned segments only", not gate.accept_any_segment),
+                ("rows drawn here", gate.draw_rows),
+                ("no weights leave", not gate.release_weights),
+            )
+            if on
+        ]
+        if datasets and closed:
+            held += f"; gate: {', '.join(closed)}"
         print(
             f"splitnn worker {args.name} listening on {address} (pid {os.getpid()}; {held}; device {device})",
             flush=True,

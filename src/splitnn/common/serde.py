@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
+from splitnn.data.batching import BatchDraw
 from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.transport.addresses import split_host_port
 from splitnn.wire.compress import get_codec
@@ -193,12 +194,26 @@ def segment_from_blobs(blobs: Sequence[bytes], *, max_bytes: int) -> tuple[Any, 
 
 
 def _batch_to_command(batch: BatchRef) -> tuple[dict, list[bytes]]:
-    return {"dataset": batch.dataset}, [indices_to_blob(batch.indices)]
+    args: dict = {"dataset": batch.dataset}
+    if batch.draw is not None:  # how the rows were drawn: a data holder draws them itself from it
+        args["draw"] = batch.draw.to_dict()
+    return args, [indices_to_blob(batch.indices)]
+
+
+def draw_from_arg(value: object) -> BatchDraw:
+    """A batch's :class:`~splitnn.data.batching.BatchDraw` from its wire form, or WireError."""
+    if not isinstance(value, dict) or set(value) != {"seed", "epoch", "position", "batch_size", "shuffle"}:
+        raise WireError("a batch draw must be an object {seed, epoch, position, batch_size, shuffle}")
+    try:
+        return BatchDraw(**value)
+    except ConfigurationError as exc:
+        raise WireError(str(exc)) from None
 
 
 def _batch_from_command(args: dict, blobs: Sequence[bytes], max_bytes: int) -> BatchRef:
     name = arg(args, "dataset", str)
-    return BatchRef(name, indices_from_blob(blob_arg(blobs, 0, "indices"), max_bytes=max_bytes))
+    draw = draw_from_arg(args["draw"]) if args.get("draw") is not None else None
+    return BatchRef(name, indices_from_blob(blob_arg(blobs, 0, "indices"), max_bytes=max_bytes), draw)
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -574,10 +589,11 @@ def loss_to_command(
     output: TensorRef, target: BatchRef, loss: str, *, train: bool, keep: str | None = None
 ) -> tuple[dict, list[bytes]]:
     """Score ``output`` against the labels of ``target``; ``keep`` names an evaluation kept for its metrics."""
-    args: dict = {"output": ref_to_dict(output), "dataset": target.dataset, "loss": loss, "train": train}
+    args, blobs = _batch_to_command(target)
+    args.update({"output": ref_to_dict(output), "loss": loss, "train": train})
     if keep is not None:
         args["keep"] = keep
-    return args, [indices_to_blob(target.indices)]
+    return args, blobs
 
 
 class LossCommand(NamedTuple):

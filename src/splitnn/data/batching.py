@@ -4,15 +4,68 @@ It lives with the data (the lowest layer) because every party needs it: the
 orchestrator, a worker running a shipped epoch, a monolithic twin in a test.
 
 Each derives it from the same (seed, epoch) and gets the same batches.
+
+A data holder draws its batches itself (:class:`BatchDraw`): each index tensor
+:func:`epoch_batches` returns carries the draw that made it (``indices.draw``), which the
+researcher sends instead of naming rows; the holder re-derives the rows with this same function
+over its own dataset size (:func:`draw_rows`), so a researcher may choose the seed, never the rows.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 
 from splitnn.errors import ConfigurationError
+
+#: Largest seed, epoch, position or batch size of a draw (they travel as JSON integers).
+MAX_DRAW = 1 << 40
+
+
+@dataclass(frozen=True)
+class BatchDraw:
+    """Batch ``position`` of epoch ``epoch`` of :func:`epoch_batches` (``batch_size``, ``shuffle``,
+    ``seed``) over the dataset the holder holds: what a researcher asks a data holder for."""
+
+    seed: int
+    epoch: int
+    position: int
+    batch_size: int
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "epoch", "position", "batch_size"):
+            v = getattr(self, name)
+            low = 1 if name == "batch_size" else 0
+            high = MAX_SEED if name == "seed" else MAX_DRAW - 1
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ConfigurationError(f"BatchDraw.{name} must be an integer {low}..{high}, got {v!r}")
+        if not isinstance(self.shuffle, bool):
+            raise ConfigurationError(f"BatchDraw.shuffle must be a bool, got {self.shuffle!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+        }
+
+
+def draw_rows(n: int, draw: BatchDraw, batches: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The rows of ``draw`` over a dataset of ``n`` samples (ConfigurationError past the last batch);
+    ``batches``: the epoch's batches for ``draw`` if computed already."""
+    if batches is None:
+        batches = epoch_batches(n, draw.batch_size, shuffle=draw.shuffle, seed=draw.seed, epoch=draw.epoch)
+    if draw.position >= len(batches):
+        raise ConfigurationError(
+            f"batch {draw.position} does not exist: {n} samples make {len(batches)} batches of {draw.batch_size}"
+        )
+    return batches[draw.position]
+
 
 #: The largest seed of a training run: every stream derived from it (``seed * 1_000_003 + epoch`` here, the
 #: partitioners', the weights') stays within what ``torch.Generator.manual_seed`` accepts.
@@ -34,7 +87,8 @@ def check_seed(seed: object, what: str = "seed") -> int:
 def epoch_batches(
     n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
 ) -> list[torch.Tensor]:
-    """Index tensors of the batches of one epoch over ``n`` samples (the last one may be short)."""
+    """Index tensors of the batches of one epoch over ``n`` samples (the last one may be short); each
+    carries its :class:`BatchDraw` as ``.draw`` (see the module docstring)."""
     if n < 1:
         raise ConfigurationError("cannot make batches of an empty dataset")
     if batch_size < 1:
@@ -43,4 +97,8 @@ def epoch_batches(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     else:
         order = torch.arange(n)
-    return list(torch.split(order, batch_size))
+    batches = list(torch.split(order, batch_size))
+    if 0 <= seed <= MAX_SEED and 0 <= epoch < MAX_DRAW and batch_size < MAX_DRAW:
+        for position, idx in enumerate(batches):
+            idx.draw = BatchDraw(seed, epoch, position, batch_size, shuffle)
+    return batches

@@ -413,7 +413,9 @@ class Commands:
         """
         tid = serde.output_id_from_args(a)
         with self.exports.producing(state, tid):
-            module = self.engine.segment(self._key(serde.export_state_from_args(a)))
+            key = self._key(serde.export_state_from_args(a))
+            self.engine.release_to_peer(key, None)  # the party's gate (release_weights); the pull checks the peer
+            module = self.engine.segment(key)
             blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
             payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
             self.exports.export(tid, self.engine.keep(payload, "weights"))

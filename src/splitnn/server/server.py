@@ -801,7 +801,9 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         tls=config.tls,
         limits=config.limits,
         peer_timeout=config.peer_timeout,
-        policy=config.policy or WorkerPolicy(release_outputs=config.release_outputs),
+        # a party that holds data starts closed (the gate of splitnn.workers.policy); one without, as ever
+        policy=config.policy
+        or WorkerPolicy.from_dict({"release_outputs": config.release_outputs}, data_holder=bool(config.datasets)),
         trust=Trust(config.trust),
         session_grace=config.session_grace,
         max_sessions=config.max_sessions,

@@ -8,7 +8,9 @@ and a maximum lifetime (so a crashed test leaves no process behind for long).
 ``env`` adds environment variables for the workers only, e.g.
 ``PYTHONPATH`` to run them from another source tree in an A/B benchmark. With ``tcp`` (by
 default when ``SPLITNN_DATA_PLANE=tcp``, which runs a test suite's networked tests over it) every
-worker also listens for peer links on a TCP data plane (``--data-listen``).
+worker also listens for peer links on a TCP data plane (``--data-listen``). A worker started with
+``--data`` and no ``--policy`` gets an explicit opening of its gate (:data:`OPEN_POLICY`) unless
+``open_data=False``: a data holder is closed by default (docs/security.md).
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def open_files_prefix(soft: int, hard: int | None = None) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+#: The explicit opening of a data holder's gate (splitnn.workers.policy): weights may leave, any segment runs on
+#: its data, and the researcher names the rows -- the behaviour of an in-process worker.
+OPEN_POLICY = "release_weights = true\naccept_any_segment = true\nmin_batch_size = 1\ndraw_rows = false\n"
+
+
 @dataclass
 class Cluster:
     """Worker processes sharing one token; use as a context manager (stops them all on exit)."""
@@ -94,6 +101,9 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     #: give every worker a TCP data plane (``--data-listen``); by default when ``SPLITNN_DATA_PLANE=tcp``
     tcp: bool = field(default_factory=lambda: os.environ.get("SPLITNN_DATA_PLANE") == "tcp")
+    #: a worker started with ``--data`` and no ``--policy`` gets :data:`OPEN_POLICY` (tests that train on it
+    #: and collect its weights); False: the worker's own, closed default
+    open_data: bool = True
     #: torch intra-op threads of every worker (``--threads``); None: the caller's ``torch.get_num_threads()``
     threads: int | None = None
 
@@ -114,6 +124,8 @@ class Cluster:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
         ``prefix`` goes before the command line (e.g. ``ip netns exec NS`` or :func:`open_files_prefix`,
         which exec, so the process started is still the worker itself)."""
+        if "--data" in args and "--policy" not in args and self.open_data:
+            args = (*args, "--policy", str(self._open_policy()))
         addr_file = self.root / f"{name}.addr"
         addr_file.unlink(missing_ok=True)
         log = self.root / f"{name}.log"
@@ -152,6 +164,12 @@ class Cluster:
         wp = WorkerProcess(name, proc, addr_file.read_text().strip(), log)
         self.workers[name] = wp
         return wp
+
+    def _open_policy(self) -> Path:
+        """A policy file that opens a data holder's gate (:data:`OPEN_POLICY`)."""
+        path = self.root / "open-policy.toml"
+        path.write_text(OPEN_POLICY)
+        return path
 
     def data_listen(self, name: str, listen: str = "127.0.0.1:0") -> str:
         """A ``--data-listen`` address for worker ``name`` (on the host of its ``listen``): a port of its own, the

@@ -19,6 +19,25 @@ The rules (a TOML or JSON file with these keys; each optional)::
     psi_peers = ["lab"]                # the only parties we run private set intersection with (default: peers)
     max_psi_runs = 1                   # PSI runs each of our datasets takes part in, over the worker's life
     detect_hijack = 1.1                # SplitGuard-style probes on our gradients; stop below this score
+    release_weights = true             # let trained weights leave (get_state, collect, peers); see "The gate"
+    accept_any_segment = true          # run segments on our data without a pinned fingerprint
+    min_batch_size = 8                 # the fewest rows of ours one batch (or a view of our data) may hold
+    draw_rows = true                   # we draw each batch's rows ourselves, from a seed (the researcher's)
+
+The gate. A worker that holds data (``splitnn worker --data ...``) releases only what its
+operator released: the cut values of segments the policy accepted, and -- with
+``release_weights = true`` -- the trained weights *at the end*. Its defaults are closed
+(:data:`DATA_HOLDER_DEFAULTS`, applied by :meth:`WorkerPolicy.from_dict` with
+``data_holder=True``): no weights, gradients or trained-state probes leave; a segment runs on
+the party's data only when its fingerprint is pinned in ``accept_segments`` (or the operator
+opted in with ``accept_any_segment = true``, leaving the heuristic as a best-effort extra);
+batches hold at least ``min_batch_size`` distinct rows, drawn by the holder's own sampler
+(:func:`splitnn.data.epoch_batches`) from the researcher's seed, never named by the researcher.
+"The end" is concrete: once a segment's weights have been released, it is *frozen* -- it no
+longer trains (no training forward, no step, no checkpoint or average loaded into it), and a
+later read must find exactly the state that was released. The in-process default
+(``WorkerPolicy()``) stays open: the researcher on their own machine holds that data anyway; the
+gate is the same code with other values.
 
 ``refuse_passthrough`` and ``min_reduction`` are a *heuristic* guard for parties that do not
 pin fingerprints: :func:`passthrough_reason` reads the segment's layers, and a researcher
@@ -38,6 +57,7 @@ a peer, and raises; the engine (:class:`~splitnn.workers.VirtualWorker`) and the
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import os
@@ -67,6 +87,10 @@ __all__ = [
     "check_peer",
     "check_psi",
     "check_hijack",
+    "check_accepted",
+    "check_release",
+    "check_batch_rows",
+    "DATA_HOLDER_DEFAULTS",
 ]
 
 _RULES = (
@@ -80,7 +104,20 @@ _RULES = (
     "psi_peers",
     "max_psi_runs",
     "detect_hijack",
+    "release_weights",
+    "accept_any_segment",
+    "min_batch_size",
+    "draw_rows",
 )
+
+#: The defaults of a party that holds data (``splitnn worker --data``): closed; see "The gate" above.
+DATA_HOLDER_DEFAULTS: Mapping[str, Any] = {
+    "release_outputs": False,
+    "release_weights": False,
+    "accept_any_segment": False,
+    "min_batch_size": 8,
+    "draw_rows": True,
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,15 @@ class WorkerPolicy:
             worker's life across all sessions (``None``: no limit; ``0``: no PSI at all).
         detect_hijack: run the hijack detector on data-reading segments, with this score
             threshold (``None``: off).
+        release_weights: let weights (and gradients, and probes of trained state) of the segments
+            hosted here leave: to the researcher (``get_state``, ``fetch_segment``, ``get_grads``)
+            or to peers (``send_state``). A segment released to the researcher is frozen.
+        accept_any_segment: run any installed segment on the party's data; ``False``: only those
+            whose fingerprint ``accept_segments`` pins.
+        min_batch_size: the fewest (distinct) rows of the party's data one batch may read, and one
+            view of it (a PSI part) may hold.
+        draw_rows: batches on the party's data must be drawn by this worker from a seed
+            (:class:`~splitnn.workers.refs.BatchDraw`); the researcher cannot name the rows.
     """
 
     release_outputs: bool = True
@@ -120,11 +166,19 @@ class WorkerPolicy:
     psi_peers: tuple[str, ...] | None = None
     max_psi_runs: int | None = None
     detect_hijack: float | None = None
+    release_weights: bool = True
+    accept_any_segment: bool = True
+    min_batch_size: int = 1
+    draw_rows: bool = False
 
     def __post_init__(self) -> None:
         check = _Checker("WorkerPolicy")
         object.__setattr__(self, "release_outputs", check.boolean("release_outputs", self.release_outputs))
-        object.__setattr__(self, "refuse_passthrough", check.boolean("refuse_passthrough", self.refuse_passthrough))
+        for rule in ("refuse_passthrough", "release_weights", "accept_any_segment", "draw_rows"):
+            object.__setattr__(self, rule, check.boolean(rule, getattr(self, rule)))
+        value = self.min_batch_size
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
+            raise ConfigurationError(f"policy rule min_batch_size must be an integer 1..{1 << 20}, got {value!r}")
         if self.accept_segments is not None:
             try:
                 accepted = tuple(
@@ -158,15 +212,21 @@ class WorkerPolicy:
                 object.__setattr__(self, rule, check.strings(rule, value))
 
     @classmethod
-    def from_dict(cls, rules: Mapping[str, Any], *, source: str = "the policy") -> WorkerPolicy:
-        """A policy from a mapping of rule names to values; an unknown rule is an error naming it."""
+    def from_dict(
+        cls, rules: Mapping[str, Any], *, source: str = "the policy", data_holder: bool = False
+    ) -> WorkerPolicy:
+        """A policy from a mapping of rule names to values; an unknown rule is an error naming it.
+        ``data_holder``: the rules not given take :data:`DATA_HOLDER_DEFAULTS` (closed)."""
         if not isinstance(rules, Mapping):
             raise ConfigurationError(f"{source} must be a table of rules, got {type(rules).__name__}")
         unknown = sorted(set(rules) - set(_RULES))
         if unknown:
             raise ConfigurationError(f"{source}: unknown rule(s) {unknown}; the rules are {list(_RULES)}")
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()}
+        if data_holder:
+            given = {**DATA_HOLDER_DEFAULTS, **given}
         try:
-            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()})
+            return cls(**given)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{source}: {exc}") from None
 
@@ -185,8 +245,16 @@ class WorkerPolicy:
         return out
 
     def pinned(self, fp: str | None) -> bool:
-        """Whether ``fp`` is one of the accepted fingerprints (False when none are pinned)."""
-        return self.accept_segments is not None and fp is not None and fp in self.accept_segments
+        """Whether ``fp`` is exactly one of the accepted fingerprints (False when none are pinned): all 64
+        hex digits compared, never a prefix."""
+        if self.accept_segments is None or not isinstance(fp, str) or len(fp) != 64:
+            return False
+        return any(hmac.compare_digest(fp, pinned) for pinned in self.accept_segments)
+
+    @property
+    def gated(self) -> bool:
+        """Whether any rule of the gate is closed (what leaves needs checks beyond the open default)."""
+        return not self.release_weights or not self.accept_any_segment or self.min_batch_size > 1 or self.draw_rows
 
 
 def read_policy_rules(path: str | os.PathLike) -> dict[str, Any]:
@@ -205,9 +273,10 @@ def read_policy_rules(path: str | os.PathLike) -> dict[str, Any]:
     return rules
 
 
-def load_policy(path: str | os.PathLike) -> WorkerPolicy:
-    """Read a policy file: TOML (``.toml``) or JSON (any other suffix); errors name the file and the rule."""
-    return WorkerPolicy.from_dict(read_policy_rules(path), source=f"policy file {path}")
+def load_policy(path: str | os.PathLike, *, data_holder: bool = False) -> WorkerPolicy:
+    """Read a policy file: TOML (``.toml``) or JSON (any other suffix); errors name the file and the rule.
+    ``data_holder``: the rules the file does not set take the closed :data:`DATA_HOLDER_DEFAULTS`."""
+    return WorkerPolicy.from_dict(read_policy_rules(path), source=f"policy file {path}", data_holder=data_holder)
 
 
 class _Checker:
@@ -301,6 +370,59 @@ def check_hijack(worker: str, key: str, reason: str | None) -> None:
     """Refuse gradients for segment ``key`` once the hijack detector raised its alarm (``reason``)."""
     if reason is not None:
         raise _refuse(worker, "detect_hijack", f"gradients for segment {key!r}", reason)
+
+
+def check_accepted(policy: WorkerPolicy, worker: str, key: str, dataset: str, *, fingerprint: str | None) -> None:
+    """Refuse running segment ``key`` on this party's ``dataset`` unless its operator accepted it: its
+    fingerprint is pinned in ``accept_segments``, or the policy says ``accept_any_segment = true``."""
+    if policy.accept_any_segment or policy.pinned(fingerprint):
+        return
+    how = (
+        f"pin its fingerprint {fingerprint} in accept_segments after reviewing it (`splitnn fingerprint "
+        f"MODEL.safetensors` prints a saved model's)"
+        if fingerprint is not None
+        else "it cannot be described as a spec, so it has no fingerprint to pin"
+    )
+    raise _refuse(
+        worker,
+        "accept_segments",
+        f"segment {key!r} on dataset {dataset!r}",
+        f"whether a segment leaks its input cannot be decided by looking at it, so a data holder runs only the "
+        f"segments its operator accepted; {how}, or set accept_any_segment = true in the policy",
+    )
+
+
+def check_release(policy: WorkerPolicy, worker: str, what: str) -> None:
+    """Refuse handing out ``what`` (weights, gradients, state derived from this party's data) unless the
+    policy says ``release_weights = true``."""
+    if not policy.release_weights:
+        raise _refuse(
+            worker,
+            "release_weights",
+            what,
+            "state derived from this party's data leaves only as the cut values of accepted segments; its "
+            "operator may set release_weights = true to let the trained weights leave at the end",
+        )
+
+
+def check_batch_rows(policy: WorkerPolicy, worker: str, dataset: str, rows: int, distinct: int, what: str) -> None:
+    """Refuse a batch (or a view) of ``rows`` rows of this party's ``dataset`` (``distinct`` of them different)
+    that holds fewer than ``min_batch_size`` rows, or any row twice."""
+    if distinct != rows:
+        raise _refuse(
+            worker,
+            "min_batch_size",
+            f"{what} of dataset {dataset!r}",
+            f"it names a row more than once ({rows} rows, {distinct} distinct)",
+        )
+    if rows < policy.min_batch_size:
+        hint = " (a short last batch: choose a batch size that leaves none)" if "batch" in what else ""
+        raise _refuse(
+            worker,
+            "min_batch_size",
+            f"{what} of dataset {dataset!r}",
+            f"it holds {rows} rows, fewer than the {policy.min_batch_size} the policy asks for{hint}",
+        )
 
 
 def check_dataset(policy: WorkerPolicy, worker: str, dataset: str) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitnn.data.batching import BatchDraw
+
 
 def fresh_name(prefix: str) -> str:
     """``prefix`` followed by 64 random bits in hex: a segment key or dataset name that two models,
@@ -35,10 +37,22 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class BatchRef:
-    """Rows ``indices`` of the dataset ``dataset`` held locally by whichever worker reads it."""
+    """Rows ``indices`` of the dataset ``dataset`` held locally by whichever worker reads it.
+
+    ``draw`` is how the rows were drawn (:class:`~splitnn.data.batching.BatchDraw`; by default the
+    one :func:`~splitnn.data.epoch_batches` attached to ``indices``, if any): a data holder whose
+    policy draws its own rows (``draw_rows``) re-derives them from it and ignores ``indices``.
+    """
 
     dataset: str
     indices: torch.Tensor
+    draw: BatchDraw | None = None
+
+    def __post_init__(self) -> None:
+        if self.draw is None:
+            draw = getattr(self.indices, "draw", None)
+            if isinstance(draw, BatchDraw):
+                object.__setattr__(self, "draw", draw)
 
     def __len__(self) -> int:
         return int(self.indices.numel())

@@ -63,6 +63,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.data.batching import draw_rows, epoch_batches
 from splitnn.errors import CheckpointError, ConfigurationError, PolicyError, SpecError, WorkerError
 from splitnn.wire.compress import Codec, NoCodec, get_codec
 from splitnn.wire.cut_codec import Arrived, CutEncoder, Encoded
@@ -89,12 +90,15 @@ from splitnn.workers.metrics import KeptEvaluations, count_correct
 from splitnn.workers.optimizers import build_optimizer
 from splitnn.workers.policy import (
     WorkerPolicy,
+    check_accepted,
+    check_batch_rows,
     check_dataset,
     check_hijack,
     check_install,
     check_peer,
     check_psi,
     check_reduction,
+    check_release,
 )
 from splitnn.workers.precision import check_autocast, install_autocast
 from splitnn.workers.psi import PsiParty, PsiRuns
@@ -122,6 +126,9 @@ class _Hosted:
     flights: dict[int, Flight] = field(default_factory=dict)  # pipelined schedules: batch -> its state here
     steps: int = 0  # optimizer steps taken by pipelined schedules (a flight without stashed weights checks it)
     drift: Drift | None = None  # weight prediction in the current pipelined run (None: off)
+    released: bool = False  # its weights left a gated worker: frozen (it trains no more; see policy's gate)
+    ran: bool = False  # it ran a forward here: its buffers may hold values derived from what it read
+    snapshot: dict | None = None  # released: the state that left (a later read must find the same)
 
 
 class VirtualWorker:
@@ -193,6 +200,7 @@ class VirtualWorker:
         # from anyone else unless the policy names its peers.
         self.neighbours: frozenset[str] | None = None
         self._reads: set[tuple[str, str, str]] = set()  # (segment, dataset, part) checked and recorded
+        self._drawn_epoch: tuple | None = None  # ((n, batch size, shuffle, seed, epoch), its batches): draw_rows
         self._segments: dict[str, _Hosted] = {}
         self._data: dict[str, HeldData] = {}
         self._store: dict[int, tuple[torch.Tensor, str]] = {}
@@ -232,6 +240,8 @@ class VirtualWorker:
             install_autocast(segment, self.device, self.autocast)
         hosted = _Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
         self._admit(key, hosted)
+        # a replaced segment is a new one: every check of a read of this party's data runs again
+        self._reads = {r for r in self._reads if r[0] != key}
         hosted.optimizer = (
             build_optimizer(optimizer, hosted.params) if (optimizer is not None and hosted.params) else None
         )
@@ -239,6 +249,7 @@ class VirtualWorker:
 
     def remove_segment(self, key: str) -> None:
         self._segments.pop(key, None)
+        self._reads = {r for r in self._reads if r[0] != key}
         self._pending_loss.pop(key, None)
 
     def set_codecs(self, key: str, *, output: str | Codec | None = None, input_grad: str | Codec | None = None) -> None:
@@ -291,6 +302,17 @@ class VirtualWorker:
         # and without gradients: no running-stat updates, no dropout, and no draws from the
         # random streams a layer owns (a noise defense), so probing changes no later number.
         hosted = self._segment(key)
+        if hosted.ran and not self.policy.release_weights:
+            # even an output's shape can depend on state derived from this party's data (a graph that slices by
+            # a buffer's value): a segment that ran here is probed on the meta device, which holds no values
+            shape = _meta_probe(hosted.module, input_shape)
+            if shape is not None:
+                return shape
+            self._gate(key, hosted, f"to probe segment {key!r} (it cannot be probed on the meta device)")
+        return self._probe(key, hosted, input_shape)
+
+    def _probe(self, key: str, hosted: _Hosted, input_shape: ProbeShape) -> ProbeShape:
+        """:meth:`probe` without the gate (the worker's own checks: the shapes stay here)."""
         clone = _probe_copy(hosted.module)
         x = self._here(zeros_for(input_shape))
         with torch.no_grad():
@@ -319,6 +341,9 @@ class VirtualWorker:
 
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         hosted = self._segment(key)
+        if hosted.released and train:
+            self._frozen(key)
+        hosted.ran = True
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
@@ -352,9 +377,9 @@ class VirtualWorker:
         out, _ = self._receive(output, "activation", train)
         if type(out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
-        labels = self._batch(target, "labels")
         if ("", target.dataset, "labels") not in self._reads:
-            self._first_read("", target.dataset, "labels", labels)
+            self._first_read("", target.dataset, "labels", None)
+        labels = self._batch(target, "labels")
         value = compute_loss(loss, out, labels)
         if train:
             if keep is not None:
@@ -402,6 +427,9 @@ class VirtualWorker:
         check_merge(merge)
         check_sources(list(sources), key, self.name)
         hosted = self._segment(key)
+        if hosted.released and train:
+            self._frozen(key)
+        hosted.ran = True
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
@@ -453,7 +481,10 @@ class VirtualWorker:
 
     def step(self, key: str) -> None:
         self._check_hijack(key)
-        opt = self._segment(key).optimizer
+        hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
+        opt = hosted.optimizer
         if opt is not None:
             opt.step()
 
@@ -478,7 +509,7 @@ class VirtualWorker:
         tensor, stored_kind = self._peek(ref)
         if type(tensor) is Encoded:  # encoded for a peer: the researcher gets what the peer would decode
             tensor = tensor.decode()
-        if stored_kind in ("features", "labels", "psi"):
+        if stored_kind in ("features", "labels", "psi", "weights"):
             raise PolicyError(f"worker {self.name!r} refuses to hand out {stored_kind} (its policy protects them)")
         if not self.policy.release_outputs:
             raise PolicyError(
@@ -495,7 +526,9 @@ class VirtualWorker:
     def get_state(self, key: str, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Segment ``key``'s state dict (``trainable_only``: its trainable parameters only, e.g. LoRA adapters)."""
         self._check_readable("weights")
-        module = self._segment(key).module
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s weights and buffers", freeze=True)
+        module = hosted.module
         state = module.state_dict()
         if trainable_only:
             names = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -505,12 +538,17 @@ class VirtualWorker:
         return state
 
     def set_state(self, key: str, state: Mapping[str, torch.Tensor], *, src: str) -> None:
-        self._segment(key).module.load_state_dict(dict(state))
+        hosted = self._segment(key)
+        hosted.module.load_state_dict(dict(state))
+        if hosted.released:  # the whole state is the sender's now: what a later read may hand out
+            hosted.snapshot = _snapshot(hosted.module)
         if src != self.name:
             self.ledger.record(src, self.name, "weights", _state_nbytes(state))
 
     def send_state(self, key: str, dst: str, *, dst_key: str | None = None) -> None:
         """Hand segment ``key``'s weights straight to peer ``dst`` (recorded on the link self -> ``dst``)."""
+        if dst != self.name:
+            self.release_to_peer(key, dst)
         state = {k: v.detach().clone() for k, v in self._segment(key).module.state_dict().items()}
         if dst == self.name:
             self.set_state(dst_key or key, state, src=self.name)
@@ -528,6 +566,9 @@ class VirtualWorker:
         keys, weights, into = check_averaging(keys, weights, into, self.name)
         states = [self._segment(k).module.state_dict() for k in keys]  # an unknown key is named here
         targets = [self._segment(k) for k in into]
+        for key, hosted in zip(into, targets):
+            if hosted.released:
+                self._frozen(key)
         try:
             average = weighted_average(states, weights)
         except ConfigurationError as exc:
@@ -550,10 +591,12 @@ class VirtualWorker:
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
         self._check_readable("gradients")
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s gradients", freeze=True)
         grads = state_to_cpu(
             {
                 n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                for n, p in self._segment(key).module.named_parameters()
+                for n, p in hosted.module.named_parameters()
                 if p.requires_grad
             }
         )
@@ -562,7 +605,9 @@ class VirtualWorker:
 
     def fetch_segment(self, key: str) -> nn.Module:
         self._check_readable("weights")
-        module = copy.deepcopy(self._segment(key).module).to(RESEARCHER_DEVICE)
+        hosted = self._segment(key)
+        self._gate(key, hosted, f"segment {key!r}'s weights and buffers", freeze=True)
+        module = copy.deepcopy(hosted.module).to(RESEARCHER_DEVICE)
         self.ledger.record(self.name, RESEARCHER, "weights", _state_nbytes(module.state_dict()))
         return module
 
@@ -580,6 +625,9 @@ class VirtualWorker:
         """Training forward of batch ``batch`` on segment ``key``, kept apart from other batches in flight;
         with ``stash``, on a copy of the current weights (a step comes before this batch's backward)."""
         hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
+        hosted.ran = True
         if batch in hosted.flights:
             raise WorkerError(f"worker {self.name!r}: batch {batch} is already in flight on segment {key!r}")
         if hosted.training is not True:
@@ -587,6 +635,8 @@ class VirtualWorker:
             hosted.training = True
         if isinstance(source, BatchRef):
             x, inp = self._batch(source, "features"), None
+            if (key, source.dataset, "features") not in self._reads:
+                self._first_read(key, source.dataset, "features", x)
         else:
             x = inp = detached_input(self._receive(source, "activation", False)[0])
         predicted = hosted.drift.predicted(hosted.params, len(hosted.flights)) if stash and hosted.drift else None
@@ -601,6 +651,8 @@ class VirtualWorker:
         self._receive(output, "activation", False)  # consumes the ref; the graph is the flight's own output
         if type(flight.out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(flight.out)} values")
+        if ("", target.dataset, "labels") not in self._reads:
+            self._first_read("", target.dataset, "labels", None)
         labels = self._batch(target, "labels")
         flight.loss = compute_loss(loss, flight.out, labels)
         return LossStats(float(flight.loss.item()), -1, len(labels))
@@ -645,6 +697,8 @@ class VirtualWorker:
     def step_in_flight(self, key: str, batch: int) -> None:
         """Step segment ``key``'s optimizer with batch ``batch``'s gradients (and forget the batch)."""
         hosted = self._segment(key)
+        if hosted.released:
+            self._frozen(key)
         flight = self._flight(key, batch)
         if flight.grads is None:
             raise WorkerError(f"worker {self.name!r}: step of batch {batch} on {key!r} before its backward")
@@ -747,6 +801,55 @@ class VirtualWorker:
         if guard is not None and guard.tripped:
             self._guard(check_hijack, self.name, key, guard.reason)
 
+    def _drawn(self, ref: BatchRef, held: HeldData) -> torch.Tensor:
+        """The rows of ``ref`` on this party's data, as the policy lets them be read (see :meth:`_batch`)."""
+        indices = ref.indices
+        if self.policy.draw_rows:
+            if ref.draw is None:
+                self._guard(_refuse_rows, self.name, ref.dataset)
+            d, n = ref.draw, held.size
+            epoch = (n, d.batch_size, d.shuffle, d.seed, d.epoch)
+            cached = self._drawn_epoch  # the epoch's batches, computed once per epoch (not once per batch)
+            try:
+                if cached is None or cached[0] != epoch:
+                    batches = epoch_batches(n, d.batch_size, shuffle=d.shuffle, seed=d.seed, epoch=d.epoch)
+                    cached = self._drawn_epoch = (epoch, batches)
+                indices = draw_rows(n, d, cached[1])
+            except ConfigurationError as exc:
+                raise WorkerError(f"worker {self.name!r}: dataset {ref.dataset!r}: {exc}") from None
+            # a short last batch is refused at the epoch's first batch already, before any work
+            tail = int(cached[1][-1].numel())
+            self._guard(check_batch_rows, self.policy, self.name, ref.dataset, tail, tail, "the last batch")
+        n = int(indices.numel())
+        distinct = n if self.policy.draw_rows else int(torch.unique(indices).numel())
+        self._guard(check_batch_rows, self.policy, self.name, ref.dataset, n, distinct, "a batch")
+        return indices
+
+    def _gate(self, key: str, hosted: _Hosted, what: str, *, freeze: bool = False) -> None:
+        """The one gate for state derived from this party's data (weights, buffers, gradients, probes of
+        trained state): refused unless the policy's ``release_weights`` allows it; under a gated policy,
+        a segment released to the researcher is frozen from then on ("the end")."""
+        self._guard(check_release, self.policy, self.name, what)
+        if freeze and self.policy.gated:
+            if hosted.released:  # an evaluation may have written a buffer since (a graph with out=): not again
+                now = hosted.module.state_dict()
+                if hosted.snapshot is None or any(not torch.equal(now[k], v) for k, v in hosted.snapshot.items()):
+                    self._guard(_refuse_changed, self.name, key)
+            else:
+                hosted.released, hosted.snapshot = True, _snapshot(hosted.module)
+
+    def release_to_peer(self, key: str, peer: str | None) -> None:
+        """The gate for segment ``key``'s weights leaving to peer ``peer`` (``send_state``; a server's
+        ``export_state``, whose puller is checked when it pulls: ``None``): ``release_weights``, then under a
+        gated policy the ``peers`` rule (or the model's adjacency). Weights sent to a peer do not freeze the
+        segment (aggregation rounds send them each round): ``release_weights`` trusts the peers with them."""
+        self._gate(key, self._segment(key), f"segment {key!r}'s weights to {peer or 'a peer'!r}")
+        if peer is not None and peer != self.name and self.policy.gated:
+            self.check_receiver(peer, "its weights")
+
+    def _frozen(self, key: str) -> None:
+        self._guard(_refuse_frozen, self.name, key)
+
     def _guard(self, check, *args, **kwargs) -> None:
         """Run a policy check; record a refusal in the audit log before raising it."""
         try:
@@ -794,11 +897,14 @@ class VirtualWorker:
         if self._is_own(dataset):
             policy = self.policy
             self._guard(check_dataset, policy, self.name, self._source(dataset))
+            if part == "features" and not policy.accept_any_segment:
+                hosted = self._segment(key)
+                self._guard(check_accepted, policy, self.name, key, dataset, fingerprint=self._identity(hosted))
             if part == "features" and (policy.refuse_passthrough or policy.min_reduction is not None):
                 hosted = self._segment(key)
                 fp = self._identity(hosted)
                 sample = x[:1] if type(x) is not tuple else tuple(t[:1] for t in x)
-                out = self.probe(key, describe(sample))
+                out = self._probe(key, hosted, describe(sample))
                 self._guard(
                     check_reduction,
                     policy,
@@ -850,6 +956,9 @@ class VirtualWorker:
         """Load this party's checkpoint at ``step`` of job ``job`` into ``segments`` (label -> key); a
         :class:`~splitnn.errors.CheckpointError` naming what differs when it does not match them, or
         (given ``digest``) when it is not that file. Returns ``{"step", "digest", "bytes"}``."""
+        for key in segments.values():
+            if self._segment(key).released:
+                self._frozen(key)
         info = load_party_checkpoint(
             self._checkpoint_dir(), job, step, worker=self.name, segments=self._labelled(segments), digest=digest
         )
@@ -906,7 +1015,15 @@ class VirtualWorker:
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep exactly the candidate rows of ``dataset``, in ascending id order; hold each of ``parts``
         (name -> positions in that order, each named ``f"{dataset}:PART"``) as a dataset too. They are derived
-        from ``dataset``: the policy guards them as it guards ``dataset``, and no later intersection takes them."""
+        from ``dataset``: the policy guards them as it guards ``dataset`` (a part of this party's own data holds at
+        least ``min_batch_size`` distinct rows), and no later intersection takes them."""
+        if self._is_own(dataset):
+            size = self.psi_size(dataset)  # the intersection replaces the dataset: a view of it too
+            self._guard(check_batch_rows, self.policy, self.name, dataset, size, size, "the intersection")
+            for name, idx in (parts or {}).items():
+                idx = torch.as_tensor(idx).reshape(-1)
+                n, distinct = int(idx.numel()), int(torch.unique(idx).numel())
+                self._guard(check_batch_rows, self.policy, self.name, dataset, n, distinct, f"part {name!r}")
         aligned = self._psi.apply(dataset, self._dataset(dataset), parts or {})
         source = self._source(dataset)
         self._data.update(aligned)
@@ -1105,7 +1222,13 @@ class VirtualWorker:
             ) from None
 
     def _batch(self, ref: BatchRef, part: str) -> torch.Tensor:
-        rows = self._dataset(ref.dataset).read(part, ref.indices)
+        """The rows of ``ref``'s ``part``. On this party's own data under a gated policy, drawn here from
+        ``ref.draw`` (``draw_rows``), and at least ``min_batch_size`` distinct rows."""
+        held = self._dataset(ref.dataset)
+        indices = ref.indices
+        if self._is_own(ref.dataset) and self.policy.gated:
+            indices = self._drawn(ref, held)
+        rows = held.read(part, indices)
         if rows is None:
             raise WorkerError(f"worker {self.name!r} holds no {part} for dataset {ref.dataset!r}")
         return self._here(rows)  # tensors are held on the device; a map-style dataset's batch moves here
@@ -1115,6 +1238,52 @@ def _only_as_itself(stored: str | None, kind: str) -> bool:
     """Whether a tensor stored as ``stored`` may not be received as ``kind``: PSI messages and weights go only
     to a receiver asking for them as such, and such a receiver gets nothing else (as a server's pulls)."""
     return any((stored == k) != (kind == k) for k in ("psi", "weights"))
+
+
+def _refuse_rows(worker: str, dataset: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses a batch of rows named by the researcher on dataset {dataset!r} (policy rule "
+        f"draw_rows): this party draws its batches itself; send the draw (seed, epoch, position, batch size, "
+        f"shuffle) that splitnn.data.epoch_batches attaches to each batch"
+    )
+
+
+def _refuse_changed(worker: str, key: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses segment {key!r}'s state (policy rule release_weights): it was released, and "
+        f"its state has changed since (a forward wrote into it); only the released state may leave"
+    )
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _refuse_frozen(worker: str, key: str) -> None:
+    raise PolicyError(
+        f"worker {worker!r} refuses to train segment {key!r} further (policy rule release_weights): its weights "
+        f"were released, which is the end of its training here (a released segment is frozen); install a new "
+        f"segment to train again"
+    )
+
+
+def _meta_probe(module: nn.Module, input_shape: ProbeShape) -> ProbeShape | None:
+    """``module``'s output shape for ``input_shape``, computed on the meta device (no values: nothing of the
+    module's state shows); None when it cannot run there."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if is_lazy(t):
+            return None
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        clone = copy.deepcopy(module, memo)
+        x = to_device(zeros_for(input_shape), torch.device("meta"))
+        with torch.no_grad():
+            out = _call(clone.eval(), x)
+        return describe(check_values(out, "probe"))
+    except Exception:  # a layer that cannot run on meta
+        return None
 
 
 def _encoder(codec: str | Codec | None) -> CutEncoder | None:
