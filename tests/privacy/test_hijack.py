@@ -106,12 +106,15 @@ def test_detect_hijack_rule_is_checked():
 # -- across processes: a `splitnn worker --policy` party stops a hijacking label holder ------------------------
 def test_a_networked_party_with_detect_hijack_refuses_fsha_and_audits_why(tmp_path):
     import splitnn
+    from splitnn.wire.fingerprint import fingerprint
     from splitnn.workers.audit import read_audit
     from tests.privacy.fsha_party import HijackHead
     from tests.transport.cluster import Cluster
 
-    policy = tmp_path / "alice-policy.toml"
-    policy.write_text("detect_hijack = 1.1\n")
+    torch.manual_seed(0)
+    bottom = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+    policy = tmp_path / "alice-policy.toml"  # alice's operator reviewed the bottom segment and pinned it
+    policy.write_text(f'detect_hijack = 1.1\naccept_segments = ["{fingerprint(bottom)}"]\n')
     data = "toy=tests.workers.task_data:toy_images,parts={}"
     with Cluster(tmp_path, lifetime=200) as cl:
         alice_flags = ("--data", data.format("features"), "--trust", "tests.workers.task_data")
@@ -120,8 +123,6 @@ def test_a_networked_party_with_detect_hijack_refuses_fsha_and_audits_why(tmp_pa
             "bob", "--data", data.format("labels"), "--trust", "tests.workers.task_data", "--trust", "tests.privacy"
         )
         alice, bob = (splitnn.connect(cl.workers[n].url, token=cl.token, name=n, timeout=60) for n in ("alice", "bob"))
-        torch.manual_seed(0)
-        bottom = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
         model = splitnn.SplitNN([bottom, HijackHead(16, 10)], [alice, bob], optimizer="sgd:lr=0.05")
         with pytest.raises(
             PolicyError, match=r"worker 'alice' refuses gradients for segment .* \(policy rule detect_hijack\)"

@@ -1017,7 +1017,8 @@ class VirtualWorker:
         (name -> positions in that order, each named ``f"{dataset}:PART"``) as a dataset too. They are derived
         from ``dataset``: the policy guards them as it guards ``dataset`` (a part of this party's own data holds at
         least ``min_batch_size`` distinct rows), and no later intersection takes them."""
-        if self._is_own(dataset):
+        own = self._is_own(dataset)
+        if own:
             size = self.psi_size(dataset)  # the intersection replaces the dataset: a view of it too
             self._guard(check_batch_rows, self.policy, self.name, dataset, size, size, "the intersection")
             for name, idx in (parts or {}).items():
@@ -1028,6 +1029,8 @@ class VirtualWorker:
         source = self._source(dataset)
         self._data.update(aligned)
         self._derived.update(dict.fromkeys(aligned, source))
+        if own and self.own_datasets is not None:
+            self.own_datasets = self.own_datasets | set(parts or {})
 
     def psi_cancel(self, dataset: str) -> None:
         """Abandon the intersection of ``dataset`` (the held rows stay as they were)."""
