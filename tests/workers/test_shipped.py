@@ -118,6 +118,41 @@ def test_early_pushes_are_bounded_in_bytes_per_session():
     asyncio.run(main())
 
 
+def test_pushes_held_for_a_running_epoch_are_bounded_in_bytes_per_session(monkeypatch):
+    """Pushes a running epoch expects but has not used yet take at most HELD_PUSH_BYTES (decoded) per session:
+    room() says how much is left before a push is decoded (the decoder refuses a payload declaring more), 0 once
+    the bound is reached, and refusal() names the rule; what the run has used no longer counts."""
+    from splitnn.server import shipped
+
+    monkeypatch.setattr(shipped, "HELD_PUSH_BYTES", 4096)
+
+    async def main():
+        inbox = Inbox("bob", timeout=1.0)
+        plan = parse_plan(_args(), [], engine=_bob(), peers={"alice", "claire"}, max_blob_bytes=1 << 20)
+        run = inbox.start(plan)
+        quarter = torch.zeros(4096 // 4 // 4)  # float32: a quarter of the bound
+        for b in range(3):
+            assert inbox.room("alice", "activation", push_id(7, b, 0)) == 4096 - b * 1024
+            assert inbox.deliver("alice", "activation", push_id(7, b, 0), quarter)
+        assert inbox.held_bytes() == 3072 and inbox.early_bytes() == 0
+        assert inbox.room("claire", "gradient", push_id(7, 0, 1)) == 1024
+        assert not inbox.deliver("claire", "gradient", push_id(7, 0, 1), torch.zeros(257))  # 1,028 bytes: over
+        assert inbox.deliver("claire", "gradient", push_id(7, 0, 1), quarter)
+        assert inbox.room("alice", "activation", push_id(7, 3, 0)) == 0
+        assert "bytes of pushes received for its running epochs and not yet used" in inbox.refusal(
+            push_id(7, 3, 0), "alice", "activation"
+        )
+        assert (
+            inbox.refusal(push_id(7, 3, 0), "mallory", "activation") == "not expected from it by the epoch run it names"
+        )
+        await inbox.wait(
+            run, "alice", "activation", push_id(7, 0, 0), inbox.slot(run, "alice", "activation", push_id(7, 0, 0))
+        )
+        assert inbox.held_bytes() == 3072 and inbox.room("alice", "activation", push_id(7, 3, 0)) == 1024
+
+    asyncio.run(main())
+
+
 def test_inbox_takes_pushes_only_from_the_adjacent_parties_of_a_plan():
     async def main():
         inbox = Inbox("bob", timeout=1.0)

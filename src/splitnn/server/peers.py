@@ -57,7 +57,7 @@ from splitnn.common.serde import PeerAddress
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import held_bytes
 from splitnn.server.pushes import Outbox
-from splitnn.server.shipped import EARLY_RULE, Inbox
+from splitnn.server.shipped import EARLY_RULE, HELD_RULE, Inbox
 from splitnn.transport import frames, tcp
 from splitnn.transport.addresses import split_host_port
 from splitnn.transport.counters import ByteCounters
@@ -361,22 +361,26 @@ class PeerLink:
             # checked before the push is decoded, so that a small payload declaring a huge tensor is refused before
             # anything is allocated for it: a run active here takes only what its plan expects from whom, and a
             # push for a run not started here (early) is held within the session's bound
-            room = scope.inbox.room(self.peer, hdr.kind, hdr.id)
-            if room == 0:
+            room, active = scope.inbox.room(self.peer, hdr.kind, hdr.id), scope.inbox.active(hdr.id)
+            why = scope.inbox.refusal(hdr.id, self.peer, hdr.kind) if room == 0 else None
+            if why is not None and not (active and why == HELD_RULE):
                 self._push_reasm.drop(hdr.id)
-                self._refused(hdr, scope.inbox.refusal(hdr.id))
+                self._refused(hdr, why)
                 return
             try:
+                if why is not None:  # expected by a running epoch, over the session's bound: the run fails, saying so
+                    raise WireError(why)
                 tensor = self._push_reasm.feed_arrival(hdr, chunk, owned=self.zero_copy, max_bytes=room)
             except WireError as exc:
-                if room is not None:  # an early push that does not decode within the bound: not held
+                self._push_reasm.drop(hdr.id)
+                if not active:  # an early push that does not decode within the bound: not held
                     self._refused(hdr, f"{exc}; {EARLY_RULE}")
                     return
                 tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
             if tensor is None:
                 return
             if not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
-                self._refused(hdr, scope.inbox.refusal(hdr.id))
+                self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
                 return
         self._acks.append((hdr.kind, hdr.id))  # the sender may forget it: say so soon, with others
         if len(self._acks) >= frames.MAX_ACKS:

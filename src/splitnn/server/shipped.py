@@ -9,7 +9,9 @@ previous party's first activation) are held within a bound per session, whoever 
 (a peer's name is the sender's claim, so a bound per name would bound nothing): at most
 :data:`MAX_EARLY_PUSHES` pushes and :data:`EARLY_PUSH_BYTES` bytes, decoded. The receiver asks
 :meth:`Inbox.early_room` before it decodes an early push, and the decoder refuses a payload that
-declares more (a 40-byte ``topk`` payload may declare a tensor of 512 MiB) before it allocates. A push sent again after
+declares more (a 40-byte ``topk`` payload may declare a tensor of 512 MiB) before it allocates. Pushes a running
+epoch expects are bounded the same way, by :data:`HELD_PUSH_BYTES` per session (received and not yet used); one
+beyond it fails the run, naming the rule. A push sent again after
 a broken link (:mod:`splitnn.server.pushes`) is recognised (:meth:`Inbox.has`: held,
 consumed, or of a finished run) and not delivered twice; a wait that a broken link failed
 (:class:`PeerLost`) may be waited again, and the push sent again fills it.
@@ -52,6 +54,14 @@ EARLY_PUSH_BYTES = 64 * 1024 * 1024
 EARLY_RULE = (
     f"a session holds at most {MAX_EARLY_PUSHES} pushes and {EARLY_PUSH_BYTES:,} bytes for epoch runs that have not "
     "started at this worker (early pushes, from all peers together)"
+)
+#: Bytes (decoded) of the pushes a session holds for its running epochs, received and not yet used (from all peers
+#: together): a pipelined run holds a few batches' values; a peer that pushes ahead of what it may is refused.
+HELD_PUSH_BYTES = 256 * 1024 * 1024
+#: The rule a push beyond that bound breaks (the error its run fails with).
+HELD_RULE = (
+    f"a session holds at most {HELD_PUSH_BYTES:,} bytes of pushes received for its running epochs and not yet used "
+    "(from all peers together)"
 )
 #: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
 REMEMBER_RUNS = 256
@@ -117,24 +127,41 @@ class Inbox:
 
     def early_bytes(self) -> int:
         """Bytes (decoded) of the pushes held for runs that have not started here."""
-        held = [fut for fut in self._early() if fut.done() and not fut.cancelled()]
-        return sum(held_bytes(fut.result()) for fut in held if fut.exception() is None)
+        return _result_bytes(self._early())
+
+    def held_bytes(self) -> int:
+        """Bytes (decoded) of the pushes held for runs active here, received and not yet used."""
+        return _result_bytes(fut for (_, _, i), fut in self._slots.items() if run_of(i) in self._runs)
+
+    def _over_held(self, value: torch.Tensor | BaseException) -> bool:
+        """Whether holding ``value`` for a running epoch would take the session past :data:`HELD_PUSH_BYTES`."""
+        return not isinstance(value, BaseException) and self.held_bytes() + held_bytes(value) > HELD_PUSH_BYTES
+
+    def active(self, frame_id: int) -> bool:
+        """Whether ``frame_id`` names a run active here."""
+        return run_of(frame_id) in self._runs
 
     def room(self, peer: str, kind: str, frame_id: int) -> int | None:
-        """Before a push is decoded: 0 if it would be refused; None if it is for a run active here that expects it
-        from ``peer`` (the usual limits apply); else (an early push) the bytes it may take decoded."""
+        """Before a push is decoded, the bytes it may take decoded: 0 if it is refused (not expected from ``peer``
+        by the run it names, or over the session's bound); for a run active here, what is left of
+        :data:`HELD_PUSH_BYTES`; for an early push, what is left of :data:`EARLY_PUSH_BYTES`."""
         rid = run_of(frame_id)
         run = self._runs.get(rid)
         if run is not None:
-            return None if (peer, kind) in run.allowed and (peer, kind, frame_id) not in run.consumed else 0
+            if (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
+                return 0
+            return max(HELD_PUSH_BYTES - self.held_bytes(), 0)
         if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS or len(self._early()) >= MAX_EARLY_PUSHES:
             return 0
         return max(EARLY_PUSH_BYTES - self.early_bytes(), 0)
 
-    def refusal(self, frame_id: int) -> str:
-        """Why a push of ``frame_id`` was refused (for the log)."""
+    def refusal(self, frame_id: int, peer: str | None = None, kind: str | None = None) -> str:
+        """Why a push of ``frame_id`` (from ``peer``, of ``kind``) was refused (for the log)."""
         rid = run_of(frame_id)
-        if rid in self._runs:
+        run = self._runs.get(rid)
+        if run is not None:
+            if (peer, kind) in run.allowed and (peer, kind, frame_id) not in run.consumed:
+                return HELD_RULE
             return "not expected from it by the epoch run it names"
         if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
             return "its epoch run finished here, or its id is not one"
@@ -152,7 +179,7 @@ class Inbox:
                     return False
                 if self.early_bytes() + held_bytes(value) > EARLY_PUSH_BYTES:
                     return False
-        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
+        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed or self._over_held(value):
             return False
         fut = self._slot(peer, kind, frame_id)
         if fut.done() and isinstance(fut.exception() if not fut.cancelled() else None, PeerLost):
@@ -339,3 +366,9 @@ async def run_epoch(
 def _quiet(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _result_bytes(futures) -> int:
+    """Bytes (decoded) of the tensors the done ``futures`` hold."""
+    done = [fut for fut in futures if fut.done() and not fut.cancelled()]
+    return sum(held_bytes(fut.result()) for fut in done if fut.exception() is None)
