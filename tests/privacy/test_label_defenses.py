@@ -108,10 +108,18 @@ def test_mid_gradient_equals_loss_plus_lambda_kl_written_plainly():
     # plain: same weights, same noise draw, KL added to the loss by hand
     a2 = a.detach().clone().requires_grad_(True)
     h = mid.encoder(a2)
-    mu, logvar = h[:, :4], h[:, 4:].clamp(-10, 10)
+    mu, std = h[:, :4], F.softplus(h[:, 4:])
     eps = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
-    z = mu + (0.5 * logvar).exp() * eps
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1).mean()
+    z = mu + std * eps
+    # KL(N(mu, std^2) || N(0, 1)) per unit, averaged over the batch and the 4 units
+    kl = (
+        sum(
+            kl_divergence(torch.distributions.Normal(mu[i, j], std[i, j]), torch.distributions.Normal(0.0, 1.0))
+            for i in range(6)
+            for j in range(4)
+        )
+        / 24
+    )
     (F.cross_entropy(head(mid.decoder(z)), y) + 0.3 * kl).backward()
     torch.testing.assert_close(got, a2.grad)
     mid.eval()
@@ -128,7 +136,7 @@ def binary_runs(fmnist_dir):
     b = Dataset(d.features, (d.labels == 0).long(), "t-shirt-vs-rest", 2)
     cfg = PrivacyConfig(train_size=1200, victims=2, epochs=1, batch_size=64, download=False)
     out = {}
-    for name, s in [("none", 0.0), ("label-dp", 1.0), ("marvell", 4.0), ("mid", 1.0)]:
+    for name, s in [("none", 0.0), ("label-dp", 1.0), ("marvell", 4.0)]:
         m = build_defended_model(cfg, DefenseSetting(name, s), 2, 784, train_size=len(b))
         attack = LabelLeakageAttack()
         train_defended(m, b, cfg, lambda e, idx, a, g, attack=attack: attack.observe(g, b.labels[idx]))
@@ -140,7 +148,48 @@ def test_norm_attack_reads_labels_without_defense(binary_runs):
     assert binary_runs["none"].norm_auc >= 0.9  # measured 0.957 (the paper reports >= 0.9 on imbalanced tasks)
 
 
-@pytest.mark.parametrize("name, bound", [("label-dp", 0.8), ("marvell", 0.7), ("mid", 0.85)])
+@pytest.mark.parametrize("name, bound", [("label-dp", 0.8), ("marvell", 0.7)])
 def test_each_label_defense_lowers_the_norm_attack(binary_runs, name, bound):
-    # measured: label-dp eps=1 0.70, marvell s=4 0.56, mid lambda=1 0.74
+    # measured: label-dp eps=1 0.70, marvell s=4 0.56
     assert binary_runs[name].norm_auc < bound
+
+
+@pytest.fixture(scope="module")
+def mid_runs(fmnist_dir):
+    """No defense and MID at lambda 0.1 and 3: 3,000 Fashion-MNIST rows, 2 epochs, on 10 classes and T-shirt vs rest.
+
+    Per setting: 10-class and binary test accuracy (first 1,000 test images) and the label attacks' AUCs.
+    """
+    from splitnn.data import load_dataset
+
+    train = load_dataset("fashion-mnist", "train", data_dir=fmnist_dir, download=False, progress=False, limit=3000)
+    test = load_dataset("fashion-mnist", "test", data_dir=fmnist_dir, download=False, progress=False, limit=1000)
+    b = Dataset(train.features, (train.labels == 0).long(), "t-shirt-vs-rest", 2)
+    b_test = Dataset(test.features, (test.labels == 0).long(), "t-shirt-vs-rest-test", 2)
+    cfg = PrivacyConfig(train_size=3000, victims=2, epochs=2, batch_size=64, download=False)
+    out = {}
+    for name, s in [("none", 0.0), ("mid", 0.1), ("mid", 3.0)]:
+        m = build_defended_model(cfg, DefenseSetting(name, s), 10, 784, train_size=len(train))
+        train_defended(m, train, cfg)
+        acc = m.model.evaluate(test).accuracy
+        m = build_defended_model(cfg, DefenseSetting(name, s), 2, 784, train_size=len(b))
+        attack = LabelLeakageAttack()
+        train_defended(m, b, cfg, lambda e, idx, a, g, attack=attack: attack.observe(g, b.labels[idx]))
+        out[s] = (acc, m.model.evaluate(b_test).accuracy, attack.result())
+    out["majority"] = float((b_test.labels == 0).double().mean())
+    return out
+
+
+def test_mid_at_a_small_strength_keeps_the_undefended_accuracy(mid_runs):
+    # measured (seed 0): none 0.695 / 0.950, lambda 0.1 0.666 / 0.955 (10 classes / binary); chance 0.1, majority 0.893
+    (acc, bin_acc, _), (acc_mid, bin_acc_mid, _) = mid_runs[0.0], mid_runs[0.1]
+    assert acc_mid > acc - 0.05 and acc_mid > 0.5
+    assert bin_acc_mid > bin_acc - 0.02 and bin_acc_mid > mid_runs["majority"] + 0.03
+
+
+def test_mid_at_a_large_strength_lowers_the_direction_attack_and_still_trains(mid_runs):
+    # measured (seed 0): cos AUC 1.000 -> 0.842 at lambda 3, binary accuracy 0.943; the norm attack is not lowered
+    (_, _, plain), (_, bin_acc, defended) = mid_runs[0.0], mid_runs[3.0]
+    assert plain.cosine_auc > 0.99
+    assert defended.cosine_auc < plain.cosine_auc - 0.1
+    assert bin_acc > mid_runs["majority"] + 0.03
