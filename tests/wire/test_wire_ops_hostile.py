@@ -24,7 +24,12 @@ def test_every_allowed_op_survives_hostile_arguments_in_a_subprocess():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.wire.hostile_ops", "12"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tests.wire.hostile_ops", "12"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,  # a guard against a hang (it takes well under a minute), not a speed assertion
     )
     assert proc.returncode == 0, f"exit {proc.returncode} (negative: killed by signal)\n{proc.stderr[-3000:]}"
     last = proc.stdout.strip().splitlines()[-1]
