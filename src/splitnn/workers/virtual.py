@@ -1247,7 +1247,8 @@ def _refuse_rows(worker: str, dataset: str) -> None:
     raise PolicyError(
         f"worker {worker!r} refuses a batch of rows named by the researcher on dataset {dataset!r} (policy rule "
         f"draw_rows): this party draws its batches itself; send the draw (seed, epoch, position, batch size, "
-        f"shuffle) that splitnn.data.epoch_batches attaches to each batch"
+        f"shuffle) that splitnn.data.epoch_batches attaches to each batch (a run that names rows itself, such as "
+        f"the shards of the multi-holder and SplitFed topologies, needs draw_rows = false in this party's policy)"
     )
 
 
