@@ -78,6 +78,12 @@ class HostedSegment(Protocol):
     send_grad: CutEncoder | None  # the codec of the gradient it sends back
 
 
+#: Where a party keeps its checkpoints.
+StateDir = str | os.PathLike
+#: The segments of a party's checkpoint, by their label in the model.
+Labelled = Mapping[str, HostedSegment]
+
+
 @dataclass(frozen=True)
 class PartyCheckpoint:
     """A checkpoint a party holds: its step, the sha256 of its file, its size in bytes."""
@@ -129,7 +135,7 @@ def _step_path(state_dir: Path, job: str, step: int) -> Path:
     return _job_dir(state_dir, job) / f"step-{step}.safetensors"
 
 
-def held_steps(state_dir: str | os.PathLike, job: str) -> list[int]:
+def held_steps(state_dir: StateDir, job: str) -> list[int]:
     """The steps of job ``job`` a party holds checkpoints of, ascending."""
     directory = _job_dir(Path(state_dir), job)
     if not directory.is_dir():
@@ -160,12 +166,12 @@ def _generators(module: nn.Module) -> dict[str, Any]:
 
 
 def save_party_checkpoint(
-    state_dir: str | os.PathLike,
+    state_dir: StateDir,
     job: str,
     step: int,
     *,
     worker: str,
-    segments: Mapping[str, HostedSegment],
+    segments: Labelled,
     note: Mapping[str, Any] | None = None,
     keep: int = DEFAULT_KEEP,
 ) -> PartyCheckpoint:
@@ -240,13 +246,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def load_party_checkpoint(
-    state_dir: str | os.PathLike,
-    job: str,
-    step: int,
-    *,
-    worker: str,
-    segments: Mapping[str, HostedSegment],
-    digest: str | None = None,
+    state_dir: StateDir, job: str, step: int, *, worker: str, segments: Labelled, digest: str | None = None
 ) -> PartyCheckpoint:
     """Load party ``worker``'s checkpoint at ``step`` into ``segments`` (label -> hosted segment).
 

@@ -9,11 +9,14 @@ model behaves alike whichever workers it runs on; the checks raise before any wo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from torch import nn
 
 from splitnn.errors import ConfigurationError, WorkerError
+
+T = TypeVar("T")
 
 
 def check_segment(segment: object, key: str, worker: str) -> nn.Module:
@@ -23,6 +26,14 @@ def check_segment(segment: object, key: str, worker: str) -> nn.Module:
             f"segment {key!r} for worker {worker!r} must be an nn.Module, got {type(segment).__name__}"
         )
     return segment
+
+
+def held(found: Mapping[str, T], key: str, worker: str, what: str, verb: str = "holds") -> T:
+    """``found[key]``, or a WorkerError saying that ``worker`` ``verb`` no ``what`` ``key``, and which it has."""
+    try:
+        return found[key]
+    except KeyError:
+        raise WorkerError(f"worker {worker!r} {verb} no {what} {key!r} (it {verb} {sorted(found)})") from None
 
 
 def check_dataset_parts(name: str, worker: str, *, features: object, labels: object) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from splitnn.errors import WorkerError
+from splitnn.wire.tensor_codec import tensor_nbytes
 from splitnn.workers.refs import ValueShape
 
 #: A value at a cut: one tensor, or a tuple of them (``None`` entries only in gradients).
@@ -33,8 +34,8 @@ ProbeShape = tuple[int, ...] | tuple[ValueShape, ...]
 def nbytes(value: Value) -> int:
     """Bytes a transfer of ``value`` moves (``None`` entries move nothing)."""
     if type(value) is tuple:
-        return sum(t.numel() * t.element_size() for t in value if t is not None)
-    return value.numel() * value.element_size()
+        return sum(tensor_nbytes(t) for t in value if t is not None)
+    return tensor_nbytes(value)
 
 
 def check_values(out: object, where: str) -> Value:
