@@ -136,3 +136,20 @@ def test_rows_an_intersection_derived_are_guarded_as_the_partys_own():
             PolicyError, match=r"refuses segment 'identity' on dataset .* \(policy rule refuse_passthrough\)"
         ):
             a.forward("identity", BatchRef(name, torch.arange(2)), train=False)
+
+
+def test_own_datasets_are_the_placed_ones_and_what_an_intersection_derived_from_them():
+    """One record of what an intersection derived: ``own_datasets`` is read from it, so a derived dataset stops
+    being the party's own exactly when it is replaced (and a placed one never does)."""
+    a = _party("a", _ids(0, 10))
+    a.add_dataset("other", features=torch.zeros(4, 1), ids=_ids(0, 4))
+    lab = _party("lab", _ids(0, 10))
+    lab.add_dataset("other", labels=torch.zeros(4, dtype=torch.long), ids=_ids(0, 4))
+    intersect("other", [a], lab, split={"train": 0.5}, seed=0)  # (every dataset its own, so far)
+    a.own_datasets = frozenset({"p"})
+    intersect("p", [a], lab, split={"train": 0.5, "test": 0.5}, seed=0)
+    assert a.own_datasets == {"p", "p:train", "p:test"}  # not the rows derived from a dataset it does not own
+    a.add_dataset("p:train", features=torch.zeros(2, 1), replace=True)  # no longer the party's rows
+    assert a.own_datasets == {"p", "p:test"}
+    a.own_datasets = None  # every dataset held here is its own
+    assert a.own_datasets is None
