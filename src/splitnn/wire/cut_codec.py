@@ -44,8 +44,8 @@ from torch import Tensor
 
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.wire import compress, tensor_codec
-from splitnn.wire.compress import FLOAT_DTYPES, Codec, ErrorFeedback, NoCodec, TopKCodec, get_codec
-from splitnn.wire.tensor_codec import DEFAULT_MAX_TENSOR_BYTES
+from splitnn.wire.compress import FLOAT_DTYPES, Codec, ErrorFeedback, NoCodec, TopKCodec, codec_name, get_codec
+from splitnn.wire.tensor_codec import DEFAULT_MAX_TENSOR_BYTES, tensor_nbytes
 
 __all__ = [
     "MAGIC",
@@ -79,10 +79,6 @@ class Arrived(NamedTuple):
     value: Tensor | tuple
     nbytes: int
     raw: int
-
-
-def _raw(t: Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,7 +177,7 @@ class CutEncoder:
                 continue
             if not isinstance(t, Tensor):
                 raise ConfigurationError(f"only tensors cross a cut, got a {type(t).__name__} as value {i}")
-            size = _raw(t)
+            size = tensor_nbytes(t)
             raw += size
             grads.append(bool(t.requires_grad))
             if lossy and t.dtype in FLOAT_DTYPES:
@@ -211,16 +207,6 @@ _PLAIN = CutEncoder(NoCodec())
 
 
 # ------------------------------------------------------------------------------ decoding
-def _view(buf: bytes | bytearray | memoryview) -> memoryview:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise WireError(f"a payload must be bytes-like, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise WireError("a payload must be a contiguous buffer")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
-
-
 def decode_payload(
     payload: bytes | bytearray | memoryview, codec: int, several: bool, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
 ) -> Arrived:
@@ -228,20 +214,16 @@ def decode_payload(
     or codec payload (``codec``: its wire id, which the payload must name)."""
     if several:
         return decode_values(payload, codec, max_bytes=max_bytes)
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a payload")
     if codec == compress.CODEC_IDS["none"]:
         t = tensor_codec.decode_tensor(mv, max_bytes=max_bytes)
-        return Arrived(t, _raw(t), _raw(t))
+        return Arrived(t, tensor_nbytes(t), tensor_nbytes(t))
     if compress.codec_id_of(mv) != codec:
         raise WireError(
-            f"peer frame says codec {_codec_name(codec)!r} but its payload is another codec's (or a plain tensor)"
+            f"peer frame says codec {codec_name(codec)!r} but its payload is another codec's (or a plain tensor)"
         )
     t = compress.decode(mv, max_bytes=max_bytes)
-    return Arrived(t, len(mv), _raw(t))
-
-
-def _codec_name(codec: int) -> str:
-    return next((name for name, cid in compress.CODEC_IDS.items() if cid == codec), str(codec))
+    return Arrived(t, len(mv), tensor_nbytes(t))
 
 
 def decode_values(
@@ -252,7 +234,7 @@ def decode_values(
     ``max_bytes`` bounds the decoded tensors together. Returns the tuple with the bytes the
     ledger counts (each compressed body's length, each plain tensor's raw bytes) and its raw size.
     """
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a payload")
     if len(mv) < _HEAD.size or bytes(mv[:4]) != MAGIC:
         raise WireError("not a values payload: bad magic or too short")
     magic, count = _HEAD.unpack_from(mv, 0)
@@ -291,17 +273,17 @@ def decode_values(
         entry_codec = compress.codec_id_of(body)
         if entry_codec == compress.CODEC_IDS["none"]:
             t = tensor_codec.decode_tensor(body, max_bytes=budget)
-            nbytes += _raw(t)
+            nbytes += tensor_nbytes(t)
         elif entry_codec != codec:
             raise WireError(
-                f"values payload: value {i} is a {_codec_name(entry_codec)} payload but the frame says "
-                f"{_codec_name(codec)!r}"
+                f"values payload: value {i} is a {codec_name(entry_codec)} payload but the frame says "
+                f"{codec_name(codec)!r}"
             )
         else:
             t = compress.decode(body, max_bytes=budget)
             nbytes += length
-        raw += _raw(t)
-        budget -= _raw(t)
+        raw += tensor_nbytes(t)
+        budget -= tensor_nbytes(t)
         if flags & REQUIRES_GRAD:
             if t.dtype not in FLOAT_DTYPES:
                 raise WireError(f"values payload: value {i} is {t.dtype} and cannot require a gradient")
