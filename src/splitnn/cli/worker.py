@@ -68,6 +68,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from splitnn.cli.options import add_credential_options, config_from_args
 from splitnn.errors import ConfigurationError, DataError
 
 
@@ -106,14 +107,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="the address peers should dial for --data-listen when it is not the one it listens on (NAT, proxy)",
     )
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the federation token (required)")
-    p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
-    p.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=None,
-        help="the federation CA (PEM); with it, callers must present certificates (mutual TLS)",
+    add_credential_options(
+        p,
+        token="file holding the federation token (required)",
+        cert="this party's certificate (PEM)",
+        key="this party's private key (PEM)",
+        ca="the federation CA (PEM); with it, callers must present certificates (mutual TLS)",
     )
     p.add_argument(
         "--data",
@@ -484,16 +483,14 @@ def run(args: argparse.Namespace) -> int:
         where = path if flag == "--state-dir" else (path.parent if path is not None else None)
         if where is not None and where.exists() and not where.is_dir():
             raise ConfigurationError(f"{flag} {path}: {where} is not a directory")
-    config = ServeConfig(
-        name=args.name,
-        listen=args.listen,
+    config = config_from_args(  # name, listen, peer_timeout, max_lifetime, data_listen, ...: as the flags say
+        ServeConfig,
+        args,
         token=token,
         tls=tls,
         limits=limits,
-        peer_timeout=args.peer_timeout,
         release_outputs=args.allow_outputs,
         address_file=str(args.address_file) if args.address_file else None,
-        max_lifetime=args.max_lifetime,
         datasets=datasets,
         trust=trust.modules,
         policy=policy,
@@ -505,9 +502,6 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_researcher=per_researcher,
         researcher_tokens=researcher_tokens,
         device=str(device),
-        data_listen=args.data_listen,
-        data_advertise=args.data_advertise,
-        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
     def ready(address: str) -> None:
