@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from splitnn.errors import ConfigurationError
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 __all__ = [
     "CommModel",
@@ -106,17 +107,12 @@ class CommModel:
         finally:
             client.train(was_training)
         client_state, server_state = _state_bytes(client.state_dict()), _state_bytes(server.state_dict())
-        grads = sum(p.numel() * p.element_size() for m in (client, server) for p in m.parameters() if p.requires_grad)
-        return cls(client_state + server_state, grads, client_state, cut.numel() * cut.element_size())
-
-    @property
-    def params_bytes(self) -> int:
-        """Alias of :attr:`model_bytes`, the quantity FedAvg moves twice per round."""
-        return self.model_bytes
+        grads = sum(tensor_nbytes(p) for m in (client, server) for p in m.parameters() if p.requires_grad)
+        return cls(client_state + server_state, grads, client_state, tensor_nbytes(cut))
 
 
 def _state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return sum(tensor_nbytes(t) for t in state.values())
 
 
 def iid_shard_sizes(dataset_size: int, clients: int) -> list[int]:
