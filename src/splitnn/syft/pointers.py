@@ -41,7 +41,8 @@ from splitnn.syft.exceptions import (
     UnsupportedAttributeError,
     UnsupportedFeatureError,
 )
-from splitnn.syft.worker import VirtualWorker, check_worker, record, tensor_nbytes
+from splitnn.syft.worker import VirtualWorker, check_worker, record
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 #: Methods that would read a remote tensor's values without a recorded transfer.
 _REVEALING = frozenset({"item", "tolist", "numpy"})
