@@ -1,34 +1,11 @@
 """Codecs for a tensor at the cut: ``none``, ``fp16``, ``bf16``, ``int8`` and ``topk:RATIO``.
 
-A codec turns a floating tensor (an activation or the gradient of one) into a smaller,
-self-describing payload and back. Pure functions of their input, with one exception
-kept apart on purpose: the *error feedback* of a sparsifying codec is state that belongs
-to the sender, so it lives in its own small object (:class:`ErrorFeedback`) that the
-in-process and the networked paths can share.
-
-Payload layout (all integers little-endian)::
-
-    offset  size        field
-    0       4           magic b"SNC1"
-    4       1           codec id (see :data:`CODEC_IDS`; ``none`` payloads are plain tensor frames instead)
-    5       1           dtype code of the original tensor (:data:`splitnn.wire.tensor_codec.DTYPE_CODES`)
-    6       1           ndim
-    7       1           reserved, 0
-    8       8 * ndim    shape, one u64 per dimension
-    ...                 codec parameters and body:
-
-    fp16, bf16  numel x 2 bytes: the values cast to float16 / bfloat16
-    int8        rows x f32 scale, rows x f32 zero point (the row's minimum), numel x u8 codes;
-                rows = shape[0] (one row for a 0-d or 1-d tensor); value = code x scale + zero point
-    topk        u64 k, u8 index width (4 or 8), 7 bytes reserved (0), k indices (int32/int64, strictly
-                increasing, into the flattened tensor), k values in the original dtype; the rest is 0.
-                k is at least one in :data:`TOPK_MAX_SPARSITY` values (a ratio >= 1/1024), so that a
-                small payload cannot declare a huge tensor
-
-The ``none`` codec's payload is a :mod:`splitnn.wire.tensor_codec` frame (``SNT1``), so a
-frame carrying codec ``none`` is exactly what the data plane carried before codecs existed.
-:func:`decode` validates every length against the header and the caller's limit before it
-reads a value, and raises :class:`~splitnn.errors.WireError` naming the problem.
+A codec turns a floating tensor (an activation or the gradient of one) into a smaller, self-describing
+payload and back: :func:`get_codec` names one, :func:`decode` reads any payload, checking every length
+against its header and the caller's limit before it reads a value (:class:`~splitnn.errors.WireError`
+otherwise). The error feedback of a sparsifying codec is the sender's state, kept apart in
+:class:`ErrorFeedback`. The ``none`` codec's payload is a plain :mod:`splitnn.wire.tensor_codec` frame
+(``SNT1``); the layout of the others is written above ``_HEAD`` below.
 """
 
 from __future__ import annotations
@@ -74,6 +51,25 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: about 680 times it), checked before anything is allocated.
 TOPK_MAX_SPARSITY = 1024
 
+# Payload layout (all integers little-endian)::
+#
+#     offset  size        field
+#     0       4           magic b"SNC1"
+#     4       1           codec id (see :data:`CODEC_IDS`; ``none`` payloads are plain tensor frames instead)
+#     5       1           dtype code of the original tensor (:data:`splitnn.wire.tensor_codec.DTYPE_CODES`)
+#     6       1           ndim
+#     7       1           reserved, 0
+#     8       8 * ndim    shape, one u64 per dimension
+#     ...                 codec parameters and body:
+#
+#     fp16, bf16  numel x 2 bytes: the values cast to float16 / bfloat16
+#     int8        rows x f32 scale, rows x f32 zero point (the row's minimum), numel x u8 codes;
+#                 rows = shape[0] (one row for a 0-d or 1-d tensor); value = code x scale + zero point
+#     topk        u64 k, u8 index width (4 or 8), 7 bytes reserved (0), k indices (int32/int64, strictly
+#                 increasing, into the flattened tensor), k values in the original dtype; the rest is 0.
+#                 k is at least one in :data:`TOPK_MAX_SPARSITY` values (a ratio >= 1/1024), so that a
+#                 small payload cannot declare a huge tensor
+#
 _HEAD = struct.Struct("<4sBBBB")  # magic, codec id, dtype code, ndim, reserved
 _TOPK = struct.Struct("<QB7x")  # k, index width, reserved
 _CODE_TO_DTYPE = {code: dt for dt, code in DTYPE_CODES.items()}

@@ -1,37 +1,13 @@
 """What crosses a cut, as its sender encodes it: one tensor or several, each plain or compressed.
 
-A value at a cut is one tensor or a tuple of them (``None`` entries in a gradient where
-nothing flows back; see :mod:`splitnn.workers.values`). Where the cut has a codec
-(``SplitNN(..., compression=...)``, :mod:`splitnn.wire.compress`), its sender encodes every
-floating tensor with it; other tensors (an integer index, a boolean mask) cross plain.
-
-:class:`CutEncoder` is the sender's side of one cut in one direction: the codec and, for a
-sparsifying codec (``topk``), one :class:`~splitnn.wire.compress.ErrorFeedback` per value
-of the tuple, so the error feedback state lives at the sender, per cut and direction. Its
-:meth:`~CutEncoder.encode` gives an :class:`Encoded`: the payload bytes of each tensor plus
-the byte counts the ledger records (``nbytes``: what is sent, each compressed tensor's codec
-payload and each plain tensor's raw bytes; ``raw``: the tensors' size uncompressed). The
-in-process engine hands an :class:`Encoded` to the receiving worker, which decodes it
-(:meth:`Encoded.decode`), and a networked worker puts the same bytes on the wire
-(:meth:`Encoded.wire_parts`), so both paths compute on identical numbers.
-
-On the wire one tensor travels as before: a plain :mod:`~splitnn.wire.tensor_codec` frame or
-one codec payload, the peer frame's codec byte saying which. Several values travel as one
-*values payload* (the peer frame's ``values`` flag; all integers little-endian)::
-
-    offset     size     field
-    0          4        magic b"SNV1"
-    4          1        count n, 1..MAX_VALUES
-    5          3        reserved, 0
-    8          16 x n   per value: u8 flags (bit 0: present, bit 1: requires a gradient),
-                        7 bytes reserved (0), u64 length of its body (0 when absent)
-    8 + 16n    ...      the bodies of the present values, in order: each a tensor frame
-                        (``SNT1``) or a payload of the frame's codec (``SNC1``)
-
-"Requires a gradient" tells the receiver which values send a gradient back (the rule of
-:mod:`splitnn.workers.values`). :func:`decode_values` checks every length, flag and codec
-against the header, the frame and the caller's limit before it decodes a value, and
-raises :class:`~splitnn.errors.WireError` naming the problem.
+A value at a cut is one tensor or a tuple of them (:mod:`splitnn.workers.values`); where the cut has a
+codec (:mod:`splitnn.wire.compress`) every floating tensor takes it, others (indices, masks) cross plain.
+:class:`CutEncoder` is the sender's side of one cut in one direction (the codec and each value's error
+feedback); it gives an :class:`Encoded`: each tensor's payload bytes and the counts the ledger records
+(``nbytes`` sent, ``raw`` uncompressed). In process the receiver decodes those bytes
+(:meth:`Encoded.decode`), a networked worker sends them (:meth:`Encoded.wire_parts`): both compute on
+identical numbers. One tensor travels as a tensor frame or one codec payload; several as one values
+payload, whose layout is written above ``MAGIC`` below.
 """
 
 from __future__ import annotations
@@ -60,6 +36,21 @@ __all__ = [
     "plain",
 ]
 
+# A values payload: several values at a cut (the peer frame's ``values`` flag; all integers little-endian)::
+#
+#     offset     size     field
+#     0          4        magic b"SNV1"
+#     4          1        count n, 1..MAX_VALUES
+#     5          3        reserved, 0
+#     8          16 x n   per value: u8 flags (bit 0: present, bit 1: requires a gradient),
+#                         7 bytes reserved (0), u64 length of its body (0 when absent)
+#     8 + 16n    ...      the bodies of the present values, in order: each a tensor frame
+#                         (``SNT1``) or a payload of the frame's codec (``SNC1``)
+#
+# "Requires a gradient" tells the receiver which values send a gradient back (the rule of
+# :mod:`splitnn.workers.values`). :func:`decode_values` checks every length, flag and codec
+# against the header, the frame and the caller's limit before it decodes a value, and
+# raises :class:`~splitnn.errors.WireError` naming the problem.
 MAGIC = b"SNV1"
 #: Most values one crossing may carry.
 MAX_VALUES = 64

@@ -1,24 +1,9 @@
 """The rules of a party's policy, their defaults and the policy file that sets them.
 
-The rules (a TOML or JSON file with these keys; each optional)::
-
-    release_outputs = false            # never hand activations to the researcher (fetch, predict)
-    accept_segments = ["48e72f...", ]  # fingerprints (splitnn fingerprint); nothing else is installed
-    refuse_passthrough = true          # refuse segments that would pass the data through (heuristic)
-    min_reduction = 2.0                # a segment on our data must output <= 1/2 as many values as it reads
-    peers = ["bob"]                    # the only parties that may receive or pull our tensors
-    max_params = 1_000_000             # parameter + buffer elements of any one segment
-    datasets = ["mnist-train"]         # the only datasets of ours a model may read
-    psi_peers = ["lab"]                # the only parties we run private set intersection with (default: peers)
-    max_psi_runs = 1                   # PSI runs each of our datasets takes part in, over the worker's life
-    detect_hijack = 1.1                # SplitGuard-style probes on our gradients; stop below this score
-    release_weights = true             # let trained weights leave (get_state, collect, peers); see "The gate"
-    accept_any_segment = true          # run segments on our data without a pinned fingerprint
-    min_batch_size = 8                 # the fewest rows of ours one batch (or a view of our data) may hold
-    draw_rows = true                   # we draw each batch's rows ourselves, from a seed (the researcher's)
-
-A party that holds data starts closed (:data:`DATA_HOLDER_DEFAULTS`, the gate); the in-process
-default (``WorkerPolicy()``) stays open. What each rule refuses: :mod:`splitnn.workers.policy.checks`.
+:class:`WorkerPolicy` holds the rules (each checked when it is made); :func:`load_policy` reads them from
+a TOML or JSON file (an example there). A party that holds data starts closed
+(:data:`DATA_HOLDER_DEFAULTS`, the gate); the in-process default (``WorkerPolicy()``) stays open. What
+each rule refuses: :mod:`splitnn.workers.policy.checks`.
 """
 
 from __future__ import annotations
@@ -225,7 +210,25 @@ def read_policy_rules(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_policy(path: str | os.PathLike, *, data_holder: bool = False) -> WorkerPolicy:
     """Read a policy file: TOML (``.toml``) or JSON (any other suffix); errors name the file and the rule.
-    ``data_holder``: the rules the file does not set take the closed :data:`DATA_HOLDER_DEFAULTS`."""
+    ``data_holder``: the rules the file does not set take the closed :data:`DATA_HOLDER_DEFAULTS`.
+
+    The rules (a TOML or JSON file with these keys; each optional)::
+
+        release_outputs = false            # never hand activations to the researcher (fetch, predict)
+        accept_segments = ["48e72f...", ]  # fingerprints (splitnn fingerprint); nothing else is installed
+        refuse_passthrough = true          # refuse segments that would pass the data through (heuristic)
+        min_reduction = 2.0                # a segment on our data must output <= 1/2 as many values as it reads
+        peers = ["bob"]                    # the only parties that may receive or pull our tensors
+        max_params = 1_000_000             # parameter + buffer elements of any one segment
+        datasets = ["mnist-train"]         # the only datasets of ours a model may read
+        psi_peers = ["lab"]                # the only parties we run private set intersection with (default: peers)
+        max_psi_runs = 1                   # PSI runs each of our datasets takes part in, over the worker's life
+        detect_hijack = 1.1                # SplitGuard-style probes on our gradients; stop below this score
+        release_weights = true             # let trained weights leave (get_state, collect, peers)
+        accept_any_segment = true          # run segments on our data without a pinned fingerprint
+        min_batch_size = 8                 # the fewest rows of ours one batch (or a view of our data) may hold
+        draw_rows = true                   # we draw each batch's rows ourselves, from a seed (the researcher's)
+    """
     return WorkerPolicy.from_dict(read_policy_rules(path), source=f"policy file {path}", data_holder=data_holder)
 
 
