@@ -333,7 +333,7 @@ def _load_table_spec(text: str, key: str, rest: str) -> dict[str, object]:
 
 
 def _load_code_spec(text: str, target: str, options: list[str], trust: Sequence[str]) -> dict[str, object]:
-    """Build a dataset by calling a trusted ``module:function``; see the module docstring."""
+    """Build a dataset by calling a trusted ``module:function``; see :func:`load_data_spec`."""
     module, _, function = target.partition(":")
     parts: tuple[str, ...] | None = None
     for opt in options:

@@ -35,7 +35,7 @@ __all__ = [
 #: The methods the model covers, by the names the comparison uses.
 METHODS = ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2")
 
-#: The SplitFed methods (the same bytes; see the module docstring).
+#: The SplitFed methods (the same bytes; see :func:`client_bytes`).
 SPLITFED_METHODS = ("splitfed-v1", "splitfed-v2")
 
 

@@ -155,7 +155,7 @@ class _Reader:
 
 
 def parse_federation(text: str, source: str = "federation.toml") -> Federation:
-    """Check a provisioning file's text; see the module docstring."""
+    """Check a provisioning file's text; its keys: :func:`read_federation`."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -74,7 +74,7 @@ class Arrived(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class Encoded:
-    """A value at a cut as its sender encoded it (see the module docstring).
+    """A value at a cut as its sender encoded it (:class:`CutEncoder` makes it).
 
     ``entries`` holds, per value, the codec payload (bytes) of a compressed tensor, the
     tensor itself (detached) of a plain one, or ``None``; ``several`` whether the value is

@@ -57,7 +57,7 @@ DATA_HOLDER_DEFAULTS: Mapping[str, Any] = {
 
 @dataclass(frozen=True)
 class WorkerPolicy:
-    """What a worker agrees to run on its data and to hand out; see the module docstring.
+    """What a worker agrees to run on its data and to hand out (a file sets them: :func:`load_policy`).
 
     Raw features and labels are never handed out, whatever the policy.
 
@@ -167,7 +167,7 @@ class WorkerPolicy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WorkerPolicy:
-        """Read a policy file: TOML (``.toml``) or JSON (``.json``); see the module docstring."""
+        """Read a policy file: TOML (``.toml``) or JSON (``.json``); see :func:`load_policy`."""
         return load_policy(path)
 
     def to_dict(self) -> dict[str, Any]:
