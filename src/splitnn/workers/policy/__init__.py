@@ -14,34 +14,10 @@ The rules and the gate are explained in docs/failures-and-policy.md.
 
 from __future__ import annotations
 
-from splitnn.workers.policy.checks import (
-    check_accepted,
-    check_batch_rows,
-    check_dataset,
-    check_hijack,
-    check_install,
-    check_peer,
-    check_psi,
-    check_reduction,
-    check_release,
-)
-from splitnn.workers.policy.passthrough import passthrough_reason
+from splitnn.workers.policy import checks, passthrough, rules
+from splitnn.workers.policy.checks import *  # noqa: F403
+from splitnn.workers.policy.passthrough import *  # noqa: F403
+from splitnn.workers.policy.rules import *  # noqa: F403
 from splitnn.workers.policy.rules import _RULES as _RULES  # (the rule names; tests read them)
-from splitnn.workers.policy.rules import DATA_HOLDER_DEFAULTS, WorkerPolicy, load_policy, read_policy_rules
 
-__all__ = [
-    "WorkerPolicy",
-    "load_policy",
-    "read_policy_rules",
-    "passthrough_reason",
-    "check_install",
-    "check_reduction",
-    "check_dataset",
-    "check_peer",
-    "check_psi",
-    "check_hijack",
-    "check_accepted",
-    "check_release",
-    "check_batch_rows",
-    "DATA_HOLDER_DEFAULTS",
-]
+__all__ = [*rules.__all__, *passthrough.__all__, *checks.__all__]
