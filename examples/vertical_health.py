@@ -8,7 +8,7 @@ lab holds the diagnosis of about 90%. Patient ids differ per party in order and 
     python examples/vertical_health.py --processes [--seeds 3]     # also over `splitnn worker` processes
     python examples/vertical_health.py --write-tables DIR [--seed 0]  # only the parties' CSV files
 
-What happens (see ``splitnn.training.health`` for the code, step by step):
+What happens (see ``splitnn.experiments.health`` for the code, step by step):
 
 1. each party loads its own CSV file (ids, numeric columns standardised with its own statistics);
 2. private set intersection (ECDH, openmined-psi) keeps at every party exactly the patients all
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import splitnn
-from splitnn.training.health import (
+from splitnn.experiments.health import (
     DATASET,
     HOSPITALS,
     ID_COLUMN,

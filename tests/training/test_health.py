@@ -8,7 +8,7 @@ import pytest
 
 from splitnn.accounting import RESEARCHER
 from splitnn.cli.main import main
-from splitnn.training.health import HOSPITALS, LAB, HealthConfig, run_vertical_health, write_breast_cancer_tables
+from splitnn.experiments.health import HOSPITALS, LAB, HealthConfig, run_vertical_health, write_breast_cancer_tables
 
 
 def test_each_party_holds_its_own_share_in_its_own_order(tmp_path):

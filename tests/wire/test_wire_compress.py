@@ -59,6 +59,25 @@ def test_get_codec_parses_names_and_refuses_the_rest():
         CastCodec("fp8")
 
 
+def test_codec_spec_is_the_canonical_name_and_names_the_caller_in_its_error():
+    assert [compress.codec_spec(c) for c in (None, "none", " fp16 ", "topk:0.050", get_codec("int8"))] == [
+        "none",
+        "none",
+        "fp16",
+        "topk:0.05",
+        "int8",
+    ]
+    with pytest.raises(ConfigurationError, match=r"^compression at cut 1: unknown codec 'gzip'"):
+        compress.codec_spec("gzip", "compression at cut 1")
+    with pytest.raises(ConfigurationError, match=r"^unknown codec 'gzip'"):
+        compress.codec_spec("gzip")
+
+
+def test_codec_name_is_the_name_of_each_wire_id_and_the_number_of_an_unknown_one():
+    assert {i: compress.codec_name(i) for i in CODEC_IDS.values()} == {v: k for k, v in CODEC_IDS.items()}
+    assert compress.codec_name(9) == "9"
+
+
 def test_codec_ids_are_stable():
     assert CODEC_IDS == {"none": 0, "fp16": 1, "bf16": 2, "int8": 3, "topk": 4}
     t = _sample((2, 3))

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from splitnn.cli.format import parse_positive_ints, table
+from splitnn.cli.options import (
+    add_data_options,
+    add_report_options,
+    check_out_dir,
+    check_positive,
+    config_from_args,
+)
 from splitnn.compare.analytic import METHODS
 from splitnn.errors import ConfigurationError
 
@@ -21,11 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
         "results.csv, results.json and PNG plots to --out.",
     )
-    p.add_argument(
-        "--dataset", default="fashion-mnist", help="dataset name: fashion-mnist or mnist (default: fashion-mnist)"
+    add_data_options(
+        p, dataset="fashion-mnist", dataset_help="dataset name: fashion-mnist or mnist (default: fashion-mnist)"
     )
-    p.add_argument("--data-dir", type=Path, default=None, help="directory holding the dataset's IDX files")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
     p.add_argument(
         "--model",
         default="mlp",
@@ -56,20 +60,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N training samples only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test samples only")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shards and data order")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("compare-results"),
-        help="directory for results.csv, results.json and the plots (created; default: compare-results)",
+    add_report_options(
+        p,
+        out="compare-results",
+        out_help="directory for results.csv, results.json and the plots (created; default: compare-results)",
     )
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (times only; a little faster)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _check_positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.data import load_dataset
     from splitnn.data.batching import check_seed
 
-    _check_positive(args.limit, "--limit")
-    _check_positive(args.test_limit, "--test-limit")
+    check_positive(args.limit, "--limit")
+    check_positive(args.test_limit, "--test-limit")
     check_seed(args.seed, "--seed")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     clients = parse_positive_ints(args.clients, "--clients", "1,2,4")
@@ -92,20 +89,8 @@ def run(args: argparse.Namespace) -> int:
             f"--clients {max(clients)} is more than the {MAX_CLIENTS} data holders a run is built with; use at most "
             f"{MAX_CLIENTS}"
         )
-    config = CompareConfig(
-        model=args.model,
-        clients=clients,
-        epochs=args.epochs,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        partition=args.partition,
-        seed=args.seed,
-        methods=methods,
-        count_flops=not args.no_flops,
-    )
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigurationError(f"--out {args.out} exists and is not a directory")
+    config = config_from_args(CompareConfig, args, clients=clients, methods=methods, count_flops=not args.no_flops)
+    check_out_dir(args.out)
     progress = not args.no_progress
     load = dict(data_dir=args.data_dir, download=not args.no_download, progress=progress)
     train = load_dataset(args.dataset, "train", limit=args.limit, **load)

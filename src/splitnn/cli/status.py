@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from splitnn.cli.format import table
+from splitnn.cli.options import add_credential_options
 from splitnn.errors import ConfigurationError
 
 
@@ -32,10 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a researcher's federation.toml (every party in it) or [NAME=]grpc://HOST:PORT addresses (with TLS, "
         "NAME is the party the certificate must name; default: the host)",
     )
-    p.add_argument("--token-file", type=Path, default=None, help="token for URLs (default: $SPLITNN_TOKEN)")
-    p.add_argument("--tls-cert", type=Path, default=None, help="your certificate, for URLs with TLS")
-    p.add_argument("--tls-key", type=Path, default=None, help="your key, for URLs with TLS")
-    p.add_argument("--tls-ca", type=Path, default=None, help="the federation CA, for URLs with TLS")
+    add_credential_options(
+        p,
+        token="token for URLs (default: $SPLITNN_TOKEN)",
+        cert="your certificate, for URLs with TLS",
+        key="your key, for URLs with TLS",
+        ca="the federation CA, for URLs with TLS",
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each party (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per party) instead of a table")
     p.set_defaults(func=run)

@@ -3,57 +3,12 @@
     splitnn worker --name bob --listen 127.0.0.1:7002 --token-file TOKEN \\
         [--tls-cert bob.pem --tls-key bob.key --tls-ca ca.pem] \\
         [--data mnist:test=/data/mnist,parts=labels,limit=500 ...] [--trust mypkg.models ...] \\
-        [--device cuda:0]
+        [--device cuda:0] [--config worker.toml]
 
-``--data`` (repeatable) gives the party a dataset under a name, in one of three forms:
-
-* ``SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family split with
-  :func:`splitnn.data.load_dataset` from DIR (never downloading) under the name SPEC, e.g.
-  ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` by default);
-* ``NAME=table:PATH,id=COLUMN[,columns=A+B+C][,label=COLUMN]`` reads a CSV table with
-  :func:`splitnn.data.load_table` (features standardised with this party's own statistics;
-  the ids stay here, for private set intersection);
-* ``NAME=MODULE:FUNCTION[,parts=...]`` calls ``FUNCTION()`` of a module the operator trusts
-  (``--trust MODULE_PREFIX``; nothing else is imported) and holds what it returns: a
-  ``splitnn.data.Dataset``, ``TorchDataset`` (any map-style dataset, read in batches here),
-  ``Table``, a mapping with ``features``/``labels``/``ids``, or one tensor or map-style dataset.
-
-``parts`` says what this party holds: the data holder keeps the ``features``, the label
-holder the ``labels`` (default: all the source has). The researcher then trains on it by
-name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
-session reads them, none may replace them. A worker that holds them starts closed (the gate of
-:mod:`splitnn.workers.policy`): only segments whose fingerprints ``--policy`` pins in
-``accept_segments`` run on them (``splitnn fingerprint`` prints a saved model's), the worker
-draws each batch's rows itself from the researcher's seed, and no weights leave unless the
-policy says ``release_weights = true``.
-
-``--trust MODULE`` (repeatable) lets the researcher's segment specs name classes defined in
-MODULE and its submodules (``{"import": "MODULE:Class", ...}``, see
-:mod:`splitnn.wire.trust`); the worker imports and builds them. The built-in layer registry
-and a fixed list of dense ``torch.nn`` layers are trusted without it; any other class (an
-attribute chain, or a class a trusted module merely imports from elsewhere) is refused before
-anything is built, naming the class and this flag. The same prefixes say which modules
-``--data NAME=MODULE:FUNCTION`` may call.
-
-A worker serves several researchers at once, each in a session of its own
-(``--session-grace``, ``--max-sessions``, ``--max-sessions-per-researcher``,
-``--researcher-tokens``; see docs/shared-worker.md).
-``--max-session-memory SIZE`` (default ``1GiB``; ``512MiB``, ``2GiB`` or bytes) bounds what one
-forward of a researcher's segment may allocate: its sizes are computed on meta tensors
-before it runs at each new input shape, and a segment over the budget is refused, naming
-the node (:mod:`splitnn.wire.budget`, docs/security.md).
-
-``--config worker.toml`` reads the settings from a file (keys: the flags' names, ``token_file``,
-``tls_cert``, ...; paths relative to the file); flags on the command line override it. ``splitnn
-provision`` writes one per party, with its certificates (docs/deploying.md). With TLS, a
-certificate that does not name ``--name`` is refused before the worker listens, and one that
-expires within 30 days is a warning in the log. ``--metrics-listen HOST:PORT`` serves Prometheus
-metrics (:mod:`splitnn.server.metrics`; off by default).
-
-``--device DEVICE`` (default ``cpu``; ``cuda``, ``cuda:1``, ...) is where this party's
-segments, optimizer state and held data live and its computation runs. Tensors cross
-the wire as bytes from the CPU and move onto the device when they arrive. The device is
-checked before the worker listens: CUDA asked for where there is none is an error.
+The parser of the flags, the checks of their values before the worker listens (``--data``: what it may
+hold, :func:`load_data_spec`; ``--policy``, ``--trust``, the session limits, TLS names) and the server's
+start. What each flag means: ``splitnn worker --help``, docs/deploying.md, docs/shared-worker.md and
+docs/security.md. A worker that holds data starts closed (the gate of :mod:`splitnn.workers.policy`).
 """
 
 from __future__ import annotations
@@ -68,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from splitnn.cli.options import add_credential_options, config_from_args
 from splitnn.errors import ConfigurationError, DataError
 
 
@@ -106,14 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="the address peers should dial for --data-listen when it is not the one it listens on (NAT, proxy)",
     )
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the federation token (required)")
-    p.add_argument("--tls-cert", type=Path, default=None, help="this party's certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, default=None, help="this party's private key (PEM)")
-    p.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=None,
-        help="the federation CA (PEM); with it, callers must present certificates (mutual TLS)",
+    add_credential_options(
+        p,
+        token="file holding the federation token (required)",
+        cert="this party's certificate (PEM)",
+        key="this party's private key (PEM)",
+        ca="the federation CA (PEM); with it, callers must present certificates (mutual TLS)",
     )
     p.add_argument(
         "--data",
@@ -317,7 +271,30 @@ def is_trusted(module: str, trust: Sequence[str]) -> bool:
 
 
 def load_data_spec(text: str, trust: Sequence[str] = ()) -> tuple[str, dict[str, object]]:
-    """One ``--data`` value -> (dataset name, what this party holds: ``features``/``labels``/``ids``)."""
+    """One ``--data`` value -> (dataset name, what this party holds: ``features``/``labels``/``ids``).
+
+    ``--data`` (repeatable) gives the party a dataset under a name, in one of three forms:
+
+    * ``SPEC=DIR[,parts=features|labels|both][,limit=N]`` loads an MNIST-family split with
+      :func:`splitnn.data.load_dataset` from DIR (never downloading) under the name SPEC, e.g.
+      ``mnist:test`` (``NAME[:SPLIT]``, split ``train`` by default);
+    * ``NAME=table:PATH,id=COLUMN[,columns=A+B+C][,label=COLUMN]`` reads a CSV table with
+      :func:`splitnn.data.load_table` (features standardised with this party's own statistics;
+      the ids stay here, for private set intersection);
+    * ``NAME=MODULE:FUNCTION[,parts=...]`` calls ``FUNCTION()`` of a module the operator trusts
+      (``--trust MODULE_PREFIX``; nothing else is imported) and holds what it returns: a
+      ``splitnn.data.Dataset``, ``TorchDataset`` (any map-style dataset, read in batches here),
+      ``Table``, a mapping with ``features``/``labels``/``ids``, or one tensor or map-style dataset.
+
+    ``parts`` says what this party holds: the data holder keeps the ``features``, the label
+    holder the ``labels`` (default: all the source has). The researcher then trains on it by
+    name: ``model.fit("mnist:test")``. Such datasets are the party's own: every researcher's
+    session reads them, none may replace them. A worker that holds them starts closed (the gate of
+    :mod:`splitnn.workers.policy`): only segments whose fingerprints ``--policy`` pins in
+    ``accept_segments`` run on them (``splitnn fingerprint`` prints a saved model's), the worker
+    draws each batch's rows itself from the researcher's seed, and no weights leave unless the
+    policy says ``release_weights = true``.
+    """
     key, eq, rest = text.partition("=")
     head = rest.split(",", 1)[0]
     if eq and key and rest.startswith("table:"):
@@ -356,7 +333,7 @@ def _load_table_spec(text: str, key: str, rest: str) -> dict[str, object]:
 
 
 def _load_code_spec(text: str, target: str, options: list[str], trust: Sequence[str]) -> dict[str, object]:
-    """Build a dataset by calling a trusted ``module:function``; see the module docstring."""
+    """Build a dataset by calling a trusted ``module:function``; see :func:`load_data_spec`."""
     module, _, function = target.partition(":")
     parts: tuple[str, ...] | None = None
     for opt in options:
@@ -484,16 +461,14 @@ def run(args: argparse.Namespace) -> int:
         where = path if flag == "--state-dir" else (path.parent if path is not None else None)
         if where is not None and where.exists() and not where.is_dir():
             raise ConfigurationError(f"{flag} {path}: {where} is not a directory")
-    config = ServeConfig(
-        name=args.name,
-        listen=args.listen,
+    config = config_from_args(  # name, listen, peer_timeout, max_lifetime, data_listen, ...: as the flags say
+        ServeConfig,
+        args,
         token=token,
         tls=tls,
         limits=limits,
-        peer_timeout=args.peer_timeout,
         release_outputs=args.allow_outputs,
         address_file=str(args.address_file) if args.address_file else None,
-        max_lifetime=args.max_lifetime,
         datasets=datasets,
         trust=trust.modules,
         policy=policy,
@@ -505,9 +480,6 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_researcher=per_researcher,
         researcher_tokens=researcher_tokens,
         device=str(device),
-        data_listen=args.data_listen,
-        data_advertise=args.data_advertise,
-        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
     def ready(address: str) -> None:

@@ -1,40 +1,8 @@
-"""The analytic model of communication per client: split learning, FedAvg, large-batch SGD.
+"""The analytic model of communication per client: split learning, SplitFed, FedAvg, large-batch SGD.
 
-Sizes, in bytes (:class:`CommModel`): ``W`` the whole model's state, ``G`` the
-gradient of its trainable parameters (``G = W`` without buffers), ``w`` the
-client-side segment's state, ``c`` one sample's activation at the cut (its
-gradient is as large). Client ``k`` of ``K`` holds ``n_k`` of
-the ``D`` samples (IID shards: ``n_k = D // K``, plus one for the first ``D % K``
-clients); ``E`` epochs; batch ``b``.
-
-* **Split learning** (vanilla, round-robin turns,
-  :class:`~splitnn.training.topologies.MultiHolderSplitNN`): every epoch client
-  ``k`` sends the activations of its ``n_k`` samples and receives their
-  gradients, ``2 E n_k c``; and with ``K > 1`` clients the client-side weights pass from each client to the
-  next after every turn (``E K - 1`` hand-offs), so client ``k`` receives them
-  ``E - [k = 0]`` times and sends them ``E - [k = K-1]`` times, ``w`` bytes each.
-* **SplitFed** (v1 and v2, :class:`~splitnn.training.topologies.SplitFedSplitNN`):
-  the same ``2 E n_k c`` at the cut, and with ``K > 1`` clients the client-side weights
-  go to the aggregator and back once per round. Client ``k`` has ``B_k = ceil(n_k / b)``
-  batches per epoch; a round is ``N`` batches of every client (``N = round_batches``, or
-  ``max_k B_k``: one round per epoch), so an epoch has ``R = ceil(max_k B_k / N)`` rounds,
-  of which client ``k`` trains in ``r_k = ceil(B_k / N)``. It sends its weights after each
-  of those and receives the average after every round: ``E (r_k + R) w``. v1's server-side
-  copies are averaged where they live, so v1 and v2 move the same bytes; the aggregator
-  receives and sends exactly what the clients send and receive.
-* **FedAvg** with ``R = E / local_epochs`` rounds: ``2 R W`` (the global model
-  down and the client's model up, every round).
-* **Large-batch synchronous SGD**: client ``k`` takes part in ``ceil(n_k / b)``
-  steps per epoch, each the model down and a gradient up: ``E ceil(n_k / b) (W + G)``.
-
-So split learning's bytes per client fall like ``2 E D c / K`` while FedAvg's stay
-at ``2 R W``: split learning sends less per client once ``K`` passes about
-``E D c / (R W)`` (:func:`crossover`). These are exactly the bytes the ledger
-records (no control messages are recorded by in-process workers; a networked
-worker's ``control`` records are left out of the comparison). Not modelled,
-because not sent during training: in the vanilla configuration the server
-holds the labels from the start (sharing them once would add ``8 n_k`` bytes
-per client, under 0.1% of one epoch's cut traffic with the bundled models).
+The sizes that decide it (:class:`CommModel`), the bytes each method moves per client and kind
+(:func:`client_bytes`, where the formulas are), their means over clients and the client count from
+which split learning sends less than FedAvg (:func:`crossover`). The ledger records exactly these bytes.
 """
 
 from __future__ import annotations
@@ -47,6 +15,7 @@ import torch
 from torch import nn
 
 from splitnn.errors import ConfigurationError
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 __all__ = [
     "CommModel",
@@ -66,7 +35,7 @@ __all__ = [
 #: The methods the model covers, by the names the comparison uses.
 METHODS = ("split", "fedavg", "large-batch", "splitfed-v1", "splitfed-v2")
 
-#: The SplitFed methods (the same bytes; see the module docstring).
+#: The SplitFed methods (the same bytes; see :func:`client_bytes`).
 SPLITFED_METHODS = ("splitfed-v1", "splitfed-v2")
 
 
@@ -106,17 +75,12 @@ class CommModel:
         finally:
             client.train(was_training)
         client_state, server_state = _state_bytes(client.state_dict()), _state_bytes(server.state_dict())
-        grads = sum(p.numel() * p.element_size() for m in (client, server) for p in m.parameters() if p.requires_grad)
-        return cls(client_state + server_state, grads, client_state, cut.numel() * cut.element_size())
-
-    @property
-    def params_bytes(self) -> int:
-        """Alias of :attr:`model_bytes`, the quantity FedAvg moves twice per round."""
-        return self.model_bytes
+        grads = sum(tensor_nbytes(p) for m in (client, server) for p in m.parameters() if p.requires_grad)
+        return cls(client_state + server_state, grads, client_state, tensor_nbytes(cut))
 
 
 def _state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return sum(tensor_nbytes(t) for t in state.values())
 
 
 def iid_shard_sizes(dataset_size: int, clients: int) -> list[int]:
@@ -192,7 +156,44 @@ def client_bytes(
     local_epochs: int = 1,
     round_batches: int | None = None,
 ) -> list[dict[str, int]]:
-    """Bytes per client, by kind, of ``method`` (one of :data:`METHODS`); ``round_batches`` is SplitFed's."""
+    """Bytes per client, by kind, of ``method`` (one of :data:`METHODS`); ``round_batches`` is SplitFed's.
+
+    Sizes, in bytes (:class:`CommModel`): ``W`` the whole model's state, ``G`` the
+    gradient of its trainable parameters (``G = W`` without buffers), ``w`` the
+    client-side segment's state, ``c`` one sample's activation at the cut (its
+    gradient is as large). Client ``k`` of ``K`` holds ``n_k`` of
+    the ``D`` samples (IID shards: ``n_k = D // K``, plus one for the first ``D % K``
+    clients); ``E`` epochs; batch ``b``.
+
+    * **Split learning** (vanilla, round-robin turns,
+      :class:`~splitnn.training.topologies.MultiHolderSplitNN`): every epoch client
+      ``k`` sends the activations of its ``n_k`` samples and receives their
+      gradients, ``2 E n_k c``; and with ``K > 1`` clients the client-side weights pass from each client to the
+      next after every turn (``E K - 1`` hand-offs), so client ``k`` receives them
+      ``E - [k = 0]`` times and sends them ``E - [k = K-1]`` times, ``w`` bytes each.
+    * **SplitFed** (v1 and v2, :class:`~splitnn.training.topologies.SplitFedSplitNN`):
+      the same ``2 E n_k c`` at the cut, and with ``K > 1`` clients the client-side weights
+      go to the aggregator and back once per round. Client ``k`` has ``B_k = ceil(n_k / b)``
+      batches per epoch; a round is ``N`` batches of every client (``N = round_batches``, or
+      ``max_k B_k``: one round per epoch), so an epoch has ``R = ceil(max_k B_k / N)`` rounds,
+      of which client ``k`` trains in ``r_k = ceil(B_k / N)``. It sends its weights after each
+      of those and receives the average after every round: ``E (r_k + R) w``. v1's server-side
+      copies are averaged where they live, so v1 and v2 move the same bytes; the aggregator
+      receives and sends exactly what the clients send and receive.
+    * **FedAvg** with ``R = E / local_epochs`` rounds: ``2 R W`` (the global model
+      down and the client's model up, every round).
+    * **Large-batch synchronous SGD**: client ``k`` takes part in ``ceil(n_k / b)``
+      steps per epoch, each the model down and a gradient up: ``E ceil(n_k / b) (W + G)``.
+
+    So split learning's bytes per client fall like ``2 E D c / K`` while FedAvg's stay
+    at ``2 R W``: split learning sends less per client once ``K`` passes about
+    ``E D c / (R W)`` (:func:`crossover`). These are exactly the bytes the ledger
+    records (no control messages are recorded by in-process workers; a networked
+    worker's ``control`` records are left out of the comparison). Not modelled,
+    because not sent during training: in the vanilla configuration the server
+    holds the labels from the start (sharing them once would add ``8 n_k`` bytes
+    per client, under 0.1% of one epoch's cut traffic with the bundled models).
+    """
     if method == "split":
         return split_bytes(m, shard_sizes, epochs)
     if method in SPLITFED_METHODS:

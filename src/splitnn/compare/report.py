@@ -143,26 +143,16 @@ def write_json(
     test_samples: int,
 ) -> None:
     """Everything: the configuration, the sizes of the analytic model, both crossovers, every run in full."""
+    k_star = crossover(comm, train_samples, **_schedule(config))
     doc = {
         "dataset": dataset,
         "train_samples": train_samples,
         "test_samples": test_samples,
         "config": asdict(config),
         "comm_model": asdict(comm),
-        "analytic_crossover_vs_fedavg": crossover(
-            comm, train_samples, epochs=config.epochs, batch_size=config.batch_size, local_epochs=config.local_epochs
-        ),
+        "analytic_crossover_vs_fedavg": k_star,
         "measured_crossover_vs_fedavg": measured_crossover(results),
-        "measured_agrees_with_analytic_crossover": crossover_summary(
-            results,
-            crossover(
-                comm,
-                train_samples,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                local_epochs=config.local_epochs,
-            ),
-        )[0],
+        "measured_agrees_with_analytic_crossover": crossover_summary(results, k_star)[0],
         "results": [r.to_dict() for r in results],
     }
     atomic_write_text(path, json.dumps(doc, indent=2))
@@ -192,72 +182,41 @@ def plot(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     grid = list(range(1, max(ks) + 1))
+    _series(ax, by_method, "clients", "bytes_per_client", label=" (measured)")
     for m in methods:
-        runs = by_method[m]
-        ax.plot(
-            [r.clients for r in runs],
-            [r.bytes_per_client for r in runs],
-            _MARKERS[m],
-            color=_COLORS[m],
-            label=f"{_LABELS[m]} (measured)",
-        )
-        model = [
-            mean_bytes_per_client(
-                m,
-                comm,
-                train_samples,
-                k,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                local_epochs=config.local_epochs,
-            )
-            for k in grid
-        ]
+        model = [mean_bytes_per_client(m, comm, train_samples, k, **_schedule(config)) for k in grid]
         ax.plot(grid, model, "--", color=_COLORS[m], linewidth=1, label=f"{_LABELS[m]} (analytic)")
-    k_star = crossover(
-        comm,
-        train_samples,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        max_clients=max(ks),
-    )
+    k_star = crossover(comm, train_samples, **_schedule(config), max_clients=max(ks))
     if k_star is not None and "split" in methods and "fedavg" in methods:
         ax.axvline(k_star, color="grey", linestyle=":", linewidth=1, label=f"analytic crossover: {k_star} clients")
     _log_axes(ax, ks)
-    ax.set_xlabel("clients")
-    ax.set_ylabel("bytes per client (sent + received)")
-    ax.set_title(title or "communication per client")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "bytes_per_client.png"))
+    paths.append(
+        _finish(
+            fig,
+            ax,
+            out_dir / "bytes_per_client.png",
+            "bytes per client (sent + received)",
+            title or "communication per client",
+            legend=7,
+        )
+    )
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for m in methods:
-        runs = by_method[m]
-        ax.plot(
-            [r.clients for r in runs],
-            [r.flops_per_client for r in runs],
-            "-" + _MARKERS[m],
-            color=_COLORS[m],
-            label=_LABELS[m],
-        )
+    _series(ax, by_method, "clients", "flops_per_client", line="-")
     _log_axes(ax, ks)
-    ax.set_xlabel("clients")
-    ax.set_ylabel("FLOPs per client (forward + backward)")
-    ax.set_title(title or "computation per client")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "flops_per_client.png"))
+    paths.append(
+        _finish(
+            fig,
+            ax,
+            out_dir / "flops_per_client.png",
+            "FLOPs per client (forward + backward)",
+            title or "computation per client",
+        )
+    )
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for m in methods:
-        runs = by_method[m]
-        ax.plot(
-            [r.bytes_per_client for r in runs],
-            [r.accuracy for r in runs],
-            _MARKERS[m],
-            color=_COLORS[m],
-            label=_LABELS[m],
-        )
+    _series(ax, by_method, "bytes_per_client", "accuracy")
+    for runs in by_method.values():
         for r in runs:
             ax.annotate(
                 f"K={r.clients}",
@@ -267,12 +226,38 @@ def plot(
                 textcoords="offset points",
             )
     ax.set_xscale("log")
-    ax.set_xlabel("bytes per client (sent + received)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "accuracy against communication")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / "accuracy_vs_bytes.png"))
+    paths.append(
+        _finish(
+            fig,
+            ax,
+            out_dir / "accuracy_vs_bytes.png",
+            "test accuracy",
+            title or "accuracy against communication",
+            xlabel="bytes per client (sent + received)",
+        )
+    )
     return paths
+
+
+def _schedule(config: CompareConfig) -> dict[str, int]:
+    """What the analytic model needs of a run's schedule."""
+    return {"epochs": config.epochs, "batch_size": config.batch_size, "local_epochs": config.local_epochs}
+
+
+def _series(ax, by_method: dict[str, list], x: str, y: str, *, line: str = "", label: str = "") -> None:
+    """One series per method: its runs' ``y`` against their ``x`` (attribute names)."""
+    for m, runs in by_method.items():
+        xs, ys = [getattr(r, x) for r in runs], [getattr(r, y) for r in runs]
+        ax.plot(xs, ys, line + _MARKERS[m], color=_COLORS[m], label=_LABELS[m] + label)
+
+
+def _finish(fig, ax, path: Path, ylabel: str, title: str, *, xlabel: str = "clients", legend: int = 8) -> Path:
+    """Label the axes, title and legend, and save the figure as ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend)
+    return _save(fig, path)
 
 
 def _log_axes(ax, ks: Sequence[int]) -> None:

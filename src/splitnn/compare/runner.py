@@ -1,31 +1,8 @@
 """Run split learning, SplitFed, FedAvg and large-batch SGD for a list of client counts, and measure them.
 
-Every run starts from the same initial weights and the same data shards
-(:func:`splitnn.data.parse_partition`, each shard sorted), trains for the same
-number of epochs over the training data, and is measured the same way:
-
-* **bytes per client**: what the ledger recorded on every link into or out of
-  each client during training (all kinds but ``control``), checked against the
-  analytic model (:mod:`splitnn.compare.analytic`);
-* **FLOPs and seconds per client**: PyTorch's FLOP counter and wall time around
-  each worker call (:mod:`splitnn.accounting.flops`; workers run with
-  ``fuse=False`` so each party's backward runs inside its own call);
-* **test accuracy** of the trained model, evaluated at the researcher after
-  training (outside the measured window);
-* **wall time** of training.
-
-Split learning is :class:`~splitnn.training.topologies.MultiHolderSplitNN`:
-``K`` clients ("client0", ...) hold the features of their shards and take
-round-robin turns (one per epoch) with the client segment, handing its weights
-peer to peer; a "server" worker holds the rest of the network and the labels
-(the vanilla configuration: the labels are placed at the server at set-up, not
-sent during training). SplitFed (``splitfed-v1``, ``splitfed-v2``) is
-:class:`~splitnn.training.topologies.SplitFedSplitNN` on the same parties, the server
-being the label holder and the aggregator, one round per local epoch; its holders run one
-after the other on one thread here (``parallel=False``), so that the FLOP counter and the
-per-client times see one call at a time: its wall time is not the parallel one (see
-docs/splitfed.md for that). FedAvg (``epochs / local_epochs`` rounds) and large-batch SGD
-keep the global model at the researcher.
+:class:`CompareConfig` says what to run, :func:`run_comparison` runs every method at every client count
+from the same initial weights and shards (what each measures: its docstring), :class:`RunResult` holds
+one run's bytes, FLOPs and seconds per client, accuracy and wall time.
 """
 
 from __future__ import annotations
@@ -321,7 +298,35 @@ def run_comparison(
     progress: bool = False,
     on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
-    """Every method of ``config`` at every client count, from the same initial weights (seeded)."""
+    """Every method of ``config`` at every client count, from the same initial weights (seeded).
+
+    Every run starts from the same initial weights and the same data shards
+    (:func:`splitnn.data.parse_partition`, each shard sorted), trains for the same
+    number of epochs over the training data, and is measured the same way:
+
+    * **bytes per client**: what the ledger recorded on every link into or out of
+      each client during training (all kinds but ``control``), checked against the
+      analytic model (:mod:`splitnn.compare.analytic`);
+    * **FLOPs and seconds per client**: PyTorch's FLOP counter and wall time around
+      each worker call (:mod:`splitnn.accounting.flops`; workers run with
+      ``fuse=False`` so each party's backward runs inside its own call);
+    * **test accuracy** of the trained model, evaluated at the researcher after
+      training (outside the measured window);
+    * **wall time** of training.
+
+    Split learning is :class:`~splitnn.training.topologies.MultiHolderSplitNN`:
+    ``K`` clients ("client0", ...) hold the features of their shards and take
+    round-robin turns (one per epoch) with the client segment, handing its weights
+    peer to peer; a "server" worker holds the rest of the network and the labels
+    (the vanilla configuration: the labels are placed at the server at set-up, not
+    sent during training). SplitFed (``splitfed-v1``, ``splitfed-v2``) is
+    :class:`~splitnn.training.topologies.SplitFedSplitNN` on the same parties, the server
+    being the label holder and the aggregator, one round per local epoch; its holders run one
+    after the other on one thread here (``parallel=False``), so that the FLOP counter and the
+    per-client times see one call at a time: its wall time is not the parallel one (see
+    docs/splitfed.md for that). FedAvg (``epochs / local_epochs`` rounds) and large-batch SGD
+    keep the global model at the researcher.
+    """
     if max(config.clients) > len(train):
         raise ConfigurationError(
             f"{max(config.clients)} clients but only {len(train)} training samples; use fewer clients or more data"

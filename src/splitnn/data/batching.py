@@ -14,7 +14,7 @@ over its own dataset size (:func:`draw_rows`), so a researcher may choose the se
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -46,13 +46,8 @@ class BatchDraw:
             raise ConfigurationError(f"BatchDraw.shuffle must be a bool, got {self.shuffle!r}")
 
     def to_dict(self) -> dict:
-        return {
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "position": self.position,
-            "batch_size": self.batch_size,
-            "shuffle": self.shuffle,
-        }
+        """The draw as plain data (what travels): its fields by name."""
+        return asdict(self)
 
 
 def draw_rows(n: int, draw: BatchDraw, batches: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Private set intersection between two parties, as plain bytes (ECDH, OpenMined's ``openmined-psi``).
 
-Two roles. The *client* learns which of its own ids the *server* holds; the server learns
-only how many ids the client asked about. Messages (bytes, from one party to the other):
+The *client* learns which of its own ids the *server* holds; the server learns only how many ids the
+client asked about. Messages (bytes, from one party to the other):
 
 1. client -> server: :meth:`PsiClient.request` -- the client's ids hashed to curve points
    and blinded with the client's secret key;
@@ -11,9 +11,8 @@ only how many ids the client asked about. Messages (bytes, from one party to the
 3. the client removes its own blinding (:meth:`PsiClient.intersect`) and compares: equal
    points are common ids. Neither side ever sees the other's ids in the clear.
 
-The setup is the exact (``RAW``) list, not a Bloom filter or Golomb-compressed set: a
-false positive would give two parties different rows, so exactness is worth the bytes
-(about 33 bytes per id and message).
+The setup is the exact (``RAW``) list, not a Bloom filter: a false positive would give two parties
+different rows (about 33 bytes per id and message).
 """
 
 from __future__ import annotations

@@ -51,36 +51,35 @@ class DatasetInfo:
             ) from None
 
 
+def _mnist_like(name: str, sums: tuple[str, str, str, str], mirrors: tuple[str, ...], **more) -> DatasetInfo:
+    """An MNIST-format dataset: its four files (train/test images/labels) with their SHA-256 sums, in that
+    order, and 10 classes of 28x28 grey images."""
+    sha256 = dict(zip((file for pair in _MNIST_FILES.values() for file in pair), sums, strict=True))
+    return DatasetInfo(name=name, files=dict(_MNIST_FILES), sha256=sha256, mirrors=mirrors, num_classes=10, **more)
+
+
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(
-        name="mnist",
-        files=dict(_MNIST_FILES),
-        sha256={
-            # train sums: as published by torchvision / tensorflow-datasets registries.
-            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        },
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
+    "mnist": _mnist_like(
+        "mnist",
+        # train sums: as published by torchvision / tensorflow-datasets registries.
+        (
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
         ),
-        num_classes=10,
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         classes=tuple(str(d) for d in range(10)),
-        system_dirs=(),
     ),
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist",
-        files=dict(_MNIST_FILES),
-        sha256={
-            "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-            "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-            "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-        },
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        num_classes=10,
+    "fashion-mnist": _mnist_like(
+        "fashion-mnist",
+        (
+            "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+        ),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         classes=(
             "T-shirt/top",
             "Trouser",

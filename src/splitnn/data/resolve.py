@@ -1,26 +1,7 @@
 """Find a dataset's files on disk, or download them, and verify them.
 
-Resolution order (per split; a directory "has" a split when both its images and
-labels files exist there, each either as the published ``.gz`` or uncompressed
-without the ``.gz`` suffix; ``.gz`` is preferred when both exist):
-
-1. ``data_dir``, when given, is **authoritative**: only ``data_dir/<name>`` and
-   ``data_dir`` itself are searched, nothing else. If the split is missing there
-   and downloads are allowed, it is downloaded *into* ``data_dir`` (like
-   torchvision's ``root=``); otherwise :class:`DatasetNotFoundError`.
-2. ``$SPLITNN_DATA/<name>``, then ``$SPLITNN_DATA``.
-3. The user cache ``<cache>/<name>``, where ``<cache>`` is ``$SPLITNN_CACHE``,
-   else ``$XDG_CACHE_HOME/splitnn``, else ``~/.cache/splitnn``.
-4. The dataset's system directories (e.g. ``/usr/share/datasets/fashion-mnist``).
-5. Download from the mirrors, in order, into the user cache. Mirrors come from the
-   ``mirrors=`` argument, else ``$SPLITNN_MIRRORS`` (comma/space separated base
-   URLs), else the registry. Downloads are disabled by ``download=False`` or by
-   ``SPLITNN_OFFLINE=1``.
-
-Every ``.gz`` file found locally is checked against the registry's SHA-256 (once
-per process per file version); a mismatch raises :class:`ChecksumError` rather than
-falling through to the next place. Uncompressed files get structural checks when
-read (see :func:`splitnn.data.idx.read_idx`).
+:func:`resolve_split_files` (where the order of the places searched is written) and
+:func:`resolve_dataset_dir`; every ``.gz`` file is checked against the registry's SHA-256.
 """
 
 from __future__ import annotations
@@ -208,6 +189,28 @@ def resolve_split_files(
 
     Looks in ``data_dir``, then ``$SPLITNN_DATA``, the user cache and system paths, and
     downloads into the cache last (:func:`candidate_dirs` lists the places).
+
+    Resolution order (per split; a directory "has" a split when both its images and
+    labels files exist there, each either as the published ``.gz`` or uncompressed
+    without the ``.gz`` suffix; ``.gz`` is preferred when both exist):
+
+    1. ``data_dir``, when given, is **authoritative**: only ``data_dir/<name>`` and
+       ``data_dir`` itself are searched, nothing else. If the split is missing there
+       and downloads are allowed, it is downloaded *into* ``data_dir`` (like
+       torchvision's ``root=``); otherwise :class:`DatasetNotFoundError`.
+    2. ``$SPLITNN_DATA/<name>``, then ``$SPLITNN_DATA``.
+    3. The user cache ``<cache>/<name>``, where ``<cache>`` is ``$SPLITNN_CACHE``,
+       else ``$XDG_CACHE_HOME/splitnn``, else ``~/.cache/splitnn``.
+    4. The dataset's system directories (e.g. ``/usr/share/datasets/fashion-mnist``).
+    5. Download from the mirrors, in order, into the user cache. Mirrors come from the
+       ``mirrors=`` argument, else ``$SPLITNN_MIRRORS`` (comma/space separated base
+       URLs), else the registry. Downloads are disabled by ``download=False`` or by
+       ``SPLITNN_OFFLINE=1``.
+
+    Every ``.gz`` file found locally is checked against the registry's SHA-256 (once
+    per process per file version); a mismatch raises :class:`ChecksumError` rather than
+    falling through to the next place. Uncompressed files get structural checks when
+    read (see :func:`splitnn.data.idx.read_idx`).
 
     Raises:
         ConfigurationError: unknown dataset or split name.

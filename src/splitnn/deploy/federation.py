@@ -1,38 +1,12 @@
 """The federation file: who the parties and researchers of a federation are, read and checked.
 
-Two forms share the name ``federation.toml``:
-
-* the **provisioning file** an organiser writes and ``splitnn provision`` reads
-  (:func:`read_federation`): the federation's name, its parties (name, host, ports, role,
-  device, trusted modules, datasets, policy) and its researchers;
-* the **researcher's file** ``provision`` writes into each researcher's kit
-  (:func:`read_researcher_file`): the parties' addresses, and the researcher's own token,
-  certificate, key and the CA, which :func:`splitnn.deploy.connect_federation`, ``splitnn train
-  --federation`` and ``splitnn status`` use.
-
-Every mistake is a :class:`~splitnn.errors.ConfigurationError` naming the file, the line and the
-key, raised before anything is written. The provisioning file::
-
-    [federation]
-    name = "tumour-study"         # required
-    days = 365                    # certificates' validity (default 365)
-
-    [[party]]
-    name = "alice"                # required: lower-case letters, digits and '-'
-    host = "alice.example.org"    # required: where researchers and peers reach it
-    port = 7001                   # gRPC port (default 7001)
-    listen = "0.0.0.0"            # interface it listens on (default 0.0.0.0)
-    data_port = 7101              # optional: TCP data plane for peer links (--data-listen)
-    metrics_port = 9101           # optional: Prometheus metrics on 127.0.0.1 (--metrics-listen)
-    role = "data"                 # data | labels | compute (default compute)
-    device = "cpu"
-    trust = ["mypkg.models"]      # --trust
-    data = ["mnist:train=/srv/mnist,parts=features"]   # --data
-    [party.policy]                # the party's policy rules (data holders get a template anyway)
-    peers = ["bob"]
-
-    [[researcher]]
-    name = "dr-lee"
+Two forms share the name ``federation.toml``: the **provisioning file** an organiser writes and
+``splitnn provision`` reads (:func:`read_federation`, where its keys are written), and the
+**researcher's file** ``provision`` writes into each researcher's kit (:func:`read_researcher_file`):
+the parties' addresses and the researcher's own token, certificate, key and CA, which
+:func:`splitnn.deploy.connect_federation`, ``splitnn train --federation`` and ``splitnn status`` use.
+Every mistake is a :class:`~splitnn.errors.ConfigurationError` naming the file, the line and the key,
+raised before anything is written.
 """
 
 from __future__ import annotations
@@ -181,7 +155,7 @@ class _Reader:
 
 
 def parse_federation(text: str, source: str = "federation.toml") -> Federation:
-    """Check a provisioning file's text; see the module docstring."""
+    """Check a provisioning file's text; its keys: :func:`read_federation`."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -274,7 +248,29 @@ def _check_policy(r: _Reader, rules: dict, index: int, what: str) -> None:
 
 
 def read_federation(path: str | Path) -> Federation:
-    """Read and check a provisioning file (ConfigurationError naming the line and key of any mistake)."""
+    """Read and check a provisioning file (ConfigurationError naming the line and key of any mistake). Its keys::
+
+    [federation]
+    name = "tumour-study"         # required
+    days = 365                    # certificates' validity (default 365)
+
+    [[party]]
+    name = "alice"                # required: lower-case letters, digits and '-'
+    host = "alice.example.org"    # required: where researchers and peers reach it
+    port = 7001                   # gRPC port (default 7001)
+    listen = "0.0.0.0"            # interface it listens on (default 0.0.0.0)
+    data_port = 7101              # optional: TCP data plane for peer links (--data-listen)
+    metrics_port = 9101           # optional: Prometheus metrics on 127.0.0.1 (--metrics-listen)
+    role = "data"                 # data | labels | compute (default compute)
+    device = "cpu"
+    trust = ["mypkg.models"]      # --trust
+    data = ["mnist:train=/srv/mnist,parts=features"]   # --data
+    [party.policy]                # the party's policy rules (data holders get a template anyway)
+    peers = ["bob"]
+
+    [[researcher]]
+    name = "dr-lee"
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,42 +1,17 @@
 """A PySyft 0.2 facade: ``import splitnn.syft as sy`` runs OpenMined's split-learning tutorials.
 
-OpenMined's three SplitNN tutorials ("SplitNN Introduction", "MultiLayer Split
-Neural Network", "Folded Split Neural Network") were written for PySyft 0.2,
-which no longer installs on current Python and PyTorch. With this module in
-place of ``import syft as sy`` their code runs as published on in-process
-workers, and every transfer is recorded in a splitnn
-:class:`~splitnn.accounting.Ledger`::
-
-    import torch
-    import splitnn.syft as sy
+OpenMined's three SplitNN tutorials were written for PySyft 0.2, which does not install on current
+Python and PyTorch; with this module in place of ``import syft as sy`` their code runs as published on
+in-process workers, and every transfer is recorded in a :class:`~splitnn.accounting.Ledger`::
 
     hook = sy.TorchHook(torch)                  # opt-in: patches torch.Tensor / nn.Module
-    alice = sy.VirtualWorker(hook, id="alice")
-    bob = sy.VirtualWorker(hook, id="bob")
-    model = torch.nn.Linear(784, 10).send(alice)
-    a = model(torch.randn(4, 784).send(alice))  # runs at alice
-    remote_a = a.move(bob, requires_grad=True)  # the gradient will come back to alice
-    (remote_a * remote_a).sum().backward()      # at bob, then at alice: model.weight.grad is set
+    alice, bob = sy.VirtualWorker(hook, id="alice"), sy.VirtualWorker(hook, id="bob")
+    a = torch.nn.Linear(784, 10).send(alice)(torch.randn(4, 784).send(alice))  # runs at alice
+    (a.move(bob, requires_grad=True) ** 2).sum().backward()  # at bob, then at alice
     print(sy.ledger().format_table())
 
-What the facade covers: ``TorchHook``, ``VirtualWorker(hook, id=...)``;
-tensors: ``.send(worker, requires_grad=...)``, ``.location``,
-``.move(worker, requires_grad=...)``, ``.get``, ``.copy``, ``.grad``,
-``.backward``, ``.shape`` and every torch operation on tensors at one worker;
-modules: ``.send``, ``.location``, ``.move``, ``.get``, ``.copy`` and calling a
-sent module on a tensor at its worker. Transfers follow PySyft 0.2 (see
-:mod:`splitnn.syft.pointers`). Mixing places raises
-:class:`TensorsNotCollocatedException` naming both. Ledger kinds: ``features``
-(a float tensor sent), ``labels`` (an integer tensor sent), ``activation`` (a
-computed tensor moved), ``gradient`` (a ``.grad`` moved, or a gradient sent back
-by ``requires_grad=True``), ``weights`` (modules sent, moved or fetched),
-``output`` (a computed tensor fetched).
-
-Not covered (PySyft features beyond the split-learning tutorials): remote
-workers over websockets, pointer chains (``.send`` of a pointer), secret-shared,
-encrypted and fixed-precision tensors, federated datasets, plans and protocols.
-Asking for one raises :class:`UnsupportedFeatureError` naming it and what to
-use instead (``sy.Plan``, ``ptr.share(...)``, ``x.send(alice, inplace=True)``).
+What it covers, its ledger kinds and what it leaves out: docs/pysyft.md. A feature it leaves out
+raises :class:`UnsupportedFeatureError` naming it and what to use instead.
 """
 
 from splitnn.syft import exceptions

@@ -24,22 +24,19 @@ class TensorsNotCollocatedException(WorkerError):
     @classmethod
     def for_call(cls, operation: str, first: str, second: str) -> TensorsNotCollocatedException:
         """Two tensors given to one operation (``nll_loss``, ``__add__``...) live at different places."""
-        return cls(
-            f"You tried to call {operation} involving two tensors which are not on the same machine! "
-            f"One tensor is on {where(first)} while the other tensor is on {where(second)}.",
-            first,
-            second,
-        )
+        tried = f"call {operation} involving two tensors which are"
+        return cls._apart(tried, "One tensor is on {} while the other tensor is on {}.", first, second)
 
     @classmethod
     def for_module(cls, module: str, module_at: str, tensor_at: str) -> TensorsNotCollocatedException:
         """A sent module was applied to a tensor somewhere else."""
-        return cls(
-            f"You tried to apply a module ({module}) to a tensor which is not on the same machine! "
-            f"The module is on {where(module_at)} while the tensor is on {where(tensor_at)}.",
-            module_at,
-            tensor_at,
-        )
+        tried = f"apply a module ({module}) to a tensor which is"
+        return cls._apart(tried, "The module is on {} while the tensor is on {}.", module_at, tensor_at)
+
+    @classmethod
+    def _apart(cls, tried: str, places: str, first: str, second: str) -> TensorsNotCollocatedException:
+        message = f"You tried to {tried} not on the same machine! {places.format(where(first), where(second))}"
+        return cls(message, first, second)
 
 
 class UnsupportedFeatureError(SplitNNError, NotImplementedError):

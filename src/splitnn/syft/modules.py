@@ -20,6 +20,7 @@ from splitnn.errors import WorkerError
 from splitnn.syft.exceptions import LOCAL, TensorsNotCollocatedException
 from splitnn.syft.pointers import scan, unwrap, wrap
 from splitnn.syft.worker import VirtualWorker, check_worker, record
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 #: Instance attribute (in ``module.__dict__``) holding the worker a module was sent to.
 LOCATION_ATTR = "_syft_location"
@@ -101,4 +102,4 @@ def _point_output(module: nn.Module, args: tuple, output: Any) -> Any:
 
 
 def _state_nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return sum(tensor_nbytes(t) for t in module.state_dict().values())

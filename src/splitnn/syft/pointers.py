@@ -1,30 +1,8 @@
 """``PointerTensor``: a tensor that lives at a worker, as PySyft 0.2's pointers.
 
-A pointer holds the real tensor (``child``), the worker it lives at
-(``location``) and what kind of thing it is for the ledger (``kind``:
-``features``, ``labels``, ``activation`` or ``gradient``). Any torch operation
-on pointers (``nn.NLLLoss()(pred, target)``, ``x.view(...)``, ``a + b``) runs on
-the children when every tensor involved lives at the same worker and gives a
-pointer at that worker; otherwise it raises
-:class:`~splitnn.syft.exceptions.TensorsNotCollocatedException` naming both places.
-
-Transfers are explicit and recorded, with PySyft 0.2's semantics:
-
-- what travels is the values and the ``requires_grad`` flag, not the autograd
-  graph: a tensor that required grad arrives as a leaf that requires grad;
-- :meth:`PointerTensor.move` sends the tensor on to another worker and the
-  pointer follows it: the pointer it was called on and the one it returns both
-  point at the destination (PySyft 0.2 sets ``ptr.location = destination``);
-- ``move(location, requires_grad=True)`` (and ``send(worker, requires_grad=True)``)
-  also leaves PySyft's *origin backward hook* on the arrived tensor: when
-  back-propagation reaches it, its gradient travels back to the sender (recorded
-  as a ``gradient`` transfer) and back-propagation continues through the
-  sender's graph, as PySyft's ``set_grad`` and ``backward`` messages do;
-- :meth:`PointerTensor.get` brings the tensor home; that pointer is spent
-  (using it again raises a clear error).
-
-PySyft options that the facade does not provide raise
-:class:`~splitnn.syft.exceptions.UnsupportedFeatureError` naming them.
+Torch operations on pointers run where every tensor involved lives, or raise
+:class:`~splitnn.syft.exceptions.TensorsNotCollocatedException` naming both places; transfers are
+explicit and recorded in the ledger, with PySyft 0.2's semantics (:class:`PointerTensor`).
 """
 
 from __future__ import annotations
@@ -41,7 +19,8 @@ from splitnn.syft.exceptions import (
     UnsupportedAttributeError,
     UnsupportedFeatureError,
 )
-from splitnn.syft.worker import VirtualWorker, check_worker, record, tensor_nbytes
+from splitnn.syft.worker import VirtualWorker, check_worker, record
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 #: Methods that would read a remote tensor's values without a recorded transfer.
 _REVEALING = frozenset({"item", "tolist", "numpy"})
@@ -67,7 +46,34 @@ _PYSYFT_ONLY = {
 
 
 class PointerTensor:
-    """A tensor at worker ``location``; see the module docstring."""
+    """A tensor at worker ``location``.
+
+    A pointer holds the real tensor (``child``), the worker it lives at
+    (``location``) and what kind of thing it is for the ledger (``kind``:
+    ``features``, ``labels``, ``activation`` or ``gradient``). Any torch operation
+    on pointers (``nn.NLLLoss()(pred, target)``, ``x.view(...)``, ``a + b``) runs on
+    the children when every tensor involved lives at the same worker and gives a
+    pointer at that worker; otherwise it raises
+    :class:`~splitnn.syft.exceptions.TensorsNotCollocatedException` naming both places.
+
+    Transfers are explicit and recorded, with PySyft 0.2's semantics:
+
+    - what travels is the values and the ``requires_grad`` flag, not the autograd
+      graph: a tensor that required grad arrives as a leaf that requires grad;
+    - :meth:`PointerTensor.move` sends the tensor on to another worker and the
+      pointer follows it: the pointer it was called on and the one it returns both
+      point at the destination (PySyft 0.2 sets ``ptr.location = destination``);
+    - ``move(location, requires_grad=True)`` (and ``send(worker, requires_grad=True)``)
+      also leaves PySyft's *origin backward hook* on the arrived tensor: when
+      back-propagation reaches it, its gradient travels back to the sender (recorded
+      as a ``gradient`` transfer) and back-propagation continues through the
+      sender's graph, as PySyft's ``set_grad`` and ``backward`` messages do;
+    - :meth:`PointerTensor.get` brings the tensor home; that pointer is spent
+      (using it again raises a clear error).
+
+    PySyft options that the facade does not provide raise
+    :class:`~splitnn.syft.exceptions.UnsupportedFeatureError` naming them.
+    """
 
     __slots__ = ("_child", "location", "kind")
     __hash__ = object.__hash__  # the comparison dunders below return pointers, not bools

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.errors import ConfigurationError
 from splitnn.workers import VirtualWorker as _SplitWorker
@@ -83,8 +81,3 @@ def record(src: VirtualWorker | None, dst: VirtualWorker | None, kind: str, nbyt
     """Record one transfer; ``None`` is the researcher (the process running the code)."""
     ledger = (dst if dst is not None else src).ledger
     ledger.record(src.id if src is not None else RESEARCHER, dst.id if dst is not None else RESEARCHER, kind, nbytes)
-
-
-def tensor_nbytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor's values on the wire."""
-    return tensor.numel() * tensor.element_size()

@@ -1,33 +1,9 @@
 """Aligning vertically partitioned parties with private set intersection (PSI), before training.
 
-Each party holds its own sample ids (``worker.add_dataset(name, ..., ids=[...])``, or a table
-with an id column). :func:`intersect` makes every party keep exactly the samples that all of
-them hold, in the same order, so that row ``i`` is the same patient everywhere:
-
-1. the label holder intersects its ids with each feature holder's in turn, as the PSI client
-   (:mod:`splitnn.data.psi`; ECDH, ``openmined-psi``): its candidate rows shrink to the ids
-   every holder has -- the intersection;
-2. each feature holder then intersects its ids with the label holder's intersection, as the
-   client: it learns exactly the intersection;
-3. every party keeps its intersected rows in ascending id order (optionally cut into named
-   parts, e.g. a train and a test set, at positions the researcher draws knowing only the size).
-
-Every message is bytes between two parties, recorded in the ledger with kind ``psi`` on their
-own link; the researcher only relays handles and learns the intersection's size. The parties
-may be in-process (:class:`~splitnn.workers.VirtualWorker`) or ``splitnn worker`` processes
-(:func:`splitnn.connect`), where the receiving worker pulls each message from its sender over
-their peer stream; the rounds and the bytes are the same.
-
-What each party learns. A feature holder: the intersection (among its own ids), and the size
-of the label holder's current candidate set when it answers step 1. The label holder: which of
-its own ids each feature holder holds -- with several feature holders, step 1's intermediate
-intersections include ids that a later holder lacks (two-party PSI cannot hide that; with one
-feature holder it learns exactly the intersection). No party sees an id it does not hold.
-
-What each party accepts (its policy, :func:`splitnn.workers.policy.check_psi`): a run over a
-dataset its operator placed (a networked party: loaded with ``--data``; never one a researcher
-placed, so guessed ids cannot probe another party, nor rows an earlier intersection derived),
-with the parties of ``psi_peers`` only, and at most ``max_psi_runs`` runs per dataset.
+Each party holds its own sample ids (``worker.add_dataset(name, ..., ids=[...])``, or a table with an
+id column). :func:`intersect` makes every party keep exactly the samples all of them hold, in one order,
+so that row ``i`` is the same sample everywhere; its docstring says how, what each party learns and
+what each accepts. The parties may be in-process workers or ``splitnn worker`` processes.
 """
 
 from __future__ import annotations
@@ -69,6 +45,33 @@ def intersect(
     ``f"{dataset}:{part}"`` at every party, by a random permutation drawn from ``seed`` (fractions
     may sum to less than 1; the rest is in no part). The datasets are replaced only once every
     party has its intersection; on any error nothing is changed.
+
+    It runs in three steps:
+
+    1. the label holder intersects its ids with each feature holder's in turn, as the PSI client
+       (:mod:`splitnn.data.psi`; ECDH, ``openmined-psi``): its candidate rows shrink to the ids
+       every holder has -- the intersection;
+    2. each feature holder then intersects its ids with the label holder's intersection, as the
+       client: it learns exactly the intersection;
+    3. every party keeps its intersected rows in ascending id order (optionally cut into named
+       parts, e.g. a train and a test set, at positions the researcher draws knowing only the size).
+
+    Every message is bytes between two parties, recorded in the ledger with kind ``psi`` on their
+    own link; the researcher only relays handles and learns the intersection's size. The parties
+    may be in-process (:class:`~splitnn.workers.VirtualWorker`) or ``splitnn worker`` processes
+    (:func:`splitnn.connect`), where the receiving worker pulls each message from its sender over
+    their peer stream; the rounds and the bytes are the same.
+
+    What each party learns. A feature holder: the intersection (among its own ids), and the size
+    of the label holder's current candidate set when it answers step 1. The label holder: which of
+    its own ids each feature holder holds -- with several feature holders, step 1's intermediate
+    intersections include ids that a later holder lacks (two-party PSI cannot hide that; with one
+    feature holder it learns exactly the intersection). No party sees an id it does not hold.
+
+    What each party accepts (its policy, :func:`splitnn.workers.policy.check_psi`): a run over a
+    dataset its operator placed (a networked party: loaded with ``--data``; never one a researcher
+    placed, so guessed ids cannot probe another party, nor rows an earlier intersection derived),
+    with the parties of ``psi_peers`` only, and at most ``max_psi_runs`` runs per dataset.
 
     Raises:
         ConfigurationError: a party without PSI, parties named twice, a bad split, or no common

@@ -1,34 +1,11 @@
 """Codecs for a tensor at the cut: ``none``, ``fp16``, ``bf16``, ``int8`` and ``topk:RATIO``.
 
-A codec turns a floating tensor (an activation or the gradient of one) into a smaller,
-self-describing payload and back. Pure functions of their input, with one exception
-kept apart on purpose: the *error feedback* of a sparsifying codec is state that belongs
-to the sender, so it lives in its own small object (:class:`ErrorFeedback`) that the
-in-process and the networked paths can share.
-
-Payload layout (all integers little-endian)::
-
-    offset  size        field
-    0       4           magic b"SNC1"
-    4       1           codec id (see :data:`CODEC_IDS`; ``none`` payloads are plain tensor frames instead)
-    5       1           dtype code of the original tensor (:data:`splitnn.wire.tensor_codec.DTYPE_CODES`)
-    6       1           ndim
-    7       1           reserved, 0
-    8       8 * ndim    shape, one u64 per dimension
-    ...                 codec parameters and body:
-
-    fp16, bf16  numel x 2 bytes: the values cast to float16 / bfloat16
-    int8        rows x f32 scale, rows x f32 zero point (the row's minimum), numel x u8 codes;
-                rows = shape[0] (one row for a 0-d or 1-d tensor); value = code x scale + zero point
-    topk        u64 k, u8 index width (4 or 8), 7 bytes reserved (0), k indices (int32/int64, strictly
-                increasing, into the flattened tensor), k values in the original dtype; the rest is 0.
-                k is at least one in :data:`TOPK_MAX_SPARSITY` values (a ratio >= 1/1024), so that a
-                small payload cannot declare a huge tensor
-
-The ``none`` codec's payload is a :mod:`splitnn.wire.tensor_codec` frame (``SNT1``), so a
-frame carrying codec ``none`` is exactly what the data plane carried before codecs existed.
-:func:`decode` validates every length against the header and the caller's limit before it
-reads a value, and raises :class:`~splitnn.errors.WireError` naming the problem.
+A codec turns a floating tensor (an activation or the gradient of one) into a smaller, self-describing
+payload and back: :func:`get_codec` names one, :func:`decode` reads any payload, checking every length
+against its header and the caller's limit before it reads a value (:class:`~splitnn.errors.WireError`
+otherwise). The error feedback of a sparsifying codec is the sender's state, kept apart in
+:class:`ErrorFeedback`. The ``none`` codec's payload is a plain :mod:`splitnn.wire.tensor_codec` frame
+(``SNT1``); the layout of the others is written above ``_HEAD`` below.
 """
 
 from __future__ import annotations
@@ -46,6 +23,9 @@ from splitnn.wire.tensor_codec import DEFAULT_MAX_TENSOR_BYTES, DTYPE_CODES, MAX
 
 __all__ = [
     "CODEC_IDS",
+    "CODEC_NAMES",
+    "codec_name",
+    "codec_spec",
     "MAGIC",
     "Codec",
     "NoCodec",
@@ -61,7 +41,8 @@ __all__ = [
 MAGIC = b"SNC1"
 #: Stable wire ids of the codecs. Never renumber: ids are protocol (a peer frame carries one).
 CODEC_IDS: dict[str, int] = {"none": 0, "fp16": 1, "bf16": 2, "int8": 3, "topk": 4}
-_ID_NAMES = {v: k for k, v in CODEC_IDS.items()}
+#: The codec of each wire id (the one place an id is named).
+CODEC_NAMES: dict[int, str] = {v: k for k, v in CODEC_IDS.items()}
 #: Dtypes a lossy codec accepts (and restores on decode).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -70,6 +51,25 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: about 680 times it), checked before anything is allocated.
 TOPK_MAX_SPARSITY = 1024
 
+# Payload layout (all integers little-endian)::
+#
+#     offset  size        field
+#     0       4           magic b"SNC1"
+#     4       1           codec id (see :data:`CODEC_IDS`; ``none`` payloads are plain tensor frames instead)
+#     5       1           dtype code of the original tensor (:data:`splitnn.wire.tensor_codec.DTYPE_CODES`)
+#     6       1           ndim
+#     7       1           reserved, 0
+#     8       8 * ndim    shape, one u64 per dimension
+#     ...                 codec parameters and body:
+#
+#     fp16, bf16  numel x 2 bytes: the values cast to float16 / bfloat16
+#     int8        rows x f32 scale, rows x f32 zero point (the row's minimum), numel x u8 codes;
+#                 rows = shape[0] (one row for a 0-d or 1-d tensor); value = code x scale + zero point
+#     topk        u64 k, u8 index width (4 or 8), 7 bytes reserved (0), k indices (int32/int64, strictly
+#                 increasing, into the flattened tensor), k values in the original dtype; the rest is 0.
+#                 k is at least one in :data:`TOPK_MAX_SPARSITY` values (a ratio >= 1/1024), so that a
+#                 small payload cannot declare a huge tensor
+#
 _HEAD = struct.Struct("<4sBBBB")  # magic, codec id, dtype code, ndim, reserved
 _TOPK = struct.Struct("<QB7x")  # k, index width, reserved
 _CODE_TO_DTYPE = {code: dt for dt, code in DTYPE_CODES.items()}
@@ -303,25 +303,31 @@ def get_codec(spec: str | Codec | None) -> Codec:
     raise ConfigurationError(f"unknown codec {spec!r}; known: none, fp16, bf16, int8, topk:RATIO")
 
 
-# ------------------------------------------------------------------------------ decoding
-def _view(buf: bytes | bytearray | memoryview) -> memoryview:
+def codec_spec(spec: str | Codec | None, where: str | None = None) -> str:
+    """The canonical name of codec ``spec`` (``"none"`` for no codec, ``"topk:0.1"``...); ConfigurationError,
+    prefixed by ``where`` when given, for anything :func:`get_codec` does not know."""
     try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise WireError(f"a codec payload must be bytes-like, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise WireError("a codec payload must be a contiguous buffer")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+        return get_codec(spec).spec
+    except ConfigurationError as exc:
+        if where is None:
+            raise
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
+def codec_name(codec_id: int) -> str:
+    """The name of the codec with wire id ``codec_id`` (the number itself, as text, for an unknown id)."""
+    return CODEC_NAMES.get(codec_id, str(codec_id))
+
+
+# ------------------------------------------------------------------------------ decoding
 def codec_id_of(payload: bytes | bytearray | memoryview) -> int:
     """The codec id a payload says it carries (``none`` for a plain tensor frame); WireError if neither."""
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a codec payload")
     if bytes(mv[:4]) == tensor_codec.MAGIC:
         return CODEC_IDS["none"]
     if len(mv) < _HEAD.size or bytes(mv[:4]) != MAGIC:
         raise WireError("not a codec payload: bad magic or too short")
-    if mv[4] not in _ID_NAMES or mv[4] == CODEC_IDS["none"]:
+    if mv[4] not in CODEC_NAMES or mv[4] == CODEC_IDS["none"]:
         raise WireError(f"codec payload names unknown codec id {mv[4]}")
     return mv[4]
 
@@ -341,11 +347,11 @@ def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_
     points must be finite (scales >= 0) and ``topk`` indices strictly increasing and in range.
     Raises :class:`WireError` naming the problem.
     """
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a codec payload")
     codec_id = codec_id_of(mv)
     if codec_id == CODEC_IDS["none"]:
         return tensor_codec.decode_tensor(mv, max_bytes=max_bytes)
-    name = _ID_NAMES[codec_id]
+    name = CODEC_NAMES[codec_id]
     _, _, code, ndim, reserved = _HEAD.unpack_from(mv, 0)
     dtype = _CODE_TO_DTYPE.get(code)
     if dtype not in FLOAT_DTYPES:
@@ -358,7 +364,7 @@ def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_
     if len(mv) < hlen:
         raise WireError(f"{name} payload truncated in its shape: {len(mv)} bytes, the header needs {hlen}")
     shape = struct.unpack_from(f"<{ndim}Q", mv, _HEAD.size)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     numel = 1
     for d in shape:
         if d * itemsize > max_bytes:  # each dimension too (a zero elsewhere must not let a huge one through)

@@ -1,37 +1,13 @@
 """What crosses a cut, as its sender encodes it: one tensor or several, each plain or compressed.
 
-A value at a cut is one tensor or a tuple of them (``None`` entries in a gradient where
-nothing flows back; see :mod:`splitnn.workers.values`). Where the cut has a codec
-(``SplitNN(..., compression=...)``, :mod:`splitnn.wire.compress`), its sender encodes every
-floating tensor with it; other tensors (an integer index, a boolean mask) cross plain.
-
-:class:`CutEncoder` is the sender's side of one cut in one direction: the codec and, for a
-sparsifying codec (``topk``), one :class:`~splitnn.wire.compress.ErrorFeedback` per value
-of the tuple, so the error feedback state lives at the sender, per cut and direction. Its
-:meth:`~CutEncoder.encode` gives an :class:`Encoded`: the payload bytes of each tensor plus
-the byte counts the ledger records (``nbytes``: what is sent, each compressed tensor's codec
-payload and each plain tensor's raw bytes; ``raw``: the tensors' size uncompressed). The
-in-process engine hands an :class:`Encoded` to the receiving worker, which decodes it
-(:meth:`Encoded.decode`), and a networked worker puts the same bytes on the wire
-(:meth:`Encoded.wire_parts`), so both paths compute on identical numbers.
-
-On the wire one tensor travels as before: a plain :mod:`~splitnn.wire.tensor_codec` frame or
-one codec payload, the peer frame's codec byte saying which. Several values travel as one
-*values payload* (the peer frame's ``values`` flag; all integers little-endian)::
-
-    offset     size     field
-    0          4        magic b"SNV1"
-    4          1        count n, 1..MAX_VALUES
-    5          3        reserved, 0
-    8          16 x n   per value: u8 flags (bit 0: present, bit 1: requires a gradient),
-                        7 bytes reserved (0), u64 length of its body (0 when absent)
-    8 + 16n    ...      the bodies of the present values, in order: each a tensor frame
-                        (``SNT1``) or a payload of the frame's codec (``SNC1``)
-
-"Requires a gradient" tells the receiver which values send a gradient back (the rule of
-:mod:`splitnn.workers.values`). :func:`decode_values` checks every length, flag and codec
-against the header, the frame and the caller's limit before it decodes a value, and
-raises :class:`~splitnn.errors.WireError` naming the problem.
+A value at a cut is one tensor or a tuple of them (:mod:`splitnn.workers.values`); where the cut has a
+codec (:mod:`splitnn.wire.compress`) every floating tensor takes it, others (indices, masks) cross plain.
+:class:`CutEncoder` is the sender's side of one cut in one direction (the codec and each value's error
+feedback); it gives an :class:`Encoded`: each tensor's payload bytes and the counts the ledger records
+(``nbytes`` sent, ``raw`` uncompressed). In process the receiver decodes those bytes
+(:meth:`Encoded.decode`), a networked worker sends them (:meth:`Encoded.wire_parts`): both compute on
+identical numbers. One tensor travels as a tensor frame or one codec payload; several as one values
+payload, whose layout is written above ``MAGIC`` below.
 """
 
 from __future__ import annotations
@@ -44,8 +20,8 @@ from torch import Tensor
 
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.wire import compress, tensor_codec
-from splitnn.wire.compress import FLOAT_DTYPES, Codec, ErrorFeedback, NoCodec, TopKCodec, get_codec
-from splitnn.wire.tensor_codec import DEFAULT_MAX_TENSOR_BYTES
+from splitnn.wire.compress import FLOAT_DTYPES, Codec, ErrorFeedback, NoCodec, TopKCodec, codec_name, get_codec
+from splitnn.wire.tensor_codec import DEFAULT_MAX_TENSOR_BYTES, tensor_nbytes
 
 __all__ = [
     "MAGIC",
@@ -60,6 +36,21 @@ __all__ = [
     "plain",
 ]
 
+# A values payload: several values at a cut (the peer frame's ``values`` flag; all integers little-endian)::
+#
+#     offset     size     field
+#     0          4        magic b"SNV1"
+#     4          1        count n, 1..MAX_VALUES
+#     5          3        reserved, 0
+#     8          16 x n   per value: u8 flags (bit 0: present, bit 1: requires a gradient),
+#                         7 bytes reserved (0), u64 length of its body (0 when absent)
+#     8 + 16n    ...      the bodies of the present values, in order: each a tensor frame
+#                         (``SNT1``) or a payload of the frame's codec (``SNC1``)
+#
+# "Requires a gradient" tells the receiver which values send a gradient back (the rule of
+# :mod:`splitnn.workers.values`). :func:`decode_values` checks every length, flag and codec
+# against the header, the frame and the caller's limit before it decodes a value, and
+# raises :class:`~splitnn.errors.WireError` naming the problem.
 MAGIC = b"SNV1"
 #: Most values one crossing may carry.
 MAX_VALUES = 64
@@ -81,13 +72,9 @@ class Arrived(NamedTuple):
     raw: int
 
 
-def _raw(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 @dataclass(frozen=True, eq=False)
 class Encoded:
-    """A value at a cut as its sender encoded it (see the module docstring).
+    """A value at a cut as its sender encoded it (:class:`CutEncoder` makes it).
 
     ``entries`` holds, per value, the codec payload (bytes) of a compressed tensor, the
     tensor itself (detached) of a plain one, or ``None``; ``several`` whether the value is
@@ -181,7 +168,7 @@ class CutEncoder:
                 continue
             if not isinstance(t, Tensor):
                 raise ConfigurationError(f"only tensors cross a cut, got a {type(t).__name__} as value {i}")
-            size = _raw(t)
+            size = tensor_nbytes(t)
             raw += size
             grads.append(bool(t.requires_grad))
             if lossy and t.dtype in FLOAT_DTYPES:
@@ -211,16 +198,6 @@ _PLAIN = CutEncoder(NoCodec())
 
 
 # ------------------------------------------------------------------------------ decoding
-def _view(buf: bytes | bytearray | memoryview) -> memoryview:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise WireError(f"a payload must be bytes-like, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise WireError("a payload must be a contiguous buffer")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
-
-
 def decode_payload(
     payload: bytes | bytearray | memoryview, codec: int, several: bool, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
 ) -> Arrived:
@@ -228,20 +205,16 @@ def decode_payload(
     or codec payload (``codec``: its wire id, which the payload must name)."""
     if several:
         return decode_values(payload, codec, max_bytes=max_bytes)
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a payload")
     if codec == compress.CODEC_IDS["none"]:
         t = tensor_codec.decode_tensor(mv, max_bytes=max_bytes)
-        return Arrived(t, _raw(t), _raw(t))
+        return Arrived(t, tensor_nbytes(t), tensor_nbytes(t))
     if compress.codec_id_of(mv) != codec:
         raise WireError(
-            f"peer frame says codec {_codec_name(codec)!r} but its payload is another codec's (or a plain tensor)"
+            f"peer frame says codec {codec_name(codec)!r} but its payload is another codec's (or a plain tensor)"
         )
     t = compress.decode(mv, max_bytes=max_bytes)
-    return Arrived(t, len(mv), _raw(t))
-
-
-def _codec_name(codec: int) -> str:
-    return next((name for name, cid in compress.CODEC_IDS.items() if cid == codec), str(codec))
+    return Arrived(t, len(mv), tensor_nbytes(t))
 
 
 def decode_values(
@@ -252,7 +225,7 @@ def decode_values(
     ``max_bytes`` bounds the decoded tensors together. Returns the tuple with the bytes the
     ledger counts (each compressed body's length, each plain tensor's raw bytes) and its raw size.
     """
-    mv = _view(payload)
+    mv = tensor_codec.byte_view(payload, "a payload")
     if len(mv) < _HEAD.size or bytes(mv[:4]) != MAGIC:
         raise WireError("not a values payload: bad magic or too short")
     magic, count = _HEAD.unpack_from(mv, 0)
@@ -291,17 +264,17 @@ def decode_values(
         entry_codec = compress.codec_id_of(body)
         if entry_codec == compress.CODEC_IDS["none"]:
             t = tensor_codec.decode_tensor(body, max_bytes=budget)
-            nbytes += _raw(t)
+            nbytes += tensor_nbytes(t)
         elif entry_codec != codec:
             raise WireError(
-                f"values payload: value {i} is a {_codec_name(entry_codec)} payload but the frame says "
-                f"{_codec_name(codec)!r}"
+                f"values payload: value {i} is a {codec_name(entry_codec)} payload but the frame says "
+                f"{codec_name(codec)!r}"
             )
         else:
             t = compress.decode(body, max_bytes=budget)
             nbytes += length
-        raw += _raw(t)
-        budget -= _raw(t)
+        raw += tensor_nbytes(t)
+        budget -= tensor_nbytes(t)
         if flags & REQUIRES_GRAD:
             if t.dtype not in FLOAT_DTYPES:
                 raise WireError(f"values payload: value {i} is {t.dtype} and cannot require a gradient")

@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from splitnn.errors import WireError
-from splitnn.wire.tensor_codec import DEFAULT_ALLOWED, DEFAULT_MAX_TENSOR_BYTES
+from splitnn.wire.tensor_codec import DEFAULT_ALLOWED, DEFAULT_MAX_TENSOR_BYTES, byte_view
 
 __all__ = [
     "DEFAULT_MAX_STATE_BYTES",
@@ -137,14 +137,7 @@ def decode_state(
     Checks the blob's size, header, entry count and dtypes first; the tensors returned
     own writable memory. Raises :class:`WireError` for anything malformed or over a limit.
     """
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        raise WireError(f"a state blob must be bytes-like, got {type(data).__name__}") from None
-    if not mv.c_contiguous:
-        raise WireError("a state blob must be a contiguous buffer")
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
+    mv = byte_view(data, "a state blob")
     if len(mv) > max_bytes:
         raise WireError(f"state blob is {len(mv)} bytes; the limit is {max_bytes}")
     allowed = DEFAULT_ALLOWED if allowed_dtypes is None else allowed_dtypes

@@ -40,6 +40,7 @@ __all__ = [
     "read_header",
     "header_size",
     "tensor_nbytes",
+    "byte_view",
     "payload_buffer",
     "tensor_from_payload",
 ]
@@ -163,16 +164,16 @@ def encode_tensor(t: Tensor, *, max_ndim: int = MAX_NDIM) -> bytes:
     return b"".join((_header(t), _payload_view(t)))
 
 
-def _as_bytes_view(buf: bytes | bytearray | memoryview) -> memoryview:
+def byte_view(buf: bytes | bytearray | memoryview, what: str = "a tensor frame") -> memoryview:
+    """``buf`` as a flat view of unsigned bytes (no copy); WireError naming ``what`` unless it is a contiguous
+    bytes-like buffer. Every decoder of this package reads its input through this."""
     try:
         mv = memoryview(buf)
     except TypeError:
-        raise WireError(f"a tensor frame must be bytes-like, got {type(buf).__name__}") from None
+        raise WireError(f"{what} must be bytes-like, got {type(buf).__name__}") from None
     if not mv.c_contiguous:
-        raise WireError("a tensor frame must be a contiguous buffer")
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
+        raise WireError(f"{what} must be a contiguous buffer")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
 def _resolve_allowed(allowed_dtypes: Iterable[torch.dtype] | None) -> Iterable[torch.dtype]:
@@ -192,7 +193,7 @@ def read_header(
     bytes are in, :attr:`TensorHeader.frame_len` says how many bytes to expect.
     Raises :class:`WireError` naming the problem.
     """
-    mv = _as_bytes_view(buf)
+    mv = byte_view(buf)
     n = len(mv)
     if n < _PREFIX_SIZE:
         raise WireError(f"tensor frame too short: {n} bytes, a header needs at least {_PREFIX_SIZE}")
@@ -243,7 +244,7 @@ def decode_tensor(
     the payload aligned for its dtype, the tensor is built on it, without a copy.
     Raises :class:`WireError` naming the problem.
     """
-    mv = _as_bytes_view(buf)
+    mv = byte_view(buf)
     hdr = read_header(mv, max_bytes=max_bytes, allowed_dtypes=allowed_dtypes, max_ndim=max_ndim)
     got = len(mv) - hdr.header_len
     if got != hdr.payload_len:
