@@ -95,3 +95,30 @@ def test_unsplit_refuses_bad_settings():
         UnSplit(nn.Linear(2, 2)(torch.zeros(2)))  # type: ignore[arg-type]
     with pytest.raises(ShapeMismatchError, match="architecture"):
         UnSplit(_architecture, FAST).attack(torch.zeros(2, 5), (1, 28, 28))
+
+
+def test_experiment_runs_unsplit_and_feature_inference_where_they_apply(fmnist_dir):
+    """The experiment's columns: finite for the attacks asked for, NaN for the others and for feature
+    inference under a label holder's defense (the vertical twin carries only data holder defenses)."""
+    import math
+
+    from splitnn.privacy import DefenseSetting, PrivacyConfig, run_privacy_experiment
+
+    config = PrivacyConfig(
+        data_dir=fmnist_dir,
+        download=False,
+        train_size=300,
+        aux_size=200,
+        test_size=100,
+        victims=70,
+        epochs=1,
+        attacks=("unsplit", "feature-inference"),
+        unsplit_rounds=2,
+        feature_epochs=1,
+    )
+    result = run_privacy_experiment(config, [DefenseSetting("noise", 0.1), DefenseSetting("mid", 1.0)])
+    for row in result.rows:
+        assert 0 < row.unsplit_mse < 1 and -1 <= row.unsplit_ssim <= 1
+        assert math.isnan(row.recon_mse) and math.isnan(row.norm_auc)
+    assert 0 < result.row("none").feature_mse < 1 and 0 < result.row("noise", 0.1).feature_mse < 1
+    assert math.isnan(result.row("mid", 1.0).feature_mse)

@@ -110,10 +110,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="NAMES",
-        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion (repeatable; "
-        "default: all)",
+        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion,unsplit,"
+        "feature-inference (repeatable; default: all)",
     )
     p.add_argument("--fsha-steps", type=int, default=500, help="training steps of the FSHA attacker (default 500)")
+    p.add_argument("--unsplit-rounds", type=int, default=50, help="alternations of the UnSplit attacker (default 50)")
+    p.add_argument(
+        "--feature-epochs", type=int, default=100, help="epochs of the feature-inference generator (default 100)"
+    )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the dp defense's budget (default 1e-5)")
     p.add_argument(
         "--dp-clip", type=float, default=1.0, help="per-example gradient norm bound of the dp defense (default 1)"
@@ -231,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         dp_clip=args.dp_clip,
         attacks=attacks,
         fsha_steps=args.fsha_steps,
+        unsplit_rounds=args.unsplit_rounds,
+        feature_epochs=args.feature_epochs,
         inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
         progress=not args.no_progress,
     )

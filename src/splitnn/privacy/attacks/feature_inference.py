@@ -29,8 +29,9 @@ class FeatureInferenceConfig:
         hidden: width of the generator's two hidden layers.
         noise: dimensions of the random input appended to the attacker's own features.
         epochs, batch_size, lr: Adam training of the generator over the attacked samples.
-        prior_weight: weight of the mean square of the generated features (pulls them to the
-            feature mean, 0 for standardised features); GRN's regulariser against extreme values.
+        prior_weight: weight of the mean square distance of the generated features from a
+            centre (:meth:`FeatureInference.fit`'s ``center``, 0 by default: the mean of
+            standardised features); GRN's regulariser against extreme values.
         value_range: the generated features are squashed into this range (``tanh``).
         seed: seed of the generator's weights, its noise and the data order (own generator).
     """
@@ -96,9 +97,12 @@ class FeatureInference:
         out = self.generator(torch.cat([own, noise], dim=1))  # type: ignore[misc]
         return lo + (hi - lo) * (torch.tanh(out) + 1) / 2
 
-    def fit(self, known: Sequence[torch.Tensor], predictions: torch.Tensor) -> FeatureInference:
+    def fit(
+        self, known: Sequence[torch.Tensor], predictions: torch.Tensor, *, center: torch.Tensor | None = None
+    ) -> FeatureInference:
         """Train the generator on the attacker's own parts ``known`` (every holder but the target, in order)
-        and the joint model's ``predictions`` for the same samples."""
+        and the joint model's ``predictions`` for the same samples. ``center``: the attacker's prior guess of
+        the target's features (e.g. their mean on public data), one sample's shape; default 0."""
         cfg = self.config
         known = [k.detach().float() for k in known]
         n = len(predictions)
@@ -109,6 +113,9 @@ class FeatureInference:
             )
         own = torch.cat([k.flatten(1) for k in known], dim=1)
         d_out = math.prod(self.target_shape)
+        centre = torch.zeros(d_out) if center is None else center.detach().float().reshape(-1)
+        if centre.numel() != d_out:
+            raise ShapeMismatchError(f"FeatureInference.fit: center has {centre.numel()} values, the target {d_out}")
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -130,7 +137,7 @@ class FeatureInference:
                     noise = torch.randn(len(idx), cfg.noise, generator=gen)
                     fake = self._generate(own[idx], noise)
                     out = self.model(self._parts([k[idx] for k in known], fake))
-                    loss = (out - target[idx]).pow(2).mean() + cfg.prior_weight * fake.pow(2).mean()
+                    loss = (out - target[idx]).pow(2).mean() + cfg.prior_weight * (fake - centre).pow(2).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
