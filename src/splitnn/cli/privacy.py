@@ -51,9 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "privacy",
         help="measure what leaks at the cut, with and without defenses",
         description="Train the tutorial network (cut after the data holder's segment) without a defense and with "
-        "each defense at each strength, run the attacks (input reconstruction by the receiving party, "
-        "label inference from gradients by the data holder on a one-class-vs-rest task, distance "
-        "correlation), print one table and write CSV, JSON and PNG figures.",
+        "each defense at each strength, run the attacks (--attack: decoder and UnSplit input reconstruction by "
+        "the receiving party, label inference from gradients and model completion by the data holder, distance "
+        "correlation, FSHA by a malicious label holder, GRN feature inference in a vertical twin), print one "
+        "table and write CSV, JSON and PNG figures.",
         epilog="Strength units: nopeek = alpha (weight of dCor in the data holder's loss); noise = sigma (noise std "
         "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
         "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
