@@ -50,6 +50,7 @@ def test_unsplit_beats_the_mean_image_and_noise_stops_it(trained_bottom):
     base_mse, base_ssim = _quality(mean_image.expand_as(victims), victims)
     result = UnSplit(_architecture, FAST).attack(acts, (1, 28, 28))
     rec_mse, rec_ssim = _quality(result.reconstructions, victims)
+    # measured: MSE 0.023 / SSIM 0.53 against the mean image's 0.052 / 0.14; with noise 0.13 / 0.10
     assert rec_mse < 0.7 * base_mse, (rec_mse, base_mse)
     assert rec_ssim > base_ssim + 0.2, (rec_ssim, base_ssim)
     assert result.activation_loss[-1] < result.activation_loss[0]
