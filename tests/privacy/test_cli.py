@@ -99,6 +99,9 @@ def test_parse_settings():
         (["--hidden", "64", "--workers", "alice,bob,bob"], "2 segments"),
         (["--victims", "20000"], "cannot exceed"),
         (["--positive-class", "10"], "not a class"),
+        (["--attack", "unsplit,grn"], "unknown or no attack ['grn']"),
+        (["--unsplit-rounds", "0"], "unsplit_rounds must be a positive integer"),
+        (["--feature-epochs", "0"], "feature_epochs must be a positive integer"),
     ],
 )
 def test_bad_arguments_fail_before_training(fmnist_dir, tmp_path, capsys, argv, match):

@@ -18,15 +18,43 @@ DEFAULT_STRENGTHS = {
     "mid": (0.1, 1.0, 10.0),
 }
 
+#: The integer options: flag, default, help (the default is appended).
+INT_OPTIONS = (
+    (
+        "--train-size",
+        10_000,
+        "private training samples, from the start of the training split (0: all but the auxiliary sample)",
+    ),
+    ("--aux-size", 5_000, "attacker's auxiliary public sample, from the end of the training split"),
+    ("--test-size", 0, "test samples (0: the whole test split)"),
+    ("--victims", 1_000, "private samples whose reconstruction and distance correlation are measured"),
+    ("--epochs", 3, "training epochs"),
+    ("--batch-size", 64, "training batch size"),
+    ("--positive-class", 0, "class that is positive in the binary label-leakage task"),
+    ("--label-directions", 1, "principal directions that receive noise in the label defense"),
+    ("--decoder-epochs", 30, "epochs of the attacker's decoder"),
+    ("--seed", 0, "seed of weights, data order and the defenses' noise"),
+    (
+        "--seeds",
+        1,
+        "run every setting with seeds SEED..SEED+N-1; the table and privacy.json give each column's "
+        "mean and 95%% interval",
+    ),
+    ("--fsha-steps", 500, "training steps of the FSHA attacker"),
+    ("--unsplit-rounds", 50, "alternations of the UnSplit attacker"),
+    ("--feature-epochs", 100, "epochs of the feature-inference generator"),
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "privacy",
         help="measure what leaks at the cut, with and without defenses",
         description="Train the tutorial network (cut after the data holder's segment) without a defense and with "
-        "each defense at each strength, run the attacks (input reconstruction by the receiving party, "
-        "label inference from gradients by the data holder on a one-class-vs-rest task, distance "
-        "correlation), print one table and write CSV, JSON and PNG figures.",
+        "each defense at each strength, run the attacks (--attack: decoder and UnSplit input reconstruction by "
+        "the receiving party, label inference from gradients and model completion by the data holder, distance "
+        "correlation, FSHA by a malicious label holder, GRN feature inference in a vertical twin), print one "
+        "table and write CSV, JSON and PNG figures.",
         epilog="Strength units: nopeek = alpha (weight of dCor in the data holder's loss); noise = sigma (noise std "
         "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
         "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
@@ -53,28 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "NAME=LIST (repeatable); defaults per defense: "
         + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_STRENGTHS.items()),
     )
-    p.add_argument(
-        "--train-size",
-        type=int,
-        default=10_000,
-        help="private training samples, from the start of the training split (0: all but the auxiliary "
-        "sample; default 10000)",
-    )
-    p.add_argument(
-        "--aux-size",
-        type=int,
-        default=5_000,
-        help="attacker's auxiliary public sample, from the end of the training split (default 5000)",
-    )
-    p.add_argument("--test-size", type=int, default=0, help="test samples (0: the whole test split)")
-    p.add_argument(
-        "--victims",
-        type=int,
-        default=1_000,
-        help="private samples whose reconstruction and distance correlation are measured (default 1000)",
-    )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    for flag, default, text in INT_OPTIONS:
+        p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of every segment (default 0.05)")
     p.add_argument("--hidden", default="128,640", help="hidden layer sizes of the MLP, comma-separated")
     p.add_argument(
@@ -83,37 +91,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="one worker name per segment; the first party's segments end at the cut, the last party "
         "holds the labels (default alice,bob,bob: the cut after the first layer)",
     )
-    p.add_argument(
-        "--positive-class",
-        type=int,
-        default=0,
-        help="class that is positive in the binary label-leakage task (default 0)",
-    )
     p.add_argument("--clip", type=float, default=4.0, help="per-sample activation norm bound C of the noise defense")
-    p.add_argument(
-        "--label-directions",
-        type=int,
-        default=1,
-        help="principal directions that receive noise in the label defense (default 1)",
-    )
-    p.add_argument("--decoder-epochs", type=int, default=30, help="epochs of the attacker's decoder (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and the defenses' noise")
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="run every setting with seeds SEED..SEED+N-1; the table and privacy.json give each column's mean "
-        "and 95%% interval (default 1)",
-    )
     p.add_argument(
         "--attack",
         action="append",
         default=None,
         metavar="NAMES",
-        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion (repeatable; "
-        "default: all)",
+        help="comma-separated attacks among inversion,label-leakage,dcor,fsha,model-completion,unsplit,"
+        "feature-inference (repeatable; default: all)",
     )
-    p.add_argument("--fsha-steps", type=int, default=500, help="training steps of the FSHA attacker (default 500)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the dp defense's budget (default 1e-5)")
     p.add_argument(
         "--dp-clip", type=float, default=1.0, help="per-example gradient norm bound of the dp defense (default 1)"
@@ -231,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         dp_clip=args.dp_clip,
         attacks=attacks,
         fsha_steps=args.fsha_steps,
+        unsplit_rounds=args.unsplit_rounds,
+        feature_epochs=args.feature_epochs,
         inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
         progress=not args.no_progress,
     )

@@ -6,7 +6,9 @@ party that applies them: :class:`NoPeek`, :class:`CutNoise` and :class:`DPSegmen
 :class:`Marvell` and :class:`MIDLayer` at the label holder; :class:`LabelDP`
 randomizes the label holder's training labels. The active attack :class:`FSHA`
 drives the data holder's party through the worker protocol; :class:`ModelCompletion`
-is the data holder's label inference from its own trained segment. Attacks
+is the data holder's label inference from its own trained segment; :class:`UnSplit`
+inverts the cut knowing only the data holder's architecture; :class:`FeatureInference`
+is the label party's generator against another holder's features (vertical). Attacks
 (:mod:`splitnn.privacy.attacks`) use only what the attacking party sees at the
 cut. :func:`run_privacy_experiment` trains with each defense setting, runs the
 attacks and returns the trade-off table; :mod:`splitnn.privacy.report` writes it
@@ -28,7 +30,9 @@ from splitnn.privacy.attacks import (
     train_reference_classifier,
 )
 from splitnn.privacy.attacks.completion import ModelCompletion, ModelCompletionConfig, few_labels
+from splitnn.privacy.attacks.feature_inference import FeatureInference, FeatureInferenceConfig
 from splitnn.privacy.attacks.fsha import FSHA, FSHAConfig, FSHAResult
+from splitnn.privacy.attacks.unsplit import UnSplit, UnSplitConfig, UnSplitResult
 from splitnn.privacy.defenses import (
     DEFENSE_NAMES,
     CutNoise,
@@ -56,43 +60,48 @@ from splitnn.privacy.metrics import AUCAccumulator, distance_correlation, mse, r
 from splitnn.privacy.tap import CutTap
 
 __all__ = [
+    "apply_defense",
+    "AUCAccumulator",
+    "build_defended_model",
+    "CutNoise",
+    "CutTap",
+    "DEFENSE_NAMES",
+    "DefenseOptions",
+    "DefenseSetting",
+    "distance_correlation",
     "DPSegment",
-    "LabelDP",
-    "Marvell",
-    "MIDLayer",
+    "evaluate_reconstructions",
+    "FeatureInference",
+    "FeatureInferenceConfig",
+    "few_labels",
     "FSHA",
     "FSHAConfig",
     "FSHAResult",
-    "ModelCompletion",
-    "ModelCompletionConfig",
-    "few_labels",
-    "DEFENSE_NAMES",
-    "DefenseSetting",
-    "DefenseOptions",
-    "apply_defense",
-    "NoPeek",
-    "CutNoise",
-    "LabelProtection",
-    "CutTap",
     "InversionConfig",
     "InversionResult",
-    "train_decoder",
-    "reconstruct",
-    "evaluate_reconstructions",
-    "train_reference_classifier",
+    "LabelDP",
     "LabelLeakageAttack",
     "LabelLeakageResult",
+    "LabelProtection",
+    "load_privacy_data",
+    "Marvell",
+    "MIDLayer",
+    "ModelCompletion",
+    "ModelCompletionConfig",
+    "mse",
+    "NoPeek",
     "PrivacyConfig",
     "PrivacyData",
-    "PrivacyRow",
     "PrivacyResult",
-    "run_privacy_experiment",
-    "load_privacy_data",
-    "build_defended_model",
-    "train_defended",
-    "distance_correlation",
+    "PrivacyRow",
+    "reconstruct",
     "roc_auc",
-    "AUCAccumulator",
+    "run_privacy_experiment",
     "ssim",
-    "mse",
+    "train_decoder",
+    "train_defended",
+    "train_reference_classifier",
+    "UnSplit",
+    "UnSplitConfig",
+    "UnSplitResult",
 ]

@@ -45,6 +45,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("epsilon", "epsilon", "{:.2f}"),
     ("fsha_mse", "FSHA MSE", "{:.4f}"),
     ("completion_accuracy", "completion acc", "{:.3f}"),
+    ("unsplit_mse", "UnSplit MSE", "{:.4f}"),
+    ("unsplit_ssim", "UnSplit SSIM", "{:.3f}"),
+    ("feature_mse", "feature MSE", "{:.4f}"),
 )
 
 
@@ -99,6 +102,10 @@ THREATS = {
     "decodes the activations it receives (auxiliary public data)",
     "model-completion": "completion acc: the data holder labels test samples with her own trained segment and a head "
     "fitted on 4 known labels per class",
+    "unsplit": "UnSplit MSE/SSIM: the receiving party (bob), knowing the data holder's architecture but not her "
+    "weights, optimises a surrogate segment and the inputs to match the activations it received (64 victims)",
+    "feature-inference": "feature MSE: in a vertical twin (alice: left half of each image; bob: right half, the "
+    "labels and the trained joint model), bob's generator guesses alice's half from the joint predictions (GRN)",
 }
 
 #: Columns of a row that are measurements (averaged over seeds).

@@ -6,6 +6,9 @@
 - :mod:`~splitnn.privacy.attacks.label_leakage`: the data holder infers the label
   holder's labels from the gradients it receives (norm and direction attacks of
   arXiv 2102.08504).
+- :mod:`~splitnn.privacy.attacks.fsha` (a malicious label holder), :mod:`~splitnn.privacy.attacks.completion`
+  (model completion), :mod:`~splitnn.privacy.attacks.unsplit` (black-box inversion) and
+  :mod:`~splitnn.privacy.attacks.feature_inference` (GRN, vertical) are imported from their modules.
 """
 
 from splitnn.privacy.attacks.inversion import (

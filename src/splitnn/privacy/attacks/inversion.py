@@ -68,23 +68,16 @@ class _Standardize(nn.Module):
 
 
 def _fit(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    generator: torch.Generator,
-    desc: str,
-    progress: bool,
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, cfg: InversionConfig, job: tuple
 ) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    """Adam on ``loss_fn(model(inputs), targets)``; ``job``: (epochs, seed of the data order, desc, progress)."""
+    epochs, seed, desc, progress = job
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     n = inputs.shape[0]
     for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
+        for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
             opt.zero_grad(set_to_none=True)
             loss_fn(model(inputs[idx]), targets[idx]).backward()
             opt.step()
@@ -126,19 +119,7 @@ def train_decoder(
             nn.Unflatten(1, tuple(images.shape[1:])),
         ),
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return _fit(
-        decoder,
-        acts,
-        images,
-        F.mse_loss,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        generator=gen,
-        desc="decoder",
-        progress=progress,
-    )
+    return _fit(decoder, acts, images, F.mse_loss, cfg, (cfg.epochs, cfg.seed, "decoder", progress))
 
 
 @torch.no_grad()
@@ -162,19 +143,8 @@ def train_reference_classifier(
     model = _seeded_init(
         cfg.seed + 1, lambda: nn.Sequential(nn.Flatten(), nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, num_classes))
     )
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return _fit(
-        model,
-        images.detach().float(),
-        labels.long(),
-        F.cross_entropy,
-        epochs=cfg.classifier_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        generator=gen,
-        desc="reference classifier",
-        progress=progress,
-    )
+    job = (cfg.classifier_epochs, cfg.seed + 1, "reference classifier", progress)
+    return _fit(model, images.detach().float(), labels.long(), F.cross_entropy, cfg, job)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Dedicated random streams for defenses (never the global RNG)."""
+"""Dedicated random streams for defenses (never the global RNG), and the base of the gradient-noise layers."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from splitnn.errors import ConfigurationError
 
@@ -58,3 +61,41 @@ class SeededStream:
     def reset(self) -> None:
         """Start every device's stream again from ``seed``."""
         self._generators.clear()
+
+
+def check_strength(strength: object, who: str) -> float:
+    """``strength`` as a float, or a :class:`ConfigurationError` naming ``who``."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0 <= strength < math.inf):
+        raise ConfigurationError(f"{who}: strength must be a finite number >= 0, got {strength!r}")
+    return float(strength)
+
+
+class PassGradient(torch.autograd.Function):
+    """Identity forward that keeps the layer (``module``) for a subclass's ``backward``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.module = module
+        return x.view_as(x)
+
+
+class GradientNoiseLayer(nn.Module):
+    """Identity forward; in training, the gradient going back passes through ``function`` (a
+    :class:`PassGradient`), which adds the layer's noise. Strength 0 is the identity and draws nothing."""
+
+    function: type[PassGradient]
+
+    def __init__(self, strength: float, seed: int, who: str) -> None:
+        super().__init__()
+        self.strength = check_strength(strength, who)
+        self.seed = check_seed(seed, who)
+        self._stream = SeededStream(self.seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0 or not self.training or not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        return self.function.apply(x, self)
+
+    def reset_rng(self) -> None:
+        """Restart the noise stream from ``seed``."""
+        self._stream.reset()

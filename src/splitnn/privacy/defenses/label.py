@@ -23,13 +23,10 @@ Strength 0 leaves the gradient untouched, bit for bit, and draws nothing.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
 from splitnn.errors import ConfigurationError
-from splitnn.privacy.defenses._rng import SeededStream, check_seed
+from splitnn.privacy.defenses._rng import GradientNoiseLayer, PassGradient, SeededStream
 
 
 def protect_gradient(grad: torch.Tensor, strength: float, stream: SeededStream, directions: int = 1) -> torch.Tensor:
@@ -46,19 +43,14 @@ def protect_gradient(grad: torch.Tensor, strength: float, stream: SeededStream, 
     return (g + (strength * rms) * noise).reshape(grad.shape)
 
 
-class _ProtectGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, module: LabelProtection) -> torch.Tensor:  # type: ignore[override]
-        ctx.module = module
-        return x.view_as(x)
-
+class _ProtectGradient(PassGradient):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         m = ctx.module
         return protect_gradient(grad, m.strength, m._stream, m.directions), None
 
 
-class LabelProtection(nn.Module):
+class LabelProtection(GradientNoiseLayer):
     """Identity forward; adds label-hiding noise to the gradient flowing back to the cut.
 
     Prepend it to the label holder's segment: every gradient the label holder
@@ -71,24 +63,13 @@ class LabelProtection(nn.Module):
         seed: seed of the module's own random stream (the global RNG is never used).
     """
 
+    function = _ProtectGradient
+
     def __init__(self, strength: float = 0.0, *, directions: int = 1, seed: int = 0) -> None:
-        super().__init__()
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0 <= strength < math.inf):
-            raise ConfigurationError(f"LabelProtection: strength must be a finite number >= 0, got {strength!r}")
+        super().__init__(strength, seed, "LabelProtection")
         if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
             raise ConfigurationError(f"LabelProtection: directions must be a positive integer, got {directions!r}")
-        self.strength, self.directions = float(strength), directions
-        self.seed = check_seed(seed, "LabelProtection")
-        self._stream = SeededStream(self.seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strength == 0 or not self.training or not torch.is_grad_enabled() or not x.requires_grad:
-            return x
-        return _ProtectGradient.apply(x, self)
-
-    def reset_rng(self) -> None:
-        """Restart the noise stream from ``seed``."""
-        self._stream.reset()
+        self.directions = directions
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}, directions={self.directions}, seed={self.seed}"

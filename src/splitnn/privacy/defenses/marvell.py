@@ -31,10 +31,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitnn.errors import ConfigurationError
-from splitnn.privacy.defenses._rng import SeededStream, check_seed
+from splitnn.privacy.defenses._rng import GradientNoiseLayer, PassGradient, SeededStream
 
 __all__ = ["Marvell", "marvell_noise", "optimal_marvell_covariances"]
 
@@ -107,12 +106,7 @@ def marvell_noise(grad: torch.Tensor, labels: torch.Tensor, strength: float, str
     return (g + noise).reshape(grad.shape)
 
 
-class _MarvellGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, module: Marvell) -> torch.Tensor:  # type: ignore[override]
-        ctx.module = module
-        return x.view_as(x)
-
+class _MarvellGradient(PassGradient):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         m = ctx.module
@@ -125,7 +119,7 @@ class _MarvellGradient(torch.autograd.Function):
         return marvell_noise(grad, labels, m.strength, m._stream), None
 
 
-class Marvell(nn.Module):
+class Marvell(GradientNoiseLayer):
     """Identity forward; Marvell noise on the gradient going back to the cut (prepend to the label holder's segment).
 
     Args:
@@ -138,13 +132,10 @@ class Marvell(nn.Module):
     against the rest (the paper's binary setting, one class at a time).
     """
 
+    function = _MarvellGradient
+
     def __init__(self, strength: float = 0.0, *, seed: int = 0, positive: int | None = None) -> None:
-        super().__init__()
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0 <= strength < math.inf):
-            raise ConfigurationError(f"Marvell: strength must be a finite number >= 0, got {strength!r}")
-        self.strength = float(strength)
-        self.seed = check_seed(seed, "Marvell")
-        self._stream = SeededStream(self.seed)
+        super().__init__(strength, seed, "Marvell")
         self._labels: torch.Tensor | None = None
         if positive is not None and (isinstance(positive, bool) or not isinstance(positive, int) or positive < 0):
             raise ConfigurationError(f"Marvell: positive must be a class index >= 0, got {positive!r}")
@@ -168,15 +159,6 @@ class Marvell(nn.Module):
             return fn(output, labels)
 
         return loss
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strength == 0 or not self.training or not torch.is_grad_enabled() or not x.requires_grad:
-            return x
-        return _MarvellGradient.apply(x, self)
-
-    def reset_rng(self) -> None:
-        """Restart the noise stream from ``seed``."""
-        self._stream.reset()
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}, seed={self.seed}"
