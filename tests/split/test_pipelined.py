@@ -17,7 +17,7 @@ from torch import nn, optim
 
 import splitnn
 from splitnn.errors import ConfigurationError
-from splitnn.split.schedule import run_in_process
+from splitnn.split.driver import run_in_process
 from splitnn.training import epoch_batches
 from splitnn.training.topologies import UShapedSplitNN
 from splitnn.workers.schedules import LockStep, Pipelined

@@ -12,10 +12,7 @@ from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.compression import CutCompression, apply_compression, check_codec_workers, parse_compression
 from splitnn.split.cut import join, merge_states
-from splitnn.split.epoch import can_ship, ship_epoch
-from splitnn.split.loop import EvalResult, History, evaluate, fit
-from splitnn.split.placement import PlacedData, features_and_labels
-from splitnn.split.schedule import (
+from splitnn.split.driver import (
     backward_chain,
     check_in_process,
     check_recipe_workers,
@@ -25,6 +22,9 @@ from splitnn.split.schedule import (
     run_in_process,
     train_step,
 )
+from splitnn.split.fit import EvalResult, History, evaluate, fit
+from splitnn.split.placement import PlacedData, features_and_labels
+from splitnn.split.shipping import can_ship, ship_epoch
 from splitnn.split.stage import (
     Slot,
     Stage,
@@ -85,7 +85,7 @@ class SplitNN:
             shared with the others.
         ship_epochs: when every worker can run shipped epochs (networked workers),
             let :meth:`train_epoch` send each one plan per epoch instead of driving
-            every operation (same numbers; see :mod:`splitnn.split.epoch`).
+            every operation (same numbers; see :mod:`splitnn.split.shipping`).
         compression: codecs for what crosses the cuts between parties (default: none):
             a codec name (``"fp16"``, ``"bf16"``, ``"int8"``, ``"topk:0.1"``) for both
             directions, a dict ``{"activation": ..., "gradient": ...}``, or per cut a list
@@ -341,7 +341,7 @@ class SplitNN:
         self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
     ) -> list[LossStats]:
         """One optimisation step accumulating the gradients of ``batches`` (rows of a placed dataset), clipped
-        by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.schedule.recipe_step`)."""
+        by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.driver.recipe_step`)."""
         refs = [BatchRef(dataset, idx) for idx in batches]
         return recipe_step(self.stages, refs, self.loss, clip_grad_norm=clip_grad_norm)
 

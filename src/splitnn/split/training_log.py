@@ -75,7 +75,7 @@ class TrainingLog:
         self._scalar("train/loss_step", loss, step, epoch)
 
     def epoch(self, stats) -> None:
-        """One epoch's :class:`~splitnn.split.loop.EpochStats` (at step = its epoch number)."""
+        """One epoch's :class:`~splitnn.split.fit.EpochStats` (at step = its epoch number)."""
         e = stats.epoch
         self._scalar("train/loss", stats.train_loss, e, e)
         if stats.test_loss is not None:

@@ -1,6 +1,6 @@
 """Training loops, topologies and baselines built on the split layer.
 
-* :func:`fit` / :func:`evaluate`: the loops every model shares (defined in :mod:`splitnn.split.loop`,
+* :func:`fit` / :func:`evaluate`: the loops every model shares (defined in :mod:`splitnn.split.fit`,
   below ``SplitNN``, whose ``fit`` and ``evaluate`` call them).
 * Topologies beyond one chain: :class:`MultiHolderSplitNN`, :class:`UShapedSplitNN`,
   :class:`VerticalSplitNN` (:mod:`splitnn.training.topologies`).
@@ -8,7 +8,7 @@
 """
 
 from splitnn.data.batching import epoch_batches
-from splitnn.split.loop import EpochStats, EvalResult, History, Trainable, evaluate, fit
+from splitnn.split.fit import EpochStats, EvalResult, History, Trainable, evaluate, fit
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import (
     MultiHolderSplitNN,

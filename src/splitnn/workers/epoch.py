@@ -1,6 +1,6 @@
 """Shipped epochs: what a worker needs to run a whole training epoch with its peers.
 
-The eager schedule (:mod:`splitnn.split.schedule`) issues one worker call per
+The eager schedule (:mod:`splitnn.split.driver`) issues one worker call per
 operation. A worker that implements :class:`~splitnn.workers.base.EpochWorker`
 can instead take one :class:`EpochPlan` per epoch and run every batch itself:
 it computes the batches from :class:`BatchOrder` (or takes explicit indices),

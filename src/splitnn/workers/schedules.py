@@ -4,7 +4,7 @@ A training epoch across a chain of stages (segment ``i`` at party ``chain[i]``) 
 every party, an ordered list of actions (:class:`Action`): forward / backward / step of batch
 ``t`` on stage ``s``, the loss at the label holder, zeroing gradients where they belong,
 and the sends and receives where the neighbouring stage is another party. The
-in-process driver (:mod:`splitnn.split.schedule`) and the shipped runner of a networked
+in-process driver (:mod:`splitnn.split.driver`) and the shipped runner of a networked
 worker execute these lists; nothing else writes the step order. This is the idea of
 ``torch.distributed.pipelining``'s schedules (``_Action``, per-rank action lists, the
 printed grid), for parties instead of ranks.

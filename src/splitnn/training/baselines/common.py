@@ -19,7 +19,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
-from splitnn.split.loop import EvalResult
+from splitnn.split.fit import EvalResult
 from splitnn.workers import Worker
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.losses import check_loss_name, compute_loss

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data.batching import epoch_batches
-from splitnn.split.loop import EpochStats, History, _check_positive, _show_progress
-from splitnn.split.schedule import train_step
+from splitnn.split.driver import train_step
+from splitnn.split.fit import EpochStats, History, _check_positive, _show_progress
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation, weighted_average
 from splitnn.workers import BatchRef, Worker
 

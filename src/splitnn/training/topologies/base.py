@@ -2,7 +2,7 @@
 
 A topology is a model that trains across several workers in a particular
 arrangement (many data holders, U-shaped, vertically partitioned). Each one
-implements the :class:`~splitnn.split.loop.Trainable` protocol (``prepare``,
+implements the :class:`~splitnn.split.fit.Trainable` protocol (``prepare``,
 ``train_batch``, ``eval_batch``, ``parties``, ``ledger``), so the generic
 :func:`~splitnn.training.fit` and :func:`~splitnn.training.evaluate` loops
 drive it, and it talks to its parties only through the
@@ -19,7 +19,7 @@ from torch import nn
 from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.split import Stage
-from splitnn.split.loop import EvalResult, History, evaluate, fit
+from splitnn.split.fit import EvalResult, History, evaluate, fit
 from splitnn.workers import LossStats, Worker
 from splitnn.workers.metrics import label_holder_metrics
 from splitnn.workers.refs import fresh_name

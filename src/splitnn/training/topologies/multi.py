@@ -39,7 +39,7 @@ from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.schedule import eval_step, train_step
+from splitnn.split.driver import eval_step, train_step
 from splitnn.split.stage import Slot, Stage, check_static_fit, declare_adjacency, slot_label
 from splitnn.training.topologies.base import (
     Topology,
@@ -203,11 +203,6 @@ class MultiHolderSplitNN(Topology):
     def label_holder(self) -> Worker:
         """The worker that holds the labels and computes the loss (the last top worker)."""
         return self.top_workers[-1]
-
-    @property
-    def active_holder(self) -> Worker:
-        """The data holder that holds the latest bottom weights (the last one to train)."""
-        return self.holders[self._active]
 
     def parties(self) -> list[str]:
         """Names of the distinct parties: holders, top workers, then a third-party store."""

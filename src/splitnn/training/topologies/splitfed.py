@@ -72,7 +72,7 @@ from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.schedule import eval_step, forward_chain
+from splitnn.split.driver import eval_step, forward_chain
 from splitnn.split.stage import Stage, check_static_fit
 from splitnn.training.topologies.base import (
     Topology,

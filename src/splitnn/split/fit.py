@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from splitnn.accounting import Ledger
 from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
-from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
+from splitnn.split.manifest import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
 from splitnn.split.progress import EpochProgress, progress_mode
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
@@ -189,10 +189,10 @@ def fit(
     step; ``clip_grad_norm=c`` clips the gradients by their global 2-norm over every party's
     parameters before each step, exactly ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)``
     on the unsplit model: each party shares one norm per parameter tensor, never a gradient
-    (:func:`splitnn.split.schedule.clip_global_norm`). Learning-rate schedules and weight decay
+    (:func:`splitnn.split.driver.clip_global_norm`). Learning-rate schedules and weight decay
     rules are part of the optimizer spec (:class:`splitnn.wire.OptimizerSpec`), stepped per step.
 
-    Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
+    Checkpoints (:mod:`splitnn.split.manifest`): with ``checkpoint_dir``, every party
     writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
     start, after every epoch and -- with ``checkpoint_every=N`` -- every ``N`` batches, and the
     researcher writes ``checkpoint_dir/manifest.json``. ``resume=True`` continues the job that
