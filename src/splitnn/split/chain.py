@@ -22,7 +22,6 @@ from splitnn.split.driver import (
     run_in_process,
     train_step,
 )
-from splitnn.split.fit import EvalResult, History, evaluate, fit
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.shipping import can_ship, ship_epoch
 from splitnn.split.stage import (
@@ -35,13 +34,14 @@ from splitnn.split.stage import (
     probe_chain,
     slot_label,
 )
+from splitnn.split.trainable import Trainable
 from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.inflight import as_prediction
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.refs import fresh_name
-from splitnn.workers.schedules import MAX_IN_FLIGHT, schedule
+from splitnn.workers.schedules import check_pipeline_depth, schedule
 from splitnn.workers.values import Value, is_several
 
 
@@ -60,7 +60,7 @@ def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
     return ledger
 
 
-class SplitNN:
+class SplitNN(Trainable):
     """A neural network cut into segments that live at different workers.
 
     Segment ``i`` is hosted by ``workers[i]`` (consecutive segments may share a
@@ -184,6 +184,10 @@ class SplitNN:
         """Names of the distinct workers, in chain order."""
         return list(dict.fromkeys(w.name for w in self.workers))
 
+    def party_workers(self) -> list[Worker]:
+        """The distinct workers, in chain order."""
+        return list({w.name: w for w in self.workers}.values())
+
     def train(self, mode: bool = True) -> SplitNN:
         """Set training mode for :meth:`forward` (as ``nn.Module.train``)."""
         self.training = mode
@@ -305,7 +309,7 @@ class SplitNN:
         ``threads=True``). Either way the ledger holds the epoch's transfers when this returns.
         """
         self.check_pipeline(pipeline)
-        if self.ship_epochs and can_ship(self.stages):
+        if self._shipped():
             ship_epoch(
                 self.stages,
                 dataset,
@@ -317,25 +321,24 @@ class SplitNN:
                 prediction=self.weight_prediction,
             )
             return
-        if pipeline > 1:
-            sched = schedule([s.worker.name for s in self.stages], len(batches), pipeline)
-            run_in_process(
-                self.stages,
-                sched,
-                dataset,
-                self.loss,
-                batches,
-                on_batch,
-                threads=self.threads,
-                prediction=self.weight_prediction,
-            )
+        if pipeline == 1:
+            super().train_epoch(dataset, batches, on_batch)
             return
-        for idx in batches:
-            on_batch(self.train_batch(dataset, idx))
-        for worker in dict.fromkeys(self.workers):  # pipelined workers: wait for the last step's records
-            drain = getattr(worker, "drain", None)
-            if callable(drain):
-                drain()
+        sched = schedule([s.worker.name for s in self.stages], len(batches), pipeline)
+        run_in_process(
+            self.stages,
+            sched,
+            dataset,
+            self.loss,
+            batches,
+            on_batch,
+            threads=self.threads,
+            prediction=self.weight_prediction,
+        )
+
+    def _shipped(self) -> bool:
+        """Whether :meth:`train_epoch` ships epochs to the workers (``ship_epochs``, and every worker can run one)."""
+        return self.ship_epochs and can_ship(self.stages)
 
     def train_steps(
         self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
@@ -351,13 +354,7 @@ class SplitNN:
 
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, a pipeline depth this model's workers cannot run."""
-        if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
-            raise ConfigurationError(
-                f"pipeline must be an integer 1..{MAX_IN_FLIGHT} (batches in flight), got {pipeline!r}"
-            )
-        if pipeline == 1:
-            return
-        if not (self.ship_epochs and can_ship(self.stages)):
+        if check_pipeline_depth(pipeline) > 1 and not self._shipped():
             check_in_process(self.stages, f"pipelined training (pipeline={pipeline})")
 
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
@@ -372,21 +369,6 @@ class SplitNN:
         """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
         labels, out_shape = self._outputs[self.prepare(dataset)[0]]
         check_metrics_for(dataset, names, labels, out_shape, self.loss)
-
-    def fit(self, data: Dataset | str, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
-        """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
-        return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
-
-    def evaluate(
-        self,
-        data: Dataset | str,
-        *,
-        batch_size: int = 1000,
-        progress: bool = False,
-        metrics: Sequence[str] | None = None,
-    ) -> EvalResult:
-        """Mean loss, ``metrics`` (default: accuracy for classification) and bytes moved per worker on ``data``."""
-        return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)
 
     def predict(self, x: Value) -> Value:
         """The model's outputs for ``x`` (a tensor, or a tuple for several inputs; no gradients, evaluation mode)."""

@@ -23,15 +23,16 @@ import os
 from pathlib import Path
 
 from splitnn.errors import ConfigurationError
+from splitnn.split.trainable import Trainable
 
 CSV_NAME = "metrics.csv"
 
 
-def _learning_rates(model: object) -> dict[str, float]:
+def _learning_rates(model: Trainable) -> dict[str, float]:
     from splitnn.wire.optim_spec import OptimizerSpec
 
     out: dict[str, float] = {}
-    for i, opt in enumerate(getattr(model, "optimizer_specs", None) or ()):
+    for i, opt in enumerate(model.optimizer_specs):
         try:
             spec = OptimizerSpec.parse(opt) if isinstance(opt, str) else opt
         except (ConfigurationError, ValueError):

@@ -8,7 +8,8 @@
 """
 
 from splitnn.data.batching import epoch_batches
-from splitnn.split.fit import EpochStats, EvalResult, History, Trainable, evaluate, fit
+from splitnn.split.fit import EpochStats, EvalResult, History, evaluate, fit
+from splitnn.split.trainable import Trainable
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import (
     MultiHolderSplitNN,

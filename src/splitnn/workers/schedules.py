@@ -136,11 +136,18 @@ def _check_chain(chain: Sequence[str]) -> tuple[str, ...]:
     return chain
 
 
-def _check_count(name: str, value: object, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigurationError(f"{name} must be an integer {bound}, got {value!r}")
+def _check_count(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_pipeline_depth(pipeline: object, name: str = "pipeline") -> int:
+    """``pipeline``, the batches in flight: an integer 1..:data:`MAX_IN_FLIGHT` (1: lock-step); ``name`` names
+    it in the error (``"--pipeline"`` on the command line)."""
+    if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
+        raise ConfigurationError(f"{name} must be 1..{MAX_IN_FLIGHT} (an integer: batches in flight), got {pipeline!r}")
+    return pipeline
 
 
 class _Hop(NamedTuple):
@@ -184,7 +191,7 @@ class Schedule:
 
     def __init__(self, chain: Sequence[str], num_batches: int) -> None:
         self.chain = _check_chain(chain)
-        self.num_batches = _check_count("num_batches", num_batches, 1)
+        self.num_batches = _check_count("num_batches", num_batches)
 
     # -- what each party does ----------------------------------------------------------------
     @property
@@ -288,7 +295,7 @@ class Pipelined(Schedule):
 
     def __init__(self, chain: Sequence[str], num_batches: int, in_flight: int) -> None:
         super().__init__(chain, num_batches)
-        self.in_flight = _check_count("in_flight (pipeline depth)", in_flight, 1, MAX_IN_FLIGHT)
+        self.in_flight = check_pipeline_depth(in_flight, "in_flight (pipeline depth)")
 
     @property
     def stashing(self) -> bool:
@@ -319,8 +326,8 @@ class Pipelined(Schedule):
 def schedule(chain: Sequence[str], num_batches: int, pipeline: int = 1) -> Schedule:
     """The schedule of an epoch: :class:`LockStep` for ``pipeline=1``, else :class:`Pipelined` (cached: every
     epoch of a run asks for the same one)."""
-    _check_count("pipeline", pipeline, 1, MAX_IN_FLIGHT)
-    return _schedule(_check_chain(chain), _check_count("num_batches", num_batches, 1), pipeline)
+    check_pipeline_depth(pipeline)
+    return _schedule(_check_chain(chain), _check_count("num_batches", num_batches), pipeline)
 
 
 @functools.lru_cache(maxsize=16)

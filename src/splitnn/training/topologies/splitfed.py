@@ -301,20 +301,16 @@ class SplitFedSplitNN(Topology):
         self._pending[h] += stats.count
         return stats
 
-    def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
+    def train_batches(
+        self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None]
     ) -> None:
-        """Train an epoch's batches round by round, averaging at the end of every round.
+        """Train an epoch's batches round by round, averaging at the end of every round
+        (what :meth:`train_epoch`, and so :func:`~splitnn.training.fit`, runs).
 
         A batch belongs to round ``i // round_batches`` where ``i`` counts the earlier batches
         of the same holder (round 0 for all when a round is an epoch); within a round the
         batches run in their order in ``batches`` (:meth:`epoch_plan`'s is the serving
-        order). ``on_batch`` gets each batch's stats in that order. ``order`` is unused.
+        order). ``on_batch`` gets each batch's stats in that order.
         """
         rounds = self._group_rounds(dataset, batches)  # checks every batch before any training
         pool = ThreadPoolExecutor(len(self.holders), thread_name_prefix="splitfed") if self.parallel else None
@@ -325,10 +321,6 @@ class SplitFedSplitNN(Topology):
         finally:
             if pool is not None:
                 pool.shutdown()
-        for worker in self.workers():  # pipelined (networked) workers: wait for the last records
-            drain = getattr(worker, "drain", None)
-            if callable(drain):
-                drain()
 
     def average(self) -> None:
         """End a round: average the bottoms (and v1's top copies) over the holders that trained since the last one.

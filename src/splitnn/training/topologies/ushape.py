@@ -15,7 +15,7 @@ and the data placed correctly (features and labels at the same party).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -91,18 +91,10 @@ class UShapedSplitNN(Topology):
         """One optimisation step on rows ``indices`` (loss at the data holder)."""
         return self.chain.train_batch(dataset, indices)
 
-    def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-        pipeline: int = 1,
-    ) -> None:
-        """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped; ``pipeline``
-        batches in flight)."""
-        self.chain.train_epoch(dataset, batches, on_batch, order=order, pipeline=pipeline)
+    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch, **options) -> None:
+        """Train a whole epoch (:meth:`SplitNN.train_epoch`, with its ``order`` and ``pipeline``: networked
+        workers get it shipped)."""
+        self.chain.train_epoch(dataset, batches, on_batch, **options)
 
     def train_steps(
         self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
