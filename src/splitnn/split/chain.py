@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from splitnn.split.stage import (
     probe_chain,
     slot_label,
 )
-from splitnn.split.trainable import Trainable
+from splitnn.split.trainable import Batches, OnBatch, Trainable
 from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.inflight import as_prediction
@@ -288,13 +288,7 @@ class SplitNN(Trainable):
         return train_step(self.stages, BatchRef(dataset, indices), self.loss)
 
     def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-        pipeline: int = 1,
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
     ) -> None:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
 

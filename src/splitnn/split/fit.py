@@ -82,9 +82,13 @@ class History:
         return [e.test_metrics[name] for e in self.epochs]
 
 
-def _check_positive(name: str, value: object) -> int:
+def check_positive(name: str, value: object, *, none_means: str | None = None) -> int | None:
+    """``value``, a positive integer; with ``none_means`` also None (what None means goes in the error)."""
+    if value is None and none_means is not None:
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        also = f" or None ({none_means})" if none_means is not None else ""
+        raise ConfigurationError(f"{name} must be a positive integer{also}, got {value!r}")
     return value
 
 
@@ -191,12 +195,12 @@ def fit(
     fault is raised.
     """
     _check_trainable(model)
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    _check_positive("pipeline", pipeline)
+    check_positive("epochs", epochs)
+    check_positive("batch_size", batch_size)
+    check_positive("pipeline", pipeline)
     seed = check_seed(seed)  # an int from here on (numpy integers included)
     progress_mode(progress)  # refuses a value that is none of the modes
-    _check_positive("accumulate", accumulate)
+    check_positive("accumulate", accumulate)
     recipe = _check_recipe(model, accumulate, clip_grad_norm, pipeline, checkpoint_every if checkpoint_dir else None)
     model.check_pipeline(pipeline)
     if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
@@ -461,7 +465,7 @@ def evaluate(
     it kept during the evaluation, and only their values reach this process.
     """
     _check_trainable(model)
-    _check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size)
     names = check_metric_names(metrics, model.loss)
     name, n = model.prepare(data)
     model.check_metrics(name, names)

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from splitnn.split.stage import Slot
 
 
+#: An epoch's batches: each a tensor of row indices.
+Batches = Sequence[torch.Tensor]
+#: Called with each batch's stats, in batch order.
+OnBatch = Callable[[LossStats], None]
+
+
 def drain_workers(workers: Iterable[Worker]) -> None:
     """Wait until pipelining (networked) workers have finished their queued steps, so that the ledger holds
     their records; nothing for in-process workers."""
@@ -90,13 +96,7 @@ class Trainable(ABC):
             )
 
     def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-        pipeline: int = 1,
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
     ) -> None:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats in batch order.
 
@@ -108,9 +108,7 @@ class Trainable(ABC):
         self.train_batches(dataset, batches, on_batch)
         drain_workers(self.party_workers())
 
-    def train_batches(
-        self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None]
-    ) -> None:
+    def train_batches(self, dataset: str, batches: Batches, on_batch: OnBatch) -> None:
         """Train ``batches`` in order (default: :meth:`train_batch` each), calling ``on_batch`` with their stats."""
         for idx in batches:
             on_batch(self.train_batch(dataset, idx))

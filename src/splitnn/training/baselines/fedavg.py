@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.split.driver import train_step
-from splitnn.split.fit import EpochStats, History, _check_positive, _show_progress
+from splitnn.split.fit import EpochStats, History, _show_progress, check_positive
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation, weighted_average
 from splitnn.workers import BatchRef, Worker
 
@@ -79,9 +79,9 @@ class FedAvg(Federation):
         the round number; ``train_loss`` the clients' mean training loss; test
         metrics of the averaged model when ``test_data`` is given).
         """
-        _check_positive("rounds", rounds)
-        _check_positive("local_epochs", local_epochs)
-        _check_positive("batch_size", batch_size)
+        check_positive("rounds", rounds)
+        check_positive("local_epochs", local_epochs)
+        check_positive("batch_size", batch_size)
         placed = self.place(shards)  # checks everything before any training
         total_samples = sum(n for _, n in placed)
         history = History()

@@ -31,7 +31,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
 from splitnn.split.driver import train_step
-from splitnn.split.fit import EpochStats, History, _check_positive, _show_progress
+from splitnn.split.fit import EpochStats, History, _show_progress, check_positive
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation
 from splitnn.workers import BatchRef, Worker
 from splitnn.workers.base import GradientWorker
@@ -88,8 +88,8 @@ class LargeBatchSGD(Federation):
         ``shards[k]`` is client ``k``'s data. Returns one
         :class:`~splitnn.training.EpochStats` per epoch.
         """
-        _check_positive("epochs", epochs)
-        _check_positive("batch_size", batch_size)
+        check_positive("epochs", epochs)
+        check_positive("batch_size", batch_size)
         placed = self.place(shards)
         total_samples = sum(n for _, n in placed)
         history = History()

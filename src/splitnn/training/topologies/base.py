@@ -97,6 +97,31 @@ def combine_stats(parts: Sequence[LossStats]) -> LossStats:
     return LossStats(float(loss), correct, count)
 
 
+def check_bottom_and_top(
+    bottom: nn.Module, top: Sequence[nn.Module], holders: Sequence[Worker], top_workers: Worker | Sequence[Worker]
+) -> tuple[nn.Module, list[nn.Module], list[Worker], list[Worker]]:
+    """The checks of many data holders sharing one bottom segment (each a copy) before the top segments:
+    modules, at least one holder and one top segment, distinct holders, none of them a top worker."""
+    bottom = check_modules([bottom], "bottom segment")[0]
+    top = check_modules(top, "top segment")
+    if not top:
+        raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
+    holders = list(holders)
+    if not holders:
+        raise ConfigurationError("give at least one data holder")
+    distinct(holders, "data holders")
+    top_workers = as_worker_list(top_workers, len(top), "top segments")
+    refuse_shared(holders, top_workers, "a data holder hosts only its copy of the bottom segment")
+    return bottom, top, holders, top_workers
+
+
+def refuse_shared(holders: Sequence[Worker], top_workers: Sequence[Worker], why: str) -> None:
+    """Refuse a party that is both a data holder and a top worker, saying ``why``."""
+    shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
+    if shared:
+        raise ConfigurationError(f"{shared} cannot be both a data holder and a top worker; {why}")
+
+
 def distinct(workers: Sequence[Worker], what: str) -> None:
     """Refuse the same party twice in a role that needs distinct parties."""
     names = [w.name for w in workers]

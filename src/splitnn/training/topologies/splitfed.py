@@ -72,19 +72,17 @@ from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.driver import eval_step, forward_chain
+from splitnn.split.driver import forward_chain
+from splitnn.split.fit import check_positive
 from splitnn.split.stage import Stage, check_static_fit
+from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import (
-    Topology,
     as_optimizer_list,
-    as_worker_list,
-    check_modules,
-    combine_stats,
-    distinct,
+    check_bottom_and_top,
     new_prefix,
     place,
 )
-from splitnn.training.topologies.horizontal import HolderShards, Partitioner
+from splitnn.training.topologies.horizontal import HolderShards, Partitioner, ShardedTopology
 from splitnn.training.topologies.lanes import Turnstile, run_lanes
 from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, Worker
 from splitnn.workers.losses import Loss, check_loss_at
@@ -96,7 +94,7 @@ VARIANTS: tuple[str, ...] = ("v1", "v2")
 _ORDER_SEED_OFFSET = 104_729
 
 
-class SplitFedSplitNN(Topology):
+class SplitFedSplitNN(ShardedTopology):
     """``K`` data holders train in parallel; their bottom segments are averaged every round. See the module docstring.
 
     Args:
@@ -145,30 +143,11 @@ class SplitFedSplitNN(Topology):
         parallel: bool | None = None,
         ledger: Ledger | None = None,
     ) -> None:
-        bottom = check_modules([bottom], "bottom segment")[0]
-        top = check_modules(top, "top segment")
-        if not top:
-            raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
-        holders = list(holders)
-        if not holders:
-            raise ConfigurationError("give at least one data holder")
-        distinct(holders, "data holders")
-        top_workers = as_worker_list(top_workers, len(top), "top segments")
+        bottom, top, holders, top_workers = check_bottom_and_top(bottom, top, holders, top_workers)
         holder_names = {h.name for h in holders}
-        shared = sorted(holder_names & {w.name for w in top_workers})
-        if shared:
-            raise ConfigurationError(
-                f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
-                f"only its copy of the bottom segment"
-            )
         if variant not in VARIANTS:
             raise ConfigurationError(f"unknown SplitFed variant {variant!r}; choose one of {VARIANTS}")
-        if round_batches is not None and (
-            isinstance(round_batches, bool) or not isinstance(round_batches, int) or round_batches < 1
-        ):
-            raise ConfigurationError(
-                f"round_batches must be a positive integer or None (one round per epoch), got {round_batches!r}"
-            )
+        check_positive("round_batches", round_batches, none_means="one round per epoch")
         if parallel is not None and not isinstance(parallel, bool):
             raise ConfigurationError(f"parallel must be True, False or None (automatic), got {parallel!r}")
         aggregator = aggregator if aggregator is not None else top_workers[-1]
@@ -218,11 +197,6 @@ class SplitFedSplitNN(Topology):
         self.rounds = 0  #: rounds completed (averages taken, or would-be averages with one holder)
 
     # -- who is who -------------------------------------------------------------------------
-    @property
-    def label_holder(self) -> Worker:
-        """The worker that holds the labels and computes the loss (the last top worker)."""
-        return self.top_workers[-1]
-
     def parties(self) -> list[str]:
         """Names of the distinct parties: holders, top workers, then a third-party aggregator."""
         return [w.name for w in self.workers()]
@@ -237,17 +211,6 @@ class SplitFedSplitNN(Topology):
         return [self._bottoms[holder], *self._tops[holder if self.variant == "v1" else 0]]
 
     # -- data -------------------------------------------------------------------------------
-    def shard_name(self, dataset: str, holder: int) -> str:
-        """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
-        return self._shards.shard_name(dataset, holder)
-
-    def prepare(self, data: object) -> tuple[str, int]:
-        """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
-
-        Shapes, shard sizes and the labels are checked here, before any training.
-        """
-        return self._shards.prepare(data, self.stages_of(0), self.loss)
-
     def epoch_plan(
         self, dataset: str, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
     ) -> list[torch.Tensor]:
@@ -301,9 +264,7 @@ class SplitFedSplitNN(Topology):
         self._pending[h] += stats.count
         return stats
 
-    def train_batches(
-        self, dataset: str, batches: Sequence[torch.Tensor], on_batch: Callable[[LossStats], None]
-    ) -> None:
+    def train_batches(self, dataset: str, batches: Batches, on_batch: OnBatch) -> None:
         """Train an epoch's batches round by round, averaging at the end of every round
         (what :meth:`train_epoch`, and so :func:`~splitnn.training.fit`, runs).
 
@@ -403,30 +364,12 @@ class SplitFedSplitNN(Topology):
         return stats()
 
     # -- evaluation and results -------------------------------------------------------------
-    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
-        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with its chain
-        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
-        holder, local = self._shards.locate(dataset, indices)
-        parts = []
-        for h in torch.unique(holder).tolist():
-            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
-            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
-        return combine_stats(parts)
-
-    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
-        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
-
     def collect(self) -> nn.Sequential:
         """Holder 0's chain (bottom, then its or the top) as one ``nn.Sequential`` (recorded as weights).
 
         After a round every holder's chain is the same averaged network.
         """
-        layers: list[nn.Module] = []
-        for stage in self.stages_of(0):
-            module = stage.worker.fetch_segment(stage.key)
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return self._collect_chain(0)
 
     def __repr__(self) -> str:
         holders = ", ".join(w.name for w in self.holders)

@@ -23,6 +23,7 @@ from torch import nn
 from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError
 from splitnn.split import SplitNN
+from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import Topology, as_worker_list, check_modules
 from splitnn.workers import LossStats, Worker
 from splitnn.workers.losses import Loss
@@ -91,10 +92,12 @@ class UShapedSplitNN(Topology):
         """One optimisation step on rows ``indices`` (loss at the data holder)."""
         return self.chain.train_batch(dataset, indices)
 
-    def train_epoch(self, dataset: str, batches: Sequence[torch.Tensor], on_batch, **options) -> None:
-        """Train a whole epoch (:meth:`SplitNN.train_epoch`, with its ``order`` and ``pipeline``: networked
-        workers get it shipped)."""
-        self.chain.train_epoch(dataset, batches, on_batch, **options)
+    def train_epoch(
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
+    ) -> None:
+        """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped; ``pipeline``
+        batches in flight)."""
+        self.chain.train_epoch(dataset, batches, on_batch, order=order, pipeline=pipeline)
 
     def train_steps(
         self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None

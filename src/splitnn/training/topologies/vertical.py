@@ -38,6 +38,7 @@ from splitnn.training.topologies.base import (
     new_prefix,
     place,
     probe_stages,
+    refuse_shared,
 )
 from splitnn.workers import BatchRef, DatasetStats, LossStats, MergingWorker, Worker
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
@@ -240,12 +241,7 @@ class VerticalSplitNN(Topology):
             raise ConfigurationError("give at least one top segment to take the merged activations")
         distinct(holders, "vertical data holders")
         top_workers = as_worker_list(top_workers, len(top), "top segments")
-        shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
-        if shared:
-            raise ConfigurationError(
-                f"{shared} cannot be both a data holder and a top worker: it would receive the "
-                f"other holders' activations"
-            )
+        refuse_shared(holders, top_workers, "it would receive the other holders' activations")
         self.merge = check_merge(merge)
         if not isinstance(top_workers[0], MergingWorker):
             raise ConfigurationError(
