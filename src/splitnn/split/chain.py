@@ -11,7 +11,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.compression import CutCompression, apply_compression, check_codec_workers, parse_compression
-from splitnn.split.cut import join, merge_states
+from splitnn.split.cut import join, merge_states, sequential_of
 from splitnn.split.driver import (
     backward_chain,
     check_in_process,
@@ -22,27 +22,24 @@ from splitnn.split.driver import (
     run_in_process,
     train_step,
 )
-from splitnn.split.placement import PlacedData, features_and_labels
+from splitnn.split.placement import ChainData
 from splitnn.split.shipping import can_ship, ship_epoch
 from splitnn.split.stage import (
     Slot,
     Stage,
     check_static_fit,
     declare_adjacency,
-    feature_probe,
-    format_shape,
-    probe_chain,
     slot_label,
 )
 from splitnn.split.trainable import Batches, OnBatch, Trainable
-from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
+from splitnn.workers import BatchRef, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.inflight import as_prediction
-from splitnn.workers.losses import Loss, check_labels, check_loss_at
+from splitnn.workers.losses import Loss, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.refs import fresh_name
 from splitnn.workers.schedules import check_pipeline_depth, schedule
-from splitnn.workers.values import Value, is_several
+from splitnn.workers.values import Value
 
 
 def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
@@ -155,10 +152,7 @@ class SplitNN(Trainable):
         self.optimizer_specs = optimizers  # what each segment's optimizer is (training logs read the lr)
         apply_compression(self.stages, self.compression)  # nothing to do without compression
         self.training = True
-        # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
-        self._data_names = PlacedData()
-        self._sizes: dict[str, int] = {}  # checked datasets: name -> size
-        self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
+        self._data = ChainData(self.stages, self.loss)  # the datasets placed and checked
         self.ship_epochs = ship_epochs
         self.threads = threads
         #: the moving-average factor of pipelined weight prediction (None: off)
@@ -244,44 +238,7 @@ class SplitNN(Trainable):
         A string names a dataset the workers already hold. Shapes and label
         range are checked here, before any training. Returns (name, size).
         """
-        name = self._data_names.name_for(data, self._place)
-        if name not in self._sizes:
-            self._sizes[name] = self._check_placed(name)
-        return name, self._sizes[name]
-
-    def _place(self, data: object) -> str:
-        features, labels = features_and_labels(data, "the workers")
-        name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # two models' "rand" datasets do not collide
-        if self.data_holder is self.label_holder:  # U-shaped: one party holds both
-            self.data_holder.add_dataset(name, features=features, labels=labels)
-        else:
-            self.data_holder.add_dataset(name, features=features)
-            self.label_holder.add_dataset(name, labels=labels)
-        return name
-
-    def _check_placed(self, name: str) -> int:
-        """Check holders, sizes, shapes at every cut and the label range; return the dataset's size."""
-        feats = self.data_holder.dataset_stats(name)
-        labels = self.label_holder.dataset_stats(name)
-        if feats.feature_shape is None or labels.label_max is None:
-            raise ConfigurationError(
-                f"dataset {name!r}: {self.data_holder.name!r} must hold its features and "
-                f"{self.label_holder.name!r} its labels"
-            )
-        if feats.size != labels.num_labels:
-            raise ConfigurationError(
-                f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
-                f"{labels.num_labels} labels at {self.label_holder.name!r}"
-            )
-        out_shape = probe_chain(self.stages, feature_probe(feats))
-        if is_several(out_shape):
-            raise ConfigurationError(
-                f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
-                "tensor: make the model's forward return one tensor"
-            )
-        check_labels(name, labels, out_shape, self.loss, self.label_holder.name)
-        self._outputs[name] = (labels, out_shape)
-        return feats.size
+        return self._data.prepare(data)
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` of a placed dataset."""
@@ -361,7 +318,7 @@ class SplitNN(Trainable):
 
     def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
         """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        labels, out_shape = self._outputs[self.prepare(dataset)[0]]
+        labels, out_shape = self._data.outputs(self.prepare(dataset)[0])
         check_metrics_for(dataset, names, labels, out_shape, self.loss)
 
     def predict(self, x: Value) -> Value:
@@ -380,12 +337,7 @@ class SplitNN(Trainable):
         """
         modules = [stage.worker.fetch_segment(stage.key) for stage in self.stages]
         joined = join(modules)
-        if joined is not None:
-            return joined
-        layers: list[nn.Module] = []
-        for module in modules:
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return joined if joined is not None else sequential_of(modules)
 
     def checkpoint_segments(self) -> list[Slot]:
         """Every segment with its checkpoint label (``s0``, ``s1``, ...), worker and key."""

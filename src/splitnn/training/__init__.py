@@ -1,7 +1,7 @@
 """Training loops, topologies and baselines built on the split layer.
 
-* :func:`fit` / :func:`evaluate`: the loops every model shares (defined in :mod:`splitnn.split.fit`,
-  below ``SplitNN``, whose ``fit`` and ``evaluate`` call them).
+* :func:`fit` / :func:`evaluate` and :class:`Trainable`, the base class of every model they drive
+  (defined in :mod:`splitnn.split.fit` and :mod:`splitnn.split.trainable`, below ``SplitNN``).
 * Topologies beyond one chain: :class:`MultiHolderSplitNN`, :class:`UShapedSplitNN`,
   :class:`VerticalSplitNN` (:mod:`splitnn.training.topologies`).
 * Baselines: :class:`FedAvg`, :class:`LargeBatchSGD` (:mod:`splitnn.training.baselines`).

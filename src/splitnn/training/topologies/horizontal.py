@@ -25,6 +25,7 @@ from torch import nn
 from splitnn.data import PartitionSpec, parse_partition
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
+from splitnn.split.cut import sequential_of
 from splitnn.split.driver import eval_step
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage
@@ -277,8 +278,4 @@ class ShardedTopology(Topology):
         self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
 
     def _collect_chain(self, holder: int) -> nn.Sequential:
-        layers: list[nn.Module] = []
-        for stage in self.stages_of(holder):
-            module = stage.worker.fetch_segment(stage.key)
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return sequential_of(stage.worker.fetch_segment(stage.key) for stage in self.stages_of(holder))

@@ -1,28 +1,7 @@
 """Many data holders, one label holder: horizontal split learning with round-robin turns.
 
-``K`` data holders each own a shard of the samples and a copy of the bottom
-segment (all copies start from the same weights); the label holder (with any
-other top workers) owns the rest of the network and the labels of every shard.
-The holders take turns: a holder trains on its own shard for one turn (its
-whole shard per epoch, or ``turn_batches`` batches), then the bottom segment's
-weights pass to the next holder, so every holder always computes with the
-latest bottom weights. The weights travel
-
-* ``peer``: directly from holder ``i`` to holder ``i+1``;
-* ``central``: from holder ``i`` to a weight store (the label holder, or a
-  third party) and from the store to holder ``i+1``.
-
-Each hand-off is one :meth:`~splitnn.workers.PeerStateWorker.send_state` call,
-recorded in the ledger as ``weights`` bytes on the link it really uses.
-Hand-offs are lazy: a holder receives the weights when it next has to compute
-(its turn, or an evaluation of its test shard), and never when it already has
-the latest ones. Only the weights move; each holder keeps its own optimizer
-(and its state, e.g. momentum).
-
-Datasets: as :mod:`splitnn.training.topologies.horizontal` describes (shard ``h`` at
-holder ``h``, labels at the label holder, samples numbered shard after shard). A
-training batch holds samples of one holder only: :meth:`epoch_plan` builds the
-epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
+:class:`MultiHolderSplitNN` and the record of a hand-off of the bottom weights (:class:`HandOff`);
+datasets are placed as :mod:`splitnn.training.topologies.horizontal` describes.
 """
 
 from __future__ import annotations
@@ -77,6 +56,9 @@ class MultiHolderSplitNN(ShardedTopology):
     the next holder (``send_state``, recorded as ``weights`` bytes), directly (``"peer"``) or
     through a weight store (``"central"``). Hand-offs are lazy: a holder receives the weights
     when it next has to compute. Each holder keeps its own optimizer; only the weights move.
+
+    A training batch holds samples of one holder only: :meth:`epoch_plan` builds the epoch's
+    batches that way, and :func:`~splitnn.training.fit` asks for it.
 
     Args:
         bottom: the first segment; every holder gets its own copy (same initial

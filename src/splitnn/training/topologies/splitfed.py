@@ -1,61 +1,7 @@
 """SplitFed: many data holders train in parallel and average their bottom segments (Thapa et al. 2022).
 
-``K`` data holders each own a shard of the samples (placed as
-:mod:`splitnn.training.topologies.horizontal` describes) and their own copy of the
-bottom segment (all copies start from the same weights); the label holder (with any
-other top workers) owns the rest of the network and every shard's labels. Training
-goes in *rounds*; in each round every holder trains on its next batches, the holders at
-the same time, and at the end of the round the copies are averaged:
-
-* **v1** (SplitFedV1): the top workers keep one copy of the top segments per holder;
-  holder ``h`` trains with its own top copy, so the holders are independent until the
-  round ends, when the top copies are averaged too (at their workers, locally: nothing
-  travels for that).
-* **v2** (SplitFedV2): one top segment, served holder by holder. In each round the label
-  holder serves the holders' batches in turns of one batch each (step ``j`` of every
-  holder before step ``j + 1`` of any), visiting the holders in a random order per round
-  drawn from ``torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)`` (one
-  ``randperm(K)`` per round, in round order; :meth:`SplitFedSplitNN.epoch_plan` lists the
-  batches in exactly that order).
-
-A round is a holder's whole shard (one local epoch; the default) or ``round_batches``
-batches of each holder (the last round of an epoch may be shorter; a holder whose shard
-is used up sits the rest of the epoch's rounds out). Rounds do not span epochs, so the
-model is averaged at the end of every epoch.
-
-Averaging. At the end of a round, every holder that trained in it sends its bottom's
-weights to the **aggregator** (``weights`` in the ledger, holder -> aggregator), which
-loads ``sum_h n_h W_h / sum_h n_h`` (``n_h``: the samples holder ``h`` trained on in the
-round, i.e. its shard size when a round is a local epoch, as in FedAvg and the paper)
-and sends it back to every holder (``weights``, aggregator -> holder). The aggregator is
-the label holder unless ``aggregator=`` names another worker: by default the label holder
-then sees the bottom weights as well as the activations, as in the paper; a separate party
-that sees only weights is the privacy-preserving choice. v1's top copies are averaged with
-the same weights at their own workers. Each holder (and each top copy) keeps its own
-optimizer and its state: only weights are averaged. With one holder nothing is averaged
-and no weights travel: training is the plain chain's, bit for bit.
-
-Worker operations used: the :class:`~splitnn.workers.Worker` protocol for every training
-and evaluation step (``zero_grad``, ``forward``, ``loss``, ``backward``, ``step``), and,
-with two or more holders, :meth:`~splitnn.workers.PeerStateWorker.send_state` at every
-holder and at the aggregator, and :meth:`~splitnn.workers.AveragingWorker.average_states`
-at the aggregator and (v1) at every top worker.
-
-Concurrency (``parallel``). Each holder's steps of a round run on a thread of its own, the
-top workers served one holder at a time (v2: in the order above; v1: in any order, since the
-holders' chains are independent until the round ends); see
-:mod:`splitnn.training.topologies.lanes`. ``parallel=False`` runs the same steps in the
-order of :meth:`SplitFedSplitNN.epoch_plan` on one thread. The weights are identical either
-way. The same holds for networked workers (``splitnn worker`` processes reached through
-:class:`~splitnn.client.RemoteWorker`): each holder's thread drives its own worker, whose
-bottom forward is put on the wire at once (``flush``) so that it runs while the thread waits
-for the label holder; the top workers' clients are only called inside the turnstile (and
-serialise concurrent callers anyway), where the label holder's part of the step is queued
-without waiting (its loss through ``loss_deferred``, awaited after the thread has left the
-turnstile), so the next holder's step queues at the label holder during this one's round
-trip; activations and gradients go holder <-> label holder over their peer links, never
-through the researcher. The label holder runs one holder's step at a time: what overlaps
-is the holders' own computation and the network hops.
+:class:`SplitFedSplitNN` (its docstring describes rounds, averaging and concurrency) and the checks of the
+capabilities its workers need.
 """
 
 from __future__ import annotations
@@ -95,7 +41,23 @@ _ORDER_SEED_OFFSET = 104_729
 
 
 class SplitFedSplitNN(ShardedTopology):
-    """``K`` data holders train in parallel; their bottom segments are averaged every round. See the module docstring.
+    """``K`` data holders train in parallel; their bottom segments are averaged every round.
+
+    Each holder owns a shard of the samples (placed as :mod:`~splitnn.training.topologies.horizontal`
+    describes) and a copy of the bottom segment (same initial weights); the label holder (with any other
+    top workers) owns the rest and every shard's labels. A round is a holder's whole shard (the default)
+    or ``round_batches`` batches of each holder; rounds do not span epochs. With ``variant="v1"`` the top
+    workers keep one top copy per holder (averaged too, at their workers); with ``"v2"`` one top segment
+    serves the holders in turns of one batch (step ``j`` of every holder before step ``j + 1`` of any),
+    in a random order per round: one ``randperm(K)`` per round from
+    ``torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)`` (:meth:`epoch_plan` lists that order).
+
+    At the end of a round every holder that trained sends its bottom's weights to the aggregator, which
+    loads ``sum_h n_h W_h / sum_h n_h`` (``n_h``: the samples holder ``h`` trained on in the round) and
+    sends it back (``weights`` in the ledger); only weights are averaged, each copy keeps its optimizer.
+    With one holder nothing is averaged and training is the plain chain's, bit for bit. ``parallel``
+    runs each holder's steps on a thread of its own (the top workers serve one holder at a time;
+    :mod:`~splitnn.training.topologies.lanes`); the weights are the same either way. See docs/splitfed.md.
 
     Args:
         bottom: the first segment; every holder gets its own copy (same initial weights;
