@@ -20,6 +20,7 @@ from splitnn.split.progress import EpochProgress, progress_mode
 from splitnn.split.trainable import Trainable
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
+from splitnn.workers.schedules import check_pipeline_depth
 
 
 @dataclass
@@ -197,7 +198,7 @@ def fit(
     _check_trainable(model)
     check_positive("epochs", epochs)
     check_positive("batch_size", batch_size)
-    check_positive("pipeline", pipeline)
+    check_pipeline_depth(pipeline)
     seed = check_seed(seed)  # an int from here on (numpy integers included)
     progress_mode(progress)  # refuses a value that is none of the modes
     check_positive("accumulate", accumulate)
