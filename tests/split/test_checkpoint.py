@@ -18,7 +18,7 @@ from torch import nn
 import splitnn
 from splitnn.errors import CheckpointError, ConfigurationError
 from splitnn.privacy.defenses.noise import CutNoise
-from splitnn.split.checkpoint import MANIFEST_NAME
+from splitnn.split.manifest import MANIFEST_NAME
 from splitnn.training import MultiHolderSplitNN, VerticalSplitNN
 from tests.helpers import assert_same_weights, toy_dataset
 
@@ -300,7 +300,7 @@ def flaky_chain(fail_at=None, down_for=0):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr("splitnn.split.loop.RETRY_WAIT", 0.0)
+    monkeypatch.setattr("splitnn.split.fit.RETRY_WAIT", 0.0)
 
 
 def test_a_fault_is_survived_by_resuming_from_the_last_checkpoint(tmp_path, fast_retries):

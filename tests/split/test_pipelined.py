@@ -17,8 +17,8 @@ from torch import nn, optim
 
 import splitnn
 from splitnn.errors import ConfigurationError
-from splitnn.split.schedule import run_in_process
-from splitnn.training import epoch_batches
+from splitnn.split.driver import run_in_process
+from splitnn.training import Trainable, epoch_batches
 from splitnn.training.topologies import UShapedSplitNN
 from splitnn.workers.schedules import LockStep, Pipelined
 from tests.helpers import assert_same_weights, four_stages, sgd_step, toy_dataset
@@ -315,11 +315,18 @@ def test_pipeline_errors_come_before_work():
         with pytest.raises(ConfigurationError, match="pipeline"):
             model.fit(toy_dataset(32), epochs=1, pipeline=bad, progress=False)
 
-    class OneAtATime:
+    class OneAtATime(Trainable):  # the defaults of a Trainable: lock-step only
         ledger = splitnn.Ledger()
+        prepare = train_batch = eval_batch = parties = None
 
     with pytest.raises(ConfigurationError, match="one batch at a time"):
         splitnn.fit(OneAtATime(), toy_dataset(32), pipeline=2)
+
+    class Untrainable:  # not derived from Trainable: refused at fit's entry, naming the base class
+        ledger = splitnn.Ledger()
+
+    with pytest.raises(ConfigurationError, match="derive it from splitnn.training.Trainable"):
+        splitnn.fit(Untrainable(), toy_dataset(32))
 
 
 def test_weight_prediction_arguments():

@@ -30,7 +30,7 @@ def _temps(root):
 @pytest.mark.network
 @pytest.mark.timeout(300)
 def test_a_worker_killed_during_its_first_checkpoint_is_resumed_by_fit_retries(tmp_path, monkeypatch):
-    monkeypatch.setattr("splitnn.split.loop.RETRY_WAIT", 0.2)
+    monkeypatch.setattr("splitnn.split.fit.RETRY_WAIT", 0.2)
     build = chain("adam:lr=0.01")
     reference = in_process_reference(build)
     names = ("alice", "bob", "claire")

@@ -14,7 +14,7 @@ from torch import nn
 import splitnn
 from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError, PolicyError
-from splitnn.split.schedule import backward_chain, forward_chain
+from splitnn.split.driver import backward_chain, forward_chain
 from splitnn.workers import BatchRef, VirtualWorker
 from tests.helpers import assert_same_weights
 

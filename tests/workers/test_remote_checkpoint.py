@@ -204,7 +204,7 @@ def test_a_hung_party_is_noticed_in_bounded_time_and_survived_when_it_comes_back
     import threading
     import time
 
-    import splitnn.split.loop as loop
+    import splitnn.split.fit as loop
 
     build = chain("sgd:lr=0.05,momentum=0.9")
     reference = in_process_reference(build)

@@ -22,7 +22,7 @@ from splitnn.client import command_stream
 from splitnn.client import remote as client_remote
 from splitnn.data import load_table
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
-from splitnn.training.health import (
+from splitnn.experiments.health import (
     DATASET,
     HOSPITALS,
     ID_COLUMN,

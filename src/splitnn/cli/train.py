@@ -14,7 +14,7 @@ from splitnn.cli.format import human_bytes, parse_positive_ints, table
 from splitnn.cli.topologies import add_topology_arguments, describe, topology_from_args
 from splitnn.errors import ConfigurationError
 from splitnn.fileio import atomic_write_text
-from splitnn.workers.schedules import MAX_IN_FLIGHT
+from splitnn.workers.schedules import check_pipeline_depth
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -238,8 +238,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ConfigurationError(f"--lr must be a positive finite number, got {args.lr}")
-    if not 1 <= args.pipeline <= MAX_IN_FLIGHT:
-        raise ConfigurationError(f"--pipeline must be 1..{MAX_IN_FLIGHT} (batches in flight), got {args.pipeline}")
+    check_pipeline_depth(args.pipeline, "--pipeline")
     beta = args.weight_prediction
     if beta is not None and not 0 <= beta < 1:
         raise ConfigurationError(f"--weight-prediction must be in [0, 1) (e.g. 0.5), got {beta}")
@@ -461,8 +460,8 @@ def _print_history(history, parties: list[str]) -> None:
 
 
 def _run_health(args: argparse.Namespace, metrics: list[str] | None) -> int:
-    """``--dataset breast-cancer --topology vertical``: the health example (:mod:`splitnn.training.health`)."""
-    from splitnn.training.health import HOSPITALS, LAB, HealthConfig, run_vertical_health
+    """``--dataset breast-cancer --topology vertical``: the health example (:mod:`splitnn.experiments.health`)."""
+    from splitnn.experiments.health import HOSPITALS, LAB, HealthConfig, run_vertical_health
 
     if args.topology != "vertical":
         raise ConfigurationError(

@@ -18,7 +18,7 @@ the worker received, and re-sends exactly the messages after it, in order; the w
 replies the client missed and runs nothing twice. Commands and training steps go on as if nothing
 happened. Only when ``retries`` attempts fail -- the worker is gone, or restarted and knows no
 such stream -- does the stream fail everything pending at once
-(:class:`~splitnn.errors.WorkerUnreachableError`), for :func:`splitnn.split.loop.fit` to fall back
+(:class:`~splitnn.errors.WorkerUnreachableError`), for :func:`splitnn.split.fit.fit` to fall back
 to the last checkpoint.
 
 Why a thread. ``SplitNN`` and the training loops are synchronous, so the client uses

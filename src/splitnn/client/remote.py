@@ -27,7 +27,7 @@ Shipped epochs (the faster path). :meth:`RemoteWorker.run_epoch` sends the worke
 of a whole epoch in one command (:class:`~splitnn.workers.epoch.EpochPlan`); the workers
 then train among themselves and this client only collects the label holder's per-batch
 losses (progress replies) and each worker's final reply with its ledger records. The
-per-batch cost is then the peer hops alone. :mod:`splitnn.split.epoch` drives it.
+per-batch cost is then the peer hops alone. :mod:`splitnn.split.shipping` drives it.
 
 Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
 holder to holder over the peer stream), ``average_states`` (SplitFed's aggregation, at the

@@ -24,7 +24,7 @@ sends a ``resume`` command carrying its ``ack`` first; the worker answers with t
 it received (:attr:`received`), re-sends every kept reply after the ``ack``, and the client
 re-sends the commands after ``received``. A resume the log cannot honour -- replies it had to
 drop unacknowledged, or a worker that restarted and knows no such stream -- is refused, and the
-client falls back to the checkpoint route (:mod:`splitnn.split.checkpoint`).
+client falls back to the checkpoint route (:mod:`splitnn.split.manifest`).
 """
 
 from __future__ import annotations

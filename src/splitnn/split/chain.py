@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,11 +11,8 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data import Dataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.compression import CutCompression, apply_compression, check_codec_workers, parse_compression
-from splitnn.split.cut import join, merge_states
-from splitnn.split.epoch import can_ship, ship_epoch
-from splitnn.split.loop import EvalResult, History, evaluate, fit
-from splitnn.split.placement import PlacedData, features_and_labels
-from splitnn.split.schedule import (
+from splitnn.split.cut import join, merge_states, sequential_of
+from splitnn.split.driver import (
     backward_chain,
     check_in_process,
     check_recipe_workers,
@@ -25,24 +22,24 @@ from splitnn.split.schedule import (
     run_in_process,
     train_step,
 )
+from splitnn.split.placement import ChainData
+from splitnn.split.shipping import can_ship, ship_epoch
 from splitnn.split.stage import (
     Slot,
     Stage,
     check_static_fit,
     declare_adjacency,
-    feature_probe,
-    format_shape,
-    probe_chain,
     slot_label,
 )
-from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
+from splitnn.split.trainable import Batches, OnBatch, Trainable
+from splitnn.workers import BatchRef, LossStats, Worker
 from splitnn.workers.epoch import BatchOrder
 from splitnn.workers.inflight import as_prediction
-from splitnn.workers.losses import Loss, check_labels, check_loss_at
+from splitnn.workers.losses import Loss, check_loss_at
 from splitnn.workers.metrics import check_metrics_for, label_holder_metrics
 from splitnn.workers.refs import fresh_name
-from splitnn.workers.schedules import MAX_IN_FLIGHT, schedule
-from splitnn.workers.values import Value, is_several
+from splitnn.workers.schedules import check_pipeline_depth, schedule
+from splitnn.workers.values import Value
 
 
 def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
@@ -60,7 +57,7 @@ def bind_workers(workers: Sequence[Worker], ledger: Ledger | None) -> Ledger:
     return ledger
 
 
-class SplitNN:
+class SplitNN(Trainable):
     """A neural network cut into segments that live at different workers.
 
     Segment ``i`` is hosted by ``workers[i]`` (consecutive segments may share a
@@ -85,7 +82,7 @@ class SplitNN:
             shared with the others.
         ship_epochs: when every worker can run shipped epochs (networked workers),
             let :meth:`train_epoch` send each one plan per epoch instead of driving
-            every operation (same numbers; see :mod:`splitnn.split.epoch`).
+            every operation (same numbers; see :mod:`splitnn.split.shipping`).
         compression: codecs for what crosses the cuts between parties (default: none):
             a codec name (``"fp16"``, ``"bf16"``, ``"int8"``, ``"topk:0.1"``) for both
             directions, a dict ``{"activation": ..., "gradient": ...}``, or per cut a list
@@ -155,10 +152,7 @@ class SplitNN:
         self.optimizer_specs = optimizers  # what each segment's optimizer is (training logs read the lr)
         apply_compression(self.stages, self.compression)  # nothing to do without compression
         self.training = True
-        # id(data) -> (data, (name, size)); holding ``data`` keeps its id from being reused by another object
-        self._data_names = PlacedData()
-        self._sizes: dict[str, int] = {}  # checked datasets: name -> size
-        self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
+        self._data = ChainData(self.stages, self.loss)  # the datasets placed and checked
         self.ship_epochs = ship_epochs
         self.threads = threads
         #: the moving-average factor of pipelined weight prediction (None: off)
@@ -183,6 +177,10 @@ class SplitNN:
     def parties(self) -> list[str]:
         """Names of the distinct workers, in chain order."""
         return list(dict.fromkeys(w.name for w in self.workers))
+
+    def party_workers(self) -> list[Worker]:
+        """The distinct workers, in chain order."""
+        return list({w.name: w for w in self.workers}.values())
 
     def train(self, mode: bool = True) -> SplitNN:
         """Set training mode for :meth:`forward` (as ``nn.Module.train``)."""
@@ -240,57 +238,14 @@ class SplitNN:
         A string names a dataset the workers already hold. Shapes and label
         range are checked here, before any training. Returns (name, size).
         """
-        name = self._data_names.name_for(data, self._place)
-        if name not in self._sizes:
-            self._sizes[name] = self._check_placed(name)
-        return name, self._sizes[name]
-
-    def _place(self, data: object) -> str:
-        features, labels = features_and_labels(data, "the workers")
-        name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # two models' "rand" datasets do not collide
-        if self.data_holder is self.label_holder:  # U-shaped: one party holds both
-            self.data_holder.add_dataset(name, features=features, labels=labels)
-        else:
-            self.data_holder.add_dataset(name, features=features)
-            self.label_holder.add_dataset(name, labels=labels)
-        return name
-
-    def _check_placed(self, name: str) -> int:
-        """Check holders, sizes, shapes at every cut and the label range; return the dataset's size."""
-        feats = self.data_holder.dataset_stats(name)
-        labels = self.label_holder.dataset_stats(name)
-        if feats.feature_shape is None or labels.label_max is None:
-            raise ConfigurationError(
-                f"dataset {name!r}: {self.data_holder.name!r} must hold its features and "
-                f"{self.label_holder.name!r} its labels"
-            )
-        if feats.size != labels.num_labels:
-            raise ConfigurationError(
-                f"dataset {name!r}: {feats.size} feature rows at {self.data_holder.name!r} but "
-                f"{labels.num_labels} labels at {self.label_holder.name!r}"
-            )
-        out_shape = probe_chain(self.stages, feature_probe(feats))
-        if is_several(out_shape):
-            raise ConfigurationError(
-                f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
-                "tensor: make the model's forward return one tensor"
-            )
-        check_labels(name, labels, out_shape, self.loss, self.label_holder.name)
-        self._outputs[name] = (labels, out_shape)
-        return feats.size
+        return self._data.prepare(data)
 
     def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:
         """One optimisation step on rows ``indices`` of a placed dataset."""
         return train_step(self.stages, BatchRef(dataset, indices), self.loss)
 
     def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-        pipeline: int = 1,
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
     ) -> None:
         """Train on every batch of an epoch, calling ``on_batch`` with each batch's stats, in order.
 
@@ -305,7 +260,7 @@ class SplitNN:
         ``threads=True``). Either way the ledger holds the epoch's transfers when this returns.
         """
         self.check_pipeline(pipeline)
-        if self.ship_epochs and can_ship(self.stages):
+        if self._shipped():
             ship_epoch(
                 self.stages,
                 dataset,
@@ -317,31 +272,30 @@ class SplitNN:
                 prediction=self.weight_prediction,
             )
             return
-        if pipeline > 1:
-            sched = schedule([s.worker.name for s in self.stages], len(batches), pipeline)
-            run_in_process(
-                self.stages,
-                sched,
-                dataset,
-                self.loss,
-                batches,
-                on_batch,
-                threads=self.threads,
-                prediction=self.weight_prediction,
-            )
+        if pipeline == 1:
+            super().train_epoch(dataset, batches, on_batch)
             return
-        for idx in batches:
-            on_batch(self.train_batch(dataset, idx))
-        for worker in dict.fromkeys(self.workers):  # pipelined workers: wait for the last step's records
-            drain = getattr(worker, "drain", None)
-            if callable(drain):
-                drain()
+        sched = schedule([s.worker.name for s in self.stages], len(batches), pipeline)
+        run_in_process(
+            self.stages,
+            sched,
+            dataset,
+            self.loss,
+            batches,
+            on_batch,
+            threads=self.threads,
+            prediction=self.weight_prediction,
+        )
+
+    def _shipped(self) -> bool:
+        """Whether :meth:`train_epoch` ships epochs to the workers (``ship_epochs``, and every worker can run one)."""
+        return self.ship_epochs and can_ship(self.stages)
 
     def train_steps(
         self, dataset: str, batches: Sequence[torch.Tensor], *, clip_grad_norm: float | None = None
     ) -> list[LossStats]:
         """One optimisation step accumulating the gradients of ``batches`` (rows of a placed dataset), clipped
-        by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.schedule.recipe_step`)."""
+        by the global norm ``clip_grad_norm`` over every party (see :func:`~splitnn.split.driver.recipe_step`)."""
         refs = [BatchRef(dataset, idx) for idx in batches]
         return recipe_step(self.stages, refs, self.loss, clip_grad_norm=clip_grad_norm)
 
@@ -351,13 +305,7 @@ class SplitNN:
 
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, a pipeline depth this model's workers cannot run."""
-        if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
-            raise ConfigurationError(
-                f"pipeline must be an integer 1..{MAX_IN_FLIGHT} (batches in flight), got {pipeline!r}"
-            )
-        if pipeline == 1:
-            return
-        if not (self.ship_epochs and can_ship(self.stages)):
+        if check_pipeline_depth(pipeline) > 1 and not self._shipped():
             check_in_process(self.stages, f"pipelined training (pipeline={pipeline})")
 
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
@@ -370,23 +318,8 @@ class SplitNN:
 
     def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
         """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        labels, out_shape = self._outputs[self.prepare(dataset)[0]]
+        labels, out_shape = self._data.outputs(self.prepare(dataset)[0])
         check_metrics_for(dataset, names, labels, out_shape, self.loss)
-
-    def fit(self, data: Dataset | str, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
-        """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
-        return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
-
-    def evaluate(
-        self,
-        data: Dataset | str,
-        *,
-        batch_size: int = 1000,
-        progress: bool = False,
-        metrics: Sequence[str] | None = None,
-    ) -> EvalResult:
-        """Mean loss, ``metrics`` (default: accuracy for classification) and bytes moved per worker on ``data``."""
-        return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)
 
     def predict(self, x: Value) -> Value:
         """The model's outputs for ``x`` (a tensor, or a tuple for several inputs; no gradients, evaluation mode)."""
@@ -404,12 +337,7 @@ class SplitNN:
         """
         modules = [stage.worker.fetch_segment(stage.key) for stage in self.stages]
         joined = join(modules)
-        if joined is not None:
-            return joined
-        layers: list[nn.Module] = []
-        for module in modules:
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return joined if joined is not None else sequential_of(modules)
 
     def checkpoint_segments(self) -> list[Slot]:
         """Every segment with its checkpoint label (``s0``, ``s1``, ...), worker and key."""

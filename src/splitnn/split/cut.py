@@ -480,6 +480,14 @@ def segment_arity(segment: nn.Module) -> tuple[int, int]:
     return ins, len(value) if isinstance(value, (tuple, list)) else 1
 
 
+def sequential_of(modules: Iterable[nn.Module]) -> nn.Sequential:
+    """``modules`` in order as one ``nn.Sequential``, the layers of ``nn.Sequential`` modules spliced in."""
+    layers: list[nn.Module] = []
+    for module in modules:
+        layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
+    return nn.Sequential(*layers)
+
+
 def join(segments: Sequence[nn.Module]) -> nn.Module | None:
     """One ``GraphModule`` running ``GraphModule`` segments in order, or ``None`` when they cannot be
     joined (not all graphs, or two segments hold different modules under one name).

@@ -1,13 +1,19 @@
-"""Remembering which dataset objects were placed at the workers, and under what name."""
+"""Placing datasets at the workers: which objects were placed under what name (:class:`PlacedData`), and a
+chain's datasets, placed and checked once (:class:`ChainData`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from splitnn.data.sources import Source, TorchDataset
 from splitnn.errors import ConfigurationError
+from splitnn.split.stage import Stage, feature_probe, format_shape, probe_chain
+from splitnn.workers import DatasetStats
+from splitnn.workers.losses import Loss, check_labels
+from splitnn.workers.refs import fresh_name
+from splitnn.workers.values import is_several
 
 
 class PlacedData:
@@ -45,3 +51,59 @@ def features_and_labels(data: object, holders: str, *, tensors_only: bool = Fals
             f"labels){also} or the name of a dataset {holders} hold already"
         )
     return features, labels
+
+
+class ChainData:
+    """The datasets of a chain of stages: features at the first stage's worker, labels at the last one's,
+    each placed once and checked once (holders, sizes, shapes at every cut, labels against ``loss``)."""
+
+    def __init__(self, stages: Sequence[Stage], loss: Loss) -> None:
+        self.stages, self.loss = list(stages), loss
+        self._names = PlacedData()
+        self._sizes: dict[str, int] = {}  # checked datasets: name -> size
+        self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
+
+    def prepare(self, data: object) -> tuple[str, int]:
+        """Place ``data`` (or take the name of a dataset the workers hold) and check it once; (name, size)."""
+        name = self._names.name_for(data, self._place)
+        if name not in self._sizes:
+            self._sizes[name] = self._check(name)
+        return name, self._sizes[name]
+
+    def outputs(self, name: str) -> tuple[DatasetStats, tuple[int, ...]]:
+        """A prepared dataset's label statistics and the chain's output shape on it."""
+        return self._outputs[name]
+
+    def _place(self, data: object) -> str:
+        features, labels = features_and_labels(data, "the workers")
+        name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # two models' "rand" datasets do not collide
+        if self.stages[0].worker is self.stages[-1].worker:  # U-shaped: one party holds both
+            self.stages[0].worker.add_dataset(name, features=features, labels=labels)
+        else:
+            self.stages[0].worker.add_dataset(name, features=features)
+            self.stages[-1].worker.add_dataset(name, labels=labels)
+        return name
+
+    def _check(self, name: str) -> int:
+        """Check holders, sizes, shapes at every cut and the label range; return the dataset's size."""
+        feats = self.stages[0].worker.dataset_stats(name)
+        labels = self.stages[-1].worker.dataset_stats(name)
+        if feats.feature_shape is None or labels.label_max is None:
+            raise ConfigurationError(
+                f"dataset {name!r}: {self.stages[0].worker.name!r} must hold its features and "
+                f"{self.stages[-1].worker.name!r} its labels"
+            )
+        if feats.size != labels.num_labels:
+            raise ConfigurationError(
+                f"dataset {name!r}: {feats.size} feature rows at {self.stages[0].worker.name!r} but "
+                f"{labels.num_labels} labels at {self.stages[-1].worker.name!r}"
+            )
+        out_shape = probe_chain(self.stages, feature_probe(feats))
+        if is_several(out_shape):
+            raise ConfigurationError(
+                f"{self.stages[-1].label} returns {format_shape(out_shape)}; the loss needs one output "
+                "tensor: make the model's forward return one tensor"
+            )
+        check_labels(name, labels, out_shape, self.loss, self.stages[-1].worker.name)
+        self._outputs[name] = (labels, out_shape)
+        return feats.size

@@ -1,6 +1,6 @@
 """How ``fit`` shows that it is working: a progress bar where one renders, plain lines elsewhere.
 
-``progress`` (an argument of :func:`~splitnn.split.loop.fit`) picks one of three modes:
+``progress`` (an argument of :func:`~splitnn.split.fit.fit`) picks one of three modes:
 
 * a bar per epoch (``tqdm.auto``: a terminal's text bar, a notebook's widget) -- for ``True`` or
   ``None`` (the default) when stderr is a terminal or the code runs in a Jupyter kernel;

@@ -23,15 +23,16 @@ import os
 from pathlib import Path
 
 from splitnn.errors import ConfigurationError
+from splitnn.split.trainable import Trainable
 
 CSV_NAME = "metrics.csv"
 
 
-def _learning_rates(model: object) -> dict[str, float]:
+def _learning_rates(model: Trainable) -> dict[str, float]:
     from splitnn.wire.optim_spec import OptimizerSpec
 
     out: dict[str, float] = {}
-    for i, opt in enumerate(getattr(model, "optimizer_specs", None) or ()):
+    for i, opt in enumerate(model.optimizer_specs):
         try:
             spec = OptimizerSpec.parse(opt) if isinstance(opt, str) else opt
         except (ConfigurationError, ValueError):
@@ -75,7 +76,7 @@ class TrainingLog:
         self._scalar("train/loss_step", loss, step, epoch)
 
     def epoch(self, stats) -> None:
-        """One epoch's :class:`~splitnn.split.loop.EpochStats` (at step = its epoch number)."""
+        """One epoch's :class:`~splitnn.split.fit.EpochStats` (at step = its epoch number)."""
         e = stats.epoch
         self._scalar("train/loss", stats.train_loss, e, e)
         if stats.test_loss is not None:

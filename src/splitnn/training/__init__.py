@@ -1,14 +1,15 @@
 """Training loops, topologies and baselines built on the split layer.
 
-* :func:`fit` / :func:`evaluate`: the loops every model shares (defined in :mod:`splitnn.split.loop`,
-  below ``SplitNN``, whose ``fit`` and ``evaluate`` call them).
+* :func:`fit` / :func:`evaluate` and :class:`Trainable`, the base class of every model they drive
+  (defined in :mod:`splitnn.split.fit` and :mod:`splitnn.split.trainable`, below ``SplitNN``).
 * Topologies beyond one chain: :class:`MultiHolderSplitNN`, :class:`UShapedSplitNN`,
   :class:`VerticalSplitNN` (:mod:`splitnn.training.topologies`).
 * Baselines: :class:`FedAvg`, :class:`LargeBatchSGD` (:mod:`splitnn.training.baselines`).
 """
 
 from splitnn.data.batching import epoch_batches
-from splitnn.split.loop import EpochStats, EvalResult, History, Trainable, evaluate, fit
+from splitnn.split.fit import EpochStats, EvalResult, History, evaluate, fit
+from splitnn.split.trainable import Trainable
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import (
     MultiHolderSplitNN,

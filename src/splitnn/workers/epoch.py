@@ -1,6 +1,6 @@
 """Shipped epochs: what a worker needs to run a whole training epoch with its peers.
 
-The eager schedule (:mod:`splitnn.split.schedule`) issues one worker call per
+The eager schedule (:mod:`splitnn.split.driver`) issues one worker call per
 operation. A worker that implements :class:`~splitnn.workers.base.EpochWorker`
 can instead take one :class:`EpochPlan` per epoch and run every batch itself:
 it computes the batches from :class:`BatchOrder` (or takes explicit indices),
@@ -27,7 +27,7 @@ from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.workers.inflight import check_prediction
 from splitnn.workers.refs import LossStats
-from splitnn.workers.schedules import MAX_IN_FLIGHT, Schedule, schedule
+from splitnn.workers.schedules import Schedule, check_pipeline_depth, schedule
 
 #: Run ids must fit this many bits (they are the high bits of a peer frame's id).
 RUN_ID_BITS = 23
@@ -147,12 +147,10 @@ class EpochPlan:
             raise ConfigurationError(f"shipped epochs support at most {MAX_STAGES} stages")
         if self.num_batches >= MAX_BATCHES:
             raise ConfigurationError(f"too many batches in one epoch (at most {MAX_BATCHES - 1})")
-        p = self.pipeline
-        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_IN_FLIGHT:
-            raise ConfigurationError(f"pipeline must be an integer 1..{MAX_IN_FLIGHT}, got {p!r}")
+        check_pipeline_depth(self.pipeline)
         check_prediction(self.prediction)
         if self.chain is None:
-            if p != 1:
+            if self.pipeline != 1:
                 raise ConfigurationError("a pipelined epoch plan needs the chain of parties")
             return
         chain = self.chain

@@ -3,7 +3,7 @@
 :class:`PartyRun` turns the actions of :mod:`splitnn.workers.schedules` into engine calls.
 It does not move tensors: whoever runs it -- a networked worker's shipped epoch
 (:mod:`splitnn.workers.shipped`), or the in-process driver running every party in one
-process (:mod:`splitnn.split.schedule`) -- carries what :meth:`PartyRun.outgoing` hands
+process (:mod:`splitnn.split.driver`) -- carries what :meth:`PartyRun.outgoing` hands
 it to the peer named by the action, and gives the peer's tensor to
 :meth:`PartyRun.incoming`, which records the transfer on the receiver's side (as every
 receive does). So a networked run and an in-process run execute the same calls in the

@@ -1,64 +1,9 @@
 """Schedules as data: which party runs which action of a training epoch, in which order.
 
-A training epoch across a chain of stages (segment ``i`` at party ``chain[i]``) is, for
-every party, an ordered list of actions (:class:`Action`): forward / backward / step of batch
-``t`` on stage ``s``, the loss at the label holder, zeroing gradients where they belong,
-and the sends and receives where the neighbouring stage is another party. The
-in-process driver (:mod:`splitnn.split.schedule`) and the shipped runner of a networked
-worker execute these lists; nothing else writes the step order. This is the idea of
-``torch.distributed.pipelining``'s schedules (``_Action``, per-rank action lists, the
-printed grid), for parties instead of ranks.
-
-Two schedules:
-
-* :class:`LockStep` -- one batch at a time, the tutorial's loop: per batch each party
-  zeroes its stages' gradients, runs its forwards in chain order (receiving and sending
-  activations), the label holder its loss, then the backwards in reverse (receiving and
-  sending gradients), then steps. Every batch sees the updates of all earlier batches.
-* :class:`Pipelined` -- up to ``K`` batches in flight: the data holder starts batch
-  ``t + 1`` before the gradient of batch ``t`` has come back. Each stage ``s`` has an
-  in-flight depth ``d(s)`` (:meth:`Pipelined.depth`): ``K`` at the data holder's first
-  stage, 1 at the label holder's last, and in between ``ceil(K * r / r0)`` for a stage with
-  ``r`` cross-party cuts after it of the chain's ``r0`` (1F1B: what keeps every link busy
-  when the links have equal delays; 3 parties: ``K, ceil(K / 2), 1``). Then, per stage::
-
-      the forward and the backward of batch t use  W_s(max(0, t - d(s) + 1))
-      W_s(j + 1) = the optimizer's step from W_s(j) with the gradient of batch j
-
-  where ``W_s(v)`` is stage ``s``'s weights after the updates of batches ``0 .. v - 1`` of
-  the epoch. Every batch's gradient is computed with the weights its forward used (weight
-  stashing, as PipeDream), each party applies its updates in batch order right after each
-  backward, and staleness is at most ``K - 1`` updates (the data holder's), less further
-  down the chain (the label holder's last stage computes with fresh weights). The pipeline
-  fills and drains within each epoch: every update is applied when it ends. ``K = 1`` is
-  lock-step arithmetic.
-
-  Why not one version for every stage ("vertical sync")? It was tried: delaying every
-  stage's updates by ``K - 1`` costs much more accuracy at large ``K`` (Fashion-MNIST, 5
-  epochs, K = 16: training loss 0.56 against 0.40, docs/performance.md), for the same
-  throughput.
-
-How the order realises the rule: each stage runs forwards ``0 .. d - 1``, then for each
-batch ``j`` its backward, its step and the forward of batch ``j + d``; a forward whose
-backward comes after a later step of its stage is marked ``stash``, and the party runs it
-on a copy of the weights it saw and keeps each batch's gradients apart until that batch's
-step (:mod:`splitnn.workers.inflight`). A party that runs several non-adjacent parts of the
-chain (the U-shape's data holder) gets its parts' orders merged by simulating the schedule
-with one time step per message.
-
-``print(schedule)`` shows that simulation as a step x party grid (one row per one-way
-message delay, computation taking no time): for ``Pipelined(("alice", "bob", "claire"),
-4, in_flight=2)``::
-
-    step | alice       | bob         | claire
-       0 | 0F0 0F1     |             |
-       1 |             | 1F0         |
-       2 |             |             | 2F0 2L0 2B0 2S0
-       3 |             | 1B0 1S0 1F1 |
-       4 | 0B0 0S0 0F2 |             | 2F1 2L1 2B1 2S1
-       ...
-
-Actions print as torch's do: stage, op, batch (``1B3``: backward of batch 3 on stage 1).
+:class:`LockStep` (one batch at a time) and :class:`Pipelined` (up to ``K`` batches in flight) give every
+party of a chain of stages its ordered list of :class:`Action` s; the in-process driver
+(:mod:`splitnn.split.driver`) and a networked worker's shipped epochs run these lists, and nothing else
+writes the step order (the idea of ``torch.distributed.pipelining``'s schedules, for parties instead of ranks).
 """
 
 from __future__ import annotations
@@ -136,11 +81,18 @@ def _check_chain(chain: Sequence[str]) -> tuple[str, ...]:
     return chain
 
 
-def _check_count(name: str, value: object, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigurationError(f"{name} must be an integer {bound}, got {value!r}")
+def _check_count(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_pipeline_depth(pipeline: object, name: str = "pipeline") -> int:
+    """``pipeline``, the batches in flight: an integer 1..:data:`MAX_IN_FLIGHT` (1: lock-step); ``name`` names
+    it in the error (``"--pipeline"`` on the command line)."""
+    if not isinstance(pipeline, int) or isinstance(pipeline, bool) or not 1 <= pipeline <= MAX_IN_FLIGHT:
+        raise ConfigurationError(f"{name} must be 1..{MAX_IN_FLIGHT} (an integer: batches in flight), got {pipeline!r}")
+    return pipeline
 
 
 class _Hop(NamedTuple):
@@ -171,7 +123,26 @@ def _hops(chain: tuple[str, ...]) -> list[_Hop]:
 
 
 class Schedule:
-    """Per-party ordered actions of one training epoch over a chain of stages (see the module docstring).
+    """Per-party ordered actions of one training epoch over a chain of stages.
+
+    A training epoch across a chain of stages (segment ``i`` at party ``chain[i]``) is, for
+    every party, an ordered list of actions (:class:`Action`): forward / backward / step of batch
+    ``t`` on stage ``s``, the loss at the label holder, zeroing gradients where they belong,
+    and the sends and receives where the neighbouring stage is another party.
+
+    ``print(schedule)`` shows the schedule simulated as a step x party grid (one row per one-way
+    message delay, computation taking no time): for ``Pipelined(("alice", "bob", "claire"),
+    4, in_flight=2)``::
+
+        step | alice       | bob         | claire
+           0 | 0F0 0F1     |             |
+           1 |             | 1F0         |
+           2 |             |             | 2F0 2L0 2B0 2S0
+           3 |             | 1B0 1S0 1F1 |
+           4 | 0B0 0S0 0F2 |             | 2F1 2L1 2B1 2S1
+           ...
+
+    Actions print as torch's do: stage, op, batch (``1B3``: backward of batch 3 on stage 1).
 
     Args:
         chain: the party of each stage, in chain order (stage 0 holds the features, the last
@@ -184,7 +155,7 @@ class Schedule:
 
     def __init__(self, chain: Sequence[str], num_batches: int) -> None:
         self.chain = _check_chain(chain)
-        self.num_batches = _check_count("num_batches", num_batches, 1)
+        self.num_batches = _check_count("num_batches", num_batches)
 
     # -- what each party does ----------------------------------------------------------------
     @property
@@ -275,7 +246,12 @@ class Schedule:
 
 class LockStep(Schedule):
     """One batch at a time: each party zeroes, forwards, (loss), backwards and steps batch ``t``
-    before it touches batch ``t + 1`` -- the tutorial's loop, bit-identical to a monolithic model."""
+    before it touches batch ``t + 1`` -- the tutorial's loop, bit-identical to a monolithic model.
+
+    Per batch each party zeroes its stages' gradients, runs its forwards in chain order (receiving and
+    sending activations), the label holder its loss, then the backwards in reverse (receiving and sending
+    gradients), then steps. Every batch sees the updates of all earlier batches.
+    """
 
     def _build(self) -> dict[str, tuple[Action, ...]]:
         return {p: tuple(_lockstep(self.chain, p, self.num_batches)) for p in self.parties}
@@ -283,12 +259,41 @@ class LockStep(Schedule):
 
 class Pipelined(Schedule):
     """Up to ``in_flight`` batches between the data holder's forward and its backward; stage ``s`` computes
-    batch ``t`` with its weights of ``depth(s) - 1`` updates before (at most ``in_flight - 1``; see the
-    module docstring)."""
+    batch ``t`` with its weights of ``depth(s) - 1`` updates before (at most ``in_flight - 1``).
+
+    With ``K = in_flight`` batches in flight the data holder starts batch
+    ``t + 1`` before the gradient of batch ``t`` has come back. Each stage ``s`` has an
+    in-flight depth ``d(s)`` (:meth:`Pipelined.depth`): ``K`` at the data holder's first
+    stage, 1 at the label holder's last, and in between ``ceil(K * r / r0)`` for a stage with
+    ``r`` cross-party cuts after it of the chain's ``r0`` (1F1B: what keeps every link busy
+    when the links have equal delays; 3 parties: ``K, ceil(K / 2), 1``). Then, per stage::
+
+        the forward and the backward of batch t use  W_s(max(0, t - d(s) + 1))
+        W_s(j + 1) = the optimizer's step from W_s(j) with the gradient of batch j
+
+    where ``W_s(v)`` is stage ``s``'s weights after the updates of batches ``0 .. v - 1`` of
+    the epoch. Every batch's gradient is computed with the weights its forward used (weight
+    stashing, as PipeDream), each party applies its updates in batch order right after each
+    backward, and staleness is at most ``K - 1`` updates (the data holder's), less further
+    down the chain (the label holder's last stage computes with fresh weights). The pipeline
+    fills and drains within each epoch: every update is applied when it ends. ``K = 1`` is
+    lock-step arithmetic.
+
+    One version for every stage instead ("vertical sync": every stage's updates delayed by ``K - 1``)
+    costs much more accuracy at large ``K`` for the same throughput (docs/performance.md).
+
+    How the order realises the rule: each stage runs forwards ``0 .. d - 1``, then for each
+    batch ``j`` its backward, its step and the forward of batch ``j + d``; a forward whose
+    backward comes after a later step of its stage is marked ``stash``, and the party runs it
+    on a copy of the weights it saw and keeps each batch's gradients apart until that batch's
+    step (:mod:`splitnn.workers.inflight`). A party that runs several non-adjacent parts of the
+    chain (the U-shape's data holder) gets its parts' orders merged by simulating the schedule
+    with one time step per message.
+    """
 
     def __init__(self, chain: Sequence[str], num_batches: int, in_flight: int) -> None:
         super().__init__(chain, num_batches)
-        self.in_flight = _check_count("in_flight (pipeline depth)", in_flight, 1, MAX_IN_FLIGHT)
+        self.in_flight = check_pipeline_depth(in_flight, "in_flight (pipeline depth)")
 
     @property
     def stashing(self) -> bool:
@@ -319,8 +324,8 @@ class Pipelined(Schedule):
 def schedule(chain: Sequence[str], num_batches: int, pipeline: int = 1) -> Schedule:
     """The schedule of an epoch: :class:`LockStep` for ``pipeline=1``, else :class:`Pipelined` (cached: every
     epoch of a run asks for the same one)."""
-    _check_count("pipeline", pipeline, 1, MAX_IN_FLIGHT)
-    return _schedule(_check_chain(chain), _check_count("num_batches", num_batches, 1), pipeline)
+    check_pipeline_depth(pipeline)
+    return _schedule(_check_chain(chain), _check_count("num_batches", num_batches), pipeline)
 
 
 @functools.lru_cache(maxsize=16)

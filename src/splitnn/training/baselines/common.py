@@ -10,6 +10,7 @@ and gradients travel through the workers' ``set_state`` / ``get_state`` /
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,7 @@ from splitnn.accounting import RESEARCHER, Ledger
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, LabelError, ShapeMismatchError
 from splitnn.split import Stage, bind_workers
-from splitnn.split.loop import EvalResult
+from splitnn.split.fit import EpochStats, EvalResult, History, check_positive
 from splitnn.workers import Worker
 from splitnn.workers.averaging import weighted_average
 from splitnn.workers.losses import check_loss_name, compute_loss
@@ -34,8 +35,7 @@ CLIENT_SEED_STRIDE = 7919
 
 def evaluate_module(module: nn.Module, data, *, loss: str = "nll", batch_size: int = 1000) -> EvalResult:
     """Accuracy and mean loss of a local ``module`` on ``data`` (no gradients, evaluation mode, no transfers)."""
-    if batch_size < 1:
-        raise ConfigurationError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive("batch_size", batch_size)
     n = len(data)
     was_training = module.training
     module.eval()
@@ -56,25 +56,28 @@ class Federation:
     """A global model at the researcher and one whole-model copy at each client worker.
 
     Subclasses (:class:`~splitnn.training.baselines.FedAvg`,
-    :class:`~splitnn.training.baselines.LargeBatchSGD`) add the training rule.
+    :class:`~splitnn.training.baselines.LargeBatchSGD`) add the training rule: where ``optimizer``
+    steps (:meth:`_client_optimizer`: at every client, or at the server) and how a round trains.
 
     Args:
         model: the global model; the server (researcher) keeps it.
         clients: one worker per client; each gets a copy of ``model`` as one segment.
-        client_optimizer: the optimizer each client builds over its copy (``None``: none).
+        optimizer: the optimizer (factory or spec), default SGD lr 0.03.
         loss: the loss, by name.
         ledger: where transfers are recorded (default: the first client's, shared).
     """
+
+    #: the prefix of the key under which every client holds its copy
+    prefix = "federation"
 
     def __init__(
         self,
         model: nn.Module,
         clients: Sequence[Worker],
         *,
-        client_optimizer: object | None,
-        loss: str,
-        ledger: Ledger | None,
-        prefix: str,
+        optimizer: object = "sgd:lr=0.03",
+        loss: str = "nll",
+        ledger: Ledger | None = None,
     ) -> None:
         clients = list(clients)
         if not clients:
@@ -84,14 +87,36 @@ class Federation:
         if len({c.name for c in clients}) != len(clients):
             raise ConfigurationError(f"client names must be distinct, got {[c.name for c in clients]}")
         self.model = model
+        client_optimizer = self._client_optimizer(optimizer, clients)
         self.loss = check_loss_name(loss)
         self.ledger = bind_workers(clients, ledger)
-        self.key = fresh_name(prefix)
+        self.key = fresh_name(self.prefix)
         self.stages = [Stage(0, self.key, c) for c in clients]
         for c in clients:
             c.add_segment(self.key, copy.deepcopy(model), client_optimizer)
         # ids of the shards -> (shards, placement); holding the shards keeps their ids from being reused
         self._placed: dict[tuple[int, ...], tuple[list, list[tuple[str, int]]]] = {}
+
+    def _client_optimizer(self, optimizer: object, clients: list[Worker]) -> object | None:
+        """The optimizer each client builds over its copy (default: ``optimizer``; ``None``: none); checked
+        before anything is placed."""
+        return optimizer
+
+    def _record(
+        self, history: History, number: int, train_loss: float, samples: int, since: tuple, test_data: object | None
+    ) -> EpochStats:
+        """Append round or epoch ``number``'s stats to ``history``: its mean training loss over ``samples``
+        samples, the bytes sent and seconds since ``since`` (a ledger snapshot and a ``perf_counter``), and the
+        global model's test metrics when there is ``test_data``."""
+        before, start = since
+        stats = EpochStats(
+            number, train_loss, samples, time.perf_counter() - start, self.ledger.since(before).sent_by()
+        )
+        if test_data is not None:
+            result = self.evaluate(test_data)
+            stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
+        history.epochs.append(stats)
+        return stats
 
     @property
     def clients(self) -> list[Worker]:

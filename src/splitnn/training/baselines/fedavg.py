@@ -20,15 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from torch import nn
 from tqdm.auto import tqdm
 
-from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.accounting import RESEARCHER
 from splitnn.data.batching import epoch_batches
-from splitnn.split.loop import EpochStats, History, _check_positive, _show_progress
-from splitnn.split.schedule import train_step
+from splitnn.split.driver import train_step
+from splitnn.split.fit import EpochStats, History, _show_progress, check_positive
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation, weighted_average
-from splitnn.workers import BatchRef, Worker
+from splitnn.workers import BatchRef
 
 
 class FedAvg(Federation):
@@ -50,16 +49,7 @@ class FedAvg(Federation):
     >>> # fed.fit(shards, rounds=5, local_epochs=1); fed.evaluate(test)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        clients: Sequence[Worker],
-        *,
-        optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
-        ledger: Ledger | None = None,
-    ) -> None:
-        super().__init__(model, clients, client_optimizer=optimizer, loss=loss, ledger=ledger, prefix="fedavg")
+    prefix = "fedavg"
 
     def fit(
         self,
@@ -79,9 +69,9 @@ class FedAvg(Federation):
         the round number; ``train_loss`` the clients' mean training loss; test
         metrics of the averaged model when ``test_data`` is given).
         """
-        _check_positive("rounds", rounds)
-        _check_positive("local_epochs", local_epochs)
-        _check_positive("batch_size", batch_size)
+        check_positive("rounds", rounds)
+        check_positive("local_epochs", local_epochs)
+        check_positive("batch_size", batch_size)
         placed = self.place(shards)  # checks everything before any training
         total_samples = sum(n for _, n in placed)
         history = History()
@@ -111,17 +101,8 @@ class FedAvg(Federation):
                     weights.append(n)
                     bar.update(1)
                 self.model.load_state_dict(weighted_average(states, weights))
-                stats = EpochStats(
-                    r + 1,
-                    loss_sum / (total_samples * local_epochs),
-                    total_samples,
-                    time.perf_counter() - start,
-                    self.ledger.since(before).sent_by(),
-                )
-                if test_data is not None:
-                    result = self.evaluate(test_data)
-                    stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
-                history.epochs.append(stats)
+                train_loss = loss_sum / (total_samples * local_epochs)
+                stats = self._record(history, r + 1, train_loss, total_samples, (before, start), test_data)
                 if on_round is not None:
                     on_round(stats)
         finally:

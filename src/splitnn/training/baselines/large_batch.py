@@ -24,14 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from splitnn.accounting import RESEARCHER, Ledger
+from splitnn.accounting import RESEARCHER
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
-from splitnn.split.loop import EpochStats, History, _check_positive, _show_progress
-from splitnn.split.schedule import train_step
+from splitnn.split.driver import train_step
+from splitnn.split.fit import EpochStats, History, _show_progress, check_positive
 from splitnn.training.baselines.common import CLIENT_SEED_STRIDE, Federation
 from splitnn.workers import BatchRef, Worker
 from splitnn.workers.base import GradientWorker
@@ -54,23 +53,18 @@ class LargeBatchSGD(Federation):
         ledger: where transfers are recorded (default: the first client's, shared).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        clients: Sequence[Worker],
-        *,
-        optimizer: object = "sgd:lr=0.03",
-        loss: str = "nll",
-        ledger: Ledger | None = None,
-    ) -> None:
+    prefix = "largebatch"
+
+    def _client_optimizer(self, optimizer: object, clients: list[Worker]) -> None:
+        """No client steps: the server builds ``optimizer`` over the global model's parameters."""
         missing = [c.name for c in clients if not isinstance(c, GradientWorker)]
         if missing:
             raise ConfigurationError(
                 f"large-batch SGD needs clients that can send gradients (get_grads); {missing} cannot"
             )
-        super().__init__(model, clients, client_optimizer=None, loss=loss, ledger=ledger, prefix="largebatch")
-        self.optimizer = build_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
-        self._params = dict(model.named_parameters())
+        self.optimizer = build_optimizer(optimizer, [p for p in self.model.parameters() if p.requires_grad])
+        self._params = dict(self.model.named_parameters())
+        return None
 
     def fit(
         self,
@@ -88,8 +82,8 @@ class LargeBatchSGD(Federation):
         ``shards[k]`` is client ``k``'s data. Returns one
         :class:`~splitnn.training.EpochStats` per epoch.
         """
-        _check_positive("epochs", epochs)
-        _check_positive("batch_size", batch_size)
+        check_positive("epochs", epochs)
+        check_positive("batch_size", batch_size)
         placed = self.place(shards)
         total_samples = sum(n for _, n in placed)
         history = History()
@@ -111,17 +105,9 @@ class LargeBatchSGD(Federation):
             ):
                 parts = [(k, plan[s]) for k, plan in enumerate(plans) if s < len(plan)]
                 loss_sum += self._step(parts, [name for name, _ in placed])
-            stats = EpochStats(
-                epoch + 1,
-                loss_sum / total_samples,
-                total_samples,
-                time.perf_counter() - start,
-                self.ledger.since(before).sent_by(),
+            stats = self._record(
+                history, epoch + 1, loss_sum / total_samples, total_samples, (before, start), test_data
             )
-            if test_data is not None:
-                result = self.evaluate(test_data)
-                stats.test_accuracy, stats.test_loss = result.accuracy, result.loss
-            history.epochs.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
         return history

@@ -10,7 +10,7 @@
 * :class:`VerticalSplitNN`: data holders own different feature columns of the
   same samples; a merging party combines their activations.
 
-Each implements the :class:`~splitnn.split.loop.Trainable` protocol, so
+Each is a :class:`~splitnn.split.trainable.Trainable`, so
 :func:`~splitnn.training.fit` and :func:`~splitnn.training.evaluate` drive it.
 :func:`build_topology` makes one from a :class:`TopologyConfig` (the CLI's way).
 """

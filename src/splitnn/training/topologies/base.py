@@ -1,25 +1,20 @@
-"""What every topology shares: placing segments on workers, naming parties, fit/evaluate.
+"""What every topology shares: the :class:`Topology` base class and the checks and placement of segments.
 
-A topology is a model that trains across several workers in a particular
-arrangement (many data holders, U-shaped, vertically partitioned). Each one
-implements the :class:`~splitnn.split.loop.Trainable` protocol (``prepare``,
-``train_batch``, ``eval_batch``, ``parties``, ``ledger``), so the generic
-:func:`~splitnn.training.fit` and :func:`~splitnn.training.evaluate` loops
-drive it, and it talks to its parties only through the
-:class:`~splitnn.workers.Worker` protocol.
+A topology is a :class:`~splitnn.split.trainable.Trainable` model that trains across several workers in a
+particular arrangement (many data holders, U-shaped, vertically partitioned), so
+:func:`~splitnn.training.fit` and :func:`~splitnn.training.evaluate` drive it; it talks to its parties
+only through the :class:`~splitnn.workers.Worker` protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.split import Stage
-from splitnn.split.loop import EvalResult, History, evaluate, fit
+from splitnn.split.trainable import Trainable
 from splitnn.workers import LossStats, Worker
 from splitnn.workers.metrics import label_holder_metrics
 from splitnn.workers.refs import fresh_name
@@ -102,6 +97,31 @@ def combine_stats(parts: Sequence[LossStats]) -> LossStats:
     return LossStats(float(loss), correct, count)
 
 
+def check_bottom_and_top(
+    bottom: nn.Module, top: Sequence[nn.Module], holders: Sequence[Worker], top_workers: Worker | Sequence[Worker]
+) -> tuple[nn.Module, list[nn.Module], list[Worker], list[Worker]]:
+    """The checks of many data holders sharing one bottom segment (each a copy) before the top segments:
+    modules, at least one holder and one top segment, distinct holders, none of them a top worker."""
+    bottom = check_modules([bottom], "bottom segment")[0]
+    top = check_modules(top, "top segment")
+    if not top:
+        raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
+    holders = list(holders)
+    if not holders:
+        raise ConfigurationError("give at least one data holder")
+    distinct(holders, "data holders")
+    top_workers = as_worker_list(top_workers, len(top), "top segments")
+    refuse_shared(holders, top_workers, "a data holder hosts only its copy of the bottom segment")
+    return bottom, top, holders, top_workers
+
+
+def refuse_shared(holders: Sequence[Worker], top_workers: Sequence[Worker], why: str) -> None:
+    """Refuse a party that is both a data holder and a top worker, saying ``why``."""
+    shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
+    if shared:
+        raise ConfigurationError(f"{shared} cannot be both a data holder and a top worker; {why}")
+
+
 def distinct(workers: Sequence[Worker], what: str) -> None:
     """Refuse the same party twice in a role that needs distinct parties."""
     names = [w.name for w in workers]
@@ -110,63 +130,24 @@ def distinct(workers: Sequence[Worker], what: str) -> None:
         raise ConfigurationError(f"{what} must be distinct parties, but {dup} appear more than once")
 
 
-class Topology:
-    """Base class of the topologies: the convenience API shared by all of them.
+class Topology(Trainable):
+    """Base class of the topologies: a :class:`~splitnn.split.trainable.Trainable` whose parties are listed by
+    :meth:`workers` and whose metrics the ``label_holder`` computes.
 
-    Subclasses set ``ledger`` and implement ``prepare``, ``train_batch``,
-    ``eval_batch`` and ``parties``.
+    Subclasses set ``ledger`` and ``label_holder`` and implement ``prepare``, ``train_batch``,
+    ``eval_batch``, ``parties`` and ``workers``.
     """
 
-    ledger: Ledger
     label_holder: Worker  # where the loss and the metrics are computed
-
-    def prepare(self, data: object) -> tuple[str, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def parties(self) -> list[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def workers(self) -> list[Worker]:
         """Every distinct worker of the model (subclasses list theirs)."""
         return []
 
-    def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-    ) -> None:
-        """Train on every batch of an epoch in order, calling ``on_batch`` with each batch's stats.
-
-        Then wait until pipelined (networked) workers have finished the last step, so that the
-        ledger holds the epoch's transfers when this returns (``fit``'s per-epoch bytes are exact).
-        ``order`` is unused: the topologies drive their workers per operation.
-        """
-        for idx in batches:
-            on_batch(self.train_batch(dataset, idx))
-        for worker in dict.fromkeys(self.workers()):
-            drain = getattr(worker, "drain", None)
-            if callable(drain):
-                drain()
+    def party_workers(self) -> list[Worker]:
+        """Every distinct worker of the model: :meth:`workers`."""
+        return self.workers()
 
     def metrics(self, keep: str, names: Sequence[str]) -> dict[str, float]:
         """Metrics over the outputs the label holder kept during ``eval_batch(..., keep=keep)`` calls."""
         return label_holder_metrics(self.label_holder, keep, names)
-
-    def fit(self, data: object, epochs: int = 1, *, batch_size: int = 64, **kwargs) -> History:
-        """Train for ``epochs`` epochs; see :func:`splitnn.training.fit` for the options."""
-        return fit(self, data, epochs=epochs, batch_size=batch_size, **kwargs)
-
-    def evaluate(
-        self, data: object, *, batch_size: int = 1000, progress: bool = False, metrics: Sequence[str] | None = None
-    ) -> EvalResult:
-        """Mean loss, ``metrics`` (default: accuracy for classification) and bytes sent per party on ``data``."""
-        return evaluate(self, data, batch_size=batch_size, progress=progress, metrics=metrics)

@@ -20,14 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from splitnn.data import PartitionSpec, parse_partition
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError
+from splitnn.split.cut import sequential_of
+from splitnn.split.driver import eval_step
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage
-from splitnn.training.topologies.base import probe_stages
-from splitnn.workers import DatasetStats, Worker
+from splitnn.training.topologies.base import Topology, combine_stats, probe_stages
+from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.losses import Loss, check_labels
 from splitnn.workers.metrics import check_metrics_for
 from splitnn.workers.refs import fresh_name
@@ -222,3 +225,57 @@ class HolderShards:
         for shard, labels in shard_labels:
             check_labels(shard, labels, out, loss, self.label_holder.name)
         return Placement(name, tuple(sizes), tuple(out), tuple(labels for _, labels in shard_labels))
+
+
+class ShardedTopology(Topology):
+    """What the many-holder topologies share: every holder's shard of a dataset (``_shards``), the label holder
+    (the last top worker), evaluation holder by holder, checked metrics and collecting one holder's chain.
+
+    Subclasses set ``holders``, ``top_workers``, ``loss`` and ``_shards`` and define :meth:`stages_of`.
+    """
+
+    holders: list[Worker]
+    top_workers: list[Worker]
+    _shards: HolderShards
+
+    @property
+    def label_holder(self) -> Worker:
+        """The worker that holds the labels and computes the loss (the last top worker)."""
+        return self.top_workers[-1]
+
+    def stages_of(self, holder: int) -> list[Stage]:  # pragma: no cover - subclasses define it
+        """The chain that trains holder ``holder``'s batches."""
+        raise NotImplementedError
+
+    def shard_name(self, dataset: str, holder: int) -> str:
+        """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
+        return self._shards.shard_name(dataset, holder)
+
+    def prepare(self, data: object) -> tuple[str, int]:
+        """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
+
+        Shapes, shard sizes and the labels are checked here, before any training.
+        """
+        return self._shards.prepare(data, self.stages_of(0), self.loss)
+
+    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
+        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with its chain
+        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
+        holder, local = self._shards.locate(dataset, indices)
+        parts = []
+        for h in torch.unique(holder).tolist():
+            self._before_evaluating(h)
+            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
+            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
+        return combine_stats(parts)
+
+    def _before_evaluating(self, holder: int) -> None:
+        """What holder ``holder`` needs before it evaluates (default: nothing)."""
+        return None
+
+    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
+        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
+        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
+
+    def _collect_chain(self, holder: int) -> nn.Sequential:
+        return sequential_of(stage.worker.fetch_segment(stage.key) for stage in self.stages_of(holder))

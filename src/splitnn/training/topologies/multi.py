@@ -1,28 +1,7 @@
 """Many data holders, one label holder: horizontal split learning with round-robin turns.
 
-``K`` data holders each own a shard of the samples and a copy of the bottom
-segment (all copies start from the same weights); the label holder (with any
-other top workers) owns the rest of the network and the labels of every shard.
-The holders take turns: a holder trains on its own shard for one turn (its
-whole shard per epoch, or ``turn_batches`` batches), then the bottom segment's
-weights pass to the next holder, so every holder always computes with the
-latest bottom weights. The weights travel
-
-* ``peer``: directly from holder ``i`` to holder ``i+1``;
-* ``central``: from holder ``i`` to a weight store (the label holder, or a
-  third party) and from the store to holder ``i+1``.
-
-Each hand-off is one :meth:`~splitnn.workers.PeerStateWorker.send_state` call,
-recorded in the ledger as ``weights`` bytes on the link it really uses.
-Hand-offs are lazy: a holder receives the weights when it next has to compute
-(its turn, or an evaluation of its test shard), and never when it already has
-the latest ones. Only the weights move; each holder keeps its own optimizer
-(and its state, e.g. momentum).
-
-Datasets: as :mod:`splitnn.training.topologies.horizontal` describes (shard ``h`` at
-holder ``h``, labels at the label holder, samples numbered shard after shard). A
-training batch holds samples of one holder only: :meth:`epoch_plan` builds the
-epoch's batches that way, and :func:`~splitnn.training.fit` asks for it.
+:class:`MultiHolderSplitNN` and the record of a hand-off of the bottom weights (:class:`HandOff`);
+datasets are placed as :mod:`splitnn.training.topologies.horizontal` describes.
 """
 
 from __future__ import annotations
@@ -39,19 +18,16 @@ from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.schedule import eval_step, train_step
+from splitnn.split.driver import train_step
+from splitnn.split.fit import check_positive
 from splitnn.split.stage import Slot, Stage, check_static_fit, declare_adjacency, slot_label
 from splitnn.training.topologies.base import (
-    Topology,
     as_optimizer_list,
-    as_worker_list,
-    check_modules,
-    combine_stats,
-    distinct,
+    check_bottom_and_top,
     new_prefix,
     place,
 )
-from splitnn.training.topologies.horizontal import HolderShards, Partitioner
+from splitnn.training.topologies.horizontal import HolderShards, Partitioner, ShardedTopology
 from splitnn.workers import BatchRef, LossStats, PeerStateWorker, Worker
 from splitnn.workers.losses import Loss, check_loss_at
 
@@ -73,13 +49,16 @@ class HandOff:
     reason: str
 
 
-class MultiHolderSplitNN(Topology):
+class MultiHolderSplitNN(ShardedTopology):
     """``K`` data holders take turns training the bottom segment; one label holder owns the top.
 
     Each holder trains on its own shard for one turn, then the bottom segment's weights pass to
     the next holder (``send_state``, recorded as ``weights`` bytes), directly (``"peer"``) or
     through a weight store (``"central"``). Hand-offs are lazy: a holder receives the weights
     when it next has to compute. Each holder keeps its own optimizer; only the weights move.
+
+    A training batch holds samples of one holder only: :meth:`epoch_plan` builds the epoch's
+    batches that way, and :func:`~splitnn.training.fit` asks for it.
 
     Args:
         bottom: the first segment; every holder gets its own copy (same initial
@@ -123,21 +102,7 @@ class MultiHolderSplitNN(Topology):
         loss: Loss = "nll",
         ledger: Ledger | None = None,
     ) -> None:
-        bottom = check_modules([bottom], "bottom segment")[0]
-        top = check_modules(top, "top segment")
-        if not top:
-            raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
-        holders = list(holders)
-        if not holders:
-            raise ConfigurationError("give at least one data holder")
-        distinct(holders, "data holders")
-        top_workers = as_worker_list(top_workers, len(top), "top segments")
-        shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
-        if shared:
-            raise ConfigurationError(
-                f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
-                f"only its copy of the bottom segment"
-            )
+        bottom, top, holders, top_workers = check_bottom_and_top(bottom, top, holders, top_workers)
         if handoff not in HANDOFF_MODES:
             raise ConfigurationError(f"unknown handoff {handoff!r}; choose one of {HANDOFF_MODES}")
         if store is not None and handoff != "central":
@@ -146,12 +111,7 @@ class MultiHolderSplitNN(Topology):
             raise ConfigurationError(
                 f"the weight store {store.name!r} is a data holder; pick the label holder or a third party"
             )
-        if turn_batches is not None and (
-            isinstance(turn_batches, bool) or not isinstance(turn_batches, int) or turn_batches < 1
-        ):
-            raise ConfigurationError(
-                f"turn_batches must be a positive integer or None (one turn per epoch), got {turn_batches!r}"
-            )
+        check_positive("turn_batches", turn_batches, none_means="one turn per epoch")
         self._shards = HolderShards(holders, top_workers[-1], partition, partition_seed)  # checks the partition
         self.partition = self._shards.partition
         self.partition_seed = self._shards.partition_seed
@@ -199,16 +159,6 @@ class MultiHolderSplitNN(Topology):
         self.handoffs: list[HandOff] = []
 
     # -- who is who -------------------------------------------------------------------------
-    @property
-    def label_holder(self) -> Worker:
-        """The worker that holds the labels and computes the loss (the last top worker)."""
-        return self.top_workers[-1]
-
-    @property
-    def active_holder(self) -> Worker:
-        """The data holder that holds the latest bottom weights (the last one to train)."""
-        return self.holders[self._active]
-
     def parties(self) -> list[str]:
         """Names of the distinct parties: holders, top workers, then a third-party store."""
         names = [w.name for w in (*self.holders, *self.top_workers)]
@@ -224,18 +174,6 @@ class MultiHolderSplitNN(Topology):
     def stages_of(self, holder: int) -> list[Stage]:
         """The chain that trains when holder ``holder`` has the turn: its bottom, then the top."""
         return [self._bottoms[holder], *self._top]
-
-    # -- data -------------------------------------------------------------------------------
-    def shard_name(self, dataset: str, holder: int) -> str:
-        """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
-        return self._shards.shard_name(dataset, holder)
-
-    def prepare(self, data: object) -> tuple[str, int]:
-        """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
-
-        Shapes, shard sizes and the labels are checked here, before any training.
-        """
-        return self._shards.prepare(data, self.stages_of(0), self.loss)
 
     # -- batches ----------------------------------------------------------------------------
     def epoch_plan(
@@ -268,20 +206,9 @@ class MultiHolderSplitNN(Topology):
         self._active = h
         return stats
 
-    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
-        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with the latest weights
-        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
-        holder, local = self._shards.locate(dataset, indices)
-        parts = []
-        for h in torch.unique(holder).tolist():
-            self._bring_up_to_date(h, "evaluate")
-            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
-            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
-        return combine_stats(parts)
-
-    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
-        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
+    def _before_evaluating(self, holder: int) -> None:
+        """Each holder evaluates with the latest weights."""
+        self._bring_up_to_date(holder, "evaluate")
 
     def _bring_up_to_date(self, h: int, reason: str) -> None:
         """Hand the latest bottom weights to holder ``h`` unless it has them already."""
@@ -334,11 +261,7 @@ class MultiHolderSplitNN(Topology):
     # -- results ----------------------------------------------------------------------------
     def collect(self) -> nn.Sequential:
         """The trained network (latest bottom, then the top) as one ``nn.Sequential`` (recorded as weights)."""
-        layers: list[nn.Module] = []
-        for stage in self.stages_of(self._active):
-            module = stage.worker.fetch_segment(stage.key)
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return self._collect_chain(self._active)
 
     def __repr__(self) -> str:
         holders = ", ".join(w.name for w in self.holders)

@@ -17,6 +17,7 @@ from torch import nn
 from splitnn.data import column_partition, parse_partition
 from splitnn.errors import ConfigurationError
 from splitnn.models import tutorial_mlp
+from splitnn.split.fit import check_positive
 from splitnn.training.topologies.base import Topology
 from splitnn.training.topologies.multi import HANDOFF_MODES, MultiHolderSplitNN
 from splitnn.training.topologies.splitfed import VARIANTS, SplitFedSplitNN
@@ -70,8 +71,7 @@ class TopologyConfig:
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ConfigurationError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
-        if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 1:
-            raise ConfigurationError(f"the number of clients must be a positive integer, got {self.clients!r}")
+        check_positive("the number of clients", self.clients)
         if self.clients > MAX_CLIENTS:
             raise ConfigurationError(
                 f"{self.clients} clients (data holders) is more than the {MAX_CLIENTS} a topology is built with "
@@ -86,16 +86,10 @@ class TopologyConfig:
         if self.handoff not in HANDOFF_MODES:
             raise ConfigurationError(f"unknown handoff {self.handoff!r}; choose one of {HANDOFF_MODES}")
         parse_partition(self.partition)
-        if self.turn_batches is not None and (
-            isinstance(self.turn_batches, bool) or not isinstance(self.turn_batches, int) or self.turn_batches < 1
-        ):
-            raise ConfigurationError(f"turn_batches must be a positive integer, got {self.turn_batches!r}")
+        check_positive("turn_batches", self.turn_batches, none_means="one turn per epoch")
         if self.variant not in VARIANTS:
             raise ConfigurationError(f"unknown SplitFed variant {self.variant!r}; choose one of {VARIANTS}")
-        if self.round_batches is not None and (
-            isinstance(self.round_batches, bool) or not isinstance(self.round_batches, int) or self.round_batches < 1
-        ):
-            raise ConfigurationError(f"round_batches must be a positive integer, got {self.round_batches!r}")
+        check_positive("round_batches", self.round_batches, none_means="one round per epoch")
         if not isinstance(self.aggregator, str) or not self.aggregator or self.aggregator == "researcher":
             raise ConfigurationError(f"the aggregator must be a party's name, got {self.aggregator!r}")
         if self.aggregator in self.holder_names():
@@ -148,35 +142,18 @@ def build_topology(
     parties = _parties(config, workers)
     holders = [parties[n] for n in config.holder_names()]
     bob = parties["bob"]
-    if config.topology == "multi":
+    if config.topology in ("multi", "splitfed", "u-shape"):
         segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
-        return MultiHolderSplitNN(
-            segments[0],
-            segments[1:],
-            holders,
-            bob,
-            handoff=config.handoff,
-            turn_batches=config.turn_batches,
-            partition=config.partition,
-            partition_seed=config.seed,
-            optimizer=optimizer,
-        )
-    if config.topology == "splitfed":
-        segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
+    if config.topology in ("multi", "splitfed"):  # the bottom at every holder, the top at bob
+        chain = (segments[0], segments[1:], holders, bob)
+        shards = dict(partition=config.partition, partition_seed=config.seed, optimizer=optimizer)
+        if config.topology == "multi":
+            return MultiHolderSplitNN(*chain, handoff=config.handoff, turn_batches=config.turn_batches, **shards)
+        aggregator = parties[config.aggregator]
         return SplitFedSplitNN(
-            segments[0],
-            segments[1:],
-            holders,
-            bob,
-            variant=config.variant,
-            aggregator=parties[config.aggregator],
-            round_batches=config.round_batches,
-            partition=config.partition,
-            partition_seed=config.seed,
-            optimizer=optimizer,
+            *chain, variant=config.variant, aggregator=aggregator, round_batches=config.round_batches, **shards
         )
     if config.topology == "u-shape":
-        segments = tutorial_mlp(config.hidden, in_features=in_features, classes=classes)
         return UShapedSplitNN(segments[0], segments[1:-1], segments[-1], holders[0], bob, optimizer=optimizer)
     if config.topology == "vertical":
         shape = tuple(feature_shape)

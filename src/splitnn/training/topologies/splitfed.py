@@ -1,61 +1,7 @@
 """SplitFed: many data holders train in parallel and average their bottom segments (Thapa et al. 2022).
 
-``K`` data holders each own a shard of the samples (placed as
-:mod:`splitnn.training.topologies.horizontal` describes) and their own copy of the
-bottom segment (all copies start from the same weights); the label holder (with any
-other top workers) owns the rest of the network and every shard's labels. Training
-goes in *rounds*; in each round every holder trains on its next batches, the holders at
-the same time, and at the end of the round the copies are averaged:
-
-* **v1** (SplitFedV1): the top workers keep one copy of the top segments per holder;
-  holder ``h`` trains with its own top copy, so the holders are independent until the
-  round ends, when the top copies are averaged too (at their workers, locally: nothing
-  travels for that).
-* **v2** (SplitFedV2): one top segment, served holder by holder. In each round the label
-  holder serves the holders' batches in turns of one batch each (step ``j`` of every
-  holder before step ``j + 1`` of any), visiting the holders in a random order per round
-  drawn from ``torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)`` (one
-  ``randperm(K)`` per round, in round order; :meth:`SplitFedSplitNN.epoch_plan` lists the
-  batches in exactly that order).
-
-A round is a holder's whole shard (one local epoch; the default) or ``round_batches``
-batches of each holder (the last round of an epoch may be shorter; a holder whose shard
-is used up sits the rest of the epoch's rounds out). Rounds do not span epochs, so the
-model is averaged at the end of every epoch.
-
-Averaging. At the end of a round, every holder that trained in it sends its bottom's
-weights to the **aggregator** (``weights`` in the ledger, holder -> aggregator), which
-loads ``sum_h n_h W_h / sum_h n_h`` (``n_h``: the samples holder ``h`` trained on in the
-round, i.e. its shard size when a round is a local epoch, as in FedAvg and the paper)
-and sends it back to every holder (``weights``, aggregator -> holder). The aggregator is
-the label holder unless ``aggregator=`` names another worker: by default the label holder
-then sees the bottom weights as well as the activations, as in the paper; a separate party
-that sees only weights is the privacy-preserving choice. v1's top copies are averaged with
-the same weights at their own workers. Each holder (and each top copy) keeps its own
-optimizer and its state: only weights are averaged. With one holder nothing is averaged
-and no weights travel: training is the plain chain's, bit for bit.
-
-Worker operations used: the :class:`~splitnn.workers.Worker` protocol for every training
-and evaluation step (``zero_grad``, ``forward``, ``loss``, ``backward``, ``step``), and,
-with two or more holders, :meth:`~splitnn.workers.PeerStateWorker.send_state` at every
-holder and at the aggregator, and :meth:`~splitnn.workers.AveragingWorker.average_states`
-at the aggregator and (v1) at every top worker.
-
-Concurrency (``parallel``). Each holder's steps of a round run on a thread of its own, the
-top workers served one holder at a time (v2: in the order above; v1: in any order, since the
-holders' chains are independent until the round ends); see
-:mod:`splitnn.training.topologies.lanes`. ``parallel=False`` runs the same steps in the
-order of :meth:`SplitFedSplitNN.epoch_plan` on one thread. The weights are identical either
-way. The same holds for networked workers (``splitnn worker`` processes reached through
-:class:`~splitnn.client.RemoteWorker`): each holder's thread drives its own worker, whose
-bottom forward is put on the wire at once (``flush``) so that it runs while the thread waits
-for the label holder; the top workers' clients are only called inside the turnstile (and
-serialise concurrent callers anyway), where the label holder's part of the step is queued
-without waiting (its loss through ``loss_deferred``, awaited after the thread has left the
-turnstile), so the next holder's step queues at the label holder during this one's round
-trip; activations and gradients go holder <-> label holder over their peer links, never
-through the researcher. The label holder runs one holder's step at a time: what overlaps
-is the holders' own computation and the network hops.
+:class:`SplitFedSplitNN` (its docstring describes rounds, averaging and concurrency) and the checks of the
+capabilities its workers need.
 """
 
 from __future__ import annotations
@@ -72,19 +18,17 @@ from splitnn.accounting import Ledger
 from splitnn.data import PartitionSpec
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
-from splitnn.split.schedule import eval_step, forward_chain
+from splitnn.split.driver import forward_chain
+from splitnn.split.fit import check_positive
 from splitnn.split.stage import Stage, check_static_fit
+from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import (
-    Topology,
     as_optimizer_list,
-    as_worker_list,
-    check_modules,
-    combine_stats,
-    distinct,
+    check_bottom_and_top,
     new_prefix,
     place,
 )
-from splitnn.training.topologies.horizontal import HolderShards, Partitioner
+from splitnn.training.topologies.horizontal import HolderShards, Partitioner, ShardedTopology
 from splitnn.training.topologies.lanes import Turnstile, run_lanes
 from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, Worker
 from splitnn.workers.losses import Loss, check_loss_at
@@ -96,8 +40,24 @@ VARIANTS: tuple[str, ...] = ("v1", "v2")
 _ORDER_SEED_OFFSET = 104_729
 
 
-class SplitFedSplitNN(Topology):
-    """``K`` data holders train in parallel; their bottom segments are averaged every round. See the module docstring.
+class SplitFedSplitNN(ShardedTopology):
+    """``K`` data holders train in parallel; their bottom segments are averaged every round.
+
+    Each holder owns a shard of the samples (placed as :mod:`~splitnn.training.topologies.horizontal`
+    describes) and a copy of the bottom segment (same initial weights); the label holder (with any other
+    top workers) owns the rest and every shard's labels. A round is a holder's whole shard (the default)
+    or ``round_batches`` batches of each holder; rounds do not span epochs. With ``variant="v1"`` the top
+    workers keep one top copy per holder (averaged too, at their workers); with ``"v2"`` one top segment
+    serves the holders in turns of one batch (step ``j`` of every holder before step ``j + 1`` of any),
+    in a random order per round: one ``randperm(K)`` per round from
+    ``torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)`` (:meth:`epoch_plan` lists that order).
+
+    At the end of a round every holder that trained sends its bottom's weights to the aggregator, which
+    loads ``sum_h n_h W_h / sum_h n_h`` (``n_h``: the samples holder ``h`` trained on in the round) and
+    sends it back (``weights`` in the ledger); only weights are averaged, each copy keeps its optimizer.
+    With one holder nothing is averaged and training is the plain chain's, bit for bit. ``parallel``
+    runs each holder's steps on a thread of its own (the top workers serve one holder at a time;
+    :mod:`~splitnn.training.topologies.lanes`); the weights are the same either way. See docs/splitfed.md.
 
     Args:
         bottom: the first segment; every holder gets its own copy (same initial weights;
@@ -145,30 +105,11 @@ class SplitFedSplitNN(Topology):
         parallel: bool | None = None,
         ledger: Ledger | None = None,
     ) -> None:
-        bottom = check_modules([bottom], "bottom segment")[0]
-        top = check_modules(top, "top segment")
-        if not top:
-            raise ConfigurationError("the label holder needs at least one top segment after the bottom segment")
-        holders = list(holders)
-        if not holders:
-            raise ConfigurationError("give at least one data holder")
-        distinct(holders, "data holders")
-        top_workers = as_worker_list(top_workers, len(top), "top segments")
+        bottom, top, holders, top_workers = check_bottom_and_top(bottom, top, holders, top_workers)
         holder_names = {h.name for h in holders}
-        shared = sorted(holder_names & {w.name for w in top_workers})
-        if shared:
-            raise ConfigurationError(
-                f"{shared} cannot be both a data holder and a top worker; a data holder hosts "
-                f"only its copy of the bottom segment"
-            )
         if variant not in VARIANTS:
             raise ConfigurationError(f"unknown SplitFed variant {variant!r}; choose one of {VARIANTS}")
-        if round_batches is not None and (
-            isinstance(round_batches, bool) or not isinstance(round_batches, int) or round_batches < 1
-        ):
-            raise ConfigurationError(
-                f"round_batches must be a positive integer or None (one round per epoch), got {round_batches!r}"
-            )
+        check_positive("round_batches", round_batches, none_means="one round per epoch")
         if parallel is not None and not isinstance(parallel, bool):
             raise ConfigurationError(f"parallel must be True, False or None (automatic), got {parallel!r}")
         aggregator = aggregator if aggregator is not None else top_workers[-1]
@@ -218,11 +159,6 @@ class SplitFedSplitNN(Topology):
         self.rounds = 0  #: rounds completed (averages taken, or would-be averages with one holder)
 
     # -- who is who -------------------------------------------------------------------------
-    @property
-    def label_holder(self) -> Worker:
-        """The worker that holds the labels and computes the loss (the last top worker)."""
-        return self.top_workers[-1]
-
     def parties(self) -> list[str]:
         """Names of the distinct parties: holders, top workers, then a third-party aggregator."""
         return [w.name for w in self.workers()]
@@ -237,17 +173,6 @@ class SplitFedSplitNN(Topology):
         return [self._bottoms[holder], *self._tops[holder if self.variant == "v1" else 0]]
 
     # -- data -------------------------------------------------------------------------------
-    def shard_name(self, dataset: str, holder: int) -> str:
-        """Name under which holder ``holder``'s shard of ``dataset`` is held (features and labels)."""
-        return self._shards.shard_name(dataset, holder)
-
-    def prepare(self, data: object) -> tuple[str, int]:
-        """Split ``data`` over the holders (or check a dataset placed already); return (name, size).
-
-        Shapes, shard sizes and the labels are checked here, before any training.
-        """
-        return self._shards.prepare(data, self.stages_of(0), self.loss)
-
     def epoch_plan(
         self, dataset: str, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0
     ) -> list[torch.Tensor]:
@@ -301,20 +226,14 @@ class SplitFedSplitNN(Topology):
         self._pending[h] += stats.count
         return stats
 
-    def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-    ) -> None:
-        """Train an epoch's batches round by round, averaging at the end of every round.
+    def train_batches(self, dataset: str, batches: Batches, on_batch: OnBatch) -> None:
+        """Train an epoch's batches round by round, averaging at the end of every round
+        (what :meth:`train_epoch`, and so :func:`~splitnn.training.fit`, runs).
 
         A batch belongs to round ``i // round_batches`` where ``i`` counts the earlier batches
         of the same holder (round 0 for all when a round is an epoch); within a round the
         batches run in their order in ``batches`` (:meth:`epoch_plan`'s is the serving
-        order). ``on_batch`` gets each batch's stats in that order. ``order`` is unused.
+        order). ``on_batch`` gets each batch's stats in that order.
         """
         rounds = self._group_rounds(dataset, batches)  # checks every batch before any training
         pool = ThreadPoolExecutor(len(self.holders), thread_name_prefix="splitfed") if self.parallel else None
@@ -325,10 +244,6 @@ class SplitFedSplitNN(Topology):
         finally:
             if pool is not None:
                 pool.shutdown()
-        for worker in self.workers():  # pipelined (networked) workers: wait for the last records
-            drain = getattr(worker, "drain", None)
-            if callable(drain):
-                drain()
 
     def average(self) -> None:
         """End a round: average the bottoms (and v1's top copies) over the holders that trained since the last one.
@@ -411,30 +326,12 @@ class SplitFedSplitNN(Topology):
         return stats()
 
     # -- evaluation and results -------------------------------------------------------------
-    def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
-        """Loss and correct count on rows ``indices``; each holder evaluates its own rows with its chain
-        (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
-        holder, local = self._shards.locate(dataset, indices)
-        parts = []
-        for h in torch.unique(holder).tolist():
-            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
-            parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
-        return combine_stats(parts)
-
-    def check_metrics(self, dataset: str, names: Sequence[str]) -> None:
-        """Refuse metrics a prepared dataset cannot have (e.g. AUC of labels that are not 0/1)."""
-        self._shards.check_metrics(self.prepare(dataset)[0], names, self.loss)
-
     def collect(self) -> nn.Sequential:
         """Holder 0's chain (bottom, then its or the top) as one ``nn.Sequential`` (recorded as weights).
 
         After a round every holder's chain is the same averaged network.
         """
-        layers: list[nn.Module] = []
-        for stage in self.stages_of(0):
-            module = stage.worker.fetch_segment(stage.key)
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return nn.Sequential(*layers)
+        return self._collect_chain(0)
 
     def __repr__(self) -> str:
         holders = ", ".join(w.name for w in self.holders)

@@ -15,7 +15,7 @@ and the data placed correctly (features and labels at the same party).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from splitnn.accounting import Ledger
 from splitnn.errors import ConfigurationError
 from splitnn.split import SplitNN
+from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import Topology, as_worker_list, check_modules
 from splitnn.workers import LossStats, Worker
 from splitnn.workers.losses import Loss
@@ -92,13 +93,7 @@ class UShapedSplitNN(Topology):
         return self.chain.train_batch(dataset, indices)
 
     def train_epoch(
-        self,
-        dataset: str,
-        batches: Sequence[torch.Tensor],
-        on_batch: Callable[[LossStats], None],
-        *,
-        order: dict | None = None,
-        pipeline: int = 1,
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
     ) -> None:
         """Train a whole epoch (:meth:`SplitNN.train_epoch`: networked workers get it shipped; ``pipeline``
         batches in flight)."""

@@ -27,6 +27,7 @@ from splitnn.accounting import Ledger
 from splitnn.data import column_partition, vertical_split
 from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
+from splitnn.split.cut import sequential_of
 from splitnn.split.placement import PlacedData
 from splitnn.split.stage import Slot, Stage, check_static_fit, declare_adjacency, slot_label
 from splitnn.training.topologies.base import (
@@ -38,6 +39,7 @@ from splitnn.training.topologies.base import (
     new_prefix,
     place,
     probe_stages,
+    refuse_shared,
 )
 from splitnn.workers import BatchRef, DatasetStats, LossStats, MergingWorker, Worker
 from splitnn.workers.losses import Loss, check_labels, check_loss_at
@@ -240,12 +242,7 @@ class VerticalSplitNN(Topology):
             raise ConfigurationError("give at least one top segment to take the merged activations")
         distinct(holders, "vertical data holders")
         top_workers = as_worker_list(top_workers, len(top), "top segments")
-        shared = sorted({h.name for h in holders} & {w.name for w in top_workers})
-        if shared:
-            raise ConfigurationError(
-                f"{shared} cannot be both a data holder and a top worker: it would receive the "
-                f"other holders' activations"
-            )
+        refuse_shared(holders, top_workers, "it would receive the other holders' activations")
         self.merge = check_merge(merge)
         if not isinstance(top_workers[0], MergingWorker):
             raise ConfigurationError(
@@ -418,11 +415,8 @@ class VerticalSplitNN(Topology):
     def collect(self) -> VerticalNet:
         """The trained network as one :class:`VerticalNet` (recorded as weights to the researcher)."""
         bottoms = [s.worker.fetch_segment(s.key) for s in self._bottoms]
-        layers: list[nn.Module] = []
-        for stage in self._top:
-            module = stage.worker.fetch_segment(stage.key)
-            layers.extend(module.children() if isinstance(module, nn.Sequential) else [module])
-        return VerticalNet(bottoms, nn.Sequential(*layers), self.merge, self.columns, self.column_shapes)
+        top = sequential_of(stage.worker.fetch_segment(stage.key) for stage in self._top)
+        return VerticalNet(bottoms, top, self.merge, self.columns, self.column_shapes)
 
     def __repr__(self) -> str:
         holders = ", ".join(s.label for s in self._bottoms)

@@ -9,51 +9,18 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from splitnn.accounting import Ledger
 from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
-from splitnn.split.checkpoint import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
+from splitnn.split.manifest import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
 from splitnn.split.progress import EpochProgress, progress_mode
+from splitnn.split.trainable import Trainable
 from splitnn.workers import LossStats, ReconnectingWorker
 from splitnn.workers.metrics import check_metric_names
-
-
-class Trainable(Protocol):
-    """What the loops need from a model (``SplitNN`` and the topologies provide it).
-
-    Optionally a model may also define ``epoch_plan(dataset, n, batch_size, *,
-    shuffle, seed, epoch) -> list[Tensor]`` to choose the batches of an epoch
-    itself (e.g. round-robin turns of several data holders); :func:`fit` uses
-    it instead of :func:`epoch_batches` when present.
-
-    Optionally it may define ``train_epoch(dataset, batches, on_batch, *, order)``
-    to train a whole epoch at once (``SplitNN`` ships it to networked workers);
-    :func:`fit` then calls it once per epoch instead of ``train_batch`` per batch.
-    ``on_batch`` must be called with each batch's ``LossStats`` in batch order;
-    ``order`` is the ``epoch_batches`` arguments that made ``batches``, or None
-    when the model chose its own plan. A model that can train with several batches
-    in flight defines ``check_pipeline(k)`` (raising before any work when it cannot)
-    and takes ``pipeline=k`` in ``train_epoch``.
-
-    Metrics beyond accuracy (:mod:`splitnn.workers.metrics`) need two more methods:
-    ``eval_batch(dataset, indices, keep=ID)`` has the label holder keep its outputs, and
-    ``metrics(ID, names) -> dict`` has it compute the metrics over them. A model may also
-    define ``check_metrics(dataset, names)`` to refuse metrics its data cannot have (AUC of
-    labels that are not 0/1) before training, and a ``loss`` attribute (the default metrics
-    and the metrics allowed follow it).
-    """
-
-    ledger: Ledger
-
-    def prepare(self, data: object) -> tuple[str, int]: ...
-    def train_batch(self, dataset: str, indices: torch.Tensor) -> LossStats: ...
-    def eval_batch(self, dataset: str, indices: torch.Tensor) -> LossStats: ...
-    def parties(self) -> list[str]: ...
+from splitnn.workers.schedules import check_pipeline_depth
 
 
 @dataclass
@@ -116,10 +83,23 @@ class History:
         return [e.test_metrics[name] for e in self.epochs]
 
 
-def _check_positive(name: str, value: object) -> int:
+def check_positive(name: str, value: object, *, none_means: str | None = None) -> int | None:
+    """``value``, a positive integer; with ``none_means`` also None (what None means goes in the error)."""
+    if value is None and none_means is not None:
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        also = f" or None ({none_means})" if none_means is not None else ""
+        raise ConfigurationError(f"{name} must be a positive integer{also}, got {value!r}")
     return value
+
+
+def _check_trainable(model: object) -> Trainable:
+    if not isinstance(model, Trainable):
+        raise ConfigurationError(
+            f"{type(model).__name__} is not a trainable model: derive it from splitnn.training.Trainable and define "
+            "prepare, train_batch, eval_batch and parties (SplitNN and the topologies do)"
+        )
+    return model
 
 
 def _show_progress(progress: bool | str | None) -> bool:
@@ -129,11 +109,13 @@ def _show_progress(progress: bool | str | None) -> bool:
 
 def _epoch_plan(
     model: Trainable, name: str, n: int, batch_size: int, shuffle: bool, seed: int, epoch: int
-) -> list[torch.Tensor]:
-    plan = getattr(model, "epoch_plan", None)
-    if plan is None:
-        return epoch_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-    return plan(name, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+) -> tuple[list[torch.Tensor], dict | None]:
+    """An epoch's batches, and the ``epoch_batches`` arguments that made them (None: the model chose them)."""
+    plan = model.epoch_plan(name, n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    if plan is not None:
+        return plan, None
+    order = dict(n=n, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    return epoch_batches(**order), order
 
 
 def fit(
@@ -189,10 +171,10 @@ def fit(
     step; ``clip_grad_norm=c`` clips the gradients by their global 2-norm over every party's
     parameters before each step, exactly ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)``
     on the unsplit model: each party shares one norm per parameter tensor, never a gradient
-    (:func:`splitnn.split.schedule.clip_global_norm`). Learning-rate schedules and weight decay
+    (:func:`splitnn.split.driver.clip_global_norm`). Learning-rate schedules and weight decay
     rules are part of the optimizer spec (:class:`splitnn.wire.OptimizerSpec`), stepped per step.
 
-    Checkpoints (:mod:`splitnn.split.checkpoint`): with ``checkpoint_dir``, every party
+    Checkpoints (:mod:`splitnn.split.manifest`): with ``checkpoint_dir``, every party
     writes its own checkpoint of its segments (weights, optimizer state, random streams) at the
     start, after every epoch and -- with ``checkpoint_every=N`` -- every ``N`` batches, and the
     researcher writes ``checkpoint_dir/manifest.json``. ``resume=True`` continues the job that
@@ -213,21 +195,15 @@ def fit(
     again after each epoch). Without ``checkpoint_dir`` there is nothing to resume from, and the
     fault is raised.
     """
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    _check_positive("pipeline", pipeline)
+    _check_trainable(model)
+    check_positive("epochs", epochs)
+    check_positive("batch_size", batch_size)
+    check_pipeline_depth(pipeline)
     seed = check_seed(seed)  # an int from here on (numpy integers included)
     progress_mode(progress)  # refuses a value that is none of the modes
-    _check_positive("accumulate", accumulate)
+    check_positive("accumulate", accumulate)
     recipe = _check_recipe(model, accumulate, clip_grad_norm, pipeline, checkpoint_every if checkpoint_dir else None)
-    if pipeline != 1:
-        check_pipeline = getattr(model, "check_pipeline", None)
-        if check_pipeline is None:
-            raise ConfigurationError(
-                f"{type(model).__name__} trains one batch at a time; pipeline={pipeline} needs a split chain "
-                "(SplitNN or UShapedSplitNN): leave pipeline=1"
-            )
-        check_pipeline(pipeline)
+    model.check_pipeline(pipeline)
     if not isinstance(initial_epoch, int) or isinstance(initial_epoch, bool) or initial_epoch < 0:
         raise ConfigurationError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
     if resume and checkpoint_dir is None:
@@ -236,13 +212,13 @@ def fit(
         check_every(checkpoint_every)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigurationError(f"retries must be a non-negative integer, got {retries!r}")
-    names = check_metric_names(metrics, getattr(model, "loss", None))
+    names = check_metric_names(metrics, model.loss)
     if metrics is not None and names and test_data is None:
         raise ConfigurationError(f"metrics {list(names)} are computed on test_data; give fit(..., test_data=...)")
     name, n = model.prepare(data)  # places data and checks shapes before any training
     test_name = model.prepare(test_data)[0] if test_data is not None else None
     if test_name is not None:
-        _check_metrics(model, test_name, names)
+        model.check_metrics(test_name, names)
     history = History()
     position = Position(initial_epoch)
     job = None
@@ -289,7 +265,7 @@ def fit(
 
 
 @contextlib.contextmanager
-def _resume_attempts(model: object, retries: int) -> Iterator[None]:
+def _resume_attempts(model: Trainable, retries: int) -> Iterator[None]:
     """Let each networked party's connection resume a broken stream up to ``retries`` times during ``fit``."""
     workers = [w for w in _model_workers(model) if isinstance(w, ReconnectingWorker) and hasattr(w, "retries")]
     before = [w.retries for w in workers]
@@ -317,12 +293,7 @@ class _Run:
     def epoch(self, position: Position, history: History) -> Position:
         model, job, n = self.model, self.job, self.n
         epoch = position.epoch
-        batches = _epoch_plan(model, self.name, n, self.batch_size, self.shuffle, self.seed, epoch)
-        order = (
-            None
-            if getattr(model, "epoch_plan", None) is not None
-            else dict(n=n, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-        )
+        batches, order = _epoch_plan(model, self.name, n, self.batch_size, self.shuffle, self.seed, epoch)
         if position.batch == 0:
             position.loss_sum, position.seconds = 0.0, 0.0
             position.epoch_ledger = ledger_rows(model.ledger)
@@ -376,13 +347,11 @@ RETRY_WAIT = 1.0
 RETRY_MAX_WAIT = 30.0
 
 
-def _model_workers(model: object) -> list:
-    workers = getattr(model, "workers", None)
-    workers = workers() if callable(workers) else workers
-    return list({w.name: w for w in workers or ()}.values())
+def _model_workers(model: Trainable) -> list:
+    return list({w.name: w for w in model.party_workers()}.values())
 
 
-def _reconnectable(model: object) -> bool:
+def _reconnectable(model: Trainable) -> bool:
     return any(isinstance(w, ReconnectingWorker) for w in _model_workers(model))
 
 
@@ -427,7 +396,7 @@ def _start_again(model, job, history: History) -> Position:
 
 
 def _check_recipe(
-    model: object, accumulate: int, clip: float | None, pipeline: int, every: object
+    model: Trainable, accumulate: int, clip: float | None, pipeline: int, every: object
 ) -> tuple[int, float | None] | None:
     """``(accumulate, clip_grad_norm)`` when the fine-tuning recipe is asked for (checked), else None."""
     if accumulate == 1 and clip is None:
@@ -436,16 +405,9 @@ def _check_recipe(
         isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0
     ):
         raise ConfigurationError(f"clip_grad_norm must be a finite number > 0 (e.g. 1.0), got {clip!r}")
-    if not callable(getattr(model, "train_steps", None)):
-        raise ConfigurationError(
-            f"{type(model).__name__} cannot accumulate or clip across its parties; accumulate= and clip_grad_norm= "
-            "train split chains (SplitNN, UShapedSplitNN)"
-        )
     if pipeline != 1:
         raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
-    check = getattr(model, "check_recipe", None)
-    if callable(check):
-        check()
+    model.check_recipe()
     if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
         raise ConfigurationError(
             f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "
@@ -478,32 +440,14 @@ def _train_epoch(
         done += 1
         bar.update(1)
 
-    train_epoch = getattr(model, "train_epoch", None)
-    if recipe is not None:
-        accumulate, clip = recipe
-        for i in range(0, len(batches), accumulate):
-            for stats in model.train_steps(name, batches[i : i + accumulate], clip_grad_norm=clip):
-                on_batch(stats)
-    elif pipeline != 1:
-        train_epoch(name, batches, on_batch, order=order, pipeline=pipeline)
-    elif callable(train_epoch):
-        train_epoch(name, batches, on_batch, order=order)
-    else:
-        for idx in batches:
-            on_batch(model.train_batch(name, idx))
+    if recipe is None:
+        model.train_epoch(name, batches, on_batch, order=order, pipeline=pipeline)
+        return total
+    accumulate, clip = recipe
+    for i in range(0, len(batches), accumulate):
+        for stats in model.train_steps(name, batches[i : i + accumulate], clip_grad_norm=clip):
+            on_batch(stats)
     return total
-
-
-def _check_metrics(model: Trainable, name: str, names: Sequence[str]) -> None:
-    """Refuse, before any work, metrics the model cannot compute or its data cannot have."""
-    if any(m != "accuracy" for m in names) and not callable(getattr(model, "metrics", None)):
-        raise ConfigurationError(
-            f"{type(model).__name__} cannot compute metrics {[m for m in names if m != 'accuracy']} "
-            f"(it has no metrics(keep, names) method); ask for accuracy only"
-        )
-    check = getattr(model, "check_metrics", None)
-    if callable(check):
-        check(name, names)
 
 
 def evaluate(
@@ -521,10 +465,11 @@ def evaluate(
     batch's correct count; the others are computed by the label holder over the outputs
     it kept during the evaluation, and only their values reach this process.
     """
-    _check_positive("batch_size", batch_size)
-    names = check_metric_names(metrics, getattr(model, "loss", None))
+    _check_trainable(model)
+    check_positive("batch_size", batch_size)
+    names = check_metric_names(metrics, model.loss)
     name, n = model.prepare(data)
-    _check_metrics(model, name, names)
+    model.check_metrics(name, names)
     extra = [m for m in names if m != "accuracy"]
     keep = f"eval-{secrets.token_hex(8)}" if extra else None
     before = model.ledger.snapshot()

@@ -82,12 +82,20 @@ def recipe_step(
 def check_recipe_workers(stages: Sequence[Stage]) -> None:
     """Refuse, before any work, gradient accumulation and global-norm clipping on workers that cannot run them
     (networked workers: their per-tensor norms and scaling are not remote operations yet)."""
+    _refuse_networked(
+        stages,
+        "fit(..., accumulate=, clip_grad_norm=) runs on in-process workers only",
+        "train without them, or with splitnn.VirtualWorker parties",
+    )
+
+
+def _refuse_networked(stages: Sequence[Stage], rule: str, fix: str) -> None:
+    """Raise ``rule`` naming the networked workers of ``stages`` and ``fix``, when there are any."""
     remote = sorted({s.worker.name for s in stages if not isinstance(s.worker, VirtualWorker)})
     if remote:
+        names = ", ".join(map(repr, remote))
         raise ConfigurationError(
-            f"fit(..., accumulate=, clip_grad_norm=) runs on in-process workers only; {', '.join(map(repr, remote))} "
-            f"{'is a networked worker' if len(remote) == 1 else 'are networked workers'}: train without them, or "
-            "with splitnn.VirtualWorker parties"
+            f"{rule}; {names} {'is a networked worker' if len(remote) == 1 else 'are networked workers'}: {fix}"
         )
 
 
@@ -166,13 +174,11 @@ def eval_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss, *, keep: str
 # ----------------------------------------------------------------------------- any schedule, in-process
 def check_in_process(stages: Sequence[Stage], what: str) -> None:
     """Refuse, before any work, a schedule the in-process engines cannot run (networked workers)."""
-    remote = sorted({s.worker.name for s in stages if not isinstance(s.worker, VirtualWorker)})
-    if remote:
-        raise ConfigurationError(
-            f"{what} runs in-process on VirtualWorkers or as shipped epochs on networked workers; "
-            f"{', '.join(map(repr, remote))} {'is' if len(remote) == 1 else 'are'} neither here: use "
-            "networked workers for every party with ship_epochs=True, or in-process workers for all"
-        )
+    _refuse_networked(
+        stages,
+        f"{what} runs in-process on VirtualWorkers or as shipped epochs on networked workers",
+        "use networked workers for every party with ship_epochs=True, or in-process workers for all",
+    )
 
 
 def run_in_process(

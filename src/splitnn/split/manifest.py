@@ -37,6 +37,7 @@ from splitnn.accounting.ledger import LinkTotal
 from splitnn.errors import CheckpointError, ConfigurationError
 from splitnn.fileio import atomic_write_text, remove_stale_temps
 from splitnn.split.stage import Slot
+from splitnn.split.trainable import Trainable
 from splitnn.wire.fingerprint import combine_fingerprints
 from splitnn.workers import CheckpointWorker, VirtualWorker, Worker
 from splitnn.workers.checkpoint import segment_identity
@@ -113,18 +114,14 @@ class CheckpointJob:
         order: the data order: ``seed``, ``batch_size``, ``shuffle``, ``initial_epoch``.
     """
 
-    def __init__(self, model: object, directory: str | os.PathLike, every: str | int, data: dict, order: dict) -> None:
-        segments = getattr(model, "checkpoint_segments", None)
-        if not callable(segments):
-            raise ConfigurationError(
-                f"{type(model).__name__} cannot be checkpointed: it does not list its segments "
-                "(checkpoint_segments()); SplitNN and the topologies of splitnn.training do"
-            )
+    def __init__(
+        self, model: Trainable, directory: str | os.PathLike, every: str | int, data: dict, order: dict
+    ) -> None:
+        self.slots: list[Slot] = model.checkpoint_segments()  # refuses a model that cannot be checkpointed
         self.model = model
         self.directory = Path(directory)
         self.every = check_every(every)
         self.data, self.order = data, order
-        self.slots: list[Slot] = segments()
         self.job = secrets.token_hex(16)
         self.manifest: dict[str, Any] | None = None
         self.start_ledger: list[list[Any]] = []  # the ledger's rows when a new job started (fit sets it)
@@ -155,7 +152,7 @@ class CheckpointJob:
             mine = [f"{s.label}={self.identities[s.label]}" for s in self.slots if s.worker.name == party]
             parties[party] = combine_fingerprints([party, *mine])
         model_fp = combine_fingerprints(f"{s['label']}@{s['party']}={s['identity']}" for s in segments)
-        loss = getattr(self.model, "loss", None)
+        loss = self.model.loss
         return {
             "type": type(self.model).__name__,
             "fingerprint": model_fp,
@@ -259,9 +256,8 @@ class CheckpointJob:
         ledger = self.model.ledger
         ledger.clear()
         ledger.merge(ledger_from_rows(manifest.get("ledger", [])).links())
-        restore_state = getattr(self.model, "restore_checkpoint_state", None)
-        if callable(restore_state) and manifest.get("state") is not None:
-            restore_state(manifest["state"])
+        if manifest.get("state") is not None:
+            self.model.restore_checkpoint_state(manifest["state"])
         p = manifest["position"]
         return Position(
             int(p["epoch"]), int(p["batch"]), step, float(p["loss_sum"]), float(p["seconds"]), p["epoch_ledger"]
@@ -279,7 +275,6 @@ class CheckpointJob:
         for name, worker in self.workers().items():
             info = worker.save_checkpoint(self.job, position.step, self._segments_of(name), note=note)
             parties[name] = {"step": int(info["step"]), "digest": str(info["digest"]), "bytes": int(info["bytes"])}
-        state = getattr(self.model, "checkpoint_state", None)
         manifest = {
             "format": MANIFEST_FORMAT,
             "job": self.job,
@@ -293,7 +288,7 @@ class CheckpointJob:
             "parties": parties,
             "ledger": ledger_rows(self.model.ledger),
             "history": [asdict(h) if not isinstance(h, dict) else h for h in history],
-            "state": state() if callable(state) else None,
+            "state": self.model.checkpoint_state(),
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, allow_nan=True))
         self.manifest = manifest
