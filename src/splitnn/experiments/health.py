@@ -30,7 +30,7 @@ from torch import nn
 from splitnn.accounting import Ledger
 from splitnn.data import epoch_batches, load_table
 from splitnn.errors import ConfigurationError
-from splitnn.split.loop import EpochStats, History
+from splitnn.split.fit import EpochStats, History
 from splitnn.training.psi import PsiResult, intersect
 from splitnn.training.topologies.vertical import VerticalNet, VerticalSplitNN
 from splitnn.workers import VirtualWorker, Worker

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from splitnn.errors import ConfigurationError
 from splitnn.split.stage import Stage
-from splitnn.wire.compress import Codec, NoCodec, get_codec
+from splitnn.wire.compress import Codec, codec_spec
 from splitnn.workers.base import CodecWorker
 
 DIRECTIONS = ("activation", "gradient")
@@ -48,11 +48,7 @@ def _codec(spec: object, where: str) -> str:
         raise ConfigurationError(
             f"compression {where}: a codec is a name such as 'fp16', 'int8' or 'topk:0.1', got {spec!r}"
         )
-    try:
-        codec = get_codec(spec)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"compression {where}: {exc}") from None
-    return "none" if isinstance(codec, NoCodec) else codec.spec
+    return codec_spec(spec, f"compression {where}")
 
 
 def _directions(spec: object, where: str) -> CutCompression:
