@@ -171,3 +171,28 @@ def test_cut_transformer_segments_round_trip_through_json_and_the_budget_check(m
         assert torch.equal(copy(x), want)
         x = want
     assert torch.equal(x, model(input_ids=ids).logits)
+
+
+class _Attention(torch.nn.Module):
+    """nanoGPT's attention: ``y.transpose(1, 2).contiguous().view(...)``. On CPU the attention kernel's output is
+    already contiguous once transposed, so export drops ``.contiguous()``; the meta kernel lays it out otherwise."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width), heads
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(x).split(c, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+def test_a_view_that_export_left_without_contiguous_passes_the_meta_check():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Attention(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8, 16)
+    segments = splitnn.cut(model, ["1"], example=x[:2])
+    copy = _build(module_to_spec(segments[0]), budget=16 << 20)
+    copy.load_state_dict(segments[0].state_dict())
+    assert torch.equal(copy(x), model[0](x))  # the view became a reshape: the same values, and no meta failure
