@@ -196,3 +196,15 @@ def test_a_view_that_export_left_without_contiguous_passes_the_meta_check():
     copy = _build(module_to_spec(segments[0]), budget=16 << 20)
     copy.load_state_dict(segments[0].state_dict())
     assert torch.equal(copy(x), model[0](x))  # the view became a reshape: the same values, and no meta failure
+
+
+def test_a_joined_cut_transformer_saves_and_loads_as_data(tmp_path):
+    """splitnn.save_model writes the joined exported graph (ATen ops) and its weights; load_model rebuilds it."""
+    torch.manual_seed(0)
+    model = tm.gpt2()
+    ids = torch.randint(0, tm.VOCAB, (3, tm.SEQ), generator=torch.Generator().manual_seed(2))
+    segments = splitnn.cut(model, ["transformer.h.2"], example={"input_ids": ids[:2]})
+    split = splitnn.SplitNN(segments, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")])
+    splitnn.save_model(split.collect(), tmp_path / "gpt2.safetensors")
+    back = splitnn.load_model(tmp_path / "gpt2.safetensors")
+    assert torch.equal(back(ids), model(input_ids=ids).logits)

@@ -100,3 +100,32 @@ def test_bert_trains_across_workers_as_in_process(cluster):
     local = [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")]
     unclipped = _train(splitnn.cut(model, at, example=example), local, data, "cross_entropy", clip=None)
     assert unclipped[0] != got[0]  # the clipping bit: the equality above covers it
+
+
+@pytest.mark.slow
+def test_lora_adapters_train_across_workers_as_in_process_with_the_base_frozen(cluster):
+    """peft's LoRA applied before the cut: the frozen base travels frozen (requires_grad in the spec) and only the
+    adapters train at the workers."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
+    model = ClassDimFirst(peft.get_peft_model(tm.gpt2(), config))
+    ids = _ids(N, 4)
+    data = splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    at = ["lm.base_model.model.transformer.h.2"]
+    example = data.features[:2]
+    remote = cluster.connect("alice", "bob")
+    try:
+        got = _train(splitnn.cut(model, at, example=example), remote, data, "cross_entropy", 1.0)
+    finally:
+        for w in remote:
+            w.close()
+    local = [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")]
+    want = _train(splitnn.cut(model, at, example=example), local, data, "cross_entropy", 1.0)
+    _assert_same(got, want)
+    start = model.state_dict()
+    moved = {k for k, v in got[1].items() if not torch.equal(v, start[k])}
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert moved == trainable and all("lora_" in k for k in moved)  # the adapters trained, the base did not move
