@@ -19,6 +19,13 @@ embedding and the head are two segments (a tie across a cut is refused).
 
 With ``--twin`` the same model is also trained unsplit by a plain PyTorch loop, and the example
 reports whether every loss and every weight is equal (``torch.equal``) and both speeds.
+
+With ``--workers`` the split model also trains across two ``splitnn worker`` processes started on
+127.0.0.1 (alice and bob), its segments sent as graphs of ATen operations, and is compared with the
+same split in process. A networked label holder takes its loss by name, so both runs wrap the model
+to return its logits as (batch, vocabulary, position) for ``"cross_entropy"``:
+
+    python examples/shakespeare_gpt.py --iters 40 --workers --eval-iters 2 --sample 0
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,6 +177,18 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+class ClassDimFirst(nn.Module):
+    """The GPT with its logits as (batch, vocabulary, position): the loss "cross_entropy", by name, reads the
+    classes on dimension 1 (a networked label holder takes losses by name only)."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -232,6 +252,40 @@ def build_split(model: GPT, example: torch.Tensor, r: Recipe) -> UShapedSplitNN:
     return UShapedSplitNN(head, [middle], tail, alice, bob, optimizer=r.spec(), loss=lm_loss)
 
 
+def build_named_loss_split(model: GPT, example: torch.Tensor, r: Recipe, alice, bob) -> UShapedSplitNN:
+    """The same U-shape on ``ClassDimFirst(model)`` with the loss by name, on any two workers."""
+    head, middle, tail = splitnn.cut(ClassDimFirst(model), [f"gpt.{c}" for c in CUT_AT], example=example)
+    return UShapedSplitNN(head, [middle], tail, alice, bob, optimizer=r.spec(), loss="cross_entropy")
+
+
+def compare_workers(model: GPT, train: splitnn.Dataset, r: Recipe) -> dict:
+    """The split trained in process and across two worker processes (named loss both times): equal? how fast?"""
+    from splitnn.testing.cluster import Cluster
+
+    example = train.features[:2]
+    start = copy.deepcopy(model)  # the segments share the model's parameters: each run gets its own copy
+    local = build_named_loss_split(model, example, r, splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob"))
+    local_losses, local_seconds = train_split(local, train, r)
+    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=3600.0) as cluster:
+        cluster.start("alice")
+        cluster.start("bob")
+        alice, bob = cluster.connect("alice", "bob")
+        try:
+            remote = build_named_loss_split(start, example, r, alice, bob)
+            remote_losses, remote_seconds = train_split(remote, train, r)
+            got, want = remote.collect_state(), local.collect_state()
+        finally:
+            alice.close()
+            bob.close()
+    tokens = r.iters * r.batch_size * example.shape[1]
+    return {
+        "workers_losses_equal": remote_losses == local_losses,
+        "workers_weights_equal": set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want),
+        "in_process_tokens_per_s": tokens / local_seconds,
+        "workers_tokens_per_s": tokens / remote_seconds,
+    }
+
+
 def train_split(split: UShapedSplitNN, train: splitnn.Dataset, r: Recipe) -> tuple[list[float], float]:
     """Lock-step, one optimizer step per batch of 12 windows: (losses, seconds)."""
     name, _ = split.prepare(train)
@@ -259,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--twin", action="store_true", help="also train the unsplit model and compare")
     p.add_argument("--sample", type=int, default=300, help="characters to generate at the end (0: none)")
+    p.add_argument("--workers", action="store_true", help="also train across two splitnn worker processes and compare")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     r = Recipe(iters=args.iters)
@@ -270,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = GPT(cfg)
     twin = copy.deepcopy(model)
+    model_at_start = copy.deepcopy(model)
     split = build_split(model, train.features[:2], r)
     print(split)
     losses, seconds = train_split(split, train, r)
@@ -297,6 +353,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ratio = result["split_tokens_per_s"] / result["unsplit_tokens_per_s"]
         print(f"unsplit: {result['unsplit_tokens_per_s']:.0f} tokens/s (split/unsplit {ratio:.3f})")
         print(f"losses equal: {result['losses_equal']}, weights equal: {result['weights_equal']}")
+    if args.workers:
+        result.update(compare_workers(model_at_start, train, r))
+        w = result
+        print(
+            f"across worker processes: losses equal {w['workers_losses_equal']}, weights equal "
+            f"{w['workers_weights_equal']}; {w['workers_tokens_per_s']:.0f} tokens/s against "
+            f"{w['in_process_tokens_per_s']:.0f} in process (same split, loss by name)"
+        )
     if args.sample:
         gen = GPT(cfg)
         gen.load_state_dict(state)

@@ -173,7 +173,9 @@ def test_recipe_options_are_checked_before_training():
         split.fit(data, clip_grad_norm=1.0, pipeline=2)
 
 
-def test_the_recipe_on_a_networked_worker_is_refused_before_any_work(tmp_path):
+def test_accumulation_at_a_networked_label_holder_is_refused_before_any_work(tmp_path):
+    """Clipping runs over the network (tests/workers/test_remote_transformers.py); dividing the loss by the
+    number of accumulated batches needs an in-process label holder (a networked one takes losses by name)."""
     from tests.transport.cluster import Cluster
 
     with Cluster(tmp_path) as cl:
@@ -185,8 +187,8 @@ def test_the_recipe_on_a_networked_worker_is_refused_before_any_work(tmp_path):
             split = splitnn.SplitNN(segments, workers, loss="cross_entropy")
             data = splitnn.Dataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
             before = split.ledger.total()
-            with pytest.raises(ConfigurationError, match=r"in-process workers only; 'alice', 'bob' are networked"):
-                split.fit(data, clip_grad_norm=1.0)
+            with pytest.raises(ConfigurationError, match=r"accumulate=2 divides .*'bob' is a networked worker"):
+                split.fit(data, accumulate=2, clip_grad_norm=1.0)
             assert split.ledger.total() == before  # nothing placed, nothing trained
         finally:
             for w in workers:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
+
 from tests.conftest import REPO, SHARED_DATA
 
 
@@ -35,3 +37,12 @@ def test_the_u_shaped_gpt_equals_its_unsplit_twin(tmp_path, capsys):
         "alice->bob (gradient)": hidden,
     }
     assert len(result["sample"]) == 21
+
+
+@pytest.mark.network
+def test_across_two_worker_processes_it_trains_as_in_process(tmp_path, capsys):
+    """``--workers``: the same U-shape on two `splitnn worker` processes (its segments sent as ATen graphs)."""
+    data = tmp_path / "input.txt"
+    data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200, encoding="utf-8")
+    result = _example().main(["--data", str(data), "--iters", "3", "--eval-iters", "1", "--workers", "--sample", "0"])
+    assert result["workers_losses_equal"] and result["workers_weights_equal"], capsys.readouterr().out

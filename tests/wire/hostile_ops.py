@@ -94,7 +94,93 @@ def _plausible(draw):
 
 
 @st.composite
+def _schema_args(draw, op: str):
+    """Positional arguments of an ATen overload drawn by its schema's types (a tensor where it takes a tensor, a
+    list of sizes where it takes one, ...), with hostile values; an ATen overload refuses a wrong type outright,
+    so arguments drawn for Python-level ops would mostly never reach its kernel."""
+    args = []
+    for a in allowed_functions()[op]._schema.arguments:
+        kind = str(a.type)
+        if a.kwarg_only or (a.has_default_value() and draw(st.booleans())):
+            break
+        if kind.startswith("Tensor") and "[]" in kind:
+            value = tuple(draw(st.lists(_tensors() | _plausible().map(lambda v: v[0]), min_size=1, max_size=3)))
+        elif kind.startswith("Tensor"):
+            value = draw(_plausible().map(lambda v: v[0]) | _tensors())
+        elif "[]" in kind:
+            value = tuple(draw(st.lists(st.integers(-2, 4) | st.sampled_from(_BIG), max_size=4)))
+        elif kind.startswith(("int", "SymInt")):
+            value = draw(st.integers(-3, 4) | st.sampled_from(_BIG))
+        elif kind.startswith(("float", "Scalar", "number")):
+            value = draw(st.sampled_from(_FLOATS) | st.floats(-4, 4) | st.integers(-3, 3))
+        elif kind.startswith("bool"):
+            value = draw(st.booleans())
+        elif kind.startswith("str"):
+            value = draw(st.sampled_from(["none", "tanh", "sum", "x"]))
+        else:
+            value = None  # dtype, layout, device, memory format: their defaults
+        args.append(value)
+    return args
+
+
+@st.composite
+def _fitting(draw, op: str):
+    """A call of an ATen overload whose shapes fit (matrix products, attention, convolutions, indexing), with
+    hostile values inside: NaN, inf, huge magnitudes, out-of-range and negative indices."""
+
+    def t(*shape):
+        vals = draw(st.lists(st.sampled_from(_FLOATS) | st.floats(-4, 4), min_size=math.prod(shape)))
+        return torch.tensor(vals[: math.prod(shape)], dtype=torch.float32).reshape(shape)
+
+    def idx(*shape):
+        vals = draw(st.lists(st.sampled_from(_BIG[:10]) | st.integers(0, 3), min_size=math.prod(shape)))
+        return torch.tensor(vals[: math.prod(shape)], dtype=torch.int64).reshape(shape)
+
+    sizes = st.lists(st.sampled_from([-1, 0, 1, 2, 3, 4, 6, 12, 2**40]), min_size=1, max_size=3).map(tuple)
+    calls = {
+        "aten.addmm.default": lambda: [t(3), t(2, 4), t(4, 3)],
+        "aten.amax.default": lambda: [t(2, 3), (draw(st.integers(-3, 3)),)],
+        "aten.baddbmm.default": lambda: [t(2, 3, 5), t(2, 3, 4), t(2, 4, 5)],
+        "aten.bmm.default": lambda: [t(2, 3, 4), t(2, 4, 5)],
+        "aten.mm.default": lambda: [t(3, 4), t(4, 2)],
+        "aten.cat.default": lambda: [(t(2, 3), t(1, 3)), draw(st.integers(-3, 2))],
+        "aten.stack.default": lambda: [(t(2, 3), t(2, 3)), draw(st.integers(-3, 3))],
+        "aten.conv2d.default": lambda: [t(1, 2, 5, 5), t(3, 2, 3, 3), None, (draw(st.integers(1, 3)),) * 2],
+        "aten.embedding.default": lambda: [t(5, 3), idx(2, 4)],
+        "aten.index.Tensor": lambda: [t(4, 3), (idx(2),)],
+        "aten.index_select.default": lambda: [t(4, 3), draw(st.integers(-2, 1)), idx(3)],
+        "aten.layer_norm.default": lambda: [t(2, 4), (4,), t(4), t(4)],
+        "aten.rms_norm.default": lambda: [t(2, 4), (4,), t(4)],
+        "aten.scaled_dot_product_attention.default": lambda: [t(1, 2, 3, 4), t(1, 2, 5, 4), t(1, 2, 5, 4)],
+        "aten.select.int": lambda: [t(3, 4), draw(st.integers(-2, 1)), draw(st.sampled_from(_BIG[:10]))],
+        "aten.expand.default": lambda: [t(1, 3), draw(sizes)],
+        "aten.new_ones.default": lambda: [t(2), draw(sizes)],
+        "aten.permute.default": lambda: [t(2, 3, 4), tuple(draw(st.permutations([0, 1, 2])))],
+        "aten.reshape.default": lambda: [t(2, 6), draw(sizes)],
+        "aten.view.default": lambda: [t(2, 6), draw(sizes)],
+        "aten.unflatten.int": lambda: [t(2, 6), 1, draw(sizes)],
+        "aten.to.device": lambda: [t(3), {"device": "cpu"}, {"dtype": "float64"}],
+        "aten.where.self": lambda: [t(3) > 0, t(3), t(2, 1)],
+    }
+    return op, calls[op](), {}
+
+
+_FITTING = {
+    "aten.addmm.default", "aten.amax.default", "aten.baddbmm.default", "aten.bmm.default", "aten.mm.default",
+    "aten.cat.default", "aten.stack.default", "aten.conv2d.default", "aten.embedding.default", "aten.index.Tensor",
+    "aten.index_select.default", "aten.layer_norm.default", "aten.rms_norm.default",
+    "aten.scaled_dot_product_attention.default", "aten.select.int", "aten.expand.default", "aten.new_ones.default",
+    "aten.permute.default", "aten.reshape.default", "aten.view.default", "aten.unflatten.int", "aten.to.device",
+    "aten.where.self",
+}  # fmt: skip
+
+
+@st.composite
 def _calls(draw, op: str):
+    if op in _FITTING and draw(st.booleans()):
+        return draw(_fitting(op))
+    if op.startswith("aten.") and draw(st.booleans()):
+        return op, draw(_schema_args(op)), {}
     if draw(st.booleans()):
         return op, draw(_plausible()), {}
     args = draw(st.lists(st.one_of(_tensors(), _value), max_size=4))

@@ -367,6 +367,8 @@ _special = (
     | st.builds(lambda d: {"dtype": d}, st.sampled_from(["float32", "int64", "bogus", 3]))
     | st.builds(lambda f: {"float": f}, st.sampled_from(["inf", "-inf", "nan", "1e9", 1]))
     | st.just({"ellipsis": True})
+    | st.builds(lambda d: {"device": d}, st.sampled_from(["cpu", "cuda:0", "meta", "disk", "cuda:123", 3]))
+    | st.builds(lambda k: {"layout": k}, st.sampled_from(["strided", "sparse_coo", None]))
 )
 _value = st.recursive(
     _leaf | _special,
@@ -396,6 +398,12 @@ _target = st.sampled_from(
         "__class__",
         "os.system",
         "torch.load",
+        "aten.add.Tensor",
+        "aten.add_.Tensor",
+        "aten.arange.default",
+        "aten.embedding.default",
+        "aten.view.default",
+        "aten.sym_size.int",
     ]
 ) | st.text(max_size=12)
 _node = st.fixed_dictionaries(
@@ -421,11 +429,14 @@ _graphs = st.fixed_dictionaries(
             st.sampled_from(["w", "a.b", "training"]),
             st.fixed_dictionaries(
                 {
-                    "kind": st.sampled_from(["parameter", "buffer", "x"]),
+                    "kind": st.sampled_from(["parameter", "buffer", "constant", "x"]),
                     "shape": st.lists(st.integers(-1, 4), max_size=3) | _value,
-                    "dtype": st.sampled_from(["float32", "int64", "nope"]) | _value,
+                    "dtype": st.sampled_from(["float32", "int64", "bool", "nope"]) | _value,
                     "requires_grad": st.booleans() | _value,
-                }
+                },
+                optional={
+                    "values": st.lists(st.integers(-2, 3) | st.floats(-1, 1) | st.booleans(), max_size=4) | _value
+                },
             )
             | _value,
             max_size=2,
@@ -433,7 +444,18 @@ _graphs = st.fixed_dictionaries(
     },
 )
 
-_FUNCTIONS = ["torch.relu", "operator.add", "operator.getitem", "torch.cat", "torch.nn.functional.linear", "getattr"]
+_FUNCTIONS = [
+    "torch.relu",
+    "operator.add",
+    "operator.getitem",
+    "torch.cat",
+    "torch.nn.functional.linear",
+    "getattr",
+    "aten.add.Tensor",
+    "aten.relu.default",
+    "aten.view.default",
+    "aten.sym_size.int",
+]
 
 
 @st.composite
@@ -517,3 +539,41 @@ def test_mutated_segment_specs_raise_only_spec_errors(mutations):
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed this path
     _decode(spec, TRUST)
+
+
+class _Positions(nn.Module):
+    """Embeddings plus positions from a buffer the model does not save: cut through torch.export, its first
+    segment is a graph of ATen ops with a constant (the positions travel in the spec)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+        self.register_buffer("ids", torch.arange(6), persistent=False)
+
+    def forward(self, x):
+        return self.head(self.tok(x) + self.pos(self.ids[: x.shape[1]]))
+
+
+_EXPORTED_SEED = module_to_spec(splitnn.cut(_Positions(), ["head"], example=torch.zeros(2, 5, dtype=torch.long))[0])
+_EXPORTED_PATHS = [p for p in _paths(_EXPORTED_SEED) if p]
+
+
+def test_the_exported_seed_holds_aten_ops_and_a_constant():
+    kinds = {a["kind"] for a in _EXPORTED_SEED["attrs"].values()}
+    targets = {n.get("target") for n in _EXPORTED_SEED["nodes"]}
+    assert "constant" in kinds and "aten.embedding.default" in targets
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_EXPORTED_PATHS), _value | _target | _node), min_size=1, max_size=3))
+def test_mutated_exported_segment_specs_raise_only_spec_errors(mutations):
+    spec = copy.deepcopy(_EXPORTED_SEED)
+    for path, value in mutations:
+        holder = spec
+        try:
+            for key in path[:-1]:
+                holder = holder[key]
+            holder[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed this path
+    _decode(spec)

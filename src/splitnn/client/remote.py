@@ -86,7 +86,7 @@ from splitnn.common.messages import (
     session_tag,
 )
 from splitnn.data.sources import check_ids
-from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
@@ -647,6 +647,24 @@ class RemoteWorker:
         refs = [self._new_ref() for _ in range(count)]
         self._send("backward_merged", serde.backward_merged_to_args(key, grad, [r.id for r in refs]), flush=False)
         return refs
+
+    @_serialized
+    def grad_norms(self, key: str) -> torch.Tensor:
+        """The 2-norm of each gradient of segment ``key``'s trainable parameters, for clipping by the global norm
+        across parties (:func:`splitnn.split.driver.clip_global_norm`): one number per tensor, never a gradient."""
+        _, blobs = self._request("grad_norms", serde.key_to_args(key))
+        norms = serde.tensor_from_blob(
+            serde.blob_arg(blobs, 0, "gradient norms"), max_bytes=self.limits.max_tensor_bytes
+        )
+        if norms.dim() != 1 or not norms.is_floating_point():
+            raise WireError(f"worker {self.name!r} sent gradient norms of shape {tuple(norms.shape)}, not a vector")
+        return norms
+
+    @_serialized
+    def clip_grads(self, key: str, max_norm: float, total_norm: torch.Tensor) -> None:
+        """Scale segment ``key``'s gradients for the global ``total_norm`` (``clip_grads_with_norm_``)."""
+        args = {**serde.key_to_args(key), "max_norm": float(max_norm)}
+        self._send("clip_grads", args, [serde.tensor_to_blob(total_norm.detach().cpu())], flush=False)
 
     @_serialized
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:

@@ -332,6 +332,25 @@ class Commands:
         self.engine.step(self._key(serde.key_from_args(a)))
         return {}, []
 
+    async def _op_grad_norms(self, a, blobs, **_):
+        """The 2-norm of each gradient of a segment, for clipping by the global norm over every party."""
+        return {}, [serde.tensor_to_blob(self.engine.grad_norms(self._key(serde.key_from_args(a))))]
+
+    async def _op_clip_grads(self, a, blobs, **_):
+        """Scale a segment's gradients for the global norm the researcher computed from every party's norms."""
+        key = self._key(serde.key_from_args(a))
+        max_norm = arg(a, "max_norm", (int, float))
+        total = serde.tensor_from_blob(serde.blob_arg(blobs, 0, "total norm"), max_bytes=64)
+        if (
+            isinstance(max_norm, bool)
+            or not 0 < max_norm < float("inf")
+            or total.dim()
+            or not total.is_floating_point()
+        ):
+            raise WireError("clip_grads takes a finite max_norm > 0 and the total norm as one floating-point number")
+        self.engine.clip_grads(key, float(max_norm), total)
+        return {}, []
+
     async def _op_get_grads(self, a, blobs, **_):
         grads = self.engine.get_grads(self._key(serde.key_from_args(a)))
         return {}, [serde.state_to_blob(grads)]

@@ -59,8 +59,8 @@ def recipe_step(
 ) -> list[LossStats]:
     """One optimisation step over ``batches`` (gradient accumulation: each batch's loss divided by their
     number, the gradients summed), clipped by the global norm ``clip_grad_norm`` over every party's
-    gradients (:func:`clip_global_norm`), then every stage steps. In-process workers only."""
-    check_recipe_workers(stages)
+    gradients (:func:`clip_global_norm`), then every stage steps (see :func:`check_recipe_workers`)."""
+    check_recipe_workers(stages, len(batches))
     n = len(batches)
     scaled = loss if n == 1 else functools.partial(_divided_loss, loss, n)
     for stage in stages:
@@ -79,14 +79,30 @@ def recipe_step(
     return [LossStats(s.loss * n, s.correct, s.count) for s in stats]
 
 
-def check_recipe_workers(stages: Sequence[Stage]) -> None:
-    """Refuse, before any work, gradient accumulation and global-norm clipping on workers that cannot run them
-    (networked workers: their per-tensor norms and scaling are not remote operations yet)."""
-    _refuse_networked(
-        stages,
-        "fit(..., accumulate=, clip_grad_norm=) runs on in-process workers only",
-        "train without them, or with splitnn.VirtualWorker parties",
+def check_recipe_workers(stages: Sequence[Stage], accumulate: int = 1) -> None:
+    """Refuse, before any work, global-norm clipping on workers that cannot share their gradients' norms
+    (``grad_norms``, ``clip_grads``), and gradient accumulation at a label holder that cannot divide the loss:
+    a networked worker takes losses by name, so the loss divided by the number of batches is for in-process
+    label holders only."""
+    missing = sorted(
+        {s.worker.name for s in stages if not all(callable(getattr(s.worker, m, None)) for m in _RECIPE_OPS)}
     )
+    if missing:
+        raise ConfigurationError(
+            f"fit(..., accumulate=, clip_grad_norm=) needs workers that share their gradients' norms "
+            f"({', '.join(_RECIPE_OPS)}); {', '.join(map(repr, missing))} cannot: use splitnn.VirtualWorker or "
+            "splitnn.connect parties"
+        )
+    holder = stages[-1].worker
+    if accumulate > 1 and not getattr(holder, "runs_callables", False):
+        raise ConfigurationError(
+            f"accumulate={accumulate} divides each batch's loss by {accumulate} at the label holder, and "
+            f"{holder.name!r} is a networked worker, which takes losses by name only: train with accumulate=1 "
+            "(clip_grad_norm= works over the network), or keep the labels at an in-process worker"
+        )
+
+
+_RECIPE_OPS = ("grad_norms", "clip_grads")
 
 
 def _refuse_networked(stages: Sequence[Stage], rule: str, fix: str) -> None:

@@ -9,7 +9,8 @@ particular to that graph:
   keep the model's own names (``ExportedProgram.module()``), the batch dimension of every input
   left dynamic (so any batch size runs), export's guard and metadata checks dropped, and the
   output reduced to the one tensor the loss takes (``output=``: a key of a ``ModelOutput`` or
-  dict, e.g. ``"logits"``; an index of a tuple).
+  dict, e.g. ``"logits"``; an index of a tuple), and every ``aten.view`` made an ``aten.reshape``
+  (see :func:`views_as_reshapes`).
 * :func:`module_partition`: which segment each node belongs to. A cut at ``"transformer.h.2"``
   falls before the first operation that runs inside that submodule (read from each node's
   ``nn_module_stack``), the convention of ``torch.distributed.pipelining``'s split points.
@@ -36,7 +37,14 @@ from torch import fx, nn
 
 from splitnn.errors import ConfigurationError
 
-__all__ = ["export_graph", "module_partition", "recomputable", "substitute_size", "mark_non_persistent"]
+__all__ = [
+    "export_graph",
+    "mark_non_persistent",
+    "module_partition",
+    "recomputable",
+    "substitute_size",
+    "views_as_reshapes",
+]
 
 _aten = torch.ops.aten
 
@@ -121,9 +129,23 @@ def export_graph(model: nn.Module, example: object, output: str | int | None) ->
         ):
             graph.erase_node(n)
     _select_output(graph, ep.call_spec.out_spec, output, type(model).__name__)
+    views_as_reshapes(graph)
     graph.lint()
     _check_any_batch(gm, args, kwargs, type(model).__name__)
     return gm
+
+
+def views_as_reshapes(graph: fx.Graph) -> None:
+    """Every ``aten.view`` of a graph that writes into nothing becomes ``aten.reshape``: the same tensor wherever
+    the view is valid (a view of it, no copy), and still valid where another kernel lays its input out otherwise.
+    Export drops a ``.contiguous()`` that the eager kernel made unnecessary (CPU attention returns an output whose
+    transpose is contiguous); a worker's memory check runs the graph on meta tensors, whose attention output is
+    laid out otherwise, and a view there fails."""
+    if any(_mutates(n) for n in graph.nodes):
+        return
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is _aten.view.default:
+            n.target = _aten.reshape.default
 
 
 def _check_any_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, model: str) -> None:

@@ -165,7 +165,7 @@ def fit(
     drains the pipeline (see :mod:`splitnn.workers.schedules`).
     ``pipeline=1`` (the default) is lock-step, bit-identical to the monolithic model.
 
-    The fine-tuning recipe (split chains on in-process workers, lock-step): ``accumulate=N``
+    The fine-tuning recipe (split chains, lock-step): ``accumulate=N``
     sums the gradients of N consecutive batches of an epoch (each batch's loss divided by the
     number of batches in its group; an epoch's last group may be shorter) before one optimizer
     step; ``clip_grad_norm=c`` clips the gradients by their global 2-norm over every party's
@@ -407,7 +407,7 @@ def _check_recipe(
         raise ConfigurationError(f"clip_grad_norm must be a finite number > 0 (e.g. 1.0), got {clip!r}")
     if pipeline != 1:
         raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
-    model.check_recipe()
+    model.check_recipe(accumulate)
     if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
         raise ConfigurationError(
             f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "

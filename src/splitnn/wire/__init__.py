@@ -2,8 +2,9 @@
 
 - :mod:`~splitnn.wire.tensor_codec`: one tensor <-> a validated header + raw bytes.
 - :mod:`~splitnn.wire.state_codec`: a state dict <-> safetensors bytes.
-- :mod:`~splitnn.wire.spec`: a model <-> a declarative JSON spec of known layer types,
-  fx graphs (:mod:`~splitnn.wire.graph`) and trusted imports (:mod:`~splitnn.wire.trust`).
+- :mod:`~splitnn.wire.spec`: a model <-> a declarative JSON spec of known layer types
+  (:mod:`~splitnn.wire.layers`), graphs of allow-listed ops (:mod:`~splitnn.wire.graph`,
+  :mod:`~splitnn.wire.ops`) and trusted imports (:mod:`~splitnn.wire.trust`).
 - :mod:`~splitnn.wire.optim_spec`: an optimizer choice as data.
 
 Every malformed or oversized input raises :class:`splitnn.errors.WireError`

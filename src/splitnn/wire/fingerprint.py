@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -70,15 +70,14 @@ def segment_fingerprints(model: object) -> list[str]:
     recorded as weights in the ledger). For a whole saved model file see
     ``splitnn fingerprint``.
     """
-    stages = getattr(model, "stages", None)
-    if stages is not None:
-        return [fingerprint(s.worker.fetch_segment(s.key)) for s in stages]
-    if isinstance(model, nn.Module):
+    if isinstance(model, Sequence) and not isinstance(model, (str, bytes)):
+        return [fingerprint(m) for m in model]
+    if isinstance(model, nn.Module) or not hasattr(model, "stages"):
         raise SpecError(
             "segment_fingerprints takes the segments of a model (a list of modules, or a SplitNN); "
             "for one segment use fingerprint(module)"
         )
-    return [fingerprint(m) for m in model]  # type: ignore[union-attr]
+    return [fingerprint(s.worker.fetch_segment(s.key)) for s in model.stages]  # a SplitNN: fetched from its workers
 
 
 def combine_fingerprints(parts: Iterable[str]) -> str:

@@ -15,10 +15,12 @@ one to a remote party, :mod:`splitnn.wire.spec` describes it as::
 Ops: ``placeholder``, ``output``, ``call_module`` on a submodule named in ``modules``
 (each a spec of its own: a registered layer, a ``Sequential``, a trusted import, another
 graph), ``get_attr`` on a parameter or buffer declared in ``attrs`` (its values travel
-with the weights), and ``call_function`` / ``call_method`` only on the op vocabulary of
-:mod:`splitnn.wire.ops` (dense, functional ops: no ``out=``, no in-place writes, no
-uninitialised, sparse or pointer ops) and ``getattr`` of a few tensor properties
-(``shape``, ``dtype``, ...). Sender and receiver check the same vocabulary. Names are
+with the weights; a small ``"constant"``, a buffer the model does not save such as
+position ids, carries its ``"values"`` in the spec), and ``call_function`` /
+``call_method`` only on the op vocabulary of :mod:`splitnn.wire.ops` (dense, functional
+ops, Python-level or ATen, e.g. ``"aten.linear.default"``: no ``out=``, no in-place
+writes, no uninitialised, sparse or pointer ops) and ``getattr`` of a few tensor
+properties (``shape``, ``dtype``, ...). Sender and receiver check the same vocabulary. Names are
 looked up in it; nothing is imported, ``eval``-ed or ``exec``-ed from the text, and the
 receiver generates the forward code itself from the checked graph (fx's code generator,
 with generated names). What a graph may allocate when it runs is checked separately, on
@@ -27,7 +29,8 @@ meta tensors, against the worker's memory budget (:mod:`splitnn.wire.budget`).
 Values in ``args``/``kwargs``: JSON null, booleans, numbers and strings as themselves; a
 JSON array is a Python tuple; ``{"list": [...]}``, ``{"node": i}`` (the result of node
 ``i``, which must come earlier: no cycles, no dangling references), ``{"slice": [a, b, c]}``,
-``{"ellipsis": true}``, ``{"dtype": "float32"}`` and ``{"float": "inf"}`` for the rest.
+``{"ellipsis": true}``, ``{"dtype": "float32"}``, ``{"float": "inf"}``, ``{"device": "cpu"}`` and
+``{"layout": "strided"}`` for the rest.
 
 Every check runs before anything is built; a problem raises :class:`SpecError` naming
 the node (``spec.nodes[3]``) and what is wrong.
@@ -61,7 +64,6 @@ __all__ = [
     "allowed_methods",
     "build_graph",
     "describe_graph",
-    "graph_arity",
     "plan_graph",
 ]
 
@@ -71,6 +73,8 @@ GRAPH_TYPE = "Graph"
 MAX_GRAPH_NODES = 4096
 #: Most dimensions of a declared attribute.
 MAX_ATTR_NDIM = 16
+#: Most elements of a constant whose values travel in the spec.
+MAX_CONSTANT_ELEMENTS = 4096
 
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 
@@ -92,7 +96,8 @@ _DTYPES = {
     )
 }
 _COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_SPECIAL_KEYS = ("node", "list", "slice", "ellipsis", "dtype", "float")
+_SPECIAL_KEYS = ("node", "list", "slice", "ellipsis", "dtype", "float", "device", "layout")
+_DEVICE = re.compile(r"^(cpu|meta|cuda(:[0-9]{1,2})?)$")
 
 
 # ----------------------------------------------------------------------------- targets
@@ -161,12 +166,18 @@ def _target_name(gm: fx.GraphModule, n: fx.Node, where: str) -> str:
         name, fn = str(n.target), None
     else:
         fn = n.target
-        name = function_name(fn) or (getattr(fn, "__module__", "?") + "." + getattr(fn, "__qualname__", repr(fn)))
+        name = function_name(fn) or _qualified(fn)
         fn = fn if function_name(fn) else None
     why = check_call(n.op, name, fn, n.args, dict(n.kwargs))
     if why is not None:
         raise SpecError(f"{where}: {why}")
     return name
+
+
+def _qualified(fn: Any) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"aten.{fn._opname}.{fn._overloadname}" if fn.namespace == "aten" else str(fn)
+    return getattr(fn, "__module__", "?") + "." + getattr(fn, "__qualname__", repr(fn))
 
 
 def _describe_attr(gm: fx.GraphModule, target: str, where: str) -> dict:
@@ -175,15 +186,29 @@ def _describe_attr(gm: fx.GraphModule, target: str, where: str) -> dict:
     if field in owner._parameters and owner._parameters[field] is not None:
         t, kind = owner._parameters[field], "parameter"
     elif field in owner._buffers and owner._buffers[field] is not None:
-        if field in owner._non_persistent_buffers_set:
-            raise SpecError(f"{where}: buffer {target!r} is not persistent, so its value would not travel")
         t, kind = owner._buffers[field], "buffer"
+        if field in owner._non_persistent_buffers_set:  # not in the state dict: its values travel here
+            return _describe_constant(t, target, where)
     else:
         raise SpecError(f"{where}: {target!r} is not a parameter or buffer; only those travel (with the weights)")
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise SpecError(f"{where}: {target!r} has dtype {dtype}, which cannot travel")
     return {"kind": kind, "shape": list(t.shape), "dtype": dtype, "requires_grad": bool(t.requires_grad)}
+
+
+def _describe_constant(t: torch.Tensor, target: str, where: str) -> dict:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.numel() > MAX_CONSTANT_ELEMENTS or dtype not in _DTYPES or t.is_complex():
+        raise SpecError(
+            f"{where}: buffer {target!r} is not persistent (not in the state dict), so its values would travel in "
+            f"the spec, which holds constants of at most {MAX_CONSTANT_ELEMENTS} real elements; it has "
+            f"{t.numel()} of {dtype}. Register it as a persistent buffer, so that it travels with the weights"
+        )
+    values = t.detach().cpu().reshape(-1).tolist()
+    if not all(math.isfinite(v) for v in values if isinstance(v, float)):
+        raise SpecError(f"{where}: constant {target!r} holds inf or NaN; register it as a persistent buffer")
+    return {"kind": "constant", "shape": list(t.shape), "dtype": dtype, "requires_grad": False, "values": values}
 
 
 def _encode(a: Any, index: dict[fx.Node, int], where: str) -> Any:
@@ -205,6 +230,10 @@ def _encode(a: Any, index: dict[fx.Node, int], where: str) -> Any:
         return {"ellipsis": True}
     if isinstance(a, torch.dtype) and str(a).removeprefix("torch.") in _DTYPES:
         return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device) and _DEVICE.match(str(a)):
+        return {"device": str(a)}
+    if a is torch.strided:
+        return {"layout": "strided"}
     raise SpecError(f"{where}: cannot describe the argument {a!r} ({type(a).__name__}) as data")
 
 
@@ -216,13 +245,13 @@ class GraphPlan:
     """A checked graph spec, ready to build (``modules`` holds the caller's plans of the submodules)."""
 
     modules: dict[str, Any]
-    attrs: dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]
+    attrs: dict[str, tuple[str, tuple[int, ...], torch.dtype, bool, list | None]]  # values: constants only
     nodes: list[tuple[str, Any, tuple, dict]]  # (op, target or default, args, kwargs), decoded
     path: str
 
     def attr_elements(self) -> int:
         """Elements of the declared parameters and buffers."""
-        return sum(math.prod(shape) for _, shape, _, _ in self.attrs.values())
+        return sum(math.prod(shape) for _, shape, _, _, _ in self.attrs.values())
 
 
 def plan_graph(spec: dict, path: str, plan_module: Callable[[Any, str], Any]) -> GraphPlan:
@@ -262,12 +291,15 @@ def plan_graph(spec: dict, path: str, plan_module: Callable[[Any, str], Any]) ->
     return GraphPlan(plans, decoded_attrs, decoded, path)
 
 
-def _plan_attr(a: Any, where: str) -> tuple[str, tuple[int, ...], torch.dtype, bool]:
-    if not isinstance(a, dict) or set(a) != {"kind", "shape", "dtype", "requires_grad"}:
-        raise SpecError(f"{where}: an attribute is {{kind, shape, dtype, requires_grad}}, got {a!r}")
+def _plan_attr(a: Any, where: str) -> tuple[str, tuple[int, ...], torch.dtype, bool, list | None]:
+    keys = {"kind", "shape", "dtype", "requires_grad"}
+    if not isinstance(a, dict) or set(a) - {"values"} != keys:
+        raise SpecError(f"{where}: an attribute is {{kind, shape, dtype, requires_grad}} (and values), got {a!r:.200}")
     kind, shape, dtype, rg = a["kind"], a["shape"], a["dtype"], a["requires_grad"]
-    if kind not in ("parameter", "buffer"):
-        raise SpecError(f"{where}: kind must be 'parameter' or 'buffer', got {kind!r}")
+    if kind not in ("parameter", "buffer", "constant"):
+        raise SpecError(f"{where}: kind must be 'parameter', 'buffer' or 'constant', got {kind!r}")
+    if ("values" in a) != (kind == "constant"):
+        raise SpecError(f"{where}: a constant carries its 'values', and only a constant does")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_ATTR_NDIM
@@ -278,7 +310,28 @@ def _plan_attr(a: Any, where: str) -> tuple[str, tuple[int, ...], torch.dtype, b
         raise SpecError(f"{where}: unknown dtype {dtype!r:.40} (known: {', '.join(_DTYPES)})")
     if not isinstance(rg, bool) or (rg and not (_DTYPES[dtype].is_floating_point or _DTYPES[dtype].is_complex)):
         raise SpecError(f"{where}: requires_grad must be a boolean, and true only for a floating dtype")
-    return kind, tuple(shape), _DTYPES[dtype], rg
+    values = _plan_constant(a["values"], shape, _DTYPES[dtype], rg, where) if kind == "constant" else None
+    return kind, tuple(shape), _DTYPES[dtype], rg, values
+
+
+def _plan_constant(values: Any, shape: list[int], dtype: torch.dtype, rg: bool, where: str) -> list:
+    n = math.prod(shape)
+    if rg or dtype.is_complex or n > MAX_CONSTANT_ELEMENTS:
+        raise SpecError(
+            f"{where}: a constant is real, needs no gradient and has at most {MAX_CONSTANT_ELEMENTS} elements"
+        )
+    if not isinstance(values, list) or len(values) != n:
+        raise SpecError(f"{where}: 'values' must be a flat list of the {n} elements of shape {shape}")
+    if dtype is torch.bool:
+        ok = all(isinstance(v, bool) for v in values)
+    elif dtype.is_floating_point:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    else:
+        info = torch.iinfo(dtype)
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and info.min <= v <= info.max for v in values)
+    if not ok:
+        raise SpecError(f"{where}: 'values' must all be {dtype} values (finite, in range)")
+    return values
 
 
 def _plan_node(
@@ -398,6 +451,14 @@ def _decode(v: Any, current: int, where: str) -> Any:
         if not isinstance(x, str) or x not in _DTYPES:
             raise SpecError(f"{where}: unknown dtype {x!r}")
         return _DTYPES[x]
+    if key == "device":
+        if not isinstance(x, str) or not _DEVICE.match(x):
+            raise SpecError(f"{where}: 'device' is 'cpu', 'cuda', 'cuda:N' or 'meta', got {x!r:.80}")
+        return torch.device(x)
+    if key == "layout":
+        if x != "strided":
+            raise SpecError(f"{where}: 'layout' is 'strided' (a graph makes dense tensors only), got {x!r:.80}")
+        return torch.strided
     if x not in ("inf", "-inf", "nan"):
         raise SpecError(f"{where}: 'float' is 'inf', '-inf' or 'nan', got {x!r:.80}")
     return float(x)
@@ -412,7 +473,10 @@ def build_graph(plan: GraphPlan, modules: dict[str, nn.Module]) -> fx.GraphModul
     try:
         for target in sorted(modules, key=lambda t: t.count(".")):
             _install(root, target, modules[target])
-        for target, (kind, shape, dtype, rg) in plan.attrs.items():
+        for target, (kind, shape, dtype, rg, values) in plan.attrs.items():
+            if kind == "constant":
+                _install(root, target, torch.tensor(values, dtype=dtype).reshape(shape))
+                continue
             value = torch.zeros(shape, dtype=dtype)
             _install(root, target, nn.Parameter(value, requires_grad=rg) if kind == "parameter" else value)
         g = fx.Graph()
@@ -442,7 +506,12 @@ def build_graph(plan: GraphPlan, modules: dict[str, nn.Module]) -> fx.GraphModul
         g.lint()
         with warnings.catch_warnings():  # e.g. "'float' object is not subscriptable" about a graph that
             warnings.simplefilter("ignore", SyntaxWarning)  # fails when run: the run reports it
-            return fx.GraphModule(root, g, class_name="Segment")
+            gm = fx.GraphModule(root, g, class_name="Segment")
+        for target, (kind, *_) in plan.attrs.items():  # GraphModule copies buffers as persistent ones
+            if kind == "constant":
+                owner, _, field = target.rpartition(".")
+                gm.get_submodule(owner)._non_persistent_buffers_set.add(field)
+        return gm
     except SpecError:
         raise
     except Exception as exc:  # fx refusing a graph our checks let through: still the spec's fault
@@ -464,11 +533,3 @@ def _install(root: nn.Module, target: str, obj: nn.Module | torch.Tensor) -> Non
         owner.register_parameter(field, obj)
     else:
         owner.register_buffer(field, obj)
-
-
-def graph_arity(spec: dict) -> tuple[int, int]:
-    """How many values a (checked) graph spec's segment takes and returns."""
-    nodes = spec["nodes"]
-    ins = sum(1 for n in nodes if n.get("op") == "placeholder")
-    out = nodes[-1]["args"][0]
-    return ins, len(out) if isinstance(out, list) else 1

@@ -3,23 +3,24 @@
 A segment that travels as a graph (:mod:`splitnn.wire.graph`) runs at another party, so
 every op it names is an op that party agrees to run on its own memory. The vocabulary is
 a curated allow-list, not "everything public minus a few": dense, functional ops whose
-output is a new tensor (or a view) of a size computable from the input shapes, as traced
-CNNs, MLPs and attention blocks name them at the Python level (``torch.relu``,
-``F.conv2d``, ``x.flatten``). They were chosen to stay within what PyTorch's core ATen op
-set (``torch.Tag.core``) expresses, the set ``torch.export`` graphs name, so that an
-exported graph can later be held to the same rules (that ATen-level check is not built
-yet). Left out on purpose:
+output is a new tensor (or a view) of a size computable from the input shapes. It names
+them two ways: at the Python level, as traced CNNs, MLPs and attention blocks call them
+(``torch.relu``, ``F.conv2d``, ``x.flatten``), and at the ATen level, as ``torch.export``
+graphs (the segments :func:`splitnn.cut` makes of transformers) call them
+(``aten.linear.default``, ``aten.scaled_dot_product_attention.default``): one overload at a
+time, each with a functional schema (no argument it writes, no ``out``). Left out on purpose:
 
 * ``out=`` arguments and in-place ops (``add_``, ``operator.iadd``, ``setitem``,
-  ``inplace=True``, ``F.embedding(max_norm=...)``): a graph never writes into its inputs,
-  its parameters or its buffers, so what it leaves behind is only its outputs;
+  ``inplace=True``, ``F.embedding(max_norm=...)``, sparse embedding gradients): a graph never
+  writes into its inputs, its parameters or its buffers, so what it leaves behind is only its outputs;
 * uninitialised allocation (``torch.empty*``, ``new_empty``, ``empty_like``, ``empty_strided``);
 * sparse, nested, quantized and segment ops (``sparse_coo_tensor``, ``segment_reduce``, ...),
-  whose kernels trust their index arguments;
+  whose kernels trust their index arguments, and layouts other than strided;
 * pointer and storage access (``data_ptr``, ``const_data_ptr``, ``untyped_storage``,
   ``set_``, ``as_strided``), and reads of values into Python (``item``, ``tolist``, ``numpy``);
 * ops whose output size depends on the values (``nonzero``, ``unique``, ``masked_select``):
-  the memory check (:mod:`splitnn.wire.budget`) computes every size on meta tensors;
+  the memory check (:mod:`splitnn.wire.budget`) computes every size on meta tensors (an
+  ``aten.index.Tensor`` with a boolean mask fails there, so it is refused when it would run);
 * kernels that index with unchecked arguments (``native_batch_norm``, ``batch_norm``).
 
 Both sides use it: :func:`splitnn.wire.graph.describe_graph` refuses to describe a graph
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 __all__ = [
     "GETATTR_NAMES",
     "TENSOR_METHODS",
+    "ATEN_OPS",
     "allowed_functions",
     "allowed_methods",
     "check_call",
@@ -101,6 +103,25 @@ _OPERATORS = """
 add sub mul truediv floordiv mod pow matmul neg pos abs invert getitem eq ne lt le gt ge and_ or_ xor
 lshift rshift
 """
+# torch.ops.aten.NAME.OVERLOAD: what torch.export graphs of transformers name (composite ops such as linear and
+# scaled_dot_product_attention kept whole, as export's training IR keeps them), each overload functional.
+_ATEN = """
+add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar neg.default
+exp.default sqrt.default rsqrt.default pow.Tensor_Scalar sin.default cos.default tanh.default sigmoid.default
+erf.default relu.default gelu.default silu.default where.self masked_fill.Scalar eq.Tensor eq.Scalar ne.Tensor
+ne.Scalar lt.Scalar le.Tensor gt.Scalar ge.Scalar __and__.Tensor __or__.Tensor bitwise_not.default
+logical_not.default sum.dim_IntList mean.dim amax.default cumsum.default diff.default softmax.int log_softmax.int
+mm.default bmm.default matmul.default addmm.default baddbmm.default linear.default view.default reshape.default
+permute.default transpose.int t.default expand.default unsqueeze.default squeeze.dim flatten.using_ints
+unflatten.int slice.Tensor select.int split.Tensor chunk.default unbind.int cat.default stack.default
+contiguous.default clone.default alias.default to.dtype to.device to.dtype_layout arange.default arange.start
+arange.start_step full.default new_ones.default zeros_like.default ones_like.default full_like.default tril.default
+triu.default embedding.default gather.default index.Tensor index_select.default layer_norm.default rms_norm.default
+scaled_dot_product_attention.default dropout.default conv2d.default sym_size.int
+"""
+#: The ATen overloads a graph may call, by name (``"aten.linear.default"``).
+ATEN_OPS: frozenset[str] = frozenset(f"aten.{n}" for n in _ATEN.split())
+
 #: Tensor properties a graph may read with ``getattr``.
 GETATTR_NAMES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "H", "mH", "real", "imag", "is_cuda"})
 
@@ -123,6 +144,11 @@ def allowed_functions() -> dict[str, Callable[..., Any]]:
             out[f"torch.nn.functional.{name}"] = fn
     for name in _OPERATORS.split():
         out[f"operator.{name}"] = getattr(operator, name)
+    for name in sorted(ATEN_OPS):
+        _, op, overload = name.split(".")
+        fn = getattr(getattr(torch.ops.aten, op, None), overload, None)
+        if isinstance(fn, torch._ops.OpOverload) and _functional(fn._schema):
+            out[name] = fn
     out["getattr"] = builtins.getattr
     return out
 
@@ -139,6 +165,12 @@ def _names_by_id() -> dict[int, str]:
     for name, fn in allowed_functions().items():
         names.setdefault(id(fn), name)  # torch.* first: an alias decodes to the same object
     return names
+
+
+def _functional(schema: torch.FunctionSchema) -> bool:
+    """An ATen schema that writes into none of its arguments and has no ``out``."""
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    return not (schema.is_mutable or writes or any(a.is_out for a in schema.arguments))
 
 
 def function_name(fn: Any) -> str | None:
@@ -171,6 +203,8 @@ def check_call(op: str, target: str, fn: Callable[..., Any] | None, args: tuple,
         return f"{target!r} with out=: a graph may not write into an existing tensor; use the returned value"
     if op == "call_method":
         return None
+    if isinstance(fn, torch._ops.OpOverload):
+        return _check_aten(target, fn, args, kwargs)
     base = target.rsplit(".", 1)[-1]
     params = _INPLACE_PARAMS + _MUTATING_PARAMS.get(base, ())
     bound = _bind(fn, args, kwargs)
@@ -182,6 +216,25 @@ def check_call(op: str, target: str, fn: Callable[..., Any] | None, args: tuple,
             return f"{target!r} with {p}={value!r} writes into its argument; a graph may not (leave {p} unset)"
     if bound is None and any(isinstance(a, bool) and a for a in args[1:]) and _has_param(fn, "inplace"):
         return f"{target!r}: pass inplace as a keyword (inplace=False); a graph may not write into its arguments"
+    return None
+
+
+def _check_aten(target: str, fn: torch._ops.OpOverload, args: tuple, kwargs: dict) -> str | None:
+    """The arguments of an ATen call, against its schema: known names, no sparse gradients, strided layouts."""
+    schema = fn._schema
+    positional = [a.name for a in schema.arguments if not a.kwarg_only]
+    if len(args) > len(positional):
+        return f"{target!r} takes at most {len(positional)} positional arguments ({schema}), got {len(args)}"
+    names = {a.name for a in schema.arguments}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        return f"{target!r} has no argument {unknown[0]!r} ({schema})"
+    bound = {**dict(zip(positional, args)), **kwargs}
+    if bound.get("sparse") not in (None, False):
+        return f"{target!r} with sparse={bound['sparse']!r} makes sparse gradients; a graph may not (pass False)"
+    layout = bound.get("layout")
+    if layout is not None and layout is not torch.strided:
+        return f"{target!r} with layout={layout!r}: a graph makes dense (strided) tensors only"
     return None
 
 
