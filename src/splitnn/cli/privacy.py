@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from splitnn.cli.options import add_data_options, add_report_options, check_out_dir, check_positive, config_from_args
 from splitnn.errors import ConfigurationError
 
 #: Strengths used for a defense when ``--strengths`` does not name any.
@@ -60,9 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
         "--strengths nopeek=0.5,2,5 --strengths noise=0.03,0.1,0.3 --strengths label=1,3,10",
     )
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
-    p.add_argument("--data-dir", type=Path, default=None, help="directory holding the dataset's IDX files")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
+    add_data_options(p, dataset="fashion-mnist", dataset_help="dataset name (default: fashion-mnist)")
     p.add_argument(
         "--defense",
         action="append",
@@ -104,13 +102,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dp-clip", type=float, default=1.0, help="per-example gradient norm bound of the dp defense (default 1)"
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("privacy-report"),
-        help="directory for privacy.csv, privacy.json and the PNGs (created; default ./privacy-report)",
+    add_report_options(
+        p,
+        out="privacy-report",
+        out_help="directory for privacy.csv, privacy.json and the PNGs (created; default ./privacy-report)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -191,39 +187,23 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     settings = parse_settings(args.defense, args.strengths)
     attacks = parse_attacks(args.attack)
-    if isinstance(args.seeds, bool) or args.seeds < 1:
-        raise ConfigurationError(f"--seeds must be a positive integer, got {args.seeds}")
+    check_positive(args.seeds, "--seeds")
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < 0:
             raise ConfigurationError(f"{flag} must be >= 0 (0: all), got {value}")
-    config = PrivacyConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
+    config = config_from_args(
+        PrivacyConfig,
+        args,
         download=not args.no_download,
         train_size=args.train_size or None,
-        aux_size=args.aux_size,
         test_size=args.test_size or None,
-        victims=args.victims,
         hidden=_sizes(args.hidden),
         workers=tuple(n.strip() for n in args.workers.split(",") if n.strip()),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        positive_class=args.positive_class,
-        clip=args.clip,
-        label_directions=args.label_directions,
-        delta=args.delta,
-        dp_clip=args.dp_clip,
         attacks=attacks,
-        fsha_steps=args.fsha_steps,
-        unsplit_rounds=args.unsplit_rounds,
-        feature_epochs=args.feature_epochs,
         inversion=InversionConfig(epochs=args.decoder_epochs, seed=args.seed),
         progress=not args.no_progress,
     )
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigurationError(f"--out {args.out} exists and is not a directory")
+    check_out_dir(args.out)
     data = load_privacy_data(config)  # every size and name is checked before training starts
     args.out.mkdir(parents=True, exist_ok=True)
     print(
