@@ -124,6 +124,30 @@ class Cluster:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
         ``prefix`` goes before the command line (e.g. ``ip netns exec NS`` or :func:`open_files_prefix`,
         which exec, so the process started is still the worker itself)."""
+        return self._wait(*self._launch(name, *args, token_file=token_file, listen=listen, prefix=prefix))
+
+    def start_many(self, names: Sequence[str], *args: str, **kwargs) -> list[WorkerProcess]:
+        """Start workers ``names`` (each with ``args`` and ``kwargs`` as :meth:`start` takes them) all at once,
+        then wait for each: their start-ups (importing torch, mostly) overlap."""
+        launched = [self._launch(name, *args, **kwargs) for name in names]
+        try:
+            return [self._wait(*each) for each in launched]
+        except BaseException:
+            for _, proc, _, _ in launched:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+            raise
+
+    def _launch(
+        self,
+        name: str,
+        *args: str,
+        token_file: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        prefix: Sequence[str] = (),
+    ) -> tuple[str, subprocess.Popen, Path, Path]:
+        """Start worker ``name``'s process; its name, process, address file and log."""
         if "--data" in args and "--policy" not in args and self.open_data:
             args = (*args, "--policy", str(self._open_policy()))
         addr_file = self.root / f"{name}.addr"
@@ -154,6 +178,10 @@ class Cluster:
         ]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return name, proc, addr_file, log
+
+    def _wait(self, name: str, proc: subprocess.Popen, addr_file: Path, log: Path) -> WorkerProcess:
+        """Wait for a started worker's address file (RuntimeError with its log if it exits or never writes one)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not addr_file.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
