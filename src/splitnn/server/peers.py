@@ -93,7 +93,7 @@ class Peers:
         self._accepted: set[PeerLink] = set()
         self._dialing: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._channels: dict[tuple[str, str], list] = {}  # (peer, address) -> [channel, links using it]
-        self._closing: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # channels closing, ABORTs being sent
         #: where this worker's TCP data plane listens, as it tells researchers (None: it has none)
         self.data_address: str | None = None
 
@@ -200,8 +200,8 @@ class Peers:
                 if entry[1] <= 0:  # the last link over this channel: close it
                     del self._channels[link.channel_key]
                     task = asyncio.get_running_loop().create_task(entry[0].close())
-                    self._closing.add(task)
-                    task.add_done_callback(self._closing.discard)
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     def close_scope(self, tag: str) -> None:
         """Session ``tag`` ended: end the links it dialled and the streams peers opened to it."""
@@ -215,19 +215,30 @@ class Peers:
             del self._dialing[key]
 
     def abort(self, scope: PeerScope, peers: dict[str, PeerAddress], run_id: int, text: str) -> None:
-        """Best effort, without waiting: tell ``peers`` that ``scope``'s part of epoch ``run_id`` failed."""
+        """Best effort, without waiting: tell ``peers`` that ``scope``'s part of epoch ``run_id`` failed. A link
+        that breaks under the ABORT (a push written on it was cancelled with the run) is dialled again for it while
+        the session lives."""
         frame = frames.abort(run_id, text)
 
-        async def send(link: PeerLink) -> None:
+        async def send(link: PeerLink, peer: str, where: PeerAddress) -> None:
             try:
                 await link.send(frame, "control")
+            except LinkLost:
+                if self.resolve(scope.tag) is scope:
+                    await (await self.link(scope, peer, where)).send(frame, "control")
+
+        async def best_effort(link: PeerLink, peer: str, where: PeerAddress) -> None:
+            try:
+                await send(link, peer, where)
             except Exception:
                 pass
 
         for peer, where in peers.items():
             link = self._dialled.get((scope.tag, peer, where.tag))
             if link is not None and link.closed is None:
-                asyncio.get_running_loop().create_task(send(link))
+                task = asyncio.get_running_loop().create_task(best_effort(link, peer, where))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Close the links and channels this worker dialled."""

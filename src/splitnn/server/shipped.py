@@ -246,8 +246,12 @@ class Inbox:
         try:
             if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
                 value = fut.result()
-            else:
-                value = await asyncio.wait_for(fut, self.timeout)
+            else:  # awaited directly, with a timer (not wait_for: one event-loop pass less per receive)
+                timer = asyncio.get_running_loop().call_later(self.timeout, _time_out, fut)
+                try:
+                    value = await fut
+                finally:
+                    timer.cancel()
             run.consumed.add((peer, kind, frame_id))
             return value
         except asyncio.TimeoutError:
@@ -384,3 +388,9 @@ async def run_epoch(
 def _quiet(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _time_out(fut: asyncio.Future) -> None:
+    """A wait's timer ran out: fail the wait (its slot is dropped by :meth:`Inbox.wait`)."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
