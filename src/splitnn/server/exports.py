@@ -28,6 +28,7 @@ import torch
 
 from splitnn.errors import WireError, WorkerError
 from splitnn.wire.cut_codec import Encoded
+from splitnn.wire.tensor_codec import tensor_nbytes
 from splitnn.workers.refs import TensorRef
 from splitnn.workers.virtual import VirtualWorker
 
@@ -232,7 +233,7 @@ def held_bytes(value: object) -> int:
     """Bytes a value kept for a peer holds (what keeping it costs): a tensor, bytes, an encoded value (its entries),
     a tuple or list of those; anything else counts 0."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return tensor_nbytes(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return len(value)
     if isinstance(value, Encoded):
