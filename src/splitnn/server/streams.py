@@ -157,24 +157,27 @@ class Streams:
     async def _converse(self, session: Session, replay: Replay, caller: str, context) -> None:
         """Read commands into ``replay`` and write its replies, until the client is done and all are written."""
         resending = replay.rewrites  # replies written before a break and again now: counted as re-sent
-        writes: set[asyncio.Future] = set()
+        writing = stopping = False
 
         async def write() -> None:
-            nonlocal resending
-            while (data := await replay.next_reply()) is not None:
-                # shielded: a write cut off half-way leaves it pending in gRPC, and the call could never end
-                done = asyncio.ensure_future(context.write(data))
-                writes.add(done)
-                done.add_done_callback(writes.discard)
-                await asyncio.shield(done)
+            nonlocal resending, writing
+            while not stopping and (data := await replay.next_reply()) is not None:
+                writing = True  # never cancelled now: a write cut off half-way leaves it pending in gRPC, and the
+                try:  # call could never end
+                    await context.write(data)
+                finally:
+                    writing = False
                 if resending > 0:
                     resending -= 1
                     session.counters.record(caller, "sent", "resent", len(data))
 
         async def stop_writing() -> None:
-            writer.cancel()
-            if writes:
-                await asyncio.wait(set(writes), timeout=self.server.peer_timeout)
+            nonlocal stopping
+            stopping = True  # a write under way ends, and the writer with it
+            if not writing:
+                writer.cancel()
+            if not writer.done():
+                await asyncio.wait({writer}, timeout=self.server.peer_timeout)
 
         writer = asyncio.get_running_loop().create_task(write())
         try:
