@@ -237,7 +237,10 @@ def held_bytes(value: object) -> int:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return len(value)
     if isinstance(value, Encoded):
-        return held_bytes(value.entries)
+        value = value.entries
     if isinstance(value, (tuple, list)):
-        return sum(held_bytes(v) for v in value)
+        total = 0
+        for v in value:  # (a loop, not a generator: this runs for every push, at both ends)
+            total += tensor_nbytes(v) if isinstance(v, torch.Tensor) else held_bytes(v)
+        return total
     return 0

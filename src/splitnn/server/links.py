@@ -139,7 +139,7 @@ class PeerLink:
         return self.scope if self.scope is not None else self.peers.resolve(self.tag)
 
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
-        scope = self.session()
+        scope = self.scope if self.scope is not None else self.peers.resolve(self.tag)  # (session(), inlined)
         (scope.counters if scope is not None else self.peers.counters).record(self.peer, direction, kind, nbytes)
 
     def close(self) -> None:
@@ -369,7 +369,13 @@ class PeerLink:
             raise
         except Exception as exc:  # tell the puller why, then keep serving
             answer = [(frames.error(hdr.kind, hdr.id, f"{type(exc).__name__}: {exc}"), "control")]
-        await asyncio.shield(self._spawn_write(answer))
+        # from here on this task writes, and is never cancelled (a write cut off half-way leaves the call unable to
+        # end): it moves from the pulls being served to the answers being written, without a task of its own
+        task = asyncio.current_task()
+        self._tasks.discard(task)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        await self._write(answer)
 
     def _spawn_write(self, answer: Iterable[tuple[bytes, str]]) -> asyncio.Future:
         write = asyncio.ensure_future(self._write(answer))

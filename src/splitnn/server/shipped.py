@@ -145,7 +145,11 @@ class Inbox:
 
     def held_bytes(self) -> int:
         """Bytes (decoded) of the pushes held for runs active here, received and not yet used."""
-        return sum(n for rid, n in self._run_bytes.items() if rid in self._runs)
+        runs, total = self._runs, 0
+        for rid, n in self._run_bytes.items():  # (one or two runs: a loop, not a generator, per push)
+            if rid in runs:
+                total += n
+        return total
 
     def active(self, frame_id: int) -> bool:
         """Whether ``frame_id`` names a run active here."""

@@ -103,7 +103,12 @@ Frame = bytes | tuple[bytes | memoryview, ...]
 
 def frame_len(frame: Frame) -> int:
     """Bytes of ``frame`` on the wire (whole or in parts)."""
-    return len(frame) if not isinstance(frame, tuple) else sum(len(p) for p in frame)
+    if not isinstance(frame, tuple):
+        return len(frame)
+    total = 0
+    for part in frame:  # (a loop, not a generator: this runs for every frame)
+        total += len(part)
+    return total
 
 
 def payload_start(head: bytes | bytearray | memoryview) -> int:
