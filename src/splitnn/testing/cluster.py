@@ -124,12 +124,16 @@ class Cluster:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
         ``prefix`` goes before the command line (e.g. ``ip netns exec NS`` or :func:`open_files_prefix`,
         which exec, so the process started is still the worker itself)."""
-        return self._wait(*self._launch(name, *args, token_file=token_file, listen=listen, prefix=prefix))
+        return self._wait(*self._launch(name, args, token_file, listen, prefix))
 
     def start_many(self, names: Sequence[str], *args: str, **kwargs) -> list[WorkerProcess]:
         """Start workers ``names`` (each with ``args`` and ``kwargs`` as :meth:`start` takes them) all at once,
         then wait for each: their start-ups (importing torch, mostly) overlap."""
-        launched = [self._launch(name, *args, **kwargs) for name in names]
+        opts = {"token_file": None, "listen": "127.0.0.1:0", "prefix": ()}
+        if set(kwargs) - set(opts):
+            raise TypeError(f"start_many() got unexpected keyword arguments {sorted(set(kwargs) - set(opts))}")
+        opts.update(kwargs)
+        launched = [self._launch(name, args, opts["token_file"], opts["listen"], opts["prefix"]) for name in names]
         try:
             return [self._wait(*each) for each in launched]
         except BaseException:
@@ -140,12 +144,7 @@ class Cluster:
             raise
 
     def _launch(
-        self,
-        name: str,
-        *args: str,
-        token_file: Path | None = None,
-        listen: str = "127.0.0.1:0",
-        prefix: Sequence[str] = (),
+        self, name: str, args: Sequence[str], token_file: Path | None, listen: str, prefix: Sequence[str]
     ) -> tuple[str, subprocess.Popen, Path, Path]:
         """Start worker ``name``'s process; its name, process, address file and log."""
         if "--data" in args and "--policy" not in args and self.open_data:
