@@ -38,11 +38,27 @@ REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
+#: Seconds a closed session is kept at the workers of :func:`graced`.
+GRACE = 2
+#: Lifetime of the module's workers: the module runs for minutes on a busy machine.
+LIFETIME = 3600
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with Cluster(tmp_path_factory.mktemp("sessions")) as cl:
-        for n in NAMES:
-            cl.start(n)
+    with Cluster(tmp_path_factory.mktemp("sessions"), lifetime=LIFETIME) as cl:
+        cl.start_many(NAMES)
+        yield cl
+        assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
+
+
+@pytest.fixture(scope="module")
+def graced(tmp_path_factory):
+    """alice and bob keeping a closed session :data:`GRACE` s, alice with a soft open-files limit of 1024 at its
+    start (which it raises): shared by the lifecycle and flood tests."""
+    with Cluster(tmp_path_factory.mktemp("graced"), lifetime=LIFETIME) as cl:
+        cl.start("alice", "--session-grace", str(GRACE), prefix=open_files_prefix(1024))
+        cl.start("bob", "--session-grace", str(GRACE))
         yield cl
         assert all(w.alive() for w in cl.workers.values()), "a worker died during the tests"
 
@@ -212,46 +228,45 @@ def test_concurrent_researcher_processes_and_threads_each_match_their_in_process
 
 
 # --------------------------------------------------------------------------- lifecycle
-def test_a_session_resumes_within_the_grace_period_and_is_freed_after_it(tmp_path):
-    with Cluster(tmp_path) as cl:
-        cl.start("alice", "--session-grace", "2")
-        (w,) = _connect(cl, ("alice",))
-        sid = w.session  # issued by the worker
-        assert w.session_tag == session_tag(sid)
-        w.add_segment("k", nn.Linear(3, 2), "sgd")
-        state = w.get_state("k")
-        w.close()
-        (w,) = _connect(cl, ("alice",), session=sid)  # within the grace period: still there
-        assert w.session == sid and w.session_tag == session_tag(sid)
-        for k, v in w.get_state("k").items():
-            assert torch.equal(v, state[k])
-        w.close()
-        # watch from another session (reconnecting with ``sid`` would resume it): "k" is someone
-        # else's until the grace period ends, then nobody's
-        deadline = time.monotonic() + 60  # a guard against hangs, not a measurement
-        while True:
-            reply = _raw_call(cl, "alice", "get_state", {"key": "k"})
-            if reply.error_type != "PolicyError":
-                break
-            assert time.monotonic() < deadline, "the closed session was never freed"
-            time.sleep(0.2)
-        assert reply.error_type == "WorkerError" and "hosts no segment 'k'" in reply.error
-        with pytest.raises(SessionNotFound, match="holds no session with this id"):  # gone: its id names nothing
-            _connect(cl, ("alice",), session=sid)
-        (w,) = _connect(cl, ("alice",))
-        assert w.session != sid
-        with pytest.raises(WorkerError, match="hosts no segment 'k'"):
-            w.get_state("k")
-        # end_session frees at once, without waiting for the grace period
-        w.add_segment("k", nn.Linear(3, 2), "sgd")
-        ended = w.session
-        w.close(end_session=True)
-        with pytest.raises(SessionNotFound):
-            _connect(cl, ("alice",), session=ended)
-        (w,) = _connect(cl, ("alice",))
-        with pytest.raises(WorkerError, match="hosts no segment"):
-            w.get_state("k")
-        w.close()
+def test_a_session_resumes_within_the_grace_period_and_is_freed_after_it(graced):
+    cl = graced
+    (w,) = _connect(cl, ("alice",))
+    sid = w.session  # issued by the worker
+    assert w.session_tag == session_tag(sid)
+    w.add_segment("k", nn.Linear(3, 2), "sgd")
+    state = w.get_state("k")
+    w.close()
+    (w,) = _connect(cl, ("alice",), session=sid)  # within the grace period: still there
+    assert w.session == sid and w.session_tag == session_tag(sid)
+    for k, v in w.get_state("k").items():
+        assert torch.equal(v, state[k])
+    w.close()
+    # watch from another session (reconnecting with ``sid`` would resume it): "k" is someone
+    # else's until the grace period ends, then nobody's
+    deadline = time.monotonic() + 60  # a guard against hangs, not a measurement
+    while True:
+        reply = _raw_call(cl, "alice", "get_state", {"key": "k"})
+        if reply.error_type != "PolicyError":
+            break
+        assert time.monotonic() < deadline, "the closed session was never freed"
+        time.sleep(0.2)
+    assert reply.error_type == "WorkerError" and "hosts no segment 'k'" in reply.error
+    with pytest.raises(SessionNotFound, match="holds no session with this id"):  # gone: its id names nothing
+        _connect(cl, ("alice",), session=sid)
+    (w,) = _connect(cl, ("alice",))
+    assert w.session != sid
+    with pytest.raises(WorkerError, match="hosts no segment 'k'"):
+        w.get_state("k")
+    # end_session frees at once, without waiting for the grace period
+    w.add_segment("k", nn.Linear(3, 2), "sgd")
+    ended = w.session
+    w.close(end_session=True)
+    with pytest.raises(SessionNotFound):
+        _connect(cl, ("alice",), session=ended)
+    (w,) = _connect(cl, ("alice",))
+    with pytest.raises(WorkerError, match="hosts no segment"):
+        w.get_state("k")
+    w.close()
 
 
 def _rss_settles_below(worker, bound: int, guard: float = 60.0) -> int:
@@ -265,43 +280,41 @@ def _rss_settles_below(worker, bound: int, guard: float = 60.0) -> int:
 
 
 @pytest.mark.slow
-def test_researchers_killed_mid_fit_leave_the_workers_memory_where_it_was(tmp_path):
+def test_researchers_killed_mid_fit_leave_the_workers_memory_where_it_was(graced):
     """Each researcher process uploads 80 MiB of features and is SIGKILLed mid-fit. After the grace
     period the worker holds none of it: its RSS stays within one such session of where it was."""
-    with Cluster(tmp_path) as cl:
-        for n in ("alice", "bob"):
-            cl.start(n, "--session-grace", "1")
-        cfg = json.dumps({"token": cl.token, "parties": [[n, cl.workers[n].url] for n in ("alice", "bob")]})
+    cl = graced
+    cfg = json.dumps({"token": cl.token, "parties": [[n, cl.workers[n].url] for n in ("alice", "bob")]})
 
-        def killed_session() -> None:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "tests.workers.session_jobs", "hog", cfg],
-                cwd=REPO,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            try:
+    def killed_session() -> None:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tests.workers.session_jobs", "hog", cfg],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            line = p.stdout.readline()
+            while line and "READY" not in line:
                 line = p.stdout.readline()
-                while line and "READY" not in line:
-                    line = p.stdout.readline()
-                assert "READY" in line, p.stdout.read()
-            finally:
-                p.kill()
-                p.wait(30)
+            assert "READY" in line, p.stdout.read()
+        finally:
+            p.kill()
+            p.wait(30)
 
-        alice = cl.workers["alice"]
-        killed_session()  # warm-up: allocator pools, gRPC buffers
-        time.sleep(2)  # the warm-up session's grace period
-        baseline = alice.rss_bytes()
-        for _ in range(4):
-            killed_session()
-        rss = _rss_settles_below(alice, baseline + 60 * MiB)
-        assert rss < baseline + 60 * MiB, f"RSS grew by {(rss - baseline) / MiB:.0f} MiB over 4 killed sessions"
-        # the worker serves on
-        (w,) = _connect(cl, ("alice",))
-        w.close()
+    alice = cl.workers["alice"]
+    killed_session()  # warm-up: allocator pools, gRPC buffers
+    time.sleep(GRACE + 1)  # the warm-up session's grace period
+    baseline = alice.rss_bytes()
+    for _ in range(4):
+        killed_session()
+    rss = _rss_settles_below(alice, baseline + 60 * MiB)
+    assert rss < baseline + 60 * MiB, f"RSS grew by {(rss - baseline) / MiB:.0f} MiB over 4 killed sessions"
+    # the worker serves on
+    (w,) = _connect(cl, ("alice",))
+    w.close()
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -339,7 +352,7 @@ def _open_files_soft_limit(pid: int) -> int:
     raise RuntimeError("no open-files limit")
 
 
-def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(tmp_path):
+def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(graced):
     """1,100 idle TCP connections (no token, no bytes) to a worker started with a soft open-files
     limit of 1024: a researcher still connects and trains, bit-identically."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -350,28 +363,27 @@ def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(tmp_path):
 
     socks: list[socket.socket] = []
     try:
-        with Cluster(tmp_path) as cl:
-            alice = cl.start("alice", prefix=open_files_prefix(1024))
-            cl.start("bob")
-            assert _open_files_soft_limit(alice.proc.pid) > 1100  # raised at start
-            host, port = alice.address.rsplit(":", 1)
-            for _ in range(1100):
-                socks.append(socket.create_connection((host, int(port)), timeout=10))
-            workers = _connect(cl, ("alice", "bob"))
-            try:
-                torch.manual_seed(2)
-                segs = tutorial_mlp()
-                segs = [segs[0], nn.Sequential(*segs[1], *segs[2])]
-                twin = splitnn.SplitNN(copy.deepcopy(segs), [splitnn.VirtualWorker(n) for n in ("alice", "bob")])
-                model = splitnn.SplitNN(segs, workers)
-                data = toy_dataset(64)
-                model.fit(data, epochs=1, batch_size=32, progress=False)
-                twin.fit(data, epochs=1, batch_size=32, progress=False)
-                assert_same_weights(model.collect(), twin.collect())
-            finally:
-                for w in workers:
-                    w.close()
-            assert alice.alive()
+        cl = graced
+        alice = cl.workers["alice"]
+        assert _open_files_soft_limit(alice.proc.pid) > 1100  # raised at start
+        host, port = alice.address.rsplit(":", 1)
+        for _ in range(1100):
+            socks.append(socket.create_connection((host, int(port)), timeout=10))
+        workers = _connect(cl, ("alice", "bob"))
+        try:
+            torch.manual_seed(2)
+            segs = tutorial_mlp()
+            segs = [segs[0], nn.Sequential(*segs[1], *segs[2])]
+            twin = splitnn.SplitNN(copy.deepcopy(segs), [splitnn.VirtualWorker(n) for n in ("alice", "bob")])
+            model = splitnn.SplitNN(segs, workers)
+            data = toy_dataset(64)
+            model.fit(data, epochs=1, batch_size=32, progress=False)
+            twin.fit(data, epochs=1, batch_size=32, progress=False)
+            assert_same_weights(model.collect(), twin.collect())
+        finally:
+            for w in workers:
+                w.close()
+        assert alice.alive()
     finally:
         for s in socks:
             s.close()
@@ -381,8 +393,7 @@ def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(tmp_path):
 # --------------------------------------------------------------------------- stopping
 def test_a_worker_stopped_while_serving_a_session_prints_one_line(tmp_path):
     with Cluster(tmp_path) as cl:
-        for n in ("alice", "bob"):
-            cl.start(n)
+        cl.start_many(("alice", "bob"))
         workers = _connect(cl, ("alice", "bob"))
         try:
             segs = tutorial_mlp()

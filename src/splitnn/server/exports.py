@@ -28,6 +28,7 @@ import torch
 
 from splitnn.errors import WireError, WorkerError
 from splitnn.wire.cut_codec import Encoded
+from splitnn.wire.tensor_codec import tensor_nbytes
 from splitnn.workers.refs import TensorRef
 from splitnn.workers.virtual import VirtualWorker
 
@@ -232,11 +233,14 @@ def held_bytes(value: object) -> int:
     """Bytes a value kept for a peer holds (what keeping it costs): a tensor, bytes, an encoded value (its entries),
     a tuple or list of those; anything else counts 0."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return tensor_nbytes(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return len(value)
     if isinstance(value, Encoded):
-        return held_bytes(value.entries)
+        value = value.entries
     if isinstance(value, (tuple, list)):
-        return sum(held_bytes(v) for v in value)
+        total = 0
+        for v in value:  # (a loop, not a generator: this runs for every push, at both ends)
+            total += tensor_nbytes(v) if isinstance(v, torch.Tensor) else held_bytes(v)
+        return total
     return 0

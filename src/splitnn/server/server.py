@@ -1,100 +1,34 @@
-"""WorkerServer: one party of split learning as a gRPC server (``splitnn worker``).
+"""WorkerServer: one party of split learning as a gRPC server (``splitnn worker``), and :func:`serve`.
 
-What it hosts. A worker serves several researchers (or jobs) at once, each in a
-*session* of its own (:mod:`splitnn.server.sessions`), named by a secret id the
-researcher's client sends with its calls. Each session's segments, optimizers, placed
-datasets and intermediate tensors live in an in-process
-:class:`~splitnn.workers.VirtualWorker` of its own (its *engine*, ``fuse=False``), so a
-networked party runs exactly the kernels, in exactly the order, of an in-process one:
-the same seed gives the same weights, bit for bit, and no session sees another's state.
-The datasets the party loaded itself (``--data``) are shared, read-only. The server only
-adds the network around the engines. This module holds the gRPC service and the
-process's lifecycle; the rest of a worker lives beside it:
-
-* :mod:`splitnn.server.sessions` -- who owns what, and when it is freed;
-* :mod:`splitnn.server.commands` -- the operations a command may run on a session's engine;
-* :mod:`splitnn.server.executor` -- running commands in order, batches, shipped epochs;
-* :mod:`splitnn.server.exports` -- the tensors a session produced, by the researcher's id;
-* :mod:`splitnn.server.peers` -- the peer streams (pull, push, abort) to other workers, per session;
-* :mod:`splitnn.server.tcp_plane` -- the optional TCP listener for peer links (``--data-listen``);
-* :mod:`splitnn.common.messages` -- message conventions shared with the researcher's client.
-
-Three RPCs (see ``wire/proto/splitnn.proto``):
-
-* ``Session`` -- one ordered bidirectional stream from the researcher. Each message
-  is a protobuf :class:`Command` (the small control envelope; tensors ride inside it
-  as validated :mod:`~splitnn.wire.tensor_codec` frames, weights as safetensors);
-  each gets a :class:`Reply` carrying the result and the ledger records made since
-  the previous reply. Commands run strictly in order, so the researcher may send a
-  whole training step without waiting (see :mod:`splitnn.client.remote`). A
-  ``run_epoch`` command ships this worker's part of a whole training epoch and is
-  answered with progress replies and one final reply. The commands and replies of a
-  stream outlive the call that carries them (:mod:`splitnn.server.replay`): when the
-  connection breaks, the researcher's client resumes the stream on a new call, and no
-  command is lost or run twice.
-* ``Peer`` -- a persistent bidirectional stream between two workers, for one session,
-  carrying raw frames (:mod:`splitnn.transport.frames`): the data plane. When the
-  researcher tells bob to run a segment on alice's activation #7, bob pulls #7 from
-  alice over that stream; the researcher never sees the tensor.
-* ``Call`` -- a unary version of one command (hello, stats), for tools and probes.
-
-Why asyncio. A worker waits on several things at once: its researcher's commands,
-peers pulling the tensors it produced, and its own pulls from peers that may not
-have produced them yet. With ``grpc.aio`` these are coroutines on one event loop:
-no thread per stream, no locks around the engine (an engine operation never awaits,
-so nothing interleaves inside one), and a pull that arrives before its tensor exists
-simply awaits a future. The compute itself runs inline on the loop: operations are
-milliseconds long, strictly ordered by the training schedule, and a thread hop per
-operation would cost more than it saves.
-
-Security. Every RPC must carry the federation token (``UNAUTHENTICATED`` otherwise);
-with mutual TLS the caller's certificate must name the party it claims to be.
-Malformed, truncated or oversized messages get ``INVALID_ARGUMENT`` (or an error
-reply) and the server keeps serving. The engine's policy refuses to hand out raw
-features, labels and -- by default on a server -- activations; losses, metrics and
-weights (at ``collect()``) are what leaves a worker towards the researcher. Sessions
-cannot touch each other's state (``PolicyError``). Connections are bounded by gRPC
-server options (:meth:`~splitnn.transport.Limits.server_options`: handshake timeout,
-idle and keepalive limits, streams per connection), the number of concurrent RPCs and
-the number of sessions, and ``serve`` raises the open-files limit to its hard limit,
-so a flood of idle or half-open connections cannot lock researchers out.
+Each researcher's session runs on an in-process :class:`~splitnn.workers.VirtualWorker` of its own
+(:mod:`splitnn.server.sessions`); the server adds the network around those engines. Three RPCs
+(``wire/proto/splitnn.proto``): ``Session``, a researcher's ordered command stream, and ``Call``, one
+command (:mod:`splitnn.server.streams`); ``Peer``, the data plane between workers (:mod:`splitnn.server.peers`).
+Every call is checked by :mod:`splitnn.server.gate`. Limits on connections, RPCs and sessions keep a flood of
+idle or half-open connections from locking researchers out; docs/networking.md describes the whole design.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
 import signal
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
 from splitnn.accounting import RESEARCHER
-from splitnn.common.messages import (
-    COMMAND_KIND,
-    END_STREAM,
-    MAX_NAME,
-    PROTOCOL_VERSION,
-    REPLY_KIND,
-    check_party_name,
-    check_session_id,
-    check_session_tag,
-    split_reply,
-)
+from splitnn.common.messages import MAX_NAME, PROTOCOL_VERSION, check_party_name, check_session_id, check_session_tag
 from splitnn.errors import ConfigurationError, PolicyError, WireError, WorkerError
 from splitnn.server.commands import MAX_MERGE_SOURCES, Commands
 from splitnn.server.executor import Executor
-from splitnn.server.exports import StreamState
+from splitnn.server.gate import Gate, TokenGate, server_credentials
 from splitnn.server.health import Health
 from splitnn.server.peers import Peers
-from splitnn.server.replay import Replay, ResumeRefused
 from splitnn.server.sessions import (
     DEFAULT_GRACE,
     DEFAULT_MAX_SESSIONS,
@@ -104,26 +38,14 @@ from splitnn.server.sessions import (
     TooManySessions,
     UnknownSession,
 )
+from splitnn.server.streams import Streams
 from splitnn.server.tcp_plane import TcpPlane, check_data_plane
 from splitnn.transport.addresses import join_host_port, split_host_port
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits, raise_open_files_limit
-from splitnn.transport.security import (
-    NEW_SESSION_KEY,
-    PARTY_KEY,
-    PEER_SESSION_KEY,
-    REPLACES_KEY,
-    SESSION_KEY,
-    STREAM_KEY,
-    TOKEN_KEY,
-    TLSConfig,
-    certificate_fingerprint,
-    check_token_text,
-    peer_identities,
-    token_matches,
-)
+from splitnn.transport.security import NEW_SESSION_KEY, PEER_SESSION_KEY, SESSION_KEY, TLSConfig
 from splitnn.wire.budget import DEFAULT_MAX_SESSION_MEMORY
-from splitnn.wire.proto import SERVICE, Command, Reply
+from splitnn.wire.proto import SERVICE
 from splitnn.wire.trust import Trust
 from splitnn.workers.audit import AuditLog
 from splitnn.workers.devices import resolve_device
@@ -138,6 +60,7 @@ __all__ = [
     "MAX_NAME",
     "PROTOCOL_VERSION",
     "MAX_MERGE_SOURCES",
+    "server_credentials",
 ]
 
 log = logging.getLogger("splitnn.worker")
@@ -145,12 +68,6 @@ log = logging.getLogger("splitnn.worker")
 
 #: Seconds :meth:`WorkerServer.stop` gives the open calls when no command runs (they wait for a next command).
 IDLE_GRACE = 0.05
-
-
-def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
-    """gRPC server credentials from a party's TLS material; with a CA, callers must present a certificate."""
-    cert, key, ca = tls.read_files()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def register_known_layers() -> None:
@@ -162,44 +79,6 @@ def register_known_layers() -> None:
     here, lazily, because ``privacy`` sits beside ``workers`` (it imports them), not below.
     """
     import splitnn.privacy.defenses  # noqa: F401  (registers the defense layer specs)
-
-
-class _TokenGate(grpc.aio.ServerInterceptor):
-    """Refuses a call without a token the worker accepts before gRPC reads its request message.
-
-    A unary call's handler runs only once its whole request message has arrived (up to the
-    message limit, 4 MiB), so a token checked there comes after the bytes are buffered: 100
-    unauthenticated 4 MiB calls took a worker up by 425 MB, which it kept. The gate looks at the
-    call's metadata first and answers a call whose token is wrong with a handler that reads nothing.
-    The full checks (party name, certificate) stay in the handlers.
-    """
-
-    def __init__(self, server: WorkerServer) -> None:
-        self._server = server
-        self._refuse = grpc.stream_stream_rpc_method_handler(self._refused)
-
-    def _admits(self, metadata) -> bool:
-        md = dict(metadata or ())
-        token, party = md.get(TOKEN_KEY), md.get(PARTY_KEY)
-        if isinstance(token, str) and token_matches(token, self._server.token):
-            return True
-        return party == RESEARCHER and self._server._researcher_token(token) is not None
-
-    async def intercept_service(self, continuation, details):
-        if self._admits(details.invocation_metadata):
-            return await continuation(details)
-        return self._refuse  # (request streaming: its messages are never read)
-
-    async def _refused(self, request_iterator, context) -> None:
-        party = dict(context.invocation_metadata() or ()).get(PARTY_KEY)
-        try:
-            check_party_name(party)
-        except WireError:
-            party = "?"
-        self._server.counters.record(party, "recv", "rejected", 0)
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, f"worker {self._server.name!r}: missing or wrong federation token"
-        )
 
 
 class WorkerServer:
@@ -265,7 +144,6 @@ class WorkerServer:
         self.name = check_party_name(name)
         if name == RESEARCHER:
             raise ConfigurationError(f"a worker cannot be called {RESEARCHER!r}")
-        self.token = check_token_text(token)
         self.tls = tls
         self.limits = limits or Limits()
         if not (isinstance(peer_timeout, (int, float)) and 0 < peer_timeout < math.inf):
@@ -273,11 +151,6 @@ class WorkerServer:
         self.peer_timeout = float(peer_timeout)
         if not (isinstance(session_grace, (int, float)) and 0 <= session_grace < math.inf):
             raise ConfigurationError(f"session_grace must be a number of seconds >= 0, got {session_grace!r}")
-        self.researcher_tokens = dict(researcher_tokens or {})
-        for who, text in self.researcher_tokens.items():
-            check_token_text(text, f"the token of researcher {who!r}")
-            if token_matches(text, self.token):
-                raise ConfigurationError(f"researcher {who!r}'s token is the federation token; give it one of its own")
         for what, value in (
             ("max_sessions", max_sessions),
             ("max_sessions_per_researcher", max_sessions_per_researcher),
@@ -292,6 +165,8 @@ class WorkerServer:
         self.trust = trust
         register_known_layers()
         self.counters = ByteCounters()  # traffic no session owns (rejected calls, streams of ended sessions)
+        self.gate = Gate(self.name, token, tls=tls, researcher_tokens=researcher_tokens, counters=self.counters)
+        self.token = self.gate.token
         self.address: str | None = None
         self.peers = Peers(
             self.name,
@@ -318,8 +193,7 @@ class WorkerServer:
         self.health = Health(self.name, str(self.sessions.device), str(tls.cert) if tls is not None else None)
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop
-        self._replays: weakref.WeakSet[Replay] = weakref.WeakSet()  # the streams' command logs (busy at stop?)
-        self._unary = 0  # single calls running
+        self.streams = Streams(self)
         check_data_plane(data_listen, data_advertise)
         self._data_listen, self._data_advertise = data_listen, data_advertise
         self.data_plane: TcpPlane | None = None
@@ -345,15 +219,15 @@ class WorkerServer:
         server = grpc.aio.server(
             options=self.limits.server_options() + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_rpcs,
-            interceptors=[_TokenGate(self)],
+            interceptors=[TokenGate(self.gate)],
         )
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
                     SERVICE,
                     {
-                        "Call": grpc.unary_unary_rpc_method_handler(self._call),
-                        "Session": grpc.stream_stream_rpc_method_handler(self._session),
+                        "Call": grpc.unary_unary_rpc_method_handler(self.streams.call),
+                        "Session": grpc.stream_stream_rpc_method_handler(self.streams.session),
                         "Peer": grpc.stream_stream_rpc_method_handler(self._peer),
                     },
                 ),
@@ -391,7 +265,7 @@ class WorkerServer:
 
     def busy(self) -> bool:
         """Whether a command is running or queued (a researcher's open stream waiting for its next one is not)."""
-        return self._unary > 0 or any(r.accepted > r.completed for r in self._replays)
+        return self.streams.busy()
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting calls, let running commands finish for ``grace`` seconds, close peer links.
@@ -421,51 +295,8 @@ class WorkerServer:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    # -- authentication -------------------------------------------------------------------
-    def _researcher_token(self, token: object) -> str | None:
-        """The name of the researcher whose own token ``token`` is (constant time per token), or None."""
-        found = None
-        for who, text in self.researcher_tokens.items():
-            if isinstance(token, str) and token_matches(token, text):
-                found = who
-        return found
-
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        md = {k: v for k, v in (context.invocation_metadata() or ())}
-        token = md.get(TOKEN_KEY)
-        party = md.get(PARTY_KEY)
-        federation = isinstance(token, str) and token_matches(token, self.token)
-        # a researcher's own token (--researcher-tokens) admits researchers' calls only, never a peer's
-        if not federation and not (party == RESEARCHER and self._researcher_token(token) is not None):
-            self.counters.record(party if isinstance(party, str) else "?", "recv", "rejected", 0)
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name!r}: missing or wrong federation token"
-            )
-        try:
-            check_party_name(party)
-        except WireError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name!r}: {exc}")
-        if self.tls is not None and self.tls.ca is not None:
-            ids = peer_identities(context.auth_context())
-            if party not in ids:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"worker {self.name!r}: caller claims to be {party!r} but its certificate is "
-                    f"for {sorted(ids) or 'nobody'}",
-                )
-        return party
-
-    def _identity(self, context: grpc.aio.ServicerContext) -> str:
-        """The researcher identity of an authenticated call: its certificate under mutual TLS, else its token."""
-        if self.tls is not None and self.tls.ca is not None:
-            fingerprint = certificate_fingerprint(context.auth_context())
-            if fingerprint is not None:
-                return f"certificate {fingerprint}"
-        who = self._researcher_token(dict(context.invocation_metadata() or ()).get(TOKEN_KEY))
-        return f"researcher {who}" if who is not None else "the federation token"
-
     # -- sessions ------------------------------------------------------------------------------
-    async def _open_session(self, context: grpc.aio.ServicerContext, *, may_issue: bool = False) -> Session:
+    async def open_session(self, context: grpc.aio.ServicerContext, *, may_issue: bool = False) -> Session:
         """The session a researcher's call names (``x-splitnn-session``), resumed; a new one the worker issues (a
         ``hello`` call asking for one, ``x-splitnn-new-session``: its id goes back in the trailing metadata); or an
         anonymous one."""
@@ -478,7 +309,7 @@ class WorkerServer:
             )
         try:
             session = self.sessions.open(
-                check_session_id(sid) if sid is not None else None, self._identity(context), issue=new
+                check_session_id(sid) if sid is not None else None, self.gate.identity(context), issue=new
             )
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: {exc}")
@@ -492,212 +323,21 @@ class WorkerServer:
             context.set_trailing_metadata(((SESSION_KEY, session.id),))
         return session
 
-    def _track(self) -> asyncio.Task | None:
+    def track(self) -> asyncio.Task | None:
+        """Count the running RPC handler (awaited at :meth:`stop`)."""
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         return task
 
-    # -- RPC handlers ----------------------------------------------------------------------
-    async def _call(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        task = self._track()
-        try:
-            caller = await self._authenticate(context)
-            session = await self._open_session(context, may_issue=True)
-            state = StreamState()
-            self._unary += 1
-            try:
-                cmd = await self._parse(raw, caller, context, session)
-                if session.fresh and cmd.op != "hello":
-                    self.sessions.end(session)  # (nothing in it yet)
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"worker {self.name!r}: a new session is asked for by a hello call, not {cmd.op!r}",
-                    )
-                reply = await session.executor.execute(cmd, caller, state)
-                return self._send_reply(reply, caller, cmd.op, session)
-            finally:
-                self._unary -= 1
-                session.exports.drop_stream(state)
-                self.sessions.close(session)
-        finally:
-            self._handlers.discard(task)
+    def untrack(self, task: asyncio.Task | None) -> None:
+        self._handlers.discard(task)
 
-    async def _session(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        """A researcher's ordered stream: its commands run in a :class:`~splitnn.server.replay.Replay` that
-        outlives a broken call (a ``resume`` command as the first message attaches a new call to it)."""
-        task = self._track()
-        try:
-            caller = await self._authenticate(context)
-            session = await self._open_session(context)
-            replay = None
-            try:
-                md = dict(context.invocation_metadata() or ())
-                stream_id, replaces = md.get(STREAM_KEY), md.get(REPLACES_KEY)
-                try:
-                    for value in (stream_id, replaces):
-                        if value is not None:
-                            check_session_id(value)
-                except WireError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: stream id: {exc}")
-                if replaces is not None and replaces != stream_id:
-                    old = session.replays.get(replaces)
-                    if old is not None:  # the client gave that stream up: its commands must not run on
-                        self._finish(session, old)
-                raw = await context.read()
-                if raw is grpc.aio.EOF:
-                    return
-                cmd = await self._parse(raw, caller, context, session)
-                if cmd.op == END_STREAM:
-                    return
-                if cmd.op == "resume":
-                    replay = await self._resume(session, stream_id, cmd, task, context)
-                    if replay is None:
-                        return
-                    self.sessions.close(session)  # the replay holds the stream's place in the session already
-                else:
-                    replay = self._new_replay(session, stream_id, caller)
-                    replay.handler = task
-                    await replay.ack(cmd.ack)
-                    replay.accept(cmd)
-                await self._converse(session, replay, caller, context)
-                # every reply written after the client said it ends the stream: a clean end. (A broken
-                # connection can look like a half-close too; without that word the stream is kept.)
-                replay.ending = replay.closing and not context.cancelled()
-            finally:
-                if replay is None:
-                    self.sessions.close(session)
-                elif replay.detach(task):
-                    self._detached(session, replay)
-        finally:
-            self._handlers.discard(task)
-
-    def _new_replay(self, session: Session, stream_id: str | None, caller: str) -> Replay:
-        if stream_id is not None and stream_id in session.replays:  # a client reusing an id: the old one ends
-            self._finish(session, session.replays[stream_id])
-        replay = Replay(stream_id)
-        self._replays.add(replay)
-        if stream_id is not None:
-            session.replays[stream_id] = replay
-        replay.runner = asyncio.get_running_loop().create_task(self._run_commands(session, replay, caller))
-        return replay
-
-    async def _resume(
-        self, session: Session, stream_id: str | None, cmd: Command, task: asyncio.Task, context
-    ) -> Replay | None:
-        """Attach this call to the stream it resumes and answer with the highest seq received (or refuse)."""
-        replay = session.replays.get(stream_id) if stream_id is not None else None
-        try:
-            if replay is None or replay.ending:
-                raise ResumeRefused(
-                    "it holds no such stream (it restarted, or the session's grace period ended)"
-                    if stream_id is not None
-                    else "the stream has no id (x-splitnn-stream)"
-                )
-            await replay.attach(task, int(cmd.ack))
-        except ResumeRefused as exc:
-            reply = Reply(seq=0, ok=False, error_type="WorkerUnreachableError")
-            reply.error = f"worker {self.name!r} cannot resume the stream: {exc}"
-            await context.write(self._send_reply(reply, RESEARCHER, "resume", session))
-            return None
-        log.info("worker %s: session %s resumed a broken stream at #%d", self.name, session.tag[:8], replay.received)
-        reply = Reply(seq=0, ok=True, result_json=json.dumps({"received": replay.received}))
-        await context.write(self._send_reply(reply, RESEARCHER, "resume", session))
-        return replay
-
-    async def _converse(self, session: Session, replay: Replay, caller: str, context) -> None:
-        """Read commands into ``replay`` and write its replies, until the client is done and all are written."""
-        resending = replay.rewrites  # replies written before a break and again now: counted as re-sent
-        writes: set[asyncio.Future] = set()
-
-        async def write() -> None:
-            nonlocal resending
-            while (data := await replay.next_reply()) is not None:
-                # shielded: a write cut off half-way leaves it pending in gRPC, and the call could never end
-                done = asyncio.ensure_future(context.write(data))
-                writes.add(done)
-                done.add_done_callback(writes.discard)
-                await asyncio.shield(done)
-                if resending > 0:
-                    resending -= 1
-                    session.counters.record(caller, "sent", "resent", len(data))
-
-        async def stop_writing() -> None:
-            writer.cancel()
-            if writes:
-                await asyncio.wait(set(writes), timeout=self.peer_timeout)
-
-        writer = asyncio.get_running_loop().create_task(write())
-        try:
-            while True:
-                raw = await context.read()
-                if raw is grpc.aio.EOF:  # (a broken connection may look like this too: see _session)
-                    await replay.half_closed()
-                    break
-                try:
-                    cmd = Command.FromString(raw)
-                except (DecodeError, TypeError, ValueError):
-                    await stop_writing()  # before the call is aborted: no write may be in flight then
-                    await self._parse(raw, caller, context, session)  # aborts (INVALID_ARGUMENT)
-                if cmd.op == END_STREAM:  # the client ends the stream on purpose: no resume will come
-                    session.counters.record(caller, "recv", "control", len(raw))
-                    replay.closing = True
-                    continue
-                await replay.ack(cmd.ack)
-                if replay.accept(cmd):
-                    session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
-                else:  # a copy re-sent after a broken connection: its reply is kept (or on its way)
-                    session.counters.record(caller, "recv", "resent", len(raw))
-            await writer
-        finally:
-            await stop_writing()
-
-    async def _run_commands(self, session: Session, replay: Replay, caller: str) -> None:
-        """Run ``replay``'s commands in order, keeping every reply (a broken call does not stop them)."""
-        while True:
-            cmd = await replay.commands.get()
-            if cmd.op == "run_epoch":
-                async for reply in session.executor.run_epoch(cmd):
-                    await replay.emit(cmd.seq, self._send_reply(reply, caller, cmd.op, session))
-            else:
-                reply = await (
-                    session.executor.execute_batch(cmd, caller, replay.state)
-                    if cmd.op == "batch"
-                    else session.executor.execute(cmd, caller, replay.state)
-                )
-                for part in split_reply(reply, self.limits.chunk_bytes):
-                    await replay.emit(cmd.seq, self._send_reply(part, caller, cmd.op, session))
-            await replay.completed_one()
-
-    def _detached(self, session: Session, replay: Replay) -> None:
-        """The call carrying ``replay`` broke: keep it (and the session's tensors) for the grace period."""
-        if replay.ending or not replay.resumable or session.anonymous or session.ended or self.sessions.grace <= 0:
-            self._finish(session, replay)
-            return
-        log.info("worker %s: session %s lost its researcher's stream; kept for a resume", self.name, session.tag[:8])
-        replay.expiry = asyncio.get_running_loop().call_later(self.sessions.grace, self._finish, session, replay)
-
-    def _finish(self, session: Session, replay: Replay) -> None:
-        """Give ``replay`` up: stop its commands and its call, forget its state, end its place in the session."""
-        if replay.expiry is not None:
-            replay.expiry.cancel()
-            replay.expiry = None
-        if replay.runner is not None and not replay.runner.done():
-            replay.runner.cancel()
-        handler, replay.handler = replay.handler, None
-        if handler is not None and handler is not asyncio.current_task() and not handler.done():
-            handler.cancel()
-        if replay.id is not None and session.replays.get(replay.id) is replay:
-            del session.replays[replay.id]
-        elif replay.id is not None:
-            return  # given up already
-        session.exports.drop_stream(replay.state)
-        self.sessions.close(session)
-
+    # -- the data plane -------------------------------------------------------------------
     async def _peer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        task = self._track()
+        task = self.track()
         try:
-            caller = await self._authenticate(context)
+            caller = await self.gate.authenticate(context)
             if caller == RESEARCHER or caller == self.name:
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"worker {self.name!r}: {caller!r} is not a peer"
@@ -715,32 +355,7 @@ class WorkerServer:
                     f"worker {self.name!r}: malformed peer frame: {link.protocol_error}",
                 )
         finally:
-            self._handlers.discard(task)
-
-    async def _parse(
-        self, raw: bytes, caller: str, context: grpc.aio.ServicerContext, session: Session, *, count: bool = True
-    ) -> Command:
-        try:
-            cmd = Command.FromString(raw)
-        except (DecodeError, TypeError, ValueError) as exc:
-            session.counters.record(caller, "recv", "invalid", len(raw) if isinstance(raw, bytes) else 0)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name!r}: malformed command: {exc}")
-        if count:
-            session.counters.record(caller, "recv", COMMAND_KIND.get(cmd.op, "control"), len(raw))
-        return cmd
-
-    def _send_reply(self, reply: Reply, caller: str, op: str, session: Session) -> bytes:
-        data = reply.SerializeToString()
-        if len(data) > self.limits.max_message_bytes:
-            data = Reply(
-                seq=reply.seq,
-                ok=False,
-                error_type="WireError",
-                error=f"worker {self.name!r}: the reply to {op!r} is {len(data)} bytes, over the "
-                f"{self.limits.max_message_bytes}-byte message limit",
-            ).SerializeToString()
-        session.counters.record(caller, "sent", REPLY_KIND.get(op, "control") if reply.ok else "control", len(data))
-        return data
+            self.untrack(task)
 
 
 # --------------------------------------------------------------------------------- running
@@ -773,6 +388,23 @@ class ServeConfig:
     metrics_listen: str | None = None  # serve Prometheus metrics on HOST:PORT (--metrics-listen; off by default)
 
 
+#: The fields of :class:`ServeConfig` that :func:`serve` passes to :class:`WorkerServer` as they are.
+PASSED_AS_IS = (
+    "tls",
+    "limits",
+    "peer_timeout",
+    "session_grace",
+    "max_sessions",
+    "max_session_memory",
+    "max_sessions_per_researcher",
+    "researcher_tokens",
+    "device",
+    "state_dir",
+    "data_listen",
+    "data_advertise",
+)
+
+
 def write_address(path: str, address: str) -> None:
     """Write ``address`` to ``path`` atomically: a reader never sees half an address."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -798,23 +430,12 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     server = WorkerServer(
         config.name,
         config.token,
-        tls=config.tls,
-        limits=config.limits,
-        peer_timeout=config.peer_timeout,
         # a party that holds data starts closed (the gate of splitnn.workers.policy); one without, as ever
         policy=config.policy
         or WorkerPolicy.from_dict({"release_outputs": config.release_outputs}, data_holder=bool(config.datasets)),
         trust=Trust(config.trust),
-        session_grace=config.session_grace,
-        max_sessions=config.max_sessions,
-        max_session_memory=config.max_session_memory,
-        max_sessions_per_researcher=config.max_sessions_per_researcher,
-        researcher_tokens=config.researcher_tokens,
-        device=config.device,
-        state_dir=config.state_dir,
         audit=audit,
-        data_listen=config.data_listen,
-        data_advertise=config.data_advertise,
+        **{key: getattr(config, key) for key in PASSED_AS_IS},
     )
     for dname, parts in config.datasets.items():
         server.sessions.add_party_dataset(dname, **parts)

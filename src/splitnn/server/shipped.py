@@ -90,6 +90,8 @@ class Inbox:
     _slots: dict[tuple[str, str, int], asyncio.Future] = field(default_factory=dict)
     _runs: dict[int, Run] = field(default_factory=dict)
     _finished: collections.deque = field(default_factory=lambda: collections.deque(maxlen=REMEMBER_RUNS))
+    _bytes: dict[tuple[str, str, int], int] = field(default_factory=dict)  # slot -> bytes (decoded) it holds
+    _run_bytes: collections.Counter = field(default_factory=collections.Counter)  # run id -> bytes its slots hold
 
     # -- runs ---------------------------------------------------------------------------
     def start(self, plan: EpochPlan) -> Run:
@@ -104,14 +106,14 @@ class Inbox:
         run = Run(plan.run_id, frozenset(allowed))
         self._runs[plan.run_id] = run
         for key in [k for k in self._slots if run_of(k[2]) == plan.run_id and k[:2] not in run.allowed]:
-            self._slots.pop(key).cancel()  # held early, but from a party this plan does not name
+            self._drop(key).cancel()  # held early, but from a party this plan does not name
         return run
 
     def finish(self, run: Run) -> None:
         self._runs.pop(run.run_id, None)
         self._finished.append(run.run_id)
         for key in [k for k in self._slots if run_of(k[2]) == run.run_id]:
-            self._slots.pop(key).cancel()
+            self._drop(key).cancel()
 
     def clear(self) -> None:
         """Forget every run and held push (the session ended); waits on them are cancelled."""
@@ -119,6 +121,18 @@ class Inbox:
             fut.cancel()
         self._slots.clear()
         self._runs.clear()
+        self._bytes.clear()
+        self._run_bytes.clear()
+
+    def _drop(self, key: tuple[str, str, int]) -> asyncio.Future:
+        """Remove slot ``key`` (and the bytes it held from the tallies); return its future."""
+        nbytes = self._bytes.pop(key, 0)
+        if nbytes:
+            rid = run_of(key[2])
+            self._run_bytes[rid] -= nbytes
+            if self._run_bytes[rid] <= 0:
+                del self._run_bytes[rid]
+        return self._slots.pop(key)
 
     # -- deliveries (from peer links) --------------------------------------------------------
     def _early(self) -> list[asyncio.Future]:
@@ -127,15 +141,15 @@ class Inbox:
 
     def early_bytes(self) -> int:
         """Bytes (decoded) of the pushes held for runs that have not started here."""
-        return _result_bytes(self._early())
+        return sum(n for rid, n in self._run_bytes.items() if rid not in self._runs)
 
     def held_bytes(self) -> int:
         """Bytes (decoded) of the pushes held for runs active here, received and not yet used."""
-        return _result_bytes(fut for (_, _, i), fut in self._slots.items() if run_of(i) in self._runs)
-
-    def _over_held(self, value: torch.Tensor | BaseException) -> bool:
-        """Whether holding ``value`` for a running epoch would take the session past :data:`HELD_PUSH_BYTES`."""
-        return not isinstance(value, BaseException) and self.held_bytes() + held_bytes(value) > HELD_PUSH_BYTES
+        runs, total = self._runs, 0
+        for rid, n in self._run_bytes.items():  # (one or two runs: a loop, not a generator, per push)
+            if rid in runs:
+                total += n
+        return total
 
     def active(self, frame_id: int) -> bool:
         """Whether ``frame_id`` names a run active here."""
@@ -171,15 +185,18 @@ class Inbox:
         """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""
         rid = run_of(frame_id)
         run = self._runs.get(rid)
+        nbytes = 0 if isinstance(value, BaseException) else held_bytes(value)
         if run is None:
             if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
                 return False
             if (peer, kind, frame_id) not in self._slots:  # a new early push: within the session's bound
                 if isinstance(value, BaseException) or len(self._early()) >= MAX_EARLY_PUSHES:
                     return False
-                if self.early_bytes() + held_bytes(value) > EARLY_PUSH_BYTES:
+                if self.early_bytes() + nbytes > EARLY_PUSH_BYTES:
                     return False
-        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed or self._over_held(value):
+        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
+            return False
+        if run is not None and self.held_bytes() + nbytes > HELD_PUSH_BYTES:  # the session's bound for its runs
             return False
         fut = self._slot(peer, kind, frame_id)
         if fut.done() and isinstance(fut.exception() if not fut.cancelled() else None, PeerLost):
@@ -190,6 +207,8 @@ class Inbox:
             fut.set_exception(value)
         else:
             fut.set_result(value)
+            self._bytes[(peer, kind, frame_id)] = nbytes
+            self._run_bytes[rid] += nbytes
         return True
 
     def has(self, peer: str, kind: str, frame_id: int) -> bool:
@@ -231,8 +250,12 @@ class Inbox:
         try:
             if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
                 value = fut.result()
-            else:
-                value = await asyncio.wait_for(fut, self.timeout)
+            else:  # awaited directly, with a timer (not wait_for: one event-loop pass less per receive)
+                timer = asyncio.get_running_loop().call_later(self.timeout, _time_out, fut)
+                try:
+                    value = await fut
+                finally:
+                    timer.cancel()
             run.consumed.add((peer, kind, frame_id))
             return value
         except asyncio.TimeoutError:
@@ -242,7 +265,7 @@ class Inbox:
             ) from None
         finally:
             if self._slots.get((peer, kind, frame_id)) is fut:
-                del self._slots[(peer, kind, frame_id)]
+                self._drop((peer, kind, frame_id))
 
     def _slot(self, peer: str, kind: str, frame_id: int) -> asyncio.Future:
         key = (peer, kind, frame_id)
@@ -333,6 +356,7 @@ async def run_epoch(
         prediction=plan.prediction,
     )
     sending: collections.deque[asyncio.Task] = collections.deque()
+    lock_step = plan.pipeline == 1
     pending: list[LossStats] = []
     last_report = time.monotonic()
     try:
@@ -341,9 +365,11 @@ async def run_epoch(
             if op in RECEIVES:
                 run.incoming(a, await receive(a.peer, a.kind, push_id(plan.run_id, a.batch, a.cut)))
             elif op in SENDS:
-                sending.append(
-                    asyncio.ensure_future(push(a.peer, a.kind, push_id(plan.run_id, a.batch, a.cut), run.outgoing(a)))
-                )
+                fid = push_id(plan.run_id, a.batch, a.cut)
+                if lock_step:  # the party's next action waits for a peer anyway: write now, no task per push
+                    await push(a.peer, a.kind, fid, run.outgoing(a))
+                    continue
+                sending.append(asyncio.ensure_future(push(a.peer, a.kind, fid, run.outgoing(a))))
                 while sending and sending[0].done():
                     sending.popleft().result()  # a failed push fails the run here
             else:
@@ -368,7 +394,7 @@ def _quiet(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _result_bytes(futures) -> int:
-    """Bytes (decoded) of the tensors the done ``futures`` hold."""
-    done = [fut for fut in futures if fut.done() and not fut.cancelled()]
-    return sum(held_bytes(fut.result()) for fut in done if fut.exception() is None)
+def _time_out(fut: asyncio.Future) -> None:
+    """A wait's timer ran out: fail the wait (its slot is dropped by :meth:`Inbox.wait`)."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())

@@ -124,6 +124,29 @@ class Cluster:
         """Start worker ``name`` and wait for its address file. ``listen`` is its ``--listen``;
         ``prefix`` goes before the command line (e.g. ``ip netns exec NS`` or :func:`open_files_prefix`,
         which exec, so the process started is still the worker itself)."""
+        return self._wait(*self._launch(name, args, token_file, listen, prefix))
+
+    def start_many(self, names: Sequence[str], *args: str, **kwargs) -> list[WorkerProcess]:
+        """Start workers ``names`` (each with ``args`` and ``kwargs`` as :meth:`start` takes them) all at once,
+        then wait for each: their start-ups (importing torch, mostly) overlap."""
+        opts = {"token_file": None, "listen": "127.0.0.1:0", "prefix": ()}
+        if set(kwargs) - set(opts):
+            raise TypeError(f"start_many() got unexpected keyword arguments {sorted(set(kwargs) - set(opts))}")
+        opts.update(kwargs)
+        launched = [self._launch(name, args, opts["token_file"], opts["listen"], opts["prefix"]) for name in names]
+        try:
+            return [self._wait(*each) for each in launched]
+        except BaseException:
+            for _, proc, _, _ in launched:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+            raise
+
+    def _launch(
+        self, name: str, args: Sequence[str], token_file: Path | None, listen: str, prefix: Sequence[str]
+    ) -> tuple[str, subprocess.Popen, Path, Path]:
+        """Start worker ``name``'s process; its name, process, address file and log."""
         if "--data" in args and "--policy" not in args and self.open_data:
             args = (*args, "--policy", str(self._open_policy()))
         addr_file = self.root / f"{name}.addr"
@@ -154,6 +177,10 @@ class Cluster:
         ]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return name, proc, addr_file, log
+
+    def _wait(self, name: str, proc: subprocess.Popen, addr_file: Path, log: Path) -> WorkerProcess:
+        """Wait for a started worker's address file (RuntimeError with its log if it exits or never writes one)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not addr_file.exists():
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -480,16 +480,11 @@ async def serve_echo(host: str = "127.0.0.1") -> asyncio.base_events.Server:
     """A TCP echo server (for measuring the emulator); close it when done."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(READ_BYTES):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        while data := await reader.read(READ_BYTES):
+            writer.write(data)
+            await writer.drain()
 
-    return await asyncio.start_server(echo, host, 0)
+    return await _start_server(echo, host)
 
 
 async def serve_sink(nbytes: int, host: str = "127.0.0.1") -> asyncio.base_events.Server:
@@ -497,19 +492,29 @@ async def serve_sink(nbytes: int, host: str = "127.0.0.1") -> asyncio.base_event
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         got = 0
+        while data := await reader.read(1 << 20):
+            got += len(data)
+            while got >= nbytes:
+                got -= nbytes
+                writer.write(b"k")
+                await writer.drain()
+
+    return await _start_server(sink, host)
+
+
+async def _start_server(handle, host: str) -> asyncio.base_events.Server:
+    """A TCP server on a free port of ``host`` running ``handle(reader, writer)`` per connection until the
+    connection ends (a reset ends it quietly), then closing it."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(1 << 20):
-                got += len(data)
-                while got >= nbytes:
-                    got -= nbytes
-                    writer.write(b"k")
-                    await writer.drain()
+            await handle(reader, writer)
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
 
-    return await asyncio.start_server(sink, host, 0)
+    return await asyncio.start_server(serve, host, 0)
 
 
 # ------------------------------------------------------------------------------ command line

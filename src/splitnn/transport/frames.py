@@ -63,6 +63,7 @@ from splitnn.wire.tensor_codec import (
     payload_buffer,
     read_header,
     tensor_from_payload,
+    tensor_nbytes,
 )
 
 PEER_MAGIC = b"SNP1"
@@ -102,7 +103,12 @@ Frame = bytes | tuple[bytes | memoryview, ...]
 
 def frame_len(frame: Frame) -> int:
     """Bytes of ``frame`` on the wire (whole or in parts)."""
-    return len(frame) if not isinstance(frame, tuple) else sum(len(p) for p in frame)
+    if not isinstance(frame, tuple):
+        return len(frame)
+    total = 0
+    for part in frame:  # (a loop, not a generator: this runs for every frame)
+        total += len(part)
+    return total
 
 
 def payload_start(head: bytes | bytearray | memoryview) -> int:
@@ -377,7 +383,8 @@ class Reassembler:
     def _decode(self, codec: int, values: bool, payload: memoryview, owned: bool, max_bytes: int) -> Arrived:
         if codec == NO_CODEC and not values:
             t = decode_tensor(payload, max_bytes=max_bytes, borrow=owned)
-            return Arrived(t, t.numel() * t.element_size(), t.numel() * t.element_size())
+            nbytes = tensor_nbytes(t)
+            return Arrived(t, nbytes, nbytes)
         return cut_codec.decode_payload(payload, codec, values, max_bytes=max_bytes)
 
     def drop(self, tensor_id: int) -> None:

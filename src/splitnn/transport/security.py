@@ -11,7 +11,7 @@ meant to reach.
 Nothing here imports grpc: :class:`TLSConfig` is data (paths, read on demand); the gRPC
 credentials are made from it by the role that needs them (the researcher's client:
 :func:`splitnn.client.channels.channel_credentials`; the worker's server:
-:func:`splitnn.server.server.server_credentials`).
+:func:`splitnn.server.gate.server_credentials`).
 """
 
 from __future__ import annotations
