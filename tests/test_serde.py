@@ -1,8 +1,9 @@
-"""splitnn.common.serde: every message decodes to what was encoded, and junk gives a WireError.
+"""splitnn.common.serde and the table of operations: every message decodes to what was encoded, and junk gives
+a WireError.
 
-Each pair is encoded as the researcher's client does it, sent through JSON (as the command
-envelope carries its arguments) and decoded as the worker's server does it, or the other way
-round for results.
+Each message is encoded as the researcher's client does it (a serde pair, or a declared operation of
+:mod:`splitnn.common.operations`), sent through JSON (as the command envelope carries its arguments)
+and decoded as the worker's server does it, or the other way round for results.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from splitnn.common import serde
+from splitnn.common.operations import OPERATIONS
 from splitnn.errors import SpecError, WireError, WorkerError
+from splitnn.transport.limits import Limits
 from splitnn.wire import OptimizerSpec, module_to_spec
 from splitnn.workers.epoch import BatchOrder, EpochPlan, EpochReport, StagePlan
+from splitnn.workers.metrics import METRIC_NAMES
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 
 MAX = 1 << 20
@@ -38,6 +42,25 @@ json_values = st.recursive(
 def _wire(args: dict) -> dict:
     """What the other end sees: the arguments (or result) after the JSON of the envelope."""
     return json.loads(json.dumps(args))
+
+
+LIMITS = Limits(max_tensor_bytes=MAX, max_blob_bytes=MAX)
+
+
+def _call(op: str, **values) -> dict:
+    """What the worker decodes (by field) from a declared operation's call as the client encodes it."""
+    args, blobs = OPERATIONS[op].encode_args(**values)
+    return OPERATIONS[op].decode_args(_wire(args), blobs, limits=LIMITS)
+
+
+def _decode(op: str, args: dict, blobs=()) -> dict:
+    return OPERATIONS[op].decode_args(args, list(blobs), limits=LIMITS)
+
+
+def _reply(op: str, value, **call):
+    """What the client decodes from a declared operation's result as the worker encodes it."""
+    result, blobs = OPERATIONS[op].encode_result(value)
+    return OPERATIONS[op].decode_result(_wire(result), blobs, limits=LIMITS, args=call)
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -147,7 +170,8 @@ def test_add_segment(optimizer, replace):
 
 @given(keys)
 def test_segment_keys(key):
-    assert serde.key_from_args(_wire(serde.key_to_args(key))) == key
+    for op in ("remove_segment", "zero_grad", "step", "get_grads", "get_state", "fetch_segment"):
+        assert _call(op, key=key) == {"key": key}
     assert serde.export_state_from_args(_wire(serde.export_state_to_args(key, 5))) == key
 
 
@@ -157,8 +181,8 @@ def test_segment_keys(key):
 )
 def test_average_states(sources, into):
     names, weights = [k for k, _ in sources], [w for _, w in sources]
-    got = serde.average_states_from_args(_wire(serde.average_states_to_args(names, weights, into)))
-    assert got == (names, weights, into)
+    got = _call("average_states", keys=names, weights=weights, into=into)
+    assert got == {"keys": names, "weights": weights, "into": into}
 
 
 @pytest.mark.parametrize(
@@ -181,9 +205,9 @@ def test_average_states(sources, into):
     ],
 )
 def test_average_states_refuses_bad_keys_and_weights(change):
-    args = {**serde.average_states_to_args(["a", "b"], [3, 5], ["t"]), **change}
+    args = {**OPERATIONS["average_states"].encode_args(keys=["a", "b"], weights=[3, 5], into=["t"])[0], **change}
     with pytest.raises(WireError, match="average_states|command argument"):
-        serde.average_states_from_args(_wire(args))
+        _decode("average_states", _wire(args))
 
 
 @pytest.mark.parametrize("parts", [("features",), ("labels",), ("features", "labels")])
@@ -242,20 +266,21 @@ stats = st.builds(
 
 @given(stats)
 def test_dataset_stats(s):
-    assert serde.dataset_name_from_args(_wire(serde.dataset_name_to_args(s.name))) == s.name
+    assert _call("dataset_stats", name=s.name) == {"name": s.name}
     assert serde.dataset_stats_from_result(_wire(serde.dataset_stats_to_result(s))) == s
+    assert _reply("dataset_stats", s) == s
 
 
 @given(keys, st.lists(st.integers(1, 64), min_size=1, max_size=4).map(tuple))
 def test_probe(key, shape):
-    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
-    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+    assert _call("probe", key=key, input_shape=shape) == {"key": key, "input_shape": shape}
+    assert _reply("probe", shape) == shape
 
 
 def test_probe_shapes_must_be_small_and_positive():
     for bad in ([], [0], [1] * 9, [1 << 21], [1 << 14, 1 << 14], [True]):
         with pytest.raises(WireError):
-            serde.probe_from_args({"key": "k", "shape": bad})
+            _decode("probe", {"key": "k", "input_shape": {"shape": bad}})
 
 
 value_shapes = st.lists(
@@ -272,8 +297,8 @@ value_shapes = st.lists(
 @given(keys, value_shapes)
 def test_probe_of_several_values(key, shape):
     """A cut that several values cross is probed with a shape and a dtype per value, both ways."""
-    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
-    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+    assert _call("probe", key=key, input_shape=shape) == {"key": key, "input_shape": shape}
+    assert _reply("probe", shape) == shape
 
 
 def test_probes_of_several_values_refuse_junk():
@@ -291,18 +316,20 @@ def test_probes_of_several_values_refuse_junk():
         "values",
     ):
         with pytest.raises(WireError):
-            serde.probe_from_args({"key": "k", "values": bad})
+            _decode("probe", {"key": "k", "input_shape": {"values": bad}})
     with pytest.raises(WireError):
-        serde.shape_from_result({"values": [{"shape": [-1], "dtype": "float32"}]})
+        OPERATIONS["probe"].decode_result(
+            {"shape": {"values": [{"shape": [-1], "dtype": "float32"}]}}, [], limits=LIMITS
+        )
 
 
 @pytest.mark.parametrize("output,input_grad", [("none", "int8"), ("fp16", "bf16"), ("topk:0.05", "none")])
 def test_set_codecs(output, input_grad):
-    got = serde.set_codecs_from_args(_wire(serde.set_codecs_to_args("m.s1", output, input_grad)))
-    assert got == ("m.s1", output, input_grad)
+    got = _call("set_codecs", key="m.s1", output=output, input_grad=input_grad)
+    assert got == {"key": "m.s1", "output": output, "input_grad": input_grad}
     for bad in ({"output": "zip", "input_grad": "none"}, {"output": "topk:2", "input_grad": "none"}, {"output": 3}):
         with pytest.raises(WireError):
-            serde.set_codecs_from_args({"key": "k", "input_grad": "none", **bad})
+            _decode("set_codecs", {"key": "k", "input_grad": "none", **bad})
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -365,15 +392,15 @@ def test_loss_stats(loss, correct, count):
     assert serde.loss_stats_from_result(_wire(serde.loss_stats_to_result(s))) == s
 
 
-@given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(serde.METRIC_NAMES), min_size=1, max_size=4))
+@given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(METRIC_NAMES), min_size=1, max_size=4))
 def test_metrics(keep, names_):
-    assert serde.metrics_from_args(_wire(serde.metrics_to_args(keep, names_))) == (keep, tuple(names_))
+    assert _call("metrics", keep=keep, names=names_) == {"keep": keep, "names": tuple(names_)}
     values = {n: 0.25 * i for i, n in enumerate(names_)}
-    assert serde.metrics_from_result(_wire(serde.metrics_to_result(values)), list(values)) == values
+    assert _reply("metrics", values, names=list(values)) == values
 
 
 def test_metrics_nan_travels():
-    back = serde.metrics_from_result(_wire(serde.metrics_to_result({"auc": math.nan})), ["auc"])
+    back = _reply("metrics", {"auc": math.nan}, names=["auc"])
     assert math.isnan(back["auc"])
 
 
@@ -415,9 +442,9 @@ def test_load_state(key, src):
 
 def test_set_state():
     state = nn.Linear(2, 2).state_dict()
-    args, blobs = serde.set_state_to_command("k", state)
-    key, back = serde.set_state_from_command(_wire(args), blobs, max_bytes=MAX)
-    assert key == "k" and _same_state(back, state)
+    got = _call("set_state", key="k", state=state)
+    assert got["key"] == "k" and _same_state(got["state"], state)
+    assert _same_state(_reply("get_state", state), state) and _same_state(_reply("get_grads", state), state)
 
 
 @given(refs, st.sampled_from(["output", "activation"]))
@@ -445,10 +472,10 @@ def test_psi_finish(session, reply):
 
 @given(st.integers(0, 2**63 - 1))
 def test_psi_size(size):
-    assert serde.psi_size_from_result(_wire(serde.psi_size_to_result(size))) == size
+    assert _reply("psi_size", size) == size
     for bad in ({}, {"size": -1}, {"size": True}, {"size": 1.5}, {"size": "3"}):
         with pytest.raises(WireError):
-            serde.psi_size_from_result(bad)
+            OPERATIONS["psi_size"].decode_result(bad, [], limits=LIMITS)
 
 
 @given(keys, st.dictionaries(keys, st.lists(st.integers(0, 2**40), min_size=1, max_size=20), max_size=4))
@@ -526,36 +553,29 @@ DECODERS = [
     serde.stats_from_result,
     lambda a: serde.peers_from_args(a, default_tag="0" * 32),
     serde.add_segment_from_args,
-    serde.key_from_args,
     serde.add_dataset_from_args,
-    serde.dataset_name_from_args,
     serde.dataset_stats_from_result,
-    serde.probe_from_args,
-    serde.shape_from_result,
     serde.put_from_args,
     lambda a: serde.forward_from_command(a, [], max_bytes=MAX),
     lambda a: serde.loss_from_command(a, [], max_bytes=MAX),
     serde.loss_stats_from_result,
-    serde.metrics_from_args,
-    lambda a: serde.metrics_from_result(a, ["auc"]),
     serde.backward_from_args,
     serde.forward_merged_from_args,
     serde.backward_merged_from_args,
     serde.output_ids_from_args,
     serde.load_state_from_args,
-    serde.average_states_from_args,
     serde.fetch_from_args,
     lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
-    serde.set_codecs_from_args,
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
     serde.psi_request_from_args,
     serde.psi_reply_from_args,
     serde.psi_finish_from_args,
-    serde.psi_size_from_result,
     lambda a: serde.psi_apply_from_command(a, [], max_bytes=MAX),
     lambda a: serde.ids_from_blob(json.dumps(a).encode(), max_bytes=MAX),
+    *(lambda a, op=op: op.decode_args(a, [], limits=LIMITS) for op in OPERATIONS.values()),
+    *(lambda a, op=op: op.decode_result(a, [], limits=LIMITS, args={"names": ["auc"]}) for op in OPERATIONS.values()),
 ]
 
 
@@ -599,6 +619,11 @@ DECODERS = [
                 "keys",
                 "weights",
                 "into",
+                "input_shape",
+                "stats",
+                "state",
+                "steps",
+                "job",
             ]
         ),
         json_values,

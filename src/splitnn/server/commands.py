@@ -45,6 +45,8 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from splitnn.common import serde
+from splitnn.common.operation import Operation
+from splitnn.common.operations import OPERATIONS
 from splitnn.common.serde import arg
 from splitnn.errors import ConfigurationError, MemoryBudgetError, SpecError, WireError, WorkerError
 from splitnn.server.exports import StreamState
@@ -122,6 +124,7 @@ class Commands:
         self.trust = trust or Trust()  # what add_segment may import (splitnn worker --trust)
         self.max_memory = max_memory  # what one forward of a segment may allocate (--max-session-memory)
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
+        self.table.update({name: self._dispatcher(op) for name, op in OPERATIONS.items()})
 
     # -- helpers -------------------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -131,6 +134,31 @@ class Commands:
     def _dataset(self, name: str) -> str:
         """A dataset name this session may read: PolicyError if another session placed it."""
         return self.sessions.check_dataset(self.session, name)
+
+    def _claimed(self, op: Operation, args: dict) -> dict:
+        """``args`` once every segment key and dataset name they hold is this session's to use (PolicyError)."""
+        for f in op.args:
+            check = {"segment": self._key, "dataset": self._dataset}.get(f.claim)
+            value = args[f.name]
+            if check is not None and value is not None:
+                args[f.name] = [check(v) for v in value] if isinstance(value, (list, tuple)) else check(value)
+        return args
+
+    def _dispatcher(self, op: Operation) -> Op:
+        """The table's operation ``op``: decode and check its arguments, then call the engine (or its handler)."""
+        handler = getattr(self, f"_serve_{op.name}") if op.serve is None else None
+
+        async def run(a: dict, blobs: list[bytes], *, caller: str, state: StreamState, **_: Any):
+            args = self._claimed(op, op.decode_args(a, blobs, limits=self.limits))
+            if handler is not None:
+                value = await handler(args, caller=caller, state=state)
+            else:
+                if op.caller is not None:
+                    args[op.caller] = caller
+                value = getattr(self.engine, op.serve)(**args)
+            return op.encode_result(value) if op.result else ({}, [])
+
+        return run
 
     def check_plan_names(self, args: dict) -> None:
         """The segment keys and dataset a shipped epoch's plan names are not another session's."""
@@ -188,12 +216,6 @@ class Commands:
         self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
         return {}, []
 
-    async def _op_neighbours(self, a, blobs, **_):
-        """The parties adjacent to this one in the session's model: without a ``peers`` rule in the
-        party's policy, only they may pull this session's tensors (:mod:`splitnn.workers.policy`)."""
-        self.engine.declare_neighbours(serde.neighbours_from_args(a))
-        return {}, []
-
     async def _op_stage(self, a, blobs, *, state: StreamState, **_):
         state.stage(arg(a, "sid", int), serde.blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
         return {}, []
@@ -224,12 +246,6 @@ class Commands:
         self.sessions.claim_segment(self.session, key)
         return {}, []
 
-    async def _op_remove_segment(self, a, blobs, **_):
-        key = self._key(serde.key_from_args(a))
-        self.engine.remove_segment(key)
-        self.sessions.release_segment(self.session, key)
-        return {}, []
-
     async def _op_add_dataset(self, a, blobs, **_):
         name, parts, replace = serde.add_dataset_from_args(a)
         self.sessions.check_placing(name)
@@ -239,19 +255,13 @@ class Commands:
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 
-    async def _op_dataset_stats(self, a, blobs, **_):
-        stats = self.engine.dataset_stats(self._dataset(serde.dataset_name_from_args(a)))
-        return serde.dataset_stats_to_result(stats), []
+    async def _serve_remove_segment(self, a: dict, **_: Any) -> None:
+        self.engine.remove_segment(a["key"])
+        self.sessions.release_segment(self.session, a["key"])
 
-    async def _op_probe(self, a, blobs, **_):
-        key, shape = serde.probe_from_args(a)
-        return serde.shape_to_result(self.engine.probe(self._key(key), shape)), []
-
-    async def _op_set_codecs(self, a, blobs, **_):
-        """Compress what a segment sends to this session's peers; the encoders' state stays here (the sender)."""
-        key, output, input_grad = serde.set_codecs_from_args(a)
-        self.engine.set_codecs(self._key(key), output=output, input_grad=input_grad)
-        return {}, []
+    async def _serve_fetch_segment(self, a: dict, **_: Any) -> dict:
+        module = self.engine.fetch_segment(a["key"])
+        return {"spec": module_to_spec(module), "state": module.state_dict()}
 
     # -- the training step --------------------------------------------------------------------
     async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
@@ -284,11 +294,6 @@ class Commands:
         # keep: an evaluation whose outputs are kept for its metrics
         stats = self.engine.loss(output, target, loss, train=m.train, keep=m.keep)
         return serde.loss_stats_to_result(stats), []
-
-    async def _op_metrics(self, a, blobs, **_):
-        """Metrics over the outputs kept by ``loss(..., keep=ID)``: only the values leave this party."""
-        keep, names = serde.metrics_from_args(a)
-        return serde.metrics_to_result(self.engine.metrics(keep, names)), []
 
     async def _op_backward(self, a, blobs, *, state: StreamState, **_):
         tid = serde.output_id_from_args(a, optional=True)
@@ -323,18 +328,6 @@ class Commands:
             for tid, ref in zip(ids, refs):
                 self.exports.export(tid, ref)
         return {}, []
-
-    async def _op_zero_grad(self, a, blobs, **_):
-        self.engine.zero_grad(self._key(serde.key_from_args(a)))
-        return {}, []
-
-    async def _op_step(self, a, blobs, **_):
-        self.engine.step(self._key(serde.key_from_args(a)))
-        return {}, []
-
-    async def _op_get_grads(self, a, blobs, **_):
-        grads = self.engine.get_grads(self._key(serde.key_from_args(a)))
-        return {}, [serde.state_to_blob(grads)]
 
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
@@ -387,9 +380,6 @@ class Commands:
         await asyncio.to_thread(self.engine.psi_finish, session, message)
         return {}, []
 
-    async def _op_psi_size(self, a, blobs, **_):
-        return serde.psi_size_to_result(self.engine.psi_size(self._dataset(serde.dataset_name_from_args(a)))), []
-
     async def _op_psi_apply(self, a, blobs, **_):
         dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
         for name in parts:
@@ -399,10 +389,6 @@ class Commands:
         self.engine.psi_apply(self._dataset(dataset), parts)
         for name in parts:
             self.sessions.claim_dataset(self.session, name)
-        return {}, []
-
-    async def _op_psi_cancel(self, a, blobs, **_):
-        self.engine.psi_cancel(self._dataset(serde.dataset_name_from_args(a)))
         return {}, []
 
     # -- weights and outputs ------------------------------------------------------------------
@@ -441,13 +427,6 @@ class Commands:
             ) from None
         return {}, []
 
-    async def _op_average_states(self, a, blobs, **_):
-        """Load the weighted average of segments this session hosts into others of its segments (SplitFed's
-        aggregation); local to this party, so nothing is recorded."""
-        keys, weights, into = serde.average_states_from_args(a)
-        self.engine.average_states([self._key(k) for k in keys], weights, into=[self._key(k) for k in into])
-        return {}, []
-
     async def _op_fetch(self, a, blobs, **_):
         ref, kind = serde.fetch_from_args(a)
         if ref.owner != self.name:
@@ -456,24 +435,7 @@ class Commands:
         self.exports.forget(ref.id)
         return serde.fetch_to_result(value)
 
-    async def _op_get_state(self, a, blobs, **_):
-        state = self.engine.get_state(self._key(serde.key_from_args(a)))
-        return {}, [serde.state_to_blob(state)]
-
-    async def _op_set_state(self, a, blobs, *, caller: str, **_):
-        key, state = serde.set_state_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        self.engine.set_state(self._key(key), state, src=caller)
-        return {}, []
-
-    async def _op_fetch_segment(self, a, blobs, **_):
-        module = self.engine.fetch_segment(self._key(serde.key_from_args(a)))
-        return {}, serde.segment_to_blobs(module_to_spec(module), module.state_dict())
-
     # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
-    async def _op_checkpoint_steps(self, a, blobs, **_):
-        steps = self.engine.checkpoint_steps(serde.checkpoint_steps_from_args(a))
-        return serde.steps_to_result(steps), []
-
     async def _op_save_checkpoint(self, a, blobs, **_):
         """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
         Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""

@@ -1,0 +1,200 @@
+"""The table of remote operations: each declared once, here.
+
+From a declaration (:class:`~splitnn.common.operation.Operation`) follow the researcher's call
+(:class:`~splitnn.client.RemoteWorker` generates a method for it, or calls it from a method of its
+own), the encoding and checked decoding of its arguments and result, and the party's dispatch
+(:mod:`splitnn.server.commands` decodes, checks the segment keys and dataset names it names
+belong to the caller's session, then calls the engine method ``serve``, or a hand-written handler).
+Adding an operation: declare it here, give the engine its capability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from splitnn.common.operation import Operation, table
+from splitnn.common.schema import (
+    Custom,
+    DatasetName,
+    Float,
+    Int,
+    Key,
+    ListOf,
+    Party,
+    SpecBlob,
+    StateBlob,
+    Str,
+)
+from splitnn.common.serde import (
+    MAX_AVERAGE_SEGMENTS,
+    MAX_METRIC_NAMES,
+    MAX_PEERS,
+    dataset_stats_from_result,
+    dataset_stats_to_result,
+    shape_from_json,
+    shape_to_json,
+)
+from splitnn.errors import ConfigurationError, WireError
+from splitnn.wire.compress import get_codec
+from splitnn.workers.metrics import METRIC_NAMES
+
+#: Characters of a checkpoint job id (16-128 of them).
+JOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+#: Most steps a ``checkpoint_steps`` reply may list.
+MAX_STEPS = 1 << 20
+
+
+def _codec(spec: object) -> str:
+    if not isinstance(spec, str):
+        raise WireError("must be a codec name")
+    try:
+        return get_codec(spec).spec
+    except ConfigurationError as exc:
+        raise WireError(str(exc)) from None
+
+
+def _metric_values(values: object) -> dict[str, float]:
+    if not isinstance(values, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
+    ):
+        raise WireError("must map metric names to numbers")
+    return {k: float(v) for k, v in values.items()}
+
+
+def _metrics_asked(values: dict[str, float], args: dict) -> dict[str, float]:
+    names = list(args.get("names", ()))
+    if set(values) != set(names):
+        raise WireError(f"malformed metrics reply: expected values for {names}")
+    return {n: values[n] for n in names}
+
+
+def _one_weight_per_source(args: dict) -> None:
+    if len(args["weights"]) != len(args["keys"]):
+        raise WireError("average_states: 'weights' must hold one finite number > 0 per source segment")
+
+
+def _probe_shape(value: object):
+    if not isinstance(value, dict):
+        raise WireError("must be an object {shape} or {values}")
+    return shape_from_json(value, "probe shape", probe=True)
+
+
+def _output_shape(value: object):
+    if not isinstance(value, dict):
+        raise WireError("must be an object {shape} or {values}")
+    return shape_from_json(value, "probe reply", probe=False)
+
+
+def _job(name: str = "job") -> Str:
+    return Str(name, min_len=16, max_len=128, chars=JOB_CHARS)
+
+
+OPERATIONS: Mapping[str, Operation] = table(
+    # -- segments and steps ----------------------------------------------------------------------
+    Operation("remove_segment", (Key(),), wait=False),
+    Operation(
+        "zero_grad",
+        (Key(),),
+        serve="zero_grad",
+        wait=False,
+        flush=False,
+        method="zero_grad",
+        doc="Clear segment ``key``'s parameter gradients (pipelined: queued until the next flushing call).",
+    ),
+    Operation(
+        "step",
+        (Key(),),
+        serve="step",
+        wait=False,  # a step ends this worker's part of a training step: flushed
+        method="step",
+        doc="Apply segment ``key``'s optimizer step (pipelined).",
+    ),
+    Operation(
+        "probe",
+        (Key(), Custom("input_shape", shape_to_json, _probe_shape)),
+        (Custom("shape", shape_to_json, _output_shape),),
+        serve="probe",
+        method="probe",
+        doc="Segment ``key``'s output shape for an input of ``input_shape`` (nothing runs on data).",
+    ),
+    Operation(
+        "set_codecs",
+        (Key(), Custom("output", str, _codec, keyword=True), Custom("input_grad", str, _codec, keyword=True)),
+        serve="set_codecs",
+    ),
+    Operation("fetch_segment", (Key(),), (SpecBlob("spec"), StateBlob("state"))),
+    # -- weights -------------------------------------------------------------------------------
+    Operation(
+        "get_state",
+        (Key(),),
+        (StateBlob("state"),),
+        serve="get_state",
+        method="get_state",
+        doc="Segment ``key``'s state dict, in the worker's key order (recorded as weights to the researcher).",
+    ),
+    Operation("set_state", (Key(), StateBlob("state")), serve="set_state", caller="src"),
+    Operation(
+        "get_grads",
+        (Key(),),
+        (StateBlob("gradients"),),
+        serve="get_grads",
+        method="get_grads",
+        doc="Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors, "
+        "recorded as ``gradient`` bytes from this worker to the researcher.",
+    ),
+    Operation(
+        "average_states",
+        (
+            ListOf("keys", Key("", min_len=1), min_len=1, max_len=MAX_AVERAGE_SEGMENTS),
+            ListOf("weights", Float("", positive=True), min_len=1, max_len=MAX_AVERAGE_SEGMENTS),
+            ListOf("into", Key("", min_len=1), min_len=1, max_len=MAX_AVERAGE_SEGMENTS, keyword=True),
+        ),
+        serve="average_states",
+        check=_one_weight_per_source,
+    ),
+    # -- datasets and metrics --------------------------------------------------------------------
+    Operation(
+        "dataset_stats",
+        (DatasetName("name"),),
+        (Custom("stats", dataset_stats_to_result, dataset_stats_from_result),),
+        serve="dataset_stats",
+        method="dataset_stats",
+        doc="The public facts of dataset ``name`` (size, shapes, label range).",
+    ),
+    Operation(
+        "metrics",
+        (
+            Str("keep", min_len=1),
+            ListOf("names", Str("", choices=METRIC_NAMES), min_len=1, max_len=MAX_METRIC_NAMES, as_tuple=True),
+        ),
+        (Custom("values", dict, _metric_values),),
+        serve="metrics",
+        method="metrics",
+        check_result=_metrics_asked,
+        doc="Metrics over the outputs the worker kept under ``keep`` (:class:`~splitnn.workers.MetricWorker`); "
+        "only the values come back.",
+    ),
+    # -- policy --------------------------------------------------------------------------------
+    Operation("neighbours", (ListOf("names", Party(""), max_len=MAX_PEERS),), serve="declare_neighbours", wait=True),
+    # -- checkpoints ---------------------------------------------------------------------------
+    Operation(
+        "checkpoint_steps",
+        (_job(),),
+        (ListOf("steps", Int(""), max_len=MAX_STEPS),),
+        serve="checkpoint_steps",
+        method="checkpoint_steps",
+        check_result=lambda steps, _: sorted(steps),
+        doc="The steps of ``job`` the party holds checkpoints of, in its ``--state-dir`` "
+        "(:class:`~splitnn.workers.CheckpointWorker`).",
+    ),
+    # -- private set intersection ----------------------------------------------------------------
+    Operation(
+        "psi_size",
+        (DatasetName(),),
+        (Int("size"),),
+        serve="psi_size",
+        method="psi_size",
+        doc="The number of candidate rows of ``dataset`` (waits for the intersections sent before).",
+    ),
+    Operation("psi_cancel", (DatasetName(),), serve="psi_cancel"),
+)

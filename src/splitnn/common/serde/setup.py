@@ -1,0 +1,293 @@
+"""Set-up messages: hello, stats, peers, hosting segments and datasets, datasets' facts, probed shapes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
+from splitnn.common.serde.blocks import (
+    DTYPE_NAMES,
+    MAX_PEERS,
+    MAX_PROBE_DIM,
+    MAX_PROBE_ELEMENTS,
+    MAX_PROBE_NDIM,
+    arg,
+    blob_arg,
+    ids_from_blob,
+    ids_to_blob,
+    segment_to_blobs,
+    tensor_to_blob,
+)
+from splitnn.errors import WireError
+from splitnn.transport.addresses import split_host_port
+from splitnn.wire.cut_codec import MAX_VALUES
+from splitnn.wire.optim_spec import OptimizerSpec
+from splitnn.wire.tensor_codec import decode_tensor
+from splitnn.workers.refs import DatasetStats, ValueShape
+from splitnn.workers.values import ProbeShape, is_several
+
+
+# ------------------------------------------------------------------------------------ set-up
+class Hello(NamedTuple):
+    """What a worker says about itself: its party name, protocol version, its own datasets and where it
+    computes (``splitnn worker --device``; informational, ``"?"`` when a worker says something odd)."""
+
+    name: str
+    protocol: int
+    datasets: list[str]
+    device: str = "cpu"
+    #: segments the caller's session holds there (0 for a new session: the worker restarted, or it expired)
+    session_segments: int = 0
+    #: where its TCP data plane listens (``HOST:PORT``, or ``:PORT`` on the host the caller reached it at);
+    #: None: peers reach it over gRPC
+    data: str | None = None
+
+
+def check_data_address(address: object, what: str, *, host_optional: bool = False) -> str:
+    """A data-plane address ``HOST:PORT`` (``:PORT`` if ``host_optional``); WireError naming ``what``."""
+    split_host_port(address, what, host_optional=host_optional, error=WireError)
+    return address
+
+
+def hello_to_result(
+    name: str, datasets: Sequence[str], device: str = "cpu", session_segments: int = 0, data: str | None = None
+) -> dict:
+    result = {
+        "name": name,
+        "protocol": PROTOCOL_VERSION,
+        "datasets": list(datasets),
+        "device": device,
+        "session_segments": session_segments,
+    }
+    if data is not None:
+        result["data"] = data
+    return result
+
+
+def hello_from_result(result: dict) -> Hello:
+    datasets = result.get("datasets", [])
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise WireError("hello: 'datasets' must list dataset names")
+    protocol = result.get("protocol")
+    if not isinstance(protocol, int) or isinstance(protocol, bool):
+        raise WireError("hello: 'protocol' must be an integer")
+    device = result.get("device", "cpu")
+    device = device if isinstance(device, str) and len(device) <= 64 else "?"
+    held = result.get("session_segments", 0)
+    if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+        raise WireError("hello: 'session_segments' must be a count")
+    data = result.get("data")
+    if data is not None:
+        data = check_data_address(data, "hello: 'data'", host_optional=True)
+    return Hello(check_party_name(result.get("name")), protocol, datasets, device, held, data)
+
+
+def stats_to_result(counters: list, ledger: list) -> dict:
+    """A worker's wire byte counters and ledger, as rows (the ``stats`` command)."""
+    return {"counters": counters, "ledger": ledger}
+
+
+def stats_from_result(result: dict) -> dict[str, list]:
+    if not isinstance(result.get("counters"), list) or not isinstance(result.get("ledger"), list):
+        raise WireError("stats: the reply must hold 'counters' and 'ledger' rows")
+    return {"counters": result["counters"], "ledger": result["ledger"]}
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer of a session listens, the tag of the researcher's session there, and where its TCP data
+    plane listens (None: it has none; its peer links go over gRPC)."""
+
+    address: str
+    tag: str
+    data: str | None = None
+
+
+def peers_to_args(peers: Mapping[str, PeerAddress]) -> dict:
+    """The peers of a model: ``{name: {"address": HOST:PORT, "session": TAG[, "data": HOST:PORT]}}``
+    (the ``peers`` command)."""
+    return {
+        "peers": {
+            name: {"address": p.address, "session": p.tag, **({"data": p.data} if p.data else {})}
+            for name, p in peers.items()
+        }
+    }
+
+
+def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
+    """Every peer the command names; a missing ``session`` (or a plain ``HOST:PORT``) is ``default_tag``."""
+    peers = arg(args, "peers", dict)
+    if len(peers) > MAX_PEERS:
+        raise WireError(f"a session may name at most {MAX_PEERS} peers, got {len(peers)}")
+    found: dict[str, PeerAddress] = {}
+    for peer, where in peers.items():
+        check_party_name(peer)
+        data = None
+        if isinstance(where, dict) and set(where) <= {"address", "session", "data"}:
+            address, tag = where.get("address"), where.get("session", default_tag)
+            if "data" in where:
+                data = check_data_address(where["data"], f"peer {peer!r}'s data-plane address")
+        else:
+            address, tag = where, default_tag
+        if not isinstance(address, str) or ":" not in address or len(address) > 256:
+            raise WireError(f"peer {peer!r} has a malformed address {address!r}")
+        found[peer] = PeerAddress(address, check_session_tag(tag), data)
+    return found
+
+
+def add_segment_to_command(
+    key: str, spec: dict, state: Mapping[str, torch.Tensor], optimizer: OptimizerSpec | None, *, replace: bool
+) -> tuple[dict, list[bytes]]:
+    """Host a segment (its spec and weights, :func:`segment_to_blobs`) under ``key`` with ``optimizer``."""
+    args = {"key": key, "optimizer": optimizer.to_dict() if optimizer is not None else None, "replace": replace}
+    return args, segment_to_blobs(spec, state)
+
+
+def add_segment_from_args(args: dict) -> tuple[str, OptimizerSpec | None, bool]:
+    """``(key, optimizer, replace)``; the blobs are :func:`segment_from_blobs` (decoded once the key may be used)."""
+    key = arg(args, "key", str)
+    opt = arg(args, "optimizer", dict, optional=True)
+    optimizer = OptimizerSpec.from_dict(opt) if opt is not None else None  # SpecError on insane values
+    return key, optimizer, arg(args, "replace", bool, optional=True) or False
+
+
+def key_from_args(args: dict) -> str:
+    return arg(args, "key", str)
+
+
+def add_dataset_to_command(
+    name: str,
+    parts: Mapping[str, torch.Tensor],
+    *,
+    replace: bool,
+    ids: Sequence[str] | None = None,
+    allow_nonfinite: bool = False,
+) -> tuple[dict, list[bytes]]:
+    """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part, then the
+    samples' ``ids`` (for private set intersection) as one more part (:func:`ids_to_blob`); NaN or infinite
+    features only with ``allow_nonfinite``."""
+    blobs = [tensor_to_blob(t) for t in parts.values()]
+    names = list(parts)
+    if ids is not None:
+        names.append("ids")
+        blobs.append(ids_to_blob(ids))
+    args = {"name": name, "parts": names, "replace": replace}
+    if allow_nonfinite:
+        args["allow_nonfinite"] = True
+    return args, blobs
+
+
+def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
+    """``(name, parts, replace)``; the blobs are :func:`dataset_parts_from_blobs`; whether NaN or infinite
+    features are allowed is :func:`allow_nonfinite_from_args`."""
+    name = arg(args, "name", str)
+    replace = arg(args, "replace", bool, optional=True) or False
+    parts = arg(args, "parts", list)
+    if (
+        not {"features", "labels"} & set(p for p in parts if isinstance(p, str))
+        or any(p not in ("features", "labels", "ids") for p in parts)
+        or len(parts) != len(set(parts))
+    ):
+        raise WireError("'parts' must list 'features' and/or 'labels' (and optionally 'ids')")
+    return name, parts, replace
+
+
+def allow_nonfinite_from_args(args: dict) -> bool:
+    """An ``add_dataset``'s ``allow_nonfinite`` (default False: NaN or infinite features are refused)."""
+    return arg(args, "allow_nonfinite", bool, optional=True) or False
+
+
+def dataset_parts_from_blobs(parts: Sequence[str], blobs: Sequence[bytes], *, max_bytes: int) -> dict:
+    """The parts of an ``add_dataset``, by name (``features``, ``labels``: tensors; ``ids``: strings)."""
+    return {
+        p: (ids_from_blob if p == "ids" else decode_tensor)(blob_arg(blobs, i, p), max_bytes=max_bytes)
+        for i, p in enumerate(parts)
+    }
+
+
+def dataset_stats_to_result(stats: DatasetStats) -> dict:
+    """A dataset's public facts as JSON (the ``dataset_stats`` reply)."""
+    return {
+        "name": stats.name,
+        "size": stats.size,
+        "feature_shape": list(stats.feature_shape) if stats.feature_shape is not None else None,
+        "num_labels": stats.num_labels,
+        "label_max": stats.label_max,
+        "label_min": stats.label_min,
+        "label_dtype": stats.label_dtype,
+        "label_shape": list(stats.label_shape) if stats.label_shape is not None else None,
+        "label_integral": stats.label_integral,
+        "feature_dtype": stats.feature_dtype,
+    }
+
+
+def dataset_stats_from_result(d: dict) -> DatasetStats:
+    """The inverse of :func:`dataset_stats_to_result` (fields a worker does not send are ``None``)."""
+
+    def shape(v: object) -> tuple[int, ...] | None:
+        return tuple(int(x) for x in v) if v is not None else None
+
+    feature_dtype = d.get("feature_dtype") if isinstance(d, dict) else None
+    if feature_dtype is not None and not (isinstance(feature_dtype, str) and feature_dtype in DTYPE_NAMES):
+        raise WireError(f"dataset_stats: unknown feature dtype {feature_dtype!r}; known: {sorted(DTYPE_NAMES)}")
+    try:
+        return DatasetStats(
+            d["name"],
+            int(d["size"]),
+            shape(d.get("feature_shape")),
+            d.get("num_labels"),
+            d.get("label_max"),
+            d.get("label_min"),
+            d.get("label_dtype"),
+            shape(d.get("label_shape")),
+            d.get("label_integral"),
+            feature_dtype,
+        )
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
+        raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None
+
+
+def shape_to_json(shape: ProbeShape) -> dict:
+    """``{"shape": [...]}`` for one value, ``{"values": [{"shape": [...], "dtype": "float32"}, ...]}`` for several."""
+    if is_several(shape):
+        return {"values": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for v in shape]}
+    return {"shape": list(shape)}
+
+
+def _is_dims(shape: object, *, positive: bool) -> bool:
+    return isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and (0 < d <= MAX_PROBE_DIM if positive else d >= 0)
+        for d in shape
+    )
+
+
+def shape_from_json(d: dict, what: str, *, probe: bool) -> ProbeShape:
+    """The inverse of :func:`shape_to_json`; ``probe``: the small positive shapes a probe may ask for."""
+    if "values" not in d:
+        shape = d.get("shape")
+        if not _is_dims(shape, positive=probe) or (probe and not 0 < len(shape) <= MAX_PROBE_NDIM):
+            raise WireError(f"{what}: {shape!r} is not a {'small positive ' if probe else ''}shape")
+        if probe and math.prod(shape) > MAX_PROBE_ELEMENTS:
+            raise WireError(f"{what}: shape {shape!r} has too many elements")
+        return tuple(shape)
+    values = d["values"]
+    if not isinstance(values, list) or not 0 < len(values) <= MAX_VALUES:
+        raise WireError(f"{what}: 'values' must describe 1..{MAX_VALUES} values")
+    out = []
+    for v in values:
+        if not isinstance(v, dict) or set(v) != {"shape", "dtype"}:
+            raise WireError(f"{what}: each value must be an object {{shape, dtype}}")
+        shape, dtype = v["shape"], DTYPE_NAMES.get(v["dtype"]) if isinstance(v["dtype"], str) else None
+        if dtype is None:
+            raise WireError(f"{what}: unknown dtype {v['dtype']!r}; known: {sorted(DTYPE_NAMES)}")
+        if not _is_dims(shape, positive=probe) or len(shape) > MAX_PROBE_NDIM:
+            raise WireError(f"{what}: {shape!r} is not a {'small positive ' if probe else ''}shape")
+        out.append(ValueShape(tuple(shape), dtype))
+    if probe and sum(math.prod(v.shape) for v in out) > MAX_PROBE_ELEMENTS:
+        raise WireError(f"{what}: the values have too many elements")
+    return tuple(out)
