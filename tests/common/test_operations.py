@@ -37,18 +37,7 @@ def test_each_operation_is_served_by_the_engine_method_it_names_or_a_handler(op)
     assert required <= set(names), f"{op.name}: VirtualWorker.{op.serve} also needs {required - set(names)}"
 
 
-NOT_YET = {"get_state"}  # trainable_only does not cross the wire yet
-
-
-@pytest.mark.parametrize(
-    "op",
-    [
-        pytest.param(op, marks=[pytest.mark.xfail(strict=True)] if op.name in NOT_YET else [])
-        for op in OPERATIONS.values()
-        if op.method
-    ],
-    ids=lambda op: op.name,
-)
+@pytest.mark.parametrize("op", [op for op in OPERATIONS.values() if op.method], ids=lambda op: op.name)
 def test_the_client_method_of_an_operation_takes_its_fields_like_the_engine(op):
     remote = inspect.signature(getattr(RemoteWorker, op.method))
     engine = inspect.signature(getattr(VirtualWorker, op.method))
@@ -161,5 +150,25 @@ def test_table_operations_run_at_a_worker_as_in_process(cluster):
         bob.remove_segment("t")
         with pytest.raises(splitnn.SplitNNError, match="'t'"):
             bob.get_state("t")
+    finally:
+        bob.close()
+
+
+@pytest.mark.network
+def test_trainable_only_state_crosses_the_wire_as_in_process(cluster):
+    """``get_state(trainable_only=True)`` over the wire (issue 27's collect_state across worker processes): the
+    buffers stay at the party, the trainable parameters equal the in-process engine's."""
+    (bob,) = cluster.connect("bob")
+    twin = VirtualWorker("bob")
+    try:
+        for w in (bob, twin):
+            torch.manual_seed(0)
+            w.add_segment("k", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)), "sgd:lr=0.1")
+        got, want = bob.get_state("k", trainable_only=True), twin.get_state("k", trainable_only=True)
+        assert list(got) == list(want) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert "1.running_mean" in bob.get_state("k")  # all of it without trainable_only
+        reply = _raw_call(cluster, "get_state", {"key": "k", "trainable_only": "yes"})
+        assert not reply.ok and "'trainable_only' has the wrong type str" in reply.error
     finally:
         bob.close()

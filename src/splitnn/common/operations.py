@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from splitnn.common.operation import Operation, table
 from splitnn.common.schema import (
+    Bool,
     Custom,
     DatasetName,
     Float,
@@ -126,11 +127,12 @@ OPERATIONS: Mapping[str, Operation] = table(
     # -- weights -------------------------------------------------------------------------------
     Operation(
         "get_state",
-        (Key(),),
+        (Key(), Bool("trainable_only", optional=True, default=False, keyword=True)),
         (StateBlob("state"),),
         serve="get_state",
         method="get_state",
-        doc="Segment ``key``'s state dict, in the worker's key order (recorded as weights to the researcher).",
+        doc="Segment ``key``'s state dict, in the worker's key order (recorded as weights to the researcher); "
+        "``trainable_only``: its trainable parameters only (e.g. LoRA adapters).",
     ),
     Operation("set_state", (Key(), StateBlob("state")), serve="set_state", caller="src"),
     Operation(
