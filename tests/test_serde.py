@@ -172,7 +172,7 @@ def test_add_segment(optimizer, replace):
 def test_segment_keys(key):
     for op in ("remove_segment", "zero_grad", "step", "get_grads", "get_state", "fetch_segment"):
         assert _call(op, key=key)["key"] == key
-    assert serde.export_state_from_args(_wire(serde.export_state_to_args(key, 5))) == key
+    assert _call("export_state", key=key, id=5) == {"key": key, "id": 5}
 
 
 @given(
@@ -406,38 +406,41 @@ def test_metrics_nan_travels():
 
 @given(keys, st.none() | refs, st.none() | ids)
 def test_backward(key, grad, tid):
-    args = _wire(serde.backward_to_args(key, grad, tid))
-    assert serde.backward_from_args(args) == (key, grad)
+    args, _ = OPERATIONS["backward"].encode_args(key=key, grad=grad, id=tid)
+    args = _wire(args)
+    assert _decode("backward", args) == {"key": key, "grad": grad, "id": tid}
+    assert OPERATIONS["backward"].output_ids(args, limits=LIMITS) == [tid]
     assert serde.output_id_from_args(args, optional=True) == tid
 
 
 @given(keys, st.lists(refs, min_size=1, max_size=5), st.sampled_from(["concat", "sum", "mean"]), ids, st.booleans())
 def test_forward_merged(key, sources, merge, tid, train):
-    args = _wire(serde.forward_merged_to_args(key, sources, merge, tid, train=train))
-    assert serde.forward_merged_from_args(args) == (key, sources, merge, train)
+    got = _call("forward_merged", key=key, srcs=sources, merge=merge, train=train, id=tid)
+    assert got == {"key": key, "srcs": sources, "merge": merge, "train": train, "id": tid}
+    args = _wire(OPERATIONS["forward_merged"].encode_args(key=key, srcs=sources, merge=merge, train=train, id=tid)[0])
     assert serde.output_id_from_args(args) == tid
 
 
 @given(keys, st.none() | refs, st.lists(ids, min_size=1, max_size=5))
 def test_backward_merged(key, grad, tids):
-    args = _wire(serde.backward_merged_to_args(key, grad, tids))
-    assert serde.backward_merged_from_args(args) == (key, grad)
-    assert serde.output_ids_from_args(args) == tids
+    args = _wire(OPERATIONS["backward_merged"].encode_args(key=key, grad=grad, ids=tids)[0])
+    assert _decode("backward_merged", args) == {"key": key, "grad": grad, "ids": tids}
+    assert OPERATIONS["backward_merged"].output_ids(args, limits=LIMITS) == tids
 
 
 def test_merge_sizes_are_bounded():
     too_many = [{"owner": "a", "id": i} for i in range(serde.MAX_MERGE_SOURCES + 1)]
     with pytest.raises(WireError):
-        serde.forward_merged_from_args({"key": "k", "train": True, "merge": "sum", "srcs": too_many})
+        _decode("forward_merged", {"key": "k", "train": True, "merge": "sum", "srcs": too_many, "id": 1})
     for bad in ([], [-1], [True], list(range(serde.MAX_MERGE_SOURCES + 1))):
         with pytest.raises(WireError):
-            serde.output_ids_from_args({"ids": bad})
+            OPERATIONS["backward_merged"].output_ids({"ids": bad}, limits=LIMITS)
 
 
 # -------------------------------------------------------------------------- weights and outputs
 @given(keys, refs)
 def test_load_state(key, src):
-    assert serde.load_state_from_args(_wire(serde.load_state_to_args(key, src))) == (key, src)
+    assert _call("load_state", key=key, src=src) == {"key": key, "src": src}
 
 
 def test_set_state():
@@ -455,19 +458,21 @@ def test_fetch(ref, kind):
 # --------------------------------------------------------------------- private set intersection
 @given(keys, keys, ids)
 def test_psi_request(session, dataset, tid):
-    args = _wire(serde.psi_request_to_args(session, dataset, tid))
-    assert serde.psi_request_from_args(args) == (session, dataset) and serde.output_id_from_args(args) == tid
+    assert _call("psi_request", session=session, dataset=dataset, id=tid) == {
+        "session": session,
+        "dataset": dataset,
+        "id": tid,
+    }
 
 
 @given(keys, refs, ids)
 def test_psi_reply(dataset, request, tid):
-    args = _wire(serde.psi_reply_to_args(dataset, request, tid))
-    assert serde.psi_reply_from_args(args) == (dataset, request) and serde.output_id_from_args(args) == tid
+    assert _call("psi_reply", dataset=dataset, src=request, id=tid) == {"dataset": dataset, "src": request, "id": tid}
 
 
 @given(keys, refs)
 def test_psi_finish(session, reply):
-    assert serde.psi_finish_from_args(_wire(serde.psi_finish_to_args(session, reply))) == (session, reply)
+    assert _call("psi_finish", session=session, src=reply) == {"session": session, "src": reply}
 
 
 @given(st.integers(0, 2**63 - 1))
@@ -559,19 +564,11 @@ DECODERS = [
     lambda a: serde.forward_from_command(a, [], max_bytes=MAX),
     lambda a: serde.loss_from_command(a, [], max_bytes=MAX),
     serde.loss_stats_from_result,
-    serde.backward_from_args,
-    serde.forward_merged_from_args,
-    serde.backward_merged_from_args,
-    serde.output_ids_from_args,
-    serde.load_state_from_args,
     serde.fetch_from_args,
     lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
-    serde.psi_request_from_args,
-    serde.psi_reply_from_args,
-    serde.psi_finish_from_args,
     lambda a: serde.psi_apply_from_command(a, [], max_bytes=MAX),
     lambda a: serde.ids_from_blob(json.dumps(a).encode(), max_bytes=MAX),
     *(lambda a, op=op: op.decode_args(a, [], limits=LIMITS) for op in OPERATIONS.values()),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from splitnn.client.calls import Calls
+from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
-from splitnn.common import serde
 from splitnn.errors import WorkerError
 from splitnn.workers.checks import (
     check_averaging,
@@ -34,8 +34,10 @@ class Averaging:
         if not isinstance(target, Calls):
             raise WorkerError(f"remote worker {self.name!r} cannot send weights to in-process worker {dst!r}")
         ref = self._new_ref()
-        self._send("export_state", serde.export_state_to_args(key, ref.id))  # flushed: the puller may be waiting for it
-        target._send("load_state", serde.load_state_to_args(dst_key or key, ref), flush=False)
+        self._send(
+            "export_state", *_args("export_state", key=key, id=ref.id)
+        )  # flushed: the puller may be waiting for it
+        target._send("load_state", *_args("load_state", key=dst_key or key, src=ref), flush=False)
 
     @_serialized
     def average_states(self, keys: Sequence[str], weights: Sequence[float], *, into: Sequence[str]) -> None:

@@ -33,6 +33,12 @@ def serialized(method):
     return locked
 
 
+def encode_args(op_name: str, /, **values: Any) -> tuple[dict, list[bytes]]:
+    """The arguments and blobs of declared operation ``op_name`` for ``values``, for a method that sends the
+    command itself (pipelined with a flush of its own, or installed again on reconnection)."""
+    return OPERATIONS[op_name].encode_args(**values)
+
+
 class Calls:
     """Sending commands and calling declared operations (a component of :class:`~splitnn.client.RemoteWorker`)."""
 

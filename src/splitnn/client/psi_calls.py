@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
 from splitnn.common import serde
 from splitnn.workers.refs import TensorRef
@@ -21,20 +22,22 @@ class Psi:
     def psi_request(self, session: str, dataset: str) -> TensorRef:
         """Open PSI ``session`` as the client over ``dataset``'s candidate ids; a ref to the request (pipelined)."""
         ref = self._new_ref()
-        self._send("psi_request", serde.psi_request_to_args(session, dataset, ref.id))  # flushed: a peer pulls it
+        self._send(
+            "psi_request", *_args("psi_request", session=session, dataset=dataset, id=ref.id)
+        )  # flushed: a peer pulls it
         return ref
 
     @_serialized
     def psi_reply(self, dataset: str, request: TensorRef) -> TensorRef:
         """Pull a client's request from its owner and answer it as the PSI server; a ref to the reply (pipelined)."""
         ref = self._new_ref()
-        self._send("psi_reply", serde.psi_reply_to_args(dataset, request, ref.id))
+        self._send("psi_reply", *_args("psi_reply", dataset=dataset, src=request, id=ref.id))
         return ref
 
     @_serialized
     def psi_finish(self, session: str, reply: TensorRef) -> None:
         """Pull the server's reply and narrow the candidates of the session's dataset (pipelined)."""
-        self._send("psi_finish", serde.psi_finish_to_args(session, reply))
+        self._send("psi_finish", *_args("psi_finish", session=session, src=reply))
 
     @_serialized
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from splitnn.accounting import RESEARCHER
+from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
 from splitnn.common import serde
 from splitnn.common.messages import (
@@ -99,7 +100,9 @@ class Steps:
         if key not in self._input_is_data:
             raise no_training_forward(self.name, key)
         ref = None if self._input_is_data.pop(key) else self._new_ref()
-        self._send("backward", serde.backward_to_args(key, grad, ref.id if ref is not None else None), flush=False)
+        self._send(
+            "backward", *_args("backward", key=key, grad=grad, id=ref.id if ref is not None else None), flush=False
+        )
         return ref
 
     @_serialized
@@ -129,8 +132,8 @@ class Steps:
         if train:
             self._merged[key] = len(sources)
             self._input_is_data.pop(key, None)
-        args = serde.forward_merged_to_args(key, sources, merge, ref.id, train=train)
-        self._send("forward_merged", args, flush=False)
+        args = _args("forward_merged", key=key, srcs=sources, merge=merge, train=train, id=ref.id)
+        self._send("forward_merged", *args, flush=False)
         return ref
 
     @_serialized
@@ -140,7 +143,9 @@ class Steps:
         if count is None:
             raise no_training_forward(self.name, key, merged=True)
         refs = [self._new_ref() for _ in range(count)]
-        self._send("backward_merged", serde.backward_merged_to_args(key, grad, [r.id for r in refs]), flush=False)
+        self._send(
+            "backward_merged", *_args("backward_merged", key=key, grad=grad, ids=[r.id for r in refs]), flush=False
+        )
         return refs
 
     # -- shipped epochs (EpochWorker) -----------------------------------------------------------

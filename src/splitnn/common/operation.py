@@ -35,6 +35,9 @@ class Operation:
             client writes its own, for bookkeeping of its own, and calls :meth:`encode_args`).
         check: a check across fields of the decoded arguments (raises WireError).
         check_result: ``(value, args) -> value``: a check of a decoded result against the call's arguments.
+        produces: the fields holding the ids (chosen by the client) of the tensors the operation produces: the
+            server decodes them first and marks them failed if anything after fails, so that a peer waiting to
+            pull one gets the error instead of waiting.
         doc: the generated method's docstring.
     """
 
@@ -48,6 +51,7 @@ class Operation:
     method: str | None = None
     check: Callable[[dict], None] | None = None
     check_result: Callable[[Any, dict], Any] | None = None
+    produces: tuple[str, ...] = ()
     doc: str = ""
 
     # -- arguments ---------------------------------------------------------------------------
@@ -75,6 +79,18 @@ class Operation:
         if self.check is not None:
             self.check(decoded)
         return decoded
+
+    def output_ids(self, args: dict, *, limits: Limits) -> list[int | None]:
+        """The ids of the tensors a command produces (:attr:`produces`), decoded before its other arguments."""
+        if not isinstance(args, dict):
+            raise WireError(f"{self.name}: the arguments must be a JSON object")
+        reader = Blobs((), limits)
+        ids: list[int | None] = []
+        for f in self.args:
+            if f.name in self.produces:
+                value = f.decode(self.name, args, reader)
+                ids.extend(value if isinstance(value, list) else [value])
+        return ids
 
     # -- results -----------------------------------------------------------------------------
     def encode_result(self, value: Any) -> tuple[dict, list[bytes]]:

@@ -22,12 +22,14 @@ from splitnn.common.schema import (
     Key,
     ListOf,
     Party,
+    Ref,
     SpecBlob,
     StateBlob,
     Str,
 )
 from splitnn.common.serde import (
     MAX_AVERAGE_SEGMENTS,
+    MAX_MERGE_SOURCES,
     MAX_METRIC_NAMES,
     MAX_PEERS,
     dataset_stats_from_result,
@@ -43,6 +45,11 @@ from splitnn.workers.metrics import METRIC_NAMES
 JOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 #: Most steps a ``checkpoint_steps`` reply may list.
 MAX_STEPS = 1 << 20
+#: Most segments one checkpoint command may name.
+MAX_CHECKPOINT_SEGMENTS = 1024
+#: Characters of a checkpoint's segment label (1-64 of them).
+LABEL_CHARS = JOB_CHARS | {"."}
+HEX = frozenset("0123456789abcdef")
 
 
 def _codec(spec: object) -> str:
@@ -90,6 +97,40 @@ def _job(name: str = "job") -> Str:
     return Str(name, min_len=16, max_len=128, chars=JOB_CHARS)
 
 
+def _checkpoint_segments(segments: object) -> dict[str, str]:
+    """A checkpoint's segments, label -> key (the server checks the keys are the session's)."""
+    if not isinstance(segments, dict) or not 0 < len(segments) <= MAX_CHECKPOINT_SEGMENTS:
+        raise WireError(f"must name 1..{MAX_CHECKPOINT_SEGMENTS} segments")
+    for label, key in segments.items():
+        if not 0 < len(label) <= 64 or not set(label) <= LABEL_CHARS:
+            raise WireError(f"segment label {label[:70]!r} is not 1-64 characters from [A-Za-z0-9_.-]")
+        if not isinstance(key, str) or not 0 < len(key) <= 256:
+            raise WireError(f"segment {label!r}: its key must be a string")
+    return dict(segments)
+
+
+def _checkpoint_note(note: object) -> dict[str, int]:
+    if not isinstance(note, dict) or len(note) > 16 or not all(len(k) <= 32 for k in note):
+        raise WireError("a checkpoint note holds at most 16 short names")
+    for k, v in note.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise WireError(f"a checkpoint note's {k!r} must be a count")
+    return dict(note)
+
+
+def _digest(name: str, **kw) -> Str:
+    """A sha256 digest: 64 lower-case hex digits."""
+    return Str(name, min_len=64, max_len=64, chars=HEX, **kw)
+
+
+_CHECKPOINT_ARGS = (
+    _job(),
+    Int("step"),
+    Custom("segments", dict, _checkpoint_segments),
+)
+_CHECKPOINT_RESULT = (Int("step"), _digest("digest"), Int("bytes"))
+
+
 OPERATIONS: Mapping[str, Operation] = table(
     # -- segments and steps ----------------------------------------------------------------------
     Operation("remove_segment", (Key(),), wait=False),
@@ -124,6 +165,25 @@ OPERATIONS: Mapping[str, Operation] = table(
         serve="set_codecs",
     ),
     Operation("fetch_segment", (Key(),), (SpecBlob("spec"), StateBlob("state"))),
+    Operation("backward", (Key(), Ref("grad", optional=True), Int("id", optional=True)), produces=("id",)),
+    Operation(
+        "forward_merged",
+        (
+            Key(),
+            ListOf("srcs", Ref(""), min_len=1, max_len=MAX_MERGE_SOURCES),
+            Str("merge"),
+            Bool("train"),
+            Int("id"),
+        ),
+        produces=("id",),
+    ),
+    Operation(
+        "backward_merged",
+        (Key(), Ref("grad", optional=True), ListOf("ids", Int(""), min_len=1, max_len=MAX_MERGE_SOURCES)),
+        produces=("ids",),
+    ),
+    Operation("release", ()),
+    Operation("end_session", ()),
     # -- weights -------------------------------------------------------------------------------
     Operation(
         "get_state",
@@ -135,6 +195,8 @@ OPERATIONS: Mapping[str, Operation] = table(
         "``trainable_only``: its trainable parameters only (e.g. LoRA adapters).",
     ),
     Operation("set_state", (Key(), StateBlob("state")), serve="set_state", caller="src"),
+    Operation("export_state", (Key(), Int("id")), produces=("id",)),
+    Operation("load_state", (Key(), Ref("src"))),
     Operation(
         "get_grads",
         (Key(),),
@@ -189,7 +251,18 @@ OPERATIONS: Mapping[str, Operation] = table(
         doc="The steps of ``job`` the party holds checkpoints of, in its ``--state-dir`` "
         "(:class:`~splitnn.workers.CheckpointWorker`).",
     ),
+    Operation(
+        "save_checkpoint",
+        (*_CHECKPOINT_ARGS, Custom("note", dict, _checkpoint_note, optional=True, default={}, keyword=True)),
+        _CHECKPOINT_RESULT,
+    ),
+    Operation(
+        "load_checkpoint", (*_CHECKPOINT_ARGS, _digest("digest", optional=True, keyword=True)), _CHECKPOINT_RESULT
+    ),
     # -- private set intersection ----------------------------------------------------------------
+    Operation("psi_request", (Str("session"), DatasetName(), Int("id")), produces=("id",)),
+    Operation("psi_reply", (DatasetName(), Ref("src"), Int("id")), produces=("id",)),
+    Operation("psi_finish", (Str("session"), Ref("src"))),
     Operation(
         "psi_size",
         (DatasetName(),),

@@ -105,7 +105,87 @@ def check_state_fits_spec(
     return meta
 
 
-class Commands:
+class _PeerCommands:
+    """The operations of :class:`Commands` that exchange tensors with peers beyond one step: PSI messages,
+    weights hand-off and checkpoints (a part of :class:`Commands`)."""
+
+    async def _psi_message(self, ref: TensorRef) -> TensorRef:
+        """An engine ref to the PSI message ``ref``: this session's own, or pulled from its sender as ``psi``."""
+        if ref.owner == self.name:
+            local = self.exports.local(ref)
+            if self.engine.stored_kind(local.id) != "psi":
+                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a PSI message")
+            return local
+        return await self._resolve(ref, "psi")  # the peer hands out only a "psi" tensor to this pull
+
+    async def _serve_psi_request(self, a: dict, **_: Any) -> None:
+        # the elliptic-curve work takes seconds for large tables: off the event loop, so that the other
+        # sessions' commands and the keepalives go on meanwhile (this session waits for it anyway)
+        ref = await asyncio.to_thread(self.engine.psi_request, a["session"], a["dataset"])
+        self.exports.export(a["id"], ref)
+
+    async def _serve_psi_reply(self, a: dict, **_: Any) -> None:
+        dataset, request = a["dataset"], a["src"]
+        # a missing dataset, or one the policy keeps out of PSI or from this peer, is refused before the pull
+        self.engine.psi_admit(dataset, peer=request.owner)
+        message = await self._psi_message(request)
+        self.exports.export(a["id"], await asyncio.to_thread(self.engine.psi_reply, dataset, message))
+
+    async def _serve_psi_finish(self, a: dict, **_: Any) -> None:
+        reply = a["src"]
+        self.engine.check_psi_peer(reply.owner)  # (before the reply is pulled)
+        message = await self._psi_message(reply)
+        await asyncio.to_thread(self.engine.psi_finish, a["session"], message)
+
+    # -- weights ------------------------------------------------------------------------------
+    async def _serve_export_state(self, a: dict, **_: Any) -> None:
+        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
+
+        Nothing is recorded here: the receiver records the transfer (``load_state``).
+        """
+        key = a["key"]
+        self.engine.release_to_peer(key, None)  # the party's gate (release_weights); the pull checks the peer
+        module = self.engine.segment(key)
+        blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
+        payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        self.exports.export(a["id"], self.engine.keep(payload, "weights"))
+
+    async def _serve_load_state(self, a: dict, **_: Any) -> None:
+        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
+        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
+        key, src = a["key"], a["src"]
+        if src.owner == self.name:
+            payload = self.engine.take(self.exports.local(src).id)
+        else:
+            payload = (await self.peers.pull(src.owner, src.id, "weights")).value
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
+        state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
+        try:
+            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
+        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
+            raise WireError(
+                f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
+            ) from None
+
+    # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
+    async def _serve_save_checkpoint(self, a: dict, **_: Any) -> dict:
+        """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
+        Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""
+        segments = {label: self._key(key) for label, key in a["segments"].items()}
+        info = await asyncio.to_thread(self.engine.save_checkpoint, a["job"], a["step"], segments, note=a["note"])
+        self.session.audit_sent()
+        return info
+
+    async def _serve_load_checkpoint(self, a: dict, **_: Any) -> dict:
+        """Load this party's checkpoint into the named segments (refused, before anything changes, when it
+        does not match them or is not the file the researcher's manifest records)."""
+        segments = {label: self._key(key) for label, key in a["segments"].items()}
+        self.exports.cancel_all()
+        return await asyncio.to_thread(self.engine.load_checkpoint, a["job"], a["step"], segments, digest=a["digest"])
+
+
+class Commands(_PeerCommands):
     """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
 
     def __init__(
@@ -148,7 +228,7 @@ class Commands:
         """The table's operation ``op``: decode and check its arguments, then call the engine (or its handler)."""
         handler = getattr(self, f"_serve_{op.name}") if op.serve is None else None
 
-        async def run(a: dict, blobs: list[bytes], *, caller: str, state: StreamState, **_: Any):
+        async def serve(a: dict, blobs: list[bytes], caller: str, state: StreamState) -> tuple[dict, list[bytes]]:
             args = self._claimed(op, op.decode_args(a, blobs, limits=self.limits))
             if handler is not None:
                 value = await handler(args, caller=caller, state=state)
@@ -157,6 +237,13 @@ class Commands:
                     args[op.caller] = caller
                 value = getattr(self.engine, op.serve)(**args)
             return op.encode_result(value) if op.result else ({}, [])
+
+        async def run(a: dict, blobs: list[bytes], *, caller: str, state: StreamState, **_: Any):
+            if not op.produces:
+                return await serve(a, blobs, caller, state)
+            # the outputs' ids first: whatever fails after, a peer waiting to pull one of them gets the error
+            with self.exports.producing(state, *op.output_ids(a, limits=self.limits)):
+                return await serve(a, blobs, caller, state)
 
         return run
 
@@ -255,6 +342,34 @@ class Commands:
         self.sessions.claim_dataset(self.session, name)
         return {}, []
 
+    async def _serve_backward(self, a: dict, **_: Any) -> None:
+        self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))
+
+    async def _serve_forward_merged(self, a: dict, **_: Any) -> None:
+        """Pull every source activation from its owner (in parallel), merge, run the segment."""
+        refs = await asyncio.gather(*(self._resolve(src, "activation") for src in a["srcs"]))
+        self.exports.export(a["id"], self.engine.forward_merged(a["key"], list(refs), a["merge"], train=a["train"]))
+
+    async def _serve_backward_merged(self, a: dict, **_: Any) -> None:
+        """Back-propagate through the segment and its merge; export one gradient per source."""
+        key, ids = a["key"], a["ids"]
+        refs = self.engine.backward_merged(key, await self._grad(a["grad"]))
+        if len(refs) != len(ids):
+            raise WorkerError(
+                f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
+                f"{len(ids)} gradient ids were given"
+            )
+        for tid, ref in zip(ids, refs):
+            self.exports.export(tid, ref)
+
+    async def _serve_release(self, a: dict, **_: Any) -> None:
+        self.engine.release()  # this session's intermediate tensors only
+        self.exports.cancel_all()
+
+    async def _serve_end_session(self, a: dict, **_: Any) -> None:
+        """The researcher is done: free everything this session holds now (no grace period, no resume)."""
+        self.sessions.end(self.session)
+
     async def _serve_remove_segment(self, a: dict, **_: Any) -> None:
         self.engine.remove_segment(a["key"])
         self.sessions.release_segment(self.session, a["key"])
@@ -295,91 +410,10 @@ class Commands:
         stats = self.engine.loss(output, target, loss, train=m.train, keep=m.keep)
         return serde.loss_stats_to_result(stats), []
 
-    async def _op_backward(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a, optional=True)
-        with self.exports.producing(state, tid):
-            key, grad = serde.backward_from_args(a)
-            key = self._key(key)
-            self.exports.export(tid, self.engine.backward(key, await self._grad(grad)))
-        return {}, []
-
-    async def _op_forward_merged(self, a, blobs, *, state: StreamState, **_):
-        """Pull every source activation from its owner (in parallel), merge, run the segment."""
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key, srcs, merge, train = serde.forward_merged_from_args(a)
-            key = self._key(key)
-            refs = await asyncio.gather(*(self._resolve(src, "activation") for src in srcs))
-            self.exports.export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
-        return {}, []
-
-    async def _op_backward_merged(self, a, blobs, *, state: StreamState, **_):
-        """Back-propagate through the segment and its merge; export one gradient per source."""
-        ids = serde.output_ids_from_args(a)
-        with self.exports.producing(state, *ids):
-            key, grad = serde.backward_merged_from_args(a)
-            key = self._key(key)
-            refs = self.engine.backward_merged(key, await self._grad(grad))
-            if len(refs) != len(ids):
-                raise WorkerError(
-                    f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
-                    f"{len(ids)} gradient ids were given"
-                )
-            for tid, ref in zip(ids, refs):
-                self.exports.export(tid, ref)
-        return {}, []
-
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
-    async def _op_release(self, a, blobs, **_):
-        self.engine.release()  # this session's intermediate tensors only
-        self.exports.cancel_all()
-        return {}, []
-
-    async def _op_end_session(self, a, blobs, **_):
-        """The researcher is done: free everything this session holds now (no grace period, no resume)."""
-        self.sessions.end(self.session)
-        return {}, []
-
     # -- private set intersection ----------------------------------------------------------------
-    async def _psi_message(self, ref: TensorRef) -> TensorRef:
-        """An engine ref to the PSI message ``ref``: this session's own, or pulled from its sender as ``psi``."""
-        if ref.owner == self.name:
-            local = self.exports.local(ref)
-            if self.engine.stored_kind(local.id) != "psi":
-                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a PSI message")
-            return local
-        return await self._resolve(ref, "psi")  # the peer hands out only a "psi" tensor to this pull
-
-    async def _op_psi_request(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            session, dataset = serde.psi_request_from_args(a)
-            # the elliptic-curve work takes seconds for large tables: off the event loop, so that the other
-            # sessions' commands and the keepalives go on meanwhile (this session waits for it anyway)
-            ref = await asyncio.to_thread(self.engine.psi_request, session, self._dataset(dataset))
-            self.exports.export(tid, ref)
-        return {}, []
-
-    async def _op_psi_reply(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            dataset, request = serde.psi_reply_from_args(a)
-            dataset = self._dataset(dataset)
-            # a missing dataset, or one the policy keeps out of PSI or from this peer, is refused before the pull
-            self.engine.psi_admit(dataset, peer=request.owner)
-            message = await self._psi_message(request)
-            self.exports.export(tid, await asyncio.to_thread(self.engine.psi_reply, dataset, message))
-        return {}, []
-
-    async def _op_psi_finish(self, a, blobs, **_):
-        session, reply = serde.psi_finish_from_args(a)
-        self.engine.check_psi_peer(reply.owner)  # (before the reply is pulled)
-        message = await self._psi_message(reply)
-        await asyncio.to_thread(self.engine.psi_finish, session, message)
-        return {}, []
-
     async def _op_psi_apply(self, a, blobs, **_):
         dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
         for name in parts:
@@ -392,41 +426,6 @@ class Commands:
         return {}, []
 
     # -- weights and outputs ------------------------------------------------------------------
-    async def _op_export_state(self, a, blobs, *, state: StreamState, **_):
-        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
-
-        Nothing is recorded here: the receiver records the transfer (``load_state``).
-        """
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key = self._key(serde.export_state_from_args(a))
-            self.engine.release_to_peer(key, None)  # the party's gate (release_weights); the pull checks the peer
-            module = self.engine.segment(key)
-            blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
-            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            self.exports.export(tid, self.engine.keep(payload, "weights"))
-        return {}, []
-
-    async def _op_load_state(self, a, blobs, **_):
-        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
-        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
-        key, src = serde.load_state_from_args(a)
-        key = self._key(key)
-        if src.owner == self.name:
-            payload = self.engine.take(self.exports.local(src).id)
-        else:
-            payload = (await self.peers.pull(src.owner, src.id, "weights")).value
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
-        state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
-        try:
-            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
-        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
-            raise WireError(
-                f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
-            ) from None
-        return {}, []
-
     async def _op_fetch(self, a, blobs, **_):
         ref, kind = serde.fetch_from_args(a)
         if ref.owner != self.name:
@@ -434,22 +433,3 @@ class Commands:
         value = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
         self.exports.forget(ref.id)
         return serde.fetch_to_result(value)
-
-    # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
-    async def _op_save_checkpoint(self, a, blobs, **_):
-        """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
-        Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""
-        c = serde.checkpoint_from_args(a)
-        segments = {label: self._key(key) for label, key in c.segments.items()}
-        info = await asyncio.to_thread(self.engine.save_checkpoint, c.job, c.step, segments, note=c.note)
-        self.session.audit_sent()
-        return serde.party_checkpoint_to_result(info), []
-
-    async def _op_load_checkpoint(self, a, blobs, **_):
-        """Load this party's checkpoint into the named segments (refused, before anything changes, when it
-        does not match them or is not the file the researcher's manifest records)."""
-        c = serde.checkpoint_from_args(a)
-        segments = {label: self._key(key) for label, key in c.segments.items()}
-        self.exports.cancel_all()
-        info = await asyncio.to_thread(self.engine.load_checkpoint, c.job, c.step, segments, digest=c.digest)
-        return serde.party_checkpoint_to_result(info), []

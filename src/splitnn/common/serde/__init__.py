@@ -25,10 +25,7 @@ from splitnn.common.serde.blocks import (  # noqa: F401
     ids_to_blob,
     indices_from_blob,
     indices_to_blob,
-    optional_ref_from_dict,
-    optional_ref_to_dict,
     output_id_from_args,
-    output_ids_from_args,
     ref_from_dict,
     ref_to_dict,
     segment_from_blobs,
@@ -41,14 +38,6 @@ from splitnn.common.serde.blocks import (  # noqa: F401
     value_to_blob,
     values_count,
 )
-from splitnn.common.serde.checkpoints import (  # noqa: F401
-    MAX_CHECKPOINT_SEGMENTS,
-    CheckpointCommand,
-    checkpoint_from_args,
-    checkpoint_to_args,
-    party_checkpoint_from_result,
-    party_checkpoint_to_result,
-)
 from splitnn.common.serde.plans import (  # noqa: F401
     epoch_plan_from_command,
     epoch_plan_to_command,
@@ -60,12 +49,6 @@ from splitnn.common.serde.plans import (  # noqa: F401
 from splitnn.common.serde.psi import (  # noqa: F401
     psi_apply_from_command,
     psi_apply_to_command,
-    psi_finish_from_args,
-    psi_finish_to_args,
-    psi_reply_from_args,
-    psi_reply_to_args,
-    psi_request_from_args,
-    psi_request_to_args,
 )
 from splitnn.common.serde.setup import (  # noqa: F401
     Hello,
@@ -91,22 +74,12 @@ from splitnn.common.serde.setup import (  # noqa: F401
 )
 from splitnn.common.serde.step import (  # noqa: F401
     LossCommand,
-    backward_from_args,
-    backward_merged_from_args,
-    backward_merged_to_args,
-    backward_to_args,
-    export_state_from_args,
-    export_state_to_args,
     fetch_from_args,
     fetch_from_result,
     fetch_to_args,
     fetch_to_result,
     forward_from_command,
-    forward_merged_from_args,
-    forward_merged_to_args,
     forward_to_command,
-    load_state_from_args,
-    load_state_to_args,
     loss_from_command,
     loss_stats_from_result,
     loss_stats_to_result,

@@ -78,27 +78,9 @@ def ref_from_dict(value: object) -> TensorRef:
     return TensorRef(check_party_name(arg(value, "owner", str)), arg(value, "id", int))
 
 
-def optional_ref_to_dict(ref: TensorRef | None) -> dict | None:
-    return ref_to_dict(ref) if ref is not None else None
-
-
-def optional_ref_from_dict(value: object) -> TensorRef | None:
-    return ref_from_dict(value) if value is not None else None
-
-
 def output_id_from_args(args: dict, *, optional: bool = False) -> int | None:
     """The id the researcher chose for the tensor a command produces (``id``)."""
     return arg(args, "id", int, optional=optional)
-
-
-def output_ids_from_args(args: dict) -> list[int]:
-    """The ids of the tensors a command produces, one per merged source (``ids``)."""
-    ids = arg(args, "ids", list)
-    if not 0 < len(ids) <= MAX_MERGE_SOURCES or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids
-    ):
-        raise WireError(f"backward_merged needs 1..{MAX_MERGE_SOURCES} tensor ids")
-    return ids
 
 
 def tensor_to_blob(tensor: torch.Tensor) -> bytes:

@@ -11,46 +11,13 @@ from splitnn.common.serde.blocks import (
     arg,
     indices_from_blob,
     indices_to_blob,
-    ref_from_dict,
-    ref_to_dict,
 )
 from splitnn.errors import WireError
-from splitnn.workers.refs import TensorRef
 
 
 # --------------------------------------------------------------------- private set intersection
 # The rounds are splitnn.training.psi's; a message is a 1-D uint8 tensor that its receiver pulls from
 # its sender over their peer stream (kind ``psi``), never through the researcher.
-def psi_request_to_args(session: str, dataset: str, tid: int) -> dict:
-    """Open PSI ``session`` as the client over ``dataset``'s candidate ids; the request is tensor ``tid``."""
-    return {"session": session, "dataset": dataset, "id": tid}
-
-
-def psi_request_from_args(args: dict) -> tuple[str, str]:
-    """``(session, dataset)`` (the request's id: :func:`output_id_from_args`)."""
-    return arg(args, "session", str), arg(args, "dataset", str)
-
-
-def psi_reply_to_args(dataset: str, request: TensorRef, tid: int) -> dict:
-    """Answer the client's ``request`` as the PSI server over ``dataset``'s candidate ids; the reply is tensor
-    ``tid``."""
-    return {"dataset": dataset, "src": ref_to_dict(request), "id": tid}
-
-
-def psi_reply_from_args(args: dict) -> tuple[str, TensorRef]:
-    """``(dataset, request)`` (the reply's id: :func:`output_id_from_args`)."""
-    return arg(args, "dataset", str), ref_from_dict(arg(args, "src", dict))
-
-
-def psi_finish_to_args(session: str, reply: TensorRef) -> dict:
-    """Narrow the candidates of PSI ``session``'s dataset with the server's ``reply``."""
-    return {"session": session, "src": ref_to_dict(reply)}
-
-
-def psi_finish_from_args(args: dict) -> tuple[str, TensorRef]:
-    return arg(args, "session", str), ref_from_dict(arg(args, "src", dict))
-
-
 def psi_apply_to_command(dataset: str, parts: Mapping[str, torch.Tensor]) -> tuple[dict, list[bytes]]:
     """Keep the intersected rows of ``dataset``; hold each of ``parts`` (name -> positions in the aligned
     order) as a dataset too: the names in the arguments, one indices blob per part."""

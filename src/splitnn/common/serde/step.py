@@ -8,13 +8,10 @@ from typing import NamedTuple
 import torch
 
 from splitnn.common.serde.blocks import (
-    MAX_MERGE_SOURCES,
     arg,
     batch_from_command,
     batch_to_command,
     blob_arg,
-    optional_ref_from_dict,
-    optional_ref_to_dict,
     output_id_from_args,
     ref_from_dict,
     ref_to_dict,
@@ -101,61 +98,7 @@ def loss_stats_from_result(result: dict) -> LossStats:
         raise WireError("loss: the reply must hold 'loss', 'correct' and 'count'") from None
 
 
-def backward_to_args(key: str, grad: TensorRef | None, tid: int | None) -> dict:
-    """Back-propagate through ``key`` from ``grad`` (None: the kept loss); the input's gradient is ``tid``
-    (None: the input was local data, nothing flows back)."""
-    return {"key": key, "grad": optional_ref_to_dict(grad), "id": tid}
-
-
-def backward_from_args(args: dict) -> tuple[str, TensorRef | None]:
-    """``(key, grad)`` (the gradient's id, optional: :func:`output_id_from_args`)."""
-    return key_from_args(args), optional_ref_from_dict(args.get("grad"))
-
-
-def forward_merged_to_args(key: str, sources: Sequence[TensorRef], merge: str, tid: int, *, train: bool) -> dict:
-    """Run segment ``key`` on the merge of several parties' activations; the output is tensor ``tid``."""
-    return {"key": key, "train": train, "id": tid, "merge": merge, "srcs": [ref_to_dict(s) for s in sources]}
-
-
-def forward_merged_from_args(args: dict) -> tuple[str, list[TensorRef], str, bool]:
-    """``(key, sources, merge, train)`` (the output's id: :func:`output_id_from_args`)."""
-    key, train, merge = key_from_args(args), arg(args, "train", bool), arg(args, "merge", str)
-    srcs = arg(args, "srcs", list)
-    if not 0 < len(srcs) <= MAX_MERGE_SOURCES:
-        raise WireError(f"forward_merged takes 1..{MAX_MERGE_SOURCES} sources, got {len(srcs)}")
-    return key, [ref_from_dict(s) for s in srcs], merge, train
-
-
-def backward_merged_to_args(key: str, grad: TensorRef | None, tids: Sequence[int]) -> dict:
-    """Back-propagate through ``key`` and its merge; the gradient of source ``i`` is tensor ``tids[i]``."""
-    return {"key": key, "grad": optional_ref_to_dict(grad), "ids": list(tids)}
-
-
-def backward_merged_from_args(args: dict) -> tuple[str, TensorRef | None]:
-    """``(key, grad)`` (the gradients' ids: :func:`output_ids_from_args`)."""
-    return key_from_args(args), optional_ref_from_dict(args.get("grad"))
-
-
-# --------------------------------------------------------------------------- weights and outputs
-def export_state_to_args(key: str, tid: int) -> dict:
-    """Snapshot segment ``key``'s weights as tensor ``tid``, for one peer to pull (``load_state``)."""
-    return {"key": key, "id": tid}
-
-
-def export_state_from_args(args: dict) -> str:
-    """The segment key (the snapshot's id: :func:`output_id_from_args`)."""
-    return key_from_args(args)
-
-
-def load_state_to_args(key: str, src: TensorRef) -> dict:
-    """Load the weights another party exported as ``src`` into segment ``key``."""
-    return {"key": key, "src": ref_to_dict(src)}
-
-
-def load_state_from_args(args: dict) -> tuple[str, TensorRef]:
-    return key_from_args(args), ref_from_dict(arg(args, "src", dict))
-
-
+# ------------------------------------------------------------------------------------ outputs
 def fetch_to_args(ref: TensorRef, kind: str) -> dict:
     """Hand tensor ``ref`` to the researcher, recorded as ``kind`` (the reply: :func:`tensor_to_blob`)."""
     return {"ref": ref_to_dict(ref), "kind": kind}
