@@ -158,14 +158,15 @@ def test_peers_default_to_the_session_tag_and_refuse_junk():
 @pytest.mark.parametrize("replace", [False, True])
 def test_add_segment(optimizer, replace):
     layer = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
-    args, blobs = serde.add_segment_to_command(
-        "m.s0", module_to_spec(layer), layer.state_dict(), optimizer, replace=replace
+    args, blobs = OPERATIONS["add_segment"].encode_args(
+        key="m.s0", optimizer=optimizer, replace=replace, spec=module_to_spec(layer), state=layer.state_dict()
     )
-    assert serde.add_segment_from_args(_wire(args)) == ("m.s0", optimizer, replace)
-    spec, state = serde.segment_from_blobs(blobs, max_bytes=MAX)
+    got = _decode("add_segment", _wire(args), blobs)
+    assert (got["key"], got["optimizer"], got["replace"]) == ("m.s0", optimizer, replace)
+    spec, state = got["spec"](), got["state"]()
     assert spec == module_to_spec(layer) and _same_state(state, layer.state_dict())
     with pytest.raises(SpecError):
-        serde.add_segment_from_args({"key": "k", "optimizer": {"name": "sgd", "lr": -1}})
+        _decode("add_segment", {"key": "k", "optimizer": {"name": "sgd", "lr": -1}}, blobs)
 
 
 @given(keys)
@@ -335,41 +336,41 @@ def test_set_codecs(output, input_grad):
 # ----------------------------------------------------------------------------- the training step
 def test_put():
     t = torch.randn(2, 3)
-    args, blobs = serde.put_to_command(9, "features", t)
-    assert serde.put_from_args(_wire(args)) == (9, "features", False)
+    args, blobs = OPERATIONS["put"].encode_args(id=9, kind="features", values=t)
+    got = _decode("put", _wire(args), blobs)
+    assert (got["id"], got["kind"], "values" in args) == (9, "features", False) and torch.equal(got["values"], t)
     assert torch.equal(serde.tensor_from_blob(blobs[0], max_bytes=MAX), t)
 
 
 def test_put_and_fetch_of_several_values():
     """A model that takes a tuple: the researcher's input crosses as one values blob; a fetched tuple the same."""
     x, mask = torch.randn(4, 20, requires_grad=True), torch.ones(4, 16)
-    args, blobs = serde.put_to_command(3, "features", (x, mask))
-    tid, kind, several = serde.put_from_args(_wire(args))
-    assert (tid, kind, several) == (3, "features", True)
-    got = serde.value_from_blob(blobs[0], several=True, max_bytes=MAX)
+    args, blobs = OPERATIONS["put"].encode_args(id=3, kind="features", values=(x, mask))
+    decoded = _decode("put", _wire(args), blobs)
+    assert (decoded["id"], decoded["kind"], _wire(args)["values"]) == (3, "features", 2)
+    got = decoded["values"]
     assert torch.equal(got[0], x.detach()) and torch.equal(got[1], mask)
     assert not any(t.requires_grad for t in got)  # data: nothing goes back to the researcher
-    result, blobs = serde.fetch_to_result((mask, torch.arange(3)))
-    back = serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX)
+    back = _reply("fetch", (mask, torch.arange(3)))
     assert torch.equal(back[0], mask) and torch.equal(back[1], torch.arange(3))
-    result, blobs = serde.fetch_to_result(mask)
-    assert torch.equal(serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX), mask)
+    assert torch.equal(_reply("fetch", mask), mask)
     with pytest.raises(WireError):  # says one tensor, carries several
         serde.value_from_blob(serde.value_to_blob((mask,)), several=False, max_bytes=MAX)
     with pytest.raises(WireError):
         serde.value_from_blob(serde.value_to_blob(mask), several=True, max_bytes=MAX)
     for bad in (0, 65, -1, True, "2"):
         with pytest.raises(WireError):
-            serde.put_from_args({"id": 1, "kind": "features", "values": bad})
+            _decode("put", {"id": 1, "kind": "features", "values": bad}, blobs)
 
 
 @given(keys, st.booleans(), ids, refs | st.builds(BatchRef, names, st.just(torch.tensor([3, 1, 2]))))
 @settings(max_examples=30)
 def test_forward(key, train, tid, source):
-    args, blobs = serde.forward_to_command(key, source, tid, train=train)
+    args, blobs = OPERATIONS["forward"].encode_args(key=key, src=source, train=train, id=tid)
     args = _wire(args)
-    got_key, got_source, got_train = serde.forward_from_command(args, blobs, max_bytes=MAX)
-    assert serde.output_id_from_args(args) == tid and (got_key, got_train) == (key, train)
+    got = _decode("forward", args, blobs)
+    got_key, got_source, got_train = got["key"], got["src"], got["train"]
+    assert OPERATIONS["forward"].output_ids(args, limits=LIMITS) == [tid] and (got_key, got_train) == (key, train)
     if isinstance(source, BatchRef):
         assert got_source.dataset == source.dataset and torch.equal(got_source.indices, source.indices)
     else:
@@ -380,16 +381,19 @@ def test_forward(key, train, tid, source):
 @pytest.mark.parametrize("train", [False, True])
 def test_loss(keep, train):
     target = BatchRef("d", torch.tensor([4, 0]))
-    args, blobs = serde.loss_to_command(TensorRef("bob", 3), target, "nll", train=train, keep=keep)
-    m = serde.loss_from_command(_wire(args), blobs, max_bytes=MAX)
-    assert (m.output, m.loss, m.train, m.keep) == (TensorRef("bob", 3), "nll", train, keep)
-    assert m.target.dataset == "d" and torch.equal(m.target.indices, target.indices)
+    args, blobs = OPERATIONS["loss"].encode_args(
+        output=TensorRef("bob", 3), target=target, loss="nll", train=train, keep=keep
+    )
+    m = _decode("loss", _wire(args), blobs)
+    assert (m["output"], m["loss"], m["train"], m["keep"]) == (TensorRef("bob", 3), "nll", train, keep)
+    assert m["target"].dataset == "d" and torch.equal(m["target"].indices, target.indices)
 
 
 @given(st.floats(allow_nan=False), st.integers(-1, 2**31), st.integers(0, 2**31))
 def test_loss_stats(loss, correct, count):
     s = LossStats(loss, correct, count)
     assert serde.loss_stats_from_result(_wire(serde.loss_stats_to_result(s))) == s
+    assert _reply("loss", s) == s
 
 
 @given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(METRIC_NAMES), min_size=1, max_size=4))
@@ -452,7 +456,7 @@ def test_set_state():
 
 @given(refs, st.sampled_from(["output", "activation"]))
 def test_fetch(ref, kind):
-    assert serde.fetch_from_args(_wire(serde.fetch_to_args(ref, kind))) == (ref, kind)
+    assert _call("fetch", ref=ref, kind=kind) == {"ref": ref, "kind": kind}
 
 
 # --------------------------------------------------------------------- private set intersection
@@ -486,14 +490,16 @@ def test_psi_size(size):
 @given(keys, st.dictionaries(keys, st.lists(st.integers(0, 2**40), min_size=1, max_size=20), max_size=4))
 def test_psi_apply(dataset, parts):
     given_parts = {name: torch.tensor(idx) for name, idx in parts.items()}
-    args, blobs = serde.psi_apply_to_command(dataset, given_parts)
-    name, back = serde.psi_apply_from_command(_wire(args), blobs, max_bytes=MAX)
+    got = _call("psi_apply", dataset=dataset, parts=given_parts)
+    name, back = got["dataset"], got["parts"]
     assert name == dataset and list(back) == list(parts)
     assert all(back[k].tolist() == parts[k] for k in parts)
 
 
 def test_psi_apply_refuses_mismatched_parts():
-    args, blobs = serde.psi_apply_to_command("d", {"d:train": torch.arange(3), "d:test": torch.arange(2)})
+    args, blobs = OPERATIONS["psi_apply"].encode_args(
+        dataset="d", parts={"d:train": torch.arange(3), "d:test": torch.arange(2)}
+    )
     for bad_args, bad_blobs in (
         (args, blobs[:1]),  # a part without its indices
         ({**args, "parts": ["d:train", "d:train"]}, blobs),  # a name twice
@@ -502,7 +508,7 @@ def test_psi_apply_refuses_mismatched_parts():
         (args, [blobs[0], serde.tensor_to_blob(torch.zeros(2))]),  # float positions
     ):
         with pytest.raises(WireError):
-            serde.psi_apply_from_command(bad_args, bad_blobs, max_bytes=MAX)
+            _decode("psi_apply", bad_args, bad_blobs)
 
 
 # ------------------------------------------------------------------------------- shipped epochs
@@ -557,19 +563,12 @@ DECODERS = [
     serde.hello_from_result,
     serde.stats_from_result,
     lambda a: serde.peers_from_args(a, default_tag="0" * 32),
-    serde.add_segment_from_args,
     serde.add_dataset_from_args,
     serde.dataset_stats_from_result,
-    serde.put_from_args,
-    lambda a: serde.forward_from_command(a, [], max_bytes=MAX),
-    lambda a: serde.loss_from_command(a, [], max_bytes=MAX),
     serde.loss_stats_from_result,
-    serde.fetch_from_args,
-    lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
-    lambda a: serde.psi_apply_from_command(a, [], max_bytes=MAX),
     lambda a: serde.ids_from_blob(json.dumps(a).encode(), max_bytes=MAX),
     *(lambda a, op=op: op.decode_args(a, [], limits=LIMITS) for op in OPERATIONS.values()),
     *(lambda a, op=op: op.decode_result(a, [], limits=LIMITS, args={"names": ["auc"]}) for op in OPERATIONS.values()),
@@ -617,6 +616,8 @@ DECODERS = [
                 "weights",
                 "into",
                 "input_shape",
+                "target",
+                "values",
                 "stats",
                 "state",
                 "steps",
@@ -674,12 +675,14 @@ def test_a_batchs_draw_crosses_with_it_and_a_bad_draw_is_refused():
     from splitnn.data.batching import BatchDraw, epoch_batches
 
     idx = epoch_batches(40, 8, seed=3, epoch=2)[4]
-    args, blobs = serde.forward_to_command("k", BatchRef("d", idx), 1, train=True)
-    _, batch, _ = serde.forward_from_command(args, blobs, max_bytes=1 << 20)
+    args, blobs = OPERATIONS["forward"].encode_args(key="k", src=BatchRef("d", idx), train=True, id=1)
+    batch = _decode("forward", args, blobs)["src"]
     assert batch.draw == BatchDraw(seed=3, epoch=2, position=4, batch_size=8, shuffle=True)
-    args, blobs = serde.loss_to_command(TensorRef("a", 1), BatchRef("d", idx), "nll", train=False)
-    assert serde.loss_from_command(args, blobs, max_bytes=1 << 20).target.draw == batch.draw
+    args, blobs = OPERATIONS["loss"].encode_args(
+        output=TensorRef("a", 1), target=BatchRef("d", idx), loss="nll", train=False
+    )
+    assert _decode("loss", args, blobs)["target"].draw == batch.draw
     for bad in ({"seed": -1, "epoch": 0, "position": 0, "batch_size": 8, "shuffle": True}, {"seed": 0}, [1]):
-        args["draw"] = bad
+        args["target"]["draw"] = bad
         with pytest.raises(WireError, match="(?i)draw"):
-            serde.loss_from_command(args, blobs, max_bytes=1 << 20)
+            _decode("loss", args, blobs)

@@ -48,6 +48,15 @@ def test_the_client_method_of_an_operation_takes_its_fields_like_the_engine(op):
     assert getattr(RemoteWorker, op.method).__doc__
 
 
+def test_the_pipelined_operations_are_those_whose_failures_surface_at_the_next_call():
+    from splitnn.client.command_stream import ASYNC_OPS
+
+    assert {name for name, op in OPERATIONS.items() if not op.wait} == ASYNC_OPS
+    sent_without_waiting = {"zero_grad", "forward", "backward", "step", "put", "release", "remove_segment", "stage"}
+    assert sent_without_waiting | {"forward_merged", "backward_merged", "export_state", "load_state"} <= ASYNC_OPS
+    assert {"psi_request", "psi_reply", "psi_finish"} <= ASYNC_OPS and not {"loss", "fetch", "get_state"} & ASYNC_OPS
+
+
 # ------------------------------------------------------------------------------- fields
 @pytest.mark.parametrize(
     "field,raw,says",
@@ -123,6 +132,10 @@ def _raw_call(cl: Cluster, op: str, args: dict, blobs=()) -> Reply:
         ("checkpoint_steps", {"job": "a" * 15 + "/"}, "'job' holds characters outside"),
         ("set_codecs", {"key": "k", "output": "zip", "input_grad": "none"}, "'output'"),
         ("neighbours", {"names": ["a b"]}, "'names' item 0 party name"),
+        ("put", {"id": 1, "kind": "activation"}, "'kind' must be one of ['features']"),
+        ("forward", {"key": "k", "src": {"dataset": "d"}, "train": True, "id": 2}, "missing its indices blob"),
+        ("loss", {"output": {"owner": "bob", "id": 1}, "target": 5, "loss": "nll", "train": True}, "'target' must"),
+        ("backward_merged", {"key": "k", "ids": []}, "'ids' must list 1..256 items, got 0"),
     ],
 )
 def test_a_worker_refuses_hostile_fields_of_table_operations_naming_the_field(cluster, op, args, says):

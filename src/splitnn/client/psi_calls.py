@@ -8,7 +8,6 @@ import torch
 
 from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
-from splitnn.common import serde
 from splitnn.workers.refs import TensorRef
 
 
@@ -43,7 +42,7 @@ class Psi:
     def psi_apply(self, dataset: str, parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep exactly the candidate rows of ``dataset``, in ascending id order, and hold each of ``parts``
         (name -> positions in that order); at the worker this changes this session's datasets only."""
-        self._request("psi_apply", *serde.psi_apply_to_command(dataset, dict(parts or {})))
+        self._call("psi_apply", dataset=dataset, parts=dict(parts or {}))
 
     @_serialized
     def psi_cancel(self, dataset: str) -> None:

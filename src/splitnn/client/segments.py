@@ -9,6 +9,7 @@ from torch import nn
 
 from splitnn.accounting import RESEARCHER
 from splitnn.client.calls import Calls
+from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
 from splitnn.common import serde
 from splitnn.common.operations import OPERATIONS
@@ -62,7 +63,8 @@ class Segments:
             )
         opt = OptimizerSpec.coerce(optimizer) if optimizer is not None else None
         described = module_to_spec(segment)
-        args, blobs = serde.add_segment_to_command(key, described, segment.state_dict(), opt, replace=replace)
+        state = segment.state_dict()
+        args, blobs = _args("add_segment", key=key, optimizer=opt, replace=replace, spec=described, state=state)
         self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)
         self._installed.pop(("add_segment", key), None)

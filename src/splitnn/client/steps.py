@@ -14,6 +14,7 @@ from splitnn.common.messages import (
     error_from_reply,
     reply_result,
 )
+from splitnn.common.operations import OPERATIONS
 from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.workers.checks import (
     check_sources,
@@ -36,14 +37,14 @@ class Steps:
         if src != RESEARCHER or kind != "features":
             raise WorkerError(f"remote worker {self.name!r} only accepts features put by the researcher")
         ref = self._new_ref()
-        self._send("put", *serde.put_to_command(ref.id, kind, tensor), flush=False)
+        self._send("put", *_args("put", id=ref.id, kind=kind, values=tensor), flush=False)
         self._feature_ids.add(ref.id)
         return ref
 
     @_serialized
     def forward(self, key: str, source: TensorRef | BatchRef, *, train: bool = True) -> TensorRef:
         ref = self._new_ref()
-        args, blobs = serde.forward_to_command(key, source, ref.id, train=train)
+        args, blobs = _args("forward", key=key, src=source, train=train, id=ref.id)
         if isinstance(source, BatchRef):
             is_data = True
         else:
@@ -63,8 +64,7 @@ class Steps:
                 f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
                 f"give one of {LOSS_NAMES}"
             )
-        r, _ = self._request("loss", *serde.loss_to_command(output, target, loss, train=train, keep=keep))
-        return serde.loss_stats_from_result(r)
+        return self._call("loss", output=output, target=target, loss=loss, train=train, keep=keep)
 
     @_serialized
     def loss_deferred(
@@ -82,7 +82,7 @@ class Steps:
                 f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
                 f"give one of {LOSS_NAMES}"
             )
-        args, blobs = serde.loss_to_command(output, target, loss, train=train, keep=keep)
+        args, blobs = _args("loss", output=output, target=target, loss=loss, train=train, keep=keep)
         for peer in self._remote_peers():
             peer._stream.flush()  # the output may come from a peer's command still queued here
         pending = self._stream.send("loss", args, blobs)
@@ -91,7 +91,7 @@ class Steps:
             reply = self._stream.wait(pending)
             if not reply.ok:
                 raise error_from_reply(reply, self.name, self.address)
-            return serde.loss_stats_from_result(reply_result(reply))
+            return OPERATIONS["loss"].decode_result(reply_result(reply), list(reply.blobs), limits=self.limits)
 
         return stats
 
@@ -107,8 +107,7 @@ class Steps:
 
     @_serialized
     def fetch(self, ref: TensorRef, *, kind: str = "output") -> Value:
-        r, blobs = self._request("fetch", serde.fetch_to_args(ref, kind))
-        return serde.fetch_from_result(r, blobs, max_bytes=self.limits.max_tensor_bytes)
+        return self._call("fetch", ref=ref, kind=kind)
 
     @_serialized
     def release(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from splitnn.common.operation import Operation, table
 from splitnn.common.schema import (
+    Batch,
     Bool,
     Custom,
     DatasetName,
@@ -21,24 +22,32 @@ from splitnn.common.schema import (
     Int,
     Key,
     ListOf,
+    NamedIndices,
     Party,
+    RawBlob,
     Ref,
+    Source,
     SpecBlob,
     StateBlob,
     Str,
+    ValueBlob,
 )
 from splitnn.common.serde import (
     MAX_AVERAGE_SEGMENTS,
     MAX_MERGE_SOURCES,
     MAX_METRIC_NAMES,
     MAX_PEERS,
+    MAX_PSI_PARTS,
     dataset_stats_from_result,
     dataset_stats_to_result,
+    loss_stats_from_result,
+    loss_stats_to_result,
     shape_from_json,
     shape_to_json,
 )
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.wire.compress import get_codec
+from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.workers.metrics import METRIC_NAMES
 
 #: Characters of a checkpoint job id (16-128 of them).
@@ -93,6 +102,12 @@ def _output_shape(value: object):
     return shape_from_json(value, "probe reply", probe=False)
 
 
+def _optimizer(value: object) -> OptimizerSpec:
+    if not isinstance(value, dict):
+        raise WireError("must be an optimizer spec {name, ...}")
+    return OptimizerSpec.from_dict(value)  # SpecError on insane values
+
+
 def _job(name: str = "job") -> Str:
     return Str(name, min_len=16, max_len=128, chars=JOB_CHARS)
 
@@ -133,6 +148,17 @@ _CHECKPOINT_RESULT = (Int("step"), _digest("digest"), Int("bytes"))
 
 OPERATIONS: Mapping[str, Operation] = table(
     # -- segments and steps ----------------------------------------------------------------------
+    Operation("stage", (Int("sid"), RawBlob("chunk")), wait=False),
+    Operation(
+        "add_segment",
+        (
+            Str("key"),  # a new key: another session's segment of that name is its own
+            Custom("optimizer", OptimizerSpec.to_dict, _optimizer, optional=True),
+            Bool("replace", optional=True, default=False, keyword=True),
+            SpecBlob("spec", lazy=True),  # decoded once the key may be used
+            StateBlob("state", lazy=True),
+        ),
+    ),
     Operation("remove_segment", (Key(),), wait=False),
     Operation(
         "zero_grad",
@@ -165,7 +191,17 @@ OPERATIONS: Mapping[str, Operation] = table(
         serve="set_codecs",
     ),
     Operation("fetch_segment", (Key(),), (SpecBlob("spec"), StateBlob("state"))),
-    Operation("backward", (Key(), Ref("grad", optional=True), Int("id", optional=True)), produces=("id",)),
+    Operation(
+        "put", (Int("id"), Str("kind", choices=("features",)), ValueBlob("values")), produces=("id",), wait=False
+    ),
+    Operation("fetch", (Ref("ref"), Str("kind")), (ValueBlob("values"),)),
+    Operation("forward", (Key(), Source("src"), Bool("train"), Int("id")), produces=("id",), wait=False),
+    Operation(
+        "loss",
+        (Ref("output"), Batch("target"), Str("loss"), Bool("train"), Str("keep", optional=True, keyword=True)),
+        (Custom("stats", loss_stats_to_result, loss_stats_from_result),),
+    ),
+    Operation("backward", (Key(), Ref("grad", optional=True), Int("id", optional=True)), produces=("id",), wait=False),
     Operation(
         "forward_merged",
         (
@@ -176,13 +212,15 @@ OPERATIONS: Mapping[str, Operation] = table(
             Int("id"),
         ),
         produces=("id",),
+        wait=False,
     ),
     Operation(
         "backward_merged",
         (Key(), Ref("grad", optional=True), ListOf("ids", Int(""), min_len=1, max_len=MAX_MERGE_SOURCES)),
         produces=("ids",),
+        wait=False,
     ),
-    Operation("release", ()),
+    Operation("release", (), wait=False),
     Operation("end_session", ()),
     # -- weights -------------------------------------------------------------------------------
     Operation(
@@ -195,8 +233,8 @@ OPERATIONS: Mapping[str, Operation] = table(
         "``trainable_only``: its trainable parameters only (e.g. LoRA adapters).",
     ),
     Operation("set_state", (Key(), StateBlob("state")), serve="set_state", caller="src"),
-    Operation("export_state", (Key(), Int("id")), produces=("id",)),
-    Operation("load_state", (Key(), Ref("src"))),
+    Operation("export_state", (Key(), Int("id")), produces=("id",), wait=False),
+    Operation("load_state", (Key(), Ref("src")), wait=False),
     Operation(
         "get_grads",
         (Key(),),
@@ -260,9 +298,10 @@ OPERATIONS: Mapping[str, Operation] = table(
         "load_checkpoint", (*_CHECKPOINT_ARGS, _digest("digest", optional=True, keyword=True)), _CHECKPOINT_RESULT
     ),
     # -- private set intersection ----------------------------------------------------------------
-    Operation("psi_request", (Str("session"), DatasetName(), Int("id")), produces=("id",)),
-    Operation("psi_reply", (DatasetName(), Ref("src"), Int("id")), produces=("id",)),
-    Operation("psi_finish", (Str("session"), Ref("src"))),
+    Operation("psi_request", (Str("session"), DatasetName(), Int("id")), produces=("id",), wait=False),
+    Operation("psi_reply", (DatasetName(), Ref("src"), Int("id")), produces=("id",), wait=False),
+    Operation("psi_finish", (Str("session"), Ref("src")), wait=False),
+    Operation("psi_apply", (DatasetName(), NamedIndices("parts", max_len=MAX_PSI_PARTS))),
     Operation(
         "psi_size",
         (DatasetName(),),

@@ -13,13 +13,24 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from splitnn.common.messages import check_party_name
+from splitnn.common.serde.blocks import (
+    batch_from_command,
+    batch_to_command,
+    indices_from_blob,
+    indices_to_blob,
+    value_from_blob,
+    value_to_blob,
+)
 from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.transport.limits import Limits
+from splitnn.wire.cut_codec import MAX_VALUES
 from splitnn.wire.spec import spec_from_json, spec_to_json
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
-from splitnn.workers.refs import TensorRef
+from splitnn.workers.refs import BatchRef, TensorRef
 
 #: Largest integer a field carries (int64).
 MAX_INT = 2**63 - 1
@@ -50,8 +61,11 @@ class Field:
     blob = False
     claim: str | None = None
 
-    def __init__(self, name: str, *, optional: bool = False, default: Any = None, keyword: bool = False) -> None:
+    def __init__(
+        self, name: str, *, optional: bool = False, default: Any = None, keyword: bool = False, lazy: bool = False
+    ) -> None:
         self.name, self.optional, self.default, self.keyword = name, optional, default, keyword
+        self.lazy = lazy  # a blob field: decodes to a function that decodes the blob when called
 
     # -- subclasses define these two ------------------------------------------------------------
     def to_wire(self, value: Any, blobs: list[bytes]) -> Any:
@@ -71,6 +85,9 @@ class Field:
             return WireError(f"{where}: command argument {self.name!r} {text}")
 
         if self.blob:
+            if self.lazy:  # taken now, decoded when the handler is ready for it (after its own checks)
+                one = Blobs([blobs.take(self.name)], blobs.limits)
+                return lambda: self.check(None, err, one)
             return self.check(None, err, blobs)
         raw = source.get(self.name, _MISSING) if isinstance(source, dict) else _MISSING
         if raw is _MISSING or raw is None:
@@ -241,12 +258,14 @@ class Custom(Field):
         self._to, self._from = to_json, from_json
 
     def to_wire(self, value, blobs):
-        return self._to(value)
+        return None if value is None else self._to(value)
 
     def check(self, raw, err, blobs):
         try:
             return self._from(raw)
-        except (WireError, ConfigurationError) as exc:
+        except WireError as exc:  # a SpecError stays one
+            raise type(exc)(str(err(str(exc)))) from None
+        except ConfigurationError as exc:
             raise err(str(exc)) from None
 
 
@@ -263,15 +282,31 @@ class StateBlob(Field):
 
 
 class TensorBlob(Field):
-    """One tensor as a tensor frame (at most ``Limits.max_tensor_bytes``)."""
+    """One tensor as a tensor frame (at most ``Limits.max_tensor_bytes``); ``dtypes``: the dtypes it may have,
+    ``max_ndim``: its most dimensions (0: a scalar)."""
 
     blob = True
+
+    def __init__(
+        self, name: str, *, dtypes: Sequence[torch.dtype] | None = None, max_ndim: int | None = None, **kw: Any
+    ) -> None:
+        super().__init__(name, **kw)
+        self.dtypes, self.max_ndim = dtypes, max_ndim
 
     def to_wire(self, value, blobs):
         blobs.append(encode_tensor(value))
 
     def check(self, raw, err, blobs):
-        return decode_tensor(blobs.take(self.name), max_bytes=blobs.limits.max_tensor_bytes)
+        extra: dict[str, Any] = {}
+        if self.dtypes is not None:
+            extra["allowed_dtypes"] = tuple(self.dtypes)
+        if self.max_ndim is not None:
+            extra["max_ndim"] = self.max_ndim
+        blob = blobs.take(self.name)
+        try:
+            return decode_tensor(blob, max_bytes=blobs.limits.max_tensor_bytes, **extra)
+        except WireError as exc:
+            raise err(str(exc)) from None
 
 
 class Party(Field):
@@ -284,6 +319,18 @@ class Party(Field):
             raise err(str(exc)) from None
 
 
+class RawBlob(Field):
+    """A blob as it came (its receiver checks it: a staged chunk)."""
+
+    blob = True
+
+    def to_wire(self, value, blobs):
+        blobs.append(bytes(value))
+
+    def check(self, raw, err, blobs):
+        return blobs.take(self.name)
+
+
 class SpecBlob(Field):
     """A segment's layer spec as one JSON blob; only parsed here (built by whoever trusts it)."""
 
@@ -294,3 +341,79 @@ class SpecBlob(Field):
 
     def check(self, raw, err, blobs):
         return spec_from_json(blobs.take(self.name))
+
+
+class ValueBlob(Field):
+    """A tensor, or several (a tuple: a model that takes several inputs), as one blob (at most
+    ``Limits.max_tensor_bytes``); the JSON field counts the values, and is absent for one tensor."""
+
+    def encode(self, value, out, blobs):
+        blobs.append(value_to_blob(value))
+        if not isinstance(value, torch.Tensor):
+            out[self.name] = len(value)
+
+    def decode(self, where, source, blobs):
+        count = source.get(self.name) if isinstance(source, dict) else None
+        if count is not None:
+            Int(self.name, lo=1, hi=MAX_VALUES).decode(where, source, blobs)
+        blob = blobs.take("tensor")
+        return value_from_blob(blob, several=count is not None, max_bytes=blobs.limits.max_tensor_bytes)
+
+
+class Batch(Field):
+    """Rows of a dataset: ``{dataset[, draw]}`` and one blob of row indices (1-D int64, at most
+    ``Limits.max_blob_bytes``). The server checks that the dataset is the session's and the indices fit it."""
+
+    claim = "batch"
+
+    def encode(self, value, out, blobs):
+        args, extra = batch_to_command(value)
+        out[self.name] = args
+        blobs.extend(extra)
+
+    def check(self, raw, err, blobs):
+        if not isinstance(raw, dict):
+            raise err("must be a batch {dataset[, draw]}")
+        return batch_from_command(raw, [blobs.take("indices")], blobs.limits.max_blob_bytes)
+
+
+class Source(Field):
+    """What a segment runs on: a batch of a local dataset (:class:`Batch`) or another party's tensor (:class:`Ref`)."""
+
+    claim = "batch"
+
+    def encode(self, value, out, blobs):
+        if isinstance(value, BatchRef):
+            Batch(self.name).encode(value, out, blobs)
+        else:
+            out[self.name] = Ref(self.name).to_wire(value, blobs)
+
+    def check(self, raw, err, blobs):
+        if isinstance(raw, dict) and "dataset" in raw:
+            return Batch(self.name).check(raw, err, blobs)
+        return Ref(self.name).check(raw, err, blobs)
+
+
+class NamedIndices(Field):
+    """Named row positions: the names in the JSON (distinct, 1-256 characters, at most ``max_len``), one
+    indices blob per name, in order (1-D int64, at most ``Limits.max_blob_bytes`` each)."""
+
+    def __init__(self, name: str, *, max_len: int, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.max_len = max_len
+
+    def to_wire(self, value, blobs):
+        blobs.extend(indices_to_blob(idx) for idx in value.values())
+        return list(value)
+
+    def check(self, raw, err, blobs):
+        if (
+            not isinstance(raw, list)
+            or len(raw) > self.max_len
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_STR for n in raw)
+            or len(set(raw)) != len(raw)
+        ):
+            raise err(f"must list at most {self.max_len} distinct names")
+        return {
+            n: indices_from_blob(blobs.take(f"{n[:64]!r} indices"), max_bytes=blobs.limits.max_blob_bytes) for n in raw
+        }

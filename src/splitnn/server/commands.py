@@ -3,12 +3,14 @@
 Each researcher's session (:mod:`splitnn.server.sessions`) hosts its segments, optimizers
 and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
 ``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
-in-process one. :class:`Commands` is one session's table of operations
-(``_op_<name>(args, blobs) -> (result, blobs)``) that its executor
-(:mod:`splitnn.server.executor`) looks commands up in. Each operation decodes its
-arguments with :mod:`splitnn.common.serde` (the module the researcher's client encodes them
-with; ``WireError`` on anything malformed), then checks that the segment keys and dataset
-names it uses are not another session's (``PolicyError``) before it touches the engine.
+in-process one. :class:`Commands` is one session's table of operations that its executor
+(:mod:`splitnn.server.executor`) looks commands up in. An operation declared in
+:mod:`splitnn.common.operations` is decoded and checked field by field (``WireError`` naming the
+field), its segment keys, dataset names and batches are checked to be this session's (``PolicyError``),
+then the engine method it names runs, or its ``_serve_<name>`` handler when it needs work of its own
+here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``,
+``add_dataset``, ``run_epoch``) are ``_op_<name>(args, blobs)``
+methods decoding with :mod:`splitnn.common.serde`.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
 under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
@@ -47,7 +49,6 @@ from torch.nn.parameter import is_lazy
 from splitnn.common import serde
 from splitnn.common.operation import Operation
 from splitnn.common.operations import OPERATIONS
-from splitnn.common.serde import arg
 from splitnn.errors import ConfigurationError, MemoryBudgetError, SpecError, WireError, WorkerError
 from splitnn.server.exports import StreamState
 from splitnn.transport.limits import Limits
@@ -137,6 +138,16 @@ class _PeerCommands:
         message = await self._psi_message(reply)
         await asyncio.to_thread(self.engine.psi_finish, a["session"], message)
 
+    async def _serve_psi_apply(self, a: dict, **_: Any) -> None:
+        parts = a["parts"]
+        for name in parts:
+            self.sessions.check_placing(name)  # a part never takes the name of one of the party's own datasets
+        # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
+        # engine only: another session, or one holding a part of the same name, keeps its own.
+        self.engine.psi_apply(a["dataset"], parts)
+        for name in parts:
+            self.sessions.claim_dataset(self.session, name)
+
     # -- weights ------------------------------------------------------------------------------
     async def _serve_export_state(self, a: dict, **_: Any) -> None:
         """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
@@ -218,7 +229,7 @@ class Commands(_PeerCommands):
     def _claimed(self, op: Operation, args: dict) -> dict:
         """``args`` once every segment key and dataset name they hold is this session's to use (PolicyError)."""
         for f in op.args:
-            check = {"segment": self._key, "dataset": self._dataset}.get(f.claim)
+            check = {"segment": self._key, "dataset": self._dataset, "batch": self._batch}.get(f.claim)
             value = args[f.name]
             if check is not None and value is not None:
                 args[f.name] = [check(v) for v in value] if isinstance(value, (list, tuple)) else check(value)
@@ -266,8 +277,10 @@ class Commands(_PeerCommands):
     async def _grad(self, grad: TensorRef | None) -> TensorRef | None:
         return await self._resolve(grad, "gradient") if grad is not None else None
 
-    def _batch(self, batch: BatchRef) -> BatchRef:
-        """``batch`` if this session may read its dataset and its indices are in range."""
+    def _batch(self, batch: BatchRef | TensorRef) -> BatchRef | TensorRef:
+        """``batch`` if this session may read its dataset and its indices are in range (a tensor ref: as it is)."""
+        if not isinstance(batch, BatchRef):
+            return batch
         name, idx = self._dataset(batch.dataset), batch.indices
         size = self.engine.dataset_stats(name).size
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
@@ -303,36 +316,6 @@ class Commands(_PeerCommands):
         self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
         return {}, []
 
-    async def _op_stage(self, a, blobs, *, state: StreamState, **_):
-        state.stage(arg(a, "sid", int), serde.blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
-        return {}, []
-
-    async def _op_add_segment(self, a, blobs, **_):
-        # another session's segment of that name is its own: not touched
-        key, optimizer, replace = serde.add_segment_from_args(a)
-        if self.engine.has_segment(key) and not replace:  # refused before the blobs are decoded or built
-            raise ConfigurationError(
-                f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
-                f"pass replace=True to replace it"
-            )
-        spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
-        twin = check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
-        if twin is None:
-            raise MemoryBudgetError(
-                f"segment {key!r} cannot be built on the meta device, so what it allocates cannot be checked "
-                "before it runs; the worker runs only segments it can check (splitnn worker --max-session-memory)"
-            )
-        module = spec_to_module(spec, trust=self.trust)
-        try:
-            module.load_state_dict(state)
-        except (RuntimeError, KeyError) as exc:
-            raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
-        guard_segment(module, twin, self.max_memory, f"segment {key!r}: spec")  # each forward, on meta first
-        self.engine.add_segment(key, module, optimizer, replace=replace)
-        self.session.installed = True
-        self.sessions.claim_segment(self.session, key)
-        return {}, []
-
     async def _op_add_dataset(self, a, blobs, **_):
         name, parts, replace = serde.add_dataset_from_args(a)
         self.sessions.check_placing(name)
@@ -341,6 +324,29 @@ class Commands(_PeerCommands):
         self.engine.add_dataset(name, **held, replace=replace, allow_nonfinite=allow)
         self.sessions.claim_dataset(self.session, name)
         return {}, []
+
+    async def _serve_put(self, a: dict, *, caller: str, **_: Any) -> None:
+        self.exports.export(a["id"], self.engine.put(a["values"], src=caller, kind=a["kind"]))
+
+    async def _serve_fetch(self, a: dict, **_: Any):
+        ref = a["ref"]
+        if ref.owner != self.name:
+            raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
+        value = self.engine.fetch(self.exports.produced(ref.id), kind=a["kind"])  # policy check
+        self.exports.forget(ref.id)
+        return value
+
+    async def _serve_forward(self, a: dict, **_: Any) -> None:
+        source = a["src"]
+        if not isinstance(source, BatchRef):
+            source = await self._resolve(source, "activation")
+        self.exports.export(a["id"], self.engine.forward(a["key"], source, train=a["train"]))
+
+    async def _serve_loss(self, a: dict, **_: Any):
+        loss = check_loss_name(a["loss"])  # (the target was checked on decoding: both before the output is pulled)
+        output = await self._resolve(a["output"], "activation")
+        # keep: an evaluation whose outputs are kept for its metrics
+        return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"])
 
     async def _serve_backward(self, a: dict, **_: Any) -> None:
         self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))
@@ -370,6 +376,34 @@ class Commands(_PeerCommands):
         """The researcher is done: free everything this session holds now (no grace period, no resume)."""
         self.sessions.end(self.session)
 
+    async def _serve_stage(self, a: dict, *, state: StreamState, **_: Any) -> None:
+        state.stage(a["sid"], a["chunk"], self.limits.max_blob_bytes)
+
+    async def _serve_add_segment(self, a: dict, **_: Any) -> None:
+        # another session's segment of that name is its own: not touched
+        key, optimizer, replace = a["key"], a["optimizer"], a["replace"]
+        if self.engine.has_segment(key) and not replace:  # refused before the blobs are decoded or built
+            raise ConfigurationError(
+                f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
+                f"pass replace=True to replace it"
+            )
+        spec, state = a["spec"](), a["state"]()
+        twin = check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
+        if twin is None:
+            raise MemoryBudgetError(
+                f"segment {key!r} cannot be built on the meta device, so what it allocates cannot be checked "
+                "before it runs; the worker runs only segments it can check (splitnn worker --max-session-memory)"
+            )
+        module = spec_to_module(spec, trust=self.trust)
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, KeyError) as exc:
+            raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
+        guard_segment(module, twin, self.max_memory, f"segment {key!r}: spec")  # each forward, on meta first
+        self.engine.add_segment(key, module, optimizer, replace=replace)
+        self.session.installed = True
+        self.sessions.claim_segment(self.session, key)
+
     async def _serve_remove_segment(self, a: dict, **_: Any) -> None:
         self.engine.remove_segment(a["key"])
         self.sessions.release_segment(self.session, a["key"])
@@ -379,57 +413,8 @@ class Commands(_PeerCommands):
         return {"spec": module_to_spec(module), "state": module.state_dict()}
 
     # -- the training step --------------------------------------------------------------------
-    async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
-        tid, kind, several = serde.put_from_args(a)
-        self.exports.announce(state, tid)
-        if kind not in ("features",):
-            raise WireError(f"the researcher may only put 'features', not {kind!r}")
-        with self.exports.producing(state, tid):
-            blob = serde.blob_arg(blobs, 0, "tensor")
-            value = serde.value_from_blob(blob, several=several, max_bytes=self.limits.max_tensor_bytes)
-            self.exports.export(tid, self.engine.put(value, src=caller, kind=kind))
-        return {}, []
-
-    async def _op_forward(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key, source, train = serde.forward_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-            key = self._key(key)
-            if isinstance(source, BatchRef):
-                source = self._batch(source)
-            else:
-                source = await self._resolve(source, "activation")
-            self.exports.export(tid, self.engine.forward(key, source, train=train))
-        return {}, []
-
-    async def _op_loss(self, a, blobs, **_):
-        m = serde.loss_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        loss, target = check_loss_name(m.loss), self._batch(m.target)  # checked before the output is pulled
-        output = await self._resolve(m.output, "activation")
-        # keep: an evaluation whose outputs are kept for its metrics
-        stats = self.engine.loss(output, target, loss, train=m.train, keep=m.keep)
-        return serde.loss_stats_to_result(stats), []
-
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
     # -- private set intersection ----------------------------------------------------------------
-    async def _op_psi_apply(self, a, blobs, **_):
-        dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        for name in parts:
-            self.sessions.check_placing(name)  # a part never takes the name of one of the party's own datasets
-        # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
-        # engine only: another session, or one holding a part of the same name, keeps its own.
-        self.engine.psi_apply(self._dataset(dataset), parts)
-        for name in parts:
-            self.sessions.claim_dataset(self.session, name)
-        return {}, []
-
     # -- weights and outputs ------------------------------------------------------------------
-    async def _op_fetch(self, a, blobs, **_):
-        ref, kind = serde.fetch_from_args(a)
-        if ref.owner != self.name:
-            raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
-        value = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
-        self.exports.forget(ref.id)
-        return serde.fetch_to_result(value)

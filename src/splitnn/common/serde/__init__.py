@@ -1,5 +1,7 @@
-"""Every remote operation's messages that the table (:mod:`splitnn.common.operations`) does not declare field by
-field, each message's two directions side by side, by concept.
+"""The messages the table of operations (:mod:`splitnn.common.operations`) does not declare field by field, each
+message's two directions side by side: set-up (:mod:`~splitnn.common.serde.setup`), epoch plans and losses
+(:mod:`~splitnn.common.serde.plans`) and the building blocks (:mod:`~splitnn.common.serde.blocks`: refs,
+tensor, state, segment, index and id blobs, batches).
 
 ``*_to_args`` / ``*_from_args`` encode and decode a command's arguments, ``*_to_command`` /
 ``*_from_command`` those with blobs, ``*_to_result`` / ``*_from_result`` a reply's result. Decoders
@@ -36,27 +38,22 @@ from splitnn.common.serde.blocks import (  # noqa: F401
     tensor_to_blob,
     value_from_blob,
     value_to_blob,
-    values_count,
 )
-from splitnn.common.serde.plans import (  # noqa: F401
+from splitnn.common.serde.plans import (  # noqa: F401  # noqa: F401
     epoch_plan_from_command,
     epoch_plan_to_command,
     epoch_report_from_result,
     epoch_report_to_result,
+    loss_stats_from_result,
+    loss_stats_to_result,
     losses_from_result,
     losses_to_result,
-)
-from splitnn.common.serde.psi import (  # noqa: F401
-    psi_apply_from_command,
-    psi_apply_to_command,
 )
 from splitnn.common.serde.setup import (  # noqa: F401
     Hello,
     PeerAddress,
     add_dataset_from_args,
     add_dataset_to_command,
-    add_segment_from_args,
-    add_segment_to_command,
     allow_nonfinite_from_args,
     check_data_address,
     dataset_parts_from_blobs,
@@ -64,26 +61,10 @@ from splitnn.common.serde.setup import (  # noqa: F401
     dataset_stats_to_result,
     hello_from_result,
     hello_to_result,
-    key_from_args,
     peers_from_args,
     peers_to_args,
     shape_from_json,
     shape_to_json,
     stats_from_result,
     stats_to_result,
-)
-from splitnn.common.serde.step import (  # noqa: F401
-    LossCommand,
-    fetch_from_args,
-    fetch_from_result,
-    fetch_to_args,
-    fetch_to_result,
-    forward_from_command,
-    forward_to_command,
-    loss_from_command,
-    loss_stats_from_result,
-    loss_stats_to_result,
-    loss_to_command,
-    put_from_args,
-    put_to_command,
 )

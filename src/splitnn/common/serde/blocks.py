@@ -11,7 +11,7 @@ import torch
 from splitnn.common.messages import check_party_name
 from splitnn.data.batching import BatchDraw
 from splitnn.errors import ConfigurationError, WireError, WorkerError
-from splitnn.wire.cut_codec import MAX_VALUES, decode_values, plain
+from splitnn.wire.cut_codec import decode_values, plain
 from splitnn.wire.spec import spec_from_json, spec_to_json
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import DTYPE_CODES, decode_tensor, encode_tensor
@@ -105,14 +105,6 @@ def value_from_blob(blob: bytes, *, several: bool, max_bytes: int) -> Value:
     if not several:
         return tensor_from_blob(blob, max_bytes=max_bytes)
     return decode_values(blob, 0, max_bytes=max_bytes).value
-
-
-def values_count(args: dict) -> bool:
-    """Whether a command's tensor is several values (``values``: their count, 1..MAX_VALUES)."""
-    count = arg(args, "values", int, optional=True)
-    if count is not None and not 0 < count <= MAX_VALUES:
-        raise WireError(f"'values' must count 1..{MAX_VALUES} values")
-    return count is not None
 
 
 def indices_to_blob(indices: torch.Tensor) -> bytes:

@@ -1,4 +1,5 @@
-"""Shipped epochs: a worker's part of an epoch (its plan), the progress replies and the final report."""
+"""Losses and shipped epochs: a batch's loss stats, a worker's part of an epoch (its plan), the progress replies
+and the final report."""
 
 from __future__ import annotations
 
@@ -168,3 +169,15 @@ def epoch_report_from_result(result: dict, worker: str) -> EpochReport:
     if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
         raise WireError("run_epoch: the final reply must count the batches run")
     return EpochReport(worker, batches)
+
+
+def loss_stats_to_result(stats: LossStats) -> dict:
+    """One batch's loss, correct count and size (the ``loss`` reply)."""
+    return {"loss": stats.loss, "correct": stats.correct, "count": stats.count}
+
+
+def loss_stats_from_result(result: dict) -> LossStats:
+    try:
+        return LossStats(float(result["loss"]), int(result["correct"]), int(result["count"]))
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
+        raise WireError("loss: the reply must hold 'loss', 'correct' and 'count'") from None

@@ -1,4 +1,4 @@
-"""Set-up messages: hello, stats, peers, hosting segments and datasets, datasets' facts, probed shapes."""
+"""Set-up messages: hello, stats, peers, placing datasets, datasets' facts, probed shapes."""
 
 from __future__ import annotations
 
@@ -20,13 +20,11 @@ from splitnn.common.serde.blocks import (
     blob_arg,
     ids_from_blob,
     ids_to_blob,
-    segment_to_blobs,
     tensor_to_blob,
 )
 from splitnn.errors import WireError
 from splitnn.transport.addresses import split_host_port
 from splitnn.wire.cut_codec import MAX_VALUES
-from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.wire.tensor_codec import decode_tensor
 from splitnn.workers.refs import DatasetStats, ValueShape
 from splitnn.workers.values import ProbeShape, is_several
@@ -138,26 +136,6 @@ def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
             raise WireError(f"peer {peer!r} has a malformed address {address!r}")
         found[peer] = PeerAddress(address, check_session_tag(tag), data)
     return found
-
-
-def add_segment_to_command(
-    key: str, spec: dict, state: Mapping[str, torch.Tensor], optimizer: OptimizerSpec | None, *, replace: bool
-) -> tuple[dict, list[bytes]]:
-    """Host a segment (its spec and weights, :func:`segment_to_blobs`) under ``key`` with ``optimizer``."""
-    args = {"key": key, "optimizer": optimizer.to_dict() if optimizer is not None else None, "replace": replace}
-    return args, segment_to_blobs(spec, state)
-
-
-def add_segment_from_args(args: dict) -> tuple[str, OptimizerSpec | None, bool]:
-    """``(key, optimizer, replace)``; the blobs are :func:`segment_from_blobs` (decoded once the key may be used)."""
-    key = arg(args, "key", str)
-    opt = arg(args, "optimizer", dict, optional=True)
-    optimizer = OptimizerSpec.from_dict(opt) if opt is not None else None  # SpecError on insane values
-    return key, optimizer, arg(args, "replace", bool, optional=True) or False
-
-
-def key_from_args(args: dict) -> str:
-    return arg(args, "key", str)
 
 
 def add_dataset_to_command(
