@@ -185,3 +185,35 @@ def test_trainable_only_state_crosses_the_wire_as_in_process(cluster):
         assert not reply.ok and "'trainable_only' has the wrong type str" in reply.error
     finally:
         bob.close()
+
+
+@pytest.mark.network
+def test_gradient_norms_and_clipping_cross_the_wire_as_in_process(cluster):
+    """``grad_norms`` and ``clip_grads`` over the wire (clipping by the global norm across worker processes): the
+    norms and the clipped gradients equal the in-process engine's; a total norm that is not a scalar is refused."""
+    from splitnn.workers.refs import BatchRef
+
+    (bob,) = cluster.connect("bob")
+    twin = VirtualWorker("bob")
+    try:
+        x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4)
+        for w in (bob, twin):
+            torch.manual_seed(0)
+            w.add_segment("k", torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LogSoftmax(dim=1)), "sgd:lr=0.1")
+            w.add_dataset("d", features=x, labels=y)
+            batch = BatchRef("d", torch.arange(8))
+            w.loss(w.forward("k", batch), batch, "nll")
+            w.backward("k", None)
+        norms = bob.grad_norms("k")
+        assert torch.equal(norms, twin.grad_norms("k")) and norms.shape == (2,)
+        total = torch.linalg.vector_norm(norms)
+        for w in (bob, twin):
+            w.clip_grads("k", 0.1, total)
+        got, want = bob.get_grads("k"), twin.get_grads("k")
+        assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+        assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in got.values()])) <= 0.1 + 1e-6
+        bob.clip_grads("k", 0.1, torch.ones(2))
+        with pytest.raises(splitnn.SplitNNError, match="'total_norm' tensor frame has 1 dimensions"):
+            bob.drain()
+    finally:
+        bob.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from splitnn.common.operation import Operation, table
 from splitnn.common.schema import (
     Batch,
@@ -30,6 +32,7 @@ from splitnn.common.schema import (
     SpecBlob,
     StateBlob,
     Str,
+    TensorBlob,
     ValueBlob,
 )
 from splitnn.common.serde import (
@@ -243,6 +246,29 @@ OPERATIONS: Mapping[str, Operation] = table(
         method="get_grads",
         doc="Gradients of segment ``key``'s parameters (:class:`~splitnn.workers.GradientWorker`): safetensors, "
         "recorded as ``gradient`` bytes from this worker to the researcher.",
+    ),
+    Operation(
+        "grad_norms",
+        (Key(),),
+        (TensorBlob("norms", dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), max_ndim=1),),
+        serve="grad_norms",
+        method="grad_norms",
+        doc="The 2-norm of each gradient of segment ``key``'s trainable parameters (one number per tensor, never a "
+        "gradient), for clipping by the global norm across parties.",
+    ),
+    Operation(
+        "clip_grads",
+        (
+            Key(),
+            Float("max_norm", positive=True),
+            TensorBlob("total_norm", dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), max_ndim=0),
+        ),
+        serve="clip_grads",
+        wait=False,
+        flush=False,
+        method="clip_grads",
+        doc="Scale segment ``key``'s gradients as ``torch.nn.utils.clip_grads_with_norm_`` does for the global "
+        "``total_norm`` (pipelined).",
     ),
     Operation(
         "average_states",
