@@ -215,13 +215,18 @@ def test_average_states_refuses_bad_keys_and_weights(change):
 def test_add_dataset(parts):
     tensors = {"features": torch.randn(5, 3), "labels": torch.arange(5)}
     given_parts = {p: tensors[p] for p in parts}
-    args, blobs = serde.add_dataset_to_command("d", given_parts, replace=True)
-    name, got_parts, replace = serde.add_dataset_from_args(_wire(args))
-    assert (name, got_parts, replace) == ("d", list(parts), True)
-    back = serde.dataset_parts_from_blobs(got_parts, blobs, max_bytes=MAX)
+    args, blobs = OPERATIONS["add_dataset"].encode_args(name="d", parts=given_parts, replace=True)
+    got = _decode("add_dataset", _wire(args), blobs)
+    assert (got["name"], _wire(args)["parts"], got["replace"], got["allow_nonfinite"]) == (
+        "d",
+        list(parts),
+        True,
+        False,
+    )
+    back = got["parts"]()
     assert list(back) == list(parts) and all(torch.equal(back[p], given_parts[p]) for p in parts)
     with pytest.raises(WireError):
-        serde.add_dataset_from_args({"name": "d", "parts": ["features", "features"]})
+        _decode("add_dataset", {"name": "d", "parts": ["features", "features"]}, blobs * 2)
 
 
 sample_ids = st.lists(st.text(min_size=1, max_size=20), max_size=30, unique=True)
@@ -230,16 +235,16 @@ sample_ids = st.lists(st.text(min_size=1, max_size=20), max_size=30, unique=True
 @given(sample_ids)
 def test_add_dataset_with_ids(ids_):
     features = torch.randn(len(ids_), 2)
-    args, blobs = serde.add_dataset_to_command("d", {"features": features}, replace=False, ids=ids_)
-    name, parts, replace = serde.add_dataset_from_args(_wire(args))
-    assert (name, parts, replace) == ("d", ["features", "ids"], False)
-    back = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=MAX)
+    args, blobs = OPERATIONS["add_dataset"].encode_args(name="d", parts={"features": features, "ids": ids_})
+    got = _decode("add_dataset", _wire(args), blobs)
+    assert (got["name"], _wire(args)["parts"], got["replace"]) == ("d", ["features", "ids"], False)
+    back = got["parts"]()
     assert torch.equal(back["features"], features) and back["ids"] == ids_
 
 
 def test_ids_alone_are_not_a_dataset_and_must_be_strings():
     with pytest.raises(WireError, match="'features' and/or 'labels'"):
-        serde.add_dataset_from_args({"name": "d", "parts": ["ids"]})
+        _decode("add_dataset", {"name": "d", "parts": ["ids"]}, [b"[]"])
     for bad in (b"[1, 2]", b'["a", ""]', b'{"a": 1}', b"\xff", b"[" * 100_000, b'["a", "b"'):
         with pytest.raises(WireError):
             serde.ids_from_blob(bad, max_bytes=MAX)
@@ -563,7 +568,6 @@ DECODERS = [
     serde.hello_from_result,
     serde.stats_from_result,
     lambda a: serde.peers_from_args(a, default_tag="0" * 32),
-    serde.add_dataset_from_args,
     serde.dataset_stats_from_result,
     serde.loss_stats_from_result,
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),

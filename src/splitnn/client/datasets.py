@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from splitnn.client.calls import encode_args as _args
 from splitnn.client.calls import serialized as _serialized
-from splitnn.common import serde
 from splitnn.data.sources import check_ids
 from splitnn.errors import ConfigurationError
 from splitnn.workers.checks import (
@@ -43,9 +43,8 @@ class Datasets:
             ids = check_ids(ids, len(next(iter(parts.values()))), f"dataset {name!r} at worker {self.name!r}")
         if not allow_nonfinite and isinstance(features, torch.Tensor):  # refused here too, before any byte is sent
             check_finite_features(features, f"dataset {name!r} for worker {self.name!r}")
-        args, blobs = serde.add_dataset_to_command(
-            name, parts, replace=replace, ids=ids, allow_nonfinite=allow_nonfinite
-        )
+        held = {**parts, **({"ids": ids} if ids is not None else {})}
+        args, blobs = _args("add_dataset", name=name, parts=held, replace=replace, allow_nonfinite=allow_nonfinite)
         self._request("add_dataset", args, blobs)
         self._installed.pop(("add_dataset", name), None)
         self._installed[("add_dataset", name)] = ({**args, "replace": True}, blobs)

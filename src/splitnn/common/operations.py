@@ -20,6 +20,7 @@ from splitnn.common.schema import (
     Bool,
     Custom,
     DatasetName,
+    DatasetParts,
     Float,
     Int,
     Key,
@@ -281,6 +282,15 @@ OPERATIONS: Mapping[str, Operation] = table(
         check=_one_weight_per_source,
     ),
     # -- datasets and metrics --------------------------------------------------------------------
+    Operation(
+        "add_dataset",
+        (
+            Str("name"),  # a new name: the server checks it is not one of the party's own datasets
+            DatasetParts("parts", lazy=True),  # decoded once the name may be placed
+            Bool("replace", optional=True, default=False, keyword=True),
+            Bool("allow_nonfinite", optional=True, default=False, keyword=True),
+        ),
+    ),
     Operation(
         "dataset_stats",
         (DatasetName("name"),),

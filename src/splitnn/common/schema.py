@@ -19,6 +19,8 @@ from splitnn.common.messages import check_party_name
 from splitnn.common.serde.blocks import (
     batch_from_command,
     batch_to_command,
+    ids_from_blob,
+    ids_to_blob,
     indices_from_blob,
     indices_to_blob,
     value_from_blob,
@@ -417,3 +419,31 @@ class NamedIndices(Field):
         return {
             n: indices_from_blob(blobs.take(f"{n[:64]!r} indices"), max_bytes=blobs.limits.max_blob_bytes) for n in raw
         }
+
+
+class DatasetParts(Field):
+    """A dataset's parts: ``features`` and/or ``labels`` (tensors), and optionally ``ids`` (sample ids, for private
+    set intersection); the names in the JSON, one blob per part in order (at most ``Limits.max_blob_bytes``
+    each). With ``lazy``, decodes to a function that decodes the blobs when called."""
+
+    KINDS = ("features", "labels", "ids")
+
+    def to_wire(self, value, blobs):
+        blobs.extend(ids_to_blob(v) if p == "ids" else encode_tensor(v) for p, v in value.items())
+        return list(value)
+
+    def check(self, raw, err, blobs):
+        if (
+            not isinstance(raw, list)
+            or not all(isinstance(p, str) and p in self.KINDS for p in raw)
+            or not {"features", "labels"} & set(raw)
+            or len(set(raw)) != len(raw)
+        ):
+            raise err("must list 'features' and/or 'labels' (and optionally 'ids')")
+        taken = [(p, blobs.take(p)) for p in raw]
+        limit = blobs.limits.max_blob_bytes
+
+        def decoded() -> dict:
+            return {p: (ids_from_blob if p == "ids" else decode_tensor)(b, max_bytes=limit) for p, b in taken}
+
+        return decoded if self.lazy else decoded()

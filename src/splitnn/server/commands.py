@@ -8,9 +8,8 @@ in-process one. :class:`Commands` is one session's table of operations that its 
 :mod:`splitnn.common.operations` is decoded and checked field by field (``WireError`` naming the
 field), its segment keys, dataset names and batches are checked to be this session's (``PolicyError``),
 then the engine method it names runs, or its ``_serve_<name>`` handler when it needs work of its own
-here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``,
-``add_dataset``, ``run_epoch``) are ``_op_<name>(args, blobs)``
-methods decoding with :mod:`splitnn.common.serde`.
+here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``, ``run_epoch``)
+are ``_op_<name>(args, blobs)`` methods decoding with :mod:`splitnn.common.serde`.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
 under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
@@ -316,14 +315,12 @@ class Commands(_PeerCommands):
         self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
         return {}, []
 
-    async def _op_add_dataset(self, a, blobs, **_):
-        name, parts, replace = serde.add_dataset_from_args(a)
+    async def _serve_add_dataset(self, a: dict, **_: Any) -> None:
+        name = a["name"]
         self.sessions.check_placing(name)
-        held = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
-        allow = serde.allow_nonfinite_from_args(a)
-        self.engine.add_dataset(name, **held, replace=replace, allow_nonfinite=allow)
+        held = a["parts"]()
+        self.engine.add_dataset(name, **held, replace=a["replace"], allow_nonfinite=a["allow_nonfinite"])
         self.sessions.claim_dataset(self.session, name)
-        return {}, []
 
     async def _serve_put(self, a: dict, *, caller: str, **_: Any) -> None:
         self.exports.export(a["id"], self.engine.put(a["values"], src=caller, kind=a["kind"]))

@@ -52,11 +52,7 @@ from splitnn.common.serde.plans import (  # noqa: F401  # noqa: F401
 from splitnn.common.serde.setup import (  # noqa: F401
     Hello,
     PeerAddress,
-    add_dataset_from_args,
-    add_dataset_to_command,
-    allow_nonfinite_from_args,
     check_data_address,
-    dataset_parts_from_blobs,
     dataset_stats_from_result,
     dataset_stats_to_result,
     hello_from_result,

@@ -1,4 +1,4 @@
-"""Set-up messages: hello, stats, peers, placing datasets, datasets' facts, probed shapes."""
+"""Set-up messages: hello, stats, peers, datasets' facts, probed shapes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
-
-import torch
 
 from splitnn.common.messages import PROTOCOL_VERSION, check_party_name, check_session_tag
 from splitnn.common.serde.blocks import (
@@ -17,15 +15,10 @@ from splitnn.common.serde.blocks import (
     MAX_PROBE_ELEMENTS,
     MAX_PROBE_NDIM,
     arg,
-    blob_arg,
-    ids_from_blob,
-    ids_to_blob,
-    tensor_to_blob,
 )
 from splitnn.errors import WireError
 from splitnn.transport.addresses import split_host_port
 from splitnn.wire.cut_codec import MAX_VALUES
-from splitnn.wire.tensor_codec import decode_tensor
 from splitnn.workers.refs import DatasetStats, ValueShape
 from splitnn.workers.values import ProbeShape, is_several
 
@@ -136,56 +129,6 @@ def peers_from_args(args: dict, *, default_tag: str) -> dict[str, PeerAddress]:
             raise WireError(f"peer {peer!r} has a malformed address {address!r}")
         found[peer] = PeerAddress(address, check_session_tag(tag), data)
     return found
-
-
-def add_dataset_to_command(
-    name: str,
-    parts: Mapping[str, torch.Tensor],
-    *,
-    replace: bool,
-    ids: Sequence[str] | None = None,
-    allow_nonfinite: bool = False,
-) -> tuple[dict, list[bytes]]:
-    """Hold tensors (``features`` and/or ``labels``) under ``name``: one tensor blob per part, then the
-    samples' ``ids`` (for private set intersection) as one more part (:func:`ids_to_blob`); NaN or infinite
-    features only with ``allow_nonfinite``."""
-    blobs = [tensor_to_blob(t) for t in parts.values()]
-    names = list(parts)
-    if ids is not None:
-        names.append("ids")
-        blobs.append(ids_to_blob(ids))
-    args = {"name": name, "parts": names, "replace": replace}
-    if allow_nonfinite:
-        args["allow_nonfinite"] = True
-    return args, blobs
-
-
-def add_dataset_from_args(args: dict) -> tuple[str, list[str], bool]:
-    """``(name, parts, replace)``; the blobs are :func:`dataset_parts_from_blobs`; whether NaN or infinite
-    features are allowed is :func:`allow_nonfinite_from_args`."""
-    name = arg(args, "name", str)
-    replace = arg(args, "replace", bool, optional=True) or False
-    parts = arg(args, "parts", list)
-    if (
-        not {"features", "labels"} & set(p for p in parts if isinstance(p, str))
-        or any(p not in ("features", "labels", "ids") for p in parts)
-        or len(parts) != len(set(parts))
-    ):
-        raise WireError("'parts' must list 'features' and/or 'labels' (and optionally 'ids')")
-    return name, parts, replace
-
-
-def allow_nonfinite_from_args(args: dict) -> bool:
-    """An ``add_dataset``'s ``allow_nonfinite`` (default False: NaN or infinite features are refused)."""
-    return arg(args, "allow_nonfinite", bool, optional=True) or False
-
-
-def dataset_parts_from_blobs(parts: Sequence[str], blobs: Sequence[bytes], *, max_bytes: int) -> dict:
-    """The parts of an ``add_dataset``, by name (``features``, ``labels``: tensors; ``ids``: strings)."""
-    return {
-        p: (ids_from_blob if p == "ids" else decode_tensor)(blob_arg(blobs, i, p), max_bytes=max_bytes)
-        for i, p in enumerate(parts)
-    }
 
 
 def dataset_stats_to_result(stats: DatasetStats) -> dict:
