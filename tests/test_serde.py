@@ -1,8 +1,9 @@
-"""splitnn.common.serde: every message decodes to what was encoded, and junk gives a WireError.
+"""splitnn.common.serde and the table of operations: every message decodes to what was encoded, and junk gives
+a WireError.
 
-Each pair is encoded as the researcher's client does it, sent through JSON (as the command
-envelope carries its arguments) and decoded as the worker's server does it, or the other way
-round for results.
+Each message is encoded as the researcher's client does it (a serde pair, or a declared operation of
+:mod:`splitnn.common.operations`), sent through JSON (as the command envelope carries its arguments)
+and decoded as the worker's server does it, or the other way round for results.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from splitnn.common import serde
+from splitnn.common.operations import OPERATIONS
 from splitnn.errors import SpecError, WireError, WorkerError
+from splitnn.transport.limits import Limits
 from splitnn.wire import OptimizerSpec, module_to_spec
 from splitnn.workers.epoch import BatchOrder, EpochPlan, EpochReport, StagePlan
+from splitnn.workers.metrics import METRIC_NAMES
 from splitnn.workers.refs import BatchRef, DatasetStats, LossStats, TensorRef, ValueShape
 
 MAX = 1 << 20
@@ -38,6 +42,25 @@ json_values = st.recursive(
 def _wire(args: dict) -> dict:
     """What the other end sees: the arguments (or result) after the JSON of the envelope."""
     return json.loads(json.dumps(args))
+
+
+LIMITS = Limits(max_tensor_bytes=MAX, max_blob_bytes=MAX)
+
+
+def _call(op: str, **values) -> dict:
+    """What the worker decodes (by field) from a declared operation's call as the client encodes it."""
+    args, blobs = OPERATIONS[op].encode_args(**values)
+    return OPERATIONS[op].decode_args(_wire(args), blobs, limits=LIMITS)
+
+
+def _decode(op: str, args: dict, blobs=()) -> dict:
+    return OPERATIONS[op].decode_args(args, list(blobs), limits=LIMITS)
+
+
+def _reply(op: str, value, **call):
+    """What the client decodes from a declared operation's result as the worker encodes it."""
+    result, blobs = OPERATIONS[op].encode_result(value)
+    return OPERATIONS[op].decode_result(_wire(result), blobs, limits=LIMITS, args=call)
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -135,20 +158,22 @@ def test_peers_default_to_the_session_tag_and_refuse_junk():
 @pytest.mark.parametrize("replace", [False, True])
 def test_add_segment(optimizer, replace):
     layer = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
-    args, blobs = serde.add_segment_to_command(
-        "m.s0", module_to_spec(layer), layer.state_dict(), optimizer, replace=replace
+    args, blobs = OPERATIONS["add_segment"].encode_args(
+        key="m.s0", optimizer=optimizer, replace=replace, spec=module_to_spec(layer), state=layer.state_dict()
     )
-    assert serde.add_segment_from_args(_wire(args)) == ("m.s0", optimizer, replace)
-    spec, state = serde.segment_from_blobs(blobs, max_bytes=MAX)
+    got = _decode("add_segment", _wire(args), blobs)
+    assert (got["key"], got["optimizer"], got["replace"]) == ("m.s0", optimizer, replace)
+    spec, state = got["spec"](), got["state"]()
     assert spec == module_to_spec(layer) and _same_state(state, layer.state_dict())
     with pytest.raises(SpecError):
-        serde.add_segment_from_args({"key": "k", "optimizer": {"name": "sgd", "lr": -1}})
+        _decode("add_segment", {"key": "k", "optimizer": {"name": "sgd", "lr": -1}}, blobs)
 
 
 @given(keys)
 def test_segment_keys(key):
-    assert serde.key_from_args(_wire(serde.key_to_args(key))) == key
-    assert serde.export_state_from_args(_wire(serde.export_state_to_args(key, 5))) == key
+    for op in ("remove_segment", "zero_grad", "step", "get_grads", "get_state", "fetch_segment"):
+        assert _call(op, key=key)["key"] == key
+    assert _call("export_state", key=key, id=5) == {"key": key, "id": 5}
 
 
 @given(
@@ -157,8 +182,8 @@ def test_segment_keys(key):
 )
 def test_average_states(sources, into):
     names, weights = [k for k, _ in sources], [w for _, w in sources]
-    got = serde.average_states_from_args(_wire(serde.average_states_to_args(names, weights, into)))
-    assert got == (names, weights, into)
+    got = _call("average_states", keys=names, weights=weights, into=into)
+    assert got == {"keys": names, "weights": weights, "into": into}
 
 
 @pytest.mark.parametrize(
@@ -181,22 +206,27 @@ def test_average_states(sources, into):
     ],
 )
 def test_average_states_refuses_bad_keys_and_weights(change):
-    args = {**serde.average_states_to_args(["a", "b"], [3, 5], ["t"]), **change}
+    args = {**OPERATIONS["average_states"].encode_args(keys=["a", "b"], weights=[3, 5], into=["t"])[0], **change}
     with pytest.raises(WireError, match="average_states|command argument"):
-        serde.average_states_from_args(_wire(args))
+        _decode("average_states", _wire(args))
 
 
 @pytest.mark.parametrize("parts", [("features",), ("labels",), ("features", "labels")])
 def test_add_dataset(parts):
     tensors = {"features": torch.randn(5, 3), "labels": torch.arange(5)}
     given_parts = {p: tensors[p] for p in parts}
-    args, blobs = serde.add_dataset_to_command("d", given_parts, replace=True)
-    name, got_parts, replace = serde.add_dataset_from_args(_wire(args))
-    assert (name, got_parts, replace) == ("d", list(parts), True)
-    back = serde.dataset_parts_from_blobs(got_parts, blobs, max_bytes=MAX)
+    args, blobs = OPERATIONS["add_dataset"].encode_args(name="d", parts=given_parts, replace=True)
+    got = _decode("add_dataset", _wire(args), blobs)
+    assert (got["name"], _wire(args)["parts"], got["replace"], got["allow_nonfinite"]) == (
+        "d",
+        list(parts),
+        True,
+        False,
+    )
+    back = got["parts"]()
     assert list(back) == list(parts) and all(torch.equal(back[p], given_parts[p]) for p in parts)
     with pytest.raises(WireError):
-        serde.add_dataset_from_args({"name": "d", "parts": ["features", "features"]})
+        _decode("add_dataset", {"name": "d", "parts": ["features", "features"]}, blobs * 2)
 
 
 sample_ids = st.lists(st.text(min_size=1, max_size=20), max_size=30, unique=True)
@@ -205,16 +235,16 @@ sample_ids = st.lists(st.text(min_size=1, max_size=20), max_size=30, unique=True
 @given(sample_ids)
 def test_add_dataset_with_ids(ids_):
     features = torch.randn(len(ids_), 2)
-    args, blobs = serde.add_dataset_to_command("d", {"features": features}, replace=False, ids=ids_)
-    name, parts, replace = serde.add_dataset_from_args(_wire(args))
-    assert (name, parts, replace) == ("d", ["features", "ids"], False)
-    back = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=MAX)
+    args, blobs = OPERATIONS["add_dataset"].encode_args(name="d", parts={"features": features, "ids": ids_})
+    got = _decode("add_dataset", _wire(args), blobs)
+    assert (got["name"], _wire(args)["parts"], got["replace"]) == ("d", ["features", "ids"], False)
+    back = got["parts"]()
     assert torch.equal(back["features"], features) and back["ids"] == ids_
 
 
 def test_ids_alone_are_not_a_dataset_and_must_be_strings():
     with pytest.raises(WireError, match="'features' and/or 'labels'"):
-        serde.add_dataset_from_args({"name": "d", "parts": ["ids"]})
+        _decode("add_dataset", {"name": "d", "parts": ["ids"]}, [b"[]"])
     for bad in (b"[1, 2]", b'["a", ""]', b'{"a": 1}', b"\xff", b"[" * 100_000, b'["a", "b"'):
         with pytest.raises(WireError):
             serde.ids_from_blob(bad, max_bytes=MAX)
@@ -242,20 +272,21 @@ stats = st.builds(
 
 @given(stats)
 def test_dataset_stats(s):
-    assert serde.dataset_name_from_args(_wire(serde.dataset_name_to_args(s.name))) == s.name
+    assert _call("dataset_stats", name=s.name) == {"name": s.name}
     assert serde.dataset_stats_from_result(_wire(serde.dataset_stats_to_result(s))) == s
+    assert _reply("dataset_stats", s) == s
 
 
 @given(keys, st.lists(st.integers(1, 64), min_size=1, max_size=4).map(tuple))
 def test_probe(key, shape):
-    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
-    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+    assert _call("probe", key=key, input_shape=shape) == {"key": key, "input_shape": shape}
+    assert _reply("probe", shape) == shape
 
 
 def test_probe_shapes_must_be_small_and_positive():
     for bad in ([], [0], [1] * 9, [1 << 21], [1 << 14, 1 << 14], [True]):
         with pytest.raises(WireError):
-            serde.probe_from_args({"key": "k", "shape": bad})
+            _decode("probe", {"key": "k", "input_shape": {"shape": bad}})
 
 
 value_shapes = st.lists(
@@ -272,8 +303,8 @@ value_shapes = st.lists(
 @given(keys, value_shapes)
 def test_probe_of_several_values(key, shape):
     """A cut that several values cross is probed with a shape and a dtype per value, both ways."""
-    assert serde.probe_from_args(_wire(serde.probe_to_args(key, shape))) == (key, shape)
-    assert serde.shape_from_result(_wire(serde.shape_to_result(shape))) == shape
+    assert _call("probe", key=key, input_shape=shape) == {"key": key, "input_shape": shape}
+    assert _reply("probe", shape) == shape
 
 
 def test_probes_of_several_values_refuse_junk():
@@ -291,58 +322,60 @@ def test_probes_of_several_values_refuse_junk():
         "values",
     ):
         with pytest.raises(WireError):
-            serde.probe_from_args({"key": "k", "values": bad})
+            _decode("probe", {"key": "k", "input_shape": {"values": bad}})
     with pytest.raises(WireError):
-        serde.shape_from_result({"values": [{"shape": [-1], "dtype": "float32"}]})
+        OPERATIONS["probe"].decode_result(
+            {"shape": {"values": [{"shape": [-1], "dtype": "float32"}]}}, [], limits=LIMITS
+        )
 
 
 @pytest.mark.parametrize("output,input_grad", [("none", "int8"), ("fp16", "bf16"), ("topk:0.05", "none")])
 def test_set_codecs(output, input_grad):
-    got = serde.set_codecs_from_args(_wire(serde.set_codecs_to_args("m.s1", output, input_grad)))
-    assert got == ("m.s1", output, input_grad)
+    got = _call("set_codecs", key="m.s1", output=output, input_grad=input_grad)
+    assert got == {"key": "m.s1", "output": output, "input_grad": input_grad}
     for bad in ({"output": "zip", "input_grad": "none"}, {"output": "topk:2", "input_grad": "none"}, {"output": 3}):
         with pytest.raises(WireError):
-            serde.set_codecs_from_args({"key": "k", "input_grad": "none", **bad})
+            _decode("set_codecs", {"key": "k", "input_grad": "none", **bad})
 
 
 # ----------------------------------------------------------------------------- the training step
 def test_put():
     t = torch.randn(2, 3)
-    args, blobs = serde.put_to_command(9, "features", t)
-    assert serde.put_from_args(_wire(args)) == (9, "features", False)
+    args, blobs = OPERATIONS["put"].encode_args(id=9, kind="features", values=t)
+    got = _decode("put", _wire(args), blobs)
+    assert (got["id"], got["kind"], "values" in args) == (9, "features", False) and torch.equal(got["values"], t)
     assert torch.equal(serde.tensor_from_blob(blobs[0], max_bytes=MAX), t)
 
 
 def test_put_and_fetch_of_several_values():
     """A model that takes a tuple: the researcher's input crosses as one values blob; a fetched tuple the same."""
     x, mask = torch.randn(4, 20, requires_grad=True), torch.ones(4, 16)
-    args, blobs = serde.put_to_command(3, "features", (x, mask))
-    tid, kind, several = serde.put_from_args(_wire(args))
-    assert (tid, kind, several) == (3, "features", True)
-    got = serde.value_from_blob(blobs[0], several=True, max_bytes=MAX)
+    args, blobs = OPERATIONS["put"].encode_args(id=3, kind="features", values=(x, mask))
+    decoded = _decode("put", _wire(args), blobs)
+    assert (decoded["id"], decoded["kind"], _wire(args)["values"]) == (3, "features", 2)
+    got = decoded["values"]
     assert torch.equal(got[0], x.detach()) and torch.equal(got[1], mask)
     assert not any(t.requires_grad for t in got)  # data: nothing goes back to the researcher
-    result, blobs = serde.fetch_to_result((mask, torch.arange(3)))
-    back = serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX)
+    back = _reply("fetch", (mask, torch.arange(3)))
     assert torch.equal(back[0], mask) and torch.equal(back[1], torch.arange(3))
-    result, blobs = serde.fetch_to_result(mask)
-    assert torch.equal(serde.fetch_from_result(_wire(result), blobs, max_bytes=MAX), mask)
+    assert torch.equal(_reply("fetch", mask), mask)
     with pytest.raises(WireError):  # says one tensor, carries several
         serde.value_from_blob(serde.value_to_blob((mask,)), several=False, max_bytes=MAX)
     with pytest.raises(WireError):
         serde.value_from_blob(serde.value_to_blob(mask), several=True, max_bytes=MAX)
     for bad in (0, 65, -1, True, "2"):
         with pytest.raises(WireError):
-            serde.put_from_args({"id": 1, "kind": "features", "values": bad})
+            _decode("put", {"id": 1, "kind": "features", "values": bad}, blobs)
 
 
 @given(keys, st.booleans(), ids, refs | st.builds(BatchRef, names, st.just(torch.tensor([3, 1, 2]))))
 @settings(max_examples=30)
 def test_forward(key, train, tid, source):
-    args, blobs = serde.forward_to_command(key, source, tid, train=train)
+    args, blobs = OPERATIONS["forward"].encode_args(key=key, src=source, train=train, id=tid)
     args = _wire(args)
-    got_key, got_source, got_train = serde.forward_from_command(args, blobs, max_bytes=MAX)
-    assert serde.output_id_from_args(args) == tid and (got_key, got_train) == (key, train)
+    got = _decode("forward", args, blobs)
+    got_key, got_source, got_train = got["key"], got["src"], got["train"]
+    assert OPERATIONS["forward"].output_ids(args, limits=LIMITS) == [tid] and (got_key, got_train) == (key, train)
     if isinstance(source, BatchRef):
         assert got_source.dataset == source.dataset and torch.equal(got_source.indices, source.indices)
     else:
@@ -353,115 +386,125 @@ def test_forward(key, train, tid, source):
 @pytest.mark.parametrize("train", [False, True])
 def test_loss(keep, train):
     target = BatchRef("d", torch.tensor([4, 0]))
-    args, blobs = serde.loss_to_command(TensorRef("bob", 3), target, "nll", train=train, keep=keep)
-    m = serde.loss_from_command(_wire(args), blobs, max_bytes=MAX)
-    assert (m.output, m.loss, m.train, m.keep) == (TensorRef("bob", 3), "nll", train, keep)
-    assert m.target.dataset == "d" and torch.equal(m.target.indices, target.indices)
+    args, blobs = OPERATIONS["loss"].encode_args(
+        output=TensorRef("bob", 3), target=target, loss="nll", train=train, keep=keep
+    )
+    m = _decode("loss", _wire(args), blobs)
+    assert (m["output"], m["loss"], m["train"], m["keep"]) == (TensorRef("bob", 3), "nll", train, keep)
+    assert m["target"].dataset == "d" and torch.equal(m["target"].indices, target.indices)
 
 
 @given(st.floats(allow_nan=False), st.integers(-1, 2**31), st.integers(0, 2**31))
 def test_loss_stats(loss, correct, count):
     s = LossStats(loss, correct, count)
     assert serde.loss_stats_from_result(_wire(serde.loss_stats_to_result(s))) == s
+    assert _reply("loss", s) == s
 
 
-@given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(serde.METRIC_NAMES), min_size=1, max_size=4))
+@given(st.text(min_size=1, max_size=256), st.lists(st.sampled_from(METRIC_NAMES), min_size=1, max_size=4))
 def test_metrics(keep, names_):
-    assert serde.metrics_from_args(_wire(serde.metrics_to_args(keep, names_))) == (keep, tuple(names_))
+    assert _call("metrics", keep=keep, names=names_) == {"keep": keep, "names": tuple(names_)}
     values = {n: 0.25 * i for i, n in enumerate(names_)}
-    assert serde.metrics_from_result(_wire(serde.metrics_to_result(values)), list(values)) == values
+    assert _reply("metrics", values, names=list(values)) == values
 
 
 def test_metrics_nan_travels():
-    back = serde.metrics_from_result(_wire(serde.metrics_to_result({"auc": math.nan})), ["auc"])
+    back = _reply("metrics", {"auc": math.nan}, names=["auc"])
     assert math.isnan(back["auc"])
 
 
 @given(keys, st.none() | refs, st.none() | ids)
 def test_backward(key, grad, tid):
-    args = _wire(serde.backward_to_args(key, grad, tid))
-    assert serde.backward_from_args(args) == (key, grad)
+    args, _ = OPERATIONS["backward"].encode_args(key=key, grad=grad, id=tid)
+    args = _wire(args)
+    assert _decode("backward", args) == {"key": key, "grad": grad, "id": tid}
+    assert OPERATIONS["backward"].output_ids(args, limits=LIMITS) == [tid]
     assert serde.output_id_from_args(args, optional=True) == tid
 
 
 @given(keys, st.lists(refs, min_size=1, max_size=5), st.sampled_from(["concat", "sum", "mean"]), ids, st.booleans())
 def test_forward_merged(key, sources, merge, tid, train):
-    args = _wire(serde.forward_merged_to_args(key, sources, merge, tid, train=train))
-    assert serde.forward_merged_from_args(args) == (key, sources, merge, train)
+    got = _call("forward_merged", key=key, srcs=sources, merge=merge, train=train, id=tid)
+    assert got == {"key": key, "srcs": sources, "merge": merge, "train": train, "id": tid}
+    args = _wire(OPERATIONS["forward_merged"].encode_args(key=key, srcs=sources, merge=merge, train=train, id=tid)[0])
     assert serde.output_id_from_args(args) == tid
 
 
 @given(keys, st.none() | refs, st.lists(ids, min_size=1, max_size=5))
 def test_backward_merged(key, grad, tids):
-    args = _wire(serde.backward_merged_to_args(key, grad, tids))
-    assert serde.backward_merged_from_args(args) == (key, grad)
-    assert serde.output_ids_from_args(args) == tids
+    args = _wire(OPERATIONS["backward_merged"].encode_args(key=key, grad=grad, ids=tids)[0])
+    assert _decode("backward_merged", args) == {"key": key, "grad": grad, "ids": tids}
+    assert OPERATIONS["backward_merged"].output_ids(args, limits=LIMITS) == tids
 
 
 def test_merge_sizes_are_bounded():
     too_many = [{"owner": "a", "id": i} for i in range(serde.MAX_MERGE_SOURCES + 1)]
     with pytest.raises(WireError):
-        serde.forward_merged_from_args({"key": "k", "train": True, "merge": "sum", "srcs": too_many})
+        _decode("forward_merged", {"key": "k", "train": True, "merge": "sum", "srcs": too_many, "id": 1})
     for bad in ([], [-1], [True], list(range(serde.MAX_MERGE_SOURCES + 1))):
         with pytest.raises(WireError):
-            serde.output_ids_from_args({"ids": bad})
+            OPERATIONS["backward_merged"].output_ids({"ids": bad}, limits=LIMITS)
 
 
 # -------------------------------------------------------------------------- weights and outputs
 @given(keys, refs)
 def test_load_state(key, src):
-    assert serde.load_state_from_args(_wire(serde.load_state_to_args(key, src))) == (key, src)
+    assert _call("load_state", key=key, src=src) == {"key": key, "src": src}
 
 
 def test_set_state():
     state = nn.Linear(2, 2).state_dict()
-    args, blobs = serde.set_state_to_command("k", state)
-    key, back = serde.set_state_from_command(_wire(args), blobs, max_bytes=MAX)
-    assert key == "k" and _same_state(back, state)
+    got = _call("set_state", key="k", state=state)
+    assert got["key"] == "k" and _same_state(got["state"], state)
+    assert _same_state(_reply("get_state", state), state) and _same_state(_reply("get_grads", state), state)
 
 
 @given(refs, st.sampled_from(["output", "activation"]))
 def test_fetch(ref, kind):
-    assert serde.fetch_from_args(_wire(serde.fetch_to_args(ref, kind))) == (ref, kind)
+    assert _call("fetch", ref=ref, kind=kind) == {"ref": ref, "kind": kind}
 
 
 # --------------------------------------------------------------------- private set intersection
 @given(keys, keys, ids)
 def test_psi_request(session, dataset, tid):
-    args = _wire(serde.psi_request_to_args(session, dataset, tid))
-    assert serde.psi_request_from_args(args) == (session, dataset) and serde.output_id_from_args(args) == tid
+    assert _call("psi_request", session=session, dataset=dataset, id=tid) == {
+        "session": session,
+        "dataset": dataset,
+        "id": tid,
+    }
 
 
 @given(keys, refs, ids)
 def test_psi_reply(dataset, request, tid):
-    args = _wire(serde.psi_reply_to_args(dataset, request, tid))
-    assert serde.psi_reply_from_args(args) == (dataset, request) and serde.output_id_from_args(args) == tid
+    assert _call("psi_reply", dataset=dataset, src=request, id=tid) == {"dataset": dataset, "src": request, "id": tid}
 
 
 @given(keys, refs)
 def test_psi_finish(session, reply):
-    assert serde.psi_finish_from_args(_wire(serde.psi_finish_to_args(session, reply))) == (session, reply)
+    assert _call("psi_finish", session=session, src=reply) == {"session": session, "src": reply}
 
 
 @given(st.integers(0, 2**63 - 1))
 def test_psi_size(size):
-    assert serde.psi_size_from_result(_wire(serde.psi_size_to_result(size))) == size
+    assert _reply("psi_size", size) == size
     for bad in ({}, {"size": -1}, {"size": True}, {"size": 1.5}, {"size": "3"}):
         with pytest.raises(WireError):
-            serde.psi_size_from_result(bad)
+            OPERATIONS["psi_size"].decode_result(bad, [], limits=LIMITS)
 
 
 @given(keys, st.dictionaries(keys, st.lists(st.integers(0, 2**40), min_size=1, max_size=20), max_size=4))
 def test_psi_apply(dataset, parts):
     given_parts = {name: torch.tensor(idx) for name, idx in parts.items()}
-    args, blobs = serde.psi_apply_to_command(dataset, given_parts)
-    name, back = serde.psi_apply_from_command(_wire(args), blobs, max_bytes=MAX)
+    got = _call("psi_apply", dataset=dataset, parts=given_parts)
+    name, back = got["dataset"], got["parts"]
     assert name == dataset and list(back) == list(parts)
     assert all(back[k].tolist() == parts[k] for k in parts)
 
 
 def test_psi_apply_refuses_mismatched_parts():
-    args, blobs = serde.psi_apply_to_command("d", {"d:train": torch.arange(3), "d:test": torch.arange(2)})
+    args, blobs = OPERATIONS["psi_apply"].encode_args(
+        dataset="d", parts={"d:train": torch.arange(3), "d:test": torch.arange(2)}
+    )
     for bad_args, bad_blobs in (
         (args, blobs[:1]),  # a part without its indices
         ({**args, "parts": ["d:train", "d:train"]}, blobs),  # a name twice
@@ -470,7 +513,7 @@ def test_psi_apply_refuses_mismatched_parts():
         (args, [blobs[0], serde.tensor_to_blob(torch.zeros(2))]),  # float positions
     ):
         with pytest.raises(WireError):
-            serde.psi_apply_from_command(bad_args, bad_blobs, max_bytes=MAX)
+            _decode("psi_apply", bad_args, bad_blobs)
 
 
 # ------------------------------------------------------------------------------- shipped epochs
@@ -525,37 +568,14 @@ DECODERS = [
     serde.hello_from_result,
     serde.stats_from_result,
     lambda a: serde.peers_from_args(a, default_tag="0" * 32),
-    serde.add_segment_from_args,
-    serde.key_from_args,
-    serde.add_dataset_from_args,
-    serde.dataset_name_from_args,
     serde.dataset_stats_from_result,
-    serde.probe_from_args,
-    serde.shape_from_result,
-    serde.put_from_args,
-    lambda a: serde.forward_from_command(a, [], max_bytes=MAX),
-    lambda a: serde.loss_from_command(a, [], max_bytes=MAX),
     serde.loss_stats_from_result,
-    serde.metrics_from_args,
-    lambda a: serde.metrics_from_result(a, ["auc"]),
-    serde.backward_from_args,
-    serde.forward_merged_from_args,
-    serde.backward_merged_from_args,
-    serde.output_ids_from_args,
-    serde.load_state_from_args,
-    serde.average_states_from_args,
-    serde.fetch_from_args,
-    lambda a: serde.fetch_from_result(a, [], max_bytes=MAX),
-    serde.set_codecs_from_args,
     lambda a: serde.epoch_plan_from_command(a, [], worker="bob", max_bytes=MAX),
     serde.losses_from_result,
     lambda a: serde.epoch_report_from_result(a, "bob"),
-    serde.psi_request_from_args,
-    serde.psi_reply_from_args,
-    serde.psi_finish_from_args,
-    serde.psi_size_from_result,
-    lambda a: serde.psi_apply_from_command(a, [], max_bytes=MAX),
     lambda a: serde.ids_from_blob(json.dumps(a).encode(), max_bytes=MAX),
+    *(lambda a, op=op: op.decode_args(a, [], limits=LIMITS) for op in OPERATIONS.values()),
+    *(lambda a, op=op: op.decode_result(a, [], limits=LIMITS, args={"names": ["auc"]}) for op in OPERATIONS.values()),
 ]
 
 
@@ -599,6 +619,13 @@ DECODERS = [
                 "keys",
                 "weights",
                 "into",
+                "input_shape",
+                "target",
+                "values",
+                "stats",
+                "state",
+                "steps",
+                "job",
             ]
         ),
         json_values,
@@ -652,12 +679,14 @@ def test_a_batchs_draw_crosses_with_it_and_a_bad_draw_is_refused():
     from splitnn.data.batching import BatchDraw, epoch_batches
 
     idx = epoch_batches(40, 8, seed=3, epoch=2)[4]
-    args, blobs = serde.forward_to_command("k", BatchRef("d", idx), 1, train=True)
-    _, batch, _ = serde.forward_from_command(args, blobs, max_bytes=1 << 20)
+    args, blobs = OPERATIONS["forward"].encode_args(key="k", src=BatchRef("d", idx), train=True, id=1)
+    batch = _decode("forward", args, blobs)["src"]
     assert batch.draw == BatchDraw(seed=3, epoch=2, position=4, batch_size=8, shuffle=True)
-    args, blobs = serde.loss_to_command(TensorRef("a", 1), BatchRef("d", idx), "nll", train=False)
-    assert serde.loss_from_command(args, blobs, max_bytes=1 << 20).target.draw == batch.draw
+    args, blobs = OPERATIONS["loss"].encode_args(
+        output=TensorRef("a", 1), target=BatchRef("d", idx), loss="nll", train=False
+    )
+    assert _decode("loss", args, blobs)["target"].draw == batch.draw
     for bad in ({"seed": -1, "epoch": 0, "position": 0, "batch_size": 8, "shuffle": True}, {"seed": 0}, [1]):
-        args["draw"] = bad
+        args["target"]["draw"] = bad
         with pytest.raises(WireError, match="(?i)draw"):
-            serde.loss_from_command(args, blobs, max_bytes=1 << 20)
+            _decode("loss", args, blobs)

@@ -5,12 +5,23 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitnn.common.serde import metrics_from_args as parse_metrics_args
-from splitnn.common.serde import metrics_from_result as parse_metrics_result
+from splitnn.common.operations import OPERATIONS
 from splitnn.data.psi import PsiClient, psi_reply
 from splitnn.errors import WireError
+from splitnn.transport.limits import Limits
 
 IDS = [f"id-{i}" for i in range(20)]
+
+
+def parse_metrics_args(args: dict) -> tuple:
+    """A ``metrics`` command's arguments as the worker decodes them (the table of operations)."""
+    decoded = OPERATIONS["metrics"].decode_args(args, [], limits=Limits())
+    return decoded["keep"], decoded["names"]
+
+
+def parse_metrics_result(result: dict, names: list[str]) -> dict:
+    """A ``metrics`` reply as the researcher's client decodes it."""
+    return OPERATIONS["metrics"].decode_result(result, [], limits=Limits(), args={"names": names})
 
 
 def test_two_parties_find_their_common_ids():

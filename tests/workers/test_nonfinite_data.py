@@ -90,7 +90,7 @@ def test_a_remote_worker_refuses_it_too_even_when_the_client_skips_its_check(bob
     try:
         with pytest.raises(DataError, match=r"dataset 'scans' for worker 'bob': row 3 holds a non-finite"):
             w.add_dataset("scans", features=features_with(math.nan))  # refused before sending
-        monkeypatch.setattr("splitnn.client.remote.check_finite_features", lambda *a, **k: None)
+        monkeypatch.setattr("splitnn.client.datasets.check_finite_features", lambda *a, **k: None)
         with pytest.raises(splitnn.SplitNNError, match=r"row 3 holds a non-finite feature"):
             w.add_dataset("scans", features=features_with(math.nan))  # the worker's own check
         w.add_dataset("scans", features=features_with(math.nan), allow_nonfinite=True)

@@ -20,6 +20,7 @@ from torch import nn
 import splitnn
 from splitnn.common import serde
 from splitnn.common.messages import new_session_id
+from splitnn.common.operations import OPERATIONS
 from splitnn.testing.linkemu import ThreadedLinkEmulator
 from splitnn.wire.proto import CALL, SESSION, Command, Reply
 from tests.helpers import assert_same_weights, at_batch, toy_dataset
@@ -256,7 +257,7 @@ class RawStream:
 
 
 def put(stream: RawStream, seq: int, tid: int) -> None:
-    stream.send(seq, "put", *serde.put_to_command(tid, "features", torch.ones(4)))
+    stream.send(seq, "put", *OPERATIONS["put"].encode_args(id=tid, kind="features", values=torch.ones(4)))
 
 
 def puts_recorded(stream: RawStream, seq: int) -> int:

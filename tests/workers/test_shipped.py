@@ -33,6 +33,7 @@ def _args(**over) -> dict:
         "progress_interval": 0.05,
         "stages": [{"index": 1, "key": "s1", "prev": "alice", "next": "claire"}],
         "order": BatchOrder(10, 4).to_dict(),
+        "pipeline": 1,  # a plan names its batches in flight (lock-step: 1; no chain)
     }
     args.update(over)
     return args

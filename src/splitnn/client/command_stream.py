@@ -50,6 +50,7 @@ from splitnn.common.messages import (
     new_session_id,
     reply_result,
 )
+from splitnn.common.operations import OPERATIONS
 from splitnn.common.serde import epoch_report_from_result, losses_from_result
 from splitnn.errors import WorkerError, WorkerUnreachableError
 from splitnn.transport.counters import ByteCounters
@@ -58,26 +59,9 @@ from splitnn.transport.security import REPLACES_KEY, STREAM_KEY
 from splitnn.wire.proto import SESSION, Command, Reply
 from splitnn.workers.epoch import EpochHandle
 
-#: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply).
-ASYNC_OPS = frozenset(
-    {
-        "zero_grad",
-        "forward",
-        "backward",
-        "step",
-        "put",
-        "release",
-        "remove_segment",
-        "stage",
-        "forward_merged",
-        "backward_merged",
-        "export_state",
-        "load_state",
-        "psi_request",
-        "psi_reply",
-        "psi_finish",
-    }
-)
+#: Commands whose failure surfaces at the next synchronous call (nobody waits for their reply): the pipelined
+#: operations of the table (:mod:`splitnn.common.operations`, ``wait=False``).
+ASYNC_OPS = frozenset(name for name, op in OPERATIONS.items() if not op.wait)
 
 
 log = logging.getLogger("splitnn.client")

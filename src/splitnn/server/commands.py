@@ -3,12 +3,13 @@
 Each researcher's session (:mod:`splitnn.server.sessions`) hosts its segments, optimizers
 and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
 ``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
-in-process one. :class:`Commands` is one session's table of operations
-(``_op_<name>(args, blobs) -> (result, blobs)``) that its executor
-(:mod:`splitnn.server.executor`) looks commands up in. Each operation decodes its
-arguments with :mod:`splitnn.common.serde` (the module the researcher's client encodes them
-with; ``WireError`` on anything malformed), then checks that the segment keys and dataset
-names it uses are not another session's (``PolicyError``) before it touches the engine.
+in-process one. :class:`Commands` is one session's table of operations that its executor
+(:mod:`splitnn.server.executor`) looks commands up in. An operation declared in
+:mod:`splitnn.common.operations` is decoded and checked field by field (``WireError`` naming the
+field), its segment keys, dataset names and batches are checked to be this session's (``PolicyError``),
+then the engine method it names runs, or its ``_serve_<name>`` handler when it needs work of its own
+here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``, ``run_epoch``)
+are ``_op_<name>(args, blobs)`` methods decoding with :mod:`splitnn.common.serde`.
 
 Tensors cross this layer by reference. An operation that produces a tensor publishes it
 under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
@@ -45,7 +46,8 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from splitnn.common import serde
-from splitnn.common.serde import arg
+from splitnn.common.operation import Operation
+from splitnn.common.operations import OPERATIONS
 from splitnn.errors import ConfigurationError, MemoryBudgetError, SpecError, WireError, WorkerError
 from splitnn.server.exports import StreamState
 from splitnn.transport.limits import Limits
@@ -103,7 +105,97 @@ def check_state_fits_spec(
     return meta
 
 
-class Commands:
+class _PeerCommands:
+    """The operations of :class:`Commands` that exchange tensors with peers beyond one step: PSI messages,
+    weights hand-off and checkpoints (a part of :class:`Commands`)."""
+
+    async def _psi_message(self, ref: TensorRef) -> TensorRef:
+        """An engine ref to the PSI message ``ref``: this session's own, or pulled from its sender as ``psi``."""
+        if ref.owner == self.name:
+            local = self.exports.local(ref)
+            if self.engine.stored_kind(local.id) != "psi":
+                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a PSI message")
+            return local
+        return await self._resolve(ref, "psi")  # the peer hands out only a "psi" tensor to this pull
+
+    async def _serve_psi_request(self, a: dict, **_: Any) -> None:
+        # the elliptic-curve work takes seconds for large tables: off the event loop, so that the other
+        # sessions' commands and the keepalives go on meanwhile (this session waits for it anyway)
+        ref = await asyncio.to_thread(self.engine.psi_request, a["session"], a["dataset"])
+        self.exports.export(a["id"], ref)
+
+    async def _serve_psi_reply(self, a: dict, **_: Any) -> None:
+        dataset, request = a["dataset"], a["src"]
+        # a missing dataset, or one the policy keeps out of PSI or from this peer, is refused before the pull
+        self.engine.psi_admit(dataset, peer=request.owner)
+        message = await self._psi_message(request)
+        self.exports.export(a["id"], await asyncio.to_thread(self.engine.psi_reply, dataset, message))
+
+    async def _serve_psi_finish(self, a: dict, **_: Any) -> None:
+        reply = a["src"]
+        self.engine.check_psi_peer(reply.owner)  # (before the reply is pulled)
+        message = await self._psi_message(reply)
+        await asyncio.to_thread(self.engine.psi_finish, a["session"], message)
+
+    async def _serve_psi_apply(self, a: dict, **_: Any) -> None:
+        parts = a["parts"]
+        for name in parts:
+            self.sessions.check_placing(name)  # a part never takes the name of one of the party's own datasets
+        # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
+        # engine only: another session, or one holding a part of the same name, keeps its own.
+        self.engine.psi_apply(a["dataset"], parts)
+        for name in parts:
+            self.sessions.claim_dataset(self.session, name)
+
+    # -- weights ------------------------------------------------------------------------------
+    async def _serve_export_state(self, a: dict, **_: Any) -> None:
+        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
+
+        Nothing is recorded here: the receiver records the transfer (``load_state``).
+        """
+        key = a["key"]
+        self.engine.release_to_peer(key, None)  # the party's gate (release_weights); the pull checks the peer
+        module = self.engine.segment(key)
+        blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
+        payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        self.exports.export(a["id"], self.engine.keep(payload, "weights"))
+
+    async def _serve_load_state(self, a: dict, **_: Any) -> None:
+        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
+        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
+        key, src = a["key"], a["src"]
+        if src.owner == self.name:
+            payload = self.engine.take(self.exports.local(src).id)
+        else:
+            payload = (await self.peers.pull(src.owner, src.id, "weights")).value
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
+        state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
+        try:
+            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
+        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
+            raise WireError(
+                f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
+            ) from None
+
+    # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
+    async def _serve_save_checkpoint(self, a: dict, **_: Any) -> dict:
+        """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
+        Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""
+        segments = {label: self._key(key) for label, key in a["segments"].items()}
+        info = await asyncio.to_thread(self.engine.save_checkpoint, a["job"], a["step"], segments, note=a["note"])
+        self.session.audit_sent()
+        return info
+
+    async def _serve_load_checkpoint(self, a: dict, **_: Any) -> dict:
+        """Load this party's checkpoint into the named segments (refused, before anything changes, when it
+        does not match them or is not the file the researcher's manifest records)."""
+        segments = {label: self._key(key) for label, key in a["segments"].items()}
+        self.exports.cancel_all()
+        return await asyncio.to_thread(self.engine.load_checkpoint, a["job"], a["step"], segments, digest=a["digest"])
+
+
+class Commands(_PeerCommands):
     """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
 
     def __init__(
@@ -122,6 +214,7 @@ class Commands:
         self.trust = trust or Trust()  # what add_segment may import (splitnn worker --trust)
         self.max_memory = max_memory  # what one forward of a segment may allocate (--max-session-memory)
         self.table: dict[str, Op] = {attr[4:]: getattr(self, attr) for attr in dir(self) if attr.startswith("_op_")}
+        self.table.update({name: self._dispatcher(op) for name, op in OPERATIONS.items()})
 
     # -- helpers -------------------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -131,6 +224,38 @@ class Commands:
     def _dataset(self, name: str) -> str:
         """A dataset name this session may read: PolicyError if another session placed it."""
         return self.sessions.check_dataset(self.session, name)
+
+    def _claimed(self, op: Operation, args: dict) -> dict:
+        """``args`` once every segment key and dataset name they hold is this session's to use (PolicyError)."""
+        for f in op.args:
+            check = {"segment": self._key, "dataset": self._dataset, "batch": self._batch}.get(f.claim)
+            value = args[f.name]
+            if check is not None and value is not None:
+                args[f.name] = [check(v) for v in value] if isinstance(value, (list, tuple)) else check(value)
+        return args
+
+    def _dispatcher(self, op: Operation) -> Op:
+        """The table's operation ``op``: decode and check its arguments, then call the engine (or its handler)."""
+        handler = getattr(self, f"_serve_{op.name}") if op.serve is None else None
+
+        async def serve(a: dict, blobs: list[bytes], caller: str, state: StreamState) -> tuple[dict, list[bytes]]:
+            args = self._claimed(op, op.decode_args(a, blobs, limits=self.limits))
+            if handler is not None:
+                value = await handler(args, caller=caller, state=state)
+            else:
+                if op.caller is not None:
+                    args[op.caller] = caller
+                value = getattr(self.engine, op.serve)(**args)
+            return op.encode_result(value) if op.result else ({}, [])
+
+        async def run(a: dict, blobs: list[bytes], *, caller: str, state: StreamState, **_: Any):
+            if not op.produces:
+                return await serve(a, blobs, caller, state)
+            # the outputs' ids first: whatever fails after, a peer waiting to pull one of them gets the error
+            with self.exports.producing(state, *op.output_ids(a, limits=self.limits)):
+                return await serve(a, blobs, caller, state)
+
+        return run
 
     def check_plan_names(self, args: dict) -> None:
         """The segment keys and dataset a shipped epoch's plan names are not another session's."""
@@ -151,8 +276,10 @@ class Commands:
     async def _grad(self, grad: TensorRef | None) -> TensorRef | None:
         return await self._resolve(grad, "gradient") if grad is not None else None
 
-    def _batch(self, batch: BatchRef) -> BatchRef:
-        """``batch`` if this session may read its dataset and its indices are in range."""
+    def _batch(self, batch: BatchRef | TensorRef) -> BatchRef | TensorRef:
+        """``batch`` if this session may read its dataset and its indices are in range (a tensor ref: as it is)."""
+        if not isinstance(batch, BatchRef):
+            return batch
         name, idx = self._dataset(batch.dataset), batch.indices
         size = self.engine.dataset_stats(name).size
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
@@ -188,25 +315,76 @@ class Commands:
         self.peers.addresses.update({peer: where for peer, where in found.items() if peer != self.name})
         return {}, []
 
-    async def _op_neighbours(self, a, blobs, **_):
-        """The parties adjacent to this one in the session's model: without a ``peers`` rule in the
-        party's policy, only they may pull this session's tensors (:mod:`splitnn.workers.policy`)."""
-        self.engine.declare_neighbours(serde.neighbours_from_args(a))
-        return {}, []
+    async def _serve_add_dataset(self, a: dict, **_: Any) -> None:
+        name = a["name"]
+        self.sessions.check_placing(name)
+        held = a["parts"]()
+        self.engine.add_dataset(name, **held, replace=a["replace"], allow_nonfinite=a["allow_nonfinite"])
+        self.sessions.claim_dataset(self.session, name)
 
-    async def _op_stage(self, a, blobs, *, state: StreamState, **_):
-        state.stage(arg(a, "sid", int), serde.blob_arg(blobs, 0, "chunk"), self.limits.max_blob_bytes)
-        return {}, []
+    async def _serve_put(self, a: dict, *, caller: str, **_: Any) -> None:
+        self.exports.export(a["id"], self.engine.put(a["values"], src=caller, kind=a["kind"]))
 
-    async def _op_add_segment(self, a, blobs, **_):
+    async def _serve_fetch(self, a: dict, **_: Any):
+        ref = a["ref"]
+        if ref.owner != self.name:
+            raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
+        value = self.engine.fetch(self.exports.produced(ref.id), kind=a["kind"])  # policy check
+        self.exports.forget(ref.id)
+        return value
+
+    async def _serve_forward(self, a: dict, **_: Any) -> None:
+        source = a["src"]
+        if not isinstance(source, BatchRef):
+            source = await self._resolve(source, "activation")
+        self.exports.export(a["id"], self.engine.forward(a["key"], source, train=a["train"]))
+
+    async def _serve_loss(self, a: dict, **_: Any):
+        loss = check_loss_name(a["loss"])  # (the target was checked on decoding: both before the output is pulled)
+        output = await self._resolve(a["output"], "activation")
+        # keep: an evaluation whose outputs are kept for its metrics
+        return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"])
+
+    async def _serve_backward(self, a: dict, **_: Any) -> None:
+        self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))
+
+    async def _serve_forward_merged(self, a: dict, **_: Any) -> None:
+        """Pull every source activation from its owner (in parallel), merge, run the segment."""
+        refs = await asyncio.gather(*(self._resolve(src, "activation") for src in a["srcs"]))
+        self.exports.export(a["id"], self.engine.forward_merged(a["key"], list(refs), a["merge"], train=a["train"]))
+
+    async def _serve_backward_merged(self, a: dict, **_: Any) -> None:
+        """Back-propagate through the segment and its merge; export one gradient per source."""
+        key, ids = a["key"], a["ids"]
+        refs = self.engine.backward_merged(key, await self._grad(a["grad"]))
+        if len(refs) != len(ids):
+            raise WorkerError(
+                f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
+                f"{len(ids)} gradient ids were given"
+            )
+        for tid, ref in zip(ids, refs):
+            self.exports.export(tid, ref)
+
+    async def _serve_release(self, a: dict, **_: Any) -> None:
+        self.engine.release()  # this session's intermediate tensors only
+        self.exports.cancel_all()
+
+    async def _serve_end_session(self, a: dict, **_: Any) -> None:
+        """The researcher is done: free everything this session holds now (no grace period, no resume)."""
+        self.sessions.end(self.session)
+
+    async def _serve_stage(self, a: dict, *, state: StreamState, **_: Any) -> None:
+        state.stage(a["sid"], a["chunk"], self.limits.max_blob_bytes)
+
+    async def _serve_add_segment(self, a: dict, **_: Any) -> None:
         # another session's segment of that name is its own: not touched
-        key, optimizer, replace = serde.add_segment_from_args(a)
+        key, optimizer, replace = a["key"], a["optimizer"], a["replace"]
         if self.engine.has_segment(key) and not replace:  # refused before the blobs are decoded or built
             raise ConfigurationError(
                 f"worker {self.name!r} already hosts a segment {key!r} in this session; use another key, or "
                 f"pass replace=True to replace it"
             )
-        spec, state = serde.segment_from_blobs(blobs, max_bytes=self.limits.max_blob_bytes)
+        spec, state = a["spec"](), a["state"]()
         twin = check_state_fits_spec(spec, state, key, self.trust)  # before allocating the model
         if twin is None:
             raise MemoryBudgetError(
@@ -222,291 +400,18 @@ class Commands:
         self.engine.add_segment(key, module, optimizer, replace=replace)
         self.session.installed = True
         self.sessions.claim_segment(self.session, key)
-        return {}, []
 
-    async def _op_remove_segment(self, a, blobs, **_):
-        key = self._key(serde.key_from_args(a))
-        self.engine.remove_segment(key)
-        self.sessions.release_segment(self.session, key)
-        return {}, []
+    async def _serve_remove_segment(self, a: dict, **_: Any) -> None:
+        self.engine.remove_segment(a["key"])
+        self.sessions.release_segment(self.session, a["key"])
 
-    async def _op_add_dataset(self, a, blobs, **_):
-        name, parts, replace = serde.add_dataset_from_args(a)
-        self.sessions.check_placing(name)
-        held = serde.dataset_parts_from_blobs(parts, blobs, max_bytes=self.limits.max_blob_bytes)
-        allow = serde.allow_nonfinite_from_args(a)
-        self.engine.add_dataset(name, **held, replace=replace, allow_nonfinite=allow)
-        self.sessions.claim_dataset(self.session, name)
-        return {}, []
-
-    async def _op_dataset_stats(self, a, blobs, **_):
-        stats = self.engine.dataset_stats(self._dataset(serde.dataset_name_from_args(a)))
-        return serde.dataset_stats_to_result(stats), []
-
-    async def _op_probe(self, a, blobs, **_):
-        key, shape = serde.probe_from_args(a)
-        return serde.shape_to_result(self.engine.probe(self._key(key), shape)), []
-
-    async def _op_set_codecs(self, a, blobs, **_):
-        """Compress what a segment sends to this session's peers; the encoders' state stays here (the sender)."""
-        key, output, input_grad = serde.set_codecs_from_args(a)
-        self.engine.set_codecs(self._key(key), output=output, input_grad=input_grad)
-        return {}, []
+    async def _serve_fetch_segment(self, a: dict, **_: Any) -> dict:
+        module = self.engine.fetch_segment(a["key"])
+        return {"spec": module_to_spec(module), "state": module.state_dict()}
 
     # -- the training step --------------------------------------------------------------------
-    async def _op_put(self, a, blobs, *, caller: str, state: StreamState, **_):
-        tid, kind, several = serde.put_from_args(a)
-        self.exports.announce(state, tid)
-        if kind not in ("features",):
-            raise WireError(f"the researcher may only put 'features', not {kind!r}")
-        with self.exports.producing(state, tid):
-            blob = serde.blob_arg(blobs, 0, "tensor")
-            value = serde.value_from_blob(blob, several=several, max_bytes=self.limits.max_tensor_bytes)
-            self.exports.export(tid, self.engine.put(value, src=caller, kind=kind))
-        return {}, []
-
-    async def _op_forward(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key, source, train = serde.forward_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-            key = self._key(key)
-            if isinstance(source, BatchRef):
-                source = self._batch(source)
-            else:
-                source = await self._resolve(source, "activation")
-            self.exports.export(tid, self.engine.forward(key, source, train=train))
-        return {}, []
-
-    async def _op_loss(self, a, blobs, **_):
-        m = serde.loss_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        loss, target = check_loss_name(m.loss), self._batch(m.target)  # checked before the output is pulled
-        output = await self._resolve(m.output, "activation")
-        # keep: an evaluation whose outputs are kept for its metrics
-        stats = self.engine.loss(output, target, loss, train=m.train, keep=m.keep)
-        return serde.loss_stats_to_result(stats), []
-
-    async def _op_metrics(self, a, blobs, **_):
-        """Metrics over the outputs kept by ``loss(..., keep=ID)``: only the values leave this party."""
-        keep, names = serde.metrics_from_args(a)
-        return serde.metrics_to_result(self.engine.metrics(keep, names)), []
-
-    async def _op_backward(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a, optional=True)
-        with self.exports.producing(state, tid):
-            key, grad = serde.backward_from_args(a)
-            key = self._key(key)
-            self.exports.export(tid, self.engine.backward(key, await self._grad(grad)))
-        return {}, []
-
-    async def _op_forward_merged(self, a, blobs, *, state: StreamState, **_):
-        """Pull every source activation from its owner (in parallel), merge, run the segment."""
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key, srcs, merge, train = serde.forward_merged_from_args(a)
-            key = self._key(key)
-            refs = await asyncio.gather(*(self._resolve(src, "activation") for src in srcs))
-            self.exports.export(tid, self.engine.forward_merged(key, list(refs), merge, train=train))
-        return {}, []
-
-    async def _op_backward_merged(self, a, blobs, *, state: StreamState, **_):
-        """Back-propagate through the segment and its merge; export one gradient per source."""
-        ids = serde.output_ids_from_args(a)
-        with self.exports.producing(state, *ids):
-            key, grad = serde.backward_merged_from_args(a)
-            key = self._key(key)
-            refs = self.engine.backward_merged(key, await self._grad(grad))
-            if len(refs) != len(ids):
-                raise WorkerError(
-                    f"worker {self.name!r}: segment {key!r} merged {len(refs)} sources, but "
-                    f"{len(ids)} gradient ids were given"
-                )
-            for tid, ref in zip(ids, refs):
-                self.exports.export(tid, ref)
-        return {}, []
-
-    async def _op_zero_grad(self, a, blobs, **_):
-        self.engine.zero_grad(self._key(serde.key_from_args(a)))
-        return {}, []
-
-    async def _op_step(self, a, blobs, **_):
-        self.engine.step(self._key(serde.key_from_args(a)))
-        return {}, []
-
-    async def _op_grad_norms(self, a, blobs, **_):
-        """The 2-norm of each gradient of a segment, for clipping by the global norm over every party."""
-        return {}, [serde.tensor_to_blob(self.engine.grad_norms(self._key(serde.key_from_args(a))))]
-
-    async def _op_clip_grads(self, a, blobs, **_):
-        """Scale a segment's gradients for the global norm the researcher computed from every party's norms."""
-        key = self._key(serde.key_from_args(a))
-        max_norm = arg(a, "max_norm", (int, float))
-        total = serde.tensor_from_blob(serde.blob_arg(blobs, 0, "total norm"), max_bytes=64)
-        if (
-            isinstance(max_norm, bool)
-            or not 0 < max_norm < float("inf")
-            or total.dim()
-            or not total.is_floating_point()
-        ):
-            raise WireError("clip_grads takes a finite max_norm > 0 and the total norm as one floating-point number")
-        self.engine.clip_grads(key, float(max_norm), total)
-        return {}, []
-
-    async def _op_get_grads(self, a, blobs, **_):
-        grads = self.engine.get_grads(self._key(serde.key_from_args(a)))
-        return {}, [serde.state_to_blob(grads)]
-
     async def _op_run_epoch(self, a, blobs, **_):
         raise WireError("run_epoch runs only as a command of its own on a Session stream")
 
-    async def _op_release(self, a, blobs, **_):
-        self.engine.release()  # this session's intermediate tensors only
-        self.exports.cancel_all()
-        return {}, []
-
-    async def _op_end_session(self, a, blobs, **_):
-        """The researcher is done: free everything this session holds now (no grace period, no resume)."""
-        self.sessions.end(self.session)
-        return {}, []
-
     # -- private set intersection ----------------------------------------------------------------
-    async def _psi_message(self, ref: TensorRef) -> TensorRef:
-        """An engine ref to the PSI message ``ref``: this session's own, or pulled from its sender as ``psi``."""
-        if ref.owner == self.name:
-            local = self.exports.local(ref)
-            if self.engine.stored_kind(local.id) != "psi":
-                raise WorkerError(f"worker {self.name!r}: tensor #{ref.id} is not a PSI message")
-            return local
-        return await self._resolve(ref, "psi")  # the peer hands out only a "psi" tensor to this pull
-
-    async def _op_psi_request(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            session, dataset = serde.psi_request_from_args(a)
-            # the elliptic-curve work takes seconds for large tables: off the event loop, so that the other
-            # sessions' commands and the keepalives go on meanwhile (this session waits for it anyway)
-            ref = await asyncio.to_thread(self.engine.psi_request, session, self._dataset(dataset))
-            self.exports.export(tid, ref)
-        return {}, []
-
-    async def _op_psi_reply(self, a, blobs, *, state: StreamState, **_):
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            dataset, request = serde.psi_reply_from_args(a)
-            dataset = self._dataset(dataset)
-            # a missing dataset, or one the policy keeps out of PSI or from this peer, is refused before the pull
-            self.engine.psi_admit(dataset, peer=request.owner)
-            message = await self._psi_message(request)
-            self.exports.export(tid, await asyncio.to_thread(self.engine.psi_reply, dataset, message))
-        return {}, []
-
-    async def _op_psi_finish(self, a, blobs, **_):
-        session, reply = serde.psi_finish_from_args(a)
-        self.engine.check_psi_peer(reply.owner)  # (before the reply is pulled)
-        message = await self._psi_message(reply)
-        await asyncio.to_thread(self.engine.psi_finish, session, message)
-        return {}, []
-
-    async def _op_psi_size(self, a, blobs, **_):
-        return serde.psi_size_to_result(self.engine.psi_size(self._dataset(serde.dataset_name_from_args(a)))), []
-
-    async def _op_psi_apply(self, a, blobs, **_):
-        dataset, parts = serde.psi_apply_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        for name in parts:
-            self.sessions.check_placing(name)  # a part never takes the name of one of the party's own datasets
-        # The aligned rows replace the dataset (and any earlier part of the same name) in this session's
-        # engine only: another session, or one holding a part of the same name, keeps its own.
-        self.engine.psi_apply(self._dataset(dataset), parts)
-        for name in parts:
-            self.sessions.claim_dataset(self.session, name)
-        return {}, []
-
-    async def _op_psi_cancel(self, a, blobs, **_):
-        self.engine.psi_cancel(self._dataset(serde.dataset_name_from_args(a)))
-        return {}, []
-
     # -- weights and outputs ------------------------------------------------------------------
-    async def _op_export_state(self, a, blobs, *, state: StreamState, **_):
-        """Snapshot segment ``key``'s weights (safetensors) as tensor ``id``, for one peer to pull.
-
-        Nothing is recorded here: the receiver records the transfer (``load_state``).
-        """
-        tid = serde.output_id_from_args(a)
-        with self.exports.producing(state, tid):
-            key = self._key(serde.export_state_from_args(a))
-            self.engine.release_to_peer(key, None)  # the party's gate (release_weights); the pull checks the peer
-            module = self.engine.segment(key)
-            blob = serde.state_to_blob({k: v.detach() for k, v in module.state_dict().items()})
-            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            self.exports.export(tid, self.engine.keep(payload, "weights"))
-        return {}, []
-
-    async def _op_load_state(self, a, blobs, **_):
-        """Load weights another party exported (``export_state``) into segment ``key``, pulling them over
-        the peer stream; recorded as ``weights`` bytes on the link owner -> this worker."""
-        key, src = serde.load_state_from_args(a)
-        key = self._key(key)
-        if src.owner == self.name:
-            payload = self.engine.take(self.exports.local(src).id)
-        else:
-            payload = (await self.peers.pull(src.owner, src.id, "weights")).value
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise WireError(f"worker {self.name!r}: weights from {src.owner!r} must be a 1-D uint8 payload")
-        state = serde.state_from_blob(payload.numpy().tobytes(), max_bytes=self.limits.max_blob_bytes)
-        try:
-            self.engine.set_state(key, state, src=src.owner)  # records owner -> self (not when local)
-        except RuntimeError as exc:  # load_state_dict: names or shapes do not fit the segment
-            raise WireError(
-                f"worker {self.name!r}: weights from {src.owner!r} do not fit segment {key!r}: {exc}"
-            ) from None
-        return {}, []
-
-    async def _op_average_states(self, a, blobs, **_):
-        """Load the weighted average of segments this session hosts into others of its segments (SplitFed's
-        aggregation); local to this party, so nothing is recorded."""
-        keys, weights, into = serde.average_states_from_args(a)
-        self.engine.average_states([self._key(k) for k in keys], weights, into=[self._key(k) for k in into])
-        return {}, []
-
-    async def _op_fetch(self, a, blobs, **_):
-        ref, kind = serde.fetch_from_args(a)
-        if ref.owner != self.name:
-            raise WorkerError(f"worker {self.name!r} holds no tensor of {ref.owner!r}")
-        value = self.engine.fetch(self.exports.produced(ref.id), kind=kind)  # policy check
-        self.exports.forget(ref.id)
-        return serde.fetch_to_result(value)
-
-    async def _op_get_state(self, a, blobs, **_):
-        state = self.engine.get_state(self._key(serde.key_from_args(a)))
-        return {}, [serde.state_to_blob(state)]
-
-    async def _op_set_state(self, a, blobs, *, caller: str, **_):
-        key, state = serde.set_state_from_command(a, blobs, max_bytes=self.limits.max_blob_bytes)
-        self.engine.set_state(self._key(key), state, src=caller)
-        return {}, []
-
-    async def _op_fetch_segment(self, a, blobs, **_):
-        module = self.engine.fetch_segment(self._key(serde.key_from_args(a)))
-        return {}, serde.segment_to_blobs(module_to_spec(module), module.state_dict())
-
-    # -- checkpoints (each party writes its own, into its --state-dir) -------------------------
-    async def _op_checkpoint_steps(self, a, blobs, **_):
-        steps = self.engine.checkpoint_steps(serde.checkpoint_steps_from_args(a))
-        return serde.steps_to_result(steps), []
-
-    async def _op_save_checkpoint(self, a, blobs, **_):
-        """Write this party's checkpoint of the named segments locally (nothing travels but the digest).
-        Disk I/O runs on a thread: the worker's other sessions go on meanwhile (this one's next command waits)."""
-        c = serde.checkpoint_from_args(a)
-        segments = {label: self._key(key) for label, key in c.segments.items()}
-        info = await asyncio.to_thread(self.engine.save_checkpoint, c.job, c.step, segments, note=c.note)
-        self.session.audit_sent()
-        return serde.party_checkpoint_to_result(info), []
-
-    async def _op_load_checkpoint(self, a, blobs, **_):
-        """Load this party's checkpoint into the named segments (refused, before anything changes, when it
-        does not match them or is not the file the researcher's manifest records)."""
-        c = serde.checkpoint_from_args(a)
-        segments = {label: self._key(key) for label, key in c.segments.items()}
-        self.exports.cancel_all()
-        info = await asyncio.to_thread(self.engine.load_checkpoint, c.job, c.step, segments, digest=c.digest)
-        return serde.party_checkpoint_to_result(info), []
