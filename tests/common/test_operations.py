@@ -18,6 +18,7 @@ from splitnn.errors import WireError
 from splitnn.server.commands import Commands
 from splitnn.transport.limits import Limits
 from splitnn.wire.proto import CALL, Command, Reply
+from splitnn.wire.spec import module_to_spec
 from splitnn.workers import VirtualWorker
 from tests.transport.cluster import Cluster
 
@@ -215,5 +216,42 @@ def test_gradient_norms_and_clipping_cross_the_wire_as_in_process(cluster):
         bob.clip_grads("k", 0.1, torch.ones(2))
         with pytest.raises(splitnn.SplitNNError, match="'total_norm' tensor frame has 1 dimensions"):
             bob.drain()
+    finally:
+        bob.close()
+
+
+@pytest.mark.network
+def test_frozen_parameters_stay_frozen_at_a_worker_as_in_process(cluster):
+    """A layer the researcher froze (requires_grad False) trains at no party: ``add_segment`` names the frozen
+    parameters, since a layer spec says nothing of them. Two SGD steps; the frozen layer ends as it began and
+    every weight equals the in-process engine's; a name that is not a parameter is refused."""
+    from splitnn.workers.refs import BatchRef
+
+    (bob,) = cluster.connect("bob")
+    twin = VirtualWorker("bob")
+    try:
+        x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1] * 4)
+        for w in (bob, twin):
+            torch.manual_seed(0)
+            seg = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.LogSoftmax(dim=1))
+            seg[0].requires_grad_(False)
+            start = {k: v.clone() for k, v in seg.state_dict().items()}
+            w.add_segment("f", seg, "sgd:lr=0.5")
+            w.add_dataset("fd", features=x, labels=y)
+            batch = BatchRef("fd", torch.arange(8))
+            for _ in range(2):
+                w.zero_grad("f")
+                w.loss(w.forward("f", batch), batch, "nll")
+                w.backward("f", None)
+                w.step("f")
+        got, want = bob.get_state("f"), twin.get_state("f")
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert torch.equal(got["0.weight"], start["0.weight"]) and not torch.equal(got["1.weight"], start["1.weight"])
+        assert list(bob.get_state("f", trainable_only=True)) == ["1.weight", "1.bias"]
+        args, blobs = OPERATIONS["add_segment"].encode_args(
+            key="g", optimizer=None, replace=False, frozen=["nope"], spec=module_to_spec(seg), state=seg.state_dict()
+        )
+        reply = _raw_call(cluster, "add_segment", args, blobs)
+        assert not reply.ok and "'frozen' names 'nope'" in reply.error, reply.error
     finally:
         bob.close()

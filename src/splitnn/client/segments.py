@@ -64,7 +64,10 @@ class Segments:
         opt = OptimizerSpec.coerce(optimizer) if optimizer is not None else None
         described = module_to_spec(segment)
         state = segment.state_dict()
-        args, blobs = _args("add_segment", key=key, optimizer=opt, replace=replace, spec=described, state=state)
+        frozen = [n for n, p in segment.named_parameters() if not p.requires_grad]
+        args, blobs = _args(
+            "add_segment", key=key, optimizer=opt, replace=replace, frozen=frozen, spec=described, state=state
+        )
         self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)
         self._installed.pop(("add_segment", key), None)

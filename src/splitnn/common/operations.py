@@ -60,6 +60,8 @@ JOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 MAX_STEPS = 1 << 20
 #: Most segments one checkpoint command may name.
 MAX_CHECKPOINT_SEGMENTS = 1024
+#: Most frozen parameters one ``add_segment`` may name.
+MAX_FROZEN = 1 << 16
 #: Characters of a checkpoint's segment label (1-64 of them).
 LABEL_CHARS = JOB_CHARS | {"."}
 HEX = frozenset("0123456789abcdef")
@@ -159,6 +161,9 @@ OPERATIONS: Mapping[str, Operation] = table(
             Str("key"),  # a new key: another session's segment of that name is its own
             Custom("optimizer", OptimizerSpec.to_dict, _optimizer, optional=True),
             Bool("replace", optional=True, default=False, keyword=True),
+            # parameters the researcher froze (requires_grad False: LoRA's base, a frozen encoder): a spec
+            # describes layers, not which of their parameters train
+            ListOf("frozen", Str("name", min_len=1), max_len=MAX_FROZEN, unique=True, optional=True, default=()),
             SpecBlob("spec", lazy=True),  # decoded once the key may be used
             StateBlob("state", lazy=True),
         ),

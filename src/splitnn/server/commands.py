@@ -39,7 +39,7 @@ to the researcher (large-batch SGD).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -396,6 +396,7 @@ class Commands(_PeerCommands):
             module.load_state_dict(state)
         except (RuntimeError, KeyError) as exc:
             raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
+        _freeze(module, a["frozen"], key)
         guard_segment(module, twin, self.max_memory, f"segment {key!r}: spec")  # each forward, on meta first
         self.engine.add_segment(key, module, optimizer, replace=replace)
         self.session.installed = True
@@ -415,3 +416,13 @@ class Commands(_PeerCommands):
 
     # -- private set intersection ----------------------------------------------------------------
     # -- weights and outputs ------------------------------------------------------------------
+
+
+def _freeze(module: torch.nn.Module, names: Sequence[str], key: str) -> None:
+    """Freeze the parameters the researcher froze (before the engine builds the optimizer, which skips them)."""
+    params = dict(module.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise WireError(f"segment {key!r}: 'frozen' names {unknown[0][:64]!r}, which is not one of its parameters")
+    for name in names:
+        params[name].requires_grad_(False)

@@ -353,12 +353,11 @@ class SplitNN(Trainable):
         (parameters its forward never uses belong to no segment: load with ``strict=False``
         if it has any). Raises :class:`ConfigurationError` when two segments use one name.
 
-        ``trainable_only=True`` (in-process workers) keeps the parameters that train only: with LoRA
+        ``trainable_only=True`` keeps the parameters that train only: with LoRA
         adapters (``peft`` applied before the cut), just the adapters, which
         ``peft.set_peft_model_state_dict`` or ``model.load_state_dict(..., strict=False)`` load.
         """
         if trainable_only:
-            check_in_process(self.stages, "collect_state(trainable_only=True)")
             return merge_states(stage.worker.get_state(stage.key, trainable_only=True) for stage in self.stages)
         return merge_states(stage.worker.get_state(stage.key) for stage in self.stages)
 
