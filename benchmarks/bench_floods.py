@@ -14,7 +14,7 @@ during and after each attack (:mod:`splitnn.testing.floods`):
 
 ``--worker-src`` runs the worker from another source tree (its ``src``: an A/B against another branch).
 
-Not a test: nothing here asserts; tests/workers/test_memory_bounds.py asserts the bounds.
+Not a test: nothing here asserts; tests/server/test_memory_bounds.py asserts the bounds.
 """
 
 from __future__ import annotations

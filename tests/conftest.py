@@ -35,3 +35,13 @@ def _deterministic_threads():
     # Same thread count in every test so that kernels pick the same code paths.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture()
+def remote(cluster, request):
+    """The researcher's connections to the module's ``NAMES`` workers of its ``cluster`` (worker processes the
+    module starts), closed after the test."""
+    workers = cluster.connect(*request.module.NAMES)
+    yield workers
+    for w in workers:
+        w.close()

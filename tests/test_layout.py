@@ -84,3 +84,104 @@ def test_imports_point_down_from_the_roles():
     server = [names for path, names in modules.items() if path.startswith("server/")]
     from_server = {n for names in server for n in names if n.startswith("splitnn.client")}
     assert from_server <= {"splitnn.client.channels", "splitnn.client.channels.open_channel"}
+
+
+# ------------------------------------------------------------------ the layers of docs/design.md
+#: Top-level rooms from the bottom up; a module imports only rooms of lower layers (and its own room).
+LAYERS = (
+    {"errors", "fileio"},
+    {"accounting", "wire", "data", "models"},
+    {"transport"},
+    {"workers"},
+    {"common"},
+    {"split"},
+    {"training", "syft"},
+    {"privacy", "compare", "experiments"},
+    {"client"},
+    {"server", "deploy", "testing"},
+    {"cli"},
+)
+TOP_LEVEL = {"__init__", "__main__", "py"}
+
+
+def _room(path: str) -> str:
+    first = path.split("/")[0]
+    return first[:-3] if first.endswith(".py") else first
+
+
+def _layer(room: str) -> int:
+    return next(i for i, rooms in enumerate(LAYERS) if room in rooms)
+
+
+def test_every_room_has_a_layer():
+    rooms = {_room(path) for path in _modules()} - TOP_LEVEL
+    assert rooms <= set().union(*LAYERS), f"rooms without a layer: {sorted(rooms - set().union(*LAYERS))}"
+
+
+def test_imports_point_down_the_layers():
+    offenders = []
+    for path, names in _modules().items():
+        room = _room(path)
+        if room in TOP_LEVEL:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "splitnn" or len(parts) < 2 or parts[1] == room or parts[1] in TOP_LEVEL:
+                continue
+            if parts[1] in set().union(*LAYERS) and _layer(parts[1]) >= _layer(room):
+                offenders.append(f"{path} imports {name}")
+    assert offenders == []
+    # the rule has teeth: the layers are used in both directions' worth of imports
+    assert any("splitnn.workers" in names for path, names in _modules().items() if path.startswith("split/"))
+
+
+# ------------------------------------------------------------------ rooms stay small
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 320  # "about 300": a class that needs more is two concepts
+
+
+def test_no_module_over_600_lines():
+    big = {
+        p.relative_to(SRC).as_posix(): n
+        for p in SRC.rglob("*.py")
+        if not p.name.endswith("_pb2.py") and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert big == {}
+
+
+def test_no_class_over_about_300_lines():
+    big = {}
+    for p in SRC.rglob("*.py"):
+        if p.name.endswith("_pb2.py"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                big[f"{p.relative_to(SRC).as_posix()}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert big == {}
+
+
+def test_no_getattr_probing_of_a_model():
+    """A trainable model's optional methods are the Trainable base class's defaults, not getattr probes."""
+    probes = []
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr")
+                and node.args
+                and ast.unparse(node.args[0]) in ("model", "self.model")
+            ):
+                probes.append(f"{p.relative_to(SRC).as_posix()}:{node.lineno}")
+    assert probes == []
+
+
+# ------------------------------------------------------------------ tests mirror the package
+TESTS = Path(__file__).resolve().parent
+
+
+def test_tests_mirror_the_package():
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists() and p.name != "py"}
+    test_dirs = {p.name for p in TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert test_dirs <= packages, f"test folders naming no package: {sorted(test_dirs - packages)}"
+    assert packages <= test_dirs, f"packages without a test folder: {sorted(packages - test_dirs)}"

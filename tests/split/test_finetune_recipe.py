@@ -174,7 +174,7 @@ def test_recipe_options_are_checked_before_training():
 
 
 def test_accumulation_at_a_networked_label_holder_is_refused_before_any_work(tmp_path):
-    """Clipping runs over the network (tests/workers/test_remote_transformers.py); dividing the loss by the
+    """Clipping runs over the network (tests/client/test_remote_transformers.py); dividing the loss by the
     number of accumulated batches needs an in-process label holder (a networked one takes losses by name)."""
     from tests.transport.cluster import Cluster
 

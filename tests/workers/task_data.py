@@ -46,7 +46,7 @@ def test_labels() -> dict:
 
 
 def toy_images() -> Dataset:
-    """The small 8x8 'images' of tests/workers/test_remote_checkpoint.py (features at the data holder)."""
+    """The small 8x8 'images' of tests/client/test_remote_checkpoint.py (features at the data holder)."""
     from tests.helpers import toy_dataset
 
     return toy_dataset(320, shape=(1, 8, 8))

@@ -18,7 +18,7 @@ import splitnn
 from splitnn.workers.checkpoint import held_steps, job_tag
 from tests.helpers import assert_same_weights
 from tests.transport.cluster import Cluster
-from tests.workers.test_remote_checkpoint import DATA, FIT, chain, connect, in_process_reference, start
+from tests.client.test_remote_checkpoint import DATA, FIT, chain, connect, in_process_reference, start
 
 JOB = "j" * 32
 

@@ -1,5 +1,5 @@
 """A party's policy over private set intersection, in process (the networked attack is in
-tests/workers/test_remote_psi_attack.py): PSI runs only over datasets the party placed itself, never over one an
+tests/client/test_remote_psi_attack.py): PSI runs only over datasets the party placed itself, never over one an
 intersection derived; ``psi_peers`` (by default ``peers``) names the parties it runs PSI with; ``max_psi_runs`` caps
 the runs per dataset; a PSI message reaches no segment; the rows an intersection derived are guarded as the dataset
 they came from."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -62,6 +62,13 @@ def check_fingerprint(value: object, where: str) -> str:
     )
 
 
+@runtime_checkable
+class _Staged(Protocol):
+    """A model whose segments sit at workers (``SplitNN``): its stages name each segment's worker and key."""
+
+    stages: Sequence[Any]
+
+
 def segment_fingerprints(model: object) -> list[str]:
     """The fingerprint of each segment of ``model``, in order.
 
@@ -72,7 +79,7 @@ def segment_fingerprints(model: object) -> list[str]:
     """
     if isinstance(model, Sequence) and not isinstance(model, (str, bytes)):
         return [fingerprint(m) for m in model]
-    if isinstance(model, nn.Module) or not hasattr(model, "stages"):
+    if isinstance(model, nn.Module) or not isinstance(model, _Staged):
         raise SpecError(
             "segment_fingerprints takes the segments of a model (a list of modules, or a SplitNN); "
             "for one segment use fingerprint(module)"

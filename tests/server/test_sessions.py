@@ -202,7 +202,7 @@ def test_concurrent_researcher_processes_and_threads_each_match_their_in_process
             [
                 sys.executable,
                 "-m",
-                "tests.workers.session_jobs",
+                "tests.server.session_jobs",
                 "train",
                 json.dumps({**cfg, "seeds": [2 * p, 2 * p + 1]}),
             ],
@@ -288,7 +288,7 @@ def test_researchers_killed_mid_fit_leave_the_workers_memory_where_it_was(graced
 
     def killed_session() -> None:
         p = subprocess.Popen(
-            [sys.executable, "-m", "tests.workers.session_jobs", "hog", cfg],
+            [sys.executable, "-m", "tests.server.session_jobs", "hog", cfg],
             cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.PIPE,

@@ -1,7 +1,7 @@
 """splitnn.cut's segments across `splitnn worker` processes: an fx segment travels as its graph (JSON), custom
 blocks as trusted imports, weights as safetensors; training matches the in-process run bit for bit. A worker
 without the trust refuses, naming the class and the flag; malformed graphs get an error and the worker serves on.
-Cuts that several values cross, over the network: tests/workers/test_remote_values.py."""
+Cuts that several values cross, over the network: tests/client/test_remote_values.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Researcher processes for the session tests: ``python -m tests.workers.session_jobs JOB CONFIG_JSON``.
+"""Researcher processes for the session tests: ``python -m tests.server.session_jobs JOB CONFIG_JSON``.
 
 ``train``: train a few small models, one per thread, each on its own connections to the
 workers, and compare each with its in-process run (``torch.equal``); print ``OK <n>`` or fail.
