@@ -16,16 +16,17 @@ from splitnn.errors import ConfigurationError
 from splitnn.fileio import atomic_write_text
 from splitnn.workers.schedules import check_pipeline_depth
 
+HELP = "train a split network (default: the PySyft tutorial's MNIST MLP)"
+DESCRIPTION = (
+    "Train a split network across workers and report loss, test accuracy and "
+    "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
+    "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
+    "batch 64, NLL loss."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a split network (default: the PySyft tutorial's MNIST MLP)",
-        description="Train a split network across workers and report loss, test accuracy and "
-        "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
-        "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
-        "batch 64, NLL loss.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn train``."""
     p.add_argument(
         "--dataset",
         default="mnist",
@@ -159,7 +160,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exactly as an uninterrupted one would",
     )
     add_topology_arguments(p)
-    p.set_defaults(func=run)
 
 
 def _parse_sizes(text: str) -> list[int]:
