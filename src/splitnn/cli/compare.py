@@ -15,18 +15,19 @@ from splitnn.cli.options import (
 from splitnn.compare.analytic import METHODS
 from splitnn.errors import ConfigurationError
 
+HELP = "compare split learning and SplitFed with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)"
+DESCRIPTION = (
+    "Train split learning (round-robin data holders), SplitFed v1 and v2 (parallel data holders, "
+    "client segments averaged every local epoch), FedAvg and large-batch synchronous SGD for "
+    "each client count, from the same initial weights and data shards, and report per method and "
+    "client count: bytes per client (measured by the ledger and checked against the analytic "
+    "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
+    "results.csv, results.json and PNG plots to --out."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="compare split learning and SplitFed with FedAvg and large-batch SGD (bytes, FLOPs, accuracy per client)",
-        description="Train split learning (round-robin data holders), SplitFed v1 and v2 (parallel data holders, "
-        "client segments averaged every local epoch), FedAvg and large-batch synchronous SGD for "
-        "each client count, from the same initial weights and data shards, and report per method and "
-        "client count: bytes per client (measured by the ledger and checked against the analytic "
-        "model), FLOPs per client (PyTorch's FLOP counter), test accuracy and wall time. Writes "
-        "results.csv, results.json and PNG plots to --out.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn compare``."""
     add_data_options(
         p, dataset="fashion-mnist", dataset_help="dataset name: fashion-mnist or mnist (default: fashion-mnist)"
     )
@@ -66,7 +67,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         out_help="directory for results.csv, results.json and the plots (created; default: compare-results)",
     )
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (times only; a little faster)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

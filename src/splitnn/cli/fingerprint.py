@@ -18,14 +18,15 @@ from pathlib import Path
 from splitnn.cli.format import parse_positive_ints, table
 from splitnn.errors import ConfigurationError
 
+HELP = "print a saved model's segment fingerprints (for a party's policy: accept_segments)"
+DESCRIPTION = (
+    "Print the fingerprint (sha256 of the canonical spec) of each segment of a model saved with "
+    "splitnn.save_model or `splitnn train --save`, and of the whole model."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "fingerprint",
-        help="print a saved model's segment fingerprints (for a party's policy: accept_segments)",
-        description="Print the fingerprint (sha256 of the canonical spec) of each segment of a model saved with "
-        "splitnn.save_model or `splitnn train --save`, and of the whole model.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn fingerprint``."""
     p.add_argument("model", type=Path, help="a model file (safetensors) written by splitnn")
     p.add_argument(
         "--segments",
@@ -41,7 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="modules whose classes the model file may name (repeatable), as splitnn.load_model(trust=...)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The ``splitnn`` command line.
 
-Each subcommand lives in its own module of this package and exposes
-``add_parser(subparsers)``; the modules are listed in :data:`COMMANDS`.
+Each subcommand lives in its own module of this package, listed in :data:`COMMANDS`: its ``HELP``
+line, ``DESCRIPTION`` (and optional ``EPILOG``), ``add_arguments(parser)`` for its flags and
+``run(args)``; :func:`build_parser` makes each subparser from them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"splitnn.cli.{name}":
                 raise
             continue  # command not part of this build
-        module.add_parser(sub)
+        p = sub.add_parser(
+            name, help=module.HELP, description=module.DESCRIPTION, epilog=getattr(module, "EPILOG", None)
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

@@ -46,20 +46,24 @@ INT_OPTIONS = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "privacy",
-        help="measure what leaks at the cut, with and without defenses",
-        description="Train the tutorial network (cut after the data holder's segment) without a defense and with "
-        "each defense at each strength, run the attacks (--attack: decoder and UnSplit input reconstruction by "
-        "the receiving party, label inference from gradients and model completion by the data holder, distance "
-        "correlation, FSHA by a malicious label holder, GRN feature inference in a vertical twin), print one "
-        "table and write CSV, JSON and PNG figures.",
-        epilog="Strength units: nopeek = alpha (weight of dCor in the data holder's loss); noise = sigma (noise std "
-        "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
-        "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
-        "--strengths nopeek=0.5,2,5 --strengths noise=0.03,0.1,0.3 --strengths label=1,3,10",
-    )
+HELP = "measure what leaks at the cut, with and without defenses"
+DESCRIPTION = (
+    "Train the tutorial network (cut after the data holder's segment) without a defense and with "
+    "each defense at each strength, run the attacks (--attack: decoder and UnSplit input reconstruction by "
+    "the receiving party, label inference from gradients and model completion by the data holder, distance "
+    "correlation, FSHA by a malicious label holder, GRN feature inference in a vertical twin), print one "
+    "table and write CSV, JSON and PNG figures."
+)
+EPILOG = (
+    "Strength units: nopeek = alpha (weight of dCor in the data holder's loss); noise = sigma (noise std "
+    "per coordinate in units of --clip); label = noise std along the gradients' principal direction in "
+    "units of their RMS norm. Example: splitnn privacy --dataset fashion-mnist --defense nopeek,noise,label "
+    "--strengths nopeek=0.5,2,5 --strengths noise=0.03,0.1,0.3 --strengths label=1,3,10"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn privacy``."""
     add_data_options(p, dataset="fashion-mnist", dataset_help="dataset name (default: fashion-mnist)")
     p.add_argument(
         "--defense",
@@ -107,7 +111,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         out="privacy-report",
         out_help="directory for privacy.csv, privacy.json and the PNGs (created; default ./privacy-report)",
     )
-    p.set_defaults(func=run)
 
 
 def _floats(text: str, flag: str) -> list[float]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+HELP = "write a federation's kits (CA, certificates, token, worker.toml, scripts) from federation.toml"
+DESCRIPTION = "Make the federation's CA and one startup kit per party and per researcher."
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "provision",
-        help="write a federation's kits (CA, certificates, token, worker.toml, scripts) from federation.toml",
-        description="Make the federation's CA and one startup kit per party and per researcher.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn provision``."""
     p.add_argument("federation", type=Path, help="the federation file (parties, researchers; docs/deploying.md)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the kits go (one directory each)")
     p.add_argument(
@@ -25,7 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="DIR holds this federation already: keep its CA, token and kits; write kits for new names only",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,13 +19,12 @@ from splitnn.cli.format import table
 from splitnn.cli.options import add_credential_options
 from splitnn.errors import ConfigurationError
 
+HELP = "check that a federation's parties are up (version, uptime, sessions, certificate expiry)"
+DESCRIPTION = "Probe every party named; exit 1 when one is down."
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "status",
-        help="check that a federation's parties are up (version, uptime, sessions, certificate expiry)",
-        description="Probe every party named; exit 1 when one is down.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn status``."""
     p.add_argument(
         "targets",
         nargs="+",
@@ -42,7 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each party (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per party) instead of a table")
-    p.set_defaults(func=run)
 
 
 def _url_credentials(args: argparse.Namespace):

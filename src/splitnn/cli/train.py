@@ -11,41 +11,36 @@ from pathlib import Path
 import torch
 
 from splitnn.cli.format import human_bytes, parse_positive_ints, table
+from splitnn.cli.options import add_data_options
 from splitnn.cli.topologies import add_topology_arguments, describe, topology_from_args
 from splitnn.errors import ConfigurationError
 from splitnn.fileio import atomic_write_text
 from splitnn.workers.schedules import check_pipeline_depth
 
+HELP = "train a split network (default: the PySyft tutorial's MNIST MLP)"
+DESCRIPTION = (
+    "Train a split network across workers and report loss, test accuracy and "
+    "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
+    "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
+    "batch 64, NLL loss."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a split network (default: the PySyft tutorial's MNIST MLP)",
-        description="Train a split network across workers and report loss, test accuracy and "
-        "the bytes each party sent. Defaults reproduce the PySyft tutorial: MNIST, "
-        "784-128-640-10 in three segments on alice, bob and claire, SGD lr 0.03, "
-        "batch 64, NLL loss.",
-    )
-    p.add_argument(
-        "--dataset",
-        default="mnist",
-        help="dataset name: mnist or fashion-mnist (default: mnist), or breast-cancer with --topology vertical "
-        "(two hospitals and a lab aligned by private set intersection, binary diagnosis; docs/vertical-psi.md)",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="directory holding the dataset's IDX files (default: $SPLITNN_DATA, the cache, "
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn train``."""
+    add_data_options(
+        p,
+        dataset="mnist",
+        dataset_help="dataset name: mnist or fashion-mnist (default: mnist), or breast-cancer with --topology "
+        "vertical (two hospitals and a lab aligned by private set intersection, binary diagnosis; "
+        "docs/vertical-psi.md)",
+        data_dir_help="directory holding the dataset's IDX files (default: $SPLITNN_DATA, the cache, "
         "system paths, then download)",
     )
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is not found")
-    p.add_argument(
-        "--epochs", type=int, default=None, help="passes over the training data (default: 5; breast-cancer: 20)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="samples per training step (default: 64; breast-cancer: 32)"
-    )
+    for flag, what in (("--epochs", "passes over the training data"), ("--batch-size", "samples per training step")):
+        key = flag[2:].replace("-", "_")
+        tutorial, health = _DEFAULTS["idx"][key], _DEFAULTS["breast-cancer"][key]
+        p.add_argument(flag, type=int, default=None, help=f"{what} (default: {tutorial}; breast-cancer: {health})")
     p.add_argument(
         "--lr",
         type=float,
@@ -159,7 +154,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exactly as an uninterrupted one would",
     )
     add_topology_arguments(p)
-    p.set_defaults(func=run)
 
 
 def _parse_sizes(text: str) -> list[int]:

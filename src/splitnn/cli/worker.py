@@ -26,13 +26,12 @@ from pathlib import Path
 from splitnn.cli.options import add_credential_options, config_from_args
 from splitnn.errors import ConfigurationError, DataError
 
+HELP = "run a party (segments, optimizers, local data) as a gRPC server"
+DESCRIPTION = "Serve one party of split learning over gRPC until SIGINT/SIGTERM."
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "worker",
-        help="run a party (segments, optimizers, local data) as a gRPC server",
-        description="Serve one party of split learning over gRPC until SIGINT/SIGTERM.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``splitnn worker``."""
     p.add_argument(
         "--config",
         type=Path,
@@ -197,7 +196,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (sessions, commands, bytes per peer and kind, "
         "latencies, errors, memory; off by default; docs/deploying.md#monitoring)",
     )
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(parser=p)
 
 
 def load_worker_policy(path: Path | None, allow_outputs: bool, *, data_holder: bool = False):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from splitnn.checks import check_counts
 from splitnn.errors import ConfigurationError
 from splitnn.wire.tensor_codec import tensor_nbytes
 
@@ -54,10 +55,12 @@ class CommModel:
     cut_bytes: int
 
     def __post_init__(self) -> None:
-        for name in ("model_bytes", "grad_bytes", "client_bytes", "cut_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigurationError(f"CommModel.{name} must be a non-negative integer, got {value!r}")
+        check_counts(
+            self,
+            ("model_bytes", "grad_bytes", "client_bytes", "cut_bytes"),
+            minimum=0,
+            wording="a non-negative integer",
+        )
 
     @classmethod
     def from_counts(cls, *, params: int, client_params: int, cut_size: int, element_size: int = 4) -> CommModel:

@@ -116,6 +116,23 @@ class CompareConfig:
         return f"sgd:lr={self.learning_rate}"
 
 
+#: What :meth:`RunResult.to_dict` adds to the fields, in order.
+_DERIVED = ("bytes_per_client", "predicted_bytes_per_client", "matches_model", "flops_per_client", "seconds_per_client")
+
+
+class _PerClient:
+    """A read-only attribute of a :class:`RunResult`: the mean over its clients of one per-client list field."""
+
+    def __init__(self, field_name: str, doc: str) -> None:
+        self.field_name = field_name
+        self.__doc__ = doc
+
+    def __get__(self, result: RunResult | None, owner: type) -> float:
+        if result is None:
+            return self  # type: ignore[return-value]  # the class's attribute: the descriptor (for its doc)
+        return sum(getattr(result, self.field_name)) / result.clients
+
+
 @dataclass
 class RunResult:
     """One method at one client count: measured and predicted bytes, FLOPs, time, accuracy."""
@@ -135,41 +152,19 @@ class RunResult:
     predicted_bytes_by_kind: dict[str, int] = field(default_factory=dict)
     compute: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    @property
-    def bytes_per_client(self) -> float:
-        """Mean measured bytes (sent + received) per client."""
-        return sum(self.client_bytes) / self.clients
-
-    @property
-    def predicted_bytes_per_client(self) -> float:
-        """Mean bytes per client of the analytic model."""
-        return sum(self.predicted_client_bytes) / self.clients
+    bytes_per_client = _PerClient("client_bytes", "Mean measured bytes (sent + received) per client.")
+    predicted_bytes_per_client = _PerClient("predicted_client_bytes", "Mean bytes per client of the analytic model.")
+    flops_per_client = _PerClient("client_flops", "Mean FLOPs (forward + backward + optimizer) per client.")
+    seconds_per_client = _PerClient("client_seconds", "Mean seconds each client spent in its calls.")
 
     @property
     def matches_model(self) -> bool:
         """Whether every client's measured bytes equal the analytic model's, to the byte."""
         return self.client_bytes == self.predicted_client_bytes and self.bytes_by_kind == self.predicted_bytes_by_kind
 
-    @property
-    def flops_per_client(self) -> float:
-        """Mean FLOPs (forward + backward + optimizer) per client."""
-        return sum(self.client_flops) / self.clients
-
-    @property
-    def seconds_per_client(self) -> float:
-        """Mean seconds each client spent in its calls."""
-        return sum(self.client_seconds) / self.clients
-
     def to_dict(self) -> dict[str, object]:
         """Every field plus the derived means, for JSON."""
-        return {
-            **asdict(self),
-            "bytes_per_client": self.bytes_per_client,
-            "predicted_bytes_per_client": self.predicted_bytes_per_client,
-            "matches_model": self.matches_model,
-            "flops_per_client": self.flops_per_client,
-            "seconds_per_client": self.seconds_per_client,
-        }
+        return {**asdict(self), **{name: getattr(self, name) for name in _DERIVED}}
 
 
 def make_shards(data: Dataset, clients: int, partition: str, seed: int) -> list[torch.Tensor]:

@@ -63,8 +63,18 @@ MAX_BUFFERED = 64 * 1024 * 1024
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(bit|kbit|mbit|gbit)\s*$", re.IGNORECASE)
 _DELAY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|ms|us)?\s*$", re.IGNORECASE)
-_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}  # bytes per second
 _DELAY_UNITS = {None: 1e-3, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def _quantity(text: str | float, pattern: re.Pattern[str], units: dict, what: str, examples: str) -> float:
+    """A number as it is, or ``text`` read by ``pattern`` as a number and a unit of ``units`` (its factor)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = pattern.match(str(text))
+    if m is None:
+        raise ConfigurationError(f"cannot read {what} {text!r}; write e.g. {examples}")
+    return float(m.group(1)) * units[m.group(2).lower() if m.group(2) else None]
 
 
 def parse_rate(text: str | float | None) -> float | None:
@@ -74,13 +84,7 @@ def parse_rate(text: str | float | None) -> float | None:
     """
     if text is None or text == "":
         return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _RATE.match(str(text))
-        if m is None:
-            raise ConfigurationError(f"cannot read rate {text!r}; write e.g. 10mbit, 100mbit or 1gbit")
-        value = float(m.group(1)) * _RATE_UNITS[m.group(2).lower()] / 8
+    value = _quantity(text, _RATE, _RATE_UNITS, "rate", "10mbit, 100mbit or 1gbit")
     if not value > 0:
         raise ConfigurationError(f"a rate must be positive, got {text!r}")
     return value
@@ -88,13 +92,7 @@ def parse_rate(text: str | float | None) -> float | None:
 
 def parse_delay(text: str | float) -> float:
     """``"10ms"`` -> 0.010 seconds (a bare number in a string is milliseconds; a float is seconds)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _DELAY.match(str(text))
-        if m is None:
-            raise ConfigurationError(f"cannot read delay {text!r}; write e.g. 10ms, 0.5ms or 1s")
-        value = float(m.group(1)) * _DELAY_UNITS[m.group(2).lower() if m.group(2) else None]
+    value = _quantity(text, _DELAY, _DELAY_UNITS, "delay", "10ms, 0.5ms or 1s")
     if not 0 <= value < 3600:
         raise ConfigurationError(f"a delay must be 0 or more seconds (and under an hour), got {text!r}")
     return value

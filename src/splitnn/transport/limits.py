@@ -23,7 +23,7 @@ try:
 except ImportError:  # not on POSIX: no limit to raise
     resource = None
 
-from splitnn.errors import ConfigurationError
+from splitnn.checks import check_counts
 
 MiB = 1 << 20
 
@@ -79,10 +79,7 @@ class Limits:
     peer_chunk_bytes: int = 1 * MiB
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "max_tensor_bytes", "max_blob_bytes", "peer_chunk_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1024:
-                raise ConfigurationError(f"Limits.{name} must be an integer >= 1024, got {value!r}")
+        check_counts(self, ("chunk_bytes", "max_tensor_bytes", "max_blob_bytes", "peer_chunk_bytes"), minimum=1024)
 
     @property
     def frame_bytes(self) -> int:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from splitnn.checks import check_counts
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import ConfigurationError, WireError
 from splitnn.workers.inflight import check_prediction
@@ -59,14 +60,8 @@ class BatchOrder:
     epoch: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 40:
-                raise ConfigurationError(f"BatchOrder.{name} must be a positive integer, got {v!r}")
-        for name in ("seed", "epoch"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40:
-                raise ConfigurationError(f"BatchOrder.{name} must be a non-negative integer, got {v!r}")
+        check_counts(self, ("n", "batch_size"), below=1 << 40)
+        check_counts(self, ("seed", "epoch"), minimum=0, below=1 << 40, wording="a non-negative integer")
         if not isinstance(self.shuffle, bool):
             raise ConfigurationError(f"BatchOrder.shuffle must be a bool, got {self.shuffle!r}")
 
@@ -75,13 +70,7 @@ class BatchOrder:
         return epoch_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
 
     def to_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "batch_size": self.batch_size,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "epoch": self.epoch,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: object) -> BatchOrder:

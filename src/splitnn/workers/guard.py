@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitnn.checks import check_counts
+
 __all__ = ["HijackGuard"]
 
 
@@ -87,10 +89,8 @@ class HijackGuard:
             raise ConfigurationError(f"detect_hijack threshold must be a number, got {self.threshold!r}")
         if not 0 < self.threshold < math.inf:
             raise ConfigurationError(f"detect_hijack threshold must be a finite number > 0, got {self.threshold!r}")
-        for name in ("every", "warmup", "window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
-                raise ConfigurationError(f"HijackGuard.{name} must be a positive integer, got {v!r}")
+        check_counts(self, ("every", "window"))
+        check_counts(self, ("warmup",), minimum=0)
         if self.every < 2:
             raise ConfigurationError("HijackGuard.every must be at least 2 (real batches between probes)")
 

@@ -14,13 +14,13 @@ an untrained bottom segment (what the few labels give by themselves) and with bo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitnn.checks import check_amounts, check_counts
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 
 __all__ = ["ModelCompletion", "ModelCompletionConfig", "few_labels"]
@@ -37,14 +37,9 @@ class ModelCompletionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
-            raise ConfigurationError(f"ModelCompletionConfig.hidden must be an integer >= 0, got {self.hidden!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigurationError(f"ModelCompletionConfig.epochs must be a positive integer, got {self.epochs!r}")
-        for name in ("lr", "weight_decay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ConfigurationError(f"ModelCompletionConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_counts(self, ("hidden",), minimum=0)
+        check_counts(self, ("epochs",))
+        check_amounts(self, ("lr", "weight_decay"))
 
 
 def few_labels(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:

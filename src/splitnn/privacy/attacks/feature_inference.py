@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from splitnn.checks import check_amounts, check_counts
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 
 __all__ = ["FeatureInference", "FeatureInferenceConfig"]
@@ -46,16 +47,9 @@ class FeatureInferenceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigurationError(f"FeatureInferenceConfig.{name} must be a positive integer, got {v!r}")
-        if isinstance(self.noise, bool) or not isinstance(self.noise, int) or self.noise < 0:
-            raise ConfigurationError(f"FeatureInferenceConfig.noise must be an integer >= 0, got {self.noise!r}")
-        for name in ("lr", "prior_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ConfigurationError(f"FeatureInferenceConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_counts(self, ("hidden", "epochs", "batch_size"))
+        check_counts(self, ("noise",), minimum=0)
+        check_amounts(self, ("lr", "prior_weight"))
         lo, hi = self.value_range
         if not lo < hi:
             raise ConfigurationError(

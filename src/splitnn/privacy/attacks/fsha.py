@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from splitnn.checks import check_amounts, check_counts
 from splitnn.errors import ConfigurationError
 from splitnn.workers import BatchRef
 
@@ -75,14 +76,8 @@ class FSHAConfig:
     def __post_init__(self) -> None:
         if self.pilot_depth not in (1, 2):
             raise ConfigurationError(f"FSHAConfig.pilot_depth must be 1 or 2, got {self.pilot_depth!r}")
-        for name in ("steps", "batch_size", "hidden", "critic_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigurationError(f"FSHAConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("lr", "gradient_penalty", "gradient_scale"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ConfigurationError(f"FSHAConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_counts(self, ("steps", "batch_size", "hidden", "critic_steps"))
+        check_amounts(self, ("lr", "gradient_penalty", "gradient_scale"))
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from splitnn.checks import check_counts
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 from splitnn.privacy.metrics import mse, ssim
 
@@ -47,10 +48,7 @@ class InversionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "epochs", "batch_size", "classifier_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigurationError(f"InversionConfig.{name} must be a positive integer, got {v!r}")
+        check_counts(self, ("hidden", "epochs", "batch_size", "classifier_epochs"))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ConfigurationError(f"InversionConfig.lr must be a positive number, got {self.lr!r}")
 

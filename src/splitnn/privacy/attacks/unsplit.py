@@ -9,7 +9,6 @@ prior, clamped to the data range), then Adam steps on the surrogate's weights.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitnn.checks import check_amounts, check_counts
 from splitnn.errors import ConfigurationError, ShapeMismatchError
 
 __all__ = ["UnSplit", "UnSplitConfig", "UnSplitResult", "total_variation"]
@@ -49,14 +49,8 @@ class UnSplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "input_steps", "model_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigurationError(f"UnSplitConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("tv_weight", "input_lr", "model_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ConfigurationError(f"UnSplitConfig.{name} must be a finite number >= 0, got {v!r}")
+        check_counts(self, ("rounds", "input_steps", "model_steps"))
+        check_amounts(self, ("tv_weight", "input_lr", "model_lr"))
         lo, hi = self.value_range
         if not lo < hi:
             raise ConfigurationError(f"UnSplitConfig.value_range must be (low, high) with low < high, got {lo, hi}")

@@ -1,0 +1,45 @@
+"""Checks of a settings dataclass's fields: whole counts and finite amounts, one rule each.
+
+An error names the class and the field, e.g. ``UnSplitConfig.rounds must be a positive integer, got 0``.
+A bool is never taken for a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from splitnn.errors import ConfigurationError
+
+__all__ = ["check_amounts", "check_counts"]
+
+
+def check_counts(
+    settings: object,
+    names: Iterable[str],
+    *,
+    minimum: int = 1,
+    below: int | None = None,
+    wording: str | None = None,
+) -> None:
+    """Refuse a field of ``settings`` named in ``names`` that is not an integer from ``minimum`` (and under
+    ``below`` when given); ``wording`` says what it must be (default: ``a positive integer`` for a minimum of 1,
+    else ``an integer >= <minimum>``)."""
+    wording = wording or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    for name in names:
+        value = getattr(settings, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (below is not None and value >= below)
+        ):
+            raise ConfigurationError(f"{type(settings).__name__}.{name} must be {wording}, got {value!r}")
+
+
+def check_amounts(settings: object, names: Iterable[str]) -> None:
+    """Refuse a field of ``settings`` named in ``names`` that is not a finite number >= 0 (a weight, a rate)."""
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ConfigurationError(f"{type(settings).__name__}.{name} must be a finite number >= 0, got {value!r}")
