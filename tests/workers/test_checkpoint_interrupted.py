@@ -16,9 +16,9 @@ import pytest
 
 import splitnn
 from splitnn.workers.checkpoint import held_steps, job_tag
+from tests.client.test_remote_checkpoint import DATA, FIT, chain, connect, in_process_reference, start
 from tests.helpers import assert_same_weights
 from tests.transport.cluster import Cluster
-from tests.client.test_remote_checkpoint import DATA, FIT, chain, connect, in_process_reference, start
 
 JOB = "j" * 32
 
