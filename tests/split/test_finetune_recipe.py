@@ -173,23 +173,32 @@ def test_recipe_options_are_checked_before_training():
         split.fit(data, clip_grad_norm=1.0, pipeline=2)
 
 
-def test_accumulation_at_a_networked_label_holder_is_refused_before_any_work(tmp_path):
-    """Clipping runs over the network (tests/client/test_remote_transformers.py); dividing the loss by the
-    number of accumulated batches needs an in-process label holder (a networked one takes losses by name)."""
+def test_accumulation_over_worker_processes_equals_the_plain_torch_twin(tmp_path):
+    """Gradient accumulation at a networked label holder: it divides each batch's loss by the number of batches
+    (``loss(..., divide=)``); the weights equal a plain torch twin's, whose loss is divided by hand. (Clipping
+    over worker processes: tests/client/test_remote_transformers.py.)"""
     from tests.transport.cluster import Cluster
 
+    torch.manual_seed(0)
+    segments = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh()), torch.nn.Sequential(torch.nn.Linear(8, 3))]
+    twin = copy.deepcopy(torch.nn.Sequential(*segments[0], *segments[1]))
+    data = splitnn.Dataset(torch.randn(16, 4, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.5)
+    for i in range(0, 16, 8):  # batch 4, accumulate 2: one step per 8 rows, in the order fit draws them
+        opt.zero_grad()
+        for j in range(i, i + 8, 4):
+            loss = F.cross_entropy(twin(data.features[j : j + 4]), data.labels[j : j + 4]) / 2
+            loss.backward()
+        opt.step()
     with Cluster(tmp_path) as cl:
         cl.start("alice")
         cl.start("bob")
         workers = cl.connect("alice", "bob")
         try:
-            segments = [torch.nn.Sequential(torch.nn.Linear(4, 8)), torch.nn.Sequential(torch.nn.Linear(8, 3))]
-            split = splitnn.SplitNN(segments, workers, loss="cross_entropy")
-            data = splitnn.Dataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
-            before = split.ledger.total()
-            with pytest.raises(ConfigurationError, match=r"accumulate=2 divides .*'bob' is a networked worker"):
-                split.fit(data, accumulate=2, clip_grad_norm=1.0)
-            assert split.ledger.total() == before  # nothing placed, nothing trained
+            split = splitnn.SplitNN(segments, workers, loss="cross_entropy", optimizer="sgd:lr=0.5")
+            split.fit(data, epochs=1, batch_size=4, shuffle=False, accumulate=2)
+            assert_equal_states(split.collect().state_dict(), twin.state_dict())
+            assert not torch.equal(twin[0].weight, segments[0][0].weight)  # it trained
         finally:
             for w in workers:
                 w.close()

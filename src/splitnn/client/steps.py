@@ -57,14 +57,21 @@ class Steps:
 
     @_serialized
     def loss(
-        self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
+        self,
+        output: TensorRef,
+        target: BatchRef,
+        loss: str,
+        *,
+        train: bool = True,
+        keep: str | None = None,
+        divide: int = 1,
     ) -> LossStats:
         if not isinstance(loss, str):
             raise ConfigurationError(
                 f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
                 f"give one of {LOSS_NAMES}"
             )
-        return self._call("loss", output=output, target=target, loss=loss, train=train, keep=keep)
+        return self._call("loss", output=output, target=target, loss=loss, train=train, keep=keep, divide=divide)
 
     @_serialized
     def loss_deferred(

@@ -60,6 +60,8 @@ JOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 MAX_STEPS = 1 << 20
 #: Most segments one checkpoint command may name.
 MAX_CHECKPOINT_SEGMENTS = 1024
+#: Most batches one gradient accumulation may divide a loss over.
+MAX_ACCUMULATE = 1 << 16
 #: Most frozen parameters one ``add_segment`` may name.
 MAX_FROZEN = 1 << 16
 #: Characters of a checkpoint's segment label (1-64 of them).
@@ -207,7 +209,14 @@ OPERATIONS: Mapping[str, Operation] = table(
     Operation("forward", (Key(), Source("src"), Bool("train"), Int("id")), produces=("id",), wait=False),
     Operation(
         "loss",
-        (Ref("output"), Batch("target"), Str("loss"), Bool("train"), Str("keep", optional=True, keyword=True)),
+        (
+            Ref("output"),
+            Batch("target"),
+            Str("loss"),
+            Bool("train"),
+            Str("keep", optional=True, keyword=True),
+            Int("divide", lo=1, hi=MAX_ACCUMULATE, optional=True, default=1, keyword=True),
+        ),
         (Custom("stats", loss_stats_to_result, loss_stats_from_result),),
     ),
     Operation("backward", (Key(), Ref("grad", optional=True), Int("id", optional=True)), produces=("id",), wait=False),

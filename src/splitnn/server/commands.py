@@ -343,7 +343,7 @@ class Commands(_PeerCommands):
         loss = check_loss_name(a["loss"])  # (the target was checked on decoding: both before the output is pulled)
         output = await self._resolve(a["output"], "activation")
         # keep: an evaluation whose outputs are kept for its metrics
-        return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"])
+        return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"], divide=a["divide"])
 
     async def _serve_backward(self, a: dict, **_: Any) -> None:
         self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))

@@ -31,7 +31,7 @@ import torch
 from splitnn.errors import ConfigurationError, WorkerError
 from splitnn.split.stage import Stage
 from splitnn.workers import BatchRef, LossStats, TensorRef, VirtualWorker
-from splitnn.workers.losses import Loss, compute_loss
+from splitnn.workers.losses import Loss
 from splitnn.workers.runner import PartyRun
 from splitnn.workers.schedules import RECEIVES, SENDS, LockStep, Op, Schedule
 
@@ -62,13 +62,12 @@ def recipe_step(
     gradients (:func:`clip_global_norm`), then every stage steps (see :func:`check_recipe_workers`)."""
     check_recipe_workers(stages, len(batches))
     n = len(batches)
-    scaled = loss if n == 1 else functools.partial(_divided_loss, loss, n)
     for stage in stages:
         stage.worker.zero_grad(stage.key)
     stats = []
     for batch in batches:
         out = forward_chain(stages, batch, train=True)
-        stats.append(stages[-1].worker.loss(out, batch, scaled, train=True))
+        stats.append(stages[-1].worker.loss(out, batch, loss, train=True, divide=n))
         backward_chain(stages)
     if clip_grad_norm is not None:
         clip_global_norm(stages, clip_grad_norm)
@@ -80,10 +79,9 @@ def recipe_step(
 
 
 def check_recipe_workers(stages: Sequence[Stage], accumulate: int = 1) -> None:
-    """Refuse, before any work, global-norm clipping on workers that cannot share their gradients' norms
-    (``grad_norms``, ``clip_grads``), and gradient accumulation at a label holder that cannot divide the loss:
-    a networked worker takes losses by name, so the loss divided by the number of batches is for in-process
-    label holders only."""
+    """Refuse, before any work, global-norm clipping and gradient accumulation on workers that cannot share their
+    gradients' norms (``grad_norms``, ``clip_grads``); the label holder divides each batch's loss by
+    ``accumulate`` itself (``loss(..., divide=)``), in process and over the network alike."""
     missing = sorted(
         {s.worker.name for s in stages if not all(callable(getattr(s.worker, m, None)) for m in _RECIPE_OPS)}
     )
@@ -92,13 +90,6 @@ def check_recipe_workers(stages: Sequence[Stage], accumulate: int = 1) -> None:
             f"fit(..., accumulate=, clip_grad_norm=) needs workers that share their gradients' norms "
             f"({', '.join(_RECIPE_OPS)}); {', '.join(map(repr, missing))} cannot: use splitnn.VirtualWorker or "
             "splitnn.connect parties"
-        )
-    holder = stages[-1].worker
-    if accumulate > 1 and not getattr(holder, "runs_callables", False):
-        raise ConfigurationError(
-            f"accumulate={accumulate} divides each batch's loss by {accumulate} at the label holder, and "
-            f"{holder.name!r} is a networked worker, which takes losses by name only: train with accumulate=1 "
-            "(clip_grad_norm= works over the network), or keep the labels at an in-process worker"
         )
 
 
@@ -113,10 +104,6 @@ def _refuse_networked(stages: Sequence[Stage], rule: str, fix: str) -> None:
         raise ConfigurationError(
             f"{rule}; {names} {'is a networked worker' if len(remote) == 1 else 'are networked workers'}: {fix}"
         )
-
-
-def _divided_loss(loss: Loss, n: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return compute_loss(loss, output, labels) / n
 
 
 def clip_global_norm(stages: Sequence[Stage], max_norm: float) -> torch.Tensor:

@@ -88,13 +88,21 @@ class Worker(Protocol):
         """Run segment ``key`` on ``source`` (a peer's activation or a local batch)."""
 
     def loss(
-        self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
+        self,
+        output: TensorRef,
+        target: BatchRef,
+        loss: str,
+        *,
+        train: bool = True,
+        keep: str | None = None,
+        divide: int = 1,
     ) -> LossStats:
         """Compute the loss of ``output`` against local labels; keep it for :meth:`backward`.
 
         ``loss`` is a name of :data:`splitnn.workers.losses.LOSS_NAMES` (in-process workers also
         take a callable). In evaluation (``train=False``), ``keep`` names an evaluation whose
-        outputs and labels the worker keeps for :meth:`MetricWorker.metrics`.
+        outputs and labels the worker keeps for :meth:`MetricWorker.metrics`. ``divide``: the loss
+        back-propagated (and reported) is the loss divided by this many batches (gradient accumulation).
         """
 
     def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:

@@ -26,13 +26,22 @@ class Scoring:
         self._kept = KeptEvaluations()
 
     def loss(
-        self, output: TensorRef, target: BatchRef, loss: Loss, *, train: bool = True, keep: str | None = None
+        self,
+        output: TensorRef,
+        target: BatchRef,
+        loss: Loss,
+        *,
+        train: bool = True,
+        keep: str | None = None,
+        divide: int = 1,
     ) -> LossStats:
         out, _ = self._receive(output, "activation", train)
         if type(out) is tuple:
             raise WorkerError(f"worker {self.name!r}: the loss needs one output tensor, got {len(out)} values")
         labels = self._labels(target)
         value = compute_loss(loss, out, labels)
+        if divide != 1:  # gradient accumulation: each of ``divide`` batches carries its share
+            value = value / divide
         if train:
             if keep is not None:
                 raise WorkerError(f"worker {self.name!r}: outputs are kept for metrics in evaluation only")
