@@ -17,7 +17,7 @@ another party's tensor pulls it over the peer stream (:class:`~splitnn.server.pe
 and puts it into the engine, which records the transfer on the receiving side, as in-process.
 
 Private set intersection. ``psi_request``/``psi_reply``/``psi_finish`` run one two-party PSI
-(:mod:`splitnn.training.psi`) as in-process: each message is a 1-D uint8 tensor that its
+(:mod:`splitnn.training.alignment`) as in-process: each message is a 1-D uint8 tensor that its
 receiver pulls from its sender over their peer stream as kind ``psi`` (a pull of another kind
 cannot get it, and the researcher cannot ``fetch`` it) and records on that link; ``psi_size``
 is all the researcher learns; ``psi_apply`` gives this *session* the aligned rows (under the
