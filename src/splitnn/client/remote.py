@@ -141,7 +141,7 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
     ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
-        self._lock = threading.RLock()  # one caller at a time (see "Threads" in the module docstring)
+        self._lock = threading.RLock()  # one caller at a time (see "Threads" in the class docstring)
         self._token = check_token_text(token)
         self._stream: CommandStream | None = None
         self.timeout = timeout
