@@ -24,7 +24,7 @@ class PartyRun:
 
     :class:`PartyRun` turns the actions of :mod:`splitnn.workers.schedules` into engine calls.
     It does not move tensors: whoever runs it -- a networked worker's shipped epoch
-    (:mod:`splitnn.workers.shipped`), or the in-process driver running every party in one
+    (:mod:`splitnn.server.shipped`), or the in-process driver running every party in one
     process (:mod:`splitnn.split.driver`) -- carries what :meth:`PartyRun.outgoing` hands
     it to the peer named by the action, and gives the peer's tensor to
     :meth:`PartyRun.incoming`, which records the transfer on the receiver's side (as every
