@@ -113,7 +113,7 @@ def over_processes(config: HealthConfig, local: HealthReport) -> HealthReport:
 def _psi_alone(cluster) -> str:
     """One intersection in a session of its own: what the researcher's connections and the links between the
     parties carried (the wire counters of the client and of the workers: serialized messages, headers included)."""
-    from splitnn.training.psi import intersect
+    from splitnn.training.alignment import intersect
 
     workers = {p: splitnn.connect(cluster.workers[p].url, token=cluster.token, name=p) for p in PARTIES}
     try:

@@ -32,7 +32,7 @@ from splitnn.experiments.health import (
     run_vertical_health,
     write_breast_cancer_tables,
 )
-from splitnn.training.psi import intersect
+from splitnn.training.alignment import intersect
 from splitnn.workers import VirtualWorker
 from splitnn.workers.refs import BatchRef
 from tests.helpers import assert_same_weights

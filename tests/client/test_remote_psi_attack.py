@@ -21,7 +21,7 @@ import torch
 
 import splitnn
 from splitnn.errors import PolicyError, WorkerError
-from splitnn.training.psi import intersect
+from splitnn.training.alignment import intersect
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitnn.common.operations import OPERATIONS
-from splitnn.data.psi import PsiClient, psi_reply
+from splitnn.data.psi_messages import PsiClient, psi_reply
 from splitnn.errors import WireError
 from splitnn.transport.limits import Limits
 

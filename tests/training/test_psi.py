@@ -14,7 +14,7 @@ import splitnn
 from splitnn.accounting import RESEARCHER
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
 from splitnn.training import VerticalSplitNN
-from splitnn.training.psi import intersect
+from splitnn.training.alignment import intersect
 from splitnn.training.topologies.vertical import VerticalData
 from splitnn.workers import VirtualWorker
 from tests.helpers import assert_same_weights

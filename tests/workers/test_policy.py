@@ -296,7 +296,7 @@ def test_a_released_segment_is_frozen_and_replace_re_runs_the_checks():
 
 
 def test_a_view_of_the_holders_data_is_its_own_and_holds_at_least_the_minimum():
-    from splitnn.training.psi import intersect
+    from splitnn.training.alignment import intersect
 
     ids = [f"P{i:04d}" for i in range(64)]
     alice = W("alice", policy=closed(accept_any_segment=True))

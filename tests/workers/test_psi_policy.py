@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from splitnn.errors import ConfigurationError, PolicyError, WorkerError
-from splitnn.training.psi import intersect
+from splitnn.training.alignment import intersect
 from splitnn.workers import BatchRef, VirtualWorker, WorkerPolicy
 from splitnn.workers.policy import load_policy
 

@@ -1,33 +1,8 @@
 """Compute accounting: floating-point operations and wall time per worker.
 
-FLOPs are counted by PyTorch's own counter, :class:`torch.utils.flop_counter.FlopCounterMode`,
-around each call a worker serves, and attributed to that worker by phase:
-
-* ``forward``: :meth:`forward` and :meth:`loss` calls;
-* ``backward``: :meth:`backward` calls;
-* ``other``: :meth:`step` (optimizer) calls.
-
-PyTorch's counter counts the matrix products and convolutions (``mm``, ``addmm``,
-``bmm``, ``convolution`` and their backward kernels, attention), not element-wise
-operations such as ReLU, pooling or an SGD update, which are a small share of a
-network's arithmetic. Wall time is measured for every call that computes or moves
-tensors (see :data:`TIMED_CALLS`), so it includes the counter's own overhead.
-
-Use it by wrapping workers, not by changing them::
-
-    meter = ComputeMeter()
-    alice = meter.wrap(VirtualWorker("alice", fuse=False))
-    ...  # train with alice as with any worker
-    meter.stats("alice").flops, meter.stats("alice").seconds
-
-Attribution needs each worker's back-propagation to run inside its own call:
-use ``VirtualWorker(fuse=False)``. With ``fuse=True`` (the default) one autograd
-call from the loss runs the backward of *every* in-process segment inside the
-label holder's :meth:`backward`, so the label holder would be charged for its
-peers' backward FLOPs.
-
-This module sits in the accounting layer and does not import the workers: the
-wrapper forwards any attribute to the worker it wraps.
+:class:`ComputeMeter` wraps workers (:class:`MeteredWorker`) and counts, per worker and phase, the
+FLOPs of PyTorch's own counter and the wall time of each call; its docstring says what is counted
+and how to use it.
 """
 
 from __future__ import annotations
@@ -84,7 +59,36 @@ class ComputeStats:
 
 
 class ComputeMeter:
-    """FLOPs and wall time per party. See the module docstring.
+    """FLOPs and wall time per party.
+
+    FLOPs are counted by PyTorch's own counter, :class:`torch.utils.flop_counter.FlopCounterMode`,
+    around each call a worker serves, and attributed to that worker by phase:
+
+    * ``forward``: :meth:`forward` and :meth:`loss` calls;
+    * ``backward``: :meth:`backward` calls;
+    * ``other``: :meth:`step` (optimizer) calls.
+
+    PyTorch's counter counts the matrix products and convolutions (``mm``, ``addmm``,
+    ``bmm``, ``convolution`` and their backward kernels, attention), not element-wise
+    operations such as ReLU, pooling or an SGD update, which are a small share of a
+    network's arithmetic. Wall time is measured for every call that computes or moves
+    tensors (see :data:`TIMED_CALLS`), so it includes the counter's own overhead.
+
+    Use it by wrapping workers, not by changing them::
+
+        meter = ComputeMeter()
+        alice = meter.wrap(VirtualWorker("alice", fuse=False))
+        ...  # train with alice as with any worker
+        meter.stats("alice").flops, meter.stats("alice").seconds
+
+    Attribution needs each worker's back-propagation to run inside its own call:
+    use ``VirtualWorker(fuse=False)``. With ``fuse=True`` (the default) one autograd
+    call from the loss runs the backward of *every* in-process segment inside the
+    label holder's :meth:`backward`, so the label holder would be charged for its
+    peers' backward FLOPs.
+
+    This module sits in the accounting layer and does not import the workers: the
+    wrapper forwards any attribute to the worker it wraps.
 
     Args:
         count_flops: count FLOPs (with PyTorch's counter); ``False`` measures time only.

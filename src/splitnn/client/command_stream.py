@@ -1,29 +1,16 @@
 """The researcher's ordered command stream to one worker, and the thread that reads its replies.
 
-:class:`CommandStream` is the plumbing under :class:`~splitnn.client.remote.RemoteWorker`:
-one gRPC ``Session`` stream on which commands go out in order and replies come back in
-order. Commands whose answer nobody waits for are *coalesced* into one ``batch`` message
-(at most :data:`~splitnn.common.messages.MAX_BATCH` commands and about one chunk of
-bytes each), so a training step reaches a worker as one or two messages; blobs larger
-than a chunk are sent ahead as ``stage`` commands. Each message sent is a
-:class:`Pending` answer, which a daemon thread fills as replies arrive: it joins replies
-that came in parts, merges their ledger records, remembers the first error of a command
-nobody waits for (raised at the next :meth:`~CommandStream.check`), and feeds shipped
-epochs' handles their progress and result.
+:class:`CommandStream` is the plumbing under :class:`~splitnn.client.remote.RemoteWorker`: one gRPC ``Session``
+stream on which commands go out in order and replies come back in order. Commands whose answer nobody waits for are
+*coalesced* into one ``batch`` message (at most :data:`~splitnn.common.messages.MAX_BATCH` commands and about one
+chunk of bytes each), so a training step reaches a worker as one or two messages; blobs larger than a chunk are sent
+ahead as ``stage`` commands. Each message sent is a :class:`Pending` answer, which a daemon thread fills as replies
+arrive: it joins replies that came in parts, merges their ledger records, remembers the first error of a command
+nobody waits for (raised at the next :meth:`~CommandStream.check`), and feeds shipped epochs' handles their progress
+and result.
 
-A broken stream is resumed (:mod:`splitnn.server.replay`): the client keeps every message until
-its final reply arrives, opens a new call naming the same stream (``x-splitnn-stream``), sends a
-``resume`` command carrying the highest seq whose final reply it received, learns the highest seq
-the worker received, and re-sends exactly the messages after it, in order; the worker re-sends the
-replies the client missed and runs nothing twice. Commands and training steps go on as if nothing
-happened. Only when ``retries`` attempts fail -- the worker is gone, or restarted and knows no
-such stream -- does the stream fail everything pending at once
-(:class:`~splitnn.errors.WorkerUnreachableError`), for :func:`splitnn.split.fit.fit` to fall back
-to the last checkpoint.
-
-Why a thread. ``SplitNN`` and the training loops are synchronous, so the client uses
-grpcio's blocking API with one reader thread per worker; no event loop has to be hosted
-inside the user's program.
+A broken stream is resumed (:class:`~splitnn.client.resume.Resumption`). The client uses grpcio's blocking API
+with one reader thread per worker, since ``SplitNN`` and the training loops are synchronous.
 """
 
 from __future__ import annotations

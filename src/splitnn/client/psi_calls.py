@@ -14,7 +14,7 @@ from splitnn.workers.refs import TensorRef
 class Psi:
     """Private set intersection at a worker (a component of :class:`~splitnn.client.RemoteWorker`)."""
 
-    # -- private set intersection (PsiWorker; the protocol: splitnn.training.psi) ---------------
+    # -- private set intersection (PsiWorker; the protocol: splitnn.training.alignment) ---------------
     # Messages stay between the two parties: the receiver pulls the sender's message over their peer
     # stream (kind "psi") and records it on that link. The researcher sends only handles and learns sizes.
     @_serialized

@@ -1,63 +1,10 @@
 """RemoteWorker: the researcher's handle on a party that runs ``splitnn worker``.
 
-``splitnn.connect("grpc://10.0.0.5:7001", token=...)`` returns a :class:`RemoteWorker`,
-which implements the :class:`~splitnn.workers.Worker` protocol, so ``SplitNN``,
-``fit``, ``evaluate`` and ``collect`` work unchanged across machines.
-
-Control plane only. The researcher sends *commands* (protobuf envelopes) and gets
-back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
-and gradients never pass through this process: a worker that must run on another
-party's tensor pulls it from that party over their peer stream
-(:mod:`splitnn.server.peers`).
-
-Pipelined commands (the per-op path). All commands to one worker travel on one
-ordered gRPC stream and the worker runs them in order. Operations whose result the
-researcher does not need right away (``zero_grad``, ``forward``, ``backward``,
-``step``, ``put``, ``release``) are *sent without waiting*: their output refs are
-chosen here (ids allocated by the client), so the whole chain of a training step is
-on the wire to all workers at once, and the workers hand activations and gradients
-along peer to peer as soon as each exists. Only calls that return a value (``loss``,
-``dataset_stats``, ``probe``, ``get_state``, ...) wait -- and they first wait for
-every outstanding command of every worker of the model, so errors surface at a
-well-defined point and the ledger is complete there. The per-batch cost is then the
-peer hops plus one round trip for the loss, with the same operations, in the same
-order, as the eager in-process schedule: the numbers are identical.
-
-Shipped epochs (the faster path). :meth:`RemoteWorker.run_epoch` sends the worker its part
-of a whole epoch in one command (:class:`~splitnn.workers.epoch.EpochPlan`); the workers
-then train among themselves and this client only collects the label holder's per-batch
-losses (progress replies) and each worker's final reply with its ledger records. The
-per-batch cost is then the peer hops alone. :mod:`splitnn.split.shipping` drives it.
-
-Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
-holder to holder over the peer stream), ``average_states`` (SplitFed's aggregation, at the
-worker), ``forward_merged``/``backward_merged`` (vertical split
-learning), ``get_grads`` (large-batch SGD) and the ``psi_*`` methods (private set intersection:
-each message is pulled by the other party over the peer stream; this client relays handles and
-gets sizes), with the semantics of ``VirtualWorker``, so the topologies, baselines and the PSI
-alignment of :mod:`splitnn.training` run across processes unchanged.
-
-Sessions. Everything this client creates at the worker (segments, placed datasets,
-intermediate tensors) belongs to its *session* there, named by a secret random id the worker
-issues when the client connects (:attr:`RemoteWorker.session`) and sent with every call: no other
-session can read, replace or remove it, and when the connection ends the worker frees
-the tensors at once and the rest after its grace period, within which a client connecting
-with that id (``session=``) resumes it (see :mod:`splitnn.server.sessions`). An id the worker did
-not issue, or whose session ended, is refused (:class:`SessionNotFound`).
-
-Threads. One :class:`RemoteWorker` may be called from several threads (SplitFed drives each
-data holder from a thread of its own): every public method runs holding the worker's lock, so
-concurrent callers take turns, each call whole; the command stream underneath locks its send
-buffer too, because a synchronous call on one worker flushes and drains its peers' streams,
-which their own threads may be writing to at that moment. A call's position in the worker's
-command order is the order in which callers got the lock: callers whose order matters (v2's
-one top segment) must agree on it themselves (:mod:`splitnn.training.topologies.lanes`).
-
-Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
-client uses grpcio's blocking API with one reader thread per worker that collects
-replies; no event loop has to be hosted inside the user's program. That plumbing (the
-ordered stream, coalescing, the reply reader) is :mod:`splitnn.client.command_stream`;
-this module holds the Worker-protocol methods on top of it.
+``splitnn.connect("grpc://10.0.0.5:7001", token=...)`` returns a :class:`RemoteWorker`, which implements
+the :class:`~splitnn.workers.Worker` protocol, so ``SplitNN``, ``fit``, ``evaluate`` and ``collect`` work
+unchanged across machines. This module holds the Worker-protocol methods; the ordered command stream
+under them is :mod:`splitnn.client.command_stream`. The class docstring says what crosses (control
+plane only), how commands are pipelined, sessions and threads.
 """
 
 from __future__ import annotations
@@ -121,6 +68,61 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
         retries: attempts to resume the command stream when its connection breaks (settable; 0: a broken
             connection fails at once). Within the worker's grace period a resumed stream loses and repeats
             no command: the worker runs what it received once and re-sends the replies that were lost.
+
+    Control plane only. The researcher sends *commands* (protobuf envelopes) and gets
+    back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
+    and gradients never pass through this process: a worker that must run on another
+    party's tensor pulls it from that party over their peer stream
+    (:mod:`splitnn.server.peers`).
+
+    Pipelined commands (the per-op path). All commands to one worker travel on one
+    ordered gRPC stream and the worker runs them in order. Operations whose result the
+    researcher does not need right away (``zero_grad``, ``forward``, ``backward``,
+    ``step``, ``put``, ``release``) are *sent without waiting*: their output refs are
+    chosen here (ids allocated by the client), so the whole chain of a training step is
+    on the wire to all workers at once, and the workers hand activations and gradients
+    along peer to peer as soon as each exists. Only calls that return a value (``loss``,
+    ``dataset_stats``, ``probe``, ``get_state``, ...) wait -- and they first wait for
+    every outstanding command of every worker of the model, so errors surface at a
+    well-defined point and the ledger is complete there. The per-batch cost is then the
+    peer hops plus one round trip for the loss, with the same operations, in the same
+    order, as the eager in-process schedule: the numbers are identical.
+
+    Shipped epochs (the faster path). :meth:`RemoteWorker.run_epoch` sends the worker its part
+    of a whole epoch in one command (:class:`~splitnn.workers.epoch.EpochPlan`); the workers
+    then train among themselves and this client only collects the label holder's per-batch
+    losses (progress replies) and each worker's final reply with its ledger records. The
+    per-batch cost is then the peer hops alone. :mod:`splitnn.split.shipping` drives it.
+
+    Optional capabilities. :class:`RemoteWorker` also implements ``send_state`` (weights hand-off
+    holder to holder over the peer stream), ``average_states`` (SplitFed's aggregation, at the
+    worker), ``forward_merged``/``backward_merged`` (vertical split
+    learning), ``get_grads`` (large-batch SGD) and the ``psi_*`` methods (private set intersection:
+    each message is pulled by the other party over the peer stream; this client relays handles and
+    gets sizes), with the semantics of ``VirtualWorker``, so the topologies, baselines and the PSI
+    alignment of :mod:`splitnn.training` run across processes unchanged.
+
+    Sessions. Everything this client creates at the worker (segments, placed datasets,
+    intermediate tensors) belongs to its *session* there, named by a secret random id the worker
+    issues when the client connects (:attr:`RemoteWorker.session`) and sent with every call: no other
+    session can read, replace or remove it, and when the connection ends the worker frees
+    the tensors at once and the rest after its grace period, within which a client connecting
+    with that id (``session=``) resumes it (see :mod:`splitnn.server.sessions`). An id the worker did
+    not issue, or whose session ended, is refused (:class:`SessionNotFound`).
+
+    Threads. One :class:`RemoteWorker` may be called from several threads (SplitFed drives each
+    data holder from a thread of its own): every public method runs holding the worker's lock, so
+    concurrent callers take turns, each call whole; the command stream underneath locks its send
+    buffer too, because a synchronous call on one worker flushes and drains its peers' streams,
+    which their own threads may be writing to at that moment. A call's position in the worker's
+    command order is the order in which callers got the lock: callers whose order matters (SplitFed v2's
+    one top segment) must agree on it themselves (:mod:`splitnn.training.topologies.lanes`).
+
+    Why a synchronous client. ``SplitNN`` and the training loops are synchronous, so the
+    client uses grpcio's blocking API with one reader thread per worker that collects
+    replies; no event loop has to be hosted inside the user's program. That plumbing (the
+    ordered stream, coalescing, the reply reader) is :mod:`splitnn.client.command_stream`;
+    this module holds the Worker-protocol methods on top of it.
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
     ) -> None:
         self.address = parse_address(address)
         self.url = f"grpc://{self.address}"
-        self._lock = threading.RLock()  # one caller at a time (see "Threads" in the module docstring)
+        self._lock = threading.RLock()  # one caller at a time (see "Threads" in the class docstring)
         self._token = check_token_text(token)
         self._stream: CommandStream | None = None
         self.timeout = timeout

@@ -25,7 +25,18 @@ RESUME_MAX_WAIT = 30.0
 class Resumption:
     """Resumes :class:`~splitnn.client.command_stream.CommandStream`'s broken call. Uses the stream's state:
     ``_channel``, ``_metadata``, ``_lock``, ``_queue``, ``_stream``, ``_pending``, ``_acked``, ``_resuming``,
-    ``retries``, ``timeout``, ``counters``, ``resumed``, ``closed``, ``broken``, and its ``_open``/``_fail``."""
+    ``retries``, ``timeout``, ``counters``, ``resumed``, ``closed``, ``broken``, and its ``_open``/``_fail``.
+
+    A broken stream is resumed (:mod:`splitnn.server.replay`): the client keeps every message until
+    its final reply arrives, opens a new call naming the same stream (``x-splitnn-stream``), sends a
+    ``resume`` command carrying the highest seq whose final reply it received, learns the highest seq
+    the worker received, and re-sends exactly the messages after it, in order; the worker re-sends the
+    replies the client missed and runs nothing twice. Commands and training steps go on as if nothing
+    happened. Only when ``retries`` attempts fail -- the worker is gone, or restarted and knows no
+    such stream -- does the stream fail everything pending at once
+    (:class:`~splitnn.errors.WorkerUnreachableError`), for :func:`splitnn.split.fit.fit` to fall back
+    to the last checkpoint.
+    """
 
     def _wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the channel to (re)connect; whether it did."""
@@ -42,7 +53,7 @@ class Resumption:
             self._channel.unsubscribe(watch)
 
     def _resume(self, cause: Exception) -> grpc.Call | None:
-        """Resume the broken stream on a new call (see the module docstring); None when it cannot be."""
+        """Resume the broken stream on a new call (see :class:`Resumption`); None when it cannot be."""
         with self._lock:
             self._resuming = True
             broken, self._queue = self._queue, queue.SimpleQueue()

@@ -1,16 +1,13 @@
 """The conventions of the Session and Call messages that both ends of the control plane share.
 
-The researcher's :class:`~splitnn.client.remote.RemoteWorker` and the worker's
-:class:`~splitnn.server.server.WorkerServer` exchange protobuf ``Command``/``Reply``
-envelopes (``wire/proto/splitnn.proto``). What those envelopes mean beyond their fields
-lives here, once, so the two ends cannot drift apart:
+What the protobuf ``Command``/``Reply`` envelopes (``wire/proto/splitnn.proto``) mean beyond their
+fields lives here, once, so the researcher's and the worker's ends cannot drift apart:
 
 * party names (:func:`check_party_name`) and the protocol version;
 * session ids and their public tags (:func:`new_session_id`, :func:`check_session_id`,
   :func:`session_tag`; what a session is: :mod:`splitnn.server.sessions`);
 * how many commands one coalesced ``batch`` may hold (:data:`MAX_BATCH`);
-* which wire-counter kind a command's and a reply's bytes count as
-  (:data:`COMMAND_KIND`, :data:`REPLY_KIND`);
+* which wire-counter kind a command's and a reply's bytes count as (:data:`COMMAND_KIND`, :data:`REPLY_KIND`);
 * replies too large for one message, cut into parts (``Reply.more``) by the worker
   (:func:`split_reply`) and joined by the researcher (:func:`join_parts`);
 * errors, turned into an error reply by the worker (:func:`fill_error`) and back into

@@ -3,7 +3,7 @@
 scikit-learn's breast cancer data set split the way hospitals would hold it: ``hospital_a`` holds the
 first 15 features of about 90% of the patients, ``hospital_b`` the other 15 of an overlapping 90%, ``lab``
 the diagnosis of about 90%, each in its own CSV file and order. :func:`run_vertical_health` loads each
-table at its party, intersects them (:func:`splitnn.training.psi.intersect`, 20% held out for test), trains
+table at its party, intersects them (:func:`splitnn.training.alignment.intersect`, 20% held out for test), trains
 a two-bottom :class:`~splitnn.training.topologies.vertical.VerticalSplitNN` (the lab owns the top and the
 labels) and, in process, the same network centrally on the joined table for comparison. Given connected
 workers (``workers=``) it runs the same calls across processes.
@@ -31,7 +31,7 @@ from splitnn.accounting import Ledger
 from splitnn.data import epoch_batches, load_table
 from splitnn.errors import ConfigurationError
 from splitnn.split.fit import EpochStats, History
-from splitnn.training.psi import PsiResult, intersect
+from splitnn.training.alignment import PsiResult, intersect
 from splitnn.training.topologies.vertical import VerticalNet, VerticalSplitNN
 from splitnn.workers import VirtualWorker, Worker
 

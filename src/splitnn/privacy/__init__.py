@@ -1,18 +1,14 @@
 """Privacy at the cut, measured: attacks that show what leaks, defenses that reduce it, and their cost.
 
-Defenses (:mod:`splitnn.privacy.defenses`) are layers placed in the segment of the
-party that applies them: :class:`NoPeek`, :class:`CutNoise` and :class:`DPSegment`
-(DP-SGD with opacus's accountant) at the data holder; :class:`LabelProtection`,
-:class:`Marvell` and :class:`MIDLayer` at the label holder; :class:`LabelDP`
-randomizes the label holder's training labels. The active attack :class:`FSHA`
-drives the data holder's party through the worker protocol; :class:`ModelCompletion`
-is the data holder's label inference from its own trained segment; :class:`UnSplit`
-inverts the cut knowing only the data holder's architecture; :class:`FeatureInference`
-is the label party's generator against another holder's features (vertical). Attacks
-(:mod:`splitnn.privacy.attacks`) use only what the attacking party sees at the
-cut. :func:`run_privacy_experiment` trains with each defense setting, runs the
-attacks and returns the trade-off table; :mod:`splitnn.privacy.report` writes it
-as CSV / JSON / PNG.
+Defenses (:mod:`splitnn.privacy.defenses`) are layers placed in the segment of the party that applies them:
+:class:`NoPeek`, :class:`CutNoise` and :class:`DPSegment` (DP-SGD with opacus's accountant) at the data holder;
+:class:`LabelProtection`, :class:`Marvell` and :class:`MIDLayer` at the label holder; :class:`LabelDP` randomizes
+the label holder's training labels. The active attack :class:`FSHA` drives the data holder's party through the
+worker protocol; :class:`ModelCompletion` is the data holder's label inference from its own trained segment;
+:class:`UnSplit` inverts the cut knowing only the data holder's architecture; :class:`FeatureInference` is the label
+party's generator against another holder's features (vertical). Attacks (:mod:`splitnn.privacy.attacks`) use only
+what the attacking party sees at the cut. :func:`run_privacy_experiment` trains with each defense setting, runs the
+attacks and returns the trade-off table; :mod:`splitnn.privacy.report` writes it as CSV / JSON / PNG.
 
 >>> from splitnn.privacy import PrivacyConfig, DefenseSetting, run_privacy_experiment
 >>> result = run_privacy_experiment(PrivacyConfig(train_size=5000),        # doctest: +SKIP

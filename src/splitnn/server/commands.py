@@ -1,39 +1,8 @@
 """The commands a researcher may run on a worker, each a checked call into the in-process engine.
 
-Each researcher's session (:mod:`splitnn.server.sessions`) hosts its segments, optimizers
-and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
-``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
-in-process one. :class:`Commands` is one session's table of operations that its executor
-(:mod:`splitnn.server.executor`) looks commands up in. An operation declared in
-:mod:`splitnn.common.operations` is decoded and checked field by field (``WireError`` naming the
-field), its segment keys, dataset names and batches are checked to be this session's (``PolicyError``),
-then the engine method it names runs, or its ``_serve_<name>`` handler when it needs work of its own
-here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``, ``run_epoch``)
-are ``_op_<name>(args, blobs)`` methods decoding with :mod:`splitnn.common.serde`.
-
-Tensors cross this layer by reference. An operation that produces a tensor publishes it
-under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
-another party's tensor pulls it over the peer stream (:class:`~splitnn.server.peers.Peers`)
-and puts it into the engine, which records the transfer on the receiving side, as in-process.
-
-Private set intersection. ``psi_request``/``psi_reply``/``psi_finish`` run one two-party PSI
-(:mod:`splitnn.training.psi`) as in-process: each message is a 1-D uint8 tensor that its
-receiver pulls from its sender over their peer stream as kind ``psi`` (a pull of another kind
-cannot get it, and the researcher cannot ``fetch`` it) and records on that link; ``psi_size``
-is all the researcher learns; ``psi_apply`` gives this *session* the aligned rows (under the
-dataset's name, and each named part), so a party's own dataset (``--data``) stays as loaded for
-every other session; ``psi_cancel`` abandons an intersection. The party's policy decides first
-(:func:`~splitnn.workers.policy.check_psi`, in the engine): a run takes only a dataset the
-operator loaded (``--data``), never one the researcher placed or an intersection derived, at
-most ``max_psi_runs`` times, and messages go to and come from ``psi_peers`` only.
-
-Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
-pull every source activation like ``forward`` does and leave one gradient per source for its
-owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
-worker to another over their peer stream as ``weights`` frames (the receiver pulls, loads and
-records them); ``average_states`` loads the weighted average of segments the session hosts into
-others (SplitFed's aggregation: local, nothing recorded); ``get_grads`` returns parameter gradients
-to the researcher (large-batch SGD).
+:class:`Commands` is one session's table of operations, which its executor (:mod:`splitnn.server.executor`)
+looks commands up in; its docstring says how each is checked and run, how tensors cross by reference,
+and what the PSI, topology and baseline operations do.
 """
 
 from __future__ import annotations
@@ -196,7 +165,43 @@ class _PeerCommands:
 
 
 class Commands(_PeerCommands):
-    """The operations of one session at one worker, by name (:attr:`table`); see the module docstring."""
+    """The operations of one session at one worker, by name (:attr:`table`).
+
+    Each researcher's session (:mod:`splitnn.server.sessions`) hosts its segments, optimizers
+    and datasets in a :class:`~splitnn.workers.VirtualWorker` of its own (the *engine*,
+    ``fuse=False``), so a networked party runs exactly the kernels, in exactly the order, of an
+    in-process one. :class:`Commands` is one session's table of operations that its executor
+    (:mod:`splitnn.server.executor`) looks commands up in. An operation declared in
+    :mod:`splitnn.common.operations` is decoded and checked field by field (``WireError`` naming the
+    field), its segment keys, dataset names and batches are checked to be this session's (``PolicyError``),
+    then the engine method it names runs, or its ``_serve_<name>`` handler when it needs work of its own
+    here. The few commands with framing of their own (``hello``, ``health``, ``stats``, ``peers``, ``run_epoch``)
+    are ``_op_<name>(args, blobs)`` methods decoding with :mod:`splitnn.common.serde`.
+
+    Tensors cross this layer by reference. An operation that produces a tensor publishes it
+    under the researcher's id (:class:`~splitnn.server.exports.Exports`); one that consumes
+    another party's tensor pulls it over the peer stream (:class:`~splitnn.server.peers.Peers`)
+    and puts it into the engine, which records the transfer on the receiving side, as in-process.
+
+    Private set intersection. ``psi_request``/``psi_reply``/``psi_finish`` run one two-party PSI
+    (:mod:`splitnn.training.alignment`) as in-process: each message is a 1-D uint8 tensor that its
+    receiver pulls from its sender over their peer stream as kind ``psi`` (a pull of another kind
+    cannot get it, and the researcher cannot ``fetch`` it) and records on that link; ``psi_size``
+    is all the researcher learns; ``psi_apply`` gives this *session* the aligned rows (under the
+    dataset's name, and each named part), so a party's own dataset (``--data``) stays as loaded for
+    every other session; ``psi_cancel`` abandons an intersection. The party's policy decides first
+    (:func:`~splitnn.workers.policy.check_psi`, in the engine): a run takes only a dataset the
+    operator loaded (``--data``), never one the researcher placed or an intersection derived, at
+    most ``max_psi_runs`` times, and messages go to and come from ``psi_peers`` only.
+
+    Topologies and baselines. ``forward_merged``/``backward_merged`` (vertical split learning)
+    pull every source activation like ``forward`` does and leave one gradient per source for its
+    owner to pull; ``export_state``/``load_state`` hand a segment's weights (safetensors) from one
+    worker to another over their peer stream as ``weights`` frames (the receiver pulls, loads and
+    records them); ``average_states`` loads the weighted average of segments the session hosts into
+    others (SplitFed's aggregation: local, nothing recorded); ``get_grads`` returns parameter gradients
+    to the researcher (large-batch SGD).
+    """
 
     def __init__(
         self,

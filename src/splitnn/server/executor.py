@@ -1,21 +1,7 @@
 """Running a researcher's commands in one session of a worker, in order, and answering each with a Reply.
 
-:class:`Executor` turns one ``Command`` envelope into one ``Reply``: it decodes the
-arguments, puts staged uploads back into the blobs, runs the operation from the
-:class:`~splitnn.server.commands.Commands` table and attaches the ledger records made
-since the previous reply (:class:`LedgerDelta`). Every failure becomes an error reply
-(:func:`~splitnn.common.messages.fill_error`); the worker keeps serving.
-
-Two commands are not single operations:
-
-* ``batch`` -- commands the researcher coalesced into one message; they run in order
-  and the reply carries the last one's result, or the first error.
-* ``run_epoch`` -- a shipped epoch (:mod:`splitnn.workers.epoch`): this worker's part of
-  a whole training epoch, run batch by batch by :func:`splitnn.server.shipped.run_epoch`,
-  pushing activations and gradients to the adjacent parties over the peer streams. It
-  answers with progress replies (the label holder's losses) and one final reply. On
-  failure -- or when the researcher goes away -- the adjacent parties get an ABORT
-  frame, so they fail at once instead of waiting for tensors that will not come.
+:class:`Executor` turns one ``Command`` envelope into one ``Reply`` (its docstring covers ``batch`` and
+``run_epoch``); :class:`LedgerDelta` is the ledger records made since the previous reply.
 """
 
 from __future__ import annotations
@@ -69,7 +55,25 @@ class LedgerDelta:
 
 
 class Executor:
-    """Runs commands against one session's engine; see the module docstring."""
+    """Runs commands against one session's engine.
+
+    :class:`Executor` turns one ``Command`` envelope into one ``Reply``: it decodes the
+    arguments, puts staged uploads back into the blobs, runs the operation from the
+    :class:`~splitnn.server.commands.Commands` table and attaches the ledger records made
+    since the previous reply (:class:`LedgerDelta`). Every failure becomes an error reply
+    (:func:`~splitnn.common.messages.fill_error`); the worker keeps serving.
+
+    Two commands are not single operations:
+
+    * ``batch`` -- commands the researcher coalesced into one message; they run in order
+      and the reply carries the last one's result, or the first error.
+    * ``run_epoch`` -- a shipped epoch (:mod:`splitnn.workers.epoch`): this worker's part of
+      a whole training epoch, run batch by batch by :func:`splitnn.server.shipped.run_epoch`,
+      pushing activations and gradients to the adjacent parties over the peer streams. It
+      answers with progress replies (the label holder's losses) and one final reply. On
+      failure -- or when the researcher goes away -- the adjacent parties get an ABORT
+      frame, so they fail at once instead of waiting for tensors that will not come.
+    """
 
     def __init__(
         self,

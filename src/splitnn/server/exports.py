@@ -1,19 +1,7 @@
 """What a session has promised to produce, by the researcher's tensor id, and what one stream holds.
 
-The researcher chooses the ids of the tensors its commands will produce (so it can
-pipeline a whole training step without waiting). :class:`Exports` maps each such id to
-a future that resolves to the engine's own tensor id once the command that produces
-it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
-it exists simply awaits that future; a command of this worker that consumes #7
-takes it directly. Either way a tensor is handed out once; a tensor a peer pulled is kept a
-little longer (the last :data:`SERVED_KEEP` of them, within :data:`SERVED_KEEP_BYTES`) so that
-the same peer can pull it again when the link broke before the tensor reached it -- a pull is
-idempotent by id -- and then forgotten. Each session (:mod:`splitnn.server.sessions`) has its
-own :class:`Exports`, over its own engine.
-
-:class:`StreamState` is what one of the session's streams (or one unary call) holds
-beyond that: the ids it announced (dropped when the stream ends) and big uploads it
-sent in chunks (``stage`` commands) before the command that uses them.
+:class:`Exports` maps the researcher's ids to the engine's tensors (its docstring says how pulls wait,
+and how long a pulled tensor is kept); :class:`StreamState` is what one stream of the session holds.
 """
 
 from __future__ import annotations
@@ -44,7 +32,12 @@ SERVED_KEEP_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class StreamState:
-    """One stream's staged uploads and announced tensor ids."""
+    """One stream's staged uploads and announced tensor ids.
+
+    :class:`StreamState` is what one of the session's streams (or one unary call) holds
+    beyond that: the ids it announced (dropped when the stream ends) and big uploads it
+    sent in chunks (``stage`` commands) before the command that uses them.
+    """
 
     staged: dict[int, bytearray] = field(default_factory=dict)
     staged_bytes: int = 0
@@ -85,12 +78,24 @@ def quiet_future() -> asyncio.Future:
 
 
 class Exports:
-    """The tensors this worker produced (or will produce), by the researcher's id; see the module docstring."""
+    """The tensors this worker produced (or will produce), by the researcher's id.
+
+    The researcher chooses the ids of the tensors its commands will produce (so it can
+    pipeline a whole training step without waiting). :class:`Exports` maps each such id to
+    a future that resolves to the engine's own tensor id once the command that produces
+    it has run -- or fails with the reason it could not. A peer that pulls tensor #7 before
+    it exists simply awaits that future; a command of this worker that consumes #7
+    takes it directly. Either way a tensor is handed out once; a tensor a peer pulled is kept a
+    little longer (the last :data:`SERVED_KEEP` of them, within :data:`SERVED_KEEP_BYTES`) so that
+    the same peer can pull it again when the link broke before the tensor reached it -- a pull is
+    idempotent by id -- and then forgotten. Each session (:mod:`splitnn.server.sessions`) has its
+    own :class:`Exports`, over its own engine.
+    """
 
     def __init__(self, name: str, engine: VirtualWorker, timeout: float) -> None:
         self.name, self.engine, self.timeout = name, engine, timeout
         self._futures: dict[int, asyncio.Future] = {}
-        # values handed out to a peer, by id: (peer, kind, value), oldest first (see the module docstring)
+        # values handed out to a peer, by id: (peer, kind, value), oldest first (see the class docstring)
         self._served: OrderedDict[int, tuple[str, str, object]] = OrderedDict()
         self._served_bytes = 0
 

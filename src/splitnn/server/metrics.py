@@ -1,30 +1,7 @@
 """A worker's Prometheus metrics (``splitnn worker --metrics-listen HOST:PORT``; off by default).
 
-Served over plain HTTP by `prometheus_client <https://prometheus.github.io/client_python/>`_ (the
-``deploy`` extra) at ``http://HOST:PORT/metrics``; bind it to 127.0.0.1 or a monitoring network,
-not the internet. One worker per process, so the metrics are the process's:
-
-* ``splitnn_sessions`` -- sessions kept (open, or closed within their grace period);
-  ``splitnn_sessions_open`` -- those with a researcher's stream open now;
-* ``splitnn_commands_total{op}`` -- commands run (``forward``, ``backward``, ``step``, ...; a
-  coalesced batch of commands counts each), ``splitnn_command_seconds{op}`` -- a histogram of their
-  durations (the step latency);
-* ``splitnn_batches_total`` -- coalesced command batches served (one per training step of the
-  researcher's fast path);
-* ``splitnn_errors_total{op,reason}`` -- failed commands by error type (``PolicyError``: a refusal);
-  ``splitnn_refusals_total{reason}`` -- calls refused before any command ran (``rejected``: a wrong
-  token or certificate; ``invalid``: a malformed message);
-* ``splitnn_wire_bytes_total{peer,direction,kind}`` -- serialized bytes sent to / received from each
-  peer (:class:`~splitnn.transport.ByteCounters`);
-* ``splitnn_ledger_bytes_total{src,dst,kind}`` and ``splitnn_ledger_transfers_total{src,dst,kind}``
-  -- tensor bytes as the ledger records them (:class:`~splitnn.accounting.Ledger`), the numbers the
-  researcher's reports show;
-* ``splitnn_certificate_expiry_timestamp_seconds`` -- when this worker's certificate expires;
-* ``process_resident_memory_bytes`` and the rest of the standard process metrics, and
-  ``splitnn_cuda_memory_allocated_bytes`` on a CUDA device.
-
-The counters are fed by the one place each number is recorded: the byte counters and the ledger
-(their ``OBSERVERS`` hooks) and the executor (:data:`splitnn.server.health.COMMAND_OBSERVERS`).
+:func:`start_metrics` serves them over plain HTTP; :class:`WorkerMetrics` lists them and says what
+feeds them.
 """
 
 from __future__ import annotations
@@ -41,7 +18,34 @@ _REFUSALS = ("rejected", "invalid")
 
 
 class WorkerMetrics:
-    """The metrics of one worker, in a registry of their own, fed by the hooks (see the module docstring)."""
+    """The metrics of one worker, in a registry of their own, fed by the hooks.
+
+    Served over plain HTTP by `prometheus_client <https://prometheus.github.io/client_python/>`_ (the
+    ``deploy`` extra) at ``http://HOST:PORT/metrics``; bind it to 127.0.0.1 or a monitoring network,
+    not the internet. One worker per process, so the metrics are the process's:
+
+    * ``splitnn_sessions`` -- sessions kept (open, or closed within their grace period);
+      ``splitnn_sessions_open`` -- those with a researcher's stream open now;
+    * ``splitnn_commands_total{op}`` -- commands run (``forward``, ``backward``, ``step``, ...; a
+      coalesced batch of commands counts each), ``splitnn_command_seconds{op}`` -- a histogram of their
+      durations (the step latency);
+    * ``splitnn_batches_total`` -- coalesced command batches served (one per training step of the
+      researcher's fast path);
+    * ``splitnn_errors_total{op,reason}`` -- failed commands by error type (``PolicyError``: a refusal);
+      ``splitnn_refusals_total{reason}`` -- calls refused before any command ran (``rejected``: a wrong
+      token or certificate; ``invalid``: a malformed message);
+    * ``splitnn_wire_bytes_total{peer,direction,kind}`` -- serialized bytes sent to / received from each
+      peer (:class:`~splitnn.transport.ByteCounters`);
+    * ``splitnn_ledger_bytes_total{src,dst,kind}`` and ``splitnn_ledger_transfers_total{src,dst,kind}``
+      -- tensor bytes as the ledger records them (:class:`~splitnn.accounting.Ledger`), the numbers the
+      researcher's reports show;
+    * ``splitnn_certificate_expiry_timestamp_seconds`` -- when this worker's certificate expires;
+    * ``process_resident_memory_bytes`` and the rest of the standard process metrics, and
+      ``splitnn_cuda_memory_allocated_bytes`` on a CUDA device.
+
+    The counters are fed by the one place each number is recorded: the byte counters and the ledger
+    (their ``OBSERVERS`` hooks) and the executor (:data:`splitnn.server.health.COMMAND_OBSERVERS`).
+    """
 
     def __init__(self, server) -> None:
         try:

@@ -1,20 +1,8 @@
 """A session's pushes of shipped epochs, kept until the receiver acknowledges them.
 
-During a shipped epoch a worker pushes its activations to its next party and its gradients to
-its previous one over their peer link (:mod:`splitnn.server.peers`). A link can break with a
-push written but not yet received -- a connection reset, a proxy restarted. So the sender keeps
-each pushed value in the :class:`Outbox` of its receiver until the receiver acknowledges it (an
-ACK frame, sent when the push is complete at the receiver, :mod:`splitnn.transport.frames`).
-When the link breaks, the sender dials a new one and sends again, in order, every kept push not
-yet sent on it (:meth:`Outbox.unsent`); the receiver ignores a push it already has
-(:meth:`splitnn.server.shipped.Inbox.has`) and acknowledges it again. A push is identified by
-the session (the link serves one), the sender, its kind and its frame id, which carries the
-run, the batch and the cut (:func:`splitnn.workers.epoch.push_id`).
-
-Memory is bounded per receiver: at most :data:`KEEP_PUSHES` pushes and :data:`KEEP_BYTES`
-bytes (one bigger push alone is kept). Beyond the bound the oldest unacknowledged push is
-dropped, and a re-send that needs it fails the epoch as a broken link did before
-(:class:`PushesLost`; ``fit`` then takes the checkpoint route).
+:class:`Outbox` keeps one receiver's pushes within a bound and re-sends them on a new link (its
+docstring gives the rules); :class:`Acks` gathers acknowledgements; :class:`PushesLost` is a re-send
+the bound made impossible.
 """
 
 from __future__ import annotations
@@ -55,7 +43,24 @@ class Kept:
 
 
 class Outbox:
-    """The unacknowledged pushes of one session to one receiver, in the order they were pushed."""
+    """The unacknowledged pushes of one session to one receiver, in the order they were pushed.
+
+    During a shipped epoch a worker pushes its activations to its next party and its gradients to
+    its previous one over their peer link (:mod:`splitnn.server.peers`). A link can break with a
+    push written but not yet received -- a connection reset, a proxy restarted. So the sender keeps
+    each pushed value in the :class:`Outbox` of its receiver until the receiver acknowledges it (an
+    ACK frame, sent when the push is complete at the receiver, :mod:`splitnn.transport.frames`).
+    When the link breaks, the sender dials a new one and sends again, in order, every kept push not
+    yet sent on it (:meth:`Outbox.unsent`); the receiver ignores a push it already has
+    (:meth:`splitnn.server.shipped.Inbox.has`) and acknowledges it again. A push is identified by
+    the session (the link serves one), the sender, its kind and its frame id, which carries the
+    run, the batch and the cut (:func:`splitnn.workers.epoch.push_id`).
+
+    Memory is bounded per receiver: at most :data:`KEEP_PUSHES` pushes and :data:`KEEP_BYTES`
+    bytes (one bigger push alone is kept). Beyond the bound the oldest unacknowledged push is
+    dropped, and a re-send that needs it fails the epoch
+    (:class:`PushesLost`; ``fit`` then takes the checkpoint route).
+    """
 
     def __init__(self, peer: str, *, keep_pushes: int = KEEP_PUSHES, keep_bytes: int = KEEP_BYTES) -> None:
         self.peer = peer

@@ -1,30 +1,8 @@
 """One researcher stream's commands and replies, kept so that a broken connection costs nothing.
 
-A researcher's ``Session`` stream (:mod:`splitnn.server.server`) is a conversation: commands
-numbered ``seq`` 1, 2, 3, ... go in, and every command gets exactly one final reply (after
-progress replies or parts, for some). A :class:`Replay` holds that conversation apart from the
-gRPC call that carries it, so the call can break -- a connection reset, a proxy restarted, a
-keepalive that gave up -- without losing or repeating a step:
-
-* commands run in a task of their own (the server's runner drains :attr:`Replay.commands`),
-  not in the call's handler, so a command that was received is run to its end even when the
-  connection breaks mid-way (a ``forward`` waiting for a peer's activation, a shipped epoch);
-* every reply is appended to a log (:meth:`emit`) and written from there, and kept until the
-  client acknowledges it (``Command.ack``: the highest seq whose final reply it received),
-  within a bound (:data:`KEEP_BYTES`, :data:`KEEP_REPLIES`);
-* a command whose seq is at most the highest received is a re-sent copy and is not run again
-  (:meth:`accept`).
-
-A client that ends its stream on purpose says so first
-(:data:`~splitnn.common.messages.END_STREAM`): a connection that breaks can look like a
-half-close, so a stream that ends without that word is treated as broken. When the call
-breaks, the worker keeps the replay -- and with it the session's tensors -- for the session's
-grace period. The client opens a new call naming the same stream (``x-splitnn-stream``) and
-sends a ``resume`` command carrying its ``ack`` first; the worker answers with the highest seq
-it received (:attr:`received`), re-sends every kept reply after the ``ack``, and the client
-re-sends the commands after ``received``. A resume the log cannot honour -- replies it had to
-drop unacknowledged, or a worker that restarted and knows no such stream -- is refused, and the
-client falls back to the checkpoint route (:mod:`splitnn.split.manifest`).
+:class:`Replay` holds one stream's conversation apart from the gRPC call carrying it; its docstring
+gives the rules (run once, replies kept until acknowledged, resume). :class:`ResumeRefused` is a resume
+the log cannot honour.
 """
 
 from __future__ import annotations
@@ -48,6 +26,32 @@ class ResumeRefused(WorkerError):
 
 class Replay:
     """One stream's conversation: what it received, the replies it made, and who is writing them; see the module.
+
+    A researcher's ``Session`` stream (:mod:`splitnn.server.server`) is a conversation: commands
+    numbered ``seq`` 1, 2, 3, ... go in, and every command gets exactly one final reply (after
+    progress replies or parts, for some). A :class:`Replay` holds that conversation apart from the
+    gRPC call that carries it, so the call can break -- a connection reset, a proxy restarted, a
+    keepalive that gave up -- without losing or repeating a step:
+
+    * commands run in a task of their own (the server's runner drains :attr:`Replay.commands`),
+      not in the call's handler, so a command that was received is run to its end even when the
+      connection breaks mid-way (a ``forward`` waiting for a peer's activation, a shipped epoch);
+    * every reply is appended to a log (:meth:`emit`) and written from there, and kept until the
+      client acknowledges it (``Command.ack``: the highest seq whose final reply it received),
+      within a bound (:data:`KEEP_BYTES`, :data:`KEEP_REPLIES`);
+    * a command whose seq is at most the highest received is a re-sent copy and is not run again
+      (:meth:`accept`).
+
+    A client that ends its stream on purpose says so first
+    (:data:`~splitnn.common.messages.END_STREAM`): a connection that breaks can look like a
+    half-close, so a stream that ends without that word is treated as broken. When the call
+    breaks, the worker keeps the replay -- and with it the session's tensors -- for the session's
+    grace period. The client opens a new call naming the same stream (``x-splitnn-stream``) and
+    sends a ``resume`` command carrying its ``ack`` first; the worker answers with the highest seq
+    it received (:attr:`received`), re-sends every kept reply after the ``ack``, and the client
+    re-sends the commands after ``received``. A resume the log cannot honour -- replies it had to
+    drop unacknowledged, or a worker that restarted and knows no such stream -- is refused, and the
+    client falls back to the checkpoint route (:mod:`splitnn.split.manifest`).
 
     Args:
         stream_id: the client's id of the stream, or None for a stream that cannot be resumed (an old

@@ -1,47 +1,7 @@
 """Sessions: each researcher's job at a worker owns what it creates, and is freed when it ends.
 
-A worker is often a long-running service that several researchers (or several jobs of one
-researcher) use at once. A *session* is one such job at this worker. The worker chooses its id:
-a researcher's client asks for a new session in its ``hello`` call (``x-splitnn-new-session``) and
-gets a random id (128 bits, :func:`~splitnn.common.messages.new_session_id`) back, which it sends
-with every later call (``x-splitnn-session``). The id is a secret: whoever presents it acts as
-that session. A call naming an id the worker did not issue, or whose session has ended, is
-refused (:class:`UnknownSession`): a client cannot pick an id (nor guess one), and an id
-names a session only while the worker holds it. Calls without one get an anonymous session of
-their own, freed when they end.
-
-Who holds it. Each session belongs to the researcher identity that opened it (``owner``): the
-fingerprint of the caller's certificate under mutual TLS, else the token it presented (every
-holder of the federation token is one identity; a worker started with
-``--researcher-tokens`` tells its researchers apart by their own tokens). Only that identity
-may resume it. A worker keeps at most ``max_sessions`` sessions, and at most
-``max_per_researcher`` of one identity, so one researcher cannot take every slot and lock the
-others out: a new session first evicts its own researcher's oldest closed one, then anyone's,
-and is refused (:class:`TooManySessions`, naming the limit) when those are all in use.
-
-What a session owns. Everything it creates lives in a :class:`Session` of its own: an
-engine (a :class:`~splitnn.workers.VirtualWorker` holding its segments, their optimizers,
-the datasets it placed, its intermediate tensors and pending losses, its ledger), the
-tensors it promised to its peers (:class:`~splitnn.server.exports.Exports`), the pushes
-of its shipped epochs (:class:`~splitnn.server.shipped.Inbox`), its peers and their
-session tags (:class:`~splitnn.server.peers.SessionPeers`) and its wire counters. Nothing
-is shared between sessions but the datasets the party loaded itself (``splitnn worker
---data``): every session reads them, none may replace them. Two sessions may even hold a
-segment or dataset under the same name, each its own. :class:`Sessions` also keeps which
-sessions hold which segment keys and dataset names, so a session naming one that only
-others hold gets a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot use,
-replace or remove another session's) instead of a misleading "not found".
-
-When it is freed. When the last stream of a session ends (the researcher closed it; or it
-broke and was not resumed within the grace period, :mod:`splitnn.server.replay`), its
-intermediate tensors (stored activations and gradients, promised exports, pushes received or kept, pending
-losses) are freed at once and its peer streams closed. Its
-segments, optimizers and placed datasets are kept for a grace period
-(``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
-reconnects with the same session id resumes where it stood; after it they are freed too.
-A session that holds no segment or dataset, an anonymous one, and one whose researcher
-ended it (``end_session``) are freed at once; a session just issued is kept
-:data:`ISSUED_WAIT` seconds for its researcher's stream to open it.
+:class:`Session` is one job (what it owns); :class:`Sessions` issues and checks their ids, holds
+them per researcher identity within limits, and frees them (the grace period).
 """
 
 from __future__ import annotations
@@ -90,9 +50,22 @@ class UnknownSession(WorkerError):
 
 
 class Session:
-    """One researcher's job at this worker; see the module docstring.
+    """One researcher's job at this worker (:class:`Sessions` says how it is issued and freed).
 
     ``commands`` and ``executor`` are set by the server (:class:`~splitnn.server.server.WorkerServer`).
+
+    What a session owns. Everything it creates lives in a :class:`Session` of its own: an
+    engine (a :class:`~splitnn.workers.VirtualWorker` holding its segments, their optimizers,
+    the datasets it placed, its intermediate tensors and pending losses, its ledger), the
+    tensors it promised to its peers (:class:`~splitnn.server.exports.Exports`), the pushes
+    of its shipped epochs (:class:`~splitnn.server.shipped.Inbox`), its peers and their
+    session tags (:class:`~splitnn.server.peers.SessionPeers`) and its wire counters. Nothing
+    is shared between sessions but the datasets the party loaded itself (``splitnn worker
+    --data``): every session reads them, none may replace them. Two sessions may even hold a
+    segment or dataset under the same name, each its own. :class:`Sessions` also keeps which
+    sessions hold which segment keys and dataset names, so a session naming one that only
+    others hold gets a :class:`~splitnn.errors.PolicyError` stating the rule (it cannot use,
+    replace or remove another session's) instead of a misleading "not found".
     """
 
     def __init__(
@@ -206,7 +179,37 @@ class Session:
 
 
 class Sessions:
-    """The sessions of one worker, what each owns, and their lifecycle; see the module docstring.
+    """The sessions of one worker, what each owns, and their lifecycle.
+
+    A worker is often a long-running service that several researchers (or several jobs of one
+    researcher) use at once. A *session* is one such job at this worker. The worker chooses its id:
+    a researcher's client asks for a new session in its ``hello`` call (``x-splitnn-new-session``) and
+    gets a random id (128 bits, :func:`~splitnn.common.messages.new_session_id`) back, which it sends
+    with every later call (``x-splitnn-session``). The id is a secret: whoever presents it acts as
+    that session. A call naming an id the worker did not issue, or whose session has ended, is
+    refused (:class:`UnknownSession`): a client cannot pick an id (nor guess one), and an id
+    names a session only while the worker holds it. Calls without one get an anonymous session of
+    their own, freed when they end.
+
+    Who holds it. Each session belongs to the researcher identity that opened it (``owner``): the
+    fingerprint of the caller's certificate under mutual TLS, else the token it presented (every
+    holder of the federation token is one identity; a worker started with
+    ``--researcher-tokens`` tells its researchers apart by their own tokens). Only that identity
+    may resume it. A worker keeps at most ``max_sessions`` sessions, and at most
+    ``max_per_researcher`` of one identity, so one researcher cannot take every slot and lock the
+    others out: a new session first evicts its own researcher's oldest closed one, then anyone's,
+    and is refused (:class:`TooManySessions`, naming the limit) when those are all in use.
+
+    When it is freed. When the last stream of a session ends (the researcher closed it; or it
+    broke and was not resumed within the grace period, :mod:`splitnn.server.replay`), its
+    intermediate tensors (stored activations and gradients, promised exports, pushes received or kept, pending
+    losses) are freed at once and its peer streams closed. Its
+    segments, optimizers and placed datasets are kept for a grace period
+    (``splitnn worker --session-grace``, :data:`DEFAULT_GRACE` seconds), so a researcher who
+    reconnects with the same session id resumes where it stood; after it they are freed too.
+    A session that holds no segment or dataset, an anonymous one, and one whose researcher
+    ended it (``end_session``) are freed at once; a session just issued is kept
+    :data:`ISSUED_WAIT` seconds for its researcher's stream to open it.
 
     Args:
         name: the worker's party name.

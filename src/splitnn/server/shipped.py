@@ -1,28 +1,10 @@
 """The worker's side of a shipped epoch (see :mod:`splitnn.workers.epoch`).
 
-:class:`Inbox` holds tensors that adjacent peers *push* (PUSH frames) before or
-while this worker waits for them, keyed by (sender, kind, frame id), and enforces
-who may push what: only the parties named as ``prev``/``next`` in an active plan,
-activations from ``prev`` and gradients from ``next``. Pushes for a run that has
-not started here yet (*early* pushes: the researcher's plan may reach this worker after the
-previous party's first activation) are held within a bound per session, whoever sends them
-(a peer's name is the sender's claim, so a bound per name would bound nothing): at most
-:data:`MAX_EARLY_PUSHES` pushes and :data:`EARLY_PUSH_BYTES` bytes, decoded. The receiver asks
-:meth:`Inbox.early_room` before it decodes an early push, and the decoder refuses a payload that
-declares more (a 40-byte ``topk`` payload may declare a tensor of 512 MiB) before it allocates. Pushes a running
-epoch expects are bounded the same way, by :data:`HELD_PUSH_BYTES` per session (received and not yet used); one
-beyond it fails the run, naming the rule. A push sent again after
-a broken link (:mod:`splitnn.server.pushes`) is recognised (:meth:`Inbox.has`: held,
-consumed, or of a finished run) and not delivered twice; a wait that a broken link failed
-(:class:`PeerLost`) may be waited again, and the push sent again fills it.
-
-:func:`parse_plan` turns a ``run_epoch`` command into an
-:class:`~splitnn.workers.epoch.EpochPlan` (decoded by :mod:`splitnn.common.serde`) and
-checks it against this worker's segments, peers and data before any work starts.
-:func:`run_epoch` runs this worker's actions of the plan's schedule
-(:mod:`splitnn.workers.schedules`) on the engine (a ``VirtualWorker`` with
-``fuse=False``), exchanging tensors through two callbacks: ``push(peer, kind,
-frame_id, tensor)`` and ``receive(peer, kind, frame_id)``.
+:class:`Inbox` holds the tensors adjacent peers push, and bounds them.
+:func:`parse_plan` turns a ``run_epoch`` command into an :class:`~splitnn.workers.epoch.EpochPlan`
+(decoded by :mod:`splitnn.common.serde`) and checks it against this worker's segments, peers and data
+before any work starts; the worker then runs its actions of the plan's schedule on the engine,
+exchanging tensors through ``push(peer, kind, frame_id, tensor)`` and ``receive(peer, kind, frame_id)``.
 """
 
 from __future__ import annotations
@@ -83,7 +65,24 @@ class Run:
 
 @dataclass
 class Inbox:
-    """Pushed tensors awaiting their consumer; see the module docstring."""
+    """Pushed tensors awaiting their consumer.
+
+    :class:`Inbox` holds tensors that adjacent peers *push* (PUSH frames) before or
+    while this worker waits for them, keyed by (sender, kind, frame id), and enforces
+    who may push what: only the parties named as ``prev``/``next`` in an active plan,
+    activations from ``prev`` and gradients from ``next``. Pushes for a run that has
+    not started here yet (*early* pushes: the researcher's plan may reach this worker after the
+    previous party's first activation) are held within a bound per session, whoever sends them
+    (a peer's name is the sender's claim, so a bound per name would bound nothing): at most
+    :data:`MAX_EARLY_PUSHES` pushes and :data:`EARLY_PUSH_BYTES` bytes, decoded. The receiver asks
+    :meth:`Inbox.early_room` before it decodes an early push, and the decoder refuses a payload that
+    declares more (a 40-byte ``topk`` payload may declare a tensor of 512 MiB) before it allocates. Pushes a running
+    epoch expects are bounded the same way, by :data:`HELD_PUSH_BYTES` per session (received and not yet used); one
+    beyond it fails the run, naming the rule. A push sent again after
+    a broken link (:mod:`splitnn.server.pushes`) is recognised (:meth:`Inbox.has`: held,
+    consumed, or of a finished run) and not delivered twice; a wait that a broken link failed
+    (:class:`PeerLost`) may be waited again, and the push sent again fills it.
+    """
 
     worker: str
     timeout: float

@@ -1,25 +1,7 @@
 """A worker's TCP data plane: peer links without gRPC (``splitnn worker --data-listen``).
 
-Beside its gRPC port a worker may listen on a second one that carries only peer links: the
-same frames, acknowledgements, re-sent pushes and session scoping as the gRPC ``Peer``
-stream (:mod:`splitnn.server.peers`), over :class:`~splitnn.transport.tcp.FrameStream`.
-The worker tells each researcher where (``hello``), the researcher tells the worker's peers
-(``peers``), and a peer that has the address dials it instead of opening a gRPC stream;
-a worker without one is reached over gRPC as before, so both kinds mix in one federation.
-
-The listener checks what the gRPC server checks of a peer stream, from the connection's
-hello frame (:func:`splitnn.transport.tcp.read_hello`): the federation token (constant
-time), a valid party name that is neither the researcher's nor this worker's, with mutual
-TLS a certificate naming that party, and a well-formed session tag. It answers ``NO`` and
-the reason, and closes, or ``OK``, and serves the link until either side ends it. It holds at most
-``max_connections`` connections at once (the worker's ``max_rpcs``); more are closed at once.
-
-Memory. Until its hello is accepted a connection buffers at most the hello's size
-(:data:`splitnn.transport.tcp.MAX_HELLO_BYTES`, 8 KiB; a bigger first frame ends it), in a buffer
-allocated when its first bytes arrive (an idle connection holds none); only an admitted link gets the
-256 KiB receive buffer and the full frame limit. When connections close, their buffers are freed and
-the freed heap handed back to the system (:func:`splitnn.transport.memory.release_memory`, at most
-every :data:`TRIM_DELAY` seconds), so a flood leaves nothing behind.
+:class:`TcpPlane` is the listener (its docstring says what it checks and how it bounds memory);
+:func:`check_data_plane` checks the options.
 """
 
 from __future__ import annotations
@@ -56,7 +38,29 @@ def check_data_plane(listen: str | None, advertise: str | None) -> None:
 
 
 class TcpPlane:
-    """The listener of a worker's TCP data plane; accepted links join the worker's :class:`Peers`."""
+    """The listener of a worker's TCP data plane; accepted links join the worker's :class:`Peers`.
+
+    Beside its gRPC port a worker may listen on a second one that carries only peer links: the
+    same frames, acknowledgements, re-sent pushes and session scoping as the gRPC ``Peer``
+    stream (:mod:`splitnn.server.peers`), over :class:`~splitnn.transport.tcp.FrameStream`.
+    The worker tells each researcher where (``hello``), the researcher tells the worker's peers
+    (``peers``), and a peer that has the address dials it instead of opening a gRPC stream;
+    a worker without one is reached over gRPC, so both kinds mix in one federation.
+
+    The listener checks what the gRPC server checks of a peer stream, from the connection's
+    hello frame (:func:`splitnn.transport.tcp.read_hello`): the federation token (constant
+    time), a valid party name that is neither the researcher's nor this worker's, with mutual
+    TLS a certificate naming that party, and a well-formed session tag. It answers ``NO`` and
+    the reason, and closes, or ``OK``, and serves the link until either side ends it. It holds at most
+    ``max_connections`` connections at once (the worker's ``max_rpcs``); more are closed at once.
+
+    Memory. Until its hello is accepted a connection buffers at most the hello's size
+    (:data:`splitnn.transport.tcp.MAX_HELLO_BYTES`, 8 KiB; a bigger first frame ends it), in a buffer
+    allocated when its first bytes arrive (an idle connection holds none); only an admitted link gets the
+    256 KiB receive buffer and the full frame limit. When connections close, their buffers are freed and
+    the freed heap handed back to the system (:func:`splitnn.transport.memory.release_memory`, at most
+    every :data:`TRIM_DELAY` seconds), so a flood leaves nothing behind.
+    """
 
     def __init__(
         self,

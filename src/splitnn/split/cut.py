@@ -1,51 +1,8 @@
 """Cutting a user's ``nn.Module`` into the segments of a split network: :func:`cut`.
 
-``cut(model, at=["layer2", "layer3"])`` returns three segments. A cut point names a
-submodule by its path (as in ``model.named_modules()``); the cut falls *before* that
-submodule runs, the convention of ``torch.distributed.pipelining``'s
-``SplitPoint.BEGINNING``.
-
-Three ways of cutting, chosen per call:
-
-* **Sequential, directly.** When every cut point is reached through ``nn.Sequential``
-  containers only (``"3"``, ``"features.7"``), the containers are sliced; no tracing.
-  Each segment is an ``nn.Sequential`` whose children keep their names, nested
-  containers included, so its state-dict keys are the original model's keys
-  (``features.7.weight`` stays ``features.7.weight``).
-* **Any other module, on its fx graph.** The model is traced with ``torch.fx`` by a
-  tracer that drops a marker into the graph when a cut-point module is called (what
-  ``pipe_split()`` does for pipelining). The nodes between markers form the segments;
-  each segment is a ``torch.fx.GraphModule`` holding the submodules it calls under their
-  original paths, so again its state-dict keys are the original keys.
-
-* **Through ``torch.export``, given ``example=``** (a batch of the model's inputs): the model is
-  exported in non-strict mode and its graph of ATen operations is cut before the first operation
-  run inside each cut point (what ``torch.distributed.pipelining.pipeline()`` does); this cuts
-  what fx cannot trace -- Hugging Face transformers, ``nn.TransformerEncoder`` between its
-  layers. Values that need no data (positions, masks built from sizes, buffers, sizes) are
-  recomputed in the segment that uses them instead of crossing; ``output=`` picks the tensor of a
-  ``ModelOutput`` the loss takes. See :mod:`splitnn.split.exported`.
-
-Values crossing a cut. Every value computed before a cut and used after it crosses
-that cut: a residual block cut in the middle sends its hidden activation *and* its
-shortcut. A segment then returns a tuple and the next one takes the tuple's items as
-positional arguments; when exactly one value crosses, it stays a plain tensor. A value
-produced in segment 0 and used in segment 2 travels through segment 1 as a
-pass-through output: in split learning each cut is a link between adjacent parties, so
-a party never receives a tensor from a party it is not next to. (``torch.fx.passes.
-split_module`` wires such a value straight from the first partition to the third,
-which is right for one process and wrong here; that is why the partitioning is our own.)
-
-Names and weights. ``cut`` works on a deep copy: training the segments leaves
-``model`` as it was. Parameters a segment uses keep their original names, so
-``SplitNN.collect_state()`` (or ``merge_states(segments)``) gives back a state dict that
-``model.load_state_dict`` accepts. Parameters the forward never uses belong to no
-segment and are not in it.
-
-Errors, raised here before anything trains, name the path or node and the fix: a cut
-point that does not exist (with close names), cut points out of execution order, a
-model fx cannot trace, a segment that would be empty, a parameter used on both sides of
-a cut (tied weights).
+``cut(model, at=["layer2", "layer3"])`` returns three segments; each cut falls *before* the named
+submodule runs. The ways of cutting (sequential slices, the fx graph, ``torch.export``), what crosses a
+cut, how names and weights are kept and the errors raised are in :func:`cut`'s docstring.
 """
 
 from __future__ import annotations
@@ -83,6 +40,53 @@ def cut(
 ) -> list[nn.Module]:
     """Cut ``model`` into ``len(at) + 1`` segments, each cut falling before the submodule ``at[i]`` runs.
 
+    ``cut(model, at=["layer2", "layer3"])`` returns three segments. A cut point names a
+    submodule by its path (as in ``model.named_modules()``); the cut falls *before* that
+    submodule runs, the convention of ``torch.distributed.pipelining``'s
+    ``SplitPoint.BEGINNING``.
+
+    Three ways of cutting, chosen per call:
+
+    * **Sequential, directly.** When every cut point is reached through ``nn.Sequential``
+      containers only (``"3"``, ``"features.7"``), the containers are sliced; no tracing.
+      Each segment is an ``nn.Sequential`` whose children keep their names, nested
+      containers included, so its state-dict keys are the original model's keys
+      (``features.7.weight`` stays ``features.7.weight``).
+    * **Any other module, on its fx graph.** The model is traced with ``torch.fx`` by a
+      tracer that drops a marker into the graph when a cut-point module is called (what
+      ``pipe_split()`` does for pipelining). The nodes between markers form the segments;
+      each segment is a ``torch.fx.GraphModule`` holding the submodules it calls under their
+      original paths, so again its state-dict keys are the original keys.
+
+    * **Through ``torch.export``, given ``example=``** (a batch of the model's inputs): the model is
+      exported in non-strict mode and its graph of ATen operations is cut before the first operation
+      run inside each cut point (what ``torch.distributed.pipelining.pipeline()`` does); this cuts
+      what fx cannot trace -- Hugging Face transformers, ``nn.TransformerEncoder`` between its
+      layers. Values that need no data (positions, masks built from sizes, buffers, sizes) are
+      recomputed in the segment that uses them instead of crossing; ``output=`` picks the tensor of a
+      ``ModelOutput`` the loss takes. See :mod:`splitnn.split.exported`.
+
+    Values crossing a cut. Every value computed before a cut and used after it crosses
+    that cut: a residual block cut in the middle sends its hidden activation *and* its
+    shortcut. A segment then returns a tuple and the next one takes the tuple's items as
+    positional arguments; when exactly one value crosses, it stays a plain tensor. A value
+    produced in segment 0 and used in segment 2 travels through segment 1 as a
+    pass-through output: in split learning each cut is a link between adjacent parties, so
+    a party never receives a tensor from a party it is not next to. (``torch.fx.passes.
+    split_module`` wires such a value straight from the first partition to the third,
+    which is right for one process and wrong here; that is why the partitioning is our own.)
+
+    Names and weights. ``cut`` works on a deep copy: training the segments leaves
+    ``model`` as it was. Parameters a segment uses keep their original names, so
+    ``SplitNN.collect_state()`` (or ``merge_states(segments)``) gives back a state dict that
+    ``model.load_state_dict`` accepts. Parameters the forward never uses belong to no
+    segment and are not in it.
+
+    Errors, raised here before anything trains, name the path or node and the fix: a cut
+    point that does not exist (with close names), cut points out of execution order, a
+    model fx cannot trace, a segment that would be empty, a parameter used on both sides of
+    a cut (tied weights).
+
     Args:
         model: any ``nn.Module``; it is copied, never changed.
         at: submodule paths in execution order, e.g. ``["layer2", "layer3"]`` or ``["features.7"]``.
@@ -102,7 +106,7 @@ def cut(
 
     Returns:
         The segments, in order: ``nn.Sequential`` slices for a sequential model, else
-        ``torch.fx.GraphModule``s. See the module docstring.
+        ``torch.fx.GraphModule``s (see above).
 
     Raises:
         ConfigurationError: naming the cut point, node or parameter at fault and the fix.

@@ -1,23 +1,10 @@
 """The in-process driver: the researcher runs a schedule's actions across the stages' workers.
 
-The step order lives in :mod:`splitnn.workers.schedules` (the same schedule objects a
-networked worker runs in a shipped epoch). This module executes them in the researcher's
-process, two ways:
-
-* :func:`train_step` -- the lock-step schedule of one batch, through the :class:`Worker`
-  protocol only (any worker, in-process or networked, fused autograd where both ends of a
-  cut allow it). Activations and gradients travel as refs: a send makes the ref the next
-  party's input and the receiver pulls the tensor when it uses it (recording the bytes), so
-  the program compiled from the schedule keeps only its computations. This is the fast path
-  of :meth:`SplitNN.train_batch`: it costs about what a hand-written loop does.
-* :func:`run_in_process` -- any schedule (pipelined ones included) over in-process engines,
-  each party's actions through a :class:`~splitnn.workers.runner.PartyRun`, the tensors
-  handed from sender to receiver exactly as a shipped epoch pushes them. In one thread it
-  follows the schedule's simulated timeline; with ``threads=True`` each party runs its own
-  actions on a thread of its own and waits for what it receives, so parties compute at once.
-
-Evaluation and the tutorial's low-level API use :func:`forward_chain` and
-:func:`backward_chain` (a forward pass has no order to choose).
+The step order lives in :mod:`splitnn.workers.schedules` (the same schedule objects a networked worker
+runs in a shipped epoch). This module executes them in the researcher's process: :func:`train_step`
+(the lock-step schedule of one batch, through the Worker protocol) and :func:`run_in_process` (any
+schedule over in-process engines). Evaluation and the tutorial's low-level API use :func:`forward_chain`
+and :func:`backward_chain`.
 """
 
 from __future__ import annotations
@@ -146,7 +133,13 @@ def _lockstep_program(stages: tuple[Stage, ...]) -> tuple[tuple, ...]:
 
 def train_step(stages: Sequence[Stage], batch: BatchRef, loss: Loss) -> LossStats:
     """One optimisation step on ``batch`` (features at the first stage, labels at the last): the
-    :class:`~splitnn.workers.schedules.LockStep` schedule of one batch, driven through the Worker protocol."""
+    :class:`~splitnn.workers.schedules.LockStep` schedule of one batch, driven through the Worker protocol.
+
+    Activations and gradients travel as refs: a send makes the ref the next party's input and the
+    receiver pulls the tensor when it uses it (recording the bytes), so the program compiled from the schedule
+    keeps only its computations; fused autograd where both ends of a cut allow it. This is the fast path of
+    :meth:`SplitNN.train_batch`: it costs about what a hand-written loop does.
+    """
     last = len(stages) - 1
     outs: list = [None] * len(stages)  # the ref each stage's forward returned
     grads: list = [None] * len(stages)  # the ref of the gradient of each stage's input
@@ -197,7 +190,14 @@ def run_in_process(
 ) -> None:
     """Run every party's actions of ``schedule`` over in-process workers; ``on_batch`` gets each batch's
     loss in batch order (from the label holder's thread when ``threads``). ``prediction``: a pipelined
-    schedule's weight prediction (see :class:`~splitnn.workers.runner.PartyRun`)."""
+    schedule's weight prediction (see :class:`~splitnn.workers.runner.PartyRun`).
+
+    Any schedule (pipelined ones included) over in-process engines, each party's actions through a
+    :class:`~splitnn.workers.runner.PartyRun`, the tensors handed from sender to receiver exactly as a shipped
+    epoch pushes them. In one thread it follows the schedule's simulated timeline; with ``threads=True`` each
+    party runs its own actions on a thread of its own and waits for what it receives, so parties compute at
+    once.
+    """
     check_in_process(stages, f"{schedule!r}")
     fused = [] if schedule.stashing else sorted({s.worker.name for s in stages if getattr(s.worker, "fuse", False)})
     if fused:  # in-flight operations never fuse; a lock-step schedule's plain ones do on fused workers

@@ -1,21 +1,7 @@
 """Checkpoints of a training job: each party keeps its own; the researcher keeps a manifest.
 
-``fit(..., checkpoint_dir=DIR, checkpoint_every="epoch" | N)`` has every party write its own
-checkpoint of the segments it hosts (weights, optimizer state, random streams;
-:mod:`splitnn.workers.checkpoint`) after every epoch, or every ``N`` batches and every epoch,
-and then writes ``DIR/manifest.json`` atomically: the job's secret id, where training stands
-(epoch, batch, step, the epoch's loss so far), the data order (seed, batch size, shuffle), the
-data's size and digest, the model's and each party's fingerprint, the ledger totals, the
-history so far, and which checkpoint (step and sha256) each party holds. Weights never travel
-for a checkpoint: a networked party writes into its own ``--state-dir``; an in-process worker
-without a state directory of its own writes under ``DIR/parties/<name>``.
-
-``fit(..., checkpoint_dir=DIR, resume=True)`` checks the manifest against the model, its
-parties and the data, asks every party for the steps it holds, has each load the one the
-manifest names (checking its sha256 before changing anything), puts the ledger totals and the
-history back, and continues with the batches the interrupted run would have trained next.
-Any difference is a :class:`~splitnn.errors.CheckpointError` naming it. ``resume=True`` with
-no manifest in ``DIR`` starts the job (so re-running one command resumes or starts it).
+:class:`CheckpointJob` writes the manifest after every party's checkpoint and checks it on resume
+(its docstring says what the manifest holds); :class:`Position` is where training stands.
 """
 
 from __future__ import annotations
@@ -104,7 +90,24 @@ def ledger_from_rows(rows: Sequence[Sequence[Any]]) -> Ledger:
 
 
 class CheckpointJob:
-    """One training job's checkpoints (see the module docstring). :func:`~splitnn.training.fit` drives it.
+    """One training job's checkpoints. :func:`~splitnn.training.fit` drives it.
+
+    ``fit(..., checkpoint_dir=DIR, checkpoint_every="epoch" | N)`` has every party write its own
+    checkpoint of the segments it hosts (weights, optimizer state, random streams;
+    :mod:`splitnn.workers.checkpoint`) after every epoch, or every ``N`` batches and every epoch,
+    and then writes ``DIR/manifest.json`` atomically: the job's secret id, where training stands
+    (epoch, batch, step, the epoch's loss so far), the data order (seed, batch size, shuffle), the
+    data's size and digest, the model's and each party's fingerprint, the ledger totals, the
+    history so far, and which checkpoint (step and sha256) each party holds. Weights never travel
+    for a checkpoint: a networked party writes into its own ``--state-dir``; an in-process worker
+    without a state directory of its own writes under ``DIR/parties/<name>``.
+
+    ``fit(..., checkpoint_dir=DIR, resume=True)`` checks the manifest against the model, its
+    parties and the data, asks every party for the steps it holds, has each load the one the
+    manifest names (checking its sha256 before changing anything), puts the ledger totals and the
+    history back, and continues with the batches the interrupted run would have trained next.
+    Any difference is a :class:`~splitnn.errors.CheckpointError` naming it. ``resume=True`` with
+    no manifest in ``DIR`` starts the job (so re-running one command resumes or starts it).
 
     Args:
         model: the model being trained; it must list its segments (``checkpoint_segments()``).

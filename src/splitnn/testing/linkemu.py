@@ -1,30 +1,9 @@
 """A userspace link emulator: TCP proxies that add one-way delay and cap bandwidth.
 
-Split learning's parties sit in different organisations, tens of milliseconds apart.
-Where the kernel's ``netem`` is not available (``tc qdisc ... netem`` needs a module this
-machine lacks), these asyncio proxies stand in for it. Each party gets one listening
-address that forwards to its worker; bytes crossing a proxy are delayed by the one-way
-``delay`` in each direction and, with a ``rate``, serialised through one queue per
-direction that every connection through that proxy shares (a token bucket in virtual
-time: a chunk of ``n`` bytes occupies the link for ``n / rate`` seconds after the
-previous one, then travels ``delay`` seconds).
-
-Give the researcher the proxies' addresses (``splitnn.connect(proxy_url, ...)``): it
-announces the addresses it connected to as the workers' peer addresses, so party to party
-traffic dials the proxies too and every hop alice -> bob -> claire crosses one emulated link.
-Whichever side dialled, both directions of a connection are delayed once.
-
-What it models and what it does not: latency and a rate cap on the payload bytes (not
-TCP/IP headers), in each direction of the link *into* a party (connections that party
-dials go through its peers' proxies). No loss, no jitter, no reordering. Timers come from
-the event loop, so a delay can run late by about a millisecond; measure the emulator
-itself (:func:`measure_rtt`) when that matters.
-
-    async with LinkEmulator() as emu:
-        addr = await emu.add("bob", "127.0.0.1:7002", delay=0.010, rate=parse_rate("100mbit"))
-
-From synchronous code use :class:`ThreadedLinkEmulator` (the same, on its own event loop
-thread), and from a shell ``python -m splitnn.testing.linkemu --delay 10ms LISTEN=TARGET ...``.
+:class:`LinkEmulator` (asyncio) and :class:`ThreadedLinkEmulator` (the same, on its own event loop thread,
+for synchronous code) give each party a listening address that forwards to its worker; the class
+docstring says what is modelled. From a shell: ``python -m splitnn.testing.linkemu --delay 10ms
+LISTEN=TARGET ...``.
 """
 
 from __future__ import annotations
@@ -160,7 +139,31 @@ class _Proxy:
 
 
 class LinkEmulator:
-    """Delay/rate proxies on one event loop; see the module docstring. Use ``async with`` or call :meth:`aclose`."""
+    """Delay/rate proxies on one event loop. Use ``async with`` or call :meth:`aclose`.
+
+    Split learning's parties sit in different organisations, tens of milliseconds apart.
+    Where the kernel's ``netem`` is not available (``tc qdisc ... netem`` needs a module this
+    machine lacks), these asyncio proxies stand in for it. Each party gets one listening
+    address that forwards to its worker; bytes crossing a proxy are delayed by the one-way
+    ``delay`` in each direction and, with a ``rate``, serialised through one queue per
+    direction that every connection through that proxy shares (a token bucket in virtual
+    time: a chunk of ``n`` bytes occupies the link for ``n / rate`` seconds after the
+    previous one, then travels ``delay`` seconds).
+
+    Give the researcher the proxies' addresses (``splitnn.connect(proxy_url, ...)``): it
+    announces the addresses it connected to as the workers' peer addresses, so party to party
+    traffic dials the proxies too and every hop alice -> bob -> claire crosses one emulated link.
+    Whichever side dialled, both directions of a connection are delayed once.
+
+    What it models and what it does not: latency and a rate cap on the payload bytes (not
+    TCP/IP headers), in each direction of the link *into* a party (connections that party
+    dials go through its peers' proxies). No loss, no jitter, no reordering. Timers come from
+    the event loop, so a delay can run late by about a millisecond; measure the emulator
+    itself (:func:`measure_rtt`) when that matters.
+
+        async with LinkEmulator() as emu:
+            addr = await emu.add("bob", "127.0.0.1:7002", delay=0.010, rate=parse_rate("100mbit"))
+    """
 
     def __init__(self) -> None:
         self.proxies: dict[str, _Proxy] = {}

@@ -5,11 +5,13 @@
 * Topologies beyond one chain: :class:`MultiHolderSplitNN`, :class:`UShapedSplitNN`,
   :class:`VerticalSplitNN` (:mod:`splitnn.training.topologies`).
 * Baselines: :class:`FedAvg`, :class:`LargeBatchSGD` (:mod:`splitnn.training.baselines`).
+* Aligning vertical parties by private set intersection: :func:`intersect` (:mod:`splitnn.training.alignment`).
 """
 
 from splitnn.data.batching import epoch_batches
 from splitnn.split.fit import EpochStats, EvalResult, History, evaluate, fit
 from splitnn.split.trainable import Trainable
+from splitnn.training.alignment import PsiResult, intersect
 from splitnn.training.baselines import FedAvg, LargeBatchSGD
 from splitnn.training.topologies import (
     MultiHolderSplitNN,
@@ -36,4 +38,6 @@ __all__ = [
     "build_topology",
     "FedAvg",
     "LargeBatchSGD",
+    "intersect",
+    "PsiResult",
 ]

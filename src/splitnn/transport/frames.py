@@ -1,45 +1,8 @@
-"""Raw frames of the peer-to-peer data plane.
+"""Raw frames of the peer-to-peer data plane: a 24-byte header and a chunk of payload.
 
-Adjacent workers keep one long-lived bidirectional gRPC stream between them and put
-*raw frames* on it (custom identity serializers: no protobuf, no copy into a message
-object). A frame is a fixed 24-byte header followed by a chunk of payload::
-
-    offset  size  field
-    0       4     magic b"SNP1"
-    4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
-                  4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
-                  the sender's shipped epoch #id failed), 6 ACK (pushes that arrived whole, as entries
-                  of a kind code (u8) and a push id (u64); none: "acknowledge what you have now";
-                  :mod:`splitnn.server.pushes`)
-    5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
-                  4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
-    6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
-                  several values (a :mod:`splitnn.wire.cut_codec` values payload; DATA/PUSH only)
-    7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
-                  (0 ``none``; always 0 in other frames)
-    8       8     id (u64): the tensor's id at its owner (pull key and reply key)
-    16      8     total (u64): length of the whole payload across chunks
-
-A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` frame
-(dtype + shape header + raw bytes); for ``weights`` that tensor is 1-D uint8 and holds a
-safetensors state dict (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the
-validating codec; for ``psi`` it is 1-D uint8 and holds one PSI message (parsed by the
-receiver's :mod:`splitnn.data.psi`). With another codec the payload is that codec's self-describing payload,
-which must name the same codec. Several values crossing a cut at once (a skip connection
-over the cut) travel as one values payload (flag bit 1) whose entries are tensor frames or
-payloads of the frame's codec (:mod:`splitnn.wire.cut_codec`). Payloads above the chunk size are cut into several DATA
-frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`.
-PUSH payloads are cut the same way. The receiver checks every header and the declared
-total against its limits *before* buffering, and decodes the payload with the validating codec.
-
-Copies. For gRPC the sender writes each frame with one copy of its bytes (header and a view of
-the tensor's memory joined into the ``bytes`` gRPC sends); a TCP link (:mod:`splitnn.transport.tcp`)
-takes the frame as its parts (``joined=False``: the header, then views of the tensor) and the
-kernel copies them from where they are. The receiver of a chunked tensor reads the tensor header
-from the first chunk, then copies each chunk's bytes straight into the new tensor's memory (no
-reassembly buffer, no second copy when it is complete); a whole tensor in a frame that is the
-receiver's own (``owned``: a TCP link receives each frame into memory of its own, its payload
-aligned where :func:`payload_start` says) becomes a tensor on that memory, without a copy.
+:class:`FrameHeader` documents the layout, what a payload holds and how it is copied; :func:`pack`,
+:func:`request`, :func:`ack` and the others build frames, and the receiver's parsers check every
+header against its limits before buffering.
 """
 
 from __future__ import annotations
@@ -88,6 +51,49 @@ PAYLOAD_HEADER_ROOM = 256
 
 
 class FrameHeader(NamedTuple):
+    """The header of one raw frame of the peer data plane.
+
+    Adjacent workers keep one long-lived bidirectional gRPC stream between them and put
+    *raw frames* on it (custom identity serializers: no protobuf, no copy into a message
+    object). A frame is a fixed 24-byte header followed by a chunk of payload::
+
+        offset  size  field
+        0       4     magic b"SNP1"
+        4       1     type: 1 REQUEST (pull tensor #id), 2 DATA (a chunk of it), 3 ERROR (utf-8 text),
+                      4 PUSH (a chunk of a tensor sent unasked, shipped epochs), 5 ABORT (utf-8 text:
+                      the sender's shipped epoch #id failed), 6 ACK (pushes that arrived whole, as entries
+                      of a kind code (u8) and a push id (u64); none: "acknowledge what you have now";
+                      :mod:`splitnn.server.pushes`)
+        5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
+                      4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
+        6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
+                      several values (a :mod:`splitnn.wire.cut_codec` values payload; DATA/PUSH only)
+        7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
+                      (0 ``none``; always 0 in other frames)
+        8       8     id (u64): the tensor's id at its owner (pull key and reply key)
+        16      8     total (u64): length of the whole payload across chunks
+
+    A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` frame (dtype + shape header + raw
+    bytes); for ``weights`` that tensor is 1-D uint8 and holds a safetensors state dict
+    (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the validating codec; for ``psi`` it is 1-D
+    uint8 and holds one PSI message (parsed by the receiver's :mod:`splitnn.data.psi`). With another codec the
+    payload is that codec's self-describing payload, which must name the same codec. Several values crossing a cut
+    at once (a skip connection over the cut) travel as one values payload (flag bit 1) whose entries are tensor
+    frames or payloads of the frame's codec (:mod:`splitnn.wire.cut_codec`). Payloads above the chunk size are cut
+    into several DATA frames, so no gRPC message exceeds the limits set in :class:`~splitnn.transport.Limits`. PUSH
+    payloads are cut the same way. The receiver checks every header and the declared total against its limits
+    *before* buffering, and decodes the payload with the validating codec.
+
+    Copies. For gRPC the sender writes each frame with one copy of its bytes (header and a view of
+    the tensor's memory joined into the ``bytes`` gRPC sends); a TCP link (:mod:`splitnn.transport.tcp`)
+    takes the frame as its parts (``joined=False``: the header, then views of the tensor) and the
+    kernel copies them from where they are. The receiver of a chunked tensor reads the tensor header
+    from the first chunk, then copies each chunk's bytes straight into the new tensor's memory (no
+    reassembly buffer, no second copy when it is complete); a whole tensor in a frame that is the
+    receiver's own (``owned``: a TCP link receives each frame into memory of its own, its payload
+    aligned where :func:`payload_start` says) becomes a tensor on that memory, without a copy.
+    """
+
     type: int
     kind: str
     more: bool

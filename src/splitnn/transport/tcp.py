@@ -1,33 +1,9 @@
 """Peer frames over a plain TCP (or TLS) connection: the data plane without gRPC.
 
-The peer data plane (:mod:`splitnn.server.peers`) puts :mod:`~splitnn.transport.frames` on a
-stream that gives it two calls, ``send(frame)`` and ``read() -> frame | None``. gRPC's
-bidirectional stream is one such stream; this module is another: each frame goes on a TCP
-connection behind a 4-byte little-endian length. Through ``fit`` on this machine's loopback, peer
-links over TCP cost about a third less per byte and a millisecond less per batch than over gRPC
-(``benchmarks/bench_network.py --data-plane grpc,tcp``; docs/performance.md).
-
-:class:`FrameStream` is the asyncio protocol of one connection. It receives into its own
-buffer (no stream reader's copies): small frames are cut out of a 256 KiB scratch buffer,
-a frame too big for it is read straight into a buffer of its own size. A declared length
-above the limit ends the connection before anything is buffered. Until its first frame (the
-hello, or the answer to it) is read and the connection let in (:meth:`FrameStream.admit`), a
-stream takes at most :data:`MAX_HELLO_BYTES` per frame into a buffer of that size, allocated
-when the first bytes arrive: a connection that never says hello costs no more than that
-(an idle one nothing), and its buffers go when it closes. A frame carrying a tensor is
-handed to the reader in memory of its own with the tensor's bytes at a 64-byte boundary
-(``align``; from 64 KiB), so that the tensor can be built on it; and a frame given as parts (a header and
-views of a tensor's memory, :data:`splitnn.transport.frames.Frame`) is written without joining
-them: the kernel copies each byte once, from where it is.
-
-A connection starts with a *hello*: the dialling party sends one frame of JSON (federation
-token, its party name, the session tag it dials, as the gRPC metadata of a peer stream would
-carry them) and waits for the answer frame: ``OK``, or ``NO`` followed by the reason (the
-listener then closes). Authentication itself is the listener's (:mod:`splitnn.server.tcp_plane`).
-
-With TLS both sides use the party's certificate and the federation CA, as gRPC does: the
-dialler checks that the listener's certificate names the peer it meant to reach; with a CA the
-listener requires the dialler's certificate and :func:`certificate_names` says whom it names.
+Each :mod:`~splitnn.transport.frames` frame goes on a TCP connection behind a 4-byte little-endian
+length. :class:`FrameStream` is one connection (its docstring says how it buffers, the hello and TLS);
+:func:`hello` / :func:`read_hello` are the opening exchange; :func:`server_context` and
+:func:`client_context` the TLS contexts.
 """
 
 from __future__ import annotations
@@ -71,7 +47,37 @@ def _unaligned(head: memoryview) -> int:
 
 
 class FrameStream(asyncio.BufferedProtocol):
-    """One TCP connection carrying length-prefixed frames; ``read`` and ``send`` are the peer link's calls."""
+    """One TCP connection carrying length-prefixed frames; ``read`` and ``send`` are the peer link's calls.
+
+    The peer data plane (:mod:`splitnn.server.peers`) puts :mod:`~splitnn.transport.frames` on a
+    stream that gives it two calls, ``send(frame)`` and ``read() -> frame | None``. gRPC's
+    bidirectional stream is one such stream; this module is another: each frame goes on a TCP
+    connection behind a 4-byte little-endian length. Through ``fit`` on this machine's loopback, peer
+    links over TCP cost about a third less per byte and a millisecond less per batch than over gRPC
+    (``benchmarks/bench_network.py --data-plane grpc,tcp``; docs/performance.md).
+
+    :class:`FrameStream` is the asyncio protocol of one connection. It receives into its own
+    buffer (no stream reader's copies): small frames are cut out of a 256 KiB scratch buffer,
+    a frame too big for it is read straight into a buffer of its own size. A declared length
+    above the limit ends the connection before anything is buffered. Until its first frame (the
+    hello, or the answer to it) is read and the connection let in (:meth:`FrameStream.admit`), a
+    stream takes at most :data:`MAX_HELLO_BYTES` per frame into a buffer of that size, allocated
+    when the first bytes arrive: a connection that never says hello costs no more than that
+    (an idle one nothing), and its buffers go when it closes. A frame carrying a tensor is
+    handed to the reader in memory of its own with the tensor's bytes at a 64-byte boundary
+    (``align``; from 64 KiB), so that the tensor can be built on it; and a frame given as parts (a header and
+    views of a tensor's memory, :data:`splitnn.transport.frames.Frame`) is written without joining
+    them: the kernel copies each byte once, from where it is.
+
+    A connection starts with a *hello*: the dialling party sends one frame of JSON (federation
+    token, its party name, the session tag it dials, as the gRPC metadata of a peer stream would
+    carry them) and waits for the answer frame: ``OK``, or ``NO`` followed by the reason (the
+    listener then closes). Authentication itself is the listener's (:mod:`splitnn.server.tcp_plane`).
+
+    With TLS both sides use the party's certificate and the federation CA, as gRPC does: the
+    dialler checks that the listener's certificate names the peer it meant to reach; with a CA the
+    listener requires the dialler's certificate and :func:`certificate_names` says whom it names.
+    """
 
     def __init__(
         self,

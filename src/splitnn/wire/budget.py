@@ -1,30 +1,7 @@
 """What a received segment may allocate: shapes and sizes computed on meta tensors, against a budget.
 
-A worker runs segments another party sent. Their weights are bounded when they are built
-(:func:`splitnn.wire.spec.spec_to_module`, ``max_params``); what one forward allocates
-(``torch.ones(2**28)`` in a graph, an ``expand(...).contiguous()``, a ``Linear`` with a
-huge output) is bounded here. :func:`guard_segment` puts a forward pre-hook on the built
-module: before the module runs at an input signature (shapes, dtypes, train or eval) it has
-not run at, its *meta twin* (the same spec built on the ``meta`` device: no memory) runs on
-meta copies of the inputs under a dispatch mode that adds up the bytes of every new tensor
-storage any op creates (factory calls are forced onto ``meta`` too, so the check itself
-allocates nothing). Over ``budget`` bytes, the run is refused with
-:class:`~splitnn.errors.MemoryBudgetError` naming the node (``spec.nodes[5] (torch.ones)``),
-what it would allocate and the budget; nothing ran. Signatures that passed are cached, so
-every later run at that signature is one the check has seen: the budget holds while the
-segment runs, not only when it is installed.
-
-The op vocabulary (:mod:`splitnn.wire.ops`) is what makes the meta run faithful: its ops'
-output sizes follow from the input shapes, and an op whose sizes depend on the values
-(``nonzero``, ``.item()``) fails on meta, so it is refused here too. The Python values a
-graph computes (``operator.mul`` of two sizes) are bounded as they are computed: an int
-beyond 2**64 or a sequence beyond 65,536 items is refused before it can grow.
-
-The sum of every new storage is an upper bound of the forward's peak (it counts what
-autograd keeps for the backward pass as well); allocations inside a single kernel
-(workspaces) are not seen. No view larger than its storage (an ``expand``) may be larger than
-the budget either: an ``expand`` to 2**40 elements allocates nothing, but a reduction over it
-would read them all. CPU time is not budgeted.
+:func:`guard_segment` installs the check on a built segment; its docstring says how the meta run
+counts every new storage, what it refuses and what it does not bound.
 """
 
 from __future__ import annotations
@@ -229,6 +206,32 @@ def guard_segment(module: nn.Module, twin: nn.Module, budget: int, name: str = "
 
     ``twin`` is the same spec built under ``torch.device("meta")``. Returns the hook (its
     ``checked`` maps each input signature seen to the bytes it allocates).
+
+    A worker runs segments another party sent. Their weights are bounded when they are built
+    (:func:`splitnn.wire.spec.spec_to_module`, ``max_params``); what one forward allocates
+    (``torch.ones(2**28)`` in a graph, an ``expand(...).contiguous()``, a ``Linear`` with a
+    huge output) is bounded here. :func:`guard_segment` puts a forward pre-hook on the built
+    module: before the module runs at an input signature (shapes, dtypes, train or eval) it has
+    not run at, its *meta twin* (the same spec built on the ``meta`` device: no memory) runs on
+    meta copies of the inputs under a dispatch mode that adds up the bytes of every new tensor
+    storage any op creates (factory calls are forced onto ``meta`` too, so the check itself
+    allocates nothing). Over ``budget`` bytes, the run is refused with
+    :class:`~splitnn.errors.MemoryBudgetError` naming the node (``spec.nodes[5] (torch.ones)``),
+    what it would allocate and the budget; nothing ran. Signatures that passed are cached, so
+    every later run at that signature is one the check has seen: the budget holds while the
+    segment runs, not only when it is installed.
+
+    The op vocabulary (:mod:`splitnn.wire.ops`) is what makes the meta run faithful: its ops'
+    output sizes follow from the input shapes, and an op whose sizes depend on the values
+    (``nonzero``, ``.item()``) fails on meta, so it is refused here too. The Python values a
+    graph computes (``operator.mul`` of two sizes) are bounded as they are computed: an int
+    beyond 2**64 or a sequence beyond 65,536 items is refused before it can grow.
+
+    The sum of every new storage is an upper bound of the forward's peak (it counts what
+    autograd keeps for the backward pass as well); allocations inside a single kernel
+    (workspaces) are not seen. No view larger than its storage (an ``expand``) may be larger than
+    the budget either: an ``expand`` to 2**40 elements allocates nothing, but a reduction over it
+    would read them all. CPU time is not budgeted.
     """
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise SpecError(f"a memory budget is a number of bytes >= 1, got {budget!r}")

@@ -1,21 +1,9 @@
 """Fingerprints of segments: the sha256 of a segment's canonical spec.
 
-A party that wants to approve one architecture once (a hospital's data holder) pins the
-fingerprints of the segments it accepts in its policy (``accept_segments``); nothing else
-is built on its data. A fingerprint depends on *what runs*, not on the weights (which change
-with every step) nor on names that only choose state-dict keys: it is the sha256 of
-:func:`~splitnn.wire.spec.canonical_json` of the segment's spec, prefixed with a version tag
-so that a later canonical form cannot collide with this one.
-
->>> from torch import nn
->>> fp = fingerprint(nn.Sequential(nn.Linear(784, 128), nn.ReLU()))
->>> fp == fingerprint({"type": "Sequential", "layers": [
-...     {"type": "Linear", "in_features": 784, "out_features": 128}, {"type": "ReLU"}]})
-True
-
-Print a saved model's with ``splitnn fingerprint model.safetensors`` (per segment when the file
-records its cuts, as ``splitnn train --save`` writes it), or a model's from Python with
-:func:`segment_fingerprints`.
+:func:`fingerprint` computes one (its docstring says what it depends on), :func:`check_fingerprint`
+checks one, :func:`segment_fingerprints` gives a model's per segment. Print a saved model's with
+``splitnn fingerprint model.safetensors`` (per segment when the file records its cuts, as
+``splitnn train --save`` writes it).
 """
 
 from __future__ import annotations
@@ -43,6 +31,19 @@ def fingerprint(segment: nn.Module | Mapping[str, Any]) -> str:
 
     Raises :class:`~splitnn.errors.SpecError` when the module cannot be described as a spec
     (a class neither registered nor importable; see :func:`splitnn.wire.module_to_spec`).
+
+    A party that wants to approve one architecture once (a hospital's data holder) pins the
+    fingerprints of the segments it accepts in its policy (``accept_segments``); nothing else
+    is built on its data. A fingerprint depends on *what runs*, not on the weights (which change
+    with every step) nor on names that only choose state-dict keys: it is the sha256 of
+    :func:`~splitnn.wire.spec.canonical_json` of the segment's spec, prefixed with a version tag
+    so that a later canonical form cannot collide with this one.
+
+    >>> from torch import nn
+    >>> fp = fingerprint(nn.Sequential(nn.Linear(784, 128), nn.ReLU()))
+    >>> fp == fingerprint({"type": "Sequential", "layers": [
+    ...     {"type": "Linear", "in_features": 784, "out_features": 128}, {"type": "ReLU"}]})
+    True
     """
     spec = module_to_spec(segment) if isinstance(segment, nn.Module) else segment
     text = canonical_json(dict(spec) if isinstance(spec, Mapping) else spec)

@@ -1,30 +1,8 @@
 """Declarative model specs: a model travels as JSON naming known layer types, never as code.
 
-A spec is a JSON object with a ``"type"`` key naming a registered layer type
-(:mod:`splitnn.wire.layers`) and that type's constructor arguments beside it::
-
-    {"type": "Sequential", "layers": [
-        {"type": "Linear", "in_features": 784, "out_features": 128, "bias": true},
-        {"type": "ReLU", "inplace": false}]}
-
-``Sequential`` may carry ``"names"`` when its children are not named ``0, 1, ...``, so
-that state-dict keys match. :func:`spec_to_module` builds fresh layers; weights travel
-separately as a state dict (see :mod:`splitnn.wire.state_codec`).
-
-Two more kinds of spec:
-
-* ``{"type": "Graph", ...}``: a ``torch.fx.GraphModule`` (a segment made by
-  :func:`splitnn.cut`) as its graph of allow-listed ops; see :mod:`splitnn.wire.graph`.
-* ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``: a class that is neither
-  registered nor a graph, built by importing it -- only from modules the receiver trusts
-  (:class:`~splitnn.wire.trust.Trust`; the registry and a fixed list of ``torch.nn`` layers
-  are trusted by default).
-
-Specs from other parties are untrusted. :func:`spec_to_module` first checks that the
-spec is plain JSON data of bounded size and nesting, validates every layer's
-arguments, and adds up the parameter and buffer elements the model would allocate
-*before* building anything. Every problem raises :class:`SpecError` naming the layer
-(by its path, e.g. ``spec.layers[2]``), and the argument.
+:func:`module_to_spec` describes a module; :func:`spec_to_module` checks a spec and builds fresh layers
+(its docstring gives the format and the checks); weights travel separately as a state dict
+(:mod:`splitnn.wire.state_codec`).
 """
 
 from __future__ import annotations
@@ -341,6 +319,32 @@ def spec_to_module(spec: Any, *, max_params: int = DEFAULT_MAX_PARAMS, trust: Tr
     is at most ``max_params`` before allocating. Load the weights with ``load_state_dict``.
     Raises :class:`SpecError` naming the layer and argument at fault
     (:class:`~splitnn.errors.TrustError` for an untrusted class, naming it and the flag).
+
+    A spec is a JSON object with a ``"type"`` key naming a registered layer type
+    (:mod:`splitnn.wire.layers`) and that type's constructor arguments beside it::
+
+        {"type": "Sequential", "layers": [
+            {"type": "Linear", "in_features": 784, "out_features": 128, "bias": true},
+            {"type": "ReLU", "inplace": false}]}
+
+    ``Sequential`` may carry ``"names"`` when its children are not named ``0, 1, ...``, so
+    that state-dict keys match. :func:`spec_to_module` builds fresh layers; weights travel
+    separately as a state dict (see :mod:`splitnn.wire.state_codec`).
+
+    Two more kinds of spec:
+
+    * ``{"type": "Graph", ...}``: a ``torch.fx.GraphModule`` (a segment made by
+      :func:`splitnn.cut`) as its graph of allow-listed ops; see :mod:`splitnn.wire.graph`.
+    * ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``: a class that is neither
+      registered nor a graph, built by importing it -- only from modules the receiver trusts
+      (:class:`~splitnn.wire.trust.Trust`; the registry and a fixed list of ``torch.nn`` layers
+      are trusted by default).
+
+    Specs from other parties are untrusted. :func:`spec_to_module` first checks that the
+    spec is plain JSON data of bounded size and nesting, validates every layer's
+    arguments, and adds up the parameter and buffer elements the model would allocate
+    *before* building anything. Every problem raises :class:`SpecError` naming the layer
+    (by its path, e.g. ``spec.layers[2]``), and the argument.
     """
     _check_plain_json(spec)
     plan = _plan(spec, "spec", [0], trust or Trust())

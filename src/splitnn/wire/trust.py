@@ -1,26 +1,7 @@
 """What a party agrees to build from a spec: :class:`Trust`.
 
-A spec may name a class to import, ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``,
-for layers that are neither ``torch.nn`` layers nor in the spec registry (a user's residual
-block). Importing runs that module's code, so a party imports only from module prefixes
-its operator trusts: ``splitnn worker --trust mypkg.models`` (repeatable). Lacking trust,
-decoding refuses *before anything is imported or built*, naming the class and the flag
-that would allow it.
-
-Trust means the class's own module. ``"module:Name"`` names one class defined at the top
-level of a module: no attribute chains (``mypkg.models:evilpkg.Dropper`` is refused before
-anything is imported), and the class found must be defined where the operator's trust
-reaches (its own ``__module__`` under a trusted prefix, its ``__qualname__`` the name sent),
-so a trusted module that imports a class from elsewhere does not lend it its trust.
-Without ``--trust``, a party builds the registry of :mod:`splitnn.wire.spec` and the
-:data:`DEFAULT_LAYERS`: a fixed list of dense ``torch.nn`` layers (``Conv1d``,
-``LayerNorm``, ``Embedding``, ...), not everything under ``torch.nn.modules``.
-
-On the sending side, :func:`import_spec` describes an instance of such a class: its
-constructor's keyword arguments as JSON, taken from ``module.splitnn_kwargs()`` when the
-class defines it, else from attributes named like the constructor's parameters (the way
-``nn.Conv2d`` keeps ``in_channels``, ``stride``, ...). The description is checked by
-rebuilding the class on the ``meta`` device and comparing parameter and buffer shapes.
+:class:`Trust` decides which ``{"import": "module:Name"}`` classes a party builds (its docstring gives
+the rules); :func:`import_spec` describes an instance of such a class on the sending side.
 """
 
 from __future__ import annotations
@@ -67,6 +48,22 @@ class Trust:
 
     ``Trust(["mypkg.models"])`` allows classes defined in ``mypkg.models`` and its submodules
     (``mypkg.models.blocks``), not ``mypkg.modelsx``. :data:`DEFAULT_LAYERS` are always allowed.
+
+    A spec may name a class to import, ``{"import": "mypkg.models:BasicBlock", "kwargs": {...}}``,
+    for layers that are neither ``torch.nn`` layers nor in the spec registry (a user's residual
+    block). Importing runs that module's code, so a party imports only from module prefixes
+    its operator trusts: ``splitnn worker --trust mypkg.models`` (repeatable). Lacking trust,
+    decoding refuses *before anything is imported or built*, naming the class and the flag
+    that would allow it.
+
+    Trust means the class's own module. ``"module:Name"`` names one class defined at the top
+    level of a module: no attribute chains (``mypkg.models:evilpkg.Dropper`` is refused before
+    anything is imported), and the class found must be defined where the operator's trust
+    reaches (its own ``__module__`` under a trusted prefix, its ``__qualname__`` the name sent),
+    so a trusted module that imports a class from elsewhere does not lend it its trust.
+    Without ``--trust``, a party builds the registry of :mod:`splitnn.wire.spec` and the
+    :data:`DEFAULT_LAYERS`: a fixed list of dense ``torch.nn`` layers (``Conv1d``,
+    ``LayerNorm``, ``Embedding``, ...), not everything under ``torch.nn.modules``.
     """
 
     modules: tuple[str, ...] = ()
@@ -153,7 +150,14 @@ def json_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
 
 
 def import_spec(m: nn.Module, path: str) -> dict[str, Any]:
-    """``{"import": "module:Qual", "kwargs": {...}}`` describing ``m``; SpecError when it cannot be told."""
+    """``{"import": "module:Qual", "kwargs": {...}}`` describing ``m``; SpecError when it cannot be told.
+
+    On the sending side, :func:`import_spec` describes an instance of such a class: its
+    constructor's keyword arguments as JSON, taken from ``module.splitnn_kwargs()`` when the
+    class defines it, else from attributes named like the constructor's parameters (the way
+    ``nn.Conv2d`` keeps ``in_channels``, ``stride``, ...). The description is checked by
+    rebuilding the class on the ``meta`` device and comparing parameter and buffer shapes.
+    """
     cls = type(m)
     module, qual = cls.__module__, cls.__qualname__
     if module == "__main__" or "<locals>" in qual:

@@ -1,24 +1,6 @@
 """A worker's audit log: what ran on this party's data and what left it, one JSON object per line.
 
-The operator of a party reads it to answer "what did the researchers do here?". Every line is
-one event with ``time`` (UTC, ISO 8601), ``event``, ``worker`` and, for a networked worker,
-``session`` (the session's public tag, never its secret id), plus the event's own fields:
-
-==================  =========================================================================
-``policy``          the policy in force when the worker started (its non-default rules)
-``segment``         a segment installed: ``segment`` (key), ``fingerprint``, ``params``
-``dataset_read``    a model first read one of this party's datasets: ``dataset``, ``part``
-                    (``features``/``labels``), ``segment``
-``refusal``         a policy refusal: ``rule``, ``what``, ``message``
-``sent``            bytes this party sent, per receiver and kind since the last ``sent``
-                    line of the session: ``to``, ``kind``, ``bytes``, ``count``
-``checkpoint``      a checkpoint written: ``job`` (a tag of the job id), ``step``, ``bytes``
-``restore``         a checkpoint loaded: ``job``, ``step``
-``session_end``     a session ended (networked workers)
-==================  =========================================================================
-
-Lines are appended and flushed one at a time (a crash loses at most the line being written),
-from any thread. The file is opened in append mode, so a restarted worker continues it.
+:class:`AuditLog` writes it (its docstring lists the events and their fields); :func:`read_audit` reads it.
 """
 
 from __future__ import annotations
@@ -34,7 +16,25 @@ __all__ = ["AuditLog"]
 
 
 class AuditLog:
-    """Appends audit events to a JSON-lines file (see the module docstring).
+    """Appends audit events to a JSON-lines file.
+
+    The operator of a party reads it to answer "what did the researchers do here?". Every line is
+    one event with ``time`` (UTC, ISO 8601), ``event``, ``worker`` and, for a networked worker,
+    ``session`` (the session's public tag, never its secret id), plus the event's own fields:
+
+    * ``policy`` -- the policy in force when the worker started (its non-default rules);
+    * ``segment`` -- a segment installed: ``segment`` (key), ``fingerprint``, ``params``;
+    * ``dataset_read`` -- a model first read one of this party's datasets: ``dataset``, ``part``
+      (``features``/``labels``), ``segment``;
+    * ``refusal`` -- a policy refusal: ``rule``, ``what``, ``message``;
+    * ``sent`` -- bytes this party sent, per receiver and kind since the last ``sent`` line of the
+      session: ``to``, ``kind``, ``bytes``, ``count``;
+    * ``checkpoint`` -- a checkpoint written: ``job`` (a tag of the job id), ``step``, ``bytes``;
+    * ``restore`` -- a checkpoint loaded: ``job``, ``step``;
+    * ``session_end`` -- a session ended (networked workers).
+
+    Lines are appended and flushed one at a time (a crash loses at most the line being written),
+    from any thread. The file is opened in append mode, so a restarted worker continues it.
 
     Args:
         path: the log file (created if missing, appended to otherwise).

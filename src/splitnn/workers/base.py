@@ -67,7 +67,7 @@ class Worker(Protocol):
         unless ``allow_nonfinite``.
 
         In-process workers also take map-style datasets (read in batches at the worker) and,
-        with ``ids=``, the samples' ids for private set intersection (:mod:`splitnn.training.psi`).
+        with ``ids=``, the samples' ids for private set intersection (:mod:`splitnn.training.alignment`).
         A name already in use is a :class:`~splitnn.errors.ConfigurationError` unless ``replace``.
         """
 
@@ -195,7 +195,7 @@ class MetricWorker(Protocol):
 @runtime_checkable
 class PsiWorker(Protocol):
     """A worker that can align its rows with other parties by private set intersection
-    (:mod:`splitnn.training.psi`). Messages are bytes held as refs: the receiving party pulls
+    (:mod:`splitnn.training.alignment`). Messages are bytes held as refs: the receiving party pulls
     them from their owner and records them as ``psi`` bytes on that link."""
 
     name: str

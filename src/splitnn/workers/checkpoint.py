@@ -1,27 +1,7 @@
 """A party's own checkpoint of the segments it hosts: weights, optimizer state, random streams.
 
-Each party writes its part locally; weights never travel for a checkpoint. One checkpoint is
-one safetensors file, ``<state_dir>/<job tag>/step-<step>.safetensors``, written atomically
-(a temporary file renamed into place, so a crash leaves the previous checkpoint or none):
-
-* tensors ``w/<segment>/<name>``: each segment's ``state_dict()`` (parameters and buffers);
-* tensors ``o/<segment>/...``: its optimizer's state (momentum, Adam's moments and steps),
-  whose nested Python structure (``param_groups``, integer keys, tuples) is kept as JSON in
-  the file's metadata by :mod:`splitnn.wire.nested`;
-* tensors ``r/...``: the party's random streams -- the process's global generator (dropout),
-  and every ``torch.Generator`` a segment's layers own (a noise defense's stream);
-* tensors ``e/<segment>/<out|grad>/<value>``: the error feedback of a lossy codec at the
-  segment's cuts (``topk``'s residuals; :class:`~splitnn.wire.cut_codec.CutEncoder`), which
-  the next batch's encoding adds back;
-* metadata ``splitnn.checkpoint``: JSON with the format, the step, the party, each segment's
-  fingerprint and optimizer, and the researcher's note (epoch, batch).
-
-Segments are named by their *label* in the model (``s0``, ``h1.s0``, ...), not by their key,
-which is random per run: a resumed run has new keys for the same segments. The job tag is a
-hash of the job id (a secret the researcher keeps in its manifest), so the directory listing
-does not reveal it. A party killed while writing leaves a hidden temporary file, which no step
-listing counts and the party's next write or load of that job deletes. Nothing is unpickled when
-loading: safetensors and JSON only.
+:class:`PartyCheckpoint` writes and reads one party's checkpoints (its docstring gives the file layout);
+:func:`job_tag`, :func:`held_steps` and :func:`segment_identity` name and find them.
 """
 
 from __future__ import annotations
@@ -86,7 +66,31 @@ Labelled = Mapping[str, HostedSegment]
 
 @dataclass(frozen=True)
 class PartyCheckpoint:
-    """A checkpoint a party holds: its step, the sha256 of its file, its size in bytes."""
+    """A checkpoint a party holds: its step, the sha256 of its file, its size in bytes.
+
+    Each party writes its part locally; weights never travel for a checkpoint. One checkpoint is
+    one safetensors file, ``<state_dir>/<job tag>/step-<step>.safetensors``, written atomically
+    (a temporary file renamed into place, so a crash leaves the previous checkpoint or none):
+
+    * tensors ``w/<segment>/<name>``: each segment's ``state_dict()`` (parameters and buffers);
+    * tensors ``o/<segment>/...``: its optimizer's state (momentum, Adam's moments and steps),
+      whose nested Python structure (``param_groups``, integer keys, tuples) is kept as JSON in
+      the file's metadata by :mod:`splitnn.wire.nested`;
+    * tensors ``r/...``: the party's random streams -- the process's global generator (dropout),
+      and every ``torch.Generator`` a segment's layers own (a noise defense's stream);
+    * tensors ``e/<segment>/<out|grad>/<value>``: the error feedback of a lossy codec at the
+      segment's cuts (``topk``'s residuals; :class:`~splitnn.wire.cut_codec.CutEncoder`), which
+      the next batch's encoding adds back;
+    * metadata ``splitnn.checkpoint``: JSON with the format, the step, the party, each segment's
+      fingerprint and optimizer, and the researcher's note (epoch, batch).
+
+    Segments are named by their *label* in the model (``s0``, ``h1.s0``, ...), not by their key,
+    which is random per run: a resumed run has new keys for the same segments. The job tag is a
+    hash of the job id (a secret the researcher keeps in its manifest), so the directory listing
+    does not reveal it. A party killed while writing leaves a hidden temporary file, which no step
+    listing counts and the party's next write or load of that job deletes. Nothing is unpickled when
+    loading: safetensors and JSON only.
+    """
 
     step: int
     digest: str

@@ -1,20 +1,9 @@
 """Where a party computes: its torch device, checked once, and moving values onto it.
 
-A worker's segments, their optimizer state, its held data and its computation live on
-its device (``"cpu"`` by default; ``"cuda:0"``, ``"mps"``; ``"meta"`` holds shapes only,
-for placement checks). What crosses a cut moves to the *receiver's* device when it
-arrives: in-process with ``Tensor.to`` (differentiable, so a fused autograd graph spans
-devices and each gradient lands on its sender's device), over the network as bytes from
-the CPU (:mod:`splitnn.wire.tensor_codec` copies device tensors to the CPU before
-encoding; the receiving worker moves what it decodes onto its device). A transfer moves
-``numel * element_size`` bytes whatever the devices, so the ledger is the same.
-
-What a worker hands to the researcher -- weights, gradients, outputs -- comes back on
-the CPU (:data:`RESEARCHER_DEVICE`).
-
-:func:`resolve_device` checks a device string when the worker is made, before anything
-is placed: an unknown device, or CUDA asked for where there is none, is a
-:class:`~splitnn.errors.ConfigurationError` that names the worker and the fix.
+:func:`resolve_device` checks a device string when the worker is made, before anything is placed: an
+unknown device, or CUDA asked for where there is none, is a :class:`~splitnn.errors.ConfigurationError`
+that names the worker and the fix. :func:`to_device` moves what crosses a cut onto the receiver's device;
+:func:`state_to_cpu` hands values back to the researcher on the CPU (:data:`RESEARCHER_DEVICE`).
 """
 
 from __future__ import annotations
@@ -107,6 +96,15 @@ def to_device(value: Value, device: torch.device) -> Value:
     Differentiable: a tensor attached to an autograd graph stays attached, and its
     gradient goes back to the tensor's own device. Tensors already there are returned
     as they are.
+
+    A worker's segments, their optimizer state, its held data and its computation live on
+    its device (``"cpu"`` by default; ``"cuda:0"``, ``"mps"``; ``"meta"`` holds shapes only,
+    for placement checks). What crosses a cut moves to the *receiver's* device when it
+    arrives: in-process with ``Tensor.to`` (differentiable, so a fused autograd graph spans
+    devices and each gradient lands on its sender's device), over the network as bytes from
+    the CPU (:mod:`splitnn.wire.tensor_codec` copies device tensors to the CPU before
+    encoding; the receiving worker moves what it decodes onto its device). A transfer moves
+    ``numel * element_size`` bytes whatever the devices, so the ledger is the same.
     """
     if type(value) is tuple:
         return tuple(None if t is None else t.to(device) for t in value)

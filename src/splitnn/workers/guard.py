@@ -1,31 +1,7 @@
 """A data holder's hijack detector: SplitGuard-style fake batches, checked on the gradients that come back.
 
-SplitGuard (Erdogan et al., arXiv 2108.09052) notices a server that trains the
-data holder's segment for something other than the task (FSHA, arXiv 2012.02670):
-the data holder now and then sends a *fake* batch, whose labels are wrong, and
-compares the gradients it gets back for it with those of ordinary batches. An
-honest server's gradients come from the task's loss: once the model has learnt
-anything, wrong labels give much larger gradients. A hijacker's gradients do not
-depend on the labels at all, so fake and real batches look alike.
-
-Here the labels are the label holder's, so the data holder fakes them the only
-way it can: in a probe batch it sends the activations of the first half of the
-rows *rotated by one* (row ``i``'s position carries row ``i - 1``'s activation), so
-the label holder pairs each of them with another sample's label; the second half
-is sent as it is. On the way back it measures the per-sample gradient norms and
-drops the batch's gradient (it does not learn from a fake batch). The score of a
-probe is the mean gradient norm of its fake half over that of its real half (the
-same step, the same model: no drift between them); honest training drives it
-well above 1, a hijacker keeps it near 1. After
-``warmup`` training batches, when the mean score of the last ``window`` probes is
-below ``threshold`` the guard trips: it drops that gradient and the party (its
-policy rule ``detect_hijack``) refuses every gradient after it, with the reason
-in its audit log.
-
-Limits: a fake batch is one of wrong labels for classification tasks with
-several balanced classes; on a binary task where one class dominates, rotation
-mostly keeps the label and the score stays low (set no guard there). Probes cost
-the label holder one batch of wrong labels every ``every`` batches.
+:class:`HijackGuard` is the detector; its docstring says how fake batches are made and scored, when
+it trips and where it does not apply.
 """
 
 from __future__ import annotations
@@ -63,7 +39,34 @@ class _Probe(torch.autograd.Function):
 
 @dataclass
 class HijackGuard:
-    """The detector a data holder's party runs on its data-reading segments (see the module docstring).
+    """The detector a data holder's party runs on its data-reading segments.
+
+    SplitGuard (Erdogan et al., arXiv 2108.09052) notices a server that trains the
+    data holder's segment for something other than the task (FSHA, arXiv 2012.02670):
+    the data holder now and then sends a *fake* batch, whose labels are wrong, and
+    compares the gradients it gets back for it with those of ordinary batches. An
+    honest server's gradients come from the task's loss: once the model has learnt
+    anything, wrong labels give much larger gradients. A hijacker's gradients do not
+    depend on the labels at all, so fake and real batches look alike.
+
+    Here the labels are the label holder's, so the data holder fakes them the only
+    way it can: in a probe batch it sends the activations of the first half of the
+    rows *rotated by one* (row ``i``'s position carries row ``i - 1``'s activation), so
+    the label holder pairs each of them with another sample's label; the second half
+    is sent as it is. On the way back it measures the per-sample gradient norms and
+    drops the batch's gradient (it does not learn from a fake batch). The score of a
+    probe is the mean gradient norm of its fake half over that of its real half (the
+    same step, the same model: no drift between them); honest training drives it
+    well above 1, a hijacker keeps it near 1. After
+    ``warmup`` training batches, when the mean score of the last ``window`` probes is
+    below ``threshold`` the guard trips: it drops that gradient and the party (its
+    policy rule ``detect_hijack``) refuses every gradient after it, with the reason
+    in its audit log.
+
+    Limits: a fake batch is one of wrong labels for classification tasks with
+    several balanced classes; on a binary task where one class dominates, rotation
+    mostly keeps the label and the score stays low (set no guard there). Probes cost
+    the label holder one batch of wrong labels every ``every`` batches.
 
     Args:
         threshold: alarm when the mean probe score of the last ``window`` probes is below this.

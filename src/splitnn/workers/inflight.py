@@ -1,32 +1,8 @@
 """Batches in flight: what a segment keeps per batch under a pipelined schedule.
 
-Lock-step training has one batch per segment at a time, so a segment's last forward and
-its parameters' ``.grad`` are all the state there is. A pipelined schedule
-(:class:`~splitnn.workers.schedules.Pipelined`) has several batches between their forward
-and backward, and steps in between, so each batch keeps its own :class:`Flight`:
-
-* the input and output of its forward (the input detached at the cut, as in the eager path);
-* the weights its forward used. Where the schedule marks the forward ``stash`` (a step of the
-  segment comes before this batch's backward), the forward runs, through
-  ``torch.func.functional_call``, on a copy of the parameters taken at that moment, so the
-  backward differentiates exactly the function the forward computed (PipeDream's weight
-  stashing) while the optimizer updates the live parameters in place. Otherwise it runs on the
-  live parameters, which the schedule guarantees do not change before its backward;
-* its parameter gradients, from its backward until its step: the step of batch ``t`` loads
-  them into ``.grad`` and runs the optimizer, so updates apply in batch order, each with the
-  gradient of its own batch.
-
-Weight prediction (optional, :class:`Drift`). A stashed forward's gradient is applied
-``tau`` steps after the forward (``tau``: the batches of the segment in flight before it,
-up to K - 1 at the data holder). With prediction, the forward runs instead on the weights
-extrapolated to that step, ``W + tau x D``, where ``D`` is an exponential moving average of
-the segment's recent updates (``D <- beta x D + (1 - beta) x (W_after - W_before)``); the
-backward differentiates the same predicted weights and the update lands on the live ones.
-Like SpecTrain's and PipeMare's discrepancy correction, it evaluates each gradient closer to
-the weights it updates, which cuts the accuracy cost of deep pipelines. It uses the updates
-themselves, not an optimizer's state, so it works with any optimizer; ``D`` starts empty at
-every pipelined run (the first forwards of a run are not extrapolated), so a run resumed
-from a checkpoint predicts what an uninterrupted one does.
+:class:`Flight` is one batch between its forward and its step (its input and output, the weights
+its forward used, its gradients); :class:`Drift` is the optional weight prediction. Their docstrings
+say how weight stashing and prediction work.
 """
 
 from __future__ import annotations
@@ -46,7 +22,24 @@ DEFAULT_PREDICTION = 0.5
 
 @dataclass
 class Flight:
-    """One batch between its forward and its step on one segment."""
+    """One batch between its forward and its step on one segment.
+
+    Lock-step training has one batch per segment at a time, so a segment's last forward and
+    its parameters' ``.grad`` are all the state there is. A pipelined schedule
+    (:class:`~splitnn.workers.schedules.Pipelined`) has several batches between their forward
+    and backward, and steps in between, so each batch keeps its own :class:`Flight`:
+
+    * the input and output of its forward (the input detached at the cut, as in the eager path);
+    * the weights its forward used. Where the schedule marks the forward ``stash`` (a step of the
+      segment comes before this batch's backward), the forward runs, through
+      ``torch.func.functional_call``, on a copy of the parameters taken at that moment, so the
+      backward differentiates exactly the function the forward computed (PipeDream's weight
+      stashing) while the optimizer updates the live parameters in place. Otherwise it runs on the
+      live parameters, which the schedule guarantees do not change before its backward;
+    * its parameter gradients, from its backward until its step: the step of batch ``t`` loads
+      them into ``.grad`` and runs the optimizer, so updates apply in batch order, each with the
+      gradient of its own batch.
+    """
 
     inp: Value | None  # the input leaf (None: the worker's own data, no gradient goes back)
     out: Value | None  # the forward's output, until the backward
@@ -104,7 +97,20 @@ def as_prediction(value: object) -> float | None:
 
 
 class Drift:
-    """The moving average ``D`` of one segment's updates in a pipelined run (see the module docstring)."""
+    """The moving average ``D`` of one segment's updates in a pipelined run.
+
+    Weight prediction (optional, :class:`Drift`). A stashed forward's gradient is applied
+    ``tau`` steps after the forward (``tau``: the batches of the segment in flight before it,
+    up to K - 1 at the data holder). With prediction, the forward runs instead on the weights
+    extrapolated to that step, ``W + tau x D``, where ``D`` is an exponential moving average of
+    the segment's recent updates (``D <- beta x D + (1 - beta) x (W_after - W_before)``); the
+    backward differentiates the same predicted weights and the update lands on the live ones.
+    Like SpecTrain's and PipeMare's discrepancy correction, it evaluates each gradient closer to
+    the weights it updates, which cuts the accuracy cost of deep pipelines. It uses the updates
+    themselves, not an optimizer's state, so it works with any optimizer; ``D`` starts empty at
+    every pipelined run (the first forwards of a run are not extrapolated), so a run resumed
+    from a checkpoint predicts what an uninterrupted one does.
+    """
 
     def __init__(self, beta: float) -> None:
         self.beta = beta

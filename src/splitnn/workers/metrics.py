@@ -1,12 +1,7 @@
 """Evaluation metrics, computed where the labels are: at the label holder.
 
-Some metrics are averages over samples (accuracy, mse, mae), but AUC is not: it ranks
-every output of an evaluation against every other. So the label holder *keeps* its
-outputs and labels over an evaluation (``Worker.loss(..., train=False, keep=ID)`` for
-each batch) and computes the metrics at the end (``MetricWorker.metrics(ID, names)``),
-handing only the metric values to the researcher; the kept tensors are dropped then.
-
-Metrics, by name (:data:`METRIC_NAMES`):
+The label holder keeps its outputs and labels over an evaluation (:class:`KeptEvaluations`) and hands
+only the metric values to the researcher. Metrics, by name (:data:`METRIC_NAMES`):
 
 * ``accuracy`` -- classification: the arg-max class for class-index losses (``nll``,
   ``cross_entropy``), ``logit > 0`` for ``bce_with_logits`` (a sample is correct when all
@@ -16,10 +11,6 @@ Metrics, by name (:data:`METRIC_NAMES`):
 * ``mse``, ``mae`` -- regression: scikit-learn's ``mean_squared_error`` /
   ``mean_absolute_error`` over every element (the target viewed as the output, see
   :func:`splitnn.workers.losses.target_for`).
-
-The ``metrics`` command of networked workers is encoded and decoded by
-:mod:`splitnn.common.serde` (``metrics_to_args`` / ``metrics_from_args``, ``metrics_to_result`` /
-``metrics_from_result``).
 """
 
 from __future__ import annotations
@@ -162,7 +153,18 @@ class KeptOutputs:
 
 
 class KeptEvaluations:
-    """The evaluations a label holder is keeping outputs for, by id (at most :data:`MAX_KEPT`)."""
+    """The evaluations a label holder is keeping outputs for, by id (at most :data:`MAX_KEPT`).
+
+    Some metrics are averages over samples (accuracy, mse, mae), but AUC is not: it ranks
+    every output of an evaluation against every other. So the label holder *keeps* its
+    outputs and labels over an evaluation (``Worker.loss(..., train=False, keep=ID)`` for
+    each batch) and computes the metrics at the end (``MetricWorker.metrics(ID, names)``),
+    handing only the metric values to the researcher; the kept tensors are dropped then.
+
+    The ``metrics`` command of networked workers is encoded and decoded by
+    :mod:`splitnn.common.serde` (``metrics_to_args`` / ``metrics_from_args``, ``metrics_to_result`` /
+    ``metrics_from_result``).
+    """
 
     def __init__(self) -> None:
         self._by_id: collections.OrderedDict[str, KeptOutputs] = collections.OrderedDict()

@@ -1,25 +1,7 @@
 """One party's part of a schedule, run on its engine (a :class:`~splitnn.workers.VirtualWorker`).
 
-:class:`PartyRun` turns the actions of :mod:`splitnn.workers.schedules` into engine calls.
-It does not move tensors: whoever runs it -- a networked worker's shipped epoch
-(:mod:`splitnn.workers.shipped`), or the in-process driver running every party in one
-process (:mod:`splitnn.split.driver`) -- carries what :meth:`PartyRun.outgoing` hands
-it to the peer named by the action, and gives the peer's tensor to
-:meth:`PartyRun.incoming`, which records the transfer on the receiver's side (as every
-receive does). So a networked run and an in-process run execute the same calls in the
-same order and end ``torch.equal``.
-
-Lock-step schedules use the engine's plain operations (``zero_grad``, ``forward``,
-``loss``, ``backward``, ``step``), exactly the eager path; pipelined ones its in-flight
-operations (:mod:`splitnn.workers.inflight`), which keep each batch's weights and
-gradients apart.
-
-Compression at a cut needs nothing here: both kinds of operation encode what a segment
-produces for another party with that segment's codec (``VirtualWorker.set_codecs``: the
-codec and its error feedback live with the sending segment, so the schedule carries none),
-in the order the segment produces it -- batch order, per cut and direction, under any
-schedule. A send hands the encoded bytes on; an in-process receive decodes them, a
-networked one gets them decoded off the wire.
+:class:`PartyRun` turns the actions of :mod:`splitnn.workers.schedules` into engine calls; whoever runs
+it moves the tensors, so a networked and an in-process run execute the same calls in the same order.
 """
 
 from __future__ import annotations
@@ -39,6 +21,27 @@ from splitnn.workers.virtual import VirtualWorker
 
 class PartyRun:
     """One party's state while it runs its actions of a schedule.
+
+    :class:`PartyRun` turns the actions of :mod:`splitnn.workers.schedules` into engine calls.
+    It does not move tensors: whoever runs it -- a networked worker's shipped epoch
+    (:mod:`splitnn.server.shipped`), or the in-process driver running every party in one
+    process (:mod:`splitnn.split.driver`) -- carries what :meth:`PartyRun.outgoing` hands
+    it to the peer named by the action, and gives the peer's tensor to
+    :meth:`PartyRun.incoming`, which records the transfer on the receiver's side (as every
+    receive does). So a networked run and an in-process run execute the same calls in the
+    same order and end ``torch.equal``.
+
+    Lock-step schedules use the engine's plain operations (``zero_grad``, ``forward``,
+    ``loss``, ``backward``, ``step``), exactly the eager path; pipelined ones its in-flight
+    operations (:mod:`splitnn.workers.inflight`), which keep each batch's weights and
+    gradients apart.
+
+    Compression at a cut needs nothing here: both kinds of operation encode what a segment
+    produces for another party with that segment's codec (``VirtualWorker.set_codecs``: the
+    codec and its error feedback live with the sending segment, so the schedule carries none),
+    in the order the segment produces it -- batch order, per cut and direction, under any
+    schedule. A send hands the encoded bytes on; an in-process receive decodes them, a
+    networked one gets them decoded off the wire.
 
     Args:
         engine: the party's in-process engine.

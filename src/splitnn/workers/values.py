@@ -1,19 +1,14 @@
 """What crosses a cut: one tensor, or a tuple of tensors when several values cross it.
 
-A segment cut in the middle of a residual block sends its hidden activation and its
-shortcut (see :func:`splitnn.cut`): it returns a tuple, and the next segment takes the
-tuple's items as positional arguments. One value stays a plain tensor, so existing
-segments and the single-tensor hot path are untouched.
+A segment cut in the middle of a residual block returns a tuple (see :func:`splitnn.cut`) and the next
+segment takes its items as positional arguments; one value stays a plain tensor. :func:`check_values`
+checks a value, :func:`nbytes` counts its bytes as the ledger does.
 
 Gradients. A value crosses back (its gradient is sent) only if it requires a gradient
 at the sender: an integer tensor, a mask or anything computed from data alone crosses
 forward only. The gradient of a tuple is a tuple of the same length, ``None`` where no
 gradient flows (a value that does not need one, or that the receiver did not use
 differentiably).
-
-Accounting. One crossing of a cut is one ledger record whose bytes are the sum of the
-tensors that cross (``None`` entries move nothing); a gradient tuple in which no tensor
-flows is not recorded at all, in the fused and the eager path alike.
 """
 
 from __future__ import annotations
@@ -32,7 +27,12 @@ ProbeShape = tuple[int, ...] | tuple[ValueShape, ...]
 
 
 def nbytes(value: Value) -> int:
-    """Bytes a transfer of ``value`` moves (``None`` entries move nothing)."""
+    """Bytes a transfer of ``value`` moves (``None`` entries move nothing).
+
+    Accounting. One crossing of a cut is one ledger record whose bytes are the sum of the
+    tensors that cross (``None`` entries move nothing); a gradient tuple in which no tensor
+    flows is not recorded at all, in the fused and the eager path alike.
+    """
     if type(value) is tuple:
         return sum(tensor_nbytes(t) for t in value if t is not None)
     return tensor_nbytes(value)

@@ -1,30 +1,7 @@
 """FSHA, the feature-space hijacking attack (Pasquini et al., arXiv 2012.02670).
 
-Threat model: the party after the cut (the server; here the label holder) is
-malicious. It drives training as usual, receives the data holder's activations
-``z = f(x_private)`` and sends back gradients, but the gradients are not those of
-the task: they make the data holder's segment ``f`` map its inputs into the
-feature space of the attacker's own *pilot* encoder ``f~``, for which the attacker
-has trained an inverse (a decoder ``f~^-1``) on auxiliary public data. Once ``f``
-lands there, ``f~^-1(z)`` reconstructs the private inputs.
-
-Each training step, the attacker (all from what it legitimately sees and holds):
-
-1. gets the batch's activations ``z`` from the data holder (its segment's forward);
-2. sends back ``d/dz [-mean D(z)]``: the gradient that makes ``z`` look, to the
-   discriminator ``D``, like pilot features (a Wasserstein GAN's generator loss);
-3. trains pilot and decoder as an auto-encoder on a public batch;
-4. trains ``D`` to tell ``f~(x_public)`` from ``z`` (WGAN critic with gradient penalty).
-
-The data holder follows the protocol unchanged: it back-propagates the gradient
-it received and steps its own optimizer. :class:`FSHA` speaks to the data holder's
-party only through the :class:`~splitnn.workers.Worker` protocol (``forward``,
-``put``, ``backward``, ``step``), so the same attack runs against an in-process or
-a networked party, and meets whatever that party's policy does with the
-gradients it receives (see the ``detect_hijack`` policy rule).
-
-Reconstruction quality per step is the MSE (pixels on a [0, 1] scale) between
-``f~^-1(z)`` and the batch's true inputs, which only the evaluator has.
+:class:`FSHA` is the malicious server (configured by :class:`FSHAConfig`, measured in
+:class:`FSHAResult`); its docstring gives the threat model and each training step of the attack.
 """
 
 from __future__ import annotations
@@ -96,7 +73,33 @@ class FSHAResult:
 
 
 class FSHA:
-    """The malicious server of FSHA (see the module docstring).
+    """The malicious server of FSHA.
+
+    Threat model: the party after the cut (the server; here the label holder) is
+    malicious. It drives training as usual, receives the data holder's activations
+    ``z = f(x_private)`` and sends back gradients, but the gradients are not those of
+    the task: they make the data holder's segment ``f`` map its inputs into the
+    feature space of the attacker's own *pilot* encoder ``f~``, for which the attacker
+    has trained an inverse (a decoder ``f~^-1``) on auxiliary public data. Once ``f``
+    lands there, ``f~^-1(z)`` reconstructs the private inputs.
+
+    Each training step, the attacker (all from what it legitimately sees and holds):
+
+    1. gets the batch's activations ``z`` from the data holder (its segment's forward);
+    2. sends back ``d/dz [-mean D(z)]``: the gradient that makes ``z`` look, to the
+       discriminator ``D``, like pilot features (a Wasserstein GAN's generator loss);
+    3. trains pilot and decoder as an auto-encoder on a public batch;
+    4. trains ``D`` to tell ``f~(x_public)`` from ``z`` (WGAN critic with gradient penalty).
+
+    The data holder follows the protocol unchanged: it back-propagates the gradient
+    it received and steps its own optimizer. :class:`FSHA` speaks to the data holder's
+    party only through the :class:`~splitnn.workers.Worker` protocol (``forward``,
+    ``put``, ``backward``, ``step``), so the same attack runs against an in-process or
+    a networked party, and meets whatever that party's policy does with the
+    gradients it receives (see the ``detect_hijack`` policy rule).
+
+    Reconstruction quality per step is the MSE (pixels on a [0, 1] scale) between
+    ``f~^-1(z)`` and the batch's true inputs, which only the evaluator has.
 
     Args:
         public: the attacker's auxiliary public inputs (N, ...), same distribution as the private ones.

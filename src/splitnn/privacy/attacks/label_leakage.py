@@ -1,20 +1,8 @@
 """Label leakage from the gradients the data holder receives (Li et al., arXiv 2102.08504).
 
-On a binary task, the data holder (who has no labels) scores each sample of a
-training batch from the gradient it got back for that sample:
-
-- **norm attack**: score = the gradient's L2 norm. With imbalanced classes the
-  model predicts the majority class, so minority (positive) samples have a larger
-  loss gradient.
-- **direction (cosine) attack**: score = cosine similarity between the sample's
-  gradient and the gradient of one sample the attacker knows to be positive
-  (the paper's assumption). Gradients of the two classes point in opposite
-  directions at the cut.
-
-Leakage is the ROC AUC of each score against the true labels, counted over
-(positive, negative) pairs of the same batch (an attacker compares gradients of
-one step; across steps their scale drifts). 0.5 means nothing leaks, 1.0 means
-every label is recovered.
+:class:`LabelLeakageAttack` scores each sample from its gradient (:func:`norm_scores`,
+:func:`cosine_scores`) and measures leakage as a ROC AUC (:class:`LabelLeakageResult`); its docstring
+gives the two attacks.
 """
 
 from __future__ import annotations
@@ -57,6 +45,22 @@ class LabelLeakageAttack:
     one known positive example of the batch (the first one; the attacker is
     assumed to know one positive label per batch, as in the paper). That
     reference example is left out of the scoring.
+
+    On a binary task, the data holder (who has no labels) scores each sample of a
+    training batch from the gradient it got back for that sample:
+
+    - **norm attack**: score = the gradient's L2 norm. With imbalanced classes the
+      model predicts the majority class, so minority (positive) samples have a larger
+      loss gradient.
+    - **direction (cosine) attack**: score = cosine similarity between the sample's
+      gradient and the gradient of one sample the attacker knows to be positive
+      (the paper's assumption). Gradients of the two classes point in opposite
+      directions at the cut.
+
+    Leakage is the ROC AUC of each score against the true labels, counted over
+    (positive, negative) pairs of the same batch (an attacker compares gradients of
+    one step; across steps their scale drifts). 0.5 means nothing leaks, 1.0 means
+    every label is recovered.
     """
 
     _norm: AUCAccumulator = field(default_factory=AUCAccumulator)

@@ -9,12 +9,8 @@
 - ``marvell``: :class:`Marvell` is prepended to the label holder's segment (train with its ``loss()``);
 - ``mid``: :class:`MIDLayer`, an information bottleneck prepended to the label holder's segment.
 
-Because a defense is a layer of a segment, it works with any worker (in-process
-or networked: the layers have wire specs) and changes only what its party sends.
-At strength 0 every defense with a strength scale (``nopeek``, ``noise``, ``label``,
-``marvell``) is the identity, bit for bit, and draws no random numbers, so training
-equals undefended training exactly; ``dp`` and ``label-dp`` take a privacy budget
-epsilon (> 0), and ``mid`` is a bottleneck layer at any strength.
+A defense works with any worker (the layers have wire specs) and changes only what its party sends;
+at strength 0 each one with a strength scale is the identity, bit for bit (docs/privacy.md).
 
 :func:`apply_defense` places a :class:`DefenseSetting` on a list of per-party segments.
 """

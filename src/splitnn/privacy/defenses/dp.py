@@ -1,35 +1,8 @@
 """DP-SGD at the data holder: per-example clipping and Gaussian noise on its segment's gradients.
 
-:class:`DPSegment` wraps the data holder's segment (the first of the chain, whose
-input is the private data). Forward is the wrapped segment, unchanged. Backward
-starts from the gradient at the cut that the next party sent: for every example
-``i`` of the batch it computes the gradient of that example's loss with respect
-to the segment's weights (``torch.func.vmap`` over ``torch.func.grad`` of
-``<segment(x_i), cut_grad_i>``), clips it to L2 norm ``max_grad_norm`` (the
-norm over all the segment's parameters together), sums, adds Gaussian noise of
-standard deviation ``noise_multiplier * max_grad_norm`` and, for a mean loss,
-divides by the batch size: exactly opacus's ``DPOptimizer`` (same clip factor,
-same noise draws in parameter order from the layer's own generator), so the
-party's ordinary optimizer then steps on a DP-SGD gradient.
-
-Every training backward is one step of opacus's RDP accountant (noise multiplier,
-sampling rate ``batch_size / n``); :meth:`DPSegment.epsilon` gives the privacy
-spent at ``delta`` so far, and :meth:`DPSegment.epoch_reporter` gives an
-``on_epoch`` callback for :meth:`SplitNN.fit` that writes it into each epoch's
-``test_metrics["epsilon"]`` (so ``history.metric("epsilon")`` lists it per epoch).
-:meth:`DPSegment.for_target_epsilon` picks the noise multiplier for a target
-epsilon with opacus's ``get_noise_multiplier``.
-
-What the guarantee covers: the data holder's weights (and so everything computed
-from them later) are (epsilon, delta)-DP with respect to one training example.
-The activations it sends at the cut during training are *not* covered (they are
-computed from the raw example before any noise); pair DP-SGD with ``noise`` at
-the cut to protect them. The RDP analysis assumes Poisson sampling; ``fit`` draws
-fixed-size shuffled batches, the usual approximation (opacus makes the same
-choice when ``poisson_sampling=False``).
-
-Layers whose output for one example depends on the others (batch norm) break
-per-example privacy and are refused.
+:class:`DPSegment` wraps the data holder's segment; its docstring says how the gradient is computed
+(as opacus's ``DPOptimizer``), how the privacy spent is accounted and what the guarantee covers.
+:func:`rdp_epsilon` and :func:`dp_noise_multiplier` are the accountant's two directions.
 """
 
 from __future__ import annotations
@@ -114,7 +87,38 @@ class _DPBackward(torch.autograd.Function):
 
 
 class DPSegment(nn.Module):
-    """The data holder's segment, trained with DP-SGD (see the module docstring).
+    """The data holder's segment, trained with DP-SGD.
+
+    :class:`DPSegment` wraps the data holder's segment (the first of the chain, whose
+    input is the private data). Forward is the wrapped segment, unchanged. Backward
+    starts from the gradient at the cut that the next party sent: for every example
+    ``i`` of the batch it computes the gradient of that example's loss with respect
+    to the segment's weights (``torch.func.vmap`` over ``torch.func.grad`` of
+    ``<segment(x_i), cut_grad_i>``), clips it to L2 norm ``max_grad_norm`` (the
+    norm over all the segment's parameters together), sums, adds Gaussian noise of
+    standard deviation ``noise_multiplier * max_grad_norm`` and, for a mean loss,
+    divides by the batch size: exactly opacus's ``DPOptimizer`` (same clip factor,
+    same noise draws in parameter order from the layer's own generator), so the
+    party's ordinary optimizer then steps on a DP-SGD gradient.
+
+    Every training backward is one step of opacus's RDP accountant (noise multiplier,
+    sampling rate ``batch_size / n``); :meth:`DPSegment.epsilon` gives the privacy
+    spent at ``delta`` so far, and :meth:`DPSegment.epoch_reporter` gives an
+    ``on_epoch`` callback for :meth:`SplitNN.fit` that writes it into each epoch's
+    ``test_metrics["epsilon"]`` (so ``history.metric("epsilon")`` lists it per epoch).
+    :meth:`DPSegment.for_target_epsilon` picks the noise multiplier for a target
+    epsilon with opacus's ``get_noise_multiplier``.
+
+    What the guarantee covers: the data holder's weights (and so everything computed
+    from them later) are (epsilon, delta)-DP with respect to one training example.
+    The activations it sends at the cut during training are *not* covered (they are
+    computed from the raw example before any noise); pair DP-SGD with ``noise`` at
+    the cut to protect them. The RDP analysis assumes Poisson sampling; ``fit`` draws
+    fixed-size shuffled batches, the usual approximation (opacus makes the same
+    choice when ``poisson_sampling=False``).
+
+    Layers whose output for one example depends on the others (batch norm) break
+    per-example privacy and are refused.
 
     Args:
         inner: the segment (first of the chain; its input needs no gradient).

@@ -1,24 +1,7 @@
 """Label protection: perturb the gradients the label holder sends back, so they stop revealing labels.
 
-The norm and direction attacks of Li et al. (arXiv 2102.08504) read labels from
-the per-sample gradient at the cut. On a binary task the gradient of sample ``i``
-is about ``c_i * w``: a direction ``w`` shared by the batch times a scalar whose
-*sign* is the label (gradients of the two classes point in opposite directions)
-and whose *size* is larger for the rare class (the norm attack). Both live almost
-entirely along the batch's first principal direction.
-
-This defense is label-free and Marvell-style (Marvell optimises the noise
-covariance and concentrates it on the difference between the classes' gradients):
-it adds zero-mean Gaussian noise along the top ``directions`` principal
-directions of the batch's (centred) per-sample gradients, with standard deviation
-``strength * r`` per direction, where ``r`` is the batch's root-mean-square
-per-sample gradient norm. Because the noise has mean zero the data holder's
-updates stay unbiased (only noisier); at ``strength`` of a few units the sign along
-the principal direction, and the norm, are dominated by noise, so both attacks
-fall towards AUC 0.5. More directions cover more classes (``classes - 1``
-directions separate ``classes`` classes) at a higher accuracy cost.
-
-Strength 0 leaves the gradient untouched, bit for bit, and draws nothing.
+:class:`LabelProtection` is the layer prepended to the label holder's segment (its docstring says what
+the noise is and what it defeats); :func:`protect_gradient` perturbs one batch of gradients.
 """
 
 from __future__ import annotations
@@ -30,7 +13,7 @@ from splitnn.privacy.defenses._rng import GradientNoiseLayer, PassGradient, Seed
 
 
 def protect_gradient(grad: torch.Tensor, strength: float, stream: SeededStream, directions: int = 1) -> torch.Tensor:
-    """Add principal-direction noise to a batch of per-sample gradients (see the module docstring)."""
+    """Add principal-direction noise to a batch of per-sample gradients (see :class:`LabelProtection`)."""
     n = grad.shape[0]
     g = grad.reshape(n, -1)
     rms = g.pow(2).sum(dim=1).mean().sqrt()
@@ -55,6 +38,26 @@ class LabelProtection(GradientNoiseLayer):
 
     Prepend it to the label holder's segment: every gradient the label holder
     sends back passes through it.
+
+    The norm and direction attacks of Li et al. (arXiv 2102.08504) read labels from
+    the per-sample gradient at the cut. On a binary task the gradient of sample ``i``
+    is about ``c_i * w``: a direction ``w`` shared by the batch times a scalar whose
+    *sign* is the label (gradients of the two classes point in opposite directions)
+    and whose *size* is larger for the rare class (the norm attack). Both live almost
+    entirely along the batch's first principal direction.
+
+    This defense is label-free and Marvell-style (Marvell optimises the noise
+    covariance and concentrates it on the difference between the classes' gradients):
+    it adds zero-mean Gaussian noise along the top ``directions`` principal
+    directions of the batch's (centred) per-sample gradients, with standard deviation
+    ``strength * r`` per direction, where ``r`` is the batch's root-mean-square
+    per-sample gradient norm. Because the noise has mean zero the data holder's
+    updates stay unbiased (only noisier); at ``strength`` of a few units the sign along
+    the principal direction, and the norm, are dominated by noise, so both attacks
+    fall towards AUC 0.5. More directions cover more classes (``classes - 1``
+    directions separate ``classes`` classes) at a higher accuracy cost.
+
+    Strength 0 leaves the gradient untouched, bit for bit, and draws nothing.
 
     Args:
         strength: noise standard deviation per principal direction, in units of

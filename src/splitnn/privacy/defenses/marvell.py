@@ -1,26 +1,7 @@
 """Marvell (Li et al., arXiv 2102.08504): optimised gradient noise against label leakage in binary tasks.
 
-The label holder perturbs the per-example gradients it sends back at the cut,
-with noise whose covariance depends on the example's (true) label: ``W_1`` for
-positives, ``W_0`` for negatives. Marvell chooses them to minimise the symmetric
-KL divergence between the perturbed gradient distributions of the two classes
-(an upper bound on how well *any* attack on the gradients can tell them apart)
-under a noise power budget ``P = strength * ||g_1 - g_0||^2`` (``g_k``: the
-batch's mean gradient of class ``k``, the paper's scaling of the budget):
-
-``minimise KL(N_1 || N_0) + KL(N_0 || N_1)  s.t.  p tr(W_1) + (1 - p) tr(W_0) <= P``
-
-with ``N_k = N(g_k, s_k I + W_k)``. As in the paper the optimum is searched in the
-family ``W_k = u_k e e^T + v_k (I - e e^T)``, ``e`` the unit vector along
-``g_1 - g_0``; the classes' own gradient covariances are approximated by isotropic
-ones (``s_k``: their mean per-coordinate variance in the batch), which turns the
-problem into four non-negative scalars, solved per batch with SciPy's SLSQP.
-
-The noise needs each example's label at the backward pass, which the label
-holder has: :class:`Marvell` is prepended to the label holder's segment and its
-:meth:`Marvell.loss` wraps the loss so that the labels of the batch reach the
-layer (in-process label holders; a callable loss does not travel to networked
-workers). Strength 0 leaves the gradient untouched and draws nothing.
+:class:`Marvell` is the layer prepended to the label holder's segment (its docstring gives the
+optimisation); :func:`optimal_marvell_covariances` solves it per batch, :func:`marvell_noise` draws the noise.
 """
 
 from __future__ import annotations
@@ -50,7 +31,7 @@ def _sym_kl(x: np.ndarray, s1: float, s0: float, delta2: float, d: int) -> float
 def optimal_marvell_covariances(
     s1: float, s0: float, delta2: float, p: float, d: int, power: float
 ) -> tuple[float, float, float, float]:
-    """``(u_1, u_0, v_1, v_0)`` minimising the symmetric KL under the power budget (see the module docstring)."""
+    """``(u_1, u_0, v_1, v_0)`` minimising the symmetric KL under the power budget (see :class:`Marvell`)."""
     from scipy.optimize import minimize
 
     s1, s0 = max(s1, 1e-12), max(s0, 1e-12)
@@ -78,7 +59,7 @@ def optimal_marvell_covariances(
 
 
 def marvell_noise(grad: torch.Tensor, labels: torch.Tensor, strength: float, stream: SeededStream) -> torch.Tensor:
-    """``grad`` (N, ...) plus Marvell noise for binary ``labels`` (N,) (see the module docstring)."""
+    """``grad`` (N, ...) plus Marvell noise for binary ``labels`` (N,) (see :class:`Marvell`)."""
     n = grad.shape[0]
     g = grad.reshape(n, -1)
     d = g.shape[1]
@@ -121,6 +102,28 @@ class _MarvellGradient(PassGradient):
 
 class Marvell(GradientNoiseLayer):
     """Identity forward; Marvell noise on the gradient going back to the cut (prepend to the label holder's segment).
+
+    The label holder perturbs the per-example gradients it sends back at the cut,
+    with noise whose covariance depends on the example's (true) label: ``W_1`` for
+    positives, ``W_0`` for negatives. Marvell chooses them to minimise the symmetric
+    KL divergence between the perturbed gradient distributions of the two classes
+    (an upper bound on how well *any* attack on the gradients can tell them apart)
+    under a noise power budget ``P = strength * ||g_1 - g_0||^2`` (``g_k``: the
+    batch's mean gradient of class ``k``, the paper's scaling of the budget):
+
+    ``minimise KL(N_1 || N_0) + KL(N_0 || N_1)  s.t.  p tr(W_1) + (1 - p) tr(W_0) <= P``
+
+    with ``N_k = N(g_k, s_k I + W_k)``. As in the paper the optimum is searched in the
+    family ``W_k = u_k e e^T + v_k (I - e e^T)``, ``e`` the unit vector along
+    ``g_1 - g_0``; the classes' own gradient covariances are approximated by isotropic
+    ones (``s_k``: their mean per-coordinate variance in the batch), which turns the
+    problem into four non-negative scalars, solved per batch with SciPy's SLSQP.
+
+    The noise needs each example's label at the backward pass, which the label
+    holder has: :class:`Marvell` is prepended to the label holder's segment and its
+    :meth:`Marvell.loss` wraps the loss so that the labels of the batch reach the
+    layer (in-process label holders; a callable loss does not travel to networked
+    workers). Strength 0 leaves the gradient untouched and draws nothing.
 
     Args:
         strength: the noise power budget in units of ``||g_1 - g_0||^2`` (the paper's ``s``; 0: off).

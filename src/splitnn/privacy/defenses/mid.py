@@ -1,29 +1,6 @@
 """MID (Zou et al., arXiv 2301.01142): a mutual-information bottleneck layer at the cut, at the label holder.
 
-The label holder passes the activation it receives through a variational
-information bottleneck before its own model: an encoder gives the mean ``mu`` and
-the standard deviation ``std = softplus(.)`` of a ``bottleneck``-dimensional
-Gaussian, a sample ``z = mu + std * eps`` of it (the mean at inference) goes
-through a decoder back to the activation's size, and the label holder's loss gains
-``lam * KL(N(mu, std^2) || N(0, I))``, a variational upper bound on the mutual
-information between the activation and ``z``. Less information about the data
-holder's output reaches the label holder's model, and so less label information
-flows back in the gradient (the paper's defense against label inference and model
-completion).
-
-Two choices make it train with the tutorial network and plain SGD (with PyTorch's
-defaults, every lambda, 0 included, collapsed to one class):
-
-- He initialisation of the encoder and decoder (PyTorch's default initialisation
-  divides the activation's mean square by about six at each added ReLU layer, and
-  the layer adds four linear layers);
-- the KL term is averaged over the batch *and* the bottleneck's units, so that
-  ``lam`` does not grow with ``bottleneck`` (the paper's sum over units with weight
-  ``lambda`` is ``lam = lambda * bottleneck`` here).
-
-The KL term is added to the loss without touching the label holder's loss
-function: the layer's output carries it, in the backward pass, as an extra
-gradient ``lam`` on the KL term (the autograd equivalent of ``loss + lam * KL``).
+:class:`MIDLayer` is the layer; its docstring says what it computes and the choices that make it train.
 """
 
 from __future__ import annotations
@@ -60,6 +37,31 @@ class MIDLayer(nn.Module):
     Prepend it to the label holder's segment. ``lam`` weighs the KL term, averaged per
     unit (0: the layer is still a bottleneck, with no pressure on its information). The weights are
     initialised from ``seed``; the sampling noise comes from the layer's own stream.
+
+    The label holder passes the activation it receives through a variational
+    information bottleneck before its own model: an encoder gives the mean ``mu`` and
+    the standard deviation ``std = softplus(.)`` of a ``bottleneck``-dimensional
+    Gaussian, a sample ``z = mu + std * eps`` of it (the mean at inference) goes
+    through a decoder back to the activation's size, and the label holder's loss gains
+    ``lam * KL(N(mu, std^2) || N(0, I))``, a variational upper bound on the mutual
+    information between the activation and ``z``. Less information about the data
+    holder's output reaches the label holder's model, and so less label information
+    flows back in the gradient (the paper's defense against label inference and model
+    completion).
+
+    Two choices make it train with the tutorial network and plain SGD (with PyTorch's
+    defaults, every lambda, 0 included, collapsed to one class):
+
+    - He initialisation of the encoder and decoder (PyTorch's default initialisation
+      divides the activation's mean square by about six at each added ReLU layer, and
+      the layer adds four linear layers);
+    - the KL term is averaged over the batch *and* the bottleneck's units, so that
+      ``lam`` does not grow with ``bottleneck`` (the paper's sum over units with weight
+      ``lambda`` is ``lam = lambda * bottleneck`` here).
+
+    The KL term is added to the loss without touching the label holder's loss
+    function: the layer's output carries it, in the backward pass, as an extra
+    gradient ``lam`` on the KL term (the autograd equivalent of ``loss + lam * KL``).
     """
 
     def __init__(self, features: int, lam: float, *, bottleneck: int = 64, hidden: int = 128, seed: int = 0) -> None:

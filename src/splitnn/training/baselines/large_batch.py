@@ -1,21 +1,6 @@
-"""Large-batch synchronous SGD on splitnn workers.
+"""Large-batch synchronous SGD on splitnn workers: :class:`LargeBatchSGD`.
 
-Each step, the server (the researcher) sends the current weights to every
-client that takes part (``set_state``: ``weights`` bytes researcher -> client);
-each computes the gradient of the whole model's mean loss on its next batch and
-sends it back (``get_grads``: ``gradient`` bytes client -> researcher); the
-server averages the gradients weighted by batch size (the gradient of the mean
-loss over the union of the batches) and steps its optimizer. The clients hold no
-optimizer. Per client and step that is one model state down and one gradient
-up: ``2 x model size`` when every state tensor is a trainable parameter.
-
-Client ``k`` visits its shard in the order of :func:`~splitnn.training.epoch_batches`
-(seed ``seed + 7919 k``, as the data holders of
-:class:`~splitnn.training.topologies.MultiHolderSplitNN`); an epoch has as many steps as the largest client has
-batches, and a client whose batches are used up sits the remaining steps out
-(it sends and receives nothing then). So client ``k`` takes part in exactly
-``ceil(n_k / batch_size)`` steps per epoch, and one client trains exactly as
-plain centralized training with :func:`~splitnn.training.fit`'s data order.
+Its docstring says what crosses per step and in which order each client visits its shard.
 """
 
 from __future__ import annotations
@@ -43,6 +28,23 @@ class LargeBatchSGD(Federation):
     Each step the server (the researcher) sends the current weights to every client with a
     batch left; each computes the whole model's gradient on its batch and sends it back; the
     server averages the gradients weighted by batch size and steps its optimizer.
+
+    Each step, the server (the researcher) sends the current weights to every
+    client that takes part (``set_state``: ``weights`` bytes researcher -> client);
+    each computes the gradient of the whole model's mean loss on its next batch and
+    sends it back (``get_grads``: ``gradient`` bytes client -> researcher); the
+    server averages the gradients weighted by batch size (the gradient of the mean
+    loss over the union of the batches) and steps its optimizer. The clients hold no
+    optimizer. Per client and step that is one model state down and one gradient
+    up: ``2 x model size`` when every state tensor is a trainable parameter.
+
+    Client ``k`` visits its shard in the order of :func:`~splitnn.training.epoch_batches`
+    (seed ``seed + 7919 k``, as the data holders of
+    :class:`~splitnn.training.topologies.MultiHolderSplitNN`); an epoch has as many steps as the largest client has
+    batches, and a client whose batches are used up sits the remaining steps out
+    (it sends and receives nothing then). So client ``k`` takes part in exactly
+    ``ceil(n_k / batch_size)`` steps per epoch, and one client trains exactly as
+    plain centralized training with :func:`~splitnn.training.fit`'s data order.
 
     Args:
         model: the global model; the server (researcher) keeps it and its optimizer.

@@ -1,24 +1,8 @@
 """Running several data holders' steps at once: one thread per holder, the shared parties one at a time.
 
-A *lane* is one data holder's list of jobs (its training steps of a round), run in
-order on a thread of its own; lanes run concurrently. The parties every holder needs
-(the label holder and any other top worker) are entered through a :class:`Turnstile`,
-which lets one job at a time through, and, when ``ordered``, in the order of the jobs'
-positions (0, 1, 2, ... across all lanes), so that a shared segment sees its batches in
-a fixed order whatever the threads' timing. Results are handed to ``deliver`` on the
-calling thread, in position order, as they become available.
-
-Why threads pay in-process: PyTorch releases the GIL inside its kernels, so one holder's
-forward or backward runs while another holder's Python code (or the label holder's)
-runs. Why the shared parties are entered one at a time: an in-process
-:class:`~splitnn.workers.VirtualWorker` keeps per-call state (its tensor store, its pending
-loss) that is not safe to share between threads. A holder's own worker is only ever
-called from its lane's thread. The only other cross-thread touch is a worker taking a
-tensor from a peer's store (a single ``dict.pop`` of its own key, atomic under the GIL).
-
-If a job fails, the turnstile is closed: jobs waiting at it (or arriving later) stop
-with :class:`Aborted`, every lane ends, and the first real error is raised on the
-calling thread.
+:func:`run_lanes` runs each holder's jobs on a thread of its own (its docstring says why and how);
+:class:`Turnstile` lets one job at a time into the shared parties; :class:`Aborted` stops the others
+when one fails.
 """
 
 from __future__ import annotations
@@ -81,6 +65,26 @@ def run_lanes(
     """Run every lane on ``pool`` (one thread each), calling ``deliver(position, result)`` here in position order.
 
     Returns when every lane has finished; raises the first failure (after every lane stopped).
+
+    A *lane* is one data holder's list of jobs (its training steps of a round), run in
+    order on a thread of its own; lanes run concurrently. The parties every holder needs
+    (the label holder and any other top worker) are entered through a :class:`Turnstile`,
+    which lets one job at a time through, and, when ``ordered``, in the order of the jobs'
+    positions (0, 1, 2, ... across all lanes), so that a shared segment sees its batches in
+    a fixed order whatever the threads' timing. Results are handed to ``deliver`` on the
+    calling thread, in position order, as they become available.
+
+    Why threads pay in-process: PyTorch releases the GIL inside its kernels, so one holder's
+    forward or backward runs while another holder's Python code (or the label holder's)
+    runs. Why the shared parties are entered one at a time: an in-process
+    :class:`~splitnn.workers.VirtualWorker` keeps per-call state (its tensor store, its pending
+    loss) that is not safe to share between threads. A holder's own worker is only ever
+    called from its lane's thread. The only other cross-thread touch is a worker taking a
+    tensor from a peer's store (a single ``dict.pop`` of its own key, atomic under the GIL).
+
+    If a job fails, the turnstile is closed: jobs waiting at it (or arriving later) stop
+    with :class:`Aborted`, every lane ends, and the first real error is raised on the
+    calling thread.
     """
     total = sum(len(lane) for lane in lanes)
     results: dict[int, T] = {}

@@ -55,7 +55,7 @@ class DataHolder:
         allow_nonfinite: bool = False,
     ) -> None:
         """Hold ``features`` and/or ``labels`` (tensors, numpy arrays or map-style datasets) under ``name``;
-        ``ids`` (one string per row) lets :mod:`splitnn.training.psi` align rows with other parties.
+        ``ids`` (one string per row) lets :mod:`splitnn.training.alignment` align rows with other parties.
         A name already in use is a ConfigurationError unless ``replace``. Features holding NaN or infinite
         values are a DataError naming the row (a map-style dataset's: when its batch is read) unless
         ``allow_nonfinite``."""

@@ -1,5 +1,5 @@
-"""A party's side of private set intersection (the protocol: :mod:`splitnn.training.psi`; the messages:
-:mod:`splitnn.workers.psi`), under the policy's PSI rules.
+"""A party's side of private set intersection (the protocol: :mod:`splitnn.training.alignment`; the messages:
+:mod:`splitnn.workers.psi_party`), under the policy's PSI rules.
 
 A run takes only a dataset the party's operator placed (never one an intersection derived), at most
 ``max_psi_runs`` runs per dataset, messages to and from ``psi_peers`` only. The rows an intersection keeps and
@@ -15,7 +15,7 @@ import torch
 
 from splitnn.errors import WorkerError
 from splitnn.workers.policy import check_batch_rows, check_psi
-from splitnn.workers.psi import PsiParty, PsiRuns
+from splitnn.workers.psi_party import PsiParty, PsiRuns
 from splitnn.workers.refs import TensorRef
 
 

@@ -1,4 +1,4 @@
-"""A worker's side of private set intersection (see :mod:`splitnn.training.psi` for the protocol).
+"""A worker's side of private set intersection (see :mod:`splitnn.training.alignment` for the protocol).
 
 Per dataset, a party keeps its *candidate* rows: at first every row it holds ids for;
 each intersection it runs as the client narrows them to the rows whose ids the other
@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from splitnn.data.psi import PsiClient, psi_reply
+from splitnn.data.psi_messages import PsiClient, psi_reply
 from splitnn.errors import WorkerError
 from splitnn.workers.held import HeldData
 

@@ -49,7 +49,7 @@ def intersect(
     It runs in three steps:
 
     1. the label holder intersects its ids with each feature holder's in turn, as the PSI client
-       (:mod:`splitnn.data.psi`; ECDH, ``openmined-psi``): its candidate rows shrink to the ids
+       (:mod:`splitnn.data.psi_messages`; ECDH, ``openmined-psi``): its candidate rows shrink to the ids
        every holder has -- the intersection;
     2. each feature holder then intersects its ids with the label holder's intersection, as the
        client: it learns exactly the intersection;
