@@ -65,7 +65,7 @@ class FrameHeader(NamedTuple):
                       of a kind code (u8) and a push id (u64); none: "acknowledge what you have now";
                       :mod:`splitnn.server.pushes`)
         5       1     kind: 1 activation, 2 gradient, 3 weights (a segment's state handed holder to holder),
-                      4 psi (a private set intersection message, :mod:`splitnn.data.psi`)
+                      4 psi (a private set intersection message, :mod:`splitnn.data.psi_messages`)
         6       1     flags: bit 0 = more chunks of this payload follow; bit 1 = the payload carries
                       several values (a :mod:`splitnn.wire.cut_codec` values payload; DATA/PUSH only)
         7       1     codec: the :mod:`splitnn.wire.compress` codec id of a DATA/PUSH payload
@@ -76,7 +76,7 @@ class FrameHeader(NamedTuple):
     A DATA payload with codec 0 (``none``) is one :mod:`splitnn.wire.tensor_codec` frame (dtype + shape header + raw
     bytes); for ``weights`` that tensor is 1-D uint8 and holds a safetensors state dict
     (:mod:`splitnn.wire.state_codec`), decoded by the receiver with the validating codec; for ``psi`` it is 1-D
-    uint8 and holds one PSI message (parsed by the receiver's :mod:`splitnn.data.psi`). With another codec the
+    uint8 and holds one PSI message (parsed by the receiver's :mod:`splitnn.data.psi_messages`). With another codec the
     payload is that codec's self-describing payload, which must name the same codec. Several values crossing a cut
     at once (a skip connection over the cut) travel as one values payload (flag bit 1) whose entries are tensor
     frames or payloads of the frame's codec (:mod:`splitnn.wire.cut_codec`). Payloads above the chunk size are cut
