@@ -21,7 +21,8 @@ resident memory per party, each in fresh processes so that nothing measured befo
 trained ``--warmup`` + ``--steps`` steps in a process of its own (its ``VmHWM``), then the same U-shaped split
 across two fresh ``splitnn worker`` processes driven by a fresh researcher process: each worker's ``VmHWM``
 (``/proc/<pid>/status``) after training and its ``VmRSS`` before the first command (what Python, torch and
-splitnn take with no model), and the researcher's ``VmHWM``.
+splitnn take with no model), and the researcher's ``VmHWM``: one epoch of ``fit`` shipped to the workers (no
+clipping), then one with ``clip_grad_norm=1.0`` (lock-step steps the researcher drives).
 
     python benchmarks/bench_transformers.py [--steps 20] [--batch 12] [--delay-ms 10] [--pipeline 1,4] [--runs 3]
 """
@@ -179,7 +180,8 @@ def _self_peak_kib() -> int:
 
 
 def memory_child(a: argparse.Namespace) -> dict:
-    """Run in a fresh process (``--memory-child unsplit|split``): train, return the peaks in KiB."""
+    """Run in a fresh process (``--memory-child unsplit|split|split-clip``): train one epoch, return the peaks in
+    KiB."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = gpt2(a.layers, a.width, a.context)
@@ -196,7 +198,12 @@ def memory_child(a: argparse.Namespace) -> dict:
         idle = {name: _kib(pid, "VmRSS") for name, pid in pids.items()}
         alice, bob = cluster.connect("alice", "bob")
         try:
-            split(model, data, a, alice, bob)
+            segments = splitnn.cut(
+                copy.deepcopy(model), [f"lm.transformer.h.{i}" for i in (1, a.layers - 1)], example=data.features[:2]
+            )
+            net = splitnn.SplitNN(segments, [alice, bob, alice], optimizer=SPEC, loss="cross_entropy")
+            clip = 1.0 if a.memory_child == "split-clip" else None  # clipping: lock-step steps the researcher drives
+            net.fit(data, epochs=1, batch_size=a.batch, progress=False, clip_grad_norm=clip)
             peak = {name: _kib(pid, "VmHWM") for name, pid in pids.items()}
         finally:
             alice.close()
@@ -207,6 +214,8 @@ def memory_child(a: argparse.Namespace) -> dict:
 def bench_memory(a: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     """Peak RSS per party (MiB), each measured in fresh processes: (label, peak MiB, MiB before any command)."""
 
+    mib = 1024.0
+
     def child(kind: str) -> dict:
         argv = [sys.executable, __file__, "--memory-child", kind]
         for flag in ("steps", "warmup", "batch", "context", "layers", "width"):
@@ -214,18 +223,20 @@ def bench_memory(a: argparse.Namespace) -> list[tuple[str, float, float | None]]
         out = subprocess.run(argv, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    one, two = child("unsplit"), child("split")
-    mib = 1024.0
-    return [
-        ("unsplit, one process (model, data, optimizer)", one["unsplit"] / mib, None),
-        ("split: researcher process (model before the cut, data)", two["researcher"] / mib, None),
-        (
-            "split: alice worker (embeddings, blocks 0 and last, head)",
-            two["peak"]["alice"] / mib,
-            two["idle"]["alice"] / mib,
-        ),
-        ("split: bob worker (middle blocks)", two["peak"]["bob"] / mib, two["idle"]["bob"] / mib),
-    ]
+    one = child("unsplit")
+    rows = [("unsplit, one process (model, data, optimizer)", one["unsplit"] / mib, None)]
+    for kind, how in (("split", "fit, shipped epoch"), ("split-clip", "fit with clip_grad_norm")):
+        two = child(kind)
+        rows += [
+            (f"{how}: researcher (model before the cut, data)", two["researcher"] / mib, None),
+            (
+                f"{how}: alice worker (embeddings, first and last block, head)",
+                two["peak"]["alice"] / mib,
+                two["idle"]["alice"] / mib,
+            ),
+            (f"{how}: bob worker (middle blocks)", two["peak"]["bob"] / mib, two["idle"]["bob"] / mib),
+        ]
+    return rows
 
 
 def main() -> None:
@@ -253,7 +264,7 @@ def main() -> None:
         default=True,
         help="tokens/s unsplit, split in process and on 2 worker processes (none, bf16, int8 at the cuts)",
     )
-    ap.add_argument("--memory-child", choices=["unsplit", "split"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=["unsplit", "split", "split-clip"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
         print(json.dumps(memory_child(a)))
@@ -311,9 +322,9 @@ def main() -> None:
             f"\npeak resident memory per party (MiB), {a.steps + a.warmup} training steps; the model has {params:,}"
             " float32 parameters"
         )
-        print(f"{'process':<60} {'peak':>8} {'at start':>9}")
+        print(f"{'process':<74} {'peak':>8} {'at start':>9}")
         for label, peak, start in mem:
-            print(f"{label:<60} {peak:>8.1f} {'' if start is None else f'{start:.1f}':>9}")
+            print(f"{label:<74} {peak:>8.1f} {'' if start is None else f'{start:.1f}':>9}")
 
 
 if __name__ == "__main__":
