@@ -1,21 +1,29 @@
 """Transformers cut with splitnn.cut (torch.export) across `splitnn worker` processes: each segment travels as a
 graph of allow-listed ATen ops plus safetensors weights, to workers that trust no class at all, and trains with
 the fine-tuning recipe (AdamW with decay rules, warmup then cosine, clipping by the global norm) equal, torch.equal,
-to the same run on in-process workers. The in-process runs equal the unsplit models (tests/split)."""
+to the same run on in-process workers and to the unsplit model trained by a plain PyTorch loop (torch.optim.AdamW
+with two parameter groups, nanoGPT's schedule written out, torch.nn.utils.clip_grad_norm_): GPT-2 (U-shaped),
+BERT, Hugging Face's ViT, a timm-style ViT, Llama, a classifier around nn.TransformerEncoder and GPT-2 with
+LoRA: the four models of issue 27's table and their families."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import splitnn
+from splitnn.training import epoch_batches
 from tests.split import transformer_models as tm
+from tests.split.test_finetune_recipe import nanogpt_lr
 from tests.transport.cluster import Cluster
 
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
 
-N, BATCH, SEED = 16, 4, 3
+N, BATCH, SEED, EPOCHS = 16, 4, 3, 2
 SPEC = "adamw:lr=1e-2,betas=(0.9,0.99),weight_decay=0.1,decay=matrices,schedule=cosine,warmup=2,total=8,min_lr=1e-3"
 
 
@@ -34,8 +42,35 @@ def _ids(n, seed):
 
 def _train(segments, workers, data, loss, clip):
     split = splitnn.SplitNN(segments, workers, optimizer=SPEC, loss=loss)
-    history = split.fit(data, epochs=2, batch_size=BATCH, seed=SEED, progress=False, clip_grad_norm=clip)
+    history = split.fit(data, epochs=EPOCHS, batch_size=BATCH, seed=SEED, progress=False, clip_grad_norm=clip)
     return history.losses(), split.collect_state(), split
+
+
+def _remote_and_local(cluster, model, at, example, placement, data, clip, output=None):
+    """The same cut trained on worker processes (``placement`` names them, e.g. alice, bob, alice) and on
+    in-process workers of the same names: (losses, state, split) of each."""
+    names = sorted(set(placement))
+    remote = dict(zip(names, cluster.connect(*names)))
+    try:
+        got = _train(
+            splitnn.cut(model, at, example=example, output=output),
+            [remote[n] for n in placement],
+            data,
+            "cross_entropy",
+            clip,
+        )
+    finally:
+        for w in remote.values():
+            w.close()
+    local = {n: splitnn.VirtualWorker(n) for n in names}
+    want = _train(
+        splitnn.cut(model, at, example=example, output=output),
+        [local[n] for n in placement],
+        data,
+        "cross_entropy",
+        clip,
+    )
+    return got, want
 
 
 def _assert_same(remote, local):
@@ -45,9 +80,42 @@ def _assert_same(remote, local):
         assert torch.equal(remote[1][k], v), k
 
 
+def train_twin(model, forward, data, clip):
+    """The unsplit model trained by a plain PyTorch loop with the recipe written out: AdamW with decay on matrices
+    only, nanoGPT's warmup-then-cosine learning rate, torch.nn.utils.clip_grad_norm_, F.cross_entropy (what the
+    remote loss "cross_entropy" names), in fit's data order. Returns the state dict."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-2, betas=(0.9, 0.99))
+    it = 0
+    for epoch in range(EPOCHS):
+        for idx in epoch_batches(len(data), BATCH, seed=SEED, epoch=epoch):
+            for g in opt.param_groups:
+                g["lr"] = nanogpt_lr(it, "cosine")
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(forward(model, data.features[idx]), data.labels[idx])
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            it += 1
+    return model.state_dict()
+
+
+def _assert_twin(state, twin):
+    """Every weight the segments hold equals the unsplit twin's (all of them: the segments hold the model's keys)."""
+    assert list(state) == list(twin)
+    for k, v in state.items():
+        assert torch.equal(v, twin[k]), f"{k} differs from the unsplit twin"
+
+
 class ClassDimFirst(torch.nn.Module):
-    """GPT-2 whose logits come as (batch, vocabulary, position): the named loss "cross_entropy" (a remote label
-    holder takes losses by name) reads classes on dimension 1."""
+    """A causal language model whose logits come as (batch, vocabulary, position): the named loss "cross_entropy"
+    (a remote label holder takes losses by name) reads classes on dimension 1."""
 
     def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
@@ -57,53 +125,108 @@ class ClassDimFirst(torch.nn.Module):
         return self.lm(input_ids=input_ids).logits.transpose(1, 2)
 
 
+def _lm_data(seed):
+    ids = _ids(N, seed)
+    return splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+
+
+def _class_data(features):
+    return splitnn.Dataset(features, torch.randint(0, tm.CLASSES, (N,), generator=torch.Generator().manual_seed(3)))
+
+
+def _call(model, x):
+    return model(x)
+
+
+def _logits(keyword):
+    return lambda model, x: model(**{keyword: x}).logits
+
+
 @pytest.mark.slow
-def test_gpt2_u_shape_trains_across_workers_as_in_process(cluster):
+def test_gpt2_u_shape_trains_across_workers_as_in_process_and_unsplit(cluster):
     """U-shaped: the embeddings, the first block, the last block and the head at the data holder's worker, which
     keeps the labels (the shifted ids: text never leaves it), the middle blocks at the other worker."""
     torch.manual_seed(0)
-    model = ClassDimFirst(tm.gpt2())
-    ids = _ids(N, 1)
-    data = splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    model, data = ClassDimFirst(tm.gpt2()), _lm_data(1)
     at = ["lm.transformer.h.1", "lm.transformer.h.3"]
-    example = data.features[:2]
-    alice, bob = cluster.connect("alice", "bob")
-    try:
-        got = _train(splitnn.cut(model, at, example=example), [alice, bob, alice], data, "cross_entropy", 0.05)
-    finally:
-        alice.close()
-        bob.close()
-    va, vb = splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")
-    want = _train(splitnn.cut(model, at, example=example), [va, vb, va], data, "cross_entropy", 0.05)
+    got, want = _remote_and_local(cluster, model, at, data.features[:2], ["alice", "bob", "alice"], data, 0.05)
     _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _call, data, 0.05))
 
 
 @pytest.mark.slow
-def test_bert_trains_across_workers_as_in_process(cluster):
+def test_bert_trains_across_workers_as_in_process_and_unsplit(cluster):
     """Every segment at a worker process, the loss by name at the last one (labels there)."""
     torch.manual_seed(0)
     model = tm.bert()
     ids = _ids(N, 2)[:, :-1].contiguous()
-    labels = torch.randint(0, tm.CLASSES, (N,), generator=torch.Generator().manual_seed(3))
-    data = splitnn.Dataset(ids, labels)
-    at = ["bert.encoder.layer.2"]
+    data = _class_data(ids)
     example = {"input_ids": ids[:2]}
-    remote = cluster.connect("alice", "bob")
-    try:
-        got = _train(splitnn.cut(model, at, example=example), remote, data, "cross_entropy", clip=0.05)
-    finally:
-        for w in remote:
-            w.close()
-    local = [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")]
-    want = _train(splitnn.cut(model, at, example=example), local, data, "cross_entropy", clip=0.05)
+    got, want = _remote_and_local(cluster, model, ["bert.encoder.layer.2"], example, ["alice", "bob"], data, 0.05)
     _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _logits("input_ids"), data, 0.05))
     local = [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")]
-    unclipped = _train(splitnn.cut(model, at, example=example), local, data, "cross_entropy", clip=None)
-    assert unclipped[0] != got[0]  # the clipping bit: the equality above covers it
+    unclipped = _train(
+        splitnn.cut(model, ["bert.encoder.layer.2"], example=example), local, data, "cross_entropy", None
+    )
+    assert unclipped[0] != got[0]  # the clipping bites: the equalities above cover it
 
 
 @pytest.mark.slow
-def test_lora_adapters_train_across_workers_as_in_process_with_the_base_frozen(cluster):
+def test_hf_vit_trains_across_workers_as_in_process_and_unsplit(cluster):
+    """Hugging Face's ViTForImageClassification (patches by convolution, class token, learned positions): its
+    ModelOutput reaches the loss as "logits"."""
+    torch.manual_seed(0)
+    model = tm.vit()
+    data = _class_data(torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(5)))
+    example = {"pixel_values": data.features[:2]}
+    got, want = _remote_and_local(
+        cluster, model, ["vit.layers.2"], example, ["alice", "bob"], data, 0.05, output="logits"
+    )
+    _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _logits("pixel_values"), data, 0.05))
+
+
+@pytest.mark.slow
+def test_timm_style_vit_trains_across_workers_as_in_process_and_unsplit(cluster):
+    """timm's ViT layout (the table's `vit_tiny_patch16_224`, in small) cut at blocks.1 and blocks.3: the blocks'
+    attn_mask=None never crosses a cut; the class token's expand is recomputed from the batch size."""
+    torch.manual_seed(0)
+    model = tm.timm_vit()
+    data = _class_data(torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(6)))
+    got, want = _remote_and_local(
+        cluster, model, ["blocks.1", "blocks.3"], data.features[:2], ["alice", "bob", "alice"], data, 0.05
+    )
+    _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _call, data, 0.05))
+
+
+@pytest.mark.slow
+def test_llama_trains_across_workers_as_in_process_and_unsplit(cluster):
+    """A Llama decoder (RMSNorm, rotary positions recomputed after the cut, SwiGLU), the head at the worker that
+    keeps the labels."""
+    torch.manual_seed(0)
+    model, data = ClassDimFirst(tm.llama()), _lm_data(7)
+    got, want = _remote_and_local(
+        cluster, model, ["lm.model.layers.2"], data.features[:2], ["alice", "bob"], data, 0.05
+    )
+    _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _call, data, 0.05))
+
+
+@pytest.mark.slow
+def test_transformer_encoder_classifier_trains_across_workers_as_in_process_and_unsplit(cluster):
+    """A classifier around torch.nn.TransformerEncoder, cut between its layers (export traces through it)."""
+    torch.manual_seed(0)
+    model = tm.encoder_classifier()
+    data = _class_data(_ids(N, 8)[:, :-1].contiguous())
+    got, want = _remote_and_local(cluster, model, ["encoder.layers.2"], data.features[:2], ["alice", "bob"], data, 0.05)
+    _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _call, data, 0.05))
+
+
+@pytest.mark.slow
+def test_lora_adapters_train_across_workers_as_in_process_and_unsplit_with_the_base_frozen(cluster):
     """peft's LoRA applied before the cut: the frozen base travels frozen (requires_grad in the spec) and only the
     adapters train at the workers."""
     peft = pytest.importorskip("peft")
@@ -111,20 +234,11 @@ def test_lora_adapters_train_across_workers_as_in_process_with_the_base_frozen(c
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True, task_type="CAUSAL_LM"
     )
-    model = ClassDimFirst(peft.get_peft_model(tm.gpt2(), config))
-    ids = _ids(N, 4)
-    data = splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    model, data = ClassDimFirst(peft.get_peft_model(tm.gpt2(), config)), _lm_data(4)
     at = ["lm.base_model.model.transformer.h.2"]
-    example = data.features[:2]
-    remote = cluster.connect("alice", "bob")
-    try:
-        got = _train(splitnn.cut(model, at, example=example), remote, data, "cross_entropy", 1.0)
-    finally:
-        for w in remote:
-            w.close()
-    local = [splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")]
-    want = _train(splitnn.cut(model, at, example=example), local, data, "cross_entropy", 1.0)
+    got, want = _remote_and_local(cluster, model, at, data.features[:2], ["alice", "bob"], data, 1.0)
     _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, _call, data, 1.0))
     start = model.state_dict()
     moved = {k for k, v in got[1].items() if not torch.equal(v, start[k])}
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}

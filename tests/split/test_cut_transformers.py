@@ -245,3 +245,20 @@ def test_a_model_whose_export_fixes_the_batch_size_is_refused():
     match = r"torch.export fixed the batch size at the example's 3 rows.*on 4 rows its graph failed.*Fix: create"
     with pytest.raises(ConfigurationError, match=match):
         splitnn.cut(_FixedBatch(), ["b"], example=torch.randn(3, 4))
+
+
+@pytest.mark.parametrize(
+    "make, at", [(tm.gpt2, ["transformer.h.2"]), (tm.llama, ["model.layers.2"]), (tm.bert, ["bert.encoder.layer.2"])]
+)
+def test_segments_make_their_tensors_on_the_device_of_their_input(make, at):
+    """Export writes the device it traced on into ``arange``/``to`` calls; each segment reads its input's device
+    instead, so it runs on the device its party computes on. Meta tensors stand in for an accelerator: with the
+    traced CPU device left in, a position table made on the CPU meets meta activations and the segment fails."""
+    torch.manual_seed(0)
+    ids = _ids(4, 9)
+    segments = splitnn.cut(make(), at, example={"input_ids": ids[:2]}, output="logits")
+    x = ids.to("meta")
+    for seg in segments:
+        assert not [n for n in seg.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)]
+        x = seg.to("meta")(x)
+    assert x.device.type == "meta" and x.shape[0] == 4

@@ -163,7 +163,11 @@ def test_cut_transformer_segments_round_trip_through_json_and_the_budget_check(m
     x = ids
     for seg in segments:
         spec = spec_from_json(spec_to_json(module_to_spec(seg)))
-        assert all(n["target"].startswith(("aten.", "operator.")) for n in spec["nodes"] if n["op"] == "call_function")
+        calls = [n for n in spec["nodes"] if n["op"] == "call_function"]
+        # ATen ops, and the device of the segment's input read where export had written the device it traced on
+        assert all(n["target"].startswith(("aten.", "operator.")) or n["target"] == "getattr" for n in calls)
+        assert all(n["args"][1] == "device" for n in calls if n["target"] == "getattr")
+        assert not list(_device_constants([(n["args"], n["kwargs"]) for n in calls]))  # the graph runs anywhere
         copy = _build(spec, budget=64 << 20)
         copy.load_state_dict(seg.state_dict())
         assert list(copy.state_dict()) == list(seg.state_dict())
@@ -171,6 +175,18 @@ def test_cut_transformer_segments_round_trip_through_json_and_the_budget_check(m
         assert torch.equal(copy(x), want)
         x = want
     assert torch.equal(x, model(input_ids=ids).logits)
+
+
+def _device_constants(x):
+    """The ``{"device": ...}`` constants anywhere in a spec's arguments."""
+    if isinstance(x, dict):
+        if set(x) == {"device"}:
+            yield x["device"]
+        for v in x.values():
+            yield from _device_constants(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _device_constants(v)
 
 
 class _Attention(torch.nn.Module):

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from splitnn.errors import ConfigurationError
 from splitnn.split.exported import (
+    devices_follow_inputs,
     export_graph,
     mark_non_persistent,
     module_partition,
@@ -401,7 +402,9 @@ def _cut_exported(model: nn.Module, paths: list[str], example: object, output: s
     for k in range(len(paths) + 1):
         if not any(parts.get(n) == k for n in graph.nodes if n.op == "call_function"):
             raise ConfigurationError(_empty_segment_message(k, paths))
-        seg = fx.GraphModule(root, _segment_graph(graph, parts, live, k, rec), class_name=f"Segment{k}")
+        seg_graph = _segment_graph(graph, parts, live, k, rec)
+        devices_follow_inputs(seg_graph)  # made on the device of the segment's input, not the one traced on
+        seg = fx.GraphModule(root, seg_graph, class_name=f"Segment{k}")
         mark_non_persistent(seg, saved)
         segments.append(seg)
     return segments

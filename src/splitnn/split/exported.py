@@ -18,6 +18,11 @@ particular to that graph:
   ``arange``/``full``, buffers that are not parameters, sizes (``sym_size``) and arithmetic on
   them. Such a value never crosses a cut: the segment that uses it computes it again (a size is
   read from a tensor that reaches that segment). Random operations are never recomputed.
+* :func:`devices_follow_inputs`: export writes the device it traced on into factory calls and
+  moves (``aten.arange(..., device=cpu)``, ``aten.to.device``); in each segment these read the
+  device of the segment's input instead, so a segment runs on whatever device its party computes
+  on (``VirtualWorker(device="cuda:0")``, ``splitnn worker --device``, the worker's meta-tensor
+  memory check) and its graph names no device.
 
 The mode of the layers is fixed when the model is exported: export it in the mode it trains in
 (``model.train()``). Dropout and batch-norm layers then behave as in training for evaluation too,
@@ -38,6 +43,7 @@ from torch import fx, nn
 from splitnn.errors import ConfigurationError
 
 __all__ = [
+    "devices_follow_inputs",
     "export_graph",
     "mark_non_persistent",
     "module_partition",
@@ -344,6 +350,39 @@ def substitute_size(
         f"node {node.name!r} (the size {want} of {node.args[0]}) is needed after a cut that no tensor of that size "
         "crosses; cut at a block boundary, where the hidden states cross"
     )
+
+
+def devices_follow_inputs(graph: fx.Graph) -> int:
+    """Every ``torch.device`` constant in the arguments of ``graph``'s calls becomes the device of its first input
+    (one ``getattr(input, "device")`` node after the inputs); returns how many were replaced. A segment's inputs
+    are on its party's device (what crosses a cut moves to the receiver's device), so what it makes lands there
+    too; a device fixed at export would put a CPU-made mask beside CUDA activations."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    if not inputs or not any(_has_device(a) for n in calls for a in (*n.args, *n.kwargs.values())):
+        return 0
+    with graph.inserting_after(inputs[-1]):
+        device = graph.call_function(getattr, (inputs[0], "device"))
+    count = 0
+
+    def swap(a: object) -> object:
+        nonlocal count
+        if isinstance(a, torch.device):
+            count += 1
+            return device
+        return a
+
+    for n in calls:
+        if n is not device:
+            n.args = fx.node.map_aggregate(n.args, swap)
+            n.kwargs = fx.node.map_aggregate(n.kwargs, swap)
+    return count
+
+
+def _has_device(a: object) -> bool:
+    if isinstance(a, torch.device):
+        return True
+    return isinstance(a, (list, tuple)) and any(_has_device(b) for b in a)
 
 
 def _attr(root: nn.Module, target: str) -> object:
