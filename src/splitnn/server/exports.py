@@ -227,6 +227,7 @@ class Exports:
         return served[2]
 
     def _keep_served(self, tid: int, peer: str, kind: str, value: object) -> None:
+        value = without_graph(value)  # a re-pull needs the bytes; the graph would keep the step's activations alive
         self._served[tid] = (peer, kind, value)
         self._served_bytes += held_bytes(value)
         while self._served and (len(self._served) > SERVED_KEEP or self._served_bytes > SERVED_KEEP_BYTES):
@@ -249,3 +250,12 @@ def held_bytes(value: object) -> int:
             total += tensor_nbytes(v) if isinstance(v, torch.Tensor) else held_bytes(v)
         return total
     return 0
+
+
+def without_graph(value: object) -> object:
+    """``value`` with every tensor detached from its autograd graph (the same storage; tuples and lists kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(without_graph(v) for v in value)
+    return value
