@@ -11,7 +11,18 @@ from collections.abc import Iterable
 
 from splitnn.errors import ConfigurationError
 
-__all__ = ["check_amounts", "check_counts"]
+__all__ = ["check_amounts", "check_counts", "check_positive"]
+
+
+def check_positive(name: str, value: object, *, none_means: str | None = None, optional: bool = False) -> int | None:
+    """``value``, a positive integer (a bool is not one); ``None`` passes when ``optional``, or with ``none_means``,
+    which the error then says (``"turn_batches must be a positive integer or None (one turn per epoch)"``)."""
+    if value is None and (optional or none_means is not None):
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        also = f" or None ({none_means})" if none_means is not None else ""
+        raise ConfigurationError(f"{name} must be a positive integer{also}, got {value!r}")
+    return value
 
 
 def check_counts(

@@ -58,9 +58,13 @@ def test_check_out_dir_refuses_a_file_and_accepts_a_directory_or_nothing(tmp_pat
 @pytest.mark.parametrize("value", [0, -1, True])
 def test_check_positive_refuses_counts_below_one(value):
     with pytest.raises(ConfigurationError, match="--limit must be a positive integer"):
-        check_positive(value, "--limit")
+        check_positive("--limit", value, optional=True)
 
 
 def test_check_positive_accepts_none_and_positive_counts():
-    check_positive(None, "--limit")
-    check_positive(1, "--limit")
+    assert check_positive("--limit", None, optional=True) is None
+    assert check_positive("--limit", 1, optional=True) == 1
+    with pytest.raises(ConfigurationError, match=r"n must be a positive integer or None \(one per epoch\), got 0"):
+        check_positive("n", 0, none_means="one per epoch")
+    with pytest.raises(ConfigurationError, match="n must be a positive integer, got None"):
+        check_positive("n", None)

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from splitnn.data import load_dataset
     from splitnn.data.batching import check_seed
 
-    check_positive(args.limit, "--limit")
-    check_positive(args.test_limit, "--test-limit")
+    check_positive("--limit", args.limit, optional=True)
+    check_positive("--test-limit", args.test_limit, optional=True)
     check_seed(args.seed, "--seed")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     clients = parse_positive_ints(args.clients, "--clients", "1,2,4")

@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
+from splitnn.checks import check_positive
 from splitnn.errors import ConfigurationError
 
 __all__ = [
@@ -53,12 +54,6 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
     """Refuse an output directory that exists as something else, before any work starts."""
     if path.exists() and not path.is_dir():
         raise ConfigurationError(f"{flag} {path} exists and is not a directory")
-
-
-def check_positive(value: int | None, flag: str) -> None:
-    """Refuse a count below 1 (``None``: not given, allowed)."""
-    if value is not None and (isinstance(value, bool) or value < 1):
-        raise ConfigurationError(f"{flag} must be a positive integer, got {value}")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:

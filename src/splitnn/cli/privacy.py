@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     settings = parse_settings(args.defense, args.strengths)
     attacks = parse_attacks(args.attack)
-    check_positive(args.seeds, "--seeds")
+    check_positive("--seeds", args.seeds, optional=True)
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < 0:
             raise ConfigurationError(f"{flag} must be >= 0 (0: all), got {value}")

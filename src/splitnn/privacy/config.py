@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from splitnn.checks import check_positive
 from splitnn.data import Dataset, load_dataset
 from splitnn.errors import ConfigurationError
 from splitnn.privacy.attacks.inversion import InversionConfig
@@ -20,13 +21,6 @@ __all__ = ["ATTACK_NAMES", "PrivacyConfig", "PrivacyData", "load_privacy_data"]
 
 #: Attacks an experiment can run, by name (see :class:`PrivacyConfig`).
 ATTACK_NAMES = ("inversion", "label-leakage", "dcor", "fsha", "model-completion", "unsplit", "feature-inference")
-
-
-def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,10 +77,10 @@ class PrivacyConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("train_size", self.train_size, allow_none=True)
-        _positive_int("test_size", self.test_size, allow_none=True)
+        check_positive("train_size", self.train_size, optional=True)
+        check_positive("test_size", self.test_size, optional=True)
         for name in ("aux_size", "victims", "epochs", "batch_size"):
-            _positive_int(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.victims < 2:
             raise ConfigurationError("victims must be at least 2 (distance correlation needs pairs)")
         if self.train_size is not None and self.victims > self.train_size:
@@ -123,7 +117,7 @@ class PrivacyConfig:
                 f"choose among {', '.join(ATTACK_NAMES)}"
             )
         for name in ("fsha_steps", "unsplit_rounds", "feature_epochs"):
-            _positive_int(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if not isinstance(self.inversion, InversionConfig):
             raise ConfigurationError("inversion must be an InversionConfig")
 

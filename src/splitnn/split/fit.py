@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from splitnn.checks import check_positive
 from splitnn.data.batching import check_seed, epoch_batches
 from splitnn.errors import ConfigurationError, WorkerUnreachableError
 from splitnn.split.manifest import CheckpointJob, Position, check_every, data_summary, ledger_from_rows, ledger_rows
@@ -81,16 +82,6 @@ class History:
         if missing:
             raise KeyError(f"metric {name!r} was not computed after epoch(s) {missing}; pass fit(..., metrics=[...])")
         return [e.test_metrics[name] for e in self.epochs]
-
-
-def check_positive(name: str, value: object, *, none_means: str | None = None) -> int | None:
-    """``value``, a positive integer; with ``none_means`` also None (what None means goes in the error)."""
-    if value is None and none_means is not None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        also = f" or None ({none_means})" if none_means is not None else ""
-        raise ConfigurationError(f"{name} must be a positive integer{also}, got {value!r}")
-    return value
 
 
 def _check_trainable(model: object) -> Trainable:

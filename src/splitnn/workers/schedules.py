@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from splitnn.checks import check_positive
 from splitnn.errors import ConfigurationError
 
 #: Most batches in flight a pipelined schedule may have (bounds what a party holds for its peers).
@@ -79,12 +80,6 @@ def _check_chain(chain: Sequence[str]) -> tuple[str, ...]:
     if not chain or not all(isinstance(p, str) and p for p in chain):
         raise ConfigurationError(f"a schedule needs the party of every stage (non-empty names), got {chain!r}")
     return chain
-
-
-def _check_count(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def check_pipeline_depth(pipeline: object, name: str = "pipeline") -> int:
@@ -155,7 +150,7 @@ class Schedule:
 
     def __init__(self, chain: Sequence[str], num_batches: int) -> None:
         self.chain = _check_chain(chain)
-        self.num_batches = _check_count("num_batches", num_batches)
+        self.num_batches = check_positive("num_batches", num_batches)
 
     # -- what each party does ----------------------------------------------------------------
     @property
@@ -325,7 +320,7 @@ def schedule(chain: Sequence[str], num_batches: int, pipeline: int = 1) -> Sched
     """The schedule of an epoch: :class:`LockStep` for ``pipeline=1``, else :class:`Pipelined` (cached: every
     epoch of a run asks for the same one)."""
     check_pipeline_depth(pipeline)
-    return _schedule(_check_chain(chain), _check_count("num_batches", num_batches), pipeline)
+    return _schedule(_check_chain(chain), check_positive("num_batches", num_batches), pipeline)
 
 
 @functools.lru_cache(maxsize=16)
