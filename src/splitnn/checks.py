@@ -6,12 +6,16 @@ A bool is never taken for a number.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
+from typing import TypeVar
 
-from splitnn.errors import ConfigurationError
+from splitnn.errors import ConfigurationError, WireError
 
-__all__ = ["check_amounts", "check_counts", "check_positive"]
+T = TypeVar("T")
+
+__all__ = ["check_amounts", "check_counts", "check_positive", "from_wire_fields"]
 
 
 def check_positive(name: str, value: object, *, none_means: str | None = None, optional: bool = False) -> int | None:
@@ -54,3 +58,15 @@ def check_amounts(settings: object, names: Iterable[str]) -> None:
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise ConfigurationError(f"{type(settings).__name__}.{name} must be a finite number >= 0, got {value!r}")
+
+
+def from_wire_fields(cls: type[T], value: object, what: str) -> T:
+    """A settings dataclass ``cls`` from its wire form: an object with exactly its fields, checked by ``cls``
+    itself; WireError naming ``what`` otherwise."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if not isinstance(value, dict) or set(value) != set(names):
+        raise WireError(f"{what} must be an object {{{', '.join(names)}}}")
+    try:
+        return cls(**value)
+    except ConfigurationError as exc:
+        raise WireError(str(exc)) from None

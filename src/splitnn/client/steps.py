@@ -15,13 +15,12 @@ from splitnn.common.messages import (
     reply_result,
 )
 from splitnn.common.operations import OPERATIONS
-from splitnn.errors import ConfigurationError, WorkerError
+from splitnn.errors import WorkerError
 from splitnn.workers.checks import (
     check_sources,
     no_training_forward,
 )
 from splitnn.workers.epoch import EpochHandle, EpochPlan
-from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.merge import check_merge
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
 from splitnn.workers.values import Value, check_values
@@ -56,24 +55,6 @@ class Steps:
         return ref
 
     @_serialized
-    def loss(
-        self,
-        output: TensorRef,
-        target: BatchRef,
-        loss: str,
-        *,
-        train: bool = True,
-        keep: str | None = None,
-        divide: int = 1,
-    ) -> LossStats:
-        if not isinstance(loss, str):
-            raise ConfigurationError(
-                f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
-                f"give one of {LOSS_NAMES}"
-            )
-        return self._call("loss", output=output, target=target, loss=loss, train=train, keep=keep, divide=divide)
-
-    @_serialized
     def loss_deferred(
         self, output: TensorRef, target: BatchRef, loss: str, *, train: bool = True, keep: str | None = None
     ) -> Callable[[], LossStats]:
@@ -84,11 +65,6 @@ class Steps:
         commands queue at the worker instead of waiting a round trip per batch (SplitFed does).
         Unlike :meth:`loss`, it does not wait for the other workers' commands.
         """
-        if not isinstance(loss, str):
-            raise ConfigurationError(
-                f"remote worker {self.name!r} takes losses by name only (code does not cross the wire); "
-                f"give one of {LOSS_NAMES}"
-            )
         args, blobs = _args("loss", output=output, target=target, loss=loss, train=train, keep=keep)
         for peer in self._remote_peers():
             peer._stream.flush()  # the output may come from a peer's command still queued here

@@ -25,6 +25,7 @@ from splitnn.common.schema import (
     Int,
     Key,
     ListOf,
+    LossName,
     NamedIndices,
     Party,
     RawBlob,
@@ -212,12 +213,16 @@ OPERATIONS: Mapping[str, Operation] = table(
         (
             Ref("output"),
             Batch("target"),
-            Str("loss"),
-            Bool("train"),
+            LossName("loss"),
+            Bool("train", optional=True, default=True, keyword=True),
             Str("keep", optional=True, keyword=True),
             Int("divide", lo=1, hi=MAX_ACCUMULATE, optional=True, default=1, keyword=True),
         ),
         (Custom("stats", loss_stats_to_result, loss_stats_from_result),),
+        method="loss",
+        doc="The loss of ``output`` against the labels of ``target`` held at the worker, by name; kept there for "
+        "the backward when ``train``. ``keep``: an evaluation whose outputs the worker keeps for its metrics; "
+        "``divide``: the loss divided by this many accumulated batches.",
     ),
     Operation("backward", (Key(), Ref("grad", optional=True), Int("id", optional=True)), produces=("id",), wait=False),
     Operation(

@@ -32,6 +32,7 @@ from splitnn.wire.cut_codec import MAX_VALUES
 from splitnn.wire.spec import spec_from_json, spec_to_json
 from splitnn.wire.state_codec import decode_state, encode_state
 from splitnn.wire.tensor_codec import decode_tensor, encode_tensor
+from splitnn.workers.losses import LOSS_NAMES
 from splitnn.workers.refs import BatchRef, TensorRef
 
 #: Largest integer a field carries (int64).
@@ -127,6 +128,18 @@ class Str(Field):
         if self.choices is not None and raw not in self.choices:
             raise err(f"must be one of {list(self.choices)}, got {raw[:64]!r}")
         return raw
+
+
+class LossName(Str):
+    """A loss by its name (:data:`~splitnn.workers.losses.LOSS_NAMES`): code does not cross the wire, so a callable
+    is refused before anything is sent."""
+
+    def to_wire(self, value, blobs):
+        if not isinstance(value, str):
+            raise ConfigurationError(
+                f"a remote worker takes losses by name only (code does not cross the wire); give one of {LOSS_NAMES}"
+            )
+        return value
 
 
 class Key(Str):

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from splitnn.checks import check_counts
+from splitnn.checks import check_counts, from_wire_fields
 from splitnn.data.batching import epoch_batches
-from splitnn.errors import ConfigurationError, WireError
+from splitnn.errors import ConfigurationError
 from splitnn.workers.inflight import check_prediction
 from splitnn.workers.refs import LossStats
 from splitnn.workers.schedules import Schedule, check_pipeline_depth, schedule
@@ -74,12 +74,7 @@ class BatchOrder:
 
     @classmethod
     def from_dict(cls, d: object) -> BatchOrder:
-        if not isinstance(d, dict) or set(d) != {"n", "batch_size", "shuffle", "seed", "epoch"}:
-            raise WireError("a batch order must be an object {n, batch_size, shuffle, seed, epoch}")
-        try:
-            return cls(**d)
-        except ConfigurationError as exc:
-            raise WireError(str(exc)) from None
+        return from_wire_fields(cls, d, "a batch order")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from splitnn.checks import from_wire_fields
 from splitnn.common.messages import check_party_name
 from splitnn.data.batching import BatchDraw
-from splitnn.errors import ConfigurationError, WireError, WorkerError
+from splitnn.errors import WireError, WorkerError
 from splitnn.wire.cut_codec import decode_values, plain
 from splitnn.wire.spec import spec_from_json, spec_to_json
 from splitnn.wire.state_codec import decode_state, encode_state
@@ -148,12 +149,7 @@ def batch_to_command(batch: BatchRef) -> tuple[dict, list[bytes]]:
 
 def draw_from_arg(value: object) -> BatchDraw:
     """A batch's :class:`~splitnn.data.batching.BatchDraw` from its wire form, or WireError."""
-    if not isinstance(value, dict) or set(value) != {"seed", "epoch", "position", "batch_size", "shuffle"}:
-        raise WireError("a batch draw must be an object {seed, epoch, position, batch_size, shuffle}")
-    try:
-        return BatchDraw(**value)
-    except ConfigurationError as exc:
-        raise WireError(str(exc)) from None
+    return from_wire_fields(BatchDraw, value, "a batch draw")
 
 
 def batch_from_command(args: dict, blobs: Sequence[bytes], max_bytes: int) -> BatchRef:
