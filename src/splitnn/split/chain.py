@@ -299,10 +299,10 @@ class SplitNN(Trainable):
         refs = [BatchRef(dataset, idx) for idx in batches]
         return recipe_step(self.stages, refs, self.loss, clip_grad_norm=clip_grad_norm)
 
-    def check_recipe(self, accumulate: int = 1) -> None:
+    def check_recipe(self) -> None:
         """Refuse, before any work, ``fit(..., accumulate=, clip_grad_norm=)`` where the workers cannot run it
         (see :func:`~splitnn.split.driver.check_recipe_workers`)."""
-        check_recipe_workers(self.stages, accumulate)
+        check_recipe_workers(self.stages)
 
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, a pipeline depth this model's workers cannot run."""

@@ -47,7 +47,7 @@ def recipe_step(
     """One optimisation step over ``batches`` (gradient accumulation: each batch's loss divided by their
     number, the gradients summed), clipped by the global norm ``clip_grad_norm`` over every party's
     gradients (:func:`clip_global_norm`), then every stage steps (see :func:`check_recipe_workers`)."""
-    check_recipe_workers(stages, len(batches))
+    check_recipe_workers(stages)
     n = len(batches)
     for stage in stages:
         stage.worker.zero_grad(stage.key)
@@ -65,10 +65,10 @@ def recipe_step(
     return [LossStats(s.loss * n, s.correct, s.count) for s in stats]
 
 
-def check_recipe_workers(stages: Sequence[Stage], accumulate: int = 1) -> None:
+def check_recipe_workers(stages: Sequence[Stage]) -> None:
     """Refuse, before any work, global-norm clipping and gradient accumulation on workers that cannot share their
-    gradients' norms (``grad_norms``, ``clip_grads``); the label holder divides each batch's loss by
-    ``accumulate`` itself (``loss(..., divide=)``), in process and over the network alike."""
+    gradients' norms (``grad_norms``, ``clip_grads``); the label holder divides each batch's loss by the number
+    of accumulated batches itself (``loss(..., divide=)``), in process and over the network alike."""
     missing = sorted(
         {s.worker.name for s in stages if not all(callable(getattr(s.worker, m, None)) for m in _RECIPE_OPS)}
     )

@@ -398,7 +398,7 @@ def _check_recipe(
         raise ConfigurationError(f"clip_grad_norm must be a finite number > 0 (e.g. 1.0), got {clip!r}")
     if pipeline != 1:
         raise ConfigurationError("accumulate= and clip_grad_norm= train lock-step: leave pipeline=1")
-    model.check_recipe(accumulate)
+    model.check_recipe()
     if isinstance(every, int) and not isinstance(every, bool) and every % accumulate:
         raise ConfigurationError(
             f"checkpoint_every={every} would checkpoint inside a group of accumulate={accumulate} batches; "

@@ -114,7 +114,7 @@ class Trainable(ABC):
             on_batch(self.train_batch(dataset, idx))
 
     # -- the fine-tuning recipe -----------------------------------------------------------------
-    def check_recipe(self, accumulate: int = 1) -> None:
+    def check_recipe(self) -> None:
         """Refuse, before any work, ``fit(..., accumulate=, clip_grad_norm=)`` (default: the model cannot)."""
         raise ConfigurationError(
             f"{type(self).__name__} cannot accumulate or clip across its parties; accumulate= and clip_grad_norm= "

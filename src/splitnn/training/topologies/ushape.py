@@ -105,9 +105,9 @@ class UShapedSplitNN(Topology):
         """One optimisation step accumulating ``batches``, clipped by the global norm (:meth:`SplitNN.train_steps`)."""
         return self.chain.train_steps(dataset, batches, clip_grad_norm=clip_grad_norm)
 
-    def check_recipe(self, accumulate: int = 1) -> None:
+    def check_recipe(self) -> None:
         """Refuse the fine-tuning recipe where the workers cannot run it (:meth:`SplitNN.check_recipe`)."""
-        self.chain.check_recipe(accumulate)
+        self.chain.check_recipe()
 
     def collect_state(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Every segment's weights under the segments' own names (:meth:`SplitNN.collect_state`)."""
