@@ -179,15 +179,20 @@ def _self_peak_kib() -> int:
     return _kib(os.getpid(), "VmHWM")
 
 
-def memory_child(a: argparse.Namespace) -> dict:
-    """Run in a fresh process (``--memory-child unsplit|split|split-clip``): train one epoch, return the peaks in
-    KiB."""
+def model_and_data(a: argparse.Namespace) -> tuple[torch.nn.Module, splitnn.Dataset]:
+    """The GPT and its token windows (inputs, next tokens) for ``a``'s sizes, seeded; one thread."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = gpt2(a.layers, a.width, a.context)
     n = (a.warmup + a.steps) * a.batch
     ids = torch.randint(0, VOCAB, (n, a.context + 1), generator=torch.Generator().manual_seed(1))
-    data = splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    return model, splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+
+
+def memory_child(a: argparse.Namespace) -> dict:
+    """Run in a fresh process (``--memory-child unsplit|split|split-clip``): train one epoch, return the peaks in
+    KiB."""
+    model, data = model_and_data(a)
     if a.memory_child == "unsplit":
         unsplit(model, data, a)
         return {"unsplit": _self_peak_kib()}
@@ -271,12 +276,7 @@ def main() -> None:
         return
     if 1 not in a.pipeline:
         ap.error("--pipeline must include 1, the lock-step baseline")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = gpt2(a.layers, a.width, a.context)
-    n = (a.warmup + a.steps) * a.batch
-    ids = torch.randint(0, VOCAB, (n, a.context + 1), generator=torch.Generator().manual_seed(1))
-    data = splitnn.Dataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    model, data = model_and_data(a)
 
     if a.tokens:
         rows = [("unsplit (plain PyTorch loop)", unsplit(model, data, a))]

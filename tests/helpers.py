@@ -96,6 +96,18 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(x, y), f"tensor {i} differs (max abs diff {(x - y).abs().max().item():.3g})"
 
 
+def assert_fit_equals_in_process(segments: Sequence[nn.Module], workers: Sequence, data: Dataset) -> None:
+    """Train ``segments`` on ``workers`` (networked) and a copy on in-process workers of the same names, one epoch
+    of batch 32; the weights end equal."""
+    import splitnn
+
+    twin = splitnn.SplitNN(copy.deepcopy(list(segments)), [splitnn.VirtualWorker(w.name) for w in workers])
+    model = splitnn.SplitNN(list(segments), list(workers))
+    model.fit(data, epochs=1, batch_size=32, progress=False)
+    twin.fit(data, epochs=1, batch_size=32, progress=False)
+    assert_same_weights(model.collect(), twin.collect())
+
+
 def framed(payload: bytes) -> bytes:
     """``payload`` as one frame of a TCP data plane, its 4-byte little-endian length written out plainly."""
     return struct.pack("<I", len(payload)) + payload

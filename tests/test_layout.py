@@ -9,6 +9,7 @@ in-process split learning never loads it; nothing below them imports them.
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,16 @@ SRC = Path(splitnn.__file__).resolve().parent
 GRPC_ROLES = ("client", "server")
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """``path``'s syntax tree, parsed once for every check of this module."""
+    return ast.parse(path.read_text(), str(path))
+
+
 def _imports(path: Path) -> set[str]:
     """Every module ``path`` imports (absolute names; ``from x import y`` gives ``x`` and ``x.y``)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -155,7 +162,7 @@ def test_no_class_over_about_300_lines():
     for p in SRC.rglob("*.py"):
         if p.name.endswith("_pb2.py"):
             continue
-        for node in ast.walk(ast.parse(p.read_text())):
+        for node in ast.walk(_tree(p)):
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
                 big[f"{p.relative_to(SRC).as_posix()}:{node.name}"] = node.end_lineno - node.lineno + 1
     assert big == {}
@@ -165,7 +172,7 @@ def test_no_getattr_probing_of_a_model():
     """A trainable model's optional methods are the Trainable base class's defaults, not getattr probes."""
     probes = []
     for p in SRC.rglob("*.py"):
-        for node in ast.walk(ast.parse(p.read_text())):
+        for node in ast.walk(_tree(p)):
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name)

@@ -13,7 +13,7 @@ from splitnn.errors import PolicyError, WorkerError
 from splitnn.models import tutorial_mlp
 from splitnn.transport import TLSConfig
 from splitnn.wire.proto import CALL, Command, Reply
-from tests.helpers import assert_same_weights, data_plane_answer, framed, toy_dataset
+from tests.helpers import assert_fit_equals_in_process, data_plane_answer, framed, toy_dataset
 from tests.transport.cluster import Cluster
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -87,16 +87,7 @@ def test_mutual_tls_trains_and_matches(tls_cluster):
     assert workers[2].data_address is not None and workers[1].data_address is None
     try:
         torch.manual_seed(0)
-        segments = tutorial_mlp()
-        twin = splitnn.SplitNN(
-            [s for s in __import__("copy").deepcopy(segments)],
-            [splitnn.VirtualWorker(n) for n in ("alice", "bob", "claire")],
-        )
-        model = splitnn.SplitNN(segments, workers)
-        data = toy_dataset(64)
-        model.fit(data, epochs=1, batch_size=32, progress=False)
-        twin.fit(data, epochs=1, batch_size=32, progress=False)
-        assert_same_weights(model.collect(), twin.collect())
+        assert_fit_equals_in_process(tutorial_mlp(), workers, toy_dataset(64))
     finally:
         for w in workers:
             w.close()

@@ -29,7 +29,7 @@ from splitnn.transport import frames
 from splitnn.wire.proto import CALL, PEER, Command, Reply
 from splitnn.wire.spec import module_to_spec, spec_to_json
 from splitnn.wire.state_codec import encode_state
-from tests.helpers import assert_same_weights, toy_dataset
+from tests.helpers import assert_fit_equals_in_process, assert_same_weights, toy_dataset
 from tests.transport.cluster import Cluster, open_files_prefix
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
@@ -373,13 +373,7 @@ def test_a_flood_of_idle_connections_does_not_lock_out_a_researcher(graced):
         try:
             torch.manual_seed(2)
             segs = tutorial_mlp()
-            segs = [segs[0], nn.Sequential(*segs[1], *segs[2])]
-            twin = splitnn.SplitNN(copy.deepcopy(segs), [splitnn.VirtualWorker(n) for n in ("alice", "bob")])
-            model = splitnn.SplitNN(segs, workers)
-            data = toy_dataset(64)
-            model.fit(data, epochs=1, batch_size=32, progress=False)
-            twin.fit(data, epochs=1, batch_size=32, progress=False)
-            assert_same_weights(model.collect(), twin.collect())
+            assert_fit_equals_in_process([segs[0], nn.Sequential(*segs[1], *segs[2])], workers, toy_dataset(64))
         finally:
             for w in workers:
                 w.close()
