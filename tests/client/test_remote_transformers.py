@@ -243,3 +243,55 @@ def test_lora_adapters_train_across_workers_as_in_process_and_unsplit_with_the_b
     moved = {k for k, v in got[1].items() if not torch.equal(v, start[k])}
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert moved == trainable and all("lora_" in k for k in moved)  # the adapters trained, the base did not move
+
+
+def _gpt2_bf16_at_bob(workers, data, *, ship_epochs=True):
+    """GPT-2 U-shaped across ``workers`` (alice, bob): bob hosts the middle blocks; (losses, state, split)."""
+    model = ClassDimFirst(tm.gpt2())
+    at = ["lm.transformer.h.1", "lm.transformer.h.3"]
+    alice, bob = workers
+    split = splitnn.SplitNN(
+        splitnn.cut(model, at, example=data.features[:2]),
+        [alice, bob, alice],
+        optimizer=SPEC,
+        loss="cross_entropy",
+        ship_epochs=ship_epochs,
+    )
+    history = split.fit(data, epochs=EPOCHS, batch_size=BATCH, seed=SEED, progress=False, clip_grad_norm=1.0)
+    return history.losses(), split.collect_state(), split
+
+
+def _cut_traffic(split):
+    return [(l.src, l.dst, l.kind, l.nbytes) for l in split.ledger.links() if l.kind in ("activation", "gradient")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ship_epochs", [True, False], ids=["shipped", "lock-step"])
+def test_bf16_autocast_at_one_worker_process_trains_as_in_process(cluster, ship_epochs):
+    """Mixed precision per party across processes: ``connect(..., autocast="bf16")`` to bob (the middle blocks of
+    a U-shaped GPT-2, exported ATen graphs) runs them under bf16 autocast at bob's worker, alice in full precision:
+    losses and weights torch.equal to in-process workers with ``VirtualWorker("bob", autocast="bf16")``, the same
+    bytes over each cut (what bob sends is what it sends in process), and not the full-precision run."""
+    data = _lm_data(1)
+    url = {n: cluster.workers[n].url for n in ("alice", "bob")}
+    alice = splitnn.connect(url["alice"], token=cluster.token, name="alice")
+    bob = splitnn.connect(url["bob"], token=cluster.token, name="bob", autocast="bf16")
+    try:
+        torch.manual_seed(0)
+        got = _gpt2_bf16_at_bob([alice, bob], data, ship_epochs=ship_epochs)
+    finally:
+        alice.close()
+        bob.close()
+    torch.manual_seed(0)
+    local_bob = splitnn.VirtualWorker("bob", autocast="bf16")
+    sent = []  # what bob's segment returns in process: the dtype that crosses the cut to alice
+    want = _gpt2_bf16_at_bob([splitnn.VirtualWorker("alice"), local_bob], data)
+    _assert_same(got, want)
+    assert _cut_traffic(got[2]) == _cut_traffic(want[2])
+    local_bob.segment(local_bob.segment_keys()[0]).register_forward_hook(lambda m, a, out: sent.append(out.dtype))
+    local_bob.probe(local_bob.segment_keys()[0], (2, tm.SEQ, tm.WIDTH))
+    assert sent == [torch.float32]  # GPT-2's residual stream: a bf16 block output added to the float32 input
+    torch.manual_seed(0)
+    full = _gpt2_bf16_at_bob([splitnn.VirtualWorker("alice"), splitnn.VirtualWorker("bob")], data)
+    assert got[0] != full[0]  # the field took effect: bf16 matrix products at bob
+    assert all(v.dtype == full[1][k].dtype for k, v in got[1].items())  # the weights stay float32

@@ -98,6 +98,29 @@ def test_a_missing_field_or_blob_is_named():
         OPERATIONS["set_state"].decode_args({"key": "k"}, blobs, limits=LIMITS)
 
 
+def test_an_autocast_mode_that_is_not_one_of_the_precision_modes_is_refused_naming_the_field():
+    """``add_segment``'s ``autocast``: the names of :data:`~splitnn.workers.precision.AUTOCAST_DTYPES` only, checked
+    before the segment's blobs are taken; absent or null: the party's own (full precision)."""
+    for bad in ("fp8", "bfloat16", 16, ["bf16"]):
+        with pytest.raises(WireError, match="^add_segment: command argument 'autocast' (must be one of|has the wrong)"):
+            OPERATIONS["add_segment"].decode_args({"key": "k", "autocast": bad}, [], limits=LIMITS)
+    args, blobs = OPERATIONS["add_segment"].encode_args(
+        key="k", optimizer=None, autocast="bf16", spec=module_to_spec(torch.nn.Linear(2, 2)), state={}
+    )
+    assert args["autocast"] == "bf16"
+    assert OPERATIONS["add_segment"].decode_args(args, blobs, limits=LIMITS)["autocast"] == "bf16"
+    del args["autocast"]
+    assert OPERATIONS["add_segment"].decode_args(args, blobs, limits=LIMITS)["autocast"] is None
+
+
+def test_a_remote_worker_with_an_autocast_mode_it_does_not_know_is_refused_before_connecting():
+    # nothing listens at port 1: the ConfigurationError (not a WorkerError) shows the check came first
+    with pytest.raises(
+        splitnn.ConfigurationError, match=r"autocast must be one of \['bf16', 'fp16'\] or None, got 'fp8'"
+    ):
+        splitnn.connect("grpc://127.0.0.1:1", token="t" * 32, autocast="fp8")
+
+
 def test_the_cross_field_check_of_average_states():
     with pytest.raises(WireError, match="one finite number > 0 per source segment"):
         args = {"keys": ["a", "b"], "weights": [1.0], "into": ["t"]}
@@ -137,6 +160,7 @@ def _raw_call(cl: Cluster, op: str, args: dict, blobs=()) -> Reply:
         ("forward", {"key": "k", "src": {"dataset": "d"}, "train": True, "id": 2}, "missing its indices blob"),
         ("loss", {"output": {"owner": "bob", "id": 1}, "target": 5, "loss": "nll", "train": True}, "'target' must"),
         ("backward_merged", {"key": "k", "ids": []}, "'ids' must list 1..256 items, got 0"),
+        ("add_segment", {"key": "k", "autocast": "fp8"}, "add_segment: command argument 'autocast' must be one of"),
     ],
 )
 def test_a_worker_refuses_hostile_fields_of_table_operations_naming_the_field(cluster, op, args, says):

@@ -44,6 +44,7 @@ from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata, check_token_text
 from splitnn.wire.proto import CALL, Command, Reply
 from splitnn.workers.base import Worker
+from splitnn.workers.precision import check_autocast
 
 __all__ = ["RemoteWorker", "SessionNotFound", "connect", "parse_address"]
 
@@ -68,6 +69,10 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
         retries: attempts to resume the command stream when its connection breaks (settable; 0: a broken
             connection fails at once). Within the worker's grace period a resumed stream loses and repeats
             no command: the worker runs what it received once and re-sends the replies that were lost.
+        autocast: ``"bf16"`` (or ``"fp16"``) runs the forward of every segment this client places at the worker
+            under ``torch.autocast`` on the worker's device, as ``VirtualWorker(name, autocast=...)`` does in
+            process (weights and optimizer state stay float32; see :mod:`splitnn.workers.precision`); ``None``
+            (default): full precision. Checked before connecting; each ``add_segment`` carries it.
 
     Control plane only. The researcher sends *commands* (protobuf envelopes) and gets
     back losses, metrics, ledger records and -- at ``collect()`` -- weights. Activations
@@ -138,8 +143,11 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
         connect_timeout: float | None = None,
         session: str | None = None,
         retries: int = 3,
+        autocast: str | None = None,
     ) -> None:
         self.address = parse_address(address)
+        check_autocast(autocast, name or self.address)  # ConfigurationError before anything is sent
+        self._autocast = autocast  # the mode name each add_segment carries
         self.url = f"grpc://{self.address}"
         self._lock = threading.RLock()  # one caller at a time (see "Threads" in the class docstring)
         self._token = check_token_text(token)
@@ -255,6 +263,7 @@ def connect(
     limits: Limits | None = None,
     session: str | None = None,
     retries: int = 3,
+    autocast: str | None = None,
 ) -> RemoteWorker:
     """Connect to a party started with ``splitnn worker`` and return it as a Worker.
 
@@ -270,8 +279,18 @@ def connect(
     Raises :class:`WorkerError` naming the address when nothing answers there,
     :class:`PolicyError` when the worker rejects the token or certificate (or ``session`` is another
     researcher's), :class:`SessionNotFound` when it holds no session ``session``, and
-    :class:`ConfigurationError` when ``name`` is given and the worker is someone else.
+    :class:`ConfigurationError` when ``name`` is given and the worker is someone else, or ``autocast`` is not a
+    mode of :data:`~splitnn.workers.precision.AUTOCAST_DTYPES`. ``autocast="bf16"``: the segments this connection
+    places run in bf16 autocast at the worker (mixed precision per party).
     """
     return RemoteWorker(
-        url, token=token, name=name, timeout=timeout, tls=tls, limits=limits, session=session, retries=retries
+        url,
+        token=token,
+        name=name,
+        timeout=timeout,
+        tls=tls,
+        limits=limits,
+        session=session,
+        retries=retries,
+        autocast=autocast,
     )

@@ -66,7 +66,14 @@ class Segments:
         state = segment.state_dict()
         frozen = [n for n, p in segment.named_parameters() if not p.requires_grad]
         args, blobs = _args(
-            "add_segment", key=key, optimizer=opt, replace=replace, frozen=frozen, spec=described, state=state
+            "add_segment",
+            key=key,
+            optimizer=opt,
+            replace=replace,
+            frozen=frozen,
+            spec=described,
+            state=state,
+            autocast=self._autocast,  # the worker runs this segment under it (a replay sends it again)
         )
         self._request("add_segment", args, blobs)
         self._imports |= imported_modules(described)

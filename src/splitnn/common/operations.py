@@ -54,6 +54,7 @@ from splitnn.errors import ConfigurationError, WireError
 from splitnn.wire.compress import get_codec
 from splitnn.wire.optim_spec import OptimizerSpec
 from splitnn.workers.metrics import METRIC_NAMES
+from splitnn.workers.precision import AUTOCAST_DTYPES
 
 #: Characters of a checkpoint job id (16-128 of them).
 JOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -167,6 +168,9 @@ OPERATIONS: Mapping[str, Operation] = table(
             # parameters the researcher froze (requires_grad False: LoRA's base, a frozen encoder): a spec
             # describes layers, not which of their parameters train
             ListOf("frozen", Str("name", min_len=1), max_len=MAX_FROZEN, unique=True, optional=True, default=()),
+            # the mode the segment's forward runs in at the worker (RemoteWorker(autocast=)); null: the party's own
+            # (full precision); checked before the blobs are taken
+            Str("autocast", choices=tuple(AUTOCAST_DTYPES), optional=True, keyword=True),
             SpecBlob("spec", lazy=True),  # decoded once the key may be used
             StateBlob("state", lazy=True),
         ),

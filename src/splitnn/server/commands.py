@@ -403,7 +403,7 @@ class Commands(_PeerCommands):
             raise WireError(f"weights for segment {key!r} do not fit its spec: {exc}") from None
         _freeze(module, a["frozen"], key)
         guard_segment(module, twin, self.max_memory, f"segment {key!r}: spec")  # each forward, on meta first
-        self.engine.add_segment(key, module, optimizer, replace=replace)
+        self.engine.add_segment(key, module, optimizer, replace=replace, autocast=a["autocast"])
         self.session.installed = True
         self.sessions.claim_segment(self.session, key)
 

@@ -18,7 +18,7 @@ from splitnn.workers.checks import check_segment, held
 from splitnn.workers.devices import to_device
 from splitnn.workers.engine.hosted import Hosted, call_segment, eval_mode
 from splitnn.workers.optimizers import build_optimizer
-from splitnn.workers.precision import install_autocast
+from splitnn.workers.precision import check_autocast, install_autocast
 from splitnn.workers.values import ProbeShape, check_values, describe, zeros_for
 
 
@@ -29,17 +29,27 @@ class SegmentHost:
         self._segments: dict[str, Hosted] = {}
 
     def add_segment(
-        self, key: str, segment: nn.Module, optimizer: OptimizerLike | None, *, replace: bool = False
+        self,
+        key: str,
+        segment: nn.Module,
+        optimizer: OptimizerLike | None,
+        *,
+        replace: bool = False,
+        autocast: str | None = None,
     ) -> None:
+        """Host ``segment`` under ``key`` with its optimizer. ``autocast``: the mode this segment's forward runs in
+        (``"bf16"``, ``"fp16"``: what a networked researcher asks for the segments it places); ``None``: the
+        party's own (:attr:`autocast`)."""
         check_segment(segment, key, self.name)
+        dtype = check_autocast(autocast, self.name) if autocast is not None else self.autocast
         if key in self._segments and not replace:
             raise ConfigurationError(
                 f"worker {self.name!r} already hosts a segment {key!r}; use another key, or pass replace=True "
                 f"to replace it"
             )
         segment.to(self.device)  # in place, as model.to(device); the optimizer is built on the moved parameters
-        if self.autocast is not None:
-            install_autocast(segment, self.device, self.autocast)
+        if dtype is not None:
+            install_autocast(segment, self.device, dtype)
         hosted = Hosted(segment, None, [p for p in segment.parameters() if p.requires_grad])
         self._admit(key, hosted)
         self._forget_reads(key)  # a replaced segment is a new one: every check of a read of this party's data again
