@@ -63,6 +63,7 @@ def _connect(cl):
 
 def test_parties_in_bf16_train_across_processes_as_in_process_and_send_bf16_over_the_cut(trio):
     workers = _connect(trio)
+    assert [w.autocast for w in workers] == [None, torch.bfloat16, torch.bfloat16]  # as VirtualWorker.autocast
     try:
         model = _build(workers)
         losses = model.fit(DATA, **FIT).losses()

@@ -146,8 +146,10 @@ class RemoteWorker(Connection, Calls, Segments, Datasets, Steps, Averaging, Psi,
         autocast: str | None = None,
     ) -> None:
         self.address = parse_address(address)
-        check_autocast(autocast, name or self.address)  # ConfigurationError before anything is sent
-        self._autocast = autocast  # the mode name each add_segment carries
+        #: the dtype the segments this client places run in at the worker (None: full precision), as
+        #: :attr:`VirtualWorker.autocast`; checked (ConfigurationError) before anything is sent
+        self.autocast = check_autocast(autocast, name or self.address)
+        self._autocast = autocast  # its name, which each add_segment carries
         self.url = f"grpc://{self.address}"
         self._lock = threading.RLock()  # one caller at a time (see "Threads" in the class docstring)
         self._token = check_token_text(token)

@@ -6,6 +6,11 @@ matrix products run in bf16 while the weights, their gradients and the optimizer
 as with ``torch.autocast`` around the unsplit model. What crosses a cut is what the segment returns
 (bf16 from a matrix product). The loss, computed outside any segment, is not under autocast.
 
+Across processes the researcher chooses per connection: ``splitnn.connect(url, ..., autocast="bf16")`` sends the
+mode's name in each ``add_segment`` (one of :data:`AUTOCAST_DTYPES`, refused by name on the wire otherwise), and
+the worker installs it on that segment on its own device (``add_segment(..., autocast=)``, which overrides the
+party's own mode for that segment).
+
 The autocast region is entered by a forward pre-hook and left by a forward hook that runs even when
 the forward raises, so it covers every way the worker calls the module.
 """
