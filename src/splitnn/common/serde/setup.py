@@ -189,6 +189,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
     feature_dtype = d.get("feature_dtype") if isinstance(d, dict) else None
     if feature_dtype is not None and not (isinstance(feature_dtype, str) and feature_dtype in DTYPE_NAMES):
         raise WireError(f"dataset_stats: unknown feature dtype {feature_dtype!r}; known: {sorted(DTYPE_NAMES)}")
+    named = _named_features(d.get("named_features")) if isinstance(d, dict) else None
     try:
         return DatasetStats(
             d["name"],
@@ -201,7 +202,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
             shape(d.get("label_shape")),
             d.get("label_integral"),
             feature_dtype,
-            _named_features(d.get("named_features")),
+            named,
         )
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None

@@ -1,0 +1,105 @@
+"""Named features on the wire (add_dataset): names in the JSON, one tensor frame per name (dtype, shape, bytes;
+never pickle), every decoded value bounded and checked, a malformed message a WireError naming the op and field;
+and the dataset_stats reply's description of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitnn.common.operations import OPERATIONS
+from splitnn.common.serde.setup import dataset_stats_from_result, dataset_stats_to_result
+from splitnn.data.sources import MAX_FEATURE_NAME, MAX_FEATURE_NAMES, NamedFeatures
+from splitnn.errors import WireError
+from splitnn.transport.limits import Limits
+from splitnn.wire.tensor_codec import encode_tensor
+from splitnn.workers.held import HeldData
+
+LIMITS = Limits(max_tensor_bytes=1 << 20, max_blob_bytes=1 << 20)
+ADD = OPERATIONS["add_dataset"]
+
+
+def _named():
+    return NamedFeatures(
+        input_ids=torch.arange(12).reshape(3, 4),
+        attention_mask=torch.tensor([[1, 1, 0, 0]] * 3),
+        pixel=torch.linspace(0, 1, 6).reshape(3, 2),
+    )
+
+
+def _decode(args, blobs, limits=LIMITS):
+    return ADD.decode_args(args, blobs, limits=limits)["parts"]()
+
+
+def test_named_features_cross_as_named_tensors_in_order():
+    labels = torch.tensor([0, 1, 1])
+    args, blobs = ADD.encode_args(name="d", parts={"features": _named(), "labels": labels})
+    assert args["parts"] == [{"features": ["input_ids", "attention_mask", "pixel"]}, "labels"]
+    assert len(blobs) == 4
+    got = _decode(args, blobs)
+    assert isinstance(got["features"], NamedFeatures) and list(got["features"]) == list(_named())
+    for k, v in _named().items():
+        assert torch.equal(got["features"][k], v) and got["features"][k].dtype == v.dtype
+    assert torch.equal(got["labels"], labels)
+
+
+def _args(features_entry, extra=()):
+    return {"name": "d", "parts": [features_entry, *extra]}
+
+
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ({"features": []}, "named features as"),
+        ({"features": [f"f{i}" for i in range(MAX_FEATURE_NAMES + 1)]}, "named features as"),
+        ({"features": "input_ids"}, "named features as"),
+        ({"features": ["a"], "labels": ["b"]}, "named features as"),
+        ({"labels": ["a"]}, "named features as"),
+        ({"features": ["a", 3]}, "names a feature '3'"),
+        ({"features": [""]}, "names a feature ''"),
+        ({"features": ["x" * (MAX_FEATURE_NAME + 1)]}, "a string of 1..128 characters"),
+        ({"features": ["a", "a"]}, "names a feature twice"),
+    ],
+)
+def test_a_malformed_list_of_named_features_is_refused_naming_the_op_and_field(entry, says):
+    blobs = [encode_tensor(torch.zeros(2, 2))] * 3
+    with pytest.raises(WireError, match=f"^add_dataset: command argument 'parts' .*{says}"):
+        ADD.decode_args(_args(entry), blobs, limits=LIMITS)
+
+
+def test_named_and_plain_features_together_or_too_many_parts_are_refused():
+    blob = encode_tensor(torch.zeros(2, 2))
+    with pytest.raises(WireError, match="^add_dataset: command argument 'parts' .*each once"):
+        ADD.decode_args(_args({"features": ["a"]}, ["features"]), [blob] * 2, limits=LIMITS)
+    with pytest.raises(WireError, match="^add_dataset: command argument 'parts' must list"):
+        ADD.decode_args(_args("labels", ["labels", "ids", "features"]), [blob] * 4, limits=LIMITS)
+
+
+def test_a_missing_or_bad_or_oversized_feature_tensor_is_named():
+    args = _args({"features": ["input_ids", "attention_mask"]})
+    with pytest.raises(WireError, match="missing its feature 'attention_mask' blob"):
+        ADD.decode_args(args, [encode_tensor(torch.zeros(2, 2))], limits=LIMITS)
+    with pytest.raises(WireError, match="^add_dataset: command argument 'parts' feature 'attention_mask': "):
+        _decode(args, [encode_tensor(torch.zeros(2, 2)), b"not a tensor frame"])
+    small = Limits(max_tensor_bytes=1 << 10, max_blob_bytes=1 << 10)
+    with pytest.raises(WireError, match="^add_dataset: command argument 'parts' feature 'input_ids': "):
+        _decode(args, [encode_tensor(torch.zeros(64, 64)), encode_tensor(torch.zeros(2))], small)
+
+
+def test_the_stats_of_named_features_cross_and_a_hostile_description_is_refused():
+    stats = HeldData.hold("d", "w", features=_named(), labels=torch.tensor([0, 1, 1])).stats("d")
+    back = dataset_stats_from_result(dataset_stats_to_result(stats))
+    assert back == stats and back.named_features[2] == ("pixel", (2,), "float32")
+    good = dataset_stats_to_result(stats)
+    for bad in (
+        [],
+        [["a", [2], "int64"]] * 2,
+        [["a", [2], "pickle"]],
+        [["a", [-1], "int64"]],
+        [["a", [2]]],
+        [[3, [2], "int64"]],
+        "input_ids",
+        [["a", [2] * 9, "int64"]],
+    ):
+        with pytest.raises(WireError, match="dataset_stats: named_features must be"):
+            dataset_stats_from_result({**good, "named_features": bad})
