@@ -175,9 +175,11 @@ def test_bert_trains_across_workers_as_in_process_and_unsplit(cluster):
 
 
 @pytest.mark.slow
-def test_bert_with_a_padding_mask_trains_on_named_features_across_workers_as_in_process_and_unsplit(cluster):
+@pytest.mark.parametrize("clip", [0.05, None], ids=["clipped-lock-step", "shipped-epochs"])
+def test_bert_with_a_padding_mask_trains_on_named_features_across_workers_as_in_process_and_unsplit(cluster, clip):
     """Several named inputs per dataset: alice holds input_ids and attention_mask (placed by fit through
-    add_dataset: named tensors on the wire), bob the labels and the rest of BERT; the mask matters (rows padded)."""
+    add_dataset: named tensors on the wire), bob the labels and the rest of BERT; the mask matters (rows padded).
+    Clipped, fit runs batch by batch; unclipped, each worker runs the epoch it is shipped."""
     torch.manual_seed(0)
     model = tm.bert()
     g = torch.Generator().manual_seed(9)
@@ -185,9 +187,9 @@ def test_bert_with_a_padding_mask_trains_on_named_features_across_workers_as_in_
     mask = (torch.arange(tm.SEQ) < torch.randint(4, tm.SEQ + 1, (N, 1), generator=g)).long()
     data = _class_data({"input_ids": ids, "attention_mask": mask})
     example = {"input_ids": ids[:2], "attention_mask": mask[:2]}
-    got, want = _remote_and_local(cluster, model, ["bert.encoder.layer.2"], example, ["alice", "bob"], data, 0.05)
+    got, want = _remote_and_local(cluster, model, ["bert.encoder.layer.2"], example, ["alice", "bob"], data, clip)
     _assert_same(got, want)
-    _assert_twin(got[1], train_twin(model, lambda m, x: m(**x).logits, data, 0.05))
+    _assert_twin(got[1], train_twin(model, lambda m, x: m(**x).logits, data, clip))
 
 
 @pytest.mark.slow
