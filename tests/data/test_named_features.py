@@ -99,3 +99,23 @@ def test_functions_that_take_one_feature_tensor_refuse_named_features_naming_the
         ConfigurationError, match=r"standardize takes one feature tensor; dataset 'data' has named features \(a, b\)"
     ):
         standardize(data)
+
+
+def test_topologies_that_partition_one_feature_tensor_refuse_named_features_naming_them():
+    from torch import nn
+
+    from splitnn.data import vertical_split
+    from splitnn.split.placement import features_and_labels
+    from splitnn.training.baselines.common import evaluate_module
+    from splitnn.training.topologies.vertical import VerticalData
+
+    data = splitnn.Dataset(_named(), torch.arange(6) % 2)
+    with pytest.raises(ConfigurationError, match=r"partitions the features takes one feature tensor.*\(input_ids, "):
+        features_and_labels(data, "the holders", tensors_only=True)
+    assert features_and_labels(data, "the workers")[0] is data.features  # a chain takes them
+    with pytest.raises(ConfigurationError, match=r"vertical_split takes one feature tensor.*\(input_ids, attention"):
+        vertical_split(data.features, [torch.tensor([0])])
+    with pytest.raises(ConfigurationError, match=r"vertical_split takes one feature tensor"):
+        VerticalData.from_dataset(data, [torch.tensor([0]), torch.tensor([1])])
+    with pytest.raises(ConfigurationError, match=r"evaluate_module \(the baselines\) takes one feature tensor"):
+        evaluate_module(nn.Identity(), data)
