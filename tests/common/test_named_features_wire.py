@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitnn.common.operations import OPERATIONS
 from splitnn.common.serde.setup import dataset_stats_from_result, dataset_stats_to_result
@@ -103,3 +105,29 @@ def test_the_stats_of_named_features_cross_and_a_hostile_description_is_refused(
     ):
         with pytest.raises(WireError, match="dataset_stats: named_features must be"):
             dataset_stats_from_result({**good, "named_features": bad})
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["features", "labels", "ids", "a", ""]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["features", "labels", "x"]), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_json, frames=st.lists(st.binary(max_size=40), max_size=4), good=st.integers(0, 4))
+def test_any_parts_list_decodes_to_checked_parts_or_a_wire_error(parts, frames, good):
+    """Hostile JSON and blobs: the decoder returns parts of tensors (named ones under checked names), or a
+    WireError naming add_dataset; never another exception."""
+    blobs = [encode_tensor(torch.zeros(2, 2)) for _ in range(good)] + frames
+    try:
+        got = _decode({"name": "d", "parts": parts}, blobs)
+    except WireError as exc:
+        assert str(exc).startswith("add_dataset") or "blob" in str(exc)
+        return
+    assert {"features", "labels"} & set(got) and set(got) <= {"features", "labels", "ids"}
+    features = got.get("features")
+    if isinstance(features, NamedFeatures):
+        assert 0 < len(features) <= MAX_FEATURE_NAMES
+        assert all(isinstance(k, str) and 0 < len(k) <= MAX_FEATURE_NAME for k in features)
+        assert all(isinstance(t, torch.Tensor) for t in features.values())
