@@ -4,7 +4,8 @@ the fine-tuning recipe (AdamW with decay rules, warmup then cosine, clipping by 
 to the same run on in-process workers and to the unsplit model trained by a plain PyTorch loop (torch.optim.AdamW
 with two parameter groups, nanoGPT's schedule written out, torch.nn.utils.clip_grad_norm_): GPT-2 (U-shaped),
 BERT, Hugging Face's ViT, a timm-style ViT, Llama, a classifier around nn.TransformerEncoder and GPT-2 with
-LoRA: the four models of issue 27's table and their families."""
+LoRA: the four models of issue 27's table and their families; and BERT with a padding mask, its two keyword
+inputs one Dataset of named features."""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def train_twin(model, forward, data, clip):
             for g in opt.param_groups:
                 g["lr"] = nanogpt_lr(it, "cosine")
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(forward(model, data.features[idx]), data.labels[idx])
+            x = {k: v[idx] for k, v in data.features.items()} if data.named else data.features[idx]
+            loss = F.cross_entropy(forward(model, x), data.labels[idx])
             loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -170,6 +172,24 @@ def test_bert_trains_across_workers_as_in_process_and_unsplit(cluster):
         splitnn.cut(model, ["bert.encoder.layer.2"], example=example), local, data, "cross_entropy", None
     )
     assert unclipped[0] != got[0]  # the clipping bites: the equalities above cover it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", [0.05, None], ids=["clipped-lock-step", "shipped-epochs"])
+def test_bert_with_a_padding_mask_trains_on_named_features_across_workers_as_in_process_and_unsplit(cluster, clip):
+    """Several named inputs per dataset: alice holds input_ids and attention_mask (placed by fit through
+    add_dataset: named tensors on the wire), bob the labels and the rest of BERT; the mask matters (rows padded).
+    Clipped, fit runs batch by batch; unclipped, each worker runs the epoch it is shipped."""
+    torch.manual_seed(0)
+    model = tm.bert()
+    g = torch.Generator().manual_seed(9)
+    ids = _ids(N, 9)[:, :-1].contiguous()
+    mask = (torch.arange(tm.SEQ) < torch.randint(4, tm.SEQ + 1, (N, 1), generator=g)).long()
+    data = _class_data({"input_ids": ids, "attention_mask": mask})
+    example = {"input_ids": ids[:2], "attention_mask": mask[:2]}
+    got, want = _remote_and_local(cluster, model, ["bert.encoder.layer.2"], example, ["alice", "bob"], data, clip)
+    _assert_same(got, want)
+    _assert_twin(got[1], train_twin(model, lambda m, x: m(**x).logits, data, clip))
 
 
 @pytest.mark.slow

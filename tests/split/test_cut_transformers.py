@@ -208,6 +208,81 @@ def test_bert_with_a_padding_mask_trains_through_the_low_level_loop_equal_to_its
     assert not torch.equal(split.predict((ids, mask)), split.predict((ids, torch.ones_like(mask))))
 
 
+NAMED_ADAMW = "adamw:lr=1e-2,weight_decay=0.1"
+
+
+def _padded_bert_data(n, seed):
+    """BERT's two keyword inputs as one Dataset of named features: token ids and a padding mask (some rows
+    padded after a random length), class labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tm.VOCAB, (n, tm.SEQ), generator=g)
+    lengths = torch.randint(4, tm.SEQ + 1, (n,), generator=g)
+    mask = (torch.arange(tm.SEQ) < lengths[:, None]).long()
+    labels = torch.randint(0, tm.CLASSES, (n,), generator=g)
+    return splitnn.Dataset({"input_ids": ids, "attention_mask": mask}, labels)
+
+
+def train_padded_bert_twin(model, data, *, epochs, batch, seed, lr):
+    """The unsplit BERT trained by a plain loop: torch.optim.AdamW, F.cross_entropy on
+    twin(input_ids=..., attention_mask=...) in fit's batch order (epoch_batches); returns (epoch losses as fit
+    averages them, state dict)."""
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(twin.parameters(), lr=lr, weight_decay=0.1)  # what NAMED_ADAMW names
+    losses = []
+    for epoch in range(epochs):
+        total = 0.0
+        for idx in epoch_batches(len(data), batch, seed=seed, epoch=epoch):
+            opt.zero_grad()
+            out = twin(input_ids=data.features["input_ids"][idx], attention_mask=data.features["attention_mask"][idx])
+            loss = F.cross_entropy(out.logits, data.labels[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(data))
+    return losses, twin.state_dict()
+
+
+def test_bert_with_a_padding_mask_trains_with_fit_on_named_features_equal_to_its_twin():
+    """splitnn.Dataset(features={"input_ids": ..., "attention_mask": ...}) trains with splitnn.fit: the two named
+    tensors reach the first segment in the mapping's order (the example's keys); losses and weights equal the
+    unsplit model called with keywords, and evaluation and prediction take the named features too."""
+    torch.manual_seed(0)
+    model, data = tm.bert(), _padded_bert_data(N, 11)
+    segments = splitnn.cut(model, ["bert.encoder.layer.2"], example={k: v[:2] for k, v in data.features.items()})
+    split = splitnn.SplitNN(
+        segments, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")], optimizer=NAMED_ADAMW, loss="cross_entropy"
+    )
+    history = splitnn.fit(split, data, epochs=2, batch_size=BATCH, seed=SEED, progress=False)
+    want_losses, want_state = train_padded_bert_twin(model, data, epochs=2, batch=BATCH, seed=SEED, lr=1e-2)
+    assert history.losses() == want_losses
+    state = split.collect_state()
+    assert list(state) == list(want_state)
+    for name, value in state.items():
+        assert torch.equal(value, want_state[name]), name
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(want_state)
+    with torch.no_grad():
+        logits = twin(**data.features).logits
+    assert torch.equal(split.predict(tuple(data.features.values())), logits)
+    result = splitnn.evaluate(split, data)
+    assert result.loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-6)
+    assert result.accuracy == int((logits.argmax(1) == data.labels).sum()) / len(data)
+
+
+def test_named_features_in_another_order_than_the_example_are_refused_naming_both():
+    """The names must be the first segment's input names, in order: swapped features would feed the mask as ids."""
+    torch.manual_seed(0)
+    data = _padded_bert_data(8, 12)
+    swapped = splitnn.Dataset(
+        {"attention_mask": data.features["attention_mask"], "input_ids": data.features["input_ids"]}, data.labels
+    )
+    segments = splitnn.cut(tm.bert(), ["bert.encoder.layer.2"], example={k: v[:2] for k, v in data.features.items()})
+    split = splitnn.SplitNN(segments, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")], loss="cross_entropy")
+    with pytest.raises(ConfigurationError, match=r"\(attention_mask, input_ids\).*takes \(input_ids, attention_mask\)"):
+        splitnn.fit(split, swapped, epochs=1, batch_size=4, progress=False)
+    assert split.data_holder.datasets() == {}  # refused before anything was placed
+
+
 class _FilledMask(torch.nn.Module):
     """A mask made from constants, then written into in place from the data: it must cross, not be recomputed."""
 

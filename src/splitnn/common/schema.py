@@ -10,7 +10,7 @@ checks them against: the segments and datasets of the caller's session (``claim`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from splitnn.common.serde.blocks import (
     value_from_blob,
     value_to_blob,
 )
+from splitnn.data.sources import MAX_FEATURE_NAME, MAX_FEATURE_NAMES, NamedFeatures
 from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.transport.limits import Limits
 from splitnn.wire.cut_codec import MAX_VALUES
@@ -437,26 +438,69 @@ class NamedIndices(Field):
 class DatasetParts(Field):
     """A dataset's parts: ``features`` and/or ``labels`` (tensors), and optionally ``ids`` (sample ids, for private
     set intersection); the names in the JSON, one blob per part in order (at most ``Limits.max_blob_bytes``
-    each). With ``lazy``, decodes to a function that decodes the blobs when called."""
+    each). Named features (:class:`~splitnn.data.sources.NamedFeatures`, a model's keyword inputs) travel as
+    ``{"features": [NAME, ...]}`` in the list and one tensor blob per name, in order (1..``MAX_FEATURE_NAMES``
+    names of 1..``MAX_FEATURE_NAME`` characters, no repeats); each decodes to a tensor (dtype, shape, bytes;
+    never pickle). With ``lazy``, decodes to a function that decodes the blobs when called."""
 
     KINDS = ("features", "labels", "ids")
 
     def to_wire(self, value, blobs):
-        blobs.extend(ids_to_blob(v) if p == "ids" else encode_tensor(v) for p, v in value.items())
-        return list(value)
+        listed: list = []
+        for p, v in value.items():
+            if p == "features" and isinstance(v, Mapping):
+                blobs.extend(encode_tensor(t) for t in v.values())
+                listed.append({"features": list(v)})
+            else:
+                blobs.append(ids_to_blob(v) if p == "ids" else encode_tensor(v))
+                listed.append(p)
+        return listed
 
     def check(self, raw, err, blobs):
-        if (
-            not isinstance(raw, list)
-            or not all(isinstance(p, str) and p in self.KINDS for p in raw)
-            or not {"features", "labels"} & set(raw)
-            or len(set(raw)) != len(raw)
-        ):
+        if not isinstance(raw, list) or len(raw) > len(self.KINDS):
             raise err("must list 'features' and/or 'labels' (and optionally 'ids')")
-        taken = [(p, blobs.take(p)) for p in raw]
+        kinds = [self._kind(p, err) for p in raw]
+        if not {"features", "labels"} & set(kinds) or len(set(kinds)) != len(kinds):
+            raise err("must list 'features' and/or 'labels' (and optionally 'ids'), each once")
+        taken = []
+        for p in raw:
+            if isinstance(p, dict):
+                taken.append(("features", [(n, blobs.take(f"feature {n!r}")) for n in p["features"]]))
+            else:
+                taken.append((p, blobs.take(p)))
         limit = blobs.limits.max_blob_bytes
 
+        def one(what: str, blob: bytes, decode: Callable) -> Any:
+            try:
+                return decode(blob, max_bytes=limit)
+            except WireError as exc:
+                raise err(f"{what}: {exc}") from None
+
         def decoded() -> dict:
-            return {p: (ids_from_blob if p == "ids" else decode_tensor)(b, max_bytes=limit) for p, b in taken}
+            out: dict = {}
+            for p, b in taken:
+                if isinstance(b, list):
+                    out[p] = NamedFeatures((n, one(f"feature {n!r}", blob, decode_tensor)) for n, blob in b)
+                else:
+                    out[p] = one(p, b, ids_from_blob if p == "ids" else decode_tensor)
+            return out
 
         return decoded if self.lazy else decoded()
+
+    @staticmethod
+    def _kind(p: object, err: Callable[[str], WireError]) -> str:
+        """The part an entry of the list names; named features checked (count, names, repeats)."""
+        if isinstance(p, str) and p in DatasetParts.KINDS:
+            return p
+        names = p.get("features") if isinstance(p, dict) and len(p) == 1 else None
+        if not isinstance(names, list) or not 0 < len(names) <= MAX_FEATURE_NAMES:
+            raise err(
+                f"must list 'features' and/or 'labels' (and optionally 'ids'); named features as "
+                f"{{'features': [1..{MAX_FEATURE_NAMES} names]}}"
+            )
+        for n in names:
+            if not isinstance(n, str) or not 0 < len(n) <= MAX_FEATURE_NAME:
+                raise err(f"names a feature {str(n)[:40]!r}; a name is a string of 1..{MAX_FEATURE_NAME} characters")
+        if len(set(names)) != len(names):
+            raise err("names a feature twice")
+        return "features"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from splitnn.errors import ConfigurationError, CorruptDataError, DataError, Labe
 from .idx import read_idx
 from .registry import get_dataset_info
 from .resolve import resolve_split_files
+from .sources import NamedFeatures, as_named_features
 
 __all__ = ["FEATURE_DTYPES", "Dataset", "load_dataset", "normalize_images", "clear_cache"]
 
@@ -32,7 +33,13 @@ class Dataset:
     Attributes:
         features: float32 tensor of shape (N, ...) (images are (N, C, H, W)), or int64 of shape
             (N, ...): token ids, e.g. (N, context) for a language model (:func:`splitnn.cut` with
-            ``example=``).
+            ``example=``). Or several named tensors, a mapping of names to such tensors (all N rows):
+            a model's keyword inputs, e.g. ``{"input_ids": ids, "attention_mask": mask}``. A batch of
+            named features is the tuple of their rows in the mapping's order, which the first segment
+            takes as its positional inputs; a segment made by :func:`splitnn.cut` (``example=`` a dict)
+            names its inputs, and the names must be those of the example in the same order (checked
+            when the dataset is placed). ``features`` then holds a
+            :class:`~splitnn.data.sources.NamedFeatures` (a ``dict``).
         labels: int64 class labels of shape (N,) (or (N, ...) for one class per position),
             values in ``[0, num_classes)``; or floating-point targets of shape (N, ...):
             binary or multi-label 0/1 targets, probabilities, regression values.
@@ -44,11 +51,13 @@ class Dataset:
     the dataset (:func:`splitnn.workers.losses.check_labels`).
 
     Raises (on construction):
-        DataError: not tensors, wrong dtype/rank, N differs, or N == 0.
+        DataError: not tensors, wrong dtype/rank, N differs, or N == 0; for named features also an empty
+            mapping, a name that is not a non-empty string, or an entry of its own wrong dtype/rank/N
+            (the error names it).
         LabelError: a label is outside ``[0, num_classes)``, or a float target is not finite.
     """
 
-    features: torch.Tensor
+    features: torch.Tensor | Mapping[str, torch.Tensor]
     labels: torch.Tensor
     name: str = "data"
     num_classes: int | None = None
@@ -58,17 +67,20 @@ class Dataset:
             self.features = torch.from_numpy(self.features)
         if isinstance(self.labels, np.ndarray):
             self.labels = torch.from_numpy(self.labels)
-        f, y = self.features, self.labels
+        if isinstance(self.features, Mapping):
+            self.features = as_named_features(self.features, f"Dataset {self.name!r}")
+            for key, t in self.features.items():
+                self._check_features(t, f" feature {key!r}")
+            f = next(iter(self.features.values()))
+        else:
+            f = self.features
+        y = self.labels
         if not isinstance(f, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise DataError(
                 f"Dataset {self.name!r}: features and labels must be torch.Tensors or numpy arrays, "
                 f"got {type(f).__name__} and {type(y).__name__}"
             )
-        if f.dtype not in FEATURE_DTYPES or f.dim() < 2:
-            raise DataError(
-                f"Dataset {self.name!r}: features must be float32 (or int64 token ids) of shape (N, ...), "
-                f"got {f.dtype} of shape {tuple(f.shape)}; convert values with .float(), ids with .long()"
-            )
+        self._check_features(f, "")
         if y.is_floating_point():
             if y.dim() < 1:
                 raise DataError(f"Dataset {self.name!r}: float targets must have shape (N, ...), got a scalar")
@@ -106,8 +118,31 @@ class Dataset:
                 f"labels range over [{lo}, {hi}]. Check num_classes or the label file"
             )
 
+    def _check_features(self, f: object, which: str) -> None:
+        if isinstance(f, torch.Tensor) and (f.dtype not in FEATURE_DTYPES or f.dim() < 2):
+            raise DataError(
+                f"Dataset {self.name!r}:{which or ' features'} must be float32 (or int64 token ids) of shape "
+                f"(N, ...), got {f.dtype} of shape {tuple(f.shape)}; convert values with .float(), ids with .long()"
+            )
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def named(self) -> bool:
+        """Whether the features are several named tensors (a mapping) rather than one tensor."""
+        return isinstance(self.features, NamedFeatures)
+
+    def feature_tensor(self, what: str) -> torch.Tensor:
+        """The one feature tensor, for ``what`` (a function or topology that takes one); a ConfigurationError
+        naming ``what``, the dataset and its feature names when the features are several named tensors."""
+        if isinstance(self.features, NamedFeatures):
+            raise ConfigurationError(
+                f"{what} takes one feature tensor; dataset {self.name!r} has named features "
+                f"({', '.join(self.features)}). Named features train with splitnn.fit on a chain of segments "
+                f"(SplitNN, UShapedSplitNN); give {what} a Dataset of one tensor"
+            )
+        return self.features
 
     def subset(self, indices: Indices) -> Dataset:
         """Return a new Dataset with the samples at ``indices`` (tensor, sequence of ints, or slice).
@@ -116,7 +151,7 @@ class Dataset:
             DataError: an index is out of range, or the subset is empty.
         """
         if isinstance(indices, slice):
-            return Dataset(self.features[indices], self.labels[indices], self.name, self.num_classes)
+            return Dataset(_rows(self.features, indices), self.labels[indices], self.name, self.num_classes)
         idx = torch.as_tensor(indices, dtype=torch.int64).flatten()
         n = len(self)
         if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
@@ -124,7 +159,13 @@ class Dataset:
                 f"Dataset {self.name!r}: subset index out of range for {n} samples "
                 f"(min {int(idx.min())}, max {int(idx.max())})"
             )
-        return Dataset(self.features[idx], self.labels[idx], self.name, self.num_classes)
+        return Dataset(_rows(self.features, idx), self.labels[idx], self.name, self.num_classes)
+
+
+def _rows(features: torch.Tensor | NamedFeatures, idx: torch.Tensor | slice) -> torch.Tensor | NamedFeatures:
+    if isinstance(features, NamedFeatures):
+        return NamedFeatures((k, t[idx]) for k, t in features.items())
+    return features[idx]
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

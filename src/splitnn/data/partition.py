@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -196,8 +196,14 @@ def vertical_split(features: torch.Tensor, parts: Sequence[torch.Tensor]) -> lis
     """Give each party its feature columns: returns ``[features.flatten(1)[:, idx] for idx in parts]``.
 
     Raises:
-        ConfigurationError: an index is out of range for the number of features.
+        ConfigurationError: an index is out of range for the number of features, or ``features`` are
+            several named tensors (a mapping: columns of which tensor?).
     """
+    if isinstance(features, Mapping):
+        raise ConfigurationError(
+            f"vertical_split takes one feature tensor; got named features ({', '.join(map(str, features))}): "
+            f"give each party its own tensor (VerticalData(parts=[...], labels=...))"
+        )
     flat = features.reshape(features.shape[0], -1)
     f = flat.shape[1]
     out = []

@@ -23,9 +23,12 @@ def standardize(train: Dataset, *others: Dataset, min_std: float = 1e-2) -> list
 
     Raises:
         DataError: ``min_std`` is not positive, or another dataset's features differ in shape.
+        ConfigurationError: a dataset's features are several named tensors (standardise each one yourself).
     """
     if not min_std > 0:
         raise DataError(f"standardize: min_std must be positive, got {min_std!r}")
+    for d in (train, *others):
+        d.feature_tensor("standardize")  # ConfigurationError naming the dataset's named features
     shape = train.features.shape[1:]
     for d in others:
         if d.features.shape[1:] != shape:

@@ -18,7 +18,7 @@ which element of an item goes to the data holder and which to the label holder.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +29,13 @@ from torch.utils.data import Dataset as MapDataset
 from splitnn.errors import ConfigurationError, DataError, LabelError
 
 __all__ = [
+    "MAX_FEATURE_NAME",
+    "MAX_FEATURE_NAMES",
+    "NamedFeatures",
     "TorchDataset",
     "Source",
+    "as_named_features",
+    "is_named_features",
     "as_source",
     "check_ids",
     "check_label_tensor",
@@ -40,8 +45,64 @@ __all__ = [
     "take_rows",
 ]
 
+
+#: Most named feature tensors one dataset holds (a model's keyword inputs: input_ids, attention_mask, ...).
+MAX_FEATURE_NAMES = 64
+#: Longest name of a named feature tensor.
+MAX_FEATURE_NAME = 128
+
+
+class NamedFeatures(dict):
+    """Several feature tensors of the same rows, by name, in order (``{"input_ids": ids, "attention_mask":
+    mask}``): a batch of them is the tuple of their rows, in this order, which the first segment takes as its
+    positional inputs. A plain ``dict`` otherwise; made (and checked) by :func:`as_named_features`."""
+
+
 #: What a party may hold as features or labels.
-Source = torch.Tensor | MapDataset
+Source = torch.Tensor | MapDataset | NamedFeatures
+
+
+def is_named_features(value: object) -> bool:
+    """Whether ``value`` gives named features: a mapping whose keys include a string (a mapping keyed by
+    integers only stays a map-style dataset of items, as before)."""
+    return isinstance(value, NamedFeatures) or (isinstance(value, Mapping) and any(isinstance(k, str) for k in value))
+
+
+def as_named_features(value: Mapping, what: str) -> NamedFeatures:
+    """``value`` (names -> tensors or numpy arrays of the same number of rows, N >= 1) as :class:`NamedFeatures`;
+    a DataError naming the bad entry otherwise. At most :data:`MAX_FEATURE_NAMES` names, each a non-empty string
+    of at most :data:`MAX_FEATURE_NAME` characters."""
+    if not isinstance(value, Mapping) or not value:
+        raise DataError(f"{what}: named features must be a non-empty mapping of names to tensors")
+    if len(value) > MAX_FEATURE_NAMES:
+        raise DataError(f"{what}: {len(value)} named feature tensors, more than the {MAX_FEATURE_NAMES} allowed")
+    named = NamedFeatures()
+    rows = None
+    for name, t in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_FEATURE_NAME:
+            raise DataError(
+                f"{what}: feature name {name!r:.60} must be a non-empty string of at most {MAX_FEATURE_NAME} "
+                f"characters (the model's keyword input it is, e.g. 'input_ids')"
+            )
+        if isinstance(t, np.ndarray):
+            t = torch.from_numpy(t)
+        if not isinstance(t, torch.Tensor):
+            raise DataError(
+                f"{what}: feature {name!r} is a {type(t).__name__}; named features are tensors or numpy arrays"
+            )
+        if t.dim() < 1:
+            raise DataError(f"{what}: feature {name!r} is a scalar; give one row per sample, shape (N, ...)")
+        if rows is None:
+            rows = int(t.shape[0])
+        elif int(t.shape[0]) != rows:
+            first = next(iter(named))
+            raise DataError(
+                f"{what}: feature {name!r} has {int(t.shape[0])} rows but {first!r} has {rows}; every named "
+                f"feature holds the same samples"
+            )
+        named[name] = t
+    return named
+
 
 #: Labels are read this many at a time to summarise them.
 _LABEL_CHUNK = 4096
@@ -50,7 +111,10 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def as_source(value: object, what: str) -> Source:
-    """A tensor (numpy arrays become tensors, sharing memory) or a map-style dataset; else DataError."""
+    """A tensor (numpy arrays become tensors, sharing memory), named features (a mapping of names to tensors,
+    :func:`as_named_features`) or a map-style dataset; else DataError."""
+    if is_named_features(value):
+        return as_named_features(value, what)
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if isinstance(value, torch.Tensor):
@@ -69,6 +133,8 @@ def as_source(value: object, what: str) -> Source:
 
 def source_len(src: Source) -> int:
     """Number of rows of a source."""
+    if isinstance(src, NamedFeatures):
+        return int(next(iter(src.values())).shape[0])
     return int(src.shape[0]) if isinstance(src, torch.Tensor) else len(src)
 
 
@@ -83,9 +149,12 @@ def _collate(items: list) -> torch.Tensor:
     return batch
 
 
-def read_rows(src: Source, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` of ``src`` in that order: indexing for a tensor; for a map-style dataset, one
-    batch of a ``DataLoader`` whose batch sampler is exactly these indices (read here, in this process)."""
+def read_rows(src: Source, indices: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Rows ``indices`` of ``src`` in that order: indexing for a tensor; for named features, the tuple of each
+    tensor's rows (in the mapping's order); for a map-style dataset, one batch of a ``DataLoader`` whose batch
+    sampler is exactly these indices (read here, in this process)."""
+    if isinstance(src, NamedFeatures):
+        return tuple(t[indices] for t in src.values())
     if isinstance(src, torch.Tensor):
         return src[indices]
     loader = DataLoader(src, batch_sampler=[indices.tolist()], collate_fn=_collate, num_workers=0)
@@ -94,6 +163,8 @@ def read_rows(src: Source, indices: torch.Tensor) -> torch.Tensor:
 
 def take_rows(src: Source, indices: torch.Tensor) -> Source:
     """The rows ``indices`` of ``src`` as a source of their own (a ``Subset`` view of a map-style dataset)."""
+    if isinstance(src, NamedFeatures):
+        return NamedFeatures((k, t[indices]) for k, t in src.items())
     if isinstance(src, torch.Tensor):
         return src[indices]
     return Subset(src, indices.tolist())

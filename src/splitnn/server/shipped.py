@@ -309,7 +309,7 @@ def _check_data(plan: EpochPlan, engine: VirtualWorker) -> None:
     ]
     if needs:
         data = engine.dataset(dataset)  # WorkerError naming what it holds
-        size = len(data.features if data.features is not None else data.labels)
+        size = data.size  # rows (named features: of each tensor, not the number of names)
         for part in needs:
             if getattr(data, part) is None:
                 raise WorkerError(f"worker {me!r} holds no {part} for dataset {dataset!r}")

@@ -152,7 +152,7 @@ class SplitNN(Trainable):
         self.optimizer_specs = optimizers  # what each segment's optimizer is (training logs read the lr)
         apply_compression(self.stages, self.compression)  # nothing to do without compression
         self.training = True
-        self._data = ChainData(self.stages, self.loss)  # the datasets placed and checked
+        self._data = ChainData(self.stages, self.loss, segments[0])  # the datasets placed and checked
         self.ship_epochs = ship_epochs
         self.threads = threads
         #: the moving-average factor of pipelined weight prediction (None: off)

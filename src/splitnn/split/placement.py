@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import fx, nn
 
-from splitnn.data.sources import Source, TorchDataset
+from splitnn.data.sources import NamedFeatures, Source, TorchDataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.stage import Stage, feature_probe, format_shape, probe_chain
 from splitnn.workers import DatasetStats
@@ -44,7 +45,13 @@ def features_and_labels(data: object, holders: str, *, tensors_only: bool = Fals
     if isinstance(data, TorchDataset) and not tensors_only:
         return data.parts()
     features, labels = getattr(data, "features", None), getattr(data, "labels", None)
-    if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+    if isinstance(features, NamedFeatures) and tensors_only:
+        raise ConfigurationError(
+            f"a topology that partitions the features takes one feature tensor; dataset "
+            f"{getattr(data, 'name', 'data')!r} has named features ({', '.join(features)}): train them with a "
+            f"chain of segments (SplitNN, UShapedSplitNN)"
+        )
+    if not isinstance(features, (torch.Tensor, NamedFeatures)) or not isinstance(labels, torch.Tensor):
         also = "" if tensors_only else ", a splitnn.data.TorchDataset (map-style data)"
         raise ConfigurationError(
             f"cannot place {type(data).__name__}: give a splitnn.data.Dataset (features and "
@@ -53,12 +60,42 @@ def features_and_labels(data: object, holders: str, *, tensors_only: bool = Fals
     return features, labels
 
 
+def input_names(segment: nn.Module | None) -> list[str] | None:
+    """The names of a graph segment's inputs (its placeholders, in order: what :func:`splitnn.cut` traced with
+    ``example=``'s keys or the model's ``forward`` parameters); None for a segment that is not a graph or
+    takes ``*args``."""
+    if not isinstance(segment, fx.GraphModule):
+        return None
+    names = []
+    for n in segment.graph.nodes:
+        if n.op == "placeholder":
+            if str(n.target).startswith("*"):
+                return None
+            names.append(str(n.target))
+    return names
+
+
+def check_input_names(features: NamedFeatures, first: nn.Module | None, dataset: str) -> None:
+    """Named features reach the first segment positionally, in the mapping's order: when that segment is a graph
+    that names its inputs, the feature names must be those names in that order (ConfigurationError otherwise)."""
+    names = input_names(first)
+    if names is None or list(features) == names:
+        return
+    raise ConfigurationError(
+        f"dataset {dataset!r}: the named features ({', '.join(features)}) reach the first segment in that order, "
+        f"as its positional inputs, but it takes ({', '.join(names)}); give the Dataset's features with the "
+        f"model's input names in that order (those of cut's example=), e.g. "
+        f"{{{', '.join(repr(n) + ': ...' for n in names)}}}"
+    )
+
+
 class ChainData:
     """The datasets of a chain of stages: features at the first stage's worker, labels at the last one's,
     each placed once and checked once (holders, sizes, shapes at every cut, labels against ``loss``)."""
 
-    def __init__(self, stages: Sequence[Stage], loss: Loss) -> None:
-        self.stages, self.loss = list(stages), loss
+    def __init__(self, stages: Sequence[Stage], loss: Loss, first: nn.Module | None = None) -> None:
+        """``first``: the first segment as the researcher gave it (its input names check named features)."""
+        self.stages, self.loss, self._first = list(stages), loss, first
         self._names = PlacedData()
         self._sizes: dict[str, int] = {}  # checked datasets: name -> size
         self._outputs: dict[str, tuple[DatasetStats, tuple[int, ...]]] = {}  # name -> (label stats, output shape)
@@ -76,6 +113,8 @@ class ChainData:
 
     def _place(self, data: object) -> str:
         features, labels = features_and_labels(data, "the workers")
+        if isinstance(features, NamedFeatures):
+            check_input_names(features, self._first, getattr(data, "name", "data"))
         name = fresh_name(f"{getattr(data, 'name', 'data')}#")  # two models' "rand" datasets do not collide
         if self.stages[0].worker is self.stages[-1].worker:  # U-shaped: one party holds both
             self.stages[0].worker.add_dataset(name, features=features, labels=labels)

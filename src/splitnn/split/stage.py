@@ -101,7 +101,10 @@ def check_static_fit(segments: list[nn.Module], worker_names: list[str]) -> None
 
 def feature_probe(stats: DatasetStats) -> ProbeShape:
     """How to probe a model with two rows of a dataset's features: their shape (float32), or for features
-    of another dtype (token ids) one :class:`~splitnn.workers.ValueShape` naming it."""
+    of another dtype (token ids) one :class:`~splitnn.workers.ValueShape` naming it; named features, one
+    :class:`~splitnn.workers.ValueShape` each, in order."""
+    if stats.named_features is not None:
+        return tuple(ValueShape((2, *shape), DTYPE_NAMES[dtype]) for _, shape, dtype in stats.named_features)
     shape = (2, *stats.feature_shape)
     if stats.feature_dtype in (None, "float32"):
         return shape

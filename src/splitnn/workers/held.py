@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitnn.data.sources import (
+    NamedFeatures,
     Source,
     as_source,
     check_ids,
@@ -58,6 +59,11 @@ class HeldData:
         check_dataset_parts(dataset, worker, features=features, labels=labels)
         feats = as_source(features, f"the features of {where}") if features is not None else None
         labs = as_source(labels, f"the labels of {where}") if labels is not None else None
+        if isinstance(labs, NamedFeatures):
+            raise ConfigurationError(
+                f"{where}: the labels are a mapping of names ({', '.join(labs)}); labels are one tensor (or a "
+                f"map-style dataset): several named tensors are features only"
+            )
         sizes = {what: source_len(s) for what, s in (("features", feats), ("labels", labs)) if s is not None}
         if len(set(sizes.values())) != 1:
             raise ConfigurationError(
@@ -71,6 +77,9 @@ class HeldData:
             raise ConfigurationError(f"{where}: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
         if isinstance(feats, torch.Tensor) and not allow_nonfinite:
             check_finite_features(feats, where)
+        if isinstance(feats, NamedFeatures) and not allow_nonfinite:
+            for key, t in feats.items():
+                check_finite_features(t, f"{where} (feature {key!r})")
         held = cls(feats, labs)
         if feats is not None and not isinstance(feats, torch.Tensor) and not allow_nonfinite:
             held._finite_where = where
@@ -81,17 +90,20 @@ class HeldData:
     def to(self, device: torch.device) -> HeldData:
         """This data with its tensors on ``device`` (a worker's data lives on its device). A map-style
         dataset stays as it is: its rows are read on the CPU, batch by batch, and the worker moves each batch."""
-        if not any(isinstance(s, torch.Tensor) and s.device != device for s in (self.features, self.labels)):
+        tensors = [*_tensors(self.features), *_tensors(self.labels)]
+        if not any(t.device != device for t in tensors):
             return self
-        moved = (s.to(device) if isinstance(s, torch.Tensor) else s for s in (self.features, self.labels))
+        moved = (_moved(s, device) for s in (self.features, self.labels))
         return HeldData(*moved, ids=self.ids, _label_summary=self._label_summary, _finite_where=self._finite_where)
 
     @property
     def size(self) -> int:
         return source_len(self.features if self.features is not None else self.labels)
 
-    def read(self, part: str, indices: torch.Tensor) -> torch.Tensor | None:
-        """Rows ``indices`` of ``part`` ("features" or "labels"), or None if this worker does not hold it."""
+    def read(self, part: str, indices: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """Rows ``indices`` of ``part`` ("features" or "labels"), or None if this worker does not hold it. Named
+        features read as the tuple of each tensor's rows, in the order of their names (the first segment's
+        positional inputs)."""
         src = getattr(self, part)
         if src is None:
             return None
@@ -110,14 +122,24 @@ class HeldData:
         )
 
     def stats(self, name: str) -> DatasetStats:
-        """Size, feature shape and a summary of the labels (:class:`DatasetStats`); never the contents."""
-        feature_shape = feature_dtype = None
+        """Size, feature shape and a summary of the labels (:class:`DatasetStats`); never the contents. Named
+        features: each one's name, per-sample shape and dtype (``named_features``), and the first one's shape
+        and dtype as ``feature_shape`` and ``feature_dtype``."""
+        feature_shape = feature_dtype = named = None
         if self.features is not None:
             first = self.read("features", torch.zeros(1, dtype=torch.int64))
+            if isinstance(first, tuple):
+                named = tuple(
+                    (key, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
+                    for key, t in zip(self.features, first)
+                )
+                first = first[0]
             feature_shape = tuple(first.shape[1:])
             feature_dtype = str(first.dtype).removeprefix("torch.")
         if self.labels is None:
-            return DatasetStats(name, self.size, feature_shape, None, None, feature_dtype=feature_dtype)
+            return DatasetStats(
+                name, self.size, feature_shape, None, None, feature_dtype=feature_dtype, named_features=named
+            )
         if self._label_summary is None:
             self._label_summary = summarise_labels(self.labels, name)
         s = self._label_summary
@@ -132,7 +154,20 @@ class HeldData:
             label_shape=s["shape"],
             label_integral=s["integral"],
             feature_dtype=feature_dtype,
+            named_features=named,
         )
+
+
+def _tensors(src: Source | None) -> list[torch.Tensor]:
+    if isinstance(src, NamedFeatures):
+        return list(src.values())
+    return [src] if isinstance(src, torch.Tensor) else []
+
+
+def _moved(src: Source | None, device: torch.device) -> Source | None:
+    if isinstance(src, NamedFeatures):
+        return NamedFeatures((k, t.to(device)) for k, t in src.items())
+    return src.to(device) if isinstance(src, torch.Tensor) else src
 
 
 def check_finite_features(features: torch.Tensor, where: str, *, rows: torch.Tensor | None = None) -> None:

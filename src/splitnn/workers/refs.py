@@ -78,6 +78,9 @@ class DatasetStats:
     for one label per sample), ``label_min``/``label_max`` (for integer labels: ints) and
     ``label_integral`` (every label is a whole number, e.g. 0/1 targets stored as floats).
     ``feature_dtype`` names the features' dtype (``"float32"``, ``"int64"`` for token ids).
+    ``named_features``: for several named feature tensors (:class:`~splitnn.data.sources.NamedFeatures`),
+    each one's ``(name, per-sample shape, dtype name)`` in order (``feature_shape`` and ``feature_dtype``
+    then describe the first); None for one tensor.
     """
 
     name: str
@@ -90,6 +93,7 @@ class DatasetStats:
     label_shape: tuple[int, ...] | None = None
     label_integral: bool | None = None
     feature_dtype: str | None = None
+    named_features: tuple[tuple[str, tuple[int, ...], str], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from splitnn.common.serde.blocks import (
     MAX_PROBE_NDIM,
     arg,
 )
+from splitnn.data.sources import MAX_FEATURE_NAME, MAX_FEATURE_NAMES
 from splitnn.errors import WireError
 from splitnn.transport.addresses import split_host_port
 from splitnn.wire.cut_codec import MAX_VALUES
@@ -144,7 +145,39 @@ def dataset_stats_to_result(stats: DatasetStats) -> dict:
         "label_shape": list(stats.label_shape) if stats.label_shape is not None else None,
         "label_integral": stats.label_integral,
         "feature_dtype": stats.feature_dtype,
+        **(
+            {"named_features": [[k, list(shape), dtype] for k, shape, dtype in stats.named_features]}
+            if stats.named_features is not None
+            else {}
+        ),
     }
+
+
+def _named_features(raw: object) -> tuple[tuple[str, tuple[int, ...], str], ...] | None:
+    """The ``named_features`` of a ``dataset_stats`` reply, checked (a bounded list of [name, shape, dtype])."""
+    if raw is None:
+        return None
+    bad = WireError(
+        f"dataset_stats: named_features must be a list of 1..{MAX_FEATURE_NAMES} [name, per-sample shape, dtype] "
+        f"(names of 1..{MAX_FEATURE_NAME} characters, no repeats; at most {MAX_PROBE_NDIM} dimensions; known dtypes)"
+    )
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_FEATURE_NAMES:
+        raise bad
+    out = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise bad
+        name, shape, dtype = item
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_FEATURE_NAME and isinstance(dtype, str)):
+            raise bad
+        if dtype not in DTYPE_NAMES or not isinstance(shape, list) or len(shape) > MAX_PROBE_NDIM:
+            raise bad
+        if not all(type(d) is int and 0 <= d <= MAX_PROBE_DIM for d in shape):
+            raise bad
+        out.append((name, tuple(shape), dtype))
+    if len({n for n, _, _ in out}) != len(out):
+        raise bad
+    return tuple(out)
 
 
 def dataset_stats_from_result(d: dict) -> DatasetStats:
@@ -156,6 +189,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
     feature_dtype = d.get("feature_dtype") if isinstance(d, dict) else None
     if feature_dtype is not None and not (isinstance(feature_dtype, str) and feature_dtype in DTYPE_NAMES):
         raise WireError(f"dataset_stats: unknown feature dtype {feature_dtype!r}; known: {sorted(DTYPE_NAMES)}")
+    named = _named_features(d.get("named_features")) if isinstance(d, dict) else None
     try:
         return DatasetStats(
             d["name"],
@@ -168,6 +202,7 @@ def dataset_stats_from_result(d: dict) -> DatasetStats:
             shape(d.get("label_shape")),
             d.get("label_integral"),
             feature_dtype,
+            named,
         )
     except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise WireError("dataset_stats: the reply must hold a dataset's name, size and shapes") from None

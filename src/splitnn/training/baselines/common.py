@@ -36,6 +36,8 @@ CLIENT_SEED_STRIDE = 7919
 def evaluate_module(module: nn.Module, data, *, loss: str = "nll", batch_size: int = 1000) -> EvalResult:
     """Accuracy and mean loss of a local ``module`` on ``data`` (no gradients, evaluation mode, no transfers)."""
     check_positive("batch_size", batch_size)
+    if getattr(data, "named", False):
+        data.feature_tensor("evaluate_module (the baselines)")
     n = len(data)
     was_training = module.training
     module.eval()
@@ -157,6 +159,8 @@ class Federation:
         return evaluate_module(self.model, data, loss=self.loss, batch_size=batch_size)
 
     def _check_shard(self, k: int, shard) -> None:
+        if getattr(shard, "named", False):
+            shard.feature_tensor(f"the baselines (shard {k})")
         features, labels = getattr(shard, "features", None), getattr(shard, "labels", None)
         if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise ConfigurationError(

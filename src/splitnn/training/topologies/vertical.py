@@ -329,6 +329,8 @@ class VerticalSplitNN(Topology):
     def _place(self, data: object) -> str:
         if not isinstance(data, VerticalData):
             features = getattr(data, "features", None)
+            if getattr(data, "named", False):
+                data.feature_tensor("the vertical topology (it splits the columns of the features)")
             if not isinstance(features, torch.Tensor) or not isinstance(getattr(data, "labels", None), torch.Tensor):
                 raise ConfigurationError(
                     f"cannot place {type(data).__name__}: give a splitnn.data.Dataset, a "
