@@ -75,22 +75,6 @@ def cluster(tmp_path_factory):
         yield cl
 
 
-@pytest.fixture
-def connect(cluster):
-    opened = []
-
-    def open_(name: str):
-        w = splitnn.connect(cluster.workers[name].url, token=cluster.token, name=name, timeout=60)
-        opened.append(w)
-        return w
-
-    yield open_
-    for w in opened:
-        w.close(end_session=True)
-    for name, wp in cluster.workers.items():
-        assert wp.proc.poll() is None, f"worker {name} died"  # the worker lives on
-
-
 def draw(position: int = 0, batch_size: int = 8, seed: int = 0) -> BatchRef:
     """A batch as an honest researcher asks for it: the draw, and the rows it makes."""
     return BatchRef("toy", epoch_batches(N, batch_size, seed=seed)[position])

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import fx, nn
 
-import splitnn
 from splitnn.data.batching import epoch_batches
 from splitnn.errors import PolicyError
 from splitnn.workers import BatchRef
@@ -32,22 +31,6 @@ def cluster(tmp_path_factory):
         cl.start("closed", *HELD)
         cl.start("optin", *HELD, "--policy", str(policy))
         yield cl
-
-
-@pytest.fixture
-def connect(cluster):
-    opened = []
-
-    def open_(name: str):
-        w = splitnn.connect(cluster.workers[name].url, token=cluster.token, name=name, timeout=60)
-        opened.append(w)
-        return w
-
-    yield open_
-    for w in opened:
-        w.close(end_session=True)
-    for name, wp in cluster.workers.items():
-        assert wp.proc.poll() is None, f"worker {name} died"
 
 
 class HandsOn(nn.Module):
