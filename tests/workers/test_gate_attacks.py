@@ -61,10 +61,11 @@ def cluster(tmp_path_factory):
     policies = {
         "strict": STRICT,
         "optin": STRICT + "accept_any_segment = true\n",
-        "pinned": f'accept_segments = ["{fingerprint(reviewed())}", "{_near_miss_pin()}"]\nrelease_weights = true\n',
+        "pinned": f'accept_segments = ["{fingerprint(reviewed())}", "{_near_miss_pin()}"]\nrelease_weights = true\n'
+        "release_grad_norms = true\n",
     }
     labels = root / "labels.toml"
-    labels.write_text("release_weights = true\n")  # closed otherwise: it draws the rows too
+    labels.write_text("release_weights = true\nrelease_grad_norms = true\n")  # closed otherwise: it draws the rows too
     with Cluster(root, lifetime=400, open_data=False) as cl:
         cl.start("closed", *HELD)
         for name, text in policies.items():
@@ -187,6 +188,25 @@ def out_buffer_graph() -> nn.Module:
             return torch.relu(self.lin(flat))
 
     return fx.symbolic_trace(Copier())
+
+
+def test_gradient_norms_leave_only_where_the_operator_allows(connect):
+    """Clipping by the global norm asks every party for its gradients' norms each batch: a data holder's defaults
+    refuse them (release_grad_norms); holders whose operators opted in train clipped exactly like in-process
+    workers."""
+    w = connect("closed")
+    w.add_segment("seg", reviewed(), None)
+    refused(w, "release_grad_norms", w.grad_norms, "seg", match=r": gradients are derived from this party's data")
+    torch.manual_seed(0)
+    segments = [reviewed(), nn.Sequential(nn.Linear(8, 10), nn.LogSoftmax(1))]
+    twins = [copy.deepcopy(s) for s in segments]
+    fit = dict(epochs=1, batch_size=32, seed=3, progress=False, clip_grad_norm=0.05)
+    model = splitnn.SplitNN(segments, [connect("pinned"), connect("labels")], optimizer="sgd:lr=0.05")
+    history = model.fit("toy", **fit)
+    twin = splitnn.SplitNN(twins, [splitnn.VirtualWorker("a"), splitnn.VirtualWorker("b")], optimizer="sgd:lr=0.05")
+    assert history.losses() == twin.fit(toy_images(), **fit).losses()
+    ours, theirs = model.collect().state_dict(), twin.collect().state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_out_buffer_then_get_state_is_refused(connect):

@@ -177,8 +177,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="this party's policy (TOML or JSON): accept_segments, refuse_passthrough, min_reduction, peers, "
         "max_params, release_outputs, datasets, psi_peers, max_psi_runs, detect_hijack, release_weights, "
-        "accept_any_segment, min_batch_size, draw_rows; enforced before any batch. With --data the rules it does "
-        "not set are closed: only pinned segments run on the data, the worker draws the rows, no weights leave "
+        "accept_any_segment, min_batch_size, draw_rows, release_grad_norms; enforced before any batch. With --data "
+        "the rules it does not set are closed: only pinned segments run on the data, the worker draws the rows, no "
+        "weights or gradient norms leave "
         "(docs/failures-and-policy.md)",
     )
     p.add_argument(
@@ -490,6 +491,7 @@ def run(args: argparse.Namespace) -> int:
                 ("pinned segments only", not gate.accept_any_segment),
                 ("rows drawn here", gate.draw_rows),
                 ("no weights leave", not gate.release_weights),
+                ("no gradient norms leave", not gate.release_grad_norms),
             )
             if on
         ]

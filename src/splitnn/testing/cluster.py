@@ -85,9 +85,12 @@ def open_files_prefix(soft: int, hard: int | None = None) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-#: The explicit opening of a data holder's gate (splitnn.workers.policy): weights may leave, any segment runs on
-#: its data, and the researcher names the rows -- the behaviour of an in-process worker.
-OPEN_POLICY = "release_weights = true\naccept_any_segment = true\nmin_batch_size = 1\ndraw_rows = false\n"
+#: The explicit opening of a data holder's gate (splitnn.workers.policy): weights and gradient norms may leave, any
+#: segment runs on its data, and the researcher names the rows -- the behaviour of an in-process worker.
+OPEN_POLICY = (
+    "release_weights = true\naccept_any_segment = true\nmin_batch_size = 1\ndraw_rows = false\n"
+    "release_grad_norms = true\n"
+)
 
 
 @dataclass

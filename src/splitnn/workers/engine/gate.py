@@ -15,7 +15,7 @@ from splitnn.errors import PolicyError
 from splitnn.workers.audit import AuditLog
 from splitnn.workers.engine.hosted import Hosted, state_snapshot
 from splitnn.workers.guard import HijackGuard
-from splitnn.workers.policy import WorkerPolicy, check_hijack, check_peer, check_release
+from splitnn.workers.policy import WorkerPolicy, check_grad_norms, check_hijack, check_peer, check_release
 
 
 class Gate:
@@ -49,6 +49,11 @@ class Gate:
         self._gate(key, self._segment(key), f"segment {key!r}'s weights to {peer or 'a peer'!r}")
         if peer is not None and peer != self.name and self.policy.gated:
             self.check_receiver(peer, "its weights")
+
+    def release_grad_norms(self, key: str) -> None:
+        """The gate for the norms of segment ``key``'s gradients leaving to the researcher
+        (``release_grad_norms``); they do not freeze the segment: clipping asks for them every batch."""
+        self._guard(check_grad_norms, self.policy, self.name, key)
 
     def _gate(self, key: str, hosted: Hosted, what: str, *, freeze: bool = False) -> None:
         """The one gate for state derived from this party's data (weights, buffers, gradients, probes of

@@ -91,7 +91,8 @@ class Steps:
     def grad_norms(self, key: str) -> torch.Tensor:
         """The 2-norm of each gradient of segment ``key``'s trainable parameters (those that have one, in
         order), for clipping by the global norm across parties: one number per tensor, never a gradient
-        (recorded as control bytes to the researcher)."""
+        (recorded as control bytes to the researcher). Refused unless the policy's ``release_grad_norms``."""
+        self.release_grad_norms(key)
         grads = [p.grad for p in self._segment(key).params if p.grad is not None]
         norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]) if grads else torch.zeros(0)
         self.ledger.record(self.name, RESEARCHER, "control", nbytes(norms))

@@ -25,6 +25,7 @@ __all__ = [
     "check_hijack",
     "check_accepted",
     "check_release",
+    "check_grad_norms",
     "check_batch_rows",
 ]
 
@@ -130,6 +131,19 @@ def check_release(policy: WorkerPolicy, worker: str, what: str) -> None:
             what,
             "state derived from this party's data leaves only as the cut values of accepted segments; its "
             "operator may set release_weights = true to let the trained weights leave at the end",
+        )
+
+
+def check_grad_norms(policy: WorkerPolicy, worker: str, key: str) -> None:
+    """Refuse handing the researcher the norms of segment ``key``'s gradients unless the policy says
+    ``release_grad_norms = true``."""
+    if not policy.release_grad_norms:
+        raise _refuse(
+            worker,
+            "release_grad_norms",
+            f"the norms of segment {key!r}'s gradients",
+            "gradients are derived from this party's data, and their norms leave only when its operator allows "
+            "it; train without clip_grad_norm, or the operator may set release_grad_norms = true",
         )
 
 

@@ -43,6 +43,7 @@ _RULES = (
     "accept_any_segment",
     "min_batch_size",
     "draw_rows",
+    "release_grad_norms",
 )
 
 #: The defaults of a party that holds data (``splitnn worker --data``): closed; see "The gate" above.
@@ -52,6 +53,7 @@ DATA_HOLDER_DEFAULTS: Mapping[str, Any] = {
     "accept_any_segment": False,
     "min_batch_size": 8,
     "draw_rows": True,
+    "release_grad_norms": False,
 }
 
 
@@ -89,6 +91,9 @@ class WorkerPolicy:
             view of it (a PSI part) may hold.
         draw_rows: batches on the party's data must be drawn by this worker from a seed
             (:class:`~splitnn.workers.refs.BatchDraw`); the researcher cannot name the rows.
+        release_grad_norms: let the 2-norm of each parameter gradient of the segments hosted here
+            leave to the researcher (``grad_norms``: one number per tensor per batch, what clipping by
+            the global norm across parties needs); ``False``: ``fit(..., clip_grad_norm=...)`` is refused.
     """
 
     release_outputs: bool = True
@@ -105,11 +110,12 @@ class WorkerPolicy:
     accept_any_segment: bool = True
     min_batch_size: int = 1
     draw_rows: bool = False
+    release_grad_norms: bool = True
 
     def __post_init__(self) -> None:
         check = _Checker("WorkerPolicy")
         object.__setattr__(self, "release_outputs", check.boolean("release_outputs", self.release_outputs))
-        for rule in ("refuse_passthrough", "release_weights", "accept_any_segment", "draw_rows"):
+        for rule in ("refuse_passthrough", "release_weights", "accept_any_segment", "draw_rows", "release_grad_norms"):
             object.__setattr__(self, rule, check.boolean(rule, getattr(self, rule)))
         value = self.min_batch_size
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
@@ -228,6 +234,7 @@ def load_policy(path: str | os.PathLike, *, data_holder: bool = False) -> Worker
         accept_any_segment = true          # run segments on our data without a pinned fingerprint
         min_batch_size = 8                 # the fewest rows of ours one batch (or a view of our data) may hold
         draw_rows = true                   # we draw each batch's rows ourselves, from a seed (the researcher's)
+        release_grad_norms = true          # let one norm per gradient tensor leave (clipping by the global norm)
     """
     return WorkerPolicy.from_dict(read_policy_rules(path), source=f"policy file {path}", data_holder=data_holder)
 
