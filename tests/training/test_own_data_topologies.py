@@ -12,7 +12,11 @@ same policies and data (docs/many-holders.md, docs/splitfed.md: "Over the holder
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import tomllib
 import torch
 from torch import nn
 
@@ -38,11 +42,29 @@ def top() -> list[nn.Module]:
     return [nn.Sequential(nn.Linear(16, 10), nn.LogSoftmax(1))]
 
 
+def doc_policies(page: str) -> tuple[str, str]:
+    """The data holder's and the label holder's policy files as ``docs/<page>`` gives them ("Over the holders'
+    own data"), with the bottom segment's fingerprint pinned."""
+    section = (Path(__file__).parents[2] / "docs" / page).read_text().split("# Over the holders' own data", 1)[1]
+    holder, labels = re.findall(r"```toml\n(.*?)```", section, re.S)[:2]
+    return holder.replace("FINGERPRINT", fingerprint(bottom())), labels
+
+
 POLICIES = {
-    "holder": f'accept_segments = ["{fingerprint(bottom())}"]\nrelease_weights = true\n',
+    "holder": doc_policies("many-holders.md")[0],
     "shut": f'accept_segments = ["{fingerprint(bottom())}"]\n',  # closed otherwise: no weights leave
-    "labels": "release_weights = true\n",
+    "labels": doc_policies("many-holders.md")[1],
 }
+
+
+def test_the_docs_give_the_policies_these_tests_run():
+    """many-holders.md and splitfed.md give the same policy lines, which pin the bottom and open release_weights
+    and nothing else (the rest stays at the data holder's closed defaults)."""
+    pages = [doc_policies(page) for page in ("many-holders.md", "splitfed.md")]
+    assert [[tomllib.loads(t) for t in p] for p in pages[1:]] == [[tomllib.loads(t) for t in pages[0]]]
+    holder, labels = (tomllib.loads(t) for t in pages[0])
+    assert holder == {"accept_segments": [fingerprint(bottom())], "release_weights": True}
+    assert labels == {"release_weights": True}
 
 
 def _data(holder: str, parts: str) -> tuple[str, str]:
