@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 import splitnn
-from splitnn.errors import PolicyError
+from splitnn.data.batching import draw_rows
+from splitnn.errors import PolicyError, WorkerError
 from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN
+from splitnn.training.topologies.horizontal import SEED_STRIDE
 from splitnn.wire.fingerprint import fingerprint
 from splitnn.workers.policy import load_policy
 from tests.training import own_data
@@ -198,3 +200,33 @@ def test_a_peers_rule_without_the_next_holder_is_refused_before_training(cluster
     with pytest.raises(PolicyError, match=rf"worker 'alice' refuses .*\(policy rule peers\).*{FIX}"):
         model.fit("toy", epochs=1, batch_size=8, progress=False)
     assert model.ledger.total() == 0
+
+
+def test_every_batch_is_a_draw_of_its_holders_shard(cluster):
+    """The plans the researcher sends: training batch ``j`` of holder ``h`` carries the draw
+    ``BatchDraw(seed + 7919 h, epoch, j, batch_size)`` of its shard, and an evaluation's batches stay within a
+    shard, each the unshuffled draw of its rows; the rows are those the holder re-derives from the draw."""
+    for kind in ("multi peer", "splitfed v2"):
+        model = MODELS[kind](twins(cluster, "alice", "carol"))
+        name, n = model.prepare("toy")
+        sizes = [own_data.SIZES["alice"], own_data.SIZES["carol"]]
+        plan = model.epoch_plan(name, n, 8, seed=5, epoch=1)
+        assert len(plan) == sum(s // 8 for s in sizes)
+        for idx in plan:
+            h, local = model._shards.one_holder(name, idx)
+            d = idx.draw
+            assert (d.seed, d.epoch, d.batch_size, d.shuffle) == (5 + SEED_STRIDE * h, 1, 8, True)
+            assert torch.equal(local, draw_rows(sizes[h], d)) and local.draw == d
+        evals = model.eval_plan(name, n, 16)
+        for idx in evals:
+            h, local = model._shards.one_holder(name, idx)  # within one shard
+            assert not idx.draw.shuffle and torch.equal(local, draw_rows(sizes[h], idx.draw))
+        assert torch.equal(torch.cat(evals), torch.arange(n))
+
+
+def test_a_short_last_batch_of_a_shard_is_refused_by_its_holder(cluster, remote):
+    """carol's 40 rows in batches of 12 leave a last batch of 4, fewer than a data holder's min_batch_size (8)."""
+    model = MODELS["splitfed v1"](remote("alice", "carol", "bob"))
+    with pytest.raises(WorkerError, match=r"worker 'carol' refuses .*\(policy rule min_batch_size\).*short last batch"):
+        model.fit("toy", epochs=1, batch_size=12, progress=False)
+    assert model.ledger.total(src="carol", kind="activation") == 0  # refused at its first batch, before any work
