@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import splitnn
-from splitnn.data.batching import draw_rows
+from splitnn.data.batching import draw_rows, epoch_batches
 from splitnn.errors import PolicyError, WorkerError
 from splitnn.training.topologies import MultiHolderSplitNN, SplitFedSplitNN
 from splitnn.training.topologies.horizontal import SEED_STRIDE
@@ -214,14 +214,20 @@ def test_every_batch_is_a_draw_of_its_holders_shard(cluster):
         assert len(plan) == sum(s // 8 for s in sizes)
         for idx in plan:
             h, local = model._shards.one_holder(name, idx)
-            d = idx.draw
+            d = local.draw
             assert (d.seed, d.epoch, d.batch_size, d.shuffle) == (5 + SEED_STRIDE * h, 1, 8, True)
-            assert torch.equal(local, draw_rows(sizes[h], d)) and local.draw == d
+            assert torch.equal(local, draw_rows(sizes[h], d))
         evals = model.eval_plan(name, n, 16)
         for idx in evals:
             h, local = model._shards.one_holder(name, idx)  # within one shard
-            assert not idx.draw.shuffle and torch.equal(local, draw_rows(sizes[h], idx.draw))
+            assert not local.draw.shuffle and torch.equal(local, draw_rows(sizes[h], local.draw))
         assert torch.equal(torch.cat(evals), torch.arange(n))
+        # a batch the plans did not make (here an unshuffled draw over the whole numbering, rows 48..55: carol's
+        # first 8) is not a draw of carol's shard (position 6 of it does not exist): it names its rows
+        other = epoch_batches(n, 8, shuffle=False)[6]
+        assert other.draw is not None
+        h, local = model._shards.one_holder(name, other)
+        assert h == 1 and torch.equal(local, torch.arange(8)) and getattr(local, "draw", None) is None
 
 
 def test_a_short_last_batch_of_a_shard_is_refused_by_its_holder(cluster, remote):

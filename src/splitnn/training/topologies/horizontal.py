@@ -10,11 +10,12 @@ string names a dataset placed that way already.
 
 Holder ``h`` visits its shard in the order of
 ``epoch_batches(size_h, batch_size, seed=seed + 7919 * h, epoch=epoch)``; holder 0 with
-the seed itself, so that one holder reproduces plain chain training exactly. Each batch
-keeps the :class:`~splitnn.data.batching.BatchDraw` of its shard's epoch (``indices.draw``),
-and the batch a holder is sent carries it: a holder that draws its rows itself (its policy's
-``draw_rows``, the default over its own ``--data``) re-derives the same rows from it over its
-own shard, so the researcher never names them (evaluation too: :meth:`HolderShards.eval_batches`).
+the seed itself, so that one holder reproduces plain chain training exactly. Each batch of
+these plans keeps the :class:`~splitnn.data.batching.BatchDraw` of its shard's epoch
+(``indices.shard_draw``: the holder and the draw), and the batch that holder is sent carries
+it: a holder that draws its rows itself (its policy's ``draw_rows``, the default over its own
+``--data``) re-derives the same rows from it over its own shard, so the researcher never names
+them (evaluation too: :meth:`HolderShards.eval_batches`).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class HolderShards:
             raise ConfigurationError(f"dataset {name!r} has {placement.total} samples, not {n}")
         return [
             [
-                _keep_draw(b + offset, b)
+                _shard_batch(b + offset, h, b)
                 for b in epoch_batches(size, batch_size, shuffle=shuffle, seed=seed + SEED_STRIDE * h, epoch=epoch)
             ]
             for h, (size, offset) in enumerate(zip(placement.sizes, placement.offsets))
@@ -183,7 +184,7 @@ class HolderShards:
                 f"a training batch must hold samples of one data holder, but this one spans "
                 f"holders {sorted(set(holder.tolist()))}; use fit() or epoch_plan() for batches"
             )
-        return h, _keep_draw(local, indices)
+        return h, _with_draw(local, indices, h)
 
     # -- placing and checking ---------------------------------------------------------------
     def _place(self, data: object) -> str:
@@ -240,13 +241,23 @@ class HolderShards:
         return Placement(name, tuple(sizes), tuple(out), tuple(labels for _, labels in shard_labels))
 
 
-def _keep_draw(rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``rows`` carrying the :class:`~splitnn.data.batching.BatchDraw` of ``source`` (if it has one): the same
-    batch in another numbering (the shard's, or shard after shard) is the same draw of the holder's shard."""
-    draw = getattr(source, "draw", None)
+def _shard_batch(indices: torch.Tensor, holder: int, shard_rows: torch.Tensor) -> torch.Tensor:
+    """``indices`` (a batch in the shard-after-shard numbering) marked as the draw of holder ``holder``'s shard
+    that made ``shard_rows`` (``indices.shard_draw``), if it has one."""
+    draw = getattr(shard_rows, "draw", None)
     if draw is not None:
-        rows.draw = draw
-    return rows
+        indices.shard_draw = (holder, draw)
+    return indices
+
+
+def _with_draw(local: torch.Tensor, indices: torch.Tensor, holder: int) -> torch.Tensor:
+    """``local`` (rows of holder ``holder``'s shard) carrying the draw that made ``indices``, when a plan of the
+    shards made them for that holder (:func:`_shard_batch`); a batch of any other making (e.g. a draw over the
+    whole numbering) names its rows instead."""
+    marked = getattr(indices, "shard_draw", None)
+    if marked is not None and marked[0] == holder:
+        local.draw = marked[1]
+    return local
 
 
 class ShardedTopology(Topology):
@@ -292,7 +303,7 @@ class ShardedTopology(Topology):
         held = torch.unique(holder).tolist()
         for h in held:
             self._before_evaluating(h)
-            rows = _keep_draw(local, indices) if len(held) == 1 else local[holder == h]  # one holder's: its draw
+            rows = _with_draw(local, indices, h) if len(held) == 1 else local[holder == h]  # one holder's: its draw
             batch = BatchRef(self.shard_name(dataset, h), rows)
             parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
         return combine_stats(parts)
