@@ -465,8 +465,9 @@ def evaluate(
     keep = f"eval-{secrets.token_hex(8)}" if extra else None
     before = model.ledger.snapshot()
     loss_sum, correct, classifies = 0.0, 0, True
+    plan = model.eval_plan(name, n, batch_size)
     for idx in tqdm(
-        epoch_batches(n, batch_size, shuffle=False),
+        plan if plan is not None else epoch_batches(n, batch_size, shuffle=False),
         desc="evaluate",
         unit="batch",
         leave=False,

@@ -87,6 +87,12 @@ class Trainable(ABC):
         holders); None (the default): :func:`~splitnn.training.epoch_batches` chooses."""
         return None
 
+    def eval_plan(self, dataset: str, n: int, batch_size: int) -> list[torch.Tensor] | None:
+        """The batches of an evaluation when the model chooses them (e.g. several data holders' shards, each
+        evaluated in batches its holder can draw itself); None (the default): unshuffled
+        :func:`~splitnn.training.epoch_batches`."""
+        return None
+
     def check_pipeline(self, pipeline: int) -> None:
         """Refuse, before any work, ``pipeline`` batches in flight this model cannot train (default: lock-step only)."""
         if pipeline != 1:

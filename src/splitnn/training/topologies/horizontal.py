@@ -10,7 +10,12 @@ string names a dataset placed that way already.
 
 Holder ``h`` visits its shard in the order of
 ``epoch_batches(size_h, batch_size, seed=seed + 7919 * h, epoch=epoch)``; holder 0 with
-the seed itself, so that one holder reproduces plain chain training exactly.
+the seed itself, so that one holder reproduces plain chain training exactly. Each batch of
+these plans keeps the :class:`~splitnn.data.batching.BatchDraw` of its shard's epoch
+(``indices.shard_draw``: the holder and the draw), and the batch that holder is sent carries
+it: a holder that draws its rows itself (its policy's ``draw_rows``, the default over its own
+``--data``) re-derives the same rows from it over its own shard, so the researcher never names
+them (evaluation too: :meth:`HolderShards.eval_batches`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from splitnn.split.cut import sequential_of
 from splitnn.split.driver import eval_step
 from splitnn.split.placement import PlacedData, features_and_labels
 from splitnn.split.stage import Stage
+from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import Topology, combine_stats, probe_stages
+from splitnn.training.topologies.gates import WeightFlow, check_weight_flows, explained
 from splitnn.workers import BatchRef, DatasetStats, LossStats, Worker
 from splitnn.workers.losses import Loss, check_labels
 from splitnn.workers.metrics import check_metrics_for
@@ -143,10 +150,17 @@ class HolderShards:
             raise ConfigurationError(f"dataset {name!r} has {placement.total} samples, not {n}")
         return [
             [
-                b + offset
+                _shard_batch(b + offset, h, b)
                 for b in epoch_batches(size, batch_size, shuffle=shuffle, seed=seed + SEED_STRIDE * h, epoch=epoch)
             ]
             for h, (size, offset) in enumerate(zip(placement.sizes, placement.offsets))
+        ]
+
+    def eval_batches(self, name: str, n: int, batch_size: int) -> list[torch.Tensor]:
+        """The batches of an evaluation: each holder's shard in order, in unshuffled batches of ``batch_size``
+        that stay within the shard (each carries its draw, like a training batch)."""
+        return [
+            b for batches in self.holder_batches(name, n, batch_size, shuffle=False, seed=0, epoch=0) for b in batches
         ]
 
     def locate(self, name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +184,7 @@ class HolderShards:
                 f"a training batch must hold samples of one data holder, but this one spans "
                 f"holders {sorted(set(holder.tolist()))}; use fit() or epoch_plan() for batches"
             )
-        return h, local
+        return h, _with_draw(local, indices, h)
 
     # -- placing and checking ---------------------------------------------------------------
     def _place(self, data: object) -> str:
@@ -227,6 +241,25 @@ class HolderShards:
         return Placement(name, tuple(sizes), tuple(out), tuple(labels for _, labels in shard_labels))
 
 
+def _shard_batch(indices: torch.Tensor, holder: int, shard_rows: torch.Tensor) -> torch.Tensor:
+    """``indices`` (a batch in the shard-after-shard numbering) marked as the draw of holder ``holder``'s shard
+    that made ``shard_rows`` (``indices.shard_draw``), if it has one."""
+    draw = getattr(shard_rows, "draw", None)
+    if draw is not None:
+        indices.shard_draw = (holder, draw)
+    return indices
+
+
+def _with_draw(local: torch.Tensor, indices: torch.Tensor, holder: int) -> torch.Tensor:
+    """``local`` (rows of holder ``holder``'s shard) carrying the draw that made ``indices``, when a plan of the
+    shards made them for that holder (:func:`_shard_batch`); a batch of any other making (e.g. a draw over the
+    whole numbering) names its rows instead."""
+    marked = getattr(indices, "shard_draw", None)
+    if marked is not None and marked[0] == holder:
+        local.draw = marked[1]
+    return local
+
+
 class ShardedTopology(Topology):
     """What the many-holder topologies share: every holder's shard of a dataset (``_shards``), the label holder
     (the last top worker), evaluation holder by holder, checked metrics and collecting one holder's chain.
@@ -261,13 +294,47 @@ class ShardedTopology(Topology):
     def eval_batch(self, dataset: str, indices: torch.Tensor, *, keep: str | None = None) -> LossStats:
         """Loss and correct count on rows ``indices``; each holder evaluates its own rows with its chain
         (``keep``: the label holder keeps the outputs for :meth:`metrics`)."""
+        with explained(self.weight_flows()):  # bringing a holder up to date hands weights on
+            return self._eval_batch(dataset, indices, keep)
+
+    def _eval_batch(self, dataset: str, indices: torch.Tensor, keep: str | None) -> LossStats:
         holder, local = self._shards.locate(dataset, indices)
         parts = []
-        for h in torch.unique(holder).tolist():
+        held = torch.unique(holder).tolist()
+        for h in held:
             self._before_evaluating(h)
-            batch = BatchRef(self.shard_name(dataset, h), local[holder == h])
+            rows = _with_draw(local, indices, h) if len(held) == 1 else local[holder == h]  # one holder's: its draw
+            batch = BatchRef(self.shard_name(dataset, h), rows)
             parts.append(eval_step(self.stages_of(h), batch, self.loss, keep=keep))
         return combine_stats(parts)
+
+    def eval_plan(self, dataset: str, n: int, batch_size: int) -> list[torch.Tensor]:
+        """An evaluation's batches: each holder's shard in unshuffled batches that stay within it
+        (:meth:`HolderShards.eval_batches`), so that every batch a holder is sent is a draw it can make itself."""
+        return self._shards.eval_batches(dataset, n, batch_size)
+
+    def weight_flows(self) -> list[WeightFlow]:
+        """Where the bottom segment's weights go during training (default: nowhere); see
+        :mod:`~splitnn.training.topologies.gates`."""
+        return []
+
+    def check_gates(self) -> None:
+        """Refuse, before any training, a transfer of :meth:`weight_flows` that an in-process party's policy
+        would refuse (naming the rule and the policy lines that open it)."""
+        check_weight_flows(self.weight_flows())
+
+    def train_batches(self, dataset: str, batches: Batches, on_batch: OnBatch) -> None:
+        """Train ``batches`` in order after :meth:`check_gates` (what :func:`~splitnn.training.fit` runs)."""
+        self.check_gates()
+        super().train_batches(dataset, batches, on_batch)
+
+    def train_epoch(
+        self, dataset: str, batches: Batches, on_batch: OnBatch, *, order: dict | None = None, pipeline: int = 1
+    ) -> None:
+        """:meth:`~splitnn.split.trainable.Trainable.train_epoch`; a party's refusal to let the bottom's weights
+        leave (which a worker process reports at a later call) names the policy lines that open it."""
+        with explained(self.weight_flows()):
+            super().train_epoch(dataset, batches, on_batch, order=order, pipeline=pipeline)
 
     def _before_evaluating(self, holder: int) -> None:
         """What holder ``holder`` needs before it evaluates (default: nothing)."""

@@ -27,6 +27,7 @@ from splitnn.training.topologies.base import (
     new_prefix,
     place,
 )
+from splitnn.training.topologies.gates import WeightFlow
 from splitnn.training.topologies.horizontal import HolderShards, Partitioner, ShardedTopology
 from splitnn.workers import BatchRef, LossStats, PeerStateWorker, Worker
 from splitnn.workers.losses import Loss, check_loss_at
@@ -146,8 +147,8 @@ class MultiHolderSplitNN(ShardedTopology):
             self.store.add_segment(self._store_key, copy.deepcopy(bottom), None)
         # who hands tensors to whom: each holder and the first top worker; holders in turn (or via the store)
         pairs = [(h, top_workers[0]) for h in holders] + list(zip(top_workers, top_workers[1:]))
-        if self.store is None:
-            pairs += list(zip(holders, holders[1:] + holders[:1]))
+        if self.store is None:  # turns go round the ring; an evaluation brings any holder up to date from any
+            pairs += [(a, b) for i, a in enumerate(holders) for b in holders[i + 1 :]]
         else:
             pairs += [(h, self.store) for h in holders]
         declare_adjacency(pairs)
@@ -209,6 +210,16 @@ class MultiHolderSplitNN(ShardedTopology):
     def _before_evaluating(self, holder: int) -> None:
         """Each holder evaluates with the latest weights."""
         self._bring_up_to_date(holder, "evaluate")
+
+    def weight_flows(self) -> list[WeightFlow]:
+        """Where the bottom's weights go: holder to holder (``"peer"``), or holder to store and back
+        (``"central"``); none with one holder."""
+        holders = self.holders if len(self.holders) > 1 else []
+        if self.store is None:
+            why = "turn-taking hands the bottom segment's weights to the next data holder at every turn"
+            return [WeightFlow(a, b, why) for a in holders for b in holders if a.name != b.name]
+        why = "turn-taking hands the bottom segment's weights through the weight store at every turn"
+        return [f for h in holders for f in (WeightFlow(h, self.store, why), WeightFlow(self.store, h, why))]
 
     def _bring_up_to_date(self, h: int, reason: str) -> None:
         """Hand the latest bottom weights to holder ``h`` unless it has them already."""

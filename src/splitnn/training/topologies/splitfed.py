@@ -20,7 +20,7 @@ from splitnn.errors import ConfigurationError
 from splitnn.split import bind_workers
 from splitnn.split.driver import forward_chain
 from splitnn.split.fit import check_positive
-from splitnn.split.stage import Stage, check_static_fit
+from splitnn.split.stage import Stage, check_static_fit, declare_adjacency
 from splitnn.split.trainable import Batches, OnBatch
 from splitnn.training.topologies.base import (
     as_optimizer_list,
@@ -28,6 +28,7 @@ from splitnn.training.topologies.base import (
     new_prefix,
     place,
 )
+from splitnn.training.topologies.gates import WeightFlow
 from splitnn.training.topologies.horizontal import HolderShards, Partitioner, ShardedTopology
 from splitnn.training.topologies.lanes import Turnstile, run_lanes
 from splitnn.workers import AveragingWorker, BatchRef, LossStats, PeerStateWorker, Worker
@@ -35,6 +36,9 @@ from splitnn.workers.losses import Loss, check_loss_at
 
 #: The SplitFed variants.
 VARIANTS: tuple[str, ...] = ("v1", "v2")
+
+_TO_AGGREGATOR = "SplitFed sends every data holder's bottom segment to the aggregator at the end of every round"
+_FROM_AGGREGATOR = "SplitFed sends the averaged bottom segment back to every data holder at the end of every round"
 
 # Added to the epoch's seed for v2's serving order, so it is not the stream of holder 0's data order.
 _ORDER_SEED_OFFSET = 104_729
@@ -148,6 +152,9 @@ class SplitFedSplitNN(ShardedTopology):
             ]
         else:
             self._tops = [place(prefix, 1, top, top_workers, optimizers[1:])]
+        # who hands tensors to whom: each holder and the first top worker, the top chain, each holder and the aggregator
+        pairs = [(h, top_workers[0]) for h in holders] + list(zip(top_workers, top_workers[1:]))
+        declare_adjacency(pairs + ([(h, aggregator) for h in holders] if len(holders) > 1 else []))
         self._slots: list[str] = []
         self._average_key = f"{prefix}.average"
         if len(holders) > 1:  # where the holders' bottoms arrive at the aggregator, and their average
@@ -236,6 +243,7 @@ class SplitFedSplitNN(ShardedTopology):
         order). ``on_batch`` gets each batch's stats in that order.
         """
         rounds = self._group_rounds(dataset, batches)  # checks every batch before any training
+        self.check_gates()
         pool = ThreadPoolExecutor(len(self.holders), thread_name_prefix="splitfed") if self.parallel else None
         try:
             for items in rounds:
@@ -324,6 +332,13 @@ class SplitFedSplitNN(ShardedTopology):
         holder.backward(bottom.key, grad)
         holder.step(bottom.key)
         return stats()
+
+    def weight_flows(self) -> list[WeightFlow]:
+        """Where the bottoms' weights go: every holder's to the aggregator, the average back (none with one holder)."""
+        if len(self.holders) < 2:
+            return []
+        to = [WeightFlow(h, self.aggregator, _TO_AGGREGATOR) for h in self.holders]
+        return to + [WeightFlow(self.aggregator, h, _FROM_AGGREGATOR) for h in self.holders]
 
     # -- evaluation and results -------------------------------------------------------------
     def collect(self) -> nn.Sequential:

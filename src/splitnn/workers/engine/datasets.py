@@ -143,6 +143,6 @@ def _refuse_rows(worker: str, dataset: str) -> None:
     raise PolicyError(
         f"worker {worker!r} refuses a batch of rows named by the researcher on dataset {dataset!r} (policy rule "
         f"draw_rows): this party draws its batches itself; send the draw (seed, epoch, position, batch size, "
-        f"shuffle) that splitnn.data.epoch_batches attaches to each batch (a run that names rows itself, such as "
-        f"the shards of the multi-holder and SplitFed topologies, needs draw_rows = false in this party's policy)"
+        f"shuffle) that splitnn.data.epoch_batches attaches to each batch, as fit() and evaluate() do for every "
+        f"model of splitnn (a run that names rows itself needs draw_rows = false in this party's policy)"
     )
