@@ -167,14 +167,16 @@ FIX = r".*`release_weights = true` in its policy"
 
 @pytest.mark.parametrize("kind", list(SHUT))
 def test_holders_that_keep_their_weights_are_refused_naming_the_rule_and_the_fix(cluster, remote, kind):
-    """dave and erin pinned the segment but release no weights: a worker process refuses the first transfer of
-    the bottom (rule release_weights), and the topology's message says which policy line opens it and what it
-    releases; nothing of the weights left, and the workers live on."""
+    """dave and erin pinned the segment but release no weights: asked before training (may_release_weights), a
+    worker process refuses the transfers of the bottom (rule release_weights), and the topology's message says
+    which policy line opens it and what it releases; no batch ran, nothing of the weights left, and the workers
+    live on."""
     model = MODELS[kind](remote("dave", "erin", "bob"))
     match = rf"worker '(dave|erin)' refuses .*\(policy rule release_weights\).*{SHUT[kind]}{FIX}"
     with pytest.raises(PolicyError, match=match):
         model.fit("toy", epochs=1, batch_size=8, progress=False)
     assert model.ledger.total(src="dave", kind="weights") == model.ledger.total(src="erin", kind="weights") == 0
+    assert model.ledger.total(kind="activation") == 0  # refused before the first batch
     (fresh,) = remote("dave")
     assert fresh.dataset_stats("toy/dave").size == own_data.SIZES["alice"]  # alive, and a new session works
 

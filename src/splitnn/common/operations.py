@@ -337,6 +337,14 @@ OPERATIONS: Mapping[str, Operation] = table(
     ),
     # -- policy --------------------------------------------------------------------------------
     Operation("neighbours", (ListOf("names", Party(""), max_len=MAX_PEERS),), serve="declare_neighbours", wait=True),
+    Operation(
+        "may_release_weights",
+        (Party("peer"),),
+        serve="may_release_weights",
+        method="may_release_weights",
+        doc="Refused (PolicyError naming the rule) where this party's gate would refuse its segments' weights "
+        "leaving to ``peer`` (``release_weights``, then ``peers``); moves nothing: a topology asks before training.",
+    ),
     # -- checkpoints ---------------------------------------------------------------------------
     Operation(
         "checkpoint_steps",

@@ -152,6 +152,10 @@ class PeerStateWorker(Protocol):
         """Send the weights of segment ``key`` to peer ``dst``, which loads them into its segment
         ``dst_key`` (default ``key``); recorded as ``weights`` bytes on the link self -> ``dst``."""
 
+    def may_release_weights(self, peer: str) -> None:
+        """Raise the PolicyError that this party's gate would raise for its segments' weights leaving to
+        ``peer`` (rules ``release_weights``, then ``peers``); moves nothing (a topology asks before training)."""
+
 
 @runtime_checkable
 class AveragingWorker(Protocol):

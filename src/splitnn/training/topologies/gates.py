@@ -4,10 +4,10 @@ Turn-taking (:class:`~splitnn.training.topologies.MultiHolderSplitNN`) hands the
 holder to holder (or through a weight store); SplitFed
 (:class:`~splitnn.training.topologies.SplitFedSplitNN`) sends every holder's bottom to the aggregator each round
 and the average back. A data holder's default policy (``release_weights = false``) refuses both: the weights were
-trained on its data. A topology lists these transfers (:func:`check_weight_flows`); before training, every party
-whose policy this process can read (an in-process worker) is checked against them, and a refusal that a worker
-process raises at the transfer itself is re-raised with the same explanation (:func:`explained`): the rule, the
-policy lines that open it, and what they release.
+trained on its data. A topology lists these transfers (:func:`check_weight_flows`); before training, every source
+party is asked whether its gate lets them through (an in-process worker and a worker process alike), and a refusal,
+then or at a transfer itself, is re-raised with the same explanation (:func:`explained`): the rule, the policy
+lines that open it, and what they release.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from splitnn.errors import PolicyError, WorkerError
-from splitnn.workers import Worker
-from splitnn.workers.policy import WorkerPolicy, check_peer, check_release
+from splitnn.workers import PeerStateWorker, Worker
 
 
 @dataclass(frozen=True)
@@ -43,24 +42,18 @@ def opening(flows: Sequence[WeightFlow]) -> str:
 
 
 def check_weight_flows(flows: Sequence[WeightFlow]) -> None:
-    """Refuse, before training, a flow whose source's gate this process can read and that would refuse it.
-
-    In-process workers (``worker.policy``) are checked here; a worker process's gate answers at the transfer
-    itself (:func:`explained` names the fix there too)."""
+    """Refuse, before training, a flow whose source's gate would refuse it: every source party is asked
+    (:meth:`~splitnn.workers.PeerStateWorker.may_release_weights`, which moves nothing), in process or across."""
     for flow in flows:
-        policy = getattr(flow.src, "policy", None)
-        if not isinstance(policy, WorkerPolicy):
-            continue
-        with explained([flow]):
-            check_release(policy, flow.src.name, f"the bottom segment's weights to {flow.dst.name!r}")
-            if policy.gated:
-                check_peer(policy, flow.src.name, flow.dst.name, getattr(flow.src, "neighbours", None), "its weights")
+        if isinstance(flow.src, PeerStateWorker):  # (a worker without the capability answers at the transfer)
+            with explained([flow]):
+                flow.src.may_release_weights(flow.dst.name)
 
 
 #: How a refusal of weights leaving to a peer reads (rules release_weights and peers; see splitnn.workers.policy)
 _WEIGHTS_REFUSED = re.compile(
     r"worker '([^']*)' refuses (?:segment '[^']*''s weights to |the bottom segment's weights to "
-    r"|to hand its weights to )'[^']*' \(policy rule (?:release_weights|peers)\)"
+    r"|its segments' weights to |to hand its weights to )'[^']*' \(policy rule (?:release_weights|peers)\)"
 )
 
 

@@ -50,6 +50,14 @@ class Gate:
         if peer is not None and peer != self.name and self.policy.gated:
             self.check_receiver(peer, "its weights")
 
+    def may_release_weights(self, peer: str) -> None:
+        """Refuse (PolicyError, audited) what :meth:`release_to_peer` would refuse for this party's segments'
+        weights leaving to ``peer`` -- ``release_weights``, then under a gated policy the ``peers`` rule (or the
+        model's adjacency) -- moving nothing and freezing nothing: a topology asks before training."""
+        self._guard(check_release, self.policy, self.name, f"its segments' weights to {peer!r}")
+        if peer != self.name and self.policy.gated:
+            self.check_receiver(peer, "its weights")
+
     def release_grad_norms(self, key: str) -> None:
         """The gate for the norms of segment ``key``'s gradients leaving to the researcher
         (``release_grad_norms``); they do not freeze the segment: clipping asks for them every batch."""
