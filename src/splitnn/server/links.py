@@ -48,21 +48,27 @@ async def on_new_links(
     *,
     what: str | None = None,
     on_retry: Callable[[Exception], None] | None = None,
+    failed: Exception | None = None,
 ) -> T:
     """``attempt()``, and again (on a new link: each attempt takes the open one) each time it raises ``lost``,
     up to :data:`PULL_RETRIES` times, waiting :data:`PULL_RETRY_WAIT` s, doubled per attempt. The last failure
-    is raised as it is, or as a LinkLost saying how many attempts to do ``what``."""
+    is raised as it is, or as a LinkLost saying how many attempts to do ``what``. ``failed``: the first attempt
+    was made already (inline, by a caller's fast path) and raised this ``lost`` error; the retries go on from it."""
     for n in range(PULL_RETRIES + 1):
-        try:
-            return await attempt()
-        except lost as exc:
-            if n == PULL_RETRIES:
-                if what is None:
-                    raise
-                raise LinkLost(f"{exc} ({n + 1} attempts to {what})") from None
-            if on_retry is not None:
-                on_retry(exc)
-            await asyncio.sleep(PULL_RETRY_WAIT * 2**n)
+        if n == 0 and failed is not None:
+            exc = failed
+        else:
+            try:
+                return await attempt()
+            except lost as error:
+                exc = error
+        if n == PULL_RETRIES:
+            if what is None:
+                raise exc
+            raise LinkLost(f"{exc} ({n + 1} attempts to {what})") from None
+        if on_retry is not None:
+            on_retry(exc)
+        await asyncio.sleep(PULL_RETRY_WAIT * 2**n)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -222,8 +228,12 @@ class PeerLink:
                     self._count("recv", "invalid", len(raw))
                     self.protocol_error = exc
                     break
-                self._count("recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw))
-                self._on_frame(hdr, chunk)
+                # the session this frame is for, looked up once per frame (it may have ended meanwhile)
+                scope = self.scope if self.scope is not None else self.peers.resolve(self.tag)
+                (scope.counters if scope is not None else self.peers.counters).record(
+                    self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw)
+                )
+                self._on_frame(hdr, chunk, scope)
             if self._tasks:  # the peer is done sending but may still read: answer what it asked for
                 await asyncio.wait(set(self._tasks), timeout=self.peers.timeout)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
@@ -238,11 +248,10 @@ class PeerLink:
                 except asyncio.CancelledError:
                     pass
 
-    def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
+    def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
         if hdr.type == frames.PUSH:
-            self._pushed(hdr, chunk)
+            self._pushed(hdr, chunk, scope)
         elif hdr.type == frames.ABORT:
-            scope = self.session()
             if scope is not None:
                 scope.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
         elif hdr.type == frames.ACK:
@@ -251,7 +260,6 @@ class PeerLink:
             except WireError as exc:
                 log.warning("worker %s: bad acknowledgement from %s: %s", self.me, self.peer, exc)
                 return
-            scope = self.session()
             if not entries:  # the peer waits for them (the end of its epoch): acknowledge now
                 self.flush_acks()
             elif scope is not None:
@@ -296,17 +304,18 @@ class PeerLink:
         if scope is not None:
             scope.inbox.peer_lost(self.peer)
 
-    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
-        """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
+    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
+        """A PUSH chunk of a shipped epoch for session ``scope``: reassemble, then hand to the inbox (which checks
+        the sender)."""
         if hdr.kind in ("weights", "psi"):  # weights and PSI messages are only ever pulled, never pushed
             self._count("recv", "refused", 0)
             return
-        scope = self.session()
         if scope is None:
             self._push_reasm.drop(hdr.id)
             self._refused(hdr, "this worker has no session for the stream (it ended, or the stream names none)")
             return
-        if scope.inbox.has(self.peer, hdr.kind, hdr.id):
+        room, active = scope.inbox.admit(self.peer, hdr.kind, hdr.id)  # (Inbox.has, Inbox.room, Inbox.active)
+        if room is None:
             # sent again after a broken link, but it arrived before: acknowledged again once whole, used once (and
             # not decoded again)
             self._push_reasm.drop(hdr.id)
@@ -316,7 +325,6 @@ class PeerLink:
             # checked before the push is decoded, so that a small payload declaring a huge tensor is refused before
             # anything is allocated for it: a run active here takes only what its plan expects from whom, and a
             # push for a run not started here (early) is held within the session's bound
-            room, active = scope.inbox.room(self.peer, hdr.kind, hdr.id), scope.inbox.active(hdr.id)
             why = scope.inbox.refusal(hdr.id, self.peer, hdr.kind) if room == 0 else None
             if why is not None and not (active and why == HELD_RULE):
                 self._push_reasm.drop(hdr.id)
