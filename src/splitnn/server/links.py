@@ -35,6 +35,12 @@ PULL_RETRIES = 3
 PULL_RETRY_WAIT = 0.25
 
 
+def _time_out(fut: asyncio.Future) -> None:
+    """A pull's timer ran out: fail its wait (unless its answer came first)."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class LinkLost(WorkerUnreachableError):
     """The peer link broke (the peer may be fine: a new link may get through)."""
 
@@ -136,6 +142,7 @@ class PeerLink:
         self.protocol_error: WireError | None = None
         self.counted = False  # its channel's use was counted (Peers.forget uncounts it once)
         self._acks = Acks(self._send_acks, ACK_DELAY)  # pushes received whole, not yet acknowledged
+        self._chunk = peers.limits.frame_bytes  # (limits are frozen: read once, not per frame)
 
     def _lost(self) -> WorkerError:
         return LinkLost(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
@@ -171,12 +178,14 @@ class PeerLink:
             raise LinkLost(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
-        self._count("sent", kind, frames.frame_len(frame))
+        scope = self.scope if self.scope is not None else self.peers.resolve(self.tag)  # (_count, inlined)
+        (scope.counters if scope is not None else self.peers.counters).record(
+            self.peer, "sent", kind, len(frame) if type(frame) is bytes else frames.frame_len(frame)
+        )
 
     def _frames(self, kind: str, frame_id: int, value: Any, type_: int) -> Iterator[frames.Frame]:
         """The frames carrying ``value`` on this link: cut at the peer chunk size; in parts on a zero-copy stream."""
-        chunk = self.peers.limits.frame_bytes
-        return frames.value_frames(kind, frame_id, value, chunk, type_=type_, joined=not self.zero_copy)
+        return frames.value_frames(kind, frame_id, value, self._chunk, type_=type_, joined=not self.zero_copy)
 
     async def pull(self, tensor_id: int, kind: str) -> Arrived:
         """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
@@ -184,11 +193,15 @@ class PeerLink:
         timeout = self.peers.timeout
         if self.closed is not None:
             raise LinkLost(f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})")
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[tensor_id] = fut
+        timer = None
         try:
             await self.send(frames.request(kind, tensor_id), "control")
-            return await asyncio.wait_for(fut, timeout)
+            # awaited directly under a timer (not wait_for: one event-loop pass less per pull)
+            timer = loop.call_later(timeout, _time_out, fut)
+            return await fut
         except asyncio.TimeoutError:
             raise WorkerUnreachableError(
                 f"worker {self.me!r}: peer {self.peer!r} did not send {kind} #{tensor_id} within "
@@ -197,6 +210,8 @@ class PeerLink:
         except grpc.RpcError as exc:
             raise LinkLost(f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(tensor_id, None)
 
     async def push(
@@ -205,7 +220,9 @@ class PeerLink:
         """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs);
         its bytes are counted as ``count_as`` (default: ``kind``)."""
         try:
-            for frame in self._frames(kind, frame_id, value, frames.PUSH):
+            for frame in frames.value_frames(  # (self._frames, inlined)
+                kind, frame_id, value, self._chunk, type_=frames.PUSH, joined=not self.zero_copy
+            ):
                 await self.send(frame, count_as or kind)
         except WorkerError:
             raise

@@ -298,7 +298,15 @@ class SessionPeers:
             self.pulls_repeated += 1
             self.scope.counters.record(owner, "sent", "repull", 0)  # (a message of no bytes: the count shows)
 
-        return await on_new_links(attempt, what=f"pull {kind} #{tensor_id}", on_retry=again)
+        failed = None
+        where = self.addresses.get(owner)
+        link = self.peers.open_link(self.scope, owner, where) if where is not None else None
+        if link is not None:  # the common case, the first attempt on the open link, inline
+            try:
+                return await link.pull(tensor_id, kind)
+            except LinkLost as exc:
+                failed = exc
+        return await on_new_links(attempt, what=f"pull {kind} #{tensor_id}", on_retry=again, failed=failed)
 
     # -- pushes (shipped epochs) --------------------------------------------------------------
     def outbox(self, peer: str) -> Outbox:
