@@ -267,3 +267,46 @@ def test_a_first_attempt_made_inline_counts_among_the_attempts(monkeypatch):
     asyncio.run(main())
     assert len(tries) == links.PULL_RETRIES  # the inline one was the first of PULL_RETRIES + 1
     assert str(retried[0]) == "first, inline" and len(retried) == links.PULL_RETRIES
+
+
+def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it(monkeypatch):
+    """``settle`` asks the receiver for its acknowledgements; one that comes back while the question is still
+    being written must end the wait at once (it was missed, and the epoch's end waited out a 50 ms poll)."""
+    from splitnn.server.peers import SessionPeers
+
+    async def main():
+        peers = Peers(
+            "alice",
+            "token",
+            tls=None,
+            limits=Limits(),
+            counters=ByteCounters(),
+            timeout=5.0,
+            resolve=lambda _: None,
+        )
+        session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
+        box = session.outbox("bob")
+        fid = push_id(7, 0, 0)
+        item = box.keep("activation", fid, torch.ones(2), 8)
+        asked = []
+
+        async def send(frame, kind):  # bob's acknowledgement overtakes the end of alice's question
+            asked.append(frames.parse(frame)[0].type)
+            session.acked("bob", "activation", fid)
+
+        link = SimpleNamespace(closed=None, send=send)
+        box.unsent(link)
+        item.sent_on, item.sends = link, 1
+        waited_unset = []
+        wait_for = asyncio.wait_for
+
+        async def watched_wait_for(aw, timeout):
+            waited_unset.append(not box.changed.is_set())  # a wait on an event nobody will set: the poll's timeout
+            return await wait_for(aw, timeout)
+
+        monkeypatch.setattr(asyncio, "wait_for", watched_wait_for)
+        await session.settle(["bob"], 7)
+        assert asked == [frames.ACK] and not box.pending(7)
+        assert not any(waited_unset)
+
+    asyncio.run(main())

@@ -367,7 +367,13 @@ class SessionPeers:
         for peer in peers:
             box = self.outboxes.get(peer)
             asked = None
-            while box is not None and box.pending(run_id):
+            while box is not None:
+                # cleared before the check: an acknowledgement that arrives from here on (even while the question
+                # below is written) wakes the wait; cleared after it, such an acknowledgement was missed and the
+                # epoch's end waited out the whole poll
+                box.changed.clear()
+                if not box.pending(run_id):
+                    break
                 if (error := stop()) is not None:
                     raise error
                 link = box.link
@@ -386,7 +392,6 @@ class SessionPeers:
                         f"worker {self.peers.name!r}: peer {peer!r} did not acknowledge the epoch's last pushes "
                         f"within {self.peers.timeout:g} s (is it alive?)"
                     )
-                box.changed.clear()
                 try:  # woken by an acknowledgement; a link that broke meanwhile is seen within the poll
                     await asyncio.wait_for(box.changed.wait(), min(left, 0.05))
                 except asyncio.TimeoutError:
