@@ -185,3 +185,128 @@ def test_a_lost_peer_link_reaches_the_researcher_as_a_worker_unreachable_error()
         got = error_from_reply(reply, "alice", "127.0.0.1:1")
         assert type(got) is cls, (exc, got)
         assert "alice" in str(got)
+
+
+def test_a_receiver_acknowledges_a_full_batch_of_pushes_without_waiting_for_the_delay():
+    from splitnn.server.pushes import ACK_EVERY
+
+    async def main():
+        bob = Receiver()
+        bob.inbox.start(_plan(7))
+        for b in range(ACK_EVERY - 1):
+            await bob.push("activation", push_id(7, b, 0), torch.ones(2))
+        assert bob.acked() == []  # gathered (the timer has ACK_DELAY to go) ...
+        await bob.push("activation", push_id(7, ACK_EVERY - 1, 0), torch.ones(2))
+        # ... until ACK_EVERY of them: one ACK frame, at once (no sleep over ACK_DELAY here)
+        assert bob.acked() == [("activation", push_id(7, b, 0)) for b in range(ACK_EVERY)]
+        assert sum(frames.parse(raw)[0].type == frames.ACK for raw in bob.written) == 1
+        await bob.close()
+
+    asyncio.run(main())
+
+
+def test_the_inbox_admits_a_push_in_one_look_as_its_three_questions_say():
+    """``Inbox.admit`` (what a peer link asks per push) against ``has``, ``room`` and ``active`` asked one by one,
+    over pushes held, used, refused, early, of finished runs and beyond the early bound."""
+    from splitnn.server.shipped import MAX_EARLY_PUSHES
+
+    def check(inbox: Inbox, cases) -> None:
+        for peer, kind, fid in cases:
+            expected = (
+                None if inbox.has(peer, kind, fid) else inbox.room(peer, kind, fid),
+                inbox.active(fid),
+            )
+            assert inbox.admit(peer, kind, fid) == expected, (peer, kind, fid)
+
+    async def main():
+        inbox = Inbox("bob", timeout=5.0)
+        run = inbox.start(_plan(7))  # alice -> bob activations, claire -> bob gradients
+        a0, a1, a2 = (push_id(7, b, 0) for b in range(3))
+        cases = [
+            ("alice", "activation", a0),
+            ("alice", "activation", a1),
+            ("alice", "gradient", a0),  # not expected from alice
+            ("mallory", "activation", a0),
+            ("alice", "activation", push_id(8, 0, 0)),  # early
+            ("alice", "activation", 0),  # no run id at all
+        ]
+        check(inbox, cases)
+        assert inbox.deliver("alice", "activation", a0, torch.ones(3))  # held
+        check(inbox, cases)
+        await inbox.wait(run, "alice", "activation", a0, inbox.slot(run, "alice", "activation", a0))  # used
+        check(inbox, cases)
+        fut = inbox.slot(run, "alice", "activation", a2)
+        inbox.peer_lost("alice")  # a wait failed by a broken link: the push is needed again
+        with pytest.raises(PeerLost):
+            await inbox.wait(run, "alice", "activation", a2, fut)
+        check(inbox, [*cases, ("alice", "activation", a2)])
+        for b in range(MAX_EARLY_PUSHES):  # early pushes up to their bound
+            assert inbox.deliver("alice", "activation", push_id(9, b, 0), torch.ones(1))
+        check(inbox, [*cases, ("alice", "activation", push_id(9, MAX_EARLY_PUSHES, 0))])
+        inbox.finish(run)  # a finished run's pushes need no delivery
+        check(inbox, cases)
+
+    asyncio.run(main())
+
+
+def test_a_first_attempt_made_inline_counts_among_the_attempts(monkeypatch):
+    from splitnn.server import links
+    from splitnn.server.links import LinkLost, on_new_links
+
+    monkeypatch.setattr(links, "PULL_RETRY_WAIT", 0.0)
+    tries, retried = [], []
+
+    async def attempt():
+        tries.append(1)
+        raise LinkLost("lost the connection to peer 'bob'")
+
+    async def main():
+        with pytest.raises(LinkLost, match=rf"\({links.PULL_RETRIES + 1} attempts to push\)"):
+            await on_new_links(attempt, what="push", on_retry=retried.append, failed=LinkLost("first, inline"))
+
+    asyncio.run(main())
+    assert len(tries) == links.PULL_RETRIES  # the inline one was the first of PULL_RETRIES + 1
+    assert str(retried[0]) == "first, inline" and len(retried) == links.PULL_RETRIES
+
+
+def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it(monkeypatch):
+    """``settle`` asks the receiver for its acknowledgements; one that comes back while the question is still
+    being written must end the wait at once (it was missed, and the epoch's end waited out a 50 ms poll)."""
+    from splitnn.server.peers import SessionPeers
+
+    async def main():
+        peers = Peers(
+            "alice",
+            "token",
+            tls=None,
+            limits=Limits(),
+            counters=ByteCounters(),
+            timeout=5.0,
+            resolve=lambda _: None,
+        )
+        session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
+        box = session.outbox("bob")
+        fid = push_id(7, 0, 0)
+        item = box.keep("activation", fid, torch.ones(2), 8)
+        asked = []
+
+        async def send(frame, kind):  # bob's acknowledgement overtakes the end of alice's question
+            asked.append(frames.parse(frame)[0].type)
+            session.acked("bob", "activation", fid)
+
+        link = SimpleNamespace(closed=None, send=send)
+        box.unsent(link)
+        item.sent_on, item.sends = link, 1
+        waited_unset = []
+        wait_for = asyncio.wait_for
+
+        async def watched_wait_for(aw, timeout):
+            waited_unset.append(not box.changed.is_set())  # a wait on an event nobody will set: the poll's timeout
+            return await wait_for(aw, timeout)
+
+        monkeypatch.setattr(asyncio, "wait_for", watched_wait_for)
+        await session.settle(["bob"], 7)
+        assert asked == [frames.ACK] and not box.pending(7)
+        assert not any(waited_unset)
+
+    asyncio.run(main())

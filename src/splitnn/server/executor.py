@@ -179,8 +179,15 @@ class Executor:
                         await self.peers.relink(peer)
                     return await self.inbox.wait(run, peer, kind, fid, fut)
 
+                failed = None
+                fut = self.inbox.slot(run, peer, kind, fid)
+                if self.peers.connected(peer):  # the common case, the first attempt, inline
+                    try:
+                        return await self.inbox.wait(run, peer, kind, fid, fut)
+                    except shipped.PeerLost as exc:
+                        failed = exc
                 # a link to the peer broke (PeerLost): the peer sends the push again on a new one
-                return await on_new_links(attempt, shipped.PeerLost)
+                return await on_new_links(attempt, shipped.PeerLost, failed=failed)
 
             async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
                 yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(serde.losses_to_result(losses)))

@@ -35,6 +35,12 @@ PULL_RETRIES = 3
 PULL_RETRY_WAIT = 0.25
 
 
+def _time_out(fut: asyncio.Future) -> None:
+    """A pull's timer ran out: fail its wait (unless its answer came first)."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class LinkLost(WorkerUnreachableError):
     """The peer link broke (the peer may be fine: a new link may get through)."""
 
@@ -48,21 +54,27 @@ async def on_new_links(
     *,
     what: str | None = None,
     on_retry: Callable[[Exception], None] | None = None,
+    failed: Exception | None = None,
 ) -> T:
     """``attempt()``, and again (on a new link: each attempt takes the open one) each time it raises ``lost``,
     up to :data:`PULL_RETRIES` times, waiting :data:`PULL_RETRY_WAIT` s, doubled per attempt. The last failure
-    is raised as it is, or as a LinkLost saying how many attempts to do ``what``."""
+    is raised as it is, or as a LinkLost saying how many attempts to do ``what``. ``failed``: the first attempt
+    was made already (inline, by a caller's fast path) and raised this ``lost`` error; the retries go on from it."""
     for n in range(PULL_RETRIES + 1):
-        try:
-            return await attempt()
-        except lost as exc:
-            if n == PULL_RETRIES:
-                if what is None:
-                    raise
-                raise LinkLost(f"{exc} ({n + 1} attempts to {what})") from None
-            if on_retry is not None:
-                on_retry(exc)
-            await asyncio.sleep(PULL_RETRY_WAIT * 2**n)
+        if n == 0 and failed is not None:
+            exc = failed
+        else:
+            try:
+                return await attempt()
+            except lost as error:
+                exc = error
+        if n == PULL_RETRIES:
+            if what is None:
+                raise exc
+            raise LinkLost(f"{exc} ({n + 1} attempts to {what})") from None
+        if on_retry is not None:
+            on_retry(exc)
+        await asyncio.sleep(PULL_RETRY_WAIT * 2**n)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -130,6 +142,7 @@ class PeerLink:
         self.protocol_error: WireError | None = None
         self.counted = False  # its channel's use was counted (Peers.forget uncounts it once)
         self._acks = Acks(self._send_acks, ACK_DELAY)  # pushes received whole, not yet acknowledged
+        self._chunk = peers.limits.frame_bytes  # (limits are frozen: read once, not per frame)
 
     def _lost(self) -> WorkerError:
         return LinkLost(f"worker {self.me!r}: lost the connection to peer {self.peer!r}")
@@ -165,12 +178,14 @@ class PeerLink:
             raise LinkLost(
                 f"worker {self.me!r}: lost the connection to peer {self.peer!r} ({rpc_text(exc) or type(exc).__name__})"
             ) from None
-        self._count("sent", kind, frames.frame_len(frame))
+        scope = self.scope if self.scope is not None else self.peers.resolve(self.tag)  # (_count, inlined)
+        (scope.counters if scope is not None else self.peers.counters).record(
+            self.peer, "sent", kind, len(frame) if type(frame) is bytes else frames.frame_len(frame)
+        )
 
     def _frames(self, kind: str, frame_id: int, value: Any, type_: int) -> Iterator[frames.Frame]:
         """The frames carrying ``value`` on this link: cut at the peer chunk size; in parts on a zero-copy stream."""
-        chunk = self.peers.limits.frame_bytes
-        return frames.value_frames(kind, frame_id, value, chunk, type_=type_, joined=not self.zero_copy)
+        return frames.value_frames(kind, frame_id, value, self._chunk, type_=type_, joined=not self.zero_copy)
 
     async def pull(self, tensor_id: int, kind: str) -> Arrived:
         """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
@@ -178,11 +193,15 @@ class PeerLink:
         timeout = self.peers.timeout
         if self.closed is not None:
             raise LinkLost(f"worker {self.me!r}: the connection to peer {self.peer!r} is closed ({self.closed})")
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[tensor_id] = fut
+        timer = None
         try:
             await self.send(frames.request(kind, tensor_id), "control")
-            return await asyncio.wait_for(fut, timeout)
+            # awaited directly under a timer (not wait_for: one event-loop pass less per pull)
+            timer = loop.call_later(timeout, _time_out, fut)
+            return await fut
         except asyncio.TimeoutError:
             raise WorkerUnreachableError(
                 f"worker {self.me!r}: peer {self.peer!r} did not send {kind} #{tensor_id} within "
@@ -191,6 +210,8 @@ class PeerLink:
         except grpc.RpcError as exc:
             raise LinkLost(f"worker {self.me!r}: cannot reach peer {self.peer!r}: {rpc_text(exc)}") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(tensor_id, None)
 
     async def push(
@@ -199,7 +220,9 @@ class PeerLink:
         """Send ``value`` (a tensor, several, or as its sender encoded it) unasked as PUSH frames (shipped epochs);
         its bytes are counted as ``count_as`` (default: ``kind``)."""
         try:
-            for frame in self._frames(kind, frame_id, value, frames.PUSH):
+            for frame in frames.value_frames(  # (self._frames, inlined)
+                kind, frame_id, value, self._chunk, type_=frames.PUSH, joined=not self.zero_copy
+            ):
                 await self.send(frame, count_as or kind)
         except WorkerError:
             raise
@@ -222,8 +245,12 @@ class PeerLink:
                     self._count("recv", "invalid", len(raw))
                     self.protocol_error = exc
                     break
-                self._count("recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw))
-                self._on_frame(hdr, chunk)
+                # the session this frame is for, looked up once per frame (it may have ended meanwhile)
+                scope = self.scope if self.scope is not None else self.peers.resolve(self.tag)
+                (scope.counters if scope is not None else self.peers.counters).record(
+                    self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw)
+                )
+                self._on_frame(hdr, chunk, scope)
             if self._tasks:  # the peer is done sending but may still read: answer what it asked for
                 await asyncio.wait(set(self._tasks), timeout=self.peers.timeout)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
@@ -238,11 +265,10 @@ class PeerLink:
                 except asyncio.CancelledError:
                     pass
 
-    def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
+    def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
         if hdr.type == frames.PUSH:
-            self._pushed(hdr, chunk)
+            self._pushed(hdr, chunk, scope)
         elif hdr.type == frames.ABORT:
-            scope = self.session()
             if scope is not None:
                 scope.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
         elif hdr.type == frames.ACK:
@@ -251,7 +277,6 @@ class PeerLink:
             except WireError as exc:
                 log.warning("worker %s: bad acknowledgement from %s: %s", self.me, self.peer, exc)
                 return
-            scope = self.session()
             if not entries:  # the peer waits for them (the end of its epoch): acknowledge now
                 self.flush_acks()
             elif scope is not None:
@@ -296,17 +321,18 @@ class PeerLink:
         if scope is not None:
             scope.inbox.peer_lost(self.peer)
 
-    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview) -> None:
-        """A PUSH chunk of a shipped epoch: reassemble, then hand to the inbox (which checks the sender)."""
+    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
+        """A PUSH chunk of a shipped epoch for session ``scope``: reassemble, then hand to the inbox (which checks
+        the sender)."""
         if hdr.kind in ("weights", "psi"):  # weights and PSI messages are only ever pulled, never pushed
             self._count("recv", "refused", 0)
             return
-        scope = self.session()
         if scope is None:
             self._push_reasm.drop(hdr.id)
             self._refused(hdr, "this worker has no session for the stream (it ended, or the stream names none)")
             return
-        if scope.inbox.has(self.peer, hdr.kind, hdr.id):
+        room, active = scope.inbox.admit(self.peer, hdr.kind, hdr.id)  # (Inbox.has, Inbox.room, Inbox.active)
+        if room is None:
             # sent again after a broken link, but it arrived before: acknowledged again once whole, used once (and
             # not decoded again)
             self._push_reasm.drop(hdr.id)
@@ -316,7 +342,6 @@ class PeerLink:
             # checked before the push is decoded, so that a small payload declaring a huge tensor is refused before
             # anything is allocated for it: a run active here takes only what its plan expects from whom, and a
             # push for a run not started here (early) is held within the session's bound
-            room, active = scope.inbox.room(self.peer, hdr.kind, hdr.id), scope.inbox.active(hdr.id)
             why = scope.inbox.refusal(hdr.id, self.peer, hdr.kind) if room == 0 else None
             if why is not None and not (active and why == HELD_RULE):
                 self._push_reasm.drop(hdr.id)

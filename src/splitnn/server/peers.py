@@ -99,8 +99,12 @@ class Peers:
 
     def connected(self, scope: PeerScope, peer: str, where: PeerAddress) -> bool:
         """Whether ``scope``'s link to ``peer`` is up."""
+        return self.open_link(scope, peer, where) is not None
+
+    def open_link(self, scope: PeerScope, peer: str, where: PeerAddress) -> PeerLink | None:
+        """``scope``'s link to ``peer`` (serving the peer's session ``where.tag``) if it is up, without dialling."""
         link = self._dialled.get((scope.tag, peer, where.tag))
-        return link is not None and link.closed is None
+        return link if link is not None and link.closed is None else None
 
     async def link(self, scope: PeerScope, peer: str, where: PeerAddress) -> PeerLink:
         """Session ``scope``'s open link to ``peer`` (serving the peer's session ``where.tag``), dialled if need be."""
@@ -276,7 +280,7 @@ class SessionPeers:
     def connected(self, peer: str) -> bool:
         """Whether this session's link to ``peer`` is up."""
         where = self.addresses.get(peer)
-        return where is not None and self.peers.connected(self.scope, peer, where)
+        return where is not None and self.peers.open_link(self.scope, peer, where) is not None
 
     async def link(self, peer: str) -> PeerLink:
         """This session's open link to ``peer``, dialling it if there is none."""
@@ -294,7 +298,15 @@ class SessionPeers:
             self.pulls_repeated += 1
             self.scope.counters.record(owner, "sent", "repull", 0)  # (a message of no bytes: the count shows)
 
-        return await on_new_links(attempt, what=f"pull {kind} #{tensor_id}", on_retry=again)
+        failed = None
+        where = self.addresses.get(owner)
+        link = self.peers.open_link(self.scope, owner, where) if where is not None else None
+        if link is not None:  # the common case, the first attempt on the open link, inline
+            try:
+                return await link.pull(tensor_id, kind)
+            except LinkLost as exc:
+                failed = exc
+        return await on_new_links(attempt, what=f"pull {kind} #{tensor_id}", on_retry=again, failed=failed)
 
     # -- pushes (shipped epochs) --------------------------------------------------------------
     def outbox(self, peer: str) -> Outbox:
@@ -313,7 +325,10 @@ class SessionPeers:
     async def _send_kept(self, peer: str, box: Outbox) -> PeerLink:
         """Send on the open link to ``peer`` (dialled if need be) every kept push not yet sent on it, in order."""
         async with box.lock:  # the link is taken under the lock: one that broke meanwhile was replaced
-            link = await self.link(peer)
+            where = self.addresses.get(peer)
+            link = self.peers.open_link(self.scope, peer, where) if where is not None else None
+            if link is None:  # (the common case, an open link, takes no coroutine of its own)
+                link = await self.link(peer)
             for item in box.unsent(link):
                 again = item.sends > 0
                 item.sent_on, item.sends = link, item.sends + 1
@@ -332,9 +347,15 @@ class SessionPeers:
 
     async def push(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | tuple | Encoded) -> None:
         """Push ``value`` to ``peer`` (shipped epochs); it is kept until ``peer`` acknowledges it, and sent again on
-        a new link if the link breaks first."""
-        self.outbox(peer).keep(kind, frame_id, value, held_bytes(value))
-        await self.relink(peer)
+        a new link if the link breaks first (as :meth:`relink` does: the first attempt is made here, inline)."""
+        box = self.outboxes.get(peer)
+        if box is None:
+            box = self.outbox(peer)
+        box.keep(kind, frame_id, value, held_bytes(value))
+        try:
+            await self._send_kept(peer, box)
+        except LinkLost as exc:
+            await on_new_links(lambda: self._send_kept(peer, box), what="push", failed=exc)
 
     async def settle(
         self, peers: Iterable[str], run_id: int, stop: Callable[[], BaseException | None] = lambda: None
@@ -346,7 +367,13 @@ class SessionPeers:
         for peer in peers:
             box = self.outboxes.get(peer)
             asked = None
-            while box is not None and box.pending(run_id):
+            while box is not None:
+                # cleared before the check: an acknowledgement that arrives from here on (even while the question
+                # below is written) wakes the wait; cleared after it, such an acknowledgement was missed and the
+                # epoch's end waited out the whole poll
+                box.changed.clear()
+                if not box.pending(run_id):
+                    break
                 if (error := stop()) is not None:
                     raise error
                 link = box.link
@@ -365,7 +392,6 @@ class SessionPeers:
                         f"worker {self.peers.name!r}: peer {peer!r} did not acknowledge the epoch's last pushes "
                         f"within {self.peers.timeout:g} s (is it alive?)"
                     )
-                box.changed.clear()
                 try:  # woken by an acknowledgement; a link that broke meanwhile is seen within the poll
                     await asyncio.wait_for(box.changed.wait(), min(left, 0.05))
                 except asyncio.TimeoutError:

@@ -19,7 +19,11 @@ from splitnn.workers.epoch import run_of
 
 #: Seconds a receiver gathers acknowledgements of pushes before it sends them, in one ACK frame (one message per
 #: push would cost a shipped epoch a fifth of its time on a busy machine); its sender keeps the pushes meanwhile.
-ACK_DELAY = 0.05
+#: An epoch's end does not wait for it: the sender asks for the acknowledgements then (``SessionPeers.settle``).
+ACK_DELAY = 0.25
+#: Acknowledgements a receiver gathers at most before it sends them without waiting for :data:`ACK_DELAY` (so a
+#: fast run's sender keeps about this many pushes, far below :data:`KEEP_PUSHES`).
+ACK_EVERY = min(64, MAX_ACKS)
 #: Unacknowledged pushes one session keeps per receiver (acknowledgements come a round trip after the push).
 KEEP_PUSHES = 256
 #: Bytes of unacknowledged pushes one session keeps per receiver.
@@ -30,7 +34,7 @@ class PushesLost(WorkerUnreachableError):
     """A push that must be sent again was dropped (the keep bound): the epoch cannot survive the broken link."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Kept:
     """One pushed value awaiting its acknowledgement."""
 
@@ -139,8 +143,8 @@ class Outbox:
 
 
 class Acks:
-    """The acknowledgements a receiver gathers (up to ``delay`` s, or :data:`~splitnn.transport.frames.MAX_ACKS` of
-    them) before it sends them, through ``send``, in one ACK frame."""
+    """The acknowledgements a receiver gathers (up to ``delay`` s, or :data:`ACK_EVERY` of them) before it sends
+    them, through ``send``, in one ACK frame (of at most :data:`~splitnn.transport.frames.MAX_ACKS`)."""
 
     def __init__(self, send: Callable[[list[tuple[str, int]]], None], delay: float = ACK_DELAY) -> None:
         self._send, self.delay = send, delay
@@ -150,7 +154,7 @@ class Acks:
     def add(self, kind: str, frame_id: int) -> None:
         """The push (kind, frame_id) arrived whole: acknowledge it soon, with others."""
         self._entries.append((kind, frame_id))
-        if len(self._entries) >= MAX_ACKS:
+        if len(self._entries) >= ACK_EVERY:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)

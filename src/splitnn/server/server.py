@@ -175,7 +175,7 @@ class WorkerServer:
             limits=self.limits,
             counters=self.counters,
             timeout=self.peer_timeout,
-            resolve=lambda tag: self.sessions.resolve(tag),
+            resolve=lambda tag: None,  # (the sessions' own lookup, once they exist: below)
         )
         self.sessions = Sessions(
             self.name,
@@ -190,6 +190,7 @@ class WorkerServer:
             state_dir=state_dir,
             audit=audit,
         )
+        self.peers.resolve = self.sessions.resolve  # (bound as it is: a peer link looks it up for every frame)
         self.health = Health(self.name, str(self.sessions.device), str(tls.cert) if tls is not None else None)
         self._server: grpc.aio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # running RPC handlers, awaited at stop

@@ -20,6 +20,7 @@ import torch
 from splitnn.common import serde
 from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import held_bytes, quiet_future
+from splitnn.wire.cut_codec import Arrived
 from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import LossStats
@@ -168,6 +169,28 @@ class Inbox:
             return 0
         return max(EARLY_PUSH_BYTES - self.early_bytes(), 0)
 
+    def admit(self, peer: str, kind: str, frame_id: int) -> tuple[int | None, bool]:
+        """Before a push is decoded, in one look: ``(None, active)`` if it needs no delivery (:meth:`has`), else
+        ``(room, active)`` (:meth:`room`); ``active`` is :meth:`active`. (A receiver asks this for every push.)"""
+        rid = run_of(frame_id)
+        run = self._runs.get(rid)
+        key = (peer, kind, frame_id)
+        if run is None:
+            if rid in self._finished:
+                return None, False
+        elif key in run.consumed:
+            return None, True
+        fut = self._slots.get(key)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            return None, run is not None
+        if run is not None:
+            if (peer, kind) not in run.allowed:
+                return 0, True
+            return max(HELD_PUSH_BYTES - self.held_bytes(), 0), True
+        if not 0 < rid < 1 << RUN_ID_BITS or len(self._early()) >= MAX_EARLY_PUSHES:
+            return 0, False
+        return max(EARLY_PUSH_BYTES - self.early_bytes(), 0), False
+
     def refusal(self, frame_id: int, peer: str | None = None, kind: str | None = None) -> str:
         """Why a push of ``frame_id`` (from ``peer``, of ``kind``) was refused (for the log)."""
         rid = run_of(frame_id)
@@ -184,7 +207,10 @@ class Inbox:
         """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""
         rid = run_of(frame_id)
         run = self._runs.get(rid)
-        nbytes = 0 if isinstance(value, BaseException) else held_bytes(value)
+        if isinstance(value, BaseException):
+            nbytes = 0
+        else:  # (an arrival's bytes are its value's: its two counts hold none)
+            nbytes = held_bytes(value.value if isinstance(value, Arrived) else value)
         if run is None:
             if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
                 return False

@@ -201,8 +201,12 @@ def payload_frames(
         raise ValueError(f"frame type {type_} carries no tensor")
     if codec not in CODEC_NAMES:
         raise ValueError(f"unknown codec id {codec}")
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    total = sum(len(v) for v in views)
+    views, total = [], 0
+    for p in parts:  # (a loop, not comprehensions: this runs for every frame)
+        if len(p):
+            v = memoryview(p).cast("B")
+            views.append(v)
+            total += len(v)
     join = b"".join if joined else tuple
     if total <= chunk_bytes:
         yield join([_head(type_, kind, tensor_id, total, False, codec, values), *views])
@@ -237,6 +241,8 @@ def data_frames(
     """
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")
+    if codec is None:  # (the common case, without a codec object per frame)
+        return payload_frames(kind, tensor_id, encode_tensor_parts(tensor), chunk_bytes, type_=type_, joined=joined)
     c = compress.get_codec(codec)
     parts = encode_tensor_parts(tensor) if c.id == NO_CODEC else (c.encode(tensor),)
     return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id, joined=joined)
