@@ -297,6 +297,7 @@ def test_alices_policy_refuses_an_identity_first_segment_before_any_batch(tmp_pa
         "release_weights": False,
         "min_batch_size": 8,
         "draw_rows": True,
+        "release_grad_norms": False,
     }
     assert [e["rule"] for e in events if e["event"] == "refusal"] == ["refuse_passthrough"] * 3
     installed = [e for e in events if e["event"] == "segment"]
