@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -31,6 +32,9 @@ def _temps(root):
 @pytest.mark.timeout(300)
 def test_a_worker_killed_during_its_first_checkpoint_is_resumed_by_fit_retries(tmp_path, monkeypatch):
     monkeypatch.setattr("splitnn.split.fit.RETRY_WAIT", 0.2)
+    recovered = []
+    recover = splitnn.split.fit._recover
+    monkeypatch.setattr("splitnn.split.fit._recover", lambda *a, **k: recovered.append(1) or recover(*a, **k))
     build = chain("adam:lr=0.01")
     reference = in_process_reference(build)
     names = ("alice", "bob", "claire")
@@ -44,20 +48,28 @@ def test_a_worker_killed_during_its_first_checkpoint_is_resumed_by_fit_retries(t
         restarted = []
         save = workers[1].save_checkpoint
 
-        def save_then_restart(*args, **kwargs):  # bob's first save kills it; the operator restarts it at once
+        def restart_when_dead():  # the operator restarts bob at once, while the researcher's call is still resuming
+            assert bob.exited(30) and bob.proc.returncode == -9  # it really died mid-write
+            left = _temps(tmp_path / "bob-state")
+            assert len(left) == 1 and left[0].startswith(".step-0.safetensors.")  # the orphan temp file
+            start(cl, ["bob"], listen=bob.address)  # same --state-dir, without the dying module
+            restarted.append(left)
+
+        def save_then_restart(*args, **kwargs):  # bob's first save kills it
+            if restarted or watcher:
+                return save(*args, **kwargs)
+            watcher.append(threading.Thread(target=restart_when_dead, daemon=True))
+            watcher[0].start()
             try:
                 return save(*args, **kwargs)
             finally:
-                if not restarted:
-                    assert bob.exited(30) and bob.proc.returncode == -9  # it really died mid-write
-                    left = _temps(tmp_path / "bob-state")
-                    assert len(left) == 1 and left[0].startswith(".step-0.safetensors.")  # the orphan temp file
-                    start(cl, ["bob"], listen=bob.address)  # same --state-dir, without the dying module
-                    restarted.append(left)
+                watcher[0].join(60)
 
+        watcher: list[threading.Thread] = []
         workers[1].save_checkpoint = save_then_restart
         history = model.fit(DATA, checkpoint_dir=tmp_path / "ck", retries=5, **FIT)
         assert restarted, "bob was not killed in its first checkpoint"
+        assert recovered  # fit went back to the last checkpoint (bob's new process knows no session)
         assert len(history.epochs) == FIT["epochs"]
         assert_same_weights(model.collect(), reference)
         assert _temps(tmp_path) == []  # the orphan was cleaned; no write left another
