@@ -112,10 +112,13 @@ class Peers:
         link = self._dialled.get(key)
         if link is not None and link.closed is None:
             return link
+        again = key in self._dialing  # this session dialled this peer before: its link broke (or the dial failed)
         async with self._dialing.setdefault(key, asyncio.Lock()):
             link = self._dialled.get(key)
             if link is not None and link.closed is None:
                 return link
+            if again:  # one relink message of no bytes (the count shows)
+                scope.counters.record(peer, "sent", "relink", 0)
             if where.data is not None:
                 stream = await self._dial_tcp(peer, where)
                 link = PeerLink(
