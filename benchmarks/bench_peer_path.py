@@ -20,8 +20,9 @@ from types import SimpleNamespace
 import torch
 
 from splitnn.common.serde.setup import PeerAddress
-from splitnn.server.peers import PeerLink, Peers, SessionPeers, on_new_links
-from splitnn.server.shipped import Inbox, PeerLost
+from splitnn.server.executor import receiver
+from splitnn.server.peers import PeerLink, Peers, SessionPeers
+from splitnn.server.shipped import Inbox
 from splitnn.transport.counters import ByteCounters
 from splitnn.transport.limits import Limits
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id
@@ -36,28 +37,6 @@ def _party(name: str, other: str, scopes: dict) -> tuple[Peers, SimpleNamespace]
     scope.peers.addresses[other] = PeerAddress("127.0.0.1:1", f"{other}-tag")
     scopes[scope.tag] = scope
     return peers, scope
-
-
-def _receiver(scope: SimpleNamespace, run):
-    """What the executor's ``receive`` does (server/executor.py), on this session."""
-
-    async def receive(peer: str, kind: str, fid: int):
-        async def attempt():
-            fut = scope.inbox.slot(run, peer, kind, fid)
-            if not scope.peers.connected(peer):
-                await scope.peers.relink(peer)
-            return await scope.inbox.wait(run, peer, kind, fid, fut)
-
-        failed = None
-        fut = scope.inbox.slot(run, peer, kind, fid)
-        if scope.peers.connected(peer):
-            try:
-                return await scope.inbox.wait(run, peer, kind, fid, fut)
-            except PeerLost as exc:
-                failed = exc
-        return await on_new_links(attempt, PeerLost, failed=failed)
-
-    return receive
 
 
 async def _main(rounds: int) -> list[float]:
@@ -85,7 +64,7 @@ async def _main(rounds: int) -> list[float]:
     order = BatchOrder(8, 4)
     run_a = sa.inbox.start(EpochPlan(1, "d", "nll", (StagePlan(0, "s0", None, "bob"),), order=order))
     run_b = sb.inbox.start(EpochPlan(1, "d", "nll", (StagePlan(1, "s1", "alice", None),), order=order))
-    receive_a, receive_b = _receiver(sa, run_a), _receiver(sb, run_b)
+    receive_a, receive_b = receiver(sa.inbox, sa.peers, run_a), receiver(sb.inbox, sb.peers, run_b)
     x = torch.randn(64, 32)
     blocks: list[float] = []
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 from google.protobuf.message import DecodeError
@@ -28,6 +28,32 @@ from splitnn.workers.epoch import EpochPlan
 from splitnn.workers.virtual import VirtualWorker
 
 log = logging.getLogger("splitnn.worker")
+
+
+def receiver(inbox: shipped.Inbox, peers: SessionPeers, run) -> Callable[[str, str, int], Awaitable[torch.Tensor]]:
+    """How a shipped epoch's ``run`` receives ``peer``'s push ``(kind, fid)``: its wait on the inbox, inline while
+    the link is up (the common case); once a link to the peer broke (PeerLost), again on a new link, where the peer
+    sends the push again."""
+
+    async def attempt(peer: str, kind: str, fid: int) -> torch.Tensor:
+        fut = inbox.slot(run, peer, kind, fid)
+        if not peers.connected(peer):
+            # re-dial, sending again what we pushed to it unacknowledged (both sides may be waiting for what the
+            # broken link lost); a dead peer fails the wait (Inbox.peer_lost)
+            await peers.relink(peer)
+        return await inbox.wait(run, peer, kind, fid, fut)
+
+    async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
+        failed = None
+        fut = inbox.slot(run, peer, kind, fid)
+        if peers.connected(peer):  # the common case, the first attempt, inline
+            try:
+                return await inbox.wait(run, peer, kind, fid, fut)
+            except shipped.PeerLost as exc:
+                failed = exc
+        return await on_new_links(lambda: attempt(peer, kind, fid), shipped.PeerLost, failed=failed)
+
+    return receive
 
 
 class LedgerDelta:
@@ -170,25 +196,7 @@ class Executor:
             for peer in self._adjacent(plan):
                 await self.peers.link(peer)  # dial the adjacent parties now: a dead one fails the epoch early
 
-            async def receive(peer: str, kind: str, fid: int) -> torch.Tensor:
-                async def attempt() -> torch.Tensor:
-                    fut = self.inbox.slot(run, peer, kind, fid)
-                    if not self.peers.connected(peer):
-                        # re-dial, sending again what we pushed to it unacknowledged (both sides may be waiting
-                        # for what the broken link lost); a dead peer fails the wait (Inbox.peer_lost)
-                        await self.peers.relink(peer)
-                    return await self.inbox.wait(run, peer, kind, fid, fut)
-
-                failed = None
-                fut = self.inbox.slot(run, peer, kind, fid)
-                if self.peers.connected(peer):  # the common case, the first attempt, inline
-                    try:
-                        return await self.inbox.wait(run, peer, kind, fid, fut)
-                    except shipped.PeerLost as exc:
-                        failed = exc
-                # a link to the peer broke (PeerLost): the peer sends the push again on a new one
-                return await on_new_links(attempt, shipped.PeerLost, failed=failed)
-
+            receive = receiver(self.inbox, self.peers, run)
             async for losses in shipped.run_epoch(self.engine, plan, self.peers.push, receive):
                 yield Reply(seq=cmd.seq, ok=True, progress=True, result_json=json.dumps(serde.losses_to_result(losses)))
             # every push acknowledged: a link that breaks now loses nothing the peers still need
