@@ -46,11 +46,8 @@ class Datasets:
                 )
         if ids is not None:  # the same check (and words) as in process, before anything is sent
             ids = check_ids(ids, source_len(next(iter(parts.values()))), f"dataset {name!r} at worker {self.name!r}")
-        if not allow_nonfinite and isinstance(features, torch.Tensor):  # refused here too, before any byte is sent
+        if not allow_nonfinite and isinstance(features, (torch.Tensor, NamedFeatures)):  # here too, before sending
             check_finite_features(features, where)
-        if not allow_nonfinite and isinstance(features, NamedFeatures):
-            for key, t in features.items():
-                check_finite_features(t, f"{where} (feature {key!r})")
         held = {**parts, **({"ids": ids} if ids is not None else {})}
         args, blobs = _args("add_dataset", name=name, parts=held, replace=replace, allow_nonfinite=allow_nonfinite)
         self._request("add_dataset", args, blobs)

@@ -136,13 +136,7 @@ class Dataset:
     def feature_tensor(self, what: str) -> torch.Tensor:
         """The one feature tensor, for ``what`` (a function or topology that takes one); a ConfigurationError
         naming ``what``, the dataset and its feature names when the features are several named tensors."""
-        if isinstance(self.features, NamedFeatures):
-            raise ConfigurationError(
-                f"{what} takes one feature tensor; dataset {self.name!r} has named features "
-                f"({', '.join(self.features)}). Named features train with splitnn.fit on a chain of segments "
-                f"(SplitNN, UShapedSplitNN); give {what} a Dataset of one tensor"
-            )
-        return self.features
+        return one_feature_tensor(self.features, self.name, what)
 
     def subset(self, indices: Indices) -> Dataset:
         """Return a new Dataset with the samples at ``indices`` (tensor, sequence of ints, or slice).
@@ -160,6 +154,18 @@ class Dataset:
                 f"(min {int(idx.min())}, max {int(idx.max())})"
             )
         return Dataset(_rows(self.features, idx), self.labels[idx], self.name, self.num_classes)
+
+
+def one_feature_tensor(features: torch.Tensor | NamedFeatures, dataset: str, what: str) -> torch.Tensor:
+    """``features`` when they are one tensor; a ConfigurationError naming ``what`` (a function or topology that
+    takes one), ``dataset`` and the feature names when they are several named tensors."""
+    if isinstance(features, NamedFeatures):
+        raise ConfigurationError(
+            f"{what} takes one feature tensor; dataset {dataset!r} has named features "
+            f"({', '.join(features)}). Named features train with splitnn.fit on a chain of segments "
+            f"(SplitNN, UShapedSplitNN); give {what} a Dataset of one tensor"
+        )
+    return features
 
 
 def _rows(features: torch.Tensor | NamedFeatures, idx: torch.Tensor | slice) -> torch.Tensor | NamedFeatures:

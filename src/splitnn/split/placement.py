@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
+from splitnn.data.dataset import one_feature_tensor
 from splitnn.data.sources import NamedFeatures, Source, TorchDataset
 from splitnn.errors import ConfigurationError
 from splitnn.split.stage import Stage, feature_probe, format_shape, probe_chain
@@ -45,12 +46,8 @@ def features_and_labels(data: object, holders: str, *, tensors_only: bool = Fals
     if isinstance(data, TorchDataset) and not tensors_only:
         return data.parts()
     features, labels = getattr(data, "features", None), getattr(data, "labels", None)
-    if isinstance(features, NamedFeatures) and tensors_only:
-        raise ConfigurationError(
-            f"a topology that partitions the features takes one feature tensor; dataset "
-            f"{getattr(data, 'name', 'data')!r} has named features ({', '.join(features)}): train them with a "
-            f"chain of segments (SplitNN, UShapedSplitNN)"
-        )
+    if tensors_only:
+        one_feature_tensor(features, getattr(data, "name", "data"), "a topology that partitions the features")
     if not isinstance(features, (torch.Tensor, NamedFeatures)) or not isinstance(labels, torch.Tensor):
         also = "" if tensors_only else ", a splitnn.data.TorchDataset (map-style data)"
         raise ConfigurationError(

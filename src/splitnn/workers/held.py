@@ -75,14 +75,11 @@ class HeldData:
             labs = check_label_tensor(labs, dataset)
         if not isinstance(allow_nonfinite, bool):
             raise ConfigurationError(f"{where}: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
-        if isinstance(feats, torch.Tensor) and not allow_nonfinite:
+        if isinstance(feats, (torch.Tensor, NamedFeatures)) and not allow_nonfinite:
             check_finite_features(feats, where)
-        if isinstance(feats, NamedFeatures) and not allow_nonfinite:
-            for key, t in feats.items():
-                check_finite_features(t, f"{where} (feature {key!r})")
         held = cls(feats, labs)
-        if feats is not None and not isinstance(feats, torch.Tensor) and not allow_nonfinite:
-            held._finite_where = where
+        if feats is not None and not isinstance(feats, (torch.Tensor, NamedFeatures)) and not allow_nonfinite:
+            held._finite_where = where  # a map-style dataset: checked batch by batch, as its rows are read
         if ids is not None:
             held.ids = check_ids(ids, held.size, where)
         return held
@@ -170,9 +167,16 @@ def _moved(src: Source | None, device: torch.device) -> Source | None:
     return src.to(device) if isinstance(src, torch.Tensor) else src
 
 
-def check_finite_features(features: torch.Tensor, where: str, *, rows: torch.Tensor | None = None) -> None:
+def check_finite_features(
+    features: torch.Tensor | NamedFeatures, where: str, *, rows: torch.Tensor | None = None
+) -> None:
     """Refuse ``features`` holding a NaN or infinite value (one would make every weight NaN), naming the first
-    row that does (``rows``: the dataset row of each of ``features``' rows, for a batch) and the fix."""
+    row that does (``rows``: the dataset row of each of ``features``' rows, for a batch) and the fix; named
+    features tensor by tensor, naming the feature too."""
+    if isinstance(features, NamedFeatures):
+        for key, t in features.items():
+            check_finite_features(t, f"{where} (feature {key!r})", rows=rows)
+        return
     if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.numel() == 0:
         return
     finite = torch.isfinite(features.reshape(features.shape[0], -1)).all(dim=1) if features.dim() else None

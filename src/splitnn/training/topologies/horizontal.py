@@ -319,8 +319,8 @@ class ShardedTopology(Topology):
         return []
 
     def check_gates(self) -> None:
-        """Refuse, before any training, a transfer of :meth:`weight_flows` that an in-process party's policy
-        would refuse (naming the rule and the policy lines that open it)."""
+        """Refuse, before any training, a transfer of :meth:`weight_flows` that its source party's gate would
+        refuse, in process or at a worker process (naming the rule and the policy lines that open it)."""
         check_weight_flows(self.weight_flows())
 
     def train_batches(self, dataset: str, batches: Batches, on_batch: OnBatch) -> None:
