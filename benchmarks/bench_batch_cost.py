@@ -37,6 +37,39 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _switches(pid: int) -> dict[str, float]:
+    """User and system CPU seconds of ``pid``, its minor page faults and its threads' context switches (voluntary: waits; not: preempted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    out = {"user": int(fields[11]) / os.sysconf("SC_CLK_TCK"), "sys": int(fields[12]) / os.sysconf("SC_CLK_TCK")}
+    out["minflt"] = float(fields[7])
+    out["voluntary"] = out["involuntary"] = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                out["voluntary"] += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                out["involuntary"] += int(line.split()[1])
+    return out
+
+
+def _threads(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s threads, summed by thread name (the main thread is named after the program)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rpartition(")")[2].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi: Path | None) -> dict:
     """One tree's figures (run in a process that imports splitnn from ``tree``; see ``main``)."""
     import torch
@@ -74,11 +107,15 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
             time.sleep(0.6)
         pids = {n: cl.workers[n].proc.pid for n in NAMES}
         c0, k0 = {n: _cpu(p) for n, p in pids.items()}, read()
+        h0 = {n: _threads(p) for n, p in pids.items()}
+        s0 = {n: _switches(p) for n, p in pids.items()}
         r0, t0 = time.process_time(), time.perf_counter()
         for r in range(runs):
             model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
         wall, researcher = time.perf_counter() - t0, time.process_time() - r0
         c1, k1 = {n: _cpu(p) for n, p in pids.items()}, read()
+        h1 = {n: _threads(p) for n, p in pids.items()}
+        s1 = {n: _switches(p) for n, p in pids.items()}
         if yappi:
             (counts / "dump").touch()
             while not all((counts / f"{n}.done").exists() for n in NAMES):
@@ -98,6 +135,18 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
         "cpu_ms_per_batch": cpu,
         "cpu_ms_total": round(sum(cpu.values()), 3),
         "loop_passes_per_batch": {n: round((k1[n]["passes"] - k0[n]["passes"]) / nb, 2) for n in NAMES},
+        "threads_cpu_ms_per_batch": {
+            n: {t: round(1e3 * (v - h0[n].get(t, 0.0)) / nb, 3) for t, v in h1[n].items() if v > h0[n].get(t, 0.0)}
+            for n in NAMES
+        },
+        "switches_per_batch": {
+            n: {k: round((s1[n][k] - s0[n][k]) / nb * (1e3 if k in ("user", "sys") else 1), 3) for k in s1[n]}
+            for n in NAMES
+        },
+        "gc_per_batch": {
+            n: {k: round((k1[n][k] - k0[n][k]) / nb * (1e3 if k == "gc_s" else 1), 3) for k in ("gc0", "gc1", "gc2", "gc_s")}
+            for n in NAMES
+        },
         "tasks_per_batch": {n: round((k1[n]["tasks"] - k0[n]["tasks"]) / nb, 2) for n in NAMES},
     }
 

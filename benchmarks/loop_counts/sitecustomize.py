@@ -21,7 +21,19 @@ OUT = os.environ.get("SPLITNN_LOOP_COUNTS")
 def _install(out: str) -> None:
     import asyncio.base_events as base
 
-    counts = {"passes": 0, "tasks": 0}
+    import gc
+
+    counts = {"passes": 0, "tasks": 0, "gc0": 0, "gc1": 0, "gc2": 0, "gc_s": 0.0}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # the collector's passes and the time they take
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            counts[f"gc{info['generation']}"] += 1
+            counts["gc_s"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(on_gc)
     run_once, create_task = base.BaseEventLoop._run_once, base.BaseEventLoop.create_task
 
     def counted_run_once(self):
