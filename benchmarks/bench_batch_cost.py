@@ -29,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("alice", "bob", "claire")
+GC_KEYS = ("gc0", "gc1", "gc2", "gc_s")  # collections per generation, and seconds in them
 BATCH = 64
 
 
@@ -38,7 +39,8 @@ def _cpu(pid: int) -> float:
 
 
 def _switches(pid: int) -> dict[str, float]:
-    """User and system CPU seconds of ``pid``, its minor page faults and its threads' context switches (voluntary: waits; not: preempted)."""
+    """User and system CPU seconds of ``pid``, its minor page faults and its threads' context switches
+    (voluntary: waits; not: preempted)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     out = {"user": int(fields[11]) / os.sysconf("SC_CLK_TCK"), "sys": int(fields[12]) / os.sysconf("SC_CLK_TCK")}
     out["minflt"] = float(fields[7])
@@ -144,8 +146,7 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
             for n in NAMES
         },
         "gc_per_batch": {
-            n: {k: round((k1[n][k] - k0[n][k]) / nb * (1e3 if k == "gc_s" else 1), 3) for k in ("gc0", "gc1", "gc2", "gc_s")}
-            for n in NAMES
+            n: {k: round((k1[n][k] - k0[n][k]) / nb * (1e3 if k == "gc_s" else 1), 3) for k in GC_KEYS} for n in NAMES
         },
         "tasks_per_batch": {n: round((k1[n]["tasks"] - k0[n]["tasks"]) / nb, 2) for n in NAMES},
     }

@@ -20,7 +20,6 @@ OUT = os.environ.get("SPLITNN_LOOP_COUNTS")
 
 def _install(out: str) -> None:
     import asyncio.base_events as base
-
     import gc
 
     counts = {"passes": 0, "tasks": 0, "gc0": 0, "gc1": 0, "gc2": 0, "gc_s": 0.0}

@@ -36,6 +36,19 @@ class BatchDraw:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
+        # (one draw per batch at each party: the usual, valid draw is checked in one expression)
+        if (
+            type(self.seed) is int
+            and type(self.epoch) is int
+            and type(self.position) is int
+            and type(self.batch_size) is int
+            and type(self.shuffle) is bool
+            and 0 <= self.seed <= MAX_SEED
+            and 0 <= self.epoch < MAX_DRAW
+            and 0 <= self.position < MAX_DRAW
+            and 1 <= self.batch_size < MAX_DRAW
+        ):
+            return
         for name in ("seed", "epoch", "position", "batch_size"):
             v = getattr(self, name)
             low = 1 if name == "batch_size" else 0

@@ -38,6 +38,11 @@ class Op(str, enum.Enum):
 COMPUTE = frozenset({Op.ZERO, Op.FORWARD, Op.LOSS, Op.BACKWARD, Op.STEP})
 SENDS = frozenset({Op.SEND_F, Op.SEND_B})
 RECEIVES = frozenset({Op.RECV_F, Op.RECV_B})
+#: What a send or receive carries, by op (:attr:`Action.kind`; a table, so the per-batch loops look it up
+#: without a call).
+KIND_OF = {Op.SEND_F: "activation", Op.RECV_F: "activation", Op.SEND_B: "gradient", Op.RECV_B: "gradient"}
+#: How far before the action's stage the cut its tensor crosses lies, by op (:attr:`Action.cut`: stage - this).
+CUT_BEHIND = {Op.SEND_F: 0, Op.RECV_B: 0, Op.RECV_F: 1, Op.SEND_B: 1}
 
 
 class Action(NamedTuple):
@@ -59,12 +64,12 @@ class Action(NamedTuple):
     @property
     def cut(self) -> int:
         """For a send or receive: the cut its tensor crosses (cut ``c`` lies after stage ``c``)."""
-        return self.stage if self.op in (Op.SEND_F, Op.RECV_B) else self.stage - 1
+        return self.stage - CUT_BEHIND.get(self.op, 1)
 
     @property
     def kind(self) -> str:
         """For a send or receive: ``"activation"`` or ``"gradient"``."""
-        return "activation" if self.op in (Op.SEND_F, Op.RECV_F) else "gradient"
+        return KIND_OF.get(self.op, "gradient")
 
     def __str__(self) -> str:
         return f"{self.stage}{self.op.value}{self.batch}"

@@ -92,7 +92,8 @@ class DataHolder:
         return types.MappingProxyType(self._data)
 
     def _dataset(self, name: str) -> HeldData:
-        return held(self._data, name, self.name, "dataset")
+        data = self._data.get(name)  # (the per-batch path: a lookup, the error only when it misses)
+        return data if data is not None else held(self._data, name, self.name, "dataset")
 
     def _source(self, dataset: str) -> str:
         """The dataset that ``dataset`` was derived from by an intersection (itself when it was not)."""

@@ -58,11 +58,18 @@ class Scoring:
 
     def _producer(self, out: torch.Tensor) -> str | None:
         """The key of the segment whose last training forward gave ``out`` (None if none here did)."""
-        return next((k for k, h in list(self._segments.items()) if h.out is out), None)  # (a snapshot: threads)
+        for k, h in list(self._segments.items()):  # (a snapshot: threads; a loop, not a generator, per batch)
+            if h.out is out:
+                return k
+        return None
 
     def _pending(self, hosted: Hosted) -> torch.Tensor | None:
         """The training loss waiting for ``hosted``'s backward (or for no segment's), taken."""
-        key = next((k for k, h in list(self._segments.items()) if h is hosted), None)
+        key = None
+        for k, h in list(self._segments.items()):
+            if h is hosted:
+                key = k
+                break
         loss = self._pending_loss.pop(key, None)
         return loss if loss is not None else self._pending_loss.pop(None, None)
 

@@ -75,7 +75,8 @@ class SegmentHost:
         return key in self._segments
 
     def _segment(self, key: str) -> Hosted:
-        return held(self._segments, key, self.name, "segment", "hosts")
+        hosted = self._segments.get(key)  # (the per-batch path: a lookup, the error only when it misses)
+        return hosted if hosted is not None else held(self._segments, key, self.name, "segment", "hosts")
 
     def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         # A copy of the module's structure sharing its parameters and buffers, in eval mode

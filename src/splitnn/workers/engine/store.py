@@ -193,4 +193,4 @@ class TensorStore:
 def _only_as_itself(stored: str | None, kind: str) -> bool:
     """Whether a tensor stored as ``stored`` may not be received as ``kind``: PSI messages and weights go only
     to a receiver asking for them as such, and such a receiver gets nothing else (as a server's pulls)."""
-    return any((stored == k) != (kind == k) for k in ("psi", "weights"))
+    return (stored == "psi") != (kind == "psi") or (stored == "weights") != (kind == "weights")
