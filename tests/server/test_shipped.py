@@ -334,3 +334,51 @@ def test_an_arrivals_raw_bytes_are_what_its_value_holds(make, chunk):
             hdr, body = frames.parse(raw)
             arrived = reasm.feed_arrival(hdr, body, owned=owned)
         assert arrived is not None and arrived.raw == held_bytes(arrived.value)
+
+
+def test_every_wait_times_out_at_its_own_deadline_under_the_inboxs_one_timer():
+    """The inbox times its waits with one timer at the oldest wait's deadline, not a timer per wait: a wait whose
+    older neighbour was filled still times out (the timer is set again for it), a filled wait leaves nothing
+    behind, and an inbox that outlives its event loop times the waits of the next one."""
+    inbox = Inbox("bob", timeout=0.05)
+    plan = EpochPlan(7, "d", "nll", _plan_stages(), order=BatchOrder(10, 4))
+
+    async def two_waits():
+        run = inbox.start(plan)
+        first = push_id(7, 0, 0)
+        fut1 = inbox.slot(run, "alice", "activation", first)
+        w1 = asyncio.ensure_future(inbox.wait(run, "alice", "activation", first, fut1))
+        await asyncio.sleep(0.02)
+        fut2 = inbox.slot(run, "claire", "gradient", push_id(7, 0, 1))
+        w2 = asyncio.ensure_future(inbox.wait(run, "claire", "gradient", push_id(7, 0, 1), fut2))
+        await asyncio.sleep(0)
+        assert len(inbox._waits) == 2 and inbox._watch is not None
+        assert inbox.deliver("alice", "activation", first, torch.ones(2))
+        assert torch.equal(await w1, torch.ones(2))
+        await asyncio.sleep(0.04)  # past the first wait's deadline: the timer fired for it, and is set again
+        assert inbox._watch is not None or w2.done()
+        with pytest.raises(WorkerError, match="'claire' did not send its gradient within 0.05 s"):
+            await w2
+        assert not inbox._waits and not inbox._slots
+        # a wait cancelled (its epoch ended) leaves the timer set on this loop, which ends before it fires
+        fut3 = inbox.slot(run, "alice", "activation", push_id(7, 1, 0))
+        w3 = asyncio.ensure_future(inbox.wait(run, "alice", "activation", push_id(7, 1, 0), fut3))
+        await asyncio.sleep(0)
+        w3.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await w3
+        assert not inbox._waits and inbox._watch is not None
+        inbox.finish(run)
+
+    async def next_loop():
+        run = inbox.start(EpochPlan(8, "d", "nll", _plan_stages(), order=BatchOrder(10, 4)))
+        fut = inbox.slot(run, "alice", "activation", push_id(8, 0, 0))
+        wait = asyncio.ensure_future(inbox.wait(run, "alice", "activation", push_id(8, 0, 0), fut))
+        await asyncio.sleep(0)
+        assert inbox._watch_loop is asyncio.get_running_loop()  # (the timer of the ended loop will never fire)
+        with pytest.raises(WorkerError, match="did not send its activation"):
+            await wait
+        assert not inbox._waits
+
+    asyncio.run(two_waits())
+    asyncio.run(next_loop())

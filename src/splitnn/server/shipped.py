@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,12 @@ class Inbox:
     _run_bytes: collections.Counter = field(default_factory=collections.Counter)  # run id -> bytes its slots hold
     # bytes the slots of runs active here hold (held_bytes(): kept as it changes, not summed per push)
     _held: int = 0
+    # the waits on slots not yet filled: id -> (deadline, future), oldest first (every wait has the same timeout, so
+    # the oldest has the earliest deadline); one timer (_watch) fires at the oldest deadline, not a timer per wait
+    _waits: dict[int, tuple[float, asyncio.Future]] = field(default_factory=dict)
+    _wait_ids: Iterator[int] = field(default_factory=itertools.count)
+    _watch: asyncio.TimerHandle | None = None
+    _watch_loop: asyncio.AbstractEventLoop | None = None  # the loop _watch is on
 
     # -- runs ---------------------------------------------------------------------------
     def start(self, plan: EpochPlan) -> Run:
@@ -131,6 +138,10 @@ class Inbox:
         self._bytes.clear()
         self._run_bytes.clear()
         self._held = 0
+        self._waits.clear()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def _drop(self, key: tuple[str, str, int]) -> asyncio.Future:
         """Remove slot ``key`` (and the bytes it held from the tallies); return its future."""
@@ -297,12 +308,19 @@ class Inbox:
         try:
             if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
                 value = fut.result()
-            else:  # awaited directly, with a timer (not wait_for: one event-loop pass less per receive)
-                timer = asyncio.get_running_loop().call_later(self.timeout, _time_out, fut)
+            else:
+                # awaited directly (not wait_for: one event-loop pass less per receive), its deadline kept for the
+                # inbox's one timer (a timer per wait, made and cancelled, costs about a dozen calls per receive)
+                loop = asyncio.get_running_loop()
+                wid = next(self._wait_ids)
+                deadline = loop.time() + self.timeout
+                self._waits[wid] = (deadline, fut)
+                if self._watch is None or self._watch_loop is not loop:  # (none armed on this loop: arm it)
+                    self._watch, self._watch_loop = loop.call_at(deadline, self._expire, deadline), loop
                 try:
                     value = await fut
                 finally:
-                    timer.cancel()
+                    self._waits.pop(wid, None)
             run.consumed.add((peer, kind, frame_id))
             return value
         except asyncio.TimeoutError:
@@ -313,6 +331,19 @@ class Inbox:
         finally:
             if self._slots.get((peer, kind, frame_id)) is fut:
                 self._drop((peer, kind, frame_id))
+
+    def _expire(self, due: float) -> None:
+        """The timer of the waits fired (for the deadline ``due``): fail every wait whose deadline has come (its slot
+        is dropped by :meth:`wait`), and set the timer again for the oldest one left."""
+        self._watch = None
+        loop = asyncio.get_running_loop()
+        now = max(loop.time(), due)  # (a timer may fire a clock tick before its time: ``due`` has come)
+        for wid, (deadline, fut) in list(self._waits.items()):  # oldest first
+            if deadline > now:
+                self._watch, self._watch_loop = loop.call_at(deadline, self._expire, deadline), loop
+                return
+            del self._waits[wid]
+            _time_out(fut)
 
 
 # ------------------------------------------------------------------------------- plans
