@@ -152,7 +152,11 @@ def request(kind: str, tensor_id: int) -> bytes:
 def ack(entries: Sequence[tuple[str, int]]) -> bytes:
     """The ACK frame telling a pusher these pushes ``(kind, id)`` (at most :data:`MAX_ACKS`) arrived whole; with
     none, it asks the peer to acknowledge what it has now."""
-    payload = b"".join(ACK_ENTRY.pack(KIND_CODES[kind], tensor_id) for kind, tensor_id in entries)
+    payload = bytearray(len(entries) * ACK_ENTRY.size)
+    at = 0
+    for kind, tensor_id in entries:  # (a loop, not a generator: a call less per push acknowledged)
+        ACK_ENTRY.pack_into(payload, at, KIND_CODES[kind], tensor_id)
+        at += ACK_ENTRY.size
     return pack(ACK, "activation", 0, len(payload), payload)
 
 
