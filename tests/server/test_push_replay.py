@@ -310,3 +310,31 @@ def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it
         assert not any(waited_unset)
 
     asyncio.run(main())
+
+
+def test_one_ack_frame_forgets_all_its_pushes_at_once():
+    """Outbox.acked_all (an ACK frame's entries, in one call): every kept push it names is forgotten and its bytes
+    no longer count, one dropped by the bound is no longer missed, an entry for nothing kept changes nothing, and
+    the waiters are woken once; the same as acknowledging them one by one."""
+
+    async def main():
+        one_by_one, at_once = (Outbox("bob", keep_pushes=3, keep_bytes=1 << 20) for _ in range(2))
+        for box in (one_by_one, at_once):
+            for b in range(4):  # the first is dropped by the bound
+                box.keep("activation", push_id(7, b, 0), torch.ones(b + 1), 4 * (b + 1))
+            assert box.dropped == {("activation", push_id(7, 0, 0))} and box.nbytes == 8 + 12 + 16
+        entries = [("activation", push_id(7, 0, 0)), ("activation", push_id(7, 2, 0)), ("gradient", push_id(7, 2, 0))]
+        entries.append(("activation", push_id(7, 3, 0)))
+        for kind, fid in entries:
+            one_by_one.acked(kind, fid)
+        assert not at_once.changed.is_set()
+        at_once.acked_all(entries)
+        assert at_once.changed.is_set()
+        for box in (one_by_one, at_once):
+            assert not box.dropped and len(box) == 1 and box.nbytes == 8
+            assert [i.frame_id for i in box.unsent(object())] == [push_id(7, 1, 0)]
+        quiet = Outbox("bob")
+        quiet.acked_all([("activation", push_id(7, 0, 0))])  # nothing kept: nothing to wake
+        assert not quiet.changed.is_set()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ from splitnn.errors import ConfigurationError, WireError, WorkerError
 from splitnn.server.shipped import EARLY_PUSH_BYTES, EARLY_RULE, MAX_EARLY_PUSHES, Inbox, parse_plan
 from splitnn.training import epoch_batches
 from splitnn.transport import frames
+from splitnn.wire import cut_codec
 from splitnn.workers import VirtualWorker
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id, run_of
 from splitnn.workers.refs import LossStats
@@ -224,3 +225,160 @@ def test_losses_round_trip_exactly():
     assert losses_from_json(losses_json(stats)) == stats
     with pytest.raises(WireError):
         losses_from_json({"loss": [1.0], "count": []})
+
+
+def test_inlined_run_of_is_run_of():
+    """The inbox reads a push's run as ``frame_id >> RUN_SHIFT`` on its per-push path: the same as run_of."""
+    from splitnn.server.shipped import RUN_SHIFT
+
+    for fid in (push_id(1, 0, 0), push_id(5, 2**32 - 1, 254), push_id(2**23 - 1, 7, 3), (1 << RUN_SHIFT) - 1, 0):
+        assert fid >> RUN_SHIFT == run_of(fid)
+
+
+def test_held_bytes_kept_as_it_changes_equal_the_sum_over_active_runs():
+    """Inbox.held_bytes() is a total kept as pushes are delivered, used, dropped and runs start and finish: after
+    every step of a random mix of them it equals the bytes the slots of the runs active here hold, summed anew."""
+    import random
+
+    def summed(inbox: Inbox) -> int:
+        return sum(n for key, n in inbox._bytes.items() if run_of(key[2]) in inbox._runs)
+
+    async def main():
+        rng = random.Random(25)
+        inbox = Inbox("bob", timeout=1.0)
+        plans = {rid: EpochPlan(rid, "d", "nll", _plan_stages(), order=BatchOrder(10, 4)) for rid in (3, 4, 5)}
+        runs: dict[int, object] = {}
+        kinds = [("alice", "activation", 0), ("claire", "gradient", 1), ("mallory", "activation", 0)]
+        for _ in range(600):
+            rid = rng.choice(list(plans))
+            peer, kind, cut = rng.choice(kinds)
+            fid = push_id(rid, rng.randrange(6), cut)
+            step = rng.randrange(6)
+            if step <= 1:
+                inbox.deliver(peer, kind, fid, torch.zeros(rng.randrange(1, 50)))
+            elif step == 2 and rid in runs:  # used by its run
+                fut = inbox._slots.get((peer, kind, fid))
+                if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                    await inbox.wait(runs[rid], peer, kind, fid, fut)
+            elif step == 3 and rid not in runs and rid not in inbox._finished:
+                runs[rid] = inbox.start(plans[rid])
+            elif step == 4 and rid in runs and rng.random() < 0.2:
+                inbox.finish(runs.pop(rid))
+                plans[max(plans) + 1] = EpochPlan(max(plans) + 1, "d", "nll", _plan_stages(), order=BatchOrder(10, 4))
+                del plans[rid]
+            elif step == 5 and rng.random() < 0.05:
+                inbox.clear()
+                runs.clear()
+            assert inbox.held_bytes() == summed(inbox)
+            assert inbox.early_bytes() == sum(n for key, n in inbox._bytes.items() if run_of(key[2]) not in inbox._runs)
+        assert inbox.held_bytes() > 0 or not runs  # (the mix held something for a running epoch)
+
+    asyncio.run(main())
+
+
+def _plan_stages() -> tuple[StagePlan, ...]:
+    return (StagePlan(1, "s1", "alice", "claire"),)
+
+
+def test_a_slot_failed_and_never_awaited_is_not_reported(caplog):
+    """An inbox slot's future is a plain one: an error put in it (a lost peer, an ABORT, an undecodable push) is
+    marked retrieved, so a slot nobody awaits any more is never logged as "exception was never retrieved"; an
+    await of it still raises the error."""
+    import gc
+
+    async def main():
+        inbox = Inbox("bob", timeout=1.0)
+        run = inbox.start(EpochPlan(7, "d", "nll", _plan_stages(), order=BatchOrder(10, 4)))
+        inbox.slot(run, "alice", "activation", push_id(7, 0, 0))
+        inbox.slot(run, "claire", "gradient", push_id(7, 0, 1))
+        fut = inbox.slot(run, "claire", "gradient", push_id(7, 1, 1))
+        assert inbox.deliver("alice", "activation", push_id(7, 1, 0), WireError("bad tensor"))
+        inbox.peer_lost("alice")
+        inbox.peer_aborted("claire", 7, "boom")
+        with pytest.raises(WorkerError, match="boom"):
+            await fut
+        del inbox, fut  # the failed futures are dropped unawaited (not cancelled: a cancel would silence them)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+@pytest.mark.parametrize("chunk", [100, 1 << 20])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(16, 8),
+        lambda: torch.arange(300, dtype=torch.int64).reshape(3, 100),
+        lambda: torch.zeros(0, 5),
+        lambda: torch.randn(40, 64, dtype=torch.float16),
+        lambda: (torch.randn(16, 8), torch.ones(16, 8), torch.arange(16)),
+        lambda: (torch.randn(16, 8), None, None),
+        lambda: cut_codec.CutEncoder("fp16").encode(torch.randn(40, 64)),
+        lambda: cut_codec.CutEncoder("topk:0.1").encode(torch.randn(40, 64)),
+        lambda: cut_codec.CutEncoder("int8").encode((torch.randn(16, 8), torch.arange(16))),
+    ],
+)
+def test_an_arrivals_raw_bytes_are_what_its_value_holds(make, chunk):
+    """Inbox.deliver bounds the bytes it holds by an arrival's ``raw`` (not counted again): for every way a pushed
+    value is decoded (one frame or chunks, received or owned memory, a codec, several values), ``raw`` equals
+    exports.held_bytes of the decoded value -- the count the inbox made itself before."""
+    from splitnn.server.exports import held_bytes
+
+    for owned in (False, True):
+        reasm = frames.Reassembler(1 << 24)
+        arrived = None
+        for raw in frames.value_frames("activation", push_id(3, 0, 0), make(), chunk, type_=frames.PUSH):
+            hdr, body = frames.parse(raw)
+            arrived = reasm.feed_arrival(hdr, body, owned=owned)
+        assert arrived is not None and arrived.raw == held_bytes(arrived.value)
+
+
+def test_every_wait_times_out_at_its_own_deadline_under_the_inboxs_one_timer():
+    """The inbox times its waits with one timer at the oldest wait's deadline, not a timer per wait: a wait whose
+    older neighbour was filled still times out (the timer is set again for it), a filled wait leaves nothing
+    behind, and an inbox that outlives its event loop times the waits of the next one."""
+    inbox = Inbox("bob", timeout=0.05)
+    plan = EpochPlan(7, "d", "nll", _plan_stages(), order=BatchOrder(10, 4))
+
+    async def two_waits():
+        run = inbox.start(plan)
+        first = push_id(7, 0, 0)
+        fut1 = inbox.slot(run, "alice", "activation", first)
+        w1 = asyncio.ensure_future(inbox.wait(run, "alice", "activation", first, fut1))
+        await asyncio.sleep(0.02)
+        fut2 = inbox.slot(run, "claire", "gradient", push_id(7, 0, 1))
+        w2 = asyncio.ensure_future(inbox.wait(run, "claire", "gradient", push_id(7, 0, 1), fut2))
+        await asyncio.sleep(0)
+        assert len(inbox._waits) == 2 and inbox._watch is not None
+        assert inbox.deliver("alice", "activation", first, torch.ones(2))
+        assert torch.equal(await w1, torch.ones(2))
+        await asyncio.sleep(0.04)  # past the first wait's deadline: the timer fired for it, and is set again
+        assert inbox._watch is not None or w2.done()
+        with pytest.raises(WorkerError, match="'claire' did not send its gradient within 0.05 s"):
+            await w2
+        assert not inbox._waits and not inbox._slots
+        # a wait cancelled (its epoch ended) leaves the timer set on this loop, which ends before it fires
+        fut3 = inbox.slot(run, "alice", "activation", push_id(7, 1, 0))
+        w3 = asyncio.ensure_future(inbox.wait(run, "alice", "activation", push_id(7, 1, 0), fut3))
+        await asyncio.sleep(0)
+        w3.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await w3
+        assert not inbox._waits and inbox._watch is not None
+        inbox.finish(run)
+
+    async def next_loop():
+        run = inbox.start(EpochPlan(8, "d", "nll", _plan_stages(), order=BatchOrder(10, 4)))
+        fut = inbox.slot(run, "alice", "activation", push_id(8, 0, 0))
+        wait = asyncio.ensure_future(inbox.wait(run, "alice", "activation", push_id(8, 0, 0), fut))
+        await asyncio.sleep(0)
+        assert inbox._watch_loop is asyncio.get_running_loop()  # (the timer of the ended loop will never fire)
+        with pytest.raises(WorkerError, match="did not send its activation"):
+            await wait
+        assert not inbox._waits
+
+    asyncio.run(two_waits())
+    asyncio.run(next_loop())

@@ -45,6 +45,7 @@ from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
 from splitnn.wire.cut_codec import Arrived, Encoded
 from splitnn.wire.proto import PEER
+from splitnn.wire.tensor_codec import tensor_nbytes
 
 __all__ = [
     "ACK_DELAY",
@@ -102,7 +103,8 @@ class Peers:
         return self.open_link(scope, peer, where) is not None
 
     def open_link(self, scope: PeerScope, peer: str, where: PeerAddress) -> PeerLink | None:
-        """``scope``'s link to ``peer`` (serving the peer's session ``where.tag``) if it is up, without dialling."""
+        """``scope``'s link to ``peer`` (serving the peer's session ``where.tag``) if it is up, without dialling.
+        (:class:`SessionPeers` inlines this lookup on its per-push and per-receive path.)"""
         link = self._dialled.get((scope.tag, peer, where.tag))
         return link if link is not None and link.closed is None else None
 
@@ -283,7 +285,10 @@ class SessionPeers:
     def connected(self, peer: str) -> bool:
         """Whether this session's link to ``peer`` is up."""
         where = self.addresses.get(peer)
-        return where is not None and self.peers.open_link(self.scope, peer, where) is not None
+        if where is None:
+            return False
+        link = self.peers._dialled.get((self.scope.tag, peer, where.tag))  # (Peers.open_link, inlined: per receive)
+        return link is not None and link.closed is None
 
     async def link(self, peer: str) -> PeerLink:
         """This session's open link to ``peer``, dialling it if there is none."""
@@ -321,16 +326,25 @@ class SessionPeers:
 
     def acked(self, peer: str, kind: str, frame_id: int) -> None:
         """``peer`` acknowledged our push: forget it."""
+        self.acked_all(peer, ((kind, frame_id),))
+
+    def acked_all(self, peer: str, entries: Iterable[tuple[str, int]]) -> None:
+        """``peer`` acknowledged these pushes ``(kind, frame_id)`` (one ACK frame's): forget them."""
         box = self.outboxes.get(peer)
         if box is not None:
-            box.acked(kind, frame_id)
+            box.acked_all(entries)
 
     async def _send_kept(self, peer: str, box: Outbox) -> PeerLink:
         """Send on the open link to ``peer`` (dialled if need be) every kept push not yet sent on it, in order."""
-        async with box.lock:  # the link is taken under the lock: one that broke meanwhile was replaced
+        lock = box.lock
+        # the link is taken under the lock: one that broke meanwhile was replaced (acquired and released, not
+        # ``async with``: two calls less per push)
+        await lock.acquire()
+        try:
             where = self.addresses.get(peer)
-            link = self.peers.open_link(self.scope, peer, where) if where is not None else None
-            if link is None:  # (the common case, an open link, takes no coroutine of its own)
+            # (Peers.open_link, inlined: per push)
+            link = self.peers._dialled.get((self.scope.tag, peer, where.tag)) if where is not None else None
+            if link is None or link.closed is not None:  # (the common case, an open link, takes no coroutine)
                 link = await self.link(peer)
             for item in box.unsent(link):
                 again = item.sends > 0
@@ -340,6 +354,8 @@ class SessionPeers:
                     self.scope.counters.record(peer, "sent", "repush", 0)  # (a message of no bytes: the count shows)
                     log.info("worker %s: pushing %s #%d to %s again", self.peers.name, item.kind, item.frame_id, peer)
                 await link.push(item.kind, item.frame_id, item.value, count_as="resent" if again else None)
+        finally:
+            lock.release()
         return link
 
     async def relink(self, peer: str) -> None:
@@ -354,7 +370,7 @@ class SessionPeers:
         box = self.outboxes.get(peer)
         if box is None:
             box = self.outbox(peer)
-        box.keep(kind, frame_id, value, held_bytes(value))
+        box.keep(kind, frame_id, value, tensor_nbytes(value) if type(value) is torch.Tensor else held_bytes(value))
         try:
             await self._send_kept(peer, box)
         except LinkLost as exc:

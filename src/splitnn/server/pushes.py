@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,10 +97,19 @@ class Outbox:
 
     def acked(self, kind: str, frame_id: int) -> None:
         """The receiver has this push: forget it."""
-        self.dropped.discard((kind, frame_id))  # (an acknowledgement may overtake the bound)
-        item = self._kept.pop((kind, frame_id), None)
-        if item is not None:
-            self._bytes -= item.nbytes
+        self.acked_all(((kind, frame_id),))
+
+    def acked_all(self, entries: Iterable[tuple[str, int]]) -> None:
+        """The receiver has these pushes ``(kind, frame_id)`` (an ACK frame's): forget them. (One call per ACK
+        frame, not one per push.)"""
+        kept, dropped, changed = self._kept, self.dropped, False
+        for key in entries:
+            dropped.discard(key)  # (an acknowledgement may overtake the bound)
+            item = kept.pop(key, None)
+            if item is not None:
+                self._bytes -= item.nbytes
+                changed = True
+        if changed:
             self.changed.set()
 
     def unsent(self, link: Any) -> list[Kept]:
@@ -123,7 +132,11 @@ class Outbox:
         # what is left is the answer, without a walk over every kept push
         while queue and (queue[0].sent_on is link or kept.get((queue[0].kind, queue[0].frame_id)) is not queue[0]):
             queue.popleft()
-        return [item for item in queue if item.sent_on is not link and kept.get((item.kind, item.frame_id)) is item]
+        out = []
+        for item in queue:  # (a loop, not a comprehension: one call less per push)
+            if item.sent_on is not link and kept.get((item.kind, item.frame_id)) is item:
+                out.append(item)
+        return out
 
     def pending(self, run_id: int) -> bool:
         """Whether pushes of run ``run_id`` await their acknowledgement."""

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from splitnn.common import serde
 from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
-from splitnn.server.exports import held_bytes, quiet_future
+from splitnn.server.exports import held_bytes
 from splitnn.wire.cut_codec import Arrived
 from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
@@ -48,6 +49,9 @@ HELD_RULE = (
 )
 #: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
 REMEMBER_RUNS = 256
+#: ``run_of(frame_id) == frame_id >> RUN_SHIFT`` (:func:`~splitnn.workers.epoch.run_of`, inlined on the per-push path,
+#: where a call per push and per receive is a measurable share of a shipped epoch's time; a test holds them equal).
+RUN_SHIFT = 40
 
 
 class PeerLost(WorkerUnreachableError):
@@ -92,6 +96,14 @@ class Inbox:
     _finished: collections.deque = field(default_factory=lambda: collections.deque(maxlen=REMEMBER_RUNS))
     _bytes: dict[tuple[str, str, int], int] = field(default_factory=dict)  # slot -> bytes (decoded) it holds
     _run_bytes: collections.Counter = field(default_factory=collections.Counter)  # run id -> bytes its slots hold
+    # bytes the slots of runs active here hold (held_bytes(): kept as it changes, not summed per push)
+    _held: int = 0
+    # the waits on slots not yet filled: id -> (deadline, future), oldest first (every wait has the same timeout, so
+    # the oldest has the earliest deadline); one timer (_watch) fires at the oldest deadline, not a timer per wait
+    _waits: dict[int, tuple[float, asyncio.Future]] = field(default_factory=dict)
+    _wait_ids: Iterator[int] = field(default_factory=itertools.count)
+    _watch: asyncio.TimerHandle | None = None
+    _watch_loop: asyncio.AbstractEventLoop | None = None  # the loop _watch is on
 
     # -- runs ---------------------------------------------------------------------------
     def start(self, plan: EpochPlan) -> Run:
@@ -105,12 +117,14 @@ class Inbox:
                 allowed.add((st.next, "gradient"))
         run = Run(plan.run_id, frozenset(allowed))
         self._runs[plan.run_id] = run
+        self._held += self._run_bytes.get(plan.run_id, 0)  # its early pushes are now held for a running epoch
         for key in [k for k in self._slots if run_of(k[2]) == plan.run_id and k[:2] not in run.allowed]:
             self._drop(key).cancel()  # held early, but from a party this plan does not name
         return run
 
     def finish(self, run: Run) -> None:
-        self._runs.pop(run.run_id, None)
+        if self._runs.pop(run.run_id, None) is not None:
+            self._held -= self._run_bytes.get(run.run_id, 0)
         self._finished.append(run.run_id)
         for key in [k for k in self._slots if run_of(k[2]) == run.run_id]:
             self._drop(key).cancel()
@@ -123,15 +137,22 @@ class Inbox:
         self._runs.clear()
         self._bytes.clear()
         self._run_bytes.clear()
+        self._held = 0
+        self._waits.clear()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def _drop(self, key: tuple[str, str, int]) -> asyncio.Future:
         """Remove slot ``key`` (and the bytes it held from the tallies); return its future."""
         nbytes = self._bytes.pop(key, 0)
         if nbytes:
-            rid = run_of(key[2])
+            rid = key[2] >> RUN_SHIFT  # (run_of, inlined)
             self._run_bytes[rid] -= nbytes
             if self._run_bytes[rid] <= 0:
                 del self._run_bytes[rid]
+            if rid in self._runs:
+                self._held -= nbytes
         return self._slots.pop(key)
 
     # -- deliveries (from peer links) --------------------------------------------------------
@@ -145,11 +166,7 @@ class Inbox:
 
     def held_bytes(self) -> int:
         """Bytes (decoded) of the pushes held for runs active here, received and not yet used."""
-        runs, total = self._runs, 0
-        for rid, n in self._run_bytes.items():  # (one or two runs: a loop, not a generator, per push)
-            if rid in runs:
-                total += n
-        return total
+        return self._held
 
     def active(self, frame_id: int) -> bool:
         """Whether ``frame_id`` names a run active here."""
@@ -164,7 +181,7 @@ class Inbox:
         if run is not None:
             if (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
                 return 0
-            return max(HELD_PUSH_BYTES - self.held_bytes(), 0)
+            return max(HELD_PUSH_BYTES - self._held, 0)
         if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS or len(self._early()) >= MAX_EARLY_PUSHES:
             return 0
         return max(EARLY_PUSH_BYTES - self.early_bytes(), 0)
@@ -172,7 +189,7 @@ class Inbox:
     def admit(self, peer: str, kind: str, frame_id: int) -> tuple[int | None, bool]:
         """Before a push is decoded, in one look: ``(None, active)`` if it needs no delivery (:meth:`has`), else
         ``(room, active)`` (:meth:`room`); ``active`` is :meth:`active`. (A receiver asks this for every push.)"""
-        rid = run_of(frame_id)
+        rid = frame_id >> RUN_SHIFT  # (run_of, inlined)
         run = self._runs.get(rid)
         key = (peer, kind, frame_id)
         if run is None:
@@ -186,7 +203,7 @@ class Inbox:
         if run is not None:
             if (peer, kind) not in run.allowed:
                 return 0, True
-            return max(HELD_PUSH_BYTES - self.held_bytes(), 0), True
+            return max(HELD_PUSH_BYTES - self._held, 0), True
         if not 0 < rid < 1 << RUN_ID_BITS or len(self._early()) >= MAX_EARLY_PUSHES:
             return 0, False
         return max(EARLY_PUSH_BYTES - self.early_bytes(), 0), False
@@ -205,35 +222,45 @@ class Inbox:
 
     def deliver(self, peer: str, kind: str, frame_id: int, value: torch.Tensor | BaseException) -> bool:
         """Store a pushed tensor (or the error decoding it). False if it is refused or stale."""
-        rid = run_of(frame_id)
+        rid = frame_id >> RUN_SHIFT  # (run_of, inlined)
         run = self._runs.get(rid)
-        if isinstance(value, BaseException):
+        key = (peer, kind, frame_id)
+        failed = isinstance(value, BaseException)
+        if failed:
             nbytes = 0
-        else:  # (an arrival's bytes are its value's: its two counts hold none)
-            nbytes = held_bytes(value.value if isinstance(value, Arrived) else value)
+        elif isinstance(value, Arrived):
+            # an arrival's bytes are its value's (its two counts hold none): ``raw``, which the decoder counted from
+            # the tensors it made (tensor_nbytes of each, never a size the sender declared; a test holds it equal to
+            # held_bytes of the value), so they are not counted a second time here
+            nbytes = value.raw
+        else:
+            nbytes = held_bytes(value)
+        slots = self._slots
         if run is None:
             if rid in self._finished or not 0 < rid < 1 << RUN_ID_BITS:
                 return False
-            if (peer, kind, frame_id) not in self._slots:  # a new early push: within the session's bound
-                if isinstance(value, BaseException) or len(self._early()) >= MAX_EARLY_PUSHES:
+            if key not in slots:  # a new early push: within the session's bound
+                if failed or len(self._early()) >= MAX_EARLY_PUSHES:
                     return False
                 if self.early_bytes() + nbytes > EARLY_PUSH_BYTES:
                     return False
-        elif (peer, kind) not in run.allowed or (peer, kind, frame_id) in run.consumed:
-            return False
-        if run is not None and self.held_bytes() + nbytes > HELD_PUSH_BYTES:  # the session's bound for its runs
-            return False
-        fut = self._slot(peer, kind, frame_id)
-        if fut.done() and isinstance(fut.exception() if not fut.cancelled() else None, PeerLost):
-            fut = self._slots[(peer, kind, frame_id)] = quiet_future()  # failed by a broken link: fill anew
-        if fut.done():
-            return False
-        if isinstance(value, BaseException):
-            fut.set_exception(value)
+        elif (peer, kind) not in run.allowed or key in run.consumed or self._held + nbytes > HELD_PUSH_BYTES:
+            return False  # not expected from it by its run, used already, or over the session's bound for its runs
+        fut = slots.get(key)  # (as slot() makes it)
+        if fut is None:
+            fut = slots[key] = asyncio.get_running_loop().create_future()
+        elif fut.done():
+            if fut.cancelled() or not isinstance(fut.exception(), PeerLost):
+                return False
+            fut = slots[key] = asyncio.get_running_loop().create_future()  # failed by a broken link: fill anew
+        if failed:
+            _fail(fut, value)
         else:
             fut.set_result(value)
-            self._bytes[(peer, kind, frame_id)] = nbytes
+            self._bytes[key] = nbytes
             self._run_bytes[rid] += nbytes
+            if run is not None:
+                self._held += nbytes
         return True
 
     def has(self, peer: str, kind: str, frame_id: int) -> bool:
@@ -256,31 +283,44 @@ class Inbox:
         run.aborted = WorkerError(f"worker {self.worker!r}: peer {peer!r} aborted the epoch: {text}")
         for (_, _, i), fut in self._slots.items():
             if run_of(i) == run_id and not fut.done():
-                fut.set_exception(run.aborted)
+                _fail(fut, run.aborted)
 
     def peer_lost(self, peer: str) -> None:
         """The connection to ``peer`` broke: fail every wait on it."""
         for (p, _, _), fut in self._slots.items():
             if p == peer and not fut.done():
-                fut.set_exception(PeerLost(f"worker {self.worker!r}: lost the connection to peer {peer!r}"))
+                _fail(fut, PeerLost(f"worker {self.worker!r}: lost the connection to peer {peer!r}"))
 
     # -- waiting (from the epoch loop) ---------------------------------------------------------
     def slot(self, run: Run, peer: str, kind: str, frame_id: int) -> asyncio.Future:
         """The future a wait for (peer, kind, frame_id) awaits; create it before dialling the peer."""
         if run.aborted is not None:
             raise run.aborted
-        return self._slot(peer, kind, frame_id)
+        # a slot's future is a plain one, not exports.quiet_future (whose done-callback costs an event-loop pass per
+        # push): every error put in it goes through _fail, which marks it retrieved
+        key = (peer, kind, frame_id)
+        fut = self._slots.get(key)
+        if fut is None:
+            fut = self._slots[key] = asyncio.get_running_loop().create_future()
+        return fut
 
     async def wait(self, run: Run, peer: str, kind: str, frame_id: int, fut: asyncio.Future) -> torch.Tensor:
         try:
             if fut.done():  # pushed ahead of its receive (pipelined runs): no timer needed
                 value = fut.result()
-            else:  # awaited directly, with a timer (not wait_for: one event-loop pass less per receive)
-                timer = asyncio.get_running_loop().call_later(self.timeout, _time_out, fut)
+            else:
+                # awaited directly (not wait_for: one event-loop pass less per receive), its deadline kept for the
+                # inbox's one timer (a timer per wait, made and cancelled, costs about a dozen calls per receive)
+                loop = asyncio.get_running_loop()
+                wid = next(self._wait_ids)
+                deadline = loop.time() + self.timeout
+                self._waits[wid] = (deadline, fut)
+                if self._watch is None or self._watch_loop is not loop:  # (none armed on this loop: arm it)
+                    self._watch, self._watch_loop = loop.call_at(deadline, self._expire, deadline), loop
                 try:
                     value = await fut
                 finally:
-                    timer.cancel()
+                    self._waits.pop(wid, None)
             run.consumed.add((peer, kind, frame_id))
             return value
         except asyncio.TimeoutError:
@@ -292,12 +332,18 @@ class Inbox:
             if self._slots.get((peer, kind, frame_id)) is fut:
                 self._drop((peer, kind, frame_id))
 
-    def _slot(self, peer: str, kind: str, frame_id: int) -> asyncio.Future:
-        key = (peer, kind, frame_id)
-        fut = self._slots.get(key)
-        if fut is None:
-            fut = self._slots[key] = quiet_future()
-        return fut
+    def _expire(self, due: float) -> None:
+        """The timer of the waits fired (for the deadline ``due``): fail every wait whose deadline has come (its slot
+        is dropped by :meth:`wait`), and set the timer again for the oldest one left."""
+        self._watch = None
+        loop = asyncio.get_running_loop()
+        now = max(loop.time(), due)  # (a timer may fire a clock tick before its time: ``due`` has come)
+        for wid, (deadline, fut) in list(self._waits.items()):  # oldest first
+            if deadline > now:
+                self._watch, self._watch_loop = loop.call_at(deadline, self._expire, deadline), loop
+                return
+            del self._waits[wid]
+            _time_out(fut)
 
 
 # ------------------------------------------------------------------------------- plans
@@ -422,4 +468,11 @@ def _quiet(task: asyncio.Task) -> None:
 def _time_out(fut: asyncio.Future) -> None:
     """A wait's timer ran out: fail the wait (its slot is dropped by :meth:`Inbox.wait`)."""
     if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
+        _fail(fut, asyncio.TimeoutError())
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    """Fail an inbox slot's wait with ``exc``, marked retrieved: a slot nobody awaits any more (its run ended, its
+    peer aborted) is never reported as "exception never retrieved"; an await of it still raises ``exc``."""
+    fut.set_exception(exc)
+    fut.exception()

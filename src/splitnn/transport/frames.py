@@ -8,7 +8,7 @@ header against its limits before buffering.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -152,7 +152,11 @@ def request(kind: str, tensor_id: int) -> bytes:
 def ack(entries: Sequence[tuple[str, int]]) -> bytes:
     """The ACK frame telling a pusher these pushes ``(kind, id)`` (at most :data:`MAX_ACKS`) arrived whole; with
     none, it asks the peer to acknowledge what it has now."""
-    payload = b"".join(ACK_ENTRY.pack(KIND_CODES[kind], tensor_id) for kind, tensor_id in entries)
+    payload = bytearray(len(entries) * ACK_ENTRY.size)
+    at = 0
+    for kind, tensor_id in entries:  # (a loop, not a generator: a call less per push acknowledged)
+        ACK_ENTRY.pack_into(payload, at, KIND_CODES[kind], tensor_id)
+        at += ACK_ENTRY.size
     return pack(ACK, "activation", 0, len(payload), payload)
 
 
@@ -196,6 +200,7 @@ def payload_frames(
     The payload is never joined as a whole: each frame is its header plus views of
     ``parts`` joined once, so every payload byte is copied exactly once here; with
     ``joined=False`` each frame is that tuple of header and views, not copied at all.
+    A payload of one frame (the common case) is made at once, without a generator.
     """
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")
@@ -209,8 +214,24 @@ def payload_frames(
             total += len(v)
     join = b"".join if joined else tuple
     if total <= chunk_bytes:
-        yield join([_head(type_, kind, tensor_id, total, False, codec, values), *views])
-        return
+        # (_head, inlined: this runs for every frame)
+        head = HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_VALUES if values else 0, codec, tensor_id, total)
+        return iter((join([head, *views]),))
+    return _chunked_frames(kind, tensor_id, views, total, chunk_bytes, type_, codec, values, join)
+
+
+def _chunked_frames(
+    kind: str,
+    tensor_id: int,
+    views: list[memoryview],
+    total: int,
+    chunk_bytes: int,
+    type_: int,
+    codec: int,
+    values: bool,
+    join: Callable,
+) -> Iterator[Frame]:
+    """:func:`payload_frames` of a payload above ``chunk_bytes``: one frame per chunk, made as it is asked for."""
     sent = 0
     while sent < total:
         end = min(sent + chunk_bytes, total)
@@ -239,10 +260,10 @@ def data_frames(
     ``codec`` (default ``none``) encodes the tensor first; a stateful sender (error
     feedback) encodes itself and calls :func:`payload_frames` with the codec's id.
     """
+    if codec is None:  # (the common case, without a codec object per frame; payload_frames checks ``type_``)
+        return payload_frames(kind, tensor_id, encode_tensor_parts(tensor), chunk_bytes, type_=type_, joined=joined)
     if type_ not in PAYLOAD_TYPES:
         raise ValueError(f"frame type {type_} carries no tensor")
-    if codec is None:  # (the common case, without a codec object per frame)
-        return payload_frames(kind, tensor_id, encode_tensor_parts(tensor), chunk_bytes, type_=type_, joined=joined)
     c = compress.get_codec(codec)
     parts = encode_tensor_parts(tensor) if c.id == NO_CODEC else (c.encode(tensor),)
     return payload_frames(kind, tensor_id, parts, chunk_bytes, type_=type_, codec=c.id, joined=joined)
@@ -260,8 +281,8 @@ def value_frames(
     """The DATA (or PUSH) frames carrying what crosses a cut: a tensor (exactly :func:`data_frames`), a
     tuple of them (a values payload), or a value its sender encoded (:class:`~splitnn.wire.cut_codec.Encoded`:
     the frames name its codec)."""
-    if isinstance(value, torch.Tensor):
-        return data_frames(kind, tensor_id, value, chunk_bytes, type_=type_, joined=joined)
+    if isinstance(value, torch.Tensor):  # (data_frames without a codec, inlined: this runs for every push)
+        return payload_frames(kind, tensor_id, encode_tensor_parts(value), chunk_bytes, type_=type_, joined=joined)
     encoded = cut_codec.encoded_of(value)
     parts = encoded.wire_parts()
     return payload_frames(
@@ -349,6 +370,10 @@ class Reassembler:
             if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
+                if hdr.codec == NO_CODEC and not hdr.values:  # (_decode's first case, inlined: one plain tensor)
+                    t = decode_tensor(chunk, max_bytes=cap, borrow=owned)
+                    nbytes = tensor_nbytes(t)
+                    return Arrived(t, nbytes, nbytes)
                 return self._decode(hdr.codec, hdr.values, chunk, owned, cap)
             part, chunk = self._start(hdr, chunk)
         elif part.total != hdr.total or part.codec != hdr.codec or part.values != hdr.values:
