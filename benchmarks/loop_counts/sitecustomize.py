@@ -50,7 +50,7 @@ def _install(out: str) -> None:
     if profile:
         import yappi
 
-        yappi.set_clock_type("cpu")
+        yappi.set_clock_type(os.environ.get("SPLITNN_LOOP_YAPPI_CLOCK", "cpu"))  # "wall": waits too
         yappi.start(builtins=False)
 
     def write() -> None:

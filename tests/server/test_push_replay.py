@@ -19,8 +19,8 @@ from splitnn.transport.limits import Limits
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id
 
 
-def _plan(run_id: int) -> EpochPlan:
-    return EpochPlan(run_id, "d", "nll", (StagePlan(1, "s1", "alice", "claire"),), order=BatchOrder(8, 4))
+def _plan(run_id: int, batches: int = 2) -> EpochPlan:
+    return EpochPlan(run_id, "d", "nll", (StagePlan(1, "s1", "alice", "claire"),), order=BatchOrder(4 * batches, 4))
 
 
 class Receiver:
@@ -192,7 +192,7 @@ def test_a_receiver_acknowledges_a_full_batch_of_pushes_without_waiting_for_the_
 
     async def main():
         bob = Receiver()
-        bob.inbox.start(_plan(7))
+        bob.inbox.start(_plan(7, batches=ACK_EVERY + 1))  # (none of these pushes is the run's last)
         for b in range(ACK_EVERY - 1):
             await bob.push("activation", push_id(7, b, 0), torch.ones(2))
         assert bob.acked() == []  # gathered (the timer has ACK_DELAY to go) ...
@@ -200,6 +200,29 @@ def test_a_receiver_acknowledges_a_full_batch_of_pushes_without_waiting_for_the_
         # ... until ACK_EVERY of them: one ACK frame, at once (no sleep over ACK_DELAY here)
         assert bob.acked() == [("activation", push_id(7, b, 0)) for b in range(ACK_EVERY)]
         assert sum(frames.parse(raw)[0].type == frames.ACK for raw in bob.written) == 1
+        await bob.close()
+
+    asyncio.run(main())
+
+
+def test_the_last_push_a_run_expects_from_a_sender_is_acknowledged_at_once():
+    """The sender's epoch ends waiting for its pushes' acknowledgements: the receiver sends them with the last push
+    its run expects of that sender and kind (batches cross a cut in order), without waiting for ACK_DELAY or a
+    request; earlier pushes are gathered, and so is a last push of a kind this run does not expect of that peer."""
+
+    async def main():
+        bob = Receiver()
+        bob.inbox.start(_plan(7, batches=3))  # bob's stage 1: activations from alice (cut 0), 3 batches
+        await bob.push("activation", push_id(7, 0, 0), torch.ones(2))
+        await bob.push("activation", push_id(7, 1, 0), torch.ones(2))
+        assert bob.acked() == []  # gathered: ACK_DELAY to go
+        await bob.push("activation", push_id(7, 2, 0), torch.ones(2))  # the run's last from alice: all, at once
+        assert bob.acked() == [("activation", push_id(7, b, 0)) for b in range(3)]
+        assert bob.inbox.ends_run("alice", "activation", push_id(7, 2, 0))
+        assert not bob.inbox.ends_run("alice", "activation", push_id(7, 1, 0))
+        assert not bob.inbox.ends_run("claire", "activation", push_id(7, 2, 0))  # claire sends gradients here
+        assert bob.inbox.ends_run("claire", "gradient", push_id(7, 2, 1))  # (cut 1: after bob's stage 1)
+        assert not bob.inbox.ends_run("alice", "activation", push_id(8, 2, 0))  # a run not started here
         await bob.close()
 
     asyncio.run(main())

@@ -369,6 +369,8 @@ class PeerLink:
                 self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
                 return
         self._acks.add(hdr.kind, hdr.id)  # the sender may forget it: say so soon, with others
+        if scope.inbox.ends_run(self.peer, hdr.kind, hdr.id):  # ... or now: its epoch ends waiting for them
+            self._acks.flush()
 
     def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
         self._count("recv", "refused", 0)

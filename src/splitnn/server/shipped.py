@@ -64,6 +64,9 @@ class Run:
 
     run_id: int
     allowed: frozenset[tuple[str, str]]  # (peer, kind) pairs that may push
+    # the last push the run expects of each (peer, kind): its acknowledgement goes at once (the sender's epoch ends
+    # when its pushes are acknowledged: it need not ask for it then)
+    last: frozenset[tuple[str, str, int]] = frozenset()
     aborted: BaseException | None = None
     consumed: set[tuple[str, str, int]] = field(default_factory=set)  # pushes received and used (a copy is ignored)
 
@@ -109,13 +112,15 @@ class Inbox:
     def start(self, plan: EpochPlan) -> Run:
         if plan.run_id in self._runs or plan.run_id in self._finished:
             raise WireError(f"worker {self.worker!r}: epoch run #{plan.run_id} is already running or finished")
-        allowed = set()
+        allowed, last, final = set(), set(), plan.num_batches - 1
         for st in plan.stages:
             if st.prev not in (None, self.worker):
                 allowed.add((st.prev, "activation"))
+                last.add((st.prev, "activation", push_id(plan.run_id, final, st.index - 1)))
             if st.next not in (None, self.worker):
                 allowed.add((st.next, "gradient"))
-        run = Run(plan.run_id, frozenset(allowed))
+                last.add((st.next, "gradient", push_id(plan.run_id, final, st.index)))
+        run = Run(plan.run_id, frozenset(allowed), frozenset(last))
         self._runs[plan.run_id] = run
         self._held += self._run_bytes.get(plan.run_id, 0)  # its early pushes are now held for a running epoch
         for key in [k for k in self._slots if run_of(k[2]) == plan.run_id and k[:2] not in run.allowed]:
@@ -262,6 +267,13 @@ class Inbox:
             if run is not None:
                 self._held += nbytes
         return True
+
+    def ends_run(self, peer: str, kind: str, frame_id: int) -> bool:
+        """Whether push ``(peer, kind, frame_id)`` is the last one its running epoch expects of ``peer`` and ``kind``
+        (batches cross each cut in order, under every schedule): its sender waits for the acknowledgements of its
+        pushes once its part of the epoch is done, so they go at once."""
+        run = self._runs.get(frame_id >> RUN_SHIFT)
+        return run is not None and (peer, kind, frame_id) in run.last
 
     def has(self, peer: str, kind: str, frame_id: int) -> bool:
         """Whether the push (peer, kind, frame_id) needs no delivery: it is held or was used here, or its run
