@@ -8,8 +8,9 @@ turn, ``--rounds`` times: starts three ``splitnn worker`` processes that import 
 tree, trains the tutorial network on them (batch 64, ``--batches`` batches per epoch, ``--runs``
 epochs after a warm-up; shipped epochs over gRPC links, or ``--tcp`` links, or ``--per-op``
 commands), and prints one JSON line: samples/s (wall clock: noisy on a shared machine), and per
-batch each party's CPU milliseconds (``/proc``, 10 ms ticks), event-loop passes and tasks created
-(``benchmarks/loop_counts`` on the workers' ``PYTHONPATH``). The researcher runs the tree's own
+batch each party's CPU milliseconds (``/proc``, 10 ms ticks; also by thread, and user and system
+apart), minor page faults, context switches, event-loop passes, tasks created and the garbage
+collector's passes (``benchmarks/loop_counts`` on the workers' ``PYTHONPATH``). The researcher runs the tree's own
 client too, so an old tree is measured as it was. ``--yappi DIR`` also saves each worker's yappi
 profile of the timed epochs as ``DIR/<tree>-<round>/<party>.pstat``. Not a test: nothing here
 asserts timings.
