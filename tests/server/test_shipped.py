@@ -229,7 +229,7 @@ def test_losses_round_trip_exactly():
 
 def test_inlined_run_of_is_run_of():
     """The inbox reads a push's run as ``frame_id >> RUN_SHIFT`` on its per-push path: the same as run_of."""
-    from splitnn.server.shipped import RUN_SHIFT
+    from splitnn.workers.epoch import RUN_SHIFT
 
     for fid in (push_id(1, 0, 0), push_id(5, 2**32 - 1, 254), push_id(2**23 - 1, 7, 3), (1 << RUN_SHIFT) - 1, 0):
         assert fid >> RUN_SHIFT == run_of(fid)

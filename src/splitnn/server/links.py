@@ -368,9 +368,8 @@ class PeerLink:
             if not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
                 self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
                 return
-        self._acks.add(hdr.kind, hdr.id)  # the sender may forget it: say so soon, with others
-        if scope.inbox.ends_run(self.peer, hdr.kind, hdr.id):  # ... or now: its epoch ends waiting for them
-            self._acks.flush()
+        # the sender may forget it: say so soon, with others (now, if its epoch ends waiting for them)
+        self._acks.add(hdr.kind, hdr.id, now=scope.inbox.ends_run(self.peer, hdr.kind, hdr.id))
 
     def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
         self._count("recv", "refused", 0)

@@ -164,10 +164,11 @@ class Acks:
         self._entries: list[tuple[str, int]] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, kind: str, frame_id: int) -> None:
-        """The push (kind, frame_id) arrived whole: acknowledge it soon, with others."""
+    def add(self, kind: str, frame_id: int, *, now: bool = False) -> None:
+        """The push (kind, frame_id) arrived whole: acknowledge it soon, with others (``now``: at once, with those
+        gathered)."""
         self._entries.append((kind, frame_id))
-        if len(self._entries) >= ACK_EVERY:
+        if now or len(self._entries) >= ACK_EVERY:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)

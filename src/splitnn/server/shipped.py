@@ -22,7 +22,7 @@ from splitnn.common import serde
 from splitnn.errors import WireError, WorkerError, WorkerUnreachableError
 from splitnn.server.exports import held_bytes
 from splitnn.wire.cut_codec import Arrived
-from splitnn.workers.epoch import RUN_ID_BITS, EpochPlan, push_id, run_of
+from splitnn.workers.epoch import RUN_ID_BITS, RUN_SHIFT, EpochPlan, push_id, run_of
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import LossStats
 from splitnn.workers.runner import PartyRun
@@ -49,9 +49,6 @@ HELD_RULE = (
 )
 #: Finished run ids remembered (late pushes for them are dropped, their ids not reused).
 REMEMBER_RUNS = 256
-#: ``run_of(frame_id) == frame_id >> RUN_SHIFT`` (:func:`~splitnn.workers.epoch.run_of`, inlined on the per-push path,
-#: where a call per push and per receive is a measurable share of a shipped epoch's time; a test holds them equal).
-RUN_SHIFT = 40
 
 
 class PeerLost(WorkerUnreachableError):

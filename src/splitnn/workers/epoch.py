@@ -32,6 +32,9 @@ from splitnn.workers.schedules import Schedule, check_pipeline_depth, schedule
 
 #: Run ids must fit this many bits (they are the high bits of a peer frame's id).
 RUN_ID_BITS = 23
+#: Where a peer frame's id holds its run id: ``run_of(frame_id) == frame_id >> RUN_SHIFT`` (a receiver shifts inline,
+#: once per push).
+RUN_SHIFT = 40
 MAX_STAGES = 255
 MAX_BATCHES = 1 << 32
 
@@ -41,12 +44,12 @@ def push_id(run_id: int, batch: int, cut: int) -> int:
 
     Activations and gradients of the same cut share the id; the frame's kind tells them apart.
     """
-    return (run_id << 40) | (batch << 8) | cut
+    return (run_id << RUN_SHIFT) | (batch << 8) | cut
 
 
 def run_of(frame_id: int) -> int:
     """The run id part of a pushed frame's id."""
-    return frame_id >> 40
+    return frame_id >> RUN_SHIFT
 
 
 @dataclass(frozen=True)
