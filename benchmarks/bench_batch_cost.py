@@ -10,10 +10,10 @@ epochs after a warm-up; shipped epochs over gRPC links, or ``--tcp`` links, or `
 commands), and prints one JSON line: samples/s (wall clock: noisy on a shared machine), and per
 batch each party's CPU milliseconds (``/proc``, 10 ms ticks; also by thread, and user and system
 apart), minor page faults, context switches, event-loop passes, tasks created and the garbage
-collector's passes (``benchmarks/loop_counts`` on the workers' ``PYTHONPATH``). The researcher runs the tree's own
-client too, so an old tree is measured as it was. ``--yappi DIR`` also saves each worker's yappi
-profile of the timed epochs as ``DIR/<tree>-<round>/<party>.pstat``. Not a test: nothing here
-asserts timings.
+collector's passes (``benchmarks/loop_counts`` on the workers' ``PYTHONPATH``), and the machine's busy
+and stolen CPU. The researcher runs the tree's own client too, so an old tree is measured as it was.
+``--yappi DIR`` also saves each worker's yappi profile of the timed epochs as
+``DIR/<tree>-<round>/<party>.pstat``. Not a test: nothing here asserts timings.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ def _switches(pid: int) -> dict[str, float]:
             elif line.startswith("nonvoluntary_ctxt_switches"):
                 out["involuntary"] += int(line.split()[1])
     return out
+
+
+def _machine() -> dict[str, float]:
+    """The machine's CPU seconds since boot, all processes and the kernel (``/proc/stat``): busy, and stolen by
+    the hypervisor for other guests (``steal``: time this machine's CPUs wanted to run and could not)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return {"busy": (user + nice + system + irq + softirq) / tick, "steal": steal / tick}
 
 
 def _threads(pid: int) -> dict[str, float]:
@@ -112,6 +121,7 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
         c0, k0 = {n: _cpu(p) for n, p in pids.items()}, read()
         h0 = {n: _threads(p) for n, p in pids.items()}
         s0 = {n: _switches(p) for n, p in pids.items()}
+        m0 = _machine()
         r0, t0 = time.process_time(), time.perf_counter()
         for r in range(runs):
             model.fit(data, epochs=1, batch_size=BATCH, seed=r + 1, progress=False)
@@ -119,6 +129,7 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
         c1, k1 = {n: _cpu(p) for n, p in pids.items()}, read()
         h1 = {n: _threads(p) for n, p in pids.items()}
         s1 = {n: _switches(p) for n, p in pids.items()}
+        m1 = _machine()
         if yappi:
             (counts / "dump").touch()
             while not all((counts / f"{n}.done").exists() for n in NAMES):
@@ -142,6 +153,7 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
             n: {t: round(1e3 * (v - h0[n].get(t, 0.0)) / nb, 3) for t, v in h1[n].items() if v > h0[n].get(t, 0.0)}
             for n in NAMES
         },
+        "machine_cpu_ms_per_batch": {k: round(1e3 * (m1[k] - m0[k]) / nb, 3) for k in m1},
         "switches_per_batch": {
             n: {k: round((s1[n][k] - s0[n][k]) / nb * (1e3 if k in ("user", "sys") else 1), 3) for k in s1[n]}
             for n in NAMES
