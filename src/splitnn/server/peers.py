@@ -45,7 +45,6 @@ from splitnn.transport.limits import Limits
 from splitnn.transport.security import TLSConfig, call_metadata
 from splitnn.wire.cut_codec import Arrived, Encoded
 from splitnn.wire.proto import PEER
-from splitnn.wire.tensor_codec import tensor_nbytes
 
 __all__ = [
     "ACK_DELAY",
@@ -103,8 +102,7 @@ class Peers:
         return self.open_link(scope, peer, where) is not None
 
     def open_link(self, scope: PeerScope, peer: str, where: PeerAddress) -> PeerLink | None:
-        """``scope``'s link to ``peer`` (serving the peer's session ``where.tag``) if it is up, without dialling.
-        (:class:`SessionPeers` inlines this lookup on its per-push and per-receive path.)"""
+        """``scope``'s link to ``peer`` (serving the peer's session ``where.tag``) if it is up, without dialling."""
         link = self._dialled.get((scope.tag, peer, where.tag))
         return link if link is not None and link.closed is None else None
 
@@ -285,10 +283,7 @@ class SessionPeers:
     def connected(self, peer: str) -> bool:
         """Whether this session's link to ``peer`` is up."""
         where = self.addresses.get(peer)
-        if where is None:
-            return False
-        link = self.peers._dialled.get((self.scope.tag, peer, where.tag))  # (Peers.open_link, inlined: per receive)
-        return link is not None and link.closed is None
+        return where is not None and self.peers.open_link(self.scope, peer, where) is not None
 
     async def link(self, peer: str) -> PeerLink:
         """This session's open link to ``peer``, dialling it if there is none."""
@@ -342,9 +337,8 @@ class SessionPeers:
         await lock.acquire()
         try:
             where = self.addresses.get(peer)
-            # (Peers.open_link, inlined: per push)
-            link = self.peers._dialled.get((self.scope.tag, peer, where.tag)) if where is not None else None
-            if link is None or link.closed is not None:  # (the common case, an open link, takes no coroutine)
+            link = self.peers.open_link(self.scope, peer, where) if where is not None else None
+            if link is None:  # (the common case, an open link, takes no coroutine of its own)
                 link = await self.link(peer)
             for item in box.unsent(link):
                 again = item.sends > 0
@@ -370,7 +364,7 @@ class SessionPeers:
         box = self.outboxes.get(peer)
         if box is None:
             box = self.outbox(peer)
-        box.keep(kind, frame_id, value, tensor_nbytes(value) if type(value) is torch.Tensor else held_bytes(value))
+        box.keep(kind, frame_id, value, held_bytes(value))
         try:
             await self._send_kept(peer, box)
         except LinkLost as exc:

@@ -214,9 +214,7 @@ def payload_frames(
             total += len(v)
     join = b"".join if joined else tuple
     if total <= chunk_bytes:
-        # (_head, inlined: this runs for every frame)
-        head = HEADER.pack(PEER_MAGIC, type_, KIND_CODES[kind], FLAG_VALUES if values else 0, codec, tensor_id, total)
-        return iter((join([head, *views]),))
+        return iter((join([_head(type_, kind, tensor_id, total, False, codec, values), *views]),))
     return _chunked_frames(kind, tensor_id, views, total, chunk_bytes, type_, codec, values, join)
 
 
@@ -281,8 +279,8 @@ def value_frames(
     """The DATA (or PUSH) frames carrying what crosses a cut: a tensor (exactly :func:`data_frames`), a
     tuple of them (a values payload), or a value its sender encoded (:class:`~splitnn.wire.cut_codec.Encoded`:
     the frames name its codec)."""
-    if isinstance(value, torch.Tensor):  # (data_frames without a codec, inlined: this runs for every push)
-        return payload_frames(kind, tensor_id, encode_tensor_parts(value), chunk_bytes, type_=type_, joined=joined)
+    if isinstance(value, torch.Tensor):
+        return data_frames(kind, tensor_id, value, chunk_bytes, type_=type_, joined=joined)
     encoded = cut_codec.encoded_of(value)
     parts = encoded.wire_parts()
     return payload_frames(
@@ -370,10 +368,6 @@ class Reassembler:
             if not hdr.more:  # the common case: one frame, no reassembly
                 if len(chunk) != hdr.total:
                     raise WireError(f"peer tensor #{hdr.id}: frame holds {len(chunk)} bytes but declares {hdr.total}")
-                if hdr.codec == NO_CODEC and not hdr.values:  # (_decode's first case, inlined: one plain tensor)
-                    t = decode_tensor(chunk, max_bytes=cap, borrow=owned)
-                    nbytes = tensor_nbytes(t)
-                    return Arrived(t, nbytes, nbytes)
                 return self._decode(hdr.codec, hdr.values, chunk, owned, cap)
             part, chunk = self._start(hdr, chunk)
         elif part.total != hdr.total or part.codec != hdr.codec or part.values != hdr.values:

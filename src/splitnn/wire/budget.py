@@ -168,10 +168,7 @@ def check_forward(twin: nn.Module, args: tuple, kwargs: dict, budget: int, name:
 
 
 def _signature(args: tuple, kwargs: dict, training: bool) -> Any:
-    if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:  # the usual call, once per batch: cheapest
-        a = args[0]
-        return training, ((a.shape, a.stride(), a.dtype, a.requires_grad),)
-    if not kwargs and all(type(a) is torch.Tensor for a in args):  # several tensors: cheap
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # the usual call: cheap
         return training, tuple((a.shape, a.stride(), a.dtype, a.requires_grad) for a in args)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     sig = []
