@@ -26,7 +26,7 @@ from splitnn.workers.epoch import RUN_ID_BITS, RUN_SHIFT, EpochPlan, push_id, ru
 from splitnn.workers.losses import check_loss_name
 from splitnn.workers.refs import LossStats
 from splitnn.workers.runner import PartyRun
-from splitnn.workers.schedules import MAX_IN_FLIGHT, RECEIVES, SENDS
+from splitnn.workers.schedules import CUT_BEHIND, KIND_OF, MAX_IN_FLIGHT, RECEIVES, SENDS
 from splitnn.workers.virtual import VirtualWorker
 
 #: Pushes a session holds for runs that have not started here yet (from all peers together): a pipelined data
@@ -443,13 +443,15 @@ async def run_epoch(
         for a in sched.actions(me):
             op = a.op
             if op in RECEIVES:
-                run.incoming(a, await receive(a.peer, a.kind, push_id(plan.run_id, a.batch, a.cut)))
+                # (Action.kind and .cut, looked up in their tables: per send and receive)
+                fid = push_id(plan.run_id, a.batch, a.stage - CUT_BEHIND[op])
+                run.incoming(a, await receive(a.peer, KIND_OF[op], fid))
             elif op in SENDS:
-                fid = push_id(plan.run_id, a.batch, a.cut)
+                fid = push_id(plan.run_id, a.batch, a.stage - CUT_BEHIND[op])
                 if lock_step:  # the party's next action waits for a peer anyway: write now, no task per push
-                    await push(a.peer, a.kind, fid, run.outgoing(a))
+                    await push(a.peer, KIND_OF[op], fid, run.outgoing(a))
                     continue
-                sending.append(asyncio.ensure_future(push(a.peer, a.kind, fid, run.outgoing(a))))
+                sending.append(asyncio.ensure_future(push(a.peer, KIND_OF[op], fid, run.outgoing(a))))
                 while sending and sending[0].done():
                     sending.popleft().result()  # a failed push fails the run here
             else:

@@ -14,7 +14,7 @@ from splitnn.errors import WorkerError
 from splitnn.wire.cut_codec import Arrived, Encoded
 from splitnn.workers.losses import Loss
 from splitnn.workers.refs import BatchRef, LossStats, TensorRef
-from splitnn.workers.schedules import Action, Op
+from splitnn.workers.schedules import KIND_OF, Action, Op
 from splitnn.workers.values import Value
 from splitnn.workers.virtual import VirtualWorker
 
@@ -121,7 +121,7 @@ class PartyRun:
         receiver decodes the same bytes), or what came off the wire (:class:`~splitnn.wire.cut_codec.Arrived`)."""
         if type(tensor) is Encoded:
             tensor = tensor.arrived()
-        ref = self.engine.put(tensor, src=a.peer, kind=a.kind)
+        ref = self.engine.put(tensor, src=a.peer, kind=KIND_OF[a.op])
         if a.op is Op.RECV_F:
             self._out[(a.stage - 1, a.batch)] = ref
         else:

@@ -38,7 +38,8 @@ class Op(str, enum.Enum):
 COMPUTE = frozenset({Op.ZERO, Op.FORWARD, Op.LOSS, Op.BACKWARD, Op.STEP})
 SENDS = frozenset({Op.SEND_F, Op.SEND_B})
 RECEIVES = frozenset({Op.RECV_F, Op.RECV_B})
-#: What a send or receive carries, by op (:attr:`Action.kind`).
+#: What a send or receive carries, by op (:attr:`Action.kind`; a table, so the per-batch loops look it up
+#: without a call).
 KIND_OF = {Op.SEND_F: "activation", Op.RECV_F: "activation", Op.SEND_B: "gradient", Op.RECV_B: "gradient"}
 #: How far before the action's stage the cut its tensor crosses lies, by op (:attr:`Action.cut`: stage - this).
 CUT_BEHIND = {Op.SEND_F: 0, Op.RECV_B: 0, Op.RECV_F: 1, Op.SEND_B: 1}

@@ -59,9 +59,12 @@ class Steps:
             raise no_training_forward(self.name, key)
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
-        self._check_hijack(key)
+        guarded = key in self._hijack_guards  # (rule detect_hijack: most segments have no detector)
+        if guarded:
+            self._check_hijack(key)
         self._backprop(hosted, grad)
-        self._check_hijack(key)
+        if guarded:
+            self._check_hijack(key)
         kind, inp = hosted.input_kind, hosted.inp
         hosted.inp = hosted.out = None
         if kind == "data":
@@ -83,7 +86,8 @@ class Steps:
             p.grad = None
 
     def step(self, key: str) -> None:
-        self._check_hijack(key)
+        if key in self._hijack_guards:
+            self._check_hijack(key)
         opt = self._trainable(key).optimizer
         if opt is not None:
             opt.step()
