@@ -361,3 +361,30 @@ def test_one_ack_frame_forgets_all_its_pushes_at_once():
         assert not quiet.changed.is_set()
 
     asyncio.run(main())
+
+
+def test_the_last_push_is_acknowledged_before_the_epoch_waiting_for_it_runs_on():
+    """The sender's epoch ends waiting for the acknowledgement of its last push: the receiver writes the ACK frame
+    before the wait for that push resumes (else the receiver's backward and step would come first, and the sender
+    would wait through them). Earlier pushes are gathered, so the wait for them resumes with nothing written."""
+
+    async def main():
+        bob = Receiver()
+        run = bob.inbox.start(_plan(7, batches=2))
+        seen = []
+
+        async def epoch():
+            for b in range(2):
+                fid = push_id(7, b, 0)
+                await bob.inbox.wait(run, "alice", "activation", fid, bob.inbox.slot(run, "alice", "activation", fid))
+                seen.append(bob.acked())  # what bob had written when its epoch got the push
+
+        task = asyncio.get_running_loop().create_task(epoch())
+        await asyncio.sleep(0)
+        for b in range(2):
+            await bob.push("activation", push_id(7, b, 0), torch.ones(2))
+        await task
+        assert seen == [[], [("activation", push_id(7, 0, 0)), ("activation", push_id(7, 1, 0))]]
+        await bob.close()
+
+    asyncio.run(main())

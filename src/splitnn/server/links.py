@@ -365,11 +365,11 @@ class PeerLink:
                 tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
             if tensor is None:
                 return
-            if not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
-                self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
-                return
-        # the sender may forget it: say so soon, with others (now, if its epoch ends waiting for them)
+        # whole: the sender may forget it. Said soon, with others; at once for the run's last push from it (its epoch
+        # ends waiting for them), and before the push is handed on (the epoch it wakes would run its backward first)
         self._acks.add(hdr.kind, hdr.id, now=scope.inbox.ends_run(self.peer, hdr.kind, hdr.id))
+        if room is not None and not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
+            self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
 
     def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
         self._count("recv", "refused", 0)

@@ -22,8 +22,11 @@ from splitnn.workers.epoch import run_of
 #: An epoch's end does not wait for it: the sender asks for the acknowledgements then (``SessionPeers.settle``).
 ACK_DELAY = 0.25
 #: Acknowledgements a receiver gathers at most before it sends them without waiting for :data:`ACK_DELAY` (so a
-#: fast run's sender keeps about this many pushes, far below :data:`KEEP_PUSHES`).
-ACK_EVERY = min(64, MAX_ACKS)
+#: fast run's sender keeps about this many pushes, far below :data:`KEEP_PUSHES`). A kept push is a live tensor:
+#: with 64 of them each batch's activations and gradients took fresh memory (cold in the cache, page faults); 16
+#: let the allocator reuse warm blocks for one ACK frame per 16 pushes. Measured with ``benchmarks/bench_ab.py``,
+#: 60 interleaved epoch pairs: 2% more samples/s than 64; 4 cost 2.5% (the frames) and 8 or 32 gained less.
+ACK_EVERY = min(16, MAX_ACKS)
 #: Unacknowledged pushes one session keeps per receiver (acknowledgements come a round trip after the push).
 KEEP_PUSHES = 256
 #: Bytes of unacknowledged pushes one session keeps per receiver.
