@@ -126,3 +126,34 @@ def test_sizes_parse_and_bad_budgets_are_refused():
             parse_size(bad, "--max-session-memory", 1)
     with pytest.raises(SpecError, match="memory budget"):
         guard_segment(nn.ReLU(), nn.ReLU(), 0)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "graph"])
+def test_a_deep_copy_of_a_guarded_segment_is_guarded_and_runs_on_its_own_weights(kind):
+    """The check sits in front of the module's forward, on the instance: a deep copy (a worker's probe copies
+    segments) runs its own weights, behind its own copy of the check; the original keeps its check and weights.
+    A GraphModule copy is guarded as the worker's probe makes it (``_probe_copy`` puts the check back)."""
+    import copy
+
+    from splitnn.workers.engine.segments import _probe_copy
+
+    model = (
+        nn.Sequential(nn.Linear(8, 8))
+        if kind == "sequential"
+        else graph(lambda g, x: g.call_method("repeat", (x, 4, 1)))
+    )
+    seg, guard = received(model)
+    guard.budget = 4096
+    clone = copy.deepcopy(seg) if kind == "sequential" else _probe_copy(seg)
+    x = torch.ones(2, 8)
+    if kind == "sequential":
+        with torch.no_grad():
+            clone[0].weight.zero_()
+            clone[0].bias.fill_(1.0)
+        assert torch.equal(clone(x), torch.ones(2, 8))  # the copy's weights, not the original's
+        assert not torch.equal(seg(x), torch.ones(2, 8))
+    else:
+        assert clone(x).shape == seg(x).shape == (8, 8)
+    for m in (seg, clone):  # 2 rows in pass; 1024 rows (32 or 128 KiB out) do not, before anything runs
+        with pytest.raises(MemoryBudgetError, match="this forward would allocate"):
+            m(torch.ones(1024, 8))

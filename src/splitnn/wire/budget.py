@@ -6,7 +6,9 @@ counts every new storage, what it refuses and what it does not bound.
 
 from __future__ import annotations
 
+import copy
 import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -182,6 +184,27 @@ def _signature(args: tuple, kwargs: dict, training: bool) -> Any:
     return training, str(spec), tuple(sig)
 
 
+class GuardedForward:
+    """A module's ``forward`` behind its :class:`SegmentGuard`, set on the instance, so that every call of the module
+    runs the check first. (Not a forward pre-hook: any hook sends each call of the module through torch's slower
+    path for hooks, which cost a networked batch of the tutorial network 4% of its samples/s,
+    ``benchmarks/bench_ab.py``.) A deep copy of the module is guarded by a copy of the guard."""
+
+    def __init__(self, module: nn.Module, guard: SegmentGuard) -> None:
+        # (a weak reference: no cycle through the module, which is freed as soon as its worker drops it)
+        self.module, self.guard = weakref.ref(module), guard
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module()
+        self.guard(module, args, kwargs)
+        return type(module).forward(module, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> GuardedForward:
+        # (memo maps the module to its copy, made before its attributes are copied)
+        module = self.module()
+        return GuardedForward(memo.get(id(module), module), copy.deepcopy(self.guard, memo))
+
+
 class SegmentGuard:
     """A forward pre-hook: the meta check of :func:`check_forward` at each new input signature."""
 
@@ -204,17 +227,17 @@ class SegmentGuard:
 def guard_segment(module: nn.Module, twin: nn.Module, budget: int, name: str = "segment") -> SegmentGuard:
     """Check every forward of ``module`` against ``budget`` bytes, on its meta twin ``twin``.
 
-    ``twin`` is the same spec built under ``torch.device("meta")``. Returns the hook (its
+    ``twin`` is the same spec built under ``torch.device("meta")``. Returns the guard (its
     ``checked`` maps each input signature seen to the bytes it allocates).
 
     A worker runs segments another party sent. Their weights are bounded when they are built
     (:func:`splitnn.wire.spec.spec_to_module`, ``max_params``); what one forward allocates
     (``torch.ones(2**28)`` in a graph, an ``expand(...).contiguous()``, a ``Linear`` with a
-    huge output) is bounded here. :func:`guard_segment` puts a forward pre-hook on the built
-    module: before the module runs at an input signature (shapes, dtypes, train or eval) it has
-    not run at, its *meta twin* (the same spec built on the ``meta`` device: no memory) runs on
-    meta copies of the inputs under a dispatch mode that adds up the bytes of every new tensor
-    storage any op creates (factory calls are forced onto ``meta`` too, so the check itself
+    huge output) is bounded here. :func:`guard_segment` puts the check in front of the built
+    module's forward (:class:`GuardedForward`): before the module runs at an input signature (shapes,
+    dtypes, train or eval) it has not run at, its *meta twin* (the same spec built on the ``meta``
+    device: no memory) runs on meta copies of the inputs under a dispatch mode that adds up the
+    bytes of every new tensor storage any op creates (factory calls are forced onto ``meta`` too, so the check itself
     allocates nothing). Over ``budget`` bytes, the run is refused with
     :class:`~splitnn.errors.MemoryBudgetError` naming the node (``spec.nodes[5] (torch.ones)``),
     what it would allocate and the budget; nothing ran. Signatures that passed are cached, so
@@ -236,5 +259,8 @@ def guard_segment(module: nn.Module, twin: nn.Module, budget: int, name: str = "
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise SpecError(f"a memory budget is a number of bytes >= 1, got {budget!r}")
     guard = SegmentGuard(twin, budget, name)
-    module.register_forward_pre_hook(guard, with_kwargs=True)
+    if "forward" in module.__dict__:  # a forward of its own already: the hook, which torch calls before it
+        module.register_forward_pre_hook(guard, with_kwargs=True)
+    else:
+        module.forward = GuardedForward(module, guard)
     return guard
