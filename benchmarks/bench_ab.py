@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,28 +46,10 @@ def _cpu(pid: int) -> float:
 def serve(tree: Path, batches: int, tcp: bool, per_op: bool) -> None:
     """A child: set up one tree's cluster and researcher, then run one epoch per ``go SEED`` line on stdin and
     answer each with a JSON line (wall seconds, the workers' CPU seconds)."""
-    import torch
+    from bench_batch_cost import trained_cluster  # (this directory is on sys.path: the script's own)
 
-    import splitnn
-    from splitnn.models import tutorial_mlp
-    from tests.helpers import toy_dataset
-
-    try:
-        from splitnn.testing.cluster import Cluster
-    except ImportError:  # older trees
-        from tests.transport.cluster import Cluster
-
-    torch.set_num_threads(1)
     os.environ["PYTHONPATH"] = str(tree / "src")
-    data = toy_dataset(batches * BATCH, seed=0)
-    links = {"tcp": True} if tcp else {}
-    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=3600, **links) as cl:
-        for n in NAMES:
-            cl.start(n)
-        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n) for n in NAMES]
-        torch.manual_seed(0)
-        model = splitnn.SplitNN(tutorial_mlp(), workers, **({"ship_epochs": False} if per_op else {}))
-        model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
+    with trained_cluster(batches, tcp, per_op) as (model, data, cl):
         pids = [cl.workers[n].proc.pid for n in NAMES]
         print("ready", flush=True)
         for line in sys.stdin:
@@ -77,8 +58,6 @@ def serve(tree: Path, batches: int, tcp: bool, per_op: bool) -> None:
             model.fit(data, epochs=1, batch_size=BATCH, seed=seed, progress=False)
             wall, cpu = time.perf_counter() - t0, sum(map(_cpu, pids)) - c0
             print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
-        for w in workers:
-            w.close()
 
 
 def _child(tree: Path, args: argparse.Namespace) -> subprocess.Popen:

@@ -19,6 +19,7 @@ and stolen CPU. The researcher runs the tree's own client too, so an old tree is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -82,8 +83,11 @@ def _threads(pid: int) -> dict[str, float]:
     return out
 
 
-def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi: Path | None) -> dict:
-    """One tree's figures (run in a process that imports splitnn from ``tree``; see ``main``)."""
+@contextlib.contextmanager
+def trained_cluster(batches: int, tcp: bool, per_op: bool):
+    """Three ``splitnn worker`` processes of the tree on ``sys.path`` (the workers' ``PYTHONPATH`` as set by the
+    caller), the researcher's tutorial network on them, one epoch trained (warm-up, data placement): yields
+    ``(model, data, cluster)``. For a process that imports splitnn from one tree (older trees too)."""
     import torch
 
     import splitnn
@@ -96,6 +100,24 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
         from tests.transport.cluster import Cluster
 
     torch.set_num_threads(1)
+    data = toy_dataset(batches * BATCH, seed=0)
+    links = {"tcp": True} if tcp else {}
+    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=3600, **links) as cl:
+        for n in NAMES:
+            cl.start(n)
+        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n) for n in NAMES]
+        torch.manual_seed(0)
+        model = splitnn.SplitNN(tutorial_mlp(), workers, **({"ship_epochs": False} if per_op else {}))
+        model.fit(data, epochs=1, batch_size=BATCH, progress=False)
+        try:
+            yield model, data, cl
+        finally:
+            for w in workers:
+                w.close()
+
+
+def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi: Path | None) -> dict:
+    """One tree's figures (run in a process that imports splitnn from ``tree``; see ``main``)."""
     counts = Path(tempfile.mkdtemp())
     os.environ["SPLITNN_LOOP_COUNTS"] = str(counts)
     os.environ["SPLITNN_LOOP_YAPPI"] = "1" if yappi else "0"
@@ -105,15 +127,7 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
         time.sleep(0.6)
         return {n: json.loads((counts / f"{n}.json").read_text()) for n in NAMES}
 
-    data = toy_dataset(batches * BATCH, seed=0)
-    links = {"tcp": True} if tcp else {}
-    with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), lifetime=3600, **links) as cl:
-        for n in NAMES:
-            cl.start(n)
-        workers = [splitnn.connect(cl.workers[n].url, token=cl.token, name=n) for n in NAMES]
-        torch.manual_seed(0)
-        model = splitnn.SplitNN(tutorial_mlp(), workers, **({"ship_epochs": False} if per_op else {}))
-        model.fit(data, epochs=1, batch_size=BATCH, progress=False)  # warm-up, data placement
+    with trained_cluster(batches, tcp, per_op) as (model, data, cl):
         if yappi:
             (counts / "reset").touch()
             time.sleep(0.6)
@@ -137,8 +151,6 @@ def measure(tree: Path, batches: int, runs: int, tcp: bool, per_op: bool, yappi:
             yappi.mkdir(parents=True, exist_ok=True)
             for n in NAMES:
                 shutil.copy(counts / f"{n}.pstat", yappi / f"{n}.pstat")
-        for w in workers:
-            w.close()
     nb = runs * batches
     cpu = {n: round(1e3 * (c1[n] - c0[n]) / nb, 3) for n in NAMES} | {"researcher": round(1e3 * researcher / nb, 3)}
     return {
