@@ -206,7 +206,8 @@ class GuardedForward:
 
 
 class SegmentGuard:
-    """A forward pre-hook: the meta check of :func:`check_forward` at each new input signature."""
+    """The meta check of :func:`check_forward` at each new input signature, called as a forward pre-hook is
+    (``module, args, kwargs``): by the module's :class:`GuardedForward`, or as its pre-hook."""
 
     def __init__(self, twin: nn.Module, budget: int, name: str) -> None:
         self.twin, self.budget, self.name = twin, budget, name
@@ -237,8 +238,8 @@ def guard_segment(module: nn.Module, twin: nn.Module, budget: int, name: str = "
     module's forward (:class:`GuardedForward`): before the module runs at an input signature (shapes,
     dtypes, train or eval) it has not run at, its *meta twin* (the same spec built on the ``meta``
     device: no memory) runs on meta copies of the inputs under a dispatch mode that adds up the
-    bytes of every new tensor storage any op creates (factory calls are forced onto ``meta`` too, so the check itself
-    allocates nothing). Over ``budget`` bytes, the run is refused with
+    bytes of every new tensor storage any op creates (factory calls are forced onto ``meta`` too,
+    so the check itself allocates nothing). Over ``budget`` bytes, the run is refused with
     :class:`~splitnn.errors.MemoryBudgetError` naming the node (``spec.nodes[5] (torch.ones)``),
     what it would allocate and the budget; nothing ran. Signatures that passed are cached, so
     every later run at that signature is one the check has seen: the budget holds while the

@@ -137,8 +137,9 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         clone = copy.deepcopy(module, memo)
     except Exception:  # e.g. a layer holding a lock or a file: probe the module itself
         return None
-    # a GraphModule's copy drops its hooks; the worker's memory check (splitnn.wire.budget) is one, and a party's
-    # autocast region is a pre-hook and a hook that must come as a pair (precision.install_autocast): keep them all
+    # a GraphModule's copy drops its hooks and its instance ``forward``: a party's autocast region is a pre-hook and
+    # a hook that must come as a pair (precision.install_autocast), the worker's memory check (splitnn.wire.budget)
+    # a GuardedForward (or a pre-hook): keep them all
     for hooks in (
         "_forward_pre_hooks",
         "_forward_pre_hooks_with_kwargs",
