@@ -150,5 +150,5 @@ def _probe_copy(module: nn.Module) -> nn.Module | None:
         for k, v in getattr(module, hooks).items():
             getattr(clone, hooks).setdefault(k, v)
     if "forward" in module.__dict__ and "forward" not in clone.__dict__:  # (the memory check's GuardedForward)
-        clone.forward = copy.deepcopy(module.__dict__["forward"], {**memo, id(module): clone})
+        clone.forward = copy.deepcopy(module.__dict__["forward"], memo)  # (memo maps the module to its clone)
     return clone
