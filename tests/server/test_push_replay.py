@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from splitnn.errors import WireError
-from splitnn.server.peers import ACK_DELAY, PeerLink, Peers
-from splitnn.server.pushes import Outbox, PushesLost
+from splitnn.server.peers import ACK_DELAY, PeerLink, Peers, SessionPeers
+from splitnn.server.pushes import ACK_GRACE, Outbox, PushesLost
 from splitnn.server.shipped import Inbox, PeerLost
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
@@ -24,13 +24,14 @@ def _plan(run_id: int, batches: int = 2) -> EpochPlan:
 
 
 class Receiver:
-    """Bob's end of a link alice opened: frames go in as alice wrote them; what bob writes back is kept."""
+    """``me``'s end of a link ``peer`` opened (bob's, from alice, unless told): frames go in as ``peer`` wrote them;
+    what ``me`` writes back is kept. Its session's pushes to peers are ``self.scope.peers`` (a SessionPeers)."""
 
-    def __init__(self) -> None:
-        self.inbox = Inbox("bob", timeout=5.0)
+    def __init__(self, peer: str = "alice", me: str = "bob") -> None:
+        self.inbox = Inbox(me, timeout=5.0)
         self.scope = SimpleNamespace(tag="t", inbox=self.inbox, counters=ByteCounters(), peers=None)
         peers = Peers(
-            "bob",
+            me,
             "token",
             tls=None,
             limits=Limits(),
@@ -44,7 +45,8 @@ class Receiver:
         async def send(frame: bytes) -> None:
             self.written.append(frame)
 
-        self.link = PeerLink(peers, "alice", "t", send, self.incoming.get)
+        self.scope.peers = SessionPeers(peers, self.scope)
+        self.link = PeerLink(peers, peer, "t", send, self.incoming.get)
         self.task = asyncio.get_running_loop().create_task(self.link.run())
 
     async def push(self, kind: str, frame_id: int, value: torch.Tensor) -> None:
@@ -76,40 +78,74 @@ class Receiver:
 
 def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
     async def main():
-        bob = Receiver()
+        bob = Receiver("claire")  # claire, bob's next party, pushes gradients (cut 1, after bob's stage 1)
         run = bob.inbox.start(_plan(7))
-        first, second = push_id(7, 0, 0), push_id(7, 1, 0)
+        first, second = push_id(7, 0, 1), push_id(7, 1, 1)
         t = torch.arange(4.0)
-        await bob.push("activation", first, t)
-        await bob.push("activation", first, t + 1)  # a copy sent again (the ack was lost with the link): ignored
+        await bob.push("gradient", first, t)
+        await bob.push("gradient", first, t + 1)  # a copy sent again (the ack was lost with the link): ignored
         assert bob.acked() == []  # acknowledgements are gathered a while ...
         assert await bob.flush() == 1  # ... and go in one frame
-        assert bob.acked() == [("activation", first)] * 2
-        got = await bob.inbox.wait(run, "alice", "activation", first, bob.inbox.slot(run, "alice", "activation", first))
+        assert bob.acked() == [("gradient", first)] * 2
+        got = await bob.inbox.wait(run, "claire", "gradient", first, bob.inbox.slot(run, "claire", "gradient", first))
         assert torch.equal(got.value, t)  # the first copy, once
-        await bob.push("activation", first, t + 2)  # a copy after it was used: acknowledged, never held again
+        await bob.push("gradient", first, t + 2)  # a copy after it was used: acknowledged, never held again
         await bob.flush()
-        assert bob.acked() == [("activation", first)] * 3
+        assert bob.acked() == [("gradient", first)] * 3
         assert not bob.inbox._slots  # nothing waits to be used a second time
 
         # a wait failed by a broken link is waited again, and the push sent again on the new link fills it
-        fut = bob.inbox.slot(run, "alice", "activation", second)
-        bob.inbox.peer_lost("alice")
+        fut = bob.inbox.slot(run, "claire", "gradient", second)
+        bob.inbox.peer_lost("claire")
         with pytest.raises(PeerLost):
-            await bob.inbox.wait(run, "alice", "activation", second, fut)
-        await bob.push("activation", second, t * 3)
-        again = bob.inbox.slot(run, "alice", "activation", second)
-        assert torch.equal((await bob.inbox.wait(run, "alice", "activation", second, again)).value, t * 3)
+            await bob.inbox.wait(run, "claire", "gradient", second, fut)
+        await bob.push("gradient", second, t * 3)
+        again = bob.inbox.slot(run, "claire", "gradient", second)
+        assert torch.equal((await bob.inbox.wait(run, "claire", "gradient", second, again)).value, t * 3)
 
         bob.inbox.finish(run)
-        await bob.push("activation", push_id(7, 2, 0), t)  # its run is over here: nothing to deliver, but the
+        await bob.push("gradient", push_id(7, 2, 1), t)  # its run is over here: nothing to deliver, but the
         await bob.flush()
-        assert bob.acked()[-1] == ("activation", push_id(7, 2, 0))  # sender may forget it
-        await bob.push("activation", push_id(9, 0, 0), t)  # a run not started here: held, acknowledged
-        assert bob.inbox.has("alice", "activation", push_id(9, 0, 0))
+        assert bob.acked()[-1] == ("gradient", push_id(7, 2, 1))  # sender may forget it
+        await bob.push("gradient", push_id(9, 0, 1), t)  # a run not started here: held, acknowledged
+        assert bob.inbox.has("claire", "gradient", push_id(9, 0, 1))
         await asyncio.sleep(ACK_DELAY * 2)  # unasked, they go after ACK_DELAY
-        assert bob.acked()[-1] == ("activation", push_id(9, 0, 0))
+        assert bob.acked()[-1] == ("gradient", push_id(9, 0, 1))
         await bob.close()
+
+    asyncio.run(main())
+
+
+def test_an_activation_is_acknowledged_by_the_gradient_that_answers_it():
+    """Every activation a shipped epoch pushes comes back as the gradient of the same cut and batch (same frame id),
+    which its sender computed from it: the receiver writes no ACK entry for an activation it keeps (a copy sent again
+    is acknowledged as before), and the sender forgets the activation when that gradient arrives whole."""
+
+    async def main():
+        bob = Receiver()  # bob's end: activations from alice
+        run = bob.inbox.start(_plan(7))
+        a0 = push_id(7, 0, 0)
+        await bob.push("activation", a0, torch.ones(2))
+        assert await bob.flush() == 0 and bob.acked() == []  # nothing to acknowledge: the gradient will
+        await bob.inbox.wait(run, "alice", "activation", a0, bob.inbox.slot(run, "alice", "activation", a0))
+        await bob.push("activation", a0, torch.ones(2))  # sent again after a broken link: acknowledged
+        await bob.flush()
+        assert bob.acked() == [("activation", a0)]
+        await bob.close()
+
+        alice = Receiver("bob", me="alice")  # alice's end: gradients from bob
+        alice.inbox.start(EpochPlan(7, "d", "nll", (StagePlan(0, "s0", None, "bob"),), order=BatchOrder(8, 4)))
+        box = alice.scope.peers.outbox("bob")
+        for b in range(2):
+            box.keep("activation", push_id(7, b, 0), torch.ones(2), 8)
+        box.keep("gradient", push_id(7, 0, 0), torch.ones(2), 8)  # (of the same id, but not an activation)
+        await alice.push("gradient", push_id(7, 0, 0), torch.ones(2))  # batch 0's gradient at cut 0
+        kept = [(i.kind, i.frame_id) for i in box.unsent(object())]
+        assert kept == [("activation", push_id(7, 1, 0)), ("gradient", push_id(7, 0, 0))]
+        assert box.nbytes == 16
+        await alice.flush()
+        assert alice.acked() == [("gradient", push_id(7, 0, 0))]  # the gradient itself is acknowledged
+        await alice.close()
 
     asyncio.run(main())
 
@@ -191,14 +227,14 @@ def test_a_receiver_acknowledges_a_full_batch_of_pushes_without_waiting_for_the_
     from splitnn.server.pushes import ACK_EVERY
 
     async def main():
-        bob = Receiver()
+        bob = Receiver("claire")
         bob.inbox.start(_plan(7, batches=ACK_EVERY + 1))  # (none of these pushes is the run's last)
         for b in range(ACK_EVERY - 1):
-            await bob.push("activation", push_id(7, b, 0), torch.ones(2))
+            await bob.push("gradient", push_id(7, b, 1), torch.ones(2))
         assert bob.acked() == []  # gathered (the timer has ACK_DELAY to go) ...
-        await bob.push("activation", push_id(7, ACK_EVERY - 1, 0), torch.ones(2))
+        await bob.push("gradient", push_id(7, ACK_EVERY - 1, 1), torch.ones(2))
         # ... until ACK_EVERY of them: one ACK frame, at once (no sleep over ACK_DELAY here)
-        assert bob.acked() == [("activation", push_id(7, b, 0)) for b in range(ACK_EVERY)]
+        assert bob.acked() == [("gradient", push_id(7, b, 1)) for b in range(ACK_EVERY)]
         assert sum(frames.parse(raw)[0].type == frames.ACK for raw in bob.written) == 1
         await bob.close()
 
@@ -211,18 +247,18 @@ def test_the_last_push_a_run_expects_from_a_sender_is_acknowledged_at_once():
     request; earlier pushes are gathered, and so is a last push of a kind this run does not expect of that peer."""
 
     async def main():
-        bob = Receiver()
-        bob.inbox.start(_plan(7, batches=3))  # bob's stage 1: activations from alice (cut 0), 3 batches
-        await bob.push("activation", push_id(7, 0, 0), torch.ones(2))
-        await bob.push("activation", push_id(7, 1, 0), torch.ones(2))
+        bob = Receiver("claire")
+        bob.inbox.start(_plan(7, batches=3))  # bob's stage 1: gradients from claire (cut 1), 3 batches
+        await bob.push("gradient", push_id(7, 0, 1), torch.ones(2))
+        await bob.push("gradient", push_id(7, 1, 1), torch.ones(2))
         assert bob.acked() == []  # gathered: ACK_DELAY to go
-        await bob.push("activation", push_id(7, 2, 0), torch.ones(2))  # the run's last from alice: all, at once
-        assert bob.acked() == [("activation", push_id(7, b, 0)) for b in range(3)]
-        assert bob.inbox.ends_run("alice", "activation", push_id(7, 2, 0))
-        assert not bob.inbox.ends_run("alice", "activation", push_id(7, 1, 0))
-        assert not bob.inbox.ends_run("claire", "activation", push_id(7, 2, 0))  # claire sends gradients here
-        assert bob.inbox.ends_run("claire", "gradient", push_id(7, 2, 1))  # (cut 1: after bob's stage 1)
-        assert not bob.inbox.ends_run("alice", "activation", push_id(8, 2, 0))  # a run not started here
+        await bob.push("gradient", push_id(7, 2, 1), torch.ones(2))  # the run's last from claire: all, at once
+        assert bob.acked() == [("gradient", push_id(7, b, 1)) for b in range(3)]
+        assert bob.inbox.ends_run("claire", "gradient", push_id(7, 2, 1))
+        assert not bob.inbox.ends_run("claire", "gradient", push_id(7, 1, 1))
+        assert not bob.inbox.ends_run("alice", "gradient", push_id(7, 2, 1))  # alice sends activations here
+        assert bob.inbox.ends_run("alice", "activation", push_id(7, 2, 0))  # (cut 0: before bob's stage 1)
+        assert not bob.inbox.ends_run("claire", "gradient", push_id(8, 2, 1))  # a run not started here
         await bob.close()
 
     asyncio.run(main())
@@ -293,8 +329,9 @@ def test_a_first_attempt_made_inline_counts_among_the_attempts(monkeypatch):
 
 
 def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it(monkeypatch):
-    """``settle`` asks the receiver for its acknowledgements; one that comes back while the question is still
-    being written must end the wait at once (it was missed, and the epoch's end waited out a 50 ms poll)."""
+    """``settle`` asks the receiver for its acknowledgements (after waiting ACK_GRACE for them unasked); one that
+    comes back while the question is still being written must end the wait at once (it was missed, and the epoch's
+    end waited out a 50 ms poll)."""
     from splitnn.server.peers import SessionPeers
 
     async def main():
@@ -330,7 +367,41 @@ def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it
         monkeypatch.setattr(asyncio, "wait_for", watched_wait_for)
         await session.settle(["bob"], 7)
         assert asked == [frames.ACK] and not box.pending(7)
-        assert not any(waited_unset)
+        assert waited_unset == [True, False]  # the grace (nothing came), then the question's answer, seen
+
+    asyncio.run(main())
+
+
+def test_an_epochs_end_does_not_ask_for_an_acknowledgement_on_its_way():
+    """The receiver acknowledges a run's last push unasked, at once: ``settle`` waits ACK_GRACE for that before it
+    asks (a question costs both sides a frame per link and epoch)."""
+    from splitnn.server.peers import SessionPeers
+
+    async def main():
+        peers = Peers(
+            "alice",
+            "token",
+            tls=None,
+            limits=Limits(),
+            counters=ByteCounters(),
+            timeout=5.0,
+            resolve=lambda _: None,
+        )
+        session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
+        box = session.outbox("bob")
+        fid = push_id(7, 0, 1)
+        item = box.keep("gradient", fid, torch.ones(2), 8)
+        asked = []
+
+        async def send(frame, kind):
+            asked.append(frames.parse(frame)[0].type)
+
+        link = SimpleNamespace(closed=None, send=send)
+        box.unsent(link)
+        item.sent_on, item.sends = link, 1
+        asyncio.get_running_loop().call_later(ACK_GRACE / 4, session.acked, "bob", "gradient", fid)
+        await session.settle(["bob"], 7)
+        assert asked == [] and not box.pending(7)
 
     asyncio.run(main())
 
@@ -369,22 +440,22 @@ def test_the_last_push_is_acknowledged_before_the_epoch_waiting_for_it_runs_on()
     would wait through them). Earlier pushes are gathered, so the wait for them resumes with nothing written."""
 
     async def main():
-        bob = Receiver()
+        bob = Receiver("claire")
         run = bob.inbox.start(_plan(7, batches=2))
         seen = []
 
         async def epoch():
             for b in range(2):
-                fid = push_id(7, b, 0)
-                await bob.inbox.wait(run, "alice", "activation", fid, bob.inbox.slot(run, "alice", "activation", fid))
+                fid = push_id(7, b, 1)
+                await bob.inbox.wait(run, "claire", "gradient", fid, bob.inbox.slot(run, "claire", "gradient", fid))
                 seen.append(bob.acked())  # what bob had written when its epoch got the push
 
         task = asyncio.get_running_loop().create_task(epoch())
         await asyncio.sleep(0)
         for b in range(2):
-            await bob.push("activation", push_id(7, b, 0), torch.ones(2))
+            await bob.push("gradient", push_id(7, b, 1), torch.ones(2))
         await task
-        assert seen == [[], [("activation", push_id(7, 0, 0)), ("activation", push_id(7, 1, 0))]]
+        assert seen == [[], [("gradient", push_id(7, 0, 1)), ("gradient", push_id(7, 1, 1))]]
         await bob.close()
 
     asyncio.run(main())

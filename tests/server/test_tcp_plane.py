@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import struct
+import time
 
 import pytest
 import torch
@@ -68,7 +69,9 @@ def test_a_dropped_tcp_link_costs_no_step_of_a_shipped_epoch(remote):
     alice, bob, claire = remote
     with ThreadedLinkEmulator() as emu:
         claire.data_address = emu.add("claire-data", claire.data_address)
-        emu.set("claire-data", delay=0.05)  # an activation is always unacknowledged when the link drops
+        # an activation is unacknowledged until its gradient comes back: the link drops while batch 7's is on its way
+        # (the researcher sees the loss of batch 6 at most a progress interval, 0.05 s, after claire computed it)
+        emu.set("claire-data", delay=0.15)
         torch.manual_seed(1)
         segments = tutorial_mlp()
         initial = copy.deepcopy(segments)
@@ -76,7 +79,7 @@ def test_a_dropped_tcp_link_costs_no_step_of_a_shipped_epoch(remote):
         fit = dict(epochs=2, batch_size=32, progress=False)
         model = splitnn.SplitNN(segments, remote, optimizer="sgd:lr=0.03")
         drops = []
-        at_batch(model, 6, lambda: drops.append(emu.drop("claire-data")))
+        at_batch(model, 6, lambda: (time.sleep(0.07), drops.append(emu.drop("claire-data"))))
         history = model.fit(data, **fit)
     assert drops and drops[0] >= 1
     twin, twin_history = twin_run(initial, data, **fit)

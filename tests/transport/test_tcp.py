@@ -147,6 +147,9 @@ class HoldingTransport(FakeTransport):
         if len(self.held) == 1 and self.high == 0:
             self.protocol.pause_writing()
 
+    def get_write_buffer_size(self) -> int:
+        return sum(len(d) for d in self.held)
+
     def drain(self) -> bytes:
         out, self.held = b"".join(self.held), []
         self.protocol.resume_writing()
@@ -237,6 +240,44 @@ def test_frames_cross_a_real_connection_both_ways():
     got, answers = asyncio.run(main())
     assert got == frames
     assert answers == [f[::-1] for f in frames]
+
+
+def test_a_send_over_tls_returns_without_waiting_for_the_peer_to_send(tmp_path):
+    """A TLS transport pauses the stream even when it holds nothing back (its high-water test is ``>=``) and would
+    resume it only at its next write or read: a send must return once the transport holds none of the frame,
+    not when the peer next sends something (shipped epochs hung so over TLS once an activation got no ACK)."""
+    from splitnn.transport.security import TLSConfig
+    from tests.transport.certs import make_ca, make_party
+
+    ca, ca_cert, ca_key = make_ca(tmp_path)
+    server_tls = TLSConfig(*make_party(tmp_path, "claire", ca_cert, ca_key), ca)
+    client_tls = TLSConfig(*make_party(tmp_path, "bob", ca_cert, ca_key), ca)
+    frames = [b"a" * 10, b"b" * (tcp.JOIN_BELOW + 1), b"c" * 3]
+
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        server_streams: list[tcp.FrameStream] = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: tcp.FrameStream(1 << 22, on_open=server_streams.append),
+            "127.0.0.1",
+            0,
+            ssl=tcp.server_context(server_tls),
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = tcp.FrameStream(1 << 22)
+        await loop.create_connection(
+            lambda: client, "127.0.0.1", port, ssl=tcp.client_context(client_tls), server_hostname="claire"
+        )
+        for f in frames:  # the server reads, and never writes
+            await asyncio.wait_for(client.send(f), 20)  # (a bound on a hang, not a timing: it took the peer timeout)
+            got.append(bytes(await asyncio.wait_for(server_streams[0].read(), 20)))
+        client.cancel()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert asyncio.run(main()) == frames
 
 
 def test_hello_round_trips_and_junk_is_refused():

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import torch
 
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
-from splitnn.server.pushes import ACK_DELAY, Acks
+from splitnn.server.pushes import ACK_DELAY, Acks, answered
 from splitnn.server.shipped import EARLY_RULE, HELD_RULE, Inbox
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
@@ -187,10 +187,6 @@ class PeerLink:
             self.peer, "sent", kind, len(frame) if type(frame) is bytes else frames.frame_len(frame)
         )
 
-    def _frames(self, kind: str, frame_id: int, value: Any, type_: int) -> Iterator[frames.Frame]:
-        """The frames carrying ``value`` on this link: cut at the peer chunk size; in parts on a zero-copy stream."""
-        return frames.value_frames(kind, frame_id, value, self._chunk, type_=type_, joined=not self.zero_copy)
-
     async def pull(self, tensor_id: int, kind: str) -> Arrived:
         """Ask the peer for its tensor ``tensor_id`` (or tuple of them) and wait (up to the peer timeout) for it;
         it comes with the bytes it took on the wire and its raw size, for the receiver's ledger."""
@@ -285,7 +281,7 @@ class PeerLink:
                 log.warning("worker %s: bad acknowledgement from %s: %s", self.me, self.peer, exc)
                 return
             if not entries:  # the peer waits for them (the end of its epoch): acknowledge now
-                self.flush_acks()
+                self._acks.flush()
             elif scope is not None:
                 scope.peers.acked_all(self.peer, entries)
         elif hdr.type == frames.REQUEST:
@@ -365,19 +361,18 @@ class PeerLink:
                 tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
             if tensor is None:
                 return
-        # whole: the sender may forget it. Said soon, with others; at once for the run's last push from it (its epoch
-        # ends waiting for them), and before the push is handed on (the epoch it wakes would run its backward first)
-        self._acks.add(hdr.kind, hdr.id, now=scope.inbox.ends_run(self.peer, hdr.kind, hdr.id))
-        if room is not None and not scope.inbox.deliver(self.peer, hdr.kind, hdr.id, tensor):
-            self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, hdr.kind))
+        # whole: the sender may forget it. An activation is acknowledged by its gradient (pushes.answered); other
+        # pushes soon, with others; at once for the run's last push from the sender (its epoch ends waiting for them),
+        # and before the push is handed on (the epoch it wakes would run its backward first)
+        kind = hdr.kind
+        if not (answered(scope.peers, self.peer, kind, hdr.id) and room is not None):
+            self._acks.add(kind, hdr.id, now=scope.inbox.ends_run(self.peer, kind, hdr.id))
+        if room is not None and not scope.inbox.deliver(self.peer, kind, hdr.id, tensor):
+            self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, kind))
 
     def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
         self._count("recv", "refused", 0)
         log.warning("worker %s: refused a %s pushed by %s (#%d): %s", self.me, hdr.kind, self.peer, hdr.id, why)
-
-    def flush_acks(self) -> None:
-        """Send the gathered acknowledgements now (one ACK frame)."""
-        self._acks.flush()
 
     def _send_acks(self, entries: list[tuple[str, int]]) -> None:
         if self.closed is None:
@@ -393,10 +388,14 @@ class PeerLink:
                     f"it hands tensors only within a session that names {self.peer!r} as a peer"
                 )
             tensor, again = await scope.serve(self.peer, hdr.id, hdr.kind)
-            # frames made one at a time as they are written (a big tensor is never copied whole); a tensor
-            # pulled again after a broken link counts as re-sent, not as another transfer of its kind
+            # frames made one at a time as they are written (a big tensor is never copied whole), cut at the peer
+            # chunk size, in parts on a zero-copy stream; a tensor pulled again after a broken link counts as
+            # re-sent, not as another transfer of its kind
             count_as = "resent" if again else hdr.kind
-            answer = ((f, count_as) for f in self._frames(hdr.kind, hdr.id, tensor, frames.DATA))
+            parts = frames.value_frames(
+                hdr.kind, hdr.id, tensor, self._chunk, type_=frames.DATA, joined=not self.zero_copy
+            )
+            answer = ((f, count_as) for f in parts)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tell the puller why, then keep serving

@@ -37,7 +37,7 @@ from splitnn.server.links import (
     on_new_links,
     rpc_text,
 )
-from splitnn.server.pushes import Outbox
+from splitnn.server.pushes import ACK_GRACE, Outbox
 from splitnn.transport import frames, tcp
 from splitnn.transport.addresses import split_host_port
 from splitnn.transport.counters import ByteCounters
@@ -379,7 +379,7 @@ class SessionPeers:
         deadline = asyncio.get_running_loop().time() + self.peers.timeout
         for peer in peers:
             box = self.outboxes.get(peer)
-            asked = None
+            asked, waited = None, False
             while box is not None:
                 # cleared before the check: an acknowledgement that arrives from here on (even while the question
                 # below is written) wakes the wait; cleared after it, such an acknowledgement was missed and the
@@ -393,7 +393,11 @@ class SessionPeers:
                 if link is None or link.closed is not None:
                     await self.relink(peer)
                     continue
-                if asked is not link:  # the peer gathers its acknowledgements (ACK_DELAY): ask for them now
+                if asked is not link and not waited:
+                    # the receiver acknowledges the run's last push from us at once, with those it gathered: wait
+                    # for that ACK frame a while before asking for it (a question would cost both sides a frame)
+                    waited = True
+                elif asked is not link:  # the peer gathers its acknowledgements (ACK_DELAY): ask for them now
                     asked = link
                     try:
                         await link.send(frames.ack(()), "control")
@@ -406,7 +410,7 @@ class SessionPeers:
                         f"within {self.peers.timeout:g} s (is it alive?)"
                     )
                 try:  # woken by an acknowledgement; a link that broke meanwhile is seen within the poll
-                    await asyncio.wait_for(box.changed.wait(), min(left, 0.05))
+                    await asyncio.wait_for(box.changed.wait(), min(left, ACK_GRACE if asked is None else 0.05))
                 except asyncio.TimeoutError:
                     pass
 

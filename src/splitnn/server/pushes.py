@@ -27,6 +27,9 @@ ACK_DELAY = 0.25
 #: let the allocator reuse warm blocks for one ACK frame per 16 pushes. Measured with ``benchmarks/bench_ab.py``,
 #: 60 interleaved epoch pairs: 2% more samples/s than 64; 4 cost 2.5% (the frames) and 8 or 32 gained less.
 ACK_EVERY = min(16, MAX_ACKS)
+#: Seconds the end of a shipped epoch waits for the acknowledgement of its last pushes before it asks for them: the
+#: receiver sends it at once, unasked, when the last push a run expects arrives (the question cost both sides a frame).
+ACK_GRACE = 0.02
 #: Unacknowledged pushes one session keeps per receiver (acknowledgements come a round trip after the push).
 KEEP_PUSHES = 256
 #: Bytes of unacknowledged pushes one session keeps per receiver.
@@ -156,6 +159,22 @@ class Outbox:
         self._queue.clear()
         self._bytes = 0
         self.dropped.clear()
+
+
+def answered(peers: Any, peer: str, kind: str, frame_id: int) -> bool:
+    """A push from ``peer`` arrived whole: forget the push of ours it answers (``peers``, a session's
+    :class:`~splitnn.server.peers.SessionPeers`); whether this one will be answered by one of ours, which
+    acknowledges it (then it needs no ACK entry).
+
+    Every activation a shipped epoch pushes, under every schedule, comes back as the gradient of the same cut and
+    batch (the same frame id, :func:`~splitnn.workers.epoch.push_id`), which its sender computed from that activation:
+    so it had the activation whole. (A party claiming another's name could forge this as it could forge an ACK
+    frame: it makes a sender forget a push it might have had to send again after a broken link, and that run fail.)
+    """
+    if kind == "gradient":
+        peers.acked(peer, "activation", frame_id)
+        return False
+    return kind == "activation"
 
 
 class Acks:

@@ -262,6 +262,11 @@ class FrameStream(asyncio.BufferedProtocol):
         if small:
             self.transport.write(b"".join(small))
         if self._writable is not None:
+            if not self.transport.get_write_buffer_size():
+                # nothing held back: a TLS transport pauses at an empty buffer too (its high-water test is ``>=``)
+                # and would resume only at its next write or read, so a send waited for the peer to send something
+                self._writable = None
+                return
             await self._writable
             if self.lost is not None:
                 raise ConnectionResetError("the connection closed while sending")
