@@ -19,8 +19,14 @@ from splitnn.transport.limits import Limits
 from splitnn.workers.epoch import BatchOrder, EpochPlan, StagePlan, push_id
 
 
-def _plan(run_id: int, batches: int = 2) -> EpochPlan:
-    return EpochPlan(run_id, "d", "nll", (StagePlan(1, "s1", "alice", "claire"),), order=BatchOrder(4 * batches, 4))
+def _plan(run_id: int, batches: int = 2, pipeline: int = 1) -> EpochPlan:
+    stage = StagePlan(1, "s1", "alice", "claire")
+    return EpochPlan(run_id, "d", "nll", (stage,), BatchOrder(4 * batches, 4), chain=CHAIN, pipeline=pipeline)
+
+
+CHAIN = ("alice", "bob", "claire")
+#: A pipelined run: its gradients are acknowledged by ACK frames (a lock-step run's by the next batch's activation).
+PIPELINED = 2
 
 
 class Receiver:
@@ -79,7 +85,7 @@ class Receiver:
 def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
     async def main():
         bob = Receiver("claire")  # claire, bob's next party, pushes gradients (cut 1, after bob's stage 1)
-        run = bob.inbox.start(_plan(7))
+        run = bob.inbox.start(_plan(7, pipeline=PIPELINED))
         first, second = push_id(7, 0, 1), push_id(7, 1, 1)
         t = torch.arange(4.0)
         await bob.push("gradient", first, t)
@@ -116,35 +122,50 @@ def test_the_receiver_uses_a_push_sent_again_once_and_acknowledges_every_copy():
     asyncio.run(main())
 
 
-def test_an_activation_is_acknowledged_by_the_gradient_that_answers_it():
-    """Every activation a shipped epoch pushes comes back as the gradient of the same cut and batch (same frame id),
-    which its sender computed from it: the receiver writes no ACK entry for an activation it keeps (a copy sent again
-    is acknowledged as before), and the sender forgets the activation when that gradient arrives whole."""
+@pytest.mark.parametrize("pipeline", [1, PIPELINED])
+def test_a_push_answered_by_one_of_ours_is_acknowledged_by_it(pipeline):
+    """Every activation comes back as the gradient of the same cut and batch (same frame id), which its sender
+    computed from it: the receiver writes no ACK entry for an activation (a copy sent again is acknowledged as
+    before), and the sender forgets the activation when that gradient arrives. Lock-step, a party finishes a batch
+    (its step with the batch's gradient) before the next: the next batch's activation at a cut acknowledges the
+    gradient before it, and only the run's last gradient gets an ACK entry, at once."""
+    lock_step = pipeline == 1
+    one = torch.ones(2)
 
     async def main():
-        bob = Receiver()  # bob's end: activations from alice
-        run = bob.inbox.start(_plan(7))
+        bob = Receiver()  # bob's end: activations from alice; bob keeps its gradients to alice
+        run = bob.inbox.start(_plan(7, batches=3, pipeline=pipeline))
+        box = bob.scope.peers.outbox("alice")
+        for b in range(2):
+            box.keep("gradient", push_id(7, b, 0), one, 8)
         a0 = push_id(7, 0, 0)
-        await bob.push("activation", a0, torch.ones(2))
+        await bob.push("activation", a0, one)
         assert await bob.flush() == 0 and bob.acked() == []  # nothing to acknowledge: the gradient will
+        assert len(box) == 2  # (the first batch's activation answers no gradient)
+        await bob.push("activation", push_id(7, 1, 0), one)
+        kept = [i.frame_id for i in box.unsent(object())]
+        assert kept == [push_id(7, 1, 0)] if lock_step else [push_id(7, 0, 0), push_id(7, 1, 0)]
         await bob.inbox.wait(run, "alice", "activation", a0, bob.inbox.slot(run, "alice", "activation", a0))
-        await bob.push("activation", a0, torch.ones(2))  # sent again after a broken link: acknowledged
+        await bob.push("activation", a0, one)  # sent again after a broken link: acknowledged
         await bob.flush()
         assert bob.acked() == [("activation", a0)]
         await bob.close()
 
-        alice = Receiver("bob", me="alice")  # alice's end: gradients from bob
-        alice.inbox.start(EpochPlan(7, "d", "nll", (StagePlan(0, "s0", None, "bob"),), order=BatchOrder(8, 4)))
+        alice = Receiver("bob", me="alice")  # alice's end: gradients from bob; alice keeps her activations to bob
+        stage = StagePlan(0, "s0", None, "bob")
+        alice.inbox.start(EpochPlan(7, "d", "nll", (stage,), BatchOrder(8, 4), chain=CHAIN[:2], pipeline=pipeline))
         box = alice.scope.peers.outbox("bob")
         for b in range(2):
-            box.keep("activation", push_id(7, b, 0), torch.ones(2), 8)
-        box.keep("gradient", push_id(7, 0, 0), torch.ones(2), 8)  # (of the same id, but not an activation)
-        await alice.push("gradient", push_id(7, 0, 0), torch.ones(2))  # batch 0's gradient at cut 0
+            box.keep("activation", push_id(7, b, 0), one, 8)
+        box.keep("gradient", push_id(7, 0, 0), one, 8)  # (of the same id, but not an activation)
+        g0, g1 = push_id(7, 0, 0), push_id(7, 1, 0)
+        await alice.push("gradient", g0, one)  # batch 0's gradient at cut 0
         kept = [(i.kind, i.frame_id) for i in box.unsent(object())]
-        assert kept == [("activation", push_id(7, 1, 0)), ("gradient", push_id(7, 0, 0))]
-        assert box.nbytes == 16
+        assert kept == [("activation", push_id(7, 1, 0)), ("gradient", push_id(7, 0, 0))] and box.nbytes == 16
         await alice.flush()
-        assert alice.acked() == [("gradient", push_id(7, 0, 0))]  # the gradient itself is acknowledged
+        assert alice.acked() == ([] if lock_step else [("gradient", g0)])  # lock-step: our next activation says it
+        await alice.push("gradient", g1, one)  # the run's last gradient from bob: acknowledged at once
+        assert alice.acked() == ([] if lock_step else [("gradient", g0)]) + [("gradient", g1)]
         await alice.close()
 
     asyncio.run(main())
@@ -228,7 +249,7 @@ def test_a_receiver_acknowledges_a_full_batch_of_pushes_without_waiting_for_the_
 
     async def main():
         bob = Receiver("claire")
-        bob.inbox.start(_plan(7, batches=ACK_EVERY + 1))  # (none of these pushes is the run's last)
+        bob.inbox.start(_plan(7, batches=ACK_EVERY + 1, pipeline=PIPELINED))  # (none of these pushes is the run's last)
         for b in range(ACK_EVERY - 1):
             await bob.push("gradient", push_id(7, b, 1), torch.ones(2))
         assert bob.acked() == []  # gathered (the timer has ACK_DELAY to go) ...
@@ -248,7 +269,9 @@ def test_the_last_push_a_run_expects_from_a_sender_is_acknowledged_at_once():
 
     async def main():
         bob = Receiver("claire")
-        bob.inbox.start(_plan(7, batches=3))  # bob's stage 1: gradients from claire (cut 1), 3 batches
+        bob.inbox.start(
+            _plan(7, batches=3, pipeline=PIPELINED)
+        )  # bob's stage 1: gradients from claire (cut 1), 3 batches
         await bob.push("gradient", push_id(7, 0, 1), torch.ones(2))
         await bob.push("gradient", push_id(7, 1, 1), torch.ones(2))
         assert bob.acked() == []  # gathered: ACK_DELAY to go
@@ -441,7 +464,7 @@ def test_the_last_push_is_acknowledged_before_the_epoch_waiting_for_it_runs_on()
 
     async def main():
         bob = Receiver("claire")
-        run = bob.inbox.start(_plan(7, batches=2))
+        run = bob.inbox.start(_plan(7, batches=2, pipeline=PIPELINED))
         seen = []
 
         async def epoch():

@@ -361,11 +361,11 @@ class PeerLink:
                 tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
             if tensor is None:
                 return
-        # whole: the sender may forget it. An activation is acknowledged by its gradient (pushes.answered); other
-        # pushes soon, with others; at once for the run's last push from the sender (its epoch ends waiting for them),
+        # whole: the sender may forget it. A push answered by one of ours is acknowledged by it (pushes.answered);
+        # others soon, with others; at once for the run's last push from the sender (its epoch ends waiting for them),
         # and before the push is handed on (the epoch it wakes would run its backward first)
         kind = hdr.kind
-        if not (answered(scope.peers, self.peer, kind, hdr.id) and room is not None):
+        if not (answered(scope.peers, scope.inbox, self.peer, kind, hdr.id) and room is not None):
             self._acks.add(kind, hdr.id, now=scope.inbox.ends_run(self.peer, kind, hdr.id))
         if room is not None and not scope.inbox.deliver(self.peer, kind, hdr.id, tensor):
             self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, kind))

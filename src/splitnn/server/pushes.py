@@ -15,7 +15,7 @@ from typing import Any
 
 from splitnn.errors import WorkerUnreachableError
 from splitnn.transport.frames import MAX_ACKS
-from splitnn.workers.epoch import run_of
+from splitnn.workers.epoch import previous_batch, run_of
 
 #: Seconds a receiver gathers acknowledgements of pushes before it sends them, in one ACK frame (one message per
 #: push would cost a shipped epoch a fifth of its time on a busy machine); its sender keeps the pushes meanwhile.
@@ -161,20 +161,27 @@ class Outbox:
         self.dropped.clear()
 
 
-def answered(peers: Any, peer: str, kind: str, frame_id: int) -> bool:
+def answered(peers: Any, inbox: Any, peer: str, kind: str, frame_id: int) -> bool:
     """A push from ``peer`` arrived whole: forget the push of ours it answers (``peers``, a session's
     :class:`~splitnn.server.peers.SessionPeers`); whether this one will be answered by one of ours, which
-    acknowledges it (then it needs no ACK entry).
+    acknowledges it (then it needs no ACK entry; ``inbox``, the session's :class:`~splitnn.server.shipped.Inbox`).
 
     Every activation a shipped epoch pushes, under every schedule, comes back as the gradient of the same cut and
     batch (the same frame id, :func:`~splitnn.workers.epoch.push_id`), which its sender computed from that activation:
-    so it had the activation whole. (A party claiming another's name could forge this as it could forge an ACK
-    frame: it makes a sender forget a push it might have had to send again after a broken link, and that run fail.)
+    so a gradient acknowledges that activation. In a lock-step run each party finishes a batch, its steps with the
+    batch's gradients included, before it starts the next: so an activation also acknowledges the gradient of the
+    batch before at its cut, and only a run's last gradient from a peer needs an ACK entry. (A party claiming
+    another's name can forge this as it can forge an ACK frame: its victim forgets a push it might have had to send
+    again after a broken link, and that run fails.)
     """
     if kind == "gradient":
         peers.acked(peer, "activation", frame_id)
+        return inbox.lock_step(frame_id) and not inbox.ends_run(peer, kind, frame_id)
+    if kind != "activation":
         return False
-    return kind == "activation"
+    if inbox.lock_step(frame_id) and (earlier := previous_batch(frame_id)) is not None:
+        peers.acked(peer, "gradient", earlier)
+    return True
 
 
 class Acks:

@@ -64,6 +64,7 @@ class Run:
     # the last push the run expects of each (peer, kind): its acknowledgement goes at once (the sender's epoch ends
     # when its pushes are acknowledged: it need not ask for it then)
     last: frozenset[tuple[str, str, int]] = frozenset()
+    lock_step: bool = False  # each party finishes a batch (backward and step) before it starts the next
     aborted: BaseException | None = None
     consumed: set[tuple[str, str, int]] = field(default_factory=set)  # pushes received and used (a copy is ignored)
 
@@ -117,7 +118,7 @@ class Inbox:
             if st.next not in (None, self.worker):
                 allowed.add((st.next, "gradient"))
                 last.add((st.next, "gradient", push_id(plan.run_id, final, st.index)))
-        run = Run(plan.run_id, frozenset(allowed), frozenset(last))
+        run = Run(plan.run_id, frozenset(allowed), frozenset(last), lock_step=plan.pipeline == 1)
         self._runs[plan.run_id] = run
         self._held += self._run_bytes.get(plan.run_id, 0)  # its early pushes are now held for a running epoch
         for key in [k for k in self._slots if run_of(k[2]) == plan.run_id and k[:2] not in run.allowed]:
@@ -271,6 +272,11 @@ class Inbox:
         pushes once its part of the epoch is done, so they go at once."""
         run = self._runs.get(frame_id >> RUN_SHIFT)
         return run is not None and (peer, kind, frame_id) in run.last
+
+    def lock_step(self, frame_id: int) -> bool:
+        """Whether ``frame_id``'s run is running here, lock-step."""
+        run = self._runs.get(frame_id >> RUN_SHIFT)
+        return run is not None and run.lock_step
 
     def has(self, peer: str, kind: str, frame_id: int) -> bool:
         """Whether the push (peer, kind, frame_id) needs no delivery: it is held or was used here, or its run

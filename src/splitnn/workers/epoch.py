@@ -52,6 +52,12 @@ def run_of(frame_id: int) -> int:
     return frame_id >> RUN_SHIFT
 
 
+def previous_batch(frame_id: int) -> int | None:
+    """The frame id of the tensor crossing the same cut in the batch before (None for a run's first batch)."""
+    batch = (frame_id >> 8) & (MAX_BATCHES - 1)
+    return push_id(run_of(frame_id), batch - 1, frame_id & 0xFF) if batch else None
+
+
 @dataclass(frozen=True)
 class BatchOrder:
     """The batches of one epoch as :func:`splitnn.training.epoch_batches` makes them."""
