@@ -321,7 +321,9 @@ class SessionPeers:
 
     def acked(self, peer: str, kind: str, frame_id: int) -> None:
         """``peer`` acknowledged our push: forget it."""
-        self.acked_all(peer, ((kind, frame_id),))
+        box = self.outboxes.get(peer)
+        if box is not None:
+            box.acked(kind, frame_id)
 
     def acked_all(self, peer: str, entries: Iterable[tuple[str, int]]) -> None:
         """``peer`` acknowledged these pushes ``(kind, frame_id)`` (one ACK frame's): forget them."""

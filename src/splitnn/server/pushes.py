@@ -102,8 +102,13 @@ class Outbox:
         return item
 
     def acked(self, kind: str, frame_id: int) -> None:
-        """The receiver has this push: forget it."""
-        self.acked_all(((kind, frame_id),))
+        """The receiver has this push: forget it. (Once per push when a push answers it: no loop, no tuple.)"""
+        key = (kind, frame_id)
+        self.dropped.discard(key)  # (an acknowledgement may overtake the bound)
+        item = self._kept.pop(key, None)
+        if item is not None:
+            self._bytes -= item.nbytes
+            self.changed.set()
 
     def acked_all(self, entries: Iterable[tuple[str, int]]) -> None:
         """The receiver has these pushes ``(kind, frame_id)`` (an ACK frame's): forget them. (One call per ACK
