@@ -351,35 +351,38 @@ def test_a_first_attempt_made_inline_counts_among_the_attempts(monkeypatch):
     assert str(retried[0]) == "first, inline" and len(retried) == links.PULL_RETRIES
 
 
+def _settling(kind: str, fid: int, answer: bool = False):
+    """Alice's session with one push ``(kind, fid)`` to bob kept and sent on a stand-in link that records the frame
+    types alice writes on it (``asked``); ``answer``: bob acknowledges the push as soon as alice writes."""
+    from splitnn.server.peers import SessionPeers
+
+    peers = Peers(
+        "alice", "token", tls=None, limits=Limits(), counters=ByteCounters(), timeout=5.0, resolve=lambda _: None
+    )
+    session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
+    box = session.outbox("bob")
+    item = box.keep(kind, fid, torch.ones(2), 8)
+    asked = []
+
+    async def send(frame, kind_):
+        asked.append(frames.parse(frame)[0].type)
+        if answer:
+            session.acked("bob", kind, fid)
+
+    link = SimpleNamespace(closed=None, send=send)
+    box.unsent(link)
+    item.sent_on, item.sends = link, 1
+    return session, box, asked
+
+
 def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it(monkeypatch):
     """``settle`` asks the receiver for its acknowledgements (after waiting ACK_GRACE for them unasked); one that
     comes back while the question is still being written must end the wait at once (it was missed, and the epoch's
     end waited out a 50 ms poll)."""
-    from splitnn.server.peers import SessionPeers
 
     async def main():
-        peers = Peers(
-            "alice",
-            "token",
-            tls=None,
-            limits=Limits(),
-            counters=ByteCounters(),
-            timeout=5.0,
-            resolve=lambda _: None,
-        )
-        session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
-        box = session.outbox("bob")
-        fid = push_id(7, 0, 0)
-        item = box.keep("activation", fid, torch.ones(2), 8)
-        asked = []
-
-        async def send(frame, kind):  # bob's acknowledgement overtakes the end of alice's question
-            asked.append(frames.parse(frame)[0].type)
-            session.acked("bob", "activation", fid)
-
-        link = SimpleNamespace(closed=None, send=send)
-        box.unsent(link)
-        item.sent_on, item.sends = link, 1
+        # bob's acknowledgement overtakes the end of alice's question
+        session, box, asked = _settling("activation", push_id(7, 0, 0), answer=True)
         waited_unset = []
         wait_for = asyncio.wait_for
 
@@ -398,30 +401,10 @@ def test_an_epochs_end_sees_an_acknowledgement_that_arrives_while_it_asks_for_it
 def test_an_epochs_end_does_not_ask_for_an_acknowledgement_on_its_way():
     """The receiver acknowledges a run's last push unasked, at once: ``settle`` waits ACK_GRACE for that before it
     asks (a question costs both sides a frame per link and epoch)."""
-    from splitnn.server.peers import SessionPeers
 
     async def main():
-        peers = Peers(
-            "alice",
-            "token",
-            tls=None,
-            limits=Limits(),
-            counters=ByteCounters(),
-            timeout=5.0,
-            resolve=lambda _: None,
-        )
-        session = SessionPeers(peers, SimpleNamespace(tag="t", counters=ByteCounters()))
-        box = session.outbox("bob")
         fid = push_id(7, 0, 1)
-        item = box.keep("gradient", fid, torch.ones(2), 8)
-        asked = []
-
-        async def send(frame, kind):
-            asked.append(frames.parse(frame)[0].type)
-
-        link = SimpleNamespace(closed=None, send=send)
-        box.unsent(link)
-        item.sent_on, item.sends = link, 1
+        session, box, asked = _settling("gradient", fid)
         asyncio.get_running_loop().call_later(ACK_GRACE / 4, session.acked, "bob", "gradient", fid)
         await session.settle(["bob"], 7)
         assert asked == [] and not box.pending(7)
