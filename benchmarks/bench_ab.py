@@ -1,6 +1,7 @@
 """Two source trees' networked epochs, interleaved one by one: a before/after that a busy machine does not blur.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_ab.py TREE_A TREE_B [--batches 30] [--pairs 60] [--tcp] [--per-op]
+    OMP_NUM_THREADS=1 python benchmarks/bench_ab.py TREE_A TREE_B [--batches 30] [--pairs 60] [--sets 1] [--tcp]
+        [--per-op]
 
 On a shared machine the speed of the same work drifts by a factor of 1.5 or more over tens of seconds
 (another guest's load), so two trees timed a run apart can differ by more than the change between them. Here
@@ -9,7 +10,9 @@ process with its own three ``splitnn worker`` processes, set up once, that impor
 the two then take turns, one ``fit`` of one epoch (the tutorial network, batch 64, ``--batches`` batches,
 shipped epochs over gRPC links unless ``--tcp`` or ``--per-op``) at a time, A then B, then B then A. While one
 trains, the other's four processes wait idle. Each pair is a few hundred milliseconds apart, so both see
-the same machine, and the ratio of a pair cancels the drift.
+the same machine, and the ratio of a pair cancels the drift. The level of a whole set of processes also varies
+from one start to the next (10% between two starts of the same tree here): ``--sets N`` starts both trees'
+processes afresh N times, ``--pairs`` pairs each, and prints each set's median ratio too.
 
 Printed: each tree's median samples/s and its workers' median CPU per batch, the median of the per-pair
 ratios B/A with its quartiles, and how many pairs B won (with the two-sided sign-test p-value of "no
@@ -77,6 +80,26 @@ def _epoch(proc: subprocess.Popen, seed: int) -> dict:
     return json.loads(proc.stdout.readline())
 
 
+def _timed_set(trees: list[Path], args: argparse.Namespace) -> list[tuple[list[float], list[float]]]:
+    """``args.pairs`` interleaved epoch pairs on a fresh researcher and workers per tree: each tree's wall and
+    workers' CPU seconds per epoch."""
+    procs = [_child(t, args) for t in trees]
+    out: list[tuple[list[float], list[float]]] = [([], []), ([], [])]
+    try:
+        for p in range(args.pairs):
+            for i in (0, 1) if p % 2 == 0 else (1, 0):
+                for _ in range(args.warm):  # (untimed: the tree's processes warm again after the other's turn)
+                    _epoch(procs[i], seed=p + 1)
+                r = _epoch(procs[i], seed=p + 1)
+                out[i][0].append(r["wall"])
+                out[i][1].append(r["cpu"])
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(60)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", type=Path, help="two source trees (checkout roots): A, then B")
@@ -84,6 +107,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=60, help="epoch pairs timed (default 60)")
     parser.add_argument("--tcp", action="store_true", help="peer links over the TCP data plane")
     parser.add_argument("--per-op", action="store_true", help="one command per operation, not shipped epochs")
+    parser.add_argument(
+        "--sets",
+        type=int,
+        default=1,
+        help="fresh researcher and workers per tree this many times, --pairs each (a start's level varies)",
+    )
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="untimed epochs before each timed one, in the same turn (measures a tree warm, as back-to-back "
+        "epochs run; 0: each timed epoch follows the other tree's)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # (a child: one tree's researcher)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
@@ -93,22 +129,20 @@ def main() -> None:
         return
     if len(trees) != 2:
         parser.error("give exactly two trees, A and B")
-    procs = [_child(t, args) for t in trees]
     walls: list[list[float]] = [[], []]
     cpus: list[list[float]] = [[], []]
-    try:
-        for p in range(args.pairs):
-            for i in (0, 1) if p % 2 == 0 else (1, 0):
-                r = _epoch(procs[i], seed=p + 1)
-                walls[i].append(r["wall"])
-                cpus[i].append(r["cpu"])
-    finally:
-        for proc in procs:
-            proc.stdin.close()
-            proc.wait(60)
+    for k in range(args.sets):
+        set_walls = _timed_set(trees, args)
+        for i in (0, 1):
+            walls[i] += set_walls[i][0]
+            cpus[i] += set_walls[i][1]
+        if args.sets > 1:
+            ratio = statistics.median(a / b for a, b in zip(set_walls[0][0], set_walls[1][0]))
+            print(f"  set {k + 1} of {args.sets} (fresh processes): B/A speed, median of its pairs {ratio:.3f}")
     nb = args.batches
     path = "per-op" if args.per_op else "shipped epochs over " + ("TCP" if args.tcp else "gRPC") + " links"
-    print(f"{args.pairs} interleaved epoch pairs of {nb} batches of {BATCH}, {path}")
+    sets = f" in {args.sets} sets of fresh processes" if args.sets > 1 else ""
+    print(f"{args.sets * args.pairs} interleaved epoch pairs{sets} of {nb} batches of {BATCH}, {path}")
     for name, t, w, c in zip("AB", trees, walls, cpus):
         print(
             f"  {name} {t}: median {nb * BATCH / statistics.median(w):,.0f} samples/s, "
