@@ -19,13 +19,15 @@ from splitnn.workers.epoch import previous_batch, run_of
 
 #: Seconds a receiver gathers acknowledgements of pushes before it sends them, in one ACK frame (one message per
 #: push would cost a shipped epoch a fifth of its time on a busy machine); its sender keeps the pushes meanwhile.
-#: An epoch's end does not wait for it: the sender asks for the acknowledgements then (``SessionPeers.settle``).
+#: (Only pushes no push of the receiver answers take ACK entries: :func:`answered`.) An epoch's end does not wait
+#: for it: the sender asks for the acknowledgements then, after :data:`ACK_GRACE` (``SessionPeers.settle``).
 ACK_DELAY = 0.25
 #: Acknowledgements a receiver gathers at most before it sends them without waiting for :data:`ACK_DELAY` (so a
-#: fast run's sender keeps about this many pushes, far below :data:`KEEP_PUSHES`). A kept push is a live tensor:
-#: with 64 of them each batch's activations and gradients took fresh memory (cold in the cache, page faults); 16
-#: let the allocator reuse warm blocks for one ACK frame per 16 pushes. Measured with ``benchmarks/bench_ab.py``,
-#: 60 interleaved epoch pairs: 2% more samples/s than 64; 4 cost 2.5% (the frames) and 8 or 32 gained less.
+#: fast pipelined run's sender keeps about this many gradients, far below :data:`KEEP_PUSHES`). A kept push is a
+#: live tensor: with 64 of them each batch's activations and gradients took fresh memory (cold in the cache, page
+#: faults); 16 let the allocator reuse warm blocks for one ACK frame per 16 pushes. Measured with
+#: ``benchmarks/bench_ab.py``, 60 interleaved epoch pairs: 2% more samples/s than 64; 4 cost 2.5% (the frames) and
+#: 8 or 32 gained less.
 ACK_EVERY = min(16, MAX_ACKS)
 #: Seconds the end of a shipped epoch waits for the acknowledgement of its last pushes before it asks for them: the
 #: receiver sends it at once, unasked, when the last push a run expects arrives (the question cost both sides a frame).
