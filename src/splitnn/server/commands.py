@@ -351,7 +351,9 @@ class Commands(_PeerCommands):
         return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"], divide=a["divide"])
 
     async def _serve_backward(self, a: dict, **_: Any) -> None:
-        self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))
+        # the input's gradient first, for the peer that pulls it; the weights' when this party next needs them
+        grad = await self._grad(a["grad"])
+        self.exports.export(a["id"], self.engine.backward(a["key"], grad, weights_later=True))
 
     async def _serve_forward_merged(self, a: dict, **_: Any) -> None:
         """Pull every source activation from its owner (in parallel), merge, run the segment."""

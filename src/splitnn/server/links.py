@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from splitnn.errors import PolicyError, WireError, WorkerError, WorkerUnreachableError
-from splitnn.server.pushes import ACK_DELAY, Acks, answered
+from splitnn.server.pushes import ACK_DELAY, Acks
 from splitnn.server.shipped import EARLY_RULE, HELD_RULE, Inbox
 from splitnn.transport import frames
 from splitnn.transport.counters import ByteCounters
@@ -250,10 +250,13 @@ class PeerLink:
                 (scope.counters if scope is not None else self.peers.counters).record(
                     self.peer, "recv", hdr.kind if hdr.type in frames.PAYLOAD_TYPES else "control", len(raw)
                 )
-                if hdr.type == frames.PUSH:  # (the common frame of a shipped epoch: _on_frame's first case, inlined)
-                    self._pushed(hdr, chunk, scope)
-                else:
+                if hdr.type != frames.PUSH:  # (the common frame of a shipped epoch, a PUSH, is handled inline)
                     self._on_frame(hdr, chunk, scope)
+                elif (answer := self._pushed(hdr, chunk, scope)) is not None:
+                    # the epoch the push woke runs first, until it waits again; then the push is acknowledged, and
+                    # the next frame read (a lock-step peer sends its next push only once this party answered)
+                    await asyncio.sleep(0)
+                    self._acks.arrived(scope.peers, scope.inbox, self.peer, *answer, again=False, now=False)
             if self._tasks:  # the peer is done sending but may still read: answer what it asked for
                 await asyncio.wait(set(self._tasks), timeout=self.peers.timeout)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
@@ -269,9 +272,7 @@ class PeerLink:
                     pass
 
     def _on_frame(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
-        if hdr.type == frames.PUSH:
-            self._pushed(hdr, chunk, scope)
-        elif hdr.type == frames.ABORT:
+        if hdr.type == frames.ABORT:
             if scope is not None:
                 scope.inbox.peer_aborted(self.peer, hdr.id, bytes(chunk).decode("utf-8", "replace"))
         elif hdr.type == frames.ACK:
@@ -323,20 +324,19 @@ class PeerLink:
         if scope is not None:
             scope.inbox.peer_lost(self.peer)
 
-    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> None:
+    def _pushed(self, hdr: frames.FrameHeader, chunk: memoryview, scope: PeerScope | None) -> tuple[str, int] | None:
         """A PUSH chunk of a shipped epoch for session ``scope``: reassemble, then hand to the inbox (which checks
-        the sender)."""
+        the sender). A push delivered whole and not yet acknowledged: ``(kind, frame_id)`` (else None)."""
         if hdr.kind in ("weights", "psi"):  # weights and PSI messages are only ever pulled, never pushed
             self._count("recv", "refused", 0)
-            return
+            return None
         if scope is None:
             self._push_reasm.drop(hdr.id)
             self._refused(hdr, "this worker has no session for the stream (it ended, or the stream names none)")
-            return
+            return None
         room, active = scope.inbox.admit(self.peer, hdr.kind, hdr.id)  # (Inbox.has, Inbox.room, Inbox.active)
         if room is None:
-            # sent again after a broken link, but it arrived before: acknowledged again once whole, used once (and
-            # not decoded again)
+            # a copy sent again after a broken link, which arrived before: acknowledged again once whole, not decoded
             self._push_reasm.drop(hdr.id)
             if hdr.more:
                 return
@@ -361,14 +361,15 @@ class PeerLink:
                 tensor = WireError(f"worker {self.me!r}: bad tensor pushed by {self.peer!r}: {exc}")
             if tensor is None:
                 return
-        # whole: the sender may forget it. A push answered by one of ours is acknowledged by it (pushes.answered);
-        # others soon, with others; at once for the run's last push from the sender (its epoch ends waiting for them),
-        # and before the push is handed on (the epoch it wakes would run its backward first)
+        # whole: the sender may forget it (Acks.arrived). The run's last push from the sender is acknowledged at once,
+        # before it is handed on (its epoch ends waiting for it); any other once the epoch it woke waits again (run)
         kind = hdr.kind
-        if not (answered(scope.peers, scope.inbox, self.peer, kind, hdr.id) and room is not None):
-            self._acks.add(kind, hdr.id, now=scope.inbox.ends_run(self.peer, kind, hdr.id))
+        last = scope.inbox.ends_run(self.peer, kind, hdr.id)
+        if room is None or last:
+            self._acks.arrived(scope.peers, scope.inbox, self.peer, kind, hdr.id, again=room is None, now=last)
         if room is not None and not scope.inbox.deliver(self.peer, kind, hdr.id, tensor):
             self._refused(hdr, scope.inbox.refusal(hdr.id, self.peer, kind))
+        return None if room is None or last else (kind, hdr.id)
 
     def _refused(self, hdr: frames.FrameHeader, why: str) -> None:
         self._count("recv", "refused", 0)

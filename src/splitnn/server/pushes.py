@@ -209,6 +209,12 @@ class Acks:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
 
+    def arrived(self, peers: Any, inbox: Any, peer: str, kind: str, frame_id: int, *, again: bool, now: bool) -> None:
+        """Push ``(kind, frame_id)`` from ``peer`` arrived whole: acknowledge it unless one of ours will
+        (:func:`answered`); a copy that arrived before (``again``) all the same."""
+        if not answered(peers, inbox, peer, kind, frame_id) or again:
+            self.add(kind, frame_id, now=now)
+
     def flush(self) -> None:
         """Send the gathered acknowledgements now."""
         self.cancel()

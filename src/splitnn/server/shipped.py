@@ -440,6 +440,7 @@ async def run_epoch(
         plan.batches(),
         stashing=sched.stashing,
         prediction=plan.prediction,
+        split_backward=plan.pipeline == 1,  # the gradient a peer waits for goes before this party's weights'
     )
     sending: collections.deque[asyncio.Task] = collections.deque()
     lock_step = plan.pipeline == 1

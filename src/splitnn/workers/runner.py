@@ -53,6 +53,9 @@ class PartyRun:
         stashing: the schedule keeps batches apart (pipelined) rather than lock-step.
         prediction: a pipelined run's weight prediction, the moving-average factor of each of this party's
             segments (:mod:`splitnn.workers.inflight`; None: off). Each run starts its averages afresh.
+        split_backward: lock-step, a backward whose input gradient goes to another party computes that gradient
+            first and its weights' gradients at the step (``VirtualWorker.backward``, ``weights_later``): the
+            same gradients, the sender's wait shorter. A networked worker's choice; in one process it gains nothing.
     """
 
     def __init__(
@@ -66,10 +69,12 @@ class PartyRun:
         *,
         stashing: bool,
         prediction: float | None = None,
+        split_backward: bool = False,
     ) -> None:
         self.engine, self.keys, self.last = engine, keys, last
         self.dataset, self.loss, self.batches = dataset, loss, batches
         self.stashing = stashing
+        self.split_backward = split_backward and not stashing
         if stashing:
             for key in keys.values():
                 engine.start_pipelined_run(key, prediction=prediction)
@@ -90,7 +95,12 @@ class PartyRun:
                 self._out[(s, t)] = e.forward(key, source, train=True)
         elif op is Op.BACKWARD:
             grad = None if s == self.last else self._grad.pop((s, t))
-            back = e.backward_in_flight(key, t, grad) if self.stashing else e.backward(key, grad)
+            if self.stashing:
+                back = e.backward_in_flight(key, t, grad)
+            elif self.split_backward and s > 0:
+                back = e.backward(key, grad, weights_later=True)
+            else:
+                back = e.backward(key, grad)
             if s > 0 and back is not None:
                 self._grad[(s - 1, t)] = back
         elif op is Op.LOSS:

@@ -38,12 +38,45 @@ class Hosted:
     released: bool = False  # its weights left a gated worker: frozen (it trains no more; see policy's gate)
     ran: bool = False  # it ran a forward here: its buffers may hold values derived from what it read
     snapshot: dict | None = None  # released: the state that left (a later read must find the same)
+    weights_due: tuple | None = None  # a split backward's second pass: (output, its gradient, the parameters)
+    plain: bool | None = None  # its backward may be split (plain_backward); None: not asked yet
 
     def forget(self) -> None:
         """Drop the last forward and every batch in flight (the weights stay)."""
         self.inp = self.out = None
         self.inputs = self.sent = None
+        self.weights_due = None
         self.flights.clear()
+
+    def settle(self) -> None:
+        """Run the weights' pass of a split backward that is still due: every parameter's gradient is then what one
+        backward would have left (called before anything reads or changes a gradient, or runs the segment again)."""
+        due = self.weights_due
+        if due is not None:
+            self.weights_due = None
+            torch.autograd.backward(due[0], due[1], inputs=due[2])
+
+
+#: Where the classes of a segment whose backward may be split are defined: torch's layers and traced graphs, whose
+#: backward is arithmetic only (no hooks, no random draws, nothing counted).
+PLAIN_MODULES = ("torch.nn.", "torch.fx.")
+
+
+def plain_backward(hosted: Hosted) -> bool:
+    """Whether ``hosted``'s backward may run as two passes, the input's gradient first and the weights' later
+    (:meth:`~splitnn.workers.engine.steps.Steps.backward`, ``weights_later``): each pass runs the same kernels on
+    the same values as one backward would, so every gradient is bit for bit the same. Not for a module of another
+    library or of splitnn's own (a privacy defense draws noise, a tap records, in its backward) or with hooks."""
+    hooks = nn.modules.module
+    if hooks._global_backward_hooks or hooks._global_backward_pre_hooks or hooks._global_forward_hooks:
+        return False
+    if hosted.plain is None:
+        hosted.plain = all(
+            type(m).__module__.startswith(PLAIN_MODULES)
+            and not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks)
+            for m in hosted.module.modules()
+        ) and not any(p._backward_hooks for p in hosted.params)
+    return hosted.plain
 
 
 def call_segment(module: nn.Module, x: Value) -> object:

@@ -19,7 +19,7 @@ from splitnn.errors import WorkerError
 from splitnn.wire.tensor_codec import tensor_nbytes
 from splitnn.workers.checks import no_training_forward
 from splitnn.workers.devices import RESEARCHER_DEVICE
-from splitnn.workers.engine.hosted import Hosted, eval_mode, segment_output
+from splitnn.workers.engine.hosted import Hosted, eval_mode, plain_backward, segment_output
 from splitnn.workers.refs import BatchRef, TensorRef
 from splitnn.workers.values import Value, nbytes
 
@@ -53,15 +53,31 @@ class Steps:
         hosted.source = source.owner if isinstance(source, TensorRef) else self.name
         return self._keep(out, "activation", hosted.send_out)
 
-    def backward(self, key: str, grad: TensorRef | None) -> TensorRef | None:
+    def backward(self, key: str, grad: TensorRef | None, *, weights_later: bool = False) -> TensorRef | None:
+        """Back-propagate segment ``key``'s last training forward from ``grad`` (None: from its loss); the gradient
+        of its input, for the party that sent it. ``weights_later``: where the segment allows it (a peer's tensor
+        in, one tensor out, :func:`plain_backward`), compute that gradient alone now and the weights' gradients
+        when they are next needed (:meth:`Hosted.settle`: at ``step`` at the latest), so that the sender waiting for
+        it gets it sooner. The gradients are the same either way."""
         hosted = self._segment(key)
         if hosted.out is None:
             raise no_training_forward(self.name, key)
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
+        hosted.settle()
         guarded = key in self._hijack_guards  # (rule detect_hijack: most segments have no detector)
         if guarded:
             self._check_hijack(key)
+        elif (
+            weights_later
+            and hosted.input_kind == "detached"
+            and grad is not None
+            and type(hosted.out) is torch.Tensor
+            and type(hosted.inp) is torch.Tensor
+            and hosted.inp.requires_grad
+            and plain_backward(hosted)
+        ):
+            return self._input_grad_first(key, hosted, grad)
         self._backprop(hosted, grad)
         if guarded:
             self._check_hijack(key)
@@ -79,25 +95,46 @@ class Steps:
             )
         return self._keep(inp.grad, "gradient", hosted.send_grad)
 
+    def _input_grad_first(self, key: str, hosted: Hosted, grad: TensorRef) -> TensorRef:
+        """:meth:`backward`'s first pass, to the input alone; the second, to the weights, is left due."""
+        g, _ = self._receive(grad, "gradient", False)
+        if type(g) is not torch.Tensor:
+            raise WorkerError(f"worker {self.name!r}: got {len(g)} gradients for a segment output of 1 value")
+        out, inp = hosted.out, hosted.inp
+        params = [p for p in hosted.params if p.requires_grad]
+        (g_in,) = torch.autograd.grad(out, inp, g, retain_graph=bool(params), allow_unused=True)
+        hosted.inp = hosted.out = None
+        hosted.weights_due = (out, g, params) if params else None
+        if g_in is None:
+            raise WorkerError(
+                f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
+            )
+        return self._keep(g_in, "gradient", hosted.send_grad)
+
     def zero_grad(self, key: str) -> None:
         # Same effect as optimizer.zero_grad(set_to_none=True), without its
         # profiler and hook machinery on the per-batch hot path.
-        for p in self._segment(key).params:
+        hosted = self._segment(key)
+        hosted.settle()  # (its gradients are dropped, but its graph is let go as one backward's would be)
+        for p in hosted.params:
             p.grad = None
 
     def step(self, key: str) -> None:
         if key in self._hijack_guards:
             self._check_hijack(key)
-        opt = self._trainable(key).optimizer
-        if opt is not None:
-            opt.step()
+        hosted = self._trainable(key)
+        hosted.settle()
+        if hosted.optimizer is not None:
+            hosted.optimizer.step()
 
     def grad_norms(self, key: str) -> torch.Tensor:
         """The 2-norm of each gradient of segment ``key``'s trainable parameters (those that have one, in
         order), for clipping by the global norm across parties: one number per tensor, never a gradient
         (recorded as control bytes to the researcher). Refused unless the policy's ``release_grad_norms``."""
         self.release_grad_norms(key)
-        grads = [p.grad for p in self._segment(key).params if p.grad is not None]
+        hosted = self._segment(key)
+        hosted.settle()
+        grads = [p.grad for p in hosted.params if p.grad is not None]
         norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]) if grads else torch.zeros(0)
         self.ledger.record(self.name, RESEARCHER, "control", nbytes(norms))
         return norms.to(RESEARCHER_DEVICE)
@@ -105,7 +142,9 @@ class Steps:
     def clip_grads(self, key: str, max_norm: float, total_norm: torch.Tensor) -> None:
         """Scale segment ``key``'s gradients as ``torch.nn.utils.clip_grads_with_norm_`` does for the global
         ``total_norm`` (the norm over every party's gradients, from their :meth:`grad_norms`)."""
-        params = [p for p in self._segment(key).params if p.grad is not None]
+        hosted = self._segment(key)
+        hosted.settle()
+        params = [p for p in hosted.params if p.grad is not None]
         self.ledger.record(RESEARCHER, self.name, "control", nbytes(total_norm))
         if params:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, self._here(total_norm))
@@ -114,6 +153,7 @@ class Steps:
         """Segment ``key`` about to run a forward (refused for training once released), in training mode to train."""
         hosted = self._trainable(key, train)
         hosted.ran = True
+        hosted.settle()
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
