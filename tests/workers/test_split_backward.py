@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from splitnn.workers import VirtualWorker
+from splitnn.workers import BatchRef, VirtualWorker
 from splitnn.workers.runner import PartyRun
 from splitnn.workers.schedules import Action, Op
 
@@ -182,3 +182,26 @@ def test_releasing_the_intermediate_tensors_lets_the_retained_graph_go():
     bob.step("s")
     assert bob._segment("s").weights_due is None
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_the_label_holder_splits_its_backward_from_the_loss_alike():
+    """Claire's part: alice's activation in, the loss on her labels, the input's gradient back to bob."""
+    xs, _ = _batches()
+    labels = torch.tensor([0, 4, 2, 1, 3, 4, 0])
+    want_module, got_module = _segment(), _segment()
+    opt = torch.optim.SGD(want_module.parameters(), lr=0.1)
+    claire = _worker(got_module)
+    claire.add_dataset("d", labels=labels)
+    for x in xs:
+        opt.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(want_module(leaf), labels).backward()
+        opt.step()
+        claire.zero_grad("s")
+        out = claire.forward("s", claire.put(x.clone(), src="bob", kind="activation"))
+        claire.loss(out, BatchRef("d", torch.arange(7)), "cross_entropy")
+        back = claire.backward("s", None, weights_later=True)
+        assert claire._segment("s").weights_due is not None  # split: the weights wait for the step
+        assert torch.equal(claire._take(back.id), leaf.grad)
+        claire.step("s")
+    assert all(torch.equal(a, b) for a, b in zip(got_module.state_dict().values(), want_module.state_dict().values()))

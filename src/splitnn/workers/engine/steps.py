@@ -71,13 +71,16 @@ class Steps:
         elif (
             weights_later
             and hosted.input_kind == "detached"
-            and grad is not None
             and type(hosted.out) is torch.Tensor
             and type(hosted.inp) is torch.Tensor
             and hosted.inp.requires_grad
             and plain_backward(hosted)
         ):
-            return self._input_grad_first(key, hosted, grad)
+            if grad is not None:
+                return self._input_grad_first(key, hosted, hosted.out, self._receive(grad, "gradient", False)[0])
+            loss = self._pending(hosted)
+            if loss is not None:  # (else the caller ran backward already, from the output it fetched)
+                return self._input_grad_first(key, hosted, loss, None)
         self._backprop(hosted, grad)
         if guarded:
             self._check_hijack(key)
@@ -95,16 +98,16 @@ class Steps:
             )
         return self._keep(inp.grad, "gradient", hosted.send_grad)
 
-    def _input_grad_first(self, key: str, hosted: Hosted, grad: TensorRef) -> TensorRef:
-        """:meth:`backward`'s first pass, to the input alone; the second, to the weights, is left due."""
-        g, _ = self._receive(grad, "gradient", False)
-        if type(g) is not torch.Tensor:
+    def _input_grad_first(self, key: str, hosted: Hosted, root: torch.Tensor, g: Value | None) -> TensorRef:
+        """:meth:`backward`'s first pass, from ``root`` (the output, with its gradient ``g``, or the loss) to the
+        input alone; the second, to the weights, is left due."""
+        if type(g) is tuple:
             raise WorkerError(f"worker {self.name!r}: got {len(g)} gradients for a segment output of 1 value")
-        out, inp = hosted.out, hosted.inp
+        inp = hosted.inp
         params = [p for p in hosted.params if p.requires_grad]
-        (g_in,) = torch.autograd.grad(out, inp, g, retain_graph=bool(params), allow_unused=True)
+        (g_in,) = torch.autograd.grad(root, inp, g, retain_graph=bool(params), allow_unused=True)
         hosted.inp = hosted.out = None
-        hosted.weights_due = (out, g, params) if params else None
+        hosted.weights_due = (root, g, params) if params else None
         if g_in is None:
             raise WorkerError(
                 f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
