@@ -351,9 +351,7 @@ class Commands(_PeerCommands):
         return self.engine.loss(output, a["target"], loss, train=a["train"], keep=a["keep"], divide=a["divide"])
 
     async def _serve_backward(self, a: dict, **_: Any) -> None:
-        # the input's gradient first, for the peer that pulls it; the weights' when this party next needs them
-        grad = await self._grad(a["grad"])
-        self.exports.export(a["id"], self.engine.backward(a["key"], grad, weights_later=True))
+        self.exports.export(a["id"], self.engine.backward(a["key"], await self._grad(a["grad"])))
 
     async def _serve_forward_merged(self, a: dict, **_: Any) -> None:
         """Pull every source activation from its owner (in parallel), merge, run the segment."""
