@@ -16,7 +16,7 @@ STEPS = 3
 
 def _segment() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Tanh())
+    return nn.Sequential(nn.Tanh(), nn.Linear(6, 5), nn.ReLU())
 
 
 def _batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -129,12 +129,16 @@ class _Counted(nn.Module):
 
 def _hooked() -> nn.Module:
     module = _segment()
-    module[0].register_full_backward_hook(lambda *args: None)
+    module[1].register_full_backward_hook(lambda *args: None)
     return module
 
 
-@pytest.mark.parametrize("make", [_Counted, _hooked], ids=["foreign-layer", "hooked"])
-def test_a_segment_whose_backward_may_do_more_than_arithmetic_runs_one_backward(make):
+def _deep() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))  # (its second pass would redo 8 x 5 x 7)
+
+
+@pytest.mark.parametrize("make", [_Counted, _hooked, _deep], ids=["foreign-layer", "hooked", "weights-in-two-layers"])
+def test_a_segment_the_split_does_not_suit_runs_one_backward(make):
     module = make()
     bob = _backward_once(module)
     assert bob._segment("s").weights_due is None

@@ -66,16 +66,23 @@ def plain_backward(hosted: Hosted) -> bool:
     """Whether ``hosted``'s backward may run as two passes, the input's gradient first and the weights' later
     (:meth:`~splitnn.workers.engine.steps.Steps.backward`, ``weights_later``): each pass runs the same kernels on
     the same values as one backward would, so every gradient is bit for bit the same. Not for a module of another
-    library or of splitnn's own (a privacy defense draws noise, a tap records, in its backward) or with hooks."""
+    library or of splitnn's own (a privacy defense draws noise, a tap records, in its backward) or with hooks; nor
+    for a segment with weights in more than one layer, whose second pass would compute again every gradient between
+    the input's layer and the last one with weights (a deep segment's backward would cost half as much again)."""
     hooks = nn.modules.module
     if hooks._global_backward_hooks or hooks._global_backward_pre_hooks or hooks._global_forward_hooks:
         return False
     if hosted.plain is None:
-        hosted.plain = all(
-            type(m).__module__.startswith(PLAIN_MODULES)
-            and not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks)
-            for m in hosted.module.modules()
-        ) and not any(p._backward_hooks for p in hosted.params)
+        modules = list(hosted.module.modules())
+        hosted.plain = (
+            all(
+                type(m).__module__.startswith(PLAIN_MODULES)
+                and not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks)
+                for m in modules
+            )
+            and not any(p._backward_hooks for p in hosted.params)
+            and sum(any(True for _ in m.parameters(recurse=False)) for m in modules) <= 1
+        )
     return hosted.plain
 
 
