@@ -118,7 +118,7 @@ class Steps:
         # Same effect as optimizer.zero_grad(set_to_none=True), without its
         # profiler and hook machinery on the per-batch hot path.
         hosted = self._segment(key)
-        hosted.settle()  # (its gradients are dropped, but its graph is let go as one backward's would be)
+        hosted.weights_due = None  # (the gradients a split backward still owes would be dropped here anyway)
         for p in hosted.params:
             p.grad = None
 
