@@ -113,7 +113,7 @@ def test_whatever_reads_or_replaces_the_gradients_computes_them_first(read):
     else:
         bob._take(bob.forward("s", bob.put(torch.zeros(7, 6), src="alice", kind="activation")).id)
         assert torch.equal(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]), want)
-    assert bob._segment("s").weights_due is None
+    assert bob._segments["s"].weights_due is None
 
 
 class _Counted(nn.Module):
@@ -141,7 +141,7 @@ def _deep() -> nn.Module:
 def test_a_segment_the_split_does_not_suit_runs_one_backward(make):
     module = make()
     bob = _backward_once(module)
-    assert bob._segment("s").weights_due is None
+    assert bob._segments["s"].weights_due is None
     assert all(p.grad is not None for p in module.parameters())  # computed at once, by the one backward
 
 
@@ -184,7 +184,7 @@ def test_releasing_the_intermediate_tensors_lets_the_retained_graph_go():
     before = {k: v.clone() for k, v in module.state_dict().items()}
     bob.release()  # (a run that failed between its backward and its step)
     bob.step("s")
-    assert bob._segment("s").weights_due is None
+    assert bob._segments["s"].weights_due is None
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
@@ -205,7 +205,7 @@ def test_the_label_holder_splits_its_backward_from_the_loss_alike():
         out = claire.forward("s", claire.put(x.clone(), src="bob", kind="activation"))
         claire.loss(out, BatchRef("d", torch.arange(7)), "cross_entropy")
         back = claire.backward("s", None, weights_later=True)
-        assert claire._segment("s").weights_due is not None  # split: the weights wait for the step
+        assert claire._segments["s"].weights_due is not None  # split: the weights wait for the step
         assert torch.equal(claire._take(back.id), leaf.grad)
         claire.step("s")
     assert all(torch.equal(a, b) for a, b in zip(got_module.state_dict().values(), want_module.state_dict().values()))

@@ -48,6 +48,11 @@ def no_training_forward(worker: str, key: str, *, merged: bool = False) -> Worke
     return WorkerError(f"worker {worker!r}: {op} on segment {key!r} without a training {forward} first")
 
 
+def no_input_gradient(worker: str, key: str) -> WorkerError:
+    """The error of a backward that left no gradient at the segment's input."""
+    return WorkerError(f"worker {worker!r}: segment {key!r} got no gradient at its input; did the loss backward run?")
+
+
 def check_sources(sources: list, key: str, worker: str) -> list:
     """``sources`` of a ``forward_merged`` if there is at least one."""
     if not sources:

@@ -50,7 +50,7 @@ class Hosted:
 
     def settle(self) -> None:
         """Run the weights' pass of a split backward that is still due: every parameter's gradient is then what one
-        backward would have left (called before anything reads or changes a gradient, or runs the segment again)."""
+        backward would have left (the engine's lookup of a segment calls it, before any call on the segment)."""
         due = self.weights_due
         if due is not None:
             self.weights_due = None

@@ -75,8 +75,15 @@ class SegmentHost:
         return key in self._segments
 
     def _segment(self, key: str) -> Hosted:
+        """Segment ``key``, with the weights' pass of a split backward still due run first (``Hosted.settle``): every
+        engine call takes its segment here, so whatever reads, changes or runs the segment finds its gradients
+        whole."""
         hosted = self._segments.get(key)  # (the per-batch path: a lookup, the error only when it misses)
-        return hosted if hosted is not None else held(self._segments, key, self.name, "segment", "hosts")
+        if hosted is None:
+            return held(self._segments, key, self.name, "segment", "hosts")
+        if hosted.weights_due is not None:
+            hosted.settle()
+        return hosted
 
     def probe(self, key: str, input_shape: ProbeShape) -> ProbeShape:
         # A copy of the module's structure sharing its parameters and buffers, in eval mode

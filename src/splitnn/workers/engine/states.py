@@ -39,7 +39,6 @@ class StateTransfer:
     def get_grads(self, key: str) -> dict[str, torch.Tensor]:
         """Gradients of segment ``key``'s trainable parameters, by name (see :class:`GradientWorker`)."""
         hosted = self._released(key, "gradients", f"segment {key!r}'s gradients")
-        hosted.settle()
         grads = state_to_cpu(
             {
                 n: (p.grad if p.grad is not None else torch.zeros_like(p))

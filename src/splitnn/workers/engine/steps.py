@@ -17,7 +17,7 @@ import torch
 from splitnn.accounting import RESEARCHER
 from splitnn.errors import WorkerError
 from splitnn.wire.tensor_codec import tensor_nbytes
-from splitnn.workers.checks import no_training_forward
+from splitnn.workers.checks import no_input_gradient, no_training_forward
 from splitnn.workers.devices import RESEARCHER_DEVICE
 from splitnn.workers.engine.hosted import Hosted, eval_mode, plain_backward, segment_output
 from splitnn.workers.refs import BatchRef, TensorRef
@@ -64,7 +64,6 @@ class Steps:
             raise no_training_forward(self.name, key)
         if hosted.input_kind == "merged":
             raise WorkerError(f"worker {self.name!r}: segment {key!r} ran on merged inputs; use backward_merged")
-        hosted.settle()
         guarded = key in self._hijack_guards  # (rule detect_hijack: most segments have no detector)
         if guarded:
             self._check_hijack(key)
@@ -93,9 +92,7 @@ class Steps:
         if kind == "fused":
             return self._fused_grad(inp, hosted.source)
         if inp.grad is None:
-            raise WorkerError(
-                f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
-            )
+            raise no_input_gradient(self.name, key)
         return self._keep(inp.grad, "gradient", hosted.send_grad)
 
     def _input_grad_first(self, key: str, hosted: Hosted, root: torch.Tensor, g: Value | None) -> TensorRef:
@@ -109,35 +106,28 @@ class Steps:
         hosted.inp = hosted.out = None
         hosted.weights_due = (root, g, params) if params else None
         if g_in is None:
-            raise WorkerError(
-                f"worker {self.name!r}: segment {key!r} got no gradient at its input; did the loss backward run?"
-            )
+            raise no_input_gradient(self.name, key)
         return self._keep(g_in, "gradient", hosted.send_grad)
 
     def zero_grad(self, key: str) -> None:
         # Same effect as optimizer.zero_grad(set_to_none=True), without its
         # profiler and hook machinery on the per-batch hot path.
-        hosted = self._segment(key)
-        hosted.weights_due = None  # (the gradients a split backward still owes would be dropped here anyway)
-        for p in hosted.params:
+        for p in self._segment(key).params:
             p.grad = None
 
     def step(self, key: str) -> None:
         if key in self._hijack_guards:
             self._check_hijack(key)
-        hosted = self._trainable(key)
-        hosted.settle()
-        if hosted.optimizer is not None:
-            hosted.optimizer.step()
+        opt = self._trainable(key).optimizer
+        if opt is not None:
+            opt.step()
 
     def grad_norms(self, key: str) -> torch.Tensor:
         """The 2-norm of each gradient of segment ``key``'s trainable parameters (those that have one, in
         order), for clipping by the global norm across parties: one number per tensor, never a gradient
         (recorded as control bytes to the researcher). Refused unless the policy's ``release_grad_norms``."""
         self.release_grad_norms(key)
-        hosted = self._segment(key)
-        hosted.settle()
-        grads = [p.grad for p in hosted.params if p.grad is not None]
+        grads = [p.grad for p in self._segment(key).params if p.grad is not None]
         norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]) if grads else torch.zeros(0)
         self.ledger.record(self.name, RESEARCHER, "control", nbytes(norms))
         return norms.to(RESEARCHER_DEVICE)
@@ -145,9 +135,7 @@ class Steps:
     def clip_grads(self, key: str, max_norm: float, total_norm: torch.Tensor) -> None:
         """Scale segment ``key``'s gradients as ``torch.nn.utils.clip_grads_with_norm_`` does for the global
         ``total_norm`` (the norm over every party's gradients, from their :meth:`grad_norms`)."""
-        hosted = self._segment(key)
-        hosted.settle()
-        params = [p for p in hosted.params if p.grad is not None]
+        params = [p for p in self._segment(key).params if p.grad is not None]
         self.ledger.record(RESEARCHER, self.name, "control", nbytes(total_norm))
         if params:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, self._here(total_norm))
@@ -156,7 +144,6 @@ class Steps:
         """Segment ``key`` about to run a forward (refused for training once released), in training mode to train."""
         hosted = self._trainable(key, train)
         hosted.ran = True
-        hosted.settle()
         if train and hosted.training is not True:
             hosted.module.train(True)
             hosted.training = True
