@@ -94,12 +94,22 @@ class Calls:
 
 def _method(op: Operation):
     signature = op.signature()
+    params = list(signature.parameters.values())[1:]
+    names = frozenset(p.name for p in params)
+    positional = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        del values["self"]
+        # the usual call (``zero_grad(key)``) without Signature.bind, which costs more than the rest of the call;
+        # anything else bound as Python binds it, with its TypeError for a bad call
+        fast = len(args) <= len(positional) and names.issuperset(kwargs)
+        if fast and kwargs.keys().isdisjoint(positional[: len(args)]):
+            values = {**defaults, **dict(zip(positional, args)), **kwargs}
+        else:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            del values["self"]
         return self._call(op.name, **values)
 
     call.__name__ = call.__qualname__ = op.method

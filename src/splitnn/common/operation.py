@@ -7,6 +7,7 @@ every operation is :mod:`splitnn.common.operations`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,12 +56,21 @@ class Operation:
     doc: str = ""
 
     # -- arguments ---------------------------------------------------------------------------
+    @functools.cached_property
+    def arg_names(self) -> frozenset[str]:
+        """The names of the argument fields (asked on every call: computed once)."""
+        return frozenset(f.name for f in self.args)
+
+    @functools.cached_property
+    def produce_fields(self) -> tuple[Field, ...]:
+        """The argument fields named in :attr:`produces`, in field order (asked on every command that produces)."""
+        return tuple(f for f in self.args if f.name in self.produces)
+
     def encode_args(self, **values: Any) -> tuple[dict, list[bytes]]:
         """The command's JSON arguments and blobs for ``values`` (one per argument field; optional ones may be
         left out)."""
-        unknown = set(values) - {f.name for f in self.args}
-        if unknown:
-            raise TypeError(f"{self.name}: unknown arguments {sorted(unknown)}")
+        if not self.arg_names.issuperset(values):
+            raise TypeError(f"{self.name}: unknown arguments {sorted(set(values) - self.arg_names)}")
         out: dict = {}
         blobs: list[bytes] = []
         for f in self.args:
@@ -86,10 +96,9 @@ class Operation:
             raise WireError(f"{self.name}: the arguments must be a JSON object")
         reader = Blobs((), limits)
         ids: list[int | None] = []
-        for f in self.args:
-            if f.name in self.produces:
-                value = f.decode(self.name, args, reader)
-                ids.extend(value if isinstance(value, list) else [value])
+        for f in self.produce_fields:
+            value = f.decode(self.name, args, reader)
+            ids.extend(value if isinstance(value, list) else [value])
         return ids
 
     # -- results -----------------------------------------------------------------------------

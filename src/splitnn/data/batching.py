@@ -14,7 +14,7 @@ over its own dataset size (:func:`draw_rows`), so a researcher may choose the se
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -59,8 +59,15 @@ class BatchDraw:
             raise ConfigurationError(f"BatchDraw.shuffle must be a bool, got {self.shuffle!r}")
 
     def to_dict(self) -> dict:
-        """The draw as plain data (what travels): its fields by name."""
-        return asdict(self)
+        """The draw as plain data (what travels): its fields by name. (Written out, not ``dataclasses.asdict``,
+        which deep-copies each field: a draw travels with every batch of the per-op path.)"""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+        }
 
 
 def draw_rows(n: int, draw: BatchDraw, batches: list[torch.Tensor] | None = None) -> torch.Tensor:

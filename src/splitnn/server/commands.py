@@ -230,21 +230,27 @@ class Commands(_PeerCommands):
         """A dataset name this session may read: PolicyError if another session placed it."""
         return self.sessions.check_dataset(self.session, name)
 
-    def _claimed(self, op: Operation, args: dict) -> dict:
+    def _claims(self, op: Operation) -> list[tuple[str, Callable[[Any], Any]]]:
+        """The argument fields of ``op`` that name a segment, dataset or batch, with the check of each claim."""
+        checks = {"segment": self._key, "dataset": self._dataset, "batch": self._batch}
+        return [(f.name, checks[f.claim]) for f in op.args if f.claim in checks]
+
+    @staticmethod
+    def _claimed(claims: list[tuple[str, Callable[[Any], Any]]], args: dict) -> dict:
         """``args`` once every segment key and dataset name they hold is this session's to use (PolicyError)."""
-        for f in op.args:
-            check = {"segment": self._key, "dataset": self._dataset, "batch": self._batch}.get(f.claim)
-            value = args[f.name]
-            if check is not None and value is not None:
-                args[f.name] = [check(v) for v in value] if isinstance(value, (list, tuple)) else check(value)
+        for name, check in claims:
+            value = args[name]
+            if value is not None:
+                args[name] = [check(v) for v in value] if isinstance(value, (list, tuple)) else check(value)
         return args
 
     def _dispatcher(self, op: Operation) -> Op:
         """The table's operation ``op``: decode and check its arguments, then call the engine (or its handler)."""
         handler = getattr(self, f"_serve_{op.name}") if op.serve is None else None
+        claims = self._claims(op)  # (once per operation, not per command)
 
         async def serve(a: dict, blobs: list[bytes], caller: str, state: StreamState) -> tuple[dict, list[bytes]]:
-            args = self._claimed(op, op.decode_args(a, blobs, limits=self.limits))
+            args = self._claimed(claims, op.decode_args(a, blobs, limits=self.limits))
             if handler is not None:
                 value = await handler(args, caller=caller, state=state)
             else:
