@@ -1,0 +1,50 @@
+"""Python lines a ``splitnn worker`` executes, per function, for ``bench_lines.py``.
+
+On a worker's ``PYTHONPATH`` with ``SPLITNN_LINE_COUNTS=DIR`` set, this installs two signal handlers:
+``SIGUSR1`` starts counting the line events of every Python frame the worker's main thread (its event loop)
+enters from then on (``sys.settrace``), ``SIGUSR2`` stops and writes ``DIR/<party>.json``: one row
+``[file, qualified name, first line, lines]`` per function. A count of lines run is the same on a quiet machine
+and a busy one, so two trees compare without timing noise. Benchmark-only: the library never imports it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import sys
+
+OUT = os.environ.get("SPLITNN_LINE_COUNTS")
+
+
+def _install(out: str) -> None:
+    counts: collections.Counter = collections.Counter()
+
+    def local(frame, event, arg):
+        if event == "line":
+            counts[frame.f_code] += 1
+        return local
+
+    def enter(frame, event, arg):  # a call (or a coroutine resumed): count its lines from here on
+        return local
+
+    def start(signum, frame) -> None:
+        counts.clear()
+        sys.settrace(enter)
+
+    def stop(signum, frame) -> None:
+        sys.settrace(None)
+        rows = [[c.co_filename, c.co_qualname, c.co_firstlineno, n] for c, n in counts.items()]
+        name = sys.argv[sys.argv.index("--name") + 1] if "--name" in sys.argv else str(os.getpid())
+        tmp = os.path.join(out, f"{name}.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(rows, fh)
+        os.replace(tmp, os.path.join(out, f"{name}.json"))
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+if OUT and "worker" in sys.argv:
+    _install(OUT)
