@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import BATCH, BATCHES, NAMES, toy_data, tutorial_model
+from .common import BATCHES, NAMES, trained_on_workers
 
 BENCHMARKS = Path(__file__).resolve().parents[1]  # benchmarks/: bench_lines.py and line_counts/
 
@@ -24,18 +24,12 @@ class Lines:
     timeout = 600
 
     def setup(self, path):
-        from splitnn.testing.cluster import Cluster
-
         self._tmp = tempfile.TemporaryDirectory()
         self.out = Path(self._tmp.name)
         env = {"PYTHONPATH": str(BENCHMARKS / "line_counts"), "SPLITNN_LINE_COUNTS": str(self.out)}
-        self.cluster = Cluster(self.out / "cluster", lifetime=600, env=env)
-        for n in NAMES:
-            self.cluster.start(n)
-        self.workers = self.cluster.connect(*NAMES)
-        self.data = toy_data()
-        self.model = tutorial_model(self.workers, ship_epochs=path == "shipped")
-        self.model.fit(self.data, epochs=1, batch_size=BATCH, progress=False)  # data placement, warm-up
+        self.cluster, self.workers, self.data, self.model = trained_on_workers(
+            self.out / "cluster", ship_epochs=path == "shipped", env=env
+        )
 
     def teardown(self, path):
         for w in self.workers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .common import BATCH, NAMES, toy_data, tutorial_model
+from .common import BATCH, NAMES, toy_data, trained_on_workers, tutorial_model
 
 
 class InProcess:
@@ -38,16 +38,10 @@ class Networked:
     timeout = 300
 
     def setup(self, links, path):
-        from splitnn.testing.cluster import Cluster
-
         self._tmp = tempfile.TemporaryDirectory()
-        self.cluster = Cluster(Path(self._tmp.name), lifetime=600, tcp=links == "tcp")
-        for n in NAMES:
-            self.cluster.start(n)
-        self.workers = self.cluster.connect(*NAMES)
-        self.data = toy_data()
-        self.model = tutorial_model(self.workers, ship_epochs=path == "shipped")
-        self.model.fit(self.data, epochs=1, batch_size=BATCH, progress=False)  # data placement, warm-up
+        self.cluster, self.workers, self.data, self.model = trained_on_workers(
+            Path(self._tmp.name), tcp=links == "tcp", ship_epochs=path == "shipped"
+        )
 
     def teardown(self, links, path):
         for w in self.workers:

@@ -30,3 +30,18 @@ def tutorial_model(workers, **kwargs):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     return splitnn.SplitNN(tutorial_mlp(), workers, **kwargs)
+
+
+def trained_on_workers(root, *, tcp: bool = False, ship_epochs: bool = True, env: dict | None = None):
+    """Three ``splitnn worker`` processes on 127.0.0.1 under ``root`` and the tutorial network trained one epoch on
+    them (data placement, warm-up): ``(cluster, workers, data, model)``. ``env``: for the workers only."""
+    from splitnn.testing.cluster import Cluster
+
+    cluster = Cluster(root, lifetime=600, tcp=tcp, env=dict(env or {}))
+    for n in NAMES:
+        cluster.start(n)
+    workers = cluster.connect(*NAMES)
+    data = toy_data()
+    model = tutorial_model(workers, ship_epochs=ship_epochs)
+    model.fit(data, epochs=1, batch_size=BATCH, progress=False)
+    return cluster, workers, data, model
