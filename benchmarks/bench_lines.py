@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "line_counts"))
+from line_counter import LineCounter  # noqa: E402  (the workers' counter, in benchmarks/line_counts)
+
 NAMES = ("alice", "bob", "claire")
 BATCH = 64
 GROUPS = ("splitnn", "asyncio", "grpc", "torch", "other")
@@ -57,29 +60,23 @@ def count_lines(model, data, pids: dict[str, int], out: Path, epochs: int) -> di
     """Train ``epochs`` epochs of ``model`` on ``data`` while the workers ``pids`` (started with
     ``line_counts`` on their path and ``SPLITNN_LINE_COUNTS=out``) and this thread count their lines; each
     party's rows ``[file, function, first line, lines]``."""
-    counts: collections.Counter = collections.Counter()
-
-    def local(frame, event, arg):
-        if event == "line":
-            counts[frame.f_code] += 1
-        return local
-
+    counter = LineCounter()
     for pid in pids.values():
         os.kill(pid, signal.SIGUSR1)
     time.sleep(0.5)  # (the handlers run between two bytecodes of each worker's main thread)
-    sys.settrace(lambda frame, event, arg: local)
+    counter.start()
     try:
         for e in range(epochs):
             model.fit(data, epochs=1, batch_size=BATCH, seed=e + 1, progress=False)
     finally:
-        sys.settrace(None)
+        researcher = counter.stop()
     for pid in pids.values():
         os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + 60
     while not all((out / f"{n}.json").exists() for n in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     rows = {n: json.loads((out / f"{n}.json").read_text()) for n in pids}
-    rows["researcher"] = [[c.co_filename, c.co_qualname, c.co_firstlineno, n] for c, n in counts.items()]
+    rows["researcher"] = researcher
     return rows
 
 

@@ -9,7 +9,6 @@ and a busy one, so two trees compare without timing noise. Benchmark-only: the l
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -19,23 +18,15 @@ OUT = os.environ.get("SPLITNN_LINE_COUNTS")
 
 
 def _install(out: str) -> None:
-    counts: collections.Counter = collections.Counter()
+    from line_counter import LineCounter  # (this file's directory is on the worker's path)
 
-    def local(frame, event, arg):
-        if event == "line":
-            counts[frame.f_code] += 1
-        return local
-
-    def enter(frame, event, arg):  # a call (or a coroutine resumed): count its lines from here on
-        return local
+    counter = LineCounter()
 
     def start(signum, frame) -> None:
-        counts.clear()
-        sys.settrace(enter)
+        counter.start()
 
     def stop(signum, frame) -> None:
-        sys.settrace(None)
-        rows = [[c.co_filename, c.co_qualname, c.co_firstlineno, n] for c, n in counts.items()]
+        rows = counter.stop()
         name = sys.argv[sys.argv.index("--name") + 1] if "--name" in sys.argv else str(os.getpid())
         tmp = os.path.join(out, f"{name}.json.tmp")
         with open(tmp, "w") as fh:
